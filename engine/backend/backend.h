@@ -1,0 +1,131 @@
+// The compute backend: memory and the ops of the forward pass, on some device. The model
+// code calls only this interface; CPU (fp32) and CUDA (bf16/fp16) implement it. Pointers
+// passed to ops are backend memory; shapes are documented in kernels/*.h.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "engine/common/dtype.h"
+#include "kernels/attention.h"
+
+namespace pds::engine {
+
+// Backend memory with an owner-supplied release function. Move-only.
+class DeviceBuffer {
+ public:
+  DeviceBuffer() = default;
+  DeviceBuffer(void* data, size_t bytes, std::function<void(void*)> release)
+      : data_(data), bytes_(bytes), release_(std::move(release)) {}
+  DeviceBuffer(DeviceBuffer&& other) noexcept { *this = std::move(other); }
+  DeviceBuffer& operator=(DeviceBuffer&& other) noexcept;
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { Reset(); }
+
+  void* data() const { return data_; }
+  template <typename T>
+  T* as() const {
+    return static_cast<T*>(data_);
+  }
+  size_t bytes() const { return bytes_; }
+  void Reset();
+
+ private:
+  void* data_ = nullptr;
+  size_t bytes_ = 0;
+  std::function<void(void*)> release_;
+};
+
+// A weight on the backend in its compute dtype; [rows, cols] or [n] (cols = 1 for vectors).
+struct Weight {
+  DeviceBuffer buffer;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const void* data() const { return buffer.data(); }
+};
+
+// Per-forward metadata of a ragged batch, built on the host by the model. The backend
+// copies what it needs to its memory in BeginBatch; later ops may use it.
+struct BatchMetadata {
+  std::vector<int32_t> token_ids;     // [tokens]
+  std::vector<int32_t> positions;     // [tokens]
+  std::vector<int32_t> slots;         // [tokens]: cache slot (block * block_size + offset)
+  std::vector<int32_t> cu_q;          // [seqs + 1]
+  std::vector<int32_t> kv_lens;       // [seqs]
+  std::vector<int32_t> block_tables;  // [seqs, max_blocks]
+  std::vector<int32_t> last_rows;     // [seqs]: row of each sequence's last new token
+  int32_t max_blocks = 0;
+  int32_t block_size = 0;
+  int32_t num_tokens() const { return static_cast<int32_t>(token_ids.size()); }
+  int32_t num_seqs() const { return static_cast<int32_t>(kv_lens.size()); }
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;
+  // dtype of activations, KV cache and weights on this backend.
+  virtual DType compute_dtype() const = 0;
+
+  // Memory.
+  virtual absl::StatusOr<DeviceBuffer> Allocate(size_t bytes, absl::string_view what) = 0;
+  // Converts host data of `src_dtype` to compute dtype in backend memory.
+  virtual absl::StatusOr<DeviceBuffer> Upload(const void* host, DType src_dtype, size_t count,
+                                              absl::string_view what) = 0;
+  virtual absl::Status CopyToHost(void* host, const void* device, size_t bytes) = 0;
+  virtual absl::Status CopyFromHost(void* device, const void* host, size_t bytes) = 0;
+  // Copies within backend memory (used by KV block copies and transfer packing).
+  virtual absl::Status CopyDevice(void* dst, const void* src, size_t bytes) = 0;
+  virtual absl::Status Synchronize() = 0;
+
+  // Batch metadata for the ops below that take indices (Embed, Rope, WriteKv, Attention,
+  // GatherLastRows).
+  virtual absl::Status BeginBatch(const BatchMetadata& batch) = 0;
+
+  // Ops; `x` arguments are compute-dtype activations, row-major.
+  virtual absl::Status Embed(const Weight& table, void* out, int64_t hidden) = 0;
+  // c[m, n] = a[m, k] w[n, k]^T; a has row stride lda.
+  virtual absl::Status Gemm(const void* a, int64_t lda, const Weight& w, void* c, int64_t m) = 0;
+  virtual absl::Status AddBias(void* x, int64_t stride, const Weight& bias, int64_t rows) = 0;
+  virtual absl::Status RmsNorm(const void* x, const Weight& w, void* out, int64_t rows,
+                               float eps) = 0;
+  // residual += delta; out = RmsNorm(residual).
+  virtual absl::Status AddRmsNorm(void* residual, const void* delta, const Weight& w, void* out,
+                                  int64_t rows, float eps) = 0;
+  virtual absl::Status HeadRmsNorm(void* x, int64_t token_stride, const Weight& w, int64_t tokens,
+                                   int64_t heads, float eps) = 0;
+  // Applies RoPE at the batch positions to q (q_heads) and k (kv_heads), in place.
+  virtual absl::Status Rope(void* q, void* k, int64_t token_stride, int64_t q_heads,
+                            int64_t kv_heads, int64_t head_dim, const float* inv_freq_host) = 0;
+  virtual absl::Status WriteKv(const void* k, const void* v, int64_t token_stride, void* k_cache,
+                               void* v_cache, int64_t kv_heads, int64_t head_dim) = 0;
+  virtual absl::Status Attention(const void* q, int64_t q_stride, const void* k_cache,
+                                 const void* v_cache, void* out, int64_t heads, int64_t kv_heads,
+                                 int64_t head_dim, float scale) = 0;
+  virtual absl::Status SiluGate(const void* gate_up, void* out, int64_t tokens, int64_t inter) = 0;
+  virtual absl::Status Add(void* x, const void* y, int64_t n) = 0;
+  // out[s] = x[last_rows[s]] for each sequence.
+  virtual absl::Status GatherLastRows(const void* x, void* out, int64_t cols) = 0;
+  // Final projection to fp32 host logits [rows, vocab].
+  virtual absl::Status Logits(const void* x, const Weight& lm_head, int64_t rows,
+                              float* host_logits) = 0;
+};
+
+struct BackendOptions {
+  std::string kind = "cpu";  // "cpu" or "cuda"
+  int num_threads = 0;       // CPU threads (0: all cores)
+  int device = 0;            // CUDA device ordinal
+};
+
+// Creates a backend; "cuda" fails with a clear status where the CUDA backend is not built.
+absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options);
+
+}  // namespace pds::engine

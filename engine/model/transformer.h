@@ -1,0 +1,83 @@
+// The decoder-only transformer (Llama family) over a ragged batch with a paged KV cache.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/backend/backend.h"
+#include "engine/kv_cache/kv_cache.h"
+#include "engine/model/config.h"
+#include "engine/model/safetensors.h"
+
+namespace pds::engine {
+
+struct LayerWeights {
+  Weight input_norm;
+  Weight qkv;       // [q + 2 kv, hidden]: q_proj, k_proj, v_proj rows stacked
+  Weight qkv_bias;  // [q + 2 kv] when config.qkv_bias
+  Weight q_norm;    // [head_dim] when config.qk_norm
+  Weight k_norm;
+  Weight o;       // [hidden, q]
+  Weight o_bias;  // [hidden] when config.o_bias
+  Weight post_norm;
+  Weight gate_up;  // [2 inter, hidden]: gate_proj rows then up_proj rows
+  Weight down;     // [hidden, inter]
+};
+
+// One sequence of a forward batch: `tokens` are new tokens at positions start_pos.. whose
+// K/V go into `table`'s blocks (which must already cover start_pos + tokens.size()).
+// Positions before start_pos must already be in the cache.
+struct SequenceInput {
+  std::span<const int32_t> tokens;
+  int32_t start_pos = 0;
+  const BlockTable* table = nullptr;
+};
+
+class Transformer {
+ public:
+  // Loads config and weights from an HF directory onto `backend`.
+  static absl::StatusOr<std::unique_ptr<Transformer>> Load(const std::string& dir,
+                                                           Backend& backend);
+  static absl::StatusOr<std::unique_ptr<Transformer>> Load(const ModelConfig& config,
+                                                           const WeightFiles& files,
+                                                           Backend& backend);
+
+  const ModelConfig& config() const { return config_; }
+  Backend& backend() const { return backend_; }
+
+  // Runs the batch, writing new K/V into `cache`, and returns fp32 logits of the last new
+  // token of each sequence: [seqs, vocab] row-major in `logits`.
+  absl::Status Forward(std::span<const SequenceInput> seqs, KvCache& cache,
+                       std::vector<float>& logits);
+
+  // The KV cache shape this model needs for `num_blocks` blocks of `block_size`.
+  KvCacheShape CacheShape(int32_t num_blocks, int32_t block_size) const;
+  // Bytes of weights resident on the backend.
+  size_t weight_bytes() const { return weight_bytes_; }
+
+ private:
+  Transformer(const ModelConfig& config, Backend& backend) : config_(config), backend_(backend) {}
+  absl::Status LoadWeights(const WeightFiles& files);
+  absl::Status BuildMetadata(std::span<const SequenceInput> seqs, const KvCache& cache);
+  absl::Status EnsureScratch(int64_t tokens, int64_t seqs);
+
+  ModelConfig config_;
+  Backend& backend_;
+  std::vector<float> inv_freq_;
+  Weight embed_;
+  Weight lm_head_own_;
+  const Weight* lm_head_ = nullptr;
+  Weight final_norm_;
+  std::vector<LayerWeights> layers_;
+  size_t weight_bytes_ = 0;
+
+  BatchMetadata meta_;
+  int64_t scratch_tokens_ = 0, scratch_seqs_ = 0;
+  DeviceBuffer x_, h_, qkv_, attn_, proj_, gate_up_, act_, last_;
+};
+
+}  // namespace pds::engine

@@ -1,0 +1,236 @@
+#include "engine/runtime/llm_engine.h"
+
+#include <algorithm>
+#include <random>
+
+#include "absl/strings/str_cat.h"
+#include "engine/common/status_macros.h"
+#include "kernels/sampling.h"
+
+namespace pds::engine {
+
+absl::StatusOr<std::unique_ptr<LlmEngine>> LlmEngine::Create(Transformer& model,
+                                                             const EngineOptions& options) {
+  if (options.block_size <= 0) return absl::InvalidArgumentError("block_size must be positive");
+  if (options.max_batch_tokens <= 0 || options.max_running <= 0) {
+    return absl::InvalidArgumentError("max_batch_tokens and max_running must be positive");
+  }
+  int32_t num_blocks = options.num_blocks;
+  if (num_blocks <= 0) {
+    const KvCacheShape one = model.CacheShape(1, options.block_size);
+    const size_t per_block =
+        one.BlockBytes(model.backend().compute_dtype()) * 2 * static_cast<size_t>(one.num_layers);
+    num_blocks =
+        static_cast<int32_t>(std::min<size_t>(options.kv_cache_bytes / per_block, INT32_MAX));
+    if (num_blocks <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("kv_cache_bytes ", options.kv_cache_bytes,
+                                                     " is smaller than one block (", per_block,
+                                                     " bytes)"));
+    }
+  }
+  PDS_ASSIGN_OR_RETURN(
+      KvCache cache,
+      KvCache::Create(model.backend(), model.CacheShape(num_blocks, options.block_size)));
+  return std::unique_ptr<LlmEngine>(new LlmEngine(model, options, std::move(cache)));
+}
+
+absl::Status LlmEngine::AddRequest(GenerateRequest request) {
+  const ModelConfig& config = model_.config();
+  if (request.prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
+  for (int32_t id : request.prompt) {
+    if (id < 0 || id >= config.vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "prompt token id ", id, " outside the vocabulary [0, ", config.vocab_size, ")"));
+    }
+  }
+  PDS_RETURN_IF_ERROR(request.params.Validate(config.vocab_size));
+  const int64_t prompt_len = static_cast<int64_t>(request.prompt.size());
+  if (prompt_len >= config.max_context()) {
+    return absl::InvalidArgumentError(absl::StrCat("prompt of ", prompt_len,
+                                                   " tokens does not fit the model's context of ",
+                                                   config.max_context()));
+  }
+  if (BlockTable::BlocksFor(static_cast<int32_t>(prompt_len) + 1, options_.block_size) >
+      cache_.allocator().num_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "prompt of ", prompt_len, " tokens needs more KV blocks than the cache holds (",
+        cache_.allocator().num_blocks(), " blocks of ", options_.block_size, ")"));
+  }
+  if (request.id.empty()) request.id = absl::StrCat("req-", next_order_);
+  if (sequences_.count(request.id)) {
+    return absl::AlreadyExistsError(absl::StrCat("request id '", request.id, "' is in use"));
+  }
+  auto seq = std::make_unique<Sequence>();
+  uint64_t seed = request.params.seed.has_value() ? *request.params.seed : std::random_device{}();
+  seq->sampler = std::make_unique<Sampler>(request.params, seed);
+  seq->tokens = request.prompt;
+  seq->order = next_order_++;
+  seq->request = std::move(request);
+  const std::string id = seq->request.id;
+  sequences_[id] = std::move(seq);
+  return absl::OkStatus();
+}
+
+absl::Status LlmEngine::Cancel(const std::string& id) {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end()) {
+    return absl::NotFoundError(absl::StrCat("no request '", id, "'"));
+  }
+  absl::Status status = it->second->table.Release(cache_.allocator());
+  sequences_.erase(it);
+  return status;
+}
+
+size_t LlmEngine::num_waiting() const {
+  size_t n = 0;
+  for (const auto& [id, seq] : sequences_) n += !seq->admitted;
+  return n;
+}
+
+size_t LlmEngine::num_running() const { return sequences_.size() - num_waiting(); }
+
+void LlmEngine::Preempt(Sequence& seq) {
+  // Recompute preemption: drop the cache; the tokens so far are prefilled again later.
+  seq.table.Release(cache_.allocator()).IgnoreError();
+  seq.num_computed = 0;
+  seq.admitted = false;
+  ++num_preemptions_;
+}
+
+FinishReason LlmEngine::CheckFinish(const Sequence& seq, int32_t token) const {
+  const SamplingParams& p = seq.request.params;
+  if (!p.ignore_eos) {
+    for (int32_t eos : model_.config().eos_token_ids) {
+      if (token == eos) return FinishReason::kStop;
+    }
+  }
+  for (int32_t stop : p.stop_token_ids) {
+    if (token == stop) return FinishReason::kStop;
+  }
+  if (seq.num_generated >= p.max_tokens) return FinishReason::kLength;
+  if (static_cast<int64_t>(seq.tokens.size()) >= model_.config().max_context()) {
+    return FinishReason::kLength;
+  }
+  // The next step must fit in the cache on its own.
+  if (BlockTable::BlocksFor(static_cast<int32_t>(seq.tokens.size()), options_.block_size) >
+      cache_.allocator().num_blocks()) {
+    return FinishReason::kLength;
+  }
+  return FinishReason::kNone;
+}
+
+absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
+  std::vector<Sequence*> order;
+  for (auto& [id, seq] : sequences_) order.push_back(seq.get());
+  std::sort(order.begin(), order.end(),
+            [](const Sequence* a, const Sequence* b) { return a->order < b->order; });
+
+  struct Planned {
+    Sequence* seq;
+    int32_t chunk;
+  };
+  std::vector<Planned> plan;
+  int32_t budget = options_.max_batch_tokens;
+  const int32_t bs = options_.block_size;
+  for (Sequence* seq : order) {
+    if (static_cast<int32_t>(plan.size()) >= options_.max_running || budget == 0) break;
+    const int32_t pending = static_cast<int32_t>(seq->tokens.size()) - seq->num_computed;
+    const int32_t chunk = std::min(pending, budget);
+    absl::Status reserved = seq->table.Reserve(seq->num_computed + chunk, bs, cache_.allocator());
+    while (!reserved.ok() && seq->admitted) {
+      // A running sequence needs a block: preempt the youngest other admitted sequence that
+      // is not in this step's batch.
+      Sequence* victim = nullptr;
+      for (auto it = order.rbegin(); it != order.rend(); ++it) {
+        Sequence* s = *it;
+        if (s == seq || !s->admitted || s->table.blocks().empty()) continue;
+        if (std::any_of(plan.begin(), plan.end(), [&](const Planned& p) { return p.seq == s; })) {
+          continue;
+        }
+        victim = s;
+        break;
+      }
+      if (victim == nullptr) break;
+      Preempt(*victim);
+      reserved = seq->table.Reserve(seq->num_computed + chunk, bs, cache_.allocator());
+    }
+    if (!reserved.ok()) {
+      if (seq->admitted && plan.empty()) {
+        // Cannot happen while CheckFinish bounds sequences by the cache; keep it loud.
+        return absl::InternalError(absl::StrCat("request '", seq->request.id,
+                                                "' cannot get KV blocks: ", reserved.message()));
+      }
+      break;  // FCFS: later requests wait until blocks free up
+    }
+    seq->admitted = true;
+    plan.push_back({seq, chunk});
+    budget -= chunk;
+  }
+  std::vector<TokenOutput> outputs;
+  if (plan.empty()) return outputs;
+
+  std::vector<SequenceInput> inputs;
+  inputs.reserve(plan.size());
+  for (const Planned& p : plan) {
+    SequenceInput in;
+    in.tokens = std::span<const int32_t>(p.seq->tokens.data() + p.seq->num_computed, p.chunk);
+    in.start_pos = p.seq->num_computed;
+    in.table = &p.seq->table;
+    inputs.push_back(in);
+  }
+  PDS_RETURN_IF_ERROR(model_.Forward(inputs, cache_, logits_));
+
+  const int64_t vocab = model_.config().vocab_size;
+  std::vector<std::string> finished;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    Sequence& seq = *plan[i].seq;
+    seq.num_computed += plan[i].chunk;
+    seq.table.set_num_tokens(seq.num_computed);
+    if (seq.num_computed < static_cast<int32_t>(seq.tokens.size())) continue;  // mid-prefill
+    const float* row = logits_.data() + i * vocab;
+    TokenOutput out;
+    out.request_id = seq.request.id;
+    out.token = seq.sampler->Sample(row, vocab, seq.num_generated);
+    if (seq.request.params.logprobs >= 0) {
+      TokenLogprobs lp;
+      lp.logprob = kernels::cpu::LogProb(row, vocab, out.token);
+      lp.top = kernels::cpu::TopLogProbs(row, vocab, seq.request.params.logprobs);
+      out.logprobs = std::move(lp);
+    }
+    if (seq.request.return_logits) out.logits.assign(row, row + vocab);
+    seq.tokens.push_back(out.token);
+    ++seq.num_generated;
+    out.finish = CheckFinish(seq, out.token);
+    if (out.finish != FinishReason::kNone) finished.push_back(seq.request.id);
+    outputs.push_back(std::move(out));
+  }
+  for (const std::string& id : finished) PDS_RETURN_IF_ERROR(Cancel(id));
+  return outputs;
+}
+
+absl::StatusOr<std::vector<GenerateResult>> LlmEngine::Generate(
+    std::vector<GenerateRequest> requests) {
+  std::vector<GenerateResult> results(requests.size());
+  std::map<std::string, size_t> index;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    if (requests[i].id.empty()) requests[i].id = absl::StrCat("gen-", next_order_ + i);
+    results[i].request_id = requests[i].id;
+    index[requests[i].id] = i;
+  }
+  for (auto& r : requests) PDS_RETURN_IF_ERROR(AddRequest(std::move(r)));
+  while (HasWork()) {
+    PDS_ASSIGN_OR_RETURN(std::vector<TokenOutput> outputs, Step());
+    for (TokenOutput& out : outputs) {
+      auto it = index.find(out.request_id);
+      if (it == index.end()) continue;
+      GenerateResult& r = results[it->second];
+      r.token_ids.push_back(out.token);
+      if (out.logprobs) r.logprobs.push_back(std::move(*out.logprobs));
+      if (!out.logits.empty()) r.logits.push_back(std::move(out.logits));
+      if (out.finish != FinishReason::kNone) r.finish = out.finish;
+    }
+  }
+  return results;
+}
+
+}  // namespace pds::engine

@@ -1,0 +1,107 @@
+// A single-instance generation engine: continuous batching over a paged KV cache, with
+// chunked prefill under a token budget and recompute-preemption when blocks run out. It runs
+// both phases; the disaggregated workers build on the same pieces.
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "engine/kv_cache/kv_cache.h"
+#include "engine/model/transformer.h"
+#include "engine/runtime/sampling_params.h"
+
+namespace pds::engine {
+
+struct EngineOptions {
+  int32_t block_size = 16;
+  int32_t num_blocks = 0;                // 0: derived from kv_cache_bytes
+  size_t kv_cache_bytes = 256ull << 20;  // K and V of all layers
+  int32_t max_batch_tokens = 2048;       // token budget of one step (prefill chunks + decodes)
+  int32_t max_running = 64;              // sequences in one step
+};
+
+struct GenerateRequest {
+  std::string id;
+  std::vector<int32_t> prompt;
+  SamplingParams params;
+  bool return_logits = false;  // debugging and tests: the full logits row of every token
+};
+
+struct TokenLogprobs {
+  float logprob = 0.0f;                        // of the generated token
+  std::vector<std::pair<int32_t, float>> top;  // (id, logprob), highest first
+};
+
+// One generated token of one request, as produced by Step().
+struct TokenOutput {
+  std::string request_id;
+  int32_t token = -1;
+  std::optional<TokenLogprobs> logprobs;
+  std::vector<float> logits;                  // when return_logits
+  FinishReason finish = FinishReason::kNone;  // set on the request's last token
+};
+
+struct GenerateResult {
+  std::string request_id;
+  std::vector<int32_t> token_ids;
+  std::vector<TokenLogprobs> logprobs;
+  std::vector<std::vector<float>> logits;
+  FinishReason finish = FinishReason::kNone;
+};
+
+class LlmEngine {
+ public:
+  // `model` must outlive the engine.
+  static absl::StatusOr<std::unique_ptr<LlmEngine>> Create(Transformer& model,
+                                                           const EngineOptions& options);
+
+  // Queues a request. INVALID_ARGUMENT for a bad prompt or parameters, ALREADY_EXISTS for a
+  // duplicate id, RESOURCE_EXHAUSTED when the prompt can never fit in the KV cache.
+  absl::Status AddRequest(GenerateRequest request);
+  // Cancels a queued or running request and frees its blocks; NOT_FOUND if unknown.
+  absl::Status Cancel(const std::string& id);
+  bool HasWork() const { return !sequences_.empty(); }
+  // Runs one forward step over the next batch and returns the tokens it produced.
+  absl::StatusOr<std::vector<TokenOutput>> Step();
+  // Adds the requests, runs until all are done, returns results in request order.
+  absl::StatusOr<std::vector<GenerateResult>> Generate(std::vector<GenerateRequest> requests);
+
+  const KvCache& cache() const { return cache_; }
+  int32_t num_free_blocks() const { return cache_.allocator().num_free(); }
+  size_t num_waiting() const;
+  size_t num_running() const;
+  int64_t num_preemptions() const { return num_preemptions_; }
+
+ private:
+  struct Sequence {
+    GenerateRequest request;
+    std::vector<int32_t> tokens;  // prompt + generated
+    int32_t num_generated = 0;
+    int32_t num_computed = 0;  // tokens whose K/V are in the cache
+    BlockTable table;
+    std::unique_ptr<Sampler> sampler;
+    uint64_t order = 0;  // admission order, for FCFS and preemption
+    bool admitted = false;
+  };
+
+  LlmEngine(Transformer& model, const EngineOptions& options, KvCache cache)
+      : model_(model), options_(options), cache_(std::move(cache)) {}
+  void Preempt(Sequence& seq);
+  absl::Status Finish(Sequence& seq);
+  FinishReason CheckFinish(const Sequence& seq, int32_t token) const;
+
+  Transformer& model_;
+  EngineOptions options_;
+  KvCache cache_;
+  std::map<std::string, std::unique_ptr<Sequence>> sequences_;
+  uint64_t next_order_ = 0;
+  int64_t num_preemptions_ = 0;
+  std::vector<float> logits_;
+};
+
+}  // namespace pds::engine

@@ -1,0 +1,66 @@
+#include "engine/runtime/sampling_params.h"
+
+#include <cmath>
+
+#include "absl/strings/str_cat.h"
+#include "kernels/sampling.h"
+
+namespace pds::engine {
+
+absl::Status SamplingParams::Validate(int64_t vocab_size) const {
+  if (!std::isfinite(temperature) || temperature < 0.0f) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("temperature must be a finite number >= 0, got ", temperature));
+  }
+  if (top_k < 0) return absl::InvalidArgumentError(absl::StrCat("top_k must be >= 0, got ", top_k));
+  if (!(top_p > 0.0f && top_p <= 1.0f)) {
+    return absl::InvalidArgumentError(absl::StrCat("top_p must be in (0, 1], got ", top_p));
+  }
+  if (max_tokens < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("max_tokens must be >= 1, got ", max_tokens));
+  }
+  if (logprobs > 20) {
+    return absl::InvalidArgumentError(absl::StrCat("logprobs must be <= 20, got ", logprobs));
+  }
+  for (int32_t id : stop_token_ids) {
+    if (id < 0 || id >= vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("stop token id ", id, " outside the vocabulary [0, ", vocab_size, ")"));
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::string_view FinishReasonName(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kNone:
+      return "none";
+    case FinishReason::kStop:
+      return "stop";
+    case FinishReason::kLength:
+      return "length";
+    case FinishReason::kCancelled:
+      return "cancelled";
+    case FinishReason::kError:
+      return "error";
+  }
+  return "?";
+}
+
+double UniformFromSeed(uint64_t seed, uint64_t step) {
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (step + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  z = z ^ (z >> 31);
+  return static_cast<double>(z >> 11) * 0x1.0p-53;
+}
+
+int32_t Sampler::Sample(const float* logits, int64_t vocab, int64_t step) {
+  if (params_.temperature == 0.0f || params_.top_k == 1) {
+    return kernels::cpu::Argmax(logits, vocab);
+  }
+  return kernels::cpu::SampleLogits(logits, vocab, params_.temperature, params_.top_k,
+                                    params_.top_p, UniformFromSeed(seed_, step), scratch_);
+}
+
+}  // namespace pds::engine

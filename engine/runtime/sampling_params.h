@@ -1,0 +1,48 @@
+// Per-request sampling parameters and the seeded sampler that applies them.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+
+namespace pds::engine {
+
+struct SamplingParams {
+  float temperature = 0.0f;      // 0: greedy (argmax)
+  int32_t top_k = 0;             // 0: no limit
+  float top_p = 1.0f;            // 1: no limit
+  std::optional<uint64_t> seed;  // unset: drawn at random per request
+  int32_t max_tokens = 16;
+  bool ignore_eos = false;
+  std::vector<int32_t> stop_token_ids;
+  int32_t logprobs = -1;  // < 0: none; k >= 0: the sampled token's logprob plus top k
+
+  // INVALID_ARGUMENT naming the offending field.
+  absl::Status Validate(int64_t vocab_size) const;
+};
+
+enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
+absl::string_view FinishReasonName(FinishReason reason);  // "stop", "length", "cancelled", ...
+
+// Draws tokens for one request: a pure function of (seed, step, logits), so the same seed
+// gives the same tokens whatever the batch or the machine's thread count.
+class Sampler {
+ public:
+  Sampler(const SamplingParams& params, uint64_t seed) : params_(params), seed_(seed) {}
+  // Picks the token for generation step `step` from fp32 logits [vocab].
+  int32_t Sample(const float* logits, int64_t vocab, int64_t step);
+
+ private:
+  SamplingParams params_;
+  uint64_t seed_;
+  std::vector<std::pair<float, int32_t>> scratch_;
+};
+
+// Uniform double in [0, 1) from (seed, step) (splitmix64 finalizer).
+double UniformFromSeed(uint64_t seed, uint64_t step);
+
+}  // namespace pds::engine

@@ -1,0 +1,27 @@
+// Token selection from one row of logits (fp32). Pure functions of their inputs: the random
+// draw comes in as `u`, so the same seed gives the same token whatever the batch.
+#pragma once
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace pds::kernels::cpu {
+
+// Index of the largest logit (lowest index on ties); NaN logits are never chosen.
+int32_t Argmax(const float* logits, int64_t n);
+
+// Samples from softmax(logits / temperature) restricted to the top_k largest logits
+// (top_k <= 0: all) and then to the smallest prefix whose probability reaches top_p
+// (top_p >= 1: all). u in [0, 1). temperature must be > 0.
+// `scratch` is reused between calls to avoid allocation.
+int32_t SampleLogits(const float* logits, int64_t n, float temperature, int32_t top_k, float top_p,
+                     double u, std::vector<std::pair<float, int32_t>>& scratch);
+
+// log_softmax(logits)[id].
+float LogProb(const float* logits, int64_t n, int32_t id);
+
+// The k largest entries of log_softmax(logits) as (id, logprob), highest first.
+std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int64_t n, int32_t k);
+
+}  // namespace pds::kernels::cpu

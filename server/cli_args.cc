@@ -1,0 +1,88 @@
+#include "server/cli_args.h"
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+
+namespace pds::server {
+
+absl::StatusOr<CliArgs> CliArgs::Parse(int argc, char** argv, int first,
+                                       const std::vector<FlagSpec>& specs) {
+  CliArgs args;
+  for (int i = first; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg.rfind("--", 0) != 0) {
+      return absl::InvalidArgumentError(absl::StrCat("unexpected argument '", arg, "'"));
+    }
+    arg = arg.substr(2);
+    std::optional<std::string> value;
+    if (auto eq = arg.find('='); eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+    }
+    const FlagSpec* spec = nullptr;
+    for (const auto& s : specs) {
+      if (s.name == arg) spec = &s;
+    }
+    if (spec == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag --", arg));
+    }
+    if (spec->is_bool) {
+      if (value && *value != "true" && *value != "1") continue;
+      args.values_[arg] = "true";
+      continue;
+    }
+    if (!value) {
+      if (i + 1 >= argc)
+        return absl::InvalidArgumentError(absl::StrCat("--", arg, " needs a value"));
+      value = argv[++i];
+    }
+    args.values_[arg] = *value;
+  }
+  return args;
+}
+
+std::string CliArgs::GetString(const std::string& name, const std::string& fallback) const {
+  auto it = values_.find(name);
+  return it == values_.end() ? fallback : it->second;
+}
+
+absl::StatusOr<int64_t> CliArgs::GetInt(const std::string& name, int64_t fallback) const {
+  auto it = values_.find(name);
+  if (it == values_.end()) return fallback;
+  int64_t v;
+  if (!absl::SimpleAtoi(it->second, &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " expects an integer, got '", it->second, "'"));
+  }
+  return v;
+}
+
+absl::StatusOr<double> CliArgs::GetDouble(const std::string& name, double fallback) const {
+  auto it = values_.find(name);
+  if (it == values_.end()) return fallback;
+  double v;
+  if (!absl::SimpleAtod(it->second, &v)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--", name, " expects a number, got '", it->second, "'"));
+  }
+  return v;
+}
+
+absl::StatusOr<std::string> CliArgs::Required(const std::string& name) const {
+  auto it = values_.find(name);
+  if (it == values_.end())
+    return absl::InvalidArgumentError(absl::StrCat("--", name, " is required"));
+  return it->second;
+}
+
+std::string FlagHelp(const std::vector<FlagSpec>& specs) {
+  std::string out;
+  for (const auto& s : specs) {
+    std::string left = absl::StrCat("  --", s.name, s.is_bool ? "" : " V");
+    if (left.size() < 24) left.resize(24, ' ');
+    absl::StrAppend(&out, left, " ", s.help, "\n");
+  }
+  return out;
+}
+
+}  // namespace pds::server

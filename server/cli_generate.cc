@@ -1,0 +1,183 @@
+// pdserve generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [sampling flags] [--json]
+#include <chrono>
+#include <cstdio>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "engine/backend/backend.h"
+#include "engine/common/status_macros.h"
+#include "engine/model/transformer.h"
+#include "engine/runtime/llm_engine.h"
+#include "nlohmann/json.hpp"
+#include "server/cli_args.h"
+#include "server/commands.h"
+
+namespace pds::server {
+namespace {
+
+const std::vector<FlagSpec>& Specs() {
+  static const std::vector<FlagSpec> specs = {
+      {"model", false, "HF model directory"},
+      {"prompt", false, "prompt text (needs tokenizer.json in the model directory)"},
+      {"prompt-ids", false, "prompt as comma-separated token ids"},
+      {"max-tokens", false, "tokens to generate at most (default 16)"},
+      {"temperature", false, "0 = greedy (default 0)"},
+      {"top-k", false, "sample among the k most likely tokens (0 = all)"},
+      {"top-p", false, "nucleus sampling mass (default 1)"},
+      {"seed", false, "sampling seed (default: random)"},
+      {"ignore-eos", true, "keep generating after EOS"},
+      {"stop-token-ids", false, "comma-separated ids that end generation"},
+      {"logprobs", false, "report the logprob of each token and the top K alternatives"},
+      {"json", true, "print one JSON object"},
+      {"backend", false, "cpu (default) or cuda"},
+      {"threads", false, "CPU threads (default: all cores)"},
+      {"block-size", false, "KV cache block size in tokens (default 16)"},
+      {"help", true, "show this help"},
+  };
+  return specs;
+}
+
+absl::StatusOr<std::vector<int32_t>> ParseIds(const std::string& text, const char* flag) {
+  std::vector<int32_t> ids;
+  for (absl::string_view part : absl::StrSplit(text, ',', absl::SkipWhitespace())) {
+    int32_t id;
+    if (!absl::SimpleAtoi(part, &id)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--", flag, ": '", part, "' is not a token id"));
+    }
+    ids.push_back(id);
+  }
+  return ids;
+}
+
+absl::Status Run(const CliArgs& args) {
+  PDS_ASSIGN_OR_RETURN(std::string model_dir, args.Required("model"));
+  engine::GenerateRequest request;
+  request.id = "generate";
+  if (args.Has("prompt") == args.Has("prompt-ids")) {
+    return absl::InvalidArgumentError("give exactly one of --prompt and --prompt-ids");
+  }
+  if (args.Has("prompt")) {
+    return absl::UnimplementedError(
+        "--prompt needs the tokenizer, which this build does not have yet; use --prompt-ids");
+  }
+  PDS_ASSIGN_OR_RETURN(request.prompt, ParseIds(args.GetString("prompt-ids"), "prompt-ids"));
+  engine::SamplingParams& p = request.params;
+  PDS_ASSIGN_OR_RETURN(int64_t max_tokens, args.GetInt("max-tokens", 16));
+  p.max_tokens = static_cast<int32_t>(max_tokens);
+  PDS_ASSIGN_OR_RETURN(double temperature, args.GetDouble("temperature", 0.0));
+  p.temperature = static_cast<float>(temperature);
+  PDS_ASSIGN_OR_RETURN(int64_t top_k, args.GetInt("top-k", 0));
+  p.top_k = static_cast<int32_t>(top_k);
+  PDS_ASSIGN_OR_RETURN(double top_p, args.GetDouble("top-p", 1.0));
+  p.top_p = static_cast<float>(top_p);
+  if (args.Has("seed")) {
+    PDS_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 0));
+    p.seed = static_cast<uint64_t>(seed);
+  }
+  p.ignore_eos = args.GetBool("ignore-eos");
+  if (args.Has("stop-token-ids")) {
+    PDS_ASSIGN_OR_RETURN(p.stop_token_ids,
+                         ParseIds(args.GetString("stop-token-ids"), "stop-token-ids"));
+  }
+  PDS_ASSIGN_OR_RETURN(int64_t logprobs, args.GetInt("logprobs", -1));
+  p.logprobs = static_cast<int32_t>(logprobs);
+
+  engine::BackendOptions backend_options;
+  backend_options.kind = args.GetString("backend", "cpu");
+  PDS_ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
+  backend_options.num_threads = static_cast<int>(threads);
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Backend> backend,
+                       engine::CreateBackend(backend_options));
+  const auto t0 = std::chrono::steady_clock::now();
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Transformer> model,
+                       engine::Transformer::Load(model_dir, *backend));
+  engine::EngineOptions engine_options;
+  PDS_ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));
+  engine_options.block_size = static_cast<int32_t>(block_size);
+  // Enough cache for this one request.
+  const int64_t total = static_cast<int64_t>(request.prompt.size()) + p.max_tokens;
+  engine_options.num_blocks = static_cast<int32_t>(
+      std::max<int64_t>(1, (std::min(total, model->config().max_context()) + block_size - 1) /
+                               std::max<int64_t>(block_size, 1)) +
+      1);
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::LlmEngine> llm,
+                       engine::LlmEngine::Create(*model, engine_options));
+  const auto t1 = std::chrono::steady_clock::now();
+  PDS_RETURN_IF_ERROR(llm->AddRequest(request));
+  engine::GenerateResult result;
+  double first_token_ms = 0;
+  while (llm->HasWork()) {
+    PDS_ASSIGN_OR_RETURN(std::vector<engine::TokenOutput> outputs, llm->Step());
+    for (auto& out : outputs) {
+      if (result.token_ids.empty()) {
+        first_token_ms =
+            std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t1)
+                .count();
+      }
+      result.token_ids.push_back(out.token);
+      if (out.logprobs) result.logprobs.push_back(*out.logprobs);
+      result.finish = out.finish;
+    }
+  }
+  const double total_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t1).count();
+  const double load_ms = std::chrono::duration<double, std::milli>(t1 - t0).count();
+  const double decode_tps = result.token_ids.size() > 1 ? (result.token_ids.size() - 1) /
+                                                              ((total_ms - first_token_ms) / 1e3)
+                                                        : 0.0;
+
+  if (args.GetBool("json")) {
+    nlohmann::ordered_json j;
+    j["token_ids"] = result.token_ids;
+    j["finish_reason"] = std::string(engine::FinishReasonName(result.finish));
+    j["prompt_tokens"] = request.prompt.size();
+    j["completion_tokens"] = result.token_ids.size();
+    if (p.logprobs >= 0) {
+      nlohmann::ordered_json list = nlohmann::ordered_json::array();
+      for (size_t i = 0; i < result.logprobs.size(); ++i) {
+        nlohmann::ordered_json entry;
+        entry["token_id"] = result.token_ids[i];
+        entry["logprob"] = result.logprobs[i].logprob;
+        nlohmann::ordered_json top = nlohmann::ordered_json::array();
+        for (const auto& [id, lp] : result.logprobs[i].top) {
+          top.push_back({{"token_id", id}, {"logprob", lp}});
+        }
+        entry["top_logprobs"] = top;
+        list.push_back(entry);
+      }
+      j["logprobs"] = list;
+    }
+    j["timing_ms"] = {{"load", load_ms}, {"first_token", first_token_ms}, {"total", total_ms}};
+    std::printf("%s\n", j.dump().c_str());
+  } else {
+    std::string ids;
+    for (int32_t id : result.token_ids) absl::StrAppend(&ids, ids.empty() ? "" : ",", id);
+    std::printf("token_ids: %s\nfinish_reason: %s\n", ids.c_str(),
+                std::string(engine::FinishReasonName(result.finish)).c_str());
+    std::printf("load %.0f ms, first token %.1f ms, decode %.1f tokens/s\n", load_ms,
+                first_token_ms, decode_tps);
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int GenerateMain(int argc, char** argv) {
+  auto args = CliArgs::Parse(argc, argv, 2, Specs());
+  if (args.ok() && args->GetBool("help")) {
+    std::printf(
+        "usage: pdserve generate --model DIR (--prompt TEXT | --prompt-ids IDS) [flags]\n%s",
+        FlagHelp(Specs()).c_str());
+    return 0;
+  }
+  absl::Status status = args.ok() ? Run(*args) : args.status();
+  if (!status.ok()) {
+    std::fprintf(stderr, "pdserve generate: %s\n", status.ToString().c_str());
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
+}
+
+}  // namespace pds::server

@@ -1,0 +1,30 @@
+// pdserve: one binary for every role and tool.
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "server/commands.h"
+
+namespace {
+void Usage() {
+  std::fprintf(stderr,
+               "usage: pdserve <command> [flags]\n"
+               "commands:\n"
+               "  make-model   write an HF model directory with random weights\n"
+               "  generate     generate tokens offline with a model directory\n"
+               "Run 'pdserve <command> --help' for a command's flags.\n");
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
+    Usage();
+    return argc < 2 ? 2 : 0;
+  }
+  const std::string command = argv[1];
+  if (command == "make-model") return pds::server::MakeModelMain(argc, argv);
+  if (command == "generate") return pds::server::GenerateMain(argc, argv);
+  std::fprintf(stderr, "pdserve: unknown command '%s'\n", command.c_str());
+  Usage();
+  return 2;
+}
