@@ -16,7 +16,7 @@ double Seconds(std::chrono::steady_clock::duration d) {
 
 double MeasuredReadBandwidth() {
   static const double value = [] {
-    const size_t n = size_t{256} << 20 >> 2;  // 256 MiB of floats
+    const size_t n = size_t{1} << 30 >> 2;  // 1 GiB of floats, far beyond any cache
     std::vector<float> data(n, 1.0f);
     double best = 0.0;
     volatile float sink = 0.0f;

@@ -2,6 +2,7 @@
 // same run (memory read bandwidth for memory-bound ops, the 1024^3 sgemm rate for GEMMs).
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cmath>
 #include <random>
 #include <vector>
@@ -26,10 +27,14 @@ std::vector<float> Random(size_t n, uint64_t seed) {
 // Linear layer of the `small` preset shape: [m, 512] x [n, 512]^T.
 void BM_Gemm(benchmark::State& state) {
   const int64_t m = state.range(0), n = state.range(1), k = state.range(2);
-  const auto a = Random(m * k, 1), w = Random(n * k, 2);
+  // Rotate over weight copies totalling >= 512 MiB so every iteration streams from memory.
+  const int64_t copies = std::max<int64_t>(1, (int64_t{512} << 20) / (4 * n * k));
+  const auto a = Random(m * k, 1);
+  std::vector<float> w = Random(copies * n * k, 2);
   std::vector<float> c(m * n);
+  int64_t i = 0;
   for (auto _ : state) {
-    kernels::cpu::Gemm(a.data(), k, w.data(), c.data(), n, m, n, k);
+    kernels::cpu::Gemm(a.data(), k, w.data() + (i++ % copies) * n * k, c.data(), n, m, n, k);
     benchmark::DoNotOptimize(c.data());
   }
   const double flops = 2.0 * m * n * k;

@@ -1,7 +1,8 @@
 // End-to-end forward-pass benchmarks of the `small` preset on the CPU backend: a decode step
 // (one token for each of `batch` sequences at a given context) and a prefill. Decode reports
 // the fraction of the memory floor (weights + KV read once per step at the measured read
-// bandwidth); prefill reports the fraction of the measured sgemm rate for 2 * params * tokens.
+// bandwidth) and of the roofline (the larger of that and the compute floor at the measured
+// sgemm rate); prefill reports the fraction of the measured sgemm rate for 2 * params * tokens.
 #include <benchmark/benchmark.h>
 
 #include <filesystem>
@@ -88,10 +89,17 @@ void BM_DecodeStep(benchmark::State& state) {
   }
   const double kv_bytes = 2.0 * 4.0 * batch * (ctx + 1) * c.num_layers * c.kv_size();
   const double floor_s = (f.model->weight_bytes() + kv_bytes) / MeasuredReadBandwidth();
+  // Compute floor: linear layers + logits for every sequence, plus attention (QK and PV).
+  const double flops =
+      2.0 * batch * (c.num_parameters() - c.vocab_size * c.hidden_size) +
+      4.0 * batch * (ctx + 1) * c.num_layers * c.q_size();
+  const double roofline_s = std::max(floor_s, flops / MeasuredGemmRate());
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(batch) * state.iterations(),
                                                   benchmark::Counter::kIsRate);
   state.counters["frac_mem_floor"] =
       benchmark::Counter(floor_s * state.iterations(), benchmark::Counter::kIsRate);
+  state.counters["frac_roofline"] =
+      benchmark::Counter(roofline_s * state.iterations(), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_DecodeStep)
     ->Args({1, 128})

@@ -103,7 +103,7 @@ Pool& GetPool() {
 
 void SetNumThreads(int n) {
   n = std::max(1, n);
-  openblas_set_num_threads(n);
+  openblas_set_num_threads(1);  // Gemm splits work over our pool instead
   if (GetPool().num_threads() != n) GetPool().Resize(n);
 }
 
