@@ -90,9 +90,8 @@ void BM_DecodeStep(benchmark::State& state) {
   const double kv_bytes = 2.0 * 4.0 * batch * (ctx + 1) * c.num_layers * c.kv_size();
   const double floor_s = (f.model->weight_bytes() + kv_bytes) / MeasuredReadBandwidth();
   // Compute floor: linear layers + logits for every sequence, plus attention (QK and PV).
-  const double flops =
-      2.0 * batch * (c.num_parameters() - c.vocab_size * c.hidden_size) +
-      4.0 * batch * (ctx + 1) * c.num_layers * c.q_size();
+  const double flops = 2.0 * batch * (c.num_parameters() - c.vocab_size * c.hidden_size) +
+                       4.0 * batch * (ctx + 1) * c.num_layers * c.q_size();
   const double roofline_s = std::max(floor_s, flops / MeasuredGemmRate());
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(batch) * state.iterations(),
                                                   benchmark::Counter::kIsRate);

@@ -165,6 +165,17 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
       break;
   }
 
+  // Features the engine does not implement are refused by name rather than computed wrongly.
+  bool mlp_bias = false;
+  PDS_RETURN_IF_ERROR(ReadBool(j, source, "mlp_bias", mlp_bias));
+  if (mlp_bias) return Invalid(source, "'mlp_bias: true' is not supported");
+  auto act = j.find("hidden_act");
+  if (act != j.end() && !act->is_null() &&
+      (!act->is_string() || act->get<std::string>() != "silu")) {
+    return Invalid(source,
+                   absl::StrCat("unsupported hidden_act ", act->dump(), " (supported: silu)"));
+  }
+
   // Sliding window: Mistral uses it whenever set; Qwen2/3 only with use_sliding_window.
   int64_t window = 0;
   PDS_RETURN_IF_ERROR(ReadInt(j, source, "sliding_window", false, window));

@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
 
 namespace pds::engine {
@@ -28,6 +29,10 @@ absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const ModelConfig
   std::unique_ptr<Transformer> model(new Transformer(config, backend));
   model->inv_freq_ = RopeInvFreq(config);
   PDS_RETURN_IF_ERROR(model->LoadWeights(files));
+  Logger("model")->info(
+      "loaded {} from {}: {} layers, hidden {}, {:.1f}M parameters, {} file(s), {} MB on {}",
+      config.architecture_name, files.dir(), config.num_layers, config.hidden_size,
+      config.num_parameters() / 1e6, files.num_files(), model->weight_bytes_ >> 20, backend.name());
   return model;
 }
 

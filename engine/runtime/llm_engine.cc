@@ -217,9 +217,22 @@ absl::StatusOr<std::vector<GenerateResult>> LlmEngine::Generate(
     results[i].request_id = requests[i].id;
     index[requests[i].id] = i;
   }
-  for (auto& r : requests) PDS_RETURN_IF_ERROR(AddRequest(std::move(r)));
+  // On any error, the requests added here are cancelled so that no blocks stay held.
+  std::vector<std::string> added_ids;
+  auto cancel_all = [&](absl::Status status) {
+    for (const std::string& id : added_ids) Cancel(id).IgnoreError();
+    return status;
+  };
+  for (auto& r : requests) {
+    const std::string id = r.id;
+    absl::Status added = AddRequest(std::move(r));
+    if (!added.ok()) return cancel_all(added);
+    added_ids.push_back(id);
+  }
   while (HasWork()) {
-    PDS_ASSIGN_OR_RETURN(std::vector<TokenOutput> outputs, Step());
+    auto step = Step();
+    if (!step.ok()) return cancel_all(step.status());
+    std::vector<TokenOutput> outputs = std::move(*step);
     for (TokenOutput& out : outputs) {
       auto it = index.find(out.request_id);
       if (it == index.end()) continue;

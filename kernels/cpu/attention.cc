@@ -111,8 +111,8 @@ void PagedAttention(const float* q, int64_t q_stride, const float* k_cache, cons
       const int64_t pos = batch.kv_lens[s] - q_len + i;
       scores.resize(group * (pos + 1));
       AttendRow(q + row * q_stride + kvh * group * head_dim, k_cache, v_cache,
-                batch.block_tables + static_cast<int64_t>(s) * batch.max_blocks, pos, kvh,
-                kv_heads, bs, head_dim, group, scale, scores.data(), acc.data());
+                batch.block_tables + static_cast<int64_t>(s) * batch.max_blocks, pos, kvh, kv_heads,
+                bs, head_dim, group, scale, scores.data(), acc.data());
       std::memcpy(out + (row * heads + kvh * group) * head_dim, acc.data(),
                   group * head_dim * sizeof(float));
     }

@@ -104,6 +104,21 @@ TEST_F(ModelLoadingTest, ConfigFieldOfWrongType) {
   ExpectError(dir, absl::StatusCode::kInvalidArgument, {"hidden_size"});
 }
 
+TEST_F(ModelLoadingTest, UnsupportedFeaturesAreRefusedByName) {
+  const std::vector<std::pair<std::string, nlohmann::json>> edits = {
+      {"mlp_bias", true},
+      {"hidden_act", "gelu"},
+      {"rope_scaling", {{"rope_type", "yarn"}, {"factor", 4.0}}},
+  };
+  for (const auto& [field, value] : edits) {
+    auto dir = Copy("unsupported_" + field);
+    auto j = nlohmann::json::parse(ReadAll(dir / "config.json"));
+    j[field] = value;
+    WriteAll(dir / "config.json", j.dump());
+    ExpectError(dir, absl::StatusCode::kInvalidArgument, {"config.json", field});
+  }
+}
+
 TEST_F(ModelLoadingTest, HeadsNotDivisibleByKvHeads) {
   auto dir = Copy("bad_gqa");
   auto j = nlohmann::json::parse(ReadAll(dir / "config.json"));

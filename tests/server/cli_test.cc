@@ -2,6 +2,7 @@
 // --json prints the documented fields, errors exit non-zero with a message.
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <string>
 
 #include "gtest/gtest.h"
@@ -12,19 +13,23 @@ namespace {
 
 struct Result {
   int exit_code;
-  std::string output;
+  std::string output;  // stdout
+  std::string errors;  // stderr
 };
 
 Result RunCommand(const std::string& args) {
-  const std::string cmd = std::string(PDSERVE_BINARY) + " " + args + " 2>&1";
+  const std::string err_file = pds::testing::ScratchDir() + "/stderr.txt";
+  const std::string cmd = std::string(PDSERVE_BINARY) + " " + args + " 2>" + err_file;
   FILE* pipe = popen(cmd.c_str(), "r");
-  Result r{-1, ""};
+  Result r{-1, "", ""};
   if (pipe == nullptr) return r;
   char buf[4096];
   size_t n;
   while ((n = fread(buf, 1, sizeof(buf), pipe)) > 0) r.output.append(buf, n);
   const int status = pclose(pipe);
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream err(err_file);
+  r.errors.assign(std::istreambuf_iterator<char>(err), {});
   return r;
 }
 
@@ -34,7 +39,7 @@ class CliTest : public ::testing::Test {
     dir_ = pds::testing::ScratchDir() + "/cli_tiny";
     std::filesystem::remove_all(dir_);
     const Result r = RunCommand("make-model --preset tiny --seed 3 --dtype bf16 --out " + dir_);
-    ASSERT_EQ(r.exit_code, 0) << r.output;
+    ASSERT_EQ(r.exit_code, 0) << r.output << r.errors;
   }
   static std::string dir_;
 };
@@ -51,7 +56,7 @@ TEST_F(CliTest, GenerateJsonWithLogprobs) {
   const Result r = RunCommand("generate --model " + dir_ +
                               " --prompt-ids 5,6,7 --max-tokens 5 --ignore-eos --logprobs 3 "
                               "--json --threads 1");
-  ASSERT_EQ(r.exit_code, 0) << r.output;
+  ASSERT_EQ(r.exit_code, 0) << r.output << r.errors;
   const auto j = nlohmann::json::parse(r.output, nullptr, false);
   ASSERT_FALSE(j.is_discarded()) << r.output;
   ASSERT_EQ(j["token_ids"].size(), 5u);
@@ -73,19 +78,19 @@ TEST_F(CliTest, GenerateJsonWithLogprobs) {
 TEST_F(CliTest, ErrorsAreClearAndNonZero) {
   Result r = RunCommand("generate --model /nonexistent --prompt-ids 1");
   EXPECT_NE(r.exit_code, 0);
-  EXPECT_NE(r.output.find("config.json"), std::string::npos) << r.output;
+  EXPECT_NE(r.errors.find("config.json"), std::string::npos) << r.errors;
   r = RunCommand("generate --model " + dir_ + " --prompt-ids 1,x");
   EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.output.find("not a token id"), std::string::npos) << r.output;
+  EXPECT_NE(r.errors.find("not a token id"), std::string::npos) << r.errors;
   r = RunCommand("generate --model " + dir_ + " --prompt-ids 99999");
   EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.output.find("vocabulary"), std::string::npos) << r.output;
+  EXPECT_NE(r.errors.find("vocabulary"), std::string::npos) << r.errors;
   r = RunCommand("make-model --preset huge --out /tmp/x");
   EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.output.find("unknown preset"), std::string::npos) << r.output;
+  EXPECT_NE(r.errors.find("unknown preset"), std::string::npos) << r.errors;
   r = RunCommand("generate --bogus 1");
   EXPECT_EQ(r.exit_code, 2);
-  EXPECT_NE(r.output.find("unknown flag --bogus"), std::string::npos) << r.output;
+  EXPECT_NE(r.errors.find("unknown flag --bogus"), std::string::npos) << r.errors;
 }
 
 }  // namespace
