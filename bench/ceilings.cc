@@ -1,7 +1,10 @@
 #include "bench/ceilings.h"
 
+#include <benchmark/benchmark.h>
+
 #include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <vector>
 
 #include "kernels/gemm.h"
@@ -55,6 +58,20 @@ double MeasuredGemmRate() {
     return best;
   }();
   return value;
+}
+
+int RunBenchmarks(int argc, char** argv,
+                  const std::vector<std::pair<std::string, std::string>>& context) {
+  const char* threads = std::getenv("PDS_THREADS");
+  kernels::cpu::SetNumThreads(threads ? std::atoi(threads) : 2);
+  benchmark::Initialize(&argc, argv);
+  for (const auto& [name, value] : context) benchmark::AddCustomContext(name, value);
+  benchmark::AddCustomContext("threads", std::to_string(kernels::cpu::NumThreads()));
+  benchmark::AddCustomContext("mem_read_GBps", std::to_string(MeasuredReadBandwidth() / 1e9));
+  benchmark::AddCustomContext("sgemm_1024_GFLOPs", std::to_string(MeasuredGemmRate() / 1e9));
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
 }
 
 }  // namespace pds::bench

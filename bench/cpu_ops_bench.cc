@@ -108,16 +108,4 @@ BENCHMARK(BM_DecodeAttention)
 }  // namespace
 }  // namespace pds::bench
 
-int main(int argc, char** argv) {
-  pds::kernels::cpu::SetNumThreads(
-      std::getenv("PDS_THREADS") ? std::atoi(std::getenv("PDS_THREADS")) : 2);
-  benchmark::Initialize(&argc, argv);
-  benchmark::AddCustomContext("threads", std::to_string(pds::kernels::cpu::NumThreads()));
-  benchmark::AddCustomContext("mem_read_GBps",
-                              std::to_string(pds::bench::MeasuredReadBandwidth() / 1e9));
-  benchmark::AddCustomContext("sgemm_1024_GFLOPs",
-                              std::to_string(pds::bench::MeasuredGemmRate() / 1e9));
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
-}
+int main(int argc, char** argv) { return pds::bench::RunBenchmarks(argc, argv); }

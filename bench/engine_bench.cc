@@ -138,16 +138,6 @@ BENCHMARK(BM_Prefill)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecond)->UseRea
 }  // namespace pds::bench
 
 int main(int argc, char** argv) {
-  pds::kernels::cpu::SetNumThreads(
-      std::getenv("PDS_THREADS") ? std::atoi(std::getenv("PDS_THREADS")) : 2);
-  benchmark::Initialize(&argc, argv);
-  benchmark::AddCustomContext("model", "small preset (33.6M params, fp32, 8 layers, hidden 512)");
-  benchmark::AddCustomContext("threads", std::to_string(pds::kernels::cpu::NumThreads()));
-  benchmark::AddCustomContext("mem_read_GBps",
-                              std::to_string(pds::bench::MeasuredReadBandwidth() / 1e9));
-  benchmark::AddCustomContext("sgemm_1024_GFLOPs",
-                              std::to_string(pds::bench::MeasuredGemmRate() / 1e9));
-  benchmark::RunSpecifiedBenchmarks();
-  benchmark::Shutdown();
-  return 0;
+  return pds::bench::RunBenchmarks(
+      argc, argv, {{"model", "small preset (33.6M params, fp32, 8 layers, hidden 512)"}});
 }

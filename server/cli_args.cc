@@ -1,5 +1,7 @@
 #include "server/cli_args.h"
 
+#include <cstdio>
+
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 
@@ -83,6 +85,22 @@ std::string FlagHelp(const std::vector<FlagSpec>& specs) {
     absl::StrAppend(&out, left, " ", s.help, "\n");
   }
   return out;
+}
+
+int SubcommandMain(int argc, char** argv, const char* name, const char* usage,
+                   const std::vector<FlagSpec>& specs,
+                   const std::function<absl::Status(const CliArgs&)>& run) {
+  auto args = CliArgs::Parse(argc, argv, 2, specs);
+  if (args.ok() && args->GetBool("help")) {
+    std::printf("usage: pdserve %s %s\n%s", name, usage, FlagHelp(specs).c_str());
+    return 0;
+  }
+  absl::Status status = args.ok() ? run(*args) : args.status();
+  if (!status.ok()) {
+    std::fprintf(stderr, "pdserve %s: %s\n", name, status.ToString().c_str());
+    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
+  }
+  return 0;
 }
 
 }  // namespace pds::server

@@ -2,6 +2,7 @@
 // boolean --name; unknown flags are errors.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -37,5 +38,12 @@ class CliArgs {
 
 // "Usage" text for a subcommand's flags.
 std::string FlagHelp(const std::vector<FlagSpec>& specs);
+
+// The main of a subcommand: parses flags (argv[2..]), prints `usage` and the flags for
+// --help, runs `run`, and turns its status into a message on stderr and an exit code
+// (0 ok, 2 bad arguments, 1 other errors).
+int SubcommandMain(int argc, char** argv, const char* name, const char* usage,
+                   const std::vector<FlagSpec>& specs,
+                   const std::function<absl::Status(const CliArgs&)>& run);
 
 }  // namespace pds::server

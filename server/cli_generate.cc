@@ -165,19 +165,8 @@ absl::Status Run(const CliArgs& args) {
 }  // namespace
 
 int GenerateMain(int argc, char** argv) {
-  auto args = CliArgs::Parse(argc, argv, 2, Specs());
-  if (args.ok() && args->GetBool("help")) {
-    std::printf(
-        "usage: pdserve generate --model DIR (--prompt TEXT | --prompt-ids IDS) [flags]\n%s",
-        FlagHelp(Specs()).c_str());
-    return 0;
-  }
-  absl::Status status = args.ok() ? Run(*args) : args.status();
-  if (!status.ok()) {
-    std::fprintf(stderr, "pdserve generate: %s\n", status.ToString().c_str());
-    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-  }
-  return 0;
+  return SubcommandMain(argc, argv, "generate",
+                        "--model DIR (--prompt TEXT | --prompt-ids IDS) [flags]", Specs(), Run);
 }
 
 }  // namespace pds::server

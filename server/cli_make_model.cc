@@ -47,18 +47,7 @@ absl::Status Run(const CliArgs& args) {
 }  // namespace
 
 int MakeModelMain(int argc, char** argv) {
-  auto args = CliArgs::Parse(argc, argv, 2, Specs());
-  if (args.ok() && args->GetBool("help")) {
-    std::printf("usage: pdserve make-model --preset NAME --out DIR [flags]\n%s",
-                FlagHelp(Specs()).c_str());
-    return 0;
-  }
-  absl::Status status = args.ok() ? Run(*args) : args.status();
-  if (!status.ok()) {
-    std::fprintf(stderr, "pdserve make-model: %s\n", status.ToString().c_str());
-    return status.code() == absl::StatusCode::kInvalidArgument ? 2 : 1;
-  }
-  return 0;
+  return SubcommandMain(argc, argv, "make-model", "--preset NAME --out DIR [flags]", Specs(), Run);
 }
 
 }  // namespace pds::server
