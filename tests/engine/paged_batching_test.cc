@@ -69,7 +69,9 @@ class PagedBatchingTest : public ::testing::Test {
     std::map<std::string, GenerateResult> results;
     for (int step = 0; step < 500; ++step) {
       for (size_t i = 0; i < requests_.size(); ++i) {
-        if (Cases()[i].join_step == step) EXPECT_TRUE((*engine)->AddRequest(requests_[i]).ok());
+        if (Cases()[i].join_step == step) {
+          EXPECT_TRUE((*engine)->AddRequest(requests_[i]).ok());
+        }
       }
       if (!(*engine)->HasWork() && step > 10) break;
       auto outputs = (*engine)->Step();
