@@ -16,7 +16,7 @@ JOBS="${PDS_JOBS:-2}"
 
 PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
-  libabsl-dev libspdlog-dev nlohmann-json3-dev libopenblas-dev
+  libabsl-dev libspdlog-dev nlohmann-json3-dev libopenblas-dev libpcre2-dev libicu-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libgtest-dev libgmock-dev libbenchmark-dev
 )
@@ -28,6 +28,9 @@ install_deps() {
   for p in "${PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
   done
+  # node and npm run the tokenizer's JavaScript reference in the tests; any install will do.
+  command -v node >/dev/null 2>&1 || missing+=(nodejs)
+  command -v npm >/dev/null 2>&1 || missing+=(npm)
   [ ${#missing[@]} -eq 0 ] && return 0
   log "installing: ${missing[*]}"
   local sudo=""

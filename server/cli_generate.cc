@@ -1,6 +1,8 @@
 // pdserve generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [sampling flags] [--json]
 #include <chrono>
 #include <cstdio>
+#include <filesystem>
+#include <optional>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -9,6 +11,7 @@
 #include "engine/common/status_macros.h"
 #include "engine/model/transformer.h"
 #include "engine/runtime/llm_engine.h"
+#include "engine/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "server/cli_args.h"
 #include "server/commands.h"
@@ -58,11 +61,21 @@ absl::Status Run(const CliArgs& args) {
   if (args.Has("prompt") == args.Has("prompt-ids")) {
     return absl::InvalidArgumentError("give exactly one of --prompt and --prompt-ids");
   }
-  if (args.Has("prompt")) {
-    return absl::UnimplementedError(
-        "--prompt needs the tokenizer, which this build does not have yet; use --prompt-ids");
+  // The tokenizer is optional: --prompt-ids works without one; text needs it.
+  std::unique_ptr<engine::Tokenizer> tokenizer;
+  const std::string tokenizer_path = model_dir + "/tokenizer.json";
+  if (std::filesystem::exists(tokenizer_path)) {
+    PDS_ASSIGN_OR_RETURN(tokenizer, engine::Tokenizer::Load(tokenizer_path));
   }
-  PDS_ASSIGN_OR_RETURN(request.prompt, ParseIds(args.GetString("prompt-ids"), "prompt-ids"));
+  if (args.Has("prompt")) {
+    if (tokenizer == nullptr) {
+      return absl::InvalidArgumentError(absl::StrCat("--prompt needs ", tokenizer_path,
+                                                     ", which does not exist; use --prompt-ids"));
+    }
+    request.prompt = tokenizer->Encode(args.GetString("prompt"));
+  } else {
+    PDS_ASSIGN_OR_RETURN(request.prompt, ParseIds(args.GetString("prompt-ids"), "prompt-ids"));
+  }
   engine::SamplingParams& p = request.params;
   PDS_ASSIGN_OR_RETURN(int64_t max_tokens, args.GetInt("max-tokens", 16));
   p.max_tokens = static_cast<int32_t>(max_tokens);
@@ -107,6 +120,10 @@ absl::Status Run(const CliArgs& args) {
   const auto t1 = std::chrono::steady_clock::now();
   PDS_RETURN_IF_ERROR(llm->AddRequest(request));
   engine::GenerateResult result;
+  std::string text;
+  std::optional<engine::StreamDecoder> detokenizer;
+  if (tokenizer) detokenizer.emplace(*tokenizer, /*skip_special_tokens=*/true);
+  const bool json_output = args.GetBool("json");
   double first_token_ms = 0;
   while (llm->HasWork()) {
     PDS_ASSIGN_OR_RETURN(std::vector<engine::TokenOutput> outputs, llm->Step());
@@ -117,6 +134,15 @@ absl::Status Run(const CliArgs& args) {
                 .count();
       }
       result.token_ids.push_back(out.token);
+      if (detokenizer) {
+        std::string piece = detokenizer->Add(out.token);
+        if (out.finish != engine::FinishReason::kNone) piece += detokenizer->Finish();
+        if (!json_output) {
+          std::fputs(piece.c_str(), stdout);  // stream the text as it is generated
+          std::fflush(stdout);
+        }
+        text += piece;
+      }
       if (out.logprobs) result.logprobs.push_back(*out.logprobs);
       result.finish = out.finish;
     }
@@ -128,9 +154,10 @@ absl::Status Run(const CliArgs& args) {
                                                               ((total_ms - first_token_ms) / 1e3)
                                                         : 0.0;
 
-  if (args.GetBool("json")) {
+  if (json_output) {
     nlohmann::ordered_json j;
     j["token_ids"] = result.token_ids;
+    if (tokenizer) j["text"] = text;
     j["finish_reason"] = std::string(engine::FinishReasonName(result.finish));
     j["prompt_tokens"] = request.prompt.size();
     j["completion_tokens"] = result.token_ids.size();
@@ -150,11 +177,12 @@ absl::Status Run(const CliArgs& args) {
       j["logprobs"] = list;
     }
     j["timing_ms"] = {{"load", load_ms}, {"first_token", first_token_ms}, {"total", total_ms}};
-    std::printf("%s\n", j.dump().c_str());
+    std::printf("%s\n",
+                j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
   } else {
     std::string ids;
     for (int32_t id : result.token_ids) absl::StrAppend(&ids, ids.empty() ? "" : ",", id);
-    std::printf("token_ids: %s\nfinish_reason: %s\n", ids.c_str(),
+    std::printf("%stoken_ids: %s\nfinish_reason: %s\n", tokenizer ? "\n" : "", ids.c_str(),
                 std::string(engine::FinishReasonName(result.finish)).c_str());
     std::printf("load %.0f ms, first token %.1f ms, decode %.1f tokens/s\n", load_ms,
                 first_token_ms, decode_tps);

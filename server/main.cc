@@ -12,6 +12,7 @@ void Usage() {
                "commands:\n"
                "  make-model   write an HF model directory with random weights\n"
                "  generate     generate tokens offline with a model directory\n"
+               "  tokenize     encode text lines or decode id arrays with a tokenizer.json\n"
                "Run 'pdserve <command> --help' for a command's flags.\n");
 }
 }  // namespace
@@ -24,6 +25,7 @@ int main(int argc, char** argv) {
   const std::string command = argv[1];
   if (command == "make-model") return pds::server::MakeModelMain(argc, argv);
   if (command == "generate") return pds::server::GenerateMain(argc, argv);
+  if (command == "tokenize") return pds::server::TokenizeMain(argc, argv);
   std::fprintf(stderr, "pdserve: unknown command '%s'\n", command.c_str());
   Usage();
   return 2;

@@ -75,6 +75,32 @@ TEST_F(CliTest, GenerateJsonWithLogprobs) {
             nlohmann::json::parse(RunCommand(sampled).output)["token_ids"]);
 }
 
+TEST_F(CliTest, TextPromptAndTokenizeRoundTrip) {
+  const Result r = RunCommand("generate --model " + dir_ +
+                              " --prompt 'Hello there' --max-tokens 4 --ignore-eos --json");
+  ASSERT_EQ(r.exit_code, 0) << r.output << r.errors;
+  const auto j = nlohmann::json::parse(r.output, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << r.output;
+  EXPECT_TRUE(j.contains("text"));
+  EXPECT_EQ(j["token_ids"].size(), 4u);
+  const std::string input = pds::testing::ScratchDir() + "/lines.txt";
+  {
+    std::ofstream out(input);
+    out << "Hello, world!\n\nnaïve café 日本語 👍\n";
+  }
+  const Result ids = RunCommand("tokenize --tokenizer " + dir_ + "/tokenizer.json < " + input);
+  ASSERT_EQ(ids.exit_code, 0) << ids.errors;
+  const std::string ids_file = pds::testing::ScratchDir() + "/ids.txt";
+  {
+    std::ofstream out(ids_file);
+    out << ids.output;
+  }
+  const Result text = RunCommand("tokenize --decode --skip-special --tokenizer " + dir_ +
+                                 "/tokenizer.json < " + ids_file);
+  ASSERT_EQ(text.exit_code, 0) << text.errors;
+  EXPECT_EQ(text.output, "\"Hello, world!\"\n\"\"\n\"naïve café 日本語 👍\"\n");
+}
+
 TEST_F(CliTest, ErrorsAreClearAndNonZero) {
   Result r = RunCommand("generate --model /nonexistent --prompt-ids 1");
   EXPECT_NE(r.exit_code, 0);

@@ -1,0 +1,33 @@
+// UTF-8 and Unicode helpers for the tokenizer.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace pds::engine {
+
+// Replaces every maximal invalid subsequence of `text` with U+FFFD (the Unicode / WHATWG
+// "maximal subpart" rule, as Node's TextDecoder and Rust's from_utf8_lossy do).
+std::string SanitizeUtf8(absl::string_view text);
+bool IsValidUtf8(absl::string_view text);
+
+// Appends the UTF-8 encoding of code point `cp`.
+void AppendUtf8(uint32_t cp, std::string& out);
+
+// Unicode NFC normalization (ICU). `text` must be valid UTF-8.
+absl::StatusOr<std::string> NormalizeNfc(absl::string_view text);
+
+// GPT-2's byte-level alphabet: byte b is shown as the UTF-8 string ByteLevelChars()[b];
+// printable Latin-1 bytes map to themselves, the others to U+0100 and up.
+const std::array<std::string, 256>& ByteLevelChars();
+// The inverse: a code point of the alphabet to its byte, -1 for others.
+int ByteLevelByte(uint32_t cp);
+
+// Decodes one UTF-8 character at text[i] (valid input); advances i.
+uint32_t NextCodePoint(absl::string_view text, size_t& i);
+
+}  // namespace pds::engine

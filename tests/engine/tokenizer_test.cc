@@ -1,0 +1,212 @@
+// Tokenizer behaviour that holds for any tokenizer.json: round trips, special tokens, invalid
+// UTF-8, streaming decode, SentencePiece-style byte fallback, and clear errors. Token-for-
+// token agreement with the HF reference on real tokenizer files is tests/tokenizer.
+#include "engine/tokenizer/tokenizer.h"
+
+#include "engine/tokenizer/bpe_builder.h"
+#include "engine/tokenizer/unicode.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace pds::engine {
+namespace {
+
+const std::vector<std::string>& Samples() {
+  static const std::vector<std::string> samples = {
+      "Hello, world! It's a test.",
+      "  leading and trailing spaces  ",
+      "tabs\tand\nnewlines\r\n",
+      "数字 12345678901234567890 and 3.14159",
+      "Привет, мир! Γειά σου κόσμε",
+      "emoji 👍🏽 family 👨‍👩‍👧‍👦 flag 🇩🇪",
+      "مرحبا بالعالم नमस्ते दुनिया",
+      "code: for (int i = 0; i < n; ++i) { x += y; }",
+      "",
+  };
+  return samples;
+}
+
+class ByteLevelTokenizerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    auto generated = BuildByteLevelBpeTokenizer(2048, 5);
+    ASSERT_TRUE(generated.ok()) << generated.status();
+    generated_ = *generated;
+    auto tok = Tokenizer::FromJson(generated_.tokenizer_json, "generated");
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    tok_ = std::move(*tok);
+  }
+  GeneratedTokenizer generated_;
+  std::unique_ptr<Tokenizer> tok_;
+};
+
+TEST_F(ByteLevelTokenizerTest, RoundTripsAndAddsBos) {
+  EXPECT_EQ(tok_->vocab_size(), 2048);
+  for (const std::string& s : Samples()) {
+    const auto ids = tok_->Encode(s);
+    ASSERT_FALSE(ids.empty());
+    EXPECT_EQ(ids[0], generated_.bos_id) << s;
+    EXPECT_EQ(tok_->Decode(ids, /*skip_special_tokens=*/true), s);
+    const auto plain = tok_->Encode(s, /*add_special_tokens=*/false);
+    EXPECT_EQ(std::vector<int32_t>(ids.begin() + 1, ids.end()), plain);
+    EXPECT_EQ(tok_->Decode(plain), s);
+  }
+  // Merges compress common text well below one token per byte.
+  const std::string text = "the quick brown fox jumps over the lazy dog and the cat";
+  EXPECT_LT(tok_->Encode(text, false).size(), text.size() / 2);
+}
+
+TEST_F(ByteLevelTokenizerTest, SpecialTokensInTextAreMatchedWhole) {
+  const auto ids = tok_->Encode("a<|end_of_text|>b<|eot_id|>", false);
+  EXPECT_NE(std::find(ids.begin(), ids.end(), generated_.eos_id), ids.end());
+  EXPECT_EQ(ids.back(), generated_.eot_id);
+  EXPECT_EQ(tok_->Decode(ids), "a<|end_of_text|>b<|eot_id|>");
+  EXPECT_EQ(tok_->Decode(ids, true), "ab");
+  EXPECT_TRUE(tok_->IsSpecial(generated_.eos_id));
+  EXPECT_EQ(tok_->TokenToId("<|eot_id|>"), generated_.eot_id);
+}
+
+TEST_F(ByteLevelTokenizerTest, InvalidUtf8BecomesReplacementCharacters) {
+  const std::string bad = "ok\x80 \xE2\x82 \xFF\xC0\xAF end";
+  EXPECT_EQ(SanitizeUtf8(bad),
+            "ok\xEF\xBF\xBD \xEF\xBF\xBD \xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD end");
+  const auto ids = tok_->Encode(bad, false);
+  EXPECT_EQ(tok_->Decode(ids), SanitizeUtf8(bad));
+  EXPECT_EQ(ids, tok_->Encode(SanitizeUtf8(bad), false));
+}
+
+TEST_F(ByteLevelTokenizerTest, StreamingDecodeNeverSplitsCharactersAndLosesNothing) {
+  for (const std::string& s : Samples()) {
+    const auto ids = tok_->Encode(s, false);
+    StreamDecoder stream(*tok_);
+    std::string joined;
+    for (int32_t id : ids) {
+      const std::string piece = stream.Add(id);
+      EXPECT_TRUE(IsValidUtf8(piece)) << "broken UTF-8 emitted for " << s;
+      joined += piece;
+    }
+    joined += stream.Finish();
+    EXPECT_EQ(joined, s);
+  }
+}
+
+// A SentencePiece-style BPE (Llama 2 layout): metaspace normalizer, byte fallback, <s>.
+std::string SentencePieceJson() {
+  nlohmann::ordered_json vocab;
+  int id = 0;
+  for (const char* t : {"<unk>", "<s>", "</s>"}) vocab[t] = id++;
+  for (int b = 0; b < 256; ++b) {
+    char name[8];
+    std::snprintf(name, sizeof(name), "<0x%02X>", b);
+    vocab[name] = id++;
+  }
+  const std::vector<std::string> pieces = {"\xE2\x96\x81",
+                                           "h",
+                                           "e",
+                                           "l",
+                                           "o",
+                                           "w",
+                                           "r",
+                                           "d",
+                                           "\xE2\x96\x81h",
+                                           "ll",
+                                           "\xE2\x96\x81he",
+                                           "\xE2\x96\x81hell",
+                                           "\xE2\x96\x81hello",
+                                           "\xE2\x96\x81w",
+                                           "or",
+                                           "\xE2\x96\x81wor",
+                                           "ld",
+                                           "\xE2\x96\x81world"};
+  for (const auto& p : pieces) vocab[p] = id++;
+  nlohmann::ordered_json j;
+  j["version"] = "1.0";
+  j["added_tokens"] = {{{"id", 0}, {"content", "<unk>"}, {"special", true}},
+                       {{"id", 1}, {"content", "<s>"}, {"special", true}},
+                       {{"id", 2}, {"content", "</s>"}, {"special", true}}};
+  j["normalizer"] = {
+      {"type", "Sequence"},
+      {"normalizers",
+       {{{"type", "Prepend"}, {"prepend", "\xE2\x96\x81"}},
+        {{"type", "Replace"}, {"pattern", {{"String", " "}}}, {"content", "\xE2\x96\x81"}}}}};
+  j["pre_tokenizer"] = nullptr;
+  j["post_processor"] = {
+      {"type", "TemplateProcessing"},
+      {"single",
+       {{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
+        {{"Sequence", {{"id", "A"}, {"type_id", 0}}}}}},
+      {"special_tokens", {{"<s>", {{"id", "<s>"}, {"ids", {1}}, {"tokens", {"<s>"}}}}}}};
+  j["decoder"] = {
+      {"type", "Sequence"},
+      {"decoders",
+       {{{"type", "Replace"}, {"pattern", {{"String", "\xE2\x96\x81"}}}, {"content", " "}},
+        {{"type", "ByteFallback"}},
+        {{"type", "Fuse"}},
+        {{"type", "Strip"}, {"content", " "}, {"start", 1}, {"stop", 0}}}}};
+  j["model"] = {
+      {"type", "BPE"},
+      {"unk_token", "<unk>"},
+      {"byte_fallback", true},
+      {"fuse_unk", true},
+      {"vocab", vocab},
+      {"merges",
+       {"\xE2\x96\x81 h", "l l", "\xE2\x96\x81h e", "\xE2\x96\x81he ll", "\xE2\x96\x81hell o",
+        "\xE2\x96\x81 w", "o r", "\xE2\x96\x81w or", "l d", "\xE2\x96\x81wor ld"}}};
+  return j.dump();
+}
+
+TEST(SentencePieceTokenizerTest, MergesByteFallbackAndDecoderChain) {
+  auto tok = Tokenizer::FromJson(SentencePieceJson(), "sp");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const int32_t hello = *(*tok)->TokenToId("\xE2\x96\x81hello");
+  const int32_t world = *(*tok)->TokenToId("\xE2\x96\x81world");
+  EXPECT_EQ((*tok)->Encode("hello world"), (std::vector<int32_t>{1, hello, world}));
+  // "é" is not in the vocabulary: its two UTF-8 bytes fall back to <0xC3><0xA9>.
+  const auto ids = (*tok)->Encode("hello é", false);
+  ASSERT_EQ(ids.size(), 4u);
+  EXPECT_EQ(ids[2], 3 + 0xC3);
+  EXPECT_EQ(ids[3], 3 + 0xA9);
+  EXPECT_EQ((*tok)->Decode(ids), "hello é");
+  EXPECT_EQ((*tok)->Decode((*tok)->Encode("hello world")), "<s> hello world");
+  EXPECT_EQ((*tok)->Decode((*tok)->Encode("hello world"), true), "hello world");
+  // A lone fallback byte that is not valid UTF-8 decodes to U+FFFD.
+  EXPECT_EQ((*tok)->Decode({3 + 0xC3}), "\xEF\xBF\xBD");
+  StreamDecoder stream(**tok);
+  std::string joined;
+  for (int32_t id : ids) joined += stream.Add(id);
+  joined += stream.Finish();
+  EXPECT_EQ(joined, "hello é");
+}
+
+TEST(TokenizerErrorsTest, UnsupportedComponentsAreNamed) {
+  auto base = nlohmann::json::parse(SentencePieceJson());
+  auto expect_error = [](const nlohmann::json& j, const std::string& fragment) {
+    auto tok = Tokenizer::FromJson(j.dump(), "tok.json");
+    ASSERT_FALSE(tok.ok());
+    EXPECT_EQ(tok.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(tok.status().message().find(fragment), std::string::npos) << tok.status();
+    EXPECT_NE(tok.status().message().find("tok.json"), std::string::npos) << tok.status();
+  };
+  auto j = base;
+  j["model"]["type"] = "WordPiece";
+  expect_error(j, "WordPiece");
+  j = base;
+  j["pre_tokenizer"] = {{"type", "BertPreTokenizer"}};
+  expect_error(j, "BertPreTokenizer");
+  j = base;
+  j["normalizer"] = {{"type", "NFKD"}};
+  expect_error(j, "NFKD");
+  j = base;
+  j["decoder"] = {{"type", "WordPiece"}};
+  expect_error(j, "decoder 'WordPiece'");
+  j = base;
+  j["model"]["merges"].push_back("q z");
+  expect_error(j, "q z");
+  expect_error(nlohmann::json::parse("{\"model\": 3}"), "no model");
+  EXPECT_FALSE(Tokenizer::FromJson("{not json", "tok.json").ok());
+  EXPECT_EQ(Tokenizer::Load("/nonexistent/tokenizer.json").status().code(),
+            absl::StatusCode::kNotFound);
+}
+
+}  // namespace
+}  // namespace pds::engine
