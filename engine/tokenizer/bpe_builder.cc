@@ -13,6 +13,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "engine/tokenizer/unicode.h"
 #include "nlohmann/json.hpp"
 
 namespace pds::engine {
@@ -168,32 +169,14 @@ struct ByteMap {
 
 ByteMap MakeByteMap() {
   ByteMap map;
-  std::array<bool, 256> printable{};
-  for (int b = 0; b < 256; ++b) {
-    printable[b] = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
-  }
+  map.unicode = ByteLevelChars();
+  // Ids follow the code points: printable bytes first (in byte order), then the others.
   int32_t next_id = 0;
-  for (int b = 0; b < 256; ++b) {
-    if (printable[b]) map.id[b] = next_id++;
-  }
-  int extra = 0;
-  std::array<uint32_t, 256> code_point{};
-  for (int b = 0; b < 256; ++b) {
-    if (printable[b]) {
-      code_point[b] = b;
-    } else {
-      code_point[b] = 256 + extra++;
-      map.id[b] = next_id++;
-    }
-  }
-  for (int b = 0; b < 256; ++b) {
-    const uint32_t cp = code_point[b];  // < 0x800: one or two UTF-8 bytes
-    std::string& s = map.unicode[b];
-    if (cp < 0x80) {
-      s.push_back(static_cast<char>(cp));
-    } else {
-      s.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-      s.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int b = 0; b < 256; ++b) {
+      size_t at = 0;
+      const bool maps_to_itself = NextCodePoint(map.unicode[b], at) == static_cast<uint32_t>(b);
+      if ((pass == 0) == maps_to_itself) map.id[b] = next_id++;
     }
   }
   return map;
