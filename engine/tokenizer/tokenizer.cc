@@ -5,9 +5,11 @@
 
 #include <algorithm>
 #include <fstream>
+#include <mutex>
 #include <queue>
 #include <sstream>
 
+#include "absl/hash/hash.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "engine/common/status_macros.h"
@@ -201,7 +203,17 @@ struct Tokenizer::Impl {
   std::vector<int32_t> template_prefix, template_suffix;
 };
 
-Tokenizer::Tokenizer() : impl_(std::make_unique<Impl>()) {}
+struct Tokenizer::CacheShard {
+  std::mutex mu;
+  absl::flat_hash_map<std::string, std::vector<int32_t>> entries;
+};
+
+namespace {
+constexpr size_t kCacheMaxPieceBytes = 64;
+constexpr size_t kCacheMaxEntriesPerShard = 1 << 14;
+}  // namespace
+
+Tokenizer::Tokenizer() : cache_(new CacheShard[kCacheShards]), impl_(std::make_unique<Impl>()) {}
 Tokenizer::~Tokenizer() = default;
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& path) {
@@ -615,6 +627,24 @@ void Tokenizer::EncodeSegment(absl::string_view segment, bool at_start,
 }
 
 void Tokenizer::Bpe(absl::string_view piece, std::vector<int32_t>& ids) const {
+  if (piece.size() > kCacheMaxPieceBytes) return BpeUncached(piece, ids);
+  CacheShard& shard = cache_[absl::HashOf(piece) % kCacheShards];
+  {
+    std::lock_guard<std::mutex> lock(shard.mu);
+    auto it = shard.entries.find(piece);
+    if (it != shard.entries.end()) {
+      ids.insert(ids.end(), it->second.begin(), it->second.end());
+      return;
+    }
+  }
+  const size_t before = ids.size();
+  BpeUncached(piece, ids);
+  std::lock_guard<std::mutex> lock(shard.mu);
+  if (shard.entries.size() >= kCacheMaxEntriesPerShard) shard.entries.clear();
+  shard.entries.emplace(piece, std::vector<int32_t>(ids.begin() + before, ids.end()));
+}
+
+void Tokenizer::BpeUncached(absl::string_view piece, std::vector<int32_t>& ids) const {
   const Impl& impl = *impl_;
   if (impl.ignore_merges) {
     auto it = vocab_.find(piece);

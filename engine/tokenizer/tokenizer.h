@@ -46,7 +46,13 @@ class Tokenizer {
   Tokenizer();
   void EncodeSegment(absl::string_view segment, bool at_start, std::vector<int32_t>& ids) const;
   void Bpe(absl::string_view piece, std::vector<int32_t>& ids) const;
+  void BpeUncached(absl::string_view piece, std::vector<int32_t>& ids) const;
 
+  // Cache of BPE results for short pieces (words repeat), sharded to keep Encode cheap
+  // from many threads.
+  struct CacheShard;
+  static constexpr int kCacheShards = 16;
+  std::unique_ptr<CacheShard[]> cache_;
   std::unique_ptr<Impl> impl_;
   absl::flat_hash_map<std::string, int32_t> vocab_;
   std::vector<std::string> id_to_token_;
