@@ -97,9 +97,9 @@ timeout "$STEP_TIMEOUT" node "$HERE/make_corpus.mjs" "$CORPUS" || { echo "FAIL: 
 LINES=$(tr -cd '\n' < "$CORPUS" | wc -c)
 
 # ---- comparison helper ----
-# node -e "$COMPARE_JS" ids|text CORPUS OURS REF LABEL: prints the first 5 differing lines to
-# stderr and the number of differing lines to stdout. REF lines that are `null` are not
-# checked (text mode: no round-trip expectation for that line).
+# node -e "$COMPARE_JS" ids|text|roundtrip CORPUS OURS REF LABEL: prints the first 5 differing lines to
+# stderr and the number of differing lines to stdout. In roundtrip mode REF lines that are
+# `null` are not checked (no round-trip expectation for that line).
 read -r -d '' COMPARE_JS <<'EOF'
 const fs = require("fs");
 const [kind, corpusFile, oursFile, refFile, label] = process.argv.slice(1);
@@ -133,7 +133,7 @@ const window = (a, b) => {
 let count = 0;
 const n = Math.max(corpus.length, ours.length, ref.length);
 for (let i = 0; i < n; i++) {
-  if (i < ref.length && ref[i] === "null" && kind === "text") continue;
+  if (kind === "roundtrip" && i < ref.length && ref[i] === "null") continue;
   const a = i < ours.length ? parse(ours[i]) : undefined;
   const b = i < ref.length ? parse(ref[i]) : undefined;
   const same = a !== undefined && b !== undefined && JSON.stringify(a) === JSON.stringify(b) &&
@@ -169,7 +169,7 @@ run() {
   return $rc
 }
 
-compare() {  # compare ids|text OURS REF LABEL -> prints the mismatch count
+compare() {  # compare ids|text|roundtrip OURS REF LABEL -> prints the mismatch count
   node -e "$COMPARE_JS" "$1" "$CORPUS" "$2" "$3" "$4" || echo 999999
 }
 
@@ -215,7 +215,7 @@ for entry in "${TOKENIZERS[@]}"; do
   enc_s=$(compare ids "$out/ours_enc_special.txt" "$out/ref_enc_special.txt" "$name encode")
   enc_p=$(compare ids "$out/ours_enc_plain.txt" "$out/ref_enc_plain.txt" "$name encode --no-special")
   dec=$(compare text "$out/ours_dec_special.txt" "$out/ref_dec_special.txt" "$name decode vs reference")
-  rt=$(compare text "$out/ours_dec_plain.txt" "$out/roundtrip_expect.txt" "$name round trip")
+  rt=$(compare roundtrip "$out/ours_dec_plain.txt" "$out/roundtrip_expect.txt" "$name round trip")
   rt_checked=$(grep -cv '^null$' "$out/roundtrip_expect.txt")
   SUMMARY+=("$name|$LINES|$enc_s|$enc_p|$dec|$rt ($rt_checked checked)|$errors")
   if [[ $enc_s != 0 || $enc_p != 0 || $dec != 0 || $rt != 0 || $errors != 0 ]]; then
