@@ -9,14 +9,14 @@
 #      registry unreachable -> "SKIP: ..." and exit 77.
 #   2. generate the corpus (make_corpus.mjs).
 #   3. encode with and without --no-special on both sides; compare ids line by line.
-#   4. decode: pdserve --decode of our ids must equal the JS decode of the same ids, and for
-#      lossless tokenizers decode(encode(line, --no-special)) must give the line back (after
-#      U+FFFD replacement of invalid UTF-8, the tokenizer's NFC if any, and for the
-#      SentencePiece style: lines holding added-token text are not checked and U+2581 comes
-#      back as ' '; see `reference.mjs roundtrip`).
+#   4. decode: pdserve --decode of our ids (both encodings) must equal the JS decode of the
+#      same ids; and for lossless tokenizers decode(encode(line, --no-special)) must give the
+#      line back (after U+FFFD replacement of invalid UTF-8 and the tokenizer's NFC if any; for
+#      the SentencePiece style, lines holding added-token text are not checked and U+2581
+#      comes back as ' '; see `reference.mjs roundtrip`).
 #   5. summary table; exit 1 on any mismatch or failed step.
 # Uses bash, node and coreutils only. Env: NPM_TIMEOUT (s, default 300), STEP_TIMEOUT (s per
-# command, default 180).
+# command, default 180). TOKENIZER_NPM_INSTALL_ONLY=1: only do step 1.
 
 set -u -o pipefail
 
@@ -67,11 +67,19 @@ if [[ -n $(npm_missing) ]]; then
     rm -f "$WORK/package-lock.json"
   fi
   npm_log=$WORK/npm_install.log
-  timeout "$NPM_TIMEOUT" npm install --no-audit --no-fund --prefix "$WORK" > "$npm_log" 2>&1
+  # Quick reachability probe without retries (npm install retries each package for ~70 s).
+  timeout 60 npm view --fetch-retries=0 @lenml/tokenizers version > "$npm_log" 2>&1
   rc=$?
+  if [[ $rc -eq 0 ]]; then
+    timeout "$NPM_TIMEOUT" npm install --no-audit --no-fund --prefix "$WORK" > "$npm_log" 2>&1
+    rc=$?
+  fi
   if [[ $rc -ne 0 ]]; then
-    reason=$(grep -m1 -Eo 'E(NOTFOUND|AI_AGAIN|CONNREFUSED|CONNRESET|TIMEDOUT|NETUNREACH|HOSTUNREACH)[^"]*' "$npm_log")
-    if [[ $rc -eq 124 ]]; then reason="npm install timed out after ${NPM_TIMEOUT}s"; fi
+    net="E(NOTFOUND|AI_AGAIN|CONNREFUSED|CONNRESET|TIMEDOUT|NETUNREACH|HOSTUNREACH)"
+    reason=$( (grep -m1 -E "reason: .*$net" "$npm_log" || grep -m1 -E "$net" "$npm_log") |
+      sed -E "s/^npm (error|ERR!) *//" | cut -c1-200)
+    [[ $rc -eq 124 ]] && reason="npm timed out"
+    [[ -n $reason ]] && reason="$reason (registry $(npm config get registry 2>/dev/null))"
     if [[ -n $reason ]]; then
       echo "SKIP: npm registry unreachable: $reason"
       exit 77
@@ -90,6 +98,8 @@ else
   echo "== npm packages already installed in $WORK"
 fi
 export NODE_PATH=$WORK/node_modules
+# run_bench.sh reuses the install step only.
+[[ ${TOKENIZER_NPM_INSTALL_ONLY:-0} == 1 ]] && exit 0
 
 # ---- 2. corpus ----
 CORPUS=$WORK/corpus.txt
@@ -170,7 +180,9 @@ run() {
 }
 
 compare() {  # compare ids|text|roundtrip OURS REF LABEL -> prints the mismatch count
-  node -e "$COMPARE_JS" "$1" "$CORPUS" "$2" "$3" "$4" || echo 999999
+  local n
+  n=$(node -e "$COMPARE_JS" "$1" "$CORPUS" "$2" "$3" "$4") || n=999999
+  echo "${n:-999999}"
 }
 
 # ---- 3./4. each tokenizer ----
@@ -210,11 +222,14 @@ for entry in "${TOKENIZERS[@]}"; do
   run "$out/ours_dec_plain.txt" "$PDSERVE" tokenize --tokenizer "$tj" --decode < "$out/ours_enc_plain.txt" || errors=$((errors + 1))
   # Our ids may be wrong; the reference then prints null for the bad lines (counted below).
   run "$out/ref_dec_special.txt" node "$REF" decode "$tj" "${cfg_args[@]}" < "$out/ours_enc_special.txt"
+  run "$out/ref_dec_plain.txt" node "$REF" decode "$tj" "${cfg_args[@]}" < "$out/ours_enc_plain.txt"
   run "$out/roundtrip_expect.txt" node "$REF" roundtrip "$tj" "${cfg_args[@]}" < "$CORPUS" || errors=$((errors + 1))
 
   enc_s=$(compare ids "$out/ours_enc_special.txt" "$out/ref_enc_special.txt" "$name encode")
   enc_p=$(compare ids "$out/ours_enc_plain.txt" "$out/ref_enc_plain.txt" "$name encode --no-special")
-  dec=$(compare text "$out/ours_dec_special.txt" "$out/ref_dec_special.txt" "$name decode vs reference")
+  dec_s=$(compare text "$out/ours_dec_special.txt" "$out/ref_dec_special.txt" "$name decode vs reference")
+  dec_p=$(compare text "$out/ours_dec_plain.txt" "$out/ref_dec_plain.txt" "$name decode --no-special ids vs reference")
+  dec=$((dec_s + dec_p))
   rt=$(compare roundtrip "$out/ours_dec_plain.txt" "$out/roundtrip_expect.txt" "$name round trip")
   rt_checked=$(grep -cv '^null$' "$out/roundtrip_expect.txt")
   SUMMARY+=("$name|$LINES|$enc_s|$enc_p|$dec|$rt ($rt_checked checked)|$errors")
