@@ -43,7 +43,7 @@ class Regex {
                                                         absl::string_view source) {
     int error = 0;
     PCRE2_SIZE offset = 0;
-    uint32_t options = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
+    const uint32_t options = PCRE2_UTF | (literal ? PCRE2_LITERAL : PCRE2_UCP);
     pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(pattern.data()), pattern.size(),
                                      options, &error, &offset, nullptr);
     if (code == nullptr) {
@@ -132,7 +132,7 @@ std::vector<Piece> SplitPieces(const std::vector<Piece>& in, const Regex& regex,
                                SplitBehavior behavior) {
   std::vector<Piece> out;
   for (const Piece& p : in) {
-    std::vector<std::pair<size_t, size_t>> spans;  // (begin, end, is match) flattened below
+    std::vector<std::pair<size_t, size_t>> spans;  // matches and the gaps between them
     std::vector<bool> is_match;
     size_t last = 0;
     regex.ForEachMatch(p.text, [&](size_t b, size_t e) {
@@ -149,6 +149,7 @@ std::vector<Piece> SplitPieces(const std::vector<Piece>& in, const Regex& regex,
       is_match.push_back(false);
     }
     std::vector<std::string> parts;
+    bool pending_match = false;  // MergedWithNext: the last part is a match awaiting its next
     for (size_t i = 0; i < spans.size(); ++i) {
       std::string s = p.text.substr(spans[i].first, spans[i].second - spans[i].first);
       switch (behavior) {
@@ -166,13 +167,12 @@ std::vector<Piece> SplitPieces(const std::vector<Piece>& in, const Regex& regex,
           }
           break;
         case SplitBehavior::kMergedWithNext:
-          if (!parts.empty() && i > 0 && is_match[i - 1] &&
-              parts.back() ==
-                  p.text.substr(spans[i - 1].first, spans[i - 1].second - spans[i - 1].first)) {
+          if (pending_match) {
             parts.back() += s;
           } else {
             parts.push_back(std::move(s));
           }
+          pending_match = is_match[i];
           break;
       }
     }

@@ -178,6 +178,63 @@ TEST(SentencePieceTokenizerTest, MergesByteFallbackAndDecoderChain) {
   EXPECT_EQ(joined, "hello é");
 }
 
+// The newer layout of the same tokenizer (Mistral v0.3 style): no normalizer, a Metaspace
+// pre-tokenizer that prepends to the first section only, and a Metaspace decoder.
+TEST(SentencePieceTokenizerTest, MetaspacePreTokenizerMatchesLegacyLayout) {
+  auto legacy = Tokenizer::FromJson(SentencePieceJson(), "legacy");
+  ASSERT_TRUE(legacy.ok()) << legacy.status();
+  auto j = nlohmann::json::parse(SentencePieceJson());
+  j["normalizer"] = nullptr;
+  j["pre_tokenizer"] = {{"type", "Metaspace"},
+                        {"replacement", "\xE2\x96\x81"},
+                        {"prepend_scheme", "first"},
+                        {"split", false}};
+  j["decoder"] = {
+      {"type", "Sequence"},
+      {"decoders",
+       {{{"type", "Metaspace"}, {"replacement", "\xE2\x96\x81"}, {"prepend_scheme", "first"}},
+        {{"type", "ByteFallback"}},
+        {{"type", "Fuse"}}}}};
+  auto modern = Tokenizer::FromJson(j.dump(), "modern");
+  ASSERT_TRUE(modern.ok()) << modern.status();
+  for (const std::string text : {"hello world", "hello  world é", "world hello"}) {
+    const auto ids = (*modern)->Encode(text, false);
+    EXPECT_EQ(ids, (*legacy)->Encode(text, false)) << text;
+    EXPECT_EQ((*modern)->Decode(ids), text);
+  }
+  // Split with every behaviour on the same input.
+  for (const auto& [behavior, expected] :
+       std::vector<std::pair<std::string, std::string>>{{"Isolated", "[a][-][b][-][-][c]"},
+                                                        {"Removed", "[a][b][c]"},
+                                                        {"MergedWithPrevious", "[a-][b--][c]"},
+                                                        {"MergedWithNext", "[a][-b][--c]"}}) {
+    nlohmann::json split = nlohmann::json::parse(SentencePieceJson());
+    split["normalizer"] = nullptr;
+    split["pre_tokenizer"] = {{"type", "Split"},
+                              {"pattern", {{"String", "-"}}},
+                              {"behavior", behavior},
+                              {"invert", false}};
+    // Each expected piece is a vocab entry and ignore_merges maps a whole piece to its one
+    // id, so the ids spell out the piece boundaries.
+    split["model"]["vocab"]["a"] = 1000;
+    split["model"]["vocab"]["b"] = 1001;
+    split["model"]["vocab"]["c"] = 1002;
+    split["model"]["vocab"]["-"] = 1003;
+    split["model"]["vocab"]["a-"] = 1004;
+    split["model"]["vocab"]["b-"] = 1005;
+    split["model"]["vocab"]["b--"] = 1006;
+    split["model"]["vocab"]["-b"] = 1007;
+    split["model"]["vocab"]["--"] = 1008;
+    split["model"]["vocab"]["--c"] = 1009;
+    split["model"]["ignore_merges"] = true;  // a piece that is a vocab entry is one token
+    auto tok = Tokenizer::FromJson(split.dump(), "split");
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    std::string pieces;
+    for (int32_t id : (*tok)->Encode("a-b--c", false)) pieces += "[" + *(*tok)->IdToToken(id) + "]";
+    EXPECT_EQ(pieces, expected) << behavior;
+  }
+}
+
 TEST(TokenizerErrorsTest, UnsupportedComponentsAreNamed) {
   auto base = nlohmann::json::parse(SentencePieceJson());
   auto expect_error = [](const nlohmann::json& j, const std::string& fragment) {
