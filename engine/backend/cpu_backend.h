@@ -8,7 +8,8 @@ namespace pds::engine {
 
 class CpuBackend final : public Backend {
  public:
-  // num_threads <= 0: all hardware threads.
+  // num_threads <= 0: all hardware threads. The CPU thread pool is process-wide (one per
+  // worker process), so the last backend created sets it.
   explicit CpuBackend(int num_threads);
 
   std::string name() const override { return "cpu"; }
