@@ -13,6 +13,7 @@ void Usage() {
                "  make-model   write an HF model directory with random weights\n"
                "  generate     generate tokens offline with a model directory\n"
                "  tokenize     encode text lines or decode id arrays with a tokenizer.json\n"
+               "  profile      time the engine and fit the scheduler's latency model\n"
                "Run 'pdserve <command> --help' for a command's flags.\n");
 }
 }  // namespace
@@ -26,6 +27,7 @@ int main(int argc, char** argv) {
   if (command == "make-model") return pds::server::MakeModelMain(argc, argv);
   if (command == "generate") return pds::server::GenerateMain(argc, argv);
   if (command == "tokenize") return pds::server::TokenizeMain(argc, argv);
+  if (command == "profile") return pds::server::ProfileMain(argc, argv);
   std::fprintf(stderr, "pdserve: unknown command '%s'\n", command.c_str());
   Usage();
   return 2;

@@ -82,6 +82,8 @@ class Backend {
                                               absl::string_view what) = 0;
   virtual absl::Status CopyToHost(void* host, const void* device, size_t bytes) = 0;
   virtual absl::Status CopyFromHost(void* device, const void* host, size_t bytes) = 0;
+  // Sets `bytes` of backend memory to zero.
+  virtual absl::Status Zero(void* device, size_t bytes) = 0;
   // Copies within backend memory (used by KV block copies and transfer packing).
   virtual absl::Status CopyDevice(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Synchronize() = 0;

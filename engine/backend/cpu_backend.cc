@@ -59,6 +59,11 @@ absl::Status CpuBackend::CopyDevice(void* dst, const void* src, size_t bytes) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::Zero(void* device, size_t bytes) {
+  std::memset(device, 0, bytes);
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::BeginBatch(const BatchMetadata& batch) {
   batch_ = &batch;
   ++batch_generation_;

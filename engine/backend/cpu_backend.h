@@ -21,6 +21,7 @@ class CpuBackend final : public Backend {
   absl::Status CopyToHost(void* host, const void* device, size_t bytes) override;
   absl::Status CopyFromHost(void* device, const void* host, size_t bytes) override;
   absl::Status CopyDevice(void* dst, const void* src, size_t bytes) override;
+  absl::Status Zero(void* device, size_t bytes) override;
   absl::Status Synchronize() override { return absl::OkStatus(); }
 
   absl::Status BeginBatch(const BatchMetadata& batch) override;

@@ -21,6 +21,9 @@ absl::StatusOr<KvCache> KvCache::Create(Backend& backend, const KvCacheShape& sh
                          backend.Allocate(bytes, absl::StrCat("K cache layer ", l)));
     PDS_ASSIGN_OR_RETURN(DeviceBuffer v,
                          backend.Allocate(bytes, absl::StrCat("V cache layer ", l)));
+    // Never read uninitialized memory, even from blocks no sequence has written yet.
+    PDS_RETURN_IF_ERROR(backend.Zero(k.data(), bytes));
+    PDS_RETURN_IF_ERROR(backend.Zero(v.data(), bytes));
     cache.k_.push_back(std::move(k));
     cache.v_.push_back(std::move(v));
   }

@@ -4,9 +4,43 @@
 
 #include <algorithm>
 
+#include "kernels/cpu/simd.h"
 #include "kernels/threads.h"
 
 namespace pds::kernels::cpu {
+namespace {
+
+// Up to this many rows, products read each weight row once for all rows of `a` (the weight
+// stream is the cost); OpenBLAS's small-M sgemm path is slower there (measured: M=2 took
+// twice as long as M=1).
+constexpr int64_t kSmallM = 4;
+
+}  // namespace
+
+// Not in the anonymous namespace: GCC's target_clones warns on internal-linkage functions.
+PDS_SIMD_CLONES void SmallMGemm(const float* a, int64_t lda, const float* w, float* c, int64_t ldc,
+                                int64_t m, int64_t n0, int64_t n1, int64_t k, bool accumulate) {
+  const float* a0 = a;
+  const float* a1 = a + (m > 1 ? lda : 0);
+  const float* a2 = a + (m > 2 ? 2 * lda : 0);
+  const float* a3 = a + (m > 3 ? 3 * lda : 0);
+  for (int64_t j = n0; j < n1; ++j) {
+    const float* wr = w + j * k;
+    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t p = 0; p < k; ++p) {
+      const float x = wr[p];
+      s0 += a0[p] * x;
+      s1 += a1[p] * x;
+      s2 += a2[p] * x;
+      s3 += a3[p] * x;
+    }
+    const float sums[4] = {s0, s1, s2, s3};
+    for (int64_t i = 0; i < m; ++i) {
+      c[i * ldc + j] = accumulate ? c[i * ldc + j] + sums[i] : sums[i];
+    }
+  }
+}
 
 // OpenBLAS runs single-threaded (threads.cc sets it); the output columns are split across
 // our own pool instead, so one pool owns every core and nothing spins against it.

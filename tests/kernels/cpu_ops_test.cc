@@ -58,7 +58,9 @@ TEST_P(GemmTest, MatchesNaiveLoopsWithRowStride) {
 
 INSTANTIATE_TEST_SUITE_P(AwkwardSizes, GemmTest,
                          ::testing::Values(std::make_tuple(1, 1, 1), std::make_tuple(3, 7, 37),
-                                           std::make_tuple(37, 3, 7), std::make_tuple(1, 733, 64),
+                                           std::make_tuple(2, 129, 64), std::make_tuple(4, 65, 33),
+                                           std::make_tuple(5, 64, 64), std::make_tuple(37, 3, 7),
+                                           std::make_tuple(1, 733, 64),
                                            std::make_tuple(7, 37, 733)));
 
 TEST(NormTest, RmsNormAddRmsNormAndHeadNorm) {

@@ -101,6 +101,23 @@ TEST_F(CliTest, TextPromptAndTokenizeRoundTrip) {
   EXPECT_EQ(text.output, "\"Hello, world!\"\n\"\"\n\"naïve café 日本語 👍\"\n");
 }
 
+TEST_F(CliTest, ProfileWritesAFittedLatencyModel) {
+  const std::string out = pds::testing::ScratchDir() + "/profile.json";
+  const Result r =
+      RunCommand("profile --quick --reps 1 --threads 1 --model " + dir_ + " --out " + out);
+  ASSERT_EQ(r.exit_code, 0) << r.output << r.errors;
+  std::ifstream in(out);
+  const auto j = nlohmann::json::parse(in, nullptr, false);
+  ASSERT_FALSE(j.is_discarded());
+  EXPECT_GE(j["samples"]["prefill"].size(), 8u);
+  EXPECT_GE(j["samples"]["decode"].size(), 8u);
+  EXPECT_EQ(j["latency_model"]["prefill"]["coef"].size(), 3u);
+  EXPECT_EQ(j["latency_model"]["decode"]["coef"].size(), 3u);
+  EXPECT_TRUE(j["latency_model"]["decode"]["fit"]["median_rel_error"].is_number());
+  EXPECT_EQ(j["model"]["architecture"], "LlamaForCausalLM");
+  for (const auto& s : j["samples"]["prefill"]) EXPECT_GT(s["seconds"].get<double>(), 0.0);
+}
+
 TEST_F(CliTest, ErrorsAreClearAndNonZero) {
   Result r = RunCommand("generate --model /nonexistent --prompt-ids 1");
   EXPECT_NE(r.exit_code, 0);

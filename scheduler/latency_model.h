@@ -1,0 +1,66 @@
+// The latency model of DistServe's form, fitted from profiles of the real engine:
+//   prefill batch time = a + b * sum(l) + c * sum(l^2)        (l: prompt lengths)
+//   decode step time   = a + b * sum(context) + c * batch
+// Fitted by least squares on relative error (so short and long batches count alike), with
+// the error on held-out samples reported. Pure logic: no engine, CUDA or gRPC types.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "nlohmann/json.hpp"
+
+namespace pds::scheduler {
+
+struct PrefillSample {
+  std::vector<int32_t> prompt_lens;  // one batch
+  double seconds = 0;
+};
+
+struct DecodeSample {
+  int32_t batch = 0;
+  int64_t total_context = 0;  // sum of the batch's context lengths
+  double seconds = 0;
+};
+
+struct FitQuality {
+  double median_rel_error = 0;  // on held-out samples
+  double max_rel_error = 0;
+  int32_t num_fit = 0;
+  int32_t num_held_out = 0;
+};
+
+class LatencyModel {
+ public:
+  double PredictPrefill(absl::Span<const int32_t> prompt_lens) const;
+  double PredictDecode(int32_t batch, int64_t total_context) const;
+
+  // Fits both phases. Every fourth sample is held out to measure the error, then the
+  // coefficients are refitted on all samples. INVALID_ARGUMENT with too few samples.
+  static absl::StatusOr<LatencyModel> Fit(const std::vector<PrefillSample>& prefill,
+                                          const std::vector<DecodeSample>& decode);
+
+  const std::array<double, 3>& prefill_coef() const { return prefill_coef_; }
+  const std::array<double, 3>& decode_coef() const { return decode_coef_; }
+  const FitQuality& prefill_quality() const { return prefill_quality_; }
+  const FitQuality& decode_quality() const { return decode_quality_; }
+
+  nlohmann::json ToJson() const;
+  static absl::StatusOr<LatencyModel> FromJson(const nlohmann::json& j);
+
+ private:
+  std::array<double, 3> prefill_coef_{};
+  std::array<double, 3> decode_coef_{};
+  FitQuality prefill_quality_, decode_quality_;
+};
+
+// Weighted least squares: minimizes sum_i w_i (x_i . beta - y_i)^2 for 3 features.
+absl::StatusOr<std::array<double, 3>> LeastSquares3(const std::vector<std::array<double, 3>>& x,
+                                                    const std::vector<double>& y,
+                                                    const std::vector<double>& w);
+
+}  // namespace pds::scheduler

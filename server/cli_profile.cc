@@ -1,0 +1,137 @@
+// pdserve profile --model DIR --out FILE [--quick] [--backend cpu|cuda] [--threads N]
+// Times real prefill batches and decode steps, fits the latency model and writes the samples,
+// coefficients, held-out fit error and machine/model metadata as JSON.
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <fstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "engine/backend/backend.h"
+#include "engine/common/status_macros.h"
+#include "nlohmann/json.hpp"
+#include "scheduler/latency_model.h"
+#include "server/cli_args.h"
+#include "server/commands.h"
+#include "server/profiler.h"
+
+namespace pds::server {
+namespace {
+
+const std::vector<FlagSpec>& Specs() {
+  static const std::vector<FlagSpec> specs = {
+      {"model", false, "HF model directory"},
+      {"out", false, "profile JSON to write"},
+      {"quick", true, "a small grid (seconds, for tests and the demo)"},
+      {"backend", false, "cpu (default) or cuda"},
+      {"threads", false, "CPU threads (default: all cores)"},
+      {"block-size", false, "KV cache block size (default 16)"},
+      {"reps", false, "timed repetitions per point, median kept (default 3)"},
+      {"help", true, "show this help"},
+  };
+  return specs;
+}
+
+std::string CpuModel() {
+  std::ifstream in("/proc/cpuinfo");
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("model name", 0) == 0) {
+      const size_t colon = line.find(':');
+      if (colon != std::string::npos) return line.substr(colon + 2);
+    }
+  }
+  return "unknown";
+}
+
+std::string UtcNow() {
+  const std::time_t now = std::time(nullptr);
+  char buf[32];
+  std::strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&now));
+  return buf;
+}
+
+absl::Status Run(const CliArgs& args) {
+  PDS_ASSIGN_OR_RETURN(std::string model_dir, args.Required("model"));
+  PDS_ASSIGN_OR_RETURN(std::string out_path, args.Required("out"));
+  engine::BackendOptions backend_options;
+  backend_options.kind = args.GetString("backend", "cpu");
+  PDS_ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
+  backend_options.num_threads = static_cast<int>(threads);
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Backend> backend,
+                       engine::CreateBackend(backend_options));
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Transformer> model,
+                       engine::Transformer::Load(model_dir, *backend));
+  ProfileOptions options;
+  options.quick = args.GetBool("quick");
+  PDS_ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));
+  PDS_ASSIGN_OR_RETURN(int64_t reps, args.GetInt("reps", 3));
+  if (block_size <= 0 || reps <= 0) {
+    return absl::InvalidArgumentError("--block-size and --reps must be positive");
+  }
+  options.block_size = static_cast<int32_t>(block_size);
+  options.reps = static_cast<int32_t>(reps);
+  const auto start = std::chrono::steady_clock::now();
+  PDS_ASSIGN_OR_RETURN(Profile profile, ProfileEngine(*model, options));
+  PDS_ASSIGN_OR_RETURN(scheduler::LatencyModel fit,
+                       scheduler::LatencyModel::Fit(profile.prefill, profile.decode));
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+
+  const engine::ModelConfig& c = model->config();
+  nlohmann::ordered_json j;
+  j["date"] = UtcNow();
+  j["machine"] = {{"cpu_model", CpuModel()},
+                  {"hardware_threads", std::thread::hardware_concurrency()},
+                  {"backend", backend->name()},
+                  {"threads", threads}};
+  j["model"] = {{"dir", model_dir},
+                {"architecture", c.architecture_name},
+                {"num_parameters", c.num_parameters()},
+                {"hidden_size", c.hidden_size},
+                {"num_layers", c.num_layers},
+                {"dtype", std::string(engine::DTypeName(backend->compute_dtype()))}};
+  j["grid"] = {{"quick", options.quick},
+               {"block_size", options.block_size},
+               {"reps", options.reps},
+               {"seconds", seconds}};
+  nlohmann::ordered_json prefill = nlohmann::ordered_json::array();
+  for (const auto& s : profile.prefill) {
+    prefill.push_back({{"prompt_lens", s.prompt_lens},
+                       {"seconds", s.seconds},
+                       {"predicted", fit.PredictPrefill(s.prompt_lens)}});
+  }
+  nlohmann::ordered_json decode = nlohmann::ordered_json::array();
+  for (const auto& s : profile.decode) {
+    decode.push_back({{"batch", s.batch},
+                      {"total_context", s.total_context},
+                      {"seconds", s.seconds},
+                      {"predicted", fit.PredictDecode(s.batch, s.total_context)}});
+  }
+  j["samples"] = {{"prefill", prefill}, {"decode", decode}};
+  j["latency_model"] = fit.ToJson();
+  std::ofstream out(out_path, std::ios::trunc);
+  out << j.dump(2) << "\n";
+  out.close();
+  if (!out) return absl::InternalError(absl::StrCat("cannot write ", out_path));
+  std::printf(
+      "profiled %zu prefill batches and %zu decode steps in %.1f s -> %s\n"
+      "prefill: a=%.3g s, b=%.3g s/token, c=%.3g s/token^2; held-out median error %.1f%% "
+      "(max %.1f%%)\n"
+      "decode:  a=%.3g s, b=%.3g s/context token, c=%.3g s/sequence; held-out median error "
+      "%.1f%% (max %.1f%%)\n",
+      profile.prefill.size(), profile.decode.size(), seconds, out_path.c_str(),
+      fit.prefill_coef()[0], fit.prefill_coef()[1], fit.prefill_coef()[2],
+      100 * fit.prefill_quality().median_rel_error, 100 * fit.prefill_quality().max_rel_error,
+      fit.decode_coef()[0], fit.decode_coef()[1], fit.decode_coef()[2],
+      100 * fit.decode_quality().median_rel_error, 100 * fit.decode_quality().max_rel_error);
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int ProfileMain(int argc, char** argv) {
+  return SubcommandMain(argc, argv, "profile", "--model DIR --out FILE [flags]", Specs(), Run);
+}
+
+}  // namespace pds::server

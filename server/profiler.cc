@@ -1,0 +1,135 @@
+#include "server/profiler.h"
+
+#include <algorithm>
+#include <chrono>
+#include <random>
+
+#include "engine/common/status_macros.h"
+
+namespace pds::server {
+namespace {
+
+using engine::BlockTable;
+using engine::KvCache;
+using engine::SequenceInput;
+
+struct Grid {
+  std::vector<std::vector<int32_t>> prefill_batches;  // prompt lengths per batch
+  std::vector<std::pair<int32_t, int32_t>> decode;    // (batch, context per sequence)
+};
+
+Grid MakeGrid(bool quick, int64_t max_context) {
+  Grid g;
+  const std::vector<int32_t> lens =
+      quick ? std::vector<int32_t>{16, 48, 96, 160, 256}
+            : std::vector<int32_t>{16, 32, 64, 128, 256, 384, 512, 768, 1024};
+  const int32_t budget = quick ? 512 : 2048;
+  for (int32_t batch : {1, 2, 4}) {
+    for (int32_t len : lens) {
+      if (batch * len <= budget && len < max_context) {
+        g.prefill_batches.push_back(std::vector<int32_t>(batch, len));
+      }
+    }
+  }
+  // Ragged batches, as the token-budget policy forms them.
+  g.prefill_batches.push_back({16, 240});
+  g.prefill_batches.push_back({100, 30, 60});
+  if (!quick) {
+    g.prefill_batches.push_back({512, 64, 64, 128});
+    g.prefill_batches.push_back({900, 100});
+  }
+  const std::vector<int32_t> batches =
+      quick ? std::vector<int32_t>{1, 4, 8, 16} : std::vector<int32_t>{1, 2, 4, 8, 16, 32};
+  const std::vector<int32_t> contexts =
+      quick ? std::vector<int32_t>{32, 128, 512} : std::vector<int32_t>{64, 256, 512, 1024, 2048};
+  const int64_t max_tokens = quick ? 8192 : 32768;
+  for (int32_t b : batches) {
+    for (int32_t c : contexts) {
+      if (static_cast<int64_t>(b) * (c + 1) <= max_tokens && c + 1 < max_context) {
+        g.decode.emplace_back(b, c);
+      }
+    }
+  }
+  return g;
+}
+
+// Runs `forward` reps + 1 times and returns the median of the timed runs in seconds.
+template <typename F>
+absl::StatusOr<double> MedianSeconds(int reps, F forward) {
+  std::vector<double> times;
+  for (int r = 0; r <= reps; ++r) {
+    const auto start = std::chrono::steady_clock::now();
+    PDS_RETURN_IF_ERROR(forward());
+    const double secs =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (r > 0) times.push_back(secs);  // the first run warms caches and scratch buffers
+  }
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+}  // namespace
+
+absl::StatusOr<Profile> ProfileEngine(engine::Transformer& model, const ProfileOptions& options) {
+  const engine::ModelConfig& config = model.config();
+  const Grid grid = MakeGrid(options.quick, config.max_context());
+  const int32_t bs = options.block_size;
+  int64_t max_tokens = 0;
+  for (const auto& batch : grid.prefill_batches) {
+    int64_t blocks = 0;
+    for (int32_t l : batch) blocks += BlockTable::BlocksFor(l, bs);
+    max_tokens = std::max(max_tokens, blocks * bs);
+  }
+  for (const auto& [b, c] : grid.decode) {
+    max_tokens = std::max<int64_t>(max_tokens,
+                                   static_cast<int64_t>(b) * BlockTable::BlocksFor(c + 1, bs) * bs);
+  }
+  PDS_ASSIGN_OR_RETURN(
+      KvCache cache, KvCache::Create(model.backend(),
+                                     model.CacheShape(static_cast<int32_t>(max_tokens / bs), bs)));
+  std::mt19937_64 rng(1);
+  auto random_tokens = [&](int32_t n) {
+    std::vector<int32_t> t(n);
+    for (auto& id : t) id = static_cast<int32_t>(rng() % config.vocab_size);
+    return t;
+  };
+  std::vector<float> logits;
+  Profile profile;
+
+  for (const auto& lens : grid.prefill_batches) {
+    std::vector<BlockTable> tables(lens.size());
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<SequenceInput> inputs;
+    for (size_t s = 0; s < lens.size(); ++s) {
+      PDS_RETURN_IF_ERROR(tables[s].Reserve(lens[s], bs, cache.allocator()));
+      prompts.push_back(random_tokens(lens[s]));
+    }
+    for (size_t s = 0; s < lens.size(); ++s) inputs.push_back({prompts[s], 0, &tables[s]});
+    PDS_ASSIGN_OR_RETURN(double secs, MedianSeconds(options.reps, [&] {
+                           return model.Forward(inputs, cache, logits);
+                         }));
+    profile.prefill.push_back({lens, secs});
+    for (auto& t : tables) PDS_RETURN_IF_ERROR(t.Release(cache.allocator()));
+  }
+
+  // Decode steps: the cached context's values do not change the cost, so the blocks are
+  // reserved (zeroed memory) without prefilling them.
+  for (const auto& [batch, context] : grid.decode) {
+    std::vector<BlockTable> tables(batch);
+    std::vector<std::vector<int32_t>> next(batch);
+    std::vector<SequenceInput> inputs;
+    for (int32_t s = 0; s < batch; ++s) {
+      PDS_RETURN_IF_ERROR(tables[s].Reserve(context + 1, bs, cache.allocator()));
+      next[s] = random_tokens(1);
+    }
+    for (int32_t s = 0; s < batch; ++s) inputs.push_back({next[s], context, &tables[s]});
+    PDS_ASSIGN_OR_RETURN(double secs, MedianSeconds(options.reps, [&] {
+                           return model.Forward(inputs, cache, logits);
+                         }));
+    profile.decode.push_back({batch, static_cast<int64_t>(batch) * (context + 1), secs});
+    for (auto& t : tables) PDS_RETURN_IF_ERROR(t.Release(cache.allocator()));
+  }
+  return profile;
+}
+
+}  // namespace pds::server

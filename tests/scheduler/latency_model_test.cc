@@ -1,0 +1,82 @@
+#include "scheduler/latency_model.h"
+
+#include <random>
+
+#include "gtest/gtest.h"
+
+namespace pds::scheduler {
+namespace {
+
+// Samples from known coefficients with multiplicative noise of +-`noise`.
+void MakeSamples(double noise, std::vector<PrefillSample>& prefill,
+                 std::vector<DecodeSample>& decode) {
+  std::mt19937_64 rng(5);
+  std::uniform_real_distribution<double> jitter(1.0 - noise, 1.0 + noise);
+  for (int batch : {1, 2, 4}) {
+    for (int len : {16, 64, 128, 256, 512, 1024}) {
+      std::vector<int32_t> lens(batch, len);
+      const double sum = batch * len, sum_sq = batch * double(len) * len;
+      prefill.push_back({lens, (0.01 + 2e-4 * sum + 3e-8 * sum_sq) * jitter(rng)});
+    }
+  }
+  for (int batch : {1, 2, 4, 8, 16, 32}) {
+    for (int ctx : {64, 512, 2048}) {
+      const int64_t total = int64_t{batch} * ctx;
+      decode.push_back({batch, total, (0.005 + 1e-6 * total + 4e-4 * batch) * jitter(rng)});
+    }
+  }
+}
+
+TEST(LatencyModelTest, RecoversKnownCoefficients) {
+  std::vector<PrefillSample> prefill;
+  std::vector<DecodeSample> decode;
+  MakeSamples(0.0, prefill, decode);
+  auto model = LatencyModel::Fit(prefill, decode);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_NEAR(model->prefill_coef()[0], 0.01, 1e-9);
+  EXPECT_NEAR(model->prefill_coef()[1], 2e-4, 1e-12);
+  EXPECT_NEAR(model->prefill_coef()[2], 3e-8, 1e-15);
+  EXPECT_NEAR(model->decode_coef()[0], 0.005, 1e-9);
+  EXPECT_NEAR(model->decode_coef()[1], 1e-6, 1e-13);
+  EXPECT_NEAR(model->decode_coef()[2], 4e-4, 1e-11);
+  EXPECT_LT(model->prefill_quality().max_rel_error, 1e-9);
+  EXPECT_NEAR(model->PredictDecode(8, 8 * 1000), 0.005 + 8e-3 + 3.2e-3, 1e-9);
+}
+
+TEST(LatencyModelTest, NoisySamplesGiveErrorsOfTheNoiseSize) {
+  std::vector<PrefillSample> prefill;
+  std::vector<DecodeSample> decode;
+  MakeSamples(0.03, prefill, decode);
+  auto model = LatencyModel::Fit(prefill, decode);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_LT(model->prefill_quality().median_rel_error, 0.05);
+  EXPECT_LT(model->decode_quality().median_rel_error, 0.05);
+  EXPECT_GT(model->decode_quality().max_rel_error, 0.0);
+  EXPECT_EQ(model->decode_quality().num_held_out + model->decode_quality().num_fit, 18);
+}
+
+TEST(LatencyModelTest, JsonRoundTripAndErrors) {
+  std::vector<PrefillSample> prefill;
+  std::vector<DecodeSample> decode;
+  MakeSamples(0.01, prefill, decode);
+  auto model = LatencyModel::Fit(prefill, decode);
+  ASSERT_TRUE(model.ok());
+  auto back = LatencyModel::FromJson(model->ToJson());
+  ASSERT_TRUE(back.ok()) << back.status();
+  EXPECT_EQ(back->prefill_coef(), model->prefill_coef());
+  EXPECT_EQ(back->decode_coef(), model->decode_coef());
+  EXPECT_EQ(back->decode_quality().median_rel_error, model->decode_quality().median_rel_error);
+  EXPECT_EQ(LatencyModel::FromJson(nlohmann::json::parse(R"({"prefill": {"coef": [1, 2]}})"))
+                .status()
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  // Too few samples, and non-positive times, are refused.
+  prefill.resize(5);
+  EXPECT_EQ(LatencyModel::Fit(prefill, decode).status().code(), absl::StatusCode::kInvalidArgument);
+  MakeSamples(0.0, prefill, decode);
+  decode[3].seconds = 0;
+  EXPECT_EQ(LatencyModel::Fit(prefill, decode).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace pds::scheduler
