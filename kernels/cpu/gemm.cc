@@ -10,30 +10,34 @@
 namespace pds::kernels::cpu {
 namespace {
 
-// Up to this many rows, products read each weight row once for all rows of `a` (the weight
-// stream is the cost); OpenBLAS's small-M sgemm path is slower there (measured: M=2 took
-// twice as long as M=1).
+// Up to this many rows, products read each weight row once for all rows of `a`: the weight
+// stream is the cost, and OpenBLAS's small-M sgemm re-reads it (measured on 1536x512, 2
+// threads: sgemm took 1.8x the one-row time from 2 rows on; this kernel keeps 1 to 4 rows at
+// the one-row time). Past 4 rows the loads of `a` bound this simple loop, and sgemm is as
+// fast; a register-blocked micro-kernel would be the next step.
 constexpr int64_t kSmallM = 4;
 
 }  // namespace
 
-// Not in the anonymous namespace: GCC's target_clones warns on internal-linkage functions.
+// c[i, j] (+)= a[i, :] . w[j, :] for i < m <= 4, j in [n0, n1). Rows past m alias row 0 and
+// their sums are dropped, so one loop body serves every m. Not in the anonymous namespace:
+// GCC's target_clones warns on internal-linkage functions.
 PDS_SIMD_CLONES void SmallMGemm(const float* a, int64_t lda, const float* w, float* c, int64_t ldc,
                                 int64_t m, int64_t n0, int64_t n1, int64_t k, bool accumulate) {
-  const float* a0 = a;
-  const float* a1 = a + (m > 1 ? lda : 0);
-  const float* a2 = a + (m > 2 ? 2 * lda : 0);
-  const float* a3 = a + (m > 3 ? 3 * lda : 0);
+  const float* r0 = a;
+  const float* r1 = a + (m > 1 ? lda : 0);
+  const float* r2 = a + (m > 2 ? 2 * lda : 0);
+  const float* r3 = a + (m > 3 ? 3 * lda : 0);
   for (int64_t j = n0; j < n1; ++j) {
     const float* wr = w + j * k;
-    float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
+    float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
     for (int64_t p = 0; p < k; ++p) {
       const float x = wr[p];
-      s0 += a0[p] * x;
-      s1 += a1[p] * x;
-      s2 += a2[p] * x;
-      s3 += a3[p] * x;
+      s0 += r0[p] * x;
+      s1 += r1[p] * x;
+      s2 += r2[p] * x;
+      s3 += r3[p] * x;
     }
     const float sums[4] = {s0, s1, s2, s3};
     for (int64_t i = 0; i < m; ++i) {
@@ -55,9 +59,8 @@ void Gemm(const float* a, int64_t lda, const float* w, float* c, int64_t ldc, in
     for (int64_t part = begin; part < end; ++part) {
       const int64_t n0 = part * chunk;
       const int64_t cols = std::min(chunk, n - n0);
-      if (m == 1) {  // a matrix-vector product: OpenBLAS's gemv path is the faster one
-        cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(cols), static_cast<int>(k), 1.0f,
-                    w + n0 * k, static_cast<int>(k), a, 1, accumulate ? 1.0f : 0.0f, c + n0, 1);
+      if (m <= kSmallM) {
+        SmallMGemm(a, lda, w, c, ldc, m, n0, n0 + cols, k, accumulate);
         continue;
       }
       cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m),
