@@ -14,30 +14,33 @@
 #include "engine/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "server/cli_args.h"
+#include "server/cli_model.h"
 #include "server/commands.h"
 
 namespace pds::server {
 namespace {
 
 const std::vector<FlagSpec>& Specs() {
-  static const std::vector<FlagSpec> specs = {
-      {"model", false, "HF model directory"},
-      {"prompt", false, "prompt text (needs tokenizer.json in the model directory)"},
-      {"prompt-ids", false, "prompt as comma-separated token ids"},
-      {"max-tokens", false, "tokens to generate at most (default 16)"},
-      {"temperature", false, "0 = greedy (default 0)"},
-      {"top-k", false, "sample among the k most likely tokens (0 = all)"},
-      {"top-p", false, "nucleus sampling mass (default 1)"},
-      {"seed", false, "sampling seed (default: random)"},
-      {"ignore-eos", true, "keep generating after EOS"},
-      {"stop-token-ids", false, "comma-separated ids that end generation"},
-      {"logprobs", false, "report the logprob of each token and the top K alternatives"},
-      {"json", true, "print one JSON object"},
-      {"backend", false, "cpu (default) or cuda"},
-      {"threads", false, "CPU threads (default: all cores)"},
-      {"block-size", false, "KV cache block size in tokens (default 16)"},
-      {"help", true, "show this help"},
-  };
+  static const std::vector<FlagSpec> specs = [] {
+    std::vector<FlagSpec> own = {
+        {"prompt", false, "prompt text (needs tokenizer.json in the model directory)"},
+        {"prompt-ids", false, "prompt as comma-separated token ids"},
+        {"max-tokens", false, "tokens to generate at most (default 16)"},
+        {"temperature", false, "0 = greedy (default 0)"},
+        {"top-k", false, "sample among the k most likely tokens (0 = all)"},
+        {"top-p", false, "nucleus sampling mass (default 1)"},
+        {"seed", false, "sampling seed (default: random)"},
+        {"ignore-eos", true, "keep generating after EOS"},
+        {"stop-token-ids", false, "comma-separated ids that end generation"},
+        {"logprobs", false, "report the logprob of each token and the top K alternatives"},
+        {"json", true, "print one JSON object"},
+        {"block-size", false, "KV cache block size in tokens (default 16)"},
+        {"help", true, "show this help"},
+    };
+    std::vector<FlagSpec> all = ModelFlagSpecs();
+    all.insert(all.end(), own.begin(), own.end());
+    return all;
+  }();
   return specs;
 }
 
@@ -97,15 +100,9 @@ absl::Status Run(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(int64_t logprobs, args.GetInt("logprobs", -1));
   p.logprobs = static_cast<int32_t>(logprobs);
 
-  engine::BackendOptions backend_options;
-  backend_options.kind = args.GetString("backend", "cpu");
-  PDS_ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
-  backend_options.num_threads = static_cast<int>(threads);
-  PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Backend> backend,
-                       engine::CreateBackend(backend_options));
   const auto t0 = std::chrono::steady_clock::now();
-  PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Transformer> model,
-                       engine::Transformer::Load(model_dir, *backend));
+  PDS_ASSIGN_OR_RETURN(LoadedModel loaded, LoadModelFromArgs(args));
+  engine::Transformer* model = loaded.model.get();
   engine::EngineOptions engine_options;
   PDS_ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));
   engine_options.block_size = static_cast<int32_t>(block_size);

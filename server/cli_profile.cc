@@ -13,6 +13,7 @@
 #include "nlohmann/json.hpp"
 #include "scheduler/latency_model.h"
 #include "server/cli_args.h"
+#include "server/cli_model.h"
 #include "server/commands.h"
 #include "server/profiler.h"
 
@@ -20,16 +21,18 @@ namespace pds::server {
 namespace {
 
 const std::vector<FlagSpec>& Specs() {
-  static const std::vector<FlagSpec> specs = {
-      {"model", false, "HF model directory"},
-      {"out", false, "profile JSON to write"},
-      {"quick", true, "a small grid (seconds, for tests and the demo)"},
-      {"backend", false, "cpu (default) or cuda"},
-      {"threads", false, "CPU threads (default: all cores)"},
-      {"block-size", false, "KV cache block size (default 16)"},
-      {"reps", false, "timed repetitions per point, median kept (default 3)"},
-      {"help", true, "show this help"},
-  };
+  static const std::vector<FlagSpec> specs = [] {
+    std::vector<FlagSpec> own = {
+        {"out", false, "profile JSON to write"},
+        {"quick", true, "a small grid (seconds, for tests and the demo)"},
+        {"block-size", false, "KV cache block size (default 16)"},
+        {"reps", false, "timed repetitions per point, median kept (default 3)"},
+        {"help", true, "show this help"},
+    };
+    std::vector<FlagSpec> all = ModelFlagSpecs();
+    all.insert(all.end(), own.begin(), own.end());
+    return all;
+  }();
   return specs;
 }
 
@@ -52,16 +55,12 @@ std::string UtcNow() {
 }
 
 absl::Status Run(const CliArgs& args) {
-  PDS_ASSIGN_OR_RETURN(std::string model_dir, args.Required("model"));
   PDS_ASSIGN_OR_RETURN(std::string out_path, args.Required("out"));
-  engine::BackendOptions backend_options;
-  backend_options.kind = args.GetString("backend", "cpu");
-  PDS_ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));
-  backend_options.num_threads = static_cast<int>(threads);
-  PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Backend> backend,
-                       engine::CreateBackend(backend_options));
-  PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Transformer> model,
-                       engine::Transformer::Load(model_dir, *backend));
+  PDS_ASSIGN_OR_RETURN(LoadedModel loaded, LoadModelFromArgs(args));
+  const std::string& model_dir = loaded.dir;
+  const engine::Backend* backend = loaded.backend.get();
+  engine::Transformer* model = loaded.model.get();
+  const int threads = loaded.threads;
   ProfileOptions options;
   options.quick = args.GetBool("quick");
   PDS_ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));

@@ -15,8 +15,6 @@ namespace {
 // A fixed pool that runs one ParallelFor at a time; the calling thread takes a share too.
 class Pool {
  public:
-  ~Pool() { Resize(1); }
-
   void Resize(int n) {
     std::unique_lock<std::mutex> run_lock(run_mu_);
     {
