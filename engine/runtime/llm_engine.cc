@@ -34,7 +34,7 @@ absl::StatusOr<std::unique_ptr<LlmEngine>> LlmEngine::Create(Transformer& model,
   return std::unique_ptr<LlmEngine>(new LlmEngine(model, options, std::move(cache)));
 }
 
-absl::Status LlmEngine::AddRequest(GenerateRequest request) {
+absl::Status LlmEngine::ValidateRequest(GenerateRequest& request) const {
   const ModelConfig& config = model_.config();
   if (request.prompt.empty()) return absl::InvalidArgumentError("prompt is empty");
   for (int32_t id : request.prompt) {
@@ -60,6 +60,11 @@ absl::Status LlmEngine::AddRequest(GenerateRequest request) {
   if (sequences_.count(request.id)) {
     return absl::AlreadyExistsError(absl::StrCat("request id '", request.id, "' is in use"));
   }
+  return absl::OkStatus();
+}
+
+absl::Status LlmEngine::AddRequest(GenerateRequest request) {
+  PDS_RETURN_IF_ERROR(ValidateRequest(request));
   auto seq = std::make_unique<Sequence>();
   uint64_t seed = request.params.seed.has_value() ? *request.params.seed : std::random_device{}();
   seq->sampler = std::make_unique<Sampler>(request.params, seed);
@@ -83,11 +88,94 @@ absl::Status LlmEngine::Cancel(const std::string& id) {
 
 size_t LlmEngine::num_waiting() const {
   size_t n = 0;
-  for (const auto& [id, seq] : sequences_) n += !seq->admitted;
+  for (const auto& [id, seq] : sequences_) n += !seq->admitted && !seq->held && !seq->importing;
   return n;
 }
 
-size_t LlmEngine::num_running() const { return sequences_.size() - num_waiting(); }
+size_t LlmEngine::num_running() const {
+  size_t n = 0;
+  for (const auto& [id, seq] : sequences_) n += seq->admitted;
+  return n;
+}
+
+size_t LlmEngine::num_held() const {
+  size_t n = 0;
+  for (const auto& [id, seq] : sequences_) n += seq->held || seq->importing;
+  return n;
+}
+
+int64_t LlmEngine::num_waiting_tokens() const {
+  int64_t n = 0;
+  for (const auto& [id, seq] : sequences_) {
+    if (!seq->held && !seq->importing && !seq->admitted) {
+      n += static_cast<int64_t>(seq->tokens.size()) - seq->num_computed;
+    }
+  }
+  return n;
+}
+
+bool LlmEngine::HasRunnable() const {
+  for (const auto& [id, seq] : sequences_) {
+    if (!seq->held && !seq->importing) return true;
+  }
+  return false;
+}
+
+absl::StatusOr<HeldKv> LlmEngine::GetHeld(const std::string& id) const {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end() || !it->second->held) {
+    return absl::NotFoundError(absl::StrCat("no held request '", id, "'"));
+  }
+  return HeldKv{it->second->table.blocks(), it->second->num_computed};
+}
+
+absl::StatusOr<std::vector<int32_t>> LlmEngine::ReserveImport(GenerateRequest request,
+                                                              int32_t num_tokens) {
+  PDS_RETURN_IF_ERROR(ValidateRequest(request));
+  if (num_tokens != static_cast<int32_t>(request.prompt.size())) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "import of ", num_tokens, " positions for a prompt of ", request.prompt.size(), " tokens"));
+  }
+  const int32_t needed = BlockTable::BlocksFor(num_tokens, options_.block_size);
+  const int32_t headroom = static_cast<int32_t>(num_running());
+  if (cache_.allocator().num_free() < needed + headroom) {
+    return absl::ResourceExhaustedError(absl::StrCat("KV cache full: ", needed, " blocks needed, ",
+                                                     cache_.allocator().num_free(), " free, ",
+                                                     headroom, " kept for growth"));
+  }
+  auto seq = std::make_unique<Sequence>();
+  PDS_RETURN_IF_ERROR(seq->table.Reserve(num_tokens, options_.block_size, cache_.allocator()));
+  const uint64_t seed =
+      request.params.seed.has_value() ? *request.params.seed : std::random_device{}();
+  seq->sampler = std::make_unique<Sampler>(request.params, seed);
+  seq->tokens = request.prompt;
+  seq->order = next_order_++;
+  seq->importing = true;
+  seq->request = std::move(request);
+  std::vector<int32_t> blocks = seq->table.blocks();
+  const std::string id = seq->request.id;
+  sequences_[id] = std::move(seq);
+  return blocks;
+}
+
+absl::Status LlmEngine::ActivateImport(const std::string& id, int32_t next_token) {
+  auto it = sequences_.find(id);
+  if (it == sequences_.end() || !it->second->importing) {
+    return absl::NotFoundError(absl::StrCat("no import of request '", id, "'"));
+  }
+  Sequence& seq = *it->second;
+  if (next_token < 0 || next_token >= model_.config().vocab_size) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("token ", next_token, " outside the vocabulary"));
+  }
+  seq.num_computed = static_cast<int32_t>(seq.tokens.size());
+  seq.table.set_num_tokens(seq.num_computed);
+  seq.tokens.push_back(next_token);
+  seq.num_generated = 1;
+  seq.importing = false;
+  seq.admitted = true;
+  return absl::OkStatus();
+}
 
 void LlmEngine::Preempt(Sequence& seq) {
   // Recompute preemption: drop the cache; the tokens so far are prefilled again later.
@@ -121,7 +209,9 @@ FinishReason LlmEngine::CheckFinish(const Sequence& seq, int32_t token) const {
 
 absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   std::vector<Sequence*> order;
-  for (auto& [id, seq] : sequences_) order.push_back(seq.get());
+  for (auto& [id, seq] : sequences_) {
+    if (!seq->held && !seq->importing) order.push_back(seq.get());
+  }
   std::sort(order.begin(), order.end(),
             [](const Sequence* a, const Sequence* b) { return a->order < b->order; });
 
@@ -167,6 +257,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     budget -= chunk;
   }
   std::vector<TokenOutput> outputs;
+  last_batch_.clear();
+  for (const Planned& p : plan) last_batch_.emplace_back(p.seq->request.id, p.chunk);
   if (plan.empty()) return outputs;
 
   std::vector<SequenceInput> inputs;
@@ -201,7 +293,13 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     seq.tokens.push_back(out.token);
     ++seq.num_generated;
     out.finish = CheckFinish(seq, out.token);
-    if (out.finish != FinishReason::kNone) finished.push_back(seq.request.id);
+    if (out.finish != FinishReason::kNone) {
+      finished.push_back(seq.request.id);
+    } else if (seq.request.hold_kv_after_prefill) {
+      seq.held = true;
+      seq.admitted = false;
+      out.kv_held = true;
+    }
     outputs.push_back(std::move(out));
   }
   for (const std::string& id : finished) PDS_RETURN_IF_ERROR(Cancel(id));

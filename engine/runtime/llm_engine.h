@@ -30,6 +30,9 @@ struct GenerateRequest {
   std::vector<int32_t> prompt;
   SamplingParams params;
   bool return_logits = false;  // debugging and tests: the full logits row of every token
+  // Prefill workers: when the first token is sampled and the request goes on, keep the
+  // sequence and its KV blocks (TokenOutput::kv_held) for the hand-off instead of decoding.
+  bool hold_kv_after_prefill = false;
 };
 
 struct TokenLogprobs {
@@ -44,6 +47,13 @@ struct TokenOutput {
   std::optional<TokenLogprobs> logprobs;
   std::vector<float> logits;                  // when return_logits
   FinishReason finish = FinishReason::kNone;  // set on the request's last token
+  bool kv_held = false;  // hold_kv_after_prefill: the sequence now waits for Release()
+};
+
+// A held (prefilled) sequence's KV: its blocks and how many positions they hold.
+struct HeldKv {
+  std::vector<int32_t> blocks;
+  int32_t num_tokens = 0;
 };
 
 struct GenerateResult {
@@ -66,6 +76,20 @@ class LlmEngine {
   // Cancels a queued or running request and frees its blocks; NOT_FOUND if unknown.
   absl::Status Cancel(const std::string& id);
   bool HasWork() const { return !sequences_.empty(); }
+  // Whether Step() has anything to run (held and importing sequences do not run).
+  bool HasRunnable() const;
+
+  // Disaggregation. A prefill worker reads a held sequence's blocks, sends them and then
+  // calls Cancel() to free them. A decode worker reserves blocks for a sequence whose first
+  // `num_tokens` positions arrive from elsewhere (RESOURCE_EXHAUSTED while the cache has no
+  // room for them plus one block of growth per running sequence), has them written into
+  // those blocks, then activates it with the token sampled after them, and it decodes on.
+  absl::StatusOr<HeldKv> GetHeld(const std::string& id) const;
+  absl::StatusOr<std::vector<int32_t>> ReserveImport(GenerateRequest request, int32_t num_tokens);
+  absl::Status ActivateImport(const std::string& id, int32_t next_token);
+
+  // (request id, new tokens computed) of the sequences in the last Step's batch.
+  const std::vector<std::pair<std::string, int32_t>>& last_batch() const { return last_batch_; }
   // Runs one forward step over the next batch and returns the tokens it produced.
   absl::StatusOr<std::vector<TokenOutput>> Step();
   // Adds the requests, runs until all are done, returns results in request order.
@@ -73,8 +97,10 @@ class LlmEngine {
 
   const KvCache& cache() const { return cache_; }
   int32_t num_free_blocks() const { return cache_.allocator().num_free(); }
-  size_t num_waiting() const;
-  size_t num_running() const;
+  size_t num_waiting() const;          // queued, not yet started (or preempted)
+  size_t num_running() const;          // in the running batch
+  size_t num_held() const;             // held after prefill or reserved for an import
+  int64_t num_waiting_tokens() const;  // prompt tokens still to compute of waiting sequences
   int64_t num_preemptions() const { return num_preemptions_; }
 
  private:
@@ -87,7 +113,10 @@ class LlmEngine {
     std::unique_ptr<Sampler> sampler;
     uint64_t order = 0;  // admission order, for FCFS and preemption
     bool admitted = false;
+    bool held = false;       // hold_kv_after_prefill, prefilled, waiting for Release
+    bool importing = false;  // blocks reserved, K/V arriving from elsewhere
   };
+  absl::Status ValidateRequest(GenerateRequest& request) const;
 
   LlmEngine(Transformer& model, const EngineOptions& options, KvCache cache)
       : model_(model), options_(options), cache_(std::move(cache)) {}
@@ -102,6 +131,7 @@ class LlmEngine {
   uint64_t next_order_ = 0;
   int64_t num_preemptions_ = 0;
   std::vector<float> logits_;
+  std::vector<std::pair<std::string, int32_t>> last_batch_;
 };
 
 }  // namespace pds::engine

@@ -1,4 +1,5 @@
 // Sampling, stopping, logprobs, validation and cancellation of the generation engine.
+#include <cstring>
 #include <memory>
 #include <set>
 
@@ -210,6 +211,83 @@ namespace {
 
 // Generated weights are scaled so that greedy generation is not degenerate: the top-2 logit
 // margins sit far above float error and the output is not one token repeated.
+// The disaggregated path inside one process: engine A prefills and holds the KV, its blocks
+// are copied into blocks engine B reserved, B activates and decodes. The tokens equal one
+// engine doing both, seeded sampling included, and both engines end with every block free.
+TEST_F(GenerationTest, HeldPrefillHandedToAnotherEngineContinuesIdentically) {
+  for (float temperature : {0.0f, 0.9f}) {
+    SamplingParams p{.temperature = temperature, .seed = 77, .max_tokens = 12, .ignore_eos = true};
+    std::vector<int32_t> prompt = {3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46};
+    const GenerateResult whole = Run(Request(p, prompt));
+    ASSERT_EQ(whole.token_ids.size(), 12u);
+
+    auto prefill = NewEngine();
+    auto decode = NewEngine();
+    GenerateRequest r = Request(p, prompt);
+    r.id = "x";
+    r.hold_kv_after_prefill = true;
+    ASSERT_TRUE(prefill->AddRequest(r).ok());
+    std::vector<TokenOutput> outs;
+    while (outs.empty()) {
+      auto step = prefill->Step();
+      ASSERT_TRUE(step.ok()) << step.status();
+      outs = std::move(*step);
+    }
+    ASSERT_EQ(outs.size(), 1u);
+    EXPECT_TRUE(outs[0].kv_held);
+    EXPECT_EQ(outs[0].token, whole.token_ids[0]);
+    EXPECT_FALSE(prefill->HasRunnable());
+    auto held = prefill->GetHeld("x");
+    ASSERT_TRUE(held.ok()) << held.status();
+    EXPECT_EQ(held->num_tokens, static_cast<int32_t>(prompt.size()));
+
+    r.hold_kv_after_prefill = false;
+    auto reserved = decode->ReserveImport(r, held->num_tokens);
+    ASSERT_TRUE(reserved.ok()) << reserved.status();
+    ASSERT_EQ(reserved->size(), held->blocks.size());
+    EXPECT_FALSE(decode->HasRunnable());
+    const KvCacheShape& shape = prefill->cache().shape();
+    const size_t bytes = shape.BlockBytes(DType::kF32);
+    for (int layer = 0; layer < shape.num_layers; ++layer) {
+      for (size_t i = 0; i < reserved->size(); ++i) {
+        std::memcpy(static_cast<char*>(decode->cache().k(layer)) + (*reserved)[i] * bytes,
+                    static_cast<char*>(prefill->cache().k(layer)) + held->blocks[i] * bytes, bytes);
+        std::memcpy(static_cast<char*>(decode->cache().v(layer)) + (*reserved)[i] * bytes,
+                    static_cast<char*>(prefill->cache().v(layer)) + held->blocks[i] * bytes, bytes);
+      }
+    }
+    ASSERT_TRUE(prefill->Cancel("x").ok());
+    EXPECT_EQ(prefill->num_free_blocks(), 64);
+    ASSERT_TRUE(decode->ActivateImport("x", outs[0].token).ok());
+    std::vector<int32_t> tokens = {outs[0].token};
+    while (decode->HasWork()) {
+      auto step = decode->Step();
+      ASSERT_TRUE(step.ok()) << step.status();
+      for (const TokenOutput& o : *step) tokens.push_back(o.token);
+    }
+    EXPECT_EQ(tokens, whole.token_ids) << "temperature " << temperature;
+    EXPECT_EQ(decode->num_free_blocks(), 64);
+  }
+}
+
+TEST_F(GenerationTest, ImportsWaitForRoomAndCancelFreesReservedBlocks) {
+  auto decode = NewEngine({.block_size = 8, .num_blocks = 4});
+  GenerateRequest r = Request({.max_tokens = 4});
+  r.id = "a";
+  r.prompt.assign(20, 7);  // 3 blocks
+  auto a = decode->ReserveImport(r, 20);
+  ASSERT_TRUE(a.ok()) << a.status();
+  r.id = "b";
+  EXPECT_EQ(decode->ReserveImport(r, 20).status().code(), absl::StatusCode::kResourceExhausted);
+  EXPECT_EQ(decode->ReserveImport(r, 19).status().code(), absl::StatusCode::kInvalidArgument);
+  r.id = "a";
+  EXPECT_EQ(decode->ReserveImport(r, 20).status().code(), absl::StatusCode::kAlreadyExists);
+  EXPECT_EQ(decode->num_held(), 1u);
+  ASSERT_TRUE(decode->Cancel("a").ok());
+  EXPECT_EQ(decode->num_free_blocks(), 4);
+  EXPECT_EQ(decode->ActivateImport("a", 1).code(), absl::StatusCode::kNotFound);
+}
+
 TEST(PresetModelTest, TinyPresetHasClearMarginsAndVariedOutput) {
   auto config = PresetConfig("tiny");
   ASSERT_TRUE(config.ok());

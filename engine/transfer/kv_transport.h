@@ -1,0 +1,106 @@
+// KV-cache transfer between a prefill worker (sender) and a decode worker (receiver).
+//
+// One transfer moves one sequence's K/V for every layer, layer by layer, in order. The sender
+// first offers the sequence (a header); the receiver's sink reserves room for it or answers
+// RESOURCE_EXHAUSTED (no room yet: the sender keeps its copy and offers again later, which is
+// the back-pressure between the two pools) or another error (the sender gives up). Then each
+// layer is sent as soon as the source has it (the source may block until that layer is
+// computed, so sending overlaps prefill), and the receiver confirms the whole sequence.
+//
+// Layer payload layout ("packed"): K of the sequence's blocks in block-table order, then V
+// of the same blocks; each block is [kv_heads, block_size, head_dim] in `dtype`, i.e.
+// 2 * num_blocks * BlockBytes bytes per layer.
+//
+// Implementations: the host TCP transport (tcp_transport.h) for CPU workers; the CUDA IPC and
+// NCCL transports of the CUDA backend implement the same interfaces.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "engine/common/dtype.h"
+
+namespace pds::engine {
+
+struct KvTransferHeader {
+  std::string request_id;
+  int32_t num_tokens = 0;  // positions whose K/V are in the blocks
+  int32_t num_layers = 0;
+  int32_t num_blocks = 0;
+  int32_t kv_heads = 0;
+  int32_t block_size = 0;
+  int32_t head_dim = 0;
+  DType dtype = DType::kF32;
+
+  size_t BlockBytes() const {
+    return static_cast<size_t>(kv_heads) * block_size * head_dim * DTypeSize(dtype);
+  }
+  size_t LayerBytes() const { return 2 * static_cast<size_t>(num_blocks) * BlockBytes(); }
+  // INVALID_ARGUMENT unless every field is in range and the sizes do not overflow.
+  absl::Status Validate() const;
+};
+
+// The receiving side's storage (a decode worker's KV cache). Called from transport threads;
+// implementations synchronize with their engine.
+class KvSink {
+ public:
+  virtual ~KvSink() = default;
+  // Reserves room for the offered sequence. OK; RESOURCE_EXHAUSTED: no room now (the sender
+  // retries); anything else: refused for good (unknown or cancelled request, shape mismatch).
+  virtual absl::Status Reserve(const KvTransferHeader& header) = 0;
+  // Stores one layer's packed K/V of a reserved sequence.
+  virtual absl::Status WriteLayer(const std::string& request_id, int32_t layer, const uint8_t* data,
+                                  size_t bytes) = 0;
+  // Called exactly once per successful Reserve: OK when every layer was written (the sink
+  // may start decoding), an error when the transfer broke off (the sink frees the room).
+  virtual void Complete(const std::string& request_id, absl::Status status) = 0;
+};
+
+// The sending side's data (a prefill worker's KV cache for one sequence).
+class KvSource {
+ public:
+  virtual ~KvSource() = default;
+  // Packs layer `layer` into `dst` (LayerBytes bytes); may wait until the layer is computed.
+  virtual absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) = 0;
+};
+
+struct KvSendStats {
+  absl::Time offered;   // first offer
+  absl::Time reserved;  // the receiver accepted (after any back-pressure retries)
+  absl::Time finished;  // the receiver confirmed every layer
+  int32_t offers = 0;   // how many offers it took
+  size_t bytes = 0;     // payload bytes sent
+};
+
+class KvSender {
+ public:
+  virtual ~KvSender() = default;
+  // Sends the sequence to the receiver at `address`, offering again while it answers
+  // RESOURCE_EXHAUSTED, until `deadline` (then DEADLINE_EXCEEDED). Blocking; callers run it
+  // off their engine thread. `cancelled`, when given, is polled between steps: when it
+  // returns true the transfer stops with CANCELLED.
+  virtual absl::StatusOr<KvSendStats> Send(const std::string& address,
+                                           const KvTransferHeader& header, KvSource& source,
+                                           absl::Time deadline,
+                                           std::function<bool()> cancelled = nullptr) = 0;
+};
+
+class KvReceiver {
+ public:
+  virtual ~KvReceiver() = default;
+  // What senders pass as `address`.
+  virtual std::string address() const = 0;
+  // Stops accepting, breaks off transfers in progress (their sinks get Complete(error)),
+  // joins every thread. Idempotent; the destructor calls it.
+  virtual void Shutdown() = 0;
+  virtual size_t bytes_received() const = 0;
+};
+
+}  // namespace pds::engine
