@@ -38,6 +38,7 @@ struct KvTransferHeader {
   int32_t block_size = 0;
   int32_t head_dim = 0;
   DType dtype = DType::kF32;
+  int32_t next_token = -1;  // the token sampled after these positions (the decode side's input)
 
   size_t BlockBytes() const {
     return static_cast<size_t>(kv_heads) * block_size * head_dim * DTypeSize(dtype);

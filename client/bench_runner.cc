@@ -1,0 +1,258 @@
+#include "client/bench_runner.h"
+
+#include <algorithm>
+#include <map>
+#include <memory>
+#include <mutex>
+
+#include "absl/strings/str_cat.h"
+
+namespace pds::client {
+namespace {
+
+using pdserve::v1::GenerateRequest;
+using pdserve::v1::GenerateResponse;
+
+double Seconds(Clock::duration d) { return std::chrono::duration<double>(d).count(); }
+
+struct Slot {
+  RequestRecord record;
+  std::string finish_reason;
+  double last_message_s = -1;
+  bool finished = false;
+};
+
+// Shared with the calls' callbacks, which may (after a failed drain) outlive the run loop.
+struct RunState {
+  std::mutex mu;
+  std::condition_variable cv;
+  Clock::time_point t0;
+  std::vector<std::unique_ptr<Slot>> slots;
+  std::map<int64_t, std::shared_ptr<GenerateCall>> live;
+  int64_t inflight = 0;
+  int64_t finished = 0;
+  int64_t failed = 0;
+  bool contacted = false;
+};
+
+void OnMessage(RunState& st, Slot& slot, const GenerateResponse& msg, Clock::time_point t) {
+  std::lock_guard<std::mutex> lock(st.mu);
+  st.contacted = true;
+  if (slot.finished) return;
+  const double at = Seconds(t - st.t0);
+  slot.last_message_s = at;
+  if (msg.token_ids_size() > 0) {
+    slot.record.chunk_times_s.push_back(at);
+    slot.record.chunk_tokens.push_back(msg.token_ids_size());
+  }
+  if (msg.has_done()) {
+    const auto& done = msg.done();
+    slot.finish_reason = done.finish_reason();
+    if (done.prompt_tokens() > 0) slot.record.prompt_tokens = done.prompt_tokens();
+    if (done.has_timeline()) {
+      const auto& tl = done.timeline();
+      ServerTimeline& out = slot.record.timeline;
+      slot.record.has_timeline = true;
+      out.arrival_us = tl.arrival_us();
+      out.queued_us = tl.queued_us();
+      out.prefill_start_us = tl.prefill_start_us();
+      out.prefill_end_us = tl.prefill_end_us();
+      out.kv_transfer_start_us = tl.kv_transfer_start_us();
+      out.kv_transfer_end_us = tl.kv_transfer_end_us();
+      out.first_token_us = tl.first_token_us();
+      out.decode_start_us = tl.decode_start_us();
+      out.finish_us = tl.finish_us();
+      out.prefill_instance = tl.prefill_instance();
+      out.decode_instance = tl.decode_instance();
+    }
+  }
+}
+
+void Fail(Slot& slot, std::string code, std::string message) {
+  slot.record.ok = false;
+  slot.record.error_code = std::move(code);
+  slot.record.error_message = std::move(message);
+}
+
+void OnDone(RunState& st, Slot& slot, const grpc::Status& status, Clock::time_point t) {
+  std::lock_guard<std::mutex> lock(st.mu);
+  const int64_t index = slot.record.index;
+  if (!slot.finished) {
+    slot.finished = true;
+    RequestRecord& r = slot.record;
+    const auto code = static_cast<absl::StatusCode>(status.error_code());
+    if (code != absl::StatusCode::kUnavailable && code != absl::StatusCode::kDeadlineExceeded &&
+        code != absl::StatusCode::kCancelled) {
+      st.contacted = true;
+    }
+    if (!status.ok()) {
+      Fail(slot, absl::StatusCodeToString(code), status.error_message());
+    } else if (slot.finish_reason == "error") {
+      Fail(slot, "FINISH_ERROR", "the server finished the request with an error");
+    } else if (slot.finish_reason == "cancelled") {
+      Fail(slot, "FINISH_CANCELLED", "the server cancelled the request");
+    } else if (r.chunk_times_s.empty()) {
+      Fail(slot, "EMPTY_STREAM", "the stream ended without tokens");
+    } else {
+      r.ok = true;
+    }
+    r.end_s = r.ok ? slot.last_message_s : Seconds(t - st.t0);
+    --st.inflight;
+    ++st.finished;
+    if (!r.ok) ++st.failed;
+  }
+  st.live.erase(index);
+  st.cv.notify_all();
+}
+
+}  // namespace
+
+GenerateRequest MakeGenerateRequest(const RequestSpec& spec, int64_t index,
+                                    const RunOptions& options) {
+  GenerateRequest req;
+  if (!options.request_id_prefix.empty()) {
+    req.set_request_id(absl::StrCat(options.request_id_prefix, "-", index));
+  }
+  if (spec.use_text) {
+    req.set_prompt_text(spec.prompt_text);
+  } else {
+    req.mutable_prompt_token_ids()->Add(spec.prompt_token_ids.begin(), spec.prompt_token_ids.end());
+  }
+  req.set_max_tokens(static_cast<int32_t>(std::max<int64_t>(spec.output_len, 1)));
+  req.set_ignore_eos(true);
+  if (options.temperature) req.set_temperature(*options.temperature);
+  if (options.send_slo) {
+    if (options.slo.ttft_ms >= 0) req.set_ttft_slo_ms(options.slo.ttft_ms);
+    if (options.slo.tpot_ms >= 0) req.set_tpot_slo_ms(options.slo.tpot_ms);
+  }
+  return req;
+}
+
+absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<RequestSpec>& specs,
+                                       const RunOptions& options) {
+  const bool closed = options.concurrency > 0;
+  if (specs.empty()) return absl::InvalidArgumentError("no requests to send");
+  if (!closed && options.max_inflight < 1) {
+    return absl::InvalidArgumentError("the in-flight bound must be >= 1");
+  }
+  int64_t total = options.max_requests;
+  if (total < 0)
+    total =
+        closed ? static_cast<int64_t>(specs.size()) : static_cast<int64_t>(options.arrivals.size());
+  if (!closed) total = std::min<int64_t>(total, static_cast<int64_t>(options.arrivals.size()));
+  const int64_t limit = closed ? options.concurrency : options.max_inflight;
+  const absl::Duration timeout = absl::Seconds(options.request_timeout_s);
+  const double interval = std::max(options.progress_interval_s, 0.01);
+
+  auto st = std::make_shared<RunState>();
+  st->t0 = Clock::now();
+  auto elapsed = [&] { return Seconds(Clock::now() - st->t0); };
+  auto at = [&](double s) {
+    return st->t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
+  };
+  RunResult result;
+  double next_progress = 0;
+  auto progress_locked = [&](double now_s) {
+    RunProgress p;
+    p.total = total;
+    p.sent = static_cast<int64_t>(st->slots.size());
+    p.finished = st->finished;
+    p.failed = st->failed;
+    p.inflight = st->inflight;
+    p.elapsed_s = now_s;
+    return p;
+  };
+  // Reports progress when due; called with the lock held, releases it around the callback.
+  auto maybe_report = [&](std::unique_lock<std::mutex>& lock, double now_s, bool force) {
+    if (!options.progress || (!force && now_s < next_progress)) return;
+    next_progress = now_s + interval;
+    RunProgress p = progress_locked(now_s);
+    lock.unlock();
+    options.progress(p);
+    lock.lock();
+  };
+
+  for (int64_t i = 0; i < total; ++i) {
+    const double due = closed ? 0 : options.arrivals[i];
+    if (options.duration_s > 0 && due >= options.duration_s) break;
+    std::unique_lock<std::mutex> lock(st->mu);
+    bool stop = false;
+    for (;;) {
+      double now_s = elapsed();
+      maybe_report(lock, now_s, false);
+      now_s = elapsed();
+      if (options.duration_s > 0 && now_s >= options.duration_s) {
+        stop = true;
+        break;
+      }
+      if (now_s >= due && st->inflight < limit) break;
+      double wake = now_s < due ? due : now_s + interval;
+      if (options.progress) wake = std::min(wake, next_progress);
+      if (options.duration_s > 0) wake = std::min(wake, options.duration_s);
+      st->cv.wait_until(lock, at(std::max(wake, now_s + 1e-4)));
+    }
+    if (stop) break;
+    const double send_s = elapsed();
+    if (!closed && send_s - due > 0.010) {
+      ++result.late_sends;
+      result.max_send_lag_s = std::max(result.max_send_lag_s, send_s - due);
+    }
+    const RequestSpec& spec = specs[i % specs.size()];
+    st->slots.push_back(std::make_unique<Slot>());
+    Slot* slot = st->slots.back().get();
+    slot->record.index = i;
+    slot->record.prompt_tokens = spec.prompt_len;
+    slot->record.expected_output_tokens = spec.output_len;
+    slot->record.scheduled_s = closed ? send_s : due;
+    slot->record.send_s = send_s;
+    ++st->inflight;
+    lock.unlock();
+
+    GenerateCallbacks callbacks;
+    callbacks.on_message = [st, slot](const GenerateResponse& msg, Clock::time_point t) {
+      OnMessage(*st, *slot, msg, t);
+    };
+    callbacks.on_done = [st, slot](const grpc::Status& s, Clock::time_point t) {
+      OnDone(*st, *slot, s, t);
+    };
+    auto call =
+        client.StartGenerate(MakeGenerateRequest(spec, i, options), timeout, std::move(callbacks));
+    lock.lock();
+    if (!slot->finished) st->live[i] = std::move(call);
+  }
+
+  // Drain: wait for the calls in flight, then cancel what is left.
+  {
+    std::unique_lock<std::mutex> lock(st->mu);
+    const double drain =
+        options.drain_timeout_s >= 0 ? options.drain_timeout_s : options.request_timeout_s + 5;
+    const double drain_end = elapsed() + drain;
+    while (st->inflight > 0 && elapsed() < drain_end) {
+      maybe_report(lock, elapsed(), false);
+      double wake = std::min(drain_end, elapsed() + interval);
+      if (options.progress) wake = std::min(wake, next_progress);
+      st->cv.wait_until(lock, at(std::max(wake, elapsed() + 1e-4)));
+    }
+    if (st->inflight > 0) {
+      for (auto& [index, call] : st->live) call->Cancel();
+      st->cv.wait_until(lock, at(elapsed() + 5), [&] { return st->inflight == 0; });
+    }
+    const double end_s = elapsed();
+    for (auto& slot : st->slots) {
+      if (!slot->finished) {  // a call that did not end even when cancelled
+        slot->finished = true;
+        Fail(*slot, "CLIENT_TIMEOUT", "the call did not end after cancellation");
+        slot->record.end_s = end_s;
+        ++st->finished;
+        ++st->failed;
+      }
+      result.duration_s = std::max(result.duration_s, slot->record.end_s);
+      result.records.push_back(slot->record);
+    }
+    result.contacted = st->contacted;
+    maybe_report(lock, end_s, true);
+  }
+  return result;
+}
+
+}  // namespace pds::client

@@ -1,0 +1,78 @@
+#include "engine/transfer/kv_transport.h"
+
+#include "absl/strings/str_cat.h"
+
+namespace pds::engine {
+namespace {
+
+constexpr size_t kMaxRequestIdBytes = 256;
+constexpr int32_t kMaxLayers = 1024;
+constexpr int32_t kMaxBlocks = 1 << 20;
+constexpr uint64_t kMaxLayerBytes = uint64_t{1} << 30;
+
+absl::Status Positive(const char* name, int32_t value) {
+  if (value > 0) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("kv transfer header: ", name, " is ", value, ", must be positive"));
+}
+
+}  // namespace
+
+absl::Status KvTransferHeader::Validate() const {
+  if (request_id.empty()) {
+    return absl::InvalidArgumentError("kv transfer header: request_id is empty");
+  }
+  if (request_id.size() > kMaxRequestIdBytes) {
+    return absl::InvalidArgumentError(absl::StrCat("kv transfer header: request_id of ",
+                                                   request_id.size(), " bytes exceeds ",
+                                                   kMaxRequestIdBytes));
+  }
+  const auto context = [&] { return absl::StrCat(" (request '", request_id, "')"); };
+  for (const auto& [name, value] : {std::pair<const char*, int32_t>{"num_tokens", num_tokens},
+                                    {"num_layers", num_layers},
+                                    {"num_blocks", num_blocks},
+                                    {"kv_heads", kv_heads},
+                                    {"block_size", block_size},
+                                    {"head_dim", head_dim}}) {
+    absl::Status status = Positive(name, value);
+    if (!status.ok()) return absl::InvalidArgumentError(absl::StrCat(status.message(), context()));
+  }
+  if (static_cast<int>(dtype) > static_cast<int>(DType::kBF16)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv transfer header: unknown dtype ", static_cast<int>(dtype), context()));
+  }
+  if (next_token < -1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("kv transfer header: next_token ", next_token, " (-1 for none)", context()));
+  }
+  if (num_layers > kMaxLayers) {
+    return absl::InvalidArgumentError(absl::StrCat("kv transfer header: num_layers ", num_layers,
+                                                   " exceeds ", kMaxLayers, context()));
+  }
+  if (num_blocks > kMaxBlocks) {
+    return absl::InvalidArgumentError(absl::StrCat("kv transfer header: num_blocks ", num_blocks,
+                                                   " exceeds ", kMaxBlocks, context()));
+  }
+  // The blocks must hold the tokens.
+  if (static_cast<int64_t>(num_tokens) > static_cast<int64_t>(num_blocks) * block_size) {
+    return absl::InvalidArgumentError(absl::StrCat("kv transfer header: ", num_tokens,
+                                                   " tokens do not fit in ", num_blocks,
+                                                   " blocks of ", block_size, context()));
+  }
+  // Every factor is positive and below 2^31, so the product of the first two fits in 62 bits;
+  // check each further multiplication against the limit before doing it.
+  uint64_t bytes = static_cast<uint64_t>(kv_heads) * static_cast<uint64_t>(block_size);
+  for (uint64_t factor : {static_cast<uint64_t>(head_dim), static_cast<uint64_t>(DTypeSize(dtype)),
+                          uint64_t{2}, static_cast<uint64_t>(num_blocks)}) {
+    if (bytes > kMaxLayerBytes || factor > kMaxLayerBytes / bytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kv transfer header: a layer of ", num_blocks, " blocks x ", kv_heads,
+                       " kv heads x ", block_size, " tokens x ", head_dim, " x ", DTypeName(dtype),
+                       " (K and V) exceeds 1 GiB", context()));
+    }
+    bytes *= factor;
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace pds::engine

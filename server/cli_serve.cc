@@ -1,0 +1,411 @@
+// pdserve frontend | prefill | decode | colocated | up: the serving processes and the local
+// cluster launcher.
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "engine/common/logging.h"
+#include "engine/common/status_macros.h"
+#include "pdserve/v1/serving.grpc.pb.h"
+#include "server/cli_args.h"
+#include "server/cli_model.h"
+#include "server/commands.h"
+#include "server/frontend.h"
+#include "server/grpc_util.h"
+#include "server/worker.h"
+
+namespace pds::server {
+namespace {
+
+// Writes `text` to `path` atomically (readers never see a partial file).
+absl::Status WriteFileAtomically(const std::string& path, const std::string& text) {
+  const std::string tmp = absl::StrCat(path, ".tmp.", getpid());
+  {
+    std::ofstream out(tmp);
+    out << text;
+    if (!out) return absl::InternalError(absl::StrCat("cannot write ", tmp));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) return absl::InternalError(absl::StrCat("cannot rename ", tmp, ": ", ec.message()));
+  return absl::OkStatus();
+}
+
+std::vector<FlagSpec> EngineFlagSpecs() {
+  return {
+      {"kv-cache-mb", false, "KV cache size in MiB (default 256)"},
+      {"num-blocks", false, "KV cache size in blocks (overrides --kv-cache-mb)"},
+      {"block-size", false, "KV block size in tokens (default 16)"},
+      {"max-batch-tokens", false, "token budget of one engine step (default 2048)"},
+      {"max-batch-size", false, "sequences in one engine step (default 64)"},
+  };
+}
+
+absl::StatusOr<engine::EngineOptions> EngineOptionsFromArgs(const CliArgs& args) {
+  engine::EngineOptions o;
+  PDS_ASSIGN_OR_RETURN(int64_t mb, args.GetInt("kv-cache-mb", 256));
+  PDS_ASSIGN_OR_RETURN(int64_t bs, args.GetInt("block-size", 16));
+  PDS_ASSIGN_OR_RETURN(int64_t tokens, args.GetInt("max-batch-tokens", 2048));
+  PDS_ASSIGN_OR_RETURN(int64_t seqs, args.GetInt("max-batch-size", 64));
+  PDS_ASSIGN_OR_RETURN(int64_t blocks, args.GetInt("num-blocks", 0));
+  if (mb <= 0 || bs <= 0 || tokens <= 0 || seqs <= 0 || blocks < 0 || blocks > (1 << 30)) {
+    return absl::InvalidArgumentError(
+        "--kv-cache-mb, --block-size, --max-batch-tokens and --max-batch-size must be positive");
+  }
+  o.kv_cache_bytes = static_cast<size_t>(mb) << 20;
+  o.block_size = static_cast<int32_t>(bs);
+  o.max_batch_tokens = static_cast<int32_t>(tokens);
+  o.max_running = static_cast<int32_t>(seqs);
+  o.num_blocks = static_cast<int32_t>(blocks);
+  return o;
+}
+
+absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
+  BlockTerminationSignals();
+  PDS_ASSIGN_OR_RETURN(LoadedModel loaded, LoadModelFromArgs(args));
+  WorkerOptions o;
+  o.role = role;
+  o.id = args.GetString("id");
+  o.host = args.GetString("host", "127.0.0.1");
+  PDS_ASSIGN_OR_RETURN(int64_t port, args.GetInt("port", 0));
+  PDS_ASSIGN_OR_RETURN(int64_t kv_port, args.GetInt("kv-port", 0));
+  PDS_ASSIGN_OR_RETURN(int64_t max_queued, args.GetInt("max-queued", 256));
+  o.port = static_cast<int>(port);
+  o.kv_port = static_cast<int>(kv_port);
+  o.max_queued = static_cast<int>(max_queued);
+  o.frontend = args.GetString("frontend");
+  o.model_name = std::filesystem::path(loaded.dir).lexically_normal().filename();
+  if (o.model_name.empty()) {
+    o.model_name = std::filesystem::path(loaded.dir).lexically_normal().parent_path().filename();
+  }
+  o.vocab_size = static_cast<int32_t>(loaded.model->config().vocab_size);
+  PDS_ASSIGN_OR_RETURN(o.engine, EngineOptionsFromArgs(args));
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<Worker> worker, Worker::Start(*loaded.model, o));
+  const int sig = WaitForTerminationSignal();
+  pds::Logger("worker")->info("{}: signal {}, shutting down", worker->id(), sig);
+  worker->Shutdown();
+  return absl::OkStatus();
+}
+
+std::vector<FlagSpec> WorkerFlagSpecs() {
+  std::vector<FlagSpec> specs = ModelFlagSpecs();
+  for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
+  specs.push_back({"id", false, "instance id, unique in the cluster (default <role>-<port>)"});
+  specs.push_back({"host", false, "address to listen on (default 127.0.0.1)"});
+  specs.push_back({"port", false, "gRPC port (default 0: any free port)"});
+  specs.push_back({"kv-port", false, "decode: KV transport port (default 0: any free port)"});
+  specs.push_back({"frontend", false, "front-end host:port to register with"});
+  specs.push_back({"max-queued", false, "requests queued beyond the batch (default 256)"});
+  return specs;
+}
+
+// --- pdserve up ---
+
+struct Child {
+  std::string name;
+  pid_t pid = -1;
+};
+
+absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv) {
+  std::vector<char*> cargv;
+  for (const std::string& a : argv) cargv.push_back(const_cast<char*>(a.c_str()));
+  cargv.push_back(nullptr);
+  const pid_t parent = getpid();
+  const pid_t pid = fork();
+  if (pid < 0) return absl::InternalError("fork failed");
+  if (pid == 0) {
+    prctl(PR_SET_PDEATHSIG, SIGTERM);  // never outlive `up`
+    if (getppid() != parent) _exit(1);
+    sigset_t none;
+    sigemptyset(&none);
+    pthread_sigmask(SIG_SETMASK, &none, nullptr);
+    execv("/proc/self/exe", cargv.data());
+    std::perror("pdserve up: exec");
+    _exit(127);
+  }
+  return pid;
+}
+
+std::string DescribeExit(int status) {
+  if (WIFEXITED(status)) return absl::StrCat("exited with status ", WEXITSTATUS(status));
+  if (WIFSIGNALED(status)) return absl::StrCat("was killed by signal ", WTERMSIG(status));
+  return "stopped";
+}
+
+class Cluster {
+ public:
+  ~Cluster() { Stop(); }
+
+  absl::Status Add(const std::string& name, const std::vector<std::string>& argv) {
+    PDS_ASSIGN_OR_RETURN(pid_t pid, Spawn(argv));
+    children_.push_back({name, pid});
+    return absl::OkStatus();
+  }
+
+  // A child that exited since the last call, described; empty if none.
+  std::string Reap() {
+    for (Child& c : children_) {
+      if (c.pid <= 0) continue;
+      int status = 0;
+      if (waitpid(c.pid, &status, WNOHANG) == c.pid) {
+        std::string what = absl::StrCat(c.name, " (pid ", c.pid, ") ", DescribeExit(status));
+        c.pid = -1;
+        return what;
+      }
+    }
+    return "";
+  }
+
+  // SIGTERM to workers first, then the front-end (the first child); SIGKILL after 10 s.
+  void Stop() {
+    for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
+      if (it->pid > 0) kill(it->pid, SIGTERM);
+    }
+    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    for (Child& c : children_) {
+      while (c.pid > 0) {
+        int status = 0;
+        const pid_t r = waitpid(c.pid, &status, WNOHANG);
+        if (r == c.pid || r < 0) {
+          c.pid = -1;
+        } else if (absl::Now() > deadline) {
+          std::fprintf(stderr, "pdserve up: %s did not stop in 10 s; killing it\n", c.name.c_str());
+          kill(c.pid, SIGKILL);
+          waitpid(c.pid, &status, 0);
+          c.pid = -1;
+        } else {
+          absl::SleepFor(absl::Milliseconds(20));
+        }
+      }
+    }
+  }
+
+ private:
+  std::vector<Child> children_;
+};
+
+// Waits for a termination signal or a child's exit, up to `timeout`. Returns the signal
+// number, or 0 on timeout or SIGCHLD.
+int WaitSignalOrChild(absl::Duration timeout) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  sigaddset(&set, SIGCHLD);
+  timespec ts = absl::ToTimespec(timeout);
+  const int sig = sigtimedwait(&set, nullptr, &ts);
+  return sig == SIGINT || sig == SIGTERM ? sig : 0;
+}
+
+absl::Status RunUp(const CliArgs& args) {
+  // SIGCHLD is blocked too, and collected with sigtimedwait.
+  BlockTerminationSignals();
+  sigset_t chld;
+  sigemptyset(&chld);
+  sigaddset(&chld, SIGCHLD);
+  pthread_sigmask(SIG_BLOCK, &chld, nullptr);
+
+  PDS_ASSIGN_OR_RETURN(const std::string model, args.Required("model"));
+  PDS_ASSIGN_OR_RETURN(int64_t n_prefill, args.GetInt("prefill", 0));
+  PDS_ASSIGN_OR_RETURN(int64_t n_decode, args.GetInt("decode", 0));
+  PDS_ASSIGN_OR_RETURN(int64_t n_colocated, args.GetInt("colocated", 0));
+  PDS_ASSIGN_OR_RETURN(int64_t port, args.GetInt("port", 8000));
+  PDS_ASSIGN_OR_RETURN(int64_t startup_s, args.GetInt("startup-timeout", 300));
+  if (n_colocated > 0 && (n_prefill > 0 || n_decode > 0)) {
+    return absl::InvalidArgumentError("give either --colocated K or --prefill N --decode M");
+  }
+  if (n_colocated == 0 && (n_prefill <= 0 || n_decode <= 0)) {
+    return absl::InvalidArgumentError(
+        "a disaggregated cluster needs --prefill N and --decode M (both >= 1), or use "
+        "--colocated K");
+  }
+  if (n_prefill > 64 || n_decode > 64 || n_colocated > 64 || n_colocated < 0) {
+    return absl::InvalidArgumentError("at most 64 instances of a role");
+  }
+  const int64_t n_workers = n_colocated > 0 ? n_colocated : n_prefill + n_decode;
+  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  PDS_ASSIGN_OR_RETURN(int64_t threads,
+                       args.GetInt("threads", std::max<int64_t>(1, cores / n_workers)));
+  const std::string host = "127.0.0.1";
+  const std::string backend = args.GetString("backend", "cpu");
+
+  const std::string port_file =
+      (std::filesystem::temp_directory_path() / absl::StrCat("pdserve-up-", getpid(), ".port"))
+          .string();
+  std::filesystem::remove(port_file);
+  Cluster cluster;
+  std::vector<std::string> fe = {"pdserve",     "frontend", "--model", model,
+                                 "--host",      host,       "--port",  absl::StrCat(port),
+                                 "--port-file", port_file};
+  for (const char* pass : {"policy", "max-in-flight"}) {
+    if (args.Has(pass)) {
+      fe.push_back(absl::StrCat("--", pass));
+      fe.push_back(args.GetString(pass));
+    }
+  }
+  PDS_RETURN_IF_ERROR(cluster.Add("frontend", fe));
+
+  // The front-end writes its port once it listens.
+  const absl::Time deadline = absl::Now() + absl::Seconds(startup_s);
+  std::string address;
+  while (address.empty()) {
+    std::ifstream in(port_file);
+    std::string line;
+    if (in && std::getline(in, line) && !line.empty()) address = absl::StrCat(host, ":", line);
+    if (!address.empty()) break;
+    const std::string died = cluster.Reap();
+    if (!died.empty()) return absl::UnavailableError(absl::StrCat("front-end ", died));
+    if (absl::Now() > deadline) return absl::DeadlineExceededError("front-end did not start");
+    if (WaitSignalOrChild(absl::Milliseconds(50)) != 0) return absl::CancelledError("signal");
+  }
+  std::filesystem::remove(port_file);
+
+  auto worker_argv = [&](const std::string& role, const std::string& id) {
+    std::vector<std::string> argv = {"pdserve",    role,
+                                     "--model",    model,
+                                     "--id",       id,
+                                     "--host",     host,
+                                     "--frontend", address,
+                                     "--backend",  backend,
+                                     "--threads",  absl::StrCat(threads)};
+    for (const FlagSpec& s : EngineFlagSpecs()) {
+      if (args.Has(s.name)) {
+        argv.push_back(absl::StrCat("--", s.name));
+        argv.push_back(args.GetString(s.name));
+      }
+    }
+    return argv;
+  };
+  std::vector<std::pair<std::string, int64_t>> roles =
+      n_colocated > 0 ? std::vector<std::pair<std::string, int64_t>>{{"colocated", n_colocated}}
+                      : std::vector<std::pair<std::string, int64_t>>{{"prefill", n_prefill},
+                                                                     {"decode", n_decode}};
+  for (const auto& [role, count] : roles) {
+    for (int64_t i = 0; i < count; ++i) {
+      const std::string id = absl::StrCat(role, "-", i);
+      PDS_RETURN_IF_ERROR(cluster.Add(id, worker_argv(role, id)));
+    }
+  }
+
+  // Ready when every worker is registered and healthy.
+  auto stub = ::pdserve::v1::Serving::NewStub(MakeChannel(address));
+  while (true) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    ::pdserve::v1::ClusterStatus status;
+    if (stub->GetClusterStatus(&ctx, ::pdserve::v1::ClusterStatusRequest(), &status).ok()) {
+      int healthy = 0;
+      for (const auto& inst : status.instances()) healthy += inst.healthy();
+      if (healthy == n_workers) break;
+    }
+    const std::string died = cluster.Reap();
+    if (!died.empty()) return absl::UnavailableError(absl::StrCat("during start-up, ", died));
+    if (absl::Now() > deadline) {
+      return absl::DeadlineExceededError(
+          absl::StrCat("the cluster was not healthy within ", startup_s, " s"));
+    }
+    if (WaitSignalOrChild(absl::Milliseconds(100)) != 0) return absl::CancelledError("signal");
+  }
+  std::printf("pdserve: cluster ready at %s (%s; %lld thread(s) per worker)\n", address.c_str(),
+              n_colocated > 0 ? absl::StrCat(n_colocated, " colocated").c_str()
+                              : absl::StrCat(n_prefill, " prefill + ", n_decode, " decode").c_str(),
+              static_cast<long long>(threads));
+  std::fflush(stdout);
+  if (args.Has("ready-file")) {
+    PDS_RETURN_IF_ERROR(WriteFileAtomically(args.GetString("ready-file"), address + "\n"));
+  }
+  while (true) {
+    const int sig = WaitSignalOrChild(absl::Milliseconds(200));
+    if (sig != 0) {
+      std::fprintf(stderr, "pdserve up: signal %d, shutting the cluster down\n", sig);
+      cluster.Stop();
+      return absl::OkStatus();
+    }
+    const std::string died = cluster.Reap();
+    if (!died.empty()) {
+      std::fprintf(stderr, "pdserve up: %s; shutting the cluster down\n", died.c_str());
+      cluster.Stop();
+      return absl::AbortedError(absl::StrCat("cluster member ", died));
+    }
+  }
+}
+
+absl::Status RunFrontend(const CliArgs& args) {
+  BlockTerminationSignals();
+  FrontendOptions o;
+  PDS_ASSIGN_OR_RETURN(o.model_dir, args.Required("model"));
+  o.host = args.GetString("host", "127.0.0.1");
+  PDS_ASSIGN_OR_RETURN(int64_t port, args.GetInt("port", 8000));
+  PDS_ASSIGN_OR_RETURN(int64_t max_in_flight, args.GetInt("max-in-flight", 1024));
+  o.port = static_cast<int>(port);
+  o.max_in_flight = static_cast<int>(max_in_flight);
+  o.policy = args.GetString("policy", "least-loaded");
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<Frontend> frontend, Frontend::Start(o));
+  if (args.Has("port-file")) {
+    PDS_RETURN_IF_ERROR(
+        WriteFileAtomically(args.GetString("port-file"), absl::StrCat(frontend->port(), "\n")));
+  }
+  const int sig = WaitForTerminationSignal();
+  pds::Logger("frontend")->info("signal {}, shutting down", sig);
+  frontend->Shutdown();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int FrontendMain(int argc, char** argv) {
+  return SubcommandMain(argc, argv, "frontend",
+                        "pdserve frontend --model DIR [--port P] [--host H]\n"
+                        "The public gRPC API (pdserve.v1.Serving) and the workers' registry.",
+                        {{"model", false, "model directory (config and tokenizer are read)"},
+                         {"host", false, "address to listen on (default 127.0.0.1)"},
+                         {"port", false, "port (default 8000; 0: any free port)"},
+                         {"port-file", false, "write the bound port to this file"},
+                         {"policy", false, "dispatch policy (default least-loaded)"},
+                         {"max-in-flight", false, "requests in flight before RESOURCE_EXHAUSTED"}},
+                        RunFrontend);
+}
+
+int WorkerMain(int argc, char** argv, const char* role) {
+  const auto parsed = scheduler::ParseInstanceRole(role);
+  const std::string usage = absl::StrCat("pdserve ", role,
+                                         " --model DIR --frontend HOST:PORT [flags]\n"
+                                         "A ",
+                                         role, " worker.");
+  return SubcommandMain(argc, argv, role, usage.c_str(), WorkerFlagSpecs(),
+                        [&](const CliArgs& args) { return RunWorker(args, *parsed); });
+}
+
+int UpMain(int argc, char** argv) {
+  std::vector<FlagSpec> specs = {
+      {"model", false, "model directory"},
+      {"prefill", false, "prefill instances"},
+      {"decode", false, "decode instances"},
+      {"colocated", false, "colocated instances (instead of prefill/decode)"},
+      {"port", false, "front-end port on 127.0.0.1 (default 8000; 0: any free port)"},
+      {"backend", false, "cpu (default) or cuda"},
+      {"threads", false, "CPU threads per worker (default: cores / workers)"},
+      {"ready-file", false, "write the front-end address here once the cluster is healthy"},
+      {"startup-timeout", false, "seconds to wait for a healthy cluster (default 300)"},
+      {"policy", false, "dispatch policy"},
+      {"max-in-flight", false, "front-end in-flight limit"},
+  };
+  for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
+  return SubcommandMain(argc, argv, "up",
+                        "pdserve up --model DIR (--prefill N --decode M | --colocated K) "
+                        "[--port P]\nStarts a local cluster on 127.0.0.1 as child processes; "
+                        "SIGINT/SIGTERM stops it.",
+                        specs, RunUp);
+}
+
+}  // namespace pds::server

@@ -1,0 +1,690 @@
+#include "server/frontend.h"
+
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <filesystem>
+#include <map>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/common/logging.h"
+#include "engine/common/status_macros.h"
+#include "engine/kv_cache/block_allocator.h"
+#include "engine/model/config.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "pdserve/internal/control.grpc.pb.h"
+#include "pdserve/v1/serving.grpc.pb.h"
+#include "scheduler/dispatch_policy.h"
+#include "server/grpc_util.h"
+
+namespace pds::server {
+
+namespace pb = ::pdserve::internal;
+namespace api = ::pdserve::v1;
+using scheduler::InstanceRole;
+
+namespace {
+
+grpc::Status Invalid(const std::string& message) {
+  return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
+}
+
+struct Instance {
+  std::string id;
+  InstanceRole role = InstanceRole::kPrefill;
+  std::string address;
+  std::string kv_address;
+  std::unique_ptr<pb::Worker::Stub> stub;
+  bool healthy = false;
+  int failures = 0;
+  absl::Time last_seen = absl::InfinitePast();
+  pb::WorkerStatus status;
+  // The front-end's own bookkeeping since dispatch (exact and immediate).
+  int64_t pending_prompt_tokens = 0;  // dispatched here for prefill, first token not yet back
+  int32_t pending_requests = 0;
+  int32_t promised_blocks = 0;  // decode: hand-offs placed here, KV not yet imported
+  int32_t decoding = 0;
+};
+
+// The worker calls of one request, so that a client's cancellation reaches them.
+struct Tracked {
+  std::string id;
+  grpc::ServerContext* server_context = nullptr;
+  std::mutex mu;
+  std::vector<grpc::ClientContext*> calls;
+  bool cancelled = false;
+
+  void Add(grpc::ClientContext* ctx) {
+    std::lock_guard<std::mutex> lock(mu);
+    calls.push_back(ctx);
+    if (cancelled) ctx->TryCancel();
+  }
+  void Remove(grpc::ClientContext* ctx) {
+    std::lock_guard<std::mutex> lock(mu);
+    std::erase(calls, ctx);
+  }
+  void CancelAll() {
+    std::lock_guard<std::mutex> lock(mu);
+    cancelled = true;
+    for (grpc::ClientContext* c : calls) c->TryCancel();
+  }
+};
+
+}  // namespace
+
+class Frontend::Impl : public api::Serving::Service, public pb::Registry::Service {
+ public:
+  explicit Impl(FrontendOptions options)
+      : options_(std::move(options)), log_(pds::Logger("frontend")) {}
+
+  absl::Status Init() {
+    PDS_ASSIGN_OR_RETURN(config_, engine::LoadModelConfig(options_.model_dir));
+    const std::string tok_path = options_.model_dir + "/tokenizer.json";
+    if (std::filesystem::exists(tok_path)) {
+      PDS_ASSIGN_OR_RETURN(tokenizer_, engine::Tokenizer::Load(tok_path));
+    } else {
+      log_->warn("{} has no tokenizer.json: text prompts are refused, no text is streamed",
+                 options_.model_dir);
+    }
+    model_name_ = std::filesystem::path(options_.model_dir).lexically_normal().filename();
+    if (model_name_.empty()) {
+      model_name_ =
+          std::filesystem::path(options_.model_dir).lexically_normal().parent_path().filename();
+    }
+    PDS_ASSIGN_OR_RETURN(policy_, scheduler::MakeDispatchPolicy(options_.policy));
+    PDS_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.host, options_.port,
+                                                  {static_cast<api::Serving::Service*>(this),
+                                                   static_cast<pb::Registry::Service*>(this)},
+                                                  &port_));
+    health_ = std::thread([this] { HealthLoop(); });
+    monitor_ = std::thread([this] { MonitorLoop(); });
+    log_->info("front-end for {} serving on {} (policy {})", model_name_, address(),
+               policy_->name());
+    return absl::OkStatus();
+  }
+
+  std::string address() const { return absl::StrCat(options_.host, ":", port_); }
+  int port() const { return port_; }
+
+  void Shutdown() {
+    if (shut_down_.exchange(true)) return;
+    {
+      std::lock_guard<std::mutex> lock(stop_mu_);
+      stopping_ = true;
+      stop_cv_.notify_all();
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& [id, t] : in_flight_) t->CancelAll();
+    }
+    if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    if (health_.joinable()) health_.join();
+    if (monitor_.joinable()) monitor_.join();
+  }
+
+  // --- Registry ---
+
+  grpc::Status Register(grpc::ServerContext*, const pb::RegisterRequest* request,
+                        pb::RegisterResponse* response) override {
+    auto role = scheduler::ParseInstanceRole(request->role());
+    if (!role.ok()) return ToGrpc(role.status());
+    if (request->id().empty() || request->address().empty()) {
+      return Invalid("registration needs an id and an address");
+    }
+    if (*role == InstanceRole::kDecode && request->kv_address().empty()) {
+      return Invalid("a decode worker registers with its KV address");
+    }
+    if (request->vocab_size() != config_.vocab_size ||
+        (!request->model().empty() && request->model() != model_name_)) {
+      response->set_accepted(false);
+      response->set_message(absl::StrCat("worker serves '", request->model(), "' (vocabulary ",
+                                         request->vocab_size(), "); this front-end serves '",
+                                         model_name_, "' (vocabulary ", config_.vocab_size, ")"));
+      return grpc::Status::OK;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    auto& slot = instances_[request->id()];
+    if (slot == nullptr || slot->address != request->address() ||
+        slot->kv_address != request->kv_address()) {
+      const bool replaced = slot != nullptr;
+      auto inst = std::make_unique<Instance>();
+      inst->id = request->id();
+      inst->role = *role;
+      inst->address = request->address();
+      inst->kv_address = request->kv_address();
+      inst->stub = pb::Worker::NewStub(MakeChannel(inst->address));
+      if (replaced) {  // keep the bookkeeping of requests in flight
+        inst->pending_prompt_tokens = slot->pending_prompt_tokens;
+        inst->pending_requests = slot->pending_requests;
+        inst->promised_blocks = slot->promised_blocks;
+        inst->decoding = slot->decoding;
+      }
+      slot = std::move(inst);
+      log_->info("{} {} ({} at {})", replaced ? "re-registered" : "registered", request->id(),
+                 request->role(), request->address());
+    }
+    slot->last_seen = absl::Now();
+    response->set_accepted(true);
+    return grpc::Status::OK;
+  }
+
+  // --- Serving ---
+
+  grpc::Status GetClusterStatus(grpc::ServerContext*, const api::ClusterStatusRequest*,
+                                api::ClusterStatus* status) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    status->set_model(model_name_);
+    status->set_policy(policy_->name());
+    const absl::Time now = absl::Now();
+    for (const auto& [id, inst] : instances_) {
+      api::InstanceStatus* s = status->add_instances();
+      s->set_id(id);
+      s->set_role(std::string(scheduler::InstanceRoleName(inst->role)));
+      s->set_address(inst->address);
+      s->set_healthy(inst->healthy);
+      s->set_queued_requests(inst->status.queued_requests());
+      s->set_queued_prompt_tokens(inst->status.queued_prompt_tokens());
+      s->set_running_requests(inst->status.running_requests());
+      s->set_kv_blocks_total(inst->status.kv_blocks_total());
+      s->set_kv_blocks_used(inst->status.kv_blocks_used());
+      s->set_kv_blocks_free(inst->status.kv_blocks_free());
+      s->set_last_seen_ms_ago(inst->last_seen == absl::InfinitePast()
+                                  ? -1
+                                  : absl::ToInt64Milliseconds(now - inst->last_seen));
+      s->set_requests_served(inst->status.requests_served());
+      s->set_kv_handoffs_deferred(inst->status.kv_handoffs_deferred());
+    }
+    status->set_requests_in_flight(static_cast<int32_t>(in_flight_.size()));
+    status->set_requests_finished(finished_);
+    status->set_requests_rejected(rejected_);
+    status->set_requests_cancelled(cancelled_);
+    status->set_requests_failed(failed_);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Generate(grpc::ServerContext* ctx, const api::GenerateRequest* request,
+                        grpc::ServerWriter<api::GenerateResponse>* writer) override {
+    const int64_t arrival_us = NowUs();
+    pb::WorkRequest work;
+    grpc::Status valid = Validate(*request, work);
+    if (!valid.ok()) {
+      Count(valid);
+      return valid;
+    }
+    auto tracked = std::make_shared<Tracked>();
+    tracked->server_context = ctx;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (work.request_id().empty()) work.set_request_id(absl::StrCat("req-", next_id_++));
+      if (in_flight_.count(work.request_id())) {
+        ++rejected_;
+        return Invalid(absl::StrCat("request id '", work.request_id(), "' is already in flight"));
+      }
+      if (static_cast<int>(in_flight_.size()) >= options_.max_in_flight) {
+        ++rejected_;
+        return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                            absl::StrCat("the cluster has ", in_flight_.size(),
+                                         " requests in flight (the limit); retry later"));
+      }
+      tracked->id = work.request_id();
+      in_flight_[work.request_id()] = tracked;
+    }
+    const absl::Time deadline =
+        ctx->deadline() == std::chrono::system_clock::time_point::max()
+            ? absl::Now() + options_.request_timeout
+            : std::min(absl::FromChrono(ctx->deadline()), absl::Now() + options_.request_timeout);
+    work.set_deadline_unix_us(absl::ToUnixMicros(deadline));
+
+    Relay relay(*this, *request, work, writer, *tracked);
+    relay.timeline.set_arrival_us(arrival_us);
+    grpc::Status status = Run(relay);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      in_flight_.erase(work.request_id());
+    }
+    Count(status);
+    return status;
+  }
+
+ private:
+  // One request on its way through the cluster: what the client has been sent so far.
+  struct Relay {
+    Relay(Impl& impl, const api::GenerateRequest& request, const pb::WorkRequest& work,
+          grpc::ServerWriter<api::GenerateResponse>* writer, Tracked& tracked)
+        : request(request), work(work), writer(writer), tracked(tracked) {
+      if (impl.tokenizer_) decoder = std::make_unique<engine::StreamDecoder>(*impl.tokenizer_);
+    }
+    const api::GenerateRequest& request;
+    const pb::WorkRequest& work;
+    grpc::ServerWriter<api::GenerateResponse>* writer;
+    Tracked& tracked;
+    std::unique_ptr<engine::StreamDecoder> decoder;
+    api::Timeline timeline;
+    int32_t completion_tokens = 0;
+    std::string finish_reason;
+  };
+
+  grpc::Status Validate(const api::GenerateRequest& r, pb::WorkRequest& work) {
+    if (r.has_prompt_text() == (r.prompt_token_ids_size() > 0)) {
+      return Invalid(r.has_prompt_text()
+                         ? "give the prompt as prompt_text or prompt_token_ids, not both"
+                         : "the prompt is empty (give prompt_text or prompt_token_ids)");
+    }
+    if (r.request_id().size() > 256) return Invalid("request_id is longer than 256 bytes");
+    std::vector<int32_t> ids;
+    if (r.has_prompt_text()) {
+      if (r.prompt_text().empty()) return Invalid("prompt_text is empty");
+      if (!tokenizer_) {
+        return Invalid(
+            absl::StrCat("model ", model_name_, " has no tokenizer.json; send prompt_token_ids"));
+      }
+      ids = tokenizer_->Encode(r.prompt_text());
+      if (ids.empty()) return Invalid("prompt_text encodes to no tokens");
+    } else {
+      ids.assign(r.prompt_token_ids().begin(), r.prompt_token_ids().end());
+    }
+    for (int32_t id : ids) {
+      if (id < 0 || id >= config_.vocab_size) {
+        return Invalid(absl::StrCat("prompt token id ", id, " is outside the vocabulary [0, ",
+                                    config_.vocab_size, ")"));
+      }
+    }
+    if (r.max_tokens() <= 0) {
+      return Invalid(absl::StrCat("max_tokens must be at least 1 (got ", r.max_tokens(), ")"));
+    }
+    const int64_t total = static_cast<int64_t>(ids.size()) + r.max_tokens();
+    if (total > config_.max_context()) {
+      return Invalid(absl::StrCat("prompt of ", ids.size(), " tokens + max_tokens ", r.max_tokens(),
+                                  " exceeds the model's context of ", config_.max_context()));
+    }
+    const float temperature = r.has_temperature() ? r.temperature() : 0.0f;
+    if (!std::isfinite(temperature) || temperature < 0) {
+      return Invalid(
+          absl::StrCat("temperature must be a finite number >= 0 (got ", temperature, ")"));
+    }
+    const float top_p = r.has_top_p() ? r.top_p() : 1.0f;
+    if (!(top_p > 0.0f && top_p <= 1.0f)) {
+      return Invalid(absl::StrCat("top_p must be in (0, 1] (got ", top_p, ")"));
+    }
+    const int32_t top_k = r.has_top_k() ? r.top_k() : 0;
+    if (top_k < 0) return Invalid(absl::StrCat("top_k must be >= 0 (got ", top_k, ")"));
+    const int32_t logprobs = r.has_logprobs() ? r.logprobs() : -1;
+    if (logprobs > 20) return Invalid(absl::StrCat("logprobs is at most 20 (got ", logprobs, ")"));
+    for (int32_t id : r.stop_token_ids()) {
+      if (id < 0 || id >= config_.vocab_size) {
+        return Invalid(absl::StrCat("stop token id ", id, " is outside the vocabulary"));
+      }
+    }
+    for (double slo : {r.ttft_slo_ms(), r.tpot_slo_ms()}) {
+      if (!std::isfinite(slo) || slo < 0) return Invalid("SLO targets must be finite and >= 0");
+    }
+    work.set_request_id(r.request_id());
+    *work.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
+    work.set_max_tokens(r.max_tokens());
+    work.set_temperature(temperature);
+    work.set_top_k(top_k);
+    work.set_top_p(top_p);
+    work.set_seed(r.has_seed() ? r.seed() : std::random_device{}() * 0x9E3779B97F4A7C15ull);
+    work.set_ignore_eos(r.ignore_eos());
+    *work.mutable_stop_token_ids() = r.stop_token_ids();
+    work.set_logprobs(logprobs);
+    return grpc::Status::OK;
+  }
+
+  void Count(const grpc::Status& status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    switch (status.error_code()) {
+      case grpc::StatusCode::OK:
+        ++finished_;
+        break;
+      case grpc::StatusCode::CANCELLED:
+      case grpc::StatusCode::DEADLINE_EXCEEDED:
+        ++cancelled_;
+        break;
+      case grpc::StatusCode::INVALID_ARGUMENT:
+      case grpc::StatusCode::RESOURCE_EXHAUSTED:
+        ++rejected_;
+        break;
+      default:
+        ++failed_;
+    }
+  }
+
+  // Places the request and relays it; undoes the bookkeeping however it ends.
+  grpc::Status Run(Relay& relay) {
+    const int32_t prompt_len = relay.work.prompt_token_ids_size();
+    scheduler::Placement placement;
+    Instance* prefill = nullptr;
+    Instance* decode = nullptr;
+    std::string prefill_kv_address;
+    int32_t blocks = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      std::vector<scheduler::InstanceLoad> loads;
+      for (const auto& [id, inst] : instances_) {
+        scheduler::InstanceLoad l;
+        l.id = id;
+        l.role = inst->role;
+        l.healthy = inst->healthy;
+        l.queued_prompt_tokens = inst->pending_prompt_tokens;
+        l.queued_requests = inst->pending_requests;
+        l.running_requests = std::max(inst->decoding, inst->status.running_requests());
+        l.kv_blocks_total = inst->status.kv_blocks_total();
+        l.kv_blocks_free = inst->status.kv_blocks_free() - inst->promised_blocks;
+        l.block_size = std::max(1, inst->status.block_size());
+        loads.push_back(l);
+      }
+      scheduler::DispatchRequest dr;
+      dr.prompt_tokens = prompt_len;
+      dr.max_tokens = relay.work.max_tokens();
+      if (relay.request.has_ttft_slo_ms()) dr.ttft_slo_ms = relay.request.ttft_slo_ms();
+      if (relay.request.has_tpot_slo_ms()) dr.tpot_slo_ms = relay.request.tpot_slo_ms();
+      auto placed = policy_->Place(dr, loads);
+      if (!placed.ok()) return ToGrpc(placed.status());
+      placement = *placed;
+      prefill = instances_.at(placement.prefill).get();
+      prefill->pending_prompt_tokens += prompt_len;
+      ++prefill->pending_requests;
+      if (!placement.decode.empty()) {
+        decode = instances_.at(placement.decode).get();
+        blocks =
+            engine::BlockTable::BlocksFor(prompt_len + 1, std::max(1, decode->status.block_size()));
+        decode->promised_blocks += blocks;
+        prefill_kv_address = decode->kv_address;
+      }
+    }
+    // Instances are never erased, so the pointers stay valid; their counters are guarded.
+    bool prefill_pending = true;
+    bool decode_promised = decode != nullptr;
+    auto prefill_done = [&] {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (prefill_pending) {
+        prefill->pending_prompt_tokens -= prompt_len;
+        --prefill->pending_requests;
+        prefill_pending = false;
+        if (decode == nullptr) ++prefill->decoding;
+      }
+    };
+    auto decode_started = [&] {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (decode_promised) {
+        decode->promised_blocks -= blocks;
+        decode_promised = false;
+        ++decode->decoding;
+      }
+    };
+    relay.timeline.set_prefill_instance(placement.prefill);
+    relay.timeline.set_decode_instance(placement.decode);
+    relay.timeline.set_scheduler_note(placement.note);
+    relay.timeline.set_queued_us(NowUs());
+
+    grpc::Status status = decode == nullptr
+                              ? RunColocated(relay, *prefill, prefill_done)
+                              : RunDisaggregated(relay, *prefill, *decode, prefill_kv_address,
+                                                 prefill_done, decode_started);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (prefill_pending) {
+      prefill->pending_prompt_tokens -= prompt_len;
+      --prefill->pending_requests;
+    } else if (decode == nullptr) {
+      --prefill->decoding;
+    }
+    if (decode != nullptr) {
+      if (decode_promised) {
+        decode->promised_blocks -= blocks;
+      } else {
+        --decode->decoding;
+      }
+    }
+    return status;
+  }
+
+  // Sends tokens of a worker event to the client; `done` when the request ended.
+  bool Forward(Relay& relay, const pb::WorkEvent& event, bool* done) {
+    api::GenerateResponse response;
+    response.set_request_id(relay.work.request_id());
+    for (int32_t id : event.token_ids()) {
+      response.add_token_ids(id);
+      if (relay.decoder) response.mutable_text()->append(relay.decoder->Add(id));
+    }
+    for (const pb::TokenLogprobs& lp : event.logprobs()) {
+      api::TokenLogprobs* out = response.add_logprobs();
+      out->set_logprob(lp.logprob());
+      for (const pb::TopLogprob& t : lp.top()) {
+        api::TopLogprob* top = out->add_top();
+        top->set_token_id(t.token_id());
+        top->set_logprob(t.logprob());
+      }
+    }
+    relay.completion_tokens += event.token_ids_size();
+    if (relay.timeline.first_token_us() == 0) relay.timeline.set_first_token_us(NowUs());
+    *done = !event.finish_reason().empty();
+    if (*done) {
+      if (relay.decoder) response.mutable_text()->append(relay.decoder->Finish());
+      relay.finish_reason = event.finish_reason();
+      relay.timeline.set_finish_us(NowUs());
+      api::Done* d = response.mutable_done();
+      d->set_finish_reason(relay.finish_reason);
+      d->set_prompt_tokens(relay.work.prompt_token_ids_size());
+      d->set_completion_tokens(relay.completion_tokens);
+      d->set_seed(relay.work.seed());
+      *d->mutable_timeline() = relay.timeline;
+    }
+    return relay.writer->Write(response);
+  }
+
+  static void MergeTimeline(api::Timeline& t, const pb::WorkEvent& e) {
+    if (e.queued_us()) t.set_queued_us(e.queued_us());
+    if (e.prefill_start_us()) t.set_prefill_start_us(e.prefill_start_us());
+    if (e.prefill_end_us()) t.set_prefill_end_us(e.prefill_end_us());
+    if (e.kv_transfer_start_us() && !t.kv_transfer_start_us()) {
+      t.set_kv_transfer_start_us(e.kv_transfer_start_us());
+    }
+    if (e.kv_transfer_end_us()) t.set_kv_transfer_end_us(e.kv_transfer_end_us());
+    if (e.decode_start_us()) t.set_decode_start_us(e.decode_start_us());
+  }
+
+  // A worker call registered for cancellation for as long as it lives.
+  struct Call {
+    Call(Tracked& tracked, int64_t deadline_us) : tracked(tracked) {
+      SetDeadlineUs(context, deadline_us);
+      tracked.Add(&context);
+    }
+    ~Call() { tracked.Remove(&context); }
+    Tracked& tracked;
+    grpc::ClientContext context;
+  };
+
+  grpc::Status WorkerError(const Instance& inst, const grpc::Status& s, Relay& relay) {
+    if (relay.tracked.cancelled || relay.tracked.server_context->IsCancelled()) {
+      return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
+    }
+    if (s.ok()) {
+      return grpc::Status(grpc::StatusCode::INTERNAL,
+                          absl::StrCat(inst.id, " ended the request without finishing it"));
+    }
+    // Worker-side rejections keep their code; the message names the instance.
+    return grpc::Status(s.error_code(), absl::StrCat(inst.id, ": ", s.error_message()));
+  }
+
+  grpc::Status ClientGone() {
+    return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+  }
+
+  template <typename F>
+  grpc::Status RunColocated(Relay& relay, Instance& inst, F&& prefill_done) {
+    Call call(relay.tracked, relay.work.deadline_unix_us());
+    auto stream = inst.stub->Generate(&call.context, relay.work);
+    pb::WorkEvent event;
+    bool done = false;
+    while (!done && stream->Read(&event)) {
+      MergeTimeline(relay.timeline, event);
+      prefill_done();
+      if (!Forward(relay, event, &done)) {
+        call.context.TryCancel();
+        stream->Finish().ok();
+        return ClientGone();
+      }
+    }
+    grpc::Status s = stream->Finish();
+    if (done) return grpc::Status::OK;
+    return WorkerError(inst, s, relay);
+  }
+
+  template <typename F, typename G>
+  grpc::Status RunDisaggregated(Relay& relay, Instance& prefill, Instance& decode,
+                                const std::string& kv_address, F&& prefill_done,
+                                G&& decode_started) {
+    // The decode worker first registers the request, so the KV hand-off finds it.
+    Call dcall(relay.tracked, relay.work.deadline_unix_us());
+    auto dstream = decode.stub->Decode(&dcall.context, relay.work);
+    pb::WorkEvent event;
+    if (!dstream->Read(&event) || event.kind() != pb::WorkEvent::ACCEPTED) {
+      return WorkerError(decode, dstream->Finish(), relay);
+    }
+    pb::WorkRequest work = relay.work;
+    work.set_decode_instance(decode.id);
+    work.set_decode_kv_address(kv_address);
+    bool done = false;
+    {
+      Call pcall(relay.tracked, relay.work.deadline_unix_us());
+      auto pstream = prefill.stub->Prefill(&pcall.context, work);
+      bool sent = false;
+      while (pstream->Read(&event)) {
+        MergeTimeline(relay.timeline, event);
+        if (event.kind() == pb::WorkEvent::KV_SENT) {
+          sent = true;
+          continue;
+        }
+        prefill_done();
+        if (!Forward(relay, event, &done)) {
+          pcall.context.TryCancel();
+          dcall.context.TryCancel();
+          pstream->Finish().ok();
+          dstream->Finish().ok();
+          return ClientGone();
+        }
+      }
+      grpc::Status ps = pstream->Finish();
+      if (!done && !(ps.ok() && sent)) {
+        dcall.context.TryCancel();
+        dstream->Finish().ok();
+        return WorkerError(prefill, ps, relay);
+      }
+    }
+    if (done) {  // finished with its first token: the decode side never gets it
+      dcall.context.TryCancel();
+      dstream->Finish().ok();
+      return grpc::Status::OK;
+    }
+    while (!done && dstream->Read(&event)) {
+      MergeTimeline(relay.timeline, event);
+      decode_started();
+      if (!Forward(relay, event, &done)) {
+        dcall.context.TryCancel();
+        dstream->Finish().ok();
+        return ClientGone();
+      }
+    }
+    grpc::Status ds = dstream->Finish();
+    if (done) return grpc::Status::OK;
+    return WorkerError(decode, ds, relay);
+  }
+
+  void HealthLoop() {
+    while (true) {
+      std::vector<std::pair<std::string, pb::Worker::Stub*>> targets;
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (auto& [id, inst] : instances_) targets.emplace_back(id, inst->stub.get());
+      }
+      for (auto& [id, stub] : targets) {
+        grpc::ClientContext ctx;
+        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+        pb::WorkerStatus status;
+        grpc::Status s = stub->GetStatus(&ctx, pb::WorkerStatusRequest(), &status);
+        std::lock_guard<std::mutex> lock(mu_);
+        auto it = instances_.find(id);
+        if (it == instances_.end() || it->second->stub.get() != stub) continue;
+        Instance& inst = *it->second;
+        if (s.ok()) {
+          if (!inst.healthy) log_->info("{} is healthy", id);
+          inst.healthy = true;
+          inst.failures = 0;
+          inst.last_seen = absl::Now();
+          inst.status = std::move(status);
+        } else if (++inst.failures >= options_.unhealthy_after_failures && inst.healthy) {
+          inst.healthy = false;
+          log_->warn("{} is unhealthy: {}", id, s.error_message());
+        }
+      }
+      std::unique_lock<std::mutex> lock(stop_mu_);
+      if (stop_cv_.wait_for(lock, absl::ToChronoNanoseconds(options_.health_period),
+                            [&] { return stopping_; })) {
+        return;
+      }
+    }
+  }
+
+  // Propagates client cancellations to the worker calls of their requests.
+  void MonitorLoop() {
+    while (true) {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        for (auto& [id, t] : in_flight_) {
+          if (!t->cancelled && t->server_context->IsCancelled()) t->CancelAll();
+        }
+      }
+      std::unique_lock<std::mutex> lock(stop_mu_);
+      if (stop_cv_.wait_for(lock, std::chrono::milliseconds(20), [&] { return stopping_; })) {
+        return;
+      }
+    }
+  }
+
+  FrontendOptions options_;
+  std::shared_ptr<spdlog::logger> log_;
+  engine::ModelConfig config_;
+  std::unique_ptr<engine::Tokenizer> tokenizer_;
+  std::string model_name_;
+  std::unique_ptr<scheduler::DispatchPolicy> policy_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+
+  std::mutex mu_;  // instances, bookkeeping, in-flight requests, counters
+  std::map<std::string, std::unique_ptr<Instance>> instances_;
+  std::map<std::string, std::shared_ptr<Tracked>> in_flight_;
+  uint64_t next_id_ = 0;
+  int64_t finished_ = 0, rejected_ = 0, cancelled_ = 0, failed_ = 0;
+
+  std::mutex stop_mu_;
+  std::condition_variable stop_cv_;
+  bool stopping_ = false;
+  std::thread health_, monitor_;
+  std::atomic<bool> shut_down_{false};
+};
+
+Frontend::Frontend(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Frontend::~Frontend() { Shutdown(); }
+
+absl::StatusOr<std::unique_ptr<Frontend>> Frontend::Start(FrontendOptions options) {
+  auto impl = std::make_unique<Impl>(std::move(options));
+  absl::Status started = impl->Init();
+  if (!started.ok()) {
+    impl->Shutdown();
+    return started;
+  }
+  return std::unique_ptr<Frontend>(new Frontend(std::move(impl)));
+}
+
+std::string Frontend::address() const { return impl_->address(); }
+int Frontend::port() const { return impl_->port(); }
+void Frontend::Shutdown() {
+  if (impl_) impl_->Shutdown();
+}
+
+}  // namespace pds::server

@@ -1,0 +1,44 @@
+// The pdserve front-end: the public Serving API (proto/pdserve/v1/serving.proto) and the
+// workers' Registry. It validates and tokenizes requests, tracks every request in flight,
+// asks the dispatch policy (scheduler/) where to run each, relays the prefill and decode
+// workers' streams to the client with text, and health-checks the workers.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+
+namespace pds::server {
+
+struct FrontendOptions {
+  std::string model_dir;  // config.json (limits, EOS) and tokenizer.json (text) are read
+  std::string host = "127.0.0.1";
+  int port = 0;  // 0: ephemeral
+  std::string policy = "least-loaded";
+  int max_in_flight = 1024;  // requests beyond this get RESOURCE_EXHAUSTED
+  absl::Duration request_timeout = absl::Minutes(10);  // when the client sets no deadline
+  absl::Duration health_period = absl::Milliseconds(200);
+  int unhealthy_after_failures = 3;
+};
+
+class Frontend {
+ public:
+  static absl::StatusOr<std::unique_ptr<Frontend>> Start(FrontendOptions options);
+  ~Frontend();
+  Frontend(const Frontend&) = delete;
+  Frontend& operator=(const Frontend&) = delete;
+
+  std::string address() const;
+  int port() const;
+  void Shutdown();
+
+  class Impl;
+
+ private:
+  explicit Frontend(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pds::server

@@ -1,0 +1,39 @@
+// Small pieces shared by the pdserve servers: status conversion, clocks, the server set-up
+// every pdserve process uses (health service, reflection) and signal waiting.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "grpcpp/grpcpp.h"
+
+namespace pds::server {
+
+grpc::Status ToGrpc(const absl::Status& status);
+absl::Status FromGrpc(const grpc::Status& status);
+
+// Microseconds since the Unix epoch.
+int64_t NowUs();
+
+// Builds and starts a gRPC server on host:port (0 = ephemeral) with `services`, the standard
+// health service and server reflection. `bound_port` gets the port.
+absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
+    const std::string& host, int port, const std::vector<grpc::Service*>& services,
+    int* bound_port);
+
+// A channel to host:port for our internal calls (no proxy, large messages).
+std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
+
+// Blocks SIGINT, SIGTERM (and ignores SIGPIPE) in this and every thread created after it;
+// call first in main. WaitForTerminationSignal() then returns the signal that arrived.
+void BlockTerminationSignals();
+int WaitForTerminationSignal();
+
+// Sets the deadline of a client context from a unix-time deadline in microseconds (0: none).
+void SetDeadlineUs(grpc::ClientContext& context, int64_t deadline_us);
+
+}  // namespace pds::server

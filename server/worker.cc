@@ -1,0 +1,744 @@
+#include "server/worker.h"
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <future>
+#include <map>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "engine/common/logging.h"
+#include "engine/common/status_macros.h"
+#include "engine/transfer/tcp_transport.h"
+#include "pdserve/internal/control.grpc.pb.h"
+#include "server/grpc_util.h"
+
+namespace pds::server {
+
+namespace pb = ::pdserve::internal;
+using engine::FinishReason;
+using scheduler::InstanceRole;
+
+namespace {
+
+// The events of one request, from the engine loop to its gRPC handler.
+class Channel {
+ public:
+  void Push(pb::WorkEvent event) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    events_.push_back(std::move(event));
+    cv_.notify_all();
+  }
+  void Close(absl::Status status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closed_) return;
+    closed_ = true;
+    status_ = std::move(status);
+    cv_.notify_all();
+  }
+  // Takes the queued events, waiting up to `timeout` for one. False once the channel is
+  // closed and drained; `final` then holds the closing status.
+  bool Pop(std::vector<pb::WorkEvent>& out, absl::Duration timeout, absl::Status* final) {
+    std::unique_lock<std::mutex> lock(mu_);
+    cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout),
+                 [&] { return !events_.empty() || closed_; });
+    while (!events_.empty()) {
+      out.push_back(std::move(events_.front()));
+      events_.pop_front();
+    }
+    if (closed_ && out.empty()) {
+      *final = status_;
+      return false;
+    }
+    return true;
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<pb::WorkEvent> events_;
+  bool closed_ = false;
+  absl::Status status_;
+};
+
+// A fixed pool of threads for blocking jobs (KV sends).
+class JobPool {
+ public:
+  explicit JobPool(int threads) {
+    for (int i = 0; i < threads; ++i) threads_.emplace_back([this] { Run(); });
+  }
+  ~JobPool() { Stop(); }
+  void Submit(std::function<void()> job) {
+    std::lock_guard<std::mutex> lock(mu_);
+    jobs_.push_back(std::move(job));
+    cv_.notify_one();
+  }
+  void Stop() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_ = true;
+      cv_.notify_all();
+    }
+    for (auto& t : threads_) {
+      if (t.joinable()) t.join();
+    }
+  }
+
+ private:
+  void Run() {
+    while (true) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return stop_ || !jobs_.empty(); });
+        if (jobs_.empty()) return;  // stopping and drained
+        job = std::move(jobs_.front());
+        jobs_.pop_front();
+      }
+      job();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> jobs_;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;
+};
+
+engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
+  engine::GenerateRequest g;
+  g.id = r.request_id();
+  g.prompt.assign(r.prompt_token_ids().begin(), r.prompt_token_ids().end());
+  g.params.max_tokens = r.max_tokens();
+  g.params.temperature = r.temperature();
+  g.params.top_k = r.top_k();
+  g.params.top_p = r.top_p();
+  g.params.seed = r.seed();
+  g.params.ignore_eos = r.ignore_eos();
+  g.params.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
+  g.params.logprobs = r.logprobs();
+  return g;
+}
+
+// Reads one held sequence's blocks out of the KV cache, layer by layer (the CPU pool is
+// complete when the sequence is held, so no wait is needed).
+class CacheSource : public engine::KvSource {
+ public:
+  CacheSource(engine::Backend& backend, const engine::KvCache& cache, std::vector<int32_t> blocks)
+      : backend_(backend), cache_(cache), blocks_(std::move(blocks)) {}
+  absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override {
+    const size_t block_bytes = cache_.shape().BlockBytes(backend_.compute_dtype());
+    if (bytes != 2 * blocks_.size() * block_bytes) {
+      return absl::InternalError(absl::StrCat("layer buffer of ", bytes, " bytes, expected ",
+                                              2 * blocks_.size() * block_bytes));
+    }
+    for (int kv = 0; kv < 2; ++kv) {
+      const auto* pool = static_cast<const uint8_t*>(kv == 0 ? cache_.k(layer) : cache_.v(layer));
+      for (size_t i = 0; i < blocks_.size(); ++i) {
+        PDS_RETURN_IF_ERROR(backend_.CopyToHost(dst, pool + blocks_[i] * block_bytes, block_bytes));
+        dst += block_bytes;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+ private:
+  engine::Backend& backend_;
+  const engine::KvCache& cache_;
+  std::vector<int32_t> blocks_;
+};
+
+}  // namespace
+
+class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
+ public:
+  Impl(engine::Transformer& model, WorkerOptions options)
+      : model_(model), options_(std::move(options)), log_(pds::Logger("worker")) {}
+
+  absl::Status Init() {
+    PDS_ASSIGN_OR_RETURN(engine_, engine::LlmEngine::Create(model_, options_.engine));
+    loop_ = std::thread([this] { Loop(); });
+    PDS_ASSIGN_OR_RETURN(server_,
+                         StartGrpcServer(options_.host, options_.port, {this}, &bound_port_));
+    if (options_.id.empty()) {
+      options_.id = absl::StrCat(scheduler::InstanceRoleName(options_.role), "-", bound_port_);
+    }
+    if (options_.role == InstanceRole::kDecode) {
+      PDS_ASSIGN_OR_RETURN(receiver_,
+                           engine::StartTcpKvReceiver(options_.host, options_.kv_port, this));
+    }
+    if (options_.role == InstanceRole::kPrefill) {
+      sender_ = engine::CreateTcpKvSender();
+      transfers_ = std::make_unique<JobPool>(options_.transfer_threads);
+    }
+    if (!options_.frontend.empty()) registration_ = std::thread([this] { RegisterLoop(); });
+    log_->info("{} ({}) serving on {}{}", options_.id,
+               std::string(scheduler::InstanceRoleName(options_.role)), address(),
+               receiver_ ? absl::StrCat(", KV receiver on ", kv_address()) : "");
+    return absl::OkStatus();
+  }
+
+  const std::string& id() const { return options_.id; }
+  std::string address() const { return absl::StrCat(options_.host, ":", bound_port_); }
+  std::string kv_address() const { return receiver_ ? receiver_->address() : ""; }
+
+  void Shutdown() {
+    if (shut_down_.exchange(true)) return;
+    {
+      std::lock_guard<std::mutex> lock(reg_mu_);
+      stopping_ = true;
+      reg_cv_.notify_all();
+    }
+    if (registration_.joinable()) registration_.join();
+    // Fail every request; transfers see their cancel flags.
+    if (loop_.joinable()) {
+      RunOnLoop([this] {
+        for (auto& [id, live] : live_) {
+          live.cancelled->store(true);
+          live.channel->Close(
+              absl::UnavailableError(absl::StrCat(options_.id, " is shutting down")));
+        }
+        return absl::OkStatus();
+      }).IgnoreError();
+    }
+    if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    if (receiver_) receiver_->Shutdown();
+    if (transfers_) transfers_->Stop();
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      stop_loop_ = true;
+      cv_.notify_all();
+    }
+    if (loop_.joinable()) loop_.join();
+  }
+
+  // --- gRPC handlers ---
+
+  grpc::Status Prefill(grpc::ServerContext* ctx, const pb::WorkRequest* request,
+                       grpc::ServerWriter<pb::WorkEvent>* writer) override {
+    if (options_.role != InstanceRole::kPrefill) return WrongRole("Prefill");
+    if (request->decode_kv_address().empty()) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "decode_kv_address is empty");
+    }
+    return Serve(ctx, *request, writer, Live::kPrefill);
+  }
+
+  grpc::Status Decode(grpc::ServerContext* ctx, const pb::WorkRequest* request,
+                      grpc::ServerWriter<pb::WorkEvent>* writer) override {
+    if (options_.role != InstanceRole::kDecode) return WrongRole("Decode");
+    return Serve(ctx, *request, writer, Live::kDecode);
+  }
+
+  grpc::Status Generate(grpc::ServerContext* ctx, const pb::WorkRequest* request,
+                        grpc::ServerWriter<pb::WorkEvent>* writer) override {
+    if (options_.role != InstanceRole::kColocated) return WrongRole("Generate");
+    return Serve(ctx, *request, writer, Live::kColocated);
+  }
+
+  grpc::Status GetStatus(grpc::ServerContext*, const pb::WorkerStatusRequest*,
+                         pb::WorkerStatus* status) override {
+    std::lock_guard<std::mutex> lock(status_mu_);
+    *status = status_;
+    status->set_id(options_.id);
+    status->set_role(std::string(scheduler::InstanceRoleName(options_.role)));
+    status->set_kv_bytes_received(receiver_ ? receiver_->bytes_received() : 0);
+    return grpc::Status::OK;
+  }
+
+  // --- KvSink (decode role; transport threads) ---
+
+  absl::Status Reserve(const engine::KvTransferHeader& header) override {
+    return RunOnLoop([&]() -> absl::Status {
+      auto it = live_.find(header.request_id);
+      if (it == live_.end() || it->second.load_cancelled()) {
+        return absl::NotFoundError(
+            absl::StrCat(options_.id, " has no request '", header.request_id, "' awaiting KV"));
+      }
+      Live& live = it->second;
+      if (live.in_engine) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("request '", header.request_id, "' already has its KV"));
+      }
+      const engine::KvCacheShape& shape = engine_->cache().shape();
+      if (header.num_layers != shape.num_layers || header.kv_heads != shape.kv_heads ||
+          header.head_dim != shape.head_dim || header.block_size != shape.block_size ||
+          header.dtype != model_.backend().compute_dtype()) {
+        absl::Status bad = absl::FailedPreconditionError(absl::StrCat(
+            "KV layout mismatch for '", header.request_id, "': sender has ", header.num_layers,
+            " layers x ", header.kv_heads, " heads x ", header.head_dim, " dims, blocks of ",
+            header.block_size, "; ", options_.id, " has ", shape.num_layers, " x ", shape.kv_heads,
+            " x ", shape.head_dim, ", blocks of ", shape.block_size));
+        Finish(header.request_id, bad);
+        return bad;
+      }
+      auto blocks = engine_->ReserveImport(live.request, header.num_tokens);
+      if (!blocks.ok()) {
+        if (absl::IsResourceExhausted(blocks.status())) {
+          ++handoffs_deferred_;
+        } else {
+          Finish(header.request_id, blocks.status());
+        }
+        return blocks.status();
+      }
+      if (static_cast<int32_t>(blocks->size()) != header.num_blocks) {
+        engine_->Cancel(header.request_id).IgnoreError();
+        absl::Status bad = absl::FailedPreconditionError(absl::StrCat(
+            "'", header.request_id, "': sender has ", header.num_blocks, " blocks for ",
+            header.num_tokens, " tokens, receiver needs ", blocks->size()));
+        Finish(header.request_id, bad);
+        return bad;
+      }
+      live.in_engine = true;
+      live.transfer_active = true;
+      live.next_token = header.next_token;
+      live.kv_start_us = NowUs();
+      std::lock_guard<std::mutex> lock(import_mu_);
+      imports_[header.request_id] = std::move(*blocks);
+      return absl::OkStatus();
+    });
+  }
+
+  absl::Status WriteLayer(const std::string& request_id, int32_t layer, const uint8_t* data,
+                          size_t bytes) override {
+    std::vector<int32_t> blocks;
+    {
+      std::lock_guard<std::mutex> lock(import_mu_);
+      auto it = imports_.find(request_id);
+      if (it == imports_.end()) {
+        return absl::NotFoundError(absl::StrCat("no reservation for '", request_id, "'"));
+      }
+      blocks = it->second;
+    }
+    const engine::KvCache& cache = engine_->cache();
+    const size_t block_bytes = cache.shape().BlockBytes(model_.backend().compute_dtype());
+    if (layer < 0 || layer >= cache.shape().num_layers ||
+        bytes != 2 * blocks.size() * block_bytes) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("layer ", layer, " of ", bytes, " bytes does not match the reservation"));
+    }
+    for (int kv = 0; kv < 2; ++kv) {
+      auto* pool = static_cast<uint8_t*>(kv == 0 ? cache.k(layer) : cache.v(layer));
+      for (int32_t block : blocks) {
+        PDS_RETURN_IF_ERROR(
+            model_.backend().CopyFromHost(pool + block * block_bytes, data, block_bytes));
+        data += block_bytes;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  void Complete(const std::string& request_id, absl::Status status) override {
+    {
+      std::lock_guard<std::mutex> lock(import_mu_);
+      imports_.erase(request_id);
+    }
+    Post([this, request_id, status] {
+      auto it = live_.find(request_id);
+      if (it == live_.end()) {
+        engine_->Cancel(request_id).IgnoreError();
+        return;
+      }
+      Live& live = it->second;
+      live.transfer_active = false;
+      if (live.load_cancelled()) {
+        Finish(request_id, absl::CancelledError("cancelled"));
+        return;
+      }
+      if (!status.ok()) {
+        Finish(request_id, absl::UnavailableError(absl::StrCat("KV transfer into ", options_.id,
+                                                               " failed: ", status.message())));
+        return;
+      }
+      live.kv_end_us = NowUs();
+      absl::Status activated = engine_->ActivateImport(request_id, live.next_token);
+      if (!activated.ok()) Finish(request_id, activated);
+    });
+  }
+
+ private:
+  struct Live {
+    enum Kind { kPrefill, kDecode, kColocated };
+    Kind kind = kColocated;
+    std::shared_ptr<Channel> channel;
+    std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+    engine::GenerateRequest request;  // decode: until the import is reserved
+    bool in_engine = false;
+    bool transfer_active = false;  // a KV transfer uses this request's blocks
+    bool produced = false;         // a token event went out
+    int32_t next_token = -1;
+    int64_t queued_us = 0, prefill_start_us = 0, prefill_end_us = 0, kv_start_us = 0, kv_end_us = 0,
+            decode_start_us = 0;
+    std::string kv_address;
+    int64_t deadline_us = 0;
+    bool load_cancelled() const { return cancelled->load(); }
+  };
+
+  grpc::Status WrongRole(const char* rpc) {
+    return grpc::Status(
+        grpc::StatusCode::FAILED_PRECONDITION,
+        absl::StrCat(options_.id, " is a ", scheduler::InstanceRoleName(options_.role),
+                     " worker; it does not serve ", rpc));
+  }
+
+  // Accepts the request on the loop, then streams its events until it ends, the client goes
+  // away or its deadline passes.
+  grpc::Status Serve(grpc::ServerContext* ctx, const pb::WorkRequest& request,
+                     grpc::ServerWriter<pb::WorkEvent>* writer, Live::Kind kind) {
+    if (request.request_id().empty()) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request_id is empty");
+    }
+    const std::string id = request.request_id();
+    auto channel = std::make_shared<Channel>();
+    absl::Status accepted = RunOnLoop([&]() -> absl::Status {
+      if (live_.count(id)) {
+        return absl::AlreadyExistsError(
+            absl::StrCat("request id '", id, "' is in use on ", options_.id));
+      }
+      if (static_cast<int>(live_.size()) >= options_.max_queued + options_.engine.max_running) {
+        return absl::ResourceExhaustedError(
+            absl::StrCat(options_.id, " has ", live_.size(), " requests; its queue is full"));
+      }
+      Live live;
+      live.kind = kind;
+      live.channel = channel;
+      live.request = FromWork(request);
+      live.kv_address = request.decode_kv_address();
+      live.deadline_us = request.deadline_unix_us();
+      live.queued_us = NowUs();
+      if (kind == Live::kDecode) {
+        pb::WorkEvent event;
+        event.set_kind(pb::WorkEvent::ACCEPTED);
+        channel->Push(std::move(event));
+      } else {
+        engine::GenerateRequest g = live.request;
+        g.hold_kv_after_prefill = kind == Live::kPrefill;
+        PDS_RETURN_IF_ERROR(engine_->AddRequest(std::move(g)));
+        live.in_engine = true;
+      }
+      live_.emplace(id, std::move(live));
+      cv_.notify_all();
+      return absl::OkStatus();
+    });
+    if (!accepted.ok()) return ToGrpc(accepted);
+
+    const int64_t deadline_us = request.deadline_unix_us();
+    while (true) {
+      std::vector<pb::WorkEvent> events;
+      absl::Status final;
+      const bool open = channel->Pop(events, absl::Milliseconds(20), &final);
+      for (pb::WorkEvent& event : events) {
+        if (!writer->Write(event)) {
+          CancelRequest(id);
+          return grpc::Status(grpc::StatusCode::CANCELLED, "the caller went away");
+        }
+      }
+      if (!open) return ToGrpc(final);
+      if (ctx->IsCancelled()) {
+        CancelRequest(id);
+        return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the caller");
+      }
+      if (deadline_us > 0 && NowUs() > deadline_us) {
+        CancelRequest(id);
+        return grpc::Status(
+            grpc::StatusCode::DEADLINE_EXCEEDED,
+            absl::StrCat("request '", id, "' passed its deadline on ", options_.id));
+      }
+    }
+  }
+
+  void CancelRequest(const std::string& id) {
+    Post([this, id] {
+      auto it = live_.find(id);
+      if (it == live_.end()) return;
+      it->second.cancelled->store(true);
+      // A transfer using the blocks frees them when it ends.
+      if (!it->second.transfer_active) Finish(id, absl::CancelledError("cancelled"));
+    });
+  }
+
+  // Ends a request (loop thread): frees its engine state, closes its channel.
+  void Finish(const std::string& id, absl::Status status) {
+    auto it = live_.find(id);
+    if (it == live_.end()) return;
+    if (it->second.in_engine) engine_->Cancel(id).IgnoreError();
+    it->second.channel->Close(std::move(status));
+    live_.erase(it);
+  }
+
+  // --- the engine loop ---
+
+  void Post(std::function<void()> task) {
+    std::lock_guard<std::mutex> lock(mu_);
+    tasks_.push_back(std::move(task));
+    cv_.notify_all();
+  }
+
+  // Runs `fn` on the loop and waits (bounded) for its status.
+  absl::Status RunOnLoop(std::function<absl::Status()> fn) {
+    auto promise = std::make_shared<std::promise<absl::Status>>();
+    std::future<absl::Status> future = promise->get_future();
+    Post([fn = std::move(fn), promise] { promise->set_value(fn()); });
+    if (future.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+      return absl::DeadlineExceededError(absl::StrCat(options_.id, ": engine loop busy for 30 s"));
+    }
+    return future.get();
+  }
+
+  void Loop() {
+    while (true) {
+      std::deque<std::function<void()>> tasks;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        if (tasks_.empty() && !engine_->HasRunnable() && !stop_loop_) {
+          cv_.wait_for(lock, std::chrono::milliseconds(50));
+        }
+        tasks.swap(tasks_);
+        if (stop_loop_ && tasks.empty()) break;
+      }
+      for (auto& task : tasks) task();
+      if (engine_->HasRunnable()) StepOnce();
+      UpdateStatus();
+    }
+    // Whatever is left (tasks posted after the stop) is dropped with its requests.
+    for (auto& [id, live] : live_) live.channel->Close(absl::UnavailableError("worker stopped"));
+    live_.clear();
+  }
+
+  void StepOnce() {
+    const int64_t t0 = NowUs();
+    auto step = engine_->Step();
+    const int64_t t1 = NowUs();
+    if (!step.ok()) {
+      log_->error("{}: engine step failed: {}", options_.id, step.status().ToString());
+      std::vector<std::string> ids;
+      for (const auto& [id, live] : live_) ids.push_back(id);
+      for (const std::string& id : ids) {
+        Finish(id, absl::InternalError(absl::StrCat(options_.id, ": ", step.status().message())));
+      }
+      return;
+    }
+    for (const auto& [id, tokens] : engine_->last_batch()) {
+      auto it = live_.find(id);
+      if (it == live_.end()) continue;
+      Live& live = it->second;
+      if (live.kind == Live::kDecode) {
+        if (live.decode_start_us == 0) live.decode_start_us = t0;
+      } else if (live.prefill_start_us == 0) {
+        live.prefill_start_us = t0;
+      }
+    }
+    for (engine::TokenOutput& out : *step) {
+      auto it = live_.find(out.request_id);
+      if (it == live_.end()) continue;
+      Live& live = it->second;
+      pb::WorkEvent event;
+      event.set_kind(pb::WorkEvent::TOKENS);
+      event.add_token_ids(out.token);
+      if (out.logprobs) {
+        pb::TokenLogprobs* lp = event.add_logprobs();
+        lp->set_logprob(out.logprobs->logprob);
+        for (const auto& [tok, logprob] : out.logprobs->top) {
+          pb::TopLogprob* top = lp->add_top();
+          top->set_token_id(tok);
+          top->set_logprob(logprob);
+        }
+      }
+      if (!live.produced) {
+        live.produced = true;
+        if (live.kind == Live::kDecode) {
+          event.set_kv_transfer_start_us(live.kv_start_us);
+          event.set_kv_transfer_end_us(live.kv_end_us);
+          event.set_decode_start_us(live.decode_start_us);
+        } else {
+          live.prefill_end_us = t1;
+          event.set_queued_us(live.queued_us);
+          event.set_prefill_start_us(live.prefill_start_us);
+          event.set_prefill_end_us(live.prefill_end_us);
+          if (live.kind == Live::kColocated) event.set_decode_start_us(t1);
+        }
+      }
+      if (out.finish != FinishReason::kNone) {
+        event.set_finish_reason(std::string(engine::FinishReasonName(out.finish)));
+        live.channel->Push(std::move(event));
+        live.in_engine = false;  // the engine freed it
+        Finish(out.request_id, absl::OkStatus());
+        ++served_;
+        continue;
+      }
+      live.channel->Push(std::move(event));
+      if (out.kv_held) StartTransfer(out.request_id, live, out.token);
+    }
+  }
+
+  void StartTransfer(const std::string& id, Live& live, int32_t next_token) {
+    auto held = engine_->GetHeld(id);
+    if (!held.ok()) {
+      Finish(id, held.status());
+      return;
+    }
+    const engine::KvCacheShape& shape = engine_->cache().shape();
+    engine::KvTransferHeader header;
+    header.request_id = id;
+    header.num_tokens = held->num_tokens;
+    header.num_layers = shape.num_layers;
+    header.num_blocks = static_cast<int32_t>(held->blocks.size());
+    header.kv_heads = shape.kv_heads;
+    header.block_size = shape.block_size;
+    header.head_dim = shape.head_dim;
+    header.dtype = model_.backend().compute_dtype();
+    header.next_token = next_token;
+    live.transfer_active = true;
+    live.kv_start_us = NowUs();
+    absl::Time deadline = absl::Now() + options_.kv_transfer_timeout;
+    if (live.deadline_us > 0) deadline = std::min(deadline, absl::FromUnixMicros(live.deadline_us));
+    auto source = std::make_shared<CacheSource>(model_.backend(), engine_->cache(), held->blocks);
+    transfers_->Submit([this, id, header, source, deadline, address = live.kv_address,
+                        cancelled = live.cancelled] {
+      auto sent = sender_->Send(address, header, *source, deadline,
+                                [cancelled] { return cancelled->load(); });
+      Post([this, id, sent] { TransferDone(id, sent); });
+    });
+  }
+
+  void TransferDone(const std::string& id, const absl::StatusOr<engine::KvSendStats>& sent) {
+    auto it = live_.find(id);
+    if (it == live_.end()) {
+      engine_->Cancel(id).IgnoreError();
+      return;
+    }
+    Live& live = it->second;
+    live.transfer_active = false;
+    if (live.load_cancelled()) {
+      Finish(id, absl::CancelledError("cancelled"));
+      return;
+    }
+    if (!sent.ok()) {
+      Finish(id, absl::Status(sent.status().code(),
+                              absl::StrCat("KV transfer from ", options_.id, " to ",
+                                           live.kv_address, ": ", sent.status().message())));
+      return;
+    }
+    kv_bytes_sent_ += static_cast<int64_t>(sent->bytes);
+    pb::WorkEvent event;
+    event.set_kind(pb::WorkEvent::KV_SENT);
+    event.set_kv_transfer_start_us(absl::ToUnixMicros(sent->offered));
+    event.set_kv_transfer_end_us(absl::ToUnixMicros(sent->finished));
+    live.channel->Push(std::move(event));
+    ++served_;
+    Finish(id, absl::OkStatus());
+  }
+
+  void UpdateStatus() {
+    pb::WorkerStatus s;
+    s.set_queued_requests(static_cast<int32_t>(engine_->num_waiting()));
+    s.set_queued_prompt_tokens(engine_->num_waiting_tokens());
+    s.set_running_requests(static_cast<int32_t>(engine_->num_running()));
+    s.set_held_requests(static_cast<int32_t>(engine_->num_held()));
+    const engine::BlockAllocator& alloc = engine_->cache().allocator();
+    s.set_kv_blocks_total(alloc.num_blocks());
+    s.set_kv_blocks_used(alloc.num_used());
+    s.set_kv_blocks_free(alloc.num_free());
+    s.set_block_size(engine_->cache().block_size());
+    s.set_requests_served(served_);
+    s.set_kv_bytes_sent(kv_bytes_sent_);
+    s.set_kv_handoffs_deferred(handoffs_deferred_);
+    std::lock_guard<std::mutex> lock(status_mu_);
+    status_ = std::move(s);
+  }
+
+  void RegisterLoop() {
+    auto stub = pb::Registry::NewStub(MakeChannel(options_.frontend));
+    bool registered = false;
+    while (true) {
+      pb::RegisterRequest request;
+      request.set_id(options_.id);
+      request.set_role(std::string(scheduler::InstanceRoleName(options_.role)));
+      request.set_address(address());
+      request.set_kv_address(kv_address());
+      request.set_model(options_.model_name);
+      request.set_vocab_size(options_.vocab_size);
+      pb::RegisterResponse response;
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+      grpc::Status s = stub->Register(&ctx, request, &response);
+      if (s.ok() && !response.accepted()) {
+        log_->error("{}: the front-end refused registration: {}", options_.id, response.message());
+      } else if (s.ok() != registered) {
+        registered = s.ok();
+        if (registered) {
+          log_->info("{} registered with the front-end at {}", options_.id, options_.frontend);
+        } else {
+          log_->warn("{}: front-end {} unreachable: {}", options_.id, options_.frontend,
+                     s.error_message());
+        }
+      }
+      std::unique_lock<std::mutex> lock(reg_mu_);
+      reg_cv_.wait_for(
+          lock, registered ? std::chrono::milliseconds(1000) : std::chrono::milliseconds(200),
+          [&] { return stopping_; });
+      if (stopping_) return;
+    }
+  }
+
+  engine::Transformer& model_;
+  WorkerOptions options_;
+  std::shared_ptr<spdlog::logger> log_;
+  std::unique_ptr<engine::LlmEngine> engine_;
+
+  // The loop's inbox.
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> tasks_;
+  bool stop_loop_ = false;
+  std::thread loop_;
+  std::map<std::string, Live> live_;  // loop thread only
+  int64_t served_ = 0;                // loop thread only
+  int64_t kv_bytes_sent_ = 0;         // loop thread only
+  int64_t handoffs_deferred_ = 0;     // loop thread only
+
+  std::mutex status_mu_;
+  pb::WorkerStatus status_;
+
+  std::mutex import_mu_;
+  std::map<std::string, std::vector<int32_t>> imports_;  // decode: reserved blocks
+
+  std::unique_ptr<grpc::Server> server_;
+  int bound_port_ = 0;
+  std::unique_ptr<engine::KvReceiver> receiver_;
+  std::unique_ptr<engine::KvSender> sender_;
+  std::unique_ptr<JobPool> transfers_;
+
+  std::mutex reg_mu_;
+  std::condition_variable reg_cv_;
+  bool stopping_ = false;
+  std::thread registration_;
+  std::atomic<bool> shut_down_{false};
+};
+
+Worker::Worker(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Worker::~Worker() { Shutdown(); }
+
+absl::StatusOr<std::unique_ptr<Worker>> Worker::Start(engine::Transformer& model,
+                                                      WorkerOptions options) {
+  auto impl = std::make_unique<Impl>(model, std::move(options));
+  absl::Status started = impl->Init();
+  if (!started.ok()) {
+    impl->Shutdown();
+    return started;
+  }
+  return std::unique_ptr<Worker>(new Worker(std::move(impl)));
+}
+
+const std::string& Worker::id() const { return impl_->id(); }
+std::string Worker::address() const { return impl_->address(); }
+std::string Worker::kv_address() const { return impl_->kv_address(); }
+void Worker::Shutdown() {
+  if (impl_) impl_->Shutdown();
+}
+
+}  // namespace pds::server

@@ -1,0 +1,61 @@
+// A pdserve worker process: one engine instance in the prefill, decode or colocated role,
+// served over the internal control API (proto/pdserve/internal/control.proto).
+//
+// Threads: one engine loop owns the LlmEngine (every engine call runs there, posted as a
+// task); gRPC handler threads stream each request's events from a per-request channel; the
+// KV transport's threads move KV caches (prefill: a small pool of senders; decode: the
+// receiver's connection threads write into blocks reserved through the loop); one thread
+// registers with the front-end and repeats it as a heartbeat.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "engine/model/transformer.h"
+#include "engine/runtime/llm_engine.h"
+#include "scheduler/dispatch_policy.h"
+
+namespace pds::server {
+
+struct WorkerOptions {
+  std::string id;  // unique in the cluster; default "<role>-<port>"
+  scheduler::InstanceRole role = scheduler::InstanceRole::kColocated;
+  std::string host = "127.0.0.1";
+  int port = 0;          // gRPC (0: ephemeral)
+  int kv_port = 0;       // decode: KV receiver (0: ephemeral)
+  std::string frontend;  // host:port of the front-end to register with; empty: none
+  std::string model_name;
+  int32_t vocab_size = 0;
+  engine::EngineOptions engine;
+  int max_queued = 256;  // requests accepted and not finished beyond the running batch
+  int transfer_threads = 4;
+  absl::Duration kv_transfer_timeout = absl::Seconds(60);
+};
+
+class Worker {
+ public:
+  // Starts serving. `model` must outlive the worker.
+  static absl::StatusOr<std::unique_ptr<Worker>> Start(engine::Transformer& model,
+                                                       WorkerOptions options);
+  ~Worker();
+  Worker(const Worker&) = delete;
+  Worker& operator=(const Worker&) = delete;
+
+  const std::string& id() const;
+  std::string address() const;     // gRPC host:port
+  std::string kv_address() const;  // decode: the KV receiver's address; else empty
+  // Stops serving: requests in flight end with UNAVAILABLE, KV transfers break off, every
+  // thread is joined. Idempotent.
+  void Shutdown();
+
+  class Impl;
+
+ private:
+  explicit Worker(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace pds::server

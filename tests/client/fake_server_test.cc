@@ -1,0 +1,528 @@
+// pdbench against a fake pdserve.v1.Serving server on 127.0.0.1 whose latencies and failures
+// are scripted per request: the run loop pdbench uses must measure the scripted TTFT and TPOT
+// (within timer resolution), count errors by code exactly, and compute attainment and goodput
+// from them; open loop must send on schedule regardless of completions, closed loop must hold
+// its concurrency, deadlines must cancel, and the pdbench command line must write its reports.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <thread>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "client/bench_runner.h"
+#include "client/pdbench.h"
+#include "client/serving_client.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "pdserve/v1/serving.grpc.pb.h"
+#include "tests/testing/test_util.h"
+
+namespace pds::client {
+namespace {
+
+using pdserve::v1::GenerateRequest;
+using pdserve::v1::GenerateResponse;
+
+// Timer tolerance: this machine is shared and slow, so measured latencies may exceed the
+// script by scheduling delays (never fall short of it by more than clock granularity).
+constexpr double kTolMs = 10;
+
+// What the fake server does with request `index` (the number after the last '-' of its id).
+struct Script {
+  double ttft_ms = 40;
+  double itl_ms = 10;
+  // Fail before any token with this code (OK: no failure).
+  grpc::StatusCode fail_code = grpc::StatusCode::OK;
+  // Fail with `fail_code` after this many tokens (-1: before any).
+  int fail_after_tokens = -1;
+  std::string finish_reason = "length";
+  double hang_ms = 0;  // > 0: sleep this long (cancellable) before the first token
+};
+
+class FakeServing final : public pdserve::v1::Serving::Service {
+ public:
+  std::function<Script(int64_t index)> script = [](int64_t) { return Script(); };
+
+  int max_inflight() const { return max_inflight_.load(); }
+  int cancelled() const { return cancelled_.load(); }
+  int64_t received() const { return received_.load(); }
+  std::vector<GenerateRequest> requests() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return requests_;
+  }
+
+  grpc::Status GetClusterStatus(grpc::ServerContext*, const pdserve::v1::ClusterStatusRequest*,
+                                pdserve::v1::ClusterStatus* out) override {
+    out->set_model("fake-model");
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Generate(grpc::ServerContext* ctx, const GenerateRequest* req,
+                        grpc::ServerWriter<GenerateResponse>* writer) override {
+    const auto start = std::chrono::steady_clock::now();
+    ++received_;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      requests_.push_back(*req);
+    }
+    int now_inflight = ++inflight_;
+    int prev = max_inflight_.load();
+    while (now_inflight > prev && !max_inflight_.compare_exchange_weak(prev, now_inflight)) {
+    }
+    grpc::Status status = Serve(ctx, *req, writer, start);
+    --inflight_;
+    return status;
+  }
+
+ private:
+  // Sleeps until `start + ms`, waking early (false) when the call is cancelled.
+  bool SleepUntil(grpc::ServerContext* ctx, std::chrono::steady_clock::time_point start,
+                  double ms) {
+    auto until = start + std::chrono::microseconds(static_cast<int64_t>(ms * 1000));
+    while (std::chrono::steady_clock::now() < until) {
+      if (ctx->IsCancelled()) {
+        ++cancelled_;
+        return false;
+      }
+      auto next = std::min(until, std::chrono::steady_clock::now() + std::chrono::milliseconds(5));
+      std::this_thread::sleep_until(next);
+    }
+    return true;
+  }
+
+  grpc::Status Serve(grpc::ServerContext* ctx, const GenerateRequest& req,
+                     grpc::ServerWriter<GenerateResponse>* writer,
+                     std::chrono::steady_clock::time_point start) {
+    int64_t index = -1;
+    std::vector<std::string> parts = absl::StrSplit(req.request_id(), '-');
+    if (parts.empty() || !absl::SimpleAtoi(parts.back(), &index)) {
+      return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request id without an index");
+    }
+    const Script s = script(index);
+    if (s.hang_ms > 0 && !SleepUntil(ctx, start, s.hang_ms)) {
+      return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+    }
+    if (s.fail_code != grpc::StatusCode::OK && s.fail_after_tokens < 0) {
+      return grpc::Status(s.fail_code, "scripted failure");
+    }
+    const int n = req.max_tokens();
+    const int64_t base_us = 1'700'000'000'000'000;
+    for (int k = 0; k < n; ++k) {
+      if (s.fail_code != grpc::StatusCode::OK && k == s.fail_after_tokens) {
+        return grpc::Status(s.fail_code, "scripted failure mid-stream");
+      }
+      if (!SleepUntil(ctx, start, s.ttft_ms + k * s.itl_ms)) {
+        return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled");
+      }
+      GenerateResponse msg;
+      msg.set_request_id(req.request_id());
+      msg.add_token_ids(100 + k);
+      msg.set_text("x");
+      if (k == n - 1) {
+        auto* done = msg.mutable_done();
+        done->set_finish_reason(s.finish_reason);
+        done->set_prompt_tokens(req.prompt_token_ids_size());
+        done->set_completion_tokens(n);
+        auto* t = done->mutable_timeline();
+        t->set_arrival_us(base_us);
+        t->set_queued_us(base_us + 1000);
+        t->set_prefill_start_us(base_us + 3000);  // queue 2 ms
+        t->set_prefill_end_us(base_us + 8000);    // prefill 5 ms
+        t->set_first_token_us(base_us + 9000);
+        t->set_decode_start_us(base_us + 10000);
+        t->set_finish_us(base_us + 30000);  // decode 20 ms
+      }
+      if (!writer->Write(msg)) return grpc::Status(grpc::StatusCode::CANCELLED, "gone");
+    }
+    return grpc::Status::OK;
+  }
+
+  std::atomic<int> inflight_{0};
+  std::atomic<int> max_inflight_{0};
+  std::atomic<int> cancelled_{0};
+  std::atomic<int64_t> received_{0};
+  std::mutex mu_;
+  std::vector<GenerateRequest> requests_;
+};
+
+class PdbenchFakeServerTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port_);
+    builder.RegisterService(&service_);
+    server_ = builder.BuildAndStart();
+    ASSERT_NE(server_, nullptr);
+    ASSERT_GT(port_, 0);
+    target_ = absl::StrCat("127.0.0.1:", port_);
+  }
+  void TearDown() override {
+    if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+  }
+
+  std::vector<RequestSpec> Specs(int n, int prompt_len, int output_len) {
+    DatasetOptions d;
+    d.num_requests = n;
+    d.input_len = prompt_len;
+    d.output_len = output_len;
+    auto specs = BuildDataset(d);
+    EXPECT_TRUE(specs.ok());
+    return *specs;
+  }
+
+  FakeServing service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+  std::string target_;
+};
+
+TEST_F(PdbenchFakeServerTest, ScriptedLatenciesFailuresAttainmentAndGoodput) {
+  // 20 requests of 8 tokens, constant 40 req/s. Per index:
+  //   i % 5 == 1: TTFT 120 ms (misses the 80 ms TTFT SLO)
+  //   i % 5 == 2: ITL 30 ms (misses the 20 ms TPOT SLO)
+  //   i == 3, 13: RESOURCE_EXHAUSTED before any token; i == 8: INTERNAL after 2 tokens
+  //   i == 9: finish_reason "error" (OK status); others: TTFT 40 ms, ITL 10 ms.
+  service_.script = [](int64_t i) {
+    Script s;
+    if (i % 5 == 1) s.ttft_ms = 120;
+    if (i % 5 == 2) s.itl_ms = 30;
+    if (i == 3 || i == 13) s.fail_code = grpc::StatusCode::RESOURCE_EXHAUSTED;
+    if (i == 8) {
+      s.fail_code = grpc::StatusCode::INTERNAL;
+      s.fail_after_tokens = 2;
+    }
+    if (i == 9) s.finish_reason = "error";
+    return s;
+  };
+  const int n = 20, tokens = 8;
+  ServingClient client(target_);
+  ASSERT_TRUE(client.WaitForConnected(absl::Seconds(5)).ok());
+  RunOptions o;
+  ArrivalOptions a;
+  a.kind = ArrivalKind::kConstant;
+  a.rate = 40;
+  o.arrivals = *ArrivalTimes(a, n);
+  o.slo = SloTargets{80, 20};
+  o.request_id_prefix = "test";
+  o.request_timeout_s = 10;
+  int progress_calls = 0;
+  o.progress = [&](const RunProgress&) { ++progress_calls; };
+  o.progress_interval_s = 0.1;
+  auto result = RunBenchmark(client, Specs(n, 16, tokens), o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_TRUE(result->contacted);
+  EXPECT_GT(progress_calls, 0);
+  ASSERT_EQ(result->records.size(), static_cast<size_t>(n));
+
+  // The requests carried the forced length and the SLO hints.
+  for (const GenerateRequest& req : service_.requests()) {
+    EXPECT_EQ(req.max_tokens(), tokens);
+    EXPECT_TRUE(req.ignore_eos());
+    EXPECT_EQ(req.prompt_token_ids_size(), 16);
+    EXPECT_DOUBLE_EQ(req.ttft_slo_ms(), 80);
+    EXPECT_DOUBLE_EQ(req.tpot_slo_ms(), 20);
+  }
+
+  int expected_good = 0;
+  for (const RequestRecord& r : result->records) {
+    SCOPED_TRACE(r.index);
+    const int64_t i = r.index;
+    EXPECT_NEAR(r.send_s, i / 40.0, 0.010);  // open loop: on schedule
+    if (i == 3 || i == 13) {
+      EXPECT_FALSE(r.ok);
+      EXPECT_EQ(r.error_code, "RESOURCE_EXHAUSTED");
+      continue;
+    }
+    if (i == 8) {
+      EXPECT_FALSE(r.ok);
+      EXPECT_EQ(r.error_code, "INTERNAL");
+      EXPECT_EQ(r.OutputTokens(), 2);
+      continue;
+    }
+    if (i == 9) {
+      EXPECT_FALSE(r.ok);
+      EXPECT_EQ(r.error_code, "FINISH_ERROR");
+      continue;
+    }
+    ASSERT_TRUE(r.ok) << r.error_code << " " << r.error_message;
+    const double ttft = i % 5 == 1 ? 120 : 40;
+    const double itl = i % 5 == 2 ? 30 : 10;
+    EXPECT_EQ(r.OutputTokens(), tokens);
+    EXPECT_GE(r.TtftS() * 1000, ttft - 1);
+    EXPECT_LE(r.TtftS() * 1000, ttft + 3 * kTolMs);
+    EXPECT_NEAR(r.TpotS() * 1000, itl, kTolMs / 2);
+    EXPECT_NEAR(r.E2elS() * 1000, ttft + (tokens - 1) * itl, 3 * kTolMs);
+    EXPECT_EQ(r.prompt_tokens, 16);
+    EXPECT_TRUE(r.has_timeline);
+    const bool good = ttft <= 80 && itl <= 20;
+    EXPECT_EQ(MeetsSlo(r, o.slo), good);
+    expected_good += good;
+  }
+  // 20 - 4 failed = 16 completed; of those i%5==1 (1, 6, 11, 16) and i%5==2 (2, 7, 12, 17)
+  // miss: 8 good.
+  EXPECT_EQ(expected_good, 8);
+
+  BenchMetrics m = ComputeMetrics(result->records, result->duration_s, o.slo);
+  EXPECT_EQ(m.completed, 16);
+  EXPECT_EQ(m.failed, 4);
+  EXPECT_EQ(m.errors, (std::map<std::string, int64_t>{
+                          {"FINISH_ERROR", 1}, {"INTERNAL", 1}, {"RESOURCE_EXHAUSTED", 2}}));
+  EXPECT_EQ(m.good, 8);
+  EXPECT_DOUBLE_EQ(m.slo_attainment, 8.0 / 20.0);
+  EXPECT_DOUBLE_EQ(m.request_goodput, 8.0 / result->duration_s);
+  // The run ends with the last stream: request 17 (ITL 30 ms: 40 + 7 * 30 ms) sent at 17/40 s.
+  EXPECT_NEAR(result->duration_s, 17 / 40.0 + 0.250, 3 * kTolMs / 1000);
+  // TTFT: 4 of 16 completed at 120 ms, 12 at 40 ms -> median 40, mean 60.
+  EXPECT_NEAR(m.ttft_ms.median, 40, kTolMs);
+  EXPECT_NEAR(m.ttft_ms.mean, 60, kTolMs);
+  // TPOT: 4 at 30 ms, 12 at 10 ms -> mean 15, p90 30.
+  EXPECT_NEAR(m.tpot_ms.mean, 15, kTolMs / 2);
+  EXPECT_NEAR(m.tpot_ms.p90, 30, kTolMs / 2);
+  // Server timeline: exact from the scripted Done.
+  EXPECT_DOUBLE_EQ(m.queue_ms.mean, 2);
+  EXPECT_DOUBLE_EQ(m.prefill_ms.mean, 5);
+  EXPECT_DOUBLE_EQ(m.decode_ms.mean, 20);
+  EXPECT_EQ(m.transfer_ms.count, 0);
+}
+
+TEST_F(PdbenchFakeServerTest, OpenLoopSendsOnScheduleAndBoundsInflight) {
+  // Requests last ~300 ms but arrive every 50 ms: an open loop overlaps them.
+  service_.script = [](int64_t) {
+    Script s;
+    s.ttft_ms = 100;
+    s.itl_ms = 100;
+    return s;
+  };
+  ServingClient client(target_);
+  RunOptions o;
+  ArrivalOptions a;
+  a.kind = ArrivalKind::kConstant;
+  a.rate = 20;
+  o.arrivals = *ArrivalTimes(a, 6);
+  o.request_id_prefix = "open";
+  auto result = RunBenchmark(client, Specs(6, 4, 3), o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  for (const RequestRecord& r : result->records) {
+    EXPECT_TRUE(r.ok);
+    EXPECT_NEAR(r.send_s, r.index * 0.05, 0.010);
+  }
+  EXPECT_GE(service_.max_inflight(), 5);
+  EXPECT_EQ(result->late_sends, 0);
+}
+
+TEST_F(PdbenchFakeServerTest, OpenLoopBoundsCallsInFlight) {
+  // The same schedule with at most 2 calls in flight: later sends wait for a slot.
+  service_.script = [](int64_t) {
+    Script s;
+    s.ttft_ms = 100;
+    s.itl_ms = 100;
+    return s;
+  };
+  ServingClient client(target_);
+  RunOptions o;
+  ArrivalOptions a;
+  a.kind = ArrivalKind::kConstant;
+  a.rate = 20;
+  o.arrivals = *ArrivalTimes(a, 6);
+  o.request_id_prefix = "bounded";
+  o.max_inflight = 2;
+  auto bounded = RunBenchmark(client, Specs(6, 4, 3), o);
+  ASSERT_TRUE(bounded.ok());
+  EXPECT_EQ(service_.max_inflight(), 2);
+  EXPECT_GT(bounded->late_sends, 0);
+  for (const RequestRecord& r : bounded->records) EXPECT_TRUE(r.ok);
+}
+
+TEST_F(PdbenchFakeServerTest, ClosedLoopHoldsConcurrency) {
+  service_.script = [](int64_t) {
+    Script s;
+    s.ttft_ms = 30;
+    s.itl_ms = 10;
+    return s;
+  };
+  ServingClient client(target_);
+  RunOptions o;
+  o.concurrency = 3;
+  o.max_requests = 12;
+  o.request_id_prefix = "closed";
+  auto result = RunBenchmark(client, Specs(5, 4, 4), o);  // 5 specs, cycled
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->records.size(), 12u);
+  for (const RequestRecord& r : result->records) EXPECT_TRUE(r.ok) << r.error_code;
+  EXPECT_EQ(service_.max_inflight(), 3);
+  EXPECT_EQ(service_.received(), 12);
+  // 12 requests of ~60 ms, 3 at a time: about 4 rounds.
+  EXPECT_GT(result->duration_s, 0.2);
+  EXPECT_LT(result->duration_s, 1.5);
+}
+
+TEST_F(PdbenchFakeServerTest, DeadlineCancelsAndDurationStopsSending) {
+  service_.script = [](int64_t i) {
+    Script s;
+    s.ttft_ms = 20;
+    s.itl_ms = 5;
+    if (i == 1) s.hang_ms = 5000;
+    return s;
+  };
+  ServingClient client(target_);
+  RunOptions o;
+  ArrivalOptions a;
+  a.kind = ArrivalKind::kConstant;
+  a.rate = 10;
+  o.arrivals = *ArrivalTimes(a, 100);  // 10 s of arrivals, but...
+  o.duration_s = 0.45;                 // ...only those before 0.45 s are sent
+  o.request_timeout_s = 0.3;
+  o.request_id_prefix = "deadline";
+  const auto t0 = std::chrono::steady_clock::now();
+  auto result = RunBenchmark(client, Specs(4, 4, 2), o);
+  const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->records.size(), 5u);  // 0, 0.1, 0.2, 0.3, 0.4
+  EXPECT_LT(wall, 2.0);
+  BenchMetrics m = ComputeMetrics(result->records, result->duration_s, SloTargets{});
+  EXPECT_EQ(m.completed, 4);
+  EXPECT_EQ(m.errors, (std::map<std::string, int64_t>{{"DEADLINE_EXCEEDED", 1}}));
+  EXPECT_NEAR(result->records[1].end_s - result->records[1].send_s, 0.3, 0.05);
+  // The server saw the cancellation.
+  for (int i = 0; i < 100 && service_.cancelled() == 0; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(service_.cancelled(), 1);
+}
+
+TEST_F(PdbenchFakeServerTest, ClientCancelAndBlockingGenerate) {
+  service_.script = [](int64_t) {
+    Script s;
+    s.ttft_ms = 10;
+    s.itl_ms = 10;
+    return s;
+  };
+  ServingClient client(target_);
+  auto cluster = client.GetClusterStatus(absl::Seconds(5));
+  ASSERT_TRUE(cluster.ok()) << cluster.status();
+  EXPECT_EQ(cluster->model(), "fake-model");
+
+  GenerateRequest req;
+  req.set_request_id("blocking-0");
+  req.add_prompt_token_ids(5);
+  req.set_max_tokens(3);
+  auto stream = client.Generate(req, absl::Seconds(5));
+  EXPECT_TRUE(stream.status.ok()) << stream.status.error_message();
+  ASSERT_EQ(stream.messages.size(), 3u);
+  EXPECT_TRUE(stream.messages.back().has_done());
+  EXPECT_LE(stream.times[0], stream.times[1]);
+
+  req.set_request_id("cancel-1");
+  req.set_max_tokens(1000);  // 10 s of tokens
+  std::atomic<int> messages{0};
+  grpc::StatusCode code = grpc::StatusCode::OK;
+  GenerateCallbacks cb;
+  cb.on_message = [&](const GenerateResponse&, Clock::time_point) { ++messages; };
+  cb.on_done = [&](const grpc::Status& s, Clock::time_point) { code = s.error_code(); };
+  auto call = client.StartGenerate(req, absl::Seconds(30), cb);
+  while (messages.load() < 2) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  call->Cancel();
+  ASSERT_TRUE(call->WaitFor(absl::Seconds(5)));
+  EXPECT_EQ(code, grpc::StatusCode::CANCELLED);
+  EXPECT_LT(messages.load(), 100);
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+}
+
+int RunPdbench(std::vector<std::string> args) {
+  args.insert(args.begin(), "pdbench");
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  return PdbenchMain(static_cast<int>(argv.size()), argv.data());
+}
+
+TEST_F(PdbenchFakeServerTest, PdbenchCommandLineWritesReports) {
+  service_.script = [](int64_t i) {
+    Script s;
+    s.ttft_ms = 30;
+    s.itl_ms = 5;
+    if (i == 2) s.fail_code = grpc::StatusCode::UNAVAILABLE;
+    return s;
+  };
+  const std::string dir = pds::testing::ScratchDir();
+  const std::string json = dir + "/run.json", csv = dir + "/run.csv", report = dir + "/run.txt";
+  int rc = RunPdbench(
+      {"--target",       target_,   "--rate",       "50",      "--arrival",    "constant",
+       "--num-requests", "6",       "--input-len",  "8",       "--output-len", "4",
+       "--goodput",      "ttft:80", "tpot:20",      "--quiet", "--json-out",   json,
+       "--csv-out",      csv,       "--report-out", report});
+  ASSERT_EQ(rc, 0);
+  nlohmann::json j = nlohmann::json::parse(ReadAll(json));
+  EXPECT_EQ(j["completed"], 5);
+  EXPECT_EQ(j["failed"], 1);
+  EXPECT_EQ(j["errors"]["UNAVAILABLE"], 1);
+  EXPECT_EQ(j["model_id"], "fake-model");
+  EXPECT_EQ(j["request_rate"], 50.0);
+  EXPECT_DOUBLE_EQ(j["slo_attainment"].get<double>(), 5.0 / 6.0);
+  EXPECT_NEAR(j["median_ttft_ms"].get<double>(), 30, kTolMs);
+  EXPECT_NEAR(j["mean_tpot_ms"].get<double>(), 5, kTolMs / 2);
+  for (const char* key : {"duration", "request_throughput", "output_throughput", "request_goodput",
+                          "p99_itl_ms", "p90_e2el_ms"}) {
+    EXPECT_TRUE(j.contains(key)) << key;
+  }
+  std::vector<std::string> rows = absl::StrSplit(ReadAll(csv), '\n', absl::SkipEmpty());
+  EXPECT_EQ(rows.size(), 7u);
+  EXPECT_NE(ReadAll(report).find("SLO attainment (%):"), std::string::npos);
+
+  // --search over a server with fixed latencies: every rate passes.
+  const std::string sjson = dir + "/search.json", scsv = dir + "/search.csv",
+                    svg = dir + "/search.svg";
+  service_.script = [](int64_t) {
+    Script s;
+    s.ttft_ms = 10;
+    s.itl_ms = 5;
+    return s;
+  };
+  rc = RunPdbench({"--target",   target_,
+                   "--search",   "--search-min-rate",
+                   "20",         "--search-max-rate",
+                   "40",         "--search-steps",
+                   "2",          "--num-requests",
+                   "5",          "--output-len",
+                   "3",          "--goodput",
+                   "ttft:200",   "tpot:100",
+                   "--num-gpus", "2",
+                   "--quiet",    "--json-out",
+                   sjson,        "--csv-out",
+                   scsv,         "--plot-out",
+                   svg});
+  ASSERT_EQ(rc, 0);
+  nlohmann::json s = nlohmann::json::parse(ReadAll(sjson));
+  EXPECT_TRUE(s["found"].get<bool>());
+  EXPECT_TRUE(s["hit_max_rate"].get<bool>());
+  EXPECT_DOUBLE_EQ(s["max_rate"].get<double>(), 40);
+  EXPECT_DOUBLE_EQ(s["max_rate_per_gpu"].get<double>(), 20);
+  ASSERT_EQ(s["points"].size(), 2u);
+  EXPECT_EQ(s["points"][0]["completed"], 5);
+  rows = absl::StrSplit(ReadAll(scsv), '\n', absl::SkipEmpty());
+  EXPECT_EQ(rows.size(), 3u);
+  EXPECT_EQ(ReadAll(svg).rfind("<svg", 0), 0u);
+}
+
+TEST(PdbenchCliTest, UnreachableTargetAndBadArguments) {
+  // Nothing listens on port 1 of the loopback address.
+  EXPECT_EQ(RunPdbench({"--target", "127.0.0.1:1", "--connect-timeout", "0.5", "--quiet"}), 1);
+  EXPECT_EQ(RunPdbench({"--rate", "1"}), 2);  // no --target
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--rate", "1", "--concurrency", "2"}), 2);
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--goodput", "e2el:5"}), 2);
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--search"}), 2);  // needs --goodput
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--percentile-metrics", "ttft,foo"}), 2);
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--bogus"}), 2);
+  EXPECT_EQ(RunPdbench({"--help"}), 0);
+}
+
+}  // namespace
+}  // namespace pds::client

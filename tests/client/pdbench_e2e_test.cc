@@ -1,0 +1,157 @@
+// pdbench end to end: the pdbench binary against a real local cluster (`pdserve up`, tiny
+// model, CPU) in its disaggregated and colocated shapes, reports read back from --json-out.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "absl/time/clock.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/test_util.h"
+
+namespace pds::client {
+namespace {
+
+// A `pdserve up` child process, stopped (SIGTERM, then SIGKILL) when destroyed.
+class Cluster {
+ public:
+  explicit Cluster(const std::string& model, std::vector<std::string> shape) {
+    static int counter = 0;
+    const std::string ready = absl::StrCat(pds::testing::ScratchDir(), "/ready-", counter++);
+    std::filesystem::remove(ready);
+    std::vector<std::string> argv = {PDSERVE_BINARY, "up",  "--model",   model, "--port", "0",
+                                     "--ready-file", ready, "--threads", "1"};
+    for (std::string& s : shape) argv.push_back(std::move(s));
+    std::vector<char*> cargv;
+    for (std::string& a : argv) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    pid_ = fork();
+    if (pid_ == 0) {
+      execv(PDSERVE_BINARY, cargv.data());
+      _exit(127);
+    }
+    const absl::Time deadline = absl::Now() + absl::Seconds(120);
+    while (absl::Now() < deadline) {
+      std::ifstream in(ready);
+      std::string line;
+      if (in && std::getline(in, line) && !line.empty()) {
+        address_ = line;
+        return;
+      }
+      int status;
+      if (waitpid(pid_, &status, WNOHANG) == pid_) {
+        pid_ = -1;
+        ADD_FAILURE() << "pdserve up exited during start-up";
+        return;
+      }
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    ADD_FAILURE() << "cluster not ready within 120 s";
+  }
+
+  ~Cluster() {
+    if (pid_ <= 0) return;
+    kill(pid_, SIGTERM);
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    int status = 0;
+    while (waitpid(pid_, &status, WNOHANG) == 0) {
+      if (absl::Now() > deadline) {
+        kill(pid_, SIGKILL);
+        waitpid(pid_, &status, 0);
+        break;
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+  }
+
+  const std::string& address() const { return address_; }
+
+ private:
+  pid_t pid_ = -1;
+  std::string address_;
+};
+
+const std::string& TinyModel() {
+  static const std::string dir = [] {
+    std::string out = pds::testing::ScratchDir() + "/tiny";
+    std::string cmd =
+        absl::StrCat(PDSERVE_BINARY, " make-model --preset tiny --out ", out, " > /dev/null");
+    EXPECT_EQ(std::system(cmd.c_str()), 0);
+    return out;
+  }();
+  return dir;
+}
+
+// Runs pdbench; its exit code, and the JSON it wrote.
+int Pdbench(const std::vector<std::string>& args, nlohmann::json* json) {
+  const std::string out = pds::testing::ScratchDir() + "/pdbench.json";
+  std::filesystem::remove(out);
+  std::string cmd = absl::StrCat(PDBENCH_BINARY, " ", absl::StrJoin(args, " "),
+                                 " --quiet --json-out ", out, " > /dev/null");
+  int status = std::system(cmd.c_str());
+  int rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  std::ifstream in(out);
+  if (in) *json = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  return rc;
+}
+
+TEST(PdbenchEndToEndTest, DisaggregatedCluster) {
+  Cluster cluster(TinyModel(), {"--prefill", "1", "--decode", "1"});
+  ASSERT_FALSE(cluster.address().empty());
+  nlohmann::json j;
+  ASSERT_EQ(
+      Pdbench({"--target", cluster.address(), "--rate", "20", "--num-requests", "16", "--input-len",
+               "24", "--output-len", "8", "--goodput", "ttft:5000", "tpot:1000", "--seed", "3"},
+              &j),
+      0);
+  ASSERT_TRUE(j.is_object());
+  EXPECT_EQ(j["completed"], 16);
+  EXPECT_EQ(j["failed"], 0);
+  EXPECT_EQ(j["model_id"], "tiny");
+  EXPECT_EQ(j["total_output_tokens"], 16 * 8);
+  EXPECT_EQ(j["total_input_tokens"], 16 * 24);
+  EXPECT_DOUBLE_EQ(j["slo_attainment"].get<double>(), 1.0);
+  EXPECT_GT(j["mean_ttft_ms"].get<double>(), 0);
+  EXPECT_GT(j["p99_e2el_ms"].get<double>(), 0);
+  // Every request went through a KV transfer between the two instances.
+  EXPECT_EQ(j["server_timeline"]["transfer_ms"]["count"], 16);
+}
+
+TEST(PdbenchEndToEndTest, ColocatedClusterClosedLoopAndSearch) {
+  Cluster cluster(TinyModel(), {"--colocated", "1"});
+  ASSERT_FALSE(cluster.address().empty());
+  nlohmann::json j;
+  ASSERT_EQ(Pdbench({"--target", cluster.address(), "--concurrency", "4", "--num-requests", "12",
+                     "--dataset", "code", "--length-scale", "0.1", "--output-len", "6"},
+                    &j),
+            0);
+  EXPECT_EQ(j["completed"], 12);
+  EXPECT_EQ(j["total_output_tokens"], 12 * 6);
+  EXPECT_EQ(j["server_timeline"]["transfer_ms"]["count"], 0);
+
+  ASSERT_EQ(Pdbench({"--target", cluster.address(),   "--search",  "--search-min-rate",
+                     "5",        "--search-max-rate", "10",        "--search-steps",
+                     "2",        "--search-bisect",   "0",         "--num-requests",
+                     "8",        "--output-len",      "4",         "--input-len",
+                     "16",       "--goodput",         "ttft:5000", "tpot:1000"},
+                    &j),
+            0);
+  EXPECT_TRUE(j["found"].get<bool>());
+  EXPECT_EQ(j["points"].size(), 2u);
+}
+
+TEST(PdbenchEndToEndTest, NothingListening) {
+  nlohmann::json j;
+  EXPECT_EQ(Pdbench({"--target", "127.0.0.1:1", "--connect-timeout", "0.5"}, &j), 1);
+}
+
+}  // namespace
+}  // namespace pds::client

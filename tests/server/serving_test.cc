@@ -1,0 +1,526 @@
+// End-to-end tests of the serving path: `pdserve up` starts real processes on 127.0.0.1 with
+// ephemeral ports; the tests talk to the public API and compare with offline generation.
+#include <signal.h>
+#include <sys/prctl.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <filesystem>
+#include <fstream>
+#include <future>
+#include <limits>
+#include <map>
+#include <memory>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "engine/backend/cpu_backend.h"
+#include "engine/model/transformer.h"
+#include "engine/runtime/llm_engine.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "pdserve/v1/serving.grpc.pb.h"
+#include "tests/testing/test_util.h"
+
+namespace pds {
+namespace {
+
+namespace api = ::pdserve::v1;
+
+// A `pdserve up` child process, stopped (SIGTERM, then SIGKILL) when destroyed.
+class LocalCluster {
+ public:
+  static std::unique_ptr<LocalCluster> Start(const std::string& model,
+                                             std::vector<std::string> flags) {
+    auto cluster = std::unique_ptr<LocalCluster>(new LocalCluster());
+    static int counter = 0;
+    const std::string ready = absl::StrCat(testing::ScratchDir(), "/ready-", counter++);
+    std::filesystem::remove(ready);
+    std::vector<std::string> argv = {PDSERVE_BINARY, "up", "--model",       model,
+                                     "--port",       "0",  "--ready-file",  ready,
+                                     "--threads",    "1",  "--kv-cache-mb", "8"};
+    for (std::string& f : flags) argv.push_back(std::move(f));
+    std::vector<char*> cargv;
+    for (std::string& a : argv) cargv.push_back(a.data());
+    cargv.push_back(nullptr);
+    cluster->pid_ = fork();
+    if (cluster->pid_ == 0) {
+      prctl(PR_SET_PDEATHSIG, SIGTERM);  // never outlive the test
+      execv(PDSERVE_BINARY, cargv.data());
+      _exit(127);
+    }
+    const absl::Time deadline = absl::Now() + absl::Seconds(120);
+    while (absl::Now() < deadline) {
+      std::ifstream in(ready);
+      std::string line;
+      if (in && std::getline(in, line) && !line.empty()) {
+        cluster->address_ = line;
+        break;
+      }
+      int status;
+      if (waitpid(cluster->pid_, &status, WNOHANG) == cluster->pid_) {
+        cluster->pid_ = -1;
+        ADD_FAILURE() << "pdserve up exited during start-up";
+        return nullptr;
+      }
+      absl::SleepFor(absl::Milliseconds(50));
+    }
+    if (cluster->address_.empty()) {
+      ADD_FAILURE() << "cluster not ready within 120 s";
+      return nullptr;
+    }
+    cluster->stub_ = api::Serving::NewStub(
+        grpc::CreateChannel(cluster->address_, grpc::InsecureChannelCredentials()));
+    return cluster;
+  }
+
+  ~LocalCluster() { EXPECT_EQ(Stop(), 0); }
+
+  // Stops the cluster; its exit code (-1 if it had to be killed).
+  int Stop() {
+    if (pid_ <= 0) return exit_code_;
+    kill(pid_, SIGTERM);
+    const absl::Time deadline = absl::Now() + absl::Seconds(30);
+    int status = 0;
+    while (waitpid(pid_, &status, WNOHANG) == 0) {
+      if (absl::Now() > deadline) {
+        kill(pid_, SIGKILL);
+        waitpid(pid_, &status, 0);
+        pid_ = -1;
+        return exit_code_ = -1;
+      }
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    pid_ = -1;
+    return exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  }
+
+  api::Serving::Stub& stub() { return *stub_; }
+  const std::string& address() const { return address_; }
+
+ private:
+  LocalCluster() = default;
+  pid_t pid_ = -1;
+  int exit_code_ = 0;
+  std::string address_;
+  std::unique_ptr<api::Serving::Stub> stub_;
+};
+
+struct Streamed {
+  grpc::Status status;
+  std::vector<int32_t> tokens;
+  std::string text;
+  int messages = 0;
+  api::Done done;
+};
+
+Streamed Generate(api::Serving::Stub& stub, const api::GenerateRequest& request,
+                  int timeout_s = 120) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(timeout_s));
+  auto reader = stub.Generate(&ctx, request);
+  Streamed out;
+  api::GenerateResponse response;
+  while (reader->Read(&response)) {
+    ++out.messages;
+    out.tokens.insert(out.tokens.end(), response.token_ids().begin(), response.token_ids().end());
+    out.text += response.text();
+    if (response.has_done()) out.done = response.done();
+  }
+  out.status = reader->Finish();
+  return out;
+}
+
+api::ClusterStatus Status(api::Serving::Stub& stub) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  api::ClusterStatus status;
+  EXPECT_TRUE(stub.GetClusterStatus(&ctx, api::ClusterStatusRequest(), &status).ok());
+  return status;
+}
+
+// The cluster status once every instance's figures were taken after this call (the
+// front-end polls workers every 200 ms; a worker refreshes its figures at least every 50 ms).
+api::ClusterStatus FreshStatus(api::Serving::Stub& stub) {
+  const absl::Time start = absl::Now();
+  api::ClusterStatus status;
+  while (absl::Now() < start + absl::Seconds(30)) {
+    status = Status(stub);
+    const int64_t elapsed_ms = absl::ToInt64Milliseconds(absl::Now() - start);
+    bool fresh = status.instances_size() > 0;
+    for (const auto& i : status.instances()) {
+      fresh = fresh && i.last_seen_ms_ago() >= 0 && i.last_seen_ms_ago() + 100 < elapsed_ms;
+    }
+    if (fresh) return status;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ADD_FAILURE() << "no fresh status: " << status.DebugString();
+  return status;
+}
+
+// Waits until no request is in flight and every instance's KV blocks are free.
+void ExpectAllFree(api::Serving::Stub& stub) {
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  api::ClusterStatus status;
+  while (absl::Now() < deadline) {
+    status = FreshStatus(stub);
+    int used = 0;
+    for (const auto& i : status.instances()) used += i.kv_blocks_used();
+    if (used == 0 && status.requests_in_flight() == 0) return;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  ADD_FAILURE() << "blocks or requests left: " << status.DebugString();
+}
+
+class ServingTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    auto config = testing::SmallTestConfig();
+    config.max_position_embeddings = 256;
+    auto dir = testing::MakeModelDir(config, "serving", 21, engine::DType::kF32, 0,
+                                     /*tokenizer=*/true);
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    model_dir_ = new std::string(*dir);
+  }
+  static void TearDownTestSuite() { delete model_dir_; }
+
+  // Offline reference: one engine, all requests at once.
+  static std::vector<engine::GenerateResult> Offline(
+      const std::vector<engine::GenerateRequest>& requests) {
+    engine::CpuBackend backend(1);
+    auto model = engine::Transformer::Load(*model_dir_, backend);
+    EXPECT_TRUE(model.ok()) << model.status();
+    auto eng = engine::LlmEngine::Create(**model, {.block_size = 16, .num_blocks = 512});
+    EXPECT_TRUE(eng.ok());
+    auto results = (*eng)->Generate(requests);
+    EXPECT_TRUE(results.ok()) << results.status();
+    return *results;
+  }
+
+  // Mixed prompts and lengths, sent concurrently; the cluster's tokens equal offline ones.
+  static void ExpectClusterMatchesOffline(LocalCluster& cluster, int n, float temperature,
+                                          int max_new = 24) {
+    std::vector<engine::GenerateRequest> offline;
+    std::vector<api::GenerateRequest> online;
+    for (int i = 0; i < n; ++i) {
+      engine::GenerateRequest r;
+      r.id = absl::StrCat("r", i);
+      const int len = 1 + (i * 37) % 90;
+      for (int j = 0; j < len; ++j) r.prompt.push_back(3 + (i * 131 + j * 17) % 250);
+      r.params.max_tokens = 1 + (i * 7) % max_new;
+      r.params.ignore_eos = i % 3 != 0;
+      r.params.temperature = temperature;
+      r.params.seed = 1000 + i;
+      offline.push_back(r);
+      api::GenerateRequest a;
+      a.set_request_id(r.id);
+      *a.mutable_prompt_token_ids() = {r.prompt.begin(), r.prompt.end()};
+      a.set_max_tokens(r.params.max_tokens);
+      a.set_ignore_eos(r.params.ignore_eos);
+      a.set_temperature(temperature);
+      a.set_seed(*r.params.seed);
+      online.push_back(a);
+    }
+    const auto expected = Offline(offline);
+    std::vector<std::future<Streamed>> futures;
+    for (const auto& a : online) {
+      futures.push_back(
+          std::async(std::launch::async, [&cluster, a] { return Generate(cluster.stub(), a); }));
+    }
+    for (int i = 0; i < n; ++i) {
+      Streamed got = futures[i].get();
+      ASSERT_TRUE(got.status.ok()) << i << ": " << got.status.error_message();
+      EXPECT_EQ(got.tokens, expected[i].token_ids) << "request " << i;
+      EXPECT_EQ(got.done.finish_reason(), engine::FinishReasonName(expected[i].finish));
+      EXPECT_EQ(got.done.completion_tokens(), static_cast<int>(got.tokens.size()));
+    }
+    ExpectAllFree(cluster.stub());
+  }
+
+  static std::string* model_dir_;
+};
+std::string* ServingTest::model_dir_ = nullptr;
+
+TEST_F(ServingTest, OnePrefillOneDecodeMatchesOfflineGreedyAndSeeded) {
+  auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1"});
+  ASSERT_NE(cluster, nullptr);
+  ExpectClusterMatchesOffline(*cluster, 24, 0.0f);
+  ExpectClusterMatchesOffline(*cluster, 12, 0.8f);
+  const api::ClusterStatus status = Status(cluster->stub());
+  EXPECT_EQ(status.instances_size(), 2);
+  EXPECT_EQ(status.requests_finished(), 36);
+}
+
+// Small KV pools on both sides: decode workers refuse hand-offs until they have room, prefill
+// workers keep finished KV caches meanwhile and stop admitting when their own pool is full.
+TEST_F(ServingTest, BackPressureWithSmallKvPoolsKeepsResultsExact) {
+  auto cluster =
+      LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1", "--num-blocks", "24"});
+  ASSERT_NE(cluster, nullptr);
+  ExpectClusterMatchesOffline(*cluster, 24, 0.0f, /*max_new=*/120);
+  int64_t deferred = 0;
+  const api::ClusterStatus status = FreshStatus(cluster->stub());
+  for (const auto& inst : status.instances()) {
+    deferred += inst.kv_handoffs_deferred();
+  }
+  EXPECT_GT(deferred, 0) << "the decode pool never pushed back";
+}
+
+TEST_F(ServingTest, TwoPrefillTwoDecodeMatchesOfflineAndUsesEveryInstance) {
+  auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "2", "--decode", "2"});
+  ASSERT_NE(cluster, nullptr);
+  ExpectClusterMatchesOffline(*cluster, 32, 0.0f);
+  const api::ClusterStatus status = FreshStatus(cluster->stub());
+  ASSERT_EQ(status.instances_size(), 4);
+  for (const auto& inst : status.instances()) {
+    EXPECT_TRUE(inst.healthy()) << inst.id();
+    EXPECT_GT(inst.requests_served(), 0) << inst.id() << " never served";
+  }
+}
+
+TEST_F(ServingTest, OnePrefillTwoDecodeAndColocatedMatchOffline) {
+  {
+    auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "2"});
+    ASSERT_NE(cluster, nullptr);
+    ExpectClusterMatchesOffline(*cluster, 16, 0.0f);
+  }
+  auto cluster = LocalCluster::Start(*model_dir_, {"--colocated", "2"});
+  ASSERT_NE(cluster, nullptr);
+  ExpectClusterMatchesOffline(*cluster, 16, 0.0f);
+  api::GenerateRequest r;
+  r.add_prompt_token_ids(7);
+  r.set_max_tokens(3);
+  const Streamed got = Generate(cluster->stub(), r);
+  ASSERT_TRUE(got.status.ok());
+  EXPECT_TRUE(got.done.timeline().decode_instance().empty());
+  EXPECT_EQ(got.done.timeline().prefill_instance().rfind("colocated-", 0), 0u);
+}
+
+TEST_F(ServingTest, StreamsTextTimelineAndLogprobs) {
+  auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1"});
+  ASSERT_NE(cluster, nullptr);
+  api::GenerateRequest r;
+  r.set_prompt_text("The quick brown fox");
+  r.set_max_tokens(16);
+  r.set_ignore_eos(true);
+  r.set_logprobs(3);
+  grpc::ClientContext ctx;
+  auto reader = cluster->stub().Generate(&ctx, r);
+  api::GenerateResponse m;
+  std::vector<api::GenerateResponse> messages;
+  while (reader->Read(&m)) messages.push_back(m);
+  const grpc::Status finished = reader->Finish();
+  ASSERT_TRUE(finished.ok()) << finished.error_message();
+  ASSERT_GE(messages.size(), 2u);
+  int tokens = 0, logprobs = 0;
+  for (const auto& msg : messages) {
+    tokens += msg.token_ids_size();
+    logprobs += msg.logprobs_size();
+    for (const auto& lp : msg.logprobs()) {
+      EXPECT_LE(lp.logprob(), 0.0f);
+      EXPECT_EQ(lp.top_size(), 3);
+    }
+  }
+  EXPECT_EQ(tokens, 16);
+  EXPECT_EQ(logprobs, 16);
+  const api::Done& done = messages.back().done();
+  EXPECT_EQ(done.finish_reason(), "length");
+  const api::Timeline& t = done.timeline();
+  const std::vector<int64_t> order = {
+      t.arrival_us(),           t.queued_us(),          t.prefill_start_us(), t.prefill_end_us(),
+      t.kv_transfer_start_us(), t.kv_transfer_end_us(), t.decode_start_us(),  t.finish_us()};
+  for (size_t i = 0; i < order.size(); ++i) {
+    EXPECT_GT(order[i], 0) << i;
+    if (i > 0) EXPECT_LE(order[i - 1], order[i]) << i << ": " << t.DebugString();
+  }
+  EXPECT_LE(t.prefill_end_us(), t.first_token_us());
+  EXPECT_EQ(t.prefill_instance(), "prefill-0");
+  EXPECT_EQ(t.decode_instance(), "decode-0");
+  EXPECT_FALSE(t.scheduler_note().empty());
+}
+
+TEST_F(ServingTest, BadRequestsAreInvalidArgumentAndDisturbNothing) {
+  auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1"});
+  ASSERT_NE(cluster, nullptr);
+  // A long request in flight while the bad ones arrive; it must finish intact.
+  api::GenerateRequest good;
+  good.set_request_id("busy");
+  for (int i = 0; i < 20; ++i) good.add_prompt_token_ids(10 + i);
+  good.set_max_tokens(150);
+  good.set_ignore_eos(true);
+  auto in_flight = std::async(std::launch::async, [&] { return Generate(cluster->stub(), good); });
+  absl::SleepFor(absl::Milliseconds(300));
+
+  const float nan = std::numeric_limits<float>::quiet_NaN();
+  std::vector<std::pair<std::string, api::GenerateRequest>> bad;
+  auto base = [] {
+    api::GenerateRequest r;
+    r.add_prompt_token_ids(5);
+    r.set_max_tokens(4);
+    return r;
+  };
+  {
+    api::GenerateRequest r;
+    r.set_max_tokens(4);
+    bad.push_back({"empty prompt", r});
+  }
+  {
+    auto r = base();
+    r.set_prompt_text("hi");
+    bad.push_back({"text and ids", r});
+  }
+  {
+    auto r = base();
+    r.clear_prompt_token_ids();
+    r.set_prompt_text("");
+    bad.push_back({"empty text", r});
+  }
+  {
+    auto r = base();
+    r.add_prompt_token_ids(1 << 20);
+    bad.push_back({"id beyond vocab", r});
+  }
+  {
+    auto r = base();
+    r.add_prompt_token_ids(-1);
+    bad.push_back({"negative id", r});
+  }
+  {
+    auto r = base();
+    r.set_max_tokens(256);
+    bad.push_back({"beyond context", r});
+  }
+  {
+    auto r = base();
+    r.set_max_tokens(0);
+    bad.push_back({"max_tokens 0", r});
+  }
+  {
+    auto r = base();
+    r.set_max_tokens(-3);
+    bad.push_back({"max_tokens negative", r});
+  }
+  {
+    auto r = base();
+    r.set_temperature(-0.5f);
+    bad.push_back({"temperature negative", r});
+  }
+  {
+    auto r = base();
+    r.set_temperature(nan);
+    bad.push_back({"temperature NaN", r});
+  }
+  {
+    auto r = base();
+    r.set_top_p(0.0f);
+    bad.push_back({"top_p 0", r});
+  }
+  {
+    auto r = base();
+    r.set_top_p(1.5f);
+    bad.push_back({"top_p > 1", r});
+  }
+  {
+    auto r = base();
+    r.set_top_k(-1);
+    bad.push_back({"top_k negative", r});
+  }
+  for (const auto& [what, r] : bad) {
+    const Streamed got = Generate(cluster->stub(), r);
+    EXPECT_EQ(got.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << what;
+    EXPECT_FALSE(got.status.error_message().empty()) << what;
+    EXPECT_EQ(got.messages, 0) << what;
+  }
+  const Streamed finished = in_flight.get();
+  ASSERT_TRUE(finished.status.ok()) << finished.status.error_message();
+  EXPECT_EQ(finished.tokens.size(), 150u);
+
+  // A duplicate id while the first is in flight (the first is read one message at a time,
+  // so it cannot finish before the duplicate was answered).
+  api::GenerateRequest first = good;
+  first.set_request_id("dup");
+  grpc::ClientContext ctx;
+  auto reader = cluster->stub().Generate(&ctx, first);
+  api::GenerateResponse m;
+  ASSERT_TRUE(reader->Read(&m));
+  api::GenerateRequest dup = base();
+  dup.set_request_id("dup");
+  const Streamed got = Generate(cluster->stub(), dup);
+  int tokens = m.token_ids_size();
+  while (reader->Read(&m)) tokens += m.token_ids_size();
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tokens, 150);
+  if (got.status.ok()) {
+    // Only acceptable if the first had already ended on the server.
+    EXPECT_LT(m.done().timeline().finish_us(), got.done.timeline().arrival_us());
+  } else {
+    EXPECT_EQ(got.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(got.status.error_message().find("in flight"), std::string::npos);
+  }
+  ExpectAllFree(cluster->stub());
+  EXPECT_EQ(Status(cluster->stub()).requests_rejected(),
+            static_cast<int64_t>(bad.size()) + (got.status.ok() ? 0 : 1));
+}
+
+TEST_F(ServingTest, OverloadIsResourceExhaustedAndCancellationFreesEverything) {
+  auto cluster =
+      LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1", "--max-in-flight", "4"});
+  ASSERT_NE(cluster, nullptr);
+  std::vector<std::future<Streamed>> futures;
+  for (int i = 0; i < 12; ++i) {
+    api::GenerateRequest r;
+    for (int j = 0; j < 30; ++j) r.add_prompt_token_ids(20 + i + j);
+    r.set_max_tokens(60);
+    r.set_ignore_eos(true);
+    futures.push_back(
+        std::async(std::launch::async, [&cluster, r] { return Generate(cluster->stub(), r); }));
+  }
+  int ok = 0, exhausted = 0;
+  for (auto& f : futures) {
+    const Streamed got = f.get();
+    if (got.status.ok()) {
+      ++ok;
+      EXPECT_EQ(got.tokens.size(), 60u);
+    } else {
+      EXPECT_EQ(got.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+          << got.status.error_message();
+      ++exhausted;
+    }
+  }
+  EXPECT_GE(ok, 4);
+  EXPECT_GE(exhausted, 1);
+  ExpectAllFree(cluster->stub());
+
+  // Clients that cancel mid-stream, at different points: after the first token, later in
+  // decode, and before anything arrives.
+  for (int wait_messages : {1, 5, 0}) {
+    for (int i = 0; i < 3; ++i) {
+      api::GenerateRequest r;
+      for (int j = 0; j < 40; ++j) r.add_prompt_token_ids(30 + j);
+      r.set_max_tokens(200);
+      r.set_ignore_eos(true);
+      grpc::ClientContext ctx;
+      auto reader = cluster->stub().Generate(&ctx, r);
+      api::GenerateResponse m;
+      for (int k = 0; k < wait_messages; ++k) ASSERT_TRUE(reader->Read(&m));
+      ctx.TryCancel();
+      EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    }
+  }
+  ExpectAllFree(cluster->stub());
+  const api::ClusterStatus status = Status(cluster->stub());
+  // Calls cancelled before they reached the front-end are not counted there.
+  EXPECT_GE(status.requests_cancelled(), 6);
+  EXPECT_LE(status.requests_cancelled(), 9);
+  // The cluster still serves.
+  api::GenerateRequest r;
+  r.add_prompt_token_ids(9);
+  r.set_max_tokens(5);
+  r.set_ignore_eos(true);
+  EXPECT_EQ(Generate(cluster->stub(), r).tokens.size(), 5u);
+}
+
+}  // namespace
+}  // namespace pds
