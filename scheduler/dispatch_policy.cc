@@ -1,8 +1,13 @@
 #include "scheduler/dispatch_policy.h"
 
+#include <algorithm>
+#include <cmath>
+#include <numeric>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "scheduler/latency_model.h"
 
 namespace pds::scheduler {
 
@@ -87,15 +92,154 @@ class LeastLoadedPolicy : public DispatchPolicy {
   }
 };
 
+class SloAwarePolicy : public DispatchPolicy {
+ public:
+  SloAwarePolicy(const LatencyModel& model, SloPolicyOptions options)
+      : model_(model), options_(options) {}
+  std::string name() const override { return "slo-aware"; }
+
+  absl::StatusOr<Placement> Place(const DispatchRequest& request,
+                                  const std::vector<InstanceLoad>& instances) override {
+    const double ttft_slo = request.ttft_slo_ms.value_or(options_.default_ttft_slo_ms);
+    const double tpot_slo = request.tpot_slo_ms.value_or(options_.default_tpot_slo_ms);
+    const bool have_pairs =
+        std::any_of(
+            instances.begin(), instances.end(),
+            [](const InstanceLoad& i) { return i.healthy && i.role == InstanceRole::kPrefill; }) &&
+        std::any_of(instances.begin(), instances.end(), [](const InstanceLoad& i) {
+          return i.healthy && i.role == InstanceRole::kDecode;
+        });
+    const InstanceRole first_role = have_pairs ? InstanceRole::kPrefill : InstanceRole::kColocated;
+    const InstanceLoad* best = nullptr;
+    double best_ttft = 0;
+    for (const InstanceLoad& i : instances) {
+      if (!i.healthy || i.role != first_role) continue;
+      const double t = PredictTtftMs(model_, i, request.prompt_tokens);
+      if (best == nullptr || t < best_ttft || (t == best_ttft && i.id < best->id)) {
+        best = &i;
+        best_ttft = t;
+      }
+    }
+    if (best == nullptr) {
+      return absl::UnavailableError("no healthy instance to serve the request");
+    }
+    Placement p;
+    p.prefill = best->id;
+    p.predicted_ttft_ms = best_ttft;
+    const int64_t context = request.prompt_tokens + request.max_tokens / 2;
+    if (have_pairs) {
+      const InstanceLoad* decode = nullptr;
+      double decode_tpot = 0;
+      for (const InstanceLoad& i : instances) {
+        if (!i.healthy || i.role != InstanceRole::kDecode) continue;
+        const int32_t blocks_needed =
+            (request.prompt_tokens + request.max_tokens + i.block_size - 1) / i.block_size;
+        const double t = PredictTpotMs(model_, i, context);
+        // Prefer instances with room, then (within the target) the most headroom = the
+        // lowest prediction.
+        auto key = [&](const InstanceLoad& x, double tpot) {
+          return std::make_tuple(x.kv_blocks_free < blocks_needed, tpot, x.id);
+        };
+        if (decode == nullptr || key(i, t) < key(*decode, decode_tpot)) {
+          decode = &i;
+          decode_tpot = t;
+        }
+      }
+      p.decode = decode->id;
+      p.predicted_tpot_ms = decode_tpot;
+    } else {
+      p.predicted_tpot_ms = PredictTpotMs(model_, *best, context);
+    }
+    p.note =
+        absl::StrFormat("slo-aware: %s predicted TTFT %.1f ms (target %s)", p.prefill, best_ttft,
+                        ttft_slo > 0 ? absl::StrFormat("%.0f ms", ttft_slo) : "none");
+    if (!p.decode.empty()) {
+      absl::StrAppendFormat(&p.note, ", %s predicted TPOT %.1f ms (target %s)", p.decode,
+                            p.predicted_tpot_ms,
+                            tpot_slo > 0 ? absl::StrFormat("%.0f ms", tpot_slo) : "none");
+    }
+    if (ttft_slo > 0 && best_ttft > ttft_slo * options_.admission_slack) {
+      if (!options_.best_effort) {
+        return absl::ResourceExhaustedError(absl::StrFormat(
+            "cannot meet the TTFT target: the best instance (%s) is predicted at %.1f ms > %.1f "
+            "ms; retry later or relax ttft_slo_ms",
+            best->id, best_ttft, ttft_slo));
+      }
+      p.best_effort = true;
+      p.note += "; best-effort: TTFT target predicted to be missed";
+    }
+    return p;
+  }
+
+ private:
+  const LatencyModel& model_;
+  SloPolicyOptions options_;
+};
+
 }  // namespace
+
+double PredictTtftMs(const LatencyModel& model, const InstanceLoad& instance, int32_t prompt_len) {
+  // FCFS batches under the token budget (long prompts are chunked: a chunk of the budget
+  // is timed like a prompt of that many tokens).
+  const int32_t budget = std::max(1, instance.max_batch_tokens);
+  std::vector<int32_t> lens = instance.queued_prompt_lens;
+  lens.push_back(prompt_len);
+  double total_s = 0;
+  std::vector<int32_t> batch;
+  int32_t room = budget;
+  for (int32_t len : lens) {
+    int32_t left = len;
+    while (left > 0) {
+      const int32_t chunk = std::min(left, room);
+      batch.push_back(chunk);
+      left -= chunk;
+      room -= chunk;
+      if (room == 0) {
+        total_s += model.PredictPrefill(batch);
+        batch.clear();
+        room = budget;
+      }
+    }
+  }
+  if (!batch.empty()) total_s += model.PredictPrefill(batch);
+  if (instance.role == InstanceRole::kColocated && instance.running_requests > 0) {
+    // The running decodes ride along in each step: one decode step's cost per prefill batch.
+    const int32_t batches = static_cast<int32_t>(std::ceil(
+        static_cast<double>(std::accumulate(lens.begin(), lens.end(), int64_t{0})) / budget));
+    total_s +=
+        batches * model.PredictDecode(instance.running_requests, instance.decode_context_tokens);
+  }
+  return total_s * 1e3;
+}
+
+double PredictTpotMs(const LatencyModel& model, const InstanceLoad& instance, int64_t context) {
+  return model.PredictDecode(instance.running_requests + 1,
+                             instance.decode_context_tokens + context) *
+         1e3;
+}
+
+std::unique_ptr<DispatchPolicy> MakeSloAwarePolicy(const LatencyModel& model,
+                                                   SloPolicyOptions options) {
+  return std::make_unique<SloAwarePolicy>(model, options);
+}
 
 std::unique_ptr<DispatchPolicy> MakeLeastLoadedPolicy() {
   return std::make_unique<LeastLoadedPolicy>();
 }
 
-absl::StatusOr<std::unique_ptr<DispatchPolicy>> MakeDispatchPolicy(absl::string_view name) {
+absl::StatusOr<std::unique_ptr<DispatchPolicy>> MakeDispatchPolicy(absl::string_view name,
+                                                                   const LatencyModel* model,
+                                                                   SloPolicyOptions options) {
   if (name == "least-loaded") return MakeLeastLoadedPolicy();
-  return absl::InvalidArgumentError(absl::StrCat("unknown dispatch policy '", name, "'"));
+  if (name == "slo-aware") {
+    if (model == nullptr) {
+      return absl::InvalidArgumentError(
+          "the slo-aware policy needs a latency model (--profile FILE from pdserve profile)");
+    }
+    return MakeSloAwarePolicy(*model, options);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown dispatch policy '", name, "' (least-loaded or slo-aware)"));
 }
 
 }  // namespace pds::scheduler

@@ -29,6 +29,11 @@ struct InstanceLoad {
   int32_t kv_blocks_free = 0;    // after the hand-offs already promised to it
   int32_t kv_blocks_total = 0;
   int32_t block_size = 16;
+  // For prediction (SLO-aware policies): prompt lengths queued for prefill in FCFS order,
+  // and the context tokens of the requests decoding here (estimated by the front-end).
+  std::vector<int32_t> queued_prompt_lens;
+  int64_t decode_context_tokens = 0;
+  int32_t max_batch_tokens = 2048;  // the instance's prefill token budget per step
 };
 
 struct DispatchRequest {
@@ -39,9 +44,12 @@ struct DispatchRequest {
 };
 
 struct Placement {
-  std::string prefill;  // the prefill or colocated instance
-  std::string decode;   // empty when `prefill` is colocated
-  std::string note;     // why, for the request's timeline
+  std::string prefill;            // the prefill or colocated instance
+  std::string decode;             // empty when `prefill` is colocated
+  std::string note;               // why, for the request's timeline
+  double predicted_ttft_ms = -1;  // SLO-aware policies: their predictions (-1: none)
+  double predicted_tpot_ms = -1;
+  bool best_effort = false;  // admitted although its SLO is predicted to be missed
 };
 
 class DispatchPolicy {
@@ -59,7 +67,34 @@ class DispatchPolicy {
 // pairs): the fewest queued prompt tokens plus one block's worth per running request.
 std::unique_ptr<DispatchPolicy> MakeLeastLoadedPolicy();
 
-// By name: "least-loaded".
-absl::StatusOr<std::unique_ptr<DispatchPolicy>> MakeDispatchPolicy(absl::string_view name);
+class LatencyModel;
+
+// Predicted time to first token of a new prompt of `prompt_len` tokens on a prefill (or
+// colocated) instance: the queued prompts and then this one, formed into FCFS batches under
+// the instance's token budget, each batch timed by the model; plus, for colocated
+// instances, the decode steps interleaved meanwhile. Milliseconds.
+double PredictTtftMs(const LatencyModel& model, const InstanceLoad& instance, int32_t prompt_len);
+// Predicted time per output token on a decode (or colocated) instance once a request with
+// `context` tokens joins its batch. Milliseconds.
+double PredictTpotMs(const LatencyModel& model, const InstanceLoad& instance, int64_t context);
+
+struct SloPolicyOptions {
+  double default_ttft_slo_ms = 0;  // used when a request has no target (0: no target)
+  double default_tpot_slo_ms = 0;
+  // A request whose best predicted TTFT exceeds its target is refused (RESOURCE_EXHAUSTED
+  // with the prediction), unless best_effort: then it is placed anyway and marked.
+  bool best_effort = false;
+  double admission_slack = 1.0;  // refuse only when predicted > target * slack
+};
+
+// SLO-aware dispatch: prefill (or colocated) instance with the lowest predicted TTFT; decode
+// instance that keeps the predicted TPOT within target with the most headroom (the lowest
+// predicted TPOT when none can); admission control on the predicted TTFT.
+std::unique_ptr<DispatchPolicy> MakeSloAwarePolicy(const LatencyModel& model,
+                                                   SloPolicyOptions options);
+
+// By name: "least-loaded", or "slo-aware" (needs `model`).
+absl::StatusOr<std::unique_ptr<DispatchPolicy>> MakeDispatchPolicy(
+    absl::string_view name, const LatencyModel* model = nullptr, SloPolicyOptions options = {});
 
 }  // namespace pds::scheduler

@@ -247,12 +247,13 @@ absl::Status RunUp(const CliArgs& args) {
   std::vector<std::string> fe = {"pdserve",     "frontend", "--model", model,
                                  "--host",      host,       "--port",  absl::StrCat(port),
                                  "--port-file", port_file};
-  for (const char* pass : {"policy", "max-in-flight"}) {
+  for (const char* pass : {"policy", "max-in-flight", "profile", "slo-ttft-ms", "slo-tpot-ms"}) {
     if (args.Has(pass)) {
       fe.push_back(absl::StrCat("--", pass));
       fe.push_back(args.GetString(pass));
     }
   }
+  if (args.Has("best-effort")) fe.push_back("--best-effort");
   PDS_RETURN_IF_ERROR(cluster.Add("frontend", fe));
 
   // The front-end writes its port once it listens.
@@ -350,6 +351,11 @@ absl::Status RunFrontend(const CliArgs& args) {
   o.port = static_cast<int>(port);
   o.max_in_flight = static_cast<int>(max_in_flight);
   o.policy = args.GetString("policy", "least-loaded");
+  o.profile_path = args.GetString("profile");
+  if (!o.profile_path.empty() && !args.Has("policy")) o.policy = "slo-aware";
+  PDS_ASSIGN_OR_RETURN(o.default_ttft_slo_ms, args.GetDouble("slo-ttft-ms", 0));
+  PDS_ASSIGN_OR_RETURN(o.default_tpot_slo_ms, args.GetDouble("slo-tpot-ms", 0));
+  o.best_effort = args.GetBool("best-effort");
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<Frontend> frontend, Frontend::Start(o));
   if (args.Has("port-file")) {
     PDS_RETURN_IF_ERROR(
@@ -364,16 +370,23 @@ absl::Status RunFrontend(const CliArgs& args) {
 }  // namespace
 
 int FrontendMain(int argc, char** argv) {
-  return SubcommandMain(argc, argv, "frontend",
-                        "pdserve frontend --model DIR [--port P] [--host H]\n"
-                        "The public gRPC API (pdserve.v1.Serving) and the workers' registry.",
-                        {{"model", false, "model directory (config and tokenizer are read)"},
-                         {"host", false, "address to listen on (default 127.0.0.1)"},
-                         {"port", false, "port (default 8000; 0: any free port)"},
-                         {"port-file", false, "write the bound port to this file"},
-                         {"policy", false, "dispatch policy (default least-loaded)"},
-                         {"max-in-flight", false, "requests in flight before RESOURCE_EXHAUSTED"}},
-                        RunFrontend);
+  return SubcommandMain(
+      argc, argv, "frontend",
+      "pdserve frontend --model DIR [--port P] [--host H]\n"
+      "The public gRPC API (pdserve.v1.Serving) and the workers' registry.",
+      {{"model", false, "model directory (config and tokenizer are read)"},
+       {"host", false, "address to listen on (default 127.0.0.1)"},
+       {"port", false, "port (default 8000; 0: any free port)"},
+       {"port-file", false, "write the bound port to this file"},
+       {"policy", false,
+        "dispatch policy: least-loaded (default) or slo-aware (default "
+        "with --profile)"},
+       {"profile", false, "latency-model profile from pdserve profile"},
+       {"slo-ttft-ms", false, "default TTFT target of requests (ms)"},
+       {"slo-tpot-ms", false, "default TPOT target of requests (ms)"},
+       {"best-effort", true, "serve requests predicted to miss their TTFT instead of refusing"},
+       {"max-in-flight", false, "requests in flight before RESOURCE_EXHAUSTED"}},
+      RunFrontend);
 }
 
 int WorkerMain(int argc, char** argv, const char* role) {
@@ -397,7 +410,11 @@ int UpMain(int argc, char** argv) {
       {"threads", false, "CPU threads per worker (default: cores / workers)"},
       {"ready-file", false, "write the front-end address here once the cluster is healthy"},
       {"startup-timeout", false, "seconds to wait for a healthy cluster (default 300)"},
-      {"policy", false, "dispatch policy"},
+      {"policy", false, "dispatch policy: least-loaded or slo-aware"},
+      {"profile", false, "latency-model profile (enables the slo-aware policy)"},
+      {"slo-ttft-ms", false, "default TTFT target (ms)"},
+      {"slo-tpot-ms", false, "default TPOT target (ms)"},
+      {"best-effort", true, "serve requests predicted to miss their TTFT instead of refusing"},
       {"max-in-flight", false, "front-end in-flight limit"},
   };
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);

@@ -4,6 +4,7 @@
 #include <cmath>
 #include <condition_variable>
 #include <filesystem>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <random>
@@ -19,6 +20,7 @@
 #include "pdserve/internal/control.grpc.pb.h"
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "scheduler/dispatch_policy.h"
+#include "scheduler/latency_model.h"
 #include "server/grpc_util.h"
 
 namespace pds::server {
@@ -48,6 +50,8 @@ struct Instance {
   int32_t pending_requests = 0;
   int32_t promised_blocks = 0;  // decode: hand-offs placed here, KV not yet imported
   int32_t decoding = 0;
+  std::map<uint64_t, int32_t> queued_lens;  // prompt lengths awaiting prefill, FCFS
+  int64_t decode_context = 0;               // estimated context tokens decoding here
 };
 
 // The worker calls of one request, so that a client's cancellation reaches them.
@@ -95,7 +99,27 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       model_name_ =
           std::filesystem::path(options_.model_dir).lexically_normal().parent_path().filename();
     }
-    PDS_ASSIGN_OR_RETURN(policy_, scheduler::MakeDispatchPolicy(options_.policy));
+    if (!options_.profile_path.empty()) {
+      std::ifstream in(options_.profile_path);
+      if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", options_.profile_path));
+      nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+      if (j.is_discarded() || !j.contains("latency_model")) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            options_.profile_path, " is not a pdserve profile (no latency_model object)"));
+      }
+      auto model = scheduler::LatencyModel::FromJson(j["latency_model"]);
+      if (!model.ok()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat(options_.profile_path, ": ", model.status().message()));
+      }
+      latency_model_ = std::make_unique<scheduler::LatencyModel>(*model);
+    }
+    scheduler::SloPolicyOptions slo;
+    slo.default_ttft_slo_ms = options_.default_ttft_slo_ms;
+    slo.default_tpot_slo_ms = options_.default_tpot_slo_ms;
+    slo.best_effort = options_.best_effort;
+    PDS_ASSIGN_OR_RETURN(policy_,
+                         scheduler::MakeDispatchPolicy(options_.policy, latency_model_.get(), slo));
     PDS_ASSIGN_OR_RETURN(server_, StartGrpcServer(options_.host, options_.port,
                                                   {static_cast<api::Serving::Service*>(this),
                                                    static_cast<pb::Registry::Service*>(this)},
@@ -203,6 +227,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     status->set_requests_rejected(rejected_);
     status->set_requests_cancelled(cancelled_);
     status->set_requests_failed(failed_);
+    status->set_requests_refused_slo(refused_slo_);
+    status->set_requests_best_effort(best_effort_);
     return grpc::Status::OK;
   }
 
@@ -360,6 +386,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     scheduler::Placement placement;
     Instance* prefill = nullptr;
     Instance* decode = nullptr;
+    uint64_t queue_seq = 0;
+    const int64_t context_estimate = prompt_len + relay.work.max_tokens() / 2;
     std::string prefill_kv_address;
     int32_t blocks = 0;
     {
@@ -376,6 +404,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         l.kv_blocks_total = inst->status.kv_blocks_total();
         l.kv_blocks_free = inst->status.kv_blocks_free() - inst->promised_blocks;
         l.block_size = std::max(1, inst->status.block_size());
+        for (const auto& [seq, len] : inst->queued_lens) l.queued_prompt_lens.push_back(len);
+        l.decode_context_tokens = inst->decode_context;
+        if (inst->status.max_batch_tokens() > 0)
+          l.max_batch_tokens = inst->status.max_batch_tokens();
         loads.push_back(l);
       }
       scheduler::DispatchRequest dr;
@@ -384,11 +416,17 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       if (relay.request.has_ttft_slo_ms()) dr.ttft_slo_ms = relay.request.ttft_slo_ms();
       if (relay.request.has_tpot_slo_ms()) dr.tpot_slo_ms = relay.request.tpot_slo_ms();
       auto placed = policy_->Place(dr, loads);
-      if (!placed.ok()) return ToGrpc(placed.status());
+      if (!placed.ok()) {
+        if (absl::IsResourceExhausted(placed.status())) ++refused_slo_;
+        return ToGrpc(placed.status());
+      }
       placement = *placed;
+      if (placement.best_effort) ++best_effort_;
       prefill = instances_.at(placement.prefill).get();
       prefill->pending_prompt_tokens += prompt_len;
       ++prefill->pending_requests;
+      queue_seq = next_queue_seq_++;
+      prefill->queued_lens[queue_seq] = prompt_len;
       if (!placement.decode.empty()) {
         decode = instances_.at(placement.decode).get();
         blocks =
@@ -405,8 +443,12 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       if (prefill_pending) {
         prefill->pending_prompt_tokens -= prompt_len;
         --prefill->pending_requests;
+        prefill->queued_lens.erase(queue_seq);
         prefill_pending = false;
-        if (decode == nullptr) ++prefill->decoding;
+        if (decode == nullptr) {
+          ++prefill->decoding;
+          prefill->decode_context += context_estimate;
+        }
       }
     };
     auto decode_started = [&] {
@@ -415,11 +457,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         decode->promised_blocks -= blocks;
         decode_promised = false;
         ++decode->decoding;
+        decode->decode_context += context_estimate;
       }
     };
     relay.timeline.set_prefill_instance(placement.prefill);
     relay.timeline.set_decode_instance(placement.decode);
     relay.timeline.set_scheduler_note(placement.note);
+    relay.timeline.set_predicted_ttft_ms(std::max(0.0, placement.predicted_ttft_ms));
+    relay.timeline.set_predicted_tpot_ms(std::max(0.0, placement.predicted_tpot_ms));
+    relay.timeline.set_best_effort(placement.best_effort);
     relay.timeline.set_queued_us(NowUs());
 
     grpc::Status status = decode == nullptr
@@ -430,14 +476,17 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     if (prefill_pending) {
       prefill->pending_prompt_tokens -= prompt_len;
       --prefill->pending_requests;
+      prefill->queued_lens.erase(queue_seq);
     } else if (decode == nullptr) {
       --prefill->decoding;
+      prefill->decode_context -= context_estimate;
     }
     if (decode != nullptr) {
       if (decode_promised) {
         decode->promised_blocks -= blocks;
       } else {
         --decode->decoding;
+        decode->decode_context -= context_estimate;
       }
     }
     return status;
@@ -651,6 +700,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   engine::ModelConfig config_;
   std::unique_ptr<engine::Tokenizer> tokenizer_;
   std::string model_name_;
+  std::unique_ptr<scheduler::LatencyModel> latency_model_;  // before the policy using it
   std::unique_ptr<scheduler::DispatchPolicy> policy_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
@@ -660,6 +710,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   std::map<std::string, std::shared_ptr<Tracked>> in_flight_;
   uint64_t next_id_ = 0;
   int64_t finished_ = 0, rejected_ = 0, cancelled_ = 0, failed_ = 0;
+  int64_t refused_slo_ = 0, best_effort_ = 0;
+  uint64_t next_queue_seq_ = 0;
 
   std::mutex stop_mu_;
   std::condition_variable stop_cv_;

@@ -15,8 +15,12 @@ namespace pds::server {
 struct FrontendOptions {
   std::string model_dir;  // config.json (limits, EOS) and tokenizer.json (text) are read
   std::string host = "127.0.0.1";
-  int port = 0;  // 0: ephemeral
-  std::string policy = "least-loaded";
+  int port = 0;                         // 0: ephemeral
+  std::string policy = "least-loaded";  // or "slo-aware" (needs profile_path)
+  std::string profile_path;             // `pdserve profile` output: the latency model
+  double default_ttft_slo_ms = 0;       // targets of requests that set none (0: none)
+  double default_tpot_slo_ms = 0;
+  bool best_effort = false;  // serve requests predicted to miss their TTFT instead of refusing
   int max_in_flight = 1024;  // requests beyond this get RESOURCE_EXHAUSTED
   absl::Duration request_timeout = absl::Minutes(10);  // when the client sets no deadline
   absl::Duration health_period = absl::Milliseconds(200);

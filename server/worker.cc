@@ -647,6 +647,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     s.set_requests_served(served_);
     s.set_kv_bytes_sent(kv_bytes_sent_);
     s.set_kv_handoffs_deferred(handoffs_deferred_);
+    s.set_max_batch_tokens(options_.engine.max_batch_tokens);
     std::lock_guard<std::mutex> lock(status_mu_);
     status_ = std::move(s);
   }

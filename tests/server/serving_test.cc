@@ -522,5 +522,57 @@ TEST_F(ServingTest, OverloadIsResourceExhaustedAndCancellationFreesEverything) {
   EXPECT_EQ(Generate(cluster->stub(), r).tokens.size(), 5u);
 }
 
+// SLO-aware dispatch with the latency model profiled from this model: every request carries
+// the predictions in its timeline, and under a flood those that cannot meet their TTFT are
+// refused at once with RESOURCE_EXHAUSTED instead of queueing past their target.
+TEST_F(ServingTest, SloAwareAdmissionRefusesWhatCannotMeetItsTtft) {
+  const std::string profile = testing::ScratchDir() + "/profile.json";
+  const std::string cmd = absl::StrCat(PDSERVE_BINARY, " profile --model ", *model_dir_,
+                                       " --quick --threads 1 --out ", profile, " > /dev/null 2>&1");
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  auto cluster =
+      LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1", "--profile", profile});
+  ASSERT_NE(cluster, nullptr);
+  api::GenerateRequest probe;
+  for (int j = 0; j < 90; ++j) probe.add_prompt_token_ids(40 + j);
+  probe.set_max_tokens(4);
+  probe.set_ttft_slo_ms(1e6);
+  const Streamed first = Generate(cluster->stub(), probe);
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+  const double alone_ms = first.done.timeline().predicted_ttft_ms();
+  ASSERT_GT(alone_ms, 0);
+  EXPECT_GT(first.done.timeline().predicted_tpot_ms(), 0);
+  EXPECT_NE(first.done.timeline().scheduler_note().find("slo-aware"), std::string::npos);
+
+  // 48 at once, each allowing 4x the time of a prefill alone: the queue outgrows that.
+  api::GenerateRequest r = probe;
+  r.set_max_tokens(8);
+  r.set_ttft_slo_ms(4 * alone_ms);
+  std::vector<std::future<Streamed>> futures;
+  for (int i = 0; i < 48; ++i) {
+    futures.push_back(
+        std::async(std::launch::async, [&cluster, r] { return Generate(cluster->stub(), r); }));
+  }
+  int ok = 0, refused = 0;
+  for (auto& f : futures) {
+    const Streamed got = f.get();
+    if (got.status.ok()) {
+      ++ok;
+      EXPECT_LE(got.done.timeline().predicted_ttft_ms(), 4 * alone_ms + 1e-6);
+    } else {
+      ASSERT_EQ(got.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+          << got.status.error_message();
+      EXPECT_NE(got.status.error_message().find("TTFT"), std::string::npos);
+      ++refused;
+    }
+  }
+  EXPECT_GE(ok, 1);
+  EXPECT_GE(refused, 1);
+  const api::ClusterStatus status = FreshStatus(cluster->stub());
+  EXPECT_EQ(status.policy(), "slo-aware");
+  EXPECT_EQ(status.requests_refused_slo(), refused);
+  ExpectAllFree(cluster->stub());
+}
+
 }  // namespace
 }  // namespace pds
