@@ -27,6 +27,7 @@ const std::vector<FlagSpec>& Specs() {
         {"quick", true, "a small grid (seconds, for tests and the demo)"},
         {"block-size", false, "KV cache block size (default 16)"},
         {"reps", false, "timed repetitions per point, median kept (default 3)"},
+        {"rounds", false, "passes over the grid, median round kept (default 3; 1 with --quick)"},
         {"help", true, "show this help"},
     };
     std::vector<FlagSpec> all = ModelFlagSpecs();
@@ -65,11 +66,13 @@ absl::Status Run(const CliArgs& args) {
   options.quick = args.GetBool("quick");
   PDS_ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));
   PDS_ASSIGN_OR_RETURN(int64_t reps, args.GetInt("reps", 3));
-  if (block_size <= 0 || reps <= 0) {
-    return absl::InvalidArgumentError("--block-size and --reps must be positive");
+  PDS_ASSIGN_OR_RETURN(int64_t rounds, args.GetInt("rounds", options.quick ? 1 : 3));
+  if (block_size <= 0 || reps <= 0 || rounds <= 0) {
+    return absl::InvalidArgumentError("--block-size, --reps and --rounds must be positive");
   }
   options.block_size = static_cast<int32_t>(block_size);
   options.reps = static_cast<int32_t>(reps);
+  options.rounds = static_cast<int32_t>(rounds);
   const auto start = std::chrono::steady_clock::now();
   PDS_ASSIGN_OR_RETURN(Profile profile, ProfileEngine(*model, options));
   PDS_ASSIGN_OR_RETURN(scheduler::LatencyModel fit,
@@ -93,6 +96,7 @@ absl::Status Run(const CliArgs& args) {
   j["grid"] = {{"quick", options.quick},
                {"block_size", options.block_size},
                {"reps", options.reps},
+               {"rounds", options.rounds},
                {"seconds", seconds}};
   nlohmann::ordered_json prefill = nlohmann::ordered_json::array();
   for (const auto& s : profile.prefill) {

@@ -14,6 +14,7 @@ void Usage() {
                "  generate     generate tokens offline with a model directory\n"
                "  tokenize     encode text lines or decode id arrays with a tokenizer.json\n"
                "  profile      time the engine and fit the scheduler's latency model\n"
+               "  plan         search instance counts for the SLOs in the simulator\n"
                "  up           start a local cluster (front-end + workers) on 127.0.0.1\n"
                "  frontend     the gRPC front-end (public API, worker registry)\n"
                "  prefill      a prefill worker\n"
@@ -33,6 +34,7 @@ int main(int argc, char** argv) {
   if (command == "generate") return pds::server::GenerateMain(argc, argv);
   if (command == "tokenize") return pds::server::TokenizeMain(argc, argv);
   if (command == "profile") return pds::server::ProfileMain(argc, argv);
+  if (command == "plan") return pds::server::PlanMain(argc, argv);
   if (command == "up") return pds::server::UpMain(argc, argv);
   if (command == "frontend") return pds::server::FrontendMain(argc, argv);
   if (command == "prefill" || command == "decode" || command == "colocated") {

@@ -95,39 +95,60 @@ absl::StatusOr<Profile> ProfileEngine(engine::Transformer& model, const ProfileO
   };
   std::vector<float> logits;
   Profile profile;
-
-  for (const auto& lens : grid.prefill_batches) {
-    std::vector<BlockTable> tables(lens.size());
-    std::vector<std::vector<int32_t>> prompts;
-    std::vector<SequenceInput> inputs;
-    for (size_t s = 0; s < lens.size(); ++s) {
-      PDS_RETURN_IF_ERROR(tables[s].Reserve(lens[s], bs, cache.allocator()));
-      prompts.push_back(random_tokens(lens[s]));
+  // Every point is timed once per round and the rounds interleave the whole grid, so a slow
+  // phase of the machine (a shared VM's neighbours) hits one round of many points rather
+  // than every repetition of a few; the median over rounds is kept.
+  const int rounds = std::max(1, options.rounds);
+  std::vector<std::vector<double>> prefill_times(grid.prefill_batches.size());
+  std::vector<std::vector<double>> decode_times(grid.decode.size());
+  for (int round = 0; round < rounds; ++round) {
+    for (size_t point = 0; point < grid.prefill_batches.size(); ++point) {
+      const auto& lens = grid.prefill_batches[point];
+      std::vector<BlockTable> tables(lens.size());
+      std::vector<std::vector<int32_t>> prompts;
+      std::vector<SequenceInput> inputs;
+      for (size_t s = 0; s < lens.size(); ++s) {
+        PDS_RETURN_IF_ERROR(tables[s].Reserve(lens[s], bs, cache.allocator()));
+        prompts.push_back(random_tokens(lens[s]));
+      }
+      for (size_t s = 0; s < lens.size(); ++s) inputs.push_back({prompts[s], 0, &tables[s]});
+      PDS_ASSIGN_OR_RETURN(double secs, MedianSeconds(options.reps, [&] {
+                             return model.Forward(inputs, cache, logits);
+                           }));
+      prefill_times[point].push_back(secs);
+      for (auto& t : tables) PDS_RETURN_IF_ERROR(t.Release(cache.allocator()));
     }
-    for (size_t s = 0; s < lens.size(); ++s) inputs.push_back({prompts[s], 0, &tables[s]});
-    PDS_ASSIGN_OR_RETURN(double secs, MedianSeconds(options.reps, [&] {
-                           return model.Forward(inputs, cache, logits);
-                         }));
-    profile.prefill.push_back({lens, secs});
-    for (auto& t : tables) PDS_RETURN_IF_ERROR(t.Release(cache.allocator()));
+
+    // Decode steps: the cached context's values do not change the cost, so the blocks are
+    // reserved (zeroed memory) without prefilling them.
+    for (size_t point = 0; point < grid.decode.size(); ++point) {
+      const auto [batch, context] = grid.decode[point];
+      std::vector<BlockTable> tables(batch);
+      std::vector<std::vector<int32_t>> next(batch);
+      std::vector<SequenceInput> inputs;
+      for (int32_t s = 0; s < batch; ++s) {
+        PDS_RETURN_IF_ERROR(tables[s].Reserve(context + 1, bs, cache.allocator()));
+        next[s] = random_tokens(1);
+      }
+      for (int32_t s = 0; s < batch; ++s) inputs.push_back({next[s], context, &tables[s]});
+      PDS_ASSIGN_OR_RETURN(double secs, MedianSeconds(options.reps, [&] {
+                             return model.Forward(inputs, cache, logits);
+                           }));
+      decode_times[point].push_back(secs);
+      for (auto& t : tables) PDS_RETURN_IF_ERROR(t.Release(cache.allocator()));
+    }
   }
-
-  // Decode steps: the cached context's values do not change the cost, so the blocks are
-  // reserved (zeroed memory) without prefilling them.
-  for (const auto& [batch, context] : grid.decode) {
-    std::vector<BlockTable> tables(batch);
-    std::vector<std::vector<int32_t>> next(batch);
-    std::vector<SequenceInput> inputs;
-    for (int32_t s = 0; s < batch; ++s) {
-      PDS_RETURN_IF_ERROR(tables[s].Reserve(context + 1, bs, cache.allocator()));
-      next[s] = random_tokens(1);
-    }
-    for (int32_t s = 0; s < batch; ++s) inputs.push_back({next[s], context, &tables[s]});
-    PDS_ASSIGN_OR_RETURN(double secs, MedianSeconds(options.reps, [&] {
-                           return model.Forward(inputs, cache, logits);
-                         }));
-    profile.decode.push_back({batch, static_cast<int64_t>(batch) * (context + 1), secs});
-    for (auto& t : tables) PDS_RETURN_IF_ERROR(t.Release(cache.allocator()));
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  for (size_t point = 0; point < grid.prefill_batches.size(); ++point) {
+    profile.prefill.push_back({grid.prefill_batches[point], median(prefill_times[point])});
+  }
+  for (size_t point = 0; point < grid.decode.size(); ++point) {
+    const auto [batch, context] = grid.decode[point];
+    profile.decode.push_back(
+        {batch, static_cast<int64_t>(batch) * (context + 1), median(decode_times[point])});
   }
   return profile;
 }

@@ -14,7 +14,8 @@ namespace pds::server {
 struct ProfileOptions {
   bool quick = false;  // a small grid that runs in seconds (tests, the demo)
   int32_t block_size = 16;
-  int32_t reps = 3;  // timed repetitions per point (the median is kept), after one warm-up
+  int32_t rounds = 3;  // passes over the whole grid; each point keeps its median round
+  int32_t reps = 3;    // timed repetitions per point (the median is kept), after one warm-up
 };
 
 struct Profile {

@@ -31,7 +31,12 @@ absl::StatusOr<std::unique_ptr<LlmEngine>> LlmEngine::Create(Transformer& model,
   PDS_ASSIGN_OR_RETURN(
       KvCache cache,
       KvCache::Create(model.backend(), model.CacheShape(num_blocks, options.block_size)));
-  return std::unique_ptr<LlmEngine>(new LlmEngine(model, options, std::move(cache)));
+  auto engine = std::unique_ptr<LlmEngine>(new LlmEngine(model, options, std::move(cache)));
+  engine->batch_policy_ =
+      options.batch_policy != nullptr
+          ? options.batch_policy
+          : std::shared_ptr<const scheduler::BatchPolicy>(scheduler::MakeFcfsBatchPolicy());
+  return engine;
 }
 
 absl::Status LlmEngine::ValidateRequest(GenerateRequest& request) const {
@@ -219,42 +224,73 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     Sequence* seq;
     int32_t chunk;
   };
+  // The batch policy proposes the order and the chunks; here each sequence in turn gets its
+  // blocks (a running one may preempt the youngest other admitted sequence not in the batch)
+  // and the batch ends at the first that cannot. After a preemption, the pending tokens of
+  // the victim changed, so the rest is planned again with what is left of the budget.
   std::vector<Planned> plan;
   int32_t budget = options_.max_batch_tokens;
   const int32_t bs = options_.block_size;
-  for (Sequence* seq : order) {
-    if (static_cast<int32_t>(plan.size()) >= options_.max_running || budget == 0) break;
-    const int32_t pending = static_cast<int32_t>(seq->tokens.size()) - seq->num_computed;
-    const int32_t chunk = std::min(pending, budget);
-    absl::Status reserved = seq->table.Reserve(seq->num_computed + chunk, bs, cache_.allocator());
-    while (!reserved.ok() && seq->admitted) {
-      // A running sequence needs a block: preempt the youngest other admitted sequence that
-      // is not in this step's batch.
-      Sequence* victim = nullptr;
-      for (auto it = order.rbegin(); it != order.rend(); ++it) {
-        Sequence* s = *it;
-        if (s == seq || !s->admitted || s->table.blocks().empty()) continue;
-        if (std::any_of(plan.begin(), plan.end(), [&](const Planned& p) { return p.seq == s; })) {
-          continue;
+  const scheduler::BatchPolicy& policy = *batch_policy_;
+  std::vector<Sequence*> rest = order;
+  bool replan = true;
+  while (replan) {
+    replan = false;
+    std::vector<scheduler::BatchCandidate> candidates;
+    candidates.reserve(rest.size());
+    for (const Sequence* seq : rest) {
+      scheduler::BatchCandidate c;
+      c.pending_tokens = static_cast<int32_t>(seq->tokens.size()) - seq->num_computed;
+      c.running = seq->admitted;
+      candidates.push_back(c);
+    }
+    const scheduler::BatchBudget left{budget,
+                                      options_.max_running - static_cast<int32_t>(plan.size())};
+    bool full = false;
+    for (const scheduler::PlannedChunk& proposed : policy.Plan(candidates, left)) {
+      Sequence* seq = rest[proposed.index];
+      const int32_t chunk = proposed.chunk;
+      bool preempted = false;
+      absl::Status reserved = seq->table.Reserve(seq->num_computed + chunk, bs, cache_.allocator());
+      while (!reserved.ok() && seq->admitted) {
+        Sequence* victim = nullptr;
+        for (auto it = order.rbegin(); it != order.rend(); ++it) {
+          Sequence* s = *it;
+          if (s == seq || !s->admitted || s->table.blocks().empty()) continue;
+          if (std::any_of(plan.begin(), plan.end(), [&](const Planned& p) { return p.seq == s; })) {
+            continue;
+          }
+          victim = s;
+          break;
         }
-        victim = s;
+        if (victim == nullptr) break;
+        Preempt(*victim);
+        preempted = true;
+        reserved = seq->table.Reserve(seq->num_computed + chunk, bs, cache_.allocator());
+      }
+      if (!reserved.ok()) {
+        if (seq->admitted && plan.empty()) {
+          // Cannot happen while CheckFinish bounds sequences by the cache; keep it loud.
+          return absl::InternalError(absl::StrCat("request '", seq->request.id,
+                                                  "' cannot get KV blocks: ", reserved.message()));
+        }
+        full = true;  // later requests wait until blocks free up
         break;
       }
-      if (victim == nullptr) break;
-      Preempt(*victim);
-      reserved = seq->table.Reserve(seq->num_computed + chunk, bs, cache_.allocator());
-    }
-    if (!reserved.ok()) {
-      if (seq->admitted && plan.empty()) {
-        // Cannot happen while CheckFinish bounds sequences by the cache; keep it loud.
-        return absl::InternalError(absl::StrCat("request '", seq->request.id,
-                                                "' cannot get KV blocks: ", reserved.message()));
+      seq->admitted = true;
+      plan.push_back({seq, chunk});
+      budget -= chunk;
+      if (preempted) {
+        replan = true;
+        break;
       }
-      break;  // FCFS: later requests wait until blocks free up
     }
-    seq->admitted = true;
-    plan.push_back({seq, chunk});
-    budget -= chunk;
+    if (full) break;
+    if (replan) {
+      std::erase_if(rest, [&](const Sequence* s) {
+        return std::any_of(plan.begin(), plan.end(), [&](const Planned& p) { return p.seq == s; });
+      });
+    }
   }
   std::vector<TokenOutput> outputs;
   last_batch_.clear();

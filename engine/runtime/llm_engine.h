@@ -14,6 +14,7 @@
 #include "engine/kv_cache/kv_cache.h"
 #include "engine/model/transformer.h"
 #include "engine/runtime/sampling_params.h"
+#include "scheduler/batch_policy.h"
 
 namespace pds::engine {
 
@@ -23,6 +24,8 @@ struct EngineOptions {
   size_t kv_cache_bytes = 256ull << 20;  // K and V of all layers
   int32_t max_batch_tokens = 2048;       // token budget of one step (prefill chunks + decodes)
   int32_t max_running = 64;              // sequences in one step
+  // Which sequences form a step and their chunks (scheduler/batch_policy.h); null: FCFS.
+  std::shared_ptr<const scheduler::BatchPolicy> batch_policy;
 };
 
 struct GenerateRequest {
@@ -127,6 +130,7 @@ class LlmEngine {
   Transformer& model_;
   EngineOptions options_;
   KvCache cache_;
+  std::shared_ptr<const scheduler::BatchPolicy> batch_policy_;
   std::map<std::string, std::unique_ptr<Sequence>> sequences_;
   uint64_t next_order_ = 0;
   int64_t num_preemptions_ = 0;

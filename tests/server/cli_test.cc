@@ -118,6 +118,43 @@ TEST_F(CliTest, ProfileWritesAFittedLatencyModel) {
   for (const auto& s : j["samples"]["prefill"]) EXPECT_GT(s["seconds"].get<double>(), 0.0);
 }
 
+TEST_F(CliTest, PlanPrintsThePlanFile) {
+  const std::string profile = pds::testing::ScratchDir() + "/plan_profile.json";
+  {
+    std::ofstream out(profile);
+    out << R"({"model": {"num_layers": 2, "num_kv_heads": 2, "head_dim": 16, "dtype": "BF16"},
+               "latency_model": {"prefill": {"coef": [0.005, 2e-4, 1e-8]},
+                                 "decode": {"coef": [0.003, 1e-6, 5e-4]}}})";
+  }
+  const std::string plan_file = pds::testing::ScratchDir() + "/plan.json";
+  const std::string common = "plan --profile " + profile +
+                             " --workload code --num-requests 60 --max-instances 2 --seed 1 ";
+  Result r = RunCommand(common + "--slo-ttft 0.5s --slo-tpot 100ms --json --out " + plan_file);
+  ASSERT_EQ(r.exit_code, 0) << r.output << r.errors;
+  const auto j = nlohmann::json::parse(r.output, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << r.output;
+  EXPECT_EQ(j["prefill_instances"], 1);
+  EXPECT_EQ(j["decode_instances"], 1);
+  EXPECT_GT(j["goodput_per_gpu"].get<double>(), 0.0);
+  EXPECT_GT(j["colocated_goodput_per_gpu"].get<double>(), 0.0);
+  EXPECT_GE(j["predicted_attainment"].get<double>(), 0.9);
+  EXPECT_EQ(j["slo"]["ttft_ms"], 500.0);
+  EXPECT_EQ(j["kv_transfer"]["bytes_per_token"], 2 * 2 * 2 * 16 * 2);
+  std::ifstream written(plan_file);
+  EXPECT_EQ(nlohmann::json::parse(written, nullptr, false), j);
+
+  r = RunCommand(common + "--slo-ttft 500 --slo-tpot 100 --rate 100000 --gpus 2");
+  ASSERT_EQ(r.exit_code, 0) << r.errors;
+  EXPECT_NE(r.output.find("NOT FEASIBLE: cannot serve"), std::string::npos) << r.output;
+
+  r = RunCommand(common + "--slo-ttft fast");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.errors.find("--slo-ttft expects"), std::string::npos) << r.errors;
+  r = RunCommand("plan --profile /nonexistent.json --slo-ttft 1");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.errors.find("/nonexistent.json"), std::string::npos) << r.errors;
+}
+
 TEST_F(CliTest, ErrorsAreClearAndNonZero) {
   Result r = RunCommand("generate --model /nonexistent --prompt-ids 1");
   EXPECT_NE(r.exit_code, 0);

@@ -1,0 +1,690 @@
+#include "scheduler/simulator.h"
+
+#include <algorithm>
+#include <cmath>
+#include <deque>
+#include <map>
+#include <memory>
+#include <optional>
+#include <queue>
+
+#include "absl/status/status.h"
+#include "absl/strings/str_cat.h"
+#include "engine/common/status_macros.h"
+#include "scheduler/batch_policy.h"
+
+namespace pds::scheduler {
+
+double PrefillChunkSeconds(const LatencyModel& model,
+                           const std::vector<std::pair<int32_t, int32_t>>& start_and_len) {
+  if (start_and_len.empty()) return 0;
+  const auto& c = model.prefill_coef();
+  double sum = 0, sum_sq = 0;
+  for (const auto& [start, len] : start_and_len) {
+    const double s = start, k = len;
+    sum += k;
+    sum_sq += (s + k) * (s + k) - s * s;
+  }
+  return std::max(0.0, c[0] + c[1] * sum + c[2] * sum_sq);
+}
+
+double DecodeStepSeconds(const LatencyModel& model, int32_t batch, int64_t total_context) {
+  if (batch <= 0) return 0;
+  return std::max(0.0, model.PredictDecode(batch, total_context));
+}
+
+namespace {
+
+constexpr double kTimelineOffsetS = 1.0;
+
+int32_t BlocksFor(int64_t tokens, int32_t block_size) {
+  return static_cast<int32_t>((tokens + block_size - 1) / block_size);
+}
+
+int64_t TimelineUs(double t) { return std::llround((t + kTimelineOffsetS) * 1e6); }
+
+// One sequence of an instance's engine (LlmEngine::Sequence without the data).
+struct Seq {
+  int64_t req = 0;
+  uint64_t order = 0;
+  int32_t tokens = 0;  // prompt + generated
+  int32_t num_computed = 0;
+  int32_t num_generated = 0;
+  int32_t max_tokens = 1;
+  int32_t blocks = 0;
+  bool admitted = false;
+  bool held = false;
+  bool importing = false;
+  bool hold_after_prefill = false;
+  bool in_batch = false;
+  std::optional<double> deadline_s;
+};
+
+struct StepItem {
+  Seq* seq;
+  int32_t chunk;
+};
+
+// LlmEngine's block accounting and batch selection, over counts instead of tensors.
+class Engine {
+ public:
+  Engine(const SimInstanceConfig& config, const BatchPolicy& policy)
+      : config_(config), policy_(policy), free_(config.kv_blocks) {}
+
+  // AddRequest's cache check: the prompt and one generated token must fit.
+  bool Fits(int32_t prompt_len) const {
+    return BlocksFor(int64_t{prompt_len} + 1, config_.block_size) <= config_.kv_blocks;
+  }
+  int32_t free_blocks() const { return free_; }
+  int32_t num_running() const {
+    int32_t n = 0;
+    for (const auto& [order, seq] : seqs_) n += seq.admitted;
+    return n;
+  }
+  int64_t preemptions() const { return preemptions_; }
+
+  Seq& Add(int64_t req, int32_t prompt_len, int32_t max_tokens, bool hold,
+           std::optional<double> deadline_s) {
+    Seq& seq = Insert(req);
+    seq.tokens = prompt_len;
+    seq.max_tokens = max_tokens;
+    seq.hold_after_prefill = hold;
+    seq.deadline_s = deadline_s;
+    return seq;
+  }
+
+  // LlmEngine::ReserveImport: room for the prompt plus one block per running sequence.
+  bool ReserveImport(int64_t req, int32_t prompt_len, int32_t max_tokens) {
+    const int32_t needed = BlocksFor(prompt_len, config_.block_size);
+    if (free_ < needed + num_running()) return false;
+    Seq& seq = Insert(req);
+    seq.tokens = prompt_len;
+    seq.max_tokens = max_tokens;
+    seq.importing = true;
+    seq.blocks = needed;
+    free_ -= needed;
+    return true;
+  }
+
+  // LlmEngine::ActivateImport: the prompt's K/V are in, the first token is known.
+  void ActivateImport(int64_t req) {
+    Seq& seq = Find(req);
+    seq.num_computed = seq.tokens;
+    seq.tokens += 1;
+    seq.num_generated = 1;
+    seq.importing = false;
+    seq.admitted = true;
+  }
+
+  // LlmEngine::Cancel: frees the blocks and forgets the sequence.
+  void Release(int64_t req) {
+    auto it = by_req_.find(req);
+    if (it == by_req_.end()) return;
+    auto seq = seqs_.find(it->second);
+    free_ += seq->second.blocks;
+    seqs_.erase(seq);
+    by_req_.erase(it);
+  }
+
+  // The selection part of LlmEngine::Step, line for line.
+  absl::StatusOr<std::vector<StepItem>> FormBatch() {
+    std::vector<Seq*> order;
+    for (auto& [o, seq] : seqs_) {
+      if (!seq.held && !seq.importing) order.push_back(&seq);
+    }
+    std::vector<StepItem> plan;
+    int32_t budget = config_.max_batch_tokens;
+    std::vector<Seq*> rest = order;
+    bool replan = true;
+    absl::Status error;
+    while (replan) {
+      replan = false;
+      std::vector<BatchCandidate> candidates;
+      candidates.reserve(rest.size());
+      for (const Seq* seq : rest) {
+        BatchCandidate c;
+        c.pending_tokens = seq->tokens - seq->num_computed;
+        c.running = seq->admitted;
+        c.deadline_s = seq->deadline_s;
+        candidates.push_back(c);
+      }
+      const BatchBudget left{budget, config_.max_running - static_cast<int32_t>(plan.size())};
+      bool full = false;
+      for (const PlannedChunk& proposed : policy_.Plan(candidates, left)) {
+        Seq* seq = rest[proposed.index];
+        const int32_t chunk = proposed.chunk;
+        bool preempted = false;
+        bool reserved = Reserve(*seq, seq->num_computed + chunk);
+        while (!reserved && seq->admitted) {
+          Seq* victim = nullptr;
+          for (auto it = order.rbegin(); it != order.rend(); ++it) {
+            Seq* s = *it;
+            if (s == seq || !s->admitted || s->blocks == 0 || s->in_batch) continue;
+            victim = s;
+            break;
+          }
+          if (victim == nullptr) break;
+          Preempt(*victim);
+          preempted = true;
+          reserved = Reserve(*seq, seq->num_computed + chunk);
+        }
+        if (!reserved) {
+          if (seq->admitted && plan.empty()) {
+            error = absl::InternalError(
+                absl::StrCat("simulated request ", seq->req, " cannot get KV blocks"));
+          }
+          full = true;
+          break;
+        }
+        seq->admitted = true;
+        seq->in_batch = true;
+        plan.push_back({seq, chunk});
+        budget -= chunk;
+        if (preempted) {
+          replan = true;
+          break;
+        }
+      }
+      if (full) break;
+      if (replan) std::erase_if(rest, [](const Seq* s) { return s->in_batch; });
+    }
+    for (const StepItem& item : plan) item.seq->in_batch = false;
+    if (!error.ok()) return error;
+    return plan;
+  }
+
+ private:
+  Seq& Insert(int64_t req) {
+    const uint64_t order = next_order_++;
+    by_req_[req] = order;
+    Seq& seq = seqs_[order];
+    seq.req = req;
+    seq.order = order;
+    return seq;
+  }
+  Seq& Find(int64_t req) { return seqs_.at(by_req_.at(req)); }
+
+  // BlockTable::Reserve: all or nothing.
+  bool Reserve(Seq& seq, int64_t tokens) {
+    const int32_t need = BlocksFor(tokens, config_.block_size) - seq.blocks;
+    if (need <= 0) return true;
+    if (need > free_) return false;
+    free_ -= need;
+    seq.blocks += need;
+    return true;
+  }
+  void Preempt(Seq& seq) {
+    free_ += seq.blocks;
+    seq.blocks = 0;
+    seq.num_computed = 0;
+    seq.admitted = false;
+    ++preemptions_;
+  }
+
+  SimInstanceConfig config_;
+  const BatchPolicy& policy_;
+  int32_t free_ = 0;
+  uint64_t next_order_ = 0;
+  int64_t preemptions_ = 0;
+  std::map<uint64_t, Seq> seqs_;  // by admission order
+  std::map<int64_t, uint64_t> by_req_;
+};
+
+struct Instance {
+  std::string id;
+  InstanceRole role = InstanceRole::kPrefill;
+  SimInstanceConfig config;
+  std::unique_ptr<Engine> engine;
+  bool busy = false;
+  std::vector<StepItem> batch;
+  double step_s = 0;
+  // The front-end's bookkeeping of this instance (server/frontend.cc's Instance).
+  int64_t pending_prompt_tokens = 0;
+  int32_t pending_requests = 0;
+  int32_t promised_blocks = 0;
+  int32_t decoding = 0;
+  std::map<uint64_t, int32_t> queued_lens;
+  int64_t decode_context = 0;
+  // Decode: hand-offs refused for lack of room, in offer order.
+  std::deque<int64_t> offers;
+  SimInstanceStats stats;
+};
+
+struct Request {
+  SimRequest spec;
+  int prefill = -1;
+  int decode = -1;
+  uint64_t queue_seq = 0;
+  int32_t promised = 0;
+  int64_t context_estimate = 0;
+  bool prefill_pending = false;
+  bool decode_promised = false;
+  bool done = false;
+  bool offered = false;
+  client::RequestRecord record;
+};
+
+enum class EventType { kArrival, kStepEnd, kTransferEnd };
+
+struct Event {
+  double t;
+  uint64_t seq;
+  EventType type;
+  int64_t who;  // request (arrival, transfer end) or instance (step end)
+  bool operator>(const Event& o) const { return t != o.t ? t > o.t : seq > o.seq; }
+};
+
+class Cluster {
+ public:
+  Cluster(const SimConfig& config, const LatencyModel& model, const BatchPolicy& batch_policy,
+          DispatchPolicy& dispatch)
+      : config_(config), model_(model), dispatch_(dispatch) {
+    auto add = [&](InstanceRole role, const SimInstanceConfig& c, int n) {
+      for (int i = 0; i < n; ++i) {
+        Instance inst;
+        inst.id = absl::StrCat(InstanceRoleName(role), "-", i);
+        inst.role = role;
+        inst.config = c;
+        inst.engine = std::make_unique<Engine>(c, batch_policy);
+        inst.stats.id = inst.id;
+        index_[inst.id] = static_cast<int>(instances_.size());
+        instances_.push_back(std::move(inst));
+      }
+    };
+    if (config.num_colocated > 0) {
+      add(InstanceRole::kColocated, config.colocated, config.num_colocated);
+    } else {
+      add(InstanceRole::kPrefill, config.prefill, config.num_prefill);
+      add(InstanceRole::kDecode, config.decode, config.num_decode);
+    }
+  }
+
+  absl::StatusOr<SimResult> Run(const std::vector<SimRequest>& requests) {
+    requests_.resize(requests.size());
+    for (size_t i = 0; i < requests.size(); ++i) {
+      requests_[i].spec = requests[i];
+      Push(requests[i].arrival_s, EventType::kArrival, static_cast<int64_t>(i));
+    }
+    while (!events_.empty()) {
+      const Event e = events_.top();
+      events_.pop();
+      now_ = e.t;
+      switch (e.type) {
+        case EventType::kArrival:
+          PDS_RETURN_IF_ERROR(Arrive(e.who));
+          break;
+        case EventType::kStepEnd:
+          PDS_RETURN_IF_ERROR(EndStep(static_cast<int>(e.who)));
+          break;
+        case EventType::kTransferEnd:
+          PDS_RETURN_IF_ERROR(EndTransfer(e.who));
+          break;
+      }
+    }
+    SimResult result;
+    for (Request& r : requests_) {
+      if (!r.done) {
+        Fail(r, "INTERNAL", "the simulation ended before the request did");
+      }
+      result.duration_s = std::max(result.duration_s, r.record.end_s);
+      result.records.push_back(std::move(r.record));
+    }
+    for (Instance& inst : instances_) {
+      inst.stats.preemptions = inst.engine->preemptions();
+      result.instances.push_back(inst.stats);
+    }
+    result.offers_refused = offers_refused_;
+    result.metrics = client::ComputeMetrics(result.records, result.duration_s, config_.slo);
+    return result;
+  }
+
+ private:
+  void Push(double t, EventType type, int64_t who) { events_.push({t, next_event_++, type, who}); }
+
+  void Fail(Request& r, const std::string& code, const std::string& message) {
+    r.record.ok = false;
+    r.record.error_code = code;
+    r.record.error_message = message;
+    r.record.end_s = now_;
+    r.done = true;
+  }
+
+  std::vector<InstanceLoad> Loads() const {
+    std::vector<InstanceLoad> loads;
+    loads.reserve(instances_.size());
+    for (const Instance& inst : instances_) {
+      InstanceLoad l;
+      l.id = inst.id;
+      l.role = inst.role;
+      l.healthy = true;
+      l.queued_prompt_tokens = inst.pending_prompt_tokens;
+      l.queued_requests = inst.pending_requests;
+      l.running_requests = std::max(inst.decoding, inst.engine->num_running());
+      l.kv_blocks_total = inst.config.kv_blocks;
+      l.kv_blocks_free = inst.engine->free_blocks() - inst.promised_blocks;
+      l.block_size = inst.config.block_size;
+      for (const auto& [seq, len] : inst.queued_lens) l.queued_prompt_lens.push_back(len);
+      l.decode_context_tokens = inst.decode_context;
+      l.max_batch_tokens = inst.config.max_batch_tokens;
+      loads.push_back(std::move(l));
+    }
+    return loads;
+  }
+
+  absl::Status Arrive(int64_t i) {
+    Request& r = requests_[i];
+    client::RequestRecord& rec = r.record;
+    rec.index = i;
+    rec.prompt_tokens = r.spec.prompt_len;
+    rec.expected_output_tokens = r.spec.output_len;
+    rec.scheduled_s = rec.send_s = now_;
+    rec.has_timeline = true;
+    rec.timeline.arrival_us = rec.timeline.queued_us = TimelineUs(now_);
+
+    DispatchRequest dr;
+    dr.prompt_tokens = r.spec.prompt_len;
+    dr.max_tokens = r.spec.output_len;
+    if (config_.send_slo && config_.slo.ttft_ms >= 0) dr.ttft_slo_ms = config_.slo.ttft_ms;
+    if (config_.send_slo && config_.slo.tpot_ms >= 0) dr.tpot_slo_ms = config_.slo.tpot_ms;
+    absl::StatusOr<Placement> placed = dispatch_.Place(dr, Loads());
+    if (!placed.ok()) {
+      Fail(r, absl::StatusCodeToString(placed.status().code()),
+           std::string(placed.status().message()));
+      return absl::OkStatus();
+    }
+    auto find = [&](const std::string& id) -> int {
+      auto it = index_.find(id);
+      return it == index_.end() ? -1 : it->second;
+    };
+    r.prefill = find(placed->prefill);
+    r.decode = placed->decode.empty() ? -1 : find(placed->decode);
+    if (r.prefill < 0 || (!placed->decode.empty() && r.decode < 0)) {
+      return absl::InternalError(absl::StrCat("dispatch policy '", dispatch_.name(),
+                                              "' placed a request on an unknown instance"));
+    }
+    Instance& p = instances_[r.prefill];
+    rec.timeline.prefill_instance = p.id;
+    if (r.decode >= 0) rec.timeline.decode_instance = instances_[r.decode].id;
+    if (!p.engine->Fits(r.spec.prompt_len) ||
+        (r.decode >= 0 && !instances_[r.decode].engine->Fits(r.spec.prompt_len))) {
+      Fail(r, "RESOURCE_EXHAUSTED",
+           absl::StrCat("prompt of ", r.spec.prompt_len, " tokens needs more KV blocks than ",
+                        "an instance holds"));
+      return absl::OkStatus();
+    }
+    p.pending_prompt_tokens += r.spec.prompt_len;
+    ++p.pending_requests;
+    r.queue_seq = next_queue_seq_++;
+    p.queued_lens[r.queue_seq] = r.spec.prompt_len;
+    r.prefill_pending = true;
+    r.context_estimate = r.spec.prompt_len + r.spec.output_len / 2;
+    if (r.decode >= 0) {
+      Instance& d = instances_[r.decode];
+      r.promised = BlocksFor(int64_t{r.spec.prompt_len} + 1, d.config.block_size);
+      d.promised_blocks += r.promised;
+      r.decode_promised = true;
+    }
+    std::optional<double> deadline;
+    if (config_.slo.ttft_ms >= 0) deadline = now_ + config_.slo.ttft_ms / 1000.0;
+    p.engine->Add(i, r.spec.prompt_len, r.spec.output_len, r.decode >= 0, deadline);
+    return Kick(r.prefill);
+  }
+
+  // Starts the instance's next step if it is idle and has a batch to run.
+  absl::Status Kick(int k) {
+    Instance& inst = instances_[k];
+    if (inst.busy) return absl::OkStatus();
+    PDS_ASSIGN_OR_RETURN(inst.batch, inst.engine->FormBatch());
+    if (inst.batch.empty()) return absl::OkStatus();
+    std::vector<std::pair<int32_t, int32_t>> prefill;
+    int32_t decodes = 0;
+    int64_t context = 0;
+    for (const StepItem& item : inst.batch) {
+      const Seq& s = *item.seq;
+      if (item.chunk == 1 && s.num_generated > 0 && s.num_computed + 1 == s.tokens) {
+        ++decodes;
+        context += s.num_computed + 1;
+      } else {
+        prefill.emplace_back(s.num_computed, item.chunk);
+      }
+      ServerTimelineStart(s);
+    }
+    inst.step_s =
+        PrefillChunkSeconds(model_, prefill) + DecodeStepSeconds(model_, decodes, context);
+    inst.busy = true;
+    inst.stats.max_running = std::max(inst.stats.max_running, inst.engine->num_running());
+    Push(now_ + inst.step_s, EventType::kStepEnd, k);
+    return absl::OkStatus();
+  }
+
+  void ServerTimelineStart(const Seq& s) {
+    client::ServerTimeline& t = requests_[s.req].record.timeline;
+    if (t.prefill_start_us == 0) t.prefill_start_us = TimelineUs(now_);
+  }
+
+  absl::Status EndStep(int k) {
+    Instance& inst = instances_[k];
+    inst.busy = false;
+    ++inst.stats.steps;
+    inst.stats.busy_s += inst.step_s;
+    std::vector<int64_t> finished, handoffs;
+    for (const StepItem& item : inst.batch) {
+      Seq& s = *item.seq;
+      s.num_computed += item.chunk;
+      if (s.num_computed < s.tokens) continue;  // mid-prefill
+      s.tokens += 1;
+      s.num_generated += 1;
+      Token(s.req);
+      const bool finish = s.num_generated >= s.max_tokens ||
+                          BlocksFor(s.tokens, inst.config.block_size) > inst.config.kv_blocks;
+      if (finish) {
+        finished.push_back(s.req);
+      } else if (s.hold_after_prefill) {
+        s.held = true;
+        s.admitted = false;
+        handoffs.push_back(s.req);
+      }
+    }
+    inst.batch.clear();
+    for (int64_t req : finished) {
+      inst.engine->Release(req);
+      Finish(requests_[req]);
+    }
+    for (int64_t req : handoffs) PDS_RETURN_IF_ERROR(Offer(req));
+    PDS_RETURN_IF_ERROR(Kick(k));
+    if (inst.role != InstanceRole::kPrefill) PDS_RETURN_IF_ERROR(RetryOffers(k));
+    return absl::OkStatus();
+  }
+
+  // A token reaches the client now.
+  void Token(int64_t req) {
+    Request& r = requests_[req];
+    client::RequestRecord& rec = r.record;
+    const bool first = rec.chunk_times_s.empty();
+    rec.chunk_times_s.push_back(now_);
+    rec.chunk_tokens.push_back(1);
+    if (!first) return;
+    rec.timeline.prefill_end_us = rec.timeline.first_token_us = TimelineUs(now_);
+    // The front-end's prefill_done.
+    Instance& p = instances_[r.prefill];
+    if (r.prefill_pending) {
+      p.pending_prompt_tokens -= r.spec.prompt_len;
+      --p.pending_requests;
+      p.queued_lens.erase(r.queue_seq);
+      r.prefill_pending = false;
+      if (r.decode < 0) {
+        ++p.decoding;
+        p.decode_context += r.context_estimate;
+        rec.timeline.decode_start_us = TimelineUs(now_);
+      }
+    }
+  }
+
+  void Finish(Request& r) {
+    r.record.ok = true;
+    r.record.end_s = now_;
+    r.record.timeline.finish_us = TimelineUs(now_);
+    r.done = true;
+    if (r.decode < 0) {
+      Instance& p = instances_[r.prefill];
+      --p.decoding;
+      p.decode_context -= r.context_estimate;
+      return;
+    }
+    Instance& d = instances_[r.decode];
+    if (r.decode_promised) {
+      d.promised_blocks -= r.promised;
+      r.decode_promised = false;
+    } else {
+      --d.decoding;
+      d.decode_context -= r.context_estimate;
+    }
+  }
+
+  absl::Status Offer(int64_t req) {
+    Request& r = requests_[req];
+    if (!r.offered) {
+      r.offered = true;
+      r.record.timeline.kv_transfer_start_us = TimelineUs(now_);
+    }
+    Instance& d = instances_[r.decode];
+    if (TryImport(req)) return absl::OkStatus();
+    ++offers_refused_;
+    d.offers.push_back(req);
+    return absl::OkStatus();
+  }
+
+  bool TryImport(int64_t req) {
+    Request& r = requests_[req];
+    Instance& d = instances_[r.decode];
+    if (!d.engine->ReserveImport(req, r.spec.prompt_len, r.spec.output_len)) return false;
+    const double bytes = static_cast<double>(config_.kv_shape.BytesPerToken()) * r.spec.prompt_len;
+    Push(now_ + config_.transfer_latency_s + bytes / config_.transfer_bandwidth,
+         EventType::kTransferEnd, req);
+    return true;
+  }
+
+  absl::Status RetryOffers(int k) {
+    Instance& d = instances_[k];
+    for (auto it = d.offers.begin(); it != d.offers.end();) {
+      if (TryImport(*it)) {
+        it = d.offers.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    return absl::OkStatus();
+  }
+
+  absl::Status EndTransfer(int64_t req) {
+    Request& r = requests_[req];
+    r.record.timeline.kv_transfer_end_us = r.record.timeline.decode_start_us = TimelineUs(now_);
+    instances_[r.prefill].engine->Release(req);
+    Instance& d = instances_[r.decode];
+    d.engine->ActivateImport(req);
+    // The front-end's decode_started.
+    d.promised_blocks -= r.promised;
+    r.decode_promised = false;
+    ++d.decoding;
+    d.decode_context += r.context_estimate;
+    PDS_RETURN_IF_ERROR(Kick(r.prefill));
+    return Kick(r.decode);
+  }
+
+  const SimConfig& config_;
+  const LatencyModel& model_;
+  DispatchPolicy& dispatch_;
+  std::vector<Instance> instances_;
+  std::map<std::string, int> index_;
+  std::vector<Request> requests_;
+  std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
+  uint64_t next_event_ = 0;
+  uint64_t next_queue_seq_ = 0;
+  int64_t offers_refused_ = 0;
+  double now_ = 0;
+};
+
+absl::Status ValidateInstance(const SimInstanceConfig& c, absl::string_view role) {
+  if (c.max_batch_tokens <= 0 || c.max_running <= 0 || c.kv_blocks <= 0 || c.block_size <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "simulator: ", role,
+        " instances need positive max_batch_tokens, max_running, kv_blocks and block_size"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ValidateConfig(const SimConfig& c) {
+  if (c.num_colocated < 0) {
+    return absl::InvalidArgumentError("simulator: num_colocated must be >= 0");
+  }
+  if (c.num_colocated > 0) return ValidateInstance(c.colocated, "colocated");
+  if (c.num_prefill < 1 || c.num_decode < 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "simulator: a disaggregated cluster needs at least one prefill and one decode instance "
+        "(got ",
+        c.num_prefill, " and ", c.num_decode, ")"));
+  }
+  PDS_RETURN_IF_ERROR(ValidateInstance(c.prefill, "prefill"));
+  PDS_RETURN_IF_ERROR(ValidateInstance(c.decode, "decode"));
+  if (!(c.transfer_bandwidth > 0) || c.transfer_latency_s < 0) {
+    return absl::InvalidArgumentError(
+        "simulator: transfer_bandwidth must be positive and transfer_latency_s >= 0");
+  }
+  if (c.kv_shape.BytesPerToken() <= 0) {
+    return absl::InvalidArgumentError("simulator: the KV shape must give positive bytes/token");
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<SimRequest>> MakeSimLengths(const client::DatasetOptions& dataset) {
+  PDS_ASSIGN_OR_RETURN(std::vector<client::RequestSpec> specs, client::BuildDataset(dataset));
+  std::vector<SimRequest> out;
+  out.reserve(specs.size());
+  for (const client::RequestSpec& s : specs) {
+    SimRequest r;
+    r.arrival_s = std::max(0.0, s.arrival_s);
+    r.prompt_len = static_cast<int32_t>(std::max<int64_t>(1, s.prompt_len));
+    r.output_len = static_cast<int32_t>(std::max<int64_t>(1, s.output_len));
+    out.push_back(r);
+  }
+  return out;
+}
+
+absl::StatusOr<std::vector<SimRequest>> MakeSimWorkload(const client::DatasetOptions& dataset,
+                                                        const client::ArrivalOptions& arrivals) {
+  if (dataset.kind == client::DatasetKind::kTrace) return MakeSimLengths(dataset);
+  // As pdbench: the arrivals first (count = num_requests), then that many length draws.
+  PDS_ASSIGN_OR_RETURN(std::vector<double> times,
+                       client::ArrivalTimes(arrivals, dataset.num_requests));
+  client::DatasetOptions d = dataset;
+  d.num_requests = static_cast<int64_t>(times.size());
+  PDS_ASSIGN_OR_RETURN(std::vector<SimRequest> out, MakeSimLengths(d));
+  for (size_t i = 0; i < out.size() && i < times.size(); ++i) out[i].arrival_s = times[i];
+  return out;
+}
+
+absl::StatusOr<SimResult> Simulate(const SimConfig& config, const LatencyModel& model,
+                                   const std::vector<SimRequest>& requests,
+                                   DispatchPolicy* policy) {
+  PDS_RETURN_IF_ERROR(ValidateConfig(config));
+  for (size_t i = 0; i < requests.size(); ++i) {
+    const SimRequest& r = requests[i];
+    if (r.prompt_len < 1 || r.output_len < 1 || !(r.arrival_s >= 0)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "simulator: request ", i, " needs prompt_len >= 1, output_len >= 1, arrival_s >= 0"));
+    }
+  }
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<BatchPolicy> batch, MakeBatchPolicy(config.batch_policy));
+  std::unique_ptr<DispatchPolicy> owned;
+  if (policy == nullptr) {
+    PDS_ASSIGN_OR_RETURN(owned,
+                         MakeDispatchPolicy(config.dispatch_policy, &model, config.dispatch_slo));
+    policy = owned.get();
+  }
+  Cluster cluster(config, model, *batch, *policy);
+  return cluster.Run(requests);
+}
+
+}  // namespace pds::scheduler

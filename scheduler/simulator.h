@@ -1,0 +1,144 @@
+// A deterministic discrete-event simulator of a pdserve cluster: N prefill + M decode
+// instances, or K colocated instances, behind one front-end. It runs the same policy code as
+// the live system: the front-end's DispatchPolicy (scheduler/dispatch_policy.h), fed
+// InstanceLoads built the way server/frontend.cc builds them, and each instance's engine
+// step formed by the BatchPolicy (scheduler/batch_policy.h) with LlmEngine's block rules.
+// Requests come from the same generators as pdbench (client/workload.h) and the results are
+// pdbench's RequestRecords and BenchMetrics (client/bench_metrics.h), so simulated and
+// measured runs are reported by the same code.
+//
+// The model of one instance mirrors engine/runtime/llm_engine.cc:
+//   - sequences in admission order; a step asks the batch policy for (sequence, chunk)s
+//     under max_batch_tokens / max_running, then reserves KV blocks in that order (a running
+//     sequence preempts the youngest other admitted one by recompute when blocks run out;
+//     the batch stops at the first sequence that cannot get its blocks);
+//   - a prompt that needs more blocks than the instance holds fails at once
+//     (RESOURCE_EXHAUSTED), as AddRequest does; a sequence ends when it has its forced
+//     output length (or when its next step could not fit in the cache at all).
+// Step time, from the LatencyModel (seconds):
+//   - prefill chunks (k new tokens after s computed ones, k = the whole prompt when s = 0):
+//     a + b * sum(k) + c * sum((s + k)^2 - s^2), which is the model's prefill form for
+//     whole prompts and charges a chunk the attention it really does over its prefix;
+//   - decodes (one token after a context of s computed): PredictDecode(n, sum(s + 1)), as
+//     `pdserve profile` measured them;
+//   - a step with both (colocated, chunked prefill, or a preempted sequence recomputing on
+//     a decode instance) takes the SUM of the two: one forward pays both loads; the sum
+//     counts the fixed cost twice, a slight overestimate that errs on the safe side.
+// The disaggregated path mirrors the front-end and the workers:
+//   - at arrival the dispatch policy places the request (a refusal is a failed record with
+//     the status code, like a RESOURCE_EXHAUSTED from the front-end); the front-end's
+//     bookkeeping (queued prompt tokens and lengths, promised decode blocks = blocks for
+//     prompt + 1, decoding count and its context estimate prompt + max_tokens / 2) is kept
+//     exactly; worker status is read without the live system's 200 ms polling lag;
+//   - the prefill instance streams the first token at the end of the step that samples it
+//     (that is the TTFT) and holds the KV blocks; the hand-off is offered to the decode
+//     instance, which accepts when its free blocks cover the prompt plus one block of
+//     growth per running sequence (LlmEngine::ReserveImport), else the offer waits
+//     (back-pressure) and is retried, in offer order, whenever that decode instance frees
+//     blocks (the live sender retries with a backoff; here the retry is immediate);
+//   - the transfer takes transfer_latency_s + bytes / transfer_bandwidth, bytes = 2 (K, V)
+//     * layers * kv_heads * head_dim * dtype_bytes * prompt tokens; transfers do not share
+//     bandwidth with each other; at its end the prefill blocks are freed and the sequence
+//     decodes on the decode instance (its first decode step yields token 2);
+//   - a one-token output finishes on the prefill instance and is never handed off.
+// Times in records are seconds from the run start (the first arrival is at its arrival
+// time, 0 for generated arrivals); timeline stamps are simulated microseconds plus 1 s (so
+// that 0 keeps meaning "did not happen"). Everything is a pure function of the inputs: the
+// same config, model and requests give identical results (events at equal times run in the
+// order they were scheduled).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "client/bench_metrics.h"
+#include "client/workload.h"
+#include "scheduler/dispatch_policy.h"
+#include "scheduler/latency_model.h"
+
+namespace pds::scheduler {
+
+// What one token's K and V take: 2 * layers * kv_heads * head_dim * dtype_bytes.
+struct KvShape {
+  int32_t num_layers = 8;
+  int32_t num_kv_heads = 4;
+  int32_t head_dim = 64;
+  int32_t dtype_bytes = 4;
+  int64_t BytesPerToken() const {
+    return int64_t{2} * num_layers * num_kv_heads * head_dim * dtype_bytes;
+  }
+};
+
+// One engine, as `pdserve prefill|decode|colocated` configures it.
+struct SimInstanceConfig {
+  int32_t max_batch_tokens = 2048;
+  int32_t max_running = 64;
+  int32_t kv_blocks = 1024;
+  int32_t block_size = 16;
+};
+
+struct SimConfig {
+  // Disaggregated when num_colocated == 0: num_prefill and num_decode (both >= 1).
+  int32_t num_prefill = 1;
+  int32_t num_decode = 1;
+  int32_t num_colocated = 0;  // > 0: this many colocated instances, no prefill/decode ones
+  SimInstanceConfig prefill;
+  SimInstanceConfig decode;
+  SimInstanceConfig colocated;
+  KvShape kv_shape;
+  double transfer_bandwidth = 10e9;              // bytes per second, > 0
+  double transfer_latency_s = 0;                 // per hand-off
+  std::string batch_policy = "fcfs";             // MakeBatchPolicy
+  std::string dispatch_policy = "least-loaded";  // MakeDispatchPolicy (with the model)
+  SloPolicyOptions dispatch_slo;                 // for "slo-aware"
+  // The SLO the metrics count against; also the requests' targets for the dispatch policy
+  // and the EDF batch policy's deadlines (arrival + TTFT target) when set.
+  client::SloTargets slo;
+  bool send_slo = true;  // put the SLO targets on every request (DispatchRequest)
+};
+
+// One request: arrival (seconds from the start) and its lengths in tokens.
+struct SimRequest {
+  double arrival_s = 0;
+  int32_t prompt_len = 1;
+  int32_t output_len = 1;
+};
+
+struct SimInstanceStats {
+  std::string id;
+  int64_t steps = 0;
+  double busy_s = 0;
+  int64_t preemptions = 0;
+  int32_t max_running = 0;
+};
+
+struct SimResult {
+  std::vector<client::RequestRecord> records;  // in request order
+  client::BenchMetrics metrics;                // client::ComputeMetrics over the records
+  double duration_s = 0;                       // run start to the end of the last request
+  std::vector<SimInstanceStats> instances;
+  int64_t offers_refused = 0;  // hand-offs that had to wait for decode KV room
+};
+
+// The requests pdbench would send: arrivals from `arrivals` (count = dataset.num_requests;
+// for a trace, the trace's own times) and lengths from BuildDataset with the same options
+// and seeds pdbench uses.
+absl::StatusOr<std::vector<SimRequest>> MakeSimWorkload(const client::DatasetOptions& dataset,
+                                                        const client::ArrivalOptions& arrivals);
+// The lengths only (arrival_s = 0), to pair with ArrivalTimes at several rates.
+absl::StatusOr<std::vector<SimRequest>> MakeSimLengths(const client::DatasetOptions& dataset);
+
+// INVALID_ARGUMENT for a bad config. `policy` overrides config.dispatch_policy (not owned;
+// used for this run only).
+absl::StatusOr<SimResult> Simulate(const SimConfig& config, const LatencyModel& model,
+                                   const std::vector<SimRequest>& requests,
+                                   DispatchPolicy* policy = nullptr);
+
+// The step-time formulas above, exposed for tests and for the planner's estimates.
+double PrefillChunkSeconds(const LatencyModel& model,
+                           const std::vector<std::pair<int32_t, int32_t>>& start_and_len);
+double DecodeStepSeconds(const LatencyModel& model, int32_t batch, int64_t total_context);
+
+}  // namespace pds::scheduler

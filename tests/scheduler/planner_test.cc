@@ -1,0 +1,134 @@
+#include "scheduler/planner.h"
+
+#include "gtest/gtest.h"
+
+namespace pds::scheduler {
+namespace {
+
+LatencyModel Model(std::array<double, 3> prefill, std::array<double, 3> decode) {
+  nlohmann::json j = {{"prefill", {{"coef", prefill}}}, {"decode", {{"coef", decode}}}};
+  auto model = LatencyModel::FromJson(j);
+  EXPECT_TRUE(model.ok()) << model.status();
+  return *model;
+}
+
+PlannerOptions Options(int32_t prompt, int32_t output, double ttft_ms, double tpot_ms) {
+  PlannerOptions o;
+  o.lengths.assign(150, SimRequest{0, prompt, output});
+  o.arrival.kind = client::ArrivalKind::kPoisson;
+  o.arrival.seed = 3;
+  o.base.slo.ttft_ms = ttft_ms;
+  o.base.slo.tpot_ms = tpot_ms;
+  o.base.transfer_bandwidth = 1e10;
+  o.max_instances = 3;
+  o.bisect_steps = 6;
+  o.search_colocated = false;
+  return o;
+}
+
+// Prefill 0.21 s for a 200-token prompt, decode steps of about 1 ms: the prefill instances
+// are the bottleneck, so 2 prefill + 1 decode serve about twice what 1 + 2 do.
+TEST(PlannerTest, PrefillBoundWorkloadGetsMorePrefillInstances) {
+  const LatencyModel m = Model({0.01, 1e-3, 0}, {1e-3, 0, 1e-4});
+  auto plan = MakePlan(Options(200, 20, 1500, 100), m);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->unit.prefill, 2);
+  EXPECT_EQ(plan->unit.decode, 1);
+  EXPECT_GT(plan->unit.goodput_per_gpu, 0);
+  EXPECT_GE(plan->predicted_attainment, 0.9);
+  EXPECT_EQ(plan->candidates.size(), 3u);
+  // Ranked by goodput per GPU.
+  for (size_t i = 1; i < plan->candidates.size(); ++i) {
+    EXPECT_GE(plan->candidates[i - 1].goodput_per_gpu, plan->candidates[i].goodput_per_gpu);
+  }
+}
+
+// Cheap prefill, decode steps of 0.02 + 0.01 per sequence: a 100 ms TPOT allows about 7
+// sequences per decode instance, so the decode instances are the bottleneck.
+TEST(PlannerTest, DecodeBoundWorkloadGetsMoreDecodeInstances) {
+  const LatencyModel m = Model({1e-3, 1e-5, 0}, {0.02, 0, 0.01});
+  auto plan = MakePlan(Options(64, 100, 1000, 100), m);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_EQ(plan->unit.prefill, 1);
+  EXPECT_EQ(plan->unit.decode, 2);
+  EXPECT_EQ(plan->prefill_instances, 1);
+  EXPECT_EQ(plan->decode_instances, 2);
+  // The curve passes at low rates and fails at twice the goodput.
+  ASSERT_FALSE(plan->curve.empty());
+  EXPECT_GE(plan->curve.front().slo_attainment, 0.9);
+  EXPECT_LT(plan->curve.back().slo_attainment, 0.9);
+}
+
+TEST(PlannerTest, ReplicatesToCoverARateOrSaysItCannot) {
+  const LatencyModel m = Model({0.01, 1e-3, 0}, {1e-3, 0, 1e-4});
+  PlannerOptions o = Options(200, 20, 1500, 100);
+  o.max_instances = 3;
+  o.gpus = 3;
+  o.target_rate = 1000;
+  auto no = MakePlan(o, m);
+  ASSERT_TRUE(no.ok()) << no.status();
+  EXPECT_FALSE(no->feasible);
+  EXPECT_NE(no->reason.find("cannot serve"), std::string::npos) << no->reason;
+  EXPECT_FALSE(PlanToJson(*no)["feasible"].get<bool>());
+
+  o.gpus = 12;
+  auto unit = MakePlan(Options(200, 20, 1500, 100), m);
+  ASSERT_TRUE(unit.ok());
+  o.target_rate = 2.5 * unit->unit.max_rate();
+  auto yes = MakePlan(o, m);
+  ASSERT_TRUE(yes.ok()) << yes.status();
+  EXPECT_TRUE(yes->feasible) << yes->reason;
+  EXPECT_EQ(yes->replicas, 3);
+  EXPECT_EQ(yes->prefill_instances, 6);
+  EXPECT_EQ(yes->decode_instances, 3);
+  EXPECT_EQ(yes->gpus_used, 9);
+  EXPECT_DOUBLE_EQ(yes->predicted_at_rate, o.target_rate);
+  EXPECT_GE(yes->predicted_attainment, 0.8);
+}
+
+TEST(PlannerTest, PlanFileRoundTripAndColocatedComparison) {
+  const LatencyModel m = Model({0.01, 1e-3, 0}, {1e-3, 0, 1e-4});
+  PlannerOptions o = Options(200, 20, 1500, 100);
+  o.max_instances = 2;
+  o.search_colocated = true;
+  o.profile_path = "profile.json";
+  o.workload = {{"name", "fixed"}};
+  auto plan = MakePlan(o, m);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_GT(plan->colocated.colocated, 0);
+  EXPECT_GT(plan->colocated.goodput_per_gpu, 0);
+  const nlohmann::json j = PlanToJson(*plan);
+  for (const char* key : {"prefill_instances", "decode_instances", "goodput_per_gpu",
+                          "colocated_goodput_per_gpu", "predicted_attainment", "curve",
+                          "colocated_curve", "workload", "slo", "profile", "latency_model"}) {
+    EXPECT_TRUE(j.contains(key)) << key;
+  }
+  EXPECT_EQ(j["profile"], "profile.json");
+  EXPECT_EQ(j["slo"]["ttft_ms"], 1500);
+  auto file = ParsePlanFile(nlohmann::json::parse(j.dump()));
+  ASSERT_TRUE(file.ok()) << file.status();
+  EXPECT_EQ(file->prefill_instances, 1);
+  EXPECT_EQ(file->decode_instances, 1);
+  EXPECT_EQ(file->prefill.max_batch_tokens, 2048);
+  EXPECT_EQ(file->tpot_slo_ms, 100);
+  EXPECT_EQ(file->dispatch_policy, "least-loaded");
+  EXPECT_FALSE(PlanSummary(*plan).empty());
+  nlohmann::json bad = j;
+  bad["decode_instances"] = 0;
+  EXPECT_EQ(ParsePlanFile(bad).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+TEST(PlannerTest, RejectsBadOptions) {
+  const LatencyModel m = Model({0.01, 1e-3, 0}, {1e-3, 0, 1e-4});
+  PlannerOptions o = Options(200, 20, 1500, 100);
+  o.lengths.clear();
+  EXPECT_EQ(MakePlan(o, m).status().code(), absl::StatusCode::kInvalidArgument);
+  o = Options(200, 20, -1, -1);
+  EXPECT_EQ(MakePlan(o, m).status().code(), absl::StatusCode::kInvalidArgument);
+  o = Options(200, 20, 1500, 100);
+  o.max_instances = 1;
+  EXPECT_EQ(MakePlan(o, m).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace pds::scheduler

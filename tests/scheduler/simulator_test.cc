@@ -1,0 +1,228 @@
+#include "scheduler/simulator.h"
+
+#include <map>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace pds::scheduler {
+namespace {
+
+LatencyModel Model(std::array<double, 3> prefill, std::array<double, 3> decode) {
+  nlohmann::json j = {{"prefill", {{"coef", prefill}}}, {"decode", {{"coef", decode}}}};
+  auto model = LatencyModel::FromJson(j);
+  EXPECT_TRUE(model.ok()) << model.status();
+  return *model;
+}
+
+// Prefill 0.01 + 0.001 per token (100 tokens: 0.11 s); decode 0.02 + 0.005 per sequence
+// (one sequence: 0.025 s per step).
+LatencyModel SimpleModel() { return Model({0.01, 0.001, 0}, {0.02, 0, 0.005}); }
+
+// 2 bytes per token (1 layer, 1 head, head_dim 1, 1 byte), 200 bytes/s, 0.5 s latency: a
+// 100-token hand-off takes 1.5 s.
+SimConfig SimpleConfig() {
+  SimConfig c;
+  c.kv_shape = {1, 1, 1, 1};
+  c.transfer_bandwidth = 200;
+  c.transfer_latency_s = 0.5;
+  c.slo.ttft_ms = 200;
+  c.slo.tpot_ms = 500;
+  return c;
+}
+
+std::vector<SimRequest> Constant(int n, double gap, int32_t prompt, int32_t output) {
+  std::vector<SimRequest> r(n);
+  for (int i = 0; i < n; ++i) r[i] = {i * gap, prompt, output};
+  return r;
+}
+
+TEST(SimulatorTest, HandComputedDisaggregatedTimes) {
+  auto result = Simulate(SimpleConfig(), SimpleModel(), Constant(3, 10.0, 100, 5));
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->records.size(), 3u);
+  for (int i = 0; i < 3; ++i) {
+    const client::RequestRecord& r = result->records[i];
+    ASSERT_TRUE(r.ok) << r.error_code << " " << r.error_message;
+    EXPECT_DOUBLE_EQ(r.send_s, 10.0 * i);
+    EXPECT_NEAR(r.TtftS(), 0.11, 1e-12);
+    // 1.5 s hand-off, then 4 decode steps of 0.025 s.
+    EXPECT_NEAR(r.E2elS(), 0.11 + 1.5 + 4 * 0.025, 1e-12);
+    EXPECT_NEAR(r.TpotS(), (1.5 + 0.1) / 4, 1e-12);
+    EXPECT_EQ(r.OutputTokens(), 5);
+    EXPECT_EQ(r.timeline.prefill_instance, "prefill-0");
+    EXPECT_EQ(r.timeline.decode_instance, "decode-0");
+    EXPECT_EQ(r.timeline.kv_transfer_end_us - r.timeline.kv_transfer_start_us, 1'500'000);
+  }
+  EXPECT_EQ(result->metrics.completed, 3);
+  EXPECT_DOUBLE_EQ(result->metrics.slo_attainment, 1.0);
+  EXPECT_NEAR(result->metrics.ttft_ms.mean, 110, 1e-9);
+  EXPECT_NEAR(result->metrics.tpot_ms.p99, 400, 1e-9);
+  EXPECT_NEAR(result->metrics.transfer_ms.mean, 1500, 1e-6);
+  EXPECT_NEAR(result->duration_s, 20 + 1.71, 1e-9);
+  EXPECT_EQ(result->offers_refused, 0);
+  // A tighter TPOT target is missed by every request.
+  SimConfig tight = SimpleConfig();
+  tight.slo.tpot_ms = 300;
+  auto missed = Simulate(tight, SimpleModel(), Constant(3, 10.0, 100, 5));
+  ASSERT_TRUE(missed.ok());
+  EXPECT_DOUBLE_EQ(missed->metrics.slo_attainment, 0.0);
+}
+
+TEST(SimulatorTest, QueueingWhenArrivalsOutpaceThePrefill) {
+  SimConfig c = SimpleConfig();
+  c.prefill.max_batch_tokens = 100;  // one prompt per step
+  auto result = Simulate(c, SimpleModel(), Constant(10, 0.05, 100, 2));
+  ASSERT_TRUE(result.ok()) << result.status();
+  for (int k = 0; k < 10; ++k) {
+    // The prefill instance is never idle: request k's first token at 0.11 (k + 1).
+    EXPECT_NEAR(result->records[k].TtftS(), 0.11 * (k + 1) - 0.05 * k, 1e-9) << k;
+  }
+  EXPECT_LT(result->metrics.slo_attainment, 0.5);  // TTFT 200 ms is missed from k = 2 on
+}
+
+TEST(SimulatorTest, BackPressureWhenDecodeKvIsTiny) {
+  SimConfig c = SimpleConfig();
+  c.transfer_bandwidth = 1e12;
+  c.transfer_latency_s = 0;
+  c.prefill.kv_blocks = 8;  // one held 100-token prompt (7 blocks of 16) at a time
+  c.decode.kv_blocks = 12;  // one decoding request; a second needs 7 + 1 free
+  auto result = Simulate(c, SimpleModel(), Constant(3, 0.0, 100, 40));
+  ASSERT_TRUE(result.ok()) << result.status();
+  const auto& r = result->records;
+  for (const auto& rec : r) ASSERT_TRUE(rec.ok) << rec.error_code << " " << rec.error_message;
+  EXPECT_GE(result->offers_refused, 1);
+  // The second request's KV moves only once the first finished decoding...
+  EXPECT_GE(r[1].timeline.kv_transfer_end_us, r[0].timeline.finish_us);
+  EXPECT_GT(r[1].timeline.kv_transfer_end_us - r[1].timeline.kv_transfer_start_us, 500'000);
+  // ...and the prefill instance, full of its held KV, starts the third only after that.
+  EXPECT_GE(r[2].timeline.prefill_start_us, r[1].timeline.kv_transfer_end_us);
+}
+
+TEST(SimulatorTest, ColocatedStepsSumPrefillAndDecode) {
+  SimConfig c = SimpleConfig();
+  c.num_colocated = 1;
+  // A alone: prefill 0.11, then decode steps of 0.025. B arrives during A's first decode
+  // step (0.11 - 0.135); the next step mixes A's decode and B's prefill: 0.025 + 0.11.
+  std::vector<SimRequest> reqs = {{0.0, 100, 5}, {0.12, 100, 2}};
+  auto result = Simulate(c, SimpleModel(), reqs);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const auto& a = result->records[0];
+  const auto& b = result->records[1];
+  ASSERT_TRUE(a.ok && b.ok);
+  EXPECT_EQ(a.timeline.prefill_instance, "colocated-0");
+  EXPECT_TRUE(a.timeline.decode_instance.empty());
+  EXPECT_NEAR(a.TtftS(), 0.11, 1e-12);
+  EXPECT_NEAR(b.TtftS(), 0.135 + 0.135 - 0.12, 1e-12);
+  EXPECT_NEAR(a.chunk_times_s[1] - a.chunk_times_s[0], 0.025, 1e-12);
+  EXPECT_NEAR(a.chunk_times_s[2] - a.chunk_times_s[1], 0.135, 1e-12);
+  // Then A and B decode together: 0.02 + 2 * 0.005.
+  EXPECT_NEAR(b.chunk_times_s[1] - b.chunk_times_s[0], 0.03, 1e-12);
+  EXPECT_EQ(result->metrics.transfer_ms.count, 0);
+}
+
+TEST(SimulatorTest, DeterministicForASeed) {
+  client::DatasetOptions d;
+  d.kind = client::DatasetKind::kChatbot;
+  d.num_requests = 200;
+  d.seed = 7;
+  client::ArrivalOptions a;
+  a.rate = 4;
+  a.seed = 7;
+  auto reqs = MakeSimWorkload(d, a);
+  ASSERT_TRUE(reqs.ok()) << reqs.status();
+  ASSERT_EQ(reqs->size(), 200u);
+  SimConfig c = SimpleConfig();
+  c.transfer_bandwidth = 1e9;
+  c.num_prefill = 2;
+  c.num_decode = 2;
+  const LatencyModel m = Model({0.005, 2e-4, 1e-8}, {0.003, 1e-6, 5e-4});
+  auto first = Simulate(c, m, *reqs);
+  auto second = Simulate(c, m, *reqs);
+  ASSERT_TRUE(first.ok() && second.ok());
+  ASSERT_EQ(first->records.size(), second->records.size());
+  for (size_t i = 0; i < first->records.size(); ++i) {
+    EXPECT_EQ(first->records[i].chunk_times_s, second->records[i].chunk_times_s) << i;
+    EXPECT_EQ(first->records[i].timeline.prefill_instance,
+              second->records[i].timeline.prefill_instance);
+  }
+  EXPECT_EQ(first->metrics.slo_attainment, second->metrics.slo_attainment);
+  // The same generators as pdbench: another seed gives another workload and other times.
+  d.seed = 8;
+  a.seed = 8;
+  auto other = MakeSimWorkload(d, a);
+  ASSERT_TRUE(other.ok());
+  auto third = Simulate(c, m, *other);
+  ASSERT_TRUE(third.ok());
+  EXPECT_NE(third->metrics.ttft_ms.mean, first->metrics.ttft_ms.mean);
+}
+
+TEST(SimulatorTest, DispatchSpreadsLoadOverTwoInstances) {
+  for (bool colocated : {false, true}) {
+    SimConfig c = SimpleConfig();
+    c.transfer_bandwidth = 1e9;
+    if (colocated) {
+      c.num_colocated = 2;
+    } else {
+      c.num_prefill = 2;
+      c.num_decode = 2;
+    }
+    auto result = Simulate(c, SimpleModel(), Constant(40, 0.02, 100, 10));
+    ASSERT_TRUE(result.ok()) << result.status();
+    std::map<std::string, int> prefill, decode;
+    for (const auto& r : result->records) {
+      ASSERT_TRUE(r.ok);
+      ++prefill[r.timeline.prefill_instance];
+      if (!colocated) ++decode[r.timeline.decode_instance];
+    }
+    ASSERT_EQ(prefill.size(), 2u) << colocated;
+    for (const auto& [id, n] : prefill) EXPECT_GE(n, 15) << id;
+    if (!colocated) {
+      ASSERT_EQ(decode.size(), 2u);
+      for (const auto& [id, n] : decode) EXPECT_GE(n, 10) << id;
+    }
+    for (const SimInstanceStats& s : result->instances) EXPECT_GT(s.steps, 0) << s.id;
+  }
+}
+
+TEST(SimulatorTest, TooLongPromptsFailAndCount) {
+  SimConfig c = SimpleConfig();
+  c.decode.kv_blocks = 4;  // 64 tokens
+  auto result = Simulate(c, SimpleModel(), {{0, 100, 5}, {1, 30, 5}});
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_FALSE(result->records[0].ok);
+  EXPECT_EQ(result->records[0].error_code, "RESOURCE_EXHAUSTED");
+  EXPECT_TRUE(result->records[1].ok);
+  EXPECT_EQ(result->metrics.failed, 1);
+  EXPECT_DOUBLE_EQ(result->metrics.slo_attainment, 0.5);
+}
+
+TEST(SimulatorTest, RejectsBadConfigs) {
+  SimConfig c = SimpleConfig();
+  c.num_prefill = 0;
+  auto r = Simulate(c, SimpleModel(), Constant(1, 1, 10, 2));
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  c = SimpleConfig();
+  c.batch_policy = "nope";
+  EXPECT_EQ(Simulate(c, SimpleModel(), Constant(1, 1, 10, 2)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  c = SimpleConfig();
+  c.dispatch_policy = "nope";
+  EXPECT_EQ(Simulate(c, SimpleModel(), Constant(1, 1, 10, 2)).status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(Simulate(SimpleConfig(), SimpleModel(), {{0, 0, 2}}).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
+TEST(SimulatorTest, EdfBatchPolicyRuns) {
+  SimConfig c = SimpleConfig();
+  c.batch_policy = "edf";
+  c.transfer_bandwidth = 1e9;
+  auto result = Simulate(c, SimpleModel(), Constant(20, 0.05, 100, 4));
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->metrics.completed, 20);
+}
+
+}  // namespace
+}  // namespace pds::scheduler
