@@ -17,6 +17,7 @@
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
 #include "pdserve/v1/serving.grpc.pb.h"
+#include "scheduler/planner.h"
 #include "server/cli_args.h"
 #include "server/cli_model.h"
 #include "server/commands.h"
@@ -218,6 +219,51 @@ absl::Status RunUp(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(const std::string model, args.Required("model"));
   PDS_ASSIGN_OR_RETURN(int64_t n_prefill, args.GetInt("prefill", 0));
   PDS_ASSIGN_OR_RETURN(int64_t n_decode, args.GetInt("decode", 0));
+  // A plan (pdserve plan --out) gives the instance counts, each role's engine settings,
+  // the SLO targets and the profile for SLO-aware dispatch; explicit flags win.
+  std::map<std::string, std::vector<std::string>> role_flags;
+  std::vector<std::string> plan_fe_flags;
+  if (args.Has("plan")) {
+    const std::string path = args.GetString("plan");
+    std::ifstream in(path);
+    if (!in) return absl::NotFoundError(absl::StrCat("cannot read plan file ", path));
+    nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat(path, " is not JSON"));
+    auto plan = scheduler::ParsePlanFile(j);
+    if (!plan.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat(path, ": ", plan.status().message()));
+    }
+    if (!args.Has("prefill")) n_prefill = plan->prefill_instances;
+    if (!args.Has("decode")) n_decode = plan->decode_instances;
+    for (const auto& [role, inst] :
+         {std::pair<std::string, scheduler::SimInstanceConfig>{"prefill", plan->prefill},
+          {"decode", plan->decode}}) {
+      role_flags[role] = {"--max-batch-tokens", absl::StrCat(inst.max_batch_tokens),
+                          "--max-batch-size",   absl::StrCat(inst.max_running),
+                          "--num-blocks",       absl::StrCat(inst.kv_blocks),
+                          "--block-size",       absl::StrCat(inst.block_size)};
+    }
+    if (plan->ttft_slo_ms > 0 && !args.Has("slo-ttft-ms")) {
+      plan_fe_flags.insert(plan_fe_flags.end(), {"--slo-ttft-ms", absl::StrCat(plan->ttft_slo_ms)});
+    }
+    if (plan->tpot_slo_ms > 0 && !args.Has("slo-tpot-ms")) {
+      plan_fe_flags.insert(plan_fe_flags.end(), {"--slo-tpot-ms", absl::StrCat(plan->tpot_slo_ms)});
+    }
+    if (!plan->profile_path.empty() && !args.Has("profile")) {
+      if (std::filesystem::exists(plan->profile_path)) {
+        plan_fe_flags.insert(plan_fe_flags.end(), {"--profile", plan->profile_path});
+        if (!plan->dispatch_policy.empty() && !args.Has("policy")) {
+          plan_fe_flags.insert(plan_fe_flags.end(), {"--policy", plan->dispatch_policy});
+        }
+      } else {
+        std::fprintf(stderr,
+                     "pdserve up: the plan's profile %s is not here; dispatch is least-loaded\n",
+                     plan->profile_path.c_str());
+      }
+    }
+    std::printf("pdserve up: plan %s: %lld prefill + %lld decode instances\n", path.c_str(),
+                static_cast<long long>(n_prefill), static_cast<long long>(n_decode));
+  }
   PDS_ASSIGN_OR_RETURN(int64_t n_colocated, args.GetInt("colocated", 0));
   PDS_ASSIGN_OR_RETURN(int64_t port, args.GetInt("port", 8000));
   PDS_ASSIGN_OR_RETURN(int64_t startup_s, args.GetInt("startup-timeout", 300));
@@ -254,6 +300,7 @@ absl::Status RunUp(const CliArgs& args) {
     }
   }
   if (args.Has("best-effort")) fe.push_back("--best-effort");
+  fe.insert(fe.end(), plan_fe_flags.begin(), plan_fe_flags.end());
   PDS_RETURN_IF_ERROR(cluster.Add("frontend", fe));
 
   // The front-end writes its port once it listens.
@@ -279,12 +326,20 @@ absl::Status RunUp(const CliArgs& args) {
                                      "--frontend", address,
                                      "--backend",  backend,
                                      "--threads",  absl::StrCat(threads)};
+    std::vector<std::string> from_plan = role_flags[role];
     for (const FlagSpec& s : EngineFlagSpecs()) {
+      const std::string flag = absl::StrCat("--", s.name);
       if (args.Has(s.name)) {
-        argv.push_back(absl::StrCat("--", s.name));
+        argv.push_back(flag);
         argv.push_back(args.GetString(s.name));
+        // An explicit flag overrides the plan's value.
+        for (size_t i = 0; i + 1 < from_plan.size(); i += 2) {
+          if (from_plan[i] == flag)
+            from_plan.erase(from_plan.begin() + i, from_plan.begin() + i + 2);
+        }
       }
     }
+    argv.insert(argv.end(), from_plan.begin(), from_plan.end());
     return argv;
   };
   std::vector<std::pair<std::string, int64_t>> roles =
@@ -402,6 +457,7 @@ int WorkerMain(int argc, char** argv, const char* role) {
 int UpMain(int argc, char** argv) {
   std::vector<FlagSpec> specs = {
       {"model", false, "model directory"},
+      {"plan", false, "a plan file from pdserve plan --out (instances, settings, SLOs)"},
       {"prefill", false, "prefill instances"},
       {"decode", false, "decode instances"},
       {"colocated", false, "colocated instances (instead of prefill/decode)"},

@@ -21,11 +21,10 @@ constexpr int64_t kSmallM = 8;  // up to here the weight-streaming kernels beat 
 
 // c[i, j] (+)= a[i, :] . w[j, :] for i < m <= 4 (8), j in [n0, n1): each weight row is read
 // once for all m rows (decode batches are bound by reading the weights). Rows past m alias
-// row 0 and their sums are dropped, so one loop body serves every m. Not in the anonymous namespace: GCC's target_clones warns on internal-linkage
-// functions.
-PDS_SIMD_CLONES void SmallMGemm4(const float* a, int64_t lda, const float* w, float* c,
-                                 int64_t ldc, int64_t m, int64_t n0, int64_t n1, int64_t k,
-                                 bool accumulate) {
+// row 0 and their sums are dropped, so one loop body serves every m. Not in the anonymous
+// namespace: GCC's target_clones warns on internal-linkage functions.
+PDS_SIMD_CLONES void SmallMGemm4(const float* a, int64_t lda, const float* w, float* c, int64_t ldc,
+                                 int64_t m, int64_t n0, int64_t n1, int64_t k, bool accumulate) {
   const float* r0 = a;
   const float* r1 = a + (m > 1 ? lda : 0);
   const float* r2 = a + (m > 2 ? 2 * lda : 0);
@@ -49,9 +48,8 @@ PDS_SIMD_CLONES void SmallMGemm4(const float* a, int64_t lda, const float* w, fl
 }
 
 // The same for 4 < m <= 8.
-PDS_SIMD_CLONES void SmallMGemm8(const float* a, int64_t lda, const float* w, float* c,
-                                 int64_t ldc, int64_t m, int64_t n0, int64_t n1, int64_t k,
-                                 bool accumulate) {
+PDS_SIMD_CLONES void SmallMGemm8(const float* a, int64_t lda, const float* w, float* c, int64_t ldc,
+                                 int64_t m, int64_t n0, int64_t n1, int64_t k, bool accumulate) {
   const float* r0 = a;
   const float* r1 = a + lda;
   const float* r2 = a + 2 * lda;

@@ -21,6 +21,7 @@
 #include "engine/runtime/llm_engine.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "tests/testing/test_util.h"
 
@@ -572,6 +573,34 @@ TEST_F(ServingTest, SloAwareAdmissionRefusesWhatCannotMeetItsTtft) {
   EXPECT_EQ(status.policy(), "slo-aware");
   EXPECT_EQ(status.requests_refused_slo(), refused);
   ExpectAllFree(cluster->stub());
+  cluster.reset();
+
+  // pdserve plan on that profile, then pdserve up --plan starts what it planned.
+  const std::string plan = testing::ScratchDir() + "/plan.json";
+  const std::string plan_cmd =
+      absl::StrCat(PDSERVE_BINARY, " plan --profile ", profile,
+                   " --workload code --length-scale 0.1 --max-model-len 200 --slo-ttft 200 "
+                   "--slo-tpot 50 --gpus 3 --num-requests 100 --bisect-steps 4 --policy "
+                   "slo-aware --out ",
+                   plan, " > /dev/null 2>&1");
+  ASSERT_EQ(std::system(plan_cmd.c_str()), 0) << plan_cmd;
+  std::ifstream in(plan);
+  const nlohmann::json j = nlohmann::json::parse(in);
+  const int planned = j["prefill_instances"].get<int>() + j["decode_instances"].get<int>();
+  ASSERT_GE(planned, 2);
+  ASSERT_LE(planned, 3);
+  cluster = LocalCluster::Start(*model_dir_, {"--plan", plan});
+  ASSERT_NE(cluster, nullptr);
+  const api::ClusterStatus planned_status = FreshStatus(cluster->stub());
+  int prefill = 0, decode = 0;
+  for (const auto& inst : planned_status.instances()) {
+    prefill += inst.role() == "prefill";
+    decode += inst.role() == "decode";
+  }
+  EXPECT_EQ(prefill, j["prefill_instances"].get<int>());
+  EXPECT_EQ(decode, j["decode_instances"].get<int>());
+  EXPECT_EQ(planned_status.policy(), "slo-aware");
+  EXPECT_EQ(Generate(cluster->stub(), probe).tokens.size(), 4u);
 }
 
 }  // namespace
