@@ -4,6 +4,7 @@
 #include <cmath>
 
 #include "absl/strings/str_cat.h"
+#include "engine/common/status_macros.h"
 
 namespace pds::scheduler {
 namespace {
@@ -66,40 +67,52 @@ absl::StatusOr<std::array<double, 3>> FitPhase(const std::vector<std::array<doub
 
 }  // namespace
 
-absl::StatusOr<std::array<double, 3>> LeastSquares3(const std::vector<std::array<double, 3>>& x,
-                                                    const std::vector<double>& y,
-                                                    const std::vector<double>& w) {
+absl::StatusOr<std::vector<double>> LeastSquares(const std::vector<std::vector<double>>& x,
+                                                 const std::vector<double>& y,
+                                                 const std::vector<double>& w) {
   // Normal equations with column scaling, solved by Gaussian elimination with pivoting.
-  std::array<double, 3> scale{};
+  if (x.empty()) return absl::InvalidArgumentError("no samples to fit");
+  const size_t n = x[0].size();
+  std::vector<double> scale(n, 0.0);
   for (const auto& row : x) {
-    for (int k = 0; k < 3; ++k) scale[k] = std::max(scale[k], std::abs(row[k]));
+    for (size_t k = 0; k < n; ++k) scale[k] = std::max(scale[k], std::abs(row[k]));
   }
   for (double& s : scale) s = s > 0 ? s : 1.0;
-  double a[3][4] = {};
+  std::vector<std::vector<double>> a(n, std::vector<double>(n + 1, 0.0));
   for (size_t i = 0; i < x.size(); ++i) {
-    for (int r = 0; r < 3; ++r) {
-      for (int c = 0; c < 3; ++c) a[r][c] += w[i] * x[i][r] / scale[r] * x[i][c] / scale[c];
-      a[r][3] += w[i] * x[i][r] / scale[r] * y[i];
+    for (size_t r = 0; r < n; ++r) {
+      for (size_t c = 0; c < n; ++c) a[r][c] += w[i] * x[i][r] / scale[r] * x[i][c] / scale[c];
+      a[r][n] += w[i] * x[i][r] / scale[r] * y[i];
     }
   }
-  for (int col = 0; col < 3; ++col) {
-    int pivot = col;
-    for (int r = col + 1; r < 3; ++r) {
+  for (size_t col = 0; col < n; ++col) {
+    size_t pivot = col;
+    for (size_t r = col + 1; r < n; ++r) {
       if (std::abs(a[r][col]) > std::abs(a[pivot][col])) pivot = r;
     }
-    if (std::abs(a[pivot][col]) < 1e-300) {
+    if (std::abs(a[pivot][col]) < 1e-12) {
       return absl::InvalidArgumentError("samples do not determine the model (singular system)");
     }
     std::swap(a[col], a[pivot]);
-    for (int r = 0; r < 3; ++r) {
+    for (size_t r = 0; r < n; ++r) {
       if (r == col) continue;
       const double f = a[r][col] / a[col][col];
-      for (int c = col; c < 4; ++c) a[r][c] -= f * a[col][c];
+      for (size_t c = col; c <= n; ++c) a[r][c] -= f * a[col][c];
     }
   }
-  std::array<double, 3> beta;
-  for (int k = 0; k < 3; ++k) beta[k] = a[k][3] / a[k][k] / scale[k];
+  std::vector<double> beta(n);
+  for (size_t k = 0; k < n; ++k) beta[k] = a[k][n] / a[k][k] / scale[k];
   return beta;
+}
+
+absl::StatusOr<std::array<double, 3>> LeastSquares3(const std::vector<std::array<double, 3>>& x,
+                                                    const std::vector<double>& y,
+                                                    const std::vector<double>& w) {
+  std::vector<std::vector<double>> rows;
+  for (const auto& r : x) rows.push_back({r[0], r[1], r[2]});
+  auto beta = LeastSquares(rows, y, w);
+  if (!beta.ok()) return beta.status();
+  return std::array<double, 3>{(*beta)[0], (*beta)[1], (*beta)[2]};
 }
 
 double LatencyModel::PredictPrefill(absl::Span<const int32_t> prompt_lens) const {
@@ -107,7 +120,8 @@ double LatencyModel::PredictPrefill(absl::Span<const int32_t> prompt_lens) const
 }
 
 double LatencyModel::PredictDecode(int32_t batch, int64_t total_context) const {
-  return Dot(decode_coef_, DecodeFeatures(batch, total_context));
+  return Dot(decode_coef_, DecodeFeatures(batch, total_context)) +
+         (decode_knee_ > 0 ? decode_knee_coef_ * std::max(0, batch - decode_knee_) : 0.0);
 }
 
 absl::StatusOr<LatencyModel> LatencyModel::Fit(const std::vector<PrefillSample>& prefill,
@@ -131,7 +145,84 @@ absl::StatusOr<LatencyModel> LatencyModel::Fit(const std::vector<PrefillSample>&
   auto d = FitPhase(x, y, "decode", model.decode_quality_);
   if (!d.ok()) return d.status();
   model.decode_coef_ = *d;
+  PDS_RETURN_IF_ERROR(model.FitDecodeKnee(decode));
   return model;
+}
+
+absl::Status LatencyModel::FitDecodeKnee(const std::vector<DecodeSample>& decode) {
+  // Candidate knees: each profiled batch size with at least two larger sizes beyond it. The
+  // knee is chosen on the fit samples only (index % 4 != 3); the held-out error is then
+  // measured with it and, like the linear form, the coefficients are refitted on all.
+  std::vector<int32_t> batches;
+  for (const auto& s : decode) batches.push_back(s.batch);
+  std::sort(batches.begin(), batches.end());
+  batches.erase(std::unique(batches.begin(), batches.end()), batches.end());
+  auto rows_of = [](const std::vector<DecodeSample>& samples, int32_t knee,
+                    std::vector<std::vector<double>>& x, std::vector<double>& y,
+                    std::vector<double>& w) {
+    for (const auto& s : samples) {
+      x.push_back({1.0, static_cast<double>(s.total_context), static_cast<double>(s.batch),
+                   static_cast<double>(std::max(0, s.batch - knee))});
+      y.push_back(s.seconds);
+      w.push_back(1.0 / (s.seconds * s.seconds));
+    }
+  };
+  std::vector<DecodeSample> fit, held;
+  for (size_t i = 0; i < decode.size(); ++i) (i % 4 == 3 ? held : fit).push_back(decode[i]);
+  auto rel_errors = [](const std::vector<DecodeSample>& samples, const std::vector<double>& beta,
+                       int32_t knee) {
+    std::vector<double> e;
+    for (const auto& s : samples) {
+      const double p = beta[0] + beta[1] * s.total_context + beta[2] * s.batch +
+                       beta[3] * std::max(0, s.batch - knee);
+      e.push_back(std::abs(p - s.seconds) / s.seconds);
+    }
+    std::sort(e.begin(), e.end());
+    return e;
+  };
+  double best_cost = 0;
+  {
+    std::vector<std::vector<double>> x;
+    std::vector<double> y, w;
+    rows_of(fit, 0, x, y, w);
+    for (auto& row : x) row.pop_back();  // the linear form alone
+    PDS_ASSIGN_OR_RETURN(std::vector<double> linear, LeastSquares(x, y, w));
+    linear.push_back(0.0);
+    for (double e : rel_errors(fit, linear, 0)) best_cost += e * e;
+  }
+  int32_t best_knee = 0;
+  for (size_t b = 0; b + 2 < batches.size(); ++b) {
+    const int32_t knee = batches[b];
+    std::vector<std::vector<double>> x;
+    std::vector<double> y, w;
+    rows_of(fit, knee, x, y, w);
+    auto beta = LeastSquares(x, y, w);
+    if (!beta.ok()) continue;
+    double cost = 0;
+    for (double e : rel_errors(fit, *beta, knee)) cost += e * e;
+    // A knee must earn its parameter: at least a quarter less squared error.
+    if (cost < 0.75 * best_cost) {
+      best_cost = cost;
+      best_knee = knee;
+    }
+  }
+  if (best_knee == 0 || held.empty()) return absl::OkStatus();
+  std::vector<std::vector<double>> x;
+  std::vector<double> y, w;
+  rows_of(fit, best_knee, x, y, w);
+  PDS_ASSIGN_OR_RETURN(std::vector<double> partial, LeastSquares(x, y, w));
+  const std::vector<double> errors = rel_errors(held, partial, best_knee);
+  decode_quality_.median_rel_error = errors[errors.size() / 2];
+  decode_quality_.max_rel_error = errors.back();
+  x.clear();
+  y.clear();
+  w.clear();
+  rows_of(decode, best_knee, x, y, w);
+  PDS_ASSIGN_OR_RETURN(std::vector<double> beta, LeastSquares(x, y, w));
+  decode_coef_ = {beta[0], beta[1], beta[2]};
+  decode_knee_ = best_knee;
+  decode_knee_coef_ = beta[3];
+  return absl::OkStatus();
 }
 
 nlohmann::json LatencyModel::ToJson() const {
@@ -146,8 +237,10 @@ nlohmann::json LatencyModel::ToJson() const {
             {"coef", prefill_coef_},
             {"fit", quality(prefill_quality_)}}},
           {"decode",
-           {{"form", "a + b * sum(context) + c * batch"},
+           {{"form", "a + b * sum(context) + c * batch + d * max(0, batch - knee)"},
             {"coef", decode_coef_},
+            {"knee", decode_knee_},
+            {"knee_coef", decode_knee_coef_},
             {"fit", quality(decode_quality_)}}}};
 }
 
@@ -180,6 +273,16 @@ absl::StatusOr<LatencyModel> LatencyModel::FromJson(const nlohmann::json& j) {
   absl::Status s = read("prefill", model.prefill_coef_, model.prefill_quality_);
   if (s.ok()) s = read("decode", model.decode_coef_, model.decode_quality_);
   if (!s.ok()) return s;
+  const auto& d = j["decode"];
+  if (d.contains("knee")) {
+    if (!d["knee"].is_number_integer() || d["knee"].get<int64_t>() < 0 ||
+        !d.contains("knee_coef") || !d["knee_coef"].is_number()) {
+      return absl::InvalidArgumentError(
+          "latency model: decode.knee must be an integer >= 0 with a numeric decode.knee_coef");
+    }
+    model.decode_knee_ = d["knee"].get<int32_t>();
+    model.decode_knee_coef_ = d["knee_coef"].get<double>();
+  }
   return model;
 }
 

@@ -1,6 +1,10 @@
 // The latency model of DistServe's form, fitted from profiles of the real engine:
 //   prefill batch time = a + b * sum(l) + c * sum(l^2)        (l: prompt lengths)
-//   decode step time   = a + b * sum(context) + c * batch
+//   decode step time   = a + b * sum(context) + c * batch + d * max(0, batch - knee)
+// The knee term is the roofline's: a decode step reads all weights whatever the batch
+// (memory-bound) until the batch's arithmetic catches up with memory (compute-bound), where
+// the cost per sequence steepens. The knee is chosen among the profiled batch sizes (or none)
+// by the fit; d = 0 without one, which is DistServe's form.
 // Fitted by least squares on relative error (so short and long batches count alike), with
 // the error on held-out samples reported. Pure logic: no engine, CUDA or gRPC types.
 #pragma once
@@ -46,6 +50,8 @@ class LatencyModel {
 
   const std::array<double, 3>& prefill_coef() const { return prefill_coef_; }
   const std::array<double, 3>& decode_coef() const { return decode_coef_; }
+  int32_t decode_knee() const { return decode_knee_; }           // 0: no knee term
+  double decode_knee_coef() const { return decode_knee_coef_; }  // d
   const FitQuality& prefill_quality() const { return prefill_quality_; }
   const FitQuality& decode_quality() const { return decode_quality_; }
 
@@ -53,12 +59,20 @@ class LatencyModel {
   static absl::StatusOr<LatencyModel> FromJson(const nlohmann::json& j);
 
  private:
+  absl::Status FitDecodeKnee(const std::vector<DecodeSample>& decode);
   std::array<double, 3> prefill_coef_{};
   std::array<double, 3> decode_coef_{};
+  int32_t decode_knee_ = 0;
+  double decode_knee_coef_ = 0;
   FitQuality prefill_quality_, decode_quality_;
 };
 
-// Weighted least squares: minimizes sum_i w_i (x_i . beta - y_i)^2 for 3 features.
+// Weighted least squares: minimizes sum_i w_i (x_i . beta - y_i)^2 over any number of
+// features (every row the same length).
+absl::StatusOr<std::vector<double>> LeastSquares(const std::vector<std::vector<double>>& x,
+                                                 const std::vector<double>& y,
+                                                 const std::vector<double>& w);
+// The same for exactly 3 features.
 absl::StatusOr<std::array<double, 3>> LeastSquares3(const std::vector<std::array<double, 3>>& x,
                                                     const std::vector<double>& y,
                                                     const std::vector<double>& w);

@@ -121,13 +121,14 @@ absl::Status Run(const CliArgs& args) {
       "profiled %zu prefill batches and %zu decode steps in %.1f s -> %s\n"
       "prefill: a=%.3g s, b=%.3g s/token, c=%.3g s/token^2; held-out median error %.1f%% "
       "(max %.1f%%)\n"
-      "decode:  a=%.3g s, b=%.3g s/context token, c=%.3g s/sequence; held-out median error "
-      "%.1f%% (max %.1f%%)\n",
+      "decode:  a=%.3g s, b=%.3g s/context token, c=%.3g s/sequence, d=%.3g s/sequence beyond "
+      "batch %d; held-out median error %.1f%% (max %.1f%%)\n",
       profile.prefill.size(), profile.decode.size(), seconds, out_path.c_str(),
       fit.prefill_coef()[0], fit.prefill_coef()[1], fit.prefill_coef()[2],
       100 * fit.prefill_quality().median_rel_error, 100 * fit.prefill_quality().max_rel_error,
-      fit.decode_coef()[0], fit.decode_coef()[1], fit.decode_coef()[2],
-      100 * fit.decode_quality().median_rel_error, 100 * fit.decode_quality().max_rel_error);
+      fit.decode_coef()[0], fit.decode_coef()[1], fit.decode_coef()[2], fit.decode_knee_coef(),
+      fit.decode_knee(), 100 * fit.decode_quality().median_rel_error,
+      100 * fit.decode_quality().max_rel_error);
   return absl::OkStatus();
 }
 

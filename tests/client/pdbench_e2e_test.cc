@@ -1,7 +1,5 @@
 // pdbench end to end: the pdbench binary against a real local cluster (`pdserve up`, tiny
 // model, CPU) in its disaggregated and colocated shapes, reports read back from --json-out.
-#include <signal.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -15,69 +13,11 @@
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "tests/testing/local_cluster.h"
 #include "tests/testing/test_util.h"
 
 namespace pds::client {
 namespace {
-
-// A `pdserve up` child process, stopped (SIGTERM, then SIGKILL) when destroyed.
-class Cluster {
- public:
-  explicit Cluster(const std::string& model, std::vector<std::string> shape) {
-    static int counter = 0;
-    const std::string ready = absl::StrCat(pds::testing::ScratchDir(), "/ready-", counter++);
-    std::filesystem::remove(ready);
-    std::vector<std::string> argv = {PDSERVE_BINARY, "up",  "--model",   model, "--port", "0",
-                                     "--ready-file", ready, "--threads", "1"};
-    for (std::string& s : shape) argv.push_back(std::move(s));
-    std::vector<char*> cargv;
-    for (std::string& a : argv) cargv.push_back(a.data());
-    cargv.push_back(nullptr);
-    pid_ = fork();
-    if (pid_ == 0) {
-      execv(PDSERVE_BINARY, cargv.data());
-      _exit(127);
-    }
-    const absl::Time deadline = absl::Now() + absl::Seconds(120);
-    while (absl::Now() < deadline) {
-      std::ifstream in(ready);
-      std::string line;
-      if (in && std::getline(in, line) && !line.empty()) {
-        address_ = line;
-        return;
-      }
-      int status;
-      if (waitpid(pid_, &status, WNOHANG) == pid_) {
-        pid_ = -1;
-        ADD_FAILURE() << "pdserve up exited during start-up";
-        return;
-      }
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    ADD_FAILURE() << "cluster not ready within 120 s";
-  }
-
-  ~Cluster() {
-    if (pid_ <= 0) return;
-    kill(pid_, SIGTERM);
-    const absl::Time deadline = absl::Now() + absl::Seconds(30);
-    int status = 0;
-    while (waitpid(pid_, &status, WNOHANG) == 0) {
-      if (absl::Now() > deadline) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, &status, 0);
-        break;
-      }
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-  }
-
-  const std::string& address() const { return address_; }
-
- private:
-  pid_t pid_ = -1;
-  std::string address_;
-};
 
 const std::string& TinyModel() {
   static const std::string dir = [] {
@@ -104,14 +44,16 @@ int Pdbench(const std::vector<std::string>& args, nlohmann::json* json) {
 }
 
 TEST(PdbenchEndToEndTest, DisaggregatedCluster) {
-  Cluster cluster(TinyModel(), {"--prefill", "1", "--decode", "1"});
-  ASSERT_FALSE(cluster.address().empty());
+  auto cluster = testing::LocalCluster::Start(PDSERVE_BINARY, TinyModel(),
+                                              {"--prefill", "1", "--decode", "1"});
+  ASSERT_NE(cluster, nullptr);
+  ASSERT_FALSE(cluster->address().empty());
   nlohmann::json j;
-  ASSERT_EQ(
-      Pdbench({"--target", cluster.address(), "--rate", "20", "--num-requests", "16", "--input-len",
-               "24", "--output-len", "8", "--goodput", "ttft:5000", "tpot:1000", "--seed", "3"},
-              &j),
-      0);
+  ASSERT_EQ(Pdbench({"--target", cluster->address(), "--rate", "20", "--num-requests", "16",
+                     "--input-len", "24", "--output-len", "8", "--goodput", "ttft:5000",
+                     "tpot:1000", "--seed", "3"},
+                    &j),
+            0);
   ASSERT_TRUE(j.is_object());
   EXPECT_EQ(j["completed"], 16);
   EXPECT_EQ(j["failed"], 0);
@@ -126,10 +68,11 @@ TEST(PdbenchEndToEndTest, DisaggregatedCluster) {
 }
 
 TEST(PdbenchEndToEndTest, ColocatedClusterClosedLoopAndSearch) {
-  Cluster cluster(TinyModel(), {"--colocated", "1"});
-  ASSERT_FALSE(cluster.address().empty());
+  auto cluster = testing::LocalCluster::Start(PDSERVE_BINARY, TinyModel(), {"--colocated", "1"});
+  ASSERT_NE(cluster, nullptr);
+  ASSERT_FALSE(cluster->address().empty());
   nlohmann::json j;
-  ASSERT_EQ(Pdbench({"--target", cluster.address(), "--concurrency", "4", "--num-requests", "12",
+  ASSERT_EQ(Pdbench({"--target", cluster->address(), "--concurrency", "4", "--num-requests", "12",
                      "--dataset", "code", "--length-scale", "0.1", "--output-len", "6"},
                     &j),
             0);
@@ -137,7 +80,7 @@ TEST(PdbenchEndToEndTest, ColocatedClusterClosedLoopAndSearch) {
   EXPECT_EQ(j["total_output_tokens"], 12 * 6);
   EXPECT_EQ(j["server_timeline"]["transfer_ms"]["count"], 0);
 
-  ASSERT_EQ(Pdbench({"--target", cluster.address(),   "--search",  "--search-min-rate",
+  ASSERT_EQ(Pdbench({"--target", cluster->address(),  "--search",  "--search-min-rate",
                      "5",        "--search-max-rate", "10",        "--search-steps",
                      "2",        "--search-bisect",   "0",         "--num-requests",
                      "8",        "--output-len",      "4",         "--input-len",

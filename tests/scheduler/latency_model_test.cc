@@ -1,5 +1,6 @@
 #include "scheduler/latency_model.h"
 
+#include <algorithm>
 #include <random>
 
 #include "gtest/gtest.h"
@@ -53,6 +54,36 @@ TEST(LatencyModelTest, NoisySamplesGiveErrorsOfTheNoiseSize) {
   EXPECT_LT(model->decode_quality().median_rel_error, 0.05);
   EXPECT_GT(model->decode_quality().max_rel_error, 0.0);
   EXPECT_EQ(model->decode_quality().num_held_out + model->decode_quality().num_fit, 18);
+}
+
+// A roofline-shaped decode cost (flat per sequence until batch 4, steeper beyond): the fit
+// finds the knee and predicts within the noise, which the linear form alone cannot; a linear
+// truth gets no knee.
+TEST(LatencyModelTest, DecodeKneeFollowsTheRoofline) {
+  std::vector<PrefillSample> prefill;
+  std::vector<DecodeSample> linear, roofline;
+  MakeSamples(0.0, prefill, linear);
+  uint64_t state = 7;
+  for (int32_t batch : {1, 2, 4, 8, 16, 32}) {
+    for (int64_t ctx : {64, 512, 2048}) {
+      state = state * 6364136223846793005ull + 1442695040888963407ull;
+      const double noise = 1.0 + 0.01 * ((state >> 33) % 200 / 100.0 - 1.0);
+      const double t = 0.004 + 2e-6 * batch * ctx + 3e-4 * batch + 1.2e-3 * std::max(0, batch - 4);
+      roofline.push_back({batch, batch * ctx, t * noise});
+    }
+  }
+  auto model = LatencyModel::Fit(prefill, roofline);
+  ASSERT_TRUE(model.ok()) << model.status();
+  EXPECT_EQ(model->decode_knee(), 4);
+  EXPECT_NEAR(model->decode_knee_coef(), 1.2e-3, 1e-4);
+  EXPECT_LT(model->decode_quality().median_rel_error, 0.02);
+  auto json = LatencyModel::FromJson(model->ToJson());
+  ASSERT_TRUE(json.ok()) << json.status();
+  EXPECT_DOUBLE_EQ(json->PredictDecode(16, 16000), model->PredictDecode(16, 16000));
+
+  auto plain = LatencyModel::Fit(prefill, linear);
+  ASSERT_TRUE(plain.ok());
+  EXPECT_EQ(plain->decode_knee(), 0);
 }
 
 TEST(LatencyModelTest, JsonRoundTripAndErrors) {

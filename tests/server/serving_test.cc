@@ -1,9 +1,8 @@
 // End-to-end tests of the serving path: `pdserve up` starts real processes on 127.0.0.1 with
 // ephemeral ports; the tests talk to the public API and compare with offline generation.
+
 #include <signal.h>
-#include <sys/prctl.h>
 #include <sys/wait.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <filesystem>
@@ -23,6 +22,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "pdserve/v1/serving.grpc.pb.h"
+#include "tests/testing/local_cluster.h"
 #include "tests/testing/test_util.h"
 
 namespace pds {
@@ -30,82 +30,27 @@ namespace {
 
 namespace api = ::pdserve::v1;
 
-// A `pdserve up` child process, stopped (SIGTERM, then SIGKILL) when destroyed.
+// A local cluster and a stub of its public API.
 class LocalCluster {
  public:
   static std::unique_ptr<LocalCluster> Start(const std::string& model,
                                              std::vector<std::string> flags) {
+    flags.insert(flags.end(), {"--kv-cache-mb", "8"});
+    auto process = testing::LocalCluster::Start(PDSERVE_BINARY, model, std::move(flags));
+    if (process == nullptr) return nullptr;
     auto cluster = std::unique_ptr<LocalCluster>(new LocalCluster());
-    static int counter = 0;
-    const std::string ready = absl::StrCat(testing::ScratchDir(), "/ready-", counter++);
-    std::filesystem::remove(ready);
-    std::vector<std::string> argv = {PDSERVE_BINARY, "up", "--model",       model,
-                                     "--port",       "0",  "--ready-file",  ready,
-                                     "--threads",    "1",  "--kv-cache-mb", "8"};
-    for (std::string& f : flags) argv.push_back(std::move(f));
-    std::vector<char*> cargv;
-    for (std::string& a : argv) cargv.push_back(a.data());
-    cargv.push_back(nullptr);
-    cluster->pid_ = fork();
-    if (cluster->pid_ == 0) {
-      prctl(PR_SET_PDEATHSIG, SIGTERM);  // never outlive the test
-      execv(PDSERVE_BINARY, cargv.data());
-      _exit(127);
-    }
-    const absl::Time deadline = absl::Now() + absl::Seconds(120);
-    while (absl::Now() < deadline) {
-      std::ifstream in(ready);
-      std::string line;
-      if (in && std::getline(in, line) && !line.empty()) {
-        cluster->address_ = line;
-        break;
-      }
-      int status;
-      if (waitpid(cluster->pid_, &status, WNOHANG) == cluster->pid_) {
-        cluster->pid_ = -1;
-        ADD_FAILURE() << "pdserve up exited during start-up";
-        return nullptr;
-      }
-      absl::SleepFor(absl::Milliseconds(50));
-    }
-    if (cluster->address_.empty()) {
-      ADD_FAILURE() << "cluster not ready within 120 s";
-      return nullptr;
-    }
     cluster->stub_ = api::Serving::NewStub(
-        grpc::CreateChannel(cluster->address_, grpc::InsecureChannelCredentials()));
+        grpc::CreateChannel(process->address(), grpc::InsecureChannelCredentials()));
+    cluster->process_ = std::move(process);
     return cluster;
   }
-
-  ~LocalCluster() { EXPECT_EQ(Stop(), 0); }
-
-  // Stops the cluster; its exit code (-1 if it had to be killed).
-  int Stop() {
-    if (pid_ <= 0) return exit_code_;
-    kill(pid_, SIGTERM);
-    const absl::Time deadline = absl::Now() + absl::Seconds(30);
-    int status = 0;
-    while (waitpid(pid_, &status, WNOHANG) == 0) {
-      if (absl::Now() > deadline) {
-        kill(pid_, SIGKILL);
-        waitpid(pid_, &status, 0);
-        pid_ = -1;
-        return exit_code_ = -1;
-      }
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    pid_ = -1;
-    return exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  }
-
   api::Serving::Stub& stub() { return *stub_; }
-  const std::string& address() const { return address_; }
+  const std::string& address() const { return process_->address(); }
+  testing::LocalCluster& process() { return *process_; }
 
  private:
   LocalCluster() = default;
-  pid_t pid_ = -1;
-  int exit_code_ = 0;
-  std::string address_;
+  std::unique_ptr<testing::LocalCluster> process_;
   std::unique_ptr<api::Serving::Stub> stub_;
 };
 
@@ -281,9 +226,9 @@ TEST_F(ServingTest, TwoPrefillTwoDecodeMatchesOfflineAndUsesEveryInstance) {
   }
 }
 
-TEST_F(ServingTest, OnePrefillTwoDecodeAndColocatedMatchOffline) {
-  {
-    auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "2"});
+TEST_F(ServingTest, UnevenShapesAndColocatedMatchOffline) {
+  for (const auto& [prefill, decode] : {std::pair{"1", "2"}, std::pair{"2", "1"}}) {
+    auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", prefill, "--decode", decode});
     ASSERT_NE(cluster, nullptr);
     ExpectClusterMatchesOffline(*cluster, 16, 0.0f);
   }
@@ -334,7 +279,9 @@ TEST_F(ServingTest, StreamsTextTimelineAndLogprobs) {
       t.kv_transfer_start_us(), t.kv_transfer_end_us(), t.decode_start_us(),  t.finish_us()};
   for (size_t i = 0; i < order.size(); ++i) {
     EXPECT_GT(order[i], 0) << i;
-    if (i > 0) EXPECT_LE(order[i - 1], order[i]) << i << ": " << t.DebugString();
+    if (i > 0) {
+      EXPECT_LE(order[i - 1], order[i]) << i << ": " << t.DebugString();
+    }
   }
   EXPECT_LE(t.prefill_end_us(), t.first_token_us());
   EXPECT_EQ(t.prefill_instance(), "prefill-0");
@@ -601,6 +548,23 @@ TEST_F(ServingTest, SloAwareAdmissionRefusesWhatCannotMeetItsTtft) {
   EXPECT_EQ(decode, j["decode_instances"].get<int>());
   EXPECT_EQ(planned_status.policy(), "slo-aware");
   EXPECT_EQ(Generate(cluster->stub(), probe).tokens.size(), 4u);
+}
+
+// A worker that dies takes the cluster down, and `pdserve up` says so in its exit status.
+TEST_F(ServingTest, UpStopsAndFailsWhenAChildDies) {
+  auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1"});
+  ASSERT_NE(cluster, nullptr);
+  const std::vector<pid_t> children = cluster->process().Children();
+  ASSERT_EQ(children.size(), 3u);
+  kill(children.back(), SIGKILL);
+  const absl::Time deadline = absl::Now() + absl::Seconds(30);
+  int status = 0;
+  while (waitpid(cluster->process().pid(), &status, WNOHANG) == 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 1);
+  for (pid_t child : children) EXPECT_NE(kill(child, 0), 0) << child << " outlived up";
 }
 
 }  // namespace
