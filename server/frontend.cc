@@ -221,6 +221,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
                                   : absl::ToInt64Milliseconds(now - inst->last_seen));
       s->set_requests_served(inst->status.requests_served());
       s->set_kv_handoffs_deferred(inst->status.kv_handoffs_deferred());
+      s->set_engine_steps(inst->status.engine_steps());
+      s->set_engine_busy_s(inst->status.engine_busy_s());
+      s->set_engine_step_tokens(inst->status.engine_step_tokens());
     }
     status->set_requests_in_flight(static_cast<int32_t>(in_flight_.size()));
     status->set_requests_finished(finished_);

@@ -490,18 +490,21 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   }
 
   void Loop() {
+    bool stalled = false;  // the last step found runnable work but could not schedule any
     while (true) {
       std::deque<std::function<void()>> tasks;
       {
         std::unique_lock<std::mutex> lock(mu_);
-        if (tasks_.empty() && !engine_->HasRunnable() && !stop_loop_) {
-          cv_.wait_for(lock, std::chrono::milliseconds(50));
+        if (tasks_.empty() && (stalled || !engine_->HasRunnable()) && !stop_loop_) {
+          // Idle, or waiting for blocks that only a task (a transfer's end, a cancel) frees:
+          // sleep until a task arrives instead of spinning.
+          cv_.wait_for(lock, std::chrono::milliseconds(stalled ? 5 : 50));
         }
         tasks.swap(tasks_);
         if (stop_loop_ && tasks.empty()) break;
       }
       for (auto& task : tasks) task();
-      if (engine_->HasRunnable()) StepOnce();
+      stalled = engine_->HasRunnable() && !StepOnce();
       UpdateStatus();
     }
     // Whatever is left (tasks posted after the stop) is dropped with its requests.
@@ -509,10 +512,16 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     live_.clear();
   }
 
-  void StepOnce() {
+  // Runs one engine step and delivers its outputs; false when it scheduled nothing.
+  bool StepOnce() {
     const int64_t t0 = NowUs();
     auto step = engine_->Step();
     const int64_t t1 = NowUs();
+    if (!engine_->last_batch().empty()) {
+      ++steps_;
+      busy_us_ += t1 - t0;
+      for (const auto& [id, tokens] : engine_->last_batch()) step_tokens_ += tokens;
+    }
     if (!step.ok()) {
       log_->error("{}: engine step failed: {}", options_.id, step.status().ToString());
       std::vector<std::string> ids;
@@ -520,7 +529,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       for (const std::string& id : ids) {
         Finish(id, absl::InternalError(absl::StrCat(options_.id, ": ", step.status().message())));
       }
-      return;
+      return true;
     }
     for (const auto& [id, tokens] : engine_->last_batch()) {
       auto it = live_.find(id);
@@ -573,6 +582,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       live.channel->Push(std::move(event));
       if (out.kv_held) StartTransfer(out.request_id, live, out.token);
     }
+    return !engine_->last_batch().empty();
   }
 
   void StartTransfer(const std::string& id, Live& live, int32_t next_token) {
@@ -648,6 +658,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     s.set_kv_bytes_sent(kv_bytes_sent_);
     s.set_kv_handoffs_deferred(handoffs_deferred_);
     s.set_max_batch_tokens(options_.engine.max_batch_tokens);
+    s.set_engine_steps(steps_);
+    s.set_engine_busy_s(busy_us_ * 1e-6);
+    s.set_engine_step_tokens(step_tokens_);
     std::lock_guard<std::mutex> lock(status_mu_);
     status_ = std::move(s);
   }
@@ -697,10 +710,11 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   std::deque<std::function<void()>> tasks_;
   bool stop_loop_ = false;
   std::thread loop_;
-  std::map<std::string, Live> live_;  // loop thread only
-  int64_t served_ = 0;                // loop thread only
-  int64_t kv_bytes_sent_ = 0;         // loop thread only
-  int64_t handoffs_deferred_ = 0;     // loop thread only
+  std::map<std::string, Live> live_;                   // loop thread only
+  int64_t served_ = 0;                                 // loop thread only
+  int64_t kv_bytes_sent_ = 0;                          // loop thread only
+  int64_t handoffs_deferred_ = 0;                      // loop thread only
+  int64_t steps_ = 0, busy_us_ = 0, step_tokens_ = 0;  // loop thread only
 
   std::mutex status_mu_;
   pb::WorkerStatus status_;
