@@ -17,6 +17,7 @@
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
 #include "pdserve/v1/serving.grpc.pb.h"
+#include "scheduler/batch_policy.h"
 #include "scheduler/planner.h"
 #include "server/cli_args.h"
 #include "server/cli_model.h"
@@ -49,6 +50,7 @@ std::vector<FlagSpec> EngineFlagSpecs() {
       {"block-size", false, "KV block size in tokens (default 16)"},
       {"max-batch-tokens", false, "token budget of one engine step (default 2048)"},
       {"max-batch-size", false, "sequences in one engine step (default 64)"},
+      {"batch-policy", false, "batch formation: fcfs (default) or edf (by TTFT deadline)"},
   };
 }
 
@@ -68,6 +70,9 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromArgs(const CliArgs& args)
   o.max_batch_tokens = static_cast<int32_t>(tokens);
   o.max_running = static_cast<int32_t>(seqs);
   o.num_blocks = static_cast<int32_t>(blocks);
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<scheduler::BatchPolicy> policy,
+                       scheduler::MakeBatchPolicy(args.GetString("batch-policy", "fcfs")));
+  o.batch_policy = std::move(policy);
   return o;
 }
 
@@ -242,6 +247,9 @@ absl::Status RunUp(const CliArgs& args) {
                           "--max-batch-size",   absl::StrCat(inst.max_running),
                           "--num-blocks",       absl::StrCat(inst.kv_blocks),
                           "--block-size",       absl::StrCat(inst.block_size)};
+      if (!plan->batch_policy.empty()) {
+        role_flags[role].insert(role_flags[role].end(), {"--batch-policy", plan->batch_policy});
+      }
     }
     if (plan->ttft_slo_ms > 0 && !args.Has("slo-ttft-ms")) {
       plan_fe_flags.insert(plan_fe_flags.end(), {"--slo-ttft-ms", absl::StrCat(plan->ttft_slo_ms)});

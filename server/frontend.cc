@@ -267,6 +267,11 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
             ? absl::Now() + options_.request_timeout
             : std::min(absl::FromChrono(ctx->deadline()), absl::Now() + options_.request_timeout);
     work.set_deadline_unix_us(absl::ToUnixMicros(deadline));
+    const double ttft_slo =
+        request->has_ttft_slo_ms() ? request->ttft_slo_ms() : options_.default_ttft_slo_ms;
+    if (ttft_slo > 0) {
+      work.set_ttft_deadline_unix_us(arrival_us + static_cast<int64_t>(ttft_slo * 1e3));
+    }
 
     Relay relay(*this, *request, work, writer, *tracked);
     relay.timeline.set_arrival_us(arrival_us);

@@ -122,6 +122,7 @@ engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
   g.params.ignore_eos = r.ignore_eos();
   g.params.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
   g.params.logprobs = r.logprobs();
+  if (r.ttft_deadline_unix_us() > 0) g.ttft_deadline_s = r.ttft_deadline_unix_us() * 1e-6;
   return g;
 }
 

@@ -36,6 +36,9 @@ struct GenerateRequest {
   // Prefill workers: when the first token is sampled and the request goes on, keep the
   // sequence and its KV blocks (TokenOutput::kv_held) for the hand-off instead of decoding.
   bool hold_kv_after_prefill = false;
+  // When the first token is due (Unix seconds; from the request's TTFT target). Deadline-
+  // aware batch policies (EDF) order waiting prefills by it.
+  std::optional<double> ttft_deadline_s;
 };
 
 struct TokenLogprobs {

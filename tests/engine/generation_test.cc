@@ -1,8 +1,10 @@
 // Sampling, stopping, logprobs, validation and cancellation of the generation engine.
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <set>
 
+#include "absl/strings/str_cat.h"
 #include "engine/backend/cpu_backend.h"
 #include "engine/model/presets.h"
 #include "engine/model/transformer.h"
@@ -286,6 +288,40 @@ TEST_F(GenerationTest, ImportsWaitForRoomAndCancelFreesReservedBlocks) {
   ASSERT_TRUE(decode->Cancel("a").ok());
   EXPECT_EQ(decode->num_free_blocks(), 4);
   EXPECT_EQ(decode->ActivateImport("a", 1).code(), absl::StatusCode::kNotFound);
+}
+
+// With the EDF batch policy and a budget of one prompt per step, the request whose first
+// token is due first is prefilled first whatever the admission order; FCFS keeps the order.
+TEST_F(GenerationTest, EdfPrefillsTheEarliestTtftDeadlineFirst) {
+  for (const char* name : {"fcfs", "edf"}) {
+    auto policy = scheduler::MakeBatchPolicy(name);
+    ASSERT_TRUE(policy.ok());
+    auto engine = NewEngine({.block_size = 8,
+                             .num_blocks = 64,
+                             .max_batch_tokens = 8,
+                             .batch_policy = std::move(*policy)});
+    for (int i = 0; i < 3; ++i) {
+      GenerateRequest r = Request({.max_tokens = 2}, std::vector<int32_t>(8, 10 + i));
+      r.id = absl::StrCat("r", i);
+      r.ttft_deadline_s = 100.0 - i;  // the last added is due first
+      ASSERT_TRUE(engine->AddRequest(r).ok());
+    }
+    std::vector<std::string> first_tokens;
+    while (engine->HasWork()) {
+      auto step = engine->Step();
+      ASSERT_TRUE(step.ok());
+      for (const TokenOutput& o : *step) {
+        if (std::find(first_tokens.begin(), first_tokens.end(), o.request_id) ==
+            first_tokens.end()) {
+          first_tokens.push_back(o.request_id);
+        }
+      }
+    }
+    const std::vector<std::string> expected = std::string(name) == "edf"
+                                                  ? std::vector<std::string>{"r2", "r1", "r0"}
+                                                  : std::vector<std::string>{"r0", "r1", "r2"};
+    EXPECT_EQ(first_tokens, expected) << name;
+  }
 }
 
 TEST(PresetModelTest, TinyPresetHasClearMarginsAndVariedOutput) {

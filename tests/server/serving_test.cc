@@ -478,8 +478,9 @@ TEST_F(ServingTest, SloAwareAdmissionRefusesWhatCannotMeetItsTtft) {
   const std::string cmd = absl::StrCat(PDSERVE_BINARY, " profile --model ", *model_dir_,
                                        " --quick --threads 1 --out ", profile, " > /dev/null 2>&1");
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-  auto cluster =
-      LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1", "--profile", profile});
+  // EDF batch formation on the workers, by the TTFT deadlines the front-end sets.
+  auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1", "--profile",
+                                                   profile, "--batch-policy", "edf"});
   ASSERT_NE(cluster, nullptr);
   api::GenerateRequest probe;
   for (int j = 0; j < 90; ++j) probe.add_prompt_token_ids(40 + j);
