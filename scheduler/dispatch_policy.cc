@@ -218,6 +218,15 @@ double PredictTpotMs(const LatencyModel& model, const InstanceLoad& instance, in
          1e3;
 }
 
+int32_t MaxBatchForTpot(const LatencyModel& model, int64_t mean_context, double tpot_slo_ms,
+                        int32_t max_batch) {
+  int32_t best = 1;
+  for (int32_t b = 1; b <= max_batch; ++b) {
+    if (model.PredictDecode(b, mean_context * b) * 1e3 <= tpot_slo_ms) best = b;
+  }
+  return best;
+}
+
 std::unique_ptr<DispatchPolicy> MakeSloAwarePolicy(const LatencyModel& model,
                                                    SloPolicyOptions options) {
   return std::make_unique<SloAwarePolicy>(model, options);

@@ -78,6 +78,11 @@ double PredictTtftMs(const LatencyModel& model, const InstanceLoad& instance, in
 // `context` tokens joins its batch. Milliseconds.
 double PredictTpotMs(const LatencyModel& model, const InstanceLoad& instance, int64_t context);
 
+// The largest decode batch (1..max_batch) whose predicted step time, with every sequence at
+// `mean_context` tokens, is within `tpot_slo_ms`; 1 when even one sequence is predicted over.
+int32_t MaxBatchForTpot(const LatencyModel& model, int64_t mean_context, double tpot_slo_ms,
+                        int32_t max_batch);
+
 struct SloPolicyOptions {
   double default_ttft_slo_ms = 0;  // used when a request has no target (0: no target)
   double default_tpot_slo_ms = 0;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <fstream>
 
 #include "absl/strings/str_cat.h"
 #include "engine/common/status_macros.h"
@@ -282,6 +283,21 @@ absl::StatusOr<LatencyModel> LatencyModel::FromJson(const nlohmann::json& j) {
     }
     model.decode_knee_ = d["knee"].get<int32_t>();
     model.decode_knee_coef_ = d["knee_coef"].get<double>();
+  }
+  return model;
+}
+
+absl::StatusOr<LatencyModel> LoadLatencyModelFile(const std::string& path) {
+  std::ifstream in(path);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("latency_model")) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, " is not a pdserve profile (no latency_model object)"));
+  }
+  auto model = LatencyModel::FromJson(j["latency_model"]);
+  if (!model.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(path, ": ", model.status().message()));
   }
   return model;
 }

@@ -67,6 +67,10 @@ class LatencyModel {
   FitQuality prefill_quality_, decode_quality_;
 };
 
+// Reads a `pdserve profile` file (its "latency_model" object). NOT_FOUND when unreadable,
+// INVALID_ARGUMENT naming the file when it is not a profile.
+absl::StatusOr<LatencyModel> LoadLatencyModelFile(const std::string& path);
+
 // Weighted least squares: minimizes sum_i w_i (x_i . beta - y_i)^2 over any number of
 // features (every row the same length).
 absl::StatusOr<std::vector<double>> LeastSquares(const std::vector<std::vector<double>>& x,

@@ -18,6 +18,7 @@
 #include "engine/common/status_macros.h"
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "scheduler/batch_policy.h"
+#include "scheduler/latency_model.h"
 #include "scheduler/planner.h"
 #include "server/cli_args.h"
 #include "server/cli_model.h"
@@ -96,6 +97,12 @@ absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
   }
   o.vocab_size = static_cast<int32_t>(loaded.model->config().vocab_size);
   PDS_ASSIGN_OR_RETURN(o.engine, EngineOptionsFromArgs(args));
+  PDS_ASSIGN_OR_RETURN(o.tpot_slo_ms, args.GetDouble("slo-tpot-ms", 0));
+  if (args.Has("profile")) {
+    PDS_ASSIGN_OR_RETURN(scheduler::LatencyModel model,
+                         scheduler::LoadLatencyModelFile(args.GetString("profile")));
+    o.latency_model = std::make_shared<scheduler::LatencyModel>(model);
+  }
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<Worker> worker, Worker::Start(*loaded.model, o));
   const int sig = WaitForTerminationSignal();
   pds::Logger("worker")->info("{}: signal {}, shutting down", worker->id(), sig);
@@ -112,6 +119,10 @@ std::vector<FlagSpec> WorkerFlagSpecs() {
   specs.push_back({"kv-port", false, "decode: KV transport port (default 0: any free port)"});
   specs.push_back({"frontend", false, "front-end host:port to register with"});
   specs.push_back({"max-queued", false, "requests queued beyond the batch (default 256)"});
+  specs.push_back({"profile", false,
+                   "latency-model profile (with --slo-tpot-ms: TPOT-capped "
+                   "decode batches)"});
+  specs.push_back({"slo-tpot-ms", false, "TPOT target the decode batch is capped for (ms)"});
   return specs;
 }
 
@@ -334,6 +345,20 @@ absl::Status RunUp(const CliArgs& args) {
                                      "--frontend", address,
                                      "--backend",  backend,
                                      "--threads",  absl::StrCat(threads)};
+    if (role != "prefill") {
+      // The TPOT cap on decode batches uses the same profile and target as the front-end.
+      for (const auto& [flag, value] :
+           {std::pair<std::string, std::string>{"profile", args.GetString("profile")},
+            {"slo-tpot-ms", args.GetString("slo-tpot-ms")}}) {
+        if (!value.empty()) argv.insert(argv.end(), {absl::StrCat("--", flag), value});
+      }
+      for (size_t i = 0; i + 1 < plan_fe_flags.size(); i += 2) {
+        if ((plan_fe_flags[i] == "--profile" && !args.Has("profile")) ||
+            (plan_fe_flags[i] == "--slo-tpot-ms" && !args.Has("slo-tpot-ms"))) {
+          argv.insert(argv.end(), {plan_fe_flags[i], plan_fe_flags[i + 1]});
+        }
+      }
+    }
     std::vector<std::string> from_plan = role_flags[role];
     for (const FlagSpec& s : EngineFlagSpecs()) {
       const std::string flag = absl::StrCat("--", s.name);

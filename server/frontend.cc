@@ -100,19 +100,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
           std::filesystem::path(options_.model_dir).lexically_normal().parent_path().filename();
     }
     if (!options_.profile_path.empty()) {
-      std::ifstream in(options_.profile_path);
-      if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", options_.profile_path));
-      nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-      if (j.is_discarded() || !j.contains("latency_model")) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            options_.profile_path, " is not a pdserve profile (no latency_model object)"));
-      }
-      auto model = scheduler::LatencyModel::FromJson(j["latency_model"]);
-      if (!model.ok()) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(options_.profile_path, ": ", model.status().message()));
-      }
-      latency_model_ = std::make_unique<scheduler::LatencyModel>(*model);
+      PDS_ASSIGN_OR_RETURN(scheduler::LatencyModel model,
+                           scheduler::LoadLatencyModelFile(options_.profile_path));
+      latency_model_ = std::make_unique<scheduler::LatencyModel>(model);
     }
     scheduler::SloPolicyOptions slo;
     slo.default_ttft_slo_ms = options_.default_ttft_slo_ms;
@@ -224,6 +214,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       s->set_engine_steps(inst->status.engine_steps());
       s->set_engine_busy_s(inst->status.engine_busy_s());
       s->set_engine_step_tokens(inst->status.engine_step_tokens());
+      s->set_max_batch_size(inst->status.max_batch_size());
     }
     status->set_requests_in_flight(static_cast<int32_t>(in_flight_.size()));
     status->set_requests_finished(finished_);

@@ -505,12 +505,24 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
         if (stop_loop_ && tasks.empty()) break;
       }
       for (auto& task : tasks) task();
+      CapBatchForTpot();
       stalled = engine_->HasRunnable() && !StepOnce();
       UpdateStatus();
     }
     // Whatever is left (tasks posted after the stop) is dropped with its requests.
     for (auto& [id, live] : live_) live.channel->Close(absl::UnavailableError("worker stopped"));
     live_.clear();
+  }
+
+  void CapBatchForTpot() {
+    if (!options_.latency_model || options_.tpot_slo_ms <= 0 ||
+        options_.role == InstanceRole::kPrefill) {
+      return;
+    }
+    const int64_t running = static_cast<int64_t>(engine_->num_running());
+    const int64_t mean_context = running > 0 ? engine_->running_context_tokens() / running : 256;
+    engine_->set_max_running(scheduler::MaxBatchForTpot(
+        *options_.latency_model, mean_context, options_.tpot_slo_ms, options_.engine.max_running));
   }
 
   // Runs one engine step and delivers its outputs; false when it scheduled nothing.
@@ -659,6 +671,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     s.set_kv_bytes_sent(kv_bytes_sent_);
     s.set_kv_handoffs_deferred(handoffs_deferred_);
     s.set_max_batch_tokens(options_.engine.max_batch_tokens);
+    s.set_max_batch_size(engine_->max_running());
     s.set_engine_steps(steps_);
     s.set_engine_busy_s(busy_us_ * 1e-6);
     s.set_engine_step_tokens(step_tokens_);

@@ -17,6 +17,7 @@
 #include "engine/model/transformer.h"
 #include "engine/runtime/llm_engine.h"
 #include "scheduler/dispatch_policy.h"
+#include "scheduler/latency_model.h"
 
 namespace pds::server {
 
@@ -33,6 +34,10 @@ struct WorkerOptions {
   int max_queued = 256;  // requests accepted and not finished beyond the running batch
   int transfer_threads = 4;
   absl::Duration kv_transfer_timeout = absl::Seconds(60);
+  // Decode and colocated workers: with a latency model and a TPOT target, each step's batch
+  // is capped so that its predicted time stays within the target.
+  std::shared_ptr<const scheduler::LatencyModel> latency_model;
+  double tpot_slo_ms = 0;
 };
 
 class Worker {

@@ -103,6 +103,14 @@ size_t LlmEngine::num_running() const {
   return n;
 }
 
+int64_t LlmEngine::running_context_tokens() const {
+  int64_t n = 0;
+  for (const auto& [id, seq] : sequences_) {
+    if (seq->admitted) n += static_cast<int64_t>(seq->tokens.size());
+  }
+  return n;
+}
+
 size_t LlmEngine::num_held() const {
   size_t n = 0;
   for (const auto& [id, seq] : sequences_) n += seq->held || seq->importing;
@@ -245,8 +253,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       if (seq->num_generated == 0) c.deadline_s = seq->request.ttft_deadline_s;
       candidates.push_back(c);
     }
-    const scheduler::BatchBudget left{budget,
-                                      options_.max_running - static_cast<int32_t>(plan.size())};
+    const scheduler::BatchBudget left{budget, max_running_ - static_cast<int32_t>(plan.size())};
     bool full = false;
     for (const scheduler::PlannedChunk& proposed : policy.Plan(candidates, left)) {
       Sequence* seq = rest[proposed.index];

@@ -3,6 +3,7 @@
 // both phases; the disaggregated workers build on the same pieces.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <deque>
 #include <map>
@@ -103,9 +104,14 @@ class LlmEngine {
 
   const KvCache& cache() const { return cache_; }
   int32_t num_free_blocks() const { return cache_.allocator().num_free(); }
-  size_t num_waiting() const;          // queued, not yet started (or preempted)
-  size_t num_running() const;          // in the running batch
-  size_t num_held() const;             // held after prefill or reserved for an import
+  size_t num_waiting() const;              // queued, not yet started (or preempted)
+  size_t num_running() const;              // in the running batch
+  size_t num_held() const;                 // held after prefill or reserved for an import
+  int64_t running_context_tokens() const;  // tokens of the sequences in the running batch
+  // Caps the sequences of one step below EngineOptions::max_running (>= 1), e.g. so that the
+  // predicted decode step stays within a TPOT target.
+  void set_max_running(int32_t n) { max_running_ = std::max(1, std::min(n, options_.max_running)); }
+  int32_t max_running() const { return max_running_; }
   int64_t num_waiting_tokens() const;  // prompt tokens still to compute of waiting sequences
   int64_t num_preemptions() const { return num_preemptions_; }
 
@@ -125,7 +131,10 @@ class LlmEngine {
   absl::Status ValidateRequest(GenerateRequest& request) const;
 
   LlmEngine(Transformer& model, const EngineOptions& options, KvCache cache)
-      : model_(model), options_(options), cache_(std::move(cache)) {}
+      : model_(model),
+        options_(options),
+        cache_(std::move(cache)),
+        max_running_(options.max_running) {}
   void Preempt(Sequence& seq);
   absl::Status Finish(Sequence& seq);
   FinishReason CheckFinish(const Sequence& seq, int32_t token) const;
@@ -139,6 +148,7 @@ class LlmEngine {
   int64_t num_preemptions_ = 0;
   std::vector<float> logits_;
   std::vector<std::pair<std::string, int32_t>> last_batch_;
+  int32_t max_running_ = 0;  // set from options_ at creation
 };
 
 }  // namespace pds::engine

@@ -1,6 +1,7 @@
 // Sampling, stopping, logprobs, validation and cancellation of the generation engine.
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <set>
 
@@ -322,6 +323,31 @@ TEST_F(GenerationTest, EdfPrefillsTheEarliestTtftDeadlineFirst) {
                                                   : std::vector<std::string>{"r0", "r1", "r2"};
     EXPECT_EQ(first_tokens, expected) << name;
   }
+}
+
+// A lower cap on sequences per step (the TPOT cap of decode workers) holds for every step and
+// changes no tokens.
+TEST_F(GenerationTest, MaxRunningCapBoundsEveryStep) {
+  auto engine = NewEngine();
+  engine->set_max_running(2);
+  EXPECT_EQ(engine->max_running(), 2);
+  std::vector<GenerateRequest> requests;
+  for (int i = 0; i < 5; ++i) {
+    GenerateRequest r = Request({.max_tokens = 6, .ignore_eos = true}, {5, 6, 7, 8 + i});
+    r.id = absl::StrCat("c", i);
+    ASSERT_TRUE(engine->AddRequest(r).ok());
+    requests.push_back(r);
+  }
+  std::map<std::string, std::vector<int32_t>> tokens;
+  while (engine->HasWork()) {
+    auto step = engine->Step();
+    ASSERT_TRUE(step.ok());
+    EXPECT_LE(engine->last_batch().size(), 2u);
+    for (const TokenOutput& o : *step) tokens[o.request_id].push_back(o.token);
+  }
+  for (const GenerateRequest& r : requests) EXPECT_EQ(tokens[r.id], Run(r).token_ids) << r.id;
+  engine->set_max_running(0);
+  EXPECT_EQ(engine->max_running(), 1);
 }
 
 TEST(PresetModelTest, TinyPresetHasClearMarginsAndVariedOutput) {

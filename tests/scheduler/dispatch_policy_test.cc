@@ -127,6 +127,14 @@ TEST(DispatchPolicyTest, SloAwarePlacesByPredictionAndRefusesWhatCannotMeetTtft)
   EXPECT_EQ(placed->decode, "d0");
 }
 
+TEST(DispatchPolicyTest, DecodeBatchCappedByPredictedTpot) {
+  const LatencyModel model = KnownModel();
+  // Step = 5 + 0.01 * 100 * b + 1 * b = 5 + 2b ms with 100 context tokens each.
+  EXPECT_EQ(MaxBatchForTpot(model, 100, 25.0, 64), 10);
+  EXPECT_EQ(MaxBatchForTpot(model, 100, 25.0, 4), 4);
+  EXPECT_EQ(MaxBatchForTpot(model, 100, 1.0, 64), 1);  // never below one
+}
+
 TEST(DispatchPolicyTest, ByName) {
   const LatencyModel model = KnownModel();
   EXPECT_TRUE(MakeDispatchPolicy("least-loaded").ok());
