@@ -7,6 +7,7 @@
 #include <fstream>
 #include <map>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
 #include <vector>
@@ -16,6 +17,7 @@
 #include "engine/common/status_macros.h"
 #include "engine/kv_cache/block_allocator.h"
 #include "engine/model/config.h"
+#include "engine/runtime/sampling_params.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "pdserve/internal/control.grpc.pb.h"
 #include "pdserve/v1/serving.grpc.pb.h"
@@ -40,18 +42,70 @@ struct Instance {
   InstanceRole role = InstanceRole::kPrefill;
   std::string address;
   std::string kv_address;
-  std::unique_ptr<pb::Worker::Stub> stub;
+  std::shared_ptr<pb::Worker::Stub> stub;  // replaced on re-registration: copy under mu_
   bool healthy = false;
   int failures = 0;
   absl::Time last_seen = absl::InfinitePast();
   pb::WorkerStatus status;
-  // The front-end's own bookkeeping since dispatch (exact and immediate).
-  int64_t pending_prompt_tokens = 0;  // dispatched here for prefill, first token not yet back
-  int32_t pending_requests = 0;
-  int32_t promised_blocks = 0;  // decode: hand-offs placed here, KV not yet imported
-  int32_t decoding = 0;
-  std::map<uint64_t, int32_t> queued_lens;  // prompt lengths awaiting prefill, FCFS
-  int64_t decode_context = 0;               // estimated context tokens decoding here
+  // The front-end's own bookkeeping since dispatch (exact and immediate; see Booking).
+  std::map<uint64_t, int32_t> queued_lens;  // prompts dispatched here, first token not yet back
+  int32_t promised_blocks = 0;              // decode: hand-offs placed here, KV not yet in
+  int32_t decoding = 0;                     // requests decoding here
+  int64_t decode_context = 0;               // their estimated context tokens
+};
+
+// One request's share of the instances' bookkeeping: queued for prefill (and promised KV
+// blocks on its decode instance), then decoding; whatever is left is removed when it ends.
+// Instances are never erased, so the pointers stay valid.
+class Booking {
+ public:
+  // Called with `mu` held.
+  Booking(std::mutex& mu, Instance* prefill, Instance* decode, uint64_t seq, int32_t prompt_len,
+          int32_t blocks, int64_t context)
+      : mu_(mu), prefill_(prefill), decode_(decode), seq_(seq), blocks_(blocks), context_(context) {
+    prefill_->queued_lens[seq_] = prompt_len;
+    if (decode_ != nullptr) decode_->promised_blocks += blocks_;
+  }
+  ~Booking() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (queued_) prefill_->queued_lens.erase(seq_);
+    if (promised()) decode_->promised_blocks -= blocks_;
+    if (decoding_on_ != nullptr) {
+      --decoding_on_->decoding;
+      decoding_on_->decode_context -= context_;
+    }
+  }
+  // The first token came back (a colocated instance now decodes it).
+  void PrefillDone() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!queued_) return;
+    prefill_->queued_lens.erase(seq_);
+    queued_ = false;
+    if (decode_ == nullptr) Decoding(prefill_);
+  }
+  // The decode instance has the KV and streams tokens.
+  void DecodeStarted() {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!promised()) return;
+    decode_->promised_blocks -= blocks_;
+    Decoding(decode_);
+  }
+
+ private:
+  bool promised() const { return decode_ != nullptr && decoding_on_ == nullptr; }
+  void Decoding(Instance* inst) {
+    decoding_on_ = inst;
+    ++inst->decoding;
+    inst->decode_context += context_;
+  }
+  std::mutex& mu_;
+  Instance* prefill_;
+  Instance* decode_;
+  uint64_t seq_;
+  int32_t blocks_;
+  int64_t context_;
+  bool queued_ = true;
+  Instance* decoding_on_ = nullptr;
 };
 
 // The worker calls of one request, so that a client's cancellation reaches them.
@@ -75,6 +129,10 @@ struct Tracked {
     std::lock_guard<std::mutex> lock(mu);
     cancelled = true;
     for (grpc::ClientContext* c : calls) c->TryCancel();
+  }
+  bool IsCancelled() {
+    std::lock_guard<std::mutex> lock(mu);
+    return cancelled;
   }
 };
 
@@ -171,13 +229,18 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       inst->address = request->address();
       inst->kv_address = request->kv_address();
       inst->stub = pb::Worker::NewStub(MakeChannel(inst->address));
-      if (replaced) {  // keep the bookkeeping of requests in flight
-        inst->pending_prompt_tokens = slot->pending_prompt_tokens;
-        inst->pending_requests = slot->pending_requests;
-        inst->promised_blocks = slot->promised_blocks;
-        inst->decoding = slot->decoding;
+      // A re-registration (new address) replaces the connection in place: requests in flight
+      // keep pointers to this Instance and their bookkeeping stays.
+      if (replaced) {
+        slot->role = inst->role;
+        slot->address = inst->address;
+        slot->kv_address = inst->kv_address;
+        slot->stub = std::move(inst->stub);
+        slot->healthy = false;
+        slot->failures = 0;
+      } else {
+        slot = std::move(inst);
       }
-      slot = std::move(inst);
       log_->info("{} {} ({} at {})", replaced ? "re-registered" : "registered", request->id(),
                  request->role(), request->address());
     }
@@ -326,23 +389,16 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       return Invalid(absl::StrCat("prompt of ", ids.size(), " tokens + max_tokens ", r.max_tokens(),
                                   " exceeds the model's context of ", config_.max_context()));
     }
-    const float temperature = r.has_temperature() ? r.temperature() : 0.0f;
-    if (!std::isfinite(temperature) || temperature < 0) {
-      return Invalid(
-          absl::StrCat("temperature must be a finite number >= 0 (got ", temperature, ")"));
-    }
-    const float top_p = r.has_top_p() ? r.top_p() : 1.0f;
-    if (!(top_p > 0.0f && top_p <= 1.0f)) {
-      return Invalid(absl::StrCat("top_p must be in (0, 1] (got ", top_p, ")"));
-    }
-    const int32_t top_k = r.has_top_k() ? r.top_k() : 0;
-    if (top_k < 0) return Invalid(absl::StrCat("top_k must be >= 0 (got ", top_k, ")"));
-    const int32_t logprobs = r.has_logprobs() ? r.logprobs() : -1;
-    if (logprobs > 20) return Invalid(absl::StrCat("logprobs is at most 20 (got ", logprobs, ")"));
-    for (int32_t id : r.stop_token_ids()) {
-      if (id < 0 || id >= config_.vocab_size) {
-        return Invalid(absl::StrCat("stop token id ", id, " is outside the vocabulary"));
-      }
+    // The sampling parameters are checked by the engine's own rule, as the workers will.
+    engine::SamplingParams params;
+    params.temperature = r.has_temperature() ? r.temperature() : 0.0f;
+    params.top_k = r.has_top_k() ? r.top_k() : 0;
+    params.top_p = r.has_top_p() ? r.top_p() : 1.0f;
+    params.max_tokens = r.max_tokens();
+    params.logprobs = r.has_logprobs() ? r.logprobs() : -1;
+    params.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
+    if (absl::Status valid = params.Validate(config_.vocab_size); !valid.ok()) {
+      return ToGrpc(valid);
     }
     for (double slo : {r.ttft_slo_ms(), r.tpot_slo_ms()}) {
       if (!std::isfinite(slo) || slo < 0) return Invalid("SLO targets must be finite and >= 0");
@@ -350,13 +406,13 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     work.set_request_id(r.request_id());
     *work.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
     work.set_max_tokens(r.max_tokens());
-    work.set_temperature(temperature);
-    work.set_top_k(top_k);
-    work.set_top_p(top_p);
+    work.set_temperature(params.temperature);
+    work.set_top_k(params.top_k);
+    work.set_top_p(params.top_p);
     work.set_seed(r.has_seed() ? r.seed() : std::random_device{}() * 0x9E3779B97F4A7C15ull);
     work.set_ignore_eos(r.ignore_eos());
     *work.mutable_stop_token_ids() = r.stop_token_ids();
-    work.set_logprobs(logprobs);
+    work.set_logprobs(params.logprobs);
     return grpc::Status::OK;
   }
 
@@ -385,10 +441,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     scheduler::Placement placement;
     Instance* prefill = nullptr;
     Instance* decode = nullptr;
-    uint64_t queue_seq = 0;
-    const int64_t context_estimate = prompt_len + relay.work.max_tokens() / 2;
-    std::string prefill_kv_address;
-    int32_t blocks = 0;
+    std::optional<Booking> booking;
     {
       std::lock_guard<std::mutex> lock(mu_);
       std::vector<scheduler::InstanceLoad> loads;
@@ -397,16 +450,19 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         l.id = id;
         l.role = inst->role;
         l.healthy = inst->healthy;
-        l.queued_prompt_tokens = inst->pending_prompt_tokens;
-        l.queued_requests = inst->pending_requests;
+        for (const auto& [seq, len] : inst->queued_lens) {
+          l.queued_prompt_lens.push_back(len);
+          l.queued_prompt_tokens += len;
+        }
+        l.queued_requests = static_cast<int32_t>(inst->queued_lens.size());
         l.running_requests = std::max(inst->decoding, inst->status.running_requests());
         l.kv_blocks_total = inst->status.kv_blocks_total();
         l.kv_blocks_free = inst->status.kv_blocks_free() - inst->promised_blocks;
         l.block_size = std::max(1, inst->status.block_size());
-        for (const auto& [seq, len] : inst->queued_lens) l.queued_prompt_lens.push_back(len);
         l.decode_context_tokens = inst->decode_context;
-        if (inst->status.max_batch_tokens() > 0)
+        if (inst->status.max_batch_tokens() > 0) {
           l.max_batch_tokens = inst->status.max_batch_tokens();
+        }
         loads.push_back(l);
       }
       scheduler::DispatchRequest dr;
@@ -422,43 +478,17 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       placement = *placed;
       if (placement.best_effort) ++best_effort_;
       prefill = instances_.at(placement.prefill).get();
-      prefill->pending_prompt_tokens += prompt_len;
-      ++prefill->pending_requests;
-      queue_seq = next_queue_seq_++;
-      prefill->queued_lens[queue_seq] = prompt_len;
+      int32_t blocks = 0;
       if (!placement.decode.empty()) {
         decode = instances_.at(placement.decode).get();
         blocks =
             engine::BlockTable::BlocksFor(prompt_len + 1, std::max(1, decode->status.block_size()));
-        decode->promised_blocks += blocks;
-        prefill_kv_address = decode->kv_address;
       }
+      booking.emplace(mu_, prefill, decode, next_queue_seq_++, prompt_len, blocks,
+                      prompt_len + relay.work.max_tokens() / 2);
     }
-    // Instances are never erased, so the pointers stay valid; their counters are guarded.
-    bool prefill_pending = true;
-    bool decode_promised = decode != nullptr;
-    auto prefill_done = [&] {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (prefill_pending) {
-        prefill->pending_prompt_tokens -= prompt_len;
-        --prefill->pending_requests;
-        prefill->queued_lens.erase(queue_seq);
-        prefill_pending = false;
-        if (decode == nullptr) {
-          ++prefill->decoding;
-          prefill->decode_context += context_estimate;
-        }
-      }
-    };
-    auto decode_started = [&] {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (decode_promised) {
-        decode->promised_blocks -= blocks;
-        decode_promised = false;
-        ++decode->decoding;
-        decode->decode_context += context_estimate;
-      }
-    };
+    auto prefill_done = [&] { booking->PrefillDone(); };
+    auto decode_started = [&] { booking->DecodeStarted(); };
     relay.timeline.set_prefill_instance(placement.prefill);
     relay.timeline.set_decode_instance(placement.decode);
     relay.timeline.set_scheduler_note(placement.note);
@@ -466,29 +496,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     relay.timeline.set_predicted_tpot_ms(std::max(0.0, placement.predicted_tpot_ms));
     relay.timeline.set_best_effort(placement.best_effort);
     relay.timeline.set_queued_us(NowUs());
-
-    grpc::Status status = decode == nullptr
-                              ? RunColocated(relay, *prefill, prefill_done)
-                              : RunDisaggregated(relay, *prefill, *decode, prefill_kv_address,
-                                                 prefill_done, decode_started);
-    std::lock_guard<std::mutex> lock(mu_);
-    if (prefill_pending) {
-      prefill->pending_prompt_tokens -= prompt_len;
-      --prefill->pending_requests;
-      prefill->queued_lens.erase(queue_seq);
-    } else if (decode == nullptr) {
-      --prefill->decoding;
-      prefill->decode_context -= context_estimate;
-    }
-    if (decode != nullptr) {
-      if (decode_promised) {
-        decode->promised_blocks -= blocks;
-      } else {
-        --decode->decoding;
-        decode->decode_context -= context_estimate;
-      }
-    }
-    return status;
+    return decode == nullptr
+               ? RunColocated(relay, *prefill, prefill_done)
+               : RunDisaggregated(relay, *prefill, *decode, prefill_done, decode_started);
   }
 
   // Sends tokens of a worker event to the client; `done` when the request ended.
@@ -548,7 +558,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   };
 
   grpc::Status WorkerError(const Instance& inst, const grpc::Status& s, Relay& relay) {
-    if (relay.tracked.cancelled || relay.tracked.server_context->IsCancelled()) {
+    if (relay.tracked.IsCancelled() || relay.tracked.server_context->IsCancelled()) {
       return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");
     }
     if (s.ok()) {
@@ -559,6 +569,11 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     return grpc::Status(s.error_code(), absl::StrCat(inst.id, ": ", s.error_message()));
   }
 
+  std::shared_ptr<pb::Worker::Stub> StubOf(const Instance& inst) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return inst.stub;
+  }
+
   grpc::Status ClientGone() {
     return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
   }
@@ -566,7 +581,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   template <typename F>
   grpc::Status RunColocated(Relay& relay, Instance& inst, F&& prefill_done) {
     Call call(relay.tracked, relay.work.deadline_unix_us());
-    auto stream = inst.stub->Generate(&call.context, relay.work);
+    auto stream = StubOf(inst)->Generate(&call.context, relay.work);
     pb::WorkEvent event;
     bool done = false;
     while (!done && stream->Read(&event)) {
@@ -584,23 +599,25 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   }
 
   template <typename F, typename G>
-  grpc::Status RunDisaggregated(Relay& relay, Instance& prefill, Instance& decode,
-                                const std::string& kv_address, F&& prefill_done,
+  grpc::Status RunDisaggregated(Relay& relay, Instance& prefill, Instance& decode, F&& prefill_done,
                                 G&& decode_started) {
     // The decode worker first registers the request, so the KV hand-off finds it.
     Call dcall(relay.tracked, relay.work.deadline_unix_us());
-    auto dstream = decode.stub->Decode(&dcall.context, relay.work);
+    auto dstream = StubOf(decode)->Decode(&dcall.context, relay.work);
     pb::WorkEvent event;
     if (!dstream->Read(&event) || event.kind() != pb::WorkEvent::ACCEPTED) {
       return WorkerError(decode, dstream->Finish(), relay);
     }
     pb::WorkRequest work = relay.work;
     work.set_decode_instance(decode.id);
-    work.set_decode_kv_address(kv_address);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      work.set_decode_kv_address(decode.kv_address);
+    }
     bool done = false;
     {
       Call pcall(relay.tracked, relay.work.deadline_unix_us());
-      auto pstream = prefill.stub->Prefill(&pcall.context, work);
+      auto pstream = StubOf(prefill)->Prefill(&pcall.context, work);
       bool sent = false;
       while (pstream->Read(&event)) {
         MergeTimeline(relay.timeline, event);
@@ -645,10 +662,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
 
   void HealthLoop() {
     while (true) {
-      std::vector<std::pair<std::string, pb::Worker::Stub*>> targets;
+      std::vector<std::pair<std::string, std::shared_ptr<pb::Worker::Stub>>> targets;
       {
         std::lock_guard<std::mutex> lock(mu_);
-        for (auto& [id, inst] : instances_) targets.emplace_back(id, inst->stub.get());
+        for (auto& [id, inst] : instances_) targets.emplace_back(id, inst->stub);
       }
       for (auto& [id, stub] : targets) {
         grpc::ClientContext ctx;
@@ -657,7 +674,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         grpc::Status s = stub->GetStatus(&ctx, pb::WorkerStatusRequest(), &status);
         std::lock_guard<std::mutex> lock(mu_);
         auto it = instances_.find(id);
-        if (it == instances_.end() || it->second->stub.get() != stub) continue;
+        if (it == instances_.end() || it->second->stub != stub) continue;
         Instance& inst = *it->second;
         if (s.ok()) {
           if (!inst.healthy) log_->info("{} is healthy", id);
@@ -684,7 +701,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       {
         std::lock_guard<std::mutex> lock(mu_);
         for (auto& [id, t] : in_flight_) {
-          if (!t->cancelled && t->server_context->IsCancelled()) t->CancelAll();
+          if (!t->IsCancelled() && t->server_context->IsCancelled()) t->CancelAll();
         }
       }
       std::unique_lock<std::mutex> lock(stop_mu_);

@@ -15,11 +15,6 @@ grpc::Status ToGrpc(const absl::Status& status) {
   return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
 }
 
-absl::Status FromGrpc(const grpc::Status& status) {
-  if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
-}
-
 int64_t NowUs() { return absl::ToUnixMicros(absl::Now()); }
 
 absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(

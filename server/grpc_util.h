@@ -14,7 +14,6 @@
 namespace pds::server {
 
 grpc::Status ToGrpc(const absl::Status& status);
-absl::Status FromGrpc(const grpc::Status& status);
 
 // Microseconds since the Unix epoch.
 int64_t NowUs();

@@ -175,6 +175,25 @@ class PdbenchFakeServerTest : public ::testing::Test {
     return *specs;
   }
 
+  // Every request: first token after `ttft_ms`, then one every `itl_ms`.
+  void ScriptFixed(int ttft_ms, int itl_ms) {
+    service_.script = [ttft_ms, itl_ms](int64_t) {
+      Script s;
+      s.ttft_ms = ttft_ms;
+      s.itl_ms = itl_ms;
+      return s;
+    };
+  }
+  // `n` arrivals at a constant `rate` (requests/s) from 0.
+  static std::vector<double> ConstantArrivals(double rate, int n) {
+    ArrivalOptions a;
+    a.kind = ArrivalKind::kConstant;
+    a.rate = rate;
+    auto times = ArrivalTimes(a, n);
+    EXPECT_TRUE(times.ok());
+    return *times;
+  }
+
   FakeServing service_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
@@ -203,10 +222,7 @@ TEST_F(PdbenchFakeServerTest, ScriptedLatenciesFailuresAttainmentAndGoodput) {
   ServingClient client(target_);
   ASSERT_TRUE(client.WaitForConnected(absl::Seconds(5)).ok());
   RunOptions o;
-  ArrivalOptions a;
-  a.kind = ArrivalKind::kConstant;
-  a.rate = 40;
-  o.arrivals = *ArrivalTimes(a, n);
+  o.arrivals = ConstantArrivals(40, n);
   o.slo = SloTargets{80, 20};
   o.request_id_prefix = "test";
   o.request_timeout_s = 10;
@@ -292,18 +308,10 @@ TEST_F(PdbenchFakeServerTest, ScriptedLatenciesFailuresAttainmentAndGoodput) {
 
 TEST_F(PdbenchFakeServerTest, OpenLoopSendsOnScheduleAndBoundsInflight) {
   // Requests last ~300 ms but arrive every 50 ms: an open loop overlaps them.
-  service_.script = [](int64_t) {
-    Script s;
-    s.ttft_ms = 100;
-    s.itl_ms = 100;
-    return s;
-  };
+  ScriptFixed(100, 100);
   ServingClient client(target_);
   RunOptions o;
-  ArrivalOptions a;
-  a.kind = ArrivalKind::kConstant;
-  a.rate = 20;
-  o.arrivals = *ArrivalTimes(a, 6);
+  o.arrivals = ConstantArrivals(20, 6);
   o.request_id_prefix = "open";
   auto result = RunBenchmark(client, Specs(6, 4, 3), o);
   ASSERT_TRUE(result.ok()) << result.status();
@@ -317,18 +325,10 @@ TEST_F(PdbenchFakeServerTest, OpenLoopSendsOnScheduleAndBoundsInflight) {
 
 TEST_F(PdbenchFakeServerTest, OpenLoopBoundsCallsInFlight) {
   // The same schedule with at most 2 calls in flight: later sends wait for a slot.
-  service_.script = [](int64_t) {
-    Script s;
-    s.ttft_ms = 100;
-    s.itl_ms = 100;
-    return s;
-  };
+  ScriptFixed(100, 100);
   ServingClient client(target_);
   RunOptions o;
-  ArrivalOptions a;
-  a.kind = ArrivalKind::kConstant;
-  a.rate = 20;
-  o.arrivals = *ArrivalTimes(a, 6);
+  o.arrivals = ConstantArrivals(20, 6);
   o.request_id_prefix = "bounded";
   o.max_inflight = 2;
   auto bounded = RunBenchmark(client, Specs(6, 4, 3), o);
@@ -339,12 +339,7 @@ TEST_F(PdbenchFakeServerTest, OpenLoopBoundsCallsInFlight) {
 }
 
 TEST_F(PdbenchFakeServerTest, ClosedLoopHoldsConcurrency) {
-  service_.script = [](int64_t) {
-    Script s;
-    s.ttft_ms = 30;
-    s.itl_ms = 10;
-    return s;
-  };
+  ScriptFixed(30, 10);
   ServingClient client(target_);
   RunOptions o;
   o.concurrency = 3;
@@ -371,11 +366,8 @@ TEST_F(PdbenchFakeServerTest, DeadlineCancelsAndDurationStopsSending) {
   };
   ServingClient client(target_);
   RunOptions o;
-  ArrivalOptions a;
-  a.kind = ArrivalKind::kConstant;
-  a.rate = 10;
-  o.arrivals = *ArrivalTimes(a, 100);  // 10 s of arrivals, but...
-  o.duration_s = 0.45;                 // ...only those before 0.45 s are sent
+  o.arrivals = ConstantArrivals(10, 100);  // 10 s of arrivals, but...
+  o.duration_s = 0.45;                     // ...only those before 0.45 s are sent
   o.request_timeout_s = 0.3;
   o.request_id_prefix = "deadline";
   const auto t0 = std::chrono::steady_clock::now();
@@ -396,12 +388,7 @@ TEST_F(PdbenchFakeServerTest, DeadlineCancelsAndDurationStopsSending) {
 }
 
 TEST_F(PdbenchFakeServerTest, ClientCancelAndBlockingGenerate) {
-  service_.script = [](int64_t) {
-    Script s;
-    s.ttft_ms = 10;
-    s.itl_ms = 10;
-    return s;
-  };
+  ScriptFixed(10, 10);
   ServingClient client(target_);
   auto cluster = client.GetClusterStatus(absl::Seconds(5));
   ASSERT_TRUE(cluster.ok()) << cluster.status();
@@ -480,12 +467,7 @@ TEST_F(PdbenchFakeServerTest, PdbenchCommandLineWritesReports) {
   // --search over a server with fixed latencies: every rate passes.
   const std::string sjson = dir + "/search.json", scsv = dir + "/search.csv",
                     svg = dir + "/search.svg";
-  service_.script = [](int64_t) {
-    Script s;
-    s.ttft_ms = 10;
-    s.itl_ms = 5;
-    return s;
-  };
+  ScriptFixed(10, 5);
   rc = RunPdbench({"--target",   target_,
                    "--search",   "--search-min-rate",
                    "20",         "--search-max-rate",

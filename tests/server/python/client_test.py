@@ -110,11 +110,15 @@ def main():
             prompt_token_ids=list(range(10, 60)), max_tokens=200, ignore_eos=True), timeout=60)
         next(call)
         call.cancel()
-        deadline = time.time() + 20
+        start = time.time()
+        deadline = start + 20
         while True:
             status = stub.GetClusterStatus(serving_pb2.ClusterStatusRequest(), timeout=10)
             used = sum(i.kv_blocks_used for i in status.instances)
-            if used == 0 and status.requests_in_flight == 0:
+            # Only figures the front-end polled after the cancel count (polls every 200 ms).
+            elapsed_ms = (time.time() - start) * 1000
+            fresh = all(0 <= i.last_seen_ms_ago < elapsed_ms - 100 for i in status.instances)
+            if fresh and used == 0 and status.requests_in_flight == 0:
                 break
             assert time.time() < deadline, f"blocks still used after cancel: {status}"
             time.sleep(0.1)
