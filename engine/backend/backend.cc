@@ -2,6 +2,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cpu_backend.h"
+#include "engine/common/status_macros.h"
+#include "kernels/sampling.h"
+#if PDS_HAVE_CUDA
+#include "engine/backend/cuda_backend.h"
+#endif
 
 namespace pds::engine {
 
@@ -25,11 +30,26 @@ void DeviceBuffer::Reset() {
   release_ = nullptr;
 }
 
+absl::Status Backend::LogitsOrArgmax(const void* x, const Weight& lm_head, int64_t rows,
+                                     const std::vector<uint8_t>& host_rows, float* host_logits,
+                                     int32_t* argmax) {
+  PDS_RETURN_IF_ERROR(Logits(x, lm_head, rows, host_logits));
+  for (int64_t r = 0; r < rows; ++r) {
+    argmax[r] = kernels::cpu::Argmax(host_logits + r * lm_head.rows, lm_head.rows);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<std::unique_ptr<Backend>> CreateBackend(const BackendOptions& options) {
   if (options.kind == "cpu") return std::unique_ptr<Backend>(new CpuBackend(options.num_threads));
   if (options.kind == "cuda") {
+#if PDS_HAVE_CUDA
+    PDS_ASSIGN_OR_RETURN(std::unique_ptr<CudaBackend> cuda, CudaBackend::Create(options));
+    return std::unique_ptr<Backend>(std::move(cuda));
+#else
     return absl::UnimplementedError(
-        "backend 'cuda' is not available in this build (the CUDA backend is not built yet)");
+        "backend 'cuda' is not available in this build (built without CUDA: no nvcc was found)");
+#endif
   }
   return absl::InvalidArgumentError(
       absl::StrCat("unknown backend '", options.kind, "' (expected cpu or cuda)"));

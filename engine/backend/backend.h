@@ -14,6 +14,7 @@
 #include "absl/strings/string_view.h"
 #include "engine/common/dtype.h"
 #include "kernels/attention.h"
+#include "kernels/random_fill.h"
 
 namespace pds::engine {
 
@@ -84,6 +85,11 @@ class Backend {
   virtual absl::Status CopyFromHost(void* device, const void* host, size_t bytes) = 0;
   // Sets `bytes` of backend memory to zero.
   virtual absl::Status Zero(void* device, size_t bytes) = 0;
+  // Fills `count` compute-dtype elements with offset + scale * u, u uniform in [-1, 1) drawn
+  // from a counter-based hash of (seed, index): the same values on every backend (before
+  // rounding to the compute dtype). For random-weight benchmarks: never zeros.
+  virtual absl::Status FillRandom(void* device, size_t count, float scale, float offset,
+                                  uint64_t seed) = 0;
   // Copies within backend memory (used by KV block copies and transfer packing).
   virtual absl::Status CopyDevice(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Synchronize() = 0;
@@ -119,12 +125,21 @@ class Backend {
   // Final projection to fp32 host logits [rows, vocab].
   virtual absl::Status Logits(const void* x, const Weight& lm_head, int64_t rows,
                               float* host_logits) = 0;
+  // The same projection where a row may need only its greedy token: rows with host_rows[r]
+  // set get their logits in host_logits (at r * vocab; others are left alone); every row gets
+  // argmax[r] (lowest index on ties, NaN never chosen). A device backend computes the argmax
+  // where the logits are and copies only the rows asked for. The default runs Logits.
+  virtual absl::Status LogitsOrArgmax(const void* x, const Weight& lm_head, int64_t rows,
+                                      const std::vector<uint8_t>& host_rows, float* host_logits,
+                                      int32_t* argmax);
 };
 
 struct BackendOptions {
-  std::string kind = "cpu";  // "cpu" or "cuda"
-  int num_threads = 0;       // CPU threads (0: all cores)
-  int device = 0;            // CUDA device ordinal
+  std::string kind = "cpu";    // "cpu" or "cuda"
+  int num_threads = 0;         // CPU threads (0: all cores)
+  int device = 0;              // CUDA device ordinal
+  DType dtype = DType::kBF16;  // CUDA compute dtype: kBF16 or kF16 (the CPU is always fp32)
+  bool cuda_graphs = true;     // CUDA: replay decode steps from captured graphs
 };
 
 // Creates a backend; "cuda" fails with a clear status where the CUDA backend is not built.

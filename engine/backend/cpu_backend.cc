@@ -64,6 +64,13 @@ absl::Status CpuBackend::Zero(void* device, size_t bytes) {
   return absl::OkStatus();
 }
 
+absl::Status CpuBackend::FillRandom(void* device, size_t count, float scale, float offset,
+                                    uint64_t seed) {
+  float* out = F(device);
+  for (size_t i = 0; i < count; ++i) out[i] = kernels::RandomFillValue(seed, i, scale, offset);
+  return absl::OkStatus();
+}
+
 absl::Status CpuBackend::BeginBatch(const BatchMetadata& batch) {
   batch_ = &batch;
   ++batch_generation_;

@@ -22,6 +22,8 @@ class CpuBackend final : public Backend {
   absl::Status CopyFromHost(void* device, const void* host, size_t bytes) override;
   absl::Status CopyDevice(void* dst, const void* src, size_t bytes) override;
   absl::Status Zero(void* device, size_t bytes) override;
+  absl::Status FillRandom(void* device, size_t count, float scale, float offset,
+                          uint64_t seed) override;
   absl::Status Synchronize() override { return absl::OkStatus(); }
 
   absl::Status BeginBatch(const BatchMetadata& batch) override;

@@ -15,18 +15,14 @@ absl::StatusOr<KvCache> KvCache::Create(Backend& backend, const KvCacheShape& sh
   }
   KvCache cache;
   cache.shape_ = shape;
-  const size_t bytes = shape.BlockBytes(backend.compute_dtype()) * shape.num_blocks;
-  for (int l = 0; l < shape.num_layers; ++l) {
-    PDS_ASSIGN_OR_RETURN(DeviceBuffer k,
-                         backend.Allocate(bytes, absl::StrCat("K cache layer ", l)));
-    PDS_ASSIGN_OR_RETURN(DeviceBuffer v,
-                         backend.Allocate(bytes, absl::StrCat("V cache layer ", l)));
-    // Never read uninitialized memory, even from blocks no sequence has written yet.
-    PDS_RETURN_IF_ERROR(backend.Zero(k.data(), bytes));
-    PDS_RETURN_IF_ERROR(backend.Zero(v.data(), bytes));
-    cache.k_.push_back(std::move(k));
-    cache.v_.push_back(std::move(v));
-  }
+  cache.pool_bytes_ = shape.BlockBytes(backend.compute_dtype()) * shape.num_blocks;
+  const size_t total = 2 * static_cast<size_t>(shape.num_layers) * cache.pool_bytes_;
+  PDS_ASSIGN_OR_RETURN(
+      cache.memory_,
+      backend.Allocate(total, absl::StrCat("KV cache (", shape.num_layers, " layers, ",
+                                           shape.num_blocks, " blocks)")));
+  // Never read uninitialized memory, even from blocks no sequence has written yet.
+  PDS_RETURN_IF_ERROR(backend.Zero(cache.memory_.data(), total));
   cache.allocator_ = BlockAllocator(shape.num_blocks);
   return cache;
 }

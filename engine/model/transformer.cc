@@ -28,7 +28,38 @@ absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const ModelConfig
                                                                Backend& backend) {
   std::unique_ptr<Transformer> model(new Transformer(config, backend));
   model->inv_freq_ = RopeInvFreq(config);
-  PDS_RETURN_IF_ERROR(model->LoadWeights(files));
+  Backend* be = &backend;
+  PDS_RETURN_IF_ERROR(
+      model->LoadWeights([&files, be](const std::vector<std::pair<std::string, int64_t>>& parts,
+                                      int64_t cols) -> absl::StatusOr<Weight> {
+        Weight w;
+        w.cols = std::max<int64_t>(cols, 1);
+        for (const auto& [name, rows] : parts) w.rows += rows;
+        std::vector<TensorView> views;
+        for (const auto& [name, rows] : parts) {
+          std::vector<int64_t> shape =
+              cols > 0 ? std::vector<int64_t>{rows, cols} : std::vector<int64_t>{rows};
+          PDS_ASSIGN_OR_RETURN(TensorView view, files.Get(name, shape));
+          views.push_back(view);
+        }
+        const std::string what =
+            parts.size() == 1 ? parts[0].first : absl::StrCat(parts[0].first, "+");
+        if (views.size() == 1) {
+          PDS_ASSIGN_OR_RETURN(w.buffer,
+                               be->Upload(views[0].data, views[0].dtype, views[0].numel(), what));
+        } else {
+          // Convert the parts to fp32 on the host, stack them, upload once.
+          std::vector<float> stacked(static_cast<size_t>(w.rows * w.cols));
+          size_t at = 0;
+          for (const auto& v : views) {
+            ConvertToFloat(v.dtype, v.data, stacked.data() + at, v.numel());
+            at += v.numel();
+          }
+          PDS_ASSIGN_OR_RETURN(w.buffer,
+                               be->Upload(stacked.data(), DType::kF32, stacked.size(), what));
+        }
+        return w;
+      }));
   Logger("model")->info(
       "loaded {} from {}: {} layers, hidden {}, {:.1f}M parameters, {} file(s), {} MB on {}",
       config.architecture_name, files.dir(), config.num_layers, config.hidden_size,
@@ -36,37 +67,47 @@ absl::StatusOr<std::unique_ptr<Transformer>> Transformer::Load(const ModelConfig
   return model;
 }
 
-absl::Status Transformer::LoadWeights(const WeightFiles& files) {
+absl::StatusOr<std::unique_ptr<Transformer>> Transformer::CreateRandom(const ModelConfig& config,
+                                                                       Backend& backend,
+                                                                       uint64_t seed) {
+  std::unique_ptr<Transformer> model(new Transformer(config, backend));
+  model->inv_freq_ = RopeInvFreq(config);
+  Backend* be = &backend;
+  uint64_t counter = seed * 1000003ull;
+  const size_t esize = DTypeSize(backend.compute_dtype());
+  PDS_RETURN_IF_ERROR(model->LoadWeights(
+      [be, &counter, esize](const std::vector<std::pair<std::string, int64_t>>& parts,
+                            int64_t cols) -> absl::StatusOr<Weight> {
+        Weight w;
+        w.cols = std::max<int64_t>(cols, 1);
+        for (const auto& [name, rows] : parts) w.rows += rows;
+        const size_t count = static_cast<size_t>(w.rows * w.cols);
+        PDS_ASSIGN_OR_RETURN(w.buffer, be->Allocate(count * esize, parts[0].first));
+        const std::string& name = parts[0].first;
+        float scale, offset = 0.0f;
+        if (cols == 0) {
+          const bool norm = name.find("norm") != std::string::npos;
+          scale = norm ? 0.1f : 0.02f;
+          offset = norm ? 1.0f : 0.0f;
+        } else if (name.find("embed_tokens") != std::string::npos) {
+          scale = 1.0f;
+        } else {
+          scale = static_cast<float>(std::sqrt(3.0 / static_cast<double>(cols)));
+        }
+        PDS_RETURN_IF_ERROR(be->FillRandom(w.buffer.data(), count, scale, offset, ++counter));
+        return w;
+      }));
+  Logger("model")->info("random {} weights: {} layers, hidden {}, {:.2f}B parameters, {} MB on {}",
+                        config.architecture_name, config.num_layers, config.hidden_size,
+                        config.num_parameters() / 1e9, model->weight_bytes_ >> 20, backend.name());
+  return model;
+}
+
+absl::Status Transformer::LoadWeights(const WeightMaker& make) {
   const ModelConfig& c = config_;
-  // Uploads the row-wise concatenation of `names` (each [rows_i, cols], or vectors when
-  // cols == 0) as one weight.
   auto load = [&](std::vector<std::pair<std::string, int64_t>> parts,
                   int64_t cols) -> absl::StatusOr<Weight> {
-    Weight w;
-    w.cols = std::max<int64_t>(cols, 1);
-    for (const auto& [name, rows] : parts) w.rows += rows;
-    std::vector<TensorView> views;
-    for (const auto& [name, rows] : parts) {
-      std::vector<int64_t> shape =
-          cols > 0 ? std::vector<int64_t>{rows, cols} : std::vector<int64_t>{rows};
-      PDS_ASSIGN_OR_RETURN(TensorView view, files.Get(name, shape));
-      views.push_back(view);
-    }
-    const std::string what = parts.size() == 1 ? parts[0].first : absl::StrCat(parts[0].first, "+");
-    if (views.size() == 1) {
-      PDS_ASSIGN_OR_RETURN(w.buffer,
-                           backend_.Upload(views[0].data, views[0].dtype, views[0].numel(), what));
-    } else {
-      // Convert the parts to fp32 on the host, stack them, upload once.
-      std::vector<float> stacked(static_cast<size_t>(w.rows * w.cols));
-      size_t at = 0;
-      for (const auto& v : views) {
-        ConvertToFloat(v.dtype, v.data, stacked.data() + at, v.numel());
-        at += v.numel();
-      }
-      PDS_ASSIGN_OR_RETURN(w.buffer,
-                           backend_.Upload(stacked.data(), DType::kF32, stacked.size(), what));
-    }
+    PDS_ASSIGN_OR_RETURN(Weight w, make(parts, cols));
     weight_bytes_ += w.rows * w.cols * DTypeSize(backend_.compute_dtype());
     return w;
   };
@@ -199,6 +240,30 @@ absl::Status Transformer::EnsureScratch(int64_t tokens, int64_t seqs) {
 
 absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& cache,
                                   std::vector<float>& logits) {
+  PDS_RETURN_IF_ERROR(Body(seqs, cache));
+  const int64_t B = meta_.num_seqs();
+  logits.resize(static_cast<size_t>(B * config_.vocab_size));
+  return backend_.Logits(last_.data(), *lm_head_, B, logits.data());
+}
+
+absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& cache,
+                                  std::vector<float>& logits,
+                                  const std::vector<uint8_t>& greedy_only,
+                                  std::vector<int32_t>& greedy) {
+  if (greedy_only.size() != seqs.size()) {
+    return absl::InvalidArgumentError("greedy_only needs one flag per sequence");
+  }
+  PDS_RETURN_IF_ERROR(Body(seqs, cache));
+  const int64_t B = meta_.num_seqs();
+  logits.resize(static_cast<size_t>(B * config_.vocab_size));
+  greedy.resize(static_cast<size_t>(B));
+  std::vector<uint8_t> host_rows(greedy_only.size());
+  for (size_t s = 0; s < greedy_only.size(); ++s) host_rows[s] = greedy_only[s] ? 0 : 1;
+  return backend_.LogitsOrArgmax(last_.data(), *lm_head_, B, host_rows, logits.data(),
+                                 greedy.data());
+}
+
+absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cache) {
   if (seqs.empty()) return absl::InvalidArgumentError("empty forward batch");
   PDS_RETURN_IF_ERROR(BuildMetadata(seqs, cache));
   const ModelConfig& c = config_;
@@ -247,9 +312,7 @@ absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& 
     }
   }
   PDS_RETURN_IF_ERROR(be.GatherLastRows(x_.data(), last_.data(), c.hidden_size));
-  PDS_RETURN_IF_ERROR(be.RmsNorm(last_.data(), final_norm_, last_.data(), B, eps));
-  logits.resize(static_cast<size_t>(B * c.vocab_size));
-  return be.Logits(last_.data(), *lm_head_, B, logits.data());
+  return be.RmsNorm(last_.data(), final_norm_, last_.data(), B, eps);
 }
 
 }  // namespace pds::engine

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -46,6 +47,12 @@ class Transformer {
                                                            const WeightFiles& files,
                                                            Backend& backend);
 
+  // The model of `config` with seeded random weights initialized directly in backend memory
+  // (no files; for benchmarks of real model shapes): linear weights uniform with variance
+  // 1/fan-in, norm weights near 1, biases small; never zeros.
+  static absl::StatusOr<std::unique_ptr<Transformer>> CreateRandom(const ModelConfig& config,
+                                                                   Backend& backend, uint64_t seed);
+
   const ModelConfig& config() const { return config_; }
   Backend& backend() const { return backend_; }
 
@@ -53,6 +60,12 @@ class Transformer {
   // token of each sequence: [seqs, vocab] row-major in `logits`.
   absl::Status Forward(std::span<const SequenceInput> seqs, KvCache& cache,
                        std::vector<float>& logits);
+  // The same, where sequence s with greedy_only[s] set needs only its greedy token: greedy[s]
+  // is set for every sequence, and logits rows of greedy-only sequences are left unset (a
+  // device backend then copies no logits for them).
+  absl::Status Forward(std::span<const SequenceInput> seqs, KvCache& cache,
+                       std::vector<float>& logits, const std::vector<uint8_t>& greedy_only,
+                       std::vector<int32_t>& greedy);
 
   // The KV cache shape this model needs for `num_blocks` blocks of `block_size`.
   KvCacheShape CacheShape(int32_t num_blocks, int32_t block_size) const;
@@ -61,9 +74,14 @@ class Transformer {
 
  private:
   Transformer(const ModelConfig& config, Backend& backend) : config_(config), backend_(backend) {}
-  absl::Status LoadWeights(const WeightFiles& files);
+  // Makes the weight stacking `parts` (name, rows) row-wise; cols == 0 for vectors.
+  using WeightMaker = std::function<absl::StatusOr<Weight>(
+      const std::vector<std::pair<std::string, int64_t>>& parts, int64_t cols)>;
+  absl::Status LoadWeights(const WeightMaker& make);
   absl::Status BuildMetadata(std::span<const SequenceInput> seqs, const KvCache& cache);
   absl::Status EnsureScratch(int64_t tokens, int64_t seqs);
+  // Everything up to the final norm: last_ holds each sequence's normed last hidden row.
+  absl::Status Body(std::span<const SequenceInput> seqs, KvCache& cache);
 
   ModelConfig config_;
   Backend& backend_;

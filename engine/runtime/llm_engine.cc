@@ -314,7 +314,18 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     in.table = &p.seq->table;
     inputs.push_back(in);
   }
-  PDS_RETURN_IF_ERROR(model_.Forward(inputs, cache_, logits_));
+  // Sequences that only need their greedy token (or nothing, mid-prefill) leave the logits
+  // where they are computed; the others get their row on the host.
+  greedy_only_.assign(plan.size(), 1);
+  for (size_t i = 0; i < plan.size(); ++i) {
+    const Sequence& seq = *plan[i].seq;
+    const SamplingParams& sp = seq.request.params;
+    const bool samples =
+        seq.num_computed + plan[i].chunk >= static_cast<int32_t>(seq.tokens.size());
+    const bool greedy = sp.temperature == 0.0f || sp.top_k == 1;
+    if (samples && (!greedy || sp.logprobs >= 0 || seq.request.return_logits)) greedy_only_[i] = 0;
+  }
+  PDS_RETURN_IF_ERROR(model_.Forward(inputs, cache_, logits_, greedy_only_, greedy_));
 
   const int64_t vocab = model_.config().vocab_size;
   std::vector<std::string> finished;
@@ -326,7 +337,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     const float* row = logits_.data() + i * vocab;
     TokenOutput out;
     out.request_id = seq.request.id;
-    out.token = seq.sampler->Sample(row, vocab, seq.num_generated);
+    out.token = greedy_only_[i] ? greedy_[i] : seq.sampler->Sample(row, vocab, seq.num_generated);
     if (seq.request.params.logprobs >= 0) {
       TokenLogprobs lp;
       lp.logprob = kernels::cpu::LogProb(row, vocab, out.token);

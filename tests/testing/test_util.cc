@@ -7,6 +7,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "engine/model/model_writer.h"
+#if PDS_HAVE_CUDA
+#include "engine/backend/cuda_backend.h"
+#endif
 
 namespace pds::testing {
 namespace {
@@ -127,6 +130,13 @@ engine::ModelConfig SmallTestConfig() {
   return c;
 }
 
-bool HasCudaDevice() { return false; }
+bool HasCudaDevice() {
+#if PDS_HAVE_CUDA
+  static const bool available = engine::CudaDeviceAvailable();
+  return available;
+#else
+  return false;
+#endif
+}
 
 }  // namespace pds::testing

@@ -1,0 +1,154 @@
+// Elementwise ops of the transformer block on 16-bit activations (twins of
+// kernels/cpu/elementwise.cc), plus upload conversion and random fill.
+#include "kernels/cuda/common.cuh"
+#include "kernels/random_fill.h"
+
+namespace pds::kernels::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// Grid-stride loops with the grid capped: any n fits.
+inline unsigned GridFor(int64_t n) {
+  const int64_t blocks = (n + kThreads - 1) / kThreads;
+  return static_cast<unsigned>(blocks < 65535 * 8 ? (blocks > 0 ? blocks : 1) : 65535 * 8);
+}
+
+template <typename T>
+__global__ void EmbedKernel(const T* table, const int32_t* ids, T* out, int64_t tokens,
+                            int64_t hidden) {
+  const int64_t n = tokens * hidden;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t t = i / hidden, c = i - t * hidden;
+    out[i] = table[static_cast<int64_t>(ids[t]) * hidden + c];
+  }
+}
+
+template <typename T>
+__global__ void AddBiasKernel(T* x, int64_t x_stride, const T* bias, int64_t rows, int64_t cols) {
+  const int64_t n = rows * cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    T& v = x[r * x_stride + c];
+    v = FromFloat<T>(ToFloat(v) + ToFloat(bias[c]));
+  }
+}
+
+template <typename T>
+__global__ void AddKernel(T* x, const T* y, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    x[i] = FromFloat<T>(ToFloat(x[i]) + ToFloat(y[i]));
+  }
+}
+
+template <typename T>
+__global__ void SiluGateKernel(const T* gate_up, T* out, int64_t tokens, int64_t inter) {
+  const int64_t n = tokens * inter;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t t = i / inter, c = i - t * inter;
+    const float g = ToFloat(gate_up[t * 2 * inter + c]);
+    const float u = ToFloat(gate_up[t * 2 * inter + inter + c]);
+    out[i] = FromFloat<T>(g / (1.0f + __expf(-g)) * u);
+  }
+}
+
+template <typename T>
+__global__ void GatherRowsKernel(const T* x, const int32_t* rows, T* out, int64_t n, int64_t cols) {
+  const int64_t total = n * cols;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t r = i / cols, c = i - r * cols;
+    out[i] = x[static_cast<int64_t>(rows[r]) * cols + c];
+  }
+}
+
+template <typename T>
+__global__ void ConvertKernel(const float* src, T* dst, int64_t n) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    dst[i] = FromFloat<T>(src[i]);
+  }
+}
+
+template <typename T>
+__global__ void FillRandomKernel(T* dst, int64_t n, float scale, float offset, uint64_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
+       i += int64_t{gridDim.x} * blockDim.x) {
+    dst[i] = FromFloat<T>(RandomFillValue(seed, static_cast<uint64_t>(i), scale, offset));
+  }
+}
+
+}  // namespace
+
+cudaError_t Embed(Half16 t, const void* table, const int32_t* ids, void* out, int64_t tokens,
+                  int64_t hidden, cudaStream_t stream) {
+  return Dispatch16(t, [&](auto z) {
+    using T = decltype(z);
+    EmbedKernel<<<GridFor(tokens * hidden), kThreads, 0, stream>>>(
+        static_cast<const T*>(table), ids, static_cast<T*>(out), tokens, hidden);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t AddBias(Half16 t, void* x, int64_t x_stride, const void* bias, int64_t rows,
+                    int64_t cols, cudaStream_t stream) {
+  return Dispatch16(t, [&](auto z) {
+    using T = decltype(z);
+    AddBiasKernel<<<GridFor(rows * cols), kThreads, 0, stream>>>(
+        static_cast<T*>(x), x_stride, static_cast<const T*>(bias), rows, cols);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t Add(Half16 t, void* x, const void* y, int64_t n, cudaStream_t stream) {
+  return Dispatch16(t, [&](auto z) {
+    using T = decltype(z);
+    AddKernel<<<GridFor(n), kThreads, 0, stream>>>(static_cast<T*>(x), static_cast<const T*>(y), n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t SiluGate(Half16 t, const void* gate_up, void* out, int64_t tokens, int64_t inter,
+                     cudaStream_t stream) {
+  return Dispatch16(t, [&](auto z) {
+    using T = decltype(z);
+    SiluGateKernel<<<GridFor(tokens * inter), kThreads, 0, stream>>>(
+        static_cast<const T*>(gate_up), static_cast<T*>(out), tokens, inter);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t GatherRows(Half16 t, const void* x, const int32_t* rows, void* out, int64_t n,
+                       int64_t cols, cudaStream_t stream) {
+  return Dispatch16(t, [&](auto z) {
+    using T = decltype(z);
+    GatherRowsKernel<<<GridFor(n * cols), kThreads, 0, stream>>>(static_cast<const T*>(x), rows,
+                                                                 static_cast<T*>(out), n, cols);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t ConvertFromFloat(Half16 t, const float* src, void* dst, int64_t n,
+                             cudaStream_t stream) {
+  return Dispatch16(t, [&](auto z) {
+    using T = decltype(z);
+    ConvertKernel<<<GridFor(n), kThreads, 0, stream>>>(src, static_cast<T*>(dst), n);
+    return cudaGetLastError();
+  });
+}
+
+cudaError_t FillRandom(Half16 t, void* dst, int64_t n, float scale, float offset, uint64_t seed,
+                       cudaStream_t stream) {
+  return Dispatch16(t, [&](auto z) {
+    using T = decltype(z);
+    FillRandomKernel<<<GridFor(n), kThreads, 0, stream>>>(static_cast<T*>(dst), n, scale, offset,
+                                                          seed);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace pds::kernels::cuda

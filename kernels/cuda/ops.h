@@ -1,0 +1,90 @@
+// CUDA kernels of the forward pass, each the twin of a CPU op in kernels/*.h (same shapes and
+// layouts; see there), on 16-bit activations (bf16 or fp16) with fp32 accumulation. Every
+// launcher enqueues on `stream` and returns the launch status; none synchronizes. Pointers
+// are device memory, including the index arrays (ids, positions, slots, PagedBatch fields).
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/attention.h"
+
+namespace pds::kernels::cuda {
+
+enum class Half16 : uint8_t { kBF16, kF16 };
+
+// --- elementwise.cu ---
+cudaError_t Embed(Half16 t, const void* table, const int32_t* ids, void* out, int64_t tokens,
+                  int64_t hidden, cudaStream_t stream);
+cudaError_t AddBias(Half16 t, void* x, int64_t x_stride, const void* bias, int64_t rows,
+                    int64_t cols, cudaStream_t stream);
+cudaError_t Add(Half16 t, void* x, const void* y, int64_t n, cudaStream_t stream);
+cudaError_t SiluGate(Half16 t, const void* gate_up, void* out, int64_t tokens, int64_t inter,
+                     cudaStream_t stream);
+cudaError_t GatherRows(Half16 t, const void* x, const int32_t* rows, void* out, int64_t n,
+                       int64_t cols, cudaStream_t stream);
+// dst[i] = (16-bit) src[i] for fp32 src.
+cudaError_t ConvertFromFloat(Half16 t, const float* src, void* dst, int64_t n, cudaStream_t stream);
+// dst[i] = RandomFillValue(seed, i, scale, offset) (kernels/random_fill.h), rounded.
+cudaError_t FillRandom(Half16 t, void* dst, int64_t n, float scale, float offset, uint64_t seed,
+                       cudaStream_t stream);
+
+// --- norm.cu ---
+cudaError_t RmsNorm(Half16 t, const void* x, int64_t x_stride, const void* w, void* out,
+                    int64_t out_stride, int64_t rows, int64_t cols, float eps, cudaStream_t stream);
+// residual += delta (rounded to 16 bits); out = RmsNorm(residual). Contiguous rows.
+cudaError_t AddRmsNorm(Half16 t, void* residual, const void* delta, const void* w, void* out,
+                       int64_t rows, int64_t cols, float eps, cudaStream_t stream);
+cudaError_t HeadRmsNorm(Half16 t, void* x, int64_t token_stride, const void* w, int64_t tokens,
+                        int64_t heads, int64_t head_dim, float eps, cudaStream_t stream);
+
+// --- rope.cu ---
+// cos/sin tables [tokens, half] (fp32; angles in double as on the CPU).
+cudaError_t RopeCosSin(const int32_t* positions, const float* inv_freq, float* cos, float* sin,
+                       int64_t tokens, int64_t half, cudaStream_t stream);
+// In place on q ([tokens, q_heads, 2 half]) and k ([tokens, kv_heads, 2 half]), both with
+// token stride token_stride.
+cudaError_t ApplyRope(Half16 t, void* q, void* k, int64_t token_stride, const float* cos,
+                      const float* sin, int64_t tokens, int64_t q_heads, int64_t kv_heads,
+                      int64_t half, cudaStream_t stream);
+
+// --- kv_cache.cu ---
+cudaError_t WriteKv(Half16 t, const void* k, const void* v, int64_t kv_stride, const int32_t* slots,
+                    int64_t tokens, void* k_cache, void* v_cache, int64_t kv_heads,
+                    int64_t block_size, int64_t head_dim, cudaStream_t stream);
+
+// --- attention_decode.cu / attention_prefill.cu ---
+// Workspace and launch plan of one PagedAttention call, decided on the host from the batch.
+struct AttentionPlan {
+  bool has_decode_rows = false;   // some sequence has exactly one query row
+  bool has_prefill_rows = false;  // some sequence has more
+  int32_t max_q_len = 0;          // longest query run of a sequence in the batch
+  int32_t max_kv_len = 0;         // longest context
+  int32_t num_sms = 132;
+  // Decode split-KV: tokens per split and splits (set by PlanAttention).
+  int32_t split_tokens = 0;
+  int32_t num_splits = 0;
+};
+// Fills the split decision; returns the fp32 workspace bytes the decode kernel needs.
+size_t PlanAttention(AttentionPlan& plan, int32_t num_seqs, int64_t heads, int64_t kv_heads,
+                     int64_t head_dim);
+// Whether these head dims are supported (16, 32, 64, 128, 256).
+bool AttentionHeadDimSupported(int64_t head_dim);
+// Sequences with one query row run the split-KV decode kernel (CUDA cores, GQA heads sharing
+// each K/V load); sequences with more run the tiled tensor-core kernel (online softmax, K/V
+// tiles gathered from the block table into shared memory). `workspace` holds
+// PlanAttention's bytes. q_stride must be a multiple of 8 elements and q, out and the caches
+// 16-byte aligned (cudaErrorInvalidValue otherwise, as for an unsupported head dim or a
+// head count that is not a multiple of kv_heads).
+cudaError_t PagedAttention(Half16 t, const void* q, int64_t q_stride, const void* k_cache,
+                           const void* v_cache, const PagedBatch& batch, const AttentionPlan& plan,
+                           void* out, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                           float scale, void* workspace, cudaStream_t stream);
+
+// --- sampling.cu ---
+// ids[r] = argmax of logits row r ([rows, n] fp32; lowest index on ties, NaN never chosen).
+cudaError_t ArgmaxRows(const float* logits, int64_t rows, int64_t n, int32_t* ids,
+                       cudaStream_t stream);
+
+}  // namespace pds::kernels::cuda

@@ -1,0 +1,519 @@
+// Parity of every CUDA backend op against the CPU backend (the reference) on random inputs
+// at awkward sizes: inputs are rounded to the CUDA compute dtype first so both backends see
+// the same values; outputs are compared with per-dtype tolerances scaled by the output's RMS,
+// zero mismatches allowed, NaN fails; sentinels around every CUDA output catch
+// out-of-bounds writes. Skips without a CUDA device.
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <random>
+#include <tuple>
+
+#include "engine/backend/backend.h"
+#include "engine/common/dtype.h"
+#include "gtest/gtest.h"
+#include "tests/testing/test_util.h"
+#if PDS_HAVE_CUDA
+#include <cuda_runtime_api.h>
+
+#include "engine/backend/cuda_backend.h"
+#include "kernels/cuda/ops.h"
+#include "kernels/sampling.h"
+#endif
+
+namespace pds::engine {
+namespace {
+
+#if PDS_HAVE_CUDA
+
+using testing::RandomVector;
+
+constexpr int kGuard = 64;              // sentinel elements on each side of a CUDA output
+constexpr uint16_t kSentinel = 0x7B7B;  // a finite value in bf16 and fp16
+
+// Elementwise |a - e| <= rtol * |e| + atol * rms(e); NaN/Inf always fail.
+::testing::AssertionResult Close(const std::vector<float>& a, const std::vector<float>& e,
+                                 double rtol, double atol) {
+  if (a.size() != e.size()) return ::testing::AssertionFailure() << "size mismatch";
+  double sq = 0;
+  for (float v : e) sq += static_cast<double>(v) * v;
+  const double rms = e.empty() ? 0.0 : std::sqrt(sq / e.size());
+  size_t bad = 0, worst = 0;
+  double worst_excess = -1;
+  for (size_t i = 0; i < a.size(); ++i) {
+    const double err = std::fabs(static_cast<double>(a[i]) - e[i]);
+    const double tol = rtol * std::fabs(e[i]) + atol * rms;
+    const bool fail = !std::isfinite(a[i]) || !std::isfinite(e[i]) || err > tol;
+    if (fail) ++bad;
+    const double excess = std::isfinite(err) ? err - tol : 1e30;
+    if (excess > worst_excess) {
+      worst_excess = excess;
+      worst = i;
+    }
+  }
+  if (bad == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure()
+         << bad << " of " << a.size() << " elements differ; worst [" << worst << "]: cuda "
+         << a[worst] << " vs cpu " << e[worst] << " (rms " << rms << ")";
+}
+
+class CudaOpsTest : public ::testing::TestWithParam<DType> {
+ protected:
+  void SetUp() override {
+    if (!testing::HasCudaDevice()) GTEST_SKIP() << "no CUDA device";
+    auto cpu = CreateBackend({.kind = "cpu", .num_threads = 0});
+    ASSERT_TRUE(cpu.ok()) << cpu.status();
+    cpu_ = std::move(*cpu);
+    BackendOptions o;
+    o.kind = "cuda";
+    o.dtype = GetParam();
+    auto gpu = CreateBackend(o);
+    ASSERT_TRUE(gpu.ok()) << gpu.status();
+    gpu_ = std::move(*gpu);
+  }
+  DType dt() const { return GetParam(); }
+  // Tolerances of one rounding step of the dtype, a few times over.
+  double rtol() const { return dt() == DType::kBF16 ? 1.6e-2 : 4e-3; }
+  double atol() const { return dt() == DType::kBF16 ? 1e-2 : 3e-3; }
+
+  // Random values rounded to the CUDA dtype (what both backends then compute on).
+  std::vector<float> Rand(size_t n, uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
+    std::vector<float> v = RandomVector(n, seed, lo, hi);
+    std::vector<uint16_t> h(n);
+    ConvertFromFloat(dt(), v.data(), h.data(), n);
+    ConvertToFloat(dt(), h.data(), v.data(), n);
+    return v;
+  }
+  DeviceBuffer Cpu(const std::vector<float>& v) {
+    auto b = cpu_->Upload(v.data(), DType::kF32, v.size(), "test");
+    EXPECT_TRUE(b.ok()) << b.status();
+    return std::move(*b);
+  }
+  // A CUDA copy of `v` with sentinel guards; Gpu(...).data() is the first element.
+  struct Guarded {
+    DeviceBuffer buffer;
+    size_t n = 0;
+    size_t esize = 2;
+    void* data() const { return buffer.as<uint8_t>() + kGuard * esize; }
+  };
+  Guarded Gpu(const std::vector<float>& v) {
+    Guarded g;
+    g.n = v.size();
+    std::vector<uint16_t> h(v.size() + 2 * kGuard, kSentinel);
+    ConvertFromFloat(dt(), v.data(), h.data() + kGuard, v.size());
+    auto b = gpu_->Allocate(h.size() * 2, "test");
+    EXPECT_TRUE(b.ok()) << b.status();
+    g.buffer = std::move(*b);
+    EXPECT_TRUE(gpu_->CopyFromHost(g.buffer.data(), h.data(), h.size() * 2).ok());
+    return g;
+  }
+  // The values of a guarded buffer; fails the test if a sentinel changed.
+  std::vector<float> Down(const Guarded& g) {
+    EXPECT_TRUE(gpu_->Synchronize().ok());
+    std::vector<uint16_t> h(g.n + 2 * kGuard);
+    EXPECT_TRUE(gpu_->CopyToHost(h.data(), g.buffer.data(), h.size() * 2).ok());
+    for (int i = 0; i < kGuard; ++i) {
+      EXPECT_EQ(h[i], kSentinel) << "write before the output at -" << (kGuard - i);
+      EXPECT_EQ(h[kGuard + g.n + i], kSentinel) << "write past the output at +" << i;
+    }
+    std::vector<float> out(g.n);
+    ConvertToFloat(dt(), h.data() + kGuard, out.data(), g.n);
+    return out;
+  }
+  std::vector<float> DownCpu(const DeviceBuffer& b, size_t n) {
+    const float* p = b.as<float>();
+    return {p, p + n};
+  }
+  Weight CpuWeight(const std::vector<float>& v, int64_t rows, int64_t cols) {
+    Weight w;
+    w.buffer = Cpu(v);
+    w.rows = rows;
+    w.cols = cols;
+    return w;
+  }
+  Weight GpuWeight(const std::vector<float>& v, int64_t rows, int64_t cols) {
+    auto b = gpu_->Upload(v.data(), DType::kF32, v.size(), "test weight");
+    EXPECT_TRUE(b.ok()) << b.status();
+    Weight w;
+    w.buffer = std::move(*b);
+    w.rows = rows;
+    w.cols = cols;
+    return w;
+  }
+  void Begin(const BatchMetadata& m) {
+    ASSERT_TRUE(cpu_->BeginBatch(m).ok());
+    ASSERT_TRUE(gpu_->BeginBatch(m).ok());
+  }
+  // A batch of `tokens` tokens in one sequence (enough for the ops that only index tokens).
+  BatchMetadata Tokens(int tokens, uint64_t seed, int vocab = 1 << 30) {
+    BatchMetadata m;
+    std::mt19937_64 rng(seed);
+    for (int t = 0; t < tokens; ++t) {
+      m.token_ids.push_back(static_cast<int32_t>(rng() % std::min(vocab, 1 << 20)));
+      m.positions.push_back(static_cast<int32_t>(rng() % 8192));
+      m.slots.push_back(t);
+    }
+    m.cu_q = {0, tokens};
+    m.kv_lens = {tokens};
+    m.last_rows = {tokens - 1};
+    m.block_size = 16;
+    m.max_blocks = (tokens + 15) / 16;
+    m.block_tables.resize(m.max_blocks);
+    std::iota(m.block_tables.begin(), m.block_tables.end(), 0);
+    return m;
+  }
+
+  std::unique_ptr<Backend> cpu_, gpu_;
+};
+
+const int kSizes[] = {1, 3, 7, 37, 733};
+
+TEST_P(CudaOpsTest, FillRandomMatchesCpuValues) {
+  const size_t n = 100003;
+  auto c = cpu_->Allocate(n * 4, "c");
+  ASSERT_TRUE(c.ok());
+  ASSERT_TRUE(cpu_->FillRandom(c->data(), n, 0.5f, 1.0f, 77).ok());
+  Guarded g = Gpu(std::vector<float>(n, 0.0f));
+  ASSERT_TRUE(gpu_->FillRandom(g.data(), n, 0.5f, 1.0f, 77).ok());
+  std::vector<float> expect = DownCpu(*c, n);
+  std::vector<uint16_t> h(n);
+  ConvertFromFloat(dt(), expect.data(), h.data(), n);
+  ConvertToFloat(dt(), h.data(), expect.data(), n);
+  EXPECT_TRUE(Close(Down(g), expect, 0, 0));
+}
+
+TEST_P(CudaOpsTest, Gemm) {
+  for (int m : kSizes) {
+    for (auto [n, k] : {std::pair{7, 37}, std::pair{733, 64}, std::pair{96, 733}}) {
+      SCOPED_TRACE(::testing::Message() << "m " << m << " n " << n << " k " << k);
+      const int lda = k + 8;  // a row stride wider than k
+      const auto a = Rand(static_cast<size_t>(m) * lda, 1 + m);
+      const auto w = Rand(static_cast<size_t>(n) * k, 2 + n);
+      Weight wc = CpuWeight(w, n, k), wg = GpuWeight(w, n, k);
+      DeviceBuffer ac = Cpu(a), cc = Cpu(std::vector<float>(size_t(m) * n));
+      Guarded ag = Gpu(a), cg = Gpu(std::vector<float>(size_t(m) * n));
+      ASSERT_TRUE(cpu_->Gemm(ac.data(), lda, wc, cc.data(), m).ok());
+      ASSERT_TRUE(gpu_->Gemm(ag.data(), lda, wg, cg.data(), m).ok());
+      EXPECT_TRUE(Close(Down(cg), DownCpu(cc, size_t(m) * n), rtol(), atol()));
+    }
+  }
+}
+
+TEST_P(CudaOpsTest, NormsBiasSiluAddGatherEmbed) {
+  for (int rows : kSizes) {
+    for (int cols : {16, 48, 733, 4096}) {
+      SCOPED_TRACE(::testing::Message() << "rows " << rows << " cols " << cols);
+      const size_t n = static_cast<size_t>(rows) * cols;
+      const auto x = Rand(n, 10 + rows), d = Rand(n, 11 + cols), wv = Rand(cols, 12, 0.5f, 1.5f);
+      Weight wc = CpuWeight(wv, cols, 1), wg = GpuWeight(wv, cols, 1);
+      {  // RmsNorm
+        DeviceBuffer xc = Cpu(x), oc = Cpu(std::vector<float>(n));
+        Guarded xg = Gpu(x), og = Gpu(std::vector<float>(n));
+        ASSERT_TRUE(cpu_->RmsNorm(xc.data(), wc, oc.data(), rows, 1e-5f).ok());
+        ASSERT_TRUE(gpu_->RmsNorm(xg.data(), wg, og.data(), rows, 1e-5f).ok());
+        EXPECT_TRUE(Close(Down(og), DownCpu(oc, n), rtol(), atol())) << "RmsNorm";
+      }
+      {  // AddRmsNorm: both the residual and the normed output
+        DeviceBuffer rc = Cpu(x), dc = Cpu(d), oc = Cpu(std::vector<float>(n));
+        Guarded rg = Gpu(x), dg = Gpu(d), og = Gpu(std::vector<float>(n));
+        ASSERT_TRUE(cpu_->AddRmsNorm(rc.data(), dc.data(), wc, oc.data(), rows, 1e-5f).ok());
+        ASSERT_TRUE(gpu_->AddRmsNorm(rg.data(), dg.data(), wg, og.data(), rows, 1e-5f).ok());
+        EXPECT_TRUE(Close(Down(rg), DownCpu(rc, n), rtol(), atol())) << "AddRmsNorm residual";
+        EXPECT_TRUE(Close(Down(og), DownCpu(oc, n), 2 * rtol(), 2 * atol())) << "AddRmsNorm";
+      }
+      {  // AddBias over a strided view, and Add
+        DeviceBuffer xc = Cpu(x), dc = Cpu(d);
+        Guarded xg = Gpu(x), dg = Gpu(d);
+        const int bias_cols = std::max(1, cols - 5);
+        const auto bv = Rand(bias_cols, 13);
+        Weight bc = CpuWeight(bv, bias_cols, 1), bg = GpuWeight(bv, bias_cols, 1);
+        ASSERT_TRUE(cpu_->AddBias(xc.data(), cols, bc, rows).ok());
+        ASSERT_TRUE(gpu_->AddBias(xg.data(), cols, bg, rows).ok());
+        ASSERT_TRUE(cpu_->Add(xc.data(), dc.data(), n).ok());
+        ASSERT_TRUE(gpu_->Add(xg.data(), dg.data(), n).ok());
+        EXPECT_TRUE(Close(Down(xg), DownCpu(xc, n), 2 * rtol(), 2 * atol())) << "AddBias+Add";
+      }
+      {  // SiluGate: [rows, 2 cols] -> [rows, cols]
+        const auto gu = Rand(2 * n, 14, -4.0f, 4.0f);
+        DeviceBuffer gc = Cpu(gu), oc = Cpu(std::vector<float>(n));
+        Guarded gg = Gpu(gu), og = Gpu(std::vector<float>(n));
+        ASSERT_TRUE(cpu_->SiluGate(gc.data(), oc.data(), rows, cols).ok());
+        ASSERT_TRUE(gpu_->SiluGate(gg.data(), og.data(), rows, cols).ok());
+        EXPECT_TRUE(Close(Down(og), DownCpu(oc, n), rtol(), atol())) << "SiluGate";
+      }
+      {  // Embed and GatherLastRows through batch metadata
+        const int vocab = 37;
+        BatchMetadata m = Tokens(rows, 15 + rows, vocab);
+        for (auto& id : m.token_ids) id %= vocab;
+        m.last_rows.clear();
+        for (int r = rows - 1; r >= 0; r -= 2) m.last_rows.push_back(r);
+        m.kv_lens.assign(m.last_rows.size(), 1);
+        m.cu_q.resize(m.last_rows.size() + 1);
+        std::iota(m.cu_q.begin(), m.cu_q.end(), 0);
+        Begin(m);
+        const auto table = Rand(size_t(vocab) * cols, 16);
+        Weight tc = CpuWeight(table, vocab, cols), tg = GpuWeight(table, vocab, cols);
+        DeviceBuffer ec = Cpu(std::vector<float>(n));
+        Guarded eg = Gpu(std::vector<float>(n));
+        ASSERT_TRUE(cpu_->Embed(tc, ec.data(), cols).ok());
+        ASSERT_TRUE(gpu_->Embed(tg, eg.data(), cols).ok());
+        EXPECT_TRUE(Close(Down(eg), DownCpu(ec, n), 0, 0)) << "Embed";
+        const size_t gn = m.last_rows.size() * cols;
+        DeviceBuffer xc = Cpu(x), lc = Cpu(std::vector<float>(gn));
+        Guarded xg = Gpu(x), lg = Gpu(std::vector<float>(gn));
+        ASSERT_TRUE(cpu_->GatherLastRows(xc.data(), lc.data(), cols).ok());
+        ASSERT_TRUE(gpu_->GatherLastRows(xg.data(), lg.data(), cols).ok());
+        EXPECT_TRUE(Close(Down(lg), DownCpu(lc, gn), 0, 0)) << "GatherLastRows";
+      }
+    }
+  }
+}
+
+TEST_P(CudaOpsTest, HeadNormAndRope) {
+  for (int tokens : kSizes) {
+    for (auto [heads, kv_heads, head_dim] :
+         {std::tuple{4, 2, 16}, std::tuple{8, 1, 64}, std::tuple{32, 8, 128}}) {
+      SCOPED_TRACE(::testing::Message() << "tokens " << tokens << " head_dim " << head_dim);
+      const int stride = (heads + 2 * kv_heads) * head_dim;
+      const size_t n = size_t(tokens) * stride;
+      const auto x = Rand(n, 20 + tokens);
+      const auto nw = Rand(head_dim, 21, 0.5f, 1.5f);
+      Weight wc = CpuWeight(nw, head_dim, 1), wg = GpuWeight(nw, head_dim, 1);
+      BatchMetadata m = Tokens(tokens, 22 + tokens);
+      m.positions.back() = 131071;  // a long position: angles need double precision
+      Begin(m);
+      std::vector<float> inv_freq(head_dim / 2);
+      for (int j = 0; j < head_dim / 2; ++j) {
+        inv_freq[j] = static_cast<float>(std::pow(500000.0, -2.0 * j / head_dim));
+      }
+      DeviceBuffer xc = Cpu(x);
+      Guarded xg = Gpu(x);
+      void* qc = xc.data();
+      void* kc = xc.as<float>() + heads * head_dim;
+      void* qg = xg.data();
+      void* kg = static_cast<uint16_t*>(xg.data()) + heads * head_dim;
+      ASSERT_TRUE(cpu_->HeadRmsNorm(qc, stride, wc, tokens, heads, 1e-6f).ok());
+      ASSERT_TRUE(gpu_->HeadRmsNorm(qg, stride, wg, tokens, heads, 1e-6f).ok());
+      ASSERT_TRUE(cpu_->Rope(qc, kc, stride, heads, kv_heads, head_dim, inv_freq.data()).ok());
+      ASSERT_TRUE(gpu_->Rope(qg, kg, stride, heads, kv_heads, head_dim, inv_freq.data()).ok());
+      // Twice: the second call reuses the batch's cos/sin tables.
+      ASSERT_TRUE(cpu_->Rope(qc, kc, stride, heads, kv_heads, head_dim, inv_freq.data()).ok());
+      ASSERT_TRUE(gpu_->Rope(qg, kg, stride, heads, kv_heads, head_dim, inv_freq.data()).ok());
+      EXPECT_TRUE(Close(Down(xg), DownCpu(xc, n), 3 * rtol(), 3 * atol()));
+    }
+  }
+}
+
+// A paged attention case: per sequence (new query rows, context length).
+struct AttnCase {
+  std::vector<std::pair<int, int>> seqs;
+  int heads, kv_heads, head_dim, block_size;
+};
+
+class CudaAttentionTest : public CudaOpsTest {
+ protected:
+  void Run(const AttnCase& c, uint64_t seed) {
+    std::mt19937_64 rng(seed);
+    BatchMetadata m;
+    m.block_size = c.block_size;
+    m.cu_q = {0};
+    int total_blocks = 0;
+    for (auto [q_len, kv_len] : c.seqs) total_blocks += (kv_len + c.block_size - 1) / c.block_size;
+    const int num_blocks = total_blocks + 5;  // a few blocks nobody owns
+    std::vector<int32_t> perm(num_blocks);
+    std::iota(perm.begin(), perm.end(), 0);
+    std::shuffle(perm.begin(), perm.end(), rng);
+    int next = 0;
+    std::vector<std::vector<int32_t>> tables;
+    for (auto [q_len, kv_len] : c.seqs) {
+      const int nb = (kv_len + c.block_size - 1) / c.block_size;
+      tables.emplace_back(perm.begin() + next, perm.begin() + next + nb);
+      next += nb;
+      m.max_blocks = std::max(m.max_blocks, nb);
+      for (int i = 0; i < q_len; ++i) {
+        const int pos = kv_len - q_len + i;
+        m.positions.push_back(pos);
+        m.token_ids.push_back(0);
+        m.slots.push_back(tables.back()[pos / c.block_size] * c.block_size + pos % c.block_size);
+      }
+      m.cu_q.push_back(m.cu_q.back() + q_len);
+      m.kv_lens.push_back(kv_len);
+      m.last_rows.push_back(m.cu_q.back() - 1);
+    }
+    m.block_tables.assign(c.seqs.size() * m.max_blocks, 0);
+    for (size_t s = 0; s < tables.size(); ++s) {
+      std::copy(tables[s].begin(), tables[s].end(), m.block_tables.begin() + s * m.max_blocks);
+    }
+    const int tokens = m.num_tokens();
+    const int D = c.head_dim;
+    // Cache: every slot random, then NaN in every slot no sequence owns or has reached, so a
+    // read outside the context poisons the output.
+    const size_t cache_n = size_t(num_blocks) * c.kv_heads * c.block_size * D;
+    auto kcache = Rand(cache_n, seed + 1), vcache = Rand(cache_n, seed + 2);
+    std::vector<bool> live(size_t(num_blocks) * c.block_size, false);
+    for (size_t s = 0; s < tables.size(); ++s) {
+      for (int p = 0; p < c.seqs[s].second; ++p) {
+        live[size_t(tables[s][p / c.block_size]) * c.block_size + p % c.block_size] = true;
+      }
+    }
+    for (int b = 0; b < num_blocks; ++b) {
+      for (int h = 0; h < c.kv_heads; ++h) {
+        for (int o = 0; o < c.block_size; ++o) {
+          if (live[size_t(b) * c.block_size + o]) continue;
+          const size_t at = ((size_t(b) * c.kv_heads + h) * c.block_size + o) * D;
+          std::fill_n(kcache.begin() + at, D, NAN);
+          std::fill_n(vcache.begin() + at, D, NAN);
+        }
+      }
+    }
+    const int stride = (c.heads + 2 * c.kv_heads) * D;
+    const auto qkv = Rand(size_t(tokens) * stride, seed + 3);
+    const size_t out_n = size_t(tokens) * c.heads * D;
+    Begin(m);
+    DeviceBuffer kc = Cpu(kcache), vc = Cpu(vcache), qc = Cpu(qkv);
+    DeviceBuffer oc = Cpu(std::vector<float>(out_n));
+    Guarded kg = Gpu(kcache), vg = Gpu(vcache), qg = Gpu(qkv), og = Gpu(std::vector<float>(out_n));
+    const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+    // New K/V go through WriteKv first (as in the model), then attention reads them back.
+    float* kc_new = qc.as<float>() + c.heads * D;
+    float* vc_new = kc_new + c.kv_heads * D;
+    auto* kg_new = static_cast<uint16_t*>(qg.data()) + c.heads * D;
+    auto* vg_new = kg_new + c.kv_heads * D;
+    ASSERT_TRUE(cpu_->WriteKv(kc_new, vc_new, stride, kc.data(), vc.data(), c.kv_heads, D).ok());
+    ASSERT_TRUE(gpu_->WriteKv(kg_new, vg_new, stride, kg.data(), vg.data(), c.kv_heads, D).ok());
+    ASSERT_TRUE(cpu_->Attention(qc.data(), stride, kc.data(), vc.data(), oc.data(), c.heads,
+                                c.kv_heads, D, scale)
+                    .ok());
+    const absl::Status s = gpu_->Attention(qg.data(), stride, kg.data(), vg.data(), og.data(),
+                                           c.heads, c.kv_heads, D, scale);
+    ASSERT_TRUE(s.ok()) << s;
+    std::vector<float> cache_after = Down(kg);
+    std::vector<float> cache_cpu = DownCpu(kc, cache_n);
+    for (size_t i = 0; i < cache_n; ++i) {
+      if (std::isnan(cache_cpu[i])) {
+        ASSERT_TRUE(std::isnan(cache_after[i])) << "cache slot " << i << " written";
+        cache_after[i] = cache_cpu[i] = 0.0f;
+      }
+    }
+    EXPECT_TRUE(Close(cache_after, cache_cpu, 0, 0)) << "WriteKv";
+    EXPECT_TRUE(Close(Down(og), DownCpu(oc, out_n), 2 * rtol(), 2 * atol())) << "attention";
+  }
+};
+
+TEST_P(CudaAttentionTest, DecodeRaggedContexts) {
+  for (int head_dim : {64, 128, 16, 32, 256}) {
+    for (auto [heads, kv_heads] :
+         {std::pair{8, 8}, std::pair{32, 8}, std::pair{8, 1}, std::pair{28, 4}, std::pair{6, 2}}) {
+      for (int bs : {16, 32, 7}) {
+        SCOPED_TRACE(::testing::Message() << "D " << head_dim << " heads " << heads << "/"
+                                          << kv_heads << " block " << bs);
+        Run({{{1, 1}, {1, 3}, {1, 37}, {1, 733}, {1, 17}, {1, 2049}},
+             heads,
+             kv_heads,
+             head_dim,
+             bs},
+            head_dim * 100 + heads + bs);
+      }
+    }
+  }
+}
+
+TEST_P(CudaAttentionTest, PrefillCausalRaggedWithCachedPrefix) {
+  for (int head_dim : {64, 128, 16, 256}) {
+    for (auto [heads, kv_heads] : {std::pair{8, 8}, std::pair{32, 8}, std::pair{8, 1}}) {
+      for (int bs : {16, 32, 7}) {
+        SCOPED_TRACE(::testing::Message() << "D " << head_dim << " heads " << heads << "/"
+                                          << kv_heads << " block " << bs);
+        // Fresh prompts of awkward lengths, chunks extending a cached prefix, and decode rows
+        // mixed in (both kernels in one call).
+        Run({{{3, 3}, {7, 7}, {37, 37}, {200, 200}, {64, 64}, {65, 200}, {5, 1000}, {1, 90}},
+             heads,
+             kv_heads,
+             head_dim,
+             bs},
+            /*seed=*/head_dim * 1000 + heads + bs);
+      }
+    }
+  }
+}
+
+TEST_P(CudaAttentionTest, PrefillLongPrompt) {
+  Run({{{733, 733}, {1, 733}, {300, 1500}}, 32, 8, 128, 16}, 7);
+}
+
+TEST_P(CudaOpsTest, LogitsInFp32) {
+  for (int rows : {1, 3, 7, 37}) {
+    const int vocab = 733, hidden = 96;
+    const auto x = Rand(size_t(rows) * hidden, 30 + rows), w = Rand(size_t(vocab) * hidden, 31);
+    Weight wc = CpuWeight(w, vocab, hidden), wg = GpuWeight(w, vocab, hidden);
+    DeviceBuffer xc = Cpu(x);
+    Guarded xg = Gpu(x);
+    std::vector<float> lc(size_t(rows) * vocab), lg(size_t(rows) * vocab);
+    ASSERT_TRUE(cpu_->Logits(xc.data(), wc, rows, lc.data()).ok());
+    ASSERT_TRUE(gpu_->Logits(xg.data(), wg, rows, lg.data()).ok());
+    // Same inputs, fp32 output: only the summation order differs.
+    EXPECT_TRUE(Close(lg, lc, 1e-4, 1e-4));
+  }
+}
+
+TEST_P(CudaOpsTest, ArgmaxRowsMatchesCpu) {
+  for (int n : {1, 7, 733, 128256}) {
+    const int rows = 5;
+    std::vector<float> logits = RandomVector(size_t(rows) * n, 40 + n, -10.0f, 10.0f);
+    if (n > 7) {
+      logits[n + 3] = NAN;                            // row 1: NaN is never chosen
+      logits[2 * n + 5] = logits[2 * n + 6] = 50.0f;  // row 2: tie -> lower index
+    }
+    float* d_logits = nullptr;
+    int32_t* d_ids = nullptr;
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_logits), logits.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_ids), rows * 4), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(d_logits, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(kernels::cuda::ArgmaxRows(d_logits, rows, n, d_ids, nullptr), cudaSuccess);
+    std::vector<int32_t> ids(rows);
+    ASSERT_EQ(cudaMemcpy(ids.data(), d_ids, rows * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    for (int r = 0; r < rows; ++r) {
+      EXPECT_EQ(ids[r], kernels::cpu::Argmax(logits.data() + size_t(r) * n, n)) << "row " << r;
+    }
+    cudaFree(d_logits);
+    cudaFree(d_ids);
+  }
+}
+
+TEST_P(CudaOpsTest, ErrorsAreStatuses) {
+  // An unsupported head dim is a clear status, not a crash.
+  BatchMetadata m = Tokens(3, 1);
+  Begin(m);
+  Guarded q = Gpu(std::vector<float>(3 * 3 * 48)), o = Gpu(std::vector<float>(3 * 48));
+  Guarded k = Gpu(std::vector<float>(16 * 48)), v = Gpu(std::vector<float>(16 * 48));
+  const absl::Status s =
+      gpu_->Attention(q.data(), 3 * 48, k.data(), v.data(), o.data(), 1, 1, 48, 1.0f);
+  EXPECT_EQ(s.code(), absl::StatusCode::kUnimplemented) << s;
+  auto huge = gpu_->Allocate(size_t{1} << 50, "a petabyte");
+  EXPECT_EQ(huge.status().code(), absl::StatusCode::kResourceExhausted) << huge.status();
+  EXPECT_NE(huge.status().message().find("a petabyte"), std::string::npos);
+  // The backend still works after the failed allocation.
+  Guarded x = Gpu(std::vector<float>(8, 1.0f)), y = Gpu(std::vector<float>(8, 2.0f));
+  ASSERT_TRUE(gpu_->Add(x.data(), y.data(), 8).ok());
+  EXPECT_TRUE(Close(Down(x), std::vector<float>(8, 3.0f), 0, 0));
+}
+
+std::string DTypeParamName(const ::testing::TestParamInfo<DType>& info) {
+  return std::string(DTypeName(info.param));
+}
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaOpsTest, ::testing::Values(DType::kBF16, DType::kF16),
+                         DTypeParamName);
+INSTANTIATE_TEST_SUITE_P(Dtypes, CudaAttentionTest, ::testing::Values(DType::kBF16, DType::kF16),
+                         DTypeParamName);
+
+#else
+
+TEST(CudaOpsTest, NotBuilt) { GTEST_SKIP() << "built without CUDA"; }
+
+#endif
+
+}  // namespace
+}  // namespace pds::engine
