@@ -6,6 +6,20 @@
 #include <utility>
 #include <vector>
 
+namespace pds::kernels {
+
+// How one row of logits becomes a token (what SampleLogits takes, plus greedy): temperature
+// 0 or top_k 1 is argmax.
+struct RowSampling {
+  float temperature = 0.0f;
+  int32_t top_k = 0;
+  float top_p = 1.0f;
+  double u = 0.0;  // the row's uniform draw in [0, 1)
+  bool greedy() const { return temperature == 0.0f || top_k == 1; }
+};
+
+}  // namespace pds::kernels
+
 namespace pds::kernels::cpu {
 
 // Index of the largest logit (lowest index on ties); NaN logits are never chosen.

@@ -30,12 +30,18 @@ void DeviceBuffer::Reset() {
   release_ = nullptr;
 }
 
-absl::Status Backend::LogitsOrArgmax(const void* x, const Weight& lm_head, int64_t rows,
-                                     const std::vector<uint8_t>& host_rows, float* host_logits,
-                                     int32_t* argmax) {
+absl::Status Backend::SampleTokens(const void* x, const Weight& lm_head, int64_t rows,
+                                   const std::vector<kernels::RowSampling>& sampling,
+                                   const std::vector<uint8_t>& host_rows, float* host_logits,
+                                   int32_t* tokens) {
   PDS_RETURN_IF_ERROR(Logits(x, lm_head, rows, host_logits));
+  std::vector<std::pair<float, int32_t>> scratch;
   for (int64_t r = 0; r < rows; ++r) {
-    argmax[r] = kernels::cpu::Argmax(host_logits + r * lm_head.rows, lm_head.rows);
+    const float* row = host_logits + r * lm_head.rows;
+    const kernels::RowSampling& sp = sampling[r];
+    tokens[r] = sp.greedy() ? kernels::cpu::Argmax(row, lm_head.rows)
+                            : kernels::cpu::SampleLogits(row, lm_head.rows, sp.temperature,
+                                                         sp.top_k, sp.top_p, sp.u, scratch);
   }
   return absl::OkStatus();
 }

@@ -15,6 +15,7 @@
 #include "engine/common/dtype.h"
 #include "kernels/attention.h"
 #include "kernels/random_fill.h"
+#include "kernels/sampling.h"
 
 namespace pds::engine {
 
@@ -125,13 +126,15 @@ class Backend {
   // Final projection to fp32 host logits [rows, vocab].
   virtual absl::Status Logits(const void* x, const Weight& lm_head, int64_t rows,
                               float* host_logits) = 0;
-  // The same projection where a row may need only its greedy token: rows with host_rows[r]
-  // set get their logits in host_logits (at r * vocab; others are left alone); every row gets
-  // argmax[r] (lowest index on ties, NaN never chosen). A device backend computes the argmax
-  // where the logits are and copies only the rows asked for. The default runs Logits.
-  virtual absl::Status LogitsOrArgmax(const void* x, const Weight& lm_head, int64_t rows,
-                                      const std::vector<uint8_t>& host_rows, float* host_logits,
-                                      int32_t* argmax);
+  // The same projection and each row's token: tokens[r] from row r under sampling[r] (the
+  // rule of kernels::cpu::SampleLogits; greedy is argmax), and rows with host_rows[r] set
+  // also get their logits in host_logits (at r * vocab; others are left alone). A device
+  // backend samples where the logits are and copies only the rows asked for. The default runs
+  // Logits and samples on the host.
+  virtual absl::Status SampleTokens(const void* x, const Weight& lm_head, int64_t rows,
+                                    const std::vector<kernels::RowSampling>& sampling,
+                                    const std::vector<uint8_t>& host_rows, float* host_logits,
+                                    int32_t* tokens);
 };
 
 struct BackendOptions {

@@ -105,7 +105,9 @@ struct CudaBackend::State {
 
   Scratch attention_workspace;
   Scratch logits;
-  Scratch argmax;
+  Scratch tokens;
+  Scratch sampling;
+  PinnedHost sampling_host;
   PinnedHost logits_host;
 
   ~State() {
@@ -458,26 +460,44 @@ absl::Status CudaBackend::Logits(const void* x, const Weight& lm_head, int64_t r
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::LogitsOrArgmax(const void* x, const Weight& lm_head, int64_t rows,
-                                         const std::vector<uint8_t>& host_rows, float* host_logits,
-                                         int32_t* argmax) {
+absl::Status CudaBackend::SampleTokens(const void* x, const Weight& lm_head, int64_t rows,
+                                       const std::vector<kernels::RowSampling>& sampling,
+                                       const std::vector<uint8_t>& host_rows, float* host_logits,
+                                       int32_t* tokens) {
   State& st = *state_;
   const int64_t vocab = lm_head.rows;
   const size_t row_bytes = static_cast<size_t>(vocab) * sizeof(float);
   PDS_RETURN_IF_ERROR(ProjectLogits(x, lm_head, rows));
-  PDS_RETURN_IF_ERROR(st.argmax.Reserve(rows * sizeof(int32_t), "greedy tokens"));
-  PDS_CUDA(kc::ArgmaxRows(static_cast<const float*>(st.logits.ptr), rows, vocab,
-                          static_cast<int32_t*>(st.argmax.ptr), stream_),
-           "ArgmaxRows");
-  // Pinned staging: the greedy tokens first, then the rows asked for, packed.
+  PDS_RETURN_IF_ERROR(st.tokens.Reserve(rows * sizeof(int32_t), "sampled tokens"));
+  const auto* logits = static_cast<const float*>(st.logits.ptr);
+  auto* ids = static_cast<int32_t*>(st.tokens.ptr);
+  const bool all_greedy = std::all_of(sampling.begin(), sampling.end(),
+                                      [](const kernels::RowSampling& s) { return s.greedy(); });
+  // Pinned staging for the sampling parameters (the previous step's copy is complete: every
+  // step ends with a stream synchronization).
+  const size_t params_bytes = rows * sizeof(kernels::RowSampling);
+  if (!all_greedy) {
+    PDS_RETURN_IF_ERROR(st.sampling_host.Reserve(params_bytes, "sampling parameters"));
+    PDS_RETURN_IF_ERROR(st.sampling.Reserve(params_bytes, "sampling parameters"));
+    std::memcpy(st.sampling_host.ptr, sampling.data(), params_bytes);
+    PDS_CUDA(cudaMemcpyAsync(st.sampling.ptr, st.sampling_host.ptr, params_bytes,
+                             cudaMemcpyHostToDevice, stream_),
+             "uploading sampling parameters");
+    PDS_CUDA(
+        kc::SampleRows(logits, rows, vocab,
+                       static_cast<const kernels::RowSampling*>(st.sampling.ptr), ids, stream_),
+        "SampleRows");
+  } else {
+    PDS_CUDA(kc::ArgmaxRows(logits, rows, vocab, ids, stream_), "ArgmaxRows");
+  }
+  // Pinned staging: the tokens first, then the rows asked for, packed.
   int64_t wanted = 0;
   for (int64_t r = 0; r < rows; ++r) wanted += host_rows[r] ? 1 : 0;
   const size_t ids_bytes = (rows * sizeof(int32_t) + 15) / 16 * 16;
   PDS_RETURN_IF_ERROR(st.logits_host.Reserve(ids_bytes + wanted * row_bytes, "logits"));
   auto* staging = static_cast<uint8_t*>(st.logits_host.ptr);
-  PDS_CUDA(cudaMemcpyAsync(staging, st.argmax.ptr, rows * sizeof(int32_t), cudaMemcpyDeviceToHost,
-                           stream_),
-           "copying greedy tokens to the host");
+  PDS_CUDA(cudaMemcpyAsync(staging, ids, rows * sizeof(int32_t), cudaMemcpyDeviceToHost, stream_),
+           "copying sampled tokens to the host");
   int64_t packed = 0;
   for (int64_t r = 0; r < rows; ++r) {
     if (!host_rows[r]) continue;
@@ -492,7 +512,7 @@ absl::Status CudaBackend::LogitsOrArgmax(const void* x, const Weight& lm_head, i
     r += run - 1;
   }
   PDS_CUDA(cudaStreamSynchronize(stream_), "forward pass");
-  std::memcpy(argmax, staging, rows * sizeof(int32_t));
+  std::memcpy(tokens, staging, rows * sizeof(int32_t));
   packed = 0;
   for (int64_t r = 0; r < rows; ++r) {
     if (!host_rows[r]) continue;

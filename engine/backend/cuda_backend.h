@@ -55,9 +55,10 @@ class CudaBackend final : public Backend {
   absl::Status GatherLastRows(const void* x, void* out, int64_t cols) override;
   absl::Status Logits(const void* x, const Weight& lm_head, int64_t rows,
                       float* host_logits) override;
-  absl::Status LogitsOrArgmax(const void* x, const Weight& lm_head, int64_t rows,
-                              const std::vector<uint8_t>& host_rows, float* host_logits,
-                              int32_t* argmax) override;
+  absl::Status SampleTokens(const void* x, const Weight& lm_head, int64_t rows,
+                            const std::vector<kernels::RowSampling>& sampling,
+                            const std::vector<uint8_t>& host_rows, float* host_logits,
+                            int32_t* tokens) override;
 
  private:
   struct State;

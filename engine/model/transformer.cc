@@ -248,19 +248,18 @@ absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& 
 
 absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& cache,
                                   std::vector<float>& logits,
-                                  const std::vector<uint8_t>& greedy_only,
-                                  std::vector<int32_t>& greedy) {
-  if (greedy_only.size() != seqs.size()) {
-    return absl::InvalidArgumentError("greedy_only needs one flag per sequence");
+                                  const std::vector<kernels::RowSampling>& sampling,
+                                  const std::vector<uint8_t>& host_rows,
+                                  std::vector<int32_t>& tokens) {
+  if (sampling.size() != seqs.size() || host_rows.size() != seqs.size()) {
+    return absl::InvalidArgumentError("sampling and host_rows need one entry per sequence");
   }
   PDS_RETURN_IF_ERROR(Body(seqs, cache));
   const int64_t B = meta_.num_seqs();
   logits.resize(static_cast<size_t>(B * config_.vocab_size));
-  greedy.resize(static_cast<size_t>(B));
-  std::vector<uint8_t> host_rows(greedy_only.size());
-  for (size_t s = 0; s < greedy_only.size(); ++s) host_rows[s] = greedy_only[s] ? 0 : 1;
-  return backend_.LogitsOrArgmax(last_.data(), *lm_head_, B, host_rows, logits.data(),
-                                 greedy.data());
+  tokens.resize(static_cast<size_t>(B));
+  return backend_.SampleTokens(last_.data(), *lm_head_, B, sampling, host_rows, logits.data(),
+                               tokens.data());
 }
 
 absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cache) {

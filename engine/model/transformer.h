@@ -60,12 +60,13 @@ class Transformer {
   // token of each sequence: [seqs, vocab] row-major in `logits`.
   absl::Status Forward(std::span<const SequenceInput> seqs, KvCache& cache,
                        std::vector<float>& logits);
-  // The same, where sequence s with greedy_only[s] set needs only its greedy token: greedy[s]
-  // is set for every sequence, and logits rows of greedy-only sequences are left unset (a
-  // device backend then copies no logits for them).
+  // The same with each sequence's next token chosen by the backend (sampling[s]; see
+  // Backend::SampleTokens): tokens[s] is set for every sequence, logits rows only where
+  // host_rows[s] is set (a device backend then copies no other logits).
   absl::Status Forward(std::span<const SequenceInput> seqs, KvCache& cache,
-                       std::vector<float>& logits, const std::vector<uint8_t>& greedy_only,
-                       std::vector<int32_t>& greedy);
+                       std::vector<float>& logits,
+                       const std::vector<kernels::RowSampling>& sampling,
+                       const std::vector<uint8_t>& host_rows, std::vector<int32_t>& tokens);
 
   // The KV cache shape this model needs for `num_blocks` blocks of `block_size`.
   KvCacheShape CacheShape(int32_t num_blocks, int32_t block_size) const;

@@ -314,18 +314,20 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     in.table = &p.seq->table;
     inputs.push_back(in);
   }
-  // Sequences that only need their greedy token (or nothing, mid-prefill) leave the logits
-  // where they are computed; the others get their row on the host.
-  greedy_only_.assign(plan.size(), 1);
+  // The backend picks every token where the logits are; only sequences that want logprobs or
+  // logits get their row on the host (mid-prefill sequences sample nothing that is used).
+  sampling_.resize(plan.size());
+  host_rows_.assign(plan.size(), 0);
   for (size_t i = 0; i < plan.size(); ++i) {
     const Sequence& seq = *plan[i].seq;
-    const SamplingParams& sp = seq.request.params;
+    sampling_[i] = seq.sampler->RowParams(seq.num_generated);
     const bool samples =
         seq.num_computed + plan[i].chunk >= static_cast<int32_t>(seq.tokens.size());
-    const bool greedy = sp.temperature == 0.0f || sp.top_k == 1;
-    if (samples && (!greedy || sp.logprobs >= 0 || seq.request.return_logits)) greedy_only_[i] = 0;
+    if (samples && (seq.request.params.logprobs >= 0 || seq.request.return_logits)) {
+      host_rows_[i] = 1;
+    }
   }
-  PDS_RETURN_IF_ERROR(model_.Forward(inputs, cache_, logits_, greedy_only_, greedy_));
+  PDS_RETURN_IF_ERROR(model_.Forward(inputs, cache_, logits_, sampling_, host_rows_, tokens_));
 
   const int64_t vocab = model_.config().vocab_size;
   std::vector<std::string> finished;
@@ -337,7 +339,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     const float* row = logits_.data() + i * vocab;
     TokenOutput out;
     out.request_id = seq.request.id;
-    out.token = greedy_only_[i] ? greedy_[i] : seq.sampler->Sample(row, vocab, seq.num_generated);
+    out.token = tokens_[i];
     if (seq.request.params.logprobs >= 0) {
       TokenLogprobs lp;
       lp.logprob = kernels::cpu::LogProb(row, vocab, out.token);

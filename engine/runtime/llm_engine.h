@@ -147,8 +147,11 @@ class LlmEngine {
   uint64_t next_order_ = 0;
   int64_t num_preemptions_ = 0;
   std::vector<float> logits_;
-  std::vector<uint8_t> greedy_only_;  // per planned sequence of the step
-  std::vector<int32_t> greedy_;
+  // Per planned sequence of a step: how its token is chosen, whether its logits go to the
+  // host, the token.
+  std::vector<kernels::RowSampling> sampling_;
+  std::vector<uint8_t> host_rows_;
+  std::vector<int32_t> tokens_;
   std::vector<std::pair<std::string, int32_t>> last_batch_;
   int32_t max_running_ = 0;  // set from options_ at creation
 };

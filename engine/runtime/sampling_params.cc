@@ -55,12 +55,13 @@ double UniformFromSeed(uint64_t seed, uint64_t step) {
   return static_cast<double>(z >> 11) * 0x1.0p-53;
 }
 
-int32_t Sampler::Sample(const float* logits, int64_t vocab, int64_t step) {
-  if (params_.temperature == 0.0f || params_.top_k == 1) {
-    return kernels::cpu::Argmax(logits, vocab);
-  }
-  return kernels::cpu::SampleLogits(logits, vocab, params_.temperature, params_.top_k,
-                                    params_.top_p, UniformFromSeed(seed_, step), scratch_);
+kernels::RowSampling Sampler::RowParams(int64_t step) const {
+  kernels::RowSampling r;
+  r.temperature = params_.temperature;
+  r.top_k = params_.top_k;
+  r.top_p = params_.top_p;
+  r.u = r.greedy() ? 0.0 : UniformFromSeed(seed_, step);
+  return r;
 }
 
 }  // namespace pds::engine

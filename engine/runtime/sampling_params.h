@@ -8,6 +8,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "kernels/sampling.h"
 
 namespace pds::engine {
 
@@ -33,13 +34,13 @@ absl::string_view FinishReasonName(FinishReason reason);  // "stop", "length", "
 class Sampler {
  public:
   Sampler(const SamplingParams& params, uint64_t seed) : params_(params), seed_(seed) {}
-  // Picks the token for generation step `step` from fp32 logits [vocab].
-  int32_t Sample(const float* logits, int64_t vocab, int64_t step);
+  // How the token of generation step `step` is chosen (the backend samples where the logits
+  // are, by kernels::cpu::SampleLogits's rule).
+  kernels::RowSampling RowParams(int64_t step) const;
 
  private:
   SamplingParams params_;
   uint64_t seed_;
-  std::vector<std::pair<float, int32_t>> scratch_;
 };
 
 // Uniform double in [0, 1) from (seed, step) (splitmix64 finalizer).

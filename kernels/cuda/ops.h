@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "kernels/attention.h"
+#include "kernels/sampling.h"
 
 namespace pds::kernels::cuda {
 
@@ -83,6 +84,14 @@ cudaError_t PagedAttention(Half16 t, const void* q, int64_t q_stride, const void
                            float scale, void* workspace, cudaStream_t stream);
 
 // --- sampling.cu ---
+// tokens[r] = the token of logits row r under sampling[r] ([rows] in device memory), by the
+// rule of cpu::SampleLogits: candidates in descending (logit, then lower index) order, the
+// top_k first, then the shortest prefix whose probability reaches top_p, then the first
+// candidate whose cumulative probability exceeds u. Selection is by radix passes over the
+// (logit, index) keys weighted by count or probability (fp32 exp, fp64 sums), no sort; the
+// sums are atomics, so a draw within ~1e-15 of a boundary may differ from the CPU's.
+cudaError_t SampleRows(const float* logits, int64_t rows, int64_t n, const RowSampling* sampling,
+                       int32_t* tokens, cudaStream_t stream);
 // ids[r] = argmax of logits row r ([rows, n] fp32; lowest index on ties, NaN never chosen).
 cudaError_t ArgmaxRows(const float* logits, int64_t rows, int64_t n, int32_t* ids,
                        cudaStream_t stream);

@@ -482,6 +482,60 @@ TEST_P(CudaOpsTest, ArgmaxRowsMatchesCpu) {
   }
 }
 
+TEST_P(CudaOpsTest, SampleRowsMatchesCpuSampler) {
+  // Same logits, same draws: the device sampler picks exactly the CPU sampler's tokens, for
+  // temperature, top-k, top-p and their mixes, with NaNs and ties in the rows.
+  std::mt19937_64 rng(5);
+  for (int n : {7, 733, 128256}) {
+    SCOPED_TRACE(::testing::Message() << "vocab " << n);
+    const int rows = 96;
+    std::vector<float> logits = RandomVector(size_t(rows) * n, 50 + n, -6.0f, 6.0f);
+    std::vector<kernels::RowSampling> params(rows);
+    const float temps[] = {0.0f, 0.3f, 0.7f, 1.0f, 1.6f};
+    const int32_t top_ks[] = {0, 1, 2, 5, 50, 1000};
+    const float top_ps[] = {1.0f, 0.95f, 0.5f, 0.1f};
+    for (int r = 0; r < rows; ++r) {
+      params[r].temperature = temps[rng() % 5];
+      params[r].top_k = top_ks[rng() % 6];
+      params[r].top_p = top_ps[rng() % 4];
+      params[r].u = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+      float* row = logits.data() + size_t(r) * n;
+      if (n > 7) {
+        row[rng() % n] = NAN;
+        row[3] = row[n - 2] = 9.0f;  // a tie at the top
+      }
+    }
+    float* d_logits = nullptr;
+    kernels::RowSampling* d_params = nullptr;
+    int32_t* d_ids = nullptr;
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_logits), logits.size() * 4), cudaSuccess);
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_params), rows * sizeof(params[0])),
+              cudaSuccess);
+    ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_ids), rows * 4), cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(d_logits, logits.data(), logits.size() * 4, cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(d_params, params.data(), rows * sizeof(params[0]), cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(kernels::cuda::SampleRows(d_logits, rows, n, d_params, d_ids, nullptr), cudaSuccess);
+    std::vector<int32_t> ids(rows);
+    ASSERT_EQ(cudaMemcpy(ids.data(), d_ids, rows * 4, cudaMemcpyDeviceToHost), cudaSuccess);
+    std::vector<std::pair<float, int32_t>> scratch;
+    for (int r = 0; r < rows; ++r) {
+      const float* row = logits.data() + size_t(r) * n;
+      const kernels::RowSampling& sp = params[r];
+      const int32_t expect = sp.greedy()
+                                 ? kernels::cpu::Argmax(row, n)
+                                 : kernels::cpu::SampleLogits(row, n, sp.temperature, sp.top_k,
+                                                              sp.top_p, sp.u, scratch);
+      EXPECT_EQ(ids[r], expect) << "row " << r << " T " << sp.temperature << " k " << sp.top_k
+                                << " p " << sp.top_p << " u " << sp.u;
+    }
+    cudaFree(d_logits);
+    cudaFree(d_params);
+    cudaFree(d_ids);
+  }
+}
+
 TEST_P(CudaOpsTest, ErrorsAreStatuses) {
   // An unsupported head dim is a clear status, not a crash.
   BatchMetadata m = Tokens(3, 1);
