@@ -91,6 +91,12 @@ absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
   o.kv_port = static_cast<int>(kv_port);
   o.max_queued = static_cast<int>(max_queued);
   o.frontend = args.GetString("frontend");
+  o.kv_transport = args.GetString("kv-transport");
+  if (!o.kv_transport.empty() && o.kv_transport != "tcp" && o.kv_transport != "cuda-ipc" &&
+      o.kv_transport != "nccl") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-transport '", o.kv_transport, "': expected tcp, cuda-ipc or nccl"));
+  }
   o.model_name = std::filesystem::path(loaded.dir).lexically_normal().filename();
   if (o.model_name.empty()) {
     o.model_name = std::filesystem::path(loaded.dir).lexically_normal().parent_path().filename();
@@ -118,6 +124,9 @@ std::vector<FlagSpec> WorkerFlagSpecs() {
   specs.push_back({"port", false, "gRPC port (default 0: any free port)"});
   specs.push_back({"kv-port", false, "decode: KV transport port (default 0: any free port)"});
   specs.push_back({"frontend", false, "front-end host:port to register with"});
+  specs.push_back({"kv-transport", false,
+                   "KV hand-off between prefill and decode: tcp (default for the cpu backend), "
+                   "cuda-ipc (default for cuda; one host) or nccl"});
   specs.push_back({"max-queued", false, "requests queued beyond the batch (default 256)"});
   specs.push_back({"profile", false,
                    "latency-model profile (with --slo-tpot-ms: TPOT-capped "
@@ -345,6 +354,9 @@ absl::Status RunUp(const CliArgs& args) {
                                      "--frontend", address,
                                      "--backend",  backend,
                                      "--threads",  absl::StrCat(threads)};
+    if (args.Has("kv-transport")) {
+      argv.insert(argv.end(), {"--kv-transport", args.GetString("kv-transport")});
+    }
     if (role != "prefill") {
       // The TPOT cap on decode batches uses the same profile and target as the front-end.
       for (const auto& [flag, value] :
@@ -496,6 +508,7 @@ int UpMain(int argc, char** argv) {
       {"colocated", false, "colocated instances (instead of prefill/decode)"},
       {"port", false, "front-end port on 127.0.0.1 (default 8000; 0: any free port)"},
       {"backend", false, "cpu (default) or cuda"},
+      {"kv-transport", false, "tcp, cuda-ipc or nccl (default: tcp on cpu, cuda-ipc on cuda)"},
       {"threads", false, "CPU threads per worker (default: cores / workers)"},
       {"ready-file", false, "write the front-end address here once the cluster is healthy"},
       {"startup-timeout", false, "seconds to wait for a healthy cluster (default 300)"},

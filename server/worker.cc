@@ -13,7 +13,12 @@
 #include "absl/strings/str_cat.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
+#include "engine/transfer/nccl_transport.h"
 #include "engine/transfer/tcp_transport.h"
+#if PDS_HAVE_CUDA
+#include "engine/backend/cuda_backend.h"
+#include "engine/transfer/cuda_ipc_transport.h"
+#endif
 #include "pdserve/internal/control.grpc.pb.h"
 #include "server/grpc_util.h"
 
@@ -132,6 +137,10 @@ class CacheSource : public engine::KvSource {
  public:
   CacheSource(engine::Backend& backend, const engine::KvCache& cache, std::vector<int32_t> blocks)
       : backend_(backend), cache_(cache), blocks_(std::move(blocks)) {}
+  // Device transports read the blocks in place. The held sequence's K/V were completed by the
+  // step that sampled its first token, which synchronized the compute stream to read the
+  // logits, so every layer is ready (WaitLayer keeps its default).
+  absl::StatusOr<std::vector<int32_t>> Blocks() override { return blocks_; }
   absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override {
     const size_t block_bytes = cache_.shape().BlockBytes(backend_.compute_dtype());
     if (bytes != 2 * blocks_.size() * block_bytes) {
@@ -169,19 +178,88 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     if (options_.id.empty()) {
       options_.id = absl::StrCat(scheduler::InstanceRoleName(options_.role), "-", bound_port_);
     }
-    if (options_.role == InstanceRole::kDecode) {
-      PDS_ASSIGN_OR_RETURN(receiver_,
-                           engine::StartTcpKvReceiver(options_.host, options_.kv_port, this));
-    }
-    if (options_.role == InstanceRole::kPrefill) {
-      sender_ = engine::CreateTcpKvSender();
-      transfers_ = std::make_unique<JobPool>(options_.transfer_threads);
-    }
+    PDS_RETURN_IF_ERROR(StartKvTransport());
     if (!options_.frontend.empty()) registration_ = std::thread([this] { RegisterLoop(); });
     log_->info("{} ({}) serving on {}{}", options_.id,
                std::string(scheduler::InstanceRoleName(options_.role)), address(),
-               receiver_ ? absl::StrCat(", KV receiver on ", kv_address()) : "");
+               receiver_ ? absl::StrCat(", ", kv_transport_, " KV receiver on ", kv_address())
+               : sender_ ? absl::StrCat(", ", kv_transport_, " KV sender")
+                         : "");
     return absl::OkStatus();
+  }
+
+  // The KV receiver (decode) or sender (prefill) of options_.kv_transport.
+  absl::Status StartKvTransport() {
+    const bool decode = options_.role == InstanceRole::kDecode;
+    const bool prefill = options_.role == InstanceRole::kPrefill;
+    if (!decode && !prefill) return absl::OkStatus();
+    const int device = CudaDevice();
+    std::string transport = options_.kv_transport;
+    if (transport.empty()) transport = device >= 0 ? "cuda-ipc" : "tcp";
+    if (prefill) transfers_ = std::make_unique<JobPool>(options_.transfer_threads);
+    if (transport == "tcp") {
+      if (decode) {
+        PDS_ASSIGN_OR_RETURN(receiver_,
+                             engine::StartTcpKvReceiver(options_.host, options_.kv_port, this));
+      } else {
+        sender_ = engine::CreateTcpKvSender();
+      }
+      kv_transport_ = transport;
+      return absl::OkStatus();
+    }
+    if (transport != "cuda-ipc" && transport != "nccl") {
+      return absl::InvalidArgumentError(absl::StrCat(options_.id, ": unknown KV transport '",
+                                                     transport, "' (tcp, cuda-ipc or nccl)"));
+    }
+    if (device < 0) {
+      return absl::FailedPreconditionError(
+          absl::StrCat(options_.id, ": the ", transport, " KV transport needs the cuda backend"));
+    }
+    const engine::KvCache& cache = engine_->cache();
+    engine::KvPoolLayout pool;
+    pool.data = cache.data();
+    pool.bytes = cache.bytes();
+    pool.pool_bytes = cache.pool_bytes();
+    pool.block_bytes = cache.shape().BlockBytes(model_.backend().compute_dtype());
+    pool.num_layers = cache.shape().num_layers;
+    pool.num_blocks = cache.shape().num_blocks;
+    pool.device = device;
+    if (transport == "cuda-ipc") {
+#if PDS_HAVE_CUDA
+      if (decode) {
+        PDS_ASSIGN_OR_RETURN(
+            receiver_, engine::StartCudaIpcKvReceiver(options_.host, options_.kv_port, this, pool));
+      } else {
+        PDS_ASSIGN_OR_RETURN(sender_, engine::CreateCudaIpcKvSender(pool));
+      }
+#endif
+    } else {
+#if PDS_HAVE_NCCL
+      PDS_ASSIGN_OR_RETURN(std::shared_ptr<engine::CommDevice> comm,
+                           engine::CreateNcclCommDevice(device));
+      if (decode) {
+        PDS_ASSIGN_OR_RETURN(receiver_, engine::StartNcclKvReceiver(options_.host, options_.kv_port,
+                                                                    this, comm, pool));
+      } else {
+        sender_ = engine::CreateNcclKvSender(comm, pool);
+      }
+#else
+      return absl::UnimplementedError(
+          absl::StrCat(options_.id, ": this build has no NCCL (the nccl KV transport)"));
+#endif
+    }
+    kv_transport_ = transport;
+    return absl::OkStatus();
+  }
+
+  // The CUDA device of the model's backend, or -1 when it is not the CUDA backend.
+  int CudaDevice() const {
+#if PDS_HAVE_CUDA
+    if (auto* cuda = dynamic_cast<const engine::CudaBackend*>(&model_.backend())) {
+      return cuda->device();
+    }
+#endif
+    return -1;
   }
 
   const std::string& id() const { return options_.id; }
@@ -302,6 +380,16 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       imports_[header.request_id] = std::move(*blocks);
       return absl::OkStatus();
     });
+  }
+
+  absl::StatusOr<std::vector<int32_t>> ReservedBlocks(const std::string& request_id) override {
+    std::lock_guard<std::mutex> lock(import_mu_);
+    auto it = imports_.find(request_id);
+    if (it == imports_.end()) {
+      return absl::NotFoundError(
+          absl::StrCat(options_.id, " has no reservation for '", request_id, "'"));
+    }
+    return it->second;
   }
 
   absl::Status WriteLayer(const std::string& request_id, int32_t layer, const uint8_t* data,
@@ -740,6 +828,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   int bound_port_ = 0;
   std::unique_ptr<engine::KvReceiver> receiver_;
   std::unique_ptr<engine::KvSender> sender_;
+  std::string kv_transport_;  // the one in use
   std::unique_ptr<JobPool> transfers_;
 
   std::mutex reg_mu_;

@@ -28,6 +28,10 @@ struct WorkerOptions {
   int port = 0;          // gRPC (0: ephemeral)
   int kv_port = 0;       // decode: KV receiver (0: ephemeral)
   std::string frontend;  // host:port of the front-end to register with; empty: none
+  // KV hand-off: "tcp" (host buffers), "cuda-ipc" (device copies between processes on one
+  // host) or "nccl"; empty: cuda-ipc on the CUDA backend, tcp otherwise. Both sides of a
+  // hand-off must use the same one (a mismatch fails the transfer, naming both).
+  std::string kv_transport;
   std::string model_name;
   int32_t vocab_size = 0;
   engine::EngineOptions engine;

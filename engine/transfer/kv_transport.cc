@@ -75,4 +75,46 @@ absl::Status KvTransferHeader::Validate() const {
   return absl::OkStatus();
 }
 
+absl::Status KvPoolLayout::Validate() const {
+  if (num_layers <= 0 || num_blocks <= 0 || block_bytes == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("kv pool layout: ", num_layers, " layers, ",
+                                                   num_blocks, " blocks of ", block_bytes,
+                                                   " bytes; all must be positive"));
+  }
+  if (data == nullptr) return absl::InvalidArgumentError("kv pool layout: no memory");
+  if (pool_bytes / block_bytes < static_cast<size_t>(num_blocks)) {
+    return absl::InvalidArgumentError(absl::StrCat("kv pool layout: ", num_blocks, " blocks of ",
+                                                   block_bytes, " bytes exceed a pool of ",
+                                                   pool_bytes));
+  }
+  if (bytes / pool_bytes < 2 * static_cast<size_t>(num_layers)) {
+    return absl::InvalidArgumentError(absl::StrCat("kv pool layout: ", 2 * num_layers, " pools of ",
+                                                   pool_bytes, " bytes exceed the allocation of ",
+                                                   bytes));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status KvPoolLayout::Check(const KvTransferHeader& header,
+                                 const std::vector<int32_t>& blocks) const {
+  if (header.num_layers != num_layers || header.BlockBytes() != block_bytes) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request '", header.request_id, "': ", header.num_layers, " layers of ",
+                     header.BlockBytes(), "-byte blocks do not match the pool's ", num_layers,
+                     " layers of ", block_bytes, "-byte blocks"));
+  }
+  if (static_cast<int32_t>(blocks.size()) != header.num_blocks) {
+    return absl::InvalidArgumentError(absl::StrCat("request '", header.request_id,
+                                                   "': ", blocks.size(),
+                                                   " blocks, the header says ", header.num_blocks));
+  }
+  for (int32_t block : blocks) {
+    if (block < 0 || block >= num_blocks) {
+      return absl::InvalidArgumentError(absl::StrCat("request '", header.request_id, "': block ",
+                                                     block, " outside the pool of ", num_blocks));
+    }
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace pds::engine

@@ -11,8 +11,11 @@
 // of the same blocks; each block is [kv_heads, block_size, head_dim] in `dtype`, i.e.
 // 2 * num_blocks * BlockBytes bytes per layer.
 //
-// Implementations: the host TCP transport (tcp_transport.h) for CPU workers; the CUDA IPC and
-// NCCL transports of the CUDA backend implement the same interfaces.
+// Implementations: the host TCP transport (tcp_transport.h) for CPU workers; the device
+// transports for GPU workers (cuda_ipc_transport.h: one node, copies straight into the
+// receiver's blocks; nccl_transport.h: any GPUs, packed layers over NCCL) implement the same
+// interfaces, with the device hooks below (ReservedBlocks, Blocks, WaitLayer) in place of the
+// host-buffer calls (WriteLayer, ReadLayer).
 #pragma once
 
 #include <cstddef>
@@ -48,6 +51,29 @@ struct KvTransferHeader {
   absl::Status Validate() const;
 };
 
+// Where a worker's KV cache lives, for the device transports that address its blocks directly:
+// one allocation (KvCache::data()) holding, per layer l, the K pool at 2 l * pool_bytes and the
+// V pool at (2 l + 1) * pool_bytes, block b of a pool at b * block_bytes.
+struct KvPoolLayout {
+  void* data = nullptr;
+  size_t bytes = 0;
+  size_t pool_bytes = 0;
+  size_t block_bytes = 0;
+  int32_t num_layers = 0;
+  int32_t num_blocks = 0;  // per pool
+  int device = -1;         // CUDA device ordinal; -1: host memory (the fake communicator's tests)
+
+  // Byte offset of `block` of layer `layer`'s K (kv = 0) or V (kv = 1) pool.
+  size_t Offset(int32_t layer, int kv, int32_t block) const {
+    return (2 * static_cast<size_t>(layer) + kv) * pool_bytes +
+           static_cast<size_t>(block) * block_bytes;
+  }
+  // INVALID_ARGUMENT unless the pools fit in `bytes` and blocks fit in a pool.
+  absl::Status Validate() const;
+  // INVALID_ARGUMENT unless `header`'s layers and block size match and every block id is in range.
+  absl::Status Check(const KvTransferHeader& header, const std::vector<int32_t>& blocks) const;
+};
+
 // The receiving side's storage (a decode worker's KV cache). Called from transport threads;
 // implementations synchronize with their engine.
 class KvSink {
@@ -62,6 +88,12 @@ class KvSink {
   // Called exactly once per successful Reserve: OK when every layer was written (the sink
   // may start decoding), an error when the transfer broke off (the sink frees the room).
   virtual void Complete(const std::string& request_id, absl::Status status) = 0;
+  // Device transports: the blocks the successful Reserve of `request_id` took, in block-table
+  // order (header.num_blocks of them); the transport writes them in place (no WriteLayer) and
+  // then calls Complete. Host-only sinks need not implement it.
+  virtual absl::StatusOr<std::vector<int32_t>> ReservedBlocks(const std::string& request_id) {
+    return absl::UnimplementedError("this KV sink has no device blocks");
+  }
 };
 
 // The sending side's data (a prefill worker's KV cache for one sequence).
@@ -70,6 +102,14 @@ class KvSource {
   virtual ~KvSource() = default;
   // Packs layer `layer` into `dst` (LayerBytes bytes); may wait until the layer is computed.
   virtual absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) = 0;
+  // Device transports: the sequence's blocks in the sender's pool, in block-table order
+  // (header.num_blocks of them). Host-only sources need not implement it.
+  virtual absl::StatusOr<std::vector<int32_t>> Blocks() {
+    return absl::UnimplementedError("this KV source has no device blocks");
+  }
+  // Device transports: returns once layer `layer`'s K/V are computed and visible to other
+  // streams and processes (the device transports read the blocks directly). Default: at once.
+  virtual absl::Status WaitLayer(int32_t layer) { return absl::OkStatus(); }
 };
 
 struct KvSendStats {

@@ -1,10 +1,5 @@
 #include "engine/transfer/tcp_transport.h"
 
-#include <arpa/inet.h>
-#include <fcntl.h>
-#include <netdb.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -15,10 +10,7 @@
 #include <bit>
 #include <cerrno>
 #include <cstring>
-#include <fstream>
-#include <map>
 #include <mutex>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -26,6 +18,7 @@
 #include "absl/strings/str_format.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
+#include "engine/transfer/socket_io.h"
 
 namespace pds::engine {
 
@@ -61,36 +54,8 @@ inline uint64_t MergeRound(uint64_t h, uint64_t lane) {
   return h * kP1 + kP4;
 }
 
-template <typename T>
-void Put(std::string& out, T value) {
-  out.append(reinterpret_cast<const char*>(&value), sizeof(T));
-}
-
-// Reads fixed-size little-endian fields from a payload, failing past its end.
-class Reader {
- public:
-  Reader(const uint8_t* data, size_t bytes) : data_(data), left_(bytes) {}
-  template <typename T>
-  bool Get(T* value) {
-    if (left_ < sizeof(T)) return false;
-    std::memcpy(value, data_, sizeof(T));
-    data_ += sizeof(T);
-    left_ -= sizeof(T);
-    return true;
-  }
-  bool GetBytes(size_t n, std::string* out) {
-    if (left_ < n) return false;
-    out->assign(reinterpret_cast<const char*>(data_), n);
-    data_ += n;
-    left_ -= n;
-    return true;
-  }
-  size_t left() const { return left_; }
-
- private:
-  const uint8_t* data_;
-  size_t left_;
-};
+using transfer_internal::Put;
+using transfer_internal::Reader;
 
 }  // namespace
 
@@ -184,7 +149,7 @@ absl::StatusOr<FrameHeader> ParseFrameHeader(const uint8_t* bytes, uint64_t max_
         absl::StrCat("unsupported frame version ", version, " (this side speaks ", kVersion, ")"));
   }
   if (type < static_cast<uint16_t>(FrameType::kOffer) ||
-      type > static_cast<uint16_t>(FrameType::kDoneReply)) {
+      type > static_cast<uint16_t>(FrameType::kLast)) {
     return absl::InvalidArgumentError(absl::StrCat("unknown frame type ", type));
   }
   FrameHeader header;
@@ -259,286 +224,20 @@ absl::StatusOr<absl::Status> DecodeStatus(const uint8_t* data, size_t bytes) {
 namespace {
 
 using tcp_wire::FrameType;
+using transfer_internal::Connect;
+using transfer_internal::Fd;
+using transfer_internal::Io;
+using transfer_internal::kPeerSpoke;
+using transfer_internal::PeerReadable;
+using transfer_internal::ReadExact;
+using transfer_internal::ReadReply;
+using transfer_internal::Wait;
+using transfer_internal::WithContext;
+using transfer_internal::WriteFrame;
 
 std::shared_ptr<spdlog::logger> Log() {
   static auto logger = Logger("transfer");
   return logger;
-}
-
-std::string Errno(int err) { return std::strerror(err); }
-
-// Prefixes a status message with context, keeping the code.
-absl::Status WithContext(const absl::Status& status, absl::string_view context) {
-  if (status.ok()) return status;
-  return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
-}
-
-class Fd {
- public:
-  Fd() = default;
-  explicit Fd(int fd) : fd_(fd) {}
-  Fd(Fd&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  Fd& operator=(Fd&& other) noexcept {
-    if (this != &other) {
-      Reset();
-      fd_ = std::exchange(other.fd_, -1);
-    }
-    return *this;
-  }
-  ~Fd() { Reset(); }
-  int get() const { return fd_; }
-  int release() { return std::exchange(fd_, -1); }
-  void Reset() {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_ = -1;
-};
-
-// net.core.rmem_max / wmem_max, or -1 when unreadable.
-int ReadSysctl(const char* path) {
-  std::ifstream in(path);
-  long value = -1;
-  if (!(in >> value)) return -1;
-  return static_cast<int>(std::min<long>(value, 1 << 30));
-}
-
-void SetBuffer(int fd, int force_opt, int opt, int max_allowed, int bytes) {
-  if (::setsockopt(fd, SOL_SOCKET, force_opt, &bytes, sizeof(bytes)) == 0) return;
-  if (max_allowed >= bytes) ::setsockopt(fd, SOL_SOCKET, opt, &bytes, sizeof(bytes));
-  // Otherwise leave autotuning on: a capped fixed size would be smaller than what it reaches.
-}
-
-void ConfigureSocket(int fd, const TcpTransportOptions& options) {
-  const int one = 1;
-  ::setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
-  if (options.socket_buffer_bytes > 0) {
-    static const int rmem_max = ReadSysctl("/proc/sys/net/core/rmem_max");
-    static const int wmem_max = ReadSysctl("/proc/sys/net/core/wmem_max");
-    SetBuffer(fd, SO_SNDBUFFORCE, SO_SNDBUF, wmem_max, options.socket_buffer_bytes);
-    SetBuffer(fd, SO_RCVBUFFORCE, SO_RCVBUF, rmem_max, options.socket_buffer_bytes);
-  }
-}
-
-// How a connection's blocking operations wait: until `deadline`, at most `idle` per wait
-// (measured from the start of each wait, i.e. since the last progress), while `wake_fd` (if
-// any) is not readable and `cancelled` (if any) is false.
-struct Io {
-  int fd = -1;
-  absl::Time deadline = absl::InfiniteFuture();
-  absl::Duration idle = absl::InfiniteDuration();
-  int wake_fd = -1;
-  const std::function<bool()>* cancelled = nullptr;
-};
-
-enum class WaitResult { kReady, kPeerReadable };
-
-// Waits for `events` on io.fd. With `watch_readable`, readability of the socket while waiting
-// for POLLOUT is reported as kPeerReadable (the peer sent something: an early reply).
-absl::StatusOr<WaitResult> Wait(const Io& io, short events, bool watch_readable = false) {
-  const absl::Time limit = std::min(io.deadline, absl::Now() + io.idle);
-  while (true) {
-    if (io.cancelled != nullptr && *io.cancelled && (*io.cancelled)()) {
-      return absl::CancelledError("cancelled");
-    }
-    const absl::Duration left = limit - absl::Now();
-    if (left <= absl::ZeroDuration()) {
-      if (limit == io.deadline) return absl::DeadlineExceededError("deadline exceeded");
-      return absl::DeadlineExceededError(
-          absl::StrCat("no progress for ", absl::FormatDuration(io.idle)));
-    }
-    absl::Duration slice = left;
-    if (io.cancelled != nullptr && *io.cancelled) slice = std::min(slice, absl::Milliseconds(10));
-    const int timeout_ms = static_cast<int>(std::min<int64_t>(
-        absl::ToInt64Milliseconds(absl::Ceil(slice, absl::Milliseconds(1))), 3600 * 1000));
-    pollfd fds[2] = {{io.fd, static_cast<short>(events | (watch_readable ? POLLIN : 0)), 0},
-                     {io.wake_fd, POLLIN, 0}};
-    const int n = ::poll(fds, io.wake_fd >= 0 ? 2 : 1, timeout_ms);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return absl::InternalError(absl::StrCat("poll: ", Errno(errno)));
-    }
-    if (n == 0) continue;
-    if (io.wake_fd >= 0 && (fds[1].revents & POLLIN)) {
-      return absl::UnavailableError("receiver shutting down");
-    }
-    if (watch_readable && (fds[0].revents & (POLLIN | POLLHUP | POLLERR))) {
-      return WaitResult::kPeerReadable;
-    }
-    // Errors and hang-ups are reported by the following send/recv.
-    if (fds[0].revents != 0) return WaitResult::kReady;
-  }
-}
-
-// Marker message for a send interrupted because the peer replied (see Wait's watch_readable).
-constexpr absl::string_view kPeerSpoke = "peer sent a reply while we were sending";
-
-// Sends every byte of the iovecs (modified). MSG_NOSIGNAL: a closed peer is EPIPE, not SIGPIPE.
-absl::Status WriteAll(const Io& io, iovec* iov, int iovcnt, bool watch_readable = false) {
-  while (iovcnt > 0) {
-    msghdr msg{};
-    msg.msg_iov = iov;
-    msg.msg_iovlen = iovcnt;
-    const ssize_t n = ::sendmsg(io.fd, &msg, MSG_NOSIGNAL);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      if (errno == EAGAIN || errno == EWOULDBLOCK) {
-        PDS_ASSIGN_OR_RETURN(const WaitResult ready, Wait(io, POLLOUT, watch_readable));
-        if (ready == WaitResult::kPeerReadable) return absl::AbortedError(kPeerSpoke);
-        continue;
-      }
-      return absl::UnavailableError(absl::StrCat("send: ", Errno(errno)));
-    }
-    size_t done = static_cast<size_t>(n);
-    while (iovcnt > 0 && done >= iov->iov_len) {
-      done -= iov->iov_len;
-      ++iov;
-      --iovcnt;
-    }
-    if (iovcnt > 0) {
-      iov->iov_base = static_cast<uint8_t*>(iov->iov_base) + done;
-      iov->iov_len -= done;
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::Status WriteFrame(const Io& io, FrameType type, const void* payload, size_t bytes,
-                        uint64_t checksum, bool watch_readable = false) {
-  std::string header = tcp_wire::EncodeFrameHeader(type, bytes, checksum);
-  iovec iov[2] = {{header.data(), header.size()}, {const_cast<void*>(payload), bytes}};
-  return WriteAll(io, iov, bytes > 0 ? 2 : 1, watch_readable);
-}
-
-absl::Status WriteFrame(const Io& io, FrameType type, const std::string& payload) {
-  return WriteFrame(io, type, payload.data(), payload.size(),
-                    tcp_wire::Checksum(payload.data(), payload.size()));
-}
-
-// Reads exactly `bytes` bytes, feeding them to `checksum` (if any) as they arrive, while they
-// are in cache. With `eof_ok`, a clean end of stream before the first byte sets *eof.
-constexpr size_t kReadChunk = size_t{1} << 20;
-absl::Status ReadExact(const Io& io, uint8_t* dst, size_t bytes,
-                       tcp_wire::ChecksumState* checksum = nullptr, bool* eof = nullptr) {
-  size_t got = 0;
-  while (got < bytes) {
-    const ssize_t n = ::recv(io.fd, dst + got, std::min(bytes - got, kReadChunk), 0);
-    if (n > 0) {
-      if (checksum != nullptr) checksum->Update(dst + got, static_cast<size_t>(n));
-      got += static_cast<size_t>(n);
-      continue;
-    }
-    if (n == 0) {
-      if (got == 0 && eof != nullptr) {
-        *eof = true;
-        return absl::OkStatus();
-      }
-      return absl::UnavailableError(
-          absl::StrCat("connection closed by the peer (", got, " of ", bytes, " bytes read)"));
-    }
-    if (errno == EINTR) continue;
-    if (errno == EAGAIN || errno == EWOULDBLOCK) {
-      PDS_RETURN_IF_ERROR(Wait(io, POLLIN).status());
-      continue;
-    }
-    return absl::UnavailableError(absl::StrCat("recv: ", Errno(errno)));
-  }
-  return absl::OkStatus();
-}
-
-// Reads a reply frame (OFFER_REPLY or DONE_REPLY, as `want`) and returns the status it carries.
-absl::StatusOr<absl::Status> ReadReply(const Io& io, FrameType want) {
-  uint8_t raw[tcp_wire::kFrameHeaderBytes];
-  PDS_RETURN_IF_ERROR(ReadExact(io, raw, sizeof(raw)));
-  PDS_ASSIGN_OR_RETURN(const tcp_wire::FrameHeader header,
-                       tcp_wire::ParseFrameHeader(raw, tcp_wire::kMaxControlPayload));
-  if (header.type != FrameType::kOfferReply && header.type != FrameType::kDoneReply) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("expected a reply frame, got type ", static_cast<int>(header.type)));
-  }
-  std::vector<uint8_t> payload(header.length);
-  PDS_RETURN_IF_ERROR(ReadExact(io, payload.data(), payload.size()));
-  if (tcp_wire::Checksum(payload.data(), payload.size()) != header.checksum) {
-    return absl::DataLossError("reply frame checksum mismatch");
-  }
-  PDS_ASSIGN_OR_RETURN(absl::Status carried,
-                       tcp_wire::DecodeStatus(payload.data(), payload.size()));
-  // An early error reply may come as either type; an OK must be the one expected.
-  if (carried.ok() && header.type != want) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unexpected OK reply of frame type ", static_cast<int>(header.type)));
-  }
-  return carried;
-}
-
-// "host:port" or "[v6]:port".
-absl::Status SplitAddress(const std::string& address, std::string* host, std::string* port) {
-  size_t colon = address.rfind(':');
-  if (colon == std::string::npos || colon + 1 == address.size()) {
-    return absl::InvalidArgumentError(absl::StrCat("address '", address, "' is not host:port"));
-  }
-  *host = address.substr(0, colon);
-  *port = address.substr(colon + 1);
-  if (host->size() >= 2 && host->front() == '[' && host->back() == ']') {
-    *host = host->substr(1, host->size() - 2);
-  }
-  return absl::OkStatus();
-}
-
-std::string JoinAddress(const std::string& host, int port) {
-  if (host.find(':') != std::string::npos) return absl::StrCat("[", host, "]:", port);
-  return absl::StrCat(host, ":", port);
-}
-
-absl::StatusOr<Fd> Connect(const std::string& address, absl::Time deadline,
-                           const std::function<bool()>* cancelled,
-                           const TcpTransportOptions& options) {
-  std::string host, port;
-  PDS_RETURN_IF_ERROR(SplitAddress(address, &host, &port));
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICSERV;
-  addrinfo* list = nullptr;
-  const int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &list);
-  if (rc != 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot resolve '", address, "': ", ::gai_strerror(rc)));
-  }
-  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> owner(list, &::freeaddrinfo);
-  absl::Status last = absl::UnavailableError("no address");
-  for (addrinfo* ai = list; ai != nullptr; ai = ai->ai_next) {
-    Fd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol));
-    if (fd.get() < 0) {
-      last = absl::UnavailableError(absl::StrCat("socket: ", Errno(errno)));
-      continue;
-    }
-    ConfigureSocket(fd.get(), options);
-    int r;
-    do {
-      r = ::connect(fd.get(), ai->ai_addr, ai->ai_addrlen);
-    } while (r < 0 && errno == EINTR);
-    if (r < 0 && errno != EINPROGRESS) {
-      last = absl::UnavailableError(absl::StrCat("connect: ", Errno(errno)));
-      continue;
-    }
-    if (r < 0) {
-      Io io{fd.get(), deadline, absl::InfiniteDuration(), -1, cancelled};
-      absl::Status waited = Wait(io, POLLOUT).status();
-      if (!waited.ok()) return WithContext(waited, "connect");
-      int err = 0;
-      socklen_t len = sizeof(err);
-      ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
-      if (err != 0) {
-        last = absl::UnavailableError(absl::StrCat("connect: ", Errno(err)));
-        continue;
-      }
-    }
-    return fd;
-  }
-  return last;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -576,7 +275,8 @@ class TcpKvSender final : public KvSender {
 
     KvSendStats stats;
     stats.offered = absl::Now();
-    PDS_ASSIGN_OR_RETURN(Fd fd, Connect(address, deadline, &cancelled, options_));
+    PDS_ASSIGN_OR_RETURN(Fd fd,
+                         Connect(address, deadline, &cancelled, options_.socket_buffer_bytes));
     const Io io{fd.get(), deadline, absl::InfiniteDuration(), -1, &cancelled};
 
     // Offer until the receiver has room.
@@ -635,16 +335,6 @@ class TcpKvSender final : public KvSender {
     return stats;
   }
 
-  // Whether the receiver already sent something (an early error reply) or hung up.
-  static bool PeerReadable(const Io& io) {
-    pollfd p{io.fd, POLLIN, 0};
-    int n;
-    do {
-      n = ::poll(&p, 1, 0);
-    } while (n < 0 && errno == EINTR);
-    return n > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR));
-  }
-
   // After a failed send: the receiver's reason if it sent one, else the send error.
   static absl::Status EarlyReply(const Io& io, const absl::Status& send_error) {
     if (send_error.code() == absl::StatusCode::kCancelled ||
@@ -673,176 +363,28 @@ class TcpKvSender final : public KvSender {
 class TcpKvReceiver final : public KvReceiver {
  public:
   TcpKvReceiver(KvSink* sink, TcpTransportOptions options)
-      : sink_(sink), options_(std::move(options)) {}
+      : sink_(sink),
+        options_(std::move(options)),
+        server_("kv receiver",
+                {options_.max_connections, options_.socket_buffer_bytes, options_.idle_timeout},
+                [this](const Io& io) { ServeConnection(io); }) {}
   ~TcpKvReceiver() override { Shutdown(); }
 
-  absl::Status Start(const std::string& host, int port) {
-    int pipe_fds[2];
-    if (::pipe2(pipe_fds, O_CLOEXEC | O_NONBLOCK) != 0) {
-      return absl::InternalError(absl::StrCat("pipe: ", Errno(errno)));
-    }
-    wake_read_ = Fd(pipe_fds[0]);
-    wake_write_ = Fd(pipe_fds[1]);
+  absl::Status Start(const std::string& host, int port) { return server_.Start(host, port); }
 
-    addrinfo hints{};
-    hints.ai_family = AF_UNSPEC;
-    hints.ai_socktype = SOCK_STREAM;
-    hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-    addrinfo* list = nullptr;
-    const std::string port_str = std::to_string(port);
-    const int rc =
-        ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port_str.c_str(), &hints, &list);
-    if (rc != 0) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("cannot resolve '", host, "': ", ::gai_strerror(rc)));
-    }
-    std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> owner(list, &::freeaddrinfo);
-    absl::Status last = absl::UnavailableError("no address");
-    for (addrinfo* ai = list; ai != nullptr; ai = ai->ai_next) {
-      Fd fd(
-          ::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol));
-      if (fd.get() < 0) {
-        last = absl::UnavailableError(absl::StrCat("socket: ", Errno(errno)));
-        continue;
-      }
-      const int one = 1;
-      ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-      ConfigureSocket(fd.get(), options_);  // inherited by accepted sockets
-      if (::bind(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0) {
-        last = absl::UnavailableError(absl::StrCat("bind: ", Errno(errno)));
-        continue;
-      }
-      if (::listen(fd.get(), 256) != 0) {
-        last = absl::UnavailableError(absl::StrCat("listen: ", Errno(errno)));
-        continue;
-      }
-      sockaddr_storage bound{};
-      socklen_t len = sizeof(bound);
-      ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&bound), &len);
-      char name[INET6_ADDRSTRLEN] = {};
-      int bound_port = 0;
-      if (bound.ss_family == AF_INET6) {
-        const auto* a = reinterpret_cast<const sockaddr_in6*>(&bound);
-        ::inet_ntop(AF_INET6, &a->sin6_addr, name, sizeof(name));
-        bound_port = ntohs(a->sin6_port);
-      } else {
-        const auto* a = reinterpret_cast<const sockaddr_in*>(&bound);
-        ::inet_ntop(AF_INET, &a->sin_addr, name, sizeof(name));
-        bound_port = ntohs(a->sin_port);
-      }
-      address_ = JoinAddress(host.empty() ? std::string(name) : host, bound_port);
-      listen_fd_ = std::move(fd);
-      accept_thread_ = std::thread([this] { AcceptLoop(); });
-      return absl::OkStatus();
-    }
-    return WithContext(last, absl::StrCat("kv receiver on ", JoinAddress(host, port)));
-  }
-
-  std::string address() const override { return address_; }
+  std::string address() const override { return server_.address(); }
   size_t bytes_received() const override { return bytes_received_.load(); }
-
-  void Shutdown() override {
-    std::lock_guard<std::mutex> once(shutdown_mu_);
-    if (shut_down_) return;
-    shut_down_ = true;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      stopping_ = true;
-      stopping_flag_.store(true);
-      for (const auto& [id, fd] : conn_fds_) ::shutdown(fd, SHUT_RDWR);
-    }
-    if (wake_write_.get() >= 0) {
-      const char byte = 1;
-      ssize_t ignored = ::write(wake_write_.get(), &byte, 1);  // never drained: stays readable
-      (void)ignored;
-    }
-    if (listen_fd_.get() >= 0) ::shutdown(listen_fd_.get(), SHUT_RDWR);
-    if (accept_thread_.joinable()) accept_thread_.join();
-    listen_fd_.Reset();
-    std::map<uint64_t, std::thread> threads;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      threads.swap(threads_);
-      finished_.clear();
-    }
-    for (auto& [id, thread] : threads) thread.join();
-  }
+  void Shutdown() override { server_.Shutdown(); }
 
  private:
-  void AcceptLoop() {
-    while (true) {
-      ReapFinished();
-      pollfd fds[2] = {{listen_fd_.get(), POLLIN, 0}, {wake_read_.get(), POLLIN, 0}};
-      const int n = ::poll(fds, 2, 500);
-      if (n < 0 && errno != EINTR) {
-        Log()->error("kv receiver {}: poll: {}", address_, Errno(errno));
-        return;
-      }
-      if (fds[1].revents & POLLIN) return;
-      if (n <= 0 || !(fds[0].revents & POLLIN)) continue;
-      sockaddr_storage peer{};
-      socklen_t len = sizeof(peer);
-      Fd fd(::accept4(listen_fd_.get(), reinterpret_cast<sockaddr*>(&peer), &len,
-                      SOCK_NONBLOCK | SOCK_CLOEXEC));
-      if (fd.get() < 0) {
-        if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK || errno == ECONNABORTED) {
-          continue;
-        }
-        Log()->warn("kv receiver {}: accept: {}", address_, Errno(errno));
-        // Out of descriptors and the like: do not spin.
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-        continue;
-      }
-      ConfigureSocket(fd.get(), options_);
-      std::lock_guard<std::mutex> lock(mu_);
-      if (stopping_) return;
-      if (static_cast<int>(threads_.size() - finished_.size()) >= options_.max_connections) {
-        Refuse(std::move(fd));
-        continue;
-      }
-      const uint64_t id = next_id_++;
-      conn_fds_[id] = fd.get();
-      threads_[id] = std::thread([this, id, raw = fd.release()] { ServeConnection(id, raw); });
-    }
-  }
-
-  void ReapFinished() {
-    std::vector<std::thread> done;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      for (uint64_t id : finished_) {
-        auto it = threads_.find(id);
-        if (it == threads_.end()) continue;
-        done.push_back(std::move(it->second));
-        threads_.erase(it);
-      }
-      finished_.clear();
-    }
-    for (auto& thread : done) thread.join();
-  }
-
-  void Refuse(Fd fd) {
-    Log()->warn("kv receiver {}: refusing a connection: {} connections already served", address_,
-                options_.max_connections);
-    const std::string frame = tcp_wire::EncodeFrame(
-        FrameType::kOfferReply, tcp_wire::EncodeStatus(absl::UnavailableError(
-                                    absl::StrCat("kv receiver ", address_, " is at its limit of ",
-                                                 options_.max_connections, " connections"))));
-    ssize_t ignored = ::send(fd.get(), frame.data(), frame.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
-    (void)ignored;
-    ::shutdown(fd.get(), SHUT_WR);
-  }
-
-  void ServeConnection(uint64_t id, int raw_fd) {
-    Fd fd(raw_fd);
+  void ServeConnection(const Io& io) {
     Connection conn;
-    conn.io =
-        Io{fd.get(), absl::InfiniteFuture(), options_.idle_timeout, wake_read_.get(), nullptr};
+    conn.io = io;
     absl::Status status = Serve(conn);
     if (!status.ok()) {
-      const bool stopping = stopping_flag_.load();
+      const bool stopping = server_.stopping();
       if (stopping) status = absl::UnavailableError("receiver shutting down");
-      std::string context = absl::StrCat("kv receiver ", address_);
+      std::string context = absl::StrCat("kv receiver ", server_.address());
       if (!conn.header.request_id.empty()) {
         absl::StrAppend(&context, ", request '", conn.header.request_id, "'");
       }
@@ -859,10 +401,6 @@ class TcpKvReceiver final : public KvReceiver {
       }
       ReplyError(conn, status);
     }
-    std::lock_guard<std::mutex> lock(mu_);
-    conn_fds_.erase(id);
-    fd.Reset();  // under mu_: Shutdown never calls shutdown() on a reused descriptor
-    finished_.push_back(id);
   }
 
   struct Connection {
@@ -906,7 +444,7 @@ class TcpKvReceiver final : public KvReceiver {
                                               tcp_wire::EncodeStatus(absl::OkStatus()));
             if (!replied.ok()) {
               Log()->warn("kv receiver {}: request '{}' stored, but the confirmation failed: {}",
-                          address_, conn.header.request_id, replied.ToString());
+                          server_.address(), conn.header.request_id, replied.ToString());
             }
             return absl::OkStatus();
           }
@@ -951,8 +489,8 @@ class TcpKvReceiver final : public KvReceiver {
         WriteFrame(conn.io, FrameType::kOfferReply, tcp_wire::EncodeStatus(answer));
     PDS_RETURN_IF_ERROR(WithContext(replied, "sending the offer reply"));
     if (answer.ok() || answer.code() == absl::StatusCode::kResourceExhausted) return false;
-    Log()->info("kv receiver {}: refused request '{}': {}", address_, conn.header.request_id,
-                answer.ToString());
+    Log()->info("kv receiver {}: refused request '{}': {}", server_.address(),
+                conn.header.request_id, answer.ToString());
     return true;
   }
 
@@ -1010,22 +548,9 @@ class TcpKvReceiver final : public KvReceiver {
 
   KvSink* const sink_;
   const TcpTransportOptions options_;
-  std::string address_;
-  Fd listen_fd_;
-  Fd wake_read_, wake_write_;
-  std::thread accept_thread_;
   std::atomic<size_t> bytes_received_{0};
-  std::atomic<bool> stopping_flag_{false};  // stopping_, readable without mu_
-
-  std::mutex shutdown_mu_;
-  bool shut_down_ = false;  // guarded by shutdown_mu_
-
-  std::mutex mu_;
-  bool stopping_ = false;                    // guarded by mu_
-  uint64_t next_id_ = 0;                     // guarded by mu_
-  std::map<uint64_t, std::thread> threads_;  // guarded by mu_
-  std::map<uint64_t, int> conn_fds_;         // guarded by mu_
-  std::vector<uint64_t> finished_;           // guarded by mu_
+  // Last member: destroyed (shut down) first, while the members its handlers use still exist.
+  transfer_internal::ConnectionServer server_;
 };
 
 }  // namespace

@@ -72,7 +72,22 @@ inline constexpr size_t kFrameHeaderBytes = 24;
 inline constexpr size_t kLayerPrefixBytes = 8;           // i32 layer index, u32 reserved (0)
 inline constexpr uint64_t kMaxControlPayload = 1 << 16;  // OFFER and replies
 
-enum class FrameType : uint16_t { kOffer = 1, kOfferReply = 2, kLayer = 3, kDoneReply = 4 };
+enum class FrameType : uint16_t {
+  kOffer = 1,
+  kOfferReply = 2,
+  kLayer = 3,
+  kDoneReply = 4,
+  // The device transports' control connections (device_transport.h); a TCP receiver refuses
+  // them as unexpected.
+  kDeviceOffer = 5,
+  kDeviceOfferReply = 6,
+  kDeviceStart = 7,
+  kDeviceDone = 8,
+  kDeviceSetup = 9,
+  kDeviceSetupReply = 10,
+  kDeviceStartReply = 11,
+  kLast = kDeviceStartReply,
+};
 
 struct FrameHeader {
   FrameType type = FrameType::kOffer;

@@ -16,6 +16,7 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
+constexpr int kUnroll = 4;  // K/V rows in flight per lane group
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads)
@@ -59,19 +60,30 @@ __global__ void __launch_bounds__(kThreads)
     return ((block * kv_heads + kvh) * bs + pos % bs) * D + seg * 8;
   };
 
-  // Pass 1: scores.
-  for (int base = start + warp * kRowsPerWarp; base < end; base += kRowsPerStep) {
-    const int pos = base + row_in_warp;
-    float kv[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    if (pos < end) Load8(k_cache + row_offset(pos), kv);
+  // Pass 1: scores. Each lane group issues kUnroll row loads before using them (memory-level
+  // parallelism: decode attention is bound by HBM bandwidth).
+  for (int base = start + warp * kRowsPerWarp; base < end; base += kRowsPerStep * kUnroll) {
+    uint4 raw[kUnroll];
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      float d = 0.0f;
+    for (int u = 0; u < kUnroll; ++u) {
+      const int pos = base + u * kRowsPerStep + row_in_warp;
+      raw[u] = pos < end ? *reinterpret_cast<const uint4*>(k_cache + row_offset(pos))
+                         : make_uint4(0, 0, 0, 0);
+    }
 #pragma unroll
-      for (int i = 0; i < 8; ++i) d += qv[g][i] * kv[i];
+    for (int u = 0; u < kUnroll; ++u) {
+      const int pos = base + u * kRowsPerStep + row_in_warp;
+      float kv[8];
+      Unpack8<T>(raw[u], kv);
 #pragma unroll
-      for (int o = kLanesPerRow / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
-      if (pos < end && seg == 0) scores[g * split_tokens + (pos - start)] = d;
+      for (int g = 0; g < G; ++g) {
+        float d = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) d += qv[g][i] * kv[i];
+#pragma unroll
+        for (int o = kLanesPerRow / 2; o > 0; o >>= 1) d += __shfl_xor_sync(0xffffffffu, d, o);
+        if (pos < end && seg == 0) scores[g * split_tokens + (pos - start)] = d;
+      }
     }
   }
   __syncthreads();
@@ -116,11 +128,20 @@ __global__ void __launch_bounds__(kThreads)
   for (int g = 0; g < G; ++g)
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
-  for (int base = start + warp * kRowsPerWarp; base < end; base += kRowsPerStep) {
-    const int pos = base + row_in_warp;
-    if (pos < end) {
+  for (int base = start + warp * kRowsPerWarp; base < end; base += kRowsPerStep * kUnroll) {
+    uint4 raw[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int pos = base + u * kRowsPerStep + row_in_warp;
+      raw[u] = pos < end ? *reinterpret_cast<const uint4*>(v_cache + row_offset(pos))
+                         : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int pos = base + u * kRowsPerStep + row_in_warp;
+      if (pos >= end) continue;
       float vv[8];
-      Load8(v_cache + row_offset(pos), vv);
+      Unpack8<T>(raw[u], vv);
 #pragma unroll
       for (int g = 0; g < G; ++g) {
         const float p = scores[g * split_tokens + (pos - start)];

@@ -26,13 +26,18 @@ __device__ __forceinline__ __half FromFloat<__half>(float v) {
   return __float2half_rn(v);
 }
 
-// Eight 16-bit values loaded or stored as one 16-byte access (address 16-byte aligned).
+// Eight 16-bit values held in one 16-byte word, as floats.
 template <typename T>
-__device__ __forceinline__ void Load8(const T* p, float (&out)[8]) {
-  const uint4 raw = *reinterpret_cast<const uint4*>(p);
+__device__ __forceinline__ void Unpack8(const uint4& raw, float (&out)[8]) {
   const T* v = reinterpret_cast<const T*>(&raw);
 #pragma unroll
   for (int i = 0; i < 8; ++i) out[i] = ToFloat(v[i]);
+}
+
+// Eight 16-bit values loaded as one 16-byte access (address 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void Load8(const T* p, float (&out)[8]) {
+  Unpack8<T>(*reinterpret_cast<const uint4*>(p), out);
 }
 
 __device__ __forceinline__ float WarpSum(float v) {

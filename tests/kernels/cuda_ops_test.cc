@@ -438,6 +438,13 @@ TEST_P(CudaAttentionTest, PrefillCausalRaggedWithCachedPrefix) {
   }
 }
 
+// A few cases covering both kernels, splits, GQA and odd block sizes: small enough for the
+// compute-sanitizer runs (memcheck, racecheck) of bench/gpu/run.sh.
+TEST_P(CudaAttentionTest, SanitizerSized) {
+  Run({{{1, 37}, {1, 700}, {37, 37}, {65, 200}, {5, 100}}, 32, 8, 128, 16}, 3);
+  Run({{{1, 9}, {1, 1100}, {20, 20}, {70, 90}}, 8, 1, 64, 7}, 4);
+}
+
 TEST_P(CudaAttentionTest, PrefillLongPrompt) {
   Run({{{733, 733}, {1, 733}, {300, 1500}}, 32, 8, 128, 16}, 7);
 }

@@ -1,0 +1,900 @@
+// bench_cuda: the CUDA backend on a real model shape (llama3-8b by default, bf16, random
+// weights), every number against a hardware ceiling measured in the same run:
+//
+//   ceilings   device-to-device copy bandwidth (cudaMemcpyAsync, bytes read + written, best
+//              of N) and the cuBLAS bf16 GEMM rate (cublasGemmEx, fp32 accumulation, best of N)
+//   decode     one Transformer::Forward step, one new token per sequence at context C, batch 1
+//              and 64, once with fp32 logits copied to the host and once greedy (argmax on the
+//              device, no logits copy); floor = (weight bytes read + KV bytes read) / copy
+//              bandwidth
+//   prefill    2048 tokens (batch 1) and 8 x 512; FLOPs = matmul FLOPs + attention FLOPs over
+//              the causal pairs; fraction of the GEMM rate
+//   attention  the backend's Attention alone on layer 0's cache: decode batch 64 at context C
+//              (KV bytes over the copy bandwidth) and a 4096-token causal prefill (FLOPs over
+//              the GEMM rate)
+//
+// The copy bandwidth counts bytes read plus bytes written, and is used as the read bandwidth
+// of the floors (a kernel that only reads streams at about that rate on HBM).
+//
+//   bench_cuda [--preset NAME] [--quick] [--json-out FILE] [--device N] [--iters N]
+//              [--timeout-s S]
+//
+// Exits 1 with a message naming the stage on any CUDA, cuBLAS or backend error, 2 on bad
+// flags or no usable GPU, 3 when the watchdog (--timeout-s, default 600) fires; never hangs.
+#include <cublas_v2.h>
+#include <cuda_runtime_api.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <random>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "engine/backend/backend.h"
+#include "engine/backend/cuda_backend.h"
+#include "engine/common/dtype.h"
+#include "engine/kv_cache/block_allocator.h"
+#include "engine/kv_cache/kv_cache.h"
+#include "engine/model/presets.h"
+#include "engine/model/transformer.h"
+#include "kernels/sampling.h"
+#include "nlohmann/json.hpp"
+
+namespace pds::bench {
+namespace {
+
+using engine::Backend;
+using engine::BatchMetadata;
+using engine::BlockTable;
+using engine::DeviceBuffer;
+using engine::KvCache;
+using engine::ModelConfig;
+using engine::SequenceInput;
+using engine::Transformer;
+using engine::Weight;
+using Json = nlohmann::ordered_json;
+
+// The stage running now, for error and watchdog messages.
+std::atomic<const char*> g_stage{"startup"};
+
+[[noreturn]] void Fail(const std::string& what) {
+  std::fprintf(stderr, "bench_cuda: FAILED in stage '%s': %s\n", g_stage.load(), what.c_str());
+  std::fflush(stdout);
+  std::fflush(stderr);
+  std::_Exit(1);
+}
+
+void CheckCuda(cudaError_t err, const char* expr) {
+  if (err != cudaSuccess) {
+    Fail(absl::StrCat("CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err),
+                      ") from ", expr));
+  }
+}
+
+void CheckCublas(cublasStatus_t st, const char* expr) {
+  if (st != CUBLAS_STATUS_SUCCESS) {
+    Fail(absl::StrCat("cuBLAS error ", cublasGetStatusName(st), " (", cublasGetStatusString(st),
+                      ") from ", expr));
+  }
+}
+
+void Check(const absl::Status& status, const char* expr) {
+  if (!status.ok()) Fail(absl::StrCat(status.ToString(), " from ", expr));
+}
+
+template <typename T>
+T Take(absl::StatusOr<T> value, const char* expr) {
+  Check(value.status(), expr);
+  return std::move(value).value();
+}
+
+#define CUDA_CHECK(expr) CheckCuda((expr), #expr)
+#define CUBLAS_CHECK(expr) CheckCublas((expr), #expr)
+#define PDS_CHECK_OK(expr) Check((expr), #expr)
+#define PDS_TAKE(expr) Take((expr), #expr)
+
+// Kills the process when a stage runs past the deadline (a hung kernel or a deadlock).
+class Watchdog {
+ public:
+  explicit Watchdog(double seconds) : seconds_(seconds) {
+    if (seconds_ <= 0) return;
+    thread_ = std::thread([this] {
+      std::unique_lock<std::mutex> lock(mu_);
+      if (!cv_.wait_for(lock, std::chrono::duration<double>(seconds_), [this] { return done_; })) {
+        std::fprintf(stderr, "bench_cuda: FAILED: watchdog: no result after %.0f s (stage '%s')\n",
+                     seconds_, g_stage.load());
+        std::fflush(stdout);
+        std::fflush(stderr);
+        std::_Exit(3);
+      }
+    });
+  }
+  ~Watchdog() {
+    if (!thread_.joinable()) return;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+ private:
+  double seconds_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread thread_;
+};
+
+struct Options {
+  std::string preset = "llama3-8b";
+  bool quick = false;
+  std::string json_out;
+  int device = 0;
+  int iters = 0;  // 0: the mode's default
+  double timeout_s = 600;
+  // Development only: the same measurements on the CPU backend at toy shapes, the ceilings
+  // through the backend (CopyDevice, Gemm) instead of CUDA; checks the bookkeeping without a GPU.
+  bool cpu_smoke = false;
+};
+
+// The shapes and iteration counts of one run.
+struct Plan {
+  size_t copy_bytes = size_t{1} << 30;
+  int gemm_n = 8192;
+  int ceiling_iters = 10;
+  int iters = 20;
+  int warmup = 3;
+  int context = 1024;
+  std::vector<int> decode_batches = {1, 64};
+  int prefill_tokens = 2048;
+  int prefill_seqs = 8;
+  int prefill_seq_len = 512;
+  int attn_decode_batch = 64;
+  int attn_prefill_tokens = 4096;
+};
+
+Plan MakePlan(const Options& o) {
+  Plan p;
+  if (o.quick) {
+    p.copy_bytes = size_t{256} << 20;
+    p.gemm_n = 4096;
+    p.ceiling_iters = 3;
+    p.iters = 3;
+    p.warmup = 1;
+    p.context = 256;
+    p.decode_batches = {1, 8};
+    p.prefill_tokens = 512;
+    p.prefill_seqs = 4;
+    p.prefill_seq_len = 128;
+    p.attn_decode_batch = 8;
+    p.attn_prefill_tokens = 1024;
+  }
+  if (o.cpu_smoke) {
+    p.copy_bytes = size_t{16} << 20;
+    p.gemm_n = 256;
+    p.ceiling_iters = 2;
+    p.iters = 2;
+    p.warmup = 1;
+    p.context = 64;
+    p.decode_batches = {1, 4};
+    p.prefill_tokens = 64;
+    p.prefill_seqs = 2;
+    p.prefill_seq_len = 32;
+    p.attn_decode_batch = 4;
+    p.attn_prefill_tokens = 128;
+  }
+  if (o.iters > 0) p.iters = o.iters;
+  return p;
+}
+
+void Usage() {
+  std::fprintf(stderr,
+               "usage: bench_cuda [--preset NAME] [--quick] [--json-out FILE] [--device N]\n"
+               "                  [--iters N] [--timeout-s S]\n"
+               "  --preset     model shape (default llama3-8b; see pdserve make-model --help)\n"
+               "  --quick      fewer iterations and smaller shapes (a smoke run)\n"
+               "  --json-out   also write the results as JSON to FILE\n"
+               "  --device     CUDA device ordinal (default 0)\n"
+               "  --iters      timed iterations of each model measurement\n"
+               "  --timeout-s  exit 3 if the run takes longer (default 600; 0: never)\n"
+               "  --cpu-smoke  development: the same steps on the CPU backend at toy shapes\n"
+               "               (preset tiny unless given; the numbers mean nothing)\n");
+}
+
+std::optional<Options> ParseArgs(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    std::string value;
+    bool has_value = false;
+    if (const size_t eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+      has_value = true;
+    }
+    auto next = [&]() -> std::optional<std::string> {
+      if (has_value) return value;
+      if (i + 1 >= argc) return std::nullopt;
+      return std::string(argv[++i]);
+    };
+    if (arg == "--quick") {
+      o.quick = true;
+    } else if (arg == "--cpu-smoke") {
+      o.cpu_smoke = true;
+    } else if (arg == "--help" || arg == "-h") {
+      Usage();
+      std::exit(0);
+    } else if (arg == "--preset" || arg == "--json-out" || arg == "--device" || arg == "--iters" ||
+               arg == "--timeout-s") {
+      auto v = next();
+      if (!v) {
+        std::fprintf(stderr, "bench_cuda: %s needs a value\n", arg.c_str());
+        return std::nullopt;
+      }
+      bool ok = true;
+      if (arg == "--preset") {
+        o.preset = *v;
+      } else if (arg == "--json-out") {
+        o.json_out = *v;
+      } else if (arg == "--device") {
+        ok = absl::SimpleAtoi(*v, &o.device) && o.device >= 0;
+      } else if (arg == "--iters") {
+        ok = absl::SimpleAtoi(*v, &o.iters) && o.iters > 0;
+      } else {
+        ok = absl::SimpleAtod(*v, &o.timeout_s) && o.timeout_s >= 0;
+      }
+      if (!ok) {
+        std::fprintf(stderr, "bench_cuda: bad value '%s' for %s\n", v->c_str(), arg.c_str());
+        return std::nullopt;
+      }
+    } else {
+      std::fprintf(stderr, "bench_cuda: unknown flag '%s'\n", arg.c_str());
+      return std::nullopt;
+    }
+  }
+  return o;
+}
+
+double Seconds(std::chrono::steady_clock::time_point since) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// One result row.
+struct Metric {
+  std::string name;
+  std::string shape;
+  double value = 0;  // in `unit`
+  std::string unit;
+  double ceiling = 0;  // in `ceiling_unit`
+  std::string ceiling_unit;
+  double fraction = 0;  // of the ceiling (or floor / time for decode)
+  double target = 0;    // minimum fraction the issue asks for; 0: none
+  std::string note;
+  Json extra = Json::object();
+};
+
+// ---------------------------------------------------------------------------------------------
+// Ceilings.
+
+struct Ceilings {
+  double copy_bytes_per_s = 0;  // bytes read + bytes written
+  double copy_bytes = 0;
+  double gemm_flops_per_s = 0;
+  int gemm_n = 0;
+};
+
+double MeasureCopyBandwidth(Backend& backend, size_t bytes, int iters) {
+  g_stage = "ceiling: device-to-device copy";
+  DeviceBuffer src = PDS_TAKE(backend.Allocate(bytes, "copy src"));
+  DeviceBuffer dst = PDS_TAKE(backend.Allocate(bytes, "copy dst"));
+  const size_t esize = engine::DTypeSize(backend.compute_dtype());
+  PDS_CHECK_OK(backend.FillRandom(src.data(), bytes / esize, 1.0f, 0.0f, 17));
+  PDS_CHECK_OK(backend.FillRandom(dst.data(), bytes / esize, 1.0f, 0.0f, 18));
+  PDS_CHECK_OK(backend.Synchronize());
+  if (backend.name().find("cuda") == std::string::npos) {  // --cpu-smoke
+    double best = 1e30;
+    for (int i = -1; i < iters; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      PDS_CHECK_OK(backend.CopyDevice(dst.data(), src.data(), bytes));
+      if (i >= 0) best = std::min(best, Seconds(t0));
+    }
+    return 2.0 * static_cast<double>(bytes) / best;
+  }
+  cudaStream_t stream;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  float best_ms = 1e30f;
+  for (int i = -1; i < iters; ++i) {  // i == -1 warms up
+    CUDA_CHECK(cudaEventRecord(start, stream));
+    CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), bytes, cudaMemcpyDeviceToDevice, stream));
+    CUDA_CHECK(cudaEventRecord(stop, stream));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i >= 0) best_ms = std::min(best_ms, ms);
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  CUDA_CHECK(cudaStreamDestroy(stream));
+  return 2.0 * static_cast<double>(bytes) / (best_ms * 1e-3);
+}
+
+double MeasureGemmRate(Backend& backend, int n, int iters) {
+  g_stage = "ceiling: cuBLAS bf16 GEMM";
+  const size_t elems = static_cast<size_t>(n) * n;
+  const size_t bytes = elems * engine::DTypeSize(backend.compute_dtype());
+  DeviceBuffer a = PDS_TAKE(backend.Allocate(bytes, "gemm A"));
+  DeviceBuffer b = PDS_TAKE(backend.Allocate(bytes, "gemm B"));
+  DeviceBuffer c = PDS_TAKE(backend.Allocate(bytes, "gemm C"));
+  // The backend's compute dtype is bf16 here (checked in main), so these are bf16 values.
+  PDS_CHECK_OK(backend.FillRandom(a.data(), elems, 1.0f, 0.0f, 21));
+  PDS_CHECK_OK(backend.FillRandom(b.data(), elems, 1.0f, 0.0f, 22));
+  PDS_CHECK_OK(backend.FillRandom(c.data(), elems, 1.0f, 0.0f, 23));
+  PDS_CHECK_OK(backend.Synchronize());
+  if (backend.name().find("cuda") == std::string::npos) {  // --cpu-smoke: through the backend
+    Weight w;
+    w.rows = w.cols = n;
+    w.buffer = std::move(b);
+    double best = 1e30;
+    for (int i = -1; i < iters; ++i) {
+      const auto t0 = std::chrono::steady_clock::now();
+      PDS_CHECK_OK(backend.Gemm(a.data(), n, w, c.data(), n));
+      if (i >= 0) best = std::min(best, Seconds(t0));
+    }
+    return 2.0 * n * static_cast<double>(n) * n / best;
+  }
+  cudaStream_t stream;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasHandle_t handle;
+  CUBLAS_CHECK(cublasCreate(&handle));
+  CUBLAS_CHECK(cublasSetStream(handle, stream));
+  DeviceBuffer workspace = PDS_TAKE(backend.Allocate(size_t{32} << 20, "cublas workspace"));
+  CUBLAS_CHECK(cublasSetWorkspace(handle, workspace.data(), workspace.bytes()));
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  const float alpha = 1.0f, beta = 0.0f;
+  float best_ms = 1e30f;
+  for (int i = -2; i < iters; ++i) {  // two warm-up runs (heuristics, clocks)
+    CUDA_CHECK(cudaEventRecord(start, stream));
+    CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.data(),
+                              CUDA_R_16BF, n, b.data(), CUDA_R_16BF, n, &beta, c.data(),
+                              CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    CUDA_CHECK(cudaEventRecord(stop, stream));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i >= 0) best_ms = std::min(best_ms, ms);
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  CUBLAS_CHECK(cublasDestroy(handle));
+  CUDA_CHECK(cudaStreamDestroy(stream));
+  return 2.0 * n * static_cast<double>(n) * n / (best_ms * 1e-3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model measurements.
+
+std::vector<int32_t> RandomTokens(int n, int64_t vocab, std::mt19937_64& rng) {
+  std::vector<int32_t> t(n);
+  for (auto& x : t) x = static_cast<int32_t>(rng() % static_cast<uint64_t>(vocab));
+  return t;
+}
+
+// Fails on any non-finite logit: random weights must still give finite numbers.
+void CheckFinite(const std::vector<float>& v, const std::string& what) {
+  const auto bad = std::count_if(v.begin(), v.end(), [](float x) { return !std::isfinite(x); });
+  if (bad > 0) Fail(absl::StrCat(bad, " of ", v.size(), " logits are not finite after ", what));
+}
+
+// Wall time of each of `iters` calls of `step` (each followed by Synchronize), after warm-up.
+template <typename F>
+std::vector<double> TimeSteps(Backend& backend, int warmup, int iters, F&& step) {
+  for (int i = 0; i < warmup; ++i) {
+    step();
+    PDS_CHECK_OK(backend.Synchronize());
+  }
+  std::vector<double> times;
+  for (int i = 0; i < iters; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    step();
+    PDS_CHECK_OK(backend.Synchronize());
+    times.push_back(Seconds(t0));
+  }
+  return times;
+}
+
+struct Bench {
+  Backend& backend;
+  Transformer& model;
+  KvCache& cache;
+  const Plan& plan;
+  const Ceilings& ceil;
+  std::mt19937_64 rng{7};
+
+  const ModelConfig& config() const { return model.config(); }
+  size_t esize() const { return engine::DTypeSize(backend.compute_dtype()); }
+  // K and V bytes of one token over all layers.
+  double KvBytesPerToken() const {
+    return 2.0 * config().num_layers * config().kv_size() * static_cast<double>(esize());
+  }
+  // Weight bytes one decode step reads: all but the embedding table (only `batch` rows of it).
+  double DecodeWeightBytes(int batch) const {
+    const ModelConfig& c = config();
+    const double table = static_cast<double>(c.vocab_size) * c.hidden_size * esize();
+    double bytes = static_cast<double>(model.weight_bytes());
+    if (!c.tie_word_embeddings) bytes -= table;  // when tied, lm_head reads it all anyway
+    return bytes + static_cast<double>(batch) * c.hidden_size * esize();
+  }
+  // Matmul FLOPs of a forward over `tokens` new tokens in `seqs` sequences (lm_head on the last
+  // row of each sequence only, as the engine does; the embedding is a lookup).
+  double LinearFlops(int64_t tokens, int64_t seqs) const {
+    const ModelConfig& c = config();
+    const double head = static_cast<double>(c.vocab_size) * c.hidden_size;
+    double per_token = static_cast<double>(c.num_parameters()) - head;  // minus the embedding
+    if (!c.tie_word_embeddings) per_token -= head;                      // lm_head counted below
+    return 2.0 * per_token * tokens + 2.0 * head * seqs;
+  }
+  // QK^T and PV FLOPs over `pairs` (query, key) pairs in one layer.
+  double AttentionFlopsPerLayer(double pairs) const {
+    return 4.0 * config().num_heads * config().head_dim * pairs;
+  }
+
+  // Reserves `tokens` positions for each sequence (tables released by the caller).
+  std::vector<BlockTable> Reserve(const std::vector<int>& lens) {
+    std::vector<BlockTable> tables(lens.size());
+    for (size_t s = 0; s < lens.size(); ++s) {
+      PDS_CHECK_OK(tables[s].Reserve(lens[s], cache.block_size(), cache.allocator()));
+    }
+    return tables;
+  }
+  void Release(std::vector<BlockTable>& tables) {
+    for (auto& t : tables) PDS_CHECK_OK(t.Release(cache.allocator()));
+  }
+
+  // One decode step per sequence at context `plan.context`: the full step (fp32 logits of every
+  // sequence copied to the host) and, with `greedy`, the step that copies only each
+  // sequence's argmax token (Forward with greedy sampling rows and no host rows: the logits
+  // stay on the device).
+  Metric Decode(int batch, bool greedy) {
+    const int ctx = plan.context;
+    g_stage = greedy ? "decode (greedy)" : "decode";
+    std::vector<BlockTable> tables = Reserve(std::vector<int>(batch, ctx));
+    std::vector<std::vector<int32_t>> next(batch);
+    std::vector<SequenceInput> inputs(batch);
+    for (int s = 0; s < batch; ++s) {
+      next[s] = RandomTokens(1, config().vocab_size, rng);
+      inputs[s] = {next[s], ctx - 1, &tables[s]};
+    }
+    std::vector<float> logits;
+    const std::vector<kernels::RowSampling> sampling(batch);  // temperature 0: greedy
+    const std::vector<uint8_t> host_rows(batch, 0);
+    std::vector<int32_t> tokens;
+    const std::vector<double> times = TimeSteps(backend, plan.warmup, plan.iters, [&] {
+      if (greedy) {
+        PDS_CHECK_OK(model.Forward(inputs, cache, logits, sampling, host_rows, tokens));
+      } else {
+        PDS_CHECK_OK(model.Forward(inputs, cache, logits));
+      }
+    });
+    if (greedy) {
+      if (tokens.size() != static_cast<size_t>(batch)) Fail("greedy decode returned no tokens");
+      for (int32_t t : tokens) {
+        if (t < 0 || t >= config().vocab_size)
+          Fail(absl::StrCat("greedy token ", t, " out of range"));
+      }
+    } else {
+      CheckFinite(logits, absl::StrCat("decode batch ", batch));
+    }
+    std::vector<double> times_ms;
+    for (double t : times) times_ms.push_back(t * 1e3);
+    Release(tables);
+    const double step = Median(times);
+    const double weight_bytes = DecodeWeightBytes(batch);
+    const double kv_bytes = KvBytesPerToken() * batch * ctx;
+    const double floor_s = (weight_bytes + kv_bytes) / ceil.copy_bytes_per_s;
+    Metric m;
+    m.name = absl::StrCat("decode b", batch, greedy ? " greedy" : "");
+    m.shape = absl::StrCat(
+        "batch ", batch, ", context ", ctx,
+        greedy ? ", argmax on the device (no logits copy)" : ", fp32 logits to the host");
+    m.value = step * 1e3;
+    m.unit = "ms";
+    m.ceiling = floor_s * 1e3;
+    m.ceiling_unit = "ms floor";
+    m.fraction = floor_s / step;
+    m.target = batch == 1 ? 0.85 : 0.75;
+    m.note = absl::StrFormat("%.0f tok/s", batch / step);
+    m.extra = {{"batch", batch},
+               {"context", ctx},
+               {"logits_copied", !greedy},
+               {"step_ms_median", step * 1e3},
+               {"step_ms_min", *std::min_element(times.begin(), times.end()) * 1e3},
+               {"step_ms_all", times_ms},
+               {"tokens_per_s", batch / step},
+               {"weight_bytes_read", weight_bytes},
+               {"kv_bytes_read", kv_bytes},
+               {"floor_ms", floor_s * 1e3}};
+    return m;
+  }
+
+  Metric Prefill(const std::vector<int>& lens) {
+    g_stage = "prefill";
+    std::vector<BlockTable> tables = Reserve(lens);
+    std::vector<std::vector<int32_t>> prompts;
+    std::vector<SequenceInput> inputs;
+    int64_t tokens = 0;
+    double pairs = 0;
+    for (size_t s = 0; s < lens.size(); ++s) {
+      prompts.push_back(RandomTokens(lens[s], config().vocab_size, rng));
+      tokens += lens[s];
+      pairs += 0.5 * lens[s] * (lens[s] + 1.0);
+    }
+    for (size_t s = 0; s < lens.size(); ++s) inputs.push_back({prompts[s], 0, &tables[s]});
+    std::vector<float> logits;
+    const std::vector<double> times =
+        TimeSteps(backend, std::max(1, plan.warmup - 1), std::max(3, plan.iters / 2),
+                  [&] { PDS_CHECK_OK(model.Forward(inputs, cache, logits)); });
+    CheckFinite(logits, "prefill");
+    Release(tables);
+    const double t = Median(times);
+    const double linear = LinearFlops(tokens, lens.size());
+    const double attention = config().num_layers * AttentionFlopsPerLayer(pairs);
+    const double flops = linear + attention;
+    Metric m;
+    m.name = lens.size() == 1 ? absl::StrCat("prefill ", lens[0])
+                              : absl::StrCat("prefill ", lens.size(), "x", lens[0]);
+    m.shape = absl::StrCat(lens.size(), " seq(s), ", tokens, " tokens");
+    m.value = flops / t / 1e12;
+    m.unit = "TFLOP/s";
+    m.ceiling = ceil.gemm_flops_per_s / 1e12;
+    m.ceiling_unit = "TFLOP/s gemm";
+    m.fraction = flops / t / ceil.gemm_flops_per_s;
+    m.target = 0.80;
+    m.note = absl::StrFormat("%.2f ms, %.0f tok/s", t * 1e3, tokens / t);
+    m.extra = {
+        {"seqs", lens.size()},    {"tokens", tokens},
+        {"ms_median", t * 1e3},   {"tokens_per_s", tokens / t},
+        {"linear_flops", linear}, {"attention_flops", attention},
+        {"flops", flops},         {"ms_min", *std::min_element(times.begin(), times.end()) * 1e3}};
+    return m;
+  }
+
+  // Backend::Attention alone on layer 0's cache; `q_len` new query rows per sequence ending
+  // at `kv_len`.
+  double TimeAttention(int batch, int q_len, int kv_len) {
+    const ModelConfig& c = config();
+    std::vector<BlockTable> tables = Reserve(std::vector<int>(batch, kv_len));
+    BatchMetadata meta;
+    meta.block_size = cache.block_size();
+    meta.cu_q.push_back(0);
+    for (int s = 0; s < batch; ++s) {
+      for (int i = 0; i < q_len; ++i) {
+        const int pos = kv_len - q_len + i;
+        meta.token_ids.push_back(static_cast<int32_t>(rng() % c.vocab_size));
+        meta.positions.push_back(pos);
+        meta.slots.push_back(tables[s].Slot(pos, meta.block_size));
+      }
+      meta.cu_q.push_back(static_cast<int32_t>(meta.token_ids.size()));
+      meta.kv_lens.push_back(kv_len);
+      meta.last_rows.push_back(meta.cu_q.back() - 1);
+      meta.max_blocks = std::max<int32_t>(meta.max_blocks, tables[s].blocks().size());
+    }
+    meta.block_tables.assign(static_cast<size_t>(batch) * meta.max_blocks, 0);
+    for (int s = 0; s < batch; ++s) {
+      std::copy(tables[s].blocks().begin(), tables[s].blocks().end(),
+                meta.block_tables.begin() + static_cast<size_t>(s) * meta.max_blocks);
+    }
+    const int64_t rows = meta.num_tokens();
+    DeviceBuffer q = PDS_TAKE(backend.Allocate(rows * c.q_size() * esize(), "bench q"));
+    DeviceBuffer out = PDS_TAKE(backend.Allocate(rows * c.q_size() * esize(), "bench attn out"));
+    PDS_CHECK_OK(backend.FillRandom(q.data(), rows * c.q_size(), 1.0f, 0.0f, 41));
+    PDS_CHECK_OK(backend.FillRandom(out.data(), rows * c.q_size(), 1.0f, 0.0f, 42));
+    PDS_CHECK_OK(backend.BeginBatch(meta));
+    const float scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    auto launch = [&] {
+      PDS_CHECK_OK(backend.Attention(q.data(), c.q_size(), cache.k(0), cache.v(0), out.data(),
+                                     c.num_heads, c.num_kv_heads, c.head_dim, scale));
+    };
+    // Back-to-back launches timed together (a kernel of tens of microseconds), median of 5.
+    const int per_sample = std::max(5, plan.iters);
+    for (int i = 0; i < plan.warmup; ++i) launch();
+    PDS_CHECK_OK(backend.Synchronize());
+    std::vector<double> samples;
+    for (int r = 0; r < 5; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int i = 0; i < per_sample; ++i) launch();
+      PDS_CHECK_OK(backend.Synchronize());
+      samples.push_back(Seconds(t0) / per_sample);
+    }
+    std::vector<float> check(std::min<int64_t>(rows * c.q_size(), 1 << 20));
+    if (backend.compute_dtype() == engine::DType::kBF16) {
+      std::vector<uint16_t> raw(check.size());
+      PDS_CHECK_OK(backend.CopyToHost(raw.data(), out.data(), raw.size() * 2));
+      for (size_t i = 0; i < raw.size(); ++i) check[i] = engine::Bf16ToFloat(raw[i]);
+      CheckFinite(check, "attention");
+    } else if (backend.compute_dtype() == engine::DType::kF32) {
+      PDS_CHECK_OK(backend.CopyToHost(check.data(), out.data(), check.size() * 4));
+      CheckFinite(check, "attention");
+    }
+    Release(tables);
+    return Median(samples);
+  }
+
+  Metric AttentionDecode() {
+    g_stage = "attention decode";
+    const int batch = plan.attn_decode_batch, ctx = plan.context;
+    const double t = TimeAttention(batch, 1, ctx);
+    const double bytes = config().kv_size() * 2.0 * esize() * batch * ctx;  // one layer's K+V
+    Metric m;
+    m.name = absl::StrCat("attn decode b", batch);
+    m.shape = absl::StrCat("batch ", batch, ", context ", ctx, ", layer 0");
+    m.value = bytes / t / 1e12;
+    m.unit = "TB/s";
+    m.ceiling = ceil.copy_bytes_per_s / 1e12;
+    m.ceiling_unit = "TB/s copy";
+    m.fraction = bytes / t / ceil.copy_bytes_per_s;
+    m.target = 0.80;
+    m.note = absl::StrFormat("%.1f us per call", t * 1e6);
+    m.extra = {{"us", t * 1e6}, {"kv_bytes_read", bytes}, {"batch", batch}, {"context", ctx}};
+    return m;
+  }
+
+  Metric AttentionPrefill() {
+    g_stage = "attention prefill";
+    const int n = plan.attn_prefill_tokens;
+    const double t = TimeAttention(1, n, n);
+    const double flops = AttentionFlopsPerLayer(0.5 * n * (n + 1.0));
+    Metric m;
+    m.name = absl::StrCat("attn prefill ", n);
+    m.shape = absl::StrCat(n, " tokens causal, layer 0");
+    m.value = flops / t / 1e12;
+    m.unit = "TFLOP/s";
+    m.ceiling = ceil.gemm_flops_per_s / 1e12;
+    m.ceiling_unit = "TFLOP/s gemm";
+    m.fraction = flops / t / ceil.gemm_flops_per_s;
+    m.target = 0.50;
+    m.note = absl::StrFormat("%.1f us per call", t * 1e6);
+    m.extra = {{"us", t * 1e6}, {"flops", flops}, {"tokens", n}};
+    return m;
+  }
+};
+
+void PrintTable(const std::vector<Metric>& metrics) {
+  std::printf("\n%-20s %12s %-8s %12s %-13s %8s %7s %s\n", "metric", "value", "unit", "ceiling", "",
+              "fraction", "target", "note");
+  for (const Metric& m : metrics) {
+    std::string target = "-";
+    if (m.target > 0) {
+      target = absl::StrFormat("%s%.0f%%", m.fraction >= m.target ? ">=" : "<", m.target * 100);
+    }
+    std::printf("%-20s %12.3f %-8s %12.3f %-13s %7.1f%% %7s %s\n", m.name.c_str(), m.value,
+                m.unit.c_str(), m.ceiling, m.ceiling_unit.c_str(), m.fraction * 100, target.c_str(),
+                m.note.c_str());
+  }
+  std::fflush(stdout);
+}
+
+Json ToJson(const Metric& m) {
+  Json j = {{"name", m.name},
+            {"shape", m.shape},
+            {"value", m.value},
+            {"unit", m.unit},
+            {"ceiling", m.ceiling},
+            {"ceiling_unit", m.ceiling_unit},
+            {"fraction", m.fraction},
+            {"target", m.target > 0 ? Json(m.target) : Json()},
+            {"meets_target", m.target > 0 ? Json(m.fraction >= m.target) : Json()},
+            {"note", m.note}};
+  j["details"] = m.extra;
+  return j;
+}
+
+int Main(int argc, char** argv) {
+  std::optional<Options> parsed = ParseArgs(argc, argv);
+  if (!parsed) {
+    Usage();
+    return 2;
+  }
+  const Options opt = *parsed;
+  const Plan plan = MakePlan(opt);
+  Watchdog watchdog(opt.timeout_s);
+  const auto run_start = std::chrono::steady_clock::now();
+
+  Json device = Json::object();
+  if (opt.cpu_smoke) {
+    std::printf("bench_cuda: --cpu-smoke: the CPU backend at toy shapes (numbers mean nothing)\n");
+    device = {{"name", "cpu (--cpu-smoke)"}};
+  } else {
+    g_stage = "device query";
+    int count = 0;
+    if (const cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess || count == 0) {
+      std::fprintf(stderr, "bench_cuda: no usable CUDA device (%s)\n",
+                   err != cudaSuccess ? cudaGetErrorString(err) : "device count 0");
+      return 2;
+    }
+    if (opt.device >= count) {
+      std::fprintf(stderr, "bench_cuda: --device %d but only %d device(s)\n", opt.device, count);
+      return 2;
+    }
+    CUDA_CHECK(cudaSetDevice(opt.device));
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, opt.device));
+    int driver = 0, runtime = 0;
+    CUDA_CHECK(cudaDriverGetVersion(&driver));
+    CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+    std::printf("bench_cuda: %s (sm_%d%d, %d SMs, %.1f GiB), driver API %d, runtime %d%s\n",
+                prop.name, prop.major, prop.minor, prop.multiProcessorCount,
+                prop.totalGlobalMem / double(1 << 30), driver, runtime,
+                opt.quick ? ", --quick" : "");
+    device = {{"name", prop.name},
+              {"sm", prop.major * 10 + prop.minor},
+              {"sms", prop.multiProcessorCount},
+              {"memory_bytes", prop.totalGlobalMem},
+              {"driver_api", driver},
+              {"runtime", runtime}};
+  }
+
+  const std::string preset =
+      opt.cpu_smoke && opt.preset == Options().preset ? std::string("tiny") : opt.preset;
+  const ModelConfig config = PDS_TAKE(engine::PresetConfig(preset));
+  g_stage = "backend";
+  engine::BackendOptions bo;
+  bo.kind = opt.cpu_smoke ? "cpu" : "cuda";
+  bo.num_threads = opt.cpu_smoke ? 2 : 0;
+  bo.device = opt.device;
+  bo.dtype = engine::DType::kBF16;
+  std::unique_ptr<Backend> backend = PDS_TAKE(engine::CreateBackend(bo));
+  if (!opt.cpu_smoke && backend->compute_dtype() != engine::DType::kBF16) {
+    Fail("the CUDA backend is not bf16");
+  }
+
+  // Memory plan: weights, one KV cache sized for the largest measurement, scratch and slack.
+  const int bs = 16;
+  int64_t max_tokens_per_batch = 0;
+  int32_t blocks = 0;
+  for (int b : plan.decode_batches) {
+    blocks = std::max(blocks, b * BlockTable::BlocksFor(plan.context, bs));
+  }
+  blocks = std::max(blocks, plan.attn_decode_batch * BlockTable::BlocksFor(plan.context, bs));
+  blocks = std::max(blocks, plan.prefill_seqs * BlockTable::BlocksFor(plan.prefill_seq_len, bs));
+  blocks = std::max(blocks, BlockTable::BlocksFor(plan.prefill_tokens, bs));
+  blocks = std::max(blocks, BlockTable::BlocksFor(plan.attn_prefill_tokens, bs));
+  max_tokens_per_batch =
+      std::max<int64_t>({plan.prefill_tokens, int64_t{plan.prefill_seqs} * plan.prefill_seq_len,
+                         plan.attn_prefill_tokens});
+  const double esize = static_cast<double>(engine::DTypeSize(backend->compute_dtype()));
+  const double weight_bytes = static_cast<double>(config.num_parameters()) * esize;
+  const double kv_bytes = 2.0 * config.num_layers * config.kv_size() * esize * blocks * bs;
+  const double scratch = max_tokens_per_batch * esize *
+                         (4.0 * config.hidden_size + 2.0 * config.q_size() +
+                          2.0 * config.kv_size() + 3.0 * config.intermediate_size);
+  const double need = weight_bytes + kv_bytes + scratch + 2.0 * (1 << 30);
+  size_t free_bytes = static_cast<size_t>(need) + 1, total_bytes = free_bytes;
+  if (!opt.cpu_smoke) CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  std::printf(
+      "bench_cuda: %s %s: weights %.2f GB, KV cache %.2f GB (%d blocks of %d), scratch %.2f "
+      "GB; %.1f GB free of %.1f GB\n",
+      preset.c_str(), std::string(engine::DTypeName(backend->compute_dtype())).c_str(),
+      weight_bytes / 1e9, kv_bytes / 1e9, blocks, bs, scratch / 1e9, free_bytes / 1e9,
+      total_bytes / 1e9);
+  if (need > static_cast<double>(free_bytes)) {
+    std::fprintf(stderr,
+                 "bench_cuda: not enough GPU memory: need about %.1f GB, %.1f GB free (try "
+                 "--quick or a smaller --preset)\n",
+                 need / 1e9, free_bytes / 1e9);
+    return 1;
+  }
+
+  // Ceilings first, their buffers freed before the model is built.
+  Ceilings ceil;
+  ceil.copy_bytes = static_cast<double>(plan.copy_bytes);
+  ceil.copy_bytes_per_s = MeasureCopyBandwidth(*backend, plan.copy_bytes, plan.ceiling_iters);
+  ceil.gemm_n = plan.gemm_n;
+  ceil.gemm_flops_per_s = MeasureGemmRate(*backend, plan.gemm_n, plan.ceiling_iters);
+  std::printf(
+      "bench_cuda: ceilings: copy %.3f TB/s (read + write, %.0f MiB, best of %d); "
+      "cuBLAS bf16 GEMM %d^3 %.1f TFLOP/s (best of %d)\n",
+      ceil.copy_bytes_per_s / 1e12, ceil.copy_bytes / (1 << 20), plan.ceiling_iters, plan.gemm_n,
+      ceil.gemm_flops_per_s / 1e12, plan.ceiling_iters);
+  std::fflush(stdout);
+
+  g_stage = "random model";
+  std::unique_ptr<Transformer> model = PDS_TAKE(Transformer::CreateRandom(config, *backend, 1));
+  g_stage = "KV cache";
+  KvCache cache = PDS_TAKE(KvCache::Create(*backend, model->CacheShape(blocks, bs)));
+  // Random K/V everywhere (never time attention over zeros).
+  PDS_CHECK_OK(backend->FillRandom(cache.data(), cache.bytes() / static_cast<size_t>(esize), 1.0f,
+                                   0.0f, 99));
+  PDS_CHECK_OK(backend->Synchronize());
+  std::printf("bench_cuda: model ready: %.2f GB of weights on %s (%.1f s since start)\n",
+              model->weight_bytes() / 1e9, backend->name().c_str(), Seconds(run_start));
+  std::fflush(stdout);
+
+  Bench bench{*backend, *model, cache, plan, ceil};
+  std::vector<Metric> metrics;
+  auto add = [&](Metric m) {
+    std::printf("  %-20s %10.3f %-8s (%.1f%% of ceiling)  %s\n", m.name.c_str(), m.value,
+                m.unit.c_str(), m.fraction * 100, m.note.c_str());
+    std::fflush(stdout);
+    metrics.push_back(std::move(m));
+  };
+  for (int b : plan.decode_batches) {
+    add(bench.Decode(b, /*greedy=*/false));
+    add(bench.Decode(b, /*greedy=*/true));
+  }
+  add(bench.Prefill({plan.prefill_tokens}));
+  add(bench.Prefill(std::vector<int>(plan.prefill_seqs, plan.prefill_seq_len)));
+  add(bench.AttentionDecode());
+  add(bench.AttentionPrefill());
+  g_stage = "report";
+  if (!opt.cpu_smoke) CUDA_CHECK(cudaGetLastError());
+
+  PrintTable(metrics);
+  std::printf(
+      "decode floor = (weight bytes read + KV bytes read) / copy bandwidth, the copy "
+      "bandwidth (read + write) standing in for the read bandwidth\n");
+
+  if (!opt.json_out.empty()) {
+    Json j;
+    j["tool"] = "bench_cuda";
+    j["device"] = device;
+    j["preset"] = preset;
+    j["quick"] = opt.quick;
+    j["cpu_smoke"] = opt.cpu_smoke;
+    j["dtype"] = std::string(engine::DTypeName(backend->compute_dtype()));
+    j["weight_bytes"] = model->weight_bytes();
+    j["parameters"] = config.num_parameters();
+    j["iters"] = plan.iters;
+    j["ceilings"] = {{"copy_bytes_per_s", ceil.copy_bytes_per_s},
+                     {"copy_counts", "bytes read + bytes written"},
+                     {"copy_buffer_bytes", ceil.copy_bytes},
+                     {"gemm_flops_per_s", ceil.gemm_flops_per_s},
+                     {"gemm_shape", absl::StrCat(ceil.gemm_n, "^3 bf16, fp32 accumulate")}};
+    j["metrics"] = Json::array();
+    for (const Metric& m : metrics) j["metrics"].push_back(ToJson(m));
+    j["seconds"] = Seconds(run_start);
+    std::ofstream f(opt.json_out);
+    f << j.dump(2) << "\n";
+    if (!f) {
+      std::fprintf(stderr, "bench_cuda: cannot write %s\n", opt.json_out.c_str());
+      return 1;
+    }
+    std::printf("bench_cuda: wrote %s\n", opt.json_out.c_str());
+  }
+  std::printf("bench_cuda: done in %.1f s\n", Seconds(run_start));
+  return 0;
+}
+
+}  // namespace
+}  // namespace pds::bench
+
+int main(int argc, char** argv) { return pds::bench::Main(argc, argv); }
