@@ -484,9 +484,12 @@ struct Bench {
   // sequence copied to the host) and, with `greedy`, the step that copies only each
   // sequence's argmax token (Forward with greedy sampling rows and no host rows: the logits
   // stay on the device).
-  Metric Decode(int batch, bool greedy) {
+  Metric Decode(int batch, bool greedy, bool eager = false) {
     const int ctx = plan.context;
     g_stage = greedy ? "decode (greedy)" : "decode";
+    // `eager`: every op launched one by one instead of replaying the step's CUDA graph.
+    auto* cuda = dynamic_cast<engine::CudaBackend*>(&backend);
+    if (cuda != nullptr) cuda->SetGraphsEnabled(!eager);
     std::vector<BlockTable> tables = Reserve(std::vector<int>(batch, ctx));
     std::vector<std::vector<int32_t>> next(batch);
     std::vector<SequenceInput> inputs(batch);
@@ -517,15 +520,17 @@ struct Bench {
     std::vector<double> times_ms;
     for (double t : times) times_ms.push_back(t * 1e3);
     Release(tables);
+    if (cuda != nullptr) cuda->SetGraphsEnabled(true);
     const double step = Median(times);
     const double weight_bytes = DecodeWeightBytes(batch);
     const double kv_bytes = KvBytesPerToken() * batch * ctx;
     const double floor_s = (weight_bytes + kv_bytes) / ceil.copy_bytes_per_s;
     Metric m;
-    m.name = absl::StrCat("decode b", batch, greedy ? " greedy" : "");
+    m.name = absl::StrCat("decode b", batch, greedy ? " greedy" : "", eager ? " eager" : "");
     m.shape = absl::StrCat(
         "batch ", batch, ", context ", ctx,
-        greedy ? ", argmax on the device (no logits copy)" : ", fp32 logits to the host");
+        greedy ? ", argmax on the device (no logits copy)" : ", fp32 logits to the host",
+        eager ? ", ops launched one by one" : ", replayed from a CUDA graph");
     m.value = step * 1e3;
     m.unit = "ms";
     m.ceiling = floor_s * 1e3;
@@ -536,6 +541,7 @@ struct Bench {
     m.extra = {{"batch", batch},
                {"context", ctx},
                {"logits_copied", !greedy},
+               {"cuda_graph", !eager},
                {"step_ms_median", step * 1e3},
                {"step_ms_min", *std::min_element(times.begin(), times.end()) * 1e3},
                {"step_ms_all", times_ms},
@@ -850,6 +856,7 @@ int Main(int argc, char** argv) {
   for (int b : plan.decode_batches) {
     add(bench.Decode(b, /*greedy=*/false));
     add(bench.Decode(b, /*greedy=*/true));
+    add(bench.Decode(b, /*greedy=*/true, /*eager=*/true));
   }
   add(bench.Prefill({plan.prefill_tokens}));
   add(bench.Prefill(std::vector<int>(plan.prefill_seqs, plan.prefill_seq_len)));

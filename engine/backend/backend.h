@@ -99,6 +99,22 @@ class Backend {
   // GatherLastRows).
   virtual absl::Status BeginBatch(const BatchMetadata& batch) = 0;
 
+  // Graph replay of a forward's ops (CUDA graphs), for decode steps. After BeginBatch, a
+  // caller asks BeginGraph(key) with a key that fixes every shape and size of the ops that
+  // follow: kReplay means a graph for the key exists and the caller skips the ops; kCapture
+  // means the ops that follow are being recorded; kNone means run them as usual. EndGraph
+  // (after kCapture or kReplay) finishes the recording and launches the graph, and returns
+  // false when a recording could not be used (the caller then runs the ops itself);
+  // AbortGraph ends a recording after an error. DropGraphs forgets every graph (the caller's
+  // buffers moved). graph_block_bucket() > 0 asks callers to pad a graph batch's block-table width
+  // to a multiple of it (so that the key changes rarely); 0: no graphs.
+  enum class GraphMode { kNone, kCapture, kReplay };
+  virtual int32_t graph_block_bucket() const { return 0; }
+  virtual absl::StatusOr<GraphMode> BeginGraph(uint64_t key) { return GraphMode::kNone; }
+  virtual absl::StatusOr<bool> EndGraph() { return false; }
+  virtual void AbortGraph() {}
+  virtual void DropGraphs() {}
+
   // Ops; `x` arguments are compute-dtype activations, row-major.
   virtual absl::Status Embed(const Weight& table, void* out, int64_t hidden) = 0;
   // c[m, n] = a[m, k] w[n, k]^T; a has row stride lda.

@@ -77,6 +77,9 @@ struct PinnedHost {
 
 struct CudaBackend::State {
   cublasHandle_t cublas = nullptr;
+  // Host copies from any thread (KV transfer threads among them) go on their own stream, so
+  // that they never land in a graph being recorded on the compute stream.
+  cudaStream_t copy_stream = nullptr;
   Scratch cublas_workspace;
   std::string device_name;
   int num_sms = 0;
@@ -104,13 +107,42 @@ struct CudaBackend::State {
   const float* rope_key = nullptr;
 
   Scratch attention_workspace;
+
+  // Recorded decode graphs by key; a key is recorded on its second sighting (the first runs
+  // as usual and sizes every buffer the ops use), and every graph is dropped when one of
+  // those buffers moves (the signature of their addresses changes).
+  bool graphs_enabled = true;
+  std::unordered_map<uint64_t, cudaGraphExec_t> graphs;
+  std::unordered_map<uint64_t, int> sightings;
+  uint64_t graph_signature = 0;
+  bool capturing = false;
+  uint64_t capture_key = 0;
+  cudaGraphExec_t replay = nullptr;
+  uint64_t Signature() const {
+    uint64_t h = 1469598103934665603ull;
+    for (uint64_t v :
+         {reinterpret_cast<uintptr_t>(meta.ptr), static_cast<uintptr_t>(meta.bytes),
+          reinterpret_cast<uintptr_t>(rope_cos.ptr), reinterpret_cast<uintptr_t>(rope_sin.ptr),
+          reinterpret_cast<uintptr_t>(attention_workspace.ptr),
+          static_cast<uintptr_t>(inv_freq.size())}) {
+      h = (h ^ v) * 1099511628211ull;
+    }
+    return h;
+  }
   Scratch logits;
   Scratch tokens;
   Scratch sampling;
   PinnedHost sampling_host;
   PinnedHost logits_host;
 
+  void Drop() {
+    for (auto& [key, exec] : graphs) cudaGraphExecDestroy(exec);
+    graphs.clear();
+    sightings.clear();
+  }
   ~State() {
+    Drop();
+    if (copy_stream != nullptr) cudaStreamDestroy(copy_stream);
     if (meta_copied != nullptr) cudaEventDestroy(meta_copied);
     if (cublas != nullptr) cublasDestroy(cublas);
   }
@@ -148,7 +180,10 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const BackendOp
   st.device_name = prop.name;
   st.num_sms = prop.multiProcessorCount;
   st.plan.num_sms = st.num_sms;
+  st.graphs_enabled = options.cuda_graphs;
   PDS_CUDA(cudaStreamCreateWithFlags(&b->stream_, cudaStreamNonBlocking), "creating the stream");
+  PDS_CUDA(cudaStreamCreateWithFlags(&st.copy_stream, cudaStreamNonBlocking),
+           "creating the copy stream");
   PDS_CUDA(cudaEventCreateWithFlags(&st.meta_copied, cudaEventDisableTiming), "creating an event");
   PDS_RETURN_IF_ERROR(CublasStatus(cublasCreate(&st.cublas), "create"));
   PDS_RETURN_IF_ERROR(CublasStatus(cublasSetStream(st.cublas, b->stream_), "set stream"));
@@ -220,15 +255,17 @@ absl::StatusOr<DeviceBuffer> CudaBackend::Upload(const void* host, DType src_dty
 
 absl::Status CudaBackend::CopyToHost(void* host, const void* device, size_t bytes) {
   PDS_CUDA(cudaSetDevice(device_), "selecting the device");
-  PDS_CUDA(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, stream_), "copy to host");
-  PDS_CUDA(cudaStreamSynchronize(stream_), "copy to host");
+  cudaStream_t copy = state_->copy_stream;
+  PDS_CUDA(cudaMemcpyAsync(host, device, bytes, cudaMemcpyDeviceToHost, copy), "copy to host");
+  PDS_CUDA(cudaStreamSynchronize(copy), "copy to host");
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::CopyFromHost(void* device, const void* host, size_t bytes) {
   PDS_CUDA(cudaSetDevice(device_), "selecting the device");
-  PDS_CUDA(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, stream_), "copy from host");
-  PDS_CUDA(cudaStreamSynchronize(stream_), "copy from host");
+  cudaStream_t copy = state_->copy_stream;
+  PDS_CUDA(cudaMemcpyAsync(device, host, bytes, cudaMemcpyHostToDevice, copy), "copy from host");
+  PDS_CUDA(cudaStreamSynchronize(copy), "copy from host");
   return absl::OkStatus();
 }
 
@@ -302,8 +339,82 @@ absl::Status CudaBackend::BeginBatch(const BatchMetadata& batch) {
     st.plan.max_q_len = std::max(st.plan.max_q_len, q_len);
     st.plan.max_kv_len = std::max(st.plan.max_kv_len, batch.kv_lens[s]);
   }
+  // The decode split plan follows the block-table width (what a graph key fixes), not the
+  // exact longest context: blocks past a sequence's context exit at once.
+  st.plan.max_kv_len = std::max(st.plan.max_kv_len, batch.max_blocks * batch.block_size);
   ++st.generation;
   return absl::OkStatus();
+}
+
+// Padded whether or not graphs are on, so that both modes run the same shapes (and plans).
+int32_t CudaBackend::graph_block_bucket() const { return 32; }
+
+void CudaBackend::SetGraphsEnabled(bool enabled) {
+  state_->graphs_enabled = enabled;
+  if (!enabled) DropGraphs();
+}
+
+size_t CudaBackend::num_graphs() const { return state_->graphs.size(); }
+
+void CudaBackend::DropGraphs() {
+  if (!state_->capturing) state_->Drop();
+}
+
+absl::StatusOr<Backend::GraphMode> CudaBackend::BeginGraph(uint64_t key) {
+  State& st = *state_;
+  if (!st.graphs_enabled || st.capturing) return GraphMode::kNone;
+  const uint64_t signature = st.Signature();
+  if (signature != st.graph_signature) {
+    st.Drop();
+    st.graph_signature = signature;
+  }
+  if (auto it = st.graphs.find(key); it != st.graphs.end()) {
+    st.replay = it->second;
+    return GraphMode::kReplay;
+  }
+  if (++st.sightings[key] < 2) return GraphMode::kNone;
+  if (st.graphs.size() >= 256) st.Drop();  // bounded: shapes seen long ago are recorded again
+  PDS_CUDA(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeRelaxed),
+           "beginning a graph capture");
+  st.capturing = true;
+  st.capture_key = key;
+  return GraphMode::kCapture;
+}
+
+absl::StatusOr<bool> CudaBackend::EndGraph() {
+  State& st = *state_;
+  if (st.capturing) {
+    st.capturing = false;
+    cudaGraph_t graph = nullptr;
+    PDS_CUDA(cudaStreamEndCapture(stream_, &graph), "ending a graph capture");
+    cudaGraphExec_t exec = nullptr;
+    const cudaError_t e = cudaGraphInstantiateWithFlags(&exec, graph, 0);
+    cudaGraphDestroy(graph);
+    PDS_CUDA(e, "instantiating a graph");
+    if (st.Signature() != st.graph_signature) {
+      // A buffer moved while recording: this graph (and older ones) may hold a stale address.
+      cudaGraphExecDestroy(exec);
+      st.Drop();
+      st.graph_signature = st.Signature();
+      return false;
+    }
+    st.graphs[st.capture_key] = exec;
+    st.replay = exec;
+  }
+  if (st.replay == nullptr) return false;
+  PDS_CUDA(cudaGraphLaunch(st.replay, stream_), "launching a graph");
+  st.replay = nullptr;
+  return true;
+}
+
+void CudaBackend::AbortGraph() {
+  State& st = *state_;
+  if (!st.capturing) return;
+  st.capturing = false;
+  cudaGraph_t graph = nullptr;
+  cudaStreamEndCapture(stream_, &graph);
+  if (graph != nullptr) cudaGraphDestroy(graph);
+  cudaGetLastError();
 }
 
 absl::Status CudaBackend::Embed(const Weight& table, void* out, int64_t hidden) {

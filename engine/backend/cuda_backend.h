@@ -1,7 +1,10 @@
 // The CUDA backend: bf16 or fp16 weights, activations and KV cache with fp32 accumulation;
 // GEMMs through cuBLAS, the other ops from kernels/cuda. Every launch goes on the backend's
-// one stream; errors come back as absl::Status naming the op. Only compiled where CUDA is
-// (PDS_HAVE_CUDA); CreateBackend({.kind = "cuda"}) is the way in.
+// one stream; errors come back as absl::Status naming the op. CopyToHost and CopyFromHost
+// (callable from any thread) use a second stream and are ordered after compute only through
+// Synchronize (every forward pass ends synchronized). Decode steps are recorded as CUDA
+// graphs per (batch size, block-table width) and replayed (see Backend::BeginGraph). Only compiled
+// where CUDA is (PDS_HAVE_CUDA); CreateBackend({.kind = "cuda"}) is the way in.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -35,6 +38,14 @@ class CudaBackend final : public Backend {
   absl::Status Synchronize() override;
 
   absl::Status BeginBatch(const BatchMetadata& batch) override;
+  int32_t graph_block_bucket() const override;
+  absl::StatusOr<GraphMode> BeginGraph(uint64_t key) override;
+  absl::StatusOr<bool> EndGraph() override;
+  void AbortGraph() override;
+  void DropGraphs() override;
+  // Turns graph recording and replay on or off (BackendOptions::cuda_graphs at creation).
+  void SetGraphsEnabled(bool enabled);
+  size_t num_graphs() const;
   absl::Status Embed(const Weight& table, void* out, int64_t hidden) override;
   absl::Status Gemm(const void* a, int64_t lda, const Weight& w, void* c, int64_t m) override;
   absl::Status AddBias(void* x, int64_t stride, const Weight& bias, int64_t rows) override;

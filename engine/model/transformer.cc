@@ -206,6 +206,12 @@ absl::Status Transformer::BuildMetadata(std::span<const SequenceInput> seqs, con
     m.kv_lens.push_back(static_cast<int32_t>(kv_len));
     m.last_rows.push_back(static_cast<int32_t>(m.token_ids.size()) - 1);
   }
+  // Decode batches that may replay a CUDA graph get a block-table width padded to the
+  // backend's bucket (the padding is never read: attention reads positions < kv_len).
+  const int32_t bucket = backend_.graph_block_bucket();
+  if (bucket > 0 && m.num_tokens() == m.num_seqs()) {
+    m.max_blocks = (m.max_blocks + bucket - 1) / bucket * bucket;
+  }
   m.block_tables.assign(static_cast<size_t>(seqs.size()) * m.max_blocks, 0);
   for (size_t s = 0; s < seqs.size(); ++s) {
     const auto& blocks = seqs[s].table->blocks();
@@ -225,6 +231,7 @@ absl::Status Transformer::EnsureScratch(int64_t tokens, int64_t seqs) {
     PDS_ASSIGN_OR_RETURN(buf, backend_.Allocate(elements * e, what));
     return absl::OkStatus();
   };
+  backend_.DropGraphs();  // recorded graphs point at the buffers being replaced
   PDS_RETURN_IF_ERROR(alloc(x_, tokens * c.hidden_size, "residual"));
   PDS_RETURN_IF_ERROR(alloc(h_, tokens * c.hidden_size, "normed"));
   PDS_RETURN_IF_ERROR(alloc(qkv_, tokens * (c.q_size() + 2 * c.kv_size()), "qkv"));
@@ -265,10 +272,42 @@ absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& 
 absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cache) {
   if (seqs.empty()) return absl::InvalidArgumentError("empty forward batch");
   PDS_RETURN_IF_ERROR(BuildMetadata(seqs, cache));
-  const ModelConfig& c = config_;
   const int64_t T = meta_.num_tokens();
   const int64_t B = meta_.num_seqs();
   PDS_RETURN_IF_ERROR(EnsureScratch(T, B));
+  Backend& be = backend_;
+  PDS_RETURN_IF_ERROR(be.BeginBatch(meta_));
+  // Decode steps (one token per sequence) may replay a recorded graph of the ops below; the
+  // key fixes everything the recorded launches depend on.
+  Backend::GraphMode mode = Backend::GraphMode::kNone;
+  if (be.graph_block_bucket() > 0 && T == B) {
+    uint64_t key = reinterpret_cast<uintptr_t>(this);
+    for (uint64_t part : {static_cast<uint64_t>(reinterpret_cast<uintptr_t>(cache.data())),
+                          static_cast<uint64_t>(T), static_cast<uint64_t>(meta_.max_blocks),
+                          static_cast<uint64_t>(meta_.block_size)}) {
+      key = (key ^ part) * 0x100000001B3ull + (key >> 29);
+    }
+    PDS_ASSIGN_OR_RETURN(mode, be.BeginGraph(key));
+  }
+  if (mode == Backend::GraphMode::kReplay) {
+    PDS_ASSIGN_OR_RETURN(const bool ran, be.EndGraph());
+    return ran ? absl::OkStatus() : Ops(cache);
+  }
+  const absl::Status status = Ops(cache);
+  if (!status.ok()) {
+    if (mode == Backend::GraphMode::kCapture) be.AbortGraph();
+    return status;
+  }
+  if (mode == Backend::GraphMode::kNone) return absl::OkStatus();
+  // A recording executes nothing: the graph runs now, or the ops run as usual.
+  PDS_ASSIGN_OR_RETURN(const bool ran, be.EndGraph());
+  return ran ? absl::OkStatus() : Ops(cache);
+}
+
+absl::Status Transformer::Ops(KvCache& cache) {
+  const ModelConfig& c = config_;
+  const int64_t T = meta_.num_tokens();
+  const int64_t B = meta_.num_seqs();
   Backend& be = backend_;
   const DType dt = be.compute_dtype();
   const int64_t qkv_stride = c.q_size() + 2 * c.kv_size();
@@ -277,8 +316,6 @@ absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cac
   void* q = qkv_.data();
   void* k = Offset(q, c.q_size(), dt);
   void* v = Offset(k, c.kv_size(), dt);
-
-  PDS_RETURN_IF_ERROR(be.BeginBatch(meta_));
   PDS_RETURN_IF_ERROR(be.Embed(embed_, x_.data(), c.hidden_size));
   PDS_RETURN_IF_ERROR(be.RmsNorm(x_.data(), layers_[0].input_norm, h_.data(), T, eps));
   for (int64_t l = 0; l < c.num_layers; ++l) {

@@ -83,6 +83,8 @@ class Transformer {
   absl::Status EnsureScratch(int64_t tokens, int64_t seqs);
   // Everything up to the final norm: last_ holds each sequence's normed last hidden row.
   absl::Status Body(std::span<const SequenceInput> seqs, KvCache& cache);
+  // The backend ops of a forward over the metadata of BeginBatch (recorded in a graph or not).
+  absl::Status Ops(KvCache& cache);
 
   ModelConfig config_;
   Backend& backend_;

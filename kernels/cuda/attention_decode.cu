@@ -16,7 +16,6 @@ namespace {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
-constexpr int kUnroll = 4;  // K/V rows in flight per lane group
 
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads)
@@ -24,6 +23,8 @@ __global__ void __launch_bounds__(kThreads)
                  const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out, int heads,
                  int kv_heads, float scale, int split_tokens, int num_splits,
                  float* __restrict__ part_o, float* __restrict__ part_ml) {
+  // K/V rows in flight per lane group (fewer where the q and accumulator registers are many).
+  constexpr int kUnroll = G * D >= 1024 ? 4 : 8;
   constexpr int kLanesPerRow = D / 8;
   constexpr int kRowsPerWarp = 32 / kLanesPerRow;
   constexpr int kRowsPerStep = kRowsPerWarp * kWarps;

@@ -26,5 +26,9 @@ cudaError_t LaunchDecodeAttention(Half16 t, const AttentionArgs& a, cudaStream_t
 // Sequences with more than one query row (`all_rows`: every sequence, decode rows too).
 cudaError_t LaunchPrefillAttention(Half16 t, const AttentionArgs& a, bool all_rows,
                                    cudaStream_t stream);
+// The same with mma.sync and register-resident state, for head dims 64 and 128 (what
+// LaunchPrefillAttention uses for them).
+cudaError_t LaunchPrefillAttentionMma(Half16 t, const AttentionArgs& a, bool all_rows,
+                                      cudaStream_t stream);
 
 }  // namespace pds::kernels::cuda

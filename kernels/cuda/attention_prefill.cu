@@ -1,5 +1,7 @@
 // Paged prefill attention on the tensor cores (flash-attention style): causal, ragged batch,
-// new query rows attending to a cached prefix through the block table.
+// new query rows attending to a cached prefix through the block table. Head dims 64 and 128
+// go to the mma.sync kernel (attention_prefill_mma.cu); this WMMA kernel, with its fp32
+// output tile in shared memory, serves the others (16, 32, 256).
 //
 // Grid (query tiles, heads, seqs); 4 warps, a 64-row query tile (16 rows per warp). For each
 // 64-position K/V tile up to the tile's last row, the block gathers K and V from the paged
@@ -208,9 +210,8 @@ cudaError_t LaunchPrefillAttention(Half16 t, const AttentionArgs& a, bool all_ro
       case 32:
         return Launch<T, 32>(a, all_rows, stream);
       case 64:
-        return Launch<T, 64>(a, all_rows, stream);
       case 128:
-        return Launch<T, 128>(a, all_rows, stream);
+        return LaunchPrefillAttentionMma(t, a, all_rows, stream);
       case 256:
         return Launch<T, 256>(a, all_rows, stream);
       default:
