@@ -517,6 +517,12 @@ struct Bench {
     } else {
       CheckFinite(logits, absl::StrCat("decode batch ", batch));
     }
+    Json breakdown;
+    if (eager && cuda != nullptr) {
+      breakdown = OpBreakdown(*cuda, [&] {
+        PDS_CHECK_OK(model.Forward(inputs, cache, logits, sampling, host_rows, tokens));
+      });
+    }
     std::vector<double> times_ms;
     for (double t : times) times_ms.push_back(t * 1e3);
     Release(tables);
@@ -549,7 +555,34 @@ struct Bench {
                {"weight_bytes_read", weight_bytes},
                {"kv_bytes_read", kv_bytes},
                {"floor_ms", floor_s * 1e3}};
+    if (eager && cuda != nullptr)
+      m.extra["op_breakdown_ms_per_step"] = OpBreakdown(*cuda, [&] {
+        PDS_CHECK_OK(model.Forward(inputs, cache, logits, sampling, host_rows, tokens));
+      });
     return m;
+  }
+
+  // GPU time per op name over a few eager steps (CUDA events around each op), per step;
+  // printed and returned as JSON.
+  template <typename Step>
+  Json OpBreakdown(engine::CudaBackend& cuda, Step step) {
+    constexpr int kSteps = 5;
+    cuda.SetGraphsEnabled(false);
+    cuda.SetOpProfiling(true);
+    for (int i = 0; i < kSteps; ++i) step();
+    const auto ops = cuda.TakeOpProfile();
+    cuda.SetOpProfiling(false);
+    cuda.SetGraphsEnabled(true);
+    double total = 0;
+    for (const auto& op : ops) total += op.ms;
+    Json out = Json::object();
+    std::printf("    op breakdown (GPU time per step, eager; sum %.3f ms):\n", total / kSteps);
+    for (const auto& op : ops) {
+      std::printf("      %-28s %8.3f ms %5.1f%%  (%lld calls)\n", op.name.c_str(), op.ms / kSteps,
+                  100.0 * op.ms / total, static_cast<long long>(op.calls / kSteps));
+      out[op.name] = op.ms / kSteps;
+    }
+    return out;
   }
 
   Metric Prefill(const std::vector<int>& lens) {
@@ -674,14 +707,18 @@ struct Bench {
     return m;
   }
 
-  Metric AttentionPrefill() {
+  // `warps`: the query-tile height of the mma kernel (4 warps = 64 rows, the default; 8 = 128
+  // rows), chosen through PDS_ATTN_PREFILL_WARPS.
+  Metric AttentionPrefill(int warps = 4) {
     g_stage = "attention prefill";
     const int n = plan.attn_prefill_tokens;
+    setenv("PDS_ATTN_PREFILL_WARPS", std::to_string(warps).c_str(), 1);
     const double t = TimeAttention(1, n, n);
+    unsetenv("PDS_ATTN_PREFILL_WARPS");
     const double flops = AttentionFlopsPerLayer(0.5 * n * (n + 1.0));
     Metric m;
-    m.name = absl::StrCat("attn prefill ", n);
-    m.shape = absl::StrCat(n, " tokens causal, layer 0");
+    m.name = absl::StrCat("attn prefill ", n, warps == 4 ? "" : absl::StrCat(" w", warps));
+    m.shape = absl::StrCat(n, " tokens causal, layer 0, ", 16 * warps, "-row query tiles");
     m.value = flops / t / 1e12;
     m.unit = "TFLOP/s";
     m.ceiling = ceil.gemm_flops_per_s / 1e12;
@@ -862,6 +899,7 @@ int Main(int argc, char** argv) {
   add(bench.Prefill(std::vector<int>(plan.prefill_seqs, plan.prefill_seq_len)));
   add(bench.AttentionDecode());
   add(bench.AttentionPrefill());
+  add(bench.AttentionPrefill(/*warps=*/8));
   g_stage = "report";
   if (!opt.cpu_smoke) CUDA_CHECK(cudaGetLastError());
 

@@ -13,12 +13,13 @@
 #   --keep-going build what builds and bundle it, leaving out (with a warning) the targets
 #                that fail to build (default: any build failure is fatal)
 #
-# Bundled: pdserve, pdbench, bench_cuda and every test binary with the ctest label `gpu`
-# (found from the pds_test(... LABELS gpu) calls under tests/, checked after the build against
-# `ctest -L gpu`), stripped; the libraries `ldd` resolves for them under /usr/lib/x86_64-linux-gnu
-# and /lib/x86_64-linux-gnu, except glibc's, libstdc++/libgcc_s (the GPU machine's Ubuntu 24.04
-# has newer ones) and the CUDA/NCCL libraries (present there). Everything is packed into one
-# xz tarball (xz's window deduplicates the CUDA kernels that every binary links).
+# Bundled: pdserve, pdbench, bench_cuda, bench_kv_transfer and every test binary with the ctest
+# label `gpu` (found from the pds_test(... LABELS gpu) calls under tests/, checked after the build
+# against `ctest -L gpu`), stripped; the libraries `ldd` resolves for them under
+# /usr/lib/x86_64-linux-gnu and /lib/x86_64-linux-gnu, except glibc's, libstdc++/libgcc_s (the
+# GPU machine's Ubuntu 24.04 has newer ones) and the CUDA/NCCL libraries (present there).
+# Everything is packed into one xz tarball (xz's window deduplicates the CUDA kernels that every
+# binary links).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -97,7 +98,7 @@ PY
 
 mapfile -t TEST_TARGETS < <(gpu_test_targets)
 declare -A LEFT_OUT=()
-TARGETS=(pdserve pdbench bench_cuda "${TEST_TARGETS[@]}")
+TARGETS=(pdserve pdbench bench_cuda bench_kv_transfer "${TEST_TARGETS[@]}")
 log "targets: ${TARGETS[*]}"
 if [ "$DO_BUILD" = 1 ]; then
   if [ "$KEEP_GOING" = 1 ]; then

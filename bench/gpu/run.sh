@@ -9,12 +9,13 @@
 # then /usr/local/cuda/lib64), check that every binary resolves its libraries, nvidia-smi,
 # generate the tiny and small models, a CUDA `pdserve generate` smoke run of each, every gpu
 # test binary, compute-sanitizer memcheck and racecheck on the kernel parity tests (filtered
-# short), bench_cuda. Writes to $OUT (default ./out/gpu) seven files: setup.log, tests.log,
-# gtest.json (test binary -> its gtest JSON report), sanitizer.log, bench.log, bench.json and
-# summary.txt; prints the summary last. Exit status 1 if any step failed.
+# short), bench_cuda, bench_kv_transfer (the KV transports between two processes on the GPU).
+# Writes to $OUT (default ./out/gpu) eight files: setup.log, tests.log, gtest.json (test binary
+# -> its gtest JSON report), sanitizer.log, bench.log (both benches' output), bench.json,
+# transfer.json and summary.txt; prints the summary last. Exit status 1 if any step failed.
 #
 #   --dry-run      print the steps and their commands, run nothing
-#   --quick-bench  bench_cuda --quick (smaller shapes)
+#   --quick-bench  bench_cuda --quick and bench_kv_transfer --quick (smaller shapes)
 # Environment: OUT; PDS_GPU_DEADLINE_S (default 420), PDS_GPU_WORK (default /tmp/pds-gpu),
 # PDS_MEMCHECK_FILTER, PDS_RACECHECK_FILTER (gtest filters of the sanitizer runs).
 set -uo pipefail
@@ -51,7 +52,7 @@ SUMMARY=()
 mkdir -p "$OUT" "$WORK"
 if [ "$DRY" = 0 ]; then
   : >"$OUT/setup.log"; : >"$OUT/tests.log"; : >"$OUT/sanitizer.log"; : >"$OUT/bench.log"
-  rm -f "$OUT/bench.json" "$OUT/gtest.json" "$OUT/summary.txt"
+  rm -f "$OUT/bench.json" "$OUT/transfer.json" "$OUT/gtest.json" "$OUT/summary.txt"
 fi
 export LD_LIBRARY_PATH="$UNPACKED/lib:/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
@@ -292,9 +293,10 @@ else
 fi
 
 # --- 6. bench_cuda ------------------------------------------------------------------------
-# bench_cuda's own watchdog fires before the outer timeout, naming the stage that hung.
-bench_t=$(clamp 150 0)
-run_step "bench_cuda" 150 0 "$OUT/bench.log" "$BIN/bench_cuda" --json-out "$OUT/bench.json" \
+# bench_cuda's own watchdog fires before the outer timeout, naming the stage that hung. It
+# leaves bench_kv_transfer 45 s when the deadline is near.
+bench_t=$(clamp 150 45)
+run_step "bench_cuda" 150 45 "$OUT/bench.log" "$BIN/bench_cuda" --json-out "$OUT/bench.json" \
   --timeout-s $((bench_t > 20 ? bench_t - 10 : 10)) "${BENCH_FLAGS[@]}"
 if [ "$DRY" = 0 ]; then
   note "$(status_of "$STEP_RC")" "bench_cuda" "see bench.log, bench.json"
@@ -303,8 +305,26 @@ if [ "$DRY" = 0 ]; then
     "$OUT/bench.log")
 fi
 
+# --- 7. bench_kv_transfer ------------------------------------------------------------------
+# The CUDA IPC KV transport (and host TCP) between this process and a child on the same GPU,
+# against the cross-process IPC copy bandwidth; its table is appended to bench.log.
+kv_t=$(clamp 60 0)
+kv_from=1
+[ "$DRY" = 0 ] && kv_from=$(($(wc -l <"$OUT/bench.log") + 1))
+run_step "bench_kv_transfer" 60 0 "$OUT/bench.log" "$BIN/bench_kv_transfer" \
+  --json-out "$OUT/transfer.json" --timeout-s $((kv_t > 15 ? kv_t - 5 : 10)) "${BENCH_FLAGS[@]}"
+if [ "$DRY" = 0 ]; then
+  note "$(status_of "$STEP_RC")" "bench_kv_transfer" "see bench.log, transfer.json"
+  # Its table, from the lines this step appended.
+  KV_TABLE=$(tail -n "+$kv_from" "$OUT/bench.log" |
+    awk '/^metric +value/ {on = 1} on && (/^$/ || /^bench_kv_transfer:/) {exit} on')
+fi
+
 # --- summary ------------------------------------------------------------------------------
-[ "$DRY" = 1 ] && { echo "[dry-run] then summary.txt: one line per step, the bench table"; exit 0; }
+[ "$DRY" = 1 ] && {
+  echo "[dry-run] then summary.txt: one line per step, the bench_cuda and bench_kv_transfer tables"
+  exit 0
+}
 {
   built=$(awk '$1 == "git" {print $2}' "$BUNDLE/manifest.txt" 2>/dev/null)
   echo "GPU run summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(elapsed)s, bundle of $built)"
@@ -312,6 +332,10 @@ fi
   if [ -n "${BENCH_TABLE:-}" ]; then
     echo
     echo "$BENCH_TABLE"
+  fi
+  if [ -n "${KV_TABLE:-}" ]; then
+    echo
+    echo "$KV_TABLE"
   fi
   echo
   if [ "$FAILED" = 0 ]; then

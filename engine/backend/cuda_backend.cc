@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 #include <unordered_map>
 #include <vector>
 
@@ -108,6 +109,21 @@ struct CudaBackend::State {
 
   Scratch attention_workspace;
 
+  // Op timing (SetOpProfiling): CUDA events around each op, summed by name on read.
+  bool profiling = false;
+  std::vector<std::pair<std::string, std::pair<cudaEvent_t, cudaEvent_t>>> timed;
+  std::vector<cudaEvent_t> spare_events;
+  cudaEvent_t TakeEvent() {
+    if (!spare_events.empty()) {
+      cudaEvent_t e = spare_events.back();
+      spare_events.pop_back();
+      return e;
+    }
+    cudaEvent_t e = nullptr;
+    cudaEventCreate(&e);
+    return e;
+  }
+
   // Recorded decode graphs by key; a key is recorded on its second sighting (the first runs
   // as usual and sizes every buffer the ops use), and every graph is dropped when one of
   // those buffers moves (the signature of their addresses changes).
@@ -142,11 +158,66 @@ struct CudaBackend::State {
   }
   ~State() {
     Drop();
+    for (auto& [name, ev] : timed) spare_events.insert(spare_events.end(), {ev.first, ev.second});
+    for (cudaEvent_t e : spare_events) cudaEventDestroy(e);
     if (copy_stream != nullptr) cudaStreamDestroy(copy_stream);
     if (meta_copied != nullptr) cudaEventDestroy(meta_copied);
     if (cublas != nullptr) cublasDestroy(cublas);
   }
 };
+
+namespace {
+
+// Brackets one op with events on the compute stream while profiling (never while recording a
+// graph: events recorded in a capture would become graph nodes).
+class OpScope {
+ public:
+  OpScope(CudaBackend::State& st, cudaStream_t stream, const char* name, int64_t rows = 0,
+          int64_t cols = 0)
+      : st_(st), stream_(stream) {
+    if (!st.profiling || st.capturing) return;
+    name_ = rows > 0 ? absl::StrCat(name, " ", rows, "x", cols) : std::string(name);
+    start_ = st.TakeEvent();
+    cudaEventRecord(start_, stream);
+  }
+  ~OpScope() {
+    if (start_ == nullptr) return;
+    cudaEvent_t end = st_.TakeEvent();
+    cudaEventRecord(end, stream_);
+    st_.timed.push_back({std::move(name_), {start_, end}});
+  }
+
+ private:
+  CudaBackend::State& st_;
+  cudaStream_t stream_;
+  std::string name_;
+  cudaEvent_t start_ = nullptr;
+};
+
+}  // namespace
+
+void CudaBackend::SetOpProfiling(bool enabled) { state_->profiling = enabled; }
+
+std::vector<CudaBackend::OpTime> CudaBackend::TakeOpProfile() {
+  State& st = *state_;
+  std::vector<OpTime> out;
+  if (cudaStreamSynchronize(stream_) != cudaSuccess) return out;
+  std::map<std::string, OpTime> by_name;
+  for (auto& [name, ev] : st.timed) {
+    float ms = 0;
+    cudaEventElapsedTime(&ms, ev.first, ev.second);
+    OpTime& t = by_name[name];
+    t.name = name;
+    t.ms += ms;
+    ++t.calls;
+    st.spare_events.push_back(ev.first);
+    st.spare_events.push_back(ev.second);
+  }
+  st.timed.clear();
+  for (auto& [name, t] : by_name) out.push_back(t);
+  std::sort(out.begin(), out.end(), [](const OpTime& a, const OpTime& b) { return a.ms > b.ms; });
+  return out;
+}
 
 bool CudaDeviceAvailable() {
   int count = 0;
@@ -418,6 +489,7 @@ void CudaBackend::AbortGraph() {
 }
 
 absl::Status CudaBackend::Embed(const Weight& table, void* out, int64_t hidden) {
+  OpScope op_scope(*state_, stream_, "embed");
   const State& st = *state_;
   PDS_CUDA(kc::Embed(H(dtype_), table.data(), st.token_ids, out, st.num_tokens, hidden, stream_),
            "Embed");
@@ -425,6 +497,7 @@ absl::Status CudaBackend::Embed(const Weight& table, void* out, int64_t hidden) 
 }
 
 absl::Status CudaBackend::Gemm(const void* a, int64_t lda, const Weight& w, void* c, int64_t m) {
+  OpScope op_scope(*state_, stream_, "gemm", w.rows, w.cols);
   if (m <= 0) return absl::OkStatus();
   // Row-major c[m, n] = a[m, k] w[n, k]^T is column-major c^T[n, m] = w^T[n, k] a^T[k, m].
   const cudaDataType_t t = dtype_ == DType::kBF16 ? CUDA_R_16BF : CUDA_R_16F;
@@ -438,12 +511,14 @@ absl::Status CudaBackend::Gemm(const void* a, int64_t lda, const Weight& w, void
 }
 
 absl::Status CudaBackend::AddBias(void* x, int64_t stride, const Weight& bias, int64_t rows) {
+  OpScope op_scope(*state_, stream_, "bias");
   PDS_CUDA(kc::AddBias(H(dtype_), x, stride, bias.data(), rows, bias.rows, stream_), "AddBias");
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::RmsNorm(const void* x, const Weight& w, void* out, int64_t rows,
                                   float eps) {
+  OpScope op_scope(*state_, stream_, "rmsnorm");
   PDS_CUDA(kc::RmsNorm(H(dtype_), x, w.rows, w.data(), out, w.rows, rows, w.rows, eps, stream_),
            "RmsNorm");
   return absl::OkStatus();
@@ -451,6 +526,7 @@ absl::Status CudaBackend::RmsNorm(const void* x, const Weight& w, void* out, int
 
 absl::Status CudaBackend::AddRmsNorm(void* residual, const void* delta, const Weight& w, void* out,
                                      int64_t rows, float eps) {
+  OpScope op_scope(*state_, stream_, "add+rmsnorm");
   PDS_CUDA(kc::AddRmsNorm(H(dtype_), residual, delta, w.data(), out, rows, w.rows, eps, stream_),
            "AddRmsNorm");
   return absl::OkStatus();
@@ -458,6 +534,7 @@ absl::Status CudaBackend::AddRmsNorm(void* residual, const void* delta, const We
 
 absl::Status CudaBackend::HeadRmsNorm(void* x, int64_t token_stride, const Weight& w,
                                       int64_t tokens, int64_t heads, float eps) {
+  OpScope op_scope(*state_, stream_, "head rmsnorm");
   PDS_CUDA(
       kc::HeadRmsNorm(H(dtype_), x, token_stride, w.data(), tokens, heads, w.rows, eps, stream_),
       "HeadRmsNorm");
@@ -466,6 +543,7 @@ absl::Status CudaBackend::HeadRmsNorm(void* x, int64_t token_stride, const Weigh
 
 absl::Status CudaBackend::Rope(void* q, void* k, int64_t token_stride, int64_t q_heads,
                                int64_t kv_heads, int64_t head_dim, const float* inv_freq_host) {
+  OpScope op_scope(*state_, stream_, "rope");
   State& st = *state_;
   const int64_t half = head_dim / 2;
   Scratch& inv = st.inv_freq[inv_freq_host];
@@ -494,6 +572,7 @@ absl::Status CudaBackend::Rope(void* q, void* k, int64_t token_stride, int64_t q
 
 absl::Status CudaBackend::WriteKv(const void* k, const void* v, int64_t token_stride, void* k_cache,
                                   void* v_cache, int64_t kv_heads, int64_t head_dim) {
+  OpScope op_scope(*state_, stream_, "write kv");
   const State& st = *state_;
   PDS_CUDA(kc::WriteKv(H(dtype_), k, v, token_stride, st.slots, st.num_tokens, k_cache, v_cache,
                        kv_heads, st.block_size, head_dim, stream_),
@@ -504,6 +583,7 @@ absl::Status CudaBackend::WriteKv(const void* k, const void* v, int64_t token_st
 absl::Status CudaBackend::Attention(const void* q, int64_t q_stride, const void* k_cache,
                                     const void* v_cache, void* out, int64_t heads, int64_t kv_heads,
                                     int64_t head_dim, float scale) {
+  OpScope op_scope(*state_, stream_, "attention");
   State& st = *state_;
   if (!kc::AttentionHeadDimSupported(head_dim)) {
     return absl::UnimplementedError(absl::StrCat(
@@ -526,16 +606,19 @@ absl::Status CudaBackend::Attention(const void* q, int64_t q_stride, const void*
 }
 
 absl::Status CudaBackend::SiluGate(const void* gate_up, void* out, int64_t tokens, int64_t inter) {
+  OpScope op_scope(*state_, stream_, "silu gate");
   PDS_CUDA(kc::SiluGate(H(dtype_), gate_up, out, tokens, inter, stream_), "SiluGate");
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::Add(void* x, const void* y, int64_t n) {
+  OpScope op_scope(*state_, stream_, "add");
   PDS_CUDA(kc::Add(H(dtype_), x, y, n, stream_), "Add");
   return absl::OkStatus();
 }
 
 absl::Status CudaBackend::GatherLastRows(const void* x, void* out, int64_t cols) {
+  OpScope op_scope(*state_, stream_, "gather");
   const State& st = *state_;
   PDS_CUDA(kc::GatherRows(H(dtype_), x, st.last_rows, out, st.num_seqs, cols, stream_),
            "GatherLastRows");
@@ -543,6 +626,7 @@ absl::Status CudaBackend::GatherLastRows(const void* x, void* out, int64_t cols)
 }
 
 absl::Status CudaBackend::ProjectLogits(const void* x, const Weight& lm_head, int64_t rows) {
+  OpScope op_scope(*state_, stream_, "lm_head gemm");
   State& st = *state_;
   const size_t bytes = static_cast<size_t>(rows) * lm_head.rows * sizeof(float);
   PDS_RETURN_IF_ERROR(st.logits.Reserve(bytes, "logits"));
@@ -580,6 +664,7 @@ absl::Status CudaBackend::SampleTokens(const void* x, const Weight& lm_head, int
   const size_t row_bytes = static_cast<size_t>(vocab) * sizeof(float);
   PDS_RETURN_IF_ERROR(ProjectLogits(x, lm_head, rows));
   PDS_RETURN_IF_ERROR(st.tokens.Reserve(rows * sizeof(int32_t), "sampled tokens"));
+  OpScope op_scope(st, stream_, "sampling + copies");
   const auto* logits = static_cast<const float*>(st.logits.ptr);
   auto* ids = static_cast<int32_t*>(st.tokens.ptr);
   const bool all_greedy = std::all_of(sampling.begin(), sampling.end(),

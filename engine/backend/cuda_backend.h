@@ -10,6 +10,8 @@
 #include <cuda_runtime_api.h>
 
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "engine/backend/backend.h"
 
@@ -46,6 +48,18 @@ class CudaBackend final : public Backend {
   // Turns graph recording and replay on or off (BackendOptions::cuda_graphs at creation).
   void SetGraphsEnabled(bool enabled);
   size_t num_graphs() const;
+  // Op timing for benchmarks: while on, each op (outside graph recording) is bracketed by CUDA
+  // events; TakeOpProfile synchronizes and returns the GPU time per op name since the last
+  // call, largest first.
+  struct OpTime {
+    std::string name;
+    double ms = 0;
+    int64_t calls = 0;
+  };
+  void SetOpProfiling(bool enabled);
+  std::vector<OpTime> TakeOpProfile();
+
+  struct State;  // public for the op timer in the .cc
   absl::Status Embed(const Weight& table, void* out, int64_t hidden) override;
   absl::Status Gemm(const void* a, int64_t lda, const Weight& w, void* c, int64_t m) override;
   absl::Status AddBias(void* x, int64_t stride, const Weight& bias, int64_t rows) override;
@@ -72,7 +86,6 @@ class CudaBackend final : public Backend {
                             int32_t* tokens) override;
 
  private:
-  struct State;
   CudaBackend() = default;
   // lm_head projection of `rows` rows into the fp32 device logits buffer.
   absl::Status ProjectLogits(const void* x, const Weight& lm_head, int64_t rows);

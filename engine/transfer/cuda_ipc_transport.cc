@@ -13,9 +13,47 @@
 #include "absl/strings/str_cat.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
+#include "kernels/cuda/ops.h"
 
 namespace pds::engine {
 namespace {
+
+// Above this many runs of consecutive blocks a transfer copies through the block-list kernel.
+constexpr size_t kMaxCopyRuns = 8;
+
+// Source and destination block ids in device memory for kernels::cuda::CopyBlocks; freed
+// after the stream's work (stream-ordered allocation).
+class DeviceBlockLists {
+ public:
+  ~DeviceBlockLists() {
+    if (data_ != nullptr) cudaFreeAsync(data_, stream_);
+  }
+  absl::Status Upload(const std::vector<int32_t>& src, const std::vector<int32_t>& dst,
+                      cudaStream_t stream) {
+    stream_ = stream;
+    n_ = src.size();
+    host_.assign(src.begin(), src.end());
+    host_.insert(host_.end(), dst.begin(), dst.end());
+    const size_t bytes = host_.size() * sizeof(int32_t);
+    cudaError_t e = cudaMallocAsync(reinterpret_cast<void**>(&data_), bytes, stream);
+    if (e == cudaSuccess) {
+      e = cudaMemcpyAsync(data_, host_.data(), bytes, cudaMemcpyHostToDevice, stream);
+    }
+    if (e != cudaSuccess) {
+      return absl::InternalError(
+          absl::StrCat("cuda-ipc kv sender: uploading block lists: ", cudaGetErrorString(e)));
+    }
+    return absl::OkStatus();
+  }
+  const int32_t* src() const { return data_; }
+  const int32_t* dst() const { return data_ + n_; }
+
+ private:
+  std::vector<int32_t> host_;  // kept until the destructor: the copy reads it asynchronously
+  int32_t* data_ = nullptr;
+  size_t n_ = 0;
+  cudaStream_t stream_ = nullptr;
+};
 
 using transfer_internal::BlockRun;
 using transfer_internal::CoalesceRuns;
@@ -220,6 +258,13 @@ class IpcSenderPlane final : public transfer_internal::SenderPlane {
     };
     bool enqueued = false;
     absl::Status status;
+    // Many runs (differently paged caches): the block lists go to the device and a kernel
+    // copies each layer in one launch; few runs: one cudaMemcpyAsync per run.
+    const bool gather = runs.size() > kMaxCopyRuns;
+    DeviceBlockLists lists;
+    if (gather) {
+      PDS_RETURN_IF_ERROR(lists.Upload(src_blocks, reply.blocks, stream.get()));
+    }
     for (int32_t layer = 0; layer < header.num_layers && status.ok(); ++layer) {
       const std::string where = absl::StrCat("layer ", layer, " of ", header.num_layers);
       if (cancelled()) {
@@ -232,6 +277,16 @@ class IpcSenderPlane final : public transfer_internal::SenderPlane {
       }
       status =
           WithContext(source.WaitLayer(layer), absl::StrCat("source failed to produce ", where));
+      if (status.ok() && gather) {
+        // Scattered blocks: one kernel copies the layer's K and V blocks.
+        status = Cuda(kernels::cuda::CopyBlocks(
+                          local, pool_.pool_bytes, mapping->base, remote.geometry.pool_bytes,
+                          lists.src(), lists.dst(), static_cast<int32_t>(src_blocks.size()), layer,
+                          layer + 1, bb, stream.get()),
+                      absl::StrCat("block copy kernel of ", where));
+        enqueued = enqueued || status.ok();
+        continue;
+      }
       for (int kv = 0; kv < 2 && status.ok(); ++kv) {
         for (const BlockRun& run : runs) {
           status = Cuda(cudaMemcpyAsync(mapping->base + remote.geometry.Offset(layer, kv, run.dst),

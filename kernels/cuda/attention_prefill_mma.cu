@@ -9,13 +9,14 @@
 // S accumulators as the A fragments of P (the m16n8k16 C and A layouts line up) and adds P V.
 // Tiles beyond a warp's last causal position are skipped by that warp.
 #include <cfloat>
+#include <cstdlib>
 
 #include "kernels/cuda/attention_internal.cuh"
 
 namespace pds::kernels::cuda {
 namespace {
 
-constexpr int kBq = 64, kBk = 64, kThreads = 128;
+constexpr int kBk = 64;  // K/V positions per tile
 
 template <typename T>
 __device__ __forceinline__ void Mma16816(float (&d)[4], const uint32_t (&a)[4],
@@ -69,11 +70,13 @@ __device__ __forceinline__ void LdMatrixX2Trans(uint32_t (&b)[2], const void* ro
                : "r"(addr));
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads)
+// kWarps warps of 16 query rows each: a query tile of kBq = 16 kWarps rows.
+template <typename T, int D, int kWarps>
+__global__ void __launch_bounds__(32 * kWarps)
     PrefillMmaKernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k_cache,
                      const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out,
                      int heads, int kv_heads, float scale, bool all_rows) {
+  constexpr int kBq = 16 * kWarps, kThreads = 32 * kWarps;
   constexpr int kLd = D + 8;  // shared-memory row stride (elements): conflict-free fragments
   constexpr int kVecs = D / 8;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -244,9 +247,10 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, int kWarps>
 cudaError_t Launch(const AttentionArgs& a, bool all_rows, cudaStream_t stream) {
-  auto* kernel = PrefillMmaKernel<T, D>;
+  constexpr int kBq = 16 * kWarps;
+  auto* kernel = PrefillMmaKernel<T, D, kWarps>;
   constexpr size_t smem = size_t{kBq + 4 * kBk} * (D + 8) * sizeof(T);
   if (smem > 48 * 1024) {
     const cudaError_t e =
@@ -255,11 +259,20 @@ cudaError_t Launch(const AttentionArgs& a, bool all_rows, cudaStream_t stream) {
   }
   const unsigned tiles = static_cast<unsigned>((a.plan.max_q_len + kBq - 1) / kBq);
   const dim3 grid(tiles, static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch.num_seqs));
-  kernel<<<grid, kThreads, smem, stream>>>(
+  kernel<<<grid, 32 * kWarps, smem, stream>>>(
       static_cast<const T*>(a.q), a.q_stride, static_cast<const T*>(a.k_cache),
       static_cast<const T*>(a.v_cache), a.batch, static_cast<T*>(a.out), static_cast<int>(a.heads),
       static_cast<int>(a.kv_heads), a.scale, all_rows);
   return cudaGetLastError();
+}
+
+// Query-tile height: 4 warps (64 rows) by default; PDS_ATTN_PREFILL_WARPS=8 picks 128-row
+// tiles (half the K/V traffic per FLOP, one block per SM) for measurements.
+template <typename T, int D>
+cudaError_t LaunchTile(const AttentionArgs& a, bool all_rows, cudaStream_t stream) {
+  const char* warps = std::getenv("PDS_ATTN_PREFILL_WARPS");
+  if (warps != nullptr && std::atoi(warps) == 8) return Launch<T, D, 8>(a, all_rows, stream);
+  return Launch<T, D, 4>(a, all_rows, stream);
 }
 
 }  // namespace
@@ -268,8 +281,8 @@ cudaError_t LaunchPrefillAttentionMma(Half16 t, const AttentionArgs& a, bool all
                                       cudaStream_t stream) {
   return Dispatch16(t, [&](auto z) -> cudaError_t {
     using T = decltype(z);
-    if (a.head_dim == 64) return Launch<T, 64>(a, all_rows, stream);
-    if (a.head_dim == 128) return Launch<T, 128>(a, all_rows, stream);
+    if (a.head_dim == 64) return LaunchTile<T, 64>(a, all_rows, stream);
+    if (a.head_dim == 128) return LaunchTile<T, 128>(a, all_rows, stream);
     return cudaErrorInvalidValue;
   });
 }

@@ -55,6 +55,16 @@ cudaError_t WriteKv(Half16 t, const void* k, const void* v, int64_t kv_stride, c
                     int64_t tokens, void* k_cache, void* v_cache, int64_t kv_heads,
                     int64_t block_size, int64_t head_dim, cudaStream_t stream);
 
+// Copies `count` cache blocks of `block_bytes` (a multiple of 16) for layers
+// [layer_begin, layer_end), K and V: block src_blocks[i] of src to block dst_blocks[i] of dst,
+// where layer l's K pool starts at 2 l * pool_bytes and its V pool right after (each side
+// with its own pool_bytes). dst may be a peer process's pool opened through CUDA IPC. One
+// launch instead of a copy per block run (KV hand-off between differently paged caches).
+cudaError_t CopyBlocks(const void* src, size_t src_pool_bytes, void* dst, size_t dst_pool_bytes,
+                       const int32_t* src_blocks, const int32_t* dst_blocks, int32_t count,
+                       int32_t layer_begin, int32_t layer_end, size_t block_bytes,
+                       cudaStream_t stream);
+
 // --- attention_decode.cu / attention_prefill.cu ---
 // Workspace and launch plan of one PagedAttention call, decided on the host from the batch.
 struct AttentionPlan {

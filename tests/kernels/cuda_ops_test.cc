@@ -5,6 +5,7 @@
 // out-of-bounds writes. Skips without a CUDA device.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <memory>
 #include <numeric>
 #include <random>
@@ -541,6 +542,53 @@ TEST_P(CudaOpsTest, SampleRowsMatchesCpuSampler) {
     cudaFree(d_params);
     cudaFree(d_ids);
   }
+}
+
+TEST_P(CudaOpsTest, CopyBlocksMovesEveryListedBlockAndNothingElse) {
+  // Two caches paged differently (other pool sizes, shuffled block ids): the kernel copies
+  // layers [1, 3) of the listed blocks; every other byte of the destination is untouched.
+  const int layers = 4, src_blocks_n = 40, dst_blocks_n = 57;
+  const size_t block_bytes = 3 * 7 * 16 * 2;  // kv heads x block size x head dim x 2 bytes
+  const size_t src_pool = src_blocks_n * block_bytes, dst_pool = dst_blocks_n * block_bytes;
+  std::vector<uint8_t> src(2 * layers * src_pool), dst(2 * layers * dst_pool);
+  std::mt19937 rng(8);
+  for (auto& b : src) b = static_cast<uint8_t>(rng());
+  for (auto& b : dst) b = static_cast<uint8_t>(rng());
+  std::vector<int32_t> sb(src_blocks_n), db(dst_blocks_n);
+  std::iota(sb.begin(), sb.end(), 0);
+  std::iota(db.begin(), db.end(), 0);
+  std::shuffle(sb.begin(), sb.end(), rng);
+  std::shuffle(db.begin(), db.end(), rng);
+  const int count = 23;
+  sb.resize(count);
+  db.resize(count);
+  std::vector<uint8_t> expect = dst;
+  for (int l = 1; l < 3; ++l) {
+    for (int kv = 0; kv < 2; ++kv) {
+      for (int i = 0; i < count; ++i) {
+        std::memcpy(expect.data() + (2 * l + kv) * dst_pool + db[i] * block_bytes,
+                    src.data() + (2 * l + kv) * src_pool + sb[i] * block_bytes, block_bytes);
+      }
+    }
+  }
+  void *d_src = nullptr, *d_dst = nullptr;
+  int32_t* d_lists = nullptr;
+  ASSERT_EQ(cudaMalloc(&d_src, src.size()), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(&d_dst, dst.size()), cudaSuccess);
+  ASSERT_EQ(cudaMalloc(reinterpret_cast<void**>(&d_lists), 2 * count * 4), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_src, src.data(), src.size(), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_dst, dst.data(), dst.size(), cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_lists, sb.data(), count * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(cudaMemcpy(d_lists + count, db.data(), count * 4, cudaMemcpyHostToDevice), cudaSuccess);
+  ASSERT_EQ(kernels::cuda::CopyBlocks(d_src, src_pool, d_dst, dst_pool, d_lists, d_lists + count,
+                                      count, 1, 3, block_bytes, nullptr),
+            cudaSuccess);
+  std::vector<uint8_t> got(dst.size());
+  ASSERT_EQ(cudaMemcpy(got.data(), d_dst, got.size(), cudaMemcpyDeviceToHost), cudaSuccess);
+  EXPECT_TRUE(got == expect);
+  cudaFree(d_src);
+  cudaFree(d_dst);
+  cudaFree(d_lists);
 }
 
 TEST_P(CudaOpsTest, ErrorsAreStatuses) {
