@@ -320,6 +320,36 @@ if [ "$DRY" = 0 ]; then
     awk '/^metric +value/ {on = 1} on && (/^$/ || /^bench_kv_transfer:/) {exit} on')
 fi
 
+# --- 8. serving on the GPU: pdserve up --backend cuda under pdbench --------------------------
+# The small model served disaggregated (1 prefill + 1 decode process on the one GPU, KV over
+# CUDA IPC) and colocated (one process), each under the same pdbench load; reports appended
+# to bench.log.
+gpu_serving() {
+  local mode=$1 dir="$WORK/serve-$1" addr i
+  rm -rf "$dir" && mkdir -p "$dir"
+  if [ "$mode" = disagg ]; then set -- --prefill 1 --decode 1; else set -- --colocated 1; fi
+  "$BIN/pdserve" up --model "$WORK/models/small" --backend cuda "$@" --port 0 \
+    --ready-file "$dir/ready" >"$dir/cluster.log" 2>&1 &
+  local up=$!
+  for i in $(seq 1 300); do [ -s "$dir/ready" ] && break; sleep 0.1; done
+  if [ ! -s "$dir/ready" ]; then
+    echo "cluster ($mode) not ready in 30 s"; tail -n 20 "$dir/cluster.log"; kill $up; return 1
+  fi
+  addr=$(cat "$dir/ready")
+  echo "--- pdbench against pdserve up --backend cuda ($mode) at $addr"
+  "$BIN/pdbench" --target "$addr" --dataset chatbot --length-scale 0.125 --max-model-len 1024 \
+    --rate 40 --num-requests 300 --seed 1 --goodput ttft:100 tpot:20 --quiet
+  local rc=$?
+  kill -INT $up; wait $up
+  return $rc
+}
+export BIN WORK  # gpu_serving runs in a child bash
+for mode in disagg colocated; do
+  run_step "serving $mode (cuda)" 40 0 "$OUT/bench.log" gpu_serving "$mode"
+  [ "$DRY" = 1 ] || note "$(status_of "$STEP_RC")" "pdserve up --backend cuda ($mode)" \
+    "pdbench report in bench.log"
+done
+
 # --- summary ------------------------------------------------------------------------------
 [ "$DRY" = 1 ] && {
   echo "[dry-run] then summary.txt: one line per step, the bench_cuda and bench_kv_transfer tables"

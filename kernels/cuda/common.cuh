@@ -34,6 +34,16 @@ __device__ __forceinline__ void Unpack8(const uint4& raw, float (&out)[8]) {
   for (int i = 0; i < 8; ++i) out[i] = ToFloat(v[i]);
 }
 
+// Eight floats rounded to 16 bits in one 16-byte word.
+template <typename T>
+__device__ __forceinline__ uint4 Pack8(const float (&in)[8]) {
+  uint4 raw;
+  T* v = reinterpret_cast<T*>(&raw);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = FromFloat<T>(in[i]);
+  return raw;
+}
+
 // Eight 16-bit values loaded as one 16-byte access (address 16-byte aligned).
 template <typename T>
 __device__ __forceinline__ void Load8(const T* p, float (&out)[8]) {

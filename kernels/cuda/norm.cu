@@ -1,4 +1,6 @@
 // RMSNorm variants (twins of kernels/cpu/norm.cc): one block per row, fp32 sums.
+#include <initializer_list>
+
 #include "kernels/cuda/common.cuh"
 
 namespace pds::kernels::cuda {
@@ -65,12 +67,76 @@ __global__ void HeadRmsNormKernel(T* x, int64_t token_stride, const T* w, int64_
   }
 }
 
+// Rows of up to 8192 columns with 16-byte aligned rows: one thread per 8 columns, each row
+// read once into registers (the residual add, the sum of squares and the scaling all from
+// them). At batch 1 a row is one block, so this is latency, not bandwidth: one load per
+// thread instead of a loop of dependent 2-byte loads.
+constexpr int kVecMaxCols = 8 * 1024;
+
+template <typename T>
+__global__ void RmsNormVecKernel(const T* x, int64_t x_stride, T* residual, const T* delta,
+                                 const T* w, T* out, int64_t out_stride, int64_t cols, float eps) {
+  __shared__ float scratch[32];
+  const int64_t r = blockIdx.x;
+  const int64_t c = int64_t{threadIdx.x} * 8;
+  const bool active = c < cols;
+  float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  if (active) {
+    if (residual != nullptr) {  // residual += delta, rounded, then normed
+      float d[8];
+      Load8(residual + r * cols + c, v);
+      Load8(delta + r * cols + c, d);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) v[i] = v[i] + d[i];
+      const uint4 packed = Pack8<T>(v);
+      *reinterpret_cast<uint4*>(residual + r * cols + c) = packed;
+      Unpack8<T>(packed, v);
+    } else {
+      Load8(x + r * x_stride + c, v);
+    }
+  }
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 8; ++i) sum += v[i] * v[i];
+  const float inv = rsqrtf(BlockSum(sum, scratch) / static_cast<float>(cols) + eps);
+  if (!active) return;
+  float wv[8];
+  Load8(w + c, wv);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) v[i] = v[i] * inv * wv[i];
+  const int64_t at = residual != nullptr ? r * cols + c : r * out_stride + c;
+  *reinterpret_cast<uint4*>(out + at) = Pack8<T>(v);
+}
+
+bool VecOk(int64_t cols, std::initializer_list<const void*> ptrs,
+           std::initializer_list<int64_t> strides) {
+  if (cols % 8 != 0 || cols > kVecMaxCols) return false;
+  for (const void* p : ptrs) {
+    if (reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
+  }
+  for (int64_t s : strides) {
+    if (s % 8 != 0) return false;
+  }
+  return true;
+}
+
+inline int VecThreads(int64_t cols) { return static_cast<int>((cols / 8 + 31) / 32 * 32); }
+
 }  // namespace
 
 cudaError_t RmsNorm(Half16 t, const void* x, int64_t x_stride, const void* w, void* out,
                     int64_t out_stride, int64_t rows, int64_t cols, float eps,
                     cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
+  if (VecOk(cols, {x, w, out}, {x_stride, out_stride})) {
+    return Dispatch16(t, [&](auto z) {
+      using T = decltype(z);
+      RmsNormVecKernel<T><<<static_cast<unsigned>(rows), VecThreads(cols), 0, stream>>>(
+          static_cast<const T*>(x), x_stride, nullptr, nullptr, static_cast<const T*>(w),
+          static_cast<T*>(out), out_stride, cols, eps);
+      return cudaGetLastError();
+    });
+  }
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
     RmsNormKernel<<<static_cast<unsigned>(rows), ThreadsFor(cols), 0, stream>>>(
@@ -83,6 +149,15 @@ cudaError_t RmsNorm(Half16 t, const void* x, int64_t x_stride, const void* w, vo
 cudaError_t AddRmsNorm(Half16 t, void* residual, const void* delta, const void* w, void* out,
                        int64_t rows, int64_t cols, float eps, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
+  if (VecOk(cols, {residual, delta, w, out}, {})) {
+    return Dispatch16(t, [&](auto z) {
+      using T = decltype(z);
+      RmsNormVecKernel<T><<<static_cast<unsigned>(rows), VecThreads(cols), 0, stream>>>(
+          nullptr, 0, static_cast<T*>(residual), static_cast<const T*>(delta),
+          static_cast<const T*>(w), static_cast<T*>(out), cols, cols, eps);
+      return cudaGetLastError();
+    });
+  }
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
     AddRmsNormKernel<<<static_cast<unsigned>(rows), ThreadsFor(cols), 0, stream>>>(
