@@ -446,6 +446,14 @@ TEST_P(CudaAttentionTest, SanitizerSized) {
   Run({{{1, 9}, {1, 1100}, {20, 20}, {70, 90}}, 8, 1, 64, 7}, 4);
 }
 
+TEST_P(CudaAttentionTest, PrefillWith128RowTiles) {
+  // The mma kernel's other tile height (PDS_ATTN_PREFILL_WARPS=8), same cases.
+  setenv("PDS_ATTN_PREFILL_WARPS", "8", 1);
+  Run({{{733, 733}, {1, 733}, {300, 1500}, {65, 200}, {5, 100}}, 32, 8, 128, 16}, 17);
+  Run({{{200, 200}, {129, 129}, {70, 90}}, 8, 1, 64, 7}, 18);
+  unsetenv("PDS_ATTN_PREFILL_WARPS");
+}
+
 TEST_P(CudaAttentionTest, PrefillLongPrompt) {
   Run({{{733, 733}, {1, 733}, {300, 1500}}, 32, 8, 128, 16}, 7);
 }
