@@ -26,28 +26,23 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <random>
 #include <span>
 #include <string>
-#include <thread>
 #include <vector>
 
-#include "absl/status/status.h"
-#include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/gpu_check.h"
 #include "engine/backend/backend.h"
 #include "engine/backend/cuda_backend.h"
 #include "engine/common/dtype.h"
@@ -72,23 +67,6 @@ using engine::Transformer;
 using engine::Weight;
 using Json = nlohmann::ordered_json;
 
-// The stage running now, for error and watchdog messages.
-std::atomic<const char*> g_stage{"startup"};
-
-[[noreturn]] void Fail(const std::string& what) {
-  std::fprintf(stderr, "bench_cuda: FAILED in stage '%s': %s\n", g_stage.load(), what.c_str());
-  std::fflush(stdout);
-  std::fflush(stderr);
-  std::_Exit(1);
-}
-
-void CheckCuda(cudaError_t err, const char* expr) {
-  if (err != cudaSuccess) {
-    Fail(absl::StrCat("CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err),
-                      ") from ", expr));
-  }
-}
-
 void CheckCublas(cublasStatus_t st, const char* expr) {
   if (st != CUBLAS_STATUS_SUCCESS) {
     Fail(absl::StrCat("cuBLAS error ", cublasGetStatusName(st), " (", cublasGetStatusString(st),
@@ -96,54 +74,7 @@ void CheckCublas(cublasStatus_t st, const char* expr) {
   }
 }
 
-void Check(const absl::Status& status, const char* expr) {
-  if (!status.ok()) Fail(absl::StrCat(status.ToString(), " from ", expr));
-}
-
-template <typename T>
-T Take(absl::StatusOr<T> value, const char* expr) {
-  Check(value.status(), expr);
-  return std::move(value).value();
-}
-
-#define CUDA_CHECK(expr) CheckCuda((expr), #expr)
 #define CUBLAS_CHECK(expr) CheckCublas((expr), #expr)
-#define PDS_CHECK_OK(expr) Check((expr), #expr)
-#define PDS_TAKE(expr) Take((expr), #expr)
-
-// Kills the process when a stage runs past the deadline (a hung kernel or a deadlock).
-class Watchdog {
- public:
-  explicit Watchdog(double seconds) : seconds_(seconds) {
-    if (seconds_ <= 0) return;
-    thread_ = std::thread([this] {
-      std::unique_lock<std::mutex> lock(mu_);
-      if (!cv_.wait_for(lock, std::chrono::duration<double>(seconds_), [this] { return done_; })) {
-        std::fprintf(stderr, "bench_cuda: FAILED: watchdog: no result after %.0f s (stage '%s')\n",
-                     seconds_, g_stage.load());
-        std::fflush(stdout);
-        std::fflush(stderr);
-        std::_Exit(3);
-      }
-    });
-  }
-  ~Watchdog() {
-    if (!thread_.joinable()) return;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
- private:
-  double seconds_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
 
 struct Options {
   std::string preset = "llama3-8b";
@@ -309,7 +240,7 @@ struct Ceilings {
 };
 
 double MeasureCopyBandwidth(Backend& backend, size_t bytes, int iters) {
-  g_stage = "ceiling: device-to-device copy";
+  SetStage("ceiling: device-to-device copy");
   DeviceBuffer src = PDS_TAKE(backend.Allocate(bytes, "copy src"));
   DeviceBuffer dst = PDS_TAKE(backend.Allocate(bytes, "copy dst"));
   const size_t esize = engine::DTypeSize(backend.compute_dtype());
@@ -347,7 +278,7 @@ double MeasureCopyBandwidth(Backend& backend, size_t bytes, int iters) {
 }
 
 double MeasureGemmRate(Backend& backend, int n, int iters) {
-  g_stage = "ceiling: cuBLAS bf16 GEMM";
+  SetStage("ceiling: cuBLAS bf16 GEMM");
   const size_t elems = static_cast<size_t>(n) * n;
   const size_t bytes = elems * engine::DTypeSize(backend.compute_dtype());
   DeviceBuffer a = PDS_TAKE(backend.Allocate(bytes, "gemm A"));
@@ -486,7 +417,7 @@ struct Bench {
   // stay on the device).
   Metric Decode(int batch, bool greedy, bool eager = false) {
     const int ctx = plan.context;
-    g_stage = greedy ? "decode (greedy)" : "decode";
+    SetStage(greedy ? "decode (greedy)" : "decode");
     // `eager`: every op launched one by one instead of replaying the step's CUDA graph.
     auto* cuda = dynamic_cast<engine::CudaBackend*>(&backend);
     if (cuda != nullptr) cuda->SetGraphsEnabled(!eager);
@@ -583,7 +514,7 @@ struct Bench {
   }
 
   Metric Prefill(const std::vector<int>& lens) {
-    g_stage = "prefill";
+    SetStage("prefill");
     std::vector<BlockTable> tables = Reserve(lens);
     std::vector<std::vector<int32_t>> prompts;
     std::vector<SequenceInput> inputs;
@@ -686,7 +617,7 @@ struct Bench {
   }
 
   Metric AttentionDecode() {
-    g_stage = "attention decode";
+    SetStage("attention decode");
     const int batch = plan.attn_decode_batch, ctx = plan.context;
     const double t = TimeAttention(batch, 1, ctx);
     const double bytes = config().kv_size() * 2.0 * esize() * batch * ctx;  // one layer's K+V
@@ -707,7 +638,7 @@ struct Bench {
   // `warps`: the query-tile height of the mma kernel (4 warps = 64 rows, the default; 8 = 128
   // rows), chosen through PDS_ATTN_PREFILL_WARPS.
   Metric AttentionPrefill(int warps = 4) {
-    g_stage = "attention prefill";
+    SetStage("attention prefill");
     const int n = plan.attn_prefill_tokens;
     setenv("PDS_ATTN_PREFILL_WARPS", std::to_string(warps).c_str(), 1);
     const double t = TimeAttention(1, n, n);
@@ -759,6 +690,7 @@ Json ToJson(const Metric& m) {
 }
 
 int Main(int argc, char** argv) {
+  SetTool("bench_cuda");
   std::optional<Options> parsed = ParseArgs(argc, argv);
   if (!parsed) {
     Usage();
@@ -774,7 +706,7 @@ int Main(int argc, char** argv) {
     std::printf("bench_cuda: --cpu-smoke: the CPU backend at toy shapes (numbers mean nothing)\n");
     device = {{"name", "cpu (--cpu-smoke)"}};
   } else {
-    g_stage = "device query";
+    SetStage("device query");
     int count = 0;
     if (const cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess || count == 0) {
       std::fprintf(stderr, "bench_cuda: no usable CUDA device (%s)\n",
@@ -806,7 +738,7 @@ int Main(int argc, char** argv) {
   const std::string preset =
       opt.cpu_smoke && opt.preset == Options().preset ? std::string("tiny") : opt.preset;
   const ModelConfig config = PDS_TAKE(engine::PresetConfig(preset));
-  g_stage = "backend";
+  SetStage("backend");
   engine::BackendOptions bo;
   bo.kind = opt.cpu_smoke ? "cpu" : "cuda";
   bo.num_threads = opt.cpu_smoke ? 2 : 0;
@@ -867,9 +799,9 @@ int Main(int argc, char** argv) {
       ceil.gemm_flops_per_s / 1e12, plan.ceiling_iters);
   std::fflush(stdout);
 
-  g_stage = "random model";
+  SetStage("random model");
   std::unique_ptr<Transformer> model = PDS_TAKE(Transformer::CreateRandom(config, *backend, 1));
-  g_stage = "KV cache";
+  SetStage("KV cache");
   KvCache cache = PDS_TAKE(KvCache::Create(*backend, model->CacheShape(blocks, bs)));
   // Random K/V everywhere (never time attention over zeros).
   PDS_CHECK_OK(backend->FillRandom(cache.data(), cache.bytes() / static_cast<size_t>(esize), 1.0f,
@@ -897,7 +829,7 @@ int Main(int argc, char** argv) {
   add(bench.AttentionDecode());
   add(bench.AttentionPrefill());
   add(bench.AttentionPrefill(/*warps=*/8));
-  g_stage = "report";
+  SetStage("report");
   if (!opt.cpu_smoke) CUDA_CHECK(cudaGetLastError());
 
   PrintTable(metrics);

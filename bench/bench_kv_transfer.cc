@@ -37,7 +37,6 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -50,7 +49,6 @@
 #include <optional>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -62,6 +60,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "bench/gpu_check.h"
 #include "engine/common/dtype.h"
 #include "engine/transfer/cuda_ipc_transport.h"
 #include "engine/transfer/kv_transport.h"
@@ -91,9 +90,6 @@ constexpr double kTarget = 0.80;
 // Blocks checksummed per layer and K/V pool in each verification.
 constexpr int kSampledBlocks = 8;
 
-const char* g_role = "bench_kv_transfer";
-// The stage running now, for error and watchdog messages.
-std::atomic<const char*> g_stage{"startup"};
 // The parent's child and scratch directory, cleaned up on every exit path.
 std::atomic<pid_t> g_child{-1};
 std::string g_dir;  // set once before the child starts
@@ -112,73 +108,10 @@ void RemoveDir() {
   std::filesystem::remove_all(g_dir, ec);
 }
 
-[[noreturn]] void Exit(int code) {
-  std::fflush(stdout);
-  std::fflush(stderr);
-  std::_Exit(code);
-}
-
-[[noreturn]] void Fail(const std::string& what) {
-  std::fprintf(stderr, "%s: FAILED in stage '%s': %s\n", g_role, g_stage.load(), what.c_str());
+void Cleanup() {
   KillChild();
   RemoveDir();
-  Exit(1);
 }
-
-void CheckCuda(cudaError_t err, const char* expr) {
-  if (err != cudaSuccess) {
-    Fail(absl::StrCat("CUDA error ", cudaGetErrorName(err), " (", cudaGetErrorString(err),
-                      ") from ", expr));
-  }
-}
-
-void Check(const absl::Status& status, const char* expr) {
-  if (!status.ok()) Fail(absl::StrCat(status.ToString(), " from ", expr));
-}
-
-template <typename T>
-T Take(absl::StatusOr<T> value, const char* expr) {
-  Check(value.status(), expr);
-  return std::move(value).value();
-}
-
-#define CUDA_CHECK(expr) CheckCuda((expr), #expr)
-#define PDS_CHECK_OK(expr) Check((expr), #expr)
-#define PDS_TAKE(expr) Take((expr), #expr)
-
-// Kills the process (and the child) when a stage runs past the deadline.
-class Watchdog {
- public:
-  explicit Watchdog(double seconds) : seconds_(seconds) {
-    if (seconds_ <= 0) return;
-    thread_ = std::thread([this] {
-      std::unique_lock<std::mutex> lock(mu_);
-      if (!cv_.wait_for(lock, std::chrono::duration<double>(seconds_), [this] { return done_; })) {
-        std::fprintf(stderr, "%s: FAILED: watchdog: no result after %.0f s (stage '%s')\n", g_role,
-                     seconds_, g_stage.load());
-        KillChild();
-        RemoveDir();
-        Exit(3);
-      }
-    });
-  }
-  ~Watchdog() {
-    if (!thread_.joinable()) return;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      done_ = true;
-    }
-    cv_.notify_all();
-    thread_.join();
-  }
-
- private:
-  double seconds_;
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
-  std::thread thread_;
-};
 
 struct Options {
   std::string json_out;
@@ -233,7 +166,7 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
                arg == "--parent-pid") {
       auto v = next();
       if (!v) {
-        std::fprintf(stderr, "%s: %s needs a value\n", g_role, arg.c_str());
+        std::fprintf(stderr, "%s: %s needs a value\n", Tool(), arg.c_str());
         return std::nullopt;
       }
       bool ok = true;
@@ -253,11 +186,11 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
         ok = absl::SimpleAtod(*v, &o.timeout_s) && o.timeout_s >= 0;
       }
       if (!ok) {
-        std::fprintf(stderr, "%s: bad value '%s' for %s\n", g_role, v->c_str(), arg.c_str());
+        std::fprintf(stderr, "%s: bad value '%s' for %s\n", Tool(), v->c_str(), arg.c_str());
         return std::nullopt;
       }
     } else {
-      std::fprintf(stderr, "%s: unknown flag '%s'\n", g_role, arg.c_str());
+      std::fprintf(stderr, "%s: unknown flag '%s'\n", Tool(), arg.c_str());
       return std::nullopt;
     }
   }
@@ -525,7 +458,7 @@ class ChildSink : public engine::KvSink {
       }
     }
     if (!status.ok()) {
-      std::fprintf(stderr, "%s: transfer '%s' failed: %s\n", g_role, id.c_str(),
+      std::fprintf(stderr, "%s: transfer '%s' failed: %s\n", Tool(), id.c_str(),
                    status.ToString().c_str());
       WriteFileAtomic(dir_ / (id + ".err"), status.ToString());
       return;
@@ -551,20 +484,20 @@ class ChildSink : public engine::KvSink {
 };
 
 int ChildMain(const Options& opt) {
-  g_role = "bench_kv_transfer (child)";
+  SetTool("bench_kv_transfer (child)");
   // Gone with the parent, whichever way it ends.
   prctl(PR_SET_PDEATHSIG, SIGKILL);
   if (opt.parent_pid > 0 && getppid() != opt.parent_pid) return 1;
   const std::filesystem::path dir(opt.child_dir);
-  g_stage = "child: device";
+  SetStage("child: device");
   CUDA_CHECK(cudaSetDevice(opt.device));
-  g_stage = "child: KV pool";
+  SetStage("child: KV pool");
   const KvPoolLayout shape = PoolLayout(nullptr, opt.pool_blocks, opt.device);
   void* pool_data = nullptr;
   CUDA_CHECK(cudaMalloc(&pool_data, shape.bytes));
   CUDA_CHECK(cudaMemset(pool_data, 0, shape.bytes));
   const KvPoolLayout pool = PoolLayout(pool_data, opt.pool_blocks, opt.device);
-  g_stage = "child: ceiling buffer";
+  SetStage("child: ceiling buffer");
   void* ceiling = nullptr;
   CUDA_CHECK(cudaMalloc(&ceiling, kCeilingBytes));
   CUDA_CHECK(cudaMemset(ceiling, 0, kCeilingBytes));
@@ -572,7 +505,7 @@ int ChildMain(const Options& opt) {
   CUDA_CHECK(cudaIpcGetMemHandle(&handle, ceiling));
   CUDA_CHECK(cudaDeviceSynchronize());
 
-  g_stage = "child: receivers";
+  SetStage("child: receivers");
   ChildSink sink(pool, dir);
   std::unique_ptr<engine::KvReceiver> ipc =
       PDS_TAKE(engine::StartCudaIpcKvReceiver("127.0.0.1", 0, &sink, pool));
@@ -584,7 +517,7 @@ int ChildMain(const Options& opt) {
                                    reinterpret_cast<const char*>(&handle), sizeof(handle))),
                                "\n"));
 
-  g_stage = "child: serving";
+  SetStage("child: serving");
   const absl::Time limit =
       absl::Now() + (opt.timeout_s > 0 ? absl::Seconds(opt.timeout_s) : absl::Hours(1));
   while (!std::filesystem::exists(dir / "stop")) {
@@ -592,7 +525,7 @@ int ChildMain(const Options& opt) {
     if (opt.parent_pid > 0 && getppid() != opt.parent_pid) Fail("the parent went away");
     absl::SleepFor(absl::Milliseconds(20));
   }
-  g_stage = "child: shutdown";
+  SetStage("child: shutdown");
   ipc->Shutdown();
   tcp->Shutdown();
   CUDA_CHECK(cudaFree(ceiling));
@@ -625,7 +558,7 @@ bool ChildAlive() {
   if (r == 0) return true;
   if (r == child) {
     g_child = -1;
-    std::fprintf(stderr, "%s: the child exited (%s %d)\n", g_role,
+    std::fprintf(stderr, "%s: the child exited (%s %d)\n", Tool(),
                  WIFEXITED(status) ? "status" : "signal",
                  WIFEXITED(status) ? WEXITSTATUS(status) : WTERMSIG(status));
   }
@@ -670,7 +603,7 @@ struct Ceiling {
 };
 
 Ceiling MeasureIpcCeiling(const std::string& handle_hex) {
-  g_stage = "ceiling: cross-process IPC copy";
+  SetStage("ceiling: cross-process IPC copy");
   const std::string raw = absl::HexStringToBytes(handle_hex);
   cudaIpcMemHandle_t handle;
   if (raw.size() != sizeof(handle)) Fail("malformed IPC handle from the child");
@@ -722,10 +655,10 @@ Metric MeasureTransfer(engine::KvSender& sender, const std::string& address,
                        const Ceiling& ceiling) {
   const std::string label =
       absl::StrCat(transport, " ", shuffled ? "shuffled" : "contig", " ", tokens);
-  static std::string stage;  // g_stage points into it while this runs
-  g_stage = "transfer";      // not into `stage` while it changes
+  static std::string stage;  // the stage name points into it while this runs
+  SetStage("transfer");      // not into `stage` while it changes
   stage = absl::StrCat("transfer: ", label);
-  g_stage = stage.c_str();
+  SetStage(stage.c_str());
   const BlockPlan plan = MakeBlockPlan(shuffled, tokens, pool.num_blocks);
   PoolSource source(pool, plan.src);
   int64_t runs = 1;
@@ -852,15 +785,15 @@ int ParentMain(const Options& opt) {
   Watchdog watchdog(opt.timeout_s);
   const auto run_start = std::chrono::steady_clock::now();
 
-  g_stage = "device query";
+  SetStage("device query");
   int count = 0;
   if (const cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess || count == 0) {
-    std::fprintf(stderr, "%s: no usable CUDA device (%s)\n", g_role,
+    std::fprintf(stderr, "%s: no usable CUDA device (%s)\n", Tool(),
                  err != cudaSuccess ? cudaGetErrorString(err) : "device count 0");
     return 2;
   }
   if (opt.device >= count) {
-    std::fprintf(stderr, "%s: --device %d but only %d device(s)\n", g_role, opt.device, count);
+    std::fprintf(stderr, "%s: --device %d but only %d device(s)\n", Tool(), opt.device, count);
     return 2;
   }
   CUDA_CHECK(cudaSetDevice(opt.device));
@@ -881,13 +814,13 @@ int ParentMain(const Options& opt) {
       "%s: %s (sm_%d%d, %.1f GiB), driver API %d, runtime %d; llama3-8b KV (%d layers, %d KV "
       "heads, head_dim %d, bf16, blocks of %d: %zu KiB); pools of %d blocks (%.2f GiB) in each "
       "process%s\n",
-      g_role, prop.name, prop.major, prop.minor, prop.totalGlobalMem / double(1 << 30), driver,
+      Tool(), prop.name, prop.major, prop.minor, prop.totalGlobalMem / double(1 << 30), driver,
       runtime, kLayers, kKvHeads, kHeadDim, kBlockSize, kBlockBytes >> 10, pool_blocks,
       shape.bytes / double(1 << 30), opt.quick ? ", --quick" : "");
   std::fflush(stdout);
 
   // The child: this binary with --child, its scratch directory, the pool size.
-  g_stage = "starting the child";
+  SetStage("starting the child");
   std::string tmpl = (std::filesystem::temp_directory_path() / "pds-kv-transfer.XXXXXX").string();
   if (mkdtemp(tmpl.data()) == nullptr) Fail(absl::StrCat("mkdtemp: ", std::strerror(errno)));
   g_dir = tmpl;
@@ -915,14 +848,14 @@ int ParentMain(const Options& opt) {
   g_child = child;
 
   // Meanwhile the sender's pool, random everywhere.
-  g_stage = "sender pool";
+  SetStage("sender pool");
   void* pool_data = nullptr;
   CUDA_CHECK(cudaMalloc(&pool_data, shape.bytes));
   PDS_CHECK_OK(FillRandomNonZero(pool_data, shape.bytes, 5));
   CUDA_CHECK(cudaDeviceSynchronize());
   const KvPoolLayout pool = PoolLayout(pool_data, pool_blocks, opt.device);
 
-  g_stage = "waiting for the child";
+  SetStage("waiting for the child");
   const std::string ready = AwaitFile(dir / "ready", absl::Seconds(60));
   std::map<std::string, std::string> fields;
   for (absl::string_view line : absl::StrSplit(ready, '\n', absl::SkipEmpty())) {
@@ -932,13 +865,13 @@ int ParentMain(const Options& opt) {
   if (!fields.count("ipc") || !fields.count("tcp") || !fields.count("ceiling")) {
     Fail(absl::StrCat("malformed ready file from the child: '", ready, "'"));
   }
-  std::printf("%s: child pid %d ready after %.1f s (ipc receiver %s, tcp receiver %s)\n", g_role,
+  std::printf("%s: child pid %d ready after %.1f s (ipc receiver %s, tcp receiver %s)\n", Tool(),
               child, Seconds(run_start), fields["ipc"].c_str(), fields["tcp"].c_str());
   std::fflush(stdout);
 
   const Ceiling ceiling = MeasureIpcCeiling(fields["ceiling"]);
   std::printf("%s: ceiling: cross-process IPC copy %.1f GB/s (bytes copied, %zu MiB, best of %d)\n",
-              g_role, ceiling.bytes_per_s / 1e9, kCeilingBytes >> 20, kCeilingIters);
+              Tool(), ceiling.bytes_per_s / 1e9, kCeilingBytes >> 20, kCeilingIters);
   std::fflush(stdout);
 
   std::vector<Metric> metrics;
@@ -955,7 +888,7 @@ int ParentMain(const Options& opt) {
     metrics.push_back(m);
   }
 
-  g_stage = "ipc sender";
+  SetStage("ipc sender");
   std::unique_ptr<engine::KvSender> ipc = PDS_TAKE(engine::CreateCudaIpcKvSender(pool));
   for (bool shuffled : {true, false}) {
     for (int32_t tokens : token_counts) {
@@ -969,7 +902,7 @@ int ParentMain(const Options& opt) {
                                       2048, tcp_iters, ceiling));
   }
 
-  g_stage = "stopping the child";
+  SetStage("stopping the child");
   ipc.reset();  // closes the mapping of the child's pool
   WriteFileAtomic(dir / "stop", "");
   {
@@ -990,13 +923,13 @@ int ParentMain(const Options& opt) {
   }
   CUDA_CHECK(cudaFree(pool_data));
   RemoveDir();
-  g_stage = "report";
+  SetStage("report");
 
   PrintTable(metrics);
   std::printf(
       "%s: bandwidth = K+V bytes of the sequence / wall time of KvSender::Send (offer, copies, "
       "confirmation); ceiling = one 1 GiB cudaMemcpyAsync into another process's buffer\n",
-      g_role);
+      Tool());
 
   if (!opt.json_out.empty()) {
     Json j;
@@ -1023,16 +956,18 @@ int ParentMain(const Options& opt) {
     std::ofstream f(opt.json_out);
     f << j.dump(2) << "\n";
     if (!f) {
-      std::fprintf(stderr, "%s: cannot write %s\n", g_role, opt.json_out.c_str());
+      std::fprintf(stderr, "%s: cannot write %s\n", Tool(), opt.json_out.c_str());
       return 1;
     }
-    std::printf("%s: wrote %s\n", g_role, opt.json_out.c_str());
+    std::printf("%s: wrote %s\n", Tool(), opt.json_out.c_str());
   }
-  std::printf("%s: done in %.1f s\n", g_role, Seconds(run_start));
+  std::printf("%s: done in %.1f s\n", Tool(), Seconds(run_start));
   return 0;
 }
 
 int Main(int argc, char** argv) {
+  SetTool("bench_kv_transfer");
+  SetCleanup(Cleanup);
   std::optional<Options> parsed = ParseArgs(argc, argv);
   if (!parsed) {
     Usage();
@@ -1040,14 +975,13 @@ int Main(int argc, char** argv) {
   }
   if (!parsed->child_dir.empty()) {
     if (parsed->pool_blocks <= 0) {
-      std::fprintf(stderr, "%s: --child needs --pool-blocks\n", g_role);
+      std::fprintf(stderr, "%s: --child needs --pool-blocks\n", Tool());
       return 2;
     }
     return ChildMain(*parsed);
   }
   const int rc = ParentMain(*parsed);
-  KillChild();
-  RemoveDir();
+  Cleanup();
   return rc;
 }
 

@@ -63,6 +63,32 @@ class CudaModelTest : public ::testing::TestWithParam<ModelParam> {
   // largest logit after the whole model (measured on the H100 2026-11-27: worst 1.4e-2 bf16,
   // 1.7e-3 fp16 over 101 rows of tiny and small).
   double Tolerance() const { return GetParam().dtype == DType::kBF16 ? 2.5e-2 : 4e-3; }
+
+  struct Engine {
+    ModelConfig config;
+    std::unique_ptr<Backend> backend;
+    std::unique_ptr<Transformer> model;
+    std::unique_ptr<LlmEngine> engine;
+  };
+  // The preset's model with seeded random weights on a CUDA backend of the parameter's dtype.
+  void MakeEngine(uint64_t seed, const EngineOptions& eo, bool graphs, Engine& e) {
+    auto config = PresetConfig(GetParam().preset);
+    ASSERT_TRUE(config.ok());
+    e.config = *config;
+    BackendOptions o;
+    o.kind = "cuda";
+    o.dtype = GetParam().dtype;
+    o.cuda_graphs = graphs;
+    auto backend = CreateBackend(o);
+    ASSERT_TRUE(backend.ok()) << backend.status();
+    e.backend = std::move(*backend);
+    auto model = Transformer::CreateRandom(e.config, *e.backend, seed);
+    ASSERT_TRUE(model.ok()) << model.status();
+    e.model = std::move(*model);
+    auto engine = LlmEngine::Create(*e.model, eo);
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    e.engine = std::move(*engine);
+  }
 };
 
 TEST_P(CudaModelTest, TeacherForcedLogitsMatchCpu) {
@@ -160,28 +186,18 @@ TEST_P(CudaModelTest, TeacherForcedLogitsMatchCpu) {
 }
 
 TEST_P(CudaModelTest, EngineServesMixedBatchesAndReturnsEveryBlock) {
-  const ModelParam p = GetParam();
-  auto config = PresetConfig(p.preset);
-  ASSERT_TRUE(config.ok());
-  BackendOptions o;
-  o.kind = "cuda";
-  o.dtype = p.dtype;
-  auto gpu = CreateBackend(o);
-  ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto model = Transformer::CreateRandom(*config, **gpu, 3);
-  ASSERT_TRUE(model.ok()) << model.status();
   EngineOptions eo;
   eo.num_blocks = 128;
   eo.max_batch_tokens = 256;  // forces chunked prefills mixed with decodes
-  auto engine = LlmEngine::Create(**model, eo);
-  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine e;
+  ASSERT_NO_FATAL_FAILURE(MakeEngine(3, eo, /*graphs=*/true, e));
   std::vector<GenerateRequest> requests;
   std::mt19937 rng(3);
   for (int i = 0; i < 12; ++i) {
     GenerateRequest r;
     r.id = "r" + std::to_string(i);
     const int len = 1 + static_cast<int>(rng() % 300);
-    for (int j = 0; j < len; ++j) r.prompt.push_back(rng() % config->vocab_size);
+    for (int j = 0; j < len; ++j) r.prompt.push_back(rng() % e.config.vocab_size);
     r.params.max_tokens = 8 + i;
     r.params.ignore_eos = true;
     if (i % 2 == 1) {
@@ -191,41 +207,31 @@ TEST_P(CudaModelTest, EngineServesMixedBatchesAndReturnsEveryBlock) {
     }
     requests.push_back(std::move(r));
   }
-  auto results = (*engine)->Generate(requests);
+  auto results = e.engine->Generate(requests);
   ASSERT_TRUE(results.ok()) << results.status();
   ASSERT_EQ(results->size(), requests.size());
   for (size_t i = 0; i < results->size(); ++i) {
     EXPECT_EQ((*results)[i].token_ids.size(), static_cast<size_t>(8 + i));
   }
-  EXPECT_EQ((*engine)->num_free_blocks(), 128);
+  EXPECT_EQ(e.engine->num_free_blocks(), 128);
 }
 
 TEST_P(CudaModelTest, DeviceGreedyEqualsHostGreedy) {
   // Greedy requests take their token from the device argmax (no logits copied); asking for
   // logprobs sends the logits to the host sampler. Same batch, same compute: same tokens.
-  const ModelParam p = GetParam();
-  auto config = PresetConfig(p.preset);
-  ASSERT_TRUE(config.ok());
-  BackendOptions o;
-  o.kind = "cuda";
-  o.dtype = p.dtype;
-  auto gpu = CreateBackend(o);
-  ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto model = Transformer::CreateRandom(*config, **gpu, 9);
-  ASSERT_TRUE(model.ok()) << model.status();
   EngineOptions eo;
   eo.num_blocks = 64;
-  auto engine = LlmEngine::Create(**model, eo);
-  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine e;
+  ASSERT_NO_FATAL_FAILURE(MakeEngine(9, eo, /*graphs=*/true, e));
   GenerateRequest r;
-  for (int j = 0; j < 50; ++j) r.prompt.push_back((j * 7919) % config->vocab_size);
+  for (int j = 0; j < 50; ++j) r.prompt.push_back((j * 7919) % e.config.vocab_size);
   r.params.max_tokens = 24;
   r.params.ignore_eos = true;
   r.id = "device";
-  auto a = (*engine)->Generate({r});
+  auto a = e.engine->Generate({r});
   r.id = "host";
   r.params.logprobs = 0;
-  auto b = (*engine)->Generate({r});
+  auto b = e.engine->Generate({r});
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ((*a)[0].token_ids, (*b)[0].token_ids);
   EXPECT_EQ((*b)[0].logprobs.size(), 24u);
@@ -234,22 +240,12 @@ TEST_P(CudaModelTest, DeviceGreedyEqualsHostGreedy) {
 TEST_P(CudaModelTest, SeededSamplingIsReproducibleAndMatchesHostRule) {
   // A seeded sampled request gives the same tokens when run again, and the same tokens when
   // its logits also go to the host (logprobs).
-  const ModelParam p = GetParam();
-  auto config = PresetConfig(p.preset);
-  ASSERT_TRUE(config.ok());
-  BackendOptions o;
-  o.kind = "cuda";
-  o.dtype = p.dtype;
-  auto gpu = CreateBackend(o);
-  ASSERT_TRUE(gpu.ok()) << gpu.status();
-  auto model = Transformer::CreateRandom(*config, **gpu, 10);
-  ASSERT_TRUE(model.ok()) << model.status();
   EngineOptions eo;
   eo.num_blocks = 64;
-  auto engine = LlmEngine::Create(**model, eo);
-  ASSERT_TRUE(engine.ok()) << engine.status();
+  Engine e;
+  ASSERT_NO_FATAL_FAILURE(MakeEngine(10, eo, /*graphs=*/true, e));
   GenerateRequest r;
-  for (int j = 0; j < 30; ++j) r.prompt.push_back((j * 104729) % config->vocab_size);
+  for (int j = 0; j < 30; ++j) r.prompt.push_back((j * 104729) % e.config.vocab_size);
   r.params.max_tokens = 20;
   r.params.ignore_eos = true;
   r.params.temperature = 0.9f;
@@ -257,9 +253,9 @@ TEST_P(CudaModelTest, SeededSamplingIsReproducibleAndMatchesHostRule) {
   r.params.top_p = 0.9f;
   r.params.seed = 1234;
   r.id = "a";
-  auto a = (*engine)->Generate({r});
+  auto a = e.engine->Generate({r});
   r.id = "b";
-  auto b = (*engine)->Generate({r});
+  auto b = e.engine->Generate({r});
   ASSERT_TRUE(a.ok() && b.ok());
   // (Not compared across batch compositions: cuBLAS may pick other kernels for other batch
   // sizes, so bf16 logits are not bitwise batch-invariant on the GPU.)
@@ -267,7 +263,7 @@ TEST_P(CudaModelTest, SeededSamplingIsReproducibleAndMatchesHostRule) {
   // With logprobs the logits also go to the host; the device still picks the same token.
   r.id = "c";
   r.params.logprobs = 1;
-  auto c = (*engine)->Generate({r});
+  auto c = e.engine->Generate({r});
   ASSERT_TRUE(c.ok());
   EXPECT_EQ((*a)[0].token_ids, (*c)[0].token_ids);
 }
@@ -276,38 +272,27 @@ TEST_P(CudaModelTest, GraphReplayEqualsEagerDecode) {
   // The same requests on two backends, decode steps recorded and replayed as CUDA graphs on
   // one and run op by op on the other: identical tokens (same kernels, same shapes). Contexts
   // cross a block-table bucket (32 blocks of 16) and the batch shrinks as requests finish.
-  const ModelParam p = GetParam();
-  auto config = PresetConfig(p.preset);
-  ASSERT_TRUE(config.ok());
   std::vector<std::vector<int32_t>> tokens[2];
   size_t graphs = 0;
   for (int with_graphs = 0; with_graphs < 2; ++with_graphs) {
-    BackendOptions o;
-    o.kind = "cuda";
-    o.dtype = p.dtype;
-    o.cuda_graphs = with_graphs == 1;
-    auto gpu = CreateBackend(o);
-    ASSERT_TRUE(gpu.ok()) << gpu.status();
-    auto model = Transformer::CreateRandom(*config, **gpu, 12);
-    ASSERT_TRUE(model.ok()) << model.status();
     EngineOptions eo;
     eo.num_blocks = 256;
-    auto engine = LlmEngine::Create(**model, eo);
-    ASSERT_TRUE(engine.ok()) << engine.status();
+    Engine e;
+    ASSERT_NO_FATAL_FAILURE(MakeEngine(12, eo, with_graphs == 1, e));
     std::vector<GenerateRequest> requests;
     for (int i = 0; i < 5; ++i) {
       GenerateRequest r;
       r.id = "g" + std::to_string(i);
-      for (int j = 0; j < 470 + 7 * i; ++j) r.prompt.push_back((j * 31 + i) % config->vocab_size);
+      for (int j = 0; j < 470 + 7 * i; ++j) r.prompt.push_back((j * 31 + i) % e.config.vocab_size);
       r.params.max_tokens = 30 + 10 * i;
       r.params.ignore_eos = true;
       requests.push_back(std::move(r));
     }
-    auto results = (*engine)->Generate(requests);
+    auto results = e.engine->Generate(requests);
     ASSERT_TRUE(results.ok()) << results.status();
     for (const auto& r : *results) tokens[with_graphs].push_back(r.token_ids);
 #if PDS_HAVE_CUDA
-    if (with_graphs == 1) graphs = dynamic_cast<CudaBackend&>(**gpu).num_graphs();
+    if (with_graphs == 1) graphs = dynamic_cast<CudaBackend&>(*e.backend).num_graphs();
 #endif
   }
   EXPECT_EQ(tokens[0], tokens[1]);
