@@ -314,23 +314,10 @@ class DeviceKvReceiver final : public KvReceiver {
     conn.io = io;
     absl::Status status = Serve(conn);
     if (status.ok()) return;
-    const bool stopping = server_.stopping();
-    if (stopping) status = absl::UnavailableError("receiver shutting down");
-    std::string context =
-        absl::StrCat(DevicePlaneName(plane_->kind()), " kv receiver ", server_.address());
-    if (!conn.header.request_id.empty()) {
-      absl::StrAppend(&context, ", request '", conn.header.request_id, "'");
-    }
-    status = WithContext(status, context);
-    if (conn.reserved || !stopping) {
-      Log()->warn("{}", status.ToString());
-    } else {
-      Log()->debug("{}", status.ToString());
-    }
-    if (conn.reserved) {
-      conn.reserved = false;
-      sink_->Complete(conn.header.request_id, status);
-    }
+    status = EndFailedConnection(
+        status, server_.stopping(),
+        absl::StrCat(DevicePlaneName(plane_->kind()), " kv receiver ", server_.address()),
+        conn.header, conn.reserved, *sink_);
     Io quick = conn.io;
     quick.deadline = absl::Now() + absl::Milliseconds(100);
     if (WriteFrame(quick, FrameType::kDoneReply, tcp_wire::EncodeStatus(status)).ok()) {

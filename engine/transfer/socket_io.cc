@@ -41,6 +41,27 @@ void Fd::Reset() {
 std::string Errno(int err) { return std::strerror(err); }
 
 // Prefixes a status message with context, keeping the code.
+absl::Status EndFailedConnection(absl::Status status, bool stopping, absl::string_view who,
+                                 const KvTransferHeader& header, bool& reserved, KvSink& sink) {
+  if (stopping) status = absl::UnavailableError("receiver shutting down");
+  std::string context(who);
+  if (!header.request_id.empty()) {
+    absl::StrAppend(&context, ", request '", header.request_id, "'");
+  }
+  status = WithContext(status, context);
+  // A connection between offers that shutdown closes is no news.
+  if (reserved || !stopping) {
+    Log()->warn("{}", status.ToString());
+  } else {
+    Log()->debug("{}", status.ToString());
+  }
+  if (reserved) {
+    reserved = false;
+    sink.Complete(header.request_id, status);
+  }
+  return status;
+}
+
 absl::Status WithContext(const absl::Status& status, absl::string_view context) {
   if (status.ok()) return status;
   return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));

@@ -63,6 +63,13 @@ std::string Errno(int err);
 // Prefixes a status message with context, keeping the code.
 absl::Status WithContext(const absl::Status& status, absl::string_view context);
 
+// A receiver connection that ended with `status` (not OK): names the receiver (`who`) and the
+// request, logs it (quietly when shutdown closed a connection with nothing reserved) and
+// completes the sink's reservation, if any, with it. Returns the status with its context, for
+// the error reply.
+absl::Status EndFailedConnection(absl::Status status, bool stopping, absl::string_view who,
+                                 const KvTransferHeader& header, bool& reserved, KvSink& sink);
+
 // An owned file descriptor.
 class Fd {
  public:

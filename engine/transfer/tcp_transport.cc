@@ -225,6 +225,7 @@ namespace {
 
 using tcp_wire::FrameType;
 using transfer_internal::Connect;
+using transfer_internal::EndFailedConnection;
 using transfer_internal::Fd;
 using transfer_internal::Io;
 using transfer_internal::kPeerSpoke;
@@ -382,23 +383,9 @@ class TcpKvReceiver final : public KvReceiver {
     conn.io = io;
     absl::Status status = Serve(conn);
     if (!status.ok()) {
-      const bool stopping = server_.stopping();
-      if (stopping) status = absl::UnavailableError("receiver shutting down");
-      std::string context = absl::StrCat("kv receiver ", server_.address());
-      if (!conn.header.request_id.empty()) {
-        absl::StrAppend(&context, ", request '", conn.header.request_id, "'");
-      }
-      status = WithContext(status, context);
-      // A connection between offers that shutdown closes is no news.
-      if (conn.reserved || !stopping) {
-        Log()->warn("{}", status.ToString());
-      } else {
-        Log()->debug("{}", status.ToString());
-      }
-      if (conn.reserved) {
-        conn.reserved = false;
-        sink_->Complete(conn.header.request_id, status);
-      }
+      status = EndFailedConnection(status, server_.stopping(),
+                                   absl::StrCat("kv receiver ", server_.address()), conn.header,
+                                   conn.reserved, *sink_);
       ReplyError(conn, status);
     }
   }
