@@ -58,7 +58,8 @@ absl::StatusOr<std::vector<int32_t>> ParseIds(const std::string& text, const cha
 }
 
 absl::Status Run(const CliArgs& args) {
-  PDS_ASSIGN_OR_RETURN(std::string model_dir, args.Required("model"));
+  // --random-weights has no directory (and no tokenizer: --prompt-ids only).
+  const std::string model_dir = args.GetString("model", "");
   engine::GenerateRequest request;
   request.id = "generate";
   if (args.Has("prompt") == args.Has("prompt-ids")) {
@@ -67,7 +68,7 @@ absl::Status Run(const CliArgs& args) {
   // The tokenizer is optional: --prompt-ids works without one; text needs it.
   std::unique_ptr<engine::Tokenizer> tokenizer;
   const std::string tokenizer_path = model_dir + "/tokenizer.json";
-  if (std::filesystem::exists(tokenizer_path)) {
+  if (!model_dir.empty() && std::filesystem::exists(tokenizer_path)) {
     PDS_ASSIGN_OR_RETURN(tokenizer, engine::Tokenizer::Load(tokenizer_path));
   }
   if (args.Has("prompt")) {

@@ -1,5 +1,5 @@
-// The flags and loading shared by subcommands that run a model: --model, --backend,
-// --threads.
+// The flags and loading shared by subcommands that run a model: --model (or
+// --random-weights), --backend, --threads.
 #pragma once
 
 #include <memory>
@@ -22,7 +22,8 @@ struct LoadedModel {
   std::unique_ptr<engine::Transformer> model;
 };
 
-// Creates the backend from --backend/--threads and loads --model onto it.
+// Creates the backend from --backend/--threads and loads --model onto it, or makes
+// --random-weights PRESET's model directly on it (dir is then "random-weights:PRESET").
 absl::StatusOr<LoadedModel> LoadModelFromArgs(const CliArgs& args);
 
 }  // namespace pds::server

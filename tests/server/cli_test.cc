@@ -75,6 +75,26 @@ TEST_F(CliTest, GenerateJsonWithLogprobs) {
             nlohmann::json::parse(RunCommand(sampled).output)["token_ids"]);
 }
 
+TEST_F(CliTest, RandomWeightsPresetWithoutAModelDirectory) {
+  // A preset shape made on the backend (what GPU benchmarks use for real model sizes).
+  const std::string cmd =
+      "generate --random-weights tiny --prompt-ids 5,6,7 --max-tokens 4 --ignore-eos --json "
+      "--threads 1";
+  const Result r = RunCommand(cmd);
+  ASSERT_EQ(r.exit_code, 0) << r.output << r.errors;
+  const auto j = nlohmann::json::parse(r.output, nullptr, false);
+  ASSERT_FALSE(j.is_discarded()) << r.output;
+  EXPECT_EQ(j["token_ids"].size(), 4u);
+  EXPECT_EQ(nlohmann::json::parse(RunCommand(cmd).output)["token_ids"], j["token_ids"]);
+  Result bad = RunCommand("generate --random-weights tiny --model " + dir_ + " --prompt-ids 1");
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.errors.find("exactly one of --model and --random-weights"), std::string::npos)
+      << bad.errors;
+  bad = RunCommand("generate --random-weights tiny --prompt hello");
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.errors.find("--prompt-ids"), std::string::npos) << bad.errors;
+}
+
 TEST_F(CliTest, TextPromptAndTokenizeRoundTrip) {
   const Result r = RunCommand("generate --model " + dir_ +
                               " --prompt 'Hello there' --max-tokens 4 --ignore-eos --json");
