@@ -92,6 +92,9 @@ absl::Status Run(const CliArgs& args) {
                 {"num_parameters", c.num_parameters()},
                 {"hidden_size", c.hidden_size},
                 {"num_layers", c.num_layers},
+                {"num_heads", c.num_heads},
+                {"num_kv_heads", c.num_kv_heads},
+                {"head_dim", c.head_dim},
                 {"dtype", std::string(engine::DTypeName(backend->compute_dtype()))}};
   j["grid"] = {{"quick", options.quick},
                {"block_size", options.block_size},

@@ -135,6 +135,9 @@ TEST_F(CliTest, ProfileWritesAFittedLatencyModel) {
   EXPECT_EQ(j["latency_model"]["decode"]["coef"].size(), 3u);
   EXPECT_TRUE(j["latency_model"]["decode"]["fit"]["median_rel_error"].is_number());
   EXPECT_EQ(j["model"]["architecture"], "LlamaForCausalLM");
+  // The KV shape the planner needs for hand-off sizes (tiny: 2 kv heads of 16).
+  EXPECT_EQ(j["model"]["num_kv_heads"], 2);
+  EXPECT_EQ(j["model"]["head_dim"], 16);
   for (const auto& s : j["samples"]["prefill"]) EXPECT_GT(s["seconds"].get<double>(), 0.0);
 }
 
