@@ -3,12 +3,16 @@
 #include <algorithm>
 #include <limits>
 #include <numeric>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 
 namespace pds::scheduler {
 
 namespace {
+
+// A waiting best-effort sequence: planned after every other.
+bool Deferred(const BatchCandidate& c) { return c.best_effort && !c.running; }
 
 // Chunks `order` (indices into candidates) under the budget, FCFS style.
 std::vector<PlannedChunk> ChunkInOrder(absl::Span<const BatchCandidate> candidates,
@@ -34,6 +38,8 @@ class FcfsBatchPolicy : public BatchPolicy {
                                  const BatchBudget& budget) const override {
     std::vector<size_t> order(candidates.size());
     std::iota(order.begin(), order.end(), size_t{0});
+    std::stable_partition(order.begin(), order.end(),
+                          [&](size_t i) { return !Deferred(candidates[i]); });
     return ChunkInOrder(candidates, order, budget);
   }
 };
@@ -50,7 +56,7 @@ class EdfBatchPolicy : public BatchPolicy {
       const double deadline = c.running
                                   ? -std::numeric_limits<double>::infinity()
                                   : c.deadline_s.value_or(std::numeric_limits<double>::infinity());
-      return std::make_pair(deadline, i);
+      return std::make_tuple(Deferred(c), deadline, i);
     };
     std::stable_sort(order.begin(), order.end(),
                      [&](size_t a, size_t b) { return key(a) < key(b); });

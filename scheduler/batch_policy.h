@@ -30,6 +30,10 @@ struct BatchCandidate {
   // Optional SLO deadline (seconds, any clock shared by the candidates): for a sequence
   // still in prefill, when its first token is due; for a decoding one, when its next token is.
   std::optional<double> deadline_s;
+  // Admitted although predicted to miss its SLO (admission control's best-effort mode): while
+  // waiting, it is planned after every other waiting sequence, so it cannot push them past
+  // their deadlines. Once running it keeps its place like any other.
+  bool best_effort = false;
 };
 
 struct BatchBudget {
@@ -53,16 +57,17 @@ class BatchPolicy {
                                          const BatchBudget& budget) const = 0;
 };
 
-// Today's rule: first come first served in admission order; each sequence gets
-// min(pending, remaining budget); stop at max_running sequences or when the budget is spent.
+// First come first served in admission order (waiting best-effort sequences after the
+// others); each sequence gets min(pending, remaining budget); stop at max_running sequences
+// or when the budget is spent.
 std::unique_ptr<BatchPolicy> MakeFcfsBatchPolicy();
 
 // Earliest deadline first: the sequences already running keep their admission order and go
 // first (so that decodes, which hold blocks and are cheap, are never starved and nothing is
 // preempted for a newcomer), then the waiting ones by deadline (those without one last, in
-// admission order; ties by admission order); chunks and stops as FCFS. It does not yet drop
-// sequences that cannot make their deadline: that needs the latency model (admission
-// control) and is for a later policy.
+// admission order; ties by admission order; waiting best-effort ones after all of them); chunks and
+// stops as FCFS. It does not yet drop sequences that cannot make their deadline: that needs the
+// latency model (admission control) and is for a later policy.
 std::unique_ptr<BatchPolicy> MakeEdfBatchPolicy();
 
 // By name: "fcfs" or "edf".

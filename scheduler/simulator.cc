@@ -58,6 +58,7 @@ struct Seq {
   bool hold_after_prefill = false;
   bool in_batch = false;
   std::optional<double> deadline_s;
+  bool best_effort = false;
 };
 
 struct StepItem {
@@ -146,6 +147,7 @@ class Engine {
         c.pending_tokens = seq->tokens - seq->num_computed;
         c.running = seq->admitted;
         c.deadline_s = seq->deadline_s;
+        c.best_effort = seq->best_effort;
         candidates.push_back(c);
       }
       const BatchBudget left{budget, config_.max_running - static_cast<int32_t>(plan.size())};
@@ -426,7 +428,8 @@ class Cluster {
     }
     std::optional<double> deadline;
     if (config_.slo.ttft_ms >= 0) deadline = now_ + config_.slo.ttft_ms / 1000.0;
-    p.engine->Add(i, r.spec.prompt_len, r.spec.output_len, r.decode >= 0, deadline);
+    p.engine->Add(i, r.spec.prompt_len, r.spec.output_len, r.decode >= 0, deadline).best_effort =
+        placed->best_effort;
     return Kick(r.prefill);
   }
 

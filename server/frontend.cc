@@ -341,13 +341,13 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
  private:
   // One request on its way through the cluster: what the client has been sent so far.
   struct Relay {
-    Relay(Impl& impl, const api::GenerateRequest& request, const pb::WorkRequest& work,
+    Relay(Impl& impl, const api::GenerateRequest& request, pb::WorkRequest& work,
           grpc::ServerWriter<api::GenerateResponse>* writer, Tracked& tracked)
         : request(request), work(work), writer(writer), tracked(tracked) {
       if (impl.tokenizer_) decoder = std::make_unique<engine::StreamDecoder>(*impl.tokenizer_);
     }
     const api::GenerateRequest& request;
-    const pb::WorkRequest& work;
+    pb::WorkRequest& work;  // dispatch adds its decisions (best_effort)
     grpc::ServerWriter<api::GenerateResponse>* writer;
     Tracked& tracked;
     std::unique_ptr<engine::StreamDecoder> decoder;
@@ -495,6 +495,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     relay.timeline.set_predicted_ttft_ms(std::max(0.0, placement.predicted_ttft_ms));
     relay.timeline.set_predicted_tpot_ms(std::max(0.0, placement.predicted_tpot_ms));
     relay.timeline.set_best_effort(placement.best_effort);
+    relay.work.set_best_effort(placement.best_effort);  // workers plan it after the others
     relay.timeline.set_queued_us(NowUs());
     return decode == nullptr
                ? RunColocated(relay, *prefill, prefill_done)

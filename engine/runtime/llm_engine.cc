@@ -251,6 +251,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       c.pending_tokens = static_cast<int32_t>(seq->tokens.size()) - seq->num_computed;
       c.running = seq->admitted;
       if (seq->num_generated == 0) c.deadline_s = seq->request.ttft_deadline_s;
+      c.best_effort = seq->request.best_effort;
       candidates.push_back(c);
     }
     const scheduler::BatchBudget left{budget, max_running_ - static_cast<int32_t>(plan.size())};

@@ -40,6 +40,9 @@ struct GenerateRequest {
   // When the first token is due (Unix seconds; from the request's TTFT target). Deadline-
   // aware batch policies (EDF) order waiting prefills by it.
   std::optional<double> ttft_deadline_s;
+  // Admitted although predicted to miss its SLO: the batch policy plans it after every other
+  // waiting request (scheduler::BatchCandidate::best_effort).
+  bool best_effort = false;
 };
 
 struct TokenLogprobs {

@@ -293,7 +293,7 @@ TEST_F(GenerationTest, ImportsWaitForRoomAndCancelFreesReservedBlocks) {
 
 // With the EDF batch policy and a budget of one prompt per step, the request whose first
 // token is due first is prefilled first whatever the admission order; FCFS keeps the order.
-TEST_F(GenerationTest, EdfPrefillsTheEarliestTtftDeadlineFirst) {
+TEST_F(GenerationTest, EdfPrefillsTheEarliestTtftDeadlineFirstAndBestEffortLast) {
   for (const char* name : {"fcfs", "edf"}) {
     auto policy = scheduler::MakeBatchPolicy(name);
     ASSERT_TRUE(policy.ok());
@@ -301,10 +301,12 @@ TEST_F(GenerationTest, EdfPrefillsTheEarliestTtftDeadlineFirst) {
                              .num_blocks = 64,
                              .max_batch_tokens = 8,
                              .batch_policy = std::move(*policy)});
-    for (int i = 0; i < 3; ++i) {
+    for (int i = 0; i < 4; ++i) {
       GenerateRequest r = Request({.max_tokens = 2}, std::vector<int32_t>(8, 10 + i));
       r.id = absl::StrCat("r", i);
       r.ttft_deadline_s = 100.0 - i;  // the last added is due first
+      // r3 was admitted best-effort: whatever its deadline, it waits for the others.
+      r.best_effort = i == 3;
       ASSERT_TRUE(engine->AddRequest(r).ok());
     }
     std::vector<std::string> first_tokens;
@@ -318,9 +320,9 @@ TEST_F(GenerationTest, EdfPrefillsTheEarliestTtftDeadlineFirst) {
         }
       }
     }
-    const std::vector<std::string> expected = std::string(name) == "edf"
-                                                  ? std::vector<std::string>{"r2", "r1", "r0"}
-                                                  : std::vector<std::string>{"r0", "r1", "r2"};
+    const std::vector<std::string> expected =
+        std::string(name) == "edf" ? std::vector<std::string>{"r2", "r1", "r0", "r3"}
+                                   : std::vector<std::string>{"r0", "r1", "r2", "r3"};
     EXPECT_EQ(first_tokens, expected) << name;
   }
 }

@@ -106,6 +106,28 @@ TEST(BatchPolicyTest, EdfRunsRunningFirstThenEarliestDeadline) {
   EXPECT_EQ(Flatten(policy->Plan(plain, {2048, 64})), (Plan{{1, 1}, {0, 3}, {2, 4}}));
 }
 
+BatchCandidate BestEffort(int32_t pending, std::optional<double> deadline = std::nullopt,
+                          bool running = false) {
+  BatchCandidate c = Waiting(pending, deadline);
+  c.best_effort = true;
+  c.running = running;
+  return c;
+}
+
+TEST(BatchPolicyTest, WaitingBestEffortGoesAfterEveryOtherInBothPolicies) {
+  // 0: best-effort waiting with the earliest deadline, 1: normal waiting, 2: running,
+  // 3: best-effort already running (keeps its place), 4: normal waiting.
+  const std::vector<BatchCandidate> c = {BestEffort(10, 1.0), Waiting(10, 5.0), Running(),
+                                         BestEffort(1, 1.0, /*running=*/true), Waiting(10, 3.0)};
+  EXPECT_EQ(Flatten(MakeFcfsBatchPolicy()->Plan(c, {2048, 64})),
+            (Plan{{1, 10}, {2, 1}, {3, 1}, {4, 10}, {0, 10}}));
+  EXPECT_EQ(Flatten(MakeEdfBatchPolicy()->Plan(c, {2048, 64})),
+            (Plan{{2, 1}, {3, 1}, {4, 10}, {1, 10}, {0, 10}}));
+  // With a tight budget the best-effort prefill is what waits.
+  EXPECT_EQ(Flatten(MakeEdfBatchPolicy()->Plan(c, {22, 64})),
+            (Plan{{2, 1}, {3, 1}, {4, 10}, {1, 10}}));
+}
+
 TEST(BatchPolicyTest, ByName) {
   ASSERT_TRUE(MakeBatchPolicy("fcfs").ok());
   ASSERT_TRUE(MakeBatchPolicy("edf").ok());
