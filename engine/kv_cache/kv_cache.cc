@@ -23,6 +23,8 @@ absl::StatusOr<KvCache> KvCache::Create(Backend& backend, const KvCacheShape& sh
                                            shape.num_blocks, " blocks)")));
   // Never read uninitialized memory, even from blocks no sequence has written yet.
   PDS_RETURN_IF_ERROR(backend.Zero(cache.memory_.data(), total));
+  // Done before any other stream (a KV transfer's host copies) writes into the pools.
+  PDS_RETURN_IF_ERROR(backend.Synchronize());
   cache.allocator_ = BlockAllocator(shape.num_blocks);
   return cache;
 }
