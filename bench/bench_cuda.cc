@@ -52,6 +52,7 @@
 #include "engine/model/transformer.h"
 #include "kernels/sampling.h"
 #include "nlohmann/json.hpp"
+#include "server/cli_args.h"
 
 namespace pds::bench {
 namespace {
@@ -153,56 +154,34 @@ void Usage() {
 }
 
 std::optional<Options> ParseArgs(int argc, char** argv) {
-  Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    std::string value;
-    bool has_value = false;
-    if (const size_t eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = arg.substr(eq + 1);
-      arg = arg.substr(0, eq);
-      has_value = true;
-    }
-    auto next = [&]() -> std::optional<std::string> {
-      if (has_value) return value;
-      if (i + 1 >= argc) return std::nullopt;
-      return std::string(argv[++i]);
-    };
-    if (arg == "--quick") {
-      o.quick = true;
-    } else if (arg == "--cpu-smoke") {
-      o.cpu_smoke = true;
-    } else if (arg == "--help" || arg == "-h") {
-      Usage();
-      std::exit(0);
-    } else if (arg == "--preset" || arg == "--json-out" || arg == "--device" || arg == "--iters" ||
-               arg == "--timeout-s") {
-      auto v = next();
-      if (!v) {
-        std::fprintf(stderr, "bench_cuda: %s needs a value\n", arg.c_str());
-        return std::nullopt;
-      }
-      bool ok = true;
-      if (arg == "--preset") {
-        o.preset = *v;
-      } else if (arg == "--json-out") {
-        o.json_out = *v;
-      } else if (arg == "--device") {
-        ok = absl::SimpleAtoi(*v, &o.device) && o.device >= 0;
-      } else if (arg == "--iters") {
-        ok = absl::SimpleAtoi(*v, &o.iters) && o.iters > 0;
-      } else {
-        ok = absl::SimpleAtod(*v, &o.timeout_s) && o.timeout_s >= 0;
-      }
-      if (!ok) {
-        std::fprintf(stderr, "bench_cuda: bad value '%s' for %s\n", v->c_str(), arg.c_str());
-        return std::nullopt;
-      }
-    } else {
-      std::fprintf(stderr, "bench_cuda: unknown flag '%s'\n", arg.c_str());
-      return std::nullopt;
-    }
+  const std::vector<server::FlagSpec> specs = {{"preset"},          {"quick", true}, {"json-out"},
+                                               {"device"},          {"iters"},       {"timeout-s"},
+                                               {"cpu-smoke", true}, {"help", true}};
+  const absl::StatusOr<server::CliArgs> args = server::CliArgs::Parse(argc, argv, 1, specs);
+  if (!args.ok()) {
+    std::fprintf(stderr, "bench_cuda: %s\n", std::string(args.status().message()).c_str());
+    return std::nullopt;
   }
+  if (args->Has("help")) {
+    Usage();
+    std::exit(0);
+  }
+  Options o;
+  o.preset = args->GetString("preset", o.preset);
+  o.json_out = args->GetString("json-out");
+  o.quick = args->GetBool("quick");
+  o.cpu_smoke = args->GetBool("cpu-smoke");
+  const absl::StatusOr<int64_t> device = args->GetInt("device", o.device);
+  const absl::StatusOr<int64_t> iters = args->GetInt("iters", o.iters);
+  const absl::StatusOr<double> timeout = args->GetDouble("timeout-s", o.timeout_s);
+  if (!device.ok() || *device < 0 || !iters.ok() || (args->Has("iters") && *iters <= 0) ||
+      !timeout.ok() || *timeout < 0) {
+    std::fprintf(stderr, "bench_cuda: bad value for --device, --iters or --timeout-s\n");
+    return std::nullopt;
+  }
+  o.device = static_cast<int>(*device);
+  o.iters = static_cast<int>(*iters);
+  o.timeout_s = *timeout;
   return o;
 }
 

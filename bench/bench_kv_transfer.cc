@@ -66,6 +66,7 @@
 #include "engine/transfer/kv_transport.h"
 #include "engine/transfer/tcp_transport.h"
 #include "nlohmann/json.hpp"
+#include "server/cli_args.h"
 
 extern char** environ;
 
@@ -139,61 +140,47 @@ void Usage() {
 }
 
 std::optional<Options> ParseArgs(int argc, char** argv) {
+  const std::vector<server::FlagSpec> specs = {
+      {"json-out"},  {"device"}, {"iters"},       {"quick", true}, {"no-tcp", true},
+      {"timeout-s"}, {"child"},  {"pool-blocks"}, {"parent-pid"},  {"help", true}};
+  const absl::StatusOr<server::CliArgs> args = server::CliArgs::Parse(argc, argv, 1, specs);
+  if (!args.ok()) {
+    std::fprintf(stderr, "%s: %s\n", Tool(), std::string(args.status().message()).c_str());
+    return std::nullopt;
+  }
+  if (args->Has("help")) {
+    Usage();
+    std::exit(0);
+  }
   Options o;
-  for (int i = 1; i < argc; ++i) {
-    std::string arg = argv[i];
-    std::string value;
-    bool has_value = false;
-    if (const size_t eq = arg.find('='); arg.rfind("--", 0) == 0 && eq != std::string::npos) {
-      value = arg.substr(eq + 1);
-      arg = arg.substr(0, eq);
-      has_value = true;
-    }
-    auto next = [&]() -> std::optional<std::string> {
-      if (has_value) return value;
-      if (i + 1 >= argc) return std::nullopt;
-      return std::string(argv[++i]);
-    };
-    if (arg == "--quick") {
-      o.quick = true;
-    } else if (arg == "--no-tcp") {
-      o.tcp = false;
-    } else if (arg == "--help" || arg == "-h") {
-      Usage();
-      std::exit(0);
-    } else if (arg == "--json-out" || arg == "--device" || arg == "--iters" ||
-               arg == "--timeout-s" || arg == "--child" || arg == "--pool-blocks" ||
-               arg == "--parent-pid") {
-      auto v = next();
-      if (!v) {
-        std::fprintf(stderr, "%s: %s needs a value\n", Tool(), arg.c_str());
-        return std::nullopt;
-      }
-      bool ok = true;
-      if (arg == "--json-out") {
-        o.json_out = *v;
-      } else if (arg == "--child") {
-        o.child_dir = *v;
-      } else if (arg == "--device") {
-        ok = absl::SimpleAtoi(*v, &o.device) && o.device >= 0;
-      } else if (arg == "--iters") {
-        ok = absl::SimpleAtoi(*v, &o.iters) && o.iters > 0;
-      } else if (arg == "--pool-blocks") {
-        ok = absl::SimpleAtoi(*v, &o.pool_blocks) && o.pool_blocks > 0;
-      } else if (arg == "--parent-pid") {
-        ok = absl::SimpleAtoi(*v, &o.parent_pid) && o.parent_pid > 0;
-      } else {
-        ok = absl::SimpleAtod(*v, &o.timeout_s) && o.timeout_s >= 0;
-      }
-      if (!ok) {
-        std::fprintf(stderr, "%s: bad value '%s' for %s\n", Tool(), v->c_str(), arg.c_str());
-        return std::nullopt;
-      }
-    } else {
-      std::fprintf(stderr, "%s: unknown flag '%s'\n", Tool(), arg.c_str());
+  o.json_out = args->GetString("json-out");
+  o.child_dir = args->GetString("child");
+  o.quick = args->GetBool("quick");
+  o.tcp = !args->GetBool("no-tcp");
+  // Each integer flag, when given, must be positive (--device: >= 0).
+  struct IntFlag {
+    const char* name;
+    int* out;
+    int min;
+  };
+  for (const IntFlag& f :
+       {IntFlag{"device", &o.device, 0}, IntFlag{"iters", &o.iters, 1},
+        IntFlag{"pool-blocks", &o.pool_blocks, 1}, IntFlag{"parent-pid", &o.parent_pid, 1}}) {
+    const absl::StatusOr<int64_t> v = args->GetInt(f.name, *f.out);
+    if (!v.ok() || (args->Has(f.name) && *v < f.min)) {
+      std::fprintf(stderr, "%s: bad value '%s' for --%s\n", Tool(), args->GetString(f.name).c_str(),
+                   f.name);
       return std::nullopt;
     }
+    *f.out = static_cast<int>(*v);
   }
+  const absl::StatusOr<double> timeout = args->GetDouble("timeout-s", o.timeout_s);
+  if (!timeout.ok() || *timeout < 0) {
+    std::fprintf(stderr, "%s: bad value '%s' for --timeout-s\n", Tool(),
+                 args->GetString("timeout-s").c_str());
+    return std::nullopt;
+  }
+  o.timeout_s = *timeout;
   return o;
 }
 
