@@ -1,5 +1,5 @@
 // Elementwise ops of the transformer block on 16-bit activations (twins of
-// kernels/cpu/elementwise.cc), plus upload conversion and random fill.
+// kernels/cpu/elementwise.cc), plus random fill.
 #include "kernels/cuda/common.cuh"
 #include "kernels/random_fill.h"
 
@@ -67,14 +67,6 @@ __global__ void GatherRowsKernel(const T* x, const int32_t* rows, T* out, int64_
 }
 
 template <typename T>
-__global__ void ConvertKernel(const float* src, T* dst, int64_t n) {
-  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
-       i += int64_t{gridDim.x} * blockDim.x) {
-    dst[i] = FromFloat<T>(src[i]);
-  }
-}
-
-template <typename T>
 __global__ void FillRandomKernel(T* dst, int64_t n, float scale, float offset, uint64_t seed) {
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -128,15 +120,6 @@ cudaError_t GatherRows(Half16 t, const void* x, const int32_t* rows, void* out, 
     using T = decltype(z);
     GatherRowsKernel<<<GridFor(n * cols), kThreads, 0, stream>>>(static_cast<const T*>(x), rows,
                                                                  static_cast<T*>(out), n, cols);
-    return cudaGetLastError();
-  });
-}
-
-cudaError_t ConvertFromFloat(Half16 t, const float* src, void* dst, int64_t n,
-                             cudaStream_t stream) {
-  return Dispatch16(t, [&](auto z) {
-    using T = decltype(z);
-    ConvertKernel<<<GridFor(n), kThreads, 0, stream>>>(src, static_cast<T*>(dst), n);
     return cudaGetLastError();
   });
 }

@@ -25,8 +25,6 @@ cudaError_t SiluGate(Half16 t, const void* gate_up, void* out, int64_t tokens, i
                      cudaStream_t stream);
 cudaError_t GatherRows(Half16 t, const void* x, const int32_t* rows, void* out, int64_t n,
                        int64_t cols, cudaStream_t stream);
-// dst[i] = (16-bit) src[i] for fp32 src.
-cudaError_t ConvertFromFloat(Half16 t, const float* src, void* dst, int64_t n, cudaStream_t stream);
 // dst[i] = RandomFillValue(seed, i, scale, offset) (kernels/random_fill.h), rounded.
 cudaError_t FillRandom(Half16 t, void* dst, int64_t n, float scale, float offset, uint64_t seed,
                        cudaStream_t stream);
