@@ -249,19 +249,24 @@ std::string JoinAddress(const std::string& host, int port) {
   return absl::StrCat(host, ":", port);
 }
 
-absl::StatusOr<Fd> Connect(const std::string& address, absl::Time deadline,
-                           const std::function<bool()>* cancelled, int socket_buffer_bytes) {
-  std::string host, port;
-  PDS_RETURN_IF_ERROR(SplitAddress(address, &host, &port));
+namespace {
+
+// Resolves host:port for stream sockets (`flags`: getaddrinfo's) and offers each address a
+// fresh non-blocking socket: the first one `use` accepts (OK) is returned; UNAVAILABLE from
+// `use` tries the next address, any other error returns at once. A name that does not
+// resolve is `resolve_code`, naming `what`.
+absl::StatusOr<Fd> FirstUsableSocket(const char* host, const std::string& port, int flags,
+                                     absl::StatusCode resolve_code, const std::string& what,
+                                     const std::function<absl::Status(const addrinfo&, Fd&)>& use) {
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_NUMERICSERV;
+  hints.ai_flags = flags;
   addrinfo* list = nullptr;
-  const int rc = ::getaddrinfo(host.c_str(), port.c_str(), &hints, &list);
+  const int rc = ::getaddrinfo(host, port.c_str(), &hints, &list);
   if (rc != 0) {
-    return absl::UnavailableError(
-        absl::StrCat("cannot resolve '", address, "': ", ::gai_strerror(rc)));
+    return absl::Status(resolve_code,
+                        absl::StrCat("cannot resolve '", what, "': ", ::gai_strerror(rc)));
   }
   std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> owner(list, &::freeaddrinfo);
   absl::Status last = absl::UnavailableError("no address");
@@ -271,30 +276,42 @@ absl::StatusOr<Fd> Connect(const std::string& address, absl::Time deadline,
       last = absl::UnavailableError(absl::StrCat("socket: ", Errno(errno)));
       continue;
     }
-    ConfigureSocket(fd.get(), socket_buffer_bytes);
-    int r;
-    do {
-      r = ::connect(fd.get(), ai->ai_addr, ai->ai_addrlen);
-    } while (r < 0 && errno == EINTR);
-    if (r < 0 && errno != EINPROGRESS) {
-      last = absl::UnavailableError(absl::StrCat("connect: ", Errno(errno)));
-      continue;
-    }
-    if (r < 0) {
-      Io io{fd.get(), deadline, absl::InfiniteDuration(), -1, cancelled};
-      absl::Status waited = Wait(io, POLLOUT).status();
-      if (!waited.ok()) return WithContext(waited, "connect");
-      int err = 0;
-      socklen_t len = sizeof(err);
-      ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
-      if (err != 0) {
-        last = absl::UnavailableError(absl::StrCat("connect: ", Errno(err)));
-        continue;
-      }
-    }
-    return fd;
+    last = use(*ai, fd);
+    if (last.ok()) return fd;
+    if (!absl::IsUnavailable(last)) return last;
   }
   return last;
+}
+
+}  // namespace
+
+absl::StatusOr<Fd> Connect(const std::string& address, absl::Time deadline,
+                           const std::function<bool()>* cancelled, int socket_buffer_bytes) {
+  std::string host, port;
+  PDS_RETURN_IF_ERROR(SplitAddress(address, &host, &port));
+  return FirstUsableSocket(
+      host.c_str(), port, AI_NUMERICSERV, absl::StatusCode::kUnavailable, address,
+      [&](const addrinfo& ai, Fd& fd) -> absl::Status {
+        ConfigureSocket(fd.get(), socket_buffer_bytes);
+        int r;
+        do {
+          r = ::connect(fd.get(), ai.ai_addr, ai.ai_addrlen);
+        } while (r < 0 && errno == EINTR);
+        if (r < 0 && errno != EINPROGRESS) {
+          return absl::UnavailableError(absl::StrCat("connect: ", Errno(errno)));
+        }
+        if (r < 0) {
+          Io io{fd.get(), deadline, absl::InfiniteDuration(), -1, cancelled};
+          absl::Status waited = Wait(io, POLLOUT).status();
+          // Not UNAVAILABLE-retried: a deadline or cancel ends the attempt.
+          if (!waited.ok()) return WithContext(waited, "connect");
+          int err = 0;
+          socklen_t len = sizeof(err);
+          ::getsockopt(fd.get(), SOL_SOCKET, SO_ERROR, &err, &len);
+          if (err != 0) return absl::UnavailableError(absl::StrCat("connect: ", Errno(err)));
+        }
+        return absl::OkStatus();
+      });
 }
 absl::StatusOr<ControlFrame> ReadControlFrame(const Io& io, bool* eof) {
   uint8_t raw[tcp_wire::kFrameHeaderBytes];
@@ -338,57 +355,42 @@ absl::Status ConnectionServer::Start(const std::string& host, int port) {
   wake_read_ = Fd(pipe_fds[0]);
   wake_write_ = Fd(pipe_fds[1]);
 
-  addrinfo hints{};
-  hints.ai_family = AF_UNSPEC;
-  hints.ai_socktype = SOCK_STREAM;
-  hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
-  addrinfo* list = nullptr;
-  const std::string port_str = std::to_string(port);
-  const int rc =
-      ::getaddrinfo(host.empty() ? nullptr : host.c_str(), port_str.c_str(), &hints, &list);
-  if (rc != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("cannot resolve '", host, "': ", ::gai_strerror(rc)));
+  absl::StatusOr<Fd> listener = FirstUsableSocket(
+      host.empty() ? nullptr : host.c_str(), std::to_string(port), AI_PASSIVE | AI_NUMERICSERV,
+      absl::StatusCode::kInvalidArgument, host, [&](const addrinfo& ai, Fd& fd) -> absl::Status {
+        const int one = 1;
+        ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+        ConfigureSocket(fd.get(), options_.socket_buffer_bytes);  // inherited by accepted ones
+        if (::bind(fd.get(), ai.ai_addr, ai.ai_addrlen) != 0) {
+          return absl::UnavailableError(absl::StrCat("bind: ", Errno(errno)));
+        }
+        if (::listen(fd.get(), 256) != 0) {
+          return absl::UnavailableError(absl::StrCat("listen: ", Errno(errno)));
+        }
+        return absl::OkStatus();
+      });
+  if (!listener.ok()) {
+    if (absl::IsInvalidArgument(listener.status())) return listener.status();
+    return WithContext(listener.status(), absl::StrCat(what_, " on ", JoinAddress(host, port)));
   }
-  std::unique_ptr<addrinfo, decltype(&::freeaddrinfo)> owner(list, &::freeaddrinfo);
-  absl::Status last = absl::UnavailableError("no address");
-  for (addrinfo* ai = list; ai != nullptr; ai = ai->ai_next) {
-    Fd fd(::socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol));
-    if (fd.get() < 0) {
-      last = absl::UnavailableError(absl::StrCat("socket: ", Errno(errno)));
-      continue;
-    }
-    const int one = 1;
-    ::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    ConfigureSocket(fd.get(), options_.socket_buffer_bytes);  // inherited by accepted sockets
-    if (::bind(fd.get(), ai->ai_addr, ai->ai_addrlen) != 0) {
-      last = absl::UnavailableError(absl::StrCat("bind: ", Errno(errno)));
-      continue;
-    }
-    if (::listen(fd.get(), 256) != 0) {
-      last = absl::UnavailableError(absl::StrCat("listen: ", Errno(errno)));
-      continue;
-    }
-    sockaddr_storage bound{};
-    socklen_t len = sizeof(bound);
-    ::getsockname(fd.get(), reinterpret_cast<sockaddr*>(&bound), &len);
-    char name[INET6_ADDRSTRLEN] = {};
-    int bound_port = 0;
-    if (bound.ss_family == AF_INET6) {
-      const auto* a = reinterpret_cast<const sockaddr_in6*>(&bound);
-      ::inet_ntop(AF_INET6, &a->sin6_addr, name, sizeof(name));
-      bound_port = ntohs(a->sin6_port);
-    } else {
-      const auto* a = reinterpret_cast<const sockaddr_in*>(&bound);
-      ::inet_ntop(AF_INET, &a->sin_addr, name, sizeof(name));
-      bound_port = ntohs(a->sin_port);
-    }
-    address_ = JoinAddress(host.empty() ? std::string(name) : host, bound_port);
-    listen_fd_ = std::move(fd);
-    accept_thread_ = std::thread([this] { AcceptLoop(); });
-    return absl::OkStatus();
+  sockaddr_storage bound{};
+  socklen_t len = sizeof(bound);
+  ::getsockname(listener->get(), reinterpret_cast<sockaddr*>(&bound), &len);
+  char name[INET6_ADDRSTRLEN] = {};
+  int bound_port = 0;
+  if (bound.ss_family == AF_INET6) {
+    const auto* a = reinterpret_cast<const sockaddr_in6*>(&bound);
+    ::inet_ntop(AF_INET6, &a->sin6_addr, name, sizeof(name));
+    bound_port = ntohs(a->sin6_port);
+  } else {
+    const auto* a = reinterpret_cast<const sockaddr_in*>(&bound);
+    ::inet_ntop(AF_INET, &a->sin_addr, name, sizeof(name));
+    bound_port = ntohs(a->sin_port);
   }
-  return WithContext(last, absl::StrCat(what_, " on ", JoinAddress(host, port)));
+  address_ = JoinAddress(host.empty() ? std::string(name) : host, bound_port);
+  listen_fd_ = std::move(*listener);
+  accept_thread_ = std::thread([this] { AcceptLoop(); });
+  return absl::OkStatus();
 }
 
 void ConnectionServer::Shutdown() {
