@@ -403,16 +403,15 @@ absl::Status CudaBackend::BeginBatch(const BatchMetadata& batch) {
   st.max_blocks = batch.max_blocks;
   st.block_size = batch.block_size;
   st.plan.has_decode_rows = st.plan.has_prefill_rows = false;
-  st.plan.max_q_len = st.plan.max_kv_len = 0;
+  st.plan.max_q_len = 0;
   for (int32_t s = 0; s < st.num_seqs; ++s) {
     const int32_t q_len = batch.cu_q[s + 1] - batch.cu_q[s];
     (q_len == 1 ? st.plan.has_decode_rows : st.plan.has_prefill_rows) = true;
     st.plan.max_q_len = std::max(st.plan.max_q_len, q_len);
-    st.plan.max_kv_len = std::max(st.plan.max_kv_len, batch.kv_lens[s]);
   }
-  // The decode split plan follows the block-table width (what a graph key fixes), not the
-  // exact longest context: blocks past a sequence's context exit at once.
-  st.plan.max_kv_len = std::max(st.plan.max_kv_len, batch.max_blocks * batch.block_size);
+  // The decode split plan follows the block-table width (what a graph key fixes; it covers
+  // every context), not the exact longest context: blocks past a context exit at once.
+  st.plan.max_kv_len = batch.max_blocks * batch.block_size;
   ++st.generation;
   return absl::OkStatus();
 }

@@ -4,18 +4,6 @@
 #include "kernels/cuda/attention_internal.cuh"
 
 namespace pds::kernels::cuda {
-namespace {
-
-int64_t HeadsPerBlock(int64_t heads, int64_t kv_heads) {
-  const int64_t ratio = heads / kv_heads;
-  for (int64_t g : {8, 4, 2}) {
-    if (ratio % g == 0) return g;
-  }
-  return 1;
-}
-
-}  // namespace
-
 bool AttentionHeadDimSupported(int64_t head_dim) {
   return head_dim == 16 || head_dim == 32 || head_dim == 64 || head_dim == 128 || head_dim == 256;
 }

@@ -233,11 +233,16 @@ cudaError_t LaunchDecode(const AttentionArgs& a, cudaStream_t stream) {
 
 template <typename T, int D>
 cudaError_t DecodeForDim(const AttentionArgs& a, cudaStream_t stream) {
-  const int64_t ratio = a.heads / a.kv_heads;
-  if (ratio % 8 == 0) return LaunchDecode<T, D, 8>(a, stream);
-  if (ratio % 4 == 0) return LaunchDecode<T, D, 4>(a, stream);
-  if (ratio % 2 == 0) return LaunchDecode<T, D, 2>(a, stream);
-  return LaunchDecode<T, D, 1>(a, stream);
+  switch (HeadsPerBlock(a.heads, a.kv_heads)) {
+    case 8:
+      return LaunchDecode<T, D, 8>(a, stream);
+    case 4:
+      return LaunchDecode<T, D, 4>(a, stream);
+    case 2:
+      return LaunchDecode<T, D, 2>(a, stream);
+    default:
+      return LaunchDecode<T, D, 1>(a, stream);
+  }
 }
 
 }  // namespace

@@ -18,6 +18,16 @@ struct AttentionArgs {
   void* workspace = nullptr;
 };
 
+// Query heads one decode block serves (they share a KV head): the largest of 8, 4, 2, 1 that
+// divides heads / kv_heads.
+inline int64_t HeadsPerBlock(int64_t heads, int64_t kv_heads) {
+  const int64_t ratio = heads / kv_heads;
+  for (int64_t g : {8, 4, 2}) {
+    if (ratio % g == 0) return g;
+  }
+  return 1;
+}
+
 // fp32 elements of the decode kernel's split workspace (0 with one split).
 int64_t DecodeWorkspaceFloats(int32_t num_seqs, int64_t heads, int64_t head_dim,
                               int32_t num_splits);
