@@ -12,12 +12,18 @@
 //   attention  the backend's Attention alone on layer 0's cache: decode batch 64 at context C
 //              (KV bytes over the copy bandwidth) and a 4096-token causal prefill (FLOPs over
 //              the GEMM rate)
+//   gemv       each weight matrix of a decode step (qkv, o, gate_up, down, lm_head with fp32
+//              output) at m = 1 and 8 activation rows: the GEMV kernel (kernels/cuda/gemv.cu)
+//              and cuBLAS (the backend's cublasGemmEx) side by side, back-to-back calls replayed
+//              from a CUDA graph, each call on another copy of the weight (never found in L2),
+//              best of N; bytes read + written over the copy bandwidth. Then the linear layers
+//              of a whole decode step from those times (layers x 4 matrices + lm_head)
 //
 // The copy bandwidth counts bytes read plus bytes written, and is used as the read bandwidth
 // of the floors (a kernel that only reads streams at about that rate on HBM).
 //
 //   bench_cuda [--preset NAME] [--quick] [--json-out FILE] [--device N] [--iters N]
-//              [--timeout-s S]
+//              [--timeout-s S] [--gemv-only]
 //
 // Exits 1 with a message naming the stage on any CUDA, cuBLAS or backend error, 2 on bad
 // flags or no usable GPU, 3 when the watchdog (--timeout-s, default 600) fires; never hangs.
@@ -26,17 +32,20 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <optional>
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -50,6 +59,7 @@
 #include "engine/kv_cache/kv_cache.h"
 #include "engine/model/presets.h"
 #include "engine/model/transformer.h"
+#include "kernels/cuda/ops.h"
 #include "kernels/sampling.h"
 #include "nlohmann/json.hpp"
 #include "server/cli_args.h"
@@ -84,6 +94,8 @@ struct Options {
   int device = 0;
   int iters = 0;  // 0: the mode's default
   double timeout_s = 600;
+  bool gemv_only = false;     // the ceilings and the GEMV rows only (no model)
+  bool kernels_only = false;  // the GEMV and attention rows only (no whole-step rows)
   // Development only: the same measurements on the CPU backend at toy shapes, the ceilings
   // through the backend (CopyDevice, Gemm) instead of CUDA; checks the bookkeeping without a GPU.
   bool cpu_smoke = false;
@@ -142,21 +154,26 @@ Plan MakePlan(const Options& o) {
 void Usage() {
   std::fprintf(stderr,
                "usage: bench_cuda [--preset NAME] [--quick] [--json-out FILE] [--device N]\n"
-               "                  [--iters N] [--timeout-s S]\n"
+               "                  [--iters N] [--timeout-s S] [--gemv-only] [--kernels-only]\n"
                "  --preset     model shape (default llama3-8b; see pdserve make-model --help)\n"
                "  --quick      fewer iterations and smaller shapes (a smoke run)\n"
                "  --json-out   also write the results as JSON to FILE\n"
                "  --device     CUDA device ordinal (default 0)\n"
                "  --iters      timed iterations of each model measurement\n"
                "  --timeout-s  exit 3 if the run takes longer (default 600; 0: never)\n"
+               "  --gemv-only  only the ceilings and the GEMV rows (no model is built)\n"
+               "  --kernels-only  the GEMV and attention rows, no decode/prefill steps (for a\n"
+               "               kernel profiler such as ncu)\n"
                "  --cpu-smoke  development: the same steps on the CPU backend at toy shapes\n"
                "               (preset tiny unless given; the numbers mean nothing)\n");
 }
 
 std::optional<Options> ParseArgs(int argc, char** argv) {
-  const std::vector<server::FlagSpec> specs = {{"preset"},          {"quick", true}, {"json-out"},
-                                               {"device"},          {"iters"},       {"timeout-s"},
-                                               {"cpu-smoke", true}, {"help", true}};
+  const std::vector<server::FlagSpec> specs = {
+      {"preset"},          {"quick", true},     {"json-out"},
+      {"device"},          {"iters"},           {"timeout-s"},
+      {"cpu-smoke", true}, {"gemv-only", true}, {"kernels-only", true},
+      {"help", true}};
   const absl::StatusOr<server::CliArgs> args = server::CliArgs::Parse(argc, argv, 1, specs);
   if (!args.ok()) {
     std::fprintf(stderr, "bench_cuda: %s\n", std::string(args.status().message()).c_str());
@@ -171,6 +188,8 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
   o.json_out = args->GetString("json-out");
   o.quick = args->GetBool("quick");
   o.cpu_smoke = args->GetBool("cpu-smoke");
+  o.gemv_only = args->GetBool("gemv-only");
+  o.kernels_only = args->GetBool("kernels-only");
   const absl::StatusOr<int64_t> device = args->GetInt("device", o.device);
   const absl::StatusOr<int64_t> iters = args->GetInt("iters", o.iters);
   const absl::StatusOr<double> timeout = args->GetDouble("timeout-s", o.timeout_s);
@@ -595,37 +614,44 @@ struct Bench {
     return Median(samples);
   }
 
-  Metric AttentionDecode() {
+  // `legacy`: the register-loading decode kernel (PDS_ATTN_DECODE=legacy) instead of the
+  // pipelined one, for comparison in the same run.
+  Metric AttentionDecode(bool legacy = false) {
     SetStage("attention decode");
     const int batch = plan.attn_decode_batch, ctx = plan.context;
+    if (legacy) setenv("PDS_ATTN_DECODE", "legacy", 1);
     const double t = TimeAttention(batch, 1, ctx);
+    if (legacy) unsetenv("PDS_ATTN_DECODE");
     const double bytes = config().kv_size() * 2.0 * esize() * batch * ctx;  // one layer's K+V
     Metric m;
-    m.name = absl::StrCat("attn decode b", batch);
+    m.name = absl::StrCat("attn decode b", batch, legacy ? " legacy" : "");
     m.shape = absl::StrCat("batch ", batch, ", context ", ctx, ", layer 0");
     m.value = bytes / t / 1e12;
     m.unit = "TB/s";
     m.ceiling = ceil.copy_bytes_per_s / 1e12;
     m.ceiling_unit = "TB/s copy";
     m.fraction = bytes / t / ceil.copy_bytes_per_s;
-    m.target = 0.80;
+    m.target = legacy ? 0.0 : 0.80;
     m.note = absl::StrFormat("%.1f us per call", t * 1e6);
     m.extra = {{"us", t * 1e6}, {"kv_bytes_read", bytes}, {"batch", batch}, {"context", ctx}};
     return m;
   }
 
-  // `warps`: the query-tile height of the mma kernel (4 warps = 64 rows, the default; 8 = 128
-  // rows), chosen through PDS_ATTN_PREFILL_WARPS.
-  Metric AttentionPrefill(int warps = 4) {
+  // `warps`: the mma kernel's query tile through PDS_ATTN_PREFILL_WARPS (4: 4 warps of 16 rows;
+  // 8: 8 warps of 16 rows); 0: its default (4 warps of 32 rows, a 128-row tile).
+  Metric AttentionPrefill(int warps = 0) {
     SetStage("attention prefill");
     const int n = plan.attn_prefill_tokens;
-    setenv("PDS_ATTN_PREFILL_WARPS", std::to_string(warps).c_str(), 1);
+    if (warps != 0) setenv("PDS_ATTN_PREFILL_WARPS", std::to_string(warps).c_str(), 1);
     const double t = TimeAttention(1, n, n);
     unsetenv("PDS_ATTN_PREFILL_WARPS");
     const double flops = AttentionFlopsPerLayer(0.5 * n * (n + 1.0));
     Metric m;
-    m.name = absl::StrCat("attn prefill ", n, warps == 4 ? "" : absl::StrCat(" w", warps));
-    m.shape = absl::StrCat(n, " tokens causal, layer 0, ", 16 * warps, "-row query tiles");
+    m.name = absl::StrCat("attn prefill ", n, warps == 0 ? "" : absl::StrCat(" w", warps));
+    m.shape =
+        absl::StrCat(n, " tokens causal, layer 0, ",
+                     warps == 0 ? "4 warps x 32 rows" : absl::StrCat(warps, " warps x 16 rows"),
+                     " per query tile");
     m.value = flops / t / 1e12;
     m.unit = "TFLOP/s";
     m.ceiling = ceil.gemm_flops_per_s / 1e12;
@@ -637,6 +663,235 @@ struct Bench {
     return m;
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// GEMV: the weight matrices of a decode step one at a time, the GEMV kernel against cuBLAS.
+
+// One weight of a decode step: c[m, n] = a[m, k] w[n, k]^T (fp32 c for the logits).
+struct GemvShape {
+  std::string name;
+  int64_t n = 0, k = 0;
+  bool fp32_out = false;
+};
+
+std::vector<GemvShape> GemvShapes(const ModelConfig& c) {
+  return {{"qkv", c.q_size() + 2 * c.kv_size(), c.hidden_size, false},
+          {"o", c.hidden_size, c.q_size(), false},
+          {"gate_up", 2 * c.intermediate_size, c.hidden_size, false},
+          {"down", c.hidden_size, c.intermediate_size, false},
+          {"lm_head", c.vocab_size, c.hidden_size, true}};
+}
+
+// GPU seconds per call: `calls` back-to-back calls of launch(i % copies) recorded in a CUDA
+// graph (as a decode step replays them: no host launch gaps), timed between two events around
+// a replay; best of `samples`.
+template <typename F>
+double TimeReplayed(cudaStream_t stream, int copies, int calls, int samples, F&& launch) {
+  for (int i = 0; i < copies; ++i) launch(i);  // warm-up outside the graph (cuBLAS heuristics)
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  cudaGraph_t graph = nullptr;
+  CUDA_CHECK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  for (int i = 0; i < calls; ++i) launch(i % copies);
+  CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
+  cudaGraphExec_t exec = nullptr;
+  CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  float best_ms = 1e30f;
+  for (int i = -1; i < samples; ++i) {  // i == -1 warms up
+    CUDA_CHECK(cudaEventRecord(start, stream));
+    CUDA_CHECK(cudaGraphLaunch(exec, stream));
+    CUDA_CHECK(cudaEventRecord(stop, stream));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i >= 0) best_ms = std::min(best_ms, ms);
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  CUDA_CHECK(cudaGraphExecDestroy(exec));
+  CUDA_CHECK(cudaGraphDestroy(graph));
+  return best_ms * 1e-3 / calls;
+}
+
+// Fails unless the GEMV kernel's and cuBLAS's results (`count` values of `dtype`, or fp32)
+// agree within the rounding of the output (same inputs; only the summation order differs).
+void CheckGemvAgrees(const DeviceBuffer& gemv, const DeviceBuffer& blas, size_t count,
+                     engine::DType dtype, const std::string& what) {
+  std::vector<float> g(count), b(count);
+  if (dtype == engine::DType::kF32) {
+    CUDA_CHECK(cudaMemcpy(g.data(), gemv.data(), count * 4, cudaMemcpyDeviceToHost));
+    CUDA_CHECK(cudaMemcpy(b.data(), blas.data(), count * 4, cudaMemcpyDeviceToHost));
+  } else {
+    std::vector<uint16_t> raw(count);
+    CUDA_CHECK(cudaMemcpy(raw.data(), gemv.data(), count * 2, cudaMemcpyDeviceToHost));
+    engine::ConvertToFloat(dtype, raw.data(), g.data(), count);
+    CUDA_CHECK(cudaMemcpy(raw.data(), blas.data(), count * 2, cudaMemcpyDeviceToHost));
+    engine::ConvertToFloat(dtype, raw.data(), b.data(), count);
+  }
+  CheckFinite(g, what);
+  double sq = 0;
+  for (float v : b) sq += static_cast<double>(v) * v;
+  const double rms = std::sqrt(sq / static_cast<double>(count));
+  const double tol = dtype == engine::DType::kF32 ? 1e-3 : 2e-2;
+  for (size_t i = 0; i < count; ++i) {
+    if (std::fabs(g[i] - b[i]) > tol * (std::fabs(b[i]) + rms)) {
+      Fail(absl::StrFormat("%s: GEMV and cuBLAS differ at %d: %g vs %g (rms %g)", what, i, g[i],
+                           b[i], rms));
+    }
+  }
+}
+
+// The GEMV rows (gemv/cublas <matrix> m<rows>), then the linear layers of one decode step
+// summed from them (gemv/cublas linear m<rows>).
+std::vector<Metric> MeasureGemv(Backend& backend, const ModelConfig& config, const Ceilings& ceil,
+                                const Plan& plan) {
+  namespace kc = ::pds::kernels::cuda;
+  SetStage("gemv");
+  const engine::DType dtype = backend.compute_dtype();
+  const size_t esize = engine::DTypeSize(dtype);
+  const kc::Half16 half = dtype == engine::DType::kBF16 ? kc::Half16::kBF16 : kc::Half16::kF16;
+  const cudaDataType_t t16 = dtype == engine::DType::kBF16 ? CUDA_R_16BF : CUDA_R_16F;
+  const std::string dtype_name(engine::DTypeName(dtype));
+  int device = 0, l2_bytes = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+  cudaStream_t stream;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  cublasHandle_t handle;
+  CUBLAS_CHECK(cublasCreate(&handle));
+  CUBLAS_CHECK(cublasSetStream(handle, stream));
+  DeviceBuffer workspace = PDS_TAKE(backend.Allocate(size_t{32} << 20, "cublas workspace"));
+  CUBLAS_CHECK(cublasSetWorkspace(handle, workspace.data(), workspace.bytes()));
+  const int samples = plan.ceiling_iters;
+  const int rows_list[] = {1, static_cast<int>(kc::kGemvMaxRows)};
+  std::vector<Metric> out;
+  // Per rows: seconds and bytes of the whole step's linear layers, GEMV and cuBLAS.
+  std::map<int, std::array<double, 3>> step;  // rows -> {gemv s, cublas s, bytes}
+  for (const GemvShape& s : GemvShapes(config)) {
+    const size_t weight_bytes = static_cast<size_t>(s.n) * s.k * esize;
+    // Copies cycled through: together 3x the L2 (at least 2), so that no call finds its
+    // weight there, as in a decode step that streams every weight once.
+    const int copies = static_cast<int>(
+        std::max<double>(2.0, std::ceil(3.0 * l2_bytes / static_cast<double>(weight_bytes))));
+    const int calls = std::max(8, 2 * copies);
+    std::vector<DeviceBuffer> weights;
+    for (int i = 0; i < copies; ++i) {
+      weights.push_back(PDS_TAKE(backend.Allocate(weight_bytes, "gemv weight")));
+      PDS_CHECK_OK(backend.FillRandom(weights.back().data(), weight_bytes / esize, 1.0f, 0.0f,
+                                      60 + static_cast<uint64_t>(i)));
+    }
+    const size_t max_rows = rows_list[1];
+    DeviceBuffer a = PDS_TAKE(backend.Allocate(max_rows * s.k * esize, "gemv activations"));
+    PDS_CHECK_OK(backend.FillRandom(a.data(), max_rows * s.k, 1.0f, 0.0f, 59));
+    const size_t out_esize = s.fp32_out ? 4 : esize;
+    DeviceBuffer c_gemv = PDS_TAKE(backend.Allocate(max_rows * s.n * out_esize, "gemv out"));
+    DeviceBuffer c_blas = PDS_TAKE(backend.Allocate(max_rows * s.n * out_esize, "gemv out"));
+    PDS_CHECK_OK(backend.Synchronize());
+    for (const int m : rows_list) {
+      auto gemv = [&](int i) {
+        CUDA_CHECK(kc::Gemv(half, a.data(), s.k, weights[i].data(), s.n, s.k, c_gemv.data(),
+                            s.fp32_out, m, stream));
+      };
+      auto blas = [&](int i) {
+        const float alpha = 1.0f, beta = 0.0f;
+        CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(s.n), m,
+                                  static_cast<int>(s.k), &alpha, weights[i].data(), t16,
+                                  static_cast<int>(s.k), a.data(), t16, static_cast<int>(s.k),
+                                  &beta, c_blas.data(), s.fp32_out ? CUDA_R_32F : t16,
+                                  static_cast<int>(s.n), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+      };
+      const std::string label = absl::StrCat(s.name, " m", m);
+      // Same inputs, same weight copy: the results agree before anything is timed.
+      gemv(0);
+      blas(0);
+      CUDA_CHECK(cudaStreamSynchronize(stream));
+      CheckGemvAgrees(c_gemv, c_blas, static_cast<size_t>(m) * s.n,
+                      s.fp32_out ? engine::DType::kF32 : dtype, label);
+      const double t_gemv = TimeReplayed(stream, copies, calls, samples, gemv);
+      const double t_blas = TimeReplayed(stream, copies, calls, samples, blas);
+      // gemv.cu's measurement knobs, each timed the same way (for tuning its defaults).
+      Json variants = {{"default", t_gemv * 1e6}};
+      for (auto [name, value] :
+           {std::pair{"PDS_GEMV_UNROLL", "8"}, std::pair{"PDS_GEMV_WARPS", "4"},
+            std::pair{"PDS_GEMV_WARPS", "16"}}) {
+        setenv(name, value, 1);
+        variants[absl::StrCat(name, "=", value)] =
+            TimeReplayed(stream, copies, calls, samples, gemv) * 1e6;
+        unsetenv(name);
+      }
+      const double bytes = static_cast<double>(weight_bytes) + double{1} * m * s.k * esize +
+                           double{1} * m * s.n * out_esize;
+      auto metric = [&](const char* impl, double secs) {
+        Metric x;
+        x.name = absl::StrCat(impl, " ", label);
+        x.shape =
+            absl::StrCat(s.n, "x", s.k, " ", dtype_name, s.fp32_out ? " -> F32" : "", ", m ", m);
+        x.value = bytes / secs / 1e12;
+        x.unit = "TB/s";
+        x.ceiling = ceil.copy_bytes_per_s / 1e12;
+        x.ceiling_unit = "TB/s copy";
+        x.fraction = bytes / secs / ceil.copy_bytes_per_s;
+        x.note = absl::StrFormat("%.1f us", secs * 1e6);
+        x.extra = {{"us", secs * 1e6},
+                   {"bytes", bytes},
+                   {"n", s.n},
+                   {"k", s.k},
+                   {"m", m},
+                   {"output", s.fp32_out ? std::string("F32") : dtype_name},
+                   {"weight_copies", copies},
+                   {"calls_per_replay", calls}};
+        return x;
+      };
+      Metric g = metric("gemv", t_gemv);
+      g.target = 0.90;
+      g.note += absl::StrFormat(", %.2fx cuBLAS", t_blas / t_gemv);
+      g.extra["speedup_vs_cublas"] = t_blas / t_gemv;
+      g.extra["variants_us"] = variants;
+      Metric b = metric("cublas", t_blas);
+      for (const Metric* x : {&g, &b}) {
+        std::printf("  %-20s %10.3f %-8s (%.1f%% of ceiling)  %s\n", x->name.c_str(), x->value,
+                    x->unit.c_str(), x->fraction * 100, x->note.c_str());
+      }
+      std::fflush(stdout);
+      out.push_back(std::move(g));
+      out.push_back(std::move(b));
+      // A decode step reads each layer matrix once per layer and lm_head once.
+      const double times = s.name == "lm_head" ? 1.0 : static_cast<double>(config.num_layers);
+      std::array<double, 3>& acc = step[m];
+      acc[0] += times * t_gemv;
+      acc[1] += times * t_blas;
+      acc[2] += times * bytes;
+    }
+  }
+  for (const int m : rows_list) {
+    const auto& [t_gemv, t_blas, bytes] = step[m];
+    const double floor_s = bytes / ceil.copy_bytes_per_s;
+    for (const char* impl : {"gemv", "cublas"}) {
+      const double t = impl[0] == 'g' ? t_gemv : t_blas;
+      Metric x;
+      x.name = absl::StrCat(impl, " linear m", m);
+      x.shape = absl::StrCat(config.num_layers, " x (qkv, o, gate_up, down) + lm_head, m ", m,
+                             ", from the rows above");
+      x.value = t * 1e3;
+      x.unit = "ms";
+      x.ceiling = floor_s * 1e3;
+      x.ceiling_unit = "ms floor";
+      x.fraction = floor_s / t;
+      x.target = impl[0] == 'g' ? 0.90 : 0.0;
+      x.note = impl[0] == 'g' ? absl::StrFormat("%.2fx cuBLAS", t_blas / t_gemv) : std::string();
+      x.extra = {{"ms", t * 1e3}, {"bytes", bytes}, {"floor_ms", floor_s * 1e3}, {"m", m}};
+      std::printf("  %-20s %10.3f %-8s (%.1f%% of floor)  %s\n", x.name.c_str(), x.value,
+                  x.unit.c_str(), x.fraction * 100, x.note.c_str());
+      out.push_back(std::move(x));
+    }
+  }
+  std::fflush(stdout);
+  CUBLAS_CHECK(cublasDestroy(handle));
+  CUDA_CHECK(cudaStreamDestroy(stream));
+  return out;
+}
 
 void PrintTable(const std::vector<Metric>& metrics) {
   std::printf("\n%-20s %12s %-8s %12s %-13s %8s %7s %s\n", "metric", "value", "unit", "ceiling", "",
@@ -757,7 +1012,7 @@ int Main(int argc, char** argv) {
       preset.c_str(), std::string(engine::DTypeName(backend->compute_dtype())).c_str(),
       weight_bytes / 1e9, kv_bytes / 1e9, blocks, bs, scratch / 1e9, free_bytes / 1e9,
       total_bytes / 1e9);
-  if (need > static_cast<double>(free_bytes)) {
+  if (!opt.gemv_only && need > static_cast<double>(free_bytes)) {
     std::fprintf(stderr,
                  "bench_cuda: not enough GPU memory: need about %.1f GB, %.1f GB free (try "
                  "--quick or a smaller --preset)\n",
@@ -778,36 +1033,53 @@ int Main(int argc, char** argv) {
       ceil.gemm_flops_per_s / 1e12, plan.ceiling_iters);
   std::fflush(stdout);
 
-  SetStage("random model");
-  std::unique_ptr<Transformer> model = PDS_TAKE(Transformer::CreateRandom(config, *backend, 1));
-  SetStage("KV cache");
-  KvCache cache = PDS_TAKE(KvCache::Create(*backend, model->CacheShape(blocks, bs)));
-  // Random K/V everywhere (never time attention over zeros).
-  PDS_CHECK_OK(backend->FillRandom(cache.data(), cache.bytes() / static_cast<size_t>(esize), 1.0f,
-                                   0.0f, 99));
-  PDS_CHECK_OK(backend->Synchronize());
-  std::printf("bench_cuda: model ready: %.2f GB of weights on %s (%.1f s since start)\n",
-              model->weight_bytes() / 1e9, backend->name().c_str(), Seconds(run_start));
-  std::fflush(stdout);
-
-  Bench bench{*backend, *model, cache, plan, ceil};
-  std::vector<Metric> metrics;
-  auto add = [&](Metric m) {
-    std::printf("  %-20s %10.3f %-8s (%.1f%% of ceiling)  %s\n", m.name.c_str(), m.value,
-                m.unit.c_str(), m.fraction * 100, m.note.c_str());
-    std::fflush(stdout);
-    metrics.push_back(std::move(m));
-  };
-  for (int b : plan.decode_batches) {
-    add(bench.Decode(b, /*greedy=*/false));
-    add(bench.Decode(b, /*greedy=*/true));
-    add(bench.Decode(b, /*greedy=*/true, /*eager=*/true));
+  // The GEMV rows, before the model takes its memory (listed after the model's rows).
+  std::vector<Metric> gemv_metrics;
+  if (opt.cpu_smoke) {
+    std::printf("bench_cuda: --cpu-smoke: no GEMV rows (CUDA kernels only)\n");
+  } else {
+    gemv_metrics = MeasureGemv(*backend, config, ceil, plan);
   }
-  add(bench.Prefill({plan.prefill_tokens}));
-  add(bench.Prefill(std::vector<int>(plan.prefill_seqs, plan.prefill_seq_len)));
-  add(bench.AttentionDecode());
-  add(bench.AttentionPrefill());
-  add(bench.AttentionPrefill(/*warps=*/8));
+
+  std::vector<Metric> metrics;
+  auto model_weight_bytes = static_cast<size_t>(weight_bytes);  // --gemv-only: the config's
+  if (!opt.gemv_only) {
+    SetStage("random model");
+    std::unique_ptr<Transformer> model = PDS_TAKE(Transformer::CreateRandom(config, *backend, 1));
+    SetStage("KV cache");
+    KvCache cache = PDS_TAKE(KvCache::Create(*backend, model->CacheShape(blocks, bs)));
+    // Random K/V everywhere (never time attention over zeros).
+    PDS_CHECK_OK(backend->FillRandom(cache.data(), cache.bytes() / static_cast<size_t>(esize), 1.0f,
+                                     0.0f, 99));
+    PDS_CHECK_OK(backend->Synchronize());
+    model_weight_bytes = model->weight_bytes();
+    std::printf("bench_cuda: model ready: %.2f GB of weights on %s (%.1f s since start)\n",
+                model->weight_bytes() / 1e9, backend->name().c_str(), Seconds(run_start));
+    std::fflush(stdout);
+
+    Bench bench{*backend, *model, cache, plan, ceil};
+    auto add = [&](Metric m) {
+      std::printf("  %-20s %10.3f %-8s (%.1f%% of ceiling)  %s\n", m.name.c_str(), m.value,
+                  m.unit.c_str(), m.fraction * 100, m.note.c_str());
+      std::fflush(stdout);
+      metrics.push_back(std::move(m));
+    };
+    for (int b : opt.kernels_only ? std::vector<int>{} : plan.decode_batches) {
+      add(bench.Decode(b, /*greedy=*/false));
+      add(bench.Decode(b, /*greedy=*/true));
+      add(bench.Decode(b, /*greedy=*/true, /*eager=*/true));
+    }
+    if (!opt.kernels_only) {
+      add(bench.Prefill({plan.prefill_tokens}));
+      add(bench.Prefill(std::vector<int>(plan.prefill_seqs, plan.prefill_seq_len)));
+    }
+    add(bench.AttentionDecode());
+    add(bench.AttentionDecode(/*legacy=*/true));
+    add(bench.AttentionPrefill());
+    add(bench.AttentionPrefill(/*warps=*/4));
+    add(bench.AttentionPrefill(/*warps=*/8));
+  }
+  for (Metric& m : gemv_metrics) metrics.push_back(std::move(m));
   SetStage("report");
   if (!opt.cpu_smoke) CUDA_CHECK(cudaGetLastError());
 
@@ -815,6 +1087,13 @@ int Main(int argc, char** argv) {
   std::printf(
       "decode floor = (weight bytes read + KV bytes read) / copy bandwidth, the copy "
       "bandwidth (read + write) standing in for the read bandwidth\n");
+  if (!gemv_metrics.empty() || opt.gemv_only) {
+    std::printf(
+        "gemv/cublas <matrix> m<rows>: (weight + activation bytes read + output bytes written) / "
+        "time, back-to-back calls from a CUDA graph; <impl> linear m<rows>: the step's layers x "
+        "(qkv, o, gate_up, down) + lm_head from those times, floor = their bytes / copy "
+        "bandwidth\n");
+  }
 
   if (!opt.json_out.empty()) {
     Json j;
@@ -823,8 +1102,9 @@ int Main(int argc, char** argv) {
     j["preset"] = preset;
     j["quick"] = opt.quick;
     j["cpu_smoke"] = opt.cpu_smoke;
+    j["gemv_only"] = opt.gemv_only;
     j["dtype"] = std::string(engine::DTypeName(backend->compute_dtype()));
-    j["weight_bytes"] = model->weight_bytes();
+    j["weight_bytes"] = model_weight_bytes;
     j["parameters"] = config.num_parameters();
     j["iters"] = plan.iters;
     j["ceilings"] = {{"copy_bytes_per_s", ceil.copy_bytes_per_s},

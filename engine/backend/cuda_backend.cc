@@ -4,11 +4,13 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstring>
 #include <map>
 #include <unordered_map>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/common/status_macros.h"
@@ -84,6 +86,9 @@ struct CudaBackend::State {
   Scratch cublas_workspace;
   std::string device_name;
   int num_sms = 0;
+  // Gemm and ProjectLogits with at most this many rows take the GEMV kernel (kernels/cuda
+  // gemv.cu) when its alignment allows, cuBLAS otherwise; 0: always cuBLAS.
+  int64_t gemv_max_rows = kc::kGemvFmaRows;
 
   // Batch metadata on the device, uploaded in BeginBatch through pinned staging; the event
   // marks when the staging may be rewritten.
@@ -240,6 +245,18 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const BackendOp
     return absl::InvalidArgumentError(absl::StrCat("cuda backend: device ", options.device,
                                                    " does not exist (", count, " device(s))"));
   }
+  // PDS_GEMV_MAX_ROWS: the most rows a GEMM takes the GEMV kernel at (0 turns it off; unset
+  // or empty: kGemvFmaRows, the row-streaming kernel; the tensor-core one above it measured
+  // slower than cuBLAS on the H100, bench/results/2026-11-27-h100.md).
+  int64_t gemv_max_rows = kc::kGemvFmaRows;
+  if (const char* env = std::getenv("PDS_GEMV_MAX_ROWS"); env != nullptr && *env != '\0') {
+    if (!absl::SimpleAtoi(env, &gemv_max_rows) || gemv_max_rows < 0 ||
+        gemv_max_rows > kc::kGemvMaxRows) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("cuda backend: PDS_GEMV_MAX_ROWS must be an integer from 0 (GEMV off) to ",
+                       kc::kGemvMaxRows, ", not \"", env, "\""));
+    }
+  }
   std::unique_ptr<CudaBackend> b(new CudaBackend());
   b->device_ = options.device;
   b->dtype_ = options.dtype;
@@ -252,6 +269,7 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const BackendOp
   st.num_sms = prop.multiProcessorCount;
   st.plan.num_sms = st.num_sms;
   st.graphs_enabled = options.cuda_graphs;
+  st.gemv_max_rows = gemv_max_rows;
   PDS_CUDA(cudaStreamCreateWithFlags(&b->stream_, cudaStreamNonBlocking), "creating the stream");
   PDS_CUDA(cudaStreamCreateWithFlags(&st.copy_stream, cudaStreamNonBlocking),
            "creating the copy stream");
@@ -496,8 +514,15 @@ absl::Status CudaBackend::Embed(const Weight& table, void* out, int64_t hidden) 
 }
 
 absl::Status CudaBackend::Gemm(const void* a, int64_t lda, const Weight& w, void* c, int64_t m) {
-  OpScope op_scope(*state_, stream_, "gemm", w.rows, w.cols);
+  // Few rows: the GEMV kernel, bound by reading the weight once (named "gemv" in op profiles).
+  const bool gemv = m <= state_->gemv_max_rows && kc::GemvSupported(a, lda, w.data(), w.cols, m);
+  OpScope op_scope(*state_, stream_, gemv ? "gemv" : "gemm", w.rows, w.cols);
   if (m <= 0) return absl::OkStatus();
+  if (gemv) {
+    PDS_CUDA(kc::Gemv(H(dtype_), a, lda, w.data(), w.rows, w.cols, c, /*c_fp32=*/false, m, stream_),
+             absl::StrCat("GEMV ", m, "x", w.rows, "x", w.cols));
+    return absl::OkStatus();
+  }
   // Row-major c[m, n] = a[m, k] w[n, k]^T is column-major c^T[n, m] = w^T[n, k] a^T[k, m].
   const cudaDataType_t t = dtype_ == DType::kBF16 ? CUDA_R_16BF : CUDA_R_16F;
   const float alpha = 1.0f, beta = 0.0f;
@@ -625,10 +650,18 @@ absl::Status CudaBackend::GatherLastRows(const void* x, void* out, int64_t cols)
 }
 
 absl::Status CudaBackend::ProjectLogits(const void* x, const Weight& lm_head, int64_t rows) {
-  OpScope op_scope(*state_, stream_, "lm_head gemm");
   State& st = *state_;
+  const bool gemv = rows <= st.gemv_max_rows &&
+                    kc::GemvSupported(x, lm_head.cols, lm_head.data(), lm_head.cols, rows);
+  OpScope op_scope(st, stream_, gemv ? "lm_head gemv" : "lm_head gemm");
   const size_t bytes = static_cast<size_t>(rows) * lm_head.rows * sizeof(float);
   PDS_RETURN_IF_ERROR(st.logits.Reserve(bytes, "logits"));
+  if (gemv) {
+    PDS_CUDA(kc::Gemv(H(dtype_), x, lm_head.cols, lm_head.data(), lm_head.rows, lm_head.cols,
+                      st.logits.ptr, /*c_fp32=*/true, rows, stream_),
+             absl::StrCat("logits GEMV ", rows, "x", lm_head.rows, "x", lm_head.cols));
+    return absl::OkStatus();
+  }
   const cudaDataType_t t = dtype_ == DType::kBF16 ? CUDA_R_16BF : CUDA_R_16F;
   const float alpha = 1.0f, beta = 0.0f;
   return CublasStatus(

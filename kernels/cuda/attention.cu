@@ -13,14 +13,15 @@ size_t PlanAttention(AttentionPlan& plan, int32_t num_seqs, int64_t heads, int64
   plan.split_tokens = 0;
   plan.num_splits = 0;
   if (!plan.has_decode_rows || num_seqs <= 0 || kv_heads <= 0 || plan.max_kv_len <= 0) return 0;
-  // Enough blocks to fill the GPU twice over; each split at least 64 and at most 512 positions
-  // (the scores of a split live in shared memory). Measured on the H100 (llama3-8b, batch 64,
-  // context 1024): 155 us per layer with this, 189 us when aiming at 32 blocks per SM.
+  // Enough blocks to fill the GPU twice over; each split at least 64 positions. Measured on the
+  // H100 (llama3-8b, batch 64, context 1024): 155 us per layer with this, 189 us when aiming at 32
+  // blocks per SM.
   const int64_t items = int64_t{num_seqs} * (heads / HeadsPerBlock(heads, kv_heads));
   const int64_t max_len = plan.max_kv_len;
   int64_t splits = (2 * int64_t{plan.num_sms} + items - 1) / items;
   splits = std::clamp<int64_t>(splits, 1, (max_len + 63) / 64);
-  splits = std::max<int64_t>(splits, (max_len + 511) / 512);
+  // The register-loading kernel keeps a split's scores in shared memory: at most 512.
+  if (!PipelinedDecode(head_dim)) splits = std::max<int64_t>(splits, (max_len + 511) / 512);
   int64_t split_tokens = (max_len + splits - 1) / splits;
   split_tokens = (split_tokens + 63) / 64 * 64;
   plan.split_tokens = static_cast<int32_t>(split_tokens);

@@ -8,6 +8,8 @@
 // split the block writes the normalized output; with several it writes (unnormalized sum, max,
 // exp-sum) to the workspace and a combine kernel merges the splits.
 #include <cfloat>
+#include <cstdlib>
+#include <string_view>
 
 #include "kernels/cuda/attention_internal.cuh"
 
@@ -204,25 +206,276 @@ __global__ void CombineKernel(PagedBatch batch, T* out, int heads, int head_dim,
   out[(int64_t{q_row} * heads + h) * head_dim + d] = FromFloat<T>(num / den);
 }
 
+// Sums each of the G values of a lane over the L lanes of its row group (L a power of two, at
+// least G; groups contiguous and aligned) in G - 1 + log2(L / G) shuffles instead of
+// G log2(L): at each halving step a lane keeps the half of the heads its lane bit selects and
+// adds the partner's partial sums of that half. Returns the total of head seg / (L / G).
+template <int G, int L>
+__device__ __forceinline__ float ReduceHeads(float (&v)[G], int seg) {
+#pragma unroll
+  for (int step = 0; (G >> step) > 1; ++step) {
+    const int half = (G >> step) / 2, o = L >> (step + 1);
+    const bool upper = (seg & o) != 0;
+#pragma unroll
+    for (int j = 0; j < half; ++j) {
+      const float send = upper ? v[j] : v[j + half];
+      const float keep = upper ? v[j + half] : v[j];
+      v[j] = keep + __shfl_xor_sync(0xffffffffu, send, o);
+    }
+  }
+#pragma unroll
+  for (int o = L / G / 2; o > 0; o >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], o);
+  return v[0];
+}
+
+// Pipelined decode (head dims 64 and 128). Same grid and outputs as DecodeKernel, but each
+// warp streams its own chunks of C positions (chunks warp, warp + 4, ...) through a
+// kPipeStages-deep ring of cp.async copies in shared memory and keeps an online softmax, so
+// the K and V of the next chunks are in flight while a chunk is computed, without registers
+// holding them and without a block-wide barrier in the loop. Warps merge their (max, sum,
+// output) at the end.
+constexpr int kPipeStages = 3;
+
+template <int G>
+__host__ __device__ constexpr int PipeChunk() {
+  return G >= 8 ? 4 : 8;  // G * C <= 32: a chunk's scores are one per lane
+}
+
+template <typename T, int D, int G>
+__host__ __device__ constexpr size_t PipeSmemBytes() {
+  constexpr size_t ring = size_t{kWarps} * kPipeStages * 2 * PipeChunk<G>() * D * sizeof(T);
+  constexpr size_t merge = sizeof(float) * kWarps * G * (D + 2);
+  return (ring > merge ? ring : merge) + sizeof(float) * kWarps * (32 + G);
+}
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kThreads, G >= 8 ? 2 : 4)
+    PipelinedDecodeKernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k_cache,
+                          const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out,
+                          int heads, int kv_heads, float scale, int split_tokens, int num_splits,
+                          float* __restrict__ part_o, float* __restrict__ part_ml) {
+  constexpr int C = PipeChunk<G>();
+  constexpr int L = D / 8;           // lanes per K/V row, 8 dims (16 bytes) each
+  constexpr int R = 32 / L;          // rows per warp step
+  constexpr int kPieces = C * L;     // 16-byte pieces of a chunk's K (and of its V)
+  constexpr int kStage = 2 * C * D;  // elements per ring slot: K rows, then V rows
+  static_assert(G <= L && C % R == 0 && kPieces % 32 == 0 && G * C <= 32);
+  constexpr size_t kScratchOffset = PipeSmemBytes<T, D, G>() - sizeof(float) * kWarps * (32 + G);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const int s = blockIdx.y;
+  const int q_row = batch.cu_q[s];
+  if (batch.cu_q[s + 1] - q_row != 1) return;  // not a decode row: the prefill kernel's
+  const int kv_len = batch.kv_lens[s];
+  const int start = blockIdx.z * split_tokens;
+  if (start >= kv_len) return;
+  const int end = min(kv_len, start + split_tokens);
+  const int groups = heads / kv_heads / G;
+  const int kvh = blockIdx.x / groups;
+  const int h0 = kvh * (heads / kv_heads) + (blockIdx.x % groups) * G;
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int seg = lane % L, rg = lane / L;
+  float qv[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    Load8(q + int64_t{q_row} * q_stride + (h0 + g) * D + seg * 8, qv[g]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qv[g][i] *= scale;
+  }
+  const int32_t* table = batch.block_tables + int64_t{s} * batch.max_blocks;
+  const int bs = batch.block_size;
+  const bool pow2 = (bs & (bs - 1)) == 0;
+  const int shift = __ffs(bs) - 1;
+  auto row_start = [&](int pos) {  // element offset of position pos's row for this KV head
+    const int blk = pow2 ? pos >> shift : pos / bs;
+    const int64_t block = table[blk];
+    return ((block * kv_heads + kvh) * bs + (pos - blk * bs)) * D;
+  };
+
+  T* ring = reinterpret_cast<T*>(smem_raw) + warp * kPipeStages * kStage;
+  float* sc = reinterpret_cast<float*>(smem_raw + kScratchOffset) + warp * (32 + G);
+  float* alpha_s = sc + 32;
+  const int chunks = (end - start + C - 1) / C;
+  const int my_chunks = chunks > warp ? (chunks - warp + kWarps - 1) / kWarps : 0;
+  auto chunk_start = [&](int i) { return start + (warp + i * kWarps) * C; };
+  // The warp's i-th chunk into ring slot i % kPipeStages (positions past the end zero-filled);
+  // always one commit group, so the group count per iteration is uniform.
+  auto issue = [&](int i) {
+    if (i < my_chunks) {
+      const int c0 = chunk_start(i);
+      T* slot = ring + (i % kPipeStages) * kStage;
+#pragma unroll
+      for (int j = 0; j < kPieces / 32; ++j) {
+        const int piece = lane + 32 * j;
+        const int r = piece / L, sg = piece % L;
+        const bool valid = c0 + r < end;
+        const int64_t off = (valid ? row_start(c0 + r) : 0) + sg * 8;
+        CpAsync16(slot + r * D + sg * 8, k_cache + off, valid);
+        CpAsync16(slot + C * D + r * D + sg * 8, v_cache + off, valid);
+      }
+    }
+    CpAsyncCommit();
+  };
+
+  // Online softmax state of head lane / C, held by the lanes below G * C.
+  const bool owner = lane < G * C;
+  const int own_c = lane % C;
+  float m = -FLT_MAX, l = 0.0f;
+  float acc[G][8];
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) acc[g][i] = 0.0f;
+
+#pragma unroll
+  for (int i = 0; i < kPipeStages - 1; ++i) issue(i);
+  for (int i = 0; i < my_chunks; ++i) {
+    CpAsyncWait<kPipeStages - 2>();
+    __syncwarp();
+    issue(i + kPipeStages - 1);  // into the slot chunk i - 1 used
+    const T* slot = ring + (i % kPipeStages) * kStage;
+    const int c0 = chunk_start(i);
+#pragma unroll
+    for (int r0 = 0; r0 < C; r0 += R) {
+      const int r = r0 + rg;
+      float kv[8];
+      Unpack8<T>(*reinterpret_cast<const uint4*>(slot + r * D + seg * 8), kv);
+      float d[G];
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        d[g] = 0.0f;
+#pragma unroll
+        for (int e = 0; e < 8; ++e) d[g] += qv[g][e] * kv[e];
+      }
+      const float score = ReduceHeads<G, L>(d, seg);
+      if (seg % (L / G) == 0) sc[(seg / (L / G)) * C + r] = score;
+    }
+    __syncwarp();
+    const bool live = owner && c0 + own_c < end;
+    const float score = live ? sc[lane] : -FLT_MAX;
+    float chunk_max = score;
+#pragma unroll
+    for (int o = C / 2; o > 0; o >>= 1)
+      chunk_max = fmaxf(chunk_max, __shfl_xor_sync(0xffffffffu, chunk_max, o));
+    const float m_new = fmaxf(m, chunk_max);
+    const float p = live ? __expf(score - m_new) : 0.0f;
+    float p_sum = p;
+#pragma unroll
+    for (int o = C / 2; o > 0; o >>= 1) p_sum += __shfl_xor_sync(0xffffffffu, p_sum, o);
+    const float alpha = __expf(m - m_new);
+    l = l * alpha + p_sum;
+    m = m_new;
+    if (owner) sc[lane] = p;
+    if (owner && own_c == 0) alpha_s[lane / C] = alpha;
+    __syncwarp();
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float a = alpha_s[g];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc[g][e] *= a;
+    }
+#pragma unroll
+    for (int r0 = 0; r0 < C; r0 += R) {
+      const int r = r0 + rg;
+      float vv[8];
+      Unpack8<T>(*reinterpret_cast<const uint4*>(slot + C * D + r * D + seg * 8), vv);
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float pg = sc[g * C + r];
+#pragma unroll
+        for (int e = 0; e < 8; ++e) acc[g][e] += pg * vv[e];
+      }
+    }
+  }
+  CpAsyncWait<0>();
+
+  // Sum over the warp's row groups, then merge the warps through shared memory (over the ring).
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int e = 0; e < 8; ++e)
+#pragma unroll
+      for (int o = L; o < 32; o <<= 1) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+  __syncthreads();
+  float* acc_s = reinterpret_cast<float*>(smem_raw);  // [kWarps][G][D]
+  float* ml_s = acc_s + kWarps * G * D;               // [kWarps][G] (max, sum)
+  if (rg == 0) {
+#pragma unroll
+    for (int g = 0; g < G; ++g)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) acc_s[(warp * G + g) * D + seg * 8 + e] = acc[g][e];
+  }
+  if (owner && own_c == 0) {
+    ml_s[(warp * G + lane / C) * 2] = m;
+    ml_s[(warp * G + lane / C) * 2 + 1] = l;
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < G * D; e += kThreads) {
+    const int g = e / D, d = e % D;
+    float mx = -FLT_MAX;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, ml_s[(w * G + g) * 2]);
+    float num = 0.0f, den = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float wgt = __expf(ml_s[(w * G + g) * 2] - mx);
+      num += wgt * acc_s[(w * G + g) * D + d];
+      den += wgt * ml_s[(w * G + g) * 2 + 1];
+    }
+    const int h = h0 + g;
+    if (num_splits == 1) {
+      out[(int64_t{q_row} * heads + h) * D + d] = FromFloat<T>(num / den);
+    } else {
+      const int64_t part = (int64_t{s} * heads + h) * num_splits + blockIdx.z;
+      part_o[part * D + d] = num;
+      if (d == 0) {
+        part_ml[part * 2] = mx;
+        part_ml[part * 2 + 1] = den;
+      }
+    }
+  }
+}
+
 template <typename T, int D, int G>
 cudaError_t LaunchDecode(const AttentionArgs& a, cudaStream_t stream) {
   const AttentionPlan& plan = a.plan;
   const int groups = static_cast<int>(a.heads / a.kv_heads / G);
   const dim3 grid(static_cast<unsigned>(a.kv_heads * groups),
                   static_cast<unsigned>(a.batch.num_seqs), static_cast<unsigned>(plan.num_splits));
-  const size_t smem = sizeof(float) * (G * plan.split_tokens + kWarps * G + kWarps * G * D);
-  auto* kernel = DecodeKernel<T, D, G>;
-  if (smem > 48 * 1024) {
-    cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-  }
   float* part_o = static_cast<float*>(a.workspace);
   float* part_ml = part_o + DecodeWorkspaceFloats(a.batch.num_seqs, a.heads, D, plan.num_splits) -
                    int64_t{a.batch.num_seqs} * a.heads * plan.num_splits * 2;
-  kernel<<<grid, kThreads, smem, stream>>>(
-      static_cast<const T*>(a.q), a.q_stride, static_cast<const T*>(a.k_cache),
-      static_cast<const T*>(a.v_cache), a.batch, static_cast<T*>(a.out), static_cast<int>(a.heads),
-      static_cast<int>(a.kv_heads), a.scale, plan.split_tokens, plan.num_splits, part_o, part_ml);
+  const auto args = [&](auto kernel, size_t smem) {
+    kernel<<<grid, kThreads, smem, stream>>>(
+        static_cast<const T*>(a.q), a.q_stride, static_cast<const T*>(a.k_cache),
+        static_cast<const T*>(a.v_cache), a.batch, static_cast<T*>(a.out),
+        static_cast<int>(a.heads), static_cast<int>(a.kv_heads), a.scale, plan.split_tokens,
+        plan.num_splits, part_o, part_ml);
+  };
+  bool pipelined = false;
+  if constexpr (D == 64 || D == 128) pipelined = PipelinedDecode(D);
+  if (pipelined) {
+    if constexpr (D == 64 || D == 128) {
+      constexpr size_t smem = PipeSmemBytes<T, D, G>();
+      auto* kernel = PipelinedDecodeKernel<T, D, G>;
+      static const cudaError_t attr =
+          smem > 48 * 1024
+              ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)
+              : cudaSuccess;
+      if (attr != cudaSuccess) return attr;
+      args(kernel, smem);
+    }
+  } else {
+    const size_t smem = sizeof(float) * (G * plan.split_tokens + kWarps * G + kWarps * G * D);
+    auto* kernel = DecodeKernel<T, D, G>;
+    if (smem > 48 * 1024) {
+      cudaError_t e =
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+      if (e != cudaSuccess) return e;
+    }
+    args(kernel, smem);
+  }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || plan.num_splits == 1) return e;
   CombineKernel<T><<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch.num_seqs)),
@@ -246,6 +499,14 @@ cudaError_t DecodeForDim(const AttentionArgs& a, cudaStream_t stream) {
 }
 
 }  // namespace
+
+bool PipelinedDecode(int64_t head_dim) {
+  // Read at every call (a few hundred nanoseconds on the host), so a benchmark can compare both
+  // kernels in one process.
+  const char* v = std::getenv("PDS_ATTN_DECODE");
+  const bool legacy = v != nullptr && std::string_view(v) == "legacy";
+  return !legacy && (head_dim == 64 || head_dim == 128);
+}
 
 int64_t DecodeWorkspaceFloats(int32_t num_seqs, int64_t heads, int64_t head_dim,
                               int32_t num_splits) {

@@ -5,6 +5,19 @@
 
 namespace pds::kernels::cuda {
 
+// 16 bytes global -> shared without registers (zero-filled when !valid; `gmem` must still be a
+// mapped address), and the commit / wait of such copies (wait: at most N groups in flight).
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, bool valid) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n"); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 struct AttentionArgs {
   const void* q = nullptr;
   int64_t q_stride = 0;
@@ -28,6 +41,10 @@ inline int64_t HeadsPerBlock(int64_t heads, int64_t kv_heads) {
   return 1;
 }
 
+// Whether decode rows of this head dim take the pipelined kernel (64 and 128; the environment
+// variable PDS_ATTN_DECODE=legacy selects the register-loading kernel for measurements). Its
+// splits need no shared memory per position, so they are not capped in length.
+bool PipelinedDecode(int64_t head_dim);
 // fp32 elements of the decode kernel's split workspace (0 with one split).
 int64_t DecodeWorkspaceFloats(int32_t num_seqs, int64_t heads, int64_t head_dim,
                               int32_t num_splits);

@@ -29,6 +29,26 @@ cudaError_t GatherRows(Half16 t, const void* x, const int32_t* rows, void* out, 
 cudaError_t FillRandom(Half16 t, void* dst, int64_t n, float scale, float offset, uint64_t seed,
                        cudaStream_t stream);
 
+// --- gemv.cu ---
+// The most activation rows Gemv takes (the N of one m16n8k16 tensor-core step).
+constexpr int64_t kGemvMaxRows = 8;
+// Up to this many rows Gemv streams weight rows through FMAs; above it (or with
+// PDS_GEMV_IMPL=mma) it uses the tensor-core kernel.
+constexpr int64_t kGemvFmaRows = 4;
+// Whether Gemv takes these operands: 1 <= m <= kGemvMaxRows, k a positive multiple of 8, a and
+// w 16-byte aligned, and (for m > 1) lda a multiple of 8 and at least k.
+bool GemvSupported(const void* a, int64_t lda, const void* w, int64_t k, int64_t m);
+// Skinny GEMM for decode, bound by reading w once: c[m, n] = a[m, k] w[n, k]^T, a with row
+// stride lda (elements), w [n, k] contiguous, c [m, n] contiguous, fp32 accumulation; c is T
+// or, with c_fp32, fp32 (the logits). cudaErrorInvalidValue (nothing launched) when
+// !GemvSupported; m <= 0 or n <= 0 do nothing. No allocation, no synchronization (safe to
+// record in a CUDA graph); deterministic for a given m. Measurement knobs, read on every call:
+// PDS_GEMV_IMPL=mma (the tensor-core kernel at every m), and for that kernel PDS_GEMV_WARPS
+// (1-16 warps per 16-row block) and PDS_GEMV_UNROLL=8 (deeper loads in flight); unset, a
+// heuristic of n, k and the SM count.
+cudaError_t Gemv(Half16 t, const void* a, int64_t lda, const void* w, int64_t n, int64_t k, void* c,
+                 bool c_fp32, int64_t m, cudaStream_t stream);
+
 // --- norm.cu ---
 cudaError_t RmsNorm(Half16 t, const void* x, int64_t x_stride, const void* w, void* out,
                     int64_t out_stride, int64_t rows, int64_t cols, float eps, cudaStream_t stream);

@@ -5,12 +5,14 @@
 // out-of-bounds writes. Skips without a CUDA device.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <numeric>
 #include <random>
 #include <tuple>
 
+#include "absl/strings/str_cat.h"
 #include "engine/backend/backend.h"
 #include "engine/common/dtype.h"
 #include "gtest/gtest.h"
@@ -32,6 +34,20 @@ using testing::RandomVector;
 
 constexpr int kGuard = 64;              // sentinel elements on each side of a CUDA output
 constexpr uint16_t kSentinel = 0x7B7B;  // a finite value in bf16 and fp16
+
+constexpr uint32_t kSentinelF32 = 0x7B7B7B7B;  // a finite fp32 value (about 1.3e36)
+
+// Sets an environment variable for the scope of a test step.
+class ScopedEnv {
+ public:
+  ScopedEnv(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
+  ~ScopedEnv() { unsetenv(name_); }
+  ScopedEnv(const ScopedEnv&) = delete;
+  ScopedEnv& operator=(const ScopedEnv&) = delete;
+
+ private:
+  const char* name_;
+};
 
 // Elementwise |a - e| <= rtol * |e| + atol * rms(e); NaN/Inf always fail.
 ::testing::AssertionResult Close(const std::vector<float>& a, const std::vector<float>& e,
@@ -122,6 +138,45 @@ class CudaOpsTest : public ::testing::TestWithParam<DType> {
     ConvertToFloat(dt(), h.data() + kGuard, out.data(), g.n);
     return out;
   }
+  // An fp32 CUDA output (logits) with sentinel guards; GpuF32(n).data() is the first element.
+  struct GuardedF32 {
+    DeviceBuffer buffer;
+    size_t n = 0;
+    float* data() const { return buffer.as<float>() + kGuard; }
+  };
+  GuardedF32 GpuF32(size_t n) {
+    GuardedF32 g;
+    g.n = n;
+    const std::vector<uint32_t> h(n + 2 * kGuard, kSentinelF32);
+    auto b = gpu_->Allocate(h.size() * 4, "test");
+    EXPECT_TRUE(b.ok()) << b.status();
+    g.buffer = std::move(*b);
+    EXPECT_TRUE(gpu_->CopyFromHost(g.buffer.data(), h.data(), h.size() * 4).ok());
+    return g;
+  }
+  // The values of an fp32 guarded buffer (after a device-wide synchronization: the writer may
+  // be any stream); fails the test if a sentinel changed.
+  std::vector<float> DownF32(const GuardedF32& g) {
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    std::vector<uint32_t> h(g.n + 2 * kGuard);
+    EXPECT_TRUE(gpu_->CopyToHost(h.data(), g.buffer.data(), h.size() * 4).ok());
+    for (int i = 0; i < kGuard; ++i) {
+      EXPECT_EQ(h[i], kSentinelF32) << "write before the output at -" << (kGuard - i);
+      EXPECT_EQ(h[kGuard + g.n + i], kSentinelF32) << "write past the output at +" << i;
+    }
+    std::vector<float> out(g.n);
+    std::memcpy(out.data(), h.data() + kGuard, g.n * 4);
+    return out;
+  }
+  kernels::cuda::Half16 Half() const {
+    return dt() == DType::kBF16 ? kernels::cuda::Half16::kBF16 : kernels::cuda::Half16::kF16;
+  }
+  // The op names a CUDA backend timed since the last call ("gemv 733x64", "gemm 733x64"...).
+  static std::vector<std::string> OpNames(Backend& b) {
+    std::vector<std::string> names;
+    for (const auto& op : dynamic_cast<CudaBackend&>(b).TakeOpProfile()) names.push_back(op.name);
+    return names;
+  }
   std::vector<float> DownCpu(const DeviceBuffer& b, size_t n) {
     const float* p = b.as<float>();
     return {p, p + n};
@@ -199,6 +254,210 @@ TEST_P(CudaOpsTest, Gemm) {
       EXPECT_TRUE(Close(Down(cg), DownCpu(cc, size_t(m) * n), rtol(), atol()));
     }
   }
+}
+
+// --- GEMV (kernels/cuda/gemv.cu): the backend's Gemm and logits at m <= kGemvMaxRows ---
+
+TEST_P(CudaOpsTest, GemvMatchesCpuAtEveryShape) {
+  namespace kc = kernels::cuda;
+  auto& cuda = dynamic_cast<CudaBackend&>(*gpu_);
+  // n = 8449: the FMA kernel's two-rows-per-warp shape (n >= 8448), with an odd last row.
+  for (int n : {1, 3, 37, 733, 4096, 8449}) {
+    for (int k : {8, 64, 744, 4096}) {
+      if (n == 8449 && k == 4096) continue;
+      const auto w = Rand(static_cast<size_t>(n) * k, 100 + n + k);
+      Weight wc = CpuWeight(w, n, k), wg = GpuWeight(w, n, k);
+      for (int m : {1, 2, 3, 4, 5, 7, 8}) {
+        SCOPED_TRACE(::testing::Message() << "m " << m << " n " << n << " k " << k);
+        const int lda = k + 8 * (m % 3);  // contiguous rows and wider strides
+        const size_t out_n = static_cast<size_t>(m) * n;
+        const auto a = Rand(static_cast<size_t>(m) * lda, 200 + m + k);
+        DeviceBuffer ac = Cpu(a), cc = Cpu(std::vector<float>(out_n));
+        Guarded ag = Gpu(a), cg = Gpu(std::vector<float>(out_n));
+        ASSERT_TRUE(kc::GemvSupported(ag.data(), lda, wg.data(), k, m));
+        ASSERT_TRUE(cpu_->Gemm(ac.data(), lda, wc, cc.data(), m).ok());
+        const std::vector<float> expect = DownCpu(cc, out_n);
+        // The backend's Gemm takes the GEMV kernel up to kGemvFmaRows rows by default, cuBLAS
+        // above (16-bit output)...
+        cuda.SetOpProfiling(true);
+        const absl::Status s = gpu_->Gemm(ag.data(), lda, wg, cg.data(), m);
+        ASSERT_TRUE(s.ok()) << s;
+        EXPECT_EQ(OpNames(cuda), std::vector<std::string>{absl::StrCat(
+                                     m <= kc::kGemvFmaRows ? "gemv " : "gemm ", n, "x", k)});
+        cuda.SetOpProfiling(false);
+        EXPECT_TRUE(Close(Down(cg), expect, rtol(), atol())) << "16-bit output";
+        // ...Gemv itself at every m (m > kGemvFmaRows: the tensor-core kernel)...
+        Guarded dg = Gpu(std::vector<float>(out_n));
+        ASSERT_EQ(kc::Gemv(Half(), ag.data(), lda, wg.data(), n, k, dg.data(), /*c_fp32=*/false, m,
+                           nullptr),
+                  cudaSuccess);
+        EXPECT_TRUE(Close(Down(dg), expect, rtol(), atol())) << "Gemv, 16-bit output";
+        // ...and the fp32-output variant (the logits'), launched directly: only the summation
+        // order differs from the CPU.
+        GuardedF32 fg = GpuF32(out_n);
+        ASSERT_EQ(kc::Gemv(Half(), ag.data(), lda, wg.data(), n, k, fg.data(), /*c_fp32=*/true, m,
+                           nullptr),
+                  cudaSuccess);
+        EXPECT_TRUE(Close(DownF32(fg), expect, 1e-4, 1e-4)) << "fp32 output";
+      }
+    }
+  }
+}
+
+TEST_P(CudaOpsTest, GemvRejectsWhatItCannotTakeAndGemmFallsBackToCublas) {
+  namespace kc = kernels::cuda;
+  auto& cuda = dynamic_cast<CudaBackend&>(*gpu_);
+  struct Case {
+    int m, n, k, lda, a_offset;
+    const char* what;
+  };
+  for (const Case& c :
+       {Case{3, 37, 12, 12, 0, "k not a multiple of 8"}, Case{1, 733, 37, 37, 0, "odd k"},
+        Case{3, 37, 64, 68, 0, "lda not a multiple of 8"},
+        Case{2, 37, 64, 64, 1, "activations not 16-byte aligned"},
+        Case{9, 37, 64, 64, 0, "more than kGemvMaxRows rows"}}) {
+    SCOPED_TRACE(c.what);
+    const size_t out_n = static_cast<size_t>(c.m) * c.n;
+    const auto a = Rand(static_cast<size_t>(c.m) * c.lda + c.a_offset, 300 + c.k + c.lda);
+    const auto w = Rand(static_cast<size_t>(c.n) * c.k, 301 + c.k);
+    Weight wc = CpuWeight(w, c.n, c.k), wg = GpuWeight(w, c.n, c.k);
+    DeviceBuffer ac = Cpu(a), cc = Cpu(std::vector<float>(out_n));
+    Guarded ag = Gpu(a), cg = Gpu(std::vector<float>(out_n));
+    void* a_gpu = static_cast<uint16_t*>(ag.data()) + c.a_offset;
+    float* a_cpu = ac.as<float>() + c.a_offset;
+    EXPECT_FALSE(kc::GemvSupported(a_gpu, c.lda, wg.data(), c.k, c.m));
+    // The launcher refuses, launching and writing nothing...
+    for (bool fp32 : {false, true}) {
+      EXPECT_EQ(kc::Gemv(Half(), a_gpu, c.lda, wg.data(), c.n, c.k, cg.data(), fp32, c.m, nullptr),
+                cudaErrorInvalidValue);
+    }
+    EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    EXPECT_TRUE(Close(Down(cg), std::vector<float>(out_n, 0.0f), 0, 0)) << "written";
+    // ...and the backend's Gemm computes the product with cuBLAS.
+    ASSERT_TRUE(cpu_->Gemm(a_cpu, c.lda, wc, cc.data(), c.m).ok());
+    cuda.SetOpProfiling(true);
+    const absl::Status s = gpu_->Gemm(a_gpu, c.lda, wg, cg.data(), c.m);
+    ASSERT_TRUE(s.ok()) << s;
+    EXPECT_EQ(OpNames(cuda), std::vector<std::string>{absl::StrCat("gemm ", c.n, "x", c.k)});
+    cuda.SetOpProfiling(false);
+    EXPECT_TRUE(Close(Down(cg), DownCpu(cc, out_n), rtol(), atol()));
+  }
+  // A misaligned weight is refused; one row ignores lda; no rows or no columns do nothing.
+  const auto a = Rand(64, 310), w = Rand(37 * 64 + 8, 311);
+  Guarded ag = Gpu(a), wg = Gpu(w), cg = Gpu(std::vector<float>(37));
+  void* w_odd = static_cast<uint16_t*>(wg.data()) + 1;
+  EXPECT_FALSE(kc::GemvSupported(ag.data(), 64, w_odd, 64, 1));
+  EXPECT_EQ(kc::Gemv(Half(), ag.data(), 64, w_odd, 37, 64, cg.data(), false, 1, nullptr),
+            cudaErrorInvalidValue);
+  EXPECT_TRUE(kc::GemvSupported(ag.data(), 13, wg.data(), 64, 1));
+  EXPECT_FALSE(kc::GemvSupported(ag.data(), 13, wg.data(), 64, 2));
+  EXPECT_EQ(kc::Gemv(Half(), ag.data(), 64, wg.data(), 37, 64, cg.data(), false, 0, nullptr),
+            cudaSuccess);
+  EXPECT_EQ(kc::Gemv(Half(), ag.data(), 64, wg.data(), 0, 64, cg.data(), false, 1, nullptr),
+            cudaSuccess);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  EXPECT_TRUE(Close(Down(cg), std::vector<float>(37, 0.0f), 0, 0)) << "written";
+}
+
+TEST_P(CudaOpsTest, GemvMaxRowsFromTheEnvironment) {
+  const int m = 3, n = 733, k = 64;
+  const size_t out_n = static_cast<size_t>(m) * n;
+  const auto a = Rand(static_cast<size_t>(m) * k, 320), w = Rand(static_cast<size_t>(n) * k, 321);
+  Weight wc = CpuWeight(w, n, k), wg = GpuWeight(w, n, k);
+  DeviceBuffer ac = Cpu(a), cc = Cpu(std::vector<float>(out_n));
+  ASSERT_TRUE(cpu_->Gemm(ac.data(), k, wc, cc.data(), m).ok());
+  const std::vector<float> expect = DownCpu(cc, out_n);
+  BackendOptions o;
+  o.kind = "cuda";
+  o.dtype = dt();
+  // Read once, when the backend is created: rows above the limit go to cuBLAS.
+  for (auto [value, path] : {std::pair{"0", "gemm"}, std::pair{"2", "gemm"}, std::pair{"3", "gemv"},
+                             std::pair{"8", "gemv"}, std::pair{"", "gemv"}}) {
+    SCOPED_TRACE(::testing::Message() << "PDS_GEMV_MAX_ROWS=\"" << value << "\"");
+    std::unique_ptr<Backend> gpu;
+    {
+      ScopedEnv env("PDS_GEMV_MAX_ROWS", value);
+      auto created = CreateBackend(o);
+      ASSERT_TRUE(created.ok()) << created.status();
+      gpu = std::move(*created);
+    }
+    Guarded ag = Gpu(a), cg = Gpu(std::vector<float>(out_n));
+    dynamic_cast<CudaBackend&>(*gpu).SetOpProfiling(true);
+    ASSERT_TRUE(gpu->Gemm(ag.data(), k, wg, cg.data(), m).ok());
+    EXPECT_EQ(OpNames(*gpu), std::vector<std::string>{absl::StrCat(path, " ", n, "x", k)});
+    ASSERT_TRUE(gpu->Synchronize().ok());
+    EXPECT_TRUE(Close(Down(cg), expect, rtol(), atol()));
+  }
+  for (const char* bad : {"9", "-1", "x", "4x"}) {
+    ScopedEnv env("PDS_GEMV_MAX_ROWS", bad);
+    auto created = CreateBackend(o);
+    EXPECT_EQ(created.status().code(), absl::StatusCode::kInvalidArgument) << bad;
+    EXPECT_NE(created.status().message().find("PDS_GEMV_MAX_ROWS"), std::string::npos);
+  }
+}
+
+TEST_P(CudaOpsTest, GemvEveryLaunchShapeAgrees) {
+  // The tensor-core kernel at every m (PDS_GEMV_IMPL=mma); its measurement knobs (warps per
+  // block, unroll) change only how k is split.
+  namespace kc = kernels::cuda;
+  ScopedEnv impl("PDS_GEMV_IMPL", "mma");
+  for (auto [m, n, k] :
+       {std::tuple{8, 37, 744}, std::tuple{1, 733, 4096}, std::tuple{5, 4099, 64}}) {
+    const auto a = Rand(static_cast<size_t>(m) * k, 330 + m),
+               w = Rand(static_cast<size_t>(n) * k, 331 + n);
+    Weight wc = CpuWeight(w, n, k);
+    DeviceBuffer ac = Cpu(a), cc = Cpu(std::vector<float>(static_cast<size_t>(m) * n));
+    ASSERT_TRUE(cpu_->Gemm(ac.data(), k, wc, cc.data(), m).ok());
+    const std::vector<float> expect = DownCpu(cc, static_cast<size_t>(m) * n);
+    Guarded ag = Gpu(a), wg = Gpu(w);
+    for (const char* warps : {"1", "3", "16"}) {
+      for (const char* unroll : {"4", "8"}) {
+        SCOPED_TRACE(::testing::Message() << "m " << m << " n " << n << " k " << k << " warps "
+                                          << warps << " unroll " << unroll);
+        ScopedEnv e1("PDS_GEMV_WARPS", warps), e2("PDS_GEMV_UNROLL", unroll);
+        GuardedF32 fg = GpuF32(static_cast<size_t>(m) * n);
+        ASSERT_EQ(kc::Gemv(Half(), ag.data(), k, wg.data(), n, k, fg.data(), true, m, nullptr),
+                  cudaSuccess);
+        EXPECT_TRUE(Close(DownF32(fg), expect, 1e-4, 1e-4));
+      }
+    }
+  }
+}
+
+TEST_P(CudaOpsTest, GemvRecordsInACudaGraph) {
+  // No allocation, no synchronization: the launch records into a graph, and each replay
+  // recomputes from the current inputs.
+  namespace kc = kernels::cuda;
+  const int m = 2, n = 733, k = 744;
+  const auto a1 = Rand(static_cast<size_t>(m) * k, 340), a2 = Rand(static_cast<size_t>(m) * k, 341);
+  const auto w = Rand(static_cast<size_t>(n) * k, 342);
+  Weight wc = CpuWeight(w, n, k);
+  Guarded ag = Gpu(a1), wg = Gpu(w);
+  GuardedF32 fg = GpuF32(static_cast<size_t>(m) * n);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeRelaxed), cudaSuccess);
+  const cudaError_t launched =
+      kc::Gemv(Half(), ag.data(), k, wg.data(), n, k, fg.data(), true, m, stream);
+  cudaGraph_t graph = nullptr;
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_EQ(launched, cudaSuccess);
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaGraphInstantiateWithFlags(&exec, graph, 0), cudaSuccess);
+  for (const auto* a : {&a1, &a2}) {
+    Guarded next = Gpu(*a);  // new activations copied into the recorded input
+    ASSERT_EQ(cudaMemcpy(ag.data(), next.data(), a->size() * 2, cudaMemcpyDeviceToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    DeviceBuffer ac = Cpu(*a), cc = Cpu(std::vector<float>(static_cast<size_t>(m) * n));
+    ASSERT_TRUE(cpu_->Gemm(ac.data(), k, wc, cc.data(), m).ok());
+    EXPECT_TRUE(Close(DownF32(fg), DownCpu(cc, static_cast<size_t>(m) * n), 1e-4, 1e-4));
+  }
+  cudaGraphExecDestroy(exec);
+  cudaGraphDestroy(graph);
+  cudaStreamDestroy(stream);
 }
 
 TEST_P(CudaOpsTest, NormsBiasSiluAddGatherEmbed) {
@@ -404,8 +663,8 @@ class CudaAttentionTest : public CudaOpsTest {
 
 TEST_P(CudaAttentionTest, DecodeRaggedContexts) {
   for (int head_dim : {64, 128, 16, 32, 256}) {
-    for (auto [heads, kv_heads] :
-         {std::pair{8, 8}, std::pair{32, 8}, std::pair{8, 1}, std::pair{28, 4}, std::pair{6, 2}}) {
+    for (auto [heads, kv_heads] : {std::pair{8, 8}, std::pair{32, 8}, std::pair{8, 1},
+                                   std::pair{28, 4}, std::pair{6, 2}, std::pair{16, 8}}) {
       for (int bs : {16, 32, 7}) {
         SCOPED_TRACE(::testing::Message() << "D " << head_dim << " heads " << heads << "/"
                                           << kv_heads << " block " << bs);
@@ -418,6 +677,19 @@ TEST_P(CudaAttentionTest, DecodeRaggedContexts) {
       }
     }
   }
+}
+
+// Head dims 64 and 128 take the pipelined decode kernel; PDS_ATTN_DECODE=legacy selects the
+// register-loading one (kept for measurements), which must agree as well.
+TEST_P(CudaAttentionTest, DecodeLegacyKernel) {
+  setenv("PDS_ATTN_DECODE", "legacy", 1);
+  for (auto [heads, kv_heads] : {std::pair{32, 8}, std::pair{8, 1}, std::pair{16, 8}}) {
+    for (int bs : {16, 7}) {
+      SCOPED_TRACE(::testing::Message() << "heads " << heads << "/" << kv_heads << " block " << bs);
+      Run({{{1, 1}, {1, 37}, {1, 733}, {1, 2049}}, heads, kv_heads, 128, bs}, heads + bs);
+    }
+  }
+  unsetenv("PDS_ATTN_DECODE");
 }
 
 TEST_P(CudaAttentionTest, PrefillCausalRaggedWithCachedPrefix) {
@@ -454,12 +726,40 @@ TEST_P(CudaAttentionTest, PrefillWith128RowTiles) {
   unsetenv("PDS_ATTN_PREFILL_WARPS");
 }
 
+TEST_P(CudaAttentionTest, PrefillWith64RowTiles) {
+  // The mma kernel's 4 warps x 16 rows tile (PDS_ATTN_PREFILL_WARPS=4), same cases.
+  setenv("PDS_ATTN_PREFILL_WARPS", "4", 1);
+  Run({{{733, 733}, {1, 733}, {300, 1500}, {65, 200}, {5, 100}}, 32, 8, 128, 16}, 19);
+  Run({{{200, 200}, {129, 129}, {70, 90}}, 8, 1, 64, 7}, 20);
+  unsetenv("PDS_ATTN_PREFILL_WARPS");
+}
+
+// Chunks over cached prefixes of every length modulo 64 around the tile edges (where the
+// causal mask and the skipped tiles start), one query head per KV head and GQA.
+TEST_P(CudaAttentionTest, PrefillPrefixAlignments) {
+  for (int warps : {0, 4, 8}) {
+    if (warps != 0) setenv("PDS_ATTN_PREFILL_WARPS", std::to_string(warps).c_str(), 1);
+    for (int head_dim : {64, 128}) {
+      SCOPED_TRACE(::testing::Message() << "warps " << warps << " D " << head_dim);
+      std::vector<std::pair<int, int>> seqs;
+      for (int prefix = 0; prefix < 64; prefix += 3) {
+        const int q_len = 17 + prefix % 23;
+        seqs.push_back({q_len, q_len + prefix});  // (new rows, context): the prefix is the rest
+      }
+      for (int prefix : {127, 128, 129, 191, 255, 256}) seqs.push_back({70, 70 + prefix});
+      Run({seqs, 8, 2, head_dim, 16}, 30 + warps + head_dim);
+    }
+    unsetenv("PDS_ATTN_PREFILL_WARPS");
+  }
+}
+
 TEST_P(CudaAttentionTest, PrefillLongPrompt) {
   Run({{{733, 733}, {1, 733}, {300, 1500}}, 32, 8, 128, 16}, 7);
 }
 
 TEST_P(CudaOpsTest, LogitsInFp32) {
-  for (int rows : {1, 3, 7, 37}) {
+  // Rows 1 and 3 take the GEMV kernel (fp32 output), 7, 8, 9 and 37 cuBLAS.
+  for (int rows : {1, 3, 7, 8, 9, 37}) {
     const int vocab = 733, hidden = 96;
     const auto x = Rand(size_t(rows) * hidden, 30 + rows), w = Rand(size_t(vocab) * hidden, 31);
     Weight wc = CpuWeight(w, vocab, hidden), wg = GpuWeight(w, vocab, hidden);
