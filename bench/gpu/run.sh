@@ -10,13 +10,16 @@
 # generate the tiny and small models, a CUDA `pdserve generate` smoke run of each, every gpu
 # test binary, compute-sanitizer memcheck and racecheck on the kernel parity tests (filtered
 # short), bench_cuda, bench_kv_transfer (the KV transports between two processes on the GPU).
-# Writes to $OUT (default ./out/gpu) eight files: setup.log, tests.log, gtest.json (test binary
+# Then pdbench against `pdserve up --backend cuda` and Nsight Compute profiles of the main kernels.
+# Writes to $OUT (default ./out/gpu) nine files: setup.log, tests.log, gtest.json (test binary
 # -> its gtest JSON report), sanitizer.log, bench.log (both benches' output), bench.json,
-# transfer.json and summary.txt; prints the summary last. Exit status 1 if any step failed.
+# transfer.json, ncu.log and summary.txt; prints the summary last. Exit status 1 if any step
+# failed.
 #
 #   --dry-run      print the steps and their commands, run nothing
 #   --quick-bench  bench_cuda --quick and bench_kv_transfer --quick (smaller shapes)
-# Environment: OUT; PDS_GPU_DEADLINE_S (default 420), PDS_GPU_WORK (default /tmp/pds-gpu),
+# Environment: OUT; PDS_GPU_DEADLINE_S (default 540), PDS_GPU_NCU (0: no ncu step),
+# PDS_GPU_WORK (default /tmp/pds-gpu),
 # PDS_MEMCHECK_FILTER, PDS_RACECHECK_FILTER (gtest filters of the sanitizer runs).
 set -uo pipefail
 
@@ -39,8 +42,8 @@ WORK="${PDS_GPU_WORK:-/tmp/pds-gpu}"
 # Unpacked outside the tree, so that a tree carried again never carries the unpacked bundle.
 UNPACKED="$WORK/bundle"
 BIN="$UNPACKED/bin"
-DEADLINE_S="${PDS_GPU_DEADLINE_S:-420}"
-MEMCHECK_FILTER="${PDS_MEMCHECK_FILTER:-*/BF16:-*ErrorsAreStatuses*:*PrefillLongPrompt*:*DecodeRagged*:*PrefillCausal*}"
+DEADLINE_S="${PDS_GPU_DEADLINE_S:-540}"
+MEMCHECK_FILTER="${PDS_MEMCHECK_FILTER:-*/BF16:-*ErrorsAreStatuses*:*PrefillLongPrompt*:*DecodeRagged*:*PrefillCausal*:*DecodeLegacyKernel*:*PrefillPrefixAlignments*:*GemvMatchesCpuAtEveryShape*}"
 RACECHECK_DEFAULT="*SanitizerSized/BF16"
 RACECHECK_FILTER="${PDS_RACECHECK_FILTER:-$RACECHECK_DEFAULT}"
 PARITY_TEST=kernels_cuda_ops_test
@@ -349,6 +352,30 @@ for mode in disagg colocated; do
   [ "$DRY" = 1 ] || note "$(status_of "$STEP_RC")" "pdserve up --backend cuda ($mode)" \
     "pdbench report in bench.log"
 done
+
+# --- 9. kernel profiles (ncu) -----------------------------------------------------------------
+# One launch each of the decode attention, prefill attention and row GEMV kernels at the
+# llama3-8b shapes (bench_cuda --kernels-only under Nsight Compute): speed of light, memory
+# workload, occupancy and warp stall sections, to ncu.log. Skipped with PDS_GPU_NCU=0.
+NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+ncu_profiles() {
+  local k rc=0
+  for k in PipelinedDecodeKernel PrefillMmaKernel GemvRowsKernel; do
+    echo "=== ncu: $k"
+    "$NCU" --kernel-name "regex:$k" --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+      --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \
+      --section LaunchStats --section SchedulerStats --log-file "$WORK/ncu-$k.txt" \
+      "$BIN/bench_cuda" --kernels-only --iters 1 --timeout-s 100 >"$WORK/ncu-$k.out" 2>&1 || rc=1
+    cat "$WORK/ncu-$k.txt" 2>/dev/null || tail -n 20 "$WORK/ncu-$k.out"
+  done
+  return $rc
+}
+export NCU WORK
+if [ "${PDS_GPU_NCU:-1}" != 0 ] && { [ "$DRY" = 1 ] || [ -x "$NCU" ]; }; then
+  [ "$DRY" = 1 ] || : >"$OUT/ncu.log"
+  run_step "ncu kernel profiles" 150 0 "$OUT/ncu.log" ncu_profiles
+  [ "$DRY" = 1 ] || note "$(status_of "$STEP_RC")" "ncu kernel profiles" "see ncu.log"
+fi
 
 # --- summary ------------------------------------------------------------------------------
 [ "$DRY" = 1 ] && {
