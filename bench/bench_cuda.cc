@@ -413,12 +413,19 @@ struct Bench {
   // sequence copied to the host) and, with `greedy`, the step that copies only each
   // sequence's argmax token (Forward with greedy sampling rows and no host rows: the logits
   // stay on the device).
-  Metric Decode(int batch, bool greedy, bool eager = false) {
+  // `pdl`: kernels launched with programmatic dependent launch (the default); off, for
+  // comparison, every graph is recorded again without it.
+  Metric Decode(int batch, bool greedy, bool eager = false, bool pdl = true) {
     const int ctx = plan.context;
     SetStage(greedy ? "decode (greedy)" : "decode");
     // `eager`: every op launched one by one instead of replaying the step's CUDA graph.
     auto* cuda = dynamic_cast<engine::CudaBackend*>(&backend);
     if (cuda != nullptr) cuda->SetGraphsEnabled(!eager);
+    const bool pdl_was = cuda != nullptr && kernels::cuda::ProgrammaticLaunch();
+    if (cuda != nullptr && !pdl) {
+      kernels::cuda::SetProgrammaticLaunch(false);
+      cuda->DropGraphs();
+    }
     std::vector<BlockTable> tables = Reserve(std::vector<int>(batch, ctx));
     std::vector<std::vector<int32_t>> next(batch);
     std::vector<SequenceInput> inputs(batch);
@@ -456,12 +463,17 @@ struct Bench {
     for (double t : times) times_ms.push_back(t * 1e3);
     Release(tables);
     if (cuda != nullptr) cuda->SetGraphsEnabled(true);
+    if (cuda != nullptr && !pdl) {
+      kernels::cuda::SetProgrammaticLaunch(pdl_was);
+      cuda->DropGraphs();
+    }
     const double step = Median(times);
     const double weight_bytes = DecodeWeightBytes(batch);
     const double kv_bytes = KvBytesPerToken() * batch * ctx;
     const double floor_s = (weight_bytes + kv_bytes) / ceil.copy_bytes_per_s;
     Metric m;
-    m.name = absl::StrCat("decode b", batch, greedy ? " greedy" : "", eager ? " eager" : "");
+    m.name = absl::StrCat("decode b", batch, greedy ? " greedy" : "", eager ? " eager" : "",
+                          pdl ? "" : " no-pdl");
     m.shape = absl::StrCat(
         "batch ", batch, ", context ", ctx,
         greedy ? ", argmax on the device (no logits copy)" : ", fp32 logits to the host",
@@ -1068,6 +1080,7 @@ int Main(int argc, char** argv) {
       add(bench.Decode(b, /*greedy=*/false));
       add(bench.Decode(b, /*greedy=*/true));
       add(bench.Decode(b, /*greedy=*/true, /*eager=*/true));
+      add(bench.Decode(b, /*greedy=*/true, /*eager=*/false, /*pdl=*/false));
     }
     if (!opt.kernels_only) {
       add(bench.Prefill({plan.prefill_tokens}));

@@ -25,6 +25,7 @@ __global__ void __launch_bounds__(kThreads)
                  const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out, int heads,
                  int kv_heads, float scale, int split_tokens, int num_splits,
                  float* __restrict__ part_o, float* __restrict__ part_ml) {
+  PdlWaitAndTrigger();
   // K/V rows in flight per lane group (fewer where the q and accumulator registers are many).
   constexpr int kUnroll = G * D >= 1024 ? 4 : 8;
   constexpr int kLanesPerRow = D / 8;
@@ -190,6 +191,7 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __global__ void CombineKernel(PagedBatch batch, T* out, int heads, int head_dim, int split_tokens,
                               int num_splits, const float* part_o, const float* part_ml) {
+  PdlWaitAndTrigger();
   const int s = blockIdx.y, h = blockIdx.x, d = threadIdx.x;
   const int q_row = batch.cu_q[s];
   if (batch.cu_q[s + 1] - q_row != 1) return;
@@ -254,6 +256,7 @@ __global__ void __launch_bounds__(kThreads, G >= 8 ? 2 : 4)
                           const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out,
                           int heads, int kv_heads, float scale, int split_tokens, int num_splits,
                           float* __restrict__ part_o, float* __restrict__ part_ml) {
+  PdlWaitAndTrigger();
   constexpr int C = PipeChunk<G>();
   constexpr int L = D / 8;           // lanes per K/V row, 8 dims (16 bytes) each
   constexpr int R = 32 / L;          // rows per warp step
@@ -447,11 +450,10 @@ cudaError_t LaunchDecode(const AttentionArgs& a, cudaStream_t stream) {
   float* part_ml = part_o + DecodeWorkspaceFloats(a.batch.num_seqs, a.heads, D, plan.num_splits) -
                    int64_t{a.batch.num_seqs} * a.heads * plan.num_splits * 2;
   const auto args = [&](auto kernel, size_t smem) {
-    kernel<<<grid, kThreads, smem, stream>>>(
-        static_cast<const T*>(a.q), a.q_stride, static_cast<const T*>(a.k_cache),
-        static_cast<const T*>(a.v_cache), a.batch, static_cast<T*>(a.out),
-        static_cast<int>(a.heads), static_cast<int>(a.kv_heads), a.scale, plan.split_tokens,
-        plan.num_splits, part_o, part_ml);
+    LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const T*>(a.q), a.q_stride,
+                 static_cast<const T*>(a.k_cache), static_cast<const T*>(a.v_cache), a.batch,
+                 static_cast<T*>(a.out), static_cast<int>(a.heads), static_cast<int>(a.kv_heads),
+                 a.scale, plan.split_tokens, plan.num_splits, part_o, part_ml);
   };
   bool pipelined = false;
   if constexpr (D == 64 || D == 128) pipelined = PipelinedDecode(D);
@@ -478,9 +480,10 @@ cudaError_t LaunchDecode(const AttentionArgs& a, cudaStream_t stream) {
   }
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess || plan.num_splits == 1) return e;
-  CombineKernel<T><<<dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch.num_seqs)),
-                     D, 0, stream>>>(a.batch, static_cast<T*>(a.out), static_cast<int>(a.heads), D,
-                                     plan.split_tokens, plan.num_splits, part_o, part_ml);
+  LaunchKernel(CombineKernel<T>,
+               dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch.num_seqs)), D, 0,
+               stream, a.batch, static_cast<T*>(a.out), static_cast<int>(a.heads), D,
+               plan.split_tokens, plan.num_splits, part_o, part_ml);
   return cudaGetLastError();
 }
 

@@ -41,6 +41,7 @@ __global__ void __launch_bounds__(kThreads)
     PrefillKernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k_cache,
                   const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out, int heads,
                   int kv_heads, float scale, bool all_rows) {
+  PdlWaitAndTrigger();
   using L = Smem<D>;
   extern __shared__ __align__(128) unsigned char smem[];
   T* qs = reinterpret_cast<T*>(smem + L::kQ);
@@ -191,10 +192,10 @@ cudaError_t Launch(const AttentionArgs& a, bool all_rows, cudaStream_t stream) {
   }
   const unsigned tiles = static_cast<unsigned>((a.plan.max_q_len + kBq - 1) / kBq);
   const dim3 grid(tiles, static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch.num_seqs));
-  kernel<<<grid, kThreads, smem, stream>>>(
-      static_cast<const T*>(a.q), a.q_stride, static_cast<const T*>(a.k_cache),
-      static_cast<const T*>(a.v_cache), a.batch, static_cast<T*>(a.out), static_cast<int>(a.heads),
-      static_cast<int>(a.kv_heads), a.scale, all_rows);
+  LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const T*>(a.q), a.q_stride,
+               static_cast<const T*>(a.k_cache), static_cast<const T*>(a.v_cache), a.batch,
+               static_cast<T*>(a.out), static_cast<int>(a.heads), static_cast<int>(a.kv_heads),
+               a.scale, all_rows);
   return cudaGetLastError();
 }
 

@@ -113,6 +113,7 @@ __global__ void __launch_bounds__(32 * C::kWarps, C::kMinBlocks)
     PrefillMmaKernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k_cache,
                      const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out,
                      int heads, int kv_heads, float scale, bool all_rows) {
+  PdlWaitAndTrigger();
   constexpr int kWarps = C::kWarps, kMt = C::kMt, kBn = C::kBn, kStages = C::kStages;
   constexpr int kBq = C::kBq, kThreads = 32 * kWarps, kWarpRows = 16 * kMt;
   constexpr int kLd = D + 8;                  // row stride (elements)
@@ -427,10 +428,10 @@ cudaError_t Launch(const AttentionArgs& a, bool all_rows, cudaStream_t stream) {
   const int64_t blocks = tiles * a.batch.num_seqs * a.heads;
   if (blocks <= 0) return cudaSuccess;
   if (blocks > INT_MAX) return cudaErrorInvalidValue;
-  kernel<<<static_cast<unsigned>(blocks), 32 * C::kWarps, smem, stream>>>(
-      static_cast<const T*>(a.q), a.q_stride, static_cast<const T*>(a.k_cache),
-      static_cast<const T*>(a.v_cache), a.batch, static_cast<T*>(a.out), static_cast<int>(a.heads),
-      static_cast<int>(a.kv_heads), a.scale, all_rows);
+  LaunchKernel(kernel, static_cast<unsigned>(blocks), 32 * C::kWarps, smem, stream,
+               static_cast<const T*>(a.q), a.q_stride, static_cast<const T*>(a.k_cache),
+               static_cast<const T*>(a.v_cache), a.batch, static_cast<T*>(a.out),
+               static_cast<int>(a.heads), static_cast<int>(a.kv_heads), a.scale, all_rows);
   return cudaGetLastError();
 }
 

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "kernels/cuda/ops.h"
 
@@ -73,6 +74,36 @@ __device__ __forceinline__ float BlockSum(float v, float* scratch) {
   const int warps = (blockDim.x + 31) >> 5;
   v = lane < warps ? scratch[lane] : 0.0f;
   return WarpSum(v);
+}
+
+// Programmatic dependent launch (Hopper and later). Every kernel of kernels/cuda starts with
+// PdlWaitAndTrigger(): it returns once the kernels before it in the stream have completed and
+// their writes are visible (a no-op for a kernel launched normally), then lets the next kernel
+// in the stream be scheduled at once, so that kernel's launch and prologue overlap this one's
+// run instead of following its completion. LaunchKernel launches with that attribute when
+// ProgrammaticLaunch() is on.
+__device__ __forceinline__ void PdlWaitAndTrigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+template <typename... KernelArgs, typename... Args>
+void LaunchKernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t smem,
+                  cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = ProgrammaticLaunch() ? 1 : 0;
+  // The error (if any) is also the thread's last error, which the launchers return.
+  (void)cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 inline unsigned Blocks(int64_t n, int threads) {

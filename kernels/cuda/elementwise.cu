@@ -1,5 +1,9 @@
 // Elementwise ops of the transformer block on 16-bit activations (twins of
 // kernels/cpu/elementwise.cc), plus random fill.
+#include <atomic>
+#include <cstdlib>
+#include <string_view>
+
 #include "kernels/cuda/common.cuh"
 #include "kernels/random_fill.h"
 
@@ -17,6 +21,7 @@ inline unsigned GridFor(int64_t n) {
 template <typename T>
 __global__ void EmbedKernel(const T* table, const int32_t* ids, T* out, int64_t tokens,
                             int64_t hidden) {
+  PdlWaitAndTrigger();
   const int64_t n = tokens * hidden;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -27,6 +32,7 @@ __global__ void EmbedKernel(const T* table, const int32_t* ids, T* out, int64_t 
 
 template <typename T>
 __global__ void AddBiasKernel(T* x, int64_t x_stride, const T* bias, int64_t rows, int64_t cols) {
+  PdlWaitAndTrigger();
   const int64_t n = rows * cols;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -38,6 +44,7 @@ __global__ void AddBiasKernel(T* x, int64_t x_stride, const T* bias, int64_t row
 
 template <typename T>
 __global__ void AddKernel(T* x, const T* y, int64_t n) {
+  PdlWaitAndTrigger();
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
     x[i] = FromFloat<T>(ToFloat(x[i]) + ToFloat(y[i]));
@@ -46,6 +53,7 @@ __global__ void AddKernel(T* x, const T* y, int64_t n) {
 
 template <typename T>
 __global__ void SiluGateKernel(const T* gate_up, T* out, int64_t tokens, int64_t inter) {
+  PdlWaitAndTrigger();
   const int64_t n = tokens * inter;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -58,6 +66,7 @@ __global__ void SiluGateKernel(const T* gate_up, T* out, int64_t tokens, int64_t
 
 template <typename T>
 __global__ void GatherRowsKernel(const T* x, const int32_t* rows, T* out, int64_t n, int64_t cols) {
+  PdlWaitAndTrigger();
   const int64_t total = n * cols;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total;
        i += int64_t{gridDim.x} * blockDim.x) {
@@ -68,20 +77,43 @@ __global__ void GatherRowsKernel(const T* x, const int32_t* rows, T* out, int64_
 
 template <typename T>
 __global__ void FillRandomKernel(T* dst, int64_t n, float scale, float offset, uint64_t seed) {
+  PdlWaitAndTrigger();
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n;
        i += int64_t{gridDim.x} * blockDim.x) {
     dst[i] = FromFloat<T>(RandomFillValue(seed, static_cast<uint64_t>(i), scale, offset));
   }
 }
 
+// -1: not decided yet; then 0 or 1.
+std::atomic<int> programmatic_launch{-1};
+
 }  // namespace
+
+bool ProgrammaticLaunch() {
+  int on = programmatic_launch.load(std::memory_order_relaxed);
+  if (on >= 0) return on == 1;
+  int device = 0, major = 0;
+  const char* env = std::getenv("PDS_PDL");
+  const bool wanted = env == nullptr || std::string_view(env) != "0";
+  on = wanted && cudaGetDevice(&device) == cudaSuccess &&
+               cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
+                   cudaSuccess &&
+               major >= 9
+           ? 1
+           : 0;
+  int expected = -1;
+  programmatic_launch.compare_exchange_strong(expected, on);
+  return programmatic_launch.load() == 1;
+}
+
+void SetProgrammaticLaunch(bool on) { programmatic_launch.store(on ? 1 : 0); }
 
 cudaError_t Embed(Half16 t, const void* table, const int32_t* ids, void* out, int64_t tokens,
                   int64_t hidden, cudaStream_t stream) {
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
-    EmbedKernel<<<GridFor(tokens * hidden), kThreads, 0, stream>>>(
-        static_cast<const T*>(table), ids, static_cast<T*>(out), tokens, hidden);
+    LaunchKernel(EmbedKernel<T>, GridFor(tokens * hidden), kThreads, 0, stream,
+                 static_cast<const T*>(table), ids, static_cast<T*>(out), tokens, hidden);
     return cudaGetLastError();
   });
 }
@@ -90,8 +122,8 @@ cudaError_t AddBias(Half16 t, void* x, int64_t x_stride, const void* bias, int64
                     int64_t cols, cudaStream_t stream) {
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
-    AddBiasKernel<<<GridFor(rows * cols), kThreads, 0, stream>>>(
-        static_cast<T*>(x), x_stride, static_cast<const T*>(bias), rows, cols);
+    LaunchKernel(AddBiasKernel<T>, GridFor(rows * cols), kThreads, 0, stream, static_cast<T*>(x),
+                 x_stride, static_cast<const T*>(bias), rows, cols);
     return cudaGetLastError();
   });
 }
@@ -99,7 +131,8 @@ cudaError_t AddBias(Half16 t, void* x, int64_t x_stride, const void* bias, int64
 cudaError_t Add(Half16 t, void* x, const void* y, int64_t n, cudaStream_t stream) {
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
-    AddKernel<<<GridFor(n), kThreads, 0, stream>>>(static_cast<T*>(x), static_cast<const T*>(y), n);
+    LaunchKernel(AddKernel<T>, GridFor(n), kThreads, 0, stream, static_cast<T*>(x),
+                 static_cast<const T*>(y), n);
     return cudaGetLastError();
   });
 }
@@ -108,8 +141,8 @@ cudaError_t SiluGate(Half16 t, const void* gate_up, void* out, int64_t tokens, i
                      cudaStream_t stream) {
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
-    SiluGateKernel<<<GridFor(tokens * inter), kThreads, 0, stream>>>(
-        static_cast<const T*>(gate_up), static_cast<T*>(out), tokens, inter);
+    LaunchKernel(SiluGateKernel<T>, GridFor(tokens * inter), kThreads, 0, stream,
+                 static_cast<const T*>(gate_up), static_cast<T*>(out), tokens, inter);
     return cudaGetLastError();
   });
 }
@@ -118,8 +151,8 @@ cudaError_t GatherRows(Half16 t, const void* x, const int32_t* rows, void* out, 
                        int64_t cols, cudaStream_t stream) {
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
-    GatherRowsKernel<<<GridFor(n * cols), kThreads, 0, stream>>>(static_cast<const T*>(x), rows,
-                                                                 static_cast<T*>(out), n, cols);
+    LaunchKernel(GatherRowsKernel<T>, GridFor(n * cols), kThreads, 0, stream,
+                 static_cast<const T*>(x), rows, static_cast<T*>(out), n, cols);
     return cudaGetLastError();
   });
 }
@@ -128,8 +161,8 @@ cudaError_t FillRandom(Half16 t, void* dst, int64_t n, float scale, float offset
                        cudaStream_t stream) {
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
-    FillRandomKernel<<<GridFor(n), kThreads, 0, stream>>>(static_cast<T*>(dst), n, scale, offset,
-                                                          seed);
+    LaunchKernel(FillRandomKernel<T>, GridFor(n), kThreads, 0, stream, static_cast<T*>(dst), n,
+                 scale, offset, seed);
     return cudaGetLastError();
   });
 }

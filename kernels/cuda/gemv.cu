@@ -100,6 +100,7 @@ template <typename T, typename Out, int kUnroll>
 __global__ void __launch_bounds__(kUnroll > 4 ? 256 : 32 * kMaxWarps, kUnroll > 4 ? 1 : 0)
     GemvKernel(const T* __restrict__ a, int64_t lda, const T* __restrict__ w, int64_t n, int64_t k,
                Out* __restrict__ c, int m) {
+  PdlWaitAndTrigger();
   __shared__ float partial[kMaxWarps][4 * 32];  // [warp][j * 32 + lane]
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int g = lane >> 2, t = lane & 3;
@@ -158,6 +159,7 @@ template <typename T, typename Out, int M, int kRows>
 __global__ void __launch_bounds__(kRowsThreads)
     GemvRowsKernel(const T* __restrict__ a, int64_t lda, const T* __restrict__ w, int64_t n,
                    int64_t k, Out* __restrict__ c) {
+  PdlWaitAndTrigger();
   constexpr int kUnroll = kRows >= 2 ? 4 : 8;
   const int lane = threadIdx.x & 31;
   const int64_t row0 = ((int64_t{blockIdx.x} * kRowsThreads + threadIdx.x) >> 5) * kRows;
@@ -218,12 +220,14 @@ cudaError_t LaunchRows(const void* a, int64_t lda, const void* w, int64_t n, int
   constexpr int kWarpsPerBlock = kRowsThreads / 32;
   if (n >= 2 * 32 * 132) {
     const int64_t blocks = (n + 2 * kWarpsPerBlock - 1) / (2 * kWarpsPerBlock);
-    GemvRowsKernel<T, Out, M, 2><<<static_cast<unsigned>(blocks), kRowsThreads, 0, stream>>>(
-        static_cast<const T*>(a), lda, static_cast<const T*>(w), n, k, static_cast<Out*>(c));
+    LaunchKernel(GemvRowsKernel<T, Out, M, 2>, static_cast<unsigned>(blocks), kRowsThreads, 0,
+                 stream, static_cast<const T*>(a), lda, static_cast<const T*>(w), n, k,
+                 static_cast<Out*>(c));
   } else {
     const int64_t blocks = (n + kWarpsPerBlock - 1) / kWarpsPerBlock;
-    GemvRowsKernel<T, Out, M, 1><<<static_cast<unsigned>(blocks), kRowsThreads, 0, stream>>>(
-        static_cast<const T*>(a), lda, static_cast<const T*>(w), n, k, static_cast<Out*>(c));
+    LaunchKernel(GemvRowsKernel<T, Out, M, 1>, static_cast<unsigned>(blocks), kRowsThreads, 0,
+                 stream, static_cast<const T*>(a), lda, static_cast<const T*>(w), n, k,
+                 static_cast<Out*>(c));
   }
   return cudaGetLastError();
 }
@@ -271,9 +275,9 @@ cudaError_t Launch(const void* a, int64_t lda, const void* w, int64_t n, int64_t
   }
   const int max_warps = kUnroll > 4 ? 8 : kMaxWarps;
   if (warps > max_warps) warps = max_warps;
-  GemvKernel<T, Out, kUnroll><<<static_cast<unsigned>(tiles), 32 * warps, 0, stream>>>(
-      static_cast<const T*>(a), lda, static_cast<const T*>(w), n, k, static_cast<Out*>(c),
-      static_cast<int>(m));
+  LaunchKernel(GemvKernel<T, Out, kUnroll>, static_cast<unsigned>(tiles), 32 * warps, 0, stream,
+               static_cast<const T*>(a), lda, static_cast<const T*>(w), n, k, static_cast<Out*>(c),
+               static_cast<int>(m));
   return cudaGetLastError();
 }
 

@@ -29,6 +29,7 @@ __device__ void NormRow(const T* x, const T* w, T* out, int64_t cols, float eps,
 template <typename T>
 __global__ void RmsNormKernel(const T* x, int64_t x_stride, const T* w, T* out, int64_t out_stride,
                               int64_t cols, float eps) {
+  PdlWaitAndTrigger();
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   NormRow(x + r * x_stride, w, out + r * out_stride, cols, eps, scratch);
@@ -37,6 +38,7 @@ __global__ void RmsNormKernel(const T* x, int64_t x_stride, const T* w, T* out, 
 template <typename T>
 __global__ void AddRmsNormKernel(T* residual, const T* delta, const T* w, T* out, int64_t cols,
                                  float eps) {
+  PdlWaitAndTrigger();
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   T* x = residual + r * cols;
@@ -52,6 +54,7 @@ __global__ void AddRmsNormKernel(T* residual, const T* delta, const T* w, T* out
 template <typename T>
 __global__ void HeadRmsNormKernel(T* x, int64_t token_stride, const T* w, int64_t tokens,
                                   int64_t heads, int64_t head_dim, float eps) {
+  PdlWaitAndTrigger();
   const int64_t item = blockIdx.x * int64_t{blockDim.x / 32} + threadIdx.x / 32;
   if (item >= tokens * heads) return;
   const int lane = threadIdx.x & 31;
@@ -76,6 +79,7 @@ constexpr int kVecMaxCols = 8 * 1024;
 template <typename T>
 __global__ void RmsNormVecKernel(const T* x, int64_t x_stride, T* residual, const T* delta,
                                  const T* w, T* out, int64_t out_stride, int64_t cols, float eps) {
+  PdlWaitAndTrigger();
   __shared__ float scratch[32];
   const int64_t r = blockIdx.x;
   const int64_t c = int64_t{threadIdx.x} * 8;
@@ -131,17 +135,17 @@ cudaError_t RmsNorm(Half16 t, const void* x, int64_t x_stride, const void* w, vo
   if (VecOk(cols, {x, w, out}, {x_stride, out_stride})) {
     return Dispatch16(t, [&](auto z) {
       using T = decltype(z);
-      RmsNormVecKernel<T><<<static_cast<unsigned>(rows), VecThreads(cols), 0, stream>>>(
-          static_cast<const T*>(x), x_stride, nullptr, nullptr, static_cast<const T*>(w),
-          static_cast<T*>(out), out_stride, cols, eps);
+      LaunchKernel(RmsNormVecKernel<T>, static_cast<unsigned>(rows), VecThreads(cols), 0, stream,
+                   static_cast<const T*>(x), x_stride, nullptr, nullptr, static_cast<const T*>(w),
+                   static_cast<T*>(out), out_stride, cols, eps);
       return cudaGetLastError();
     });
   }
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
-    RmsNormKernel<<<static_cast<unsigned>(rows), ThreadsFor(cols), 0, stream>>>(
-        static_cast<const T*>(x), x_stride, static_cast<const T*>(w), static_cast<T*>(out),
-        out_stride, cols, eps);
+    LaunchKernel(RmsNormKernel<T>, static_cast<unsigned>(rows), ThreadsFor(cols), 0, stream,
+                 static_cast<const T*>(x), x_stride, static_cast<const T*>(w), static_cast<T*>(out),
+                 out_stride, cols, eps);
     return cudaGetLastError();
   });
 }
@@ -152,17 +156,17 @@ cudaError_t AddRmsNorm(Half16 t, void* residual, const void* delta, const void* 
   if (VecOk(cols, {residual, delta, w, out}, {})) {
     return Dispatch16(t, [&](auto z) {
       using T = decltype(z);
-      RmsNormVecKernel<T><<<static_cast<unsigned>(rows), VecThreads(cols), 0, stream>>>(
-          nullptr, 0, static_cast<T*>(residual), static_cast<const T*>(delta),
-          static_cast<const T*>(w), static_cast<T*>(out), cols, cols, eps);
+      LaunchKernel(RmsNormVecKernel<T>, static_cast<unsigned>(rows), VecThreads(cols), 0, stream,
+                   nullptr, 0, static_cast<T*>(residual), static_cast<const T*>(delta),
+                   static_cast<const T*>(w), static_cast<T*>(out), cols, cols, eps);
       return cudaGetLastError();
     });
   }
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
-    AddRmsNormKernel<<<static_cast<unsigned>(rows), ThreadsFor(cols), 0, stream>>>(
-        static_cast<T*>(residual), static_cast<const T*>(delta), static_cast<const T*>(w),
-        static_cast<T*>(out), cols, eps);
+    LaunchKernel(AddRmsNormKernel<T>, static_cast<unsigned>(rows), ThreadsFor(cols), 0, stream,
+                 static_cast<T*>(residual), static_cast<const T*>(delta), static_cast<const T*>(w),
+                 static_cast<T*>(out), cols, eps);
     return cudaGetLastError();
   });
 }
@@ -173,8 +177,8 @@ cudaError_t HeadRmsNorm(Half16 t, void* x, int64_t token_stride, const void* w, 
   if (items <= 0) return cudaSuccess;
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
-    HeadRmsNormKernel<<<Blocks(items, 8), 256, 0, stream>>>(
-        static_cast<T*>(x), token_stride, static_cast<const T*>(w), tokens, heads, head_dim, eps);
+    LaunchKernel(HeadRmsNormKernel<T>, Blocks(items, 8), 256, 0, stream, static_cast<T*>(x),
+                 token_stride, static_cast<const T*>(w), tokens, heads, head_dim, eps);
     return cudaGetLastError();
   });
 }

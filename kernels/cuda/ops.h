@@ -29,6 +29,14 @@ cudaError_t GatherRows(Half16 t, const void* x, const int32_t* rows, void* out, 
 cudaError_t FillRandom(Half16 t, void* dst, int64_t n, float scale, float offset, uint64_t seed,
                        cudaStream_t stream);
 
+// --- elementwise.cu: launch settings ---
+// Whether kernels launch with programmatic dependent launch (the next kernel scheduled while the
+// previous one runs; compute capability 9.0 and later). On by default there; PDS_PDL=0 in the
+// environment (read once) or SetProgrammaticLaunch(false) turns it off. CUDA graphs keep the
+// setting they were recorded with.
+bool ProgrammaticLaunch();
+void SetProgrammaticLaunch(bool on);
+
 // --- gemv.cu ---
 // The most activation rows Gemv takes (the N of one m16n8k16 tensor-core step).
 constexpr int64_t kGemvMaxRows = 8;

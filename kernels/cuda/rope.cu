@@ -7,6 +7,7 @@ namespace {
 
 __global__ void RopeCosSinKernel(const int32_t* positions, const float* inv_freq, float* cos_out,
                                  float* sin_out, int64_t tokens, int64_t half) {
+  PdlWaitAndTrigger();
   const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (i >= tokens * half) return;
   const int64_t t = i / half, j = i - t * half;
@@ -22,6 +23,7 @@ template <typename T>
 __global__ void ApplyRopeKernel(T* q, T* k, int64_t token_stride, const float* cos_t,
                                 const float* sin_t, int64_t tokens, int64_t q_heads,
                                 int64_t kv_heads, int64_t half) {
+  PdlWaitAndTrigger();
   const int64_t heads = q_heads + kv_heads;
   const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (i >= tokens * heads * half) return;
@@ -41,8 +43,8 @@ __global__ void ApplyRopeKernel(T* q, T* k, int64_t token_stride, const float* c
 cudaError_t RopeCosSin(const int32_t* positions, const float* inv_freq, float* cos, float* sin,
                        int64_t tokens, int64_t half, cudaStream_t stream) {
   if (tokens * half <= 0) return cudaSuccess;
-  RopeCosSinKernel<<<Blocks(tokens * half, 256), 256, 0, stream>>>(positions, inv_freq, cos, sin,
-                                                                   tokens, half);
+  LaunchKernel(RopeCosSinKernel, Blocks(tokens * half, 256), 256, 0, stream, positions, inv_freq,
+               cos, sin, tokens, half);
   return cudaGetLastError();
 }
 
@@ -53,9 +55,8 @@ cudaError_t ApplyRope(Half16 t, void* q, void* k, int64_t token_stride, const fl
   if (n <= 0) return cudaSuccess;
   return Dispatch16(t, [&](auto z) {
     using T = decltype(z);
-    ApplyRopeKernel<<<Blocks(n, 256), 256, 0, stream>>>(static_cast<T*>(q), static_cast<T*>(k),
-                                                        token_stride, cos, sin, tokens, q_heads,
-                                                        kv_heads, half);
+    LaunchKernel(ApplyRopeKernel<T>, Blocks(n, 256), 256, 0, stream, static_cast<T*>(q),
+                 static_cast<T*>(k), token_stride, cos, sin, tokens, q_heads, kv_heads, half);
     return cudaGetLastError();
   });
 }

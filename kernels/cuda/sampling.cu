@@ -14,6 +14,7 @@ __device__ __forceinline__ bool Better(float v, int32_t i, float ov, int32_t oi)
 }
 
 __global__ void ArgmaxKernel(const float* logits, int64_t n, int32_t* ids) {
+  PdlWaitAndTrigger();
   const float* row = logits + blockIdx.x * n;
   float best = NAN;
   int32_t best_i = 0;
@@ -55,7 +56,7 @@ __global__ void ArgmaxKernel(const float* logits, int64_t n, int32_t* ids) {
 cudaError_t ArgmaxRows(const float* logits, int64_t rows, int64_t n, int32_t* ids,
                        cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
-  ArgmaxKernel<<<static_cast<unsigned>(rows), 1024, 0, stream>>>(logits, n, ids);
+  LaunchKernel(ArgmaxKernel, static_cast<unsigned>(rows), 1024, 0, stream, logits, n, ids);
   return cudaGetLastError();
 }
 
@@ -148,6 +149,7 @@ __device__ double BlockSumDouble(double v, double* scratch) {
 
 __global__ void __launch_bounds__(kSampleThreads)
     SampleKernel(const float* logits, int64_t n, const RowSampling* sampling, int32_t* tokens) {
+  PdlWaitAndTrigger();
   __shared__ SelectShared sh;
   __shared__ double scratch[32];
   __shared__ float fscratch[32];
@@ -210,8 +212,8 @@ __global__ void __launch_bounds__(kSampleThreads)
 cudaError_t SampleRows(const float* logits, int64_t rows, int64_t n, const RowSampling* sampling,
                        int32_t* tokens, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
-  SampleKernel<<<static_cast<unsigned>(rows), kSampleThreads, 0, stream>>>(logits, n, sampling,
-                                                                           tokens);
+  LaunchKernel(SampleKernel, static_cast<unsigned>(rows), kSampleThreads, 0, stream, logits, n,
+               sampling, tokens);
   return cudaGetLastError();
 }
 
