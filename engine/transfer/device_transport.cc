@@ -5,7 +5,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <map>
+#include <mutex>
+#include <thread>
 #include <utility>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "engine/common/logging.h"
@@ -20,6 +24,14 @@ std::shared_ptr<spdlog::logger> Log() {
   static auto logger = Logger("transfer");
   return logger;
 }
+
+// A receiver watching a DEVICE_DONE_PENDING gives up this long after the sender's budget
+// (when neither the data nor the sender's verdict came).
+constexpr absl::Duration kVerdictMargin = absl::Seconds(1);
+
+// absl::SleepFor overshoots by the kernel's timer slack (50 us by default): a wait for pending
+// copies sleeps only until this long before they are expected to end, then polls.
+constexpr absl::Duration kWakeEarly = absl::Microseconds(120);
 
 absl::Status Malformed(absl::string_view what, size_t bytes) {
   return absl::InvalidArgumentError(
@@ -130,6 +142,46 @@ absl::Status CheckDone(const ControlFrame& frame) {
   return WithContext(carried, "the sender broke off");
 }
 
+std::string EncodeDevicePending(const DevicePending& pending) {
+  std::string out;
+  Put(out, static_cast<uint32_t>(pending.plane_data.size()));
+  out += pending.plane_data;
+  Put(out, absl::ToInt64Microseconds(pending.expected));
+  Put(out, absl::ToInt64Microseconds(pending.budget));
+  return out;
+}
+
+absl::StatusOr<DevicePending> DecodeDevicePending(const ControlFrame& frame) {
+  Reader reader(frame.data(), frame.payload.size());
+  DevicePending pending;
+  uint32_t length = 0;
+  int64_t expected_us = 0, budget_us = 0;
+  if (!reader.Get(&length) || length > reader.left() ||
+      !reader.GetBytes(length, &pending.plane_data) || !reader.Get(&expected_us) ||
+      !reader.Get(&budget_us) || reader.left() != 0 || expected_us < 0 || budget_us < 0) {
+    return Malformed("DEVICE_DONE_PENDING", frame.payload.size());
+  }
+  pending.expected = absl::Microseconds(expected_us);
+  pending.budget = absl::Microseconds(budget_us);
+  return pending;
+}
+
+bool SpinUntilReadable(const Io& io, absl::Duration spin) {
+  if (spin <= absl::ZeroDuration()) return PeerReadable(io);
+  const absl::Time until = absl::Now() + spin;
+  while (true) {
+    if (PeerReadable(io)) return true;
+    if (absl::Now() >= until) return false;
+    std::this_thread::yield();
+  }
+}
+
+absl::StatusOr<ReceiverPlane::CompletionProbe> ReceiverPlane::WatchPending(
+    const std::string& plane_data, ConnectionState* state) {
+  return absl::UnimplementedError(
+      absl::StrCat("the ", DevicePlaneName(kind()), " receiver cannot watch pending data"));
+}
+
 bool Woken(const Io& io) {
   if (io.wake_fd < 0) return false;
   pollfd p{io.wake_fd, POLLIN, 0};
@@ -178,37 +230,30 @@ class DeviceKvSender final : public KvSender {
 
     KvSendStats stats;
     stats.offered = absl::Now();
-    PDS_ASSIGN_OR_RETURN(Fd fd,
-                         Connect(address, deadline, &cancelled, options_.socket_buffer_bytes));
-    const Io io{fd.get(), deadline, absl::InfiniteDuration(), -1, &cancelled};
-    PDS_ASSIGN_OR_RETURN(std::string plane_data, plane_->Prepare(io, address));
-
-    // Offer until the receiver has room.
-    const std::string offer = EncodeDeviceOffer(DeviceOffer{plane_->kind(), plane_data, header});
-    absl::Duration backoff = options_.initial_backoff;
+    // A kept connection to the receiver, or a new one; offered until the receiver has room. A
+    // kept connection the receiver closed in the meantime fails before any reply: then once
+    // more on a fresh connection.
+    Fd fd;
+    std::string plane_data;
     DeviceOfferReply reply;
-    while (true) {
-      ++stats.offers;
-      PDS_RETURN_IF_ERROR(WithContext(WriteFrame(io, FrameType::kDeviceOffer, offer), "offer"));
-      absl::StatusOr<DeviceOfferReply> got = ReadOfferReply(io);
-      if (!got.ok()) return WithContext(got.status(), "waiting for the offer reply");
-      reply = *std::move(got);
-      if (reply.status.ok()) break;
-      if (reply.status.code() != absl::StatusCode::kResourceExhausted) {
-        return WithContext(reply.status, "refused by the receiver");
+    for (bool fresh_only = false;; fresh_only = true) {
+      fd = fresh_only ? Fd() : TakeIdle(address);
+      const bool reused = fd.get() >= 0;
+      if (!reused) {
+        PDS_ASSIGN_OR_RETURN(fd,
+                             Connect(address, deadline, &cancelled, options_.socket_buffer_bytes));
       }
-      const absl::Time wake = std::min(absl::Now() + backoff, deadline);
-      while (absl::Now() < wake) {
-        if (is_cancelled()) return absl::CancelledError("cancelled while the receiver had no room");
-        absl::SleepFor(std::min(wake - absl::Now(), absl::Milliseconds(5)));
-      }
-      if (absl::Now() >= deadline) {
-        return absl::DeadlineExceededError(
-            absl::StrCat("deadline exceeded; the receiver had no room after ", stats.offers,
-                         " offers (last answer: ", reply.status.message(), ")"));
-      }
-      backoff = std::min(backoff * 2, options_.max_backoff);
+      const Io io{fd.get(), deadline, absl::InfiniteDuration(), -1, &cancelled};
+      bool replied = false;
+      absl::Status offered =
+          Offer(io, address, header, deadline, is_cancelled, &stats, &plane_data, &reply, &replied);
+      if (offered.ok()) break;
+      if (!reused || replied || !absl::IsUnavailable(offered) || is_cancelled()) return offered;
+      Log()->debug("{} kv sender: the kept connection to {} was closed ({}); reconnecting",
+                   std::string(DevicePlaneName(plane_->kind())), address, offered.ToString());
+      stats.offers = 0;  // that offer never reached the receiver
     }
+    const Io io{fd.get(), deadline, absl::InfiniteDuration(), -1, &cancelled};
     stats.reserved = absl::Now();
     if (static_cast<int32_t>(reply.blocks.size()) != header.num_blocks) {
       absl::Status bad = absl::InvalidArgumentError(absl::StrCat(
@@ -217,7 +262,13 @@ class DeviceKvSender final : public KvSender {
       return bad;
     }
 
-    absl::Status moved = plane_->Move(io, address, header, source, src_blocks, reply, plane_data);
+    absl::StatusOr<std::unique_ptr<PendingMove>> started =
+        plane_->MoveAsync(io, address, header, source, src_blocks, reply, plane_data);
+    if (started.ok() && *started != nullptr) {
+      return FinishEarly(io, address, header, std::move(*started), std::move(fd), &stats);
+    }
+    const absl::Status moved = started.status();
+    stats.moved = absl::Now();
     if (!moved.ok()) {
       absl::Status early = EarlyError(io);
       SendDone(io, moved);
@@ -232,12 +283,192 @@ class DeviceKvSender final : public KvSender {
     PDS_RETURN_IF_ERROR(WithContext(
         WriteFrame(io, FrameType::kDeviceDone, tcp_wire::EncodeStatus(absl::OkStatus())),
         "sending DONE"));
+    SpinUntilReadable(io, options_.spin);
     absl::StatusOr<absl::Status> done = ReadReply(io, FrameType::kDoneReply);
     if (!done.ok()) return WithContext(done.status(), "waiting for the receiver's confirmation");
     if (!done->ok()) return WithContext(*done, "the receiver failed the transfer");
     stats.bytes = static_cast<size_t>(header.num_layers) * header.LayerBytes();
     stats.finished = absl::Now();
+    KeepIdle(address, std::move(fd));  // the exchange ended cleanly: nothing left unread
     return stats;
+  }
+
+  // Early DONE (device_transport.h): DONE_PENDING at once, then the sender's own wait for the
+  // copies and its verdict, and the receiver's answer.
+  absl::StatusOr<KvSendStats> FinishEarly(const Io& io, const std::string& address,
+                                          const KvTransferHeader& header,
+                                          std::unique_ptr<PendingMove> pending, Fd fd,
+                                          KvSendStats* stats) {
+    const absl::Time sent = absl::Now();
+    DevicePending frame;
+    frame.plane_data = pending->plane_data();
+    frame.expected = std::max(pending->expected() - sent, absl::ZeroDuration());
+    frame.budget = std::max(io.deadline - sent, absl::ZeroDuration());
+    if (io.deadline == absl::InfiniteFuture()) frame.budget = absl::Hours(24);
+    // The receiver stops watching by then at the latest (kVerdictMargin past the budget; one
+    // more second for the frame's way there).
+    const absl::Time receiver_limit = sent + frame.budget + kVerdictMargin + absl::Seconds(1);
+    absl::Status wrote =
+        WithContext(WriteFrame(io, FrameType::kDeviceDonePending, EncodeDevicePending(frame)),
+                    "sending DONE_PENDING");
+    if (!wrote.ok()) {
+      // The connection is lost: the receiver fails the transfer. Nothing may stay in flight.
+      if (!pending->Wait(NoCancel(io)).ok()) pending->Drain().IgnoreError();
+      pending->Finish(/*receiver_answered=*/false, receiver_limit);
+      return wrote;
+    }
+
+    absl::Status copies = pending->Wait(io);
+    if (copies.ok()) {
+      stats->moved = absl::Now();
+      // The verdict: the receiver reads it after its confirmation (or decides on it, when it
+      // could not watch the copies itself).
+      absl::Status verdict = WithContext(
+          WriteFrame(io, FrameType::kDeviceDone, tcp_wire::EncodeStatus(absl::OkStatus())),
+          "sending DONE");
+      SpinUntilReadable(io, options_.spin);
+      absl::StatusOr<absl::Status> done =
+          ReadReply(verdict.ok() ? io : Quick(io), FrameType::kDoneReply);
+      pending->Finish(/*receiver_answered=*/done.ok(), receiver_limit);
+      if (!done.ok()) {
+        return WithContext(done.status(), verdict.ok() ? "waiting for the receiver's confirmation"
+                                                       : verdict.message());
+      }
+      if (!done->ok()) return WithContext(*done, "the receiver failed the transfer");
+      if (!verdict.ok()) return verdict;  // confirmed, but the verdict did not go out
+      return Finished(header, stats, address, std::move(fd));
+    }
+
+    // The copies failed, or the wait for them was cancelled or timed out: the receiver must
+    // not accept them now (ABORT), and must not free its blocks while any is still in flight
+    // (the final DONE after the drain).
+    const bool stopped = absl::IsCancelled(copies) || absl::IsDeadlineExceeded(copies);
+    SendFrame(io, FrameType::kDeviceAbort, copies);
+    absl::Status drained = pending->Drain();
+    absl::Status verdict = copies;
+    if (!drained.ok()) {
+      verdict = absl::Status(copies.code(), absl::StrCat(copies.message(),
+                                                         " (copies still in "
+                                                         "flight: ",
+                                                         drained.message(), ")"));
+    }
+    SendFrame(io, FrameType::kDeviceDone, verdict);
+    absl::StatusOr<absl::Status> answer = ReadReply(Quick(io), FrameType::kDoneReply);
+    pending->Finish(/*receiver_answered=*/answer.ok(), receiver_limit);
+    if (answer.ok() && answer->ok() && stopped && drained.ok()) {
+      // The receiver confirmed before the abort reached it, and every copy completed: the
+      // transfer succeeded on both sides. The connection has frames in flight: not kept.
+      Log()->info("{} kv sender: request '{}' to {}: {} after the receiver had confirmed it",
+                  std::string(DevicePlaneName(plane_->kind())), header.request_id, address,
+                  copies.ToString());
+      return Finished(header, stats, address, Fd());
+    }
+    if (answer.ok() && answer->ok()) {
+      Log()->error(
+          "{} kv sender: request '{}' to {}: the receiver confirmed it, but the copies failed: "
+          "{}",
+          std::string(DevicePlaneName(plane_->kind())), header.request_id, address,
+          verdict.ToString());
+    }
+    if (answer.ok() && !answer->ok() && !stopped) {
+      return absl::Status(verdict.code(), absl::StrCat(verdict.message(),
+                                                       " (the receiver: ", answer->message(), ")"));
+    }
+    return verdict;
+  }
+
+  KvSendStats Finished(const KvTransferHeader& header, KvSendStats* stats,
+                       const std::string& address, Fd fd) {
+    stats->bytes = static_cast<size_t>(header.num_layers) * header.LayerBytes();
+    stats->finished = absl::Now();
+    if (fd.get() >= 0) KeepIdle(address, std::move(fd));  // nothing left unread
+    return *stats;
+  }
+
+  static Io NoCancel(const Io& io) {
+    Io quiet = io;
+    quiet.cancelled = nullptr;
+    return quiet;
+  }
+  static Io Quick(const Io& io) {
+    Io quick = NoCancel(io);
+    quick.deadline = absl::Now() + absl::Milliseconds(200);
+    return quick;
+  }
+  // Best effort: a status frame (DONE, ABORT) to the receiver.
+  static void SendFrame(const Io& io, FrameType type, const absl::Status& status) {
+    WriteFrame(Quick(io), type, tcp_wire::EncodeStatus(status)).IgnoreError();
+  }
+
+  // Prepares the plane and offers until the receiver has room (OK: `reply` is its
+  // reservation). *replied: the receiver answered something on this connection.
+  absl::Status Offer(const Io& io, const std::string& address, const KvTransferHeader& header,
+                     absl::Time deadline, const std::function<bool()>& is_cancelled,
+                     KvSendStats* stats, std::string* plane_data, DeviceOfferReply* reply,
+                     bool* replied) {
+    PDS_ASSIGN_OR_RETURN(*plane_data, plane_->Prepare(io, address));
+    const std::string offer = EncodeDeviceOffer(DeviceOffer{plane_->kind(), *plane_data, header});
+    absl::Duration backoff = options_.initial_backoff;
+    while (true) {
+      ++stats->offers;
+      PDS_RETURN_IF_ERROR(WithContext(WriteFrame(io, FrameType::kDeviceOffer, offer), "offer"));
+      SpinUntilReadable(io, options_.spin);
+      absl::StatusOr<DeviceOfferReply> got = ReadOfferReply(io);
+      if (!got.ok()) return WithContext(got.status(), "waiting for the offer reply");
+      *replied = true;
+      *reply = *std::move(got);
+      if (reply->status.ok()) return absl::OkStatus();
+      if (reply->status.code() != absl::StatusCode::kResourceExhausted) {
+        return WithContext(reply->status, "refused by the receiver");
+      }
+      const absl::Time wake = std::min(absl::Now() + backoff, deadline);
+      while (absl::Now() < wake) {
+        if (is_cancelled()) return absl::CancelledError("cancelled while the receiver had no room");
+        absl::SleepFor(std::min(wake - absl::Now(), absl::Milliseconds(5)));
+      }
+      if (absl::Now() >= deadline) {
+        return absl::DeadlineExceededError(
+            absl::StrCat("deadline exceeded; the receiver had no room after ", stats->offers,
+                         " offers (last answer: ", reply->status.message(), ")"));
+      }
+      backoff = std::min(backoff * 2, options_.max_backoff);
+    }
+  }
+
+  // A kept connection to `address` that is still usable, or an empty Fd.
+  Fd TakeIdle(const std::string& address) {
+    std::vector<Fd> closed;  // closed outside the lock
+    Fd taken;
+    std::lock_guard<std::mutex> lock(idle_mu_);
+    auto it = idle_.find(address);
+    if (it == idle_.end()) return taken;
+    std::vector<IdleConnection>& kept = it->second;
+    const absl::Time now = absl::Now();
+    while (!kept.empty() && taken.get() < 0) {
+      IdleConnection c = std::move(kept.back());
+      kept.pop_back();
+      // Readable while idle: the receiver closed it (EOF) or broke the protocol.
+      if (now - c.since >= keepalive_ || PeerReadable(Io{c.fd.get()})) {
+        closed.push_back(std::move(c.fd));
+      } else {
+        taken = std::move(c.fd);
+      }
+    }
+    if (kept.empty()) idle_.erase(it);
+    return taken;
+  }
+
+  // Keeps a connection that finished a transfer cleanly for the next transfer to `address`.
+  void KeepIdle(const std::string& address, Fd fd) {
+    if (options_.max_idle_connections <= 0) return;
+    std::lock_guard<std::mutex> lock(idle_mu_);
+    std::vector<IdleConnection>& kept = idle_[address];
+    const absl::Time now = absl::Now();
+    kept.erase(std::remove_if(kept.begin(), kept.end(),
+                              [&](const IdleConnection& c) { return now - c.since >= keepalive_; }),
+               kept.end());
+    if (static_cast<int>(kept.size()) >= options_.max_idle_connections) return;  // closes fd
+    kept.push_back(IdleConnection{std::move(fd), now});
   }
 
   // The OFFER reply: DEVICE_OFFER_REPLY, or an error in a plain reply frame (a TCP receiver, a
@@ -278,8 +509,17 @@ class DeviceKvSender final : public KvSender {
     WriteFrame(quick, FrameType::kDeviceDone, tcp_wire::EncodeStatus(status)).IgnoreError();
   }
 
+  struct IdleConnection {
+    Fd fd;
+    absl::Time since;  // when its last transfer finished
+  };
+
   const std::shared_ptr<SenderPlane> plane_;
   const DeviceTransportOptions options_;
+  // Kept connections are closed before the receiver's idle timeout would close them.
+  const absl::Duration keepalive_ = std::min(options_.keepalive, options_.idle_timeout / 2);
+  std::mutex idle_mu_;
+  std::map<std::string, std::vector<IdleConnection>> idle_;  // by address; guarded by idle_mu_
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -307,11 +547,13 @@ class DeviceKvReceiver final : public KvReceiver {
     Io io;
     KvTransferHeader header;
     bool reserved = false;
+    std::unique_ptr<ReceiverPlane::ConnectionState> plane_state;
   };
 
   void ServeConnection(const Io& io) {
     Connection conn;
     conn.io = io;
+    conn.plane_state = plane_->NewConnectionState();
     absl::Status status = Serve(conn);
     if (status.ok()) return;
     status = EndFailedConnection(
@@ -326,7 +568,15 @@ class DeviceKvReceiver final : public KvReceiver {
   }
 
   absl::Status Serve(Connection& conn) {
+    bool kept = false;  // a transfer finished on this connection: the sender may keep it
     while (true) {
+      if (kept && !SpinUntilReadable(conn.io, options_.spin)) {
+        // Between transfers, a connection with no next offer is closed after the idle timeout
+        // (no error: the sender kept it for later and will notice).
+        absl::StatusOr<WaitResult> ready = Wait(conn.io, POLLIN);
+        if (absl::IsDeadlineExceeded(ready.status())) return absl::OkStatus();
+        PDS_RETURN_IF_ERROR(ready.status());
+      }
       bool eof = false;
       PDS_ASSIGN_OR_RETURN(ControlFrame frame, ReadControlFrame(conn.io, &eof));
       if (eof) return absl::OkStatus();  // the sender gave up or finished
@@ -335,8 +585,12 @@ class DeviceKvReceiver final : public KvReceiver {
           PDS_RETURN_IF_ERROR(WithContext(plane_->Setup(conn.io, frame), "setup"));
           break;
         case FrameType::kDeviceOffer: {
-          PDS_ASSIGN_OR_RETURN(bool done, HandleOffer(conn, frame));
-          if (done) return absl::OkStatus();
+          PDS_ASSIGN_OR_RETURN(const OfferOutcome outcome, HandleOffer(conn, frame));
+          if (outcome == OfferOutcome::kEnd) return absl::OkStatus();
+          if (outcome == OfferOutcome::kTransferred) {
+            kept = true;
+            conn.header = KvTransferHeader();
+          }
           break;
         }
         default:
@@ -348,8 +602,13 @@ class DeviceKvReceiver final : public KvReceiver {
     }
   }
 
-  // Returns true when the connection is finished (the transfer ended or was refused for good).
-  absl::StatusOr<bool> HandleOffer(Connection& conn, const ControlFrame& frame) {
+  enum class OfferOutcome {
+    kNoRoom,       // answered RESOURCE_EXHAUSTED: the sender offers again on this connection
+    kEnd,          // refused for good, or the confirmation failed: the connection ends
+    kTransferred,  // the transfer completed: the sender may send the next offer
+  };
+
+  absl::StatusOr<OfferOutcome> HandleOffer(Connection& conn, const ControlFrame& frame) {
     PDS_ASSIGN_OR_RETURN(DeviceOffer offer, DecodeDeviceOffer(frame));
     conn.header = offer.header;
     DeviceOfferReply reply;
@@ -380,20 +639,28 @@ class DeviceKvReceiver final : public KvReceiver {
         WriteFrame(conn.io, FrameType::kDeviceOfferReply, EncodeDeviceOfferReply(reply)),
         "sending the offer reply"));
     if (!reply.status.ok()) {
-      if (reply.status.code() == absl::StatusCode::kResourceExhausted) return false;
+      if (reply.status.code() == absl::StatusCode::kResourceExhausted) {
+        return OfferOutcome::kNoRoom;
+      }
       Log()->info("{} kv receiver {}: refused request '{}': {}",
                   std::string(DevicePlaneName(plane_->kind())), server_.address(),
                   offer.header.request_id, reply.status.ToString());
-      return true;
+      return OfferOutcome::kEnd;
     }
 
     bool done_read = false;
     PDS_RETURN_IF_ERROR(WithContext(
         plane_->Receive(conn.io, offer.header, offer.plane_data, reply.blocks, &done_read),
         "receiving the layers"));
+    bool verdict_pending = false;  // confirmed on the plane's probe: the verdict still comes
     if (!done_read) {
+      SpinUntilReadable(conn.io, options_.spin);
       PDS_ASSIGN_OR_RETURN(ControlFrame done, ReadControlFrame(conn.io));
-      PDS_RETURN_IF_ERROR(CheckDone(done));
+      if (done.type == FrameType::kDeviceDonePending) {
+        PDS_ASSIGN_OR_RETURN(verdict_pending, AwaitPending(conn, done));
+      } else {
+        PDS_RETURN_IF_ERROR(CheckDone(done));
+      }
     }
     conn.reserved = false;
     sink_->Complete(offer.header.request_id, absl::OkStatus());
@@ -405,8 +672,108 @@ class DeviceKvReceiver final : public KvReceiver {
       Log()->warn("{} kv receiver {}: request '{}' stored, but the confirmation failed: {}",
                   std::string(DevicePlaneName(plane_->kind())), server_.address(),
                   offer.header.request_id, replied.ToString());
+      return OfferOutcome::kEnd;
     }
-    return true;
+    if (verdict_pending) {
+      // The sender's verdict, sent once its own copies are done: OK, or (only where its stream
+      // failed after the copies completed, or its abort crossed the confirmation) too late.
+      SpinUntilReadable(conn.io, options_.spin);
+      absl::StatusOr<ControlFrame> verdict = ReadControlFrame(conn.io);
+      absl::Status late = verdict.ok() ? CheckDone(*verdict) : verdict.status();
+      if (verdict.ok() && verdict->type == FrameType::kDeviceAbort) {
+        absl::StatusOr<absl::Status> carried = DecodeStatusFrame(*verdict);
+        late = carried.ok() ? WithContext(*carried, "the sender aborted") : carried.status();
+      }
+      if (!late.ok()) {
+        Log()->warn("{} kv receiver {}: request '{}' was confirmed, then the sender reported: {}",
+                    std::string(DevicePlaneName(plane_->kind())), server_.address(),
+                    offer.header.request_id, late.ToString());
+        return OfferOutcome::kEnd;
+      }
+    }
+    return OfferOutcome::kTransferred;
+  }
+
+  // After DEVICE_DONE_PENDING: waits until the plane's probe reports the data complete (true:
+  // the sender's verdict is still to come) or the sender's verdict arrives (false: it was OK),
+  // or fails: the sender aborted or failed, the connection broke, shutdown, or neither came by
+  // min(idle_timeout, the sender's budget + kVerdictMargin).
+  absl::StatusOr<bool> AwaitPending(Connection& conn, const ControlFrame& frame) {
+    PDS_ASSIGN_OR_RETURN(const DevicePending pending, DecodeDevicePending(frame));
+    const absl::Time start = absl::Now();
+    const absl::Time limit =
+        start + std::min(options_.idle_timeout, pending.budget + kVerdictMargin);
+    absl::StatusOr<ReceiverPlane::CompletionProbe> watched =
+        plane_->WatchPending(pending.plane_data, conn.plane_state.get());
+    ReceiverPlane::CompletionProbe probe;
+    if (watched.ok()) {
+      probe = *std::move(watched);
+    } else {
+      Log()->warn("{} kv receiver {}: request '{}': waiting for the sender's verdict: {}",
+                  std::string(DevicePlaneName(plane_->kind())), server_.address(),
+                  conn.header.request_id, watched.status().ToString());
+    }
+    // Asleep until shortly before the copies are expected to end, then polling with only a
+    // yield between polls for a while, then with short naps.
+    const absl::Time expected = start + pending.expected;
+    const absl::Time spin_until =
+        expected + std::max(absl::Microseconds(300), pending.expected) + options_.spin;
+    absl::Duration nap = absl::Microseconds(20);
+    while (true) {
+      bool complete = false;
+      if (probe) {
+        absl::StatusOr<bool> done = probe();
+        if (!done.ok()) {
+          Log()->warn("{} kv receiver {}: request '{}': waiting for the sender's verdict: {}",
+                      std::string(DevicePlaneName(plane_->kind())), server_.address(),
+                      conn.header.request_id, done.status().ToString());
+          probe = nullptr;
+        } else {
+          complete = *done;
+        }
+      }
+      // The connection first: an abort or a failed verdict decides even when the data looks
+      // complete.
+      if (PeerReadable(conn.io)) {
+        bool eof = false;
+        PDS_ASSIGN_OR_RETURN(ControlFrame next, ReadControlFrame(conn.io, &eof));
+        if (eof)
+          return absl::UnavailableError("the sender closed the connection after DONE_PENDING");
+        if (next.type == FrameType::kDeviceAbort) {
+          PDS_ASSIGN_OR_RETURN(absl::Status carried, DecodeStatusFrame(next));
+          if (carried.ok()) carried = absl::InternalError("aborted without a reason");
+          // Never accepted now; the blocks are freed once nothing is in flight any more: after
+          // the sender's final DONE (or the connection's idle timeout, or its loss).
+          PDS_ASSIGN_OR_RETURN(ControlFrame last, ReadControlFrame(conn.io));
+          if (last.type != FrameType::kDeviceDone) return CheckDone(last);
+          return WithContext(carried, "the sender broke off");
+        }
+        PDS_RETURN_IF_ERROR(CheckDone(next));
+        return false;
+      }
+      if (complete) return true;
+      if (Woken(conn.io)) return absl::UnavailableError("receiver shutting down");
+      const absl::Time now = absl::Now();
+      if (now >= limit) {
+        return absl::DeadlineExceededError(
+            absl::StrCat("neither the data nor the sender's verdict within ",
+                         absl::FormatDuration(limit - start), " of DONE_PENDING"));
+      }
+      if (!probe) {
+        // Only the verdict can end the wait: block for it.
+        Io until = conn.io;
+        until.deadline = limit;
+        absl::StatusOr<WaitResult> ready = Wait(until, POLLIN);
+        if (!ready.ok() && !absl::IsDeadlineExceeded(ready.status())) return ready.status();
+      } else if (expected - now > kWakeEarly + absl::Microseconds(30)) {
+        absl::SleepFor(std::min(expected - now, limit - now) - kWakeEarly);
+      } else if (now < spin_until) {
+        std::this_thread::yield();
+      } else {
+        absl::SleepFor(std::min(nap, limit - now));
+        nap = std::min(nap * 2, absl::Microseconds(100));
+      }
+    }
   }
 
   KvSink* const sink_;

@@ -10,10 +10,48 @@
 //                                   ◄──       DEVICE_OFFER_REPLY (status, block ids, plane data)
 //   [RESOURCE_EXHAUSTED: back off 2 ms doubling to 50 ms, offer again on the same connection]
 //   plane: moves every layer into the receiver's blocks and waits until they are complete
-//   (IPC: copies into the mapped pool; NCCL: DEVICE_START / DEVICE_START_REPLY, then one send
-//   per layer)
+//   (IPC without early DONE: copies into the mapped pool; NCCL: DEVICE_START /
+//   DEVICE_START_REPLY, then one send per layer)
 //   DEVICE_DONE (status)            ──►       sink->Complete(status)
 //                                   ◄──       DONE_REPLY (status)
+//   [the next transfer to the same receiver: DEVICE_OFFER on the same connection]
+//
+// Early DONE (planes whose receiver can watch the data's completion itself; IPC: an
+// interprocess CUDA event recorded after the copies), instead of the wait and DEVICE_DONE:
+//
+//   sender                                    receiver
+//   plane: enqueues the copies, records the event
+//   DEVICE_DONE_PENDING (plane data: event;   watches the event and the connection, until
+//     expected copy time, verdict budget) ──► min(idle_timeout, budget + 1 s):
+//   waits for its own copies (stream)         event complete, nothing more received:
+//                                               sink->Complete(OK)
+//                                   ◄──       DONE_REPLY (OK)
+//   DEVICE_DONE (OK) [the verdict]  ──►       reads the verdict (an error verdict now comes too
+//                                             late: logged, the connection ends)
+//   copies failed, cancelled, deadline:
+//   DEVICE_ABORT (status)           ──►       stops watching the event (never accepts now)
+//   waits until no copy is in flight (up to the deadline + a grace period)
+//   DEVICE_DONE (error)             ──►       sink->Complete(error)
+//                                   ◄──       DONE_REPLY (error)
+//
+// A DEVICE_DONE (verdict) that arrives before the event completes decides, as without early
+// DONE (so a receiver that cannot open the event just waits for it). The receiver thus reports
+// success only when the sender's copies are complete (the event follows every copy on the
+// sender's stream) and the sender has not aborted; it frees the blocks of a failed transfer
+// only after the sender's final DEVICE_DONE (no copy in flight), after its own limit (a
+// stalled sender) or when the connection is lost (a crashed one). The sender reports success
+// only when its own copies completed without error and the receiver confirmed; when its abort
+// came too late (the receiver confirmed first) and its copies did complete, the transfer
+// succeeded on both sides and it reports that. The sender re-records (reuses) an event only
+// after the receiver answered on that connection, i.e. stopped watching it; otherwise the
+// event is retired until the receiver's limit has passed.
+//
+// Connections are kept alive: after a transfer the receiver waits for the next frame on the
+// same connection (closing it quietly after idle_timeout without one), and the sender keeps a
+// few connections per receiver that finished a transfer cleanly, so later transfers skip the
+// connect and the receiver's thread start. A kept connection the receiver has closed meanwhile
+// is noticed before its reuse (readable: EOF) or, in a race, by the failure of its first offer,
+// which is then repeated once on a fresh connection. Every other failure closes the connection.
 //
 // The receiver answers any frame it cannot use with an error reply and closes; a reserved
 // transfer that breaks off (error, DONE with an error, connection lost, idle timeout,
@@ -42,12 +80,31 @@ struct DeviceKvTransportOptions {
   // Receiver: a connection that makes no progress for this long is dropped; also bounds a
   // receiver's wait for the data of one transfer.
   absl::Duration idle_timeout = absl::Seconds(30);
+  // Receiver: connections served at once (kept-alive idle ones included; see
+  // max_idle_connections).
   int max_connections = 64;
+  // Sender: connections kept open per receiver after a clean transfer, for the next transfers
+  // to it (0: a new connection per transfer). Each holds one of the receiver's
+  // max_connections while it is idle.
+  int max_idle_connections = 4;
+  // Sender: a kept connection unused for this long (or for half of idle_timeout, if shorter:
+  // the receiver drops idle connections after idle_timeout) is closed instead of reused.
+  absl::Duration keepalive = absl::Seconds(10);
   // Sender: back-off between offers answered RESOURCE_EXHAUSTED, doubling up to the cap.
   absl::Duration initial_backoff = absl::Milliseconds(2);
   absl::Duration max_backoff = absl::Milliseconds(50);
   // NCCL: joining a communicator with a new peer (both sides).
   absl::Duration setup_timeout = absl::Seconds(60);
+  // IPC sender: early DONE (see device_transport.h): DONE is sent as soon as the copies are
+  // enqueued and the receiver waits for them itself (an interprocess event). false: the sender
+  // waits for its copies before DONE.
+  bool early_done = true;
+  // Both sides: a wait for a control frame expected within microseconds (an offer reply, a
+  // confirmation, the DONE after an offer reply, the next offer on a kept connection) polls the
+  // connection without sleeping (yielding) for up to this long before it blocks, so that a
+  // reply in that time does not pay for waking a sleeping thread (and an idle CPU). 0: block
+  // at once.
+  absl::Duration spin = absl::Microseconds(100);
 };
 
 }  // namespace pds::engine
@@ -81,8 +138,46 @@ absl::StatusOr<DeviceOfferReply> DecodeDeviceOfferReply(const ControlFrame& fram
 absl::StatusOr<absl::Status> DecodeStatusFrame(const ControlFrame& frame);
 // OK for DEVICE_DONE(OK); the carried error ("the sender broke off: ..."), or a protocol error.
 absl::Status CheckDone(const ControlFrame& frame);
+
+// DEVICE_DONE_PENDING: the copies are enqueued; the receiver may watch their completion with
+// `plane_data` (IPC: the event) and gets the sender's verdict (DEVICE_DONE, or DEVICE_ABORT and
+// then DEVICE_DONE) within `budget`.
+struct DevicePending {
+  std::string plane_data;
+  absl::Duration expected = absl::ZeroDuration();  // the copies should end in this long
+  absl::Duration budget = absl::ZeroDuration();    // the sender's time left (its deadline)
+};
+// Payload: u32 plane data length, plane data, i64 expected (us), i64 budget (us).
+std::string EncodeDevicePending(const DevicePending& pending);
+absl::StatusOr<DevicePending> DecodeDevicePending(const ControlFrame& frame);
+
+// Polls io.fd for readability without sleeping (yielding the CPU between polls) for up to
+// `spin`; true when readable (or hung up). The blocking read that follows then finds the
+// frame at once.
+bool SpinUntilReadable(const Io& io, absl::Duration spin);
 // Whether the receiver's shutdown has been signalled on io.wake_fd.
 bool Woken(const Io& io);
+
+// A data movement that SenderPlane::MoveAsync started and the receiver may watch itself (early
+// DONE): every call from the transfer's thread, Finish last.
+class PendingMove {
+ public:
+  virtual ~PendingMove() = default;
+  // DEVICE_DONE_PENDING's plane data (IPC: the event's handle).
+  virtual std::string plane_data() const = 0;
+  // When the data is expected to be complete (not before).
+  virtual absl::Time expected() const = 0;
+  // Waits until the data is complete in the receiver's memory (OK), or failed (the error),
+  // io.cancelled (CANCELLED), io.deadline (DEADLINE_EXCEEDED). Leaves failed copies in flight.
+  virtual absl::Status Wait(const Io& io) = 0;
+  // After a Wait that was not OK: waits until no data movement is in flight any more (past
+  // io's deadline, for a bounded grace period), so that none lands in blocks the receiver
+  // frees after the verdict. OK: none is.
+  virtual absl::Status Drain() = 0;
+  // Releases the resources. `receiver_answered`: the receiver has stopped watching (it sent
+  // its DONE_REPLY); otherwise what it may watch is not reused before `receiver_limit`.
+  virtual void Finish(bool receiver_answered, absl::Time receiver_limit) = 0;
+};
 
 // The sending side's data movement.
 class SenderPlane {
@@ -99,6 +194,18 @@ class SenderPlane {
                             const KvTransferHeader& header, KvSource& source,
                             const std::vector<int32_t>& src_blocks, const DeviceOfferReply& reply,
                             const std::string& plane_data) = 0;
+  // Early DONE: like Move, but may return as soon as the data movement is started and the
+  // receiver can watch its completion (a PendingMove; the sender then sends DONE_PENDING), or
+  // null once the data is complete (as Move). An error: nothing is in flight any more. Default:
+  // Move.
+  virtual absl::StatusOr<std::unique_ptr<PendingMove>> MoveAsync(
+      const Io& io, const std::string& address, const KvTransferHeader& header, KvSource& source,
+      const std::vector<int32_t>& src_blocks, const DeviceOfferReply& reply,
+      const std::string& plane_data) {
+    absl::Status moved = Move(io, address, header, source, src_blocks, reply, plane_data);
+    if (!moved.ok()) return moved;
+    return nullptr;
+  }
 };
 
 // The receiving side's data movement. Called from connection threads, concurrently.
@@ -118,6 +225,21 @@ class ReceiverPlane {
   virtual absl::Status Receive(const Io& io, const KvTransferHeader& header,
                                const std::string& offer_plane_data,
                                const std::vector<int32_t>& blocks, bool* done_read) = 0;
+
+  // What the plane keeps for one connection (IPC: the sender's events, opened), destroyed when
+  // the connection ends, on its thread.
+  class ConnectionState {
+   public:
+    virtual ~ConnectionState() = default;
+  };
+  virtual std::unique_ptr<ConnectionState> NewConnectionState() { return nullptr; }
+  // Tells without blocking whether the data of a DEVICE_DONE_PENDING is complete: true,
+  // false (not yet), or an error (it cannot tell: the receiver waits for the sender's verdict).
+  using CompletionProbe = std::function<absl::StatusOr<bool>()>;
+  // The probe for DEVICE_DONE_PENDING's plane data, valid while `state` is. Default:
+  // UNIMPLEMENTED (the receiver waits for the sender's verdict).
+  virtual absl::StatusOr<CompletionProbe> WatchPending(const std::string& plane_data,
+                                                       ConnectionState* state);
 };
 
 // Send is thread-safe; the plane must be too.

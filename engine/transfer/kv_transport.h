@@ -110,11 +110,20 @@ class KvSource {
   // Device transports: returns once layer `layer`'s K/V are computed and visible to other
   // streams and processes (the device transports read the blocks directly). Default: at once.
   virtual absl::Status WaitLayer(int32_t layer) { return absl::OkStatus(); }
+  // Device transports: whether WaitLayer(layer) would return at once now (never blocks). After
+  // WaitLayer(l) the IPC transport extends its copy over the following layers that are ready
+  // and moves them in one launch; it still calls WaitLayer for each of them (at once, then), so
+  // a layer that turns out not to be ready only delays the batch. A source whose WaitLayer
+  // blocks (layers still being computed) should answer false for those layers, or every layer
+  // is waited for before the first copy starts (no overlap with prefill). Default: true, like
+  // the default WaitLayer.
+  virtual bool LayerReady(int32_t layer) { return true; }
 };
 
 struct KvSendStats {
   absl::Time offered;   // first offer
   absl::Time reserved;  // the receiver accepted (after any back-pressure retries)
+  absl::Time moved;     // device transports: the data was complete in the receiver's memory
   absl::Time finished;  // the receiver confirmed every layer
   int32_t offers = 0;   // how many offers it took
   size_t bytes = 0;     // payload bytes sent

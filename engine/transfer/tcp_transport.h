@@ -86,7 +86,9 @@ enum class FrameType : uint16_t {
   kDeviceSetup = 9,
   kDeviceSetupReply = 10,
   kDeviceStartReply = 11,
-  kLast = kDeviceStartReply,
+  kDeviceDonePending = 12,  // IPC: copies enqueued, complete when the sender's event is
+  kDeviceAbort = 13,        // the sender broke off after DEVICE_DONE_PENDING
+  kLast = kDeviceAbort,
 };
 
 struct FrameHeader {

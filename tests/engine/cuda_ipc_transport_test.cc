@@ -1,8 +1,11 @@
 // The CUDA IPC KV transport between two processes on one GPU: the test re-executes itself as a
 // child (a fresh process, no CUDA state inherited through fork) that owns a decode-side KV pool
 // and serves a receiver; the parent sends sequences with ragged block lists from its own pool
-// and checks that the child's reserved blocks hold exactly the parent's bytes, plus
-// back-pressure, cancellation mid-transfer and refusal. Skips without a CUDA device.
+// and checks that the child's reserved blocks hold exactly the parent's bytes (also with layers
+// that become ready one at a time, and over repeated transfers), plus back-pressure,
+// cancellation mid-transfer and refusal; and the early DONE: no confirmation before the copies
+// complete, a cancellation or copy failure after DONE failing the transfer on both sides, the
+// receiver giving up on a stalled sender. Skips without a CUDA device.
 #include "engine/transfer/cuda_ipc_transport.h"
 
 #include <cuda_runtime_api.h>
@@ -19,6 +22,7 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -67,6 +71,13 @@ const std::map<std::string, Plan>& Plans() {
       {"bp", {{44, 45}, {46, 47}}},
       {"cancel", {{2, 3, 4}, {55, 56, 57}}},
       {"refused", {{6}, {6}}},
+      {"staged", {{1, 2, 3, 40, 41, 7, 9}, {30, 31, 50, 51, 52, 0, 12}}},
+      {"staged_run", {{10, 11, 12}, {24, 25, 26}}},
+      {"gated", {{14, 15, 16, 50}, {33, 34, 35, 9}}},
+      {"late_cancel", {{17, 18, 19}, {36, 37, 38}}},
+      {"copy_fault", {{20, 21, 22}, {39, 40, 41}}},
+      {"stalled", {{23, 24}, {42, 43}}},
+      {"sync", {{1, 2, 3, 40, 41, 7}, {30, 31, 50, 51, 52, 0}}},
   };
   return *plans;
 }
@@ -204,6 +215,66 @@ class Source : public KvSource {
   std::vector<int32_t> blocks_;
 };
 
+// Layers "computed" one at a time by another thread, every few milliseconds: WaitLayer blocks
+// until its layer is, LayerReady tells without blocking. Records the WaitLayer calls.
+class StagedSource : public Source {
+ public:
+  explicit StagedSource(std::vector<int32_t> blocks) : Source(std::move(blocks)) {
+    producer_ = std::thread([this] {
+      for (int32_t l = 1; l <= kLayers; ++l) {
+        absl::SleepFor(absl::Milliseconds(5));
+        ready_.store(l);
+      }
+    });
+  }
+  ~StagedSource() override { producer_.join(); }
+  absl::Status WaitLayer(int32_t layer) override {
+    const absl::Time limit = absl::Now() + absl::Seconds(10);
+    while (ready_.load() <= layer) {
+      if (absl::Now() > limit) return absl::DeadlineExceededError("layer never computed");
+      absl::SleepFor(absl::Microseconds(200));
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    waited_.push_back(layer);
+    return absl::OkStatus();
+  }
+  bool LayerReady(int32_t layer) override { return ready_.load() > layer; }
+  std::vector<int32_t> waited() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return waited_;
+  }
+
+ private:
+  std::atomic<int32_t> ready_{0};  // layers computed
+  std::thread producer_;
+  std::mutex mu_;
+  std::vector<int32_t> waited_;
+};
+
+// Holds a copy stream until opened (or 30 s): a host function enqueued on it that waits.
+struct Gate {
+  std::atomic<bool> open{false};
+  void Hold(void* stream) {
+    cudaLaunchHostFunc(
+        static_cast<cudaStream_t>(stream),
+        [](void* arg) {
+          auto* gate = static_cast<Gate*>(arg);
+          const absl::Time limit = absl::Now() + absl::Seconds(30);
+          while (!gate->open.load() && absl::Now() < limit) absl::SleepFor(absl::Milliseconds(1));
+        },
+        this);
+  }
+};
+
+bool WaitFor(const std::function<bool()>& condition, absl::Duration timeout) {
+  const absl::Time limit = absl::Now() + timeout;
+  while (!condition()) {
+    if (absl::Now() > limit) return false;
+    absl::SleepFor(absl::Milliseconds(2));
+  }
+  return true;
+}
+
 class CudaIpcTransportTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -268,10 +339,19 @@ class CudaIpcTransportTest : public ::testing::Test {
   }
 
   absl::StatusOr<KvSendStats> Send(const std::string& id, Source& source,
-                                   std::function<bool()> cancelled = nullptr) {
+                                   std::function<bool()> cancelled = nullptr,
+                                   absl::Duration timeout = absl::Seconds(30)) {
     const Plan& plan = Plans().at(id);
     return sender_->Send(address_, Header(id, static_cast<int32_t>(plan.src.size())), source,
-                         absl::Now() + absl::Seconds(30), std::move(cancelled));
+                         absl::Now() + timeout, std::move(cancelled));
+  }
+
+  // Replaces the sender (closing its mapping of the child's pool first) with one with `hooks`.
+  void UseSender(CudaIpcSenderTestHooks hooks, DeviceKvTransportOptions options = {}) {
+    sender_.reset();
+    auto sender = CreateCudaIpcKvSenderForTest(src_.Layout(), options, std::move(hooks));
+    ASSERT_TRUE(sender.ok()) << sender.status();
+    sender_ = *std::move(sender);
   }
 
   std::filesystem::path dir_;
@@ -292,6 +372,40 @@ TEST_F(CudaIpcTransportTest, RaggedSequencesArriveByteForByte) {
     const std::string want = src_.Gather(plan.src);
     ASSERT_EQ(got.size(), want.size()) << id;
     EXPECT_TRUE(got == want) << id << ": the child's blocks differ from the parent's";
+  }
+}
+
+TEST_F(CudaIpcTransportTest, LayersComputedOneAtATimeArriveByteForByte) {
+  // Ragged blocks (the kernel path) and one run (a memcpy per layer and K/V when the layers
+  // come one at a time); every layer is waited for, in order, before its copy.
+  for (const char* id : {"staged", "staged_run"}) {
+    const Plan& plan = Plans().at(id);
+    StagedSource source(plan.src);
+    auto stats = Send(id, source);
+    ASSERT_TRUE(stats.ok()) << stats.status();
+    EXPECT_EQ(source.waited(), (std::vector<int32_t>{0, 1, 2, 3})) << id;
+    const std::string got = Await(absl::StrCat(id, ".bin"));
+    const std::string want = src_.Gather(plan.src);
+    ASSERT_EQ(got.size(), want.size()) << id;
+    EXPECT_TRUE(got == want) << id << ": the child's blocks differ from the parent's";
+  }
+}
+
+TEST_F(CudaIpcTransportTest, RepeatedTransfersStayExact) {
+  // The same sender again and again: its kept connection, copy stream and block lists are
+  // reused, for plans of other sizes in turn.
+  for (int round = 0; round < 3; ++round) {
+    for (const char* id : {"ragged", "one"}) {
+      std::filesystem::remove(dir_ / absl::StrCat(id, ".bin"));
+      const Plan& plan = Plans().at(id);
+      Source source(plan.src);
+      auto stats = Send(id, source);
+      ASSERT_TRUE(stats.ok()) << stats.status();
+      EXPECT_EQ(stats->offers, 1);
+      EXPECT_LE(stats->reserved, stats->moved);
+      EXPECT_LE(stats->moved, stats->finished);
+      EXPECT_TRUE(Await(absl::StrCat(id, ".bin")) == src_.Gather(plan.src)) << id;
+    }
   }
 }
 
@@ -320,6 +434,137 @@ TEST_F(CudaIpcTransportTest, RefusalNamesTheRequest) {
   ASSERT_EQ(stats.status().code(), absl::StatusCode::kFailedPrecondition) << stats.status();
   EXPECT_NE(stats.status().message().find("'refused'"), std::string::npos) << stats.status();
   EXPECT_NE(stats.status().message().find(address_), std::string::npos) << stats.status();
+}
+
+TEST_F(CudaIpcTransportTest, EarlyDoneConfirmsOnlyOnceTheCopiesAreComplete) {
+  // DONE_PENDING goes out while the event (recorded after the copies) is held back: the
+  // receiver must not confirm before it completes, and confirms once it does.
+  Gate gate;
+  std::atomic<bool> pending_sent{false};
+  CudaIpcSenderTestHooks hooks;
+  hooks.before_record = [&](void* stream) { gate.Hold(stream); };
+  hooks.after_pending = [&] {
+    pending_sent = true;
+    return absl::OkStatus();
+  };
+  UseSender(hooks);
+  const Plan& plan = Plans().at("gated");
+  Source source(plan.src);
+  absl::StatusOr<KvSendStats> stats;
+  std::atomic<bool> returned{false};
+  std::thread sending([&] {
+    stats = Send("gated", source);
+    returned = true;
+  });
+  ASSERT_TRUE(WaitFor([&] { return pending_sent.load(); }, absl::Seconds(30)));
+  absl::SleepFor(absl::Milliseconds(200));
+  EXPECT_FALSE(returned.load()) << "Send returned while its copies were held";
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "gated.bin")) << "confirmed before the copies";
+  gate.open = true;
+  sending.join();
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_LE(stats->reserved, stats->moved);
+  EXPECT_LE(stats->moved, stats->finished);
+  EXPECT_TRUE(Await("gated.bin") == src_.Gather(plan.src));
+  // The event is recorded again by the next transfers (the receiver answered).
+  for (const char* id : {"ragged", "one"}) {
+    std::filesystem::remove(dir_ / absl::StrCat(id, ".bin"));
+    Source again(Plans().at(id).src);
+    auto more = Send(id, again);
+    ASSERT_TRUE(more.ok()) << more.status();
+    EXPECT_TRUE(Await(absl::StrCat(id, ".bin")) == src_.Gather(Plans().at(id).src)) << id;
+  }
+}
+
+TEST_F(CudaIpcTransportTest, CancelAfterDoneFailsBothSides) {
+  // Cancelled after DONE_PENDING, while the copies are held: the sender aborts, waits for its
+  // copies, then fails; the receiver never accepts and fails the transfer.
+  Gate gate;
+  std::atomic<bool> pending_sent{false};
+  CudaIpcSenderTestHooks hooks;
+  hooks.before_record = [&](void* stream) { gate.Hold(stream); };
+  hooks.after_pending = [&] {
+    pending_sent = true;
+    return absl::OkStatus();
+  };
+  UseSender(hooks);
+  std::atomic<bool> cancel{false};
+  Source source(Plans().at("late_cancel").src);
+  absl::StatusOr<KvSendStats> stats;
+  std::thread sending([&] { stats = Send("late_cancel", source, [&] { return cancel.load(); }); });
+  ASSERT_TRUE(WaitFor([&] { return pending_sent.load(); }, absl::Seconds(30)));
+  cancel = true;
+  absl::SleepFor(absl::Milliseconds(200));  // the abort reaches the receiver
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "late_cancel.err"))
+      << "the receiver freed the blocks while copies were in flight";
+  gate.open = true;  // the sender's drain ends
+  sending.join();
+  EXPECT_EQ(stats.status().code(), absl::StatusCode::kCancelled) << stats.status();
+  EXPECT_NE(Await("late_cancel.err").find("CANCELLED"), std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "late_cancel.bin"));
+}
+
+TEST_F(CudaIpcTransportTest, CopyFailureAfterDoneFailsBothSides) {
+  // The copy stream reports an error after DONE_PENDING (injected while the event is held):
+  // the receiver must fail the transfer, not accept it.
+  Gate gate;
+  CudaIpcSenderTestHooks hooks;
+  hooks.before_record = [&](void* stream) { gate.Hold(stream); };
+  hooks.after_pending = [] { return absl::InternalError("injected copy fault"); };
+  UseSender(hooks);
+  Source source(Plans().at("copy_fault").src);
+  absl::StatusOr<KvSendStats> stats;
+  std::thread sending([&] { stats = Send("copy_fault", source); });
+  absl::SleepFor(absl::Milliseconds(300));
+  gate.open = true;
+  sending.join();
+  EXPECT_EQ(stats.status().code(), absl::StatusCode::kInternal) << stats.status();
+  EXPECT_NE(stats.status().message().find("injected copy fault"), std::string::npos)
+      << stats.status();
+  const std::string err = Await("copy_fault.err");
+  EXPECT_NE(err.find("injected copy fault"), std::string::npos) << err;
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "copy_fault.bin"));
+}
+
+TEST_F(CudaIpcTransportTest, ReceiverGivesUpOnAStalledSender) {
+  // After DONE_PENDING the sender stalls (no verdict, connection open) and its event never
+  // completes: the receiver fails the transfer by itself within the sender's budget + 1 s.
+  Gate gate;
+  std::atomic<bool> release{false};
+  CudaIpcSenderTestHooks hooks;
+  hooks.before_record = [&](void* stream) { gate.Hold(stream); };
+  hooks.after_pending = [&] {
+    WaitFor([&] { return release.load(); }, absl::Seconds(60));
+    return absl::OkStatus();
+  };
+  UseSender(hooks);
+  Source source(Plans().at("stalled").src);
+  absl::StatusOr<KvSendStats> stats;
+  const absl::Time start = absl::Now();
+  std::thread sending([&] { stats = Send("stalled", source, nullptr, absl::Seconds(2)); });
+  const bool failed =
+      WaitFor([&] { return std::filesystem::exists(dir_ / "stalled.err"); }, absl::Seconds(20));
+  const absl::Duration took = absl::Now() - start;
+  release = true;
+  gate.open = true;
+  sending.join();
+  ASSERT_TRUE(failed) << "the receiver kept waiting for a stalled sender";
+  EXPECT_LT(took, absl::Seconds(10));
+  EXPECT_NE(ReadFile(dir_ / "stalled.err").find("DEADLINE_EXCEEDED"), std::string::npos)
+      << ReadFile(dir_ / "stalled.err");
+  EXPECT_FALSE(stats.ok());
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "stalled.bin"));
+}
+
+TEST_F(CudaIpcTransportTest, WithoutEarlyDoneStillExact) {
+  DeviceKvTransportOptions options;
+  options.early_done = false;
+  UseSender({}, options);
+  const Plan& plan = Plans().at("sync");
+  Source source(plan.src);
+  auto stats = Send("sync", source);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_TRUE(Await("sync.bin") == src_.Gather(plan.src));
 }
 
 }  // namespace

@@ -2,7 +2,8 @@
 // block lists land in the receiver's reserved blocks byte for byte, one communicator per pair
 // is set up once and shared by concurrent transfers, back-pressure, refusals, shape
 // mismatches, deadlines, cancellation, asynchronous send failures (the pair sets up a new
-// communicator afterwards) and a transport mismatch. Every socket binds 127.0.0.1 and every wait
+// communicator afterwards), a transport mismatch and the kept-alive control connections
+// (reused; replaced once the receiver closed them). Every socket binds 127.0.0.1 and every wait
 // is bounded.
 #include <atomic>
 #include <cstring>
@@ -91,6 +92,7 @@ class Sink : public KvSink {
   absl::Status Reserve(const KvTransferHeader& header) override {
     std::lock_guard<std::mutex> lock(mu);
     ++reserve_calls;
+    reserve_threads[header.request_id] = std::this_thread::get_id();
     if (exhausted_left != 0) {
       if (exhausted_left > 0) --exhausted_left;
       return absl::ResourceExhaustedError("no room");
@@ -126,6 +128,8 @@ class Sink : public KvSink {
   int exhausted_left = 0;  // -1: always
   absl::Status refuse;
   int reserve_calls = 0;
+  // The receiver's connection thread that reserved each request (one thread per connection).
+  std::map<std::string, std::thread::id> reserve_threads;
 };
 
 class NcclFakeTransportTest : public ::testing::Test {
@@ -383,6 +387,60 @@ TEST_F(NcclFakeTransportTest, TransportMismatchIsReported) {
                                absl::Now() + absl::Seconds(5));
   ASSERT_FALSE(sent.ok());
   EXPECT_TRUE(Contains(sent.status().message(), "unexpected frame type"));
+}
+
+TEST_F(NcclFakeTransportTest, ConsecutiveTransfersShareOneKeptConnection) {
+  for (int i = 0; i < 3; ++i) {
+    const std::string id = absl::StrCat("k", i);
+    sink_.plan[id] = {static_cast<int32_t>(i + 1)};
+    Source source({static_cast<int32_t>(i + 4)});
+    auto stats = Send(id, source, 1);
+    ASSERT_TRUE(stats.ok()) << stats.status();
+    ExpectCopied({i + 4}, {i + 1});
+  }
+  std::lock_guard<std::mutex> lock(sink_.mu);
+  EXPECT_EQ(sink_.reserve_threads["k0"], sink_.reserve_threads["k1"]);
+  EXPECT_EQ(sink_.reserve_threads["k1"], sink_.reserve_threads["k2"]);
+}
+
+TEST_F(NcclFakeTransportTest, ConnectionsTheReceiverClosedAreReplaced) {
+  // A receiver that drops idle connections quickly, a sender that would keep them longer: the
+  // next transfer notices the closed connection and connects again.
+  Sink sink;
+  DeviceKvTransportOptions receiver_options;
+  receiver_options.idle_timeout = absl::Milliseconds(200);
+  auto receiver = StartNcclKvReceiver("127.0.0.1", 0, &sink, world_, dst_.layout, receiver_options);
+  ASSERT_TRUE(receiver.ok()) << receiver.status();
+  std::unique_ptr<KvSender> sender = CreateNcclKvSender(world_, src_.layout);
+  for (int i = 0; i < 3; ++i) {
+    const std::string id = absl::StrCat("idle", i);
+    sink.plan[id] = {static_cast<int32_t>(i + 1)};
+    Source source({static_cast<int32_t>(i + 4)});
+    auto stats = sender->Send((*receiver)->address(), Header(id, 1), source,
+                              absl::Now() + absl::Seconds(10));
+    ASSERT_TRUE(stats.ok()) << stats.status();
+    EXPECT_EQ(stats->offers, 1);
+    ExpectCopied({i + 4}, {i + 1});
+    ASSERT_EQ(sink.Completions(id).size(), 1u);
+    EXPECT_TRUE(sink.Completions(id)[0].ok());
+    absl::SleepFor(absl::Milliseconds(500));  // the receiver closes the kept connection
+  }
+  (*receiver)->Shutdown();
+}
+
+TEST_F(NcclFakeTransportTest, WithoutKeptConnectionsEachTransferConnects) {
+  DeviceKvTransportOptions options;
+  options.max_idle_connections = 0;
+  std::unique_ptr<KvSender> sender = CreateNcclKvSender(world_, src_.layout, options);
+  for (int i = 0; i < 2; ++i) {
+    const std::string id = absl::StrCat("nk", i);
+    sink_.plan[id] = {static_cast<int32_t>(i + 1)};
+    Source source({static_cast<int32_t>(i + 4)});
+    auto stats =
+        sender->Send(receiver_->address(), Header(id, 1), source, absl::Now() + absl::Seconds(10));
+    ASSERT_TRUE(stats.ok()) << stats.status();
+    ExpectCopied({i + 4}, {i + 1});
+  }
 }
 
 TEST(BlockRunsTest, CoalescesRunsConsecutiveOnBothSides) {
