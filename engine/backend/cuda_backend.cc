@@ -88,7 +88,7 @@ struct CudaBackend::State {
   int num_sms = 0;
   // Gemm and ProjectLogits with at most this many rows take the GEMV kernel (kernels/cuda
   // gemv.cu) when its alignment allows, cuBLAS otherwise; 0: always cuBLAS.
-  int64_t gemv_max_rows = kc::kGemvFmaRows;
+  int64_t gemv_max_rows = kc::kGemvDefaultRows;
 
   // Batch metadata on the device, uploaded in BeginBatch through pinned staging; the event
   // marks when the staging may be rewritten.
@@ -246,9 +246,8 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const BackendOp
                                                    " does not exist (", count, " device(s))"));
   }
   // PDS_GEMV_MAX_ROWS: the most rows a GEMM takes the GEMV kernel at (0 turns it off; unset
-  // or empty: kGemvFmaRows, the row-streaming kernel; the tensor-core one above it measured
-  // slower than cuBLAS on the H100, bench/results/2026-11-27-h100.md).
-  int64_t gemv_max_rows = kc::kGemvFmaRows;
+  // or empty: kGemvDefaultRows, see kernels/cuda/ops.h and bench/results/2026-11-27-h100.md).
+  int64_t gemv_max_rows = kc::kGemvDefaultRows;
   if (const char* env = std::getenv("PDS_GEMV_MAX_ROWS"); env != nullptr && *env != '\0') {
     if (!absl::SimpleAtoi(env, &gemv_max_rows) || gemv_max_rows < 0 ||
         gemv_max_rows > kc::kGemvMaxRows) {

@@ -43,6 +43,10 @@ constexpr int64_t kGemvMaxRows = 8;
 // Up to this many rows Gemv streams weight rows through FMAs; above it (or with
 // PDS_GEMV_IMPL=mma) it uses the tensor-core kernel.
 constexpr int64_t kGemvFmaRows = 4;
+// What CudaBackend takes Gemv for by default (PDS_GEMV_MAX_ROWS overrides): one row, where the
+// FMA kernel measured 1.04x cuBLAS over a llama3-8b step's matrices on the H100; at 8 rows
+// the tensor-core kernel measured 0.84x, and 2-4 rows are not measured yet.
+constexpr int64_t kGemvDefaultRows = 1;
 // Whether Gemv takes these operands: 1 <= m <= kGemvMaxRows, k a positive multiple of 8, a and
 // w 16-byte aligned, and (for m > 1) lda a multiple of 8 and at least k.
 bool GemvSupported(const void* a, int64_t lda, const void* w, int64_t k, int64_t m);
