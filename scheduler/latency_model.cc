@@ -302,4 +302,12 @@ absl::StatusOr<LatencyModel> LoadLatencyModelFile(const std::string& path) {
   return model;
 }
 
+LatencyModel LatencyModel::Scaled(double factor) const {
+  LatencyModel m = *this;
+  for (double& c : m.prefill_coef_) c *= factor;
+  for (double& c : m.decode_coef_) c *= factor;
+  m.decode_knee_coef_ *= factor;
+  return m;
+}
+
 }  // namespace pds::scheduler

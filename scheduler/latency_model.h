@@ -58,6 +58,11 @@ class LatencyModel {
   nlohmann::json ToJson() const;
   static absl::StatusOr<LatencyModel> FromJson(const nlohmann::json& j);
 
+  // The same model with every predicted step time multiplied by `factor` (> 0): for
+  // deployments whose live steps run slower than the profile measured them, e.g. CPU
+  // instances sharing cores with the front-end and the load generator.
+  LatencyModel Scaled(double factor) const;
+
  private:
   absl::Status FitDecodeKnee(const std::vector<DecodeSample>& decode);
   std::array<double, 3> prefill_coef_{};

@@ -197,6 +197,12 @@ absl::StatusOr<Plan> MakePlan(const PlannerOptions& options, const LatencyModel&
   if (options.target_rate < 0 || options.bisect_steps < 0) {
     return absl::InvalidArgumentError("planner: target_rate and bisect_steps must be >= 0");
   }
+  for (double rate : options.at_rates) {
+    if (!(rate > 0) || rate > 1e6) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("planner: every rate to report at must be in (0, 1e6], not ", rate));
+    }
+  }
   Searcher searcher(options, model);
   Plan plan;
   plan.options = options;
@@ -283,6 +289,16 @@ absl::StatusOr<Plan> MakePlan(const PlannerOptions& options, const LatencyModel&
   if (!colocated.empty()) {
     PDS_ASSIGN_OR_RETURN(plan.colocated_curve, searcher.Curve(plan.colocated));
   }
+  for (double rate : options.at_rates) {
+    PDS_ASSIGN_OR_RETURN(RatePoint p,
+                         searcher.Run(searcher.ConfigFor(plan.unit, 1), plan.unit.gpus(), rate));
+    plan.at_rates.push_back(p);
+    if (!colocated.empty()) {
+      PDS_ASSIGN_OR_RETURN(RatePoint c, searcher.Run(searcher.ConfigFor(plan.colocated, 1),
+                                                     plan.colocated.gpus(), rate));
+      plan.colocated_at_rates.push_back(c);
+    }
+  }
   return plan;
 }
 
@@ -318,6 +334,11 @@ nlohmann::json PlanToJson(const Plan& plan) {
   for (const RatePoint& p : plan.colocated_curve) colocated_curve.push_back(PointJson(p));
   j["curve"] = curve;
   j["colocated_curve"] = colocated_curve;
+  nlohmann::json at = nlohmann::json::array(), colocated_at = nlohmann::json::array();
+  for (const RatePoint& p : plan.at_rates) at.push_back(PointJson(p));
+  for (const RatePoint& p : plan.colocated_at_rates) colocated_at.push_back(PointJson(p));
+  j["at_rates"] = at;
+  j["colocated_at_rates"] = colocated_at;
   nlohmann::json candidates = nlohmann::json::array();
   for (const UnitResult& u : plan.candidates) {
     candidates.push_back({{"prefill", u.prefill},
@@ -385,6 +406,13 @@ std::string PlanSummary(const Plan& plan) {
   table(absl::StrCat("Predicted attainment vs rate (", UnitName(plan.unit), ")"), plan.curve);
   if (!plan.colocated_curve.empty()) {
     table(absl::StrCat("Colocated (", UnitName(plan.colocated), ")"), plan.colocated_curve);
+  }
+  if (!plan.at_rates.empty()) {
+    table(absl::StrCat("At the requested rates (", UnitName(plan.unit), ")"), plan.at_rates);
+  }
+  if (!plan.colocated_at_rates.empty()) {
+    table(absl::StrCat("At the requested rates (", UnitName(plan.colocated), ")"),
+          plan.colocated_at_rates);
   }
   return s;
 }

@@ -75,6 +75,9 @@ struct PlannerOptions {
   double target_rate = 0;     // > 0: replicate to cover this total rate (requests/s)
   bool search_colocated = true;
   int32_t bisect_steps = 10;
+  // Total rates at which to report the chosen unit's and the colocated unit's predicted
+  // attainment (Plan::at_rates), e.g. the rates a pdbench run measured.
+  std::vector<double> at_rates;
   // Recorded in the plan file.
   std::string profile_path;
   nlohmann::json workload = nlohmann::json::object();
@@ -112,9 +115,11 @@ struct Plan {
   std::string reason;
   double predicted_attainment = 0;
   double predicted_at_rate = 0;
-  std::vector<RatePoint> curve;            // the unit's attainment vs rate
-  std::vector<RatePoint> colocated_curve;  // the colocated unit's
-  PlannerOptions options;                  // what it was planned for (lengths dropped)
+  std::vector<RatePoint> curve;               // the unit's attainment vs rate
+  std::vector<RatePoint> colocated_curve;     // the colocated unit's
+  std::vector<RatePoint> at_rates;            // the unit at options.at_rates
+  std::vector<RatePoint> colocated_at_rates;  // the colocated unit at options.at_rates
+  PlannerOptions options;                     // what it was planned for (lengths dropped)
   nlohmann::json latency_model;
 };
 

@@ -2,6 +2,7 @@
 
 #include "engine/common/status_macros.h"
 #include "engine/model/presets.h"
+#include "server/cpu_affinity.h"
 
 namespace pds::server {
 
@@ -13,15 +14,18 @@ std::vector<FlagSpec> ModelFlagSpecs() {
        "with seeded random weights made on the backend (benchmarks)"},
       {"backend", false, "cpu (default) or cuda"},
       {"threads", false, "CPU threads (default: all cores)"},
+      {"cpus", false, "pin every thread to these CPUs, e.g. 0 or 0-3,6 (default: no pinning)"},
   };
 }
 
-absl::StatusOr<LoadedModel> LoadModelFromArgs(const CliArgs& args) {
+absl::StatusOr<LoadedModel> LoadModelFromArgs(const CliArgs& args, bool pin) {
   LoadedModel loaded;
   const bool random = args.Has("random-weights");
   if (random == args.Has("model")) {
     return absl::InvalidArgumentError("give exactly one of --model and --random-weights");
   }
+  // Pinned before the backend and anything else starts threads: they inherit the mask.
+  if (pin && args.Has("cpus")) PDS_RETURN_IF_ERROR(PinToCpus(args.GetString("cpus")));
   engine::BackendOptions options;
   options.kind = args.GetString("backend", "cpu");
   PDS_ASSIGN_OR_RETURN(int64_t threads, args.GetInt("threads", 0));

@@ -24,6 +24,8 @@ struct LoadedModel {
 
 // Creates the backend from --backend/--threads and loads --model onto it, or makes
 // --random-weights PRESET's model directly on it (dir is then "random-weights:PRESET").
-absl::StatusOr<LoadedModel> LoadModelFromArgs(const CliArgs& args);
+// With --cpus (and `pin`), the calling thread is pinned first, so every thread created
+// afterwards (the backend's, the server's) inherits the mask.
+absl::StatusOr<LoadedModel> LoadModelFromArgs(const CliArgs& args, bool pin = true);
 
 }  // namespace pds::server

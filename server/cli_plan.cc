@@ -15,6 +15,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "engine/common/status_macros.h"
 #include "nlohmann/json.hpp"
 #include "scheduler/latency_model.h"
@@ -47,6 +48,10 @@ const std::vector<FlagSpec>& Specs() {
       {"gpus", false, "GPU (instance) budget: units and replicas must fit (default: none)"},
       {"max-instances", false, "most instances in one unit (default 4)"},
       {"bisect-steps", false, "bisections of the per-GPU rate per unit (default 10)"},
+      {"at-rates", false, "also predict the chosen units at these total rates, e.g. 6,8,10"},
+      {"step-time-scale", false,
+       "multiply every predicted step time (live steps slower than profiled, e.g. instances "
+       "sharing cores with the front-end; default 1)"},
       {"no-colocated", true, "skip the colocated comparison"},
       {"kv-cache-mb", false, "KV cache per instance in MiB, as the workers (default 256)"},
       {"num-blocks", false, "KV cache per instance in blocks (overrides --kv-cache-mb)"},
@@ -166,6 +171,11 @@ absl::Status Run(const CliArgs& args) {
   if (!model.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(profile_path, ": ", model.status().message()));
   }
+  PDS_ASSIGN_OR_RETURN(const double scale, args.GetDouble("step-time-scale", 1.0));
+  if (!(scale > 0) || scale > 100) {
+    return absl::InvalidArgumentError("--step-time-scale must be in (0, 100]");
+  }
+  if (scale != 1.0) model = model->Scaled(scale);
 
   // The workload, as pdbench builds it.
   client::DatasetOptions d;
@@ -226,6 +236,16 @@ absl::Status Run(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(int64_t bisect, args.GetInt("bisect-steps", 10));
   if (bisect < 0 || bisect > 40) return absl::InvalidArgumentError("--bisect-steps in [0, 40]");
   o.bisect_steps = static_cast<int32_t>(bisect);
+  if (args.Has("at-rates")) {
+    for (absl::string_view item : absl::StrSplit(args.GetString("at-rates"), ',')) {
+      double rate = 0;
+      if (!absl::SimpleAtod(item, &rate) || !(rate > 0)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--at-rates: '", item, "' is not a positive rate (req/s)"));
+      }
+      o.at_rates.push_back(rate);
+    }
+  }
   o.search_colocated = !args.GetBool("no-colocated");
 
   // Instances, as `pdserve prefill|decode|colocated` would run them.

@@ -1,6 +1,8 @@
 // pdserve profile --model DIR --out FILE [--quick] [--backend cpu|cuda] [--threads N]
+//                 [--cpus LIST] [--neighbor-cpus LIST]
 // Times real prefill batches and decode steps, fits the latency model and writes the samples,
 // coefficients, held-out fit error and machine/model metadata as JSON.
+#include <atomic>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -15,6 +17,7 @@
 #include "server/cli_args.h"
 #include "server/cli_model.h"
 #include "server/commands.h"
+#include "server/cpu_affinity.h"
 #include "server/profiler.h"
 
 namespace pds::server {
@@ -28,6 +31,9 @@ const std::vector<FlagSpec>& Specs() {
         {"block-size", false, "KV cache block size (default 16)"},
         {"reps", false, "timed repetitions per point, median kept (default 3)"},
         {"rounds", false, "passes over the grid, median round kept (default 3; 1 with --quick)"},
+        {"neighbor-cpus", false,
+         "profile under a neighbour: a second copy of the model pinned to these CPUs runs the "
+         "other phase of a 1 prefill + 1 decode pair meanwhile (instances sharing a machine)"},
         {"help", true, "show this help"},
     };
     std::vector<FlagSpec> all = ModelFlagSpecs();
@@ -73,8 +79,40 @@ absl::Status Run(const CliArgs& args) {
   options.block_size = static_cast<int32_t>(block_size);
   options.reps = static_cast<int32_t>(reps);
   options.rounds = static_cast<int32_t>(rounds);
+  // The neighbour: its own thread, pinned to --neighbor-cpus, with its own backend and model.
+  std::atomic<int> phase{kProfileIdle};
+  std::atomic<bool> stop{false};
+  absl::Status neighbor_status;
+  std::thread neighbor;
+  const std::string neighbor_cpus = args.GetString("neighbor-cpus");
+  if (args.Has("neighbor-cpus")) {
+    options.phase = &phase;
+    std::atomic<bool> ready{false};
+    neighbor = std::thread([&] {
+      neighbor_status = [&]() -> absl::Status {
+        absl::Status pinned = PinToCpus(neighbor_cpus);
+        if (!pinned.ok()) {
+          ready = true;
+          return pinned;
+        }
+        absl::StatusOr<LoadedModel> copy = LoadModelFromArgs(args, /*pin=*/false);
+        ready = true;
+        if (!copy.ok()) return copy.status();
+        return RunNeighbor(*copy->model, NeighborLoad{.block_size = options.block_size}, phase,
+                           stop);
+      }();
+    });
+    while (!ready.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
   const auto start = std::chrono::steady_clock::now();
-  PDS_ASSIGN_OR_RETURN(Profile profile, ProfileEngine(*model, options));
+  absl::StatusOr<Profile> profiled = ProfileEngine(*model, options);
+  stop = true;
+  if (neighbor.joinable()) neighbor.join();
+  if (!neighbor_status.ok()) {
+    return absl::Status(neighbor_status.code(),
+                        absl::StrCat("the neighbour load: ", neighbor_status.message()));
+  }
+  PDS_ASSIGN_OR_RETURN(Profile profile, std::move(profiled));
   PDS_ASSIGN_OR_RETURN(scheduler::LatencyModel fit,
                        scheduler::LatencyModel::Fit(profile.prefill, profile.decode));
   const double seconds =
@@ -96,6 +134,8 @@ absl::Status Run(const CliArgs& args) {
                 {"num_kv_heads", c.num_kv_heads},
                 {"head_dim", c.head_dim},
                 {"dtype", std::string(engine::DTypeName(backend->compute_dtype()))}};
+  j["machine"]["cpus"] = args.GetString("cpus");
+  j["machine"]["neighbor_cpus"] = neighbor_cpus;
   j["grid"] = {{"quick", options.quick},
                {"block_size", options.block_size},
                {"reps", options.reps},

@@ -5,6 +5,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -23,6 +24,7 @@
 #include "server/cli_args.h"
 #include "server/cli_model.h"
 #include "server/commands.h"
+#include "server/cpu_affinity.h"
 #include "server/frontend.h"
 #include "server/grpc_util.h"
 #include "server/worker.h"
@@ -346,6 +348,10 @@ absl::Status RunUp(const CliArgs& args) {
   }
   std::filesystem::remove(port_file);
 
+  // --pin-cpus: worker i takes CPUs i * threads .. (i + 1) * threads - 1 (modulo the cores),
+  // in the order prefill, decode (or colocated).
+  const bool pin = args.Has("pin-cpus");
+  int64_t next_cpu = 0;
   auto worker_argv = [&](const std::string& role, const std::string& id) {
     std::vector<std::string> argv = {"pdserve",    role,
                                      "--model",    model,
@@ -354,6 +360,15 @@ absl::Status RunUp(const CliArgs& args) {
                                      "--frontend", address,
                                      "--backend",  backend,
                                      "--threads",  absl::StrCat(threads)};
+    if (pin) {
+      std::vector<int> cpus;
+      for (int64_t t = 0; t < std::max<int64_t>(1, threads); ++t) {
+        cpus.push_back(static_cast<int>(next_cpu++ % cores));
+      }
+      std::sort(cpus.begin(), cpus.end());
+      cpus.erase(std::unique(cpus.begin(), cpus.end()), cpus.end());
+      argv.insert(argv.end(), {"--cpus", FormatCpuList(cpus)});
+    }
     if (args.Has("kv-transport")) {
       argv.insert(argv.end(), {"--kv-transport", args.GetString("kv-transport")});
     }
@@ -510,6 +525,7 @@ int UpMain(int argc, char** argv) {
       {"backend", false, "cpu (default) or cuda"},
       {"kv-transport", false, "tcp, cuda-ipc or nccl (default: tcp on cpu, cuda-ipc on cuda)"},
       {"threads", false, "CPU threads per worker (default: cores / workers)"},
+      {"pin-cpus", true, "pin each worker to its own CPUs (worker i: CPUs i*threads onwards)"},
       {"ready-file", false, "write the front-end address here once the cluster is healthy"},
       {"startup-timeout", false, "seconds to wait for a healthy cluster (default 300)"},
       {"policy", false, "dispatch policy: least-loaded or slo-aware"},

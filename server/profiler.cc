@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <random>
+#include <thread>
 
 #include "engine/common/status_macros.h"
 
@@ -101,7 +102,11 @@ absl::StatusOr<Profile> ProfileEngine(engine::Transformer& model, const ProfileO
   const int rounds = std::max(1, options.rounds);
   std::vector<std::vector<double>> prefill_times(grid.prefill_batches.size());
   std::vector<std::vector<double>> decode_times(grid.decode.size());
+  auto set_phase = [&](ProfilePhase p) {
+    if (options.phase != nullptr) options.phase->store(p);
+  };
   for (int round = 0; round < rounds; ++round) {
+    set_phase(kProfilePrefill);
     for (size_t point = 0; point < grid.prefill_batches.size(); ++point) {
       const auto& lens = grid.prefill_batches[point];
       std::vector<BlockTable> tables(lens.size());
@@ -121,6 +126,7 @@ absl::StatusOr<Profile> ProfileEngine(engine::Transformer& model, const ProfileO
 
     // Decode steps: the cached context's values do not change the cost, so the blocks are
     // reserved (zeroed memory) without prefilling them.
+    set_phase(kProfileDecode);
     for (size_t point = 0; point < grid.decode.size(); ++point) {
       const auto [batch, context] = grid.decode[point];
       std::vector<BlockTable> tables(batch);
@@ -138,6 +144,7 @@ absl::StatusOr<Profile> ProfileEngine(engine::Transformer& model, const ProfileO
       for (auto& t : tables) PDS_RETURN_IF_ERROR(t.Release(cache.allocator()));
     }
   }
+  set_phase(kProfileIdle);
   auto median = [](std::vector<double> v) {
     std::sort(v.begin(), v.end());
     return v[v.size() / 2];
@@ -151,6 +158,47 @@ absl::StatusOr<Profile> ProfileEngine(engine::Transformer& model, const ProfileO
         {batch, static_cast<int64_t>(batch) * (context + 1), median(decode_times[point])});
   }
   return profile;
+}
+
+absl::Status RunNeighbor(engine::Transformer& model, const NeighborLoad& load,
+                         const std::atomic<int>& phase, const std::atomic<bool>& stop) {
+  const int32_t bs = load.block_size;
+  const int64_t blocks =
+      int64_t{load.decode_batch} * BlockTable::BlocksFor(load.decode_context + 1, bs) +
+      BlockTable::BlocksFor(load.prompt_len, bs);
+  PDS_ASSIGN_OR_RETURN(
+      KvCache cache,
+      KvCache::Create(model.backend(), model.CacheShape(static_cast<int32_t>(blocks), bs)));
+  const int32_t vocab = model.config().vocab_size;
+  std::vector<BlockTable> tables(load.decode_batch);
+  std::vector<std::vector<int32_t>> next(load.decode_batch);
+  std::vector<SequenceInput> decode;
+  for (int32_t s = 0; s < load.decode_batch; ++s) {
+    PDS_RETURN_IF_ERROR(tables[s].Reserve(load.decode_context + 1, bs, cache.allocator()));
+    next[s] = {static_cast<int32_t>((s * 7919) % vocab)};
+  }
+  for (int32_t s = 0; s < load.decode_batch; ++s) {
+    decode.push_back({next[s], load.decode_context, &tables[s]});
+  }
+  BlockTable prompt_table;
+  PDS_RETURN_IF_ERROR(prompt_table.Reserve(load.prompt_len, bs, cache.allocator()));
+  std::vector<int32_t> prompt(load.prompt_len);
+  for (int32_t i = 0; i < load.prompt_len; ++i) prompt[i] = (i * 104729) % vocab;
+  const std::vector<SequenceInput> prefill = {{prompt, 0, &prompt_table}};
+  std::vector<float> logits;
+  while (!stop.load()) {
+    switch (phase.load()) {
+      case kProfilePrefill:  // the decode instance keeps decoding
+        PDS_RETURN_IF_ERROR(model.Forward(decode, cache, logits));
+        break;
+      case kProfileDecode:  // the prefill instance keeps prefilling
+        PDS_RETURN_IF_ERROR(model.Forward(prefill, cache, logits));
+        break;
+      default:
+        std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace pds::server

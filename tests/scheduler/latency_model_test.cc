@@ -44,6 +44,23 @@ TEST(LatencyModelTest, RecoversKnownCoefficients) {
   EXPECT_NEAR(model->PredictDecode(8, 8 * 1000), 0.005 + 8e-3 + 3.2e-3, 1e-9);
 }
 
+TEST(LatencyModelTest, ScaledMultipliesEveryPrediction) {
+  std::vector<PrefillSample> prefill;
+  std::vector<DecodeSample> decode;
+  MakeSamples(0.0, prefill, decode);
+  auto model = LatencyModel::Fit(prefill, decode);
+  ASSERT_TRUE(model.ok()) << model.status();
+  const LatencyModel scaled = model->Scaled(1.25);
+  for (int32_t len : {16, 300, 1024}) {
+    EXPECT_NEAR(scaled.PredictPrefill({len, 7}), 1.25 * model->PredictPrefill({len, 7}), 1e-12);
+  }
+  for (int32_t batch : {1, 6, 40}) {
+    EXPECT_NEAR(scaled.PredictDecode(batch, batch * 700),
+                1.25 * model->PredictDecode(batch, batch * 700), 1e-12);
+  }
+  EXPECT_EQ(scaled.decode_knee(), model->decode_knee());
+}
+
 TEST(LatencyModelTest, NoisySamplesGiveErrorsOfTheNoiseSize) {
   std::vector<PrefillSample> prefill;
   std::vector<DecodeSample> decode;

@@ -118,6 +118,31 @@ TEST(PlannerTest, PlanFileRoundTripAndColocatedComparison) {
   EXPECT_EQ(ParsePlanFile(bad).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// --at-rates: the chosen unit simulated at given total rates; slower steps (a scaled model)
+// lower the attainment at a rate near the goodput.
+TEST(PlannerTest, PredictsAtRequestedRatesAndScaledStepsLowerAttainment) {
+  const LatencyModel m = Model({0.01, 1e-3, 0}, {1e-3, 0, 1e-4});
+  PlannerOptions o = Options(200, 20, 1500, 100);
+  auto plan = MakePlan(o, m);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_TRUE(plan->at_rates.empty());
+  const double knee = plan->unit.max_rate();
+  o.at_rates = {0.25 * knee, knee, 2 * knee};
+  plan = MakePlan(o, m);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  ASSERT_EQ(plan->at_rates.size(), 3u);
+  EXPECT_DOUBLE_EQ(plan->at_rates[1].rate, knee);
+  EXPECT_GE(plan->at_rates[0].slo_attainment, 0.9);
+  EXPECT_LT(plan->at_rates[2].slo_attainment, 0.9);
+  EXPECT_TRUE(PlanToJson(*plan)["at_rates"].is_array());
+  auto slower = MakePlan(o, m.Scaled(1.5));
+  ASSERT_TRUE(slower.ok()) << slower.status();
+  ASSERT_EQ(slower->at_rates.size(), 3u);
+  EXPECT_LT(slower->at_rates[1].slo_attainment, plan->at_rates[1].slo_attainment);
+  o.at_rates = {-1};
+  EXPECT_EQ(MakePlan(o, m).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(PlannerTest, RejectsBadOptions) {
   const LatencyModel m = Model({0.01, 1e-3, 0}, {1e-3, 0, 1e-4});
   PlannerOptions o = Options(200, 20, 1500, 100);
