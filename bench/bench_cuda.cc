@@ -237,6 +237,28 @@ struct Ceilings {
   int gemm_n = 0;
 };
 
+// The best GPU time in seconds of `samples` runs of enqueue() on `stream`, each between two
+// events, after `warmups` untimed runs.
+template <typename F>
+double BestEventSeconds(cudaStream_t stream, int warmups, int samples, F&& enqueue) {
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  float best_ms = 1e30f;
+  for (int i = -warmups; i < samples; ++i) {
+    CUDA_CHECK(cudaEventRecord(start, stream));
+    enqueue();
+    CUDA_CHECK(cudaEventRecord(stop, stream));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    if (i >= 0) best_ms = std::min(best_ms, ms);
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  return best_ms * 1e-3;
+}
+
 double MeasureCopyBandwidth(Backend& backend, size_t bytes, int iters) {
   SetStage("ceiling: device-to-device copy");
   DeviceBuffer src = PDS_TAKE(backend.Allocate(bytes, "copy src"));
@@ -256,23 +278,11 @@ double MeasureCopyBandwidth(Backend& backend, size_t bytes, int iters) {
   }
   cudaStream_t stream;
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  float best_ms = 1e30f;
-  for (int i = -1; i < iters; ++i) {  // i == -1 warms up
-    CUDA_CHECK(cudaEventRecord(start, stream));
+  const double best = BestEventSeconds(stream, 1, iters, [&] {
     CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), bytes, cudaMemcpyDeviceToDevice, stream));
-    CUDA_CHECK(cudaEventRecord(stop, stream));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i >= 0) best_ms = std::min(best_ms, ms);
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
+  });
   CUDA_CHECK(cudaStreamDestroy(stream));
-  return 2.0 * static_cast<double>(bytes) / (best_ms * 1e-3);
+  return 2.0 * static_cast<double>(bytes) / best;
 }
 
 double MeasureGemmRate(Backend& backend, int n, int iters) {
@@ -306,27 +316,16 @@ double MeasureGemmRate(Backend& backend, int n, int iters) {
   CUBLAS_CHECK(cublasSetStream(handle, stream));
   DeviceBuffer workspace = PDS_TAKE(backend.Allocate(size_t{32} << 20, "cublas workspace"));
   CUBLAS_CHECK(cublasSetWorkspace(handle, workspace.data(), workspace.bytes()));
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
   const float alpha = 1.0f, beta = 0.0f;
-  float best_ms = 1e30f;
-  for (int i = -2; i < iters; ++i) {  // two warm-up runs (heuristics, clocks)
-    CUDA_CHECK(cudaEventRecord(start, stream));
+  // Two warm-up runs (heuristics, clocks).
+  const double best = BestEventSeconds(stream, 2, iters, [&] {
     CUBLAS_CHECK(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.data(),
                               CUDA_R_16BF, n, b.data(), CUDA_R_16BF, n, &beta, c.data(),
                               CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-    CUDA_CHECK(cudaEventRecord(stop, stream));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i >= 0) best_ms = std::min(best_ms, ms);
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
+  });
   CUBLAS_CHECK(cublasDestroy(handle));
   CUDA_CHECK(cudaStreamDestroy(stream));
-  return 2.0 * n * static_cast<double>(n) * n / (best_ms * 1e-3);
+  return 2.0 * n * static_cast<double>(n) * n / best;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -707,24 +706,11 @@ double TimeReplayed(cudaStream_t stream, int copies, int calls, int samples, F&&
   CUDA_CHECK(cudaStreamEndCapture(stream, &graph));
   cudaGraphExec_t exec = nullptr;
   CUDA_CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  float best_ms = 1e30f;
-  for (int i = -1; i < samples; ++i) {  // i == -1 warms up
-    CUDA_CHECK(cudaEventRecord(start, stream));
-    CUDA_CHECK(cudaGraphLaunch(exec, stream));
-    CUDA_CHECK(cudaEventRecord(stop, stream));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i >= 0) best_ms = std::min(best_ms, ms);
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
+  const double best =
+      BestEventSeconds(stream, 1, samples, [&] { CUDA_CHECK(cudaGraphLaunch(exec, stream)); });
   CUDA_CHECK(cudaGraphExecDestroy(exec));
   CUDA_CHECK(cudaGraphDestroy(graph));
-  return best_ms * 1e-3 / calls;
+  return best / calls;
 }
 
 // Fails unless the GEMV kernel's and cuBLAS's results (`count` values of `dtype`, or fp32)

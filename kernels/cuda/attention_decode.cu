@@ -19,6 +19,44 @@ namespace {
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
 
+// What a decode block (grid (kv_heads * head groups, seqs, splits)) works on: its sequence's
+// query row, the positions [start, end) of its split, its KV head and first query head.
+// valid = false: not a decode row (the prefill kernel's) or a split past the context.
+struct DecodeBlock {
+  bool valid = false;
+  int seq = 0, q_row = 0, start = 0, end = 0, kvh = 0, h0 = 0;
+};
+
+template <int G>
+__device__ __forceinline__ DecodeBlock LocateDecodeBlock(const PagedBatch& batch, int heads,
+                                                         int kv_heads, int split_tokens) {
+  DecodeBlock b;
+  b.seq = blockIdx.y;
+  b.q_row = batch.cu_q[b.seq];
+  if (batch.cu_q[b.seq + 1] - b.q_row != 1) return b;
+  const int kv_len = batch.kv_lens[b.seq];
+  b.start = blockIdx.z * split_tokens;
+  if (b.start >= kv_len) return b;
+  b.end = min(kv_len, b.start + split_tokens);
+  const int groups = heads / kv_heads / G;
+  b.kvh = blockIdx.x / groups;
+  b.h0 = b.kvh * (heads / kv_heads) + (blockIdx.x % groups) * G;
+  b.valid = true;
+  return b;
+}
+
+// The G query heads' dims seg * 8 .. seg * 8 + 7, times the softmax scale.
+template <typename T, int D, int G>
+__device__ __forceinline__ void LoadScaledQ(const T* q, int64_t q_stride, const DecodeBlock& b,
+                                            int seg, float scale, float (&qv)[G][8]) {
+#pragma unroll
+  for (int g = 0; g < G; ++g) {
+    Load8(q + int64_t{b.q_row} * q_stride + (b.h0 + g) * D + seg * 8, qv[g]);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) qv[g][i] *= scale;
+  }
+}
+
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads)
     DecodeKernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k_cache,
@@ -36,27 +74,16 @@ __global__ void __launch_bounds__(kThreads)
   float* red = smem + G * split_tokens;  // [kWarps][G] reductions
   float* acc_s = red + kWarps * G;       // [kWarps][G][D]
 
-  const int s = blockIdx.y;
-  const int q_row = batch.cu_q[s];
-  if (batch.cu_q[s + 1] - q_row != 1) return;  // not a decode row: the prefill kernel's
-  const int kv_len = batch.kv_lens[s];
-  const int start = blockIdx.z * split_tokens;
-  if (start >= kv_len) return;
-  const int end = min(kv_len, start + split_tokens);
+  const DecodeBlock blk = LocateDecodeBlock<G>(batch, heads, kv_heads, split_tokens);
+  if (!blk.valid) return;
+  const int s = blk.seq, q_row = blk.q_row, start = blk.start, end = blk.end, kvh = blk.kvh,
+            h0 = blk.h0;
   const int n = end - start;
-  const int groups = heads / kv_heads / G;
-  const int kvh = blockIdx.x / groups;
-  const int h0 = kvh * (heads / kv_heads) + (blockIdx.x % groups) * G;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int seg = lane % kLanesPerRow, row_in_warp = lane / kLanesPerRow;
   float qv[G][8];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    Load8(q + int64_t{q_row} * q_stride + (h0 + g) * D + seg * 8, qv[g]);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) qv[g][i] *= scale;
-  }
+  LoadScaledQ<T, D, G>(q, q_stride, blk, seg, scale, qv);
   const int32_t* table = batch.block_tables + int64_t{s} * batch.max_blocks;
   const int bs = batch.block_size;
   auto row_offset = [&](int pos) {
@@ -266,26 +293,15 @@ __global__ void __launch_bounds__(kThreads, G >= 8 ? 2 : 4)
   constexpr size_t kScratchOffset = PipeSmemBytes<T, D, G>() - sizeof(float) * kWarps * (32 + G);
   extern __shared__ __align__(16) unsigned char smem_raw[];
 
-  const int s = blockIdx.y;
-  const int q_row = batch.cu_q[s];
-  if (batch.cu_q[s + 1] - q_row != 1) return;  // not a decode row: the prefill kernel's
-  const int kv_len = batch.kv_lens[s];
-  const int start = blockIdx.z * split_tokens;
-  if (start >= kv_len) return;
-  const int end = min(kv_len, start + split_tokens);
-  const int groups = heads / kv_heads / G;
-  const int kvh = blockIdx.x / groups;
-  const int h0 = kvh * (heads / kv_heads) + (blockIdx.x % groups) * G;
+  const DecodeBlock blk = LocateDecodeBlock<G>(batch, heads, kv_heads, split_tokens);
+  if (!blk.valid) return;
+  const int s = blk.seq, q_row = blk.q_row, start = blk.start, end = blk.end, kvh = blk.kvh,
+            h0 = blk.h0;
 
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int seg = lane % L, rg = lane / L;
   float qv[G][8];
-#pragma unroll
-  for (int g = 0; g < G; ++g) {
-    Load8(q + int64_t{q_row} * q_stride + (h0 + g) * D + seg * 8, qv[g]);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) qv[g][i] *= scale;
-  }
+  LoadScaledQ<T, D, G>(q, q_stride, blk, seg, scale, qv);
   const int32_t* table = batch.block_tables + int64_t{s} * batch.max_blocks;
   const int bs = batch.block_size;
   const bool pow2 = (bs & (bs - 1)) == 0;
