@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <random>
@@ -347,6 +348,15 @@ class CudaIpcTransportTest : public ::testing::Test {
   }
 
   // Replaces the sender (closing its mapping of the child's pool first) with one with `hooks`.
+  // A sender whose copy stream `gate` holds before the event is recorded; after_pending runs
+  // once DONE_PENDING is out.
+  void UseGatedSender(Gate& gate, std::function<absl::Status()> after_pending) {
+    CudaIpcSenderTestHooks hooks;
+    hooks.before_record = [&gate](void* stream) { gate.Hold(stream); };
+    hooks.after_pending = std::move(after_pending);
+    UseSender(std::move(hooks));
+  }
+
   void UseSender(CudaIpcSenderTestHooks hooks, DeviceKvTransportOptions options = {}) {
     sender_.reset();
     auto sender = CreateCudaIpcKvSenderForTest(src_.Layout(), options, std::move(hooks));
@@ -441,13 +451,10 @@ TEST_F(CudaIpcTransportTest, EarlyDoneConfirmsOnlyOnceTheCopiesAreComplete) {
   // receiver must not confirm before it completes, and confirms once it does.
   Gate gate;
   std::atomic<bool> pending_sent{false};
-  CudaIpcSenderTestHooks hooks;
-  hooks.before_record = [&](void* stream) { gate.Hold(stream); };
-  hooks.after_pending = [&] {
+  UseGatedSender(gate, [&] {
     pending_sent = true;
     return absl::OkStatus();
-  };
-  UseSender(hooks);
+  });
   const Plan& plan = Plans().at("gated");
   Source source(plan.src);
   absl::StatusOr<KvSendStats> stats;
@@ -481,13 +488,10 @@ TEST_F(CudaIpcTransportTest, CancelAfterDoneFailsBothSides) {
   // copies, then fails; the receiver never accepts and fails the transfer.
   Gate gate;
   std::atomic<bool> pending_sent{false};
-  CudaIpcSenderTestHooks hooks;
-  hooks.before_record = [&](void* stream) { gate.Hold(stream); };
-  hooks.after_pending = [&] {
+  UseGatedSender(gate, [&] {
     pending_sent = true;
     return absl::OkStatus();
-  };
-  UseSender(hooks);
+  });
   std::atomic<bool> cancel{false};
   Source source(Plans().at("late_cancel").src);
   absl::StatusOr<KvSendStats> stats;
@@ -508,10 +512,7 @@ TEST_F(CudaIpcTransportTest, CopyFailureAfterDoneFailsBothSides) {
   // The copy stream reports an error after DONE_PENDING (injected while the event is held):
   // the receiver must fail the transfer, not accept it.
   Gate gate;
-  CudaIpcSenderTestHooks hooks;
-  hooks.before_record = [&](void* stream) { gate.Hold(stream); };
-  hooks.after_pending = [] { return absl::InternalError("injected copy fault"); };
-  UseSender(hooks);
+  UseGatedSender(gate, [] { return absl::InternalError("injected copy fault"); });
   Source source(Plans().at("copy_fault").src);
   absl::StatusOr<KvSendStats> stats;
   std::thread sending([&] { stats = Send("copy_fault", source); });
@@ -531,13 +532,10 @@ TEST_F(CudaIpcTransportTest, ReceiverGivesUpOnAStalledSender) {
   // completes: the receiver fails the transfer by itself within the sender's budget + 1 s.
   Gate gate;
   std::atomic<bool> release{false};
-  CudaIpcSenderTestHooks hooks;
-  hooks.before_record = [&](void* stream) { gate.Hold(stream); };
-  hooks.after_pending = [&] {
+  UseGatedSender(gate, [&] {
     WaitFor([&] { return release.load(); }, absl::Seconds(60));
     return absl::OkStatus();
-  };
-  UseSender(hooks);
+  });
   Source source(Plans().at("stalled").src);
   absl::StatusOr<KvSendStats> stats;
   const absl::Time start = absl::Now();
