@@ -237,6 +237,27 @@ struct Ceilings {
   int gemm_n = 0;
 };
 
+// A non-blocking stream with a cuBLAS handle and a 32 MiB workspace bound to it, destroyed
+// together.
+struct CublasStream {
+  explicit CublasStream(Backend& backend)
+      : workspace(PDS_TAKE(backend.Allocate(size_t{32} << 20, "cublas workspace"))) {
+    CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+    CUBLAS_CHECK(cublasCreate(&handle));
+    CUBLAS_CHECK(cublasSetStream(handle, stream));
+    CUBLAS_CHECK(cublasSetWorkspace(handle, workspace.data(), workspace.bytes()));
+  }
+  ~CublasStream() {
+    cublasDestroy(handle);
+    cudaStreamDestroy(stream);
+  }
+  CublasStream(const CublasStream&) = delete;
+  CublasStream& operator=(const CublasStream&) = delete;
+  DeviceBuffer workspace;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t handle = nullptr;
+};
+
 // The best GPU time in seconds of `samples` runs of enqueue() on `stream`, each between two
 // events, after `warmups` untimed runs.
 template <typename F>
@@ -309,13 +330,9 @@ double MeasureGemmRate(Backend& backend, int n, int iters) {
     }
     return 2.0 * n * static_cast<double>(n) * n / best;
   }
-  cudaStream_t stream;
-  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cublasHandle_t handle;
-  CUBLAS_CHECK(cublasCreate(&handle));
-  CUBLAS_CHECK(cublasSetStream(handle, stream));
-  DeviceBuffer workspace = PDS_TAKE(backend.Allocate(size_t{32} << 20, "cublas workspace"));
-  CUBLAS_CHECK(cublasSetWorkspace(handle, workspace.data(), workspace.bytes()));
+  const CublasStream blas(backend);
+  cudaStream_t stream = blas.stream;
+  cublasHandle_t handle = blas.handle;
   const float alpha = 1.0f, beta = 0.0f;
   // Two warm-up runs (heuristics, clocks).
   const double best = BestEventSeconds(stream, 2, iters, [&] {
@@ -323,8 +340,6 @@ double MeasureGemmRate(Backend& backend, int n, int iters) {
                               CUDA_R_16BF, n, b.data(), CUDA_R_16BF, n, &beta, c.data(),
                               CUDA_R_16BF, n, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
   });
-  CUBLAS_CHECK(cublasDestroy(handle));
-  CUDA_CHECK(cudaStreamDestroy(stream));
   return 2.0 * n * static_cast<double>(n) * n / best;
 }
 
@@ -755,13 +770,9 @@ std::vector<Metric> MeasureGemv(Backend& backend, const ModelConfig& config, con
   int device = 0, l2_bytes = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
-  cudaStream_t stream;
-  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cublasHandle_t handle;
-  CUBLAS_CHECK(cublasCreate(&handle));
-  CUBLAS_CHECK(cublasSetStream(handle, stream));
-  DeviceBuffer workspace = PDS_TAKE(backend.Allocate(size_t{32} << 20, "cublas workspace"));
-  CUBLAS_CHECK(cublasSetWorkspace(handle, workspace.data(), workspace.bytes()));
+  const CublasStream blas(backend);
+  cudaStream_t stream = blas.stream;
+  cublasHandle_t handle = blas.handle;
   const int samples = plan.ceiling_iters;
   const int rows_list[] = {1, static_cast<int>(kc::kGemvMaxRows)};
   std::vector<Metric> out;
@@ -886,8 +897,6 @@ std::vector<Metric> MeasureGemv(Backend& backend, const ModelConfig& config, con
     }
   }
   std::fflush(stdout);
-  CUBLAS_CHECK(cublasDestroy(handle));
-  CUDA_CHECK(cudaStreamDestroy(stream));
   return out;
 }
 
