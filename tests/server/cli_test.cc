@@ -141,6 +141,29 @@ TEST_F(CliTest, ProfileWritesAFittedLatencyModel) {
   for (const auto& s : j["samples"]["prefill"]) EXPECT_GT(s["seconds"].get<double>(), 0.0);
 }
 
+TEST_F(CliTest, ProfileUnderANeighbourPinned) {
+  // Both on CPU 0 (any machine has it): the neighbour copy runs the other phase meanwhile.
+  const std::string out = pds::testing::ScratchDir() + "/profile_neighbor.json";
+  Result r = RunCommand(
+      "profile --quick --reps 1 --rounds 1 --threads 1 --cpus 0 "
+      "--neighbor-cpus 0 --model " +
+      dir_ + " --out " + out);
+  ASSERT_EQ(r.exit_code, 0) << r.output << r.errors;
+  std::ifstream in(out);
+  const auto j = nlohmann::json::parse(in, nullptr, false);
+  ASSERT_FALSE(j.is_discarded());
+  EXPECT_EQ(j["machine"]["cpus"], "0");
+  EXPECT_EQ(j["machine"]["neighbor_cpus"], "0");
+  EXPECT_EQ(j["latency_model"]["prefill"]["coef"].size(), 3u);
+  r = RunCommand("profile --quick --cpus 0-x --model " + dir_ + " --out " + out);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.errors.find("bad CPU list '0-x'"), std::string::npos) << r.errors;
+  r = RunCommand("profile --quick --threads 1 --neighbor-cpus 1000 --model " + dir_ + " --out " +
+                 out);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.errors.find("the neighbour load: --cpus 1000"), std::string::npos) << r.errors;
+}
+
 TEST_F(CliTest, PlanPrintsThePlanFile) {
   const std::string profile = pds::testing::ScratchDir() + "/plan_profile.json";
   {
@@ -165,6 +188,20 @@ TEST_F(CliTest, PlanPrintsThePlanFile) {
   EXPECT_EQ(j["kv_transfer"]["bytes_per_token"], 2 * 2 * 2 * 16 * 2);
   std::ifstream written(plan_file);
   EXPECT_EQ(nlohmann::json::parse(written, nullptr, false), j);
+
+  // Predictions at given rates, and slower steps (a measured live/profiled ratio) lower them.
+  r = RunCommand(common + "--slo-ttft 0.5s --slo-tpot 100ms --json --at-rates 1,2");
+  ASSERT_EQ(r.exit_code, 0) << r.errors;
+  const auto at = nlohmann::json::parse(r.output, nullptr, false);
+  ASSERT_EQ(at["at_rates"].size(), 2u) << r.output;
+  EXPECT_EQ(at["at_rates"][1]["rate"], 2.0);
+  r = RunCommand(common + "--slo-ttft 0.5s --slo-tpot 100ms --json --step-time-scale 2");
+  ASSERT_EQ(r.exit_code, 0) << r.errors;
+  const auto slower = nlohmann::json::parse(r.output, nullptr, false);
+  EXPECT_LT(slower["goodput_per_gpu"].get<double>(), j["goodput_per_gpu"].get<double>());
+  r = RunCommand(common + "--slo-ttft 500 --at-rates 1,x");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.errors.find("--at-rates: 'x'"), std::string::npos) << r.errors;
 
   r = RunCommand(common + "--slo-ttft 500 --slo-tpot 100 --rate 100000 --gpus 2");
   ASSERT_EQ(r.exit_code, 0) << r.errors;
