@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <ctime>
 #include <fstream>
+#include <memory>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -80,38 +81,58 @@ absl::Status Run(const CliArgs& args) {
   options.reps = static_cast<int32_t>(reps);
   options.rounds = static_cast<int32_t>(rounds);
   // The neighbour: its own thread, pinned to --neighbor-cpus, with its own backend and model.
-  std::atomic<int> phase{kProfileIdle};
-  std::atomic<bool> stop{false};
-  absl::Status neighbor_status;
-  std::thread neighbor;
+  // Its state is shared (not on this stack), so a neighbour that never finishes loading can be
+  // left behind when the wait for it times out.
+  struct Neighbor {
+    std::atomic<int> phase{kProfileIdle};
+    std::atomic<bool> stop{false};
+    std::atomic<int> state{0};  // 0: loading, 1: running, 2: finished (status set)
+    absl::Status status;        // written before state becomes 2
+  };
+  auto neighbor = std::make_shared<Neighbor>();
+  std::thread neighbor_thread;
   const std::string neighbor_cpus = args.GetString("neighbor-cpus");
   if (args.Has("neighbor-cpus")) {
-    options.phase = &phase;
-    std::atomic<bool> ready{false};
-    neighbor = std::thread([&] {
-      neighbor_status = [&]() -> absl::Status {
-        absl::Status pinned = PinToCpus(neighbor_cpus);
-        if (!pinned.ok()) {
-          ready = true;
-          return pinned;
-        }
+    options.phase = &neighbor->phase;
+    neighbor_thread = std::thread([neighbor, neighbor_cpus, args, block_size = options.block_size] {
+      absl::Status status = PinToCpus(neighbor_cpus);
+      if (status.ok()) {
         absl::StatusOr<LoadedModel> copy = LoadModelFromArgs(args, /*pin=*/false);
-        ready = true;
-        if (!copy.ok()) return copy.status();
-        return RunNeighbor(*copy->model, NeighborLoad{.block_size = options.block_size}, phase,
-                           stop);
-      }();
+        if (copy.ok()) {
+          neighbor->state = 1;
+          status = RunNeighbor(*copy->model, NeighborLoad{.block_size = block_size},
+                               neighbor->phase, neighbor->stop);
+        } else {
+          status = copy.status();
+        }
+      }
+      neighbor->status = status;
+      neighbor->state = 2;
     });
-    while (!ready.load()) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    // Profiling starts once the neighbour runs (or fails: then at once with its error).
+    const auto limit = std::chrono::steady_clock::now() + std::chrono::minutes(10);
+    while (neighbor->state.load() == 0) {
+      if (std::chrono::steady_clock::now() > limit) {
+        neighbor->stop = true;
+        neighbor_thread.detach();
+        return absl::DeadlineExceededError("the neighbour model did not load within 10 minutes");
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    }
   }
+  auto neighbor_error = [&]() -> absl::Status {
+    if (neighbor_thread.joinable()) neighbor_thread.join();
+    if (neighbor->state.load() == 2 && !neighbor->status.ok()) {
+      return absl::Status(neighbor->status.code(),
+                          absl::StrCat("the neighbour load: ", neighbor->status.message()));
+    }
+    return absl::OkStatus();
+  };
+  if (neighbor->state.load() == 2) PDS_RETURN_IF_ERROR(neighbor_error());
   const auto start = std::chrono::steady_clock::now();
   absl::StatusOr<Profile> profiled = ProfileEngine(*model, options);
-  stop = true;
-  if (neighbor.joinable()) neighbor.join();
-  if (!neighbor_status.ok()) {
-    return absl::Status(neighbor_status.code(),
-                        absl::StrCat("the neighbour load: ", neighbor_status.message()));
-  }
+  neighbor->stop = true;
+  PDS_RETURN_IF_ERROR(neighbor_error());
   PDS_ASSIGN_OR_RETURN(Profile profile, std::move(profiled));
   PDS_ASSIGN_OR_RETURN(scheduler::LatencyModel fit,
                        scheduler::LatencyModel::Fit(profile.prefill, profile.decode));
