@@ -646,8 +646,10 @@ struct Bench {
     SetStage("attention decode");
     const int batch = plan.attn_decode_batch, ctx = plan.context;
     if (legacy) setenv("PDS_ATTN_DECODE", "legacy", 1);
+    kernels::cuda::ReloadKernelSettings();
     const double t = TimeAttention(batch, 1, ctx);
     if (legacy) unsetenv("PDS_ATTN_DECODE");
+    kernels::cuda::ReloadKernelSettings();
     const double bytes = config().kv_size() * 2.0 * esize() * batch * ctx;  // one layer's K+V
     Metric m;
     m.name = absl::StrCat("attn decode b", batch, legacy ? " legacy" : "");
@@ -669,8 +671,10 @@ struct Bench {
     SetStage("attention prefill");
     const int n = plan.attn_prefill_tokens;
     if (warps != 0) setenv("PDS_ATTN_PREFILL_WARPS", std::to_string(warps).c_str(), 1);
+    kernels::cuda::ReloadKernelSettings();
     const double t = TimeAttention(1, n, n);
     unsetenv("PDS_ATTN_PREFILL_WARPS");
+    kernels::cuda::ReloadKernelSettings();
     const double flops = AttentionFlopsPerLayer(0.5 * n * (n + 1.0));
     Metric m;
     m.name = absl::StrCat("attn prefill ", n, warps == 0 ? "" : absl::StrCat(" w", warps));
@@ -820,15 +824,19 @@ std::vector<Metric> MeasureGemv(Backend& backend, const ModelConfig& config, con
                       s.fp32_out ? engine::DType::kF32 : dtype, label);
       const double t_gemv = TimeReplayed(stream, copies, calls, samples, gemv);
       const double t_blas = TimeReplayed(stream, copies, calls, samples, blas);
-      // gemv.cu's measurement knobs, each timed the same way (for tuning its defaults).
+      // The tensor-core kernel's measurement knobs (KernelSettings), each timed the same way
+      // (for tuning its defaults); they do not touch the FMA kernel of m <= kGemvFmaRows.
       Json variants = {{"default", t_gemv * 1e6}};
       for (auto [name, value] :
            {std::pair{"PDS_GEMV_UNROLL", "8"}, std::pair{"PDS_GEMV_WARPS", "4"},
             std::pair{"PDS_GEMV_WARPS", "16"}}) {
+        if (m <= kc::kGemvFmaRows) break;
         setenv(name, value, 1);
+        kc::ReloadKernelSettings();
         variants[absl::StrCat(name, "=", value)] =
             TimeReplayed(stream, copies, calls, samples, gemv) * 1e6;
         unsetenv(name);
+        kc::ReloadKernelSettings();
       }
       const double bytes = static_cast<double>(weight_bytes) + double{1} * m * s.k * esize +
                            double{1} * m * s.n * out_esize;

@@ -8,8 +8,6 @@
 // split the block writes the normalized output; with several it writes (unnormalized sum, max,
 // exp-sum) to the workspace and a combine kernel merges the splits.
 #include <cfloat>
-#include <cstdlib>
-#include <string_view>
 
 #include "kernels/cuda/attention_internal.cuh"
 
@@ -520,11 +518,7 @@ cudaError_t DecodeForDim(const AttentionArgs& a, cudaStream_t stream) {
 }  // namespace
 
 bool PipelinedDecode(int64_t head_dim) {
-  // Read at every call (a few hundred nanoseconds on the host), so a benchmark can compare both
-  // kernels in one process.
-  const char* v = std::getenv("PDS_ATTN_DECODE");
-  const bool legacy = v != nullptr && std::string_view(v) == "legacy";
-  return !legacy && (head_dim == 64 || head_dim == 128);
+  return !Settings().legacy_decode && (head_dim == 64 || head_dim == 128);
 }
 
 int64_t DecodeWorkspaceFloats(int32_t num_seqs, int64_t heads, int64_t head_dim,

@@ -26,7 +26,6 @@
 // tail; the heads of one tile, which share K/V rows through GQA, run side by side.
 #include <cfloat>
 #include <climits>
-#include <cstdlib>
 
 #include "kernels/cuda/attention_internal.cuh"
 
@@ -436,13 +435,12 @@ cudaError_t Launch(const AttentionArgs& a, bool all_rows, cudaStream_t stream) {
 }
 
 // Query tiles: by default 4 warps of 32 rows (128-row tiles, Q fragments reloaded from shared
-// memory). PDS_ATTN_PREFILL_WARPS=4 picks 4 warps of 16 rows (64-row tiles) and =8 picks 8
-// warps of 16 rows (128-row tiles), both with Q fragments in registers, for measurements.
+// memory). PDS_ATTN_PREFILL_WARPS=4 (KernelSettings) picks 4 warps of 16 rows (64-row tiles) and =8
+// picks 8 warps of 16 rows (128-row tiles), both with Q fragments in registers, for measurements.
 // Ring depth: 3 stages where two or three blocks still fit an SM, else 2.
 template <typename T, int D>
 cudaError_t LaunchTile(const AttentionArgs& a, bool all_rows, cudaStream_t stream) {
-  const char* env = std::getenv("PDS_ATTN_PREFILL_WARPS");
-  const int warps = env != nullptr ? std::atoi(env) : 0;
+  const int warps = Settings().prefill_warps;
   if constexpr (D == 64) {  // 3 stages; 3 blocks per SM of 4 warps, 2 of 8
     if (warps == 4) return Launch<T, D, Cfg<4, 1, 64, 3, 3>>(a, all_rows, stream);
     if (warps == 8) return Launch<T, D, Cfg<8, 1, 32, 3, 2>>(a, all_rows, stream);

@@ -2,6 +2,7 @@
 // kernels/cpu/elementwise.cc), plus random fill.
 #include <atomic>
 #include <cstdlib>
+#include <string>
 #include <string_view>
 
 #include "kernels/cuda/common.cuh"
@@ -84,29 +85,53 @@ __global__ void FillRandomKernel(T* dst, int64_t n, float scale, float offset, u
   }
 }
 
-// -1: not decided yet; then 0 or 1.
-std::atomic<int> programmatic_launch{-1};
+KernelSettings* LoadSettings() {
+  auto* k = new KernelSettings();
+  auto env = [](const char* name) -> std::string_view {
+    const char* v = std::getenv(name);
+    return v != nullptr ? std::string_view(v) : std::string_view();
+  };
+  int device = 0, major = 0;
+  k->programmatic_launch =
+      env("PDS_PDL") != "0" && cudaGetDevice(&device) == cudaSuccess &&
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
+      major >= 9;
+  k->legacy_decode = env("PDS_ATTN_DECODE") == "legacy";
+  k->prefill_warps = std::atoi(std::string(env("PDS_ATTN_PREFILL_WARPS")).c_str());
+  k->gemv_mma = env("PDS_GEMV_IMPL") == "mma";
+  k->gemv_warps = std::atoi(std::string(env("PDS_GEMV_WARPS")).c_str());
+  k->gemv_unroll8 = env("PDS_GEMV_UNROLL") == "8";
+  return k;
+}
+
+// Replaced whole on a reload (the old copy is kept: a launch on another thread may hold it).
+std::atomic<const KernelSettings*> settings{nullptr};
+
+void Publish(KernelSettings* k) { settings.store(k, std::memory_order_release); }
 
 }  // namespace
 
-bool ProgrammaticLaunch() {
-  int on = programmatic_launch.load(std::memory_order_relaxed);
-  if (on >= 0) return on == 1;
-  int device = 0, major = 0;
-  const char* env = std::getenv("PDS_PDL");
-  const bool wanted = env == nullptr || std::string_view(env) != "0";
-  on = wanted && cudaGetDevice(&device) == cudaSuccess &&
-               cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) ==
-                   cudaSuccess &&
-               major >= 9
-           ? 1
-           : 0;
-  int expected = -1;
-  programmatic_launch.compare_exchange_strong(expected, on);
-  return programmatic_launch.load() == 1;
+const KernelSettings& Settings() {
+  const KernelSettings* k = settings.load(std::memory_order_acquire);
+  if (k != nullptr) return *k;
+  KernelSettings* loaded = LoadSettings();
+  const KernelSettings* expected = nullptr;
+  if (!settings.compare_exchange_strong(expected, loaded)) {
+    delete loaded;
+    return *expected;
+  }
+  return *loaded;
 }
 
-void SetProgrammaticLaunch(bool on) { programmatic_launch.store(on ? 1 : 0); }
+void ReloadKernelSettings() { Publish(LoadSettings()); }
+
+bool ProgrammaticLaunch() { return Settings().programmatic_launch; }
+
+void SetProgrammaticLaunch(bool on) {
+  auto* k = new KernelSettings(Settings());
+  k->programmatic_launch = on;
+  Publish(k);
+}
 
 cudaError_t Embed(Half16 t, const void* table, const int32_t* ids, void* out, int64_t tokens,
                   int64_t hidden, cudaStream_t stream) {

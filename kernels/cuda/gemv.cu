@@ -19,8 +19,6 @@
 // Weights are read with ld.global.nc.L1::no_allocate (streamed: in L1 they would only evict
 // the activations, which every block re-reads, from L1 or L2). 62 registers at kUnroll 4: up
 // to 4 blocks of 8 warps per SM, 8 weight loads (4 KiB per warp) in flight each.
-#include <cstdlib>
-#include <string_view>
 
 #include "kernels/cuda/common.cuh"
 
@@ -247,11 +245,6 @@ cudaError_t DispatchRows(const void* a, int64_t lda, const void* w, int64_t n, i
   }
 }
 
-int EnvInt(const char* name) {
-  const char* v = std::getenv(name);
-  return v != nullptr ? std::atoi(v) : 0;
-}
-
 int NumSms() {
   int device = 0, sms = 0;
   if (cudaGetDevice(&device) != cudaSuccess ||
@@ -295,13 +288,13 @@ cudaError_t Gemv(Half16 t, const void* a, int64_t lda, const void* w, int64_t n,
   if (m <= 0 || n <= 0) return cudaSuccess;
   if (!GemvSupported(a, lda, w, k, m) || c == nullptr) return cudaErrorInvalidValue;
   if ((n + kTileRows - 1) / kTileRows > 0x7fffffff) return cudaErrorInvalidValue;
-  // Measurement knobs, read on every call: PDS_GEMV_WARPS (1-16) fixes the warps per block,
-  // PDS_GEMV_UNROLL=8 takes 8 chunks per step (at most 8 warps).
-  const int warps = EnvInt("PDS_GEMV_WARPS");
-  const bool unroll8 = EnvInt("PDS_GEMV_UNROLL") == 8;
-  // m <= kGemvFmaRows: the row-streaming FMA kernel, unless PDS_GEMV_IMPL=mma.
-  const char* impl = std::getenv("PDS_GEMV_IMPL");
-  const bool rows = m <= kGemvFmaRows && (impl == nullptr || std::string_view(impl) != "mma");
+  // Measurement knobs (KernelSettings): the tensor-core kernel's warps per block (1-16) and
+  // 8 chunks per step (at most 8 warps); m <= kGemvFmaRows takes the row-streaming FMA kernel
+  // unless gemv_mma.
+  const KernelSettings& knobs = Settings();
+  const int warps = knobs.gemv_warps;
+  const bool unroll8 = knobs.gemv_unroll8;
+  const bool rows = m <= kGemvFmaRows && !knobs.gemv_mma;
   return Dispatch16(t, [&](auto z) -> cudaError_t {
     using T = decltype(z);
     if (rows) {

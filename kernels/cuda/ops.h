@@ -30,11 +30,23 @@ cudaError_t FillRandom(Half16 t, void* dst, int64_t n, float scale, float offset
                        cudaStream_t stream);
 
 // --- elementwise.cu: launch settings ---
-// Whether kernels launch with programmatic dependent launch (the next kernel scheduled while the
-// previous one runs; compute capability 9.0 and later). On by default there; PDS_PDL=0 in the
-// environment (read once) or SetProgrammaticLaunch(false) turns it off. CUDA graphs keep the
-// setting they were recorded with.
-bool ProgrammaticLaunch();
+// The launchers' choices, read from the environment once (first use) and again by
+// ReloadKernelSettings(), which tests and benchmarks call after changing the variables: the
+// launch path never reads the environment.
+struct KernelSettings {
+  // Programmatic dependent launch (the next kernel scheduled while the previous one runs):
+  // compute capability 9.0 and later, unless PDS_PDL=0. CUDA graphs keep the setting they were
+  // recorded with.
+  bool programmatic_launch = false;
+  bool legacy_decode = false;  // PDS_ATTN_DECODE=legacy: the register-loading decode kernel
+  int prefill_warps = 0;       // PDS_ATTN_PREFILL_WARPS=4|8: 16-row-per-warp prefill tiles
+  bool gemv_mma = false;       // PDS_GEMV_IMPL=mma: the tensor-core GEMV at every m
+  int gemv_warps = 0;          // PDS_GEMV_WARPS (1-16): its warps per block; 0: heuristic
+  bool gemv_unroll8 = false;   // PDS_GEMV_UNROLL=8: its deeper loads in flight
+};
+const KernelSettings& Settings();
+void ReloadKernelSettings();
+bool ProgrammaticLaunch();  // Settings().programmatic_launch
 void SetProgrammaticLaunch(bool on);
 
 // --- gemv.cu ---
@@ -54,10 +66,8 @@ bool GemvSupported(const void* a, int64_t lda, const void* w, int64_t k, int64_t
 // stride lda (elements), w [n, k] contiguous, c [m, n] contiguous, fp32 accumulation; c is T
 // or, with c_fp32, fp32 (the logits). cudaErrorInvalidValue (nothing launched) when
 // !GemvSupported; m <= 0 or n <= 0 do nothing. No allocation, no synchronization (safe to
-// record in a CUDA graph); deterministic for a given m. Measurement knobs, read on every call:
-// PDS_GEMV_IMPL=mma (the tensor-core kernel at every m), and for that kernel PDS_GEMV_WARPS
-// (1-16 warps per 16-row block) and PDS_GEMV_UNROLL=8 (deeper loads in flight); unset, a
-// heuristic of n, k and the SM count.
+// record in a CUDA graph); deterministic for a given m. Measurement knobs: the gemv_* fields of
+// KernelSettings.
 cudaError_t Gemv(Half16 t, const void* a, int64_t lda, const void* w, int64_t n, int64_t k, void* c,
                  bool c_fp32, int64_t m, cudaStream_t stream);
 

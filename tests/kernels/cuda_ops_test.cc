@@ -40,8 +40,15 @@ constexpr uint32_t kSentinelF32 = 0x7B7B7B7B;  // a finite fp32 value (about 1.3
 // Sets an environment variable for the scope of a test step.
 class ScopedEnv {
  public:
-  ScopedEnv(const char* name, const char* value) : name_(name) { setenv(name, value, 1); }
-  ~ScopedEnv() { unsetenv(name_); }
+  // The kernels read their settings from the environment only when told to reload them.
+  ScopedEnv(const char* name, const char* value) : name_(name) {
+    setenv(name, value, 1);
+    kernels::cuda::ReloadKernelSettings();
+  }
+  ~ScopedEnv() {
+    unsetenv(name_);
+    kernels::cuda::ReloadKernelSettings();
+  }
   ScopedEnv(const ScopedEnv&) = delete;
   ScopedEnv& operator=(const ScopedEnv&) = delete;
 
@@ -686,6 +693,7 @@ TEST_P(CudaAttentionTest, DecodeRaggedContexts) {
 // register-loading one (kept for measurements), which must agree as well.
 TEST_P(CudaAttentionTest, DecodeLegacyKernel) {
   setenv("PDS_ATTN_DECODE", "legacy", 1);
+  kernels::cuda::ReloadKernelSettings();
   for (auto [heads, kv_heads] : {std::pair{32, 8}, std::pair{8, 1}, std::pair{16, 8}}) {
     for (int bs : {16, 7}) {
       SCOPED_TRACE(::testing::Message() << "heads " << heads << "/" << kv_heads << " block " << bs);
@@ -693,6 +701,7 @@ TEST_P(CudaAttentionTest, DecodeLegacyKernel) {
     }
   }
   unsetenv("PDS_ATTN_DECODE");
+  kernels::cuda::ReloadKernelSettings();
 }
 
 TEST_P(CudaAttentionTest, PrefillCausalRaggedWithCachedPrefix) {
@@ -724,17 +733,21 @@ TEST_P(CudaAttentionTest, SanitizerSized) {
 TEST_P(CudaAttentionTest, PrefillWith128RowTiles) {
   // The mma kernel's other tile height (PDS_ATTN_PREFILL_WARPS=8), same cases.
   setenv("PDS_ATTN_PREFILL_WARPS", "8", 1);
+  kernels::cuda::ReloadKernelSettings();
   Run({{{733, 733}, {1, 733}, {300, 1500}, {65, 200}, {5, 100}}, 32, 8, 128, 16}, 17);
   Run({{{200, 200}, {129, 129}, {70, 90}}, 8, 1, 64, 7}, 18);
   unsetenv("PDS_ATTN_PREFILL_WARPS");
+  kernels::cuda::ReloadKernelSettings();
 }
 
 TEST_P(CudaAttentionTest, PrefillWith64RowTiles) {
   // The mma kernel's 4 warps x 16 rows tile (PDS_ATTN_PREFILL_WARPS=4), same cases.
   setenv("PDS_ATTN_PREFILL_WARPS", "4", 1);
+  kernels::cuda::ReloadKernelSettings();
   Run({{{733, 733}, {1, 733}, {300, 1500}, {65, 200}, {5, 100}}, 32, 8, 128, 16}, 19);
   Run({{{200, 200}, {129, 129}, {70, 90}}, 8, 1, 64, 7}, 20);
   unsetenv("PDS_ATTN_PREFILL_WARPS");
+  kernels::cuda::ReloadKernelSettings();
 }
 
 // Chunks over cached prefixes of every length modulo 64 around the tile edges (where the
@@ -742,6 +755,7 @@ TEST_P(CudaAttentionTest, PrefillWith64RowTiles) {
 TEST_P(CudaAttentionTest, PrefillPrefixAlignments) {
   for (int warps : {0, 4, 8}) {
     if (warps != 0) setenv("PDS_ATTN_PREFILL_WARPS", std::to_string(warps).c_str(), 1);
+    kernels::cuda::ReloadKernelSettings();
     for (int head_dim : {64, 128}) {
       SCOPED_TRACE(::testing::Message() << "warps " << warps << " D " << head_dim);
       std::vector<std::pair<int, int>> seqs;
@@ -753,6 +767,7 @@ TEST_P(CudaAttentionTest, PrefillPrefixAlignments) {
       Run({seqs, 8, 2, head_dim, 16}, 30 + warps + head_dim);
     }
     unsetenv("PDS_ATTN_PREFILL_WARPS");
+    kernels::cuda::ReloadKernelSettings();
   }
 }
 
