@@ -421,17 +421,8 @@ class DeviceKvSender final : public KvSender {
       if (reply->status.code() != absl::StatusCode::kResourceExhausted) {
         return WithContext(reply->status, "refused by the receiver");
       }
-      const absl::Time wake = std::min(absl::Now() + backoff, deadline);
-      while (absl::Now() < wake) {
-        if (is_cancelled()) return absl::CancelledError("cancelled while the receiver had no room");
-        absl::SleepFor(std::min(wake - absl::Now(), absl::Milliseconds(5)));
-      }
-      if (absl::Now() >= deadline) {
-        return absl::DeadlineExceededError(
-            absl::StrCat("deadline exceeded; the receiver had no room after ", stats->offers,
-                         " offers (last answer: ", reply->status.message(), ")"));
-      }
-      backoff = std::min(backoff * 2, options_.max_backoff);
+      PDS_RETURN_IF_ERROR(WaitToOfferAgain(&backoff, options_.max_backoff, deadline, is_cancelled,
+                                           stats->offers, reply->status));
     }
   }
 

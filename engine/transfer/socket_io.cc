@@ -67,6 +67,25 @@ absl::Status WithContext(const absl::Status& status, absl::string_view context) 
   return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
 }
 
+absl::Status WaitToOfferAgain(absl::Duration* backoff, absl::Duration max_backoff,
+                              absl::Time deadline, const std::function<bool()>& cancelled,
+                              int32_t offers, const absl::Status& answer) {
+  const absl::Time wake = std::min(absl::Now() + *backoff, deadline);
+  while (absl::Now() < wake) {
+    if (cancelled && cancelled()) {
+      return absl::CancelledError("cancelled while the receiver had no room");
+    }
+    absl::SleepFor(std::min(wake - absl::Now(), absl::Milliseconds(5)));
+  }
+  if (absl::Now() >= deadline) {
+    return absl::DeadlineExceededError(
+        absl::StrCat("deadline exceeded; the receiver had no room after ", offers,
+                     " offers (last answer: ", answer.message(), ")"));
+  }
+  *backoff = std::min(*backoff * 2, max_backoff);
+  return absl::OkStatus();
+}
+
 namespace {
 
 // net.core.rmem_max / wmem_max, or -1 when unreadable.

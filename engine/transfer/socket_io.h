@@ -63,6 +63,14 @@ std::string Errno(int err);
 // Prefixes a status message with context, keeping the code.
 absl::Status WithContext(const absl::Status& status, absl::string_view context);
 
+// The sender's back-pressure wait after the receiver answered RESOURCE_EXHAUSTED (no room) to
+// offer number `offers` with `answer`: sleeps `*backoff` (doubled afterwards, up to
+// `max_backoff`) in short naps, CANCELLED when `cancelled` returns true meanwhile,
+// DEADLINE_EXCEEDED once `deadline` has passed; OK: offer again.
+absl::Status WaitToOfferAgain(absl::Duration* backoff, absl::Duration max_backoff,
+                              absl::Time deadline, const std::function<bool()>& cancelled,
+                              int32_t offers, const absl::Status& answer);
+
 // A receiver connection that ended with `status` (not OK): names the receiver (`who`) and the
 // request, logs it (quietly when shutdown closed a connection with nothing reserved) and
 // completes the sink's reservation, if any, with it. Returns the status with its context, for

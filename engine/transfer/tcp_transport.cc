@@ -233,6 +233,8 @@ using transfer_internal::PeerReadable;
 using transfer_internal::ReadExact;
 using transfer_internal::ReadReply;
 using transfer_internal::Wait;
+using transfer_internal::WaitToOfferAgain;
+using transfer_internal::WaitToOfferAgain;
 using transfer_internal::WithContext;
 using transfer_internal::WriteFrame;
 
@@ -293,17 +295,8 @@ class TcpKvSender final : public KvSender {
         return WithContext(*reply, "refused by the receiver");
       }
       // Back-pressure: wait, then offer again on the same connection.
-      const absl::Time wake = std::min(absl::Now() + backoff, deadline);
-      while (absl::Now() < wake) {
-        if (is_cancelled()) return absl::CancelledError("cancelled while the receiver had no room");
-        absl::SleepFor(std::min(wake - absl::Now(), absl::Milliseconds(5)));
-      }
-      if (absl::Now() >= deadline) {
-        return absl::DeadlineExceededError(
-            absl::StrCat("deadline exceeded; the receiver had no room after ", stats.offers,
-                         " offers (last answer: ", reply->message(), ")"));
-      }
-      backoff = std::min(backoff * 2, options_.max_backoff);
+      PDS_RETURN_IF_ERROR(WaitToOfferAgain(&backoff, options_.max_backoff, deadline, is_cancelled,
+                                           stats.offers, *reply));
     }
     stats.reserved = absl::Now();
 
