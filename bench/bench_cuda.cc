@@ -52,6 +52,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "bench/gpu_check.h"
+#include "bench/report.h"
 #include "engine/backend/backend.h"
 #include "engine/backend/cuda_backend.h"
 #include "engine/common/dtype.h"
@@ -76,7 +77,6 @@ using engine::ModelConfig;
 using engine::SequenceInput;
 using engine::Transformer;
 using engine::Weight;
-using Json = nlohmann::ordered_json;
 
 void CheckCublas(cublasStatus_t st, const char* expr) {
   if (st != CUBLAS_STATUS_SUCCESS) {
@@ -203,29 +203,6 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
   o.timeout_s = *timeout;
   return o;
 }
-
-double Seconds(std::chrono::steady_clock::time_point since) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
-
-// One result row.
-struct Metric {
-  std::string name;
-  std::string shape;
-  double value = 0;  // in `unit`
-  std::string unit;
-  double ceiling = 0;  // in `ceiling_unit`
-  std::string ceiling_unit;
-  double fraction = 0;  // of the ceiling (or floor / time for decode)
-  double target = 0;    // minimum fraction the issue asks for; 0: none
-  std::string note;
-  Json extra = Json::object();
-};
 
 // ---------------------------------------------------------------------------------------------
 // Ceilings.
@@ -908,36 +885,6 @@ std::vector<Metric> MeasureGemv(Backend& backend, const ModelConfig& config, con
   return out;
 }
 
-void PrintTable(const std::vector<Metric>& metrics) {
-  std::printf("\n%-20s %12s %-8s %12s %-13s %8s %7s %s\n", "metric", "value", "unit", "ceiling", "",
-              "fraction", "target", "note");
-  for (const Metric& m : metrics) {
-    std::string target = "-";
-    if (m.target > 0) {
-      target = absl::StrFormat("%s%.0f%%", m.fraction >= m.target ? ">=" : "<", m.target * 100);
-    }
-    std::printf("%-20s %12.3f %-8s %12.3f %-13s %7.1f%% %7s %s\n", m.name.c_str(), m.value,
-                m.unit.c_str(), m.ceiling, m.ceiling_unit.c_str(), m.fraction * 100, target.c_str(),
-                m.note.c_str());
-  }
-  std::fflush(stdout);
-}
-
-Json ToJson(const Metric& m) {
-  Json j = {{"name", m.name},
-            {"shape", m.shape},
-            {"value", m.value},
-            {"unit", m.unit},
-            {"ceiling", m.ceiling},
-            {"ceiling_unit", m.ceiling_unit},
-            {"fraction", m.fraction},
-            {"target", m.target > 0 ? Json(m.target) : Json()},
-            {"meets_target", m.target > 0 ? Json(m.fraction >= m.target) : Json()},
-            {"note", m.note}};
-  j["details"] = m.extra;
-  return j;
-}
-
 int Main(int argc, char** argv) {
   SetTool("bench_cuda");
   std::optional<Options> parsed = ParseArgs(argc, argv);
@@ -955,23 +902,10 @@ int Main(int argc, char** argv) {
     std::printf("bench_cuda: --cpu-smoke: the CPU backend at toy shapes (numbers mean nothing)\n");
     device = {{"name", "cpu (--cpu-smoke)"}};
   } else {
-    SetStage("device query");
-    int count = 0;
-    if (const cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess || count == 0) {
-      std::fprintf(stderr, "bench_cuda: no usable CUDA device (%s)\n",
-                   err != cudaSuccess ? cudaGetErrorString(err) : "device count 0");
-      return 2;
-    }
-    if (opt.device >= count) {
-      std::fprintf(stderr, "bench_cuda: --device %d but only %d device(s)\n", opt.device, count);
-      return 2;
-    }
-    CUDA_CHECK(cudaSetDevice(opt.device));
-    cudaDeviceProp prop;
-    CUDA_CHECK(cudaGetDeviceProperties(&prop, opt.device));
-    int driver = 0, runtime = 0;
-    CUDA_CHECK(cudaDriverGetVersion(&driver));
-    CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+    const std::optional<DeviceInfo> info = OpenDevice(opt.device);
+    if (!info) return 2;
+    const cudaDeviceProp& prop = info->prop;
+    const int driver = info->driver, runtime = info->runtime;
     std::printf("bench_cuda: %s (sm_%d%d, %d SMs, %.1f GiB), driver API %d, runtime %d%s\n",
                 prop.name, prop.major, prop.minor, prop.multiProcessorCount,
                 prop.totalGlobalMem / double(1 << 30), driver, runtime,
@@ -1099,7 +1033,7 @@ int Main(int argc, char** argv) {
   SetStage("report");
   if (!opt.cpu_smoke) CUDA_CHECK(cudaGetLastError());
 
-  PrintTable(metrics);
+  PrintTable(metrics, 3);
   std::printf(
       "decode floor = (weight bytes read + KV bytes read) / copy bandwidth, the copy "
       "bandwidth (read + write) standing in for the read bandwidth\n");

@@ -72,6 +72,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "bench/gpu_check.h"
+#include "bench/report.h"
 #include "engine/common/dtype.h"
 #include "engine/transfer/cuda_ipc_transport.h"
 #include "engine/transfer/kv_transport.h"
@@ -88,7 +89,6 @@ namespace {
 using engine::KvPoolLayout;
 using engine::KvSendStats;
 using engine::KvTransferHeader;
-using Json = nlohmann::ordered_json;
 
 // llama3-8b's KV shape.
 constexpr int32_t kLayers = 32;
@@ -194,15 +194,6 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
   }
   o.timeout_s = *timeout;
   return o;
-}
-
-double Seconds(std::chrono::steady_clock::time_point since) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
-}
-
-double Median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -597,16 +588,13 @@ std::string AwaitFile(const std::filesystem::path& path, absl::Duration timeout,
 }
 
 // One result row.
-struct Metric {
-  std::string name;
-  std::string shape;
-  double value = 0;  // GB/s
-  double ceiling = 0;
-  double fraction = 0;
-  double target = 0;  // 0: none
-  std::string note;
-  Json extra = Json::object();
-};
+// A row of this tool: GB/s against the IPC copy ceiling.
+Metric RateMetric() {
+  Metric m;
+  m.unit = "GB/s";
+  m.ceiling_unit = "GB/s ipc copy";
+  return m;
+}
 
 struct Ceiling {
   double bytes_per_s = 0;
@@ -730,7 +718,7 @@ std::map<CopyKey, CopyTiming> MeasureCopies(const std::string& pool_hex, const K
             nullptr);
       }
       const size_t bytes = 2 * size_t{kLayers} * n * kBlockBytes;
-      Metric m;
+      Metric m = RateMetric();
       m.name = absl::StrCat("kernel ", shuffled ? "shuffled" : "contig", " ", tokens);
       m.shape = absl::StrCat("CopyBlocks of ", n, " blocks x ", 2 * kLayers,
                              " pools into the child's pool, one launch");
@@ -839,7 +827,7 @@ Metric MeasureTransfer(engine::KvSender& sender, const std::string& address,
   }
 
   const double t = Median(times);
-  Metric m;
+  Metric m = RateMetric();
   m.name = label;
   m.shape =
       absl::StrCat(tokens, " tokens, ", plan.src.size(), " blocks, ", runs, " run(s) per pool",
@@ -885,21 +873,6 @@ Metric MeasureTransfer(engine::KvSender& sender, const std::string& address,
   return m;
 }
 
-void PrintTable(const std::vector<Metric>& metrics) {
-  std::printf("\n%-22s %10s %-5s %10s %-14s %8s %7s %s\n", "metric", "value", "unit", "ceiling", "",
-              "fraction", "target", "note");
-  for (const Metric& m : metrics) {
-    std::string target = "-";
-    if (m.target > 0) {
-      target = absl::StrFormat("%s%.0f%%", m.fraction >= m.target ? ">=" : "<", m.target * 100);
-    }
-    std::printf("%-22s %10.1f %-5s %10.1f %-14s %7.1f%% %7s %s\n", m.name.c_str(), m.value, "GB/s",
-                m.ceiling, "GB/s ipc copy", m.fraction * 100, target.c_str(), m.note.c_str());
-  }
-  std::printf("\n");
-  std::fflush(stdout);
-}
-
 // Where the ipc transfers' time goes (the rows with a copy timing), as a table and as JSON.
 Json Breakdown(const std::vector<Metric>& metrics) {
   Json rows = Json::array();
@@ -940,42 +913,14 @@ void PrintBreakdown(const Json& rows) {
   std::fflush(stdout);
 }
 
-Json ToJson(const Metric& m) {
-  Json j = {{"name", m.name},
-            {"shape", m.shape},
-            {"value", m.value},
-            {"unit", "GB/s"},
-            {"ceiling", m.ceiling},
-            {"ceiling_unit", "GB/s ipc copy"},
-            {"fraction", m.fraction},
-            {"target", m.target > 0 ? Json(m.target) : Json()},
-            {"meets_target", m.target > 0 ? Json(m.fraction >= m.target) : Json()},
-            {"note", m.note}};
-  j["details"] = m.extra;
-  return j;
-}
-
 int ParentMain(const Options& opt) {
   Watchdog watchdog(opt.timeout_s);
   const auto run_start = std::chrono::steady_clock::now();
 
-  SetStage("device query");
-  int count = 0;
-  if (const cudaError_t err = cudaGetDeviceCount(&count); err != cudaSuccess || count == 0) {
-    std::fprintf(stderr, "%s: no usable CUDA device (%s)\n", Tool(),
-                 err != cudaSuccess ? cudaGetErrorString(err) : "device count 0");
-    return 2;
-  }
-  if (opt.device >= count) {
-    std::fprintf(stderr, "%s: --device %d but only %d device(s)\n", Tool(), opt.device, count);
-    return 2;
-  }
-  CUDA_CHECK(cudaSetDevice(opt.device));
-  cudaDeviceProp prop;
-  CUDA_CHECK(cudaGetDeviceProperties(&prop, opt.device));
-  int driver = 0, runtime = 0;
-  CUDA_CHECK(cudaDriverGetVersion(&driver));
-  CUDA_CHECK(cudaRuntimeGetVersion(&runtime));
+  const std::optional<DeviceInfo> info = OpenDevice(opt.device);
+  if (!info) return 2;
+  const cudaDeviceProp& prop = info->prop;
+  const int driver = info->driver, runtime = info->runtime;
 
   const std::vector<int32_t> token_counts =
       opt.quick ? std::vector<int32_t>{512, 2048} : std::vector<int32_t>{512, 2048, 8192};
@@ -1051,7 +996,7 @@ int ParentMain(const Options& opt) {
 
   std::vector<Metric> metrics;
   {
-    Metric m;
+    Metric m = RateMetric();
     m.name = "ipc copy (ceiling)";
     m.shape = absl::StrCat(kCeilingBytes >> 20, " MiB cudaMemcpyAsync into the child's buffer");
     m.value = ceiling.bytes_per_s / 1e9;
@@ -1103,7 +1048,8 @@ int ParentMain(const Options& opt) {
   RemoveDir();
   SetStage("report");
 
-  PrintTable(metrics);
+  PrintTable(metrics, 1);
+  std::printf("\n");
   const Json breakdown = Breakdown(metrics);
   PrintBreakdown(breakdown);
   std::printf(
