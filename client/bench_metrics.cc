@@ -20,6 +20,10 @@ double Ms(int64_t from_us, int64_t to_us) { return (to_us - from_us) / 1000.0; }
 // Stage durations of a timeline in ms; negative where the stage did not happen.
 struct Stages {
   double queue = -1, prefill = -1, transfer = -1, decode = -1;
+  // Front-end arrival to the worker's queue (dispatch and the RPC), and the end of the
+  // prefill step to the front-end's first token (the relay back): the parts of TTFT that
+  // are neither queueing nor compute.
+  double dispatch = -1, relay = -1;
 };
 Stages StagesOf(const RequestRecord& r) {
   Stages s;
@@ -35,6 +39,10 @@ Stages StagesOf(const RequestRecord& r) {
   }
   if (t.decode_start_us > 0 && t.finish_us >= t.decode_start_us) {
     s.decode = Ms(t.decode_start_us, t.finish_us);
+  }
+  if (t.arrival_us > 0 && t.queued_us >= t.arrival_us) s.dispatch = Ms(t.arrival_us, t.queued_us);
+  if (t.prefill_end_us > 0 && t.first_token_us >= t.prefill_end_us) {
+    s.relay = Ms(t.prefill_end_us, t.first_token_us);
   }
   return s;
 }
@@ -244,7 +252,7 @@ std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& 
 std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTargets& slo) {
   std::string out =
       "index,ok,error_code,send_s,ttft_ms,tpot_ms,e2el_ms,prompt_tokens,output_tokens,meets_slo,"
-      "queue_ms,prefill_ms,transfer_ms,decode_ms\n";
+      "queue_ms,prefill_ms,transfer_ms,decode_ms,dispatch_ms,relay_ms\n";
   auto opt = [](double v) { return v >= 0 ? absl::StrFormat("%.3f", v) : std::string(); };
   for (const RequestRecord& r : records) {
     Stages st = StagesOf(r);
@@ -253,7 +261,8 @@ std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTarg
         ",", r.ok && r.HasFirstToken() ? opt(r.TtftS() * 1000) : "", ",",
         r.HasTpot() ? opt(r.TpotS() * 1000) : "", ",", r.ok ? opt(r.E2elS() * 1000) : "", ",",
         r.prompt_tokens, ",", r.OutputTokens(), ",", MeetsSlo(r, slo) ? 1 : 0, ",", opt(st.queue),
-        ",", opt(st.prefill), ",", opt(st.transfer), ",", opt(st.decode), "\n");
+        ",", opt(st.prefill), ",", opt(st.transfer), ",", opt(st.decode), ",", opt(st.dispatch),
+        ",", opt(st.relay), "\n");
   }
   return out;
 }

@@ -124,7 +124,11 @@ std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& 
                          const std::string& title = "Serving Benchmark Result");
 
 // One CSV row per request: index, ok, error_code, send_s, ttft_ms, tpot_ms, e2el_ms,
-// prompt_tokens, output_tokens, meets_slo, queue_ms, prefill_ms, transfer_ms, decode_ms.
+// prompt_tokens, output_tokens, meets_slo, queue_ms, prefill_ms, transfer_ms, decode_ms,
+// dispatch_ms, relay_ms. The last six come from the server timeline (empty without one):
+// queue = the prefill worker has it -> its step starts, prefill = that step, dispatch = the
+// front-end has it -> the prefill worker has it, relay = the step ends -> the front-end has
+// the first token. `pdserve plan --calibrate` reads these files (scheduler/calibration.h).
 std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTargets& slo);
 
 // --search results.

@@ -602,7 +602,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   template <typename F, typename G>
   grpc::Status RunDisaggregated(Relay& relay, Instance& prefill, Instance& decode, F&& prefill_done,
                                 G&& decode_started) {
-    // The decode worker first registers the request, so the KV hand-off finds it.
+    // The decode worker first takes the request (it answers ACCEPTED without waiting for its
+    // engine step; the registration runs on its loop before any KV offer), so the KV hand-off
+    // finds it.
     Call dcall(relay.tracked, relay.work.deadline_unix_us());
     auto dstream = StubOf(decode)->Decode(&dcall.context, relay.work);
     pb::WorkEvent event;
@@ -638,7 +640,13 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       grpc::Status ps = pstream->Finish();
       if (!done && !(ps.ok() && sent)) {
         dcall.context.TryCancel();
-        dstream->Finish().ok();
+        grpc::Status ds = dstream->Finish();
+        // The decode worker accepts at once and registers the request after its step in
+        // flight: a registration it refused (queue full, id in use) makes the KV offer fail
+        // and is the cause to report.
+        if (!ds.ok() && ds.error_code() != grpc::StatusCode::CANCELLED) {
+          return WorkerError(decode, ds, relay);
+        }
         return WorkerError(prefill, ps, relay);
       }
     }

@@ -484,7 +484,11 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     }
     const std::string id = request.request_id();
     auto channel = std::make_shared<Channel>();
-    absl::Status accepted = RunOnLoop([&]() -> absl::Status {
+    // Queued from the moment the worker has the request, not from when its loop takes it
+    // (after the step in flight): the wait for that step is part of the queueing delay.
+    const int64_t received_us = NowUs();
+    auto accept = [this, id, channel, kind, received_us,
+                   request = std::make_shared<const pb::WorkRequest>(request)]() -> absl::Status {
       if (live_.count(id)) {
         return absl::AlreadyExistsError(
             absl::StrCat("request id '", id, "' is in use on ", options_.id));
@@ -496,15 +500,11 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       Live live;
       live.kind = kind;
       live.channel = channel;
-      live.request = FromWork(request);
-      live.kv_address = request.decode_kv_address();
-      live.deadline_us = request.deadline_unix_us();
-      live.queued_us = NowUs();
-      if (kind == Live::kDecode) {
-        pb::WorkEvent event;
-        event.set_kind(pb::WorkEvent::ACCEPTED);
-        channel->Push(std::move(event));
-      } else {
+      live.request = FromWork(*request);
+      live.kv_address = request->decode_kv_address();
+      live.deadline_us = request->deadline_unix_us();
+      live.queued_us = received_us;
+      if (kind != Live::kDecode) {
         engine::GenerateRequest g = live.request;
         g.hold_kv_after_prefill = kind == Live::kPrefill;
         PDS_RETURN_IF_ERROR(engine_->AddRequest(std::move(g)));
@@ -513,8 +513,24 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       live_.emplace(id, std::move(live));
       cv_.notify_all();
       return absl::OkStatus();
-    });
-    if (!accepted.ok()) return ToGrpc(accepted);
+    };
+    if (kind == Live::kDecode) {
+      // A decode registration only has to precede the KV offer for it, which the loop runs
+      // after this task (tasks run in order): accept at once instead of waiting for the step
+      // in flight, which would put up to one decode step on every request's TTFT (the
+      // front-end starts the prefill when it has ACCEPTED). A registration that fails ends
+      // the stream with its status.
+      Post([accept, channel] {
+        absl::Status registered = accept();
+        if (!registered.ok()) channel->Close(registered);
+      });
+      pb::WorkEvent event;
+      event.set_kind(pb::WorkEvent::ACCEPTED);
+      channel->Push(std::move(event));
+    } else {
+      absl::Status accepted = RunOnLoop(accept);
+      if (!accepted.ok()) return ToGrpc(accepted);
+    }
 
     const int64_t deadline_us = request.deadline_unix_us();
     while (true) {
@@ -523,17 +539,17 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       const bool open = channel->Pop(events, absl::Milliseconds(20), &final);
       for (pb::WorkEvent& event : events) {
         if (!writer->Write(event)) {
-          CancelRequest(id);
+          CancelRequest(id, channel);
           return grpc::Status(grpc::StatusCode::CANCELLED, "the caller went away");
         }
       }
       if (!open) return ToGrpc(final);
       if (ctx->IsCancelled()) {
-        CancelRequest(id);
+        CancelRequest(id, channel);
         return grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the caller");
       }
       if (deadline_us > 0 && NowUs() > deadline_us) {
-        CancelRequest(id);
+        CancelRequest(id, channel);
         return grpc::Status(
             grpc::StatusCode::DEADLINE_EXCEEDED,
             absl::StrCat("request '", id, "' passed its deadline on ", options_.id));
@@ -541,10 +557,12 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     }
   }
 
-  void CancelRequest(const std::string& id) {
-    Post([this, id] {
+  // Cancels the request `channel` serves (not another call's under the same id, e.g. one
+  // whose registration this call's duplicate lost).
+  void CancelRequest(const std::string& id, const std::shared_ptr<Channel>& channel) {
+    Post([this, id, channel] {
       auto it = live_.find(id);
-      if (it == live_.end()) return;
+      if (it == live_.end() || it->second.channel != channel) return;
       it->second.cancelled->store(true);
       // A transfer using the blocks frees them when it ends.
       if (!it->second.transfer_active) Finish(id, absl::CancelledError("cancelled"));

@@ -21,6 +21,7 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "pdserve/internal/control.grpc.pb.h"
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "tests/testing/local_cluster.h"
 #include "tests/testing/test_util.h"
@@ -468,6 +469,54 @@ TEST_F(ServingTest, OverloadIsResourceExhaustedAndCancellationFreesEverything) {
   r.set_max_tokens(5);
   r.set_ignore_eos(true);
   EXPECT_EQ(Generate(cluster->stub(), r).tokens.size(), 5u);
+}
+
+// A decode worker answers ACCEPTED without waiting for its engine step (the registration is
+// off the TTFT path) and ends the stream with the registration's status when it refuses it.
+TEST_F(ServingTest, DecodeAcceptsAtOnceAndReportsARefusedRegistration) {
+  auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1"});
+  ASSERT_NE(cluster, nullptr);
+  std::string decode_address;
+  const api::ClusterStatus status = FreshStatus(cluster->stub());
+  for (const auto& i : status.instances()) {
+    if (i.role() == "decode") decode_address = i.address();
+  }
+  ASSERT_FALSE(decode_address.empty());
+  auto worker = ::pdserve::internal::Worker::NewStub(
+      grpc::CreateChannel(decode_address, grpc::InsecureChannelCredentials()));
+  ::pdserve::internal::WorkRequest work;
+  work.set_request_id("direct-1");
+  for (int j = 0; j < 8; ++j) work.add_prompt_token_ids(10 + j);
+  work.set_max_tokens(4);
+  work.set_deadline_unix_us(absl::ToUnixMicros(absl::Now() + absl::Seconds(60)));
+  grpc::ClientContext first_ctx;
+  first_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto first = worker->Decode(&first_ctx, work);
+  ::pdserve::internal::WorkEvent event;
+  ASSERT_TRUE(first->Read(&event));
+  EXPECT_EQ(event.kind(), ::pdserve::internal::WorkEvent::ACCEPTED);
+
+  // The same id again: accepted at once, then refused by the registration on the loop.
+  grpc::ClientContext second_ctx;
+  second_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto second = worker->Decode(&second_ctx, work);
+  ASSERT_TRUE(second->Read(&event));
+  EXPECT_EQ(event.kind(), ::pdserve::internal::WorkEvent::ACCEPTED);
+  EXPECT_FALSE(second->Read(&event));
+  const grpc::Status refused = second->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::ALREADY_EXISTS) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("direct-1"), std::string::npos);
+
+  // The first one still waits for its KV; cancelling it frees everything.
+  first_ctx.TryCancel();
+  EXPECT_EQ(first->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  ExpectAllFree(cluster->stub());
+  // The cluster still serves through that decode worker.
+  api::GenerateRequest r;
+  for (int j = 0; j < 8; ++j) r.add_prompt_token_ids(10 + j);
+  r.set_max_tokens(4);
+  r.set_ignore_eos(true);
+  EXPECT_EQ(Generate(cluster->stub(), r).tokens.size(), 4u);
 }
 
 // SLO-aware dispatch with the latency model profiled from this model: every request carries
