@@ -32,18 +32,26 @@ class Searcher {
       requests[i] = options_.lengths[i % options_.lengths.size()];
       requests[i].arrival_s = times[i];
     }
-    PDS_ASSIGN_OR_RETURN(SimResult sim, Simulate(unit, model_, requests));
+    // With step-time noise, each figure is the mean over noise_draws simulations of the same
+    // arrivals with different draws (one draw is one possible run, as one pdbench run is).
+    const int32_t draws = unit.step_time_sigma > 0 ? std::max(1, options_.noise_draws) : 1;
     RatePoint p;
     p.rate = rate;
     p.rate_per_gpu = rate / gpus;
-    p.slo_attainment = sim.metrics.slo_attainment;
-    p.request_goodput = sim.metrics.request_goodput;
-    p.mean_ttft_ms = sim.metrics.ttft_ms.mean;
-    p.p90_ttft_ms = sim.metrics.ttft_ms.p90;
-    p.p99_ttft_ms = sim.metrics.ttft_ms.p99;
-    p.mean_tpot_ms = sim.metrics.tpot_ms.mean;
-    p.p90_tpot_ms = sim.metrics.tpot_ms.p90;
-    p.p99_tpot_ms = sim.metrics.tpot_ms.p99;
+    for (int32_t k = 0; k < draws; ++k) {
+      SimConfig config = unit;
+      config.noise_seed = unit.noise_seed + static_cast<uint64_t>(k);
+      PDS_ASSIGN_OR_RETURN(SimResult sim, Simulate(config, model_, requests));
+      const client::BenchMetrics& m = sim.metrics;
+      p.slo_attainment += m.slo_attainment / draws;
+      p.request_goodput += m.request_goodput / draws;
+      p.mean_ttft_ms += m.ttft_ms.mean / draws;
+      p.p90_ttft_ms += m.ttft_ms.p90 / draws;
+      p.p99_ttft_ms += m.ttft_ms.p99 / draws;
+      p.mean_tpot_ms += m.tpot_ms.mean / draws;
+      p.p90_tpot_ms += m.tpot_ms.p90 / draws;
+      p.p99_tpot_ms += m.tpot_ms.p99 / draws;
+    }
     return p;
   }
 
@@ -359,8 +367,10 @@ nlohmann::json PlanToJson(const Plan& plan) {
   j["simulation"] = {{"arrival", client::ArrivalKindName(o.arrival.kind)},
                      {"burstiness", o.arrival.burstiness},
                      {"seed", o.arrival.seed},
-                     {"bisect_steps", o.bisect_steps}};
+                     {"bisect_steps", o.bisect_steps},
+                     {"noise_draws", o.noise_draws}};
   j["workload"] = o.workload;
+  if (!o.live.empty()) j["live"] = o.live;
   j["profile"] = o.profile_path;
   j["latency_model"] = plan.latency_model;
   return j;
@@ -390,6 +400,17 @@ std::string PlanSummary(const Plan& plan) {
   absl::StrAppendFormat(&s, "  predicted attainment: %.1f%% at %.4g req/s\n",
                         100 * plan.predicted_attainment, plan.predicted_at_rate);
   if (!plan.feasible) absl::StrAppendFormat(&s, "  NOT FEASIBLE: %s\n", plan.reason);
+  if (o.live.contains("step_time_scale")) {
+    absl::StrAppendFormat(
+        &s, "  live adjustments: step time x%.3f (sigma %.3f), dispatch %.2f ms, relay %.2f ms%s\n",
+        o.live["step_time_scale"].get<double>(), o.live["step_time_sigma"].get<double>(),
+        1000 * o.live["dispatch_latency_s"].get<double>(),
+        1000 * o.live["relay_latency_s"].get<double>(),
+        o.live.contains("calibration")
+            ? absl::StrCat(" (calibrated from ", o.live["calibration"]["steps"].get<int>(),
+                           " live prefill steps)")
+            : std::string());
+  }
   s += "Candidates (goodput per GPU, req/s):\n";
   for (const UnitResult& u : plan.candidates) {
     absl::StrAppendFormat(&s, "  %-14s %2d GPUs  %10.4g\n", UnitName(u), u.gpus(),

@@ -75,10 +75,16 @@ struct PlannerOptions {
   double target_rate = 0;     // > 0: replicate to cover this total rate (requests/s)
   bool search_colocated = true;
   int32_t bisect_steps = 10;
+  // Simulations averaged per point when base.step_time_sigma > 0 (noise seeds
+  // base.noise_seed, + 1, ...).
+  int32_t noise_draws = 8;
   // Total rates at which to report the chosen unit's and the colocated unit's predicted
   // attainment (Plan::at_rates), e.g. the rates a pdbench run measured.
   std::vector<double> at_rates;
-  // Recorded in the plan file.
+  // Recorded in the plan file: how live steps and the front-end were modelled beyond the
+  // profile (step_time_scale, step_time_sigma, dispatch/relay latencies, and the calibration
+  // they were measured by), empty when not at all.
+  nlohmann::json live = nlohmann::json::object();
   std::string profile_path;
   nlohmann::json workload = nlohmann::json::object();
 };

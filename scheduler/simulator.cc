@@ -43,6 +43,24 @@ int32_t BlocksFor(int64_t tokens, int32_t block_size) {
 
 int64_t TimelineUs(double t) { return std::llround((t + kTimelineOffsetS) * 1e6); }
 
+// splitmix64: a counter-based generator whose outputs depend only on the seed and the index,
+// identical on every platform (std::normal_distribution is not).
+uint64_t SplitMix64(uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+// A standard normal draw for (seed, index), by Box-Muller over two uniforms in (0, 1).
+double NormalDraw(uint64_t seed, uint64_t index) {
+  const uint64_t a = SplitMix64(seed ^ SplitMix64(2 * index));
+  const uint64_t b = SplitMix64(seed ^ SplitMix64(2 * index + 1));
+  const double u1 = (static_cast<double>(a >> 11) + 0.5) * 0x1.0p-53;
+  const double u2 = (static_cast<double>(b >> 11) + 0.5) * 0x1.0p-53;
+  return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
+}
+
 // One sequence of an instance's engine (LlmEngine::Sequence without the data).
 struct Seq {
   int64_t req = 0;
@@ -263,10 +281,11 @@ struct Request {
   bool decode_promised = false;
   bool done = false;
   bool offered = false;
+  bool best_effort = false;  // the dispatch policy's verdict, for the engine
   client::RequestRecord record;
 };
 
-enum class EventType { kArrival, kStepEnd, kTransferEnd };
+enum class EventType { kArrival, kEnqueue, kStepEnd, kTransferEnd };
 
 struct Event {
   double t;
@@ -314,6 +333,9 @@ class Cluster {
       switch (e.type) {
         case EventType::kArrival:
           PDS_RETURN_IF_ERROR(Arrive(e.who));
+          break;
+        case EventType::kEnqueue:
+          PDS_RETURN_IF_ERROR(Enqueue(e.who));
           break;
         case EventType::kStepEnd:
           PDS_RETURN_IF_ERROR(EndStep(static_cast<int>(e.who)));
@@ -426,10 +448,24 @@ class Cluster {
       d.promised_blocks += r.promised;
       r.decode_promised = true;
     }
+    r.best_effort = placed->best_effort;
+    if (config_.dispatch_latency_s > 0) {
+      Push(now_ + config_.dispatch_latency_s, EventType::kEnqueue, i);
+      return absl::OkStatus();
+    }
+    return Enqueue(i);
+  }
+
+  // The request reaches its prefill (or colocated) instance's queue: dispatch_latency_s
+  // after its arrival, when the front-end booked it.
+  absl::Status Enqueue(int64_t i) {
+    Request& r = requests_[i];
+    r.record.timeline.queued_us = TimelineUs(now_);
     std::optional<double> deadline;
-    if (config_.slo.ttft_ms >= 0) deadline = now_ + config_.slo.ttft_ms / 1000.0;
-    p.engine->Add(i, r.spec.prompt_len, r.spec.output_len, r.decode >= 0, deadline).best_effort =
-        placed->best_effort;
+    if (config_.slo.ttft_ms >= 0) deadline = r.spec.arrival_s + config_.slo.ttft_ms / 1000.0;
+    instances_[r.prefill]
+        .engine->Add(i, r.spec.prompt_len, r.spec.output_len, r.decode >= 0, deadline)
+        .best_effort = r.best_effort;
     return Kick(r.prefill);
   }
 
@@ -454,6 +490,9 @@ class Cluster {
     }
     inst.step_s =
         PrefillChunkSeconds(model_, prefill) + DecodeStepSeconds(model_, decodes, context);
+    if (config_.step_time_sigma > 0) {
+      inst.step_s *= std::exp(config_.step_time_sigma * NormalDraw(config_.noise_seed, steps_++));
+    }
     inst.busy = true;
     inst.stats.max_running = std::max(inst.stats.max_running, inst.engine->num_running());
     Push(now_ + inst.step_s, EventType::kStepEnd, k);
@@ -504,10 +543,11 @@ class Cluster {
     Request& r = requests_[req];
     client::RequestRecord& rec = r.record;
     const bool first = rec.chunk_times_s.empty();
-    rec.chunk_times_s.push_back(now_);
+    rec.chunk_times_s.push_back(now_ + config_.relay_latency_s);
     rec.chunk_tokens.push_back(1);
     if (!first) return;
-    rec.timeline.prefill_end_us = rec.timeline.first_token_us = TimelineUs(now_);
+    rec.timeline.prefill_end_us = TimelineUs(now_);
+    rec.timeline.first_token_us = TimelineUs(now_ + config_.relay_latency_s);
     // The front-end's prefill_done.
     Instance& p = instances_[r.prefill];
     if (r.prefill_pending) {
@@ -525,7 +565,7 @@ class Cluster {
 
   void Finish(Request& r) {
     r.record.ok = true;
-    r.record.end_s = now_;
+    r.record.end_s = now_ + config_.relay_latency_s;
     r.record.timeline.finish_us = TimelineUs(now_);
     r.done = true;
     if (r.decode < 0) {
@@ -603,6 +643,7 @@ class Cluster {
   std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
   uint64_t next_event_ = 0;
   uint64_t next_queue_seq_ = 0;
+  uint64_t steps_ = 0;  // steps started, the index of each step's noise draw
   int64_t offers_refused_ = 0;
   double now_ = 0;
 };
@@ -617,6 +658,14 @@ absl::Status ValidateInstance(const SimInstanceConfig& c, absl::string_view role
 }
 
 absl::Status ValidateConfig(const SimConfig& c) {
+  if (!(c.step_time_sigma >= 0 && c.step_time_sigma <= 2)) {
+    return absl::InvalidArgumentError("simulator: step_time_sigma must be in [0, 2]");
+  }
+  if (!(c.dispatch_latency_s >= 0 && c.dispatch_latency_s < 3600) ||
+      !(c.relay_latency_s >= 0 && c.relay_latency_s < 3600)) {
+    return absl::InvalidArgumentError(
+        "simulator: dispatch_latency_s and relay_latency_s must be in [0, 3600)");
+  }
   if (c.num_colocated < 0) {
     return absl::InvalidArgumentError("simulator: num_colocated must be >= 0");
   }

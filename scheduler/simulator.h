@@ -26,16 +26,18 @@
 //     counts the fixed cost twice, a slight overestimate that errs on the safe side.
 // The disaggregated path mirrors the front-end and the workers:
 //   - at arrival the dispatch policy places the request (a refusal is a failed record with
-//     the status code, like a RESOURCE_EXHAUSTED from the front-end); the front-end's
+//     the status code, like a RESOURCE_EXHAUSTED from the front-end); the request joins the
+//     prefill instance's queue dispatch_latency_s later (its TTFT deadline still counts from
+//     the arrival); the front-end's
 //     bookkeeping (queued prompt tokens and lengths, promised decode blocks = blocks for
 //     prompt + 1, decoding count and its context estimate prompt + max_tokens / 2) is kept
 //     exactly; worker status is read without the live system's 200 ms polling lag;
 //   - the prefill instance streams the first token at the end of the step that samples it
-//     (that is the TTFT) and holds the KV blocks; the hand-off is offered to the decode
-//     instance, which accepts when its free blocks cover the prompt plus one block of
-//     growth per running sequence (LlmEngine::ReserveImport), else the offer waits
-//     (back-pressure) and is retried, in offer order, whenever that decode instance frees
-//     blocks (the live sender retries with a backoff; here the retry is immediate);
+//     (the client has it relay_latency_s later: that is the TTFT) and holds the KV blocks; the
+//     hand-off is offered to the decode instance, which accepts when its free blocks cover the
+//     prompt plus one block of growth per running sequence (LlmEngine::ReserveImport), else the
+//     offer waits (back-pressure) and is retried, in offer order, whenever that decode instance
+//     frees blocks (the live sender retries with a backoff; here the retry is immediate);
 //   - the transfer takes transfer_latency_s + bytes / transfer_bandwidth, bytes = 2 (K, V)
 //     * layers * kv_heads * head_dim * dtype_bytes * prompt tokens; transfers do not share
 //     bandwidth with each other; at its end the prefill blocks are freed and the sequence
@@ -97,6 +99,18 @@ struct SimConfig {
   // and the EDF batch policy's deadlines (arrival + TTFT target) when set.
   client::SloTargets slo;
   bool send_slo = true;  // put the SLO targets on every request (DispatchRequest)
+  // Step-to-step variation of live step times: every step's predicted time is multiplied by
+  // exp(step_time_sigma * z), z standard normal (the median step keeps the model's time).
+  // 0 = every step takes exactly the model's time. Draws come from a counter-based generator
+  // seeded with noise_seed, so a run stays a pure function of its inputs.
+  double step_time_sigma = 0;
+  uint64_t noise_seed = 0;
+  // The front-end's own delays, measured in pdbench's CSV as dispatch_ms and relay_ms: from a
+  // request's arrival to its place in the prefill instance's queue (the front-end books it at
+  // arrival), and from a step's end to its tokens reaching the client (added to every token
+  // time and the end, so TTFT and E2EL grow and TPOT does not).
+  double dispatch_latency_s = 0;
+  double relay_latency_s = 0;
 };
 
 // One request: arrival (seconds from the start) and its lengths in tokens.

@@ -18,6 +18,7 @@
 #include "absl/strings/str_split.h"
 #include "engine/common/status_macros.h"
 #include "nlohmann/json.hpp"
+#include "scheduler/calibration.h"
 #include "scheduler/latency_model.h"
 #include "scheduler/planner.h"
 #include "server/cli_args.h"
@@ -52,6 +53,20 @@ const std::vector<FlagSpec>& Specs() {
       {"step-time-scale", false,
        "multiply every predicted step time (live steps slower than profiled, e.g. instances "
        "sharing cores with the front-end; default 1)"},
+      {"step-time-sigma", false,
+       "step-to-step spread of live step times: each simulated step is multiplied by "
+       "exp(sigma * z), z standard normal (default 0)"},
+      {"noise-seed", false, "seed of the step-time draws (default: --seed)"},
+      {"noise-draws", false,
+       "with a step-time sigma: simulations averaged per predicted point (default 8)"},
+      {"dispatch-latency-ms", false,
+       "front-end delay from a request's arrival to its prefill queue (default 0)"},
+      {"relay-latency-ms", false,
+       "front-end delay from a worker's token to the client (default 0)"},
+      {"calibrate", false,
+       "pdbench per-request CSVs (--csv-out) of live runs, comma-separated: measure the step "
+       "time scale and spread and the front-end delays from them (each flag above overrides "
+       "its figure)"},
       {"no-colocated", true, "skip the colocated comparison"},
       {"kv-cache-mb", false, "KV cache per instance in MiB, as the workers (default 256)"},
       {"num-blocks", false, "KV cache per instance in blocks (overrides --kv-cache-mb)"},
@@ -158,6 +173,62 @@ absl::StatusOr<scheduler::KvShape> KvShapeFrom(const CliArgs& args, const nlohma
   return shape;
 }
 
+// How live steps and the front-end differ from the profile: measured from pdbench CSVs by
+// --calibrate (scheduler/calibration.h), each figure overridable by its own flag. Sets the
+// simulator's noise and latencies in o.base and records every figure in o.live (the caller
+// scales the model by o.live["step_time_scale"]).
+absl::Status ApplyLiveAdjustments(const CliArgs& args, int32_t max_batch_tokens, uint64_t seed,
+                                  const scheduler::LatencyModel& model,
+                                  scheduler::PlannerOptions& o) {
+  scheduler::LiveCalibration cal;
+  if (args.Has("calibrate")) {
+    std::vector<scheduler::RunRow> rows;
+    int32_t source = 0;
+    for (absl::string_view path : absl::StrSplit(args.GetString("calibrate"), ',')) {
+      PDS_ASSIGN_OR_RETURN(std::vector<scheduler::RunRow> run,
+                           scheduler::ReadRunCsv(std::string(path), source++));
+      rows.insert(rows.end(), run.begin(), run.end());
+      cal.sources.emplace_back(path);
+    }
+    std::vector<std::string> sources = std::move(cal.sources);
+    PDS_ASSIGN_OR_RETURN(cal, scheduler::Calibrate(model, rows, max_batch_tokens));
+    cal.sources = std::move(sources);
+    o.live["calibration"] = cal.ToJson();
+  }
+  PDS_ASSIGN_OR_RETURN(const double scale, args.GetDouble("step-time-scale", cal.step_time_scale));
+  if (!(scale > 0) || scale > 100) {
+    return absl::InvalidArgumentError("--step-time-scale must be in (0, 100]");
+  }
+  PDS_ASSIGN_OR_RETURN(const double sigma, args.GetDouble("step-time-sigma", cal.step_time_sigma));
+  if (!(sigma >= 0) || sigma > 2) {
+    return absl::InvalidArgumentError("--step-time-sigma must be in [0, 2]");
+  }
+  PDS_ASSIGN_OR_RETURN(const double dispatch_ms,
+                       args.GetDouble("dispatch-latency-ms", cal.dispatch_latency_s * 1000));
+  PDS_ASSIGN_OR_RETURN(const double relay_ms,
+                       args.GetDouble("relay-latency-ms", cal.relay_latency_s * 1000));
+  if (!(dispatch_ms >= 0 && dispatch_ms < 60000) || !(relay_ms >= 0 && relay_ms < 60000)) {
+    return absl::InvalidArgumentError(
+        "--dispatch-latency-ms and --relay-latency-ms must be in [0, 60000)");
+  }
+  o.base.step_time_sigma = sigma;
+  PDS_ASSIGN_OR_RETURN(const int64_t noise_seed,
+                       args.GetInt("noise-seed", static_cast<int64_t>(seed)));
+  o.base.noise_seed = static_cast<uint64_t>(noise_seed);
+  PDS_ASSIGN_OR_RETURN(const int64_t draws, args.GetInt("noise-draws", o.noise_draws));
+  if (draws < 1 || draws > 1000) return absl::InvalidArgumentError("--noise-draws in [1, 1000]");
+  o.noise_draws = static_cast<int32_t>(draws);
+  o.base.dispatch_latency_s = dispatch_ms / 1000;
+  o.base.relay_latency_s = relay_ms / 1000;
+  if (scale != 1 || sigma != 0 || dispatch_ms != 0 || relay_ms != 0) {
+    o.live["step_time_scale"] = scale;
+    o.live["step_time_sigma"] = sigma;
+    o.live["dispatch_latency_s"] = o.base.dispatch_latency_s;
+    o.live["relay_latency_s"] = o.base.relay_latency_s;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status Run(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(std::string profile_path, args.Required("profile"));
   std::ifstream in(profile_path);
@@ -171,11 +242,6 @@ absl::Status Run(const CliArgs& args) {
   if (!model.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(profile_path, ": ", model.status().message()));
   }
-  PDS_ASSIGN_OR_RETURN(const double scale, args.GetDouble("step-time-scale", 1.0));
-  if (!(scale > 0) || scale > 100) {
-    return absl::InvalidArgumentError("--step-time-scale must be in (0, 100]");
-  }
-  if (scale != 1.0) model = model->Scaled(scale);
 
   // The workload, as pdbench builds it.
   client::DatasetOptions d;
@@ -271,6 +337,11 @@ absl::Status Run(const CliArgs& args) {
   o.base.batch_policy = args.GetString("batch-policy", "fcfs");
   o.base.dispatch_slo.default_ttft_slo_ms = std::max(0.0, o.base.slo.ttft_ms);
   o.base.dispatch_slo.default_tpot_slo_ms = std::max(0.0, o.base.slo.tpot_ms);
+
+  PDS_RETURN_IF_ERROR(ApplyLiveAdjustments(args, inst.max_batch_tokens, d.seed, *model, o));
+  if (o.live.contains("step_time_scale")) {
+    model = model->Scaled(o.live["step_time_scale"].get<double>());
+  }
 
   o.profile_path = profile_path;
   o.workload = {{"name", client::DatasetKindName(d.kind)},

@@ -1,5 +1,7 @@
 #include "scheduler/simulator.h"
 
+#include <algorithm>
+#include <cmath>
 #include <map>
 #include <vector>
 
@@ -197,6 +199,59 @@ TEST(SimulatorTest, TooLongPromptsFailAndCount) {
   EXPECT_DOUBLE_EQ(result->metrics.slo_attainment, 0.5);
 }
 
+TEST(SimulatorTest, DispatchAndRelayLatenciesAddToTtftOnly) {
+  SimConfig c = SimpleConfig();
+  c.dispatch_latency_s = 0.004;
+  c.relay_latency_s = 0.001;
+  auto result = Simulate(c, SimpleModel(), Constant(3, 10.0, 100, 5));
+  ASSERT_TRUE(result.ok()) << result.status();
+  for (const client::RequestRecord& r : result->records) {
+    ASSERT_TRUE(r.ok);
+    // Queued 4 ms after arrival, 0.11 s of prefill, the client sees it 1 ms later.
+    EXPECT_NEAR(r.TtftS(), 0.004 + 0.11 + 0.001, 1e-12);
+    EXPECT_NEAR(r.TpotS(), (1.5 + 0.1) / 4, 1e-12);
+    EXPECT_NEAR(r.E2elS(), 0.004 + 0.11 + 1.5 + 4 * 0.025 + 0.001, 1e-12);
+    EXPECT_EQ(r.timeline.queued_us - r.timeline.arrival_us, 4'000);
+    EXPECT_EQ(r.timeline.first_token_us - r.timeline.prefill_end_us, 1'000);
+  }
+  // The TTFT deadline of the EDF policy still counts from the arrival: two requests 1 ms
+  // apart are served in arrival order although both are queued later.
+  c.batch_policy = "edf";
+  auto edf = Simulate(c, SimpleModel(), {{0, 100, 2}, {0.001, 100, 2}});
+  ASSERT_TRUE(edf.ok()) << edf.status();
+  EXPECT_LT(edf->records[0].chunk_times_s[0], edf->records[1].chunk_times_s[0]);
+}
+
+TEST(SimulatorTest, StepTimeNoiseIsSeededAndKeepsTheMedian) {
+  SimConfig c = SimpleConfig();
+  c.step_time_sigma = 0.2;
+  c.noise_seed = 11;
+  // Requests far apart: every prefill step runs alone, so TTFT = the step's time.
+  const std::vector<SimRequest> reqs = Constant(401, 10.0, 100, 2);
+  auto first = Simulate(c, SimpleModel(), reqs);
+  auto again = Simulate(c, SimpleModel(), reqs);
+  ASSERT_TRUE(first.ok() && again.ok());
+  std::vector<double> log_ratio;
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_EQ(first->records[i].chunk_times_s, again->records[i].chunk_times_s) << i;
+    log_ratio.push_back(std::log(first->records[i].TtftS() / 0.11));
+  }
+  std::sort(log_ratio.begin(), log_ratio.end());
+  // Median about 0 (the model's time), spread about sigma: the 16th-84th percentile range
+  // of a normal is 2 sigma. 401 draws: the tolerances are several standard errors.
+  EXPECT_NEAR(log_ratio[200], 0, 0.04);
+  EXPECT_NEAR((log_ratio[336] - log_ratio[64]) / 2, 0.2, 0.04);
+  // Another seed gives other draws; sigma 0 gives the model's times exactly.
+  c.noise_seed = 12;
+  auto other = Simulate(c, SimpleModel(), reqs);
+  ASSERT_TRUE(other.ok());
+  EXPECT_NE(other->records[0].chunk_times_s, first->records[0].chunk_times_s);
+  c.step_time_sigma = 0;
+  auto exact = Simulate(c, SimpleModel(), reqs);
+  ASSERT_TRUE(exact.ok());
+  for (const client::RequestRecord& r : exact->records) EXPECT_NEAR(r.TtftS(), 0.11, 1e-12);
+}
+
 TEST(SimulatorTest, RejectsBadConfigs) {
   SimConfig c = SimpleConfig();
   c.num_prefill = 0;
@@ -213,6 +268,15 @@ TEST(SimulatorTest, RejectsBadConfigs) {
             absl::StatusCode::kInvalidArgument);
   EXPECT_EQ(Simulate(SimpleConfig(), SimpleModel(), {{0, 0, 2}}).status().code(),
             absl::StatusCode::kInvalidArgument);
+  for (auto bad : {+[](SimConfig& x) { x.step_time_sigma = -0.1; },
+                   +[](SimConfig& x) { x.step_time_sigma = 3; },
+                   +[](SimConfig& x) { x.dispatch_latency_s = -1; },
+                   +[](SimConfig& x) { x.relay_latency_s = std::nan(""); }}) {
+    c = SimpleConfig();
+    bad(c);
+    EXPECT_EQ(Simulate(c, SimpleModel(), Constant(1, 1, 10, 2)).status().code(),
+              absl::StatusCode::kInvalidArgument);
+  }
 }
 
 TEST(SimulatorTest, EdfBatchPolicyRuns) {

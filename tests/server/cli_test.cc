@@ -199,6 +199,34 @@ TEST_F(CliTest, PlanPrintsThePlanFile) {
   ASSERT_EQ(r.exit_code, 0) << r.errors;
   const auto slower = nlohmann::json::parse(r.output, nullptr, false);
   EXPECT_LT(slower["goodput_per_gpu"].get<double>(), j["goodput_per_gpu"].get<double>());
+
+  // Calibration from a live run's CSV: 30 single-prompt steps, each 1.5x the model's time
+  // (prefill 0.005 + 2e-4 * 40 + 1e-8 * 1600 = 13.016 ms), dispatch 2 ms, relay 0.5 ms.
+  const std::string csv = pds::testing::ScratchDir() + "/run.csv";
+  {
+    std::ofstream out(csv);
+    out << "index,ok,send_s,prompt_tokens,queue_ms,prefill_ms,dispatch_ms,relay_ms\n";
+    for (int i = 0; i < 30; ++i) {
+      out << i << ",1," << i * 0.5 << ",40,0.1," << 1.5 * 13.016 << ",2.0,0.5\n";
+    }
+  }
+  r = RunCommand(common + "--slo-ttft 0.5s --slo-tpot 100ms --json --calibrate " + csv);
+  ASSERT_EQ(r.exit_code, 0) << r.errors;
+  const auto calibrated = nlohmann::json::parse(r.output, nullptr, false);
+  ASSERT_TRUE(calibrated.contains("live")) << r.output;
+  EXPECT_NEAR(calibrated["live"]["step_time_scale"].get<double>(), 1.5, 1e-6);
+  EXPECT_NEAR(calibrated["live"]["dispatch_latency_s"].get<double>(), 0.002, 1e-9);
+  EXPECT_NEAR(calibrated["live"]["relay_latency_s"].get<double>(), 0.0005, 1e-9);
+  EXPECT_EQ(calibrated["live"]["calibration"]["steps"], 30);
+  EXPECT_LT(calibrated["goodput_per_gpu"].get<double>(), j["goodput_per_gpu"].get<double>());
+  // An explicit flag overrides its calibrated figure.
+  r = RunCommand(common + "--slo-ttft 500 --json --calibrate " + csv + " --step-time-scale 1.2");
+  ASSERT_EQ(r.exit_code, 0) << r.errors;
+  EXPECT_NEAR(nlohmann::json::parse(r.output)["live"]["step_time_scale"].get<double>(), 1.2, 1e-9);
+  r = RunCommand(common + "--slo-ttft 500 --calibrate " + profile);
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.errors.find("not a pdbench per-request CSV"), std::string::npos) << r.errors;
+
   r = RunCommand(common + "--slo-ttft 500 --at-rates 1,x");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.errors.find("--at-rates: 'x'"), std::string::npos) << r.errors;
