@@ -518,15 +518,17 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       // A decode registration only has to precede the KV offer for it, which the loop runs
       // after this task (tasks run in order): accept at once instead of waiting for the step
       // in flight, which would put up to one decode step on every request's TTFT (the
-      // front-end starts the prefill when it has ACCEPTED). A registration that fails ends
-      // the stream with its status.
+      // front-end starts the prefill when it has ACCEPTED). ACCEPTED goes into the channel
+      // first (a registration that fails closes the channel, and a closed channel takes no
+      // more events) but leaves on the wire only from the loop below on this thread, after
+      // the task is posted. A registration that fails ends the stream with its status.
+      pb::WorkEvent event;
+      event.set_kind(pb::WorkEvent::ACCEPTED);
+      channel->Push(std::move(event));
       Post([accept, channel] {
         absl::Status registered = accept();
         if (!registered.ok()) channel->Close(registered);
       });
-      pb::WorkEvent event;
-      event.set_kind(pb::WorkEvent::ACCEPTED);
-      channel->Push(std::move(event));
     } else {
       absl::Status accepted = RunOnLoop(accept);
       if (!accepted.ok()) return ToGrpc(accepted);
