@@ -114,7 +114,7 @@ BenchMetrics ComputeMetrics(const std::vector<RequestRecord>& records, double du
   BenchMetrics m;
   m.slo = slo;
   m.duration = duration_s;
-  std::vector<double> ttft, tpot, itl, e2el, queue, prefill, transfer, decode;
+  std::vector<double> ttft, tpot, itl, e2el, queue, prefill, transfer, decode, dispatch, relay;
   for (const RequestRecord& r : records) {
     if (!r.ok) {
       ++m.failed;
@@ -136,6 +136,8 @@ BenchMetrics ComputeMetrics(const std::vector<RequestRecord>& records, double du
     if (st.prefill >= 0) prefill.push_back(st.prefill);
     if (st.transfer >= 0) transfer.push_back(st.transfer);
     if (st.decode >= 0) decode.push_back(st.decode);
+    if (st.dispatch >= 0) dispatch.push_back(st.dispatch);
+    if (st.relay >= 0) relay.push_back(st.relay);
   }
   if (duration_s > 0) {
     m.request_throughput = m.completed / duration_s;
@@ -153,6 +155,8 @@ BenchMetrics ComputeMetrics(const std::vector<RequestRecord>& records, double du
   m.prefill_ms = ComputeStats(std::move(prefill));
   m.transfer_ms = ComputeStats(std::move(transfer));
   m.decode_ms = ComputeStats(std::move(decode));
+  m.dispatch_ms = ComputeStats(std::move(dispatch));
+  m.relay_ms = ComputeStats(std::move(relay));
   return m;
 }
 
@@ -179,10 +183,10 @@ nlohmann::json MetricsToJson(const BenchMetrics& m, const std::vector<std::strin
   nlohmann::json errors = nlohmann::json::object();
   for (const auto& [code, n] : m.errors) errors[code] = n;
   j["errors"] = errors;
-  j["server_timeline"] = {{"queue_ms", StatsJson(m.queue_ms)},
-                          {"prefill_ms", StatsJson(m.prefill_ms)},
-                          {"transfer_ms", StatsJson(m.transfer_ms)},
-                          {"decode_ms", StatsJson(m.decode_ms)}};
+  j["server_timeline"] = {
+      {"queue_ms", StatsJson(m.queue_ms)},       {"prefill_ms", StatsJson(m.prefill_ms)},
+      {"transfer_ms", StatsJson(m.transfer_ms)}, {"decode_ms", StatsJson(m.decode_ms)},
+      {"dispatch_ms", StatsJson(m.dispatch_ms)}, {"relay_ms", StatsJson(m.relay_ms)}};
   return j;
 }
 
@@ -234,14 +238,18 @@ std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& 
     row(absl::StrCat("P90 ", f.label, " (ms):"), Fmt(f.stats->p90));
     row(absl::StrCat("P99 ", f.label, " (ms):"), Fmt(f.stats->p99));
   }
-  if (m.queue_ms.count + m.prefill_ms.count + m.transfer_ms.count + m.decode_ms.count > 0) {
+  if (m.queue_ms.count + m.prefill_ms.count + m.transfer_ms.count + m.decode_ms.count +
+          m.dispatch_ms.count + m.relay_ms.count >
+      0) {
     header("Server timeline (mean / p99 ms)");
     auto stage = [&](const char* name, const Stats& s) {
       if (s.count == 0) return;
       row(name, absl::StrCat(Fmt(s.mean), " / ", Fmt(s.p99)));
     };
+    stage("Dispatch:", m.dispatch_ms);
     stage("Queue:", m.queue_ms);
     stage("Prefill:", m.prefill_ms);
+    stage("Relay:", m.relay_ms);
     stage("KV transfer:", m.transfer_ms);
     stage("Decode:", m.decode_ms);
   }

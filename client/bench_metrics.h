@@ -97,10 +97,11 @@ struct BenchMetrics {
   double slo_attainment = 0;
   SloTargets slo;
   Stats ttft_ms, tpot_ms, itl_ms, e2el_ms;
-  // Server timeline stages of completed requests that reported them (ms): queue = queued ->
-  // prefill start, prefill = prefill start -> end, transfer = KV transfer start -> end
-  // (disaggregated only), decode = decode start -> finish.
-  Stats queue_ms, prefill_ms, transfer_ms, decode_ms;
+  // Server timeline stages of completed requests that reported them (ms): dispatch =
+  // front-end arrival -> the prefill worker has it, queue = the worker has it -> prefill
+  // start, prefill = prefill start -> end, relay = prefill end -> the front-end's first token,
+  // transfer = KV transfer start -> end (disaggregated only), decode = decode start -> finish.
+  Stats queue_ms, prefill_ms, transfer_ms, decode_ms, dispatch_ms, relay_ms;
   std::map<std::string, int64_t> errors;  // failed requests by code
 };
 

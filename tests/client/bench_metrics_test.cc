@@ -135,7 +135,8 @@ TEST(PdbenchMetricsTest, ServerTimelineStages) {
   t.kv_transfer_start_us = 1'008'000;
   t.kv_transfer_end_us = 1'009'500;  // transfer 1.5 ms
   t.decode_start_us = 1'010'000;
-  t.finish_us = 1'030'000;  // decode 20 ms
+  t.finish_us = 1'030'000;       // decode 20 ms
+  t.first_token_us = 1'008'400;  // relay 0.4 ms (arrival -> queued: dispatch 1 ms)
   records[1].has_timeline = true;
   records[1].timeline = t;
   records[1].timeline.kv_transfer_start_us = 0;  // colocated: no transfer
@@ -148,6 +149,16 @@ TEST(PdbenchMetricsTest, ServerTimelineStages) {
   EXPECT_EQ(m.transfer_ms.count, 1);
   EXPECT_DOUBLE_EQ(m.transfer_ms.mean, 1.5);
   EXPECT_DOUBLE_EQ(m.decode_ms.mean, 20.0);
+  EXPECT_EQ(m.dispatch_ms.count, 2);
+  EXPECT_DOUBLE_EQ(m.dispatch_ms.mean, 1.0);
+  EXPECT_EQ(m.relay_ms.count, 1);  // the second's first token precedes its prefill end
+  EXPECT_DOUBLE_EQ(m.relay_ms.mean, 0.4);
+  const std::string csv = RequestsCsv(records, SloTargets{});
+  EXPECT_NE(csv.find("dispatch_ms,relay_ms\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find(",1.000,0.400\n"), std::string::npos) << csv;
+  const nlohmann::json j = MetricsToJson(m, AllPercentileMetrics());
+  EXPECT_DOUBLE_EQ(j["server_timeline"]["relay_ms"]["mean"].get<double>(), 0.4);
+  EXPECT_NE(SummaryTable(m, AllPercentileMetrics()).find("Relay:"), std::string::npos);
 }
 
 TEST(PdbenchMetricsTest, JsonUsesVllmFieldNames) {
