@@ -483,6 +483,13 @@ absl::StatusOr<PlanFile> ParsePlanFile(const nlohmann::json& j) {
     if (p.contains("dispatch") && p["dispatch"].is_string()) f.dispatch_policy = p["dispatch"];
     if (p.contains("batch") && p["batch"].is_string()) f.batch_policy = p["batch"];
   }
+  if (j.contains("live") && j["live"].is_object() && j["live"].contains("step_time_scale")) {
+    const nlohmann::json& s = j["live"]["step_time_scale"];
+    if (!s.is_number() || !(s.get<double>() > 0) || s.get<double>() > 100) {
+      return absl::InvalidArgumentError("plan: 'live.step_time_scale' must be in (0, 100]");
+    }
+    f.step_time_scale = s.get<double>();
+  }
   return f;
 }
 

@@ -148,6 +148,7 @@ struct PlanFile {
   std::string profile_path;
   std::string dispatch_policy;
   std::string batch_policy;
+  double step_time_scale = 1;  // "live": the calibrated live/profiled step ratio
 };
 absl::StatusOr<PlanFile> ParsePlanFile(const nlohmann::json& j);
 

@@ -79,6 +79,16 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromArgs(const CliArgs& args)
   return o;
 }
 
+// --step-time-scale: how much slower live steps run than the profile measured them (e.g.
+// `pdserve plan --calibrate`'s figure); the latency model's predictions are multiplied by it.
+absl::StatusOr<double> StepTimeScale(const CliArgs& args) {
+  PDS_ASSIGN_OR_RETURN(const double scale, args.GetDouble("step-time-scale", 1.0));
+  if (!(scale > 0) || scale > 100) {
+    return absl::InvalidArgumentError("--step-time-scale must be in (0, 100]");
+  }
+  return scale;
+}
+
 absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
   BlockTerminationSignals();
   PDS_ASSIGN_OR_RETURN(LoadedModel loaded, LoadModelFromArgs(args));
@@ -109,7 +119,8 @@ absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
   if (args.Has("profile")) {
     PDS_ASSIGN_OR_RETURN(scheduler::LatencyModel model,
                          scheduler::LoadLatencyModelFile(args.GetString("profile")));
-    o.latency_model = std::make_shared<scheduler::LatencyModel>(model);
+    PDS_ASSIGN_OR_RETURN(const double scale, StepTimeScale(args));
+    o.latency_model = std::make_shared<scheduler::LatencyModel>(model.Scaled(scale));
   }
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<Worker> worker, Worker::Start(*loaded.model, o));
   const int sig = WaitForTerminationSignal();
@@ -134,6 +145,8 @@ std::vector<FlagSpec> WorkerFlagSpecs() {
                    "latency-model profile (with --slo-tpot-ms: TPOT-capped "
                    "decode batches)"});
   specs.push_back({"slo-tpot-ms", false, "TPOT target the decode batch is capped for (ms)"});
+  specs.push_back({"step-time-scale", false,
+                   "multiply the profile's step times (live steps slower; default 1)"});
   return specs;
 }
 
@@ -282,6 +295,10 @@ absl::Status RunUp(const CliArgs& args) {
     if (!plan->profile_path.empty() && !args.Has("profile")) {
       if (std::filesystem::exists(plan->profile_path)) {
         plan_fe_flags.insert(plan_fe_flags.end(), {"--profile", plan->profile_path});
+        if (plan->step_time_scale != 1 && !args.Has("step-time-scale")) {
+          plan_fe_flags.insert(plan_fe_flags.end(),
+                               {"--step-time-scale", absl::StrCat(plan->step_time_scale)});
+        }
         if (!plan->dispatch_policy.empty() && !args.Has("policy")) {
           plan_fe_flags.insert(plan_fe_flags.end(), {"--policy", plan->dispatch_policy});
         }
@@ -323,7 +340,8 @@ absl::Status RunUp(const CliArgs& args) {
   std::vector<std::string> fe = {"pdserve",     "frontend", "--model", model,
                                  "--host",      host,       "--port",  absl::StrCat(port),
                                  "--port-file", port_file};
-  for (const char* pass : {"policy", "max-in-flight", "profile", "slo-ttft-ms", "slo-tpot-ms"}) {
+  for (const char* pass :
+       {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms", "slo-tpot-ms"}) {
     if (args.Has(pass)) {
       fe.push_back(absl::StrCat("--", pass));
       fe.push_back(args.GetString(pass));
@@ -376,11 +394,13 @@ absl::Status RunUp(const CliArgs& args) {
       // The TPOT cap on decode batches uses the same profile and target as the front-end.
       for (const auto& [flag, value] :
            {std::pair<std::string, std::string>{"profile", args.GetString("profile")},
+            {"step-time-scale", args.GetString("step-time-scale")},
             {"slo-tpot-ms", args.GetString("slo-tpot-ms")}}) {
         if (!value.empty()) argv.insert(argv.end(), {absl::StrCat("--", flag), value});
       }
       for (size_t i = 0; i + 1 < plan_fe_flags.size(); i += 2) {
         if ((plan_fe_flags[i] == "--profile" && !args.Has("profile")) ||
+            (plan_fe_flags[i] == "--step-time-scale" && !args.Has("step-time-scale")) ||
             (plan_fe_flags[i] == "--slo-tpot-ms" && !args.Has("slo-tpot-ms"))) {
           argv.insert(argv.end(), {plan_fe_flags[i], plan_fe_flags[i + 1]});
         }
@@ -468,6 +488,7 @@ absl::Status RunFrontend(const CliArgs& args) {
   o.policy = args.GetString("policy", "least-loaded");
   o.profile_path = args.GetString("profile");
   if (!o.profile_path.empty() && !args.Has("policy")) o.policy = "slo-aware";
+  PDS_ASSIGN_OR_RETURN(o.step_time_scale, StepTimeScale(args));
   PDS_ASSIGN_OR_RETURN(o.default_ttft_slo_ms, args.GetDouble("slo-ttft-ms", 0));
   PDS_ASSIGN_OR_RETURN(o.default_tpot_slo_ms, args.GetDouble("slo-tpot-ms", 0));
   o.best_effort = args.GetBool("best-effort");
@@ -497,6 +518,8 @@ int FrontendMain(int argc, char** argv) {
         "dispatch policy: least-loaded (default) or slo-aware (default "
         "with --profile)"},
        {"profile", false, "latency-model profile from pdserve profile"},
+       {"step-time-scale", false,
+        "multiply the profile's step times (live steps slower; default 1)"},
        {"slo-ttft-ms", false, "default TTFT target of requests (ms)"},
        {"slo-tpot-ms", false, "default TPOT target of requests (ms)"},
        {"best-effort", true, "serve requests predicted to miss their TTFT instead of refusing"},
@@ -530,6 +553,9 @@ int UpMain(int argc, char** argv) {
       {"startup-timeout", false, "seconds to wait for a healthy cluster (default 300)"},
       {"policy", false, "dispatch policy: least-loaded or slo-aware"},
       {"profile", false, "latency-model profile (enables the slo-aware policy)"},
+      {"step-time-scale", false,
+       "multiply the profile's step times in the front-end's and workers' predictions "
+       "(default 1, or the plan's calibrated figure)"},
       {"slo-ttft-ms", false, "default TTFT target (ms)"},
       {"slo-tpot-ms", false, "default TPOT target (ms)"},
       {"best-effort", true, "serve requests predicted to miss their TTFT instead of refusing"},

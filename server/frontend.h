@@ -18,7 +18,8 @@ struct FrontendOptions {
   int port = 0;                         // 0: ephemeral
   std::string policy = "least-loaded";  // or "slo-aware" (needs profile_path)
   std::string profile_path;             // `pdserve profile` output: the latency model
-  double default_ttft_slo_ms = 0;       // targets of requests that set none (0: none)
+  double step_time_scale = 1;      // its predictions times this (live steps slower than profiled)
+  double default_ttft_slo_ms = 0;  // targets of requests that set none (0: none)
   double default_tpot_slo_ms = 0;
   bool best_effort = false;  // serve requests predicted to miss their TTFT instead of refusing
   int max_in_flight = 1024;  // requests beyond this get RESOURCE_EXHAUSTED

@@ -113,9 +113,17 @@ TEST(PlannerTest, PlanFileRoundTripAndColocatedComparison) {
   EXPECT_EQ(file->tpot_slo_ms, 100);
   EXPECT_EQ(file->dispatch_policy, "least-loaded");
   EXPECT_FALSE(PlanSummary(*plan).empty());
+  EXPECT_EQ(file->step_time_scale, 1);  // no live section
   nlohmann::json bad = j;
   bad["decode_instances"] = 0;
   EXPECT_EQ(ParsePlanFile(bad).status().code(), absl::StatusCode::kInvalidArgument);
+  nlohmann::json live = j;
+  live["live"] = {{"step_time_scale", 1.25}, {"step_time_sigma", 0.1}};
+  auto calibrated = ParsePlanFile(live);
+  ASSERT_TRUE(calibrated.ok()) << calibrated.status();
+  EXPECT_EQ(calibrated->step_time_scale, 1.25);
+  live["live"]["step_time_scale"] = -1;
+  EXPECT_EQ(ParsePlanFile(live).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // --at-rates: the chosen unit simulated at given total rates; slower steps (a scaled model)

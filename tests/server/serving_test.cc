@@ -578,7 +578,7 @@ TEST_F(ServingTest, SloAwareAdmissionRefusesWhatCannotMeetItsTtft) {
       absl::StrCat(PDSERVE_BINARY, " plan --profile ", profile,
                    " --workload code --length-scale 0.1 --max-model-len 200 --slo-ttft 200 "
                    "--slo-tpot 50 --gpus 3 --num-requests 100 --bisect-steps 4 --policy "
-                   "slo-aware --out ",
+                   "slo-aware --step-time-scale 2 --out ",
                    plan, " > /dev/null 2>&1");
   ASSERT_EQ(std::system(plan_cmd.c_str()), 0) << plan_cmd;
   std::ifstream in(plan);
@@ -597,7 +597,11 @@ TEST_F(ServingTest, SloAwareAdmissionRefusesWhatCannotMeetItsTtft) {
   EXPECT_EQ(prefill, j["prefill_instances"].get<int>());
   EXPECT_EQ(decode, j["decode_instances"].get<int>());
   EXPECT_EQ(planned_status.policy(), "slo-aware");
-  EXPECT_EQ(Generate(cluster->stub(), probe).tokens.size(), 4u);
+  const Streamed planned_probe = Generate(cluster->stub(), probe);
+  EXPECT_EQ(planned_probe.tokens.size(), 4u);
+  // The plan's live step-time scale reaches the front-end's predictions: the same prompt on
+  // an idle cluster is predicted twice as long.
+  EXPECT_NEAR(planned_probe.done.timeline().predicted_ttft_ms(), 2 * alone_ms, 1e-3 * alone_ms);
 }
 
 // A worker that dies takes the cluster down, and `pdserve up` says so in its exit status.
