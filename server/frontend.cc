@@ -642,9 +642,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       if (!done && !(ps.ok() && sent)) {
         dcall.context.TryCancel();
         grpc::Status ds = dstream->Finish();
-        // The decode worker accepts at once and registers the request after its step in
-        // flight: a registration it refused (queue full, id in use) makes the KV offer fail
-        // and is the cause to report.
+        // The decode worker answers ACCEPTED at once and registers the request on its loop
+        // afterwards; should that registration have failed (it refuses a full queue or an id
+        // in use before ACCEPTED), the KV offer fails too and the decode side's status is
+        // the cause to report.
         if (!ds.ok() && ds.error_code() != grpc::StatusCode::CANCELLED) {
           return WorkerError(decode, ds, relay);
         }

@@ -7,6 +7,7 @@
 #include <future>
 #include <map>
 #include <mutex>
+#include <set>
 #include <thread>
 #include <vector>
 
@@ -487,16 +488,22 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     // Queued from the moment the worker has the request, not from when its loop takes it
     // (after the step in flight): the wait for that step is part of the queueing delay.
     const int64_t received_us = NowUs();
+    // Admission (a free slot, an unused id) is decided here, on the caller's thread, so that a
+    // decode registration, which runs on the loop after ACCEPTED went out, cannot be refused.
+    {
+      std::lock_guard<std::mutex> lock(admitted_mu_);
+      if (admitted_.count(id)) {
+        return ToGrpc(absl::AlreadyExistsError(
+            absl::StrCat("request id '", id, "' is in use on ", options_.id)));
+      }
+      if (static_cast<int>(admitted_.size()) >= options_.max_queued + options_.engine.max_running) {
+        return ToGrpc(absl::ResourceExhaustedError(
+            absl::StrCat(options_.id, " has ", admitted_.size(), " requests; its queue is full")));
+      }
+      admitted_.insert(id);
+    }
     auto accept = [this, id, channel, kind, received_us,
                    request = std::make_shared<const pb::WorkRequest>(request)]() -> absl::Status {
-      if (live_.count(id)) {
-        return absl::AlreadyExistsError(
-            absl::StrCat("request id '", id, "' is in use on ", options_.id));
-      }
-      if (static_cast<int>(live_.size()) >= options_.max_queued + options_.engine.max_running) {
-        return absl::ResourceExhaustedError(
-            absl::StrCat(options_.id, " has ", live_.size(), " requests; its queue is full"));
-      }
       Live live;
       live.kind = kind;
       live.channel = channel;
@@ -507,7 +514,10 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       if (kind != Live::kDecode) {
         engine::GenerateRequest g = live.request;
         g.hold_kv_after_prefill = kind == Live::kPrefill;
-        PDS_RETURN_IF_ERROR(engine_->AddRequest(std::move(g)));
+        if (absl::Status added = engine_->AddRequest(std::move(g)); !added.ok()) {
+          Unadmit(id);
+          return added;
+        }
         live.in_engine = true;
       }
       live_.emplace(id, std::move(live));
@@ -519,9 +529,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       // after this task (tasks run in order): accept at once instead of waiting for the step
       // in flight, which would put up to one decode step on every request's TTFT (the
       // front-end starts the prefill when it has ACCEPTED). ACCEPTED goes into the channel
-      // first (a registration that fails closes the channel, and a closed channel takes no
-      // more events) but leaves on the wire only from the loop below on this thread, after
-      // the task is posted. A registration that fails ends the stream with its status.
+      // first but leaves on the wire only from the loop below on this thread, after the task
+      // is posted. The registration cannot be refused (admission was decided above); should
+      // it fail anyway, the stream ends with its status.
       pb::WorkEvent event;
       event.set_kind(pb::WorkEvent::ACCEPTED);
       channel->Push(std::move(event));
@@ -578,6 +588,12 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     if (it->second.in_engine) engine_->Cancel(id).IgnoreError();
     it->second.channel->Close(std::move(status));
     live_.erase(it);
+    Unadmit(id);
+  }
+
+  void Unadmit(const std::string& id) {
+    std::lock_guard<std::mutex> lock(admitted_mu_);
+    admitted_.erase(id);
   }
 
   // --- the engine loop ---
@@ -621,6 +637,8 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     // Whatever is left (tasks posted after the stop) is dropped with its requests.
     for (auto& [id, live] : live_) live.channel->Close(absl::UnavailableError("worker stopped"));
     live_.clear();
+    std::lock_guard<std::mutex> lock(admitted_mu_);
+    admitted_.clear();
   }
 
   void CapBatchForTpot() {
@@ -833,7 +851,10 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   std::deque<std::function<void()>> tasks_;
   bool stop_loop_ = false;
   std::thread loop_;
-  std::map<std::string, Live> live_;                   // loop thread only
+  std::map<std::string, Live> live_;  // loop thread only
+  // Ids of the requests this worker holds, from admission on a caller's thread until Finish.
+  std::mutex admitted_mu_;
+  std::set<std::string> admitted_;
   int64_t served_ = 0;                                 // loop thread only
   int64_t kv_bytes_sent_ = 0;                          // loop thread only
   int64_t handoffs_deferred_ = 0;                      // loop thread only

@@ -472,8 +472,8 @@ TEST_F(ServingTest, OverloadIsResourceExhaustedAndCancellationFreesEverything) {
 }
 
 // A decode worker answers ACCEPTED without waiting for its engine step (the registration is
-// off the TTFT path) and ends the stream with the registration's status when it refuses it.
-TEST_F(ServingTest, DecodeAcceptsAtOnceAndReportsARefusedRegistration) {
+// off the TTFT path); what it cannot take (an id in use) it refuses before ACCEPTED.
+TEST_F(ServingTest, DecodeAcceptsAtOnceAndRefusesADuplicateIdUpFront) {
   auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1"});
   ASSERT_NE(cluster, nullptr);
   std::string decode_address;
@@ -496,12 +496,10 @@ TEST_F(ServingTest, DecodeAcceptsAtOnceAndReportsARefusedRegistration) {
   ASSERT_TRUE(first->Read(&event));
   EXPECT_EQ(event.kind(), ::pdserve::internal::WorkEvent::ACCEPTED);
 
-  // The same id again: accepted at once, then refused by the registration on the loop.
+  // The same id again: refused before anything is streamed.
   grpc::ClientContext second_ctx;
   second_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   auto second = worker->Decode(&second_ctx, work);
-  ASSERT_TRUE(second->Read(&event));
-  EXPECT_EQ(event.kind(), ::pdserve::internal::WorkEvent::ACCEPTED);
   EXPECT_FALSE(second->Read(&event));
   const grpc::Status refused = second->Finish();
   EXPECT_EQ(refused.error_code(), grpc::StatusCode::ALREADY_EXISTS) << refused.error_message();
