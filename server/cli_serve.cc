@@ -387,8 +387,8 @@ absl::Status RunUp(const CliArgs& args) {
       cpus.erase(std::unique(cpus.begin(), cpus.end()), cpus.end());
       argv.insert(argv.end(), {"--cpus", FormatCpuList(cpus)});
     }
-    if (args.Has("kv-transport")) {
-      argv.insert(argv.end(), {"--kv-transport", args.GetString("kv-transport")});
+    for (const char* pass : {"kv-transport", "max-queued"}) {
+      if (args.Has(pass)) argv.insert(argv.end(), {absl::StrCat("--", pass), args.GetString(pass)});
     }
     if (role != "prefill") {
       // The TPOT cap on decode batches uses the same profile and target as the front-end.
@@ -560,6 +560,7 @@ int UpMain(int argc, char** argv) {
       {"slo-tpot-ms", false, "default TPOT target (ms)"},
       {"best-effort", true, "serve requests predicted to miss their TTFT instead of refusing"},
       {"max-in-flight", false, "front-end in-flight limit"},
+      {"max-queued", false, "each worker: requests queued beyond its batch (default 256)"},
   };
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
   return SubcommandMain(argc, argv, "up",

@@ -517,6 +517,67 @@ TEST_F(ServingTest, DecodeAcceptsAtOnceAndRefusesADuplicateIdUpFront) {
   EXPECT_EQ(Generate(cluster->stub(), r).tokens.size(), 4u);
 }
 
+// Workers hold a request's admission until it ends, whichever way: with room for three
+// requests per worker, many more in sequence (decoded, finished by the prefill worker with
+// their only token, cancelled) all get through, and a burst beyond the room is refused.
+TEST_F(ServingTest, WorkerAdmissionIsReleasedWhenRequestsEnd) {
+  auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1",
+                                                   "--max-queued", "1", "--max-batch-size", "2"});
+  ASSERT_NE(cluster, nullptr);
+  for (int i = 0; i < 12; ++i) {
+    api::GenerateRequest r;
+    for (int j = 0; j < 10; ++j) r.add_prompt_token_ids(20 + i + j);
+    r.set_max_tokens(i % 3 == 0 ? 1 : 5);
+    r.set_ignore_eos(true);
+    if (i % 4 == 3) {
+      grpc::ClientContext ctx;
+      auto reader = cluster->stub().Generate(&ctx, r);
+      api::GenerateResponse m;
+      reader->Read(&m);
+      ctx.TryCancel();
+      reader->Finish();
+      continue;
+    }
+    // A worker notices a cancelled call within its 20 ms poll and then frees the request on
+    // its loop: the admissions of the calls before are released by then.
+    absl::SleepFor(absl::Milliseconds(200));
+    const Streamed got = Generate(cluster->stub(), r);
+    ASSERT_TRUE(got.status.ok()) << i << ": " << got.status.error_message();
+    EXPECT_EQ(got.tokens.size(), static_cast<size_t>(r.max_tokens())) << i;
+  }
+  ExpectAllFree(cluster->stub());
+  // A burst of 12 long requests: some are refused by a full worker queue.
+  std::vector<std::future<Streamed>> futures;
+  for (int i = 0; i < 12; ++i) {
+    api::GenerateRequest r;
+    for (int j = 0; j < 30; ++j) r.add_prompt_token_ids(40 + i + j);
+    r.set_max_tokens(40);
+    r.set_ignore_eos(true);
+    futures.push_back(
+        std::async(std::launch::async, [&cluster, r] { return Generate(cluster->stub(), r); }));
+  }
+  int ok = 0, exhausted = 0;
+  for (auto& f : futures) {
+    const Streamed got = f.get();
+    if (got.status.ok()) {
+      ++ok;
+    } else {
+      EXPECT_EQ(got.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+          << got.status.error_message();
+      EXPECT_TRUE(got.tokens.empty()) << "refused after streaming " << got.tokens.size();
+      ++exhausted;
+    }
+  }
+  EXPECT_GE(ok, 3);
+  EXPECT_GE(exhausted, 1);
+  ExpectAllFree(cluster->stub());
+  api::GenerateRequest r;
+  r.add_prompt_token_ids(9);
+  r.set_max_tokens(3);
+  r.set_ignore_eos(true);
+  EXPECT_EQ(Generate(cluster->stub(), r).tokens.size(), 3u);
+}
+
 // SLO-aware dispatch with the latency model profiled from this model: every request carries
 // the predictions in its timeline, and under a flood those that cannot meet their TTFT are
 // refused at once with RESOURCE_EXHAUSTED instead of queueing past their target.
