@@ -80,6 +80,35 @@ Streamed Generate(api::Serving::Stub& stub, const api::GenerateRequest& request,
   return out;
 }
 
+// Sends `n` concurrent requests of `prompt_len` tokens (ids from `first_id` on, shifted per
+// request) for `max_tokens` tokens each. Every request either gets all its tokens or is
+// refused with RESOURCE_EXHAUSTED before any token; returns {served, refused}.
+std::pair<int, int> Burst(api::Serving::Stub& stub, int n, int first_id, int prompt_len,
+                          int max_tokens) {
+  std::vector<std::future<Streamed>> futures;
+  for (int i = 0; i < n; ++i) {
+    api::GenerateRequest r;
+    for (int j = 0; j < prompt_len; ++j) r.add_prompt_token_ids(first_id + i + j);
+    r.set_max_tokens(max_tokens);
+    r.set_ignore_eos(true);
+    futures.push_back(std::async(std::launch::async, [&stub, r] { return Generate(stub, r); }));
+  }
+  int ok = 0, exhausted = 0;
+  for (auto& f : futures) {
+    const Streamed got = f.get();
+    if (got.status.ok()) {
+      ++ok;
+      EXPECT_EQ(got.tokens.size(), static_cast<size_t>(max_tokens));
+    } else {
+      EXPECT_EQ(got.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
+          << got.status.error_message();
+      EXPECT_TRUE(got.tokens.empty()) << "refused after streaming " << got.tokens.size();
+      ++exhausted;
+    }
+  }
+  return {ok, exhausted};
+}
+
 api::ClusterStatus Status(api::Serving::Stub& stub) {
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
@@ -417,27 +446,7 @@ TEST_F(ServingTest, OverloadIsResourceExhaustedAndCancellationFreesEverything) {
   auto cluster =
       LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1", "--max-in-flight", "4"});
   ASSERT_NE(cluster, nullptr);
-  std::vector<std::future<Streamed>> futures;
-  for (int i = 0; i < 12; ++i) {
-    api::GenerateRequest r;
-    for (int j = 0; j < 30; ++j) r.add_prompt_token_ids(20 + i + j);
-    r.set_max_tokens(60);
-    r.set_ignore_eos(true);
-    futures.push_back(
-        std::async(std::launch::async, [&cluster, r] { return Generate(cluster->stub(), r); }));
-  }
-  int ok = 0, exhausted = 0;
-  for (auto& f : futures) {
-    const Streamed got = f.get();
-    if (got.status.ok()) {
-      ++ok;
-      EXPECT_EQ(got.tokens.size(), 60u);
-    } else {
-      EXPECT_EQ(got.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
-          << got.status.error_message();
-      ++exhausted;
-    }
-  }
+  const auto [ok, exhausted] = Burst(cluster->stub(), 12, 20, 30, 60);
   EXPECT_GE(ok, 4);
   EXPECT_GE(exhausted, 1);
   ExpectAllFree(cluster->stub());
@@ -547,27 +556,7 @@ TEST_F(ServingTest, WorkerAdmissionIsReleasedWhenRequestsEnd) {
   }
   ExpectAllFree(cluster->stub());
   // A burst of 12 long requests: some are refused by a full worker queue.
-  std::vector<std::future<Streamed>> futures;
-  for (int i = 0; i < 12; ++i) {
-    api::GenerateRequest r;
-    for (int j = 0; j < 30; ++j) r.add_prompt_token_ids(40 + i + j);
-    r.set_max_tokens(40);
-    r.set_ignore_eos(true);
-    futures.push_back(
-        std::async(std::launch::async, [&cluster, r] { return Generate(cluster->stub(), r); }));
-  }
-  int ok = 0, exhausted = 0;
-  for (auto& f : futures) {
-    const Streamed got = f.get();
-    if (got.status.ok()) {
-      ++ok;
-    } else {
-      EXPECT_EQ(got.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
-          << got.status.error_message();
-      EXPECT_TRUE(got.tokens.empty()) << "refused after streaming " << got.tokens.size();
-      ++exhausted;
-    }
-  }
+  const auto [ok, exhausted] = Burst(cluster->stub(), 12, 40, 30, 40);
   EXPECT_GE(ok, 3);
   EXPECT_GE(exhausted, 1);
   ExpectAllFree(cluster->stub());
