@@ -234,7 +234,6 @@ using transfer_internal::ReadExact;
 using transfer_internal::ReadReply;
 using transfer_internal::Wait;
 using transfer_internal::WaitToOfferAgain;
-using transfer_internal::WaitToOfferAgain;
 using transfer_internal::WithContext;
 using transfer_internal::WriteFrame;
 
