@@ -39,6 +39,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -237,24 +238,10 @@ struct CublasStream {
 
 // The best GPU time in seconds of `samples` runs of enqueue() on `stream`, each between two
 // events, after `warmups` untimed runs.
-template <typename F>
-double BestEventSeconds(cudaStream_t stream, int warmups, int samples, F&& enqueue) {
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  float best_ms = 1e30f;
-  for (int i = -warmups; i < samples; ++i) {
-    CUDA_CHECK(cudaEventRecord(start, stream));
-    enqueue();
-    CUDA_CHECK(cudaEventRecord(stop, stream));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i >= 0) best_ms = std::min(best_ms, ms);
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  return best_ms * 1e-3;
+double BestEventSeconds(cudaStream_t stream, int warmups, int samples,
+                        const std::function<void()>& enqueue) {
+  const std::vector<double> ms = EventTimesMs(stream, warmups, samples, enqueue);
+  return ms.empty() ? 1e27 : *std::min_element(ms.begin(), ms.end()) * 1e-3;
 }
 
 double MeasureCopyBandwidth(Backend& backend, size_t bytes, int iters) {

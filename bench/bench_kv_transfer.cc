@@ -611,23 +611,11 @@ Ceiling MeasureIpcCeiling(const std::string& handle_hex) {
   PDS_CHECK_OK(FillRandomNonZero(src, kCeilingBytes, 11));
   cudaStream_t stream;
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
   Ceiling c;
-  float best_ms = 1e30f;
-  for (int i = -1; i < kCeilingIters; ++i) {  // i == -1 warms up
-    CUDA_CHECK(cudaEventRecord(start, stream));
+  c.ms = EventTimesMs(stream, 1, kCeilingIters, [&] {
     CUDA_CHECK(cudaMemcpyAsync(peer, src, kCeilingBytes, cudaMemcpyDeviceToDevice, stream));
-    CUDA_CHECK(cudaEventRecord(stop, stream));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    if (i >= 0) {
-      best_ms = std::min(best_ms, ms);
-      c.ms.push_back(ms);
-    }
-  }
+  });
+  const double best_ms = *std::min_element(c.ms.begin(), c.ms.end());
   // The copy landed: spot-check its last 4 KiB.
   std::vector<uint8_t> a(4096), b(4096);
   CUDA_CHECK(cudaMemcpy(a.data(), static_cast<uint8_t*>(src) + kCeilingBytes - a.size(), a.size(),
@@ -635,8 +623,6 @@ Ceiling MeasureIpcCeiling(const std::string& handle_hex) {
   CUDA_CHECK(cudaMemcpy(b.data(), static_cast<uint8_t*>(peer) + kCeilingBytes - b.size(), b.size(),
                         cudaMemcpyDeviceToHost));
   if (a != b) Fail("the IPC ceiling copy did not land in the child's buffer");
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
   CUDA_CHECK(cudaStreamDestroy(stream));
   CUDA_CHECK(cudaFree(src));
   CUDA_CHECK(cudaIpcCloseMemHandle(peer));
@@ -666,23 +652,11 @@ std::map<CopyKey, CopyTiming> MeasureCopies(const std::string& pool_hex, const K
   const KvPoolLayout remote = PoolLayout(peer, pool.num_blocks, pool.device);
   cudaStream_t stream;
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
   int32_t* lists = nullptr;
   CUDA_CHECK(cudaMalloc(reinterpret_cast<void**>(&lists), 2 * sizeof(int32_t) * pool.num_blocks));
   // Median milliseconds of `enqueue` over `iters` runs after one warm-up; all of them in *all.
   auto time = [&](const std::function<void()>& enqueue, std::vector<double>* all) {
-    std::vector<double> ms;
-    for (int i = -1; i < iters; ++i) {
-      CUDA_CHECK(cudaEventRecord(start, stream));
-      enqueue();
-      CUDA_CHECK(cudaEventRecord(stop, stream));
-      CUDA_CHECK(cudaEventSynchronize(stop));
-      float t = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
-      if (i >= 0) ms.push_back(t);
-    }
+    std::vector<double> ms = EventTimesMs(stream, 1, iters, enqueue);
     if (all != nullptr) *all = ms;
     return Median(ms);
   };
@@ -745,8 +719,6 @@ std::map<CopyKey, CopyTiming> MeasureCopies(const std::string& pool_hex, const K
     }
   }
   CUDA_CHECK(cudaFree(lists));
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
   CUDA_CHECK(cudaStreamDestroy(stream));
   CUDA_CHECK(cudaIpcCloseMemHandle(peer));  // before the transport opens the same pool
   return out;

@@ -47,6 +47,26 @@ double Median(std::vector<double> v) {
   return v.empty() ? 0.0 : v[v.size() / 2];
 }
 
+std::vector<double> EventTimesMs(cudaStream_t stream, int warmups, int samples,
+                                 const std::function<void()>& enqueue) {
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<double> ms;
+  for (int i = -warmups; i < samples; ++i) {
+    CUDA_CHECK(cudaEventRecord(start, stream));
+    enqueue();
+    CUDA_CHECK(cudaEventRecord(stop, stream));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float t = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+    if (i >= 0) ms.push_back(t);
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  return ms;
+}
+
 std::optional<DeviceInfo> OpenDevice(int device) {
   SetStage("device query");
   int count = 0;

@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 
 #include <chrono>
+#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -39,6 +40,10 @@ Json ToJson(const Metric& m);
 
 double Seconds(std::chrono::steady_clock::time_point since);
 double Median(std::vector<double> v);
+// Milliseconds of each of `samples` runs of `enqueue` on `stream`, each timed between two
+// events, after `warmups` runs that are not recorded.
+std::vector<double> EventTimesMs(cudaStream_t stream, int warmups, int samples,
+                                 const std::function<void()>& enqueue);
 
 struct DeviceInfo {
   cudaDeviceProp prop{};
