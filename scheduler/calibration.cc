@@ -7,23 +7,16 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "client/bench_metrics.h"
 
 namespace pds::scheduler {
 namespace {
 
 constexpr int32_t kMinSteps = 20;
 
-double Median(std::vector<double> v) {
-  if (v.empty()) return 0;
-  const size_t mid = v.size() / 2;
-  std::nth_element(v.begin(), v.begin() + mid, v.end());
-  const double hi = v[mid];
-  if (v.size() % 2 == 1) return hi;
-  return (*std::max_element(v.begin(), v.begin() + mid) + hi) / 2;
-}
+double Median(std::vector<double> v) { return client::ComputeStats(std::move(v)).median; }
 
 }  // namespace
 

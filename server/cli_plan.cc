@@ -183,14 +183,12 @@ absl::Status ApplyLiveAdjustments(const CliArgs& args, int32_t max_batch_tokens,
   scheduler::LiveCalibration cal;
   if (args.Has("calibrate")) {
     std::vector<scheduler::RunRow> rows;
-    int32_t source = 0;
-    for (absl::string_view path : absl::StrSplit(args.GetString("calibrate"), ',')) {
+    std::vector<std::string> sources = absl::StrSplit(args.GetString("calibrate"), ',');
+    for (size_t i = 0; i < sources.size(); ++i) {
       PDS_ASSIGN_OR_RETURN(std::vector<scheduler::RunRow> run,
-                           scheduler::ReadRunCsv(std::string(path), source++));
+                           scheduler::ReadRunCsv(sources[i], static_cast<int32_t>(i)));
       rows.insert(rows.end(), run.begin(), run.end());
-      cal.sources.emplace_back(path);
     }
-    std::vector<std::string> sources = std::move(cal.sources);
     PDS_ASSIGN_OR_RETURN(cal, scheduler::Calibrate(model, rows, max_batch_tokens));
     cal.sources = std::move(sources);
     o.live["calibration"] = cal.ToJson();

@@ -160,8 +160,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     if (!options_.profile_path.empty()) {
       PDS_ASSIGN_OR_RETURN(scheduler::LatencyModel model,
                            scheduler::LoadLatencyModelFile(options_.profile_path));
-      latency_model_ = std::make_unique<scheduler::LatencyModel>(
-          options_.step_time_scale == 1 ? model : model.Scaled(options_.step_time_scale));
+      latency_model_ =
+          std::make_unique<scheduler::LatencyModel>(model.Scaled(options_.step_time_scale));
     }
     scheduler::SloPolicyOptions slo;
     slo.default_ttft_slo_ms = options_.default_ttft_slo_ms;
