@@ -450,7 +450,7 @@ class ChildSink : public engine::KvSink {
     return CopyPacked(pool_, layer, *blocks, const_cast<uint8_t*>(data), bytes, /*to_host=*/false);
   }
 
-  void Complete(const std::string& id, absl::Status status) override {
+  void Complete(const std::string& id, absl::Status status, int32_t next_token) override {
     std::vector<int32_t> blocks;
     {
       std::lock_guard<std::mutex> lock(mu_);

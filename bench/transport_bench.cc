@@ -86,7 +86,7 @@ class RegionSink : public KvSink {
     std::memcpy(region_ + layer * layer_bytes_, data, bytes);
     return absl::OkStatus();
   }
-  void Complete(const std::string& request_id, absl::Status status) override {}
+  void Complete(const std::string& request_id, absl::Status status, int32_t next_token) override {}
 
  private:
   uint8_t* region_;

@@ -109,6 +109,11 @@ absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
     return absl::InvalidArgumentError(
         absl::StrCat("--kv-transport '", o.kv_transport, "': expected tcp, cuda-ipc or nccl"));
   }
+  o.kv_handoff = args.GetString("kv-handoff", "layered");
+  if (o.kv_handoff != "layered" && o.kv_handoff != "after") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-handoff '", o.kv_handoff, "': expected layered or after"));
+  }
   o.model_name = std::filesystem::path(loaded.dir).lexically_normal().filename();
   if (o.model_name.empty()) {
     o.model_name = std::filesystem::path(loaded.dir).lexically_normal().parent_path().filename();
@@ -140,6 +145,9 @@ std::vector<FlagSpec> WorkerFlagSpecs() {
   specs.push_back({"kv-transport", false,
                    "KV hand-off between prefill and decode: tcp (default for the cpu backend), "
                    "cuda-ipc (default for cuda; one host) or nccl"});
+  specs.push_back({"kv-handoff", false,
+                   "prefill: layered (default: each layer's KV leaves while the prefill step "
+                   "goes on) or after (once the step has ended)"});
   specs.push_back({"max-queued", false, "requests queued beyond the batch (default 256)"});
   specs.push_back({"profile", false,
                    "latency-model profile (with --slo-tpot-ms: TPOT-capped "
@@ -387,7 +395,7 @@ absl::Status RunUp(const CliArgs& args) {
       cpus.erase(std::unique(cpus.begin(), cpus.end()), cpus.end());
       argv.insert(argv.end(), {"--cpus", FormatCpuList(cpus)});
     }
-    for (const char* pass : {"kv-transport", "max-queued"}) {
+    for (const char* pass : {"kv-transport", "max-queued", "kv-handoff"}) {
       if (args.Has(pass)) argv.insert(argv.end(), {absl::StrCat("--", pass), args.GetString(pass)});
     }
     if (role != "prefill") {
@@ -547,6 +555,8 @@ int UpMain(int argc, char** argv) {
       {"port", false, "front-end port on 127.0.0.1 (default 8000; 0: any free port)"},
       {"backend", false, "cpu (default) or cuda"},
       {"kv-transport", false, "tcp, cuda-ipc or nccl (default: tcp on cpu, cuda-ipc on cuda)"},
+      {"kv-handoff", false,
+       "layered (default: KV leaves layer by layer during the prefill step) or after"},
       {"threads", false, "CPU threads per worker (default: cores / workers)"},
       {"pin-cpus", true, "pin each worker to its own CPUs (worker i: CPUs i*threads onwards)"},
       {"ready-file", false, "write the front-end address here once the cluster is healthy"},

@@ -133,17 +133,41 @@ engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
   return g;
 }
 
-// Reads one held sequence's blocks out of the KV cache, layer by layer (the CPU pool is
-// complete when the sequence is held, so no wait is needed).
+// Reads one sequence's blocks out of the KV cache, layer by layer. A held sequence's K/V are
+// complete (the step that sampled its first token synchronized the compute stream to read the
+// logits). With a hand-off (layer-by-layer: the step completing the prompt still runs), each
+// layer is waited for before it is read, and the token comes from the step's end.
 class CacheSource : public engine::KvSource {
  public:
   CacheSource(engine::Backend& backend, const engine::KvCache& cache, std::vector<int32_t> blocks)
       : backend_(backend), cache_(cache), blocks_(std::move(blocks)) {}
-  // Device transports read the blocks in place. The held sequence's K/V were completed by the
-  // step that sampled its first token, which synchronized the compute stream to read the
-  // logits, so every layer is ready (WaitLayer keeps its default).
+  CacheSource(engine::Backend& backend, const engine::KvCache& cache,
+              std::shared_ptr<engine::KvHandoff> handoff, absl::Time deadline,
+              std::shared_ptr<std::atomic<bool>> cancelled)
+      : backend_(backend),
+        cache_(cache),
+        blocks_(handoff->blocks()),
+        handoff_(std::move(handoff)),
+        deadline_(deadline),
+        cancelled_([cancelled] { return cancelled->load(); }) {}
+
+  // Device transports read the blocks in place.
   absl::StatusOr<std::vector<int32_t>> Blocks() override { return blocks_; }
+  absl::Status WaitLayer(int32_t layer) override {
+    if (handoff_ == nullptr) return absl::OkStatus();
+    return handoff_->layers().Wait(layer, deadline_, cancelled_);
+  }
+  bool LayerReady(int32_t layer) override {
+    if (handoff_ == nullptr) return true;
+    absl::StatusOr<bool> ready = handoff_->layers().Ready(layer);
+    return !ready.ok() || *ready;  // an error: WaitLayer reports it at once
+  }
+  absl::StatusOr<int32_t> NextToken() override {
+    if (handoff_ == nullptr) return KvSource::NextToken();
+    return handoff_->WaitNextToken(deadline_, cancelled_);
+  }
   absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override {
+    PDS_RETURN_IF_ERROR(WaitLayer(layer));
     const size_t block_bytes = cache_.shape().BlockBytes(backend_.compute_dtype());
     if (bytes != 2 * blocks_.size() * block_bytes) {
       return absl::InternalError(absl::StrCat("layer buffer of ", bytes, " bytes, expected ",
@@ -162,7 +186,10 @@ class CacheSource : public engine::KvSource {
  private:
   engine::Backend& backend_;
   const engine::KvCache& cache_;
-  std::vector<int32_t> blocks_;
+  const std::vector<int32_t> blocks_;
+  const std::shared_ptr<engine::KvHandoff> handoff_;
+  const absl::Time deadline_ = absl::InfiniteFuture();
+  const std::function<bool()> cancelled_;
 };
 
 }  // namespace
@@ -174,6 +201,14 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
 
   absl::Status Init() {
     PDS_ASSIGN_OR_RETURN(engine_, engine::LlmEngine::Create(model_, options_.engine));
+    if (options_.role == InstanceRole::kPrefill && options_.kv_handoff == "layered") {
+      engine_->set_handoff_hook([this](std::vector<std::shared_ptr<engine::KvHandoff>> handoffs) {
+        HandOff(std::move(handoffs));
+      });
+    } else if (options_.kv_handoff != "layered" && options_.kv_handoff != "after") {
+      return absl::InvalidArgumentError(
+          absl::StrCat("kv_handoff '", options_.kv_handoff, "': expected layered or after"));
+    }
     loop_ = std::thread([this] { Loop(); });
     PDS_ASSIGN_OR_RETURN(server_,
                          StartGrpcServer(options_.host, options_.port, {this}, &bound_port_));
@@ -376,7 +411,6 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       }
       live.in_engine = true;
       live.transfer_active = true;
-      live.next_token = header.next_token;
       live.kv_start_us = NowUs();
       std::lock_guard<std::mutex> lock(import_mu_);
       imports_[header.request_id] = std::move(*blocks);
@@ -423,12 +457,12 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     return absl::OkStatus();
   }
 
-  void Complete(const std::string& request_id, absl::Status status) override {
+  void Complete(const std::string& request_id, absl::Status status, int32_t next_token) override {
     {
       std::lock_guard<std::mutex> lock(import_mu_);
       imports_.erase(request_id);
     }
-    Post([this, request_id, status] {
+    Post([this, request_id, status, next_token] {
       auto it = live_.find(request_id);
       if (it == live_.end()) {
         engine_->Cancel(request_id).IgnoreError();
@@ -446,7 +480,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
         return;
       }
       live.kv_end_us = NowUs();
-      absl::Status activated = engine_->ActivateImport(request_id, live.next_token);
+      absl::Status activated = engine_->ActivateImport(request_id, next_token);
       if (!activated.ok()) Finish(request_id, activated);
     });
   }
@@ -461,7 +495,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     bool in_engine = false;
     bool transfer_active = false;  // a KV transfer uses this request's blocks
     bool produced = false;         // a token event went out
-    int32_t next_token = -1;
+    bool finished = false;         // prefill: ended with its first token while its KV was leaving
     int64_t queued_us = 0, prefill_start_us = 0, prefill_end_us = 0, kv_start_us = 0, kv_end_us = 0,
             decode_start_us = 0;
     std::string kv_address;
@@ -714,39 +748,82 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       if (out.finish != FinishReason::kNone) {
         event.set_finish_reason(std::string(engine::FinishReasonName(out.finish)));
         live.channel->Push(std::move(event));
+        ++served_;
+        if (live.transfer_active) {
+          // Its KV was leaving during the step (the transfer now breaks off: no token to
+          // decode from); the engine keeps the blocks until that transfer has ended.
+          live.finished = true;
+          continue;
+        }
         live.in_engine = false;  // the engine freed it
         Finish(out.request_id, absl::OkStatus());
-        ++served_;
         continue;
       }
       live.channel->Push(std::move(event));
-      if (out.kv_held) StartTransfer(out.request_id, live, out.token);
+      // Layer-by-layer hand-offs started before the step (HandOff).
+      if (out.kv_held && !live.transfer_active) StartTransfer(out.request_id, live, out.token);
     }
     return !engine_->last_batch().empty();
   }
 
+  // The engine's hand-off hook (loop thread, inside a step, before its forward): sends each
+  // sequence's KV layer by layer as the step computes it, with the token at the end.
+  void HandOff(std::vector<std::shared_ptr<engine::KvHandoff>> handoffs) {
+    for (std::shared_ptr<engine::KvHandoff>& handoff : handoffs) {
+      auto it = live_.find(handoff->request_id());
+      if (it == live_.end()) continue;  // cannot happen: the engine runs live requests only
+      Live& live = it->second;
+      const absl::Time deadline = TransferDeadline(live);
+      auto source = std::make_shared<CacheSource>(model_.backend(), engine_->cache(), handoff,
+                                                  deadline, live.cancelled);
+      SubmitTransfer(
+          handoff->request_id(), live,
+          Header(handoff->request_id(), handoff->num_tokens(),
+                 static_cast<int32_t>(handoff->blocks().size()), engine::kNextTokenAtEnd),
+          std::move(source), deadline);
+    }
+  }
+
+  engine::KvTransferHeader Header(const std::string& id, int32_t num_tokens, int32_t num_blocks,
+                                  int32_t next_token) const {
+    const engine::KvCacheShape& shape = engine_->cache().shape();
+    engine::KvTransferHeader header;
+    header.request_id = id;
+    header.num_tokens = num_tokens;
+    header.num_layers = shape.num_layers;
+    header.num_blocks = num_blocks;
+    header.kv_heads = shape.kv_heads;
+    header.block_size = shape.block_size;
+    header.head_dim = shape.head_dim;
+    header.dtype = model_.backend().compute_dtype();
+    header.next_token = next_token;
+    return header;
+  }
+
+  absl::Time TransferDeadline(const Live& live) const {
+    absl::Time deadline = absl::Now() + options_.kv_transfer_timeout;
+    if (live.deadline_us > 0) deadline = std::min(deadline, absl::FromUnixMicros(live.deadline_us));
+    return deadline;
+  }
+
+  // After the step: sends a held sequence's KV with its first token.
   void StartTransfer(const std::string& id, Live& live, int32_t next_token) {
     auto held = engine_->GetHeld(id);
     if (!held.ok()) {
       Finish(id, held.status());
       return;
     }
-    const engine::KvCacheShape& shape = engine_->cache().shape();
-    engine::KvTransferHeader header;
-    header.request_id = id;
-    header.num_tokens = held->num_tokens;
-    header.num_layers = shape.num_layers;
-    header.num_blocks = static_cast<int32_t>(held->blocks.size());
-    header.kv_heads = shape.kv_heads;
-    header.block_size = shape.block_size;
-    header.head_dim = shape.head_dim;
-    header.dtype = model_.backend().compute_dtype();
-    header.next_token = next_token;
+    const engine::KvTransferHeader header =
+        Header(id, held->num_tokens, static_cast<int32_t>(held->blocks.size()), next_token);
+    SubmitTransfer(id, live, header,
+                   std::make_shared<CacheSource>(model_.backend(), engine_->cache(), held->blocks),
+                   TransferDeadline(live));
+  }
+
+  void SubmitTransfer(const std::string& id, Live& live, const engine::KvTransferHeader& header,
+                      std::shared_ptr<CacheSource> source, absl::Time deadline) {
     live.transfer_active = true;
     live.kv_start_us = NowUs();
-    absl::Time deadline = absl::Now() + options_.kv_transfer_timeout;
-    if (live.deadline_us > 0) deadline = std::min(deadline, absl::FromUnixMicros(live.deadline_us));
-    auto source = std::make_shared<CacheSource>(model_.backend(), engine_->cache(), held->blocks);
     transfers_->Submit([this, id, header, source, deadline, address = live.kv_address,
                         cancelled = live.cancelled] {
       auto sent = sender_->Send(address, header, *source, deadline,
@@ -763,6 +840,10 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     }
     Live& live = it->second;
     live.transfer_active = false;
+    if (live.finished) {  // ended with its first token: its stream has everything
+      Finish(id, absl::OkStatus());
+      return;
+    }
     if (live.load_cancelled()) {
       Finish(id, absl::CancelledError("cancelled"));
       return;

@@ -32,6 +32,9 @@ struct WorkerOptions {
   // host) or "nccl"; empty: cuda-ipc on the CUDA backend, tcp otherwise. Both sides of a
   // hand-off must use the same one (a mismatch fails the transfer, naming both).
   std::string kv_transport;
+  // Prefill: "layered" sends each layer's KV while the step that completes the prompt goes on
+  // (the token follows at the end); "after" sends it once the step has ended.
+  std::string kv_handoff = "layered";
   std::string model_name;
   int32_t vocab_size = 0;
   engine::EngineOptions engine;

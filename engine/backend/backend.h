@@ -95,6 +95,20 @@ class Backend {
   virtual absl::Status CopyDevice(void* dst, const void* src, size_t bytes) = 0;
   virtual absl::Status Synchronize() = 0;
 
+  // A point in the work issued so far, for readers on other threads (the layer-by-layer KV
+  // hand-off: "layer l's K/V are written" while the forward goes on). A backend whose ops run
+  // before they return (CPU) has reached every mark when it is made.
+  class Mark {
+   public:
+    virtual ~Mark() = default;
+    // Whether the work issued before the mark is complete (never blocks); an error when the
+    // device failed.
+    virtual absl::StatusOr<bool> Reached() = 0;
+  };
+  // A mark after everything issued so far (on the compute stream). Callable only from the
+  // thread that issues the ops; the mark may be polled and destroyed on any thread.
+  virtual absl::StatusOr<std::shared_ptr<Mark>> MarkIssued();
+
   // Batch metadata for the ops below that take indices (Embed, Rope, WriteKv, Attention,
   // GatherLastRows).
   virtual absl::Status BeginBatch(const BatchMetadata& batch) = 0;

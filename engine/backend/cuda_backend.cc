@@ -383,6 +383,40 @@ absl::Status CudaBackend::Synchronize() {
   return absl::OkStatus();
 }
 
+namespace {
+// An event recorded on the compute stream; polled from transfer threads.
+class EventMark final : public Backend::Mark {
+ public:
+  EventMark(int device, cudaEvent_t event) : device_(device), event_(event) {}
+  ~EventMark() override { cudaEventDestroy(event_); }
+  absl::StatusOr<bool> Reached() override {
+    PDS_CUDA(cudaSetDevice(device_), "selecting the device");
+    const cudaError_t e = cudaEventQuery(event_);
+    if (e == cudaErrorNotReady) return false;
+    PDS_CUDA(e, "polling a stream mark");
+    return true;
+  }
+
+ private:
+  const int device_;
+  const cudaEvent_t event_;
+};
+}  // namespace
+
+absl::StatusOr<std::shared_ptr<Backend::Mark>> CudaBackend::MarkIssued() {
+  PDS_CUDA(cudaSetDevice(device_), "selecting the device");
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  PDS_CUDA(cudaStreamIsCapturing(stream_, &capture), "checking for a graph recording");
+  if (capture != cudaStreamCaptureStatusNone) {
+    return absl::FailedPreconditionError("a stream mark inside a graph recording");
+  }
+  cudaEvent_t event = nullptr;
+  PDS_CUDA(cudaEventCreateWithFlags(&event, cudaEventDisableTiming), "creating a stream mark");
+  auto mark = std::make_shared<EventMark>(device_, event);
+  PDS_CUDA(cudaEventRecord(event, stream_), "recording a stream mark");
+  return mark;
+}
+
 absl::Status CudaBackend::BeginBatch(const BatchMetadata& batch) {
   State& st = *state_;
   PDS_CUDA(cudaSetDevice(device_), "selecting the device");

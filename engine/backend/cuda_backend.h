@@ -38,6 +38,8 @@ class CudaBackend final : public Backend {
   absl::Status FillRandom(void* device, size_t count, float scale, float offset,
                           uint64_t seed) override;
   absl::Status Synchronize() override;
+  // An event recorded on the compute stream (not inside a graph recording).
+  absl::StatusOr<std::shared_ptr<Mark>> MarkIssued() override;
 
   absl::Status BeginBatch(const BatchMetadata& batch) override;
   int32_t graph_block_bucket() const override;

@@ -257,11 +257,11 @@ absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& 
                                   std::vector<float>& logits,
                                   const std::vector<kernels::RowSampling>& sampling,
                                   const std::vector<uint8_t>& host_rows,
-                                  std::vector<int32_t>& tokens) {
+                                  std::vector<int32_t>& tokens, const KvLayerHook& on_kv_layer) {
   if (sampling.size() != seqs.size() || host_rows.size() != seqs.size()) {
     return absl::InvalidArgumentError("sampling and host_rows need one entry per sequence");
   }
-  PDS_RETURN_IF_ERROR(Body(seqs, cache));
+  PDS_RETURN_IF_ERROR(Body(seqs, cache, on_kv_layer));
   const int64_t B = meta_.num_seqs();
   logits.resize(static_cast<size_t>(B * config_.vocab_size));
   tokens.resize(static_cast<size_t>(B));
@@ -269,7 +269,8 @@ absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& 
                                tokens.data());
 }
 
-absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cache) {
+absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cache,
+                               const KvLayerHook& on_kv_layer) {
   if (seqs.empty()) return absl::InvalidArgumentError("empty forward batch");
   PDS_RETURN_IF_ERROR(BuildMetadata(seqs, cache));
   const int64_t T = meta_.num_tokens();
@@ -280,7 +281,7 @@ absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cac
   // Decode steps (one token per sequence) may replay a recorded graph of the ops below; the
   // key fixes everything the recorded launches depend on.
   Backend::GraphMode mode = Backend::GraphMode::kNone;
-  if (be.graph_block_bucket() > 0 && T == B) {
+  if (be.graph_block_bucket() > 0 && T == B && !on_kv_layer) {
     uint64_t key = reinterpret_cast<uintptr_t>(this);
     for (uint64_t part : {static_cast<uint64_t>(reinterpret_cast<uintptr_t>(cache.data())),
                           static_cast<uint64_t>(T), static_cast<uint64_t>(meta_.max_blocks),
@@ -293,7 +294,7 @@ absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cac
     PDS_ASSIGN_OR_RETURN(const bool ran, be.EndGraph());
     return ran ? absl::OkStatus() : Ops(cache);
   }
-  const absl::Status status = Ops(cache);
+  const absl::Status status = Ops(cache, on_kv_layer);
   if (!status.ok()) {
     if (mode == Backend::GraphMode::kCapture) be.AbortGraph();
     return status;
@@ -304,7 +305,7 @@ absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cac
   return ran ? absl::OkStatus() : Ops(cache);
 }
 
-absl::Status Transformer::Ops(KvCache& cache) {
+absl::Status Transformer::Ops(KvCache& cache, const KvLayerHook& on_kv_layer) {
   const ModelConfig& c = config_;
   const int64_t T = meta_.num_tokens();
   const int64_t B = meta_.num_seqs();
@@ -331,6 +332,7 @@ absl::Status Transformer::Ops(KvCache& cache) {
         be.Rope(q, k, qkv_stride, c.num_heads, c.num_kv_heads, c.head_dim, inv_freq_.data()));
     PDS_RETURN_IF_ERROR(
         be.WriteKv(k, v, qkv_stride, cache.k(l), cache.v(l), c.num_kv_heads, c.head_dim));
+    if (on_kv_layer) PDS_RETURN_IF_ERROR(on_kv_layer(static_cast<int32_t>(l)));
     PDS_RETURN_IF_ERROR(be.Attention(q, qkv_stride, cache.k(l), cache.v(l), attn_.data(),
                                      c.num_heads, c.num_kv_heads, c.head_dim, scale));
     PDS_RETURN_IF_ERROR(be.Gemm(attn_.data(), c.q_size(), L.o, proj_.data(), T));

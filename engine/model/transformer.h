@@ -60,13 +60,18 @@ class Transformer {
   // token of each sequence: [seqs, vocab] row-major in `logits`.
   absl::Status Forward(std::span<const SequenceInput> seqs, KvCache& cache,
                        std::vector<float>& logits);
+  // Called after each layer's K/V writes are issued (in layer order), e.g. to mark the point
+  // for a layer-by-layer KV hand-off; an error fails the forward.
+  using KvLayerHook = std::function<absl::Status(int32_t layer)>;
   // The same with each sequence's next token chosen by the backend (sampling[s]; see
   // Backend::SampleTokens): tokens[s] is set for every sequence, logits rows only where
-  // host_rows[s] is set (a device backend then copies no other logits).
+  // host_rows[s] is set (a device backend then copies no other logits). With `on_kv_layer`
+  // the forward is never replayed from a graph (every layer's hook runs).
   absl::Status Forward(std::span<const SequenceInput> seqs, KvCache& cache,
                        std::vector<float>& logits,
                        const std::vector<kernels::RowSampling>& sampling,
-                       const std::vector<uint8_t>& host_rows, std::vector<int32_t>& tokens);
+                       const std::vector<uint8_t>& host_rows, std::vector<int32_t>& tokens,
+                       const KvLayerHook& on_kv_layer = nullptr);
 
   // The KV cache shape this model needs for `num_blocks` blocks of `block_size`.
   KvCacheShape CacheShape(int32_t num_blocks, int32_t block_size) const;
@@ -82,9 +87,10 @@ class Transformer {
   absl::Status BuildMetadata(std::span<const SequenceInput> seqs, const KvCache& cache);
   absl::Status EnsureScratch(int64_t tokens, int64_t seqs);
   // Everything up to the final norm: last_ holds each sequence's normed last hidden row.
-  absl::Status Body(std::span<const SequenceInput> seqs, KvCache& cache);
+  absl::Status Body(std::span<const SequenceInput> seqs, KvCache& cache,
+                    const KvLayerHook& on_kv_layer = nullptr);
   // The backend ops of a forward over the metadata of BeginBatch (recorded in a graph or not).
-  absl::Status Ops(KvCache& cache);
+  absl::Status Ops(KvCache& cache, const KvLayerHook& on_kv_layer = nullptr);
 
   ModelConfig config_;
   Backend& backend_;

@@ -208,16 +208,38 @@ FinishReason LlmEngine::CheckFinish(const Sequence& seq, int32_t token) const {
   for (int32_t stop : p.stop_token_ids) {
     if (token == stop) return FinishReason::kStop;
   }
-  if (seq.num_generated >= p.max_tokens) return FinishReason::kLength;
-  if (static_cast<int64_t>(seq.tokens.size()) >= model_.config().max_context()) {
-    return FinishReason::kLength;
-  }
+  return LengthLimit(seq, seq.num_generated, static_cast<int64_t>(seq.tokens.size()));
+}
+
+FinishReason LlmEngine::LengthLimit(const Sequence& seq, int32_t num_generated,
+                                    int64_t num_tokens) const {
+  if (num_generated >= seq.request.params.max_tokens) return FinishReason::kLength;
+  if (num_tokens >= model_.config().max_context()) return FinishReason::kLength;
   // The next step must fit in the cache on its own.
-  if (BlockTable::BlocksFor(static_cast<int32_t>(seq.tokens.size()), options_.block_size) >
+  if (BlockTable::BlocksFor(static_cast<int32_t>(num_tokens), options_.block_size) >
       cache_.allocator().num_blocks()) {
     return FinishReason::kLength;
   }
   return FinishReason::kNone;
+}
+
+std::shared_ptr<LayerProgress> LlmEngine::StartHandoffs(const std::vector<Sequence*>& completing) {
+  if (!handoff_hook_) return nullptr;
+  std::shared_ptr<LayerProgress> progress;
+  std::vector<std::shared_ptr<KvHandoff>> handoffs;
+  for (Sequence* seq : completing) {
+    const int32_t prompt = static_cast<int32_t>(seq->tokens.size());
+    if (!seq->request.hold_kv_after_prefill || seq->num_generated > 0 ||
+        LengthLimit(*seq, 1, prompt + 1) != FinishReason::kNone) {
+      continue;  // no hand-off, or it certainly ends with its first token
+    }
+    if (progress == nullptr) progress = std::make_shared<LayerProgress>(model_.config().num_layers);
+    seq->handoff =
+        std::make_shared<KvHandoff>(seq->request.id, seq->table.blocks(), prompt, progress);
+    handoffs.push_back(seq->handoff);
+  }
+  if (!handoffs.empty()) handoff_hook_(std::move(handoffs));
+  return progress;
 }
 
 absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
@@ -328,7 +350,30 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       host_rows_[i] = 1;
     }
   }
-  PDS_RETURN_IF_ERROR(model_.Forward(inputs, cache_, logits_, sampling_, host_rows_, tokens_));
+  std::vector<Sequence*> completing;
+  for (const Planned& p : plan) {
+    if (p.seq->num_computed + p.chunk >= static_cast<int32_t>(p.seq->tokens.size())) {
+      completing.push_back(p.seq);
+    }
+  }
+  const std::shared_ptr<LayerProgress> progress = StartHandoffs(completing);
+  Transformer::KvLayerHook on_kv_layer;
+  if (progress != nullptr) {
+    on_kv_layer = [this, &progress](int32_t layer) -> absl::Status {
+      PDS_ASSIGN_OR_RETURN(std::shared_ptr<Backend::Mark> mark, model_.backend().MarkIssued());
+      progress->Issued(layer, std::move(mark));
+      return absl::OkStatus();
+    };
+  }
+  const absl::Status forwarded =
+      model_.Forward(inputs, cache_, logits_, sampling_, host_rows_, tokens_, on_kv_layer);
+  if (progress != nullptr) progress->End(forwarded);
+  if (!forwarded.ok()) {
+    for (Sequence* seq : completing) {
+      if (seq->handoff) seq->handoff->Resolve(forwarded);
+    }
+    return forwarded;
+  }
 
   const int64_t vocab = model_.config().vocab_size;
   std::vector<std::string> finished;
@@ -351,7 +396,18 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     seq.tokens.push_back(out.token);
     ++seq.num_generated;
     out.finish = CheckFinish(seq, out.token);
-    if (out.finish != FinishReason::kNone) {
+    if (seq.handoff != nullptr) {
+      // Its transfer may be reading the blocks: they stay until Cancel(), even if it ended.
+      seq.handoff->Resolve(out.finish == FinishReason::kNone
+                               ? absl::StatusOr<int32_t>(out.token)
+                               : absl::CancelledError(absl::StrCat(
+                                     "request '", seq.request.id, "' ended with its first token (",
+                                     FinishReasonName(out.finish), ")")));
+      seq.handoff.reset();
+      seq.held = true;
+      seq.admitted = false;
+      out.kv_held = true;
+    } else if (out.finish != FinishReason::kNone) {
       finished.push_back(seq.request.id);
     } else if (seq.request.hold_kv_after_prefill) {
       seq.held = true;

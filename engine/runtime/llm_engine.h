@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -14,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "engine/kv_cache/kv_cache.h"
 #include "engine/model/transformer.h"
+#include "engine/runtime/kv_handoff.h"
 #include "engine/runtime/sampling_params.h"
 #include "scheduler/batch_policy.h"
 
@@ -57,7 +59,10 @@ struct TokenOutput {
   std::optional<TokenLogprobs> logprobs;
   std::vector<float> logits;                  // when return_logits
   FinishReason finish = FinishReason::kNone;  // set on the request's last token
-  bool kv_held = false;  // hold_kv_after_prefill: the sequence now waits for Release()
+  // hold_kv_after_prefill: the sequence and its blocks now wait for Cancel() (the hand-off).
+  // Also set, with `finish`, for a sequence whose KV was handed off during the step
+  // (LlmEngine::set_handoff_hook) and that ended with its first token.
+  bool kv_held = false;
 };
 
 // A held (prefilled) sequence's KV: its blocks and how many positions they hold.
@@ -98,6 +103,18 @@ class LlmEngine {
   absl::StatusOr<std::vector<int32_t>> ReserveImport(GenerateRequest request, int32_t num_tokens);
   absl::Status ActivateImport(const std::string& id, int32_t next_token);
 
+  // Layer-by-layer hand-off (prefill workers). With a hook set, Step() calls it after planning
+  // a batch and before the batch's forward, with a KvHandoff for each hold_kv_after_prefill
+  // sequence whose prompt completes in the step and that may go on past its first token (not
+  // limited to one token by max_tokens, the context or the cache): the forward then reports
+  // each layer's K/V to it, and the step's end resolves its next token, or an error when the
+  // sequence ended with its first token or the step failed. Such a sequence keeps its blocks
+  // until Cancel() (its output has kv_held set, whether or not it ended), so the transfer
+  // reading them can finish first. The hook runs on Step's thread and must not call into the
+  // engine.
+  using HandoffHook = std::function<void(std::vector<std::shared_ptr<KvHandoff>>)>;
+  void set_handoff_hook(HandoffHook hook) { handoff_hook_ = std::move(hook); }
+
   // (request id, new tokens computed) of the sequences in the last Step's batch.
   const std::vector<std::pair<std::string, int32_t>>& last_batch() const { return last_batch_; }
   // Runs one forward step over the next batch and returns the tokens it produced.
@@ -128,8 +145,9 @@ class LlmEngine {
     std::unique_ptr<Sampler> sampler;
     uint64_t order = 0;  // admission order, for FCFS and preemption
     bool admitted = false;
-    bool held = false;       // hold_kv_after_prefill, prefilled, waiting for Release
-    bool importing = false;  // blocks reserved, K/V arriving from elsewhere
+    bool held = false;                   // hold_kv_after_prefill, prefilled, waiting for Release
+    bool importing = false;              // blocks reserved, K/V arriving from elsewhere
+    std::shared_ptr<KvHandoff> handoff;  // its KV leaves during the step completing its prompt
   };
   absl::Status ValidateRequest(GenerateRequest& request) const;
 
@@ -141,6 +159,12 @@ class LlmEngine {
   void Preempt(Sequence& seq);
   absl::Status Finish(Sequence& seq);
   FinishReason CheckFinish(const Sequence& seq, int32_t token) const;
+  // kLength when a sequence that has generated `num_generated` tokens and holds `num_tokens`
+  // in all has to stop there whatever its tokens are.
+  FinishReason LengthLimit(const Sequence& seq, int32_t num_generated, int64_t num_tokens) const;
+  // Hands off (set_handoff_hook) those of `completing` (sequences whose prompts complete in
+  // the step) that may go on; returns the step's layer progress, or null when there are none.
+  std::shared_ptr<LayerProgress> StartHandoffs(const std::vector<Sequence*>& completing);
 
   Transformer& model_;
   EngineOptions options_;
@@ -157,6 +181,7 @@ class LlmEngine {
   std::vector<int32_t> tokens_;
   std::vector<std::pair<std::string, int32_t>> last_batch_;
   int32_t max_running_ = 0;  // set from options_ at creation
+  HandoffHook handoff_hook_;
 };
 
 }  // namespace pds::engine

@@ -243,8 +243,8 @@ class IpcReceiverPlane final : public transfer_internal::ReceiverPlane {
   }
 
   absl::Status Receive(const Io&, const KvTransferHeader&, const std::string&,
-                       const std::vector<int32_t>&, bool* done_read) override {
-    *done_read = false;  // the sender writes the blocks itself, then sends DONE(_PENDING)
+                       const std::vector<int32_t>&, DoneRead* done) override {
+    done->read = false;  // the sender writes the blocks itself, then sends DONE(_PENDING)
     return absl::OkStatus();
   }
 

@@ -112,7 +112,7 @@ absl::StatusOr<DeviceOfferReply> DecodeDeviceOfferReply(const ControlFrame& fram
   return reply;
 }
 
-absl::StatusOr<absl::Status> DecodeStatusFrame(const ControlFrame& frame) {
+absl::StatusOr<tcp_wire::PeerStatus> DecodeStatusFrame(const ControlFrame& frame) {
   return tcp_wire::DecodeStatus(frame.data(), frame.payload.size());
 }
 
@@ -133,13 +133,19 @@ std::vector<BlockRun> CoalesceRuns(const std::vector<int32_t>& src,
   return runs;
 }
 
-absl::Status CheckDone(const ControlFrame& frame) {
+std::string EncodeDone(const absl::Status& status, int32_t next_token) {
+  return tcp_wire::EncodeEnd({status, status.ok() ? next_token : -1});
+}
+
+absl::Status CheckDone(const ControlFrame& frame, int32_t* next_token) {
   if (frame.type != FrameType::kDeviceDone) {
     return absl::InvalidArgumentError(
         absl::StrCat("expected DEVICE_DONE, got frame type ", static_cast<int>(frame.type)));
   }
-  PDS_ASSIGN_OR_RETURN(absl::Status carried, DecodeStatusFrame(frame));
-  return WithContext(carried, "the sender broke off");
+  PDS_ASSIGN_OR_RETURN(const tcp_wire::TransferEnd end,
+                       tcp_wire::DecodeEnd(frame.data(), frame.payload.size()));
+  if (next_token != nullptr) *next_token = end.next_token;
+  return WithContext(end.status, "the sender broke off");
 }
 
 std::string EncodeDevicePending(const DevicePending& pending) {
@@ -148,6 +154,7 @@ std::string EncodeDevicePending(const DevicePending& pending) {
   out += pending.plane_data;
   Put(out, absl::ToInt64Microseconds(pending.expected));
   Put(out, absl::ToInt64Microseconds(pending.budget));
+  Put(out, pending.next_token);
   return out;
 }
 
@@ -158,7 +165,8 @@ absl::StatusOr<DevicePending> DecodeDevicePending(const ControlFrame& frame) {
   int64_t expected_us = 0, budget_us = 0;
   if (!reader.Get(&length) || length > reader.left() ||
       !reader.GetBytes(length, &pending.plane_data) || !reader.Get(&expected_us) ||
-      !reader.Get(&budget_us) || reader.left() != 0 || expected_us < 0 || budget_us < 0) {
+      !reader.Get(&budget_us) || !reader.Get(&pending.next_token) || reader.left() != 0 ||
+      expected_us < 0 || budget_us < 0 || pending.next_token < -1) {
     return Malformed("DEVICE_DONE_PENDING", frame.payload.size());
   }
   pending.expected = absl::Microseconds(expected_us);
@@ -265,10 +273,16 @@ class DeviceKvSender final : public KvSender {
     absl::StatusOr<std::unique_ptr<PendingMove>> started =
         plane_->MoveAsync(io, address, header, source, src_blocks, reply, plane_data);
     if (started.ok() && *started != nullptr) {
-      return FinishEarly(io, address, header, std::move(*started), std::move(fd), &stats);
+      return FinishEarly(io, address, header, source, std::move(*started), std::move(fd), &stats);
     }
-    const absl::Status moved = started.status();
+    absl::Status moved = started.status();
     stats.moved = absl::Now();
+    absl::StatusOr<int32_t> next_token = header.next_token;
+    if (moved.ok() && header.next_token == kNextTokenAtEnd) {
+      next_token = source.NextToken();
+      if (!next_token.ok())
+        moved = WithContext(next_token.status(), "the source has no next token");
+    }
     if (!moved.ok()) {
       absl::Status early = EarlyError(io);
       SendDone(io, moved);
@@ -280,9 +294,10 @@ class DeviceKvSender final : public KvSender {
       return absl::Status(moved.code(),
                           absl::StrCat(moved.message(), " (the receiver: ", early.message(), ")"));
     }
-    PDS_RETURN_IF_ERROR(WithContext(
-        WriteFrame(io, FrameType::kDeviceDone, tcp_wire::EncodeStatus(absl::OkStatus())),
-        "sending DONE"));
+    PDS_RETURN_IF_ERROR(
+        WithContext(WriteFrame(io, FrameType::kDeviceDone,
+                               EncodeDone(absl::OkStatus(), LateToken(header, *next_token))),
+                    "sending DONE"));
     SpinUntilReadable(io, options_.spin);
     absl::StatusOr<absl::Status> done = ReadReply(io, FrameType::kDoneReply);
     if (!done.ok()) return WithContext(done.status(), "waiting for the receiver's confirmation");
@@ -296,11 +311,23 @@ class DeviceKvSender final : public KvSender {
   // Early DONE (device_transport.h): DONE_PENDING at once, then the sender's own wait for the
   // copies and its verdict, and the receiver's answer.
   absl::StatusOr<KvSendStats> FinishEarly(const Io& io, const std::string& address,
-                                          const KvTransferHeader& header,
+                                          const KvTransferHeader& header, KvSource& source,
                                           std::unique_ptr<PendingMove> pending, Fd fd,
                                           KvSendStats* stats) {
-    const absl::Time sent = absl::Now();
     DevicePending frame;
+    if (header.next_token == kNextTokenAtEnd) {
+      absl::StatusOr<int32_t> token = source.NextToken();
+      if (!token.ok()) {
+        // The receiver has not seen the copies: it gets DONE(error) once none is in flight.
+        const absl::Status failed = WithContext(token.status(), "the source has no next token");
+        if (!pending->Wait(NoCancel(io)).ok()) pending->Drain().IgnoreError();
+        pending->Finish(/*receiver_answered=*/true, absl::Now());
+        SendFrame(io, FrameType::kDeviceDone, failed);
+        return failed;
+      }
+      frame.next_token = *token;
+    }
+    const absl::Time sent = absl::Now();
     frame.plane_data = pending->plane_data();
     frame.expected = std::max(pending->expected() - sent, absl::ZeroDuration());
     frame.budget = std::max(io.deadline - sent, absl::ZeroDuration());
@@ -324,7 +351,7 @@ class DeviceKvSender final : public KvSender {
       // The verdict: the receiver reads it after its confirmation (or decides on it, when it
       // could not watch the copies itself).
       absl::Status verdict = WithContext(
-          WriteFrame(io, FrameType::kDeviceDone, tcp_wire::EncodeStatus(absl::OkStatus())),
+          WriteFrame(io, FrameType::kDeviceDone, EncodeDone(absl::OkStatus(), frame.next_token)),
           "sending DONE");
       SpinUntilReadable(io, options_.spin);
       absl::StatusOr<absl::Status> done =
@@ -397,7 +424,13 @@ class DeviceKvSender final : public KvSender {
   }
   // Best effort: a status frame (DONE, ABORT) to the receiver.
   static void SendFrame(const Io& io, FrameType type, const absl::Status& status) {
-    WriteFrame(Quick(io), type, tcp_wire::EncodeStatus(status)).IgnoreError();
+    WriteFrame(Quick(io), type,
+               type == FrameType::kDeviceDone ? EncodeDone(status) : tcp_wire::EncodeStatus(status))
+        .IgnoreError();
+  }
+  // DONE's token: the late one of a kNextTokenAtEnd header, else -1 (the header has it).
+  static int32_t LateToken(const KvTransferHeader& header, int32_t next_token) {
+    return header.next_token == kNextTokenAtEnd ? next_token : -1;
   }
 
   // Prepares the plane and offers until the receiver has room (OK: `reply` is its
@@ -494,10 +527,7 @@ class DeviceKvSender final : public KvSender {
 
   // Best effort: tells the receiver the transfer failed.
   static void SendDone(const Io& io, const absl::Status& status) {
-    Io quick = io;
-    quick.deadline = absl::Now() + absl::Milliseconds(200);
-    quick.cancelled = nullptr;
-    WriteFrame(quick, FrameType::kDeviceDone, tcp_wire::EncodeStatus(status)).IgnoreError();
+    SendFrame(io, FrameType::kDeviceDone, status);
   }
 
   struct IdleConnection {
@@ -623,7 +653,7 @@ class DeviceKvReceiver final : public KvReceiver {
       } else {
         conn.reserved = false;
         reply.status = accepted.status();
-        sink_->Complete(offer.header.request_id, reply.status);
+        sink_->Complete(offer.header.request_id, reply.status, -1);
       }
     }
     PDS_RETURN_IF_ERROR(WithContext(
@@ -639,22 +669,28 @@ class DeviceKvReceiver final : public KvReceiver {
       return OfferOutcome::kEnd;
     }
 
-    bool done_read = false;
+    ReceiverPlane::DoneRead done_read;
     PDS_RETURN_IF_ERROR(WithContext(
         plane_->Receive(conn.io, offer.header, offer.plane_data, reply.blocks, &done_read),
         "receiving the layers"));
     bool verdict_pending = false;  // confirmed on the plane's probe: the verdict still comes
-    if (!done_read) {
+    int32_t late_token = done_read.next_token;
+    if (!done_read.read) {
       SpinUntilReadable(conn.io, options_.spin);
       PDS_ASSIGN_OR_RETURN(ControlFrame done, ReadControlFrame(conn.io));
       if (done.type == FrameType::kDeviceDonePending) {
-        PDS_ASSIGN_OR_RETURN(verdict_pending, AwaitPending(conn, done));
+        PDS_ASSIGN_OR_RETURN(verdict_pending, AwaitPending(conn, done, &late_token));
       } else {
-        PDS_RETURN_IF_ERROR(CheckDone(done));
+        PDS_RETURN_IF_ERROR(CheckDone(done, &late_token));
       }
     }
+    int32_t next_token = offer.header.next_token;
+    if (next_token == kNextTokenAtEnd) {
+      if (late_token < 0) return absl::InvalidArgumentError("DONE(OK) without the next token");
+      next_token = late_token;
+    }
     conn.reserved = false;
-    sink_->Complete(offer.header.request_id, absl::OkStatus());
+    sink_->Complete(offer.header.request_id, absl::OkStatus(), next_token);
     bytes_received_.fetch_add(static_cast<size_t>(offer.header.num_layers) *
                               offer.header.LayerBytes());
     absl::Status replied =
@@ -685,12 +721,14 @@ class DeviceKvReceiver final : public KvReceiver {
     return OfferOutcome::kTransferred;
   }
 
-  // After DEVICE_DONE_PENDING: waits until the plane's probe reports the data complete (true:
-  // the sender's verdict is still to come) or the sender's verdict arrives (false: it was OK),
-  // or fails: the sender aborted or failed, the connection broke, shutdown, or neither came by
-  // min(idle_timeout, the sender's budget + kVerdictMargin).
-  absl::StatusOr<bool> AwaitPending(Connection& conn, const ControlFrame& frame) {
+  // After DEVICE_DONE_PENDING (its token in *next_token): waits until the plane's probe reports the
+  // data complete (true: the sender's verdict is still to come) or the sender's verdict arrives
+  // (false: it was OK), or fails: the sender aborted or failed, the connection broke, shutdown, or
+  // neither came by min(idle_timeout, the sender's budget + kVerdictMargin).
+  absl::StatusOr<bool> AwaitPending(Connection& conn, const ControlFrame& frame,
+                                    int32_t* next_token) {
     PDS_ASSIGN_OR_RETURN(const DevicePending pending, DecodeDevicePending(frame));
+    *next_token = pending.next_token;
     const absl::Time start = absl::Now();
     const absl::Time limit =
         start + std::min(options_.idle_timeout, pending.budget + kVerdictMargin);

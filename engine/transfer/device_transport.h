@@ -12,9 +12,13 @@
 //   plane: moves every layer into the receiver's blocks and waits until they are complete
 //   (IPC without early DONE: copies into the mapped pool; NCCL: DEVICE_START /
 //   DEVICE_START_REPLY, then one send per layer)
-//   DEVICE_DONE (status)            ──►       sink->Complete(status)
+//   DEVICE_DONE (status, token)     ──►       sink->Complete(status, token)
 //                                   ◄──       DONE_REPLY (status)
 //   [the next transfer to the same receiver: DEVICE_OFFER on the same connection]
+//
+// DEVICE_DONE and DEVICE_DONE_PENDING carry the next token of a header with kNextTokenAtEnd
+// (the sender asks its source for it once every layer is moved or started; a source error is
+// sent as DEVICE_DONE(error) once nothing is in flight), -1 otherwise.
 //
 // Early DONE (planes whose receiver can watch the data's completion itself; IPC: an
 // interprocess CUDA event recorded after the copies), instead of the wait and DEVICE_DONE:
@@ -135,9 +139,12 @@ absl::StatusOr<DeviceOffer> DecodeDeviceOffer(const ControlFrame& frame);
 std::string EncodeDeviceOfferReply(const DeviceOfferReply& reply);
 absl::StatusOr<DeviceOfferReply> DecodeDeviceOfferReply(const ControlFrame& frame);
 // The status a reply or DONE frame carries (the outer StatusOr fails on a malformed frame).
-absl::StatusOr<absl::Status> DecodeStatusFrame(const ControlFrame& frame);
-// OK for DEVICE_DONE(OK); the carried error ("the sender broke off: ..."), or a protocol error.
-absl::Status CheckDone(const ControlFrame& frame);
+absl::StatusOr<tcp_wire::PeerStatus> DecodeStatusFrame(const ControlFrame& frame);
+// DEVICE_DONE payload: tcp_wire::EncodeEnd.
+std::string EncodeDone(const absl::Status& status, int32_t next_token = -1);
+// OK for DEVICE_DONE(OK) (its token in *next_token, when given); the carried error ("the sender
+// broke off: ..."), or a protocol error.
+absl::Status CheckDone(const ControlFrame& frame, int32_t* next_token = nullptr);
 
 // DEVICE_DONE_PENDING: the copies are enqueued; the receiver may watch their completion with
 // `plane_data` (IPC: the event) and gets the sender's verdict (DEVICE_DONE, or DEVICE_ABORT and
@@ -146,8 +153,9 @@ struct DevicePending {
   std::string plane_data;
   absl::Duration expected = absl::ZeroDuration();  // the copies should end in this long
   absl::Duration budget = absl::ZeroDuration();    // the sender's time left (its deadline)
+  int32_t next_token = -1;                         // kNextTokenAtEnd transfers: the token
 };
-// Payload: u32 plane data length, plane data, i64 expected (us), i64 budget (us).
+// Payload: u32 plane data length, plane data, i64 expected (us), i64 budget (us), i32 token.
 std::string EncodeDevicePending(const DevicePending& pending);
 absl::StatusOr<DevicePending> DecodeDevicePending(const ControlFrame& frame);
 
@@ -221,10 +229,14 @@ class ReceiverPlane {
                                              const std::vector<int32_t>& blocks) = 0;
   // After the OK reply: receives the data into `blocks`, or returns at once where the sender
   // writes it itself (IPC). Must fail (not block) when the sender sends DONE(error) instead.
-  // Where it read the sender's DONE(OK) itself, it sets *done_read.
+  // Where it read the sender's DONE(OK) itself, it fills *done.
+  struct DoneRead {
+    bool read = false;
+    int32_t next_token = -1;  // DONE's token
+  };
   virtual absl::Status Receive(const Io& io, const KvTransferHeader& header,
                                const std::string& offer_plane_data,
-                               const std::vector<int32_t>& blocks, bool* done_read) = 0;
+                               const std::vector<int32_t>& blocks, DoneRead* done) = 0;
 
   // What the plane keeps for one connection (IPC: the sender's events, opened), destroyed when
   // the connection ends, on its thread.

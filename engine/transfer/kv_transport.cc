@@ -41,9 +41,10 @@ absl::Status KvTransferHeader::Validate() const {
     return absl::InvalidArgumentError(
         absl::StrCat("kv transfer header: unknown dtype ", static_cast<int>(dtype), context()));
   }
-  if (next_token < -1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("kv transfer header: next_token ", next_token, " (-1 for none)", context()));
+  if (next_token < kNextTokenAtEnd) {
+    return absl::InvalidArgumentError(absl::StrCat("kv transfer header: next_token ", next_token,
+                                                   " (-1 for none, ", kNextTokenAtEnd,
+                                                   " for one sent at the end)", context()));
   }
   if (num_layers > kMaxLayers) {
     return absl::InvalidArgumentError(absl::StrCat("kv transfer header: num_layers ", num_layers,

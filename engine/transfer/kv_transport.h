@@ -7,6 +7,11 @@
 // layer is sent as soon as the source has it (the source may block until that layer is
 // computed, so sending overlaps prefill), and the receiver confirms the whole sequence.
 //
+// The token sampled after the sequence's positions (the decode side's first input) is in the
+// header, or, for a sequence sent while its prefill step still runs (layer-by-layer hand-off,
+// header.next_token == kNextTokenAtEnd), comes from the source after the last layer and is
+// sent with the end of the transfer; the source's error then breaks the transfer off instead.
+//
 // Layer payload layout ("packed"): K of the sequence's blocks in block-table order, then V
 // of the same blocks; each block is [kv_heads, block_size, head_dim] in `dtype`, i.e.
 // 2 * num_blocks * BlockBytes bytes per layer.
@@ -32,6 +37,10 @@
 
 namespace pds::engine {
 
+// KvTransferHeader::next_token of a transfer whose token the source gives after the last layer
+// (-1: no token at all).
+inline constexpr int32_t kNextTokenAtEnd = -2;
+
 struct KvTransferHeader {
   std::string request_id;
   int32_t num_tokens = 0;  // positions whose K/V are in the blocks
@@ -41,7 +50,9 @@ struct KvTransferHeader {
   int32_t block_size = 0;
   int32_t head_dim = 0;
   DType dtype = DType::kF32;
-  int32_t next_token = -1;  // the token sampled after these positions (the decode side's input)
+  // The token sampled after these positions (the decode side's input), -1 for none, or
+  // kNextTokenAtEnd.
+  int32_t next_token = -1;
 
   size_t BlockBytes() const {
     return static_cast<size_t>(kv_heads) * block_size * head_dim * DTypeSize(dtype);
@@ -86,8 +97,9 @@ class KvSink {
   virtual absl::Status WriteLayer(const std::string& request_id, int32_t layer, const uint8_t* data,
                                   size_t bytes) = 0;
   // Called exactly once per successful Reserve: OK when every layer was written (the sink
-  // may start decoding), an error when the transfer broke off (the sink frees the room).
-  virtual void Complete(const std::string& request_id, absl::Status status) = 0;
+  // may start decoding with `next_token`: the header's, or the one sent at the end), an error
+  // when the transfer broke off (the sink frees the room; `next_token` is -1).
+  virtual void Complete(const std::string& request_id, absl::Status status, int32_t next_token) = 0;
   // Device transports: the blocks the successful Reserve of `request_id` took, in block-table
   // order (header.num_blocks of them); the transport writes them in place (no WriteLayer) and
   // then calls Complete. Host-only sinks need not implement it.
@@ -118,6 +130,12 @@ class KvSource {
   // is waited for before the first copy starts (no overlap with prefill). Default: true, like
   // the default WaitLayer.
   virtual bool LayerReady(int32_t layer) { return true; }
+  // header.next_token == kNextTokenAtEnd: the token, once known (called after every layer was
+  // read or waited for, so it may block until the prefill step ends), or why the sequence is
+  // not to be decoded (the transfer then breaks off with that error).
+  virtual absl::StatusOr<int32_t> NextToken() {
+    return absl::UnimplementedError("this KV source has no token to send at the end");
+  }
 };
 
 struct KvSendStats {

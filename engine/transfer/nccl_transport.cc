@@ -334,7 +334,7 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
 
   absl::Status Receive(const Io& io, const KvTransferHeader& header,
                        const std::string& offer_plane_data, const std::vector<int32_t>& blocks,
-                       bool* done_read) override {
+                       DoneRead* done) override {
     PDS_ASSIGN_OR_RETURN(const uint64_t key, DecodeKey(offer_plane_data));
     PDS_ASSIGN_OR_RETURN(ControlFrame start, ReadControlFrame(io));
     if (start.type == FrameType::kDeviceDone) {
@@ -356,7 +356,7 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
     PDS_RETURN_IF_ERROR(WithContext(
         WriteFrame(io, FrameType::kDeviceStartReply, tcp_wire::EncodeStatus(absl::OkStatus())),
         "sending the start reply"));
-    absl::Status received = ReceiveLayers(io, header, blocks, *peer, deadline, done_read);
+    absl::Status received = ReceiveLayers(io, header, blocks, *peer, deadline, done);
     if (!received.ok()) {
       Log()->warn("nccl kv receiver: dropping communicator {:016x} after request '{}' failed: {}",
                   key, header.request_id, received.ToString());
@@ -372,7 +372,7 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
  private:
   absl::Status ReceiveLayers(const Io& io, const KvTransferHeader& header,
                              const std::vector<int32_t>& blocks, Peer& peer, absl::Time deadline,
-                             bool* done_read) {
+                             DoneRead* done) {
     PDS_RETURN_IF_ERROR(EnsureStaging(peer, header.LayerBytes()));
     const std::vector<BlockRun> runs = CoalesceRuns(Iota(header.num_blocks), blocks);
     auto* staging = static_cast<uint8_t*>(peer.staging.data());
@@ -395,12 +395,12 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
         sender_error = absl::UnavailableError("receiver shutting down");
         return true;
       }
-      if (*done_read || !PeerReadable(io)) return false;
+      if (done->read || !PeerReadable(io)) return false;
       Io quick = io;
       quick.deadline = absl::Now() + absl::Seconds(1);
       absl::StatusOr<ControlFrame> frame = ReadControlFrame(quick);
-      sender_error = frame.ok() ? CheckDone(*frame) : frame.status();
-      if (sender_error.ok()) *done_read = true;
+      sender_error = frame.ok() ? CheckDone(*frame, &done->next_token) : frame.status();
+      if (sender_error.ok()) done->read = true;
       return !sender_error.ok();
     };
     absl::Status waited = peer.comm->Wait(peer.stream, deadline, stop);

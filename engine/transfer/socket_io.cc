@@ -57,7 +57,7 @@ absl::Status EndFailedConnection(absl::Status status, bool stopping, absl::strin
   }
   if (reserved) {
     reserved = false;
-    sink.Complete(header.request_id, status);
+    sink.Complete(header.request_id, status, -1);
   }
   return status;
 }
@@ -225,7 +225,7 @@ absl::Status ReadExact(const Io& io, uint8_t* dst, size_t bytes, tcp_wire::Check
 }
 
 // Reads a reply frame (OFFER_REPLY or DONE_REPLY, as `want`) and returns the status it carries.
-absl::StatusOr<absl::Status> ReadReply(const Io& io, FrameType want) {
+absl::StatusOr<tcp_wire::PeerStatus> ReadReply(const Io& io, FrameType want) {
   uint8_t raw[tcp_wire::kFrameHeaderBytes];
   PDS_RETURN_IF_ERROR(ReadExact(io, raw, sizeof(raw)));
   PDS_ASSIGN_OR_RETURN(const tcp_wire::FrameHeader header,
@@ -246,7 +246,7 @@ absl::StatusOr<absl::Status> ReadReply(const Io& io, FrameType want) {
     return absl::InvalidArgumentError(
         absl::StrCat("unexpected OK reply of frame type ", static_cast<int>(header.type)));
   }
-  return carried;
+  return tcp_wire::PeerStatus(std::move(carried));
 }
 
 // "host:port" or "[v6]:port".

@@ -146,7 +146,7 @@ absl::StatusOr<ControlFrame> ReadControlFrame(const Io& io, bool* eof = nullptr)
 
 // Reads a reply frame (OFFER_REPLY or DONE_REPLY, as `want`) and returns the status it carries.
 // An error may come in either type; an OK must be the one expected.
-absl::StatusOr<absl::Status> ReadReply(const Io& io, tcp_wire::FrameType want);
+absl::StatusOr<tcp_wire::PeerStatus> ReadReply(const Io& io, tcp_wire::FrameType want);
 
 // Whether the peer already sent something (an early error reply) or hung up.
 bool PeerReadable(const Io& io);

@@ -204,7 +204,7 @@ std::string EncodeStatus(const absl::Status& status) {
   return out;
 }
 
-absl::StatusOr<absl::Status> DecodeStatus(const uint8_t* data, size_t bytes) {
+absl::StatusOr<PeerStatus> DecodeStatus(const uint8_t* data, size_t bytes) {
   Reader reader(data, bytes);
   uint32_t code = 0, length = 0;
   std::string message;
@@ -215,8 +215,28 @@ absl::StatusOr<absl::Status> DecodeStatus(const uint8_t* data, size_t bytes) {
   if (code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated)) {
     return absl::InvalidArgumentError(absl::StrCat("reply carries unknown status code ", code));
   }
-  if (code == 0) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(code), message);
+  if (code == 0) return PeerStatus(absl::OkStatus());
+  return PeerStatus(absl::Status(static_cast<absl::StatusCode>(code), message));
+}
+
+std::string EncodeEnd(const TransferEnd& end) {
+  std::string out = EncodeStatus(end.status);
+  Put(out, end.next_token);
+  return out;
+}
+
+absl::StatusOr<TransferEnd> DecodeEnd(const uint8_t* data, size_t bytes) {
+  if (bytes < sizeof(int32_t)) {
+    return absl::InvalidArgumentError(absl::StrCat("malformed end payload of ", bytes, " bytes"));
+  }
+  TransferEnd end;
+  const size_t status_bytes = bytes - sizeof(int32_t);
+  PDS_ASSIGN_OR_RETURN(end.status, DecodeStatus(data, status_bytes));
+  std::memcpy(&end.next_token, data + status_bytes, sizeof(int32_t));
+  if (end.status.ok() && end.next_token < -1) {
+    return absl::InvalidArgumentError(absl::StrCat("end carries token ", end.next_token));
+  }
+  return end;
 }
 
 }  // namespace tcp_wire
@@ -320,6 +340,22 @@ class TcpKvSender final : public KvSender {
       if (!sent.ok()) return WithContext(EarlyReply(io, sent), absl::StrCat("sending ", where));
       stats.bytes += layer_bytes;
     }
+    if (header.next_token == kNextTokenAtEnd) {
+      // The token sampled after the positions, known once the prefill step has ended; or why
+      // the sequence is not to be decoded, which breaks the transfer off.
+      absl::StatusOr<int32_t> token = source.NextToken();
+      tcp_wire::TransferEnd end;
+      if (token.ok()) {
+        end.next_token = *token;
+      } else {
+        end.status = WithContext(token.status(), "the source has no next token");
+      }
+      absl::Status sent = PeerReadable(io)
+                              ? absl::AbortedError(kPeerSpoke)
+                              : WriteFrame(io, FrameType::kEnd, tcp_wire::EncodeEnd(end));
+      if (!sent.ok()) return WithContext(EarlyReply(io, sent), "sending the end");
+      if (!end.status.ok()) return end.status;  // the receiver frees the room on reading it
+    }
 
     absl::StatusOr<absl::Status> done = ReadReply(io, FrameType::kDoneReply);
     if (!done.ok()) return WithContext(done.status(), "waiting for the receiver's confirmation");
@@ -415,24 +451,54 @@ class TcpKvReceiver final : public KvReceiver {
         case FrameType::kLayer: {
           if (!conn.reserved) return absl::InvalidArgumentError("LAYER before a reservation");
           PDS_RETURN_IF_ERROR(HandleLayer(conn, frame));
-          if (conn.next_layer == conn.header.num_layers) {
-            conn.reserved = false;
-            sink_->Complete(conn.header.request_id, absl::OkStatus());
-            // The sender may already be gone; the sink has the data either way.
-            absl::Status replied = WriteFrame(conn.io, FrameType::kDoneReply,
-                                              tcp_wire::EncodeStatus(absl::OkStatus()));
-            if (!replied.ok()) {
-              Log()->warn("kv receiver {}: request '{}' stored, but the confirmation failed: {}",
-                          server_.address(), conn.header.request_id, replied.ToString());
-            }
+          if (conn.next_layer == conn.header.num_layers &&
+              conn.header.next_token != kNextTokenAtEnd) {
+            Confirm(conn, conn.header.next_token);
             return absl::OkStatus();
           }
           break;
+        }
+        case FrameType::kEnd: {
+          if (!conn.reserved || conn.header.next_token != kNextTokenAtEnd ||
+              conn.next_layer != conn.header.num_layers) {
+            return absl::InvalidArgumentError(absl::StrCat(
+                "END after ", conn.next_layer, " of ", conn.header.num_layers, " layers",
+                conn.header.next_token == kNextTokenAtEnd ? "" : " (the offer had its token)"));
+          }
+          if (frame.length > tcp_wire::kMaxControlPayload) {
+            return absl::InvalidArgumentError(
+                absl::StrCat("END payload of ", frame.length, " bytes"));
+          }
+          std::vector<uint8_t> payload(frame.length);
+          tcp_wire::ChecksumState checksum;
+          PDS_RETURN_IF_ERROR(ReadExact(conn.io, payload.data(), payload.size(), &checksum));
+          if (checksum.Finish() != frame.checksum) {
+            return absl::DataLossError("END frame checksum mismatch");
+          }
+          PDS_ASSIGN_OR_RETURN(const tcp_wire::TransferEnd end,
+                               tcp_wire::DecodeEnd(payload.data(), payload.size()));
+          if (!end.status.ok()) return WithContext(end.status, "the sender broke off");
+          if (end.next_token < 0) return absl::InvalidArgumentError("END(OK) without a token");
+          Confirm(conn, end.next_token);
+          return absl::OkStatus();
         }
         default:
           return absl::InvalidArgumentError(
               absl::StrCat("unexpected frame type ", static_cast<int>(frame.type)));
       }
+    }
+  }
+
+  // Every layer (and the token) is in: completes the sink and confirms.
+  void Confirm(Connection& conn, int32_t next_token) {
+    conn.reserved = false;
+    sink_->Complete(conn.header.request_id, absl::OkStatus(), next_token);
+    // The sender may already be gone; the sink has the data either way.
+    absl::Status replied =
+        WriteFrame(conn.io, FrameType::kDoneReply, tcp_wire::EncodeStatus(absl::OkStatus()));
+    if (!replied.ok()) {
+      Log()->warn("kv receiver {}: request '{}' stored, but the confirmation failed: {}",
+                  server_.address(), conn.header.request_id, replied.ToString());
     }
   }
 

@@ -12,6 +12,8 @@
 //                                ◄──     OFFER_REPLY (status)
 //   [RESOURCE_EXHAUSTED: back off 2 ms doubling to 50 ms, OFFER again on the same connection]
 //   LAYER 0 .. num_layers-1      ──►     sink->WriteLayer (in order, exact size)
+//   [header.next_token == kNextTokenAtEnd:
+//    END (status, the next token) ──►    an error status breaks the transfer off]
 //                                ◄──     DONE_REPLY (status; the sink's Complete has run)
 //
 // The receiver may also send OFFER_REPLY / DONE_REPLY early with an error (a protocol error,
@@ -21,6 +23,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <ostream>
 #include <string>
 
 #include "absl/status/status.h"
@@ -67,7 +70,7 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> StartTcpKvReceiver(const std::string
 namespace tcp_wire {
 
 inline constexpr uint32_t kMagic = 0x564b4450;  // "PDKV" in little-endian byte order
-inline constexpr uint16_t kVersion = 1;
+inline constexpr uint16_t kVersion = 2;         // 2: END, and DEVICE_DONE carries a token
 inline constexpr size_t kFrameHeaderBytes = 24;
 inline constexpr size_t kLayerPrefixBytes = 8;           // i32 layer index, u32 reserved (0)
 inline constexpr uint64_t kMaxControlPayload = 1 << 16;  // OFFER and replies
@@ -88,7 +91,8 @@ enum class FrameType : uint16_t {
   kDeviceStartReply = 11,
   kDeviceDonePending = 12,  // IPC: copies enqueued, complete when the sender's event is
   kDeviceAbort = 13,        // the sender broke off after DEVICE_DONE_PENDING
-  kLast = kDeviceAbort,
+  kEnd = 14,                // after the last LAYER when the token comes at the end
+  kLast = kEnd,
 };
 
 struct FrameHeader {
@@ -126,10 +130,37 @@ absl::StatusOr<FrameHeader> ParseFrameHeader(const uint8_t* bytes, uint64_t max_
 // does).
 std::string EncodeOffer(const KvTransferHeader& header);
 absl::StatusOr<KvTransferHeader> DecodeOffer(const uint8_t* data, size_t bytes);
+// A status a peer sent (a reply, DONE), as a value: absl::StatusOr<absl::Status> would take
+// every error meant for the StatusOr itself (a read failure, a malformed payload) as its value.
+// absl::StatusOr<PeerStatus> keeps them apart and converts to absl::StatusOr<absl::Status>
+// with errors kept as errors.
+class PeerStatus {
+ public:
+  explicit PeerStatus(absl::Status status) : status_(std::move(status)) {}
+  bool ok() const { return status_.ok(); }
+  absl::StatusCode code() const { return status_.code(); }
+  absl::string_view message() const { return status_.message(); }
+  operator const absl::Status&() const { return status_; }  // NOLINT: a status, by design
+  friend std::ostream& operator<<(std::ostream& os, const PeerStatus& s) { return os << s.status_; }
+
+ private:
+  absl::Status status_;
+};
+
 // OFFER_REPLY / DONE_REPLY payload: u32 status code, u32 message length, message bytes.
 std::string EncodeStatus(const absl::Status& status);
-// The outer StatusOr fails on a malformed payload; the inner status is the one carried.
-absl::StatusOr<absl::Status> DecodeStatus(const uint8_t* data, size_t bytes);
+// Fails on a malformed payload; otherwise the status carried.
+absl::StatusOr<PeerStatus> DecodeStatus(const uint8_t* data, size_t bytes);
+
+// The end of a sender's side of a transfer: END, and the device transports' DEVICE_DONE.
+struct TransferEnd {
+  absl::Status status;      // OK, or why the sender broke off
+  int32_t next_token = -1;  // kNextTokenAtEnd transfers: the token (OK only); else -1
+};
+// Payload: the status encoding, then i32 next_token.
+std::string EncodeEnd(const TransferEnd& end);
+// Fails on a malformed payload, and on an OK end whose token is below -1.
+absl::StatusOr<TransferEnd> DecodeEnd(const uint8_t* data, size_t bytes);
 
 }  // namespace tcp_wire
 }  // namespace pds::engine

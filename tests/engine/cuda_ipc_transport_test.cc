@@ -165,7 +165,7 @@ class ChildSink : public KvSink {
   absl::StatusOr<std::vector<int32_t>> ReservedBlocks(const std::string& id) override {
     return Plans().at(id).dst;
   }
-  void Complete(const std::string& id, absl::Status status) override {
+  void Complete(const std::string& id, absl::Status status, int32_t next_token) override {
     if (status.ok()) {
       WriteFile(dir_ / (id + ".bin"), pool_.Gather(Plans().at(id).dst));
     } else {

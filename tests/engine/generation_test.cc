@@ -1,14 +1,17 @@
 // Sampling, stopping, logprobs, validation and cancellation of the generation engine.
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <map>
 #include <memory>
 #include <set>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "engine/backend/cpu_backend.h"
 #include "engine/model/presets.h"
 #include "engine/model/transformer.h"
+#include "engine/runtime/kv_handoff.h"
 #include "engine/runtime/llm_engine.h"
 #include "gtest/gtest.h"
 #include "tests/testing/test_util.h"
@@ -271,6 +274,206 @@ TEST_F(GenerationTest, HeldPrefillHandedToAnotherEngineContinuesIdentically) {
     EXPECT_EQ(tokens, whole.token_ids) << "temperature " << temperature;
     EXPECT_EQ(decode->num_free_blocks(), 64);
   }
+}
+
+// The forward's K/V hook runs after each layer's writes and before the next layer's: at the
+// hook for layer l, layer l holds the step's K/V and layer l + 1 still the old contents.
+TEST_F(GenerationTest, KvLayerHookRunsAfterEachLayersWrites) {
+  const int32_t block_size = 8;
+  const KvCacheShape shape = model_->CacheShape(4, block_size);
+  auto cache = KvCache::Create(*backend_, shape);
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  BlockAllocator& alloc = cache->allocator();
+  BlockTable table;
+  const std::vector<int32_t> prompt = {3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46};
+  ASSERT_TRUE(table.Reserve(static_cast<int32_t>(prompt.size()), block_size, alloc).ok());
+  const size_t pool_floats = shape.BlockBytes(DType::kF32) * shape.num_blocks / sizeof(float);
+  for (int32_t l = 0; l < shape.num_layers; ++l) {
+    std::fill_n(static_cast<float*>(cache->k(l)), pool_floats, 0.0f);
+    std::fill_n(static_cast<float*>(cache->v(l)), pool_floats, 0.0f);
+  }
+  const auto written = [&](int32_t layer) {  // the first position's K is no longer all zeros
+    const float* k = static_cast<const float*>(cache->k(layer)) +
+                     table.blocks()[0] * shape.BlockBytes(DType::kF32) / sizeof(float);
+    return std::any_of(k, k + shape.head_dim, [](float x) { return x != 0.0f; });
+  };
+  std::vector<int32_t> seen;
+  const Transformer::KvLayerHook hook = [&](int32_t layer) -> absl::Status {
+    seen.push_back(layer);
+    EXPECT_TRUE(written(layer)) << layer;
+    if (layer + 1 < shape.num_layers) EXPECT_FALSE(written(layer + 1)) << layer;
+    return absl::OkStatus();
+  };
+  SequenceInput in{prompt, 0, &table};
+  std::vector<float> logits;
+  std::vector<int32_t> tokens;
+  ASSERT_TRUE(
+      model_->Forward({&in, 1}, *cache, logits, {kernels::RowSampling{}}, {0}, tokens, hook).ok());
+  std::vector<int32_t> want(static_cast<size_t>(shape.num_layers));
+  for (int32_t l = 0; l < shape.num_layers; ++l) want[l] = l;
+  EXPECT_EQ(seen, want);
+  // A hook's error fails the forward.
+  const Transformer::KvLayerHook failing = [](int32_t layer) {
+    return layer == 1 ? absl::InternalError("hook failed") : absl::OkStatus();
+  };
+  EXPECT_EQ(
+      model_->Forward({&in, 1}, *cache, logits, {kernels::RowSampling{}}, {0}, tokens, failing)
+          .code(),
+      absl::StatusCode::kInternal);
+  ASSERT_TRUE(table.Release(alloc).ok());
+}
+
+// Layer-by-layer hand-off: the hook gets the sequences whose prompts complete in the step
+// before their forward; the step's end completes every layer and resolves the token; a decode
+// engine given those blocks continues exactly as a single engine would.
+TEST_F(GenerationTest, HandoffDuringThePrefillStepContinuesIdentically) {
+  SamplingParams p{.temperature = 0.9f, .seed = 5, .max_tokens = 10, .ignore_eos = true};
+  const std::vector<int32_t> prompt = {3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 7, 7};
+  const GenerateResult whole = Run(Request(p, prompt));
+  ASSERT_EQ(whole.token_ids.size(), 10u);
+
+  // A budget of 8 tokens per step: the prompt is prefilled in two chunks, and only the second
+  // step hands it off.
+  auto prefill = NewEngine({.block_size = 8, .num_blocks = 64, .max_batch_tokens = 8});
+  std::vector<std::shared_ptr<KvHandoff>> handed;
+  int hook_calls = 0;
+  prefill->set_handoff_hook([&](std::vector<std::shared_ptr<KvHandoff>> handoffs) {
+    ++hook_calls;
+    for (auto& h : handoffs) {
+      // Nothing of the step is written yet.
+      absl::StatusOr<bool> ready = h->layers().Ready(0);
+      ASSERT_TRUE(ready.ok());
+      EXPECT_FALSE(*ready);
+      EXPECT_EQ(h->WaitNextToken(absl::Now(), nullptr).status().code(),
+                absl::StatusCode::kDeadlineExceeded);
+      handed.push_back(h);
+    }
+  });
+  GenerateRequest r = Request(p, prompt);
+  r.id = "x";
+  r.hold_kv_after_prefill = true;
+  ASSERT_TRUE(prefill->AddRequest(r).ok());
+  GenerateRequest one = Request({.max_tokens = 1}, {1, 2, 3});  // ends with its first token
+  one.id = "one";
+  one.hold_kv_after_prefill = true;
+  ASSERT_TRUE(prefill->AddRequest(one).ok());
+  auto first = prefill->Step();  // "x"'s first chunk, nothing handed off
+  ASSERT_TRUE(first.ok()) << first.status();
+  EXPECT_EQ(hook_calls, 0);
+  std::vector<TokenOutput> outs;
+  while (outs.size() < 2) {
+    auto step = prefill->Step();
+    ASSERT_TRUE(step.ok()) << step.status();
+    for (TokenOutput& o : *step) outs.push_back(std::move(o));
+  }
+  ASSERT_EQ(handed.size(), 1u);  // not "one"
+  KvHandoff& h = *handed[0];
+  EXPECT_EQ(h.request_id(), "x");
+  EXPECT_EQ(h.num_tokens(), static_cast<int32_t>(prompt.size()));
+  auto held = prefill->GetHeld("x");
+  ASSERT_TRUE(held.ok()) << held.status();
+  EXPECT_EQ(h.blocks(), held->blocks);
+  const KvCacheShape& shape = prefill->cache().shape();
+  for (int32_t l = 0; l < shape.num_layers; ++l) {
+    EXPECT_TRUE(h.layers().Wait(l, absl::Now() + absl::Seconds(1), nullptr).ok()) << l;
+  }
+  auto token = h.WaitNextToken(absl::Now() + absl::Seconds(1), nullptr);
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_EQ(*token, whole.token_ids[0]);
+
+  auto decode = NewEngine();
+  r.hold_kv_after_prefill = false;
+  auto reserved = decode->ReserveImport(r, h.num_tokens());
+  ASSERT_TRUE(reserved.ok()) << reserved.status();
+  const size_t bytes = shape.BlockBytes(DType::kF32);
+  for (int layer = 0; layer < shape.num_layers; ++layer) {
+    for (size_t i = 0; i < reserved->size(); ++i) {
+      std::memcpy(static_cast<char*>(decode->cache().k(layer)) + (*reserved)[i] * bytes,
+                  static_cast<char*>(prefill->cache().k(layer)) + h.blocks()[i] * bytes, bytes);
+      std::memcpy(static_cast<char*>(decode->cache().v(layer)) + (*reserved)[i] * bytes,
+                  static_cast<char*>(prefill->cache().v(layer)) + h.blocks()[i] * bytes, bytes);
+    }
+  }
+  ASSERT_TRUE(prefill->Cancel("x").ok());
+  EXPECT_EQ(prefill->num_free_blocks(), 64);
+  ASSERT_TRUE(decode->ActivateImport("x", *token).ok());
+  std::vector<int32_t> tokens = {*token};
+  while (decode->HasWork()) {
+    auto step = decode->Step();
+    ASSERT_TRUE(step.ok()) << step.status();
+    for (const TokenOutput& o : *step) tokens.push_back(o.token);
+  }
+  EXPECT_EQ(tokens, whole.token_ids);
+}
+
+// A sequence handed off during its step that then ends with its first token (a stop token):
+// its hand-off fails with the reason, and its blocks stay until Cancel (the transfer reading
+// them ends first).
+TEST_F(GenerationTest, HandoffOfASequenceEndingWithItsFirstTokenFailsAndKeepsTheBlocks) {
+  const std::vector<int32_t> prompt = {9, 8, 7, 6, 5};
+  const GenerateResult greedy = Run(Request({.max_tokens = 1}, prompt));
+  ASSERT_EQ(greedy.token_ids.size(), 1u);
+  auto prefill = NewEngine();
+  std::shared_ptr<KvHandoff> handed;
+  prefill->set_handoff_hook(
+      [&](std::vector<std::shared_ptr<KvHandoff>> handoffs) { handed = handoffs.at(0); });
+  GenerateRequest r = Request({.max_tokens = 8, .stop_token_ids = {greedy.token_ids[0]}}, prompt);
+  r.id = "stops";
+  r.hold_kv_after_prefill = true;
+  ASSERT_TRUE(prefill->AddRequest(r).ok());
+  auto step = prefill->Step();
+  ASSERT_TRUE(step.ok()) << step.status();
+  ASSERT_EQ(step->size(), 1u);
+  EXPECT_EQ((*step)[0].finish, FinishReason::kStop);
+  EXPECT_TRUE((*step)[0].kv_held);
+  ASSERT_NE(handed, nullptr);
+  auto token = handed->WaitNextToken(absl::Now() + absl::Seconds(1), nullptr);
+  EXPECT_EQ(token.status().code(), absl::StatusCode::kCancelled);
+  EXPECT_NE(token.status().message().find("ended with its first token"), std::string::npos);
+  EXPECT_LT(prefill->num_free_blocks(), 64);
+  EXPECT_FALSE(prefill->HasRunnable());
+  ASSERT_TRUE(prefill->Cancel("stops").ok());
+  EXPECT_EQ(prefill->num_free_blocks(), 64);
+  EXPECT_FALSE(prefill->HasWork());
+}
+
+TEST(LayerProgressTest, WaitsForIssuedMarksAndFailsWithTheStep) {
+  class Gate : public Backend::Mark {
+   public:
+    absl::StatusOr<bool> Reached() override { return open.load(); }
+    std::atomic<bool> open{false};
+  };
+  LayerProgress progress(3);
+  EXPECT_EQ(progress.Ready(3).status().code(), absl::StatusCode::kOutOfRange);
+  EXPECT_FALSE(*progress.Ready(0));
+  EXPECT_EQ(progress.Wait(0, absl::Now() + absl::Milliseconds(20), nullptr).code(),
+            absl::StatusCode::kDeadlineExceeded);
+  EXPECT_EQ(progress.Wait(0, absl::Now() + absl::Seconds(5), [] { return true; }).code(),
+            absl::StatusCode::kCancelled);
+  auto gate = std::make_shared<Gate>();
+  progress.Issued(0, gate);
+  EXPECT_FALSE(*progress.Ready(0));  // issued, not complete
+  std::thread opener([&] {
+    absl::SleepFor(absl::Milliseconds(20));
+    gate->open = true;
+  });
+  EXPECT_TRUE(progress.Wait(0, absl::Now() + absl::Seconds(5), nullptr).ok());
+  opener.join();
+  EXPECT_TRUE(*progress.Ready(0));
+  EXPECT_FALSE(*progress.Ready(1));
+  // Layer 1 is waited for on another thread while the step fails.
+  absl::Status waited;
+  std::thread waiter([&] { waited = progress.Wait(1, absl::Now() + absl::Seconds(5), nullptr); });
+  absl::SleepFor(absl::Milliseconds(10));
+  progress.End(absl::InternalError("device lost"));
+  waiter.join();
+  EXPECT_EQ(waited.code(), absl::StatusCode::kInternal);
+  EXPECT_EQ(progress.Ready(0).status().code(), absl::StatusCode::kInternal);
+
+  LayerProgress done(2);
+  done.End(absl::OkStatus());  // a step that ended well: every layer is complete
+  EXPECT_TRUE(*done.Ready(1));
+  EXPECT_TRUE(done.Wait(1, absl::Now(), nullptr).ok());
 }
 
 TEST_F(GenerationTest, ImportsWaitForRoomAndCancelFreesReservedBlocks) {

@@ -81,6 +81,10 @@ class Source : public KvSource {
     return absl::OkStatus();
   }
   std::function<absl::Status(int32_t)> on_layer;
+  absl::StatusOr<int32_t> NextToken() override {
+    return next_token ? next_token() : KvSource::NextToken();
+  }
+  std::function<absl::StatusOr<int32_t>()> next_token;
 
  private:
   std::vector<int32_t> blocks_;
@@ -106,9 +110,10 @@ class Sink : public KvSink {
   absl::Status WriteLayer(const std::string&, int32_t, const uint8_t*, size_t) override {
     return absl::InternalError("the device path must not write host layers");
   }
-  void Complete(const std::string& id, absl::Status status) override {
+  void Complete(const std::string& id, absl::Status status, int32_t next_token) override {
     std::lock_guard<std::mutex> lock(mu);
     completed[id].push_back(status);
+    tokens[id].push_back(next_token);
   }
   absl::StatusOr<std::vector<int32_t>> ReservedBlocks(const std::string& id) override {
     std::lock_guard<std::mutex> lock(mu);
@@ -120,12 +125,17 @@ class Sink : public KvSink {
     std::lock_guard<std::mutex> lock(mu);
     return completed[id];
   }
+  std::vector<int32_t> Tokens(const std::string& id) {
+    std::lock_guard<std::mutex> lock(mu);
+    return tokens[id];
+  }
 
   std::mutex mu;
   std::map<std::string, std::vector<int32_t>> plan;  // the receiver's blocks per request
   std::map<std::string, std::vector<int32_t>> reserved;
   std::map<std::string, std::vector<absl::Status>> completed;
-  int exhausted_left = 0;  // -1: always
+  std::map<std::string, std::vector<int32_t>> tokens;  // Complete's next_token
+  int exhausted_left = 0;                              // -1: always
   absl::Status refuse;
   int reserve_calls = 0;
   // The receiver's connection thread that reserved each request (one thread per connection).
@@ -334,6 +344,61 @@ TEST_F(NcclFakeTransportTest, SourceErrorBreaksOffTheTransfer) {
   EXPECT_FALSE(sink_.Completions("src")[0].ok());
 }
 
+// Layer-by-layer hand-off over NCCL: the source produces its layers one by one (each wait
+// returns only when the layer is "computed") and gives the token after the last; the receiver
+// gets the header's token otherwise.
+TEST_F(NcclFakeTransportTest, TokenAtTheEndFollowsLayersProducedOneByOne) {
+  sink_.plan["late"] = {3, 9};
+  Source source({4, 5});
+  std::vector<int32_t> waited;
+  source.on_layer = [&](int32_t layer) {
+    absl::SleepFor(absl::Milliseconds(2));  // the layer's compute
+    waited.push_back(layer);
+    return absl::OkStatus();
+  };
+  source.next_token = [&]() -> absl::StatusOr<int32_t> {
+    EXPECT_EQ(waited.size(), static_cast<size_t>(kLayers)) << "the token after every layer";
+    return 99;
+  };
+  KvTransferHeader h = Header("late", 2);
+  h.next_token = kNextTokenAtEnd;
+  auto stats = sender_->Send(receiver_->address(), h, source, absl::Now() + absl::Seconds(10));
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  ExpectCopied({4, 5}, {3, 9});
+  ASSERT_EQ(sink_.Completions("late").size(), 1u);
+  EXPECT_TRUE(sink_.Completions("late")[0].ok());
+  EXPECT_EQ(sink_.Tokens("late"), std::vector<int32_t>{99});
+
+  sink_.plan["offered"] = {1};
+  Source plain({2});
+  ASSERT_TRUE(Send("offered", plain, 1).ok());
+  EXPECT_EQ(sink_.Tokens("offered"), std::vector<int32_t>{7});
+}
+
+// No token at the end (the sequence ended with its first token): the data moved, but the
+// receiver fails the transfer with the source's reason; the pair goes on working.
+TEST_F(NcclFakeTransportTest, NoTokenAtTheEndBreaksOffTheTransfer) {
+  sink_.plan["ended"] = {1, 2};
+  Source source({4, 5});
+  source.next_token = [] { return absl::CancelledError("ended with its first token"); };
+  KvTransferHeader h = Header("ended", 2);
+  h.next_token = kNextTokenAtEnd;
+  auto stats = sender_->Send(receiver_->address(), h, source, absl::Now() + absl::Seconds(10));
+  EXPECT_EQ(stats.status().code(), absl::StatusCode::kCancelled) << stats.status();
+  EXPECT_TRUE(Contains(stats.status().message(), "ended with its first token"));
+  const absl::Time limit = absl::Now() + absl::Seconds(5);
+  while (sink_.Completions("ended").empty() && absl::Now() < limit) {
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  ASSERT_EQ(sink_.Completions("ended").size(), 1u);
+  EXPECT_TRUE(Contains(sink_.Completions("ended")[0].message(), "ended with its first token"));
+  EXPECT_EQ(sink_.Tokens("ended"), std::vector<int32_t>{-1});
+  sink_.plan["next"] = {6};
+  Source next({7});
+  ASSERT_TRUE(Send("next", next, 1).ok());
+  ExpectCopied({7}, {6});
+}
+
 TEST_F(NcclFakeTransportTest, AsynchronousSendFailureThenRecovery) {
   sink_.plan["async"] = {1};
   world_->FailSends(1);
@@ -366,7 +431,7 @@ TEST_F(NcclFakeTransportTest, TransportMismatchIsReported) {
     absl::Status WriteLayer(const std::string&, int32_t, const uint8_t*, size_t) override {
       return absl::OkStatus();
     }
-    void Complete(const std::string&, absl::Status) override {}
+    void Complete(const std::string&, absl::Status, int32_t) override {}
   } null_sink;
   auto tcp = StartTcpKvReceiver("127.0.0.1", 0, &null_sink);
   ASSERT_TRUE(tcp.ok());

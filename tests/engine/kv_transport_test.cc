@@ -63,6 +63,12 @@ class FakeSource : public KvSource {
   explicit FakeSource(std::vector<std::string> layers) : layers_(std::move(layers)) {}
   // Runs before each read; an error fails the read.
   std::function<absl::Status(int32_t)> before_read;
+  // The token a kNextTokenAtEnd transfer sends after the last layer.
+  std::function<absl::StatusOr<int32_t>()> next_token;
+
+  absl::StatusOr<int32_t> NextToken() override {
+    return next_token ? next_token() : KvSource::NextToken();
+  }
 
   absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override {
     if (before_read) {
@@ -115,10 +121,11 @@ class FakeSink : public KvSink {
     return absl::OkStatus();
   }
 
-  void Complete(const std::string& request_id, absl::Status status) override {
+  void Complete(const std::string& request_id, absl::Status status, int32_t next_token) override {
     std::lock_guard<std::mutex> lock(mu_);
     if (!reserved_.erase(request_id)) unexpected_completes_++;
     completions_[request_id].push_back(std::move(status));
+    next_tokens_[request_id].push_back(next_token);
     ++total_completions_;
     cv_.notify_all();
   }
@@ -149,6 +156,10 @@ class FakeSink : public KvSink {
     std::lock_guard<std::mutex> lock(mu_);
     return layers_[id];
   }
+  std::vector<int32_t> next_tokens(const std::string& id) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return next_tokens_[id];
+  }
 
  private:
   std::mutex mu_;
@@ -159,6 +170,7 @@ class FakeSink : public KvSink {
   std::map<std::string, KvTransferHeader> reserved_;
   std::map<std::string, std::vector<std::string>> layers_;
   std::map<std::string, std::vector<absl::Status>> completions_;
+  std::map<std::string, std::vector<int32_t>> next_tokens_;
 };
 
 // A blocking socket speaking raw bytes to the receiver (5 s timeouts).
@@ -202,7 +214,7 @@ class RawClient {
   }
 
   // The status a reply frame carries; fails if none could be read.
-  absl::StatusOr<absl::Status> ReadReply() {
+  absl::StatusOr<wire::PeerStatus> ReadReply() {
     uint8_t raw[wire::kFrameHeaderBytes];
     if (!ReadExact(raw, sizeof(raw))) return absl::UnavailableError("no reply");
     auto header = wire::ParseFrameHeader(raw, wire::kMaxControlPayload);
@@ -283,7 +295,8 @@ TEST(KvTransferHeaderTest, Validate) {
   EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.block_size = -16; }));
   EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.head_dim = 0; }));
   EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.dtype = static_cast<DType>(7); }));
-  EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.next_token = -2; }));
+  EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.next_token = -3; }));
+  EXPECT_FALSE(invalid([](KvTransferHeader& h) { h.next_token = kNextTokenAtEnd; }));
   EXPECT_FALSE(invalid([](KvTransferHeader& h) { h.next_token = 17; }));
   EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.num_layers = 1025; }));
   EXPECT_FALSE(invalid([](KvTransferHeader& h) { h.num_layers = 1024; }));
@@ -365,6 +378,15 @@ TEST(TcpWireTest, OfferAndStatusRoundTrip) {
   EXPECT_EQ(*carried, absl::NotFoundError("gone"));
   const std::string ok = wire::EncodeStatus(absl::OkStatus());
   EXPECT_TRUE(wire::DecodeStatus(reinterpret_cast<const uint8_t*>(ok.data()), ok.size())->ok());
+  // A malformed payload fails the decoding itself; it is not taken as a carried error.
+  for (size_t cut = 0; cut < status.size(); ++cut) {
+    EXPECT_FALSE(wire::DecodeStatus(reinterpret_cast<const uint8_t*>(status.data()), cut).ok())
+        << cut;
+  }
+  // Nor is a failure to read a reply: it converts to an error, not to a carried one.
+  const absl::StatusOr<absl::Status> converted =
+      absl::StatusOr<wire::PeerStatus>(absl::UnavailableError("connection lost"));
+  EXPECT_EQ(converted.status().code(), absl::StatusCode::kUnavailable);
 }
 
 TEST(TcpWireTest, FrameHeaderChecks) {
@@ -380,7 +402,7 @@ TEST(TcpWireTest, FrameHeaderChecks) {
   header[0] ^= 1;
   header[4] = 9;
   EXPECT_TRUE(Contains(parse(100).status().message(), "version"));
-  header[4] = 1;
+  header[4] = wire::kVersion;
   header[6] = 42;
   EXPECT_TRUE(Contains(parse(100).status().message(), "type"));
 }
@@ -534,6 +556,83 @@ TEST_F(KvTransportTest, SourceErrorBreaksOffTheTransfer) {
   ASSERT_EQ(sink_.completions("broken-source").size(), 1u);
   EXPECT_FALSE(sink_.completions("broken-source")[0].ok());
   EXPECT_EQ(sink_.layers("broken-source").size(), 2u);
+}
+
+// Layer-by-layer hand-off: each layer leaves as soon as the source has it (the source here
+// produces layer l only once the receiver has stored layer l - 1), and the token follows the
+// last layer.
+TEST_F(KvTransportTest, LayersLeaveWhileTheSourceIsProducingAndTheTokenComesLast) {
+  KvTransferHeader h = MakeHeader("streamed", 4);
+  h.next_token = kNextTokenAtEnd;
+  const auto layers = RandomLayers(h, 11);
+  FakeSource source(layers);
+  source.before_read = [&](int32_t layer) {
+    const absl::Time limit = absl::Now() + absl::Seconds(5);
+    while (static_cast<int32_t>(sink_.layers("streamed").size()) < layer) {
+      if (absl::Now() > limit) return absl::DeadlineExceededError("the receiver lags");
+      absl::SleepFor(absl::Milliseconds(1));
+    }
+    return absl::OkStatus();
+  };
+  bool asked_early = false;
+  source.next_token = [&]() -> absl::StatusOr<int32_t> {
+    // Asked once every layer is sent (the receiver may still be storing the last one).
+    asked_early = sink_.layers("streamed").size() < 3;
+    return 4321;
+  };
+  auto stats = Send(h, source);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_FALSE(asked_early);
+  EXPECT_EQ(sink_.layers("streamed"), layers);
+  ASSERT_EQ(sink_.completions("streamed").size(), 1u);
+  EXPECT_TRUE(sink_.completions("streamed")[0].ok());
+  EXPECT_EQ(sink_.next_tokens("streamed"), std::vector<int32_t>{4321});
+
+  // The token in the offer reaches the sink as it is.
+  KvTransferHeader with_token = MakeHeader("offered", 2);
+  with_token.next_token = 77;
+  FakeSource plain(RandomLayers(with_token, 12));
+  ASSERT_TRUE(Send(with_token, plain).ok());
+  EXPECT_EQ(sink_.next_tokens("offered"), std::vector<int32_t>{77});
+}
+
+// A source that has every layer but no token (the sequence ended with its first token)
+// breaks the transfer off after the last layer: the receiver frees the room with its reason.
+TEST_F(KvTransportTest, NoTokenAtTheEndBreaksOffTheTransfer) {
+  KvTransferHeader h = MakeHeader("ended", 3);
+  h.next_token = kNextTokenAtEnd;
+  FakeSource source(RandomLayers(h, 13));
+  source.next_token = [] { return absl::CancelledError("ended with its first token"); };
+  auto stats = Send(h, source);
+  EXPECT_EQ(stats.status().code(), absl::StatusCode::kCancelled) << stats.status();
+  EXPECT_TRUE(Contains(stats.status().message(), "ended with its first token"));
+  ASSERT_TRUE(sink_.WaitForCompletions(1));
+  const auto completions = sink_.completions("ended");
+  ASSERT_EQ(completions.size(), 1u);
+  EXPECT_EQ(completions[0].code(), absl::StatusCode::kCancelled);
+  EXPECT_TRUE(Contains(completions[0].message(), "ended with its first token"));
+  EXPECT_EQ(sink_.next_tokens("ended"), std::vector<int32_t>{-1});
+  EXPECT_EQ(sink_.unexpected_completes(), 0);
+  // A source without a token for such a header fails the same way.
+  FakeSource tokenless(RandomLayers(h, 14));
+  h.request_id = "tokenless";
+  EXPECT_EQ(Send(h, tokenless).status().code(), absl::StatusCode::kUnimplemented);
+}
+
+TEST(TcpWireTest, EndRoundTripsAndRejectsGarbage) {
+  const std::string ok = wire::EncodeEnd({absl::OkStatus(), 1234});
+  auto end = wire::DecodeEnd(reinterpret_cast<const uint8_t*>(ok.data()), ok.size());
+  ASSERT_TRUE(end.ok()) << end.status();
+  EXPECT_TRUE(end->status.ok());
+  EXPECT_EQ(end->next_token, 1234);
+  const std::string failed = wire::EncodeEnd({absl::AbortedError("no"), -1});
+  end = wire::DecodeEnd(reinterpret_cast<const uint8_t*>(failed.data()), failed.size());
+  ASSERT_TRUE(end.ok()) << end.status();
+  EXPECT_EQ(end->status.code(), absl::StatusCode::kAborted);
+  EXPECT_FALSE(wire::DecodeEnd(reinterpret_cast<const uint8_t*>(ok.data()), 3).ok());
+  EXPECT_FALSE(wire::DecodeEnd(reinterpret_cast<const uint8_t*>(ok.data()), ok.size() - 1).ok());
+  const std::string bad = wire::EncodeEnd({absl::OkStatus(), -7});
+  EXPECT_FALSE(wire::DecodeEnd(reinterpret_cast<const uint8_t*>(bad.data()), bad.size()).ok());
 }
 
 TEST_F(KvTransportTest, SinkWriteErrorReachesTheSender) {

@@ -1,0 +1,112 @@
+#include "engine/runtime/kv_handoff.h"
+
+#include <algorithm>
+#include <chrono>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+
+namespace pds::engine {
+namespace {
+
+// Waits on `cv` until `done()` holds, in slices so that `cancelled` and the deadline are seen.
+template <typename Done>
+absl::Status WaitUntil(std::unique_lock<std::mutex>& lock, std::condition_variable& cv,
+                       absl::Time deadline, const std::function<bool()>& cancelled, Done done,
+                       const char* what) {
+  while (!done()) {
+    if (cancelled && cancelled()) return absl::CancelledError(absl::StrCat("cancelled ", what));
+    const absl::Duration left = deadline - absl::Now();
+    if (left <= absl::ZeroDuration()) {
+      return absl::DeadlineExceededError(absl::StrCat("deadline exceeded ", what));
+    }
+    cv.wait_for(lock, absl::ToChronoMicroseconds(std::min(left, absl::Milliseconds(5))));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+void LayerProgress::Issued(int32_t layer, std::shared_ptr<Backend::Mark> mark) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (layer != issued_ || layer >= num_layers()) return;  // out of order: ignored (a bug)
+  marks_[static_cast<size_t>(layer)] = std::move(mark);
+  ++issued_;
+  cv_.notify_all();
+}
+
+void LayerProgress::End(absl::Status status) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (ended_.has_value()) return;
+  ended_ = std::move(status);
+  cv_.notify_all();
+}
+
+absl::StatusOr<bool> LayerProgress::Ready(int32_t layer) {
+  std::shared_ptr<Backend::Mark> mark;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (layer < 0 || layer >= num_layers()) {
+      return absl::OutOfRangeError(absl::StrCat("layer ", layer, " of ", num_layers()));
+    }
+    if (ended_.has_value()) {
+      if (!ended_->ok()) return *ended_;
+      return true;
+    }
+    if (layer >= issued_) return false;
+    mark = marks_[static_cast<size_t>(layer)];
+  }
+  if (mark == nullptr) return true;
+  return mark->Reached();
+}
+
+absl::Status LayerProgress::Wait(int32_t layer, absl::Time deadline,
+                                 const std::function<bool()>& cancelled) {
+  const std::string what = absl::StrCat("waiting for layer ", layer, " of ", num_layers());
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (layer < 0 || layer >= num_layers()) return absl::OutOfRangeError(what);
+    absl::Status issued = WaitUntil(
+        lock, cv_, deadline, cancelled, [&] { return layer < issued_ || ended_.has_value(); },
+        what.c_str());
+    if (!issued.ok()) return issued;
+  }
+  // Issued: poll its mark (a device's writes finish within the layer's time), yielding first,
+  // then with short naps.
+  absl::Duration nap = absl::Microseconds(10);
+  const absl::Time spin_until = absl::Now() + absl::Microseconds(200);
+  while (true) {
+    absl::StatusOr<bool> ready = Ready(layer);
+    if (!ready.ok()) return ready.status();
+    if (*ready) return absl::OkStatus();
+    if (cancelled && cancelled()) return absl::CancelledError(absl::StrCat("cancelled ", what));
+    const absl::Time now = absl::Now();
+    if (now >= deadline)
+      return absl::DeadlineExceededError(absl::StrCat("deadline exceeded ", what));
+    if (now < spin_until) {
+      std::this_thread::yield();
+    } else {
+      absl::SleepFor(std::min(nap, deadline - now));
+      nap = std::min(nap * 2, absl::Microseconds(100));
+    }
+  }
+}
+
+void KvHandoff::Resolve(absl::StatusOr<int32_t> next_token) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (next_token_.has_value()) return;
+  next_token_ = std::move(next_token);
+  cv_.notify_all();
+}
+
+absl::StatusOr<int32_t> KvHandoff::WaitNextToken(absl::Time deadline,
+                                                 const std::function<bool()>& cancelled) {
+  std::unique_lock<std::mutex> lock(mu_);
+  absl::Status waited = WaitUntil(
+      lock, cv_, deadline, cancelled, [&] { return next_token_.has_value(); },
+      "waiting for the token after the prompt");
+  if (!waited.ok()) return waited;
+  return *next_token_;
+}
+
+}  // namespace pds::engine
