@@ -25,13 +25,18 @@
 //             2048-token sequence, as the CPU-path comparison: the source packs each layer to
 //             the host with cudaMemcpy per block, the sink copies it back per block (as
 //             server/worker.cc does)
+//   handoff   the layer-by-layer hand-off against prefill alone: a llama3-8b engine (random
+//             bf16 weights) in this process prefills 2048 and 8192 tokens and hands the KV to
+//             the child over IPC, either after the step or layer by layer during it (see
+//             MeasureHandoff); ms until the child has the KV, against the prefill alone (the
+//             issue asks for the layered hand-off within 5% of it)
 //
 // The sender's pool is random (every bf16 element non-zero); the receiver's pool is zeroed
 // before an untimed verification transfer of each configuration, after which checksums of
 // sampled blocks of every layer (K and V) must match the sender's, or the run fails.
 //
 //   bench_kv_transfer [--json-out FILE] [--device N] [--iters N] [--quick] [--no-tcp]
-//                     [--timeout-s S]
+//                     [--no-handoff] [--timeout-s S]
 //
 // Exits 0 when every measurement ran and verified, 1 on any error (naming the stage), 2 on bad
 // flags or no usable GPU, 3 when the watchdog (--timeout-s, default 300) fires; the child is
@@ -59,6 +64,7 @@
 #include <optional>
 #include <random>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
@@ -73,7 +79,12 @@
 #include "absl/time/time.h"
 #include "bench/gpu_check.h"
 #include "bench/report.h"
+#include "engine/backend/backend.h"
 #include "engine/common/dtype.h"
+#include "engine/model/presets.h"
+#include "engine/model/transformer.h"
+#include "engine/runtime/kv_handoff.h"
+#include "engine/runtime/llm_engine.h"
 #include "engine/transfer/cuda_ipc_transport.h"
 #include "engine/transfer/kv_transport.h"
 #include "engine/transfer/tcp_transport.h"
@@ -132,6 +143,7 @@ struct Options {
   int iters = 0;  // 0: the default
   bool quick = false;
   bool tcp = true;
+  bool handoff = true;  // the layer-by-layer hand-off against prefill alone (llama3-8b engine)
   double timeout_s = 300;
   // The child's: its scratch directory, the pool size the parent chose, the parent's pid.
   std::string child_dir;
@@ -142,19 +154,21 @@ struct Options {
 void Usage() {
   std::fprintf(stderr,
                "usage: bench_kv_transfer [--json-out FILE] [--device N] [--iters N] [--quick]\n"
-               "                         [--no-tcp] [--timeout-s S]\n"
+               "                         [--no-tcp] [--no-handoff] [--timeout-s S]\n"
                "  --json-out   also write the results as JSON to FILE\n"
                "  --device     CUDA device ordinal (default 0); both processes use it\n"
                "  --iters      timed transfers per configuration (default 10; TCP: 3)\n"
                "  --quick      512 and 2048 tokens only, 3 timed transfers each\n"
                "  --no-tcp     skip the host TCP transport comparison\n"
+               "  --no-handoff skip the hand-off against prefill alone (a llama3-8b engine)\n"
                "  --timeout-s  exit 3 if the run takes longer (default 300; 0: never)\n");
 }
 
 std::optional<Options> ParseArgs(int argc, char** argv) {
   const std::vector<server::FlagSpec> specs = {
-      {"json-out"},  {"device"}, {"iters"},       {"quick", true}, {"no-tcp", true},
-      {"timeout-s"}, {"child"},  {"pool-blocks"}, {"parent-pid"},  {"help", true}};
+      {"json-out"},     {"device"},           {"iters"},     {"quick", true},
+      {"no-tcp", true}, {"no-handoff", true}, {"timeout-s"}, {"child"},
+      {"pool-blocks"},  {"parent-pid"},       {"help", true}};
   const absl::StatusOr<server::CliArgs> args = server::CliArgs::Parse(argc, argv, 1, specs);
   if (!args.ok()) {
     std::fprintf(stderr, "%s: %s\n", Tool(), std::string(args.status().message()).c_str());
@@ -169,6 +183,7 @@ std::optional<Options> ParseArgs(int argc, char** argv) {
   o.child_dir = args->GetString("child");
   o.quick = args->GetBool("quick");
   o.tcp = !args->GetBool("no-tcp");
+  o.handoff = !args->GetBool("no-handoff");
   // Each integer flag, when given, must be positive (--device: >= 0).
   struct IntFlag {
     const char* name;
@@ -885,6 +900,146 @@ void PrintBreakdown(const Json& rows) {
   std::fflush(stdout);
 }
 
+// The layer-by-layer hand-off against prefill alone (the issue: TTFT with the hand-off within
+// 5% of TTFT without any): a llama3-8b engine (random bf16 weights, in this process) prefills a
+// prompt of `tokens` tokens held for the hand-off, and the KV goes to the child over the CUDA
+// IPC transport. Three modes, interleaved, median of `iters` each:
+//   prefill   the step alone (AddRequest, Step: the first token on the host); no transfer
+//   after     the step, then KvSender::Send of the held blocks with the token
+//   layered   the step with the transfer started by the engine's hand-off hook before its
+//             forward (each layer moved as soon as it is written, the token at the end), until
+//             Send returns
+// Value: ms until the child has every layer (and the token); ceiling: prefill alone; fraction:
+// prefill / value (1: the hand-off costs nothing past the prefill; layered's target 1/1.05).
+std::vector<Metric> MeasureHandoff(const std::string& address, const std::filesystem::path& dir,
+                                   int device, const std::vector<int32_t>& token_counts,
+                                   int iters) {
+  SetStage("handoff: model");
+  engine::BackendOptions bo;
+  bo.kind = "cuda";
+  bo.device = device;
+  bo.dtype = engine::DType::kBF16;
+  std::unique_ptr<engine::Backend> backend = PDS_TAKE(engine::CreateBackend(bo));
+  const engine::ModelConfig config = PDS_TAKE(engine::PresetConfig("llama3-8b"));
+  std::unique_ptr<engine::Transformer> model =
+      PDS_TAKE(engine::Transformer::CreateRandom(config, *backend, 3));
+  const int32_t max_tokens = *std::max_element(token_counts.begin(), token_counts.end());
+  engine::EngineOptions eo;
+  eo.block_size = kBlockSize;
+  eo.num_blocks = (max_tokens + kBlockSize - 1) / kBlockSize + 8;
+  eo.max_batch_tokens = max_tokens;
+  eo.max_running = 4;
+  std::unique_ptr<engine::LlmEngine> eng = PDS_TAKE(engine::LlmEngine::Create(*model, eo));
+  const engine::KvCache& cache = eng->cache();
+  KvPoolLayout pool;
+  pool.data = cache.data();
+  pool.bytes = cache.bytes();
+  pool.pool_bytes = cache.pool_bytes();
+  pool.block_bytes = cache.shape().BlockBytes(engine::DType::kBF16);
+  pool.num_layers = cache.shape().num_layers;
+  pool.num_blocks = cache.shape().num_blocks;
+  pool.device = device;
+  if (pool.block_bytes != kBlockBytes || pool.num_layers != kLayers) {
+    Fail("the llama3-8b preset's KV shape differs from this tool's");
+  }
+  std::unique_ptr<engine::KvSender> sender = PDS_TAKE(engine::CreateCudaIpcKvSender(pool));
+
+  enum Mode { kPrefill, kAfter, kLayered };
+  const char* const kModeNames[] = {"prefill", "after", "layered"};
+  std::vector<Metric> metrics;
+  int serial = 0;
+  for (int32_t tokens : token_counts) {
+    static std::string stage;
+    SetStage("handoff");
+    stage = absl::StrCat("handoff: ", tokens, " tokens");
+    SetStage(stage.c_str());
+    std::vector<int32_t> prompt(static_cast<size_t>(tokens));
+    std::mt19937_64 rng(static_cast<uint64_t>(tokens));
+    for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % config.vocab_size);
+    // One run of `mode`: (ms until the child has the KV, or the step for kPrefill; step ms).
+    auto run = [&](Mode mode) -> std::pair<double, double> {
+      const std::string id = RequestId("ipc", true, tokens, absl::StrCat("ho", serial++));
+      engine::GenerateRequest r;
+      r.id = id;
+      r.prompt = prompt;
+      r.params.max_tokens = 4;
+      r.params.ignore_eos = true;
+      r.hold_kv_after_prefill = true;
+      PDS_CHECK_OK(eng->AddRequest(r));
+      const absl::Time deadline = absl::Now() + absl::Seconds(30);
+      std::thread layered;
+      absl::StatusOr<KvSendStats> layered_stats = absl::UnknownError("not sent");
+      if (mode == kLayered) {
+        eng->set_handoff_hook([&](std::vector<std::shared_ptr<engine::KvHandoff>> handoffs) {
+          if (handoffs.size() != 1) Fail("expected one hand-off");
+          std::shared_ptr<engine::KvHandoff> h = handoffs[0];
+          layered = std::thread([&, h] {
+            engine::CacheKvSource source(*backend, cache, h, deadline, nullptr);
+            KvTransferHeader header = Header(id, tokens);
+            header.next_token = engine::kNextTokenAtEnd;
+            layered_stats = sender->Send(address, header, source, deadline);
+          });
+        });
+      } else {
+        eng->set_handoff_hook(nullptr);
+      }
+      const auto t0 = std::chrono::steady_clock::now();
+      absl::StatusOr<std::vector<engine::TokenOutput>> step = eng->Step();
+      const double step_ms = Seconds(t0) * 1e3;
+      if (!step.ok() || step->size() != 1 || !(*step)[0].kv_held) {
+        if (layered.joinable()) layered.join();
+        Fail(absl::StrCat("handoff ", id, ": the prefill step: ",
+                          step.ok() ? "no held first token" : step.status().ToString()));
+      }
+      if (mode == kAfter) {
+        engine::HeldKv held = PDS_TAKE(eng->GetHeld(id));
+        engine::CacheKvSource source(*backend, cache, held.blocks);
+        KvTransferHeader header = Header(id, tokens);
+        header.next_token = (*step)[0].token;
+        PDS_CHECK_OK(sender->Send(address, header, source, deadline).status());
+      } else if (mode == kLayered) {
+        layered.join();
+        PDS_CHECK_OK(layered_stats.status());
+      }
+      const double ms = Seconds(t0) * 1e3;
+      eng->set_handoff_hook(nullptr);
+      PDS_CHECK_OK(eng->Cancel(id));
+      if (std::filesystem::exists(dir / (id + ".err"))) {
+        Fail(
+            absl::StrCat("handoff ", id, ": the child failed it: ", ReadFile(dir / (id + ".err"))));
+      }
+      return {ms, step_ms};
+    };
+    for (Mode mode : {kPrefill, kAfter, kLayered}) run(mode);  // warm-up
+    std::vector<double> ms[3], step_ms[3];
+    for (int i = 0; i < iters; ++i) {
+      for (Mode mode : {kPrefill, kAfter, kLayered}) {
+        const auto [t, s] = run(mode);
+        ms[mode].push_back(t);
+        step_ms[mode].push_back(s);
+      }
+    }
+    const double prefill = Median(ms[kPrefill]);
+    for (Mode mode : {kPrefill, kAfter, kLayered}) {
+      Metric m;
+      m.name = absl::StrCat("handoff ", kModeNames[mode], " ", tokens);
+      m.shape = absl::StrCat("llama3-8b bf16 prefill of ", tokens, " tokens",
+                             mode == kPrefill ? "" : ", KV to the child over IPC");
+      m.value = Median(ms[mode]);
+      m.unit = "ms";
+      m.ceiling = prefill;
+      m.ceiling_unit = "ms prefill alone";
+      m.fraction = prefill / m.value;
+      m.target = mode == kLayered ? 1.0 / 1.05 : 0;
+      m.note =
+          absl::StrFormat("median of %d; the step itself %.2f ms", iters, Median(step_ms[mode]));
+      m.extra = {{"ms_all", ms[mode]}, {"step_ms_all", step_ms[mode]}};
+      metrics.push_back(m);
+    }
+  }
+  return metrics;
+}
+
 int ParentMain(const Options& opt) {
   Watchdog watchdog(opt.timeout_s);
   const auto run_start = std::chrono::steady_clock::now();
@@ -995,6 +1150,14 @@ int ParentMain(const Options& opt) {
     std::unique_ptr<engine::KvSender> tcp = engine::CreateTcpKvSender();
     metrics.push_back(MeasureTransfer(*tcp, fields["tcp"], "tcp", pool, dir, /*shuffled=*/true,
                                       2048, tcp_iters, ceiling));
+  }
+  if (opt.handoff) {
+    const std::vector<int32_t> handoff_tokens =
+        opt.quick ? std::vector<int32_t>{2048} : std::vector<int32_t>{2048, 8192};
+    for (Metric& m :
+         MeasureHandoff(fields["ipc"], dir, opt.device, handoff_tokens, opt.quick ? 3 : 5)) {
+      metrics.push_back(std::move(m));
+    }
   }
 
   SetStage("stopping the child");

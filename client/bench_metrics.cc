@@ -24,6 +24,9 @@ struct Stages {
   // prefill step to the front-end's first token (the relay back): the parts of TTFT that
   // are neither queueing nor compute.
   double dispatch = -1, relay = -1;
+  // The end of the prefill step to the decode worker having the KV: the part of the KV
+  // transfer that prefill did not hide (0 when it was complete by then).
+  double handoff = -1;
 };
 Stages StagesOf(const RequestRecord& r) {
   Stages s;
@@ -43,6 +46,9 @@ Stages StagesOf(const RequestRecord& r) {
   if (t.arrival_us > 0 && t.queued_us >= t.arrival_us) s.dispatch = Ms(t.arrival_us, t.queued_us);
   if (t.prefill_end_us > 0 && t.first_token_us >= t.prefill_end_us) {
     s.relay = Ms(t.prefill_end_us, t.first_token_us);
+  }
+  if (t.prefill_end_us > 0 && t.kv_transfer_end_us > 0) {
+    s.handoff = std::max(0.0, Ms(t.prefill_end_us, t.kv_transfer_end_us));
   }
   return s;
 }
@@ -114,7 +120,8 @@ BenchMetrics ComputeMetrics(const std::vector<RequestRecord>& records, double du
   BenchMetrics m;
   m.slo = slo;
   m.duration = duration_s;
-  std::vector<double> ttft, tpot, itl, e2el, queue, prefill, transfer, decode, dispatch, relay;
+  std::vector<double> ttft, tpot, itl, e2el, queue, prefill, transfer, decode, dispatch, relay,
+      handoff;
   for (const RequestRecord& r : records) {
     if (!r.ok) {
       ++m.failed;
@@ -138,6 +145,7 @@ BenchMetrics ComputeMetrics(const std::vector<RequestRecord>& records, double du
     if (st.decode >= 0) decode.push_back(st.decode);
     if (st.dispatch >= 0) dispatch.push_back(st.dispatch);
     if (st.relay >= 0) relay.push_back(st.relay);
+    if (st.handoff >= 0) handoff.push_back(st.handoff);
   }
   if (duration_s > 0) {
     m.request_throughput = m.completed / duration_s;
@@ -157,6 +165,7 @@ BenchMetrics ComputeMetrics(const std::vector<RequestRecord>& records, double du
   m.decode_ms = ComputeStats(std::move(decode));
   m.dispatch_ms = ComputeStats(std::move(dispatch));
   m.relay_ms = ComputeStats(std::move(relay));
+  m.handoff_ms = ComputeStats(std::move(handoff));
   return m;
 }
 
@@ -186,7 +195,8 @@ nlohmann::json MetricsToJson(const BenchMetrics& m, const std::vector<std::strin
   j["server_timeline"] = {
       {"queue_ms", StatsJson(m.queue_ms)},       {"prefill_ms", StatsJson(m.prefill_ms)},
       {"transfer_ms", StatsJson(m.transfer_ms)}, {"decode_ms", StatsJson(m.decode_ms)},
-      {"dispatch_ms", StatsJson(m.dispatch_ms)}, {"relay_ms", StatsJson(m.relay_ms)}};
+      {"dispatch_ms", StatsJson(m.dispatch_ms)}, {"relay_ms", StatsJson(m.relay_ms)},
+      {"handoff_ms", StatsJson(m.handoff_ms)}};
   return j;
 }
 
@@ -251,6 +261,7 @@ std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& 
     stage("Prefill:", m.prefill_ms);
     stage("Relay:", m.relay_ms);
     stage("KV transfer:", m.transfer_ms);
+    stage("KV after prefill:", m.handoff_ms);
     stage("Decode:", m.decode_ms);
   }
   rule('=');
@@ -260,7 +271,7 @@ std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& 
 std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTargets& slo) {
   std::string out =
       "index,ok,error_code,send_s,ttft_ms,tpot_ms,e2el_ms,prompt_tokens,output_tokens,meets_slo,"
-      "queue_ms,prefill_ms,transfer_ms,decode_ms,dispatch_ms,relay_ms\n";
+      "queue_ms,prefill_ms,transfer_ms,decode_ms,dispatch_ms,relay_ms,handoff_ms\n";
   auto opt = [](double v) { return v >= 0 ? absl::StrFormat("%.3f", v) : std::string(); };
   for (const RequestRecord& r : records) {
     Stages st = StagesOf(r);
@@ -270,7 +281,7 @@ std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTarg
         r.HasTpot() ? opt(r.TpotS() * 1000) : "", ",", r.ok ? opt(r.E2elS() * 1000) : "", ",",
         r.prompt_tokens, ",", r.OutputTokens(), ",", MeetsSlo(r, slo) ? 1 : 0, ",", opt(st.queue),
         ",", opt(st.prefill), ",", opt(st.transfer), ",", opt(st.decode), ",", opt(st.dispatch),
-        ",", opt(st.relay), "\n");
+        ",", opt(st.relay), ",", opt(st.handoff), "\n");
   }
   return out;
 }

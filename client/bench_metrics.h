@@ -100,8 +100,10 @@ struct BenchMetrics {
   // Server timeline stages of completed requests that reported them (ms): dispatch =
   // front-end arrival -> the prefill worker has it, queue = the worker has it -> prefill
   // start, prefill = prefill start -> end, relay = prefill end -> the front-end's first token,
-  // transfer = KV transfer start -> end (disaggregated only), decode = decode start -> finish.
-  Stats queue_ms, prefill_ms, transfer_ms, decode_ms, dispatch_ms, relay_ms;
+  // transfer = KV transfer start -> end (disaggregated only), decode = decode start -> finish,
+  // handoff = prefill end -> the decode worker has the KV (0 where it had it by then: the
+  // transfer's part that prefill did not hide).
+  Stats queue_ms, prefill_ms, transfer_ms, decode_ms, dispatch_ms, relay_ms, handoff_ms;
   std::map<std::string, int64_t> errors;  // failed requests by code
 };
 
@@ -126,10 +128,11 @@ std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& 
 
 // One CSV row per request: index, ok, error_code, send_s, ttft_ms, tpot_ms, e2el_ms,
 // prompt_tokens, output_tokens, meets_slo, queue_ms, prefill_ms, transfer_ms, decode_ms,
-// dispatch_ms, relay_ms. The last six come from the server timeline (empty without one):
-// queue = the prefill worker has it -> its step starts, prefill = that step, dispatch = the
-// front-end has it -> the prefill worker has it, relay = the step ends -> the front-end has
-// the first token. `pdserve plan --calibrate` reads these files (scheduler/calibration.h).
+// dispatch_ms, relay_ms, handoff_ms. The last seven come from the server timeline (empty
+// without one): queue = the prefill worker has it -> its step starts, prefill = that step,
+// dispatch = the front-end has it -> the prefill worker has it, relay = the step ends -> the
+// front-end has the first token, handoff = the step ends -> the decode worker has the KV. `pdserve
+// plan --calibrate` reads these files (scheduler/calibration.h).
 std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTargets& slo);
 
 // --search results.

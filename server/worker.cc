@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
+#include "engine/runtime/kv_handoff.h"
 #include "engine/transfer/nccl_transport.h"
 #include "engine/transfer/tcp_transport.h"
 #if PDS_HAVE_CUDA
@@ -132,65 +133,6 @@ engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
   g.best_effort = r.best_effort();
   return g;
 }
-
-// Reads one sequence's blocks out of the KV cache, layer by layer. A held sequence's K/V are
-// complete (the step that sampled its first token synchronized the compute stream to read the
-// logits). With a hand-off (layer-by-layer: the step completing the prompt still runs), each
-// layer is waited for before it is read, and the token comes from the step's end.
-class CacheSource : public engine::KvSource {
- public:
-  CacheSource(engine::Backend& backend, const engine::KvCache& cache, std::vector<int32_t> blocks)
-      : backend_(backend), cache_(cache), blocks_(std::move(blocks)) {}
-  CacheSource(engine::Backend& backend, const engine::KvCache& cache,
-              std::shared_ptr<engine::KvHandoff> handoff, absl::Time deadline,
-              std::shared_ptr<std::atomic<bool>> cancelled)
-      : backend_(backend),
-        cache_(cache),
-        blocks_(handoff->blocks()),
-        handoff_(std::move(handoff)),
-        deadline_(deadline),
-        cancelled_([cancelled] { return cancelled->load(); }) {}
-
-  // Device transports read the blocks in place.
-  absl::StatusOr<std::vector<int32_t>> Blocks() override { return blocks_; }
-  absl::Status WaitLayer(int32_t layer) override {
-    if (handoff_ == nullptr) return absl::OkStatus();
-    return handoff_->layers().Wait(layer, deadline_, cancelled_);
-  }
-  bool LayerReady(int32_t layer) override {
-    if (handoff_ == nullptr) return true;
-    absl::StatusOr<bool> ready = handoff_->layers().Ready(layer);
-    return !ready.ok() || *ready;  // an error: WaitLayer reports it at once
-  }
-  absl::StatusOr<int32_t> NextToken() override {
-    if (handoff_ == nullptr) return KvSource::NextToken();
-    return handoff_->WaitNextToken(deadline_, cancelled_);
-  }
-  absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override {
-    PDS_RETURN_IF_ERROR(WaitLayer(layer));
-    const size_t block_bytes = cache_.shape().BlockBytes(backend_.compute_dtype());
-    if (bytes != 2 * blocks_.size() * block_bytes) {
-      return absl::InternalError(absl::StrCat("layer buffer of ", bytes, " bytes, expected ",
-                                              2 * blocks_.size() * block_bytes));
-    }
-    for (int kv = 0; kv < 2; ++kv) {
-      const auto* pool = static_cast<const uint8_t*>(kv == 0 ? cache_.k(layer) : cache_.v(layer));
-      for (size_t i = 0; i < blocks_.size(); ++i) {
-        PDS_RETURN_IF_ERROR(backend_.CopyToHost(dst, pool + blocks_[i] * block_bytes, block_bytes));
-        dst += block_bytes;
-      }
-    }
-    return absl::OkStatus();
-  }
-
- private:
-  engine::Backend& backend_;
-  const engine::KvCache& cache_;
-  const std::vector<int32_t> blocks_;
-  const std::shared_ptr<engine::KvHandoff> handoff_;
-  const absl::Time deadline_ = absl::InfiniteFuture();
-  const std::function<bool()> cancelled_;
-};
 
 }  // namespace
 
@@ -774,8 +716,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       if (it == live_.end()) continue;  // cannot happen: the engine runs live requests only
       Live& live = it->second;
       const absl::Time deadline = TransferDeadline(live);
-      auto source = std::make_shared<CacheSource>(model_.backend(), engine_->cache(), handoff,
-                                                  deadline, live.cancelled);
+      auto source = std::make_shared<engine::CacheKvSource>(
+          model_.backend(), engine_->cache(), handoff, deadline,
+          [cancelled = live.cancelled] { return cancelled->load(); });
       SubmitTransfer(
           handoff->request_id(), live,
           Header(handoff->request_id(), handoff->num_tokens(),
@@ -815,13 +758,14 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     }
     const engine::KvTransferHeader header =
         Header(id, held->num_tokens, static_cast<int32_t>(held->blocks.size()), next_token);
-    SubmitTransfer(id, live, header,
-                   std::make_shared<CacheSource>(model_.backend(), engine_->cache(), held->blocks),
-                   TransferDeadline(live));
+    SubmitTransfer(
+        id, live, header,
+        std::make_shared<engine::CacheKvSource>(model_.backend(), engine_->cache(), held->blocks),
+        TransferDeadline(live));
   }
 
   void SubmitTransfer(const std::string& id, Live& live, const engine::KvTransferHeader& header,
-                      std::shared_ptr<CacheSource> source, absl::Time deadline) {
+                      std::shared_ptr<engine::KvSource> source, absl::Time deadline) {
     live.transfer_active = true;
     live.kv_start_us = NowUs();
     transfers_->Submit([this, id, header, source, deadline, address = live.kv_address,

@@ -5,6 +5,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "engine/common/status_macros.h"
 
 namespace pds::engine {
 namespace {
@@ -107,6 +108,39 @@ absl::StatusOr<int32_t> KvHandoff::WaitNextToken(absl::Time deadline,
       "waiting for the token after the prompt");
   if (!waited.ok()) return waited;
   return *next_token_;
+}
+
+absl::Status CacheKvSource::WaitLayer(int32_t layer) {
+  if (handoff_ == nullptr) return absl::OkStatus();
+  return handoff_->layers().Wait(layer, deadline_, cancelled_);
+}
+
+bool CacheKvSource::LayerReady(int32_t layer) {
+  if (handoff_ == nullptr) return true;
+  absl::StatusOr<bool> ready = handoff_->layers().Ready(layer);
+  return !ready.ok() || *ready;  // an error: WaitLayer reports it at once
+}
+
+absl::StatusOr<int32_t> CacheKvSource::NextToken() {
+  if (handoff_ == nullptr) return KvSource::NextToken();
+  return handoff_->WaitNextToken(deadline_, cancelled_);
+}
+
+absl::Status CacheKvSource::ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) {
+  PDS_RETURN_IF_ERROR(WaitLayer(layer));
+  const size_t block_bytes = cache_.shape().BlockBytes(backend_.compute_dtype());
+  if (bytes != 2 * blocks_.size() * block_bytes) {
+    return absl::InternalError(absl::StrCat("layer buffer of ", bytes, " bytes, expected ",
+                                            2 * blocks_.size() * block_bytes));
+  }
+  for (int kv = 0; kv < 2; ++kv) {
+    const auto* pool = static_cast<const uint8_t*>(kv == 0 ? cache_.k(layer) : cache_.v(layer));
+    for (int32_t block : blocks_) {
+      PDS_RETURN_IF_ERROR(backend_.CopyToHost(dst, pool + block * block_bytes, block_bytes));
+      dst += block_bytes;
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace pds::engine

@@ -19,6 +19,8 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "engine/backend/backend.h"
+#include "engine/kv_cache/kv_cache.h"
+#include "engine/transfer/kv_transport.h"
 
 namespace pds::engine {
 
@@ -82,6 +84,41 @@ class KvHandoff {
   std::mutex mu_;
   std::condition_variable cv_;
   std::optional<absl::StatusOr<int32_t>> next_token_;
+};
+
+// A sequence's KV in a KvCache as the source of a transfer (kv_transport.h). A held sequence
+// (its prefill step has ended and synchronized) has every layer complete; with a KvHandoff
+// (layer-by-layer: the step completing the prompt still runs) each layer is waited for before
+// it is read or moved, and the token comes from the step's end (a header with
+// kNextTokenAtEnd). Host transports read packed layers through the backend; device transports
+// move the blocks in place.
+class CacheKvSource : public KvSource {
+ public:
+  CacheKvSource(Backend& backend, const KvCache& cache, std::vector<int32_t> blocks)
+      : backend_(backend), cache_(cache), blocks_(std::move(blocks)) {}
+  // Waits end at `deadline` or when `cancelled` (polled; may be null) returns true.
+  CacheKvSource(Backend& backend, const KvCache& cache, std::shared_ptr<KvHandoff> handoff,
+                absl::Time deadline, std::function<bool()> cancelled)
+      : backend_(backend),
+        cache_(cache),
+        blocks_(handoff->blocks()),
+        handoff_(std::move(handoff)),
+        deadline_(deadline),
+        cancelled_(std::move(cancelled)) {}
+
+  absl::StatusOr<std::vector<int32_t>> Blocks() override { return blocks_; }
+  absl::Status WaitLayer(int32_t layer) override;
+  bool LayerReady(int32_t layer) override;
+  absl::StatusOr<int32_t> NextToken() override;
+  absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override;
+
+ private:
+  Backend& backend_;
+  const KvCache& cache_;
+  const std::vector<int32_t> blocks_;
+  const std::shared_ptr<KvHandoff> handoff_;
+  const absl::Time deadline_ = absl::InfiniteFuture();
+  const std::function<bool()> cancelled_;
 };
 
 }  // namespace pds::engine

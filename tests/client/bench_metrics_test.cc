@@ -153,12 +153,21 @@ TEST(PdbenchMetricsTest, ServerTimelineStages) {
   EXPECT_DOUBLE_EQ(m.dispatch_ms.mean, 1.0);
   EXPECT_EQ(m.relay_ms.count, 1);  // the second's first token precedes its prefill end
   EXPECT_DOUBLE_EQ(m.relay_ms.mean, 0.4);
+  // KV after prefill: 1.5 ms for the first (its transfer began at the step's end).
+  EXPECT_EQ(m.handoff_ms.count, 1);
+  EXPECT_DOUBLE_EQ(m.handoff_ms.mean, 1.5);
   const std::string csv = RequestsCsv(records, SloTargets{});
-  EXPECT_NE(csv.find("dispatch_ms,relay_ms\n"), std::string::npos) << csv;
-  EXPECT_NE(csv.find(",1.000,0.400\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find("dispatch_ms,relay_ms,handoff_ms\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find(",1.000,0.400,1.500\n"), std::string::npos) << csv;
   const nlohmann::json j = MetricsToJson(m, AllPercentileMetrics());
   EXPECT_DOUBLE_EQ(j["server_timeline"]["relay_ms"]["mean"].get<double>(), 0.4);
+  EXPECT_DOUBLE_EQ(j["server_timeline"]["handoff_ms"]["mean"].get<double>(), 1.5);
   EXPECT_NE(SummaryTable(m, AllPercentileMetrics()).find("Relay:"), std::string::npos);
+  EXPECT_NE(SummaryTable(m, AllPercentileMetrics()).find("KV after prefill:"), std::string::npos);
+  // A layer-by-layer hand-off complete before the step's end exposes nothing.
+  records[0].timeline.kv_transfer_start_us = 1'004'000;
+  records[0].timeline.kv_transfer_end_us = 1'007'900;
+  EXPECT_DOUBLE_EQ(ComputeMetrics(records, 4.0, SloTargets{}).handoff_ms.mean, 0.0);
 }
 
 TEST(PdbenchMetricsTest, JsonUsesVllmFieldNames) {

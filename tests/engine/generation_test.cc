@@ -301,7 +301,9 @@ TEST_F(GenerationTest, KvLayerHookRunsAfterEachLayersWrites) {
   const Transformer::KvLayerHook hook = [&](int32_t layer) -> absl::Status {
     seen.push_back(layer);
     EXPECT_TRUE(written(layer)) << layer;
-    if (layer + 1 < shape.num_layers) EXPECT_FALSE(written(layer + 1)) << layer;
+    if (layer + 1 < shape.num_layers) {
+      EXPECT_FALSE(written(layer + 1)) << layer;
+    }
     return absl::OkStatus();
   };
   SequenceInput in{prompt, 0, &table};
