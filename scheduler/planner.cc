@@ -362,6 +362,7 @@ nlohmann::json PlanToJson(const Plan& plan) {
                    {"colocated", InstanceJson(o.base.colocated)}};
   j["kv_transfer"] = {{"bandwidth_bytes_per_s", o.base.transfer_bandwidth},
                       {"latency_s", o.base.transfer_latency_s},
+                      {"layered", o.base.layered_handoff},
                       {"bytes_per_token", o.base.kv_shape.BytesPerToken()}};
   j["policies"] = {{"dispatch", o.base.dispatch_policy}, {"batch", o.base.batch_policy}};
   j["simulation"] = {{"arrival", client::ArrivalKindName(o.arrival.kind)},

@@ -532,7 +532,7 @@ class Cluster {
       inst.engine->Release(req);
       Finish(requests_[req]);
     }
-    for (int64_t req : handoffs) PDS_RETURN_IF_ERROR(Offer(req));
+    for (int64_t req : handoffs) PDS_RETURN_IF_ERROR(Offer(req, inst.step_s));
     PDS_RETURN_IF_ERROR(Kick(k));
     if (inst.role != InstanceRole::kPrefill) PDS_RETURN_IF_ERROR(RetryOffers(k));
     return absl::OkStatus();
@@ -584,26 +584,34 @@ class Cluster {
     }
   }
 
-  absl::Status Offer(int64_t req) {
+  // At the end of the prefill step (of `step_s` seconds) that completed the prompt.
+  absl::Status Offer(int64_t req, double step_s) {
     Request& r = requests_[req];
+    const double overlap_s = config_.layered_handoff ? step_s : 0;
     if (!r.offered) {
       r.offered = true;
-      r.record.timeline.kv_transfer_start_us = TimelineUs(now_);
+      r.record.timeline.kv_transfer_start_us = TimelineUs(now_ - overlap_s);
     }
     Instance& d = instances_[r.decode];
-    if (TryImport(req)) return absl::OkStatus();
+    if (TryImport(req, overlap_s)) return absl::OkStatus();
     ++offers_refused_;
     d.offers.push_back(req);
     return absl::OkStatus();
   }
 
-  bool TryImport(int64_t req) {
+  // `overlap_s`: how long the layers have been moving already (layer by layer during the
+  // prefill step); 0 after a wait for room.
+  bool TryImport(int64_t req, double overlap_s = 0) {
     Request& r = requests_[req];
     Instance& d = instances_[r.decode];
     if (!d.engine->ReserveImport(req, r.spec.prompt_len, r.spec.output_len)) return false;
     const double bytes = static_cast<double>(config_.kv_shape.BytesPerToken()) * r.spec.prompt_len;
-    Push(now_ + config_.transfer_latency_s + bytes / config_.transfer_bandwidth,
-         EventType::kTransferEnd, req);
+    const double move_s = bytes / config_.transfer_bandwidth;
+    const double left_s =
+        overlap_s > 0
+            ? std::max(move_s / std::max(1, config_.kv_shape.num_layers), move_s - overlap_s)
+            : move_s;
+    Push(now_ + config_.transfer_latency_s + left_s, EventType::kTransferEnd, req);
     return true;
   }
 

@@ -40,8 +40,12 @@
 //     frees blocks (the live sender retries with a backoff; here the retry is immediate);
 //   - the transfer takes transfer_latency_s + bytes / transfer_bandwidth, bytes = 2 (K, V)
 //     * layers * kv_heads * head_dim * dtype_bytes * prompt tokens; transfers do not share
-//     bandwidth with each other; at its end the prefill blocks are freed and the sequence
-//     decodes on the decode instance (its first decode step yields token 2);
+//     bandwidth with each other; with layered_handoff (the workers' default) a hand-off the
+//     decode instance accepts at once moved its layers during the prefill step, so only
+//     max(the last layer's share, the whole move - the step) is left after the step (plus the
+//     latency), while one that waited for room moves everything after its wait; at its end the
+//     prefill blocks are freed and the sequence decodes on the decode instance (its first
+//     decode step yields token 2);
 //   - a one-token output finishes on the prefill instance and is never handed off.
 // Times in records are seconds from the run start (the first arrival is at its arrival
 // time, 0 for generated arrivals); timeline stamps are simulated microseconds plus 1 s (so
@@ -92,6 +96,7 @@ struct SimConfig {
   KvShape kv_shape;
   double transfer_bandwidth = 10e9;              // bytes per second, > 0
   double transfer_latency_s = 0;                 // per hand-off
+  bool layered_handoff = true;                   // pdserve worker --kv-handoff layered
   std::string batch_policy = "fcfs";             // MakeBatchPolicy
   std::string dispatch_policy = "least-loaded";  // MakeDispatchPolicy (with the model)
   SloPolicyOptions dispatch_slo;                 // for "slo-aware"

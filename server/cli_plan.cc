@@ -79,6 +79,8 @@ const std::vector<FlagSpec>& Specs() {
       {"dtype-bytes", false, "bytes per KV element (default: from the profile's dtype)"},
       {"kv-bandwidth-gbps", false, "KV hand-off bandwidth in GB/s (default 5)"},
       {"kv-latency-ms", false, "fixed cost of one KV hand-off in ms (default 1)"},
+      {"kv-handoff", false,
+       "layered (default: the KV moves during the prefill step, as the workers do) or after"},
       {"policy", false, "dispatch policy: least-loaded (default) or slo-aware"},
       {"batch-policy", false, "batch formation: fcfs (default) or edf"},
       {"json", true, "print the plan as one JSON object (the plan file)"},
@@ -331,6 +333,12 @@ absl::Status Run(const CliArgs& args) {
   }
   o.base.transfer_bandwidth = gbps * 1e9;
   o.base.transfer_latency_s = latency_ms / 1000;
+  const std::string handoff = args.GetString("kv-handoff", "layered");
+  if (handoff != "layered" && handoff != "after") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-handoff '", handoff, "': expected layered or after"));
+  }
+  o.base.layered_handoff = handoff == "layered";
   o.base.dispatch_policy = args.GetString("policy", "least-loaded");
   o.base.batch_policy = args.GetString("batch-policy", "fcfs");
   o.base.dispatch_slo.default_ttft_slo_ms = std::max(0.0, o.base.slo.ttft_ms);

@@ -310,11 +310,12 @@ fi
 
 # --- 7. bench_kv_transfer ------------------------------------------------------------------
 # The CUDA IPC KV transport (and host TCP) between this process and a child on the same GPU,
-# against the cross-process IPC copy bandwidth; its table is appended to bench.log.
-kv_t=$(clamp 60 0)
+# against the cross-process IPC copy bandwidth, and the layer-by-layer hand-off of a llama3-8b
+# engine's prefill against the prefill alone; its table is appended to bench.log.
+kv_t=$(clamp 90 0)
 kv_from=1
 [ "$DRY" = 0 ] && kv_from=$(($(wc -l <"$OUT/bench.log") + 1))
-run_step "bench_kv_transfer" 60 0 "$OUT/bench.log" "$BIN/bench_kv_transfer" \
+run_step "bench_kv_transfer" 90 0 "$OUT/bench.log" "$BIN/bench_kv_transfer" \
   --json-out "$OUT/transfer.json" --timeout-s $((kv_t > 15 ? kv_t - 5 : 10)) "${BENCH_FLAGS[@]}"
 if [ "$DRY" = 0 ]; then
   note "$(status_of "$STEP_RC")" "bench_kv_transfer" "see bench.log, transfer.json"
@@ -325,12 +326,17 @@ fi
 
 # --- 8. serving on the GPU: pdserve up --backend cuda under pdbench --------------------------
 # The small model served disaggregated (1 prefill + 1 decode process on the one GPU, KV over
-# CUDA IPC) and colocated (one process), each under the same pdbench load; reports appended
-# to bench.log.
+# CUDA IPC, layer by layer during the prefill step), the same with the KV sent after the step
+# (--kv-handoff after) and colocated (one process), each under the same pdbench load; reports
+# appended to bench.log.
 gpu_serving() {
   local mode=$1 dir="$WORK/serve-$1" addr i
   rm -rf "$dir" && mkdir -p "$dir"
-  if [ "$mode" = disagg ]; then set -- --prefill 1 --decode 1; else set -- --colocated 1; fi
+  case "$mode" in
+    disagg) set -- --prefill 1 --decode 1 ;;
+    disagg-after) set -- --prefill 1 --decode 1 --kv-handoff after ;;
+    *) set -- --colocated 1 ;;
+  esac
   "$BIN/pdserve" up --model "$WORK/models/small" --backend cuda "$@" --port 0 \
     --ready-file "$dir/ready" >"$dir/cluster.log" 2>&1 &
   local up=$!
@@ -347,7 +353,7 @@ gpu_serving() {
   return $rc
 }
 export BIN WORK  # gpu_serving runs in a child bash
-for mode in disagg colocated; do
+for mode in disagg disagg-after colocated; do
   run_step "serving $mode (cuda)" 40 0 "$OUT/bench.log" gpu_serving "$mode"
   [ "$DRY" = 1 ] || note "$(status_of "$STEP_RC")" "pdserve up --backend cuda ($mode)" \
     "pdbench report in bench.log"

@@ -49,8 +49,9 @@ absl::Status EndFailedConnection(absl::Status status, bool stopping, absl::strin
     absl::StrAppend(&context, ", request '", header.request_id, "'");
   }
   status = WithContext(status, context);
-  // A connection between offers that shutdown closes is no news.
-  if (reserved || !stopping) {
+  // A connection between offers that shutdown closes is no news, nor is a transfer the sender
+  // cancelled (its request was cancelled, or ended with its first token during a hand-off).
+  if ((reserved || !stopping) && !absl::IsCancelled(status)) {
     Log()->warn("{}", status.ToString());
   } else {
     Log()->debug("{}", status.ToString());

@@ -7,11 +7,13 @@
 #include <cstdio>
 #include <memory>
 #include <random>
+#include <thread>
 
 #include "engine/backend/backend.h"
 #include "engine/kv_cache/kv_cache.h"
 #include "engine/model/presets.h"
 #include "engine/model/transformer.h"
+#include "engine/runtime/kv_handoff.h"
 #include "engine/runtime/llm_engine.h"
 #include "gtest/gtest.h"
 #include "kernels/sampling.h"
@@ -214,6 +216,71 @@ TEST_P(CudaModelTest, EngineServesMixedBatchesAndReturnsEveryBlock) {
     EXPECT_EQ((*results)[i].token_ids.size(), static_cast<size_t>(8 + i));
   }
   EXPECT_EQ(e.engine->num_free_blocks(), 128);
+}
+
+// Layer-by-layer hand-off on the GPU: each layer's mark is reached only once its K/V are in
+// the cache. A thread waits for every layer in turn during the prefill step and copies it out
+// at once (on the backend's copy stream, ordered after compute only by that wait); every copy
+// must equal the layer after the step, and the resolved token the step's.
+TEST_P(CudaModelTest, HandoffMarksEachLayerOnceItsKvIsWritten) {
+  EngineOptions eo;
+  eo.num_blocks = 64;
+  eo.max_batch_tokens = 512;
+  Engine e;
+  ASSERT_NO_FATAL_FAILURE(MakeEngine(11, eo, /*graphs=*/true, e));
+  const KvCache& cache = e.engine->cache();
+  const size_t block_bytes = cache.shape().BlockBytes(GetParam().dtype);
+  const int32_t layers = cache.shape().num_layers;
+  // K then V of every block of `layer`, copied to the host.
+  auto snapshot = [&](int32_t layer, const std::vector<int32_t>& blocks) {
+    std::vector<uint8_t> out(2 * blocks.size() * block_bytes);
+    uint8_t* dst = out.data();
+    for (int kv = 0; kv < 2; ++kv) {
+      const auto* pool = static_cast<const uint8_t*>(kv == 0 ? cache.k(layer) : cache.v(layer));
+      for (int32_t b : blocks) {
+        EXPECT_TRUE(e.backend->CopyToHost(dst, pool + b * block_bytes, block_bytes).ok());
+        dst += block_bytes;
+      }
+    }
+    return out;
+  };
+  GenerateRequest r;
+  r.id = "handed";
+  for (int j = 0; j < 300; ++j) r.prompt.push_back((j * 104729 + 7) % e.config.vocab_size);
+  r.params.max_tokens = 4;
+  r.params.ignore_eos = true;
+  r.hold_kv_after_prefill = true;
+  ASSERT_TRUE(e.engine->AddRequest(r).ok());
+  std::vector<std::vector<uint8_t>> early(static_cast<size_t>(layers));
+  absl::StatusOr<int32_t> token = absl::UnknownError("not resolved");
+  std::vector<int32_t> blocks;
+  std::thread reader;
+  e.engine->set_handoff_hook([&](std::vector<std::shared_ptr<KvHandoff>> handoffs) {
+    ASSERT_EQ(handoffs.size(), 1u);
+    std::shared_ptr<KvHandoff> h = handoffs[0];
+    blocks = h->blocks();
+    reader = std::thread([&, h] {
+      const absl::Time deadline = absl::Now() + absl::Seconds(30);
+      for (int32_t l = 0; l < layers; ++l) {
+        ASSERT_TRUE(h->layers().Wait(l, deadline, nullptr).ok()) << l;
+        early[l] = snapshot(l, h->blocks());
+      }
+      token = h->WaitNextToken(deadline, nullptr);
+    });
+  });
+  auto step = e.engine->Step();
+  if (reader.joinable()) reader.join();
+  ASSERT_TRUE(step.ok()) << step.status();
+  ASSERT_EQ(step->size(), 1u);
+  EXPECT_TRUE((*step)[0].kv_held);
+  ASSERT_TRUE(token.ok()) << token.status();
+  EXPECT_EQ(*token, (*step)[0].token);
+  ASSERT_EQ(blocks.size(), (r.prompt.size() + eo.block_size - 1) / eo.block_size);
+  for (int32_t l = 0; l < layers; ++l) {
+    EXPECT_TRUE(early[l] == snapshot(l, blocks)) << "layer " << l << " was copied before written";
+  }
+  ASSERT_TRUE(e.engine->Cancel("handed").ok());
+  EXPECT_EQ(e.engine->num_free_blocks(), 64);
 }
 
 TEST_P(CudaModelTest, DeviceGreedyEqualsHostGreedy) {

@@ -28,6 +28,7 @@ SimConfig SimpleConfig() {
   c.kv_shape = {1, 1, 1, 1};
   c.transfer_bandwidth = 200;
   c.transfer_latency_s = 0.5;
+  c.layered_handoff = false;  // the whole move after the step (LayeredHandoff... below)
   c.slo.ttft_ms = 200;
   c.slo.tpot_ms = 500;
   return c;
@@ -69,6 +70,28 @@ TEST(SimulatorTest, HandComputedDisaggregatedTimes) {
   auto missed = Simulate(tight, SimpleModel(), Constant(3, 10.0, 100, 5));
   ASSERT_TRUE(missed.ok());
   EXPECT_DOUBLE_EQ(missed->metrics.slo_attainment, 0.0);
+}
+
+// Layer by layer: 4 layers, 100 tokens of 8 bytes at 8000 B/s = a 0.1 s move, done during
+// the 0.11 s prefill step except the last layer's quarter; at 800 B/s (1 s) the move outlasts
+// the step by 0.89 s.
+TEST(SimulatorTest, LayeredHandoffLeavesOnlyWhatThePrefillStepDidNotHide) {
+  for (const auto& [bandwidth, left_s] : {std::pair{8000.0, 0.025}, std::pair{800.0, 0.89}}) {
+    SimConfig c = SimpleConfig();
+    c.kv_shape = {4, 1, 1, 1};
+    c.transfer_bandwidth = bandwidth;
+    c.layered_handoff = true;
+    auto result = Simulate(c, SimpleModel(), Constant(1, 0.0, 100, 3));
+    ASSERT_TRUE(result.ok()) << result.status();
+    const client::ServerTimeline& t = result->records[0].timeline;
+    EXPECT_EQ(t.kv_transfer_start_us, t.prefill_start_us) << bandwidth;
+    EXPECT_NEAR((t.kv_transfer_end_us - t.prefill_end_us) * 1e-6, 0.5 + left_s, 1e-6) << bandwidth;
+    c.layered_handoff = false;
+    auto after = Simulate(c, SimpleModel(), Constant(1, 0.0, 100, 3));
+    ASSERT_TRUE(after.ok());
+    const client::ServerTimeline& a = after->records[0].timeline;
+    EXPECT_NEAR((a.kv_transfer_end_us - a.prefill_end_us) * 1e-6, 0.5 + 800 / bandwidth, 1e-6);
+  }
 }
 
 TEST(SimulatorTest, QueueingWhenArrivalsOutpaceThePrefill) {

@@ -274,6 +274,45 @@ TEST_F(ServingTest, UnevenShapesAndColocatedMatchOffline) {
   EXPECT_EQ(got.done.timeline().prefill_instance().rfind("colocated-", 0), 0u);
 }
 
+// The KV sent after the prefill step instead of layer by layer during it (--kv-handoff
+// after) gives the same tokens; and on the layered path, requests that end with their first
+// token (a stop token) while their KV is already leaving finish cleanly, leaving no blocks.
+TEST_F(ServingTest, HandoffAfterTheStepAndFirstTokenStopsMatchOffline) {
+  {
+    auto after = LocalCluster::Start(*model_dir_,
+                                     {"--prefill", "1", "--decode", "1", "--kv-handoff", "after"});
+    ASSERT_NE(after, nullptr);
+    ExpectClusterMatchesOffline(*after, 12, 0.0f);
+  }
+  auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1"});
+  ASSERT_NE(cluster, nullptr);
+  std::vector<engine::GenerateRequest> offline;
+  for (int i = 0; i < 6; ++i) {
+    engine::GenerateRequest r;
+    r.id = absl::StrCat("first-", i);
+    for (int j = 0; j < 20 + 9 * i; ++j) r.prompt.push_back(5 + (i * 71 + j * 13) % 240);
+    r.params.max_tokens = 1;
+    r.params.ignore_eos = true;
+    offline.push_back(r);
+  }
+  const auto first = Offline(offline);
+  for (int i = 0; i < 6; ++i) {
+    ASSERT_EQ(first[i].token_ids.size(), 1u);
+    api::GenerateRequest a;
+    a.set_request_id(offline[i].id);
+    *a.mutable_prompt_token_ids() = {offline[i].prompt.begin(), offline[i].prompt.end()};
+    a.set_max_tokens(16);
+    a.set_ignore_eos(true);
+    a.add_stop_token_ids(first[i].token_ids[0]);
+    Streamed got = Generate(cluster->stub(), a);
+    ASSERT_TRUE(got.status.ok()) << i << ": " << got.status.error_message();
+    EXPECT_EQ(got.tokens, first[i].token_ids) << i;
+    EXPECT_EQ(got.done.finish_reason(), "stop") << i;
+  }
+  ExpectAllFree(cluster->stub());
+  ExpectClusterMatchesOffline(*cluster, 8, 0.0f);  // and the cluster goes on serving
+}
+
 TEST_F(ServingTest, StreamsTextTimelineAndLogprobs) {
   auto cluster = LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1"});
   ASSERT_NE(cluster, nullptr);

@@ -77,7 +77,9 @@ def main():
         order = [tl.arrival_us, tl.queued_us, tl.prefill_start_us, tl.prefill_end_us,
                  tl.first_token_us, tl.finish_us]
         assert all(t > 0 for t in order) and order == sorted(order), tl
-        assert tl.prefill_end_us <= tl.kv_transfer_start_us <= tl.kv_transfer_end_us, tl
+        # The KV leaves layer by layer from the start of the prefill step.
+        assert tl.prefill_start_us <= tl.kv_transfer_start_us <= tl.kv_transfer_end_us, tl
+        assert tl.prefill_end_us <= tl.kv_transfer_end_us, tl
         assert tl.kv_transfer_end_us <= tl.decode_start_us <= tl.finish_us, tl
         # The same request again gives the same tokens (greedy).
         again = [t for m in stub.Generate(req, timeout=60) for t in m.token_ids]
