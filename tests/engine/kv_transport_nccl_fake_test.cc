@@ -125,6 +125,12 @@ class Sink : public KvSink {
     std::lock_guard<std::mutex> lock(mu);
     return completed[id];
   }
+  // The completions of `id` once there is one (or after 5 s).
+  std::vector<absl::Status> AwaitCompletions(const std::string& id) {
+    const absl::Time limit = absl::Now() + absl::Seconds(5);
+    while (Completions(id).empty() && absl::Now() < limit) absl::SleepFor(absl::Milliseconds(5));
+    return Completions(id);
+  }
   std::vector<int32_t> Tokens(const std::string& id) {
     std::lock_guard<std::mutex> lock(mu);
     return tokens[id];
@@ -281,11 +287,7 @@ TEST_F(NcclFakeTransportTest, CancelledMidTransferFailsBothSidesThenRecovers) {
   auto stats = Send("mid", source, 3, absl::Seconds(10), [&] { return cancel.load(); });
   EXPECT_EQ(stats.status().code(), absl::StatusCode::kCancelled) << stats.status();
   // The receiver completes the reservation with an error (it may still be finishing).
-  const absl::Time limit = absl::Now() + absl::Seconds(5);
-  while (sink_.Completions("mid").empty() && absl::Now() < limit) {
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  ASSERT_EQ(sink_.Completions("mid").size(), 1u);
+  ASSERT_EQ(sink_.AwaitCompletions("mid").size(), 1u);
   EXPECT_FALSE(sink_.Completions("mid")[0].ok());
   // The pair sets up a new communicator and the next transfer goes through.
   sink_.plan["after"] = {7, 8, 9};
@@ -336,11 +338,7 @@ TEST_F(NcclFakeTransportTest, SourceErrorBreaksOffTheTransfer) {
   auto stats = Send("src", source, 2);
   ASSERT_EQ(stats.status().code(), absl::StatusCode::kDataLoss) << stats.status();
   EXPECT_TRUE(Contains(stats.status().message(), "layer 2 of 3"));
-  const absl::Time limit = absl::Now() + absl::Seconds(5);
-  while (sink_.Completions("src").empty() && absl::Now() < limit) {
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  ASSERT_EQ(sink_.Completions("src").size(), 1u);
+  ASSERT_EQ(sink_.AwaitCompletions("src").size(), 1u);
   EXPECT_FALSE(sink_.Completions("src")[0].ok());
 }
 
@@ -386,11 +384,7 @@ TEST_F(NcclFakeTransportTest, NoTokenAtTheEndBreaksOffTheTransfer) {
   auto stats = sender_->Send(receiver_->address(), h, source, absl::Now() + absl::Seconds(10));
   EXPECT_EQ(stats.status().code(), absl::StatusCode::kCancelled) << stats.status();
   EXPECT_TRUE(Contains(stats.status().message(), "ended with its first token"));
-  const absl::Time limit = absl::Now() + absl::Seconds(5);
-  while (sink_.Completions("ended").empty() && absl::Now() < limit) {
-    absl::SleepFor(absl::Milliseconds(5));
-  }
-  ASSERT_EQ(sink_.Completions("ended").size(), 1u);
+  ASSERT_EQ(sink_.AwaitCompletions("ended").size(), 1u);
   EXPECT_TRUE(Contains(sink_.Completions("ended")[0].message(), "ended with its first token"));
   EXPECT_EQ(sink_.Tokens("ended"), std::vector<int32_t>{-1});
   sink_.plan["next"] = {6};
