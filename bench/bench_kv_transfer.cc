@@ -1151,6 +1151,9 @@ int ParentMain(const Options& opt) {
     metrics.push_back(MeasureTransfer(*tcp, fields["tcp"], "tcp", pool, dir, /*shuffled=*/true,
                                       2048, tcp_iters, ceiling));
   }
+  // Closes the mapping of the child's pool: a process may open an IPC handle only once, and
+  // the hand-off's sender opens it again.
+  ipc.reset();
   if (opt.handoff) {
     const std::vector<int32_t> handoff_tokens =
         opt.quick ? std::vector<int32_t>{2048} : std::vector<int32_t>{2048, 8192};
@@ -1161,7 +1164,6 @@ int ParentMain(const Options& opt) {
   }
 
   SetStage("stopping the child");
-  ipc.reset();  // closes the mapping of the child's pool
   WriteFileAtomic(dir / "stop", "");
   {
     const absl::Time limit = absl::Now() + absl::Seconds(30);
