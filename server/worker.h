@@ -39,7 +39,9 @@ struct WorkerOptions {
   int32_t vocab_size = 0;
   engine::EngineOptions engine;
   int max_queued = 256;  // requests accepted and not finished beyond the running batch
-  int transfer_threads = 4;
+  // Prefill: KV transfers in flight at once. A layer-by-layer hand-off holds its thread from
+  // the start of the step that completes its prompt, so one step's prompts each need one.
+  int transfer_threads = 16;
   absl::Duration kv_transfer_timeout = absl::Seconds(60);
   // Decode and colocated workers: with a latency model and a TPOT target, each step's batch
   // is capped so that its predicted time stays within the target.
