@@ -79,6 +79,8 @@ const std::map<std::string, Plan>& Plans() {
       {"copy_fault", {{20, 21, 22}, {39, 40, 41}}},
       {"stalled", {{23, 24}, {42, 43}}},
       {"sync", {{1, 2, 3, 40, 41, 7}, {30, 31, 50, 51, 52, 0}}},
+      {"late", {{25, 26, 27, 60}, {44, 45, 46, 1}}},
+      {"no_token", {{28, 29}, {47, 48}}},
   };
   return *plans;
 }
@@ -167,6 +169,7 @@ class ChildSink : public KvSink {
   }
   void Complete(const std::string& id, absl::Status status, int32_t next_token) override {
     if (status.ok()) {
+      WriteFile(dir_ / (id + ".token"), std::to_string(next_token));  // before .bin
       WriteFile(dir_ / (id + ".bin"), pool_.Gather(Plans().at(id).dst));
     } else {
       WriteFile(dir_ / (id + ".err"), status.ToString());
@@ -211,6 +214,10 @@ class Source : public KvSource {
     return absl::OkStatus();
   }
   std::function<void(int32_t)> on_layer;
+  absl::StatusOr<int32_t> NextToken() override {
+    return next_token ? next_token() : KvSource::NextToken();
+  }
+  std::function<absl::StatusOr<int32_t>()> next_token;
 
  private:
   std::vector<int32_t> blocks_;
@@ -399,6 +406,37 @@ TEST_F(CudaIpcTransportTest, LayersComputedOneAtATimeArriveByteForByte) {
     ASSERT_EQ(got.size(), want.size()) << id;
     EXPECT_TRUE(got == want) << id << ": the child's blocks differ from the parent's";
   }
+}
+
+// Layer-by-layer hand-off: layers computed one at a time, the token given after the last
+// (DONE_PENDING carries it); a source without one (the sequence ended with its first token)
+// fails the transfer on both sides once no copy is in flight.
+TEST_F(CudaIpcTransportTest, TokenAtTheEndOrTheTransferBreaksOff) {
+  const Plan& plan = Plans().at("late");
+  StagedSource source(plan.src);
+  source.next_token = [&]() -> absl::StatusOr<int32_t> {
+    EXPECT_EQ(source.waited().size(), static_cast<size_t>(kLayers)) << "asked before the layers";
+    return 321;
+  };
+  KvTransferHeader h = Header("late", static_cast<int32_t>(plan.src.size()));
+  h.next_token = kNextTokenAtEnd;
+  auto stats = sender_->Send(address_, h, source, absl::Now() + absl::Seconds(30));
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_TRUE(Await("late.bin") == src_.Gather(plan.src));
+  EXPECT_EQ(ReadFile(dir_ / "late.token"), "321");
+
+  Source ended(Plans().at("no_token").src);
+  ended.next_token = [] { return absl::CancelledError("ended with its first token"); };
+  h = Header("no_token", 2);
+  h.next_token = kNextTokenAtEnd;
+  stats = sender_->Send(address_, h, ended, absl::Now() + absl::Seconds(30));
+  EXPECT_EQ(stats.status().code(), absl::StatusCode::kCancelled) << stats.status();
+  EXPECT_NE(Await("no_token.err").find("ended with its first token"), std::string::npos);
+  // The sender goes on working.
+  Source again(Plans().at("one").src);
+  std::filesystem::remove(dir_ / "one.bin");
+  ASSERT_TRUE(Send("one", again).ok());
+  EXPECT_TRUE(Await("one.bin") == src_.Gather(Plans().at("one").src));
 }
 
 TEST_F(CudaIpcTransportTest, RepeatedTransfersStayExact) {
