@@ -248,7 +248,10 @@ TEST_F(PdbenchFakeServerTest, ScriptedLatenciesFailuresAttainmentAndGoodput) {
   for (const RequestRecord& r : result->records) {
     SCOPED_TRACE(r.index);
     const int64_t i = r.index;
-    EXPECT_NEAR(r.send_s, i / 40.0, 0.010);  // open loop: on schedule
+    // Open loop: on schedule, never early; late only by the machine's scheduling (30 ms is
+    // generous on a loaded CI machine yet far below what waiting for replies would add).
+    EXPECT_GE(r.send_s, i / 40.0 - 0.002);
+    EXPECT_LE(r.send_s, i / 40.0 + 0.030);
     if (i == 3 || i == 13) {
       EXPECT_FALSE(r.ok);
       EXPECT_EQ(r.error_code, "RESOURCE_EXHAUSTED");
@@ -315,12 +318,17 @@ TEST_F(PdbenchFakeServerTest, OpenLoopSendsOnScheduleAndBoundsInflight) {
   o.request_id_prefix = "open";
   auto result = RunBenchmark(client, Specs(6, 4, 3), o);
   ASSERT_TRUE(result.ok()) << result.status();
+  int64_t late = 0;
   for (const RequestRecord& r : result->records) {
     EXPECT_TRUE(r.ok);
-    EXPECT_NEAR(r.send_s, r.index * 0.05, 0.010);
+    // On schedule, never early; late only by the machine's scheduling (a closed loop would
+    // be 250 ms late).
+    EXPECT_GE(r.send_s, r.index * 0.05 - 0.002);
+    EXPECT_LE(r.send_s, r.index * 0.05 + 0.030);
+    if (r.send_s - r.index * 0.05 > 0.010) ++late;
   }
   EXPECT_GE(service_.max_inflight(), 5);
-  EXPECT_EQ(result->late_sends, 0);
+  EXPECT_EQ(result->late_sends, late);  // counted as sent more than 10 ms after their time
 }
 
 TEST_F(PdbenchFakeServerTest, OpenLoopBoundsCallsInFlight) {
