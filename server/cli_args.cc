@@ -1,5 +1,6 @@
 #include "server/cli_args.h"
 
+#include <algorithm>
 #include <cstdio>
 
 #include "absl/strings/numbers.h"
@@ -88,8 +89,14 @@ std::string FlagHelp(const std::vector<FlagSpec>& specs) {
 }
 
 int SubcommandMain(int argc, char** argv, const char* name, const char* usage,
-                   const std::vector<FlagSpec>& specs,
+                   const std::vector<FlagSpec>& command_specs,
                    const std::function<absl::Status(const CliArgs&)>& run) {
+  // Every command takes --help (the top-level usage promises it).
+  std::vector<FlagSpec> specs = command_specs;
+  if (std::none_of(specs.begin(), specs.end(),
+                   [](const FlagSpec& s) { return s.name == "help"; })) {
+    specs.push_back({"help", true, "show this help"});
+  }
   auto args = CliArgs::Parse(argc, argv, 2, specs);
   if (args.ok() && args->GetBool("help")) {
     std::printf("usage: pdserve %s %s\n%s", name, usage, FlagHelp(specs).c_str());

@@ -516,7 +516,7 @@ absl::Status RunFrontend(const CliArgs& args) {
 int FrontendMain(int argc, char** argv) {
   return SubcommandMain(
       argc, argv, "frontend",
-      "pdserve frontend --model DIR [--port P] [--host H]\n"
+      "--model DIR [--port P] [--host H]\n"
       "The public gRPC API (pdserve.v1.Serving) and the workers' registry.",
       {{"model", false, "model directory (config and tokenizer are read)"},
        {"host", false, "address to listen on (default 127.0.0.1)"},
@@ -537,10 +537,8 @@ int FrontendMain(int argc, char** argv) {
 
 int WorkerMain(int argc, char** argv, const char* role) {
   const auto parsed = scheduler::ParseInstanceRole(role);
-  const std::string usage = absl::StrCat("pdserve ", role,
-                                         " --model DIR --frontend HOST:PORT [flags]\n"
-                                         "A ",
-                                         role, " worker.");
+  const std::string usage =
+      absl::StrCat("--model DIR --frontend HOST:PORT [flags]\nA ", role, " worker.");
   return SubcommandMain(argc, argv, role, usage.c_str(), WorkerFlagSpecs(),
                         [&](const CliArgs& args) { return RunWorker(args, *parsed); });
 }
@@ -574,7 +572,7 @@ int UpMain(int argc, char** argv) {
   };
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
   return SubcommandMain(argc, argv, "up",
-                        "pdserve up --model DIR (--prefill N --decode M | --colocated K) "
+                        "--model DIR (--prefill N --decode M | --colocated K) "
                         "[--port P]\nStarts a local cluster on 127.0.0.1 as child processes; "
                         "SIGINT/SIGTERM stops it.",
                         specs, RunUp);

@@ -261,4 +261,18 @@ TEST_F(CliTest, ErrorsAreClearAndNonZero) {
   EXPECT_NE(r.errors.find("unknown flag --bogus"), std::string::npos) << r.errors;
 }
 
+// Every command answers --help (the top-level usage promises it) with its usage and flags.
+TEST_F(CliTest, EveryCommandHasHelp) {
+  for (const char* command : {"make-model", "generate", "tokenize", "profile", "plan", "up",
+                              "frontend", "prefill", "decode", "colocated"}) {
+    const Result r = RunCommand(std::string(command) + " --help");
+    EXPECT_EQ(r.exit_code, 0) << command << ": " << r.errors;
+    EXPECT_EQ(r.output.rfind(std::string("usage: pdserve ") + command + " ", 0), 0u)
+        << command << ": " << r.output;
+    EXPECT_NE(r.output.find("  --help "), std::string::npos) << command << ": " << r.output;
+  }
+  EXPECT_NE(RunCommand("prefill --help").output.find("--kv-handoff"), std::string::npos);
+  EXPECT_NE(RunCommand("up --help").output.find("--kv-handoff"), std::string::npos);
+}
+
 }  // namespace
