@@ -78,6 +78,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "bench/gpu_check.h"
+#include "bench/handoff.h"
 #include "bench/report.h"
 #include "engine/backend/backend.h"
 #include "engine/common/dtype.h"
@@ -944,8 +945,8 @@ std::vector<Metric> MeasureHandoff(const std::string& address, const std::filesy
   }
   std::unique_ptr<engine::KvSender> sender = PDS_TAKE(engine::CreateCudaIpcKvSender(pool));
 
-  enum Mode { kPrefill, kAfter, kLayered };
-  const char* const kModeNames[] = {"prefill", "after", "layered"};
+  const HandoffMode kModes[] = {HandoffMode::kPrefillOnly, HandoffMode::kAfter,
+                                HandoffMode::kLayered};
   std::vector<Metric> metrics;
   int serial = 0;
   for (int32_t tokens : token_counts) {
@@ -956,81 +957,38 @@ std::vector<Metric> MeasureHandoff(const std::string& address, const std::filesy
     std::vector<int32_t> prompt(static_cast<size_t>(tokens));
     std::mt19937_64 rng(static_cast<uint64_t>(tokens));
     for (int32_t& t : prompt) t = static_cast<int32_t>(rng() % config.vocab_size);
-    // One run of `mode`: (ms until the child has the KV, or the step for kPrefill; step ms).
-    auto run = [&](Mode mode) -> std::pair<double, double> {
+    // The child reserves its blocks by the request id (ChildSink).
+    auto run = [&](HandoffMode mode) {
       const std::string id = RequestId("ipc", true, tokens, absl::StrCat("ho", serial++));
-      engine::GenerateRequest r;
-      r.id = id;
-      r.prompt = prompt;
-      r.params.max_tokens = 4;
-      r.params.ignore_eos = true;
-      r.hold_kv_after_prefill = true;
-      PDS_CHECK_OK(eng->AddRequest(r));
-      const absl::Time deadline = absl::Now() + absl::Seconds(30);
-      std::thread layered;
-      absl::StatusOr<KvSendStats> layered_stats = absl::UnknownError("not sent");
-      if (mode == kLayered) {
-        eng->set_handoff_hook([&](std::vector<std::shared_ptr<engine::KvHandoff>> handoffs) {
-          if (handoffs.size() != 1) Fail("expected one hand-off");
-          std::shared_ptr<engine::KvHandoff> h = handoffs[0];
-          layered = std::thread([&, h] {
-            engine::CacheKvSource source(*backend, cache, h, deadline, nullptr);
-            KvTransferHeader header = Header(id, tokens);
-            header.next_token = engine::kNextTokenAtEnd;
-            layered_stats = sender->Send(address, header, source, deadline);
-          });
-        });
-      } else {
-        eng->set_handoff_hook(nullptr);
-      }
-      const auto t0 = std::chrono::steady_clock::now();
-      absl::StatusOr<std::vector<engine::TokenOutput>> step = eng->Step();
-      const double step_ms = Seconds(t0) * 1e3;
-      if (!step.ok() || step->size() != 1 || !(*step)[0].kv_held) {
-        if (layered.joinable()) layered.join();
-        Fail(absl::StrCat("handoff ", id, ": the prefill step: ",
-                          step.ok() ? "no held first token" : step.status().ToString()));
-      }
-      if (mode == kAfter) {
-        engine::HeldKv held = PDS_TAKE(eng->GetHeld(id));
-        engine::CacheKvSource source(*backend, cache, held.blocks);
-        KvTransferHeader header = Header(id, tokens);
-        header.next_token = (*step)[0].token;
-        PDS_CHECK_OK(sender->Send(address, header, source, deadline).status());
-      } else if (mode == kLayered) {
-        layered.join();
-        PDS_CHECK_OK(layered_stats.status());
-      }
-      const double ms = Seconds(t0) * 1e3;
-      eng->set_handoff_hook(nullptr);
-      PDS_CHECK_OK(eng->Cancel(id));
+      const HandoffTiming t =
+          PDS_TAKE(TimeHandoff(*eng, *backend, *sender, address, id, prompt, mode));
       if (std::filesystem::exists(dir / (id + ".err"))) {
         Fail(
             absl::StrCat("handoff ", id, ": the child failed it: ", ReadFile(dir / (id + ".err"))));
       }
-      return {ms, step_ms};
+      return t;
     };
-    for (Mode mode : {kPrefill, kAfter, kLayered}) run(mode);  // warm-up
-    std::vector<double> ms[3], step_ms[3];
+    for (HandoffMode mode : kModes) run(mode);  // warm-up
+    std::map<HandoffMode, std::vector<double>> ms, step_ms;
     for (int i = 0; i < iters; ++i) {
-      for (Mode mode : {kPrefill, kAfter, kLayered}) {
-        const auto [t, s] = run(mode);
-        ms[mode].push_back(t);
-        step_ms[mode].push_back(s);
+      for (HandoffMode mode : kModes) {
+        const HandoffTiming t = run(mode);
+        ms[mode].push_back(t.ms);
+        step_ms[mode].push_back(t.step_ms);
       }
     }
-    const double prefill = Median(ms[kPrefill]);
-    for (Mode mode : {kPrefill, kAfter, kLayered}) {
+    const double prefill = Median(ms[HandoffMode::kPrefillOnly]);
+    for (HandoffMode mode : kModes) {
       Metric m;
-      m.name = absl::StrCat("handoff ", kModeNames[mode], " ", tokens);
+      m.name = absl::StrCat("handoff ", HandoffModeName(mode), " ", tokens);
       m.shape = absl::StrCat("llama3-8b bf16 prefill of ", tokens, " tokens",
-                             mode == kPrefill ? "" : ", KV to the child over IPC");
+                             mode == HandoffMode::kPrefillOnly ? "" : ", KV to the child over IPC");
       m.value = Median(ms[mode]);
       m.unit = "ms";
       m.ceiling = prefill;
       m.ceiling_unit = "ms prefill alone";
       m.fraction = prefill / m.value;
-      m.target = mode == kLayered ? 1.0 / 1.05 : 0;
+      m.target = mode == HandoffMode::kLayered ? 1.0 / 1.05 : 0;
       m.note =
           absl::StrFormat("median of %d; the step itself %.2f ms", iters, Median(step_ms[mode]));
       m.extra = {{"ms_all", ms[mode]}, {"step_ms_all", step_ms[mode]}};
