@@ -15,23 +15,6 @@ double MsSince(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-engine::KvTransferHeader Header(const engine::LlmEngine& eng, const engine::Backend& backend,
-                                const std::string& id, int32_t num_tokens, int32_t num_blocks,
-                                int32_t next_token) {
-  const engine::KvCacheShape& shape = eng.cache().shape();
-  engine::KvTransferHeader h;
-  h.request_id = id;
-  h.num_tokens = num_tokens;
-  h.num_layers = shape.num_layers;
-  h.num_blocks = num_blocks;
-  h.kv_heads = shape.kv_heads;
-  h.block_size = shape.block_size;
-  h.head_dim = shape.head_dim;
-  h.dtype = backend.compute_dtype();
-  h.next_token = next_token;
-  return h;
-}
-
 }  // namespace
 
 const char* HandoffModeName(HandoffMode mode) {
@@ -71,8 +54,8 @@ absl::StatusOr<HandoffTiming> TimeHandoff(engine::LlmEngine& eng, engine::Backen
       if (handoffs.size() != 1) return;  // reported below: nothing was sent
       std::shared_ptr<engine::KvHandoff> h = handoffs[0];
       const engine::KvTransferHeader header =
-          Header(eng, backend, id, h->num_tokens(), static_cast<int32_t>(h->blocks().size()),
-                 engine::kNextTokenAtEnd);
+          engine::KvHeaderFor(eng.cache(), backend.compute_dtype(), id, h->num_tokens(),
+                              static_cast<int32_t>(h->blocks().size()), engine::kNextTokenAtEnd);
       layered = std::thread([&, h, header] {
         engine::CacheKvSource source(backend, eng.cache(), h, deadline, nullptr);
         layered_sent = sender.Send(address, header, source, deadline);
@@ -95,8 +78,8 @@ absl::StatusOr<HandoffTiming> TimeHandoff(engine::LlmEngine& eng, engine::Backen
     if (!held.ok()) return fail(held.status(), "the held blocks");
     engine::CacheKvSource source(backend, eng.cache(), held->blocks);
     const engine::KvTransferHeader header =
-        Header(eng, backend, id, held->num_tokens, static_cast<int32_t>(held->blocks.size()),
-               (*step)[0].token);
+        engine::KvHeaderFor(eng.cache(), backend.compute_dtype(), id, held->num_tokens,
+                            static_cast<int32_t>(held->blocks.size()), (*step)[0].token);
     absl::StatusOr<engine::KvSendStats> sent = sender.Send(address, header, source, deadline);
     if (!sent.ok()) return fail(sent.status(), "the transfer");
   } else if (mode == HandoffMode::kLayered && !layered_sent.ok()) {

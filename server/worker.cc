@@ -729,18 +729,8 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
 
   engine::KvTransferHeader Header(const std::string& id, int32_t num_tokens, int32_t num_blocks,
                                   int32_t next_token) const {
-    const engine::KvCacheShape& shape = engine_->cache().shape();
-    engine::KvTransferHeader header;
-    header.request_id = id;
-    header.num_tokens = num_tokens;
-    header.num_layers = shape.num_layers;
-    header.num_blocks = num_blocks;
-    header.kv_heads = shape.kv_heads;
-    header.block_size = shape.block_size;
-    header.head_dim = shape.head_dim;
-    header.dtype = model_.backend().compute_dtype();
-    header.next_token = next_token;
-    return header;
+    return engine::KvHeaderFor(engine_->cache(), model_.backend().compute_dtype(), id, num_tokens,
+                               num_blocks, next_token);
   }
 
   absl::Time TransferDeadline(const Live& live) const {

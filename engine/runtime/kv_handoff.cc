@@ -110,6 +110,22 @@ absl::StatusOr<int32_t> KvHandoff::WaitNextToken(absl::Time deadline,
   return *next_token_;
 }
 
+KvTransferHeader KvHeaderFor(const KvCache& cache, DType dtype, const std::string& request_id,
+                             int32_t num_tokens, int32_t num_blocks, int32_t next_token) {
+  const KvCacheShape& shape = cache.shape();
+  KvTransferHeader h;
+  h.request_id = request_id;
+  h.num_tokens = num_tokens;
+  h.num_layers = shape.num_layers;
+  h.num_blocks = num_blocks;
+  h.kv_heads = shape.kv_heads;
+  h.block_size = shape.block_size;
+  h.head_dim = shape.head_dim;
+  h.dtype = dtype;
+  h.next_token = next_token;
+  return h;
+}
+
 absl::Status CacheKvSource::WaitLayer(int32_t layer) {
   if (handoff_ == nullptr) return absl::OkStatus();
   return handoff_->layers().Wait(layer, deadline_, cancelled_);

@@ -86,6 +86,11 @@ class KvHandoff {
   std::optional<absl::StatusOr<int32_t>> next_token_;
 };
 
+// The transfer header of a sequence of `cache`'s shape: `num_tokens` positions in `num_blocks`
+// blocks of `dtype`, followed by `next_token` (or kNextTokenAtEnd).
+KvTransferHeader KvHeaderFor(const KvCache& cache, DType dtype, const std::string& request_id,
+                             int32_t num_tokens, int32_t num_blocks, int32_t next_token);
+
 // A sequence's KV in a KvCache as the source of a transfer (kv_transport.h). A held sequence
 // (its prefill step has ended and synchronized) has every layer complete; with a KvHandoff
 // (layer-by-layer: the step completing the prompt still runs) each layer is waited for before
