@@ -64,7 +64,6 @@
 #include <optional>
 #include <random>
 #include <string>
-#include <thread>
 #include <utility>
 #include <vector>
 
@@ -84,7 +83,6 @@
 #include "engine/common/dtype.h"
 #include "engine/model/presets.h"
 #include "engine/model/transformer.h"
-#include "engine/runtime/kv_handoff.h"
 #include "engine/runtime/llm_engine.h"
 #include "engine/transfer/cuda_ipc_transport.h"
 #include "engine/transfer/kv_transport.h"

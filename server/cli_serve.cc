@@ -109,11 +109,7 @@ absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
     return absl::InvalidArgumentError(
         absl::StrCat("--kv-transport '", o.kv_transport, "': expected tcp, cuda-ipc or nccl"));
   }
-  o.kv_handoff = args.GetString("kv-handoff", "layered");
-  if (o.kv_handoff != "layered" && o.kv_handoff != "after") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--kv-handoff '", o.kv_handoff, "': expected layered or after"));
-  }
+  o.kv_handoff = args.GetString("kv-handoff", "layered");  // checked by Worker::Start
   o.model_name = std::filesystem::path(loaded.dir).lexically_normal().filename();
   if (o.model_name.empty()) {
     o.model_name = std::filesystem::path(loaded.dir).lexically_normal().parent_path().filename();

@@ -224,7 +224,6 @@ FinishReason LlmEngine::LengthLimit(const Sequence& seq, int32_t num_generated,
 }
 
 std::shared_ptr<LayerProgress> LlmEngine::StartHandoffs(const std::vector<Sequence*>& completing) {
-  if (!handoff_hook_) return nullptr;
   std::shared_ptr<LayerProgress> progress;
   std::vector<std::shared_ptr<KvHandoff>> handoffs;
   for (Sequence* seq : completing) {
@@ -350,13 +349,16 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       host_rows_[i] = 1;
     }
   }
-  std::vector<Sequence*> completing;
-  for (const Planned& p : plan) {
-    if (p.seq->num_computed + p.chunk >= static_cast<int32_t>(p.seq->tokens.size())) {
-      completing.push_back(p.seq);
+  std::shared_ptr<LayerProgress> progress;
+  if (handoff_hook_) {  // prefill workers only: nothing on other engines' steps
+    std::vector<Sequence*> completing;
+    for (const Planned& p : plan) {
+      if (p.seq->num_computed + p.chunk >= static_cast<int32_t>(p.seq->tokens.size())) {
+        completing.push_back(p.seq);
+      }
     }
+    progress = StartHandoffs(completing);
   }
-  const std::shared_ptr<LayerProgress> progress = StartHandoffs(completing);
   Transformer::KvLayerHook on_kv_layer;
   if (progress != nullptr) {
     on_kv_layer = [this, &progress](int32_t layer) -> absl::Status {
@@ -369,8 +371,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       model_.Forward(inputs, cache_, logits_, sampling_, host_rows_, tokens_, on_kv_layer);
   if (progress != nullptr) progress->End(forwarded);
   if (!forwarded.ok()) {
-    for (Sequence* seq : completing) {
-      if (seq->handoff) seq->handoff->Resolve(forwarded);
+    for (const Planned& p : plan) {
+      if (p.seq->handoff) p.seq->handoff->Resolve(forwarded);
     }
     return forwarded;
   }
