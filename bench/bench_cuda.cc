@@ -387,6 +387,29 @@ struct Bench {
     for (auto& t : tables) PDS_CHECK_OK(t.Release(cache.allocator()));
   }
 
+  // `measure` run with the kernel setting `env`=`value` (kernels::cuda::KernelSettings, graphs
+  // recorded again before and after), its metric named with " <label>" appended.
+  template <typename F>
+  Metric WithKnob(const char* env, const char* value, const char* label, F&& measure) {
+    auto* cuda = dynamic_cast<engine::CudaBackend*>(&backend);
+    const char* was = std::getenv(env);
+    const std::string saved = was != nullptr ? was : "";
+    setenv(env, value, 1);
+    kernels::cuda::ReloadKernelSettings();
+    if (cuda != nullptr) cuda->DropGraphs();
+    Metric m = measure();
+    if (was != nullptr) {
+      setenv(env, saved.c_str(), 1);
+    } else {
+      unsetenv(env);
+    }
+    kernels::cuda::ReloadKernelSettings();
+    if (cuda != nullptr) cuda->DropGraphs();
+    m.name = absl::StrCat(m.name, " ", label);
+    m.extra["knob"] = absl::StrCat(env, "=", value);
+    return m;
+  }
+
   // One decode step per sequence at context `plan.context`: the full step (fp32 logits of every
   // sequence copied to the host) and, with `greedy`, the step that copies only each
   // sequence's argmax token (Forward with greedy sampling rows and no host rows: the logits
@@ -1005,9 +1028,14 @@ int Main(int argc, char** argv) {
       add(bench.Decode(b, /*greedy=*/true));
       add(bench.Decode(b, /*greedy=*/true, /*eager=*/true));
       add(bench.Decode(b, /*greedy=*/true, /*eager=*/false, /*pdl=*/false));
+      // RoPE and the KV write in one launch (PDS_FUSE_ROPE_KV=1; off by default until measured).
+      add(bench.WithKnob("PDS_FUSE_ROPE_KV", "1", "fused",
+                         [&] { return bench.Decode(b, /*greedy=*/true); }));
     }
     if (!opt.kernels_only) {
       add(bench.Prefill({plan.prefill_tokens}));
+      add(bench.WithKnob("PDS_FUSE_ROPE_KV", "1", "fused",
+                         [&] { return bench.Prefill({plan.prefill_tokens}); }));
       add(bench.Prefill(std::vector<int>(plan.prefill_seqs, plan.prefill_seq_len)));
     }
     add(bench.AttentionDecode());

@@ -42,6 +42,13 @@ absl::StatusOr<std::shared_ptr<Backend::Mark>> Backend::MarkIssued() {
   return reached;
 }
 
+absl::Status Backend::RopeWriteKv(void* q, void* k, const void* v, int64_t token_stride,
+                                  int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+                                  const float* inv_freq_host, void* k_cache, void* v_cache) {
+  PDS_RETURN_IF_ERROR(Rope(q, k, token_stride, q_heads, kv_heads, head_dim, inv_freq_host));
+  return WriteKv(k, v, token_stride, k_cache, v_cache, kv_heads, head_dim);
+}
+
 absl::Status Backend::SampleTokens(const void* x, const Weight& lm_head, int64_t rows,
                                    const std::vector<kernels::RowSampling>& sampling,
                                    const std::vector<uint8_t>& host_rows, float* host_logits,

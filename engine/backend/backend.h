@@ -146,6 +146,11 @@ class Backend {
                             int64_t kv_heads, int64_t head_dim, const float* inv_freq_host) = 0;
   virtual absl::Status WriteKv(const void* k, const void* v, int64_t token_stride, void* k_cache,
                                void* v_cache, int64_t kv_heads, int64_t head_dim) = 0;
+  // Rope on q and k, then WriteKv of the rotated k and of v: what the model does before each
+  // layer's attention. The default makes the two calls; a backend may fuse them (same results).
+  virtual absl::Status RopeWriteKv(void* q, void* k, const void* v, int64_t token_stride,
+                                   int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+                                   const float* inv_freq_host, void* k_cache, void* v_cache);
   virtual absl::Status Attention(const void* q, int64_t q_stride, const void* k_cache,
                                  const void* v_cache, void* out, int64_t heads, int64_t kv_heads,
                                  int64_t head_dim, float scale) = 0;

@@ -598,11 +598,8 @@ absl::Status CudaBackend::HeadRmsNorm(void* x, int64_t token_stride, const Weigh
   return absl::OkStatus();
 }
 
-absl::Status CudaBackend::Rope(void* q, void* k, int64_t token_stride, int64_t q_heads,
-                               int64_t kv_heads, int64_t head_dim, const float* inv_freq_host) {
-  OpScope op_scope(*state_, stream_, "rope");
+absl::Status CudaBackend::EnsureRopeTables(int64_t half, const float* inv_freq_host) {
   State& st = *state_;
-  const int64_t half = head_dim / 2;
   Scratch& inv = st.inv_freq[inv_freq_host];
   if (inv.ptr == nullptr) {
     PDS_RETURN_IF_ERROR(inv.Reserve(half * sizeof(float), "RoPE frequencies"));
@@ -620,6 +617,15 @@ absl::Status CudaBackend::Rope(void* q, void* k, int64_t token_stride, int64_t q
     st.rope_generation = st.generation;
     st.rope_key = inv_freq_host;
   }
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::Rope(void* q, void* k, int64_t token_stride, int64_t q_heads,
+                               int64_t kv_heads, int64_t head_dim, const float* inv_freq_host) {
+  OpScope op_scope(*state_, stream_, "rope");
+  const State& st = *state_;
+  const int64_t half = head_dim / 2;
+  PDS_RETURN_IF_ERROR(EnsureRopeTables(half, inv_freq_host));
   PDS_CUDA(kc::ApplyRope(H(dtype_), q, k, token_stride, static_cast<const float*>(st.rope_cos.ptr),
                          static_cast<const float*>(st.rope_sin.ptr), st.num_tokens, q_heads,
                          kv_heads, half, stream_),
@@ -634,6 +640,25 @@ absl::Status CudaBackend::WriteKv(const void* k, const void* v, int64_t token_st
   PDS_CUDA(kc::WriteKv(H(dtype_), k, v, token_stride, st.slots, st.num_tokens, k_cache, v_cache,
                        kv_heads, st.block_size, head_dim, stream_),
            "WriteKv");
+  return absl::OkStatus();
+}
+
+absl::Status CudaBackend::RopeWriteKv(void* q, void* k, const void* v, int64_t token_stride,
+                                      int64_t q_heads, int64_t kv_heads, int64_t head_dim,
+                                      const float* inv_freq_host, void* k_cache, void* v_cache) {
+  if (!kc::Settings().fuse_rope_kv) {
+    return Backend::RopeWriteKv(q, k, v, token_stride, q_heads, kv_heads, head_dim, inv_freq_host,
+                                k_cache, v_cache);
+  }
+  OpScope op_scope(*state_, stream_, "rope+write kv");
+  const State& st = *state_;
+  const int64_t half = head_dim / 2;
+  PDS_RETURN_IF_ERROR(EnsureRopeTables(half, inv_freq_host));
+  PDS_CUDA(
+      kc::RopeWriteKv(H(dtype_), q, k, v, token_stride, static_cast<const float*>(st.rope_cos.ptr),
+                      static_cast<const float*>(st.rope_sin.ptr), st.slots, st.num_tokens, q_heads,
+                      kv_heads, half, k_cache, v_cache, st.block_size, stream_),
+      "RopeWriteKv");
   return absl::OkStatus();
 }
 

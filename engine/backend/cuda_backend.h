@@ -74,6 +74,10 @@ class CudaBackend final : public Backend {
                     int64_t head_dim, const float* inv_freq_host) override;
   absl::Status WriteKv(const void* k, const void* v, int64_t token_stride, void* k_cache,
                        void* v_cache, int64_t kv_heads, int64_t head_dim) override;
+  // One launch with PDS_FUSE_ROPE_KV=1 (kernels::cuda::RopeWriteKv), else the two ops.
+  absl::Status RopeWriteKv(void* q, void* k, const void* v, int64_t token_stride, int64_t q_heads,
+                           int64_t kv_heads, int64_t head_dim, const float* inv_freq_host,
+                           void* k_cache, void* v_cache) override;
   absl::Status Attention(const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
                          void* out, int64_t heads, int64_t kv_heads, int64_t head_dim,
                          float scale) override;
@@ -91,6 +95,8 @@ class CudaBackend final : public Backend {
   CudaBackend() = default;
   // lm_head projection of `rows` rows into the fp32 device logits buffer.
   absl::Status ProjectLogits(const void* x, const Weight& lm_head, int64_t rows);
+  // The batch's RoPE cos/sin tables for these frequencies (computed once per batch).
+  absl::Status EnsureRopeTables(int64_t half, const float* inv_freq_host);
 
   int device_ = 0;
   DType dtype_ = DType::kBF16;

@@ -328,10 +328,8 @@ absl::Status Transformer::Ops(KvCache& cache, const KvLayerHook& on_kv_layer) {
       PDS_RETURN_IF_ERROR(be.HeadRmsNorm(q, qkv_stride, L.q_norm, T, c.num_heads, eps));
       PDS_RETURN_IF_ERROR(be.HeadRmsNorm(k, qkv_stride, L.k_norm, T, c.num_kv_heads, eps));
     }
-    PDS_RETURN_IF_ERROR(
-        be.Rope(q, k, qkv_stride, c.num_heads, c.num_kv_heads, c.head_dim, inv_freq_.data()));
-    PDS_RETURN_IF_ERROR(
-        be.WriteKv(k, v, qkv_stride, cache.k(l), cache.v(l), c.num_kv_heads, c.head_dim));
+    PDS_RETURN_IF_ERROR(be.RopeWriteKv(q, k, v, qkv_stride, c.num_heads, c.num_kv_heads, c.head_dim,
+                                       inv_freq_.data(), cache.k(l), cache.v(l)));
     if (on_kv_layer) PDS_RETURN_IF_ERROR(on_kv_layer(static_cast<int32_t>(l)));
     PDS_RETURN_IF_ERROR(be.Attention(q, qkv_stride, cache.k(l), cache.v(l), attn_.data(),
                                      c.num_heads, c.num_kv_heads, c.head_dim, scale));

@@ -43,6 +43,7 @@ struct KernelSettings {
   bool gemv_mma = false;       // PDS_GEMV_IMPL=mma: the tensor-core GEMV at every m
   int gemv_warps = 0;          // PDS_GEMV_WARPS (1-16): its warps per block; 0: heuristic
   bool gemv_unroll8 = false;   // PDS_GEMV_UNROLL=8: its deeper loads in flight
+  bool fuse_rope_kv = false;   // PDS_FUSE_ROPE_KV=1: RoPE and the KV write in one launch
 };
 const KernelSettings& Settings();
 void ReloadKernelSettings();
@@ -89,6 +90,12 @@ cudaError_t RopeCosSin(const int32_t* positions, const float* inv_freq, float* c
 cudaError_t ApplyRope(Half16 t, void* q, void* k, int64_t token_stride, const float* cos,
                       const float* sin, int64_t tokens, int64_t q_heads, int64_t kv_heads,
                       int64_t half, cudaStream_t stream);
+// ApplyRope on q and k, then WriteKv of the rotated k and of v (same strides; slots [tokens],
+// negative: not written), in one launch; the same results as the two launches.
+cudaError_t RopeWriteKv(Half16 t, void* q, void* k, const void* v, int64_t token_stride,
+                        const float* cos, const float* sin, const int32_t* slots, int64_t tokens,
+                        int64_t q_heads, int64_t kv_heads, int64_t half, void* k_cache,
+                        void* v_cache, int64_t block_size, cudaStream_t stream);
 
 // --- kv_cache.cu ---
 cudaError_t WriteKv(Half16 t, const void* k, const void* v, int64_t kv_stride, const int32_t* slots,

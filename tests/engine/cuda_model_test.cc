@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <random>
 #include <thread>
@@ -20,6 +21,7 @@
 #include "tests/testing/test_util.h"
 #if PDS_HAVE_CUDA
 #include "engine/backend/cuda_backend.h"
+#include "kernels/cuda/ops.h"
 #endif
 
 namespace pds::engine {
@@ -364,6 +366,39 @@ TEST_P(CudaModelTest, GraphReplayEqualsEagerDecode) {
   }
   EXPECT_EQ(tokens[0], tokens[1]);
   EXPECT_GT(graphs, 3u) << "decode steps were not replayed from graphs";
+}
+
+TEST_P(CudaModelTest, FusedRopeKvWriteGivesTheSameTokens) {
+  // PDS_FUSE_ROPE_KV=1 (RoPE and the KV write in one launch) computes what the two launches
+  // compute: the same requests give the same tokens, prefill (chunked) and graph-replayed
+  // decode steps alike.
+#if PDS_HAVE_CUDA
+  std::vector<std::vector<int32_t>> tokens[2];
+  for (int fused = 0; fused < 2; ++fused) {
+    setenv("PDS_FUSE_ROPE_KV", fused == 1 ? "1" : "0", 1);
+    kernels::cuda::ReloadKernelSettings();
+    EngineOptions eo;
+    eo.num_blocks = 128;
+    eo.max_batch_tokens = 96;  // prompts of 150-170 tokens take two steps
+    Engine e;
+    ASSERT_NO_FATAL_FAILURE(MakeEngine(13, eo, /*graphs=*/true, e));
+    std::vector<GenerateRequest> requests;
+    for (int i = 0; i < 3; ++i) {
+      GenerateRequest r;
+      r.id = "f" + std::to_string(i);
+      for (int j = 0; j < 150 + 10 * i; ++j) r.prompt.push_back((j * 17 + i) % e.config.vocab_size);
+      r.params.max_tokens = 20;
+      r.params.ignore_eos = true;
+      requests.push_back(std::move(r));
+    }
+    auto results = e.engine->Generate(requests);
+    ASSERT_TRUE(results.ok()) << results.status();
+    for (const auto& r : *results) tokens[fused].push_back(r.token_ids);
+  }
+  unsetenv("PDS_FUSE_ROPE_KV");
+  kernels::cuda::ReloadKernelSettings();
+  EXPECT_EQ(tokens[0], tokens[1]);
+#endif
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaModelTest,

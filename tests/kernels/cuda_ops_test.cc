@@ -575,6 +575,82 @@ TEST_P(CudaOpsTest, HeadNormAndRope) {
   }
 }
 
+TEST_P(CudaOpsTest, RopeWriteKvFusedMatchesRopeThenWriteKv) {
+  // PDS_FUSE_ROPE_KV=1 makes RopeWriteKv one launch: q, k and both caches must come out
+  // exactly as from the two launches (and within rounding of the CPU's), a negative slot
+  // writes nothing, and nothing outside the outputs is touched.
+  for (int tokens : kSizes) {
+    for (auto [heads, kv_heads, head_dim, block_size] :
+         {std::tuple{4, 2, 16, 7}, std::tuple{8, 1, 64, 16}, std::tuple{32, 8, 128, 32}}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "tokens " << tokens << " heads " << heads << "/" << kv_heads << " head_dim "
+                   << head_dim << " block " << block_size);
+      const int stride = (heads + 2 * kv_heads) * head_dim;
+      const size_t n = size_t(tokens) * stride;
+      const auto x = Rand(n, 40 + tokens);
+      BatchMetadata m = Tokens(tokens, 41 + tokens);
+      const int num_blocks = (tokens + block_size - 1) / block_size + 2;
+      std::vector<int32_t> slots(size_t(num_blocks) * block_size);
+      std::iota(slots.begin(), slots.end(), 0);
+      std::shuffle(slots.begin(), slots.end(), std::mt19937_64(42 + tokens));
+      m.block_size = block_size;
+      for (int t = 0; t < tokens; ++t) m.slots[t] = slots[t];
+      if (tokens > 1) m.slots[tokens / 2] = -1;
+      m.positions.back() = 131071;
+      Begin(m);
+      std::vector<float> inv_freq(head_dim / 2);
+      for (int j = 0; j < head_dim / 2; ++j) {
+        inv_freq[j] = static_cast<float>(std::pow(500000.0, -2.0 * j / head_dim));
+      }
+      const size_t cache_n = size_t(num_blocks) * kv_heads * block_size * head_dim;
+      const auto kcache = Rand(cache_n, 43), vcache = Rand(cache_n, 44);
+      auto run_gpu = [&](const char* fuse, std::vector<float>& qkv, std::vector<float>& kc,
+                         std::vector<float>& vc) {
+        ScopedEnv env("PDS_FUSE_ROPE_KV", fuse);
+        Guarded xg = Gpu(x), kg = Gpu(kcache), vg = Gpu(vcache);
+        auto* q = static_cast<uint16_t*>(xg.data());
+        dynamic_cast<CudaBackend&>(*gpu_).SetOpProfiling(true);
+        ASSERT_TRUE(gpu_->RopeWriteKv(q, q + heads * head_dim, q + (heads + kv_heads) * head_dim,
+                                      stride, heads, kv_heads, head_dim, inv_freq.data(), kg.data(),
+                                      vg.data())
+                        .ok());
+        const std::vector<std::string> ops = OpNames(*gpu_);
+        dynamic_cast<CudaBackend&>(*gpu_).SetOpProfiling(false);
+        const std::vector<std::string> fused_ops = {"rope+write kv"},
+                                       two_ops = {"rope", "write kv"};
+        EXPECT_EQ(ops, std::string(fuse) == "1" ? fused_ops : two_ops);
+        qkv = Down(xg);
+        kc = Down(kg);
+        vc = Down(vg);
+      };
+      std::vector<float> q1, k1, v1, q2, k2, v2;
+      run_gpu("1", q1, k1, v1);
+      run_gpu("0", q2, k2, v2);
+      EXPECT_TRUE(Close(q1, q2, 0, 0)) << "q/k: fused vs two launches";
+      EXPECT_TRUE(Close(k1, k2, 0, 0)) << "K cache: fused vs two launches";
+      EXPECT_TRUE(Close(v1, v2, 0, 0)) << "V cache: fused vs two launches";
+      DeviceBuffer xc = Cpu(x), kc = Cpu(kcache), vc = Cpu(vcache);
+      float* qc = xc.as<float>();
+      ASSERT_TRUE(cpu_->RopeWriteKv(qc, qc + heads * head_dim, qc + (heads + kv_heads) * head_dim,
+                                    stride, heads, kv_heads, head_dim, inv_freq.data(), kc.data(),
+                                    vc.data())
+                      .ok());
+      EXPECT_TRUE(Close(q1, DownCpu(xc, n), 3 * rtol(), 3 * atol())) << "q/k vs cpu";
+      EXPECT_TRUE(Close(k1, DownCpu(kc, cache_n), 3 * rtol(), 3 * atol())) << "K cache vs cpu";
+      EXPECT_TRUE(Close(v1, DownCpu(vc, cache_n), 0, 0)) << "V cache vs cpu";
+      if (tokens > 1) {  // the token without a slot left its would-be slot alone
+        const int32_t unused = slots[tokens / 2];
+        for (int h = 0; h < kv_heads; ++h) {
+          const size_t at =
+              ((size_t(unused / block_size) * kv_heads + h) * block_size + unused % block_size) *
+              head_dim;
+          for (int d = 0; d < head_dim; ++d) ASSERT_EQ(k1[at + d], kcache[at + d]);
+        }
+      }
+    }
+  }
+}
+
 // A paged attention case: per sequence (new query rows, context length).
 struct AttnCase {
   std::vector<std::pair<int, int>> seqs;
