@@ -460,6 +460,14 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "request_id is empty");
     }
     const std::string id = request.request_id();
+    if (kind == Live::kDecode) {
+      // Its KV must fit this worker's cache (the prefill worker's may be larger): refused now,
+      // not after the prefill, when its offers would wait for room that never comes.
+      if (absl::Status fits = engine_->CheckFitsCache(request.prompt_token_ids_size());
+          !fits.ok()) {
+        return ToGrpc(absl::Status(fits.code(), absl::StrCat(options_.id, ": ", fits.message())));
+      }
+    }
     auto channel = std::make_shared<Channel>();
     // Queued from the moment the worker has the request, not from when its loop takes it
     // (after the step in flight): the wait for that step is part of the queueing delay.
@@ -516,7 +524,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
         if (!registered.ok()) channel->Close(registered);
       });
     } else {
-      absl::Status accepted = RunOnLoop(accept);
+      bool ran = true;
+      absl::Status accepted = RunOnLoop(accept, &ran);
+      if (!ran) Unadmit(id);  // (a refused accept unadmits itself)
       if (!accepted.ok()) return ToGrpc(accepted);
     }
 
@@ -551,10 +561,22 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     Post([this, id, channel] {
       auto it = live_.find(id);
       if (it == live_.end() || it->second.channel != channel) return;
-      it->second.cancelled->store(true);
-      // A transfer using the blocks frees them when it ends.
-      if (!it->second.transfer_active) Finish(id, absl::CancelledError("cancelled"));
+      Abort(id, absl::CancelledError("cancelled"));
     });
+  }
+
+  // Ends a request with `status` (loop thread) and tells its transfer, if one is running, to
+  // stop: the stream ends now, but blocks a transfer is reading or writing stay with the
+  // request until that transfer has ended (TransferDone, Complete), never reused under it.
+  void Abort(const std::string& id, absl::Status status) {
+    auto it = live_.find(id);
+    if (it == live_.end()) return;
+    it->second.cancelled->store(true);
+    if (!it->second.transfer_active) {
+      Finish(id, std::move(status));
+      return;
+    }
+    it->second.channel->Close(std::move(status));
   }
 
   // Ends a request (loop thread): frees its engine state, closes its channel.
@@ -580,13 +602,42 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     cv_.notify_all();
   }
 
-  // Runs `fn` on the loop and waits (bounded) for its status.
-  absl::Status RunOnLoop(std::function<absl::Status()> fn) {
-    auto promise = std::make_shared<std::promise<absl::Status>>();
-    std::future<absl::Status> future = promise->get_future();
-    Post([fn = std::move(fn), promise] { promise->set_value(fn()); });
-    if (future.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
-      return absl::DeadlineExceededError(absl::StrCat(options_.id, ": engine loop busy for 30 s"));
+  // Runs `fn` on the loop and waits (bounded by options_.loop_wait) for its status. A task not
+  // started by then never runs (`fn` may refer to the caller's stack): DEADLINE_EXCEEDED, and *ran
+  // (if given) false. One that has started is waited for (it is running on the loop).
+  absl::Status RunOnLoop(std::function<absl::Status()> fn, bool* ran = nullptr) {
+    struct Shared {
+      std::mutex mu;
+      bool started = false, abandoned = false;
+      std::promise<absl::Status> promise;
+    };
+    auto shared = std::make_shared<Shared>();
+    std::future<absl::Status> future = shared->promise.get_future();
+    if (ran != nullptr) *ran = false;
+    {
+      // The loop runs every task posted before it was told to stop.
+      std::lock_guard<std::mutex> lock(mu_);
+      if (stop_loop_) return absl::UnavailableError(absl::StrCat(options_.id, " is stopping"));
+      tasks_.push_back([fn = std::move(fn), shared] {
+        {
+          std::lock_guard<std::mutex> lock(shared->mu);
+          if (shared->abandoned) return;
+          shared->started = true;
+        }
+        shared->promise.set_value(fn());
+      });
+      cv_.notify_all();
+    }
+    if (ran != nullptr) *ran = true;
+    if (future.wait_for(absl::ToChronoNanoseconds(options_.loop_wait)) !=
+        std::future_status::ready) {
+      std::lock_guard<std::mutex> lock(shared->mu);
+      if (!shared->started) {
+        shared->abandoned = true;
+        if (ran != nullptr) *ran = false;
+        return absl::DeadlineExceededError(absl::StrCat(options_.id, ": engine loop busy for ",
+                                                        absl::FormatDuration(options_.loop_wait)));
+      }
     }
     return future.get();
   }
@@ -643,7 +694,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       std::vector<std::string> ids;
       for (const auto& [id, live] : live_) ids.push_back(id);
       for (const std::string& id : ids) {
-        Finish(id, absl::InternalError(absl::StrCat(options_.id, ": ", step.status().message())));
+        Abort(id, absl::InternalError(absl::StrCat(options_.id, ": ", step.status().message())));
       }
       return true;
     }

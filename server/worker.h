@@ -43,6 +43,9 @@ struct WorkerOptions {
   // the start of the step that completes its prompt, so one step's prompts each need one.
   int transfer_threads = 16;
   absl::Duration kv_transfer_timeout = absl::Seconds(60);
+  // How long an RPC waits for the engine loop to take up its request (then
+  // DEADLINE_EXCEEDED, and the request is never run).
+  absl::Duration loop_wait = absl::Seconds(30);
   // Decode and colocated workers: with a latency model and a TPOT target, each step's batch
   // is capped so that its predicted time stays within the target.
   std::shared_ptr<const scheduler::LatencyModel> latency_model;

@@ -6,7 +6,7 @@
 
 namespace pds::engine {
 
-class CpuBackend final : public Backend {
+class CpuBackend : public Backend {
  public:
   // num_threads <= 0: all hardware threads. The CPU thread pool is process-wide (one per
   // worker process), so the last backend created sets it.

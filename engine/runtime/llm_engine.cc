@@ -55,15 +55,20 @@ absl::Status LlmEngine::ValidateRequest(GenerateRequest& request) const {
                                                    " tokens does not fit the model's context of ",
                                                    config.max_context()));
   }
-  if (BlockTable::BlocksFor(static_cast<int32_t>(prompt_len) + 1, options_.block_size) >
-      cache_.allocator().num_blocks()) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "prompt of ", prompt_len, " tokens needs more KV blocks than the cache holds (",
-        cache_.allocator().num_blocks(), " blocks of ", options_.block_size, ")"));
-  }
+  PDS_RETURN_IF_ERROR(CheckFitsCache(prompt_len));
   if (request.id.empty()) request.id = absl::StrCat("req-", next_order_);
   if (sequences_.count(request.id)) {
     return absl::AlreadyExistsError(absl::StrCat("request id '", request.id, "' is in use"));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status LlmEngine::CheckFitsCache(int64_t prompt_len) const {
+  const int64_t blocks = (prompt_len + 1 + options_.block_size - 1) / options_.block_size;
+  if (blocks > cache_.allocator().num_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "prompt of ", prompt_len, " tokens needs more KV blocks than the cache holds (",
+        cache_.allocator().num_blocks(), " blocks of ", options_.block_size, ")"));
   }
   return absl::OkStatus();
 }
@@ -125,6 +130,13 @@ int64_t LlmEngine::num_waiting_tokens() const {
     }
   }
   return n;
+}
+
+bool LlmEngine::BlocksAwaitRelease() const {
+  for (const auto& [id, seq] : sequences_) {
+    if ((seq->held || seq->importing) && !seq->table.blocks().empty()) return true;
+  }
+  return false;
 }
 
 bool LlmEngine::HasRunnable() const {
@@ -299,6 +311,12 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         reserved = seq->table.Reserve(seq->num_computed + chunk, bs, cache_.allocator());
       }
       if (!reserved.ok()) {
+        if (seq->admitted && BlocksAwaitRelease()) {
+          // Held or importing sequences own the blocks it needs: they come back when their
+          // transfer (or its cancel) ends. It waits; the others planned so far run.
+          ++num_block_waits_;
+          continue;
+        }
         if (seq->admitted && plan.empty()) {
           // Cannot happen while CheckFinish bounds sequences by the cache; keep it loud.
           return absl::InternalError(absl::StrCat("request '", seq->request.id,

@@ -93,6 +93,13 @@ class LlmEngine {
   bool HasWork() const { return !sequences_.empty(); }
   // Whether Step() has anything to run (held and importing sequences do not run).
   bool HasRunnable() const;
+  // OK when a prompt of `prompt_len` tokens and its first decode step fit in the whole KV
+  // cache; else RESOURCE_EXHAUSTED naming the sizes (no wait changes that). Reads only sizes
+  // fixed at creation: callable from any thread.
+  absl::Status CheckFitsCache(int64_t prompt_len) const;
+  // Steps in which a running sequence could not grow because held or importing sequences
+  // owned the free blocks, and waited for them (the others in the step ran).
+  int64_t num_block_waits() const { return num_block_waits_; }
 
   // Disaggregation. A prefill worker reads a held sequence's blocks, sends them and then
   // calls Cancel() to free them. A decode worker reserves blocks for a sequence whose first
@@ -150,6 +157,8 @@ class LlmEngine {
     std::shared_ptr<KvHandoff> handoff;  // its KV leaves during the step completing its prompt
   };
   absl::Status ValidateRequest(GenerateRequest& request) const;
+  // Whether a held or importing sequence owns blocks (they come back when its transfer ends).
+  bool BlocksAwaitRelease() const;
 
   LlmEngine(Transformer& model, const EngineOptions& options, KvCache cache)
       : model_(model),
@@ -173,6 +182,7 @@ class LlmEngine {
   std::map<std::string, std::unique_ptr<Sequence>> sequences_;
   uint64_t next_order_ = 0;
   int64_t num_preemptions_ = 0;
+  int64_t num_block_waits_ = 0;
   std::vector<float> logits_;
   // Per planned sequence of a step: how its token is chosen, whether its logits go to the
   // host, the token.

@@ -496,6 +496,74 @@ TEST_F(GenerationTest, ImportsWaitForRoomAndCancelFreesReservedBlocks) {
   EXPECT_EQ(decode->ActivateImport("a", 1).code(), absl::StatusCode::kNotFound);
 }
 
+// A decode engine whose free blocks went to an import in flight: the running sequence that
+// needs a block waits for it (no error, nothing else disturbed) and goes on once the import
+// is cancelled.
+TEST_F(GenerationTest, RunningSequenceWaitsForBlocksAnImportHolds) {
+  auto decode = NewEngine({.block_size = 8, .num_blocks = 4});
+  GenerateRequest x = Request({.max_tokens = 30, .ignore_eos = true}, std::vector<int32_t>(7, 3));
+  x.id = "x";
+  ASSERT_TRUE(decode->ReserveImport(x, 7).ok());
+  ASSERT_TRUE(decode->ActivateImport("x", 11).ok());
+  GenerateRequest y = Request({.max_tokens = 4}, std::vector<int32_t>(16, 4));
+  y.id = "y";
+  ASSERT_TRUE(decode->ReserveImport(y, 16).ok());  // 2 blocks + 1 kept for x's growth
+  EXPECT_EQ(decode->num_free_blocks(), 1);
+  int tokens = 0, waits = 0;
+  for (int i = 0; i < 12; ++i) {
+    auto step = decode->Step();
+    ASSERT_TRUE(step.ok()) << "step " << i << ": " << step.status();
+    tokens += static_cast<int>(step->size());
+    waits += step->empty();
+  }
+  // x took the last free block at position 8 and needs a third at position 16.
+  EXPECT_EQ(tokens, 9);
+  EXPECT_EQ(waits, 3);
+  EXPECT_EQ(decode->num_block_waits(), 3);
+  ASSERT_TRUE(decode->Cancel("y").ok());
+  FinishReason finish = FinishReason::kNone;
+  for (int i = 0; i < 40 && finish == FinishReason::kNone; ++i) {
+    auto step = decode->Step();
+    ASSERT_TRUE(step.ok()) << step.status();
+    ASSERT_EQ(step->size(), 1u);
+    finish = (*step)[0].finish;
+  }
+  EXPECT_EQ(finish, FinishReason::kLength);  // the cache (4 x 8 positions) bounds it
+  EXPECT_EQ(decode->num_free_blocks(), 4);
+}
+
+// A prefill engine whose blocks are held by a prompt waiting for its hand-off: a partly
+// prefilled prompt that needs another block waits for them instead of failing the step.
+TEST_F(GenerationTest, ChunkedPrefillWaitsForBlocksHeldForAHandoff) {
+  auto prefill = NewEngine({.block_size = 8, .num_blocks = 8, .max_batch_tokens = 16});
+  GenerateRequest a = Request({.max_tokens = 10, .ignore_eos = true}, std::vector<int32_t>(40, 5));
+  a.id = "a";
+  a.hold_kv_after_prefill = true;
+  GenerateRequest b = Request({.max_tokens = 10, .ignore_eos = true}, std::vector<int32_t>(30, 6));
+  b.id = "b";
+  b.hold_kv_after_prefill = true;
+  ASSERT_TRUE(prefill->AddRequest(a).ok());
+  ASSERT_TRUE(prefill->AddRequest(b).ok());
+  int held = 0, waits = 0;
+  for (int i = 0; i < 8; ++i) {
+    auto step = prefill->Step();
+    ASSERT_TRUE(step.ok()) << "step " << i << ": " << step.status();
+    for (const TokenOutput& out : *step) held += out.kv_held;
+    waits += step->empty();
+  }
+  EXPECT_EQ(held, 1);  // a (5 blocks held); b has 24 of its 30 positions in the 3 blocks left
+  EXPECT_GT(waits, 0);
+  EXPECT_GT(prefill->num_block_waits(), 0);
+  ASSERT_TRUE(prefill->Cancel("a").ok());  // a's KV has left
+  auto step = prefill->Step();
+  ASSERT_TRUE(step.ok()) << step.status();
+  ASSERT_EQ(step->size(), 1u);
+  EXPECT_EQ((*step)[0].request_id, "b");
+  EXPECT_TRUE((*step)[0].kv_held);
+  ASSERT_TRUE(prefill->Cancel("b").ok());
+  EXPECT_EQ(prefill->num_free_blocks(), 8);
+}
+
 // With the EDF batch policy and a budget of one prompt per step, the request whose first
 // token is due first is prefilled first whatever the admission order; FCFS keeps the order.
 TEST_F(GenerationTest, EdfPrefillsTheEarliestTtftDeadlineFirstAndBestEffortLast) {

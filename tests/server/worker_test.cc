@@ -1,0 +1,313 @@
+// In-process tests of a worker's request life cycle (server/worker.h): its engine loop, its KV
+// sink and their failure paths, driven through its gRPC service and a host KV sender, on a
+// CPU backend that can be told to fail mid-step.
+
+#include "server/worker.h"
+
+#include <atomic>
+#include <chrono>
+#include <cstring>
+#include <future>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "engine/backend/cpu_backend.h"
+#include "engine/model/transformer.h"
+#include "engine/transfer/kv_transport.h"
+#include "engine/transfer/tcp_transport.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "pdserve/internal/control.grpc.pb.h"
+#include "tests/testing/test_util.h"
+
+namespace pds::server {
+namespace {
+
+namespace pb = ::pdserve::internal;
+using scheduler::InstanceRole;
+
+constexpr int kBlockSize = 16;
+
+// A CPU backend whose attention fails while `fail` is set: a device fault in the middle of an
+// engine step.
+class FaultyBackend : public engine::CpuBackend {
+ public:
+  FaultyBackend() : CpuBackend(1) {}
+  absl::Status Attention(const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
+                         void* out, int64_t heads, int64_t kv_heads, int64_t head_dim,
+                         float scale) override {
+    if (fail.load()) return absl::InternalError("injected device fault");
+    return CpuBackend::Attention(q, q_stride, k_cache, v_cache, out, heads, kv_heads, head_dim,
+                                 scale);
+  }
+  std::atomic<bool> fail{false};
+};
+
+// One worker on its own model and backend, and a stub of its service.
+struct TestWorker {
+  FaultyBackend backend;
+  engine::ModelConfig config;
+  std::unique_ptr<engine::Transformer> model;
+  std::unique_ptr<Worker> worker;
+  std::unique_ptr<pb::Worker::Stub> stub;
+
+  pb::WorkerStatus Status() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    pb::WorkerStatus status;
+    EXPECT_TRUE(stub->GetStatus(&ctx, pb::WorkerStatusRequest(), &status).ok());
+    return status;
+  }
+  // Polls the worker's status (refreshed by its loop at least every 50 ms) until `done`.
+  template <typename F>
+  bool WaitFor(F done, absl::Duration timeout = absl::Seconds(20)) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (absl::Now() < deadline) {
+      if (done(Status())) return true;
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return false;
+  }
+  // A transfer header for `num_tokens` positions that fits this worker's cache.
+  engine::KvTransferHeader Header(const std::string& id, int32_t num_tokens) const {
+    engine::KvTransferHeader h;
+    h.request_id = id;
+    h.num_tokens = num_tokens;
+    h.num_layers = static_cast<int32_t>(config.num_layers);
+    h.num_blocks = (num_tokens + kBlockSize - 1) / kBlockSize;
+    h.kv_heads = static_cast<int32_t>(config.num_kv_heads);
+    h.block_size = kBlockSize;
+    h.head_dim = static_cast<int32_t>(config.head_dim);
+    h.dtype = engine::DType::kF32;
+    h.next_token = 7;
+    return h;
+  }
+};
+
+std::unique_ptr<TestWorker> StartWorker(InstanceRole role, WorkerOptions options) {
+  auto w = std::make_unique<TestWorker>();
+  w->config = testing::SmallTestConfig();
+  auto model = engine::Transformer::CreateRandom(w->config, w->backend, 5);
+  EXPECT_TRUE(model.ok()) << model.status();
+  if (!model.ok()) return nullptr;
+  w->model = std::move(*model);
+  options.role = role;
+  options.host = "127.0.0.1";
+  options.kv_transport = "tcp";
+  options.vocab_size = static_cast<int32_t>(w->config.vocab_size);
+  options.engine.block_size = kBlockSize;
+  if (options.engine.num_blocks == 0) options.engine.num_blocks = 64;
+  auto worker = Worker::Start(*w->model, std::move(options));
+  EXPECT_TRUE(worker.ok()) << worker.status();
+  if (!worker.ok()) return nullptr;
+  w->worker = std::move(*worker);
+  w->stub = pb::Worker::NewStub(
+      grpc::CreateChannel(w->worker->address(), grpc::InsecureChannelCredentials()));
+  return w;
+}
+
+pb::WorkRequest Work(const std::string& id, int prompt_len, int max_tokens) {
+  pb::WorkRequest work;
+  work.set_request_id(id);
+  for (int j = 0; j < prompt_len; ++j) work.add_prompt_token_ids(3 + j % 200);
+  work.set_max_tokens(max_tokens);
+  work.set_ignore_eos(true);
+  work.set_logprobs(-1);
+  work.set_top_p(1.0f);
+  work.set_deadline_unix_us(absl::ToUnixMicros(absl::Now() + absl::Seconds(60)));
+  return work;
+}
+
+// A decode registration: the call, its stream and the events read so far.
+struct Call {
+  grpc::ClientContext ctx;
+  std::unique_ptr<grpc::ClientReader<pb::WorkEvent>> reader;
+  // Reads every event to the end; the final status.
+  grpc::Status Drain(int* tokens = nullptr) {
+    pb::WorkEvent event;
+    while (reader->Read(&event)) {
+      if (tokens != nullptr) *tokens += event.token_ids_size();
+    }
+    return reader->Finish();
+  }
+};
+
+std::unique_ptr<Call> RegisterDecode(TestWorker& w, const pb::WorkRequest& work) {
+  auto call = std::make_unique<Call>();
+  call->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  call->reader = w.stub->Decode(&call->ctx, work);
+  pb::WorkEvent event;
+  EXPECT_TRUE(call->reader->Read(&event));
+  EXPECT_EQ(event.kind(), pb::WorkEvent::ACCEPTED);
+  return call;
+}
+
+// Layers of zeros; from layer `gate_layer` on, each waits until the gate opens (bounded).
+class GatedSource : public engine::KvSource {
+ public:
+  explicit GatedSource(int gate_layer = 1 << 30) : gate_layer_(gate_layer) {}
+  absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override {
+    std::memset(dst, 0, bytes);
+    if (layer < gate_layer_) return absl::OkStatus();
+    waiting_.store(true);
+    if (gate_.wait_for(std::chrono::seconds(30)) != std::future_status::ready) {
+      return absl::DeadlineExceededError("gate never opened");
+    }
+    return absl::OkStatus();
+  }
+  bool waiting() const { return waiting_.load(); }
+  void Open() { open_.set_value(); }
+
+ private:
+  int gate_layer_;
+  std::atomic<bool> waiting_{false};
+  std::promise<void> open_;
+  std::shared_future<void> gate_ = open_.get_future().share();
+};
+
+// A step that fails on the decode worker ends every request it holds, but the blocks an
+// import is still writing into stay reserved until that transfer has ended: none is handed to
+// another request under the transfer's feet. The worker serves on afterwards.
+TEST(WorkerTest, FailedStepKeepsTheBlocksOfATransferInFlightUntilItEnds) {
+  auto w = StartWorker(InstanceRole::kDecode, {});
+  ASSERT_NE(w, nullptr);
+  auto sender = engine::CreateTcpKvSender();
+  const absl::Time deadline = absl::Now() + absl::Seconds(60);
+
+  // y's KV stops after its first layer: its 3 blocks stay reserved.
+  auto y = RegisterDecode(*w, Work("y", 40, 4));
+  GatedSource y_source(/*gate_layer=*/1);
+  auto y_sent = std::async(std::launch::async, [&] {
+    return sender->Send(w->worker->kv_address(), w->Header("y", 40), y_source, deadline);
+  });
+  const absl::Time wait_until = absl::Now() + absl::Seconds(20);
+  while (!y_source.waiting() && absl::Now() < wait_until) absl::SleepFor(absl::Milliseconds(5));
+  ASSERT_TRUE(y_source.waiting());
+
+  // x decodes (for far longer than this test takes to make its next step fail).
+  auto x = RegisterDecode(*w, Work("x", 8, 900));
+  GatedSource x_source;
+  ASSERT_TRUE(sender->Send(w->worker->kv_address(), w->Header("x", 8), x_source, deadline).ok());
+
+  w->backend.fail = true;  // x's next step fails
+  const grpc::Status x_status = x->Drain();
+  EXPECT_EQ(x_status.error_code(), grpc::StatusCode::INTERNAL) << x_status.error_message();
+  EXPECT_NE(x_status.error_message().find("injected device fault"), std::string::npos);
+  const grpc::Status y_status = y->Drain();
+  EXPECT_EQ(y_status.error_code(), grpc::StatusCode::INTERNAL) << y_status.error_message();
+  w->backend.fail = false;
+
+  // x's blocks are free; y's 3 stay while its transfer may still write them.
+  EXPECT_TRUE(w->WaitFor([](const pb::WorkerStatus& s) { return s.running_requests() == 0; }));
+  for (int i = 0; i < 5; ++i) {
+    EXPECT_EQ(w->Status().kv_blocks_used(), 3) << "y's blocks were freed under its transfer";
+    absl::SleepFor(absl::Milliseconds(30));
+  }
+  y_source.Open();
+  y_sent.get().IgnoreError();  // broken off or completed: either way the blocks come back
+  EXPECT_TRUE(w->WaitFor([](const pb::WorkerStatus& s) { return s.kv_blocks_used() == 0; }))
+      << w->Status().DebugString();
+
+  // The worker still serves.
+  int tokens = 0;
+  auto z = RegisterDecode(*w, Work("z", 20, 5));
+  GatedSource z_source;
+  ASSERT_TRUE(sender->Send(w->worker->kv_address(), w->Header("z", 20), z_source, deadline).ok());
+  const grpc::Status z_status = z->Drain(&tokens);
+  EXPECT_TRUE(z_status.ok()) << z_status.error_message();
+  EXPECT_EQ(tokens, 4);  // the first of the 5 came with the KV
+  EXPECT_TRUE(w->WaitFor([](const pb::WorkerStatus& s) { return s.kv_blocks_used() == 0; }));
+}
+
+// A decode worker refuses, before ACCEPTED, a request whose prompt can never fit its cache
+// (the prefill side may have a larger one): RESOURCE_EXHAUSTED naming the sizes, at once.
+TEST(WorkerTest, DecodeRefusesAPromptItsCacheCanNeverHold) {
+  WorkerOptions o;
+  o.engine.num_blocks = 4;  // 64 positions
+  auto w = StartWorker(InstanceRole::kDecode, o);
+  ASSERT_NE(w, nullptr);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto reader = w->stub->Decode(&ctx, Work("big", 64, 4));  // 64 + 1 positions: 5 blocks
+  pb::WorkEvent event;
+  EXPECT_FALSE(reader->Read(&event));
+  const grpc::Status refused = reader->Finish();
+  EXPECT_EQ(refused.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.error_message();
+  EXPECT_NE(refused.error_message().find("more KV blocks than the cache holds"), std::string::npos)
+      << refused.error_message();
+  // One that fits is accepted and served.
+  auto fits = RegisterDecode(*w, Work("fits", 40, 3));
+  GatedSource source;
+  auto sender = engine::CreateTcpKvSender();
+  ASSERT_TRUE(sender
+                  ->Send(w->worker->kv_address(), w->Header("fits", 40), source,
+                         absl::Now() + absl::Seconds(30))
+                  .ok());
+  EXPECT_TRUE(fits->Drain().ok());
+}
+
+// An RPC that gives up waiting for the engine loop gets DEADLINE_EXCEEDED and its request is
+// never run afterwards (nor does it keep its admission): with a wait of a nanosecond while a
+// long request keeps the loop stepping, most requests are refused that way, every other one is
+// served, and the worker ends idle having served exactly the requests that got their tokens.
+TEST(WorkerTest, RequestsTheLoopDidNotTakeInTimeNeverRun) {
+  WorkerOptions o;
+  o.loop_wait = absl::Nanoseconds(1);
+  o.max_queued = 1;
+  o.engine.max_running = 2;
+  auto w = StartWorker(InstanceRole::kColocated, o);
+  ASSERT_NE(w, nullptr);
+  // Generate on the worker; the status and the tokens streamed.
+  auto generate = [&](const pb::WorkRequest& work, int* tokens) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto reader = w->stub->Generate(&ctx, work);
+    pb::WorkEvent event;
+    while (reader->Read(&event)) *tokens += event.token_ids_size();
+    return reader->Finish();
+  };
+  // The long request is admitted however long the loop takes (retried until it is).
+  std::atomic<int> long_tokens{0};
+  auto long_done = std::async(std::launch::async, [&] {
+    for (int attempt = 0; attempt < 1000; ++attempt) {
+      int tokens = 0;
+      const grpc::Status status = generate(Work("long", 8, 1000), &tokens);
+      long_tokens = tokens;
+      if (status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) return status;
+    }
+    return grpc::Status(grpc::StatusCode::INTERNAL, "never admitted");
+  });
+  ASSERT_TRUE(w->WaitFor([](const pb::WorkerStatus& s) { return s.running_requests() == 1; }));
+  int served = 0, abandoned = 0;
+  for (int i = 0; i < 20; ++i) {
+    int tokens = 0;
+    const grpc::Status status = generate(Work(absl::StrCat("r", i), 12, 3), &tokens);
+    if (status.ok()) {
+      EXPECT_EQ(tokens, 3);
+      ++served;
+    } else {
+      ASSERT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED)
+          << i << ": " << status.error_message();
+      EXPECT_NE(status.error_message().find("engine loop busy"), std::string::npos);
+      ++abandoned;
+    }
+  }
+  EXPECT_GT(abandoned, 0);
+  const grpc::Status long_status = long_done.get();
+  EXPECT_TRUE(long_status.ok()) << long_status.error_message();
+  EXPECT_EQ(long_tokens.load(), 1000);
+  // Nothing refused runs later.
+  absl::SleepFor(absl::Milliseconds(300));
+  const pb::WorkerStatus status = w->Status();
+  EXPECT_EQ(status.requests_served(), served + 1);
+  EXPECT_EQ(status.running_requests(), 0);
+  EXPECT_EQ(status.queued_requests(), 0);
+  EXPECT_EQ(status.kv_blocks_used(), 0);
+}
+
+}  // namespace
+}  // namespace pds::server
