@@ -440,8 +440,9 @@ class DeviceKvSender final : public KvSender {
                      KvSendStats* stats, std::string* plane_data, DeviceOfferReply* reply,
                      bool* replied) {
     PDS_ASSIGN_OR_RETURN(*plane_data, plane_->Prepare(io, address));
-    const std::string offer = EncodeDeviceOffer(DeviceOffer{plane_->kind(), *plane_data, header});
+    std::string offer = EncodeDeviceOffer(DeviceOffer{plane_->kind(), *plane_data, header});
     absl::Duration backoff = options_.initial_backoff;
+    bool set_up_again = false;
     while (true) {
       ++stats->offers;
       PDS_RETURN_IF_ERROR(WithContext(WriteFrame(io, FrameType::kDeviceOffer, offer), "offer"));
@@ -451,6 +452,18 @@ class DeviceKvSender final : public KvSender {
       *replied = true;
       *reply = *std::move(got);
       if (reply->status.ok()) return absl::OkStatus();
+      if (reply->status.code() == absl::StatusCode::kAborted && !set_up_again) {
+        // The receiver does not know this setup (it restarted, or dropped it after a failed
+        // transfer): once per send, set up again on this connection and offer again.
+        Log()->info("{} kv sender: {} no longer knows our setup ({}); setting up again",
+                    std::string(DevicePlaneName(plane_->kind())), address,
+                    reply->status.ToString());
+        set_up_again = true;
+        plane_->Forget(address, *plane_data);
+        PDS_ASSIGN_OR_RETURN(*plane_data, plane_->Prepare(io, address));
+        offer = EncodeDeviceOffer(DeviceOffer{plane_->kind(), *plane_data, header});
+        continue;
+      }
       if (reply->status.code() != absl::StatusCode::kResourceExhausted) {
         return WithContext(reply->status, "refused by the receiver");
       }
@@ -641,6 +654,7 @@ class DeviceKvReceiver final : public KvReceiver {
                        " (give both workers the same "
                        "--kv-transport)"));
     }
+    if (reply.status.ok()) reply.status = plane_->Precheck(offer.plane_data);
     if (reply.status.ok()) reply.status = sink_->Reserve(offer.header);
     if (reply.status.ok()) {
       conn.reserved = true;
@@ -660,7 +674,10 @@ class DeviceKvReceiver final : public KvReceiver {
         WriteFrame(conn.io, FrameType::kDeviceOfferReply, EncodeDeviceOfferReply(reply)),
         "sending the offer reply"));
     if (!reply.status.ok()) {
-      if (reply.status.code() == absl::StatusCode::kResourceExhausted) {
+      // No room yet, or an unknown setup (the sender sets up again): the next frame comes on
+      // this connection.
+      if (reply.status.code() == absl::StatusCode::kResourceExhausted ||
+          reply.status.code() == absl::StatusCode::kAborted) {
         return OfferOutcome::kNoRoom;
       }
       Log()->info("{} kv receiver {}: refused request '{}': {}",

@@ -195,6 +195,10 @@ class SenderPlane {
   // Before the first offer on a new connection to `address` (may exchange SETUP frames on
   // `io`); returns the plane data of the offers.
   virtual absl::StatusOr<std::string> Prepare(const Io& io, const std::string& address) = 0;
+  // The receiver at `address` refused offers with this plane data as unknown (ABORTED: it
+  // restarted, or dropped the setup after a failure): forget it, so that the next Prepare sets
+  // up again. Default: nothing (planes without per-receiver state).
+  virtual void Forget(const std::string& address, const std::string& plane_data) {}
   // Moves every layer of `src_blocks` (the source's) into `reply.blocks` (the receiver's) and
   // returns once the data is complete in the receiver's memory. `stop` is the caller's cancel
   // flag (polled between steps; CANCELLED). Bounded by io.deadline.
@@ -223,6 +227,10 @@ class ReceiverPlane {
   virtual DevicePlaneKind kind() const = 0;
   // A DEVICE_SETUP frame (answers it on `io` with DEVICE_SETUP_REPLY). Default: refused.
   virtual absl::Status Setup(const Io& io, const ControlFrame& frame);
+  // Before anything is reserved for an offer: OK, or ABORTED when the plane data names a setup
+  // this receiver does not have (the sender forgets it, sets up again on the same connection
+  // and offers again). Default: OK.
+  virtual absl::Status Precheck(const std::string& offer_plane_data) { return absl::OkStatus(); }
   // For a reserved offer: checks the offer's plane data and returns the reply's.
   virtual absl::StatusOr<std::string> Accept(const KvTransferHeader& header,
                                              const std::string& offer_plane_data,

@@ -1,5 +1,6 @@
 #include "engine/transfer/nccl_transport.h"
 
+#include <chrono>
 #include <map>
 #include <mutex>
 #include <numeric>
@@ -146,6 +147,24 @@ class NcclSenderPlane final : public transfer_internal::SenderPlane {
     std::lock_guard<std::mutex> lock(mu_);
     slot->peer = peer;
     return EncodeKey(peer->key);
+  }
+
+  void Forget(const std::string& address, const std::string& plane_data) override {
+    absl::StatusOr<uint64_t> key = DecodeKey(plane_data);
+    if (!key.ok()) return;
+    std::shared_ptr<Peer> peer = Find(address, *key);
+    if (peer == nullptr) return;
+    Drop(address, peer);
+    // Its other side is gone: abort it, unless a transfer still holds it (that one fails and
+    // aborts it itself).
+    if (peer->mu.try_lock_for(std::chrono::milliseconds(100))) {
+      std::unique_lock<std::timed_mutex> lock(peer->mu, std::adopt_lock);
+      if (!peer->broken) {
+        peer->comm->Abort();
+        peer->broken = true;
+      }
+    }
+    Log()->info("nccl kv sender: forgot communicator {:016x} with {}", *key, address);
   }
 
   absl::Status Move(const Io& io, const std::string& address, const KvTransferHeader& header,
@@ -318,6 +337,14 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
     }
     Log()->info("nccl kv receiver: communicator {:016x} set up on {}", key, device_->name());
     return WriteFrame(io, FrameType::kDeviceSetupReply, tcp_wire::EncodeStatus(absl::OkStatus()));
+  }
+
+  absl::Status Precheck(const std::string& offer_plane_data) override {
+    PDS_ASSIGN_OR_RETURN(const uint64_t key, DecodeKey(offer_plane_data));
+    if (Find(key) != nullptr) return absl::OkStatus();
+    return absl::AbortedError(absl::StrCat("no communicator ", absl::Hex(key, absl::kZeroPad16),
+                                           " with the sender here (restarted, or dropped after "
+                                           "a failed transfer)"));
   }
 
   absl::StatusOr<std::string> Accept(const KvTransferHeader& header,

@@ -2,9 +2,9 @@
 // block lists land in the receiver's reserved blocks byte for byte, one communicator per pair
 // is set up once and shared by concurrent transfers, back-pressure, refusals, shape
 // mismatches, deadlines, cancellation, asynchronous send failures (the pair sets up a new
-// communicator afterwards), a transport mismatch and the kept-alive control connections
-// (reused; replaced once the receiver closed them). Every socket binds 127.0.0.1 and every wait
-// is bounded.
+// communicator afterwards), a receiver restarted on the same address (set up again), a
+// transport mismatch and the kept-alive control connections (reused; replaced once the
+// receiver closed them). Every socket binds 127.0.0.1 and every wait is bounded.
 #include <atomic>
 #include <cstring>
 #include <map>
@@ -405,6 +405,37 @@ TEST_F(NcclFakeTransportTest, AsynchronousSendFailureThenRecovery) {
   auto again = Send("ok", next, 1);
   ASSERT_TRUE(again.ok()) << again.status();
   ExpectCopied({5}, {2});
+}
+
+// A decode worker that restarts on the same address knows none of the sender's communicators:
+// its refusal (before anything is reserved) makes the sender set up a new one on the same
+// connection and offer again, so no request fails and the pair goes on.
+TEST_F(NcclFakeTransportTest, ReceiverRestartedOnTheSameAddressGetsANewCommunicator) {
+  sink_.plan["a"] = {1};
+  Source a({4});
+  ASSERT_TRUE(Send("a", a, 1).ok());
+  const std::string address = receiver_->address();
+  const int port = std::stoi(address.substr(address.rfind(':') + 1));
+  receiver_->Shutdown();
+  receiver_.reset();
+  DeviceKvTransportOptions options;
+  options.idle_timeout = absl::Seconds(5);
+  options.setup_timeout = absl::Seconds(5);
+  auto restarted = StartNcclKvReceiver("127.0.0.1", port, &sink_, world_, dst_.layout, options);
+  ASSERT_TRUE(restarted.ok()) << restarted.status();
+  receiver_ = *std::move(restarted);
+  for (const char* id : {"b", "c"}) {
+    sink_.plan[id] = {2, 9};
+    Source s({5, 11});
+    auto stats = Send(id, s, 2);
+    ASSERT_TRUE(stats.ok()) << id << ": " << stats.status();
+    ExpectCopied({5, 11}, {2, 9});
+    ASSERT_EQ(sink_.Completions(id).size(), 1u);
+    EXPECT_TRUE(sink_.Completions(id)[0].ok());
+  }
+  // The unknown communicator was refused before any reservation; one new setup served both.
+  EXPECT_EQ(sink_.reserve_calls, 3);
+  EXPECT_EQ(world_->joins(), 4);
 }
 
 TEST_F(NcclFakeTransportTest, DeadlineDuringTheDataPhase) {
