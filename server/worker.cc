@@ -465,7 +465,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       // not after the prefill, when its offers would wait for room that never comes.
       if (absl::Status fits = engine_->CheckFitsCache(request.prompt_token_ids_size());
           !fits.ok()) {
-        return ToGrpc(absl::Status(fits.code(), absl::StrCat(options_.id, ": ", fits.message())));
+        return ToGrpc(fits);
       }
     }
     auto channel = std::make_shared<Channel>();

@@ -536,6 +536,40 @@ TEST_F(ServingTest, OverloadIsResourceExhaustedAndCancellationFreesEverything) {
   EXPECT_EQ(Generate(cluster->stub(), r).tokens.size(), 5u);
 }
 
+// Pools with different caches (a plan may give them): a prompt that fits the prefill workers'
+// cache but can never fit the decode workers' is refused at once with a status naming the
+// sizes, not after its prefill with a wait for room that never comes; what fits is served.
+TEST_F(ServingTest, PromptsTheDecodeCacheCanNeverHoldAreRefusedAtOnce) {
+  const std::string plan = testing::ScratchDir() + "/small-decode-plan.json";
+  {
+    std::ofstream out(plan);
+    out << R"({"prefill_instances": 1, "decode_instances": 1, "instance": {)"
+        << R"("prefill": {"kv_blocks": 64, "block_size": 16},)"
+        << R"("decode": {"kv_blocks": 4, "block_size": 16}}})";
+  }
+  auto cluster = LocalCluster::Start(*model_dir_, {"--plan", plan});
+  ASSERT_NE(cluster, nullptr);
+  api::GenerateRequest big;
+  for (int j = 0; j < 80; ++j) big.add_prompt_token_ids(5 + j);
+  big.set_max_tokens(4);
+  big.set_ignore_eos(true);
+  const absl::Time start = absl::Now();
+  const Streamed refused = Generate(cluster->stub(), big, 60);
+  EXPECT_LT(absl::Now() - start, absl::Seconds(10));
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.status.error_message().find("more KV blocks than the cache holds"),
+            std::string::npos)
+      << refused.status.error_message();
+  api::GenerateRequest fits;
+  for (int j = 0; j < 30; ++j) fits.add_prompt_token_ids(5 + j);
+  fits.set_max_tokens(4);
+  fits.set_ignore_eos(true);
+  const Streamed served = Generate(cluster->stub(), fits);
+  EXPECT_TRUE(served.status.ok()) << served.status.error_message();
+  EXPECT_EQ(served.tokens.size(), 4u);
+  ExpectAllFree(cluster->stub());
+}
+
 // A decode worker answers ACCEPTED without waiting for its engine step (the registration is
 // off the TTFT path); what it cannot take (an id in use) it refuses before ACCEPTED.
 TEST_F(ServingTest, DecodeAcceptsAtOnceAndRefusesADuplicateIdUpFront) {
