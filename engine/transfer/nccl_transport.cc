@@ -137,8 +137,13 @@ class NcclSenderPlane final : public transfer_internal::SenderPlane {
       if (!entry) entry = std::make_shared<Slot>();
       slot = entry;
     }
-    // One setup per address at a time; a setup is bounded by setup_timeout and io.deadline.
-    std::lock_guard<std::mutex> setup(slot->setup_mu);
+    // One setup per address at a time; a setup is bounded by setup_timeout and io.deadline,
+    // and so is the wait for another transfer's (this one's deadline and cancel hold there).
+    const std::function<bool()> cancelled =
+        io.cancelled != nullptr ? *io.cancelled : std::function<bool()>();
+    PDS_RETURN_IF_ERROR(
+        LockBefore(slot->setup_mu, io.deadline, cancelled, "the communicator setup"));
+    std::unique_lock<std::timed_mutex> setup(slot->setup_mu, std::adopt_lock);
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (slot->peer) return EncodeKey(slot->peer->key);
@@ -202,7 +207,7 @@ class NcclSenderPlane final : public transfer_internal::SenderPlane {
 
  private:
   struct Slot {
-    std::mutex setup_mu;
+    std::timed_mutex setup_mu;
     std::shared_ptr<Peer> peer;  // guarded by NcclSenderPlane::mu_
   };
 
@@ -336,7 +341,13 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
       peers_[key] = peer;
     }
     Log()->info("nccl kv receiver: communicator {:016x} set up on {}", key, device_->name());
-    return WriteFrame(io, FrameType::kDeviceSetupReply, tcp_wire::EncodeStatus(absl::OkStatus()));
+    absl::Status replied =
+        WriteFrame(io, FrameType::kDeviceSetupReply, tcp_wire::EncodeStatus(absl::OkStatus()));
+    if (!replied.ok()) {  // the sender never learns it joined: it gives the pair up
+      peer->comm->Abort();
+      Forget(key, peer);
+    }
+    return replied;
   }
 
   absl::Status Precheck(const std::string& offer_plane_data) override {
@@ -374,12 +385,20 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
     }
     std::shared_ptr<Peer> peer = Find(key);
     if (peer == nullptr) return absl::UnavailableError("the communicator was dropped");
-    // Bounded: the holder's wait is bounded by the same idle limit.
+    // Bounded: the holder's wait is bounded by the same idle limit. Failing here, the sender
+    // drops the communicator: so does this side (the holder, if any, still has it).
     const absl::Time deadline = absl::Now() + options_.idle_timeout;
-    PDS_RETURN_IF_ERROR(LockBefore(
-        peer->mu, deadline, [&] { return Woken(io); }, "the communicator"));
+    absl::Status locked = LockBefore(
+        peer->mu, deadline, [&] { return Woken(io); }, "the communicator");
+    if (!locked.ok()) {
+      Forget(key, peer);
+      return locked;
+    }
     std::unique_lock<std::timed_mutex> lock(peer->mu, std::adopt_lock);
-    if (peer->broken) return absl::UnavailableError("the communicator broke");
+    if (peer->broken) {
+      Forget(key, peer);
+      return absl::UnavailableError("the communicator broke");
+    }
     PDS_RETURN_IF_ERROR(WithContext(
         WriteFrame(io, FrameType::kDeviceStartReply, tcp_wire::EncodeStatus(absl::OkStatus())),
         "sending the start reply"));
@@ -389,9 +408,7 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
                   key, header.request_id, received.ToString());
       peer->comm->Abort();
       peer->broken = true;
-      std::lock_guard<std::mutex> map_lock(mu_);
-      auto it = peers_.find(key);
-      if (it != peers_.end() && it->second == peer) peers_.erase(it);
+      Forget(key, peer);
     }
     return received;
   }
@@ -439,6 +456,12 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = peers_.find(key);
     return it == peers_.end() ? nullptr : it->second;
+  }
+
+  void Forget(uint64_t key, const std::shared_ptr<Peer>& peer) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = peers_.find(key);
+    if (it != peers_.end() && it->second == peer) peers_.erase(it);
   }
 
   const std::shared_ptr<CommDevice> device_;

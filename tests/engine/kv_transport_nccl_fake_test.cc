@@ -5,8 +5,15 @@
 // communicator afterwards), a receiver restarted on the same address (set up again), a
 // transport mismatch and the kept-alive control connections (reused; replaced once the
 // receiver closed them). Every socket binds 127.0.0.1 and every wait is bounded.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <cstring>
+#include <future>
 #include <map>
 #include <mutex>
 #include <random>
@@ -531,6 +538,64 @@ TEST_F(NcclFakeTransportTest, WithoutKeptConnectionsEachTransferConnects) {
     ASSERT_TRUE(stats.ok()) << stats.status();
     ExpectCopied({i + 4}, {i + 1});
   }
+}
+
+// A listener on 127.0.0.1 that accepts connections and never answers (a receiver that hangs).
+class SilentListener {
+ public:
+  SilentListener() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    EXPECT_EQ(::bind(fd_, reinterpret_cast<sockaddr*>(&addr), len), 0);
+    EXPECT_EQ(::listen(fd_, 16), 0);
+    EXPECT_EQ(::getsockname(fd_, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+    address_ = absl::StrCat("127.0.0.1:", ntohs(addr.sin_port));
+    thread_ = std::thread([this] {
+      while (!stop_.load()) {
+        pollfd p{fd_, POLLIN, 0};
+        if (::poll(&p, 1, 20) <= 0) continue;
+        const int c = ::accept(fd_, nullptr, nullptr);
+        if (c >= 0) accepted_.push_back(c);
+      }
+    });
+  }
+  ~SilentListener() {
+    stop_ = true;
+    thread_.join();
+    for (int c : accepted_) ::close(c);
+    ::close(fd_);
+  }
+  const std::string& address() const { return address_; }
+
+ private:
+  int fd_ = -1;
+  std::string address_;
+  std::atomic<bool> stop_{false};
+  std::vector<int> accepted_;  // owned by thread_ until it is joined
+  std::thread thread_;
+};
+
+// A transfer waiting for another's communicator setup with the same receiver keeps its own
+// deadline (and cancel): it does not wait for that setup's longer one.
+TEST_F(NcclFakeTransportTest, WaitingForAnotherSetupKeepsTheTransfersDeadline) {
+  SilentListener hung;
+  auto first = std::async(std::launch::async, [&] {
+    Source source({1});
+    return sender_->Send(hung.address(), Header("first", 1), source,
+                         absl::Now() + absl::Seconds(3));
+  });
+  absl::SleepFor(absl::Milliseconds(100));  // the first is waiting for its setup reply
+  Source source({2});
+  const absl::Time start = absl::Now();
+  auto second = sender_->Send(hung.address(), Header("second", 1), source,
+                              absl::Now() + absl::Milliseconds(300));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(1.5));
+  EXPECT_EQ(second.status().code(), absl::StatusCode::kDeadlineExceeded) << second.status();
+  EXPECT_TRUE(Contains(second.status().message(), "setup")) << second.status();
+  EXPECT_FALSE(first.get().ok());
 }
 
 TEST(BlockRunsTest, CoalescesRunsConsecutiveOnBothSides) {
