@@ -433,6 +433,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     Kind kind = kColocated;
     std::shared_ptr<Channel> channel;
     std::shared_ptr<std::atomic<bool>> cancelled = std::make_shared<std::atomic<bool>>(false);
+    // Prefill: its first token is in the channel (a finished transfer may then end the stream
+    // from its own thread).
+    std::shared_ptr<std::atomic<bool>> token_out = std::make_shared<std::atomic<bool>>(false);
     engine::GenerateRequest request;  // decode: until the import is reserved
     bool in_engine = false;
     bool transfer_active = false;  // a KV transfer uses this request's blocks
@@ -753,6 +756,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
         continue;
       }
       live.channel->Push(std::move(event));
+      live.token_out->store(true);
       // Layer-by-layer hand-offs started before the step (HandOff).
       if (out.kv_held && !live.transfer_active) StartTransfer(out.request_id, live, out.token);
     }
@@ -810,11 +814,28 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     live.transfer_active = true;
     live.kv_start_us = NowUs();
     transfers_->Submit([this, id, header, source, deadline, address = live.kv_address,
-                        cancelled = live.cancelled] {
+                        cancelled = live.cancelled, token_out = live.token_out,
+                        channel = live.channel] {
       auto sent = sender_->Send(address, header, *source, deadline,
                                 [cancelled] { return cancelled->load(); });
+      if (sent.ok() && token_out->load() && !cancelled->load()) {
+        // The stream ends now, not when the loop gets to TransferDone after the step it may
+        // be running: the front-end reads the decode worker's tokens only after this stream
+        // has ended. The loop frees the blocks then (TransferDone's own KV_SENT and close are
+        // no-ops on the closed channel).
+        channel->Push(KvSentEvent(*sent));
+        channel->Close(absl::OkStatus());
+      }
       Post([this, id, sent] { TransferDone(id, sent); });
     });
+  }
+
+  static pb::WorkEvent KvSentEvent(const engine::KvSendStats& sent) {
+    pb::WorkEvent event;
+    event.set_kind(pb::WorkEvent::KV_SENT);
+    event.set_kv_transfer_start_us(absl::ToUnixMicros(sent.offered));
+    event.set_kv_transfer_end_us(absl::ToUnixMicros(sent.finished));
+    return event;
   }
 
   void TransferDone(const std::string& id, const absl::StatusOr<engine::KvSendStats>& sent) {
@@ -840,11 +861,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       return;
     }
     kv_bytes_sent_ += static_cast<int64_t>(sent->bytes);
-    pb::WorkEvent event;
-    event.set_kind(pb::WorkEvent::KV_SENT);
-    event.set_kv_transfer_start_us(absl::ToUnixMicros(sent->offered));
-    event.set_kv_transfer_end_us(absl::ToUnixMicros(sent->finished));
-    live.channel->Push(std::move(event));
+    live.channel->Push(KvSentEvent(*sent));
     ++served_;
     Finish(id, absl::OkStatus());
   }

@@ -32,8 +32,8 @@ using scheduler::InstanceRole;
 
 constexpr int kBlockSize = 16;
 
-// A CPU backend whose attention fails while `fail` is set: a device fault in the middle of an
-// engine step.
+// A CPU backend whose attention fails while `fail` is set (a device fault in the middle of an
+// engine step), or takes `delay_ms` longer.
 class FaultyBackend : public engine::CpuBackend {
  public:
   FaultyBackend() : CpuBackend(1) {}
@@ -41,10 +41,12 @@ class FaultyBackend : public engine::CpuBackend {
                          void* out, int64_t heads, int64_t kv_heads, int64_t head_dim,
                          float scale) override {
     if (fail.load()) return absl::InternalError("injected device fault");
+    if (const int ms = delay_ms.load(); ms > 0) absl::SleepFor(absl::Milliseconds(ms));
     return CpuBackend::Attention(q, q_stride, k_cache, v_cache, out, heads, kv_heads, head_dim,
                                  scale);
   }
   std::atomic<bool> fail{false};
+  std::atomic<int> delay_ms{0};  // added to every attention call (a slow step)
 };
 
 // One worker on its own model and backend, and a stub of its service.
@@ -221,6 +223,54 @@ TEST(WorkerTest, FailedStepKeepsTheBlocksOfATransferInFlightUntilItEnds) {
   EXPECT_TRUE(z_status.ok()) << z_status.error_message();
   EXPECT_EQ(tokens, 4);  // the first of the 5 came with the KV
   EXPECT_TRUE(w->WaitFor([](const pb::WorkerStatus& s) { return s.kv_blocks_used() == 0; }));
+}
+
+// A prefill worker ends a request's stream as soon as its KV is in the decode worker, even
+// while its loop runs the next prompt's step: the front-end reads the decode worker's tokens
+// only after the prefill stream has ended, so waiting for the loop would hold back every
+// decode token of the request by up to a prefill step.
+TEST(WorkerTest, PrefillStreamEndsOnceTheKvIsInNotAfterTheNextStep) {
+  auto decode = StartWorker(InstanceRole::kDecode, {});
+  auto prefill = StartWorker(InstanceRole::kPrefill, {});
+  ASSERT_NE(decode, nullptr);
+  ASSERT_NE(prefill, nullptr);
+  prefill->backend.delay_ms = 150;  // 2 layers: every prefill step takes 300 ms or more
+  auto prefill_work = [&](const std::string& id) {
+    pb::WorkRequest work = Work(id, 30, 3);
+    work.set_decode_instance(decode->worker->id());
+    work.set_decode_kv_address(decode->worker->kv_address());
+    return work;
+  };
+  auto a_decode = RegisterDecode(*decode, Work("a", 30, 3));
+  auto b_decode = RegisterDecode(*decode, Work("b", 30, 3));
+  grpc::ClientContext a_ctx, b_ctx;
+  a_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  b_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto a = prefill->stub->Prefill(&a_ctx, prefill_work("a"));
+  absl::SleepFor(absl::Milliseconds(100));  // a's step runs; b waits for the next one
+  auto b = prefill->stub->Prefill(&b_ctx, prefill_work("b"));
+  pb::WorkEvent event;
+  ASSERT_TRUE(a->Read(&event));
+  ASSERT_EQ(event.token_ids_size(), 1);
+  const absl::Time first_token = absl::Now();
+  bool kv_sent = false;
+  while (a->Read(&event)) kv_sent = kv_sent || event.kind() == pb::WorkEvent::KV_SENT;
+  const absl::Duration tail = absl::Now() - first_token;
+  const grpc::Status a_status = a->Finish();
+  EXPECT_TRUE(a_status.ok()) << a_status.error_message();
+  EXPECT_TRUE(kv_sent);
+  EXPECT_LT(tail, absl::Milliseconds(150)) << "a's stream waited for b's step";
+  prefill->backend.delay_ms = 0;
+  int a_tokens = 0, b_tokens = 0;
+  EXPECT_TRUE(a_decode->Drain(&a_tokens).ok());
+  EXPECT_EQ(a_tokens, 2);
+  while (b->Read(&event)) {
+  }
+  EXPECT_TRUE(b->Finish().ok());
+  EXPECT_TRUE(b_decode->Drain(&b_tokens).ok());
+  EXPECT_EQ(b_tokens, 2);
+  EXPECT_TRUE(prefill->WaitFor([](const pb::WorkerStatus& s) { return s.kv_blocks_used() == 0; }));
+  EXPECT_TRUE(decode->WaitFor([](const pb::WorkerStatus& s) { return s.kv_blocks_used() == 0; }));
 }
 
 // A decode worker refuses, before ACCEPTED, a request whose prompt can never fit its cache
