@@ -172,8 +172,12 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
   auto act = j.find("hidden_act");
   if (act != j.end() && !act->is_null() &&
       (!act->is_string() || act->get<std::string>() != "silu")) {
-    return Invalid(source,
-                   absl::StrCat("unsupported hidden_act ", act->dump(), " (supported: silu)"));
+    // Named by its value when a (short) string, else by its JSON type: a dump of an arbitrary
+    // value could be huge, or nested deep enough to exhaust the stack.
+    const std::string what = act->is_string() && act->get_ref<const std::string&>().size() <= 64
+                                 ? absl::StrCat("'", act->get_ref<const std::string&>(), "'")
+                                 : absl::StrCat("(a JSON ", act->type_name(), ")");
+    return Invalid(source, absl::StrCat("unsupported hidden_act ", what, " (supported: silu)"));
   }
 
   // Sliding window: Mistral uses it whenever set; Qwen2/3 only with use_sliding_window.
@@ -232,6 +236,24 @@ absl::StatusOr<ModelConfig> ParseModelConfig(absl::string_view json_text,
   PDS_RETURN_IF_ERROR(positive(c.num_kv_heads, "num_key_value_heads"));
   PDS_RETURN_IF_ERROR(positive(c.head_dim, "head_dim"));
   if (c.vocab_size > INT32_MAX) return Invalid(source, "'vocab_size' too large");
+  // Upper bounds far above any real model's (Llama 3.1 405B: hidden 16384, 126 layers,
+  // intermediate 53248, 128 heads of 128): beyond them the sizes derived from these fields
+  // (parameters, per-layer buffers) would overflow or exhaust memory before a tensor is read.
+  auto at_most = [&](int64_t v, int64_t limit, const char* name) -> absl::Status {
+    if (v > limit) {
+      return Invalid(source, absl::StrCat("'", name, "' of ", v,
+                                          " is beyond what the engine "
+                                          "supports (at most ",
+                                          limit, ")"));
+    }
+    return absl::OkStatus();
+  };
+  PDS_RETURN_IF_ERROR(at_most(c.hidden_size, int64_t{1} << 17, "hidden_size"));
+  PDS_RETURN_IF_ERROR(at_most(c.intermediate_size, int64_t{1} << 20, "intermediate_size"));
+  PDS_RETURN_IF_ERROR(at_most(c.num_layers, 1024, "num_hidden_layers"));
+  PDS_RETURN_IF_ERROR(at_most(c.num_heads, 4096, "num_attention_heads"));
+  PDS_RETURN_IF_ERROR(at_most(c.num_kv_heads, 4096, "num_key_value_heads"));
+  PDS_RETURN_IF_ERROR(at_most(c.head_dim, 1024, "head_dim"));
   if (c.num_heads % c.num_kv_heads != 0) {
     return Invalid(
         source, absl::StrCat("num_attention_heads (", c.num_heads,

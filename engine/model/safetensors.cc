@@ -132,8 +132,11 @@ absl::StatusOr<std::vector<TensorInfo>> ParseSafetensorsHeader(const uint8_t* fi
     }
     tensors.push_back(std::move(info));
   }
+  // Empty tensors occupy no bytes: they overlap nothing (HF writes them at any offset).
   std::vector<const TensorInfo*> by_offset;
-  for (const auto& t : tensors) by_offset.push_back(&t);
+  for (const auto& t : tensors) {
+    if (t.end > t.begin) by_offset.push_back(&t);
+  }
   std::sort(by_offset.begin(), by_offset.end(),
             [](const TensorInfo* a, const TensorInfo* b) { return a->begin < b->begin; });
   for (size_t i = 1; i < by_offset.size(); ++i) {

@@ -104,6 +104,50 @@ TEST_F(ModelLoadingTest, ConfigFieldOfWrongType) {
   ExpectError(dir, absl::StatusCode::kInvalidArgument, {"hidden_size"});
 }
 
+TEST_F(ModelLoadingTest, SizesBeyondAnyModelAreRefusedBeforeAllocating) {
+  // Positive but absurd values must be a clear error, not an allocation failure (or overflow)
+  // while the model is built.
+  for (const auto& [field, value] :
+       std::vector<std::pair<std::string, int64_t>>{{"num_hidden_layers", 1000000000000},
+                                                    {"head_dim", int64_t{1} << 40},
+                                                    {"hidden_size", int64_t{1} << 40},
+                                                    {"intermediate_size", int64_t{1} << 40},
+                                                    {"num_attention_heads", int64_t{1} << 40}}) {
+    auto dir = Copy("huge_" + field);
+    auto j = nlohmann::json::parse(ReadAll(dir / "config.json"));
+    j[field] = value;
+    WriteAll(dir / "config.json", j.dump());
+    ExpectError(dir, absl::StatusCode::kInvalidArgument, {"config.json", field, "at most"});
+  }
+}
+
+TEST_F(ModelLoadingTest, OddHiddenActValuesAreNamedWithoutDumpingThem) {
+  auto dir = Copy("odd_act");
+  // 200000 nested arrays: printing the value recursively would exhaust the stack.
+  std::string nested(200000, '[');
+  nested += std::string(200000, ']');
+  std::string text = ReadAll(dir / "config.json");
+  const size_t brace = text.rfind('}');
+  ASSERT_NE(brace, std::string::npos);
+  text.insert(brace, ", \"hidden_act\": " + nested);
+  WriteAll(dir / "config.json", text);
+  ExpectError(dir, absl::StatusCode::kInvalidArgument, {"hidden_act", "array"});
+}
+
+TEST_F(ModelLoadingTest, EmptyTensorsOverlapNothing) {
+  // An empty tensor's offsets may sit at (or inside) another tensor's bytes.
+  auto dir = Copy("empty_tensor");
+  EditHeader(dir / "model.safetensors", [](nlohmann::json& h) {
+    auto offsets = h["model.norm.weight"]["data_offsets"];
+    const uint64_t begin = offsets[0].get<uint64_t>();
+    h["extra.empty_a"] = {{"dtype", "F32"}, {"shape", {0}}, {"data_offsets", {begin, begin}}};
+    h["extra.empty_b"] = {
+        {"dtype", "F32"}, {"shape", {0, 4}}, {"data_offsets", {begin + 8, begin + 8}}};
+  });
+  const absl::Status loaded = Load(dir);
+  EXPECT_TRUE(loaded.ok()) << loaded;
+}
+
 TEST_F(ModelLoadingTest, UnsupportedFeaturesAreRefusedByName) {
   const std::vector<std::pair<std::string, nlohmann::json>> edits = {
       {"mlp_bias", true},
