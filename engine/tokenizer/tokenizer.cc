@@ -10,6 +10,7 @@
 #include <sstream>
 
 #include "absl/hash/hash.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "engine/common/status_macros.h"
@@ -35,6 +36,85 @@ std::string TypeOf(const json& j) {
   auto t = j.find("type");
   return t != j.end() && t->is_string() ? t->get<std::string>() : std::string();
 }
+
+// Sequences of components nest this deep at most; real files use one level. The bound keeps
+// the recursive parsing of hostile files off the end of the stack.
+constexpr int kMaxSequenceDepth = 32;
+
+// Typed reads of tokenizer.json fields. A present value of the wrong JSON type (null included)
+// is an INVALID_ARGUMENT naming the file and the field. Messages name the JSON type found and
+// never print the value: dump() recurses per nesting level and can overflow the stack.
+class Fields {
+ public:
+  explicit Fields(absl::string_view source) : source_(source) {}
+
+  // obj[key], or `fallback` where obj has no such key. `where` names obj in messages.
+  absl::StatusOr<bool> Bool(const json& obj, absl::string_view where, const char* key,
+                            bool fallback) const {
+    auto it = obj.find(key);
+    if (it == obj.end()) return fallback;
+    if (!it->is_boolean()) return WrongType(where, key, "a boolean", *it);
+    return it->get<bool>();
+  }
+  absl::StatusOr<std::string> String(const json& obj, absl::string_view where, const char* key,
+                                     absl::string_view fallback) const {
+    auto it = obj.find(key);
+    if (it == obj.end()) return std::string(fallback);
+    if (!it->is_string()) return WrongType(where, key, "a string", *it);
+    return it->get<std::string>();
+  }
+  // A single character (HF's `char` fields).
+  absl::StatusOr<std::string> Char(const json& obj, absl::string_view where, const char* key,
+                                   absl::string_view fallback) const {
+    PDS_ASSIGN_OR_RETURN(std::string c, String(obj, where, key, fallback));
+    size_t end = 0;
+    if (!c.empty() && IsValidUtf8(c)) NextCodePoint(c, end);
+    if (c.empty() || end != c.size()) return Error(where, key, "must be a single character");
+    return c;
+  }
+  absl::StatusOr<int> Count(const json& obj, absl::string_view where, const char* key,
+                            int fallback) const {
+    auto it = obj.find(key);
+    if (it == obj.end()) return fallback;
+    if (!it->is_number_integer()) return WrongType(where, key, "an integer", *it);
+    // Non-negative JSON integers are stored unsigned; get<int64_t> would wrap the huge ones.
+    const bool in_range =
+        it->is_number_unsigned() ? it->get<uint64_t>() <= kMaxCount : it->get<int64_t>() >= 0;
+    if (!in_range) return Error(where, key, "is out of range");
+    return static_cast<int>(it->get<int64_t>());
+  }
+  // obj[key] as an array or an object; an empty one where obj has no such key.
+  absl::StatusOr<const json*> Array(const json& obj, absl::string_view where,
+                                    const char* key) const {
+    static const json* const empty = new json(json::array());
+    auto it = obj.find(key);
+    if (it == obj.end()) return empty;
+    if (!it->is_array()) return WrongType(where, key, "an array", *it);
+    return &*it;
+  }
+  absl::StatusOr<const json*> Object(const json& obj, absl::string_view where,
+                                     const char* key) const {
+    static const json* const empty = new json(json::object());
+    auto it = obj.find(key);
+    if (it == obj.end()) return empty;
+    if (!it->is_object()) return WrongType(where, key, "an object", *it);
+    return &*it;
+  }
+
+  absl::Status Error(absl::string_view where, absl::string_view key, absl::string_view what) const {
+    return absl::InvalidArgumentError(absl::StrCat(source_, ": ", where, " '", key, "' ", what));
+  }
+
+ private:
+  static constexpr uint64_t kMaxCount = 1 << 24;
+
+  absl::Status WrongType(absl::string_view where, absl::string_view key, absl::string_view expected,
+                         const json& found) const {
+    return Error(where, key, absl::StrCat("must be ", expected, ", not ", found.type_name()));
+  }
+
+  absl::string_view source_;
+};
 
 // A compiled PCRE2 pattern.
 class Regex {
@@ -148,9 +228,11 @@ std::vector<Piece> SplitPieces(const std::vector<Piece>& in, const Regex& regex,
       spans.emplace_back(last, p.text.size());
       is_match.push_back(false);
     }
+    // As in HF, a match merges into its neighbour only when that neighbour is not a match
+    // itself: "a-b--c" split on "-" gives [a-][b-][-][c] and [a][-b][-][-c].
     std::vector<std::string> parts;
-    bool pending_match = false;  // MergedWithNext: the last part is a match awaiting its next
     for (size_t i = 0; i < spans.size(); ++i) {
+      const bool follows_match = i > 0 && is_match[i - 1];
       std::string s = p.text.substr(spans[i].first, spans[i].second - spans[i].first);
       switch (behavior) {
         case SplitBehavior::kIsolated:
@@ -160,19 +242,18 @@ std::vector<Piece> SplitPieces(const std::vector<Piece>& in, const Regex& regex,
           if (!is_match[i]) parts.push_back(std::move(s));
           break;
         case SplitBehavior::kMergedWithPrevious:
-          if (is_match[i] && !parts.empty()) {
+          if (is_match[i] && i > 0 && !follows_match) {
             parts.back() += s;
           } else {
             parts.push_back(std::move(s));
           }
           break;
         case SplitBehavior::kMergedWithNext:
-          if (pending_match) {
+          if (!is_match[i] && follows_match) {
             parts.back() += s;
           } else {
             parts.push_back(std::move(s));
           }
-          pending_match = is_match[i];
           break;
       }
     }
@@ -224,18 +305,29 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& pa
   return FromJson(ss.str(), path);
 }
 
+// Fields are read through `Fields`, which checks their types; the handler is a backstop that
+// keeps a nlohmann type error from any other read from escaping as an exception.
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view text,
-                                                               absl::string_view source) {
+                                                               absl::string_view source) try {
   json j = json::parse(text.begin(), text.end(), nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded() || !j.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(source, ": invalid JSON"));
   }
   std::unique_ptr<Tokenizer> tok(new Tokenizer());
   Impl& impl = *tok->impl_;
+  const Fields fields(source);
+  auto too_deep = [&](absl::string_view what) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(source, ": ", what, " Sequences nested over ", kMaxSequenceDepth, " deep"));
+  };
 
   // Model.
-  const json& model = j.contains("model") ? j["model"] : json();
-  if (!model.is_object()) return absl::InvalidArgumentError(absl::StrCat(source, ": no model"));
+  // By reference: copying JSON recurses per nesting level.
+  const auto model_it = j.find("model");
+  if (model_it == j.end() || !model_it->is_object()) {
+    return absl::InvalidArgumentError(absl::StrCat(source, ": no model"));
+  }
+  const json& model = *model_it;
   const std::string model_type =
       TypeOf(model).empty() && model.contains("merges") ? "BPE" : TypeOf(model);
   if (model_type != "BPE")
@@ -268,9 +360,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
     }
     PDS_RETURN_IF_ERROR(set_token(it.key(), it.value().get<int64_t>()));
   }
-  impl.byte_fallback = model.value("byte_fallback", false);
-  impl.fuse_unk = model.value("fuse_unk", false);
-  impl.ignore_merges = model.value("ignore_merges", false);
+  PDS_ASSIGN_OR_RETURN(impl.byte_fallback, fields.Bool(model, "model", "byte_fallback", false));
+  PDS_ASSIGN_OR_RETURN(impl.fuse_unk, fields.Bool(model, "model", "fuse_unk", false));
+  PDS_ASSIGN_OR_RETURN(impl.ignore_merges, fields.Bool(model, "model", "ignore_merges", false));
   if (model.contains("unk_token") && model["unk_token"].is_string()) {
     auto it = tok->vocab_.find(model["unk_token"].get<std::string>());
     if (it != tok->vocab_.end()) impl.unk_id = it->second;
@@ -291,7 +383,8 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
         a = m[0].get<std::string>();
         b = m[1].get<std::string>();
       } else {
-        return absl::InvalidArgumentError(absl::StrCat(source, ": malformed merge ", m.dump()));
+        return absl::InvalidArgumentError(
+            absl::StrCat(source, ": malformed merge ", rank, " (", m.type_name(), ")"));
       }
       auto ia = tok->vocab_.find(a), ib = tok->vocab_.find(b), iab = tok->vocab_.find(a + b);
       if (ia == tok->vocab_.end() || ib == tok->vocab_.end() || iab == tok->vocab_.end()) {
@@ -313,20 +406,25 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
 
   // Added tokens.
   if (j.contains("added_tokens") && j["added_tokens"].is_array()) {
-    for (const json& a : j["added_tokens"]) {
+    const json& added = j["added_tokens"];
+    for (size_t i = 0; i < added.size(); ++i) {
+      const json& a = added[i];
+      const std::string where = absl::StrCat("added_tokens[", i, "]");
       if (!a.is_object() || !a.contains("content") || !a["content"].is_string() ||
           !a.contains("id") || !a["id"].is_number_integer()) {
         return absl::InvalidArgumentError(
-            absl::StrCat(source, ": malformed added token ", a.dump()));
+            absl::StrCat(source, ": malformed ", where, " (needs a string content and an id)"));
       }
       AddedToken t;
       t.content = a["content"].get<std::string>();
-      t.id = a["id"].get<int32_t>();
-      t.special = a.value("special", false);
-      t.lstrip = a.value("lstrip", false);
-      t.rstrip = a.value("rstrip", false);
+      PDS_ASSIGN_OR_RETURN(t.special, fields.Bool(a, where, "special", false));
+      PDS_ASSIGN_OR_RETURN(t.lstrip, fields.Bool(a, where, "lstrip", false));
+      PDS_ASSIGN_OR_RETURN(t.rstrip, fields.Bool(a, where, "rstrip", false));
       if (t.content.empty()) continue;
-      PDS_RETURN_IF_ERROR(set_token(t.content, t.id));
+      // Read wide so that set_token's range check sees ids that int32_t would truncate.
+      const int64_t id = a["id"].get<int64_t>();
+      PDS_RETURN_IF_ERROR(set_token(t.content, id));
+      t.id = static_cast<int32_t>(id);
       impl.added.push_back(t);
     }
   }
@@ -343,49 +441,71 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
   }
 
   // Normalizers.
-  std::function<absl::Status(const json&)> add_normalizer = [&](const json& n) -> absl::Status {
+  std::function<absl::Status(const json&, int)> add_normalizer = [&](const json& n,
+                                                                     int depth) -> absl::Status {
     if (n.is_null()) return absl::OkStatus();
     const std::string type = TypeOf(n);
+    const std::string where = absl::StrCat("normalizer ", type);
     if (type == "Sequence") {
-      for (const json& sub : n.value("normalizers", json::array()))
-        PDS_RETURN_IF_ERROR(add_normalizer(sub));
+      if (depth >= kMaxSequenceDepth) return too_deep("normalizer");
+      PDS_ASSIGN_OR_RETURN(const json* subs, fields.Array(n, where, "normalizers"));
+      for (const json& sub : *subs) PDS_RETURN_IF_ERROR(add_normalizer(sub, depth + 1));
     } else if (type == "NFC") {
       impl.normalizers.push_back({NormStep::kNfc, "", ""});
     } else if (type == "Prepend") {
-      impl.normalizers.push_back({NormStep::kPrepend, n.value("prepend", ""), ""});
+      PDS_ASSIGN_OR_RETURN(std::string prepend, fields.String(n, where, "prepend", ""));
+      impl.normalizers.push_back({NormStep::kPrepend, std::move(prepend), ""});
     } else if (type == "Replace") {
-      const json& pattern = n.value("pattern", json::object());
-      if (!pattern.contains("String"))
+      PDS_ASSIGN_OR_RETURN(const json* pattern, fields.Object(n, where, "pattern"));
+      if (!pattern->contains("String"))
         return Unsupported(source, "Replace normalizer with a regex");
-      impl.normalizers.push_back(
-          {NormStep::kReplace, pattern["String"].get<std::string>(), n.value("content", "")});
+      PDS_ASSIGN_OR_RETURN(std::string from, fields.String(*pattern, where, "String", ""));
+      PDS_ASSIGN_OR_RETURN(std::string to, fields.String(n, where, "content", ""));
+      impl.normalizers.push_back({NormStep::kReplace, std::move(from), std::move(to)});
     } else {
       return Unsupported(source, absl::StrCat("normalizer '", type, "'"));
     }
     return absl::OkStatus();
   };
-  if (j.contains("normalizer")) PDS_RETURN_IF_ERROR(add_normalizer(j["normalizer"]));
+  if (j.contains("normalizer")) PDS_RETURN_IF_ERROR(add_normalizer(j["normalizer"], 0));
+
+  // Metaspace's prepend_scheme; older files have add_prefix_space instead.
+  auto prepend_scheme = [&](const json& m, absl::string_view where) -> absl::StatusOr<std::string> {
+    PDS_ASSIGN_OR_RETURN(const bool add_prefix_space,
+                         fields.Bool(m, where, "add_prefix_space", true));
+    PDS_ASSIGN_OR_RETURN(std::string scheme, fields.String(m, where, "prepend_scheme",
+                                                           add_prefix_space ? "always" : "never"));
+    if (scheme != "always" && scheme != "first" && scheme != "never") {
+      return Unsupported(source, absl::StrCat("Metaspace prepend_scheme '", scheme, "'"));
+    }
+    return scheme;
+  };
 
   // Pre-tokenizers.
-  std::function<absl::Status(const json&)> add_pre = [&](const json& p) -> absl::Status {
+  std::function<absl::Status(const json&, int)> add_pre = [&](const json& p,
+                                                              int depth) -> absl::Status {
     if (p.is_null()) return absl::OkStatus();
     const std::string type = TypeOf(p);
+    const std::string where = absl::StrCat("pre_tokenizer ", type);
     PreStep step;
     if (type == "Sequence") {
-      for (const json& sub : p.value("pretokenizers", json::array()))
-        PDS_RETURN_IF_ERROR(add_pre(sub));
+      if (depth >= kMaxSequenceDepth) return too_deep("pre_tokenizer");
+      PDS_ASSIGN_OR_RETURN(const json* subs, fields.Array(p, where, "pretokenizers"));
+      for (const json& sub : *subs) PDS_RETURN_IF_ERROR(add_pre(sub, depth + 1));
       return absl::OkStatus();
     } else if (type == "Split") {
-      const json& pattern = p.value("pattern", json::object());
-      const bool literal = pattern.contains("String");
-      if (!literal && !pattern.contains("Regex")) return Unsupported(source, "Split pattern");
-      PDS_ASSIGN_OR_RETURN(std::unique_ptr<Regex> re,
-                           Regex::Compile(pattern[literal ? "String" : "Regex"].get<std::string>(),
-                                          literal, source));
+      PDS_ASSIGN_OR_RETURN(const json* pattern, fields.Object(p, where, "pattern"));
+      const bool literal = pattern->contains("String");
+      if (!literal && !pattern->contains("Regex")) return Unsupported(source, "Split pattern");
+      PDS_ASSIGN_OR_RETURN(std::string expr,
+                           fields.String(*pattern, where, literal ? "String" : "Regex", ""));
+      PDS_ASSIGN_OR_RETURN(std::unique_ptr<Regex> re, Regex::Compile(expr, literal, source));
       step.kind = PreStep::kSplit;
       step.regex = std::move(re);
-      if (p.value("invert", false)) return Unsupported(source, "Split with invert: true");
-      const std::string behavior = p.value("behavior", "Isolated");
+      PDS_ASSIGN_OR_RETURN(const bool invert, fields.Bool(p, where, "invert", false));
+      if (invert) return Unsupported(source, "Split with invert: true");
+      PDS_ASSIGN_OR_RETURN(const std::string behavior,
+                           fields.String(p, where, "behavior", "Isolated"));
       if (behavior == "Isolated") {
         step.behavior = SplitBehavior::kIsolated;
       } else if (behavior == "Removed") {
@@ -399,8 +519,9 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
       }
     } else if (type == "ByteLevel") {
       step.kind = PreStep::kByteLevel;
-      step.add_prefix_space = p.value("add_prefix_space", false);
-      if (p.value("use_regex", true)) {
+      PDS_ASSIGN_OR_RETURN(step.add_prefix_space, fields.Bool(p, where, "add_prefix_space", false));
+      PDS_ASSIGN_OR_RETURN(const bool use_regex, fields.Bool(p, where, "use_regex", true));
+      if (use_regex) {
         PDS_ASSIGN_OR_RETURN(std::unique_ptr<Regex> re,
                              Regex::Compile(kGpt2Pattern, false, source));
         step.regex = std::move(re);
@@ -408,39 +529,51 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
       impl.byte_level_input = true;
     } else if (type == "Metaspace") {
       step.kind = PreStep::kMetaspace;
-      step.replacement = p.value("replacement", kMetaspace);
-      step.prepend_scheme =
-          p.value("prepend_scheme", p.value("add_prefix_space", true) ? "always" : "never");
-      step.split = p.value("split", true);
+      PDS_ASSIGN_OR_RETURN(step.replacement, fields.Char(p, where, "replacement", kMetaspace));
+      PDS_ASSIGN_OR_RETURN(step.prepend_scheme, prepend_scheme(p, where));
+      PDS_ASSIGN_OR_RETURN(step.split, fields.Bool(p, where, "split", true));
     } else {
       return Unsupported(source, absl::StrCat("pre-tokenizer '", type, "'"));
     }
     impl.pre_tokenizers.push_back(std::move(step));
     return absl::OkStatus();
   };
-  if (j.contains("pre_tokenizer")) PDS_RETURN_IF_ERROR(add_pre(j["pre_tokenizer"]));
+  if (j.contains("pre_tokenizer")) PDS_RETURN_IF_ERROR(add_pre(j["pre_tokenizer"], 0));
 
   // Post-processor: a TemplateProcessing (possibly inside a Sequence) for single inputs.
-  std::function<absl::Status(const json&)> add_post = [&](const json& p) -> absl::Status {
+  std::function<absl::Status(const json&, int)> add_post = [&](const json& p,
+                                                               int depth) -> absl::Status {
     if (p.is_null()) return absl::OkStatus();
     const std::string type = TypeOf(p);
+    const std::string where = absl::StrCat("post_processor ", type);
     if (type == "Sequence") {
-      for (const json& sub : p.value("processors", json::array()))
-        PDS_RETURN_IF_ERROR(add_post(sub));
+      if (depth >= kMaxSequenceDepth) return too_deep("post_processor");
+      PDS_ASSIGN_OR_RETURN(const json* subs, fields.Array(p, where, "processors"));
+      for (const json& sub : *subs) PDS_RETURN_IF_ERROR(add_post(sub, depth + 1));
     } else if (type == "ByteLevel") {
       // Offsets only; ids unchanged.
     } else if (type == "TemplateProcessing") {
       impl.has_template = true;
       bool seen_sequence = false;
-      const json& specials = p.value("special_tokens", json::object());
-      for (const json& piece : p.value("single", json::array())) {
+      PDS_ASSIGN_OR_RETURN(const json* specials, fields.Object(p, where, "special_tokens"));
+      PDS_ASSIGN_OR_RETURN(const json* single, fields.Array(p, where, "single"));
+      for (const json& piece : *single) {
         if (piece.contains("Sequence")) {
           seen_sequence = true;
         } else if (piece.contains("SpecialToken")) {
-          const std::string name = piece["SpecialToken"].value("id", "");
+          PDS_ASSIGN_OR_RETURN(const json* special, fields.Object(piece, where, "SpecialToken"));
+          PDS_ASSIGN_OR_RETURN(const std::string name, fields.String(*special, where, "id", ""));
           std::vector<int32_t> ids;
-          if (specials.contains(name) && specials[name].contains("ids")) {
-            for (const json& id : specials[name]["ids"]) ids.push_back(id.get<int32_t>());
+          if (specials->contains(name) && (*specials)[name].contains("ids")) {
+            const std::string entry = absl::StrCat(where, " special_tokens['", name, "']");
+            PDS_ASSIGN_OR_RETURN(const json* listed, fields.Array((*specials)[name], entry, "ids"));
+            for (const json& id : *listed) {
+              if (!id.is_number_integer() || id.get<int64_t>() < 0 ||
+                  id.get<int64_t>() > INT32_MAX) {
+                return fields.Error(entry, "ids", "must hold non-negative integers");
+              }
+              ids.push_back(id.get<int32_t>());
+            }
           } else if (auto it = tok->vocab_.find(name); it != tok->vocab_.end()) {
             ids.push_back(it->second);
           } else {
@@ -456,39 +589,50 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(absl::string_view
     }
     return absl::OkStatus();
   };
-  if (j.contains("post_processor")) PDS_RETURN_IF_ERROR(add_post(j["post_processor"]));
+  if (j.contains("post_processor")) PDS_RETURN_IF_ERROR(add_post(j["post_processor"], 0));
 
   // Decoders.
-  std::function<absl::Status(const json&)> add_dec = [&](const json& d) -> absl::Status {
+  std::function<absl::Status(const json&, int)> add_dec = [&](const json& d,
+                                                              int depth) -> absl::Status {
     if (d.is_null()) return absl::OkStatus();
     const std::string type = TypeOf(d);
+    const std::string where = absl::StrCat("decoder ", type);
     if (type == "Sequence") {
-      for (const json& sub : d.value("decoders", json::array())) PDS_RETURN_IF_ERROR(add_dec(sub));
+      if (depth >= kMaxSequenceDepth) return too_deep("decoder");
+      PDS_ASSIGN_OR_RETURN(const json* subs, fields.Array(d, where, "decoders"));
+      for (const json& sub : *subs) PDS_RETURN_IF_ERROR(add_dec(sub, depth + 1));
     } else if (type == "ByteLevel") {
       impl.decoders.push_back({DecStep::kByteLevel});
     } else if (type == "Replace") {
-      const json& pattern = d.value("pattern", json::object());
-      if (!pattern.contains("String")) return Unsupported(source, "Replace decoder with a regex");
-      impl.decoders.push_back(
-          {DecStep::kReplace, pattern["String"].get<std::string>(), d.value("content", "")});
+      PDS_ASSIGN_OR_RETURN(const json* pattern, fields.Object(d, where, "pattern"));
+      if (!pattern->contains("String")) return Unsupported(source, "Replace decoder with a regex");
+      PDS_ASSIGN_OR_RETURN(std::string from, fields.String(*pattern, where, "String", ""));
+      PDS_ASSIGN_OR_RETURN(std::string to, fields.String(d, where, "content", ""));
+      impl.decoders.push_back({DecStep::kReplace, std::move(from), std::move(to)});
     } else if (type == "ByteFallback") {
       impl.decoders.push_back({DecStep::kByteFallback});
     } else if (type == "Fuse") {
       impl.decoders.push_back({DecStep::kFuse});
     } else if (type == "Strip") {
-      impl.decoders.push_back(
-          {DecStep::kStrip, d.value("content", " "), "", d.value("start", 0), d.value("stop", 0)});
+      DecStep step{DecStep::kStrip};
+      PDS_ASSIGN_OR_RETURN(step.a, fields.Char(d, where, "content", " "));
+      PDS_ASSIGN_OR_RETURN(step.start, fields.Count(d, where, "start", 0));
+      PDS_ASSIGN_OR_RETURN(step.stop, fields.Count(d, where, "stop", 0));
+      impl.decoders.push_back(std::move(step));
     } else if (type == "Metaspace") {
-      impl.decoders.push_back(
-          {DecStep::kMetaspace, d.value("replacement", kMetaspace),
-           d.value("prepend_scheme", d.value("add_prefix_space", true) ? "always" : "never")});
+      DecStep step{DecStep::kMetaspace};
+      PDS_ASSIGN_OR_RETURN(step.a, fields.Char(d, where, "replacement", kMetaspace));
+      PDS_ASSIGN_OR_RETURN(step.b, prepend_scheme(d, where));
+      impl.decoders.push_back(std::move(step));
     } else {
       return Unsupported(source, absl::StrCat("decoder '", type, "'"));
     }
     return absl::OkStatus();
   };
-  if (j.contains("decoder")) PDS_RETURN_IF_ERROR(add_dec(j["decoder"]));
+  if (j.contains("decoder")) PDS_RETURN_IF_ERROR(add_dec(j["decoder"], 0));
   return tok;
+} catch (const json::exception& e) {
+  return absl::InvalidArgumentError(absl::StrCat(source, ": malformed tokenizer: ", e.what()));
 }
 
 std::optional<int32_t> Tokenizer::TokenToId(absl::string_view token) const {
@@ -603,16 +747,17 @@ void Tokenizer::EncodeSegment(absl::string_view segment, bool at_start,
         }
         if (step.split) {
           std::vector<Piece> out;
+          // HF splits before every replacement (MergedWithNext) but one at offset 0, also in
+          // pieces that do not start with one (no prepend, or not the first piece).
           for (Piece& p : pieces) {
             size_t start = 0;
-            for (size_t k = step.replacement.size(); k <= p.text.size(); ++k) {
-              if (k == p.text.size() ||
-                  p.text.compare(k, step.replacement.size(), step.replacement) == 0) {
-                if (k > start)
-                  out.push_back({p.text.substr(start, k - start), p.at_start && start == 0});
-                start = k;
-                if (k == p.text.size()) break;
-              }
+            for (size_t k = p.text.find(step.replacement, 1); k != std::string::npos;
+                 k = p.text.find(step.replacement, k + 1)) {
+              out.push_back({p.text.substr(start, k - start), p.at_start && start == 0});
+              start = k;
+            }
+            if (start < p.text.size()) {
+              out.push_back({p.text.substr(start), p.at_start && start == 0});
             }
           }
           pieces = std::move(out);
@@ -815,11 +960,10 @@ std::string Tokenizer::Decode(absl::Span<const int32_t> ids, bool skip_special_t
         }
         break;
       case DecStep::kMetaspace:
+        // HF's decode_chain: unless the scheme is "never", every replacement in the first
+        // token is dropped, not just a leading one ("▁a▁b" alone decodes to "ab").
         for (size_t k = 0; k < tokens.size(); ++k) {
-          tokens[k] = absl::StrReplaceAll(tokens[k], {{d.a, " "}});
-          if (k == 0 && d.b != "never" && !tokens[k].empty() && tokens[k][0] == ' ') {
-            tokens[k].erase(0, 1);
-          }
+          tokens[k] = absl::StrReplaceAll(tokens[k], {{d.a, k == 0 && d.b != "never" ? "" : " "}});
         }
         break;
     }
@@ -829,28 +973,39 @@ std::string Tokenizer::Decode(absl::Span<const int32_t> ids, bool skip_special_t
   return out;
 }
 
-std::string StreamDecoder::Add(int32_t id) {
-  ids_.push_back(id);
+namespace {
+constexpr absl::string_view kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD
+}  // namespace
+
+// Decode(ids[prefix_offset_:]) normally starts with the emitted Decode(ids[prefix_offset_:
+// read_offset_]) and the rest is new. ByteFallback breaks that when bytes after read_offset_
+// make the whole byte run invalid UTF-8: the run then decodes to one U+FFFD per byte, emitted
+// text included, and cutting it at the emitted length would split a U+FFFD. The new ids are
+// then decoded on their own: valid UTF-8 (as every Decode is), and nothing emitted repeats.
+std::string StreamDecoder::NewText(bool finish) {
   const absl::Span<const int32_t> all(ids_);
+  const std::string text = tokenizer_.Decode(all.subspan(prefix_offset_), skip_special_);
+  // A trailing U+FFFD may be a character whose remaining bytes are still to come.
+  if (!finish && absl::EndsWith(text, kReplacementChar)) return "";
   const std::string prefix =
       tokenizer_.Decode(all.subspan(prefix_offset_, read_offset_ - prefix_offset_), skip_special_);
-  const std::string text = tokenizer_.Decode(all.subspan(prefix_offset_), skip_special_);
-  const bool incomplete = text.size() >= 3 && text.compare(text.size() - 3, 3, "\xEF\xBF\xBD") == 0;
-  if (text.size() > prefix.size() && !incomplete) {
-    prefix_offset_ = read_offset_;
-    read_offset_ = ids_.size();
-    return text.substr(prefix.size());
+  std::string out;
+  if (absl::StartsWith(text, prefix)) {
+    if (!finish && text.size() == prefix.size()) return "";
+    out = text.substr(prefix.size());
+  } else {
+    out = tokenizer_.Decode(all.subspan(read_offset_), skip_special_);
   }
-  return "";
+  prefix_offset_ = finish ? ids_.size() : read_offset_;
+  read_offset_ = ids_.size();
+  return out;
 }
 
-std::string StreamDecoder::Finish() {
-  const absl::Span<const int32_t> all(ids_);
-  const std::string prefix =
-      tokenizer_.Decode(all.subspan(prefix_offset_, read_offset_ - prefix_offset_), skip_special_);
-  const std::string text = tokenizer_.Decode(all.subspan(prefix_offset_), skip_special_);
-  prefix_offset_ = read_offset_ = ids_.size();
-  return text.size() > prefix.size() ? text.substr(prefix.size()) : "";
+std::string StreamDecoder::Add(int32_t id) {
+  ids_.push_back(id);
+  return NewText(/*finish=*/false);
 }
+
+std::string StreamDecoder::Finish() { return NewText(/*finish=*/true); }
 
 }  // namespace pds::engine

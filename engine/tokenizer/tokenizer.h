@@ -69,6 +69,10 @@ class StreamDecoder {
   std::string Finish();
 
  private:
+  // Text of the ids not emitted yet, advancing the offsets past them; "" while it may still
+  // change (unless `finish`).
+  std::string NewText(bool finish);
+
   const Tokenizer& tokenizer_;
   bool skip_special_;
   std::vector<int32_t> ids_;

@@ -3,6 +3,8 @@
 // token agreement with the HF reference on real tokenizer files is tests/tokenizer.
 #include "engine/tokenizer/tokenizer.h"
 
+#include <random>
+
 #include "engine/tokenizer/bpe_builder.h"
 #include "engine/tokenizer/unicode.h"
 #include "gtest/gtest.h"
@@ -178,6 +180,52 @@ TEST(SentencePieceTokenizerTest, MergesByteFallbackAndDecoderChain) {
   EXPECT_EQ(joined, "hello é");
 }
 
+// ByteFallback turns a run of byte tokens that is invalid UTF-8 as a whole into one U+FFFD
+// per byte, so bytes that already went out as a character decode differently once more bytes
+// follow. The stream must still emit only valid UTF-8 and never repeat what it emitted.
+TEST(SentencePieceTokenizerTest, StreamingDecodeSurvivesByteRunsThatTurnInvalid) {
+  auto tok = Tokenizer::FromJson(SentencePieceJson(), "sp");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  auto byte = [](int b) { return 3 + b; };
+  const std::string fffd = "\xEF\xBF\xBD";
+  auto stream = [&](const std::vector<int32_t>& ids) {
+    StreamDecoder decoder(**tok);
+    std::string joined;
+    for (int32_t id : ids) {
+      const std::string piece = decoder.Add(id);
+      EXPECT_TRUE(IsValidUtf8(piece)) << "broken UTF-8 from Add";
+      joined += piece;
+    }
+    const std::string rest = decoder.Finish();
+    EXPECT_TRUE(IsValidUtf8(rest)) << "broken UTF-8 from Finish";
+    return joined + rest;
+  };
+  // 😀, then an emoji cut off after two bytes.
+  EXPECT_EQ(stream({byte(0xF0), byte(0x9F), byte(0x98), byte(0x80), byte(0xF0), byte(0x9F)}),
+            "\xF0\x9F\x98\x80" + fffd + fffd);
+  // é, a lone lead byte, then an ordinary token.
+  const int32_t h = *(*tok)->TokenToId("h");
+  EXPECT_EQ(stream({byte(0xC3), byte(0xA9), byte(0xE2), h}), "\xC3\xA9" + fffd + "h");
+  // Random mixes of bytes and tokens: every piece valid, and where the whole decode has no
+  // U+FFFD (so no run was re-decoded) the pieces add up to it exactly.
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 2000; ++trial) {
+    std::vector<int32_t> ids;
+    const int n = 1 + static_cast<int>(rng() % 12);
+    for (int k = 0; k < n; ++k) {
+      const uint32_t r = rng() % 10;
+      ids.push_back(r < 2 ? h
+                          : byte(r < 6 ? 0x80 + static_cast<int>(rng() % 64)
+                                       : 0xC2 + static_cast<int>(rng() % 0x33)));
+    }
+    const std::string joined = stream(ids);
+    const std::string whole = (*tok)->Decode(ids);
+    if (whole.find(fffd) == std::string::npos) {
+      EXPECT_EQ(joined, whole);
+    }
+  }
+}
+
 // The newer layout of the same tokenizer (Mistral v0.3 style): no normalizer, a Metaspace
 // pre-tokenizer that prepends to the first section only, and a Metaspace decoder.
 TEST(SentencePieceTokenizerTest, MetaspacePreTokenizerMatchesLegacyLayout) {
@@ -206,8 +254,8 @@ TEST(SentencePieceTokenizerTest, MetaspacePreTokenizerMatchesLegacyLayout) {
   for (const auto& [behavior, expected] :
        std::vector<std::pair<std::string, std::string>>{{"Isolated", "[a][-][b][-][-][c]"},
                                                         {"Removed", "[a][b][c]"},
-                                                        {"MergedWithPrevious", "[a-][b--][c]"},
-                                                        {"MergedWithNext", "[a][-b][--c]"}}) {
+                                                        {"MergedWithPrevious", "[a-][b-][-][c]"},
+                                                        {"MergedWithNext", "[a][-b][-][-c]"}}) {
     nlohmann::json split = nlohmann::json::parse(SentencePieceJson());
     split["normalizer"] = nullptr;
     split["pre_tokenizer"] = {{"type", "Split"},
@@ -226,6 +274,7 @@ TEST(SentencePieceTokenizerTest, MetaspacePreTokenizerMatchesLegacyLayout) {
     split["model"]["vocab"]["-b"] = 1007;
     split["model"]["vocab"]["--"] = 1008;
     split["model"]["vocab"]["--c"] = 1009;
+    split["model"]["vocab"]["-c"] = 1010;
     split["model"]["ignore_merges"] = true;  // a piece that is a vocab entry is one token
     auto tok = Tokenizer::FromJson(split.dump(), "split");
     ASSERT_TRUE(tok.ok()) << tok.status();
@@ -233,6 +282,55 @@ TEST(SentencePieceTokenizerTest, MetaspacePreTokenizerMatchesLegacyLayout) {
     for (int32_t id : (*tok)->Encode("a-b--c", false)) pieces += "[" + *(*tok)->IdToToken(id) + "]";
     EXPECT_EQ(pieces, expected) << behavior;
   }
+}
+
+// HF's Metaspace pre-tokenizer with split: true cuts before every ▁ but one at the very
+// start, also in pieces that got no ▁ prepended (after an added token, or prepend "never").
+TEST(SentencePieceTokenizerTest, MetaspaceSplitsBeforeEveryReplacement) {
+  const std::string m = "\xE2\x96\x81";  // ▁
+  auto j = nlohmann::json::parse(SentencePieceJson());
+  j["normalizer"] = nullptr;
+  j["pre_tokenizer"] = {
+      {"type", "Metaspace"}, {"replacement", m}, {"prepend_scheme", "first"}, {"split", true}};
+  j["model"]["vocab"]["x"] = 1000;
+  j["model"]["vocab"]["a"] = 1001;
+  j["model"]["vocab"]["b"] = 1002;
+  j["model"]["vocab"][m + "b"] = 1003;
+  j["model"]["ignore_merges"] = true;  // a piece that is a vocab entry is one token
+  auto tok = Tokenizer::FromJson(j.dump(), "metaspace");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  auto pieces = [&](const std::string& text) {
+    std::string out;
+    for (int32_t id : (*tok)->Encode(text, false)) out += "[" + *(*tok)->IdToToken(id) + "]";
+    return out;
+  };
+  EXPECT_EQ(pieces("x<s>a b"), "[" + m + "][x][<s>][a][" + m + "b]");
+  j["pre_tokenizer"]["prepend_scheme"] = "never";
+  tok = Tokenizer::FromJson(j.dump(), "metaspace");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ(pieces("a b"), "[a][" + m + "b]");
+  EXPECT_EQ(pieces("a  b"), "[a][" + m + "][" + m + "b]");
+}
+
+// HF's Metaspace decoder (decode_chain): unless prepend_scheme is "never", every ▁ of the
+// first token is dropped, not only a leading one; in later tokens each ▁ becomes a space.
+TEST(SentencePieceTokenizerTest, MetaspaceDecoderDropsReplacementsOfFirstToken) {
+  const std::string m = "\xE2\x96\x81";  // ▁
+  auto j = nlohmann::json::parse(SentencePieceJson());
+  j["decoder"] = {{"type", "Metaspace"}, {"replacement", m}, {"prepend_scheme", "first"}};
+  j["model"]["vocab"][m + m] = 1000;
+  j["model"]["vocab"]["a"] = 1001;
+  j["model"]["vocab"][m + "a" + m + "b"] = 1002;
+  auto tok = Tokenizer::FromJson(j.dump(), "metaspace");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->Decode({1000, 1001}), "a");
+  EXPECT_EQ((*tok)->Decode({1002}), "ab");
+  EXPECT_EQ((*tok)->Decode({1001, 1002}), "a a b");
+  j["decoder"]["prepend_scheme"] = "never";
+  tok = Tokenizer::FromJson(j.dump(), "metaspace");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  EXPECT_EQ((*tok)->Decode({1000, 1001}), "  a");
+  EXPECT_EQ((*tok)->Decode({1002}), " a b");
 }
 
 TEST(TokenizerErrorsTest, UnsupportedComponentsAreNamed) {
@@ -263,6 +361,64 @@ TEST(TokenizerErrorsTest, UnsupportedComponentsAreNamed) {
   EXPECT_FALSE(Tokenizer::FromJson("{not json", "tok.json").ok());
   EXPECT_EQ(Tokenizer::Load("/nonexistent/tokenizer.json").status().code(),
             absl::StatusCode::kNotFound);
+}
+
+// Fields of the wrong JSON type are load errors naming the file, never aborts.
+TEST(TokenizerErrorsTest, WrongTypedFieldsAreErrors) {
+  const auto base = nlohmann::json::parse(SentencePieceJson());
+  auto expect_error = [](const std::string& text, const std::string& fragment) {
+    auto tok = Tokenizer::FromJson(text, "tok.json");
+    ASSERT_FALSE(tok.ok()) << fragment;
+    EXPECT_EQ(tok.status().code(), absl::StatusCode::kInvalidArgument) << tok.status();
+    EXPECT_NE(tok.status().message().find("tok.json"), std::string::npos) << tok.status();
+    EXPECT_NE(tok.status().message().find(fragment), std::string::npos) << tok.status();
+  };
+  auto j = base;
+  j["model"]["byte_fallback"] = nullptr;
+  expect_error(j.dump(), "byte_fallback");
+  j = base;
+  j["added_tokens"][1]["special"] = nullptr;
+  expect_error(j.dump(), "special");
+  j = base;
+  j["added_tokens"][1]["id"] = 1ll << 40;
+  expect_error(j.dump(), "out of range");
+  j = base;
+  j["pre_tokenizer"] = {{"type", "Split"}, {"pattern", {{"Regex", 5}}}, {"behavior", "Isolated"}};
+  expect_error(j.dump(), "Regex");
+  j = base;
+  j["post_processor"]["special_tokens"]["<s>"]["ids"] = {"0"};
+  expect_error(j.dump(), "ids");
+  j = base;
+  j["post_processor"]["single"] = {{{"SpecialToken", "a"}}};
+  expect_error(j.dump(), "SpecialToken");
+  j = base;
+  j["decoder"]["decoders"][3]["start"] = "1";
+  expect_error(j.dump(), "start");
+  j = base;
+  j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", nullptr}};
+  expect_error(j.dump(), "replacement");
+  j = base;
+  j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", ""}};
+  expect_error(j.dump(), "replacement");
+  j = base;
+  j["normalizer"]["normalizers"] = 3;
+  expect_error(j.dump(), "normalizers");
+  // Deep nesting: messages name the JSON type instead of printing the value, and nested
+  // Sequences are bounded, so neither recurses once per level.
+  constexpr int kDepth = 200000;
+  j = base;
+  j["model"]["merges"] = {"DEEP"};
+  std::string text = j.dump();
+  const size_t at = text.find("\"DEEP\"");
+  ASSERT_NE(at, std::string::npos);
+  expect_error(text.replace(at, 6, std::string(kDepth, '[') + std::string(kDepth, ']')), "merge");
+  j = base;
+  j["normalizer"] = "DEEP";
+  text = j.dump();
+  std::string nested;
+  for (int k = 0; k < kDepth; ++k) nested += R"({"type":"Sequence","normalizers":[)";
+  for (int k = 0; k < kDepth; ++k) nested += "]}";
+  expect_error(text.replace(text.find("\"DEEP\""), 6, nested), "nested");
 }
 
 }  // namespace
