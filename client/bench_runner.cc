@@ -172,6 +172,7 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
     lock.lock();
   };
 
+  std::vector<RequestRecord> unsent;
   for (int64_t i = 0; i < total; ++i) {
     const double due = closed ? 0 : options.arrivals[i];
     if (options.duration_s > 0 && due >= options.duration_s) break;
@@ -191,7 +192,24 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
       if (options.duration_s > 0) wake = std::min(wake, options.duration_s);
       st->cv.wait_until(lock, at(std::max(wake, now_s + 1e-4)));
     }
-    if (stop) break;
+    if (stop) {
+      // The run ended while requests that were due could not be sent (the in-flight bound was
+      // reached): they count as failed, or a rate the server never received would look met.
+      for (int64_t j = i; j < total && !closed && options.arrivals[j] < options.duration_s; ++j) {
+        RequestRecord r;
+        r.index = j;
+        r.ok = false;
+        r.error_code = "NOT_SENT";
+        r.error_message =
+            "due before the run ended but never sent: the in-flight bound was reached";
+        r.prompt_tokens = specs[j % specs.size()].prompt_len;
+        r.expected_output_tokens = specs[j % specs.size()].output_len;
+        r.scheduled_s = options.arrivals[j];
+        r.send_s = r.end_s = options.duration_s;
+        unsent.push_back(std::move(r));
+      }
+      break;
+    }
     const double send_s = elapsed();
     if (!closed && send_s - due > 0.010) {
       ++result.late_sends;
@@ -249,6 +267,7 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
       result.duration_s = std::max(result.duration_s, slot->record.end_s);
       result.records.push_back(slot->record);
     }
+    for (RequestRecord& r : unsent) result.records.push_back(std::move(r));
     result.contacted = st->contacted;
     maybe_report(lock, end_s, true);
   }

@@ -16,6 +16,12 @@ absl::StatusOr<SearchResult> SearchMaxRate(const SearchOptions& options, const R
   if (options.steps < 1 || options.bisect_steps < 0) {
     return absl::InvalidArgumentError("search steps must be >= 1 and bisections >= 0");
   }
+  if (options.steps == 1 && options.max_rate > options.min_rate) {
+    // One step measures only the lowest rate: it could not show that the highest passes.
+    return absl::InvalidArgumentError(
+        absl::StrCat("a sweep of [", options.min_rate, ", ", options.max_rate,
+                     "] needs at least 2 steps (1 step: give the same min and max rate)"));
+  }
   if (!(options.attainment_target > 0 && options.attainment_target <= 1)) {
     return absl::InvalidArgumentError("the attainment target must be in (0, 1]");
   }
@@ -33,7 +39,7 @@ absl::StatusOr<SearchResult> SearchMaxRate(const SearchOptions& options, const R
   };
   double pass_rate = 0, fail_rate = -1;
   for (int i = 0; i < options.steps; ++i) {
-    double rate = options.steps == 1 ? options.min_rate
+    double rate = options.steps == 1 ? options.max_rate
                                      : options.min_rate + (options.max_rate - options.min_rate) *
                                                               i / (options.steps - 1);
     auto pass = measure(rate);

@@ -283,6 +283,21 @@ TEST(PdbenchRateSearchTest, EdgeCases) {
       o, [](double) -> absl::StatusOr<BenchMetrics> { return absl::UnavailableError("down"); });
   EXPECT_EQ(err.status().code(), absl::StatusCode::kUnavailable);
 
+  // One step cannot sweep a range (it would claim the untried highest rate passed); with
+  // min == max it measures that one rate.
+  o.steps = 1;
+  EXPECT_EQ(SearchMaxRate(o, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
+  o.min_rate = 4;
+  std::vector<double> asked;
+  auto one = SearchMaxRate(o, [&](double rate) -> absl::StatusOr<BenchMetrics> {
+    asked.push_back(rate);
+    return WithAttainment(1.0);
+  });
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ(asked, std::vector<double>{4});
+  EXPECT_TRUE(one->hit_max);
+  o.steps = 4;
+
   o.min_rate = 0;
   EXPECT_EQ(SearchMaxRate(o, nullptr).status().code(), absl::StatusCode::kInvalidArgument);
   o.min_rate = 5;

@@ -346,6 +346,28 @@ TEST_F(PdbenchFakeServerTest, OpenLoopBoundsCallsInFlight) {
   for (const RequestRecord& r : bounded->records) EXPECT_TRUE(r.ok);
 }
 
+TEST_F(PdbenchFakeServerTest, RequestsDueButNeverSentBeforeTheDurationCountAsFailed) {
+  // One call at a time, each about 400 ms, arrivals every 50 ms for 0.5 s: most of the 10
+  // requests due in that time cannot be sent. They are failures (NOT_SENT), not left out: the
+  // attainment counts what the schedule offered, not just what the client managed to send.
+  ScriptFixed(100, 100);
+  ServingClient client(target_);
+  RunOptions o;
+  o.arrivals = ConstantArrivals(20, 20);  // 50 ms apart, 1 s of arrivals
+  o.duration_s = 0.5;
+  o.max_inflight = 1;
+  o.request_id_prefix = "unsent";
+  auto result = RunBenchmark(client, Specs(4, 4, 4), o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->records.size(), 10u);  // due at 0, 0.05, ..., 0.45
+  int64_t unsent = 0;
+  for (const RequestRecord& r : result->records) unsent += r.error_code == "NOT_SENT";
+  EXPECT_GE(unsent, 7);
+  BenchMetrics m = ComputeMetrics(result->records, result->duration_s, SloTargets{});
+  EXPECT_LT(m.slo_attainment, 0.5);
+  EXPECT_EQ(m.errors.at("NOT_SENT"), unsent);
+}
+
 TEST_F(PdbenchFakeServerTest, ClosedLoopHoldsConcurrency) {
   ScriptFixed(30, 10);
   ServingClient client(target_);
