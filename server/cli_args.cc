@@ -30,7 +30,11 @@ absl::StatusOr<CliArgs> CliArgs::Parse(int argc, char** argv, int first,
       return absl::InvalidArgumentError(absl::StrCat("unknown flag --", arg));
     }
     if (spec->is_bool) {
-      if (value && *value != "true" && *value != "1") continue;
+      if (value && *value != "true" && *value != "1" && *value != "false" && *value != "0") {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--", arg, " takes true/1 or false/0, got '", *value, "'"));
+      }
+      if (value && (*value == "false" || *value == "0")) continue;
       args.values_[arg] = "true";
       continue;
     }

@@ -303,7 +303,14 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     tracked->server_context = ctx;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      if (work.request_id().empty()) work.set_request_id(absl::StrCat("req-", next_id_++));
+      if (work.request_id().empty()) {
+        // Not one a client chose for a request still in flight.
+        std::string id;
+        do {
+          id = absl::StrCat("req-", next_id_++);
+        } while (in_flight_.count(id));
+        work.set_request_id(std::move(id));
+      }
       if (in_flight_.count(work.request_id())) {
         ++rejected_;
         return Invalid(absl::StrCat("request id '", work.request_id(), "' is already in flight"));
@@ -345,7 +352,12 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     Relay(Impl& impl, const api::GenerateRequest& request, pb::WorkRequest& work,
           grpc::ServerWriter<api::GenerateResponse>* writer, Tracked& tracked)
         : request(request), work(work), writer(writer), tracked(tracked) {
-      if (impl.tokenizer_) decoder = std::make_unique<engine::StreamDecoder>(*impl.tokenizer_);
+      // The text leaves special tokens (EOS, BOS, chat markers) out, as HF's and vLLM's
+      // defaults do; their ids are in token_ids.
+      if (impl.tokenizer_) {
+        decoder = std::make_unique<engine::StreamDecoder>(*impl.tokenizer_,
+                                                          /*skip_special_tokens=*/true);
+      }
     }
     const api::GenerateRequest& request;
     pb::WorkRequest& work;  // dispatch adds its decisions (best_effort)

@@ -259,6 +259,12 @@ TEST_F(CliTest, ErrorsAreClearAndNonZero) {
   r = RunCommand("generate --bogus 1");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE(r.errors.find("unknown flag --bogus"), std::string::npos) << r.errors;
+  // A boolean flag's value is true/1 or false/0; anything else is an error, not "off".
+  r = RunCommand("generate --model " + dir_ + " --prompt-ids 1 --json=yes");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.errors.find("--json takes true/1 or false/0"), std::string::npos) << r.errors;
+  r = RunCommand("generate --model " + dir_ + " --prompt-ids 1 --max-tokens 2 --json=false");
+  EXPECT_EQ(r.exit_code, 0) << r.errors;
 }
 
 // Every command answers --help (the top-level usage promises it) with its usage and flags.

@@ -18,6 +18,7 @@
 #include "engine/backend/cpu_backend.h"
 #include "engine/model/transformer.h"
 #include "engine/runtime/llm_engine.h"
+#include "engine/tokenizer/tokenizer.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -340,6 +341,16 @@ TEST_F(ServingTest, StreamsTextTimelineAndLogprobs) {
   }
   EXPECT_EQ(tokens, 16);
   EXPECT_EQ(logprobs, 16);
+  // The streamed text is the decode of the tokens, special tokens left out.
+  auto tok = engine::Tokenizer::Load(*model_dir_ + "/tokenizer.json");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  std::vector<int32_t> ids;
+  std::string text;
+  for (const auto& msg : messages) {
+    ids.insert(ids.end(), msg.token_ids().begin(), msg.token_ids().end());
+    text += msg.text();
+  }
+  EXPECT_EQ(text, (*tok)->Decode(ids, /*skip_special_tokens=*/true));
   const api::Done& done = messages.back().done();
   EXPECT_EQ(done.finish_reason(), "length");
   const api::Timeline& t = done.timeline();
