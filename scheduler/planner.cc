@@ -14,6 +14,8 @@ namespace {
 
 constexpr double kMinRatePerGpu = 1e-4;
 constexpr double kMaxRatePerGpu = 1e6;
+// The largest cluster a plan lays out (pdserve plan's --gpus limit).
+constexpr int64_t kMaxPlannedGpus = 4096;
 
 class Searcher {
  public:
@@ -245,6 +247,12 @@ absl::StatusOr<Plan> MakePlan(const PlannerOptions& options, const LatencyModel&
   plan.unit = disaggregated.front();
   if (!colocated.empty()) plan.colocated = colocated.front();
 
+  if (plan.unit.max_rate() <= 0) {
+    // Without a rate to cover, a unit that meets the SLO at no rate tried is no plan either.
+    plan.feasible = false;
+    plan.reason =
+        absl::StrCat("no unit of up to ", limit, " instances meets the SLO at any rate tried");
+  }
   if (options.target_rate > 0) {
     // The unit that covers the rate with the fewest GPUs.
     const UnitResult* chosen = nullptr;
@@ -274,6 +282,15 @@ absl::StatusOr<Plan> MakePlan(const PlannerOptions& options, const LatencyModel&
             options.target_rate, options.gpus, chosen_replicas, UnitName(*chosen), chosen_gpus,
             chosen->goodput_per_gpu, options.gpus,
             (options.gpus / chosen->gpus()) * chosen->max_rate());
+      } else if (chosen_gpus > kMaxPlannedGpus) {
+        // Without a GPU budget the rate alone bounds the cluster: refuse what would take
+        // longer to simulate than to question (the simulation grows with the square of it).
+        plan.feasible = false;
+        plan.reason = absl::StrFormat(
+            "%.4g req/s needs %d x %s = %d GPUs (%.4g req/s per GPU), more than the %d this "
+            "planner lays out",
+            options.target_rate, chosen_replicas, UnitName(*chosen), chosen_gpus,
+            chosen->goodput_per_gpu, kMaxPlannedGpus);
       } else {
         plan.replicas = static_cast<int32_t>(chosen_replicas);
       }
@@ -451,6 +468,12 @@ absl::StatusOr<PlanFile> ParsePlanFile(const nlohmann::json& j) {
     *out = j[key].get<int32_t>();
     return absl::OkStatus();
   };
+  if (j.contains("feasible") && j["feasible"].is_boolean() && !j["feasible"].get<bool>()) {
+    const std::string reason =
+        j.contains("reason") && j["reason"].is_string() ? j["reason"].get<std::string>() : "";
+    return absl::InvalidArgumentError(
+        absl::StrCat("plan: not feasible (", reason.empty() ? "no reason given" : reason, ")"));
+  }
   PDS_RETURN_IF_ERROR(count("prefill_instances", &f.prefill_instances));
   PDS_RETURN_IF_ERROR(count("decode_instances", &f.decode_instances));
   auto instance = [&](const char* role, SimInstanceConfig* c) -> absl::Status {
@@ -463,7 +486,8 @@ absl::StatusOr<PlanFile> ParsePlanFile(const nlohmann::json& j) {
           std::pair{"max_running", &c->max_running}, std::pair{"kv_blocks", &c->kv_blocks},
           std::pair{"block_size", &c->block_size}}) {
       if (!i.contains(key)) continue;
-      if (!i[key].is_number_integer() || i[key].get<int64_t>() < 1) {
+      if (!i[key].is_number_integer() || i[key].get<int64_t>() < 1 ||
+          i[key].get<int64_t>() > INT32_MAX) {
         return absl::InvalidArgumentError(
             absl::StrCat("plan: 'instance.", role, ".", key, "' must be a positive integer"));
       }

@@ -164,7 +164,7 @@ class Engine {
         BatchCandidate c;
         c.pending_tokens = seq->tokens - seq->num_computed;
         c.running = seq->admitted;
-        c.deadline_s = seq->deadline_s;
+        if (seq->num_generated == 0) c.deadline_s = seq->deadline_s;  // as LlmEngine
         c.best_effort = seq->best_effort;
         candidates.push_back(c);
       }
@@ -189,6 +189,9 @@ class Engine {
           reserved = Reserve(*seq, seq->num_computed + chunk);
         }
         if (!reserved) {
+          if (seq->admitted && BlocksAwaitRelease()) {
+            continue;  // waits for blocks a transfer holds; the others planned run
+          }
           if (seq->admitted && plan.empty()) {
             error = absl::InternalError(
                 absl::StrCat("simulated request ", seq->req, " cannot get KV blocks"));
@@ -214,6 +217,15 @@ class Engine {
   }
 
  private:
+  // LlmEngine::BlocksAwaitRelease: held or importing sequences own blocks that come back when
+  // their transfers end.
+  bool BlocksAwaitRelease() const {
+    for (const auto& [o, seq] : seqs_) {
+      if ((seq.held || seq.importing) && seq.blocks > 0) return true;
+    }
+    return false;
+  }
+
   Seq& Insert(int64_t req) {
     const uint64_t order = next_order_++;
     by_req_[req] = order;

@@ -330,7 +330,10 @@ absl::Status RunUp(const CliArgs& args) {
     return absl::InvalidArgumentError("at most 64 instances of a role");
   }
   const int64_t n_workers = n_colocated > 0 ? n_colocated : n_prefill + n_decode;
-  const int64_t cores = std::max(1u, std::thread::hardware_concurrency());
+  // The CPUs `up` itself may use (a taskset or a container's cpuset), not all the machine's:
+  // the default thread counts divide them, and --pin-cpus hands them out.
+  const std::vector<int> allowed_cpus = AllowedCpus();
+  const int64_t cores = static_cast<int64_t>(allowed_cpus.size());
   PDS_ASSIGN_OR_RETURN(int64_t threads,
                        args.GetInt("threads", std::max<int64_t>(1, cores / n_workers)));
   const std::string host = "127.0.0.1";
@@ -385,7 +388,7 @@ absl::Status RunUp(const CliArgs& args) {
     if (pin) {
       std::vector<int> cpus;
       for (int64_t t = 0; t < std::max<int64_t>(1, threads); ++t) {
-        cpus.push_back(static_cast<int>(next_cpu++ % cores));
+        cpus.push_back(allowed_cpus[next_cpu++ % cores]);
       }
       std::sort(cpus.begin(), cpus.end());
       cpus.erase(std::unique(cpus.begin(), cpus.end()), cpus.end());

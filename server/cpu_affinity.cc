@@ -65,6 +65,22 @@ std::string FormatCpuList(const std::vector<int>& cpus) {
   return out;
 }
 
+std::vector<int> AllowedCpus() {
+  std::vector<int> cpus;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    for (int c = 0; c < CPU_SETSIZE; ++c) {
+      if (CPU_ISSET(c, &set)) cpus.push_back(c);
+    }
+  }
+  if (cpus.empty()) {
+    const long configured = std::max(1L, sysconf(_SC_NPROCESSORS_CONF));
+    for (int c = 0; c < configured && c < CPU_SETSIZE; ++c) cpus.push_back(c);
+  }
+  return cpus;
+}
+
 absl::Status PinToCpus(absl::string_view list) {
   absl::StatusOr<std::vector<int>> cpus = ParseCpuList(list);
   if (!cpus.ok()) return cpus.status();

@@ -84,6 +84,31 @@ TEST(PlannerTest, ReplicatesToCoverARateOrSaysItCannot) {
   EXPECT_EQ(yes->gpus_used, 9);
   EXPECT_DOUBLE_EQ(yes->predicted_at_rate, o.target_rate);
   EXPECT_GE(yes->predicted_attainment, 0.8);
+
+  // Without a GPU budget, a rate that would need more GPUs than a plan lays out is refused
+  // (it used to be simulated: minutes, and memory without bound).
+  o.gpus = 0;
+  o.target_rate = 1e9;
+  auto huge = MakePlan(o, m);
+  ASSERT_TRUE(huge.ok()) << huge.status();
+  EXPECT_FALSE(huge->feasible);
+  EXPECT_NE(huge->reason.find("more than the 4096"), std::string::npos) << huge->reason;
+}
+
+// An SLO that no unit meets at any rate is no plan, with or without a target rate, and a plan
+// file that says so is refused by ParsePlanFile (so `pdserve up --plan` does not start it).
+TEST(PlannerTest, AnSloNothingMeetsIsNotFeasible) {
+  const LatencyModel m = Model({0.01, 1e-3, 0}, {1e-3, 0, 1e-4});
+  PlannerOptions o = Options(200, 20, 1e-6, 100);  // TTFT target far below one prefill step
+  auto plan = MakePlan(o, m);
+  ASSERT_TRUE(plan.ok()) << plan.status();
+  EXPECT_FALSE(plan->feasible);
+  EXPECT_NE(plan->reason.find("meets the SLO"), std::string::npos) << plan->reason;
+  const nlohmann::json j = PlanToJson(*plan);
+  EXPECT_FALSE(j["feasible"].get<bool>());
+  auto file = ParsePlanFile(j);
+  EXPECT_EQ(file.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(file.status().message().find("not feasible"), std::string::npos) << file.status();
 }
 
 TEST(PlannerTest, PlanFileRoundTripAndColocatedComparison) {

@@ -124,6 +124,22 @@ TEST(SimulatorTest, BackPressureWhenDecodeKvIsTiny) {
   EXPECT_GE(r[2].timeline.prefill_start_us, r[1].timeline.kv_transfer_end_us);
 }
 
+TEST(SimulatorTest, DecodingWaitsForBlocksAnImportHolds) {
+  // As LlmEngine: a decoding request that needs a block while a slow import holds the free
+  // ones waits for them (it used to fail the whole simulation with INTERNAL).
+  SimConfig c = SimpleConfig();  // a 100-token hand-off takes 1.5 s
+  c.decode.kv_blocks = 16;       // a (7 blocks) + b's reservation (7 + 1 for a's growth)
+  const std::vector<SimRequest> requests = {{0.0, 100, 100}, {1.7, 100, 100}};
+  auto result = Simulate(c, SimpleModel(), requests);
+  ASSERT_TRUE(result.ok()) << result.status();
+  for (const auto& rec : result->records) {
+    EXPECT_TRUE(rec.ok) << rec.error_code << " " << rec.error_message;
+  }
+  // a's decode stalled while b's KV was arriving: it ends after b's import.
+  const auto& r = result->records;
+  EXPECT_GT(r[0].timeline.finish_us, r[1].timeline.kv_transfer_end_us);
+}
+
 TEST(SimulatorTest, ColocatedStepsSumPrefillAndDecode) {
   SimConfig c = SimpleConfig();
   c.num_colocated = 1;

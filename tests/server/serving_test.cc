@@ -1,6 +1,7 @@
 // End-to-end tests of the serving path: `pdserve up` starts real processes on 127.0.0.1 with
 // ephemeral ports; the tests talk to the public API and compare with offline generation.
 
+#include <sched.h>
 #include <signal.h>
 #include <sys/wait.h>
 
@@ -579,6 +580,42 @@ TEST_F(ServingTest, PromptsTheDecodeCacheCanNeverHoldAreRefusedAtOnce) {
   EXPECT_TRUE(served.status.ok()) << served.status.error_message();
   EXPECT_EQ(served.tokens.size(), 4u);
   ExpectAllFree(cluster->stub());
+}
+
+// `pdserve up --pin-cpus` hands out the CPUs it was given (a taskset, a container's cpuset),
+// not CPUs 0.. of the machine: started on one CPU, every process it starts stays on it.
+TEST_F(ServingTest, PinnedWorkersStayInsideTheCpusUpWasGiven) {
+  cpu_set_t before;
+  ASSERT_EQ(sched_getaffinity(0, sizeof(before), &before), 0);
+  int last = -1;
+  for (int c = 0; c < CPU_SETSIZE; ++c) {
+    if (CPU_ISSET(c, &before)) last = c;
+  }
+  ASSERT_GE(last, 0);
+  cpu_set_t one;
+  CPU_ZERO(&one);
+  CPU_SET(last, &one);
+  ASSERT_EQ(sched_setaffinity(0, sizeof(one), &one), 0);  // inherited by `up` and its children
+  auto cluster =
+      LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "1", "--pin-cpus"});
+  ASSERT_EQ(sched_setaffinity(0, sizeof(before), &before), 0);
+  ASSERT_NE(cluster, nullptr);
+  const std::vector<pid_t> children = cluster->process().Children();
+  ASSERT_EQ(children.size(), 3u);  // front-end, prefill, decode
+  for (pid_t pid : children) {
+    std::ifstream status(absl::StrCat("/proc/", pid, "/status"));
+    std::string line, allowed;
+    while (std::getline(status, line)) {
+      if (line.rfind("Cpus_allowed_list:", 0) == 0) allowed = line.substr(line.find(':') + 1);
+    }
+    allowed.erase(0, allowed.find_first_not_of(" \t"));
+    EXPECT_EQ(allowed, std::to_string(last)) << "pid " << pid;
+  }
+  api::GenerateRequest r;
+  for (int j = 0; j < 10; ++j) r.add_prompt_token_ids(5 + j);
+  r.set_max_tokens(3);
+  r.set_ignore_eos(true);
+  EXPECT_EQ(Generate(cluster->stub(), r).tokens.size(), 3u);
 }
 
 // A decode worker answers ACCEPTED without waiting for its engine step (the registration is
