@@ -106,8 +106,13 @@ struct CudaBackend::State {
   kc::AttentionPlan plan;
   uint64_t generation = 0;
 
-  // RoPE: inv_freq copies by host pointer; the batch's cos/sin tables.
-  std::unordered_map<const float*, Scratch> inv_freq;
+  // RoPE: inv_freq device copies by host pointer, with the values they hold (a pointer may be
+  // reused by another model's frequencies); the batch's cos/sin tables.
+  struct RopeFreqs {
+    Scratch device;
+    std::vector<float> host;
+  };
+  std::unordered_map<const float*, RopeFreqs> inv_freq;
   Scratch rope_cos, rope_sin;
   uint64_t rope_generation = 0;
   const float* rope_key = nullptr;
@@ -517,6 +522,7 @@ absl::StatusOr<bool> CudaBackend::EndGraph() {
       cudaGraphExecDestroy(exec);
       st.Drop();
       st.graph_signature = st.Signature();
+      st.rope_key = nullptr;  // the recording computed no RoPE tables: the eager re-run must
       return false;
     }
     st.graphs[st.capture_key] = exec;
@@ -536,6 +542,7 @@ void CudaBackend::AbortGraph() {
   cudaStreamEndCapture(stream_, &graph);
   if (graph != nullptr) cudaGraphDestroy(graph);
   cudaGetLastError();
+  st.rope_key = nullptr;  // tables "computed" in the abandoned recording were never computed
 }
 
 absl::Status CudaBackend::Embed(const Weight& table, void* out, int64_t hidden) {
@@ -600,17 +607,24 @@ absl::Status CudaBackend::HeadRmsNorm(void* x, int64_t token_stride, const Weigh
 
 absl::Status CudaBackend::EnsureRopeTables(int64_t half, const float* inv_freq_host) {
   State& st = *state_;
-  Scratch& inv = st.inv_freq[inv_freq_host];
-  if (inv.ptr == nullptr) {
-    PDS_RETURN_IF_ERROR(inv.Reserve(half * sizeof(float), "RoPE frequencies"));
-    PDS_CUDA(cudaMemcpy(inv.ptr, inv_freq_host, half * sizeof(float), cudaMemcpyHostToDevice),
+  State::RopeFreqs& inv = st.inv_freq[inv_freq_host];
+  if (inv.device.ptr == nullptr || static_cast<int64_t>(inv.host.size()) != half ||
+      !std::equal(inv.host.begin(), inv.host.end(), inv_freq_host)) {
+    if (inv.device.ptr != nullptr) st.Drop();  // recorded graphs read the old copy
+    PDS_RETURN_IF_ERROR(inv.device.Reserve(half * sizeof(float), "RoPE frequencies"));
+    inv.host.assign(inv_freq_host, inv_freq_host + half);
+    // On the compute stream (a plain cudaMemcpy would run on the legacy stream, unordered
+    // with this non-blocking one); the source stays alive in `inv.host`.
+    PDS_CUDA(cudaMemcpyAsync(inv.device.ptr, inv.host.data(), half * sizeof(float),
+                             cudaMemcpyHostToDevice, stream_),
              "uploading RoPE frequencies");
+    st.rope_key = nullptr;  // the tables are computed again from the new copy
   }
   if (st.rope_generation != st.generation || st.rope_key != inv_freq_host) {
     const size_t bytes = static_cast<size_t>(st.num_tokens) * half * sizeof(float);
     PDS_RETURN_IF_ERROR(st.rope_cos.Reserve(bytes, "RoPE cos"));
     PDS_RETURN_IF_ERROR(st.rope_sin.Reserve(bytes, "RoPE sin"));
-    PDS_CUDA(kc::RopeCosSin(st.positions, static_cast<const float*>(inv.ptr),
+    PDS_CUDA(kc::RopeCosSin(st.positions, static_cast<const float*>(inv.device.ptr),
                             static_cast<float*>(st.rope_cos.ptr),
                             static_cast<float*>(st.rope_sin.ptr), st.num_tokens, half, stream_),
              "RopeCosSin");

@@ -70,6 +70,8 @@ constexpr int kSampleThreads = 1024;
 // Larger key = earlier in the order: higher logit, then lower index. NaN is never a candidate.
 __device__ __forceinline__ uint64_t OrderKey(float v, int64_t i) {
   uint32_t bits = __float_as_uint(v);
+  if ((bits & 0x7FFFFFFFu) == 0)
+    bits = 0;  // -0.0 ties with +0.0 (lower index first), as on the CPU
   bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
   return (static_cast<uint64_t>(bits) << 32) | (0xFFFFFFFFu - static_cast<uint32_t>(i));
 }

@@ -575,6 +575,35 @@ TEST_P(CudaOpsTest, HeadNormAndRope) {
   }
 }
 
+TEST_P(CudaOpsTest, RopeFrequenciesAreReadAgainWhenTheirValuesChange) {
+  // Another model's frequencies may come at the same host address (the first model's vector
+  // freed, the next one allocated in its place): the device copy follows the values.
+  const int tokens = 37, heads = 8, kv_heads = 2, head_dim = 64;
+  const int stride = (heads + 2 * kv_heads) * head_dim;
+  const size_t n = size_t(tokens) * stride;
+  const auto x = Rand(n, 50);
+  BatchMetadata m = Tokens(tokens, 51);
+  std::vector<float> inv_freq(head_dim / 2);
+  for (double theta : {10000.0, 500000.0}) {
+    SCOPED_TRACE(::testing::Message() << "theta " << theta);
+    for (int j = 0; j < head_dim / 2; ++j) {
+      inv_freq[j] = static_cast<float>(std::pow(theta, -2.0 * j / head_dim));
+    }
+    Begin(m);
+    DeviceBuffer xc = Cpu(x);
+    Guarded xg = Gpu(x);
+    float* qc = xc.as<float>();
+    auto* qg = static_cast<uint16_t*>(xg.data());
+    ASSERT_TRUE(
+        cpu_->Rope(qc, qc + heads * head_dim, stride, heads, kv_heads, head_dim, inv_freq.data())
+            .ok());
+    ASSERT_TRUE(
+        gpu_->Rope(qg, qg + heads * head_dim, stride, heads, kv_heads, head_dim, inv_freq.data())
+            .ok());
+    EXPECT_TRUE(Close(Down(xg), DownCpu(xc, n), 3 * rtol(), 3 * atol()));
+  }
+}
+
 TEST_P(CudaOpsTest, RopeWriteKvFusedMatchesRopeThenWriteKv) {
   // PDS_FUSE_ROPE_KV=1 makes RopeWriteKv one launch: q, k and both caches must come out
   // exactly as from the two launches (and within rounding of the CPU's), a negative slot
@@ -913,6 +942,11 @@ TEST_P(CudaOpsTest, SampleRowsMatchesCpuSampler) {
       if (n > 7) {
         row[rng() % n] = NAN;
         row[3] = row[n - 2] = 9.0f;  // a tie at the top
+      }
+      if (n > 7 && r % 8 == 0) {  // a tie at the top between -0.0 (lower index) and +0.0
+        for (int i = 0; i < n; ++i) row[i] = -1.0f - std::fabs(row[i]);
+        row[3] = -0.0f;
+        row[n - 2] = 0.0f;
       }
     }
     float* d_logits = nullptr;
