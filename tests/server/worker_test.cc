@@ -234,7 +234,7 @@ TEST(WorkerTest, PrefillStreamEndsOnceTheKvIsInNotAfterTheNextStep) {
   auto prefill = StartWorker(InstanceRole::kPrefill, {});
   ASSERT_NE(decode, nullptr);
   ASSERT_NE(prefill, nullptr);
-  prefill->backend.delay_ms = 150;  // 2 layers: every prefill step takes 300 ms or more
+  prefill->backend.delay_ms = 250;  // 2 layers: every prefill step takes 500 ms or more
   auto prefill_work = [&](const std::string& id) {
     pb::WorkRequest work = Work(id, 30, 3);
     work.set_decode_instance(decode->worker->id());
@@ -247,7 +247,7 @@ TEST(WorkerTest, PrefillStreamEndsOnceTheKvIsInNotAfterTheNextStep) {
   a_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   b_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
   auto a = prefill->stub->Prefill(&a_ctx, prefill_work("a"));
-  absl::SleepFor(absl::Milliseconds(100));  // a's step runs; b waits for the next one
+  absl::SleepFor(absl::Milliseconds(150));  // a's step runs; b waits for the next one
   auto b = prefill->stub->Prefill(&b_ctx, prefill_work("b"));
   pb::WorkEvent event;
   ASSERT_TRUE(a->Read(&event));
@@ -259,7 +259,7 @@ TEST(WorkerTest, PrefillStreamEndsOnceTheKvIsInNotAfterTheNextStep) {
   const grpc::Status a_status = a->Finish();
   EXPECT_TRUE(a_status.ok()) << a_status.error_message();
   EXPECT_TRUE(kv_sent);
-  EXPECT_LT(tail, absl::Milliseconds(150)) << "a's stream waited for b's step";
+  EXPECT_LT(tail, absl::Milliseconds(250)) << "a's stream waited for b's step";
   prefill->backend.delay_ms = 0;
   int a_tokens = 0, b_tokens = 0;
   EXPECT_TRUE(a_decode->Drain(&a_tokens).ok());
