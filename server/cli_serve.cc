@@ -499,6 +499,11 @@ absl::Status RunFrontend(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(o.default_ttft_slo_ms, args.GetDouble("slo-ttft-ms", 0));
   PDS_ASSIGN_OR_RETURN(o.default_tpot_slo_ms, args.GetDouble("slo-tpot-ms", 0));
   o.best_effort = args.GetBool("best-effort");
+  PDS_ASSIGN_OR_RETURN(const double stall_s, args.GetDouble("worker-stall-timeout-s", 60));
+  if (!(stall_s > 0)) {
+    return absl::InvalidArgumentError("--worker-stall-timeout-s must be positive");
+  }
+  o.worker_stall_timeout = absl::Seconds(stall_s);
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<Frontend> frontend, Frontend::Start(o));
   if (args.Has("port-file")) {
     PDS_RETURN_IF_ERROR(
@@ -530,7 +535,10 @@ int FrontendMain(int argc, char** argv) {
        {"slo-ttft-ms", false, "default TTFT target of requests (ms)"},
        {"slo-tpot-ms", false, "default TPOT target of requests (ms)"},
        {"best-effort", true, "serve requests predicted to miss their TTFT instead of refusing"},
-       {"max-in-flight", false, "requests in flight before RESOURCE_EXHAUSTED"}},
+       {"max-in-flight", false, "requests in flight before RESOURCE_EXHAUSTED"},
+       {"worker-stall-timeout-s", false,
+        "a worker whose engine loop has not moved for this long gets no new requests "
+        "(default 60)"}},
       RunFrontend);
 }
 

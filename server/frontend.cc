@@ -699,7 +699,19 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         auto it = instances_.find(id);
         if (it == instances_.end() || it->second->stub != stub) continue;
         Instance& inst = *it->second;
-        if (s.ok()) {
+        // It answers, but from figures its engine loop has not refreshed for too long.
+        const int64_t heartbeat = status.loop_heartbeat_unix_us();
+        const absl::Duration stalled =
+            heartbeat > 0 ? absl::Now() - absl::FromUnixMicros(heartbeat) : absl::ZeroDuration();
+        if (s.ok() && stalled > options_.worker_stall_timeout) {
+          if (inst.healthy) {
+            log_->warn("{} is unhealthy: its engine loop has not moved for {}", id,
+                       absl::FormatDuration(absl::Trunc(stalled, absl::Milliseconds(1))));
+          }
+          inst.healthy = false;
+          inst.last_seen = absl::Now();
+          inst.status = std::move(status);
+        } else if (s.ok()) {
           if (!inst.healthy) log_->info("{} is healthy", id);
           inst.healthy = true;
           inst.failures = 0;

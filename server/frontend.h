@@ -26,6 +26,9 @@ struct FrontendOptions {
   absl::Duration request_timeout = absl::Minutes(10);  // when the client sets no deadline
   absl::Duration health_period = absl::Milliseconds(200);
   int unhealthy_after_failures = 3;
+  // A worker whose engine loop has not refreshed its status for this long (a step that does
+  // not end: a hung device) is unhealthy, although it still answers: no new requests go to it.
+  absl::Duration worker_stall_timeout = absl::Seconds(60);
 };
 
 class Frontend {

@@ -885,6 +885,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     s.set_engine_steps(steps_);
     s.set_engine_busy_s(busy_us_ * 1e-6);
     s.set_engine_step_tokens(step_tokens_);
+    s.set_loop_heartbeat_unix_us(NowUs());
     std::lock_guard<std::mutex> lock(status_mu_);
     status_ = std::move(s);
   }

@@ -9,6 +9,7 @@
 #include <cstring>
 #include <future>
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -22,6 +23,8 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "pdserve/internal/control.grpc.pb.h"
+#include "pdserve/v1/serving.grpc.pb.h"
+#include "server/frontend.h"
 #include "tests/testing/test_util.h"
 
 namespace pds::server {
@@ -271,6 +274,66 @@ TEST(WorkerTest, PrefillStreamEndsOnceTheKvIsInNotAfterTheNextStep) {
   EXPECT_EQ(b_tokens, 2);
   EXPECT_TRUE(prefill->WaitFor([](const pb::WorkerStatus& s) { return s.kv_blocks_used() == 0; }));
   EXPECT_TRUE(decode->WaitFor([](const pb::WorkerStatus& s) { return s.kv_blocks_used() == 0; }));
+}
+
+// A worker whose engine step does not end (a hung device) still answers the front-end's
+// health checks, from figures its loop no longer refreshes: the front-end takes it for
+// unhealthy (no new requests go to it) once those figures are older than the stall timeout,
+// and for healthy again once the loop moves.
+TEST(WorkerTest, FrontendTakesAWorkerWhoseLoopStalledForUnhealthy) {
+  auto dir = testing::MakeModelDir(testing::SmallTestConfig(), "worker_stall", 5);
+  ASSERT_TRUE(dir.ok()) << dir.status();
+  FrontendOptions fo;
+  fo.model_dir = *dir;
+  fo.health_period = absl::Milliseconds(50);
+  fo.worker_stall_timeout = absl::Milliseconds(400);
+  auto frontend = Frontend::Start(fo);
+  ASSERT_TRUE(frontend.ok()) << frontend.status();
+  WorkerOptions o;
+  o.frontend = (*frontend)->address();
+  auto w = StartWorker(InstanceRole::kColocated, o);
+  ASSERT_NE(w, nullptr);
+  auto api = ::pdserve::v1::Serving::NewStub(
+      grpc::CreateChannel((*frontend)->address(), grpc::InsecureChannelCredentials()));
+  auto healthy = [&]() -> std::optional<bool> {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    ::pdserve::v1::ClusterStatus status;
+    if (!api->GetClusterStatus(&ctx, ::pdserve::v1::ClusterStatusRequest(), &status).ok() ||
+        status.instances_size() != 1) {
+      return std::nullopt;
+    }
+    return status.instances(0).healthy();
+  };
+  auto wait_for = [&](bool want, absl::Duration timeout) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (absl::Now() < deadline) {
+      if (healthy() == want) return true;
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return false;
+  };
+  ASSERT_TRUE(wait_for(true, absl::Seconds(20)));
+  w->backend.delay_ms = 1000;  // the next step takes 2 s or more
+  auto generated = std::async(std::launch::async, [&] {
+    ::pdserve::v1::GenerateRequest r;
+    for (int j = 0; j < 8; ++j) r.add_prompt_token_ids(3 + j);
+    r.set_max_tokens(2);
+    r.set_ignore_eos(true);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto reader = api->Generate(&ctx, r);
+    ::pdserve::v1::GenerateResponse m;
+    int tokens = 0;
+    while (reader->Read(&m)) tokens += m.token_ids_size();
+    const grpc::Status status = reader->Finish();
+    return status.ok() ? tokens : -1;
+  });
+  EXPECT_TRUE(wait_for(false, absl::Milliseconds(1800))) << "a stalled loop looked healthy";
+  w->backend.delay_ms = 0;
+  EXPECT_TRUE(wait_for(true, absl::Seconds(20))) << "healthy again once the loop moved";
+  EXPECT_EQ(generated.get(), 2);
+  (*frontend)->Shutdown();
 }
 
 // A decode worker refuses, before ACCEPTED, a request whose prompt can never fit its cache
