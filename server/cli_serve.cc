@@ -347,8 +347,8 @@ absl::Status RunUp(const CliArgs& args) {
   std::vector<std::string> fe = {"pdserve",     "frontend", "--model", model,
                                  "--host",      host,       "--port",  absl::StrCat(port),
                                  "--port-file", port_file};
-  for (const char* pass :
-       {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms", "slo-tpot-ms"}) {
+  for (const char* pass : {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms",
+                           "slo-tpot-ms", "worker-stall-timeout-s"}) {
     if (args.Has(pass)) {
       fe.push_back(absl::StrCat("--", pass));
       fe.push_back(args.GetString(pass));
@@ -575,6 +575,9 @@ int UpMain(int argc, char** argv) {
       {"slo-tpot-ms", false, "default TPOT target (ms)"},
       {"best-effort", true, "serve requests predicted to miss their TTFT instead of refusing"},
       {"max-in-flight", false, "front-end in-flight limit"},
+      {"worker-stall-timeout-s", false,
+       "front-end: a worker whose engine loop has not moved for this long gets no new "
+       "requests (default 60)"},
       {"max-queued", false, "each worker: requests queued beyond its batch (default 256)"},
   };
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
