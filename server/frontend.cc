@@ -302,7 +302,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     auto tracked = std::make_shared<Tracked>();
     tracked->server_context = ctx;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      std::unique_lock<std::mutex> lock(mu_);
       if (work.request_id().empty()) {
         // Not one a client chose for a request still in flight.
         std::string id;
@@ -310,6 +310,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
           id = absl::StrCat("req-", next_id_++);
         } while (in_flight_.count(id));
         work.set_request_id(std::move(id));
+      }
+      // A client that cancelled a call and sends the same id again may be ahead of the old
+      // call's handler, which ends within its poll: wait for it (bounded), as for a call that
+      // has ended.
+      if (auto it = in_flight_.find(work.request_id());
+          it != in_flight_.end() &&
+          (it->second->IsCancelled() || it->second->server_context->IsCancelled())) {
+        in_flight_cv_.wait_for(lock, std::chrono::seconds(2),
+                               [&] { return in_flight_.count(work.request_id()) == 0; });
       }
       if (in_flight_.count(work.request_id())) {
         ++rejected_;
@@ -323,6 +332,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       }
       tracked->id = work.request_id();
       in_flight_[work.request_id()] = tracked;
+      // The workers get an id of this call alone: a client may reuse its id as soon as a call
+      // has ended here, while a worker may still hold the earlier call's state for a moment
+      // (a cancelled KV transfer breaking off), which would refuse the reused id.
+      work.set_request_id(absl::StrCat(tracked->id, "#", next_call_++));
     }
     const absl::Time deadline =
         ctx->deadline() == std::chrono::system_clock::time_point::max()
@@ -340,7 +353,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     grpc::Status status = Run(relay);
     {
       std::lock_guard<std::mutex> lock(mu_);
-      in_flight_.erase(work.request_id());
+      in_flight_.erase(tracked->id);
+      in_flight_cv_.notify_all();
     }
     Count(status);
     return status;
@@ -518,7 +532,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   // Sends tokens of a worker event to the client; `done` when the request ended.
   bool Forward(Relay& relay, const pb::WorkEvent& event, bool* done) {
     api::GenerateResponse response;
-    response.set_request_id(relay.work.request_id());
+    response.set_request_id(relay.tracked.id);
     for (int32_t id : event.token_ids()) {
       response.add_token_ids(id);
       if (relay.decoder) response.mutable_text()->append(relay.decoder->Add(id));
@@ -756,10 +770,12 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
 
-  std::mutex mu_;  // instances, bookkeeping, in-flight requests, counters
+  std::mutex mu_;                         // instances, bookkeeping, in-flight requests, counters
+  std::condition_variable in_flight_cv_;  // an in-flight request ended
   std::map<std::string, std::unique_ptr<Instance>> instances_;
   std::map<std::string, std::shared_ptr<Tracked>> in_flight_;
   uint64_t next_id_ = 0;
+  uint64_t next_call_ = 0;  // suffixes of the ids the workers see
   int64_t finished_ = 0, rejected_ = 0, cancelled_ = 0, failed_ = 0;
   int64_t refused_slo_ = 0, best_effort_ = 0;
   uint64_t next_queue_seq_ = 0;
