@@ -30,7 +30,10 @@ enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };
 absl::string_view FinishReasonName(FinishReason reason);  // "stop", "length", "cancelled", ...
 
 // Draws tokens for one request: a pure function of (seed, step, logits), so the same seed
-// gives the same tokens whatever the batch or the machine's thread count.
+// gives the same tokens from the same logits whatever the batch or the machine's thread count.
+// The logits themselves are not bitwise batch-invariant: a step of more than 8 tokens sums its
+// GEMMs in BLAS's order, not the small-batch kernels', so the last bits differ and a draw at a
+// boundary (or a greedy near-tie) can go the other way.
 class Sampler {
  public:
   Sampler(const SamplingParams& params, uint64_t seed) : params_(params), seed_(seed) {}

@@ -5,15 +5,38 @@
 
 namespace pds::kernels::cpu {
 namespace {
-double LogSumExp(const float* logits, int64_t n) {
-  float max_logit = -INFINITY;
-  for (int64_t i = 0; i < n; ++i) {
-    if (logits[i] > max_logit) max_logit = logits[i];
+// log softmax over the non-NaN logits (the samplers never pick a NaN). An infinite top logit
+// has no softmax: +inf logits share all the mass, and a row of -inf leaves -inf for all.
+class LogSoftmax {
+ public:
+  LogSoftmax(const float* logits, int64_t n) {
+    float max_logit = -INFINITY;
+    for (int64_t i = 0; i < n; ++i) {
+      if (logits[i] > max_logit) max_logit = logits[i];
+      positive_inf_ += logits[i] == INFINITY;
+    }
+    if (std::isinf(max_logit)) {
+      lse_ = max_logit;
+      return;
+    }
+    double sum = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      if (!std::isnan(logits[i])) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
+    }
+    lse_ = max_logit + std::log(sum);
   }
-  double sum = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
-  return max_logit + std::log(sum);
-}
+  double Of(float logit) const {
+    if (positive_inf_ > 0) {
+      return logit == INFINITY ? -std::log(static_cast<double>(positive_inf_)) : -INFINITY;
+    }
+    if (std::isinf(lse_)) return -INFINITY;
+    return logit - lse_;
+  }
+
+ private:
+  double lse_ = 0;
+  int64_t positive_inf_ = 0;
+};
 }  // namespace
 
 int32_t Argmax(const float* logits, int64_t n) {
@@ -49,6 +72,9 @@ int32_t SampleLogits(const float* logits, int64_t n, float temperature, int32_t 
   } else {
     std::sort(scratch.begin(), scratch.end(), greater);
   }
+  // An infinite top logit has no softmax: +inf takes all the mass, and a row of -inf has none
+  // anywhere. Either way the first candidate in the order (the lowest index among the top).
+  if (std::isinf(scratch[0].first)) return scratch[0].second;
   // Softmax over the kept candidates, highest first.
   const double max_logit = scratch[0].first;
   std::vector<double> probs(keep);
@@ -80,21 +106,23 @@ int32_t SampleLogits(const float* logits, int64_t n, float temperature, int32_t 
 }
 
 float LogProb(const float* logits, int64_t n, int32_t id) {
-  return static_cast<float>(logits[id] - LogSumExp(logits, n));
+  return static_cast<float>(LogSoftmax(logits, n).Of(logits[id]));
 }
 
 std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int64_t n, int32_t k) {
-  const double lse = LogSumExp(logits, n);
+  const LogSoftmax log_softmax(logits, n);
   std::vector<std::pair<float, int32_t>> all;
   all.reserve(n);
-  for (int64_t i = 0; i < n; ++i) all.emplace_back(logits[i], static_cast<int32_t>(i));
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isnan(logits[i])) all.emplace_back(logits[i], static_cast<int32_t>(i));
+  }
   const size_t keep = std::min<size_t>(std::max(k, 0), all.size());
   std::partial_sort(all.begin(), all.begin() + keep, all.end(), [](const auto& a, const auto& b) {
     return a.first != b.first ? a.first > b.first : a.second < b.second;
   });
   std::vector<std::pair<int32_t, float>> result;
   for (size_t i = 0; i < keep; ++i) {
-    result.emplace_back(all[i].second, static_cast<float>(all[i].first - lse));
+    result.emplace_back(all[i].second, static_cast<float>(log_softmax.Of(all[i].first)));
   }
   return result;
 }

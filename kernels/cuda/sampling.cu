@@ -181,7 +181,8 @@ __global__ void __launch_bounds__(kSampleThreads)
   }
   auto count = [](float) { return 1.0; };
   uint64_t lo = 0;
-  if (sp.temperature == 0.0f || sp.top_k == 1) {
+  // Greedy, or an infinite top logit (no softmax: the CPU rule takes the first in the order).
+  if (sp.temperature == 0.0f || sp.top_k == 1 || isinf(m)) {
     lo = RadixSelect(row, n, 0, 1.0, false, count, sh);  // the first key in the order
   } else {
     if (sp.top_k > 0 && sp.top_k < valid) {

@@ -328,5 +328,35 @@ TEST(SamplingTest, LogProbsAreNormalized) {
   EXPECT_FLOAT_EQ(top[0].second, LogProb(logits.data(), 733, top[0].first));
 }
 
+TEST(SamplingTest, InfiniteAndNanLogits) {
+  // +inf takes all the mass: it is drawn whatever the draw and parameters (the first +inf in
+  // the order when several), with log-probability log(1 / count).
+  std::vector<std::pair<float, int32_t>> scratch;
+  const std::vector<float> inf = {1.0f, INFINITY, 0.0f, INFINITY, NAN};
+  for (double u : {0.0, 0.3, 0.99}) {
+    for (float top_p : {1.0f, 0.5f}) {
+      EXPECT_EQ(SampleLogits(inf.data(), 5, 1.0f, 0, top_p, u, scratch), 1) << u << " " << top_p;
+      EXPECT_EQ(SampleLogits(inf.data(), 5, 0.7f, 3, top_p, u, scratch), 1) << u << " " << top_p;
+    }
+  }
+  EXPECT_EQ(Argmax(inf.data(), 5), 1);
+  EXPECT_FLOAT_EQ(LogProb(inf.data(), 5, 1), -std::log(2.0f));
+  EXPECT_EQ(LogProb(inf.data(), 5, 0), -INFINITY);
+  // A row of -inf (and NaN): the first -inf, as Argmax.
+  const std::vector<float> none = {NAN, -INFINITY, -INFINITY};
+  EXPECT_EQ(SampleLogits(none.data(), 3, 1.0f, 0, 1.0f, 0.7, scratch), 1);
+  EXPECT_EQ(Argmax(none.data(), 3), 1);
+  // A NaN logit is left out of the log-probabilities instead of making them all NaN.
+  const std::vector<float> with_nan = {1.0f, NAN, 3.0f, 2.0f};
+  const auto top = TopLogProbs(with_nan.data(), 4, 2);
+  ASSERT_EQ(top.size(), 2u);
+  EXPECT_EQ(top[0].first, 2);
+  EXPECT_EQ(top[1].first, 3);
+  double mass = 0;
+  for (int i : {0, 2, 3}) mass += std::exp(LogProb(with_nan.data(), 4, i));
+  EXPECT_NEAR(mass, 1.0, 1e-6);
+  EXPECT_TRUE(std::isfinite(top[0].second));
+}
+
 }  // namespace
 }  // namespace pds::kernels::cpu

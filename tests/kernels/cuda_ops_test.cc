@@ -943,6 +943,12 @@ TEST_P(CudaOpsTest, SampleRowsMatchesCpuSampler) {
         row[rng() % n] = NAN;
         row[3] = row[n - 2] = 9.0f;  // a tie at the top
       }
+      if (n > 7 && r % 8 == 1) {  // +inf at the top: the first +inf, whatever the draw
+        row[5] = row[n - 3] = INFINITY;
+      }
+      if (n > 7 && r % 8 == 2) {  // nothing but -inf (and a NaN): the first -inf
+        for (int i = 0; i < n; ++i) row[i] = std::isnan(row[i]) ? NAN : -INFINITY;
+      }
       if (n > 7 && r % 8 == 0) {  // a tie at the top between -0.0 (lower index) and +0.0
         for (int i = 0; i < n; ++i) row[i] = -1.0f - std::fabs(row[i]);
         row[3] = -0.0f;
