@@ -93,6 +93,9 @@ void OnDone(RunState& st, Slot& slot, const grpc::Status& status, Clock::time_po
       Fail(slot, "FINISH_CANCELLED", "the server cancelled the request");
     } else if (r.chunk_times_s.empty()) {
       Fail(slot, "EMPTY_STREAM", "the stream ended without tokens");
+    } else if (slot.finish_reason.empty()) {
+      // The last message carries Done: a stream without one was cut short.
+      Fail(slot, "NO_DONE", "the stream ended OK without its final (done) message");
     } else {
       r.ok = true;
     }

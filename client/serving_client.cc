@@ -10,7 +10,10 @@ namespace {
 using pdserve::v1::GenerateRequest;
 using pdserve::v1::GenerateResponse;
 
+// An infinite timeout is no deadline (its microseconds would overflow the clock's nanosecond
+// ticks into a deadline already past).
 std::chrono::system_clock::time_point DeadlineAfter(absl::Duration timeout) {
+  if (timeout == absl::InfiniteDuration()) return std::chrono::system_clock::time_point::max();
   return std::chrono::system_clock::now() + absl::ToChronoMicroseconds(timeout);
 }
 
@@ -69,6 +72,10 @@ class GenerateReactor final : public grpc::ClientReadReactor<GenerateResponse>,
 
   bool WaitFor(absl::Duration timeout) override {
     std::unique_lock<std::mutex> lock(mu_);
+    if (timeout == absl::InfiniteDuration()) {
+      cv_.wait(lock, [&] { return done_; });
+      return true;
+    }
     return cv_.wait_for(lock, absl::ToChronoMicroseconds(timeout), [&] { return done_; });
   }
 
@@ -115,6 +122,9 @@ ServingClient::ServingClient(const std::string& target)
   // Reconnect quickly after a refused connection, so an early failure does not stall a run.
   args.SetInt(GRPC_ARG_INITIAL_RECONNECT_BACKOFF_MS, 100);
   args.SetInt(GRPC_ARG_MAX_RECONNECT_BACKOFF_MS, 1000);
+  // Only to `target`: gRPC would otherwise follow http_proxy/https_proxy/grpc_proxy from the
+  // environment (no exemption for loopback).
+  args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, 0);
   channel_ = grpc::CreateCustomChannel(target, grpc::InsecureChannelCredentials(), args);
   stub_ = pdserve::v1::Serving::NewStub(channel_);
 }

@@ -449,6 +449,53 @@ TEST_F(PdbenchFakeServerTest, ClientCancelAndBlockingGenerate) {
   EXPECT_LT(messages.load(), 100);
 }
 
+// An infinite timeout means no deadline (it used to overflow into one already past), and the
+// client talks to its target only, whatever http_proxy says.
+TEST_F(PdbenchFakeServerTest, ClientInfiniteTimeoutsAndNoProxy) {
+  ScriptFixed(10, 10);
+  setenv("http_proxy", "http://127.0.0.1:1", 1);  // a proxy that refuses every connection
+  setenv("grpc_proxy", "http://127.0.0.1:1", 1);
+  {
+    ServingClient client(target_);
+    EXPECT_TRUE(client.WaitForConnected(absl::InfiniteDuration()).ok());
+    GenerateRequest req;
+    req.set_request_id("infinite-0");
+    req.add_prompt_token_ids(5);
+    req.set_max_tokens(3);
+    auto stream = client.Generate(req, absl::InfiniteDuration());
+    EXPECT_TRUE(stream.status.ok()) << stream.status.error_message();
+    EXPECT_EQ(stream.messages.size(), 3u);
+    req.set_request_id("infinite-1");
+    auto call = client.StartGenerate(req, absl::InfiniteDuration(), GenerateCallbacks{});
+    EXPECT_TRUE(call->WaitFor(absl::InfiniteDuration()));
+  }
+  unsetenv("http_proxy");
+  unsetenv("grpc_proxy");
+}
+
+// A stream that ends OK without its final Done message was cut short: a failure (NO_DONE),
+// not a completed request with fewer tokens.
+TEST_F(PdbenchFakeServerTest, StreamWithoutDoneIsAFailure) {
+  service_.script = [](int64_t) {
+    Script s;
+    s.ttft_ms = 5;
+    s.itl_ms = 5;
+    s.finish_reason = "";
+    return s;
+  };
+  ServingClient client(target_);
+  RunOptions o;
+  o.arrivals = ConstantArrivals(100, 2);
+  o.request_id_prefix = "nodone";
+  auto result = RunBenchmark(client, Specs(2, 4, 3), o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->records.size(), 2u);
+  for (const RequestRecord& r : result->records) {
+    EXPECT_FALSE(r.ok);
+    EXPECT_EQ(r.error_code, "NO_DONE");
+  }
+}
+
 std::string ReadAll(const std::string& path) {
   std::ifstream in(path);
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
