@@ -756,7 +756,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
         continue;
       }
       live.channel->Push(std::move(event));
-      live.token_out->store(true);
+      if (live.kind == Live::kPrefill) live.token_out->store(true);
       // Layer-by-layer hand-offs started before the step (HandOff).
       if (out.kv_held && !live.transfer_active) StartTransfer(out.request_id, live, out.token);
     }

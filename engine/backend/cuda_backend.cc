@@ -607,6 +607,10 @@ absl::Status CudaBackend::HeadRmsNorm(void* x, int64_t token_stride, const Weigh
 
 absl::Status CudaBackend::EnsureRopeTables(int64_t half, const float* inv_freq_host) {
   State& st = *state_;
+  // Once per batch (not per layer): the tables, and the frequencies they are made from.
+  if (st.rope_generation == st.generation && st.rope_key == inv_freq_host) {
+    return absl::OkStatus();
+  }
   State::RopeFreqs& inv = st.inv_freq[inv_freq_host];
   if (inv.device.ptr == nullptr || static_cast<int64_t>(inv.host.size()) != half ||
       !std::equal(inv.host.begin(), inv.host.end(), inv_freq_host)) {
@@ -618,19 +622,16 @@ absl::Status CudaBackend::EnsureRopeTables(int64_t half, const float* inv_freq_h
     PDS_CUDA(cudaMemcpyAsync(inv.device.ptr, inv.host.data(), half * sizeof(float),
                              cudaMemcpyHostToDevice, stream_),
              "uploading RoPE frequencies");
-    st.rope_key = nullptr;  // the tables are computed again from the new copy
   }
-  if (st.rope_generation != st.generation || st.rope_key != inv_freq_host) {
-    const size_t bytes = static_cast<size_t>(st.num_tokens) * half * sizeof(float);
-    PDS_RETURN_IF_ERROR(st.rope_cos.Reserve(bytes, "RoPE cos"));
-    PDS_RETURN_IF_ERROR(st.rope_sin.Reserve(bytes, "RoPE sin"));
-    PDS_CUDA(kc::RopeCosSin(st.positions, static_cast<const float*>(inv.device.ptr),
-                            static_cast<float*>(st.rope_cos.ptr),
-                            static_cast<float*>(st.rope_sin.ptr), st.num_tokens, half, stream_),
-             "RopeCosSin");
-    st.rope_generation = st.generation;
-    st.rope_key = inv_freq_host;
-  }
+  const size_t bytes = static_cast<size_t>(st.num_tokens) * half * sizeof(float);
+  PDS_RETURN_IF_ERROR(st.rope_cos.Reserve(bytes, "RoPE cos"));
+  PDS_RETURN_IF_ERROR(st.rope_sin.Reserve(bytes, "RoPE sin"));
+  PDS_CUDA(kc::RopeCosSin(st.positions, static_cast<const float*>(inv.device.ptr),
+                          static_cast<float*>(st.rope_cos.ptr),
+                          static_cast<float*>(st.rope_sin.ptr), st.num_tokens, half, stream_),
+           "RopeCosSin");
+  st.rope_generation = st.generation;
+  st.rope_key = inv_freq_host;
   return absl::OkStatus();
 }
 

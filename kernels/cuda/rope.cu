@@ -28,6 +28,14 @@ __device__ __forceinline__ void RotatePair(T* row, int64_t j, int64_t half, floa
   row[j + half] = FromFloat<T>(x2 * c + x1 * s);
 }
 
+// Thread i's item in both kernels below: token t, head h (q heads, then KV heads), pair j.
+struct RopeItem {
+  int64_t t, h, j;
+};
+__device__ __forceinline__ RopeItem RopeItemOf(int64_t i, int64_t heads, int64_t half) {
+  return {i / (half * heads), (i / half) % heads, i % half};
+}
+
 // One thread per (token, head, j < half) over q heads then k heads.
 template <typename T>
 __global__ void ApplyRopeKernel(T* q, T* k, int64_t token_stride, const float* cos_t,
@@ -37,9 +45,7 @@ __global__ void ApplyRopeKernel(T* q, T* k, int64_t token_stride, const float* c
   const int64_t heads = q_heads + kv_heads;
   const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (i >= tokens * heads * half) return;
-  const int64_t j = i % half;
-  const int64_t h = (i / half) % heads;
-  const int64_t t = i / (half * heads);
+  const auto [t, h, j] = RopeItemOf(i, heads, half);
   T* row = h < q_heads ? q + t * token_stride + h * 2 * half
                        : k + t * token_stride + (h - q_heads) * 2 * half;
   RotatePair(row, j, half, cos_t[t * half + j], sin_t[t * half + j]);
@@ -57,9 +63,7 @@ __global__ void RopeWriteKvKernel(T* q, T* k, const T* v, int64_t token_stride, 
   const int64_t heads = q_heads + kv_heads;
   const int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x;
   if (i >= tokens * heads * half) return;
-  const int64_t j = i % half;
-  const int64_t h = (i / half) % heads;
-  const int64_t t = i / (half * heads);
+  const auto [t, h, j] = RopeItemOf(i, heads, half);
   const float c = cos_t[t * half + j], s = sin_t[t * half + j];
   if (h < q_heads) {
     RotatePair(q + t * token_stride + h * 2 * half, j, half, c, s);
