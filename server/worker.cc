@@ -151,6 +151,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       return absl::InvalidArgumentError(
           absl::StrCat("kv_handoff '", options_.kv_handoff, "': expected layered or after"));
     }
+    // Figures (and a heartbeat) from the start: a worker whose very first step hangs must not
+    // look like one that has not reported yet.
+    UpdateStatus();
     loop_ = std::thread([this] { Loop(); });
     PDS_ASSIGN_OR_RETURN(server_,
                          StartGrpcServer(options_.host, options_.port, {this}, &bound_port_));
