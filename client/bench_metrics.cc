@@ -270,18 +270,20 @@ std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& 
 
 std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTargets& slo) {
   std::string out =
-      "index,ok,error_code,send_s,ttft_ms,tpot_ms,e2el_ms,prompt_tokens,output_tokens,meets_slo,"
+      "index,ok,error_code,send_s,scheduled_s,ttft_ms,tpot_ms,e2el_ms,prompt_tokens,output_tokens,"
+      "meets_slo,"
       "queue_ms,prefill_ms,transfer_ms,decode_ms,dispatch_ms,relay_ms,handoff_ms\n";
   auto opt = [](double v) { return v >= 0 ? absl::StrFormat("%.3f", v) : std::string(); };
   for (const RequestRecord& r : records) {
     Stages st = StagesOf(r);
-    absl::StrAppend(
-        &out, r.index, ",", r.ok ? 1 : 0, ",", r.error_code, ",", absl::StrFormat("%.6f", r.send_s),
-        ",", r.ok && r.HasFirstToken() ? opt(r.TtftS() * 1000) : "", ",",
-        r.HasTpot() ? opt(r.TpotS() * 1000) : "", ",", r.ok ? opt(r.E2elS() * 1000) : "", ",",
-        r.prompt_tokens, ",", r.OutputTokens(), ",", MeetsSlo(r, slo) ? 1 : 0, ",", opt(st.queue),
-        ",", opt(st.prefill), ",", opt(st.transfer), ",", opt(st.decode), ",", opt(st.dispatch),
-        ",", opt(st.relay), ",", opt(st.handoff), "\n");
+    absl::StrAppend(&out, r.index, ",", r.ok ? 1 : 0, ",", r.error_code, ",",
+                    absl::StrFormat("%.6f", r.send_s), ",", absl::StrFormat("%.6f", r.scheduled_s),
+                    ",", r.ok && r.HasFirstToken() ? opt(r.TtftS() * 1000) : "", ",",
+                    r.HasTpot() ? opt(r.TpotS() * 1000) : "", ",",
+                    r.ok ? opt(r.E2elS() * 1000) : "", ",", r.prompt_tokens, ",", r.OutputTokens(),
+                    ",", MeetsSlo(r, slo) ? 1 : 0, ",", opt(st.queue), ",", opt(st.prefill), ",",
+                    opt(st.transfer), ",", opt(st.decode), ",", opt(st.dispatch), ",",
+                    opt(st.relay), ",", opt(st.handoff), "\n");
   }
   return out;
 }

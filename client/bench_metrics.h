@@ -52,8 +52,11 @@ struct RequestRecord {
   std::string error_message;
   int64_t prompt_tokens = 0;  // the server's count when it sent one, else the client's
   int64_t expected_output_tokens = 0;
-  double scheduled_s = 0;             // seconds since the run start at which it was due
-  double send_s = 0;                  // when it was sent
+  // Seconds since the run start at which it was due (its arrival: in an open loop, the time a
+  // call waited for the in-flight bound is the user's wait too), and when it was sent. A closed
+  // loop's requests are due when they are sent.
+  double scheduled_s = 0;
+  double send_s = 0;
   std::vector<double> chunk_times_s;  // arrival of each message carrying tokens
   std::vector<int32_t> chunk_tokens;  // tokens in that message
   double end_s = 0;                   // arrival of the last message (or of the error)
@@ -62,8 +65,12 @@ struct RequestRecord {
 
   int64_t OutputTokens() const;
   bool HasFirstToken() const { return !chunk_times_s.empty(); }
-  double TtftS() const { return chunk_times_s.empty() ? 0 : chunk_times_s.front() - send_s; }
-  double E2elS() const { return end_s - send_s; }
+  // TTFT and E2E latency count from the arrival (scheduled_s), as a user sees them: a request
+  // the client sent late (held by --max-concurrency or a busy client) counts its lag, or a
+  // bound that throttles the offered rate would hide the queueing it causes.
+  double TtftS() const { return chunk_times_s.empty() ? 0 : chunk_times_s.front() - scheduled_s; }
+  double E2elS() const { return end_s - scheduled_s; }
+  double SendLagS() const { return send_s - scheduled_s; }
   bool HasTpot() const { return ok && OutputTokens() > 1; }
   double TpotS() const;
 };
@@ -126,7 +133,7 @@ nlohmann::json MetricsToJson(const BenchMetrics& m, const std::vector<std::strin
 std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& metrics,
                          const std::string& title = "Serving Benchmark Result");
 
-// One CSV row per request: index, ok, error_code, send_s, ttft_ms, tpot_ms, e2el_ms,
+// One CSV row per request: index, ok, error_code, send_s, scheduled_s, ttft_ms, tpot_ms, e2el_ms,
 // prompt_tokens, output_tokens, meets_slo, queue_ms, prefill_ms, transfer_ms, decode_ms,
 // dispatch_ms, relay_ms, handoff_ms. The last seven come from the server timeline (empty
 // without one): queue = the prefill worker has it -> its step starts, prefill = that step,

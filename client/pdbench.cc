@@ -560,7 +560,8 @@ class Pdbench {
     if (result->late_sends > 0 && !c_.quiet) {
       std::fprintf(stderr,
                    "pdbench: %s: %lld requests sent more than 10 ms late (max %.1f ms): the "
-                   "in-flight bound (--max-concurrency %d) or this machine limited the rate\n",
+                   "in-flight bound (--max-concurrency %d) or this machine limited the rate; their "
+                   "wait counts in TTFT and E2E latency\n",
                    label.c_str(), static_cast<long long>(result->late_sends),
                    1000 * result->max_send_lag_s, c_.max_concurrency);
     }

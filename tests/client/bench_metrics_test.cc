@@ -14,7 +14,7 @@ RequestRecord Ok(int64_t index, double send, std::vector<double> chunks,
   RequestRecord r;
   r.index = index;
   r.ok = true;
-  r.send_s = send;
+  r.scheduled_s = r.send_s = send;  // sent on time
   r.chunk_times_s = std::move(chunks);
   r.chunk_tokens = std::move(tokens);
   r.end_s = r.chunk_times_s.back();
@@ -27,7 +27,7 @@ RequestRecord Failed(int64_t index, const std::string& code) {
   r.index = index;
   r.ok = false;
   r.error_code = code;
-  r.send_s = index;
+  r.scheduled_s = r.send_s = index;
   r.end_s = index + 0.01;
   return r;
 }
@@ -104,6 +104,19 @@ TEST(PdbenchMetricsTest, HandMadeRecordsGiveExactValues) {
   EXPECT_NEAR(m.e2el_ms.median, 300, eps);
   EXPECT_NEAR(m.e2el_ms.p90, 380, eps);
   EXPECT_NEAR(m.e2el_ms.p99, 398, eps);
+}
+
+TEST(PdbenchMetricsTest, LatenciesCountFromTheScheduledArrival) {
+  // Due at 1.0 s, held by the in-flight bound until 1.3 s, first token 50 ms after the send:
+  // its user waited 350 ms for the first token; TPOT is the same either way.
+  RequestRecord r = Ok(0, 1.3, {1.35, 1.45, 1.55}, {1, 1, 1}, 10);
+  r.scheduled_s = 1.0;
+  EXPECT_NEAR(r.SendLagS(), 0.3, 1e-12);
+  EXPECT_NEAR(r.TtftS(), 0.35, 1e-12);
+  EXPECT_NEAR(r.E2elS(), 0.55, 1e-12);
+  EXPECT_NEAR(r.TpotS(), 0.1, 1e-12);
+  EXPECT_FALSE(MeetsSlo(r, SloTargets{200, -1}));
+  EXPECT_TRUE(MeetsSlo(r, SloTargets{400, 100.001}));
 }
 
 TEST(PdbenchMetricsTest, SloRules) {

@@ -343,7 +343,23 @@ TEST_F(PdbenchFakeServerTest, OpenLoopBoundsCallsInFlight) {
   ASSERT_TRUE(bounded.ok());
   EXPECT_EQ(service_.max_inflight(), 2);
   EXPECT_GT(bounded->late_sends, 0);
-  for (const RequestRecord& r : bounded->records) EXPECT_TRUE(r.ok);
+  // A call held back by the bound counts its wait: TTFT and E2E latency run from the arrival
+  // (request 2, due at 100 ms, goes out when request 0 ends near 300 ms: TTFT about 300 ms,
+  // not the server's 100 ms).
+  double max_lag = 0;
+  for (const RequestRecord& r : bounded->records) {
+    EXPECT_TRUE(r.ok);
+    EXPECT_DOUBLE_EQ(r.scheduled_s, r.index * 0.05);
+    EXPECT_NEAR(r.TtftS() * 1000, r.SendLagS() * 1000 + 100, 3 * kTolMs);
+    EXPECT_NEAR(r.E2elS() * 1000, r.SendLagS() * 1000 + 300, 3 * kTolMs);
+    max_lag = std::max(max_lag, r.SendLagS());
+  }
+  EXPECT_GT(max_lag, 0.150);
+  BenchMetrics m = ComputeMetrics(bounded->records, bounded->duration_s, SloTargets{200, -1});
+  EXPECT_LT(m.slo_attainment, 0.7);          // the late ones miss a 200 ms TTFT target
+  EXPECT_NEAR(m.tpot_ms.mean, 100, kTolMs);  // the wait is not spread over the tokens
+  const std::string csv = RequestsCsv(bounded->records, SloTargets{});
+  EXPECT_EQ(csv.rfind("index,ok,error_code,send_s,scheduled_s,ttft_ms,", 0), 0u) << csv;
 }
 
 TEST_F(PdbenchFakeServerTest, RequestsDueButNeverSentBeforeTheDurationCountAsFailed) {
