@@ -344,6 +344,15 @@ absl::Status RunUp(const CliArgs& args) {
           .string();
   std::filesystem::remove(port_file);
   Cluster cluster;
+  // SIGINT/SIGTERM while the cluster starts is a request to stop, as after start-up: the
+  // processes started so far are stopped and `up` exits 0.
+  auto stop_during_start_up = [&](int sig) {
+    std::fprintf(stderr, "pdserve up: signal %d during start-up, shutting the cluster down\n", sig);
+    cluster.Stop();
+    std::error_code ignored;
+    std::filesystem::remove(port_file, ignored);
+    return absl::OkStatus();
+  };
   std::vector<std::string> fe = {"pdserve",     "frontend", "--model", model,
                                  "--host",      host,       "--port",  absl::StrCat(port),
                                  "--port-file", port_file};
@@ -369,7 +378,9 @@ absl::Status RunUp(const CliArgs& args) {
     const std::string died = cluster.Reap();
     if (!died.empty()) return absl::UnavailableError(absl::StrCat("front-end ", died));
     if (absl::Now() > deadline) return absl::DeadlineExceededError("front-end did not start");
-    if (WaitSignalOrChild(absl::Milliseconds(50)) != 0) return absl::CancelledError("signal");
+    if (const int sig = WaitSignalOrChild(absl::Milliseconds(50)); sig != 0) {
+      return stop_during_start_up(sig);
+    }
   }
   std::filesystem::remove(port_file);
 
@@ -457,7 +468,9 @@ absl::Status RunUp(const CliArgs& args) {
       return absl::DeadlineExceededError(
           absl::StrCat("the cluster was not healthy within ", startup_s, " s"));
     }
-    if (WaitSignalOrChild(absl::Milliseconds(100)) != 0) return absl::CancelledError("signal");
+    if (const int sig = WaitSignalOrChild(absl::Milliseconds(100)); sig != 0) {
+      return stop_during_start_up(sig);
+    }
   }
   std::printf("pdserve: cluster ready at %s (%s; %lld thread(s) per worker)\n", address.c_str(),
               n_colocated > 0 ? absl::StrCat(n_colocated, " colocated").c_str()

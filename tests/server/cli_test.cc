@@ -1,9 +1,18 @@
 // The pdserve command line end to end: make-model writes a loadable directory, generate
 // --json prints the documented fields, errors exit non-zero with a message.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -265,6 +274,59 @@ TEST_F(CliTest, ErrorsAreClearAndNonZero) {
   EXPECT_NE(r.errors.find("--json takes true/1 or false/0"), std::string::npos) << r.errors;
   r = RunCommand("generate --model " + dir_ + " --prompt-ids 1 --max-tokens 2 --json=false");
   EXPECT_EQ(r.exit_code, 0) << r.errors;
+}
+
+// SIGTERM while `pdserve up` is still starting its cluster (the front-end is up, the workers
+// are not healthy yet) stops what it started and exits 0, as it does once the cluster is ready.
+TEST_F(CliTest, SignalDuringUpStartUpStopsTheClusterAndExitsZero) {
+  const std::string ready = pds::testing::ScratchDir() + "/up_signal.ready";
+  const std::string err = pds::testing::ScratchDir() + "/up_signal.stderr";
+  std::filesystem::remove(ready);
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    const int fd = open(err.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (fd >= 0) dup2(fd, 2);
+    const int null = open("/dev/null", O_WRONLY);
+    if (null >= 0) dup2(null, 1);
+    execl(PDSERVE_BINARY, "pdserve", "up", "--model", dir_.c_str(), "--prefill", "1", "--decode",
+          "1", "--port", "0", "--threads", "1", "--ready-file", ready.c_str(),
+          static_cast<char*>(nullptr));
+    _exit(127);
+  }
+  // Its first child (the front-end) exists once `up` has blocked the signals and started.
+  std::vector<pid_t> children;
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (children.empty() && std::chrono::steady_clock::now() < deadline) {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/task/" + std::to_string(pid) + "/children");
+    for (pid_t c; in >> c;) children.push_back(c);
+    if (children.empty()) std::this_thread::sleep_for(std::chrono::milliseconds(2));
+  }
+  ASSERT_FALSE(children.empty()) << "pdserve up started no process";
+  const bool was_ready = std::filesystem::exists(ready);
+  ASSERT_EQ(kill(pid, SIGTERM), 0);
+  int status = 0;
+  pid_t r = 0;
+  while ((r = waitpid(pid, &status, WNOHANG)) == 0 &&
+         std::chrono::steady_clock::now() < deadline + std::chrono::seconds(30)) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  if (r == 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    FAIL() << "pdserve up did not exit after SIGTERM";
+  }
+  std::ifstream in(err);
+  const std::string errors((std::istreambuf_iterator<char>(in)), {});
+  ASSERT_TRUE(WIFEXITED(status)) << errors;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << errors;
+  if (!was_ready && !std::filesystem::exists(ready)) {
+    EXPECT_NE(errors.find("during start-up, shutting the cluster down"), std::string::npos)
+        << errors;
+  }
+  for (pid_t c : children) {  // stopped and reaped by `up`
+    EXPECT_TRUE(kill(c, 0) == -1 && errno == ESRCH) << "process " << c << " outlived up";
+  }
 }
 
 // Every command answers --help (the top-level usage promises it) with its usage and flags.
