@@ -475,21 +475,13 @@ cudaError_t LaunchDecode(const AttentionArgs& a, cudaStream_t stream) {
     if constexpr (D == 64 || D == 128) {
       constexpr size_t smem = PipeSmemBytes<T, D, G>();
       auto* kernel = PipelinedDecodeKernel<T, D, G>;
-      static const cudaError_t attr =
-          smem > 48 * 1024
-              ? cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem)
-              : cudaSuccess;
-      if (attr != cudaSuccess) return attr;
+      if (const cudaError_t e = AllowDynamicSmem(kernel, smem); e != cudaSuccess) return e;
       args(kernel, smem);
     }
   } else {
     const size_t smem = sizeof(float) * (G * plan.split_tokens + kWarps * G + kWarps * G * D);
     auto* kernel = DecodeKernel<T, D, G>;
-    if (smem > 48 * 1024) {
-      cudaError_t e =
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-      if (e != cudaSuccess) return e;
-    }
+    if (const cudaError_t e = AllowDynamicSmem(kernel, smem); e != cudaSuccess) return e;
     args(kernel, smem);
   }
   cudaError_t e = cudaGetLastError();

@@ -185,11 +185,7 @@ template <typename T, int D>
 cudaError_t Launch(const AttentionArgs& a, bool all_rows, cudaStream_t stream) {
   auto* kernel = PrefillKernel<T, D>;
   constexpr size_t smem = Smem<D>::kBytes;
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-  }
+  if (const cudaError_t e = AllowDynamicSmem(kernel, smem); e != cudaSuccess) return e;
   const unsigned tiles = static_cast<unsigned>((a.plan.max_q_len + kBq - 1) / kBq);
   const dim3 grid(tiles, static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch.num_seqs));
   LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const T*>(a.q), a.q_stride,

@@ -418,11 +418,7 @@ cudaError_t Launch(const AttentionArgs& a, bool all_rows, cudaStream_t stream) {
   auto* kernel = PrefillMmaKernel<T, D, C>;
   constexpr size_t smem = C::template SmemBytes<T, D>();
   static_assert(smem <= 227 * 1024, "shared memory of one block");
-  if (smem > 48 * 1024) {
-    const cudaError_t e =
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (e != cudaSuccess) return e;
-  }
+  if (const cudaError_t e = AllowDynamicSmem(kernel, smem); e != cudaSuccess) return e;
   const int64_t tiles = (int64_t{a.plan.max_q_len} + C::kBq - 1) / C::kBq;
   const int64_t blocks = tiles * a.batch.num_seqs * a.heads;
   if (blocks <= 0) return cudaSuccess;

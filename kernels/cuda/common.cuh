@@ -106,6 +106,15 @@ void LaunchKernel(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, size_t s
   (void)cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
+// Lets `kernel` launch with `bytes` of dynamic shared memory on the current device (above
+// 48 KiB a kernel must opt in, per device). Sets the attribute once per kernel and device.
+cudaError_t AllowDynamicSmemImpl(const void* kernel, size_t bytes);
+template <typename... KernelArgs>
+cudaError_t AllowDynamicSmem(void (*kernel)(KernelArgs...), size_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return AllowDynamicSmemImpl(reinterpret_cast<const void*>(kernel), bytes);
+}
+
 inline unsigned Blocks(int64_t n, int threads) {
   return static_cast<unsigned>((n + threads - 1) / threads);
 }

@@ -2,8 +2,11 @@
 // kernels/cpu/elementwise.cc), plus random fill.
 #include <atomic>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include "kernels/cuda/common.cuh"
 #include "kernels/random_fill.h"
@@ -127,6 +130,21 @@ const KernelSettings& Settings() {
 void ReloadKernelSettings() { Publish(LoadSettings()); }
 
 bool ProgrammaticLaunch() { return Settings().programmatic_launch; }
+
+cudaError_t AllowDynamicSmemImpl(const void* kernel, size_t bytes) {
+  int device = 0;
+  cudaError_t e = cudaGetDevice(&device);
+  if (e != cudaSuccess) return e;
+  static std::mutex mu;
+  static std::map<std::pair<const void*, int>, size_t> allowed;  // largest opt-in so far
+  std::lock_guard<std::mutex> lock(mu);
+  size_t& done = allowed[{kernel, device}];
+  if (done >= bytes) return cudaSuccess;
+  e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes));
+  if (e == cudaSuccess) done = bytes;
+  return e;
+}
 
 void SetProgrammaticLaunch(bool on) {
   auto* k = new KernelSettings(Settings());
