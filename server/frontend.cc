@@ -714,9 +714,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         if (it == instances_.end() || it->second->stub != stub) continue;
         Instance& inst = *it->second;
         // It answers, but from figures its engine loop has not refreshed for too long.
-        const int64_t heartbeat = status.loop_heartbeat_unix_us();
-        const absl::Duration stalled =
-            heartbeat > 0 ? absl::Now() - absl::FromUnixMicros(heartbeat) : absl::ZeroDuration();
+        const absl::Duration stalled = absl::Microseconds(status.loop_heartbeat_age_us());
         if (s.ok() && stalled > options_.worker_stall_timeout) {
           if (inst.healthy) {
             log_->warn("{} is unhealthy: its engine loop has not moved for {}", id,

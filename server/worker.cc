@@ -305,6 +305,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
                          pb::WorkerStatus* status) override {
     std::lock_guard<std::mutex> lock(status_mu_);
     *status = status_;
+    status->set_loop_heartbeat_age_us(std::chrono::duration_cast<std::chrono::microseconds>(
+                                          std::chrono::steady_clock::now() - loop_heartbeat_)
+                                          .count());
     status->set_id(options_.id);
     status->set_role(std::string(scheduler::InstanceRoleName(options_.role)));
     status->set_kv_bytes_received(receiver_ ? receiver_->bytes_received() : 0);
@@ -609,8 +612,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   }
 
   // Runs `fn` on the loop and waits (bounded by options_.loop_wait) for its status. A task not
-  // started by then never runs (`fn` may refer to the caller's stack): DEADLINE_EXCEEDED, and *ran
-  // (if given) false. One that has started is waited for (it is running on the loop).
+  // started by then never runs (`fn` may refer to the caller's stack): RESOURCE_EXHAUSTED (an
+  // overloaded worker, not the caller's deadline), and *ran (if given) false. One that has
+  // started is waited for (it is running on the loop).
   absl::Status RunOnLoop(std::function<absl::Status()> fn, bool* ran = nullptr) {
     struct Shared {
       std::mutex mu;
@@ -641,8 +645,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       if (!shared->started) {
         shared->abandoned = true;
         if (ran != nullptr) *ran = false;
-        return absl::DeadlineExceededError(absl::StrCat(options_.id, ": engine loop busy for ",
-                                                        absl::FormatDuration(options_.loop_wait)));
+        return absl::ResourceExhaustedError(absl::StrCat(options_.id, ": engine loop busy for ",
+                                                         absl::FormatDuration(options_.loop_wait),
+                                                         "; try again"));
       }
     }
     return future.get();
@@ -888,9 +893,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     s.set_engine_steps(steps_);
     s.set_engine_busy_s(busy_us_ * 1e-6);
     s.set_engine_step_tokens(step_tokens_);
-    s.set_loop_heartbeat_unix_us(NowUs());
     std::lock_guard<std::mutex> lock(status_mu_);
     status_ = std::move(s);
+    loop_heartbeat_ = std::chrono::steady_clock::now();
   }
 
   void RegisterLoop() {
@@ -949,6 +954,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
 
   std::mutex status_mu_;
   pb::WorkerStatus status_;
+  std::chrono::steady_clock::time_point loop_heartbeat_;  // when the loop last set status_
 
   std::mutex import_mu_;
   std::map<std::string, std::vector<int32_t>> imports_;  // decode: reserved blocks

@@ -389,8 +389,15 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       model_.Forward(inputs, cache_, logits_, sampling_, host_rows_, tokens_, on_kv_layer);
   if (progress != nullptr) progress->End(forwarded);
   if (!forwarded.ok()) {
+    // A sequence whose KV was leaving during the step is held, not runnable: its transfer may
+    // still read the blocks (they stay until Cancel()), and prefilling it again would only
+    // feed a hand-off that has already failed.
     for (const Planned& p : plan) {
-      if (p.seq->handoff) p.seq->handoff->Resolve(forwarded);
+      if (p.seq->handoff == nullptr) continue;
+      p.seq->handoff->Resolve(forwarded);
+      p.seq->handoff.reset();
+      p.seq->held = true;
+      p.seq->admitted = false;
     }
     return forwarded;
   }

@@ -116,9 +116,9 @@ class LlmEngine {
   // limited to one token by max_tokens, the context or the cache): the forward then reports
   // each layer's K/V to it, and the step's end resolves its next token, or an error when the
   // sequence ended with its first token or the step failed. Such a sequence keeps its blocks
-  // until Cancel() (its output has kv_held set, whether or not it ended), so the transfer
-  // reading them can finish first. The hook runs on Step's thread and must not call into the
-  // engine.
+  // until Cancel() (its output has kv_held set, whether or not it ended; after a failed step it
+  // is held too, never run again), so the transfer reading them can finish first. The hook
+  // runs on Step's thread and must not call into the engine.
   using HandoffHook = std::function<void(std::vector<std::shared_ptr<KvHandoff>>)>;
   void set_handoff_hook(HandoffHook hook) { handoff_hook_ = std::move(hook); }
 

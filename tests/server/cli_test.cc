@@ -274,6 +274,13 @@ TEST_F(CliTest, ErrorsAreClearAndNonZero) {
   EXPECT_NE(r.errors.find("--json takes true/1 or false/0"), std::string::npos) << r.errors;
   r = RunCommand("generate --model " + dir_ + " --prompt-ids 1 --max-tokens 2 --json=false");
   EXPECT_EQ(r.exit_code, 0) << r.errors;
+  // A stall timeout that would take every worker (or none) for stalled is refused at start.
+  for (const char* bad : {"0", "-5", "nan"}) {
+    r = RunCommand("frontend --model " + dir_ + " --port 0 --worker-stall-timeout-s " + bad);
+    EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.errors;
+    EXPECT_NE(r.errors.find("--worker-stall-timeout-s must be positive"), std::string::npos)
+        << r.errors;
+  }
 }
 
 // SIGTERM while `pdserve up` is still starting its cluster (the front-end is up, the workers

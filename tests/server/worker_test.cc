@@ -18,6 +18,8 @@
 #include "absl/time/clock.h"
 #include "engine/backend/cpu_backend.h"
 #include "engine/model/transformer.h"
+#include "engine/runtime/kv_handoff.h"
+#include "engine/runtime/llm_engine.h"
 #include "engine/transfer/kv_transport.h"
 #include "engine/transfer/tcp_transport.h"
 #include "grpcpp/grpcpp.h"
@@ -228,6 +230,95 @@ TEST(WorkerTest, FailedStepKeepsTheBlocksOfATransferInFlightUntilItEnds) {
   EXPECT_TRUE(w->WaitFor([](const pb::WorkerStatus& s) { return s.kv_blocks_used() == 0; }));
 }
 
+// The engine under a worker: a step that fails while a prompt's KV leaves layer by layer holds
+// that sequence (its transfer may still read the blocks) and never runs it again; its hand-off
+// gets the step's error; Cancel() then frees everything.
+TEST(WorkerTest, EngineHoldsTheHandedOffSequencesOfAFailedStep) {
+  FaultyBackend backend;
+  const engine::ModelConfig config = testing::SmallTestConfig();
+  auto model = engine::Transformer::CreateRandom(config, backend, 5);
+  ASSERT_TRUE(model.ok()) << model.status();
+  engine::EngineOptions eo;
+  eo.block_size = kBlockSize;
+  eo.num_blocks = 64;
+  auto engine = engine::LlmEngine::Create(**model, eo);
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::vector<std::shared_ptr<engine::KvHandoff>> handed;
+  (*engine)->set_handoff_hook([&](std::vector<std::shared_ptr<engine::KvHandoff>> h) {
+    handed.insert(handed.end(), h.begin(), h.end());
+  });
+  engine::GenerateRequest r;
+  r.id = "p";
+  for (int j = 0; j < 30; ++j) r.prompt.push_back(3 + j);
+  r.params.max_tokens = 4;
+  r.params.ignore_eos = true;
+  r.hold_kv_after_prefill = true;
+  ASSERT_TRUE((*engine)->AddRequest(r).ok());
+  backend.fail = true;
+  EXPECT_EQ((*engine)->Step().status().code(), absl::StatusCode::kInternal);
+  ASSERT_EQ(handed.size(), 1u);
+  EXPECT_EQ(handed[0]->WaitNextToken(absl::Now() + absl::Seconds(1), nullptr).status().code(),
+            absl::StatusCode::kInternal);
+  EXPECT_FALSE((*engine)->HasRunnable()) << "the failed prompt would be prefilled again";
+  EXPECT_EQ((*engine)->num_held(), 1u);
+  EXPECT_LT((*engine)->num_free_blocks(), 64) << "its blocks left under its transfer";
+  backend.fail = false;
+  auto next = (*engine)->Step();
+  ASSERT_TRUE(next.ok()) << next.status();
+  EXPECT_TRUE(next->empty());
+  ASSERT_TRUE((*engine)->Cancel("p").ok());
+  EXPECT_EQ((*engine)->num_free_blocks(), 64);
+  EXPECT_FALSE((*engine)->HasWork());
+}
+
+// The same through a prefill worker: its request fails with the step, the prompt is not run
+// again while the transfer that was sending its KV winds down (held up here by the decode
+// worker's busy loop, which answers the transfer's offer only after its current step), and
+// every block comes back.
+TEST(WorkerTest, FailedPrefillStepDoesNotRunItsHandedOffPromptsAgain) {
+  auto decode = StartWorker(InstanceRole::kDecode, {});
+  auto prefill = StartWorker(InstanceRole::kPrefill, {});
+  ASSERT_NE(decode, nullptr);
+  ASSERT_NE(prefill, nullptr);
+  // q keeps the decode loop in 600 ms steps.
+  auto q = RegisterDecode(*decode, Work("q", 8, 40));
+  GatedSource q_source;
+  auto sender = engine::CreateTcpKvSender();
+  ASSERT_TRUE(sender
+                  ->Send(decode->worker->kv_address(), decode->Header("q", 8), q_source,
+                         absl::Now() + absl::Seconds(30))
+                  .ok());
+  decode->backend.delay_ms = 300;
+  absl::SleepFor(absl::Milliseconds(50));
+  auto p_decode = RegisterDecode(*decode, Work("p", 30, 4));
+  pb::WorkRequest work = Work("p", 30, 4);
+  work.set_decode_instance(decode->worker->id());
+  work.set_decode_kv_address(decode->worker->kv_address());
+  prefill->backend.fail = true;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto p = prefill->stub->Prefill(&ctx, work);
+  pb::WorkEvent event;
+  while (p->Read(&event)) {
+  }
+  const grpc::Status status = p->Finish();
+  EXPECT_EQ(status.error_code(), grpc::StatusCode::INTERNAL) << status.error_message();
+  absl::SleepFor(absl::Milliseconds(300));  // the fault lasts: a re-run would fail again
+  prefill->backend.fail = false;
+  decode->backend.delay_ms = 0;
+  EXPECT_TRUE(prefill->WaitFor([](const pb::WorkerStatus& s) { return s.kv_blocks_used() == 0; }))
+      << prefill->Status().DebugString();
+  const pb::WorkerStatus after = prefill->Status();
+  EXPECT_EQ(after.engine_steps(), 1) << after.DebugString();
+  EXPECT_EQ(after.engine_step_tokens(), 30) << after.DebugString();
+  EXPECT_EQ(after.running_requests() + after.queued_requests() + after.held_requests(), 0);
+  p_decode->ctx.TryCancel();  // its KV never comes (the front-end cancels it so)
+  EXPECT_FALSE(p_decode->Drain().ok());
+  const grpc::Status q_status = q->Drain();
+  EXPECT_TRUE(q_status.ok()) << q_status.error_message();
+  EXPECT_TRUE(decode->WaitFor([](const pb::WorkerStatus& s) { return s.kv_blocks_used() == 0; }));
+}
+
 // A prefill worker ends a request's stream as soon as its KV is in the decode worker, even
 // while its loop runs the next prompt's step: the front-end reads the decode worker's tokens
 // only after the prefill stream has ended, so waiting for the loop would hold back every
@@ -330,9 +421,14 @@ TEST(WorkerTest, FrontendTakesAWorkerWhoseLoopStalledForUnhealthy) {
     return status.ok() ? tokens : -1;
   });
   EXPECT_TRUE(wait_for(false, absl::Milliseconds(1800))) << "a stalled loop looked healthy";
+  // The worker reports the loop's silence on its own clock (no comparison of two hosts' clocks).
+  EXPECT_GT(w->Status().loop_heartbeat_age_us(), 400'000);
   w->backend.delay_ms = 0;
   EXPECT_TRUE(wait_for(true, absl::Seconds(20))) << "healthy again once the loop moved";
   EXPECT_EQ(generated.get(), 2);
+  EXPECT_TRUE(w->WaitFor([](const pb::WorkerStatus& s) {
+    return s.running_requests() == 0 && s.loop_heartbeat_age_us() < 200'000;  // idle: 50 ms
+  }));
   (*frontend)->Shutdown();
 }
 
@@ -363,7 +459,7 @@ TEST(WorkerTest, DecodeRefusesAPromptItsCacheCanNeverHold) {
   EXPECT_TRUE(fits->Drain().ok());
 }
 
-// An RPC that gives up waiting for the engine loop gets DEADLINE_EXCEEDED and its request is
+// An RPC that gives up waiting for the engine loop gets RESOURCE_EXHAUSTED and its request is
 // never run afterwards (nor does it keep its admission): with a wait of a nanosecond while a
 // long request keeps the loop stepping, most requests are refused that way, every other one is
 // served, and the worker ends idle having served exactly the requests that got their tokens.
@@ -390,7 +486,7 @@ TEST(WorkerTest, RequestsTheLoopDidNotTakeInTimeNeverRun) {
       int tokens = 0;
       const grpc::Status status = generate(Work("long", 8, 1000), &tokens);
       long_tokens = tokens;
-      if (status.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) return status;
+      if (status.error_code() != grpc::StatusCode::RESOURCE_EXHAUSTED) return status;
     }
     return grpc::Status(grpc::StatusCode::INTERNAL, "never admitted");
   });
@@ -403,7 +499,7 @@ TEST(WorkerTest, RequestsTheLoopDidNotTakeInTimeNeverRun) {
       EXPECT_EQ(tokens, 3);
       ++served;
     } else {
-      ASSERT_EQ(status.error_code(), grpc::StatusCode::DEADLINE_EXCEEDED)
+      ASSERT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED)
           << i << ": " << status.error_message();
       EXPECT_NE(status.error_message().find("engine loop busy"), std::string::npos);
       ++abandoned;
