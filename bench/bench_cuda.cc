@@ -1031,6 +1031,9 @@ int Main(int argc, char** argv) {
       // RoPE and the KV write in one launch (PDS_FUSE_ROPE_KV=1; off by default until measured).
       add(bench.WithKnob("PDS_FUSE_ROPE_KV", "1", "fused",
                          [&] { return bench.Decode(b, /*greedy=*/true); }));
+      // The tensor-core decode attention kernel (PDS_ATTN_DECODE=mma; off until measured).
+      add(bench.WithKnob("PDS_ATTN_DECODE", "mma", "mma",
+                         [&] { return bench.Decode(b, /*greedy=*/true); }));
     }
     if (!opt.kernels_only) {
       add(bench.Prefill({plan.prefill_tokens}));
@@ -1040,6 +1043,7 @@ int Main(int argc, char** argv) {
     }
     add(bench.AttentionDecode());
     add(bench.AttentionDecode(/*legacy=*/true));
+    add(bench.WithKnob("PDS_ATTN_DECODE", "mma", "mma", [&] { return bench.AttentionDecode(); }));
     add(bench.AttentionPrefill());
     add(bench.AttentionPrefill(/*warps=*/4));
     add(bench.AttentionPrefill(/*warps=*/8));

@@ -43,8 +43,8 @@ WORK="${PDS_GPU_WORK:-/tmp/pds-gpu}"
 UNPACKED="$WORK/bundle"
 BIN="$UNPACKED/bin"
 DEADLINE_S="${PDS_GPU_DEADLINE_S:-540}"
-MEMCHECK_FILTER="${PDS_MEMCHECK_FILTER:-*/BF16:-*ErrorsAreStatuses*:*PrefillLongPrompt*:*DecodeRagged*:*PrefillCausal*:*DecodeLegacyKernel*:*PrefillPrefixAlignments*:*GemvMatchesCpuAtEveryShape*}"
-RACECHECK_DEFAULT="*SanitizerSized/BF16"
+MEMCHECK_FILTER="${PDS_MEMCHECK_FILTER:-*/BF16:-*ErrorsAreStatuses*:*PrefillLongPrompt*:*DecodeRagged*:*PrefillCausal*:*DecodeLegacyKernel*:*DecodeMmaKernel*:*PrefillPrefixAlignments*:*GemvMatchesCpuAtEveryShape*}"
+RACECHECK_DEFAULT="*SanitizerSized*/BF16"
 RACECHECK_FILTER="${PDS_RACECHECK_FILTER:-$RACECHECK_DEFAULT}"
 PARITY_TEST=kernels_cuda_ops_test
 START=$(date +%s)
@@ -366,7 +366,7 @@ done
 NCU=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
 ncu_profiles() {
   local k rc=0
-  for k in PipelinedDecodeKernel PrefillMmaKernel GemvRowsKernel; do
+  for k in PipelinedDecodeKernel MmaDecodeKernel PrefillMmaKernel GemvRowsKernel; do
     echo "=== ncu: $k"
     "$NCU" --kernel-name "regex:$k" --launch-skip 2 --launch-count 1 --section SpeedOfLight \
       --section MemoryWorkloadAnalysis --section Occupancy --section WarpStateStats \

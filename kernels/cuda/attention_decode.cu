@@ -9,7 +9,7 @@
 // exp-sum) to the workspace and a combine kernel merges the splits.
 #include <cfloat>
 
-#include "kernels/cuda/attention_internal.cuh"
+#include "kernels/cuda/attention_mma.cuh"
 
 namespace pds::kernels::cuda {
 namespace {
@@ -454,6 +454,236 @@ __global__ void __launch_bounds__(kThreads, G >= 8 ? 2 : 4)
   }
 }
 
+// Decode on the tensor cores (PDS_ATTN_DECODE=mma; head dims 64 and 128). Same grid, outputs
+// and split workspace as the pipelined kernel. Per chunk of 16 positions a warp computes
+// S^T = K Q^T (positions as the m16n8k16 rows, the block's G query heads as its 8 columns;
+// columns G..7 are zero heads) and O^T += V^T P^T (dims as rows), with K and V fragments from
+// ldmatrix and P^T turned into the B operand by movmatrix. That is D/8 ldmatrix.x4, D/8 mmas,
+// 2 movmatrix and 6 shuffles per chunk, where the pipelined kernel issues about three times as
+// many shared-memory loads, stores and shuffles (ncu, H100 run 2: its shared-memory pipe, not
+// DRAM, is the limit). As there, each warp streams its own chunks (warp, warp + 4, ...)
+// through a kMmaStages-deep cp.async ring without block barriers, and the warps merge at the
+// end; the softmax runs in the exp2 domain as in the prefill kernel.
+constexpr int kMmaChunk = 16;
+constexpr int kMmaStages = 3;
+
+template <typename T, int D, int G>
+__host__ __device__ constexpr size_t MmaDecodeSmemBytes() {
+  // Rows padded by 8 elements so that the 8 rows an ldmatrix phase reads hit distinct banks.
+  constexpr size_t ring = size_t{kWarps} * kMmaStages * 2 * kMmaChunk * (D + 8) * sizeof(T);
+  constexpr size_t merge = sizeof(float) * kWarps * G * (D + 2);
+  return ring > merge ? ring : merge;
+}
+
+// The transpose of an 8x8 16-bit matrix held as the m16n8k16 fragments hold one (lane l: row
+// l / 4, columns 2 (l % 4) and + 1).
+__device__ __forceinline__ uint32_t TransposeFragment(uint32_t x) {
+  uint32_t y;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(y) : "r"(x));
+  return y;
+}
+
+template <typename T, int D, int G>
+__global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)  // what the ring's size allows
+    MmaDecodeKernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k_cache,
+                    const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out, int heads,
+                    int kv_heads, float scale, int split_tokens, int num_splits,
+                    float* __restrict__ part_o, float* __restrict__ part_ml) {
+  PdlWaitAndTrigger();
+  constexpr int C = kMmaChunk;
+  constexpr int kLd = D + 8;  // row stride in shared memory (elements)
+  constexpr uint32_t kRowBytes = kLd * sizeof(T);
+  constexpr int L = D / 8;             // 16-byte pieces per K/V row
+  constexpr int kPieces = C * L;       // pieces of a chunk's K (and of its V)
+  constexpr int kStage = 2 * C * kLd;  // elements per ring slot: C K rows, then C V rows
+  static_assert(G >= 1 && G <= 8 && kPieces % 32 == 0 && C == 16, "fragment mapping");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+
+  const DecodeBlock blk = LocateDecodeBlock<G>(batch, heads, kv_heads, split_tokens);
+  if (!blk.valid) return;
+  const int start = blk.start, end = blk.end, kvh = blk.kvh;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int g = lane >> 2, tig = lane & 3;
+
+  // Q^T as B fragments: column g < G is query head h0 + g, k-step kk's b0 / b1 its dims
+  // 16 kk + 2 tig (+1) and + 8; columns G..7 are zero. A negative scale flips Q's signs (exact)
+  // so that scores go to the exp2 domain through c = |scale| log2(e).
+  const float c = fmaxf(fabsf(scale) * 1.4426950408889634f, FLT_MIN);
+  const uint32_t flip = scale < 0.0f ? 0x80008000u : 0u;
+  uint32_t qf[D / 16][2];
+  {
+    const T* qrow = q + int64_t{blk.q_row} * q_stride + (blk.h0 + min(g, G - 1)) * D + 2 * tig;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      qf[kk][0] = g < G ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16) ^ flip : 0u;
+      qf[kk][1] = g < G ? *reinterpret_cast<const uint32_t*>(qrow + kk * 16 + 8) ^ flip : 0u;
+    }
+  }
+
+  const int32_t* table = batch.block_tables + int64_t{blk.seq} * batch.max_blocks;
+  const int bs = batch.block_size;
+  const bool pow2 = (bs & (bs - 1)) == 0;
+  const int shift = __ffs(bs) - 1;
+  auto row_start = [&](int pos) {  // element offset of position pos's row for this KV head
+    const int bi = pow2 ? pos >> shift : pos / bs;
+    const int64_t block = table[bi];
+    return ((block * kv_heads + kvh) * bs + (pos - bi * bs)) * D;
+  };
+  T* ring = reinterpret_cast<T*>(smem_raw) + warp * kMmaStages * kStage;
+  const int chunks = (end - start + C - 1) / C;
+  const int my_chunks = chunks > warp ? (chunks - warp + kWarps - 1) / kWarps : 0;
+  auto chunk_start = [&](int i) { return start + (warp + i * kWarps) * C; };
+  // The warp's i-th chunk into ring slot i % kMmaStages (positions past the end zero-filled);
+  // always one commit group, so the group count per iteration is uniform.
+  auto issue = [&](int i) {
+    if (i < my_chunks) {
+      const int c0 = chunk_start(i);
+      T* slot = ring + (i % kMmaStages) * kStage;
+#pragma unroll
+      for (int j = 0; j < kPieces / 32; ++j) {
+        const int piece = lane + 32 * j;
+        const int r = piece / L, sg = piece % L;
+        const bool valid = c0 + r < end;
+        const int64_t off = (valid ? row_start(c0 + r) : 0) + sg * 8;
+        CpAsync16(slot + r * kLd + sg * 8, k_cache + off, valid);
+        CpAsync16(slot + (C + r) * kLd + sg * 8, v_cache + off, valid);
+      }
+    }
+    CpAsyncCommit();
+  };
+  // ldmatrix lane addresses within a slot. K as A (rows = positions, k = dims; matrices:
+  // positions 0-7 / 8-15 x dims 0-7, then x dims 8-15): row l % 16, dim offset 8 (l / 16). V^T
+  // as A by .trans (rows = dims, k = positions; matrices: positions 0-7 x dims 0-7, 0-7 x 8-15,
+  // 8-15 x 0-7, 8-15 x 8-15): row C + (l % 8) + 8 (l / 16), dim offset 8 ((l / 8) % 2).
+  const uint32_t ring_addr = static_cast<uint32_t>(__cvta_generic_to_shared(ring));
+  const uint32_t k_lane = (lane & 15) * kRowBytes + (lane >> 4) * 8 * sizeof(T);
+  const uint32_t v_lane =
+      (C + (lane & 7) + ((lane >> 4) << 3)) * kRowBytes + ((lane >> 3) & 1) * 8 * sizeof(T);
+
+  // Heads 2 tig and 2 tig + 1 (columns of S^T and O^T): running maxima (raw scores), this
+  // lane's shares of the running sums; o[dp] holds dims 16 dp + g ([0], [1]: the two heads)
+  // and 16 dp + g + 8 ([2], [3]).
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[D / 16][4];
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+
+#pragma unroll
+  for (int i = 0; i < kMmaStages - 1; ++i) issue(i);
+  for (int i = 0; i < my_chunks; ++i) {
+    CpAsyncWait<kMmaStages - 2>();
+    __syncwarp();
+    issue(i + kMmaStages - 1);  // into the slot chunk i - 1 used
+    const uint32_t slot = ring_addr + (i % kMmaStages) * kStage * sizeof(T);
+    const int c0 = chunk_start(i);
+    // S^T: st[0], st[1] = position c0 + g, heads 2 tig, 2 tig + 1; st[2], st[3] = c0 + g + 8.
+    float st[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+      uint32_t a[4];
+      LdMatrixX4(a, slot + k_lane + kk * 16 * sizeof(T));
+      Mma16816<T>(st, a, qf[kk][0], qf[kk][1]);
+    }
+    if (c0 + C > end) {  // positions past the split's end (zero-filled rows) score -inf
+      if (c0 + g >= end) st[0] = st[1] = -INFINITY;
+      if (c0 + g + 8 >= end) st[2] = st[3] = -INFINITY;
+    }
+    // Online softmax per head over the chunk's 16 positions (lanes of one tig share a head
+    // pair). Position c0 < end is in every chunk: the maxima are finite.
+    float mx0 = fmaxf(st[0], st[2]), mx1 = fmaxf(st[1], st[3]);
+#pragma unroll
+    for (int off = 4; off < 32; off <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+    }
+    const float mn0 = fmaxf(m[0], mx0), mn1 = fmaxf(m[1], mx1);
+    const float ref0 = __fmul_rn(mn0, c), ref1 = __fmul_rn(mn1, c);
+    if (__any_sync(0xffffffffu, mn0 > m[0] || mn1 > m[1])) {
+      const float alpha0 = Exp2(__fmul_rn(m[0], c) - ref0);  // 0 before any term (m = -inf)
+      const float alpha1 = Exp2(__fmul_rn(m[1], c) - ref1);
+      l[0] *= alpha0;
+      l[1] *= alpha1;
+#pragma unroll
+      for (int n = 0; n < D / 16; ++n) {
+        o[n][0] *= alpha0;
+        o[n][1] *= alpha1;
+        o[n][2] *= alpha0;
+        o[n][3] *= alpha1;
+      }
+    }
+    m[0] = mn0;
+    m[1] = mn1;
+    const float p0 = Exp2(fmaf(st[0], c, -ref0)), p1 = Exp2(fmaf(st[1], c, -ref1));
+    const float p2 = Exp2(fmaf(st[2], c, -ref0)), p3 = Exp2(fmaf(st[3], c, -ref1));
+    l[0] += p0 + p2;
+    l[1] += p1 + p3;
+    // P^T (positions x heads) as the B operand of O^T += V^T P^T: b0 / b1 hold head g's
+    // probabilities at positions 2 tig (+1) / 8 + 2 tig (+1), the transposes of this lane's
+    // (position g / g + 8, heads 2 tig, 2 tig + 1) pairs.
+    const uint32_t b0 = TransposeFragment(Pack<T>(p0, p1));
+    const uint32_t b1 = TransposeFragment(Pack<T>(p2, p3));
+#pragma unroll
+    for (int dp = 0; dp < D / 16; ++dp) {
+      uint32_t a[4];
+      LdMatrixX4Trans(a, slot + v_lane + dp * 16 * sizeof(T));
+      Mma16816<T>(o[dp], a, b0, b1);
+    }
+  }
+  CpAsyncWait<0>();
+
+  // Merge the warps through shared memory (over the ring): each head's sum over the lanes of
+  // its tig, then each warp's (exp2-domain maximum, sum, output) per head.
+#pragma unroll
+  for (int off = 4; off < 32; off <<= 1) {
+    l[0] += __shfl_xor_sync(0xffffffffu, l[0], off);
+    l[1] += __shfl_xor_sync(0xffffffffu, l[1], off);
+  }
+  __syncthreads();
+  float* acc_s = reinterpret_cast<float*>(smem_raw);  // [kWarps][G][D]
+  float* ml_s = acc_s + kWarps * G * D;               // [kWarps][G] (max * c, sum)
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {
+    const int hh = 2 * tig + e;
+    if (hh >= G) continue;
+    float* row = acc_s + (warp * G + hh) * D + g;
+#pragma unroll
+    for (int n = 0; n < D / 16; ++n) {
+      row[16 * n] = o[n][e];
+      row[16 * n + 8] = o[n][2 + e];
+    }
+    if (g == 0) {
+      ml_s[(warp * G + hh) * 2] = my_chunks > 0 ? __fmul_rn(m[e], c) : -INFINITY;
+      ml_s[(warp * G + hh) * 2 + 1] = l[e];
+    }
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < G * D; e += kThreads) {
+    const int hh = e / D, d = e % D;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) mx = fmaxf(mx, ml_s[(w * G + hh) * 2]);
+    float num = 0.0f, den = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kWarps; ++w) {
+      const float wgt = Exp2(ml_s[(w * G + hh) * 2] - mx);  // 0 for a warp without positions
+      num += wgt * acc_s[(w * G + hh) * D + d];
+      den += wgt * ml_s[(w * G + hh) * 2 + 1];
+    }
+    const int h = blk.h0 + hh;
+    if (num_splits == 1) {
+      out[(int64_t{blk.q_row} * heads + h) * D + d] = FromFloat<T>(num / den);
+    } else {
+      // The combine kernel weighs splits by exp(max): the natural-log scaled score, mx ln 2.
+      const int64_t part = (int64_t{blk.seq} * heads + h) * num_splits + blockIdx.z;
+      part_o[part * D + d] = num;
+      if (d == 0) {
+        part_ml[part * 2] = mx * 0.6931471805599453f;
+        part_ml[part * 2 + 1] = den;
+      }
+    }
+  }
+}
+
 template <typename T, int D, int G>
 cudaError_t LaunchDecode(const AttentionArgs& a, cudaStream_t stream) {
   const AttentionPlan& plan = a.plan;
@@ -471,7 +701,14 @@ cudaError_t LaunchDecode(const AttentionArgs& a, cudaStream_t stream) {
   };
   bool pipelined = false;
   if constexpr (D == 64 || D == 128) pipelined = PipelinedDecode(D);
-  if (pipelined) {
+  if (pipelined && Settings().mma_decode) {
+    if constexpr (D == 64 || D == 128) {
+      constexpr size_t smem = MmaDecodeSmemBytes<T, D, G>();
+      auto* kernel = MmaDecodeKernel<T, D, G>;
+      if (const cudaError_t e = AllowDynamicSmem(kernel, smem); e != cudaSuccess) return e;
+      args(kernel, smem);
+    }
+  } else if (pipelined) {
     if constexpr (D == 64 || D == 128) {
       constexpr size_t smem = PipeSmemBytes<T, D, G>();
       auto* kernel = PipelinedDecodeKernel<T, D, G>;

@@ -42,8 +42,9 @@ inline int64_t HeadsPerBlock(int64_t heads, int64_t kv_heads) {
 }
 
 // Whether decode rows of this head dim take the pipelined kernel (64 and 128; the environment
-// variable PDS_ATTN_DECODE=legacy selects the register-loading kernel for measurements). Its
-// splits need no shared memory per position, so they are not capped in length.
+// variable PDS_ATTN_DECODE=legacy selects the register-loading kernel for measurements, and
+// PDS_ATTN_DECODE=mma the tensor-core one, which splits the same way). Its splits need no
+// shared memory per position, so they are not capped in length.
 bool PipelinedDecode(int64_t head_dim);
 // fp32 elements of the decode kernel's split workspace (0 with one split).
 int64_t DecodeWorkspaceFloats(int32_t num_seqs, int64_t heads, int64_t head_dim,

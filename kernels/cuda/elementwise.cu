@@ -100,6 +100,7 @@ KernelSettings* LoadSettings() {
       cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess &&
       major >= 9;
   k->legacy_decode = env("PDS_ATTN_DECODE") == "legacy";
+  k->mma_decode = env("PDS_ATTN_DECODE") == "mma";
   k->prefill_warps = std::atoi(std::string(env("PDS_ATTN_PREFILL_WARPS")).c_str());
   k->gemv_mma = env("PDS_GEMV_IMPL") == "mma";
   k->gemv_warps = std::atoi(std::string(env("PDS_GEMV_WARPS")).c_str());

@@ -39,6 +39,7 @@ struct KernelSettings {
   // recorded with.
   bool programmatic_launch = false;
   bool legacy_decode = false;  // PDS_ATTN_DECODE=legacy: the register-loading decode kernel
+  bool mma_decode = false;     // PDS_ATTN_DECODE=mma: the tensor-core decode kernel (D 64, 128)
   int prefill_warps = 0;       // PDS_ATTN_PREFILL_WARPS=4|8: 16-row-per-warp prefill tiles
   bool gemv_mma = false;       // PDS_GEMV_IMPL=mma: the tensor-core GEMV at every m
   int gemv_warps = 0;          // PDS_GEMV_WARPS (1-16): its warps per block; 0: heuristic

@@ -95,8 +95,28 @@ class CudaModelTest : public ::testing::TestWithParam<ModelParam> {
   }
 };
 
+// The CUDA model's logits against the CPU fp32 backend's, teacher-forced (see below).
+void CheckTeacherForcedLogits(const ModelParam& p, double tolerance);
+
 TEST_P(CudaModelTest, TeacherForcedLogitsMatchCpu) {
-  const ModelParam p = GetParam();
+  CheckTeacherForcedLogits(GetParam(), Tolerance());
+}
+
+// The same with the tensor-core decode attention kernel (PDS_ATTN_DECODE=mma).
+TEST_P(CudaModelTest, TeacherForcedLogitsMatchCpuWithMmaDecode) {
+#if PDS_HAVE_CUDA
+  setenv("PDS_ATTN_DECODE", "mma", 1);
+  kernels::cuda::ReloadKernelSettings();
+  CheckTeacherForcedLogits(GetParam(), Tolerance());
+  unsetenv("PDS_ATTN_DECODE");
+  kernels::cuda::ReloadKernelSettings();
+#endif
+}
+
+// Ragged prompts (one prefilled in two chunks) and then 24 decode steps of all of them, each
+// step's input the CPU's greedy tokens: every logit row within `tolerance` of the row's largest
+// logit, and the greedy token equal wherever the CPU's top-2 margin exceeds twice that.
+void CheckTeacherForcedLogits(const ModelParam& p, double tolerance) {
   auto config = PresetConfig(p.preset);
   ASSERT_TRUE(config.ok());
   auto dir = testing::MakeModelDir(*config, std::string("cuda_") + p.preset, 5);
@@ -142,8 +162,8 @@ TEST_P(CudaModelTest, TeacherForcedLogitsMatchCpu) {
       const double err = RowError(a, e, vocab);
       worst = std::max(worst, err);
       ++compared;
-      EXPECT_LE(err, Tolerance()) << "sequence " << r;
-      if (Top2Margin(e, vocab) > 2 * Tolerance()) {
+      EXPECT_LE(err, tolerance) << "sequence " << r;
+      if (Top2Margin(e, vocab) > 2 * tolerance) {
         ++argmax_checked;
         EXPECT_EQ(kernels::cpu::Argmax(a, vocab), kernels::cpu::Argmax(e, vocab));
       }
@@ -184,7 +204,7 @@ TEST_P(CudaModelTest, TeacherForcedLogitsMatchCpu) {
   std::printf(
       "%s %s: %d logit rows, worst error %.4g of the row's largest logit (tolerance %.3g), "
       "%d greedy tokens checked\n",
-      p.preset, std::string(DTypeName(p.dtype)).c_str(), compared, worst, Tolerance(),
+      p.preset, std::string(DTypeName(p.dtype)).c_str(), compared, worst, tolerance,
       argmax_checked);
   EXPECT_GE(argmax_checked, 10);  // the greedy check is not vacuous
 }

@@ -809,6 +809,31 @@ TEST_P(CudaAttentionTest, DecodeLegacyKernel) {
   kernels::cuda::ReloadKernelSettings();
 }
 
+// PDS_ATTN_DECODE=mma selects the tensor-core decode kernel (head dims 64 and 128): every GQA
+// shape (1, 2, 3, 4, 7, 8 and 16 query heads per KV head), block sizes that do and do not
+// divide its 16-position chunks, contexts that leave chunks part-filled, one split and many,
+// and decode rows batched with prefill rows.
+TEST_P(CudaAttentionTest, DecodeMmaKernel) {
+  ScopedEnv mma("PDS_ATTN_DECODE", "mma");
+  for (int head_dim : {128, 64}) {
+    for (auto [heads, kv_heads] :
+         {std::pair{32, 8}, std::pair{8, 8}, std::pair{8, 1}, std::pair{28, 4}, std::pair{6, 2},
+          std::pair{16, 8}, std::pair{32, 2}}) {
+      for (int bs : {16, 32, 7}) {
+        SCOPED_TRACE(::testing::Message() << "D " << head_dim << " heads " << heads << "/"
+                                          << kv_heads << " block " << bs);
+        Run({{{1, 1}, {1, 3}, {1, 37}, {1, 733}, {1, 17}, {1, 2049}, {1, 16}, {1, 64}},
+             heads,
+             kv_heads,
+             head_dim,
+             bs},
+            head_dim * 100 + heads + bs + 7);
+      }
+    }
+  }
+  Run({{{37, 37}, {1, 300}, {5, 1000}, {1, 9}}, 32, 8, 128, 16}, 99);
+}
+
 TEST_P(CudaAttentionTest, PrefillCausalRaggedWithCachedPrefix) {
   for (int head_dim : {64, 128, 16, 256}) {
     for (auto [heads, kv_heads] : {std::pair{8, 8}, std::pair{32, 8}, std::pair{8, 1}}) {
@@ -833,6 +858,14 @@ TEST_P(CudaAttentionTest, PrefillCausalRaggedWithCachedPrefix) {
 TEST_P(CudaAttentionTest, SanitizerSized) {
   Run({{{1, 37}, {1, 700}, {37, 37}, {65, 200}, {5, 100}}, 32, 8, 128, 16}, 3);
   Run({{{1, 9}, {1, 1100}, {20, 20}, {70, 90}}, 8, 1, 64, 7}, 4);
+}
+
+// The tensor-core decode kernel at sizes compute-sanitizer gets through (run.sh's memcheck
+// and racecheck pick the SanitizerSized tests).
+TEST_P(CudaAttentionTest, SanitizerSizedMmaDecode) {
+  ScopedEnv mma("PDS_ATTN_DECODE", "mma");
+  Run({{{1, 37}, {1, 700}, {37, 37}, {1, 16}, {1, 5}}, 32, 8, 128, 16}, 5);
+  Run({{{1, 9}, {1, 1100}, {20, 20}, {1, 33}}, 8, 1, 64, 7}, 6);
 }
 
 TEST_P(CudaAttentionTest, PrefillWith128RowTiles) {
