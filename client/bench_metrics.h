@@ -2,8 +2,12 @@
 // (no gRPC), so the scheduler's simulator can report its runs the same way.
 //
 // Definitions (times in seconds in records, milliseconds in reports):
-//   TTFT  = arrival of the first message carrying tokens - send time
-//   E2EL  = arrival of the last message of the stream - send time
+//   TTFT  = arrival of the first message carrying tokens - arrival time
+//   E2EL  = arrival of the last message of the stream - arrival time
+// where the arrival time is when the request was due (open loop at a finite rate: a send the
+// in-flight bound held back counts its wait, as its user would) and the send time otherwise
+// (closed loop, and --rate inf, where every request is due at once; vLLM measures from the
+// send everywhere).
 //   TPOT  = (E2EL - TTFT) / (output tokens - 1); undefined (not in the statistics, and not
 //           checked against the SLO) for a one-token output
 //   ITL   = gaps between successive messages that carry tokens (per message, as vLLM does

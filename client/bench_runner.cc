@@ -111,7 +111,7 @@ void OnDone(RunState& st, Slot& slot, const grpc::Status& status, Clock::time_po
 }  // namespace
 
 GenerateRequest MakeGenerateRequest(const RequestSpec& spec, int64_t index,
-                                    const RunOptions& options) {
+                                    const RunOptions& options, double lag_s) {
   GenerateRequest req;
   if (!options.request_id_prefix.empty()) {
     req.set_request_id(absl::StrCat(options.request_id_prefix, "-", index));
@@ -125,7 +125,9 @@ GenerateRequest MakeGenerateRequest(const RequestSpec& spec, int64_t index,
   req.set_ignore_eos(true);
   if (options.temperature) req.set_temperature(*options.temperature);
   if (options.send_slo) {
-    if (options.slo.ttft_ms >= 0) req.set_ttft_slo_ms(options.slo.ttft_ms);
+    if (options.slo.ttft_ms >= 0) {
+      req.set_ttft_slo_ms(std::max(options.slo.ttft_ms - 1000 * std::max(lag_s, 0.0), 1e-3));
+    }
     if (options.slo.tpot_ms >= 0) req.set_tpot_slo_ms(options.slo.tpot_ms);
   }
   return req;
@@ -214,7 +216,8 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
       break;
     }
     const double send_s = elapsed();
-    if (!closed && send_s - due > 0.010) {
+    const bool paced = !closed && !options.burst;  // latencies count from the arrival
+    if (paced && send_s - due > 0.010) {
       ++result.late_sends;
       result.max_send_lag_s = std::max(result.max_send_lag_s, send_s - due);
     }
@@ -224,7 +227,7 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
     slot->record.index = i;
     slot->record.prompt_tokens = spec.prompt_len;
     slot->record.expected_output_tokens = spec.output_len;
-    slot->record.scheduled_s = closed ? send_s : due;
+    slot->record.scheduled_s = paced ? due : send_s;
     slot->record.send_s = send_s;
     ++st->inflight;
     lock.unlock();
@@ -237,7 +240,8 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
       OnDone(*st, *slot, s, t);
     };
     auto call =
-        client.StartGenerate(MakeGenerateRequest(spec, i, options), timeout, std::move(callbacks));
+        client.StartGenerate(MakeGenerateRequest(spec, i, options, paced ? send_s - due : 0.0),
+                             timeout, std::move(callbacks));
     lock.lock();
     if (!slot->finished) st->live[i] = std::move(call);
   }

@@ -34,8 +34,11 @@ struct RunOptions {
   // Open loop: one arrival time (seconds from the start) per request, nondecreasing.
   // Ignored in closed loop.
   std::vector<double> arrivals;
-  int concurrency = 0;             // > 0: closed loop
-  int max_inflight = 512;          // open loop bound on calls in flight, >= 1
+  int concurrency = 0;     // > 0: closed loop
+  int max_inflight = 512;  // open loop bound on calls in flight, >= 1
+  // Open loop with every arrival at once (pdbench --rate inf): the in-flight bound is the only
+  // pacing, so latencies count from each send (as vLLM's do) and no send is late.
+  bool burst = false;
   int64_t max_requests = -1;       // < 0: arrivals.size() (open) or the number of specs (closed)
   double duration_s = 0;           // > 0: stop issuing at this time
   double request_timeout_s = 300;  // each call's deadline
@@ -57,9 +60,11 @@ struct RunResult {
   bool contacted = false;  // some call got a message or a status from the server itself
 };
 
-// The request for a spec: prompt, max_tokens = output_len with ignore_eos, SLO hints.
+// The request for a spec: prompt, max_tokens = output_len with ignore_eos, SLO hints. A request
+// sent `lag_s` after its arrival has that much less of its TTFT target left (at least 1 us):
+// the hint the server schedules by is the budget the benchmark grades it against.
 pdserve::v1::GenerateRequest MakeGenerateRequest(const RequestSpec& spec, int64_t index,
-                                                 const RunOptions& options);
+                                                 const RunOptions& options, double lag_s = 0);
 
 // Runs `specs` (cycled if more requests are needed than specs) against `client`.
 absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<RequestSpec>& specs,

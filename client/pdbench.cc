@@ -85,7 +85,8 @@ const FlagDef kFlags[] = {
     {"percentile-metrics", FlagType::kValue,
      "metrics to report: any of ttft,tpot,itl,e2el (default all)"},
     {"max-concurrency", FlagType::kValue,
-     "open loop: at most this many calls in flight; later sends wait (default 512)"},
+     "open loop: at most this many calls in flight; later sends wait, and at a finite "
+     "--rate their wait counts in TTFT and E2E latency (default 512)"},
     {"request-timeout", FlagType::kValue, "deadline of each request in seconds (default 300)"},
     {"connect-timeout", FlagType::kValue, "seconds to wait for the target (default 10)"},
     {"search", FlagType::kBool,
@@ -504,6 +505,7 @@ class Pdbench {
     RunOptions& o = plan.options;
     o.duration_s = c_.duration_s;
     o.max_inflight = c_.max_concurrency;
+    o.burst = std::isinf(rate);
     o.request_timeout_s = c_.request_timeout_s;
     o.slo = c_.slo;
     o.send_slo = c_.send_slo;

@@ -10,10 +10,12 @@ namespace {
 using pdserve::v1::GenerateRequest;
 using pdserve::v1::GenerateResponse;
 
-// An infinite timeout is no deadline (its microseconds would overflow the clock's nanosecond
-// ticks into a deadline already past).
+// Timeouts of a century or more (absl::InfiniteDuration() included) are no deadline: added to
+// the clock's nanosecond ticks they would overflow into a deadline already past.
+constexpr absl::Duration kNoDeadlineFrom = absl::Hours(24 * 365 * 100);
+
 std::chrono::system_clock::time_point DeadlineAfter(absl::Duration timeout) {
-  if (timeout == absl::InfiniteDuration()) return std::chrono::system_clock::time_point::max();
+  if (timeout >= kNoDeadlineFrom) return std::chrono::system_clock::time_point::max();
   return std::chrono::system_clock::now() + absl::ToChronoMicroseconds(timeout);
 }
 
@@ -72,7 +74,7 @@ class GenerateReactor final : public grpc::ClientReadReactor<GenerateResponse>,
 
   bool WaitFor(absl::Duration timeout) override {
     std::unique_lock<std::mutex> lock(mu_);
-    if (timeout == absl::InfiniteDuration()) {
+    if (timeout >= kNoDeadlineFrom) {
       cv_.wait(lock, [&] { return done_; });
       return true;
     }

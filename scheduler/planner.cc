@@ -255,13 +255,16 @@ absl::StatusOr<Plan> MakePlan(const PlannerOptions& options, const LatencyModel&
   }
   if (options.target_rate > 0) {
     // The unit that covers the rate with the fewest GPUs.
+    // Replica counts are worked out in double and capped just past kMaxPlannedGpus before any
+    // integer conversion: a huge rate is refused below, never overflowed into a small count.
     const UnitResult* chosen = nullptr;
-    int64_t chosen_gpus = 0, chosen_replicas = 0;
+    double chosen_gpus = 0, chosen_replicas = 0;
     for (const UnitResult& u : disaggregated) {
       if (u.max_rate() <= 0) continue;
-      const int64_t replicas = std::max<int64_t>(
-          1, static_cast<int64_t>(std::ceil(options.target_rate / u.max_rate() - 1e-9)));
-      const int64_t gpus = replicas * u.gpus();
+      const double replicas =
+          std::min(std::max(1.0, std::ceil(options.target_rate / u.max_rate() - 1e-9)),
+                   static_cast<double>(kMaxPlannedGpus + 1));
+      const double gpus = replicas * u.gpus();
       if (chosen == nullptr || gpus < chosen_gpus) {
         chosen = &u;
         chosen_gpus = gpus;
@@ -274,23 +277,27 @@ absl::StatusOr<Plan> MakePlan(const PlannerOptions& options, const LatencyModel&
           absl::StrCat("no unit of up to ", limit, " instances meets the SLO at any rate tried");
     } else {
       plan.unit = *chosen;
+      // "more than" once the count hit the cap.
+      const bool capped = chosen_replicas > kMaxPlannedGpus;
+      const std::string need =
+          capped ? absl::StrFormat("more than %d x %s", kMaxPlannedGpus, UnitName(*chosen))
+                 : absl::StrFormat("%.0f x %s = %.0f GPUs", chosen_replicas, UnitName(*chosen),
+                                   chosen_gpus);
       if (options.gpus > 0 && chosen_gpus > options.gpus) {
         plan.feasible = false;
         plan.reason = absl::StrFormat(
-            "cannot serve %.4g req/s within %d GPUs: it needs %d x %s = %d GPUs (%.4g req/s per "
-            "GPU); %d GPUs reach %.4g req/s",
-            options.target_rate, options.gpus, chosen_replicas, UnitName(*chosen), chosen_gpus,
-            chosen->goodput_per_gpu, options.gpus,
+            "cannot serve %.4g req/s within %d GPUs: it needs %s (%.4g req/s per GPU); %d GPUs "
+            "reach %.4g req/s",
+            options.target_rate, options.gpus, need, chosen->goodput_per_gpu, options.gpus,
             (options.gpus / chosen->gpus()) * chosen->max_rate());
       } else if (chosen_gpus > kMaxPlannedGpus) {
         // Without a GPU budget the rate alone bounds the cluster: refuse what would take
         // longer to simulate than to question (the simulation grows with the square of it).
         plan.feasible = false;
         plan.reason = absl::StrFormat(
-            "%.4g req/s needs %d x %s = %d GPUs (%.4g req/s per GPU), more than the %d this "
-            "planner lays out",
-            options.target_rate, chosen_replicas, UnitName(*chosen), chosen_gpus,
-            chosen->goodput_per_gpu, kMaxPlannedGpus);
+            "%.4g req/s needs %s (%.4g req/s per GPU), more than the %d GPUs this planner lays "
+            "out",
+            options.target_rate, need, chosen->goodput_per_gpu, kMaxPlannedGpus);
       } else {
         plan.replicas = static_cast<int32_t>(chosen_replicas);
       }

@@ -240,7 +240,9 @@ TEST_F(PdbenchFakeServerTest, ScriptedLatenciesFailuresAttainmentAndGoodput) {
     EXPECT_EQ(req.max_tokens(), tokens);
     EXPECT_TRUE(req.ignore_eos());
     EXPECT_EQ(req.prompt_token_ids_size(), 16);
-    EXPECT_DOUBLE_EQ(req.ttft_slo_ms(), 80);
+    // What is left of the TTFT target when sent (at most 30 ms late, see below).
+    EXPECT_LE(req.ttft_slo_ms(), 80);
+    EXPECT_GE(req.ttft_slo_ms(), 50);
     EXPECT_DOUBLE_EQ(req.tpot_slo_ms(), 20);
   }
 
@@ -339,6 +341,7 @@ TEST_F(PdbenchFakeServerTest, OpenLoopBoundsCallsInFlight) {
   o.arrivals = ConstantArrivals(20, 6);
   o.request_id_prefix = "bounded";
   o.max_inflight = 2;
+  o.slo = SloTargets{400, -1};
   auto bounded = RunBenchmark(client, Specs(6, 4, 3), o);
   ASSERT_TRUE(bounded.ok());
   EXPECT_EQ(service_.max_inflight(), 2);
@@ -355,11 +358,46 @@ TEST_F(PdbenchFakeServerTest, OpenLoopBoundsCallsInFlight) {
     max_lag = std::max(max_lag, r.SendLagS());
   }
   EXPECT_GT(max_lag, 0.150);
+  // The TTFT hint each carried was what its wait had left of the 400 ms target (1 us for
+  // those it had used up).
+  for (const GenerateRequest& req : service_.requests()) {
+    for (const RequestRecord& r : bounded->records) {
+      if (req.request_id() == absl::StrCat("bounded-", r.index)) {
+        EXPECT_NEAR(req.ttft_slo_ms(), std::max(400 - 1000 * r.SendLagS(), 1e-3), 1e-6) << r.index;
+      }
+    }
+  }
   BenchMetrics m = ComputeMetrics(bounded->records, bounded->duration_s, SloTargets{200, -1});
   EXPECT_LT(m.slo_attainment, 0.7);          // the late ones miss a 200 ms TTFT target
   EXPECT_NEAR(m.tpot_ms.mean, 100, kTolMs);  // the wait is not spread over the tokens
   const std::string csv = RequestsCsv(bounded->records, SloTargets{});
   EXPECT_EQ(csv.rfind("index,ok,error_code,send_s,scheduled_s,ttft_ms,", 0), 0u) << csv;
+}
+
+// --rate inf (every request due at once, the in-flight bound the only pacing) measures from
+// each send, as vLLM does: no late sends, TTFT the server's.
+TEST_F(PdbenchFakeServerTest, BurstLatenciesCountFromTheSend) {
+  ScriptFixed(100, 100);
+  ServingClient client(target_);
+  RunOptions o;
+  o.arrivals = std::vector<double>(6, 0.0);
+  o.burst = true;
+  o.max_inflight = 2;
+  o.slo = SloTargets{150, -1};
+  o.request_id_prefix = "burst";
+  auto result = RunBenchmark(client, Specs(6, 4, 3), o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  EXPECT_EQ(result->late_sends, 0);
+  double last_send = 0;
+  for (const RequestRecord& r : result->records) {
+    EXPECT_TRUE(r.ok);
+    EXPECT_DOUBLE_EQ(r.scheduled_s, r.send_s);
+    EXPECT_NEAR(r.TtftS() * 1000, 100, 3 * kTolMs);
+    last_send = std::max(last_send, r.send_s);
+  }
+  EXPECT_GT(last_send, 0.5);  // the last pair waited for two earlier ones
+  for (const GenerateRequest& req : service_.requests()) EXPECT_DOUBLE_EQ(req.ttft_slo_ms(), 150);
+  EXPECT_EQ(ComputeMetrics(result->records, result->duration_s, o.slo).good, 6);
 }
 
 TEST_F(PdbenchFakeServerTest, RequestsDueButNeverSentBeforeTheDurationCountAsFailed) {
@@ -484,6 +522,14 @@ TEST_F(PdbenchFakeServerTest, ClientInfiniteTimeoutsAndNoProxy) {
     req.set_request_id("infinite-1");
     auto call = client.StartGenerate(req, absl::InfiniteDuration(), GenerateCallbacks{});
     EXPECT_TRUE(call->WaitFor(absl::InfiniteDuration()));
+    // So is a huge finite one (--request-timeout 1e10), which overflowed the same way.
+    req.set_request_id("huge-0");
+    auto huge = client.Generate(req, absl::Seconds(1e10));
+    EXPECT_TRUE(huge.status.ok()) << huge.status.error_message();
+    EXPECT_EQ(huge.messages.size(), 3u);
+    req.set_request_id("huge-1");
+    auto huge_call = client.StartGenerate(req, absl::Seconds(1e10), GenerateCallbacks{});
+    EXPECT_TRUE(huge_call->WaitFor(absl::Seconds(1e10)));
   }
   unsetenv("http_proxy");
   unsetenv("grpc_proxy");

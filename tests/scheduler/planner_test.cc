@@ -93,6 +93,16 @@ TEST(PlannerTest, ReplicatesToCoverARateOrSaysItCannot) {
   ASSERT_TRUE(huge.ok()) << huge.status();
   EXPECT_FALSE(huge->feasible);
   EXPECT_NE(huge->reason.find("more than the 4096"), std::string::npos) << huge->reason;
+  // Rates whose replica count would overflow an integer are refused the same way (1e300 once
+  // wrapped around to one replica and a feasible plan), with a budget or without.
+  for (int gpus : {0, 16}) {
+    o.gpus = gpus;
+    o.target_rate = 1e300;
+    auto absurd = MakePlan(o, m);
+    ASSERT_TRUE(absurd.ok()) << absurd.status();
+    EXPECT_FALSE(absurd->feasible) << gpus;
+    EXPECT_NE(absurd->reason.find("more than 4096 x"), std::string::npos) << absurd->reason;
+  }
 }
 
 // An SLO that no unit meets at any rate is no plan, with or without a target rate, and a plan
