@@ -216,6 +216,9 @@ class NcclSenderPlane final : public transfer_internal::SenderPlane {
     peer->device = device_;
     peer->key = std::random_device{}() | (static_cast<uint64_t>(std::random_device{}()) << 32);
     PDS_ASSIGN_OR_RETURN(const std::string id, device_->NewUniqueId());
+    // The stream first: once both sides have joined, nothing on this side may fail before the
+    // receiver's last reply (a failure after it would leave the receiver's side registered).
+    PDS_ASSIGN_OR_RETURN(peer->stream, device_->CreateStream());
     std::string payload;
     Put(payload, peer->key);
     payload += id;
@@ -238,7 +241,6 @@ class NcclSenderPlane final : public transfer_internal::SenderPlane {
       peer->comm->Abort();
       return WithContext(joined, "the receiver's setup reply");
     }
-    PDS_ASSIGN_OR_RETURN(peer->stream, device_->CreateStream());
     Log()->info("nccl kv sender: communicator with {} set up on {}", address, device_->name());
     return peer;
   }
