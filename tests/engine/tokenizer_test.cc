@@ -92,6 +92,29 @@ TEST_F(ByteLevelTokenizerTest, StreamingDecodeNeverSplitsCharactersAndLosesNothi
   }
 }
 
+// Streaming with skip_special_tokens (the front-end's streamed text): special tokens anywhere
+// in the stream (BOS first, EOS between pieces and last) add no text, the rest is the
+// non-streaming decode's.
+TEST_F(ByteLevelTokenizerTest, StreamingDecodeSkipsSpecialTokens) {
+  ASSERT_TRUE(tok_->IsSpecial(generated_.bos_id));
+  ASSERT_TRUE(tok_->IsSpecial(generated_.eos_id));
+  for (const std::string& s : Samples()) {
+    std::vector<int32_t> ids = tok_->Encode(s);  // BOS first
+    ids.insert(ids.begin() + static_cast<std::ptrdiff_t>(ids.size() / 2), generated_.eos_id);
+    ids.push_back(generated_.eos_id);
+    StreamDecoder stream(*tok_, /*skip_special_tokens=*/true);
+    std::string joined;
+    for (int32_t id : ids) {
+      const std::string piece = stream.Add(id);
+      EXPECT_TRUE(IsValidUtf8(piece)) << s;
+      joined += piece;
+    }
+    joined += stream.Finish();
+    EXPECT_EQ(joined, tok_->Decode(ids, /*skip_special_tokens=*/true)) << s;
+    EXPECT_EQ(joined.find(tok_->Decode({generated_.eos_id})), std::string::npos) << s;
+  }
+}
+
 // A SentencePiece-style BPE (Llama 2 layout): metaspace normalizer, byte fallback, <s>.
 std::string SentencePieceJson() {
   nlohmann::ordered_json vocab;
