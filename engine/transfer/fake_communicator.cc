@@ -1,5 +1,6 @@
 #include "engine/transfer/fake_communicator.h"
 
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
@@ -37,6 +38,7 @@ struct FakeCommWorld::State {
   };
   std::mutex mu;
   std::condition_variable cv;
+  std::atomic<int> live{0};  // communicators joined and not destroyed
   uint64_t next_id = 0;
   std::map<std::string, std::shared_ptr<Group>> groups;
 };
@@ -48,7 +50,10 @@ class FakeCommunicator final : public Communicator {
   FakeCommunicator(std::shared_ptr<FakeCommWorld::State> state,
                    std::shared_ptr<FakeCommWorld::State::Group> group, int rank,
                    std::atomic<int>* fail_sends)
-      : state_(std::move(state)), group_(std::move(group)), rank_(rank), fail_sends_(fail_sends) {}
+      : state_(std::move(state)), group_(std::move(group)), rank_(rank), fail_sends_(fail_sends) {
+    state_->live.fetch_add(1);
+  }
+  ~FakeCommunicator() override { state_->live.fetch_sub(1); }
 
   int rank() const override { return rank_; }
   int size() const override { return group_->nranks; }
@@ -191,7 +196,10 @@ absl::StatusOr<std::unique_ptr<Communicator>> FakeCommWorld::Join(const std::str
       std::make_unique<FakeCommunicator>(state_, std::move(group), rank, &fail_sends_));
 }
 
+int FakeCommWorld::live() const { return state_->live.load(); }
+
 absl::StatusOr<StreamHandle> FakeCommWorld::CreateStream() {
+  if (delay_skip_.fetch_sub(1) == 0) absl::SleepFor(delay_);
   return static_cast<StreamHandle>(new FakeStream);
 }
 

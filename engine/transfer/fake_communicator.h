@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 
+#include "absl/time/time.h"
 #include "engine/transfer/communicator.h"
 
 namespace pds::engine {
@@ -29,8 +30,15 @@ class FakeCommWorld final : public CommDevice {
 
   // Fault injection: the next `n` sends fail when they run (an asynchronous error).
   void FailSends(int n) { fail_sends_.store(n); }
-  // Communicators joined so far (each rank counts).
+  // Communicators joined so far (each rank counts), and those not yet destroyed.
   int joins() const { return joins_.load(); }
+  int live() const;
+  // Fault injection: after `skip` more CreateStream calls, the next one takes `delay` (a slow
+  // device on one side of a setup).
+  void DelayCreateStream(int skip, absl::Duration delay) {
+    delay_ = delay;
+    delay_skip_.store(skip);
+  }
 
   struct State;
 
@@ -38,6 +46,8 @@ class FakeCommWorld final : public CommDevice {
   std::shared_ptr<State> state_;
   std::atomic<int> fail_sends_{0};
   std::atomic<int> joins_{0};
+  std::atomic<int> delay_skip_{-1};
+  absl::Duration delay_;
 };
 
 }  // namespace pds::engine

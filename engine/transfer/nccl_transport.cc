@@ -1,5 +1,6 @@
 #include "engine/transfer/nccl_transport.h"
 
+#include <atomic>
 #include <chrono>
 #include <map>
 #include <mutex>
@@ -52,6 +53,9 @@ struct Peer {
   StreamHandle stream = nullptr;
   DeviceBuffer staging;  // guarded by mu
   bool broken = false;   // guarded by mu
+  // Receiver: when it was registered, and whether an offer has named it since.
+  absl::Time set_up_at = absl::InfinitePast();
+  std::atomic<bool> offered{false};
 };
 
 // Takes `mu` before `deadline`, polling `stop`.
@@ -338,8 +342,10 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
       return stream.status();
     }
     peer->stream = *stream;
+    DropUnoffered();
     {
       std::lock_guard<std::mutex> lock(mu_);
+      peer->set_up_at = absl::Now();
       peers_[key] = peer;
     }
     Log()->info("nccl kv receiver: communicator {:016x} set up on {}", key, device_->name());
@@ -354,7 +360,11 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
 
   absl::Status Precheck(const std::string& offer_plane_data) override {
     PDS_ASSIGN_OR_RETURN(const uint64_t key, DecodeKey(offer_plane_data));
-    if (Find(key) != nullptr) return absl::OkStatus();
+    if (std::shared_ptr<Peer> peer = Find(key); peer != nullptr) {
+      peer->offered = true;
+      return absl::OkStatus();
+    }
+    DropUnoffered();
     return absl::AbortedError(absl::StrCat("no communicator ", absl::Hex(key, absl::kZeroPad16),
                                            " with the sender here (restarted, or dropped after "
                                            "a failed transfer)"));
@@ -464,6 +474,31 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
     std::lock_guard<std::mutex> lock(mu_);
     auto it = peers_.find(key);
     if (it != peers_.end() && it->second == peer) peers_.erase(it);
+  }
+
+  // Drops the communicators no offer has named within twice the setup timeout of their setup.
+  // A sender offers at once after its setup succeeds; one whose setup deadline passed after
+  // both sides joined (before this side's last reply reached it) gave its side up and never
+  // will, and nothing else would free this side's communicator and stream.
+  void DropUnoffered() {
+    std::vector<std::shared_ptr<Peer>> dropped;
+    {
+      const absl::Time limit = absl::Now() - 2 * options_.setup_timeout;
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto it = peers_.begin(); it != peers_.end();) {
+        if (!it->second->offered.load() && it->second->set_up_at < limit) {
+          dropped.push_back(std::move(it->second));
+          it = peers_.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (const std::shared_ptr<Peer>& peer : dropped) {
+      Log()->warn("nccl kv receiver: dropping communicator {:016x}: no offer since its setup",
+                  peer->key);
+      peer->comm->Abort();
+    }
   }
 
   const std::shared_ptr<CommDevice> device_;

@@ -445,6 +445,34 @@ TEST_F(NcclFakeTransportTest, ReceiverRestartedOnTheSameAddressGetsANewCommunica
   EXPECT_EQ(world_->joins(), 4);
 }
 
+// A sender whose setup deadline passes after both sides joined (the receiver's stream is slow
+// to come) gives its side up; the receiver's side, which no offer will ever name, is dropped at
+// the receiver's next setup or offer once twice the setup timeout has passed, not kept (with
+// its stream) until the receiver restarts.
+TEST_F(NcclFakeTransportTest, CommunicatorsTheSenderGaveUpAreDropped) {
+  receiver_->Shutdown();
+  DeviceKvTransportOptions options;
+  options.idle_timeout = absl::Seconds(5);
+  options.setup_timeout = absl::Milliseconds(200);
+  auto receiver = StartNcclKvReceiver("127.0.0.1", 0, &sink_, world_, dst_.layout, options);
+  ASSERT_TRUE(receiver.ok()) << receiver.status();
+  receiver_ = *std::move(receiver);
+  sender_ = CreateNcclKvSender(world_, src_.layout, options);
+  // The sender's stream comes at once, the receiver's (after the join) 400 ms later.
+  world_->DelayCreateStream(/*skip=*/1, absl::Milliseconds(400));
+  sink_.plan["a"] = {1};
+  Source a({4});
+  Send("a", a, 1).status().IgnoreError();  // gave up, or set up again and sent
+  EXPECT_GE(world_->joins(), 2);
+  absl::SleepFor(absl::Milliseconds(900));
+  sink_.plan["b"] = {2};
+  Source b({5});
+  auto sent = Send("b", b, 1);
+  ASSERT_TRUE(sent.ok()) << sent.status();
+  ExpectCopied({5}, {2});
+  EXPECT_EQ(world_->live(), 2) << "only the pair in use is left";
+}
+
 TEST_F(NcclFakeTransportTest, DeadlineDuringTheDataPhase) {
   sink_.plan["slow"] = {1};
   Source source({4});
