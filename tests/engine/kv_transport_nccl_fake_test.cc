@@ -159,13 +159,23 @@ class NcclFakeTransportTest : public ::testing::Test {
  protected:
   void SetUp() override {
     world_ = std::make_shared<FakeCommWorld>();
+    Start(Options(absl::Seconds(5)));
+  }
+  static DeviceKvTransportOptions Options(absl::Duration setup_timeout) {
     DeviceKvTransportOptions options;
     options.idle_timeout = absl::Seconds(5);
-    options.setup_timeout = absl::Seconds(5);
-    auto receiver = StartNcclKvReceiver("127.0.0.1", 0, &sink_, world_, dst_.layout, options);
+    options.setup_timeout = setup_timeout;
+    return options;
+  }
+  // A receiver on `port` (0: ephemeral) and, unless `keep_sender`, a new sender, both with
+  // `options`, in world_.
+  void Start(const DeviceKvTransportOptions& options, int port = 0, bool keep_sender = false) {
+    if (receiver_) receiver_->Shutdown();
+    receiver_.reset();
+    auto receiver = StartNcclKvReceiver("127.0.0.1", port, &sink_, world_, dst_.layout, options);
     ASSERT_TRUE(receiver.ok()) << receiver.status();
     receiver_ = *std::move(receiver);
-    sender_ = CreateNcclKvSender(world_, src_.layout, options);
+    if (!keep_sender) sender_ = CreateNcclKvSender(world_, src_.layout, options);
   }
   void TearDown() override {
     if (receiver_) receiver_->Shutdown();
@@ -423,14 +433,7 @@ TEST_F(NcclFakeTransportTest, ReceiverRestartedOnTheSameAddressGetsANewCommunica
   ASSERT_TRUE(Send("a", a, 1).ok());
   const std::string address = receiver_->address();
   const int port = std::stoi(address.substr(address.rfind(':') + 1));
-  receiver_->Shutdown();
-  receiver_.reset();
-  DeviceKvTransportOptions options;
-  options.idle_timeout = absl::Seconds(5);
-  options.setup_timeout = absl::Seconds(5);
-  auto restarted = StartNcclKvReceiver("127.0.0.1", port, &sink_, world_, dst_.layout, options);
-  ASSERT_TRUE(restarted.ok()) << restarted.status();
-  receiver_ = *std::move(restarted);
+  ASSERT_NO_FATAL_FAILURE(Start(Options(absl::Seconds(5)), port, /*keep_sender=*/true));
   for (const char* id : {"b", "c"}) {
     sink_.plan[id] = {2, 9};
     Source s({5, 11});
@@ -450,14 +453,7 @@ TEST_F(NcclFakeTransportTest, ReceiverRestartedOnTheSameAddressGetsANewCommunica
 // the receiver's next setup or offer once twice the setup timeout has passed, not kept (with
 // its stream) until the receiver restarts.
 TEST_F(NcclFakeTransportTest, CommunicatorsTheSenderGaveUpAreDropped) {
-  receiver_->Shutdown();
-  DeviceKvTransportOptions options;
-  options.idle_timeout = absl::Seconds(5);
-  options.setup_timeout = absl::Milliseconds(200);
-  auto receiver = StartNcclKvReceiver("127.0.0.1", 0, &sink_, world_, dst_.layout, options);
-  ASSERT_TRUE(receiver.ok()) << receiver.status();
-  receiver_ = *std::move(receiver);
-  sender_ = CreateNcclKvSender(world_, src_.layout, options);
+  ASSERT_NO_FATAL_FAILURE(Start(Options(absl::Milliseconds(200))));
   // The sender's stream comes at once, the receiver's (after the join) 400 ms later.
   world_->DelayCreateStream(/*skip=*/1, absl::Milliseconds(400));
   sink_.plan["a"] = {1};

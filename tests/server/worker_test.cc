@@ -79,6 +79,13 @@ struct TestWorker {
     }
     return false;
   }
+  // Sends `source` as the KV of `num_tokens` positions of request `id` into this worker.
+  absl::Status SendKv(const std::string& id, int32_t num_tokens, engine::KvSource& source) {
+    return engine::CreateTcpKvSender()
+        ->Send(worker->kv_address(), Header(id, num_tokens), source,
+               absl::Now() + absl::Seconds(30))
+        .status();
+  }
   // A transfer header for `num_tokens` positions that fits this worker's cache.
   engine::KvTransferHeader Header(const std::string& id, int32_t num_tokens) const {
     engine::KvTransferHeader h;
@@ -283,11 +290,7 @@ TEST(WorkerTest, FailedPrefillStepDoesNotRunItsHandedOffPromptsAgain) {
   // q keeps the decode loop in 600 ms steps.
   auto q = RegisterDecode(*decode, Work("q", 8, 40));
   GatedSource q_source;
-  auto sender = engine::CreateTcpKvSender();
-  ASSERT_TRUE(sender
-                  ->Send(decode->worker->kv_address(), decode->Header("q", 8), q_source,
-                         absl::Now() + absl::Seconds(30))
-                  .ok());
+  ASSERT_TRUE(decode->SendKv("q", 8, q_source).ok());
   decode->backend.delay_ms = 300;
   absl::SleepFor(absl::Milliseconds(50));
   auto p_decode = RegisterDecode(*decode, Work("p", 30, 4));
@@ -451,11 +454,7 @@ TEST(WorkerTest, DecodeRefusesAPromptItsCacheCanNeverHold) {
   // One that fits is accepted and served.
   auto fits = RegisterDecode(*w, Work("fits", 40, 3));
   GatedSource source;
-  auto sender = engine::CreateTcpKvSender();
-  ASSERT_TRUE(sender
-                  ->Send(w->worker->kv_address(), w->Header("fits", 40), source,
-                         absl::Now() + absl::Seconds(30))
-                  .ok());
+  ASSERT_TRUE(w->SendKv("fits", 40, source).ok());
   EXPECT_TRUE(fits->Drain().ok());
 }
 
