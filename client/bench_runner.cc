@@ -125,8 +125,10 @@ GenerateRequest MakeGenerateRequest(const RequestSpec& spec, int64_t index,
   req.set_ignore_eos(true);
   if (options.temperature) req.set_temperature(*options.temperature);
   if (options.send_slo) {
-    if (options.slo.ttft_ms >= 0) {
+    if (options.slo.ttft_ms > 0) {
       req.set_ttft_slo_ms(std::max(options.slo.ttft_ms - 1000 * std::max(lag_s, 0.0), 1e-3));
+    } else if (options.slo.ttft_ms == 0) {
+      req.set_ttft_slo_ms(0);  // the server's "no target"
     }
     if (options.slo.tpot_ms >= 0) req.set_tpot_slo_ms(options.slo.tpot_ms);
   }

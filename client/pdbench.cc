@@ -505,7 +505,6 @@ class Pdbench {
     RunOptions& o = plan.options;
     o.duration_s = c_.duration_s;
     o.max_inflight = c_.max_concurrency;
-    o.burst = std::isinf(rate);
     o.request_timeout_s = c_.request_timeout_s;
     o.slo = c_.slo;
     o.send_slo = c_.send_slo;
@@ -538,6 +537,7 @@ class Pdbench {
     int64_t n = c_.num_requests > 0 ? c_.num_requests : (c_.duration_s > 0 ? -1 : 200);
     if (std::isinf(rate)) {
       o.arrivals.assign(n, 0.0);
+      o.burst = true;  // (a trace keeps its arrival times, whatever --rate says)
     } else {
       ArrivalOptions a;
       a.kind = c_.arrival;

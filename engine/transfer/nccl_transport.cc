@@ -360,9 +360,13 @@ class NcclReceiverPlane final : public transfer_internal::ReceiverPlane {
 
   absl::Status Precheck(const std::string& offer_plane_data) override {
     PDS_ASSIGN_OR_RETURN(const uint64_t key, DecodeKey(offer_plane_data));
-    if (std::shared_ptr<Peer> peer = Find(key); peer != nullptr) {
-      peer->offered = true;
-      return absl::OkStatus();
+    {
+      // Marked under the lock DropUnoffered takes, so that it never drops a peer found here.
+      std::lock_guard<std::mutex> lock(mu_);
+      if (auto it = peers_.find(key); it != peers_.end()) {
+        it->second->offered = true;
+        return absl::OkStatus();
+      }
     }
     DropUnoffered();
     return absl::AbortedError(absl::StrCat("no communicator ", absl::Hex(key, absl::kZeroPad16),

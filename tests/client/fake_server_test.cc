@@ -633,6 +633,40 @@ TEST_F(PdbenchFakeServerTest, PdbenchCommandLineWritesReports) {
   EXPECT_EQ(ReadAll(svg).rfind("<svg", 0), 0u);
 }
 
+// A trace replays its own arrival times (pdbench refuses --rate with it): a request the
+// in-flight bound held back counts its wait in TTFT, as at any finite rate.
+TEST_F(PdbenchFakeServerTest, TraceReplayCountsTheWaitOfHeldBackRequests) {
+  ScriptFixed(100, 100);  // 300 ms per request
+  const std::string dir = pds::testing::ScratchDir();
+  const std::string trace = dir + "/held.jsonl", csv = dir + "/held.csv";
+  {
+    std::ofstream out(trace);
+    for (int i = 0; i < 4; ++i) {
+      out << "{\"arrival_time\": " << 0.05 * i
+          << ", \"prompt_token_ids\": [5, 6, 7], \"output_len\": 3}\n";
+    }
+  }
+  ASSERT_EQ(RunPdbench({"--target", target_, "--dataset", "trace", "--dataset-path", trace,
+                        "--max-concurrency", "1", "--quiet", "--csv-out", csv}),
+            0);
+  std::vector<std::string> rows = absl::StrSplit(ReadAll(csv), '\n', absl::SkipEmpty());
+  ASSERT_EQ(rows.size(), 5u);
+  std::vector<std::string> header = absl::StrSplit(rows[0], ',');
+  auto column = [&](const std::string& name) {
+    return std::find(header.begin(), header.end(), name) - header.begin();
+  };
+  for (size_t r = 1; r < rows.size(); ++r) {
+    std::vector<std::string> f = absl::StrSplit(rows[r], ',');
+    double send = 0, scheduled = 0, ttft = 0;
+    ASSERT_TRUE(absl::SimpleAtod(f[column("send_s")], &send));
+    ASSERT_TRUE(absl::SimpleAtod(f[column("scheduled_s")], &scheduled));
+    ASSERT_TRUE(absl::SimpleAtod(f[column("ttft_ms")], &ttft));
+    EXPECT_NEAR(scheduled, 0.05 * (std::stoi(f[column("index")])), 1e-9) << rows[r];
+    EXPECT_NEAR(ttft, 1000 * (send - scheduled) + 100, 3 * kTolMs) << rows[r];
+    if (r == rows.size() - 1) EXPECT_GT(send - scheduled, 0.5) << rows[r];
+  }
+}
+
 TEST(PdbenchCliTest, UnreachableTargetAndBadArguments) {
   // Nothing listens on port 1 of the loopback address.
   EXPECT_EQ(RunPdbench({"--target", "127.0.0.1:1", "--connect-timeout", "0.5", "--quiet"}), 1);

@@ -453,14 +453,14 @@ TEST_F(NcclFakeTransportTest, ReceiverRestartedOnTheSameAddressGetsANewCommunica
 // the receiver's next setup or offer once twice the setup timeout has passed, not kept (with
 // its stream) until the receiver restarts.
 TEST_F(NcclFakeTransportTest, CommunicatorsTheSenderGaveUpAreDropped) {
-  ASSERT_NO_FATAL_FAILURE(Start(Options(absl::Milliseconds(200))));
-  // The sender's stream comes at once, the receiver's (after the join) 400 ms later.
-  world_->DelayCreateStream(/*skip=*/1, absl::Milliseconds(400));
+  ASSERT_NO_FATAL_FAILURE(Start(Options(absl::Seconds(1))));
+  // The sender's stream comes at once, the receiver's (after the join) 2 s later.
+  world_->DelayCreateStream(/*skip=*/1, absl::Seconds(2));
   sink_.plan["a"] = {1};
   Source a({4});
   Send("a", a, 1).status().IgnoreError();  // gave up, or set up again and sent
   EXPECT_GE(world_->joins(), 2);
-  absl::SleepFor(absl::Milliseconds(900));
+  absl::SleepFor(absl::Milliseconds(3500));  // past twice the setup timeout since its setup
   sink_.plan["b"] = {2};
   Source b({5});
   auto sent = Send("b", b, 1);
