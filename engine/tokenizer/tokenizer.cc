@@ -87,17 +87,21 @@ class Fields {
   absl::StatusOr<const json*> Array(const json& obj, absl::string_view where,
                                     const char* key) const {
     static const json* const empty = new json(json::array());
-    auto it = obj.find(key);
-    if (it == obj.end()) return empty;
-    if (!it->is_array()) return WrongType(where, key, "an array", *it);
-    return &*it;
+    return Container(obj, where, key, *empty);
   }
   absl::StatusOr<const json*> Object(const json& obj, absl::string_view where,
                                      const char* key) const {
     static const json* const empty = new json(json::object());
+    return Container(obj, where, key, *empty);
+  }
+  // obj[key] where it has the type of `empty` (an array or an object), else `empty`.
+  absl::StatusOr<const json*> Container(const json& obj, absl::string_view where, const char* key,
+                                        const json& empty) const {
     auto it = obj.find(key);
-    if (it == obj.end()) return empty;
-    if (!it->is_object()) return WrongType(where, key, "an object", *it);
+    if (it == obj.end()) return &empty;
+    if (it->type() != empty.type()) {
+      return WrongType(where, key, empty.is_array() ? "an array" : "an object", *it);
+    }
     return &*it;
   }
 
