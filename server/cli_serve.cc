@@ -89,6 +89,25 @@ absl::StatusOr<double> StepTimeScale(const CliArgs& args) {
   return scale;
 }
 
+// --drain-timeout-s: how long a SIGTERM'd process finishes the requests it holds.
+absl::StatusOr<absl::Duration> DrainTimeout(const CliArgs& args) {
+  PDS_ASSIGN_OR_RETURN(const double s, args.GetDouble("drain-timeout-s", 30));
+  if (!(s >= 0) || s > 86400) {
+    return absl::InvalidArgumentError("--drain-timeout-s must be in [0, 86400]");
+  }
+  return absl::Seconds(s);
+}
+
+// A positive number of seconds from `flag` (default `fallback`).
+absl::StatusOr<absl::Duration> PositiveSeconds(const CliArgs& args, const char* flag,
+                                               double fallback) {
+  PDS_ASSIGN_OR_RETURN(const double s, args.GetDouble(flag, fallback));
+  if (!(s > 0) || s > 1e9) {
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be positive"));
+  }
+  return absl::Seconds(s);
+}
+
 absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
   BlockTerminationSignals();
   PDS_ASSIGN_OR_RETURN(LoadedModel loaded, LoadModelFromArgs(args));
@@ -96,8 +115,11 @@ absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
   o.role = role;
   o.id = args.GetString("id");
   o.host = args.GetString("host", "127.0.0.1");
+  o.advertise_host = args.GetString("advertise-host");
   PDS_ASSIGN_OR_RETURN(int64_t port, args.GetInt("port", 0));
   PDS_ASSIGN_OR_RETURN(int64_t kv_port, args.GetInt("kv-port", 0));
+  PDS_ASSIGN_OR_RETURN(const absl::Duration drain_timeout, DrainTimeout(args));
+  PDS_ASSIGN_OR_RETURN(o.stall_timeout, PositiveSeconds(args, "stall-timeout-s", 60));
   PDS_ASSIGN_OR_RETURN(int64_t max_queued, args.GetInt("max-queued", 256));
   o.port = static_cast<int>(port);
   o.kv_port = static_cast<int>(kv_port);
@@ -125,7 +147,12 @@ absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
   }
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<Worker> worker, Worker::Start(*loaded.model, o));
   const int sig = WaitForTerminationSignal();
-  pds::Logger("worker")->info("{}: signal {}, shutting down", worker->id(), sig);
+  auto log = pds::Logger("worker");
+  log->info("{}: signal {}, draining (up to {})", worker->id(), sig,
+            absl::FormatDuration(drain_timeout));
+  if (!DrainUntil([&](absl::Duration slice) { return worker->Drain(slice); }, drain_timeout)) {
+    log->warn("{}: not drained; requests still held fail with UNAVAILABLE", worker->id());
+  }
   worker->Shutdown();
   return absl::OkStatus();
 }
@@ -134,8 +161,17 @@ std::vector<FlagSpec> WorkerFlagSpecs() {
   std::vector<FlagSpec> specs = ModelFlagSpecs();
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
   specs.push_back({"id", false, "instance id, unique in the cluster (default <role>-<port>)"});
-  specs.push_back({"host", false, "address to listen on (default 127.0.0.1)"});
+  specs.push_back({"host", false, "address to listen on (default 127.0.0.1; 0.0.0.0: all)"});
+  specs.push_back({"advertise-host", false,
+                   "the address the front-end and other workers reach this worker at "
+                   "(default --host; needed when --host is 0.0.0.0, e.g. the pod IP)"});
   specs.push_back({"port", false, "gRPC port (default 0: any free port)"});
+  specs.push_back({"drain-timeout-s", false,
+                   "on SIGTERM, finish the requests held for up to this long while refusing new "
+                   "ones (default 30; a second signal stops at once)"});
+  specs.push_back({"stall-timeout-s", false,
+                   "report not live (gRPC health) when the engine loop has not moved for this "
+                   "long (default 60)"});
   specs.push_back({"kv-port", false, "decode: KV transport port (default 0: any free port)"});
   specs.push_back({"frontend", false, "front-end host:port to register with"});
   specs.push_back({"kv-transport", false,
@@ -189,6 +225,8 @@ std::string DescribeExit(int status) {
 
 class Cluster {
  public:
+  // Children get `grace` after SIGTERM (their drain) before SIGKILL.
+  explicit Cluster(absl::Duration grace) : grace_(grace) {}
   ~Cluster() { Stop(); }
 
   absl::Status Add(const std::string& name, const std::vector<std::string>& argv) {
@@ -211,12 +249,12 @@ class Cluster {
     return "";
   }
 
-  // SIGTERM to workers first, then the front-end (the first child); SIGKILL after 10 s.
+  // SIGTERM to workers first, then the front-end (the first child); SIGKILL after the grace.
   void Stop() {
     for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
       if (it->pid > 0) kill(it->pid, SIGTERM);
     }
-    const absl::Time deadline = absl::Now() + absl::Seconds(10);
+    const absl::Time deadline = absl::Now() + grace_;
     for (Child& c : children_) {
       while (c.pid > 0) {
         int status = 0;
@@ -224,7 +262,8 @@ class Cluster {
         if (r == c.pid || r < 0) {
           c.pid = -1;
         } else if (absl::Now() > deadline) {
-          std::fprintf(stderr, "pdserve up: %s did not stop in 10 s; killing it\n", c.name.c_str());
+          std::fprintf(stderr, "pdserve up: %s did not stop in %s; killing it\n", c.name.c_str(),
+                       absl::FormatDuration(grace_).c_str());
           kill(c.pid, SIGKILL);
           waitpid(c.pid, &status, 0);
           c.pid = -1;
@@ -236,6 +275,7 @@ class Cluster {
   }
 
  private:
+  const absl::Duration grace_;
   std::vector<Child> children_;
 };
 
@@ -343,7 +383,13 @@ absl::Status RunUp(const CliArgs& args) {
       (std::filesystem::temp_directory_path() / absl::StrCat("pdserve-up-", getpid(), ".port"))
           .string();
   std::filesystem::remove(port_file);
-  Cluster cluster;
+  // Every process finishes its requests for up to --drain-timeout-s once stopped.
+  PDS_ASSIGN_OR_RETURN(const double drain_s, args.GetDouble("drain-timeout-s", 5));
+  if (!(drain_s >= 0) || drain_s > 3600) {
+    return absl::InvalidArgumentError("--drain-timeout-s must be in [0, 3600]");
+  }
+  const std::vector<std::string> drain_flag = {"--drain-timeout-s", absl::StrCat(drain_s)};
+  Cluster cluster(absl::Seconds(drain_s) + absl::Seconds(10));
   // SIGINT/SIGTERM while the cluster starts is a request to stop, as after start-up: the
   // processes started so far are stopped and `up` exits 0.
   auto stop_during_start_up = [&](int sig) {
@@ -365,6 +411,7 @@ absl::Status RunUp(const CliArgs& args) {
   }
   if (args.Has("best-effort")) fe.push_back("--best-effort");
   fe.insert(fe.end(), plan_fe_flags.begin(), plan_fe_flags.end());
+  fe.insert(fe.end(), drain_flag.begin(), drain_flag.end());
   PDS_RETURN_IF_ERROR(cluster.Add("frontend", fe));
 
   // The front-end writes its port once it listens.
@@ -396,6 +443,7 @@ absl::Status RunUp(const CliArgs& args) {
                                      "--frontend", address,
                                      "--backend",  backend,
                                      "--threads",  absl::StrCat(threads)};
+    argv.insert(argv.end(), drain_flag.begin(), drain_flag.end());
     if (pin) {
       std::vector<int> cpus;
       for (int64_t t = 0; t < std::max<int64_t>(1, threads); ++t) {
@@ -512,18 +560,20 @@ absl::Status RunFrontend(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(o.default_ttft_slo_ms, args.GetDouble("slo-ttft-ms", 0));
   PDS_ASSIGN_OR_RETURN(o.default_tpot_slo_ms, args.GetDouble("slo-tpot-ms", 0));
   o.best_effort = args.GetBool("best-effort");
-  PDS_ASSIGN_OR_RETURN(const double stall_s, args.GetDouble("worker-stall-timeout-s", 60));
-  if (!(stall_s > 0)) {
-    return absl::InvalidArgumentError("--worker-stall-timeout-s must be positive");
-  }
-  o.worker_stall_timeout = absl::Seconds(stall_s);
+  PDS_ASSIGN_OR_RETURN(o.worker_stall_timeout, PositiveSeconds(args, "worker-stall-timeout-s", 60));
+  PDS_ASSIGN_OR_RETURN(o.forget_worker_after, PositiveSeconds(args, "forget-worker-after-s", 300));
+  PDS_ASSIGN_OR_RETURN(const absl::Duration drain_timeout, DrainTimeout(args));
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<Frontend> frontend, Frontend::Start(o));
   if (args.Has("port-file")) {
     PDS_RETURN_IF_ERROR(
         WriteFileAtomically(args.GetString("port-file"), absl::StrCat(frontend->port(), "\n")));
   }
   const int sig = WaitForTerminationSignal();
-  pds::Logger("frontend")->info("signal {}, shutting down", sig);
+  auto log = pds::Logger("frontend");
+  log->info("signal {}, draining (up to {})", sig, absl::FormatDuration(drain_timeout));
+  if (!DrainUntil([&](absl::Duration slice) { return frontend->Drain(slice); }, drain_timeout)) {
+    log->warn("not drained; requests still in flight are cancelled");
+  }
   frontend->Shutdown();
   return absl::OkStatus();
 }
@@ -536,8 +586,14 @@ int FrontendMain(int argc, char** argv) {
       "--model DIR [--port P] [--host H]\n"
       "The public gRPC API (pdserve.v1.Serving) and the workers' registry.",
       {{"model", false, "model directory (config and tokenizer are read)"},
-       {"host", false, "address to listen on (default 127.0.0.1)"},
+       {"host", false, "address to listen on (default 127.0.0.1; 0.0.0.0: all)"},
        {"port", false, "port (default 8000; 0: any free port)"},
+       {"drain-timeout-s", false,
+        "on SIGTERM, finish the requests in flight for up to this long while refusing new "
+        "ones (default 30; a second signal stops at once)"},
+       {"forget-worker-after-s", false,
+        "drop a worker from the cluster once it has been unreachable and idle this long "
+        "(default 300)"},
        {"port-file", false, "write the bound port to this file"},
        {"policy", false,
         "dispatch policy: least-loaded (default) or slo-aware (default "
@@ -592,6 +648,8 @@ int UpMain(int argc, char** argv) {
        "front-end: a worker whose engine loop has not moved for this long gets no new "
        "requests (default 60)"},
       {"max-queued", false, "each worker: requests queued beyond its batch (default 256)"},
+      {"drain-timeout-s", false,
+       "on SIGINT/SIGTERM, every process finishes its requests for up to this long (default 5)"},
   };
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
   return SubcommandMain(argc, argv, "up",

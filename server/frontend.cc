@@ -19,6 +19,7 @@
 #include "engine/model/config.h"
 #include "engine/runtime/sampling_params.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "grpcpp/health_check_service_interface.h"
 #include "pdserve/internal/control.grpc.pb.h"
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "scheduler/dispatch_policy.h"
@@ -33,6 +34,11 @@ using scheduler::InstanceRole;
 
 namespace {
 
+// The health-service name whose status says the front-end can serve requests (readiness).
+constexpr char kServingService[] = "pdserve.v1.Serving";
+// How many times a request refused before starting is placed again.
+constexpr int kMaxRedispatches = 2;
+
 grpc::Status Invalid(const std::string& message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
 }
@@ -44,6 +50,7 @@ struct Instance {
   std::string kv_address;
   std::shared_ptr<pb::Worker::Stub> stub;  // replaced on re-registration: copy under mu_
   bool healthy = false;
+  bool draining = false;  // it said so: no new requests
   int failures = 0;
   absl::Time last_seen = absl::InfinitePast();
   pb::WorkerStatus status;
@@ -52,11 +59,12 @@ struct Instance {
   int32_t promised_blocks = 0;              // decode: hand-offs placed here, KV not yet in
   int32_t decoding = 0;                     // requests decoding here
   int64_t decode_context = 0;               // their estimated context tokens
+  int32_t bookings = 0;                     // live Bookings naming it: not to be forgotten
 };
 
 // One request's share of the instances' bookkeeping: queued for prefill (and promised KV
 // blocks on its decode instance), then decoding; whatever is left is removed when it ends.
-// Instances are never erased, so the pointers stay valid.
+// An instance is erased only when no Booking names it, so the pointers stay valid.
 class Booking {
  public:
   // Called with `mu` held.
@@ -64,10 +72,16 @@ class Booking {
           int32_t blocks, int64_t context)
       : mu_(mu), prefill_(prefill), decode_(decode), seq_(seq), blocks_(blocks), context_(context) {
     prefill_->queued_lens[seq_] = prompt_len;
-    if (decode_ != nullptr) decode_->promised_blocks += blocks_;
+    ++prefill_->bookings;
+    if (decode_ != nullptr) {
+      decode_->promised_blocks += blocks_;
+      ++decode_->bookings;
+    }
   }
   ~Booking() {
     std::lock_guard<std::mutex> lock(mu_);
+    --prefill_->bookings;
+    if (decode_ != nullptr) --decode_->bookings;
     if (queued_) prefill_->queued_lens.erase(seq_);
     if (promised()) decode_->promised_blocks -= blocks_;
     if (decoding_on_ != nullptr) {
@@ -173,6 +187,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
                                                   {static_cast<api::Serving::Service*>(this),
                                                    static_cast<pb::Registry::Service*>(this)},
                                                   &port_));
+    if (auto* health = server_->GetHealthCheckService()) {
+      health->SetServingStatus(kServingService, false);  // until workers are in
+    }
     health_ = std::thread([this] { HealthLoop(); });
     monitor_ = std::thread([this] { MonitorLoop(); });
     log_->info("front-end for {} serving on {} (policy {})", model_name_, address(),
@@ -182,6 +199,17 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
 
   std::string address() const { return absl::StrCat(options_.host, ":", port_); }
   int port() const { return port_; }
+
+  bool Drain(absl::Duration timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!draining_) {
+      draining_ = true;
+      log_->info("draining: {} requests in flight", in_flight_.size());
+      SetReady(false);
+    }
+    return in_flight_cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout),
+                                  [&] { return in_flight_.empty(); });
+  }
 
   void Shutdown() {
     if (shut_down_.exchange(true)) return;
@@ -221,6 +249,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     }
     std::lock_guard<std::mutex> lock(mu_);
     auto& slot = instances_[request->id()];
+    if (slot != nullptr && request->draining() && !slot->draining) {
+      log_->info("{} is draining", request->id());
+    }
     if (slot == nullptr || slot->address != request->address() ||
         slot->kv_address != request->kv_address()) {
       const bool replaced = slot != nullptr;
@@ -245,6 +276,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       log_->info("{} {} ({} at {})", replaced ? "re-registered" : "registered", request->id(),
                  request->role(), request->address());
     }
+    slot->draining = request->draining();
     slot->last_seen = absl::Now();
     response->set_accepted(true);
     return grpc::Status::OK;
@@ -279,6 +311,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       s->set_engine_busy_s(inst->status.engine_busy_s());
       s->set_engine_step_tokens(inst->status.engine_step_tokens());
       s->set_max_batch_size(inst->status.max_batch_size());
+      s->set_draining(inst->draining);
     }
     status->set_requests_in_flight(static_cast<int32_t>(in_flight_.size()));
     status->set_requests_finished(finished_);
@@ -287,6 +320,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     status->set_requests_failed(failed_);
     status->set_requests_refused_slo(refused_slo_);
     status->set_requests_best_effort(best_effort_);
+    status->set_requests_redispatched(redispatched_);
     return grpc::Status::OK;
   }
 
@@ -323,6 +357,11 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       if (in_flight_.count(work.request_id())) {
         ++rejected_;
         return Invalid(absl::StrCat("request id '", work.request_id(), "' is already in flight"));
+      }
+      if (draining_) {
+        ++rejected_;
+        return grpc::Status(grpc::StatusCode::UNAVAILABLE,
+                            "the front-end is shutting down; send the request to another");
       }
       if (static_cast<int>(in_flight_.size()) >= options_.max_in_flight) {
         ++rejected_;
@@ -463,7 +502,27 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   }
 
   // Places the request and relays it; undoes the bookkeeping however it ends.
+  // A worker that refuses a request before starting it (draining, gone: UNAVAILABLE with no
+  // event) has done nothing the client saw: the request is placed again, elsewhere (the
+  // refusing worker counts as unhealthy until its next health check), a bounded number of times.
   grpc::Status Run(Relay& relay) {
+    for (int attempt = 0;; ++attempt) {
+      std::string refused_by;
+      grpc::Status s = RunOnce(relay, &refused_by);
+      if (refused_by.empty() || attempt == kMaxRedispatches || relay.tracked.IsCancelled() ||
+          relay.tracked.server_context->IsCancelled()) {
+        return s;
+      }
+      std::lock_guard<std::mutex> lock(mu_);
+      ++redispatched_;
+      // The workers see a new call id: the refusing side may still hold the old one a moment.
+      relay.work.set_request_id(absl::StrCat(relay.tracked.id, "#", next_call_++));
+      log_->info("{} refused {} before starting it ({}); placing it again", refused_by,
+                 relay.tracked.id, s.error_message());
+    }
+  }
+
+  grpc::Status RunOnce(Relay& relay, std::string* refused_by) {
     const int32_t prompt_len = relay.work.prompt_token_ids_size();
     scheduler::Placement placement;
     Instance* prefill = nullptr;
@@ -476,7 +535,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         scheduler::InstanceLoad l;
         l.id = id;
         l.role = inst->role;
-        l.healthy = inst->healthy;
+        l.healthy = inst->healthy && !inst->draining;
         for (const auto& [seq, len] : inst->queued_lens) {
           l.queued_prompt_lens.push_back(len);
           l.queued_prompt_tokens += len;
@@ -524,9 +583,22 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     relay.timeline.set_best_effort(placement.best_effort);
     relay.work.set_best_effort(placement.best_effort);  // workers plan it after the others
     relay.timeline.set_queued_us(NowUs());
-    return decode == nullptr
-               ? RunColocated(relay, *prefill, prefill_done)
-               : RunDisaggregated(relay, *prefill, *decode, prefill_done, decode_started);
+    Instance* refused = nullptr;
+    grpc::Status s = decode == nullptr ? RunColocated(relay, *prefill, prefill_done, &refused)
+                                       : RunDisaggregated(relay, *prefill, *decode, prefill_done,
+                                                          decode_started, &refused);
+    if (refused != nullptr) {  // (its booking, still alive, keeps it from being forgotten)
+      std::lock_guard<std::mutex> lock(mu_);
+      refused->healthy = false;
+      *refused_by = refused->id;
+    }
+    return s;
+  }
+
+  // Whether a worker call that ended with `s` before any event was refused without being
+  // started (a draining or unreachable worker): the request may go elsewhere.
+  static bool RefusedBeforeStart(const grpc::Status& s) {
+    return s.error_code() == grpc::StatusCode::UNAVAILABLE;
   }
 
   // Sends tokens of a worker event to the client; `done` when the request ended.
@@ -606,13 +678,16 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
   }
 
+  // `refused` is set to the instance that refused the request before starting it.
   template <typename F>
-  grpc::Status RunColocated(Relay& relay, Instance& inst, F&& prefill_done) {
+  grpc::Status RunColocated(Relay& relay, Instance& inst, F&& prefill_done, Instance** refused) {
     Call call(relay.tracked, relay.work.deadline_unix_us());
     auto stream = StubOf(inst)->Generate(&call.context, relay.work);
     pb::WorkEvent event;
     bool done = false;
+    bool any = false;
     while (!done && stream->Read(&event)) {
+      any = true;
       MergeTimeline(relay.timeline, event);
       prefill_done();
       if (!Forward(relay, event, &done)) {
@@ -623,21 +698,26 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     }
     grpc::Status s = stream->Finish();
     if (done) return grpc::Status::OK;
+    if (!any && RefusedBeforeStart(s)) *refused = &inst;
     return WorkerError(inst, s, relay);
   }
 
   template <typename F, typename G>
   grpc::Status RunDisaggregated(Relay& relay, Instance& prefill, Instance& decode, F&& prefill_done,
-                                G&& decode_started) {
+                                G&& decode_started, Instance** refused) {
     // The decode worker first takes the request (it answers ACCEPTED without waiting for its
     // engine step; the registration runs on its loop before any KV offer), so the KV hand-off
     // finds it.
     Call dcall(relay.tracked, relay.work.deadline_unix_us());
     auto dstream = StubOf(decode)->Decode(&dcall.context, relay.work);
     pb::WorkEvent event;
-    if (!dstream->Read(&event) || event.kind() != pb::WorkEvent::ACCEPTED) {
-      return WorkerError(decode, dstream->Finish(), relay);
+    if (!dstream->Read(&event)) {
+      grpc::Status ds = dstream->Finish();
+      if (RefusedBeforeStart(ds)) *refused = &decode;
+      return WorkerError(decode, ds, relay);
     }
+    if (event.kind() != pb::WorkEvent::ACCEPTED)
+      return WorkerError(decode, dstream->Finish(), relay);
     pb::WorkRequest work = relay.work;
     work.set_decode_instance(decode.id);
     {
@@ -649,7 +729,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       Call pcall(relay.tracked, relay.work.deadline_unix_us());
       auto pstream = StubOf(prefill)->Prefill(&pcall.context, work);
       bool sent = false;
+      bool any = false;
       while (pstream->Read(&event)) {
+        any = true;
         MergeTimeline(relay.timeline, event);
         if (event.kind() == pb::WorkEvent::KV_SENT) {
           sent = true;
@@ -675,6 +757,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         if (!ds.ok() && ds.error_code() != grpc::StatusCode::CANCELLED) {
           return WorkerError(decode, ds, relay);
         }
+        if (!any && RefusedBeforeStart(ps)) *refused = &prefill;
         return WorkerError(prefill, ps, relay);
       }
     }
@@ -728,17 +811,58 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
           inst.healthy = true;
           inst.failures = 0;
           inst.last_seen = absl::Now();
+          inst.draining = status.draining();
           inst.status = std::move(status);
         } else if (++inst.failures >= options_.unhealthy_after_failures && inst.healthy) {
           inst.healthy = false;
           log_->warn("{} is unhealthy: {}", id, s.error_message());
         }
       }
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        ForgetGoneWorkers();
+        SetReady(!draining_ && CanServe());
+      }
       std::unique_lock<std::mutex> lock(stop_mu_);
       if (stop_cv_.wait_for(lock, absl::ToChronoNanoseconds(options_.health_period),
                             [&] { return stopping_; })) {
         return;
       }
+    }
+  }
+
+  // Drops workers unreachable for options_.forget_worker_after with no booking (mu_ held).
+  void ForgetGoneWorkers() {
+    const absl::Time now = absl::Now();
+    for (auto it = instances_.begin(); it != instances_.end();) {
+      const Instance& inst = *it->second;
+      if (!inst.healthy && inst.bookings == 0 &&
+          now - inst.last_seen > options_.forget_worker_after) {
+        log_->info("{} forgotten: unreachable since {} ago", inst.id,
+                   absl::FormatDuration(absl::Trunc(now - inst.last_seen, absl::Milliseconds(1))));
+        it = instances_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+
+  // Whether a request could be placed now: a healthy colocated worker, or a healthy prefill
+  // and a healthy decode worker, none draining (mu_ held).
+  bool CanServe() const {
+    bool prefill = false, decode = false;
+    for (const auto& [id, inst] : instances_) {
+      if (!inst->healthy || inst->draining) continue;
+      if (inst->role == InstanceRole::kColocated) return true;
+      (inst->role == InstanceRole::kPrefill ? prefill : decode) = true;
+    }
+    return prefill && decode;
+  }
+
+  // The readiness status (mu_ held, so that a drain's NOT_SERVING is never overwritten).
+  void SetReady(bool ready) {
+    if (auto* health = server_->GetHealthCheckService()) {
+      health->SetServingStatus(kServingService, ready);
     }
   }
 
@@ -775,7 +899,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   uint64_t next_id_ = 0;
   uint64_t next_call_ = 0;  // suffixes of the ids the workers see
   int64_t finished_ = 0, rejected_ = 0, cancelled_ = 0, failed_ = 0;
-  int64_t refused_slo_ = 0, best_effort_ = 0;
+  int64_t refused_slo_ = 0, best_effort_ = 0, redispatched_ = 0;
+  bool draining_ = false;  // Drain was called: new requests are refused
   uint64_t next_queue_seq_ = 0;
 
   std::mutex stop_mu_;
@@ -800,6 +925,7 @@ absl::StatusOr<std::unique_ptr<Frontend>> Frontend::Start(FrontendOptions option
 
 std::string Frontend::address() const { return impl_->address(); }
 int Frontend::port() const { return impl_->port(); }
+bool Frontend::Drain(absl::Duration timeout) { return impl_->Drain(timeout); }
 void Frontend::Shutdown() {
   if (impl_) impl_->Shutdown();
 }

@@ -2,6 +2,11 @@
 // workers' Registry. It validates and tokenizes requests, tracks every request in flight,
 // asks the dispatch policy (scheduler/) where to run each, relays the prefill and decode
 // workers' streams to the client with text, and health-checks the workers.
+//
+// Its own health (grpc.health.v1, for orchestrators' probes): the overall status ("") is
+// SERVING while the process runs; "pdserve.v1.Serving" is SERVING while it can serve a
+// request (a healthy prefill and decode worker, or a colocated one, none of them draining)
+// and does not drain: the readiness a load balancer routes by.
 #pragma once
 
 #include <memory>
@@ -29,6 +34,9 @@ struct FrontendOptions {
   // A worker whose engine loop has not refreshed its status for this long (a step that does
   // not end: a hung device) is unhealthy, although it still answers: no new requests go to it.
   absl::Duration worker_stall_timeout = absl::Seconds(60);
+  // A worker unreachable (no registration, no status) for this long with no request of its
+  // own in flight is dropped from the cluster (a pod that is gone for good).
+  absl::Duration forget_worker_after = absl::Minutes(5);
 };
 
 class Frontend {
@@ -40,6 +48,10 @@ class Frontend {
 
   std::string address() const;
   int port() const;
+  // Graceful stop, first half: new requests get UNAVAILABLE and the readiness status turns
+  // NOT_SERVING; returns once every request in flight has ended (true) or after `timeout`
+  // (false). Shutdown() does the rest (it cancels what is still in flight).
+  bool Drain(absl::Duration timeout);
   void Shutdown();
 
   class Impl;

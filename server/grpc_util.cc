@@ -1,7 +1,10 @@
 #include "server/grpc_util.h"
 
+#include <pthread.h>
 #include <signal.h>
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -40,6 +43,10 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
   return server;
 }
 
+bool IsWildcardHost(const std::string& host) {
+  return host.empty() || host == "0.0.0.0" || host == "::" || host == "[::]";
+}
+
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) {
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(64 << 20);
@@ -49,12 +56,32 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address) {
   return grpc::CreateCustomChannel(address, grpc::InsecureChannelCredentials(), args);
 }
 
+namespace {
+
+// The thread that waits for termination signals (BlockTerminationSignals' caller).
+std::atomic<pthread_t> signal_waiter;
+
+// Threads that started before BlockTerminationSignals (a BLAS library's pool, created when it
+// is loaded) do not block the signals, and the kernel hands a process-wide signal to any thread
+// that does not: there the default action would kill the process. This handler passes it on to
+// the waiting thread instead, where it stays pending for sigwait/sigtimedwait.
+void PassToWaiter(int sig) { pthread_kill(signal_waiter.load(), sig); }
+
+}  // namespace
+
 void BlockTerminationSignals() {
   sigset_t set;
   sigemptyset(&set);
   sigaddset(&set, SIGINT);
   sigaddset(&set, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  signal_waiter.store(pthread_self());
+  struct sigaction action = {};
+  action.sa_handler = PassToWaiter;
+  sigemptyset(&action.sa_mask);
+  action.sa_flags = SA_RESTART;
+  sigaction(SIGINT, &action, nullptr);
+  sigaction(SIGTERM, &action, nullptr);
   signal(SIGPIPE, SIG_IGN);
 }
 
@@ -67,6 +94,21 @@ int WaitForTerminationSignal() {
   while (sigwait(&set, &sig) != 0) {
   }
   return sig;
+}
+
+bool DrainUntil(const std::function<bool(absl::Duration)>& drain, absl::Duration timeout) {
+  const absl::Time end = absl::Now() + timeout;
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  while (true) {
+    const absl::Duration left = end - absl::Now();
+    if (drain(std::clamp(left, absl::ZeroDuration(), absl::Milliseconds(100)))) return true;
+    if (absl::Now() >= end) return false;
+    const timespec now = {0, 0};
+    if (sigtimedwait(&set, nullptr, &now) > 0) return false;  // a second signal: stop now
+  }
 }
 
 void SetDeadlineUs(grpc::ClientContext& context, int64_t deadline_us) {

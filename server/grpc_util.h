@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -24,13 +25,23 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
     const std::string& host, int port, const std::vector<grpc::Service*>& services,
     int* bound_port);
 
+// Whether listening on `host` means every address of the machine (0.0.0.0, ::, [::], empty):
+// not an address others can be told to dial.
+bool IsWildcardHost(const std::string& host);
+
 // A channel to host:port for our internal calls (no proxy, large messages).
 std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
 
 // Blocks SIGINT, SIGTERM (and ignores SIGPIPE) in this and every thread created after it;
-// call first in main. WaitForTerminationSignal() then returns the signal that arrived.
+// call first in main (threads that started earlier pass the signals on to this one).
+// WaitForTerminationSignal() then returns the signal that arrived.
 void BlockTerminationSignals();
 int WaitForTerminationSignal();
+
+// Graceful stop after a first termination signal: calls drain(slice), which returns true once
+// drained or false after `slice`, until it returns true (then true), `timeout` has passed or a
+// second SIGINT/SIGTERM arrives (then false). Signals must be blocked (BlockTerminationSignals).
+bool DrainUntil(const std::function<bool(absl::Duration)>& drain, absl::Duration timeout);
 
 // Sets the deadline of a client context from a unix-time deadline in microseconds (0: none).
 void SetDeadlineUs(grpc::ClientContext& context, int64_t deadline_us);

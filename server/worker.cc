@@ -21,6 +21,7 @@
 #include "engine/backend/cuda_backend.h"
 #include "engine/transfer/cuda_ipc_transport.h"
 #endif
+#include "grpcpp/health_check_service_interface.h"
 #include "pdserve/internal/control.grpc.pb.h"
 #include "server/grpc_util.h"
 
@@ -31,6 +32,9 @@ using engine::FinishReason;
 using scheduler::InstanceRole;
 
 namespace {
+
+// The health-service name whose status says the worker takes requests (readiness).
+constexpr char kReadyService[] = "pdserve.internal.Worker";
 
 // The events of one request, from the engine loop to its gRPC handler.
 class Channel {
@@ -142,6 +146,15 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       : model_(model), options_(std::move(options)), log_(pds::Logger("worker")) {}
 
   absl::Status Init() {
+    if (options_.advertise_host.empty()) {
+      if (IsWildcardHost(options_.host) && !options_.frontend.empty()) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "listening on '", options_.host,
+            "' (every address) needs an advertise host: the address the front-end and the "
+            "other workers reach this worker at"));
+      }
+      options_.advertise_host = options_.host;
+    }
     PDS_ASSIGN_OR_RETURN(engine_, engine::LlmEngine::Create(model_, options_.engine));
     if (options_.role == InstanceRole::kPrefill && options_.kv_handoff == "layered") {
       engine_->set_handoff_hook([this](std::vector<std::shared_ptr<engine::KvHandoff>> handoffs) {
@@ -161,7 +174,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       options_.id = absl::StrCat(scheduler::InstanceRoleName(options_.role), "-", bound_port_);
     }
     PDS_RETURN_IF_ERROR(StartKvTransport());
-    if (!options_.frontend.empty()) registration_ = std::thread([this] { RegisterLoop(); });
+    grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+    if (health != nullptr) health->SetServingStatus(kReadyService, false);
+    registration_ = std::thread([this] { HeartbeatLoop(); });
     log_->info("{} ({}) serving on {}{}", options_.id,
                std::string(scheduler::InstanceRoleName(options_.role)), address(),
                receiver_ ? absl::StrCat(", ", kv_transport_, " KV receiver on ", kv_address())
@@ -245,8 +260,30 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   }
 
   const std::string& id() const { return options_.id; }
-  std::string address() const { return absl::StrCat(options_.host, ":", bound_port_); }
-  std::string kv_address() const { return receiver_ ? receiver_->address() : ""; }
+  std::string address() const { return absl::StrCat(options_.advertise_host, ":", bound_port_); }
+  // The receiver's port at the advertised host.
+  std::string kv_address() const {
+    if (!receiver_) return "";
+    const std::string listening = receiver_->address();
+    return absl::StrCat(options_.advertise_host, listening.substr(listening.rfind(':')));
+  }
+
+  bool Drain(absl::Duration timeout) {
+    bool first;
+    {
+      std::lock_guard<std::mutex> lock(admitted_mu_);
+      first = !draining_.exchange(true);
+      if (first) log_->info("{} draining: {} requests to finish", options_.id, admitted_.size());
+    }
+    if (first) {
+      std::lock_guard<std::mutex> lock(reg_mu_);
+      reg_wake_ = true;  // tell the front-end now, not at the next heartbeat
+      reg_cv_.notify_all();
+    }
+    std::unique_lock<std::mutex> lock(admitted_mu_);
+    return admitted_cv_.wait_for(lock, absl::ToChronoNanoseconds(timeout),
+                                 [&] { return admitted_.empty(); });
+  }
 
   void Shutdown() {
     if (shut_down_.exchange(true)) return;
@@ -311,6 +348,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     status->set_id(options_.id);
     status->set_role(std::string(scheduler::InstanceRoleName(options_.role)));
     status->set_kv_bytes_received(receiver_ ? receiver_->bytes_received() : 0);
+    status->set_draining(draining_);
     return grpc::Status::OK;
   }
 
@@ -485,6 +523,10 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     // decode registration, which runs on the loop after ACCEPTED went out, cannot be refused.
     {
       std::lock_guard<std::mutex> lock(admitted_mu_);
+      if (draining_) {
+        return ToGrpc(absl::UnavailableError(
+            absl::StrCat(options_.id, " is draining (shutting down): it takes no new requests")));
+      }
       if (admitted_.count(id)) {
         return ToGrpc(absl::AlreadyExistsError(
             absl::StrCat("request id '", id, "' is in use on ", options_.id)));
@@ -601,6 +643,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   void Unadmit(const std::string& id) {
     std::lock_guard<std::mutex> lock(admitted_mu_);
     admitted_.erase(id);
+    if (admitted_.empty()) admitted_cv_.notify_all();
   }
 
   // --- the engine loop ---
@@ -898,38 +941,69 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     loop_heartbeat_ = std::chrono::steady_clock::now();
   }
 
-  void RegisterLoop() {
-    auto stub = pb::Registry::NewStub(MakeChannel(options_.frontend));
-    bool registered = false;
+  // Keeps the health statuses current and, with a front-end, registers with it (again every
+  // second: its heartbeat; at once when draining starts).
+  void HeartbeatLoop() {
+    auto stub =
+        options_.frontend.empty() ? nullptr : pb::Registry::NewStub(MakeChannel(options_.frontend));
+    bool registered = stub == nullptr;
     while (true) {
-      pb::RegisterRequest request;
-      request.set_id(options_.id);
-      request.set_role(std::string(scheduler::InstanceRoleName(options_.role)));
-      request.set_address(address());
-      request.set_kv_address(kv_address());
-      request.set_model(options_.model_name);
-      request.set_vocab_size(options_.vocab_size);
-      pb::RegisterResponse response;
-      grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
-      grpc::Status s = stub->Register(&ctx, request, &response);
-      if (s.ok() && !response.accepted()) {
-        log_->error("{}: the front-end refused registration: {}", options_.id, response.message());
-      } else if (s.ok() != registered) {
-        registered = s.ok();
-        if (registered) {
-          log_->info("{} registered with the front-end at {}", options_.id, options_.frontend);
-        } else {
-          log_->warn("{}: front-end {} unreachable: {}", options_.id, options_.frontend,
-                     s.error_message());
-        }
-      }
+      UpdateHealth(registered);
+      if (stub != nullptr) registered = Register(*stub, registered);
+      UpdateHealth(registered);
       std::unique_lock<std::mutex> lock(reg_mu_);
       reg_cv_.wait_for(
           lock, registered ? std::chrono::milliseconds(1000) : std::chrono::milliseconds(200),
-          [&] { return stopping_; });
+          [&] { return stopping_ || reg_wake_; });
+      reg_wake_ = false;
       if (stopping_) return;
     }
+  }
+
+  void UpdateHealth(bool registered) {
+    grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
+    if (health == nullptr) return;
+    std::chrono::steady_clock::duration stalled;
+    {
+      std::lock_guard<std::mutex> lock(status_mu_);
+      stalled = std::chrono::steady_clock::now() - loop_heartbeat_;
+    }
+    const bool live = stalled < absl::ToChronoNanoseconds(options_.stall_timeout);
+    if (!live && reported_live_) {
+      log_->error("{}: the engine loop has not moved for {} s: reporting not live", options_.id,
+                  std::chrono::duration_cast<std::chrono::seconds>(stalled).count());
+    }
+    reported_live_ = live;
+    health->SetServingStatus(live);
+    health->SetServingStatus(kReadyService, live && registered && !draining_);
+  }
+
+  // One registration; whether the front-end has this worker now.
+  bool Register(pb::Registry::Stub& stub, bool was_registered) {
+    pb::RegisterRequest request;
+    request.set_id(options_.id);
+    request.set_role(std::string(scheduler::InstanceRoleName(options_.role)));
+    request.set_address(address());
+    request.set_kv_address(kv_address());
+    request.set_model(options_.model_name);
+    request.set_vocab_size(options_.vocab_size);
+    request.set_draining(draining_);
+    pb::RegisterResponse response;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+    grpc::Status s = stub.Register(&ctx, request, &response);
+    if (s.ok() && !response.accepted()) {
+      log_->error("{}: the front-end refused registration: {}", options_.id, response.message());
+      return false;
+    }
+    if (s.ok() && !was_registered) {
+      log_->info("{} registered with the front-end at {} as {}", options_.id, options_.frontend,
+                 address());
+    } else if (!s.ok() && was_registered) {
+      log_->warn("{}: front-end {} unreachable: {}", options_.id, options_.frontend,
+                 s.error_message());
+    }
+    return s.ok();
   }
 
   engine::Transformer& model_;
@@ -969,7 +1043,12 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   std::mutex reg_mu_;
   std::condition_variable reg_cv_;
   bool stopping_ = false;
-  std::thread registration_;
+  bool reg_wake_ = false;      // register now (draining started)
+  std::thread registration_;   // HeartbeatLoop
+  bool reported_live_ = true;  // HeartbeatLoop only: the last overall health status
+  // Set (under admitted_mu_) by Drain: new requests are refused.
+  std::atomic<bool> draining_{false};
+  std::condition_variable admitted_cv_;  // with admitted_mu_: admitted_ became empty
   std::atomic<bool> shut_down_{false};
 };
 
@@ -990,6 +1069,7 @@ absl::StatusOr<std::unique_ptr<Worker>> Worker::Start(engine::Transformer& model
 const std::string& Worker::id() const { return impl_->id(); }
 std::string Worker::address() const { return impl_->address(); }
 std::string Worker::kv_address() const { return impl_->kv_address(); }
+bool Worker::Drain(absl::Duration timeout) { return impl_->Drain(timeout); }
 void Worker::Shutdown() {
   if (impl_) impl_->Shutdown();
 }

@@ -5,7 +5,13 @@
 // task); gRPC handler threads stream each request's events from a per-request channel; the
 // KV transport's threads move KV caches (prefill: a small pool of senders; decode: the
 // receiver's connection threads write into blocks reserved through the loop); one thread
-// registers with the front-end and repeats it as a heartbeat.
+// registers with the front-end, repeats it as a heartbeat and keeps the gRPC health service's
+// statuses current.
+//
+// Health (grpc.health.v1, for orchestrators' probes): the server's overall status ("") is
+// SERVING unless the engine loop has not moved for `stall_timeout` (a hung device: restart
+// it); "pdserve.internal.Worker" is SERVING once the worker is registered with its front-end
+// (or has none) and is not draining.
 #pragma once
 
 #include <cstdint>
@@ -24,7 +30,10 @@ namespace pds::server {
 struct WorkerOptions {
   std::string id;  // unique in the cluster; default "<role>-<port>"
   scheduler::InstanceRole role = scheduler::InstanceRole::kColocated;
-  std::string host = "127.0.0.1";
+  std::string host = "127.0.0.1";  // listened on (gRPC and the KV receiver)
+  // The host others reach this worker at (registered with the front-end: its gRPC and KV
+  // addresses); empty: `host`, which must then not be a wildcard (0.0.0.0, ::).
+  std::string advertise_host;
   int port = 0;          // gRPC (0: ephemeral)
   int kv_port = 0;       // decode: KV receiver (0: ephemeral)
   std::string frontend;  // host:port of the front-end to register with; empty: none
@@ -50,6 +59,8 @@ struct WorkerOptions {
   // is capped so that its predicted time stays within the target.
   std::shared_ptr<const scheduler::LatencyModel> latency_model;
   double tpot_slo_ms = 0;
+  // The engine loop not moving for this long turns the overall health status NOT_SERVING.
+  absl::Duration stall_timeout = absl::Seconds(60);
 };
 
 class Worker {
@@ -62,8 +73,13 @@ class Worker {
   Worker& operator=(const Worker&) = delete;
 
   const std::string& id() const;
-  std::string address() const;     // gRPC host:port
+  std::string address() const;     // gRPC address others reach (advertised host:port)
   std::string kv_address() const;  // decode: the KV receiver's address; else empty
+  // Graceful stop, first half: from now on new requests are refused with UNAVAILABLE (the
+  // front-end, told at once, places them elsewhere) and the worker reports itself draining;
+  // returns once every request it holds has finished (true) or `timeout` has passed (false).
+  // Shutdown() does the rest.
+  bool Drain(absl::Duration timeout);
   // Stops serving: requests in flight end with UNAVAILABLE, KV transfers break off, every
   // thread is joined. Idempotent.
   void Shutdown();

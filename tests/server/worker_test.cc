@@ -27,6 +27,7 @@
 #include "pdserve/internal/control.grpc.pb.h"
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "server/frontend.h"
+#include "tests/server/test_worker.h"
 #include "tests/testing/test_util.h"
 
 namespace pds::server {
@@ -34,107 +35,6 @@ namespace {
 
 namespace pb = ::pdserve::internal;
 using scheduler::InstanceRole;
-
-constexpr int kBlockSize = 16;
-
-// A CPU backend whose attention fails while `fail` is set (a device fault in the middle of an
-// engine step), or takes `delay_ms` longer.
-class FaultyBackend : public engine::CpuBackend {
- public:
-  FaultyBackend() : CpuBackend(1) {}
-  absl::Status Attention(const void* q, int64_t q_stride, const void* k_cache, const void* v_cache,
-                         void* out, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                         float scale) override {
-    if (fail.load()) return absl::InternalError("injected device fault");
-    if (const int ms = delay_ms.load(); ms > 0) absl::SleepFor(absl::Milliseconds(ms));
-    return CpuBackend::Attention(q, q_stride, k_cache, v_cache, out, heads, kv_heads, head_dim,
-                                 scale);
-  }
-  std::atomic<bool> fail{false};
-  std::atomic<int> delay_ms{0};  // added to every attention call (a slow step)
-};
-
-// One worker on its own model and backend, and a stub of its service.
-struct TestWorker {
-  FaultyBackend backend;
-  engine::ModelConfig config;
-  std::unique_ptr<engine::Transformer> model;
-  std::unique_ptr<Worker> worker;
-  std::unique_ptr<pb::Worker::Stub> stub;
-
-  pb::WorkerStatus Status() {
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    pb::WorkerStatus status;
-    EXPECT_TRUE(stub->GetStatus(&ctx, pb::WorkerStatusRequest(), &status).ok());
-    return status;
-  }
-  // Polls the worker's status (refreshed by its loop at least every 50 ms) until `done`.
-  template <typename F>
-  bool WaitFor(F done, absl::Duration timeout = absl::Seconds(20)) {
-    const absl::Time deadline = absl::Now() + timeout;
-    while (absl::Now() < deadline) {
-      if (done(Status())) return true;
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    return false;
-  }
-  // Sends `source` as the KV of `num_tokens` positions of request `id` into this worker.
-  absl::Status SendKv(const std::string& id, int32_t num_tokens, engine::KvSource& source) {
-    return engine::CreateTcpKvSender()
-        ->Send(worker->kv_address(), Header(id, num_tokens), source,
-               absl::Now() + absl::Seconds(30))
-        .status();
-  }
-  // A transfer header for `num_tokens` positions that fits this worker's cache.
-  engine::KvTransferHeader Header(const std::string& id, int32_t num_tokens) const {
-    engine::KvTransferHeader h;
-    h.request_id = id;
-    h.num_tokens = num_tokens;
-    h.num_layers = static_cast<int32_t>(config.num_layers);
-    h.num_blocks = (num_tokens + kBlockSize - 1) / kBlockSize;
-    h.kv_heads = static_cast<int32_t>(config.num_kv_heads);
-    h.block_size = kBlockSize;
-    h.head_dim = static_cast<int32_t>(config.head_dim);
-    h.dtype = engine::DType::kF32;
-    h.next_token = 7;
-    return h;
-  }
-};
-
-std::unique_ptr<TestWorker> StartWorker(InstanceRole role, WorkerOptions options) {
-  auto w = std::make_unique<TestWorker>();
-  w->config = testing::SmallTestConfig();
-  auto model = engine::Transformer::CreateRandom(w->config, w->backend, 5);
-  EXPECT_TRUE(model.ok()) << model.status();
-  if (!model.ok()) return nullptr;
-  w->model = std::move(*model);
-  options.role = role;
-  options.host = "127.0.0.1";
-  options.kv_transport = "tcp";
-  options.vocab_size = static_cast<int32_t>(w->config.vocab_size);
-  options.engine.block_size = kBlockSize;
-  if (options.engine.num_blocks == 0) options.engine.num_blocks = 64;
-  auto worker = Worker::Start(*w->model, std::move(options));
-  EXPECT_TRUE(worker.ok()) << worker.status();
-  if (!worker.ok()) return nullptr;
-  w->worker = std::move(*worker);
-  w->stub = pb::Worker::NewStub(
-      grpc::CreateChannel(w->worker->address(), grpc::InsecureChannelCredentials()));
-  return w;
-}
-
-pb::WorkRequest Work(const std::string& id, int prompt_len, int max_tokens) {
-  pb::WorkRequest work;
-  work.set_request_id(id);
-  for (int j = 0; j < prompt_len; ++j) work.add_prompt_token_ids(3 + j % 200);
-  work.set_max_tokens(max_tokens);
-  work.set_ignore_eos(true);
-  work.set_logprobs(-1);
-  work.set_top_p(1.0f);
-  work.set_deadline_unix_us(absl::ToUnixMicros(absl::Now() + absl::Seconds(60)));
-  return work;
-}
 
 // A decode registration: the call, its stream and the events read so far.
 struct Call {

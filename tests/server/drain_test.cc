@@ -1,0 +1,337 @@
+// Graceful stops and cluster churn, in-process (a front-end and workers on 127.0.0.1): a
+// draining worker or front-end finishes what it holds and takes nothing new, a request a
+// worker refuses before starting it goes to another, workers gone for good are forgotten, and
+// workers listening on every address register the address they were told to advertise.
+
+#include <signal.h>
+
+#include <future>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "pdserve/v1/serving.grpc.pb.h"
+#include "server/frontend.h"
+#include "server/grpc_util.h"
+#include "tests/server/test_worker.h"
+#include "tests/testing/test_util.h"
+
+namespace pds::server {
+namespace {
+
+namespace api = ::pdserve::v1;
+using scheduler::InstanceRole;
+
+const std::string& ModelDir() {
+  static const std::string* dir = [] {
+    auto made = testing::MakeModelDir(testing::SmallTestConfig(), "drain", 5);
+    EXPECT_TRUE(made.ok()) << made.status();
+    return new std::string(made.ok() ? *made : "");
+  }();
+  return *dir;
+}
+
+// A front-end and a stub of its public API.
+struct Cluster {
+  std::unique_ptr<Frontend> frontend;
+  std::unique_ptr<api::Serving::Stub> api;
+
+  api::ClusterStatus Status() {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    api::ClusterStatus status;
+    EXPECT_TRUE(api->GetClusterStatus(&ctx, api::ClusterStatusRequest(), &status).ok());
+    return status;
+  }
+  const api::InstanceStatus* Find(const api::ClusterStatus& status, const std::string& id) {
+    for (const auto& i : status.instances()) {
+      if (i.id() == id) return &i;
+    }
+    return nullptr;
+  }
+  // Polls the cluster status until `done` holds (bounded).
+  template <typename F>
+  bool WaitFor(F done, absl::Duration timeout = absl::Seconds(20)) {
+    const absl::Time deadline = absl::Now() + timeout;
+    while (absl::Now() < deadline) {
+      if (done(Status())) return true;
+      absl::SleepFor(absl::Milliseconds(20));
+    }
+    return false;
+  }
+  // Waits until each of `ids` is registered and healthy.
+  bool WaitHealthy(const std::vector<std::string>& ids) {
+    return WaitFor([&](const api::ClusterStatus& s) {
+      for (const std::string& id : ids) {
+        const api::InstanceStatus* i = Find(s, id);
+        if (i == nullptr || !i->healthy()) return false;
+      }
+      return true;
+    });
+  }
+  // A worker registering with this front-end.
+  std::unique_ptr<TestWorker> Worker(InstanceRole role, const std::string& id,
+                                     WorkerOptions o = {}) {
+    o.id = id;
+    o.frontend = frontend->address();
+    return StartWorker(role, std::move(o));
+  }
+};
+
+std::unique_ptr<Cluster> StartFrontend(FrontendOptions o = {}) {
+  o.model_dir = ModelDir();
+  if (o.health_period == FrontendOptions().health_period) o.health_period = absl::Milliseconds(50);
+  auto frontend = Frontend::Start(o);
+  EXPECT_TRUE(frontend.ok()) << frontend.status();
+  if (!frontend.ok()) return nullptr;
+  auto c = std::make_unique<Cluster>();
+  c->frontend = std::move(*frontend);
+  c->api = api::Serving::NewStub(
+      grpc::CreateChannel(c->frontend->address(), grpc::InsecureChannelCredentials()));
+  return c;
+}
+
+// One Generate call read on its own thread; `first` is set when a token arrived.
+struct Stream {
+  std::promise<void> first_token;
+  std::future<void> first = first_token.get_future();
+  grpc::Status status;
+  int tokens = 0;
+  api::Done done;
+};
+
+std::unique_ptr<Stream> StartGenerate(Cluster& c, int max_tokens, std::thread* reader,
+                                      int first_id = 3) {
+  auto s = std::make_unique<Stream>();
+  *reader = std::thread([&c, max_tokens, first_id, s = s.get()] {
+    api::GenerateRequest r;
+    for (int j = 0; j < 8; ++j) r.add_prompt_token_ids(first_id + j);
+    r.set_max_tokens(max_tokens);
+    r.set_ignore_eos(true);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto call = c.api->Generate(&ctx, r);
+    api::GenerateResponse m;
+    bool told = false;
+    while (call->Read(&m)) {
+      s->tokens += m.token_ids_size();
+      if (m.has_done()) s->done = m.done();
+      if (!told && s->tokens > 0) {
+        s->first_token.set_value();
+        told = true;
+      }
+    }
+    s->status = call->Finish();
+    if (!told) s->first_token.set_value();
+  });
+  return s;
+}
+
+// Runs one request to its end.
+std::unique_ptr<Stream> Generate(Cluster& c, int max_tokens, int first_id = 3) {
+  std::thread reader;
+  auto s = StartGenerate(c, max_tokens, &reader, first_id);
+  reader.join();
+  return s;
+}
+
+// A decode call straight to `w`; the status it ends with before any event (OK if it was
+// accepted: then it is cancelled).
+grpc::Status DecodeRefusal(TestWorker& w, const ::pdserve::internal::WorkRequest& work) {
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto reader = w.stub->Decode(&ctx, work);
+  ::pdserve::internal::WorkEvent event;
+  if (reader->Read(&event)) {
+    ctx.TryCancel();
+    reader->Finish().IgnoreError();
+    return grpc::Status::OK;
+  }
+  return reader->Finish();
+}
+
+// A decode worker told to drain while it streams a request: that request gets every token,
+// the front-end stops placing requests on it (the next goes to the other decode worker, one
+// listening on every address and registered at its advertised one), the draining worker
+// refuses new work with UNAVAILABLE, and Drain returns once its last request has ended.
+TEST(DrainTest, DrainingWorkerFinishesItsRequestsAndGetsNoNewOnes) {
+  auto c = StartFrontend();
+  ASSERT_NE(c, nullptr);
+  WorkerOptions larger;  // more free blocks: the least-loaded policy places the first request here
+  larger.engine.num_blocks = 128;
+  WorkerOptions everywhere;
+  everywhere.host = "0.0.0.0";
+  everywhere.advertise_host = "127.0.0.1";
+  auto prefill = c->Worker(InstanceRole::kPrefill, "p");
+  auto d1 = c->Worker(InstanceRole::kDecode, "d1", larger);
+  auto d2 = c->Worker(InstanceRole::kDecode, "d2", everywhere);
+  ASSERT_TRUE(prefill && d1 && d2);
+  EXPECT_TRUE(absl::StartsWith(d2->worker->address(), "127.0.0.1:")) << d2->worker->address();
+  EXPECT_TRUE(absl::StartsWith(d2->worker->kv_address(), "127.0.0.1:")) << d2->worker->kv_address();
+  ASSERT_TRUE(c->WaitHealthy({"p", "d1", "d2"}));
+  EXPECT_EQ(c->Find(c->Status(), "d2")->address(), d2->worker->address());
+
+  d1->backend.delay_ms = 5;  // decode steps of tens of ms: the drain starts mid-request
+  std::thread reader;
+  auto held = StartGenerate(*c, 40, &reader);
+  ASSERT_EQ(held->first.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  auto drained =
+      std::async(std::launch::async, [&] { return d1->worker->Drain(absl::Seconds(30)); });
+  ASSERT_TRUE(c->WaitFor([&](const api::ClusterStatus& s) {
+    const api::InstanceStatus* i = c->Find(s, "d1");
+    return i != nullptr && i->draining();
+  }));
+  EXPECT_TRUE(d1->Status().draining());
+  EXPECT_EQ(held->first.wait_for(std::chrono::seconds(0)), std::future_status::ready);
+
+  const auto next = Generate(*c, 4, 50);
+  ASSERT_TRUE(next->status.ok()) << next->status.error_message();
+  EXPECT_EQ(next->done.timeline().decode_instance(), "d2");
+  const grpc::Status late = DecodeRefusal(*d1, Work("late", 8, 4));
+  EXPECT_EQ(late.error_code(), grpc::StatusCode::UNAVAILABLE) << late.error_message();
+  EXPECT_TRUE(absl::StrContains(late.error_message(), "draining")) << late.error_message();
+
+  reader.join();
+  ASSERT_TRUE(held->status.ok()) << held->status.error_message();
+  EXPECT_EQ(held->tokens, 40);
+  EXPECT_EQ(held->done.timeline().decode_instance(), "d1");
+  EXPECT_TRUE(drained.get());
+  EXPECT_EQ(c->Status().requests_failed(), 0);
+  c->frontend->Shutdown();
+}
+
+// The front-end's health poll never runs out of patience here, so it still takes a worker that
+// is gone for healthy: the request placed on it is refused before it starts (UNAVAILABLE, no
+// event) and goes to the other worker; the client sees nothing of it. Both for a decode worker
+// and for a colocated one.
+TEST(DrainTest, RequestRefusedBeforeStartIsPlacedOnAnotherWorker) {
+  for (const InstanceRole role : {InstanceRole::kDecode, InstanceRole::kColocated}) {
+    SCOPED_TRACE(std::string(scheduler::InstanceRoleName(role)));
+    FrontendOptions fo;
+    fo.unhealthy_after_failures = 1 << 30;
+    auto c = StartFrontend(fo);
+    ASSERT_NE(c, nullptr);
+    WorkerOptions larger;  // preferred by the least-loaded policy while it looks healthy
+    larger.engine.num_blocks = 128;
+    std::unique_ptr<TestWorker> prefill;
+    if (role == InstanceRole::kDecode) prefill = c->Worker(InstanceRole::kPrefill, "p");
+    auto gone = c->Worker(role, "gone", larger);
+    auto kept = c->Worker(role, "kept");
+    ASSERT_TRUE(gone && kept);
+    std::vector<std::string> ids = {"gone", "kept"};
+    if (prefill) ids.push_back("p");
+    ASSERT_TRUE(c->WaitHealthy(ids));
+    gone->worker->Shutdown();
+    for (int i = 0; i < 3; ++i) {
+      const auto s = Generate(*c, 3, 10 + i);
+      ASSERT_TRUE(s->status.ok()) << i << ": " << s->status.error_message();
+      EXPECT_EQ(s->tokens, 3);
+      const auto& t = s->done.timeline();
+      EXPECT_EQ(role == InstanceRole::kDecode ? t.decode_instance() : t.prefill_instance(), "kept");
+    }
+    const api::ClusterStatus status = c->Status();
+    EXPECT_EQ(status.requests_redispatched(), 1) << status.DebugString();
+    EXPECT_EQ(status.requests_failed(), 0);
+    EXPECT_FALSE(c->Find(status, "gone")->healthy());
+    c->frontend->Shutdown();
+  }
+}
+
+// A draining front-end refuses new requests with UNAVAILABLE and finishes those in flight;
+// Drain says whether they all ended in time.
+TEST(DrainTest, DrainingFrontendFinishesRequestsInFlightAndRefusesNewOnes) {
+  auto c = StartFrontend();
+  ASSERT_NE(c, nullptr);
+  auto w = c->Worker(InstanceRole::kColocated, "c");
+  ASSERT_NE(w, nullptr);
+  ASSERT_TRUE(c->WaitHealthy({"c"}));
+  w->backend.delay_ms = 5;
+  std::thread reader;
+  auto held = StartGenerate(*c, 30, &reader);
+  ASSERT_EQ(held->first.wait_for(std::chrono::seconds(30)), std::future_status::ready);
+  EXPECT_FALSE(c->frontend->Drain(absl::Milliseconds(1))) << "drained with a request in flight";
+  const auto refused = Generate(*c, 2);
+  EXPECT_EQ(refused->status.error_code(), grpc::StatusCode::UNAVAILABLE)
+      << refused->status.error_message();
+  EXPECT_EQ(refused->tokens, 0);
+  EXPECT_TRUE(c->frontend->Drain(absl::Seconds(30)));
+  reader.join();
+  ASSERT_TRUE(held->status.ok()) << held->status.error_message();
+  EXPECT_EQ(held->tokens, 30);
+  c->frontend->Shutdown();
+}
+
+// A worker unreachable for forget_worker_after, with nothing of its own in flight, leaves the
+// cluster status; the others stay.
+TEST(DrainTest, WorkersGoneForGoodAreForgotten) {
+  FrontendOptions fo;
+  fo.forget_worker_after = absl::Milliseconds(500);
+  auto c = StartFrontend(fo);
+  ASSERT_NE(c, nullptr);
+  auto stays = c->Worker(InstanceRole::kColocated, "stays");
+  auto goes = c->Worker(InstanceRole::kColocated, "goes");
+  ASSERT_TRUE(stays && goes);
+  ASSERT_TRUE(c->WaitHealthy({"stays", "goes"}));
+  goes->worker->Shutdown();
+  EXPECT_TRUE(c->WaitFor([&](const api::ClusterStatus& s) {
+    return s.instances_size() == 1 && s.instances(0).id() == "stays";
+  })) << c->Status().DebugString();
+  const auto s = Generate(*c, 2);
+  EXPECT_TRUE(s->status.ok()) << s->status.error_message();
+  c->frontend->Shutdown();
+}
+
+// A worker listening on every address must be told the address to register.
+TEST(DrainTest, WildcardHostNeedsAnAdvertisedOne) {
+  auto config = testing::SmallTestConfig();
+  engine::CpuBackend backend(1);
+  auto model = engine::Transformer::CreateRandom(config, backend, 5);
+  ASSERT_TRUE(model.ok()) << model.status();
+  WorkerOptions o;
+  o.role = InstanceRole::kColocated;
+  o.host = "0.0.0.0";
+  o.frontend = "127.0.0.1:1";
+  o.vocab_size = static_cast<int32_t>(config.vocab_size);
+  o.engine.block_size = kBlockSize;
+  o.engine.num_blocks = 16;
+  auto worker = Worker::Start(**model, o);
+  ASSERT_FALSE(worker.ok());
+  EXPECT_EQ(worker.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(worker.status().message(), "advertise")) << worker.status();
+}
+
+// DrainUntil: true once drained; false at the timeout, or at once on a second signal.
+TEST(DrainTest, DrainUntilStopsAtTheTimeoutOrASecondSignal) {
+  BlockTerminationSignals();
+  int calls = 0;
+  EXPECT_TRUE(DrainUntil([&](absl::Duration) { return ++calls == 3; }, absl::Seconds(10)));
+  EXPECT_EQ(calls, 3);
+  const absl::Time start = absl::Now();
+  EXPECT_FALSE(DrainUntil(
+      [](absl::Duration slice) {
+        absl::SleepFor(slice);
+        return false;
+      },
+      absl::Milliseconds(300)));
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(300));
+  calls = 0;
+  const absl::Time again = absl::Now();
+  EXPECT_FALSE(DrainUntil(
+      [&](absl::Duration slice) {
+        if (++calls == 2) raise(SIGTERM);  // pending: the signals are blocked in this thread
+        absl::SleepFor(slice);
+        return false;
+      },
+      absl::Seconds(30)));
+  EXPECT_EQ(calls, 2);
+  EXPECT_LT(absl::Now() - again, absl::Seconds(5));
+}
+
+}  // namespace
+}  // namespace pds::server
