@@ -89,6 +89,9 @@ const FlagDef kFlags[] = {
      "--rate their wait counts in TTFT and E2E latency (default 512)"},
     {"request-timeout", FlagType::kValue, "deadline of each request in seconds (default 300)"},
     {"connect-timeout", FlagType::kValue, "seconds to wait for the target (default 10)"},
+    {"wait-ready", FlagType::kValue,
+     "seconds to wait, once connected, for the cluster to be able to serve (healthy prefill "
+     "and decode workers or a colocated one; default 0: do not wait)"},
     {"search", FlagType::kBool,
      "find the highest rate with attainment >= --attainment-target (needs --goodput)"},
     {"search-min-rate", FlagType::kValue, "lowest rate swept (default 0.5)"},
@@ -223,6 +226,7 @@ struct Config {
   int max_concurrency = 512;
   double request_timeout_s = 300;
   double connect_timeout_s = 10;
+  double wait_ready_s = 0;
   bool search = false;
   SearchOptions search_options;
   int num_gpus = 1;
@@ -344,6 +348,10 @@ absl::StatusOr<Config> MakeConfig(const Flags& f) {
   PDS_ASSIGN_OR_RETURN(c.connect_timeout_s, f.Double("connect-timeout", 10));
   if (!(c.request_timeout_s > 0) || !(c.connect_timeout_s > 0)) {
     return absl::InvalidArgumentError("--request-timeout and --connect-timeout must be > 0");
+  }
+  PDS_ASSIGN_OR_RETURN(c.wait_ready_s, f.Double("wait-ready", 0));
+  if (!(c.wait_ready_s >= 0) || c.wait_ready_s > 86400) {
+    return absl::InvalidArgumentError("--wait-ready must be in [0, 86400] seconds");
   }
   c.search = f.Has("search");
   SearchOptions& s = c.search_options;
@@ -484,6 +492,7 @@ class Pdbench {
     if (!connected.ok()) {
       return absl::UnavailableError(absl::StrCat("target not reachable: ", connected.message()));
     }
+    if (c_.wait_ready_s > 0) PDS_RETURN_IF_ERROR(WaitReady());
     auto status = client_.GetClusterStatus(absl::Seconds(std::min(c_.connect_timeout_s, 10.0)));
     if (status.ok()) {
       model_ = status->model();
@@ -494,6 +503,39 @@ class Pdbench {
   }
 
  private:
+  // Polls the cluster's status until it could serve a request (--wait-ready).
+  absl::Status WaitReady() {
+    const absl::Time end = absl::Now() + absl::Seconds(c_.wait_ready_s);
+    std::string last = "no answer yet";
+    while (true) {
+      auto status = client_.GetClusterStatus(absl::Seconds(2));
+      if (status.ok()) {
+        if (CanServe(*status)) return absl::OkStatus();
+        last = absl::StrCat(status->instances_size(), " workers registered, not a servable set");
+      } else {
+        last = status.status().ToString();
+      }
+      if (absl::Now() >= end) {
+        return absl::UnavailableError(
+            absl::StrCat("the cluster was not ready in ", c_.wait_ready_s, " s (", last, ")"));
+      }
+      absl::SleepFor(absl::Milliseconds(200));
+    }
+  }
+
+  // Whether `status` has a healthy colocated worker, or a healthy prefill and decode worker,
+  // none of them draining.
+  static bool CanServe(const pdserve::v1::ClusterStatus& status) {
+    bool prefill = false, decode = false;
+    for (const auto& inst : status.instances()) {
+      if (!inst.healthy() || inst.draining()) continue;
+      if (inst.role() == "colocated") return true;
+      if (inst.role() == "prefill") prefill = true;
+      if (inst.role() == "decode") decode = true;
+    }
+    return prefill && decode;
+  }
+
   // The requests of a run at `rate` (inf: all at once), their arrivals and run options.
   struct Plan {
     std::vector<RequestSpec> specs;
