@@ -10,6 +10,7 @@
 #include <map>
 #include <mutex>
 #include <thread>
+#include <tuple>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -59,7 +60,22 @@ class FakeServing final : public pdserve::v1::Serving::Service {
   grpc::Status GetClusterStatus(grpc::ServerContext*, const pdserve::v1::ClusterStatusRequest*,
                                 pdserve::v1::ClusterStatus* out) override {
     out->set_model("fake-model");
+    std::lock_guard<std::mutex> lock(mu_);
+    for (const auto& i : instances_) *out->add_instances() = i;
     return grpc::Status::OK;
+  }
+  // What GetClusterStatus lists: {role, healthy, draining} per instance.
+  void SetInstances(const std::vector<std::tuple<std::string, bool, bool>>& instances) {
+    std::lock_guard<std::mutex> lock(mu_);
+    instances_.clear();
+    for (const auto& [role, healthy, draining] : instances) {
+      pdserve::v1::InstanceStatus i;
+      i.set_id(absl::StrCat(role, "-", instances_.size()));
+      i.set_role(role);
+      i.set_healthy(healthy);
+      i.set_draining(draining);
+      instances_.push_back(i);
+    }
   }
 
   grpc::Status Generate(grpc::ServerContext* ctx, const GenerateRequest* req,
@@ -148,6 +164,7 @@ class FakeServing final : public pdserve::v1::Serving::Service {
   std::atomic<int64_t> received_{0};
   std::mutex mu_;
   std::vector<GenerateRequest> requests_;
+  std::vector<pdserve::v1::InstanceStatus> instances_;
 };
 
 class PdbenchFakeServerTest : public ::testing::Test {
@@ -665,6 +682,37 @@ TEST_F(PdbenchFakeServerTest, TraceReplayCountsTheWaitOfHeldBackRequests) {
     EXPECT_NEAR(ttft, 1000 * (send - scheduled) + 100, 3 * kTolMs) << rows[r];
     if (r == rows.size() - 1) EXPECT_GT(send - scheduled, 0.5) << rows[r];
   }
+}
+
+// --wait-ready holds the load back until the cluster status shows a servable set of workers
+// (healthy, not draining), and fails without sending anything when none comes in time.
+TEST_F(PdbenchFakeServerTest, WaitReadyHoldsTheLoadUntilTheClusterCanServe) {
+  ScriptFixed(1, 1);
+  const std::vector<std::string> base = {"--target",    target_, "--num-requests", "2",
+                                         "--input-len", "4",     "--output-len",   "2",
+                                         "--quiet"};
+  auto with = [&](const char* wait) {
+    std::vector<std::string> args = base;
+    args.insert(args.end(), {"--wait-ready", wait});
+    return args;
+  };
+  // A prefill worker alone, a draining decode worker, an unhealthy colocated one: not servable.
+  service_.SetInstances(
+      {{"prefill", true, false}, {"decode", true, true}, {"colocated", false, false}});
+  const absl::Time start = absl::Now();
+  EXPECT_NE(RunPdbench(with("0.5")), 0);
+  EXPECT_GE(absl::Now() - start, absl::Milliseconds(500));
+  EXPECT_EQ(service_.received(), 0);
+  std::thread ready([&] {
+    absl::SleepFor(absl::Milliseconds(400));
+    service_.SetInstances({{"prefill", true, false}, {"decode", true, false}});
+  });
+  const absl::Time again = absl::Now();
+  EXPECT_EQ(RunPdbench(with("20")), 0);
+  ready.join();
+  EXPECT_GE(absl::Now() - again, absl::Milliseconds(400));
+  EXPECT_EQ(service_.received(), 2);
+  EXPECT_EQ(RunPdbench(with("-1")), 2) << "a negative wait is refused";
 }
 
 TEST(PdbenchCliTest, UnreachableTargetAndBadArguments) {
