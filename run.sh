@@ -17,7 +17,7 @@ JOBS="${PDS_JOBS:-2}"
 
 PACKAGES=(
   build-essential cmake ninja-build ccache pkg-config git
-  libabsl-dev libspdlog-dev nlohmann-json3-dev libopenblas-dev libpcre2-dev libicu-dev
+  libabsl-dev libspdlog-dev nlohmann-json3-dev libopenblas-dev libpcre2-dev libicu-dev libcpp-httplib-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libgtest-dev libgmock-dev libbenchmark-dev
   python3 python3-grpcio python3-protobuf python3-yaml

@@ -403,7 +403,7 @@ absl::Status RunUp(const CliArgs& args) {
                                  "--host",      host,       "--port",  absl::StrCat(port),
                                  "--port-file", port_file};
   for (const char* pass : {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms",
-                           "slo-tpot-ms", "worker-stall-timeout-s"}) {
+                           "slo-tpot-ms", "worker-stall-timeout-s", "metrics-port"}) {
     if (args.Has(pass)) {
       fe.push_back(absl::StrCat("--", pass));
       fe.push_back(args.GetString(pass));
@@ -563,10 +563,19 @@ absl::Status RunFrontend(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(o.worker_stall_timeout, PositiveSeconds(args, "worker-stall-timeout-s", 60));
   PDS_ASSIGN_OR_RETURN(o.forget_worker_after, PositiveSeconds(args, "forget-worker-after-s", 300));
   PDS_ASSIGN_OR_RETURN(const absl::Duration drain_timeout, DrainTimeout(args));
+  PDS_ASSIGN_OR_RETURN(const int64_t metrics_port, args.GetInt("metrics-port", -1));
+  if (metrics_port < -1 || metrics_port > 65535) {
+    return absl::InvalidArgumentError("--metrics-port must be a port, 0 (any) or -1 (off)");
+  }
+  o.metrics_port = static_cast<int>(metrics_port);
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<Frontend> frontend, Frontend::Start(o));
   if (args.Has("port-file")) {
     PDS_RETURN_IF_ERROR(
         WriteFileAtomically(args.GetString("port-file"), absl::StrCat(frontend->port(), "\n")));
+  }
+  if (frontend->metrics_port() > 0) {
+    pds::Logger("frontend")
+        ->info("Prometheus metrics at http://{}:{}/metrics", o.host, frontend->metrics_port());
   }
   const int sig = WaitForTerminationSignal();
   auto log = pds::Logger("frontend");
@@ -591,6 +600,8 @@ int FrontendMain(int argc, char** argv) {
        {"drain-timeout-s", false,
         "on SIGTERM, finish the requests in flight for up to this long while refusing new "
         "ones (default 30; a second signal stops at once)"},
+       {"metrics-port", false,
+        "serve Prometheus metrics at http://HOST:PORT/metrics (default -1: off; 0: any port)"},
        {"forget-worker-after-s", false,
         "drop a worker from the cluster once it has been unreachable and idle this long "
         "(default 300)"},
@@ -650,6 +661,7 @@ int UpMain(int argc, char** argv) {
       {"max-queued", false, "each worker: requests queued beyond its batch (default 256)"},
       {"drain-timeout-s", false,
        "on SIGINT/SIGTERM, every process finishes its requests for up to this long (default 5)"},
+      {"metrics-port", false, "front-end: Prometheus metrics on this port (default off)"},
   };
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
   return SubcommandMain(argc, argv, "up",

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
 #include "engine/kv_cache/block_allocator.h"
@@ -25,6 +26,7 @@
 #include "scheduler/dispatch_policy.h"
 #include "scheduler/latency_model.h"
 #include "server/grpc_util.h"
+#include "server/metrics.h"
 
 namespace pds::server {
 
@@ -190,6 +192,11 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     if (auto* health = server_->GetHealthCheckService()) {
       health->SetServingStatus(kServingService, false);  // until workers are in
     }
+    if (options_.metrics_port >= 0) {
+      PDS_ASSIGN_OR_RETURN(metrics_server_,
+                           MetricsServer::Start(options_.host, options_.metrics_port,
+                                                [this] { return metrics_.Render(Gauges()); }));
+    }
     health_ = std::thread([this] { HealthLoop(); });
     monitor_ = std::thread([this] { MonitorLoop(); });
     log_->info("front-end for {} serving on {} (policy {})", model_name_, address(),
@@ -199,6 +206,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
 
   std::string address() const { return absl::StrCat(options_.host, ":", port_); }
   int port() const { return port_; }
+  int metrics_port() const { return metrics_server_ ? metrics_server_->port() : -1; }
 
   bool Drain(absl::Duration timeout) {
     std::unique_lock<std::mutex> lock(mu_);
@@ -223,6 +231,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       for (auto& [id, t] : in_flight_) t->CancelAll();
     }
     if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
+    if (metrics_server_) metrics_server_->Stop();
     if (health_.joinable()) health_.join();
     if (monitor_.joinable()) monitor_.join();
   }
@@ -326,6 +335,16 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
 
   grpc::Status Generate(grpc::ServerContext* ctx, const api::GenerateRequest* request,
                         grpc::ServerWriter<api::GenerateResponse>* writer) override {
+    RequestOutcome outcome;
+    const grpc::Status status = Serve(ctx, request, writer, &outcome);
+    outcome.code = absl::StatusCodeToString(static_cast<absl::StatusCode>(status.error_code()));
+    metrics_.Record(outcome);
+    return status;
+  }
+
+  // Generate's work; `outcome` gets the figures of a request that was relayed.
+  grpc::Status Serve(grpc::ServerContext* ctx, const api::GenerateRequest* request,
+                     grpc::ServerWriter<api::GenerateResponse>* writer, RequestOutcome* outcome) {
     const int64_t arrival_us = NowUs();
     pb::WorkRequest work;
     grpc::Status valid = Validate(*request, work);
@@ -390,6 +409,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     Relay relay(*this, *request, work, writer, *tracked);
     relay.timeline.set_arrival_us(arrival_us);
     grpc::Status status = Run(relay);
+    const double tpot_slo =
+        request->has_tpot_slo_ms() ? request->tpot_slo_ms() : options_.default_tpot_slo_ms;
+    *outcome = OutcomeOf(relay, ttft_slo, tpot_slo);
     {
       std::lock_guard<std::mutex> lock(mu_);
       in_flight_.erase(tracked->id);
@@ -480,6 +502,80 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     *work.mutable_stop_token_ids() = r.stop_token_ids();
     work.set_logprobs(params.logprobs);
     return grpc::Status::OK;
+  }
+
+  // A relayed request's figures for the metrics (times from its timeline).
+  static RequestOutcome OutcomeOf(const Relay& relay, double ttft_slo_ms, double tpot_slo_ms) {
+    const api::Timeline& t = relay.timeline;
+    auto span = [](int64_t from_us, int64_t to_us) {
+      return from_us > 0 && to_us >= from_us ? (to_us - from_us) * 1e-6 : -1.0;
+    };
+    RequestOutcome o;
+    o.ttft_s = span(t.arrival_us(), t.first_token_us());
+    o.e2e_s = span(t.arrival_us(), t.finish_us());
+    o.queue_s = span(t.queued_us(), t.prefill_start_us());
+    o.kv_transfer_s = span(t.kv_transfer_start_us(), t.kv_transfer_end_us());
+    if (relay.completion_tokens > 1 && span(t.first_token_us(), t.finish_us()) >= 0) {
+      o.tpot_s = span(t.first_token_us(), t.finish_us()) / (relay.completion_tokens - 1);
+    }
+    o.prompt_tokens = relay.work.prompt_token_ids_size();
+    o.completion_tokens = relay.completion_tokens;
+    o.ttft_slo_s = std::max(0.0, ttft_slo_ms) * 1e-3;
+    o.tpot_slo_s = std::max(0.0, tpot_slo_ms) * 1e-3;
+    return o;
+  }
+
+  // The cluster's gauges at a scrape (the metrics server's thread).
+  std::string Gauges() {
+    std::string out;
+    std::lock_guard<std::mutex> lock(mu_);
+    PromType(out, "pdserve_requests_in_flight", "gauge", "Requests admitted and not ended.");
+    absl::StrAppend(&out, "pdserve_requests_in_flight ", in_flight_.size(), "\n");
+    PromType(out, "pdserve_requests_redispatched_total", "counter",
+             "Requests placed again after a worker refused them before starting.");
+    absl::StrAppend(&out, "pdserve_requests_redispatched_total ", redispatched_, "\n");
+    PromType(out, "pdserve_requests_refused_slo_total", "counter",
+             "Requests refused by SLO admission control.");
+    absl::StrAppend(&out, "pdserve_requests_refused_slo_total ", refused_slo_, "\n");
+    PromType(out, "pdserve_ready", "gauge", "1 when a request can be placed (readiness).");
+    absl::StrAppend(&out, "pdserve_ready ", !draining_ && CanServe() ? 1 : 0, "\n");
+    struct Series {
+      const char* name;
+      const char* type;
+      const char* help;
+      std::function<double(const Instance&)> value;
+    };
+    const Series series[] = {
+        {"pdserve_instance_healthy", "gauge", "1 while the worker answers and its loop moves.",
+         [](const Instance& i) { return i.healthy ? 1.0 : 0.0; }},
+        {"pdserve_instance_draining", "gauge", "1 while the worker drains.",
+         [](const Instance& i) { return i.draining ? 1.0 : 0.0; }},
+        {"pdserve_instance_queued_requests", "gauge", "Requests waiting for their prefill.",
+         [](const Instance& i) { return i.status.queued_requests(); }},
+        {"pdserve_instance_running_requests", "gauge", "Requests in the running batch.",
+         [](const Instance& i) { return i.status.running_requests(); }},
+        {"pdserve_instance_kv_blocks_used", "gauge", "KV cache blocks in use.",
+         [](const Instance& i) { return i.status.kv_blocks_used(); }},
+        {"pdserve_instance_kv_blocks_total", "gauge", "KV cache blocks.",
+         [](const Instance& i) { return i.status.kv_blocks_total(); }},
+        {"pdserve_instance_engine_steps_total", "counter", "Forward passes run.",
+         [](const Instance& i) { return i.status.engine_steps(); }},
+        {"pdserve_instance_engine_busy_seconds_total", "counter", "Wall time inside steps.",
+         [](const Instance& i) { return i.status.engine_busy_s(); }},
+        {"pdserve_instance_requests_served_total", "counter", "Requests the worker finished.",
+         [](const Instance& i) { return i.status.requests_served(); }},
+        {"pdserve_instance_kv_bytes_sent_total", "counter", "KV bytes handed off (prefill).",
+         [](const Instance& i) { return i.status.kv_bytes_sent(); }},
+    };
+    for (const Series& m : series) {
+      PromType(out, m.name, m.type, m.help);
+      for (const auto& [id, inst] : instances_) {
+        absl::StrAppend(&out, m.name, "{instance=", PromLabel(id),
+                        ",role=", PromLabel(scheduler::InstanceRoleName(inst->role)), "} ",
+                        absl::StrFormat("%.9g", m.value(*inst)), "\n");
+      }
+    }
+    return out;
   }
 
   void Count(const grpc::Status& status) {
@@ -891,6 +987,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   std::unique_ptr<scheduler::DispatchPolicy> policy_;
   std::unique_ptr<grpc::Server> server_;
   int port_ = 0;
+  FrontendMetrics metrics_;
+  std::unique_ptr<MetricsServer> metrics_server_;  // --metrics-port
 
   std::mutex mu_;                         // instances, bookkeeping, in-flight requests, counters
   std::condition_variable in_flight_cv_;  // an in-flight request ended
@@ -925,6 +1023,7 @@ absl::StatusOr<std::unique_ptr<Frontend>> Frontend::Start(FrontendOptions option
 
 std::string Frontend::address() const { return impl_->address(); }
 int Frontend::port() const { return impl_->port(); }
+int Frontend::metrics_port() const { return impl_->metrics_port(); }
 bool Frontend::Drain(absl::Duration timeout) { return impl_->Drain(timeout); }
 void Frontend::Shutdown() {
   if (impl_) impl_->Shutdown();

@@ -37,6 +37,8 @@ struct FrontendOptions {
   // A worker unreachable (no registration, no status) for this long with no request of its
   // own in flight is dropped from the cluster (a pod that is gone for good).
   absl::Duration forget_worker_after = absl::Minutes(5);
+  // Prometheus metrics over HTTP (GET /metrics) on `host`: -1 off, 0 any free port.
+  int metrics_port = -1;
 };
 
 class Frontend {
@@ -48,6 +50,7 @@ class Frontend {
 
   std::string address() const;
   int port() const;
+  int metrics_port() const;  // -1: none
   // Graceful stop, first half: new requests get UNAVAILABLE and the readiness status turns
   // NOT_SERVING; returns once every request in flight has ended (true) or after `timeout`
   // (false). Shutdown() does the rest (it cancels what is still in flight).

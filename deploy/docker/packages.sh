@@ -15,11 +15,13 @@ CUDA_MAJOR_MINOR="${CUDA_VERSION:-13-0}"
 BUILD_CPU=(
   build-essential cmake ninja-build pkg-config ca-certificates
   libabsl-dev libspdlog-dev nlohmann-json3-dev libopenblas-dev libpcre2-dev libicu-dev
+  libcpp-httplib-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
 )
 RUNTIME_CPU=(
   ca-certificates libgrpc++1.51 libgrpc29 libprotobuf32 libabsl20220623 libspdlog1.10 libfmt9
   libopenblas0-pthread libpcre2-8-0 libicu72 libssl3 libre2-9 libc-ares2 zlib1g
+  libcpp-httplib0.11
 )
 BUILD_CUDA=("cuda-nvcc-$CUDA_MAJOR_MINOR" "cuda-cudart-dev-$CUDA_MAJOR_MINOR"
             "libcublas-dev-$CUDA_MAJOR_MINOR" libnccl-dev)

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 SKIP = 77
 
@@ -78,6 +79,8 @@ def check_static(docs, overlay, pdserve, pdbench, errors):
         errors.append(f"{overlay}: {msg}")
 
     services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    spec_annotations = {d["metadata"]["name"]: d["spec"]["template"]["metadata"].get(
+        "annotations", {}) for d in docs if d["kind"] in ("Deployment", "Job")}
     help_cache = {}
     frontend_pods = []
     for name, spec, labels, replicas, kind in pod_specs(docs):
@@ -159,6 +162,14 @@ def check_static(docs, overlay, pdserve, pdbench, errors):
                     if overlay == "cpu-demo" and (gpus or backend != "cpu"):
                         err(f"{where}: the cpu-demo workers must not ask for GPUs ({gpus}, "
                             f"{backend})")
+            if values.get("metrics-port") not in (None, "-1"):
+                port = int(values["metrics-port"])
+                if port not in ports:
+                    err(f"{where}: --metrics-port={port} is not a container port {ports}")
+                notes = spec_annotations.get(name, {})
+                if notes.get("prometheus.io/port") != str(port):
+                    err(f"{where}: prometheus.io/port {notes.get('prometheus.io/port')} is not "
+                        f"the metrics port {port}")
             if sub == "frontend":
                 frontend_pods.append((labels, {p.get("name"): p["containerPort"]
                                                for p in c.get("ports", [])}))
@@ -382,6 +393,18 @@ def rehearse(docs, repo, pdserve, pdbench, work):
             assert result.returncode == 0, f"{name}: exit {result.returncode}\n{result.stderr}"
             assert re.search(r"Successful requests:\s+60\b", result.stdout), result.stdout
             print(f"rehearsal: job {name} passed")
+
+        # The front-end's Prometheus endpoint, where the annotations say.
+        fe_name, fe_spec, _, fe_ip = next(p for p in pods if p[2].get(
+            "app.kubernetes.io/component") == "frontend")
+        notes = next(d for d in docs if d["metadata"]["name"] == fe_name.rsplit("-", 1)[0]
+                     )["spec"]["template"]["metadata"]["annotations"]
+        url = f"http://{fe_ip}:{notes['prometheus.io/port']}{notes['prometheus.io/path']}"
+        text = urllib.request.urlopen(url, timeout=10).read().decode()
+        ok = re.search(r'^pdserve_requests_total\{code="OK"\} (\d+)', text, re.M)
+        assert ok and int(ok.group(1)) >= 60, f"{url}: {text[:2000]}"
+        assert re.search(r"^pdserve_ttft_seconds_count \d+", text, re.M), text[:2000]
+        print(f"rehearsal: {url} counts {ok.group(1)} finished requests")
 
         # Rolling a decode pod: SIGTERM while it streams a request.
         frontend = [n for n, s, l, a in pods if l.get("app.kubernetes.io/component") == "frontend"]
