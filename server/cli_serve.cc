@@ -207,9 +207,10 @@ absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv) {
   if (pid == 0) {
     prctl(PR_SET_PDEATHSIG, SIGTERM);  // never outlive `up`
     if (getppid() != parent) _exit(1);
-    sigset_t none;
-    sigemptyset(&none);
-    pthread_sigmask(SIG_SETMASK, &none, nullptr);
+    // Its own process group: a terminal's ^C reaches `up` alone, which then stops the children
+    // with one SIGTERM each (a second signal would end their drain at once).
+    setpgid(0, 0);
+    ResetSignalsForExec();
     execv("/proc/self/exe", cargv.data());
     std::perror("pdserve up: exec");
     _exit(127);

@@ -379,8 +379,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       }
       if (draining_) {
         ++rejected_;
-        return grpc::Status(grpc::StatusCode::UNAVAILABLE,
-                            "the front-end is shutting down; send the request to another");
+        return grpc::Status(
+            grpc::StatusCode::UNAVAILABLE,
+            "the front-end is shutting down; send the request to another front-end");
       }
       if (static_cast<int>(in_flight_.size()) >= options_.max_in_flight) {
         ++rejected_;
@@ -611,6 +612,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       }
       std::lock_guard<std::mutex> lock(mu_);
       ++redispatched_;
+      if (relay.work.best_effort()) --best_effort_;  // counted again if placed so again
       // The workers see a new call id: the refusing side may still hold the old one a moment.
       relay.work.set_request_id(absl::StrCat(relay.tracked.id, "#", next_call_++));
       log_->info("{} refused {} before starting it ({}); placing it again", refused_by,
@@ -876,22 +878,66 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     return WorkerError(decode, ds, relay);
   }
 
+  // One health poll of a worker (HealthLoop polls them all at once).
+  struct Poll {
+    std::string id;
+    std::shared_ptr<pb::Worker::Stub> stub;
+    grpc::ClientContext ctx;
+    pb::WorkerStatusRequest request;
+    pb::WorkerStatus status;
+    grpc::Status result;
+  };
+
+  // Polls every instance's status at once (an unreachable one costs the round its deadline,
+  // not its deadline per instance); returns when every call has ended.
+  std::vector<std::unique_ptr<Poll>> PollAll() {
+    std::vector<std::unique_ptr<Poll>> polls;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      for (auto& [id, inst] : instances_) {
+        polls.push_back(std::make_unique<Poll>());
+        polls.back()->id = id;
+        polls.back()->stub = inst->stub;
+      }
+    }
+    std::mutex done_mu;
+    std::condition_variable done_cv;
+    size_t done = 0;
+    for (auto& p : polls) {
+      p->ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
+      p->stub->async()->GetStatus(&p->ctx, &p->request, &p->status,
+                                  [&, poll = p.get()](grpc::Status s) {
+                                    poll->result = std::move(s);
+                                    std::lock_guard<std::mutex> lock(done_mu);
+                                    ++done;
+                                    done_cv.notify_all();
+                                  });
+    }
+    std::unique_lock<std::mutex> lock(done_mu);
+    if (!done_cv.wait_for(lock, std::chrono::seconds(2), [&] { return done == polls.size(); })) {
+      for (auto& p : polls) p->ctx.TryCancel();  // every callback still comes, at once
+      done_cv.wait(lock, [&] { return done == polls.size(); });
+    }
+    return polls;
+  }
+
   void HealthLoop() {
     while (true) {
-      std::vector<std::pair<std::string, std::shared_ptr<pb::Worker::Stub>>> targets;
-      {
-        std::lock_guard<std::mutex> lock(mu_);
-        for (auto& [id, inst] : instances_) targets.emplace_back(id, inst->stub);
-      }
-      for (auto& [id, stub] : targets) {
-        grpc::ClientContext ctx;
-        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(500));
-        pb::WorkerStatus status;
-        grpc::Status s = stub->GetStatus(&ctx, pb::WorkerStatusRequest(), &status);
+      for (auto& poll : PollAll()) {
+        const std::string& id = poll->id;
+        pb::WorkerStatus& status = poll->status;
+        grpc::Status s = poll->result;
         std::lock_guard<std::mutex> lock(mu_);
         auto it = instances_.find(id);
-        if (it == instances_.end() || it->second->stub != stub) continue;
+        if (it == instances_.end() || it->second->stub != poll->stub) continue;
         Instance& inst = *it->second;
+        // Another process at the address (a pod that took a departed one's IP) is no answer.
+        if (s.ok() &&
+            (status.id() != id || status.role() != scheduler::InstanceRoleName(inst.role))) {
+          s = grpc::Status(
+              grpc::StatusCode::UNAVAILABLE,
+              absl::StrCat(inst.address, " is now ", status.role(), " worker '", status.id(), "'"));
+        }
         // It answers, but from figures its engine loop has not refreshed for too long.
         const absl::Duration stalled = absl::Microseconds(status.loop_heartbeat_age_us());
         if (s.ok() && stalled > options_.worker_stall_timeout) {
@@ -907,7 +953,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
           inst.healthy = true;
           inst.failures = 0;
           inst.last_seen = absl::Now();
-          inst.draining = status.draining();
+          // Only set here: a reply sent before a drain began must not clear what the draining
+          // registration said (registrations, in order, are what clear it).
+          if (status.draining()) inst.draining = true;
           inst.status = std::move(status);
         } else if (++inst.failures >= options_.unhealthy_after_failures && inst.healthy) {
           inst.healthy = false;

@@ -25,6 +25,9 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
     const std::string& host, int port, const std::vector<grpc::Service*>& services,
     int* bound_port);
 
+// host:port, with an IPv6 host in brackets ([fd00::5]:50051).
+std::string JoinHostPort(const std::string& host, int port);
+
 // Whether listening on `host` means every address of the machine (0.0.0.0, ::, [::], empty):
 // not an address others can be told to dial.
 bool IsWildcardHost(const std::string& host);
@@ -37,6 +40,10 @@ std::shared_ptr<grpc::Channel> MakeChannel(const std::string& address);
 // WaitForTerminationSignal() then returns the signal that arrived.
 void BlockTerminationSignals();
 int WaitForTerminationSignal();
+
+// In a child between fork and exec: default signal actions and an empty mask (the parent's
+// pass-on handler would re-raise a pending signal on the child's thread forever).
+void ResetSignalsForExec();
 
 // Graceful stop after a first termination signal: calls drain(slice), which returns true once
 // drained or false after `slice`, until it returns true (then true), `timeout` has passed or a

@@ -11,6 +11,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
@@ -260,12 +261,14 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   }
 
   const std::string& id() const { return options_.id; }
-  std::string address() const { return absl::StrCat(options_.advertise_host, ":", bound_port_); }
+  std::string address() const { return JoinHostPort(options_.advertise_host, bound_port_); }
   // The receiver's port at the advertised host.
   std::string kv_address() const {
     if (!receiver_) return "";
     const std::string listening = receiver_->address();
-    return absl::StrCat(options_.advertise_host, listening.substr(listening.rfind(':')));
+    int port = 0;
+    if (!absl::SimpleAtoi(listening.substr(listening.rfind(':') + 1), &port)) return listening;
+    return JoinHostPort(options_.advertise_host, port);
   }
 
   bool Drain(absl::Duration timeout) {
@@ -524,8 +527,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     {
       std::lock_guard<std::mutex> lock(admitted_mu_);
       if (draining_) {
-        return ToGrpc(absl::UnavailableError(
-            absl::StrCat(options_.id, " is draining (shutting down): it takes no new requests")));
+        return ToGrpc(absl::UnavailableError("draining (shutting down): no new requests"));
       }
       if (admitted_.count(id)) {
         return ToGrpc(absl::AlreadyExistsError(
@@ -974,7 +976,8 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
                   std::chrono::duration_cast<std::chrono::seconds>(stalled).count());
     }
     reported_live_ = live;
-    health->SetServingStatus(live);
+    // ("" alone: the one-argument form sets every service, readiness included, for a moment.)
+    health->SetServingStatus("", live);
     health->SetServingStatus(kReadyService, live && registered && !draining_);
   }
 

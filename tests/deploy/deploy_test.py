@@ -138,6 +138,11 @@ def check_static(docs, overlay, pdserve, pdbench, errors):
                     if probe == "readinessProbe" else ""
                 if service != want:
                     err(f"{where}: {probe} asks service '{service}', expected '{want}'")
+            if overlay == "gpu" and sub in ("prefill", "decode"):
+                surge = next(d for d in docs if d["metadata"]["name"] == name)["spec"].get(
+                    "strategy", {}).get("rollingUpdate", {}).get("maxSurge")
+                if surge not in (0, "0", "0%"):
+                    err(f"{where}: a surge pod would wait for a spare GPU (maxSurge {surge})")
             if binary == "pdserve" and sub in ("frontend", "prefill", "decode", "colocated"):
                 for probe in ("livenessProbe", "readinessProbe"):
                     if probe not in c:
@@ -217,6 +222,9 @@ def frontend_pods_of(docs):
 
 def check_packages(repo, binaries, errors):
     """Every library the binaries load comes from a runtime package of the image or its base."""
+    if shutil.which("dpkg") is None or shutil.which("apt-cache") is None:
+        print("not a Debian system: the image's package list is not checked")
+        return
     script = os.path.join(repo, "deploy", "docker", "packages.sh")
     listed = {b: set(subprocess.run(["bash", script, "--list", "runtime", b], check=True,
                                     capture_output=True, text=True).stdout.split())
@@ -347,10 +355,12 @@ def rehearse(docs, repo, pdserve, pdbench, work):
     deployments = [(n, s, l, r) for n, s, l, r, k in pod_specs(docs) if k == "Deployment"]
     jobs = [(n, s) for n, s, l, r, k in pod_specs(docs) if k == "Job"]
     # Pod addresses; Services resolve to the pods they select (here: the front-end).
+    # Addresses of this run alone (127.N.0.x): runs from two build trees never meet.
+    net = 20 + os.getpid() % 200
     pods, ip = [], 10
     for name, spec, labels, replicas in deployments:
         for i in range(replicas):
-            pods.append((f"{name}-{i}", spec, labels, f"127.0.0.{ip}"))
+            pods.append((f"{name}-{i}", spec, labels, f"127.{net}.0.{ip}"))
             ip += 1
     services = {}
     for d in docs:
@@ -386,7 +396,8 @@ def rehearse(docs, repo, pdserve, pdbench, work):
 
         # The load-test Job, as written.
         for name, spec in jobs:
-            pod = Pod(name, spec, "127.0.0.99", os.path.join(work, "volumes"), services, logs)
+            pod = Pod(name, spec, f"127.{net}.0.99", os.path.join(work, "volumes"), services,
+                      logs)
             argv = pod.argv(spec["containers"][0], binaries)
             result = subprocess.run(argv, capture_output=True, text=True, timeout=600)
             open(os.path.join(logs, f"{name}.log"), "w").write(result.stdout + result.stderr)
@@ -431,6 +442,7 @@ def rehearse(docs, repo, pdserve, pdbench, work):
         reader.start()
         assert first.wait(60), "no first token"
         victim = running[decode[0]]
+        at_signal = got[0]
         for p in victim.procs:
             p.send_signal(signal.SIGTERM)
         ready_stub = health_pb2_grpc.HealthStub(channels[decode[0]][0])
@@ -442,6 +454,7 @@ def rehearse(docs, repo, pdserve, pdbench, work):
         reader.join(120)
         assert not failure, f"the streamed request failed during the drain: {failure[0]}"
         assert got[0] == 160, f"{got[0]} of 160 tokens"
+        assert at_signal < 160, "the request had ended before the signal: no drain was tested"
         codes = [p.wait(timeout=60) for p in victim.procs]  # on its own: drained
         assert codes == [0], f"the drained decode worker exited with {codes}"
         if len(decode) == 1:
@@ -465,8 +478,12 @@ def main():
         return SKIP
     try:
         import yaml  # noqa: F401
-    except ImportError:
-        print("python3-yaml not found: skipped")
+        import grpc  # noqa: F401
+    except ImportError as e:
+        print(f"{e.name} not found (Debian: python3-yaml, python3-grpcio): skipped")
+        return SKIP
+    if not os.path.exists("/usr/bin/grpc_python_plugin"):
+        print("grpc_python_plugin not found (Debian: protobuf-compiler-grpc): skipped")
         return SKIP
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)

@@ -3,8 +3,14 @@
 // worker refuses before starting it goes to another, workers gone for good are forgotten, and
 // workers listening on every address register the address they were told to advertise.
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <signal.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
+#include <algorithm>
 #include <future>
 #include <memory>
 #include <optional>
@@ -16,6 +22,7 @@
 #include "absl/time/clock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "pdserve/internal/control.grpc.pb.h"
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "server/frontend.h"
 #include "server/grpc_util.h"
@@ -331,6 +338,105 @@ TEST(DrainTest, DrainUntilStopsAtTheTimeoutOrASecondSignal) {
       absl::Seconds(30)));
   EXPECT_EQ(calls, 2);
   EXPECT_LT(absl::Now() - again, absl::Seconds(5));
+}
+
+// A child forked by a process whose signals pass on to its waiting thread, with a signal
+// pending, dies of it once ResetSignalsForExec unblocks it (the pass-on handler, inherited,
+// would re-raise it on the child's thread forever).
+TEST(DrainTest, AForkedChildDiesOfAPendingSignalOnceReset) {
+  BlockTerminationSignals();
+  const pid_t pid = fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    raise(SIGTERM);  // pending: blocked in this thread
+    ResetSignalsForExec();
+    _exit(0);
+  }
+  int status = 0;
+  pid_t r = 0;
+  for (int i = 0; i < 200 && (r = waitpid(pid, &status, WNOHANG)) == 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(10));
+  }
+  if (r == 0) {
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    FAIL() << "the child spun on its pending signal";
+  }
+  EXPECT_TRUE(WIFSIGNALED(status) && WTERMSIG(status) == SIGTERM) << status;
+}
+
+// Registers `id` as `role` at `address` straight with the front-end's registry, once.
+void RegisterOnce(Cluster& c, const std::string& id, const std::string& role,
+                  const std::string& address) {
+  auto registry = ::pdserve::internal::Registry::NewStub(
+      grpc::CreateChannel(c.frontend->address(), grpc::InsecureChannelCredentials()));
+  ::pdserve::internal::RegisterRequest r;
+  r.set_id(id);
+  r.set_role(role);
+  r.set_address(address);
+  r.set_kv_address(address);
+  r.set_vocab_size(static_cast<int32_t>(testing::SmallTestConfig().vocab_size));
+  ::pdserve::internal::RegisterResponse response;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  ASSERT_TRUE(c.frontend != nullptr);
+  ASSERT_TRUE(registry->Register(&ctx, r, &response).ok());
+  ASSERT_TRUE(response.accepted()) << response.message();
+}
+
+// An entry whose address now answers as another worker (a pod that took a departed one's IP)
+// is not healthy and is forgotten in time; the worker really there stays.
+TEST(DrainTest, AnotherWorkerAtAGoneWorkersAddressIsNoAnswer) {
+  FrontendOptions fo;
+  fo.forget_worker_after = absl::Milliseconds(500);
+  auto c = StartFrontend(fo);
+  ASSERT_NE(c, nullptr);
+  auto w = c->Worker(InstanceRole::kColocated, "here");
+  ASSERT_NE(w, nullptr);
+  RegisterOnce(*c, "ghost", "decode", w->worker->address());
+  ASSERT_TRUE(c->WaitFor([&](const api::ClusterStatus& s) {
+    return c->Find(s, "ghost") == nullptr && c->Find(s, "here") != nullptr &&
+           c->Find(s, "here")->healthy();
+  })) << c->Status().DebugString();
+  for (int i = 0; i < 5; ++i) {  // never healthy on the way
+    EXPECT_FALSE(c->Find(c->Status(), "ghost")) << "ghost came back";
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  c->frontend->Shutdown();
+}
+
+// Workers that accept connections but never answer (a black-holed pod) cost the health poll
+// one deadline per round, not one each: a worker that goes away is still noticed at once.
+TEST(DrainTest, UnansweringWorkersDoNotSlowTheHealthPoll) {
+  const int sink = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(sink, 0);
+  sockaddr_in addr = {};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(sink, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(sink, 64), 0);  // the kernel completes handshakes; nothing ever answers
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(getsockname(sink, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  const std::string silent = absl::StrCat("127.0.0.1:", ntohs(addr.sin_port));
+  FrontendOptions fo;
+  fo.unhealthy_after_failures = 1;
+  auto c = StartFrontend(fo);
+  ASSERT_NE(c, nullptr);
+  auto live = c->Worker(InstanceRole::kColocated, "live");
+  auto victim = c->Worker(InstanceRole::kColocated, "victim");
+  ASSERT_TRUE(live && victim);
+  ASSERT_TRUE(c->WaitHealthy({"live", "victim"}));
+  for (int i = 0; i < 6; ++i) RegisterOnce(*c, absl::StrCat("silent-", i), "colocated", silent);
+  absl::SleepFor(absl::Seconds(1));  // rounds with six silent workers in them
+  victim->worker->Shutdown();
+  const absl::Time gone = absl::Now();
+  ASSERT_TRUE(
+      c->WaitFor([&](const api::ClusterStatus& s) { return !c->Find(s, "victim")->healthy(); }));
+  // One round: the 500 ms deadline plus the 50 ms period (one poll after another: over 3 s).
+  EXPECT_LT(absl::Now() - gone, absl::Milliseconds(1500));
+  EXPECT_TRUE(c->Find(c->Status(), "live")->healthy());
+  c->frontend->Shutdown();
+  close(sink);
 }
 
 }  // namespace

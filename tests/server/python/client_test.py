@@ -36,9 +36,11 @@ def main():
     if os.path.exists(ready):
         os.remove(ready)
     log = open(os.path.join(work, "cluster.log"), "w")
+    # Its own session: the ^C at the end goes to its process group, as a terminal's would.
     up = subprocess.Popen([pdserve, "up", "--model", model, "--prefill", "1", "--decode", "1",
-                           "--port", "0", "--threads", "1", "--ready-file", ready],
-                          stdout=log, stderr=subprocess.STDOUT)
+                           "--port", "0", "--threads", "1", "--ready-file", ready,
+                           "--drain-timeout-s", "60"],
+                          stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
         while not os.path.exists(ready):
@@ -127,9 +129,19 @@ def main():
         roles = sorted(i.role for i in status.instances)
         assert roles == ["decode", "prefill"], roles
         assert all(i.healthy for i in status.instances), status
+        # ^C (SIGINT to the whole process group) while a request streams: `up` stops its
+        # processes with one SIGTERM each, and each drains: the request gets every token.
+        call = stub.Generate(serving_pb2.GenerateRequest(
+            prompt_token_ids=list(range(10, 40)), max_tokens=120, ignore_eos=True), timeout=120)
+        first = next(call)
+        os.killpg(up.pid, signal.SIGINT)
+        rest = [t for m in call for t in m.token_ids]
+        assert len(first.token_ids) + len(rest) == 120, len(first.token_ids) + len(rest)
+        assert up.wait(timeout=60) == 0
         print("python client test: OK")
     finally:
-        up.send_signal(signal.SIGTERM)
+        if up.poll() is None:
+            up.send_signal(signal.SIGTERM)
         try:
             code = up.wait(timeout=30)
         except subprocess.TimeoutExpired:
