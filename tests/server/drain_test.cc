@@ -65,12 +65,7 @@ struct Cluster {
   // Polls the cluster status until `done` holds (bounded).
   template <typename F>
   bool WaitFor(F done, absl::Duration timeout = absl::Seconds(20)) {
-    const absl::Time deadline = absl::Now() + timeout;
-    while (absl::Now() < deadline) {
-      if (done(Status())) return true;
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    return false;
+    return PollUntil([this] { return Status(); }, done, timeout);
   }
   // Waits until each of `ids` is registered and healthy.
   bool WaitHealthy(const std::vector<std::string>& ids) {

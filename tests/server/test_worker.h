@@ -21,6 +21,17 @@ namespace pds::server {
 
 inline constexpr int kBlockSize = 16;
 
+// Calls `get` every 20 ms until `done(get())` holds (true) or `timeout` has passed (false).
+template <typename Get, typename Done>
+bool PollUntil(Get get, Done done, absl::Duration timeout) {
+  const absl::Time deadline = absl::Now() + timeout;
+  while (absl::Now() < deadline) {
+    if (done(get())) return true;
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  return false;
+}
+
 // A CPU backend whose attention fails while `fail` is set (a device fault in the middle of an
 // engine step), or takes `delay_ms` longer.
 class FaultyBackend : public engine::CpuBackend {
@@ -56,12 +67,7 @@ struct TestWorker {
   // Polls the worker's status (refreshed by its loop at least every 50 ms) until `done`.
   template <typename F>
   bool WaitFor(F done, absl::Duration timeout = absl::Seconds(20)) {
-    const absl::Time deadline = absl::Now() + timeout;
-    while (absl::Now() < deadline) {
-      if (done(Status())) return true;
-      absl::SleepFor(absl::Milliseconds(20));
-    }
-    return false;
+    return PollUntil([this] { return Status(); }, done, timeout);
   }
   // Sends `source` as the KV of `num_tokens` positions of request `id` into this worker.
   absl::Status SendKv(const std::string& id, int32_t num_tokens, engine::KvSource& source) {
