@@ -250,14 +250,23 @@ class Cluster {
     return "";
   }
 
-  // SIGTERM to workers first, then the front-end (the first child); SIGKILL after the grace.
+  // SIGTERM to workers first, then the front-end (the first child): they drain. A further
+  // SIGINT/SIGTERM to `up` meanwhile is passed on (a second signal stops them at once);
+  // SIGKILL after the grace.
   void Stop() {
-    for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
-      if (it->pid > 0) kill(it->pid, SIGTERM);
-    }
+    Signal(SIGTERM);
     const absl::Time deadline = absl::Now() + grace_;
+    sigset_t stop_now;
+    sigemptyset(&stop_now);
+    sigaddset(&stop_now, SIGINT);
+    sigaddset(&stop_now, SIGTERM);
+    const timespec poll = {0, 0};
     for (Child& c : children_) {
       while (c.pid > 0) {
+        if (sigtimedwait(&stop_now, nullptr, &poll) > 0) {
+          std::fprintf(stderr, "pdserve up: stopping now, without waiting for the drains\n");
+          Signal(SIGTERM);
+        }
         int status = 0;
         const pid_t r = waitpid(c.pid, &status, WNOHANG);
         if (r == c.pid || r < 0) {
@@ -276,6 +285,12 @@ class Cluster {
   }
 
  private:
+  void Signal(int sig) {
+    for (auto it = children_.rbegin(); it != children_.rend(); ++it) {
+      if (it->pid > 0) kill(it->pid, sig);
+    }
+  }
+
   const absl::Duration grace_;
   std::vector<Child> children_;
 };

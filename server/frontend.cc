@@ -262,7 +262,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       log_->info("{} is draining", request->id());
     }
     if (slot == nullptr || slot->address != request->address() ||
-        slot->kv_address != request->kv_address()) {
+        slot->kv_address != request->kv_address() || slot->role != *role) {
       const bool replaced = slot != nullptr;
       auto inst = std::make_unique<Instance>();
       inst->id = request->id();
@@ -443,6 +443,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     api::Timeline timeline;
     int32_t completion_tokens = 0;
     std::string finish_reason;
+    // The prefill worker's KV hand-off, offered to confirmed, on its own clock (the timeline's
+    // end is the decode worker's, another host's clock).
+    std::pair<int64_t, int64_t> kv_sent_us = {0, 0};
   };
 
   grpc::Status Validate(const api::GenerateRequest& r, pb::WorkRequest& work) {
@@ -515,7 +518,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     o.ttft_s = span(t.arrival_us(), t.first_token_us());
     o.e2e_s = span(t.arrival_us(), t.finish_us());
     o.queue_s = span(t.queued_us(), t.prefill_start_us());
-    o.kv_transfer_s = span(t.kv_transfer_start_us(), t.kv_transfer_end_us());
+    o.kv_transfer_s = span(relay.kv_sent_us.first, relay.kv_sent_us.second);
     if (relay.completion_tokens > 1 && span(t.first_token_us(), t.finish_us()) >= 0) {
       o.tpot_s = span(t.first_token_us(), t.finish_us()) / (relay.completion_tokens - 1);
     }
@@ -533,7 +536,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     PromType(out, "pdserve_requests_in_flight", "gauge", "Requests admitted and not ended.");
     absl::StrAppend(&out, "pdserve_requests_in_flight ", in_flight_.size(), "\n");
     PromType(out, "pdserve_requests_redispatched_total", "counter",
-             "Requests placed again after a worker refused them before starting.");
+             "Re-dispatches: a request placed again after a worker refused it before starting.");
     absl::StrAppend(&out, "pdserve_requests_redispatched_total ", redispatched_, "\n");
     PromType(out, "pdserve_requests_refused_slo_total", "counter",
              "Requests refused by SLO admission control.");
@@ -568,10 +571,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         {"pdserve_instance_kv_bytes_sent_total", "counter", "KV bytes handed off (prefill).",
          [](const Instance& i) { return i.status.kv_bytes_sent(); }},
     };
-    for (const Series& m : series) {
+    // (Label `worker`: Prometheus gives `instance` to the scrape target, the front-end.) A
+    // worker that has never answered a poll, or is unhealthy now, shows only its health and
+    // drain: its figures would be zeros or stale.
+    for (size_t k = 0; k < std::size(series); ++k) {
+      const Series& m = series[k];
       PromType(out, m.name, m.type, m.help);
       for (const auto& [id, inst] : instances_) {
-        absl::StrAppend(&out, m.name, "{instance=", PromLabel(id),
+        if (k >= 2 && !inst->healthy) continue;
+        absl::StrAppend(&out, m.name, "{worker=", PromLabel(id),
                         ",role=", PromLabel(scheduler::InstanceRoleName(inst->role)), "} ",
                         absl::StrFormat("%.9g", m.value(*inst)), "\n");
       }
@@ -833,6 +841,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         MergeTimeline(relay.timeline, event);
         if (event.kind() == pb::WorkEvent::KV_SENT) {
           sent = true;
+          relay.kv_sent_us = {event.kv_transfer_start_us(), event.kv_transfer_end_us()};
           continue;
         }
         prefill_done();
@@ -937,6 +946,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
           s = grpc::Status(
               grpc::StatusCode::UNAVAILABLE,
               absl::StrCat(inst.address, " is now ", status.role(), " worker '", status.id(), "'"));
+          // A definite answer: unhealthy at once.
+          inst.failures = std::max(inst.failures, options_.unhealthy_after_failures - 1);
         }
         // It answers, but from figures its engine loop has not refreshed for too long.
         const absl::Duration stalled = absl::Microseconds(status.loop_heartbeat_age_us());

@@ -102,7 +102,7 @@ std::string FrontendMetrics::Render(const std::string& gauges) const {
   const char* helps[] = {"Time to first token, from arrival at the front-end.",
                          "Mean time per output token after the first, per request.",
                          "Arrival to the last token.",
-                         "Placement to the start of the request's prefill step.",
+                         "Prefill worker's queue: arrival there to its prefill step's start.",
                          "KV hand-off from prefill to decode worker, start to end."};
   for (size_t i = 0; i < std::size(histograms); ++i) {
     PromType(out, histograms[i].first, "histogram", helps[i]);
@@ -124,12 +124,19 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
   impl->server.Get("/metrics", [render](const httplib::Request&, httplib::Response& res) {
     res.set_content(render(), "text/plain; version=0.0.4; charset=utf-8");
   });
+  // One request per connection: a kept-alive idle connection holds stop() for its timeout.
+  impl->server.set_keep_alive_max_count(1);
   impl->server.set_read_timeout(5, 0);
   impl->server.set_write_timeout(5, 0);
+  // getaddrinfo takes an IPv6 host without the brackets of "[::]".
+  std::string bind_host = host;
+  if (bind_host.size() > 2 && bind_host.front() == '[' && bind_host.back() == ']') {
+    bind_host = bind_host.substr(1, bind_host.size() - 2);
+  }
   int bound = port;
   if (port == 0) {
-    bound = impl->server.bind_to_any_port(host);
-  } else if (!impl->server.bind_to_port(host, port)) {
+    bound = impl->server.bind_to_any_port(bind_host);
+  } else if (!impl->server.bind_to_port(bind_host, port)) {
     bound = -1;
   }
   if (bound <= 0) {

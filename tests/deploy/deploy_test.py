@@ -138,11 +138,13 @@ def check_static(docs, overlay, pdserve, pdbench, errors):
                     if probe == "readinessProbe" else ""
                 if service != want:
                     err(f"{where}: {probe} asks service '{service}', expected '{want}'")
-            if overlay == "gpu" and sub in ("prefill", "decode"):
-                surge = next(d for d in docs if d["metadata"]["name"] == name)["spec"].get(
-                    "strategy", {}).get("rollingUpdate", {}).get("maxSurge")
-                if surge not in (0, "0", "0%"):
-                    err(f"{where}: a surge pod would wait for a spare GPU (maxSurge {surge})")
+            if sub in ("prefill", "decode"):
+                d = next(d for d in docs if d["metadata"]["name"] == name)
+                rolling = d["spec"].get("strategy", {}).get("rollingUpdate", {})
+                if d["spec"].get("replicas", 1) < 2 and rolling.get("maxUnavailable") not in (
+                        0, "0", "0%"):
+                    err(f"{where}: one replica and maxUnavailable "
+                        f"{rolling.get('maxUnavailable')}: a rollout leaves no {sub} worker")
             if binary == "pdserve" and sub in ("frontend", "prefill", "decode", "colocated"):
                 for probe in ("livenessProbe", "readinessProbe"):
                     if probe not in c:

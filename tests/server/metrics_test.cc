@@ -144,6 +144,7 @@ TEST(MetricsTest, FrontendServesPrometheusMetricsOverHttp) {
     EXPECT_EQ(reader->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
   }
   const auto s = scrape();
+  ASSERT_FALSE(s.empty()) << "no scrape";
   EXPECT_EQ(s.at("pdserve_requests_total{code=\"OK\"}"), 3);
   EXPECT_EQ(s.at("pdserve_requests_total{code=\"INVALID_ARGUMENT\"}"), 1);
   EXPECT_EQ(s.at("pdserve_slo_attained_total"), 3);
@@ -154,11 +155,22 @@ TEST(MetricsTest, FrontendServesPrometheusMetricsOverHttp) {
   EXPECT_EQ(s.at("pdserve_kv_transfer_seconds_count"), 3);
   EXPECT_GT(s.at("pdserve_e2e_latency_seconds_sum"), 0);
   EXPECT_EQ(s.at("pdserve_requests_in_flight"), 0);
-  EXPECT_EQ(s.at("pdserve_instance_healthy{instance=\"p\",role=\"prefill\"}"), 1);
-  EXPECT_EQ(s.at("pdserve_instance_healthy{instance=\"d\",role=\"decode\"}"), 1);
-  EXPECT_EQ(s.count("pdserve_instance_kv_blocks_total{instance=\"d\",role=\"decode\"}"), 1u);
+  EXPECT_EQ(s.at("pdserve_instance_healthy{worker=\"p\",role=\"prefill\"}"), 1);
+  EXPECT_EQ(s.at("pdserve_instance_healthy{worker=\"d\",role=\"decode\"}"), 1);
+  EXPECT_EQ(s.count("pdserve_instance_kv_blocks_total{worker=\"d\",role=\"decode\"}"), 1u);
   EXPECT_EQ(s.at("pdserve_ready"), 1);
+  // Prometheus gives `instance` and `job` to the scrape target: no series may carry them.
+  for (const auto& [series, value] : s) {
+    EXPECT_EQ(series.find("instance="), std::string::npos) << series;
+    EXPECT_EQ(series.find("job="), std::string::npos) << series;
+  }
+  // A scraper keeping its connection alive does not hold the shutdown up.
+  httplib::Client kept("127.0.0.1", (*frontend)->metrics_port());
+  kept.set_keep_alive(true);
+  ASSERT_TRUE(kept.Get("/metrics"));
+  const absl::Time stop = absl::Now();
   (*frontend)->Shutdown();
+  EXPECT_LT(absl::Now() - stop, absl::Seconds(2));
   EXPECT_FALSE(http.Get("/metrics")) << "still serving after Shutdown";
 }
 

@@ -138,6 +138,41 @@ def main():
         rest = [t for m in call for t in m.token_ids]
         assert len(first.token_ids) + len(rest) == 120, len(first.token_ids) + len(rest)
         assert up.wait(timeout=60) == 0
+
+        # A second ^C stops at once, without waiting for the drains.
+        up2 = subprocess.Popen([pdserve, "up", "--model", model, "--colocated", "1", "--port",
+                                "0", "--threads", "1", "--max-batch-size", "1", "--ready-file",
+                                ready, "--drain-timeout-s", "120"],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            os.remove(ready)
+        except FileNotFoundError:
+            pass
+        deadline = time.time() + 120
+        while not os.path.exists(ready):
+            assert up2.poll() is None and time.time() < deadline, "second cluster not ready"
+            time.sleep(0.1)
+        stub2 = serving_pb2_grpc.ServingStub(grpc.insecure_channel(open(ready).read().strip()))
+        # Work for far longer than the test waits: requests one at a time, 2000 tokens each.
+        calls = [stub2.Generate(serving_pb2.GenerateRequest(
+            prompt_token_ids=[5, 6, 7 + i], max_tokens=2000, ignore_eos=True), timeout=120)
+            for i in range(40)]
+        next(calls[0])
+        os.killpg(up2.pid, signal.SIGINT)
+        time.sleep(0.3)
+        start = time.time()
+        os.killpg(up2.pid, signal.SIGINT)
+        code2 = up2.wait(timeout=30)
+        assert time.time() - start < 5, f"a second ^C took {time.time() - start:.1f} s"
+        assert code2 == 0, code2
+        cut = 0
+        for c in calls:
+            try:
+                for _ in c:
+                    pass
+            except grpc.RpcError:
+                cut += 1
+        assert cut > 0, "every request ended normally: the drain was not cut short"
         print("python client test: OK")
     finally:
         if up.poll() is None:
