@@ -251,7 +251,7 @@ class Cluster {
   }
 
   // SIGTERM to workers first, then the front-end (the first child): they drain. A further
-  // SIGINT/SIGTERM to `up` meanwhile is passed on (a second signal stops them at once);
+  // SIGINT/SIGTERM to `up` meanwhile is passed on as SIGINT (their second signal: stop now);
   // SIGKILL after the grace.
   void Stop() {
     Signal(SIGTERM);
@@ -265,7 +265,8 @@ class Cluster {
       while (c.pid > 0) {
         if (sigtimedwait(&stop_now, nullptr, &poll) > 0) {
           std::fprintf(stderr, "pdserve up: stopping now, without waiting for the drains\n");
-          Signal(SIGTERM);
+          // SIGINT: a second SIGTERM still pending with the first would merge into one.
+          Signal(SIGINT);
         }
         int status = 0;
         const pid_t r = waitpid(c.pid, &status, WNOHANG);

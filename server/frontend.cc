@@ -633,6 +633,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     scheduler::Placement placement;
     Instance* prefill = nullptr;
     Instance* decode = nullptr;
+    std::string decode_kv_address;
     std::optional<Booking> booking;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -673,6 +674,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       int32_t blocks = 0;
       if (!placement.decode.empty()) {
         decode = instances_.at(placement.decode).get();
+        decode_kv_address = decode->kv_address;  // as placed (a re-registration may change it)
         blocks =
             engine::BlockTable::BlocksFor(prompt_len + 1, std::max(1, decode->status.block_size()));
       }
@@ -690,9 +692,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     relay.work.set_best_effort(placement.best_effort);  // workers plan it after the others
     relay.timeline.set_queued_us(NowUs());
     Instance* refused = nullptr;
-    grpc::Status s = decode == nullptr ? RunColocated(relay, *prefill, prefill_done, &refused)
-                                       : RunDisaggregated(relay, *prefill, *decode, prefill_done,
-                                                          decode_started, &refused);
+    grpc::Status s = decode == nullptr
+                         ? RunColocated(relay, *prefill, prefill_done, &refused)
+                         : RunDisaggregated(relay, *prefill, *decode, decode_kv_address,
+                                            prefill_done, decode_started, &refused);
     if (refused != nullptr) {  // (its booking, still alive, keeps it from being forgotten)
       std::lock_guard<std::mutex> lock(mu_);
       refused->healthy = false;
@@ -809,7 +812,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   }
 
   template <typename F, typename G>
-  grpc::Status RunDisaggregated(Relay& relay, Instance& prefill, Instance& decode, F&& prefill_done,
+  grpc::Status RunDisaggregated(Relay& relay, Instance& prefill, Instance& decode,
+                                const std::string& decode_kv_address, F&& prefill_done,
                                 G&& decode_started, Instance** refused) {
     // The decode worker first takes the request (it answers ACCEPTED without waiting for its
     // engine step; the registration runs on its loop before any KV offer), so the KV hand-off
@@ -826,10 +830,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       return WorkerError(decode, dstream->Finish(), relay);
     pb::WorkRequest work = relay.work;
     work.set_decode_instance(decode.id);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      work.set_decode_kv_address(decode.kv_address);
-    }
+    work.set_decode_kv_address(decode_kv_address);
     bool done = false;
     {
       Call pcall(relay.tracked, relay.work.deadline_unix_us());

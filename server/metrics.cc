@@ -126,6 +126,7 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
   });
   // One request per connection: a kept-alive idle connection holds stop() for its timeout.
   impl->server.set_keep_alive_max_count(1);
+  impl->server.set_keep_alive_timeout(1);  // and a connection that sends nothing, for 1 s
   impl->server.set_read_timeout(5, 0);
   impl->server.set_write_timeout(5, 0);
   // getaddrinfo takes an IPv6 host without the brackets of "[::]".

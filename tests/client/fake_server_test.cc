@@ -48,6 +48,7 @@ struct Script {
 class FakeServing final : public pdserve::v1::Serving::Service {
  public:
   std::function<Script(int64_t index)> script = [](int64_t) { return Script(); };
+  std::atomic<bool> status_unimplemented{false};  // a server without GetClusterStatus
 
   int max_inflight() const { return max_inflight_.load(); }
   int cancelled() const { return cancelled_.load(); }
@@ -59,6 +60,7 @@ class FakeServing final : public pdserve::v1::Serving::Service {
 
   grpc::Status GetClusterStatus(grpc::ServerContext*, const pdserve::v1::ClusterStatusRequest*,
                                 pdserve::v1::ClusterStatus* out) override {
+    if (status_unimplemented) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no status");
     out->set_model("fake-model");
     std::lock_guard<std::mutex> lock(mu_);
     for (const auto& i : instances_) *out->add_instances() = i;
@@ -713,6 +715,12 @@ TEST_F(PdbenchFakeServerTest, WaitReadyHoldsTheLoadUntilTheClusterCanServe) {
   EXPECT_GE(absl::Now() - again, absl::Milliseconds(400));
   EXPECT_EQ(service_.received(), 2);
   EXPECT_EQ(RunPdbench(with("-1")), 2) << "a negative wait is refused";
+  // A target without cluster status: nothing to wait for, the load goes at once.
+  service_.status_unimplemented = true;
+  const absl::Time third = absl::Now();
+  EXPECT_EQ(RunPdbench(with("20")), 0);
+  EXPECT_LT(absl::Now() - third, absl::Seconds(10));
+  EXPECT_EQ(service_.received(), 4);
 }
 
 TEST(PdbenchCliTest, UnreachableTargetAndBadArguments) {

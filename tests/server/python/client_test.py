@@ -37,6 +37,7 @@ def main():
         os.remove(ready)
     log = open(os.path.join(work, "cluster.log"), "w")
     # Its own session: the ^C at the end goes to its process group, as a terminal's would.
+    up2 = None
     up = subprocess.Popen([pdserve, "up", "--model", model, "--prefill", "1", "--decode", "1",
                            "--port", "0", "--threads", "1", "--ready-file", ready,
                            "--drain-timeout-s", "60"],
@@ -140,28 +141,35 @@ def main():
         assert up.wait(timeout=60) == 0
 
         # A second ^C stops at once, without waiting for the drains.
-        up2 = subprocess.Popen([pdserve, "up", "--model", model, "--colocated", "1", "--port",
-                                "0", "--threads", "1", "--max-batch-size", "1", "--ready-file",
-                                ready, "--drain-timeout-s", "120"],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             os.remove(ready)
         except FileNotFoundError:
             pass
+        up2 = subprocess.Popen([pdserve, "up", "--model", model, "--colocated", "1", "--port",
+                                "0", "--threads", "1", "--max-batch-size", "1", "--ready-file",
+                                ready, "--drain-timeout-s", "120"],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 120
         while not os.path.exists(ready):
             assert up2.poll() is None and time.time() < deadline, "second cluster not ready"
             time.sleep(0.1)
         stub2 = serving_pb2_grpc.ServingStub(grpc.insecure_channel(open(ready).read().strip()))
         # Work for far longer than the test waits: requests one at a time, 2000 tokens each.
-        calls = [stub2.Generate(serving_pb2.GenerateRequest(
-            prompt_token_ids=[5, 6, 7 + i], max_tokens=2000, ignore_eos=True), timeout=120)
-            for i in range(40)]
+        def long_request(i):
+            return stub2.Generate(serving_pb2.GenerateRequest(
+                prompt_token_ids=[5, 6, 7 + i], max_tokens=2000, ignore_eos=True), timeout=120)
+        calls = [long_request(0)]
         next(calls[0])
-        os.killpg(up2.pid, signal.SIGINT)
-        time.sleep(0.3)
+        calls += [long_request(i) for i in range(1, 40)]
+        deadline = time.time() + 30
+        while stub2.GetClusterStatus(serving_pb2.ClusterStatusRequest(),
+                                     timeout=10).requests_in_flight < 40:
+            assert time.time() < deadline, "the 40 requests did not all arrive"
+            time.sleep(0.02)
+        # The two signals back to back: the second must not merge with the SIGTERM `up` sends.
         start = time.time()
         os.killpg(up2.pid, signal.SIGINT)
+        os.killpg(up2.pid, signal.SIGTERM)
         code2 = up2.wait(timeout=30)
         assert time.time() - start < 5, f"a second ^C took {time.time() - start:.1f} s"
         assert code2 == 0, code2
@@ -175,6 +183,9 @@ def main():
         assert cut > 0, "every request ended normally: the drain was not cut short"
         print("python client test: OK")
     finally:
+        if up2 is not None and up2.poll() is None:
+            os.killpg(up2.pid, signal.SIGKILL)  # its children follow (PR_SET_PDEATHSIG)
+            up2.wait()
         if up.poll() is None:
             up.send_signal(signal.SIGTERM)
         try:
