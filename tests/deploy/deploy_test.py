@@ -425,8 +425,10 @@ def rehearse(docs, repo, pdserve, pdbench, work):
         prefill = [n for n, s, l, a in pods if l.get("app.kubernetes.io/component") == "prefill"]
         assert len(frontend) == 1 and decode and prefill
         api = serving_pb2_grpc.ServingStub(grpc.insecure_channel(f"{services['pdserve']}:8000"))
+        # Long enough (seconds) that the draining worker's heartbeat runs during the drain.
+        TOKENS = 400
         call = api.Generate(serving_pb2.GenerateRequest(
-            prompt_token_ids=list(range(5, 37)), max_tokens=160, ignore_eos=True), timeout=120)
+            prompt_token_ids=list(range(5, 37)), max_tokens=TOKENS, ignore_eos=True), timeout=120)
         got = [0]
         first = threading.Event()
         failure = []
@@ -444,10 +446,27 @@ def rehearse(docs, repo, pdserve, pdbench, work):
         reader.start()
         assert first.wait(60), "no first token"
         victim = running[decode[0]]
+        ready_stub = health_pb2_grpc.HealthStub(channels[decode[0]][0])
+        # Every readiness change the worker publishes, from now until it exits.
+        watched = []
+        watching = threading.Event()
+
+        def watch():
+            try:
+                for r in ready_stub.Watch(health_pb2.HealthCheckRequest(
+                        service="pdserve.internal.Worker"), timeout=120):
+                    watched.append(r.status)
+                    watching.set()
+            except grpc.RpcError:
+                pass
+            watching.set()
+
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        assert watching.wait(10) and watched == [health_pb2.HealthCheckResponse.SERVING], watched
         at_signal = got[0]
         for p in victim.procs:
             p.send_signal(signal.SIGTERM)
-        ready_stub = health_pb2_grpc.HealthStub(channels[decode[0]][0])
         fe_stub = health_pb2_grpc.HealthStub(channels[frontend[0]][0])
         until = time.time() + 10
         while probe(health_pb2, ready_stub, "pdserve.internal.Worker") and time.time() < until:
@@ -455,10 +474,14 @@ def rehearse(docs, repo, pdserve, pdbench, work):
         assert time.time() < until, "a draining worker still reported ready"
         reader.join(120)
         assert not failure, f"the streamed request failed during the drain: {failure[0]}"
-        assert got[0] == 160, f"{got[0]} of 160 tokens"
-        assert at_signal < 160, "the request had ended before the signal: no drain was tested"
+        assert got[0] == TOKENS, f"{got[0]} of {TOKENS} tokens"
+        assert at_signal < TOKENS, "the request had ended before the signal: no drain was tested"
         codes = [p.wait(timeout=60) for p in victim.procs]  # on its own: drained
         assert codes == [0], f"the drained decode worker exited with {codes}"
+        watcher.join(10)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        assert serving not in watched[watched.index(serving) + 1:], \
+            f"readiness came back during the drain: {watched}"
         if len(decode) == 1:
             until = time.time() + 10
             while probe(health_pb2, fe_stub, "pdserve.v1.Serving") and time.time() < until:
