@@ -211,6 +211,8 @@ absl::StatusOr<pid_t> Spawn(const std::vector<std::string>& argv) {
     // with one SIGTERM each (a second signal would end their drain at once).
     setpgid(0, 0);
     ResetSignalsForExec();
+    // Out of the terminal's foreground group, its log writes would stop it under `stty tostop`.
+    signal(SIGTTOU, SIG_IGN);
     execv("/proc/self/exe", cargv.data());
     std::perror("pdserve up: exec");
     _exit(127);
