@@ -515,7 +515,7 @@ class Pdbench {
         return absl::OkStatus();
       }
       if (status.ok()) {
-        if (CanServe(*status)) return absl::OkStatus();
+        if (status->ready()) return absl::OkStatus();  // the front-end's own readiness
         last = absl::StrCat(status->instances_size(), " workers registered, not a servable set");
       } else {
         last = status.status().ToString();
@@ -526,19 +526,6 @@ class Pdbench {
       }
       absl::SleepFor(absl::Milliseconds(200));
     }
-  }
-
-  // Whether `status` has a healthy colocated worker, or a healthy prefill and decode worker,
-  // none of them draining.
-  static bool CanServe(const pdserve::v1::ClusterStatus& status) {
-    bool prefill = false, decode = false;
-    for (const auto& inst : status.instances()) {
-      if (!inst.healthy() || inst.draining()) continue;
-      if (inst.role() == "colocated") return true;
-      if (inst.role() == "prefill") prefill = true;
-      if (inst.role() == "decode") decode = true;
-    }
-    return prefill && decode;
   }
 
   // The requests of a run at `rate` (inf: all at once), their arrivals and run options.

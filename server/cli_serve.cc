@@ -89,9 +89,10 @@ absl::StatusOr<double> StepTimeScale(const CliArgs& args) {
   return scale;
 }
 
-// --drain-timeout-s: how long a SIGTERM'd process finishes the requests it holds.
-absl::StatusOr<absl::Duration> DrainTimeout(const CliArgs& args) {
-  PDS_ASSIGN_OR_RETURN(const double s, args.GetDouble("drain-timeout-s", 30));
+// --drain-timeout-s (default `fallback` seconds): how long a SIGTERM'd process finishes the
+// requests it holds.
+absl::StatusOr<absl::Duration> DrainTimeout(const CliArgs& args, double fallback = 30) {
+  PDS_ASSIGN_OR_RETURN(const double s, args.GetDouble("drain-timeout-s", fallback));
   if (!(s >= 0) || s > 86400) {
     return absl::InvalidArgumentError("--drain-timeout-s must be in [0, 86400]");
   }
@@ -403,12 +404,10 @@ absl::Status RunUp(const CliArgs& args) {
           .string();
   std::filesystem::remove(port_file);
   // Every process finishes its requests for up to --drain-timeout-s once stopped.
-  PDS_ASSIGN_OR_RETURN(const double drain_s, args.GetDouble("drain-timeout-s", 5));
-  if (!(drain_s >= 0) || drain_s > 3600) {
-    return absl::InvalidArgumentError("--drain-timeout-s must be in [0, 3600]");
-  }
-  const std::vector<std::string> drain_flag = {"--drain-timeout-s", absl::StrCat(drain_s)};
-  Cluster cluster(absl::Seconds(drain_s) + absl::Seconds(10));
+  PDS_ASSIGN_OR_RETURN(const absl::Duration drain, DrainTimeout(args, /*fallback=*/5));
+  const std::vector<std::string> drain_flag = {"--drain-timeout-s",
+                                               absl::StrCat(absl::ToDoubleSeconds(drain))};
+  Cluster cluster(drain + absl::Seconds(10));
   // SIGINT/SIGTERM while the cluster starts is a request to stop, as after start-up: the
   // processes started so far are stopped and `up` exits 0.
   auto stop_during_start_up = [&](int sig) {

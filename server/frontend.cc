@@ -330,6 +330,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     status->set_requests_refused_slo(refused_slo_);
     status->set_requests_best_effort(best_effort_);
     status->set_requests_redispatched(redispatched_);
+    status->set_ready(Ready());
     return grpc::Status::OK;
   }
 
@@ -542,18 +543,19 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
              "Requests refused by SLO admission control.");
     absl::StrAppend(&out, "pdserve_requests_refused_slo_total ", refused_slo_, "\n");
     PromType(out, "pdserve_ready", "gauge", "1 when a request can be placed (readiness).");
-    absl::StrAppend(&out, "pdserve_ready ", !draining_ && CanServe() ? 1 : 0, "\n");
+    absl::StrAppend(&out, "pdserve_ready ", Ready() ? 1 : 0, "\n");
     struct Series {
       const char* name;
       const char* type;
       const char* help;
       std::function<double(const Instance&)> value;
+      bool from_status = true;  // the worker's own figures: shown only while it answers
     };
     const Series series[] = {
         {"pdserve_instance_healthy", "gauge", "1 while the worker answers and its loop moves.",
-         [](const Instance& i) { return i.healthy ? 1.0 : 0.0; }},
+         [](const Instance& i) { return i.healthy ? 1.0 : 0.0; }, false},
         {"pdserve_instance_draining", "gauge", "1 while the worker drains.",
-         [](const Instance& i) { return i.draining ? 1.0 : 0.0; }},
+         [](const Instance& i) { return i.draining ? 1.0 : 0.0; }, false},
         {"pdserve_instance_queued_requests", "gauge", "Requests waiting for their prefill.",
          [](const Instance& i) { return i.status.queued_requests(); }},
         {"pdserve_instance_running_requests", "gauge", "Requests in the running batch.",
@@ -574,11 +576,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     // (Label `worker`: Prometheus gives `instance` to the scrape target, the front-end.) A
     // worker that has never answered a poll, or is unhealthy now, shows only its health and
     // drain: its figures would be zeros or stale.
-    for (size_t k = 0; k < std::size(series); ++k) {
-      const Series& m = series[k];
+    for (const Series& m : series) {
       PromType(out, m.name, m.type, m.help);
       for (const auto& [id, inst] : instances_) {
-        if (k >= 2 && !inst->healthy) continue;
+        if (m.from_status && !inst->healthy) continue;
         absl::StrAppend(&out, m.name, "{worker=", PromLabel(id),
                         ",role=", PromLabel(scheduler::InstanceRoleName(inst->role)), "} ",
                         absl::StrFormat("%.9g", m.value(*inst)), "\n");
@@ -977,7 +978,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       {
         std::lock_guard<std::mutex> lock(mu_);
         ForgetGoneWorkers();
-        SetReady(!draining_ && CanServe());
+        SetReady(Ready());
       }
       std::unique_lock<std::mutex> lock(stop_mu_);
       if (stop_cv_.wait_for(lock, absl::ToChronoNanoseconds(options_.health_period),
@@ -1003,9 +1004,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     }
   }
 
-  // Whether a request could be placed now: a healthy colocated worker, or a healthy prefill
-  // and a healthy decode worker, none draining (mu_ held).
-  bool CanServe() const {
+  // Readiness: not draining, and a request could be placed now: a healthy colocated worker, or
+  // a healthy prefill and a healthy decode worker, none draining (mu_ held).
+  bool Ready() const {
+    if (draining_) return false;
     bool prefill = false, decode = false;
     for (const auto& [id, inst] : instances_) {
       if (!inst->healthy || inst->draining) continue;

@@ -93,20 +93,21 @@ std::string FrontendMetrics::Render(const std::string& gauges) const {
   absl::StrAppend(&out, "pdserve_prompt_tokens_total ", prompt_tokens_, "\n");
   PromType(out, "pdserve_completion_tokens_total", "counter", "Tokens generated and streamed.");
   absl::StrAppend(&out, "pdserve_completion_tokens_total ", completion_tokens_, "\n");
-  const std::pair<const char*, const Histogram*> histograms[] = {
-      {"pdserve_ttft_seconds", &ttft_},
-      {"pdserve_tpot_seconds", &tpot_},
-      {"pdserve_e2e_latency_seconds", &e2e_},
-      {"pdserve_queue_seconds", &queue_},
-      {"pdserve_kv_transfer_seconds", &kv_transfer_}};
-  const char* helps[] = {"Time to first token, from arrival at the front-end.",
-                         "Mean time per output token after the first, per request.",
-                         "Arrival to the last token.",
-                         "Prefill worker's queue: arrival there to its prefill step's start.",
-                         "KV hand-off from prefill to decode worker, start to end."};
-  for (size_t i = 0; i < std::size(histograms); ++i) {
-    PromType(out, histograms[i].first, "histogram", helps[i]);
-    histograms[i].second->Render(out, histograms[i].first);
+  const struct {
+    const char* name;
+    const Histogram& histogram;
+    const char* help;
+  } histograms[] = {
+      {"pdserve_ttft_seconds", ttft_, "Time to first token, from arrival at the front-end."},
+      {"pdserve_tpot_seconds", tpot_, "Mean time per output token after the first, per request."},
+      {"pdserve_e2e_latency_seconds", e2e_, "Arrival to the last token."},
+      {"pdserve_queue_seconds", queue_,
+       "Prefill worker's queue: arrival there to its prefill step's start."},
+      {"pdserve_kv_transfer_seconds", kv_transfer_,
+       "KV hand-off from prefill to decode worker, start to end."}};
+  for (const auto& h : histograms) {
+    PromType(out, h.name, "histogram", h.help);
+    h.histogram.Render(out, h.name);
   }
   out += gauges;
   return out;

@@ -950,7 +950,6 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
         options_.frontend.empty() ? nullptr : pb::Registry::NewStub(MakeChannel(options_.frontend));
     bool registered = stub == nullptr;
     while (true) {
-      UpdateHealth(registered);
       if (stub != nullptr) registered = Register(*stub, registered);
       UpdateHealth(registered);
       std::unique_lock<std::mutex> lock(reg_mu_);

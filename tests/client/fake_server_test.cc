@@ -10,7 +10,6 @@
 #include <map>
 #include <mutex>
 #include <thread>
-#include <tuple>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -49,6 +48,7 @@ class FakeServing final : public pdserve::v1::Serving::Service {
  public:
   std::function<Script(int64_t index)> script = [](int64_t) { return Script(); };
   std::atomic<bool> status_unimplemented{false};  // a server without GetClusterStatus
+  std::atomic<bool> ready{false};                 // ClusterStatus.ready
 
   int max_inflight() const { return max_inflight_.load(); }
   int cancelled() const { return cancelled_.load(); }
@@ -62,22 +62,8 @@ class FakeServing final : public pdserve::v1::Serving::Service {
                                 pdserve::v1::ClusterStatus* out) override {
     if (status_unimplemented) return grpc::Status(grpc::StatusCode::UNIMPLEMENTED, "no status");
     out->set_model("fake-model");
-    std::lock_guard<std::mutex> lock(mu_);
-    for (const auto& i : instances_) *out->add_instances() = i;
+    out->set_ready(ready);
     return grpc::Status::OK;
-  }
-  // What GetClusterStatus lists: {role, healthy, draining} per instance.
-  void SetInstances(const std::vector<std::tuple<std::string, bool, bool>>& instances) {
-    std::lock_guard<std::mutex> lock(mu_);
-    instances_.clear();
-    for (const auto& [role, healthy, draining] : instances) {
-      pdserve::v1::InstanceStatus i;
-      i.set_id(absl::StrCat(role, "-", instances_.size()));
-      i.set_role(role);
-      i.set_healthy(healthy);
-      i.set_draining(draining);
-      instances_.push_back(i);
-    }
   }
 
   grpc::Status Generate(grpc::ServerContext* ctx, const GenerateRequest* req,
@@ -166,7 +152,6 @@ class FakeServing final : public pdserve::v1::Serving::Service {
   std::atomic<int64_t> received_{0};
   std::mutex mu_;
   std::vector<GenerateRequest> requests_;
-  std::vector<pdserve::v1::InstanceStatus> instances_;
 };
 
 class PdbenchFakeServerTest : public ::testing::Test {
@@ -687,7 +672,8 @@ TEST_F(PdbenchFakeServerTest, TraceReplayCountsTheWaitOfHeldBackRequests) {
 }
 
 // --wait-ready holds the load back until the cluster status shows a servable set of workers
-// (healthy, not draining), and fails without sending anything when none comes in time.
+// (the front-end's ClusterStatus.ready), and fails without sending anything when it does not come
+// in time.
 TEST_F(PdbenchFakeServerTest, WaitReadyHoldsTheLoadUntilTheClusterCanServe) {
   ScriptFixed(1, 1);
   const std::vector<std::string> base = {"--target",    target_, "--num-requests", "2",
@@ -698,16 +684,13 @@ TEST_F(PdbenchFakeServerTest, WaitReadyHoldsTheLoadUntilTheClusterCanServe) {
     args.insert(args.end(), {"--wait-ready", wait});
     return args;
   };
-  // A prefill worker alone, a draining decode worker, an unhealthy colocated one: not servable.
-  service_.SetInstances(
-      {{"prefill", true, false}, {"decode", true, true}, {"colocated", false, false}});
   const absl::Time start = absl::Now();
   EXPECT_NE(RunPdbench(with("0.5")), 0);
   EXPECT_GE(absl::Now() - start, absl::Milliseconds(500));
   EXPECT_EQ(service_.received(), 0);
   std::thread ready([&] {
     absl::SleepFor(absl::Milliseconds(400));
-    service_.SetInstances({{"prefill", true, false}, {"decode", true, false}});
+    service_.ready = true;
   });
   const absl::Time again = absl::Now();
   EXPECT_EQ(RunPdbench(with("20")), 0);

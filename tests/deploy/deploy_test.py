@@ -41,13 +41,13 @@ def render(deploy, overlay):
 
 def flags_of(binary, sub):
     cmd = [binary] + ([sub] if sub else []) + ["--help"]
-    text = subprocess.run(cmd, capture_output=True, text=True).stdout + \
-        subprocess.run(cmd, capture_output=True, text=True).stderr
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    text = run.stdout + run.stderr
     return set(re.findall(r"^\s+--([a-z0-9-]+)", text, re.M))
 
 
 def pod_specs(docs):
-    """(workload name, pod template spec, labels, replicas) of Deployments and Jobs."""
+    """(workload name, pod template spec, labels, replicas, kind) of Deployments and Jobs."""
     for d in docs:
         if d["kind"] in ("Deployment", "Job"):
             t = d["spec"]["template"]
@@ -82,7 +82,7 @@ def check_static(docs, overlay, pdserve, pdbench, errors):
     spec_annotations = {d["metadata"]["name"]: d["spec"]["template"]["metadata"].get(
         "annotations", {}) for d in docs if d["kind"] in ("Deployment", "Job")}
     help_cache = {}
-    frontend_pods = []
+    frontend_pods = frontend_pods_of(docs)
     for name, spec, labels, replicas, kind in pod_specs(docs):
         volumes = {v["name"]: v for v in spec.get("volumes", [])}
         for v in volumes.values():
@@ -177,9 +177,6 @@ def check_static(docs, overlay, pdserve, pdbench, errors):
                 if notes.get("prometheus.io/port") != str(port):
                     err(f"{where}: prometheus.io/port {notes.get('prometheus.io/port')} is not "
                         f"the metrics port {port}")
-            if sub == "frontend":
-                frontend_pods.append((labels, {p.get("name"): p["containerPort"]
-                                               for p in c.get("ports", [])}))
             # Addresses of other components must be Services that reach the front-end.
             for flag, needs_unready in (("frontend", True), ("target", False)):
                 addr = values.get(flag)
@@ -191,7 +188,7 @@ def check_static(docs, overlay, pdserve, pdbench, errors):
                     err(f"{where}: --{flag}={addr}: no Service {host}")
                     continue
                 sel = s["spec"].get("selector", {})
-                matching = [fp for fp in frontend_pods_of(docs) if
+                matching = [fp for fp in frontend_pods if
                             all(fp[0].get(k) == v for k, v in sel.items())]
                 if not matching:
                     err(f"{where}: Service {host} selects no front-end pod")

@@ -245,6 +245,23 @@ TEST(DrainTest, RequestRefusedBeforeStartIsPlacedOnAnotherWorker) {
   }
 }
 
+// The front-end is ready (ClusterStatus.ready, the readiness probe) only with a servable set of
+// workers: a prefill worker alone is not one, nor a prefill with a draining decode worker.
+TEST(DrainTest, ReadyNeedsAPrefillAndADecodeWorkerNotDraining) {
+  auto c = StartFrontend();
+  ASSERT_NE(c, nullptr);
+  auto prefill = c->Worker(InstanceRole::kPrefill, "p");
+  ASSERT_NE(prefill, nullptr);
+  ASSERT_TRUE(c->WaitHealthy({"p"}));
+  EXPECT_FALSE(c->Status().ready());
+  auto decode = c->Worker(InstanceRole::kDecode, "d");
+  ASSERT_NE(decode, nullptr);
+  EXPECT_TRUE(c->WaitFor([](const api::ClusterStatus& s) { return s.ready(); }));
+  EXPECT_TRUE(decode->worker->Drain(absl::ZeroDuration()));  // nothing held
+  EXPECT_TRUE(c->WaitFor([](const api::ClusterStatus& s) { return !s.ready(); }));
+  c->frontend->Shutdown();
+}
+
 // A draining front-end refuses new requests with UNAVAILABLE and finishes those in flight;
 // Drain says whether they all ended in time.
 TEST(DrainTest, DrainingFrontendFinishesRequestsInFlightAndRefusesNewOnes) {
@@ -258,6 +275,7 @@ TEST(DrainTest, DrainingFrontendFinishesRequestsInFlightAndRefusesNewOnes) {
   auto held = StartGenerate(*c, 30, &reader);
   ASSERT_EQ(held->first.wait_for(std::chrono::seconds(30)), std::future_status::ready);
   EXPECT_FALSE(c->frontend->Drain(absl::Milliseconds(1))) << "drained with a request in flight";
+  EXPECT_FALSE(c->Status().ready()) << "ready while draining";
   const auto refused = Generate(*c, 2);
   EXPECT_EQ(refused->status.error_code(), grpc::StatusCode::UNAVAILABLE)
       << refused->status.error_message();
