@@ -18,9 +18,18 @@ absl::StatusOr<std::vector<int32_t>> BlockAllocator::Allocate(int32_t n) {
     return absl::ResourceExhaustedError(absl::StrCat("KV cache full: ", n, " blocks requested, ",
                                                      num_free(), " of ", num_blocks(), " free"));
   }
-  std::vector<int32_t> blocks(free_.end() - n, free_.end());
-  free_.resize(free_.size() - n);
+  // Uncached free blocks first, then the least recently released cached ones.
+  const int32_t plain = std::min<int32_t>(n, static_cast<int32_t>(free_.size()));
+  std::vector<int32_t> blocks(free_.end() - plain, free_.end());
+  free_.resize(free_.size() - plain);
   std::reverse(blocks.begin(), blocks.end());
+  while (static_cast<int32_t>(blocks.size()) < n) {
+    const int32_t b = head_;
+    RemoveEvictable(b);
+    Unregister(b);
+    ++num_evictions_;
+    blocks.push_back(b);
+  }
   for (int32_t b : blocks) ref_counts_[b] = 1;
   return blocks;
 }
@@ -58,9 +67,135 @@ absl::Status BlockAllocator::Free(const std::vector<int32_t>& blocks) {
     i = j;
   }
   for (int32_t b : blocks) {
-    if (--ref_counts_[b] == 0) free_.push_back(b);
+    if (--ref_counts_[b] == 0 && !IsRegistered(b)) free_.push_back(b);
+  }
+  // Cached blocks are released last block first, so a sequence's later blocks are evicted
+  // before the prefix they extend.
+  for (auto it = blocks.rbegin(); it != blocks.rend(); ++it) {
+    if (ref_counts_[*it] == 0 && IsRegistered(*it) && !IsEvictable(*it)) PushEvictable(*it);
   }
   return absl::OkStatus();
+}
+
+void BlockAllocator::EnablePrefixCache(int32_t block_size) {
+  if (block_size <= 0 || cache_block_size_ > 0) return;
+  const size_t n = ref_counts_.size();
+  cache_block_size_ = block_size;
+  registered_.assign(n, 0);
+  hash_.assign(n, 0);
+  tokens_.assign(n * static_cast<size_t>(block_size), 0);
+  parent_.assign(n, -1);
+  parent_generation_.assign(n, 0);
+  generation_.assign(n, 0);
+  prev_.assign(n, -1);
+  next_.assign(n, -1);
+}
+
+void BlockAllocator::PushEvictable(int32_t block) {
+  prev_[block] = tail_;
+  next_[block] = -1;
+  if (tail_ >= 0) next_[tail_] = block;
+  tail_ = block;
+  if (head_ < 0) head_ = block;
+  ++num_evictable_;
+}
+
+void BlockAllocator::RemoveEvictable(int32_t block) {
+  if (prev_[block] >= 0) next_[prev_[block]] = next_[block];
+  if (next_[block] >= 0) prev_[next_[block]] = prev_[block];
+  if (head_ == block) head_ = next_[block];
+  if (tail_ == block) tail_ = prev_[block];
+  prev_[block] = next_[block] = -1;
+  --num_evictable_;
+}
+
+void BlockAllocator::Unregister(int32_t block) {
+  if (registered_[block] == 0) return;
+  auto it = by_hash_.find(hash_[block]);
+  if (it != by_hash_.end() && it->second == block) by_hash_.erase(it);
+  registered_[block] = 0;
+}
+
+namespace {
+
+uint64_t Mix(uint64_t x) {  // splitmix64's finalizer
+  x ^= x >> 30;
+  x *= 0xbf58476d1ce4e5b9ull;
+  x ^= x >> 27;
+  x *= 0x94d049bb133111ebull;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+void BlockAllocator::ExtendPrefixHashes(std::span<const int32_t> tokens, int32_t block_size,
+                                        std::vector<uint64_t>& hashes) {
+  const size_t whole = tokens.size() / static_cast<size_t>(block_size);
+  for (size_t i = hashes.size(); i < whole; ++i) {
+    uint64_t h = Mix((i == 0 ? 0x9e3779b97f4a7c15ull : hashes[i - 1]) + block_size);
+    const int32_t* t = tokens.data() + i * static_cast<size_t>(block_size);
+    for (int32_t j = 0; j < block_size; ++j) h = Mix(h ^ static_cast<uint32_t>(t[j]));
+    hashes.push_back(h);
+  }
+}
+
+std::vector<int32_t> BlockAllocator::MatchPrefix(std::span<const int32_t> tokens,
+                                                 std::span<const uint64_t> hashes,
+                                                 int32_t max_blocks) const {
+  std::vector<int32_t> match;
+  if (!prefix_cache_enabled()) return match;
+  const size_t bs = static_cast<size_t>(cache_block_size_);
+  const size_t limit =
+      std::min({static_cast<size_t>(std::max(max_blocks, 0)), hashes.size(), tokens.size() / bs});
+  for (size_t i = 0; i < limit; ++i) {
+    auto it = by_hash_.find(hashes[i]);
+    if (it == by_hash_.end()) break;
+    const int32_t b = it->second;
+    if (!std::equal(tokens.begin() + i * bs, tokens.begin() + (i + 1) * bs,
+                    tokens_.begin() + b * bs)) {
+      break;
+    }
+    const bool chained =
+        i == 0 ? parent_[b] == -1
+               : parent_[b] == match.back() && parent_generation_[b] == generation_[match.back()];
+    if (!chained) break;
+    match.push_back(b);
+  }
+  return match;
+}
+
+void BlockAllocator::AcquireCached(const std::vector<int32_t>& blocks) {
+  for (int32_t b : blocks) {
+    if (ref_counts_[b]++ == 0) RemoveEvictable(b);
+  }
+}
+
+void BlockAllocator::Register(std::span<const int32_t> blocks, int32_t index,
+                              std::span<const int32_t> tokens, std::span<const uint64_t> hashes) {
+  if (!prefix_cache_enabled() || index < 0 || index >= static_cast<int32_t>(blocks.size()) ||
+      index >= static_cast<int32_t>(hashes.size())) {
+    return;
+  }
+  const size_t bs = static_cast<size_t>(cache_block_size_);
+  const int32_t b = blocks[index];
+  if (registered_[b] != 0 || ref_counts_[b] == 0 || by_hash_.contains(hashes[index]) ||
+      tokens.size() < (index + 1) * bs) {
+    return;
+  }
+  int32_t parent = -1;
+  if (index > 0) {
+    auto it = by_hash_.find(hashes[index - 1]);
+    if (it == by_hash_.end() || it->second != blocks[index - 1]) return;
+    parent = blocks[index - 1];
+  }
+  registered_[b] = 1;
+  hash_[b] = hashes[index];
+  std::copy(tokens.begin() + index * bs, tokens.begin() + (index + 1) * bs,
+            tokens_.begin() + b * bs);
+  parent_[b] = parent;
+  parent_generation_[b] = parent >= 0 ? generation_[parent] : 0;
+  ++generation_[b];
+  by_hash_[hashes[index]] = b;
 }
 
 absl::Status BlockTable::Reserve(int32_t total_tokens, int32_t block_size,

@@ -1,10 +1,12 @@
-// Fixed-size KV block allocator with reference counts (host logic only; the memory lives
-// in KvCache). Not thread-safe: its owner serializes access.
+// Fixed-size KV block allocator with reference counts and an optional prefix cache (host
+// logic only; the memory lives in KvCache). Not thread-safe: its owner serializes access.
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 
 namespace pds::engine {
@@ -14,7 +16,8 @@ class BlockAllocator {
   explicit BlockAllocator(int32_t num_blocks);
 
   int32_t num_blocks() const { return static_cast<int32_t>(ref_counts_.size()); }
-  int32_t num_free() const { return static_cast<int32_t>(free_.size()); }
+  // Blocks an allocation can take: unreferenced ones, cached or not.
+  int32_t num_free() const { return static_cast<int32_t>(free_.size()) + num_evictable_; }
   int32_t num_used() const { return num_blocks() - num_free(); }
 
   // Allocates `n` blocks with reference count 1, all or nothing. RESOURCE_EXHAUSTED when
@@ -27,10 +30,62 @@ class BlockAllocator {
   absl::Status Free(const std::vector<int32_t>& blocks);
   int32_t ref_count(int32_t block) const { return ref_counts_.at(block); }
 
+  // Prefix caching (off until enabled). A block all of whose `block_size` positions hold
+  // computed K/V can be registered as block `i` of a token sequence: it is then found by any
+  // sequence with the same tokens up to the block's end. An unreferenced registered block
+  // stays cached (and counts as free) until an allocation that finds no uncached free block
+  // takes it, least recently released first. Lookups compare the tokens themselves and the
+  // identity of the block before: a hash collision is a miss, never wrong K/V.
+  void EnablePrefixCache(int32_t block_size);
+  bool prefix_cache_enabled() const { return cache_block_size_ > 0; }
+  // Appends to `hashes` the chained hashes of the whole blocks of `tokens` not yet hashed (the
+  // hash of block i covers tokens [0, (i + 1) * block_size)).
+  static void ExtendPrefixHashes(std::span<const int32_t> tokens, int32_t block_size,
+                                 std::vector<uint64_t>& hashes);
+  // The cached blocks holding the longest prefix of `tokens` in whole blocks, at most
+  // `max_blocks` (`hashes`: ExtendPrefixHashes of `tokens`, possibly fewer). Takes nothing.
+  std::vector<int32_t> MatchPrefix(std::span<const int32_t> tokens,
+                                   std::span<const uint64_t> hashes, int32_t max_blocks) const;
+  // Takes a reference to each of `blocks`, which MatchPrefix has just returned (cached ones
+  // that no one references leave the evictable list).
+  void AcquireCached(const std::vector<int32_t>& blocks);
+  // Registers `blocks[index]` (referenced, its positions computed) as block `index` of
+  // `tokens` (`hashes` covers it). Nothing happens when caching is off, when the block is
+  // registered already, when another block holds the same tokens, or when `blocks[index - 1]`
+  // is not the cached block of the tokens before (the chain would not be found from its start).
+  void Register(std::span<const int32_t> blocks, int32_t index, std::span<const int32_t> tokens,
+                std::span<const uint64_t> hashes);
+  int32_t num_cached() const { return static_cast<int32_t>(by_hash_.size()); }
+  int32_t num_evictable() const { return num_evictable_; }
+  int64_t num_evictions() const { return num_evictions_; }
+
  private:
   absl::Status Check(const std::vector<int32_t>& blocks, const char* op) const;
+  // The evictable list (unreferenced registered blocks, least recently released at the head).
+  void PushEvictable(int32_t block);
+  void RemoveEvictable(int32_t block);
+  void Unregister(int32_t block);
+  bool IsRegistered(int32_t block) const { return !registered_.empty() && registered_[block]; }
+  bool IsEvictable(int32_t block) const { return prev_[block] >= 0 || head_ == block; }
+
   std::vector<int32_t> ref_counts_;
-  std::vector<int32_t> free_;  // a stack; low ids are handed out first
+  std::vector<int32_t> free_;  // uncached; a stack, low ids are handed out first
+
+  int32_t cache_block_size_ = 0;  // > 0: prefix caching on
+  absl::flat_hash_map<uint64_t, int32_t> by_hash_;
+  // Per block: registered, its hash, its tokens, the block registered before it in its chain
+  // (-1 for a first block) and that block's registration count then; `generation_` counts a
+  // block's registrations, so a chain whose earlier block was evicted and reused is not found.
+  std::vector<uint8_t> registered_;
+  std::vector<uint64_t> hash_;
+  std::vector<int32_t> tokens_;  // num_blocks x block_size
+  std::vector<int32_t> parent_;
+  std::vector<uint64_t> parent_generation_;
+  std::vector<uint64_t> generation_;
+  std::vector<int32_t> prev_, next_;  // the evictable list, -1 terminated
+  int32_t head_ = -1, tail_ = -1;
+  int32_t num_evictable_ = 0;
+  int64_t num_evictions_ = 0;
 };
 
 // The blocks of one sequence and how many token positions they hold.
@@ -44,6 +99,12 @@ class BlockTable {
   }
   // Grows the table (allocating from `allocator`) so that it can hold `total_tokens`.
   absl::Status Reserve(int32_t total_tokens, int32_t block_size, BlockAllocator& allocator);
+  // Starts an empty table with `blocks`, whose references the caller has taken (a cached
+  // prefix: BlockAllocator::AcquireCached), holding `num_tokens` positions.
+  void Adopt(std::vector<int32_t> blocks, int32_t num_tokens) {
+    blocks_ = std::move(blocks);
+    num_tokens_ = num_tokens;
+  }
   void set_num_tokens(int32_t n) { num_tokens_ = n; }
   // Cache slot of position `pos`.
   int32_t Slot(int32_t pos, int32_t block_size) const {

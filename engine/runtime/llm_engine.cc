@@ -31,6 +31,7 @@ absl::StatusOr<std::unique_ptr<LlmEngine>> LlmEngine::Create(Transformer& model,
   PDS_ASSIGN_OR_RETURN(
       KvCache cache,
       KvCache::Create(model.backend(), model.CacheShape(num_blocks, options.block_size)));
+  if (options.prefix_caching) cache.allocator().EnablePrefixCache(options.block_size);
   auto engine = std::unique_ptr<LlmEngine>(new LlmEngine(model, options, std::move(cache)));
   engine->batch_policy_ =
       options.batch_policy != nullptr
@@ -195,6 +196,7 @@ absl::Status LlmEngine::ActivateImport(const std::string& id, int32_t next_token
   }
   seq.num_computed = static_cast<int32_t>(seq.tokens.size());
   seq.table.set_num_tokens(seq.num_computed);
+  RegisterFilledBlocks(seq, 0);  // so that a recompute after a preemption finds them
   seq.tokens.push_back(next_token);
   seq.num_generated = 1;
   seq.importing = false;
@@ -208,6 +210,29 @@ void LlmEngine::Preempt(Sequence& seq) {
   seq.num_computed = 0;
   seq.admitted = false;
   ++num_preemptions_;
+}
+
+bool LlmEngine::StartsFromCache(const Sequence& seq) const {
+  return cache_.allocator().prefix_cache_enabled() && !seq.admitted && !seq.held &&
+         !seq.importing && seq.num_computed == 0 && seq.table.blocks().empty();
+}
+
+std::vector<int32_t> LlmEngine::CachedPrefix(Sequence& seq) {
+  const int32_t bs = options_.block_size;
+  BlockAllocator::ExtendPrefixHashes(seq.tokens, bs, seq.block_hashes);
+  const int32_t max_blocks = (static_cast<int32_t>(seq.tokens.size()) - 1) / bs;
+  return cache_.allocator().MatchPrefix(seq.tokens, seq.block_hashes, max_blocks);
+}
+
+void LlmEngine::RegisterFilledBlocks(Sequence& seq, int32_t from) {
+  BlockAllocator& allocator = cache_.allocator();
+  if (!allocator.prefix_cache_enabled()) return;
+  const int32_t bs = options_.block_size;
+  const std::span<const int32_t> computed(seq.tokens.data(), seq.num_computed);
+  BlockAllocator::ExtendPrefixHashes(computed, bs, seq.block_hashes);
+  for (int32_t i = from / bs; i < seq.num_computed / bs; ++i) {
+    allocator.Register(seq.table.blocks(), i, computed, seq.block_hashes);
+  }
 }
 
 FinishReason LlmEngine::CheckFinish(const Sequence& seq, int32_t token) const {
@@ -279,9 +304,12 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     replan = false;
     std::vector<scheduler::BatchCandidate> candidates;
     candidates.reserve(rest.size());
-    for (const Sequence* seq : rest) {
+    for (Sequence* seq : rest) {
       scheduler::BatchCandidate c;
       c.pending_tokens = static_cast<int32_t>(seq->tokens.size()) - seq->num_computed;
+      if (StartsFromCache(*seq)) {
+        c.pending_tokens -= static_cast<int32_t>(CachedPrefix(*seq).size()) * bs;
+      }
       c.running = seq->admitted;
       if (seq->num_generated == 0) c.deadline_s = seq->request.ttft_deadline_s;
       c.best_effort = seq->request.best_effort;
@@ -291,7 +319,18 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     bool full = false;
     for (const scheduler::PlannedChunk& proposed : policy.Plan(candidates, left)) {
       Sequence* seq = rest[proposed.index];
-      const int32_t chunk = proposed.chunk;
+      int32_t chunk = proposed.chunk;
+      const bool from_cache = StartsFromCache(*seq);
+      if (from_cache) {
+        // Start from the cached prefix (an earlier reservation in this step may have evicted
+        // part of what the plan counted on: then the chunk computes less of the prompt).
+        std::vector<int32_t> hit = CachedPrefix(*seq);
+        const int32_t hit_tokens = static_cast<int32_t>(hit.size()) * bs;
+        cache_.allocator().AcquireCached(hit);
+        seq->table.Adopt(std::move(hit), hit_tokens);
+        seq->num_computed = hit_tokens;
+        chunk = std::min(chunk, static_cast<int32_t>(seq->tokens.size()) - hit_tokens);
+      }
       bool preempted = false;
       absl::Status reserved = seq->table.Reserve(seq->num_computed + chunk, bs, cache_.allocator());
       while (!reserved.ok() && seq->admitted) {
@@ -317,6 +356,10 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
           ++num_block_waits_;
           continue;
         }
+        if (from_cache) {  // waiting sequences hold no blocks
+          seq->table.Release(cache_.allocator()).IgnoreError();
+          seq->num_computed = 0;
+        }
         if (seq->admitted && plan.empty()) {
           // Cannot happen while CheckFinish bounds sequences by the cache; keep it loud.
           return absl::InternalError(absl::StrCat("request '", seq->request.id,
@@ -324,6 +367,10 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         }
         full = true;  // later requests wait until blocks free up
         break;
+      }
+      if (from_cache) {
+        prefix_query_tokens_ += static_cast<int64_t>(seq->tokens.size());
+        prefix_hit_tokens_ += seq->num_computed;
       }
       seq->admitted = true;
       plan.push_back({seq, chunk});
@@ -406,8 +453,10 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   std::vector<std::string> finished;
   for (size_t i = 0; i < plan.size(); ++i) {
     Sequence& seq = *plan[i].seq;
+    const int32_t before = seq.num_computed;
     seq.num_computed += plan[i].chunk;
     seq.table.set_num_tokens(seq.num_computed);
+    RegisterFilledBlocks(seq, before);
     if (seq.num_computed < static_cast<int32_t>(seq.tokens.size())) continue;  // mid-prefill
     const float* row = logits_.data() + i * vocab;
     TokenOutput out;

@@ -29,6 +29,10 @@ struct EngineOptions {
   int32_t max_running = 64;              // sequences in one step
   // Which sequences form a step and their chunks (scheduler/batch_policy.h); null: FCFS.
   std::shared_ptr<const scheduler::BatchPolicy> batch_policy;
+  // Automatic prefix caching: a sequence starts from the cached K/V of the longest prefix of
+  // its tokens, in whole blocks, that an earlier sequence computed (while those blocks have
+  // not been reused), and computes only the rest.
+  bool prefix_caching = true;
 };
 
 struct GenerateRequest {
@@ -141,6 +145,10 @@ class LlmEngine {
   int32_t max_running() const { return max_running_; }
   int64_t num_waiting_tokens() const;  // prompt tokens still to compute of waiting sequences
   int64_t num_preemptions() const { return num_preemptions_; }
+  // Prefix caching: tokens of sequences started (or restarted after a preemption) and how many
+  // of them came from the cache instead of being computed.
+  int64_t num_prefix_query_tokens() const { return prefix_query_tokens_; }
+  int64_t num_prefix_hit_tokens() const { return prefix_hit_tokens_; }
 
  private:
   struct Sequence {
@@ -155,6 +163,7 @@ class LlmEngine {
     bool held = false;                   // hold_kv_after_prefill, prefilled, waiting for Release
     bool importing = false;              // blocks reserved, K/V arriving from elsewhere
     std::shared_ptr<KvHandoff> handoff;  // its KV leaves during the step completing its prompt
+    std::vector<uint64_t> block_hashes;  // prefix caching: of its whole blocks of tokens
   };
   absl::Status ValidateRequest(GenerateRequest& request) const;
   // Whether a held or importing sequence owns blocks (they come back when its transfer ends).
@@ -166,6 +175,13 @@ class LlmEngine {
         cache_(std::move(cache)),
         max_running_(options.max_running) {}
   void Preempt(Sequence& seq);
+  // Prefix caching. Whether `seq` would start from the cache (it holds no blocks and has
+  // computed nothing), and the cached blocks it would start from (always leaving at least one
+  // token to compute, whose logits give the next token).
+  bool StartsFromCache(const Sequence& seq) const;
+  std::vector<int32_t> CachedPrefix(Sequence& seq);
+  // Registers the blocks that the sequence's positions from `from` to num_computed filled.
+  void RegisterFilledBlocks(Sequence& seq, int32_t from);
   absl::Status Finish(Sequence& seq);
   FinishReason CheckFinish(const Sequence& seq, int32_t token) const;
   // kLength when a sequence that has generated `num_generated` tokens and holds `num_tokens`
@@ -183,6 +199,8 @@ class LlmEngine {
   uint64_t next_order_ = 0;
   int64_t num_preemptions_ = 0;
   int64_t num_block_waits_ = 0;
+  int64_t prefix_query_tokens_ = 0;
+  int64_t prefix_hit_tokens_ = 0;
   std::vector<float> logits_;
   // Per planned sequence of a step: how its token is chosen, whether its logits go to the
   // host, the token.

@@ -75,5 +75,154 @@ TEST(BlockTableTest, GrowsBlockByBlockAndMapsSlots) {
   EXPECT_EQ(allocator.num_free(), 8);
 }
 
+// Prefix caching: a sequence of `n` blocks of 4 tokens, its hashes and a table holding them.
+struct CachedSeq {
+  std::vector<int32_t> tokens;
+  std::vector<uint64_t> hashes;
+  std::vector<int32_t> blocks;
+};
+
+CachedSeq Fill(BlockAllocator& allocator, std::vector<int32_t> tokens) {
+  CachedSeq s;
+  s.tokens = std::move(tokens);
+  BlockAllocator::ExtendPrefixHashes(s.tokens, 4, s.hashes);
+  auto blocks = allocator.Allocate(static_cast<int32_t>(s.tokens.size() / 4));
+  EXPECT_TRUE(blocks.ok()) << blocks.status();
+  s.blocks = *blocks;
+  for (int32_t i = 0; i < static_cast<int32_t>(s.blocks.size()); ++i) {
+    allocator.Register(s.blocks, i, s.tokens, s.hashes);
+  }
+  return s;
+}
+
+std::vector<int32_t> Iota(int32_t n, int32_t from = 0) {
+  std::vector<int32_t> v(n);
+  for (int32_t i = 0; i < n; ++i) v[i] = from + i;
+  return v;
+}
+
+TEST(PrefixCacheTest, HashesChainOverWholeBlocksOnly) {
+  std::vector<uint64_t> a, b, c;
+  BlockAllocator::ExtendPrefixHashes(Iota(11), 4, a);
+  EXPECT_EQ(a.size(), 2u) << "the partial third block is not hashed";
+  BlockAllocator::ExtendPrefixHashes(Iota(12), 4, a);
+  EXPECT_EQ(a.size(), 3u) << "extends what is there";
+  std::vector<int32_t> other = Iota(12);
+  other[0] = 99;  // first block differs: every later hash differs too
+  BlockAllocator::ExtendPrefixHashes(other, 4, b);
+  for (int i = 0; i < 3; ++i) EXPECT_NE(a[i], b[i]) << i;
+  BlockAllocator::ExtendPrefixHashes(Iota(12), 4, c);
+  EXPECT_EQ(a, c);
+}
+
+TEST(PrefixCacheTest, ReleasedBlocksStayCachedAndCountAsFree) {
+  BlockAllocator allocator(8);
+  allocator.EnablePrefixCache(4);
+  CachedSeq s = Fill(allocator, Iota(12));
+  EXPECT_EQ(allocator.num_cached(), 3);
+  EXPECT_EQ(allocator.MatchPrefix(s.tokens, s.hashes, 8), s.blocks);
+  EXPECT_EQ(allocator.MatchPrefix(s.tokens, s.hashes, 2).size(), 2u) << "at most max_blocks";
+  ASSERT_TRUE(allocator.Free(s.blocks).ok());
+  EXPECT_EQ(allocator.num_free(), 8) << "cached blocks can be allocated";
+  EXPECT_EQ(allocator.num_evictable(), 3);
+  // Another sequence with the same first 8 tokens finds two blocks and takes them.
+  std::vector<int32_t> tokens = Iota(12);
+  tokens[9] = 77;
+  std::vector<uint64_t> hashes;
+  BlockAllocator::ExtendPrefixHashes(tokens, 4, hashes);
+  std::vector<int32_t> hit = allocator.MatchPrefix(tokens, hashes, 8);
+  ASSERT_EQ(hit, std::vector<int32_t>(s.blocks.begin(), s.blocks.begin() + 2));
+  allocator.AcquireCached(hit);
+  EXPECT_EQ(allocator.ref_count(hit[0]), 1);
+  EXPECT_EQ(allocator.num_evictable(), 1);
+  EXPECT_EQ(allocator.num_free(), 6);
+  allocator.AcquireCached(hit);  // and a second sequence shares them
+  EXPECT_EQ(allocator.ref_count(hit[1]), 2);
+  ASSERT_TRUE(allocator.Free(hit).ok());
+  ASSERT_TRUE(allocator.Free(hit).ok());
+  EXPECT_EQ(allocator.num_evictable(), 3);
+  EXPECT_EQ(allocator.Free(hit).code(), absl::StatusCode::kFailedPrecondition)
+      << "a cached, unreferenced block is not allocated";
+  EXPECT_EQ(allocator.AddRef(hit).code(), absl::StatusCode::kFailedPrecondition);
+}
+
+TEST(PrefixCacheTest, AllocationTakesUncachedBlocksFirstThenEvictsTailsFirst) {
+  BlockAllocator allocator(6);
+  allocator.EnablePrefixCache(4);
+  CachedSeq s = Fill(allocator, Iota(12));
+  ASSERT_TRUE(allocator.Free(s.blocks).ok());
+  auto three = allocator.Allocate(3);
+  ASSERT_TRUE(three.ok());
+  EXPECT_EQ(allocator.num_evictions(), 0);
+  EXPECT_EQ(allocator.MatchPrefix(s.tokens, s.hashes, 8).size(), 3u) << "nothing evicted";
+  auto one = allocator.Allocate(1);
+  ASSERT_TRUE(one.ok());
+  EXPECT_EQ((*one)[0], s.blocks[2]) << "the sequence's last block goes first";
+  EXPECT_EQ(allocator.num_evictions(), 1);
+  EXPECT_EQ(allocator.MatchPrefix(s.tokens, s.hashes, 8).size(), 2u);
+  EXPECT_EQ(allocator.num_cached(), 2);
+  auto two = allocator.Allocate(2);
+  ASSERT_TRUE(two.ok());
+  EXPECT_TRUE(allocator.MatchPrefix(s.tokens, s.hashes, 8).empty());
+  EXPECT_EQ(allocator.num_free(), 0);
+  EXPECT_EQ(allocator.Allocate(1).status().code(), absl::StatusCode::kResourceExhausted);
+}
+
+TEST(PrefixCacheTest, LookupsCompareTokensAndTheBlockBefore) {
+  BlockAllocator allocator(8);
+  allocator.EnablePrefixCache(4);
+  CachedSeq s = Fill(allocator, Iota(8));
+  // The right hashes with other tokens (a hash collision, as far as the cache can tell).
+  std::vector<int32_t> other = Iota(8, 50);
+  EXPECT_TRUE(allocator.MatchPrefix(other, s.hashes, 8).empty());
+  // The same second block's tokens after another first block, cached too. A lookup of `s`
+  // whose second hash collides with that one's must not take it: its K/V followed other tokens.
+  std::vector<int32_t> mixed = Iota(8);
+  mixed[0] = 42;
+  CachedSeq m = Fill(allocator, mixed);
+  EXPECT_EQ(allocator.num_cached(), 4);
+  std::vector<uint64_t> colliding = {s.hashes[0], m.hashes[1]};
+  EXPECT_EQ(allocator.MatchPrefix(s.tokens, colliding, 8), std::vector<int32_t>({s.blocks[0]}));
+  // A first block evicted and registered again (same tokens, new K/V): the second block,
+  // registered under the first block's previous life, is not trusted.
+  ASSERT_TRUE(allocator.Free({s.blocks[0]}).ok());  // released first: evicted first
+  ASSERT_TRUE(allocator.Free({s.blocks[1]}).ok());
+  auto all = allocator.Allocate(5);  // the 4 uncached, then the evictable list's head
+  ASSERT_TRUE(all.ok());
+  ASSERT_EQ(all->back(), s.blocks[0]);
+  EXPECT_EQ(allocator.num_cached(), 3) << "the second block is still cached";
+  allocator.Register(std::vector<int32_t>{s.blocks[0]}, 0, s.tokens, s.hashes);
+  EXPECT_EQ(allocator.MatchPrefix(s.tokens, s.hashes, 8), std::vector<int32_t>({s.blocks[0]}));
+}
+
+TEST(PrefixCacheTest, RegistrationNeedsTheChainAndIsIdempotent) {
+  BlockAllocator allocator(8);
+  allocator.EnablePrefixCache(4);
+  CachedSeq a = Fill(allocator, Iota(8));
+  // A second copy of the same tokens: its blocks are not registered (a's are the cached ones).
+  CachedSeq b = Fill(allocator, Iota(8));
+  EXPECT_EQ(allocator.num_cached(), 2);
+  EXPECT_EQ(allocator.MatchPrefix(a.tokens, a.hashes, 8), a.blocks);
+  ASSERT_TRUE(allocator.Free(b.blocks).ok());
+  EXPECT_EQ(allocator.num_evictable(), 0) << "b's blocks were never cached";
+  // A block whose predecessor is not cached is not registered.
+  auto lone = allocator.Allocate(2);
+  ASSERT_TRUE(lone.ok());
+  std::vector<int32_t> t = Iota(8, 100);
+  std::vector<uint64_t> h;
+  BlockAllocator::ExtendPrefixHashes(t, 4, h);
+  allocator.Register(*lone, 1, t, h);
+  EXPECT_EQ(allocator.num_cached(), 2);
+  allocator.Register(a.blocks, 0, a.tokens, a.hashes);  // again: nothing changes
+  EXPECT_EQ(allocator.num_cached(), 2);
+  // Caching off: Register and MatchPrefix do nothing.
+  BlockAllocator plain(4);
+  CachedSeq p = Fill(plain, Iota(8));
+  EXPECT_EQ(plain.num_cached(), 0);
+  EXPECT_TRUE(plain.MatchPrefix(p.tokens, p.hashes, 8).empty());
+  ASSERT_TRUE(plain.Free(p.blocks).ok());
+  EXPECT_EQ(plain.num_free(), 4);
+}
+
 }  // namespace
 }  // namespace pds::engine
