@@ -54,6 +54,9 @@ std::vector<FlagSpec> EngineFlagSpecs() {
       {"max-batch-tokens", false, "token budget of one engine step (default 2048)"},
       {"max-batch-size", false, "sequences in one engine step (default 64)"},
       {"batch-policy", false, "batch formation: fcfs (default) or edf (by TTFT deadline)"},
+      {"prefix-caching", false,
+       "on (default) or off: start a prompt from the cached K/V of the longest prefix, in whole "
+       "blocks, that an earlier request computed"},
   };
 }
 
@@ -76,6 +79,12 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromArgs(const CliArgs& args)
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<scheduler::BatchPolicy> policy,
                        scheduler::MakeBatchPolicy(args.GetString("batch-policy", "fcfs")));
   o.batch_policy = std::move(policy);
+  const std::string caching = args.GetString("prefix-caching", "on");
+  if (caching != "on" && caching != "off") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--prefix-caching '", caching, "': expected on or off"));
+  }
+  o.prefix_caching = caching == "on";
   return o;
 }
 

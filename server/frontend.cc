@@ -321,6 +321,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       s->set_engine_step_tokens(inst->status.engine_step_tokens());
       s->set_max_batch_size(inst->status.max_batch_size());
       s->set_draining(inst->draining);
+      s->set_prefix_cache_query_tokens(inst->status.prefix_cache_query_tokens());
+      s->set_prefix_cache_hit_tokens(inst->status.prefix_cache_hit_tokens());
+      s->set_kv_blocks_cached(inst->status.kv_blocks_cached());
     }
     status->set_requests_in_flight(static_cast<int32_t>(in_flight_.size()));
     status->set_requests_finished(finished_);
@@ -564,6 +567,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
          [](const Instance& i) { return i.status.kv_blocks_used(); }},
         {"pdserve_instance_kv_blocks_total", "gauge", "KV cache blocks.",
          [](const Instance& i) { return i.status.kv_blocks_total(); }},
+        {"pdserve_instance_kv_blocks_cached", "gauge",
+         "KV cache blocks holding reusable prefix K/V (in use or free).",
+         [](const Instance& i) { return i.status.kv_blocks_cached(); }},
+        {"pdserve_instance_prefix_cache_query_tokens_total", "counter",
+         "Prompt tokens of sequences started (prefix cache lookups).",
+         [](const Instance& i) { return i.status.prefix_cache_query_tokens(); }},
+        {"pdserve_instance_prefix_cache_hit_tokens_total", "counter",
+         "Prompt tokens taken from the prefix cache instead of computed.",
+         [](const Instance& i) { return i.status.prefix_cache_hit_tokens(); }},
         {"pdserve_instance_engine_steps_total", "counter", "Forward passes run.",
          [](const Instance& i) { return i.status.engine_steps(); }},
         {"pdserve_instance_engine_busy_seconds_total", "counter", "Wall time inside steps.",

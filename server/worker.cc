@@ -938,6 +938,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     s.set_engine_steps(steps_);
     s.set_engine_busy_s(busy_us_ * 1e-6);
     s.set_engine_step_tokens(step_tokens_);
+    s.set_prefix_cache_query_tokens(engine_->num_prefix_query_tokens());
+    s.set_prefix_cache_hit_tokens(engine_->num_prefix_hit_tokens());
+    s.set_kv_blocks_cached(alloc.num_cached());
     std::lock_guard<std::mutex> lock(status_mu_);
     status_ = std::move(s);
     loop_heartbeat_ = std::chrono::steady_clock::now();

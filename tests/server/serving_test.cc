@@ -170,7 +170,8 @@ class ServingTest : public ::testing::Test {
     engine::CpuBackend backend(1);
     auto model = engine::Transformer::Load(*model_dir_, backend);
     EXPECT_TRUE(model.ok()) << model.status();
-    auto eng = engine::LlmEngine::Create(**model, {.block_size = 16, .num_blocks = 512});
+    auto eng = engine::LlmEngine::Create(
+        **model, {.block_size = 16, .num_blocks = 512, .prefix_caching = false});
     EXPECT_TRUE(eng.ok());
     auto results = (*eng)->Generate(requests);
     EXPECT_TRUE(results.ok()) << results.status();
@@ -229,6 +230,67 @@ TEST_F(ServingTest, OnePrefillOneDecodeMatchesOfflineGreedyAndSeeded) {
   const api::ClusterStatus status = Status(cluster->stub());
   EXPECT_EQ(status.instances_size(), 2);
   EXPECT_EQ(status.requests_finished(), 36);
+}
+
+// Requests that share a long prefix: the prefill worker computes it once (prefix caching, on
+// by default) and the tokens equal an engine's without a cache; `--prefix-caching off` turns
+// it off.
+TEST_F(ServingTest, SharedPrefixesComeFromThePrefillWorkersCache) {
+  std::vector<int32_t> system;
+  for (int j = 0; j < 85; ++j) system.push_back(5 + (j * 29) % 240);  // 5 blocks of 16 + 5
+  std::vector<engine::GenerateRequest> offline;
+  std::vector<api::GenerateRequest> online;
+  for (int i = 0; i < 7; ++i) {
+    engine::GenerateRequest r;
+    r.id = absl::StrCat("s", i);
+    r.prompt = system;
+    for (int j = 0; j <= i * 3; ++j) r.prompt.push_back(7 + (i * 53 + j * 11) % 240);
+    r.params.max_tokens = 6;
+    r.params.ignore_eos = true;
+    offline.push_back(r);
+    api::GenerateRequest a;
+    a.set_request_id(r.id);
+    *a.mutable_prompt_token_ids() = {r.prompt.begin(), r.prompt.end()};
+    a.set_max_tokens(6);
+    a.set_ignore_eos(true);
+    online.push_back(a);
+  }
+  const auto expected = Offline(offline);
+  for (const char* caching : {"on", "off"}) {
+    SCOPED_TRACE(caching);
+    auto cluster = LocalCluster::Start(
+        *model_dir_, {"--prefill", "1", "--decode", "1", "--prefix-caching", caching});
+    ASSERT_NE(cluster, nullptr);
+    // The first request alone, then the other six at once: each starts after the 80 tokens
+    // the first left in the cache.
+    Streamed first = Generate(cluster->stub(), online[0]);
+    ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+    EXPECT_EQ(first.tokens, expected[0].token_ids);
+    std::vector<std::future<Streamed>> futures;
+    for (int i = 1; i < 7; ++i) {
+      futures.push_back(std::async(
+          std::launch::async, [&cluster, a = online[i]] { return Generate(cluster->stub(), a); }));
+    }
+    for (int i = 1; i < 7; ++i) {
+      Streamed got = futures[i - 1].get();
+      ASSERT_TRUE(got.status.ok()) << i << ": " << got.status.error_message();
+      EXPECT_EQ(got.tokens, expected[i].token_ids) << "request " << i;
+    }
+    ExpectAllFree(cluster->stub());
+    const api::ClusterStatus status = FreshStatus(cluster->stub());
+    int64_t query = 0, hit = 0, cached = 0;
+    for (const auto& inst : status.instances()) {
+      if (inst.role() != "prefill") continue;
+      query = inst.prefix_cache_query_tokens();
+      hit = inst.prefix_cache_hit_tokens();
+      cached = inst.kv_blocks_cached();
+    }
+    int64_t prompt_tokens = 0;
+    for (const auto& r : offline) prompt_tokens += static_cast<int64_t>(r.prompt.size());
+    EXPECT_EQ(query, std::string(caching) == "on" ? prompt_tokens : 0);
+    EXPECT_EQ(hit, std::string(caching) == "on" ? 6 * 80 : 0);
+    if (std::string(caching) == "on") EXPECT_GE(cached, 5);
+  }
 }
 
 // Small KV pools on both sides: decode workers refuse hand-offs until they have room, prefill
