@@ -73,6 +73,11 @@ const FlagDef kFlags[] = {
     {"length-scale", FlagType::kValue,
      "chatbot/code/summarization: multiply every length (default 1)"},
     {"max-model-len", FlagType::kValue, "cap prompt + output tokens (shortening the prompt)"},
+    {"shared-prefix-len", FlagType::kValue,
+     "generated datasets: start every prompt with one of --num-shared-prefixes fixed prefixes "
+     "of this many tokens (a system prompt; default 0: none)"},
+    {"num-shared-prefixes", FlagType::kValue,
+     "how many distinct shared prefixes, one drawn per request (default 1)"},
     {"vocab-range", FlagType::kValue,
      "LO,HI: token ids of generated prompts in [LO, HI) (default 100,500: ordinary tokens of every "
      "preset)"},
@@ -285,6 +290,14 @@ absl::StatusOr<Config> MakeConfig(const Flags& f) {
   PDS_ASSIGN_OR_RETURN(d.range_ratio, f.Double("random-range-ratio", 0));
   PDS_ASSIGN_OR_RETURN(d.length_scale, f.Double("length-scale", 1.0));
   PDS_ASSIGN_OR_RETURN(d.max_model_len, f.Int("max-model-len", 0));
+  PDS_ASSIGN_OR_RETURN(d.shared_prefix_len, f.Int("shared-prefix-len", 0));
+  PDS_ASSIGN_OR_RETURN(d.num_shared_prefixes, f.Int("num-shared-prefixes", 1));
+  if (d.shared_prefix_len > 0 &&
+      (d.kind == DatasetKind::kShareGpt || d.kind == DatasetKind::kTrace)) {
+    return absl::InvalidArgumentError(
+        "--shared-prefix-len applies to generated datasets (random, chatbot, code, "
+        "summarization)");
+  }
   if (f.Has("vocab-range")) {
     std::vector<std::string> parts = absl::StrSplit(f.String("vocab-range"), absl::ByAnyChar(",:"));
     int lo, hi;

@@ -361,9 +361,27 @@ absl::StatusOr<std::vector<RequestSpec>> BuildDataset(const DatasetOptions& opti
     prompt_dist = shape->prompt;
     output_dist = shape->output;
   }
-  // Separate streams for lengths and token ids, so ids never shift the lengths.
+  const int64_t prefix_len = options.shared_prefix_len;
+  if (prefix_len < 0 || options.num_shared_prefixes < 1 || options.num_shared_prefixes > 100000) {
+    return absl::InvalidArgumentError(
+        "the shared prefix length must be >= 0 and the number of prefixes in [1, 100000]");
+  }
+  if (prefix_len > 0 && options.max_model_len > 0 && prefix_len + 2 > options.max_model_len) {
+    return absl::InvalidArgumentError(absl::StrCat("a shared prefix of ", prefix_len,
+                                                   " tokens leaves no room under the model "
+                                                   "length of ",
+                                                   options.max_model_len));
+  }
+  // Separate streams for lengths, token ids and prefixes, so that ids never shift the lengths
+  // and a shared prefix changes no request's own part.
   Rng len_rng(options.seed);
   Rng id_rng(options.seed ^ 0x9e3779b97f4a7c15ULL);
+  Rng prefix_rng(options.seed ^ 0x5851f42d4c957f2dULL);
+  std::vector<RequestSpec> prefixes;
+  for (int64_t g = 0; prefix_len > 0 && g < options.num_shared_prefixes; ++g) {
+    MakePrompt(prefix_len, options, prefix_rng, &prefixes.emplace_back());
+  }
+  std::uniform_int_distribution<size_t> group(0, prefixes.empty() ? 0 : prefixes.size() - 1);
   std::vector<RequestSpec> out(options.num_requests);
   for (auto& spec : out) {
     int64_t prompt = prompt_dist.Sample(len_rng);
@@ -371,9 +389,24 @@ absl::StatusOr<std::vector<RequestSpec>> BuildDataset(const DatasetOptions& opti
     if (options.kind != DatasetKind::kRandom && options.output_len_set) {
       output = options.output_len;
     }
-    CapLengths(options.max_model_len, &prompt, &output);
+    if (prefixes.empty()) {
+      CapLengths(options.max_model_len, &prompt, &output);
+      spec.output_len = output;
+      MakePrompt(prompt, options, id_rng, &spec);
+      continue;
+    }
+    const int64_t room = options.max_model_len > 0 ? options.max_model_len - prefix_len : 0;
+    CapLengths(room, &prompt, &output);
     spec.output_len = output;
     MakePrompt(prompt, options, id_rng, &spec);
+    const RequestSpec& prefix = prefixes[group(prefix_rng)];
+    spec.prompt_len += prefix_len;
+    if (spec.use_text) {
+      spec.prompt_text = absl::StrCat(prefix.prompt_text, " ", spec.prompt_text);
+    } else {
+      spec.prompt_token_ids.insert(spec.prompt_token_ids.begin(), prefix.prompt_token_ids.begin(),
+                                   prefix.prompt_token_ids.end());
+    }
   }
   return out;
 }

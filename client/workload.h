@@ -85,6 +85,12 @@ struct DatasetOptions {
   int32_t vocab_hi = 500;       // below every preset's special tokens (tiny: vocab 512)
   bool text_prompts = false;    // length-only prompts as text ("hi hi hi ...") not ids
   uint64_t seed = 0;
+  // Generated datasets (random, chatbot, code, summarization): every prompt starts with one of
+  // `num_shared_prefixes` fixed prefixes of this many tokens (a system prompt or a shared
+  // document; the group drawn uniformly per request), followed by its own drawn prompt.
+  // prompt_len counts both; --max-model-len shortens the own part.
+  int64_t shared_prefix_len = 0;
+  int64_t num_shared_prefixes = 1;
 };
 
 // The (prompt, output) length distributions of a synthetic workload.

@@ -234,6 +234,54 @@ TEST(PdbenchDatasetTest, RandomPromptsAreIdsInTheVocabRange) {
   EXPECT_EQ(BuildDataset(o).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+TEST(PdbenchDatasetTest, SharedPrefixesStartEveryPromptAndLeaveTheRestUnchanged) {
+  DatasetOptions o;
+  o.kind = DatasetKind::kChatbot;
+  o.num_requests = 60;
+  o.length_scale = 0.1;
+  o.seed = 9;
+  auto plain = BuildDataset(o);
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  o.shared_prefix_len = 40;
+  o.num_shared_prefixes = 3;
+  auto shared = BuildDataset(o);
+  ASSERT_TRUE(shared.ok()) << shared.status();
+  std::set<std::vector<int32_t>> prefixes;
+  for (size_t i = 0; i < shared->size(); ++i) {
+    const RequestSpec& s = (*shared)[i];
+    const RequestSpec& p = (*plain)[i];
+    ASSERT_EQ(s.prompt_token_ids.size(), p.prompt_token_ids.size() + 40);
+    EXPECT_EQ(s.prompt_len, p.prompt_len + 40);
+    EXPECT_EQ(s.output_len, p.output_len);
+    EXPECT_TRUE(std::equal(p.prompt_token_ids.begin(), p.prompt_token_ids.end(),
+                           s.prompt_token_ids.begin() + 40))
+        << "the request's own part is the one it had without a prefix";
+    prefixes.insert({s.prompt_token_ids.begin(), s.prompt_token_ids.begin() + 40});
+  }
+  EXPECT_EQ(prefixes.size(), 3u) << "each of the 3 prefixes drawn in 60 requests";
+  // Under a model length the request's own part is shortened, never the prefix.
+  o.kind = DatasetKind::kRandom;
+  o.input_len = 30;
+  o.output_len = 10;
+  o.max_model_len = 60;
+  auto capped = BuildDataset(o);
+  ASSERT_TRUE(capped.ok());
+  for (const RequestSpec& s : *capped) {
+    EXPECT_EQ(s.prompt_len, 50);
+    EXPECT_EQ(s.output_len, 10);
+  }
+  o.max_model_len = 0;
+  o.text_prompts = true;
+  auto text = BuildDataset(o);
+  ASSERT_TRUE(text.ok());
+  EXPECT_EQ(std::count((*text)[0].prompt_text.begin(), (*text)[0].prompt_text.end(), ' '), 69);
+  o.max_model_len = 41;
+  EXPECT_EQ(BuildDataset(o).status().code(), absl::StatusCode::kInvalidArgument);
+  o.max_model_len = 0;
+  o.num_shared_prefixes = 0;
+  EXPECT_EQ(BuildDataset(o).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 std::string WriteTemp(const std::string& name, const std::string& content) {
   std::string path = pds::testing::ScratchDir() + "/" + name;
   std::ofstream(path) << content;
