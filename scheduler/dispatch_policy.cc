@@ -33,6 +33,12 @@ absl::StatusOr<InstanceRole> ParseInstanceRole(absl::string_view name) {
 
 namespace {
 
+// ", 48 of its prompt tokens cached" when the instance holds some of the prompt.
+std::string CachedNote(const InstanceLoad& i, const DispatchRequest& request) {
+  const int32_t cached = request.prompt_tokens - UncachedPromptTokens(request, i);
+  return cached > 0 ? absl::StrCat(", ", cached, " of its prompt tokens cached") : "";
+}
+
 class LeastLoadedPolicy : public DispatchPolicy {
  public:
   std::string name() const override { return "least-loaded"; }
@@ -42,16 +48,17 @@ class LeastLoadedPolicy : public DispatchPolicy {
     const InstanceLoad* prefill = nullptr;
     const InstanceLoad* decode = nullptr;
     const InstanceLoad* colocated = nullptr;
-    auto prefill_key = [](const InstanceLoad& i) {
-      return std::make_tuple(i.queued_prompt_tokens, i.queued_requests, i.id);
+    auto prefill_key = [&request](const InstanceLoad& i) {
+      return std::make_tuple(i.queued_prompt_tokens + UncachedPromptTokens(request, i),
+                             i.queued_requests, i.id);
     };
     auto decode_key = [](const InstanceLoad& i) {
       return std::make_tuple(-static_cast<int64_t>(i.kv_blocks_free), i.running_requests, i.id);
     };
-    auto colocated_key = [](const InstanceLoad& i) {
-      return std::make_tuple(
-          i.queued_prompt_tokens + static_cast<int64_t>(i.running_requests) * i.block_size,
-          i.queued_requests, i.id);
+    auto colocated_key = [&request](const InstanceLoad& i) {
+      return std::make_tuple(i.queued_prompt_tokens + UncachedPromptTokens(request, i) +
+                                 static_cast<int64_t>(i.running_requests) * i.block_size,
+                             i.queued_requests, i.id);
     };
     for (const InstanceLoad& i : instances) {
       if (!i.healthy) continue;
@@ -75,15 +82,16 @@ class LeastLoadedPolicy : public DispatchPolicy {
       placement.decode = decode->id;
       placement.note =
           absl::StrCat("least-loaded: prefill ", prefill->id, " (", prefill->queued_prompt_tokens,
-                       " queued prompt tokens), decode ", decode->id, " (", decode->kv_blocks_free,
-                       " free KV blocks)");
+                       " queued prompt tokens", CachedNote(*prefill, request), "), decode ",
+                       decode->id, " (", decode->kv_blocks_free, " free KV blocks)");
       return placement;
     }
     if (colocated != nullptr) {
       placement.prefill = colocated->id;
       placement.note = absl::StrCat("least-loaded: colocated ", colocated->id, " (",
                                     colocated->queued_prompt_tokens, " queued prompt tokens, ",
-                                    colocated->running_requests, " running)");
+                                    colocated->running_requests, " running",
+                                    CachedNote(*colocated, request), ")");
       return placement;
     }
     return absl::UnavailableError(
@@ -114,7 +122,7 @@ class SloAwarePolicy : public DispatchPolicy {
     double best_ttft = 0;
     for (const InstanceLoad& i : instances) {
       if (!i.healthy || i.role != first_role) continue;
-      const double t = PredictTtftMs(model_, i, request.prompt_tokens);
+      const double t = PredictTtftMs(model_, i, UncachedPromptTokens(request, i));
       if (best == nullptr || t < best_ttft || (t == best_ttft && i.id < best->id)) {
         best = &i;
         best_ttft = t;
@@ -150,9 +158,9 @@ class SloAwarePolicy : public DispatchPolicy {
     } else {
       p.predicted_tpot_ms = PredictTpotMs(model_, *best, context);
     }
-    p.note =
-        absl::StrFormat("slo-aware: %s predicted TTFT %.1f ms (target %s)", p.prefill, best_ttft,
-                        ttft_slo > 0 ? absl::StrFormat("%.0f ms", ttft_slo) : "none");
+    p.note = absl::StrFormat(
+        "slo-aware: %s predicted TTFT %.1f ms (target %s%s)", p.prefill, best_ttft,
+        ttft_slo > 0 ? absl::StrFormat("%.0f ms", ttft_slo) : "none", CachedNote(*best, request));
     if (!p.decode.empty()) {
       absl::StrAppendFormat(&p.note, ", %s predicted TPOT %.1f ms (target %s)", p.decode,
                             p.predicted_tpot_ms,
@@ -177,6 +185,12 @@ class SloAwarePolicy : public DispatchPolicy {
 };
 
 }  // namespace
+
+int32_t UncachedPromptTokens(const DispatchRequest& request, const InstanceLoad& instance) {
+  if (request.prompt_tokens <= 1) return 1;
+  const int32_t cached = std::clamp(instance.cached_prefix_tokens, 0, request.prompt_tokens - 1);
+  return request.prompt_tokens - cached;
+}
 
 double PredictTtftMs(const LatencyModel& model, const InstanceLoad& instance, int32_t prompt_len) {
   // FCFS batches under the token budget (long prompts are chunked: a chunk of the budget

@@ -34,6 +34,9 @@ struct InstanceLoad {
   std::vector<int32_t> queued_prompt_lens;
   int64_t decode_context_tokens = 0;
   int32_t max_batch_tokens = 2048;  // the instance's prefill token budget per step
+  // Of the request being placed: the prompt tokens this (prefill or colocated) instance
+  // probably holds in its prefix cache (scheduler/prefix_index.h), which it need not compute.
+  int32_t cached_prefix_tokens = 0;
 };
 
 struct DispatchRequest {
@@ -42,6 +45,10 @@ struct DispatchRequest {
   std::optional<double> ttft_slo_ms;
   std::optional<double> tpot_slo_ms;
 };
+
+// The prompt tokens `instance` would compute for `request`: all but its cached prefix, and at
+// least one.
+int32_t UncachedPromptTokens(const DispatchRequest& request, const InstanceLoad& instance);
 
 struct Placement {
   std::string prefill;            // the prefill or colocated instance
@@ -61,10 +68,12 @@ class DispatchPolicy {
                                           const std::vector<InstanceLoad>& instances) = 0;
 };
 
-// Prefill: the healthy instance with the fewest queued prompt tokens (then fewer queued
-// requests, then id). Decode: the healthy instance with the most free KV blocks (then fewer
+// Prefill: the healthy instance with the fewest queued prompt tokens, counting the ones this
+// request would add there (its uncached tokens: a cached prefix draws it to the instance that
+// holds it unless that one is busier by more than the prefix; then fewer queued requests,
+// then id). Decode: the healthy instance with the most free KV blocks (then fewer
 // running requests, then id). Colocated instances (used when there are no prefill/decode
-// pairs): the fewest queued prompt tokens plus one block's worth per running request.
+// pairs): the same, plus one block's worth per running request.
 std::unique_ptr<DispatchPolicy> MakeLeastLoadedPolicy();
 
 class LatencyModel;
@@ -92,7 +101,8 @@ struct SloPolicyOptions {
   double admission_slack = 1.0;  // refuse only when predicted > target * slack
 };
 
-// SLO-aware dispatch: prefill (or colocated) instance with the lowest predicted TTFT; decode
+// SLO-aware dispatch: prefill (or colocated) instance with the lowest predicted TTFT (of the
+// request's uncached tokens there); decode
 // instance that keeps the predicted TPOT within target with the most headroom (the lowest
 // predicted TPOT when none can); admission control on the predicted TTFT.
 std::unique_ptr<DispatchPolicy> MakeSloAwarePolicy(const LatencyModel& model,

@@ -9,6 +9,7 @@
 #include <mutex>
 #include <optional>
 #include <random>
+#include <span>
 #include <thread>
 #include <vector>
 
@@ -25,6 +26,7 @@
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "scheduler/dispatch_policy.h"
 #include "scheduler/latency_model.h"
+#include "scheduler/prefix_index.h"
 #include "server/grpc_util.h"
 #include "server/metrics.h"
 
@@ -62,6 +64,8 @@ struct Instance {
   int32_t decoding = 0;                     // requests decoding here
   int64_t decode_context = 0;               // their estimated context tokens
   int32_t bookings = 0;                     // live Bookings naming it: not to be forgotten
+  // Prefill and colocated workers with prefix caching: block hashes of the prompts sent here.
+  scheduler::PrefixIndex prefix_index;
 };
 
 // One request's share of the instances' bookkeeping: queued for prefill (and promised KV
@@ -279,6 +283,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         slot->stub = std::move(inst->stub);
         slot->healthy = false;
         slot->failures = 0;
+        slot->prefix_index.Clear();  // another process: its cache starts empty
       } else {
         slot = std::move(inst);
       }
@@ -643,6 +648,14 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
 
   grpc::Status RunOnce(Relay& relay, std::string* refused_by) {
     const int32_t prompt_len = relay.work.prompt_token_ids_size();
+    const std::span<const int32_t> prompt(relay.work.prompt_token_ids().data(), prompt_len);
+    // The prompt's block hashes for each block size in use (prefix-cache affinity).
+    std::map<int32_t, std::vector<uint64_t>> hashes;
+    auto hashes_for = [&](int32_t block_size) -> const std::vector<uint64_t>& {
+      std::vector<uint64_t>& h = hashes[block_size];
+      if (h.empty()) engine::BlockAllocator::ExtendPrefixHashes(prompt, block_size, h);
+      return h;
+    };
     scheduler::Placement placement;
     Instance* prefill = nullptr;
     Instance* decode = nullptr;
@@ -669,6 +682,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         if (inst->status.max_batch_tokens() > 0) {
           l.max_batch_tokens = inst->status.max_batch_tokens();
         }
+        if (inst->status.prefix_caching() && inst->role != InstanceRole::kDecode) {
+          l.cached_prefix_tokens =
+              inst->prefix_index.Match(hashes_for(l.block_size)) * l.block_size;
+        }
         loads.push_back(l);
       }
       scheduler::DispatchRequest dr;
@@ -684,6 +701,18 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       placement = *placed;
       if (placement.best_effort) ++best_effort_;
       prefill = instances_.at(placement.prefill).get();
+      int32_t prefill_tokens = prompt_len;  // what the prefill side computes, for predictions
+      if (prefill->status.prefix_caching()) {
+        const int32_t bs = std::max(1, prefill->status.block_size());
+        for (const scheduler::InstanceLoad& l : loads) {
+          if (l.id == prefill->id) {
+            prefill_tokens = scheduler::UncachedPromptTokens(dr, l);
+          }
+        }
+        prefill->prefix_index.set_capacity(
+            static_cast<size_t>(std::max(0, prefill->status.kv_blocks_total())));
+        prefill->prefix_index.Insert(hashes_for(bs));
+      }
       int32_t blocks = 0;
       if (!placement.decode.empty()) {
         decode = instances_.at(placement.decode).get();
@@ -691,7 +720,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         blocks =
             engine::BlockTable::BlocksFor(prompt_len + 1, std::max(1, decode->status.block_size()));
       }
-      booking.emplace(mu_, prefill, decode, next_queue_seq_++, prompt_len, blocks,
+      booking.emplace(mu_, prefill, decode, next_queue_seq_++, prefill_tokens, blocks,
                       prompt_len + relay.work.max_tokens() / 2);
     }
     auto prefill_done = [&] { booking->PrefillDone(); };

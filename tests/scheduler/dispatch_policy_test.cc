@@ -4,6 +4,7 @@
 
 #include "gtest/gtest.h"
 #include "scheduler/latency_model.h"
+#include "scheduler/prefix_index.h"
 
 namespace pds::scheduler {
 namespace {
@@ -133,6 +134,69 @@ TEST(DispatchPolicyTest, DecodeBatchCappedByPredictedTpot) {
   EXPECT_EQ(MaxBatchForTpot(model, 100, 25.0, 64), 10);
   EXPECT_EQ(MaxBatchForTpot(model, 100, 25.0, 4), 4);
   EXPECT_EQ(MaxBatchForTpot(model, 100, 1.0, 64), 1);  // never below one
+}
+
+TEST(DispatchPolicyTest, CachedPrefixDrawsARequestUnlessTheCacheHolderIsBusierThanItSaves) {
+  auto policy = MakeLeastLoadedPolicy();
+  std::vector<InstanceLoad> loads = {Inst("p0", InstanceRole::kPrefill),
+                                     Inst("p1", InstanceRole::kPrefill),
+                                     Inst("d0", InstanceRole::kDecode)};
+  loads[1].cached_prefix_tokens = 96;
+  const DispatchRequest r{.prompt_tokens = 100, .max_tokens = 8};
+  EXPECT_EQ(UncachedPromptTokens(r, loads[1]), 4);
+  EXPECT_EQ(UncachedPromptTokens(r, loads[0]), 100);
+  auto placed = policy->Place(r, loads);
+  ASSERT_TRUE(placed.ok());
+  EXPECT_EQ(placed->prefill, "p1") << "idle both: the one holding the prefix";
+  EXPECT_NE(placed->note.find("96 of its prompt tokens cached"), std::string::npos) << placed->note;
+  loads[1].queued_prompt_tokens = 90;  // 90 + 4 < 0 + 100
+  EXPECT_EQ(policy->Place(r, loads)->prefill, "p1");
+  loads[1].queued_prompt_tokens = 97;  // 97 + 4 > 100: the cache does not pay for the wait
+  EXPECT_EQ(policy->Place(r, loads)->prefill, "p0");
+  // Never less than one token to compute, whatever the estimate says.
+  loads[1].cached_prefix_tokens = 500;
+  EXPECT_EQ(UncachedPromptTokens(r, loads[1]), 1);
+  EXPECT_EQ(UncachedPromptTokens({.prompt_tokens = 0}, loads[1]), 1);
+
+  // SLO-aware: the TTFT predicted for the uncached part.
+  const LatencyModel model = KnownModel();
+  auto slo = MakeSloAwarePolicy(model, {.default_ttft_slo_ms = 1000});
+  loads[1].cached_prefix_tokens = 96;
+  loads[1].queued_prompt_tokens = 0;
+  loads[1].queued_prompt_lens.clear();
+  auto s = slo->Place(r, loads);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->prefill, "p1");
+  EXPECT_NEAR(s->predicted_ttft_ms, PredictTtftMs(model, loads[1], 4), 1e-9);
+  EXPECT_LT(s->predicted_ttft_ms, PredictTtftMs(model, loads[0], 100));
+  // Colocated instances weigh it the same way.
+  std::vector<InstanceLoad> colocated = {Inst("c0", InstanceRole::kColocated),
+                                         Inst("c1", InstanceRole::kColocated)};
+  colocated[1].cached_prefix_tokens = 64;
+  EXPECT_EQ(policy->Place(r, colocated)->prefill, "c1");
+}
+
+TEST(PrefixIndexTest, MatchesLeadingHashesAndForgetsTheLeastRecentlySent) {
+  PrefixIndex index;
+  index.set_capacity(5);
+  const std::vector<uint64_t> a = {1, 2, 3}, b = {1, 2, 7, 8};
+  EXPECT_EQ(index.Match(a), 0);
+  index.Insert(a);
+  EXPECT_EQ(index.Match(a), 3);
+  EXPECT_EQ(index.Match(b), 2) << "a shared first two blocks";
+  EXPECT_EQ(index.Match(std::vector<uint64_t>{5, 2, 3}), 0) << "from the first block on";
+  index.Insert(b);  // 1 and 2 refreshed, 7 and 8 added; 3 is now the least recent
+  EXPECT_EQ(index.size(), 5u);
+  EXPECT_EQ(index.Match(b), 4);
+  EXPECT_EQ(index.Match(a), 3);
+  index.Insert(std::vector<uint64_t>{9});  // full: 3 leaves
+  EXPECT_EQ(index.Match(a), 2);
+  index.Insert(std::vector<uint64_t>{10});  // then b's tail, less recent than its prefix
+  EXPECT_EQ(index.Match(b), 3);
+  index.set_capacity(3);  // the most recent stay: 10, 9 and 1
+  EXPECT_EQ(index.Match(b), 1);
+  index.Clear();
+  EXPECT_EQ(index.Match(a), 0);
 }
 
 TEST(DispatchPolicyTest, ByName) {

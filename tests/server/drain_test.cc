@@ -1,7 +1,8 @@
-// Graceful stops and cluster churn, in-process (a front-end and workers on 127.0.0.1): a
-// draining worker or front-end finishes what it holds and takes nothing new, a request a
-// worker refuses before starting it goes to another, workers gone for good are forgotten, and
-// workers listening on every address register the address they were told to advertise.
+// Graceful stops, cluster churn and placement, in-process (a front-end and workers on
+// 127.0.0.1): a draining worker or front-end finishes what it holds and takes nothing new, a
+// request a worker refuses before starting it goes to another, workers gone for good are
+// forgotten, workers listening on every address register the address they were told to
+// advertise, and a request goes to the prefill worker that holds its prefix.
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -450,6 +451,57 @@ TEST(DrainTest, UnansweringWorkersDoNotSlowTheHealthPoll) {
   EXPECT_TRUE(c->Find(c->Status(), "live")->healthy());
   c->frontend->Shutdown();
   close(sink);
+}
+
+// A request whose prefix a prefill worker computed earlier goes there (least-loaded counts the
+// tokens each worker would compute), even where the tie-break would name the other.
+TEST(DrainTest, RequestsGoToThePrefillWorkerHoldingTheirPrefix) {
+  auto c = StartFrontend();
+  ASSERT_NE(c, nullptr);
+  auto p0 = c->Worker(InstanceRole::kPrefill, "p0");
+  auto p1 = c->Worker(InstanceRole::kPrefill, "p1");
+  auto d0 = c->Worker(InstanceRole::kDecode, "d0");
+  ASSERT_TRUE(p0 && p1 && d0);
+  ASSERT_TRUE(c->WaitHealthy({"p0", "p1", "d0"}));
+  auto run = [&](int prefix_first_id, int suffix_first_id) {
+    api::GenerateRequest r;
+    for (int j = 0; j < 3 * kBlockSize; ++j) r.add_prompt_token_ids(prefix_first_id + j);
+    for (int j = 0; j < 5; ++j) r.add_prompt_token_ids(suffix_first_id + j);
+    r.set_max_tokens(2);
+    r.set_ignore_eos(true);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto call = c->api->Generate(&ctx, r);
+    api::GenerateResponse m;
+    api::Done done;
+    while (call->Read(&m)) {
+      if (m.has_done()) done = m.done();
+    }
+    EXPECT_TRUE(call->Finish().ok());
+    return done.timeline();
+  };
+  // Prefix A on p0 (idle workers: the tie-break), slowed so that prefix B, sent meanwhile,
+  // goes to p1 (p0 has A's tokens queued).
+  p0->backend.delay_ms = 100;
+  std::promise<api::Timeline> a_done;
+  std::thread a([&] { a_done.set_value(run(10, 200)); });
+  absl::SleepFor(absl::Milliseconds(150));
+  EXPECT_EQ(run(80, 210).prefill_instance(), "p1");
+  a.join();
+  EXPECT_EQ(a_done.get_future().get().prefill_instance(), "p0");
+  p0->backend.delay_ms = 0;
+  // Both idle again: B's prefix is on p1, A's on p0.
+  const api::Timeline b2 = run(80, 220);
+  EXPECT_EQ(b2.prefill_instance(), "p1");
+  EXPECT_TRUE(absl::StrContains(b2.scheduler_note(), "48 of its prompt tokens cached"))
+      << b2.scheduler_note();
+  EXPECT_EQ(run(10, 230).prefill_instance(), "p0");
+  EXPECT_TRUE(p1->WaitFor([](const ::pdserve::internal::WorkerStatus& s) {
+    return s.prefix_cache_hit_tokens() == 3 * kBlockSize && s.prefix_caching();
+  }));
+  EXPECT_TRUE(p0->WaitFor([](const ::pdserve::internal::WorkerStatus& s) {
+    return s.prefix_cache_hit_tokens() == 3 * kBlockSize;
+  }));
 }
 
 }  // namespace
