@@ -810,12 +810,14 @@ TEST_F(ServingTest, SloAwareAdmissionRefusesWhatCannotMeetItsTtft) {
   EXPECT_GT(first.done.timeline().predicted_tpot_ms(), 0);
   EXPECT_NE(first.done.timeline().scheduler_note().find("slo-aware"), std::string::npos);
 
-  // 48 at once, each allowing 4x the time of a prefill alone: the queue outgrows that.
+  // 48 at once, each allowing 4x the time of a prefill alone: the queue outgrows that. (Each
+  // starts with its own token: no prefix in common, nothing to take from the cache.)
   api::GenerateRequest r = probe;
   r.set_max_tokens(8);
   r.set_ttft_slo_ms(4 * alone_ms);
   std::vector<std::future<Streamed>> futures;
   for (int i = 0; i < 48; ++i) {
+    r.set_prompt_token_ids(0, 150 + i);
     futures.push_back(
         std::async(std::launch::async, [&cluster, r] { return Generate(cluster->stub(), r); }));
   }

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Prefix caching on a local CPU cluster: the same shared-prefix workload against
+# `pdserve up --prefix-caching on` and `off` (1 prefill + 1 decode, `small` preset, 1 thread
+# each), one pdbench run each; prints both reports' TTFT/TPOT/attainment and the prefill
+# worker's cache figures. Usage: bench/prefix_cache.sh [BUILD_DIR] [OUT_DIR]
+# Knobs (environment): RATE (req/s, default 2), N (requests, default 60), PREFIX (tokens, 512),
+# NPREFIX (distinct prefixes, 4), SLO ("ttft:500 tpot:50").
+set -euo pipefail
+BUILD="${1:-build}"
+OUT="${2:-$BUILD/prefix_cache}"
+RATE="${RATE:-2}" N="${N:-60}" PREFIX="${PREFIX:-512}" NPREFIX="${NPREFIX:-4}"
+SLO="${SLO:-ttft:500 tpot:50}"
+model="$BUILD/models/small"
+mkdir -p "$OUT"
+[ -f "$model/config.json" ] ||
+  "$BUILD/server/pdserve" make-model --preset small --out "$model" --seed 1 >/dev/null
+for mode in on off; do
+  rm -f "$OUT/ready-$mode"
+  port=$((19000 + RANDOM % 20000))
+  "$BUILD/server/pdserve" up --model "$model" --prefill 1 --decode 1 --port 0 --threads 1 \
+    --metrics-port "$port" --prefix-caching "$mode" --ready-file "$OUT/ready-$mode" >"$OUT/cluster-$mode.log" 2>&1 &
+  up=$!
+  for _ in $(seq 1 600); do
+    [ -s "$OUT/ready-$mode" ] && break
+    kill -0 "$up" 2>/dev/null || { cat "$OUT/cluster-$mode.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  addr="$(cat "$OUT/ready-$mode")"
+  # shellcheck disable=SC2086
+  "$BUILD/client/pdbench" --target "$addr" --dataset chatbot --length-scale 0.125 \
+    --shared-prefix-len "$PREFIX" --num-shared-prefixes "$NPREFIX" --max-model-len 2048 \
+    --rate "$RATE" --num-requests "$N" --seed 1 --goodput $SLO \
+    --json-out "$OUT/report-$mode.json" --report-out "$OUT/report-$mode.txt" --quiet >/dev/null
+  curl -s "http://127.0.0.1:$port/metrics" >"$OUT/metrics-$mode.txt" || true
+  kill -TERM "$up"
+  wait "$up" || true
+done
+python3 - "$OUT" <<'PY'
+import json, re, sys
+out = sys.argv[1]
+print(f"{'prefix caching':<16}{'attain %':>9}{'goodput':>9}{'TTFT mean':>10}{'p50':>8}"
+      f"{'p99':>8}{'TPOT mean':>10}{'prefill hit %':>14}")
+for mode in ("on", "off"):
+    r = json.load(open(f"{out}/report-{mode}.json"))
+    hit = query = 0.0
+    try:
+        for line in open(f"{out}/metrics-{mode}.txt"):
+            m = re.match(r'pdserve_instance_prefix_cache_(hit|query)_tokens_total\{.*role="prefill".*\} (\S+)', line)
+            if m and m.group(1) == "hit": hit += float(m.group(2))
+            if m and m.group(1) == "query": query += float(m.group(2))
+    except OSError:
+        pass
+    rate = f"{100 * hit / query:.1f}" if query else "-"
+    print(f"{mode:<16}{100 * r['slo_attainment']:>9.1f}{r['request_goodput']:>9.2f}"
+          f"{r['mean_ttft_ms']:>10.1f}{r['median_ttft_ms']:>8.1f}{r['p99_ttft_ms']:>8.1f}"
+          f"{r['mean_tpot_ms']:>10.2f}{rate:>14}")
+PY
