@@ -399,7 +399,8 @@ absl::StatusOr<std::vector<RequestSpec>> BuildDataset(const DatasetOptions& opti
     CapLengths(room, &prompt, &output);
     spec.output_len = output;
     MakePrompt(prompt, options, id_rng, &spec);
-    const RequestSpec& prefix = prefixes[group(prefix_rng)];
+    spec.prefix_group = static_cast<int32_t>(group(prefix_rng));
+    const RequestSpec& prefix = prefixes[spec.prefix_group];
     spec.prompt_len += prefix_len;
     if (spec.use_text) {
       spec.prompt_text = absl::StrCat(prefix.prompt_text, " ", spec.prompt_text);

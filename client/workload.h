@@ -65,6 +65,8 @@ struct RequestSpec {
   // Prompt length in tokens: exact for token-id prompts, an estimate for text (4 chars/token).
   int64_t prompt_len = 0;
   int64_t output_len = 1;  // forced with ignore_eos + max_tokens
+  // DatasetOptions::shared_prefix_len > 0: which shared prefix the prompt starts with.
+  int32_t prefix_group = -1;
 };
 
 enum class DatasetKind { kRandom, kChatbot, kCode, kSummarization, kShareGpt, kTrace };

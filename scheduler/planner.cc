@@ -388,7 +388,9 @@ nlohmann::json PlanToJson(const Plan& plan) {
                       {"latency_s", o.base.transfer_latency_s},
                       {"layered", o.base.layered_handoff},
                       {"bytes_per_token", o.base.kv_shape.BytesPerToken()}};
-  j["policies"] = {{"dispatch", o.base.dispatch_policy}, {"batch", o.base.batch_policy}};
+  j["policies"] = {{"dispatch", o.base.dispatch_policy},
+                   {"batch", o.base.batch_policy},
+                   {"prefix_caching", o.base.prefix_caching}};
   j["simulation"] = {{"arrival", client::ArrivalKindName(o.arrival.kind)},
                      {"burstiness", o.arrival.burstiness},
                      {"seed", o.arrival.seed},
@@ -514,6 +516,9 @@ absl::StatusOr<PlanFile> ParsePlanFile(const nlohmann::json& j) {
     const nlohmann::json& p = j["policies"];
     if (p.contains("dispatch") && p["dispatch"].is_string()) f.dispatch_policy = p["dispatch"];
     if (p.contains("batch") && p["batch"].is_string()) f.batch_policy = p["batch"];
+    if (p.contains("prefix_caching") && p["prefix_caching"].is_boolean()) {
+      f.prefix_caching = p["prefix_caching"];
+    }
   }
   if (j.contains("live") && j["live"].is_object() && j["live"].contains("step_time_scale")) {
     const nlohmann::json& s = j["live"]["step_time_scale"];

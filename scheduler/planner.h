@@ -148,6 +148,7 @@ struct PlanFile {
   std::string profile_path;
   std::string dispatch_policy;
   std::string batch_policy;
+  bool prefix_caching = true;  // as simulated: the workers get the same
   double step_time_scale = 1;  // "live": the calibrated live/profiled step ratio
 };
 absl::StatusOr<PlanFile> ParsePlanFile(const nlohmann::json& j);

@@ -7,11 +7,13 @@
 #include <memory>
 #include <optional>
 #include <queue>
+#include <set>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "engine/common/status_macros.h"
 #include "scheduler/batch_policy.h"
+#include "scheduler/prefix_index.h"
 
 namespace pds::scheduler {
 
@@ -77,6 +79,8 @@ struct Seq {
   bool in_batch = false;
   std::optional<double> deadline_s;
   bool best_effort = false;
+  int32_t group = -1;        // its shared prefix (SimRequest::prefix_group)
+  int32_t group_prefix = 0;  // and that prefix's length
 };
 
 struct StepItem {
@@ -87,8 +91,8 @@ struct StepItem {
 // LlmEngine's block accounting and batch selection, over counts instead of tensors.
 class Engine {
  public:
-  Engine(const SimInstanceConfig& config, const BatchPolicy& policy)
-      : config_(config), policy_(policy), free_(config.kv_blocks) {}
+  Engine(const SimInstanceConfig& config, const BatchPolicy& policy, bool prefix_caching)
+      : config_(config), policy_(policy), free_(config.kv_blocks), caching_(prefix_caching) {}
 
   // AddRequest's cache check: the prompt and one generated token must fit.
   bool Fits(int32_t prompt_len) const {
@@ -103,8 +107,10 @@ class Engine {
   int64_t preemptions() const { return preemptions_; }
 
   Seq& Add(int64_t req, int32_t prompt_len, int32_t max_tokens, bool hold,
-           std::optional<double> deadline_s) {
+           std::optional<double> deadline_s, int32_t group = -1, int32_t group_prefix = 0) {
     Seq& seq = Insert(req);
+    seq.group = group;
+    seq.group_prefix = group_prefix;
     seq.tokens = prompt_len;
     seq.max_tokens = max_tokens;
     seq.hold_after_prefill = hold;
@@ -135,6 +141,19 @@ class Engine {
     seq.admitted = true;
   }
 
+  // Prefix caching (LlmEngine's, by groups): after a step, the whole blocks of its group's
+  // prefix that `seq` has computed are cached.
+  void Computed(const Seq& seq) {
+    if (!caching_ || seq.group < 0) return;
+    const int32_t bs = config_.block_size;
+    const int32_t tokens = std::min(seq.num_computed, seq.group_prefix) / bs * bs;
+    if (tokens <= 0) return;
+    CachedPrefix& c = cache_[seq.group];
+    c.tokens = std::max(c.tokens, tokens);
+    c.last_use = ++use_clock_;
+    TrimCache();
+  }
+
   // LlmEngine::Cancel: frees the blocks and forgets the sequence.
   void Release(int64_t req) {
     auto it = by_req_.find(req);
@@ -163,6 +182,7 @@ class Engine {
       for (const Seq* seq : rest) {
         BatchCandidate c;
         c.pending_tokens = seq->tokens - seq->num_computed;
+        if (StartsFromCache(*seq)) c.pending_tokens -= CachedTokens(*seq);
         c.running = seq->admitted;
         if (seq->num_generated == 0) c.deadline_s = seq->deadline_s;  // as LlmEngine
         c.best_effort = seq->best_effort;
@@ -172,7 +192,13 @@ class Engine {
       bool full = false;
       for (const PlannedChunk& proposed : policy_.Plan(candidates, left)) {
         Seq* seq = rest[proposed.index];
-        const int32_t chunk = proposed.chunk;
+        int32_t chunk = proposed.chunk;
+        const bool from_cache = StartsFromCache(*seq);
+        if (from_cache) {
+          seq->num_computed = CachedTokens(*seq);
+          chunk = std::min(chunk, seq->tokens - seq->num_computed);
+          if (seq->num_computed > 0) cache_[seq->group].last_use = ++use_clock_;
+        }
         bool preempted = false;
         bool reserved = Reserve(*seq, seq->num_computed + chunk);
         while (!reserved && seq->admitted) {
@@ -192,6 +218,7 @@ class Engine {
           if (seq->admitted && BlocksAwaitRelease()) {
             continue;  // waits for blocks a transfer holds; the others planned run
           }
+          if (from_cache) seq->num_computed = 0;
           if (seq->admitted && plan.empty()) {
             error = absl::InternalError(
                 absl::StrCat("simulated request ", seq->req, " cannot get KV blocks"));
@@ -213,10 +240,51 @@ class Engine {
     }
     for (const StepItem& item : plan) item.seq->in_batch = false;
     if (!error.ok()) return error;
+    TrimCache();
     return plan;
   }
 
  private:
+  struct CachedPrefix {
+    int32_t tokens = 0;  // whole blocks of the group's prefix
+    uint64_t last_use = 0;
+  };
+  bool StartsFromCache(const Seq& s) const {
+    return caching_ && s.group >= 0 && !s.admitted && !s.held && !s.importing &&
+           s.num_computed == 0 && s.blocks == 0;
+  }
+  // The cached tokens `s` starts from (at least one token left to compute).
+  int32_t CachedTokens(const Seq& s) const {
+    auto it = cache_.find(s.group);
+    if (it == cache_.end()) return 0;
+    const int32_t bs = config_.block_size;
+    return std::min(it->second.tokens, (s.tokens - 1) / bs * bs);
+  }
+  // A prefix that a sequence holding blocks shares lives in that sequence's blocks; the others
+  // live in blocks no sequence holds, and the least recently used go first when they outgrow
+  // them.
+  void TrimCache() {
+    if (cache_.empty()) return;
+    std::set<int32_t> referenced;
+    for (const auto& [o, seq] : seqs_) {
+      if (seq.group >= 0 && seq.blocks > 0) referenced.insert(seq.group);
+    }
+    const int32_t bs = config_.block_size;
+    int64_t unreferenced = 0;
+    for (const auto& [g, c] : cache_) unreferenced += referenced.count(g) ? 0 : c.tokens / bs;
+    while (unreferenced > free_) {
+      auto lru = cache_.end();
+      for (auto it = cache_.begin(); it != cache_.end(); ++it) {
+        if (referenced.count(it->first) == 0 &&
+            (lru == cache_.end() || it->second.last_use < lru->second.last_use)) {
+          lru = it;
+        }
+      }
+      unreferenced -= lru->second.tokens / bs;
+      cache_.erase(lru);
+    }
+  }
+
   // LlmEngine::BlocksAwaitRelease: held or importing sequences own blocks that come back when
   // their transfers end.
   bool BlocksAwaitRelease() const {
@@ -260,6 +328,9 @@ class Engine {
   int64_t preemptions_ = 0;
   std::map<uint64_t, Seq> seqs_;  // by admission order
   std::map<int64_t, uint64_t> by_req_;
+  bool caching_ = false;
+  std::map<int32_t, CachedPrefix> cache_;  // by prefix group
+  uint64_t use_clock_ = 0;
 };
 
 struct Instance {
@@ -277,6 +348,7 @@ struct Instance {
   int32_t decoding = 0;
   std::map<uint64_t, int32_t> queued_lens;
   int64_t decode_context = 0;
+  PrefixIndex prefix_index;  // the front-end's view of its prefix cache
   // Decode: hand-offs refused for lack of room, in offer order.
   std::deque<int64_t> offers;
   SimInstanceStats stats;
@@ -293,7 +365,8 @@ struct Request {
   bool decode_promised = false;
   bool done = false;
   bool offered = false;
-  bool best_effort = false;  // the dispatch policy's verdict, for the engine
+  bool best_effort = false;    // the dispatch policy's verdict, for the engine
+  int32_t prefill_tokens = 0;  // the front-end's count of what its prefill computes
   client::RequestRecord record;
 };
 
@@ -318,7 +391,11 @@ class Cluster {
         inst.id = absl::StrCat(InstanceRoleName(role), "-", i);
         inst.role = role;
         inst.config = c;
-        inst.engine = std::make_unique<Engine>(c, batch_policy);
+        inst.engine = std::make_unique<Engine>(
+            c, batch_policy, config.prefix_caching && role != InstanceRole::kDecode);
+        if (config.prefix_caching && role != InstanceRole::kDecode) {
+          inst.prefix_index.set_capacity(static_cast<size_t>(c.kv_blocks));
+        }
         inst.stats.id = inst.id;
         index_[inst.id] = static_cast<int>(instances_.size());
         instances_.push_back(std::move(inst));
@@ -385,7 +462,27 @@ class Cluster {
     r.done = true;
   }
 
-  std::vector<InstanceLoad> Loads() const {
+  // Stand-ins for the block hashes of request `i`'s prompt (the front-end hashes the tokens):
+  // its group's for the blocks inside the shared prefix, its own for the rest.
+  static std::vector<uint64_t> PromptHashes(const SimRequest& r, int64_t i, int32_t block_size) {
+    auto mix = [](uint64_t x) {
+      x ^= x >> 30;
+      x *= 0xbf58476d1ce4e5b9ull;
+      x ^= x >> 27;
+      x *= 0x94d049bb133111ebull;
+      return x ^ (x >> 31);
+    };
+    std::vector<uint64_t> hashes;
+    for (int32_t k = 0; (k + 1) * block_size <= r.prompt_len; ++k) {
+      const bool shared = r.prefix_group >= 0 && (k + 1) * block_size <= r.prefix_len;
+      const uint64_t owner = shared ? static_cast<uint64_t>(r.prefix_group)
+                                    : (uint64_t{1} << 63) | static_cast<uint64_t>(i);
+      hashes.push_back(mix(mix(owner) + static_cast<uint64_t>(k)));
+    }
+    return hashes;
+  }
+
+  std::vector<InstanceLoad> Loads(const std::vector<uint64_t>& hashes = {}) const {
     std::vector<InstanceLoad> loads;
     loads.reserve(instances_.size());
     for (const Instance& inst : instances_) {
@@ -402,6 +499,7 @@ class Cluster {
       for (const auto& [seq, len] : inst.queued_lens) l.queued_prompt_lens.push_back(len);
       l.decode_context_tokens = inst.decode_context;
       l.max_batch_tokens = inst.config.max_batch_tokens;
+      l.cached_prefix_tokens = inst.prefix_index.Match(hashes) * l.block_size;
       loads.push_back(std::move(l));
     }
     return loads;
@@ -422,7 +520,15 @@ class Cluster {
     dr.max_tokens = r.spec.output_len;
     if (config_.send_slo && config_.slo.ttft_ms >= 0) dr.ttft_slo_ms = config_.slo.ttft_ms;
     if (config_.send_slo && config_.slo.tpot_ms >= 0) dr.tpot_slo_ms = config_.slo.tpot_ms;
-    absl::StatusOr<Placement> placed = dispatch_.Place(dr, Loads());
+    // (Instances of one role share a block size: the prefill or colocated one's.)
+    const std::vector<uint64_t> hashes =
+        config_.prefix_caching
+            ? PromptHashes(
+                  r.spec, i,
+                  (config_.num_colocated > 0 ? config_.colocated : config_.prefill).block_size)
+            : std::vector<uint64_t>();
+    const std::vector<InstanceLoad> loads = Loads(hashes);
+    absl::StatusOr<Placement> placed = dispatch_.Place(dr, loads);
     if (!placed.ok()) {
       Fail(r, absl::StatusCodeToString(placed.status().code()),
            std::string(placed.status().message()));
@@ -448,10 +554,12 @@ class Cluster {
                         "an instance holds"));
       return absl::OkStatus();
     }
-    p.pending_prompt_tokens += r.spec.prompt_len;
+    r.prefill_tokens = UncachedPromptTokens(dr, loads[r.prefill]);
+    p.prefix_index.Insert(hashes);
+    p.pending_prompt_tokens += r.prefill_tokens;
     ++p.pending_requests;
     r.queue_seq = next_queue_seq_++;
-    p.queued_lens[r.queue_seq] = r.spec.prompt_len;
+    p.queued_lens[r.queue_seq] = r.prefill_tokens;
     r.prefill_pending = true;
     r.context_estimate = r.spec.prompt_len + r.spec.output_len / 2;
     if (r.decode >= 0) {
@@ -476,7 +584,9 @@ class Cluster {
     std::optional<double> deadline;
     if (config_.slo.ttft_ms >= 0) deadline = r.spec.arrival_s + config_.slo.ttft_ms / 1000.0;
     instances_[r.prefill]
-        .engine->Add(i, r.spec.prompt_len, r.spec.output_len, r.decode >= 0, deadline)
+        .engine
+        ->Add(i, r.spec.prompt_len, r.spec.output_len, r.decode >= 0, deadline, r.spec.prefix_group,
+              r.spec.prefix_len)
         .best_effort = r.best_effort;
     return Kick(r.prefill);
   }
@@ -525,6 +635,7 @@ class Cluster {
     for (const StepItem& item : inst.batch) {
       Seq& s = *item.seq;
       s.num_computed += item.chunk;
+      inst.engine->Computed(s);
       if (s.num_computed < s.tokens) continue;  // mid-prefill
       s.tokens += 1;
       s.num_generated += 1;
@@ -563,7 +674,7 @@ class Cluster {
     // The front-end's prefill_done.
     Instance& p = instances_[r.prefill];
     if (r.prefill_pending) {
-      p.pending_prompt_tokens -= r.spec.prompt_len;
+      p.pending_prompt_tokens -= r.prefill_tokens;
       --p.pending_requests;
       p.queued_lens.erase(r.queue_seq);
       r.prefill_pending = false;
@@ -719,6 +830,10 @@ absl::StatusOr<std::vector<SimRequest>> MakeSimLengths(const client::DatasetOpti
     r.arrival_s = std::max(0.0, s.arrival_s);
     r.prompt_len = static_cast<int32_t>(std::max<int64_t>(1, s.prompt_len));
     r.output_len = static_cast<int32_t>(std::max<int64_t>(1, s.output_len));
+    if (s.prefix_group >= 0) {
+      r.prefix_group = s.prefix_group;
+      r.prefix_len = static_cast<int32_t>(dataset.shared_prefix_len);
+    }
     out.push_back(r);
   }
   return out;

@@ -116,6 +116,14 @@ struct SimConfig {
   // time and the end, so TTFT and E2EL grow and TPOT does not).
   double dispatch_latency_s = 0;
   double relay_latency_s = 0;
+  // Prefix caching (pdserve worker --prefix-caching, on by default): a prefill or colocated
+  // instance keeps the K/V of each shared prefix (SimRequest::prefix_group), in whole blocks,
+  // that a step computed there, and a later request of the group computes only the rest; the
+  // dispatch policy sees, per instance, the prefix the front-end sent there (as the front-end's
+  // PrefixIndex). Two sequences sharing a prefix each count all their blocks (sharing between
+  // live sequences is not credited); a prefix no live sequence holds is dropped, least recently
+  // used first, when such prefixes outgrow the blocks no sequence holds.
+  bool prefix_caching = true;
 };
 
 // One request: arrival (seconds from the start) and its lengths in tokens.
@@ -123,6 +131,9 @@ struct SimRequest {
   double arrival_s = 0;
   int32_t prompt_len = 1;
   int32_t output_len = 1;
+  // The prompt's first prefix_len tokens are those of every request of the same group >= 0.
+  int32_t prefix_group = -1;
+  int32_t prefix_len = 0;
 };
 
 struct SimInstanceStats {

@@ -38,6 +38,12 @@ const std::vector<FlagSpec>& Specs() {
       {"range-ratio", false, "random: lengths uniform in len * [1 - r, 1 + r] (default 0)"},
       {"length-scale", false, "multiply the synthetic workloads' lengths (default 1)"},
       {"max-model-len", false, "cap prompt + output tokens (default: none)"},
+      {"shared-prefix-len", false,
+       "synthetic workloads: every prompt starts with one of --num-shared-prefixes prefixes of "
+       "this many tokens, as pdbench's (default 0)"},
+      {"num-shared-prefixes", false, "distinct shared prefixes (default 1)"},
+      {"prefix-caching", false,
+       "on (default, as the workers) or off: simulate the workers' prefix cache"},
       {"num-requests", false, "requests per simulation (default 300)"},
       {"seed", false, "seed of lengths and arrivals, as pdbench's --seed (default 0)"},
       {"arrival", false, "poisson (default), gamma or constant"},
@@ -261,6 +267,8 @@ absl::Status Run(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(d.range_ratio, args.GetDouble("range-ratio", 0));
   PDS_ASSIGN_OR_RETURN(d.length_scale, args.GetDouble("length-scale", 1.0));
   PDS_ASSIGN_OR_RETURN(d.max_model_len, args.GetInt("max-model-len", 0));
+  PDS_ASSIGN_OR_RETURN(d.shared_prefix_len, args.GetInt("shared-prefix-len", 0));
+  PDS_ASSIGN_OR_RETURN(d.num_shared_prefixes, args.GetInt("num-shared-prefixes", 1));
   PDS_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 0));
   d.seed = static_cast<uint64_t>(seed);
 
@@ -339,6 +347,12 @@ absl::Status Run(const CliArgs& args) {
         absl::StrCat("--kv-handoff '", handoff, "': expected layered or after"));
   }
   o.base.layered_handoff = handoff == "layered";
+  const std::string caching = args.GetString("prefix-caching", "on");
+  if (caching != "on" && caching != "off") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--prefix-caching '", caching, "': expected on or off"));
+  }
+  o.base.prefix_caching = caching == "on";
   o.base.dispatch_policy = args.GetString("policy", "least-loaded");
   o.base.batch_policy = args.GetString("batch-policy", "fcfs");
   o.base.dispatch_slo.default_ttft_slo_ms = std::max(0.0, o.base.slo.ttft_ms);

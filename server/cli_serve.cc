@@ -358,6 +358,9 @@ absl::Status RunUp(const CliArgs& args) {
       if (!plan->batch_policy.empty()) {
         role_flags[role].insert(role_flags[role].end(), {"--batch-policy", plan->batch_policy});
       }
+      if (!plan->prefix_caching) {
+        role_flags[role].insert(role_flags[role].end(), {"--prefix-caching", "off"});
+      }
     }
     if (plan->ttft_slo_ms > 0 && !args.Has("slo-ttft-ms")) {
       plan_fe_flags.insert(plan_fe_flags.end(), {"--slo-ttft-ms", absl::StrCat(plan->ttft_slo_ms)});

@@ -291,6 +291,63 @@ TEST(SimulatorTest, StepTimeNoiseIsSeededAndKeepsTheMedian) {
   for (const client::RequestRecord& r : exact->records) EXPECT_NEAR(r.TtftS(), 0.11, 1e-12);
 }
 
+// Requests sharing a 96-token prefix (6 blocks of 16): the first computes all 116 tokens, a
+// later one of its group only its own 20 (attending to the cached 96); another group's
+// request, or any with caching off, computes everything.
+TEST(SimulatorTest, SharedPrefixIsComputedOncePerInstance) {
+  std::vector<SimRequest> reqs = Constant(4, 10.0, 116, 5);
+  for (SimRequest& r : reqs) {
+    r.prefix_group = 0;
+    r.prefix_len = 96;
+  }
+  reqs[2].prefix_group = 1;
+  const LatencyModel model = SimpleModel();
+  const double full = PrefillChunkSeconds(model, {{0, 116}});
+  const double rest = PrefillChunkSeconds(model, {{96, 20}});
+  ASSERT_LT(rest, full);
+  SimConfig c = SimpleConfig();
+  auto on = Simulate(c, model, reqs);
+  ASSERT_TRUE(on.ok()) << on.status();
+  const double want[] = {full, rest, full, rest};
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(on->records[i].TtftS(), want[i], 1e-12) << i;
+  c.prefix_caching = false;
+  auto off = Simulate(c, model, reqs);
+  ASSERT_TRUE(off.ok());
+  for (int i = 0; i < 4; ++i) EXPECT_NEAR(off->records[i].TtftS(), full, 1e-12) << i;
+  // A cache of 12 blocks: a request of the other group (8 blocks) leaves no room for the
+  // first group's 6 once no sequence holds them, so the group's next request computes it all.
+  c.prefix_caching = true;
+  c.prefill.kv_blocks = 12;
+  reqs[3].prefix_group = 0;
+  auto small = Simulate(c, model, reqs);
+  ASSERT_TRUE(small.ok()) << small.status();
+  EXPECT_NEAR(small->records[1].TtftS(), rest, 1e-12);
+  EXPECT_NEAR(small->records[3].TtftS(), full, 1e-12) << "evicted by request 2";
+}
+
+// The dispatch sees where each prefix went: two prefill instances, two groups arriving
+// together; each group's later requests go where its first went, even when the other instance
+// is as idle.
+TEST(SimulatorTest, DispatchFollowsThePrefixCache) {
+  std::vector<SimRequest> reqs;
+  for (int i = 0; i < 6; ++i) {
+    SimRequest r{i < 2 ? 0.0 : 10.0 * i, 116, 3};
+    r.prefix_group = i % 2;
+    r.prefix_len = 96;
+    reqs.push_back(r);
+  }
+  SimConfig c = SimpleConfig();
+  c.num_prefill = 2;
+  auto result = Simulate(c, SimpleModel(), reqs);
+  ASSERT_TRUE(result.ok()) << result.status();
+  const std::string first0 = result->records[0].timeline.prefill_instance;
+  const std::string first1 = result->records[1].timeline.prefill_instance;
+  ASSERT_NE(first0, first1) << "the two arrive together: one each";
+  for (int i = 2; i < 6; ++i) {
+    EXPECT_EQ(result->records[i].timeline.prefill_instance, i % 2 == 0 ? first0 : first1) << i;
+  }
+}
+
 TEST(SimulatorTest, RejectsBadConfigs) {
   SimConfig c = SimpleConfig();
   c.num_prefill = 0;

@@ -236,6 +236,25 @@ TEST_F(CliTest, PlanPrintsThePlanFile) {
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.errors.find("not a pdbench per-request CSV"), std::string::npos) << r.errors;
 
+  // A shared-prefix workload: the simulated prefix cache serves more (the plan records it, and
+  // `up --plan` gives the workers the same setting); --prefix-caching off plans without it.
+  const std::string shared = common +
+                             "--slo-ttft 0.3s --slo-tpot 100ms --json --shared-prefix-len 256 "
+                             "--num-shared-prefixes 2 ";
+  r = RunCommand(shared);
+  ASSERT_EQ(r.exit_code, 0) << r.errors;
+  const auto cached = nlohmann::json::parse(r.output, nullptr, false);
+  EXPECT_EQ(cached["policies"]["prefix_caching"], true);
+  r = RunCommand(shared + "--prefix-caching off");
+  ASSERT_EQ(r.exit_code, 0) << r.errors;
+  const auto uncached = nlohmann::json::parse(r.output, nullptr, false);
+  EXPECT_EQ(uncached["policies"]["prefix_caching"], false);
+  EXPECT_GT(cached["goodput_per_gpu"].get<double>(), uncached["goodput_per_gpu"].get<double>());
+  r = RunCommand(common + "--slo-ttft 500 --prefix-caching maybe");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.errors.find("--prefix-caching 'maybe': expected on or off"), std::string::npos)
+      << r.errors;
+
   r = RunCommand(common + "--slo-ttft 500 --at-rates 1,x");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.errors.find("--at-rates: 'x'"), std::string::npos) << r.errors;
