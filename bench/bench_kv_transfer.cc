@@ -928,6 +928,7 @@ std::vector<Metric> MeasureHandoff(const std::string& address, const std::filesy
   eo.num_blocks = (max_tokens + kBlockSize - 1) / kBlockSize + 8;
   eo.max_batch_tokens = max_tokens;
   eo.max_running = 4;
+  eo.prefix_caching = false;  // every mode and iteration prefills the same prompt in full
   std::unique_ptr<engine::LlmEngine> eng = PDS_TAKE(engine::LlmEngine::Create(*model, eo));
   const engine::KvCache& cache = eng->cache();
   KvPoolLayout pool;

@@ -45,6 +45,10 @@ absl::StatusOr<HandoffTiming> TimeHandoff(engine::LlmEngine& eng, engine::Backen
   r.params.max_tokens = 4;
   r.params.ignore_eos = true;
   r.hold_kv_after_prefill = true;
+  if (eng.cache().allocator().prefix_cache_enabled()) {
+    // The same prompt every time: a cache would make every prefill after the first a hit.
+    return absl::FailedPreconditionError("hand-off timing needs an engine without prefix caching");
+  }
   if (absl::Status added = eng.AddRequest(r); !added.ok()) return fail(added, "adding it");
   const absl::Time deadline = absl::Now() + timeout;
   std::thread layered;

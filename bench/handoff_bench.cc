@@ -123,6 +123,7 @@ int Main(int argc, char** argv) {
   eo.block_size = 16;
   eo.num_blocks = (max_tokens + 15) / 16 + 8;
   eo.max_batch_tokens = max_tokens;
+  eo.prefix_caching = false;  // every mode and iteration prefills the same prompt in full
   absl::StatusOr<std::unique_ptr<engine::LlmEngine>> eng = engine::LlmEngine::Create(**model, eo);
   if (!eng.ok()) return Fail(eng.status());
   RegionSink sink;

@@ -1010,6 +1010,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
           // Only set here: a reply sent before a drain began must not clear what the draining
           // registration said (registrations, in order, are what clear it).
           if (status.draining()) inst.draining = true;
+          // Its counters went back: a new process at the same address, with an empty cache.
+          if (status.engine_steps() < inst.status.engine_steps()) inst.prefix_index.Clear();
           inst.status = std::move(status);
         } else if (++inst.failures >= options_.unhealthy_after_failures && inst.healthy) {
           inst.healthy = false;

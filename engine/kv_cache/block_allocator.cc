@@ -170,32 +170,31 @@ void BlockAllocator::AcquireCached(const std::vector<int32_t>& blocks) {
   }
 }
 
-void BlockAllocator::Register(std::span<const int32_t> blocks, int32_t index,
-                              std::span<const int32_t> tokens, std::span<const uint64_t> hashes) {
-  if (!prefix_cache_enabled() || index < 0 || index >= static_cast<int32_t>(blocks.size()) ||
-      index >= static_cast<int32_t>(hashes.size())) {
-    return;
-  }
+int32_t BlockAllocator::Register(int32_t block, int32_t index, std::span<const int32_t> tokens,
+                                 uint64_t hash, int32_t parent) {
   const size_t bs = static_cast<size_t>(cache_block_size_);
-  const int32_t b = blocks[index];
-  if (registered_[b] != 0 || ref_counts_[b] == 0 || by_hash_.contains(hashes[index]) ||
-      tokens.size() < (index + 1) * bs) {
-    return;
+  if (!prefix_cache_enabled() || block < 0 || block >= num_blocks() || index < 0 ||
+      tokens.size() < (static_cast<size_t>(index) + 1) * bs || (index == 0) != (parent < 0) ||
+      (parent >= 0 && (parent >= num_blocks() || registered_[parent] == 0))) {
+    return -1;
   }
-  int32_t parent = -1;
-  if (index > 0) {
-    auto it = by_hash_.find(hashes[index - 1]);
-    if (it == by_hash_.end() || it->second != blocks[index - 1]) return;
-    parent = blocks[index - 1];
+  const std::span<const int32_t> own = tokens.subspan(index * bs, bs);
+  if (auto it = by_hash_.find(hash); it != by_hash_.end()) {
+    const int32_t b = it->second;
+    const bool same = std::equal(own.begin(), own.end(), tokens_.begin() + b * bs) &&
+                      parent_[b] == parent &&
+                      (parent < 0 || parent_generation_[b] == generation_[parent]);
+    return same ? b : -1;
   }
-  registered_[b] = 1;
-  hash_[b] = hashes[index];
-  std::copy(tokens.begin() + index * bs, tokens.begin() + (index + 1) * bs,
-            tokens_.begin() + b * bs);
-  parent_[b] = parent;
-  parent_generation_[b] = parent >= 0 ? generation_[parent] : 0;
-  ++generation_[b];
-  by_hash_[hashes[index]] = b;
+  if (registered_[block] != 0 || ref_counts_[block] == 0) return -1;
+  registered_[block] = 1;
+  hash_[block] = hash;
+  std::copy(own.begin(), own.end(), tokens_.begin() + block * bs);
+  parent_[block] = parent;
+  parent_generation_[block] = parent >= 0 ? generation_[parent] : 0;
+  ++generation_[block];
+  by_hash_[hash] = block;
+  return block;
 }
 
 absl::Status BlockTable::Reserve(int32_t total_tokens, int32_t block_size,

@@ -207,6 +207,7 @@ absl::Status LlmEngine::ActivateImport(const std::string& id, int32_t next_token
 void LlmEngine::Preempt(Sequence& seq) {
   // Recompute preemption: drop the cache; the tokens so far are prefilled again later.
   seq.table.Release(cache_.allocator()).IgnoreError();
+  seq.cached_chain.clear();
   seq.num_computed = 0;
   seq.admitted = false;
   ++num_preemptions_;
@@ -230,8 +231,12 @@ void LlmEngine::RegisterFilledBlocks(Sequence& seq, int32_t from) {
   const int32_t bs = options_.block_size;
   const std::span<const int32_t> computed(seq.tokens.data(), seq.num_computed);
   BlockAllocator::ExtendPrefixHashes(computed, bs, seq.block_hashes);
-  for (int32_t i = from / bs; i < seq.num_computed / bs; ++i) {
-    allocator.Register(seq.table.blocks(), i, computed, seq.block_hashes);
+  const int32_t first = from / bs;
+  seq.cached_chain.resize(first, -1);
+  for (int32_t i = first; i < seq.num_computed / bs; ++i) {
+    const int32_t parent = i == 0 ? -1 : seq.cached_chain[i - 1];
+    seq.cached_chain.push_back(
+        allocator.Register(seq.table.blocks()[i], i, computed, seq.block_hashes[i], parent));
   }
 }
 
@@ -327,6 +332,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         std::vector<int32_t> hit = CachedPrefix(*seq);
         const int32_t hit_tokens = static_cast<int32_t>(hit.size()) * bs;
         cache_.allocator().AcquireCached(hit);
+        seq->cached_chain = hit;
         seq->table.Adopt(std::move(hit), hit_tokens);
         seq->num_computed = hit_tokens;
         chunk = std::min(chunk, static_cast<int32_t>(seq->tokens.size()) - hit_tokens);
@@ -359,6 +365,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         if (from_cache) {  // waiting sequences hold no blocks
           seq->table.Release(cache_.allocator()).IgnoreError();
           seq->num_computed = 0;
+          seq->cached_chain.clear();
         }
         if (seq->admitted && plan.empty()) {
           // Cannot happen while CheckFinish bounds sequences by the cache; keep it loud.

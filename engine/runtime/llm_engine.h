@@ -164,6 +164,9 @@ class LlmEngine {
     bool importing = false;              // blocks reserved, K/V arriving from elsewhere
     std::shared_ptr<KvHandoff> handoff;  // its KV leaves during the step completing its prompt
     std::vector<uint64_t> block_hashes;  // prefix caching: of its whole blocks of tokens
+    // Per computed whole block, the cached block holding the same tokens (its own or an equal
+    // one another sequence registered first; -1 past a break), the next one's parent.
+    std::vector<int32_t> cached_chain;
   };
   absl::Status ValidateRequest(GenerateRequest& request) const;
   // Whether a held or importing sequence owns blocks (they come back when its transfer ends).

@@ -80,6 +80,7 @@ struct CachedSeq {
   std::vector<int32_t> tokens;
   std::vector<uint64_t> hashes;
   std::vector<int32_t> blocks;
+  std::vector<int32_t> chain;  // what Register returned per block
 };
 
 CachedSeq Fill(BlockAllocator& allocator, std::vector<int32_t> tokens) {
@@ -90,7 +91,8 @@ CachedSeq Fill(BlockAllocator& allocator, std::vector<int32_t> tokens) {
   EXPECT_TRUE(blocks.ok()) << blocks.status();
   s.blocks = *blocks;
   for (int32_t i = 0; i < static_cast<int32_t>(s.blocks.size()); ++i) {
-    allocator.Register(s.blocks, i, s.tokens, s.hashes);
+    s.chain.push_back(
+        allocator.Register(s.blocks[i], i, s.tokens, s.hashes[i], i == 0 ? -1 : s.chain.back()));
   }
   return s;
 }
@@ -191,33 +193,47 @@ TEST(PrefixCacheTest, LookupsCompareTokensAndTheBlockBefore) {
   ASSERT_TRUE(all.ok());
   ASSERT_EQ(all->back(), s.blocks[0]);
   EXPECT_EQ(allocator.num_cached(), 3) << "the second block is still cached";
-  allocator.Register(std::vector<int32_t>{s.blocks[0]}, 0, s.tokens, s.hashes);
+  EXPECT_EQ(allocator.Register(s.blocks[0], 0, s.tokens, s.hashes[0], -1), s.blocks[0]);
   EXPECT_EQ(allocator.MatchPrefix(s.tokens, s.hashes, 8), std::vector<int32_t>({s.blocks[0]}));
 }
 
-TEST(PrefixCacheTest, RegistrationNeedsTheChainAndIsIdempotent) {
-  BlockAllocator allocator(8);
+TEST(PrefixCacheTest, RegistrationFollowsTheCachedChain) {
+  BlockAllocator allocator(12);
   allocator.EnablePrefixCache(4);
   CachedSeq a = Fill(allocator, Iota(8));
-  // A second copy of the same tokens: its blocks are not registered (a's are the cached ones).
-  CachedSeq b = Fill(allocator, Iota(8));
-  EXPECT_EQ(allocator.num_cached(), 2);
-  EXPECT_EQ(allocator.MatchPrefix(a.tokens, a.hashes, 8), a.blocks);
+  EXPECT_EQ(a.chain, a.blocks);
+  // A copy computed at the same time: its first block is a's (nothing new registered), and
+  // its further blocks chain on a's, so the longer sequence is found whole.
+  std::vector<int32_t> longer = Iota(12);
+  longer[9] = 70;
+  CachedSeq b = Fill(allocator, longer);
+  ASSERT_EQ(b.chain.size(), 3u);
+  EXPECT_EQ(b.chain[0], a.blocks[0]);
+  EXPECT_EQ(b.chain[1], a.blocks[1]);
+  EXPECT_EQ(b.chain[2], b.blocks[2]);
+  EXPECT_EQ(allocator.num_cached(), 3);
+  EXPECT_EQ(allocator.MatchPrefix(b.tokens, b.hashes, 8),
+            std::vector<int32_t>({a.blocks[0], a.blocks[1], b.blocks[2]}));
   ASSERT_TRUE(allocator.Free(b.blocks).ok());
-  EXPECT_EQ(allocator.num_evictable(), 0) << "b's blocks were never cached";
-  // A block whose predecessor is not cached is not registered.
+  EXPECT_EQ(allocator.num_evictable(), 1) << "b's copies of a's blocks were never cached";
+  // Registering again changes nothing; no parent past the first block, a parent that is not
+  // cached, or an unreferenced block registers nothing.
+  EXPECT_EQ(allocator.Register(a.blocks[0], 0, a.tokens, a.hashes[0], -1), a.blocks[0]);
   auto lone = allocator.Allocate(2);
   ASSERT_TRUE(lone.ok());
   std::vector<int32_t> t = Iota(8, 100);
   std::vector<uint64_t> h;
   BlockAllocator::ExtendPrefixHashes(t, 4, h);
-  allocator.Register(*lone, 1, t, h);
-  EXPECT_EQ(allocator.num_cached(), 2);
-  allocator.Register(a.blocks, 0, a.tokens, a.hashes);  // again: nothing changes
-  EXPECT_EQ(allocator.num_cached(), 2);
+  EXPECT_EQ(allocator.Register((*lone)[1], 1, t, h[1], -1), -1);
+  EXPECT_EQ(allocator.Register((*lone)[1], 1, t, h[1], (*lone)[0]), -1);
+  EXPECT_EQ(allocator.Register(b.blocks[2], 0, t, h[0], -1), -1) << "b's block is free";
+  // The right hash after the wrong parent (a collision, or another chain) is no match.
+  EXPECT_EQ(allocator.Register((*lone)[1], 1, a.tokens, a.hashes[1], b.blocks[2]), -1);
+  EXPECT_EQ(allocator.num_cached(), 3);
   // Caching off: Register and MatchPrefix do nothing.
   BlockAllocator plain(4);
   CachedSeq p = Fill(plain, Iota(8));
+  EXPECT_EQ(p.chain, std::vector<int32_t>({-1, -1}));
   EXPECT_EQ(plain.num_cached(), 0);
   EXPECT_TRUE(plain.MatchPrefix(p.tokens, p.hashes, 8).empty());
   ASSERT_TRUE(plain.Free(p.blocks).ok());

@@ -137,6 +137,19 @@ TEST_F(PrefixCacheEngineTest, RepeatedPromptComputesAtLeastItsLastToken) {
   EXPECT_EQ(run.hit_tokens, 24 + 32 + 24);
 }
 
+TEST_F(PrefixCacheEngineTest, SequencesComputedTogetherAreBothCachedWhole) {
+  // Two prompts with the same first 16 tokens run in one step: the second's copy of the first
+  // two blocks is not cached (the first's are), but its own blocks chain on them, so a
+  // follow-up of the second finds all 48 of its tokens.
+  const std::vector<int32_t> shared = RandomTokens(16, 60);
+  const std::vector<int32_t> s2 = Concat(shared, RandomTokens(32, 62));
+  std::vector<std::vector<GenerateRequest>> waves = {
+      {Request("s1", Concat(shared, RandomTokens(32, 61))), Request("s2", s2)},
+      {Request("next", Concat(s2, RandomTokens(5, 63)))}};
+  Run run = CompareWithUncached({.block_size = 8, .num_blocks = 64}, waves);
+  EXPECT_EQ(run.hit_tokens, 48);
+}
+
 TEST_F(PrefixCacheEngineTest, ChunkedPromptSharesTheChunksAlreadyComputed) {
   // A 64-token prompt prefilled 16 tokens a step; after its third step a request sharing its
   // first 48 tokens arrives and starts from the three chunks computed so far.
@@ -175,6 +188,42 @@ TEST_F(PrefixCacheEngineTest, ChunkedPromptSharesTheChunksAlreadyComputed) {
     EXPECT_EQ(tokens["b"].size(), 5u);
     EXPECT_EQ((*engine)->num_free_blocks(), 64);
   }
+}
+
+TEST_F(PrefixCacheEngineTest, StartsFromTheBlocksOfAPromptStillInPrefill) {
+  // Under a 16-token budget a 40-token prompt takes three steps. Before the third, b arrives
+  // sharing a's first 32 tokens, which a's first two steps computed: in the third step a
+  // computes its last 8 and b, with the 8 tokens left of the budget, its own 6 after the 32
+  // cached ones, so both first tokens come from that step. Tokens as without the cache.
+  const std::vector<int32_t> a = RandomTokens(40, 64);
+  const std::vector<int32_t> b =
+      Concat(std::vector<int32_t>(a.begin(), a.begin() + 32), RandomTokens(6, 65));
+  std::map<std::string, std::vector<int32_t>> tokens[2];
+  for (bool caching : {false, true}) {
+    auto engine = LlmEngine::Create(
+        *model_,
+        {.block_size = 8, .num_blocks = 64, .max_batch_tokens = 16, .prefix_caching = caching});
+    ASSERT_TRUE(engine.ok());
+    ASSERT_TRUE((*engine)->AddRequest(Request("a", a)).ok());
+    for (int i = 0; i < 2; ++i) ASSERT_TRUE((*engine)->Step().ok());  // a: 32 of 40 computed
+    ASSERT_TRUE((*engine)->AddRequest(Request("b", b)).ok());
+    auto third = (*engine)->Step();
+    ASSERT_TRUE(third.ok()) << third.status();
+    if (caching) {
+      ASSERT_EQ(third->size(), 2u) << "a's last chunk and all of b's uncached tokens";
+      EXPECT_EQ((*engine)->num_prefix_hit_tokens(), 32);
+    } else {
+      EXPECT_EQ(third->size(), 1u) << "b computes 8 of its 38 tokens";
+    }
+    for (const TokenOutput& o : *third) tokens[caching][o.request_id].push_back(o.token);
+    while ((*engine)->HasWork()) {
+      auto out = (*engine)->Step();
+      ASSERT_TRUE(out.ok()) << out.status();
+      for (const TokenOutput& o : *out) tokens[caching][o.request_id].push_back(o.token);
+    }
+    EXPECT_EQ((*engine)->num_free_blocks(), 64);
+  }
+  EXPECT_EQ(tokens[1], tokens[0]);
 }
 
 TEST_F(PrefixCacheEngineTest, CachedPrefixCutsTheStepsToTheFirstToken) {
