@@ -75,7 +75,10 @@ class CudaModelTest : public ::testing::TestWithParam<ModelParam> {
     std::unique_ptr<LlmEngine> engine;
   };
   // The preset's model with seeded random weights on a CUDA backend of the parameter's dtype.
-  void MakeEngine(uint64_t seed, const EngineOptions& eo, bool graphs, Engine& e) {
+  // Without prefix caching unless `caching`: several tests compare runs of one prompt on one
+  // engine as the same computation, which a cache hit would change.
+  void MakeEngine(uint64_t seed, EngineOptions eo, bool graphs, Engine& e, bool caching = false) {
+    eo.prefix_caching = caching;
     auto config = PresetConfig(GetParam().preset);
     ASSERT_TRUE(config.ok());
     e.config = *config;
@@ -244,6 +247,50 @@ TEST_P(CudaModelTest, EngineServesMixedBatchesAndReturnsEveryBlock) {
     EXPECT_EQ((*results)[i].token_ids.size(), static_cast<size_t>(8 + i));
   }
   EXPECT_EQ(e.engine->num_free_blocks(), 128);
+}
+
+// Prefix caching on the GPU: prompts that share a 100-token prefix, the later ones started from
+// the first one's cached blocks (the prefill attention reading them through the block table),
+// give the logits of an engine without the cache, within the dtype's tolerance.
+TEST_P(CudaModelTest, CachedPrefixGivesTheUncachedLogits) {
+  EngineOptions eo;
+  eo.num_blocks = 64;
+  Engine cached, plain;
+  ASSERT_NO_FATAL_FAILURE(MakeEngine(14, eo, /*graphs=*/true, cached, /*caching=*/true));
+  ASSERT_NO_FATAL_FAILURE(MakeEngine(14, eo, /*graphs=*/true, plain));
+  std::vector<int32_t> prefix;
+  for (int j = 0; j < 100; ++j) prefix.push_back((j * 7919 + 11) % cached.config.vocab_size);
+  std::vector<std::vector<GenerateRequest>> waves(3);
+  for (int i = 0; i < 4; ++i) {
+    GenerateRequest r;
+    r.id = "s" + std::to_string(i);
+    r.prompt = prefix;
+    for (int j = 0; j <= 5 * i; ++j)
+      r.prompt.push_back((i * 31 + j * 13 + 5) % cached.config.vocab_size);
+    r.params.max_tokens = 6;
+    r.params.ignore_eos = true;
+    r.return_logits = true;
+    waves[i == 0 ? 0 : (i < 3 ? 1 : 2)].push_back(r);
+  }
+  for (const auto& wave : waves) {
+    auto got = cached.engine->Generate(wave);
+    auto want = plain.engine->Generate(wave);
+    ASSERT_TRUE(got.ok() && want.ok());
+    for (size_t k = 0; k < wave.size(); ++k) {
+      ASSERT_EQ((*got)[k].logits.size(), (*want)[k].logits.size());
+      for (size_t t = 0; t < (*got)[k].logits.size(); ++t) {
+        const std::vector<float>& a = (*got)[k].logits[t];
+        const std::vector<float>& b = (*want)[k].logits[t];
+        double scale = 0, worst = 0;
+        for (float v : b) scale = std::max<double>(scale, std::abs(v));
+        for (size_t v = 0; v < a.size(); ++v)
+          worst = std::max<double>(worst, std::abs(a[v] - b[v]));
+        EXPECT_LE(worst, Tolerance() * scale) << wave[k].id << " token " << t;
+      }
+    }
+  }
+  EXPECT_EQ(cached.engine->num_prefix_hit_tokens(), 3 * 96) << "6 blocks of 16 each, 3 times";
+  EXPECT_EQ(cached.engine->num_free_blocks(), 64);
 }
 
 // Layer-by-layer hand-off on the GPU: each layer's mark is reached only once its K/V are in
