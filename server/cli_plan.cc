@@ -375,6 +375,10 @@ absl::Status Run(const CliArgs& args) {
     o.workload["range_ratio"] = d.range_ratio;
   }
   if (!d.path.empty()) o.workload["dataset_path"] = d.path;
+  if (d.shared_prefix_len > 0) {
+    o.workload["shared_prefix_len"] = d.shared_prefix_len;
+    o.workload["num_shared_prefixes"] = d.num_shared_prefixes;
+  }
   double prompt = 0, output = 0;
   for (const scheduler::SimRequest& r : o.lengths) {
     prompt += r.prompt_len;

@@ -992,6 +992,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
           // A definite answer: unhealthy at once.
           inst.failures = std::max(inst.failures, options_.unhealthy_after_failures - 1);
         }
+        // Its counters went back: a new process at the same address, with an empty cache.
+        if (s.ok() && status.engine_steps() < inst.status.engine_steps()) {
+          inst.prefix_index.Clear();
+        }
         // It answers, but from figures its engine loop has not refreshed for too long.
         const absl::Duration stalled = absl::Microseconds(status.loop_heartbeat_age_us());
         if (s.ok() && stalled > options_.worker_stall_timeout) {
@@ -1010,8 +1014,6 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
           // Only set here: a reply sent before a drain began must not clear what the draining
           // registration said (registrations, in order, are what clear it).
           if (status.draining()) inst.draining = true;
-          // Its counters went back: a new process at the same address, with an empty cache.
-          if (status.engine_steps() < inst.status.engine_steps()) inst.prefix_index.Clear();
           inst.status = std::move(status);
         } else if (++inst.failures >= options_.unhealthy_after_failures && inst.healthy) {
           inst.healthy = false;

@@ -171,13 +171,22 @@ void BlockAllocator::AcquireCached(const std::vector<int32_t>& blocks) {
 }
 
 int32_t BlockAllocator::Register(int32_t block, int32_t index, std::span<const int32_t> tokens,
-                                 uint64_t hash, int32_t parent) {
+                                 std::span<const uint64_t> hashes, int32_t parent) {
   const size_t bs = static_cast<size_t>(cache_block_size_);
   if (!prefix_cache_enabled() || block < 0 || block >= num_blocks() || index < 0 ||
-      tokens.size() < (static_cast<size_t>(index) + 1) * bs || (index == 0) != (parent < 0) ||
-      (parent >= 0 && (parent >= num_blocks() || registered_[parent] == 0))) {
+      static_cast<size_t>(index) >= hashes.size() ||
+      tokens.size() < (static_cast<size_t>(index) + 1) * bs || (index == 0) != (parent < 0)) {
     return -1;
   }
+  if (parent >= 0) {
+    // Still the cached block of the tokens before (not evicted, or reused for others since).
+    const std::span<const int32_t> before = tokens.subspan((index - 1) * bs, bs);
+    if (parent >= num_blocks() || registered_[parent] == 0 || hash_[parent] != hashes[index - 1] ||
+        !std::equal(before.begin(), before.end(), tokens_.begin() + parent * bs)) {
+      return -1;
+    }
+  }
+  const uint64_t hash = hashes[index];
   const std::span<const int32_t> own = tokens.subspan(index * bs, bs);
   if (auto it = by_hash_.find(hash); it != by_hash_.end()) {
     const int32_t b = it->second;

@@ -49,15 +49,16 @@ class BlockAllocator {
   // Takes a reference to each of `blocks`, which MatchPrefix has just returned (cached ones
   // that no one references leave the evictable list).
   void AcquireCached(const std::vector<int32_t>& blocks);
-  // Registers `block`, which holds block `index` of `tokens` (its positions computed; `hash`:
-  // its ExtendPrefixHashes hash), after `parent`: the cached block of the tokens before it, as
-  // this call returned for block `index - 1` (-1 for the first block). Returns the cached block
-  // that holds these tokens after `parent` now, to pass as the next block's `parent`: `block`,
-  // or an equal block registered before (another sequence computed the same tokens), or -1
-  // when there is none (caching off, no parent past the first block, an unreferenced `block`,
-  // or another block under the same hash: a collision).
-  int32_t Register(int32_t block, int32_t index, std::span<const int32_t> tokens, uint64_t hash,
-                   int32_t parent);
+  // Registers `block`, which holds block `index` of `tokens` (its positions computed; `hashes`:
+  // ExtendPrefixHashes of `tokens`, covering `index`), after `parent`: the cached block of the
+  // tokens before it, as this call returned for block `index - 1` (-1 for the first block),
+  // which must still be cached with those tokens. Returns the cached block that holds these
+  // tokens after `parent` now, to pass as the next block's `parent`: `block`, or an equal block
+  // registered before (another sequence computed the same tokens), or -1 when there is none
+  // (caching off, no parent past the first block, a parent since evicted or reused, an
+  // unreferenced `block`, or another block under the same hash: a collision).
+  int32_t Register(int32_t block, int32_t index, std::span<const int32_t> tokens,
+                   std::span<const uint64_t> hashes, int32_t parent);
   int32_t num_cached() const { return static_cast<int32_t>(by_hash_.size()); }
   int32_t num_evictable() const { return num_evictable_; }
   int64_t num_evictions() const { return num_evictions_; }

@@ -236,7 +236,7 @@ void LlmEngine::RegisterFilledBlocks(Sequence& seq, int32_t from) {
   for (int32_t i = first; i < seq.num_computed / bs; ++i) {
     const int32_t parent = i == 0 ? -1 : seq.cached_chain[i - 1];
     seq.cached_chain.push_back(
-        allocator.Register(seq.table.blocks()[i], i, computed, seq.block_hashes[i], parent));
+        allocator.Register(seq.table.blocks()[i], i, computed, seq.block_hashes, parent));
   }
 }
 

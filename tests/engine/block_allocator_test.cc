@@ -92,7 +92,7 @@ CachedSeq Fill(BlockAllocator& allocator, std::vector<int32_t> tokens) {
   s.blocks = *blocks;
   for (int32_t i = 0; i < static_cast<int32_t>(s.blocks.size()); ++i) {
     s.chain.push_back(
-        allocator.Register(s.blocks[i], i, s.tokens, s.hashes[i], i == 0 ? -1 : s.chain.back()));
+        allocator.Register(s.blocks[i], i, s.tokens, s.hashes, i == 0 ? -1 : s.chain.back()));
   }
   return s;
 }
@@ -193,7 +193,7 @@ TEST(PrefixCacheTest, LookupsCompareTokensAndTheBlockBefore) {
   ASSERT_TRUE(all.ok());
   ASSERT_EQ(all->back(), s.blocks[0]);
   EXPECT_EQ(allocator.num_cached(), 3) << "the second block is still cached";
-  EXPECT_EQ(allocator.Register(s.blocks[0], 0, s.tokens, s.hashes[0], -1), s.blocks[0]);
+  EXPECT_EQ(allocator.Register(s.blocks[0], 0, s.tokens, s.hashes, -1), s.blocks[0]);
   EXPECT_EQ(allocator.MatchPrefix(s.tokens, s.hashes, 8), std::vector<int32_t>({s.blocks[0]}));
 }
 
@@ -218,26 +218,54 @@ TEST(PrefixCacheTest, RegistrationFollowsTheCachedChain) {
   EXPECT_EQ(allocator.num_evictable(), 1) << "b's copies of a's blocks were never cached";
   // Registering again changes nothing; no parent past the first block, a parent that is not
   // cached, or an unreferenced block registers nothing.
-  EXPECT_EQ(allocator.Register(a.blocks[0], 0, a.tokens, a.hashes[0], -1), a.blocks[0]);
+  EXPECT_EQ(allocator.Register(a.blocks[0], 0, a.tokens, a.hashes, -1), a.blocks[0]);
   auto lone = allocator.Allocate(2);
   ASSERT_TRUE(lone.ok());
   std::vector<int32_t> t = Iota(8, 100);
   std::vector<uint64_t> h;
   BlockAllocator::ExtendPrefixHashes(t, 4, h);
-  EXPECT_EQ(allocator.Register((*lone)[1], 1, t, h[1], -1), -1);
-  EXPECT_EQ(allocator.Register((*lone)[1], 1, t, h[1], (*lone)[0]), -1);
-  EXPECT_EQ(allocator.Register(b.blocks[2], 0, t, h[0], -1), -1) << "b's block is free";
+  EXPECT_EQ(allocator.Register((*lone)[1], 1, t, h, -1), -1);
+  EXPECT_EQ(allocator.Register((*lone)[1], 1, t, h, (*lone)[0]), -1);
+  EXPECT_EQ(allocator.Register(b.blocks[2], 0, t, h, -1), -1) << "b's block is free";
   // The right hash after the wrong parent (a collision, or another chain) is no match.
-  EXPECT_EQ(allocator.Register((*lone)[1], 1, a.tokens, a.hashes[1], b.blocks[2]), -1);
+  EXPECT_EQ(allocator.Register((*lone)[1], 1, a.tokens, a.hashes, b.blocks[2]), -1);
   EXPECT_EQ(allocator.num_cached(), 3);
   // Caching off: Register and MatchPrefix do nothing.
   BlockAllocator plain(4);
+  EXPECT_EQ(plain.Register(0, 0, a.tokens, a.hashes, -1), -1);
   CachedSeq p = Fill(plain, Iota(8));
   EXPECT_EQ(p.chain, std::vector<int32_t>({-1, -1}));
   EXPECT_EQ(plain.num_cached(), 0);
   EXPECT_TRUE(plain.MatchPrefix(p.tokens, p.hashes, 8).empty());
   ASSERT_TRUE(plain.Free(p.blocks).ok());
   EXPECT_EQ(plain.num_free(), 4);
+}
+
+TEST(PrefixCacheTest, AParentEvictedAndReusedSinceIsNoParent) {
+  // b's first block chained on a's (b computed the same tokens at the same time); a ends, its
+  // first block is evicted and registered again for other tokens: b's second block, computed
+  // after, must not chain on it.
+  BlockAllocator allocator(6);
+  allocator.EnablePrefixCache(4);
+  CachedSeq a = Fill(allocator, Iota(8));
+  std::vector<int32_t> bt = Iota(8);
+  bt[6] = 90;
+  std::vector<uint64_t> bh;
+  BlockAllocator::ExtendPrefixHashes(bt, 4, bh);
+  auto b = allocator.Allocate(2);
+  ASSERT_TRUE(b.ok());
+  const int32_t parent = allocator.Register((*b)[0], 0, bt, bh, -1);
+  ASSERT_EQ(parent, a.blocks[0]);
+  ASSERT_TRUE(allocator.Free(a.blocks).ok());
+  auto taken = allocator.Allocate(4);  // 2 uncached, then a's second block and its first
+  ASSERT_TRUE(taken.ok());
+  ASSERT_EQ(taken->back(), a.blocks[0]);
+  const std::vector<int32_t> other = Iota(4, 50);
+  std::vector<uint64_t> oh;
+  BlockAllocator::ExtendPrefixHashes(other, 4, oh);
+  ASSERT_EQ(allocator.Register(a.blocks[0], 0, other, oh, -1), a.blocks[0]);
+  EXPECT_EQ(allocator.Register((*b)[1], 1, bt, bh, parent), -1);
+  EXPECT_TRUE(allocator.MatchPrefix(bt, bh, 8).empty());
 }
 
 }  // namespace

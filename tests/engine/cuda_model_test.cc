@@ -251,7 +251,9 @@ TEST_P(CudaModelTest, EngineServesMixedBatchesAndReturnsEveryBlock) {
 
 // Prefix caching on the GPU: prompts that share a 100-token prefix, the later ones started from
 // the first one's cached blocks (the prefill attention reading them through the block table),
-// give the logits of an engine without the cache, within the dtype's tolerance.
+// give the logits of an engine without the cache, within the dtype's tolerance: the first row
+// (the prompt's) always, later rows while both runs chose the same tokens (a near tie may go
+// either way in bf16, and then the contexts differ).
 TEST_P(CudaModelTest, CachedPrefixGivesTheUncachedLogits) {
   EngineOptions eo;
   eo.num_blocks = 64;
@@ -279,6 +281,7 @@ TEST_P(CudaModelTest, CachedPrefixGivesTheUncachedLogits) {
     for (size_t k = 0; k < wave.size(); ++k) {
       ASSERT_EQ((*got)[k].logits.size(), (*want)[k].logits.size());
       for (size_t t = 0; t < (*got)[k].logits.size(); ++t) {
+        if (t > 0 && (*got)[k].token_ids[t - 1] != (*want)[k].token_ids[t - 1]) break;
         const std::vector<float>& a = (*got)[k].logits[t];
         const std::vector<float>& b = (*want)[k].logits[t];
         double scale = 0, worst = 0;

@@ -149,6 +149,14 @@ TEST(PlannerTest, PlanFileRoundTripAndColocatedComparison) {
   EXPECT_EQ(file->dispatch_policy, "least-loaded");
   EXPECT_FALSE(PlanSummary(*plan).empty());
   EXPECT_EQ(file->step_time_scale, 1);  // no live section
+  EXPECT_TRUE(file->prefix_caching);
+  // Planned without the cache: the workers are started without it; a plan file from before
+  // the setting existed means the default (on).
+  nlohmann::json off = j;
+  off["policies"]["prefix_caching"] = false;
+  EXPECT_FALSE(ParsePlanFile(off)->prefix_caching);
+  off["policies"].erase("prefix_caching");
+  EXPECT_TRUE(ParsePlanFile(off)->prefix_caching);
   nlohmann::json bad = j;
   bad["decode_instances"] = 0;
   EXPECT_EQ(ParsePlanFile(bad).status().code(), absl::StatusCode::kInvalidArgument);

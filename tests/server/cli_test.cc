@@ -245,6 +245,7 @@ TEST_F(CliTest, PlanPrintsThePlanFile) {
   ASSERT_EQ(r.exit_code, 0) << r.errors;
   const auto cached = nlohmann::json::parse(r.output, nullptr, false);
   EXPECT_EQ(cached["policies"]["prefix_caching"], true);
+  EXPECT_EQ(cached["workload"]["shared_prefix_len"], 256);
   r = RunCommand(shared + "--prefix-caching off");
   ASSERT_EQ(r.exit_code, 0) << r.errors;
   const auto uncached = nlohmann::json::parse(r.output, nullptr, false);

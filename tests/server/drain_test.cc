@@ -481,11 +481,13 @@ TEST(DrainTest, RequestsGoToThePrefillWorkerHoldingTheirPrefix) {
     return done.timeline();
   };
   // Prefix A on p0 (idle workers: the tie-break), slowed (2 layers of 300 ms) so that prefix B,
-  // sent once A is admitted, goes to p1 (p0 has A's tokens queued until A's first token).
+  // sent once A is admitted and placed (a moment after), goes to p1 (p0 has A's tokens queued
+  // until A's first token).
   p0->backend.delay_ms = 300;
   std::promise<api::Timeline> a_done;
   std::thread a([&] { a_done.set_value(run(10, 200)); });
   EXPECT_TRUE(c->WaitFor([](const api::ClusterStatus& s) { return s.requests_in_flight() == 1; }));
+  absl::SleepFor(absl::Milliseconds(100));
   EXPECT_EQ(run(80, 210).prefill_instance(), "p1");
   a.join();
   EXPECT_EQ(a_done.get_future().get().prefill_instance(), "p0");
