@@ -93,8 +93,9 @@ absl::Status LlmEngine::Cancel(const std::string& id) {
     return absl::NotFoundError(absl::StrCat("no request '", id, "'"));
   }
   absl::Status status = it->second->table.Release(cache_.allocator());
+  absl::Status scratch = cache_.allocator().Free(it->second->scratch);
   sequences_.erase(it);
-  return status;
+  return status.ok() ? scratch : status;
 }
 
 size_t LlmEngine::num_waiting() const {
@@ -162,26 +163,52 @@ absl::StatusOr<std::vector<int32_t>> LlmEngine::ReserveImport(GenerateRequest re
     return absl::InvalidArgumentError(absl::StrCat(
         "import of ", num_tokens, " positions for a prompt of ", request.prompt.size(), " tokens"));
   }
-  const int32_t needed = BlockTable::BlocksFor(num_tokens, options_.block_size);
+  const int32_t bs = options_.block_size;
+  const int32_t needed = BlockTable::BlocksFor(num_tokens, bs);
   const int32_t headroom = static_cast<int32_t>(num_running());
-  if (cache_.allocator().num_free() < needed + headroom) {
-    return absl::ResourceExhaustedError(absl::StrCat("KV cache full: ", needed, " blocks needed, ",
-                                                     cache_.allocator().num_free(), " free, ",
-                                                     headroom, " kept for growth"));
-  }
+  BlockAllocator& allocator = cache_.allocator();
   auto seq = std::make_unique<Sequence>();
-  PDS_RETURN_IF_ERROR(seq->table.Reserve(num_tokens, options_.block_size, cache_.allocator()));
+  seq->tokens = request.prompt;
+  // Whole blocks of the prompt already cached are shared (taken first, so that the
+  // allocation below cannot evict them); the transfer writes their positions into scratch.
+  std::vector<int32_t> hit;
+  if (allocator.prefix_cache_enabled()) {
+    BlockAllocator::ExtendPrefixHashes(seq->tokens, bs, seq->block_hashes);
+    hit = allocator.MatchPrefix(seq->tokens, seq->block_hashes, num_tokens / bs);
+    allocator.AcquireCached(hit);
+  }
+  if (allocator.num_free() < needed + headroom) {
+    const int32_t free_blocks = allocator.num_free();
+    allocator.Free(hit).IgnoreError();
+    return absl::ResourceExhaustedError(absl::StrCat("KV cache full: ", needed, " blocks needed, ",
+                                                     free_blocks, " free, ", headroom,
+                                                     " kept for growth"));
+  }
+  absl::StatusOr<std::vector<int32_t>> allocated = allocator.Allocate(needed);
+  if (!allocated.ok()) {
+    allocator.Free(hit).IgnoreError();
+    return allocated.status();
+  }
+  std::vector<int32_t> written = std::move(*allocated);
+  const size_t shared = hit.size();
+  std::vector<int32_t> table = hit;
+  table.insert(table.end(), written.begin() + shared, written.end());
+  seq->scratch.assign(written.begin(), written.begin() + shared);
+  seq->cached_chain = hit;
+  seq->table.Adopt(std::move(table), 0);
+  if (allocator.prefix_cache_enabled()) {
+    prefix_query_tokens_ += num_tokens;
+    prefix_hit_tokens_ += static_cast<int64_t>(shared) * bs;
+  }
   const uint64_t seed =
       request.params.seed.has_value() ? *request.params.seed : std::random_device{}();
   seq->sampler = std::make_unique<Sampler>(request.params, seed);
-  seq->tokens = request.prompt;
   seq->order = next_order_++;
   seq->importing = true;
   seq->request = std::move(request);
-  std::vector<int32_t> blocks = seq->table.blocks();
   const std::string id = seq->request.id;
   sequences_[id] = std::move(seq);
-  return blocks;
+  return written;
 }
 
 absl::Status LlmEngine::ActivateImport(const std::string& id, int32_t next_token) {
@@ -194,9 +221,13 @@ absl::Status LlmEngine::ActivateImport(const std::string& id, int32_t next_token
     return absl::InvalidArgumentError(
         absl::StrCat("token ", next_token, " outside the vocabulary"));
   }
+  // The scratch copies of the shared blocks go; the rest is registered (so that later imports,
+  // and a recompute after a preemption, find them).
+  PDS_RETURN_IF_ERROR(cache_.allocator().Free(seq.scratch));
+  seq.scratch.clear();
   seq.num_computed = static_cast<int32_t>(seq.tokens.size());
   seq.table.set_num_tokens(seq.num_computed);
-  RegisterFilledBlocks(seq, 0);  // so that a recompute after a preemption finds them
+  RegisterFilledBlocks(seq, static_cast<int32_t>(seq.cached_chain.size()) * options_.block_size);
   seq.tokens.push_back(next_token);
   seq.num_generated = 1;
   seq.importing = false;

@@ -110,6 +110,10 @@ class LlmEngine {
   // `num_tokens` positions arrive from elsewhere (RESOURCE_EXHAUSTED while the cache has no
   // room for them plus one block of growth per running sequence), has them written into
   // those blocks, then activates it with the token sampled after them, and it decodes on.
+  // With prefix caching, the whole blocks of the prompt that the cache already holds (an
+  // earlier import's, registered at its activation) are shared: the transfer still writes
+  // every block, its first ones into scratch blocks that the activation frees, so the
+  // sequence then holds only what is its own.
   absl::StatusOr<HeldKv> GetHeld(const std::string& id) const;
   absl::StatusOr<std::vector<int32_t>> ReserveImport(GenerateRequest request, int32_t num_tokens);
   absl::Status ActivateImport(const std::string& id, int32_t next_token);
@@ -167,6 +171,8 @@ class LlmEngine {
     // Per computed whole block, the cached block holding the same tokens (its own or an equal
     // one another sequence registered first; -1 past a break), the next one's parent.
     std::vector<int32_t> cached_chain;
+    // An import started from cached blocks: where the transfer writes their positions.
+    std::vector<int32_t> scratch;
   };
   absl::Status ValidateRequest(GenerateRequest& request) const;
   // Whether a held or importing sequence owns blocks (they come back when its transfer ends).

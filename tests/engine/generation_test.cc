@@ -276,6 +276,75 @@ TEST_F(GenerationTest, HeldPrefillHandedToAnotherEngineContinuesIdentically) {
   }
 }
 
+// A decode engine with prefix caching shares the whole blocks of an import's prompt that an
+// earlier import left in its cache: the transfer writes them into scratch blocks that the
+// activation frees, so the second sequence holds only its own blocks, and the tokens are those
+// of one engine doing everything. Without the cache both hold all their blocks.
+TEST_F(GenerationTest, DecodeSharesThePrefixBlocksOfEarlierImports) {
+  SamplingParams p{.max_tokens = 10, .ignore_eos = true};
+  std::vector<int32_t> system;
+  for (int j = 0; j < 32; ++j) system.push_back(5 + (j * 37) % 200);  // 4 blocks of 8
+  std::vector<GenerateRequest> requests;
+  for (int i = 0; i < 3; ++i) {
+    GenerateRequest r = Request(p, system);
+    for (int j = 0; j <= 2 * i; ++j) r.prompt.push_back(9 + (i * 41 + j * 7) % 200);
+    r.id = "r" + std::to_string(i);
+    requests.push_back(r);
+  }
+  for (bool caching : {true, false}) {
+    SCOPED_TRACE(caching ? "caching" : "no caching");
+    auto prefill = NewEngine();
+    auto decode = NewEngine({.block_size = 8, .num_blocks = 64, .prefix_caching = caching});
+    std::vector<std::vector<int32_t>> tokens(requests.size());
+    std::vector<int> used_after_activation;
+    for (size_t i = 0; i < requests.size(); ++i) {
+      GenerateRequest r = requests[i];
+      r.hold_kv_after_prefill = true;
+      ASSERT_TRUE(prefill->AddRequest(r).ok());
+      std::vector<TokenOutput> outs;
+      while (outs.empty()) {
+        auto step = prefill->Step();
+        ASSERT_TRUE(step.ok()) << step.status();
+        outs = std::move(*step);
+      }
+      auto held = prefill->GetHeld(r.id);
+      ASSERT_TRUE(held.ok()) << held.status();
+      r.hold_kv_after_prefill = false;
+      auto reserved = decode->ReserveImport(r, held->num_tokens);
+      ASSERT_TRUE(reserved.ok()) << reserved.status();
+      ASSERT_EQ(reserved->size(), held->blocks.size()) << "the transfer writes every block";
+      const size_t bytes = prefill->cache().shape().BlockBytes(DType::kF32);
+      for (int layer = 0; layer < prefill->cache().shape().num_layers; ++layer) {
+        for (size_t b = 0; b < reserved->size(); ++b) {
+          for (int kv = 0; kv < 2; ++kv) {
+            void* to = kv == 0 ? decode->cache().k(layer) : decode->cache().v(layer);
+            const void* from = kv == 0 ? prefill->cache().k(layer) : prefill->cache().v(layer);
+            std::memcpy(static_cast<char*>(to) + (*reserved)[b] * bytes,
+                        static_cast<const char*>(from) + held->blocks[b] * bytes, bytes);
+          }
+        }
+      }
+      ASSERT_TRUE(prefill->Cancel(r.id).ok());
+      ASSERT_TRUE(decode->ActivateImport(r.id, outs[0].token).ok());
+      used_after_activation.push_back(64 - decode->num_free_blocks());
+      tokens[i].push_back(outs[0].token);
+    }
+    while (decode->HasWork()) {
+      auto step = decode->Step();
+      ASSERT_TRUE(step.ok()) << step.status();
+      for (const TokenOutput& o : *step) tokens[o.request_id[1] - '0'].push_back(o.token);
+    }
+    for (size_t i = 0; i < requests.size(); ++i) {
+      EXPECT_EQ(tokens[i], Run(requests[i]).token_ids) << requests[i].id;
+    }
+    // r0: 33 tokens = 5 blocks; r1 (35) and r2 (37) add 1 block each when sharing 4.
+    EXPECT_EQ(used_after_activation,
+              caching ? std::vector<int>({5, 6, 7}) : std::vector<int>({5, 10, 15}));
+    EXPECT_EQ(decode->num_prefix_hit_tokens(), caching ? 2 * 32 : 0);
+    EXPECT_EQ(decode->num_free_blocks(), 64);
+  }
+}
+
 // The forward's K/V hook runs after each layer's writes and before the next layer's: at the
 // hook for layer l, layer l holds the step's K/V and layer l + 1 still the old contents.
 TEST_F(GenerationTest, KvLayerHookRunsAfterEachLayersWrites) {

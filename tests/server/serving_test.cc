@@ -232,9 +232,9 @@ TEST_F(ServingTest, OnePrefillOneDecodeMatchesOfflineGreedyAndSeeded) {
   EXPECT_EQ(status.requests_finished(), 36);
 }
 
-// Requests that share a long prefix: the prefill worker computes it once (prefix caching, on
-// by default) and the tokens equal an engine's without a cache; `--prefix-caching off` turns
-// it off.
+// Requests that share a long prefix: the prefill worker computes it once and the decode worker
+// holds it once (prefix caching, on by default), and the tokens equal an engine's without a
+// cache; `--prefix-caching off` turns it off.
 TEST_F(ServingTest, SharedPrefixesComeFromThePrefillWorkersCache) {
   std::vector<int32_t> system;
   for (int j = 0; j < 85; ++j) system.push_back(5 + (j * 29) % 240);  // 5 blocks of 16 + 5
@@ -278,13 +278,16 @@ TEST_F(ServingTest, SharedPrefixesComeFromThePrefillWorkersCache) {
     }
     ExpectAllFree(cluster->stub());
     const api::ClusterStatus status = FreshStatus(cluster->stub());
-    int64_t query = 0, hit = 0, cached = 0;
+    int64_t query = 0, hit = 0, cached = 0, decode_hit = -1;
     for (const auto& inst : status.instances()) {
+      if (inst.role() == "decode") decode_hit = inst.prefix_cache_hit_tokens();
       if (inst.role() != "prefill") continue;
       query = inst.prefix_cache_query_tokens();
       hit = inst.prefix_cache_hit_tokens();
       cached = inst.kv_blocks_cached();
     }
+    // The decode worker shares the first request's imported system prompt with the others.
+    EXPECT_EQ(decode_hit, std::string(caching) == "on" ? 6 * 80 : 0);
     int64_t prompt_tokens = 0;
     for (const auto& r : offline) prompt_tokens += static_cast<int64_t>(r.prompt.size());
     EXPECT_EQ(query, std::string(caching) == "on" ? prompt_tokens : 0);
