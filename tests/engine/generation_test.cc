@@ -44,6 +44,34 @@ class GenerationTest : public ::testing::Test {
     EXPECT_TRUE(results.ok()) << results.status();
     return results.ok() ? (*results)[0] : GenerateResult{};
   }
+  // Steps `engine` until a step produces output; returns it (empty after a failed step).
+  static std::vector<TokenOutput> StepUntilOutput(LlmEngine& engine) {
+    for (int i = 0; i < 1000; ++i) {
+      auto step = engine.Step();
+      EXPECT_TRUE(step.ok()) << step.status();
+      if (!step.ok() || !step->empty())
+        return step.ok() ? std::move(*step) : std::vector<TokenOutput>{};
+    }
+    ADD_FAILURE() << "no output in 1000 steps";
+    return {};
+  }
+  // What a KV transfer does: every layer's K and V of blocks `from` of `source` into blocks
+  // `to` of `dest` (same shapes, CPU memory).
+  static void CopyKv(const LlmEngine& source, const std::vector<int32_t>& from,
+                     const LlmEngine& dest, const std::vector<int32_t>& to) {
+    ASSERT_EQ(from.size(), to.size());
+    const size_t bytes = source.cache().shape().BlockBytes(DType::kF32);
+    for (int layer = 0; layer < source.cache().shape().num_layers; ++layer) {
+      for (size_t b = 0; b < to.size(); ++b) {
+        for (int kv = 0; kv < 2; ++kv) {
+          void* d = kv == 0 ? dest.cache().k(layer) : dest.cache().v(layer);
+          const void* s = kv == 0 ? source.cache().k(layer) : source.cache().v(layer);
+          std::memcpy(static_cast<char*>(d) + to[b] * bytes,
+                      static_cast<const char*>(s) + from[b] * bytes, bytes);
+        }
+      }
+    }
+  }
   static GenerateRequest Request(SamplingParams params,
                                  std::vector<int32_t> prompt = {5, 17, 42, 8, 99}) {
     GenerateRequest r;
@@ -233,12 +261,7 @@ TEST_F(GenerationTest, HeldPrefillHandedToAnotherEngineContinuesIdentically) {
     r.id = "x";
     r.hold_kv_after_prefill = true;
     ASSERT_TRUE(prefill->AddRequest(r).ok());
-    std::vector<TokenOutput> outs;
-    while (outs.empty()) {
-      auto step = prefill->Step();
-      ASSERT_TRUE(step.ok()) << step.status();
-      outs = std::move(*step);
-    }
+    const std::vector<TokenOutput> outs = StepUntilOutput(*prefill);
     ASSERT_EQ(outs.size(), 1u);
     EXPECT_TRUE(outs[0].kv_held);
     EXPECT_EQ(outs[0].token, whole.token_ids[0]);
@@ -252,16 +275,7 @@ TEST_F(GenerationTest, HeldPrefillHandedToAnotherEngineContinuesIdentically) {
     ASSERT_TRUE(reserved.ok()) << reserved.status();
     ASSERT_EQ(reserved->size(), held->blocks.size());
     EXPECT_FALSE(decode->HasRunnable());
-    const KvCacheShape& shape = prefill->cache().shape();
-    const size_t bytes = shape.BlockBytes(DType::kF32);
-    for (int layer = 0; layer < shape.num_layers; ++layer) {
-      for (size_t i = 0; i < reserved->size(); ++i) {
-        std::memcpy(static_cast<char*>(decode->cache().k(layer)) + (*reserved)[i] * bytes,
-                    static_cast<char*>(prefill->cache().k(layer)) + held->blocks[i] * bytes, bytes);
-        std::memcpy(static_cast<char*>(decode->cache().v(layer)) + (*reserved)[i] * bytes,
-                    static_cast<char*>(prefill->cache().v(layer)) + held->blocks[i] * bytes, bytes);
-      }
-    }
+    CopyKv(*prefill, held->blocks, *decode, *reserved);
     ASSERT_TRUE(prefill->Cancel("x").ok());
     EXPECT_EQ(prefill->num_free_blocks(), 64);
     ASSERT_TRUE(decode->ActivateImport("x", outs[0].token).ok());
@@ -301,29 +315,15 @@ TEST_F(GenerationTest, DecodeSharesThePrefixBlocksOfEarlierImports) {
       GenerateRequest r = requests[i];
       r.hold_kv_after_prefill = true;
       ASSERT_TRUE(prefill->AddRequest(r).ok());
-      std::vector<TokenOutput> outs;
-      while (outs.empty()) {
-        auto step = prefill->Step();
-        ASSERT_TRUE(step.ok()) << step.status();
-        outs = std::move(*step);
-      }
+      const std::vector<TokenOutput> outs = StepUntilOutput(*prefill);
+      ASSERT_FALSE(outs.empty());
       auto held = prefill->GetHeld(r.id);
       ASSERT_TRUE(held.ok()) << held.status();
       r.hold_kv_after_prefill = false;
       auto reserved = decode->ReserveImport(r, held->num_tokens);
       ASSERT_TRUE(reserved.ok()) << reserved.status();
       ASSERT_EQ(reserved->size(), held->blocks.size()) << "the transfer writes every block";
-      const size_t bytes = prefill->cache().shape().BlockBytes(DType::kF32);
-      for (int layer = 0; layer < prefill->cache().shape().num_layers; ++layer) {
-        for (size_t b = 0; b < reserved->size(); ++b) {
-          for (int kv = 0; kv < 2; ++kv) {
-            void* to = kv == 0 ? decode->cache().k(layer) : decode->cache().v(layer);
-            const void* from = kv == 0 ? prefill->cache().k(layer) : prefill->cache().v(layer);
-            std::memcpy(static_cast<char*>(to) + (*reserved)[b] * bytes,
-                        static_cast<const char*>(from) + held->blocks[b] * bytes, bytes);
-          }
-        }
-      }
+      CopyKv(*prefill, held->blocks, *decode, *reserved);
       ASSERT_TRUE(prefill->Cancel(r.id).ok());
       ASSERT_TRUE(decode->ActivateImport(r.id, outs[0].token).ok());
       used_after_activation.push_back(64 - decode->num_free_blocks());
@@ -456,15 +456,7 @@ TEST_F(GenerationTest, HandoffDuringThePrefillStepContinuesIdentically) {
   r.hold_kv_after_prefill = false;
   auto reserved = decode->ReserveImport(r, h.num_tokens());
   ASSERT_TRUE(reserved.ok()) << reserved.status();
-  const size_t bytes = shape.BlockBytes(DType::kF32);
-  for (int layer = 0; layer < shape.num_layers; ++layer) {
-    for (size_t i = 0; i < reserved->size(); ++i) {
-      std::memcpy(static_cast<char*>(decode->cache().k(layer)) + (*reserved)[i] * bytes,
-                  static_cast<char*>(prefill->cache().k(layer)) + h.blocks()[i] * bytes, bytes);
-      std::memcpy(static_cast<char*>(decode->cache().v(layer)) + (*reserved)[i] * bytes,
-                  static_cast<char*>(prefill->cache().v(layer)) + h.blocks()[i] * bytes, bytes);
-    }
-  }
+  CopyKv(*prefill, h.blocks(), *decode, *reserved);
   ASSERT_TRUE(prefill->Cancel("x").ok());
   EXPECT_EQ(prefill->num_free_blocks(), 64);
   ASSERT_TRUE(decode->ActivateImport("x", *token).ok());
