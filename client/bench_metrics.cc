@@ -130,6 +130,7 @@ BenchMetrics ComputeMetrics(const std::vector<RequestRecord>& records, double du
     }
     ++m.completed;
     m.total_input_tokens += r.prompt_tokens;
+    m.total_cached_input_tokens += r.cached_prompt_tokens;
     m.total_output_tokens += r.OutputTokens();
     if (MeetsSlo(r, slo)) ++m.good;
     ttft.push_back(r.TtftS() * 1000.0);
@@ -175,6 +176,7 @@ nlohmann::json MetricsToJson(const BenchMetrics& m, const std::vector<std::strin
   j["failed"] = m.failed;
   j["duration"] = m.duration;
   j["total_input_tokens"] = m.total_input_tokens;
+  j["total_cached_input_tokens"] = m.total_cached_input_tokens;
   j["total_output_tokens"] = m.total_output_tokens;
   j["request_throughput"] = m.request_throughput;
   j["output_throughput"] = m.output_throughput;
@@ -220,6 +222,12 @@ std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& 
   for (const auto& [code, n] : m.errors) row(absl::StrCat("  ", code, ":"), absl::StrCat(n));
   row("Benchmark duration (s):", Fmt(m.duration));
   row("Total input tokens:", absl::StrCat(m.total_input_tokens));
+  if (m.total_cached_input_tokens > 0) {
+    row("  of them from the prefix cache:",
+        absl::StrFormat(
+            "%d (%.1f%%)", m.total_cached_input_tokens,
+            100.0 * m.total_cached_input_tokens / std::max<int64_t>(1, m.total_input_tokens)));
+  }
   row("Total generated tokens:", absl::StrCat(m.total_output_tokens));
   row("Request throughput (req/s):", Fmt(m.request_throughput));
   row("Output token throughput (tok/s):", Fmt(m.output_throughput));
@@ -272,7 +280,8 @@ std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTarg
   std::string out =
       "index,ok,error_code,send_s,scheduled_s,ttft_ms,tpot_ms,e2el_ms,prompt_tokens,output_tokens,"
       "meets_slo,"
-      "queue_ms,prefill_ms,transfer_ms,decode_ms,dispatch_ms,relay_ms,handoff_ms\n";
+      "queue_ms,prefill_ms,transfer_ms,decode_ms,dispatch_ms,relay_ms,handoff_ms,"
+      "cached_prompt_tokens\n";
   auto opt = [](double v) { return v >= 0 ? absl::StrFormat("%.3f", v) : std::string(); };
   for (const RequestRecord& r : records) {
     Stages st = StagesOf(r);
@@ -283,7 +292,7 @@ std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTarg
                     r.ok ? opt(r.E2elS() * 1000) : "", ",", r.prompt_tokens, ",", r.OutputTokens(),
                     ",", MeetsSlo(r, slo) ? 1 : 0, ",", opt(st.queue), ",", opt(st.prefill), ",",
                     opt(st.transfer), ",", opt(st.decode), ",", opt(st.dispatch), ",",
-                    opt(st.relay), ",", opt(st.handoff), "\n");
+                    opt(st.relay), ",", opt(st.handoff), ",", r.cached_prompt_tokens, "\n");
   }
   return out;
 }

@@ -54,7 +54,8 @@ struct RequestRecord {
   // ("EMPTY_STREAM", "FINISH_ERROR", "FINISH_CANCELLED"), and the message.
   std::string error_code;
   std::string error_message;
-  int64_t prompt_tokens = 0;  // the server's count when it sent one, else the client's
+  int64_t prompt_tokens = 0;         // the server's count when it sent one, else the client's
+  int64_t cached_prompt_tokens = 0;  // of those, taken from the server's prefix cache
   int64_t expected_output_tokens = 0;
   // Seconds since the run start at which it was due (its arrival: in an open loop, the time a
   // call waited for the in-flight bound is the user's wait too), and when it was sent. A closed
@@ -99,7 +100,8 @@ struct BenchMetrics {
   int64_t failed = 0;
   int64_t good = 0;  // requests meeting the SLO
   double duration = 0;
-  int64_t total_input_tokens = 0;  // of completed requests
+  int64_t total_input_tokens = 0;         // of completed requests
+  int64_t total_cached_input_tokens = 0;  // of those, from the server's prefix cache
   int64_t total_output_tokens = 0;
   double request_throughput = 0;
   double output_throughput = 0;
@@ -139,11 +141,11 @@ std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& 
 
 // One CSV row per request: index, ok, error_code, send_s, scheduled_s, ttft_ms, tpot_ms, e2el_ms,
 // prompt_tokens, output_tokens, meets_slo, queue_ms, prefill_ms, transfer_ms, decode_ms,
-// dispatch_ms, relay_ms, handoff_ms. The last seven come from the server timeline (empty
-// without one): queue = the prefill worker has it -> its step starts, prefill = that step,
-// dispatch = the front-end has it -> the prefill worker has it, relay = the step ends -> the
-// front-end has the first token, handoff = the step ends -> the decode worker has the KV. `pdserve
-// plan --calibrate` reads these files (scheduler/calibration.h).
+// dispatch_ms, relay_ms, handoff_ms, cached_prompt_tokens. The last seven come from the server
+// timeline (empty without one): queue = the prefill worker has it -> its step starts, prefill =
+// that step, dispatch = the front-end has it -> the prefill worker has it, relay = the step ends ->
+// the front-end has the first token, handoff = the step ends -> the decode worker has the KV.
+// `pdserve plan --calibrate` reads these files (scheduler/calibration.h).
 std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTargets& slo);
 
 // --search results.

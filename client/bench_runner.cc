@@ -49,6 +49,7 @@ void OnMessage(RunState& st, Slot& slot, const GenerateResponse& msg, Clock::tim
     const auto& done = msg.done();
     slot.finish_reason = done.finish_reason();
     if (done.prompt_tokens() > 0) slot.record.prompt_tokens = done.prompt_tokens();
+    slot.record.cached_prompt_tokens = done.cached_prompt_tokens();
     if (done.has_timeline()) {
       const auto& tl = done.timeline();
       ServerTimeline& out = slot.record.timeline;

@@ -10,6 +10,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "client/bench_metrics.h"
+#include "scheduler/simulator.h"
 
 namespace pds::scheduler {
 namespace {
@@ -60,16 +61,17 @@ absl::StatusOr<std::vector<RunRow>> ReadRunCsv(const std::string& path, int32_t 
     };
     RunRow r;
     r.source = source;
-    double prompt = 0, ok = 0;
-    for (auto [name, out] :
-         std::initializer_list<std::pair<const char*, double*>>{{"send_s", &r.send_s},
-                                                                {"prompt_tokens", &prompt},
-                                                                {"ok", &ok},
-                                                                {"ttft_ms", &r.ttft_ms},
-                                                                {"queue_ms", &r.queue_ms},
-                                                                {"prefill_ms", &r.prefill_ms},
-                                                                {"dispatch_ms", &r.dispatch_ms},
-                                                                {"relay_ms", &r.relay_ms}}) {
+    double prompt = 0, ok = 0, cached = 0;
+    for (auto [name, out] : std::initializer_list<std::pair<const char*, double*>>{
+             {"send_s", &r.send_s},
+             {"prompt_tokens", &prompt},
+             {"ok", &ok},
+             {"ttft_ms", &r.ttft_ms},
+             {"queue_ms", &r.queue_ms},
+             {"prefill_ms", &r.prefill_ms},
+             {"dispatch_ms", &r.dispatch_ms},
+             {"relay_ms", &r.relay_ms},
+             {"cached_prompt_tokens", &cached}}) {
       if (absl::Status s = number(name, out); !s.ok()) return s;
     }
     if (prompt < 0 || prompt > 1e9) {
@@ -77,6 +79,7 @@ absl::StatusOr<std::vector<RunRow>> ReadRunCsv(const std::string& path, int32_t 
           absl::StrCat(path, ":", line_no, ": prompt_tokens is missing or out of range"));
     }
     r.prompt_tokens = static_cast<int32_t>(prompt);
+    r.cached_prompt_tokens = static_cast<int32_t>(std::clamp(cached, 0.0, prompt));
     r.ok = ok == 1 || !column.count("ok");
     rows.push_back(r);
   }
@@ -103,6 +106,7 @@ absl::StatusOr<LiveCalibration> Calibrate(const LatencyModel& model,
   struct Member {
     double start_ms;
     int32_t prompt;
+    int32_t cached;  // the first `cached` tokens came from the prefix cache
   };
   std::map<std::pair<int32_t, int64_t>, std::vector<Member>> by_duration;
   std::vector<double> dispatch, relay;
@@ -115,7 +119,7 @@ absl::StatusOr<LiveCalibration> Calibrate(const LatencyModel& model,
     const double start_ms =
         r.send_s * 1000 + std::max(0.0, r.dispatch_ms) + std::max(0.0, r.queue_ms);
     by_duration[{r.source, std::llround(r.prefill_ms * 1000)}].push_back(
-        {start_ms, r.prompt_tokens});
+        {start_ms, r.prompt_tokens, std::min(r.cached_prompt_tokens, r.prompt_tokens - 1)});
   }
   std::vector<double> log_ratios;
   for (auto& [key, members] : by_duration) {
@@ -130,14 +134,21 @@ absl::StatusOr<LiveCalibration> Calibrate(const LatencyModel& model,
         ++end;
       }
       std::vector<int32_t> lens;
+      std::vector<std::pair<int32_t, int32_t>> chunks;  // (cached, computed) per prompt
       int64_t tokens = 0;
+      bool any_cached = false;
       for (size_t i = begin; i < end; ++i) {
-        lens.push_back(members[i].prompt);
-        tokens += members[i].prompt;
+        const Member& m = members[i];
+        lens.push_back(m.prompt);
+        chunks.emplace_back(m.cached, m.prompt - m.cached);
+        tokens += m.prompt - m.cached;
+        any_cached = any_cached || m.cached > 0;
       }
       begin = end;
       if (tokens > max_batch_tokens) continue;  // chunked: prefill_ms spans several steps
-      const double predicted = model.PredictPrefill(lens);
+      // A prompt partly from the prefix cache computes the rest, attending to all of it.
+      const double predicted =
+          any_cached ? PrefillChunkSeconds(model, chunks) : model.PredictPrefill(lens);
       if (!(predicted > 0)) continue;
       log_ratios.push_back(std::log(seconds / predicted));
     }

@@ -34,6 +34,7 @@ struct RunRow {
   bool ok = false;
   double send_s = 0;
   int32_t prompt_tokens = 0;
+  int32_t cached_prompt_tokens = 0;  // of them, from the prefix cache (0 when not recorded)
   double ttft_ms = -1, queue_ms = -1, prefill_ms = -1, dispatch_ms = -1, relay_ms = -1;
 };
 

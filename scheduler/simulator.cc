@@ -79,8 +79,9 @@ struct Seq {
   bool in_batch = false;
   std::optional<double> deadline_s;
   bool best_effort = false;
-  int32_t group = -1;        // its shared prefix (SimRequest::prefix_group)
-  int32_t group_prefix = 0;  // and that prefix's length
+  int32_t group = -1;         // its shared prefix (SimRequest::prefix_group)
+  int32_t group_prefix = 0;   // and that prefix's length
+  int32_t prompt_cached = 0;  // prompt tokens its prefill took from the cache
 };
 
 struct StepItem {
@@ -198,6 +199,7 @@ class Engine {
           seq->num_computed = CachedTokens(*seq);
           chunk = std::min(chunk, seq->tokens - seq->num_computed);
           if (seq->num_computed > 0) cache_[seq->group].last_use = ++use_clock_;
+          if (seq->num_generated == 0) seq->prompt_cached = seq->num_computed;
         }
         bool preempted = false;
         bool reserved = Reserve(*seq, seq->num_computed + chunk);
@@ -639,6 +641,7 @@ class Cluster {
       if (s.num_computed < s.tokens) continue;  // mid-prefill
       s.tokens += 1;
       s.num_generated += 1;
+      if (s.num_generated == 1) requests_[s.req].record.cached_prompt_tokens = s.prompt_cached;
       Token(s.req);
       const bool finish = s.num_generated >= s.max_tokens ||
                           BlocksFor(s.tokens, inst.config.block_size) > inst.config.kv_blocks;

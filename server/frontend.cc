@@ -455,6 +455,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     // The prefill worker's KV hand-off, offered to confirmed, on its own clock (the timeline's
     // end is the decode worker's, another host's clock).
     std::pair<int64_t, int64_t> kv_sent_us = {0, 0};
+    int32_t cached_prompt_tokens = 0;  // from the prefill (or colocated) worker
   };
 
   grpc::Status Validate(const api::GenerateRequest& r, pb::WorkRequest& work) {
@@ -779,6 +780,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       api::Done* d = response.mutable_done();
       d->set_finish_reason(relay.finish_reason);
       d->set_prompt_tokens(relay.work.prompt_token_ids_size());
+      d->set_cached_prompt_tokens(relay.cached_prompt_tokens);
       d->set_completion_tokens(relay.completion_tokens);
       d->set_seed(relay.work.seed());
       *d->mutable_timeline() = relay.timeline;
@@ -786,7 +788,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     return relay.writer->Write(response);
   }
 
-  static void MergeTimeline(api::Timeline& t, const pb::WorkEvent& e) {
+  // What a worker's event adds to the request's timeline and usage.
+  static void MergeEvent(Relay& relay, const pb::WorkEvent& e) {
+    api::Timeline& t = relay.timeline;
+    if (e.cached_prompt_tokens()) relay.cached_prompt_tokens = e.cached_prompt_tokens();
     if (e.queued_us()) t.set_queued_us(e.queued_us());
     if (e.prefill_start_us()) t.set_prefill_start_us(e.prefill_start_us());
     if (e.prefill_end_us()) t.set_prefill_end_us(e.prefill_end_us());
@@ -839,7 +844,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     bool any = false;
     while (!done && stream->Read(&event)) {
       any = true;
-      MergeTimeline(relay.timeline, event);
+      MergeEvent(relay, event);
       prefill_done();
       if (!Forward(relay, event, &done)) {
         call.context.TryCancel();
@@ -881,7 +886,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       bool any = false;
       while (pstream->Read(&event)) {
         any = true;
-        MergeTimeline(relay.timeline, event);
+        MergeEvent(relay, event);
         if (event.kind() == pb::WorkEvent::KV_SENT) {
           sent = true;
           relay.kv_sent_us = {event.kv_transfer_start_us(), event.kv_transfer_end_us()};
@@ -917,7 +922,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       return grpc::Status::OK;
     }
     while (!done && dstream->Read(&event)) {
-      MergeTimeline(relay.timeline, event);
+      MergeEvent(relay, event);
       decode_started();
       if (!Forward(relay, event, &done)) {
         dcall.context.TryCancel();

@@ -788,6 +788,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
           event.set_decode_start_us(live.decode_start_us);
         } else {
           live.prefill_end_us = t1;
+          event.set_cached_prompt_tokens(out.cached_prompt_tokens);
           event.set_queued_us(live.queued_us);
           event.set_prefill_start_us(live.prefill_start_us);
           event.set_prefill_end_us(live.prefill_end_us);

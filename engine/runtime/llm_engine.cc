@@ -409,6 +409,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       if (from_cache) {
         prefix_query_tokens_ += static_cast<int64_t>(seq->tokens.size());
         prefix_hit_tokens_ += seq->num_computed;
+        if (seq->num_generated == 0) seq->prompt_cached = seq->num_computed;
       }
       seq->admitted = true;
       plan.push_back({seq, chunk});
@@ -509,6 +510,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     if (seq.request.return_logits) out.logits.assign(row, row + vocab);
     seq.tokens.push_back(out.token);
     ++seq.num_generated;
+    if (seq.num_generated == 1) out.cached_prompt_tokens = seq.prompt_cached;
     out.finish = CheckFinish(seq, out.token);
     if (seq.handoff != nullptr) {
       // Its transfer may be reading the blocks: they stay until Cancel(), even if it ended.

@@ -67,6 +67,9 @@ struct TokenOutput {
   // Also set, with `finish`, for a sequence whose KV was handed off during the step
   // (LlmEngine::set_handoff_hook) and that ended with its first token.
   bool kv_held = false;
+  // On a request's first token: how many of its prompt tokens came from the prefix cache
+  // instead of being computed (the usage figure OpenAI's API calls cached_tokens).
+  int32_t cached_prompt_tokens = 0;
 };
 
 // A held (prefilled) sequence's KV: its blocks and how many positions they hold.
@@ -173,6 +176,7 @@ class LlmEngine {
     std::vector<int32_t> cached_chain;
     // An import started from cached blocks: where the transfer writes their positions.
     std::vector<int32_t> scratch;
+    int32_t prompt_cached = 0;  // prompt tokens its prefill took from the cache
   };
   absl::Status ValidateRequest(GenerateRequest& request) const;
   // Whether a held or importing sequence owns blocks (they come back when its transfer ends).

@@ -233,6 +233,7 @@ TEST_F(PrefixCacheEngineTest, CachedPrefixCutsTheStepsToTheFirstToken) {
   auto engine =
       LlmEngine::Create(*model_, {.block_size = 8, .num_blocks = 64, .max_batch_tokens = 16});
   ASSERT_TRUE(engine.ok());
+  int32_t reported = -1;  // the first token's cached_prompt_tokens
   auto steps_to_first_token = [&](const std::string& id) {
     EXPECT_TRUE((*engine)->AddRequest(Request(id, p, 1)).ok());
     int steps = 0;
@@ -240,13 +241,16 @@ TEST_F(PrefixCacheEngineTest, CachedPrefixCutsTheStepsToTheFirstToken) {
       auto out = (*engine)->Step();
       EXPECT_TRUE(out.ok());
       ++steps;
+      if (out.ok() && !out->empty()) reported = (*out)[0].cached_prompt_tokens;
       if (!out.ok() || !out->empty()) break;
     }
     EXPECT_FALSE((*engine)->HasWork());
     return steps;
   };
   EXPECT_EQ(steps_to_first_token("cold"), 5);
+  EXPECT_EQ(reported, 0);
   EXPECT_EQ(steps_to_first_token("warm"), 1);
+  EXPECT_EQ(reported, 64) << "the first token tells how much of the prompt was cached";
   EXPECT_EQ((*engine)->num_prefix_hit_tokens(), 64);
 }
 

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "client/bench_metrics.h"
 #include "gtest/gtest.h"
 #include "scheduler/simulator.h"
@@ -96,6 +98,50 @@ TEST_F(CalibrationTest, RecoversTheSlowdownsOfASimulatedRun) {
   for (const auto& r : run->records) short_steps += r.prompt_tokens <= 40 ? 1 : 0;
   EXPECT_LE(small_budget->steps, short_steps);
   EXPECT_NEAR(small_budget->step_time_scale, 1.3, 0.03);
+}
+
+// The same with a shared-prefix workload served from the prefix cache: each request's cached
+// tokens are in the CSV, so its shorter prefill is predicted as such and the slowdown is still
+// recovered; without that column the cache hits read as faster steps.
+TEST_F(CalibrationTest, CachedPromptTokensAreNotReadAsFasterSteps) {
+  client::DatasetOptions d;
+  d.kind = client::DatasetKind::kChatbot;
+  d.length_scale = 0.125;
+  d.num_requests = 300;
+  d.seed = 4;
+  d.shared_prefix_len = 256;
+  d.num_shared_prefixes = 3;
+  client::ArrivalOptions a;
+  a.rate = 8;
+  a.seed = 4;
+  auto reqs = MakeSimWorkload(d, a);
+  ASSERT_TRUE(reqs.ok()) << reqs.status();
+  SimConfig c;
+  c.kv_shape = {2, 2, 16, 4};
+  c.slo.ttft_ms = 250;
+  const LatencyModel model = PrefillModel();
+  auto run = Simulate(c, model.Scaled(1.3), *reqs);
+  ASSERT_TRUE(run.ok()) << run.status();
+  int64_t cached = 0;
+  for (const auto& r : run->records) cached += r.cached_prompt_tokens;
+  EXPECT_GT(cached, 250 * 256) << "most requests start after their cached prefix";
+  const std::string csv = client::RequestsCsv(run->records, c.slo);
+  auto rows = ReadRunCsv(Write("cached.csv", csv));
+  ASSERT_TRUE(rows.ok()) << rows.status();
+  auto cal = Calibrate(model, *rows, 2048);
+  ASSERT_TRUE(cal.ok()) << cal.status();
+  EXPECT_NEAR(cal->step_time_scale, 1.3, 0.02);
+  // Without the column (a CSV from before it existed): the hits look like fast steps.
+  std::string old_csv;
+  for (absl::string_view line : absl::StrSplit(csv, '\n')) {
+    if (line.empty()) continue;
+    absl::StrAppend(&old_csv, line.substr(0, line.rfind(',')), "\n");
+  }
+  auto old_rows = ReadRunCsv(Write("old.csv", old_csv));
+  ASSERT_TRUE(old_rows.ok()) << old_rows.status();
+  auto old_cal = Calibrate(model, *old_rows, 2048);
+  ASSERT_TRUE(old_cal.ok()) << old_cal.status();
+  EXPECT_LT(old_cal->step_time_scale, 0.8);
 }
 
 TEST_F(CalibrationTest, ReadsColumnsByNameAndFailsClearly) {

@@ -266,6 +266,7 @@ TEST_F(ServingTest, SharedPrefixesComeFromThePrefillWorkersCache) {
     Streamed first = Generate(cluster->stub(), online[0]);
     ASSERT_TRUE(first.status.ok()) << first.status.error_message();
     EXPECT_EQ(first.tokens, expected[0].token_ids);
+    EXPECT_EQ(first.done.cached_prompt_tokens(), 0);
     std::vector<std::future<Streamed>> futures;
     for (int i = 1; i < 7; ++i) {
       futures.push_back(std::async(
@@ -275,6 +276,7 @@ TEST_F(ServingTest, SharedPrefixesComeFromThePrefillWorkersCache) {
       Streamed got = futures[i - 1].get();
       ASSERT_TRUE(got.status.ok()) << i << ": " << got.status.error_message();
       EXPECT_EQ(got.tokens, expected[i].token_ids) << "request " << i;
+      EXPECT_EQ(got.done.cached_prompt_tokens(), std::string(caching) == "on" ? 80 : 0) << i;
     }
     ExpectAllFree(cluster->stub());
     const api::ClusterStatus status = FreshStatus(cluster->stub());
