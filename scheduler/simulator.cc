@@ -467,19 +467,12 @@ class Cluster {
   // Stand-ins for the block hashes of request `i`'s prompt (the front-end hashes the tokens):
   // its group's for the blocks inside the shared prefix, its own for the rest.
   static std::vector<uint64_t> PromptHashes(const SimRequest& r, int64_t i, int32_t block_size) {
-    auto mix = [](uint64_t x) {
-      x ^= x >> 30;
-      x *= 0xbf58476d1ce4e5b9ull;
-      x ^= x >> 27;
-      x *= 0x94d049bb133111ebull;
-      return x ^ (x >> 31);
-    };
     std::vector<uint64_t> hashes;
     for (int32_t k = 0; (k + 1) * block_size <= r.prompt_len; ++k) {
       const bool shared = r.prefix_group >= 0 && (k + 1) * block_size <= r.prefix_len;
       const uint64_t owner = shared ? static_cast<uint64_t>(r.prefix_group)
                                     : (uint64_t{1} << 63) | static_cast<uint64_t>(i);
-      hashes.push_back(mix(mix(owner) + static_cast<uint64_t>(k)));
+      hashes.push_back(SplitMix64(SplitMix64(owner) + static_cast<uint64_t>(k)));
     }
     return hashes;
   }

@@ -1,5 +1,6 @@
 #include "server/frontend.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <condition_variable>
@@ -702,14 +703,14 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       placement = *placed;
       if (placement.best_effort) ++best_effort_;
       prefill = instances_.at(placement.prefill).get();
-      int32_t prefill_tokens = prompt_len;  // what the prefill side computes, for predictions
+      // What the prefill side computes (all of the prompt but its cached prefix there).
+      const auto placed_load = std::find_if(
+          loads.begin(), loads.end(), [&](const auto& l) { return l.id == placement.prefill; });
+      const int32_t prefill_tokens = placed_load == loads.end()
+                                         ? prompt_len
+                                         : scheduler::UncachedPromptTokens(dr, *placed_load);
       if (prefill->status.prefix_caching()) {
         const int32_t bs = std::max(1, prefill->status.block_size());
-        for (const scheduler::InstanceLoad& l : loads) {
-          if (l.id == prefill->id) {
-            prefill_tokens = scheduler::UncachedPromptTokens(dr, l);
-          }
-        }
         prefill->prefix_index.set_capacity(
             static_cast<size_t>(std::max(0, prefill->status.kv_blocks_total())));
         prefill->prefix_index.Insert(hashes_for(bs));
