@@ -424,7 +424,7 @@ class ChildSink : public engine::KvSink {
  public:
   ChildSink(KvPoolLayout pool, std::filesystem::path dir) : pool_(pool), dir_(std::move(dir)) {}
 
-  absl::Status Reserve(const KvTransferHeader& header) override {
+  absl::StatusOr<int32_t> Reserve(const KvTransferHeader& header) override {
     const std::optional<RequestName> name = ParseRequestId(header.request_id);
     if (!name)
       return absl::NotFoundError(absl::StrCat("unknown request '", header.request_id, "'"));
@@ -443,7 +443,7 @@ class ChildSink : public engine::KvSink {
     }
     std::lock_guard<std::mutex> lock(mu_);
     reserved_[header.request_id] = std::move(plan.dst);
-    return absl::OkStatus();
+    return 0;
   }
 
   absl::StatusOr<std::vector<int32_t>> ReservedBlocks(const std::string& id) override {
@@ -557,8 +557,9 @@ class PoolSource : public engine::KvSource {
   PoolSource(const KvPoolLayout& pool, std::vector<int32_t> blocks)
       : pool_(pool), blocks_(std::move(blocks)) {}
   absl::StatusOr<std::vector<int32_t>> Blocks() override { return blocks_; }
-  absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override {
-    return CopyPacked(pool_, layer, blocks_, dst, bytes, /*to_host=*/true);
+  absl::Status ReadLayer(int32_t layer, int32_t first_block, uint8_t* dst, size_t bytes) override {
+    const std::vector<int32_t> moved(blocks_.begin() + first_block, blocks_.end());
+    return CopyPacked(pool_, layer, moved, dst, bytes, /*to_host=*/true);
   }
 
  private:

@@ -43,11 +43,11 @@ namespace {
 // WriteLayer copies as much).
 class RegionSink : public engine::KvSink {
  public:
-  absl::Status Reserve(const engine::KvTransferHeader& header) override {
+  absl::StatusOr<int32_t> Reserve(const engine::KvTransferHeader& header) override {
     std::lock_guard<std::mutex> lock(mu_);
     layer_bytes_ = header.LayerBytes();
     region_.resize(layer_bytes_ * header.num_layers);
-    return absl::OkStatus();
+    return 0;
   }
   absl::Status WriteLayer(const std::string&, int32_t layer, const uint8_t* data,
                           size_t bytes) override {

@@ -67,7 +67,7 @@ class RegionSource : public KvSource {
  public:
   RegionSource(const uint8_t* region, size_t layer_bytes)
       : region_(region), layer_bytes_(layer_bytes) {}
-  absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override {
+  absl::Status ReadLayer(int32_t layer, int32_t, uint8_t* dst, size_t bytes) override {
     std::memcpy(dst, region_ + layer * layer_bytes_, bytes);
     return absl::OkStatus();
   }
@@ -80,7 +80,7 @@ class RegionSource : public KvSource {
 class RegionSink : public KvSink {
  public:
   RegionSink(uint8_t* region, size_t layer_bytes) : region_(region), layer_bytes_(layer_bytes) {}
-  absl::Status Reserve(const KvTransferHeader& header) override { return absl::OkStatus(); }
+  absl::StatusOr<int32_t> Reserve(const KvTransferHeader& header) override { return 0; }
   absl::Status WriteLayer(const std::string& request_id, int32_t layer, const uint8_t* data,
                           size_t bytes) override {
     std::memcpy(region_ + layer * layer_bytes_, data, bytes);

@@ -39,6 +39,12 @@ std::string CachedNote(const InstanceLoad& i, const DispatchRequest& request) {
   return cached > 0 ? absl::StrCat(", ", cached, " of its prompt tokens cached") : "";
 }
 
+// ", 4 prompt blocks held" when a decode instance holds some of the prompt.
+std::string HeldNote(const InstanceLoad& i, const DispatchRequest& request) {
+  const int32_t held = HeldPromptBlocks(request, i);
+  return held > 0 ? absl::StrCat(", ", held, " prompt blocks held") : "";
+}
+
 class LeastLoadedPolicy : public DispatchPolicy {
  public:
   std::string name() const override { return "least-loaded"; }
@@ -52,8 +58,9 @@ class LeastLoadedPolicy : public DispatchPolicy {
       return std::make_tuple(i.queued_prompt_tokens + UncachedPromptTokens(request, i),
                              i.queued_requests, i.id);
     };
-    auto decode_key = [](const InstanceLoad& i) {
-      return std::make_tuple(-static_cast<int64_t>(i.kv_blocks_free), i.running_requests, i.id);
+    auto decode_key = [&request](const InstanceLoad& i) {
+      return std::make_tuple(-static_cast<int64_t>(i.kv_blocks_free) - HeldPromptBlocks(request, i),
+                             i.running_requests, i.id);
     };
     auto colocated_key = [&request](const InstanceLoad& i) {
       return std::make_tuple(i.queued_prompt_tokens + UncachedPromptTokens(request, i) +
@@ -80,10 +87,10 @@ class LeastLoadedPolicy : public DispatchPolicy {
     if (prefill != nullptr && decode != nullptr) {
       placement.prefill = prefill->id;
       placement.decode = decode->id;
-      placement.note =
-          absl::StrCat("least-loaded: prefill ", prefill->id, " (", prefill->queued_prompt_tokens,
-                       " queued prompt tokens", CachedNote(*prefill, request), "), decode ",
-                       decode->id, " (", decode->kv_blocks_free, " free KV blocks)");
+      placement.note = absl::StrCat(
+          "least-loaded: prefill ", prefill->id, " (", prefill->queued_prompt_tokens,
+          " queued prompt tokens", CachedNote(*prefill, request), "), decode ", decode->id, " (",
+          decode->kv_blocks_free, " free KV blocks", HeldNote(*decode, request), ")");
       return placement;
     }
     if (colocated != nullptr) {
@@ -135,19 +142,22 @@ class SloAwarePolicy : public DispatchPolicy {
     p.prefill = best->id;
     p.predicted_ttft_ms = best_ttft;
     const int64_t context = request.prompt_tokens + request.max_tokens / 2;
+    const InstanceLoad* decode = nullptr;
     if (have_pairs) {
-      const InstanceLoad* decode = nullptr;
       double decode_tpot = 0;
+      // Prefer instances with room (for the whole request, less the prompt blocks they hold),
+      // then (within the target) the most headroom = the lowest prediction, then the most
+      // prompt blocks held.
+      auto key = [&](const InstanceLoad& x, double tpot) {
+        const int32_t bs = std::max(1, x.block_size);
+        const int32_t blocks_needed = (request.prompt_tokens + request.max_tokens + bs - 1) / bs -
+                                      HeldPromptBlocks(request, x);
+        return std::make_tuple(x.kv_blocks_free < blocks_needed, tpot,
+                               -HeldPromptBlocks(request, x), x.id);
+      };
       for (const InstanceLoad& i : instances) {
         if (!i.healthy || i.role != InstanceRole::kDecode) continue;
-        const int32_t blocks_needed =
-            (request.prompt_tokens + request.max_tokens + i.block_size - 1) / i.block_size;
         const double t = PredictTpotMs(model_, i, context);
-        // Prefer instances with room, then (within the target) the most headroom = the
-        // lowest prediction.
-        auto key = [&](const InstanceLoad& x, double tpot) {
-          return std::make_tuple(x.kv_blocks_free < blocks_needed, tpot, x.id);
-        };
         if (decode == nullptr || key(i, t) < key(*decode, decode_tpot)) {
           decode = &i;
           decode_tpot = t;
@@ -161,10 +171,10 @@ class SloAwarePolicy : public DispatchPolicy {
     p.note = absl::StrFormat(
         "slo-aware: %s predicted TTFT %.1f ms (target %s%s)", p.prefill, best_ttft,
         ttft_slo > 0 ? absl::StrFormat("%.0f ms", ttft_slo) : "none", CachedNote(*best, request));
-    if (!p.decode.empty()) {
-      absl::StrAppendFormat(&p.note, ", %s predicted TPOT %.1f ms (target %s)", p.decode,
-                            p.predicted_tpot_ms,
-                            tpot_slo > 0 ? absl::StrFormat("%.0f ms", tpot_slo) : "none");
+    if (decode != nullptr) {
+      absl::StrAppendFormat(
+          &p.note, ", %s predicted TPOT %.1f ms (target %s%s)", p.decode, p.predicted_tpot_ms,
+          tpot_slo > 0 ? absl::StrFormat("%.0f ms", tpot_slo) : "none", HeldNote(*decode, request));
     }
     if (ttft_slo > 0 && best_ttft > ttft_slo * options_.admission_slack) {
       if (!options_.best_effort) {
@@ -190,6 +200,12 @@ int32_t UncachedPromptTokens(const DispatchRequest& request, const InstanceLoad&
   if (request.prompt_tokens <= 1) return 1;
   const int32_t cached = std::clamp(instance.cached_prefix_tokens, 0, request.prompt_tokens - 1);
   return request.prompt_tokens - cached;
+}
+
+int32_t HeldPromptBlocks(const DispatchRequest& request, const InstanceLoad& instance) {
+  const int32_t bs = std::max(1, instance.block_size);
+  const int32_t prompt_blocks = (std::max(0, request.prompt_tokens) + bs - 1) / bs;
+  return std::clamp(instance.cached_prefix_tokens / bs, 0, std::max(0, prompt_blocks - 1));
 }
 
 double PredictTtftMs(const LatencyModel& model, const InstanceLoad& instance, int32_t prompt_len) {

@@ -34,8 +34,9 @@ struct InstanceLoad {
   std::vector<int32_t> queued_prompt_lens;
   int64_t decode_context_tokens = 0;
   int32_t max_batch_tokens = 2048;  // the instance's prefill token budget per step
-  // Of the request being placed: the prompt tokens this (prefill or colocated) instance
-  // probably holds in its prefix cache (scheduler/prefix_index.h), which it need not compute.
+  // Of the request being placed: the prompt tokens this instance probably holds in its prefix
+  // cache (scheduler/prefix_index.h): a prefill or colocated instance need not compute them,
+  // a decode instance need not be sent them nor give them blocks of their own.
   int32_t cached_prefix_tokens = 0;
 };
 
@@ -49,6 +50,10 @@ struct DispatchRequest {
 // The prompt tokens `instance` would compute for `request`: all but its cached prefix, and at
 // least one.
 int32_t UncachedPromptTokens(const DispatchRequest& request, const InstanceLoad& instance);
+// The leading blocks of the prompt a decode `instance` would share from its cache instead of
+// reserving and receiving them: its cached whole blocks, all but the prompt's last block
+// (LlmEngine::ReserveImport).
+int32_t HeldPromptBlocks(const DispatchRequest& request, const InstanceLoad& instance);
 
 struct Placement {
   std::string prefill;            // the prefill or colocated instance
@@ -71,9 +76,9 @@ class DispatchPolicy {
 // Prefill: the healthy instance with the fewest queued prompt tokens, counting the ones this
 // request would add there (its uncached tokens: a cached prefix draws it to the instance that
 // holds it unless that one is busier by more than the prefix; then fewer queued requests,
-// then id). Decode: the healthy instance with the most free KV blocks (then fewer
-// running requests, then id). Colocated instances (used when there are no prefill/decode
-// pairs): the same, plus one block's worth per running request.
+// then id). Decode: the healthy instance with the most free KV blocks, counting the prompt
+// blocks it holds already as free (then fewer running requests, then id). Colocated instances (used
+// when there are no prefill/decode pairs): the same, plus one block's worth per running request.
 std::unique_ptr<DispatchPolicy> MakeLeastLoadedPolicy();
 
 class LatencyModel;
@@ -102,9 +107,9 @@ struct SloPolicyOptions {
 };
 
 // SLO-aware dispatch: prefill (or colocated) instance with the lowest predicted TTFT (of the
-// request's uncached tokens there); decode
-// instance that keeps the predicted TPOT within target with the most headroom (the lowest
-// predicted TPOT when none can); admission control on the predicted TTFT.
+// request's uncached tokens there); decode instance with room for the request (less the prompt
+// blocks it holds already) that keeps the predicted TPOT within target with the most headroom
+// (the lowest predicted TPOT when none can); admission control on the predicted TTFT.
 std::unique_ptr<DispatchPolicy> MakeSloAwarePolicy(const LatencyModel& model,
                                                    SloPolicyOptions options);
 

@@ -330,6 +330,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       s->set_prefix_cache_query_tokens(inst->status.prefix_cache_query_tokens());
       s->set_prefix_cache_hit_tokens(inst->status.prefix_cache_hit_tokens());
       s->set_kv_blocks_cached(inst->status.kv_blocks_cached());
+      s->set_kv_bytes_sent(inst->status.kv_bytes_sent());
+      s->set_kv_bytes_held(inst->status.kv_bytes_held());
+      s->set_kv_bytes_received(inst->status.kv_bytes_received());
     }
     status->set_requests_in_flight(static_cast<int32_t>(in_flight_.size()));
     status->set_requests_finished(finished_);
@@ -591,6 +594,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
          [](const Instance& i) { return i.status.requests_served(); }},
         {"pdserve_instance_kv_bytes_sent_total", "counter", "KV bytes handed off (prefill).",
          [](const Instance& i) { return i.status.kv_bytes_sent(); }},
+        {"pdserve_instance_kv_bytes_held_total", "counter",
+         "KV bytes not handed off: the decode worker held those blocks (prefill).",
+         [](const Instance& i) { return i.status.kv_bytes_held(); }},
     };
     // (Label `worker`: Prometheus gives `instance` to the scrape target, the front-end.) A
     // worker that has never answered a poll, or is unhealthy now, shows only its health and
@@ -684,7 +690,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         if (inst->status.max_batch_tokens() > 0) {
           l.max_batch_tokens = inst->status.max_batch_tokens();
         }
-        if (inst->status.prefix_caching() && inst->role != InstanceRole::kDecode) {
+        if (inst->status.prefix_caching()) {
           l.cached_prefix_tokens =
               inst->prefix_index.Match(hashes_for(l.block_size)) * l.block_size;
         }
@@ -709,18 +715,25 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       const int32_t prefill_tokens = placed_load == loads.end()
                                          ? prompt_len
                                          : scheduler::UncachedPromptTokens(dr, *placed_load);
-      if (prefill->status.prefix_caching()) {
-        const int32_t bs = std::max(1, prefill->status.block_size());
-        prefill->prefix_index.set_capacity(
-            static_cast<size_t>(std::max(0, prefill->status.kv_blocks_total())));
-        prefill->prefix_index.Insert(hashes_for(bs));
-      }
+      // Both sides will hold the prompt's blocks in their caches afterwards.
+      const auto remember_prompt = [&](Instance& inst) {
+        if (!inst.status.prefix_caching()) return;
+        inst.prefix_index.set_capacity(
+            static_cast<size_t>(std::max(0, inst.status.kv_blocks_total())));
+        inst.prefix_index.Insert(hashes_for(std::max(1, inst.status.block_size())));
+      };
+      remember_prompt(*prefill);
       int32_t blocks = 0;
       if (!placement.decode.empty()) {
         decode = instances_.at(placement.decode).get();
         decode_kv_address = decode->kv_address;  // as placed (a re-registration may change it)
-        blocks =
-            engine::BlockTable::BlocksFor(prompt_len + 1, std::max(1, decode->status.block_size()));
+        // The blocks it reserves: the prompt's and one to grow, less those it holds already.
+        const auto decode_load = std::find_if(
+            loads.begin(), loads.end(), [&](const auto& l) { return l.id == placement.decode; });
+        blocks = engine::BlockTable::BlocksFor(prompt_len + 1,
+                                               std::max(1, decode->status.block_size())) -
+                 (decode_load == loads.end() ? 0 : scheduler::HeldPromptBlocks(dr, *decode_load));
+        remember_prompt(*decode);
       }
       booking.emplace(mu_, prefill, decode, next_queue_seq_++, prefill_tokens, blocks,
                       prompt_len + relay.work.max_tokens() / 2);

@@ -357,8 +357,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
 
   // --- KvSink (decode role; transport threads) ---
 
-  absl::Status Reserve(const engine::KvTransferHeader& header) override {
-    return RunOnLoop([&]() -> absl::Status {
+  absl::StatusOr<int32_t> Reserve(const engine::KvTransferHeader& header) override {
+    int32_t held = 0;  // written on the loop; the call returns only after the task ran or never
+    absl::Status reserved = RunOnLoop([&]() -> absl::Status {
       auto it = live_.find(header.request_id);
       if (it == live_.end() || it->second.load_cancelled()) {
         return absl::NotFoundError(
@@ -381,20 +382,22 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
         Finish(header.request_id, bad);
         return bad;
       }
-      auto blocks = engine_->ReserveImport(live.request, header.num_tokens);
-      if (!blocks.ok()) {
-        if (absl::IsResourceExhausted(blocks.status())) {
+      auto reserved = engine_->ReserveImport(live.request, header.num_tokens);
+      if (!reserved.ok()) {
+        if (absl::IsResourceExhausted(reserved.status())) {
           ++handoffs_deferred_;
         } else {
-          Finish(header.request_id, blocks.status());
+          Finish(header.request_id, reserved.status());
         }
-        return blocks.status();
+        return reserved.status();
       }
-      if (static_cast<int32_t>(blocks->size()) != header.num_blocks) {
+      // This worker's prefix cache may hold the first blocks already: only the rest move.
+      const int32_t needed = reserved->held_blocks + static_cast<int32_t>(reserved->blocks.size());
+      if (needed != header.num_blocks) {
         engine_->Cancel(header.request_id).IgnoreError();
-        absl::Status bad = absl::FailedPreconditionError(absl::StrCat(
-            "'", header.request_id, "': sender has ", header.num_blocks, " blocks for ",
-            header.num_tokens, " tokens, receiver needs ", blocks->size()));
+        absl::Status bad = absl::FailedPreconditionError(
+            absl::StrCat("'", header.request_id, "': sender has ", header.num_blocks,
+                         " blocks for ", header.num_tokens, " tokens, receiver needs ", needed));
         Finish(header.request_id, bad);
         return bad;
       }
@@ -402,9 +405,12 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       live.transfer_active = true;
       live.kv_start_us = NowUs();
       std::lock_guard<std::mutex> lock(import_mu_);
-      imports_[header.request_id] = std::move(*blocks);
+      imports_[header.request_id] = std::move(reserved->blocks);
+      held = reserved->held_blocks;
       return absl::OkStatus();
     });
+    if (!reserved.ok()) return reserved;
+    return held;
   }
 
   absl::StatusOr<std::vector<int32_t>> ReservedBlocks(const std::string& request_id) override {
@@ -915,6 +921,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       return;
     }
     kv_bytes_sent_ += static_cast<int64_t>(sent->bytes);
+    kv_bytes_held_ += static_cast<int64_t>(sent->held_bytes);
     live.channel->Push(KvSentEvent(*sent));
     ++served_;
     Finish(id, absl::OkStatus());
@@ -933,6 +940,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     s.set_block_size(engine_->cache().block_size());
     s.set_requests_served(served_);
     s.set_kv_bytes_sent(kv_bytes_sent_);
+    s.set_kv_bytes_held(kv_bytes_held_);
     s.set_kv_handoffs_deferred(handoffs_deferred_);
     s.set_max_batch_tokens(options_.engine.max_batch_tokens);
     s.set_max_batch_size(engine_->max_running());
@@ -1030,6 +1038,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   std::set<std::string> admitted_;
   int64_t served_ = 0;                                 // loop thread only
   int64_t kv_bytes_sent_ = 0;                          // loop thread only
+  int64_t kv_bytes_held_ = 0;                          // loop thread only
   int64_t handoffs_deferred_ = 0;                      // loop thread only
   int64_t steps_ = 0, busy_us_ = 0, step_tokens_ = 0;  // loop thread only
 

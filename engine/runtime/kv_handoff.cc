@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <span>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -142,16 +143,22 @@ absl::StatusOr<int32_t> CacheKvSource::NextToken() {
   return handoff_->WaitNextToken(deadline_, cancelled_);
 }
 
-absl::Status CacheKvSource::ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) {
+absl::Status CacheKvSource::ReadLayer(int32_t layer, int32_t first_block, uint8_t* dst,
+                                      size_t bytes) {
   PDS_RETURN_IF_ERROR(WaitLayer(layer));
   const size_t block_bytes = cache_.shape().BlockBytes(backend_.compute_dtype());
-  if (bytes != 2 * blocks_.size() * block_bytes) {
+  if (first_block < 0 || first_block >= static_cast<int32_t>(blocks_.size())) {
+    return absl::InternalError(
+        absl::StrCat("reading from block ", first_block, " of ", blocks_.size()));
+  }
+  const std::span<const int32_t> moved = std::span<const int32_t>(blocks_).subspan(first_block);
+  if (bytes != 2 * moved.size() * block_bytes) {
     return absl::InternalError(absl::StrCat("layer buffer of ", bytes, " bytes, expected ",
-                                            2 * blocks_.size() * block_bytes));
+                                            2 * moved.size() * block_bytes));
   }
   for (int kv = 0; kv < 2; ++kv) {
     const auto* pool = static_cast<const uint8_t*>(kv == 0 ? cache_.k(layer) : cache_.v(layer));
-    for (int32_t block : blocks_) {
+    for (int32_t block : moved) {
       PDS_RETURN_IF_ERROR(backend_.CopyToHost(dst, pool + block * block_bytes, block_bytes));
       dst += block_bytes;
     }

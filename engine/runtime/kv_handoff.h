@@ -115,7 +115,7 @@ class CacheKvSource : public KvSource {
   absl::Status WaitLayer(int32_t layer) override;
   bool LayerReady(int32_t layer) override;
   absl::StatusOr<int32_t> NextToken() override;
-  absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override;
+  absl::Status ReadLayer(int32_t layer, int32_t first_block, uint8_t* dst, size_t bytes) override;
 
  private:
   Backend& backend_;

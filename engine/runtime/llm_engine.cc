@@ -93,9 +93,8 @@ absl::Status LlmEngine::Cancel(const std::string& id) {
     return absl::NotFoundError(absl::StrCat("no request '", id, "'"));
   }
   absl::Status status = it->second->table.Release(cache_.allocator());
-  absl::Status scratch = cache_.allocator().Free(it->second->scratch);
   sequences_.erase(it);
-  return status.ok() ? scratch : status;
+  return status;
 }
 
 size_t LlmEngine::num_waiting() const {
@@ -156,8 +155,8 @@ absl::StatusOr<HeldKv> LlmEngine::GetHeld(const std::string& id) const {
   return HeldKv{it->second->table.blocks(), it->second->num_computed};
 }
 
-absl::StatusOr<std::vector<int32_t>> LlmEngine::ReserveImport(GenerateRequest request,
-                                                              int32_t num_tokens) {
+absl::StatusOr<ImportReservation> LlmEngine::ReserveImport(GenerateRequest request,
+                                                           int32_t num_tokens) {
   PDS_RETURN_IF_ERROR(ValidateRequest(request));
   if (num_tokens != static_cast<int32_t>(request.prompt.size())) {
     return absl::InvalidArgumentError(absl::StrCat(
@@ -169,36 +168,39 @@ absl::StatusOr<std::vector<int32_t>> LlmEngine::ReserveImport(GenerateRequest re
   BlockAllocator& allocator = cache_.allocator();
   auto seq = std::make_unique<Sequence>();
   seq->tokens = request.prompt;
-  // Whole blocks of the prompt already cached are shared (taken first, so that the
-  // allocation below cannot evict them); the transfer writes their positions into scratch.
+  // The leading whole blocks of the prompt already cached are shared (taken first, so that the
+  // allocation below cannot evict them), all but the last block: every transfer moves at
+  // least one block.
   std::vector<int32_t> hit;
   if (allocator.prefix_cache_enabled()) {
     BlockAllocator::ExtendPrefixHashes(seq->tokens, bs, seq->block_hashes);
-    hit = allocator.MatchPrefix(seq->tokens, seq->block_hashes, num_tokens / bs);
+    hit = allocator.MatchPrefix(seq->tokens, seq->block_hashes, needed - 1);
     allocator.AcquireCached(hit);
   }
-  if (allocator.num_free() < needed + headroom) {
+  const int32_t held = static_cast<int32_t>(hit.size());
+  const int32_t to_write = needed - held;
+  if (allocator.num_free() < to_write + headroom) {
     const int32_t free_blocks = allocator.num_free();
     allocator.Free(hit).IgnoreError();
-    return absl::ResourceExhaustedError(absl::StrCat("KV cache full: ", needed, " blocks needed, ",
-                                                     free_blocks, " free, ", headroom,
-                                                     " kept for growth"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("KV cache full: ", to_write, " blocks needed (", held, " more cached), ",
+                     free_blocks, " free, ", headroom, " kept for growth"));
   }
-  absl::StatusOr<std::vector<int32_t>> allocated = allocator.Allocate(needed);
+  absl::StatusOr<std::vector<int32_t>> allocated = allocator.Allocate(to_write);
   if (!allocated.ok()) {
     allocator.Free(hit).IgnoreError();
     return allocated.status();
   }
-  std::vector<int32_t> written = std::move(*allocated);
-  const size_t shared = hit.size();
+  ImportReservation reservation;
+  reservation.held_blocks = held;
+  reservation.blocks = std::move(*allocated);
   std::vector<int32_t> table = hit;
-  table.insert(table.end(), written.begin() + shared, written.end());
-  seq->scratch.assign(written.begin(), written.begin() + shared);
-  seq->cached_chain = hit;
+  table.insert(table.end(), reservation.blocks.begin(), reservation.blocks.end());
+  seq->cached_chain = std::move(hit);
   seq->table.Adopt(std::move(table), 0);
   if (allocator.prefix_cache_enabled()) {
     prefix_query_tokens_ += num_tokens;
-    prefix_hit_tokens_ += static_cast<int64_t>(shared) * bs;
+    prefix_hit_tokens_ += static_cast<int64_t>(held) * bs;
   }
   const uint64_t seed =
       request.params.seed.has_value() ? *request.params.seed : std::random_device{}();
@@ -208,7 +210,7 @@ absl::StatusOr<std::vector<int32_t>> LlmEngine::ReserveImport(GenerateRequest re
   seq->request = std::move(request);
   const std::string id = seq->request.id;
   sequences_[id] = std::move(seq);
-  return written;
+  return reservation;
 }
 
 absl::Status LlmEngine::ActivateImport(const std::string& id, int32_t next_token) {
@@ -221,10 +223,8 @@ absl::Status LlmEngine::ActivateImport(const std::string& id, int32_t next_token
     return absl::InvalidArgumentError(
         absl::StrCat("token ", next_token, " outside the vocabulary"));
   }
-  // The scratch copies of the shared blocks go; the rest is registered (so that later imports,
-  // and a recompute after a preemption, find them).
-  PDS_RETURN_IF_ERROR(cache_.allocator().Free(seq.scratch));
-  seq.scratch.clear();
+  // The blocks written by the transfer are registered (so that later imports, and a recompute
+  // after a preemption, find them).
   seq.num_computed = static_cast<int32_t>(seq.tokens.size());
   seq.table.set_num_tokens(seq.num_computed);
   RegisterFilledBlocks(seq, static_cast<int32_t>(seq.cached_chain.size()) * options_.block_size);

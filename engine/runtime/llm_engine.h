@@ -78,6 +78,15 @@ struct HeldKv {
   int32_t num_tokens = 0;
 };
 
+// Where an import's K/V go (LlmEngine::ReserveImport).
+struct ImportReservation {
+  // The leading blocks of the prompt (block-table order) that the cache already holds: the
+  // sender need not send them.
+  int32_t held_blocks = 0;
+  // The blocks to write, in block-table order: the prompt's blocks from `held_blocks` on.
+  std::vector<int32_t> blocks;
+};
+
 struct GenerateResult {
   std::string request_id;
   std::vector<int32_t> token_ids;
@@ -113,12 +122,12 @@ class LlmEngine {
   // `num_tokens` positions arrive from elsewhere (RESOURCE_EXHAUSTED while the cache has no
   // room for them plus one block of growth per running sequence), has them written into
   // those blocks, then activates it with the token sampled after them, and it decodes on.
-  // With prefix caching, the whole blocks of the prompt that the cache already holds (an
-  // earlier import's, registered at its activation) are shared: the transfer still writes
-  // every block, its first ones into scratch blocks that the activation frees, so the
-  // sequence then holds only what is its own.
+  // With prefix caching, the leading whole blocks of the prompt that the cache already holds
+  // (an earlier import's, registered at its activation) are shared, never written: only the
+  // blocks after them are reserved, and the transfer moves only those (at least the last
+  // block, which holds the prompt's last position).
   absl::StatusOr<HeldKv> GetHeld(const std::string& id) const;
-  absl::StatusOr<std::vector<int32_t>> ReserveImport(GenerateRequest request, int32_t num_tokens);
+  absl::StatusOr<ImportReservation> ReserveImport(GenerateRequest request, int32_t num_tokens);
   absl::Status ActivateImport(const std::string& id, int32_t next_token);
 
   // Layer-by-layer hand-off (prefill workers). With a hook set, Step() calls it after planning
@@ -174,8 +183,6 @@ class LlmEngine {
     // Per computed whole block, the cached block holding the same tokens (its own or an equal
     // one another sequence registered first; -1 past a break), the next one's parent.
     std::vector<int32_t> cached_chain;
-    // An import started from cached blocks: where the transfer writes their positions.
-    std::vector<int32_t> scratch;
     int32_t prompt_cached = 0;  // prompt tokens its prefill took from the cache
   };
   absl::Status ValidateRequest(GenerateRequest& request) const;

@@ -83,6 +83,7 @@ std::string EncodeDeviceOfferReply(const DeviceOfferReply& reply) {
   std::string out;
   Put(out, static_cast<uint32_t>(status.size()));
   out += status;
+  Put(out, reply.held_blocks);
   Put(out, static_cast<uint32_t>(reply.blocks.size()));
   for (int32_t block : reply.blocks) Put(out, block);
   Put(out, static_cast<uint32_t>(reply.plane_data.size()));
@@ -96,8 +97,8 @@ absl::StatusOr<DeviceOfferReply> DecodeDeviceOfferReply(const ControlFrame& fram
   uint32_t status_bytes = 0, count = 0, plane_bytes = 0;
   std::string status;
   if (!reader.Get(&status_bytes) || status_bytes > reader.left() ||
-      !reader.GetBytes(status_bytes, &status) || !reader.Get(&count) ||
-      count > reader.left() / sizeof(int32_t)) {
+      !reader.GetBytes(status_bytes, &status) || !reader.Get(&reply.held_blocks) ||
+      reply.held_blocks < 0 || !reader.Get(&count) || count > reader.left() / sizeof(int32_t)) {
     return Malformed("DEVICE_OFFER_REPLY", frame.payload.size());
   }
   reply.blocks.resize(count);
@@ -263,17 +264,28 @@ class DeviceKvSender final : public KvSender {
     }
     const Io io{fd.get(), deadline, absl::InfiniteDuration(), -1, &cancelled};
     stats.reserved = absl::Now();
-    if (static_cast<int32_t>(reply.blocks.size()) != header.num_blocks) {
-      absl::Status bad = absl::InvalidArgumentError(absl::StrCat(
-          "the receiver reserved ", reply.blocks.size(), " blocks for ", header.num_blocks));
-      SendDone(io, bad);
-      return bad;
+    // The plane moves only the blocks after those the receiver holds.
+    absl::Status held = WithContext(header.CheckHeld(reply.held_blocks), "the offer reply");
+    const KvTransferHeader moved_header = held.ok() ? header.Moved(reply.held_blocks) : header;
+    if (held.ok() && static_cast<int32_t>(reply.blocks.size()) != moved_header.num_blocks) {
+      held = absl::InvalidArgumentError(absl::StrCat("the receiver reserved ", reply.blocks.size(),
+                                                     " blocks for ", moved_header.num_blocks));
     }
+    if (!held.ok()) {
+      SendDone(io, held);
+      return held;
+    }
+    stats.held_blocks = reply.held_blocks;
+    stats.held_bytes =
+        static_cast<size_t>(header.num_layers) * (header.LayerBytes() - moved_header.LayerBytes());
+    const std::vector<int32_t> moved_blocks(src_blocks.begin() + reply.held_blocks,
+                                            src_blocks.end());
 
     absl::StatusOr<std::unique_ptr<PendingMove>> started =
-        plane_->MoveAsync(io, address, header, source, src_blocks, reply, plane_data);
+        plane_->MoveAsync(io, address, moved_header, source, moved_blocks, reply, plane_data);
     if (started.ok() && *started != nullptr) {
-      return FinishEarly(io, address, header, source, std::move(*started), std::move(fd), &stats);
+      return FinishEarly(io, address, moved_header, source, std::move(*started), std::move(fd),
+                         &stats);
     }
     absl::Status moved = started.status();
     stats.moved = absl::Now();
@@ -302,10 +314,7 @@ class DeviceKvSender final : public KvSender {
     absl::StatusOr<absl::Status> done = ReadReply(io, FrameType::kDoneReply);
     if (!done.ok()) return WithContext(done.status(), "waiting for the receiver's confirmation");
     if (!done->ok()) return WithContext(*done, "the receiver failed the transfer");
-    stats.bytes = static_cast<size_t>(header.num_layers) * header.LayerBytes();
-    stats.finished = absl::Now();
-    KeepIdle(address, std::move(fd));  // the exchange ended cleanly: nothing left unread
-    return stats;
+    return Finished(moved_header, &stats, address, std::move(fd));
   }
 
   // Early DONE (device_transport.h): DONE_PENDING at once, then the sender's own wait for the
@@ -655,13 +664,21 @@ class DeviceKvReceiver final : public KvReceiver {
                        "--kv-transport)"));
     }
     if (reply.status.ok()) reply.status = plane_->Precheck(offer.plane_data);
-    if (reply.status.ok()) reply.status = sink_->Reserve(offer.header);
+    int32_t held = 0;
+    if (reply.status.ok()) reply.status = ReserveChecked(*sink_, offer.header, &held);
+    // The plane moves only the blocks after those this receiver holds.
+    const KvTransferHeader moved = offer.header.Moved(held);
     if (reply.status.ok()) {
       conn.reserved = true;
       absl::StatusOr<std::vector<int32_t>> blocks = sink_->ReservedBlocks(offer.header.request_id);
+      if (blocks.ok() && static_cast<int32_t>(blocks->size()) != moved.num_blocks) {
+        blocks = absl::InternalError(
+            absl::StrCat("the sink reserved ", blocks->size(), " blocks for ", moved.num_blocks));
+      }
       absl::StatusOr<std::string> accepted =
-          blocks.ok() ? plane_->Accept(offer.header, offer.plane_data, *blocks) : blocks.status();
+          blocks.ok() ? plane_->Accept(moved, offer.plane_data, *blocks) : blocks.status();
       if (accepted.ok()) {
+        reply.held_blocks = held;
         reply.blocks = *std::move(blocks);
         reply.plane_data = *std::move(accepted);
       } else {
@@ -687,9 +704,9 @@ class DeviceKvReceiver final : public KvReceiver {
     }
 
     ReceiverPlane::DoneRead done_read;
-    PDS_RETURN_IF_ERROR(WithContext(
-        plane_->Receive(conn.io, offer.header, offer.plane_data, reply.blocks, &done_read),
-        "receiving the layers"));
+    PDS_RETURN_IF_ERROR(
+        WithContext(plane_->Receive(conn.io, moved, offer.plane_data, reply.blocks, &done_read),
+                    "receiving the layers"));
     bool verdict_pending = false;  // confirmed on the plane's probe: the verdict still comes
     int32_t late_token = done_read.next_token;
     if (!done_read.read) {
@@ -708,8 +725,7 @@ class DeviceKvReceiver final : public KvReceiver {
     }
     conn.reserved = false;
     sink_->Complete(offer.header.request_id, absl::OkStatus(), next_token);
-    bytes_received_.fetch_add(static_cast<size_t>(offer.header.num_layers) *
-                              offer.header.LayerBytes());
+    bytes_received_.fetch_add(static_cast<size_t>(moved.num_layers) * moved.LayerBytes());
     absl::Status replied =
         WriteFrame(conn.io, FrameType::kDoneReply, tcp_wire::EncodeStatus(absl::OkStatus()));
     if (!replied.ok()) {

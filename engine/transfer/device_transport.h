@@ -7,9 +7,11 @@
 //                                   ◄──       DEVICE_SETUP_REPLY (OK: joining)
 //    both join the communicator; ◄──          DEVICE_SETUP_REPLY (status)]
 //   DEVICE_OFFER (plane, plane data, header)  sink->Reserve, sink->ReservedBlocks
-//                                   ◄──       DEVICE_OFFER_REPLY (status, block ids, plane data)
+//                                   ◄──       DEVICE_OFFER_REPLY (status, held blocks, block
+//                                             ids, plane data)
 //   [RESOURCE_EXHAUSTED: back off 2 ms doubling to 50 ms, offer again on the same connection]
-//   plane: moves every layer into the receiver's blocks and waits until they are complete
+//   plane: moves every layer of the blocks after the held ones (kv_transport.h) into the
+//   receiver's blocks and waits until they are complete
 //   (IPC without early DONE: copies into the mapped pool; NCCL: DEVICE_START /
 //   DEVICE_START_REPLY, then one send per layer)
 //   DEVICE_DONE (status, token)     ──►       sink->Complete(status, token)
@@ -127,15 +129,18 @@ struct DeviceOffer {
 };
 struct DeviceOfferReply {
   absl::Status status;
-  std::vector<int32_t> blocks;  // the receiver's, in block-table order (OK only)
+  // OK only: the leading blocks of the sequence the receiver already holds (not moved), and
+  // the receiver's blocks for the rest, in block-table order.
+  int32_t held_blocks = 0;
+  std::vector<int32_t> blocks;
   std::string plane_data;
 };
 
 // DEVICE_OFFER payload: u8 plane, u32 plane data length, plane data, the OFFER encoding.
 std::string EncodeDeviceOffer(const DeviceOffer& offer);
 absl::StatusOr<DeviceOffer> DecodeDeviceOffer(const ControlFrame& frame);
-// DEVICE_OFFER_REPLY payload: u32 status length, the status encoding, u32 block count, i32
-// blocks, u32 plane data length, plane data.
+// DEVICE_OFFER_REPLY payload: u32 status length, the status encoding, i32 held blocks, u32
+// block count, i32 blocks, u32 plane data length, plane data.
 std::string EncodeDeviceOfferReply(const DeviceOfferReply& reply);
 absl::StatusOr<DeviceOfferReply> DecodeDeviceOfferReply(const ControlFrame& frame);
 // The status a reply or DONE frame carries (the outer StatusOr fails on a malformed frame).

@@ -76,6 +76,24 @@ absl::Status KvTransferHeader::Validate() const {
   return absl::OkStatus();
 }
 
+absl::Status KvTransferHeader::CheckHeld(int32_t held_blocks) const {
+  if (held_blocks < 0 || held_blocks >= num_blocks ||
+      static_cast<int64_t>(held_blocks) * block_size >= num_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("request '", request_id, "': the receiver holds ", held_blocks, " of its ",
+                     num_blocks, " blocks (", num_tokens, " tokens, blocks of ", block_size,
+                     "); at least the block of the last position must move"));
+  }
+  return absl::OkStatus();
+}
+
+KvTransferHeader KvTransferHeader::Moved(int32_t held_blocks) const {
+  KvTransferHeader moved = *this;
+  moved.num_blocks -= held_blocks;
+  moved.num_tokens -= held_blocks * block_size;
+  return moved;
+}
+
 absl::Status KvPoolLayout::Validate() const {
   if (num_layers <= 0 || num_blocks <= 0 || block_bytes == 0) {
     return absl::InvalidArgumentError(absl::StrCat("kv pool layout: ", num_layers, " layers, ",

@@ -7,14 +7,19 @@
 // layer is sent as soon as the source has it (the source may block until that layer is
 // computed, so sending overlaps prefill), and the receiver confirms the whole sequence.
 //
+// Held blocks: the reservation names how many leading blocks of the sequence (block-table
+// order) the receiver already holds, e.g. a shared system prompt in its prefix cache, at most
+// num_blocks - 1. The sender then moves only the blocks after them ("the moved blocks":
+// header.Moved(held)), so a cached prefix costs neither bytes nor copies.
+//
 // The token sampled after the sequence's positions (the decode side's first input) is in the
 // header, or, for a sequence sent while its prefill step still runs (layer-by-layer hand-off,
 // header.next_token == kNextTokenAtEnd), comes from the source after the last layer and is
 // sent with the end of the transfer; the source's error then breaks the transfer off instead.
 //
-// Layer payload layout ("packed"): K of the sequence's blocks in block-table order, then V
-// of the same blocks; each block is [kv_heads, block_size, head_dim] in `dtype`, i.e.
-// 2 * num_blocks * BlockBytes bytes per layer.
+// Layer payload layout ("packed"): K of the moved blocks in block-table order, then V of the
+// same blocks; each block is [kv_heads, block_size, head_dim] in `dtype`, i.e.
+// 2 * moved blocks * BlockBytes bytes per layer.
 //
 // Implementations: the host TCP transport (tcp_transport.h) for CPU workers; the device
 // transports for GPU workers (cuda_ipc_transport.h: one node, copies straight into the
@@ -60,6 +65,12 @@ struct KvTransferHeader {
   size_t LayerBytes() const { return 2 * static_cast<size_t>(num_blocks) * BlockBytes(); }
   // INVALID_ARGUMENT unless every field is in range and the sizes do not overflow.
   absl::Status Validate() const;
+  // INVALID_ARGUMENT unless a receiver may hold `held_blocks` leading blocks of this sequence
+  // (0 <= held_blocks < num_blocks).
+  absl::Status CheckHeld(int32_t held_blocks) const;
+  // The part a transfer moves when the receiver holds `held_blocks` leading blocks (CheckHeld):
+  // num_blocks and num_tokens less those blocks and their positions.
+  KvTransferHeader Moved(int32_t held_blocks) const;
 };
 
 // Where a worker's KV cache lives, for the device transports that address its blocks directly:
@@ -90,19 +101,22 @@ struct KvPoolLayout {
 class KvSink {
  public:
   virtual ~KvSink() = default;
-  // Reserves room for the offered sequence. OK; RESOURCE_EXHAUSTED: no room now (the sender
-  // retries); anything else: refused for good (unknown or cancelled request, shape mismatch).
-  virtual absl::Status Reserve(const KvTransferHeader& header) = 0;
-  // Stores one layer's packed K/V of a reserved sequence.
+  // Reserves room for the offered sequence. OK: the number of leading blocks the sink already
+  // holds (0 <= held < header.num_blocks; the rest are moved); RESOURCE_EXHAUSTED: no room now
+  // (the sender retries); anything else: refused for good (unknown or cancelled request, shape
+  // mismatch).
+  virtual absl::StatusOr<int32_t> Reserve(const KvTransferHeader& header) = 0;
+  // Stores one layer's packed K/V of the moved blocks of a reserved sequence.
   virtual absl::Status WriteLayer(const std::string& request_id, int32_t layer, const uint8_t* data,
                                   size_t bytes) = 0;
   // Called exactly once per successful Reserve: OK when every layer was written (the sink
   // may start decoding with `next_token`: the header's, or the one sent at the end), an error
   // when the transfer broke off (the sink frees the room; `next_token` is -1).
   virtual void Complete(const std::string& request_id, absl::Status status, int32_t next_token) = 0;
-  // Device transports: the blocks the successful Reserve of `request_id` took, in block-table
-  // order (header.num_blocks of them); the transport writes them in place (no WriteLayer) and
-  // then calls Complete. Host-only sinks need not implement it.
+  // Device transports: the blocks the successful Reserve of `request_id` took for the moved
+  // blocks, in block-table order (header.num_blocks less the held ones); the transport writes
+  // them in place (no WriteLayer) and then calls Complete. Host-only sinks need not implement
+  // it.
   virtual absl::StatusOr<std::vector<int32_t>> ReservedBlocks(const std::string& request_id) {
     return absl::UnimplementedError("this KV sink has no device blocks");
   }
@@ -112,8 +126,11 @@ class KvSink {
 class KvSource {
  public:
   virtual ~KvSource() = default;
-  // Packs layer `layer` into `dst` (LayerBytes bytes); may wait until the layer is computed.
-  virtual absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) = 0;
+  // Packs layer `layer` of the blocks from `first_block` on (block-table order; the receiver
+  // holds those before) into `dst` (header.Moved(first_block).LayerBytes() bytes); may wait
+  // until the layer is computed.
+  virtual absl::Status ReadLayer(int32_t layer, int32_t first_block, uint8_t* dst,
+                                 size_t bytes) = 0;
   // Device transports: the sequence's blocks in the sender's pool, in block-table order
   // (header.num_blocks of them). Host-only sources need not implement it.
   virtual absl::StatusOr<std::vector<int32_t>> Blocks() {
@@ -139,12 +156,14 @@ class KvSource {
 };
 
 struct KvSendStats {
-  absl::Time offered;   // first offer
-  absl::Time reserved;  // the receiver accepted (after any back-pressure retries)
-  absl::Time moved;     // device transports: the data was complete in the receiver's memory
-  absl::Time finished;  // the receiver confirmed every layer
-  int32_t offers = 0;   // how many offers it took
-  size_t bytes = 0;     // payload bytes sent
+  absl::Time offered;       // first offer
+  absl::Time reserved;      // the receiver accepted (after any back-pressure retries)
+  absl::Time moved;         // device transports: the data was complete in the receiver's memory
+  absl::Time finished;      // the receiver confirmed every layer
+  int32_t offers = 0;       // how many offers it took
+  size_t bytes = 0;         // payload bytes sent
+  int32_t held_blocks = 0;  // leading blocks the receiver already held (not sent)
+  size_t held_bytes = 0;    // the payload bytes they would have taken
 };
 
 class KvSender {

@@ -68,6 +68,20 @@ absl::Status WithContext(const absl::Status& status, absl::string_view context) 
   return absl::Status(status.code(), absl::StrCat(context, ": ", status.message()));
 }
 
+absl::Status ReserveChecked(KvSink& sink, const KvTransferHeader& header, int32_t* held_blocks) {
+  *held_blocks = 0;
+  absl::StatusOr<int32_t> held = sink.Reserve(header);
+  if (!held.ok()) return held.status();
+  absl::Status checked = header.CheckHeld(*held);
+  if (!checked.ok()) {
+    checked = WithContext(checked, "the sink's reservation");
+    sink.Complete(header.request_id, checked, -1);
+    return checked;
+  }
+  *held_blocks = *held;
+  return absl::OkStatus();
+}
+
 absl::Status WaitToOfferAgain(absl::Duration* backoff, absl::Duration max_backoff,
                               absl::Time deadline, const std::function<bool()>& cancelled,
                               int32_t offers, const absl::Status& answer) {
@@ -226,7 +240,7 @@ absl::Status ReadExact(const Io& io, uint8_t* dst, size_t bytes, tcp_wire::Check
 }
 
 // Reads a reply frame (OFFER_REPLY or DONE_REPLY, as `want`) and returns the status it carries.
-absl::StatusOr<tcp_wire::PeerStatus> ReadReply(const Io& io, FrameType want) {
+absl::StatusOr<tcp_wire::PeerStatus> ReadReply(const Io& io, FrameType want, int32_t* held_blocks) {
   uint8_t raw[tcp_wire::kFrameHeaderBytes];
   PDS_RETURN_IF_ERROR(ReadExact(io, raw, sizeof(raw)));
   PDS_ASSIGN_OR_RETURN(const tcp_wire::FrameHeader header,
@@ -240,8 +254,15 @@ absl::StatusOr<tcp_wire::PeerStatus> ReadReply(const Io& io, FrameType want) {
   if (tcp_wire::Checksum(payload.data(), payload.size()) != header.checksum) {
     return absl::DataLossError("reply frame checksum mismatch");
   }
-  PDS_ASSIGN_OR_RETURN(absl::Status carried,
-                       tcp_wire::DecodeStatus(payload.data(), payload.size()));
+  absl::Status carried;
+  if (header.type == FrameType::kOfferReply) {
+    PDS_ASSIGN_OR_RETURN(tcp_wire::OfferReply reply,
+                         tcp_wire::DecodeOfferReply(payload.data(), payload.size()));
+    carried = std::move(reply.status);
+    if (held_blocks != nullptr) *held_blocks = reply.held_blocks;
+  } else {
+    PDS_ASSIGN_OR_RETURN(carried, tcp_wire::DecodeStatus(payload.data(), payload.size()));
+  }
   // An early error reply may come as either type; an OK must be the one expected.
   if (carried.ok() && header.type != want) {
     return absl::InvalidArgumentError(

@@ -63,6 +63,11 @@ std::string Errno(int err);
 // Prefixes a status message with context, keeping the code.
 absl::Status WithContext(const absl::Status& status, absl::string_view context);
 
+// The receivers' reservation: sink.Reserve(header) with its held block count checked
+// (KvTransferHeader::CheckHeld) into *held_blocks (0 unless OK). A sink that names an
+// impossible count has its reservation completed with the error, which is returned.
+absl::Status ReserveChecked(KvSink& sink, const KvTransferHeader& header, int32_t* held_blocks);
+
 // The sender's back-pressure wait after the receiver answered RESOURCE_EXHAUSTED (no room) to
 // offer number `offers` with `answer`: sleeps `*backoff` (doubled afterwards, up to
 // `max_backoff`) in short naps, CANCELLED when `cancelled` returns true meanwhile,
@@ -145,8 +150,10 @@ struct ControlFrame {
 absl::StatusOr<ControlFrame> ReadControlFrame(const Io& io, bool* eof = nullptr);
 
 // Reads a reply frame (OFFER_REPLY or DONE_REPLY, as `want`) and returns the status it carries.
-// An error may come in either type; an OK must be the one expected.
-absl::StatusOr<tcp_wire::PeerStatus> ReadReply(const Io& io, tcp_wire::FrameType want);
+// An error may come in either type; an OK must be the one expected. An OK OFFER_REPLY's held
+// block count goes to *held_blocks, when given.
+absl::StatusOr<tcp_wire::PeerStatus> ReadReply(const Io& io, tcp_wire::FrameType want,
+                                               int32_t* held_blocks = nullptr);
 
 // Whether the peer already sent something (an early error reply) or hung up.
 bool PeerReadable(const Io& io);

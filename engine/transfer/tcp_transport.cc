@@ -204,19 +204,52 @@ std::string EncodeStatus(const absl::Status& status) {
   return out;
 }
 
-absl::StatusOr<PeerStatus> DecodeStatus(const uint8_t* data, size_t bytes) {
-  Reader reader(data, bytes);
+namespace {
+
+// Reads a status encoding off the front of `reader`; false when malformed.
+bool GetStatus(Reader& reader, absl::Status* status) {
   uint32_t code = 0, length = 0;
   std::string message;
-  if (!reader.Get(&code) || !reader.Get(&length) || length != reader.left() ||
+  if (!reader.Get(&code) || !reader.Get(&length) || length > reader.left() ||
       !reader.GetBytes(length, &message)) {
+    return false;
+  }
+  if (code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated)) return false;
+  *status =
+      code == 0 ? absl::OkStatus() : absl::Status(static_cast<absl::StatusCode>(code), message);
+  return true;
+}
+
+}  // namespace
+
+absl::StatusOr<PeerStatus> DecodeStatus(const uint8_t* data, size_t bytes) {
+  Reader reader(data, bytes);
+  absl::Status status;
+  if (!GetStatus(reader, &status) || reader.left() != 0) {
     return absl::InvalidArgumentError(absl::StrCat("malformed reply payload of ", bytes, " bytes"));
   }
-  if (code > static_cast<uint32_t>(absl::StatusCode::kUnauthenticated)) {
-    return absl::InvalidArgumentError(absl::StrCat("reply carries unknown status code ", code));
+  return PeerStatus(std::move(status));
+}
+
+std::string EncodeOfferReply(const OfferReply& reply) {
+  std::string out = EncodeStatus(reply.status);
+  if (reply.status.ok()) Put(out, reply.held_blocks);
+  return out;
+}
+
+absl::StatusOr<OfferReply> DecodeOfferReply(const uint8_t* data, size_t bytes) {
+  Reader reader(data, bytes);
+  OfferReply reply;
+  if (!GetStatus(reader, &reply.status) ||
+      (reply.status.ok() ? !reader.Get(&reply.held_blocks) : false) || reader.left() != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("malformed offer reply payload of ", bytes, " bytes"));
   }
-  if (code == 0) return PeerStatus(absl::OkStatus());
-  return PeerStatus(absl::Status(static_cast<absl::StatusCode>(code), message));
+  if (reply.held_blocks < 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("offer reply names ", reply.held_blocks, " held blocks"));
+  }
+  return reply;
 }
 
 std::string EncodeEnd(const TransferEnd& end) {
@@ -252,6 +285,7 @@ using transfer_internal::kPeerSpoke;
 using transfer_internal::PeerReadable;
 using transfer_internal::ReadExact;
 using transfer_internal::ReadReply;
+using transfer_internal::ReserveChecked;
 using transfer_internal::Wait;
 using transfer_internal::WaitToOfferAgain;
 using transfer_internal::WithContext;
@@ -284,10 +318,9 @@ class TcpKvSender final : public KvSender {
                                        KvSource& source, absl::Time deadline,
                                        const std::function<bool()>& cancelled) {
     PDS_RETURN_IF_ERROR(header.Validate());
-    const size_t layer_bytes = header.LayerBytes();
-    const uint64_t frame_bytes = tcp_wire::kLayerPrefixBytes + layer_bytes;
-    if (frame_bytes > options_.max_frame_bytes) {
-      return absl::InvalidArgumentError(absl::StrCat("a layer frame of ", frame_bytes,
+    const uint64_t max_frame_bytes = tcp_wire::kLayerPrefixBytes + header.LayerBytes();
+    if (max_frame_bytes > options_.max_frame_bytes) {
+      return absl::InvalidArgumentError(absl::StrCat("a layer frame of ", max_frame_bytes,
                                                      " bytes exceeds max_frame_bytes ",
                                                      options_.max_frame_bytes));
     }
@@ -304,10 +337,11 @@ class TcpKvSender final : public KvSender {
     // Offer until the receiver has room.
     const std::string offer = tcp_wire::EncodeOffer(header);
     absl::Duration backoff = options_.initial_backoff;
+    int32_t held = 0;
     while (true) {
       ++stats.offers;
       PDS_RETURN_IF_ERROR(WithContext(WriteFrame(io, FrameType::kOffer, offer), "offer"));
-      absl::StatusOr<absl::Status> reply = ReadReply(io, FrameType::kOfferReply);
+      absl::StatusOr<absl::Status> reply = ReadReply(io, FrameType::kOfferReply, &held);
       if (!reply.ok()) return WithContext(reply.status(), "waiting for the offer reply");
       if (reply->ok()) break;
       if (reply->code() != absl::StatusCode::kResourceExhausted) {
@@ -318,6 +352,11 @@ class TcpKvSender final : public KvSender {
                                            stats.offers, *reply));
     }
     stats.reserved = absl::Now();
+    PDS_RETURN_IF_ERROR(WithContext(header.CheckHeld(held), "the offer reply"));
+    const size_t layer_bytes = header.Moved(held).LayerBytes();
+    const uint64_t frame_bytes = tcp_wire::kLayerPrefixBytes + layer_bytes;
+    stats.held_blocks = held;
+    stats.held_bytes = static_cast<size_t>(header.num_layers) * (header.LayerBytes() - layer_bytes);
 
     // Stream the layers in order through one reusable buffer: prefix, then the packed K/V.
     std::unique_ptr<uint8_t[]> buffer(new uint8_t[frame_bytes]);
@@ -328,7 +367,7 @@ class TcpKvSender final : public KvSender {
         return absl::DeadlineExceededError(absl::StrCat("deadline exceeded before ", where));
       }
       absl::Status read =
-          source.ReadLayer(layer, buffer.get() + tcp_wire::kLayerPrefixBytes, layer_bytes);
+          source.ReadLayer(layer, held, buffer.get() + tcp_wire::kLayerPrefixBytes, layer_bytes);
       if (!read.ok()) return WithContext(read, absl::StrCat("source failed to read ", where));
       std::memcpy(buffer.get(), &layer, 4);
       std::memset(buffer.get() + 4, 0, 4);
@@ -423,6 +462,7 @@ class TcpKvReceiver final : public KvReceiver {
     KvTransferHeader header;
     bool reserved = false;
     int32_t next_layer = 0;
+    size_t layer_bytes = 0;  // of the moved blocks
     std::unique_ptr<uint8_t[]> buffer;
   };
 
@@ -523,15 +563,17 @@ class TcpKvReceiver final : public KvReceiver {
           absl::StrCat("a layer of ", header.LayerBytes(),
                        " bytes exceeds this receiver's frame limit of ", options_.max_frame_bytes));
     }
-    if (answer.ok()) answer = sink_->Reserve(header);
+    int32_t held = 0;
+    if (answer.ok()) answer = ReserveChecked(*sink_, header, &held);
     conn.header = std::move(header);
     if (answer.ok()) {
       conn.reserved = true;
       conn.next_layer = 0;
-      conn.buffer.reset(new uint8_t[tcp_wire::kLayerPrefixBytes + conn.header.LayerBytes()]);
+      conn.layer_bytes = conn.header.Moved(held).LayerBytes();
+      conn.buffer.reset(new uint8_t[tcp_wire::kLayerPrefixBytes + conn.layer_bytes]);
     }
     absl::Status replied =
-        WriteFrame(conn.io, FrameType::kOfferReply, tcp_wire::EncodeStatus(answer));
+        WriteFrame(conn.io, FrameType::kOfferReply, tcp_wire::EncodeOfferReply({answer, held}));
     PDS_RETURN_IF_ERROR(WithContext(replied, "sending the offer reply"));
     if (answer.ok() || answer.code() == absl::StatusCode::kResourceExhausted) return false;
     Log()->info("kv receiver {}: refused request '{}': {}", server_.address(),
@@ -540,7 +582,7 @@ class TcpKvReceiver final : public KvReceiver {
   }
 
   absl::Status HandleLayer(Connection& conn, const tcp_wire::FrameHeader& frame) {
-    const size_t layer_bytes = conn.header.LayerBytes();
+    const size_t layer_bytes = conn.layer_bytes;
     const std::string where =
         absl::StrCat("layer ", conn.next_layer, " of ", conn.header.num_layers);
     if (frame.length != tcp_wire::kLayerPrefixBytes + layer_bytes) {

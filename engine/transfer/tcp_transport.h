@@ -9,9 +9,10 @@
 //
 //   sender                               receiver
 //   OFFER (the header)           ──►     sink->Reserve
-//                                ◄──     OFFER_REPLY (status)
+//                                ◄──     OFFER_REPLY (status; OK: the held blocks)
 //   [RESOURCE_EXHAUSTED: back off 2 ms doubling to 50 ms, OFFER again on the same connection]
-//   LAYER 0 .. num_layers-1      ──►     sink->WriteLayer (in order, exact size)
+//   LAYER 0 .. num_layers-1      ──►     sink->WriteLayer (in order, exact size: the packed
+//                                        blocks after the held ones)
 //   [header.next_token == kNextTokenAtEnd:
 //    END (status, the next token) ──►    an error status breaks the transfer off]
 //                                ◄──     DONE_REPLY (status; the sink's Complete has run)
@@ -70,7 +71,8 @@ absl::StatusOr<std::unique_ptr<KvReceiver>> StartTcpKvReceiver(const std::string
 namespace tcp_wire {
 
 inline constexpr uint32_t kMagic = 0x564b4450;  // "PDKV" in little-endian byte order
-inline constexpr uint16_t kVersion = 2;         // 2: END, and DEVICE_DONE carries a token
+// 2: END, and DEVICE_DONE carries a token; 3: offer replies name the receiver's held blocks.
+inline constexpr uint16_t kVersion = 3;
 inline constexpr size_t kFrameHeaderBytes = 24;
 inline constexpr size_t kLayerPrefixBytes = 8;           // i32 layer index, u32 reserved (0)
 inline constexpr uint64_t kMaxControlPayload = 1 << 16;  // OFFER and replies
@@ -151,6 +153,17 @@ class PeerStatus {
 std::string EncodeStatus(const absl::Status& status);
 // Fails on a malformed payload; otherwise the status carried.
 absl::StatusOr<PeerStatus> DecodeStatus(const uint8_t* data, size_t bytes);
+
+// An OFFER_REPLY: the receiver's answer and, when OK, how many leading blocks of the sequence
+// it already holds (the sender moves only the rest; KvTransferHeader::CheckHeld).
+struct OfferReply {
+  absl::Status status;
+  int32_t held_blocks = 0;
+};
+// Payload: the status encoding, then (OK only) i32 held_blocks.
+std::string EncodeOfferReply(const OfferReply& reply);
+// Fails on a malformed payload or a negative count.
+absl::StatusOr<OfferReply> DecodeOfferReply(const uint8_t* data, size_t bytes);
 
 // The end of a sender's side of a transfer: END, and the device transports' DEVICE_DONE.
 struct TransferEnd {

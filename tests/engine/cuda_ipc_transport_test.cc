@@ -61,7 +61,8 @@ KvTransferHeader Header(const std::string& id, int32_t blocks) {
 
 // The blocks each request gets on each side (ragged: runs, singletons, reversed order).
 struct Plan {
-  std::vector<int32_t> src, dst;
+  std::vector<int32_t> src, dst;  // dst: the receiver's blocks for src after the held ones
+  int32_t held = 0;               // leading blocks of src the receiver holds already
 };
 const std::map<std::string, Plan>& Plans() {
   static const auto* plans = new std::map<std::string, Plan>{
@@ -81,6 +82,7 @@ const std::map<std::string, Plan>& Plans() {
       {"sync", {{1, 2, 3, 40, 41, 7}, {30, 31, 50, 51, 52, 0}}},
       {"late", {{25, 26, 27, 60}, {44, 45, 46, 1}}},
       {"no_token", {{28, 29}, {47, 48}}},
+      {"held", {{34, 35, 36, 37, 38}, {58, 59}, 3}},
   };
   return *plans;
 }
@@ -154,12 +156,13 @@ class ChildSink : public KvSink {
  public:
   ChildSink(const DevicePool& pool, std::filesystem::path dir)
       : pool_(pool), dir_(std::move(dir)) {}
-  absl::Status Reserve(const KvTransferHeader& header) override {
+  absl::StatusOr<int32_t> Reserve(const KvTransferHeader& header) override {
     std::lock_guard<std::mutex> lock(mu_);
     if (header.request_id == "refused") return absl::FailedPreconditionError("KV layout mismatch");
     if (header.request_id == "bp" && ++bp_offers_ <= 3) return absl::ResourceExhaustedError("full");
-    if (!Plans().count(header.request_id)) return absl::NotFoundError("unknown request");
-    return absl::OkStatus();
+    auto plan = Plans().find(header.request_id);
+    if (plan == Plans().end()) return absl::NotFoundError("unknown request");
+    return plan->second.held;
   }
   absl::Status WriteLayer(const std::string&, int32_t, const uint8_t*, size_t) override {
     return absl::InternalError("host path used");
@@ -205,7 +208,7 @@ TEST(CudaIpcChild, DISABLED_ServeDecodePool) {
 class Source : public KvSource {
  public:
   explicit Source(std::vector<int32_t> blocks) : blocks_(std::move(blocks)) {}
-  absl::Status ReadLayer(int32_t, uint8_t*, size_t) override {
+  absl::Status ReadLayer(int32_t, int32_t, uint8_t*, size_t) override {
     return absl::InternalError("host path used");
   }
   absl::StatusOr<std::vector<int32_t>> Blocks() override { return blocks_; }
@@ -406,6 +409,20 @@ TEST_F(CudaIpcTransportTest, LayersComputedOneAtATimeArriveByteForByte) {
     ASSERT_EQ(got.size(), want.size()) << id;
     EXPECT_TRUE(got == want) << id << ": the child's blocks differ from the parent's";
   }
+}
+
+// A receiver that holds the first blocks (its prefix cache) has only the rest copied.
+TEST_F(CudaIpcTransportTest, HeldBlocksAreNotCopied) {
+  const Plan& plan = Plans().at("held");
+  Source source(plan.src);
+  auto stats = Send("held", source);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->held_blocks, 3);
+  EXPECT_EQ(stats->bytes, size_t{kLayers} * 2 * 2 * BlockBytes());
+  const std::string got = Await("held.bin");
+  const std::string want = src_.Gather({plan.src.begin() + plan.held, plan.src.end()});
+  ASSERT_EQ(got.size(), want.size());
+  EXPECT_TRUE(got == want) << "the child's blocks differ from the parent's";
 }
 
 // Layer-by-layer hand-off: layers computed one at a time, the token given after the last

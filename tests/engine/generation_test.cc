@@ -57,8 +57,12 @@ class GenerationTest : public ::testing::Test {
   }
   // What a KV transfer does: every layer's K and V of blocks `from` of `source` into blocks
   // `to` of `dest` (same shapes, CPU memory).
-  static void CopyKv(const LlmEngine& source, const std::vector<int32_t>& from,
-                     const LlmEngine& dest, const std::vector<int32_t>& to) {
+  // What a transfer does: copies the source's blocks after those the destination holds.
+  static void CopyKv(const LlmEngine& source, const std::vector<int32_t>& all,
+                     const LlmEngine& dest, const ImportReservation& reservation) {
+    ASSERT_LT(reservation.held_blocks, static_cast<int32_t>(all.size()));
+    const std::vector<int32_t> from(all.begin() + reservation.held_blocks, all.end());
+    const std::vector<int32_t>& to = reservation.blocks;
     ASSERT_EQ(from.size(), to.size());
     const size_t bytes = source.cache().shape().BlockBytes(DType::kF32);
     for (int layer = 0; layer < source.cache().shape().num_layers; ++layer) {
@@ -273,7 +277,8 @@ TEST_F(GenerationTest, HeldPrefillHandedToAnotherEngineContinuesIdentically) {
     r.hold_kv_after_prefill = false;
     auto reserved = decode->ReserveImport(r, held->num_tokens);
     ASSERT_TRUE(reserved.ok()) << reserved.status();
-    ASSERT_EQ(reserved->size(), held->blocks.size());
+    EXPECT_EQ(reserved->held_blocks, 0);
+    ASSERT_EQ(reserved->blocks.size(), held->blocks.size());
     EXPECT_FALSE(decode->HasRunnable());
     CopyKv(*prefill, held->blocks, *decode, *reserved);
     ASSERT_TRUE(prefill->Cancel("x").ok());
@@ -291,9 +296,10 @@ TEST_F(GenerationTest, HeldPrefillHandedToAnotherEngineContinuesIdentically) {
 }
 
 // A decode engine with prefix caching shares the whole blocks of an import's prompt that an
-// earlier import left in its cache: the transfer writes them into scratch blocks that the
-// activation frees, so the second sequence holds only its own blocks, and the tokens are those
-// of one engine doing everything. Without the cache both hold all their blocks.
+// earlier import left in its cache: it names them as held, reserves and is sent only the
+// blocks after them, so the later sequences hold only their own blocks, and the tokens are
+// those of one engine doing everything. A prompt that is all cached still has its last block
+// sent. Without the cache every import holds and is sent all its blocks.
 TEST_F(GenerationTest, DecodeSharesThePrefixBlocksOfEarlierImports) {
   SamplingParams p{.max_tokens = 10, .ignore_eos = true};
   std::vector<int32_t> system;
@@ -305,12 +311,15 @@ TEST_F(GenerationTest, DecodeSharesThePrefixBlocksOfEarlierImports) {
     r.id = "r" + std::to_string(i);
     requests.push_back(r);
   }
+  GenerateRequest whole_blocks = Request(p, system);  // r3: exactly the 4 cached blocks
+  whole_blocks.id = "r3";
+  requests.push_back(whole_blocks);
   for (bool caching : {true, false}) {
     SCOPED_TRACE(caching ? "caching" : "no caching");
     auto prefill = NewEngine();
     auto decode = NewEngine({.block_size = 8, .num_blocks = 64, .prefix_caching = caching});
     std::vector<std::vector<int32_t>> tokens(requests.size());
-    std::vector<int> used_after_activation;
+    std::vector<int> used_after_activation, held_blocks, sent_blocks;
     for (size_t i = 0; i < requests.size(); ++i) {
       GenerateRequest r = requests[i];
       r.hold_kv_after_prefill = true;
@@ -322,7 +331,8 @@ TEST_F(GenerationTest, DecodeSharesThePrefixBlocksOfEarlierImports) {
       r.hold_kv_after_prefill = false;
       auto reserved = decode->ReserveImport(r, held->num_tokens);
       ASSERT_TRUE(reserved.ok()) << reserved.status();
-      ASSERT_EQ(reserved->size(), held->blocks.size()) << "the transfer writes every block";
+      held_blocks.push_back(reserved->held_blocks);
+      sent_blocks.push_back(static_cast<int>(reserved->blocks.size()));
       CopyKv(*prefill, held->blocks, *decode, *reserved);
       ASSERT_TRUE(prefill->Cancel(r.id).ok());
       ASSERT_TRUE(decode->ActivateImport(r.id, outs[0].token).ok());
@@ -337,10 +347,14 @@ TEST_F(GenerationTest, DecodeSharesThePrefixBlocksOfEarlierImports) {
     for (size_t i = 0; i < requests.size(); ++i) {
       EXPECT_EQ(tokens[i], Run(requests[i]).token_ids) << requests[i].id;
     }
-    // r0: 33 tokens = 5 blocks; r1 (35) and r2 (37) add 1 block each when sharing 4.
+    // r0: 33 tokens = 5 blocks; r1 (35) and r2 (37) add 1 block each when sharing 4; r3 (32)
+    // shares 3 and is sent its last block, which equals the cached fourth (no new block).
+    EXPECT_EQ(held_blocks, caching ? std::vector<int>({0, 4, 4, 3}) : std::vector<int>(4, 0));
+    EXPECT_EQ(sent_blocks,
+              caching ? std::vector<int>({5, 1, 1, 1}) : std::vector<int>({5, 5, 5, 4}));
     EXPECT_EQ(used_after_activation,
-              caching ? std::vector<int>({5, 6, 7}) : std::vector<int>({5, 10, 15}));
-    EXPECT_EQ(decode->num_prefix_hit_tokens(), caching ? 2 * 32 : 0);
+              caching ? std::vector<int>({5, 6, 7, 8}) : std::vector<int>({5, 10, 15, 19}));
+    EXPECT_EQ(decode->num_prefix_hit_tokens(), caching ? 2 * 32 + 24 : 0);
     EXPECT_EQ(decode->num_free_blocks(), 64);
   }
 }

@@ -79,7 +79,7 @@ KvTransferHeader Header(const std::string& id, int32_t blocks) {
 class Source : public KvSource {
  public:
   explicit Source(std::vector<int32_t> blocks) : blocks_(std::move(blocks)) {}
-  absl::Status ReadLayer(int32_t, uint8_t*, size_t) override {
+  absl::Status ReadLayer(int32_t, int32_t, uint8_t*, size_t) override {
     return absl::InternalError("the device path must not read host layers");
   }
   absl::StatusOr<std::vector<int32_t>> Blocks() override { return blocks_; }
@@ -100,7 +100,7 @@ class Source : public KvSource {
 // The decode side: hands out the blocks a test chose for each request.
 class Sink : public KvSink {
  public:
-  absl::Status Reserve(const KvTransferHeader& header) override {
+  absl::StatusOr<int32_t> Reserve(const KvTransferHeader& header) override {
     std::lock_guard<std::mutex> lock(mu);
     ++reserve_calls;
     reserve_threads[header.request_id] = std::this_thread::get_id();
@@ -112,7 +112,8 @@ class Sink : public KvSink {
     auto it = plan.find(header.request_id);
     if (it == plan.end()) return absl::NotFoundError("unknown request");
     reserved[header.request_id] = it->second;
-    return absl::OkStatus();
+    auto h = held.find(header.request_id);
+    return h == held.end() ? 0 : h->second;
   }
   absl::Status WriteLayer(const std::string&, int32_t, const uint8_t*, size_t) override {
     return absl::InternalError("the device path must not write host layers");
@@ -145,6 +146,7 @@ class Sink : public KvSink {
 
   std::mutex mu;
   std::map<std::string, std::vector<int32_t>> plan;  // the receiver's blocks per request
+  std::map<std::string, int32_t> held;  // leading blocks the receiver holds (default none)
   std::map<std::string, std::vector<int32_t>> reserved;
   std::map<std::string, std::vector<absl::Status>> completed;
   std::map<std::string, std::vector<int32_t>> tokens;  // Complete's next_token
@@ -234,6 +236,59 @@ TEST_F(NcclFakeTransportTest, RaggedBlockListsLandInTheReservedBlocks) {
   }
   EXPECT_EQ(world_->joins(), 2) << "one communicator for the pair, set up once";
   EXPECT_EQ(receiver_->bytes_received(), kLayers * HostPool::BlockBytes() * 2 * (1 + 5 + 4 + 2));
+}
+
+// A receiver holding the first blocks (its prefix cache) reserves and is sent only the rest;
+// the transfer after it, on the same communicator, moves every block again.
+TEST_F(NcclFakeTransportTest, HeldBlocksAreNotMoved) {
+  sink_.plan["held"] = {10, 11};
+  sink_.held["held"] = 2;
+  const HostPool untouched = dst_;
+  Source source({3, 5, 6, 7});
+  auto stats = Send("held", source, 4);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->held_blocks, 2);
+  EXPECT_EQ(stats->bytes, kLayers * 2 * 2 * HostPool::BlockBytes());
+  EXPECT_EQ(stats->held_bytes, stats->bytes);
+  ExpectCopied({6, 7}, {10, 11});
+  EXPECT_EQ(receiver_->bytes_received(), stats->bytes);
+  // Only the two reserved blocks changed.
+  for (int32_t block = 0; block < 16; ++block) {
+    if (block == 10 || block == 11) continue;
+    for (int32_t layer = 0; layer < kLayers; ++layer) {
+      for (int kv = 0; kv < 2; ++kv) {
+        ASSERT_EQ(0, std::memcmp(untouched.Block(layer, kv, block), dst_.Block(layer, kv, block),
+                                 HostPool::BlockBytes()))
+            << "block " << block;
+      }
+    }
+  }
+  sink_.plan["all"] = {0, 1, 2};
+  Source all({8, 9, 12});
+  ASSERT_TRUE(Send("all", all, 3).ok());
+  ExpectCopied({8, 9, 12}, {0, 1, 2});
+  EXPECT_EQ(world_->joins(), 2);
+}
+
+// A sink whose reserved blocks do not match the blocks left to move fails the offer for good
+// (its reservation completed with the error); so does a held count the header cannot have.
+TEST_F(NcclFakeTransportTest, HeldCountsThatDoNotAddUpAreRefused) {
+  sink_.plan["short"] = {10};
+  sink_.held["short"] = 1;
+  Source source({3, 5, 6});
+  auto stats = Send("short", source, 3);
+  ASSERT_FALSE(stats.ok());
+  EXPECT_TRUE(Contains(stats.status().message(), "reserved 1 blocks for 2")) << stats.status();
+  ASSERT_EQ(sink_.AwaitCompletions("short").size(), 1u);
+  EXPECT_FALSE(sink_.Completions("short")[0].ok());
+  sink_.plan["every"] = {};
+  sink_.held["every"] = 3;
+  Source every({3, 5, 6});
+  stats = Send("every", every, 3);
+  ASSERT_EQ(stats.status().code(), absl::StatusCode::kInvalidArgument) << stats.status();
+  EXPECT_TRUE(Contains(stats.status().message(), "holds 3 of its 3 blocks")) << stats.status();
+  ASSERT_EQ(sink_.AwaitCompletions("every").size(), 1u);
+  EXPECT_EQ(receiver_->bytes_received(), 0u);
 }
 
 TEST_F(NcclFakeTransportTest, ConcurrentTransfersShareTheCommunicatorInOrder) {
@@ -483,7 +538,7 @@ TEST_F(NcclFakeTransportTest, DeadlineDuringTheDataPhase) {
 TEST_F(NcclFakeTransportTest, TransportMismatchIsReported) {
   // An NCCL sender against a TCP receiver, and a TCP sender against the NCCL receiver.
   class NullSink : public KvSink {
-    absl::Status Reserve(const KvTransferHeader&) override { return absl::OkStatus(); }
+    absl::StatusOr<int32_t> Reserve(const KvTransferHeader&) override { return 0; }
     absl::Status WriteLayer(const std::string&, int32_t, const uint8_t*, size_t) override {
       return absl::OkStatus();
     }
@@ -498,7 +553,7 @@ TEST_F(NcclFakeTransportTest, TransportMismatchIsReported) {
   EXPECT_TRUE(Contains(stats.status().message(), "unexpected frame type"));
 
   struct HostSource : KvSource {
-    absl::Status ReadLayer(int32_t, uint8_t* dst, size_t bytes) override {
+    absl::Status ReadLayer(int32_t, int32_t, uint8_t* dst, size_t bytes) override {
       std::memset(dst, 0, bytes);
       return absl::OkStatus();
     }

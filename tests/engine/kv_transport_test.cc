@@ -9,6 +9,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
@@ -58,6 +59,14 @@ std::vector<std::string> RandomLayers(const KvTransferHeader& h, uint64_t seed) 
   return layers;
 }
 
+// The packed K/V of the blocks from `first_block` on, of a layer packed from all blocks (K of
+// every block, then V).
+std::string MovedPart(const std::string& layer, size_t block_bytes, int32_t first_block) {
+  if (first_block == 0) return layer;
+  const size_t half = layer.size() / 2, skip = static_cast<size_t>(first_block) * block_bytes;
+  return layer.substr(skip, half - skip) + layer.substr(half + skip);
+}
+
 class FakeSource : public KvSource {
  public:
   explicit FakeSource(std::vector<std::string> layers) : layers_(std::move(layers)) {}
@@ -70,16 +79,20 @@ class FakeSource : public KvSource {
     return next_token ? next_token() : KvSource::NextToken();
   }
 
-  absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override {
+  // The size of one block's K (or V) in the layers, for reads that skip held blocks.
+  size_t block_bytes = 0;
+
+  absl::Status ReadLayer(int32_t layer, int32_t first_block, uint8_t* dst, size_t bytes) override {
     if (before_read) {
       absl::Status status = before_read(layer);
       if (!status.ok()) return status;
     }
-    if (layer < 0 || layer >= static_cast<int32_t>(layers_.size()) ||
-        bytes != layers_[layer].size()) {
+    if (layer < 0 || layer >= static_cast<int32_t>(layers_.size())) {
       return absl::InternalError("bad ReadLayer arguments");
     }
-    std::memcpy(dst, layers_[layer].data(), bytes);
+    const std::string moved = MovedPart(layers_[layer], block_bytes, first_block);
+    if (bytes != moved.size()) return absl::InternalError("bad ReadLayer size");
+    std::memcpy(dst, moved.data(), bytes);
     return absl::OkStatus();
   }
 
@@ -92,17 +105,19 @@ class FakeSink : public KvSink {
   // Answer for each Reserve (default OK) and each WriteLayer (default OK).
   std::function<absl::Status(const KvTransferHeader&)> on_reserve;
   std::function<absl::Status(int32_t)> on_write;
+  // The leading blocks the sink holds already (default none).
+  std::function<int32_t(const KvTransferHeader&)> held_blocks;
 
-  absl::Status Reserve(const KvTransferHeader& header) override {
+  absl::StatusOr<int32_t> Reserve(const KvTransferHeader& header) override {
     std::lock_guard<std::mutex> lock(mu_);
     ++reserves_;
     absl::Status status = on_reserve ? on_reserve(header) : absl::OkStatus();
-    if (status.ok()) {
-      if (reserved_.count(header.request_id)) return absl::AlreadyExistsError("double reserve");
-      reserved_[header.request_id] = header;
-      layers_[header.request_id].clear();
-    }
-    return status;
+    if (!status.ok()) return status;
+    if (reserved_.count(header.request_id)) return absl::AlreadyExistsError("double reserve");
+    const int32_t held = held_blocks ? held_blocks(header) : 0;
+    reserved_[header.request_id] = header.Moved(std::clamp(held, 0, header.num_blocks - 1));
+    layers_[header.request_id].clear();
+    return held;
   }
 
   absl::Status WriteLayer(const std::string& request_id, int32_t layer, const uint8_t* data,
@@ -213,8 +228,9 @@ class RawClient {
     return true;
   }
 
-  // The status a reply frame carries; fails if none could be read.
-  absl::StatusOr<wire::PeerStatus> ReadReply() {
+  // The status a reply frame carries (an OFFER_REPLY's held count in *held, when given); fails
+  // if none could be read.
+  absl::StatusOr<wire::PeerStatus> ReadReply(int32_t* held = nullptr) {
     uint8_t raw[wire::kFrameHeaderBytes];
     if (!ReadExact(raw, sizeof(raw))) return absl::UnavailableError("no reply");
     auto header = wire::ParseFrameHeader(raw, wire::kMaxControlPayload);
@@ -224,7 +240,13 @@ class RawClient {
     if (wire::Checksum(payload.data(), payload.size()) != header->checksum) {
       return absl::DataLossError("reply checksum");
     }
-    return wire::DecodeStatus(payload.data(), payload.size());
+    if (header->type != wire::FrameType::kOfferReply) {
+      return wire::DecodeStatus(payload.data(), payload.size());
+    }
+    auto reply = wire::DecodeOfferReply(payload.data(), payload.size());
+    if (!reply.ok()) return reply.status();
+    if (held != nullptr) *held = reply->held_blocks;
+    return wire::PeerStatus(reply->status);
   }
 
   // True when the receiver closed the connection (EOF or reset) within the timeout.
@@ -389,6 +411,47 @@ TEST(TcpWireTest, OfferAndStatusRoundTrip) {
   EXPECT_EQ(converted.status().code(), absl::StatusCode::kUnavailable);
 }
 
+TEST(TcpWireTest, OfferReplyCarriesTheHeldBlocksOfAnOkOnly) {
+  const auto decode = [](const std::string& payload) {
+    return wire::DecodeOfferReply(reinterpret_cast<const uint8_t*>(payload.data()), payload.size());
+  };
+  const std::string ok = wire::EncodeOfferReply({absl::OkStatus(), 6});
+  auto reply = decode(ok);
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_TRUE(reply->status.ok());
+  EXPECT_EQ(reply->held_blocks, 6);
+  // An error carries no count: earlier error replies (and the connection limit's) still decode.
+  const std::string refused = wire::EncodeOfferReply({absl::NotFoundError("gone"), 6});
+  EXPECT_EQ(refused, wire::EncodeStatus(absl::NotFoundError("gone")));
+  reply = decode(refused);
+  ASSERT_TRUE(reply.ok()) << reply.status();
+  EXPECT_EQ(reply->status, absl::NotFoundError("gone"));
+  EXPECT_EQ(reply->held_blocks, 0);
+  // An OK without its count, an error with one, a negative count and every cut are malformed.
+  EXPECT_FALSE(decode(wire::EncodeStatus(absl::OkStatus())).ok());
+  EXPECT_FALSE(decode(refused + std::string(4, '\0')).ok());
+  EXPECT_FALSE(decode(wire::EncodeOfferReply({absl::OkStatus(), -1})).ok());
+  for (size_t cut = 0; cut < ok.size(); ++cut) EXPECT_FALSE(decode(ok.substr(0, cut)).ok()) << cut;
+}
+
+TEST(KvTransferHeaderTest, HeldBlocksLeaveTheLastBlockToMove) {
+  const KvTransferHeader h = MakeHeader("r", 4, 3);  // 43 tokens in 3 blocks of 16
+  for (int32_t held : {0, 1, 2}) {
+    EXPECT_TRUE(h.CheckHeld(held).ok()) << held;
+    const KvTransferHeader moved = h.Moved(held);
+    EXPECT_EQ(moved.num_blocks, 3 - held);
+    EXPECT_EQ(moved.num_tokens, 43 - 16 * held);
+    EXPECT_EQ(moved.LayerBytes(), h.LayerBytes() / 3 * (3 - held));
+    EXPECT_TRUE(moved.Validate().ok()) << held;
+  }
+  EXPECT_EQ(h.CheckHeld(-1).code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(h.CheckHeld(3).code(), absl::StatusCode::kInvalidArgument);
+  KvTransferHeader loose = h;  // 3 blocks for 20 tokens: the second block holds the last one
+  loose.num_tokens = 20;
+  EXPECT_TRUE(loose.CheckHeld(1).ok());
+  EXPECT_EQ(loose.CheckHeld(2).code(), absl::StatusCode::kInvalidArgument);
+}
+
 TEST(TcpWireTest, FrameHeaderChecks) {
   std::string header = wire::EncodeFrameHeader(wire::FrameType::kLayer, 100, 1);
   const auto parse = [&](uint64_t max) {
@@ -424,6 +487,47 @@ TEST_F(KvTransportTest, RoundTrip) {
   ASSERT_EQ(completions.size(), 1u);
   EXPECT_TRUE(completions[0].ok());
   EXPECT_EQ(receiver_->bytes_received(), 5 * h.LayerBytes());
+  EXPECT_EQ(sink_.unexpected_completes(), 0);
+}
+
+// A receiver that holds the first blocks (its prefix cache) is sent only the rest: the sink
+// gets exactly the packed K/V of the later blocks, and both sides count only those bytes.
+TEST_F(KvTransportTest, HeldBlocksAreNotSent) {
+  const KvTransferHeader h = MakeHeader("held", 5, 4);
+  const auto layers = RandomLayers(h, 3);
+  FakeSource source(layers);
+  source.block_bytes = h.BlockBytes();
+  sink_.held_blocks = [](const KvTransferHeader&) { return 3; };
+  auto stats = Send(h, source);
+  ASSERT_TRUE(stats.ok()) << stats.status();
+  EXPECT_EQ(stats->held_blocks, 3);
+  EXPECT_EQ(stats->bytes, 5 * h.Moved(3).LayerBytes());
+  EXPECT_EQ(stats->bytes + stats->held_bytes, 5 * h.LayerBytes());
+  std::vector<std::string> expected;
+  for (const std::string& layer : layers) {
+    expected.push_back(MovedPart(layer, h.BlockBytes(), 3));
+    ASSERT_EQ(expected.back().size(), 2 * h.BlockBytes());
+  }
+  EXPECT_EQ(sink_.layers("held"), expected);
+  EXPECT_EQ(receiver_->bytes_received(), stats->bytes);
+  ASSERT_EQ(sink_.completions("held").size(), 1u);
+  EXPECT_TRUE(sink_.completions("held")[0].ok());
+}
+
+// A sink naming every block (or more) as held is a bug on the receiving side: the reservation is
+// completed with the error and the sender is refused, nothing is sent.
+TEST_F(KvTransportTest, ImpossibleHeldCountIsRefused) {
+  const KvTransferHeader h = MakeHeader("all-held", 2, 3);
+  FakeSource source(RandomLayers(h, 4));
+  sink_.held_blocks = [](const KvTransferHeader& header) { return header.num_blocks; };
+  auto stats = Send(h, source);
+  ASSERT_FALSE(stats.ok());
+  EXPECT_EQ(stats.status().code(), absl::StatusCode::kInvalidArgument) << stats.status();
+  EXPECT_TRUE(Contains(stats.status().message(), "holds 3 of its 3 blocks")) << stats.status();
+  ASSERT_TRUE(sink_.WaitForCompletions(1));
+  ASSERT_EQ(sink_.completions("all-held").size(), 1u);
+  EXPECT_FALSE(sink_.completions("all-held")[0].ok());
+  EXPECT_EQ(receiver_->bytes_received(), 0u);
   EXPECT_EQ(sink_.unexpected_completes(), 0);
 }
 

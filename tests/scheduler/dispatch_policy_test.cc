@@ -176,6 +176,48 @@ TEST(DispatchPolicyTest, CachedPrefixDrawsARequestUnlessTheCacheHolderIsBusierTh
   EXPECT_EQ(policy->Place(r, colocated)->prefill, "c1");
 }
 
+// A decode instance that holds the prompt's first blocks needs that many fewer blocks for it
+// (and is sent fewer): least-loaded counts them as free, slo-aware as room and as a tie-break.
+TEST(DispatchPolicyTest, DecodeInstanceHoldingThePrefixCountsItsBlocksAsFree) {
+  std::vector<InstanceLoad> loads = {Inst("p0", InstanceRole::kPrefill),
+                                     Inst("d0", InstanceRole::kDecode),
+                                     Inst("d1", InstanceRole::kDecode)};
+  const DispatchRequest r{.prompt_tokens = 100, .max_tokens = 20};  // 7 prompt blocks of 16
+  loads[2].cached_prefix_tokens = 96;
+  EXPECT_EQ(HeldPromptBlocks(r, loads[2]), 6);
+  loads[2].cached_prefix_tokens = 112;  // the whole prompt: its last block still moves
+  EXPECT_EQ(HeldPromptBlocks(r, loads[2]), 6);
+  EXPECT_EQ(HeldPromptBlocks(r, loads[1]), 0);
+  EXPECT_EQ(HeldPromptBlocks({.prompt_tokens = 0}, loads[2]), 0);
+
+  auto policy = MakeLeastLoadedPolicy();
+  auto placed = policy->Place(r, loads);
+  ASSERT_TRUE(placed.ok());
+  EXPECT_EQ(placed->decode, "d1") << "idle both: the one holding the prefix";
+  EXPECT_NE(placed->note.find("6 prompt blocks held"), std::string::npos) << placed->note;
+  loads[2].kv_blocks_free = 95;  // 95 + 6 > 100
+  EXPECT_EQ(policy->Place(r, loads)->decode, "d1");
+  loads[2].kv_blocks_free = 93;  // 93 + 6 < 100: the free blocks elsewhere outweigh it
+  EXPECT_EQ(policy->Place(r, loads)->decode, "d0");
+
+  // SLO-aware: equal predictions go to the holder; a holder with room only thanks to the
+  // blocks it holds is not "without room".
+  const LatencyModel model = KnownModel();
+  auto slo = MakeSloAwarePolicy(model, {.default_ttft_slo_ms = 1000});
+  loads[2].kv_blocks_free = 100;
+  auto s = slo->Place(r, loads);
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ(s->decode, "d1");
+  EXPECT_NE(s->note.find("6 prompt blocks held"), std::string::npos) << s->note;
+  loads[1].kv_blocks_free = 7;     // needs 8 (120 tokens): no room
+  loads[2].kv_blocks_free = 2;     // needs 8 - 6
+  loads[2].running_requests = 20;  // and is slower
+  loads[2].decode_context_tokens = 5000;
+  EXPECT_EQ(slo->Place(r, loads)->decode, "d1");
+  loads[2].kv_blocks_free = 1;
+  EXPECT_EQ(slo->Place(r, loads)->decode, "d0") << "neither has room: the faster one";
+}
+
 TEST(PrefixIndexTest, MatchesLeadingHashesAndForgetsTheLeastRecentlySent) {
   PrefixIndex index;
   index.set_capacity(5);

@@ -453,6 +453,27 @@ TEST(DrainTest, UnansweringWorkersDoNotSlowTheHealthPoll) {
   close(sink);
 }
 
+// Runs a request of a 3-block prefix from `prefix_first_id` and 5 tokens from
+// `suffix_first_id` to the end; its timeline.
+api::Timeline RunPrefixed(Cluster& c, int prefix_first_id, int suffix_first_id,
+                          int max_tokens = 2) {
+  api::GenerateRequest r;
+  for (int j = 0; j < 3 * kBlockSize; ++j) r.add_prompt_token_ids(prefix_first_id + j);
+  for (int j = 0; j < 5; ++j) r.add_prompt_token_ids(suffix_first_id + j);
+  r.set_max_tokens(max_tokens);
+  r.set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto call = c.api->Generate(&ctx, r);
+  api::GenerateResponse m;
+  api::Done done;
+  while (call->Read(&m)) {
+    if (m.has_done()) done = m.done();
+  }
+  EXPECT_TRUE(call->Finish().ok());
+  return done.timeline();
+}
+
 // A request whose prefix a prefill worker computed earlier goes there (least-loaded counts the
 // tokens each worker would compute), even where the tie-break would name the other.
 TEST(DrainTest, RequestsGoToThePrefillWorkerHoldingTheirPrefix) {
@@ -464,21 +485,7 @@ TEST(DrainTest, RequestsGoToThePrefillWorkerHoldingTheirPrefix) {
   ASSERT_TRUE(p0 && p1 && d0);
   ASSERT_TRUE(c->WaitHealthy({"p0", "p1", "d0"}));
   auto run = [&](int prefix_first_id, int suffix_first_id) {
-    api::GenerateRequest r;
-    for (int j = 0; j < 3 * kBlockSize; ++j) r.add_prompt_token_ids(prefix_first_id + j);
-    for (int j = 0; j < 5; ++j) r.add_prompt_token_ids(suffix_first_id + j);
-    r.set_max_tokens(2);
-    r.set_ignore_eos(true);
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-    auto call = c->api->Generate(&ctx, r);
-    api::GenerateResponse m;
-    api::Done done;
-    while (call->Read(&m)) {
-      if (m.has_done()) done = m.done();
-    }
-    EXPECT_TRUE(call->Finish().ok());
-    return done.timeline();
+    return RunPrefixed(*c, prefix_first_id, suffix_first_id);
   };
   // Prefix A on p0 (idle workers: the tie-break), slowed (2 layers of 300 ms) so that prefix B,
   // sent once A is admitted and placed (a moment after), goes to p1 (p0 has A's tokens queued
@@ -504,6 +511,51 @@ TEST(DrainTest, RequestsGoToThePrefillWorkerHoldingTheirPrefix) {
   EXPECT_TRUE(p0->WaitFor([](const ::pdserve::internal::WorkerStatus& s) {
     return s.prefix_cache_hit_tokens() == 3 * kBlockSize;
   }));
+}
+
+// The same on the decode side: a request goes to the decode worker that holds its prefix's
+// blocks from an earlier request (least-loaded counts them as free there), which is sent only
+// the blocks after them.
+TEST(DrainTest, RequestsGoToTheDecodeWorkerHoldingTheirPrefix) {
+  auto c = StartFrontend();
+  ASSERT_NE(c, nullptr);
+  auto p0 = c->Worker(InstanceRole::kPrefill, "p0");
+  auto d0 = c->Worker(InstanceRole::kDecode, "d0");
+  auto d1 = c->Worker(InstanceRole::kDecode, "d1");
+  ASSERT_TRUE(p0 && d0 && d1);
+  ASSERT_TRUE(c->WaitHealthy({"p0", "d0", "d1"}));
+  // Prefix A decodes on d0 (idle workers: the tie-break), slowly (2 layers of 300 ms a step);
+  // prefix B, sent while d0 holds A's blocks, goes to d1 (more free blocks).
+  d0->backend.delay_ms = 300;
+  std::promise<api::Timeline> a_done;
+  std::thread a([&] { a_done.set_value(RunPrefixed(*c, 10, 200, /*max_tokens=*/3)); });
+  EXPECT_TRUE(c->WaitFor(
+      [&](const api::ClusterStatus& s) { return c->Find(s, "d0")->kv_blocks_used() > 0; }));
+  EXPECT_EQ(RunPrefixed(*c, 80, 210).decode_instance(), "d1");
+  a.join();
+  EXPECT_EQ(a_done.get_future().get().decode_instance(), "d0");
+  d0->backend.delay_ms = 0;
+  // Both idle again (as the front-end's last poll sees them): B's prefix is on d1, A's on d0;
+  // each is sent only its last block (the first three are held).
+  const auto idle = [&](const api::ClusterStatus& s) {
+    return c->Find(s, "d0")->kv_blocks_used() == 0 && c->Find(s, "d1")->kv_blocks_used() == 0;
+  };
+  ASSERT_TRUE(c->WaitFor(idle));
+  const api::Timeline b2 = RunPrefixed(*c, 80, 220);
+  EXPECT_EQ(b2.decode_instance(), "d1");
+  EXPECT_TRUE(absl::StrContains(b2.scheduler_note(), "3 prompt blocks held"))
+      << b2.scheduler_note();
+  ASSERT_TRUE(c->WaitFor(idle));
+  EXPECT_EQ(RunPrefixed(*c, 10, 230).decode_instance(), "d0");
+  for (auto* d : {d0.get(), d1.get()}) {
+    EXPECT_TRUE(d->WaitFor([](const ::pdserve::internal::WorkerStatus& s) {
+      return s.prefix_cache_hit_tokens() == 3 * kBlockSize;
+    }));
+  }
+  // p0 sent 4 blocks for each of the first two requests and 1 for each of the last two.
+  EXPECT_TRUE(p0->WaitFor([](const ::pdserve::internal::WorkerStatus& s) {
+    return s.kv_bytes_sent() > 0 && s.kv_bytes_held() * 10 == s.kv_bytes_sent() * 6;
+  })) << "sent/held bytes";
 }
 
 }  // namespace

@@ -256,6 +256,9 @@ TEST_F(ServingTest, SharedPrefixesComeFromThePrefillWorkersCache) {
     online.push_back(a);
   }
   const auto expected = Offline(offline);
+  int64_t blocks = 0;  // the prompts' blocks of 16, all handed off without the cache
+  for (const auto& r : offline) blocks += (static_cast<int64_t>(r.prompt.size()) + 15) / 16;
+  int64_t sent_on = 0, held_on = 0;
   for (const char* caching : {"on", "off"}) {
     SCOPED_TRACE(caching);
     auto cluster = LocalCluster::Start(
@@ -280,13 +283,29 @@ TEST_F(ServingTest, SharedPrefixesComeFromThePrefillWorkersCache) {
     }
     ExpectAllFree(cluster->stub());
     const api::ClusterStatus status = FreshStatus(cluster->stub());
-    int64_t query = 0, hit = 0, cached = 0, decode_hit = -1;
+    int64_t query = 0, hit = 0, cached = 0, decode_hit = -1, sent = 0, held = 0, received = 0;
     for (const auto& inst : status.instances()) {
-      if (inst.role() == "decode") decode_hit = inst.prefix_cache_hit_tokens();
+      if (inst.role() == "decode") {
+        decode_hit = inst.prefix_cache_hit_tokens();
+        received = inst.kv_bytes_received();
+      }
       if (inst.role() != "prefill") continue;
       query = inst.prefix_cache_query_tokens();
       hit = inst.prefix_cache_hit_tokens();
       cached = inst.kv_blocks_cached();
+      sent = inst.kv_bytes_sent();
+      held = inst.kv_bytes_held();
+    }
+    EXPECT_EQ(received, sent);
+    if (std::string(caching) == "on") {
+      sent_on = sent;
+      held_on = held;
+    } else {
+      // Without the cache every block moves; with it, the 5 blocks of the system prompt that
+      // the decode worker held for each of the last six requests did not.
+      EXPECT_EQ(held, 0);
+      EXPECT_EQ(sent_on + held_on, sent);
+      EXPECT_EQ(held_on * blocks, sent * 6 * 5) << "held " << held_on << " of " << sent;
     }
     // The decode worker shares the first request's imported system prompt with the others.
     EXPECT_EQ(decode_hit, std::string(caching) == "on" ? 6 * 80 : 0);

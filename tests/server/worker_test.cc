@@ -64,7 +64,7 @@ std::unique_ptr<Call> RegisterDecode(TestWorker& w, const pb::WorkRequest& work)
 class GatedSource : public engine::KvSource {
  public:
   explicit GatedSource(int gate_layer = 1 << 30) : gate_layer_(gate_layer) {}
-  absl::Status ReadLayer(int32_t layer, uint8_t* dst, size_t bytes) override {
+  absl::Status ReadLayer(int32_t layer, int32_t, uint8_t* dst, size_t bytes) override {
     std::memset(dst, 0, bytes);
     if (layer < gate_layer_) return absl::OkStatus();
     waiting_.store(true);
