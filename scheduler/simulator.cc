@@ -7,7 +7,6 @@
 #include <memory>
 #include <optional>
 #include <queue>
-#include <set>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
@@ -71,7 +70,8 @@ struct Seq {
   int32_t num_computed = 0;
   int32_t num_generated = 0;
   int32_t max_tokens = 1;
-  int32_t blocks = 0;
+  int32_t blocks = 0;  // its own, not counting the cached ones it shares
+  int32_t shared = 0;  // blocks of its group's cached prefix it references (> 0: it holds a ref)
   bool admitted = false;
   bool held = false;
   bool importing = false;
@@ -106,6 +106,7 @@ class Engine {
     return n;
   }
   int64_t preemptions() const { return preemptions_; }
+  size_t num_sequences() const { return seqs_.size(); }
 
   Seq& Add(int64_t req, int32_t prompt_len, int32_t max_tokens, bool hold,
            std::optional<double> deadline_s, int32_t group = -1, int32_t group_prefix = 0) {
@@ -119,23 +120,41 @@ class Engine {
     return seq;
   }
 
-  // LlmEngine::ReserveImport: room for the prompt plus one block per running sequence.
-  bool ReserveImport(int64_t req, int32_t prompt_len, int32_t max_tokens) {
+  // LlmEngine::ReserveImport: room for the prompt plus one block per running sequence, less
+  // the leading blocks of its group's prefix that are cached (all but the prompt's last
+  // block), which it shares and the transfer does not move. The held blocks, or -1: no room.
+  int32_t ReserveImport(int64_t req, int32_t prompt_len, int32_t max_tokens, int32_t group = -1,
+                        int32_t group_prefix = 0) {
     const int32_t needed = BlocksFor(prompt_len, config_.block_size);
-    if (free_ < needed + num_running()) return false;
+    int32_t held = 0;
+    auto entry = caching_ && group >= 0 ? cache_.find(group) : cache_.end();
+    if (entry != cache_.end()) {
+      held = std::min(entry->second.tokens / config_.block_size, needed - 1);
+    }
+    if (held > 0) Ref(entry->second);
+    if (free_ < needed - held + num_running()) {
+      if (held > 0) Unref(entry->second);
+      return -1;
+    }
     Seq& seq = Insert(req);
+    seq.group = group;
+    seq.group_prefix = group_prefix;
     seq.tokens = prompt_len;
     seq.max_tokens = max_tokens;
     seq.importing = true;
-    seq.blocks = needed;
-    free_ -= needed;
-    return true;
+    seq.blocks = needed - held;
+    seq.shared = held;
+    if (held > 0) entry->second.last_use = ++use_clock_;
+    free_ -= seq.blocks;
+    return held;
   }
 
-  // LlmEngine::ActivateImport: the prompt's K/V are in, the first token is known.
+  // LlmEngine::ActivateImport: the prompt's K/V are in (and its blocks cached), the first
+  // token is known.
   void ActivateImport(int64_t req) {
     Seq& seq = Find(req);
     seq.num_computed = seq.tokens;
+    Computed(seq);
     seq.tokens += 1;
     seq.num_generated = 1;
     seq.importing = false;
@@ -143,14 +162,22 @@ class Engine {
   }
 
   // Prefix caching (LlmEngine's, by groups): after a step, the whole blocks of its group's
-  // prefix that `seq` has computed are cached.
-  void Computed(const Seq& seq) {
+  // prefix that `seq` has computed are cached. Blocks that extend the cached prefix pass from
+  // the sequence to the cache entry (registered, the sequence still references them); blocks
+  // the entry already had stay the sequence's own copies.
+  void Computed(Seq& seq) {
     if (!caching_ || seq.group < 0) return;
     const int32_t bs = config_.block_size;
     const int32_t tokens = std::min(seq.num_computed, seq.group_prefix) / bs * bs;
     if (tokens <= 0) return;
     CachedPrefix& c = cache_[seq.group];
-    c.tokens = std::max(c.tokens, tokens);
+    if (tokens > c.tokens) {
+      if (seq.shared == 0) Ref(c);
+      const int32_t grown = (tokens - c.tokens) / bs;
+      seq.blocks -= grown;
+      seq.shared += grown;
+      c.tokens = tokens;
+    }
     c.last_use = ++use_clock_;
     TrimCache();
   }
@@ -160,7 +187,7 @@ class Engine {
     auto it = by_req_.find(req);
     if (it == by_req_.end()) return;
     auto seq = seqs_.find(it->second);
-    free_ += seq->second.blocks;
+    Drop(seq->second);
     seqs_.erase(seq);
     by_req_.erase(it);
   }
@@ -198,7 +225,12 @@ class Engine {
         if (from_cache) {
           seq->num_computed = CachedTokens(*seq);
           chunk = std::min(chunk, seq->tokens - seq->num_computed);
-          if (seq->num_computed > 0) cache_[seq->group].last_use = ++use_clock_;
+          if (seq->num_computed > 0) {
+            CachedPrefix& c = cache_[seq->group];
+            c.last_use = ++use_clock_;
+            Ref(c);
+            seq->shared = seq->num_computed / config_.block_size;
+          }
           if (seq->num_generated == 0) seq->prompt_cached = seq->num_computed;
         }
         bool preempted = false;
@@ -220,7 +252,13 @@ class Engine {
           if (seq->admitted && BlocksAwaitRelease()) {
             continue;  // waits for blocks a transfer holds; the others planned run
           }
-          if (from_cache) seq->num_computed = 0;
+          if (from_cache) {
+            seq->num_computed = 0;
+            if (seq->shared > 0) {
+              Unref(cache_[seq->group]);
+              seq->shared = 0;
+            }
+          }
           if (seq->admitted && plan.empty()) {
             error = absl::InternalError(
                 absl::StrCat("simulated request ", seq->req, " cannot get KV blocks"));
@@ -247,10 +285,27 @@ class Engine {
   }
 
  private:
+  // A group's cached prefix. Its blocks count as used while a sequence references them and
+  // as free (evictable) otherwise: free_ = kv_blocks - the sequences' own blocks - the blocks of
+  // referenced prefixes.
   struct CachedPrefix {
     int32_t tokens = 0;  // whole blocks of the group's prefix
     uint64_t last_use = 0;
+    int32_t refs = 0;  // sequences that reference it (Seq::shared > 0)
   };
+  void Ref(CachedPrefix& c) {
+    if (c.refs++ == 0) free_ -= c.tokens / config_.block_size;
+  }
+  void Unref(CachedPrefix& c) {
+    if (--c.refs == 0) free_ += c.tokens / config_.block_size;
+  }
+  // A sequence gives back its own blocks and its reference.
+  void Drop(Seq& seq) {
+    free_ += seq.blocks;
+    seq.blocks = 0;
+    if (seq.shared > 0) Unref(cache_.at(seq.group));
+    seq.shared = 0;
+  }
   bool StartsFromCache(const Seq& s) const {
     return caching_ && s.group >= 0 && !s.admitted && !s.held && !s.importing &&
            s.num_computed == 0 && s.blocks == 0;
@@ -262,22 +317,17 @@ class Engine {
     const int32_t bs = config_.block_size;
     return std::min(it->second.tokens, (s.tokens - 1) / bs * bs);
   }
-  // A prefix that a sequence holding blocks shares lives in that sequence's blocks; the others
-  // live in blocks no sequence holds, and the least recently used go first when they outgrow
-  // them.
+  // Unreferenced prefixes live in free blocks; the least recently used go first when they
+  // outgrow them.
   void TrimCache() {
     if (cache_.empty()) return;
-    std::set<int32_t> referenced;
-    for (const auto& [o, seq] : seqs_) {
-      if (seq.group >= 0 && seq.blocks > 0) referenced.insert(seq.group);
-    }
     const int32_t bs = config_.block_size;
     int64_t unreferenced = 0;
-    for (const auto& [g, c] : cache_) unreferenced += referenced.count(g) ? 0 : c.tokens / bs;
+    for (const auto& [g, c] : cache_) unreferenced += c.refs > 0 ? 0 : c.tokens / bs;
     while (unreferenced > free_) {
       auto lru = cache_.end();
       for (auto it = cache_.begin(); it != cache_.end(); ++it) {
-        if (referenced.count(it->first) == 0 &&
+        if (it->second.refs == 0 &&
             (lru == cache_.end() || it->second.last_use < lru->second.last_use)) {
           lru = it;
         }
@@ -306,9 +356,9 @@ class Engine {
   }
   Seq& Find(int64_t req) { return seqs_.at(by_req_.at(req)); }
 
-  // BlockTable::Reserve: all or nothing.
+  // BlockTable::Reserve: all or nothing (the shared blocks are the table's first).
   bool Reserve(Seq& seq, int64_t tokens) {
-    const int32_t need = BlocksFor(tokens, config_.block_size) - seq.blocks;
+    const int32_t need = BlocksFor(tokens, config_.block_size) - seq.blocks - seq.shared;
     if (need <= 0) return true;
     if (need > free_) return false;
     free_ -= need;
@@ -316,8 +366,7 @@ class Engine {
     return true;
   }
   void Preempt(Seq& seq) {
-    free_ += seq.blocks;
-    seq.blocks = 0;
+    Drop(seq);
     seq.num_computed = 0;
     seq.admitted = false;
     ++preemptions_;
@@ -393,11 +442,8 @@ class Cluster {
         inst.id = absl::StrCat(InstanceRoleName(role), "-", i);
         inst.role = role;
         inst.config = c;
-        inst.engine = std::make_unique<Engine>(
-            c, batch_policy, config.prefix_caching && role != InstanceRole::kDecode);
-        if (config.prefix_caching && role != InstanceRole::kDecode) {
-          inst.prefix_index.set_capacity(static_cast<size_t>(c.kv_blocks));
-        }
+        inst.engine = std::make_unique<Engine>(c, batch_policy, config.prefix_caching);
+        if (config.prefix_caching) inst.prefix_index.set_capacity(static_cast<size_t>(c.kv_blocks));
         inst.stats.id = inst.id;
         index_[inst.id] = static_cast<int>(instances_.size());
         instances_.push_back(std::move(inst));
@@ -434,6 +480,18 @@ class Cluster {
         case EventType::kTransferEnd:
           PDS_RETURN_IF_ERROR(EndTransfer(e.who));
           break;
+      }
+    }
+    // Every request ended: each block must be free again (cached prefixes count as free).
+    if (std::all_of(requests_.begin(), requests_.end(), [](const Request& r) { return r.done; })) {
+      for (const Instance& inst : instances_) {
+        if (inst.engine->num_sequences() != 0 ||
+            inst.engine->free_blocks() != inst.config.kv_blocks) {
+          return absl::InternalError(absl::StrCat("simulator: ", inst.id, " ends with ",
+                                                  inst.engine->num_sequences(), " sequences and ",
+                                                  inst.engine->free_blocks(), " of ",
+                                                  inst.config.kv_blocks, " blocks free"));
+        }
       }
     }
     SimResult result;
@@ -477,7 +535,10 @@ class Cluster {
     return hashes;
   }
 
-  std::vector<InstanceLoad> Loads(const std::vector<uint64_t>& hashes = {}) const {
+  // `hashes`: the prompt's block hashes for prefill or colocated instances and for decode ones
+  // (by their block sizes).
+  std::vector<InstanceLoad> Loads(const std::vector<uint64_t>& hashes = {},
+                                  const std::vector<uint64_t>& decode_hashes = {}) const {
     std::vector<InstanceLoad> loads;
     loads.reserve(instances_.size());
     for (const Instance& inst : instances_) {
@@ -494,7 +555,9 @@ class Cluster {
       for (const auto& [seq, len] : inst.queued_lens) l.queued_prompt_lens.push_back(len);
       l.decode_context_tokens = inst.decode_context;
       l.max_batch_tokens = inst.config.max_batch_tokens;
-      l.cached_prefix_tokens = inst.prefix_index.Match(hashes) * l.block_size;
+      l.cached_prefix_tokens =
+          inst.prefix_index.Match(inst.role == InstanceRole::kDecode ? decode_hashes : hashes) *
+          l.block_size;
       loads.push_back(std::move(l));
     }
     return loads;
@@ -515,14 +578,16 @@ class Cluster {
     dr.max_tokens = r.spec.output_len;
     if (config_.send_slo && config_.slo.ttft_ms >= 0) dr.ttft_slo_ms = config_.slo.ttft_ms;
     if (config_.send_slo && config_.slo.tpot_ms >= 0) dr.tpot_slo_ms = config_.slo.tpot_ms;
-    // (Instances of one role share a block size: the prefill or colocated one's.)
-    const std::vector<uint64_t> hashes =
-        config_.prefix_caching
-            ? PromptHashes(
-                  r.spec, i,
-                  (config_.num_colocated > 0 ? config_.colocated : config_.prefill).block_size)
-            : std::vector<uint64_t>();
-    const std::vector<InstanceLoad> loads = Loads(hashes);
+    // (Instances of one role share a block size.)
+    std::vector<uint64_t> hashes, decode_hashes;
+    if (config_.prefix_caching) {
+      hashes = PromptHashes(
+          r.spec, i, (config_.num_colocated > 0 ? config_.colocated : config_.prefill).block_size);
+      if (config_.num_colocated == 0) {
+        decode_hashes = PromptHashes(r.spec, i, config_.decode.block_size);
+      }
+    }
+    const std::vector<InstanceLoad> loads = Loads(hashes, decode_hashes);
     absl::StatusOr<Placement> placed = dispatch_.Place(dr, loads);
     if (!placed.ok()) {
       Fail(r, absl::StatusCodeToString(placed.status().code()),
@@ -558,10 +623,14 @@ class Cluster {
     r.prefill_pending = true;
     r.context_estimate = r.spec.prompt_len + r.spec.output_len / 2;
     if (r.decode >= 0) {
+      // The front-end's booking: the prompt's blocks and one to grow, less those the decode
+      // instance holds already.
       Instance& d = instances_[r.decode];
-      r.promised = BlocksFor(int64_t{r.spec.prompt_len} + 1, d.config.block_size);
+      r.promised = BlocksFor(int64_t{r.spec.prompt_len} + 1, d.config.block_size) -
+                   HeldPromptBlocks(dr, loads[r.decode]);
       d.promised_blocks += r.promised;
       r.decode_promised = true;
+      d.prefix_index.Insert(decode_hashes);
     }
     r.best_effort = placed->best_effort;
     if (config_.dispatch_latency_s > 0) {
@@ -723,8 +792,12 @@ class Cluster {
   bool TryImport(int64_t req, double overlap_s = 0) {
     Request& r = requests_[req];
     Instance& d = instances_[r.decode];
-    if (!d.engine->ReserveImport(req, r.spec.prompt_len, r.spec.output_len)) return false;
-    const double bytes = static_cast<double>(config_.kv_shape.BytesPerToken()) * r.spec.prompt_len;
+    const int32_t held = d.engine->ReserveImport(req, r.spec.prompt_len, r.spec.output_len,
+                                                 r.spec.prefix_group, r.spec.prefix_len);
+    if (held < 0) return false;
+    // The decode instance's cached blocks are not moved.
+    const double bytes = static_cast<double>(config_.kv_shape.BytesPerToken()) *
+                         (r.spec.prompt_len - int64_t{held} * d.config.block_size);
     const double move_s = bytes / config_.transfer_bandwidth;
     const double left_s =
         overlap_s > 0

@@ -39,7 +39,8 @@
 //     offer waits (back-pressure) and is retried, in offer order, whenever that decode instance
 //     frees blocks (the live sender retries with a backoff; here the retry is immediate);
 //   - the transfer takes transfer_latency_s + bytes / transfer_bandwidth, bytes = 2 (K, V)
-//     * layers * kv_heads * head_dim * dtype_bytes * prompt tokens; transfers do not share
+//     * layers * kv_heads * head_dim * dtype_bytes * the prompt tokens after the blocks the
+//     decode instance holds in its prefix cache (see prefix_caching); transfers do not share
 //     bandwidth with each other; with layered_handoff (the workers' default) a hand-off the
 //     decode instance accepts at once moved its layers during the prefill step, so only
 //     max(the last layer's share, the whole move - the step) is left after the step (plus the
@@ -116,13 +117,15 @@ struct SimConfig {
   // time and the end, so TTFT and E2EL grow and TPOT does not).
   double dispatch_latency_s = 0;
   double relay_latency_s = 0;
-  // Prefix caching (pdserve worker --prefix-caching, on by default): a prefill or colocated
-  // instance keeps the K/V of each shared prefix (SimRequest::prefix_group), in whole blocks,
-  // that a step computed there, and a later request of the group computes only the rest; the
-  // dispatch policy sees, per instance, the prefix the front-end sent there (as the front-end's
-  // PrefixIndex). Two sequences sharing a prefix each count all their blocks (sharing between
-  // live sequences is not credited); a prefix no live sequence holds is dropped, least recently
-  // used first, when such prefixes outgrow the blocks no sequence holds.
+  // Prefix caching (pdserve worker --prefix-caching, on by default): an instance keeps the K/V
+  // of each shared prefix (SimRequest::prefix_group), in whole blocks, that a step computed or
+  // an import brought there. A later request of the group on a prefill or colocated instance
+  // computes only the rest; on a decode instance it reserves, and is sent, only the rest (all
+  // but the prompt's last block at most). The sequences that start from a cached prefix share
+  // its blocks, which count once; a sequence that computed the prefix beside another keeps its
+  // own copy, as the engine does. The dispatch policy sees, per instance, the prefix the
+  // front-end sent there (as the front-end's PrefixIndex). A prefix no live sequence references
+  // is dropped, least recently used first, when such prefixes outgrow the free blocks.
   bool prefix_caching = true;
 };
 

@@ -348,6 +348,49 @@ TEST(SimulatorTest, DispatchFollowsThePrefixCache) {
   }
 }
 
+// A decode instance shares the cached prefix of its imports: a request whose group's prefix it
+// holds reserves only its own blocks and is sent only the rest of its prompt. Six requests of
+// 272 tokens (a 256-token shared prefix, 16 blocks) and 100 output tokens (24 blocks at the
+// end) on a decode instance of 64 blocks: with the cache most of them decode at once (8 blocks
+// each besides the shared 16); without it at most three, the others waiting for room.
+TEST(SimulatorTest, DecodeSharesThePrefixAndIsSentOnlyTheRest) {
+  std::vector<SimRequest> reqs = Constant(6, 0.6, 272, 100);
+  for (SimRequest& r : reqs) {
+    r.prefix_group = 0;
+    r.prefix_len = 256;
+  }
+  SimConfig c = SimpleConfig();
+  c.transfer_bandwidth = 1000;  // the whole prompt: 0.544 s; its last block: 0.032 s
+  c.transfer_latency_s = 0;
+  c.slo.ttft_ms = -1;
+  c.slo.tpot_ms = -1;
+  c.decode.kv_blocks = 64;
+  auto on = Simulate(c, SimpleModel(), reqs);
+  ASSERT_TRUE(on.ok()) << on.status();
+  c.prefix_caching = false;
+  auto off = Simulate(c, SimpleModel(), reqs);
+  ASSERT_TRUE(off.ok()) << off.status();
+  for (const auto* result : {&*on, &*off}) {
+    for (const auto& rec : result->records) ASSERT_TRUE(rec.ok) << rec.error_message;
+  }
+  const auto transfer_us = [](const client::RequestRecord& r) {
+    return r.timeline.kv_transfer_end_us - r.timeline.kv_transfer_start_us;
+  };
+  // Requests 0 and 1 move everything (1, its prefill cut short by the prefill instance's
+  // cache, is offered while 0's import is still arriving); the others only their last block.
+  EXPECT_NEAR(transfer_us(on->records[0]), 544'000, 1);
+  EXPECT_NEAR(transfer_us(on->records[1]), 544'000, 1);
+  for (int i = 2; i < 6; ++i) EXPECT_NEAR(transfer_us(on->records[i]), 32'000, 1) << i;
+  for (int i = 0; i < 6; ++i) EXPECT_GE(transfer_us(off->records[i]), 544'000 - 1) << i;
+  const SimInstanceStats& decode_on = on->instances[1];
+  const SimInstanceStats& decode_off = off->instances[1];
+  ASSERT_EQ(decode_on.id, "decode-0");
+  EXPECT_GE(decode_on.max_running, 5);
+  EXPECT_LE(decode_off.max_running, 3);
+  EXPECT_EQ(on->offers_refused, 0);
+  EXPECT_GT(off->offers_refused, 0);
+}
+
 TEST(SimulatorTest, RejectsBadConfigs) {
   SimConfig c = SimpleConfig();
   c.num_prefill = 0;
