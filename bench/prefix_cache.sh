@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Prefix caching on a local CPU cluster: the same shared-prefix workload against
 # `pdserve up --prefix-caching on` and `off` (1 prefill + 1 decode, `small` preset, 1 thread
-# each), one pdbench run each; prints both reports' TTFT/TPOT/attainment and the prefill
-# worker's cache figures. Usage: bench/prefix_cache.sh [BUILD_DIR] [OUT_DIR]
+# each), one pdbench run each; prints both reports' TTFT/TPOT/attainment, the prefill
+# worker's cache figures, the KV bytes handed off and those not sent because the decode worker
+# held them, and the hand-off times. Usage: bench/prefix_cache.sh [BUILD_DIR] [OUT_DIR]
 # Knobs (environment): RATE (req/s, default 2), N (requests, default 60), PREFIX (tokens, 512),
 # NPREFIX (distinct prefixes, 4), SLO ("ttft:500 tpot:50").
 set -euo pipefail
@@ -39,19 +40,26 @@ python3 - "$OUT" <<'PY'
 import json, re, sys
 out = sys.argv[1]
 print(f"{'prefix caching':<16}{'attain %':>9}{'goodput':>9}{'TTFT mean':>10}{'p50':>8}"
-      f"{'p99':>8}{'TPOT mean':>10}{'prefill hit %':>14}")
+      f"{'p99':>8}{'TPOT mean':>10}{'prefill hit %':>14}{'KV MB sent':>11}{'held %':>7}"
+      f"{'transfer ms':>12}{'after prefill ms':>17}")
 for mode in ("on", "off"):
     r = json.load(open(f"{out}/report-{mode}.json"))
-    hit = query = 0.0
+    sums = {}
     try:
         for line in open(f"{out}/metrics-{mode}.txt"):
-            m = re.match(r'pdserve_instance_prefix_cache_(hit|query)_tokens_total\{.*role="prefill".*\} (\S+)', line)
-            if m and m.group(1) == "hit": hit += float(m.group(2))
-            if m and m.group(1) == "query": query += float(m.group(2))
+            m = re.match(r'pdserve_instance_(prefix_cache_hit_tokens|prefix_cache_query_tokens|'
+                         r'kv_bytes_sent|kv_bytes_held)_total\{.*role="prefill".*\} (\S+)', line)
+            if m: sums[m.group(1)] = sums.get(m.group(1), 0.0) + float(m.group(2))
     except OSError:
         pass
+    hit, query = sums.get("prefix_cache_hit_tokens", 0), sums.get("prefix_cache_query_tokens", 0)
+    sent, held = sums.get("kv_bytes_sent", 0), sums.get("kv_bytes_held", 0)
     rate = f"{100 * hit / query:.1f}" if query else "-"
+    held_pct = f"{100 * held / (sent + held):.1f}" if sent + held else "-"
+    t = r.get("server_timeline", {})
     print(f"{mode:<16}{100 * r['slo_attainment']:>9.1f}{r['request_goodput']:>9.2f}"
           f"{r['mean_ttft_ms']:>10.1f}{r['median_ttft_ms']:>8.1f}{r['p99_ttft_ms']:>8.1f}"
-          f"{r['mean_tpot_ms']:>10.2f}{rate:>14}")
+          f"{r['mean_tpot_ms']:>10.2f}{rate:>14}{sent / 1e6:>11.1f}{held_pct:>7}"
+          f"{t.get('transfer_ms', {}).get('mean', 0):>12.2f}"
+          f"{t.get('handoff_ms', {}).get('mean', 0):>17.2f}")
 PY

@@ -145,13 +145,12 @@ class SloAwarePolicy : public DispatchPolicy {
     const InstanceLoad* decode = nullptr;
     if (have_pairs) {
       double decode_tpot = 0;
-      // Prefer instances with room (for the whole request, less the prompt blocks they hold),
-      // then (within the target) the most headroom = the lowest prediction, then the most
-      // prompt blocks held.
+      // Prefer instances with room for the whole request (a held prefix counts: its blocks may
+      // be among the free ones), then (within the target) the most headroom = the lowest
+      // prediction, then the most prompt blocks held.
       auto key = [&](const InstanceLoad& x, double tpot) {
         const int32_t bs = std::max(1, x.block_size);
-        const int32_t blocks_needed = (request.prompt_tokens + request.max_tokens + bs - 1) / bs -
-                                      HeldPromptBlocks(request, x);
+        const int32_t blocks_needed = (request.prompt_tokens + request.max_tokens + bs - 1) / bs;
         return std::make_tuple(x.kv_blocks_free < blocks_needed, tpot,
                                -HeldPromptBlocks(request, x), x.id);
       };

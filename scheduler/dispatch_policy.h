@@ -36,7 +36,8 @@ struct InstanceLoad {
   int32_t max_batch_tokens = 2048;  // the instance's prefill token budget per step
   // Of the request being placed: the prompt tokens this instance probably holds in its prefix
   // cache (scheduler/prefix_index.h): a prefill or colocated instance need not compute them,
-  // a decode instance need not be sent them nor give them blocks of their own.
+  // a decode instance need not be sent them (nor give them blocks of their own, unless they
+  // are unused cached blocks, which kv_blocks_free counts already).
   int32_t cached_prefix_tokens = 0;
 };
 
@@ -76,9 +77,11 @@ class DispatchPolicy {
 // Prefill: the healthy instance with the fewest queued prompt tokens, counting the ones this
 // request would add there (its uncached tokens: a cached prefix draws it to the instance that
 // holds it unless that one is busier by more than the prefix; then fewer queued requests,
-// then id). Decode: the healthy instance with the most free KV blocks, counting the prompt
-// blocks it holds already as free (then fewer running requests, then id). Colocated instances (used
-// when there are no prefill/decode pairs): the same, plus one block's worth per running request.
+// then id). Decode: the healthy instance with the most free KV blocks, plus the prompt blocks it
+// holds already (not sent to it, and shared there while in use; counted even where they are
+// unused cached blocks, which its free count includes), then fewer running requests, then id.
+// Colocated instances (used when there are no prefill/decode pairs): the same, plus one block's
+// worth per running request.
 std::unique_ptr<DispatchPolicy> MakeLeastLoadedPolicy();
 
 class LatencyModel;
@@ -107,9 +110,10 @@ struct SloPolicyOptions {
 };
 
 // SLO-aware dispatch: prefill (or colocated) instance with the lowest predicted TTFT (of the
-// request's uncached tokens there); decode instance with room for the request (less the prompt
-// blocks it holds already) that keeps the predicted TPOT within target with the most headroom
-// (the lowest predicted TPOT when none can); admission control on the predicted TTFT.
+// request's uncached tokens there); decode instance with room for the request that keeps the
+// predicted TPOT within target with the most headroom (the lowest predicted TPOT when none can;
+// equal ones: the one holding most of the prompt's blocks); admission control on the predicted
+// TTFT.
 std::unique_ptr<DispatchPolicy> MakeSloAwarePolicy(const LatencyModel& model,
                                                    SloPolicyOptions options);
 

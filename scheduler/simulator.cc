@@ -623,11 +623,9 @@ class Cluster {
     r.prefill_pending = true;
     r.context_estimate = r.spec.prompt_len + r.spec.output_len / 2;
     if (r.decode >= 0) {
-      // The front-end's booking: the prompt's blocks and one to grow, less those the decode
-      // instance holds already.
+      // The front-end's booking: the prompt's blocks and one to grow (a held prefix too).
       Instance& d = instances_[r.decode];
-      r.promised = BlocksFor(int64_t{r.spec.prompt_len} + 1, d.config.block_size) -
-                   HeldPromptBlocks(dr, loads[r.decode]);
+      r.promised = BlocksFor(int64_t{r.spec.prompt_len} + 1, d.config.block_size);
       d.promised_blocks += r.promised;
       r.decode_promised = true;
       d.prefix_index.Insert(decode_hashes);

@@ -727,12 +727,11 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       if (!placement.decode.empty()) {
         decode = instances_.at(placement.decode).get();
         decode_kv_address = decode->kv_address;  // as placed (a re-registration may change it)
-        // The blocks it reserves: the prompt's and one to grow, less those it holds already.
-        const auto decode_load = std::find_if(
-            loads.begin(), loads.end(), [&](const auto& l) { return l.id == placement.decode; });
-        blocks = engine::BlockTable::BlocksFor(prompt_len + 1,
-                                               std::max(1, decode->status.block_size())) -
-                 (decode_load == loads.end() ? 0 : scheduler::HeldPromptBlocks(dr, *decode_load));
+        // The blocks it reserves: the prompt's and one to grow. Those of a prefix it holds are
+        // booked too: its reported free blocks count them already when no sequence uses them
+        // (cached blocks are evictable), and which is the case is not known here.
+        blocks =
+            engine::BlockTable::BlocksFor(prompt_len + 1, std::max(1, decode->status.block_size()));
         remember_prompt(*decode);
       }
       booking.emplace(mu_, prefill, decode, next_queue_seq_++, prefill_tokens, blocks,

@@ -176,8 +176,9 @@ TEST(DispatchPolicyTest, CachedPrefixDrawsARequestUnlessTheCacheHolderIsBusierTh
   EXPECT_EQ(policy->Place(r, colocated)->prefill, "c1");
 }
 
-// A decode instance that holds the prompt's first blocks needs that many fewer blocks for it
-// (and is sent fewer): least-loaded counts them as free, slo-aware as room and as a tie-break.
+// A decode instance that holds the prompt's first blocks is sent fewer (and shares them while
+// they are in use): least-loaded counts them as free, slo-aware breaks ties with them (its
+// room check counts the whole request: the held blocks may be among the free ones).
 TEST(DispatchPolicyTest, DecodeInstanceHoldingThePrefixCountsItsBlocksAsFree) {
   std::vector<InstanceLoad> loads = {Inst("p0", InstanceRole::kPrefill),
                                      Inst("d0", InstanceRole::kDecode),
@@ -200,8 +201,7 @@ TEST(DispatchPolicyTest, DecodeInstanceHoldingThePrefixCountsItsBlocksAsFree) {
   loads[2].kv_blocks_free = 93;  // 93 + 6 < 100: the free blocks elsewhere outweigh it
   EXPECT_EQ(policy->Place(r, loads)->decode, "d0");
 
-  // SLO-aware: equal predictions go to the holder; a holder with room only thanks to the
-  // blocks it holds is not "without room".
+  // SLO-aware: equal predictions go to the holder; room is for the whole request.
   const LatencyModel model = KnownModel();
   auto slo = MakeSloAwarePolicy(model, {.default_ttft_slo_ms = 1000});
   loads[2].kv_blocks_free = 100;
@@ -209,12 +209,12 @@ TEST(DispatchPolicyTest, DecodeInstanceHoldingThePrefixCountsItsBlocksAsFree) {
   ASSERT_TRUE(s.ok()) << s.status();
   EXPECT_EQ(s->decode, "d1");
   EXPECT_NE(s->note.find("6 prompt blocks held"), std::string::npos) << s->note;
-  loads[1].kv_blocks_free = 7;     // needs 8 (120 tokens): no room
-  loads[2].kv_blocks_free = 2;     // needs 8 - 6
+  loads[1].kv_blocks_free = 7;  // needs 8 (120 tokens): no room
+  loads[2].kv_blocks_free = 8;
   loads[2].running_requests = 20;  // and is slower
   loads[2].decode_context_tokens = 5000;
   EXPECT_EQ(slo->Place(r, loads)->decode, "d1");
-  loads[2].kv_blocks_free = 1;
+  loads[2].kv_blocks_free = 7;  // the 6 it holds do not make room
   EXPECT_EQ(slo->Place(r, loads)->decode, "d0") << "neither has room: the faster one";
 }
 
