@@ -32,6 +32,7 @@ for mode in on off; do
     --shared-prefix-len "$PREFIX" --num-shared-prefixes "$NPREFIX" --max-model-len 2048 \
     --rate "$RATE" --num-requests "$N" --seed 1 --goodput $SLO \
     --json-out "$OUT/report-$mode.json" --report-out "$OUT/report-$mode.txt" --quiet >/dev/null
+  sleep 1  # the front-end's next health polls carry the workers' last counters
   curl -s "http://127.0.0.1:$port/metrics" >"$OUT/metrics-$mode.txt" || true
   kill -TERM "$up"
   wait "$up" || true
