@@ -4,8 +4,9 @@
 //
 // The policy only proposes: it returns the planned (sequence, chunk) list in the order the
 // engine should try them. The engine then reserves KV blocks for each in that order
-// (preempting when a running sequence needs a block) and stops at the first sequence that
-// cannot get its blocks, so the batch it runs is a prefix of the plan. Chunks are computed
+// (preempting when a running sequence needs a block). A running sequence that cannot get its
+// blocks ends the batch; a waiting one that cannot is skipped with every waiting one after it,
+// the running ones after it still run. Chunks are computed
 // against the budget left after the sequences before them, so every prefix is consistent.
 // When the engine preempts a sequence (its pending tokens change), it asks again for the
 // sequences not yet in the batch, with the budget that is left.

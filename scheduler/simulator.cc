@@ -125,6 +125,9 @@ class Engine {
   // block), which it shares and the transfer does not move. The held blocks, or -1: no room.
   int32_t ReserveImport(int64_t req, int32_t prompt_len, int32_t max_tokens, int32_t group = -1,
                         int32_t group_prefix = 0) {
+    for (const auto& [o, seq] : seqs_) {  // a preempted sequence goes first
+      if (!seq.admitted && !seq.held && !seq.importing) return -1;
+    }
     const int32_t needed = BlocksFor(prompt_len, config_.block_size);
     int32_t held = 0;
     auto entry = caching_ && group >= 0 ? cache_.find(group) : cache_.end();
@@ -146,6 +149,7 @@ class Engine {
     seq.shared = held;
     if (held > 0) entry->second.last_use = ++use_clock_;
     free_ -= seq.blocks;
+    TrimCache();
     return held;
   }
 
@@ -171,7 +175,10 @@ class Engine {
     const int32_t tokens = std::min(seq.num_computed, seq.group_prefix) / bs * bs;
     if (tokens <= 0) return;
     CachedPrefix& c = cache_[seq.group];
-    if (tokens > c.tokens) {
+    // (A sequence that computed the entry's blocks itself as well keeps its own copies; the
+    // engine chains its later blocks onto the entry's, which this model of one reference per
+    // sequence and entry cannot split: the entry does not grow from it.)
+    if (tokens > c.tokens && (seq.shared > 0 || c.tokens == 0)) {
       if (seq.shared == 0) Ref(c);
       const int32_t grown = (tokens - c.tokens) / bs;
       seq.blocks -= grown;
@@ -201,6 +208,7 @@ class Engine {
     std::vector<StepItem> plan;
     int32_t budget = config_.max_batch_tokens;
     std::vector<Seq*> rest = order;
+    bool waiting_blocked = false;  // as LlmEngine: later waiting ones wait, running ones run
     bool replan = true;
     absl::Status error;
     while (replan) {
@@ -220,6 +228,7 @@ class Engine {
       bool full = false;
       for (const PlannedChunk& proposed : policy_.Plan(candidates, left)) {
         Seq* seq = rest[proposed.index];
+        if (waiting_blocked && !seq->admitted) continue;
         int32_t chunk = proposed.chunk;
         const bool from_cache = StartsFromCache(*seq);
         if (from_cache) {
@@ -239,7 +248,7 @@ class Engine {
           Seq* victim = nullptr;
           for (auto it = order.rbegin(); it != order.rend(); ++it) {
             Seq* s = *it;
-            if (s == seq || !s->admitted || s->blocks == 0 || s->in_batch) continue;
+            if (s == seq || !s->admitted || s->blocks + s->shared == 0 || s->in_batch) continue;
             victim = s;
             break;
           }
@@ -262,6 +271,10 @@ class Engine {
           if (seq->admitted && plan.empty()) {
             error = absl::InternalError(
                 absl::StrCat("simulated request ", seq->req, " cannot get KV blocks"));
+          }
+          if (!seq->admitted) {
+            waiting_blocked = true;
+            continue;
           }
           full = true;
           break;
@@ -332,6 +345,7 @@ class Engine {
           lru = it;
         }
       }
+      if (lru == cache_.end()) break;  // (cannot happen while free_ >= 0)
       unreferenced -= lru->second.tokens / bs;
       cache_.erase(lru);
     }
@@ -341,7 +355,7 @@ class Engine {
   // their transfers end.
   bool BlocksAwaitRelease() const {
     for (const auto& [o, seq] : seqs_) {
-      if ((seq.held || seq.importing) && seq.blocks > 0) return true;
+      if ((seq.held || seq.importing) && seq.blocks + seq.shared > 0) return true;
     }
     return false;
   }
@@ -362,6 +376,7 @@ class Engine {
     if (need <= 0) return true;
     if (need > free_) return false;
     free_ -= need;
+    TrimCache();  // the blocks taken may be those of unreferenced prefixes
     seq.blocks += need;
     return true;
   }

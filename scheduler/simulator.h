@@ -10,8 +10,9 @@
 // The model of one instance mirrors engine/runtime/llm_engine.cc:
 //   - sequences in admission order; a step asks the batch policy for (sequence, chunk)s
 //     under max_batch_tokens / max_running, then reserves KV blocks in that order (a running
-//     sequence preempts the youngest other admitted one by recompute when blocks run out;
-//     the batch stops at the first sequence that cannot get its blocks);
+//     sequence preempts the youngest other admitted one by recompute when blocks run out; a
+//     running sequence that cannot get its blocks ends the batch, a waiting one skips the
+//     waiting ones after it);
 //   - a prompt that needs more blocks than the instance holds fails at once
 //     (RESOURCE_EXHAUSTED), as AddRequest does; a sequence ends when it has its forced
 //     output length (or when its next step could not fit in the cache at all).
@@ -35,7 +36,8 @@
 //   - the prefill instance streams the first token at the end of the step that samples it
 //     (the client has it relay_latency_s later: that is the TTFT) and holds the KV blocks; the
 //     hand-off is offered to the decode instance, which accepts when its free blocks cover the
-//     prompt plus one block of growth per running sequence (LlmEngine::ReserveImport), else the
+//     prompt (less the prefix it holds) plus one block of growth per running sequence and no
+//     preempted sequence waits to run again (LlmEngine::ReserveImport), else the
 //     offer waits (back-pressure) and is retried, in offer order, whenever that decode instance
 //     frees blocks (the live sender retries with a backoff; here the retry is immediate);
 //   - the transfer takes transfer_latency_s + bytes / transfer_bandwidth, bytes = 2 (K, V)

@@ -162,6 +162,12 @@ absl::StatusOr<ImportReservation> LlmEngine::ReserveImport(GenerateRequest reque
     return absl::InvalidArgumentError(absl::StrCat(
         "import of ", num_tokens, " positions for a prompt of ", request.prompt.size(), " tokens"));
   }
+  if (num_waiting() > 0) {
+    // A preempted sequence (its stream already started) goes before new imports, which would
+    // otherwise take the blocks it waits for as they free up.
+    return absl::ResourceExhaustedError(
+        "a preempted sequence waits for KV blocks; imports wait until it runs again");
+  }
   const int32_t bs = options_.block_size;
   const int32_t needed = BlockTable::BlocksFor(num_tokens, bs);
   const int32_t headroom = static_cast<int32_t>(num_running());
@@ -335,6 +341,10 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   const int32_t bs = options_.block_size;
   const scheduler::BatchPolicy& policy = *batch_policy_;
   std::vector<Sequence*> rest = order;
+  // A waiting sequence could not get its blocks: the waiting ones after it wait too (first come,
+  // first served), but running ones still run (they would otherwise never free the blocks it
+  // waits for: a preempted sequence is older than the imports admitted since).
+  bool waiting_blocked = false;
   bool replan = true;
   while (replan) {
     replan = false;
@@ -355,6 +365,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     bool full = false;
     for (const scheduler::PlannedChunk& proposed : policy.Plan(candidates, left)) {
       Sequence* seq = rest[proposed.index];
+      if (waiting_blocked && !seq->admitted) continue;
       int32_t chunk = proposed.chunk;
       const bool from_cache = StartsFromCache(*seq);
       if (from_cache) {
@@ -403,7 +414,11 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
           return absl::InternalError(absl::StrCat("request '", seq->request.id,
                                                   "' cannot get KV blocks: ", reserved.message()));
         }
-        full = true;  // later requests wait until blocks free up
+        if (!seq->admitted) {  // later waiting requests wait until blocks free up
+          waiting_blocked = true;
+          continue;
+        }
+        full = true;
         break;
       }
       if (from_cache) {

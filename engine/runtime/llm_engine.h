@@ -120,7 +120,8 @@ class LlmEngine {
   // Disaggregation. A prefill worker reads a held sequence's blocks, sends them and then
   // calls Cancel() to free them. A decode worker reserves blocks for a sequence whose first
   // `num_tokens` positions arrive from elsewhere (RESOURCE_EXHAUSTED while the cache has no
-  // room for them plus one block of growth per running sequence), has them written into
+  // room for them plus one block of growth per running sequence, or while a preempted
+  // sequence waits to run again), has them written into
   // those blocks, then activates it with the token sampled after them, and it decodes on.
   // With prefix caching, the leading whole blocks of the prompt that the cache already holds
   // (an earlier import's, registered at its activation) are shared, never written: only the

@@ -571,6 +571,47 @@ TEST_F(GenerationTest, ImportsWaitForRoomAndCancelFreesReservedBlocks) {
   EXPECT_EQ(decode->ActivateImport("a", 1).code(), absl::StatusCode::kNotFound);
 }
 
+// A decode engine preempts a sequence (v) for an older one's growth; an import reserved before
+// (r) is activated after it, so r is younger than v. v cannot get its blocks back yet: r still
+// runs (it used to stop behind v, and with the older sequence gone nothing would ever free
+// v's blocks), new imports wait until v runs again, and everything finishes.
+TEST_F(GenerationTest, RunningImportsStepWhileAPreemptedSequenceWaitsForBlocks) {
+  auto decode = NewEngine({.block_size = 8, .num_blocks = 6, .prefix_caching = false});
+  const auto import = [&](const std::string& id, int32_t len, int32_t first_token) {
+    GenerateRequest r = Request({.max_tokens = 40, .ignore_eos = true});
+    r.id = id;
+    r.prompt.clear();
+    for (int32_t j = 0; j < len; ++j) r.prompt.push_back(first_token + j);
+    return decode->ReserveImport(r, len);
+  };
+  ASSERT_TRUE(import("a", 8, 10).ok());  // 1 block
+  ASSERT_TRUE(decode->ActivateImport("a", 3).ok());
+  ASSERT_TRUE(import("v", 16, 30).ok());  // 2 blocks
+  ASSERT_TRUE(decode->ActivateImport("v", 3).ok());
+  ASSERT_TRUE(import("r", 8, 60).ok());  // 1 block, arriving
+  // a and v grow into the last free blocks; a's next block preempts v.
+  for (int i = 0; i < 20 && decode->num_preemptions() == 0; ++i) {
+    ASSERT_TRUE(decode->Step().ok()) << i;
+  }
+  ASSERT_EQ(decode->num_preemptions(), 1);
+  EXPECT_EQ(decode->num_waiting(), 1u);
+  auto refused = import("late", 8, 80);
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  ASSERT_TRUE(decode->ActivateImport("r", 3).ok());
+  auto step = decode->Step();
+  ASSERT_TRUE(step.ok()) << step.status();
+  std::vector<std::string> ran;
+  for (const auto& [id, tokens] : decode->last_batch()) ran.push_back(id);
+  EXPECT_EQ(ran, (std::vector<std::string>{"a", "r"})) << "v waits, r runs";
+  int steps = 0;
+  while (decode->HasWork() && steps < 400) {
+    ASSERT_TRUE(decode->Step().ok());
+    ++steps;
+  }
+  EXPECT_FALSE(decode->HasWork()) << "stuck";
+  EXPECT_EQ(decode->num_free_blocks(), 6);
+}
+
 // A decode engine whose free blocks went to an import in flight: the running sequence that
 // needs a block waits for it (no error, nothing else disturbed) and goes on once the import
 // is cancelled.

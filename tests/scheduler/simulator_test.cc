@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <map>
+#include <random>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -389,6 +390,50 @@ TEST(SimulatorTest, DecodeSharesThePrefixAndIsSentOnlyTheRest) {
   EXPECT_LE(decode_off.max_running, 3);
   EXPECT_EQ(on->offers_refused, 0);
   EXPECT_GT(off->offers_refused, 0);
+}
+
+// The block accounting of shared prefixes holds under pressure: random workloads of a few
+// prefix groups on small caches with chunked prefills, preemptions and back-pressure, colocated
+// and disaggregated, every one simulated to its end without an INTERNAL error (which a leaked
+// or doubly freed block, or a sequence that could never get its blocks, would raise).
+TEST(SimulatorTest, SharedPrefixAccountingSurvivesRandomPressure) {
+  std::mt19937_64 rng(7);
+  for (int round = 0; round < 60; ++round) {
+    SimConfig c = SimpleConfig();
+    c.transfer_bandwidth = 1e4;
+    c.transfer_latency_s = 0;
+    c.layered_handoff = round % 2 == 0;
+    c.slo.ttft_ms = -1;
+    c.slo.tpot_ms = -1;
+    if (round % 3 == 0) {
+      c.num_colocated = 1 + static_cast<int>(rng() % 2);
+      c.colocated.kv_blocks = 24 + static_cast<int>(rng() % 24);
+      c.colocated.max_batch_tokens = 32 + static_cast<int>(rng() % 64);
+    } else {
+      c.num_prefill = 1 + static_cast<int>(rng() % 2);
+      c.num_decode = 1 + static_cast<int>(rng() % 2);
+      c.prefill.kv_blocks = 20 + static_cast<int>(rng() % 20);
+      c.prefill.max_batch_tokens = 32 + static_cast<int>(rng() % 64);
+      c.decode.kv_blocks = 20 + static_cast<int>(rng() % 20);
+    }
+    std::vector<SimRequest> reqs;
+    double t = 0;
+    for (int i = 0; i < 40; ++i) {
+      t += 0.02 * static_cast<double>(rng() % 10);
+      SimRequest r{t, 8 + static_cast<int32_t>(rng() % 200), 1 + static_cast<int32_t>(rng() % 40)};
+      if (rng() % 4 != 0) {
+        r.prefix_group = static_cast<int32_t>(rng() % 3);
+        r.prefix_len = std::min<int32_t>(r.prompt_len, 16 * (1 + r.prefix_group * 3));
+      }
+      reqs.push_back(r);
+    }
+    auto result = Simulate(c, SimpleModel(), reqs);
+    ASSERT_TRUE(result.ok()) << "round " << round << ": " << result.status();
+    for (const auto& rec : result->records) {
+      EXPECT_TRUE(rec.ok || rec.error_code == "RESOURCE_EXHAUSTED")
+          << "round " << round << ": " << rec.error_code << " " << rec.error_message;
+    }
+  }
 }
 
 TEST(SimulatorTest, RejectsBadConfigs) {
