@@ -5,12 +5,14 @@
 # worker's cache figures, the KV bytes handed off and those not sent because the decode worker
 # held them, and the hand-off times. Usage: bench/prefix_cache.sh [BUILD_DIR] [OUT_DIR]
 # Knobs (environment): RATE (req/s, default 2), N (requests, default 60), PREFIX (tokens, 512),
-# NPREFIX (distinct prefixes, 4), SLO ("ttft:500 tpot:50").
+# NPREFIX (distinct prefixes, 4), SLO ("ttft:500 tpot:50"), TURNS (multi-turn conversations of
+# this many requests, default 1: RATE and N then count conversations), THINK (seconds between
+# an answer and the next turn, default 1).
 set -euo pipefail
 BUILD="${1:-build}"
 OUT="${2:-$BUILD/prefix_cache}"
 RATE="${RATE:-2}" N="${N:-60}" PREFIX="${PREFIX:-512}" NPREFIX="${NPREFIX:-4}"
-SLO="${SLO:-ttft:500 tpot:50}"
+SLO="${SLO:-ttft:500 tpot:50}" TURNS="${TURNS:-1}" THINK="${THINK:-1}"
 model="$BUILD/models/small"
 mkdir -p "$OUT"
 [ -f "$model/config.json" ] ||
@@ -30,7 +32,8 @@ for mode in on off; do
   # shellcheck disable=SC2086
   "$BUILD/client/pdbench" --target "$addr" --dataset chatbot --length-scale 0.125 \
     --shared-prefix-len "$PREFIX" --num-shared-prefixes "$NPREFIX" --max-model-len 2048 \
-    --rate "$RATE" --num-requests "$N" --seed 1 --goodput $SLO \
+    --rate "$RATE" --num-requests "$N" --turns "$TURNS" --think-time "$THINK" --seed 1 \
+    --goodput $SLO \
     --json-out "$OUT/report-$mode.json" --report-out "$OUT/report-$mode.txt" --quiet >/dev/null
   sleep 1  # the front-end's next health polls carry the workers' last counters
   curl -s "http://127.0.0.1:$port/metrics" >"$OUT/metrics-$mode.txt" || true

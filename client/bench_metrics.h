@@ -67,6 +67,9 @@ struct RequestRecord {
   double end_s = 0;                   // arrival of the last message (or of the error)
   bool has_timeline = false;
   ServerTimeline timeline;
+  // Multi-turn runs (RunOptions::turns > 1): the conversation and its turn (0 = the first).
+  int64_t conversation = -1;
+  int32_t turn = 0;
 
   int64_t OutputTokens() const;
   bool HasFirstToken() const { return !chunk_times_s.empty(); }

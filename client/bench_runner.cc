@@ -20,6 +20,18 @@ struct Slot {
   std::string finish_reason;
   double last_message_s = -1;
   bool finished = false;
+  // Multi-turn runs: the prompt sent and the tokens answered.
+  std::vector<int32_t> prompt_ids, output_ids;
+};
+
+// A multi-turn conversation (guarded by RunState::mu).
+struct Conversation {
+  std::vector<int32_t> context;  // the last turn's prompt and its answer
+  int32_t next_turn = 0;
+  double due_s = 0;      // when the next turn is due
+  bool started = false;  // its first turn was sent
+  bool waiting = false;  // a turn is in flight
+  bool ended = false;
 };
 
 // Shared with the calls' callbacks, which may (after a failed drain) outlive the run loop.
@@ -33,6 +45,10 @@ struct RunState {
   int64_t finished = 0;
   int64_t failed = 0;
   bool contacted = false;
+  // Multi-turn runs.
+  std::vector<Conversation> conversations;
+  int turns = 1;
+  double think_time_s = 0;
 };
 
 void OnMessage(RunState& st, Slot& slot, const GenerateResponse& msg, Clock::time_point t) {
@@ -44,6 +60,9 @@ void OnMessage(RunState& st, Slot& slot, const GenerateResponse& msg, Clock::tim
   if (msg.token_ids_size() > 0) {
     slot.record.chunk_times_s.push_back(at);
     slot.record.chunk_tokens.push_back(msg.token_ids_size());
+    if (slot.record.conversation >= 0) {
+      slot.output_ids.insert(slot.output_ids.end(), msg.token_ids().begin(), msg.token_ids().end());
+    }
   }
   if (msg.has_done()) {
     const auto& done = msg.done();
@@ -104,6 +123,18 @@ void OnDone(RunState& st, Slot& slot, const grpc::Status& status, Clock::time_po
     --st.inflight;
     ++st.finished;
     if (!r.ok) ++st.failed;
+    if (r.conversation >= 0) {
+      // The next turn follows the answer after the think time; a failed turn ends it.
+      Conversation& c = st.conversations[r.conversation];
+      c.waiting = false;
+      c.next_turn = r.turn + 1;
+      c.due_s = r.end_s + st.think_time_s;
+      c.ended = !r.ok || c.next_turn >= st.turns;
+      if (!c.ended) {
+        c.context = std::move(slot.prompt_ids);
+        c.context.insert(c.context.end(), slot.output_ids.begin(), slot.output_ids.end());
+      }
+    }
   }
   st.live.erase(index);
   st.cv.notify_all();
@@ -140,6 +171,13 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
                                        const RunOptions& options) {
   const bool closed = options.concurrency > 0;
   if (specs.empty()) return absl::InvalidArgumentError("no requests to send");
+  const bool multi_turn = options.turns > 1;
+  if (multi_turn && (closed || options.burst || options.turns > 1000 ||
+                     !(options.think_time_s >= 0) || options.follow_up_skip < 0)) {
+    return absl::InvalidArgumentError(
+        "multi-turn runs are open loop at a finite rate, with 2..1000 turns, a think time >= 0 "
+        "and follow_up_skip >= 0");
+  }
   if (!closed && options.max_inflight < 1) {
     return absl::InvalidArgumentError("the in-flight bound must be >= 1");
   }
@@ -148,12 +186,20 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
     total =
         closed ? static_cast<int64_t>(specs.size()) : static_cast<int64_t>(options.arrivals.size());
   if (!closed) total = std::min<int64_t>(total, static_cast<int64_t>(options.arrivals.size()));
+  // Multi-turn: `total` conversations of up to `turns` requests each.
+  if (multi_turn) {
+    total = std::min<int64_t>(total, static_cast<int64_t>(specs.size()) / options.turns);
+    if (total < 1) return absl::InvalidArgumentError("fewer specs than turns of one conversation");
+  }
   const int64_t limit = closed ? options.concurrency : options.max_inflight;
   const absl::Duration timeout = absl::Seconds(options.request_timeout_s);
   const double interval = std::max(options.progress_interval_s, 0.01);
 
   auto st = std::make_shared<RunState>();
   st->t0 = Clock::now();
+  st->turns = options.turns;
+  st->think_time_s = options.think_time_s;
+  if (multi_turn) st->conversations.resize(total);
   auto elapsed = [&] { return Seconds(Clock::now() - st->t0); };
   auto at = [&](double s) {
     return st->t0 + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(s));
@@ -162,7 +208,7 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
   double next_progress = 0;
   auto progress_locked = [&](double now_s) {
     RunProgress p;
-    p.total = total;
+    p.total = multi_turn ? total * options.turns : total;
     p.sent = static_cast<int64_t>(st->slots.size());
     p.finished = st->finished;
     p.failed = st->failed;
@@ -181,7 +227,100 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
   };
 
   std::vector<RequestRecord> unsent;
-  for (int64_t i = 0; i < total; ++i) {
+  // Sends `spec` as request `index` (the lock held on entry and on return).
+  auto send = [&](std::unique_lock<std::mutex>& lock, const RequestSpec& spec, int64_t index,
+                  double lag_s, Slot* slot) {
+    ++st->inflight;
+    lock.unlock();
+    GenerateCallbacks callbacks;
+    callbacks.on_message = [st, slot](const GenerateResponse& msg, Clock::time_point t) {
+      OnMessage(*st, *slot, msg, t);
+    };
+    callbacks.on_done = [st, slot](const grpc::Status& s, Clock::time_point t) {
+      OnDone(*st, *slot, s, t);
+    };
+    auto call = client.StartGenerate(MakeGenerateRequest(spec, index, options, lag_s), timeout,
+                                     std::move(callbacks));
+    lock.lock();
+    if (!slot->finished) st->live[index] = std::move(call);
+  };
+  auto new_slot = [&](const RequestSpec& spec, int64_t index, double scheduled_s, double send_s) {
+    st->slots.push_back(std::make_unique<Slot>());
+    Slot* slot = st->slots.back().get();
+    slot->record.index = index;
+    slot->record.prompt_tokens = spec.prompt_len;
+    slot->record.expected_output_tokens = spec.output_len;
+    slot->record.scheduled_s = scheduled_s;
+    slot->record.send_s = send_s;
+    return slot;
+  };
+
+  if (multi_turn) {
+    // The earliest due turn: a conversation's next one or the next conversation's first.
+    std::unique_lock<std::mutex> lock(st->mu);
+    int64_t next_start = 0;
+    while (true) {
+      double now_s = elapsed();
+      maybe_report(lock, now_s, false);
+      now_s = elapsed();
+      if (options.duration_s > 0 && now_s >= options.duration_s) break;
+      int64_t pick = -1;
+      double due = 0;
+      for (int64_t c = 0; c < next_start; ++c) {
+        const Conversation& conv = st->conversations[c];
+        if (conv.ended || conv.waiting) continue;
+        if (pick < 0 || conv.due_s < due) {
+          pick = c;
+          due = conv.due_s;
+        }
+      }
+      if (next_start < total && (pick < 0 || options.arrivals[next_start] < due)) {
+        pick = next_start;
+        due = options.arrivals[next_start];
+      }
+      if (pick < 0 && st->inflight == 0) break;  // every conversation ended
+      if (pick < 0 || now_s < due || st->inflight >= limit) {
+        double wake = pick >= 0 && now_s < due ? due : now_s + interval;
+        if (options.progress) wake = std::min(wake, next_progress);
+        if (options.duration_s > 0) wake = std::min(wake, options.duration_s);
+        st->cv.wait_until(lock, at(std::max(wake, now_s + 1e-4)));
+        continue;
+      }
+      if (pick == next_start) ++next_start;
+      Conversation& conv = st->conversations[pick];
+      conv.started = true;
+      const RequestSpec& base = specs[pick * options.turns + conv.next_turn];
+      RequestSpec spec;
+      spec.output_len = base.output_len;
+      spec.prompt_token_ids = conv.context;
+      const size_t skip =
+          conv.next_turn == 0
+              ? 0
+              : std::min(base.prompt_token_ids.size(), static_cast<size_t>(options.follow_up_skip));
+      spec.prompt_token_ids.insert(spec.prompt_token_ids.end(),
+                                   base.prompt_token_ids.begin() + skip,
+                                   base.prompt_token_ids.end());
+      spec.prompt_len = static_cast<int64_t>(spec.prompt_token_ids.size());
+      if (base.use_text || (options.max_model_len > 0 &&
+                            spec.prompt_len + spec.output_len > options.max_model_len)) {
+        conv.ended = true;  // (text prompts cannot carry the answer's tokens)
+        continue;
+      }
+      const double send_s = elapsed();
+      if (send_s - due > 0.010) {
+        ++result.late_sends;
+        result.max_send_lag_s = std::max(result.max_send_lag_s, send_s - due);
+      }
+      const int64_t index = static_cast<int64_t>(st->slots.size());
+      Slot* slot = new_slot(spec, index, due, send_s);
+      slot->record.conversation = pick;
+      slot->record.turn = conv.next_turn;
+      slot->prompt_ids = spec.prompt_token_ids;
+      conv.waiting = true;
+      send(lock, spec, index, send_s - due, slot);
+    }
+  }
+  for (int64_t i = 0; i < total && !multi_turn; ++i) {
     const double due = closed ? 0 : options.arrivals[i];
     if (options.duration_s > 0 && due >= options.duration_s) break;
     std::unique_lock<std::mutex> lock(st->mu);
@@ -225,28 +364,8 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
       result.max_send_lag_s = std::max(result.max_send_lag_s, send_s - due);
     }
     const RequestSpec& spec = specs[i % specs.size()];
-    st->slots.push_back(std::make_unique<Slot>());
-    Slot* slot = st->slots.back().get();
-    slot->record.index = i;
-    slot->record.prompt_tokens = spec.prompt_len;
-    slot->record.expected_output_tokens = spec.output_len;
-    slot->record.scheduled_s = paced ? due : send_s;
-    slot->record.send_s = send_s;
-    ++st->inflight;
-    lock.unlock();
-
-    GenerateCallbacks callbacks;
-    callbacks.on_message = [st, slot](const GenerateResponse& msg, Clock::time_point t) {
-      OnMessage(*st, *slot, msg, t);
-    };
-    callbacks.on_done = [st, slot](const grpc::Status& s, Clock::time_point t) {
-      OnDone(*st, *slot, s, t);
-    };
-    auto call =
-        client.StartGenerate(MakeGenerateRequest(spec, i, options, paced ? send_s - due : 0.0),
-                             timeout, std::move(callbacks));
-    lock.lock();
-    if (!slot->finished) st->live[i] = std::move(call);
+    Slot* slot = new_slot(spec, i, paced ? due : send_s, send_s);
+    send(lock, spec, i, paced ? send_s - due : 0.0, slot);
   }
 
   // Drain: wait for the calls in flight, then cancel what is left.

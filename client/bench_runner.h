@@ -1,5 +1,12 @@
 // The pdbench run loop: sends requests to one target on a schedule and records each stream.
 //
+// Multi-turn conversations (`turns` > 1, open loop): the arrivals are conversation starts, and
+// each conversation sends up to `turns` requests one after another. A later turn is due
+// `think_time_s` after the previous turn's last message, and its prompt is the previous
+// turn's prompt, the tokens the server answered, then its own user message (the spec's prompt
+// after its first `follow_up_skip` tokens, e.g. the shared prefix every spec starts with). A
+// turn that fails, or whose context would exceed `max_model_len`, ends its conversation.
+//
 // Open loop (arrival times given): each request is sent at its scheduled time regardless of
 // completions; at most `max_inflight` calls are in flight (a request due while the limit is
 // reached waits for a slot and is counted as late). Closed loop (`concurrency` > 0): exactly
@@ -47,6 +54,12 @@ struct RunOptions {
   bool send_slo = true;
   std::optional<float> temperature;  // unset: the server's default (greedy)
   std::string request_id_prefix;     // non-empty: request ids "<prefix>-<index>"
+  // Multi-turn conversations (open loop only): specs [c * turns, (c + 1) * turns) are
+  // conversation c's turns, and arrivals[c] its start; see above.
+  int turns = 1;
+  double think_time_s = 0;
+  int64_t follow_up_skip = 0;
+  int64_t max_model_len = 0;  // > 0: a turn's prompt + output must fit
   // Called from the run loop's thread about every `progress_interval_s` and once at the end.
   std::function<void(const RunProgress&)> progress;
   double progress_interval_s = 0.5;

@@ -78,6 +78,12 @@ const FlagDef kFlags[] = {
      "of this many tokens (a system prompt; default 0: none)"},
     {"num-shared-prefixes", FlagType::kValue,
      "how many distinct shared prefixes, one drawn per request (default 1)"},
+    {"turns", FlagType::kValue,
+     "multi-turn conversations of up to T requests (default 1): --rate and --num-requests then "
+     "count conversations; each later turn sends the previous prompt, the answer's tokens and "
+     "a new message drawn like a prompt (generated datasets, token ids, finite --rate)"},
+    {"think-time", FlagType::kValue,
+     "multi-turn: seconds between an answer's end and the next turn (default 1)"},
     {"vocab-range", FlagType::kValue,
      "LO,HI: token ids of generated prompts in [LO, HI) (default 100,500: ordinary tokens of every "
      "preset)"},
@@ -224,6 +230,8 @@ struct Config {
   ArrivalKind arrival = ArrivalKind::kPoisson;
   double burstiness = 1.0;
   DatasetOptions dataset;
+  int turns = 1;
+  double think_time_s = 1.0;
   SloTargets slo;
   bool send_slo = true;
   std::optional<float> temperature;
@@ -405,6 +413,20 @@ absl::StatusOr<Config> MakeConfig(const Flags& f) {
       return absl::InvalidArgumentError("--search cannot replay a trace's own arrival times");
     }
   }
+  int64_t turns;
+  PDS_ASSIGN_OR_RETURN(turns, f.Int("turns", 1));
+  PDS_ASSIGN_OR_RETURN(c.think_time_s, f.Double("think-time", 1.0));
+  if (turns < 1 || turns > 1000 || !(c.think_time_s >= 0 && c.think_time_s <= 3600)) {
+    return absl::InvalidArgumentError(
+        "--turns must be in [1, 1000] and --think-time in [0, 3600] seconds");
+  }
+  c.turns = static_cast<int>(turns);
+  if (c.turns > 1 && (c.search || c.concurrency > 0 || std::isinf(c.rate) || d.text_prompts ||
+                      d.kind == DatasetKind::kShareGpt || d.kind == DatasetKind::kTrace)) {
+    return absl::InvalidArgumentError(
+        "--turns needs a finite --rate (conversations per second), a generated dataset "
+        "(random, chatbot, code, summarization) sent as token ids, and no --search");
+  }
   if (d.kind == DatasetKind::kTrace && (c.rate_set || c.concurrency > 0)) {
     return absl::InvalidArgumentError(
         "--dataset trace replays the trace's arrival times; drop --rate/--concurrency");
@@ -493,6 +515,10 @@ nlohmann::json ConfigJson(const Config& c, const std::string& model) {
     }
   }
   if (c.duration_s > 0) j["duration_limit"] = c.duration_s;
+  if (c.turns > 1) {
+    j["turns"] = c.turns;  // request_rate then counts conversations
+    j["think_time"] = c.think_time_s;
+  }
   return j;
 }
 
@@ -595,6 +621,13 @@ class Pdbench {
     }
     if (o.arrivals.empty()) return absl::InvalidArgumentError("no arrivals fall in --duration");
     d.num_requests = static_cast<int64_t>(o.arrivals.size());
+    if (c_.turns > 1) {  // the arrivals start conversations of up to `turns` requests
+      o.turns = c_.turns;
+      o.think_time_s = c_.think_time_s;
+      o.follow_up_skip = d.shared_prefix_len;
+      o.max_model_len = d.max_model_len;
+      d.num_requests *= c_.turns;
+    }
     PDS_ASSIGN_OR_RETURN(plan.specs, BuildDataset(d));
     return plan;
   }
@@ -637,6 +670,17 @@ class Pdbench {
     if (!result.ok()) return result.status();
     BenchMetrics m = ComputeMetrics(result->records, result->duration_s, c_.slo);
     std::string table = SummaryTable(m, c_.percentile_metrics);
+    if (c_.turns > 1) {
+      // How far the conversations went (a failed turn, or one past --max-model-len, ends one).
+      std::map<int64_t, int32_t> turns_sent;
+      for (const RequestRecord& r : result->records) {
+        turns_sent[r.conversation] = std::max(turns_sent[r.conversation], r.turn + 1);
+      }
+      int64_t complete = 0;
+      for (const auto& [conversation, turns] : turns_sent) complete += turns == c_.turns;
+      absl::StrAppendFormat(&table, "Conversations: %d started, %d reached turn %d of %d\n",
+                            turns_sent.size(), complete, c_.turns, c_.turns);
+    }
     std::printf("%s", table.c_str());
     std::fflush(stdout);
     nlohmann::json j = ConfigJson(c_, model_);

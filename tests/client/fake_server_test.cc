@@ -337,6 +337,89 @@ TEST_F(PdbenchFakeServerTest, OpenLoopSendsOnScheduleAndBoundsInflight) {
   EXPECT_EQ(result->late_sends, late);  // counted as sent more than 10 ms after their time
 }
 
+// Multi-turn conversations: a later turn goes out a think time after the previous turn's
+// answer ended, with the previous prompt, the answer's tokens and its own message (less the
+// shared prefix every spec starts with); a failed turn ends its conversation, and so does a
+// turn whose context would pass max_model_len.
+TEST_F(PdbenchFakeServerTest, ConversationsCarryTheAnswersIntoTheNextTurn) {
+  ScriptFixed(20, 5);  // 3 tokens (100, 101, 102) in about 30 ms
+  // Send order: conversation 0's three turns (done by ~0.25 s), then conversation 1's (from
+  // 0.5 s), whose second turn (request 4) fails.
+  service_.script = [](int64_t index) {
+    Script s;
+    s.ttft_ms = 20;
+    s.itl_ms = 5;
+    if (index == 4) s.fail_code = grpc::StatusCode::INTERNAL;
+    return s;
+  };
+  DatasetOptions d;
+  d.num_requests = 6;
+  d.input_len = 8;
+  d.output_len = 3;
+  d.shared_prefix_len = 4;
+  auto specs = BuildDataset(d);
+  ASSERT_TRUE(specs.ok()) << specs.status();
+  ServingClient client(target_);
+  RunOptions o;
+  o.arrivals = {0.0, 0.5};
+  o.turns = 3;
+  o.think_time_s = 0.05;
+  o.follow_up_skip = 4;
+  o.request_id_prefix = "chat";
+  auto result = RunBenchmark(client, *specs, o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->records.size(), 5u) << "the failed turn ends its conversation";
+  const std::vector<int32_t> answer = {100, 101, 102};
+  const auto own = [&](int k) {  // spec k's message after the shared prefix
+    return std::vector<int32_t>((*specs)[k].prompt_token_ids.begin() + 4,
+                                (*specs)[k].prompt_token_ids.end());
+  };
+  std::vector<std::vector<int32_t>> want(5);
+  want[0] = (*specs)[0].prompt_token_ids;
+  want[3] = (*specs)[3].prompt_token_ids;
+  for (int i : {1, 2, 4}) {
+    want[i] = want[i - 1];
+    want[i].insert(want[i].end(), answer.begin(), answer.end());
+    const std::vector<int32_t> message = own(i);  // spec c * 3 + k is turn k of c
+    want[i].insert(want[i].end(), message.begin(), message.end());
+  }
+  const std::vector<GenerateRequest> got = service_.requests();
+  ASSERT_EQ(got.size(), 5u);
+  for (int i = 0; i < 5; ++i) {
+    const GenerateRequest& r = got[i];
+    EXPECT_EQ(r.request_id(), absl::StrCat("chat-", i));
+    EXPECT_EQ(std::vector<int32_t>(r.prompt_token_ids().begin(), r.prompt_token_ids().end()),
+              want[i])
+        << i;
+    const RequestRecord& rec = result->records[i];
+    EXPECT_EQ(rec.conversation, i < 3 ? 0 : 1) << i;
+    EXPECT_EQ(rec.turn, i % 3) << i;
+    EXPECT_EQ(rec.ok, i != 4) << i;
+    if (rec.turn > 0) {
+      const RequestRecord& before = result->records[i - 1];
+      EXPECT_NEAR(rec.scheduled_s, before.end_s + 0.05, 1e-9) << i;
+      EXPECT_GE(rec.send_s, rec.scheduled_s - 1e-6) << i;
+    }
+  }
+  EXPECT_NEAR(result->records[3].scheduled_s, 0.5, 1e-9);
+
+  // A context cap of 26 tokens: turn 1 (12 + 3 + 8 prompt tokens, 3 out) fits, turn 2 not.
+  RunOptions capped = o;
+  capped.arrivals = {0.0};
+  capped.max_model_len = 26;
+  capped.request_id_prefix = "capped";
+  service_.script = [](int64_t) { return Script(); };
+  auto short_run = RunBenchmark(client, *specs, capped);
+  ASSERT_TRUE(short_run.ok()) << short_run.status();
+  ASSERT_EQ(short_run->records.size(), 2u);
+  EXPECT_EQ(short_run->records[1].prompt_tokens, 23);
+  // Multi-turn runs are open loop at a finite rate.
+  RunOptions closed = o;
+  closed.concurrency = 2;
+  EXPECT_EQ(RunBenchmark(client, *specs, closed).status().code(),
+            absl::StatusCode::kInvalidArgument);
+}
+
 TEST_F(PdbenchFakeServerTest, OpenLoopBoundsCallsInFlight) {
   // The same schedule with at most 2 calls in flight: later sends wait for a slot.
   ScriptFixed(100, 100);
@@ -715,6 +798,13 @@ TEST(PdbenchCliTest, UnreachableTargetAndBadArguments) {
   EXPECT_EQ(RunPdbench({"--target", "x:1", "--search"}), 2);  // needs --goodput
   EXPECT_EQ(RunPdbench({"--target", "x:1", "--percentile-metrics", "ttft,foo"}), 2);
   EXPECT_EQ(RunPdbench({"--target", "x:1", "--bogus"}), 2);
+  // Multi-turn: open loop at a finite rate, generated token-id prompts.
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "3"}), 2);  // --rate inf
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "3", "--concurrency", "2"}), 2);
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "3", "--rate", "1", "--text-prompts"}), 2);
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "0", "--rate", "1"}), 2);
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "2", "--rate", "1", "--think-time", "-1"}),
+            2);
   EXPECT_EQ(RunPdbench({"--help"}), 0);
 }
 
