@@ -263,7 +263,36 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
       double now_s = elapsed();
       maybe_report(lock, now_s, false);
       now_s = elapsed();
-      if (options.duration_s > 0 && now_s >= options.duration_s) break;
+      if (options.duration_s > 0 && now_s >= options.duration_s) {
+        // Turns due before the end but never sent (the in-flight bound held them) count as
+        // failed, as in a single-turn run.
+        const auto not_sent = [&](int64_t c, int32_t turn, double due_s) {
+          const RequestSpec& base = specs[c * options.turns + turn];
+          RequestRecord r;
+          r.index = static_cast<int64_t>(st->slots.size() + unsent.size());
+          r.ok = false;
+          r.error_code = "NOT_SENT";
+          r.error_message =
+              "due before the run ended but never sent: the in-flight bound was reached";
+          r.prompt_tokens = base.prompt_len;
+          r.expected_output_tokens = base.output_len;
+          r.scheduled_s = due_s;
+          r.send_s = r.end_s = options.duration_s;
+          r.conversation = c;
+          r.turn = turn;
+          unsent.push_back(std::move(r));
+        };
+        for (int64_t c = 0; c < total; ++c) {
+          const Conversation& conv = st->conversations[c];
+          if (c >= next_start && options.arrivals[c] < options.duration_s) {
+            not_sent(c, 0, options.arrivals[c]);
+          } else if (c < next_start && !conv.ended && !conv.waiting &&
+                     conv.due_s < options.duration_s) {
+            not_sent(c, conv.next_turn, conv.due_s);
+          }
+        }
+        break;
+      }
       int64_t pick = -1;
       double due = 0;
       for (int64_t c = 0; c < next_start; ++c) {

@@ -81,7 +81,8 @@ const FlagDef kFlags[] = {
     {"turns", FlagType::kValue,
      "multi-turn conversations of up to T requests (default 1): --rate and --num-requests then "
      "count conversations; each later turn sends the previous prompt, the answer's tokens and "
-     "a new message drawn like a prompt (generated datasets, token ids, finite --rate)"},
+     "a new message drawn like a prompt (generated datasets, token ids, finite --rate, "
+     "--max-model-len)"},
     {"think-time", FlagType::kValue,
      "multi-turn: seconds between an answer's end and the next turn (default 1)"},
     {"vocab-range", FlagType::kValue,
@@ -421,11 +422,13 @@ absl::StatusOr<Config> MakeConfig(const Flags& f) {
         "--turns must be in [1, 1000] and --think-time in [0, 3600] seconds");
   }
   c.turns = static_cast<int>(turns);
-  if (c.turns > 1 && (c.search || c.concurrency > 0 || std::isinf(c.rate) || d.text_prompts ||
-                      d.kind == DatasetKind::kShareGpt || d.kind == DatasetKind::kTrace)) {
+  if (c.turns > 1 &&
+      (c.search || c.concurrency > 0 || std::isinf(c.rate) || d.text_prompts ||
+       d.kind == DatasetKind::kShareGpt || d.kind == DatasetKind::kTrace || d.max_model_len <= 0)) {
     return absl::InvalidArgumentError(
         "--turns needs a finite --rate (conversations per second), a generated dataset "
-        "(random, chatbot, code, summarization) sent as token ids, and no --search");
+        "(random, chatbot, code, summarization) sent as token ids, --max-model-len (a "
+        "conversation ends before its context would pass it) and no --search");
   }
   if (d.kind == DatasetKind::kTrace && (c.rate_set || c.concurrency > 0)) {
     return absl::InvalidArgumentError(

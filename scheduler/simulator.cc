@@ -219,6 +219,7 @@ class Engine {
         BatchCandidate c;
         c.pending_tokens = seq->tokens - seq->num_computed;
         if (StartsFromCache(*seq)) c.pending_tokens -= CachedTokens(*seq);
+        if (waiting_blocked && !seq->admitted) c.pending_tokens = 0;  // skipped
         c.running = seq->admitted;
         if (seq->num_generated == 0) c.deadline_s = seq->deadline_s;  // as LlmEngine
         c.best_effort = seq->best_effort;
@@ -274,7 +275,8 @@ class Engine {
           }
           if (!seq->admitted) {
             waiting_blocked = true;
-            continue;
+            replan = true;
+            break;
           }
           full = true;
           break;

@@ -356,6 +356,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       if (StartsFromCache(*seq)) {
         c.pending_tokens -= static_cast<int32_t>(CachedPrefix(*seq).size()) * bs;
       }
+      if (waiting_blocked && !seq->admitted) c.pending_tokens = 0;  // not planned (skipped)
       c.running = seq->admitted;
       if (seq->num_generated == 0) c.deadline_s = seq->request.ttft_deadline_s;
       c.best_effort = seq->request.best_effort;
@@ -414,9 +415,12 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
           return absl::InternalError(absl::StrCat("request '", seq->request.id,
                                                   "' cannot get KV blocks: ", reserved.message()));
         }
-        if (!seq->admitted) {  // later waiting requests wait until blocks free up
+        if (!seq->admitted) {
+          // Later waiting requests wait until blocks free up; the running ones are planned
+          // again with the budget and places it would have taken.
           waiting_blocked = true;
-          continue;
+          replan = true;
+          break;
         }
         full = true;
         break;

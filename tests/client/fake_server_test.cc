@@ -343,8 +343,8 @@ TEST_F(PdbenchFakeServerTest, OpenLoopSendsOnScheduleAndBoundsInflight) {
 // turn whose context would pass max_model_len.
 TEST_F(PdbenchFakeServerTest, ConversationsCarryTheAnswersIntoTheNextTurn) {
   ScriptFixed(20, 5);  // 3 tokens (100, 101, 102) in about 30 ms
-  // Send order: conversation 0's three turns (done by ~0.25 s), then conversation 1's (from
-  // 0.5 s), whose second turn (request 4) fails.
+  // Send order: conversation 0's three turns (done by ~0.2 s), then conversation 1's (from
+  // 1 s), whose second turn (request 4) fails.
   service_.script = [](int64_t index) {
     Script s;
     s.ttft_ms = 20;
@@ -361,7 +361,7 @@ TEST_F(PdbenchFakeServerTest, ConversationsCarryTheAnswersIntoTheNextTurn) {
   ASSERT_TRUE(specs.ok()) << specs.status();
   ServingClient client(target_);
   RunOptions o;
-  o.arrivals = {0.0, 0.5};
+  o.arrivals = {0.0, 1.0};
   o.turns = 3;
   o.think_time_s = 0.05;
   o.follow_up_skip = 4;
@@ -401,7 +401,36 @@ TEST_F(PdbenchFakeServerTest, ConversationsCarryTheAnswersIntoTheNextTurn) {
       EXPECT_GE(rec.send_s, rec.scheduled_s - 1e-6) << i;
     }
   }
-  EXPECT_NEAR(result->records[3].scheduled_s, 0.5, 1e-9);
+  EXPECT_NEAR(result->records[3].scheduled_s, 1.0, 1e-9);
+
+  // Two conversations at once: their turns interleave, each carrying its own history.
+  RunOptions overlapping = o;
+  overlapping.arrivals = {0.0, 0.01};
+  overlapping.request_id_prefix = "both";
+  service_.script = [](int64_t) { return Script(); };
+  const size_t before = service_.requests().size();
+  auto both = RunBenchmark(client, *specs, overlapping);
+  ASSERT_TRUE(both.ok()) << both.status();
+  ASSERT_EQ(both->records.size(), 6u);
+  const std::vector<GenerateRequest> sent = service_.requests();
+  std::map<std::pair<int64_t, int32_t>, std::vector<int32_t>> prompts;  // (conversation, turn)
+  for (const RequestRecord& rec : both->records) {
+    ASSERT_TRUE(rec.ok);
+    const GenerateRequest& r = sent[before + rec.index];
+    ASSERT_EQ(r.request_id(), absl::StrCat("both-", rec.index));
+    prompts[{rec.conversation, rec.turn}] = {r.prompt_token_ids().begin(),
+                                             r.prompt_token_ids().end()};
+  }
+  for (int64_t c : {0, 1}) {
+    std::vector<int32_t> history = (*specs)[c * 3].prompt_token_ids;
+    EXPECT_EQ(prompts[std::make_pair(c, 0)], history);
+    for (int32_t turn : {1, 2}) {
+      history.insert(history.end(), answer.begin(), answer.end());
+      const std::vector<int32_t> message = own(static_cast<int>(c * 3 + turn));
+      history.insert(history.end(), message.begin(), message.end());
+      EXPECT_EQ(prompts[std::make_pair(c, turn)], history) << c << " " << turn;
+    }
+  }
 
   // A context cap of 26 tokens: turn 1 (12 + 3 + 8 prompt tokens, 3 out) fits, turn 2 not.
   RunOptions capped = o;
@@ -418,6 +447,48 @@ TEST_F(PdbenchFakeServerTest, ConversationsCarryTheAnswersIntoTheNextTurn) {
   closed.concurrency = 2;
   EXPECT_EQ(RunBenchmark(client, *specs, closed).status().code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+// A multi-turn run that ends (duration) while turns are due but held back by the in-flight
+// bound records them as NOT_SENT: every conversation shows up, each with its turns sent and
+// then at most the one that was due.
+TEST_F(PdbenchFakeServerTest, MultiTurnTurnsDueButNeverSentCountAsFailed) {
+  ScriptFixed(100, 10);  // 2 tokens: ~110 ms a turn, one at a time
+  ServingClient client(target_);
+  RunOptions o;
+  o.arrivals = {0.0, 0.02, 0.04};
+  o.turns = 3;
+  o.max_inflight = 1;
+  o.duration_s = 0.3;
+  o.request_id_prefix = "held";
+  auto result = RunBenchmark(client, Specs(9, 4, 2), o);
+  ASSERT_TRUE(result.ok()) << result.status();
+  std::map<int64_t, std::vector<const RequestRecord*>> by_conversation;
+  int not_sent = 0;
+  for (const RequestRecord& r : result->records) {
+    by_conversation[r.conversation].push_back(&r);
+    if (r.error_code == "NOT_SENT") {
+      ++not_sent;
+      EXPECT_LT(r.scheduled_s, 0.3);
+    } else {
+      EXPECT_TRUE(r.ok) << r.error_code;
+    }
+  }
+  EXPECT_GE(not_sent, 1) << "9 turns of ~110 ms, one at a time, do not fit in 0.3 s";
+  ASSERT_EQ(by_conversation.size(), 3u);
+  for (const auto& [c, records] : by_conversation) {
+    int32_t sent = 0, unsent = 0;
+    for (const RequestRecord* r : records) {
+      if (r->error_code == "NOT_SENT") {
+        EXPECT_EQ(r->turn, sent) << "the turn after those sent";
+        ++unsent;
+      } else {
+        EXPECT_EQ(r->turn, sent);
+        ++sent;
+      }
+    }
+    EXPECT_LE(unsent, 1) << c;
+  }
 }
 
 TEST_F(PdbenchFakeServerTest, OpenLoopBoundsCallsInFlight) {
@@ -799,12 +870,17 @@ TEST(PdbenchCliTest, UnreachableTargetAndBadArguments) {
   EXPECT_EQ(RunPdbench({"--target", "x:1", "--percentile-metrics", "ttft,foo"}), 2);
   EXPECT_EQ(RunPdbench({"--target", "x:1", "--bogus"}), 2);
   // Multi-turn: open loop at a finite rate, generated token-id prompts.
-  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "3"}), 2);  // --rate inf
-  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "3", "--concurrency", "2"}), 2);
-  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "3", "--rate", "1", "--text-prompts"}), 2);
-  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "0", "--rate", "1"}), 2);
-  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "2", "--rate", "1", "--think-time", "-1"}),
-            2);
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "3"}), 2);                 // --rate inf
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "3", "--rate", "1"}), 2);  // no cap
+  const std::vector<std::string> cap = {"--max-model-len", "512"};
+  const auto with_cap = [&](std::vector<std::string> args) {
+    args.insert(args.end(), cap.begin(), cap.end());
+    return RunPdbench(args);
+  };
+  EXPECT_EQ(with_cap({"--target", "x:1", "--turns", "3", "--concurrency", "2"}), 2);
+  EXPECT_EQ(with_cap({"--target", "x:1", "--turns", "3", "--rate", "1", "--text-prompts"}), 2);
+  EXPECT_EQ(with_cap({"--target", "x:1", "--turns", "0", "--rate", "1"}), 2);
+  EXPECT_EQ(with_cap({"--target", "x:1", "--turns", "2", "--rate", "1", "--think-time", "-1"}), 2);
   EXPECT_EQ(RunPdbench({"--help"}), 0);
 }
 

@@ -76,6 +76,7 @@ class GenerationTest : public ::testing::Test {
       }
     }
   }
+  void RunningImportStepsBehindABlockedPreemptedSequence(int32_t budget);
   static GenerateRequest Request(SamplingParams params,
                                  std::vector<int32_t> prompt = {5, 17, 42, 8, 99}) {
     GenerateRequest r;
@@ -574,9 +575,18 @@ TEST_F(GenerationTest, ImportsWaitForRoomAndCancelFreesReservedBlocks) {
 // A decode engine preempts a sequence (v) for an older one's growth; an import reserved before
 // (r) is activated after it, so r is younger than v. v cannot get its blocks back yet: r still
 // runs (it used to stop behind v, and with the older sequence gone nothing would ever free
-// v's blocks), new imports wait until v runs again, and everything finishes.
+// v's blocks), new imports wait until v runs again, and everything finishes. Also with a token
+// budget that v's chunk would use up (25 = a's 1 + v's 24): r still gets its place.
 TEST_F(GenerationTest, RunningImportsStepWhileAPreemptedSequenceWaitsForBlocks) {
-  auto decode = NewEngine({.block_size = 8, .num_blocks = 6, .prefix_caching = false});
+  for (int32_t budget : {2048, 25}) {
+    SCOPED_TRACE(budget);
+    RunningImportStepsBehindABlockedPreemptedSequence(budget);
+  }
+}
+
+void GenerationTest::RunningImportStepsBehindABlockedPreemptedSequence(int32_t budget) {
+  auto decode = NewEngine(
+      {.block_size = 8, .num_blocks = 6, .max_batch_tokens = budget, .prefix_caching = false});
   const auto import = [&](const std::string& id, int32_t len, int32_t first_token) {
     GenerateRequest r = Request({.max_tokens = 40, .ignore_eos = true});
     r.id = id;

@@ -415,6 +415,7 @@ TEST(SimulatorTest, SharedPrefixAccountingSurvivesRandomPressure) {
       c.prefill.kv_blocks = 20 + static_cast<int>(rng() % 20);
       c.prefill.max_batch_tokens = 32 + static_cast<int>(rng() % 64);
       c.decode.kv_blocks = 20 + static_cast<int>(rng() % 20);
+      c.decode.max_batch_tokens = 16 + static_cast<int>(rng() % 64);
     }
     std::vector<SimRequest> reqs;
     double t = 0;
