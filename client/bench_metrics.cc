@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
 #include <numeric>
 
 #include "absl/strings/str_cat.h"
@@ -281,7 +282,7 @@ std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTarg
       "index,ok,error_code,send_s,scheduled_s,ttft_ms,tpot_ms,e2el_ms,prompt_tokens,output_tokens,"
       "meets_slo,"
       "queue_ms,prefill_ms,transfer_ms,decode_ms,dispatch_ms,relay_ms,handoff_ms,"
-      "cached_prompt_tokens\n";
+      "cached_prompt_tokens,conversation,turn\n";
   auto opt = [](double v) { return v >= 0 ? absl::StrFormat("%.3f", v) : std::string(); };
   for (const RequestRecord& r : records) {
     Stages st = StagesOf(r);
@@ -292,7 +293,33 @@ std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTarg
                     r.ok ? opt(r.E2elS() * 1000) : "", ",", r.prompt_tokens, ",", r.OutputTokens(),
                     ",", MeetsSlo(r, slo) ? 1 : 0, ",", opt(st.queue), ",", opt(st.prefill), ",",
                     opt(st.transfer), ",", opt(st.decode), ",", opt(st.dispatch), ",",
-                    opt(st.relay), ",", opt(st.handoff), ",", r.cached_prompt_tokens, "\n");
+                    opt(st.relay), ",", opt(st.handoff), ",", r.cached_prompt_tokens, ",",
+                    r.conversation >= 0 ? absl::StrCat(r.conversation) : "", ",",
+                    r.conversation >= 0 ? absl::StrCat(r.turn) : "", "\n");
+  }
+  return out;
+}
+
+std::string TurnsTable(const std::vector<RequestRecord>& records, const SloTargets& slo) {
+  std::map<int32_t, std::vector<RequestRecord>> by_turn;
+  for (const RequestRecord& r : records) {
+    if (r.conversation >= 0) by_turn[r.turn].push_back(r);
+  }
+  if (by_turn.empty()) return "";
+  std::string out =
+      absl::StrFormat("%-6s%10s%11s%11s%15s%16s%10s\n", "Turn", "requests", "completed", "attain %",
+                      "TTFT mean ms", "TTFT median ms", "cached %");
+  for (const auto& [turn, rs] : by_turn) {
+    const BenchMetrics m = ComputeMetrics(rs, 1.0, slo);
+    int64_t prompt = 0, cached = 0;
+    for (const RequestRecord& r : rs) {
+      if (!r.ok) continue;
+      prompt += r.prompt_tokens;
+      cached += r.cached_prompt_tokens;
+    }
+    absl::StrAppendFormat(&out, "%-6d%10d%11d%11.1f%15.1f%16.1f%10.1f\n", turn + 1, rs.size(),
+                          m.completed, 100 * m.slo_attainment, m.ttft_ms.mean, m.ttft_ms.median,
+                          prompt > 0 ? 100.0 * cached / prompt : 0.0);
   }
   return out;
 }

@@ -144,12 +144,17 @@ std::string SummaryTable(const BenchMetrics& m, const std::vector<std::string>& 
 
 // One CSV row per request: index, ok, error_code, send_s, scheduled_s, ttft_ms, tpot_ms, e2el_ms,
 // prompt_tokens, output_tokens, meets_slo, queue_ms, prefill_ms, transfer_ms, decode_ms,
-// dispatch_ms, relay_ms, handoff_ms, cached_prompt_tokens. The last seven come from the server
+// dispatch_ms, relay_ms, handoff_ms, cached_prompt_tokens, conversation, turn (the last two
+// empty outside multi-turn runs). queue_ms .. handoff_ms come from the server
 // timeline (empty without one): queue = the prefill worker has it -> its step starts, prefill =
 // that step, dispatch = the front-end has it -> the prefill worker has it, relay = the step ends ->
 // the front-end has the first token, handoff = the step ends -> the decode worker has the KV.
 // `pdserve plan --calibrate` reads these files (scheduler/calibration.h).
 std::string RequestsCsv(const std::vector<RequestRecord>& records, const SloTargets& slo);
+
+// Multi-turn runs: one line per turn (1-based): requests, completed, SLO attainment, TTFT mean
+// and median, and the share of the prompt tokens the server took from its prefix cache.
+std::string TurnsTable(const std::vector<RequestRecord>& records, const SloTargets& slo);
 
 // --search results.
 struct SearchPoint {

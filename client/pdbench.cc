@@ -683,6 +683,7 @@ class Pdbench {
       for (const auto& [conversation, turns] : turns_sent) complete += turns == c_.turns;
       absl::StrAppendFormat(&table, "Conversations: %d started, %d reached turn %d of %d\n",
                             turns_sent.size(), complete, c_.turns, c_.turns);
+      table += TurnsTable(result->records, c_.slo);
     }
     std::printf("%s", table.c_str());
     std::fflush(stdout);

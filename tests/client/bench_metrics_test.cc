@@ -137,6 +137,29 @@ TEST(PdbenchMetricsTest, SloRules) {
   EXPECT_EQ(empty.request_throughput, 0);
 }
 
+// Multi-turn records: the CSV names each row's conversation and turn, and the per-turn table
+// counts each turn's requests, attainment, TTFT and cached share.
+TEST(PdbenchMetricsTest, TurnsTableAndColumns) {
+  auto records = HandMade();
+  ASSERT_GE(records.size(), 2u);
+  EXPECT_EQ(TurnsTable(records, SloTargets{}), "") << "not a multi-turn run";
+  records[0].conversation = 0;
+  records[0].turn = 0;
+  records[1].conversation = 0;
+  records[1].turn = 1;
+  records[1].ok = true;
+  records[1].cached_prompt_tokens = records[1].prompt_tokens / 2;
+  const std::string csv = RequestsCsv(records, SloTargets{});
+  EXPECT_NE(csv.find(",0,0\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find(",0,1\n"), std::string::npos) << csv;
+  const std::string table = TurnsTable(records, SloTargets{});
+  EXPECT_NE(table.find("Turn"), std::string::npos) << table;
+  EXPECT_NE(table.find("\n1 "), std::string::npos) << table;
+  EXPECT_NE(table.find("\n2 "), std::string::npos) << table;
+  // Turn 2: 10 of its 20 prompt tokens cached, TTFT 50 ms.
+  EXPECT_NE(table.find("50.0      50.0\n"), std::string::npos) << table;
+}
+
 TEST(PdbenchMetricsTest, ServerTimelineStages) {
   auto records = HandMade();
   ServerTimeline& t = records[0].timeline;
@@ -170,9 +193,10 @@ TEST(PdbenchMetricsTest, ServerTimelineStages) {
   EXPECT_EQ(m.handoff_ms.count, 1);
   EXPECT_DOUBLE_EQ(m.handoff_ms.mean, 1.5);
   const std::string csv = RequestsCsv(records, SloTargets{});
-  EXPECT_NE(csv.find("dispatch_ms,relay_ms,handoff_ms,cached_prompt_tokens\n"), std::string::npos)
+  EXPECT_NE(csv.find("dispatch_ms,relay_ms,handoff_ms,cached_prompt_tokens,conversation,turn\n"),
+            std::string::npos)
       << csv;
-  EXPECT_NE(csv.find(",1.000,0.400,1.500,0\n"), std::string::npos) << csv;
+  EXPECT_NE(csv.find(",1.000,0.400,1.500,0,,\n"), std::string::npos) << csv;
   const nlohmann::json j = MetricsToJson(m, AllPercentileMetrics());
   EXPECT_DOUBLE_EQ(j["server_timeline"]["relay_ms"]["mean"].get<double>(), 0.4);
   EXPECT_DOUBLE_EQ(j["server_timeline"]["handoff_ms"]["mean"].get<double>(), 1.5);
