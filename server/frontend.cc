@@ -455,6 +455,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     std::unique_ptr<engine::StreamDecoder> decoder;
     api::Timeline timeline;
     int32_t completion_tokens = 0;
+    std::vector<int32_t> output_ids;  // the tokens relayed (the decoding worker caches them)
     std::string finish_reason;
     // The prefill worker's KV hand-off, offered to confirmed, on its own clock (the timeline's
     // end is the decode worker's, another host's clock).
@@ -757,6 +758,21 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       refused->healthy = false;
       *refused_by = refused->id;
     }
+    if (s.ok()) {
+      // The decoding worker (decode or colocated) now also caches the answer's blocks: a
+      // conversation's next turn, which starts with this prompt and answer, finds them there.
+      Instance& decoder = decode != nullptr ? *decode : *prefill;
+      std::vector<int32_t> context(prompt.begin(), prompt.end());
+      context.insert(context.end(), relay.output_ids.begin(), relay.output_ids.end());
+      if (!context.empty()) context.pop_back();  // the last token's K/V was never computed
+      std::lock_guard<std::mutex> lock(mu_);
+      if (decoder.status.prefix_caching()) {
+        std::vector<uint64_t> hashes;
+        engine::BlockAllocator::ExtendPrefixHashes(
+            context, std::max(1, decoder.status.block_size()), hashes);
+        decoder.prefix_index.Insert(hashes);
+      }
+    }
     return s;
   }
 
@@ -772,6 +788,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     response.set_request_id(relay.tracked.id);
     for (int32_t id : event.token_ids()) {
       response.add_token_ids(id);
+      relay.output_ids.push_back(id);
       if (relay.decoder) response.mutable_text()->append(relay.decoder->Add(id));
     }
     for (const pb::TokenLogprobs& lp : event.logprobs()) {

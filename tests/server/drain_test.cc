@@ -559,5 +559,59 @@ TEST(DrainTest, RequestsGoToTheDecodeWorkerHoldingTheirPrefix) {
   })) << "sent/held bytes";
 }
 
+// A conversation's next turn starts with the previous prompt and its answer: the decode worker
+// that decoded it caches both, and the front-end knows (it relayed the answer), so the next
+// turn goes there and is sent only what follows.
+TEST(DrainTest, NextTurnFindsTheAnswerOnTheDecodeWorker) {
+  auto c = StartFrontend();
+  ASSERT_NE(c, nullptr);
+  auto p0 = c->Worker(InstanceRole::kPrefill, "p0");
+  auto d0 = c->Worker(InstanceRole::kDecode, "d0");
+  auto d1 = c->Worker(InstanceRole::kDecode, "d1");
+  ASSERT_TRUE(p0 && d0 && d1);
+  ASSERT_TRUE(c->WaitHealthy({"p0", "d0", "d1"}));
+  const auto run = [&](const std::vector<int32_t>& prompt, int max_tokens,
+                       std::vector<int32_t>* answer) {
+    api::GenerateRequest r;
+    *r.mutable_prompt_token_ids() = {prompt.begin(), prompt.end()};
+    r.set_max_tokens(max_tokens);
+    r.set_ignore_eos(true);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto call = c->api->Generate(&ctx, r);
+    api::GenerateResponse m;
+    api::Done done;
+    while (call->Read(&m)) {
+      if (answer != nullptr)
+        answer->insert(answer->end(), m.token_ids().begin(), m.token_ids().end());
+      if (m.has_done()) done = m.done();
+    }
+    EXPECT_TRUE(call->Finish().ok());
+    return done.timeline();
+  };
+  // Turn 1: 40 prompt tokens and a 30-token answer; the decode worker then holds 69 positions
+  // (4 whole blocks of 16), of which the prompt alone fills 2.
+  std::vector<int32_t> history;
+  for (int j = 0; j < 40; ++j) history.push_back(20 + j);
+  std::vector<int32_t> answer;
+  const api::Timeline first = run(history, 30, &answer);
+  ASSERT_EQ(answer.size(), 30u);
+  const std::string holder = first.decode_instance();
+  history.insert(history.end(), answer.begin(), answer.end());
+  for (int j = 0; j < 10; ++j) history.push_back(200 + j);  // turn 2: 80 tokens
+  const auto idle = [&](const api::ClusterStatus& s) {
+    return c->Find(s, "d0")->kv_blocks_used() == 0 && c->Find(s, "d1")->kv_blocks_used() == 0;
+  };
+  ASSERT_TRUE(c->WaitFor(idle));
+  const api::Timeline second = run(history, 2, nullptr);
+  EXPECT_EQ(second.decode_instance(), holder);
+  EXPECT_TRUE(absl::StrContains(second.scheduler_note(), "4 prompt blocks held"))
+      << second.scheduler_note();
+  auto* d = holder == "d0" ? d0.get() : d1.get();
+  EXPECT_TRUE(d->WaitFor([](const ::pdserve::internal::WorkerStatus& s) {
+    return s.prefix_cache_hit_tokens() == 4 * kBlockSize;
+  })) << "the worker shared the 4 blocks";
+}
+
 }  // namespace
 }  // namespace pds::server
