@@ -268,13 +268,23 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
         // failed, as in a single-turn run.
         const auto not_sent = [&](int64_t c, int32_t turn, double due_s) {
           const RequestSpec& base = specs[c * options.turns + turn];
+          // The prompt it would have sent (history and message), as the send below builds it;
+          // a turn past the context cap would have ended its conversation instead.
+          const size_t skip = turn == 0 ? 0
+                                        : std::min(base.prompt_token_ids.size(),
+                                                   static_cast<size_t>(options.follow_up_skip));
+          const int64_t prompt_len = static_cast<int64_t>(st->conversations[c].context.size() +
+                                                          base.prompt_token_ids.size() - skip);
+          if (options.max_model_len > 0 && prompt_len + base.output_len > options.max_model_len) {
+            return;
+          }
           RequestRecord r;
           r.index = static_cast<int64_t>(st->slots.size() + unsent.size());
           r.ok = false;
           r.error_code = "NOT_SENT";
           r.error_message =
               "due before the run ended but never sent: the in-flight bound was reached";
-          r.prompt_tokens = base.prompt_len;
+          r.prompt_tokens = prompt_len;
           r.expected_output_tokens = base.output_len;
           r.scheduled_s = due_s;
           r.send_s = r.end_s = options.duration_s;

@@ -677,6 +677,7 @@ class Pdbench {
       // How far the conversations went (a failed turn, or one past --max-model-len, ends one).
       std::map<int64_t, int32_t> turns_sent;
       for (const RequestRecord& r : result->records) {
+        if (r.error_code == "NOT_SENT") continue;
         turns_sent[r.conversation] = std::max(turns_sent[r.conversation], r.turn + 1);
       }
       int64_t complete = 0;

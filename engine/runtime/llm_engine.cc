@@ -345,6 +345,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   // first served), but running ones still run (they would otherwise never free the blocks it
   // waits for: a preempted sequence is older than the imports admitted since).
   bool waiting_blocked = false;
+  bool block_wait = false;  // a running sequence waits for blocks a transfer holds
   bool replan = true;
   while (replan) {
     replan = false;
@@ -402,7 +403,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         if (seq->admitted && BlocksAwaitRelease()) {
           // Held or importing sequences own the blocks it needs: they come back when their
           // transfer (or its cancel) ends. It waits; the others planned so far run.
-          ++num_block_waits_;
+          block_wait = true;
           continue;
         }
         if (from_cache) {  // waiting sequences hold no blocks
@@ -445,6 +446,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       });
     }
   }
+  if (block_wait) ++num_block_waits_;  // once per step, however often it was replanned
   std::vector<TokenOutput> outputs;
   last_batch_.clear();
   for (const Planned& p : plan) last_batch_.emplace_back(p.seq->request.id, p.chunk);
