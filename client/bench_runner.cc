@@ -4,6 +4,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 
@@ -29,7 +30,6 @@ struct Conversation {
   std::vector<int32_t> context;  // the last turn's prompt and its answer
   int32_t next_turn = 0;
   double due_s = 0;      // when the next turn is due
-  bool started = false;  // its first turn was sent
   bool waiting = false;  // a turn is in flight
   bool ended = false;
 };
@@ -256,6 +256,27 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
   };
 
   if (multi_turn) {
+    // Turn `turn` of conversation `c` (the lock held): its history, then its own message; none
+    // when it would pass max_model_len, or for a text prompt (it cannot carry the answer's
+    // tokens): the conversation ends there.
+    const auto turn_spec = [&](int64_t c, int32_t turn) -> std::optional<RequestSpec> {
+      const RequestSpec& base = specs[c * options.turns + turn];
+      if (base.use_text) return std::nullopt;
+      RequestSpec spec;
+      spec.output_len = base.output_len;
+      spec.prompt_token_ids = st->conversations[c].context;
+      const size_t skip = turn == 0 ? 0
+                                    : std::min(base.prompt_token_ids.size(),
+                                               static_cast<size_t>(options.follow_up_skip));
+      spec.prompt_token_ids.insert(spec.prompt_token_ids.end(),
+                                   base.prompt_token_ids.begin() + skip,
+                                   base.prompt_token_ids.end());
+      spec.prompt_len = static_cast<int64_t>(spec.prompt_token_ids.size());
+      if (options.max_model_len > 0 && spec.prompt_len + spec.output_len > options.max_model_len) {
+        return std::nullopt;
+      }
+      return spec;
+    };
     // The earliest due turn: a conversation's next one or the next conversation's first.
     std::unique_lock<std::mutex> lock(st->mu);
     int64_t next_start = 0;
@@ -267,25 +288,17 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
         // Turns due before the end but never sent (the in-flight bound held them) count as
         // failed, as in a single-turn run.
         const auto not_sent = [&](int64_t c, int32_t turn, double due_s) {
-          const RequestSpec& base = specs[c * options.turns + turn];
-          // The prompt it would have sent (history and message), as the send below builds it;
-          // a turn past the context cap would have ended its conversation instead.
-          const size_t skip = turn == 0 ? 0
-                                        : std::min(base.prompt_token_ids.size(),
-                                                   static_cast<size_t>(options.follow_up_skip));
-          const int64_t prompt_len = static_cast<int64_t>(st->conversations[c].context.size() +
-                                                          base.prompt_token_ids.size() - skip);
-          if (options.max_model_len > 0 && prompt_len + base.output_len > options.max_model_len) {
-            return;
-          }
+          // A turn past the context cap would have ended its conversation instead.
+          const std::optional<RequestSpec> spec = turn_spec(c, turn);
+          if (!spec) return;
           RequestRecord r;
           r.index = static_cast<int64_t>(st->slots.size() + unsent.size());
           r.ok = false;
           r.error_code = "NOT_SENT";
           r.error_message =
               "due before the run ended but never sent: the in-flight bound was reached";
-          r.prompt_tokens = prompt_len;
-          r.expected_output_tokens = base.output_len;
+          r.prompt_tokens = spec->prompt_len;
+          r.expected_output_tokens = spec->output_len;
           r.scheduled_s = due_s;
           r.send_s = r.end_s = options.duration_s;
           r.conversation = c;
@@ -327,24 +340,12 @@ absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<
       }
       if (pick == next_start) ++next_start;
       Conversation& conv = st->conversations[pick];
-      conv.started = true;
-      const RequestSpec& base = specs[pick * options.turns + conv.next_turn];
-      RequestSpec spec;
-      spec.output_len = base.output_len;
-      spec.prompt_token_ids = conv.context;
-      const size_t skip =
-          conv.next_turn == 0
-              ? 0
-              : std::min(base.prompt_token_ids.size(), static_cast<size_t>(options.follow_up_skip));
-      spec.prompt_token_ids.insert(spec.prompt_token_ids.end(),
-                                   base.prompt_token_ids.begin() + skip,
-                                   base.prompt_token_ids.end());
-      spec.prompt_len = static_cast<int64_t>(spec.prompt_token_ids.size());
-      if (base.use_text || (options.max_model_len > 0 &&
-                            spec.prompt_len + spec.output_len > options.max_model_len)) {
-        conv.ended = true;  // (text prompts cannot carry the answer's tokens)
+      const std::optional<RequestSpec> built = turn_spec(pick, conv.next_turn);
+      if (!built) {
+        conv.ended = true;
         continue;
       }
+      const RequestSpec& spec = *built;
       const double send_s = elapsed();
       if (send_s - due > 0.010) {
         ++result.late_sends;
