@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_replace.h"
 #include "engine/common/status_macros.h"
 
 namespace pds::scheduler {
@@ -27,12 +28,26 @@ class Searcher {
                                 int32_t repeat = 1) {
     client::ArrivalOptions a = options_.arrival;
     a.rate = rate;
-    const int64_t n = static_cast<int64_t>(options_.lengths.size()) * repeat;
-    PDS_ASSIGN_OR_RETURN(std::vector<double> times, client::ArrivalTimes(a, n));
-    std::vector<SimRequest> requests(times.size());
-    for (size_t i = 0; i < times.size(); ++i) {
-      requests[i] = options_.lengths[i % options_.lengths.size()];
-      requests[i].arrival_s = times[i];
+    // The arrivals start requests or, with conversations, their first turns (the later ones
+    // follow their answers): the rate counts those.
+    PDS_ASSIGN_OR_RETURN(std::vector<double> times, client::ArrivalTimes(a, Starts() * repeat));
+    const int64_t per = static_cast<int64_t>(options_.lengths.size());
+    std::vector<SimRequest> requests;
+    requests.reserve(static_cast<size_t>(per * repeat));
+    size_t next = 0;
+    for (int32_t k = 0; k < repeat && next < times.size(); ++k) {
+      for (const SimRequest& r : options_.lengths) {
+        requests.push_back(r);
+        SimRequest& copy = requests.back();
+        if (r.after >= 0) {
+          copy.after += k * per;
+        } else if (next < times.size()) {
+          copy.arrival_s = times[next++];
+        } else {  // (ArrivalTimes gave fewer times than asked: the rest is not sent)
+          requests.pop_back();
+          break;
+        }
+      }
     }
     // With step-time noise, each figure is the mean over noise_draws simulations of the same
     // arrivals with different draws (one draw is one possible run, as one pdbench run is).
@@ -57,7 +72,13 @@ class Searcher {
     return p;
   }
 
-  // A starting per-GPU rate: one mean request served alone, start to end.
+  // Requests (or conversations) the arrivals start.
+  int64_t Starts() const {
+    return std::count_if(options_.lengths.begin(), options_.lengths.end(),
+                         [](const SimRequest& r) { return r.after < 0; });
+  }
+
+  // A starting per-GPU rate: one mean request (or conversation) served alone, start to end.
   double Guess() const {
     double prompt = 0, output = 0;
     for (const SimRequest& r : options_.lengths) {
@@ -66,8 +87,11 @@ class Searcher {
     }
     prompt /= options_.lengths.size();
     output /= options_.lengths.size();
-    const double t = model_.PredictPrefill({static_cast<int32_t>(std::lround(prompt))}) +
-                     output * model_.PredictDecode(1, std::llround(prompt + output / 2));
+    const double per_start =
+        static_cast<double>(options_.lengths.size()) / std::max<int64_t>(1, Starts());
+    const double t =
+        per_start * (model_.PredictPrefill({static_cast<int32_t>(std::lround(prompt))}) +
+                     output * model_.PredictDecode(1, std::llround(prompt + output / 2)));
     return std::clamp(t > 0 ? 1.0 / t : 1.0, kMinRatePerGpu, kMaxRatePerGpu);
   }
 
@@ -215,6 +239,8 @@ absl::StatusOr<Plan> MakePlan(const PlannerOptions& options, const LatencyModel&
   }
   Searcher searcher(options, model);
   Plan plan;
+  plan.conversations = std::any_of(options.lengths.begin(), options.lengths.end(),
+                                   [](const SimRequest& r) { return r.after >= 0; });
   plan.options = options;
   plan.options.lengths.clear();
   plan.latency_model = model.ToJson();
@@ -301,6 +327,7 @@ absl::StatusOr<Plan> MakePlan(const PlannerOptions& options, const LatencyModel&
       } else {
         plan.replicas = static_cast<int32_t>(chosen_replicas);
       }
+      if (plan.conversations) plan.reason = absl::StrReplaceAll(plan.reason, {{"req/s", "conv/s"}});
     }
   }
   plan.prefill_instances = plan.unit.prefill * plan.replicas;
@@ -354,6 +381,7 @@ nlohmann::json PlanToJson(const Plan& plan) {
                                         ? plan.unit.goodput_per_gpu / plan.colocated.goodput_per_gpu
                                         : 0.0;
   j["target_rate"] = o.target_rate;
+  j["rate_unit"] = plan.conversations ? "conversations/s" : "requests/s";
   j["feasible"] = plan.feasible;
   j["reason"] = plan.reason;
   j["predicted_attainment"] = plan.predicted_attainment;
@@ -462,6 +490,8 @@ std::string PlanSummary(const Plan& plan) {
     table(absl::StrCat("At the requested rates (", UnitName(plan.colocated), ")"),
           plan.colocated_at_rates);
   }
+  // With conversations every rate counts conversations (their first turns) per second.
+  if (plan.conversations) s = absl::StrReplaceAll(s, {{"req/s", "conv/s"}});
   return s;
 }
 

@@ -30,6 +30,8 @@
 //   "colocated_goodput_per_gpu": the best colocated unit's, "colocated_instances": its K,
 //   "disaggregated_vs_colocated": goodput_per_gpu / colocated_goodput_per_gpu (0 if none),
 //   "target_rate": R (0: none), "feasible": bool, "reason": why not (or ""),
+//   "rate_unit": "requests/s", or "conversations/s" for multi-turn workloads (every rate in
+//                the file counts conversations, which their first turns start),
 //   "predicted_attainment": attainment simulated at target_rate (the cluster) or, without
 //                           one, at the unit's goodput rate,
 //   "predicted_at_rate": the rate that prediction is at,
@@ -65,7 +67,9 @@ struct PlannerOptions {
   // Instance configs, KV shape, transfer, policies and the SLO targets (base.slo); the
   // instance counts are what the planner sets.
   SimConfig base;
-  // The workload's lengths (their arrival times are ignored), e.g. from MakeSimLengths.
+  // The workload's lengths (their arrival times are ignored), e.g. from MakeSimLengths. With
+  // conversations (MakeSimConversations) the arrivals start first turns, and every rate (the
+  // goodput per GPU, target_rate, at_rates, the curves) counts conversations per second.
   std::vector<SimRequest> lengths;
   // The arrival process (its rate is set per simulation; kind, burstiness and seed kept).
   client::ArrivalOptions arrival;
@@ -126,6 +130,7 @@ struct Plan {
   std::vector<RatePoint> at_rates;            // the unit at options.at_rates
   std::vector<RatePoint> colocated_at_rates;  // the colocated unit at options.at_rates
   PlannerOptions options;                     // what it was planned for (lengths dropped)
+  bool conversations = false;  // the workload has later turns: rates are conversations/s
   nlohmann::json latency_model;
 };
 

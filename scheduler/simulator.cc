@@ -7,10 +7,12 @@
 #include <memory>
 #include <optional>
 #include <queue>
+#include <span>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "engine/common/status_macros.h"
+#include "engine/kv_cache/block_allocator.h"
 #include "scheduler/batch_policy.h"
 #include "scheduler/prefix_index.h"
 
@@ -62,16 +64,39 @@ double NormalDraw(uint64_t seed, uint64_t index) {
   return std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2);
 }
 
-// One sequence of an instance's engine (LlmEngine::Sequence without the data).
+// The token at position `pos` of request `i`'s stream (prompt, then output): synthetic ids
+// that make the engine's block hashes say what the workload shares. Positions inside its
+// group's shared prefix are the group's; the rest are its stream's (a conversation's turns
+// share one stream: each turn's prompt is the previous prompt, its answer and a new message),
+// or its own.
+int32_t SimToken(const SimRequest& r, int64_t i, int64_t pos) {
+  uint64_t owner = (uint64_t{1} << 63) | static_cast<uint64_t>(i);
+  if (r.prefix_group >= 0 && pos < r.prefix_len) {
+    owner = static_cast<uint64_t>(r.prefix_group);
+  } else if (r.stream >= 0) {
+    owner = (uint64_t{1} << 62) | static_cast<uint64_t>(r.stream);
+  }
+  return static_cast<int32_t>(SplitMix64(SplitMix64(owner) + static_cast<uint64_t>(pos)) >> 34);
+}
+
+std::vector<int32_t> SimTokens(const SimRequest& r, int64_t i, int64_t n) {
+  std::vector<int32_t> tokens(static_cast<size_t>(n));
+  for (int64_t p = 0; p < n; ++p) tokens[p] = SimToken(r, i, p);
+  return tokens;
+}
+
+// One sequence of an instance's engine (LlmEngine::Sequence with synthetic tokens and no K/V).
 struct Seq {
   int64_t req = 0;
+  const SimRequest* spec = nullptr;
   uint64_t order = 0;
-  int32_t tokens = 0;  // prompt + generated
+  std::vector<int32_t> tokens;  // prompt + generated
+  std::vector<uint64_t> block_hashes;
+  std::vector<int32_t> cached_chain;  // as LlmEngine's
+  engine::BlockTable table;
   int32_t num_computed = 0;
   int32_t num_generated = 0;
   int32_t max_tokens = 1;
-  int32_t blocks = 0;  // its own, not counting the cached ones it shares
-  int32_t shared = 0;  // blocks of its group's cached prefix it references (> 0: it holds a ref)
   bool admitted = false;
   bool held = false;
   bool importing = false;
@@ -79,9 +104,8 @@ struct Seq {
   bool in_batch = false;
   std::optional<double> deadline_s;
   bool best_effort = false;
-  int32_t group = -1;         // its shared prefix (SimRequest::prefix_group)
-  int32_t group_prefix = 0;   // and that prefix's length
   int32_t prompt_cached = 0;  // prompt tokens its prefill took from the cache
+  int32_t len() const { return static_cast<int32_t>(tokens.size()); }
 };
 
 struct StepItem {
@@ -89,17 +113,20 @@ struct StepItem {
   int32_t chunk;
 };
 
-// LlmEngine's block accounting and batch selection, over counts instead of tensors.
+// LlmEngine's block accounting and batch selection without the forward pass: the same
+// BlockAllocator (prefix cache included) and the same selection rules.
 class Engine {
  public:
   Engine(const SimInstanceConfig& config, const BatchPolicy& policy, bool prefix_caching)
-      : config_(config), policy_(policy), free_(config.kv_blocks), caching_(prefix_caching) {}
+      : config_(config), policy_(policy), allocator_(config.kv_blocks) {
+    if (prefix_caching) allocator_.EnablePrefixCache(config.block_size);
+  }
 
   // AddRequest's cache check: the prompt and one generated token must fit.
   bool Fits(int32_t prompt_len) const {
     return BlocksFor(int64_t{prompt_len} + 1, config_.block_size) <= config_.kv_blocks;
   }
-  int32_t free_blocks() const { return free_; }
+  int32_t free_blocks() const { return allocator_.num_free(); }
   int32_t num_running() const {
     int32_t n = 0;
     for (const auto& [order, seq] : seqs_) n += seq.admitted;
@@ -108,93 +135,83 @@ class Engine {
   int64_t preemptions() const { return preemptions_; }
   size_t num_sequences() const { return seqs_.size(); }
 
-  Seq& Add(int64_t req, int32_t prompt_len, int32_t max_tokens, bool hold,
-           std::optional<double> deadline_s, int32_t group = -1, int32_t group_prefix = 0) {
-    Seq& seq = Insert(req);
-    seq.group = group;
-    seq.group_prefix = group_prefix;
-    seq.tokens = prompt_len;
-    seq.max_tokens = max_tokens;
+  Seq& Add(int64_t req, const SimRequest& spec, bool hold, std::optional<double> deadline_s) {
+    Seq& seq = Insert(req, spec);
+    seq.max_tokens = spec.output_len;
     seq.hold_after_prefill = hold;
     seq.deadline_s = deadline_s;
     return seq;
   }
 
   // LlmEngine::ReserveImport: room for the prompt plus one block per running sequence, less
-  // the leading blocks of its group's prefix that are cached (all but the prompt's last
-  // block), which it shares and the transfer does not move. The held blocks, or -1: no room.
-  int32_t ReserveImport(int64_t req, int32_t prompt_len, int32_t max_tokens, int32_t group = -1,
-                        int32_t group_prefix = 0) {
+  // the leading blocks of the prompt that are cached (all but its last block), which it shares
+  // and the transfer does not move. The held blocks, or -1: no room.
+  int32_t ReserveImport(int64_t req, const SimRequest& spec) {
     for (const auto& [o, seq] : seqs_) {  // a preempted sequence goes first
       if (!seq.admitted && !seq.held && !seq.importing) return -1;
     }
-    const int32_t needed = BlocksFor(prompt_len, config_.block_size);
-    int32_t held = 0;
-    auto entry = caching_ && group >= 0 ? cache_.find(group) : cache_.end();
-    if (entry != cache_.end()) {
-      held = std::min(entry->second.tokens / config_.block_size, needed - 1);
+    const int32_t bs = config_.block_size;
+    const int32_t needed = BlocksFor(spec.prompt_len, bs);
+    std::vector<int32_t> tokens = SimTokens(spec, req, spec.prompt_len);
+    std::vector<uint64_t> hashes;
+    std::vector<int32_t> hit;
+    if (allocator_.prefix_cache_enabled()) {
+      engine::BlockAllocator::ExtendPrefixHashes(tokens, bs, hashes);
+      hit = allocator_.MatchPrefix(tokens, hashes, needed - 1);
+      allocator_.AcquireCached(hit);
     }
-    if (held > 0) Ref(entry->second);
-    if (free_ < needed - held + num_running()) {
-      if (held > 0) Unref(entry->second);
+    const int32_t held = static_cast<int32_t>(hit.size());
+    if (allocator_.num_free() < needed - held + num_running()) {
+      allocator_.Free(hit).IgnoreError();
       return -1;
     }
-    Seq& seq = Insert(req);
-    seq.group = group;
-    seq.group_prefix = group_prefix;
-    seq.tokens = prompt_len;
-    seq.max_tokens = max_tokens;
+    absl::StatusOr<std::vector<int32_t>> blocks = allocator_.Allocate(needed - held);
+    if (!blocks.ok()) {  // (cannot happen: num_free() was checked)
+      allocator_.Free(hit).IgnoreError();
+      return -1;
+    }
+    Seq& seq = Insert(req, spec, std::move(tokens));
+    seq.block_hashes = std::move(hashes);
+    seq.max_tokens = spec.output_len;
     seq.importing = true;
-    seq.blocks = needed - held;
-    seq.shared = held;
-    if (held > 0) entry->second.last_use = ++use_clock_;
-    free_ -= seq.blocks;
-    TrimCache();
+    std::vector<int32_t> table = hit;
+    table.insert(table.end(), blocks->begin(), blocks->end());
+    seq.cached_chain = std::move(hit);
+    seq.table.Adopt(std::move(table), 0);
     return held;
   }
 
-  // LlmEngine::ActivateImport: the prompt's K/V are in (and its blocks cached), the first
+  // LlmEngine::ActivateImport: the prompt's K/V are in (its blocks registered), the first
   // token is known.
   void ActivateImport(int64_t req) {
     Seq& seq = Find(req);
-    seq.num_computed = seq.tokens;
-    Computed(seq);
-    seq.tokens += 1;
+    seq.num_computed = seq.len();
+    seq.table.set_num_tokens(seq.num_computed);
+    RegisterFilledBlocks(seq, static_cast<int32_t>(seq.cached_chain.size()) * config_.block_size);
+    AppendToken(seq);
     seq.num_generated = 1;
     seq.importing = false;
     seq.admitted = true;
   }
 
-  // Prefix caching (LlmEngine's, by groups): after a step, the whole blocks of its group's
-  // prefix that `seq` has computed are cached. Blocks that extend the cached prefix pass from
-  // the sequence to the cache entry (registered, the sequence still references them); blocks
-  // the entry already had stay the sequence's own copies.
-  void Computed(Seq& seq) {
-    if (!caching_ || seq.group < 0) return;
-    const int32_t bs = config_.block_size;
-    const int32_t tokens = std::min(seq.num_computed, seq.group_prefix) / bs * bs;
-    if (tokens <= 0) return;
-    CachedPrefix& c = cache_[seq.group];
-    // (A sequence that computed the entry's blocks itself as well keeps its own copies; the
-    // engine chains its later blocks onto the entry's, which this model of one reference per
-    // sequence and entry cannot split: the entry does not grow from it.)
-    if (tokens > c.tokens && (seq.shared > 0 || c.tokens == 0)) {
-      if (seq.shared == 0) Ref(c);
-      const int32_t grown = (tokens - c.tokens) / bs;
-      seq.blocks -= grown;
-      seq.shared += grown;
-      c.tokens = tokens;
-    }
-    c.last_use = ++use_clock_;
-    TrimCache();
+  // After a step computed `chunk` more of `seq` (LlmEngine::Step): its filled blocks are
+  // registered in the prefix cache.
+  void Computed(Seq& seq, int32_t chunk) {
+    const int32_t before = seq.num_computed;
+    seq.num_computed += chunk;
+    seq.table.set_num_tokens(seq.num_computed);
+    RegisterFilledBlocks(seq, before);
   }
+
+  // The sampled token joins the sequence.
+  void AppendToken(Seq& seq) { seq.tokens.push_back(SimToken(*seq.spec, seq.req, seq.len())); }
 
   // LlmEngine::Cancel: frees the blocks and forgets the sequence.
   void Release(int64_t req) {
     auto it = by_req_.find(req);
     if (it == by_req_.end()) return;
     auto seq = seqs_.find(it->second);
-    Drop(seq->second);
+    seq->second.table.Release(allocator_).IgnoreError();
     seqs_.erase(seq);
     by_req_.erase(it);
   }
@@ -207,6 +224,7 @@ class Engine {
     }
     std::vector<StepItem> plan;
     int32_t budget = config_.max_batch_tokens;
+    const int32_t bs = config_.block_size;
     std::vector<Seq*> rest = order;
     bool waiting_blocked = false;  // as LlmEngine: later waiting ones wait, running ones run
     bool replan = true;
@@ -215,10 +233,12 @@ class Engine {
       replan = false;
       std::vector<BatchCandidate> candidates;
       candidates.reserve(rest.size());
-      for (const Seq* seq : rest) {
+      for (Seq* seq : rest) {
         BatchCandidate c;
-        c.pending_tokens = seq->tokens - seq->num_computed;
-        if (StartsFromCache(*seq)) c.pending_tokens -= CachedTokens(*seq);
+        c.pending_tokens = seq->len() - seq->num_computed;
+        if (StartsFromCache(*seq)) {
+          c.pending_tokens -= static_cast<int32_t>(CachedPrefix(*seq).size()) * bs;
+        }
         if (waiting_blocked && !seq->admitted) c.pending_tokens = 0;  // skipped
         c.running = seq->admitted;
         if (seq->num_generated == 0) c.deadline_s = seq->deadline_s;  // as LlmEngine
@@ -233,15 +253,13 @@ class Engine {
         int32_t chunk = proposed.chunk;
         const bool from_cache = StartsFromCache(*seq);
         if (from_cache) {
-          seq->num_computed = CachedTokens(*seq);
-          chunk = std::min(chunk, seq->tokens - seq->num_computed);
-          if (seq->num_computed > 0) {
-            CachedPrefix& c = cache_[seq->group];
-            c.last_use = ++use_clock_;
-            Ref(c);
-            seq->shared = seq->num_computed / config_.block_size;
-          }
-          if (seq->num_generated == 0) seq->prompt_cached = seq->num_computed;
+          std::vector<int32_t> hit = CachedPrefix(*seq);
+          const int32_t hit_tokens = static_cast<int32_t>(hit.size()) * bs;
+          allocator_.AcquireCached(hit);
+          seq->cached_chain = hit;
+          seq->table.Adopt(std::move(hit), hit_tokens);
+          seq->num_computed = hit_tokens;
+          chunk = std::min(chunk, seq->len() - hit_tokens);
         }
         bool preempted = false;
         bool reserved = Reserve(*seq, seq->num_computed + chunk);
@@ -249,7 +267,7 @@ class Engine {
           Seq* victim = nullptr;
           for (auto it = order.rbegin(); it != order.rend(); ++it) {
             Seq* s = *it;
-            if (s == seq || !s->admitted || s->blocks + s->shared == 0 || s->in_batch) continue;
+            if (s == seq || !s->admitted || s->table.blocks().empty() || s->in_batch) continue;
             victim = s;
             break;
           }
@@ -262,12 +280,10 @@ class Engine {
           if (seq->admitted && BlocksAwaitRelease()) {
             continue;  // waits for blocks a transfer holds; the others planned run
           }
-          if (from_cache) {
+          if (from_cache) {  // waiting sequences hold no blocks
+            seq->table.Release(allocator_).IgnoreError();
             seq->num_computed = 0;
-            if (seq->shared > 0) {
-              Unref(cache_[seq->group]);
-              seq->shared = 0;
-            }
+            seq->cached_chain.clear();
           }
           if (seq->admitted && plan.empty()) {
             error = absl::InternalError(
@@ -281,6 +297,7 @@ class Engine {
           full = true;
           break;
         }
+        if (from_cache && seq->num_generated == 0) seq->prompt_cached = seq->num_computed;
         seq->admitted = true;
         seq->in_batch = true;
         plan.push_back({seq, chunk});
@@ -295,61 +312,32 @@ class Engine {
     }
     for (const StepItem& item : plan) item.seq->in_batch = false;
     if (!error.ok()) return error;
-    TrimCache();
     return plan;
   }
 
  private:
-  // A group's cached prefix. Its blocks count as used while a sequence references them and
-  // as free (evictable) otherwise: free_ = kv_blocks - the sequences' own blocks - the blocks of
-  // referenced prefixes.
-  struct CachedPrefix {
-    int32_t tokens = 0;  // whole blocks of the group's prefix
-    uint64_t last_use = 0;
-    int32_t refs = 0;  // sequences that reference it (Seq::shared > 0)
-  };
-  void Ref(CachedPrefix& c) {
-    if (c.refs++ == 0) free_ -= c.tokens / config_.block_size;
-  }
-  void Unref(CachedPrefix& c) {
-    if (--c.refs == 0) free_ += c.tokens / config_.block_size;
-  }
-  // A sequence gives back its own blocks and its reference.
-  void Drop(Seq& seq) {
-    free_ += seq.blocks;
-    seq.blocks = 0;
-    if (seq.shared > 0) Unref(cache_.at(seq.group));
-    seq.shared = 0;
-  }
   bool StartsFromCache(const Seq& s) const {
-    return caching_ && s.group >= 0 && !s.admitted && !s.held && !s.importing &&
-           s.num_computed == 0 && s.blocks == 0;
+    return allocator_.prefix_cache_enabled() && !s.admitted && !s.held && !s.importing &&
+           s.num_computed == 0 && s.table.blocks().empty();
   }
-  // The cached tokens `s` starts from (at least one token left to compute).
-  int32_t CachedTokens(const Seq& s) const {
-    auto it = cache_.find(s.group);
-    if (it == cache_.end()) return 0;
+  // LlmEngine::CachedPrefix: the cached blocks `s` starts from (at least one token left).
+  std::vector<int32_t> CachedPrefix(Seq& s) {
     const int32_t bs = config_.block_size;
-    return std::min(it->second.tokens, (s.tokens - 1) / bs * bs);
+    engine::BlockAllocator::ExtendPrefixHashes(s.tokens, bs, s.block_hashes);
+    return allocator_.MatchPrefix(s.tokens, s.block_hashes, (s.len() - 1) / bs);
   }
-  // Unreferenced prefixes live in free blocks; the least recently used go first when they
-  // outgrow them.
-  void TrimCache() {
-    if (cache_.empty()) return;
+  // LlmEngine::RegisterFilledBlocks.
+  void RegisterFilledBlocks(Seq& seq, int32_t from) {
+    if (!allocator_.prefix_cache_enabled()) return;
     const int32_t bs = config_.block_size;
-    int64_t unreferenced = 0;
-    for (const auto& [g, c] : cache_) unreferenced += c.refs > 0 ? 0 : c.tokens / bs;
-    while (unreferenced > free_) {
-      auto lru = cache_.end();
-      for (auto it = cache_.begin(); it != cache_.end(); ++it) {
-        if (it->second.refs == 0 &&
-            (lru == cache_.end() || it->second.last_use < lru->second.last_use)) {
-          lru = it;
-        }
-      }
-      if (lru == cache_.end()) break;  // (cannot happen while free_ >= 0)
-      unreferenced -= lru->second.tokens / bs;
-      cache_.erase(lru);
+    const std::span<const int32_t> computed(seq.tokens.data(), seq.num_computed);
+    engine::BlockAllocator::ExtendPrefixHashes(computed, bs, seq.block_hashes);
+    const int32_t first = from / bs;
+    seq.cached_chain.resize(first, -1);
+    for (int32_t i = first; i < seq.num_computed / bs; ++i) {
+      const int32_t parent = i == 0 ? -1 : seq.cached_chain[i - 1];
+      seq.cached_chain.push_back(
+          allocator_.Register(seq.table.blocks()[i], i, computed, seq.block_hashes, parent));
     }
   }
 
@@ -357,33 +345,29 @@ class Engine {
   // their transfers end.
   bool BlocksAwaitRelease() const {
     for (const auto& [o, seq] : seqs_) {
-      if ((seq.held || seq.importing) && seq.blocks + seq.shared > 0) return true;
+      if ((seq.held || seq.importing) && !seq.table.blocks().empty()) return true;
     }
     return false;
   }
 
-  Seq& Insert(int64_t req) {
+  Seq& Insert(int64_t req, const SimRequest& spec, std::vector<int32_t> tokens = {}) {
     const uint64_t order = next_order_++;
     by_req_[req] = order;
     Seq& seq = seqs_[order];
     seq.req = req;
+    seq.spec = &spec;
     seq.order = order;
+    seq.tokens = tokens.empty() ? SimTokens(spec, req, spec.prompt_len) : std::move(tokens);
     return seq;
   }
   Seq& Find(int64_t req) { return seqs_.at(by_req_.at(req)); }
 
-  // BlockTable::Reserve: all or nothing (the shared blocks are the table's first).
   bool Reserve(Seq& seq, int64_t tokens) {
-    const int32_t need = BlocksFor(tokens, config_.block_size) - seq.blocks - seq.shared;
-    if (need <= 0) return true;
-    if (need > free_) return false;
-    free_ -= need;
-    TrimCache();  // the blocks taken may be those of unreferenced prefixes
-    seq.blocks += need;
-    return true;
+    return seq.table.Reserve(static_cast<int32_t>(tokens), config_.block_size, allocator_).ok();
   }
   void Preempt(Seq& seq) {
-    Drop(seq);
+    seq.table.Release(allocator_).IgnoreError();
+    seq.cached_chain.clear();
     seq.num_computed = 0;
     seq.admitted = false;
     ++preemptions_;
@@ -391,14 +375,11 @@ class Engine {
 
   SimInstanceConfig config_;
   const BatchPolicy& policy_;
-  int32_t free_ = 0;
+  engine::BlockAllocator allocator_;
   uint64_t next_order_ = 0;
   int64_t preemptions_ = 0;
   std::map<uint64_t, Seq> seqs_;  // by admission order
   std::map<int64_t, uint64_t> by_req_;
-  bool caching_ = false;
-  std::map<int32_t, CachedPrefix> cache_;  // by prefix group
-  uint64_t use_clock_ = 0;
 };
 
 struct Instance {
@@ -433,6 +414,7 @@ struct Request {
   bool decode_promised = false;
   bool done = false;
   bool offered = false;
+  bool skipped = false;        // an earlier turn of its conversation failed: never sent
   bool best_effort = false;    // the dispatch policy's verdict, for the engine
   int32_t prefill_tokens = 0;  // the front-end's count of what its prefill computes
   client::RequestRecord record;
@@ -476,9 +458,15 @@ class Cluster {
 
   absl::StatusOr<SimResult> Run(const std::vector<SimRequest>& requests) {
     requests_.resize(requests.size());
+    followers_.assign(requests.size(), {});
     for (size_t i = 0; i < requests.size(); ++i) {
       requests_[i].spec = requests[i];
-      Push(requests[i].arrival_s, EventType::kArrival, static_cast<int64_t>(i));
+      requests_[i].record.index = static_cast<int64_t>(i);
+      if (requests[i].after >= 0) {
+        followers_[requests[i].after].push_back(static_cast<int64_t>(i));
+      } else {
+        Push(requests[i].arrival_s, EventType::kArrival, static_cast<int64_t>(i));
+      }
     }
     while (!events_.empty()) {
       const Event e = events_.top();
@@ -516,6 +504,10 @@ class Cluster {
       if (!r.done) {
         Fail(r, "INTERNAL", "the simulation ended before the request did");
       }
+      if (r.skipped) {
+        ++result.requests_not_sent;
+        continue;
+      }
       result.duration_s = std::max(result.duration_s, r.record.end_s);
       result.records.push_back(std::move(r.record));
     }
@@ -537,18 +529,21 @@ class Cluster {
     r.record.error_message = message;
     r.record.end_s = now_;
     r.done = true;
+    Skip(r.record.index);
+  }
+  // A failed turn ends its conversation: the later turns are never sent (no records).
+  void Skip(int64_t i) {
+    for (int64_t f : followers_[i]) {
+      requests_[f].done = requests_[f].skipped = true;
+      Skip(f);
+    }
   }
 
-  // Stand-ins for the block hashes of request `i`'s prompt (the front-end hashes the tokens):
-  // its group's for the blocks inside the shared prefix, its own for the rest.
-  static std::vector<uint64_t> PromptHashes(const SimRequest& r, int64_t i, int32_t block_size) {
+  // The front-end's block hashes of the first `n` tokens of request `i`'s stream.
+  static std::vector<uint64_t> StreamHashes(const SimRequest& r, int64_t i, int64_t n,
+                                            int32_t block_size) {
     std::vector<uint64_t> hashes;
-    for (int32_t k = 0; (k + 1) * block_size <= r.prompt_len; ++k) {
-      const bool shared = r.prefix_group >= 0 && (k + 1) * block_size <= r.prefix_len;
-      const uint64_t owner = shared ? static_cast<uint64_t>(r.prefix_group)
-                                    : (uint64_t{1} << 63) | static_cast<uint64_t>(i);
-      hashes.push_back(SplitMix64(SplitMix64(owner) + static_cast<uint64_t>(k)));
-    }
+    engine::BlockAllocator::ExtendPrefixHashes(SimTokens(r, i, n), block_size, hashes);
     return hashes;
   }
 
@@ -598,10 +593,11 @@ class Cluster {
     // (Instances of one role share a block size.)
     std::vector<uint64_t> hashes, decode_hashes;
     if (config_.prefix_caching) {
-      hashes = PromptHashes(
-          r.spec, i, (config_.num_colocated > 0 ? config_.colocated : config_.prefill).block_size);
+      hashes = StreamHashes(
+          r.spec, i, r.spec.prompt_len,
+          (config_.num_colocated > 0 ? config_.colocated : config_.prefill).block_size);
       if (config_.num_colocated == 0) {
-        decode_hashes = PromptHashes(r.spec, i, config_.decode.block_size);
+        decode_hashes = StreamHashes(r.spec, i, r.spec.prompt_len, config_.decode.block_size);
       }
     }
     const std::vector<InstanceLoad> loads = Loads(hashes, decode_hashes);
@@ -662,11 +658,8 @@ class Cluster {
     r.record.timeline.queued_us = TimelineUs(now_);
     std::optional<double> deadline;
     if (config_.slo.ttft_ms >= 0) deadline = r.spec.arrival_s + config_.slo.ttft_ms / 1000.0;
-    instances_[r.prefill]
-        .engine
-        ->Add(i, r.spec.prompt_len, r.spec.output_len, r.decode >= 0, deadline, r.spec.prefix_group,
-              r.spec.prefix_len)
-        .best_effort = r.best_effort;
+    instances_[r.prefill].engine->Add(i, r.spec, r.decode >= 0, deadline).best_effort =
+        r.best_effort;
     return Kick(r.prefill);
   }
 
@@ -681,7 +674,7 @@ class Cluster {
     int64_t context = 0;
     for (const StepItem& item : inst.batch) {
       const Seq& s = *item.seq;
-      if (item.chunk == 1 && s.num_generated > 0 && s.num_computed + 1 == s.tokens) {
+      if (item.chunk == 1 && s.num_generated > 0 && s.num_computed + 1 == s.len()) {
         ++decodes;
         context += s.num_computed + 1;
       } else {
@@ -713,15 +706,14 @@ class Cluster {
     std::vector<int64_t> finished, handoffs;
     for (const StepItem& item : inst.batch) {
       Seq& s = *item.seq;
-      s.num_computed += item.chunk;
-      inst.engine->Computed(s);
-      if (s.num_computed < s.tokens) continue;  // mid-prefill
-      s.tokens += 1;
+      inst.engine->Computed(s, item.chunk);
+      if (s.num_computed < s.len()) continue;  // mid-prefill
+      inst.engine->AppendToken(s);
       s.num_generated += 1;
       if (s.num_generated == 1) requests_[s.req].record.cached_prompt_tokens = s.prompt_cached;
       Token(s.req);
       const bool finish = s.num_generated >= s.max_tokens ||
-                          BlocksFor(s.tokens, inst.config.block_size) > inst.config.kv_blocks;
+                          BlocksFor(s.len(), inst.config.block_size) > inst.config.kv_blocks;
       if (finish) {
         finished.push_back(s.req);
       } else if (s.hold_after_prefill) {
@@ -771,6 +763,20 @@ class Cluster {
     r.record.end_s = now_ + config_.relay_latency_s;
     r.record.timeline.finish_us = TimelineUs(now_);
     r.done = true;
+    const int64_t i = r.record.index;
+    if (config_.prefix_caching) {
+      // The front-end: the decoding instance now also caches the answer (all but its last
+      // token), which a conversation's next turn starts with.
+      Instance& decoder = instances_[r.decode >= 0 ? r.decode : r.prefill];
+      decoder.prefix_index.Insert(StreamHashes(r.spec, i,
+                                               int64_t{r.spec.prompt_len} + r.spec.output_len - 1,
+                                               decoder.config.block_size));
+    }
+    // The conversation's next turn is due after the think time.
+    for (int64_t f : followers_[i]) {
+      requests_[f].spec.arrival_s = r.record.end_s + requests_[f].spec.think_s;
+      Push(requests_[f].spec.arrival_s, EventType::kArrival, f);
+    }
     if (r.decode < 0) {
       Instance& p = instances_[r.prefill];
       --p.decoding;
@@ -807,8 +813,7 @@ class Cluster {
   bool TryImport(int64_t req, double overlap_s = 0) {
     Request& r = requests_[req];
     Instance& d = instances_[r.decode];
-    const int32_t held = d.engine->ReserveImport(req, r.spec.prompt_len, r.spec.output_len,
-                                                 r.spec.prefix_group, r.spec.prefix_len);
+    const int32_t held = d.engine->ReserveImport(req, r.spec);
     if (held < 0) return false;
     // The decode instance's cached blocks are not moved.
     const double bytes = static_cast<double>(config_.kv_shape.BytesPerToken()) *
@@ -855,6 +860,7 @@ class Cluster {
   std::vector<Instance> instances_;
   std::map<std::string, int> index_;
   std::vector<Request> requests_;
+  std::vector<std::vector<int64_t>> followers_;  // by request: the turns due after it ends
   std::priority_queue<Event, std::vector<Event>, std::greater<Event>> events_;
   uint64_t next_event_ = 0;
   uint64_t next_queue_seq_ = 0;
@@ -923,6 +929,47 @@ absl::StatusOr<std::vector<SimRequest>> MakeSimLengths(const client::DatasetOpti
   return out;
 }
 
+absl::StatusOr<std::vector<SimRequest>> MakeSimConversations(const client::DatasetOptions& dataset,
+                                                             int32_t turns, double think_s) {
+  if (dataset.kind == client::DatasetKind::kShareGpt ||
+      dataset.kind == client::DatasetKind::kTrace || dataset.text_prompts ||
+      dataset.max_model_len <= 0 || turns < 2 || turns > 1000 ||
+      !(think_s >= 0 && think_s <= 3600)) {
+    return absl::InvalidArgumentError(
+        "conversations need a generated dataset sent as token ids, a max_model_len, 2..1000 "
+        "turns and a think time in [0, 3600] s");
+  }
+  client::DatasetOptions d = dataset;
+  d.num_requests = dataset.num_requests * turns;
+  PDS_ASSIGN_OR_RETURN(std::vector<SimRequest> draws, MakeSimLengths(d));
+  std::vector<SimRequest> out;
+  const int64_t skip = std::max<int64_t>(0, dataset.shared_prefix_len);
+  for (int64_t c = 0; c < dataset.num_requests; ++c) {
+    int64_t previous = -1;  // the index in `out` of the conversation's last turn
+    for (int32_t t = 0; t < turns; ++t) {
+      const SimRequest& draw = draws[static_cast<size_t>(c * turns + t)];
+      SimRequest r = draw;
+      r.arrival_s = 0;
+      r.stream = c;
+      if (t > 0) {
+        const SimRequest& last = out[static_cast<size_t>(previous)];
+        const int64_t prompt = int64_t{last.prompt_len} + last.output_len + draw.prompt_len -
+                               std::min<int64_t>(draw.prompt_len, skip);
+        if (prompt > INT32_MAX / 2) break;
+        r.prompt_len = static_cast<int32_t>(prompt);
+        r.prefix_group = last.prefix_group;
+        r.prefix_len = last.prefix_len;
+        r.after = previous;
+        r.think_s = think_s;
+      }
+      if (int64_t{r.prompt_len} + r.output_len > dataset.max_model_len) break;
+      previous = static_cast<int64_t>(out.size());
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
 absl::StatusOr<std::vector<SimRequest>> MakeSimWorkload(const client::DatasetOptions& dataset,
                                                         const client::ArrivalOptions& arrivals) {
   if (dataset.kind == client::DatasetKind::kTrace) return MakeSimLengths(dataset);
@@ -945,6 +992,12 @@ absl::StatusOr<SimResult> Simulate(const SimConfig& config, const LatencyModel& 
     if (r.prompt_len < 1 || r.output_len < 1 || !(r.arrival_s >= 0)) {
       return absl::InvalidArgumentError(absl::StrCat(
           "simulator: request ", i, " needs prompt_len >= 1, output_len >= 1, arrival_s >= 0"));
+    }
+    if (r.after < -1 || r.after >= static_cast<int64_t>(i) ||
+        !(r.think_s >= 0 && r.think_s < 1e6)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "simulator: request ", i, " must follow an earlier request (after = ", r.after,
+          ") with a think time in [0, 1e6) s"));
     }
   }
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<BatchPolicy> batch, MakeBatchPolicy(config.batch_policy));

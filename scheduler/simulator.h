@@ -50,6 +50,9 @@
 //     prefill blocks are freed and the sequence decodes on the decode instance (its first
 //     decode step yields token 2);
 //   - a one-token output finishes on the prefill instance and is never handed off.
+// Conversations (SimRequest::after, as pdbench --turns): a later turn arrives its think time
+// after the client has the previous turn's last token; a failed turn ends its conversation
+// (the later turns get no records; SimResult::requests_not_sent counts them).
 // Times in records are seconds from the run start (the first arrival is at its arrival
 // time, 0 for generated arrivals); timeline stamps are simulated microseconds plus 1 s (so
 // that 0 keeps meaning "did not happen"). Everything is a pure function of the inputs: the
@@ -119,26 +122,34 @@ struct SimConfig {
   // time and the end, so TTFT and E2EL grow and TPOT does not).
   double dispatch_latency_s = 0;
   double relay_latency_s = 0;
-  // Prefix caching (pdserve worker --prefix-caching, on by default): an instance keeps the K/V
-  // of each shared prefix (SimRequest::prefix_group), in whole blocks, that a step computed or
-  // an import brought there. A later request of the group on a prefill or colocated instance
-  // computes only the rest; on a decode instance it reserves, and is sent, only the rest (all
-  // but the prompt's last block at most). The sequences that start from a cached prefix share
-  // its blocks, which count once; a sequence that computed the prefix beside another keeps its
-  // own copy, as the engine does. The dispatch policy sees, per instance, the prefix the
-  // front-end sent there (as the front-end's PrefixIndex). A prefix no live sequence references
-  // is dropped, least recently used first, when such prefixes outgrow the free blocks.
+  // Prefix caching (pdserve worker --prefix-caching, on by default). Each instance runs the
+  // engine's own BlockAllocator with its prefix cache over synthetic token ids that say what
+  // the requests share (SimRequest::prefix_group and stream), so hits, sharing, copies and
+  // evictions are the engine's: a request on a prefill or colocated instance computes only what
+  // follows the cached blocks of its prompt; on a decode instance it reserves, and is sent, only
+  // that (all but the prompt's last block at most); decoding instances cache the answer too
+  // (all but its last token), which a conversation's next turn starts with. The dispatch
+  // policy sees, per instance, what the front-end's PrefixIndex would hold: the prompts sent
+  // there, and on the instance that decoded it each answer.
   bool prefix_caching = true;
 };
 
 // One request: arrival (seconds from the start) and its lengths in tokens.
 struct SimRequest {
-  double arrival_s = 0;
+  double arrival_s = 0;  // ignored for a later turn (after >= 0)
   int32_t prompt_len = 1;
   int32_t output_len = 1;
   // The prompt's first prefix_len tokens are those of every request of the same group >= 0.
   int32_t prefix_group = -1;
   int32_t prefix_len = 0;
+  // The token stream the rest of its prompt and its output come from: requests of one stream
+  // >= 0 agree on every position both have (a conversation's turns: each turn's prompt is the
+  // previous turn's prompt and answer, then a new message). -1: its own tokens.
+  int64_t stream = -1;
+  // A later turn of a conversation: it arrives think_s after request `after` (an earlier one)
+  // ends, and is never sent if that one fails (as pdbench --turns).
+  int64_t after = -1;
+  double think_s = 0;
 };
 
 struct SimInstanceStats {
@@ -154,7 +165,8 @@ struct SimResult {
   client::BenchMetrics metrics;                // client::ComputeMetrics over the records
   double duration_s = 0;                       // run start to the end of the last request
   std::vector<SimInstanceStats> instances;
-  int64_t offers_refused = 0;  // hand-offs that had to wait for decode KV room
+  int64_t offers_refused = 0;     // hand-offs that had to wait for decode KV room
+  int64_t requests_not_sent = 0;  // later turns of conversations that ended in a failure
 };
 
 // The requests pdbench would send: arrivals from `arrivals` (count = dataset.num_requests;
@@ -164,6 +176,17 @@ absl::StatusOr<std::vector<SimRequest>> MakeSimWorkload(const client::DatasetOpt
                                                         const client::ArrivalOptions& arrivals);
 // The lengths only (arrival_s = 0), to pair with ArrivalTimes at several rates.
 absl::StatusOr<std::vector<SimRequest>> MakeSimLengths(const client::DatasetOptions& dataset);
+
+// The conversations pdbench --turns T --think-time S sends: dataset.num_requests
+// conversations (the arrivals start them), whose turn t takes the lengths of draw
+// c * T + t of BuildDataset with num_requests * T draws. A later turn's prompt is the previous
+// turn's prompt and answer, then the draw's prompt less its shared prefix (the system prompt
+// is sent once, at the start); a conversation ends before a turn whose prompt and output
+// would pass dataset.max_model_len (required, > 0). Each conversation is one stream; later
+// turns have `after` and think_s set and arrival_s 0. Generated datasets only
+// (INVALID_ARGUMENT for ShareGPT and traces, turns outside [2, 1000], a bad think time).
+absl::StatusOr<std::vector<SimRequest>> MakeSimConversations(const client::DatasetOptions& dataset,
+                                                             int32_t turns, double think_s);
 
 // INVALID_ARGUMENT for a bad config. `policy` overrides config.dispatch_policy (not owned;
 // used for this run only).

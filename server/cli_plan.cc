@@ -44,7 +44,13 @@ const std::vector<FlagSpec>& Specs() {
       {"num-shared-prefixes", false, "distinct shared prefixes (default 1)"},
       {"prefix-caching", false,
        "on (default, as the workers) or off: simulate the workers' prefix cache"},
-      {"num-requests", false, "requests per simulation (default 300)"},
+      {"num-requests", false,
+       "requests (with --turns: conversations) per simulation (default 300)"},
+      {"turns", false,
+       "multi-turn conversations of up to this many turns, as pdbench --turns: each turn sends "
+       "the previous prompt and answer and a new message; rates count conversations (default "
+       "1; needs --max-model-len)"},
+      {"think-time", false, "seconds between an answer and the next turn (default 1)"},
       {"seed", false, "seed of lengths and arrivals, as pdbench's --seed (default 0)"},
       {"arrival", false, "poisson (default), gamma or constant"},
       {"burstiness", false, "gamma shape (default 1)"},
@@ -273,7 +279,24 @@ absl::Status Run(const CliArgs& args) {
   d.seed = static_cast<uint64_t>(seed);
 
   scheduler::PlannerOptions o;
-  PDS_ASSIGN_OR_RETURN(o.lengths, scheduler::MakeSimLengths(d));
+  PDS_ASSIGN_OR_RETURN(int64_t turns, args.GetInt("turns", 1));
+  PDS_ASSIGN_OR_RETURN(double think_s, args.GetDouble("think-time", 1.0));
+  if (turns < 1 || turns > 1000 || !(think_s >= 0 && think_s <= 3600)) {
+    return absl::InvalidArgumentError(
+        "--turns must be in [1, 1000] and --think-time in [0, 3600] seconds");
+  }
+  if (turns > 1) {
+    if (d.kind == client::DatasetKind::kShareGpt || d.kind == client::DatasetKind::kTrace ||
+        d.max_model_len <= 0) {
+      return absl::InvalidArgumentError(
+          "--turns needs a generated workload (random, chatbot, code, summarization) and "
+          "--max-model-len (a conversation ends before its context would pass it), as pdbench");
+    }
+    PDS_ASSIGN_OR_RETURN(o.lengths,
+                         scheduler::MakeSimConversations(d, static_cast<int32_t>(turns), think_s));
+  } else {
+    PDS_ASSIGN_OR_RETURN(o.lengths, scheduler::MakeSimLengths(d));
+  }
   PDS_ASSIGN_OR_RETURN(o.arrival.kind,
                        client::ParseArrivalKind(args.GetString("arrival", "poisson")));
   PDS_ASSIGN_OR_RETURN(o.arrival.burstiness, args.GetDouble("burstiness", 1.0));
@@ -375,6 +398,11 @@ absl::Status Run(const CliArgs& args) {
     o.workload["range_ratio"] = d.range_ratio;
   }
   if (!d.path.empty()) o.workload["dataset_path"] = d.path;
+  if (turns > 1) {
+    o.workload["turns"] = turns;
+    o.workload["think_time"] = think_s;
+    o.workload["num_conversations"] = d.num_requests;
+  }
   if (d.shared_prefix_len > 0) {
     o.workload["shared_prefix_len"] = d.shared_prefix_len;
     o.workload["num_shared_prefixes"] = d.num_shared_prefixes;

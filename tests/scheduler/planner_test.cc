@@ -59,6 +59,45 @@ TEST(PlannerTest, DecodeBoundWorkloadGetsMoreDecodeInstances) {
   EXPECT_LT(plan->curve.back().slo_attainment, 0.9);
 }
 
+// Conversations of three turns: the arrivals start conversations, so every rate counts them;
+// each is three requests (the later ones longer, though mostly cached), so a GPU serves
+// fewer conversations than single requests of the first turn's lengths, and more than a third.
+TEST(PlannerTest, ConversationRatesCountConversations) {
+  const LatencyModel m = Model({0.01, 1e-3, 0}, {1e-3, 0, 1e-4});
+  PlannerOptions single = Options(200, 20, 1500, 100);
+  PlannerOptions chat = single;
+  chat.lengths.clear();
+  for (int64_t c = 0; c < 150; ++c) {
+    for (int32_t t = 0; t < 3; ++t) {
+      SimRequest r{0, 200 + t * (20 + 50), 20};
+      r.stream = c;
+      r.after = t == 0 ? -1 : static_cast<int64_t>(chat.lengths.size()) - 1;
+      r.think_s = 0.5;
+      chat.lengths.push_back(r);
+    }
+  }
+  auto one = MakePlan(single, m);
+  auto conv = MakePlan(chat, m);
+  ASSERT_TRUE(one.ok()) << one.status();
+  ASSERT_TRUE(conv.ok()) << conv.status();
+  EXPECT_FALSE(one->conversations);
+  EXPECT_TRUE(conv->conversations);
+  EXPECT_LT(conv->unit.max_rate(), one->unit.max_rate());
+  EXPECT_GT(conv->unit.max_rate(), one->unit.max_rate() / 3);
+  const std::string summary = PlanSummary(*conv);
+  EXPECT_NE(summary.find("conv/s"), std::string::npos) << summary;
+  EXPECT_EQ(summary.find("req/s"), std::string::npos) << summary;
+  EXPECT_EQ(PlanToJson(*conv)["rate_unit"], "conversations/s");
+  // Replicated to cover 2.5 units' worth: each copy of the workload keeps its own turns.
+  chat.gpus = 12;
+  chat.target_rate = 2.5 * conv->unit.max_rate();
+  auto replicated = MakePlan(chat, m);
+  ASSERT_TRUE(replicated.ok()) << replicated.status();
+  EXPECT_TRUE(replicated->feasible) << replicated->reason;
+  EXPECT_EQ(replicated->replicas, 3);
+  EXPECT_GE(replicated->predicted_attainment, 0.85);
+}
+
 TEST(PlannerTest, ReplicatesToCoverARateOrSaysItCannot) {
   const LatencyModel m = Model({0.01, 1e-3, 0}, {1e-3, 0, 1e-4});
   PlannerOptions o = Options(200, 20, 1500, 100);

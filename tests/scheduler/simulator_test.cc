@@ -315,15 +315,19 @@ TEST(SimulatorTest, SharedPrefixIsComputedOncePerInstance) {
   auto off = Simulate(c, model, reqs);
   ASSERT_TRUE(off.ok());
   for (int i = 0; i < 4; ++i) EXPECT_NEAR(off->records[i].TtftS(), full, 1e-12) << i;
-  // A cache of 12 blocks: a request of the other group (8 blocks) leaves no room for the
-  // first group's 6 once no sequence holds them, so the group's next request computes it all.
+  // A cache of 12 blocks, as the engine's allocator evicts: before request 2 (the other
+  // group, 8 blocks) 8 blocks are cached (the prefix's 6 and the 7th of requests 0 and 1) and
+  // 4 are plain free; it takes those 4 and the 4 least recently released cached ones (each
+  // release lists a sequence's blocks last first): the two 7th blocks, then the prefix's 6th
+  // and 5th. The group's next request finds 4 of its 6 prefix blocks.
   c.prefix_caching = true;
   c.prefill.kv_blocks = 12;
   reqs[3].prefix_group = 0;
   auto small = Simulate(c, model, reqs);
   ASSERT_TRUE(small.ok()) << small.status();
   EXPECT_NEAR(small->records[1].TtftS(), rest, 1e-12);
-  EXPECT_NEAR(small->records[3].TtftS(), full, 1e-12) << "evicted by request 2";
+  EXPECT_NEAR(small->records[3].TtftS(), PrefillChunkSeconds(model, {{64, 52}}), 1e-12)
+      << "2 prefix blocks evicted by request 2";
 }
 
 // The dispatch sees where each prefix went: two prefill instances, two groups arriving
@@ -390,6 +394,183 @@ TEST(SimulatorTest, DecodeSharesThePrefixAndIsSentOnlyTheRest) {
   EXPECT_LE(decode_off.max_running, 3);
   EXPECT_EQ(on->offers_refused, 0);
   EXPECT_GT(off->offers_refused, 0);
+}
+
+// A conversation of three turns on 1 prefill + 1 decode instance (16-token blocks). Each turn
+// arrives its think time after the previous one ended; its prompt is the previous prompt and
+// answer and a new message. The prefill instance holds the previous prompt's whole blocks and
+// computes the rest; the decode instance holds the previous prompt and answer (all but its
+// last token) and is sent only what follows their whole blocks.
+std::vector<SimRequest> ThreeTurns() {
+  std::vector<SimRequest> reqs(3);
+  reqs[0] = {0.0, 40, 25};
+  reqs[1] = {0.0, 40 + 25 + 20, 10};
+  reqs[2] = {0.0, 85 + 10 + 7, 5};
+  for (int i = 0; i < 3; ++i) {
+    reqs[i].stream = 7;
+    reqs[i].after = i - 1;
+    reqs[i].think_s = i > 0 ? 0.5 : 0;
+  }
+  return reqs;
+}
+
+TEST(SimulatorTest, ConversationTurnsStartFromTheirHistory) {
+  SimConfig c = SimpleConfig();
+  c.transfer_bandwidth = 1000;  // 2 bytes per token: 2 ms per token moved
+  c.transfer_latency_s = 0;
+  c.slo = {};
+  const LatencyModel model = SimpleModel();
+  auto on = Simulate(c, model, ThreeTurns());
+  ASSERT_TRUE(on.ok()) << on.status();
+  ASSERT_EQ(on->records.size(), 3u);
+  const auto transfer_s = [](const client::RequestRecord& r) {
+    return (r.timeline.kv_transfer_end_us - r.timeline.kv_transfer_start_us) / 1e6;
+  };
+  const auto& r = on->records;
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(r[i].ok) << r[i].error_message;
+  EXPECT_NEAR(r[1].send_s, r[0].end_s + 0.5, 1e-9);
+  EXPECT_NEAR(r[2].send_s, r[1].end_s + 0.5, 1e-9);
+  // Prefill: nothing, then turn 0's 2 whole prompt blocks, then turn 1's 5.
+  EXPECT_EQ(r[0].cached_prompt_tokens, 0);
+  EXPECT_EQ(r[1].cached_prompt_tokens, 32);
+  EXPECT_EQ(r[2].cached_prompt_tokens, 80);
+  EXPECT_NEAR(r[1].TtftS(), PrefillChunkSeconds(model, {{32, 53}}), 1e-9);
+  EXPECT_NEAR(r[2].TtftS(), PrefillChunkSeconds(model, {{80, 22}}), 1e-9);
+  // Decode: turn 0's 64 = 40 + 25 - 1 tokens are 4 whole blocks (85 - 64 = 21 moved); turn
+  // 1's 94 tokens hold 5 (102 - 80 = 22 moved).
+  EXPECT_NEAR(transfer_s(r[0]), 0.080, 1e-6);
+  EXPECT_NEAR(transfer_s(r[1]), 0.042, 1e-6);
+  EXPECT_NEAR(transfer_s(r[2]), 0.044, 1e-6);
+  c.prefix_caching = false;
+  auto off = Simulate(c, model, ThreeTurns());
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_NEAR(off->records[1].TtftS(), PrefillChunkSeconds(model, {{0, 85}}), 1e-9);
+  EXPECT_NEAR(transfer_s(off->records[2]), 0.204, 1e-6);
+}
+
+// Colocated, the instance that decoded a turn holds its answer too: the next turn computes
+// only what follows the whole blocks of the previous prompt and answer.
+TEST(SimulatorTest, ColocatedConversationReusesTheAnswer) {
+  SimConfig c = SimpleConfig();
+  c.num_colocated = 1;
+  c.slo = {};
+  const LatencyModel model = SimpleModel();
+  auto on = Simulate(c, model, ThreeTurns());
+  ASSERT_TRUE(on.ok()) << on.status();
+  ASSERT_EQ(on->records.size(), 3u);
+  EXPECT_EQ(on->records[1].cached_prompt_tokens, 64);
+  EXPECT_EQ(on->records[2].cached_prompt_tokens, 80);  // 94 tokens computed: 5 whole blocks
+  EXPECT_NEAR(on->records[1].TtftS(), PrefillChunkSeconds(model, {{64, 21}}), 1e-9);
+}
+
+// A failed turn ends its conversation: the later turns are never sent and leave no record.
+TEST(SimulatorTest, AFailedTurnEndsItsConversation) {
+  SimConfig c = SimpleConfig();
+  c.slo = {};
+  c.decode.kv_blocks = 5;  // turn 0 fits (41 tokens: 3 blocks), turn 1 (86: 6 blocks) not
+  std::vector<SimRequest> reqs = ThreeTurns();
+  reqs.push_back({1.0, 30, 4});  // another conversation, unaffected
+  auto sim = Simulate(c, SimpleModel(), reqs);
+  ASSERT_TRUE(sim.ok()) << sim.status();
+  ASSERT_EQ(sim->records.size(), 3u);
+  EXPECT_TRUE(sim->records[0].ok);
+  EXPECT_FALSE(sim->records[1].ok);
+  EXPECT_EQ(sim->records[1].error_code, "RESOURCE_EXHAUSTED");
+  EXPECT_TRUE(sim->records[2].ok);
+  EXPECT_EQ(sim->records[2].index, 3);
+  EXPECT_EQ(sim->requests_not_sent, 1);
+  EXPECT_EQ(sim->metrics.failed, 1);
+}
+
+// Two decode instances: a conversation's next turn goes to the one that decoded (and holds)
+// its previous turn, although the tie-break between idle instances names the other; the
+// front-end knows it holds the answer (the previous prompt fills no whole block).
+TEST(SimulatorTest, NextTurnGoesToTheDecodeInstanceHoldingTheAnswer) {
+  SimConfig c = SimpleConfig();
+  c.num_decode = 2;
+  c.transfer_bandwidth = 1000;
+  c.transfer_latency_s = 0;
+  c.slo = {};
+  std::vector<SimRequest> reqs(3);
+  reqs[0] = {0.0, 40, 200};   // conversation A: a long answer keeps decode-0 busy
+  reqs[1] = {0.001, 10, 60};  // conversation B: to decode-1 (a prompt of no whole block)
+  reqs[2] = {0.0, 85, 10};    // B's second turn, after A ended
+  reqs[0].stream = 1;
+  reqs[1].stream = 2;
+  reqs[2].stream = 2;
+  reqs[2].after = 1;
+  reqs[2].think_s = 10;
+  auto sim = Simulate(c, SimpleModel(), reqs);
+  ASSERT_TRUE(sim.ok()) << sim.status();
+  const auto& r = sim->records;
+  ASSERT_EQ(r.size(), 3u);
+  ASSERT_EQ(r[0].timeline.decode_instance, "decode-0");
+  ASSERT_EQ(r[1].timeline.decode_instance, "decode-1");
+  ASSERT_GT(r[2].send_s, r[0].end_s);
+  EXPECT_EQ(r[2].timeline.decode_instance, "decode-1");
+  EXPECT_NEAR((r[2].timeline.kv_transfer_end_us - r[2].timeline.kv_transfer_start_us) / 1e6, 0.042,
+              1e-6);
+}
+
+TEST(SimulatorTest, ConversationsAsPdbenchSendsThem) {
+  client::DatasetOptions d;
+  d.kind = client::DatasetKind::kChatbot;
+  d.num_requests = 6;
+  d.length_scale = 0.125;
+  d.shared_prefix_len = 64;
+  d.num_shared_prefixes = 2;
+  d.max_model_len = 700;
+  d.seed = 3;
+  auto conv = MakeSimConversations(d, 4, 0.25);
+  ASSERT_TRUE(conv.ok()) << conv.status();
+  client::DatasetOptions all = d;
+  all.num_requests = 24;
+  auto draws = MakeSimLengths(all);
+  ASSERT_TRUE(draws.ok());
+  // Walk the conversations: turn t of conversation c takes draw c * 4 + t.
+  size_t i = 0;
+  int ended_early = 0;
+  for (int64_t conversation = 0; conversation < 6; ++conversation) {
+    ASSERT_LT(i, conv->size());
+    const size_t first = i;
+    for (int t = 0; t < 4 && i < conv->size() && (*conv)[i].stream == conversation; ++t, ++i) {
+      const SimRequest& r = (*conv)[i];
+      const SimRequest& draw = (*draws)[conversation * 4 + t];
+      EXPECT_EQ(r.output_len, draw.output_len);
+      EXPECT_EQ(r.prefix_group, (*draws)[conversation * 4].prefix_group);
+      EXPECT_EQ(r.prefix_len, 64);
+      EXPECT_LE(r.prompt_len + r.output_len, 700);
+      if (t == 0) {
+        EXPECT_EQ(r.after, -1);
+        EXPECT_EQ(r.prompt_len, draw.prompt_len);
+      } else {
+        const SimRequest& last = (*conv)[i - 1];
+        EXPECT_EQ(r.after, static_cast<int64_t>(i - 1));
+        EXPECT_DOUBLE_EQ(r.think_s, 0.25);
+        EXPECT_EQ(r.prompt_len, last.prompt_len + last.output_len + draw.prompt_len - 64);
+      }
+    }
+    const size_t turns = i - first;
+    if (turns < 4) {
+      // It ended before the turn that would pass max_model_len.
+      ++ended_early;
+      const SimRequest& last = (*conv)[i - 1];
+      const SimRequest& next = (*draws)[conversation * 4 + turns];
+      EXPECT_GT(last.prompt_len + last.output_len + next.prompt_len - 64 + next.output_len, 700);
+    }
+  }
+  EXPECT_EQ(i, conv->size());
+  EXPECT_GT(ended_early, 0) << "pick a max_model_len that ends some conversations";
+  EXPECT_LT(ended_early, 6);
+  d.max_model_len = 0;
+  EXPECT_EQ(MakeSimConversations(d, 4, 0.25).status().code(), absl::StatusCode::kInvalidArgument);
+  d.max_model_len = 700;
+  EXPECT_FALSE(MakeSimConversations(d, 1, 0.25).ok());
+  EXPECT_FALSE(MakeSimConversations(d, 4, -1).ok());
+  std::vector<SimRequest> bad = ThreeTurns();
+  bad[1].after = 1;
+  EXPECT_EQ(Simulate(SimpleConfig(), SimpleModel(), bad).status().code(),
+            absl::StatusCode::kInvalidArgument);
 }
 
 // The block accounting of shared prefixes holds under pressure: random workloads of a few

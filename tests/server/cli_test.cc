@@ -256,6 +256,28 @@ TEST_F(CliTest, PlanPrintsThePlanFile) {
   EXPECT_NE(r.errors.find("--prefix-caching 'maybe': expected on or off"), std::string::npos)
       << r.errors;
 
+  // Conversations: rates count conversations, and the simulated turns reuse their history.
+  const std::string chat = common +
+                           "--slo-ttft 0.3s --slo-tpot 100ms --json --turns 3 --think-time 0.2 "
+                           "--max-model-len 1024 --at-rates 0.5 ";
+  r = RunCommand(chat);
+  ASSERT_EQ(r.exit_code, 0) << r.errors;
+  const auto turns = nlohmann::json::parse(r.output, nullptr, false);
+  EXPECT_EQ(turns["rate_unit"], "conversations/s");
+  EXPECT_EQ(turns["workload"]["turns"], 3);
+  EXPECT_DOUBLE_EQ(turns["workload"]["think_time"].get<double>(), 0.2);
+  r = RunCommand(chat + "--prefix-caching off");
+  ASSERT_EQ(r.exit_code, 0) << r.errors;
+  const auto turns_uncached = nlohmann::json::parse(r.output, nullptr, false);
+  EXPECT_LT(turns["at_rates"][0]["mean_ttft_ms"].get<double>(),
+            turns_uncached["at_rates"][0]["mean_ttft_ms"].get<double>());
+  r = RunCommand(common + "--slo-ttft 500 --turns 3");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.errors.find("--turns needs"), std::string::npos) << r.errors;
+  r = RunCommand(common + "--slo-ttft 500 --turns 3 --max-model-len 1024 --think-time -1");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.errors.find("--think-time"), std::string::npos) << r.errors;
+
   r = RunCommand(common + "--slo-ttft 500 --at-rates 1,x");
   EXPECT_NE(r.exit_code, 0);
   EXPECT_NE(r.errors.find("--at-rates: 'x'"), std::string::npos) << r.errors;
