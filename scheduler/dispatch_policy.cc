@@ -207,6 +207,23 @@ int32_t HeldPromptBlocks(const DispatchRequest& request, const InstanceLoad& ins
   return std::clamp(instance.cached_prefix_tokens / bs, 0, std::max(0, prompt_blocks - 1));
 }
 
+bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<InstanceLoad>& instances,
+                        int32_t max_tokens, Placement& placement) {
+  if (max_tokens <= 0 || placement.decode.empty()) return false;
+  const auto decode = std::find_if(instances.begin(), instances.end(), [&](const InstanceLoad& i) {
+    return i.id == placement.decode && i.role == InstanceRole::kDecode;
+  });
+  if (decode == instances.end()) return false;
+  const int32_t uncached = UncachedPromptTokens(request, *decode);
+  if (uncached > max_tokens) return false;
+  absl::StrAppend(&placement.note, "; prefilled on ", decode->id, " (", uncached, " of ",
+                  request.prompt_tokens, " prompt tokens uncached there)");
+  placement.prefill = placement.decode;
+  placement.decode.clear();
+  placement.local_prefill = true;
+  return true;
+}
+
 double PredictTtftMs(const LatencyModel& model, const InstanceLoad& instance, int32_t prompt_len) {
   // FCFS batches under the token budget (long prompts are chunked: a chunk of the budget
   // is timed like a prompt of that many tokens).

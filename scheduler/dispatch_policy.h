@@ -57,13 +57,26 @@ int32_t UncachedPromptTokens(const DispatchRequest& request, const InstanceLoad&
 int32_t HeldPromptBlocks(const DispatchRequest& request, const InstanceLoad& instance);
 
 struct Placement {
-  std::string prefill;            // the prefill or colocated instance
+  std::string prefill;            // the prefill or colocated (local_prefill: decode) instance
   std::string decode;             // empty when `prefill` is colocated
   std::string note;               // why, for the request's timeline
   double predicted_ttft_ms = -1;  // SLO-aware policies: their predictions (-1: none)
   double predicted_tpot_ms = -1;
-  bool best_effort = false;  // admitted although its SLO is predicted to be missed
+  bool best_effort = false;    // admitted although its SLO is predicted to be missed
+  bool local_prefill = false;  // `prefill` is a decode instance that runs the whole request
 };
+
+// Conditional disaggregation: a request whose prompt the chosen decode instance already holds
+// all but at most `max_tokens` of (UncachedPromptTokens there: a conversation's next turn, whose
+// history and previous answer that instance decoded; a shared system prompt with a short
+// message) is prefilled there too. The short prefill joins that instance's batch; nothing is
+// handed off, and the prefill side does not compute what the decode side already holds (it
+// never holds an answer). Turns `placement` into one request on its decode instance
+// (`prefill` = that instance, `decode` empty, local_prefill set, the note extended) and returns
+// true; false, leaving it unchanged, when max_tokens <= 0, there is no decode instance, or more
+// of the prompt is uncached there.
+bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<InstanceLoad>& instances,
+                        int32_t max_tokens, Placement& placement);
 
 class DispatchPolicy {
  public:

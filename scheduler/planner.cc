@@ -418,7 +418,8 @@ nlohmann::json PlanToJson(const Plan& plan) {
                       {"bytes_per_token", o.base.kv_shape.BytesPerToken()}};
   j["policies"] = {{"dispatch", o.base.dispatch_policy},
                    {"batch", o.base.batch_policy},
-                   {"prefix_caching", o.base.prefix_caching}};
+                   {"prefix_caching", o.base.prefix_caching},
+                   {"local_prefill_max_tokens", o.base.local_prefill_max_tokens}};
   j["simulation"] = {{"arrival", client::ArrivalKindName(o.arrival.kind)},
                      {"burstiness", o.arrival.burstiness},
                      {"seed", o.arrival.seed},
@@ -548,6 +549,14 @@ absl::StatusOr<PlanFile> ParsePlanFile(const nlohmann::json& j) {
     if (p.contains("batch") && p["batch"].is_string()) f.batch_policy = p["batch"];
     if (p.contains("prefix_caching") && p["prefix_caching"].is_boolean()) {
       f.prefix_caching = p["prefix_caching"];
+    }
+    if (p.contains("local_prefill_max_tokens")) {
+      const nlohmann::json& v = p["local_prefill_max_tokens"];
+      if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > (1 << 20)) {
+        return absl::InvalidArgumentError(
+            "plan: 'policies.local_prefill_max_tokens' must be an integer in [0, 1048576]");
+      }
+      f.local_prefill_max_tokens = v.get<int32_t>();
     }
   }
   if (j.contains("live") && j["live"].is_object() && j["live"].contains("step_time_scale")) {

@@ -45,7 +45,7 @@
 //   "instance": {"prefill": {"max_batch_tokens", "max_running", "kv_blocks",
 //                "block_size"}, "decode": {...}, "colocated": {...}},
 //   "kv_transfer": {"bandwidth_bytes_per_s", "latency_s", "bytes_per_token"},
-//   "policies": {"dispatch", "batch"},
+//   "policies": {"dispatch", "batch", "prefix_caching", "local_prefill_max_tokens"},
 //   "simulation": {"num_requests", "arrival", "burstiness", "seed", "bisect_steps"},
 //   "workload": {...as given by the caller (name, lengths, seed)},
 //   "profile": the profile path, "latency_model": {"prefill": {"coef"}, "decode": {"coef"}}.
@@ -153,8 +153,9 @@ struct PlanFile {
   std::string profile_path;
   std::string dispatch_policy;
   std::string batch_policy;
-  bool prefix_caching = true;  // as simulated: the workers get the same
-  double step_time_scale = 1;  // "live": the calibrated live/profiled step ratio
+  bool prefix_caching = true;            // as simulated: the workers get the same
+  int32_t local_prefill_max_tokens = 0;  // as simulated: the front-end gets the same
+  double step_time_scale = 1;            // "live": the calibrated live/profiled step ratio
 };
 absl::StatusOr<PlanFile> ParsePlanFile(const nlohmann::json& j);
 

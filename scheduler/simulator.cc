@@ -607,6 +607,7 @@ class Cluster {
            std::string(placed.status().message()));
       return absl::OkStatus();
     }
+    PreferLocalPrefill(dr, loads, config_.local_prefill_max_tokens, *placed);
     auto find = [&](const std::string& id) -> int {
       auto it = index_.find(id);
       return it == index_.end() ? -1 : it->second;
@@ -628,7 +629,7 @@ class Cluster {
       return absl::OkStatus();
     }
     r.prefill_tokens = UncachedPromptTokens(dr, loads[r.prefill]);
-    p.prefix_index.Insert(hashes);
+    p.prefix_index.Insert(p.role == InstanceRole::kDecode ? decode_hashes : hashes);
     p.pending_prompt_tokens += r.prefill_tokens;
     ++p.pending_requests;
     r.queue_seq = next_queue_seq_++;
@@ -889,6 +890,9 @@ absl::Status ValidateConfig(const SimConfig& c) {
   }
   if (c.num_colocated < 0) {
     return absl::InvalidArgumentError("simulator: num_colocated must be >= 0");
+  }
+  if (c.local_prefill_max_tokens < 0) {
+    return absl::InvalidArgumentError("simulator: local_prefill_max_tokens must be >= 0");
   }
   if (c.num_colocated > 0) return ValidateInstance(c.colocated, "colocated");
   if (c.num_prefill < 1 || c.num_decode < 1) {

@@ -132,6 +132,10 @@ struct SimConfig {
   // policy sees, per instance, what the front-end's PrefixIndex would hold: the prompts sent
   // there, and on the instance that decoded it each answer.
   bool prefix_caching = true;
+  // Conditional disaggregation (the front-end's --local-prefill-max-tokens, PreferLocalPrefill
+  // in scheduler/dispatch_policy.h): a request with at most this many prompt tokens uncached on
+  // its decode instance runs there whole, as on a colocated instance. 0: off.
+  int32_t local_prefill_max_tokens = 0;
 };
 
 // One request: arrival (seconds from the start) and its lengths in tokens.

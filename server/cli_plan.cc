@@ -94,6 +94,9 @@ const std::vector<FlagSpec>& Specs() {
       {"kv-handoff", false,
        "layered (default: the KV moves during the prefill step, as the workers do) or after"},
       {"policy", false, "dispatch policy: least-loaded (default) or slo-aware"},
+      {"local-prefill-max-tokens", false,
+       "conditional disaggregation, as the front-end's flag: a request with at most this many "
+       "prompt tokens uncached on its decode instance runs there whole (default 0: off)"},
       {"batch-policy", false, "batch formation: fcfs (default) or edf"},
       {"json", true, "print the plan as one JSON object (the plan file)"},
       {"out", false, "write the plan file (JSON) here"},
@@ -376,6 +379,11 @@ absl::Status Run(const CliArgs& args) {
         absl::StrCat("--prefix-caching '", caching, "': expected on or off"));
   }
   o.base.prefix_caching = caching == "on";
+  PDS_ASSIGN_OR_RETURN(const int64_t local_prefill, args.GetInt("local-prefill-max-tokens", 0));
+  if (local_prefill < 0 || local_prefill > (int64_t{1} << 20)) {
+    return absl::InvalidArgumentError("--local-prefill-max-tokens must be in [0, 1048576]");
+  }
+  o.base.local_prefill_max_tokens = static_cast<int32_t>(local_prefill);
   o.base.dispatch_policy = args.GetString("policy", "least-loaded");
   o.base.batch_policy = args.GetString("batch-policy", "fcfs");
   o.base.dispatch_slo.default_ttft_slo_ms = std::max(0.0, o.base.slo.ttft_ms);

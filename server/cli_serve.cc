@@ -362,6 +362,10 @@ absl::Status RunUp(const CliArgs& args) {
         role_flags[role].insert(role_flags[role].end(), {"--prefix-caching", "off"});
       }
     }
+    if (plan->local_prefill_max_tokens > 0 && !args.Has("local-prefill-max-tokens")) {
+      plan_fe_flags.insert(plan_fe_flags.end(), {"--local-prefill-max-tokens",
+                                                 absl::StrCat(plan->local_prefill_max_tokens)});
+    }
     if (plan->ttft_slo_ms > 0 && !args.Has("slo-ttft-ms")) {
       plan_fe_flags.insert(plan_fe_flags.end(), {"--slo-ttft-ms", absl::StrCat(plan->ttft_slo_ms)});
     }
@@ -432,8 +436,9 @@ absl::Status RunUp(const CliArgs& args) {
   std::vector<std::string> fe = {"pdserve",     "frontend", "--model", model,
                                  "--host",      host,       "--port",  absl::StrCat(port),
                                  "--port-file", port_file};
-  for (const char* pass : {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms",
-                           "slo-tpot-ms", "worker-stall-timeout-s", "metrics-port"}) {
+  for (const char* pass :
+       {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms", "slo-tpot-ms",
+        "worker-stall-timeout-s", "metrics-port", "local-prefill-max-tokens"}) {
     if (args.Has(pass)) {
       fe.push_back(absl::StrCat("--", pass));
       fe.push_back(args.GetString(pass));
@@ -590,6 +595,11 @@ absl::Status RunFrontend(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(o.default_ttft_slo_ms, args.GetDouble("slo-ttft-ms", 0));
   PDS_ASSIGN_OR_RETURN(o.default_tpot_slo_ms, args.GetDouble("slo-tpot-ms", 0));
   o.best_effort = args.GetBool("best-effort");
+  PDS_ASSIGN_OR_RETURN(const int64_t local_prefill, args.GetInt("local-prefill-max-tokens", 0));
+  if (local_prefill < 0 || local_prefill > (int64_t{1} << 20)) {
+    return absl::InvalidArgumentError("--local-prefill-max-tokens must be in [0, 1048576]");
+  }
+  o.local_prefill_max_tokens = static_cast<int32_t>(local_prefill);
   PDS_ASSIGN_OR_RETURN(o.worker_stall_timeout, PositiveSeconds(args, "worker-stall-timeout-s", 60));
   PDS_ASSIGN_OR_RETURN(o.forget_worker_after, PositiveSeconds(args, "forget-worker-after-s", 300));
   PDS_ASSIGN_OR_RETURN(const absl::Duration drain_timeout, DrainTimeout(args));
@@ -645,6 +655,10 @@ int FrontendMain(int argc, char** argv) {
        {"slo-ttft-ms", false, "default TTFT target of requests (ms)"},
        {"slo-tpot-ms", false, "default TPOT target of requests (ms)"},
        {"best-effort", true, "serve requests predicted to miss their TTFT instead of refusing"},
+       {"local-prefill-max-tokens", false,
+        "conditional disaggregation: a request with at most this many prompt tokens its decode "
+        "worker does not hold (a conversation's next turn) is prefilled there too, with no "
+        "hand-off (default 0: off)"},
        {"max-in-flight", false, "requests in flight before RESOURCE_EXHAUSTED"},
        {"worker-stall-timeout-s", false,
         "a worker whose engine loop has not moved for this long gets no new requests "
@@ -684,6 +698,9 @@ int UpMain(int argc, char** argv) {
       {"slo-ttft-ms", false, "default TTFT target (ms)"},
       {"slo-tpot-ms", false, "default TPOT target (ms)"},
       {"best-effort", true, "serve requests predicted to miss their TTFT instead of refusing"},
+      {"local-prefill-max-tokens", false,
+       "front-end: prefill a request on its decode worker when at most this many of its prompt "
+       "tokens are uncached there (default 0: off, or the plan's)"},
       {"max-in-flight", false, "front-end in-flight limit"},
       {"worker-stall-timeout-s", false,
        "front-end: a worker whose engine loop has not moved for this long gets no new "

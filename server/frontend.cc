@@ -342,6 +342,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     status->set_requests_refused_slo(refused_slo_);
     status->set_requests_best_effort(best_effort_);
     status->set_requests_redispatched(redispatched_);
+    status->set_requests_local_prefill(local_prefills_);
     status->set_ready(Ready());
     return grpc::Status::OK;
   }
@@ -553,6 +554,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     PromType(out, "pdserve_requests_redispatched_total", "counter",
              "Re-dispatches: a request placed again after a worker refused it before starting.");
     absl::StrAppend(&out, "pdserve_requests_redispatched_total ", redispatched_, "\n");
+    PromType(out, "pdserve_requests_local_prefill_total", "counter",
+             "Requests prefilled on their decode worker (conditional disaggregation).");
+    absl::StrAppend(&out, "pdserve_requests_local_prefill_total ", local_prefills_, "\n");
     PromType(out, "pdserve_requests_refused_slo_total", "counter",
              "Requests refused by SLO admission control.");
     absl::StrAppend(&out, "pdserve_requests_refused_slo_total ", refused_slo_, "\n");
@@ -709,6 +713,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       }
       placement = *placed;
       if (placement.best_effort) ++best_effort_;
+      if (scheduler::PreferLocalPrefill(dr, loads, options_.local_prefill_max_tokens, placement)) {
+        ++local_prefills_;
+      }
       prefill = instances_.at(placement.prefill).get();
       // What the prefill side computes (all of the prompt but its cached prefix there).
       const auto placed_load = std::find_if(
@@ -1139,7 +1146,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   uint64_t next_id_ = 0;
   uint64_t next_call_ = 0;  // suffixes of the ids the workers see
   int64_t finished_ = 0, rejected_ = 0, cancelled_ = 0, failed_ = 0;
-  int64_t refused_slo_ = 0, best_effort_ = 0, redispatched_ = 0;
+  int64_t refused_slo_ = 0, best_effort_ = 0, redispatched_ = 0, local_prefills_ = 0;
   bool draining_ = false;  // Drain was called: new requests are refused
   uint64_t next_queue_seq_ = 0;
 

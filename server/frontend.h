@@ -27,6 +27,9 @@ struct FrontendOptions {
   double default_ttft_slo_ms = 0;  // targets of requests that set none (0: none)
   double default_tpot_slo_ms = 0;
   bool best_effort = false;  // serve requests predicted to miss their TTFT instead of refusing
+  // Conditional disaggregation (scheduler::PreferLocalPrefill): a request with at most this
+  // many prompt tokens uncached on its decode worker runs there whole. 0: always disaggregate.
+  int32_t local_prefill_max_tokens = 0;
   int max_in_flight = 1024;  // requests beyond this get RESOURCE_EXHAUSTED
   absl::Duration request_timeout = absl::Minutes(10);  // when the client sets no deadline
   absl::Duration health_period = absl::Milliseconds(200);

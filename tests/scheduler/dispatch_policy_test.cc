@@ -179,6 +179,40 @@ TEST(DispatchPolicyTest, CachedPrefixDrawsARequestUnlessTheCacheHolderIsBusierTh
 // A decode instance that holds the prompt's first blocks is sent fewer (and shares them while
 // they are in use): least-loaded counts them as free, slo-aware breaks ties with them (its
 // room check counts the whole request: the held blocks may be among the free ones).
+// Conditional disaggregation: a placement whose decode instance holds all but a few prompt
+// tokens becomes one request on that instance; otherwise (or off, or colocated) it stays.
+TEST(DispatchPolicyTest, LocalPrefillWhenTheDecodeInstanceHoldsNearlyAllThePrompt) {
+  std::vector<InstanceLoad> loads = {Inst("p0", InstanceRole::kPrefill),
+                                     Inst("d0", InstanceRole::kDecode)};
+  const DispatchRequest r{.prompt_tokens = 100, .max_tokens = 20};
+  loads[1].cached_prefix_tokens = 80;  // 20 uncached there
+  const Placement disaggregated{.prefill = "p0", .decode = "d0", .note = "least loaded"};
+  Placement p = disaggregated;
+  EXPECT_TRUE(PreferLocalPrefill(r, loads, 20, p));
+  EXPECT_EQ(p.prefill, "d0");
+  EXPECT_EQ(p.decode, "");
+  EXPECT_TRUE(p.local_prefill);
+  EXPECT_EQ(p.note, "least loaded; prefilled on d0 (20 of 100 prompt tokens uncached there)");
+  for (int32_t max : {0, 19}) {
+    p = disaggregated;
+    EXPECT_FALSE(PreferLocalPrefill(r, loads, max, p)) << max;
+    EXPECT_EQ(p.prefill, "p0");
+    EXPECT_EQ(p.decode, "d0");
+    EXPECT_FALSE(p.local_prefill);
+  }
+  // The whole prompt cached: its last token is still computed there.
+  loads[1].cached_prefix_tokens = 112;
+  p = disaggregated;
+  EXPECT_TRUE(PreferLocalPrefill(r, loads, 1, p));
+  EXPECT_NE(p.note.find("(1 of 100 prompt tokens"), std::string::npos) << p.note;
+  // A colocated placement, or an unknown decode id, is left alone.
+  Placement colocated{.prefill = "c0"};
+  EXPECT_FALSE(PreferLocalPrefill(r, loads, 100, colocated));
+  Placement unknown{.prefill = "p0", .decode = "d9"};
+  EXPECT_FALSE(PreferLocalPrefill(r, loads, 100, unknown));
+  EXPECT_EQ(unknown.decode, "d9");
+}
+
 TEST(DispatchPolicyTest, DecodeInstanceHoldingThePrefixCountsItsBlocksAsFree) {
   std::vector<InstanceLoad> loads = {Inst("p0", InstanceRole::kPrefill),
                                      Inst("d0", InstanceRole::kDecode),

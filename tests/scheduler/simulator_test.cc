@@ -463,6 +463,40 @@ TEST(SimulatorTest, ColocatedConversationReusesTheAnswer) {
   EXPECT_NEAR(on->records[1].TtftS(), PrefillChunkSeconds(model, {{64, 21}}), 1e-9);
 }
 
+// Conditional disaggregation: a turn with at most 32 prompt tokens its decode instance does not
+// hold runs there whole (no hand-off, nothing recomputed on the prefill side); the first turn,
+// which it holds none of, is disaggregated.
+TEST(SimulatorTest, ShortUncachedTurnsArePrefilledOnTheDecodeInstance) {
+  SimConfig c = SimpleConfig();
+  c.transfer_bandwidth = 1000;
+  c.transfer_latency_s = 0;
+  c.slo = {};
+  c.local_prefill_max_tokens = 32;
+  const LatencyModel model = SimpleModel();
+  auto sim = Simulate(c, model, ThreeTurns());
+  ASSERT_TRUE(sim.ok()) << sim.status();
+  const auto& r = sim->records;
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r[0].timeline.prefill_instance, "prefill-0");
+  EXPECT_EQ(r[0].timeline.decode_instance, "decode-0");
+  for (int i = 1; i < 3; ++i) {
+    ASSERT_TRUE(r[i].ok) << r[i].error_message;
+    EXPECT_EQ(r[i].timeline.prefill_instance, "decode-0") << i;
+    EXPECT_EQ(r[i].timeline.decode_instance, "") << i;
+    EXPECT_EQ(r[i].timeline.kv_transfer_end_us, 0) << i;
+  }
+  // 64 = 40 + 25 - 1 tokens held (21 uncached), then 94 = 85 + 10 - 1 (80 in whole blocks).
+  EXPECT_EQ(r[1].cached_prompt_tokens, 64);
+  EXPECT_EQ(r[2].cached_prompt_tokens, 80);
+  EXPECT_NEAR(r[1].TtftS(), PrefillChunkSeconds(model, {{64, 21}}), 1e-9);
+  c.local_prefill_max_tokens = 20;  // 21 uncached: disaggregated
+  auto off = Simulate(c, model, ThreeTurns());
+  ASSERT_TRUE(off.ok()) << off.status();
+  EXPECT_EQ(off->records[1].timeline.prefill_instance, "prefill-0");
+  c.local_prefill_max_tokens = -1;
+  EXPECT_EQ(Simulate(c, model, ThreeTurns()).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // A failed turn ends its conversation: the later turns are never sent and leave no record.
 TEST(SimulatorTest, AFailedTurnEndsItsConversation) {
   SimConfig c = SimpleConfig();

@@ -14,6 +14,7 @@
 #include <memory>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "engine/backend/cpu_backend.h"
@@ -314,6 +315,65 @@ TEST_F(ServingTest, SharedPrefixesComeFromThePrefillWorkersCache) {
     EXPECT_EQ(query, std::string(caching) == "on" ? prompt_tokens : 0);
     EXPECT_EQ(hit, std::string(caching) == "on" ? 6 * 80 : 0);
     if (std::string(caching) == "on") EXPECT_GE(cached, 5);
+  }
+}
+
+// Conditional disaggregation: a conversation's second turn, whose prompt the decode worker holds
+// all but 16 tokens of (the first turn's prompt and answer), runs there whole: no hand-off, the
+// same tokens as offline. The first turn, which it held none of, is disaggregated.
+TEST_F(ServingTest, ShortNextTurnIsPrefilledOnTheDecodeWorker) {
+  auto cluster = LocalCluster::Start(
+      *model_dir_, {"--prefill", "1", "--decode", "1", "--local-prefill-max-tokens", "32"});
+  ASSERT_NE(cluster, nullptr);
+  engine::GenerateRequest turn1;
+  turn1.id = "turn1";
+  for (int j = 0; j < 40; ++j) turn1.prompt.push_back(20 + (j * 7) % 200);
+  turn1.params.max_tokens = 30;
+  turn1.params.ignore_eos = true;
+  const auto first_expected = Offline({turn1});
+  engine::GenerateRequest turn2 = turn1;
+  turn2.id = "turn2";
+  const std::vector<int32_t>& answer = first_expected[0].token_ids;
+  turn2.prompt.insert(turn2.prompt.end(), answer.begin(), answer.end());
+  for (int j = 0; j < 10; ++j) turn2.prompt.push_back(200 + j);  // 80 tokens: 64 held
+  turn2.params.max_tokens = 6;
+  const auto second_expected = Offline({turn2});
+  const auto to_api = [](const engine::GenerateRequest& r) {
+    api::GenerateRequest a;
+    a.set_request_id(r.id);
+    *a.mutable_prompt_token_ids() = {r.prompt.begin(), r.prompt.end()};
+    a.set_max_tokens(r.params.max_tokens);
+    a.set_ignore_eos(true);
+    return a;
+  };
+  Streamed first = Generate(cluster->stub(), to_api(turn1));
+  ASSERT_TRUE(first.status.ok()) << first.status.error_message();
+  EXPECT_EQ(first.tokens, answer);
+  EXPECT_EQ(first.done.timeline().prefill_instance(), "prefill-0");
+  EXPECT_EQ(first.done.timeline().decode_instance(), "decode-0");
+  ExpectAllFree(cluster->stub());
+  const int64_t sent = [&] {
+    const api::ClusterStatus status = FreshStatus(cluster->stub());
+    for (const auto& inst : status.instances()) {
+      if (inst.role() == "prefill") return inst.kv_bytes_sent();
+    }
+    return int64_t{-1};
+  }();
+  ASSERT_GT(sent, 0);
+  Streamed second = Generate(cluster->stub(), to_api(turn2));
+  ASSERT_TRUE(second.status.ok()) << second.status.error_message();
+  EXPECT_EQ(second.tokens, second_expected[0].token_ids);
+  const api::Timeline& t = second.done.timeline();
+  EXPECT_EQ(t.prefill_instance(), "decode-0");
+  EXPECT_EQ(t.decode_instance(), "");
+  EXPECT_TRUE(absl::StrContains(t.scheduler_note(), "prefilled on decode-0 (16 of 80"))
+      << t.scheduler_note();
+  EXPECT_EQ(second.done.cached_prompt_tokens(), 64);
+  ExpectAllFree(cluster->stub());
+  const api::ClusterStatus status = FreshStatus(cluster->stub());
+  EXPECT_EQ(status.requests_local_prefill(), 1);
+  for (const auto& inst : status.instances()) {
+    if (inst.role() == "prefill") EXPECT_EQ(inst.kv_bytes_sent(), sent) << "nothing handed off";
   }
 }
 
