@@ -7,21 +7,27 @@
 # Knobs (environment): RATE (req/s, default 2), N (requests, default 60), PREFIX (tokens, 512),
 # NPREFIX (distinct prefixes, 4), SLO ("ttft:500 tpot:50"), TURNS (multi-turn conversations of
 # this many requests, default 1: RATE and N then count conversations), THINK (seconds between
-# an answer and the next turn, default 1).
+# an answer and the next turn, default 1), MODES (the runs, default "on off": prefix caching on
+# or off; "local" is on with --local-prefill-max-tokens LOCAL, default 256).
 set -euo pipefail
 BUILD="${1:-build}"
 OUT="${2:-$BUILD/prefix_cache}"
 RATE="${RATE:-2}" N="${N:-60}" PREFIX="${PREFIX:-512}" NPREFIX="${NPREFIX:-4}"
 SLO="${SLO:-ttft:500 tpot:50}" TURNS="${TURNS:-1}" THINK="${THINK:-1}"
+MODES="${MODES:-on off}" LOCAL="${LOCAL:-256}"
 model="$BUILD/models/small"
 mkdir -p "$OUT"
 [ -f "$model/config.json" ] ||
   "$BUILD/server/pdserve" make-model --preset small --out "$model" --seed 1 >/dev/null
-for mode in on off; do
+for mode in $MODES; do
   rm -f "$OUT/ready-$mode"
   port=$((19000 + RANDOM % 20000))
+  caching=on local=0
+  [ "$mode" = off ] && caching=off
+  [ "$mode" = local ] && local="$LOCAL"
   "$BUILD/server/pdserve" up --model "$model" --prefill 1 --decode 1 --port 0 --threads 1 \
-    --metrics-port "$port" --prefix-caching "$mode" --ready-file "$OUT/ready-$mode" >"$OUT/cluster-$mode.log" 2>&1 &
+    --metrics-port "$port" --prefix-caching "$caching" --local-prefill-max-tokens "$local" \
+    --ready-file "$OUT/ready-$mode" >"$OUT/cluster-$mode.log" 2>&1 &
   up=$!
   for _ in $(seq 1 600); do
     [ -s "$OUT/ready-$mode" ] && break
@@ -40,13 +46,13 @@ for mode in on off; do
   kill -TERM "$up"
   wait "$up" || true
 done
-python3 - "$OUT" <<'PY'
+python3 - "$OUT" $MODES <<'PY'
 import json, re, sys
-out = sys.argv[1]
+out, modes = sys.argv[1], sys.argv[2:]
 print(f"{'prefix caching':<16}{'attain %':>9}{'goodput':>9}{'TTFT mean':>10}{'p50':>8}"
       f"{'p99':>8}{'TPOT mean':>10}{'prefill hit %':>14}{'KV MB sent':>11}{'held %':>7}"
-      f"{'transfer ms':>12}{'after prefill ms':>17}")
-for mode in ("on", "off"):
+      f"{'transfer ms':>12}{'after prefill ms':>17}{'local':>7}")
+for mode in modes:
     r = json.load(open(f"{out}/report-{mode}.json"))
     sums = {}
     try:
@@ -54,6 +60,8 @@ for mode in ("on", "off"):
             m = re.match(r'pdserve_instance_(prefix_cache_hit_tokens|prefix_cache_query_tokens|'
                          r'kv_bytes_sent|kv_bytes_held)_total\{.*role="prefill".*\} (\S+)', line)
             if m: sums[m.group(1)] = sums.get(m.group(1), 0.0) + float(m.group(2))
+            m = re.match(r'pdserve_requests_local_prefill_total (\S+)', line)
+            if m: sums["local"] = float(m.group(1))
     except OSError:
         pass
     hit, query = sums.get("prefix_cache_hit_tokens", 0), sums.get("prefix_cache_query_tokens", 0)
@@ -65,5 +73,5 @@ for mode in ("on", "off"):
           f"{r['mean_ttft_ms']:>10.1f}{r['median_ttft_ms']:>8.1f}{r['p99_ttft_ms']:>8.1f}"
           f"{r['mean_tpot_ms']:>10.2f}{rate:>14}{sent / 1e6:>11.1f}{held_pct:>7}"
           f"{t.get('transfer_ms', {}).get('mean', 0):>12.2f}"
-          f"{t.get('handoff_ms', {}).get('mean', 0):>17.2f}")
+          f"{t.get('handoff_ms', {}).get('mean', 0):>17.2f}{sums.get('local', 0):>7.0f}")
 PY

@@ -215,7 +215,9 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
   });
   if (decode == instances.end()) return false;
   const int32_t uncached = UncachedPromptTokens(request, *decode);
-  if (uncached > max_tokens) return false;
+  // At most max_tokens of prefill work waits on a decode instance at a time: its decoding
+  // sequences share each step with at most that much prefill, and the rest is disaggregated.
+  if (uncached > max_tokens || decode->queued_prompt_tokens + uncached > max_tokens) return false;
   absl::StrAppend(&placement.note, "; prefilled on ", decode->id, " (", uncached, " of ",
                   request.prompt_tokens, " prompt tokens uncached there)");
   placement.prefill = placement.decode;

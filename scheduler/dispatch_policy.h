@@ -71,10 +71,13 @@ struct Placement {
 // history and previous answer that instance decoded; a shared system prompt with a short
 // message) is prefilled there too. The short prefill joins that instance's batch; nothing is
 // handed off, and the prefill side does not compute what the decode side already holds (it
-// never holds an answer). Turns `placement` into one request on its decode instance
-// (`prefill` = that instance, `decode` empty, local_prefill set, the note extended) and returns
-// true; false, leaving it unchanged, when max_tokens <= 0, there is no decode instance, or more
-// of the prompt is uncached there.
+// never holds an answer). At most max_tokens of such prefill work waits on a decode instance at
+// a time (its queued_prompt_tokens, which the front-end books for these requests): the
+// sequences it decodes share a step with at most that much prefill, and the rest is
+// disaggregated as usual. Turns `placement` into one request on its decode instance (`prefill`
+// = that instance, `decode` empty, local_prefill set, the note extended) and returns true;
+// false, leaving it unchanged, when max_tokens <= 0, there is no decode instance, or more of
+// the prompt is uncached there than the bound leaves room for.
 bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<InstanceLoad>& instances,
                         int32_t max_tokens, Placement& placement);
 

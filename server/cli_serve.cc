@@ -658,7 +658,7 @@ int FrontendMain(int argc, char** argv) {
        {"local-prefill-max-tokens", false,
         "conditional disaggregation: a request with at most this many prompt tokens its decode "
         "worker does not hold (a conversation's next turn) is prefilled there too, with no "
-        "hand-off (default 0: off)"},
+        "hand-off, while at most this many such tokens wait there (default 0: off)"},
        {"max-in-flight", false, "requests in flight before RESOURCE_EXHAUSTED"},
        {"worker-stall-timeout-s", false,
         "a worker whose engine loop has not moved for this long gets no new requests "

@@ -200,6 +200,12 @@ TEST(DispatchPolicyTest, LocalPrefillWhenTheDecodeInstanceHoldsNearlyAllThePromp
     EXPECT_EQ(p.decode, "d0");
     EXPECT_FALSE(p.local_prefill);
   }
+  // Other local prefills queued there: at most max_tokens of them wait at a time.
+  loads[1].queued_prompt_tokens = 10;
+  p = disaggregated;
+  EXPECT_FALSE(PreferLocalPrefill(r, loads, 29, p));
+  EXPECT_TRUE(PreferLocalPrefill(r, loads, 30, p));
+  loads[1].queued_prompt_tokens = 0;
   // The whole prompt cached: its last token is still computed there.
   loads[1].cached_prefix_tokens = 112;
   p = disaggregated;

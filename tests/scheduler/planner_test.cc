@@ -196,6 +196,14 @@ TEST(PlannerTest, PlanFileRoundTripAndColocatedComparison) {
   EXPECT_FALSE(ParsePlanFile(off)->prefix_caching);
   off["policies"].erase("prefix_caching");
   EXPECT_TRUE(ParsePlanFile(off)->prefix_caching);
+  // Local prefill as planned (0 in files from before the setting); a bad value is refused.
+  EXPECT_EQ(file->local_prefill_max_tokens, 0);
+  off["policies"]["local_prefill_max_tokens"] = 256;
+  EXPECT_EQ(ParsePlanFile(off)->local_prefill_max_tokens, 256);
+  off["policies"]["local_prefill_max_tokens"] = -3;
+  EXPECT_EQ(ParsePlanFile(off).status().code(), absl::StatusCode::kInvalidArgument);
+  off["policies"]["local_prefill_max_tokens"] = "many";
+  EXPECT_EQ(ParsePlanFile(off).status().code(), absl::StatusCode::kInvalidArgument);
   nlohmann::json bad = j;
   bad["decode_instances"] = 0;
   EXPECT_EQ(ParsePlanFile(bad).status().code(), absl::StatusCode::kInvalidArgument);
