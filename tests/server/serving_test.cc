@@ -377,6 +377,67 @@ TEST_F(ServingTest, ShortNextTurnIsPrefilledOnTheDecodeWorker) {
   }
 }
 
+// Conversations in parallel with local prefill and small KV pools: turns run on the decode
+// workers or disaggregated (9-11 of the 18 local in three runs: the first turns, held nowhere,
+// and those over the bound on queued local prefill tokens go to the prefill worker; hand-offs
+// wait for decode room at times); every turn's tokens equal offline ones.
+TEST_F(ServingTest, ConcurrentConversationsWithLocalPrefillMatchOffline) {
+  auto cluster =
+      LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "2",
+                                        "--local-prefill-max-tokens", "24", "--num-blocks", "28"});
+  ASSERT_NE(cluster, nullptr);
+  constexpr int kConversations = 6, kTurns = 3;
+  const auto message = [](int c, int t) {
+    std::vector<int32_t> m;
+    for (int j = 0; j < 6 + (c * 5 + t * 7) % 15; ++j) m.push_back(3 + (c * 97 + t * 31 + j) % 250);
+    return m;
+  };
+  const auto max_tokens = [](int c, int t) { return 8 + (c * 11 + t * 5) % 20; };
+  // Offline: each turn on its own engine run, after the offline answers before it.
+  std::vector<std::vector<std::vector<int32_t>>> expected(kConversations);
+  for (int c = 0; c < kConversations; ++c) {
+    std::vector<int32_t> history;
+    for (int t = 0; t < kTurns; ++t) {
+      const std::vector<int32_t> m = message(c, t);
+      history.insert(history.end(), m.begin(), m.end());
+      engine::GenerateRequest r;
+      r.id = absl::StrCat("c", c, "t", t);
+      r.prompt = history;
+      r.params.max_tokens = max_tokens(c, t);
+      r.params.ignore_eos = true;
+      expected[c].push_back(Offline({r})[0].token_ids);
+      history.insert(history.end(), expected[c][t].begin(), expected[c][t].end());
+    }
+  }
+  std::vector<std::future<std::string>> runs;
+  for (int c = 0; c < kConversations; ++c) {
+    runs.push_back(std::async(std::launch::async, [&, c]() -> std::string {
+      std::vector<int32_t> history;
+      for (int t = 0; t < kTurns; ++t) {
+        const std::vector<int32_t> m = message(c, t);
+        history.insert(history.end(), m.begin(), m.end());
+        api::GenerateRequest a;
+        *a.mutable_prompt_token_ids() = {history.begin(), history.end()};
+        a.set_max_tokens(max_tokens(c, t));
+        a.set_ignore_eos(true);
+        Streamed got = Generate(cluster->stub(), a);
+        if (!got.status.ok()) return absl::StrCat(c, "/", t, ": ", got.status.error_message());
+        if (got.tokens != expected[c][t]) {
+          return absl::StrCat(c, "/", t, " on ", got.done.timeline().prefill_instance(),
+                              ": tokens differ from offline");
+        }
+        history.insert(history.end(), got.tokens.begin(), got.tokens.end());
+      }
+      return "";
+    }));
+  }
+  for (auto& run : runs) EXPECT_EQ(run.get(), "");
+  ExpectAllFree(cluster->stub());
+  const api::ClusterStatus status = FreshStatus(cluster->stub());
+  EXPECT_GT(status.requests_local_prefill(), 0);
+  EXPECT_LT(status.requests_local_prefill(), kConversations * kTurns);
+}
+
 // Small KV pools on both sides: decode workers refuse hand-offs until they have room, prefill
 // workers keep finished KV caches meanwhile and stop admitting when their own pool is full.
 TEST_F(ServingTest, BackPressureWithSmallKvPoolsKeepsResultsExact) {
