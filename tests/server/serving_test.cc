@@ -378,9 +378,10 @@ TEST_F(ServingTest, ShortNextTurnIsPrefilledOnTheDecodeWorker) {
 }
 
 // Conversations in parallel with local prefill and small KV pools: turns run on the decode
-// workers or disaggregated (9-11 of the 18 local in three runs: the first turns, held nowhere,
-// and those over the bound on queued local prefill tokens go to the prefill worker; hand-offs
-// wait for decode room at times); every turn's tokens equal offline ones.
+// workers or disaggregated (9-11 of the 18 local in three runs: a turn with more than 24
+// prompt tokens uncached on its decode worker, or over the bound on the local prefill tokens
+// queued there, goes to the prefill worker; hand-offs wait for decode room at times); every
+// turn's tokens equal offline ones.
 TEST_F(ServingTest, ConcurrentConversationsWithLocalPrefillMatchOffline) {
   auto cluster =
       LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "2",
