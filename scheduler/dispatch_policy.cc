@@ -208,7 +208,7 @@ int32_t HeldPromptBlocks(const DispatchRequest& request, const InstanceLoad& ins
 }
 
 bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<InstanceLoad>& instances,
-                        int32_t max_tokens, Placement& placement) {
+                        int32_t max_tokens, Placement& placement, const LatencyModel* model) {
   if (max_tokens <= 0 || placement.decode.empty()) return false;
   const auto decode = std::find_if(instances.begin(), instances.end(), [&](const InstanceLoad& i) {
     return i.id == placement.decode && i.role == InstanceRole::kDecode;
@@ -218,8 +218,22 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
   // At most max_tokens of prefill work waits on a decode instance at a time: its decoding
   // sequences share each step with at most that much prefill, and the rest is disaggregated.
   if (uncached > max_tokens || decode->queued_prompt_tokens + uncached > max_tokens) return false;
+  std::string predicted;
+  if (model != nullptr && request.tpot_slo_ms.has_value()) {
+    // The step that runs the prefill also decodes everything there: it must stay within the
+    // TPOT target (the prefill of `uncached` tokens after the cached ones, as the simulator
+    // times a chunk, plus the decode step with this request joined).
+    const auto& c = model->prefill_coef();
+    const double s = request.prompt_tokens - uncached, k = uncached;
+    const double step_ms =
+        std::max(0.0, c[0] + c[1] * k + c[2] * ((s + k) * (s + k) - s * s)) * 1e3 +
+        PredictTpotMs(*model, *decode,
+                      int64_t{request.prompt_tokens} + std::max(0, request.max_tokens) / 2);
+    if (step_ms > *request.tpot_slo_ms) return false;
+    predicted = absl::StrFormat(", a step of %.1f ms predicted", step_ms);
+  }
   absl::StrAppend(&placement.note, "; prefilled on ", decode->id, " (", uncached, " of ",
-                  request.prompt_tokens, " prompt tokens uncached there)");
+                  request.prompt_tokens, " prompt tokens uncached there", predicted, ")");
   placement.prefill = placement.decode;
   placement.decode.clear();
   placement.local_prefill = true;

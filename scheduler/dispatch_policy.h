@@ -74,12 +74,16 @@ struct Placement {
 // never holds an answer). At most max_tokens of such prefill work waits on a decode instance at
 // a time (its queued_prompt_tokens, which the front-end books for these requests): the
 // sequences it decodes share a step with at most that much prefill, and the rest is
-// disaggregated as usual. Turns `placement` into one request on its decode instance (`prefill`
-// = that instance, `decode` empty, local_prefill set, the note extended) and returns true;
-// false, leaving it unchanged, when max_tokens <= 0, there is no decode instance, or more of
-// the prompt is uncached there than the bound leaves room for.
+// disaggregated as usual. With a `model` (the slo-aware policy's) and a TPOT target, the step
+// that runs the prefill, which decodes everything there too, must also be predicted within
+// the target. Turns `placement` into one request on its decode instance (`prefill` = that
+// instance, `decode` empty, local_prefill set, the note extended) and returns true; false,
+// leaving it unchanged, when max_tokens <= 0, there is no decode instance, more of the prompt
+// is uncached there than the bound leaves room for, or the step is predicted over the target.
+class LatencyModel;
 bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<InstanceLoad>& instances,
-                        int32_t max_tokens, Placement& placement);
+                        int32_t max_tokens, Placement& placement,
+                        const LatencyModel* model = nullptr);
 
 class DispatchPolicy {
  public:
@@ -99,8 +103,6 @@ class DispatchPolicy {
 // Colocated instances (used when there are no prefill/decode pairs): the same, plus one block's
 // worth per running request.
 std::unique_ptr<DispatchPolicy> MakeLeastLoadedPolicy();
-
-class LatencyModel;
 
 // Predicted time to first token of a new prompt of `prompt_len` tokens on a prefill (or
 // colocated) instance: the queued prompts and then this one, formed into FCFS batches under

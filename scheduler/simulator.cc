@@ -607,7 +607,15 @@ class Cluster {
            std::string(placed.status().message()));
       return absl::OkStatus();
     }
-    PreferLocalPrefill(dr, loads, config_.local_prefill_max_tokens, *placed);
+    // As the front-end: with the slo-aware policy the local step is held to the TPOT target.
+    if (config_.local_prefill_max_tokens > 0) {
+      DispatchRequest local = dr;
+      if (!local.tpot_slo_ms && config_.dispatch_slo.default_tpot_slo_ms > 0) {
+        local.tpot_slo_ms = config_.dispatch_slo.default_tpot_slo_ms;
+      }
+      PreferLocalPrefill(local, loads, config_.local_prefill_max_tokens, *placed,
+                         dispatch_.name() == "slo-aware" ? &model_ : nullptr);
+    }
     auto find = [&](const std::string& id) -> int {
       auto it = index_.find(id);
       return it == index_.end() ? -1 : it->second;

@@ -713,8 +713,17 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       }
       placement = *placed;
       if (placement.best_effort) ++best_effort_;
-      if (scheduler::PreferLocalPrefill(dr, loads, options_.local_prefill_max_tokens, placement)) {
-        ++local_prefills_;
+      if (options_.local_prefill_max_tokens > 0) {
+        // With the slo-aware policy the step that would run it is held to the TPOT target.
+        scheduler::DispatchRequest local = dr;
+        if (!local.tpot_slo_ms && options_.default_tpot_slo_ms > 0) {
+          local.tpot_slo_ms = options_.default_tpot_slo_ms;
+        }
+        if (scheduler::PreferLocalPrefill(
+                local, loads, options_.local_prefill_max_tokens, placement,
+                policy_->name() == "slo-aware" ? latency_model_.get() : nullptr)) {
+          ++local_prefills_;
+        }
       }
       prefill = instances_.at(placement.prefill).get();
       // What the prefill side computes (all of the prompt but its cached prefix there).

@@ -211,6 +211,26 @@ TEST(DispatchPolicyTest, LocalPrefillWhenTheDecodeInstanceHoldsNearlyAllThePromp
   p = disaggregated;
   EXPECT_TRUE(PreferLocalPrefill(r, loads, 1, p));
   EXPECT_NE(p.note.find("(1 of 100 prompt tokens"), std::string::npos) << p.note;
+  // With the slo-aware policy's model: the step running the prefill (about 12 ms of prefill
+  // and a 7 ms decode step here) must be predicted within the TPOT target.
+  const LatencyModel model = KnownModel();
+  loads[1].cached_prefix_tokens = 80;
+  DispatchRequest slo = r;
+  slo.tpot_slo_ms = 100;
+  p = disaggregated;
+  EXPECT_TRUE(PreferLocalPrefill(slo, loads, 20, p, &model));
+  EXPECT_NE(p.note.find("ms predicted"), std::string::npos) << p.note;
+  slo.tpot_slo_ms = 5;  // below the decode step alone
+  p = disaggregated;
+  EXPECT_FALSE(PreferLocalPrefill(slo, loads, 20, p, &model));
+  EXPECT_EQ(p.decode, "d0");
+  slo.tpot_slo_ms = 100;
+  loads[1].running_requests = 60;  // a busy decode instance: its step alone is ~0.6 s
+  loads[1].decode_context_tokens = 60'000;
+  EXPECT_FALSE(PreferLocalPrefill(slo, loads, 20, p, &model));
+  EXPECT_TRUE(PreferLocalPrefill(r, loads, 20, p, &model)) << "no TPOT target: no gate";
+  loads[1].running_requests = 0;
+  loads[1].decode_context_tokens = 0;
   // A colocated placement, or an unknown decode id, is left alone.
   Placement colocated{.prefill = "c0"};
   EXPECT_FALSE(PreferLocalPrefill(r, loads, 100, colocated));
