@@ -31,24 +31,7 @@ class Searcher {
     // The arrivals start requests or, with conversations, their first turns (the later ones
     // follow their answers): the rate counts those.
     PDS_ASSIGN_OR_RETURN(std::vector<double> times, client::ArrivalTimes(a, Starts() * repeat));
-    const int64_t per = static_cast<int64_t>(options_.lengths.size());
-    std::vector<SimRequest> requests;
-    requests.reserve(static_cast<size_t>(per * repeat));
-    size_t next = 0;
-    for (int32_t k = 0; k < repeat && next < times.size(); ++k) {
-      for (const SimRequest& r : options_.lengths) {
-        requests.push_back(r);
-        SimRequest& copy = requests.back();
-        if (r.after >= 0) {
-          copy.after += k * per;
-        } else if (next < times.size()) {
-          copy.arrival_s = times[next++];
-        } else {  // (ArrivalTimes gave fewer times than asked: the rest is not sent)
-          requests.pop_back();
-          break;
-        }
-      }
-    }
+    const std::vector<SimRequest> requests = TileWorkload(options_.lengths, times, repeat);
     // With step-time noise, each figure is the mean over noise_draws simulations of the same
     // arrivals with different draws (one draw is one possible run, as one pdbench run is).
     const int32_t draws = unit.step_time_sigma > 0 ? std::max(1, options_.noise_draws) : 1;

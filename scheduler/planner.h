@@ -25,13 +25,15 @@
 //   "prefill_instances": P, "decode_instances": D      (the whole cluster: unit x replicas)
 //   "replicas": k, "unit": {"prefill": p, "decode": d, "gpus": p + d},
 //   "gpus": P + D (used), "gpu_budget": G (0: none given),
-//   "goodput_per_gpu": requests/s per GPU of the unit at the attainment target,
-//   "max_rate": requests/s of the whole cluster at the target (k x unit),
+//   "goodput_per_gpu": requests/s (rate_unit) per GPU of the unit at the attainment target,
+//   "max_rate": requests/s (rate_unit) of the whole cluster at the target (k x unit),
 //   "colocated_goodput_per_gpu": the best colocated unit's, "colocated_instances": its K,
 //   "disaggregated_vs_colocated": goodput_per_gpu / colocated_goodput_per_gpu (0 if none),
 //   "target_rate": R (0: none), "feasible": bool, "reason": why not (or ""),
-//   "rate_unit": "requests/s", or "conversations/s" for multi-turn workloads (every rate in
-//                the file counts conversations, which their first turns start),
+//   "rate_unit": "requests/s", or "conversations/s" for multi-turn workloads: then
+//                goodput_per_gpu, max_rate, target_rate, predicted_at_rate and the curves'
+//                rate_per_gpu and rate count conversations (their first turns' arrivals);
+//                request_goodput always counts requests (turns) meeting the SLO per second,
 //   "predicted_attainment": attainment simulated at target_rate (the cluster) or, without
 //                           one, at the unit's goodput rate,
 //   "predicted_at_rate": the rate that prediction is at,
@@ -69,7 +71,8 @@ struct PlannerOptions {
   SimConfig base;
   // The workload's lengths (their arrival times are ignored), e.g. from MakeSimLengths. With
   // conversations (MakeSimConversations) the arrivals start first turns, and every rate (the
-  // goodput per GPU, target_rate, at_rates, the curves) counts conversations per second.
+  // goodput per GPU, target_rate, at_rates, the curves' rates) counts conversations per second
+  // (RatePoint::request_goodput still counts requests: turns).
   std::vector<SimRequest> lengths;
   // The arrival process (its rate is set per simulation; kind, burstiness and seed kept).
   client::ArrivalOptions arrival;

@@ -462,6 +462,11 @@ class Cluster {
     for (size_t i = 0; i < requests.size(); ++i) {
       requests_[i].spec = requests[i];
       requests_[i].record.index = static_cast<int64_t>(i);
+      if (requests[i].stream >= 0) {  // pdbench's (conversation, turn)
+        requests_[i].record.conversation = requests[i].stream;
+        requests_[i].record.turn =
+            requests[i].after >= 0 ? requests_[requests[i].after].record.turn + 1 : 0;
+      }
       if (requests[i].after >= 0) {
         followers_[requests[i].after].push_back(static_cast<int64_t>(i));
       } else {
@@ -501,8 +506,9 @@ class Cluster {
     }
     SimResult result;
     for (Request& r : requests_) {
-      if (!r.done) {
-        Fail(r, "INTERNAL", "the simulation ended before the request did");
+      if (!r.done) {  // (its later turns too: each fails the same way)
+        Fail(r, "INTERNAL", "the simulation ended before the request did",
+             /*end_conversation=*/false);
       }
       if (r.skipped) {
         ++result.requests_not_sent;
@@ -523,13 +529,15 @@ class Cluster {
  private:
   void Push(double t, EventType type, int64_t who) { events_.push({t, next_event_++, type, who}); }
 
-  void Fail(Request& r, const std::string& code, const std::string& message) {
+  // A failed turn ends its conversation (`end_conversation`): its later turns are not sent.
+  void Fail(Request& r, const std::string& code, const std::string& message,
+            bool end_conversation = true) {
     r.record.ok = false;
     r.record.error_code = code;
     r.record.error_message = message;
     r.record.end_s = now_;
     r.done = true;
-    Skip(r.record.index);
+    if (end_conversation) Skip(r.record.index);
   }
   // A failed turn ends its conversation: the later turns are never sent (no records).
   void Skip(int64_t i) {
@@ -774,11 +782,11 @@ class Cluster {
     r.done = true;
     const int64_t i = r.record.index;
     if (config_.prefix_caching) {
-      // The front-end: the decoding instance now also caches the answer (all but its last
-      // token), which a conversation's next turn starts with.
+      // The front-end: the decoding instance now also caches the answer it relayed (all but
+      // its last token), which a conversation's next turn starts with.
       Instance& decoder = instances_[r.decode >= 0 ? r.decode : r.prefill];
-      decoder.prefix_index.Insert(StreamHashes(r.spec, i,
-                                               int64_t{r.spec.prompt_len} + r.spec.output_len - 1,
+      const int64_t answer = static_cast<int64_t>(r.record.chunk_tokens.size());
+      decoder.prefix_index.Insert(StreamHashes(r.spec, i, int64_t{r.spec.prompt_len} + answer - 1,
                                                decoder.config.block_size));
     }
     // The conversation's next turn is due after the think time.
@@ -941,6 +949,31 @@ absl::StatusOr<std::vector<SimRequest>> MakeSimLengths(const client::DatasetOpti
   return out;
 }
 
+std::vector<SimRequest> TileWorkload(const std::vector<SimRequest>& lengths,
+                                     const std::vector<double>& start_times, int32_t repeat) {
+  const int64_t per = static_cast<int64_t>(lengths.size());
+  int64_t streams = 0;
+  for (const SimRequest& r : lengths) streams = std::max(streams, r.stream + 1);
+  std::vector<SimRequest> out;
+  out.reserve(static_cast<size_t>(per * std::max(0, repeat)));
+  size_t next = 0;
+  for (int32_t k = 0; k < repeat; ++k) {
+    for (const SimRequest& r : lengths) {
+      SimRequest copy = r;
+      if (copy.stream >= 0) copy.stream += k * streams;
+      if (r.after >= 0) {
+        copy.after += k * per;
+      } else if (next < start_times.size()) {
+        copy.arrival_s = start_times[next++];
+      } else {
+        return out;  // no start time left
+      }
+      out.push_back(copy);
+    }
+  }
+  return out;
+}
+
 absl::StatusOr<std::vector<SimRequest>> MakeSimConversations(const client::DatasetOptions& dataset,
                                                              int32_t turns, double think_s) {
   if (dataset.kind == client::DatasetKind::kShareGpt ||
@@ -950,6 +983,11 @@ absl::StatusOr<std::vector<SimRequest>> MakeSimConversations(const client::Datas
     return absl::InvalidArgumentError(
         "conversations need a generated dataset sent as token ids, a max_model_len, 2..1000 "
         "turns and a think time in [0, 3600] s");
+  }
+  if (dataset.num_requests < 1 || dataset.num_requests > kMaxConversationTurns / turns) {
+    return absl::InvalidArgumentError(absl::StrCat("conversations x turns must be in [1, ",
+                                                   kMaxConversationTurns, "], got ",
+                                                   dataset.num_requests, " x ", turns));
   }
   client::DatasetOptions d = dataset;
   d.num_requests = dataset.num_requests * turns;

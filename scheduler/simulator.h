@@ -187,10 +187,21 @@ absl::StatusOr<std::vector<SimRequest>> MakeSimLengths(const client::DatasetOpti
 // turn's prompt and answer, then the draw's prompt less its shared prefix (the system prompt
 // is sent once, at the start); a conversation ends before a turn whose prompt and output
 // would pass dataset.max_model_len (required, > 0). Each conversation is one stream; later
-// turns have `after` and think_s set and arrival_s 0. Generated datasets only
-// (INVALID_ARGUMENT for ShareGPT and traces, turns outside [2, 1000], a bad think time).
+// turns have `after` and think_s set and arrival_s 0. The lengths assume every answer is
+// whole (output_len tokens): a turn the simulator ends early (its context outgrew the cache)
+// is still followed by the prompt built on the whole answer. Generated datasets only
+// (INVALID_ARGUMENT for ShareGPT and traces, turns outside [2, 1000], a bad think time, more
+// than kMaxConversationTurns turns in all).
+inline constexpr int64_t kMaxConversationTurns = 1'000'000;
 absl::StatusOr<std::vector<SimRequest>> MakeSimConversations(const client::DatasetOptions& dataset,
                                                              int32_t turns, double think_s);
+
+// `lengths` `repeat` times over, for a cluster of `repeat` units: the requests that start
+// (after < 0) take `start_times` in order (those left without one, and all after them, are
+// dropped); each copy's later turns follow that copy's turns, and its conversations get
+// streams of their own (distinct tokens, as pdbench's conversations have).
+std::vector<SimRequest> TileWorkload(const std::vector<SimRequest>& lengths,
+                                     const std::vector<double>& start_times, int32_t repeat);
 
 // INVALID_ARGUMENT for a bad config. `policy` overrides config.dispatch_policy (not owned;
 // used for this run only).

@@ -88,9 +88,13 @@ TEST(PlannerTest, ConversationRatesCountConversations) {
   EXPECT_NE(summary.find("conv/s"), std::string::npos) << summary;
   EXPECT_EQ(summary.find("req/s"), std::string::npos) << summary;
   EXPECT_EQ(PlanToJson(*conv)["rate_unit"], "conversations/s");
-  // Replicated to cover 2.5 units' worth: each copy of the workload keeps its own turns.
+  // Replicated to cover 2.2 units' worth (3 units at 73% of their rate): each copy of the
+  // workload keeps its own turns and tokens (TileWorkload). Nearer each unit's limit the
+  // replicated cluster does worse than one unit (2.5: 54%; 3 units under one front-end whose
+  // prefix affinity keeps each conversation's turns on the instances holding its history),
+  // which is what the plan's predicted attainment is for.
   chat.gpus = 12;
-  chat.target_rate = 2.5 * conv->unit.max_rate();
+  chat.target_rate = 2.2 * conv->unit.max_rate();
   auto replicated = MakePlan(chat, m);
   ASSERT_TRUE(replicated.ok()) << replicated.status();
   EXPECT_TRUE(replicated->feasible) << replicated->reason;

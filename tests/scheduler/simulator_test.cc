@@ -430,6 +430,10 @@ TEST(SimulatorTest, ConversationTurnsStartFromTheirHistory) {
   for (int i = 0; i < 3; ++i) ASSERT_TRUE(r[i].ok) << r[i].error_message;
   EXPECT_NEAR(r[1].send_s, r[0].end_s + 0.5, 1e-9);
   EXPECT_NEAR(r[2].send_s, r[1].end_s + 0.5, 1e-9);
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(r[i].conversation, 7);
+    EXPECT_EQ(r[i].turn, i);
+  }
   // Prefill: nothing, then turn 0's 2 whole prompt blocks, then turn 1's 5.
   EXPECT_EQ(r[0].cached_prompt_tokens, 0);
   EXPECT_EQ(r[1].cached_prompt_tokens, 32);
@@ -546,6 +550,37 @@ TEST(SimulatorTest, NextTurnGoesToTheDecodeInstanceHoldingTheAnswer) {
               1e-6);
 }
 
+// The planner's cluster of several units runs the workload once per unit: each copy's later
+// turns follow its own, and its conversations have tokens of their own (no cache hits on
+// another copy's history).
+TEST(SimulatorTest, TiledWorkloadsKeepTheirConversationsApart) {
+  std::vector<SimRequest> lengths = ThreeTurns();
+  lengths.push_back({0.0, 30, 4});  // a single request
+  const std::vector<SimRequest> two = TileWorkload(lengths, {0, 1, 20, 21}, 2);
+  ASSERT_EQ(two.size(), 8u);
+  EXPECT_EQ(two[0].arrival_s, 0);
+  EXPECT_EQ(two[3].arrival_s, 1);
+  EXPECT_EQ(two[4].arrival_s, 20);
+  EXPECT_EQ(two[7].arrival_s, 21);
+  EXPECT_EQ(two[4].stream, 15);  // 7 + 8
+  EXPECT_EQ(two[5].after, 4);
+  EXPECT_EQ(two[6].after, 5);
+  EXPECT_EQ(two[7].stream, -1);
+  EXPECT_EQ(TileWorkload(lengths, {0, 1, 20}, 2).size(), 7u) << "no start time for the last";
+  SimConfig c = SimpleConfig();
+  c.transfer_bandwidth = 1000;
+  c.transfer_latency_s = 0;
+  c.slo = {};
+  auto sim = Simulate(c, SimpleModel(), two);
+  ASSERT_TRUE(sim.ok()) << sim.status();
+  ASSERT_EQ(sim->records.size(), 8u);
+  ASSERT_GT(sim->records[4].send_s, sim->records[2].end_s) << "copy 1 starts after copy 0";
+  EXPECT_EQ(sim->records[4].cached_prompt_tokens, 0);
+  EXPECT_EQ(sim->records[5].cached_prompt_tokens, 32);
+  EXPECT_EQ(sim->records[5].conversation, 15);
+  EXPECT_EQ(sim->records[6].turn, 2);
+}
+
 TEST(SimulatorTest, ConversationsAsPdbenchSendsThem) {
   client::DatasetOptions d;
   d.kind = client::DatasetKind::kChatbot;
@@ -601,6 +636,8 @@ TEST(SimulatorTest, ConversationsAsPdbenchSendsThem) {
   d.max_model_len = 700;
   EXPECT_FALSE(MakeSimConversations(d, 1, 0.25).ok());
   EXPECT_FALSE(MakeSimConversations(d, 4, -1).ok());
+  d.num_requests = kMaxConversationTurns / 4 + 1;
+  EXPECT_EQ(MakeSimConversations(d, 4, 0.25).status().code(), absl::StatusCode::kInvalidArgument);
   std::vector<SimRequest> bad = ThreeTurns();
   bad[1].after = 1;
   EXPECT_EQ(Simulate(SimpleConfig(), SimpleModel(), bad).status().code(),

@@ -263,12 +263,14 @@ TEST_F(CliTest, PlanPrintsThePlanFile) {
   r = RunCommand(chat);
   ASSERT_EQ(r.exit_code, 0) << r.errors;
   const auto turns = nlohmann::json::parse(r.output, nullptr, false);
+  ASSERT_FALSE(turns.is_discarded()) << r.output;
   EXPECT_EQ(turns["rate_unit"], "conversations/s");
   EXPECT_EQ(turns["workload"]["turns"], 3);
   EXPECT_DOUBLE_EQ(turns["workload"]["think_time"].get<double>(), 0.2);
   r = RunCommand(chat + "--prefix-caching off");
   ASSERT_EQ(r.exit_code, 0) << r.errors;
   const auto turns_uncached = nlohmann::json::parse(r.output, nullptr, false);
+  ASSERT_FALSE(turns_uncached.is_discarded()) << r.output;
   EXPECT_LT(turns["at_rates"][0]["mean_ttft_ms"].get<double>(),
             turns_uncached["at_rates"][0]["mean_ttft_ms"].get<double>());
   r = RunCommand(common + "--slo-ttft 500 --turns 3");
