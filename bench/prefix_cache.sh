@@ -8,7 +8,8 @@
 # NPREFIX (distinct prefixes, 4), SLO ("ttft:500 tpot:50"), TURNS (multi-turn conversations of
 # this many requests, default 1: RATE and N then count conversations), THINK (seconds between
 # an answer and the next turn, default 1), MODES (the runs, default "on off": prefix caching on
-# or off; "local" is on with --local-prefill-max-tokens LOCAL, default 256).
+# or off; "local" is on with --local-prefill-max-tokens LOCAL, default 256). "P-worker hit %"
+# is the prefill worker's cache alone (local prefills hit the decode worker's).
 set -euo pipefail
 BUILD="${1:-build}"
 OUT="${2:-$BUILD/prefix_cache}"
@@ -50,7 +51,7 @@ python3 - "$OUT" $MODES <<'PY'
 import json, re, sys
 out, modes = sys.argv[1], sys.argv[2:]
 print(f"{'prefix caching':<16}{'attain %':>9}{'goodput':>9}{'TTFT mean':>10}{'p50':>8}"
-      f"{'p99':>8}{'TPOT mean':>10}{'prefill hit %':>14}{'KV MB sent':>11}{'held %':>7}"
+      f"{'p99':>8}{'TPOT mean':>10}{'P-worker hit %':>15}{'KV MB sent':>11}{'held %':>7}"
       f"{'transfer ms':>12}{'after prefill ms':>17}{'local':>7}")
 for mode in modes:
     r = json.load(open(f"{out}/report-{mode}.json"))
@@ -71,7 +72,7 @@ for mode in modes:
     t = r.get("server_timeline", {})
     print(f"{mode:<16}{100 * r['slo_attainment']:>9.1f}{r['request_goodput']:>9.2f}"
           f"{r['mean_ttft_ms']:>10.1f}{r['median_ttft_ms']:>8.1f}{r['p99_ttft_ms']:>8.1f}"
-          f"{r['mean_tpot_ms']:>10.2f}{rate:>14}{sent / 1e6:>11.1f}{held_pct:>7}"
+          f"{r['mean_tpot_ms']:>10.2f}{rate:>15}{sent / 1e6:>11.1f}{held_pct:>7}"
           f"{t.get('transfer_ms', {}).get('mean', 0):>12.2f}"
           f"{t.get('handoff_ms', {}).get('mean', 0):>17.2f}{sums.get('local', 0):>7.0f}")
 PY

@@ -210,23 +210,43 @@ int32_t HeldPromptBlocks(const DispatchRequest& request, const InstanceLoad& ins
 bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<InstanceLoad>& instances,
                         int32_t max_tokens, Placement& placement, const LatencyModel* model) {
   if (max_tokens <= 0 || placement.decode.empty()) return false;
-  const auto decode = std::find_if(instances.begin(), instances.end(), [&](const InstanceLoad& i) {
+  // The placed decode instance, or a healthy one with room that holds more of the prompt (a
+  // policy may place the decode phase by other keys first; run whole, the request is best where
+  // its prefix is).
+  const InstanceLoad* decode = nullptr;
+  for (const InstanceLoad& i : instances) {
+    if (i.role != InstanceRole::kDecode) continue;
+    if (i.id == placement.decode) {
+      if (decode == nullptr || i.cached_prefix_tokens >= decode->cached_prefix_tokens) decode = &i;
+      continue;
+    }
+    const int32_t bs = std::max(1, i.block_size);
+    const int32_t needed = (std::max(0, request.prompt_tokens) + 1 + bs - 1) / bs;
+    const bool room = i.kv_blocks_free + HeldPromptBlocks(request, i) >= needed;
+    if (i.healthy && room &&
+        (decode == nullptr || i.cached_prefix_tokens > decode->cached_prefix_tokens)) {
+      decode = &i;
+    }
+  }
+  const bool placed_known = std::any_of(instances.begin(), instances.end(), [&](const auto& i) {
     return i.id == placement.decode && i.role == InstanceRole::kDecode;
   });
-  if (decode == instances.end()) return false;
+  if (decode == nullptr || !placed_known) return false;
   const int32_t uncached = UncachedPromptTokens(request, *decode);
   // At most max_tokens of prefill work waits on a decode instance at a time: its decoding
   // sequences share each step with at most that much prefill, and the rest is disaggregated.
   if (uncached > max_tokens || decode->queued_prompt_tokens + uncached > max_tokens) return false;
   std::string predicted;
-  if (model != nullptr && request.tpot_slo_ms.has_value()) {
-    // The step that runs the prefill also decodes everything there: it must stay within the
-    // TPOT target (the prefill of `uncached` tokens after the cached ones, as the simulator
-    // times a chunk, plus the decode step with this request joined).
+  if (model != nullptr && request.tpot_slo_ms.has_value() && *request.tpot_slo_ms > 0) {
+    // The step that runs the prefill (with the local prefills queued before it) also decodes
+    // everything there: it must stay within the TPOT target. Timed as the simulator times a
+    // chunk (its attention over the cached prefix) plus the decode step with it joined.
     const auto& c = model->prefill_coef();
     const double s = request.prompt_tokens - uncached, k = uncached;
+    const double prefill_s = c[0] + c[1] * (k + static_cast<double>(decode->queued_prompt_tokens)) +
+                             c[2] * ((s + k) * (s + k) - s * s);
     const double step_ms =
-        std::max(0.0, c[0] + c[1] * k + c[2] * ((s + k) * (s + k) - s * s)) * 1e3 +
+        std::max(0.0, prefill_s) * 1e3 +
         PredictTpotMs(*model, *decode,
                       int64_t{request.prompt_tokens} + std::max(0, request.max_tokens) / 2);
     if (step_ms > *request.tpot_slo_ms) return false;
@@ -234,7 +254,7 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
   }
   absl::StrAppend(&placement.note, "; prefilled on ", decode->id, " (", uncached, " of ",
                   request.prompt_tokens, " prompt tokens uncached there", predicted, ")");
-  placement.prefill = placement.decode;
+  placement.prefill = decode->id;
   placement.decode.clear();
   placement.local_prefill = true;
   return true;

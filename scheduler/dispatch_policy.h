@@ -66,20 +66,24 @@ struct Placement {
   bool local_prefill = false;  // `prefill` is a decode instance that runs the whole request
 };
 
-// Conditional disaggregation: a request whose prompt the chosen decode instance already holds
-// all but at most `max_tokens` of (UncachedPromptTokens there: a conversation's next turn, whose
-// history and previous answer that instance decoded; a shared system prompt with a short
-// message) is prefilled there too. The short prefill joins that instance's batch; nothing is
-// handed off, and the prefill side does not compute what the decode side already holds (it
-// never holds an answer). At most max_tokens of such prefill work waits on a decode instance at
-// a time (its queued_prompt_tokens, which the front-end books for these requests): the
-// sequences it decodes share a step with at most that much prefill, and the rest is
-// disaggregated as usual. With a `model` (the slo-aware policy's) and a TPOT target, the step
-// that runs the prefill, which decodes everything there too, must also be predicted within
-// the target. Turns `placement` into one request on its decode instance (`prefill` = that
-// instance, `decode` empty, local_prefill set, the note extended) and returns true; false,
-// leaving it unchanged, when max_tokens <= 0, there is no decode instance, more of the prompt
-// is uncached there than the bound leaves room for, or the step is predicted over the target.
+// Conditional disaggregation: a request with at most `max_tokens` prompt tokens uncached on a
+// decode instance (UncachedPromptTokens there: a conversation's next turn, whose history and
+// previous answer that instance decoded; a shared system prompt with a short message; or any
+// prompt that short) is prefilled there too. The short prefill joins that instance's batch;
+// nothing is handed off, and the prefill side does not compute what the decode side already
+// holds (it never holds an answer). The instance: the placed decode instance, or a healthy
+// one with room for the request that holds more of the prompt. At most max_tokens of such
+// prefill work waits on a decode instance at a time (its queued_prompt_tokens, which the
+// front-end books for these requests): the sequences it decodes share a step with at most
+// that much prefill, and the rest is disaggregated as usual. With a `model` (the slo-aware
+// policy's) and a TPOT target > 0, the step that runs the prefill (with the local prefills
+// queued before it), which decodes everything there too, must also be predicted within the
+// target. Turns `placement` into one request on that decode instance (`prefill` = it, `decode`
+// empty, local_prefill set, the note extended) and returns true; false, leaving it unchanged,
+// when max_tokens <= 0, the placement has no decode instance, more of the prompt is uncached
+// there than the bound leaves room for, or the step is predicted over the target. (The
+// policy's admission decision, made for the prefill side, stands: a request it refuses is not
+// offered here.)
 class LatencyModel;
 bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<InstanceLoad>& instances,
                         int32_t max_tokens, Placement& placement,

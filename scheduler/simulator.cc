@@ -147,8 +147,8 @@ class Engine {
   // the leading blocks of the prompt that are cached (all but its last block), which it shares
   // and the transfer does not move. The held blocks, or -1: no room.
   int32_t ReserveImport(int64_t req, const SimRequest& spec) {
-    for (const auto& [o, seq] : seqs_) {  // a preempted sequence goes first
-      if (!seq.admitted && !seq.held && !seq.importing) return -1;
+    for (const auto& [o, seq] : seqs_) {  // a preempted sequence whose stream started goes first
+      if (!seq.admitted && !seq.held && !seq.importing && seq.num_generated > 0) return -1;
     }
     const int32_t bs = config_.block_size;
     const int32_t needed = BlocksFor(spec.prompt_len, bs);

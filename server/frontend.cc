@@ -462,6 +462,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     // end is the decode worker's, another host's clock).
     std::pair<int64_t, int64_t> kv_sent_us = {0, 0};
     int32_t cached_prompt_tokens = 0;  // from the prefill (or colocated) worker
+    bool local_prefill = false;        // placed whole on a decode worker (counted once)
   };
 
   grpc::Status Validate(const api::GenerateRequest& r, pb::WorkRequest& work) {
@@ -652,6 +653,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       std::lock_guard<std::mutex> lock(mu_);
       ++redispatched_;
       if (relay.work.best_effort()) --best_effort_;  // counted again if placed so again
+      if (relay.local_prefill) --local_prefills_;
       // The workers see a new call id: the refusing side may still hold the old one a moment.
       relay.work.set_request_id(absl::StrCat(relay.tracked.id, "#", next_call_++));
       log_->info("{} refused {} before starting it ({}); placing it again", refused_by,
@@ -724,6 +726,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
                 policy_->name() == "slo-aware" ? latency_model_.get() : nullptr)) {
           ++local_prefills_;
         }
+        relay.local_prefill = placement.local_prefill;
       }
       prefill = instances_.at(placement.prefill).get();
       // What the prefill side computes (all of the prompt but its cached prefix there).

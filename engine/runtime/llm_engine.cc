@@ -162,11 +162,14 @@ absl::StatusOr<ImportReservation> LlmEngine::ReserveImport(GenerateRequest reque
     return absl::InvalidArgumentError(absl::StrCat(
         "import of ", num_tokens, " positions for a prompt of ", request.prompt.size(), " tokens"));
   }
-  if (num_waiting() > 0) {
-    // A preempted sequence (its stream already started) goes before new imports, which would
-    // otherwise take the blocks it waits for as they free up.
-    return absl::ResourceExhaustedError(
-        "a preempted sequence waits for KV blocks; imports wait until it runs again");
+  // A preempted sequence whose stream already started goes before new imports, which would
+  // otherwise take the blocks it waits for as they free up. (A request not yet started, e.g.
+  // one the front-end prefills here, waits as requests do: it does not hold imports back.)
+  for (const auto& [other, s] : sequences_) {
+    if (!s->admitted && !s->held && !s->importing && s->num_generated > 0) {
+      return absl::ResourceExhaustedError(
+          "a preempted sequence waits for KV blocks; imports wait until it runs again");
+    }
   }
   const int32_t bs = options_.block_size;
   const int32_t needed = BlockTable::BlocksFor(num_tokens, bs);

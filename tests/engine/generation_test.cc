@@ -622,6 +622,35 @@ void GenerationTest::RunningImportStepsBehindABlockedPreemptedSequence(int32_t b
   EXPECT_EQ(decode->num_free_blocks(), 6);
 }
 
+// A decode worker also runs whole the requests the front-end prefills there (conditional
+// disaggregation): one waiting to start does not hold imports back (only a preempted one whose
+// stream started does), and both finish with the tokens of a plain engine.
+TEST_F(GenerationTest, AWaitingLocalRequestDoesNotHoldImportsBack) {
+  auto decode = NewEngine({.block_size = 8, .num_blocks = 16});
+  GenerateRequest local = Request({.max_tokens = 6, .ignore_eos = true}, {5, 6, 7, 8, 9});
+  local.id = "local";
+  ASSERT_TRUE(decode->AddRequest(local).ok());
+  EXPECT_EQ(decode->num_waiting(), 1u);
+  GenerateRequest imported = Request({.max_tokens = 6, .ignore_eos = true}, {11, 12, 13});
+  imported.id = "imported";
+  auto reserved = decode->ReserveImport(imported, 3);
+  ASSERT_TRUE(reserved.ok()) << reserved.status();
+  ASSERT_TRUE(decode->ActivateImport("imported", 20).ok());
+  std::map<std::string, std::vector<int32_t>> tokens;
+  for (int i = 0; i < 20 && decode->HasWork(); ++i) {
+    auto step = decode->Step();
+    ASSERT_TRUE(step.ok()) << step.status();
+    for (const TokenOutput& out : *step) tokens[out.request_id].push_back(out.token);
+  }
+  EXPECT_FALSE(decode->HasWork());
+  EXPECT_EQ(tokens["local"].size(), 6u);
+  EXPECT_EQ(tokens["imported"].size(), 5u);  // its first token came with the import
+  auto plain = NewEngine({.block_size = 8, .num_blocks = 16});
+  auto expected = plain->Generate({local});
+  ASSERT_TRUE(expected.ok()) << expected.status();
+  EXPECT_EQ(tokens["local"], (*expected)[0].token_ids);
+}
+
 // A decode engine whose free blocks went to an import in flight: the running sequence that
 // needs a block waits for it (no error, nothing else disturbed) and goes on once the import
 // is cancelled.

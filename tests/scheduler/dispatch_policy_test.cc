@@ -176,9 +176,6 @@ TEST(DispatchPolicyTest, CachedPrefixDrawsARequestUnlessTheCacheHolderIsBusierTh
   EXPECT_EQ(policy->Place(r, colocated)->prefill, "c1");
 }
 
-// A decode instance that holds the prompt's first blocks is sent fewer (and shares them while
-// they are in use): least-loaded counts them as free, slo-aware breaks ties with them (its
-// room check counts the whole request: the held blocks may be among the free ones).
 // Conditional disaggregation: a placement whose decode instance holds all but a few prompt
 // tokens becomes one request on that instance; otherwise (or off, or colocated) it stays.
 TEST(DispatchPolicyTest, LocalPrefillWhenTheDecodeInstanceHoldsNearlyAllThePrompt) {
@@ -216,21 +213,51 @@ TEST(DispatchPolicyTest, LocalPrefillWhenTheDecodeInstanceHoldsNearlyAllThePromp
   const LatencyModel model = KnownModel();
   loads[1].cached_prefix_tokens = 80;
   DispatchRequest slo = r;
-  slo.tpot_slo_ms = 100;
-  p = disaggregated;
-  EXPECT_TRUE(PreferLocalPrefill(slo, loads, 20, p, &model));
-  EXPECT_NE(p.note.find("ms predicted"), std::string::npos) << p.note;
-  slo.tpot_slo_ms = 5;  // below the decode step alone
-  p = disaggregated;
-  EXPECT_FALSE(PreferLocalPrefill(slo, loads, 20, p, &model));
-  EXPECT_EQ(p.decode, "d0");
+  slo.tpot_slo_ms = 1000;
+  const auto local = [&](const DispatchRequest& request, int32_t max) {
+    Placement q = disaggregated;
+    return PreferLocalPrefill(request, loads, max, q, &model) ? q.note : std::string("no");
+  };
+  const std::string note = local(slo, 20);
+  const size_t at = note.find("a step of ");
+  ASSERT_NE(at, std::string::npos) << note;
+  const double step_ms = std::stod(note.substr(at + 10));
+  EXPECT_GT(step_ms, 15);  // the decode step alone is about 7 ms: the prefill counts
+  EXPECT_LT(step_ms, 25);
+  slo.tpot_slo_ms = step_ms + 0.5;
+  EXPECT_NE(local(slo, 30), "no");
+  loads[1].queued_prompt_tokens = 10;  // queued local prefills run in that step too: +1 ms
+  EXPECT_EQ(local(slo, 30), "no");
+  loads[1].queued_prompt_tokens = 0;
+  slo.tpot_slo_ms = step_ms - 5;
+  EXPECT_EQ(local(slo, 20), "no");
+  slo.tpot_slo_ms = 0;  // no target: no gate
+  EXPECT_NE(local(slo, 20), "no");
   slo.tpot_slo_ms = 100;
   loads[1].running_requests = 60;  // a busy decode instance: its step alone is ~0.6 s
   loads[1].decode_context_tokens = 60'000;
-  EXPECT_FALSE(PreferLocalPrefill(slo, loads, 20, p, &model));
-  EXPECT_TRUE(PreferLocalPrefill(r, loads, 20, p, &model)) << "no TPOT target: no gate";
+  EXPECT_EQ(local(slo, 20), "no");
+  EXPECT_NE(local(r, 20), "no") << "no TPOT target: no gate";
   loads[1].running_requests = 0;
   loads[1].decode_context_tokens = 0;
+  // Another decode instance with room that holds more of the prompt runs it (a policy may
+  // have placed the decode phase by other keys); one without room, or unhealthy, does not.
+  loads.push_back(Inst("d1", InstanceRole::kDecode));
+  loads[2].cached_prefix_tokens = 96;
+  p = disaggregated;
+  EXPECT_TRUE(PreferLocalPrefill(r, loads, 20, p));
+  EXPECT_EQ(p.prefill, "d1");
+  EXPECT_NE(p.note.find("(4 of 100"), std::string::npos) << p.note;
+  loads[2].kv_blocks_free = 0;  // 6 blocks held, 7 needed
+  p = disaggregated;
+  EXPECT_TRUE(PreferLocalPrefill(r, loads, 20, p));
+  EXPECT_EQ(p.prefill, "d0");
+  loads[2].kv_blocks_free = 100;
+  loads[2].healthy = false;
+  p = disaggregated;
+  EXPECT_TRUE(PreferLocalPrefill(r, loads, 20, p));
+  EXPECT_EQ(p.prefill, "d0");
+  loads.pop_back();
   // A colocated placement, or an unknown decode id, is left alone.
   Placement colocated{.prefill = "c0"};
   EXPECT_FALSE(PreferLocalPrefill(r, loads, 100, colocated));
@@ -239,6 +266,9 @@ TEST(DispatchPolicyTest, LocalPrefillWhenTheDecodeInstanceHoldsNearlyAllThePromp
   EXPECT_EQ(unknown.decode, "d9");
 }
 
+// A decode instance that holds the prompt's first blocks is sent fewer (and shares them while
+// they are in use): least-loaded counts them as free, slo-aware breaks ties with them (its
+// room check counts the whole request: the held blocks may be among the free ones).
 TEST(DispatchPolicyTest, DecodeInstanceHoldingThePrefixCountsItsBlocksAsFree) {
   std::vector<InstanceLoad> loads = {Inst("p0", InstanceRole::kPrefill),
                                      Inst("d0", InstanceRole::kDecode),

@@ -202,6 +202,11 @@ TEST(PlannerTest, PlanFileRoundTripAndColocatedComparison) {
   EXPECT_TRUE(ParsePlanFile(off)->prefix_caching);
   // Local prefill as planned (0 in files from before the setting); a bad value is refused.
   EXPECT_EQ(file->local_prefill_max_tokens, 0);
+  Plan local = *plan;
+  local.options.base.local_prefill_max_tokens = 128;
+  EXPECT_EQ(ParsePlanFile(PlanToJson(local))->local_prefill_max_tokens, 128);
+  off["policies"].erase("local_prefill_max_tokens");
+  EXPECT_EQ(ParsePlanFile(off)->local_prefill_max_tokens, 0);
   off["policies"]["local_prefill_max_tokens"] = 256;
   EXPECT_EQ(ParsePlanFile(off)->local_prefill_max_tokens, 256);
   off["policies"]["local_prefill_max_tokens"] = -3;

@@ -378,10 +378,10 @@ TEST_F(ServingTest, ShortNextTurnIsPrefilledOnTheDecodeWorker) {
 }
 
 // Conversations in parallel with local prefill and small KV pools: turns run on the decode
-// workers or disaggregated (9-11 of the 18 local in three runs: a turn with more than 24
-// prompt tokens uncached on its decode worker, or over the bound on the local prefill tokens
-// queued there, goes to the prefill worker; hand-offs wait for decode room at times); every
-// turn's tokens equal offline ones.
+// workers or disaggregated (9-11 of the 18 local in three runs: first turns too, whose 6-20
+// tokens are under the bound even with nothing cached; a turn with more than 24 prompt tokens
+// uncached on its decode worker, or over the bound on the local prefill tokens queued there,
+// goes to the prefill worker); every turn's tokens equal offline ones.
 TEST_F(ServingTest, ConcurrentConversationsWithLocalPrefillMatchOffline) {
   auto cluster =
       LocalCluster::Start(*model_dir_, {"--prefill", "1", "--decode", "2",
