@@ -328,17 +328,9 @@ class Engine {
   }
   // LlmEngine::RegisterFilledBlocks.
   void RegisterFilledBlocks(Seq& seq, int32_t from) {
-    if (!allocator_.prefix_cache_enabled()) return;
-    const int32_t bs = config_.block_size;
-    const std::span<const int32_t> computed(seq.tokens.data(), seq.num_computed);
-    engine::BlockAllocator::ExtendPrefixHashes(computed, bs, seq.block_hashes);
-    const int32_t first = from / bs;
-    seq.cached_chain.resize(first, -1);
-    for (int32_t i = first; i < seq.num_computed / bs; ++i) {
-      const int32_t parent = i == 0 ? -1 : seq.cached_chain[i - 1];
-      seq.cached_chain.push_back(
-          allocator_.Register(seq.table.blocks()[i], i, computed, seq.block_hashes, parent));
-    }
+    allocator_.RegisterComputed(seq.table.blocks(),
+                                std::span<const int32_t>(seq.tokens.data(), seq.num_computed), from,
+                                seq.block_hashes, seq.cached_chain);
   }
 
   // LlmEngine::BlocksAwaitRelease: held or importing sequences own blocks that come back when

@@ -338,7 +338,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   grpc::Status Generate(grpc::ServerContext* ctx, const pb::WorkRequest* request,
                         grpc::ServerWriter<pb::WorkEvent>* writer) override {
     // Decode workers also run whole the requests the front-end prefills there (conditional
-    // disaggregation: nearly all of the prompt is in their prefix cache).
+    // disaggregation: all but a few of their prompt tokens are in its prefix cache).
     if (options_.role == InstanceRole::kPrefill) return WrongRole("Generate");
     return Serve(ctx, *request, writer, Live::kColocated);
   }

@@ -206,6 +206,22 @@ int32_t BlockAllocator::Register(int32_t block, int32_t index, std::span<const i
   return block;
 }
 
+void BlockAllocator::RegisterComputed(std::span<const int32_t> table,
+                                      std::span<const int32_t> computed, int32_t from,
+                                      std::vector<uint64_t>& hashes, std::vector<int32_t>& chain) {
+  if (!prefix_cache_enabled()) return;
+  const int32_t bs = cache_block_size_;
+  ExtendPrefixHashes(computed, bs, hashes);
+  const int32_t first = from / bs;
+  chain.resize(first, -1);
+  const int32_t whole =
+      std::min(static_cast<int32_t>(computed.size()) / bs, static_cast<int32_t>(table.size()));
+  for (int32_t i = first; i < whole; ++i) {
+    const int32_t parent = i == 0 ? -1 : chain[i - 1];
+    chain.push_back(Register(table[i], i, computed, hashes, parent));
+  }
+}
+
 absl::Status BlockTable::Reserve(int32_t total_tokens, int32_t block_size,
                                  BlockAllocator& allocator) {
   const int32_t needed = BlocksFor(total_tokens, block_size) - static_cast<int32_t>(blocks_.size());

@@ -59,6 +59,12 @@ class BlockAllocator {
   // unreferenced `block`, or another block under the same hash: a collision).
   int32_t Register(int32_t block, int32_t index, std::span<const int32_t> tokens,
                    std::span<const uint64_t> hashes, int32_t parent);
+  // Registers the whole blocks of a sequence's computed positions from position `from` on
+  // (`computed`: its tokens whose K/V are written; `table`: its blocks; `hashes`: extended
+  // here; `chain`: per block, what Register returned, cut back to the block of `from` and
+  // extended). Nothing when caching is off.
+  void RegisterComputed(std::span<const int32_t> table, std::span<const int32_t> computed,
+                        int32_t from, std::vector<uint64_t>& hashes, std::vector<int32_t>& chain);
   int32_t num_cached() const { return static_cast<int32_t>(by_hash_.size()); }
   int32_t num_evictable() const { return num_evictable_; }
   int64_t num_evictions() const { return num_evictions_; }

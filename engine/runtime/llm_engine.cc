@@ -266,18 +266,9 @@ std::vector<int32_t> LlmEngine::CachedPrefix(Sequence& seq) {
 }
 
 void LlmEngine::RegisterFilledBlocks(Sequence& seq, int32_t from) {
-  BlockAllocator& allocator = cache_.allocator();
-  if (!allocator.prefix_cache_enabled()) return;
-  const int32_t bs = options_.block_size;
-  const std::span<const int32_t> computed(seq.tokens.data(), seq.num_computed);
-  BlockAllocator::ExtendPrefixHashes(computed, bs, seq.block_hashes);
-  const int32_t first = from / bs;
-  seq.cached_chain.resize(first, -1);
-  for (int32_t i = first; i < seq.num_computed / bs; ++i) {
-    const int32_t parent = i == 0 ? -1 : seq.cached_chain[i - 1];
-    seq.cached_chain.push_back(
-        allocator.Register(seq.table.blocks()[i], i, computed, seq.block_hashes, parent));
-  }
+  cache_.allocator().RegisterComputed(seq.table.blocks(),
+                                      std::span<const int32_t>(seq.tokens.data(), seq.num_computed),
+                                      from, seq.block_hashes, seq.cached_chain);
 }
 
 FinishReason LlmEngine::CheckFinish(const Sequence& seq, int32_t token) const {
