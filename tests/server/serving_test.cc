@@ -321,9 +321,15 @@ TEST_F(ServingTest, SharedPrefixesComeFromThePrefillWorkersCache) {
 // Conditional disaggregation: a conversation's second turn, whose prompt the decode worker holds
 // all but 16 tokens of (the first turn's prompt and answer), runs there whole: no hand-off, the
 // same tokens as offline. The first turn, which it held none of, is disaggregated.
+// (Started from a plan file that says so, as `pdserve plan --local-prefill-max-tokens` writes.)
 TEST_F(ServingTest, ShortNextTurnIsPrefilledOnTheDecodeWorker) {
-  auto cluster = LocalCluster::Start(
-      *model_dir_, {"--prefill", "1", "--decode", "1", "--local-prefill-max-tokens", "32"});
+  const std::string plan = testing::ScratchDir() + "/local-prefill-plan.json";
+  {
+    std::ofstream out(plan);
+    out << R"({"prefill_instances": 1, "decode_instances": 1,)"
+        << R"( "policies": {"local_prefill_max_tokens": 32}})";
+  }
+  auto cluster = LocalCluster::Start(*model_dir_, {"--plan", plan});
   ASSERT_NE(cluster, nullptr);
   engine::GenerateRequest turn1;
   turn1.id = "turn1";
