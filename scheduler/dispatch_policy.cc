@@ -209,7 +209,14 @@ int32_t HeldPromptBlocks(const DispatchRequest& request, const InstanceLoad& ins
 
 bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<InstanceLoad>& instances,
                         int32_t max_tokens, Placement& placement, const LatencyModel* model) {
-  if (max_tokens <= 0 || placement.decode.empty()) return false;
+  // A placement the policy refused (nothing placed) is offered only with a model to predict
+  // the local TTFT by.
+  const bool refused = placement.prefill.empty() && placement.decode.empty();
+  if (max_tokens <= 0 || (placement.decode.empty() && !refused)) return false;
+  if (refused &&
+      (model == nullptr || !request.ttft_slo_ms.has_value() || !(*request.ttft_slo_ms > 0))) {
+    return false;
+  }
   // The placed decode instance, or a healthy one with room that holds more of the prompt (a
   // policy may place the decode phase by other keys first; run whole, the request is best where
   // its prefix is).
@@ -228,16 +235,17 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
       decode = &i;
     }
   }
-  const bool placed_known = std::any_of(instances.begin(), instances.end(), [&](const auto& i) {
-    return i.id == placement.decode && i.role == InstanceRole::kDecode;
-  });
+  const bool placed_known =
+      refused || std::any_of(instances.begin(), instances.end(), [&](const auto& i) {
+        return i.id == placement.decode && i.role == InstanceRole::kDecode;
+      });
   if (decode == nullptr || !placed_known) return false;
   const int32_t uncached = UncachedPromptTokens(request, *decode);
   // At most max_tokens of prefill work waits on a decode instance at a time: its decoding
   // sequences share each step with at most that much prefill, and the rest is disaggregated.
   if (uncached > max_tokens || decode->queued_prompt_tokens + uncached > max_tokens) return false;
   std::string predicted;
-  if (model != nullptr && request.tpot_slo_ms.has_value() && *request.tpot_slo_ms > 0) {
+  if (model != nullptr) {
     // The step that runs the prefill (with the local prefills queued before it) also decodes
     // everything there: it must stay within the TPOT target. Timed as the simulator times a
     // chunk (its attention over the cached prefix) plus the decode step with it joined.
@@ -249,8 +257,24 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
         std::max(0.0, prefill_s) * 1e3 +
         PredictTpotMs(*model, *decode,
                       int64_t{request.prompt_tokens} + std::max(0, request.max_tokens) / 2);
-    if (step_ms > *request.tpot_slo_ms) return false;
+    if (request.tpot_slo_ms.has_value() && *request.tpot_slo_ms > 0 &&
+        step_ms > *request.tpot_slo_ms) {
+      return false;
+    }
     predicted = absl::StrFormat(", a step of %.1f ms predicted", step_ms);
+    if (refused) {
+      // Its first token comes at the end of that step, after the step in flight there.
+      const double in_flight_ms =
+          decode->running_requests > 0
+              ? model->PredictDecode(decode->running_requests, decode->decode_context_tokens) * 1e3
+              : 0.0;
+      const double ttft_ms = step_ms + in_flight_ms;
+      if (ttft_ms > *request.ttft_slo_ms) return false;
+      predicted = absl::StrFormat(", TTFT %.1f ms predicted there", ttft_ms);
+    }
+  }
+  if (refused) {
+    placement.note = absl::StrCat("the prefill side was predicted over the TTFT target");
   }
   absl::StrAppend(&placement.note, "; prefilled on ", decode->id, " (", uncached, " of ",
                   request.prompt_tokens, " prompt tokens uncached there", predicted, ")");

@@ -81,9 +81,11 @@ struct Placement {
 // target. Turns `placement` into one request on that decode instance (`prefill` = it, `decode`
 // empty, local_prefill set, the note extended) and returns true; false, leaving it unchanged,
 // when max_tokens <= 0, the placement has no decode instance, more of the prompt is uncached
-// there than the bound leaves room for, or the step is predicted over the target. (The
-// policy's admission decision, made for the prefill side, stands: a request it refuses is not
-// offered here.)
+// there than the bound leaves room for, or the step is predicted over the target. A request
+// the policy refused (its TTFT predicted over target on every prefill instance: pass an empty
+// Placement) is offered too, given the model and a TTFT target: it is admitted on the decode
+// instance holding the most of its prompt (with room) when its first token there, at the end of
+// that step after the step in flight, is predicted within the target.
 class LatencyModel;
 bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<InstanceLoad>& instances,
                         int32_t max_tokens, Placement& placement,

@@ -602,19 +602,28 @@ class Cluster {
     }
     const std::vector<InstanceLoad> loads = Loads(hashes, decode_hashes);
     absl::StatusOr<Placement> placed = dispatch_.Place(dr, loads);
-    if (!placed.ok()) {
-      Fail(r, absl::StatusCodeToString(placed.status().code()),
-           std::string(placed.status().message()));
-      return absl::OkStatus();
+    // As the front-end: conditional disaggregation, held to the TPOT target with the slo-aware
+    // policy, which may also admit a request it refused on a decode instance.
+    DispatchRequest local = dr;
+    if (!local.ttft_slo_ms && config_.dispatch_slo.default_ttft_slo_ms > 0) {
+      local.ttft_slo_ms = config_.dispatch_slo.default_ttft_slo_ms;
     }
-    // As the front-end: with the slo-aware policy the local step is held to the TPOT target.
-    if (config_.local_prefill_max_tokens > 0) {
-      DispatchRequest local = dr;
-      if (!local.tpot_slo_ms && config_.dispatch_slo.default_tpot_slo_ms > 0) {
-        local.tpot_slo_ms = config_.dispatch_slo.default_tpot_slo_ms;
+    if (!local.tpot_slo_ms && config_.dispatch_slo.default_tpot_slo_ms > 0) {
+      local.tpot_slo_ms = config_.dispatch_slo.default_tpot_slo_ms;
+    }
+    const LatencyModel* local_model = dispatch_.name() == "slo-aware" ? &model_ : nullptr;
+    if (!placed.ok()) {
+      Placement rescued;
+      if (!absl::IsResourceExhausted(placed.status()) ||
+          !PreferLocalPrefill(local, loads, config_.local_prefill_max_tokens, rescued,
+                              local_model)) {
+        Fail(r, absl::StatusCodeToString(placed.status().code()),
+             std::string(placed.status().message()));
+        return absl::OkStatus();
       }
-      PreferLocalPrefill(local, loads, config_.local_prefill_max_tokens, *placed,
-                         dispatch_.name() == "slo-aware" ? &model_ : nullptr);
+      placed = rescued;
+    } else {
+      PreferLocalPrefill(local, loads, config_.local_prefill_max_tokens, *placed, local_model);
     }
     auto find = [&](const std::string& id) -> int {
       auto it = index_.find(id);

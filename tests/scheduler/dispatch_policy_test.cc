@@ -240,6 +240,25 @@ TEST(DispatchPolicyTest, LocalPrefillWhenTheDecodeInstanceHoldsNearlyAllThePromp
   EXPECT_NE(local(r, 20), "no") << "no TPOT target: no gate";
   loads[1].running_requests = 0;
   loads[1].decode_context_tokens = 0;
+  // A request the policy refused (an empty placement) is admitted on the decode instance
+  // holding its prompt when its TTFT there is predicted within target; only with a model.
+  DispatchRequest late = r;
+  late.ttft_slo_ms = 100;
+  Placement none;
+  EXPECT_FALSE(PreferLocalPrefill(late, loads, 20, none)) << "no model";
+  EXPECT_TRUE(PreferLocalPrefill(late, loads, 20, none, &model));
+  EXPECT_EQ(none.prefill, "d0");
+  EXPECT_TRUE(none.local_prefill);
+  EXPECT_NE(none.note.find("the prefill side was predicted over the TTFT target; prefilled on d0"),
+            std::string::npos)
+      << none.note;
+  EXPECT_NE(none.note.find("TTFT"), std::string::npos) << none.note;
+  none = {};
+  late.ttft_slo_ms = 10;  // under the step alone
+  EXPECT_FALSE(PreferLocalPrefill(late, loads, 20, none, &model));
+  EXPECT_EQ(none.prefill, "");
+  late.ttft_slo_ms.reset();
+  EXPECT_FALSE(PreferLocalPrefill(late, loads, 20, none, &model)) << "no TTFT target";
   // Another decode instance with room that holds more of the prompt runs it (a policy may
   // have placed the decode phase by other keys); one without room, or unhealthy, does not.
   loads.push_back(Inst("d1", InstanceRole::kDecode));

@@ -501,6 +501,34 @@ TEST(SimulatorTest, ShortUncachedTurnsArePrefilledOnTheDecodeInstance) {
   EXPECT_EQ(Simulate(c, model, ThreeTurns()).status().code(), absl::StatusCode::kInvalidArgument);
 }
 
+// Under the slo-aware policy's admission control: a turn refused because the prefill side is
+// predicted to miss its TTFT (a 150-token prompt there just before it) is admitted on the decode
+// instance that holds all but 21 of its tokens, where its TTFT is predicted within target.
+TEST(SimulatorTest, ATurnTheSloPolicyRefusesIsAdmittedOnTheDecodeInstance) {
+  SimConfig c = SimpleConfig();  // TTFT 200 ms, TPOT 500 ms on every request
+  c.transfer_bandwidth = 1000;
+  c.transfer_latency_s = 0;
+  c.dispatch_policy = "slo-aware";
+  const LatencyModel model = SimpleModel();
+  auto plain = Simulate(c, model, ThreeTurns());
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  std::vector<SimRequest> reqs = ThreeTurns();
+  reqs.push_back({plain->records[1].send_s - 0.001, 150, 2});  // busies the prefill instance
+  auto refused = Simulate(c, model, reqs);
+  ASSERT_TRUE(refused.ok()) << refused.status();
+  ASSERT_EQ(refused->records.size(), 3u);  // turn 2 never sent
+  EXPECT_EQ(refused->records[1].error_code, "RESOURCE_EXHAUSTED");
+  c.local_prefill_max_tokens = 32;
+  auto rescued = Simulate(c, model, reqs);
+  ASSERT_TRUE(rescued.ok()) << rescued.status();
+  ASSERT_EQ(rescued->records.size(), 4u);
+  const client::RequestRecord& turn = rescued->records[1];
+  ASSERT_TRUE(turn.ok) << turn.error_message;
+  EXPECT_EQ(turn.timeline.prefill_instance, "decode-0");
+  EXPECT_EQ(turn.cached_prompt_tokens, 64);
+  EXPECT_LE(turn.TtftS(), 0.2);
+}
+
 // A failed turn ends its conversation: the later turns are never sent and leave no record.
 TEST(SimulatorTest, AFailedTurnEndsItsConversation) {
   SimConfig c = SimpleConfig();
