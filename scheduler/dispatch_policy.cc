@@ -213,75 +213,77 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
   // the local TTFT by.
   const bool refused = placement.prefill.empty() && placement.decode.empty();
   if (max_tokens <= 0 || (placement.decode.empty() && !refused)) return false;
-  if (refused &&
-      (model == nullptr || !request.ttft_slo_ms.has_value() || !(*request.ttft_slo_ms > 0))) {
-    return false;
-  }
-  // The placed decode instance, or a healthy one with room that holds more of the prompt (a
-  // policy may place the decode phase by other keys first; run whole, the request is best where
-  // its prefix is).
-  const InstanceLoad* decode = nullptr;
+  const bool ttft_target = request.ttft_slo_ms.has_value() && *request.ttft_slo_ms > 0;
+  const bool tpot_target = request.tpot_slo_ms.has_value() && *request.tpot_slo_ms > 0;
+  if (refused && (model == nullptr || !ttft_target)) return false;
+  // The candidates: the placed decode instance and every healthy one with room, those holding
+  // more of the prompt first (then the placed one, the fewer running, queued, the id).
+  std::vector<const InstanceLoad*> candidates;
+  bool placed_known = refused;
   for (const InstanceLoad& i : instances) {
     if (i.role != InstanceRole::kDecode) continue;
-    if (i.id == placement.decode) {
-      if (decode == nullptr || i.cached_prefix_tokens >= decode->cached_prefix_tokens) decode = &i;
-      continue;
-    }
+    const bool placed = i.id == placement.decode;
+    placed_known |= placed;
     const int32_t bs = std::max(1, i.block_size);
     const int32_t needed = (std::max(0, request.prompt_tokens) + 1 + bs - 1) / bs;
-    const bool room = i.kv_blocks_free + HeldPromptBlocks(request, i) >= needed;
-    if (i.healthy && room &&
-        (decode == nullptr || i.cached_prefix_tokens > decode->cached_prefix_tokens)) {
-      decode = &i;
+    if (placed || (i.healthy && i.kv_blocks_free + HeldPromptBlocks(request, i) >= needed)) {
+      candidates.push_back(&i);
     }
   }
-  const bool placed_known =
-      refused || std::any_of(instances.begin(), instances.end(), [&](const auto& i) {
-        return i.id == placement.decode && i.role == InstanceRole::kDecode;
-      });
-  if (decode == nullptr || !placed_known) return false;
-  const int32_t uncached = UncachedPromptTokens(request, *decode);
-  // At most max_tokens of prefill work waits on a decode instance at a time: its decoding
-  // sequences share each step with at most that much prefill, and the rest is disaggregated.
-  if (uncached > max_tokens || decode->queued_prompt_tokens + uncached > max_tokens) return false;
-  std::string predicted;
-  if (model != nullptr) {
-    // The step that runs the prefill (with the local prefills queued before it) also decodes
-    // everything there: it must stay within the TPOT target. Timed as the simulator times a
-    // chunk (its attention over the cached prefix) plus the decode step with it joined.
-    const auto& c = model->prefill_coef();
-    const double s = request.prompt_tokens - uncached, k = uncached;
-    const double prefill_s = c[0] + c[1] * (k + static_cast<double>(decode->queued_prompt_tokens)) +
-                             c[2] * ((s + k) * (s + k) - s * s);
-    const double step_ms =
-        std::max(0.0, prefill_s) * 1e3 +
-        PredictTpotMs(*model, *decode,
-                      int64_t{request.prompt_tokens} + std::max(0, request.max_tokens) / 2);
-    if (request.tpot_slo_ms.has_value() && *request.tpot_slo_ms > 0 &&
-        step_ms > *request.tpot_slo_ms) {
-      return false;
-    }
-    predicted = absl::StrFormat(", a step of %.1f ms predicted", step_ms);
-    if (refused) {
-      // Its first token comes at the end of that step, after the step in flight there.
+  if (!placed_known) return false;
+  const auto key = [&](const InstanceLoad* i) {
+    return std::make_tuple(-i->cached_prefix_tokens, i->id != placement.decode, i->running_requests,
+                           i->queued_prompt_tokens, i->id);
+  };
+  std::sort(candidates.begin(), candidates.end(),
+            [&](const InstanceLoad* a, const InstanceLoad* b) { return key(a) < key(b); });
+  for (const InstanceLoad* decode : candidates) {
+    const int32_t uncached = UncachedPromptTokens(request, *decode);
+    // At most max_tokens of prefill work waits on a decode instance at a time: its decoding
+    // sequences share each step with at most that much prefill, and the rest is disaggregated.
+    if (uncached > max_tokens || decode->queued_prompt_tokens + uncached > max_tokens) continue;
+    std::string predicted;
+    double step_ms = -1, ttft_ms = -1;
+    if (model != nullptr) {
+      // The step that runs the prefill (with the local prefills queued before it) also decodes
+      // everything there: it must stay within the TPOT target. Timed as the simulator times a
+      // chunk (its attention over the cached prefix) plus the decode step with it joined. Its
+      // first token comes at the end of that step, after the step in flight there.
+      const auto& c = model->prefill_coef();
+      const double s = request.prompt_tokens - uncached, k = uncached;
+      const double prefill_s = c[0] +
+                               c[1] * (k + static_cast<double>(decode->queued_prompt_tokens)) +
+                               c[2] * ((s + k) * (s + k) - s * s);
+      step_ms = std::max(0.0, prefill_s) * 1e3 +
+                PredictTpotMs(*model, *decode,
+                              int64_t{request.prompt_tokens} + std::max(0, request.max_tokens) / 2);
       const double in_flight_ms =
           decode->running_requests > 0
               ? model->PredictDecode(decode->running_requests, decode->decode_context_tokens) * 1e3
               : 0.0;
-      const double ttft_ms = step_ms + in_flight_ms;
-      if (ttft_ms > *request.ttft_slo_ms) return false;
-      predicted = absl::StrFormat(", TTFT %.1f ms predicted there", ttft_ms);
+      ttft_ms = step_ms + in_flight_ms;
+      if (tpot_target && step_ms > *request.tpot_slo_ms) continue;
+      if (refused && ttft_ms > *request.ttft_slo_ms) continue;
+      predicted =
+          absl::StrFormat(", a step of %.1f ms and TTFT %.1f ms predicted", step_ms, ttft_ms);
     }
+    if (refused) placement.note = "the prefill side was predicted over the TTFT target";
+    absl::StrAppend(&placement.note, "; prefilled on ", decode->id, " (", uncached, " of ",
+                    request.prompt_tokens, " prompt tokens uncached there", predicted, ")");
+    placement.prefill = decode->id;
+    placement.decode.clear();
+    placement.local_prefill = true;
+    if (model != nullptr) {
+      placement.predicted_ttft_ms = ttft_ms;
+      placement.predicted_tpot_ms = step_ms;
+      // Admitted best-effort for the prefill side's TTFT; here it is predicted within target.
+      if (placement.best_effort && ttft_target && ttft_ms <= *request.ttft_slo_ms) {
+        placement.best_effort = false;
+      }
+    }
+    return true;
   }
-  if (refused) {
-    placement.note = absl::StrCat("the prefill side was predicted over the TTFT target");
-  }
-  absl::StrAppend(&placement.note, "; prefilled on ", decode->id, " (", uncached, " of ",
-                  request.prompt_tokens, " prompt tokens uncached there", predicted, ")");
-  placement.prefill = decode->id;
-  placement.decode.clear();
-  placement.local_prefill = true;
-  return true;
+  return false;
 }
 
 double PredictTtftMs(const LatencyModel& model, const InstanceLoad& instance, int32_t prompt_len) {

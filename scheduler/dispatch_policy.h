@@ -71,21 +71,22 @@ struct Placement {
 // previous answer that instance decoded; a shared system prompt with a short message; or any
 // prompt that short) is prefilled there too. The short prefill joins that instance's batch;
 // nothing is handed off, and the prefill side does not compute what the decode side already
-// holds (it never holds an answer). The instance: the placed decode instance, or a healthy
-// one with room for the request that holds more of the prompt. At most max_tokens of such
-// prefill work waits on a decode instance at a time (its queued_prompt_tokens, which the
-// front-end books for these requests): the sequences it decodes share a step with at most
-// that much prefill, and the rest is disaggregated as usual. With a `model` (the slo-aware
+// holds (it never holds an answer). The candidates: the placed decode instance and every
+// healthy one with room for the request, those holding more of the prompt first (then the
+// placed one, then the less loaded); the first that passes the gates runs it. Gates: at most
+// max_tokens of such prefill work waits on a decode instance at a time (its
+// queued_prompt_tokens, which the front-end books for these requests), so the sequences it
+// decodes share a step with at most that much prefill; with a `model` (the slo-aware
 // policy's) and a TPOT target > 0, the step that runs the prefill (with the local prefills
-// queued before it), which decodes everything there too, must also be predicted within the
-// target. Turns `placement` into one request on that decode instance (`prefill` = it, `decode`
-// empty, local_prefill set, the note extended) and returns true; false, leaving it unchanged,
-// when max_tokens <= 0, the placement has no decode instance, more of the prompt is uncached
-// there than the bound leaves room for, or the step is predicted over the target. A request
-// the policy refused (its TTFT predicted over target on every prefill instance: pass an empty
-// Placement) is offered too, given the model and a TTFT target: it is admitted on the decode
-// instance holding the most of its prompt (with room) when its first token there, at the end of
-// that step after the step in flight, is predicted within the target.
+// queued before it), which decodes everything there too, must be predicted within it. A
+// request the policy refused (its TTFT predicted over target on every prefill instance: pass
+// an empty Placement) is offered too, given the model and a TTFT target > 0: its first token
+// there, at the end of that step after the step in flight, must be predicted within the
+// target. On success `placement` becomes one request on that decode instance (`prefill` = it,
+// `decode` empty, local_prefill set, the note extended; with a model, the predictions set and
+// best_effort cleared when its TTFT there is predicted within target) and it returns true; it
+// returns false, leaving `placement` unchanged, when max_tokens <= 0, the placement is
+// colocated, its decode instance is unknown, or no candidate passes.
 class LatencyModel;
 bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<InstanceLoad>& instances,
                         int32_t max_tokens, Placement& placement,

@@ -147,10 +147,15 @@ class Engine {
   // the leading blocks of the prompt that are cached (all but its last block), which it shares
   // and the transfer does not move. The held blocks, or -1: no room.
   int32_t ReserveImport(int64_t req, const SimRequest& spec) {
-    for (const auto& [o, seq] : seqs_) {  // a preempted sequence whose stream started goes first
-      if (!seq.admitted && !seq.held && !seq.importing && seq.num_generated > 0) return -1;
-    }
+    // A preempted sequence whose stream started goes first; requests waiting to start keep
+    // the blocks their prompts need.
     const int32_t bs = config_.block_size;
+    int32_t kept = 0;
+    for (const auto& [o, seq] : seqs_) {
+      if (seq.admitted || seq.held || seq.importing) continue;
+      if (seq.num_generated > 0) return -1;
+      kept += BlocksFor(seq.len(), bs);
+    }
     const int32_t needed = BlocksFor(spec.prompt_len, bs);
     std::vector<int32_t> tokens = SimTokens(spec, req, spec.prompt_len);
     std::vector<uint64_t> hashes;
@@ -161,7 +166,7 @@ class Engine {
       allocator_.AcquireCached(hit);
     }
     const int32_t held = static_cast<int32_t>(hit.size());
-    if (allocator_.num_free() < needed - held + num_running()) {
+    if (allocator_.num_free() < needed - held + num_running() + kept) {
       allocator_.Free(hit).IgnoreError();
       return -1;
     }

@@ -648,12 +648,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       grpc::Status s = RunOnce(relay, &refused_by);
       if (refused_by.empty() || attempt == kMaxRedispatches || relay.tracked.IsCancelled() ||
           relay.tracked.server_context->IsCancelled()) {
+        if (relay.local_prefill) {  // counted once, as finally placed
+          std::lock_guard<std::mutex> lock(mu_);
+          ++local_prefills_;
+        }
         return s;
       }
       std::lock_guard<std::mutex> lock(mu_);
       ++redispatched_;
       if (relay.work.best_effort()) --best_effort_;  // counted again if placed so again
-      if (relay.local_prefill) --local_prefills_;
       // The workers see a new call id: the refusing side may still hold the old one a moment.
       relay.work.set_request_id(absl::StrCat(relay.tracked.id, "#", next_call_++));
       log_->info("{} refused {} before starting it ({}); placing it again", refused_by,
@@ -662,6 +665,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   }
 
   grpc::Status RunOnce(Relay& relay, std::string* refused_by) {
+    relay.local_prefill = false;
     const int32_t prompt_len = relay.work.prompt_token_ids_size();
     const std::span<const int32_t> prompt(relay.work.prompt_token_ids().data(), prompt_len);
     // The prompt's block hashes for each block size in use (prefix-cache affinity).
@@ -736,7 +740,6 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       }
       placement = *placed;
       if (placement.best_effort) ++best_effort_;
-      if (placement.local_prefill) ++local_prefills_;
       relay.local_prefill = placement.local_prefill;
       prefill = instances_.at(placement.prefill).get();
       // What the prefill side computes (all of the prompt but its cached prefix there).

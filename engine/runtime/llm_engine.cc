@@ -162,16 +162,20 @@ absl::StatusOr<ImportReservation> LlmEngine::ReserveImport(GenerateRequest reque
     return absl::InvalidArgumentError(absl::StrCat(
         "import of ", num_tokens, " positions for a prompt of ", request.prompt.size(), " tokens"));
   }
-  // A preempted sequence whose stream already started goes before new imports, which would
-  // otherwise take the blocks it waits for as they free up. (A request not yet started, e.g.
-  // one the front-end prefills here, waits as requests do: it does not hold imports back.)
+  // Waiting sequences go before new imports, which would otherwise take the blocks they wait
+  // for as they free up: while a preempted one whose stream already started waits, no import;
+  // a request not yet started (one the front-end prefills here) keeps the blocks its prompt
+  // needs, and an import may take only what is left beyond them.
+  const int32_t bs = options_.block_size;
+  int32_t kept = 0;
   for (const auto& [other, s] : sequences_) {
-    if (!s->admitted && !s->held && !s->importing && s->num_generated > 0) {
+    if (s->admitted || s->held || s->importing) continue;
+    if (s->num_generated > 0) {
       return absl::ResourceExhaustedError(
           "a preempted sequence waits for KV blocks; imports wait until it runs again");
     }
+    kept += BlockTable::BlocksFor(static_cast<int32_t>(s->tokens.size()), bs);
   }
-  const int32_t bs = options_.block_size;
   const int32_t needed = BlockTable::BlocksFor(num_tokens, bs);
   const int32_t headroom = static_cast<int32_t>(num_running());
   BlockAllocator& allocator = cache_.allocator();
@@ -188,12 +192,12 @@ absl::StatusOr<ImportReservation> LlmEngine::ReserveImport(GenerateRequest reque
   }
   const int32_t held = static_cast<int32_t>(hit.size());
   const int32_t to_write = needed - held;
-  if (allocator.num_free() < to_write + headroom) {
+  if (allocator.num_free() < to_write + headroom + kept) {
     const int32_t free_blocks = allocator.num_free();
     allocator.Free(hit).IgnoreError();
-    return absl::ResourceExhaustedError(
-        absl::StrCat("KV cache full: ", to_write, " blocks needed (", held, " more cached), ",
-                     free_blocks, " free, ", headroom, " kept for growth"));
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "KV cache full: ", to_write, " blocks needed (", held, " more cached), ", free_blocks,
+        " free, ", headroom, " kept for growth, ", kept, " for requests waiting to start"));
   }
   absl::StatusOr<std::vector<int32_t>> allocated = allocator.Allocate(to_write);
   if (!allocated.ok()) {

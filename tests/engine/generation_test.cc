@@ -651,6 +651,33 @@ TEST_F(GenerationTest, AWaitingLocalRequestDoesNotHoldImportsBack) {
   EXPECT_EQ(tokens["local"], (*expected)[0].token_ids);
 }
 
+// A request waiting to start on a decode worker keeps the blocks its prompt needs: an import
+// may take only what is left beyond them (so a stream of imports cannot starve it).
+TEST_F(GenerationTest, ImportsLeaveTheBlocksAWaitingRequestNeeds) {
+  auto decode = NewEngine({.block_size = 8, .num_blocks = 5, .prefix_caching = false});
+  GenerateRequest local =
+      Request({.max_tokens = 4, .ignore_eos = true}, std::vector<int32_t>(20, 7));
+  local.id = "local";  // 3 blocks
+  ASSERT_TRUE(decode->AddRequest(local).ok());
+  const auto import = [&](const std::string& id) {
+    GenerateRequest r = Request({.max_tokens = 4, .ignore_eos = true}, std::vector<int32_t>(8, 9));
+    r.id = id;  // 1 block
+    return decode->ReserveImport(r, 8);
+  };
+  ASSERT_TRUE(import("i1").ok());  // 1 + 3 kept <= 5 free
+  ASSERT_TRUE(decode->ActivateImport("i1", 12).ok());
+  auto refused = import("i2");  // 1 + 1 growth + 3 kept > 4 free
+  EXPECT_EQ(refused.status().code(), absl::StatusCode::kResourceExhausted) << refused.status();
+  EXPECT_NE(refused.status().message().find("3 for requests waiting to start"), std::string::npos)
+      << refused.status();
+  // It runs (the import beside it), both finish, and imports take what is free again.
+  ASSERT_TRUE(decode->Step().ok());
+  EXPECT_EQ(decode->num_waiting(), 0u);
+  for (int i = 0; i < 50 && decode->HasWork(); ++i) ASSERT_TRUE(decode->Step().ok());
+  EXPECT_FALSE(decode->HasWork());
+  EXPECT_TRUE(import("i2").ok());
+}
+
 // A decode engine whose free blocks went to an import in flight: the running sequence that
 // needs a block waits for it (no error, nothing else disturbed) and goes on once the import
 // is cancelled.

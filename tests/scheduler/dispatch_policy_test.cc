@@ -218,6 +218,18 @@ TEST(DispatchPolicyTest, LocalPrefillWhenTheDecodeInstanceHoldsNearlyAllThePromp
     Placement q = disaggregated;
     return PreferLocalPrefill(request, loads, max, q, &model) ? q.note : std::string("no");
   };
+  {  // the predictions go on the placement; a best-effort admission within target is cleared
+    Placement q = disaggregated;
+    q.best_effort = true;
+    q.predicted_ttft_ms = 9999;
+    DispatchRequest both = slo;
+    both.ttft_slo_ms = 500;
+    ASSERT_TRUE(PreferLocalPrefill(both, loads, 20, q, &model));
+    EXPECT_GT(q.predicted_ttft_ms, 0);
+    EXPECT_LT(q.predicted_ttft_ms, 500);
+    EXPECT_GT(q.predicted_tpot_ms, 0);
+    EXPECT_FALSE(q.best_effort);
+  }
   const std::string note = local(slo, 20);
   const size_t at = note.find("a step of ");
   ASSERT_NE(at, std::string::npos) << note;
@@ -267,6 +279,11 @@ TEST(DispatchPolicyTest, LocalPrefillWhenTheDecodeInstanceHoldsNearlyAllThePromp
   EXPECT_TRUE(PreferLocalPrefill(r, loads, 20, p));
   EXPECT_EQ(p.prefill, "d1");
   EXPECT_NE(p.note.find("(4 of 100"), std::string::npos) << p.note;
+  loads[2].queued_prompt_tokens = 20;  // over the bound there: the placed one runs it
+  p = disaggregated;
+  EXPECT_TRUE(PreferLocalPrefill(r, loads, 20, p));
+  EXPECT_EQ(p.prefill, "d0");
+  loads[2].queued_prompt_tokens = 0;
   loads[2].kv_blocks_free = 0;  // 6 blocks held, 7 needed
   p = disaggregated;
   EXPECT_TRUE(PreferLocalPrefill(r, loads, 20, p));
