@@ -216,8 +216,10 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
   const bool ttft_target = request.ttft_slo_ms.has_value() && *request.ttft_slo_ms > 0;
   const bool tpot_target = request.tpot_slo_ms.has_value() && *request.tpot_slo_ms > 0;
   if (refused && (model == nullptr || !ttft_target)) return false;
-  // The candidates: the placed decode instance and every healthy one with room, those holding
-  // more of the prompt first (then the placed one, the fewer running, queued, the id).
+  // The candidates: the healthy decode instance with room that holds the most of the prompt
+  // (ties: the placed one, then the fewer running, queued, the id), then the placed one.
+  // (Trying every instance in turn moved more prefills to the decode side than pays: the
+  // planner predicted lower goodput for the units with several decode instances.)
   std::vector<const InstanceLoad*> candidates;
   bool placed_known = refused;
   for (const InstanceLoad& i : instances) {
@@ -237,6 +239,9 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
   };
   std::sort(candidates.begin(), candidates.end(),
             [&](const InstanceLoad* a, const InstanceLoad* b) { return key(a) < key(b); });
+  std::erase_if(candidates, [&](const InstanceLoad* i) {
+    return i != candidates.front() && i->id != placement.decode;
+  });
   for (const InstanceLoad* decode : candidates) {
     const int32_t uncached = UncachedPromptTokens(request, *decode);
     // At most max_tokens of prefill work waits on a decode instance at a time: its decoding

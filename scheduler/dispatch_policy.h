@@ -71,9 +71,9 @@ struct Placement {
 // previous answer that instance decoded; a shared system prompt with a short message; or any
 // prompt that short) is prefilled there too. The short prefill joins that instance's batch;
 // nothing is handed off, and the prefill side does not compute what the decode side already
-// holds (it never holds an answer). The candidates: the placed decode instance and every
-// healthy one with room for the request, those holding more of the prompt first (then the
-// placed one, then the less loaded); the first that passes the gates runs it. Gates: at most
+// holds (it never holds an answer). The candidates: the healthy decode instance with room for
+// the request that holds the most of the prompt (ties: the placed one, then the less loaded),
+// then the placed one; the first that passes the gates runs it. Gates: at most
 // max_tokens of such prefill work waits on a decode instance at a time (its
 // queued_prompt_tokens, which the front-end books for these requests), so the sequences it
 // decodes share a step with at most that much prefill; with a `model` (the slo-aware
