@@ -239,9 +239,11 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
   };
   std::sort(candidates.begin(), candidates.end(),
             [&](const InstanceLoad* a, const InstanceLoad* b) { return key(a) < key(b); });
-  std::erase_if(candidates, [&](const InstanceLoad* i) {
-    return i != candidates.front() && i->id != placement.decode;
-  });
+  if (!candidates.empty()) {
+    const InstanceLoad* best = candidates.front();
+    std::erase_if(candidates,
+                  [&](const InstanceLoad* i) { return i != best && i->id != placement.decode; });
+  }
   for (const InstanceLoad* decode : candidates) {
     const int32_t uncached = UncachedPromptTokens(request, *decode);
     // At most max_tokens of prefill work waits on a decode instance at a time: its decoding
