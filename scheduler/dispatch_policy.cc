@@ -7,6 +7,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "engine/kv_cache/block_allocator.h"
 #include "scheduler/latency_model.h"
 
 namespace pds::scheduler {
@@ -149,8 +150,8 @@ class SloAwarePolicy : public DispatchPolicy {
       // be among the free ones), then (within the target) the most headroom = the lowest
       // prediction, then the most prompt blocks held.
       auto key = [&](const InstanceLoad& x, double tpot) {
-        const int32_t bs = std::max(1, x.block_size);
-        const int32_t blocks_needed = (request.prompt_tokens + request.max_tokens + bs - 1) / bs;
+        const int32_t blocks_needed = engine::BlockTable::BlocksFor(
+            request.prompt_tokens + request.max_tokens, std::max(1, x.block_size));
         return std::make_tuple(x.kv_blocks_free < blocks_needed, tpot,
                                -HeldPromptBlocks(request, x), x.id);
       };
@@ -203,7 +204,8 @@ int32_t UncachedPromptTokens(const DispatchRequest& request, const InstanceLoad&
 
 int32_t HeldPromptBlocks(const DispatchRequest& request, const InstanceLoad& instance) {
   const int32_t bs = std::max(1, instance.block_size);
-  const int32_t prompt_blocks = (std::max(0, request.prompt_tokens) + bs - 1) / bs;
+  const int32_t prompt_blocks =
+      engine::BlockTable::BlocksFor(std::max(0, request.prompt_tokens), bs);
   return std::clamp(instance.cached_prefix_tokens / bs, 0, std::max(0, prompt_blocks - 1));
 }
 
@@ -220,31 +222,24 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
   // (ties: the placed one, then the fewer running, queued, the id), then the placed one.
   // (Trying every instance in turn moved more prefills to the decode side than pays: the
   // planner predicted lower goodput for the units with several decode instances.)
-  std::vector<const InstanceLoad*> candidates;
-  bool placed_known = refused;
+  const InstanceLoad* placed = nullptr;
+  const InstanceLoad* best = nullptr;
+  const auto key = [&](const InstanceLoad& i) {
+    return std::make_tuple(-i.cached_prefix_tokens, i.id != placement.decode, i.running_requests,
+                           i.queued_prompt_tokens, i.id);
+  };
   for (const InstanceLoad& i : instances) {
     if (i.role != InstanceRole::kDecode) continue;
-    const bool placed = i.id == placement.decode;
-    placed_known |= placed;
-    const int32_t bs = std::max(1, i.block_size);
-    const int32_t needed = (std::max(0, request.prompt_tokens) + 1 + bs - 1) / bs;
-    if (placed || (i.healthy && i.kv_blocks_free + HeldPromptBlocks(request, i) >= needed)) {
-      candidates.push_back(&i);
-    }
+    if (i.id == placement.decode) placed = &i;
+    const int32_t needed =
+        engine::BlockTable::BlocksFor(request.prompt_tokens + 1, std::max(1, i.block_size));
+    const bool eligible =
+        &i == placed || (i.healthy && i.kv_blocks_free + HeldPromptBlocks(request, i) >= needed);
+    if (eligible && (best == nullptr || key(i) < key(*best))) best = &i;
   }
-  if (!placed_known) return false;
-  const auto key = [&](const InstanceLoad* i) {
-    return std::make_tuple(-i->cached_prefix_tokens, i->id != placement.decode, i->running_requests,
-                           i->queued_prompt_tokens, i->id);
-  };
-  std::sort(candidates.begin(), candidates.end(),
-            [&](const InstanceLoad* a, const InstanceLoad* b) { return key(a) < key(b); });
-  if (!candidates.empty()) {
-    const InstanceLoad* best = candidates.front();
-    std::erase_if(candidates,
-                  [&](const InstanceLoad* i) { return i != best && i->id != placement.decode; });
-  }
-  for (const InstanceLoad* decode : candidates) {
+  if (!refused && placed == nullptr) return false;
+  for (const InstanceLoad* decode : {best, placed != best ? placed : nullptr}) {
+    if (decode == nullptr) continue;
     const int32_t uncached = UncachedPromptTokens(request, *decode);
     // At most max_tokens of prefill work waits on a decode instance at a time: its decoding
     // sequences share each step with at most that much prefill, and the rest is disaggregated.
@@ -252,16 +247,12 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
     std::string predicted;
     double step_ms = -1, ttft_ms = -1;
     if (model != nullptr) {
-      // The step that runs the prefill (with the local prefills queued before it) also decodes
-      // everything there: it must stay within the TPOT target. Timed as the simulator times a
-      // chunk (its attention over the cached prefix) plus the decode step with it joined. Its
-      // first token comes at the end of that step, after the step in flight there.
-      const auto& c = model->prefill_coef();
-      const double s = request.prompt_tokens - uncached, k = uncached;
-      const double prefill_s = c[0] +
-                               c[1] * (k + static_cast<double>(decode->queued_prompt_tokens)) +
-                               c[2] * ((s + k) * (s + k) - s * s);
-      step_ms = std::max(0.0, prefill_s) * 1e3 +
+      // The step that runs the prefill (with the local prefills queued before it, charged
+      // their per-token cost) also decodes everything there: it must stay within the TPOT
+      // target. Its first token comes at the end of that step, after the step in flight.
+      step_ms = PrefillChunkSeconds(*model, {{request.prompt_tokens - uncached, uncached}},
+                                    decode->queued_prompt_tokens) *
+                    1e3 +
                 PredictTpotMs(*model, *decode,
                               int64_t{request.prompt_tokens} + std::max(0, request.max_tokens) / 2);
       const double in_flight_ms =
@@ -291,6 +282,34 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
     return true;
   }
   return false;
+}
+
+absl::StatusOr<Placement> PlaceWithLocalPrefill(DispatchPolicy& policy,
+                                                const DispatchRequest& request,
+                                                const std::vector<InstanceLoad>& instances,
+                                                int32_t local_prefill_max_tokens,
+                                                const SloPolicyOptions& defaults,
+                                                const LatencyModel* model) {
+  absl::StatusOr<Placement> placed = policy.Place(request, instances);
+  if (local_prefill_max_tokens <= 0) return placed;
+  DispatchRequest local = request;
+  if (!local.ttft_slo_ms && defaults.default_ttft_slo_ms > 0) {
+    local.ttft_slo_ms = defaults.default_ttft_slo_ms;
+  }
+  if (!local.tpot_slo_ms && defaults.default_tpot_slo_ms > 0) {
+    local.tpot_slo_ms = defaults.default_tpot_slo_ms;
+  }
+  const LatencyModel* gate = policy.name() == "slo-aware" ? model : nullptr;
+  if (placed.ok()) {
+    PreferLocalPrefill(local, instances, local_prefill_max_tokens, *placed, gate);
+    return placed;
+  }
+  Placement rescued;
+  if (absl::IsResourceExhausted(placed.status()) &&
+      PreferLocalPrefill(local, instances, local_prefill_max_tokens, rescued, gate)) {
+    return rescued;
+  }
+  return placed;
 }
 
 double PredictTtftMs(const LatencyModel& model, const InstanceLoad& instance, int32_t prompt_len) {

@@ -92,6 +92,20 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
                         int32_t max_tokens, Placement& placement,
                         const LatencyModel* model = nullptr);
 
+class DispatchPolicy;
+struct SloPolicyOptions;
+// The front-end's placement, which the simulator runs too: `policy`'s, then conditional
+// disaggregation (PreferLocalPrefill with at most `local_prefill_max_tokens`, the request's
+// SLO targets or `defaults`' where it has none, and `model` as the gate when the policy is
+// slo-aware), which may also place a request the policy refused with RESOURCE_EXHAUSTED. The
+// policy's status when neither places it.
+absl::StatusOr<Placement> PlaceWithLocalPrefill(DispatchPolicy& policy,
+                                                const DispatchRequest& request,
+                                                const std::vector<InstanceLoad>& instances,
+                                                int32_t local_prefill_max_tokens,
+                                                const SloPolicyOptions& defaults,
+                                                const LatencyModel* model);
+
 class DispatchPolicy {
  public:
   virtual ~DispatchPolicy() = default;

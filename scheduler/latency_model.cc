@@ -310,4 +310,23 @@ LatencyModel LatencyModel::Scaled(double factor) const {
   return m;
 }
 
+double PrefillChunkSeconds(const LatencyModel& model,
+                           const std::vector<std::pair<int32_t, int32_t>>& start_and_len,
+                           int64_t extra_linear_tokens) {
+  if (start_and_len.empty()) return 0;
+  const auto& c = model.prefill_coef();
+  double sum = static_cast<double>(extra_linear_tokens), sum_sq = 0;
+  for (const auto& [start, len] : start_and_len) {
+    const double s = start, k = len;
+    sum += k;
+    sum_sq += (s + k) * (s + k) - s * s;
+  }
+  return std::max(0.0, c[0] + c[1] * sum + c[2] * sum_sq);
+}
+
+double DecodeStepSeconds(const LatencyModel& model, int32_t batch, int64_t total_context) {
+  if (batch <= 0) return 0;
+  return std::max(0.0, model.PredictDecode(batch, total_context));
+}
+
 }  // namespace pds::scheduler

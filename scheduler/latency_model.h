@@ -12,6 +12,7 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -75,6 +76,16 @@ class LatencyModel {
 // Reads a `pdserve profile` file (its "latency_model" object). NOT_FOUND when unreadable,
 // INVALID_ARGUMENT naming the file when it is not a profile.
 absl::StatusOr<LatencyModel> LoadLatencyModelFile(const std::string& path);
+
+// A step's time (seconds) as the simulator, the planner and the dispatch predictions charge it.
+// Prefill chunks (k new tokens after s computed ones): a + b * (sum(k) + extra_linear_tokens)
+// + c * sum((s + k)^2 - s^2), 0 for no chunk (extra_linear_tokens: tokens charged their
+// per-token cost only, e.g. other prompts' chunks whose prefixes are not known).
+double PrefillChunkSeconds(const LatencyModel& model,
+                           const std::vector<std::pair<int32_t, int32_t>>& start_and_len,
+                           int64_t extra_linear_tokens = 0);
+// Decodes of `batch` sequences with `total_context` tokens in all (0 for none).
+double DecodeStepSeconds(const LatencyModel& model, int32_t batch, int64_t total_context);
 
 // Weighted least squares: minimizes sum_i w_i (x_i . beta - y_i)^2 over any number of
 // features (every row the same length).

@@ -18,24 +18,6 @@
 
 namespace pds::scheduler {
 
-double PrefillChunkSeconds(const LatencyModel& model,
-                           const std::vector<std::pair<int32_t, int32_t>>& start_and_len) {
-  if (start_and_len.empty()) return 0;
-  const auto& c = model.prefill_coef();
-  double sum = 0, sum_sq = 0;
-  for (const auto& [start, len] : start_and_len) {
-    const double s = start, k = len;
-    sum += k;
-    sum_sq += (s + k) * (s + k) - s * s;
-  }
-  return std::max(0.0, c[0] + c[1] * sum + c[2] * sum_sq);
-}
-
-double DecodeStepSeconds(const LatencyModel& model, int32_t batch, int64_t total_context) {
-  if (batch <= 0) return 0;
-  return std::max(0.0, model.PredictDecode(batch, total_context));
-}
-
 namespace {
 
 constexpr double kTimelineOffsetS = 1.0;
@@ -606,29 +588,13 @@ class Cluster {
       }
     }
     const std::vector<InstanceLoad> loads = Loads(hashes, decode_hashes);
-    absl::StatusOr<Placement> placed = dispatch_.Place(dr, loads);
-    // As the front-end: conditional disaggregation, held to the TPOT target with the slo-aware
-    // policy, which may also admit a request it refused on a decode instance.
-    DispatchRequest local = dr;
-    if (!local.ttft_slo_ms && config_.dispatch_slo.default_ttft_slo_ms > 0) {
-      local.ttft_slo_ms = config_.dispatch_slo.default_ttft_slo_ms;
-    }
-    if (!local.tpot_slo_ms && config_.dispatch_slo.default_tpot_slo_ms > 0) {
-      local.tpot_slo_ms = config_.dispatch_slo.default_tpot_slo_ms;
-    }
-    const LatencyModel* local_model = dispatch_.name() == "slo-aware" ? &model_ : nullptr;
+    // As the front-end: the policy, then conditional disaggregation.
+    absl::StatusOr<Placement> placed = PlaceWithLocalPrefill(
+        dispatch_, dr, loads, config_.local_prefill_max_tokens, config_.dispatch_slo, &model_);
     if (!placed.ok()) {
-      Placement rescued;
-      if (!absl::IsResourceExhausted(placed.status()) ||
-          !PreferLocalPrefill(local, loads, config_.local_prefill_max_tokens, rescued,
-                              local_model)) {
-        Fail(r, absl::StatusCodeToString(placed.status().code()),
-             std::string(placed.status().message()));
-        return absl::OkStatus();
-      }
-      placed = rescued;
-    } else {
-      PreferLocalPrefill(local, loads, config_.local_prefill_max_tokens, *placed, local_model);
+      Fail(r, absl::StatusCodeToString(placed.status().code()),
+           std::string(placed.status().message()));
+      return absl::OkStatus();
     }
     auto find = [&](const std::string& id) -> int {
       auto it = index_.find(id);

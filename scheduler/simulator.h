@@ -208,10 +208,7 @@ std::vector<SimRequest> TileWorkload(const std::vector<SimRequest>& lengths,
 absl::StatusOr<SimResult> Simulate(const SimConfig& config, const LatencyModel& model,
                                    const std::vector<SimRequest>& requests,
                                    DispatchPolicy* policy = nullptr);
-
-// The step-time formulas above, exposed for tests and for the planner's estimates.
-double PrefillChunkSeconds(const LatencyModel& model,
-                           const std::vector<std::pair<int32_t, int32_t>>& start_and_len);
-double DecodeStepSeconds(const LatencyModel& model, int32_t batch, int64_t total_context);
+// (The step-time formulas above: PrefillChunkSeconds and DecodeStepSeconds in
+// scheduler/latency_model.h.)
 
 }  // namespace pds::scheduler

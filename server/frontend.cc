@@ -712,31 +712,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       dr.max_tokens = relay.work.max_tokens();
       if (relay.request.has_ttft_slo_ms()) dr.ttft_slo_ms = relay.request.ttft_slo_ms();
       if (relay.request.has_tpot_slo_ms()) dr.tpot_slo_ms = relay.request.tpot_slo_ms();
-      auto placed = policy_->Place(dr, loads);
-      // Conditional disaggregation; with the slo-aware policy the step that would run the
-      // prefill is held to the TPOT target, and a request refused for its predicted TTFT may
-      // still be admitted on a decode worker holding nearly all of its prompt.
-      scheduler::DispatchRequest local = dr;
-      if (!local.ttft_slo_ms && options_.default_ttft_slo_ms > 0) {
-        local.ttft_slo_ms = options_.default_ttft_slo_ms;
-      }
-      if (!local.tpot_slo_ms && options_.default_tpot_slo_ms > 0) {
-        local.tpot_slo_ms = options_.default_tpot_slo_ms;
-      }
-      const scheduler::LatencyModel* local_model =
-          policy_->name() == "slo-aware" ? latency_model_.get() : nullptr;
+      // The policy's placement, then conditional disaggregation.
+      auto placed =
+          scheduler::PlaceWithLocalPrefill(*policy_, dr, loads, options_.local_prefill_max_tokens,
+                                           {.default_ttft_slo_ms = options_.default_ttft_slo_ms,
+                                            .default_tpot_slo_ms = options_.default_tpot_slo_ms},
+                                           latency_model_.get());
       if (!placed.ok()) {
-        scheduler::Placement rescued;
-        if (!absl::IsResourceExhausted(placed.status()) ||
-            !scheduler::PreferLocalPrefill(local, loads, options_.local_prefill_max_tokens, rescued,
-                                           local_model)) {
-          if (absl::IsResourceExhausted(placed.status())) ++refused_slo_;
-          return ToGrpc(placed.status());
-        }
-        placed = rescued;
-      } else {
-        scheduler::PreferLocalPrefill(local, loads, options_.local_prefill_max_tokens, *placed,
-                                      local_model);
+        if (absl::IsResourceExhausted(placed.status())) ++refused_slo_;
+        return ToGrpc(placed.status());
       }
       placement = *placed;
       if (placement.best_effort) ++best_effort_;
