@@ -92,6 +92,9 @@ bool PreferLocalPrefill(const DispatchRequest& request, const std::vector<Instan
                         int32_t max_tokens, Placement& placement,
                         const LatencyModel* model = nullptr);
 
+// The largest --local-prefill-max-tokens the front-end, `pdserve plan` and plan files take.
+inline constexpr int32_t kMaxLocalPrefillTokens = 1 << 20;
+
 class DispatchPolicy;
 struct SloPolicyOptions;
 // The front-end's placement, which the simulator runs too: `policy`'s, then conditional

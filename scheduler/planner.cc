@@ -6,7 +6,6 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "absl/strings/str_replace.h"
 #include "engine/common/status_macros.h"
 
 namespace pds::scheduler {
@@ -184,6 +183,9 @@ nlohmann::json InstanceJson(const SimInstanceConfig& c) {
           {"block_size", c.block_size}};
 }
 
+// How the plan's rates count: requests, or with conversations conversations (first turns).
+const char* RateUnit(bool conversations) { return conversations ? "conv/s" : "req/s"; }
+
 std::string UnitName(const UnitResult& u) {
   if (u.colocated > 0) return absl::StrCat(u.colocated, " colocated");
   return absl::StrCat(u.prefill, "P+", u.decode, "D");
@@ -224,6 +226,7 @@ absl::StatusOr<Plan> MakePlan(const PlannerOptions& options, const LatencyModel&
   Plan plan;
   plan.conversations = std::any_of(options.lengths.begin(), options.lengths.end(),
                                    [](const SimRequest& r) { return r.after >= 0; });
+  const char* unit = RateUnit(plan.conversations);
   plan.options = options;
   plan.options.lengths.clear();
   plan.latency_model = model.ToJson();
@@ -295,22 +298,20 @@ absl::StatusOr<Plan> MakePlan(const PlannerOptions& options, const LatencyModel&
       if (options.gpus > 0 && chosen_gpus > options.gpus) {
         plan.feasible = false;
         plan.reason = absl::StrFormat(
-            "cannot serve %.4g req/s within %d GPUs: it needs %s (%.4g req/s per GPU); %d GPUs "
-            "reach %.4g req/s",
-            options.target_rate, options.gpus, need, chosen->goodput_per_gpu, options.gpus,
-            (options.gpus / chosen->gpus()) * chosen->max_rate());
+            "cannot serve %.4g %s within %d GPUs: it needs %s (%.4g %s per GPU); %d GPUs "
+            "reach %.4g %s",
+            options.target_rate, unit, options.gpus, need, chosen->goodput_per_gpu, unit,
+            options.gpus, (options.gpus / chosen->gpus()) * chosen->max_rate(), unit);
       } else if (chosen_gpus > kMaxPlannedGpus) {
         // Without a GPU budget the rate alone bounds the cluster: refuse what would take
         // longer to simulate than to question (the simulation grows with the square of it).
         plan.feasible = false;
         plan.reason = absl::StrFormat(
-            "%.4g req/s needs %s (%.4g req/s per GPU), more than the %d GPUs this planner lays "
-            "out",
-            options.target_rate, need, chosen->goodput_per_gpu, kMaxPlannedGpus);
+            "%.4g %s needs %s (%.4g %s per GPU), more than the %d GPUs this planner lays out",
+            options.target_rate, unit, need, chosen->goodput_per_gpu, unit, kMaxPlannedGpus);
       } else {
         plan.replicas = static_cast<int32_t>(chosen_replicas);
       }
-      if (plan.conversations) plan.reason = absl::StrReplaceAll(plan.reason, {{"req/s", "conv/s"}});
     }
   }
   plan.prefill_instances = plan.unit.prefill * plan.replicas;
@@ -427,17 +428,18 @@ std::string PlanSummary(const Plan& plan) {
   absl::StrAppendFormat(&s, "Plan: %d prefill + %d decode instances (%d x %s), %d GPUs\n",
                         plan.prefill_instances, plan.decode_instances, plan.replicas,
                         UnitName(plan.unit), plan.gpus_used);
-  absl::StrAppendFormat(&s, "  goodput per GPU: %.4g req/s (unit max rate %.4g req/s)\n",
-                        plan.unit.goodput_per_gpu, plan.unit.max_rate());
+  const char* unit = RateUnit(plan.conversations);
+  absl::StrAppendFormat(&s, "  goodput per GPU: %.4g %s (unit max rate %.4g %s)\n",
+                        plan.unit.goodput_per_gpu, unit, plan.unit.max_rate(), unit);
   if (plan.colocated.colocated > 0) {
-    absl::StrAppendFormat(&s, "  colocated alternative: %s, %.4g req/s per GPU (x%.2f)\n",
-                          UnitName(plan.colocated), plan.colocated.goodput_per_gpu,
+    absl::StrAppendFormat(&s, "  colocated alternative: %s, %.4g %s per GPU (x%.2f)\n",
+                          UnitName(plan.colocated), plan.colocated.goodput_per_gpu, unit,
                           plan.colocated.goodput_per_gpu > 0
                               ? plan.unit.goodput_per_gpu / plan.colocated.goodput_per_gpu
                               : 0.0);
   }
-  absl::StrAppendFormat(&s, "  predicted attainment: %.1f%% at %.4g req/s\n",
-                        100 * plan.predicted_attainment, plan.predicted_at_rate);
+  absl::StrAppendFormat(&s, "  predicted attainment: %.1f%% at %.4g %s\n",
+                        100 * plan.predicted_attainment, plan.predicted_at_rate, unit);
   if (!plan.feasible) absl::StrAppendFormat(&s, "  NOT FEASIBLE: %s\n", plan.reason);
   if (o.live.contains("step_time_scale")) {
     absl::StrAppendFormat(
@@ -450,14 +452,15 @@ std::string PlanSummary(const Plan& plan) {
                            " live prefill steps)")
             : std::string());
   }
-  s += "Candidates (goodput per GPU, req/s):\n";
+  absl::StrAppendFormat(&s, "Candidates (goodput per GPU, %s):\n", unit);
   for (const UnitResult& u : plan.candidates) {
     absl::StrAppendFormat(&s, "  %-14s %2d GPUs  %10.4g\n", UnitName(u), u.gpus(),
                           u.goodput_per_gpu);
   }
   auto table = [&](const std::string& title, const std::vector<RatePoint>& curve) {
-    absl::StrAppendFormat(&s, "%s:\n  %12s %10s %10s %12s %12s\n", title, "req/s/GPU", "req/s",
-                          "attain %", "p90 TTFT ms", "p90 TPOT ms");
+    absl::StrAppendFormat(&s, "%s:\n  %12s %10s %10s %12s %12s\n", title,
+                          absl::StrCat(unit, "/GPU"), unit, "attain %", "p90 TTFT ms",
+                          "p90 TPOT ms");
     for (const RatePoint& p : curve) {
       absl::StrAppendFormat(&s, "  %12.4g %10.4g %10.1f %12.1f %12.1f\n", p.rate_per_gpu, p.rate,
                             100 * p.slo_attainment, p.p90_ttft_ms, p.p90_tpot_ms);
@@ -474,8 +477,6 @@ std::string PlanSummary(const Plan& plan) {
     table(absl::StrCat("At the requested rates (", UnitName(plan.colocated), ")"),
           plan.colocated_at_rates);
   }
-  // With conversations every rate counts conversations (their first turns) per second.
-  if (plan.conversations) s = absl::StrReplaceAll(s, {{"req/s", "conv/s"}});
   return s;
 }
 
@@ -535,9 +536,11 @@ absl::StatusOr<PlanFile> ParsePlanFile(const nlohmann::json& j) {
     }
     if (p.contains("local_prefill_max_tokens")) {
       const nlohmann::json& v = p["local_prefill_max_tokens"];
-      if (!v.is_number_integer() || v.get<int64_t>() < 0 || v.get<int64_t>() > (1 << 20)) {
+      if (!v.is_number_integer() || v.get<int64_t>() < 0 ||
+          v.get<int64_t>() > kMaxLocalPrefillTokens) {
         return absl::InvalidArgumentError(
-            "plan: 'policies.local_prefill_max_tokens' must be an integer in [0, 1048576]");
+            absl::StrCat("plan: 'policies.local_prefill_max_tokens' must be an integer in [0, ",
+                         kMaxLocalPrefillTokens, "]"));
       }
       f.local_prefill_max_tokens = v.get<int32_t>();
     }

@@ -380,8 +380,9 @@ absl::Status Run(const CliArgs& args) {
   }
   o.base.prefix_caching = caching == "on";
   PDS_ASSIGN_OR_RETURN(const int64_t local_prefill, args.GetInt("local-prefill-max-tokens", 0));
-  if (local_prefill < 0 || local_prefill > (int64_t{1} << 20)) {
-    return absl::InvalidArgumentError("--local-prefill-max-tokens must be in [0, 1048576]");
+  if (local_prefill < 0 || local_prefill > scheduler::kMaxLocalPrefillTokens) {
+    return absl::InvalidArgumentError(absl::StrCat("--local-prefill-max-tokens must be in [0, ",
+                                                   scheduler::kMaxLocalPrefillTokens, "]"));
   }
   o.base.local_prefill_max_tokens = static_cast<int32_t>(local_prefill);
   o.base.dispatch_policy = args.GetString("policy", "least-loaded");

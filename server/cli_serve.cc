@@ -596,8 +596,9 @@ absl::Status RunFrontend(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(o.default_tpot_slo_ms, args.GetDouble("slo-tpot-ms", 0));
   o.best_effort = args.GetBool("best-effort");
   PDS_ASSIGN_OR_RETURN(const int64_t local_prefill, args.GetInt("local-prefill-max-tokens", 0));
-  if (local_prefill < 0 || local_prefill > (int64_t{1} << 20)) {
-    return absl::InvalidArgumentError("--local-prefill-max-tokens must be in [0, 1048576]");
+  if (local_prefill < 0 || local_prefill > scheduler::kMaxLocalPrefillTokens) {
+    return absl::InvalidArgumentError(absl::StrCat("--local-prefill-max-tokens must be in [0, ",
+                                                   scheduler::kMaxLocalPrefillTokens, "]"));
   }
   o.local_prefill_max_tokens = static_cast<int32_t>(local_prefill);
   PDS_ASSIGN_OR_RETURN(o.worker_stall_timeout, PositiveSeconds(args, "worker-stall-timeout-s", 60));
