@@ -774,19 +774,20 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       refused->healthy = false;
       *refused_by = refused->id;
     }
-    if (s.ok()) {
+    if (s.ok() && !relay.output_ids.empty()) {
       // The decoding worker (decode or colocated) now also caches the answer's blocks: a
       // conversation's next turn, which starts with this prompt and answer, finds them there.
+      // (The prompt's hashes were made at dispatch; the answer's blocks extend them.)
       Instance& decoder = decode != nullptr ? *decode : *prefill;
       std::vector<int32_t> context(prompt.begin(), prompt.end());
       context.insert(context.end(), relay.output_ids.begin(), relay.output_ids.end());
-      if (!context.empty()) context.pop_back();  // the last token's K/V was never computed
+      context.pop_back();  // the last token's K/V was never computed
       std::lock_guard<std::mutex> lock(mu_);
       if (decoder.status.prefix_caching()) {
-        std::vector<uint64_t> hashes;
-        engine::BlockAllocator::ExtendPrefixHashes(
-            context, std::max(1, decoder.status.block_size()), hashes);
-        decoder.prefix_index.Insert(hashes);
+        const int32_t bs = std::max(1, decoder.status.block_size());
+        std::vector<uint64_t> context_hashes = hashes_for(bs);
+        engine::BlockAllocator::ExtendPrefixHashes(context, bs, context_hashes);
+        decoder.prefix_index.Insert(context_hashes);
       }
     }
     return s;
