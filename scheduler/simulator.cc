@@ -117,8 +117,10 @@ class Engine {
   int64_t preemptions() const { return preemptions_; }
   size_t num_sequences() const { return seqs_.size(); }
 
-  Seq& Add(int64_t req, const SimRequest& spec, bool hold, std::optional<double> deadline_s) {
-    Seq& seq = Insert(req, spec);
+  // `prompt`: SimTokens of the prompt.
+  Seq& Add(int64_t req, const SimRequest& spec, std::vector<int32_t> prompt, bool hold,
+           std::optional<double> deadline_s) {
+    Seq& seq = Insert(req, spec, std::move(prompt));
     seq.max_tokens = spec.output_len;
     seq.hold_after_prefill = hold;
     seq.deadline_s = deadline_s;
@@ -128,7 +130,7 @@ class Engine {
   // LlmEngine::ReserveImport: room for the prompt plus one block per running sequence, less
   // the leading blocks of the prompt that are cached (all but its last block), which it shares
   // and the transfer does not move. The held blocks, or -1: no room.
-  int32_t ReserveImport(int64_t req, const SimRequest& spec) {
+  int32_t ReserveImport(int64_t req, const SimRequest& spec, const std::vector<int32_t>& prompt) {
     // A preempted sequence whose stream started goes first; requests waiting to start keep
     // the blocks their prompts need.
     const int32_t bs = config_.block_size;
@@ -139,7 +141,7 @@ class Engine {
       kept += BlocksFor(seq.len(), bs);
     }
     const int32_t needed = BlocksFor(spec.prompt_len, bs);
-    std::vector<int32_t> tokens = SimTokens(spec, req, spec.prompt_len);
+    std::vector<int32_t> tokens = prompt;
     std::vector<uint64_t> hashes;
     std::vector<int32_t> hit;
     if (allocator_.prefix_cache_enabled()) {
@@ -329,14 +331,14 @@ class Engine {
     return false;
   }
 
-  Seq& Insert(int64_t req, const SimRequest& spec, std::vector<int32_t> tokens = {}) {
+  Seq& Insert(int64_t req, const SimRequest& spec, std::vector<int32_t> tokens) {
     const uint64_t order = next_order_++;
     by_req_[req] = order;
     Seq& seq = seqs_[order];
     seq.req = req;
     seq.spec = &spec;
     seq.order = order;
-    seq.tokens = tokens.empty() ? SimTokens(spec, req, spec.prompt_len) : std::move(tokens);
+    seq.tokens = std::move(tokens);
     return seq;
   }
   Seq& Find(int64_t req) { return seqs_.at(by_req_.at(req)); }
@@ -393,9 +395,12 @@ struct Request {
   bool decode_promised = false;
   bool done = false;
   bool offered = false;
-  bool skipped = false;        // an earlier turn of its conversation failed: never sent
-  bool best_effort = false;    // the dispatch policy's verdict, for the engine
-  int32_t prefill_tokens = 0;  // the front-end's count of what its prefill computes
+  bool skipped = false;         // an earlier turn of its conversation failed: never sent
+  bool best_effort = false;     // the dispatch policy's verdict, for the engine
+  int32_t prefill_tokens = 0;   // the front-end's count of what its prefill computes
+  std::vector<int32_t> prompt;  // SimTokens of the prompt (from its arrival)
+  // The front-end's block hashes of the prompt for prefill (or colocated) and decode instances.
+  std::vector<uint64_t> prompt_hashes, decode_prompt_hashes;
   client::RequestRecord record;
 };
 
@@ -516,7 +521,15 @@ class Cluster {
     r.record.error_message = message;
     r.record.end_s = now_;
     r.done = true;
+    ForgetTokens(r);
     if (end_conversation) Skip(r.record.index);
+  }
+  // An ended request's tokens and hashes are not needed again (a long run keeps only those of
+  // the requests in flight).
+  static void ForgetTokens(Request& r) {
+    std::vector<int32_t>().swap(r.prompt);
+    std::vector<uint64_t>().swap(r.prompt_hashes);
+    std::vector<uint64_t>().swap(r.decode_prompt_hashes);
   }
   // A failed turn ends its conversation: the later turns are never sent (no records).
   void Skip(int64_t i) {
@@ -524,14 +537,6 @@ class Cluster {
       requests_[f].done = requests_[f].skipped = true;
       Skip(f);
     }
-  }
-
-  // The front-end's block hashes of the first `n` tokens of request `i`'s stream.
-  static std::vector<uint64_t> StreamHashes(const SimRequest& r, int64_t i, int64_t n,
-                                            int32_t block_size) {
-    std::vector<uint64_t> hashes;
-    engine::BlockAllocator::ExtendPrefixHashes(SimTokens(r, i, n), block_size, hashes);
-    return hashes;
   }
 
   // `hashes`: the prompt's block hashes for prefill or colocated instances and for decode ones
@@ -577,14 +582,22 @@ class Cluster {
     dr.max_tokens = r.spec.output_len;
     if (config_.send_slo && config_.slo.ttft_ms >= 0) dr.ttft_slo_ms = config_.slo.ttft_ms;
     if (config_.send_slo && config_.slo.tpot_ms >= 0) dr.tpot_slo_ms = config_.slo.tpot_ms;
-    // (Instances of one role share a block size.)
-    std::vector<uint64_t> hashes, decode_hashes;
+    // The prompt's tokens, and the front-end's block hashes of them for prefill (or colocated)
+    // and decode instances (instances of one role share a block size).
+    r.prompt = SimTokens(r.spec, i, r.spec.prompt_len);
+    std::vector<uint64_t>& hashes = r.prompt_hashes;
+    std::vector<uint64_t>& decode_hashes = r.decode_prompt_hashes;
     if (config_.prefix_caching) {
-      hashes = StreamHashes(
-          r.spec, i, r.spec.prompt_len,
-          (config_.num_colocated > 0 ? config_.colocated : config_.prefill).block_size);
+      const int32_t bs =
+          (config_.num_colocated > 0 ? config_.colocated : config_.prefill).block_size;
+      engine::BlockAllocator::ExtendPrefixHashes(r.prompt, bs, hashes);
       if (config_.num_colocated == 0) {
-        decode_hashes = StreamHashes(r.spec, i, r.spec.prompt_len, config_.decode.block_size);
+        if (config_.decode.block_size == bs) {
+          decode_hashes = hashes;
+        } else {
+          engine::BlockAllocator::ExtendPrefixHashes(r.prompt, config_.decode.block_size,
+                                                     decode_hashes);
+        }
       }
     }
     const std::vector<InstanceLoad> loads = Loads(hashes, decode_hashes);
@@ -647,7 +660,7 @@ class Cluster {
     r.record.timeline.queued_us = TimelineUs(now_);
     std::optional<double> deadline;
     if (config_.slo.ttft_ms >= 0) deadline = r.spec.arrival_s + config_.slo.ttft_ms / 1000.0;
-    instances_[r.prefill].engine->Add(i, r.spec, r.decode >= 0, deadline).best_effort =
+    instances_[r.prefill].engine->Add(i, r.spec, r.prompt, r.decode >= 0, deadline).best_effort =
         r.best_effort;
     return Kick(r.prefill);
   }
@@ -758,9 +771,18 @@ class Cluster {
       // its last token), which a conversation's next turn starts with.
       Instance& decoder = instances_[r.decode >= 0 ? r.decode : r.prefill];
       const int64_t answer = static_cast<int64_t>(r.record.chunk_tokens.size());
-      decoder.prefix_index.Insert(StreamHashes(r.spec, i, int64_t{r.spec.prompt_len} + answer - 1,
-                                               decoder.config.block_size));
+      std::vector<int32_t> context = r.prompt;
+      for (int64_t p = r.spec.prompt_len; p < r.spec.prompt_len + answer - 1; ++p) {
+        context.push_back(SimToken(r.spec, i, p));
+      }
+      std::vector<uint64_t> hashes =
+          decoder.role == InstanceRole::kDecode ? r.decode_prompt_hashes : r.prompt_hashes;
+      if (answer > 0) {
+        engine::BlockAllocator::ExtendPrefixHashes(context, decoder.config.block_size, hashes);
+      }
+      decoder.prefix_index.Insert(hashes);
     }
+    ForgetTokens(r);
     // The conversation's next turn is due after the think time.
     for (int64_t f : followers_[i]) {
       requests_[f].spec.arrival_s = r.record.end_s + requests_[f].spec.think_s;
@@ -802,7 +824,7 @@ class Cluster {
   bool TryImport(int64_t req, double overlap_s = 0) {
     Request& r = requests_[req];
     Instance& d = instances_[r.decode];
-    const int32_t held = d.engine->ReserveImport(req, r.spec);
+    const int32_t held = d.engine->ReserveImport(req, r.spec, r.prompt);
     if (held < 0) return false;
     // The decode instance's cached blocks are not moved.
     const double bytes = static_cast<double>(config_.kv_shape.BytesPerToken()) *
