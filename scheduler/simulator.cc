@@ -389,10 +389,10 @@ struct Request {
   int prefill = -1;
   int decode = -1;
   uint64_t queue_seq = 0;
-  int32_t promised = 0;
+  int32_t promised = 0;  // KV blocks the front-end booked on instance promised_on
+  int promised_on = -1;  // until the hand-off is in (or, prefilled there, the first token)
   int64_t context_estimate = 0;
   bool prefill_pending = false;
-  bool decode_promised = false;
   bool done = false;
   bool offered = false;
   bool skipped = false;         // an earlier turn of its conversation failed: never sent
@@ -637,13 +637,14 @@ class Cluster {
     p.queued_lens[r.queue_seq] = r.prefill_tokens;
     r.prefill_pending = true;
     r.context_estimate = r.spec.prompt_len + r.spec.output_len / 2;
-    if (r.decode >= 0) {
-      // The front-end's booking: the prompt's blocks and one to grow (a held prefix too).
-      Instance& d = instances_[r.decode];
+    // The front-end's booking on the instance that decodes it: the prompt's blocks and one to
+    // grow (a held prefix too), until the hand-off is in or, prefilled there, its first token.
+    if (r.decode >= 0 || placed->local_prefill) {
+      r.promised_on = r.decode >= 0 ? r.decode : r.prefill;
+      Instance& d = instances_[r.promised_on];
       r.promised = BlocksFor(int64_t{r.spec.prompt_len} + 1, d.config.block_size);
       d.promised_blocks += r.promised;
-      r.decode_promised = true;
-      d.prefix_index.Insert(decode_hashes);
+      if (r.decode >= 0) d.prefix_index.Insert(decode_hashes);
     }
     r.best_effort = placed->best_effort;
     if (config_.dispatch_latency_s > 0) {
@@ -753,6 +754,7 @@ class Cluster {
       p.queued_lens.erase(r.queue_seq);
       r.prefill_pending = false;
       if (r.decode < 0) {
+        Unpromise(r);
         ++p.decoding;
         p.decode_context += r.context_estimate;
         rec.timeline.decode_start_us = TimelineUs(now_);
@@ -795,13 +797,17 @@ class Cluster {
       return;
     }
     Instance& d = instances_[r.decode];
-    if (r.decode_promised) {
-      d.promised_blocks -= r.promised;
-      r.decode_promised = false;
+    if (r.promised_on >= 0) {
+      Unpromise(r);
     } else {
       --d.decoding;
       d.decode_context -= r.context_estimate;
     }
+  }
+  void Unpromise(Request& r) {
+    if (r.promised_on < 0) return;
+    instances_[r.promised_on].promised_blocks -= r.promised;
+    r.promised_on = -1;
   }
 
   // At the end of the prefill step (of `step_s` seconds) that completed the prompt.
@@ -857,8 +863,7 @@ class Cluster {
     Instance& d = instances_[r.decode];
     d.engine->ActivateImport(req);
     // The front-end's decode_started.
-    d.promised_blocks -= r.promised;
-    r.decode_promised = false;
+    Unpromise(r);
     ++d.decoding;
     d.decode_context += r.context_estimate;
     PDS_RETURN_IF_ERROR(Kick(r.prefill));

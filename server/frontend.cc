@@ -61,7 +61,7 @@ struct Instance {
   pb::WorkerStatus status;
   // The front-end's own bookkeeping since dispatch (exact and immediate; see Booking).
   std::map<uint64_t, int32_t> queued_lens;  // prompts dispatched here, first token not yet back
-  int32_t promised_blocks = 0;              // decode: hand-offs placed here, KV not yet in
+  int32_t promised_blocks = 0;              // booked: hand-offs (or local prefills) not yet in
   int32_t decoding = 0;                     // requests decoding here
   int64_t decode_context = 0;               // their estimated context tokens
   int32_t bookings = 0;                     // live Bookings naming it: not to be forgotten
@@ -74,23 +74,29 @@ struct Instance {
 // An instance is erased only when no Booking names it, so the pointers stay valid.
 class Booking {
  public:
-  // Called with `mu` held.
+  // Called with `mu` held. `blocks` are promised to the instance that decodes the request
+  // (`decode`, or `prefill` where it runs the whole request) until the hand-off is in (or the
+  // first token came); colocated requests book none.
   Booking(std::mutex& mu, Instance* prefill, Instance* decode, uint64_t seq, int32_t prompt_len,
           int32_t blocks, int64_t context)
-      : mu_(mu), prefill_(prefill), decode_(decode), seq_(seq), blocks_(blocks), context_(context) {
+      : mu_(mu),
+        prefill_(prefill),
+        decode_(decode),
+        promised_on_(decode != nullptr ? decode : (blocks > 0 ? prefill : nullptr)),
+        seq_(seq),
+        blocks_(blocks),
+        context_(context) {
     prefill_->queued_lens[seq_] = prompt_len;
     ++prefill_->bookings;
-    if (decode_ != nullptr) {
-      decode_->promised_blocks += blocks_;
-      ++decode_->bookings;
-    }
+    if (decode_ != nullptr) ++decode_->bookings;
+    if (promised_on_ != nullptr) promised_on_->promised_blocks += blocks_;
   }
   ~Booking() {
     std::lock_guard<std::mutex> lock(mu_);
     --prefill_->bookings;
     if (decode_ != nullptr) --decode_->bookings;
     if (queued_) prefill_->queued_lens.erase(seq_);
-    if (promised()) decode_->promised_blocks -= blocks_;
+    Unpromise();
     if (decoding_on_ != nullptr) {
       --decoding_on_->decoding;
       decoding_on_->decode_context -= context_;
@@ -102,18 +108,25 @@ class Booking {
     if (!queued_) return;
     prefill_->queued_lens.erase(seq_);
     queued_ = false;
-    if (decode_ == nullptr) Decoding(prefill_);
+    if (decode_ == nullptr) {
+      Unpromise();
+      Decoding(prefill_);
+    }
   }
   // The decode instance has the KV and streams tokens.
   void DecodeStarted() {
     std::lock_guard<std::mutex> lock(mu_);
-    if (!promised()) return;
-    decode_->promised_blocks -= blocks_;
+    if (decode_ == nullptr || decoding_on_ != nullptr) return;
+    Unpromise();
     Decoding(decode_);
   }
 
  private:
-  bool promised() const { return decode_ != nullptr && decoding_on_ == nullptr; }
+  void Unpromise() {
+    if (promised_on_ == nullptr) return;
+    promised_on_->promised_blocks -= blocks_;
+    promised_on_ = nullptr;
+  }
   void Decoding(Instance* inst) {
     decoding_on_ = inst;
     ++inst->decoding;
@@ -122,6 +135,7 @@ class Booking {
   std::mutex& mu_;
   Instance* prefill_;
   Instance* decode_;
+  Instance* promised_on_;  // null once the promise is kept (or none was made)
   uint64_t seq_;
   int32_t blocks_;
   int64_t context_;
@@ -333,6 +347,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       s->set_kv_bytes_sent(inst->status.kv_bytes_sent());
       s->set_kv_bytes_held(inst->status.kv_bytes_held());
       s->set_kv_bytes_received(inst->status.kv_bytes_received());
+      s->set_kv_blocks_booked(inst->promised_blocks);
     }
     status->set_requests_in_flight(static_cast<int32_t>(in_flight_.size()));
     status->set_requests_finished(finished_);
@@ -583,6 +598,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
          [](const Instance& i) { return i.status.kv_blocks_used(); }},
         {"pdserve_instance_kv_blocks_total", "gauge", "KV cache blocks.",
          [](const Instance& i) { return i.status.kv_blocks_total(); }},
+        {"pdserve_instance_kv_blocks_booked", "gauge",
+         "KV cache blocks the front-end promised to requests placed here, not yet in use.",
+         [](const Instance& i) { return i.promised_blocks; }, false},
         {"pdserve_instance_kv_blocks_cached", "gauge",
          "KV cache blocks holding reusable prefix K/V (in use or free).",
          [](const Instance& i) { return i.status.kv_blocks_cached(); }},
@@ -750,6 +768,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         blocks =
             engine::BlockTable::BlocksFor(prompt_len + 1, std::max(1, decode->status.block_size()));
         remember_prompt(*decode);
+      } else if (placement.local_prefill) {
+        // It decodes where it is prefilled: the same blocks, booked there.
+        blocks = engine::BlockTable::BlocksFor(prompt_len + 1,
+                                               std::max(1, prefill->status.block_size()));
       }
       booking.emplace(mu_, prefill, decode, next_queue_seq_++, prefill_tokens, blocks,
                       prompt_len + relay.work.max_tokens() / 2);

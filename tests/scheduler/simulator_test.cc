@@ -529,6 +529,28 @@ TEST(SimulatorTest, ATurnTheSloPolicyRefusesIsAdmittedOnTheDecodeInstance) {
   EXPECT_LE(turn.TtftS(), 0.2);
 }
 
+// A request prefilled on a decode instance is booked there like a hand-off: the next placement
+// sees the blocks it will take before the instance allocates them.
+TEST(SimulatorTest, ALocalPrefillBooksItsBlocksOnTheDecodeInstance) {
+  SimConfig c = SimpleConfig();
+  c.slo = {};
+  c.num_decode = 2;
+  c.decode.kv_blocks = 8;
+  c.local_prefill_max_tokens = 64;
+  c.dispatch_latency_s = 0.001;  // booked at arrival, allocated a moment later
+  // Both at 0: 40 tokens run on decode-0 (least-loaded's tie), 3 blocks booked there; 100
+  // tokens (over the local limit) are disaggregated, to decode-1 (8 free blocks against 5).
+  auto sim = Simulate(c, SimpleModel(), {{0.0, 40, 4}, {0.0, 100, 4}});
+  ASSERT_TRUE(sim.ok()) << sim.status();
+  const auto& r = sim->records;
+  ASSERT_EQ(r.size(), 2u);
+  ASSERT_TRUE(r[0].ok && r[1].ok) << r[0].error_message << r[1].error_message;
+  EXPECT_EQ(r[0].timeline.prefill_instance, "decode-0");
+  EXPECT_EQ(r[0].timeline.decode_instance, "");
+  EXPECT_EQ(r[1].timeline.prefill_instance, "prefill-0");
+  EXPECT_EQ(r[1].timeline.decode_instance, "decode-1");
+}
+
 // A failed turn ends its conversation: the later turns are never sent and leave no record.
 TEST(SimulatorTest, AFailedTurnEndsItsConversation) {
   SimConfig c = SimpleConfig();

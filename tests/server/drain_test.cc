@@ -613,5 +613,37 @@ TEST(DrainTest, NextTurnFindsTheAnswerOnTheDecodeWorker) {
   })) << "the worker shared the 4 blocks";
 }
 
+// A request prefilled on its decode worker (conditional disaggregation) is booked there like a
+// hand-off, so that placements meanwhile count the blocks it will take: from its placement
+// until its first token (after which the worker's own status counts them).
+TEST(DrainTest, ALocalPrefillIsBookedOnItsDecodeWorkerUntilItsFirstToken) {
+  FrontendOptions fo;
+  fo.local_prefill_max_tokens = 32;
+  auto c = StartFrontend(fo);
+  ASSERT_NE(c, nullptr);
+  auto p0 = c->Worker(InstanceRole::kPrefill, "p0");
+  auto d0 = c->Worker(InstanceRole::kDecode, "d0");
+  ASSERT_TRUE(p0 && d0);
+  ASSERT_TRUE(c->WaitHealthy({"p0", "d0"}));
+  d0->backend.delay_ms = 300;  // a prefill step of 2 layers x 300 ms
+  const auto booked = [&](int blocks) {
+    return [&, blocks](const api::ClusterStatus& s) {
+      return c->Find(s, "d0")->kv_blocks_booked() == blocks;
+    };
+  };
+  std::thread reader;
+  auto s = StartGenerate(*c, 3, &reader);  // 8 prompt tokens (and one to grow): 1 block
+  EXPECT_TRUE(c->WaitFor(booked(1)));
+  EXPECT_EQ(c->Find(c->Status(), "p0")->kv_blocks_booked(), 0);
+  s->first.wait();
+  EXPECT_TRUE(c->WaitFor(booked(0)));
+  reader.join();
+  EXPECT_TRUE(s->status.ok()) << s->status.error_message();
+  EXPECT_EQ(s->tokens, 3);
+  EXPECT_EQ(s->done.timeline().prefill_instance(), "d0");
+  EXPECT_EQ(s->done.timeline().decode_instance(), "");
+  d0->backend.delay_ms = 0;
+}
+
 }  // namespace
 }  // namespace pds::server

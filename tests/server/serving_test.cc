@@ -145,8 +145,8 @@ void ExpectAllFree(api::Serving::Stub& stub) {
   api::ClusterStatus status;
   while (absl::Now() < deadline) {
     status = FreshStatus(stub);
-    int used = 0;
-    for (const auto& i : status.instances()) used += i.kv_blocks_used();
+    int used = 0;  // and booked by the front-end
+    for (const auto& i : status.instances()) used += i.kv_blocks_used() + i.kv_blocks_booked();
     if (used == 0 && status.requests_in_flight() == 0) return;
     absl::SleepFor(absl::Milliseconds(50));
   }
