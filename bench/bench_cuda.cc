@@ -1034,6 +1034,14 @@ int Main(int argc, char** argv) {
       // The tensor-core decode attention kernel (PDS_ATTN_DECODE=mma; off until measured).
       add(bench.WithKnob("PDS_ATTN_DECODE", "mma", "mma",
                          [&] { return bench.Decode(b, /*greedy=*/true); }));
+      // Decode splits merged by their last block, no combine launch (PDS_ATTN_COMBINE=fused,
+      // "fcomb"; off until measured), alone and with the fused RoPE + KV write ("fcomb fused").
+      const auto fused_combine = [&] {
+        return bench.WithKnob("PDS_ATTN_COMBINE", "fused", "fcomb",
+                              [&] { return bench.Decode(b, /*greedy=*/true); });
+      };
+      add(fused_combine());
+      add(bench.WithKnob("PDS_FUSE_ROPE_KV", "1", "fused", fused_combine));
     }
     if (!opt.kernels_only) {
       add(bench.Prefill({plan.prefill_tokens}));
@@ -1044,6 +1052,8 @@ int Main(int argc, char** argv) {
     add(bench.AttentionDecode());
     add(bench.AttentionDecode(/*legacy=*/true));
     add(bench.WithKnob("PDS_ATTN_DECODE", "mma", "mma", [&] { return bench.AttentionDecode(); }));
+    add(bench.WithKnob("PDS_ATTN_COMBINE", "fused", "fcomb",
+                       [&] { return bench.AttentionDecode(); }));
     add(bench.AttentionPrefill());
     add(bench.AttentionPrefill(/*warps=*/4));
     add(bench.AttentionPrefill(/*warps=*/8));

@@ -118,6 +118,10 @@ struct CudaBackend::State {
   const float* rope_key = nullptr;
 
   Scratch attention_workspace;
+  // The decode attention's split counters (kc::PagedAttention): allocated and zeroed once, at
+  // creation, so that no forward pass (or graph recording) has to; the kernels leave them zero.
+  Scratch split_counters;
+  static constexpr int64_t kSplitCounterSlots = 1 << 16;  // sequences x heads
 
   // Op timing (SetOpProfiling): CUDA events around each op, summed by name on read.
   bool profiling = false;
@@ -285,6 +289,10 @@ absl::StatusOr<std::unique_ptr<CudaBackend>> CudaBackend::Create(const BackendOp
   PDS_RETURN_IF_ERROR(CublasStatus(
       cublasSetWorkspace(st.cublas, st.cublas_workspace.ptr, st.cublas_workspace.bytes),
       "set workspace"));
+  PDS_RETURN_IF_ERROR(st.split_counters.Reserve(State::kSplitCounterSlots * sizeof(int32_t),
+                                                "the attention split counters"));
+  PDS_CUDA(cudaMemsetAsync(st.split_counters.ptr, 0, st.split_counters.bytes, b->stream_),
+           "zeroing the attention split counters");
   return b;
 }
 
@@ -695,10 +703,12 @@ absl::Status CudaBackend::Attention(const void* q, int64_t q_stride, const void*
   pb.block_tables = st.block_tables;
   pb.max_blocks = st.max_blocks;
   pb.block_size = st.block_size;
-  PDS_CUDA(kc::PagedAttention(H(dtype_), q, q_stride, k_cache, v_cache, pb, st.plan, out, heads,
-                              kv_heads, head_dim, scale, st.attention_workspace.ptr, stream_),
-           absl::StrCat("PagedAttention (", heads, " heads, ", kv_heads, " kv heads, head_dim ",
-                        head_dim, ")"));
+  PDS_CUDA(
+      kc::PagedAttention(H(dtype_), q, q_stride, k_cache, v_cache, pb, st.plan, out, heads,
+                         kv_heads, head_dim, scale, st.attention_workspace.ptr, stream_,
+                         static_cast<int32_t*>(st.split_counters.ptr), State::kSplitCounterSlots),
+      absl::StrCat("PagedAttention (", heads, " heads, ", kv_heads, " kv heads, head_dim ",
+                   head_dim, ")"));
   return absl::OkStatus();
 }
 

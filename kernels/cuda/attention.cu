@@ -33,7 +33,8 @@ size_t PlanAttention(AttentionPlan& plan, int32_t num_seqs, int64_t heads, int64
 cudaError_t PagedAttention(Half16 t, const void* q, int64_t q_stride, const void* k_cache,
                            const void* v_cache, const PagedBatch& batch, const AttentionPlan& plan,
                            void* out, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                           float scale, void* workspace, cudaStream_t stream) {
+                           float scale, void* workspace, cudaStream_t stream,
+                           int32_t* split_counters, int64_t split_counter_slots) {
   auto misaligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 != 0; };
   if (!AttentionHeadDimSupported(head_dim) || kv_heads <= 0 || heads % kv_heads != 0 ||
       q_stride % 8 != 0 || misaligned(q) || misaligned(out) || misaligned(k_cache) ||
@@ -54,6 +55,8 @@ cudaError_t PagedAttention(Half16 t, const void* q, int64_t q_stride, const void
   a.head_dim = head_dim;
   a.scale = scale;
   a.workspace = workspace;
+  a.split_counters = split_counters;
+  a.split_counter_slots = split_counters != nullptr ? split_counter_slots : 0;
   if (plan.has_decode_rows) {
     const cudaError_t e = LaunchDecodeAttention(t, a, stream);
     if (e != cudaSuccess) return e;

@@ -55,12 +55,58 @@ __device__ __forceinline__ void LoadScaledQ(const T* q, int64_t q_stride, const 
   }
 }
 
+// The output of one (sequence, head) at dim d from its `splits` partial results at
+// part_o / part_ml[base..]: their sums weighed by exp(their max - the largest max), over their
+// weighed exp-sums. The loads bypass L1 (other blocks wrote them, in this launch when fused).
+__device__ __forceinline__ float MergeSplits(const float* part_o, const float* part_ml,
+                                             int64_t base, int splits, int head_dim, int d) {
+  float m = -FLT_MAX;
+  for (int i = 0; i < splits; ++i) m = fmaxf(m, __ldcg(part_ml + (base + i) * 2));
+  float num = 0.0f, den = 0.0f;
+  for (int i = 0; i < splits; ++i) {
+    const float w = __expf(__ldcg(part_ml + (base + i) * 2) - m);
+    num += w * __ldcg(part_o + (base + i) * head_dim + d);
+    den += w * __ldcg(part_ml + (base + i) * 2 + 1);
+  }
+  return num / den;
+}
+
+// The fused combine (`counters` given, PDS_ATTN_COMBINE=fused): called by every thread of a
+// decode block after it wrote its split's partial results. The block of a (sequence, head
+// group) that counts last merges all its splits into `out` and sets the counter back to 0 for
+// the next launch; the others return. (The classic threadfence reduction: each thread's writes
+// are made visible before the count, and the last block reads them after it.)
+template <typename T, int D, int G>
+__device__ __forceinline__ void MergeIfLast(const PagedBatch& batch, const DecodeBlock& blk,
+                                            int heads, int split_tokens, int num_splits,
+                                            const float* part_o, const float* part_ml,
+                                            int32_t* counters, T* out) {
+  __shared__ int last;
+  const int splits = (batch.kv_lens[blk.seq] + split_tokens - 1) / split_tokens;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int32_t* counter = counters + int64_t{blockIdx.y} * gridDim.x + blockIdx.x;
+    last = atomicAdd(counter, 1) == splits - 1;
+    if (last) atomicExch(counter, 0);  // every split of this launch has counted
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  for (int e = threadIdx.x; e < G * D; e += blockDim.x) {
+    const int h = blk.h0 + e / D, d = e % D;
+    const int64_t base = (int64_t{blk.seq} * heads + h) * num_splits;
+    out[(int64_t{blk.q_row} * heads + h) * D + d] =
+        FromFloat<T>(MergeSplits(part_o, part_ml, base, splits, D, d));
+  }
+}
+
 template <typename T, int D, int G>
 __global__ void __launch_bounds__(kThreads)
     DecodeKernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k_cache,
                  const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out, int heads,
                  int kv_heads, float scale, int split_tokens, int num_splits,
-                 float* __restrict__ part_o, float* __restrict__ part_ml) {
+                 float* __restrict__ part_o, float* __restrict__ part_ml, int32_t* counters) {
   PdlWaitAndTrigger();
   // K/V rows in flight per lane group (fewer where the q and accumulator registers are many).
   constexpr int kUnroll = G * D >= 1024 ? 4 : 8;
@@ -210,6 +256,10 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
   }
+  if (num_splits > 1 && counters != nullptr) {
+    MergeIfLast<T, D, G>(batch, blk, heads, split_tokens, num_splits, part_o, part_ml, counters,
+                         out);
+  }
 }
 
 // Merges the splits of each (sequence, head): grid (heads, seqs), D threads.
@@ -222,15 +272,8 @@ __global__ void CombineKernel(PagedBatch batch, T* out, int heads, int head_dim,
   if (batch.cu_q[s + 1] - q_row != 1) return;
   const int splits = (batch.kv_lens[s] + split_tokens - 1) / split_tokens;
   const int64_t base = (int64_t{s} * heads + h) * num_splits;
-  float m = -FLT_MAX;
-  for (int i = 0; i < splits; ++i) m = fmaxf(m, part_ml[(base + i) * 2]);
-  float num = 0.0f, den = 0.0f;
-  for (int i = 0; i < splits; ++i) {
-    const float w = __expf(part_ml[(base + i) * 2] - m);
-    num += w * part_o[(base + i) * head_dim + d];
-    den += w * part_ml[(base + i) * 2 + 1];
-  }
-  out[(int64_t{q_row} * heads + h) * head_dim + d] = FromFloat<T>(num / den);
+  out[(int64_t{q_row} * heads + h) * head_dim + d] =
+      FromFloat<T>(MergeSplits(part_o, part_ml, base, splits, head_dim, d));
 }
 
 // Sums each of the G values of a lane over the L lanes of its row group (L a power of two, at
@@ -280,7 +323,8 @@ __global__ void __launch_bounds__(kThreads, G >= 8 ? 2 : 4)
     PipelinedDecodeKernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k_cache,
                           const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out,
                           int heads, int kv_heads, float scale, int split_tokens, int num_splits,
-                          float* __restrict__ part_o, float* __restrict__ part_ml) {
+                          float* __restrict__ part_o, float* __restrict__ part_ml,
+                          int32_t* counters) {
   PdlWaitAndTrigger();
   constexpr int C = PipeChunk<G>();
   constexpr int L = D / 8;           // lanes per K/V row, 8 dims (16 bytes) each
@@ -452,6 +496,10 @@ __global__ void __launch_bounds__(kThreads, G >= 8 ? 2 : 4)
       }
     }
   }
+  if (num_splits > 1 && counters != nullptr) {
+    MergeIfLast<T, D, G>(batch, blk, heads, split_tokens, num_splits, part_o, part_ml, counters,
+                         out);
+  }
 }
 
 // Decode on the tensor cores (PDS_ATTN_DECODE=mma; head dims 64 and 128). Same grid, outputs
@@ -488,7 +536,7 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)  // what the ring's
     MmaDecodeKernel(const T* __restrict__ q, int64_t q_stride, const T* __restrict__ k_cache,
                     const T* __restrict__ v_cache, PagedBatch batch, T* __restrict__ out, int heads,
                     int kv_heads, float scale, int split_tokens, int num_splits,
-                    float* __restrict__ part_o, float* __restrict__ part_ml) {
+                    float* __restrict__ part_o, float* __restrict__ part_ml, int32_t* counters) {
   PdlWaitAndTrigger();
   constexpr int C = kMmaChunk;
   constexpr int kLd = D + 8;  // row stride in shared memory (elements)
@@ -682,6 +730,10 @@ __global__ void __launch_bounds__(kThreads, D == 64 ? 4 : 2)  // what the ring's
       }
     }
   }
+  if (num_splits > 1 && counters != nullptr) {
+    MergeIfLast<T, D, G>(batch, blk, heads, split_tokens, num_splits, part_o, part_ml, counters,
+                         out);
+  }
 }
 
 template <typename T, int D, int G>
@@ -693,11 +745,16 @@ cudaError_t LaunchDecode(const AttentionArgs& a, cudaStream_t stream) {
   float* part_o = static_cast<float*>(a.workspace);
   float* part_ml = part_o + DecodeWorkspaceFloats(a.batch.num_seqs, a.heads, D, plan.num_splits) -
                    int64_t{a.batch.num_seqs} * a.heads * plan.num_splits * 2;
+  // The fused combine where asked for and the caller's counters cover the grid's blocks.
+  int32_t* counters = Settings().fused_combine && plan.num_splits > 1 &&
+                              int64_t{grid.x} * grid.y <= a.split_counter_slots
+                          ? a.split_counters
+                          : nullptr;
   const auto args = [&](auto kernel, size_t smem) {
     LaunchKernel(kernel, grid, kThreads, smem, stream, static_cast<const T*>(a.q), a.q_stride,
                  static_cast<const T*>(a.k_cache), static_cast<const T*>(a.v_cache), a.batch,
                  static_cast<T*>(a.out), static_cast<int>(a.heads), static_cast<int>(a.kv_heads),
-                 a.scale, plan.split_tokens, plan.num_splits, part_o, part_ml);
+                 a.scale, plan.split_tokens, plan.num_splits, part_o, part_ml, counters);
   };
   bool pipelined = false;
   if constexpr (D == 64 || D == 128) pipelined = PipelinedDecode(D);
@@ -722,7 +779,7 @@ cudaError_t LaunchDecode(const AttentionArgs& a, cudaStream_t stream) {
     args(kernel, smem);
   }
   cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess || plan.num_splits == 1) return e;
+  if (e != cudaSuccess || plan.num_splits == 1 || counters != nullptr) return e;
   LaunchKernel(CombineKernel<T>,
                dim3(static_cast<unsigned>(a.heads), static_cast<unsigned>(a.batch.num_seqs)), D, 0,
                stream, a.batch, static_cast<T*>(a.out), static_cast<int>(a.heads), D,

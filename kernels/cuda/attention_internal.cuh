@@ -29,6 +29,8 @@ struct AttentionArgs {
   int64_t heads = 0, kv_heads = 0, head_dim = 0;
   float scale = 1.0f;
   void* workspace = nullptr;
+  int32_t* split_counters = nullptr;  // see PagedAttention
+  int64_t split_counter_slots = 0;
 };
 
 // Query heads one decode block serves (they share a KV head): the largest of 8, 4, 2, 1 that

@@ -106,6 +106,7 @@ KernelSettings* LoadSettings() {
   k->gemv_warps = std::atoi(std::string(env("PDS_GEMV_WARPS")).c_str());
   k->gemv_unroll8 = env("PDS_GEMV_UNROLL") == "8";
   k->fuse_rope_kv = env("PDS_FUSE_ROPE_KV") == "1";
+  k->fused_combine = env("PDS_ATTN_COMBINE") == "fused";
   return k;
 }
 

@@ -45,6 +45,9 @@ struct KernelSettings {
   int gemv_warps = 0;          // PDS_GEMV_WARPS (1-16): its warps per block; 0: heuristic
   bool gemv_unroll8 = false;   // PDS_GEMV_UNROLL=8: its deeper loads in flight
   bool fuse_rope_kv = false;   // PDS_FUSE_ROPE_KV=1: RoPE and the KV write in one launch
+  // PDS_ATTN_COMBINE=fused: decode splits merged by the block that finishes last (given
+  // PagedAttention's split counters) instead of by a second launch.
+  bool fused_combine = false;
 };
 const KernelSettings& Settings();
 void ReloadKernelSettings();
@@ -135,11 +138,15 @@ bool AttentionHeadDimSupported(int64_t head_dim);
 // tiles gathered from the block table into shared memory). `workspace` holds
 // PlanAttention's bytes. q_stride must be a multiple of 8 elements and q, out and the caches
 // 16-byte aligned (cudaErrorInvalidValue otherwise, as for an unsupported head dim or a
-// head count that is not a multiple of kv_heads).
+// head count that is not a multiple of kv_heads). `split_counters` (optional): `slots`
+// zero-filled ints of device memory, kept by the caller across calls, with which the decode
+// kernel merges its splits without a second launch (KernelSettings::fused_combine; it needs
+// seqs x heads slots at most and leaves them zero); null, or too few: a combine launch.
 cudaError_t PagedAttention(Half16 t, const void* q, int64_t q_stride, const void* k_cache,
                            const void* v_cache, const PagedBatch& batch, const AttentionPlan& plan,
                            void* out, int64_t heads, int64_t kv_heads, int64_t head_dim,
-                           float scale, void* workspace, cudaStream_t stream);
+                           float scale, void* workspace, cudaStream_t stream,
+                           int32_t* split_counters = nullptr, int64_t split_counter_slots = 0);
 
 // --- sampling.cu ---
 // tokens[r] = the token of logits row r under sampling[r] ([rows] in device memory), by the

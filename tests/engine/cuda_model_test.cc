@@ -96,6 +96,10 @@ class CudaModelTest : public ::testing::TestWithParam<ModelParam> {
     ASSERT_TRUE(engine.ok()) << engine.status();
     e.engine = std::move(*engine);
   }
+  // The tokens of the same requests with the kernel setting `name` unset and set to `value`:
+  // equal where the setting fuses launches that compute the same values (prefill in chunks and
+  // graph-replayed decode steps alike).
+  void ExpectTheSameTokensWith(const char* name, const char* value);
 };
 
 // The CUDA model's logits against the CPU fp32 backend's, teacher-forced (see below).
@@ -444,14 +448,15 @@ TEST_P(CudaModelTest, GraphReplayEqualsEagerDecode) {
   EXPECT_GT(graphs, 3u) << "decode steps were not replayed from graphs";
 }
 
-TEST_P(CudaModelTest, FusedRopeKvWriteGivesTheSameTokens) {
-  // PDS_FUSE_ROPE_KV=1 (RoPE and the KV write in one launch) computes what the two launches
-  // compute: the same requests give the same tokens, prefill (chunked) and graph-replayed
-  // decode steps alike.
+void CudaModelTest::ExpectTheSameTokensWith(const char* name, const char* value) {
 #if PDS_HAVE_CUDA
   std::vector<std::vector<int32_t>> tokens[2];
   for (int fused = 0; fused < 2; ++fused) {
-    setenv("PDS_FUSE_ROPE_KV", fused == 1 ? "1" : "0", 1);
+    if (fused == 1) {
+      setenv(name, value, 1);
+    } else {
+      unsetenv(name);
+    }
     kernels::cuda::ReloadKernelSettings();
     EngineOptions eo;
     eo.num_blocks = 128;
@@ -471,10 +476,21 @@ TEST_P(CudaModelTest, FusedRopeKvWriteGivesTheSameTokens) {
     ASSERT_TRUE(results.ok()) << results.status();
     for (const auto& r : *results) tokens[fused].push_back(r.token_ids);
   }
-  unsetenv("PDS_FUSE_ROPE_KV");
+  unsetenv(name);
   kernels::cuda::ReloadKernelSettings();
   EXPECT_EQ(tokens[0], tokens[1]);
 #endif
+}
+
+// PDS_FUSE_ROPE_KV=1: RoPE and the KV write in one launch.
+TEST_P(CudaModelTest, FusedRopeKvWriteGivesTheSameTokens) {
+  ExpectTheSameTokensWith("PDS_FUSE_ROPE_KV", "1");
+}
+
+// PDS_ATTN_COMBINE=fused: decode splits merged without a second launch (decode contexts of
+// 150-190 positions in 3 sequences: several splits each), graph replays included.
+TEST_P(CudaModelTest, FusedSplitCombineGivesTheSameTokens) {
+  ExpectTheSameTokensWith("PDS_ATTN_COMBINE", "fused");
 }
 
 INSTANTIATE_TEST_SUITE_P(Models, CudaModelTest,

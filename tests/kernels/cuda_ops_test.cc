@@ -834,6 +834,34 @@ TEST_P(CudaAttentionTest, DecodeMmaKernel) {
   Run({{{37, 37}, {1, 300}, {5, 1000}, {1, 9}}, 32, 8, 128, 16}, 99);
 }
 
+// PDS_ATTN_COMBINE=fused: the decode block that finishes a (sequence, head group) last merges
+// its splits (no combine launch), with each decode kernel; the backend's split counters are
+// reused call after call (each call must leave them zero), with one split and many, and with
+// sequences whose contexts give them fewer splits than the batch's longest.
+TEST_P(CudaAttentionTest, DecodeFusedCombine) {
+  ScopedEnv fused("PDS_ATTN_COMBINE", "fused");
+  for (const char* kernel : {"", "legacy", "mma"}) {
+    ScopedEnv which("PDS_ATTN_DECODE", kernel);
+    for (int head_dim : {128, 64}) {
+      for (auto [heads, kv_heads] : {std::pair{32, 8}, std::pair{8, 1}, std::pair{28, 4}}) {
+        for (int bs : {16, 7}) {
+          SCOPED_TRACE(::testing::Message()
+                       << "kernel '" << kernel << "' D " << head_dim << " heads " << heads << "/"
+                       << kv_heads << " block " << bs);
+          Run({{{1, 1}, {1, 37}, {1, 733}, {1, 2049}, {1, 64}, {1, 65}},
+               heads,
+               kv_heads,
+               head_dim,
+               bs},
+              head_dim * 100 + heads + bs + 11);
+          Run({{{1, 300}, {1, 5}}, heads, kv_heads, head_dim, bs}, heads + bs + 12);
+        }
+      }
+    }
+  }
+  Run({{{37, 37}, {1, 300}, {5, 1000}, {1, 9}}, 32, 8, 128, 16}, 98);  // with prefill rows
+}
+
 TEST_P(CudaAttentionTest, PrefillCausalRaggedWithCachedPrefix) {
   for (int head_dim : {64, 128, 16, 256}) {
     for (auto [heads, kv_heads] : {std::pair{8, 8}, std::pair{32, 8}, std::pair{8, 1}}) {
@@ -866,6 +894,13 @@ TEST_P(CudaAttentionTest, SanitizerSizedMmaDecode) {
   ScopedEnv mma("PDS_ATTN_DECODE", "mma");
   Run({{{1, 37}, {1, 700}, {37, 37}, {1, 16}, {1, 5}}, 32, 8, 128, 16}, 5);
   Run({{{1, 9}, {1, 1100}, {20, 20}, {1, 33}}, 8, 1, 64, 7}, 6);
+}
+
+// The fused combine at sizes compute-sanitizer gets through.
+TEST_P(CudaAttentionTest, SanitizerSizedFusedCombine) {
+  ScopedEnv fused("PDS_ATTN_COMBINE", "fused");
+  Run({{{1, 37}, {1, 700}, {37, 37}, {1, 200}}, 32, 8, 128, 16}, 7);
+  Run({{{1, 9}, {1, 1100}, {1, 70}}, 8, 1, 64, 7}, 8);
 }
 
 TEST_P(CudaAttentionTest, PrefillWith128RowTiles) {
