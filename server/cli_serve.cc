@@ -438,7 +438,7 @@ absl::Status RunUp(const CliArgs& args) {
                                  "--port-file", port_file};
   for (const char* pass :
        {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms", "slo-tpot-ms",
-        "worker-stall-timeout-s", "metrics-port", "local-prefill-max-tokens"}) {
+        "worker-stall-timeout-s", "metrics-port", "http-port", "local-prefill-max-tokens"}) {
     if (args.Has(pass)) {
       fe.push_back(absl::StrCat("--", pass));
       fe.push_back(args.GetString(pass));
@@ -609,10 +609,19 @@ absl::Status RunFrontend(const CliArgs& args) {
     return absl::InvalidArgumentError("--metrics-port must be a port, 0 (any) or -1 (off)");
   }
   o.metrics_port = static_cast<int>(metrics_port);
+  PDS_ASSIGN_OR_RETURN(const int64_t http_port, args.GetInt("http-port", -1));
+  if (http_port < -1 || http_port > 65535) {
+    return absl::InvalidArgumentError("--http-port must be a port, 0 (any) or -1 (off)");
+  }
+  o.http_port = static_cast<int>(http_port);
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<Frontend> frontend, Frontend::Start(o));
   if (args.Has("port-file")) {
     PDS_RETURN_IF_ERROR(
         WriteFileAtomically(args.GetString("port-file"), absl::StrCat(frontend->port(), "\n")));
+  }
+  if (args.Has("http-port-file")) {
+    PDS_RETURN_IF_ERROR(WriteFileAtomically(args.GetString("http-port-file"),
+                                            absl::StrCat(frontend->http_port(), "\n")));
   }
   if (frontend->metrics_port() > 0) {
     pds::Logger("frontend")
@@ -643,6 +652,10 @@ int FrontendMain(int argc, char** argv) {
         "ones (default 30; a second signal stops at once)"},
        {"metrics-port", false,
         "serve Prometheus metrics at http://HOST:PORT/metrics (default -1: off; 0: any port)"},
+       {"http-port", false,
+        "serve the OpenAI-compatible API (POST /v1/completions, GET /v1/models, GET /health) "
+        "at http://HOST:PORT (default -1: off; 0: any port)"},
+       {"http-port-file", false, "write the bound HTTP port to this file"},
        {"forget-worker-after-s", false,
         "drop a worker from the cluster once it has been unreachable and idle this long "
         "(default 300)"},
@@ -710,6 +723,7 @@ int UpMain(int argc, char** argv) {
       {"drain-timeout-s", false,
        "on SIGINT/SIGTERM, every process finishes its requests for up to this long (default 5)"},
       {"metrics-port", false, "front-end: Prometheus metrics on this port (default off)"},
+      {"http-port", false, "front-end: the OpenAI-compatible HTTP API on this port (default off)"},
   };
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
   return SubcommandMain(argc, argv, "up",

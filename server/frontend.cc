@@ -30,6 +30,7 @@
 #include "scheduler/prefix_index.h"
 #include "server/grpc_util.h"
 #include "server/metrics.h"
+#include "server/openai_http.h"
 
 namespace pds::server {
 
@@ -216,6 +217,25 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
                            MetricsServer::Start(options_.host, options_.metrics_port,
                                                 [this] { return metrics_.Render(Gauges()); }));
     }
+    if (options_.http_port >= 0) {
+      OpenAiHttpOptions http;
+      http.host = options_.host;
+      http.port = options_.http_port;
+      // Its calls come back over loopback where the front-end listens on every address.
+      const bool any = options_.host == "0.0.0.0" || options_.host == "[::]" ||
+                       options_.host == "::" || options_.host.empty();
+      http.grpc_target = absl::StrCat(any ? "127.0.0.1" : options_.host, ":", port_);
+      http.model = model_name_;
+      http.max_context = static_cast<int32_t>(config_.max_context());
+      http.tokenizer = tokenizer_.get();
+      http.ready = [this] {
+        std::lock_guard<std::mutex> lock(mu_);
+        return Ready();
+      };
+      http.threads = std::clamp(options_.max_in_flight, 16, 512);
+      http.request_timeout = options_.request_timeout;
+      PDS_ASSIGN_OR_RETURN(http_server_, OpenAiHttpServer::Start(std::move(http)));
+    }
     health_ = std::thread([this] { HealthLoop(); });
     monitor_ = std::thread([this] { MonitorLoop(); });
     log_->info("front-end for {} serving on {} (policy {})", model_name_, address(),
@@ -226,6 +246,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   std::string address() const { return absl::StrCat(options_.host, ":", port_); }
   int port() const { return port_; }
   int metrics_port() const { return metrics_server_ ? metrics_server_->port() : -1; }
+  int http_port() const { return http_server_ ? http_server_->port() : -1; }
 
   bool Drain(absl::Duration timeout) {
     std::unique_lock<std::mutex> lock(mu_);
@@ -249,6 +270,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       std::lock_guard<std::mutex> lock(mu_);
       for (auto& [id, t] : in_flight_) t->CancelAll();
     }
+    if (http_server_) http_server_->Stop();  // its calls end as theirs were cancelled
     if (server_) server_->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(2));
     if (metrics_server_) metrics_server_->Stop();
     if (health_.joinable()) health_.join();
@@ -1170,6 +1192,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   int port_ = 0;
   FrontendMetrics metrics_;
   std::unique_ptr<MetricsServer> metrics_server_;  // --metrics-port
+  std::unique_ptr<OpenAiHttpServer> http_server_;  // --http-port
 
   std::mutex mu_;                         // instances, bookkeeping, in-flight requests, counters
   std::condition_variable in_flight_cv_;  // an in-flight request ended
@@ -1205,6 +1228,7 @@ absl::StatusOr<std::unique_ptr<Frontend>> Frontend::Start(FrontendOptions option
 std::string Frontend::address() const { return impl_->address(); }
 int Frontend::port() const { return impl_->port(); }
 int Frontend::metrics_port() const { return impl_->metrics_port(); }
+int Frontend::http_port() const { return impl_->http_port(); }
 bool Frontend::Drain(absl::Duration timeout) { return impl_->Drain(timeout); }
 void Frontend::Shutdown() {
   if (impl_) impl_->Shutdown();

@@ -42,6 +42,8 @@ struct FrontendOptions {
   absl::Duration forget_worker_after = absl::Minutes(5);
   // Prometheus metrics over HTTP (GET /metrics) on `host`: -1 off, 0 any free port.
   int metrics_port = -1;
+  // The OpenAI-compatible HTTP API (server/openai_http.h) on `host`: -1 off, 0 any free port.
+  int http_port = -1;
 };
 
 class Frontend {
@@ -54,6 +56,7 @@ class Frontend {
   std::string address() const;
   int port() const;
   int metrics_port() const;  // -1: none
+  int http_port() const;     // -1: none
   // Graceful stop, first half: new requests get UNAVAILABLE and the readiness status turns
   // NOT_SERVING; returns once every request in flight has ended (true) or after `timeout`
   // (false). Shutdown() does the rest (it cancels what is still in flight).

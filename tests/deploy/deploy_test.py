@@ -169,6 +169,9 @@ def check_static(docs, overlay, pdserve, pdbench, errors):
                     if overlay == "cpu-demo" and (gpus or backend != "cpu"):
                         err(f"{where}: the cpu-demo workers must not ask for GPUs ({gpus}, "
                             f"{backend})")
+            if values.get("http-port") not in (None, "-1") and \
+                    int(values["http-port"]) not in ports:
+                err(f"{where}: --http-port={values['http-port']} is not a container port {ports}")
             if values.get("metrics-port") not in (None, "-1"):
                 port = int(values["metrics-port"])
                 if port not in ports:

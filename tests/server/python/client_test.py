@@ -4,11 +4,15 @@ python3-grpcio with stubs generated from proto/ at test time.
 
 usage: client_test.py PDSERVE_BINARY PROTO_DIR WORK_DIR
 """
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 
 
 def main():
@@ -38,9 +42,12 @@ def main():
     log = open(os.path.join(work, "cluster.log"), "w")
     # Its own session: the ^C at the end goes to its process group, as a terminal's would.
     up2 = None
+    with socket.socket() as s:  # a free port for the OpenAI-compatible HTTP API
+        s.bind(("127.0.0.1", 0))
+        http_port = s.getsockname()[1]
     up = subprocess.Popen([pdserve, "up", "--model", model, "--prefill", "1", "--decode", "1",
                            "--port", "0", "--threads", "1", "--ready-file", ready,
-                           "--drain-timeout-s", "60"],
+                           "--drain-timeout-s", "60", "--http-port", str(http_port)],
                           stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -93,6 +100,35 @@ def main():
             prompt_text="hello world", max_tokens=6, ignore_eos=True), timeout=60))
         assert sum(len(m.token_ids) for m in msgs) == 6
         assert msgs[-1].done.prompt_tokens > 0
+
+        # The OpenAI-compatible HTTP API, read with urllib: the same text, whole and streamed
+        # as server-sent events, and errors as OpenAI error objects.
+        grpc_text = "".join(m.text for m in msgs)
+        http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+        def post(body):
+            return http.open(urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/v1/completions", data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"}), timeout=60)
+        body = {"model": "tiny", "prompt": "hello world", "max_tokens": 6, "temperature": 0,
+                "ignore_eos": True}
+        with post(body) as r:
+            out = json.load(r)
+        assert out["choices"][0]["text"] == grpc_text, (out, grpc_text)
+        assert out["choices"][0]["finish_reason"] == "length", out
+        assert out["usage"]["completion_tokens"] == 6, out
+        with post(dict(body, stream=True)) as r:
+            assert r.headers["Content-Type"].startswith("text/event-stream"), r.headers
+            events = [line[len("data: "):] for line in r.read().decode().split("\n")
+                      if line.startswith("data: ")]
+        assert events[-1] == "[DONE]", events
+        assert "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == grpc_text
+        try:
+            post({"prompt": "x", "max_tokens": 0})
+            raise AssertionError("max_tokens 0 accepted over HTTP")
+        except urllib.error.HTTPError as e:
+            assert e.code == 400, e.code
+            assert "max_tokens" in json.load(e)["error"]["message"]
 
         # Bad input: INVALID_ARGUMENT with a message.
         for bad in [serving_pb2.GenerateRequest(max_tokens=4),

@@ -1,0 +1,789 @@
+#include "server/openai_http.h"
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <deque>
+#include <limits>
+#include <mutex>
+#include <thread>
+#include <variant>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/time/clock.h"
+#include "engine/common/logging.h"
+#include "engine/common/status_macros.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "engine/tokenizer/unicode.h"
+#include "grpcpp/grpcpp.h"
+#include "httplib.h"
+#include "nlohmann/json.hpp"
+#include "pdserve/v1/serving.grpc.pb.h"
+
+namespace pds::server {
+namespace {
+
+namespace api = ::pdserve::v1;
+using Json = nlohmann::json;
+
+constexpr int kMaxChoices = 128;  // prompts x n in one request
+constexpr int kMaxN = 16;
+constexpr int kMaxStops = 4;  // as OpenAI
+constexpr size_t kMaxStopBytes = 256;
+constexpr int kMaxLogprobs = 20;
+
+std::string Dump(const Json& j) { return j.dump(-1, ' ', false, Json::error_handler_t::replace); }
+
+absl::Status BadField(absl::string_view field, absl::string_view why) {
+  return absl::InvalidArgumentError(absl::StrCat("'", field, "' ", why));
+}
+
+// The field as T when present and not null; `out` unchanged otherwise.
+template <typename T>
+absl::Status Get(const Json& body, const char* field, T& out) {
+  auto it = body.find(field);
+  if (it == body.end() || it->is_null()) return absl::OkStatus();
+  if constexpr (std::is_same_v<T, bool>) {
+    if (!it->is_boolean()) return BadField(field, "must be a boolean");
+    out = it->get<bool>();
+  } else if constexpr (std::is_integral_v<T>) {
+    if (!it->is_number_integer()) return BadField(field, "must be an integer");
+    const int64_t v = it->get<int64_t>();
+    if (v < std::numeric_limits<T>::min() || v > std::numeric_limits<T>::max()) {
+      return BadField(field, "is out of range");
+    }
+    out = static_cast<T>(v);
+  } else if constexpr (std::is_floating_point_v<T>) {
+    if (!it->is_number()) return BadField(field, "must be a number");
+    out = it->get<T>();
+  } else {
+    if (!it->is_string()) return BadField(field, "must be a string");
+    out = it->get<std::string>();
+  }
+  return absl::OkStatus();
+}
+
+// A field pdserve does not implement: refused unless absent, null or `neutral`.
+absl::Status Unsupported(const Json& body, const char* field, const Json& neutral,
+                         absl::string_view what) {
+  auto it = body.find(field);
+  if (it == body.end() || it->is_null() || *it == neutral) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("'", field, "' is not supported (", what, ")"));
+}
+
+using Prompt = std::variant<std::string, std::vector<int32_t>>;
+
+absl::StatusOr<std::vector<int32_t>> TokenIds(const Json& j) {
+  std::vector<int32_t> ids;
+  for (const Json& t : j) {
+    if (!t.is_number_integer()) return BadField("prompt", "token arrays must hold integers");
+    const int64_t v = t.get<int64_t>();
+    if (v < 0 || v > std::numeric_limits<int32_t>::max()) {
+      return BadField("prompt", absl::StrCat("holds token id ", v, ", not a vocabulary id"));
+    }
+    ids.push_back(static_cast<int32_t>(v));
+  }
+  if (ids.empty()) return BadField("prompt", "holds an empty token array");
+  return ids;
+}
+
+// "text", [ids], ["text", ...] or [[ids], ...].
+absl::StatusOr<std::vector<Prompt>> ParsePrompts(const Json& body) {
+  auto it = body.find("prompt");
+  if (it == body.end() || it->is_null()) return BadField("prompt", "is required");
+  std::vector<Prompt> prompts;
+  if (it->is_string()) {
+    prompts.emplace_back(it->get<std::string>());
+  } else if (it->is_array() && !it->empty() && it->front().is_number()) {
+    PDS_ASSIGN_OR_RETURN(auto ids, TokenIds(*it));
+    prompts.emplace_back(std::move(ids));
+  } else if (it->is_array() && !it->empty()) {
+    for (const Json& p : *it) {
+      if (p.is_string()) {
+        prompts.emplace_back(p.get<std::string>());
+      } else if (p.is_array()) {
+        PDS_ASSIGN_OR_RETURN(auto ids, TokenIds(p));
+        prompts.emplace_back(std::move(ids));
+      } else {
+        return BadField("prompt", "must be a string, a token array, or an array of those");
+      }
+    }
+  } else {
+    return BadField("prompt", "must be a non-empty string, token array, or array of those");
+  }
+  for (const Prompt& p : prompts) {
+    if (const auto* s = std::get_if<std::string>(&p); s != nullptr && s->empty()) {
+      return BadField("prompt", "holds an empty string");
+    }
+  }
+  return prompts;
+}
+
+// HTTP status and OpenAI error type of a gRPC/absl status code.
+std::pair<int, const char*> HttpError(absl::StatusCode code) {
+  switch (code) {
+    case absl::StatusCode::kInvalidArgument:
+    case absl::StatusCode::kOutOfRange:
+      return {400, "invalid_request_error"};
+    case absl::StatusCode::kNotFound:
+      return {404, "not_found_error"};
+    case absl::StatusCode::kResourceExhausted:
+      return {429, "rate_limit_error"};
+    case absl::StatusCode::kUnavailable:
+    case absl::StatusCode::kCancelled:  // the front-end cancelled it: it is shutting down
+      return {503, "service_unavailable"};
+    case absl::StatusCode::kDeadlineExceeded:
+      return {504, "timeout"};
+    default:
+      return {500, "internal_error"};
+  }
+}
+
+Json ErrorBody(const absl::Status& s) {
+  const auto [http, type] = HttpError(s.code());
+  return {{"error",
+           {{"message", std::string(s.message())},
+            {"type", type},
+            {"param", nullptr},
+            {"code", absl::StatusCodeToString(s.code())}}}};
+}
+
+void SendError(httplib::Response& res, const absl::Status& s) {
+  res.status = HttpError(s.code()).first;
+  res.set_content(Dump(ErrorBody(s)), "application/json");
+}
+
+int64_t UnixSeconds() { return absl::ToUnixSeconds(absl::Now()); }
+
+// The string OpenAI's logprobs show for a token: its text, or "bytes:\xNN..." where it is not
+// whole UTF-8 (a piece of a character).
+std::string TokenString(const engine::Tokenizer* tokenizer, int32_t id) {
+  if (tokenizer == nullptr) return absl::StrCat(id);
+  const std::string text = tokenizer->Decode(std::vector<int32_t>{id});
+  if (engine::IsValidUtf8(text)) return text;
+  std::string out = "bytes:";
+  for (unsigned char c : text) absl::StrAppendFormat(&out, "\\x%02x", c);
+  return out;
+}
+
+// One choice's output as its Generate stream arrives.
+struct Choice {
+  explicit Choice(const std::vector<std::string>& stops) : stop(stops) {}
+  StopMatcher stop;
+  std::string text;           // released by the stop matcher (sent, when streamed)
+  std::string finish_reason;  // set when it ended
+  int32_t completion_tokens = 0;
+  int32_t prompt_tokens = -1;  // from Done (-1: none came)
+  int32_t cached_tokens = 0;
+  bool ended = false;  // finished (Done or a stop string) or failed
+  absl::Status status;
+  // Completions-format logprobs so far.
+  Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
+       text_offset = Json::array();
+};
+
+// What the calls of one HTTP request deliver: messages or a final status, per choice.
+struct Event {
+  int choice = 0;
+  std::optional<api::GenerateResponse> message;
+  grpc::Status status;  // when !message
+};
+
+}  // namespace
+
+// --- parsing -------------------------------------------------------------------------------
+
+absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
+                                                         absl::string_view model) {
+  Json j = Json::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError("the body is not valid JSON");
+  if (!j.is_object()) return absl::InvalidArgumentError("the body must be a JSON object");
+  std::string name;
+  PDS_RETURN_IF_ERROR(Get(j, "model", name));
+  if (!name.empty() && name != model) {
+    return absl::NotFoundError(
+        absl::StrCat("the model '", name, "' does not exist (this server serves '", model, "')"));
+  }
+  for (const auto& [field, neutral, what] :
+       std::initializer_list<std::tuple<const char*, Json, const char*>>{
+           {"echo", false, "the prompt is not returned"},
+           {"best_of", 1, "use n"},
+           {"presence_penalty", 0, "no penalties"},
+           {"frequency_penalty", 0, "no penalties"},
+           {"repetition_penalty", 1, "no penalties"},
+           {"logit_bias", Json::object(), "no logit bias"},
+           {"suffix", "", "no insertion"},
+           {"min_tokens", 0, "no minimum length"}}) {
+    PDS_RETURN_IF_ERROR(Unsupported(j, field, neutral, what));
+  }
+  PDS_ASSIGN_OR_RETURN(std::vector<Prompt> prompts, ParsePrompts(j));
+  CompletionRequest r;
+  int32_t max_tokens = 16;
+  double temperature = 1.0, top_p = 1.0;
+  int32_t top_k = 0;
+  std::optional<uint64_t> seed;
+  bool ignore_eos = false;
+  std::optional<double> ttft_slo, tpot_slo;
+  PDS_RETURN_IF_ERROR(Get(j, "max_tokens", max_tokens));
+  if (max_tokens < 1) return BadField("max_tokens", "must be at least 1");
+  PDS_RETURN_IF_ERROR(Get(j, "temperature", temperature));
+  if (!(temperature >= 0 && temperature <= 100)) return BadField("temperature", "must be >= 0");
+  PDS_RETURN_IF_ERROR(Get(j, "top_p", top_p));
+  if (!(top_p > 0 && top_p <= 1)) return BadField("top_p", "must be in (0, 1]");
+  PDS_RETURN_IF_ERROR(Get(j, "top_k", top_k));
+  if (top_k < -1) return BadField("top_k", "must be -1 or 0 (no limit) or positive");
+  if (top_k < 0) top_k = 0;
+  if (auto it = j.find("seed"); it != j.end() && !it->is_null()) {
+    if (!it->is_number_integer()) return BadField("seed", "must be an integer");
+    seed =
+        it->is_number_unsigned() ? it->get<uint64_t>() : static_cast<uint64_t>(it->get<int64_t>());
+  }
+  PDS_RETURN_IF_ERROR(Get(j, "n", r.n));
+  if (r.n < 1 || r.n > kMaxN) return BadField("n", absl::StrCat("must be in [1, ", kMaxN, "]"));
+  if (static_cast<int64_t>(prompts.size()) * r.n > kMaxChoices) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompts x n is ", prompts.size() * r.n, ", more than ", kMaxChoices));
+  }
+  PDS_RETURN_IF_ERROR(Get(j, "stream", r.stream));
+  if (auto it = j.find("stream_options"); it != j.end() && !it->is_null()) {
+    if (!r.stream) return BadField("stream_options", "is only allowed with stream");
+    if (!it->is_object()) return BadField("stream_options", "must be an object");
+    PDS_RETURN_IF_ERROR(Get(*it, "include_usage", r.include_usage));
+  }
+  if (auto it = j.find("stop"); it != j.end() && !it->is_null()) {
+    if (it->is_string()) {
+      r.stop.push_back(it->get<std::string>());
+    } else if (it->is_array()) {
+      for (const Json& s : *it) {
+        if (!s.is_string()) return BadField("stop", "must be a string or an array of strings");
+        r.stop.push_back(s.get<std::string>());
+      }
+    } else {
+      return BadField("stop", "must be a string or an array of strings");
+    }
+    if (r.stop.size() > kMaxStops) {
+      return BadField("stop", absl::StrCat("holds more than ", kMaxStops, " sequences"));
+    }
+    for (const std::string& s : r.stop) {
+      if (s.empty() || s.size() > kMaxStopBytes || !engine::IsValidUtf8(s)) {
+        return BadField("stop",
+                        absl::StrCat("sequences must be 1-", kMaxStopBytes, " bytes of UTF-8"));
+      }
+    }
+  }
+  std::vector<int32_t> stop_ids;
+  if (auto it = j.find("stop_token_ids"); it != j.end() && !it->is_null()) {
+    if (!it->is_array()) return BadField("stop_token_ids", "must be an array of token ids");
+    for (const Json& t : *it) {
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
+          t.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
+        return BadField("stop_token_ids", "must be an array of token ids");
+      }
+      stop_ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+    }
+  }
+  PDS_RETURN_IF_ERROR(Get(j, "ignore_eos", ignore_eos));
+  if (auto it = j.find("logprobs"); it != j.end() && !it->is_null()) {
+    if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > kMaxLogprobs) {
+      return BadField("logprobs", absl::StrCat("must be an integer in [0, ", kMaxLogprobs, "]"));
+    }
+    r.logprobs = static_cast<int>(it->get<int64_t>());
+  }
+  for (auto [field, slo] :
+       {std::pair{"ttft_slo_ms", &ttft_slo}, std::pair{"tpot_slo_ms", &tpot_slo}}) {
+    double v = -1;
+    PDS_RETURN_IF_ERROR(Get(j, field, v));
+    if (j.contains(field) && !j[field].is_null()) {
+      if (!(v >= 0)) return BadField(field, "must be >= 0");
+      *slo = v;
+    }
+  }
+  for (size_t p = 0; p < prompts.size(); ++p) {
+    for (int c = 0; c < r.n; ++c) {
+      api::GenerateRequest g;
+      if (const auto* text = std::get_if<std::string>(&prompts[p])) {
+        g.set_prompt_text(*text);
+      } else {
+        const auto& ids = std::get<std::vector<int32_t>>(prompts[p]);
+        *g.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
+      }
+      g.set_max_tokens(max_tokens);
+      g.set_temperature(static_cast<float>(temperature));
+      g.set_top_p(static_cast<float>(top_p));
+      g.set_top_k(top_k);
+      // The n choices of a prompt differ (each its own seed) unless greedy; with a seed they
+      // are reproducible.
+      if (seed) g.set_seed(*seed + static_cast<uint64_t>(c));
+      g.set_ignore_eos(ignore_eos);
+      *g.mutable_stop_token_ids() = {stop_ids.begin(), stop_ids.end()};
+      if (r.logprobs >= 0) g.set_logprobs(r.logprobs);
+      if (ttft_slo) g.set_ttft_slo_ms(*ttft_slo);
+      if (tpot_slo) g.set_tpot_slo_ms(*tpot_slo);
+      r.choices.push_back(std::move(g));
+    }
+  }
+  return r;
+}
+
+// --- stop sequences ------------------------------------------------------------------------
+
+std::string StopMatcher::Add(absl::string_view piece) {
+  if (stopped_) return "";
+  held_.append(piece.data(), piece.size());
+  size_t first = std::string::npos;
+  for (const std::string& s : stops_) first = std::min(first, held_.find(s));
+  if (first != std::string::npos) {
+    std::string out = held_.substr(0, first);
+    held_.clear();
+    stopped_ = true;
+    return out;
+  }
+  // Hold back the longest end of the text that a stop sequence starts with (nothing before it
+  // can start one: it would have been a longer such end).
+  size_t keep = 0;
+  for (const std::string& s : stops_) {
+    for (size_t len = std::min(s.size() - 1, held_.size()); len > keep; --len) {
+      if (held_.compare(held_.size() - len, len, s, 0, len) == 0) {
+        keep = len;
+        break;
+      }
+    }
+  }
+  std::string out = held_.substr(0, held_.size() - keep);
+  held_.erase(0, held_.size() - keep);
+  return out;
+}
+
+std::string StopMatcher::Finish() {
+  if (stopped_) return "";
+  std::string out = std::move(held_);
+  held_.clear();
+  return out;
+}
+
+// --- the server ----------------------------------------------------------------------------
+
+// The Generate calls of one HTTP request, each on its own thread, delivering Events.
+class Calls {
+ public:
+  Calls(api::Serving::Stub& stub, const CompletionRequest& request, absl::Duration timeout)
+      : contexts_(request.choices.size()) {
+    const auto deadline = std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout);
+    for (size_t i = 0; i < request.choices.size(); ++i) {
+      contexts_[i] = std::make_unique<grpc::ClientContext>();
+      contexts_[i]->set_deadline(deadline);
+      threads_.emplace_back([this, &stub, i, req = request.choices[i]] {
+        auto reader = stub.Generate(contexts_[i].get(), req);
+        api::GenerateResponse m;
+        while (reader->Read(&m)) Push({static_cast<int>(i), std::move(m), {}});
+        const grpc::Status s = reader->Finish();
+        Push({static_cast<int>(i), std::nullopt, s});
+      });
+    }
+  }
+  ~Calls() {
+    CancelAll();
+    for (auto& t : threads_) t.join();
+  }
+  void Cancel(int choice) { contexts_[choice]->TryCancel(); }
+  void CancelAll() {
+    for (auto& c : contexts_) c->TryCancel();
+  }
+  // The next event, waiting at most `wait`.
+  std::optional<Event> Next(absl::Duration wait) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!cv_.wait_for(lock, absl::ToChronoNanoseconds(wait), [&] { return !events_.empty(); })) {
+      return std::nullopt;
+    }
+    Event e = std::move(events_.front());
+    events_.pop_front();
+    return e;
+  }
+
+ private:
+  void Push(Event e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    events_.push_back(std::move(e));
+    cv_.notify_one();
+  }
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts_;
+  std::vector<std::thread> threads_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Event> events_;
+};
+
+class OpenAiHttpServer::Impl {
+ public:
+  explicit Impl(OpenAiHttpOptions o) : options(std::move(o)), log(pds::Logger("http")) {}
+
+  OpenAiHttpOptions options;
+  std::shared_ptr<spdlog::logger> log;
+  httplib::Server server;
+  std::thread thread;
+  int port = -1;
+  std::shared_ptr<grpc::Channel> channel;
+  std::unique_ptr<api::Serving::Stub> stub;
+  std::atomic<bool> stopping{false};
+  std::atomic<uint64_t> next_id{0};
+
+  // A completion in progress: its calls and choices, and the chunk header fields.
+  struct Job {
+    CompletionRequest request;
+    std::unique_ptr<Calls> calls;
+    std::vector<Choice> choices;
+    std::string id;
+    int64_t created = 0;
+    int ended = 0;
+  };
+
+  // Applies one event to its choice; returns the text now ready to send (with its logprobs
+  // appended to the choice), and whether the choice just ended.
+  std::string Apply(Job& job, Event& e, bool* just_ended) {
+    *just_ended = false;
+    Choice& c = job.choices[e.choice];
+    if (c.ended) return "";  // ended by a stop sequence: the rest of its call is dropped
+    if (!e.message) {
+      c.ended = true;
+      *just_ended = true;
+      ++job.ended;
+      if (!e.status.ok()) {
+        c.status = absl::Status(static_cast<absl::StatusCode>(e.status.error_code()),
+                                e.status.error_message());
+        return "";
+      }
+      if (c.finish_reason.empty()) c.finish_reason = "length";  // (a Done always comes)
+      return "";
+    }
+    const api::GenerateResponse& m = *e.message;
+    c.completion_tokens += m.token_ids_size();
+    if (job.request.logprobs >= 0) {
+      for (int i = 0; i < m.logprobs_size() && i < m.token_ids_size(); ++i) {
+        const api::TokenLogprobs& lp = m.logprobs(i);
+        c.tokens.push_back(TokenString(options.tokenizer, m.token_ids(i)));
+        c.token_logprobs.push_back(lp.logprob());
+        Json top = Json::object();
+        for (const api::TopLogprob& t : lp.top()) {
+          top[TokenString(options.tokenizer, t.token_id())] = t.logprob();
+        }
+        c.top_logprobs.push_back(std::move(top));
+        c.text_offset.push_back(c.text.size());
+      }
+    }
+    std::string out = c.stop.Add(m.text());
+    if (m.has_done()) {
+      const api::Done& d = m.done();
+      c.prompt_tokens = d.prompt_tokens();
+      c.cached_tokens = d.cached_prompt_tokens();
+      c.finish_reason = d.finish_reason();
+      out += c.stop.Finish();
+    }
+    if (c.stop.stopped()) {
+      c.finish_reason = "stop";
+      c.ended = true;
+      *just_ended = true;
+      ++job.ended;
+      job.calls->Cancel(e.choice);
+    }
+    c.text += out;
+    return out;
+  }
+
+  Json Usage(const Job& job) const {
+    int64_t prompt = 0, completion = 0, cached = 0;
+    for (size_t i = 0; i < job.choices.size(); ++i) {
+      const Choice& c = job.choices[i];
+      completion += c.completion_tokens;
+      if (i % job.request.n != 0) continue;  // a prompt counts once, whatever n
+      cached += c.cached_tokens;
+      if (c.prompt_tokens >= 0) {
+        prompt += c.prompt_tokens;
+      } else {
+        prompt += PromptTokens(job.request.choices[i]);
+      }
+    }
+    return {{"prompt_tokens", prompt},
+            {"completion_tokens", completion},
+            {"total_tokens", prompt + completion},
+            {"prompt_tokens_details", {{"cached_tokens", cached}}}};
+  }
+
+  // A choice ended before its Done (a stop sequence): its prompt's length as the front-end
+  // counts it (the same tokenizer).
+  int64_t PromptTokens(const api::GenerateRequest& r) const {
+    if (!r.has_prompt_text()) return r.prompt_token_ids_size();
+    if (options.tokenizer == nullptr) return 0;
+    return static_cast<int64_t>(options.tokenizer->Encode(r.prompt_text()).size());
+  }
+
+  Json Logprobs(const Job& job, const Choice& c, size_t from) const {
+    if (job.request.logprobs < 0) return nullptr;
+    auto slice = [from](const Json& a) {
+      Json out = Json::array();
+      for (size_t i = from; i < a.size(); ++i) out.push_back(a[i]);
+      return out;
+    };
+    return {{"tokens", slice(c.tokens)},
+            {"token_logprobs", slice(c.token_logprobs)},
+            {"top_logprobs", slice(c.top_logprobs)},
+            {"text_offset", slice(c.text_offset)}};
+  }
+
+  // Waits for an event; false when the request's time is up or the server stops.
+  std::optional<Event> Wait(Job& job, absl::Time deadline) {
+    while (!stopping.load() && absl::Now() < deadline) {
+      if (auto e = job.calls->Next(absl::Milliseconds(100))) return e;
+    }
+    return std::nullopt;
+  }
+
+  void Completions(const httplib::Request& req, httplib::Response& res) {
+    auto parsed = ParseCompletionRequest(req.body, options.model);
+    if (!parsed.ok()) return SendError(res, parsed.status());
+    auto job = std::make_shared<Job>();
+    job->request = std::move(*parsed);
+    const std::string header_id = req.get_header_value("X-Request-Id");
+    if (header_id.size() > 200) {
+      return SendError(res, absl::InvalidArgumentError("X-Request-Id is longer than 200 bytes"));
+    }
+    for (size_t i = 0; i < job->request.choices.size(); ++i) {
+      job->choices.emplace_back(job->request.stop);
+      if (!header_id.empty()) {
+        job->request.choices[i].set_request_id(
+            job->request.choices.size() == 1 ? header_id : absl::StrCat(header_id, "-", i));
+      }
+    }
+    job->id = header_id.empty() ? absl::StrFormat("cmpl-%x-%x", UnixSeconds(), next_id++)
+                                : absl::StrCat("cmpl-", header_id);
+    job->created = UnixSeconds();
+    job->calls = std::make_unique<Calls>(*stub, job->request, options.request_timeout);
+    const absl::Time deadline = absl::Now() + options.request_timeout;
+    const int total = static_cast<int>(job->choices.size());
+
+    if (!job->request.stream) {
+      while (job->ended < total) {
+        std::optional<Event> e = Wait(*job, deadline);
+        if (!e) break;
+        bool ended = false;
+        Apply(*job, *e, &ended);
+        if (ended && !job->choices[e->choice].status.ok()) break;  // the request fails
+      }
+      for (const Choice& c : job->choices) {
+        if (!c.status.ok()) return SendError(res, c.status);
+      }
+      if (job->ended < total) {
+        return SendError(res, stopping ? absl::UnavailableError("the server is stopping")
+                                       : absl::DeadlineExceededError("the request timed out"));
+      }
+      Json choices = Json::array();
+      for (int i = 0; i < total; ++i) {
+        const Choice& c = job->choices[i];
+        choices.push_back({{"index", i},
+                           {"text", c.text},
+                           {"logprobs", Logprobs(*job, c, 0)},
+                           {"finish_reason", c.finish_reason}});
+      }
+      const Json body = {
+          {"id", job->id},          {"object", "text_completion"},   {"created", job->created},
+          {"model", options.model}, {"choices", std::move(choices)}, {"usage", Usage(*job)}};
+      res.set_content(Dump(body), "application/json");
+      return;
+    }
+
+    // Streamed: the status is decided by the calls' first events (a refusal is an HTTP error,
+    // not a broken stream), so wait until every choice has a message or has ended.
+    std::deque<Event> early;
+    std::vector<bool> seen(total, false);
+    int pending = total;
+    while (pending > 0) {
+      std::optional<Event> e = Wait(*job, deadline);
+      if (!e) {
+        return SendError(res, stopping ? absl::UnavailableError("the server is stopping")
+                                       : absl::DeadlineExceededError("the request timed out"));
+      }
+      if (!e->message && !e->status.ok() && !seen[e->choice]) {
+        return SendError(res, absl::Status(static_cast<absl::StatusCode>(e->status.error_code()),
+                                           e->status.error_message()));
+      }
+      if (!seen[e->choice]) {
+        seen[e->choice] = true;
+        --pending;
+      }
+      early.push_back(std::move(*e));
+    }
+    res.set_header("Cache-Control", "no-cache");
+    res.set_chunked_content_provider(
+        "text/event-stream",
+        [this, job, early = std::move(early), deadline](size_t, httplib::DataSink& sink) mutable {
+          return Stream(*job, early, deadline, sink);
+        },
+        [job](bool) { job->calls->CancelAll(); });
+  }
+
+  // Writes the SSE chunks of the events as they come; false ends the response (the client went
+  // away, or the server stops): the releaser then cancels the calls.
+  bool Stream(Job& job, std::deque<Event>& early, absl::Time deadline, httplib::DataSink& sink) {
+    const int total = static_cast<int>(job.choices.size());
+    auto send = [&](const Json& j) {
+      const std::string s = absl::StrCat("data: ", Dump(j), "\n\n");
+      return sink.write(s.data(), s.size());
+    };
+    auto chunk = [&](int i, const std::string& text, size_t logprobs_from, const Json& finish) {
+      return send({{"id", job.id},
+                   {"object", "text_completion"},
+                   {"created", job.created},
+                   {"model", options.model},
+                   {"choices",
+                    {{{"index", i},
+                      {"text", text},
+                      {"logprobs", Logprobs(job, job.choices[i], logprobs_from)},
+                      {"finish_reason", finish}}}}});
+    };
+    absl::Time last_write = absl::Now();
+    bool failed = false;
+    while (job.ended < total) {
+      std::optional<Event> e;
+      if (!early.empty()) {
+        e = std::move(early.front());
+        early.pop_front();
+      } else {
+        e = Wait(job, std::min(deadline, absl::Now() + absl::Seconds(2)));
+        if (!e) {
+          if (stopping || absl::Now() >= deadline) break;
+          // Silence: an SSE comment, which also finds out whether the client is still there.
+          if (absl::Now() - last_write >= absl::Seconds(2)) {
+            static constexpr char kPing[] = ": ping\n\n";
+            if (!sink.write(kPing, sizeof(kPing) - 1)) return false;
+            last_write = absl::Now();
+          }
+          continue;
+        }
+      }
+      Choice& c = job.choices[e->choice];
+      const size_t logprobs_from = c.tokens.size();
+      bool ended = false;
+      const std::string text = Apply(job, *e, &ended);
+      if (ended && !c.status.ok()) {
+        // Failed after its first token: an error event, then the stream ends.
+        send(ErrorBody(c.status));
+        failed = true;
+        break;
+      }
+      if (!text.empty() || ended || c.tokens.size() > logprobs_from) {
+        if (!chunk(e->choice, text, logprobs_from, ended ? Json(c.finish_reason) : Json(nullptr))) {
+          return false;
+        }
+        last_write = absl::Now();
+      }
+    }
+    if (!failed && job.ended < total) {
+      send(ErrorBody(stopping ? absl::UnavailableError("the server is stopping")
+                              : absl::DeadlineExceededError("the request timed out")));
+    } else if (!failed && job.request.include_usage) {
+      send({{"id", job.id},
+            {"object", "text_completion"},
+            {"created", job.created},
+            {"model", options.model},
+            {"choices", Json::array()},
+            {"usage", Usage(job)}});
+    }
+    static constexpr char kDone[] = "data: [DONE]\n\n";
+    sink.write(kDone, sizeof(kDone) - 1);
+    sink.done();
+    return true;
+  }
+
+  void Routes() {
+    server.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
+      Completions(req, res);
+    });
+    server.Post("/v1/chat/completions", [](const httplib::Request&, httplib::Response& res) {
+      SendError(res, absl::NotFoundError(
+                         "chat completions need the model's chat template, which pdserve does "
+                         "not read yet: use /v1/completions with the formatted prompt"));
+    });
+    server.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
+      const Json body = {{"object", "list"},
+                         {"data",
+                          {{{"id", options.model},
+                            {"object", "model"},
+                            {"created", 0},
+                            {"owned_by", "pdserve"},
+                            {"max_model_len", options.max_context}}}}};
+      res.set_content(Dump(body), "application/json");
+    });
+    server.Get("/health", [this](const httplib::Request&, httplib::Response& res) {
+      const bool ready = options.ready ? options.ready() : true;
+      res.status = ready ? 200 : 503;
+      res.set_content(ready ? "ok\n" : "not ready\n", "text/plain");
+    });
+    server.set_error_handler([](const httplib::Request& req, httplib::Response& res) {
+      if (res.status == 404 && res.body.empty()) {
+        SendError(res, absl::NotFoundError(absl::StrCat("no route ", req.method, " ", req.path)));
+      }
+    });
+  }
+};
+
+absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(
+    OpenAiHttpOptions options) {
+  auto impl = std::make_unique<Impl>(std::move(options));
+  const OpenAiHttpOptions& o = impl->options;
+  grpc::ChannelArguments args;
+  args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, 0);  // loopback: never through a proxy
+  impl->channel =
+      grpc::CreateCustomChannel(o.grpc_target, grpc::InsecureChannelCredentials(), args);
+  impl->stub = api::Serving::NewStub(impl->channel);
+  impl->Routes();
+  const int threads = std::max(1, o.threads);
+  impl->server.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  impl->server.set_keep_alive_max_count(1000);
+  impl->server.set_keep_alive_timeout(2);  // an idle kept-alive connection holds Stop that long
+  impl->server.set_read_timeout(30, 0);
+  impl->server.set_write_timeout(30, 0);
+  impl->server.set_payload_max_length(64 << 20);
+  std::string bind_host = o.host;
+  if (bind_host.size() > 2 && bind_host.front() == '[' && bind_host.back() == ']') {
+    bind_host = bind_host.substr(1, bind_host.size() - 2);
+  }
+  int bound = o.port;
+  if (o.port == 0) {
+    bound = impl->server.bind_to_any_port(bind_host);
+  } else if (!impl->server.bind_to_port(bind_host, o.port)) {
+    bound = -1;
+  }
+  if (bound <= 0) {
+    return absl::UnavailableError(
+        absl::StrCat("http: cannot listen on ", o.host, ":", o.port, " (in use?)"));
+  }
+  impl->port = bound;
+  Impl* raw = impl.get();
+  impl->thread = std::thread([raw] { raw->server.listen_after_bind(); });
+  for (int i = 0; i < 5000 && !impl->server.is_running(); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  if (!impl->server.is_running()) {
+    impl->server.stop();
+    impl->thread.detach();
+    (void)impl.release();  // its thread may still use it: left alive, as the process fails
+    return absl::InternalError("http: the server did not start");
+  }
+  impl->log->info("OpenAI-compatible API at http://{}:{}/v1 (model {})", o.host, bound, o.model);
+  return std::unique_ptr<OpenAiHttpServer>(new OpenAiHttpServer(std::move(impl)));
+}
+
+OpenAiHttpServer::OpenAiHttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+OpenAiHttpServer::~OpenAiHttpServer() { Stop(); }
+
+int OpenAiHttpServer::port() const { return impl_->port; }
+
+void OpenAiHttpServer::Stop() {
+  if (!impl_ || impl_->stopping.exchange(true)) return;
+  impl_->server.stop();
+  if (impl_->thread.joinable()) impl_->thread.join();
+}
+
+}  // namespace pds::server

@@ -1,0 +1,98 @@
+// An OpenAI-compatible HTTP door to the front-end (`pdserve frontend --http-port P`), so that
+// stock clients and load generators (the openai SDKs, vLLM's and SGLang's bench_serving,
+// genai-perf, curl) can drive pdserve:
+//
+//   POST /v1/completions   text completion, whole (JSON) or streamed (Server-Sent Events)
+//   GET  /v1/models        the served model
+//   GET  /health           200 while the cluster can place a request, else 503
+//
+// Each choice of a completion is one Generate call on the front-end's own gRPC Serving API
+// (loopback), so admission control, SLO targets, placement, timelines and metrics are exactly
+// those of gRPC clients. Chat completions need a chat template (tokenizer_config.json), which
+// pdserve does not read yet: /v1/chat/completions answers 404 saying so.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+#include "absl/time/time.h"
+#include "pdserve/v1/serving.pb.h"
+
+namespace pds::engine {
+class Tokenizer;
+}
+
+namespace pds::server {
+
+struct OpenAiHttpOptions {
+  std::string host = "127.0.0.1";
+  int port = 0;             // 0: any free port
+  std::string grpc_target;  // the front-end's Serving API (host:port)
+  std::string model;        // the served model's id (requests naming another get 404)
+  int32_t max_context = 0;  // the model's context, reported by /v1/models
+  // Token strings of logprobs and the prompt token count of a choice ended by a stop string
+  // (its call is cancelled before it reports one); null: token ids as strings, counts 0.
+  const engine::Tokenizer* tokenizer = nullptr;
+  std::function<bool()> ready;  // GET /health
+  int threads = 256;            // connections served at once (each holds a thread)
+  absl::Duration request_timeout = absl::Minutes(10);
+};
+
+class OpenAiHttpServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> Start(OpenAiHttpOptions options);
+  ~OpenAiHttpServer();
+  OpenAiHttpServer(const OpenAiHttpServer&) = delete;
+  OpenAiHttpServer& operator=(const OpenAiHttpServer&) = delete;
+
+  int port() const;
+  // Cancels the calls of requests in flight (their streams end) and stops listening.
+  void Stop();
+
+  class Impl;
+
+ private:
+  explicit OpenAiHttpServer(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+// A parsed POST /v1/completions body (exposed for tests).
+struct CompletionRequest {
+  // One Generate call per choice, in choice-index order: prompt i's n choices are i*n..i*n+n-1.
+  std::vector<pdserve::v1::GenerateRequest> choices;
+  int n = 1;
+  bool stream = false;
+  bool include_usage = false;     // stream_options.include_usage: a last chunk with the usage
+  std::vector<std::string> stop;  // text stop sequences, cut from the text (not returned)
+  int logprobs = -1;              // >= 0: OpenAI completions logprobs with that many alternatives
+};
+
+// INVALID_ARGUMENT naming the field for what OpenAI's API rejects or pdserve does not support
+// (echo, best_of, penalties, logit_bias, suffix, n > 16, ...), NOT_FOUND for another model.
+// Unknown fields are ignored, as OpenAI's servers do. Defaults are OpenAI's: max_tokens 16,
+// temperature 1; `top_k`, `ignore_eos`, `stop_token_ids` (as in vLLM), `ttft_slo_ms` and
+// `tpot_slo_ms` are pdserve's extensions.
+absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
+                                                         absl::string_view model);
+
+// Text stop sequences over a stream of text pieces: Add returns the text that may be sent now
+// (never the start of a possible stop sequence), Finish what is held back at the end.
+class StopMatcher {
+ public:
+  explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}
+  std::string Add(absl::string_view piece);
+  std::string Finish();
+  bool stopped() const { return stopped_; }
+
+ private:
+  std::vector<std::string> stops_;
+  std::string held_;  // text not sent yet
+  bool stopped_ = false;
+};
+
+}  // namespace pds::server

@@ -1,0 +1,484 @@
+// The OpenAI-compatible HTTP API (server/openai_http.h): request parsing and stop sequences as
+// units, then a front-end with a prefill and a decode worker driven over HTTP and compared with
+// its own gRPC API.
+#include "server/openai_http.h"
+
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/clock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "httplib.h"
+#include "nlohmann/json.hpp"
+#include "pdserve/v1/serving.grpc.pb.h"
+#include "server/frontend.h"
+#include "tests/server/test_worker.h"
+#include "tests/testing/test_util.h"
+
+namespace pds::server {
+namespace {
+
+namespace api = ::pdserve::v1;
+using Json = nlohmann::json;
+using scheduler::InstanceRole;
+
+absl::StatusOr<CompletionRequest> Parse(const Json& body) {
+  return ParseCompletionRequest(body.dump(), "m");
+}
+
+TEST(OpenAiParseTest, DefaultsAreOpenAis) {
+  auto r = Parse({{"prompt", "hello"}});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->choices.size(), 1u);
+  const api::GenerateRequest& g = r->choices[0];
+  EXPECT_EQ(g.prompt_text(), "hello");
+  EXPECT_EQ(g.max_tokens(), 16);
+  EXPECT_FLOAT_EQ(g.temperature(), 1.0f);
+  EXPECT_FLOAT_EQ(g.top_p(), 1.0f);
+  EXPECT_EQ(g.top_k(), 0);
+  EXPECT_FALSE(g.has_seed());
+  EXPECT_FALSE(g.has_logprobs());
+  EXPECT_FALSE(g.has_ttft_slo_ms());
+  EXPECT_FALSE(r->stream);
+  EXPECT_EQ(r->logprobs, -1);
+}
+
+TEST(OpenAiParseTest, PromptsAndChoicesInIndexOrder) {
+  auto r = Parse({{"model", "m"},
+                  {"prompt", {{5, 6, 7}, {8}}},
+                  {"n", 2},
+                  {"seed", 40},
+                  {"max_tokens", 3},
+                  {"temperature", 0.5},
+                  {"top_k", -1},
+                  {"stop_token_ids", {9}},
+                  {"ignore_eos", true},
+                  {"logprobs", 2},
+                  {"ttft_slo_ms", 250},
+                  {"stream", true},
+                  {"stream_options", {{"include_usage", true}}},
+                  {"user", "someone"},           // ignored
+                  {"presence_penalty", 0},       // neutral
+                  {"some_future_field", {1}}});  // ignored
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->choices.size(), 4u);
+  EXPECT_EQ(r->n, 2);
+  EXPECT_TRUE(r->stream && r->include_usage);
+  EXPECT_EQ(r->logprobs, 2);
+  for (int i = 0; i < 4; ++i) {
+    const api::GenerateRequest& g = r->choices[i];
+    EXPECT_EQ(g.prompt_token_ids_size(), i < 2 ? 3 : 1) << i;
+    EXPECT_EQ(g.seed(), 40u + i % 2) << "the n choices of a prompt differ";
+    EXPECT_EQ(g.max_tokens(), 3);
+    EXPECT_FLOAT_EQ(g.temperature(), 0.5f);
+    EXPECT_EQ(g.top_k(), 0);
+    ASSERT_EQ(g.stop_token_ids_size(), 1);
+    EXPECT_TRUE(g.ignore_eos());
+    EXPECT_EQ(g.logprobs(), 2);
+    EXPECT_DOUBLE_EQ(g.ttft_slo_ms(), 250);
+    EXPECT_FALSE(g.has_tpot_slo_ms());
+  }
+  auto texts = Parse({{"prompt", {"a", "b", "c"}}, {"stop", "x"}});
+  ASSERT_TRUE(texts.ok()) << texts.status();
+  ASSERT_EQ(texts->choices.size(), 3u);
+  EXPECT_EQ(texts->choices[2].prompt_text(), "c");
+  EXPECT_EQ(texts->stop, std::vector<std::string>{"x"});
+}
+
+TEST(OpenAiParseTest, RefusalsNameTheField) {
+  struct Case {
+    Json body;
+    absl::StatusCode code;
+    const char* says;
+  };
+  const Case cases[] = {
+      {{{"prompt", "a"}, {"model", "other"}}, absl::StatusCode::kNotFound, "'other' does not"},
+      {{{"max_tokens", 4}}, absl::StatusCode::kInvalidArgument, "'prompt' is required"},
+      {{{"prompt", ""}}, absl::StatusCode::kInvalidArgument, "'prompt'"},
+      {{{"prompt", Json::array()}}, absl::StatusCode::kInvalidArgument, "'prompt'"},
+      {{{"prompt", {1, "a"}}}, absl::StatusCode::kInvalidArgument, "'prompt'"},
+      {{{"prompt", {1, -2}}}, absl::StatusCode::kInvalidArgument, "token id -2"},
+      {{{"prompt", 7}}, absl::StatusCode::kInvalidArgument, "'prompt'"},
+      {{{"prompt", "a"}, {"max_tokens", 0}}, absl::StatusCode::kInvalidArgument, "'max_tokens'"},
+      {{{"prompt", "a"}, {"max_tokens", "8"}}, absl::StatusCode::kInvalidArgument, "integer"},
+      {{{"prompt", "a"}, {"temperature", -1}}, absl::StatusCode::kInvalidArgument, "'temperature'"},
+      {{{"prompt", "a"}, {"top_p", 0}}, absl::StatusCode::kInvalidArgument, "'top_p'"},
+      {{{"prompt", "a"}, {"n", 17}}, absl::StatusCode::kInvalidArgument, "'n'"},
+      {{{"prompt", "a"}, {"stream_options", {{"include_usage", true}}}},
+       absl::StatusCode::kInvalidArgument,
+       "only allowed with stream"},
+      {{{"prompt", "a"}, {"stop", {"a", "b", "c", "d", "e"}}},
+       absl::StatusCode::kInvalidArgument,
+       "'stop'"},
+      {{{"prompt", "a"}, {"stop", {""}}}, absl::StatusCode::kInvalidArgument, "'stop'"},
+      {{{"prompt", "a"}, {"logprobs", 21}}, absl::StatusCode::kInvalidArgument, "'logprobs'"},
+      {{{"prompt", "a"}, {"echo", true}}, absl::StatusCode::kInvalidArgument, "'echo'"},
+      {{{"prompt", "a"}, {"best_of", 3}}, absl::StatusCode::kInvalidArgument, "'best_of'"},
+      {{{"prompt", "a"}, {"frequency_penalty", 0.5}},
+       absl::StatusCode::kInvalidArgument,
+       "'frequency_penalty'"},
+      {{{"prompt", "a"}, {"logit_bias", {{"5", 1}}}},
+       absl::StatusCode::kInvalidArgument,
+       "'logit_bias'"},
+      {{{"prompt", "a"}, {"ttft_slo_ms", -3}}, absl::StatusCode::kInvalidArgument, "'ttft_slo_ms'"},
+  };
+  for (const Case& c : cases) {
+    auto r = Parse(c.body);
+    ASSERT_FALSE(r.ok()) << c.body.dump();
+    EXPECT_EQ(r.status().code(), c.code) << c.body.dump() << ": " << r.status();
+    EXPECT_TRUE(absl::StrContains(r.status().message(), c.says))
+        << c.body.dump() << ": " << r.status();
+  }
+  EXPECT_EQ(ParseCompletionRequest("{not json", "m").status().code(),
+            absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(ParseCompletionRequest("[1]", "m").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Feeds `pieces` and returns what was released, with "|" between the releases.
+std::string Feed(StopMatcher& m, const std::vector<std::string>& pieces) {
+  std::string out;
+  for (const std::string& p : pieces) absl::StrAppend(&out, m.Add(p), "|");
+  absl::StrAppend(&out, m.Finish());
+  return out;
+}
+
+TEST(StopMatcherTest, HoldsBackWhatMayStartAStopSequence) {
+  StopMatcher none({});
+  EXPECT_EQ(Feed(none, {"ab", "c"}), "ab|c|");
+  StopMatcher one({"END"});
+  // "E" and "EN" may start "END": held until the next piece shows they do not.
+  EXPECT_EQ(Feed(one, {"abE", "Nx", "yEN", "D tail"}), "ab|ENx|y||");
+  EXPECT_TRUE(one.stopped());
+  StopMatcher two({"abc", "bd"});
+  EXPECT_EQ(Feed(two, {"xab", "d"}), "x|a|");  // "bd" ends it, inside the held "ab"
+  StopMatcher end({"zz"});
+  EXPECT_EQ(Feed(end, {"az"}), "a|z");  // what was held comes out at the end
+  EXPECT_FALSE(end.stopped());
+  StopMatcher utf8({"é!"});
+  EXPECT_EQ(Feed(utf8, {"caf", "é", "!", "more"}), "caf||||");
+}
+
+// --- over HTTP -----------------------------------------------------------------------------
+
+const std::string& ModelDir() {
+  static const std::string* dir = [] {
+    auto made = testing::MakeModelDir(testing::SmallTestConfig(), "openai", 5, engine::DType::kF32,
+                                      0, /*tokenizer=*/true);
+    EXPECT_TRUE(made.ok()) << made.status();
+    return new std::string(made.ok() ? *made : "");
+  }();
+  return *dir;
+}
+
+// One server-sent event stream, split into its `data:` payloads.
+std::vector<std::string> Events(const std::string& body) {
+  std::vector<std::string> out;
+  for (absl::string_view block : absl::StrSplit(body, "\n\n", absl::SkipEmpty())) {
+    if (absl::ConsumePrefix(&block, "data: ")) out.emplace_back(block);
+  }
+  return out;
+}
+
+class OpenAiHttpTest : public ::testing::Test {
+ protected:
+  void SetUp() override { Start({}); }
+
+  void Start(FrontendOptions o) {
+    o.model_dir = ModelDir();
+    o.health_period = absl::Milliseconds(50);
+    o.http_port = 0;
+    auto frontend = Frontend::Start(o);
+    ASSERT_TRUE(frontend.ok()) << frontend.status();
+    frontend_ = std::move(*frontend);
+    WorkerOptions wo;
+    wo.frontend = frontend_->address();
+    wo.id = "p0";
+    prefill_ = StartWorker(InstanceRole::kPrefill, wo);
+    wo.id = "d0";
+    decode_ = StartWorker(InstanceRole::kDecode, wo);
+    ASSERT_TRUE(prefill_ && decode_);
+    stub_ = api::Serving::NewStub(
+        grpc::CreateChannel(frontend_->address(), grpc::InsecureChannelCredentials()));
+    http_ = std::make_unique<httplib::Client>("127.0.0.1", frontend_->http_port());
+    http_->set_read_timeout(60, 0);
+    ASSERT_TRUE(PollUntil([&] { return http_->Get("/health"); },
+                          [](const httplib::Result& r) { return r && r->status == 200; },
+                          absl::Seconds(20)))
+        << "the cluster did not become ready";
+  }
+  void TearDown() override {
+    http_.reset();
+    if (frontend_) frontend_->Shutdown();
+  }
+
+  // POST /v1/completions; the status and the parsed body (null when not JSON).
+  std::pair<int, Json> Complete(const Json& body) {
+    auto res = http_->Post("/v1/completions", body.dump(), "application/json");
+    if (!res) return {-1, nullptr};
+    return {res->status, Json::parse(res->body, nullptr, false)};
+  }
+  // The same streamed: the status and the event payloads.
+  std::pair<int, std::vector<std::string>> Stream(Json body) {
+    body["stream"] = true;
+    auto res = http_->Post("/v1/completions", body.dump(), "application/json");
+    if (!res) return {-1, {}};
+    EXPECT_TRUE(res->status != 200 ||
+                absl::StartsWith(res->get_header_value("Content-Type"), "text/event-stream"));
+    return {res->status, Events(res->body)};
+  }
+  // The gRPC API's greedy tokens and text for the same prompt.
+  api::GenerateResponse Grpc(const std::string& prompt, int max_tokens) {
+    api::GenerateRequest r;
+    r.set_prompt_text(prompt);
+    r.set_max_tokens(max_tokens);
+    r.set_ignore_eos(true);
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto call = stub_->Generate(&ctx, r);
+    api::GenerateResponse all, m;
+    while (call->Read(&m)) {
+      all.mutable_token_ids()->MergeFrom(m.token_ids());
+      all.mutable_text()->append(m.text());
+      if (m.has_done()) *all.mutable_done() = m.done();
+    }
+    EXPECT_TRUE(call->Finish().ok());
+    return all;
+  }
+  api::ClusterStatus Status() {
+    grpc::ClientContext ctx;
+    api::ClusterStatus s;
+    EXPECT_TRUE(stub_->GetClusterStatus(&ctx, api::ClusterStatusRequest(), &s).ok());
+    return s;
+  }
+
+  std::unique_ptr<Frontend> frontend_;
+  std::unique_ptr<TestWorker> prefill_, decode_;
+  std::unique_ptr<api::Serving::Stub> stub_;
+  std::unique_ptr<httplib::Client> http_;
+};
+
+constexpr char kPrompt[] = "The quick brown fox jumps over the lazy dog";
+
+TEST_F(OpenAiHttpTest, CompletionEqualsTheGrpcApisAndStreamsTheSameText) {
+  const api::GenerateResponse expected = Grpc(kPrompt, 24);
+  ASSERT_EQ(expected.token_ids_size(), 24);
+  const std::string model = Status().model();
+  const Json request = {{"model", model},
+                        {"prompt", kPrompt},
+                        {"max_tokens", 24},
+                        {"temperature", 0},
+                        {"ignore_eos", true}};
+  auto [status, body] = Complete(request);
+  ASSERT_EQ(status, 200) << body.dump();
+  EXPECT_EQ(body["object"], "text_completion");
+  EXPECT_TRUE(absl::StartsWith(body["id"].get<std::string>(), "cmpl-"));
+  EXPECT_EQ(body["model"], model);
+  ASSERT_EQ(body["choices"].size(), 1u);
+  EXPECT_EQ(body["choices"][0]["text"], expected.text());
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "length");
+  EXPECT_TRUE(body["choices"][0]["logprobs"].is_null());
+  EXPECT_EQ(body["usage"]["prompt_tokens"], expected.done().prompt_tokens());
+  EXPECT_EQ(body["usage"]["completion_tokens"], 24);
+  EXPECT_EQ(body["usage"]["total_tokens"], expected.done().prompt_tokens() + 24);
+  // The second run of the prompt found its blocks cached on the prefill worker.
+  EXPECT_GT(body["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+
+  Json streamed = request;
+  streamed["stream_options"] = {{"include_usage", true}};
+  auto [s2, events] = Stream(streamed);
+  ASSERT_EQ(s2, 200);
+  ASSERT_GE(events.size(), 3u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::string text;
+  int finishes = 0;
+  for (size_t i = 0; i + 2 < events.size(); ++i) {
+    const Json chunk = Json::parse(events[i]);
+    ASSERT_EQ(chunk["choices"].size(), 1u) << events[i];
+    text += chunk["choices"][0]["text"].get<std::string>();
+    if (!chunk["choices"][0]["finish_reason"].is_null()) {
+      ++finishes;
+      EXPECT_EQ(chunk["choices"][0]["finish_reason"], "length");
+      EXPECT_EQ(i + 3, events.size()) << "the finish is the last choice chunk";
+    }
+  }
+  EXPECT_EQ(text, expected.text());
+  EXPECT_EQ(finishes, 1);
+  const Json usage = Json::parse(events[events.size() - 2]);
+  EXPECT_TRUE(usage["choices"].empty());
+  EXPECT_EQ(usage["usage"]["completion_tokens"], 24);
+}
+
+TEST_F(OpenAiHttpTest, SeveralPromptsAndChoicesWithLogprobs) {
+  const Json request = {{"prompt", {{10, 11, 12, 13}, {20, 21}}},
+                        {"n", 2},
+                        {"max_tokens", 5},
+                        {"seed", 7},
+                        {"logprobs", 2},
+                        {"ignore_eos", true}};
+  auto [status, body] = Complete(request);
+  ASSERT_EQ(status, 200) << body.dump();
+  ASSERT_EQ(body["choices"].size(), 4u);
+  for (int i = 0; i < 4; ++i) {
+    const Json& c = body["choices"][i];
+    EXPECT_EQ(c["index"], i);
+    EXPECT_EQ(c["finish_reason"], "length");
+    const Json& lp = c["logprobs"];
+    ASSERT_EQ(lp["tokens"].size(), 5u) << c.dump();
+    ASSERT_EQ(lp["token_logprobs"].size(), 5u);
+    ASSERT_EQ(lp["top_logprobs"].size(), 5u);
+    ASSERT_EQ(lp["text_offset"].size(), 5u);
+    for (int t = 0; t < 5; ++t) {
+      EXPECT_LE(lp["token_logprobs"][t].get<double>(), 0.0);
+      EXPECT_GE(lp["top_logprobs"][t].size(), 1u);
+      EXPECT_LE(lp["top_logprobs"][t].size(), 2u);
+    }
+  }
+  // A prompt's prompt tokens count once (4 + 2), every choice's completion tokens.
+  EXPECT_EQ(body["usage"]["prompt_tokens"], 6);
+  EXPECT_EQ(body["usage"]["completion_tokens"], 20);
+  // Seeded: the same request gives the same choices.
+  auto [again_status, again] = Complete(request);
+  ASSERT_EQ(again_status, 200);
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(again["choices"][i]["text"], body["choices"][i]["text"]);
+  // Streamed: each choice's chunks carry its index and add up to its text.
+  auto [s2, events] = Stream(request);
+  ASSERT_EQ(s2, 200);
+  std::vector<std::string> texts(4);
+  for (const std::string& e : events) {
+    if (e == "[DONE]") continue;
+    const Json chunk = Json::parse(e);
+    ASSERT_EQ(chunk["choices"].size(), 1u);
+    texts[chunk["choices"][0]["index"].get<int>()] += chunk["choices"][0]["text"];
+  }
+  for (int i = 0; i < 4; ++i) EXPECT_EQ(texts[i], body["choices"][i]["text"]) << i;
+}
+
+TEST_F(OpenAiHttpTest, StopSequencesCutTheTextAndEndTheChoice) {
+  const std::string full = Grpc(kPrompt, 40).text();
+  // A stop sequence from the middle of the greedy text (whole UTF-8 characters).
+  size_t at = full.size() / 2;
+  while (at < full.size() && (static_cast<unsigned char>(full[at]) & 0xC0) == 0x80) ++at;
+  size_t end = at + 1;
+  while (end < full.size() &&
+         (end - at < 2 || (static_cast<unsigned char>(full[end]) & 0xC0) == 0x80)) {
+    ++end;
+  }
+  ASSERT_LT(end, full.size()) << "the greedy text is too short: " << full;
+  const std::string stop = full.substr(at, end - at);
+  const std::string expected = full.substr(0, full.find(stop));
+  const Json request = {{"prompt", kPrompt},
+                        {"max_tokens", 40},
+                        {"temperature", 0},
+                        {"ignore_eos", true},
+                        {"stop", {stop, "\x01never"}}};
+  auto [status, body] = Complete(request);
+  ASSERT_EQ(status, 200) << body.dump();
+  EXPECT_EQ(body["choices"][0]["text"], expected);
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "stop");
+  EXPECT_GT(body["usage"]["prompt_tokens"], 0);
+  EXPECT_LT(body["usage"]["completion_tokens"], 40);
+  auto [s2, events] = Stream(request);
+  ASSERT_EQ(s2, 200);
+  std::string text;
+  std::string finish;
+  for (const std::string& e : events) {
+    if (e == "[DONE]") continue;
+    const Json chunk = Json::parse(e);
+    text += chunk["choices"][0]["text"].get<std::string>();
+    if (!chunk["choices"][0]["finish_reason"].is_null())
+      finish = chunk["choices"][0]["finish_reason"];
+  }
+  EXPECT_EQ(text, expected);
+  EXPECT_EQ(finish, "stop");
+  // The stopped calls were cancelled, not left running.
+  EXPECT_TRUE(PollUntil([&] { return Status(); },
+                        [](const api::ClusterStatus& s) { return s.requests_in_flight() == 0; },
+                        absl::Seconds(10)));
+}
+
+TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsWithHttpStatuses) {
+  auto expect_error = [](const httplib::Result& res, int status, const std::string& type) {
+    ASSERT_TRUE(res);
+    EXPECT_EQ(res->status, status) << res->body;
+    const Json body = Json::parse(res->body, nullptr, false);
+    ASSERT_TRUE(body.is_object()) << res->body;
+    EXPECT_EQ(body["error"]["type"], type) << res->body;
+    EXPECT_FALSE(body["error"]["message"].get<std::string>().empty());
+  };
+  expect_error(http_->Post("/v1/completions", "{oops", "application/json"), 400,
+               "invalid_request_error");
+  expect_error(
+      http_->Post("/v1/completions", R"({"prompt":"a","model":"gpt-4"})", "application/json"), 404,
+      "not_found_error");
+  // Past the model's context (256 positions): the front-end's INVALID_ARGUMENT, streamed or not.
+  const std::string too_long = R"({"prompt":"a","max_tokens":100000})";
+  expect_error(http_->Post("/v1/completions", too_long, "application/json"), 400,
+               "invalid_request_error");
+  expect_error(http_->Post("/v1/completions", R"({"prompt":"a","max_tokens":100000,"stream":true})",
+                           "application/json"),
+               400, "invalid_request_error");
+  expect_error(http_->Post("/v1/chat/completions", R"({"messages":[]})", "application/json"), 404,
+               "not_found_error");
+  expect_error(http_->Get("/v2/nothing"), 404, "not_found_error");
+  auto models = http_->Get("/v1/models");
+  ASSERT_TRUE(models && models->status == 200);
+  const Json m = Json::parse(models->body);
+  EXPECT_EQ(m["data"][0]["id"], Status().model());
+  EXPECT_EQ(m["data"][0]["max_model_len"], testing::SmallTestConfig().max_context());
+  // Nothing was left behind by the failures.
+  EXPECT_EQ(Status().requests_in_flight(), 0);
+}
+
+// A client that goes away mid-stream: its call is cancelled (not decoded to the end).
+TEST_F(OpenAiHttpTest, AClientThatLeavesCancelsItsRequest) {
+  decode_->backend.delay_ms = 30;  // decode steps of ~60 ms: the stream lasts seconds
+  httplib::Request req;
+  req.method = "POST";
+  req.path = "/v1/completions";
+  req.set_header("Content-Type", "application/json");
+  req.body =
+      Json{{"prompt", kPrompt}, {"max_tokens", 150}, {"ignore_eos", true}, {"stream", true}}.dump();
+  int chunks = 0;
+  req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) { return ++chunks < 3; };
+  auto res = http_->send(req);
+  EXPECT_GE(chunks, 3);
+  EXPECT_TRUE(PollUntil([&] { return Status(); },
+                        [](const api::ClusterStatus& s) {
+                          return s.requests_in_flight() == 0 && s.requests_cancelled() == 1;
+                        },
+                        absl::Seconds(20)))
+      << Status().DebugString();
+  decode_->backend.delay_ms = 0;
+}
+
+// Overload is 429: the front-end's RESOURCE_EXHAUSTED while its one slot is taken.
+TEST_F(OpenAiHttpTest, OverloadIsTooManyRequests) {
+  TearDown();
+  FrontendOptions o;
+  o.max_in_flight = 1;
+  Start(o);
+  decode_->backend.delay_ms = 30;
+  std::thread slow([&] {
+    auto [status, body] = Complete({{"prompt", kPrompt}, {"max_tokens", 60}, {"ignore_eos", true}});
+    EXPECT_EQ(status, 200) << body.dump();
+  });
+  ASSERT_TRUE(PollUntil([&] { return Status(); },
+                        [](const api::ClusterStatus& s) { return s.requests_in_flight() == 1; },
+                        absl::Seconds(20)));
+  httplib::Client other("127.0.0.1", frontend_->http_port());
+  auto res = other.Post("/v1/completions", R"({"prompt":"a","max_tokens":2})", "application/json");
+  ASSERT_TRUE(res);
+  EXPECT_EQ(res->status, 429) << res->body;
+  EXPECT_EQ(Json::parse(res->body)["error"]["type"], "rate_limit_error");
+  slow.join();
+  decode_->backend.delay_ms = 0;
+}
+
+}  // namespace
+}  // namespace pds::server
