@@ -167,7 +167,8 @@ GenerateRequest MakeGenerateRequest(const RequestSpec& spec, int64_t index,
   return req;
 }
 
-absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<RequestSpec>& specs,
+absl::StatusOr<RunResult> RunBenchmark(GenerateClient& client,
+                                       const std::vector<RequestSpec>& specs,
                                        const RunOptions& options) {
   const bool closed = options.concurrency > 0;
   if (specs.empty()) return absl::InvalidArgumentError("no requests to send");

@@ -80,7 +80,8 @@ pdserve::v1::GenerateRequest MakeGenerateRequest(const RequestSpec& spec, int64_
                                                  const RunOptions& options, double lag_s = 0);
 
 // Runs `specs` (cycled if more requests are needed than specs) against `client`.
-absl::StatusOr<RunResult> RunBenchmark(ServingClient& client, const std::vector<RequestSpec>& specs,
+absl::StatusOr<RunResult> RunBenchmark(GenerateClient& client,
+                                       const std::vector<RequestSpec>& specs,
                                        const RunOptions& options);
 
 }  // namespace pds::client

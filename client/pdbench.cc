@@ -23,6 +23,7 @@
 #include "absl/time/time.h"
 #include "client/bench_metrics.h"
 #include "client/bench_runner.h"
+#include "client/openai_client.h"
 #include "client/rate_search.h"
 #include "client/serving_client.h"
 #include "client/workload.h"
@@ -39,8 +40,9 @@ constexpr char kUsage[] =
     "               [--goodput ttft:MS tpot:MS] [--percentile-metrics ttft,tpot,itl,e2el]\n"
     "               [--search] [--json-out F] [--csv-out F] [--plot-out F.svg] ...\n"
     "\n"
-    "Load-tests a pdserve cluster and reports TTFT, TPOT, ITL, E2EL, throughput, SLO\n"
-    "attainment and goodput with vLLM `bench serve` field names. Sends only to --target.\n";
+    "Load-tests a pdserve cluster (or, with --api openai, any OpenAI-compatible server) and\n"
+    "reports TTFT, TPOT, ITL, E2EL, throughput, SLO attainment and goodput with vLLM `bench\n"
+    "serve` field names. Sends only to --target.\n";
 
 // Flag table: kMulti takes every following argument up to the next --flag (vLLM's --goodput).
 enum class FlagType { kBool, kValue, kMulti };
@@ -52,6 +54,11 @@ struct FlagDef {
 
 const FlagDef kFlags[] = {
     {"target", FlagType::kValue, "HOST:PORT of the pdserve front-end (required)"},
+    {"api", FlagType::kValue,
+     "grpc (pdserve's Serving API, the default) or openai: streamed POST /v1/completions on "
+     "an OpenAI-compatible HTTP server (pdserve --http-port, vLLM, SGLang, ...); no server "
+     "timeline, and tokens counted per chunk, made up to the usage at the end"},
+    {"model", FlagType::kValue, "--api openai: the model field (default: GET /v1/models' first)"},
     {"rate", FlagType::kValue,
      "open loop: requests per second, or inf to send all at once (default inf)"},
     {"concurrency", FlagType::kValue, "closed loop: this many requests always in flight"},
@@ -223,6 +230,8 @@ std::string Help() {
 
 struct Config {
   std::string target;
+  bool openai = false;  // --api openai
+  std::string model;
   double rate = std::numeric_limits<double>::infinity();
   bool rate_set = false;
   int concurrency = 0;
@@ -252,6 +261,15 @@ absl::StatusOr<Config> MakeConfig(const Flags& f) {
   Config c;
   c.target = f.String("target");
   if (c.target.empty()) return absl::InvalidArgumentError("--target HOST:PORT is required");
+  const std::string api = f.Has("api") ? f.String("api") : "grpc";
+  if (api != "grpc" && api != "openai") {
+    return absl::InvalidArgumentError("--api must be grpc or openai");
+  }
+  c.openai = api == "openai";
+  c.model = f.String("model");
+  if (!c.model.empty() && !c.openai) {
+    return absl::InvalidArgumentError("--model names the model of --api openai");
+  }
   if (f.Has("rate")) {
     c.rate_set = true;
     std::string r = f.String("rate");
@@ -422,6 +440,10 @@ absl::StatusOr<Config> MakeConfig(const Flags& f) {
         "--turns must be in [1, 1000] and --think-time in [0, 3600] seconds");
   }
   c.turns = static_cast<int>(turns);
+  if (c.turns > 1 && c.openai) {
+    return absl::InvalidArgumentError(
+        "--turns resends each answer's token ids, which --api openai does not return");
+  }
   if (c.turns > 1 &&
       (c.search || c.concurrency > 0 || std::isinf(c.rate) || d.text_prompts ||
        d.kind == DatasetKind::kShareGpt || d.kind == DatasetKind::kTrace || d.max_model_len <= 0)) {
@@ -498,7 +520,7 @@ std::string Date() { return absl::FormatTime("%Y%m%d-%H%M%S", absl::Now(), absl:
 nlohmann::json ConfigJson(const Config& c, const std::string& model) {
   nlohmann::json j;
   j["date"] = Date();
-  j["backend"] = "pdserve";
+  j["backend"] = c.openai ? "openai" : "pdserve";
   j["target"] = c.target;
   j["model_id"] = model;
   j["dataset"] = DatasetKindName(c.dataset.kind);
@@ -527,15 +549,22 @@ nlohmann::json ConfigJson(const Config& c, const std::string& model) {
 
 class Pdbench {
  public:
-  explicit Pdbench(Config config) : c_(std::move(config)), client_(c_.target) {}
+  explicit Pdbench(Config config) : c_(std::move(config)) {
+    if (c_.openai) {
+      client_ = std::make_unique<OpenAiClient>(c_.target, c_.model);
+    } else {
+      client_ = std::make_unique<ServingClient>(c_.target);
+    }
+  }
 
   absl::StatusOr<int> Run() {
-    absl::Status connected = client_.WaitForConnected(absl::Seconds(c_.connect_timeout_s));
+    absl::Status connected = client_->WaitForConnected(absl::Seconds(c_.connect_timeout_s));
     if (!connected.ok()) {
       return absl::UnavailableError(absl::StrCat("target not reachable: ", connected.message()));
     }
     if (c_.wait_ready_s > 0) PDS_RETURN_IF_ERROR(WaitReady());
-    auto status = client_.GetClusterStatus(absl::Seconds(std::min(c_.connect_timeout_s, 10.0)));
+    if (c_.openai) model_ = static_cast<OpenAiClient&>(*client_).model();
+    auto status = client_->GetClusterStatus(absl::Seconds(std::min(c_.connect_timeout_s, 10.0)));
     if (status.ok()) {
       model_ = status->model();
     } else if (status.status().code() != absl::StatusCode::kUnimplemented && !c_.quiet) {
@@ -550,7 +579,7 @@ class Pdbench {
     const absl::Time end = absl::Now() + absl::Seconds(c_.wait_ready_s);
     std::string last = "no answer yet";
     while (true) {
-      auto status = client_.GetClusterStatus(absl::Seconds(2));
+      auto status = client_->GetClusterStatus(absl::Seconds(2));
       if (absl::IsUnimplemented(status.status())) {
         // Not a pdserve front-end: nothing to wait for.
         if (!c_.quiet) std::fprintf(stderr, "pdbench: the target has no cluster status\n");
@@ -639,7 +668,7 @@ class Pdbench {
     ProgressPrinter printer(c_.quiet, label);
     auto plan = MakePlan(rate, label, &printer);
     if (!plan.ok()) return plan.status();
-    auto result = RunBenchmark(client_, plan->specs, plan->options);
+    auto result = RunBenchmark(*client_, plan->specs, plan->options);
     printer.Finish();
     if (!result.ok()) return result.status();
     if (result->late_sends > 0 && !c_.quiet) {
@@ -794,7 +823,7 @@ class Pdbench {
   }
 
   Config c_;
-  ServingClient client_;
+  std::unique_ptr<GenerateClient> client_;
   std::string model_;
   int runs_ = 0;
 };

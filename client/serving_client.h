@@ -48,7 +48,24 @@ class GenerateCall {
   virtual bool WaitFor(absl::Duration timeout) = 0;
 };
 
-class ServingClient {
+// What pdbench drives: pdserve's gRPC API (ServingClient, below) or an OpenAI-compatible HTTP
+// server (OpenAiClient, client/openai_client.h), behind the same calls.
+class GenerateClient {
+ public:
+  virtual ~GenerateClient() = default;
+  virtual const std::string& target() const = 0;
+  // Waits up to `timeout` for the target to answer; UNAVAILABLE (naming it) if it does not.
+  virtual absl::Status WaitForConnected(absl::Duration timeout) = 0;
+  // UNIMPLEMENTED where the server has no cluster status.
+  virtual absl::StatusOr<pdserve::v1::ClusterStatus> GetClusterStatus(absl::Duration timeout) = 0;
+  // Starts a Generate call. `timeout` > 0 sets its deadline (it then ends with
+  // DEADLINE_EXCEEDED).
+  virtual std::shared_ptr<GenerateCall> StartGenerate(const pdserve::v1::GenerateRequest& request,
+                                                      absl::Duration timeout,
+                                                      GenerateCallbacks callbacks) = 0;
+};
+
+class ServingClient : public GenerateClient {
  public:
   // An insecure channel to `target` ("host:port"); it connects lazily. Nothing is ever sent
   // anywhere else.
@@ -59,17 +76,17 @@ class ServingClient {
   ServingClient(const ServingClient&) = delete;
   ServingClient& operator=(const ServingClient&) = delete;
 
-  const std::string& target() const { return target_; }
+  const std::string& target() const override { return target_; }
 
   // Waits up to `timeout` for the channel to connect; UNAVAILABLE (naming the target) if not.
-  absl::Status WaitForConnected(absl::Duration timeout);
+  absl::Status WaitForConnected(absl::Duration timeout) override;
 
-  absl::StatusOr<pdserve::v1::ClusterStatus> GetClusterStatus(absl::Duration timeout);
+  absl::StatusOr<pdserve::v1::ClusterStatus> GetClusterStatus(absl::Duration timeout) override;
 
-  // Starts a Generate call. `timeout` > 0 sets its deadline (it then ends with
-  // DEADLINE_EXCEEDED). Fails fast with UNAVAILABLE when the target cannot be reached.
+  // Fails fast with UNAVAILABLE when the target cannot be reached.
   std::shared_ptr<GenerateCall> StartGenerate(const pdserve::v1::GenerateRequest& request,
-                                              absl::Duration timeout, GenerateCallbacks callbacks);
+                                              absl::Duration timeout,
+                                              GenerateCallbacks callbacks) override;
 
   // A whole stream, blocking.
   struct StreamResult {

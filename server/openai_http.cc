@@ -739,6 +739,7 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(
   impl->Routes();
   const int threads = std::max(1, o.threads);
   impl->server.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
+  impl->server.set_tcp_nodelay(true);  // every chunk leaves at once (no Nagle delay)
   impl->server.set_keep_alive_max_count(1000);
   impl->server.set_keep_alive_timeout(2);  // an idle kept-alive connection holds Stop that long
   impl->server.set_read_timeout(30, 0);

@@ -869,6 +869,14 @@ TEST(PdbenchCliTest, UnreachableTargetAndBadArguments) {
   EXPECT_EQ(RunPdbench({"--target", "x:1", "--search"}), 2);  // needs --goodput
   EXPECT_EQ(RunPdbench({"--target", "x:1", "--percentile-metrics", "ttft,foo"}), 2);
   EXPECT_EQ(RunPdbench({"--target", "x:1", "--bogus"}), 2);
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--api", "rest"}), 2);
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--model", "m"}), 2);  // --model is --api openai's
+  EXPECT_EQ(RunPdbench({"--target", "x:1", "--api", "openai", "--turns", "3", "--rate", "1",
+                        "--max-model-len", "512"}),
+            2);  // the answers' token ids are not returned
+  EXPECT_EQ(RunPdbench({"--target", "127.0.0.1:1", "--api", "openai", "--connect-timeout", "0.5",
+                        "--quiet"}),
+            1);  // nothing listens there
   // Multi-turn: open loop at a finite rate, generated token-id prompts.
   EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "3"}), 2);                 // --rate inf
   EXPECT_EQ(RunPdbench({"--target", "x:1", "--turns", "3", "--rate", "1"}), 2);  // no cap

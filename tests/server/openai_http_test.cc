@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
+#include "client/openai_client.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "httplib.h"
@@ -477,6 +478,84 @@ TEST_F(OpenAiHttpTest, OverloadIsTooManyRequests) {
   EXPECT_EQ(res->status, 429) << res->body;
   EXPECT_EQ(Json::parse(res->body)["error"]["type"], "rate_limit_error");
   slow.join();
+  decode_->backend.delay_ms = 0;
+}
+
+// pdbench's OpenAI client (client/openai_client.h) against this server: the stream comes back
+// as the gRPC API's messages (token counts, a Done from the usage), errors as its codes, and a
+// cancelled call cancels the request.
+TEST_F(OpenAiHttpTest, PdbenchsOpenAiClientReadsTheStreamAsGrpcMessages) {
+  const api::GenerateResponse expected = Grpc(kPrompt, 12);
+  client::OpenAiClient http_client(absl::StrCat("http://127.0.0.1:", frontend_->http_port()), "");
+  ASSERT_TRUE(http_client.WaitForConnected(absl::Seconds(10)).ok());
+  EXPECT_EQ(http_client.model(), Status().model());
+  EXPECT_EQ(http_client.GetClusterStatus(absl::Seconds(1)).status().code(),
+            absl::StatusCode::kUnimplemented);
+  struct Got {
+    std::mutex mu;
+    std::vector<api::GenerateResponse> messages;
+    grpc::Status status;
+  };
+  auto run = [&](const api::GenerateRequest& r, Got& got, bool cancel_after_first = false) {
+    std::shared_ptr<client::GenerateCall> call;
+    client::GenerateCallbacks cb;
+    cb.on_message = [&](const api::GenerateResponse& m, client::Clock::time_point) {
+      std::lock_guard<std::mutex> lock(got.mu);
+      got.messages.push_back(m);
+    };
+    cb.on_done = [&](const grpc::Status& s, client::Clock::time_point) { got.status = s; };
+    call = http_client.StartGenerate(r, absl::Seconds(60), std::move(cb));
+    if (cancel_after_first) {
+      ASSERT_TRUE(PollUntil(
+          [&] {
+            std::lock_guard<std::mutex> lock(got.mu);
+            return got.messages.size();
+          },
+          [](size_t n) { return n > 0; }, absl::Seconds(20)));
+      call->Cancel();
+    }
+    ASSERT_TRUE(call->WaitFor(absl::Seconds(60)));
+  };
+  api::GenerateRequest r;
+  r.set_prompt_text(kPrompt);
+  r.set_max_tokens(12);
+  r.set_ignore_eos(true);
+  r.set_temperature(0);
+  Got got;
+  run(r, got);
+  ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+  ASSERT_GE(got.messages.size(), 2u);
+  std::string text;
+  int tokens = 0;
+  for (const auto& m : got.messages) {
+    text += m.text();
+    tokens += m.token_ids_size();
+  }
+  EXPECT_EQ(text, expected.text());
+  EXPECT_EQ(tokens, 12);
+  ASSERT_TRUE(got.messages.back().has_done());
+  EXPECT_EQ(got.messages.back().done().finish_reason(), "length");
+  EXPECT_EQ(got.messages.back().done().prompt_tokens(), expected.done().prompt_tokens());
+  EXPECT_EQ(got.messages.back().done().completion_tokens(), 12);
+
+  r.set_max_tokens(100000);  // past the context: INVALID_ARGUMENT with the front-end's message
+  Got refused;
+  run(r, refused);
+  EXPECT_EQ(refused.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_TRUE(absl::StrContains(refused.status.error_message(), "context"))
+      << refused.status.error_message();
+
+  decode_->backend.delay_ms = 30;
+  r.set_max_tokens(150);
+  Got cancelled;
+  run(r, cancelled, /*cancel_after_first=*/true);
+  EXPECT_EQ(cancelled.status.error_code(), grpc::StatusCode::CANCELLED);
+  EXPECT_TRUE(PollUntil([&] { return Status(); },
+                        [](const api::ClusterStatus& s) {
+                          return s.requests_in_flight() == 0 && s.requests_cancelled() == 1;
+                        },
+                        absl::Seconds(20)))
+      << Status().DebugString();
   decode_->backend.delay_ms = 0;
 }
 
