@@ -6,6 +6,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "httplib.h"
+#include "server/http_util.h"
 
 namespace pds::server {
 
@@ -130,35 +131,10 @@ absl::StatusOr<std::unique_ptr<MetricsServer>> MetricsServer::Start(
   impl->server.set_keep_alive_timeout(1);  // and a connection that sends nothing, for 1 s
   impl->server.set_read_timeout(5, 0);
   impl->server.set_write_timeout(5, 0);
-  // getaddrinfo takes an IPv6 host without the brackets of "[::]".
-  std::string bind_host = host;
-  if (bind_host.size() > 2 && bind_host.front() == '[' && bind_host.back() == ']') {
-    bind_host = bind_host.substr(1, bind_host.size() - 2);
-  }
-  int bound = port;
-  if (port == 0) {
-    bound = impl->server.bind_to_any_port(bind_host);
-  } else if (!impl->server.bind_to_port(bind_host, port)) {
-    bound = -1;
-  }
-  if (bound <= 0) {
-    return absl::UnavailableError(
-        absl::StrCat("metrics: cannot listen on ", host, ":", port, " (in use?)"));
-  }
-  Impl* raw = impl.get();
-  impl->thread = std::thread([raw] { raw->server.listen_after_bind(); });
-  // Running before Start returns: a stop() that came first would find nothing to stop, and the
-  // listening thread would never end.
-  for (int i = 0; i < 5000 && !impl->server.is_running(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  if (!impl->server.is_running()) {
-    impl->server.stop();
-    impl->thread.detach();
-    (void)impl.release();  // its thread may still use it: left alive, as the process fails
-    return absl::InternalError("metrics: the HTTP server did not start");
-  }
-  return std::unique_ptr<MetricsServer>(new MetricsServer(std::move(impl), bound));
+  absl::StatusOr<int> bound = ListenInBackground(impl->server, host, port, impl->thread, "metrics");
+  if (absl::IsInternal(bound.status())) (void)impl.release();  // its thread may use it
+  if (!bound.ok()) return bound.status();
+  return std::unique_ptr<MetricsServer>(new MetricsServer(std::move(impl), *bound));
 }
 
 MetricsServer::MetricsServer(std::unique_ptr<Impl> impl, int port)

@@ -21,6 +21,7 @@
 #include "httplib.h"
 #include "nlohmann/json.hpp"
 #include "pdserve/v1/serving.grpc.pb.h"
+#include "server/http_util.h"
 
 namespace pds::server {
 namespace {
@@ -745,33 +746,12 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(
   impl->server.set_read_timeout(30, 0);
   impl->server.set_write_timeout(30, 0);
   impl->server.set_payload_max_length(64 << 20);
-  std::string bind_host = o.host;
-  if (bind_host.size() > 2 && bind_host.front() == '[' && bind_host.back() == ']') {
-    bind_host = bind_host.substr(1, bind_host.size() - 2);
-  }
-  int bound = o.port;
-  if (o.port == 0) {
-    bound = impl->server.bind_to_any_port(bind_host);
-  } else if (!impl->server.bind_to_port(bind_host, o.port)) {
-    bound = -1;
-  }
-  if (bound <= 0) {
-    return absl::UnavailableError(
-        absl::StrCat("http: cannot listen on ", o.host, ":", o.port, " (in use?)"));
-  }
-  impl->port = bound;
-  Impl* raw = impl.get();
-  impl->thread = std::thread([raw] { raw->server.listen_after_bind(); });
-  for (int i = 0; i < 5000 && !impl->server.is_running(); ++i) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  if (!impl->server.is_running()) {
-    impl->server.stop();
-    impl->thread.detach();
-    (void)impl.release();  // its thread may still use it: left alive, as the process fails
-    return absl::InternalError("http: the server did not start");
-  }
-  impl->log->info("OpenAI-compatible API at http://{}:{}/v1 (model {})", o.host, bound, o.model);
+  absl::StatusOr<int> bound =
+      ListenInBackground(impl->server, o.host, o.port, impl->thread, "http");
+  if (absl::IsInternal(bound.status())) (void)impl.release();  // its thread may use it
+  if (!bound.ok()) return bound.status();
+  impl->port = *bound;
+  impl->log->info("OpenAI-compatible API at http://{}:{}/v1 (model {})", o.host, *bound, o.model);
   return std::unique_ptr<OpenAiHttpServer>(new OpenAiHttpServer(std::move(impl)));
 }
 

@@ -251,6 +251,14 @@ class OpenAiHttpTest : public ::testing::Test {
     EXPECT_TRUE(call->Finish().ok());
     return all;
   }
+  // Waits until nothing is in flight and `n` requests were cancelled.
+  bool EndedCancelled(int n) {
+    return PollUntil([&] { return Status(); },
+                     [n](const api::ClusterStatus& s) {
+                       return s.requests_in_flight() == 0 && s.requests_cancelled() == n;
+                     },
+                     absl::Seconds(20));
+  }
   api::ClusterStatus Status() {
     grpc::ClientContext ctx;
     api::ClusterStatus s;
@@ -449,12 +457,7 @@ TEST_F(OpenAiHttpTest, AClientThatLeavesCancelsItsRequest) {
   req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) { return ++chunks < 3; };
   auto res = http_->send(req);
   EXPECT_GE(chunks, 3);
-  EXPECT_TRUE(PollUntil([&] { return Status(); },
-                        [](const api::ClusterStatus& s) {
-                          return s.requests_in_flight() == 0 && s.requests_cancelled() == 1;
-                        },
-                        absl::Seconds(20)))
-      << Status().DebugString();
+  EXPECT_TRUE(EndedCancelled(1)) << Status().DebugString();
   decode_->backend.delay_ms = 0;
 }
 
@@ -550,12 +553,7 @@ TEST_F(OpenAiHttpTest, PdbenchsOpenAiClientReadsTheStreamAsGrpcMessages) {
   Got cancelled;
   run(r, cancelled, /*cancel_after_first=*/true);
   EXPECT_EQ(cancelled.status.error_code(), grpc::StatusCode::CANCELLED);
-  EXPECT_TRUE(PollUntil([&] { return Status(); },
-                        [](const api::ClusterStatus& s) {
-                          return s.requests_in_flight() == 0 && s.requests_cancelled() == 1;
-                        },
-                        absl::Seconds(20)))
-      << Status().DebugString();
+  EXPECT_TRUE(EndedCancelled(1)) << Status().DebugString();
   decode_->backend.delay_ms = 0;
 }
 
