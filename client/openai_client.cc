@@ -88,7 +88,19 @@ Json Body(const api::GenerateRequest& r, const std::string& model) {
 
 class HttpCall : public GenerateCall {
  public:
-  void Cancel() override { cancelled = true; }
+  // Also ends a read that waits for the server (a queued request sends nothing).
+  void Cancel() override {
+    cancelled = true;
+    std::lock_guard<std::mutex> lock(mu);
+    if (client != nullptr) client->stop();
+  }
+  // The connection of the call while it runs (under `mu`).
+  void Attach(httplib::Client* c) {
+    std::lock_guard<std::mutex> lock(mu);
+    client = c;
+    if (c != nullptr && cancelled) c->stop();
+  }
+  httplib::Client* client = nullptr;
   void Wait() override {
     std::unique_lock<std::mutex> lock(mu);
     cv.wait(lock, [&] { return ended; });
@@ -115,7 +127,16 @@ class Stream {
 
   // Takes a piece of the body; false once an error event ended the stream.
   bool Feed(const char* data, size_t len) {
-    buffer_.append(data, len);
+    // Events end with a blank line; CRLF and CR line ends count as LF.
+    for (size_t i = 0; i < len; ++i) {
+      if (data[i] == '\r') {
+        cr_ = true;
+        buffer_.push_back('\n');
+        continue;
+      }
+      if (!(cr_ && data[i] == '\n')) buffer_.push_back(data[i]);
+      cr_ = false;
+    }
     size_t end;
     while ((end = buffer_.find("\n\n")) != std::string::npos) {
       std::string event = buffer_.substr(0, end);
@@ -125,7 +146,6 @@ class Stream {
         const size_t nl = rest.find('\n');
         absl::string_view line = rest.substr(0, nl);
         rest = nl == absl::string_view::npos ? absl::string_view() : rest.substr(nl + 1);
-        absl::ConsumeSuffix(&line, "\r");
         if (!absl::ConsumePrefix(&line, "data:")) continue;  // comments, other fields
         absl::ConsumePrefix(&line, " ");
         if (!Event(line)) return false;
@@ -175,10 +195,10 @@ class Stream {
     }
     if (j.contains("usage") && j["usage"].is_object()) {
       const Json& u = j["usage"];
-      prompt_tokens_ = u.value("prompt_tokens", int64_t{0});
-      completion_tokens_ = u.value("completion_tokens", int64_t{0});
+      prompt_tokens_ = Count(u, "prompt_tokens");
+      completion_tokens_ = Count(u, "completion_tokens");
       if (u.contains("prompt_tokens_details") && u["prompt_tokens_details"].is_object()) {
-        cached_tokens_ = u["prompt_tokens_details"].value("cached_tokens", int64_t{0});
+        cached_tokens_ = Count(u["prompt_tokens_details"], "cached_tokens");
       }
     }
     if (!j.contains("choices") || !j["choices"].is_array() || j["choices"].empty()) return true;
@@ -199,8 +219,15 @@ class Stream {
     return true;
   }
 
+  // A count field of a usage object (0 where absent, null or not a count).
+  static int64_t Count(const Json& j, const char* field) {
+    auto it = j.find(field);
+    return it != j.end() && it->is_number_integer() ? it->get<int64_t>() : 0;
+  }
+
   GenerateCallbacks& cb_;
   std::string buffer_;
+  bool cr_ = false;  // the last byte fed was a CR
   grpc::Status error_;
   std::string finish_reason_;
   int64_t counted_ = 0, prompt_tokens_ = 0, completion_tokens_ = 0, cached_tokens_ = 0;
@@ -286,6 +313,7 @@ std::shared_ptr<GenerateCall> OpenAiClient::StartGenerate(const api::GenerateReq
     std::string error_body;
     bool timed_out = false;
     httplib::Client http(host, port);
+    call->Attach(&http);
     http.set_tcp_nodelay(true);
     http.set_connection_timeout(10);
     http.set_write_timeout(30);
@@ -318,6 +346,7 @@ std::shared_ptr<GenerateCall> OpenAiClient::StartGenerate(const api::GenerateReq
       return stream_ok;
     };
     auto res = http.send(req);
+    call->Attach(nullptr);
     grpc::Status status;
     if (call->cancelled) {
       status = grpc::Status(grpc::StatusCode::CANCELLED, "cancelled by the client");

@@ -31,6 +31,7 @@
 #include "server/grpc_util.h"
 #include "server/metrics.h"
 #include "server/openai_http.h"
+#include "server/stop_matcher.h"
 
 namespace pds::server {
 
@@ -222,9 +223,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       http.host = options_.host;
       http.port = options_.http_port;
       // Its calls come back over loopback where the front-end listens on every address.
-      const bool any = options_.host == "0.0.0.0" || options_.host == "[::]" ||
-                       options_.host == "::" || options_.host.empty();
-      http.grpc_target = absl::StrCat(any ? "127.0.0.1" : options_.host, ":", port_);
+      http.grpc_target =
+          JoinHostPort(IsWildcardHost(options_.host) ? "127.0.0.1" : options_.host, port_);
       http.model = model_name_;
       http.max_context = static_cast<int32_t>(config_.max_context());
       http.tokenizer = tokenizer_.get();
@@ -233,6 +233,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         return Ready();
       };
       http.threads = std::clamp(options_.max_in_flight, 16, 512);
+      http.max_choices_in_flight = std::max(1, options_.max_in_flight);
       http.request_timeout = options_.request_timeout;
       PDS_ASSIGN_OR_RETURN(http_server_, OpenAiHttpServer::Start(std::move(http)));
     }
@@ -485,12 +486,18 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         decoder = std::make_unique<engine::StreamDecoder>(*impl.tokenizer_,
                                                           /*skip_special_tokens=*/true);
       }
+      if (request.stop_size() > 0) {
+        stop = std::make_unique<StopMatcher>(
+            std::vector<std::string>(request.stop().begin(), request.stop().end()));
+      }
     }
     const api::GenerateRequest& request;
     pb::WorkRequest& work;  // dispatch adds its decisions (best_effort)
     grpc::ServerWriter<api::GenerateResponse>* writer;
     Tracked& tracked;
     std::unique_ptr<engine::StreamDecoder> decoder;
+    std::unique_ptr<StopMatcher> stop;  // the request's text stop sequences, if any
+    bool stopped = false;               // a stop sequence ended it: the worker calls are cancelled
     api::Timeline timeline;
     int32_t completion_tokens = 0;
     std::vector<int32_t> output_ids;  // the tokens relayed (the decoding worker caches them)
@@ -548,6 +555,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     }
     for (double slo : {r.ttft_slo_ms(), r.tpot_slo_ms()}) {
       if (!std::isfinite(slo) || slo < 0) return Invalid("SLO targets must be finite and >= 0");
+    }
+    if (r.stop_size() > 0) {
+      if (!tokenizer_) {
+        return Invalid(absl::StrCat(
+            "model ", model_name_, " has no tokenizer.json: no text to stop (use stop_token_ids)"));
+      }
+      if (absl::Status s = ValidateStops({r.stop().begin(), r.stop().end()}); !s.ok()) {
+        return ToGrpc(s);
+      }
     }
     work.set_request_id(r.request_id());
     *work.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
@@ -847,10 +863,11 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   bool Forward(Relay& relay, const pb::WorkEvent& event, bool* done) {
     api::GenerateResponse response;
     response.set_request_id(relay.tracked.id);
+    std::string text;
     for (int32_t id : event.token_ids()) {
       response.add_token_ids(id);
       relay.output_ids.push_back(id);
-      if (relay.decoder) response.mutable_text()->append(relay.decoder->Add(id));
+      if (relay.decoder) text += relay.decoder->Add(id);
     }
     for (const pb::TokenLogprobs& lp : event.logprobs()) {
       api::TokenLogprobs* out = response.add_logprobs();
@@ -864,9 +881,21 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     relay.completion_tokens += event.token_ids_size();
     if (relay.timeline.first_token_us() == 0) relay.timeline.set_first_token_us(NowUs());
     *done = !event.finish_reason().empty();
+    if (*done && relay.decoder) text += relay.decoder->Finish();
+    if (relay.stop) {
+      // Text that may start a stop sequence waits for the next tokens; one that appears ends
+      // the request there (its tokens are sent, the text stops before it).
+      std::string out = relay.stop->Add(text);
+      if (relay.stop->stopped()) {
+        relay.stopped = *done = true;
+      } else if (*done) {
+        out += relay.stop->Finish();
+      }
+      text = std::move(out);
+    }
+    *response.mutable_text() = std::move(text);
     if (*done) {
-      if (relay.decoder) response.mutable_text()->append(relay.decoder->Finish());
-      relay.finish_reason = event.finish_reason();
+      relay.finish_reason = relay.stopped ? "stop" : event.finish_reason();
       relay.timeline.set_finish_us(NowUs());
       api::Done* d = response.mutable_done();
       d->set_finish_reason(relay.finish_reason);
@@ -943,6 +972,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         return ClientGone();
       }
     }
+    if (relay.stopped) call.context.TryCancel();  // it would decode on past the stop sequence
     grpc::Status s = stream->Finish();
     if (done) return grpc::Status::OK;
     if (!any && RefusedBeforeStart(s)) *refused = &inst;
@@ -1021,6 +1051,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         return ClientGone();
       }
     }
+    if (relay.stopped) dcall.context.TryCancel();  // it would decode on past the stop sequence
     grpc::Status ds = dstream->Finish();
     if (done) return grpc::Status::OK;
     return WorkerError(decode, ds, relay);

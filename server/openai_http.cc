@@ -22,6 +22,7 @@
 #include "nlohmann/json.hpp"
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "server/http_util.h"
+#include "server/stop_matcher.h"  // ValidateStops
 
 namespace pds::server {
 namespace {
@@ -31,8 +32,6 @@ using Json = nlohmann::json;
 
 constexpr int kMaxChoices = 128;  // prompts x n in one request
 constexpr int kMaxN = 16;
-constexpr int kMaxStops = 4;  // as OpenAI
-constexpr size_t kMaxStopBytes = 256;
 constexpr int kMaxLogprobs = 20;
 
 std::string Dump(const Json& j) { return j.dump(-1, ' ', false, Json::error_handler_t::replace); }
@@ -122,6 +121,30 @@ absl::StatusOr<std::vector<Prompt>> ParsePrompts(const Json& body) {
   return prompts;
 }
 
+// Prompts that could never fit the context are refused before they cost a call each: token
+// arrays longer than it, text of more than kMaxBytesPerToken bytes per position.
+constexpr int64_t kMaxBytesPerToken = 64;
+absl::Status CheckPromptSizes(const std::vector<Prompt>& prompts, int32_t max_context) {
+  if (max_context <= 0) return absl::OkStatus();
+  for (const Prompt& p : prompts) {
+    if (const auto* s = std::get_if<std::string>(&p)) {
+      if (static_cast<int64_t>(s->size()) > kMaxBytesPerToken * max_context) {
+        return BadField("prompt", absl::StrCat("holds ", s->size(),
+                                               " bytes of text, more than "
+                                               "the model's context of ",
+                                               max_context, " tokens could hold"));
+      }
+    } else if (const auto& ids = std::get<std::vector<int32_t>>(p);
+               static_cast<int64_t>(ids.size()) > max_context) {
+      return BadField("prompt", absl::StrCat("holds ", ids.size(),
+                                             " tokens, more than the model's "
+                                             "context of ",
+                                             max_context));
+    }
+  }
+  return absl::OkStatus();
+}
+
 // HTTP status and OpenAI error type of a gRPC/absl status code.
 std::pair<int, const char*> HttpError(absl::StatusCode code) {
   switch (code) {
@@ -171,14 +194,12 @@ std::string TokenString(const engine::Tokenizer* tokenizer, int32_t id) {
 
 // One choice's output as its Generate stream arrives.
 struct Choice {
-  explicit Choice(const std::vector<std::string>& stops) : stop(stops) {}
-  StopMatcher stop;
-  std::string text;           // released by the stop matcher (sent, when streamed)
-  std::string finish_reason;  // set when it ended
+  std::string text;
+  std::string finish_reason;  // from Done
   int32_t completion_tokens = 0;
-  int32_t prompt_tokens = -1;  // from Done (-1: none came)
+  int32_t prompt_tokens = 0;
   int32_t cached_tokens = 0;
-  bool ended = false;  // finished (Done or a stop string) or failed
+  bool ended = false;  // its call ended (OK with a Done, or failed)
   absl::Status status;
   // Completions-format logprobs so far.
   Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
@@ -197,7 +218,8 @@ struct Event {
 // --- parsing -------------------------------------------------------------------------------
 
 absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
-                                                         absl::string_view model) {
+                                                         absl::string_view model,
+                                                         int32_t max_context) {
   Json j = Json::parse(body, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return absl::InvalidArgumentError("the body is not valid JSON");
   if (!j.is_object()) return absl::InvalidArgumentError("the body must be a JSON object");
@@ -220,6 +242,7 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
     PDS_RETURN_IF_ERROR(Unsupported(j, field, neutral, what));
   }
   PDS_ASSIGN_OR_RETURN(std::vector<Prompt> prompts, ParsePrompts(j));
+  PDS_RETURN_IF_ERROR(CheckPromptSizes(prompts, max_context));
   CompletionRequest r;
   int32_t max_tokens = 16;
   double temperature = 1.0, top_p = 1.0;
@@ -264,15 +287,7 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
     } else {
       return BadField("stop", "must be a string or an array of strings");
     }
-    if (r.stop.size() > kMaxStops) {
-      return BadField("stop", absl::StrCat("holds more than ", kMaxStops, " sequences"));
-    }
-    for (const std::string& s : r.stop) {
-      if (s.empty() || s.size() > kMaxStopBytes || !engine::IsValidUtf8(s)) {
-        return BadField("stop",
-                        absl::StrCat("sequences must be 1-", kMaxStopBytes, " bytes of UTF-8"));
-      }
-    }
+    PDS_RETURN_IF_ERROR(ValidateStops(r.stop));
   }
   std::vector<int32_t> stop_ids;
   if (auto it = j.find("stop_token_ids"); it != j.end() && !it->is_null()) {
@@ -322,46 +337,11 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
       if (r.logprobs >= 0) g.set_logprobs(r.logprobs);
       if (ttft_slo) g.set_ttft_slo_ms(*ttft_slo);
       if (tpot_slo) g.set_tpot_slo_ms(*tpot_slo);
+      *g.mutable_stop() = {r.stop.begin(), r.stop.end()};
       r.choices.push_back(std::move(g));
     }
   }
   return r;
-}
-
-// --- stop sequences ------------------------------------------------------------------------
-
-std::string StopMatcher::Add(absl::string_view piece) {
-  if (stopped_) return "";
-  held_.append(piece.data(), piece.size());
-  size_t first = std::string::npos;
-  for (const std::string& s : stops_) first = std::min(first, held_.find(s));
-  if (first != std::string::npos) {
-    std::string out = held_.substr(0, first);
-    held_.clear();
-    stopped_ = true;
-    return out;
-  }
-  // Hold back the longest end of the text that a stop sequence starts with (nothing before it
-  // can start one: it would have been a longer such end).
-  size_t keep = 0;
-  for (const std::string& s : stops_) {
-    for (size_t len = std::min(s.size() - 1, held_.size()); len > keep; --len) {
-      if (held_.compare(held_.size() - len, len, s, 0, len) == 0) {
-        keep = len;
-        break;
-      }
-    }
-  }
-  std::string out = held_.substr(0, held_.size() - keep);
-  held_.erase(0, held_.size() - keep);
-  return out;
-}
-
-std::string StopMatcher::Finish() {
-  if (stopped_) return "";
-  std::string out = std::move(held_);
-  held_.clear();
-  return out;
 }
 
 // --- the server ----------------------------------------------------------------------------
@@ -375,20 +355,28 @@ class Calls {
     for (size_t i = 0; i < request.choices.size(); ++i) {
       contexts_[i] = std::make_unique<grpc::ClientContext>();
       contexts_[i]->set_deadline(deadline);
-      threads_.emplace_back([this, &stub, i, req = request.choices[i]] {
-        auto reader = stub.Generate(contexts_[i].get(), req);
-        api::GenerateResponse m;
-        while (reader->Read(&m)) Push({static_cast<int>(i), std::move(m), {}});
-        const grpc::Status s = reader->Finish();
-        Push({static_cast<int>(i), std::nullopt, s});
-      });
+    }
+    try {
+      for (size_t i = 0; i < request.choices.size(); ++i) {
+        threads_.emplace_back([this, &stub, i, &req = request.choices[i]] {
+          auto reader = stub.Generate(contexts_[i].get(), req);
+          api::GenerateResponse m;
+          while (reader->Read(&m)) Push({static_cast<int>(i), std::move(m), {}});
+          const grpc::Status s = reader->Finish();
+          Push({static_cast<int>(i), std::nullopt, s});
+        });
+      }
+    } catch (const std::system_error&) {
+      // No thread to be had (a process or memory limit): the request is refused as a whole.
+      started_all_ = false;
     }
   }
   ~Calls() {
     CancelAll();
     for (auto& t : threads_) t.join();
   }
-  void Cancel(int choice) { contexts_[choice]->TryCancel(); }
+  // False when the calls could not all be started (the caller answers 503 at once).
+  bool started_all() const { return started_all_; }
   void CancelAll() {
     for (auto& c : contexts_) c->TryCancel();
   }
@@ -411,6 +399,7 @@ class Calls {
   }
   std::vector<std::unique_ptr<grpc::ClientContext>> contexts_;
   std::vector<std::thread> threads_;
+  bool started_all_ = true;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Event> events_;
@@ -429,9 +418,15 @@ class OpenAiHttpServer::Impl {
   std::unique_ptr<api::Serving::Stub> stub;
   std::atomic<bool> stopping{false};
   std::atomic<uint64_t> next_id{0};
+  std::atomic<int> choices_in_flight{0};  // each holds a thread and a call
 
   // A completion in progress: its calls and choices, and the chunk header fields.
   struct Job {
+    ~Job() {
+      calls.reset();  // cancelled and joined first
+      if (admitted != nullptr) admitted->fetch_sub(static_cast<int>(choices.size()));
+    }
+    std::atomic<int>* admitted = nullptr;  // Impl::choices_in_flight, counted while it lives
     CompletionRequest request;
     std::unique_ptr<Calls> calls;
     std::vector<Choice> choices;
@@ -445,7 +440,6 @@ class OpenAiHttpServer::Impl {
   std::string Apply(Job& job, Event& e, bool* just_ended) {
     *just_ended = false;
     Choice& c = job.choices[e.choice];
-    if (c.ended) return "";  // ended by a stop sequence: the rest of its call is dropped
     if (!e.message) {
       c.ended = true;
       *just_ended = true;
@@ -453,14 +447,18 @@ class OpenAiHttpServer::Impl {
       if (!e.status.ok()) {
         c.status = absl::Status(static_cast<absl::StatusCode>(e.status.error_code()),
                                 e.status.error_message());
-        return "";
+      } else if (c.finish_reason.empty()) {
+        c.status = absl::InternalError("the front-end ended a call without its Done");
       }
-      if (c.finish_reason.empty()) c.finish_reason = "length";  // (a Done always comes)
       return "";
     }
     const api::GenerateResponse& m = *e.message;
     c.completion_tokens += m.token_ids_size();
     if (job.request.logprobs >= 0) {
+      // Each token's offset: the text before the message plus its earlier tokens' text (a
+      // token's own text may be part of a character, or held back at a stop sequence's start).
+      size_t offset = c.text.size();
+      const size_t end = c.text.size() + m.text().size();
       for (int i = 0; i < m.logprobs_size() && i < m.token_ids_size(); ++i) {
         const api::TokenLogprobs& lp = m.logprobs(i);
         c.tokens.push_back(TokenString(options.tokenizer, m.token_ids(i)));
@@ -470,26 +468,20 @@ class OpenAiHttpServer::Impl {
           top[TokenString(options.tokenizer, t.token_id())] = t.logprob();
         }
         c.top_logprobs.push_back(std::move(top));
-        c.text_offset.push_back(c.text.size());
+        c.text_offset.push_back(std::min(offset, end));
+        if (options.tokenizer != nullptr) {
+          offset += options.tokenizer->Decode(std::vector<int32_t>{m.token_ids(i)}).size();
+        }
       }
     }
-    std::string out = c.stop.Add(m.text());
     if (m.has_done()) {
       const api::Done& d = m.done();
       c.prompt_tokens = d.prompt_tokens();
       c.cached_tokens = d.cached_prompt_tokens();
       c.finish_reason = d.finish_reason();
-      out += c.stop.Finish();
     }
-    if (c.stop.stopped()) {
-      c.finish_reason = "stop";
-      c.ended = true;
-      *just_ended = true;
-      ++job.ended;
-      job.calls->Cancel(e.choice);
-    }
-    c.text += out;
-    return out;
+    c.text += m.text();
+    return m.text();
   }
 
   Json Usage(const Job& job) const {
@@ -499,24 +491,12 @@ class OpenAiHttpServer::Impl {
       completion += c.completion_tokens;
       if (i % job.request.n != 0) continue;  // a prompt counts once, whatever n
       cached += c.cached_tokens;
-      if (c.prompt_tokens >= 0) {
-        prompt += c.prompt_tokens;
-      } else {
-        prompt += PromptTokens(job.request.choices[i]);
-      }
+      prompt += c.prompt_tokens;
     }
     return {{"prompt_tokens", prompt},
             {"completion_tokens", completion},
             {"total_tokens", prompt + completion},
             {"prompt_tokens_details", {{"cached_tokens", cached}}}};
-  }
-
-  // A choice ended before its Done (a stop sequence): its prompt's length as the front-end
-  // counts it (the same tokenizer).
-  int64_t PromptTokens(const api::GenerateRequest& r) const {
-    if (!r.has_prompt_text()) return r.prompt_token_ids_size();
-    if (options.tokenizer == nullptr) return 0;
-    return static_cast<int64_t>(options.tokenizer->Encode(r.prompt_text()).size());
   }
 
   Json Logprobs(const Job& job, const Choice& c, size_t from) const {
@@ -541,7 +521,7 @@ class OpenAiHttpServer::Impl {
   }
 
   void Completions(const httplib::Request& req, httplib::Response& res) {
-    auto parsed = ParseCompletionRequest(req.body, options.model);
+    auto parsed = ParseCompletionRequest(req.body, options.model, options.max_context);
     if (!parsed.ok()) return SendError(res, parsed.status());
     auto job = std::make_shared<Job>();
     job->request = std::move(*parsed);
@@ -550,7 +530,7 @@ class OpenAiHttpServer::Impl {
       return SendError(res, absl::InvalidArgumentError("X-Request-Id is longer than 200 bytes"));
     }
     for (size_t i = 0; i < job->request.choices.size(); ++i) {
-      job->choices.emplace_back(job->request.stop);
+      job->choices.emplace_back();
       if (!header_id.empty()) {
         job->request.choices[i].set_request_id(
             job->request.choices.size() == 1 ? header_id : absl::StrCat(header_id, "-", i));
@@ -559,7 +539,18 @@ class OpenAiHttpServer::Impl {
     job->id = header_id.empty() ? absl::StrFormat("cmpl-%x-%x", UnixSeconds(), next_id++)
                                 : absl::StrCat("cmpl-", header_id);
     job->created = UnixSeconds();
+    const int n = static_cast<int>(job->choices.size());
+    if (choices_in_flight.fetch_add(n) + n > std::max(1, options.max_choices_in_flight)) {
+      choices_in_flight.fetch_sub(n);
+      return SendError(res, absl::ResourceExhaustedError(
+                                absl::StrCat("the HTTP API has ", options.max_choices_in_flight,
+                                             " choices in flight (its limit); retry later")));
+    }
+    job->admitted = &choices_in_flight;
     job->calls = std::make_unique<Calls>(*stub, job->request, options.request_timeout);
+    if (!job->calls->started_all()) {
+      return SendError(res, absl::UnavailableError("no thread for the request's calls"));
+    }
     const absl::Time deadline = absl::Now() + options.request_timeout;
     const int total = static_cast<int>(job->choices.size());
 
@@ -632,15 +623,17 @@ class OpenAiHttpServer::Impl {
       return sink.write(s.data(), s.size());
     };
     auto chunk = [&](int i, const std::string& text, size_t logprobs_from, const Json& finish) {
-      return send({{"id", job.id},
-                   {"object", "text_completion"},
-                   {"created", job.created},
-                   {"model", options.model},
-                   {"choices",
-                    {{{"index", i},
-                      {"text", text},
-                      {"logprobs", Logprobs(job, job.choices[i], logprobs_from)},
-                      {"finish_reason", finish}}}}});
+      Json j = {{"id", job.id},
+                {"object", "text_completion"},
+                {"created", job.created},
+                {"model", options.model},
+                {"choices",
+                 {{{"index", i},
+                   {"text", text},
+                   {"logprobs", Logprobs(job, job.choices[i], logprobs_from)},
+                   {"finish_reason", finish}}}}};
+      if (job.request.include_usage) j["usage"] = nullptr;  // as OpenAI: only the last has it
+      return send(j);
     };
     absl::Time last_write = absl::Now();
     bool failed = false;
@@ -743,9 +736,11 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(
   impl->server.set_tcp_nodelay(true);  // every chunk leaves at once (no Nagle delay)
   impl->server.set_keep_alive_max_count(1000);
   impl->server.set_keep_alive_timeout(2);  // an idle kept-alive connection holds Stop that long
-  impl->server.set_read_timeout(30, 0);
+  impl->server.set_read_timeout(10, 0);
   impl->server.set_write_timeout(30, 0);
-  impl->server.set_payload_max_length(64 << 20);
+  // Bodies up to a few prompts of the whole context (at most 64 bytes a position), 1-64 MiB.
+  impl->server.set_payload_max_length(static_cast<size_t>(std::clamp<int64_t>(
+      int64_t{o.max_context} * kMaxBytesPerToken * 4, int64_t{1} << 20, int64_t{64} << 20)));
   absl::StatusOr<int> bound =
       ListenInBackground(impl->server, o.host, o.port, impl->thread, "http");
   if (absl::IsInternal(bound.status())) (void)impl.release();  // its thread may use it

@@ -8,8 +8,9 @@
 //
 // Each choice of a completion is one Generate call on the front-end's own gRPC Serving API
 // (loopback), so admission control, SLO targets, placement, timelines and metrics are exactly
-// those of gRPC clients. Chat completions need a chat template (tokenizer_config.json), which
-// pdserve does not read yet: /v1/chat/completions answers 404 saying so.
+// those of gRPC clients (text stop sequences too: GenerateRequest.stop). Chat completions need a
+// chat template (tokenizer_config.json), which pdserve does not read yet: /v1/chat/completions
+// answers 404 saying so.
 #pragma once
 
 #include <functional>
@@ -35,11 +36,12 @@ struct OpenAiHttpOptions {
   std::string grpc_target;  // the front-end's Serving API (host:port)
   std::string model;        // the served model's id (requests naming another get 404)
   int32_t max_context = 0;  // the model's context, reported by /v1/models
-  // Token strings of logprobs and the prompt token count of a choice ended by a stop string
-  // (its call is cancelled before it reports one); null: token ids as strings, counts 0.
+  // Token strings and text offsets of logprobs (null: token ids as strings).
   const engine::Tokenizer* tokenizer = nullptr;
   std::function<bool()> ready;  // GET /health
   int threads = 256;            // connections served at once (each holds a thread)
+  // Choices (calls) in flight over all requests, each with a thread: more get 429.
+  int max_choices_in_flight = 1024;
   absl::Duration request_timeout = absl::Minutes(10);
 };
 
@@ -68,7 +70,7 @@ struct CompletionRequest {
   int n = 1;
   bool stream = false;
   bool include_usage = false;     // stream_options.include_usage: a last chunk with the usage
-  std::vector<std::string> stop;  // text stop sequences, cut from the text (not returned)
+  std::vector<std::string> stop;  // text stop sequences (the front-end cuts the text there)
   int logprobs = -1;              // >= 0: OpenAI completions logprobs with that many alternatives
 };
 
@@ -77,22 +79,9 @@ struct CompletionRequest {
 // Unknown fields are ignored, as OpenAI's servers do. Defaults are OpenAI's: max_tokens 16,
 // temperature 1; `top_k`, `ignore_eos`, `stop_token_ids` (as in vLLM), `ttft_slo_ms` and
 // `tpot_slo_ms` are pdserve's extensions.
+// `max_context` > 0: prompts that could never fit it are refused here.
 absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
-                                                         absl::string_view model);
-
-// Text stop sequences over a stream of text pieces: Add returns the text that may be sent now
-// (never the start of a possible stop sequence), Finish what is held back at the end.
-class StopMatcher {
- public:
-  explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}
-  std::string Add(absl::string_view piece);
-  std::string Finish();
-  bool stopped() const { return stopped_; }
-
- private:
-  std::vector<std::string> stops_;
-  std::string held_;  // text not sent yet
-  bool stopped_ = false;
-};
+                                                         absl::string_view model,
+                                                         int32_t max_context = 0);
 
 }  // namespace pds::server

@@ -19,6 +19,7 @@
 #include "nlohmann/json.hpp"
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "server/frontend.h"
+#include "server/stop_matcher.h"
 #include "tests/server/test_worker.h"
 #include "tests/testing/test_util.h"
 
@@ -405,10 +406,36 @@ TEST_F(OpenAiHttpTest, StopSequencesCutTheTextAndEndTheChoice) {
   }
   EXPECT_EQ(text, expected);
   EXPECT_EQ(finish, "stop");
-  // The stopped calls were cancelled, not left running.
-  EXPECT_TRUE(PollUntil([&] { return Status(); },
-                        [](const api::ClusterStatus& s) { return s.requests_in_flight() == 0; },
-                        absl::Seconds(10)));
+  // The front-end ended them (finished, not cancelled by the client) and stopped the workers.
+  const api::ClusterStatus s = Status();
+  EXPECT_EQ(s.requests_in_flight(), 0);
+  EXPECT_EQ(s.requests_cancelled(), 0);
+  EXPECT_EQ(s.requests_finished(), 3);
+  // The gRPC API takes the same stop sequences.
+  api::GenerateRequest g;
+  g.set_prompt_text(kPrompt);
+  g.set_max_tokens(40);
+  g.set_ignore_eos(true);
+  g.add_stop(stop);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto call = stub_->Generate(&ctx, g);
+  api::GenerateResponse m;
+  std::string grpc_text;
+  api::Done done;
+  while (call->Read(&m)) {
+    grpc_text += m.text();
+    if (m.has_done()) done = m.done();
+  }
+  ASSERT_TRUE(call->Finish().ok());
+  EXPECT_EQ(grpc_text, expected);
+  EXPECT_EQ(done.finish_reason(), "stop");
+  EXPECT_LT(done.completion_tokens(), 40);
+  EXPECT_TRUE(EndedCancelled(0));
+  // Both decode workers' blocks came back (the stopped decode was cancelled, not left running).
+  EXPECT_TRUE(decode_->WaitFor([](const ::pdserve::internal::WorkerStatus& w) {
+    return w.kv_blocks_used() == 0 && w.running_requests() == 0;
+  }));
 }
 
 TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsWithHttpStatuses) {

@@ -1,0 +1,34 @@
+// Text stop sequences (OpenAI's `stop`): the front-end cuts a request's text at the first of
+// them and ends the request there.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+
+namespace pds::server {
+
+inline constexpr size_t kMaxStops = 4;  // as OpenAI
+inline constexpr size_t kMaxStopBytes = 256;
+
+// INVALID_ARGUMENT unless at most kMaxStops sequences of 1-kMaxStopBytes bytes of UTF-8.
+absl::Status ValidateStops(const std::vector<std::string>& stops);
+
+// Text stop sequences over a stream of text pieces: Add returns the text that may be sent now
+// (never the start of a possible stop sequence), Finish what is held back at the end.
+class StopMatcher {
+ public:
+  explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}
+  std::string Add(absl::string_view piece);
+  std::string Finish();
+  bool stopped() const { return stopped_; }
+
+ private:
+  std::vector<std::string> stops_;
+  std::string held_;  // text not sent yet
+  bool stopped_ = false;
+};
+
+}  // namespace pds::server
