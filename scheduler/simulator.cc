@@ -476,7 +476,8 @@ class Cluster {
           break;
       }
     }
-    // Every request ended: each block must be free again (cached prefixes count as free).
+    // Every request ended: each block must be free again (cached prefixes count as free), and
+    // the front-end's bookkeeping back to nothing.
     if (std::all_of(requests_.begin(), requests_.end(), [](const Request& r) { return r.done; })) {
       for (const Instance& inst : instances_) {
         if (inst.engine->num_sequences() != 0 ||
@@ -485,6 +486,14 @@ class Cluster {
                                                   inst.engine->num_sequences(), " sequences and ",
                                                   inst.engine->free_blocks(), " of ",
                                                   inst.config.kv_blocks, " blocks free"));
+        }
+        if (inst.promised_blocks != 0 || inst.decoding != 0 || inst.decode_context != 0 ||
+            inst.pending_requests != 0 || inst.pending_prompt_tokens != 0 ||
+            !inst.queued_lens.empty()) {
+          return absl::InternalError(absl::StrCat(
+              "simulator: ", inst.id, " ends with front-end bookings left: ", inst.promised_blocks,
+              " blocks promised, ", inst.decoding, " decoding, ", inst.pending_requests,
+              " queued"));
         }
       }
     }

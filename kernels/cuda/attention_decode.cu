@@ -55,18 +55,25 @@ __device__ __forceinline__ void LoadScaledQ(const T* q, int64_t q_stride, const 
   }
 }
 
+// The splits of a sequence: those its context reaches, at most the launch's.
+__device__ __forceinline__ int SplitsOf(int kv_len, int split_tokens, int num_splits) {
+  return min((kv_len + split_tokens - 1) / split_tokens, num_splits);
+}
+
 // The output of one (sequence, head) at dim d from its `splits` partial results at
 // part_o / part_ml[base..]: their sums weighed by exp(their max - the largest max), over their
-// weighed exp-sums. The loads bypass L1 (other blocks wrote them, in this launch when fused).
-__device__ __forceinline__ float MergeSplits(const float* part_o, const float* part_ml,
-                                             int64_t base, int splits, int head_dim, int d) {
+// weighed exp-sums. Volatile loads: other blocks wrote them (in this launch when fused), so
+// they are neither cached in L1 nor moved above the caller's fence.
+__device__ __forceinline__ float MergeSplits(const volatile float* part_o,
+                                             const volatile float* part_ml, int64_t base,
+                                             int splits, int head_dim, int d) {
   float m = -FLT_MAX;
-  for (int i = 0; i < splits; ++i) m = fmaxf(m, __ldcg(part_ml + (base + i) * 2));
+  for (int i = 0; i < splits; ++i) m = fmaxf(m, part_ml[(base + i) * 2]);
   float num = 0.0f, den = 0.0f;
   for (int i = 0; i < splits; ++i) {
-    const float w = __expf(__ldcg(part_ml + (base + i) * 2) - m);
-    num += w * __ldcg(part_o + (base + i) * head_dim + d);
-    den += w * __ldcg(part_ml + (base + i) * 2 + 1);
+    const float w = __expf(part_ml[(base + i) * 2] - m);
+    num += w * part_o[(base + i) * head_dim + d];
+    den += w * part_ml[(base + i) * 2 + 1];
   }
   return num / den;
 }
@@ -82,7 +89,7 @@ __device__ __forceinline__ void MergeIfLast(const PagedBatch& batch, const Decod
                                             const float* part_o, const float* part_ml,
                                             int32_t* counters, T* out) {
   __shared__ int last;
-  const int splits = (batch.kv_lens[blk.seq] + split_tokens - 1) / split_tokens;
+  const int splits = SplitsOf(batch.kv_lens[blk.seq], split_tokens, num_splits);
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -270,7 +277,7 @@ __global__ void CombineKernel(PagedBatch batch, T* out, int heads, int head_dim,
   const int s = blockIdx.y, h = blockIdx.x, d = threadIdx.x;
   const int q_row = batch.cu_q[s];
   if (batch.cu_q[s + 1] - q_row != 1) return;
-  const int splits = (batch.kv_lens[s] + split_tokens - 1) / split_tokens;
+  const int splits = SplitsOf(batch.kv_lens[s], split_tokens, num_splits);
   const int64_t base = (int64_t{s} * heads + h) * num_splits;
   out[(int64_t{q_row} * heads + h) * head_dim + d] =
       FromFloat<T>(MergeSplits(part_o, part_ml, base, splits, head_dim, d));

@@ -688,7 +688,10 @@ struct AttnCase {
 
 class CudaAttentionTest : public CudaOpsTest {
  protected:
-  void Run(const AttnCase& c, uint64_t seed) {
+  // `fused_repeats` > 0: afterwards the same attention that many times more with the fused
+  // split combine (PDS_ATTN_COMBINE=fused), each output bitwise the first one's (an ordering
+  // race between the merging block and the others would show as a difference).
+  void Run(const AttnCase& c, uint64_t seed, int fused_repeats = 0) {
     std::mt19937_64 rng(seed);
     BatchMetadata m;
     m.block_size = c.block_size;
@@ -772,7 +775,19 @@ class CudaAttentionTest : public CudaOpsTest {
       }
     }
     EXPECT_TRUE(Close(cache_after, cache_cpu, 0, 0)) << "WriteKv";
-    EXPECT_TRUE(Close(Down(og), DownCpu(oc, out_n), 2 * rtol(), 2 * atol())) << "attention";
+    const std::vector<float> first = Down(og);
+    EXPECT_TRUE(Close(first, DownCpu(oc, out_n), 2 * rtol(), 2 * atol())) << "attention";
+    if (fused_repeats > 0) {
+      ScopedEnv fused("PDS_ATTN_COMBINE", "fused");
+      for (int r = 0; r < fused_repeats; ++r) {
+        ASSERT_TRUE(gpu_->Attention(qg.data(), stride, kg.data(), vg.data(), og.data(), c.heads,
+                                    c.kv_heads, D, scale)
+                        .ok());
+        const std::vector<float> again = Down(og);
+        ASSERT_EQ(std::memcmp(again.data(), first.data(), first.size() * sizeof(float)), 0)
+            << "fused call " << r << " differs from the combine launch's output";
+      }
+    }
   }
 };
 
@@ -860,6 +875,17 @@ TEST_P(CudaAttentionTest, DecodeFusedCombine) {
     }
   }
   Run({{{37, 37}, {1, 300}, {5, 1000}, {1, 9}}, 32, 8, 128, 16}, 98);  // with prefill rows
+}
+
+// The fused combine's output is bitwise the combine launch's, call after call, with each
+// decode kernel (the first call of each case without the setting, 50 more with it).
+TEST_P(CudaAttentionTest, FusedCombineIsBitwiseTheCombineLaunch) {
+  for (const char* kernel : {"", "legacy", "mma"}) {
+    ScopedEnv which("PDS_ATTN_DECODE", kernel);
+    SCOPED_TRACE(::testing::Message() << "kernel '" << kernel << "'");
+    Run({{{1, 2049}, {1, 37}, {1, 700}, {1, 64}, {1, 1}}, 32, 8, 128, 16}, 21, 50);
+    Run({{{1, 1100}, {1, 9}, {1, 300}}, 8, 1, 64, 7}, 22, 50);
+  }
 }
 
 TEST_P(CudaAttentionTest, PrefillCausalRaggedWithCachedPrefix) {
