@@ -642,6 +642,24 @@ TEST(DrainTest, ALocalPrefillIsBookedOnItsDecodeWorkerUntilItsFirstToken) {
   EXPECT_EQ(s->tokens, 3);
   EXPECT_EQ(s->done.timeline().prefill_instance(), "d0");
   EXPECT_EQ(s->done.timeline().decode_instance(), "");
+  // A client that cancels during the prefill: the booking goes with the request.
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  std::thread cancelled([&] {
+    api::GenerateRequest r;
+    for (int j = 0; j < 8; ++j) r.add_prompt_token_ids(40 + j);
+    r.set_max_tokens(3);
+    auto call = c->api->Generate(&ctx, r);
+    api::GenerateResponse m;
+    while (call->Read(&m)) {
+    }
+    EXPECT_EQ(call->Finish().error_code(), grpc::StatusCode::CANCELLED);
+  });
+  EXPECT_TRUE(c->WaitFor(booked(1)));
+  ctx.TryCancel();
+  cancelled.join();
+  EXPECT_TRUE(c->WaitFor(
+      [&](const api::ClusterStatus& st) { return booked(0)(st) && st.requests_in_flight() == 0; }));
   d0->backend.delay_ms = 0;
 }
 
