@@ -1,5 +1,8 @@
 // pdbench end to end: the pdbench binary against a real local cluster (`pdserve up`, tiny
 // model, CPU) in its disaggregated and colocated shapes, reports read back from --json-out.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include <cstdlib>
@@ -65,6 +68,43 @@ TEST(PdbenchEndToEndTest, DisaggregatedCluster) {
   EXPECT_GT(j["p99_e2el_ms"].get<double>(), 0);
   // Every request went through a KV transfer between the two instances.
   EXPECT_EQ(j["server_timeline"]["transfer_ms"]["count"], 16);
+}
+
+// The same load through the front-end's OpenAI-compatible HTTP port (`up --http-port`): the
+// same counts, tokens made up from the usage, no server timeline.
+TEST(PdbenchEndToEndTest, OpenAiApiOfTheSameCluster) {
+  int port = 0;
+  {  // a free port for the HTTP API
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+    port = ntohs(addr.sin_port);
+    close(fd);
+  }
+  auto cluster = testing::LocalCluster::Start(
+      PDSERVE_BINARY, TinyModel(),
+      {"--prefill", "1", "--decode", "1", "--http-port", absl::StrCat(port)});
+  ASSERT_NE(cluster, nullptr);
+  nlohmann::json j;
+  ASSERT_EQ(Pdbench({"--api", "openai", "--target", absl::StrCat("http://127.0.0.1:", port),
+                     "--rate", "20", "--num-requests", "16", "--input-len", "24", "--output-len",
+                     "8", "--goodput", "ttft:5000", "tpot:1000", "--seed", "3"},
+                    &j),
+            0);
+  ASSERT_TRUE(j.is_object());
+  EXPECT_EQ(j["backend"], "openai");
+  EXPECT_EQ(j["completed"], 16);
+  EXPECT_EQ(j["failed"], 0);
+  EXPECT_EQ(j["model_id"], "tiny");
+  EXPECT_EQ(j["total_output_tokens"], 16 * 8);
+  EXPECT_EQ(j["total_input_tokens"], 16 * 24);
+  EXPECT_DOUBLE_EQ(j["slo_attainment"].get<double>(), 1.0);
+  EXPECT_GT(j["mean_ttft_ms"].get<double>(), 0);
+  EXPECT_FALSE(j.contains("server_timeline") && j["server_timeline"]["transfer_ms"]["count"] > 0);
 }
 
 TEST(PdbenchEndToEndTest, ColocatedClusterClosedLoopAndSearch) {
