@@ -46,17 +46,14 @@ int Pdbench(const std::vector<std::string>& args, nlohmann::json* json) {
   return rc;
 }
 
-TEST(PdbenchEndToEndTest, DisaggregatedCluster) {
-  auto cluster = testing::LocalCluster::Start(PDSERVE_BINARY, TinyModel(),
-                                              {"--prefill", "1", "--decode", "1"});
-  ASSERT_NE(cluster, nullptr);
-  ASSERT_FALSE(cluster->address().empty());
-  nlohmann::json j;
-  ASSERT_EQ(Pdbench({"--target", cluster->address(), "--rate", "20", "--num-requests", "16",
-                     "--input-len", "24", "--output-len", "8", "--goodput", "ttft:5000",
-                     "tpot:1000", "--seed", "3"},
-                    &j),
-            0);
+// 16 requests of 24 tokens in, 8 out, at 20 req/s with `target_args`: every one served within
+// the loose SLOs; `j` the report.
+void SixteenRequests(std::vector<std::string> target_args, nlohmann::json& j) {
+  for (const char* a : {"--rate", "20", "--num-requests", "16", "--input-len", "24", "--output-len",
+                        "8", "--goodput", "ttft:5000", "tpot:1000", "--seed", "3"}) {
+    target_args.push_back(a);
+  }
+  ASSERT_EQ(Pdbench(target_args, &j), 0);
   ASSERT_TRUE(j.is_object());
   EXPECT_EQ(j["completed"], 16);
   EXPECT_EQ(j["failed"], 0);
@@ -66,6 +63,15 @@ TEST(PdbenchEndToEndTest, DisaggregatedCluster) {
   EXPECT_DOUBLE_EQ(j["slo_attainment"].get<double>(), 1.0);
   EXPECT_GT(j["mean_ttft_ms"].get<double>(), 0);
   EXPECT_GT(j["p99_e2el_ms"].get<double>(), 0);
+}
+
+TEST(PdbenchEndToEndTest, DisaggregatedCluster) {
+  auto cluster = testing::LocalCluster::Start(PDSERVE_BINARY, TinyModel(),
+                                              {"--prefill", "1", "--decode", "1"});
+  ASSERT_NE(cluster, nullptr);
+  ASSERT_FALSE(cluster->address().empty());
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(SixteenRequests({"--target", cluster->address()}, j));
   // Every request went through a KV transfer between the two instances.
   EXPECT_EQ(j["server_timeline"]["transfer_ms"]["count"], 16);
 }
@@ -90,20 +96,9 @@ TEST(PdbenchEndToEndTest, OpenAiApiOfTheSameCluster) {
       {"--prefill", "1", "--decode", "1", "--http-port", absl::StrCat(port)});
   ASSERT_NE(cluster, nullptr);
   nlohmann::json j;
-  ASSERT_EQ(Pdbench({"--api", "openai", "--target", absl::StrCat("http://127.0.0.1:", port),
-                     "--rate", "20", "--num-requests", "16", "--input-len", "24", "--output-len",
-                     "8", "--goodput", "ttft:5000", "tpot:1000", "--seed", "3"},
-                    &j),
-            0);
-  ASSERT_TRUE(j.is_object());
+  ASSERT_NO_FATAL_FAILURE(
+      SixteenRequests({"--api", "openai", "--target", absl::StrCat("http://127.0.0.1:", port)}, j));
   EXPECT_EQ(j["backend"], "openai");
-  EXPECT_EQ(j["completed"], 16);
-  EXPECT_EQ(j["failed"], 0);
-  EXPECT_EQ(j["model_id"], "tiny");
-  EXPECT_EQ(j["total_output_tokens"], 16 * 8);
-  EXPECT_EQ(j["total_input_tokens"], 16 * 24);
-  EXPECT_DOUBLE_EQ(j["slo_attainment"].get<double>(), 1.0);
-  EXPECT_GT(j["mean_ttft_ms"].get<double>(), 0);
   EXPECT_FALSE(j.contains("server_timeline") && j["server_timeline"]["transfer_ms"]["count"] > 0);
 }
 
