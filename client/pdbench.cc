@@ -53,7 +53,8 @@ struct FlagDef {
 };
 
 const FlagDef kFlags[] = {
-    {"target", FlagType::kValue, "HOST:PORT of the pdserve front-end (required)"},
+    {"target", FlagType::kValue,
+     "HOST:PORT of the pdserve front-end, or of the HTTP server with --api openai (required)"},
     {"api", FlagType::kValue,
      "grpc (pdserve's Serving API, the default) or openai: streamed POST /v1/completions on "
      "an OpenAI-compatible HTTP server (pdserve --http-port, vLLM, SGLang, ...); no server "
