@@ -497,7 +497,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     Tracked& tracked;
     std::unique_ptr<engine::StreamDecoder> decoder;
     std::unique_ptr<StopMatcher> stop;  // the request's text stop sequences, if any
-    bool stopped = false;               // a stop sequence ended it: the worker calls are cancelled
+    // A stop sequence ended it (its worker calls are then cancelled).
+    bool stopped() const { return stop && stop->stopped(); }
     api::Timeline timeline;
     int32_t completion_tokens = 0;
     std::vector<int32_t> output_ids;  // the tokens relayed (the decoding worker caches them)
@@ -887,7 +888,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       // the request there (its tokens are sent, the text stops before it).
       std::string out = relay.stop->Add(text);
       if (relay.stop->stopped()) {
-        relay.stopped = *done = true;
+        *done = true;
       } else if (*done) {
         out += relay.stop->Finish();
       }
@@ -895,7 +896,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     }
     *response.mutable_text() = std::move(text);
     if (*done) {
-      relay.finish_reason = relay.stopped ? "stop" : event.finish_reason();
+      relay.finish_reason = relay.stopped() ? "stop" : event.finish_reason();
       relay.timeline.set_finish_us(NowUs());
       api::Done* d = response.mutable_done();
       d->set_finish_reason(relay.finish_reason);
@@ -972,7 +973,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         return ClientGone();
       }
     }
-    if (relay.stopped) call.context.TryCancel();  // it would decode on past the stop sequence
+    if (relay.stopped()) call.context.TryCancel();  // it would decode on past the stop sequence
     grpc::Status s = stream->Finish();
     if (done) return grpc::Status::OK;
     if (!any && RefusedBeforeStart(s)) *refused = &inst;
@@ -1051,7 +1052,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         return ClientGone();
       }
     }
-    if (relay.stopped) dcall.context.TryCancel();  // it would decode on past the stop sequence
+    if (relay.stopped()) dcall.context.TryCancel();  // it would decode on past the stop sequence
     grpc::Status ds = dstream->Finish();
     if (done) return grpc::Status::OK;
     return WorkerError(decode, ds, relay);

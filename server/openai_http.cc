@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
+#include "client/serving_client.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -309,9 +310,9 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
   }
   for (auto [field, slo] :
        {std::pair{"ttft_slo_ms", &ttft_slo}, std::pair{"tpot_slo_ms", &tpot_slo}}) {
-    double v = -1;
-    PDS_RETURN_IF_ERROR(Get(j, field, v));
-    if (j.contains(field) && !j[field].is_null()) {
+    double v = 0;
+    if (auto it = j.find(field); it != j.end() && !it->is_null()) {
+      PDS_RETURN_IF_ERROR(Get(j, field, v));
       if (!(v >= 0)) return BadField(field, "must be >= 0");
       *slo = v;
     }
@@ -346,39 +347,29 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
 
 // --- the server ----------------------------------------------------------------------------
 
-// The Generate calls of one HTTP request, each on its own thread, delivering Events.
+// The Generate calls of one HTTP request (pds_client's callback API: no thread per call),
+// delivering Events.
 class Calls {
  public:
-  Calls(api::Serving::Stub& stub, const CompletionRequest& request, absl::Duration timeout)
-      : contexts_(request.choices.size()) {
-    const auto deadline = std::chrono::system_clock::now() + absl::ToChronoMilliseconds(timeout);
+  Calls(client::ServingClient& client, const CompletionRequest& request, absl::Duration timeout) {
     for (size_t i = 0; i < request.choices.size(); ++i) {
-      contexts_[i] = std::make_unique<grpc::ClientContext>();
-      contexts_[i]->set_deadline(deadline);
-    }
-    try {
-      for (size_t i = 0; i < request.choices.size(); ++i) {
-        threads_.emplace_back([this, &stub, i, &req = request.choices[i]] {
-          auto reader = stub.Generate(contexts_[i].get(), req);
-          api::GenerateResponse m;
-          while (reader->Read(&m)) Push({static_cast<int>(i), std::move(m), {}});
-          const grpc::Status s = reader->Finish();
-          Push({static_cast<int>(i), std::nullopt, s});
-        });
-      }
-    } catch (const std::system_error&) {
-      // No thread to be had (a process or memory limit): the request is refused as a whole.
-      started_all_ = false;
+      const int choice = static_cast<int>(i);
+      client::GenerateCallbacks cb;
+      cb.on_message = [this, choice](const api::GenerateResponse& m, client::Clock::time_point) {
+        Push({choice, m, {}});
+      };
+      cb.on_done = [this, choice](const grpc::Status& s, client::Clock::time_point) {
+        Push({choice, std::nullopt, s});
+      };
+      calls_.push_back(client.StartGenerate(request.choices[i], timeout, std::move(cb)));
     }
   }
   ~Calls() {
     CancelAll();
-    for (auto& t : threads_) t.join();
+    for (auto& c : calls_) c->Wait();  // no callback runs after this
   }
-  // False when the calls could not all be started (the caller answers 503 at once).
-  bool started_all() const { return started_all_; }
   void CancelAll() {
-    for (auto& c : contexts_) c->TryCancel();
+    for (auto& c : calls_) c->Cancel();
   }
   // The next event, waiting at most `wait`.
   std::optional<Event> Next(absl::Duration wait) {
@@ -397,9 +388,7 @@ class Calls {
     events_.push_back(std::move(e));
     cv_.notify_one();
   }
-  std::vector<std::unique_ptr<grpc::ClientContext>> contexts_;
-  std::vector<std::thread> threads_;
-  bool started_all_ = true;
+  std::vector<std::shared_ptr<client::GenerateCall>> calls_;
   std::mutex mu_;
   std::condition_variable cv_;
   std::deque<Event> events_;
@@ -414,11 +403,10 @@ class OpenAiHttpServer::Impl {
   httplib::Server server;
   std::thread thread;
   int port = -1;
-  std::shared_ptr<grpc::Channel> channel;
-  std::unique_ptr<api::Serving::Stub> stub;
+  std::unique_ptr<client::ServingClient> client;  // the front-end's own gRPC API
   std::atomic<bool> stopping{false};
   std::atomic<uint64_t> next_id{0};
-  std::atomic<int> choices_in_flight{0};  // each holds a thread and a call
+  std::atomic<int> choices_in_flight{0};  // calls over all requests
 
   // A completion in progress: its calls and choices, and the chunk header fields.
   struct Job {
@@ -547,10 +535,7 @@ class OpenAiHttpServer::Impl {
                                              " choices in flight (its limit); retry later")));
     }
     job->admitted = &choices_in_flight;
-    job->calls = std::make_unique<Calls>(*stub, job->request, options.request_timeout);
-    if (!job->calls->started_all()) {
-      return SendError(res, absl::UnavailableError("no thread for the request's calls"));
-    }
+    job->calls = std::make_unique<Calls>(*client, job->request, options.request_timeout);
     const absl::Time deadline = absl::Now() + options.request_timeout;
     const int total = static_cast<int>(job->choices.size());
 
@@ -725,11 +710,7 @@ absl::StatusOr<std::unique_ptr<OpenAiHttpServer>> OpenAiHttpServer::Start(
     OpenAiHttpOptions options) {
   auto impl = std::make_unique<Impl>(std::move(options));
   const OpenAiHttpOptions& o = impl->options;
-  grpc::ChannelArguments args;
-  args.SetInt(GRPC_ARG_ENABLE_HTTP_PROXY, 0);  // loopback: never through a proxy
-  impl->channel =
-      grpc::CreateCustomChannel(o.grpc_target, grpc::InsecureChannelCredentials(), args);
-  impl->stub = api::Serving::NewStub(impl->channel);
+  impl->client = std::make_unique<client::ServingClient>(o.grpc_target);
   impl->Routes();
   const int threads = std::max(1, o.threads);
   impl->server.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };

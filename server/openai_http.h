@@ -40,7 +40,7 @@ struct OpenAiHttpOptions {
   const engine::Tokenizer* tokenizer = nullptr;
   std::function<bool()> ready;  // GET /health
   int threads = 256;            // connections served at once (each holds a thread)
-  // Choices (calls) in flight over all requests, each with a thread: more get 429.
+  // Choices (calls) in flight over all requests: more get 429.
   int max_choices_in_flight = 1024;
   absl::Duration request_timeout = absl::Minutes(10);
 };
