@@ -13,6 +13,7 @@ void Usage() {
                "  make-model   write an HF model directory with random weights\n"
                "  generate     generate tokens offline with a model directory\n"
                "  tokenize     encode text lines or decode id arrays with a tokenizer.json\n"
+               "  chat-template  render a model's chat template for JSON lines of messages\n"
                "  profile      time the engine and fit the scheduler's latency model\n"
                "  plan         search instance counts for the SLOs in the simulator\n"
                "  up           start a local cluster (front-end + workers) on 127.0.0.1\n"
@@ -33,6 +34,7 @@ int main(int argc, char** argv) {
   if (command == "make-model") return pds::server::MakeModelMain(argc, argv);
   if (command == "generate") return pds::server::GenerateMain(argc, argv);
   if (command == "tokenize") return pds::server::TokenizeMain(argc, argv);
+  if (command == "chat-template") return pds::server::ChatTemplateMain(argc, argv);
   if (command == "profile") return pds::server::ProfileMain(argc, argv);
   if (command == "plan") return pds::server::PlanMain(argc, argv);
   if (command == "up") return pds::server::UpMain(argc, argv);

@@ -386,8 +386,8 @@ TEST_F(CliTest, SignalDuringUpStartUpStopsTheClusterAndExitsZero) {
 
 // Every command answers --help (the top-level usage promises it) with its usage and flags.
 TEST_F(CliTest, EveryCommandHasHelp) {
-  for (const char* command : {"make-model", "generate", "tokenize", "profile", "plan", "up",
-                              "frontend", "prefill", "decode", "colocated"}) {
+  for (const char* command : {"make-model", "generate", "tokenize", "chat-template", "profile",
+                              "plan", "up", "frontend", "prefill", "decode", "colocated"}) {
     const Result r = RunCommand(std::string(command) + " --help");
     EXPECT_EQ(r.exit_code, 0) << command << ": " << r.errors;
     EXPECT_EQ(r.output.rfind(std::string("usage: pdserve ") + command + " ", 0), 0u)
