@@ -436,9 +436,9 @@ absl::Status RunUp(const CliArgs& args) {
   std::vector<std::string> fe = {"pdserve",     "frontend", "--model", model,
                                  "--host",      host,       "--port",  absl::StrCat(port),
                                  "--port-file", port_file};
-  for (const char* pass :
-       {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms", "slo-tpot-ms",
-        "worker-stall-timeout-s", "metrics-port", "http-port", "local-prefill-max-tokens"}) {
+  for (const char* pass : {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms",
+                           "slo-tpot-ms", "worker-stall-timeout-s", "metrics-port", "http-port",
+                           "local-prefill-max-tokens", "chat-template"}) {
     if (args.Has(pass)) {
       fe.push_back(absl::StrCat("--", pass));
       fe.push_back(args.GetString(pass));
@@ -614,6 +614,7 @@ absl::Status RunFrontend(const CliArgs& args) {
     return absl::InvalidArgumentError("--http-port must be a port, 0 (any) or -1 (off)");
   }
   o.http_port = static_cast<int>(http_port);
+  o.chat_template = args.GetString("chat-template");
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<Frontend> frontend, Frontend::Start(o));
   if (args.Has("port-file")) {
     PDS_RETURN_IF_ERROR(
@@ -656,6 +657,8 @@ int FrontendMain(int argc, char** argv) {
         "serve the OpenAI-compatible API (POST /v1/completions, GET /v1/models, GET /health) "
         "at http://HOST:PORT (default -1: off; 0: any port)"},
        {"http-port-file", false, "write the bound HTTP port to this file"},
+       {"chat-template", false,
+        "Jinja chat template file for /v1/chat/completions (default: the model's)"},
        {"forget-worker-after-s", false,
         "drop a worker from the cluster once it has been unreachable and idle this long "
         "(default 300)"},
@@ -724,6 +727,7 @@ int UpMain(int argc, char** argv) {
        "on SIGINT/SIGTERM, every process finishes its requests for up to this long (default 5)"},
       {"metrics-port", false, "front-end: Prometheus metrics on this port (default off)"},
       {"http-port", false, "front-end: the OpenAI-compatible HTTP API on this port (default off)"},
+      {"chat-template", false, "front-end: chat template file (default: the model's)"},
   };
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
   return SubcommandMain(argc, argv, "up",

@@ -21,6 +21,7 @@
 #include "engine/kv_cache/block_allocator.h"
 #include "engine/model/config.h"
 #include "engine/runtime/sampling_params.h"
+#include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "grpcpp/health_check_service_interface.h"
 #include "pdserve/internal/control.grpc.pb.h"
@@ -228,6 +229,20 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       http.model = model_name_;
       http.max_context = static_cast<int32_t>(config_.max_context());
       http.tokenizer = tokenizer_.get();
+      absl::StatusOr<engine::ChatFormat> chat =
+          engine::LoadChatFormat(options_.model_dir, options_.chat_template);
+      if (chat.ok()) {
+        chat_ = std::make_unique<engine::ChatFormat>(*std::move(chat));
+        http.chat = chat_.get();
+      } else if (!options_.chat_template.empty() || !absl::IsNotFound(chat.status())) {
+        return chat.status();  // a template that is there must load
+      } else {
+        log_->warn("no chat template ({}): /v1/chat/completions is refused",
+                   std::string(chat.status().message()));
+        http.chat_unavailable = absl::InvalidArgumentError(absl::StrCat(
+            "the model has no chat template (", chat.status().message(),
+            "); use /v1/completions, or start the front-end with --chat-template FILE"));
+      }
       http.ready = [this] {
         std::lock_guard<std::mutex> lock(mu_);
         return Ready();
@@ -1224,6 +1239,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   int port_ = 0;
   FrontendMetrics metrics_;
   std::unique_ptr<MetricsServer> metrics_server_;  // --metrics-port
+  std::unique_ptr<engine::ChatFormat> chat_;       // the chat template of the HTTP API
   std::unique_ptr<OpenAiHttpServer> http_server_;  // --http-port
 
   std::mutex mu_;                         // instances, bookkeeping, in-flight requests, counters

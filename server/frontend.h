@@ -44,6 +44,9 @@ struct FrontendOptions {
   int metrics_port = -1;
   // The OpenAI-compatible HTTP API (server/openai_http.h) on `host`: -1 off, 0 any free port.
   int http_port = -1;
+  // The chat template of /v1/chat/completions: empty, the model's (chat_template.jinja or
+  // tokenizer_config.json); a file replaces it (and must load).
+  std::string chat_template;
 };
 
 class Frontend {

@@ -16,6 +16,7 @@
 #include "client/serving_client.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
+#include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "engine/tokenizer/unicode.h"
 #include "grpcpp/grpcpp.h"
@@ -205,6 +206,7 @@ struct Choice {
   // Completions-format logprobs so far.
   Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
        text_offset = Json::array();
+  Json chat_logprobs = Json::array();  // chat-format logprobs ("content" entries) so far
 };
 
 // What the calls of one HTTP request deliver: messages or a final status, per choice.
@@ -218,12 +220,12 @@ struct Event {
 
 // --- parsing -------------------------------------------------------------------------------
 
-absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
-                                                         absl::string_view model,
-                                                         int32_t max_context) {
-  Json j = Json::parse(body, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return absl::InvalidArgumentError("the body is not valid JSON");
-  if (!j.is_object()) return absl::InvalidArgumentError("the body must be a JSON object");
+namespace {
+
+// The fields completions and chat completions share: the model, sampling, n, stream, stop
+// sequences and ids, SLOs. Fills `base` with all but the prompt, max_tokens, logprobs and seed.
+absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionRequest& r,
+                         api::GenerateRequest& base, std::optional<uint64_t>& seed) {
   std::string name;
   PDS_RETURN_IF_ERROR(Get(j, "model", name));
   if (!name.empty() && name != model) {
@@ -232,27 +234,16 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
   }
   for (const auto& [field, neutral, what] :
        std::initializer_list<std::tuple<const char*, Json, const char*>>{
-           {"echo", false, "the prompt is not returned"},
-           {"best_of", 1, "use n"},
            {"presence_penalty", 0, "no penalties"},
            {"frequency_penalty", 0, "no penalties"},
            {"repetition_penalty", 1, "no penalties"},
            {"logit_bias", Json::object(), "no logit bias"},
-           {"suffix", "", "no insertion"},
            {"min_tokens", 0, "no minimum length"}}) {
     PDS_RETURN_IF_ERROR(Unsupported(j, field, neutral, what));
   }
-  PDS_ASSIGN_OR_RETURN(std::vector<Prompt> prompts, ParsePrompts(j));
-  PDS_RETURN_IF_ERROR(CheckPromptSizes(prompts, max_context));
-  CompletionRequest r;
-  int32_t max_tokens = 16;
   double temperature = 1.0, top_p = 1.0;
   int32_t top_k = 0;
-  std::optional<uint64_t> seed;
   bool ignore_eos = false;
-  std::optional<double> ttft_slo, tpot_slo;
-  PDS_RETURN_IF_ERROR(Get(j, "max_tokens", max_tokens));
-  if (max_tokens < 1) return BadField("max_tokens", "must be at least 1");
   PDS_RETURN_IF_ERROR(Get(j, "temperature", temperature));
   if (!(temperature >= 0 && temperature <= 100)) return BadField("temperature", "must be >= 0");
   PDS_RETURN_IF_ERROR(Get(j, "top_p", top_p));
@@ -267,10 +258,6 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
   }
   PDS_RETURN_IF_ERROR(Get(j, "n", r.n));
   if (r.n < 1 || r.n > kMaxN) return BadField("n", absl::StrCat("must be in [1, ", kMaxN, "]"));
-  if (static_cast<int64_t>(prompts.size()) * r.n > kMaxChoices) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("prompts x n is ", prompts.size() * r.n, ", more than ", kMaxChoices));
-  }
   PDS_RETURN_IF_ERROR(Get(j, "stream", r.stream));
   if (auto it = j.find("stream_options"); it != j.end() && !it->is_null()) {
     if (!r.stream) return BadField("stream_options", "is only allowed with stream");
@@ -290,7 +277,6 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
     }
     PDS_RETURN_IF_ERROR(ValidateStops(r.stop));
   }
-  std::vector<int32_t> stop_ids;
   if (auto it = j.find("stop_token_ids"); it != j.end() && !it->is_null()) {
     if (!it->is_array()) return BadField("stop_token_ids", "must be an array of token ids");
     for (const Json& t : *it) {
@@ -298,50 +284,202 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
           t.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
         return BadField("stop_token_ids", "must be an array of token ids");
       }
-      stop_ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+      base.add_stop_token_ids(static_cast<int32_t>(t.get<int64_t>()));
     }
   }
   PDS_RETURN_IF_ERROR(Get(j, "ignore_eos", ignore_eos));
+  for (auto [field, setter] : {std::pair{"ttft_slo_ms", &api::GenerateRequest::set_ttft_slo_ms},
+                               std::pair{"tpot_slo_ms", &api::GenerateRequest::set_tpot_slo_ms}}) {
+    double v = 0;
+    if (auto it = j.find(field); it != j.end() && !it->is_null()) {
+      PDS_RETURN_IF_ERROR(Get(j, field, v));
+      if (!(v >= 0)) return BadField(field, "must be >= 0");
+      (base.*setter)(v);
+    }
+  }
+  base.set_temperature(static_cast<float>(temperature));
+  base.set_top_p(static_cast<float>(top_p));
+  base.set_top_k(top_k);
+  base.set_ignore_eos(ignore_eos);
+  *base.mutable_stop() = {r.stop.begin(), r.stop.end()};
+  return absl::OkStatus();
+}
+
+// One Generate call per prompt and choice, from `base` (prompt i's n choices are
+// i*n..i*n+n-1). The n choices of a prompt differ (each its own seed) unless greedy; with a
+// seed they are reproducible.
+void AddChoices(CompletionRequest& r, const api::GenerateRequest& base,
+                const std::vector<Prompt>& prompts, std::optional<uint64_t> seed) {
+  for (const Prompt& prompt : prompts) {
+    for (int c = 0; c < r.n; ++c) {
+      api::GenerateRequest g = base;
+      if (const auto* text = std::get_if<std::string>(&prompt)) {
+        g.set_prompt_text(*text);
+      } else {
+        const auto& ids = std::get<std::vector<int32_t>>(prompt);
+        *g.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
+      }
+      if (seed) g.set_seed(*seed + static_cast<uint64_t>(c));
+      r.choices.push_back(std::move(g));
+    }
+  }
+}
+
+absl::StatusOr<Json> ParseBody(absl::string_view body) {
+  Json j = Json::parse(body, nullptr, /*allow_exceptions=*/false);
+  if (j.is_discarded()) return absl::InvalidArgumentError("the body is not valid JSON");
+  if (!j.is_object()) return absl::InvalidArgumentError("the body must be a JSON object");
+  return j;
+}
+
+// A chat message's content as the template sees it: a string (text parts joined by "\n").
+absl::StatusOr<Json> MessageContent(const Json& content, size_t index) {
+  if (content.is_null() || content.is_string()) return content;
+  const std::string field = absl::StrCat("messages[", index, "].content");
+  if (!content.is_array()) return BadField(field, "must be a string or an array of parts");
+  std::string text;
+  bool first = true;
+  for (const Json& part : content) {
+    const auto type = part.is_object() ? part.find("type") : part.end();
+    if (!part.is_object() || type == part.end() || *type != "text" || !part.contains("text") ||
+        !part["text"].is_string()) {
+      return BadField(field, "may only hold text parts ({\"type\": \"text\", \"text\": ...})");
+    }
+    if (!first) text += "\n";
+    first = false;
+    text += part["text"].get<std::string>();
+  }
+  return Json(std::move(text));
+}
+
+}  // namespace
+
+absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
+                                                         absl::string_view model,
+                                                         int32_t max_context) {
+  PDS_ASSIGN_OR_RETURN(const Json j, ParseBody(body));
+  for (const auto& [field, neutral, what] :
+       std::initializer_list<std::tuple<const char*, Json, const char*>>{
+           {"echo", false, "the prompt is not returned"},
+           {"best_of", 1, "use n"},
+           {"suffix", "", "no insertion"}}) {
+    PDS_RETURN_IF_ERROR(Unsupported(j, field, neutral, what));
+  }
+  CompletionRequest r;
+  api::GenerateRequest base;
+  std::optional<uint64_t> seed;
+  PDS_RETURN_IF_ERROR(ParseCommon(j, model, r, base, seed));
+  PDS_ASSIGN_OR_RETURN(std::vector<Prompt> prompts, ParsePrompts(j));
+  PDS_RETURN_IF_ERROR(CheckPromptSizes(prompts, max_context));
+  if (static_cast<int64_t>(prompts.size()) * r.n > kMaxChoices) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompts x n is ", prompts.size() * r.n, ", more than ", kMaxChoices));
+  }
+  int32_t max_tokens = 16;
+  PDS_RETURN_IF_ERROR(Get(j, "max_tokens", max_tokens));
+  if (max_tokens < 1) return BadField("max_tokens", "must be at least 1");
+  base.set_max_tokens(max_tokens);
   if (auto it = j.find("logprobs"); it != j.end() && !it->is_null()) {
     if (!it->is_number_integer() || it->get<int64_t>() < 0 || it->get<int64_t>() > kMaxLogprobs) {
       return BadField("logprobs", absl::StrCat("must be an integer in [0, ", kMaxLogprobs, "]"));
     }
     r.logprobs = static_cast<int>(it->get<int64_t>());
+    base.set_logprobs(r.logprobs);
   }
-  for (auto [field, slo] :
-       {std::pair{"ttft_slo_ms", &ttft_slo}, std::pair{"tpot_slo_ms", &tpot_slo}}) {
-    double v = 0;
-    if (auto it = j.find(field); it != j.end() && !it->is_null()) {
-      PDS_RETURN_IF_ERROR(Get(j, field, v));
-      if (!(v >= 0)) return BadField(field, "must be >= 0");
-      *slo = v;
+  AddChoices(r, base, prompts, seed);
+  return r;
+}
+
+absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl::string_view model,
+                                                   int32_t max_context,
+                                                   const engine::ChatFormat& chat,
+                                                   const engine::Tokenizer& tokenizer) {
+  PDS_ASSIGN_OR_RETURN(const Json j, ParseBody(body));
+  for (const auto& [field, neutral, what] :
+       std::initializer_list<std::tuple<const char*, Json, const char*>>{
+           {"tools", Json::array(), "no tool calls"},
+           {"functions", Json::array(), "no function calls"},
+           {"function_call", "none", "no function calls"},
+           {"response_format", Json{{"type", "text"}}, "no structured output"},
+           {"audio", Json::object(), "text only"},
+           {"modalities", Json::array({"text"}), "text only"},
+           {"prediction", Json::object(), "no predicted outputs"},
+           {"continue_final_message", false, "the reply is a new assistant message"},
+           {"echo", false, "the prompt is not returned"}}) {
+    PDS_RETURN_IF_ERROR(Unsupported(j, field, neutral, what));
+  }
+  if (auto it = j.find("tool_choice");
+      it != j.end() && !it->is_null() && *it != "none" && *it != "auto") {
+    return BadField("tool_choice", "is not supported (no tool calls)");
+  }
+  CompletionRequest r;
+  r.chat = true;
+  api::GenerateRequest base;
+  std::optional<uint64_t> seed;
+  PDS_RETURN_IF_ERROR(ParseCommon(j, model, r, base, seed));
+
+  // The template's variables: messages, add_generation_prompt, chat_template_kwargs.
+  auto messages = j.find("messages");
+  if (messages == j.end() || !messages->is_array() || messages->empty()) {
+    return BadField("messages", "must be a non-empty array of messages");
+  }
+  Json vars = Json::object();
+  if (auto it = j.find("chat_template_kwargs"); it != j.end() && !it->is_null()) {
+    if (!it->is_object()) return BadField("chat_template_kwargs", "must be an object");
+    for (const auto& [k, v] : it->items()) {
+      if (k == "messages") return BadField("chat_template_kwargs", "may not set messages");
+      vars[k] = v;
     }
   }
-  for (size_t p = 0; p < prompts.size(); ++p) {
-    for (int c = 0; c < r.n; ++c) {
-      api::GenerateRequest g;
-      if (const auto* text = std::get_if<std::string>(&prompts[p])) {
-        g.set_prompt_text(*text);
-      } else {
-        const auto& ids = std::get<std::vector<int32_t>>(prompts[p]);
-        *g.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
-      }
-      g.set_max_tokens(max_tokens);
-      g.set_temperature(static_cast<float>(temperature));
-      g.set_top_p(static_cast<float>(top_p));
-      g.set_top_k(top_k);
-      // The n choices of a prompt differ (each its own seed) unless greedy; with a seed they
-      // are reproducible.
-      if (seed) g.set_seed(*seed + static_cast<uint64_t>(c));
-      g.set_ignore_eos(ignore_eos);
-      *g.mutable_stop_token_ids() = {stop_ids.begin(), stop_ids.end()};
-      if (r.logprobs >= 0) g.set_logprobs(r.logprobs);
-      if (ttft_slo) g.set_ttft_slo_ms(*ttft_slo);
-      if (tpot_slo) g.set_tpot_slo_ms(*tpot_slo);
-      *g.mutable_stop() = {r.stop.begin(), r.stop.end()};
-      r.choices.push_back(std::move(g));
+  Json list = Json::array();
+  for (size_t i = 0; i < messages->size(); ++i) {
+    const Json& m = (*messages)[i];
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) {
+      return BadField(absl::StrCat("messages[", i, "]"), "must be an object with a string role");
     }
+    Json message = m;
+    // OpenAI's newer name for the system role, which chat templates know as "system".
+    if (message["role"] == "developer") message["role"] = "system";
+    if (auto c = m.find("content"); c != m.end()) {
+      PDS_ASSIGN_OR_RETURN(message["content"], MessageContent(*c, i));
+    }
+    list.push_back(std::move(message));
   }
+  vars["messages"] = std::move(list);
+  bool add_generation_prompt = true;
+  PDS_RETURN_IF_ERROR(Get(j, "add_generation_prompt", add_generation_prompt));
+  vars["add_generation_prompt"] = add_generation_prompt;
+  absl::StatusOr<std::string> prompt = chat.Render(vars);
+  if (!prompt.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the model's chat template refused the messages: ", prompt.status().message()));
+  }
+  // The template writes the special tokens (BOS too): none are added.
+  std::vector<int32_t> ids = tokenizer.Encode(*prompt, /*add_special_tokens=*/false);
+  if (ids.empty()) return BadField("messages", "make an empty prompt");
+  if (max_context > 0 && static_cast<int64_t>(ids.size()) >= max_context) {
+    return BadField("messages", absl::StrCat("make a prompt of ", ids.size(),
+                                             " tokens; the model's context is ", max_context));
+  }
+  // max_completion_tokens (max_tokens is its older name); by default what the context leaves.
+  int32_t max_tokens = max_context > 0 ? max_context - static_cast<int32_t>(ids.size()) : 16;
+  PDS_RETURN_IF_ERROR(Get(j, "max_tokens", max_tokens));
+  PDS_RETURN_IF_ERROR(Get(j, "max_completion_tokens", max_tokens));
+  if (max_tokens < 1) return BadField("max_completion_tokens", "must be at least 1");
+  base.set_max_tokens(max_tokens);
+  bool logprobs = false;
+  int32_t top_logprobs = 0;
+  PDS_RETURN_IF_ERROR(Get(j, "logprobs", logprobs));
+  PDS_RETURN_IF_ERROR(Get(j, "top_logprobs", top_logprobs));
+  if (top_logprobs < 0 || top_logprobs > kMaxLogprobs) {
+    return BadField("top_logprobs", absl::StrCat("must be in [0, ", kMaxLogprobs, "]"));
+  }
+  if (top_logprobs > 0 && !logprobs) return BadField("top_logprobs", "needs logprobs: true");
+  if (logprobs) {
+    r.logprobs = top_logprobs;
+    base.set_logprobs(top_logprobs);
+  }
+  AddChoices(r, base, {Prompt(std::move(ids))}, seed);
   return r;
 }
 
@@ -421,6 +559,7 @@ class OpenAiHttpServer::Impl {
     std::string id;
     int64_t created = 0;
     int ended = 0;
+    bool roles_sent = false;  // chat streams: the role chunks are out
   };
 
   // Applies one event to its choice; returns the text now ready to send (with its logprobs
@@ -457,6 +596,15 @@ class OpenAiHttpServer::Impl {
         }
         c.top_logprobs.push_back(std::move(top));
         c.text_offset.push_back(std::min(offset, end));
+        if (job.request.chat) {
+          Json entry = ChatLogprob(m.token_ids(i), lp.logprob());
+          Json alternatives = Json::array();
+          for (const api::TopLogprob& t : lp.top()) {
+            alternatives.push_back(ChatLogprob(t.token_id(), t.logprob()));
+          }
+          entry["top_logprobs"] = std::move(alternatives);
+          c.chat_logprobs.push_back(std::move(entry));
+        }
         if (options.tokenizer != nullptr) {
           offset += options.tokenizer->Decode(std::vector<int32_t>{m.token_ids(i)}).size();
         }
@@ -487,6 +635,17 @@ class OpenAiHttpServer::Impl {
             {"prompt_tokens_details", {{"cached_tokens", cached}}}};
   }
 
+  // Chat logprobs' entry for a token: its text, logprob and UTF-8 bytes.
+  Json ChatLogprob(int32_t id, float logprob) const {
+    const std::string text = options.tokenizer != nullptr
+                                 ? options.tokenizer->Decode(std::vector<int32_t>{id})
+                                 : absl::StrCat(id);
+    Json bytes = Json::array();
+    for (unsigned char b : text) bytes.push_back(static_cast<int>(b));
+    return {
+        {"token", engine::SanitizeUtf8(text)}, {"logprob", logprob}, {"bytes", std::move(bytes)}};
+  }
+
   Json Logprobs(const Job& job, const Choice& c, size_t from) const {
     if (job.request.logprobs < 0) return nullptr;
     auto slice = [from](const Json& a) {
@@ -494,6 +653,7 @@ class OpenAiHttpServer::Impl {
       for (size_t i = from; i < a.size(); ++i) out.push_back(a[i]);
       return out;
     };
+    if (job.request.chat) return {{"content", slice(c.chat_logprobs)}};
     return {{"tokens", slice(c.tokens)},
             {"token_logprobs", slice(c.token_logprobs)},
             {"top_logprobs", slice(c.top_logprobs)},
@@ -511,8 +671,26 @@ class OpenAiHttpServer::Impl {
   void Completions(const httplib::Request& req, httplib::Response& res) {
     auto parsed = ParseCompletionRequest(req.body, options.model, options.max_context);
     if (!parsed.ok()) return SendError(res, parsed.status());
+    Serve(req, res, *std::move(parsed));
+  }
+
+  void Chat(const httplib::Request& req, httplib::Response& res) {
+    if (options.chat == nullptr || options.tokenizer == nullptr) {
+      return SendError(res, options.chat == nullptr
+                                ? options.chat_unavailable
+                                : absl::InvalidArgumentError(
+                                      "the model has no tokenizer.json: no chat completions"));
+    }
+    auto parsed = ParseChatRequest(req.body, options.model, options.max_context, *options.chat,
+                                   *options.tokenizer);
+    if (!parsed.ok()) return SendError(res, parsed.status());
+    Serve(req, res, *std::move(parsed));
+  }
+
+  // Runs a parsed (chat) completion request and answers it, whole or streamed.
+  void Serve(const httplib::Request& req, httplib::Response& res, CompletionRequest parsed) {
     auto job = std::make_shared<Job>();
-    job->request = std::move(*parsed);
+    job->request = std::move(parsed);
     const std::string header_id = req.get_header_value("X-Request-Id");
     if (header_id.size() > 200) {
       return SendError(res, absl::InvalidArgumentError("X-Request-Id is longer than 200 bytes"));
@@ -524,8 +702,9 @@ class OpenAiHttpServer::Impl {
             job->request.choices.size() == 1 ? header_id : absl::StrCat(header_id, "-", i));
       }
     }
-    job->id = header_id.empty() ? absl::StrFormat("cmpl-%x-%x", UnixSeconds(), next_id++)
-                                : absl::StrCat("cmpl-", header_id);
+    const char* prefix = job->request.chat ? "chatcmpl-" : "cmpl-";
+    job->id = header_id.empty() ? absl::StrFormat("%s%x-%x", prefix, UnixSeconds(), next_id++)
+                                : absl::StrCat(prefix, header_id);
     job->created = UnixSeconds();
     const int n = static_cast<int>(job->choices.size());
     if (choices_in_flight.fetch_add(n) + n > std::max(1, options.max_choices_in_flight)) {
@@ -555,16 +734,25 @@ class OpenAiHttpServer::Impl {
                                        : absl::DeadlineExceededError("the request timed out"));
       }
       Json choices = Json::array();
+      const bool chat = job->request.chat;
       for (int i = 0; i < total; ++i) {
         const Choice& c = job->choices[i];
-        choices.push_back({{"index", i},
-                           {"text", c.text},
-                           {"logprobs", Logprobs(*job, c, 0)},
-                           {"finish_reason", c.finish_reason}});
+        Json choice = {{"index", i}};
+        if (chat) {
+          choice["message"] = {{"role", "assistant"}, {"content", c.text}};
+        } else {
+          choice["text"] = c.text;
+        }
+        choice["logprobs"] = Logprobs(*job, c, 0);
+        choice["finish_reason"] = c.finish_reason;
+        choices.push_back(std::move(choice));
       }
-      const Json body = {
-          {"id", job->id},          {"object", "text_completion"},   {"created", job->created},
-          {"model", options.model}, {"choices", std::move(choices)}, {"usage", Usage(*job)}};
+      const Json body = {{"id", job->id},
+                         {"object", chat ? "chat.completion" : "text_completion"},
+                         {"created", job->created},
+                         {"model", options.model},
+                         {"choices", std::move(choices)},
+                         {"usage", Usage(*job)}};
       res.set_content(Dump(body), "application/json");
       return;
     }
@@ -607,19 +795,36 @@ class OpenAiHttpServer::Impl {
       const std::string s = absl::StrCat("data: ", Dump(j), "\n\n");
       return sink.write(s.data(), s.size());
     };
-    auto chunk = [&](int i, const std::string& text, size_t logprobs_from, const Json& finish) {
+    const bool chat = job.request.chat;
+    const char* object = chat ? "chat.completion.chunk" : "text_completion";
+    // A chunk of choice i; a chat chunk's delta is `delta` when given, else the text.
+    auto chunk = [&](int i, const std::string& text, size_t logprobs_from, const Json& finish,
+                     const Json* delta = nullptr) {
+      Json choice = {{"index", i}};
+      if (chat) {
+        choice["delta"] = delta != nullptr ? *delta
+                          : text.empty()   ? Json::object()
+                                           : Json{{"content", text}};
+      } else {
+        choice["text"] = text;
+      }
+      choice["logprobs"] = Logprobs(job, job.choices[i], logprobs_from);
+      choice["finish_reason"] = finish;
       Json j = {{"id", job.id},
-                {"object", "text_completion"},
+                {"object", object},
                 {"created", job.created},
                 {"model", options.model},
-                {"choices",
-                 {{{"index", i},
-                   {"text", text},
-                   {"logprobs", Logprobs(job, job.choices[i], logprobs_from)},
-                   {"finish_reason", finish}}}}};
+                {"choices", Json::array({std::move(choice)})}};
       if (job.request.include_usage) j["usage"] = nullptr;  // as OpenAI: only the last has it
       return send(j);
     };
+    if (chat && !job.roles_sent) {  // each chat choice opens with the assistant's role
+      job.roles_sent = true;
+      const Json delta = {{"role", "assistant"}, {"content", ""}};
+      for (int i = 0; i < total; ++i) {
+        if (!chunk(i, "", job.choices[i].tokens.size(), nullptr, &delta)) return false;
+      }
+    }
     absl::Time last_write = absl::Now();
     bool failed = false;
     while (job.ended < total) {
@@ -662,7 +867,7 @@ class OpenAiHttpServer::Impl {
                               : absl::DeadlineExceededError("the request timed out")));
     } else if (!failed && job.request.include_usage) {
       send({{"id", job.id},
-            {"object", "text_completion"},
+            {"object", object},
             {"created", job.created},
             {"model", options.model},
             {"choices", Json::array()},
@@ -678,11 +883,8 @@ class OpenAiHttpServer::Impl {
     server.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
       Completions(req, res);
     });
-    server.Post("/v1/chat/completions", [](const httplib::Request&, httplib::Response& res) {
-      SendError(res, absl::NotFoundError(
-                         "chat completions need the model's chat template, which pdserve does "
-                         "not read yet: use /v1/completions with the formatted prompt"));
-    });
+    server.Post("/v1/chat/completions",
+                [this](const httplib::Request& req, httplib::Response& res) { Chat(req, res); });
     server.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       const Json body = {{"object", "list"},
                          {"data",

@@ -2,15 +2,16 @@
 // stock clients and load generators (the openai SDKs, vLLM's and SGLang's bench_serving,
 // genai-perf, curl) can drive pdserve:
 //
-//   POST /v1/completions   text completion, whole (JSON) or streamed (Server-Sent Events)
+//   POST /v1/completions        text completion, whole (JSON) or streamed (Server-Sent Events)
+//   POST /v1/chat/completions   chat completion: the messages rendered by the model's chat
+//                               template (engine/tokenizer/chat_template.h), whole or streamed
 //   GET  /v1/models        the served model
 //   GET  /health           200 while the cluster can place a request, else 503
 //
 // Each choice of a completion is one Generate call on the front-end's own gRPC Serving API
 // (loopback), so admission control, SLO targets, placement, timelines and metrics are exactly
-// those of gRPC clients (text stop sequences too: GenerateRequest.stop). Chat completions need a
-// chat template (tokenizer_config.json), which pdserve does not read yet: /v1/chat/completions
-// answers 404 saying so.
+// those of gRPC clients (text stop sequences too: GenerateRequest.stop). A chat request's prompt
+// is tokenized here (the template writes the special tokens) and sent as token ids.
 #pragma once
 
 #include <functional>
@@ -26,7 +27,8 @@
 
 namespace pds::engine {
 class Tokenizer;
-}
+struct ChatFormat;
+}  // namespace pds::engine
 
 namespace pds::server {
 
@@ -38,6 +40,9 @@ struct OpenAiHttpOptions {
   int32_t max_context = 0;  // the model's context, reported by /v1/models
   // Token strings and text offsets of logprobs (null: token ids as strings).
   const engine::Tokenizer* tokenizer = nullptr;
+  // The model's chat template (null: /v1/chat/completions answers `chat_unavailable`).
+  const engine::ChatFormat* chat = nullptr;
+  absl::Status chat_unavailable = absl::InvalidArgumentError("the model has no chat template");
   std::function<bool()> ready;  // GET /health
   int threads = 256;            // connections served at once (each holds a thread)
   // Choices (calls) in flight over all requests: more get 429.
@@ -71,7 +76,8 @@ struct CompletionRequest {
   bool stream = false;
   bool include_usage = false;     // stream_options.include_usage: a last chunk with the usage
   std::vector<std::string> stop;  // text stop sequences (the front-end cuts the text there)
-  int logprobs = -1;              // >= 0: OpenAI completions logprobs with that many alternatives
+  int logprobs = -1;  // >= 0: logprobs with that many alternatives (completions or chat format)
+  bool chat = false;  // a chat completion (its responses are in the chat format)
 };
 
 // INVALID_ARGUMENT naming the field for what OpenAI's API rejects or pdserve does not support
@@ -83,5 +89,16 @@ struct CompletionRequest {
 absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
                                                          absl::string_view model,
                                                          int32_t max_context = 0);
+
+// A POST /v1/chat/completions body: the messages (string or text-part contents; "developer" is
+// "system") rendered with `chat` (add_generation_prompt, default true, and chat_template_kwargs
+// as vLLM takes them) and tokenized without added special tokens into one prompt of token ids.
+// max_completion_tokens (or max_tokens) defaults to what the context leaves; logprobs (bool)
+// and top_logprobs; the completions' sampling, stop and SLO fields. Tools, response formats and
+// non-text content are refused; the template's refusals (raise_exception) are INVALID_ARGUMENT.
+absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl::string_view model,
+                                                   int32_t max_context,
+                                                   const engine::ChatFormat& chat,
+                                                   const engine::Tokenizer& tokenizer);
 
 }  // namespace pds::server

@@ -3,6 +3,8 @@
 // its own gRPC API.
 #include "server/openai_http.h"
 
+#include <filesystem>
+#include <fstream>
 #include <memory>
 #include <string>
 #include <thread>
@@ -13,6 +15,8 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/openai_client.h"
+#include "engine/tokenizer/chat_template.h"
+#include "engine/tokenizer/tokenizer.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "httplib.h"
@@ -178,6 +182,185 @@ const std::string& ModelDir() {
   return *dir;
 }
 
+// --- chat requests ---------------------------------------------------------------------------
+
+// The small model's chat format (its tokenizer_config.json's Llama 3 style template) and
+// tokenizer.
+struct ChatModel {
+  engine::ChatFormat format;
+  std::unique_ptr<engine::Tokenizer> tokenizer;
+  std::string bos;  // the template's bos_token
+};
+
+const ChatModel& SmallChatModel() {
+  static const ChatModel* model = [] {
+    auto* m = new ChatModel;
+    auto format = engine::LoadChatFormat(ModelDir());
+    EXPECT_TRUE(format.ok()) << format.status();
+    if (format.ok()) m->format = *std::move(format);
+    auto tok = engine::Tokenizer::Load(ModelDir() + "/tokenizer.json");
+    EXPECT_TRUE(tok.ok()) << tok.status();
+    if (tok.ok()) m->tokenizer = *std::move(tok);
+    const Json config =
+        Json::parse(std::ifstream(ModelDir() + "/tokenizer_config.json"), nullptr, false);
+    m->bos = config.value("bos_token", "");
+    return m;
+  }();
+  return *model;
+}
+
+// Writes `text` to a scratch file; its path.
+std::string ScratchFile(const std::string& name, const std::string& text) {
+  const std::string path = testing::ScratchDir() + "/" + name;
+  std::ofstream(path) << text;
+  return path;
+}
+
+absl::StatusOr<CompletionRequest> ParseChat(const Json& body, int32_t max_context = 256) {
+  const ChatModel& m = SmallChatModel();
+  return ParseChatRequest(body.dump(), "m", max_context, m.format, *m.tokenizer);
+}
+
+// The prompt text the small model's template makes of (role, content) pairs.
+std::string LlamaPrompt(const std::vector<std::pair<std::string, std::string>>& messages,
+                        bool generation_prompt = true) {
+  std::string text = SmallChatModel().bos;
+  for (const auto& [role, content] : messages) {
+    absl::StrAppend(&text, "<|start_header_id|>", role, "<|end_header_id|>\n\n", content,
+                    "<|eot_id|>");
+  }
+  if (generation_prompt)
+    absl::StrAppend(&text, "<|start_header_id|>assistant<|end_header_id|>\n\n");
+  return text;
+}
+
+std::vector<int32_t> Ids(const api::GenerateRequest& g) {
+  return {g.prompt_token_ids().begin(), g.prompt_token_ids().end()};
+}
+
+TEST(OpenAiChatParseTest, RendersTheMessagesIntoTokenIds) {
+  const ChatModel& m = SmallChatModel();
+  ASSERT_FALSE(m.bos.empty());
+  auto r = ParseChat(
+      {{"model", "m"},
+       {"messages",
+        {{{"role", "developer"}, {"content", "Be brief."}},
+         {{"role", "user"},
+          {"content",
+           {{{"type", "text"}, {"text", "Hi"}}, {{"type", "text"}, {"text", "there"}}}}}}}});
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->chat);
+  ASSERT_EQ(r->choices.size(), 1u);
+  const api::GenerateRequest& g = r->choices[0];
+  // developer is system; text parts join with newlines; no special tokens added (the template
+  // wrote the BOS).
+  const std::vector<int32_t> expected =
+      m.tokenizer->Encode(LlamaPrompt({{"system", "Be brief."}, {"user", "Hi\nthere"}}), false);
+  EXPECT_EQ(Ids(g), expected);
+  EXPECT_EQ(m.tokenizer->Decode(Ids(g)),
+            LlamaPrompt({{"system", "Be brief."}, {"user", "Hi\nthere"}}));
+  // By default the reply may take what the context leaves; temperature 1 as OpenAI's.
+  EXPECT_EQ(g.max_tokens(), 256 - static_cast<int>(expected.size()));
+  EXPECT_FLOAT_EQ(g.temperature(), 1.0f);
+  EXPECT_FALSE(g.has_logprobs());
+  EXPECT_EQ(r->logprobs, -1);
+}
+
+TEST(OpenAiChatParseTest, OptionsReachTheTemplateAndTheChoices) {
+  const ChatModel& m = SmallChatModel();
+  const Json user = {{{"role", "user"}, {"content", "Hello"}}};
+  auto r = ParseChat({{"messages", user},
+                      {"add_generation_prompt", false},
+                      {"max_completion_tokens", 7},
+                      {"max_tokens", 99},  // the older name loses to max_completion_tokens
+                      {"n", 3},
+                      {"seed", 11},
+                      {"temperature", 0.25},
+                      {"logprobs", true},
+                      {"top_logprobs", 4},
+                      {"stop", "."},
+                      {"stream", true},
+                      {"stream_options", {{"include_usage", true}}}});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->choices.size(), 3u);
+  EXPECT_TRUE(r->stream);
+  EXPECT_TRUE(r->include_usage);
+  EXPECT_EQ(r->logprobs, 4);
+  EXPECT_EQ(r->stop, std::vector<std::string>{"."});
+  const std::vector<int32_t> expected =
+      m.tokenizer->Encode(LlamaPrompt({{"user", "Hello"}}, /*generation_prompt=*/false), false);
+  for (const api::GenerateRequest& g : r->choices) {
+    EXPECT_EQ(Ids(g), expected);
+    EXPECT_EQ(g.max_tokens(), 7);
+    EXPECT_FLOAT_EQ(g.temperature(), 0.25f);
+    EXPECT_EQ(g.logprobs(), 4);
+    ASSERT_TRUE(g.has_seed());
+  }
+  EXPECT_NE(r->choices[0].seed(), r->choices[1].seed()) << "n choices sample differently";
+  // chat_template_kwargs are template variables (this template ignores unknown ones).
+  auto kw = ParseChat({{"messages", user}, {"chat_template_kwargs", {{"enable_thinking", false}}}});
+  ASSERT_TRUE(kw.ok()) << kw.status();
+  EXPECT_EQ(Ids(kw->choices[0]), m.tokenizer->Encode(LlamaPrompt({{"user", "Hello"}}), false));
+  // Neutral values of unsupported fields are accepted.
+  auto neutral = ParseChat({{"messages", user},
+                            {"tools", Json::array()},
+                            {"tool_choice", "none"},
+                            {"response_format", {{"type", "text"}}}});
+  EXPECT_TRUE(neutral.ok()) << neutral.status();
+}
+
+TEST(OpenAiChatParseTest, RefusalsNameTheField) {
+  const Json user = {{{"role", "user"}, {"content", "Hello"}}};
+  auto refused = [&](Json body, const std::string& field) {
+    if (!body.contains("messages")) body["messages"] = user;
+    auto r = ParseChat(body);
+    ASSERT_FALSE(r.ok()) << body.dump();
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument) << body.dump();
+    EXPECT_TRUE(absl::StrContains(r.status().message(), field))
+        << body.dump() << ": " << r.status();
+  };
+  refused({{"messages", Json::array()}}, "messages");
+  refused({{"messages", "hi"}}, "messages");
+  refused({{"messages", {{{"content", "no role"}}}}}, "messages[0]");
+  refused({{"messages", {{{"role", "user"}, {"content", {{{"type", "image_url"}}}}}}}},
+          "messages[0].content");
+  refused({{"messages", {{{"role", "user"}, {"content", 5}}}}}, "messages[0].content");
+  refused({{"tools", {{{"type", "function"}}}}}, "tools");
+  refused({{"tool_choice", "required"}}, "tool_choice");
+  refused({{"response_format", {{"type", "json_object"}}}}, "response_format");
+  refused({{"modalities", {"text", "audio"}}}, "modalities");
+  refused({{"continue_final_message", true}}, "continue_final_message");
+  refused({{"top_logprobs", 2}}, "top_logprobs");  // without logprobs
+  refused({{"logprobs", true}, {"top_logprobs", 100}}, "top_logprobs");
+  refused({{"max_completion_tokens", 0}}, "max_completion_tokens");
+  refused({{"chat_template_kwargs", {{"messages", 1}}}}, "chat_template_kwargs");
+  refused({{"chat_template_kwargs", "x"}}, "chat_template_kwargs");
+  // A conversation past the context.
+  refused({{"messages", {{{"role", "user"}, {"content", std::string(3000, 'x')}}}}}, "context");
+  // Another model is NOT_FOUND.
+  auto other = ParseChat({{"model", "gpt-4"}, {"messages", user}});
+  EXPECT_EQ(other.status().code(), absl::StatusCode::kNotFound);
+}
+
+TEST(OpenAiChatParseTest, TheTemplatesRefusalIsTheClients) {
+  auto format = engine::LoadChatFormatFiles(
+      "", ScratchFile("strict.jinja",
+                      "{% for m in messages %}{% if m.role == 'system' %}"
+                      "{{ raise_exception('no system messages, please') }}"
+                      "{% endif %}{{ m.content }}{% endfor %}"));
+  ASSERT_TRUE(format.ok()) << format.status();
+  const ChatModel& m = SmallChatModel();
+  auto r = ParseChatRequest(Json{{"messages", {{{"role", "system"}, {"content", "x"}}}}}.dump(),
+                            "m", 256, *format, *m.tokenizer);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "no system messages, please")) << r.status();
+  // An empty render is an empty prompt.
+  auto empty = ParseChatRequest(Json{{"messages", {{{"role", "user"}, {"content", ""}}}}}.dump(),
+                                "m", 256, *format, *m.tokenizer);
+  EXPECT_EQ(empty.status().code(), absl::StatusCode::kInvalidArgument);
+}
+
 // One server-sent event stream, split into its `data:` payloads.
 std::vector<std::string> Events(const std::string& body) {
   std::vector<std::string> out;
@@ -192,7 +375,7 @@ class OpenAiHttpTest : public ::testing::Test {
   void SetUp() override { Start({}); }
 
   void Start(FrontendOptions o) {
-    o.model_dir = ModelDir();
+    if (o.model_dir.empty()) o.model_dir = ModelDir();
     o.health_period = absl::Milliseconds(50);
     o.http_port = 0;
     auto frontend = Frontend::Start(o);
@@ -217,18 +400,19 @@ class OpenAiHttpTest : public ::testing::Test {
   void TearDown() override {
     http_.reset();
     if (frontend_) frontend_->Shutdown();
+    frontend_.reset();
   }
 
-  // POST /v1/completions; the status and the parsed body (null when not JSON).
-  std::pair<int, Json> Complete(const Json& body) {
-    auto res = http_->Post("/v1/completions", body.dump(), "application/json");
+  // POST /v1/completions (or `path`); the status and the parsed body (null when not JSON).
+  std::pair<int, Json> Complete(const Json& body, const char* path = "/v1/completions") {
+    auto res = http_->Post(path, body.dump(), "application/json");
     if (!res) return {-1, nullptr};
     return {res->status, Json::parse(res->body, nullptr, false)};
   }
   // The same streamed: the status and the event payloads.
-  std::pair<int, std::vector<std::string>> Stream(Json body) {
+  std::pair<int, std::vector<std::string>> Stream(Json body, const char* path = "/v1/completions") {
     body["stream"] = true;
-    auto res = http_->Post("/v1/completions", body.dump(), "application/json");
+    auto res = http_->Post(path, body.dump(), "application/json");
     if (!res) return {-1, {}};
     EXPECT_TRUE(res->status != 200 ||
                 absl::StartsWith(res->get_header_value("Content-Type"), "text/event-stream"));
@@ -459,8 +643,8 @@ TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsWithHttpStatuses) {
   expect_error(http_->Post("/v1/completions", R"({"prompt":"a","max_tokens":100000,"stream":true})",
                            "application/json"),
                400, "invalid_request_error");
-  expect_error(http_->Post("/v1/chat/completions", R"({"messages":[]})", "application/json"), 404,
-               "not_found_error");
+  expect_error(http_->Post("/v1/chat/completions", R"({"messages":[]})", "application/json"), 400,
+               "invalid_request_error");
   expect_error(http_->Get("/v2/nothing"), 404, "not_found_error");
   auto models = http_->Get("/v1/models");
   ASSERT_TRUE(models && models->status == 200);
@@ -469,6 +653,155 @@ TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsWithHttpStatuses) {
   EXPECT_EQ(m["data"][0]["max_model_len"], testing::SmallTestConfig().max_context());
   // Nothing was left behind by the failures.
   EXPECT_EQ(Status().requests_in_flight(), 0);
+}
+
+constexpr char kChatPath[] = "/v1/chat/completions";
+
+// The chat API: the messages rendered by the model's template are the prompt; the reply is
+// /v1/completions' on those token ids, whole and streamed, in the chat format.
+TEST_F(OpenAiHttpTest, ChatCompletionIsTheTemplatedPromptsCompletion) {
+  const ChatModel& m = SmallChatModel();
+  const Json messages = {{{"role", "system"}, {"content", "You are terse."}},
+                         {{"role", "user"}, {"content", kPrompt}}};
+  const std::vector<int32_t> ids = m.tokenizer->Encode(
+      LlamaPrompt({{"system", "You are terse."}, {"user", kPrompt}}), /*add_special_tokens=*/false);
+  auto [cs, completion] =
+      Complete({{"prompt", ids}, {"max_tokens", 16}, {"temperature", 0}, {"ignore_eos", true}});
+  ASSERT_EQ(cs, 200) << completion.dump();
+  const std::string expected = completion["choices"][0]["text"];
+  ASSERT_FALSE(expected.empty());
+
+  const Json request = {{"messages", messages},
+                        {"max_completion_tokens", 16},
+                        {"temperature", 0},
+                        {"ignore_eos", true}};
+  auto [status, body] = Complete(request, kChatPath);
+  ASSERT_EQ(status, 200) << body.dump();
+  EXPECT_EQ(body["object"], "chat.completion");
+  EXPECT_TRUE(absl::StartsWith(body["id"].get<std::string>(), "chatcmpl-"));
+  ASSERT_EQ(body["choices"].size(), 1u);
+  const Json& choice = body["choices"][0];
+  EXPECT_EQ(choice["index"], 0);
+  EXPECT_EQ(choice["message"]["role"], "assistant");
+  EXPECT_EQ(choice["message"]["content"], expected);
+  EXPECT_EQ(choice["finish_reason"], "length");
+  EXPECT_TRUE(choice["logprobs"].is_null());
+  EXPECT_EQ(body["usage"]["prompt_tokens"], ids.size());
+  EXPECT_EQ(body["usage"]["completion_tokens"], 16);
+
+  // Streamed with two (greedy, so equal) choices: each opens with the assistant's role, its
+  // content deltas add up to the text, and it closes with an empty delta and the finish reason.
+  Json streamed = request;
+  streamed["n"] = 2;
+  streamed["stream_options"] = {{"include_usage", true}};
+  auto [s2, events] = Stream(streamed, kChatPath);
+  ASSERT_EQ(s2, 200);
+  ASSERT_GE(events.size(), 6u);
+  EXPECT_EQ(events.back(), "[DONE]");
+  std::vector<std::string> texts(2);
+  std::vector<int> roles(2, 0), finishes(2, 0);
+  for (size_t i = 0; i + 2 < events.size(); ++i) {
+    const Json chunk = Json::parse(events[i]);
+    EXPECT_EQ(chunk["object"], "chat.completion.chunk");
+    EXPECT_EQ(chunk["id"], Json::parse(events[0])["id"]);
+    ASSERT_EQ(chunk["choices"].size(), 1u) << events[i];
+    const Json& c = chunk["choices"][0];
+    const int index = c["index"];
+    ASSERT_TRUE(index == 0 || index == 1) << events[i];
+    const Json& delta = c["delta"];
+    if (delta.contains("role")) {
+      EXPECT_EQ(delta["role"], "assistant");
+      EXPECT_TRUE(texts[index].empty()) << "the role comes first";
+      ++roles[index];
+    }
+    if (delta.contains("content")) texts[index] += delta["content"].get<std::string>();
+    if (!c["finish_reason"].is_null()) {
+      EXPECT_EQ(c["finish_reason"], "length");
+      EXPECT_TRUE(delta.empty()) << events[i];
+      ++finishes[index];
+    } else {
+      EXPECT_EQ(finishes[index], 0) << "nothing after the finish";
+    }
+  }
+  for (int i = 0; i < 2; ++i) {
+    EXPECT_EQ(roles[i], 1) << i;
+    EXPECT_EQ(finishes[i], 1) << i;
+    EXPECT_EQ(texts[i], expected) << i;
+  }
+  const Json usage = Json::parse(events[events.size() - 2]);
+  EXPECT_TRUE(usage["choices"].empty());
+  EXPECT_EQ(usage["usage"]["prompt_tokens"], ids.size());  // a prompt counts once
+  EXPECT_EQ(usage["usage"]["completion_tokens"], 32);
+
+  // Logprobs in the chat format: one entry per token whose bytes add up to the content; greedy,
+  // so each token is its own first alternative.
+  auto [s3, with_logprobs] = Complete({{"messages", messages},
+                                       {"max_completion_tokens", 6},
+                                       {"temperature", 0},
+                                       {"ignore_eos", true},
+                                       {"logprobs", true},
+                                       {"top_logprobs", 2}},
+                                      kChatPath);
+  ASSERT_EQ(s3, 200) << with_logprobs.dump();
+  const Json& content = with_logprobs["choices"][0]["logprobs"]["content"];
+  ASSERT_EQ(content.size(), 6u) << with_logprobs.dump();
+  std::string bytes;
+  for (const Json& entry : content) {
+    ASSERT_TRUE(entry["token"].is_string()) << entry.dump();
+    EXPECT_LE(entry["logprob"].get<double>(), 0.0);
+    for (const Json& b : entry["bytes"]) bytes += static_cast<char>(b.get<int>());
+    ASSERT_GE(entry["top_logprobs"].size(), 1u);
+    ASSERT_LE(entry["top_logprobs"].size(), 2u);
+    EXPECT_EQ(entry["top_logprobs"][0]["token"], entry["token"]);
+    EXPECT_FLOAT_EQ(entry["top_logprobs"][0]["logprob"].get<float>(),
+                    entry["logprob"].get<float>());
+  }
+  EXPECT_EQ(bytes, with_logprobs["choices"][0]["message"]["content"]);
+  EXPECT_EQ(Status().requests_in_flight(), 0);
+}
+
+// A model without a chat template refuses chat requests (naming --chat-template) and serves
+// completions; --chat-template gives it one; a template that does not parse fails the start.
+TEST_F(OpenAiHttpTest, ChatTemplateFlagAndAModelWithoutATemplate) {
+  TearDown();
+  namespace fs = std::filesystem;
+  const fs::path plain = fs::path(testing::ScratchDir()) / "openai_no_template";
+  fs::remove_all(plain);
+  fs::copy(ModelDir(), plain, fs::copy_options::recursive);
+  Json config = Json::parse(std::ifstream(plain / "tokenizer_config.json"));
+  config.erase("chat_template");
+  std::ofstream(plain / "tokenizer_config.json") << config.dump(2);
+  FrontendOptions o;
+  o.model_dir = plain.string();
+  Start(o);
+  const Json request = {{"messages", {{{"role", "user"}, {"content", "hi"}}}},
+                        {"max_completion_tokens", 4},
+                        {"temperature", 0},
+                        {"ignore_eos", true}};
+  auto [status, body] = Complete(request, kChatPath);
+  EXPECT_EQ(status, 400) << body.dump();
+  EXPECT_TRUE(absl::StrContains(body["error"]["message"].get<std::string>(), "--chat-template"))
+      << body.dump();
+  EXPECT_EQ(Complete({{"prompt", "hi"}, {"max_tokens", 2}}).first, 200);
+  TearDown();
+
+  o.chat_template = ScratchFile(
+      "override.jinja",
+      "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+      "[assistant] ");
+  Start(o);
+  auto [s2, with_template] = Complete(request, kChatPath);
+  ASSERT_EQ(s2, 200) << with_template.dump();
+  const ChatModel& m = SmallChatModel();
+  EXPECT_EQ(with_template["usage"]["prompt_tokens"],
+            m.tokenizer->Encode(m.bos + "[user] hi\n[assistant] ", false).size());
+  TearDown();
+
+  o.chat_template = ScratchFile("broken.jinja", "{% if %}");
+  o.http_port = 0;
+  auto broken = Frontend::Start(o);
+  ASSERT_FALSE(broken.ok());
+  EXPECT_TRUE(absl::StrContains(broken.status().message(), "broken.jinja")) << broken.status();
 }
 
 // A client that goes away mid-stream: its call is cancelled (not decoded to the end).
