@@ -789,25 +789,23 @@ class Parser {
     return b;
   }
 
-  absl::StatusOr<ExprPtr> Or() {
-    PDS_ASSIGN_OR_RETURN(ExprPtr e, And());
-    while (IsName("or")) {
+  // One left-associative level: operands parsed by `next`, joined by any of `ops` (operator
+  // tokens, or names such as "and").
+  absl::StatusOr<ExprPtr> Level(absl::StatusOr<ExprPtr> (Parser::*next)(),
+                                std::initializer_list<absl::string_view> ops) {
+    PDS_ASSIGN_OR_RETURN(ExprPtr e, (this->*next)());
+    while (true) {
+      auto op = std::find_if(ops.begin(), ops.end(),
+                             [&](absl::string_view o) { return IsOp(o) || IsName(o); });
+      if (op == ops.end()) return e;
       const int line = Next().line;
-      PDS_ASSIGN_OR_RETURN(ExprPtr r, And());
-      e = Binary("or", std::move(e), std::move(r), line);
+      PDS_ASSIGN_OR_RETURN(ExprPtr r, (this->*next)());
+      e = Binary(std::string(*op), std::move(e), std::move(r), line);
     }
-    return e;
   }
 
-  absl::StatusOr<ExprPtr> And() {
-    PDS_ASSIGN_OR_RETURN(ExprPtr e, Not());
-    while (IsName("and")) {
-      const int line = Next().line;
-      PDS_ASSIGN_OR_RETURN(ExprPtr r, Not());
-      e = Binary("and", std::move(e), std::move(r), line);
-    }
-    return e;
-  }
+  absl::StatusOr<ExprPtr> Or() { return Level(&Parser::And, {"or"}); }
+  absl::StatusOr<ExprPtr> And() { return Level(&Parser::Not, {"and"}); }
 
   absl::StatusOr<ExprPtr> Not() {
     if (IsName("not")) {
@@ -854,45 +852,12 @@ class Parser {
     }
   }
 
-  absl::StatusOr<ExprPtr> Math1() {
-    PDS_ASSIGN_OR_RETURN(ExprPtr e, Concat());
-    while (IsOp("+") || IsOp("-")) {
-      const Token& t = Next();
-      PDS_ASSIGN_OR_RETURN(ExprPtr r, Concat());
-      e = Binary(t.text, std::move(e), std::move(r), t.line);
-    }
-    return e;
-  }
-
-  absl::StatusOr<ExprPtr> Concat() {
-    PDS_ASSIGN_OR_RETURN(ExprPtr e, Math2());
-    while (IsOp("~")) {
-      const int line = Next().line;
-      PDS_ASSIGN_OR_RETURN(ExprPtr r, Math2());
-      e = Binary("~", std::move(e), std::move(r), line);
-    }
-    return e;
-  }
-
-  absl::StatusOr<ExprPtr> Math2() {
-    PDS_ASSIGN_OR_RETURN(ExprPtr e, Pow());
-    while (IsOp("*") || IsOp("/") || IsOp("//") || IsOp("%")) {
-      const Token& t = Next();
-      PDS_ASSIGN_OR_RETURN(ExprPtr r, Pow());
-      e = Binary(t.text, std::move(e), std::move(r), t.line);
-    }
-    return e;
-  }
-
-  absl::StatusOr<ExprPtr> Pow() {
-    PDS_ASSIGN_OR_RETURN(ExprPtr e, Unary(true));
-    while (IsOp("**")) {
-      const int line = Next().line;
-      PDS_ASSIGN_OR_RETURN(ExprPtr r, Unary(true));
-      e = Binary("**", std::move(e), std::move(r), line);
-    }
-    return e;
-  }
+  absl::StatusOr<ExprPtr> Math1() { return Level(&Parser::Concat, {"+", "-"}); }
+  absl::StatusOr<ExprPtr> Concat() { return Level(&Parser::Math2, {"~"}); }
+  absl::StatusOr<ExprPtr> Math2() { return Level(&Parser::Pow, {"*", "/", "//", "%"}); }
+  // Left-associative in Jinja (2 ** 3 ** 2 is 64), unlike Python.
+  absl::StatusOr<ExprPtr> Pow() { return Level(&Parser::UnaryWithFilter, {"**"}); }
+  absl::StatusOr<ExprPtr> UnaryWithFilter() { return Unary(true); }
 
   absl::StatusOr<ExprPtr> Unary(bool with_filter) {
     if (++depth_ > kMaxParseDepth) return Error("expression nested too deeply");
@@ -1671,27 +1636,20 @@ std::string Replace(const std::string& s, const std::string& from, const std::st
   return out;
 }
 
+// markupsafe's escape, as the `escape` filter.
 std::string HtmlEscape(const std::string& s) {
   std::string out;
   for (char c : s) {
-    switch (c) {
-      case '&':
-        out += "&amp;";
-        break;
-      case '<':
-        out += "&lt;";
-        break;
-      case '>':
-        out += "&gt;";
-        break;
-      case '"':
-        out += "&#34;";
-        break;
-      case '\'':
-        out += "&#39;";
-        break;
-      default:
-        out.push_back(c);
+    const char* entity = c == '&'    ? "&amp;"
+                         : c == '<'  ? "&lt;"
+                         : c == '>'  ? "&gt;"
+                         : c == '"'  ? "&#34;"
+                         : c == '\'' ? "&#39;"
+                                     : nullptr;
+    if (entity != nullptr) {
+      out += entity;
+    } else {
+      out.push_back(c);
     }
   }
   return out;
