@@ -61,13 +61,21 @@ std::string ErrorMessage(const std::string& body) {
   return body.substr(0, 500);
 }
 
-Json Body(const api::GenerateRequest& r, const std::string& model) {
+// The request's JSON body; for chat, the prompt text is one user message (INVALID_ARGUMENT for
+// token ids: a chat request has no way to send them).
+absl::StatusOr<Json> Body(const api::GenerateRequest& r, const std::string& model, bool chat) {
   Json j = {{"model", model},
-            {"max_tokens", r.max_tokens()},
+            {chat ? "max_completion_tokens" : "max_tokens", r.max_tokens()},
             {"stream", true},
             {"stream_options", {{"include_usage", true}}},
             {"temperature", r.has_temperature() ? r.temperature() : 0.0f}};
-  if (r.has_prompt_text()) {
+  if (chat) {
+    if (!r.has_prompt_text()) {
+      return absl::InvalidArgumentError(
+          "chat completions take text prompts (pdbench: --text-prompts or a text dataset)");
+    }
+    j["messages"] = Json::array({{{"role", "user"}, {"content", r.prompt_text()}}});
+  } else if (r.has_prompt_text()) {
     j["prompt"] = r.prompt_text();
   } else {
     j["prompt"] = std::vector<int32_t>(r.prompt_token_ids().begin(), r.prompt_token_ids().end());
@@ -80,7 +88,14 @@ Json Body(const api::GenerateRequest& r, const std::string& model) {
     j["stop_token_ids"] =
         std::vector<int32_t>(r.stop_token_ids().begin(), r.stop_token_ids().end());
   }
-  if (r.has_logprobs() && r.logprobs() >= 0) j["logprobs"] = r.logprobs();
+  if (r.has_logprobs() && r.logprobs() >= 0) {
+    if (chat) {
+      j["logprobs"] = true;
+      j["top_logprobs"] = r.logprobs();
+    } else {
+      j["logprobs"] = r.logprobs();
+    }
+  }
   if (r.has_ttft_slo_ms()) j["ttft_slo_ms"] = r.ttft_slo_ms();
   if (r.has_tpot_slo_ms()) j["tpot_slo_ms"] = r.tpot_slo_ms();
   return j;
@@ -204,11 +219,19 @@ class Stream {
     if (!j.contains("choices") || !j["choices"].is_array() || j["choices"].empty()) return true;
     const Json& c = j["choices"][0];
     api::GenerateResponse m;
+    // A completion chunk's text, or a chat chunk's delta content (a role-only delta has none).
     if (c.contains("text") && c["text"].is_string()) m.set_text(c["text"].get<std::string>());
+    if (auto d = c.find("delta");
+        d != c.end() && d->is_object() && d->contains("content") && (*d)["content"].is_string()) {
+      m.set_text((*d)["content"].get<std::string>());
+    }
     int64_t tokens = m.text().empty() ? 0 : 1;
-    if (c.contains("logprobs") && c["logprobs"].is_object() && c["logprobs"].contains("tokens") &&
-        c["logprobs"]["tokens"].is_array()) {
-      tokens = static_cast<int64_t>(c["logprobs"]["tokens"].size());
+    if (auto lp = c.find("logprobs"); lp != c.end() && lp->is_object()) {
+      for (const char* list : {"tokens", "content"}) {  // completions' or chat's
+        if (lp->contains(list) && (*lp)[list].is_array()) {
+          tokens = static_cast<int64_t>((*lp)[list].size());
+        }
+      }
     }
     for (int64_t i = 0; i < tokens; ++i) m.add_token_ids(0);
     counted_ += tokens;
@@ -235,8 +258,8 @@ class Stream {
 
 }  // namespace
 
-OpenAiClient::OpenAiClient(const std::string& target, std::string model)
-    : target_(target), model_(std::move(model)), live_(std::make_shared<Live>()) {
+OpenAiClient::OpenAiClient(const std::string& target, std::string model, bool chat)
+    : target_(target), model_(std::move(model)), chat_(chat), live_(std::make_shared<Live>()) {
   absl::string_view hp(target);
   absl::ConsumePrefix(&hp, "http://");
   absl::ConsumeSuffix(&hp, "/");
@@ -306,8 +329,21 @@ std::shared_ptr<GenerateCall> OpenAiClient::StartGenerate(const api::GenerateReq
   const auto deadline = timeout > absl::ZeroDuration()
                             ? Clock::now() + absl::ToChronoNanoseconds(timeout)
                             : Clock::time_point::max();
+  absl::StatusOr<Json> json = Body(request, model_, chat_);
   std::thread([call, live = live_, host = host_, port = port_, id = request.request_id(),
-               body = Body(request, model_).dump(), deadline, cb = std::move(callbacks)]() mutable {
+               body = json.ok() ? json->dump() : "", refused = json.status(),
+               path = chat_ ? "/v1/chat/completions" : "/v1/completions", deadline,
+               cb = std::move(callbacks)]() mutable {
+    auto finish = [&](const grpc::Status& status) {
+      if (cb.on_done) cb.on_done(status, Clock::now());
+      call->End();
+      std::lock_guard<std::mutex> lock(live->mu);
+      if (--live->count == 0) live->cv.notify_all();
+    };
+    if (!refused.ok()) {  // ended on this thread too: no callback runs inside StartGenerate
+      return finish(
+          grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, std::string(refused.message())));
+    }
     Stream stream(cb);
     int http_status = 0;
     std::string error_body;
@@ -322,7 +358,7 @@ std::shared_ptr<GenerateCall> OpenAiClient::StartGenerate(const api::GenerateReq
     http.set_read_timeout(static_cast<time_t>(std::clamp<int64_t>(read_s, 1, 3600)), 0);
     httplib::Request req;
     req.method = "POST";
-    req.path = "/v1/completions";
+    req.path = path;
     req.body = std::move(body);
     req.set_header("Content-Type", "application/json");
     req.set_header("Accept", "text/event-stream");
@@ -363,10 +399,7 @@ std::shared_ptr<GenerateCall> OpenAiClient::StartGenerate(const api::GenerateReq
     } else {
       status = stream.Finish();
     }
-    if (cb.on_done) cb.on_done(status, Clock::now());
-    call->End();
-    std::lock_guard<std::mutex> lock(live->mu);
-    if (--live->count == 0) live->cv.notify_all();
+    finish(status);
   }).detach();
   return call;
 }

@@ -56,10 +56,13 @@ const FlagDef kFlags[] = {
     {"target", FlagType::kValue,
      "HOST:PORT of the pdserve front-end, or of the HTTP server with --api openai (required)"},
     {"api", FlagType::kValue,
-     "grpc (pdserve's Serving API, the default) or openai: streamed POST /v1/completions on "
-     "an OpenAI-compatible HTTP server (pdserve --http-port, vLLM, SGLang, ...); no server "
-     "timeline, and tokens counted per chunk, made up to the usage at the end"},
-    {"model", FlagType::kValue, "--api openai: the model field (default: GET /v1/models' first)"},
+     "grpc (pdserve's Serving API, the default), openai: streamed POST /v1/completions on "
+     "an OpenAI-compatible HTTP server (pdserve --http-port, vLLM, SGLang, ...), or "
+     "openai-chat: streamed POST /v1/chat/completions with the prompt as one user message "
+     "(text prompts: implies --text-prompts; the server's chat template adds its tokens); no "
+     "server timeline, and tokens counted per chunk, made up to the usage at the end"},
+    {"model", FlagType::kValue,
+     "--api openai(-chat): the model field (default: GET /v1/models' first)"},
     {"rate", FlagType::kValue,
      "open loop: requests per second, or inf to send all at once (default inf)"},
     {"concurrency", FlagType::kValue, "closed loop: this many requests always in flight"},
@@ -231,7 +234,8 @@ std::string Help() {
 
 struct Config {
   std::string target;
-  bool openai = false;  // --api openai
+  bool openai = false;  // --api openai or openai-chat
+  bool chat = false;    // --api openai-chat
   std::string model;
   double rate = std::numeric_limits<double>::infinity();
   bool rate_set = false;
@@ -263,10 +267,11 @@ absl::StatusOr<Config> MakeConfig(const Flags& f) {
   c.target = f.String("target");
   if (c.target.empty()) return absl::InvalidArgumentError("--target HOST:PORT is required");
   const std::string api = f.Has("api") ? f.String("api") : "grpc";
-  if (api != "grpc" && api != "openai") {
-    return absl::InvalidArgumentError("--api must be grpc or openai");
+  if (api != "grpc" && api != "openai" && api != "openai-chat") {
+    return absl::InvalidArgumentError("--api must be grpc, openai or openai-chat");
   }
-  c.openai = api == "openai";
+  c.openai = api != "grpc";
+  c.chat = api == "openai-chat";
   c.model = f.String("model");
   if (!c.model.empty() && !c.openai) {
     return absl::InvalidArgumentError("--model names the model of --api openai");
@@ -336,7 +341,7 @@ absl::StatusOr<Config> MakeConfig(const Flags& f) {
     d.vocab_lo = lo;
     d.vocab_hi = hi;
   }
-  d.text_prompts = f.Has("text-prompts");
+  d.text_prompts = f.Has("text-prompts") || c.chat;  // a chat message is text
   int64_t seed;
   PDS_ASSIGN_OR_RETURN(seed, f.Int("seed", 0));
   d.seed = static_cast<uint64_t>(seed);
@@ -521,7 +526,7 @@ std::string Date() { return absl::FormatTime("%Y%m%d-%H%M%S", absl::Now(), absl:
 nlohmann::json ConfigJson(const Config& c, const std::string& model) {
   nlohmann::json j;
   j["date"] = Date();
-  j["backend"] = c.openai ? "openai" : "pdserve";
+  j["backend"] = c.chat ? "openai-chat" : c.openai ? "openai" : "pdserve";
   j["target"] = c.target;
   j["model_id"] = model;
   j["dataset"] = DatasetKindName(c.dataset.kind);
@@ -552,7 +557,7 @@ class Pdbench {
  public:
   explicit Pdbench(Config config) : c_(std::move(config)) {
     if (c_.openai) {
-      client_ = std::make_unique<OpenAiClient>(c_.target, c_.model);
+      client_ = std::make_unique<OpenAiClient>(c_.target, c_.model, c_.chat);
     } else {
       client_ = std::make_unique<ServingClient>(c_.target);
     }

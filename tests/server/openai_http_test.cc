@@ -859,7 +859,8 @@ TEST_F(OpenAiHttpTest, PdbenchsOpenAiClientReadsTheStreamAsGrpcMessages) {
     std::vector<api::GenerateResponse> messages;
     grpc::Status status;
   };
-  auto run = [&](const api::GenerateRequest& r, Got& got, bool cancel_after_first = false) {
+  auto run = [&](const api::GenerateRequest& r, Got& got, bool cancel_after_first = false,
+                 client::OpenAiClient* via = nullptr) {
     std::shared_ptr<client::GenerateCall> call;
     client::GenerateCallbacks cb;
     cb.on_message = [&](const api::GenerateResponse& m, client::Clock::time_point) {
@@ -867,7 +868,7 @@ TEST_F(OpenAiHttpTest, PdbenchsOpenAiClientReadsTheStreamAsGrpcMessages) {
       got.messages.push_back(m);
     };
     cb.on_done = [&](const grpc::Status& s, client::Clock::time_point) { got.status = s; };
-    call = http_client.StartGenerate(r, absl::Seconds(60), std::move(cb));
+    call = (via != nullptr ? *via : http_client).StartGenerate(r, absl::Seconds(60), std::move(cb));
     if (cancel_after_first) {
       ASSERT_TRUE(PollUntil(
           [&] {
@@ -915,6 +916,39 @@ TEST_F(OpenAiHttpTest, PdbenchsOpenAiClientReadsTheStreamAsGrpcMessages) {
   EXPECT_EQ(cancelled.status.error_code(), grpc::StatusCode::CANCELLED);
   EXPECT_TRUE(EndedCancelled(1)) << Status().DebugString();
   decode_->backend.delay_ms = 0;
+
+  // The chat endpoint (pdbench --api openai-chat): the prompt text is one user message.
+  client::OpenAiClient chat_client(absl::StrCat("http://127.0.0.1:", frontend_->http_port()), "",
+                                   /*chat=*/true);
+  ASSERT_TRUE(chat_client.WaitForConnected(absl::Seconds(10)).ok());
+  auto [status, body] = Complete({{"messages", {{{"role", "user"}, {"content", kPrompt}}}},
+                                  {"max_completion_tokens", 12},
+                                  {"temperature", 0},
+                                  {"ignore_eos", true}},
+                                 kChatPath);
+  ASSERT_EQ(status, 200) << body.dump();
+  r.set_max_tokens(12);
+  r.set_logprobs(1);  // counted from the chat logprobs' entries
+  Got chat;
+  run(r, chat, false, &chat_client);
+  ASSERT_TRUE(chat.status.ok()) << chat.status.error_message();
+  std::string chat_text;
+  int chat_tokens = 0;
+  for (const auto& m : chat.messages) {
+    chat_text += m.text();
+    chat_tokens += m.token_ids_size();
+  }
+  EXPECT_EQ(chat_text, body["choices"][0]["message"]["content"]);
+  EXPECT_EQ(chat_tokens, 12);
+  ASSERT_TRUE(chat.messages.back().has_done());
+  EXPECT_EQ(chat.messages.back().done().prompt_tokens(), body["usage"]["prompt_tokens"]);
+  // Token ids cannot be a chat message.
+  api::GenerateRequest ids;
+  ids.add_prompt_token_ids(5);
+  ids.set_max_tokens(2);
+  Got refused_ids;
+  run(ids, refused_ids, false, &chat_client);
+  EXPECT_EQ(refused_ids.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
 }
 
 }  // namespace
