@@ -47,6 +47,8 @@ struct FrontendOptions {
   // The chat template of /v1/chat/completions: empty, the model's (chat_template.jinja or
   // tokenizer_config.json); a file replaces it (and must load).
   std::string chat_template;
+  // How the model writes tool calls (server/tool_calls.h): "", "none", "hermes", "llama3_json".
+  std::string tool_call_parser;
 };
 
 class Frontend {

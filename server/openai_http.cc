@@ -7,6 +7,8 @@
 #include <deque>
 #include <limits>
 #include <mutex>
+#include <optional>
+#include <random>
 #include <thread>
 #include <variant>
 
@@ -206,8 +208,32 @@ struct Choice {
   // Completions-format logprobs so far.
   Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
        text_offset = Json::array();
-  Json chat_logprobs = Json::array();  // chat-format logprobs ("content" entries) so far
+  Json chat_logprobs = Json::array();      // chat-format logprobs ("content" entries) so far
+  std::optional<ToolCallScanner> scanner;  // streamed chat with tool parsing
 };
+
+// A new tool call id: "call_" and 24 random hex digits.
+std::string NewCallId() {
+  thread_local std::mt19937_64 rng(std::random_device{}() ^
+                                   static_cast<uint64_t>(absl::ToUnixNanos(absl::Now())));
+  return absl::StrFormat("call_%016x%08x", rng(), static_cast<uint32_t>(rng()));
+}
+
+// A reply's calls as the request takes them (parallel_tool_calls: false keeps the first).
+ToolCallScanner::Result KeptCalls(const CompletionRequest& request, ToolCallScanner::Result r) {
+  if (!request.parallel_tool_calls && r.calls.size() > 1) r.calls.resize(1);
+  return r;
+}
+
+// A tool call as a message's `tool_calls` entry, or with `index` a stream delta's.
+Json ToolCallJson(const ToolCall& call, std::optional<int> index) {
+  Json j = Json::object();
+  if (index) j["index"] = *index;
+  j["id"] = NewCallId();
+  j["type"] = "function";
+  j["function"] = {{"name", call.name}, {"arguments", call.arguments}};
+  return j;
+}
 
 // What the calls of one HTTP request deliver: messages or a final status, per choice.
 struct Event {
@@ -352,6 +378,59 @@ absl::StatusOr<Json> MessageContent(const Json& content, size_t index) {
   return Json(std::move(text));
 }
 
+// `tools` (OpenAI's function tools, checked) for the template, and tool_choice and
+// parallel_tool_calls into `r`; an empty array when there are none.
+absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, CompletionRequest& r) {
+  Json tools = Json::array();
+  if (auto it = j.find("tools"); it != j.end() && !it->is_null()) {
+    if (!it->is_array()) return BadField("tools", "must be an array of tools");
+    for (size_t i = 0; i < it->size(); ++i) {
+      const Json& t = (*it)[i];
+      const std::string field = absl::StrCat("tools[", i, "]");
+      if (!t.is_object() || t.value("type", "") != "function" || !t.contains("function") ||
+          !t["function"].is_object()) {
+        return BadField(field, "must be {\"type\": \"function\", \"function\": {...}}");
+      }
+      const Json& f = t["function"];
+      const auto name = f.find("name");
+      if (name == f.end() || !name->is_string() || name->get_ref<const std::string&>().empty() ||
+          name->get_ref<const std::string&>().size() > 64 ||
+          name->get_ref<const std::string&>().find_first_not_of(
+              "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-") !=
+              std::string::npos) {
+        return BadField(field + ".function.name", "must be 1 to 64 of a-z, A-Z, 0-9, _ and -");
+      }
+      if (auto p = f.find("parameters"); p != f.end() && !p->is_null() && !p->is_object()) {
+        return BadField(field + ".function.parameters", "must be a JSON schema object");
+      }
+      if (auto d = f.find("description"); d != f.end() && !d->is_null() && !d->is_string()) {
+        return BadField(field + ".function.description", "must be a string");
+      }
+      tools.push_back(t);
+    }
+  }
+  PDS_RETURN_IF_ERROR(Get(j, "parallel_tool_calls", r.parallel_tool_calls));
+  std::string choice = tools.empty() ? "none" : "auto";
+  if (auto it = j.find("tool_choice"); it != j.end() && !it->is_null()) {
+    if (!it->is_string() || (*it != "none" && *it != "auto")) {
+      return BadField("tool_choice",
+                      "may be \"auto\" or \"none\" (\"required\" and named functions need "
+                      "constrained decoding, which pdserve does not have)");
+    }
+    choice = it->get<std::string>();
+    if (tools.empty() && choice != "none") return BadField("tool_choice", "needs tools");
+  }
+  if (choice == "auto") {
+    if (format == ToolCallFormat::kNone) {
+      return BadField("tools",
+                      "with tool_choice \"auto\" need a front-end started with "
+                      "--tool-call-parser (hermes or llama3_json) to read the calls");
+    }
+    r.tool_calls = format;
+  }
+  return tools;
+}
+
 }  // namespace
 
 absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
@@ -393,12 +472,12 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
 absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl::string_view model,
                                                    int32_t max_context,
                                                    const engine::ChatFormat& chat,
-                                                   const engine::Tokenizer& tokenizer) {
+                                                   const engine::Tokenizer& tokenizer,
+                                                   ToolCallFormat tool_call_format) {
   PDS_ASSIGN_OR_RETURN(const Json j, ParseBody(body));
   for (const auto& [field, neutral, what] :
        std::initializer_list<std::tuple<const char*, Json, const char*>>{
-           {"tools", Json::array(), "no tool calls"},
-           {"functions", Json::array(), "no function calls"},
+           {"functions", Json::array(), "use tools"},
            {"function_call", "none", "no function calls"},
            {"response_format", Json{{"type", "text"}}, "no structured output"},
            {"audio", Json::object(), "text only"},
@@ -408,15 +487,12 @@ absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl:
            {"echo", false, "the prompt is not returned"}}) {
     PDS_RETURN_IF_ERROR(Unsupported(j, field, neutral, what));
   }
-  if (auto it = j.find("tool_choice");
-      it != j.end() && !it->is_null() && *it != "none" && *it != "auto") {
-    return BadField("tool_choice", "is not supported (no tool calls)");
-  }
   CompletionRequest r;
   r.chat = true;
   api::GenerateRequest base;
   std::optional<uint64_t> seed;
   PDS_RETURN_IF_ERROR(ParseCommon(j, model, r, base, seed));
+  PDS_ASSIGN_OR_RETURN(Json tools, ParseTools(j, tool_call_format, r));
 
   // The template's variables: messages, add_generation_prompt, chat_template_kwargs.
   auto messages = j.find("messages");
@@ -446,6 +522,7 @@ absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl:
     list.push_back(std::move(message));
   }
   vars["messages"] = std::move(list);
+  if (!tools.empty()) vars["tools"] = std::move(tools);
   bool add_generation_prompt = true;
   PDS_RETURN_IF_ERROR(Get(j, "add_generation_prompt", add_generation_prompt));
   vars["add_generation_prompt"] = add_generation_prompt;
@@ -682,7 +759,7 @@ class OpenAiHttpServer::Impl {
                                       "the model has no tokenizer.json: no chat completions"));
     }
     auto parsed = ParseChatRequest(req.body, options.model, options.max_context, *options.chat,
-                                   *options.tokenizer);
+                                   *options.tokenizer, options.tool_call_format);
     if (!parsed.ok()) return SendError(res, parsed.status());
     Serve(req, res, *std::move(parsed));
   }
@@ -697,6 +774,9 @@ class OpenAiHttpServer::Impl {
     }
     for (size_t i = 0; i < job->request.choices.size(); ++i) {
       job->choices.emplace_back();
+      if (job->request.tool_calls != ToolCallFormat::kNone && job->request.stream) {
+        job->choices.back().scanner.emplace(job->request.tool_calls);
+      }
       if (!header_id.empty()) {
         job->request.choices[i].set_request_id(
             job->request.choices.size() == 1 ? header_id : absl::StrCat(header_id, "-", i));
@@ -738,13 +818,23 @@ class OpenAiHttpServer::Impl {
       for (int i = 0; i < total; ++i) {
         const Choice& c = job->choices[i];
         Json choice = {{"index", i}};
+        std::string finish = c.finish_reason;
         if (chat) {
           choice["message"] = {{"role", "assistant"}, {"content", c.text}};
+          ToolCallScanner::Result r =
+              KeptCalls(job->request, ToolCallScanner::Parse(job->request.tool_calls, c.text));
+          if (!r.calls.empty()) {  // the reply's tool calls, and what it wrote before them
+            choice["message"]["content"] = r.content.empty() ? Json(nullptr) : Json(r.content);
+            Json calls = Json::array();
+            for (const ToolCall& call : r.calls) calls.push_back(ToolCallJson(call, std::nullopt));
+            choice["message"]["tool_calls"] = std::move(calls);
+            finish = "tool_calls";
+          }
         } else {
           choice["text"] = c.text;
         }
         choice["logprobs"] = Logprobs(*job, c, 0);
-        choice["finish_reason"] = c.finish_reason;
+        choice["finish_reason"] = finish;
         choices.push_back(std::move(choice));
       }
       const Json body = {{"id", job->id},
@@ -846,19 +936,38 @@ class OpenAiHttpServer::Impl {
         }
       }
       Choice& c = job.choices[e->choice];
-      const size_t logprobs_from = c.tokens.size();
+      size_t logprobs_from = c.tokens.size();
       bool ended = false;
-      const std::string text = Apply(job, *e, &ended);
+      std::string text = Apply(job, *e, &ended);
       if (ended && !c.status.ok()) {
         // Failed after its first token: an error event, then the stream ends.
         send(ErrorBody(c.status));
         failed = true;
         break;
       }
-      if (!text.empty() || ended || c.tokens.size() > logprobs_from) {
-        if (!chunk(e->choice, text, logprobs_from, ended ? Json(c.finish_reason) : Json(nullptr))) {
-          return false;
+      Json finish = ended ? Json(c.finish_reason) : Json(nullptr);
+      if (c.scanner) {  // content as it is known not to start a tool call; the calls at the end
+        text = c.scanner->Feed(text);
+        ToolCallScanner::Result r;
+        if (ended) r = KeptCalls(job.request, c.scanner->Finish());
+        text += r.content;
+        if (!r.calls.empty()) {
+          if ((!text.empty() || c.tokens.size() > logprobs_from) &&
+              !chunk(e->choice, text, logprobs_from, nullptr)) {
+            return false;
+          }
+          for (size_t k = 0; k < r.calls.size(); ++k) {
+            const Json delta = {
+                {"tool_calls", Json::array({ToolCallJson(r.calls[k], static_cast<int>(k))})}};
+            if (!chunk(e->choice, "", c.tokens.size(), nullptr, &delta)) return false;
+          }
+          text.clear();
+          logprobs_from = c.tokens.size();
+          finish = "tool_calls";
         }
+      }
+      if (!text.empty() || ended || c.tokens.size() > logprobs_from) {
+        if (!chunk(e->choice, text, logprobs_from, finish)) return false;
         last_write = absl::Now();
       }
     }

@@ -11,7 +11,8 @@
 // Each choice of a completion is one Generate call on the front-end's own gRPC Serving API
 // (loopback), so admission control, SLO targets, placement, timelines and metrics are exactly
 // those of gRPC clients (text stop sequences too: GenerateRequest.stop). A chat request's prompt
-// is tokenized here (the template writes the special tokens) and sent as token ids.
+// is tokenized here (the template writes the special tokens) and sent as token ids; tool calls
+// in its replies are read here (server/tool_calls.h).
 #pragma once
 
 #include <functional>
@@ -24,6 +25,7 @@
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
 #include "pdserve/v1/serving.pb.h"
+#include "server/tool_calls.h"
 
 namespace pds::engine {
 class Tokenizer;
@@ -43,6 +45,9 @@ struct OpenAiHttpOptions {
   // The model's chat template (null: /v1/chat/completions answers `chat_unavailable`).
   const engine::ChatFormat* chat = nullptr;
   absl::Status chat_unavailable = absl::InvalidArgumentError("the model has no chat template");
+  // How the model writes tool calls (chat requests with `tools`; kNone: tool_choice "auto" is
+  // refused).
+  ToolCallFormat tool_call_format = ToolCallFormat::kNone;
   std::function<bool()> ready;  // GET /health
   int threads = 256;            // connections served at once (each holds a thread)
   // Choices (calls) in flight over all requests: more get 429.
@@ -78,6 +83,9 @@ struct CompletionRequest {
   std::vector<std::string> stop;  // text stop sequences (the front-end cuts the text there)
   int logprobs = -1;  // >= 0: logprobs with that many alternatives (completions or chat format)
   bool chat = false;  // a chat completion (its responses are in the chat format)
+  // Chat with tools and tool_choice "auto": the replies' tool calls are parsed in this format.
+  ToolCallFormat tool_calls = ToolCallFormat::kNone;
+  bool parallel_tool_calls = true;  // false: a reply's first call only
 };
 
 // INVALID_ARGUMENT naming the field for what OpenAI's API rejects or pdserve does not support
@@ -94,11 +102,14 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
 // "system") rendered with `chat` (add_generation_prompt, default true, and chat_template_kwargs
 // as vLLM takes them) and tokenized without added special tokens into one prompt of token ids.
 // max_completion_tokens (or max_tokens) defaults to what the context leaves; logprobs (bool)
-// and top_logprobs; the completions' sampling, stop and SLO fields. Tools, response formats and
-// non-text content are refused; the template's refusals (raise_exception) are INVALID_ARGUMENT.
-absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl::string_view model,
-                                                   int32_t max_context,
-                                                   const engine::ChatFormat& chat,
-                                                   const engine::Tokenizer& tokenizer);
+// and top_logprobs; the completions' sampling, stop and SLO fields. `tools` (functions) go to
+// the template; with tool_choice "auto" (their default) the replies' calls are parsed in
+// `tool_call_format` (kNone: refused), "none" leaves them text; "required" and named choices
+// (constrained decoding), response formats and non-text content are refused. The template's
+// refusals (raise_exception) are INVALID_ARGUMENT.
+absl::StatusOr<CompletionRequest> ParseChatRequest(
+    absl::string_view body, absl::string_view model, int32_t max_context,
+    const engine::ChatFormat& chat, const engine::Tokenizer& tokenizer,
+    ToolCallFormat tool_call_format = ToolCallFormat::kNone);
 
 }  // namespace pds::server

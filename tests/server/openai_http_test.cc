@@ -182,6 +182,15 @@ const std::string& ModelDir() {
   return *dir;
 }
 
+// One server-sent event stream, split into its `data:` payloads.
+std::vector<std::string> Events(const std::string& body) {
+  std::vector<std::string> out;
+  for (absl::string_view block : absl::StrSplit(body, "\n\n", absl::SkipEmpty())) {
+    if (absl::ConsumePrefix(&block, "data: ")) out.emplace_back(block);
+  }
+  return out;
+}
+
 // --- chat requests ---------------------------------------------------------------------------
 
 // The small model's chat format (its tokenizer_config.json's Llama 3 style template) and
@@ -361,13 +370,171 @@ TEST(OpenAiChatParseTest, TheTemplatesRefusalIsTheClients) {
   EXPECT_EQ(empty.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
-// One server-sent event stream, split into its `data:` payloads.
-std::vector<std::string> Events(const std::string& body) {
-  std::vector<std::string> out;
-  for (absl::string_view block : absl::StrSplit(body, "\n\n", absl::SkipEmpty())) {
-    if (absl::ConsumePrefix(&block, "data: ")) out.emplace_back(block);
+const Json kTools = Json::array(
+    {{{"type", "function"},
+      {"function",
+       {{"name", "get_weather"},
+        {"description", "The weather in a city"},
+        {"parameters", {{"type", "object"}, {"properties", {{"city", {{"type", "string"}}}}}}}}}},
+     {{"type", "function"}, {"function", {{"name", "now"}}}}});
+
+TEST(OpenAiChatParseTest, ToolsReachTheTemplateAndChooseTheParser) {
+  auto format = engine::LoadChatFormatFiles(
+      "", ScratchFile("tools.jinja",
+                      "{% for t in tools %}{{ t.function.name }};{% endfor %}"
+                      "{{ messages[0].content }}"));
+  ASSERT_TRUE(format.ok()) << format.status();
+  const ChatModel& m = SmallChatModel();
+  auto parse = [&](Json body, ToolCallFormat f) {
+    if (!body.contains("messages")) body["messages"] = {{{"role", "user"}, {"content", "hi"}}};
+    return ParseChatRequest(body.dump(), "m", 256, *format, *m.tokenizer, f);
+  };
+  // tool_choice defaults to auto with tools: the replies are read in the front-end's format.
+  auto r = parse({{"tools", kTools}}, ToolCallFormat::kHermes);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(Ids(r->choices[0]), m.tokenizer->Encode("get_weather;now;hi", false));
+  EXPECT_EQ(r->tool_calls, ToolCallFormat::kHermes);
+  EXPECT_TRUE(r->parallel_tool_calls);
+  // "none": the template still sees the tools, the reply is text.
+  r = parse({{"tools", kTools}, {"tool_choice", "none"}, {"parallel_tool_calls", false}},
+            ToolCallFormat::kHermes);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(Ids(r->choices[0]), m.tokenizer->Encode("get_weather;now;hi", false));
+  EXPECT_EQ(r->tool_calls, ToolCallFormat::kNone);
+  EXPECT_FALSE(r->parallel_tool_calls);
+  // Without tools there is nothing to parse.
+  r = parse(Json::object(), ToolCallFormat::kLlama3Json);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->tool_calls, ToolCallFormat::kNone);
+
+  auto refused = [&](Json body, ToolCallFormat f, const std::string& field) {
+    auto r = parse(body, f);
+    ASSERT_FALSE(r.ok()) << body.dump();
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StrContains(r.status().message(), field)) << r.status();
+  };
+  // auto needs a parser; required and named choices need constrained decoding.
+  refused({{"tools", kTools}}, ToolCallFormat::kNone, "--tool-call-parser");
+  refused({{"tools", kTools}, {"tool_choice", "required"}}, ToolCallFormat::kHermes, "tool_choice");
+  refused(
+      {{"tools", kTools}, {"tool_choice", {{"type", "function"}, {"function", {{"name", "now"}}}}}},
+      ToolCallFormat::kHermes, "tool_choice");
+  refused({{"tool_choice", "auto"}}, ToolCallFormat::kHermes, "tool_choice");
+  refused({{"tools", {{{"type", "retrieval"}}}}}, ToolCallFormat::kHermes, "tools[0]");
+  refused({{"tools", {kTools[0], {{"type", "function"}, {"function", {{"name", "a b"}}}}}}},
+          ToolCallFormat::kHermes, "tools[1].function.name");
+  refused({{"tools", {{{"type", "function"}, {"function", {{"name", "f"}, {"parameters", 1}}}}}}},
+          ToolCallFormat::kHermes, "tools[0].function.parameters");
+  refused({{"tools", "f"}}, ToolCallFormat::kHermes, "tools");
+  refused({{"functions", {{{"name", "f"}}}}}, ToolCallFormat::kHermes, "functions");
+}
+
+// A Serving API that streams a scripted reply (pieces of text, then a Done with "stop"), so the
+// HTTP server's reading of tool calls can be driven end to end.
+class ScriptedServing final : public api::Serving::Service {
+ public:
+  std::vector<std::string> pieces;
+  grpc::Status Generate(grpc::ServerContext*, const api::GenerateRequest* req,
+                        grpc::ServerWriter<api::GenerateResponse>* writer) override {
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      api::GenerateResponse m;
+      m.add_token_ids(static_cast<int32_t>(100 + i));
+      m.set_text(pieces[i]);
+      if (i + 1 == pieces.size()) {
+        m.mutable_done()->set_finish_reason("stop");
+        m.mutable_done()->set_prompt_tokens(req->prompt_token_ids_size());
+        m.mutable_done()->set_completion_tokens(static_cast<int32_t>(pieces.size()));
+      }
+      writer->Write(m);
+    }
+    return grpc::Status::OK;
   }
-  return out;
+};
+
+TEST(OpenAiToolCallsTest, RepliesToolCallsWholeAndStreamed) {
+  ScriptedServing serving;
+  serving.pieces = {"I will check.", " <tool", "_call>\n{\"name\": \"get_weather\", ",
+                    "\"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>",
+                    "\n<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call>"};
+  int grpc_port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &grpc_port);
+  builder.RegisterService(&serving);
+  std::unique_ptr<grpc::Server> grpc_server = builder.BuildAndStart();
+  ASSERT_TRUE(grpc_server && grpc_port > 0);
+  const ChatModel& m = SmallChatModel();
+  OpenAiHttpOptions o;
+  o.grpc_target = absl::StrCat("127.0.0.1:", grpc_port);
+  o.model = "m";
+  o.max_context = 256;
+  o.tokenizer = m.tokenizer.get();
+  o.chat = &m.format;
+  o.tool_call_format = ToolCallFormat::kHermes;
+  auto server = OpenAiHttpServer::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  httplib::Client http("127.0.0.1", (*server)->port());
+  http.set_read_timeout(30, 0);
+  Json request = {{"messages", {{{"role", "user"}, {"content", "Weather in Oslo?"}}}},
+                  {"tools", kTools}};
+
+  auto res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "no answer");
+  Json body = Json::parse(res->body);
+  const Json& message = body["choices"][0]["message"];
+  EXPECT_EQ(message["content"], "I will check. ");
+  ASSERT_EQ(message["tool_calls"].size(), 2u) << body.dump();
+  EXPECT_EQ(message["tool_calls"][0]["type"], "function");
+  EXPECT_TRUE(absl::StartsWith(message["tool_calls"][0]["id"].get<std::string>(), "call_"));
+  EXPECT_NE(message["tool_calls"][0]["id"], message["tool_calls"][1]["id"]);
+  EXPECT_EQ(message["tool_calls"][0]["function"]["name"], "get_weather");
+  EXPECT_EQ(message["tool_calls"][0]["function"]["arguments"], R"({"city":"Oslo"})");
+  EXPECT_EQ(message["tool_calls"][1]["function"]["name"], "now");
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "tool_calls");
+
+  // Streamed: the content as it is known not to be a call, then one delta per call, then the
+  // finish.
+  request["stream"] = true;
+  res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  ASSERT_TRUE(res && res->status == 200);
+  std::string content;
+  std::vector<Json> calls;
+  std::string finish;
+  for (const std::string& e : Events(res->body)) {
+    if (e == "[DONE]") continue;
+    const Json c = Json::parse(e)["choices"][0];
+    EXPECT_TRUE(finish.empty()) << "nothing after the finish: " << e;
+    if (c["delta"].contains("content")) {
+      EXPECT_TRUE(calls.empty()) << "content after a call: " << e;
+      content += c["delta"]["content"].get<std::string>();
+    }
+    if (c["delta"].contains("tool_calls")) calls.push_back(c["delta"]["tool_calls"][0]);
+    if (!c["finish_reason"].is_null()) finish = c["finish_reason"];
+  }
+  EXPECT_EQ(content, "I will check. ");
+  ASSERT_EQ(calls.size(), 2u);
+  EXPECT_EQ(calls[0]["index"], 0);
+  EXPECT_EQ(calls[1]["index"], 1);
+  EXPECT_EQ(calls[0]["function"]["name"], "get_weather");
+  EXPECT_EQ(calls[0]["function"]["arguments"], R"({"city":"Oslo"})");
+  EXPECT_EQ(finish, "tool_calls");
+
+  // parallel_tool_calls: false keeps the first call; tool_choice "none" leaves the text alone.
+  request["stream"] = false;
+  request["parallel_tool_calls"] = false;
+  res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  ASSERT_TRUE(res && res->status == 200);
+  body = Json::parse(res->body);
+  EXPECT_EQ(body["choices"][0]["message"]["tool_calls"].size(), 1u);
+  request["tool_choice"] = "none";
+  res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  ASSERT_TRUE(res && res->status == 200);
+  body = Json::parse(res->body);
+  EXPECT_FALSE(body["choices"][0]["message"].contains("tool_calls"));
+  EXPECT_TRUE(absl::StrContains(body["choices"][0]["message"]["content"].get<std::string>(),
+                                "<tool_call>"));
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "stop");
+  (*server)->Stop();
+  grpc_server->Shutdown();
 }
 
 class OpenAiHttpTest : public ::testing::Test {
@@ -761,7 +928,8 @@ TEST_F(OpenAiHttpTest, ChatCompletionIsTheTemplatedPromptsCompletion) {
 }
 
 // A model without a chat template refuses chat requests (naming --chat-template) and serves
-// completions; --chat-template gives it one; a template that does not parse fails the start.
+// completions; --chat-template gives it one; a template that does not parse fails the start, as
+// does an unknown --tool-call-parser.
 TEST_F(OpenAiHttpTest, ChatTemplateFlagAndAModelWithoutATemplate) {
   TearDown();
   namespace fs = std::filesystem;
@@ -802,6 +970,22 @@ TEST_F(OpenAiHttpTest, ChatTemplateFlagAndAModelWithoutATemplate) {
   auto broken = Frontend::Start(o);
   ASSERT_FALSE(broken.ok());
   EXPECT_TRUE(absl::StrContains(broken.status().message(), "broken.jinja")) << broken.status();
+
+  // --tool-call-parser: a known format serves chat requests with tools, another fails the start.
+  o = FrontendOptions();
+  o.tool_call_parser = "mistral";
+  o.model_dir = ModelDir();
+  o.http_port = 0;
+  auto unknown = Frontend::Start(o);
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_TRUE(absl::StrContains(unknown.status().message(), "mistral")) << unknown.status();
+  o.tool_call_parser = "hermes";
+  Start(o);
+  Json with_tools = request;
+  with_tools["tools"] = kTools;
+  auto [s3, reply] = Complete(with_tools, kChatPath);
+  ASSERT_EQ(s3, 200) << reply.dump();
+  EXPECT_EQ(reply["choices"][0]["finish_reason"], "length");  // random weights write no calls
 }
 
 // A client that goes away mid-stream: its call is cancelled (not decoded to the end).

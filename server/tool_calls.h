@@ -1,0 +1,60 @@
+// Tool calls in generated text, for the chat API's `tools` (`pdserve frontend
+// --tool-call-parser FORMAT`): the model writes its calls in the format its chat template taught
+// it, and they come back as OpenAI `tool_calls` instead of content.
+//
+//   hermes       <tool_call>{"name": ..., "arguments": {...}}</tool_call>, any number, after
+//                optional content (Qwen 2.5/3, Hermes 2/3 and the many templates that copy them)
+//   llama3_json  the whole reply one JSON object {"name": ..., "parameters": {...}} ("arguments"
+//                also taken), or several separated by ';' (Llama 3.1/3.2/3.3 JSON tool calling;
+//                <|python_tag|> is a special token and not in the text)
+//
+// A reply whose call section does not parse is returned as content, whole: nothing is lost.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace pds::server {
+
+enum class ToolCallFormat { kNone, kHermes, kLlama3Json };
+
+// "hermes", "llama3_json", or "" / "none" (no parsing); INVALID_ARGUMENT for others.
+absl::StatusOr<ToolCallFormat> ParseToolCallFormat(absl::string_view name);
+
+struct ToolCall {
+  std::string name;
+  std::string arguments;  // a JSON object, as text (OpenAI's `arguments` string)
+};
+
+// One choice's reply as it streams: content goes out as soon as it cannot be the start of a
+// call section; from the section's start on, text is held until Finish.
+class ToolCallScanner {
+ public:
+  explicit ToolCallScanner(ToolCallFormat format) : format_(format) {}
+
+  // Feeds the next generated text; returns the content that may be sent now.
+  std::string Feed(absl::string_view text);
+
+  struct Result {
+    std::string content;  // content held back until now (all of it when calls were found:
+                          // what came before the section, not yet returned by Feed)
+    std::vector<ToolCall> calls;
+  };
+  // At the reply's end: the calls of the section, or, when it does not parse (or there is
+  // none), the held text as content.
+  Result Finish();
+
+  // The whole reply at once: its content (before the calls) and calls.
+  static Result Parse(ToolCallFormat format, absl::string_view text);
+
+ private:
+  ToolCallFormat format_;
+  std::string held_;       // text not yet returned: a possible marker's start, or the section
+  bool in_calls_ = false;  // the call section has begun (everything from there is held)
+  bool any_text_ = false;  // non-space content went out (llama3_json: no call can start)
+};
+
+}  // namespace pds::server

@@ -1,0 +1,115 @@
+// Tool calls in generated text (server/tool_calls.h): whole replies, and the same replies fed
+// in every split, which must give the same content and calls.
+#include "server/tool_calls.h"
+
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace pds::server {
+namespace {
+
+using Result = ToolCallScanner::Result;
+
+// `text` fed to a scanner in pieces of `step` bytes: the content sent along the way plus the
+// content Finish returns, and the calls.
+Result Streamed(ToolCallFormat format, const std::string& text, size_t step) {
+  ToolCallScanner scanner(format);
+  std::string content;
+  for (size_t i = 0; i < text.size(); i += step) content += scanner.Feed(text.substr(i, step));
+  Result r = scanner.Finish();
+  r.content.insert(0, content);
+  return r;
+}
+
+// Parse(text), checked to equal every streamed split.
+Result Parsed(ToolCallFormat format, const std::string& text) {
+  const Result whole = ToolCallScanner::Parse(format, text);
+  for (size_t step = 1; step <= text.size(); ++step) {
+    const Result s = Streamed(format, text, step);
+    EXPECT_EQ(s.content, whole.content) << "step " << step << ": " << text;
+    EXPECT_EQ(s.calls.size(), whole.calls.size()) << "step " << step << ": " << text;
+    for (size_t i = 0; i < s.calls.size() && i < whole.calls.size(); ++i) {
+      EXPECT_EQ(s.calls[i].name, whole.calls[i].name);
+      EXPECT_EQ(s.calls[i].arguments, whole.calls[i].arguments);
+    }
+  }
+  return whole;
+}
+
+TEST(ToolCallsTest, HermesCallsAfterContent) {
+  const Result r = Parsed(ToolCallFormat::kHermes,
+                          "Let me look.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": "
+                          "{\"city\": \"Zürich\", \"days\": 2}}\n</tool_call>\n<tool_call>\n"
+                          "{\"name\": \"now\", \"arguments\": {}}\n</tool_call>\n");
+  EXPECT_EQ(r.content, "Let me look.\n");
+  ASSERT_EQ(r.calls.size(), 2u);
+  EXPECT_EQ(r.calls[0].name, "get_weather");
+  EXPECT_EQ(r.calls[0].arguments, R"({"city":"Zürich","days":2})");  // key order kept
+  EXPECT_EQ(r.calls[1].name, "now");
+  EXPECT_EQ(r.calls[1].arguments, "{}");
+}
+
+TEST(ToolCallsTest, HermesEdgeCases) {
+  // The reply ended inside the last block's closing tag: the JSON is whole, so it counts.
+  Result r = Parsed(ToolCallFormat::kHermes,
+                    "<tool_call>{\"name\": \"f\", \"arguments\": \"{\\\"x\\\": 1}\"}</tool_");
+  ASSERT_EQ(r.calls.size(), 1u);
+  EXPECT_EQ(r.calls[0].arguments, R"({"x":1})");  // a string holding an object
+  EXPECT_EQ(r.content, "");
+  // Text after the calls is content.
+  r = Parsed(ToolCallFormat::kHermes, "<tool_call>{\"name\": \"f\"}</tool_call> done");
+  ASSERT_EQ(r.calls.size(), 1u);
+  EXPECT_EQ(r.calls[0].arguments, "{}");
+  EXPECT_EQ(r.content, "done");
+  // Broken sections are content, whole: nothing is lost.
+  for (const std::string text :
+       {"a <tool_call>{\"name\": \"f\", \"arguments\": {\"x\": </tool_call>",
+        "<tool_call>{\"arguments\": {}}</tool_call>", "<tool_call>[1]</tool_call>",
+        "<tool_call>{\"name\": \"f\", \"arguments\": 3}</tool_call>", "<tool_call>"}) {
+    r = Parsed(ToolCallFormat::kHermes, text);
+    EXPECT_TRUE(r.calls.empty()) << text;
+    EXPECT_EQ(r.content, text);
+  }
+  // A marker's start that is not a marker is content.
+  r = Parsed(ToolCallFormat::kHermes, "1 < 2 and <tool_ca is not a call <tool");
+  EXPECT_TRUE(r.calls.empty());
+  EXPECT_EQ(r.content, "1 < 2 and <tool_ca is not a call <tool");
+}
+
+TEST(ToolCallsTest, Llama3JsonWholeReplies) {
+  Result r = Parsed(ToolCallFormat::kLlama3Json,
+                    " {\"name\": \"search\", \"parameters\": {\"q\": \"a;b {c}\", \"n\": [1, 2]}}");
+  ASSERT_EQ(r.calls.size(), 1u);
+  EXPECT_EQ(r.calls[0].name, "search");
+  EXPECT_EQ(r.calls[0].arguments, R"({"q":"a;b {c}","n":[1,2]})");
+  EXPECT_EQ(r.content, "");
+  r = Parsed(ToolCallFormat::kLlama3Json,
+             "{\"name\": \"a\", \"parameters\": {}}; {\"name\": \"b\", \"arguments\": {\"k\": "
+             "\"\\\"}\"}}\n");
+  ASSERT_EQ(r.calls.size(), 2u);
+  EXPECT_EQ(r.calls[1].name, "b");
+  EXPECT_EQ(r.calls[1].arguments, R"({"k":"\"}"})");
+  // Replies that are not calls are content, whole.
+  for (const std::string text :
+       {"Hello {\"name\": \"a\"}", "{\"name\": \"a\", \"parameters\": {}} and more",
+        "{\"no\": \"name\"}", "{\"name\": \"a\", \"parameters\": {", "  \n", ""}) {
+    r = Parsed(ToolCallFormat::kLlama3Json, text);
+    EXPECT_TRUE(r.calls.empty()) << text;
+    EXPECT_EQ(r.content, text);
+  }
+}
+
+TEST(ToolCallsTest, NoFormatPassesTextThrough) {
+  ToolCallScanner scanner(ToolCallFormat::kNone);
+  EXPECT_EQ(scanner.Feed("<tool_call>{\"name\": \"f\"}"), "<tool_call>{\"name\": \"f\"}");
+  EXPECT_TRUE(scanner.Finish().calls.empty());
+  EXPECT_EQ(*ParseToolCallFormat("hermes"), ToolCallFormat::kHermes);
+  EXPECT_EQ(*ParseToolCallFormat("llama3_json"), ToolCallFormat::kLlama3Json);
+  EXPECT_EQ(*ParseToolCallFormat(""), ToolCallFormat::kNone);
+  EXPECT_EQ(ParseToolCallFormat("mistral").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace pds::server
