@@ -16,6 +16,7 @@
 #include "nlohmann/json.hpp"
 #include "server/cli_args.h"
 #include "server/commands.h"
+#include "server/http_util.h"
 
 namespace pds::server {
 namespace {
@@ -58,6 +59,10 @@ absl::Status Run(const CliArgs& args) {
   while (std::getline(std::cin, line)) {
     ++line_number;
     if (line.empty()) continue;
+    if (JsonTextDepth(line) > 64) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("stdin line ", line_number, ": nested deeper than 64 levels"));
+    }
     nlohmann::ordered_json vars = nlohmann::ordered_json::parse(line, nullptr, false);
     if (vars.is_discarded() || !vars.is_object()) {
       return absl::InvalidArgumentError(

@@ -1,5 +1,6 @@
 #include "server/http_util.h"
 
+#include <algorithm>
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
@@ -33,6 +34,28 @@ absl::StatusOr<int> ListenInBackground(httplib::Server& server, const std::strin
     return absl::InternalError(absl::StrCat(what, ": the HTTP server did not start"));
   }
   return bound;
+}
+
+int JsonTextDepth(absl::string_view text) {
+  int depth = 0, deepest = 0;
+  bool in_string = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    const char c = text[i];
+    if (in_string) {
+      if (c == '\\') {
+        ++i;
+      } else if (c == '"') {
+        in_string = false;
+      }
+    } else if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      deepest = std::max(deepest, ++depth);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return deepest;
 }
 
 }  // namespace pds::server

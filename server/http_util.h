@@ -21,4 +21,9 @@ namespace pds::server {
 absl::StatusOr<int> ListenInBackground(httplib::Server& server, const std::string& host, int port,
                                        std::thread& thread, absl::string_view what);
 
+// The deepest nesting of [ and { in JSON text (brackets inside strings do not count), read
+// without parsing: copying or printing a parsed value recurses once per level, so a body
+// nested thousands deep must be refused before it is used.
+int JsonTextDepth(absl::string_view text);
+
 }  // namespace pds::server

@@ -37,6 +37,7 @@ using Json = nlohmann::json;
 constexpr int kMaxChoices = 128;  // prompts x n in one request
 constexpr int kMaxN = 16;
 constexpr int kMaxLogprobs = 20;
+constexpr int kMaxBodyDepth = 64;  // arrays and objects in a request body
 
 std::string Dump(const Json& j) { return j.dump(-1, ' ', false, Json::error_handler_t::replace); }
 
@@ -352,6 +353,10 @@ void AddChoices(CompletionRequest& r, const api::GenerateRequest& base,
 }
 
 absl::StatusOr<Json> ParseBody(absl::string_view body) {
+  if (JsonTextDepth(body) > kMaxBodyDepth) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the body nests arrays and objects deeper than ", kMaxBodyDepth));
+  }
   Json j = Json::parse(body, nullptr, /*allow_exceptions=*/false);
   if (j.is_discarded()) return absl::InvalidArgumentError("the body is not valid JSON");
   if (!j.is_object()) return absl::InvalidArgumentError("the body must be a JSON object");

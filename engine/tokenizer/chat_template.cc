@@ -28,11 +28,15 @@ namespace {
 
 using Json = nlohmann::ordered_json;
 
-constexpr int kMaxParseDepth = 200;
+constexpr int kMaxParseDepth = 200;    // nested expressions, and nested blocks
+constexpr int kMaxTagTokens = 4096;    // tokens in one {{ }} or {% %} (an expression's nodes)
+constexpr int kMaxNativeDepth = 1000;  // statements and expressions being run inside each other
 constexpr int kMaxMacroDepth = 64;
 constexpr int64_t kMaxSteps = 5'000'000;  // expressions and statements evaluated
 constexpr size_t kMaxOutputBytes = size_t{64} << 20;
 constexpr size_t kMaxListItems = 1'000'000;  // a list value's items
+// Lists and dicts nested in each other (copying, comparing and printing values recurse).
+constexpr int kMaxValueDepth = 128;
 
 // --- lexer ---------------------------------------------------------------------------------
 
@@ -72,6 +76,13 @@ absl::Status LexError(absl::string_view source, int line, absl::string_view what
 // trim_blocks (the newline after a block or comment tag goes), lstrip_blocks (spaces and tabs
 // before a block or comment tag at the start of a line go), '-' strips all whitespace on its
 // side, '+' keeps it; the template's one trailing newline goes (keep_trailing_newline off).
+// Counts a nesting level while it lives.
+struct DepthGuard {
+  explicit DepthGuard(int& depth) : depth(depth) { ++depth; }
+  ~DepthGuard() { --depth; }
+  int& depth;
+};
+
 class Lexer {
  public:
   Lexer(absl::string_view text, absl::string_view source) : source_(source) {
@@ -152,6 +163,11 @@ class Lexer {
       const size_t first = tokens_.size();
       char end_sign = 0;
       PDS_RETURN_IF_ERROR(LexTag(block ? '%' : '}', pos, end_sign));
+      // Bounds an expression's tree, whose evaluation and destruction recurse.
+      if (tokens_.size() - first > kMaxTagTokens) {
+        return LexError(source_, line_,
+                        absl::StrCat("a tag of more than ", kMaxTagTokens, " tokens"));
+      }
       tokens_.push_back({block ? Tok::kBlockEnd : Tok::kVarEnd, "", 0, 0, line_});
       strip_next = end_sign == '-';
       trim_newline = block && end_sign != '+';
@@ -551,6 +567,8 @@ class Parser {
   // Statements until a block tag named in `ends` (its '{%' and name consumed; returned in
   // *end) or the end of the template (only when `ends` is empty).
   absl::StatusOr<NodePtr> Body(const std::vector<absl::string_view>& ends, std::string* end) {
+    DepthGuard guard(block_depth_);
+    if (block_depth_ > kMaxParseDepth) return Error("blocks nested too deeply");
     auto body = std::make_unique<Node>();
     body->kind = Node::kBody;
     body->line = Peek().line;
@@ -1121,6 +1139,7 @@ class Parser {
   std::string source_;
   size_t pos_ = 0;
   int depth_ = 0;
+  int block_depth_ = 0;
 };
 
 // --- values --------------------------------------------------------------------------------
@@ -1427,6 +1446,19 @@ std::vector<std::string> Chars(absl::string_view s) {
   return out;
 }
 
+// The nesting depth of a value (a scalar is 0), counted up to `limit` + 1 at most (so the walk
+// itself recurses no deeper).
+int NestingDepth(const Json& j, int limit) {
+  if (!j.is_structured()) return 0;
+  if (limit <= 0) return 1;
+  int deepest = 0;
+  for (const Json& x : j) {
+    deepest = std::max(deepest, NestingDepth(x, limit - 1));
+    if (deepest >= limit) break;
+  }
+  return 1 + deepest;
+}
+
 // Case mapping of one code point: ASCII, Latin-1, Latin Extended-A, Greek and Cyrillic.
 uint32_t CaseMap(uint32_t c, bool upper) {
   auto shift = [&](uint32_t lo_first, uint32_t lo_last, uint32_t delta) -> std::optional<uint32_t> {
@@ -1725,6 +1757,21 @@ class Renderer {
     return absl::InvalidArgumentError(absl::StrCat(source_, " line ", line, ": ", what));
   }
 
+  // Running nested statements and expressions recurses on the native stack.
+  absl::Status CheckNativeDepth(int line) const {
+    if (native_depth_ <= kMaxNativeDepth) return absl::OkStatus();
+    return absl::ResourceExhaustedError(
+        absl::StrCat(source_, " line ", line, ": statements and expressions nested deeper than ",
+                     kMaxNativeDepth, " at run time"));
+  }
+
+  // A value about to go inside a list or dict must leave room for that level.
+  absl::Status CheckNesting(const Json& j, int line) const {
+    if (NestingDepth(j, kMaxValueDepth) < kMaxValueDepth) return absl::OkStatus();
+    return absl::ResourceExhaustedError(absl::StrCat(
+        source_, " line ", line, ": lists and dicts nested deeper than ", kMaxValueDepth));
+  }
+
   absl::Status Step(int line) {
     if (++steps_ > kMaxSteps) {
       return absl::ResourceExhaustedError(absl::StrCat(
@@ -1785,6 +1832,8 @@ class Renderer {
   }
 
   absl::Status Exec(const Node& n) {
+    DepthGuard guard(native_depth_);
+    PDS_RETURN_IF_ERROR(CheckNativeDepth(n.line));
     PDS_RETURN_IF_ERROR(Step(n.line));
     switch (n.kind) {
       case Node::kBody:
@@ -1813,6 +1862,7 @@ class Renderer {
       }
       case Node::kSetAttr: {
         PDS_ASSIGN_OR_RETURN(Value v, Eval(*n.exprs[0]));
+        PDS_RETURN_IF_ERROR(CheckNesting(v.j, n.line));
         for (auto it = scopes_.rbegin(); it != scopes_.rend(); ++it) {
           auto found = (*it)->find(n.targets[0]);
           if (found == (*it)->end()) continue;
@@ -1948,6 +1998,8 @@ class Renderer {
   // An expression's value; strings and lists past the output budget end the render (a
   // template doubling a string in a loop must not exhaust the front-end's memory).
   absl::StatusOr<Value> Eval(const Expr& e) {
+    DepthGuard guard(native_depth_);
+    PDS_RETURN_IF_ERROR(CheckNativeDepth(e.line));
     PDS_ASSIGN_OR_RETURN(Value v, EvalExpr(e));
     if ((v.j.is_string() && v.j.get_ref<const std::string&>().size() > kMaxOutputBytes) ||
         (v.j.is_array() && v.j.size() > kMaxListItems)) {
@@ -1968,6 +2020,7 @@ class Renderer {
         Json list = Json::array();
         for (const ExprPtr& x : e.args) {
           PDS_ASSIGN_OR_RETURN(Value v, Eval(*x));
+          PDS_RETURN_IF_ERROR(CheckNesting(v.j, e.line));
           list.push_back(v.undefined ? Json(nullptr) : std::move(v.j));
         }
         return Value(std::move(list));
@@ -1977,6 +2030,7 @@ class Renderer {
         for (size_t i = 0; i + 1 < e.args.size(); i += 2) {
           PDS_ASSIGN_OR_RETURN(Value k, Eval(*e.args[i]));
           PDS_ASSIGN_OR_RETURN(Value v, Eval(*e.args[i + 1]));
+          PDS_RETURN_IF_ERROR(CheckNesting(v.j, e.line));
           dict[Str(k)] = v.undefined ? Json(nullptr) : std::move(v.j);
         }
         return Value(std::move(dict));
@@ -2293,7 +2347,10 @@ class Renderer {
         }
         v.j = a.pos[0].j;
       }
-      for (auto& [k, x] : a.kw) v.j[k] = x.undefined ? Json(nullptr) : x.j;
+      for (auto& [k, x] : a.kw) {
+        PDS_RETURN_IF_ERROR(CheckNesting(x.j, e.line));
+        v.j[k] = x.undefined ? Json(nullptr) : x.j;
+      }
       return v;
     }
     if (name == "range") {
@@ -2883,6 +2940,7 @@ class Renderer {
   std::string* out_ = nullptr;
   Flow flow_ = Flow::kNormal;
   int64_t steps_ = 0;
+  int native_depth_ = 0;
   int macro_depth_ = 0;
   int loops_ = 0;
 };
@@ -2915,6 +2973,10 @@ absl::StatusOr<std::unique_ptr<ChatTemplate>> ChatTemplate::Parse(absl::string_v
 absl::StatusOr<std::string> ChatTemplate::Render(const nlohmann::ordered_json& variables) const {
   if (!variables.is_object()) {
     return absl::InvalidArgumentError("chat template variables must be a JSON object");
+  }
+  if (NestingDepth(variables, kMaxValueDepth) > kMaxValueDepth) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("chat template variables nest deeper than ", kMaxValueDepth, " levels"));
   }
   Renderer r(source_);
   return r.Run(*root_, variables);

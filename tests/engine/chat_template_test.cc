@@ -102,6 +102,36 @@ TEST(ChatTemplateTest, RunawayTemplatesStopAtTheirBudgets) {
   std::string deep(1000, '(');
   deep += "1" + std::string(1000, ')');
   EXPECT_TRUE(absl::StrContains(Error("{{ " + deep + " }}"), "nested too deeply"));
+  // What recursion on the native stack could not survive: deeply nested blocks, expressions of
+  // thousands of nodes, deeply nested values (built or given), deep runs of macro calls.
+  std::string blocks;
+  for (int i = 0; i < 5000; ++i) blocks += "{% if true %}";
+  EXPECT_TRUE(absl::StrContains(Error(blocks + "x"), "blocks nested too deeply"));
+  std::string chain = "{{ x";
+  for (int i = 0; i < 50000; ++i) chain += " | trim";
+  EXPECT_TRUE(absl::StrContains(Error(chain + " }}"), "a tag of more than 4096 tokens"));
+  r = Render(
+      "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% set ns.x = [ns.x] %}"
+      "{% endfor %}{{ ns.x | tojson }}");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "nested deeper than 128")) << r.status();
+  Json value = Json::array();
+  for (int i = 0; i < 200; ++i) value = Json::array({std::move(value)});
+  EXPECT_TRUE(absl::StrContains(Error("{{ x | tojson }}", {{"x", value}}), "nest deeper"));
+  std::string nested_macro = "{% macro m(n) %}";
+  for (int i = 0; i < 190; ++i) nested_macro += "{% if true %}";
+  nested_macro += "{{ m(n + 1) }}";
+  for (int i = 0; i < 190; ++i) nested_macro += "{% endif %}";
+  r = Render(nested_macro + "{% endmacro %}{{ m(0) }}");
+  EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "deeper than 1000 at run time"))
+      << r.status();
+  // Below the limits, as deep as they allow, they run.
+  std::string sum = "{{ 1";
+  for (int i = 0; i < 990; ++i) sum += " + 1";
+  r = Render(sum + " }}");
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, "991");
 }
 
 void Write(const std::filesystem::path& p, const std::string& text) {

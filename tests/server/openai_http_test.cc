@@ -344,6 +344,10 @@ TEST(OpenAiChatParseTest, RefusalsNameTheField) {
   refused({{"max_completion_tokens", 0}}, "max_completion_tokens");
   refused({{"chat_template_kwargs", {{"messages", 1}}}}, "chat_template_kwargs");
   refused({{"chat_template_kwargs", "x"}}, "chat_template_kwargs");
+  // A body nested so deep that copying it would overflow the stack.
+  Json deep = Json::array();
+  for (int i = 0; i < 10000; ++i) deep = Json::array({std::move(deep)});
+  refused({{"chat_template_kwargs", {{"x", deep}}}}, "deeper than 64");
   // A conversation past the context.
   refused({{"messages", {{{"role", "user"}, {"content", std::string(3000, 'x')}}}}}, "context");
   // Another model is NOT_FOUND.
