@@ -4,12 +4,14 @@
 // /v1/chat/completions does: one JSON line per case on stdout, {"text": "..."} or
 // {"error": "..."} (with --tokenize and a model's tokenizer.json, also "ids"). With --model or
 // --config, the config's special tokens (bos_token, eos_token, ...) are variables too.
+// --bench-seconds S times each case instead (tests/chat_template/run_bench.sh).
 #include <cstdio>
 #include <iostream>
 #include <memory>
 #include <string>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
 #include "engine/common/status_macros.h"
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -27,6 +29,9 @@ const std::vector<FlagSpec>& Specs() {
       {"config", false, "a tokenizer_config.json (its template unless --template is given)"},
       {"template", false, "a Jinja template file (replaces the model's or config's)"},
       {"tokenize", true, "also print the prompt's token ids (--model with tokenizer.json)"},
+      {"bench-seconds", false,
+       "render each case repeatedly this long (after one render) and print "
+       "{\"renders\", \"us_per_render\", \"bytes\"} instead"},
       {"help", true, "show this help"},
   };
   return specs;
@@ -54,6 +59,7 @@ absl::Status Run(const CliArgs& args) {
     if (model.empty()) return absl::InvalidArgumentError("--tokenize needs --model");
     PDS_ASSIGN_OR_RETURN(tokenizer, engine::Tokenizer::Load(model + "/tokenizer.json"));
   }
+  PDS_ASSIGN_OR_RETURN(const double bench_seconds, args.GetDouble("bench-seconds", 0));
   std::string line;
   int64_t line_number = 0;
   while (std::getline(std::cin, line)) {
@@ -70,7 +76,19 @@ absl::Status Run(const CliArgs& args) {
     }
     nlohmann::ordered_json out;
     absl::StatusOr<std::string> text = format->Render(vars);
-    if (text.ok()) {
+    if (text.ok() && bench_seconds > 0) {
+      int64_t renders = 0;
+      const absl::Time start = absl::Now();
+      absl::Duration elapsed;
+      do {
+        if (!format->Render(vars).ok()) break;
+        ++renders;
+        elapsed = absl::Now() - start;
+      } while (elapsed < absl::Seconds(bench_seconds));
+      out["renders"] = renders;
+      out["us_per_render"] = absl::ToDoubleMicroseconds(elapsed) / std::max<int64_t>(renders, 1);
+      out["bytes"] = text->size();
+    } else if (text.ok()) {
       out["text"] = *text;
       if (tokenizer) out["ids"] = tokenizer->Encode(*text, /*add_special_tokens=*/false);
     } else {

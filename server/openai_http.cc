@@ -531,7 +531,7 @@ absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl:
   bool add_generation_prompt = true;
   PDS_RETURN_IF_ERROR(Get(j, "add_generation_prompt", add_generation_prompt));
   vars["add_generation_prompt"] = add_generation_prompt;
-  absl::StatusOr<std::string> prompt = chat.Render(vars);
+  absl::StatusOr<std::string> prompt = chat.Render(std::move(vars));
   if (!prompt.ok()) {
     return absl::InvalidArgumentError(absl::StrCat(
         "the model's chat template refused the messages: ", prompt.status().message()));

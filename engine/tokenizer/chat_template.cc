@@ -461,7 +461,8 @@ struct ChatTemplate::Node {
   };
   Kind kind = kBody;
   int line = 0;
-  std::string text;  // kText; kSetAttr's attribute; kMacro's name
+  bool loop_neighbors = false;  // kFor: its body may read loop.previtem or loop.nextitem
+  std::string text;             // kText; kSetAttr's attribute; kMacro's name
   // kOutput [e]; kIf conditions; kFor [iterable, filter (may be null)]; kSet/kSetAttr [value];
   // kMacro parameter defaults (null: none).
   std::vector<ExprPtr> exprs;
@@ -665,8 +666,15 @@ class Parser {
       node->exprs.push_back(std::move(filter));
       if (IsName("recursive")) return Error("recursive loops are not supported");
       PDS_RETURN_IF_ERROR(Expect(Tok::kBlockEnd, "'%}'"));
+      const size_t body_start = pos_;
       PDS_ASSIGN_OR_RETURN(NodePtr body, Body({"else", "endfor"}, &end));
       node->children.push_back(std::move(body));
+      // loop.previtem and loop.nextitem (copies of items) only for a body that names them.
+      for (size_t i = body_start; i < pos_ && !node->loop_neighbors; ++i) {
+        const Token& t = tokens_[i];
+        node->loop_neighbors = (t.kind == Tok::kName || t.kind == Tok::kString) &&
+                               (t.text == "previtem" || t.text == "nextitem");
+      }
       if (end == "else") {
         PDS_RETURN_IF_ERROR(Expect(Tok::kBlockEnd, "'%}'"));
         PDS_ASSIGN_OR_RETURN(NodePtr else_body, Body({"endfor"}, &end));
@@ -1446,6 +1454,13 @@ std::vector<std::string> Chars(absl::string_view s) {
   return out;
 }
 
+// The number of characters (code points) of UTF-8 text.
+int64_t CodePointCount(absl::string_view s) {
+  int64_t n = 0;
+  for (char c : s) n += (static_cast<uint8_t>(c) & 0xC0) != 0x80;
+  return n;
+}
+
 // The nesting depth of a value (a scalar is 0), counted up to `limit` + 1 at most (so the walk
 // itself recurses no deeper).
 int NestingDepth(const Json& j, int limit) {
@@ -1579,24 +1594,25 @@ bool StrPredicate(absl::string_view s, const std::string& name) {
 // Python's str.strip/lstrip/rstrip: whitespace, or the code points of `chars`.
 std::string Strip(const std::string& s, const std::optional<std::string>& chars, bool left,
                   bool right) {
-  std::vector<std::string> cs = Chars(s);
-  std::vector<std::string> set;
-  if (chars) set = Chars(*chars);
-  auto strip = [&](const std::string& c) {
-    if (chars) return std::find(set.begin(), set.end(), c) != set.end();
-    size_t i = 0;
-    return IsPyWhitespace(NextCodePoint(c, i));
+  std::vector<uint32_t> set;
+  for (size_t i = 0; chars && i < chars->size();) set.push_back(NextCodePoint(*chars, i));
+  auto strip = [&](uint32_t c) {
+    return chars ? std::find(set.begin(), set.end(), c) != set.end() : IsPyWhitespace(c);
   };
-  size_t b = 0, e = cs.size();
-  if (left) {
-    while (b < e && strip(cs[b])) ++b;
+  size_t b = 0, e = s.size();
+  while (left && b < e) {
+    size_t next = b;
+    if (!strip(NextCodePoint(s, next))) break;
+    b = std::min(next, e);
   }
-  if (right) {
-    while (e > b && strip(cs[e - 1])) --e;
+  while (right && e > b) {
+    size_t start = e - 1;  // the last character's first byte
+    while (start > b && (static_cast<uint8_t>(s[start]) & 0xC0) == 0x80) --start;
+    size_t next = start;
+    if (!strip(NextCodePoint(s, next))) break;
+    e = start;
   }
-  std::string out;
-  for (size_t i = b; i < e; ++i) out += cs[i];
-  return out;
+  return s.substr(b, e - b);
 }
 
 // Python's str.split(sep, maxsplit).
@@ -1740,9 +1756,12 @@ class Renderer {
  public:
   explicit Renderer(const std::string& source) : source_(source) {}
 
-  absl::StatusOr<std::string> Run(const Node& root, const Json& variables) {
+  absl::StatusOr<std::string> Run(const Node& root, Json&& variables, const Json* defaults) {
     Scope globals;
-    for (const auto& [k, v] : variables.items()) globals[k] = Value(v);
+    if (defaults != nullptr && defaults->is_object()) {
+      for (const auto& [k, v] : defaults->items()) globals[k] = Value(v);
+    }
+    for (auto& [k, v] : variables.get_ref<Json::object_t&>()) globals[k] = Value(std::move(v));
     scopes_.push_back(&globals);
     std::string out;
     out_ = &out;
@@ -1801,10 +1820,9 @@ class Renderer {
   }
 
   // Binds `targets` to `v` (unpacked when several) in `scope`.
-  absl::Status Bind(const std::vector<std::string>& targets, const Value& v, Scope& scope,
-                    int line) {
+  absl::Status Bind(const std::vector<std::string>& targets, Value v, Scope& scope, int line) {
     if (targets.size() == 1) {
-      scope[targets[0]] = v;
+      scope[targets[0]] = std::move(v);
       return absl::OkStatus();
     }
     if (v.undefined || !v.j.is_array() || v.j.size() != targets.size()) {
@@ -1816,10 +1834,14 @@ class Renderer {
   }
 
   absl::StatusOr<std::vector<Json>> Iterate(const Value& v, int line) const {
+    return Iterate(Value(v), line);
+  }
+  // The same, moving the items out of `v`.
+  absl::StatusOr<std::vector<Json>> Iterate(Value&& v, int line) const {
     std::vector<Json> items;
     if (v.undefined) return items;
     if (v.j.is_array()) {
-      items.assign(v.j.begin(), v.j.end());
+      items = std::move(v.j.get_ref<Json::array_t&>());
     } else if (v.j.is_object() && !v.ns) {
       for (const auto& [k, x] : v.j.items()) items.emplace_back(k);
     } else if (v.j.is_string()) {
@@ -1842,8 +1864,16 @@ class Renderer {
         out_->append(n.text);
         return absl::OkStatus();
       case Node::kOutput: {
+        if (const Json* found = Resolve(*n.exprs[0]); found != nullptr && found->is_string()) {
+          out_->append(found->get_ref<const std::string&>());  // `{{ content }}`: no copy
+          return absl::OkStatus();
+        }
         PDS_ASSIGN_OR_RETURN(Value v, Eval(*n.exprs[0]));
-        out_->append(Str(v));
+        if (v.j.is_string()) {
+          out_->append(v.j.get_ref<const std::string&>());
+        } else {
+          out_->append(Str(v));
+        }
         return absl::OkStatus();
       }
       case Node::kIf: {
@@ -1858,7 +1888,7 @@ class Renderer {
         return ExecFor(n);
       case Node::kSet: {
         PDS_ASSIGN_OR_RETURN(Value v, Eval(*n.exprs[0]));
-        return Bind(n.targets, v, *scopes_.back(), n.line);
+        return Bind(n.targets, std::move(v), *scopes_.back(), n.line);
       }
       case Node::kSetAttr: {
         PDS_ASSIGN_OR_RETURN(Value v, Eval(*n.exprs[0]));
@@ -1911,7 +1941,7 @@ class Renderer {
 
   absl::Status ExecFor(const Node& n) {
     PDS_ASSIGN_OR_RETURN(Value iterable, Eval(*n.exprs[0]));
-    PDS_ASSIGN_OR_RETURN(std::vector<Json> items, Iterate(iterable, n.line));
+    PDS_ASSIGN_OR_RETURN(std::vector<Json> items, Iterate(std::move(iterable), n.line));
     if (n.exprs[1]) {  // {% for x in xs if cond %}: the loop sees only the items it keeps
       std::vector<Json> kept;
       for (Json& item : items) {
@@ -1933,7 +1963,11 @@ class Renderer {
     for (int64_t i = 0; i < length; ++i) {
       scope.clear();                  // each iteration starts afresh, as in Jinja
       absl::Status s = Step(n.line);  // an empty body must count too
-      if (s.ok()) s = Bind(n.targets, Value(items[i]), scope, n.line);
+      // The item moves into the scope unless loop.previtem/nextitem may still need it.
+      if (s.ok()) {
+        s = Bind(n.targets, n.loop_neighbors ? Value(items[i]) : Value(std::move(items[i])), scope,
+                 n.line);
+      }
       if (!s.ok()) {
         --loops_;
         return s;
@@ -1950,12 +1984,12 @@ class Renderer {
       loop["revindex0"] = length - i - 1;
       loop["first"] = i == 0;
       loop["last"] = i == length - 1;
-      if (i > 0) {
+      if (i > 0 && n.loop_neighbors) {
         loop["previtem"] = items[i - 1];
       } else {
         loop.erase("previtem");
       }
-      if (i + 1 < length) {
+      if (i + 1 < length && n.loop_neighbors) {
         loop["nextitem"] = items[i + 1];
       } else {
         loop.erase("nextitem");
@@ -2036,10 +2070,12 @@ class Renderer {
         return Value(std::move(dict));
       }
       case Expr::kAttr: {
+        if (const Json* found = Resolve(e)) return Value(*found);
         PDS_ASSIGN_OR_RETURN(Value obj, Eval(*e.args[0]));
         return Attribute(obj, e.name, e.line);
       }
       case Expr::kIndex: {
+        if (const Json* found = Resolve(e)) return Value(*found);
         PDS_ASSIGN_OR_RETURN(Value obj, Eval(*e.args[0]));
         PDS_ASSIGN_OR_RETURN(Value key, Eval(*e.args[1]));
         return Item(obj, key, e.line);
@@ -2049,6 +2085,12 @@ class Renderer {
       case Expr::kCall:
         return EvalCall(e);
       case Expr::kFilter: {
+        if ((e.name == "length" || e.name == "count") && e.args.size() == 1) {
+          const Json* found = Resolve(*e.args[0]);  // `messages | length`: no copy
+          if (found != nullptr && found->is_structured()) {
+            return Value(static_cast<int64_t>(found->size()));
+          }
+        }
         PDS_ASSIGN_OR_RETURN(Value obj, Eval(*e.args[0]));
         PDS_ASSIGN_OR_RETURN(Args a, EvalArgs(e, 1));
         return Filter(e.name, std::move(obj), a, e.line);
@@ -2081,6 +2123,17 @@ class Renderer {
         if (e.name == "and") return Truthy(l) ? Eval(*e.args[1]) : l;
         if (e.name == "or") return Truthy(l) ? l : Eval(*e.args[1]);
         PDS_ASSIGN_OR_RETURN(Value r, Eval(*e.args[1]));
+        // A chain of string concatenations appends to its left operand (no copies of it).
+        if (!l.undefined && l.j.is_string() && !r.undefined &&
+            (e.name == "~" || (e.name == "+" && r.j.is_string()))) {
+          std::string& acc = l.j.get_ref<std::string&>();
+          if (r.j.is_string()) {
+            acc += r.j.get_ref<const std::string&>();
+          } else {
+            acc += Str(r);
+          }
+          return l;
+        }
         return BinaryOp(e.name, l, r, e.line);
       }
       case Expr::kCompare: {
@@ -2103,6 +2156,36 @@ class Renderer {
       }
     }
     return Err(e.line, "unknown expression");
+  }
+
+  // What `e` denotes inside a variable, found without copying anything: the variable, or an
+  // attribute or literal index of one (`message['content']`, `loop.index0`, `messages[0]`),
+  // as Attribute and Item would find it; null where they would not find an element (the
+  // evaluation then takes its general path).
+  const Json* Resolve(const Expr& e) const {
+    if (e.kind == Expr::kName) {
+      for (auto it = scopes_.rbegin(); it != scopes_.rend(); ++it) {
+        auto found = (*it)->find(e.name);
+        if (found != (*it)->end()) return found->second.undefined ? nullptr : &found->second.j;
+      }
+      return nullptr;
+    }
+    const bool attr = e.kind == Expr::kAttr;
+    if (!attr && (e.kind != Expr::kIndex || e.args[1]->kind != Expr::kLiteral)) return nullptr;
+    const Json* obj = Resolve(*e.args[0]);
+    if (obj == nullptr) return nullptr;
+    const Json* key = attr ? nullptr : &e.args[1]->value;
+    if (obj->is_object() && (attr || key->is_string())) {
+      auto it = obj->find(attr ? e.name : key->get_ref<const std::string&>());
+      return it != obj->end() ? &*it : nullptr;
+    }
+    if (!attr && obj->is_array() && IsIntLike(*key)) {
+      int64_t i = AsInt(*key);
+      const int64_t n = static_cast<int64_t>(obj->size());
+      if (i < 0) i += n;
+      return i >= 0 && i < n ? &(*obj)[static_cast<size_t>(i)] : nullptr;
+    }
+    return nullptr;
   }
 
   absl::StatusOr<Value> Attribute(const Value& obj, const std::string& name, int line) const {
@@ -2617,8 +2700,7 @@ class Renderer {
     }
     if (name == "length" || name == "count") {
       if (v.undefined) return Value(0);
-      if (v.j.is_string())
-        return Value(static_cast<int64_t>(Chars(v.j.get_ref<const std::string&>()).size()));
+      if (v.j.is_string()) return Value(CodePointCount(v.j.get_ref<const std::string&>()));
       if (v.j.is_array() || v.j.is_object()) return Value(static_cast<int64_t>(v.j.size()));
       return Err(line, absl::StrCat("object of type '", TypeName(v), "' has no len()"));
     }
@@ -2970,7 +3052,8 @@ absl::StatusOr<std::unique_ptr<ChatTemplate>> ChatTemplate::Parse(absl::string_v
   return t;
 }
 
-absl::StatusOr<std::string> ChatTemplate::Render(const nlohmann::ordered_json& variables) const {
+absl::StatusOr<std::string> ChatTemplate::Render(nlohmann::ordered_json variables,
+                                                 const nlohmann::ordered_json* defaults) const {
   if (!variables.is_object()) {
     return absl::InvalidArgumentError("chat template variables must be a JSON object");
   }
@@ -2979,7 +3062,7 @@ absl::StatusOr<std::string> ChatTemplate::Render(const nlohmann::ordered_json& v
         absl::StrCat("chat template variables nest deeper than ", kMaxValueDepth, " levels"));
   }
   Renderer r(source_);
-  return r.Run(*root_, variables);
+  return r.Run(*root_, std::move(variables), defaults);
 }
 
 ChatFormat::ChatFormat() : special_tokens(std::make_unique<Json>(Json::object())) {}
@@ -2987,13 +3070,8 @@ ChatFormat::~ChatFormat() = default;
 ChatFormat::ChatFormat(ChatFormat&&) noexcept = default;
 ChatFormat& ChatFormat::operator=(ChatFormat&&) noexcept = default;
 
-absl::StatusOr<std::string> ChatFormat::Render(const nlohmann::ordered_json& variables) const {
-  if (!variables.is_object()) {
-    return absl::InvalidArgumentError("chat template variables must be a JSON object");
-  }
-  Json all = *special_tokens;
-  for (const auto& [k, v] : variables.items()) all[k] = v;
-  return chat_template->Render(all);
+absl::StatusOr<std::string> ChatFormat::Render(nlohmann::ordered_json variables) const {
+  return chat_template->Render(std::move(variables), special_tokens.get());
 }
 
 absl::StatusOr<ChatFormat> LoadChatFormatFiles(const std::string& config_path,

@@ -31,10 +31,13 @@ class ChatTemplate {
                                                              absl::string_view source);
   ~ChatTemplate();
 
-  // Renders with `variables` (a JSON object: messages, add_generation_prompt, bos_token, ...).
-  // INVALID_ARGUMENT for what the template refuses (raise_exception, undefined values, type
-  // errors), naming the template line; RESOURCE_EXHAUSTED past the output or step budget.
-  absl::StatusOr<std::string> Render(const nlohmann::ordered_json& variables) const;
+  // Renders with `variables` (a JSON object: messages, add_generation_prompt, bos_token, ...;
+  // moved in, not copied, when the caller passes an rvalue) and, for names it does not set,
+  // `defaults`. INVALID_ARGUMENT for what the template refuses (raise_exception, undefined
+  // values, type errors), naming the template line; RESOURCE_EXHAUSTED past the output or step
+  // budget.
+  absl::StatusOr<std::string> Render(nlohmann::ordered_json variables,
+                                     const nlohmann::ordered_json* defaults = nullptr) const;
 
   struct Node;
 
@@ -57,7 +60,7 @@ struct ChatFormat {
   ChatFormat& operator=(ChatFormat&&) noexcept;
 
   // `variables` with the special tokens added where it does not set them.
-  absl::StatusOr<std::string> Render(const nlohmann::ordered_json& variables) const;
+  absl::StatusOr<std::string> Render(nlohmann::ordered_json variables) const;
 };
 
 // The chat format of a model directory: DIR/chat_template.jinja if present, else the

@@ -13,6 +13,8 @@ Rendering uses python3-jinja2 set up as HF transformers' apply_chat_template doe
 ImmutableSandboxedEnvironment with trim_blocks, lstrip_blocks and loop controls; `tojson` as
 json.dumps with ensure_ascii=False; globals raise_exception and strftime_now; and
 {% generation %}...{% endgeneration %} rendered as its body.
+With --bench-seconds S each case prints {"renders", "us_per_render", "bytes"} instead (the
+case rendered repeatedly for S seconds after one render).
 Exit status: 0 when every case was processed (errors included), 1 when the template or config
 cannot be loaded or parsed, 2 on a usage error.
 """
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from datetime import datetime
 
 try:
@@ -128,11 +131,27 @@ def load(args):
     return source, special_tokens(config)
 
 
+def bench(template, context, seconds, text):
+    """Renders the case repeatedly for `seconds`: {"renders", "us_per_render", "bytes"}."""
+    renders = 0
+    start = time.perf_counter()
+    while True:
+        template.render(**context)
+        renders += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            break
+    return {"renders": renders, "us_per_render": elapsed * 1e6 / renders,
+            "bytes": len(text.encode("utf-8"))}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", help="model directory")
     parser.add_argument("--config", help="a tokenizer_config.json")
     parser.add_argument("--template", help="a Jinja template file")
+    parser.add_argument("--bench-seconds", type=float, default=0,
+                        help="render each case repeatedly this long and print its timing")
     args = parser.parse_args()
     # UTF-8 both ways whatever the locale (ctest may run under LANG=C).
     sys.stdin.reconfigure(encoding="utf-8")
@@ -164,6 +183,8 @@ def main():
         context.update(variables)
         try:
             out = {"text": template.render(**context)}
+            if args.bench_seconds > 0:
+                out = bench(template, context, args.bench_seconds, out["text"])
         except Exception as e:  # raise_exception, undefined values, type errors, ...
             out = {"error": f"{type(e).__name__}: {e}"}
         sys.stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
