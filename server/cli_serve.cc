@@ -436,9 +436,10 @@ absl::Status RunUp(const CliArgs& args) {
   std::vector<std::string> fe = {"pdserve",     "frontend", "--model", model,
                                  "--host",      host,       "--port",  absl::StrCat(port),
                                  "--port-file", port_file};
-  for (const char* pass : {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms",
-                           "slo-tpot-ms", "worker-stall-timeout-s", "metrics-port", "http-port",
-                           "local-prefill-max-tokens", "chat-template", "tool-call-parser"}) {
+  for (const char* pass :
+       {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms", "slo-tpot-ms",
+        "worker-stall-timeout-s", "metrics-port", "http-port", "local-prefill-max-tokens",
+        "chat-template", "tool-call-parser", "reasoning-parser"}) {
     if (args.Has(pass)) {
       fe.push_back(absl::StrCat("--", pass));
       fe.push_back(args.GetString(pass));
@@ -616,6 +617,7 @@ absl::Status RunFrontend(const CliArgs& args) {
   o.http_port = static_cast<int>(http_port);
   o.chat_template = args.GetString("chat-template");
   o.tool_call_parser = args.GetString("tool-call-parser");
+  o.reasoning_parser = args.GetString("reasoning-parser");
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<Frontend> frontend, Frontend::Start(o));
   if (args.Has("port-file")) {
     PDS_RETURN_IF_ERROR(
@@ -664,6 +666,10 @@ int FrontendMain(int argc, char** argv) {
         "how the model writes tool calls, read back as the chat API's tool_calls: hermes "
         "(<tool_call>{...}</tool_call>: Qwen 2.5/3, Hermes) or llama3_json (Llama 3.x); "
         "default none (requests with tools and tool_choice auto are refused)"},
+       {"reasoning-parser", false,
+        "how the model marks its reasoning, returned as the chat API's reasoning_content: "
+        "deepseek_r1 (the reply starts inside <think>, ends it with </think>) or qwen3 (a reply "
+        "that starts with <think>); default none"},
        {"forget-worker-after-s", false,
         "drop a worker from the cluster once it has been unreachable and idle this long "
         "(default 300)"},
@@ -734,6 +740,7 @@ int UpMain(int argc, char** argv) {
       {"http-port", false, "front-end: the OpenAI-compatible HTTP API on this port (default off)"},
       {"chat-template", false, "front-end: chat template file (default: the model's)"},
       {"tool-call-parser", false, "front-end: hermes or llama3_json (default none)"},
+      {"reasoning-parser", false, "front-end: deepseek_r1 or qwen3 (default none)"},
   };
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);
   return SubcommandMain(argc, argv, "up",

@@ -230,6 +230,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       http.max_context = static_cast<int32_t>(config_.max_context());
       http.tokenizer = tokenizer_.get();
       PDS_ASSIGN_OR_RETURN(http.tool_call_format, ParseToolCallFormat(options_.tool_call_parser));
+      PDS_ASSIGN_OR_RETURN(http.reasoning_format, ParseReasoningFormat(options_.reasoning_parser));
       absl::StatusOr<engine::ChatFormat> chat =
           engine::LoadChatFormat(options_.model_dir, options_.chat_template);
       if (chat.ok()) {

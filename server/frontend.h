@@ -49,6 +49,8 @@ struct FrontendOptions {
   std::string chat_template;
   // How the model writes tool calls (server/tool_calls.h): "", "none", "hermes", "llama3_json".
   std::string tool_call_parser;
+  // How the model marks its reasoning: "", "none", "deepseek_r1", "qwen3".
+  std::string reasoning_parser;
 };
 
 class Frontend {

@@ -209,8 +209,9 @@ struct Choice {
   // Completions-format logprobs so far.
   Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
        text_offset = Json::array();
-  Json chat_logprobs = Json::array();      // chat-format logprobs ("content" entries) so far
-  std::optional<ToolCallScanner> scanner;  // streamed chat with tool parsing
+  Json chat_logprobs = Json::array();         // chat-format logprobs ("content" entries) so far
+  std::optional<ToolCallScanner> scanner;     // streamed chat with tool parsing
+  std::optional<ReasoningScanner> reasoning;  // streamed chat with reasoning parsing
 };
 
 // A new tool call id: "call_" and 24 random hex digits.
@@ -766,6 +767,7 @@ class OpenAiHttpServer::Impl {
     auto parsed = ParseChatRequest(req.body, options.model, options.max_context, *options.chat,
                                    *options.tokenizer, options.tool_call_format);
     if (!parsed.ok()) return SendError(res, parsed.status());
+    parsed->reasoning = options.reasoning_format;
     Serve(req, res, *std::move(parsed));
   }
 
@@ -781,6 +783,9 @@ class OpenAiHttpServer::Impl {
       job->choices.emplace_back();
       if (job->request.tool_calls != ToolCallFormat::kNone && job->request.stream) {
         job->choices.back().scanner.emplace(job->request.tool_calls);
+      }
+      if (job->request.reasoning != ReasoningFormat::kNone && job->request.stream) {
+        job->choices.back().reasoning.emplace(job->request.reasoning);
       }
       if (!header_id.empty()) {
         job->request.choices[i].set_request_id(
@@ -825,9 +830,15 @@ class OpenAiHttpServer::Impl {
         Json choice = {{"index", i}};
         std::string finish = c.finish_reason;
         if (chat) {
-          choice["message"] = {{"role", "assistant"}, {"content", c.text}};
-          ToolCallScanner::Result r =
-              KeptCalls(job->request, ToolCallScanner::Parse(job->request.tool_calls, c.text));
+          // Reasoning first, then the tool calls in what is left.
+          ReasoningScanner::Split split = ReasoningScanner::Parse(job->request.reasoning, c.text);
+          choice["message"] = {{"role", "assistant"}, {"content", split.content}};
+          if (job->request.reasoning != ReasoningFormat::kNone) {
+            choice["message"]["reasoning_content"] =
+                split.reasoning.empty() ? Json(nullptr) : Json(split.reasoning);
+          }
+          ToolCallScanner::Result r = KeptCalls(
+              job->request, ToolCallScanner::Parse(job->request.tool_calls, split.content));
           if (!r.calls.empty()) {  // the reply's tool calls, and what it wrote before them
             choice["message"]["content"] = r.content.empty() ? Json(nullptr) : Json(r.content);
             Json calls = Json::array();
@@ -951,6 +962,20 @@ class OpenAiHttpServer::Impl {
         break;
       }
       Json finish = ended ? Json(c.finish_reason) : Json(nullptr);
+      if (c.reasoning) {  // the reasoning as reasoning_content deltas; the rest goes on
+        ReasoningScanner::Split split = c.reasoning->Feed(text);
+        if (ended) {
+          ReasoningScanner::Split rest = c.reasoning->Finish();
+          split.reasoning += rest.reasoning;
+          split.content += rest.content;
+        }
+        if (!split.reasoning.empty()) {
+          const Json delta = {{"reasoning_content", split.reasoning}};
+          if (!chunk(e->choice, "", logprobs_from, nullptr, &delta)) return false;
+          logprobs_from = c.tokens.size();
+        }
+        text = std::move(split.content);
+      }
       if (c.scanner) {  // content as it is known not to start a tool call; the calls at the end
         text = c.scanner->Feed(text);
         ToolCallScanner::Result r;

@@ -48,6 +48,8 @@ struct OpenAiHttpOptions {
   // How the model writes tool calls (chat requests with `tools`; kNone: tool_choice "auto" is
   // refused).
   ToolCallFormat tool_call_format = ToolCallFormat::kNone;
+  // How the model marks its reasoning (chat replies then carry reasoning_content).
+  ReasoningFormat reasoning_format = ReasoningFormat::kNone;
   std::function<bool()> ready;  // GET /health
   int threads = 256;            // connections served at once (each holds a thread)
   // Choices (calls) in flight over all requests: more get 429.
@@ -85,7 +87,8 @@ struct CompletionRequest {
   bool chat = false;  // a chat completion (its responses are in the chat format)
   // Chat with tools and tool_choice "auto": the replies' tool calls are parsed in this format.
   ToolCallFormat tool_calls = ToolCallFormat::kNone;
-  bool parallel_tool_calls = true;  // false: a reply's first call only
+  bool parallel_tool_calls = true;                     // false: a reply's first call only
+  ReasoningFormat reasoning = ReasoningFormat::kNone;  // chat: split off reasoning_content
 };
 
 // INVALID_ARGUMENT naming the field for what OpenAI's API rejects or pdserve does not support

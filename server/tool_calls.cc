@@ -186,4 +186,80 @@ ToolCallScanner::Result ToolCallScanner::Parse(ToolCallFormat format, absl::stri
   return r;
 }
 
+namespace {
+constexpr absl::string_view kThinkOpen = "<think>";
+constexpr absl::string_view kThinkClose = "</think>";
+}  // namespace
+
+absl::StatusOr<ReasoningFormat> ParseReasoningFormat(absl::string_view name) {
+  if (name.empty() || name == "none") return ReasoningFormat::kNone;
+  if (name == "deepseek_r1") return ReasoningFormat::kDeepSeekR1;
+  if (name == "qwen3") return ReasoningFormat::kQwen3;
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown reasoning format '", name, "' (deepseek_r1, qwen3 or none)"));
+}
+
+ReasoningScanner::ReasoningScanner(ReasoningFormat format)
+    : format_(format), state_(format == ReasoningFormat::kNone ? State::kContent : State::kStart) {}
+
+ReasoningScanner::Split ReasoningScanner::Feed(absl::string_view text) {
+  held_.append(text.data(), text.size());
+  Split out;
+  Drain(out, /*at_end=*/false);
+  return out;
+}
+
+ReasoningScanner::Split ReasoningScanner::Finish() {
+  Split out;
+  Drain(out, /*at_end=*/true);
+  return out;
+}
+
+ReasoningScanner::Split ReasoningScanner::Parse(ReasoningFormat format, absl::string_view text) {
+  ReasoningScanner scanner(format);
+  Split out = scanner.Feed(text);
+  Split rest = scanner.Finish();
+  out.reasoning += rest.reasoning;
+  out.content += rest.content;
+  return out;
+}
+
+void ReasoningScanner::Drain(Split& out, bool at_end) {
+  while (true) {
+    switch (state_) {
+      case State::kStart: {  // does the reply open with <think> (after any whitespace)?
+        const size_t first = held_.find_first_not_of(" \t\r\n");
+        const absl::string_view rest = first == std::string::npos
+                                           ? absl::string_view()
+                                           : absl::string_view(held_).substr(first);
+        if (absl::StartsWith(rest, kThinkOpen)) {
+          held_.erase(0, first + kThinkOpen.size());
+          state_ = State::kReasoning;
+          continue;
+        }
+        if (!at_end && absl::StartsWith(kThinkOpen, rest)) return;  // not decided yet
+        state_ = format_ == ReasoningFormat::kDeepSeekR1 ? State::kReasoning : State::kContent;
+        continue;
+      }
+      case State::kReasoning: {
+        const size_t close = absl::string_view(held_).find(kThinkClose);
+        if (close != absl::string_view::npos) {
+          out.reasoning.append(held_, 0, close);
+          held_.erase(0, close + kThinkClose.size());
+          state_ = State::kContent;
+          continue;
+        }
+        const size_t keep = at_end ? 0 : MarkerPrefixAtEnd(held_, kThinkClose);
+        out.reasoning.append(held_, 0, held_.size() - keep);
+        held_.erase(0, held_.size() - keep);
+        return;
+      }
+      case State::kContent:
+        out.content += held_;
+        held_.clear();
+        return;
+    }
+  }
+}
+
 }  // namespace pds::server

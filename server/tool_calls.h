@@ -9,6 +9,14 @@
 //                <|python_tag|> is a special token and not in the text)
 //
 // A reply whose call section does not parse is returned as content, whole: nothing is lost.
+//
+// Reasoning (`--reasoning-parser FORMAT`) is split off a reply before its tool calls are read:
+//
+//   deepseek_r1  the reply starts inside the reasoning (the template's generation prompt opened
+//                <think>; a leading <think> is dropped too) and leaves it at </think>
+//   qwen3        a reply that starts with <think> is reasoning up to </think>; others are content
+//
+// A reasoning section that never closes is all reasoning (the reply was cut off inside it).
 #pragma once
 
 #include <string>
@@ -55,6 +63,37 @@ class ToolCallScanner {
   std::string held_;       // text not yet returned: a possible marker's start, or the section
   bool in_calls_ = false;  // the call section has begun (everything from there is held)
   bool any_text_ = false;  // non-space content went out (llama3_json: no call can start)
+};
+
+enum class ReasoningFormat { kNone, kDeepSeekR1, kQwen3 };
+
+// "deepseek_r1", "qwen3", or "" / "none"; INVALID_ARGUMENT for others.
+absl::StatusOr<ReasoningFormat> ParseReasoningFormat(absl::string_view name);
+
+// One choice's reply as it streams, split into reasoning and content: each piece goes out as
+// soon as it cannot be part of a marker.
+class ReasoningScanner {
+ public:
+  struct Split {
+    std::string reasoning;
+    std::string content;
+  };
+  explicit ReasoningScanner(ReasoningFormat format);
+
+  Split Feed(absl::string_view text);
+  Split Finish();  // what was held back at the end
+
+  // The whole reply at once.
+  static Split Parse(ReasoningFormat format, absl::string_view text);
+
+ private:
+  enum class State { kStart, kReasoning, kContent };
+  // Moves what is settled out of `held_` into `out`.
+  void Drain(Split& out, bool at_end);
+
+  ReasoningFormat format_;
+  State state_;
+  std::string held_;
 };
 
 }  // namespace pds::server

@@ -541,6 +541,62 @@ TEST(OpenAiToolCallsTest, RepliesToolCallsWholeAndStreamed) {
   grpc_server->Shutdown();
 }
 
+// --reasoning-parser qwen3 with --tool-call-parser hermes: the reasoning is reasoning_content,
+// whole and streamed, and the tool call after it is still read.
+TEST(OpenAiToolCallsTest, ReasoningComesApartFromContentAndCalls) {
+  ScriptedServing serving;
+  serving.pieces = {"<think>\nCheck the", " weather.\n</thi", "nk>\n\nLet me call.",
+                    "<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call>"};
+  int grpc_port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &grpc_port);
+  builder.RegisterService(&serving);
+  std::unique_ptr<grpc::Server> grpc_server = builder.BuildAndStart();
+  ASSERT_TRUE(grpc_server && grpc_port > 0);
+  const ChatModel& m = SmallChatModel();
+  OpenAiHttpOptions o;
+  o.grpc_target = absl::StrCat("127.0.0.1:", grpc_port);
+  o.model = "m";
+  o.max_context = 256;
+  o.tokenizer = m.tokenizer.get();
+  o.chat = &m.format;
+  o.tool_call_format = ToolCallFormat::kHermes;
+  o.reasoning_format = ReasoningFormat::kQwen3;
+  auto server = OpenAiHttpServer::Start(o);
+  ASSERT_TRUE(server.ok()) << server.status();
+  httplib::Client http("127.0.0.1", (*server)->port());
+  http.set_read_timeout(30, 0);
+  Json request = {{"messages", {{{"role", "user"}, {"content", "Time?"}}}}, {"tools", kTools}};
+  auto res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "no answer");
+  const Json message = Json::parse(res->body)["choices"][0]["message"];
+  EXPECT_EQ(message["reasoning_content"], "\nCheck the weather.\n");
+  EXPECT_EQ(message["content"], "\n\nLet me call.");
+  ASSERT_EQ(message["tool_calls"].size(), 1u);
+  EXPECT_EQ(message["tool_calls"][0]["function"]["name"], "now");
+
+  request["stream"] = true;
+  res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  ASSERT_TRUE(res && res->status == 200);
+  std::string reasoning, content;
+  int calls = 0;
+  for (const std::string& e : Events(res->body)) {
+    if (e == "[DONE]") continue;
+    const Json delta = Json::parse(e)["choices"][0]["delta"];
+    if (delta.contains("reasoning_content")) {
+      EXPECT_TRUE(content.empty()) << "reasoning after content: " << e;
+      reasoning += delta["reasoning_content"].get<std::string>();
+    }
+    if (delta.contains("content")) content += delta["content"].get<std::string>();
+    calls += delta.contains("tool_calls") ? 1 : 0;
+  }
+  EXPECT_EQ(reasoning, "\nCheck the weather.\n");
+  EXPECT_EQ(content, "\n\nLet me call.");
+  EXPECT_EQ(calls, 1);
+  (*server)->Stop();
+  grpc_server->Shutdown();
+}
+
 class OpenAiHttpTest : public ::testing::Test {
  protected:
   void SetUp() override { Start({}); }
@@ -984,6 +1040,11 @@ TEST_F(OpenAiHttpTest, ChatTemplateFlagAndAModelWithoutATemplate) {
   ASSERT_FALSE(unknown.ok());
   EXPECT_TRUE(absl::StrContains(unknown.status().message(), "mistral")) << unknown.status();
   o.tool_call_parser = "hermes";
+  o.reasoning_parser = "o1";
+  unknown = Frontend::Start(o);
+  ASSERT_FALSE(unknown.ok());
+  EXPECT_TRUE(absl::StrContains(unknown.status().message(), "o1")) << unknown.status();
+  o.reasoning_parser = "qwen3";
   Start(o);
   Json with_tools = request;
   with_tools["tools"] = kTools;

@@ -1,5 +1,5 @@
-// Tool calls in generated text (server/tool_calls.h): whole replies, and the same replies fed
-// in every split, which must give the same content and calls.
+// Tool calls and reasoning in generated text (server/tool_calls.h): whole replies, and the same
+// replies fed in every split, which must give the same content, calls and reasoning.
 #include "server/tool_calls.h"
 
 #include <string>
@@ -109,6 +109,52 @@ TEST(ToolCallsTest, NoFormatPassesTextThrough) {
   EXPECT_EQ(*ParseToolCallFormat("llama3_json"), ToolCallFormat::kLlama3Json);
   EXPECT_EQ(*ParseToolCallFormat(""), ToolCallFormat::kNone);
   EXPECT_EQ(ParseToolCallFormat("mistral").status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// A reply split by a reasoning scanner fed in every piece size, checked to equal Parse.
+ReasoningScanner::Split Reasoned(ReasoningFormat format, const std::string& text) {
+  const ReasoningScanner::Split whole = ReasoningScanner::Parse(format, text);
+  for (size_t step = 1; step <= text.size(); ++step) {
+    ReasoningScanner scanner(format);
+    std::string reasoning, content;
+    for (size_t i = 0; i < text.size(); i += step) {
+      ReasoningScanner::Split s = scanner.Feed(text.substr(i, step));
+      reasoning += s.reasoning;
+      content += s.content;
+    }
+    ReasoningScanner::Split s = scanner.Finish();
+    EXPECT_EQ(reasoning + s.reasoning, whole.reasoning) << "step " << step << ": " << text;
+    EXPECT_EQ(content + s.content, whole.content) << "step " << step << ": " << text;
+  }
+  return whole;
+}
+
+TEST(ReasoningTest, DeepSeekR1RepliesStartInsideTheReasoning) {
+  auto r = Reasoned(ReasoningFormat::kDeepSeekR1, "Let me think.\n</think>\n\nThe answer is 4.");
+  EXPECT_EQ(r.reasoning, "Let me think.\n");
+  EXPECT_EQ(r.content, "\n\nThe answer is 4.");
+  r = Reasoned(ReasoningFormat::kDeepSeekR1, "<think>x < y</thi</think>done");
+  EXPECT_EQ(r.reasoning, "x < y</thi");
+  EXPECT_EQ(r.content, "done");
+  r = Reasoned(ReasoningFormat::kDeepSeekR1, "cut off while thinking </thi");
+  EXPECT_EQ(r.reasoning, "cut off while thinking </thi");
+  EXPECT_EQ(r.content, "");
+}
+
+TEST(ReasoningTest, Qwen3RepliesReasonOnlyAfterThink) {
+  auto r = Reasoned(ReasoningFormat::kQwen3, "<think>\nHmm.\n</think>\n\nHello!");
+  EXPECT_EQ(r.reasoning, "\nHmm.\n");
+  EXPECT_EQ(r.content, "\n\nHello!");
+  r = Reasoned(ReasoningFormat::kQwen3, "Hello <think> is a tag.</think>");
+  EXPECT_EQ(r.reasoning, "");
+  EXPECT_EQ(r.content, "Hello <think> is a tag.</think>");
+  r = Reasoned(ReasoningFormat::kQwen3, "  <thin");
+  EXPECT_EQ(r.content, "  <thin");
+  r = Reasoned(ReasoningFormat::kNone, "<think>a</think>b");
+  EXPECT_EQ(r.content, "<think>a</think>b");
+  EXPECT_EQ(*ParseReasoningFormat("qwen3"), ReasoningFormat::kQwen3);
+  EXPECT_EQ(*ParseReasoningFormat("deepseek_r1"), ReasoningFormat::kDeepSeekR1);
+  EXPECT_EQ(ParseReasoningFormat("o1").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 }  // namespace
