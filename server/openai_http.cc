@@ -70,6 +70,17 @@ absl::Status Get(const Json& body, const char* field, T& out) {
   return absl::OkStatus();
 }
 
+// NOT_FOUND when the body names another model than `model` (none named is fine).
+absl::Status CheckModel(const Json& j, absl::string_view model) {
+  std::string name;
+  PDS_RETURN_IF_ERROR(Get(j, "model", name));
+  if (!name.empty() && name != model) {
+    return absl::NotFoundError(
+        absl::StrCat("the model '", name, "' does not exist (this server serves '", model, "')"));
+  }
+  return absl::OkStatus();
+}
+
 // A field pdserve does not implement: refused unless absent, null or `neutral`.
 absl::Status Unsupported(const Json& body, const char* field, const Json& neutral,
                          absl::string_view what) {
@@ -254,12 +265,7 @@ namespace {
 // sequences and ids, SLOs. Fills `base` with all but the prompt, max_tokens, logprobs and seed.
 absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionRequest& r,
                          api::GenerateRequest& base, std::optional<uint64_t>& seed) {
-  std::string name;
-  PDS_RETURN_IF_ERROR(Get(j, "model", name));
-  if (!name.empty() && name != model) {
-    return absl::NotFoundError(
-        absl::StrCat("the model '", name, "' does not exist (this server serves '", model, "')"));
-  }
+  PDS_RETURN_IF_ERROR(CheckModel(j, model));
   for (const auto& [field, neutral, what] :
        std::initializer_list<std::tuple<const char*, Json, const char*>>{
            {"presence_penalty", 0, "no penalties"},
@@ -386,7 +392,8 @@ absl::StatusOr<Json> MessageContent(const Json& content, size_t index) {
 
 // `tools` (OpenAI's function tools, checked) for the template, and tool_choice and
 // parallel_tool_calls into `r`; an empty array when there are none.
-absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, CompletionRequest& r) {
+// A body's `tools` (OpenAI's function tools), checked; an empty array when there are none.
+absl::StatusOr<Json> CheckedTools(const Json& j) {
   Json tools = Json::array();
   if (auto it = j.find("tools"); it != j.end() && !it->is_null()) {
     if (!it->is_array()) return BadField("tools", "must be an array of tools");
@@ -415,6 +422,12 @@ absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, Completion
       tools.push_back(t);
     }
   }
+  return tools;
+}
+
+// `tools` for the template, and tool_choice and parallel_tool_calls into `r`.
+absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, CompletionRequest& r) {
+  PDS_ASSIGN_OR_RETURN(Json tools, CheckedTools(j));
   PDS_RETURN_IF_ERROR(Get(j, "parallel_tool_calls", r.parallel_tool_calls));
   std::string choice = tools.empty() ? "none" : "auto";
   if (auto it = j.find("tool_choice"); it != j.end() && !it->is_null()) {
@@ -435,6 +448,54 @@ absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, Completion
     r.tool_calls = format;
   }
   return tools;
+}
+
+// A chat body's prompt: its messages (string or text-part contents; "developer" is "system"),
+// `tools`, add_generation_prompt (default true) and chat_template_kwargs rendered by the
+// template, then tokenized without added special tokens (the template writes them).
+absl::StatusOr<std::vector<int32_t>> ChatPrompt(const Json& j, Json tools,
+                                                const engine::ChatFormat& chat,
+                                                const engine::Tokenizer& tokenizer) {
+  // The template's variables: messages, add_generation_prompt, chat_template_kwargs.
+  auto messages = j.find("messages");
+  if (messages == j.end() || !messages->is_array() || messages->empty()) {
+    return BadField("messages", "must be a non-empty array of messages");
+  }
+  Json vars = Json::object();
+  if (auto it = j.find("chat_template_kwargs"); it != j.end() && !it->is_null()) {
+    if (!it->is_object()) return BadField("chat_template_kwargs", "must be an object");
+    for (const auto& [k, v] : it->items()) {
+      if (k == "messages") return BadField("chat_template_kwargs", "may not set messages");
+      vars[k] = v;
+    }
+  }
+  Json list = Json::array();
+  for (size_t i = 0; i < messages->size(); ++i) {
+    const Json& m = (*messages)[i];
+    if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) {
+      return BadField(absl::StrCat("messages[", i, "]"), "must be an object with a string role");
+    }
+    Json message = m;
+    // OpenAI's newer name for the system role, which chat templates know as "system".
+    if (message["role"] == "developer") message["role"] = "system";
+    if (auto c = m.find("content"); c != m.end()) {
+      PDS_ASSIGN_OR_RETURN(message["content"], MessageContent(*c, i));
+    }
+    list.push_back(std::move(message));
+  }
+  vars["messages"] = std::move(list);
+  if (!tools.empty()) vars["tools"] = std::move(tools);
+  bool add_generation_prompt = true;
+  PDS_RETURN_IF_ERROR(Get(j, "add_generation_prompt", add_generation_prompt));
+  vars["add_generation_prompt"] = add_generation_prompt;
+  absl::StatusOr<std::string> prompt = chat.Render(std::move(vars));
+  if (!prompt.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "the model's chat template refused the messages: ", prompt.status().message()));
+  }
+  std::vector<int32_t> ids = tokenizer.Encode(*prompt, /*add_special_tokens=*/false);
+  if (ids.empty()) return BadField("messages", "make an empty prompt");
+  return ids;
 }
 
 }  // namespace
@@ -500,46 +561,7 @@ absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl:
   PDS_RETURN_IF_ERROR(ParseCommon(j, model, r, base, seed));
   PDS_ASSIGN_OR_RETURN(Json tools, ParseTools(j, tool_call_format, r));
 
-  // The template's variables: messages, add_generation_prompt, chat_template_kwargs.
-  auto messages = j.find("messages");
-  if (messages == j.end() || !messages->is_array() || messages->empty()) {
-    return BadField("messages", "must be a non-empty array of messages");
-  }
-  Json vars = Json::object();
-  if (auto it = j.find("chat_template_kwargs"); it != j.end() && !it->is_null()) {
-    if (!it->is_object()) return BadField("chat_template_kwargs", "must be an object");
-    for (const auto& [k, v] : it->items()) {
-      if (k == "messages") return BadField("chat_template_kwargs", "may not set messages");
-      vars[k] = v;
-    }
-  }
-  Json list = Json::array();
-  for (size_t i = 0; i < messages->size(); ++i) {
-    const Json& m = (*messages)[i];
-    if (!m.is_object() || !m.contains("role") || !m["role"].is_string()) {
-      return BadField(absl::StrCat("messages[", i, "]"), "must be an object with a string role");
-    }
-    Json message = m;
-    // OpenAI's newer name for the system role, which chat templates know as "system".
-    if (message["role"] == "developer") message["role"] = "system";
-    if (auto c = m.find("content"); c != m.end()) {
-      PDS_ASSIGN_OR_RETURN(message["content"], MessageContent(*c, i));
-    }
-    list.push_back(std::move(message));
-  }
-  vars["messages"] = std::move(list);
-  if (!tools.empty()) vars["tools"] = std::move(tools);
-  bool add_generation_prompt = true;
-  PDS_RETURN_IF_ERROR(Get(j, "add_generation_prompt", add_generation_prompt));
-  vars["add_generation_prompt"] = add_generation_prompt;
-  absl::StatusOr<std::string> prompt = chat.Render(std::move(vars));
-  if (!prompt.ok()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "the model's chat template refused the messages: ", prompt.status().message()));
-  }
-  // The template writes the special tokens (BOS too): none are added.
-  std::vector<int32_t> ids = tokenizer.Encode(*prompt, /*add_special_tokens=*/false);
-  if (ids.empty()) return BadField("messages", "make an empty prompt");
+  PDS_ASSIGN_OR_RETURN(std::vector<int32_t> ids, ChatPrompt(j, std::move(tools), chat, tokenizer));
   if (max_context > 0 && static_cast<int64_t>(ids.size()) >= max_context) {
     return BadField("messages", absl::StrCat("make a prompt of ", ids.size(),
                                              " tokens; the model's context is ", max_context));
@@ -755,6 +777,62 @@ class OpenAiHttpServer::Impl {
     auto parsed = ParseCompletionRequest(req.body, options.model, options.max_context);
     if (!parsed.ok()) return SendError(res, parsed.status());
     Serve(req, res, *std::move(parsed));
+  }
+
+  // POST /tokenize: {"prompt": text, "add_special_tokens": true} or a chat body's messages (with
+  // tools, add_generation_prompt, chat_template_kwargs), as vLLM takes them: the token ids a
+  // completion or chat request would send, {"count", "max_model_len", "tokens"}.
+  void Tokenize(const httplib::Request& req, httplib::Response& res) {
+    if (options.tokenizer == nullptr) {
+      return SendError(res, absl::InvalidArgumentError("the model has no tokenizer.json"));
+    }
+    absl::StatusOr<std::vector<int32_t>> ids = TokenIds(req.body);
+    if (!ids.ok()) return SendError(res, ids.status());
+    const Json body = {{"count", ids->size()},
+                       {"max_model_len", options.max_context},
+                       {"tokens", *std::move(ids)}};
+    res.set_content(Dump(body), "application/json");
+  }
+  absl::StatusOr<std::vector<int32_t>> TokenIds(absl::string_view text) {
+    PDS_ASSIGN_OR_RETURN(const Json j, ParseBody(text));
+    PDS_RETURN_IF_ERROR(CheckModel(j, options.model));
+    if (j.contains("messages")) {
+      if (options.chat == nullptr) return options.chat_unavailable;
+      PDS_ASSIGN_OR_RETURN(Json tools, CheckedTools(j));
+      return ChatPrompt(j, std::move(tools), *options.chat, *options.tokenizer);
+    }
+    auto prompt = j.find("prompt");
+    if (prompt == j.end() || !prompt->is_string()) {
+      return BadField("prompt", "(a string) or messages is required");
+    }
+    bool add_special_tokens = true;
+    PDS_RETURN_IF_ERROR(Get(j, "add_special_tokens", add_special_tokens));
+    return options.tokenizer->Encode(prompt->get<std::string>(), add_special_tokens);
+  }
+
+  // POST /detokenize: {"tokens": [ids]} -> {"prompt": text}.
+  void Detokenize(const httplib::Request& req, httplib::Response& res) {
+    if (options.tokenizer == nullptr) {
+      return SendError(res, absl::InvalidArgumentError("the model has no tokenizer.json"));
+    }
+    absl::StatusOr<Json> j = ParseBody(req.body);
+    const absl::Status checked = j.ok() ? CheckModel(*j, options.model) : j.status();
+    if (!checked.ok()) return SendError(res, checked);
+    auto tokens = j->find("tokens");
+    if (tokens == j->end() || !tokens->is_array()) {
+      return SendError(res, BadField("tokens", "must be an array of token ids"));
+    }
+    std::vector<int32_t> ids;
+    const int64_t vocab = options.tokenizer->vocab_size();
+    for (size_t i = 0; i < tokens->size(); ++i) {
+      const Json& t = (*tokens)[i];
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() >= vocab) {
+        return SendError(res, BadField(absl::StrCat("tokens[", i, "]"),
+                                       absl::StrCat("is not a token id in [0, ", vocab, ")")));
+      }
+      ids.push_back(static_cast<int32_t>(t.get<int64_t>()));
+    }
+    res.set_content(Dump({{"prompt", options.tokenizer->Decode(ids)}}), "application/json");
   }
 
   void Chat(const httplib::Request& req, httplib::Response& res) {
@@ -1024,6 +1102,12 @@ class OpenAiHttpServer::Impl {
     });
     server.Post("/v1/chat/completions",
                 [this](const httplib::Request& req, httplib::Response& res) { Chat(req, res); });
+    server.Post("/tokenize", [this](const httplib::Request& req, httplib::Response& res) {
+      Tokenize(req, res);
+    });
+    server.Post("/detokenize", [this](const httplib::Request& req, httplib::Response& res) {
+      Detokenize(req, res);
+    });
     server.Get("/v1/models", [this](const httplib::Request&, httplib::Response& res) {
       const Json body = {{"object", "list"},
                          {"data",

@@ -5,6 +5,7 @@
 //   POST /v1/completions        text completion, whole (JSON) or streamed (Server-Sent Events)
 //   POST /v1/chat/completions   chat completion: the messages rendered by the model's chat
 //                               template (engine/tokenizer/chat_template.h), whole or streamed
+//   POST /tokenize, /detokenize  a prompt's or a conversation's token ids, and ids' text
 //   GET  /v1/models        the served model
 //   GET  /health           200 while the cluster can place a request, else 503
 //

@@ -1053,6 +1053,42 @@ TEST_F(OpenAiHttpTest, ChatTemplateFlagAndAModelWithoutATemplate) {
   EXPECT_EQ(reply["choices"][0]["finish_reason"], "length");  // random weights write no calls
 }
 
+// POST /tokenize gives the token ids a completion or chat request sends; /detokenize the text.
+TEST_F(OpenAiHttpTest, TokenizeAndDetokenize) {
+  const ChatModel& m = SmallChatModel();
+  auto [s1, text] = Complete({{"prompt", kPrompt}}, "/tokenize");
+  ASSERT_EQ(s1, 200) << text.dump();
+  const std::vector<int32_t> ids = m.tokenizer->Encode(kPrompt, /*add_special_tokens=*/true);
+  EXPECT_EQ(text["tokens"], ids);
+  EXPECT_EQ(text["count"], ids.size());
+  EXPECT_EQ(text["max_model_len"], testing::SmallTestConfig().max_context());
+  auto [s2, plain] = Complete({{"prompt", kPrompt}, {"add_special_tokens", false}}, "/tokenize");
+  ASSERT_EQ(s2, 200);
+  EXPECT_EQ(plain["tokens"], m.tokenizer->Encode(kPrompt, false));
+  // Messages: the chat prompt, as many tokens as a chat request's usage counts.
+  const Json messages = {{{"role", "user"}, {"content", kPrompt}}};
+  auto [s3, chat] = Complete({{"messages", messages}}, "/tokenize");
+  ASSERT_EQ(s3, 200) << chat.dump();
+  EXPECT_EQ(chat["tokens"], m.tokenizer->Encode(LlamaPrompt({{"user", kPrompt}}), false));
+  auto [s4, reply] = Complete({{"messages", messages}, {"max_completion_tokens", 2}}, kChatPath);
+  ASSERT_EQ(s4, 200);
+  EXPECT_EQ(reply["usage"]["prompt_tokens"], chat["count"]);
+  // Detokenize: the text of the ids.
+  auto [s5, back] = Complete({{"tokens", ids}}, "/detokenize");
+  ASSERT_EQ(s5, 200) << back.dump();
+  EXPECT_EQ(back["prompt"], m.tokenizer->Decode(ids));
+  // Refusals.
+  EXPECT_EQ(Complete({{"tokens", {1, -1}}}, "/detokenize").first, 400);
+  EXPECT_TRUE(absl::StrContains(Complete({{"tokens", {1, 100000}}}, "/detokenize")
+                                    .second["error"]["message"]
+                                    .get<std::string>(),
+                                "tokens[1]"));
+  EXPECT_EQ(Complete({{"tokens", "x"}}, "/detokenize").first, 400);
+  EXPECT_EQ(Complete(Json::object(), "/tokenize").first, 400);
+  EXPECT_EQ(Complete({{"prompt", "a"}, {"model", "other"}}, "/tokenize").first, 404);
+  EXPECT_EQ(Complete({{"messages", Json::array()}}, "/tokenize").first, 400);
+}
+
 // A client that goes away mid-stream: its call is cancelled (not decoded to the end).
 TEST_F(OpenAiHttpTest, AClientThatLeavesCancelsItsRequest) {
   decode_->backend.delay_ms = 30;  // decode steps of ~60 ms: the stream lasts seconds
