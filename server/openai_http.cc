@@ -390,8 +390,6 @@ absl::StatusOr<Json> MessageContent(const Json& content, size_t index) {
   return Json(std::move(text));
 }
 
-// `tools` (OpenAI's function tools, checked) for the template, and tool_choice and
-// parallel_tool_calls into `r`; an empty array when there are none.
 // A body's `tools` (OpenAI's function tools), checked; an empty array when there are none.
 absl::StatusOr<Json> CheckedTools(const Json& j) {
   Json tools = Json::array();
@@ -400,8 +398,8 @@ absl::StatusOr<Json> CheckedTools(const Json& j) {
     for (size_t i = 0; i < it->size(); ++i) {
       const Json& t = (*it)[i];
       const std::string field = absl::StrCat("tools[", i, "]");
-      if (!t.is_object() || t.value("type", "") != "function" || !t.contains("function") ||
-          !t["function"].is_object()) {
+      if (!t.is_object() || !t.contains("type") || t["type"] != "function" ||
+          !t.contains("function") || !t["function"].is_object()) {
         return BadField(field, "must be {\"type\": \"function\", \"function\": {...}}");
       }
       const Json& f = t["function"];

@@ -1177,7 +1177,11 @@ int64_t AsInt(const Json& j) {
     return static_cast<int64_t>(std::min<uint64_t>(j.get<uint64_t>(), INT64_MAX));
   }
   if (j.is_number_integer()) return j.get<int64_t>();
-  return static_cast<int64_t>(j.get<double>());
+  const double d = j.get<double>();  // truncated, and clamped (a cast past int64 is undefined)
+  if (std::isnan(d)) return 0;
+  if (d >= 9.2233720368547758e18) return INT64_MAX;
+  if (d <= -9.2233720368547758e18) return INT64_MIN;
+  return static_cast<int64_t>(d);
 }
 double AsDouble(const Json& j) {
   if (j.is_number_float()) return j.get<double>();
@@ -1776,6 +1780,18 @@ class Renderer {
     return absl::InvalidArgumentError(absl::StrCat(source_, " line ", line, ": ", what));
   }
 
+  // An indentation given as a string, or as a count of spaces (at most 1024).
+  absl::StatusOr<std::string> Padding(const Value& width, int line) const {
+    if (width.j.is_string()) return width.j.get<std::string>();
+    if (width.undefined || !IsIntLike(width.j)) {
+      return Err(line, absl::StrCat("an indentation must be a string or an integer, not '",
+                                    TypeName(width), "'"));
+    }
+    const int64_t n = AsInt(width.j);
+    if (n > 1024) return Err(line, "an indentation of more than 1024 spaces");
+    return std::string(static_cast<size_t>(std::max<int64_t>(0, n)), ' ');
+  }
+
   // Running nested statements and expressions recurses on the native stack.
   absl::Status CheckNativeDepth(int line) const {
     if (native_depth_ <= kMaxNativeDepth) return absl::OkStatus();
@@ -2115,7 +2131,10 @@ class Renderer {
                                   ": '", TypeName(x), "'"));
         }
         if (e.kind == Expr::kPos) return IsIntLike(x.j) ? Value(AsInt(x.j)) : x;
-        if (IsIntLike(x.j)) return Value(-AsInt(x.j));
+        if (IsIntLike(x.j)) {
+          if (AsInt(x.j) == INT64_MIN) return Err(e.line, "integer overflow");
+          return Value(-AsInt(x.j));
+        }
         return Value(-x.j.get<double>());
       }
       case Expr::kBinary: {
@@ -2736,11 +2755,10 @@ class Renderer {
     }
     if (name == "indent") {
       const Value* width = a.Get(0, "width");
-      std::string pad =
-          width == nullptr ? "    "
-          : width->j.is_string()
-              ? width->j.get<std::string>()
-              : std::string(static_cast<size_t>(std::max<int64_t>(0, AsInt(width->j))), ' ');
+      std::string pad = "    ";
+      if (width != nullptr) {
+        PDS_ASSIGN_OR_RETURN(pad, Padding(*width, line));
+      }
       const bool first = BoolArg(a, 1, "first", false), blank = BoolArg(a, 2, "blank", false);
       std::vector<std::string> lines = SplitLines(Str(v) + "\n");
       std::string out;
@@ -2757,9 +2775,7 @@ class Renderer {
       const Value* indent = a.Get(0, "indent");
       std::optional<std::string> pad;
       if (indent != nullptr && !indent->undefined && !indent->j.is_null()) {
-        pad = indent->j.is_string()
-                  ? indent->j.get<std::string>()
-                  : std::string(static_cast<size_t>(std::max<int64_t>(0, AsInt(indent->j))), ' ');
+        PDS_ASSIGN_OR_RETURN(pad, Padding(*indent, line));
       }
       std::string item_sep = pad ? "," : ", ", key_sep = ": ";
       if (const Value* sep = a.Get(99, "separators"); sep != nullptr && sep->j.is_array() &&
@@ -2779,8 +2795,7 @@ class Renderer {
       double d = 0;
       bool ok = true;
       if (!v.undefined && IsNumber(v.j)) {
-        if (name == "int")
-          return Value(IsIntLike(v.j) ? AsInt(v.j) : static_cast<int64_t>(v.j.get<double>()));
+        if (name == "int") return Value(AsInt(v.j));
         d = AsDouble(v.j);
       } else if (!v.undefined && v.j.is_string()) {
         const std::string s = Strip(v.j.get<std::string>(), std::nullopt, true, true);
@@ -2801,7 +2816,11 @@ class Renderer {
     }
     if (name == "abs") {
       if (v.undefined || !IsNumber(v.j)) return Err(line, "bad operand type for abs()");
-      if (IsIntLike(v.j)) return Value(std::abs(AsInt(v.j)));
+      if (IsIntLike(v.j)) {
+        const int64_t x = AsInt(v.j);
+        if (x == INT64_MIN) return Err(line, "integer overflow");
+        return Value(x < 0 ? -x : x);
+      }
       return Value(std::fabs(v.j.get<double>()));
     }
     if (name == "round") {
@@ -3054,6 +3073,21 @@ absl::StatusOr<std::unique_ptr<ChatTemplate>> ChatTemplate::Parse(absl::string_v
 
 absl::StatusOr<std::string> ChatTemplate::Render(nlohmann::ordered_json variables,
                                                  const nlohmann::ordered_json* defaults) const {
+  // The evaluator checks types before it reads values; a JSON library exception that still
+  // escaped would be a bug, reported as one rather than ending the process.
+  try {
+    return RenderChecked(std::move(variables), defaults);
+  } catch (const nlohmann::ordered_json::exception& e) {
+    return absl::InternalError(absl::StrCat(source_, ": template evaluation failed: ", e.what()));
+  } catch (const std::bad_alloc&) {
+    return absl::ResourceExhaustedError(absl::StrCat(source_, ": the template ran out of memory"));
+  } catch (const std::length_error&) {
+    return absl::ResourceExhaustedError(absl::StrCat(source_, ": the template ran out of memory"));
+  }
+}
+
+absl::StatusOr<std::string> ChatTemplate::RenderChecked(
+    nlohmann::ordered_json variables, const nlohmann::ordered_json* defaults) const {
   if (!variables.is_object()) {
     return absl::InvalidArgumentError("chat template variables must be a JSON object");
   }
@@ -3103,8 +3137,8 @@ absl::StatusOr<ChatFormat> LoadChatFormatFiles(const std::string& config_path,
         text = it->get<std::string>();
       } else if (it->is_array()) {
         for (const Json& t : *it) {
-          if (t.is_object() && t.value("name", "") == "default" && t.contains("template") &&
-              t["template"].is_string()) {
+          if (t.is_object() && t.contains("name") && t["name"] == "default" &&
+              t.contains("template") && t["template"].is_string()) {
             text = t["template"].get<std::string>();
           }
         }

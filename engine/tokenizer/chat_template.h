@@ -43,6 +43,8 @@ class ChatTemplate {
 
  private:
   ChatTemplate();
+  absl::StatusOr<std::string> RenderChecked(nlohmann::ordered_json variables,
+                                            const nlohmann::ordered_json* defaults) const;
   std::string source_;
   std::unique_ptr<Node> root_;
 };

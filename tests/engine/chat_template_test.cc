@@ -86,6 +86,11 @@ TEST(ChatTemplateTest, ErrorsNameTheTemplateLineAndCause) {
   EXPECT_TRUE(absl::StrContains(Error("\n\n{{ 'open }}"), "line 3"));
   EXPECT_TRUE(absl::StrContains(Error("{{ x is nosuchtest }}"), "'nosuchtest' is not supported"));
   EXPECT_TRUE(absl::StrContains(Error("{% break %}"), "outside a loop"));
+  // Arithmetic past int64 and absurd indentations are errors, not undefined behaviour.
+  EXPECT_TRUE(absl::StrContains(Error("{{ -(-9223372036854775807 - 1) }}"), "overflow"));
+  EXPECT_TRUE(absl::StrContains(Error("{{ 9223372036854775807 + 1 }}"), "overflow"));
+  EXPECT_TRUE(absl::StrContains(Error("{{ [1] | tojson(indent=2000) }}"), "1024 spaces"));
+  EXPECT_TRUE(absl::StrContains(Error("{{ 'a' | indent(1e308) }}"), "must be a string or"));
   // The sandbox's immutability: no list methods.
   EXPECT_TRUE(absl::StrContains(Error("{{ [].append(1) }}"), "has no method 'append'"));
 }
