@@ -455,33 +455,57 @@ class ScriptedServing final : public api::Serving::Service {
   }
 };
 
+// An HTTP server over a ScriptedServing that replies `pieces`, reading tool calls as hermes
+// and reasoning in `reasoning`.
+class ScriptedHttp {
+ public:
+  ScriptedHttp(std::vector<std::string> pieces, ReasoningFormat reasoning) {
+    serving_.pieces = std::move(pieces);
+    int grpc_port = 0;
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &grpc_port);
+    builder.RegisterService(&serving_);
+    grpc_ = builder.BuildAndStart();
+    EXPECT_TRUE(grpc_ && grpc_port > 0);
+    const ChatModel& m = SmallChatModel();
+    OpenAiHttpOptions o;
+    o.grpc_target = absl::StrCat("127.0.0.1:", grpc_port);
+    o.model = "m";
+    o.max_context = 256;
+    o.tokenizer = m.tokenizer.get();
+    o.chat = &m.format;
+    o.tool_call_format = ToolCallFormat::kHermes;
+    o.reasoning_format = reasoning;
+    auto server = OpenAiHttpServer::Start(o);
+    EXPECT_TRUE(server.ok()) << server.status();
+    if (server.ok()) http_ = std::move(*server);
+  }
+  ~ScriptedHttp() {
+    if (http_) http_->Stop();
+    if (grpc_) grpc_->Shutdown();
+  }
+  // POST /v1/chat/completions with `body`.
+  httplib::Result Chat(const Json& body) {
+    httplib::Client client("127.0.0.1", http_ ? http_->port() : 1);
+    client.set_read_timeout(30, 0);
+    return client.Post("/v1/chat/completions", body.dump(), "application/json");
+  }
+
+ private:
+  ScriptedServing serving_;
+  std::unique_ptr<grpc::Server> grpc_;
+  std::unique_ptr<OpenAiHttpServer> http_;
+};
+
 TEST(OpenAiToolCallsTest, RepliesToolCallsWholeAndStreamed) {
-  ScriptedServing serving;
-  serving.pieces = {"I will check.", " <tool", "_call>\n{\"name\": \"get_weather\", ",
-                    "\"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>",
-                    "\n<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call>"};
-  int grpc_port = 0;
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &grpc_port);
-  builder.RegisterService(&serving);
-  std::unique_ptr<grpc::Server> grpc_server = builder.BuildAndStart();
-  ASSERT_TRUE(grpc_server && grpc_port > 0);
-  const ChatModel& m = SmallChatModel();
-  OpenAiHttpOptions o;
-  o.grpc_target = absl::StrCat("127.0.0.1:", grpc_port);
-  o.model = "m";
-  o.max_context = 256;
-  o.tokenizer = m.tokenizer.get();
-  o.chat = &m.format;
-  o.tool_call_format = ToolCallFormat::kHermes;
-  auto server = OpenAiHttpServer::Start(o);
-  ASSERT_TRUE(server.ok()) << server.status();
-  httplib::Client http("127.0.0.1", (*server)->port());
-  http.set_read_timeout(30, 0);
+  ScriptedHttp scripted({"I will check.", " <tool", "_call>\n{\"name\": \"get_weather\", ",
+                         "\"arguments\": {\"city\": \"Oslo\"}}\n</tool_call>",
+                         "\n<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call>"},
+                        ReasoningFormat::kNone);
   Json request = {{"messages", {{{"role", "user"}, {"content", "Weather in Oslo?"}}}},
                   {"tools", kTools}};
 
-  auto res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  auto res = scripted.Chat(request);
   ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "no answer");
   Json body = Json::parse(res->body);
   const Json& message = body["choices"][0]["message"];
@@ -498,7 +522,7 @@ TEST(OpenAiToolCallsTest, RepliesToolCallsWholeAndStreamed) {
   // Streamed: the content as it is known not to be a call, then one delta per call, then the
   // finish.
   request["stream"] = true;
-  res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  res = scripted.Chat(request);
   ASSERT_TRUE(res && res->status == 200);
   std::string content;
   std::vector<Json> calls;
@@ -525,49 +549,28 @@ TEST(OpenAiToolCallsTest, RepliesToolCallsWholeAndStreamed) {
   // parallel_tool_calls: false keeps the first call; tool_choice "none" leaves the text alone.
   request["stream"] = false;
   request["parallel_tool_calls"] = false;
-  res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  res = scripted.Chat(request);
   ASSERT_TRUE(res && res->status == 200);
   body = Json::parse(res->body);
   EXPECT_EQ(body["choices"][0]["message"]["tool_calls"].size(), 1u);
   request["tool_choice"] = "none";
-  res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  res = scripted.Chat(request);
   ASSERT_TRUE(res && res->status == 200);
   body = Json::parse(res->body);
   EXPECT_FALSE(body["choices"][0]["message"].contains("tool_calls"));
   EXPECT_TRUE(absl::StrContains(body["choices"][0]["message"]["content"].get<std::string>(),
                                 "<tool_call>"));
   EXPECT_EQ(body["choices"][0]["finish_reason"], "stop");
-  (*server)->Stop();
-  grpc_server->Shutdown();
 }
 
 // --reasoning-parser qwen3 with --tool-call-parser hermes: the reasoning is reasoning_content,
 // whole and streamed, and the tool call after it is still read.
 TEST(OpenAiToolCallsTest, ReasoningComesApartFromContentAndCalls) {
-  ScriptedServing serving;
-  serving.pieces = {"<think>\nCheck the", " weather.\n</thi", "nk>\n\nLet me call.",
-                    "<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call>"};
-  int grpc_port = 0;
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &grpc_port);
-  builder.RegisterService(&serving);
-  std::unique_ptr<grpc::Server> grpc_server = builder.BuildAndStart();
-  ASSERT_TRUE(grpc_server && grpc_port > 0);
-  const ChatModel& m = SmallChatModel();
-  OpenAiHttpOptions o;
-  o.grpc_target = absl::StrCat("127.0.0.1:", grpc_port);
-  o.model = "m";
-  o.max_context = 256;
-  o.tokenizer = m.tokenizer.get();
-  o.chat = &m.format;
-  o.tool_call_format = ToolCallFormat::kHermes;
-  o.reasoning_format = ReasoningFormat::kQwen3;
-  auto server = OpenAiHttpServer::Start(o);
-  ASSERT_TRUE(server.ok()) << server.status();
-  httplib::Client http("127.0.0.1", (*server)->port());
-  http.set_read_timeout(30, 0);
+  ScriptedHttp scripted({"<think>\nCheck the", " weather.\n</thi", "nk>\n\nLet me call.",
+                         "<tool_call>{\"name\": \"now\", \"arguments\": {}}</tool_call>"},
+                        ReasoningFormat::kQwen3);
   Json request = {{"messages", {{{"role", "user"}, {"content", "Time?"}}}}, {"tools", kTools}};
-  auto res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  auto res = scripted.Chat(request);
   ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "no answer");
   const Json message = Json::parse(res->body)["choices"][0]["message"];
   EXPECT_EQ(message["reasoning_content"], "\nCheck the weather.\n");
@@ -576,7 +579,7 @@ TEST(OpenAiToolCallsTest, ReasoningComesApartFromContentAndCalls) {
   EXPECT_EQ(message["tool_calls"][0]["function"]["name"], "now");
 
   request["stream"] = true;
-  res = http.Post("/v1/chat/completions", request.dump(), "application/json");
+  res = scripted.Chat(request);
   ASSERT_TRUE(res && res->status == 200);
   std::string reasoning, content;
   int calls = 0;
@@ -593,8 +596,6 @@ TEST(OpenAiToolCallsTest, ReasoningComesApartFromContentAndCalls) {
   EXPECT_EQ(reasoning, "\nCheck the weather.\n");
   EXPECT_EQ(content, "\n\nLet me call.");
   EXPECT_EQ(calls, 1);
-  (*server)->Stop();
-  grpc_server->Shutdown();
 }
 
 class OpenAiHttpTest : public ::testing::Test {
