@@ -60,6 +60,7 @@ absl::Status Run(const CliArgs& args) {
     PDS_ASSIGN_OR_RETURN(tokenizer, engine::Tokenizer::Load(model + "/tokenizer.json"));
   }
   PDS_ASSIGN_OR_RETURN(const double bench_seconds, args.GetDouble("bench-seconds", 0));
+  std::ios::sync_with_stdio(false);  // getline through stdio is slow on large cases
   std::string line;
   int64_t line_number = 0;
   while (std::getline(std::cin, line)) {

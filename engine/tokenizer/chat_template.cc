@@ -1,8 +1,12 @@
 #include "engine/tokenizer/chat_template.h"
 
+#include <unicode/uchar.h>
+#include <unicode/ustring.h>
+
 #include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -66,6 +70,30 @@ bool IsSpace(char c) {
   return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }
 
+bool IsPyWhitespace(uint32_t c);
+
+// Bytes of Python whitespace (str.isspace, as Jinja's \s and rstrip) at the start or end of s.
+size_t SpaceAtStart(absl::string_view s) {
+  size_t i = 0;
+  while (i < s.size()) {
+    size_t next = i;
+    if (!IsPyWhitespace(NextCodePoint(s, next))) break;
+    i = std::min(next, s.size());
+  }
+  return i;
+}
+size_t SpaceAtEnd(absl::string_view s) {
+  size_t e = s.size();
+  while (e > 0) {
+    size_t start = e - 1;  // the last character's first byte
+    while (start > 0 && (static_cast<uint8_t>(s[start]) & 0xC0) == 0x80) --start;
+    size_t next = start;
+    if (!IsPyWhitespace(NextCodePoint(s, next))) break;
+    e = start;
+  }
+  return s.size() - e;
+}
+
 size_t CountNewlines(absl::string_view s) { return std::count(s.begin(), s.end(), '\n'); }
 
 absl::Status LexError(absl::string_view source, int line, absl::string_view what) {
@@ -120,8 +148,7 @@ class Lexer {
       // The previous tag's right side.
       bool at_line_start = line_start;
       if (strip_next) {
-        size_t k = 0;
-        while (k < text.size() && IsSpace(text[k])) ++k;
+        const size_t k = SpaceAtStart(text);
         if (k > 0) at_line_start = text[k - 1] == '\n';
         text.erase(0, k);
       } else if (trim_newline && !text.empty() && text[0] == '\n') {
@@ -137,11 +164,12 @@ class Lexer {
       char sign = 0;
       if (q < n && (src_[q] == '-' || src_[q] == '+')) sign = src_[q++];
       if (sign == '-') {
-        while (!text.empty() && IsSpace(text.back())) text.pop_back();
-      } else if (kind != '{' && sign != '+') {
+        text.resize(text.size() - SpaceAtEnd(text));
+      } else if (kind != '{' && sign != '+') {  // lstrip_blocks: a line of only whitespace
         const size_t nl = text.rfind('\n');
         const size_t l = nl == std::string::npos ? 0 : nl + 1;
-        if ((l > 0 || at_line_start) && text.find_first_not_of(" \t", l) == std::string::npos) {
+        if ((l > 0 || at_line_start) &&
+            SpaceAtStart(absl::string_view(text).substr(l)) == text.size() - l) {
           text.resize(l);
         }
       }
@@ -381,15 +409,17 @@ class Lexer {
         continue;
       }
       std::string text = src_.substr(pos, p - pos);
-      if (strip_next) {
-        size_t k = 0;
-        while (k < text.size() && IsSpace(text[k])) ++k;
-        text.erase(0, k);
-      } else if (trim_newline && !text.empty() && text[0] == '\n') {
-        text.erase(0, 1);
-      }
+      // trim_blocks does not apply after {% raw %} (Jinja keeps that newline); lstrip_blocks
+      // does before {% endraw %}.
+      if (strip_next) text.erase(0, SpaceAtStart(text));
       if (strip_before) {
-        while (!text.empty() && IsSpace(text.back())) text.pop_back();
+        text.resize(text.size() - SpaceAtEnd(text));
+      } else if (src_[p + 2] != '+') {
+        const size_t nl = text.rfind('\n');
+        if (nl != std::string::npos &&
+            SpaceAtStart(absl::string_view(text).substr(nl + 1)) == text.size() - nl - 1) {
+          text.resize(nl + 1);
+        }
       }
       Emit(Tok::kText, std::move(text));
       line_ += static_cast<int>(CountNewlines(absl::string_view(src_).substr(pos, q + 2 - pos)));
@@ -1165,6 +1195,9 @@ struct Value {
   }
   Json j;
   bool undefined = false;
+  // With undefined: a dict's method (`d.items`), defined and true in Jinja, whose attributes
+  // are undefined rather than errors.
+  bool method = false;
   bool ns = false;  // a namespace(): its attributes may be assigned
   std::string missing;
 };
@@ -1212,9 +1245,7 @@ std::string TypeName(const Value& v) {
   }
 }
 
-bool Truthy(const Value& v) {
-  if (v.undefined) return false;
-  const Json& j = v.j;
+bool Truthy(const Json& j) {
   switch (j.type()) {
     case Json::value_t::null:
       return false;
@@ -1234,6 +1265,7 @@ bool Truthy(const Value& v) {
       return true;
   }
 }
+bool Truthy(const Value& v) { return v.method || (!v.undefined && (v.ns || Truthy(v.j))); }
 
 // Python's repr() of a float: the shortest digits that read back, in fixed notation for
 // exponents in [-4, 16), else as 1.5e+16.
@@ -1272,11 +1304,53 @@ std::string FloatRepr(double d) {
   return sign + out;
 }
 
+// Python's str.isprintable() of one character: not a control, format, surrogate, private,
+// unassigned, or separator character other than the space.
+bool IsPrintable(uint32_t c) {
+  if (c < 0x80) return c >= 0x20 && c != 0x7f;
+  switch (u_charType(static_cast<UChar32>(c))) {
+    case U_CONTROL_CHAR:
+    case U_FORMAT_CHAR:
+    case U_SURROGATE:
+    case U_PRIVATE_USE_CHAR:
+    case U_UNASSIGNED:
+    case U_SPACE_SEPARATOR:
+    case U_LINE_SEPARATOR:
+    case U_PARAGRAPH_SEPARATOR:
+      return false;
+    default:
+      return true;
+  }
+}
+
+// Python's \w: letters, numbers and the underscore.
+bool IsWordChar(uint32_t c) {
+  if (c < 0x80) return std::isalnum(static_cast<int>(c)) || c == '_';
+  switch (u_charType(static_cast<UChar32>(c))) {
+    case U_UPPERCASE_LETTER:
+    case U_LOWERCASE_LETTER:
+    case U_TITLECASE_LETTER:
+    case U_MODIFIER_LETTER:
+    case U_OTHER_LETTER:
+    case U_DECIMAL_DIGIT_NUMBER:
+    case U_LETTER_NUMBER:
+    case U_OTHER_NUMBER:
+      return true;
+    default:
+      return false;
+  }
+}
+
+// Python's repr() of a string: quotes, and escapes for what is not printable.
 std::string StrRepr(const std::string& s) {
   const char q = s.find('\'') != std::string::npos && s.find('"') == std::string::npos ? '"' : '\'';
   std::string out(1, q);
-  for (unsigned char c : s) {
-    if (c == q || c == '\\') {
+  size_t i = 0;
+  while (i < s.size()) {
+    const size_t at = i;
+    const uint32_t c = NextCodePoint(s, i);
+    i = std::min(i, s.size());
+    if (c == static_cast<uint8_t>(q) || c == '\\') {
       out.push_back('\\');
       out.push_back(static_cast<char>(c));
     } else if (c == '\n') {
@@ -1285,14 +1359,31 @@ std::string StrRepr(const std::string& s) {
       out += "\\r";
     } else if (c == '\t') {
       out += "\\t";
-    } else if (c < 0x20 || c == 0x7f) {
+    } else if (IsPrintable(c)) {
+      out.append(s, at, i - at);
+    } else if (c < 0x100) {
       absl::StrAppend(&out, "\\x", absl::Hex(c, absl::kZeroPad2));
+    } else if (c < 0x10000) {
+      absl::StrAppend(&out, "\\u", absl::Hex(c, absl::kZeroPad4));
     } else {
-      out.push_back(static_cast<char>(c));
+      absl::StrAppend(&out, "\\U", absl::Hex(c, absl::kZeroPad8));
     }
   }
   out.push_back(q);
   return out;
+}
+
+// Python's round(x, digits) of a float: the decimal rounding of x's exact binary value, ties to
+// even (printf's rounding, for digits >= 0).
+double PyRound(double x, int digits) {
+  if (!std::isfinite(x)) return x;
+  if (digits < 0) {
+    const double scale = std::pow(10.0, -digits);
+    return std::nearbyint(x / scale) * scale;
+  }
+  char buf[800];  // up to 309 integer digits, the point and 340 decimals
+  std::snprintf(buf, sizeof(buf), "%.*f", std::min(digits, 340), x);
+  return std::strtod(buf, nullptr);
 }
 
 // Python's repr() of the value.
@@ -1357,8 +1448,8 @@ std::string Str(const Value& v) {
 }
 
 // Python's json.dumps(ensure_ascii=False) of the value (HF's tojson).
-void Dumps(const Json& j, const std::string* indent, bool sort_keys, const std::string& item_sep,
-           const std::string& key_sep, int level, std::string& out) {
+void Dumps(const Json& j, const std::string* indent, bool sort_keys, bool ensure_ascii,
+           const std::string& item_sep, const std::string& key_sep, int level, std::string& out) {
   auto newline = [&](int l) {
     if (indent == nullptr) return;
     out.push_back('\n');
@@ -1381,7 +1472,7 @@ void Dumps(const Json& j, const std::string* indent, bool sort_keys, const std::
       for (size_t i = 0; i < j.size(); ++i) {
         if (i > 0) out += item_sep;
         newline(level + 1);
-        Dumps(j[i], indent, sort_keys, item_sep, key_sep, level + 1, out);
+        Dumps(j[i], indent, sort_keys, ensure_ascii, item_sep, key_sep, level + 1, out);
       }
       newline(level);
       out += "]";
@@ -1402,16 +1493,16 @@ void Dumps(const Json& j, const std::string* indent, bool sort_keys, const std::
       for (size_t i = 0; i < items.size(); ++i) {
         if (i > 0) out += item_sep;
         newline(level + 1);
-        out += Json(*items[i].first).dump(-1, ' ', false, Json::error_handler_t::replace);
+        out += Json(*items[i].first).dump(-1, ' ', ensure_ascii, Json::error_handler_t::replace);
         out += key_sep;
-        Dumps(*items[i].second, indent, sort_keys, item_sep, key_sep, level + 1, out);
+        Dumps(*items[i].second, indent, sort_keys, ensure_ascii, item_sep, key_sep, level + 1, out);
       }
       newline(level);
       out += "}";
       return;
     }
     default:
-      out += j.dump(-1, ' ', false, Json::error_handler_t::replace);
+      out += j.dump(-1, ' ', ensure_ascii, Json::error_handler_t::replace);
   }
 }
 
@@ -1458,6 +1549,15 @@ std::vector<std::string> Chars(absl::string_view s) {
   return out;
 }
 
+// The names of Python dict methods, which `d.name` finds before any key.
+bool IsDictMethod(absl::string_view name) {
+  for (absl::string_view m : {"items", "keys", "values", "get", "pop", "popitem", "update",
+                              "setdefault", "copy", "clear", "fromkeys"}) {
+    if (name == m) return true;
+  }
+  return false;
+}
+
 // The number of characters (code points) of UTF-8 text.
 int64_t CodePointCount(absl::string_view s) {
   int64_t n = 0;
@@ -1478,95 +1578,98 @@ int NestingDepth(const Json& j, int limit) {
   return 1 + deepest;
 }
 
-// Case mapping of one code point: ASCII, Latin-1, Latin Extended-A, Greek and Cyrillic.
-uint32_t CaseMap(uint32_t c, bool upper) {
-  auto shift = [&](uint32_t lo_first, uint32_t lo_last, uint32_t delta) -> std::optional<uint32_t> {
-    if (upper && c >= lo_first && c <= lo_last) return c - delta;
-    if (!upper && c >= lo_first - delta && c <= lo_last - delta) return c + delta;
-    return std::nullopt;
-  };
-  if (c < 0x80) {
-    if (upper && c >= 'a' && c <= 'z') return c - 32;
-    if (!upper && c >= 'A' && c <= 'Z') return c + 32;
-    return c;
+// Case mapping as Python's str does it: ICU's full mappings (root locale: ß -> SS, final
+// sigma, dotless i), with a fast path for ASCII.
+enum class CaseKind { kUpper, kLower, kTitle };
+
+bool IsAscii(absl::string_view s) {
+  for (char c : s) {
+    if (static_cast<uint8_t>(c) >= 0x80) return false;
   }
-  if (c == 0xD7 || c == 0xF7) return c;
-  if (auto m = shift(0xE0, 0xFE, 0x20)) return *m;
-  if (c >= 0x100 && c <= 0x17F) {
-    const bool even_upper = (c >= 0x100 && c <= 0x137) || (c >= 0x14A && c <= 0x177);
-    const bool odd_upper = (c >= 0x139 && c <= 0x148) || (c >= 0x179 && c <= 0x17E);
-    if (even_upper) return upper ? (c & ~1u) : (c | 1u);
-    if (odd_upper) {
-      const bool is_upper = (c & 1u) == 1u;
-      if (upper) return is_upper ? c : c - 1;
-      return is_upper ? c + 1 : c;
-    }
-    return c;
-  }
-  if (c == 0x3C2) return upper ? 0x3A3 : c;  // final sigma
-  if (auto m = shift(0x3B1, 0x3CB, 0x20)) return *m == 0x3A2 ? c : *m;
-  // Greek letters with tonos: ά έ ή ί ↔ Ά Έ Ή Ί, ό ↔ Ό, ύ ώ ↔ Ύ Ώ.
-  if (auto m = shift(0x3AD, 0x3AF, 0x25)) return *m;
-  if (c == 0x3AC || c == 0x386) return upper ? 0x386 : 0x3AC;
-  if (c == 0x3CC || c == 0x38C) return upper ? 0x38C : 0x3CC;
-  if (auto m = shift(0x3CD, 0x3CE, 0x3F)) return *m;
-  if (auto m = shift(0x430, 0x44F, 0x20)) return *m;
-  if (auto m = shift(0x450, 0x45F, 0x50)) return *m;
-  return c;
+  return true;
 }
 
-bool IsCased(uint32_t c) { return CaseMap(c, true) != c || CaseMap(c, false) != c; }
-
-std::string MapCase(absl::string_view s, const std::function<bool(uint32_t, size_t)>& upper) {
-  std::string out;
-  size_t i = 0, n = 0;
-  while (i < s.size()) {
-    const size_t start = i;
-    const uint32_t c = NextCodePoint(s, i);
-    if (i == start) {
-      out.push_back(s[i++]);
-      continue;
-    }
-    if (c >= 0x80 && !IsCased(c)) {
-      out.append(s.data() + start, i - start);
-    } else {
-      AppendUtf8(CaseMap(c, upper(c, n)), out);
-    }
-    ++n;
+std::string IcuCase(absl::string_view s, CaseKind kind) {
+  if (IsAscii(s) && kind != CaseKind::kTitle) {
+    std::string out(s);
+    for (char& c : out)
+      c = kind == CaseKind::kUpper ? absl::ascii_toupper(c) : absl::ascii_tolower(c);
+    return out;
   }
+  UErrorCode err = U_ZERO_ERROR;
+  int32_t len16 = 0;
+  u_strFromUTF8WithSub(nullptr, 0, &len16, s.data(), static_cast<int32_t>(s.size()), 0xFFFD,
+                       nullptr, &err);
+  std::u16string src(static_cast<size_t>(len16), u'\0');
+  err = U_ZERO_ERROR;
+  u_strFromUTF8WithSub(src.data(), len16, nullptr, s.data(), static_cast<int32_t>(s.size()), 0xFFFD,
+                       nullptr, &err);
+  auto map = [&](UChar* dest, int32_t cap, UErrorCode* e) {
+    switch (kind) {
+      case CaseKind::kUpper:
+        return u_strToUpper(dest, cap, src.data(), len16, "", e);
+      case CaseKind::kLower:
+        return u_strToLower(dest, cap, src.data(), len16, "", e);
+      default:
+        return u_strToTitle(dest, cap, src.data(), len16, nullptr, "", e);
+    }
+  };
+  err = U_ZERO_ERROR;
+  const int32_t n = map(nullptr, 0, &err);
+  std::u16string dst(static_cast<size_t>(n), u'\0');
+  err = U_ZERO_ERROR;
+  map(dst.data(), n, &err);
+  if (U_FAILURE(err)) return std::string(s);
+  int32_t len8 = 0;
+  err = U_ZERO_ERROR;
+  u_strToUTF8WithSub(nullptr, 0, &len8, dst.data(), n, 0xFFFD, nullptr, &err);
+  std::string out(static_cast<size_t>(len8), '\0');
+  err = U_ZERO_ERROR;
+  u_strToUTF8WithSub(out.data(), len8, nullptr, dst.data(), n, 0xFFFD, nullptr, &err);
   return out;
 }
 
-std::string Upper(absl::string_view s) {
-  return MapCase(s, [](uint32_t, size_t) { return true; });
+bool IsCased(uint32_t c) {
+  if (c < 0x80) return absl::ascii_isalpha(static_cast<unsigned char>(c));
+  return u_hasBinaryProperty(static_cast<UChar32>(c), UCHAR_CASED);
 }
-std::string Lower(absl::string_view s) {
-  return MapCase(s, [](uint32_t, size_t) { return false; });
-}
-std::string Capitalize(absl::string_view s) {
-  return MapCase(s, [](uint32_t, size_t n) { return n == 0; });
-}
-// Upper case after a character for which `boundary` holds (or at the start), else lower.
-std::string TitleCase(absl::string_view s, const std::function<bool(uint32_t)>& boundary) {
+
+std::string Upper(absl::string_view s) { return IcuCase(s, CaseKind::kUpper); }
+std::string Lower(absl::string_view s) { return IcuCase(s, CaseKind::kLower); }
+
+// Words' first characters mapped by `first` (Python's title case for str.title and
+// capitalize, upper case for Jinja's title filter), runs of the other characters lowered; a
+// word starts at the start and after a character for which `boundary` holds.
+std::string TitleCase(absl::string_view s, const std::function<bool(uint32_t)>& boundary,
+                      CaseKind first, bool only_first_word = false) {
   std::string out;
-  bool start = true;
-  size_t i = 0;
+  size_t i = 0, run = 0;  // run: where the pending run to lower starts
+  bool start = true, seen_first = false;
   while (i < s.size()) {
     const size_t from = i;
     const uint32_t c = NextCodePoint(s, i);
-    if (i == from) {
-      out.push_back(s[i++]);
-      start = true;
-      continue;
-    }
-    if (c >= 0x80 && !IsCased(c)) {
-      out.append(s.data() + from, i - from);
-    } else {
-      AppendUtf8(CaseMap(c, start), out);
+    i = std::min(i, s.size());
+    if (start && !(only_first_word && seen_first)) {
+      out += Lower(s.substr(run, from - run));
+      out += IcuCase(s.substr(from, i - from), first);
+      run = i;
+      seen_first = true;
     }
     start = boundary(c);
   }
+  out += Lower(s.substr(run));
   return out;
+}
+
+// Python's str.title(): a character after a cased one is lowered, others title-cased.
+std::string PyTitle(absl::string_view s) {
+  return TitleCase(
+      s, [](uint32_t c) { return !IsCased(c); }, CaseKind::kTitle);
+}
+// Python's str.capitalize(): the first character title-cased, the rest lowered.
+std::string Capitalize(absl::string_view s) {
+  return TitleCase(
+      s, [](uint32_t) { return true; }, CaseKind::kTitle, /*only_first_word=*/true);
 }
 
 bool IsPyWhitespace(uint32_t c) {
@@ -1589,7 +1692,11 @@ bool StrPredicate(absl::string_view s, const std::string& name) {
       const bool upper = name == "isupper";
       if (!IsCased(c)) continue;
       any_cased = true;
-      if (CaseMap(c, upper) != c) return false;
+      const bool is = c < 0x80 ? (upper ? absl::ascii_isupper(static_cast<unsigned char>(c))
+                                        : absl::ascii_islower(static_cast<unsigned char>(c)))
+                               : u_hasBinaryProperty(static_cast<UChar32>(c),
+                                                     upper ? UCHAR_UPPERCASE : UCHAR_LOWERCASE);
+      if (!is) return false;
     }
   }
   return !s.empty() && (any_cased || (name != "isupper" && name != "islower"));
@@ -1648,8 +1755,7 @@ Json Split(const std::string& s, const std::optional<std::string>& sep, int64_t 
     std::string word;
     if (maxsplit >= 0 && splits == maxsplit) {
       while (i < cs.size()) word += cs[i++];
-      // Python keeps the rest as it is, trailing whitespace stripped.
-      out.push_back(Strip(word, std::nullopt, false, true));
+      out.push_back(std::move(word));  // Python keeps the rest as it is, trailing space too
       break;
     }
     while (i < cs.size() && !ws(i)) word += cs[i++];
@@ -1709,17 +1815,20 @@ std::string HtmlEscape(const std::string& s) {
 
 // Python's str.splitlines() for \n, \r\n and \r.
 std::vector<std::string> SplitLines(const std::string& s) {
+  // Python's line boundaries: \n \r \r\n \v \f \x1c \x1d \x1e \x85 \u2028 \u2029.
   std::vector<std::string> lines;
-  size_t pos = 0;
-  while (pos < s.size()) {
-    size_t e = s.find_first_of("\r\n", pos);
-    if (e == std::string::npos) {
-      lines.push_back(s.substr(pos));
-      break;
+  size_t start = 0, i = 0;
+  while (i < s.size()) {
+    const size_t at = i;
+    const uint32_t c = NextCodePoint(s, i);
+    if (c == '\n' || c == '\r' || c == 0x0B || c == 0x0C || (c >= 0x1C && c <= 0x1E) || c == 0x85 ||
+        c == 0x2028 || c == 0x2029) {
+      lines.push_back(s.substr(start, at - start));
+      if (c == '\r' && i < s.size() && s[i] == '\n') ++i;
+      start = i;
     }
-    lines.push_back(s.substr(pos, e - pos));
-    pos = e + ((s[e] == '\r' && e + 1 < s.size() && s[e + 1] == '\n') ? 2 : 1);
   }
+  if (start < s.size()) lines.push_back(s.substr(start));
   return lines;
 }
 
@@ -1894,8 +2003,8 @@ class Renderer {
       }
       case Node::kIf: {
         for (size_t i = 0; i < n.exprs.size(); ++i) {
-          PDS_ASSIGN_OR_RETURN(Value c, Eval(*n.exprs[i]));
-          if (Truthy(c)) return ExecBody(*n.children[i]);
+          PDS_ASSIGN_OR_RETURN(bool c, EvalTruthy(*n.exprs[i]));
+          if (c) return ExecBody(*n.children[i]);
         }
         if (n.children.size() > n.exprs.size()) return ExecBody(*n.children.back());
         return absl::OkStatus();
@@ -2092,8 +2201,13 @@ class Renderer {
       }
       case Expr::kIndex: {
         if (const Json* found = Resolve(e)) return Value(*found);
-        PDS_ASSIGN_OR_RETURN(Value obj, Eval(*e.args[0]));
         PDS_ASSIGN_OR_RETURN(Value key, Eval(*e.args[1]));
+        // `messages[loop.index0 - 1]`: the element without a copy of the whole list (the key
+        // is evaluated first, so nothing it runs can move the container).
+        if (const Json* container = Resolve(*e.args[0]); container != nullptr && !key.undefined) {
+          if (const Json* found = Element(*container, key.j)) return Value(*found);
+        }
+        PDS_ASSIGN_OR_RETURN(Value obj, Eval(*e.args[0]));
         return Item(obj, key, e.line);
       }
       case Expr::kSlice:
@@ -2118,8 +2232,8 @@ class Renderer {
         return Value(r);
       }
       case Expr::kNot: {
-        PDS_ASSIGN_OR_RETURN(Value x, Eval(*e.args[0]));
-        return Value(!Truthy(x));
+        PDS_ASSIGN_OR_RETURN(bool x, EvalTruthy(*e.args[0]));
+        return Value(!x);
       }
       case Expr::kNeg:
       case Expr::kPos: {
@@ -2193,22 +2307,62 @@ class Renderer {
     if (!attr && (e.kind != Expr::kIndex || e.args[1]->kind != Expr::kLiteral)) return nullptr;
     const Json* obj = Resolve(*e.args[0]);
     if (obj == nullptr) return nullptr;
-    const Json* key = attr ? nullptr : &e.args[1]->value;
-    if (obj->is_object() && (attr || key->is_string())) {
-      auto it = obj->find(attr ? e.name : key->get_ref<const std::string&>());
+    if (attr) {
+      if (!obj->is_object() || IsDictMethod(e.name)) return nullptr;
+      auto it = obj->find(e.name);
       return it != obj->end() ? &*it : nullptr;
     }
-    if (!attr && obj->is_array() && IsIntLike(*key)) {
-      int64_t i = AsInt(*key);
-      const int64_t n = static_cast<int64_t>(obj->size());
+    return Element(*obj, e.args[1]->value);
+  }
+
+  // obj[key] as Item finds it (a dict's string key, a list's index), or null.
+  static const Json* Element(const Json& obj, const Json& key) {
+    if (obj.is_object() && key.is_string()) {
+      auto it = obj.find(key.get_ref<const std::string&>());
+      return it != obj.end() ? &*it : nullptr;
+    }
+    if (obj.is_array() && IsIntLike(key)) {
+      int64_t i = AsInt(key);
+      const int64_t n = static_cast<int64_t>(obj.size());
       if (i < 0) i += n;
-      return i >= 0 && i < n ? &(*obj)[static_cast<size_t>(i)] : nullptr;
+      return i >= 0 && i < n ? &obj[static_cast<size_t>(i)] : nullptr;
     }
     return nullptr;
   }
 
+  // A variable, found without copying it.
+  const Value* FindVar(const std::string& name) const {
+    for (auto it = scopes_.rbegin(); it != scopes_.rend(); ++it) {
+      auto found = (*it)->find(name);
+      if (found != (*it)->end()) return &found->second;
+    }
+    return nullptr;
+  }
+
+  // Whether `e` is true, without copying what it names where it can.
+  absl::StatusOr<bool> EvalTruthy(const Expr& e) {
+    if (e.kind == Expr::kName) {
+      const Value* v = FindVar(e.name);
+      return v != nullptr && Truthy(*v);
+    }
+    if (const Json* found = Resolve(e)) return Truthy(*found);
+    PDS_ASSIGN_OR_RETURN(Value v, Eval(e));
+    return Truthy(v);
+  }
+
   absl::StatusOr<Value> Attribute(const Value& obj, const std::string& name, int line) const {
+    if (obj.method) {
+      return Value::Undefined(
+          absl::StrCat("'builtin_function_or_method object' has no attribute '", name, "'"));
+    }
     if (obj.undefined) return Err(line, obj.missing);
+    // `d.items` is the dict's method in Jinja, not its "items" key (a JSON schema's): it is
+    // no value a template can print or read attributes of.
+    if (obj.j.is_object() && !obj.ns && IsDictMethod(name)) {
+      Value m = Value::Undefined(absl::StrCat("'dict object' attribute '", name, "' is a method"));
+      m.method = true;
+      return m;
+    }
     if (obj.j.is_object()) {
       auto it = obj.j.find(name);
       if (it != obj.j.end()) return Value(*it);
@@ -2373,7 +2527,8 @@ class Renderer {
     if (op == "//" || op == "%") {
       if (y == 0) return Err(line, "float division or modulo by zero");
       const double m = std::fmod(x, y);
-      const double mod = (m != 0 && ((m < 0) != (y < 0))) ? m + y : m;
+      // Python's: the sign of the divisor, a zero too.
+      const double mod = m == 0 ? std::copysign(0.0, y) : ((m < 0) != (y < 0)) ? m + y : m;
       if (op == "%") return Value(mod);
       return Value(std::floor((x - mod) / y + 0.5));
     }
@@ -2582,9 +2737,7 @@ class Renderer {
       if (name == "upper") return Value(Upper(s));
       if (name == "lower") return Value(Lower(s));
       if (name == "capitalize") return Value(Capitalize(s));
-      if (name == "title") {
-        return Value(TitleCase(s, [](uint32_t c) { return !IsCased(c); }));
-      }
+      if (name == "title") return Value(PyTitle(s));
       if (name == "replace") {
         const Value* from = a.Get(0, "old");
         const Value* to = a.Get(1, "new");
@@ -2728,10 +2881,13 @@ class Renderer {
     if (name == "upper") return Value(Upper(Str(v)));
     if (name == "lower") return Value(Lower(Str(v)));
     if (name == "capitalize") return Value(Capitalize(Str(v)));
-    if (name == "title") {
-      return Value(TitleCase(Str(v), [](uint32_t c) {
-        return IsPyWhitespace(c) || c == '-' || c == '(' || c == '{' || c == '[' || c == '<';
-      }));
+    if (name == "title") {  // Jinja's: upper case after whitespace, -, (, {, [ and <
+      return Value(TitleCase(
+          Str(v),
+          [](uint32_t c) {
+            return IsPyWhitespace(c) || c == '-' || c == '(' || c == '{' || c == '[' || c == '<';
+          },
+          CaseKind::kUpper));
     }
     if (name == "escape" || name == "e") return Value(HtmlEscape(Str(v)));
     if (name == "replace") {
@@ -2745,9 +2901,9 @@ class Renderer {
     if (name == "wordcount") {
       int64_t words = 0;
       bool in_word = false;
-      for (const std::string& c : Chars(Str(v))) {
-        const bool w =
-            c.size() > 1 || std::isalnum(static_cast<unsigned char>(c[0])) || c[0] == '_';
+      const std::string text = Str(v);
+      for (size_t i = 0; i < text.size();) {  // runs of \w, as Jinja's regex counts them
+        const bool w = IsWordChar(NextCodePoint(text, i));
         if (w && !in_word) ++words;
         in_word = w;
       }
@@ -2772,21 +2928,22 @@ class Renderer {
     }
     if (name == "tojson") {
       if (v.undefined) return Err(line, "Object of type Undefined is not JSON serializable");
-      const Value* indent = a.Get(0, "indent");
+      // HF's tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False).
+      const Value* indent = a.Get(1, "indent");
       std::optional<std::string> pad;
       if (indent != nullptr && !indent->undefined && !indent->j.is_null()) {
         PDS_ASSIGN_OR_RETURN(pad, Padding(*indent, line));
       }
       std::string item_sep = pad ? "," : ", ", key_sep = ": ";
-      if (const Value* sep = a.Get(99, "separators"); sep != nullptr && sep->j.is_array() &&
-                                                      sep->j.size() == 2 && sep->j[0].is_string() &&
-                                                      sep->j[1].is_string()) {
+      if (const Value* sep = a.Get(2, "separators"); sep != nullptr && sep->j.is_array() &&
+                                                     sep->j.size() == 2 && sep->j[0].is_string() &&
+                                                     sep->j[1].is_string()) {
         item_sep = sep->j[0].get<std::string>();
         key_sep = sep->j[1].get<std::string>();
       }
       std::string out;
-      Dumps(v.j, pad ? &*pad : nullptr, BoolArg(a, 99, "sort_keys", false), item_sep, key_sep, 0,
-            out);
+      Dumps(v.j, pad ? &*pad : nullptr, BoolArg(a, 3, "sort_keys", false),
+            BoolArg(a, 0, "ensure_ascii", false), item_sep, key_sep, 0, out);
       return Value(std::move(out));
     }
     if (name == "int" || name == "float") {
@@ -2794,25 +2951,30 @@ class Renderer {
       Json fallback = def != nullptr ? def->j : (name == "int" ? Json(0) : Json(0.0));
       double d = 0;
       bool ok = true;
-      if (!v.undefined && IsNumber(v.j)) {
-        if (name == "int") return Value(AsInt(v.j));
+      if (v.undefined) return Err(line, v.missing);  // Jinja's int(Undefined) raises
+      if (IsNumber(v.j)) {
         d = AsDouble(v.j);
-      } else if (!v.undefined && v.j.is_string()) {
+        if (name == "int" && IsIntLike(v.j)) return Value(AsInt(v.j));
+      } else if (v.j.is_string()) {
         const std::string s = Strip(v.j.get<std::string>(), std::nullopt, true, true);
-        char* end = nullptr;
-        d = std::strtod(s.c_str(), &end);
-        ok = !s.empty() && end == s.c_str() + s.size();
-        if (ok && name == "int") {
+        if (name == "int") {  // int(s), else int(float(s))
           int64_t i = 0;
           const auto r = std::from_chars(s.data(), s.data() + s.size(), i);
-          if (r.ec == std::errc() && r.ptr == s.data() + s.size()) return Value(i);
-          return Value(static_cast<int64_t>(d));
+          if (!s.empty() && r.ec == std::errc() && r.ptr == s.data() + s.size()) return Value(i);
         }
+        // Python's float(): decimal text, inf and nan (not strtod's hexadecimal).
+        char* end = nullptr;
+        d = std::strtod(s.c_str(), &end);
+        ok = !s.empty() && end == s.c_str() + s.size() &&
+             s.find_first_of("xXpP") == std::string::npos;
       } else {
         ok = false;
       }
       if (!ok) return Value(fallback);
-      return Value(d);
+      if (name == "float") return Value(d);
+      if (std::isnan(d)) return Value(fallback);  // int(nan) is a ValueError: the default
+      if (std::isinf(d)) return Err(line, "cannot convert float infinity to integer");
+      return Value(AsInt(Json(d)));
     }
     if (name == "abs") {
       if (v.undefined || !IsNumber(v.j)) return Err(line, "bad operand type for abs()");
@@ -2826,14 +2988,16 @@ class Renderer {
     if (name == "round") {
       if (v.undefined || !IsNumber(v.j)) return Err(line, "round takes a number");
       const Value* p = a.Get(0, "precision");
-      const int64_t precision = p != nullptr ? AsInt(p->j) : 0;
+      const int64_t precision = std::clamp<int64_t>(p != nullptr ? AsInt(p->j) : 0, -400, 400);
       const std::string method = OptString(a.Get(1, "method")).value_or("common");
+      if (method == "common") {  // Python's round(): ints stay ints, ties go to even
+        if (IsIntLike(v.j) && precision >= 0) return Value(AsInt(v.j));
+        const double r = PyRound(AsDouble(v.j), static_cast<int>(precision));
+        return IsIntLike(v.j) ? Value(AsInt(Json(r))) : Value(r);
+      }
       const double scale = std::pow(10.0, static_cast<double>(precision));
       const double x = AsDouble(v.j) * scale;
-      const double r = method == "floor"  ? std::floor(x)
-                       : method == "ceil" ? std::ceil(x)
-                                          : std::round(x);
-      return Value(r / scale);
+      return Value((method == "floor" ? std::floor(x) : std::ceil(x)) / scale);
     }
     if (name == "items") {
       if (v.undefined) return Value(Json::array());
@@ -2977,9 +3141,9 @@ class Renderer {
 
   absl::StatusOr<bool> Test(const std::string& name, const Value& v, const Args& a, int line) {
     const Json& j = v.j;
-    if (name == "defined") return !v.undefined;
-    if (name == "undefined") return v.undefined;
-    if (name == "callable") return false;
+    if (name == "defined") return !v.undefined || v.method;
+    if (name == "undefined") return v.undefined && !v.method;
+    if (name == "callable") return v.method;
     if (name == "escaped") return false;
     if (name == "iterable")
       return v.undefined || j.is_string() || j.is_array() || (j.is_object() && !v.ns);
@@ -3000,20 +3164,20 @@ class Renderer {
     if (name == "string") return j.is_string();
     if (name == "mapping") return j.is_object() && !v.ns;
     if (name == "sequence") return j.is_string() || j.is_array() || (j.is_object() && !v.ns);
-    if (name == "lower" || name == "upper") {
-      const std::string s = Str(v);
-      return name == "lower" ? Lower(s) == s : Upper(s) == s;
+    if (name == "lower" || name == "upper") {  // str.islower/isupper: a cased character needed
+      return StrPredicate(Str(v), name == "lower" ? "islower" : "isupper");
     }
-    if (name == "odd" || name == "even" || name == "divisibleby") {
+    if (name == "odd" || name == "even" || name == "divisibleby") {  // value % n as Python's
       if (v.undefined) return Err(line, v.missing);
-      if (!IsIntLike(j)) return Err(line, absl::StrCat("the test '", name, "' takes an integer"));
-      const int64_t x = AsInt(j);
-      if (name == "odd") return x % 2 != 0;
-      if (name == "even") return x % 2 == 0;
-      const Value* d = a.Get(0, "num");
-      if (d == nullptr || !IsIntLike(d->j) || AsInt(d->j) == 0)
-        return Err(line, "divisibleby takes a non-zero integer");
-      return x % AsInt(d->j) == 0;
+      if (!IsNumber(j)) return Err(line, absl::StrCat("the test '", name, "' takes a number"));
+      const Value* d = name == "divisibleby" ? a.Get(0, "num") : nullptr;
+      if (name == "divisibleby" && (d == nullptr || !IsNumber(d->j) || AsDouble(d->j) == 0)) {
+        return Err(line, "divisibleby takes a non-zero number");
+      }
+      const Json n = d != nullptr ? d->j : Json(2);
+      PDS_ASSIGN_OR_RETURN(Value mod, BinaryOp("%", v, Value(n), line));
+      const bool zero = AsDouble(mod.j) == 0;
+      return name == "odd" ? AsDouble(mod.j) == 1 : zero;
     }
     const Value* other = a.Get(0, "b");
     if (other == nullptr) return Err(line, absl::StrCat("the test '", name, "' takes an argument"));
