@@ -1202,6 +1202,11 @@ struct Value {
   std::string missing;
 };
 
+// An undefined value kept inside a list, dict or namespace, as Jinja keeps its Undefined there:
+// JSON's "discarded" value, which no parsed input holds. Taken out (Renderer::Eval), it is
+// undefined again.
+Json Stored(Value v) { return v.undefined ? Json(Json::value_t::discarded) : std::move(v.j); }
+
 bool IsIntLike(const Json& j) { return j.is_number_integer() || j.is_boolean(); }
 bool IsNumber(const Json& j) { return j.is_number() || j.is_boolean(); }
 int64_t AsInt(const Json& j) {
@@ -1247,6 +1252,8 @@ std::string TypeName(const Value& v) {
 
 bool Truthy(const Json& j) {
   switch (j.type()) {
+    case Json::value_t::discarded:  // a stored undefined
+      return false;
     case Json::value_t::null:
       return false;
     case Json::value_t::boolean:
@@ -1392,6 +1399,9 @@ void Repr(const Json& j, std::string& out) {
     case Json::value_t::null:
       out += "None";
       return;
+    case Json::value_t::discarded:  // a stored undefined
+      out += "Undefined";
+      return;
     case Json::value_t::boolean:
       out += j.get<bool>() ? "True" : "False";
       return;
@@ -1438,7 +1448,7 @@ void Repr(const Json& j, std::string& out) {
 
 // Python's str() of the value ({{ x }}, ~, |string): strings as they are.
 std::string Str(const Value& v) {
-  if (v.undefined) return "";
+  if (v.undefined || v.j.is_discarded()) return "";
   if (v.j.is_string()) return v.j.get<std::string>();
   std::string out;
   if (v.ns) out += "<Namespace ";
@@ -1508,6 +1518,7 @@ void Dumps(const Json& j, const std::string* indent, bool sort_keys, bool ensure
 
 // Python's ==.
 bool Equal(const Json& a, const Json& b) {
+  if (a.is_discarded() || b.is_discarded()) return a.is_discarded() && b.is_discarded();
   if (IsNumber(a) && IsNumber(b)) {
     if (IsIntLike(a) && IsIntLike(b)) return AsInt(a) == AsInt(b);
     return AsDouble(a) == AsDouble(b);
@@ -1554,6 +1565,16 @@ bool IsDictMethod(absl::string_view name) {
   for (absl::string_view m : {"items", "keys", "values", "get", "pop", "popitem", "update",
                               "setdefault", "copy", "clear", "fromkeys"}) {
     if (name == m) return true;
+  }
+  return false;
+}
+
+// Whether a value holds a stored undefined (values nest at most kMaxValueDepth deep).
+bool NestingHasUndefined(const Json& j) {
+  if (j.is_discarded()) return true;
+  if (!j.is_structured()) return false;
+  for (const Json& x : j) {
+    if (NestingHasUndefined(x)) return true;
   }
   return false;
 }
@@ -2024,7 +2045,7 @@ class Renderer {
           if (!found->second.ns) {
             return Err(n.line, "cannot assign an attribute of a non-namespace object");
           }
-          found->second.j[n.text] = v.undefined ? Json(nullptr) : std::move(v.j);
+          found->second.j[n.text] = Stored(std::move(v));
           return absl::OkStatus();
         }
         return Err(n.line, absl::StrCat("'", n.targets[0], "' is undefined"));
@@ -2160,6 +2181,7 @@ class Renderer {
     DepthGuard guard(native_depth_);
     PDS_RETURN_IF_ERROR(CheckNativeDepth(e.line));
     PDS_ASSIGN_OR_RETURN(Value v, EvalExpr(e));
+    if (!v.undefined && v.j.is_discarded()) return Value::Undefined("an undefined value");
     if ((v.j.is_string() && v.j.get_ref<const std::string&>().size() > kMaxOutputBytes) ||
         (v.j.is_array() && v.j.size() > kMaxListItems)) {
       return absl::ResourceExhaustedError(
@@ -2180,7 +2202,7 @@ class Renderer {
         for (const ExprPtr& x : e.args) {
           PDS_ASSIGN_OR_RETURN(Value v, Eval(*x));
           PDS_RETURN_IF_ERROR(CheckNesting(v.j, e.line));
-          list.push_back(v.undefined ? Json(nullptr) : std::move(v.j));
+          list.push_back(Stored(std::move(v)));
         }
         return Value(std::move(list));
       }
@@ -2190,7 +2212,7 @@ class Renderer {
           PDS_ASSIGN_OR_RETURN(Value k, Eval(*e.args[i]));
           PDS_ASSIGN_OR_RETURN(Value v, Eval(*e.args[i + 1]));
           PDS_RETURN_IF_ERROR(CheckNesting(v.j, e.line));
-          dict[Str(k)] = v.undefined ? Json(nullptr) : std::move(v.j);
+          dict[Str(k)] = Stored(std::move(v));
         }
         return Value(std::move(dict));
       }
@@ -2606,7 +2628,7 @@ class Renderer {
       }
       for (auto& [k, x] : a.kw) {
         PDS_RETURN_IF_ERROR(CheckNesting(x.j, e.line));
-        v.j[k] = x.undefined ? Json(nullptr) : x.j;
+        v.j[k] = Stored(x);
       }
       return v;
     }
@@ -2927,7 +2949,9 @@ class Renderer {
       return Value(std::move(out));
     }
     if (name == "tojson") {
-      if (v.undefined) return Err(line, "Object of type Undefined is not JSON serializable");
+      if (v.undefined || NestingHasUndefined(v.j)) {
+        return Err(line, "Object of type Undefined is not JSON serializable");
+      }
       // HF's tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False).
       const Value* indent = a.Get(1, "indent");
       std::optional<std::string> pad;
@@ -3088,7 +3112,7 @@ class Renderer {
         for (const Json& x : items) {
           Value y = ItemAttribute(x, *attribute);
           if (y.undefined && def != nullptr) y = *def;
-          out.push_back(y.undefined ? Json(nullptr) : std::move(y.j));
+          out.push_back(Stored(std::move(y)));
         }
         return Value(std::move(out));
       }
@@ -3103,7 +3127,7 @@ class Renderer {
       rest.kw = a.kw;
       for (const Json& x : items) {
         PDS_ASSIGN_OR_RETURN(Value y, Filter(filter, Value(x), rest, line));
-        out.push_back(y.undefined ? Json(nullptr) : std::move(y.j));
+        out.push_back(Stored(std::move(y)));
       }
       return Value(std::move(out));
     }
