@@ -1569,6 +1569,24 @@ bool IsDictMethod(absl::string_view name) {
   return false;
 }
 
+// About how many bytes a value takes (its strings, and 16 a value), counted up to `limit` + 1.
+size_t ValueBytes(const Json& j, size_t limit) {
+  size_t bytes = 16;
+  if (j.is_string()) bytes += j.get_ref<const std::string&>().size();
+  if (j.is_object()) {
+    for (const auto& [k, x] : j.items()) {
+      if (bytes > limit) break;
+      bytes += k.size() + ValueBytes(x, limit - std::min(bytes, limit));
+    }
+  } else if (j.is_array()) {
+    for (const Json& x : j) {
+      if (bytes > limit) break;
+      bytes += ValueBytes(x, limit - std::min(bytes, limit));
+    }
+  }
+  return bytes;
+}
+
 // Whether a value holds a stored undefined (values nest at most kMaxValueDepth deep).
 bool NestingHasUndefined(const Json& j) {
   if (j.is_discarded()) return true;
@@ -1922,6 +1940,11 @@ class Renderer {
     return std::string(static_cast<size_t>(std::max<int64_t>(0, n)), ' ');
   }
 
+  // RESOURCE_EXHAUSTED: the render went past one of its budgets.
+  absl::Status Budget(int line, absl::string_view what) const {
+    return absl::ResourceExhaustedError(absl::StrCat(source_, " line ", line, ": ", what));
+  }
+
   // Running nested statements and expressions recurses on the native stack.
   absl::Status CheckNativeDepth(int line) const {
     if (native_depth_ <= kMaxNativeDepth) return absl::OkStatus();
@@ -1931,10 +1954,19 @@ class Renderer {
   }
 
   // A value about to go inside a list or dict must leave room for that level.
-  absl::Status CheckNesting(const Json& j, int line) const {
-    if (NestingDepth(j, kMaxValueDepth) < kMaxValueDepth) return absl::OkStatus();
-    return absl::ResourceExhaustedError(absl::StrCat(
-        source_, " line ", line, ": lists and dicts nested deeper than ", kMaxValueDepth));
+  // A value about to go inside a list or dict: room for one more level, and (counted into
+  // `*bytes`, the container's size so far) no container past the value budget.
+  absl::Status CheckNesting(const Json& j, int line, size_t* bytes = nullptr) const {
+    if (NestingDepth(j, kMaxValueDepth) >= kMaxValueDepth) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          source_, " line ", line, ": lists and dicts nested deeper than ", kMaxValueDepth));
+    }
+    size_t own = 0;
+    size_t& total = bytes != nullptr ? *bytes : own;
+    total += ValueBytes(j, kMaxOutputBytes);
+    if (total <= kMaxOutputBytes) return absl::OkStatus();
+    return absl::ResourceExhaustedError(
+        absl::StrCat(source_, " line ", line, ": a value grew past the template's budget"));
   }
 
   absl::Status Step(int line) {
@@ -2199,19 +2231,21 @@ class Renderer {
         return Lookup(e.name);
       case Expr::kList: {
         Json list = Json::array();
+        size_t bytes = 0;
         for (const ExprPtr& x : e.args) {
           PDS_ASSIGN_OR_RETURN(Value v, Eval(*x));
-          PDS_RETURN_IF_ERROR(CheckNesting(v.j, e.line));
+          PDS_RETURN_IF_ERROR(CheckNesting(v.j, e.line, &bytes));
           list.push_back(Stored(std::move(v)));
         }
         return Value(std::move(list));
       }
       case Expr::kDict: {
         Json dict = Json::object();
+        size_t bytes = 0;
         for (size_t i = 0; i + 1 < e.args.size(); i += 2) {
           PDS_ASSIGN_OR_RETURN(Value k, Eval(*e.args[i]));
           PDS_ASSIGN_OR_RETURN(Value v, Eval(*e.args[i + 1]));
-          PDS_RETURN_IF_ERROR(CheckNesting(v.j, e.line));
+          PDS_RETURN_IF_ERROR(CheckNesting(v.j, e.line, &bytes));
           dict[Str(k)] = Stored(std::move(v));
         }
         return Value(std::move(dict));
@@ -2478,6 +2512,9 @@ class Renderer {
     if (op == "+") {
       if (a.is_string() && b.is_string()) return Value(a.get<std::string>() + b.get<std::string>());
       if (a.is_array() && b.is_array()) {
+        if (ValueBytes(a, kMaxOutputBytes) + ValueBytes(b, kMaxOutputBytes) > kMaxOutputBytes) {
+          return Budget(line, "list concatenation too large");
+        }
         Json out = a;
         for (const Json& x : b) out.push_back(x);
         return Value(std::move(out));
@@ -2489,8 +2526,11 @@ class Renderer {
       const int64_t times = AsInt(a.is_string() || a.is_array() ? b : a);
       const size_t unit = seq.is_string() ? seq.get_ref<const std::string&>().size() : seq.size();
       const uint64_t limit = seq.is_string() ? kMaxOutputBytes : kMaxListItems;
-      if (times > 0 && unit > 0 && static_cast<uint64_t>(times) > limit / unit) {
-        return Err(line, "sequence repetition too large");
+      const uint64_t bytes = seq.is_array() ? ValueBytes(seq, kMaxOutputBytes) : 1;
+      if (times > 0 && unit > 0 &&
+          (static_cast<uint64_t>(times) > limit / unit ||
+           static_cast<uint64_t>(times) > kMaxOutputBytes / bytes)) {
+        return Budget(line, "sequence repetition too large");
       }
       if (seq.is_string()) {
         std::string out;
@@ -2626,8 +2666,9 @@ class Renderer {
         }
         v.j = a.pos[0].j;
       }
+      size_t bytes = 0;
       for (auto& [k, x] : a.kw) {
-        PDS_RETURN_IF_ERROR(CheckNesting(x.j, e.line));
+        PDS_RETURN_IF_ERROR(CheckNesting(x.j, e.line, &bytes));
         v.j[k] = Stored(x);
       }
       return v;

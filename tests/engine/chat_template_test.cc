@@ -133,6 +133,15 @@ TEST(ChatTemplateTest, RunawayTemplatesStopAtTheirBudgets) {
   EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << r.status();
   EXPECT_TRUE(absl::StrContains(r.status().message(), "deeper than 1000 at run time"))
       << r.status();
+  // Values are bounded in bytes too, not only in items: no list of huge strings.
+  for (const char* big :
+       {"{% set s = 'a' * 50000000 %}{{ ([s] * 100) | length }}",
+        "{% set s = 'a' * 50000000 %}{{ [s, s, s] | length }}",
+        "{% set s = 'a' * 30000000 %}{% set ns = namespace(l=[s]) %}{% for i in range(30) %}"
+        "{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}"}) {
+    r = Render(big);
+    EXPECT_EQ(r.status().code(), absl::StatusCode::kResourceExhausted) << big << r.status();
+  }
   // Below the limits, as deep as they allow, they run.
   std::string sum = "{{ 1";
   for (int i = 0; i < 990; ++i) sum += " + 1";
