@@ -7,6 +7,7 @@
 #include <charconv>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -20,6 +21,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
@@ -1330,6 +1332,23 @@ bool IsPrintable(uint32_t c) {
   }
 }
 
+// The largest run of decimal digits in `s`, as a number (0 for none; runs are short).
+int64_t LargestNumber(absl::string_view s) {
+  int64_t largest = 0, n = 0;
+  for (char c : s) {
+    n = absl::ascii_isdigit(static_cast<unsigned char>(c)) ? n * 10 + (c - '0') : 0;
+    largest = std::max(largest, n);
+  }
+  return largest;
+}
+
+// A number character (Unicode N*).
+bool IsNumberChar(uint32_t c) {
+  if (c < 0x80) return c >= '0' && c <= '9';
+  const int8_t type = u_charType(static_cast<UChar32>(c));
+  return type == U_DECIMAL_DIGIT_NUMBER || type == U_LETTER_NUMBER || type == U_OTHER_NUMBER;
+}
+
 // Python's \w: letters, numbers and the underscore.
 bool IsWordChar(uint32_t c) {
   if (c < 0x80) return std::isalnum(static_cast<int>(c)) || c == '_';
@@ -1727,6 +1746,8 @@ bool StrPredicate(absl::string_view s, const std::string& name) {
     if (i == from) return false;
     if (name == "isspace" && !IsPyWhitespace(c)) return false;
     if (name == "isdigit" && !(c >= '0' && c <= '9')) return false;
+    if (name == "isalpha" && !(IsWordChar(c) && c != '_' && !IsNumberChar(c))) return false;
+    if (name == "isalnum" && !(IsWordChar(c) && c != '_')) return false;
     if (name == "isupper" || name == "islower") {
       const bool upper = name == "isupper";
       if (!IsCased(c)) continue;
@@ -1938,6 +1959,124 @@ class Renderer {
     const int64_t n = AsInt(width.j);
     if (n > 1024) return Err(line, "an indentation of more than 1024 spaces");
     return std::string(static_cast<size_t>(std::max<int64_t>(0, n)), ' ');
+  }
+
+  // Python's printf-style `format % args`: %s %r %d %i %f %F %e %E %g %G %x %X %o %c %% with
+  // flags, width and precision, and %(name)s from a dict. A list (what a tuple literal is
+  // here) gives the arguments in order, anything else is the one argument.
+  absl::StatusOr<Value> Format(const std::string& format, const Value& args, int line) const {
+    std::vector<const Json*> positional;
+    Json single = args.undefined ? Json(Json::value_t::discarded) : args.j;
+    if (!args.undefined && args.j.is_array()) {
+      for (const Json& x : args.j) positional.push_back(&x);
+    } else {
+      positional.push_back(&single);
+    }
+    size_t next = 0;
+    std::string out;
+    for (size_t i = 0; i < format.size(); ++i) {
+      if (format[i] != '%') {
+        out.push_back(format[i]);
+        continue;
+      }
+      if (++i >= format.size()) return Err(line, "incomplete format");
+      if (format[i] == '%') {
+        out.push_back('%');
+        continue;
+      }
+      const Json* arg = nullptr;
+      if (format[i] == '(') {  // %(name)s
+        const size_t close = format.find(')', i);
+        if (close == std::string::npos || !args.j.is_object()) {
+          return Err(line, "format requires a mapping");
+        }
+        auto it = args.j.find(format.substr(i + 1, close - i - 1));
+        if (it == args.j.end()) return Err(line, "format key not found");
+        arg = &*it;
+        i = close + 1;
+      }
+      const size_t spec_start = i;
+      while (i < format.size() && std::strchr("-+ #0", format[i]) != nullptr) ++i;
+      while (i < format.size() && absl::ascii_isdigit(static_cast<unsigned char>(format[i]))) ++i;
+      if (i < format.size() && format[i] == '.') {
+        ++i;
+        while (i < format.size() && absl::ascii_isdigit(static_cast<unsigned char>(format[i]))) {
+          ++i;
+        }
+      }
+      if (i >= format.size()) return Err(line, "incomplete format");
+      const std::string flags = format.substr(spec_start, i - spec_start);
+      if (flags.size() > 8) return Err(line, "format width or precision too long");
+      const char conv = format[i];
+      // printf writes numbers into a 512-byte buffer: widths and precisions past 400 are refused.
+      if (conv != 's' && conv != 'r' && LargestNumber(flags) > 400) {
+        return Err(line, "format width or precision too large");
+      }
+      if (arg == nullptr) {
+        if (next >= positional.size()) return Err(line, "not enough arguments for format string");
+        arg = positional[next++];
+      }
+      const Value v = arg->is_discarded() ? Value::Undefined("undefined") : Value(*arg);
+      std::string piece;
+      char buf[512];
+      if (conv == 's' || conv == 'r') {
+        std::string text = conv == 's' ? Str(v) : (v.undefined ? "Undefined" : "");
+        if (conv == 'r' && !v.undefined) Repr(v.j, text);
+        // Width and precision count characters, not bytes as printf's would.
+        const size_t dot = flags.find('.');
+        const std::string before_dot = flags.substr(0, dot);
+        const size_t digits = before_dot.find_first_of("123456789");
+        int64_t width = 0, precision = -1;
+        if (digits != std::string::npos) (void)absl::SimpleAtoi(before_dot.substr(digits), &width);
+        if (dot != std::string::npos && !absl::SimpleAtoi(flags.substr(dot + 1), &precision)) {
+          precision = 0;
+        }
+        if (precision >= 0 && CodePointCount(text) > precision) {
+          size_t at = 0;
+          for (int64_t k = 0; k < precision; ++k) NextCodePoint(text, at);
+          text.resize(std::min(at, text.size()));
+        }
+        const int64_t pad = width - CodePointCount(text);
+        if (pad > 0 && flags.find('-') != std::string::npos) {
+          piece = text + std::string(static_cast<size_t>(pad), ' ');
+        } else if (pad > 0) {
+          piece = std::string(static_cast<size_t>(pad), ' ') + text;
+        } else {
+          piece = std::move(text);
+        }
+      } else if (std::strchr("dioxXc", conv) != nullptr) {
+        if (v.undefined || !IsNumber(v.j)) {
+          return Err(line,
+                     absl::StrCat("%", std::string(1, conv), " format: a number is required"));
+        }
+        const std::string spec = "%" + flags + "ll" +
+                                 (conv == 'i'   ? 'd'
+                                  : conv == 'c' ? 'd'
+                                                : conv);
+        if (conv == 'c') {
+          AppendUtf8(static_cast<uint32_t>(AsInt(v.j)), piece);
+        } else {
+          std::snprintf(buf, sizeof(buf), spec.c_str(), static_cast<long long>(AsInt(v.j)));
+          piece = buf;
+        }
+      } else if (std::strchr("fFeEgG", conv) != nullptr) {
+        if (v.undefined || !IsNumber(v.j)) {
+          return Err(line,
+                     absl::StrCat("%", std::string(1, conv), " format: a number is required"));
+        }
+        const std::string spec = "%" + flags + conv;
+        std::snprintf(buf, sizeof(buf), spec.c_str(), AsDouble(v.j));
+        piece = buf;
+      } else {
+        return Err(line, absl::StrCat("unsupported format character '", std::string(1, conv), "'"));
+      }
+      out += piece;
+      if (out.size() > kMaxOutputBytes) return Budget(line, "formatted string too large");
+    }
+    if (next < positional.size() && !args.j.is_object()) {
+      return Err(line, "not all arguments converted during string formatting");
+    }
+    return Value(std::move(out));
   }
 
   // RESOURCE_EXHAUSTED: the render went past one of its budgets.
@@ -2494,6 +2633,9 @@ class Renderer {
       PDS_ASSIGN_OR_RETURN(bool in, Contains(r, l, line));
       return Value(op == "in" ? in : !in);
     }
+    if (op == "%" && !l.undefined && l.j.is_string()) {
+      return Format(l.j.get_ref<const std::string&>(), r, line);
+    }
     if (l.undefined) return Err(line, l.missing);
     if (r.undefined) return Err(line, r.missing);
     if (op == "<" || op == "<=" || op == ">" || op == ">=") {
@@ -2808,14 +2950,18 @@ class Renderer {
         if (from == nullptr || to == nullptr) return Err(line, "replace() takes two strings");
         return Value(Replace(s, Str(*from), Str(*to), count ? AsInt(count->j) : -1));
       }
-      if (name == "find" || name == "count") {
+      if (name == "find" || name == "rfind" || name == "index" || name == "rindex" ||
+          name == "count") {
         const Value* sub = a.Get(0, "sub");
         if (sub == nullptr) return Err(line, absl::StrCat(name, "() takes a string"));
         const std::string needle = Str(*sub);
-        if (name == "find") {
-          const size_t at = s.find(needle);
-          if (at == std::string::npos) return Value(-1);
-          return Value(static_cast<int64_t>(Chars(s.substr(0, at)).size()));
+        if (name != "count") {
+          const size_t at = name == "find" || name == "index" ? s.find(needle) : s.rfind(needle);
+          if (at == std::string::npos) {
+            if (name == "index" || name == "rindex") return Err(line, "substring not found");
+            return Value(-1);
+          }
+          return Value(CodePointCount(absl::string_view(s).substr(0, at)));
         }
         if (needle.empty()) return Value(static_cast<int64_t>(Chars(s).size() + 1));
         int64_t n = 0;
@@ -2836,8 +2982,44 @@ class Renderer {
         }
         return Value(std::move(out));
       }
-      if (name == "isspace" || name == "isdigit" || name == "isupper" || name == "islower") {
+      if (name == "isspace" || name == "isdigit" || name == "isupper" || name == "islower" ||
+          name == "isalpha" || name == "isalnum") {
         return Value(StrPredicate(s, name));
+      }
+      if (name == "removeprefix" || name == "removesuffix") {
+        const Value* affix = a.Get(0, name == "removeprefix" ? "prefix" : "suffix");
+        if (affix == nullptr || !affix->j.is_string()) {
+          return Err(line, absl::StrCat(name, "() takes a string"));
+        }
+        absl::string_view rest = s;
+        if (name == "removeprefix") {
+          absl::ConsumePrefix(&rest, affix->j.get_ref<const std::string&>());
+        } else {
+          absl::ConsumeSuffix(&rest, affix->j.get_ref<const std::string&>());
+        }
+        return Value(std::string(rest));
+      }
+      if (name == "rsplit") {  // from the right: only a limited split differs from split
+        const Value* m = a.Get(1, "maxsplit");
+        const std::optional<std::string> sep = OptString(a.Get(0, "sep"));
+        if (sep && sep->empty()) return Err(line, "empty separator");
+        const int64_t maxsplit = m != nullptr && IsIntLike(m->j) ? AsInt(m->j) : -1;
+        if (maxsplit < 0 || !sep) {
+          if (maxsplit >= 0) return Err(line, "rsplit() with a limit takes a separator");
+          return Value(Split(s, sep, -1));
+        }
+        std::vector<std::string> parts;
+        size_t end = s.size();
+        while (static_cast<int64_t>(parts.size()) < maxsplit) {
+          const size_t at = end == 0 ? std::string::npos : s.rfind(*sep, end - sep->size());
+          if (at == std::string::npos || end < sep->size()) break;
+          parts.push_back(s.substr(at + sep->size(), end - at - sep->size()));
+          end = at;
+        }
+        parts.push_back(s.substr(0, end));
+        Json out = Json::array();
+        for (auto it = parts.rbegin(); it != parts.rend(); ++it) out.push_back(std::move(*it));
+        return Value(std::move(out));
       }
       if (name == "splitlines") {
         Json out = Json::array();

@@ -39,6 +39,10 @@ std::vector<std::string> FuzzSeeds() {
       "{#- c -#}\n  {%- set x -%}\n {{ messages[0].content }} {%- endset %}{% raw %}{{ x "
       "}}{% endraw %}{{ x | trim }}{% generation %}{{ x ~ 1.5 ~ none ~ true }}{% endgeneration "
       "%}{%+ if 1 < 2 < 3 %}ok{% elif x %}no{% endif +%}",
+      // printf-style formatting and string methods.
+      "{{ '%s=%05.1f %-3d|%(k)r' % ('a', 2.25, 7) if false else '%(k)r %%' % {'k': 'v'} }}"
+      "{{ '%s and %s' % (messages[0].role, messages|length) }}{{ 'a-b-c'.rsplit('-', 1) }}"
+      "{{ 'x.txt'.removesuffix('.txt') }}{{ 'Straße'.upper() }}{{ 3.5 | round }}",
   };
 }
 
