@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/tokenizer/unicode.h"
 
@@ -21,6 +22,14 @@ absl::Status ValidateStops(const std::vector<std::string>& stops) {
   return absl::OkStatus();
 }
 
+size_t PartialMarkerAtEnd(absl::string_view text, absl::string_view marker) {
+  if (marker.empty()) return 0;
+  for (size_t len = std::min(text.size(), marker.size() - 1); len > 0; --len) {
+    if (absl::EndsWith(text, marker.substr(0, len))) return len;
+  }
+  return 0;
+}
+
 std::string StopMatcher::Add(absl::string_view piece) {
   if (stopped_) return "";
   held_.append(piece.data(), piece.size());
@@ -35,14 +44,7 @@ std::string StopMatcher::Add(absl::string_view piece) {
   // Hold back the longest end of the text that a stop sequence starts with (nothing before it
   // can start one: it would have been a longer such end).
   size_t keep = 0;
-  for (const std::string& s : stops_) {
-    for (size_t len = std::min(s.size() - 1, held_.size()); len > keep; --len) {
-      if (held_.compare(held_.size() - len, len, s, 0, len) == 0) {
-        keep = len;
-        break;
-      }
-    }
-  }
+  for (const std::string& s : stops_) keep = std::max(keep, PartialMarkerAtEnd(held_, s));
   std::string out = held_.substr(0, held_.size() - keep);
   held_.erase(0, held_.size() - keep);
   return out;

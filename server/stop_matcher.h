@@ -16,6 +16,11 @@ inline constexpr size_t kMaxStopBytes = 256;
 // INVALID_ARGUMENT unless at most kMaxStops sequences of 1-kMaxStopBytes bytes of UTF-8.
 absl::Status ValidateStops(const std::vector<std::string>& stops);
 
+// The length of the longest end of `text` that is a proper prefix of `marker`: what a stream
+// of text holds back while `marker` may still be coming (stop sequences, tool-call and
+// reasoning markers).
+size_t PartialMarkerAtEnd(absl::string_view text, absl::string_view marker);
+
 // Text stop sequences over a stream of text pieces: Add returns the text that may be sent now
 // (never the start of a possible stop sequence), Finish what is held back at the end.
 class StopMatcher {

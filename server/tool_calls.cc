@@ -7,6 +7,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
 #include "nlohmann/json.hpp"
+#include "server/stop_matcher.h"
 
 namespace pds::server {
 namespace {
@@ -17,14 +18,6 @@ constexpr absl::string_view kHermesOpen = "<tool_call>";
 constexpr absl::string_view kHermesClose = "</tool_call>";
 
 bool IsBlank(absl::string_view s) { return absl::StripAsciiWhitespace(s).empty(); }
-
-// The length of the longest suffix of `s` that is a proper prefix of `marker`.
-size_t MarkerPrefixAtEnd(absl::string_view s, absl::string_view marker) {
-  for (size_t n = std::min(s.size(), marker.size() - 1); n > 0; --n) {
-    if (absl::EndsWith(s, marker.substr(0, n))) return n;
-  }
-  return 0;
-}
 
 // A call object: {"name": "...", "<args_key>": {...}} (the arguments may also be a string that
 // holds a JSON object, as some models write them).
@@ -62,7 +55,7 @@ std::optional<std::vector<ToolCall>> ParseHermes(absl::string_view section, std:
     const size_t close = rest.find(kHermesClose);
     absl::string_view body = rest.substr(0, close);
     if (close == absl::string_view::npos) {  // cut short, maybe inside the closing tag
-      body.remove_suffix(MarkerPrefixAtEnd(body, kHermesClose));
+      body.remove_suffix(PartialMarkerAtEnd(body, kHermesClose));
     }
     std::optional<ToolCall> call = ParseObject(body, {"arguments", "parameters"});
     if (!call) return std::nullopt;
@@ -138,7 +131,7 @@ std::string ToolCallScanner::Feed(absl::string_view text) {
   if (format_ == ToolCallFormat::kHermes) {
     const size_t at = absl::string_view(held_).find(kHermesOpen);
     const size_t keep =
-        at != std::string::npos ? held_.size() - at : MarkerPrefixAtEnd(held_, kHermesOpen);
+        at != std::string::npos ? held_.size() - at : PartialMarkerAtEnd(held_, kHermesOpen);
     in_calls_ = at != std::string::npos;
     out = held_.substr(0, held_.size() - keep);
     held_.erase(0, held_.size() - keep);
@@ -249,7 +242,7 @@ void ReasoningScanner::Drain(Split& out, bool at_end) {
           state_ = State::kContent;
           continue;
         }
-        const size_t keep = at_end ? 0 : MarkerPrefixAtEnd(held_, kThinkClose);
+        const size_t keep = at_end ? 0 : PartialMarkerAtEnd(held_, kThinkClose);
         out.reasoning.append(held_, 0, held_.size() - keep);
         held_.erase(0, held_.size() - keep);
         return;
