@@ -220,7 +220,9 @@ struct Choice {
   // Completions-format logprobs so far.
   Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
        text_offset = Json::array();
-  Json chat_logprobs = Json::array();         // chat-format logprobs ("content" entries) so far
+  Json chat_logprobs = Json::array();  // chat-format logprobs ("content" entries) so far
+  // Tokens with logprobs so far (one of the two formats is kept, by the request's kind).
+  size_t LogprobCount() const { return tokens.size() + chat_logprobs.size(); }
   std::optional<ToolCallScanner> scanner;     // streamed chat with tool parsing
   std::optional<ReasoningScanner> reasoning;  // streamed chat with reasoning parsing
 };
@@ -691,6 +693,16 @@ class OpenAiHttpServer::Impl {
       const size_t end = c.text.size() + m.text().size();
       for (int i = 0; i < m.logprobs_size() && i < m.token_ids_size(); ++i) {
         const api::TokenLogprobs& lp = m.logprobs(i);
+        if (job.request.chat) {  // the chat format's entries only
+          Json entry = ChatLogprob(m.token_ids(i), lp.logprob());
+          Json alternatives = Json::array();
+          for (const api::TopLogprob& t : lp.top()) {
+            alternatives.push_back(ChatLogprob(t.token_id(), t.logprob()));
+          }
+          entry["top_logprobs"] = std::move(alternatives);
+          c.chat_logprobs.push_back(std::move(entry));
+          continue;
+        }
         c.tokens.push_back(TokenString(options.tokenizer, m.token_ids(i)));
         c.token_logprobs.push_back(lp.logprob());
         Json top = Json::object();
@@ -699,15 +711,6 @@ class OpenAiHttpServer::Impl {
         }
         c.top_logprobs.push_back(std::move(top));
         c.text_offset.push_back(std::min(offset, end));
-        if (job.request.chat) {
-          Json entry = ChatLogprob(m.token_ids(i), lp.logprob());
-          Json alternatives = Json::array();
-          for (const api::TopLogprob& t : lp.top()) {
-            alternatives.push_back(ChatLogprob(t.token_id(), t.logprob()));
-          }
-          entry["top_logprobs"] = std::move(alternatives);
-          c.chat_logprobs.push_back(std::move(entry));
-        }
         if (options.tokenizer != nullptr) {
           offset += options.tokenizer->Decode(std::vector<int32_t>{m.token_ids(i)}).size();
         }
@@ -1004,7 +1007,7 @@ class OpenAiHttpServer::Impl {
       job.roles_sent = true;
       const Json delta = {{"role", "assistant"}, {"content", ""}};
       for (int i = 0; i < total; ++i) {
-        if (!chunk(i, "", job.choices[i].tokens.size(), nullptr, &delta)) return false;
+        if (!chunk(i, "", job.choices[i].LogprobCount(), nullptr, &delta)) return false;
       }
     }
     absl::Time last_write = absl::Now();
@@ -1028,7 +1031,7 @@ class OpenAiHttpServer::Impl {
         }
       }
       Choice& c = job.choices[e->choice];
-      size_t logprobs_from = c.tokens.size();
+      size_t logprobs_from = c.LogprobCount();
       bool ended = false;
       std::string text = Apply(job, *e, &ended);
       if (ended && !c.status.ok()) {
@@ -1048,7 +1051,7 @@ class OpenAiHttpServer::Impl {
         if (!split.reasoning.empty()) {
           const Json delta = {{"reasoning_content", split.reasoning}};
           if (!chunk(e->choice, "", logprobs_from, nullptr, &delta)) return false;
-          logprobs_from = c.tokens.size();
+          logprobs_from = c.LogprobCount();
         }
         text = std::move(split.content);
       }
@@ -1058,21 +1061,21 @@ class OpenAiHttpServer::Impl {
         if (ended) r = KeptCalls(job.request, c.scanner->Finish());
         text += r.content;
         if (!r.calls.empty()) {
-          if ((!text.empty() || c.tokens.size() > logprobs_from) &&
+          if ((!text.empty() || c.LogprobCount() > logprobs_from) &&
               !chunk(e->choice, text, logprobs_from, nullptr)) {
             return false;
           }
           for (size_t k = 0; k < r.calls.size(); ++k) {
             const Json delta = {
                 {"tool_calls", Json::array({ToolCallJson(r.calls[k], static_cast<int>(k))})}};
-            if (!chunk(e->choice, "", c.tokens.size(), nullptr, &delta)) return false;
+            if (!chunk(e->choice, "", c.LogprobCount(), nullptr, &delta)) return false;
           }
           text.clear();
-          logprobs_from = c.tokens.size();
+          logprobs_from = c.LogprobCount();
           finish = "tool_calls";
         }
       }
-      if (!text.empty() || ended || c.tokens.size() > logprobs_from) {
+      if (!text.empty() || ended || c.LogprobCount() > logprobs_from) {
         if (!chunk(e->choice, text, logprobs_from, finish)) return false;
         last_write = absl::Now();
       }
