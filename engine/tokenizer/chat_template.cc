@@ -74,27 +74,31 @@ bool IsSpace(char c) {
 
 bool IsPyWhitespace(uint32_t c);
 
-// Bytes of Python whitespace (str.isspace, as Jinja's \s and rstrip) at the start or end of s.
-size_t SpaceAtStart(absl::string_view s) {
+// Bytes at the start (end) of `s` whose characters all satisfy `pred`.
+size_t PrefixWhile(absl::string_view s, const std::function<bool(uint32_t)>& pred) {
   size_t i = 0;
   while (i < s.size()) {
     size_t next = i;
-    if (!IsPyWhitespace(NextCodePoint(s, next))) break;
+    if (!pred(NextCodePoint(s, next))) break;
     i = std::min(next, s.size());
   }
   return i;
 }
-size_t SpaceAtEnd(absl::string_view s) {
+size_t SuffixWhile(absl::string_view s, const std::function<bool(uint32_t)>& pred) {
   size_t e = s.size();
   while (e > 0) {
     size_t start = e - 1;  // the last character's first byte
     while (start > 0 && (static_cast<uint8_t>(s[start]) & 0xC0) == 0x80) --start;
     size_t next = start;
-    if (!IsPyWhitespace(NextCodePoint(s, next))) break;
+    if (!pred(NextCodePoint(s, next))) break;
     e = start;
   }
   return s.size() - e;
 }
+
+// Bytes of Python whitespace (str.isspace, as Jinja's \s and rstrip) at the start or end of s.
+size_t SpaceAtStart(absl::string_view s) { return PrefixWhile(s, IsPyWhitespace); }
+size_t SpaceAtEnd(absl::string_view s) { return SuffixWhile(s, IsPyWhitespace); }
 
 size_t CountNewlines(absl::string_view s) { return std::count(s.begin(), s.end(), '\n'); }
 
@@ -1770,19 +1774,8 @@ std::string Strip(const std::string& s, const std::optional<std::string>& chars,
   auto strip = [&](uint32_t c) {
     return chars ? std::find(set.begin(), set.end(), c) != set.end() : IsPyWhitespace(c);
   };
-  size_t b = 0, e = s.size();
-  while (left && b < e) {
-    size_t next = b;
-    if (!strip(NextCodePoint(s, next))) break;
-    b = std::min(next, e);
-  }
-  while (right && e > b) {
-    size_t start = e - 1;  // the last character's first byte
-    while (start > b && (static_cast<uint8_t>(s[start]) & 0xC0) == 0x80) --start;
-    size_t next = start;
-    if (!strip(NextCodePoint(s, next))) break;
-    e = start;
-  }
+  const size_t b = left ? PrefixWhile(s, strip) : 0;
+  const size_t e = right ? s.size() - SuffixWhile(absl::string_view(s).substr(b), strip) : s.size();
   return s.substr(b, e - b);
 }
 
@@ -2129,10 +2122,7 @@ class Renderer {
   }
 
   Value Lookup(const std::string& name) const {
-    for (auto it = scopes_.rbegin(); it != scopes_.rend(); ++it) {
-      auto found = (*it)->find(name);
-      if (found != (*it)->end()) return found->second;
-    }
+    if (const Value* v = FindVar(name)) return *v;
     return Value::Undefined(absl::StrCat("'", name, "' is undefined"));
   }
 
@@ -2492,11 +2482,8 @@ class Renderer {
   // evaluation then takes its general path).
   const Json* Resolve(const Expr& e) const {
     if (e.kind == Expr::kName) {
-      for (auto it = scopes_.rbegin(); it != scopes_.rend(); ++it) {
-        auto found = (*it)->find(e.name);
-        if (found != (*it)->end()) return found->second.undefined ? nullptr : &found->second.j;
-      }
-      return nullptr;
+      const Value* v = FindVar(e.name);
+      return v == nullptr || v->undefined ? nullptr : &v->j;
     }
     const bool attr = e.kind == Expr::kAttr;
     if (!attr && (e.kind != Expr::kIndex || e.args[1]->kind != Expr::kLiteral)) return nullptr;
@@ -2568,24 +2555,19 @@ class Renderer {
 
   absl::StatusOr<Value> Item(const Value& obj, const Value& key, int line) const {
     if (obj.undefined) return Err(line, obj.missing);
+    if (const Json* found = key.undefined ? nullptr : Element(obj.j, key.j)) return Value(*found);
     if (obj.j.is_object()) {
-      if (key.j.is_string()) {
-        auto it = obj.j.find(key.j.get<std::string>());
-        if (it != obj.j.end()) return Value(*it);
-      }
       return Value::Undefined(
           absl::StrCat("'", TypeName(obj), " object' has no attribute ", Str(key)));
     }
     if ((obj.j.is_array() || obj.j.is_string()) && !key.undefined && IsIntLike(key.j)) {
-      int64_t i = AsInt(key.j);
-      std::vector<std::string> chars;
-      if (obj.j.is_string()) chars = Chars(obj.j.get_ref<const std::string&>());
-      const int64_t n = obj.j.is_array() ? static_cast<int64_t>(obj.j.size())
-                                         : static_cast<int64_t>(chars.size());
-      if (i < 0) i += n;
-      if (i >= 0 && i < n) {
-        if (obj.j.is_array()) return Value(obj.j[static_cast<size_t>(i)]);
-        return Value(chars[static_cast<size_t>(i)]);
+      if (obj.j.is_string()) {  // a list's elements were found above; a string's character
+        const std::vector<std::string> chars = Chars(obj.j.get_ref<const std::string&>());
+        int64_t i = AsInt(key.j);
+        if (i < 0) i += static_cast<int64_t>(chars.size());
+        if (i >= 0 && i < static_cast<int64_t>(chars.size())) {
+          return Value(chars[static_cast<size_t>(i)]);
+        }
       }
       return Value::Undefined(
           absl::StrCat("'", TypeName(obj), " object' has no element ", AsInt(key.j)));
@@ -2963,7 +2945,7 @@ class Renderer {
           }
           return Value(CodePointCount(absl::string_view(s).substr(0, at)));
         }
-        if (needle.empty()) return Value(static_cast<int64_t>(Chars(s).size() + 1));
+        if (needle.empty()) return Value(CodePointCount(s) + 1);
         int64_t n = 0;
         for (size_t at = s.find(needle); at != std::string::npos;
              at = s.find(needle, at + needle.size()))
