@@ -1592,24 +1592,6 @@ bool IsDictMethod(absl::string_view name) {
   return false;
 }
 
-// About how many bytes a value takes (its strings, and 16 a value), counted up to `limit` + 1.
-size_t ValueBytes(const Json& j, size_t limit) {
-  size_t bytes = 16;
-  if (j.is_string()) bytes += j.get_ref<const std::string&>().size();
-  if (j.is_object()) {
-    for (const auto& [k, x] : j.items()) {
-      if (bytes > limit) break;
-      bytes += k.size() + ValueBytes(x, limit - std::min(bytes, limit));
-    }
-  } else if (j.is_array()) {
-    for (const Json& x : j) {
-      if (bytes > limit) break;
-      bytes += ValueBytes(x, limit - std::min(bytes, limit));
-    }
-  }
-  return bytes;
-}
-
 // Whether a value holds a stored undefined (values nest at most kMaxValueDepth deep).
 bool NestingHasUndefined(const Json& j) {
   if (j.is_discarded()) return true;
@@ -1627,17 +1609,37 @@ int64_t CodePointCount(absl::string_view s) {
   return n;
 }
 
-// The nesting depth of a value (a scalar is 0), counted up to `limit` + 1 at most (so the walk
-// itself recurses no deeper).
-int NestingDepth(const Json& j, int limit) {
-  if (!j.is_structured()) return 0;
-  if (limit <= 0) return 1;
+// A value's nesting depth (a scalar is 0) and about how many bytes it takes (its strings and
+// keys, and 16 a value). The walk stops past `max_depth` levels or `max_bytes` bytes (so it
+// recurses no deeper, and the results then only say "more than").
+struct Extent {
+  int depth = 0;
+  size_t bytes = 16;
+};
+Extent Measure(const Json& j, int max_depth, size_t max_bytes) {
+  Extent e;
+  if (j.is_string()) e.bytes += j.get_ref<const std::string&>().size();
+  if (!j.is_structured()) return e;
+  e.depth = 1;
+  if (max_depth <= 0) return e;
   int deepest = 0;
-  for (const Json& x : j) {
-    deepest = std::max(deepest, NestingDepth(x, limit - 1));
-    if (deepest >= limit) break;
+  auto add = [&](const Json& x, size_t key_bytes) {
+    const Extent sub = Measure(x, max_depth - 1, max_bytes - std::min(e.bytes, max_bytes));
+    deepest = std::max(deepest, sub.depth);
+    e.bytes += key_bytes + sub.bytes;
+    return deepest < max_depth && e.bytes <= max_bytes;
+  };
+  if (j.is_object()) {
+    for (const auto& [k, x] : j.items()) {
+      if (!add(x, k.size())) break;
+    }
+  } else {
+    for (const Json& x : j) {
+      if (!add(x, 0)) break;
+    }
   }
-  return 1 + deepest;
+  e.depth += deepest;
+  return e;
 }
 
 // Case mapping as Python's str does it: ICU's full mappings (root locale: ß -> SS, final
@@ -2089,13 +2091,14 @@ class Renderer {
   // A value about to go inside a list or dict: room for one more level, and (counted into
   // `*bytes`, the container's size so far) no container past the value budget.
   absl::Status CheckNesting(const Json& j, int line, size_t* bytes = nullptr) const {
-    if (NestingDepth(j, kMaxValueDepth) >= kMaxValueDepth) {
+    const Extent extent = Measure(j, kMaxValueDepth, kMaxOutputBytes);
+    if (extent.depth >= kMaxValueDepth) {
       return absl::ResourceExhaustedError(absl::StrCat(
           source_, " line ", line, ": lists and dicts nested deeper than ", kMaxValueDepth));
     }
     size_t own = 0;
     size_t& total = bytes != nullptr ? *bytes : own;
-    total += ValueBytes(j, kMaxOutputBytes);
+    total += extent.bytes;
     if (total <= kMaxOutputBytes) return absl::OkStatus();
     return absl::ResourceExhaustedError(
         absl::StrCat(source_, " line ", line, ": a value grew past the template's budget"));
@@ -2636,7 +2639,9 @@ class Renderer {
     if (op == "+") {
       if (a.is_string() && b.is_string()) return Value(a.get<std::string>() + b.get<std::string>());
       if (a.is_array() && b.is_array()) {
-        if (ValueBytes(a, kMaxOutputBytes) + ValueBytes(b, kMaxOutputBytes) > kMaxOutputBytes) {
+        if (Measure(a, kMaxValueDepth, kMaxOutputBytes).bytes +
+                Measure(b, kMaxValueDepth, kMaxOutputBytes).bytes >
+            kMaxOutputBytes) {
           return Budget(line, "list concatenation too large");
         }
         Json out = a;
@@ -2650,7 +2655,8 @@ class Renderer {
       const int64_t times = AsInt(a.is_string() || a.is_array() ? b : a);
       const size_t unit = seq.is_string() ? seq.get_ref<const std::string&>().size() : seq.size();
       const uint64_t limit = seq.is_string() ? kMaxOutputBytes : kMaxListItems;
-      const uint64_t bytes = seq.is_array() ? ValueBytes(seq, kMaxOutputBytes) : 1;
+      const uint64_t bytes =
+          seq.is_array() ? Measure(seq, kMaxValueDepth, kMaxOutputBytes).bytes : 1;
       if (times > 0 && unit > 0 &&
           (static_cast<uint64_t>(times) > limit / unit ||
            static_cast<uint64_t>(times) > kMaxOutputBytes / bytes)) {
@@ -3484,7 +3490,7 @@ absl::StatusOr<std::string> ChatTemplate::RenderChecked(
   if (!variables.is_object()) {
     return absl::InvalidArgumentError("chat template variables must be a JSON object");
   }
-  if (NestingDepth(variables, kMaxValueDepth) > kMaxValueDepth) {
+  if (Measure(variables, kMaxValueDepth, SIZE_MAX).depth > kMaxValueDepth) {
     return absl::InvalidArgumentError(
         absl::StrCat("chat template variables nest deeper than ", kMaxValueDepth, " levels"));
   }
