@@ -1660,14 +1660,8 @@ std::string IcuCase(absl::string_view s, CaseKind kind) {
       c = kind == CaseKind::kUpper ? absl::ascii_toupper(c) : absl::ascii_tolower(c);
     return out;
   }
-  UErrorCode err = U_ZERO_ERROR;
-  int32_t len16 = 0;
-  u_strFromUTF8WithSub(nullptr, 0, &len16, s.data(), static_cast<int32_t>(s.size()), 0xFFFD,
-                       nullptr, &err);
-  std::u16string src(static_cast<size_t>(len16), u'\0');
-  err = U_ZERO_ERROR;
-  u_strFromUTF8WithSub(src.data(), len16, nullptr, s.data(), static_cast<int32_t>(s.size()), 0xFFFD,
-                       nullptr, &err);
+  const std::u16string src = ToUtf16(s);
+  const int32_t len16 = static_cast<int32_t>(src.size());
   auto map = [&](UChar* dest, int32_t cap, UErrorCode* e) {
     switch (kind) {
       case CaseKind::kUpper:
@@ -1678,19 +1672,13 @@ std::string IcuCase(absl::string_view s, CaseKind kind) {
         return u_strToTitle(dest, cap, src.data(), len16, nullptr, "", e);
     }
   };
-  err = U_ZERO_ERROR;
-  const int32_t n = map(nullptr, 0, &err);
+  UErrorCode err = U_ZERO_ERROR;
+  const int32_t n = map(nullptr, 0, &err);  // the mapped length
   std::u16string dst(static_cast<size_t>(n), u'\0');
   err = U_ZERO_ERROR;
   map(dst.data(), n, &err);
   if (U_FAILURE(err)) return std::string(s);
-  int32_t len8 = 0;
-  err = U_ZERO_ERROR;
-  u_strToUTF8WithSub(nullptr, 0, &len8, dst.data(), n, 0xFFFD, nullptr, &err);
-  std::string out(static_cast<size_t>(len8), '\0');
-  err = U_ZERO_ERROR;
-  u_strToUTF8WithSub(out.data(), len8, nullptr, dst.data(), n, 0xFFFD, nullptr, &err);
-  return out;
+  return FromUtf16(dst);
 }
 
 bool IsCased(uint32_t c) {

@@ -121,25 +121,42 @@ absl::StatusOr<std::string> NormalizeNfc(absl::string_view text) {
   UErrorCode err = U_ZERO_ERROR;
   const UNormalizer2* nfc = unorm2_getNFCInstance(&err);
   if (U_FAILURE(err)) return absl::InternalError("ICU NFC normalizer unavailable");
-  // UTF-8 -> UTF-16.
-  std::vector<UChar> utf16(text.size() + 1);
-  int32_t len16 = 0;
-  u_strFromUTF8(utf16.data(), static_cast<int32_t>(utf16.size()), &len16, text.data(),
-                static_cast<int32_t>(text.size()), &err);
-  if (U_FAILURE(err)) return absl::InvalidArgumentError("text is not valid UTF-8");
+  if (!IsValidUtf8(text)) return absl::InvalidArgumentError("text is not valid UTF-8");
+  const std::u16string utf16 = ToUtf16(text);
+  const int32_t len16 = static_cast<int32_t>(utf16.size());
   if (unorm2_isNormalized(nfc, utf16.data(), len16, &err) && U_SUCCESS(err)) {
     return std::string(text);
   }
   err = U_ZERO_ERROR;
-  std::vector<UChar> normalized(static_cast<size_t>(len16) * 3 + 16);
+  std::u16string normalized(static_cast<size_t>(len16) * 3 + 16, u'\0');
   const int32_t nlen = unorm2_normalize(nfc, utf16.data(), len16, normalized.data(),
                                         static_cast<int32_t>(normalized.size()), &err);
   if (U_FAILURE(err)) return absl::InternalError(absl::StrCat("NFC failed: ", u_errorName(err)));
-  std::string out(static_cast<size_t>(nlen) * 3 + 4, '\0');
-  int32_t len8 = 0;
-  u_strToUTF8(out.data(), static_cast<int32_t>(out.size()), &len8, normalized.data(), nlen, &err);
-  if (U_FAILURE(err)) return absl::InternalError("NFC result conversion failed");
-  out.resize(len8);
+  normalized.resize(static_cast<size_t>(nlen));
+  return FromUtf16(normalized);
+}
+
+std::u16string ToUtf16(absl::string_view text) {
+  UErrorCode err = U_ZERO_ERROR;
+  int32_t len = 0;
+  u_strFromUTF8WithSub(nullptr, 0, &len, text.data(), static_cast<int32_t>(text.size()), 0xFFFD,
+                       nullptr, &err);
+  std::u16string out(static_cast<size_t>(len), u'\0');
+  err = U_ZERO_ERROR;
+  u_strFromUTF8WithSub(out.data(), len, nullptr, text.data(), static_cast<int32_t>(text.size()),
+                       0xFFFD, nullptr, &err);
+  return out;
+}
+
+std::string FromUtf16(std::u16string_view text) {
+  UErrorCode err = U_ZERO_ERROR;
+  int32_t len = 0;
+  u_strToUTF8WithSub(nullptr, 0, &len, text.data(), static_cast<int32_t>(text.size()), 0xFFFD,
+                     nullptr, &err);
+  std::string out(static_cast<size_t>(len), '\0');
+  err = U_ZERO_ERROR;
+  u_strToUTF8WithSub(out.data(), len, nullptr, text.data(), static_cast<int32_t>(text.size()),
+                     0xFFFD, nullptr, &err);
   return out;
 }
 

@@ -4,6 +4,7 @@
 #include <array>
 #include <cstdint>
 #include <string>
+#include <string_view>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
@@ -20,6 +21,10 @@ void AppendUtf8(uint32_t cp, std::string& out);
 
 // Unicode NFC normalization (ICU). `text` must be valid UTF-8.
 absl::StatusOr<std::string> NormalizeNfc(absl::string_view text);
+
+// UTF-8 to UTF-16 and back, for ICU calls (invalid sequences become U+FFFD).
+std::u16string ToUtf16(absl::string_view text);
+std::string FromUtf16(std::u16string_view text);
 
 // GPT-2's byte-level alphabet: byte b is shown as the UTF-8 string ByteLevelChars()[b];
 // printable Latin-1 bytes map to themselves, the others to U+0100 and up.
