@@ -6,10 +6,12 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/time/time.h"
 
 namespace httplib {
 class Server;
-}
+struct Request;
+}  // namespace httplib
 
 namespace pds::server {
 
@@ -25,5 +27,31 @@ absl::StatusOr<int> ListenInBackground(httplib::Server& server, const std::strin
 // without parsing: copying or printing a parsed value recurses once per level, so a body
 // nested thousands deep must be refused before it is used.
 int JsonTextDepth(absl::string_view text);
+
+// Whether the client of a request that is being answered is still connected. cpp-httplib
+// (0.11) hands a handler no socket, and it notices a client that left only when a write
+// fails, so a non-streamed request, or a stream still waiting for its first token, would run to
+// its end for nobody. This finds the request's accepted socket among the process's descriptors
+// (by both ends' addresses, which only it has while its handler runs) and peeks at it: the
+// client's FIN or RST ends it. A client that only half-closes its side also counts as gone, as
+// in uvicorn. Not thread-safe; use it from the handler's thread.
+class ClientConnection {
+ public:
+  explicit ClientConnection(const httplib::Request& req);
+
+  // True once the client has closed or reset the connection. Looks at most every `every`
+  // (the first look scans /proc/self/fd, a few hundred microseconds); false when the socket
+  // cannot be found (then nothing is known).
+  bool Gone(absl::Duration every = absl::Milliseconds(200));
+
+ private:
+  int Find() const;
+
+  std::string local_addr_, remote_addr_;
+  int local_port_ = -1, remote_port_ = -1;
+  int fd_ = -2;  // -2: not looked for yet; -1: not found
+  absl::Time next_look_;
+  bool gone_ = false;
+};
 
 }  // namespace pds::server

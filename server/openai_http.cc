@@ -181,6 +181,11 @@ std::pair<int, const char*> HttpError(absl::StatusCode code) {
   }
 }
 
+// What a request whose client closed its connection ends with (nobody reads it).
+absl::Status ClientGone() {
+  return absl::CancelledError("the client closed its connection before the answer");
+}
+
 Json ErrorBody(const absl::Status& s) {
   const auto [http, type] = HttpError(s.code());
   return {{"error",
@@ -664,7 +669,9 @@ class OpenAiHttpServer::Impl {
     std::string id;
     int64_t created = 0;
     int ended = 0;
-    bool roles_sent = false;  // chat streams: the role chunks are out
+    bool roles_sent = false;                     // chat streams: the role chunks are out
+    std::optional<ClientConnection> connection;  // the HTTP client's, watched while waiting
+    bool client_gone = false;                    // it closed the connection: nobody to answer
   };
 
   // Applies one event to its choice; returns the text now ready to send (with its logprobs
@@ -766,9 +773,14 @@ class OpenAiHttpServer::Impl {
             {"text_offset", slice(c.text_offset)}};
   }
 
-  // Waits for an event; false when the request's time is up or the server stops.
+  // Waits for an event; none when the request's time is up, the server stops or the client has
+  // closed its connection (job.client_gone).
   std::optional<Event> Wait(Job& job, absl::Time deadline) {
     while (!stopping.load() && absl::Now() < deadline) {
+      if (job.connection && job.connection->Gone()) {
+        job.client_gone = true;
+        return std::nullopt;
+      }
       if (auto e = job.calls->Next(absl::Milliseconds(100))) return e;
     }
     return std::nullopt;
@@ -854,6 +866,7 @@ class OpenAiHttpServer::Impl {
   void Serve(const httplib::Request& req, httplib::Response& res, CompletionRequest parsed) {
     auto job = std::make_shared<Job>();
     job->request = std::move(parsed);
+    job->connection.emplace(req);
     const std::string header_id = req.get_header_value("X-Request-Id");
     if (header_id.size() > 200) {
       return SendError(res, absl::InvalidArgumentError("X-Request-Id is longer than 200 bytes"));
@@ -895,6 +908,7 @@ class OpenAiHttpServer::Impl {
         Apply(*job, *e, &ended);
         if (ended && !job->choices[e->choice].status.ok()) break;  // the request fails
       }
+      if (job->client_gone) return SendError(res, ClientGone());  // the job's end cancels it
       for (const Choice& c : job->choices) {
         if (!c.status.ok()) return SendError(res, c.status);
       }
@@ -950,8 +964,9 @@ class OpenAiHttpServer::Impl {
     while (pending > 0) {
       std::optional<Event> e = Wait(*job, deadline);
       if (!e) {
-        return SendError(res, stopping ? absl::UnavailableError("the server is stopping")
-                                       : absl::DeadlineExceededError("the request timed out"));
+        return SendError(res, job->client_gone ? ClientGone()
+                              : stopping       ? absl::UnavailableError("the server is stopping")
+                                         : absl::DeadlineExceededError("the request timed out"));
       }
       if (!e->message && !e->status.ok() && !seen[e->choice]) {
         return SendError(res, absl::Status(static_cast<absl::StatusCode>(e->status.error_code()),
@@ -1020,6 +1035,7 @@ class OpenAiHttpServer::Impl {
       } else {
         e = Wait(job, std::min(deadline, absl::Now() + absl::Seconds(2)));
         if (!e) {
+          if (job.client_gone) return false;
           if (stopping || absl::Now() >= deadline) break;
           // Silence: an SSE comment, which also finds out whether the client is still there.
           if (absl::Now() - last_write >= absl::Seconds(2)) {

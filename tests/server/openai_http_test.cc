@@ -1107,6 +1107,25 @@ TEST_F(OpenAiHttpTest, AClientThatLeavesCancelsItsRequest) {
   decode_->backend.delay_ms = 0;
 }
 
+// A non-streamed client that gives up (its socket closed, nothing ever written to it): the
+// server notices the closed connection and cancels the request instead of decoding it for
+// nobody.
+TEST_F(OpenAiHttpTest, ANonStreamedClientThatLeavesCancelsItsRequest) {
+  decode_->backend.delay_ms = 30;  // 150 tokens at ~60 ms a step: about 9 s to the end
+  httplib::Client impatient("127.0.0.1", frontend_->http_port());
+  impatient.set_read_timeout(0, 500000);
+  const absl::Time start = absl::Now();
+  auto res =
+      impatient.Post("/v1/completions",
+                     Json{{"prompt", kPrompt}, {"max_tokens", 150}, {"ignore_eos", true}}.dump(),
+                     "application/json");
+  EXPECT_FALSE(res);
+  impatient.stop();
+  EXPECT_TRUE(EndedCancelled(1)) << Status().DebugString();
+  EXPECT_LT(absl::Now() - start, absl::Seconds(4));
+  decode_->backend.delay_ms = 0;
+}
+
 // Overload is 429: the front-end's RESOURCE_EXHAUSTED while its one slot is taken.
 TEST_F(OpenAiHttpTest, OverloadIsTooManyRequests) {
   TearDown();
