@@ -86,12 +86,13 @@ bool HostAndPort(const sockaddr_storage& addr, socklen_t len, std::string& host,
 
 }  // namespace
 
-ClientConnection::ClientConnection(const httplib::Request& req)
+ClientConnection::ClientConnection(const httplib::Request& req, absl::Duration every)
     : local_addr_(req.local_addr),
       remote_addr_(req.remote_addr),
       local_port_(req.local_port),
       remote_port_(req.remote_port),
-      next_look_(absl::InfinitePast()) {}
+      every_(every),
+      next_look_(absl::Now() + every) {}
 
 int ClientConnection::Find() const {
   if (local_port_ <= 0 || remote_port_ <= 0) return -1;
@@ -123,11 +124,11 @@ int ClientConnection::Find() const {
   return found;
 }
 
-bool ClientConnection::Gone(absl::Duration every) {
+bool ClientConnection::Gone() {
   if (gone_) return true;
   const absl::Time now = absl::Now();
   if (now < next_look_) return false;
-  next_look_ = now + every;
+  next_look_ = now + every_;
   if (fd_ == -2) fd_ = Find();
   if (fd_ < 0) return false;
   // 0: the client's FIN; an error other than "nothing to read": a reset. Bytes (a pipelined

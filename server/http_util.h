@@ -37,12 +37,14 @@ int JsonTextDepth(absl::string_view text);
 // in uvicorn. Not thread-safe; use it from the handler's thread.
 class ClientConnection {
  public:
-  explicit ClientConnection(const httplib::Request& req);
+  // Looks first `every` after this, then at most every `every`: a request answered sooner
+  // costs nothing (the first look scans /proc/self/fd, tens to hundreds of microseconds).
+  explicit ClientConnection(const httplib::Request& req,
+                            absl::Duration every = absl::Milliseconds(200));
 
-  // True once the client has closed or reset the connection. Looks at most every `every`
-  // (the first look scans /proc/self/fd, a few hundred microseconds); false when the socket
-  // cannot be found (then nothing is known).
-  bool Gone(absl::Duration every = absl::Milliseconds(200));
+  // True once the client has closed or reset the connection; false when the socket cannot be
+  // found (then nothing is known).
+  bool Gone();
 
  private:
   int Find() const;
@@ -50,6 +52,7 @@ class ClientConnection {
   std::string local_addr_, remote_addr_;
   int local_port_ = -1, remote_port_ = -1;
   int fd_ = -2;  // -2: not looked for yet; -1: not found
+  absl::Duration every_;
   absl::Time next_look_;
   bool gone_ = false;
 };

@@ -22,10 +22,10 @@ class ConnectionTest : public ::testing::Test {
  protected:
   void SetUp() override {
     server_.Get("/wait", [this](const httplib::Request& req, httplib::Response& res) {
-      ClientConnection connection(req);
+      ClientConnection connection(req, absl::Milliseconds(50));
       const absl::Time start = absl::Now();
       while (absl::Now() - start < hold_) {
-        if (connection.Gone(absl::Milliseconds(50))) {
+        if (connection.Gone()) {
           noticed_after_ = absl::Now() - start;
           break;
         }
