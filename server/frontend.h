@@ -47,7 +47,8 @@ struct FrontendOptions {
   // The chat template of /v1/chat/completions: empty, the model's (chat_template.jinja or
   // tokenizer_config.json); a file replaces it (and must load).
   std::string chat_template;
-  // How the model writes tool calls (server/tool_calls.h): "", "none", "hermes", "llama3_json".
+  // How the model writes tool calls (server/tool_calls.h): "", "none", "hermes", "llama3_json",
+  // "pythonic".
   std::string tool_call_parser;
   // How the model marks its reasoning: "", "none", "deepseek_r1", "qwen3".
   std::string reasoning_parser;

@@ -448,7 +448,7 @@ absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, Completion
     if (format == ToolCallFormat::kNone) {
       return BadField("tools",
                       "with tool_choice \"auto\" need a front-end started with "
-                      "--tool-call-parser (hermes or llama3_json) to read the calls");
+                      "--tool-call-parser (hermes, llama3_json or pythonic) to read the calls");
     }
     r.tool_calls = format;
   }

@@ -1,5 +1,7 @@
 #include "server/tool_calls.h"
 
+#include <cmath>
+#include <cstdlib>
 #include <optional>
 
 #include "absl/strings/ascii.h"
@@ -113,14 +115,282 @@ std::optional<std::vector<ToolCall>> ParseLlama3Json(absl::string_view section) 
   return calls;
 }
 
+// Python literals and calls, as Llama 3.2/3.3/4's "pythonic" tool calling writes them:
+// [name(key=value, ...), ...] with the values Python literals (strings in either quote, triple
+// quoted too; numbers; True, False, None; lists, tuples and dicts of these). Converted to JSON
+// as json.dumps would (tuples become lists; dict keys must be strings). A parser over the text,
+// bounded in depth; anything else (a positional argument, an expression) fails the section.
+class PythonicParser {
+ public:
+  explicit PythonicParser(absl::string_view text) : s_(text) {}
+
+  std::optional<std::vector<ToolCall>> Calls() {
+    std::vector<ToolCall> calls;
+    Space();
+    if (!Eat('[')) return std::nullopt;
+    while (true) {
+      Space();
+      if (Eat(']')) break;
+      if (!calls.empty() && !(Eat(',') && (Space(), true))) return std::nullopt;
+      if (!calls.empty() && Eat(']')) break;  // a trailing comma
+      std::optional<ToolCall> call = Call();
+      if (!call) return std::nullopt;
+      calls.push_back(*std::move(call));
+    }
+    Space();
+    if (i_ != s_.size() || calls.empty()) return std::nullopt;
+    return calls;
+  }
+
+ private:
+  static constexpr int kMaxDepth = 64;
+
+  void Space() {
+    while (i_ < s_.size() && absl::ascii_isspace(static_cast<unsigned char>(s_[i_]))) ++i_;
+  }
+  bool Eat(char c) {
+    if (i_ < s_.size() && s_[i_] == c) {
+      ++i_;
+      return true;
+    }
+    return false;
+  }
+  bool EatWord(absl::string_view w) {
+    if (!absl::StartsWith(s_.substr(i_), w)) return false;
+    const size_t end = i_ + w.size();
+    if (end < s_.size() && IsNameChar(s_[end])) return false;
+    i_ = end;
+    return true;
+  }
+  static bool IsNameChar(char c) {
+    return absl::ascii_isalnum(static_cast<unsigned char>(c)) || c == '_' ||
+           static_cast<unsigned char>(c) >= 0x80;  // Python identifiers may be non-ASCII
+  }
+  std::optional<std::string> Name() {
+    const size_t start = i_;
+    if (i_ < s_.size() && absl::ascii_isdigit(static_cast<unsigned char>(s_[i_]))) {
+      return std::nullopt;
+    }
+    while (i_ < s_.size() && IsNameChar(s_[i_])) ++i_;
+    if (i_ == start) return std::nullopt;
+    return std::string(s_.substr(start, i_ - start));
+  }
+
+  std::optional<ToolCall> Call() {
+    std::optional<std::string> name = Name();
+    if (!name) return std::nullopt;
+    Space();
+    if (!Eat('(')) return std::nullopt;
+    Json args = Json::object();
+    while (true) {
+      Space();
+      if (Eat(')')) break;
+      if (!args.empty() && !(Eat(',') && (Space(), true))) return std::nullopt;
+      if (!args.empty() && Eat(')')) break;
+      std::optional<std::string> key = Name();
+      if (!key) return std::nullopt;  // a positional argument has no name to put it under
+      Space();
+      if (!Eat('=') || args.contains(*key)) return std::nullopt;
+      Space();
+      std::optional<Json> value = Value(0);
+      if (!value) return std::nullopt;
+      args[*key] = *std::move(value);
+    }
+    return ToolCall{*std::move(name), args.dump(-1, ' ', false, Json::error_handler_t::replace)};
+  }
+
+  // The items of a list, tuple or dict up to `close`; a dict's items are key: value.
+  std::optional<Json> Items(char close, bool dict, int depth) {
+    Json out = dict ? Json::object() : Json::array();
+    bool first = true;
+    while (true) {
+      Space();
+      if (Eat(close)) return out;
+      if (!first && !(Eat(',') && (Space(), true))) return std::nullopt;
+      if (!first && Eat(close)) return out;
+      first = false;
+      std::optional<Json> item = Value(depth + 1);
+      if (!item) return std::nullopt;
+      if (!dict) {
+        out.push_back(*std::move(item));
+        continue;
+      }
+      Space();
+      if (!item->is_string() || !Eat(':')) return std::nullopt;
+      Space();
+      std::optional<Json> value = Value(depth + 1);
+      if (!value) return std::nullopt;
+      out[item->get<std::string>()] = *std::move(value);
+    }
+  }
+
+  std::optional<Json> Value(int depth) {
+    if (depth > kMaxDepth || i_ >= s_.size()) return std::nullopt;
+    const char c = s_[i_];
+    if (c == '[') return ++i_, Items(']', false, depth);
+    if (c == '(') return ++i_, Items(')', false, depth);
+    if (c == '{') return ++i_, Items('}', true, depth);
+    if (c == '"' || c == '\'') return String();
+    if (EatWord("True")) return Json(true);
+    if (EatWord("False")) return Json(false);
+    if (EatWord("None")) return Json(nullptr);
+    return Number();
+  }
+
+  std::optional<Json> Number() {
+    const size_t start = i_;
+    if (i_ < s_.size() && (s_[i_] == '-' || s_[i_] == '+')) ++i_;
+    bool digits = false, real = false;
+    std::string text(s_.substr(start, i_ - start));
+    for (; i_ < s_.size(); ++i_) {
+      const char c = s_[i_];
+      if (absl::ascii_isdigit(static_cast<unsigned char>(c))) {
+        digits = true;
+      } else if (c == '_' && digits) {
+        continue;  // 1_000
+      } else if (c == '.' || c == 'e' || c == 'E' ||
+                 ((c == '-' || c == '+') && !text.empty() &&
+                  (text.back() == 'e' || text.back() == 'E'))) {
+        real = true;
+      } else {
+        break;
+      }
+      text.push_back(c);
+    }
+    if (!digits) return std::nullopt;
+    if (!real) {
+      const Json j = Json::parse(text.front() == '+' ? text.substr(1) : text, nullptr, false);
+      if (!j.is_discarded()) return j;  // too big for 64 bits: as a double, below
+    }
+    char* end = nullptr;
+    const double d = std::strtod(text.c_str(), &end);
+    if (end != text.c_str() + text.size() || !std::isfinite(d)) return std::nullopt;
+    return Json(d);
+  }
+
+  // A string literal (and any adjacent ones, which Python joins), its escapes decoded.
+  std::optional<Json> String() {
+    std::string out;
+    do {
+      if (!OneString(out)) return std::nullopt;
+      const size_t at = i_;
+      Space();
+      if (i_ >= s_.size() || (s_[i_] != '"' && s_[i_] != '\'')) {
+        i_ = at;
+        break;
+      }
+    } while (true);
+    return Json(std::move(out));
+  }
+  bool OneString(std::string& out) {
+    const char q = s_[i_];
+    const bool triple = s_.substr(i_, 3) == std::string(3, q);
+    i_ += triple ? 3 : 1;
+    while (i_ < s_.size()) {
+      const char c = s_[i_];
+      if (c == q && (!triple || s_.substr(i_, 3) == std::string(3, q))) {
+        i_ += triple ? 3 : 1;
+        return true;
+      }
+      if (c == '\n' && !triple) return false;
+      if (c != '\\') {
+        out.push_back(c);
+        ++i_;
+        continue;
+      }
+      if (++i_ >= s_.size()) return false;
+      const char e = s_[i_++];
+      switch (e) {
+        case '\n':
+          break;  // a line continuation
+        case '\\':
+        case '\'':
+        case '"':
+          out.push_back(e);
+          break;
+        case 'n':
+          out.push_back('\n');
+          break;
+        case 't':
+          out.push_back('\t');
+          break;
+        case 'r':
+          out.push_back('\r');
+          break;
+        case 'b':
+          out.push_back('\b');
+          break;
+        case 'f':
+          out.push_back('\f');
+          break;
+        case 'v':
+          out.push_back('\v');
+          break;
+        case 'a':
+          out.push_back('\a');
+          break;
+        case 'x':
+        case 'u':
+        case 'U': {
+          const int n = e == 'x' ? 2 : e == 'u' ? 4 : 8;
+          uint32_t cp = 0;
+          for (int k = 0; k < n; ++k, ++i_) {
+            if (i_ >= s_.size() || !absl::ascii_isxdigit(static_cast<unsigned char>(s_[i_]))) {
+              return false;
+            }
+            const char h = absl::ascii_tolower(s_[i_]);
+            cp = cp * 16 + (h <= '9' ? h - '0' : h - 'a' + 10);
+          }
+          if (cp > 0x10FFFF) return false;
+          AppendUtf8(out, cp >= 0xD800 && cp < 0xE000 ? 0xFFFD : cp);
+          break;
+        }
+        default:
+          if (e >= '0' && e <= '7') {  // up to three octal digits
+            uint32_t cp = e - '0';
+            for (int k = 0; k < 2 && i_ < s_.size() && s_[i_] >= '0' && s_[i_] <= '7'; ++k) {
+              cp = cp * 8 + (s_[i_++] - '0');
+            }
+            AppendUtf8(out, cp);
+          } else {  // Python keeps an unknown escape as written
+            out.push_back('\\');
+            out.push_back(e);
+          }
+      }
+    }
+    return false;
+  }
+  static void AppendUtf8(std::string& out, uint32_t cp) {
+    if (cp < 0x80) {
+      out.push_back(static_cast<char>(cp));
+    } else if (cp < 0x800) {
+      out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
+      out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else if (cp < 0x10000) {
+      out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
+      out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    } else {
+      out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
+      out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
+      out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
+    }
+  }
+
+  absl::string_view s_;
+  size_t i_ = 0;
+};
+
 }  // namespace
 
 absl::StatusOr<ToolCallFormat> ParseToolCallFormat(absl::string_view name) {
   if (name.empty() || name == "none") return ToolCallFormat::kNone;
   if (name == "hermes") return ToolCallFormat::kHermes;
   if (name == "llama3_json") return ToolCallFormat::kLlama3Json;
-  return absl::InvalidArgumentError(
-      absl::StrCat("unknown tool call format '", name, "' (hermes, llama3_json or none)"));
+  if (name == "pythonic") return ToolCallFormat::kPythonic;
+  return absl::InvalidArgumentError(absl::StrCat("unknown tool call format '", name,
+                                                 "' (hermes, llama3_json, pythonic or none)"));
 }
 
 std::string ToolCallScanner::Feed(absl::string_view text) {
@@ -137,14 +407,15 @@ std::string ToolCallScanner::Feed(absl::string_view text) {
     held_.erase(0, held_.size() - keep);
     return out;
   }
-  // llama3_json: a call is the whole reply, so it starts with '{' after any whitespace.
+  // llama3_json and pythonic: the calls are the whole reply, so it starts with '{' (or '[')
+  // after any whitespace.
   if (any_text_) {
     out.swap(held_);
     return out;
   }
   const size_t first = held_.find_first_not_of(" \t\r\n");
   if (first == std::string::npos) return "";  // only whitespace so far: not decided
-  if (held_[first] == '{') {
+  if (held_[first] == (format_ == ToolCallFormat::kPythonic ? '[' : '{')) {
     in_calls_ = true;
     return "";
   }
@@ -156,9 +427,10 @@ std::string ToolCallScanner::Feed(absl::string_view text) {
 ToolCallScanner::Result ToolCallScanner::Finish() {
   Result r;
   if (in_calls_) {
-    std::optional<std::vector<ToolCall>> calls = format_ == ToolCallFormat::kHermes
-                                                     ? ParseHermes(held_, &r.content)
-                                                     : ParseLlama3Json(held_);
+    std::optional<std::vector<ToolCall>> calls =
+        format_ == ToolCallFormat::kHermes       ? ParseHermes(held_, &r.content)
+        : format_ == ToolCallFormat::kLlama3Json ? ParseLlama3Json(held_)
+                                                 : PythonicParser(held_).Calls();
     if (calls) {
       r.calls = *std::move(calls);
       held_.clear();

@@ -7,6 +7,9 @@
 //   llama3_json  the whole reply one JSON object {"name": ..., "parameters": {...}} ("arguments"
 //                also taken), or several separated by ';' (Llama 3.1/3.2/3.3 JSON tool calling;
 //                <|python_tag|> is a special token and not in the text)
+//   pythonic     the whole reply a Python list of calls with keyword arguments,
+//                [get_weather(city="Paris", days=3), ...] (Llama 3.2/3.3/4 pythonic tool
+//                calling; the values Python literals, converted to JSON)
 //
 // A reply whose call section does not parse is returned as content, whole: nothing is lost.
 //
@@ -27,9 +30,9 @@
 
 namespace pds::server {
 
-enum class ToolCallFormat { kNone, kHermes, kLlama3Json };
+enum class ToolCallFormat { kNone, kHermes, kLlama3Json, kPythonic };
 
-// "hermes", "llama3_json", or "" / "none" (no parsing); INVALID_ARGUMENT for others.
+// "hermes", "llama3_json", "pythonic", or "" / "none" (no parsing); INVALID_ARGUMENT for others.
 absl::StatusOr<ToolCallFormat> ParseToolCallFormat(absl::string_view name);
 
 struct ToolCall {
@@ -62,7 +65,7 @@ class ToolCallScanner {
   ToolCallFormat format_;
   std::string held_;       // text not yet returned: a possible marker's start, or the section
   bool in_calls_ = false;  // the call section has begun (everything from there is held)
-  bool any_text_ = false;  // non-space content went out (llama3_json: no call can start)
+  bool any_text_ = false;  // non-space content went out (llama3_json, pythonic: no call can start)
 };
 
 enum class ReasoningFormat { kNone, kDeepSeekR1, kQwen3 };

@@ -455,11 +455,12 @@ class ScriptedServing final : public api::Serving::Service {
   }
 };
 
-// An HTTP server over a ScriptedServing that replies `pieces`, reading tool calls as hermes
+// An HTTP server over a ScriptedServing that replies `pieces`, reading tool calls in `tools`
 // and reasoning in `reasoning`.
 class ScriptedHttp {
  public:
-  ScriptedHttp(std::vector<std::string> pieces, ReasoningFormat reasoning) {
+  ScriptedHttp(std::vector<std::string> pieces, ReasoningFormat reasoning,
+               ToolCallFormat tools = ToolCallFormat::kHermes) {
     serving_.pieces = std::move(pieces);
     int grpc_port = 0;
     grpc::ServerBuilder builder;
@@ -474,7 +475,7 @@ class ScriptedHttp {
     o.max_context = 256;
     o.tokenizer = m.tokenizer.get();
     o.chat = &m.format;
-    o.tool_call_format = ToolCallFormat::kHermes;
+    o.tool_call_format = tools;
     o.reasoning_format = reasoning;
     auto server = OpenAiHttpServer::Start(o);
     EXPECT_TRUE(server.ok()) << server.status();
@@ -561,6 +562,42 @@ TEST(OpenAiToolCallsTest, RepliesToolCallsWholeAndStreamed) {
   EXPECT_TRUE(absl::StrContains(body["choices"][0]["message"]["content"].get<std::string>(),
                                 "<tool_call>"));
   EXPECT_EQ(body["choices"][0]["finish_reason"], "stop");
+}
+
+// --tool-call-parser pythonic: a reply that is a Python list of calls comes back as tool_calls
+// with JSON arguments, whole and streamed (no content goes out ahead of them).
+TEST(OpenAiToolCallsTest, PythonicCallsComeBackAsToolCalls) {
+  ScriptedHttp scripted({" [get_weather(city=", "'Oslo', days=3), ", "now()]"},
+                        ReasoningFormat::kNone, ToolCallFormat::kPythonic);
+  Json request = {{"messages", {{{"role", "user"}, {"content", "Weather in Oslo?"}}}},
+                  {"tools", kTools}};
+  auto res = scripted.Chat(request);
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "no answer");
+  const Json body = Json::parse(res->body);
+  const Json& message = body["choices"][0]["message"];
+  EXPECT_TRUE(message["content"].is_null()) << body.dump();
+  ASSERT_EQ(message["tool_calls"].size(), 2u) << body.dump();
+  EXPECT_EQ(message["tool_calls"][0]["function"]["name"], "get_weather");
+  EXPECT_EQ(message["tool_calls"][0]["function"]["arguments"], R"({"city":"Oslo","days":3})");
+  EXPECT_EQ(message["tool_calls"][1]["function"]["arguments"], "{}");
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "tool_calls");
+
+  request["stream"] = true;
+  res = scripted.Chat(request);
+  ASSERT_TRUE(res && res->status == 200);
+  std::vector<std::string> names;
+  std::string finish;
+  for (const std::string& e : Events(res->body)) {
+    if (e == "[DONE]") continue;
+    const Json c = Json::parse(e)["choices"][0];
+    EXPECT_TRUE(!c["delta"].contains("content") || c["delta"]["content"] == "") << e;
+    if (c["delta"].contains("tool_calls")) {
+      names.push_back(c["delta"]["tool_calls"][0]["function"]["name"]);
+    }
+    if (!c["finish_reason"].is_null()) finish = c["finish_reason"];
+  }
+  EXPECT_EQ(names, (std::vector<std::string>{"get_weather", "now"}));
+  EXPECT_EQ(finish, "tool_calls");
 }
 
 // --reasoning-parser qwen3 with --tool-call-parser hermes: the reasoning is reasoning_content,

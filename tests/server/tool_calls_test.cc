@@ -101,6 +101,51 @@ TEST(ToolCallsTest, Llama3JsonWholeReplies) {
   }
 }
 
+// Pythonic calls, checked against Python's ast.literal_eval + json.dumps of the same text.
+TEST(ToolCallsTest, PythonicWholeReplies) {
+  struct Case {
+    std::string text;
+    std::vector<std::pair<std::string, std::string>> calls;
+  };
+  const std::vector<Case> cases = {
+      {R"([get_weather(city="San Francisco", metric='celsius')])",
+       {{"get_weather", R"({"city":"San Francisco","metric":"celsius"})"}}},
+      {" [a(x=1, y=-2.5, z=1e3, w=True, v=None, u=False), b()]\n",
+       {{"a", R"({"x":1,"y":-2.5,"z":1000.0,"w":true,"v":null,"u":false})"}, {"b", "{}"}}},
+      {R"([f(s='it\'s \"q\" \n\t\x41\u00e9\U0001F600\101 \d', t='''multi)"
+       "\n"
+       R"(line''', j='a' "b")])",
+       {{"f", R"({"s":"it's \"q\" \n\tAé😀A \\d","t":"multi\nline","j":"ab"})"}}},
+      {R"([f(l=[1, (2, 3), {"k": [None]}], d={}, e=[], n=1_000,)])",
+       {{"f", R"({"l":[1,[2,3],{"k":[null]}],"d":{},"e":[],"n":1000})"}}},
+      {R"([f(name="ünï"), g(q="[x(y=1)]"),])",
+       {{"f", R"({"name":"ünï"})"}, {"g", R"({"q":"[x(y=1)]"})"}}},
+  };
+  for (const Case& c : cases) {
+    const Result r = Parsed(ToolCallFormat::kPythonic, c.text);
+    EXPECT_EQ(r.content, "") << c.text;
+    ASSERT_EQ(r.calls.size(), c.calls.size()) << c.text;
+    for (size_t i = 0; i < c.calls.size(); ++i) {
+      EXPECT_EQ(r.calls[i].name, c.calls[i].first) << c.text;
+      EXPECT_EQ(r.calls[i].arguments, c.calls[i].second) << c.text;
+    }
+  }
+  // Replies that are not a list of calls with keyword arguments are content, whole (values
+  // nested deeper than the parser goes too).
+  const std::string deep = "[f(x=" + std::string(100, '[') + std::string(100, ']') + ")]";
+  for (const std::string& text :
+       {std::string("Sure: [f(x=1)]"), std::string("[f(x=1)] and more"), std::string("[f(1)]"),
+        std::string("[f(x=1, x=2)]"), std::string("[f(x=y)]"), std::string("[f(x=1 + 2)]"),
+        std::string("[]"), std::string("[f(x=1)"), std::string("[f(x='open)]"),
+        std::string("[1f(x=1)]"), std::string("[f(x={1: 2})]"), std::string("[f(x=1e)]"),
+        std::string("[1] See the first source."), deep, std::string("  \n"), std::string()}) {
+    const Result r = Parsed(ToolCallFormat::kPythonic, text);
+    EXPECT_TRUE(r.calls.empty()) << text;
+    EXPECT_EQ(r.content, text);
+  }
+  EXPECT_EQ(*ParseToolCallFormat("pythonic"), ToolCallFormat::kPythonic);
+}
+
 TEST(ToolCallsTest, NoFormatPassesTextThrough) {
   ToolCallScanner scanner(ToolCallFormat::kNone);
   EXPECT_EQ(scanner.Feed("<tool_call>{\"name\": \"f\"}"), "<tool_call>{\"name\": \"f\"}");
