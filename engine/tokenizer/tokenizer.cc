@@ -977,6 +977,46 @@ std::string Tokenizer::Decode(absl::Span<const int32_t> ids, bool skip_special_t
   return out;
 }
 
+std::string Tokenizer::TokenBytes(int32_t id) const {
+  if (id < 0 || id >= vocab_size()) return "";
+  std::string t = id_to_token_[id];
+  if (impl_->decoders.empty()) return t;
+  for (const DecStep& d : impl_->decoders) {
+    switch (d.kind) {
+      case DecStep::kByteLevel: {
+        std::string mapped;
+        bool ok = true;
+        size_t k = 0;
+        while (ok && k < t.size()) {
+          const int b = ByteLevelByte(NextCodePoint(t, k));
+          ok = b >= 0;
+          mapped.push_back(static_cast<char>(b));
+        }
+        if (ok) t = std::move(mapped);  // else: not byte-level text, kept as it is (as Decode)
+        break;
+      }
+      case DecStep::kReplace:
+        t = absl::StrReplaceAll(t, {{d.a, d.b}});
+        break;
+      case DecStep::kByteFallback: {
+        unsigned value;
+        if (t.size() == 6 && t.compare(0, 3, "<0x") == 0 && t[5] == '>' &&
+            std::sscanf(t.c_str() + 3, "%2x", &value) == 1) {
+          t = std::string(1, static_cast<char>(value));
+        }
+        break;
+      }
+      case DecStep::kMetaspace:
+        t = absl::StrReplaceAll(t, {{d.a, " "}});
+        break;
+      case DecStep::kFuse:
+      case DecStep::kStrip:
+        break;
+    }
+  }
+  return t;
+}
+
 namespace {
 constexpr absl::string_view kReplacementChar = "\xEF\xBF\xBD";  // U+FFFD
 }  // namespace

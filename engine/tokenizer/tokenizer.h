@@ -35,6 +35,12 @@ class Tokenizer {
   // Ids to text through the decoder chain; ids outside the vocabulary are skipped.
   std::string Decode(absl::Span<const int32_t> ids, bool skip_special_tokens = false) const;
 
+  // The bytes token `id` adds to generated text after other text: the decoder chain on its own,
+  // without what applies only at the text's start or end (Metaspace's dropped first space,
+  // Strip) and without replacing partial UTF-8 (a byte-fallback or byte-level token may be
+  // part of a character). Empty for ids outside the vocabulary. For constrained decoding.
+  std::string TokenBytes(int32_t id) const;
+
   int32_t vocab_size() const { return static_cast<int32_t>(id_to_token_.size()); }
   std::optional<int32_t> TokenToId(absl::string_view token) const;
   const std::string* IdToToken(int32_t id) const;

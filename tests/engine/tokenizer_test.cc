@@ -53,6 +53,12 @@ TEST_F(ByteLevelTokenizerTest, RoundTripsAndAddsBos) {
     EXPECT_EQ(std::vector<int32_t>(ids.begin() + 1, ids.end()), plain);
     EXPECT_EQ(tok_->Decode(plain), s);
   }
+  // Each token's bytes, joined, are the text (byte-level tokens map back to raw bytes).
+  for (const std::string& s : Samples()) {
+    std::string joined;
+    for (int32_t id : tok_->Encode(s, false)) joined += tok_->TokenBytes(id);
+    EXPECT_EQ(joined, s);
+  }
   // Merges compress common text well below one token per byte.
   const std::string text = "the quick brown fox jumps over the lazy dog and the cat";
   EXPECT_LT(tok_->Encode(text, false).size(), text.size() / 2);
@@ -201,6 +207,19 @@ TEST(SentencePieceTokenizerTest, MergesByteFallbackAndDecoderChain) {
   for (int32_t id : ids) joined += stream.Add(id);
   joined += stream.Finish();
   EXPECT_EQ(joined, "hello é");
+}
+
+// TokenBytes: each token's bytes after other text (the metaspace is a space, fallback bytes
+// are raw, even when they are half a character).
+TEST(SentencePieceTokenizerTest, TokenBytesAreWhatEachTokenAdds) {
+  auto tok = Tokenizer::FromJson(SentencePieceJson(), "sp");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const auto ids = (*tok)->Encode("hello world é", false);
+  std::string joined;
+  for (int32_t id : ids) joined += (*tok)->TokenBytes(id);
+  EXPECT_EQ(joined, " hello world é");
+  EXPECT_EQ((*tok)->TokenBytes(3 + 0xC3), "\xC3");
+  EXPECT_EQ((*tok)->TokenBytes(-1), "");
 }
 
 // ByteFallback turns a run of byte tokens that is invalid UTF-8 as a whole into one U+FFFD

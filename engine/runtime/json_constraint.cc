@@ -1,0 +1,892 @@
+#include "engine/runtime/json_constraint.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <tuple>
+#include <utility>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_cat.h"
+#include "engine/common/status_macros.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "nlohmann/json.hpp"
+
+namespace pds::engine {
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+constexpr int kMaxWhitespace = 16;   // consecutive whitespace characters between tokens
+constexpr int kMaxNumberChars = 32;  // characters of one number
+constexpr int kMaxNesting = 64;      // open objects and arrays, and schema nesting
+constexpr int kMaxUnionDepth = 32;   // anyOf/$ref expansions for one value's first byte
+constexpr size_t kMaxStates = 256;   // parser stacks kept alive at once
+
+bool IsSpace(uint8_t c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
+// An ASCII byte that leaves an unconstrained string's content as it is.
+bool IsPlain(uint8_t c) { return c >= 0x20 && c < 0x80 && c != '"' && c != '\\'; }
+
+// The continuation bytes a UTF-8 lead byte needs, and the range of the first of them (the
+// others are 0x80-0xBF); 0: not a lead byte.
+int Utf8Lead(uint8_t c, uint8_t& lo, uint8_t& hi) {
+  lo = 0x80;
+  hi = 0xBF;
+  if (c >= 0xC2 && c <= 0xDF) return 1;
+  if (c >= 0xE0 && c <= 0xEF) {
+    if (c == 0xE0) lo = 0xA0;  // no overlong forms
+    if (c == 0xED) hi = 0x9F;  // no surrogates
+    return 2;
+  }
+  if (c >= 0xF0 && c <= 0xF4) {
+    if (c == 0xF0) lo = 0x90;
+    if (c == 0xF4) hi = 0x8F;  // nothing past U+10FFFF
+    return 3;
+  }
+  return 0;
+}
+
+// Text that leaves an unconstrained string's content as it is: plain ASCII and whole UTF-8
+// characters.
+bool IsPlainText(const std::string& t) {
+  for (size_t i = 0; i < t.size();) {
+    const uint8_t c = static_cast<uint8_t>(t[i]);
+    if (c < 0x80) {
+      if (!IsPlain(c)) return false;
+      ++i;
+      continue;
+    }
+    uint8_t lo, hi;
+    const int n = Utf8Lead(c, lo, hi);
+    if (n == 0 || i + n >= t.size()) return false;  // not a lead byte, or cut short
+    for (int k = 1; k <= n; ++k) {
+      const uint8_t d = static_cast<uint8_t>(t[i + k]);
+      if (d < (k == 1 ? lo : 0x80) || d > (k == 1 ? hi : 0xBF)) return false;
+    }
+    i += n + 1;
+  }
+  return true;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+// The vocabulary trie.
+
+struct TokenVocabulary::Trie {
+  struct Edge {
+    uint8_t byte;
+    uint32_t child;
+  };
+  struct Node {
+    uint32_t edge_begin = 0, edge_end = 0;    // into edges
+    uint32_t token_begin = 0, token_end = 0;  // into tokens: those whose bytes end here
+  };
+  std::vector<Node> nodes;
+  std::vector<Edge> edges;
+  std::vector<int32_t> tokens;
+
+  // `ids` sorted by their bytes; the node for the ids in [lo, hi), which share `depth` bytes.
+  uint32_t Build(const std::vector<std::string>& bytes, const std::vector<int32_t>& ids, size_t lo,
+                 size_t hi, size_t depth) {
+    const uint32_t index = static_cast<uint32_t>(nodes.size());
+    nodes.emplace_back();
+    nodes[index].token_begin = static_cast<uint32_t>(tokens.size());
+    while (lo < hi && bytes[ids[lo]].size() == depth) tokens.push_back(ids[lo++]);
+    nodes[index].token_end = static_cast<uint32_t>(tokens.size());
+    std::vector<Edge> children;
+    while (lo < hi) {
+      const uint8_t b = static_cast<uint8_t>(bytes[ids[lo]][depth]);
+      size_t end = lo;
+      while (end < hi && static_cast<uint8_t>(bytes[ids[end]][depth]) == b) ++end;
+      children.push_back({b, Build(bytes, ids, lo, end, depth + 1)});
+      lo = end;
+    }
+    nodes[index].edge_begin = static_cast<uint32_t>(edges.size());
+    edges.insert(edges.end(), children.begin(), children.end());
+    nodes[index].edge_end = static_cast<uint32_t>(edges.size());
+    return index;
+  }
+
+  static std::unique_ptr<Trie> Of(const std::vector<std::string>& bytes, std::vector<int32_t> ids) {
+    std::sort(ids.begin(), ids.end(), [&](int32_t x, int32_t y) {
+      return bytes[x] < bytes[y] || (bytes[x] == bytes[y] && x < y);
+    });
+    auto trie = std::make_unique<Trie>();
+    trie->Build(bytes, ids, 0, ids.size(), 0);
+    return trie;
+  }
+};
+
+TokenVocabulary::TokenVocabulary(std::vector<std::string> token_bytes, std::vector<bool> usable,
+                                 std::vector<int32_t> stop_ids)
+    : bytes_(std::move(token_bytes)), usable_(bytes_.size()), stop_ids_(std::move(stop_ids)) {
+  std::vector<int32_t> all, special;
+  for (int32_t id = 0; id < size(); ++id) {
+    usable_[id] = !bytes_[id].empty() && (static_cast<size_t>(id) >= usable.size() || usable[id]);
+    if (!usable_[id]) continue;
+    all.push_back(id);
+    (IsPlainText(bytes_[id]) ? plain_ : special).push_back(id);
+  }
+  all_ = Trie::Of(bytes_, std::move(all));
+  special_ = Trie::Of(bytes_, std::move(special));
+}
+
+TokenVocabulary::~TokenVocabulary() = default;
+
+std::shared_ptr<const TokenVocabulary> TokenVocabulary::FromTokenizer(
+    const Tokenizer& tokenizer, std::vector<int32_t> stop_ids) {
+  std::vector<std::string> bytes(tokenizer.vocab_size());
+  std::vector<bool> usable(bytes.size());
+  for (int32_t id = 0; id < tokenizer.vocab_size(); ++id) {
+    usable[id] = !tokenizer.IsSpecial(id);
+    if (usable[id]) bytes[id] = tokenizer.TokenBytes(id);
+  }
+  return std::make_shared<TokenVocabulary>(std::move(bytes), std::move(usable),
+                                           std::move(stop_ids));
+}
+
+bool TokenVocabulary::IsStop(int32_t id) const {
+  return std::find(stop_ids_.begin(), stop_ids_.end(), id) != stop_ids_.end();
+}
+
+// ---------------------------------------------------------------------------------------------
+// Schemas.
+
+struct JsonSchema::Node {
+  enum Kind : uint8_t { kUnion, kObject, kArray, kString, kNumber, kInteger, kLiteral };
+  Kind kind = kUnion;
+  std::vector<int> alts;          // kUnion
+  std::vector<std::string> keys;  // kObject: property names as JSON text, quotes included
+  std::vector<int> values;        // kObject: their schemas
+  std::vector<uint8_t> required;  // kObject
+  int additional = -1;            // kObject: schema of other members; -1: none
+  int items = -1;                 // kArray
+  int64_t min_items = 0, max_items = -1;
+  int64_t min_length = 0, max_length = -1;  // kString, in characters
+  std::vector<std::string> literals;        // kLiteral: compact JSON texts
+};
+
+JsonSchema::JsonSchema() = default;
+JsonSchema::~JsonSchema() = default;
+
+class SchemaCompiler {
+ public:
+  SchemaCompiler(JsonSchema& out, const Json& root) : out_(out), root_(root) {}
+
+  absl::StatusOr<int> Compile(const Json& s, const std::string& where, int depth) {
+    if (depth > kMaxNesting) return Error(where, "nested deeper than 64 schemas");
+    if (s.is_boolean()) {
+      if (s.get<bool>()) return Any();
+      return Error(where, "the schema false accepts nothing");
+    }
+    if (!s.is_object()) return Error(where, "a schema must be an object or a boolean");
+    for (const auto& [key, value] : s.items()) {
+      if (!kKnown.contains(key)) {
+        return Error(where, absl::StrCat("the keyword '", key, "' is not supported"));
+      }
+    }
+    if (auto ref = s.find("$ref"); ref != s.end()) return Ref(*ref, where, depth);
+    if (auto all = s.find("allOf"); all != s.end()) {
+      if (!all->is_array() || all->size() != 1 || Structural(s, "allOf")) {
+        return Error(where, "allOf is supported only as the one keyword, with one schema");
+      }
+      return Compile((*all)[0], where + "/allOf/0", depth + 1);
+    }
+    for (const char* key : {"anyOf", "oneOf"}) {
+      auto alts = s.find(key);
+      if (alts == s.end()) continue;
+      if (!alts->is_array() || alts->empty() || Structural(s, key)) {
+        return Error(where, absl::StrCat(key,
+                                         " must be a non-empty array, without other "
+                                         "keywords beside it (but annotations)"));
+      }
+      JsonSchema::Node node;
+      for (size_t i = 0; i < alts->size(); ++i) {
+        PDS_ASSIGN_OR_RETURN(int alt,
+                             Compile((*alts)[i], absl::StrCat(where, "/", key, "/", i), depth + 1));
+        node.alts.push_back(alt);
+      }
+      return Add(std::move(node));
+    }
+    if (auto e = s.find("enum"); e != s.end()) {
+      if (!e->is_array() || e->empty()) return Error(where, "enum must be a non-empty array");
+      JsonSchema::Node node;
+      node.kind = JsonSchema::Node::kLiteral;
+      for (const Json& v : *e) node.literals.push_back(v.dump());
+      return Add(std::move(node));
+    }
+    if (auto c = s.find("const"); c != s.end()) {
+      JsonSchema::Node node;
+      node.kind = JsonSchema::Node::kLiteral;
+      node.literals.push_back(c->dump());
+      return Add(std::move(node));
+    }
+    auto type = s.find("type");
+    if (type != s.end() && type->is_array()) {  // one schema per type
+      if (type->empty()) return Error(where, "type must not be an empty list");
+      JsonSchema::Node node;
+      for (const Json& t : *type) {
+        Json one = s;
+        one["type"] = t;
+        PDS_ASSIGN_OR_RETURN(int alt, Compile(one, where, depth + 1));
+        node.alts.push_back(alt);
+      }
+      return Add(std::move(node));
+    }
+    std::string kind;
+    if (type != s.end()) {
+      if (!type->is_string()) return Error(where, "type must be a string or a list of them");
+      kind = type->get<std::string>();
+    } else if (s.contains("properties") || s.contains("required") ||
+               s.contains("additionalProperties")) {
+      kind = "object";
+    } else if (s.contains("items") || s.contains("minItems") || s.contains("maxItems")) {
+      kind = "array";
+    } else if (s.contains("minLength") || s.contains("maxLength")) {
+      kind = "string";
+    } else {
+      return Any();
+    }
+    if (kind == "object") return Object(s, where, depth);
+    if (kind == "array") return Array(s, where, depth);
+    JsonSchema::Node node;
+    if (kind == "string") {
+      node.kind = JsonSchema::Node::kString;
+      PDS_RETURN_IF_ERROR(Count(s, "minLength", where, node.min_length));
+      PDS_RETURN_IF_ERROR(Count(s, "maxLength", where, node.max_length));
+    } else if (kind == "number" || kind == "integer") {
+      node.kind = kind == "number" ? JsonSchema::Node::kNumber : JsonSchema::Node::kInteger;
+    } else if (kind == "boolean" || kind == "null") {
+      node.kind = JsonSchema::Node::kLiteral;
+      node.literals = kind == "null" ? std::vector<std::string>{"null"}
+                                     : std::vector<std::string>{"true", "false"};
+    } else {
+      return Error(where, absl::StrCat("unknown type '", kind, "'"));
+    }
+    return Add(std::move(node));
+  }
+
+  // Any JSON value (its node made once).
+  int Any() {
+    if (any_ >= 0) return any_;
+    any_ = Add(JsonSchema::Node());
+    JsonSchema::Node object;
+    object.kind = JsonSchema::Node::kObject;
+    object.additional = any_;
+    JsonSchema::Node array;
+    array.kind = JsonSchema::Node::kArray;
+    array.items = any_;
+    JsonSchema::Node string, number, literal;
+    string.kind = JsonSchema::Node::kString;
+    number.kind = JsonSchema::Node::kNumber;
+    literal.kind = JsonSchema::Node::kLiteral;
+    literal.literals = {"true", "false", "null"};
+    std::vector<int> alts;
+    for (JsonSchema::Node* n : {&object, &array, &string, &number, &literal}) {
+      alts.push_back(Add(std::move(*n)));
+    }
+    out_.nodes_[any_].alts = std::move(alts);
+    return any_;
+  }
+
+ private:
+  inline static const absl::flat_hash_set<std::string> kKnown = {
+      "type",        "properties", "required",    "additionalProperties",
+      "items",       "minItems",   "maxItems",    "minLength",
+      "maxLength",   "enum",       "const",       "anyOf",
+      "oneOf",       "allOf",      "$ref",        "$defs",
+      "definitions", "title",      "description", "default",
+      "examples",    "format",     "$schema",     "$id",
+      "$comment"};
+  inline static const absl::flat_hash_set<std::string> kAnnotations = {
+      "title", "description", "default", "examples",   "$schema",
+      "$id",   "$comment",    "$defs",   "definitions"};
+
+  static absl::Status Error(const std::string& where, absl::string_view why) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("json_schema at '", where.empty() ? "/" : where, "': ", why));
+  }
+  // Whether `s` has keywords that shape values beside `key`.
+  static bool Structural(const Json& s, const std::string& key) {
+    for (const auto& [k, v] : s.items()) {
+      if (k != key && !kAnnotations.contains(k)) return true;
+    }
+    return false;
+  }
+  static absl::Status Count(const Json& s, const char* key, const std::string& where,
+                            int64_t& out) {
+    auto it = s.find(key);
+    if (it == s.end()) return absl::OkStatus();
+    if (!it->is_number_unsigned()) {
+      return Error(where, absl::StrCat(key, " must be a non-negative integer"));
+    }
+    out = static_cast<int64_t>(std::min<uint64_t>(it->get<uint64_t>(), 1u << 30));
+    return absl::OkStatus();
+  }
+
+  int Add(JsonSchema::Node node) {
+    out_.nodes_.push_back(std::move(node));
+    return static_cast<int>(out_.nodes_.size()) - 1;
+  }
+
+  absl::StatusOr<int> Ref(const Json& ref, const std::string& where, int depth) {
+    if (!ref.is_string()) return Error(where, "$ref must be a string");
+    const std::string r = ref.get<std::string>();
+    if (auto it = refs_.find(r); it != refs_.end()) return it->second;
+    if (r != "#" && r.rfind("#/$defs/", 0) != 0 && r.rfind("#/definitions/", 0) != 0) {
+      return Error(where,
+                   absl::StrCat("$ref '", r, "' is not #, #/$defs/... or #/definitions/..."));
+    }
+    const Json* target = nullptr;
+    try {
+      target = &root_.at(Json::json_pointer(r.substr(1)));
+    } catch (const std::exception&) {
+      return Error(where, absl::StrCat("$ref '", r, "' names nothing in the schema"));
+    }
+    const int placeholder = Add(JsonSchema::Node());  // a union of one: the target, once known
+    refs_[r] = placeholder;
+    PDS_ASSIGN_OR_RETURN(int compiled, Compile(*target, r.substr(1), depth + 1));
+    if (compiled == placeholder) {
+      return Error(where, absl::StrCat("$ref '", r, "' refers only to itself"));
+    }
+    out_.nodes_[placeholder].alts = {compiled};
+    return placeholder;
+  }
+
+  absl::StatusOr<int> Object(const Json& s, const std::string& where, int depth) {
+    JsonSchema::Node node;
+    node.kind = JsonSchema::Node::kObject;
+    std::vector<std::string> names;
+    if (auto props = s.find("properties"); props != s.end()) {
+      if (!props->is_object()) return Error(where, "properties must be an object");
+      for (const auto& [name, schema] : props->items()) {
+        PDS_ASSIGN_OR_RETURN(int v,
+                             Compile(schema, absl::StrCat(where, "/properties/", name), depth + 1));
+        names.push_back(name);
+        node.keys.push_back(Json(name).dump());
+        node.values.push_back(v);
+        node.required.push_back(0);
+      }
+    }
+    if (auto req = s.find("required"); req != s.end()) {
+      if (!req->is_array()) return Error(where, "required must be an array of names");
+      for (const Json& r : *req) {
+        auto at = r.is_string() ? std::find(names.begin(), names.end(), r.get<std::string>())
+                                : names.end();
+        if (at == names.end()) {
+          return Error(where, absl::StrCat("required names ", r.dump(),
+                                           ", which is not one of the properties"));
+        }
+        node.required[at - names.begin()] = 1;
+      }
+    }
+    auto extra = s.find("additionalProperties");
+    if (extra == s.end()) {
+      // Strict by default when properties are listed (as OpenAI's strict mode); any members
+      // for a bare {"type": "object"}.
+      node.additional = s.contains("properties") ? -1 : Any();
+    } else if (extra->is_boolean()) {
+      node.additional = extra->get<bool>() ? Any() : -1;
+    } else {
+      PDS_ASSIGN_OR_RETURN(node.additional,
+                           Compile(*extra, where + "/additionalProperties", depth + 1));
+    }
+    return Add(std::move(node));
+  }
+
+  absl::StatusOr<int> Array(const Json& s, const std::string& where, int depth) {
+    JsonSchema::Node node;
+    node.kind = JsonSchema::Node::kArray;
+    if (auto items = s.find("items"); items != s.end()) {
+      if (items->is_array()) return Error(where, "items as a list (tuples) is not supported");
+      PDS_ASSIGN_OR_RETURN(node.items, Compile(*items, where + "/items", depth + 1));
+    } else {
+      node.items = Any();
+    }
+    PDS_RETURN_IF_ERROR(Count(s, "minItems", where, node.min_items));
+    PDS_RETURN_IF_ERROR(Count(s, "maxItems", where, node.max_items));
+    if (node.max_items >= 0 && node.min_items > node.max_items) {
+      return Error(where, "minItems is above maxItems");
+    }
+    return Add(std::move(node));
+  }
+
+  JsonSchema& out_;
+  const Json& root_;
+  absl::flat_hash_map<std::string, int> refs_;
+  int any_ = -1;
+};
+
+absl::StatusOr<std::shared_ptr<const JsonSchema>> JsonSchema::Compile(absl::string_view schema) {
+  const Json root = Json::parse(schema, nullptr, /*allow_exceptions=*/false);
+  if (root.is_discarded()) return absl::InvalidArgumentError("json_schema is not valid JSON");
+  std::shared_ptr<JsonSchema> out(new JsonSchema());
+  SchemaCompiler compiler(*out, root);
+  PDS_ASSIGN_OR_RETURN(out->root_, compiler.Compile(root, "", 0));
+  return std::shared_ptr<const JsonSchema>(std::move(out));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Matching.
+
+struct JsonMatcher::Frame {
+  enum Kind : uint8_t { kRoot, kObject, kArray, kString, kNumber, kLiteral, kKey };
+  uint8_t kind = kRoot;
+  uint8_t phase = 0;
+  uint8_t ws = 0;    // whitespace characters in a row
+  int32_t node = 0;  // schema node (a key's: its object's; an additional key's string: -1)
+  int32_t a = 0;     // object: next declared property; literal/key: which; string/number: length
+  int32_t b = 0;     // object/array: members so far; literal/key: bytes matched; string: hex
+                     // digits, or a character's continuation bytes still to come
+  int32_t cur = -1;  // object: the property whose value comes next (-1: an additional one);
+                     // string: the next continuation byte's range (lo << 8 | hi)
+
+  auto Tie() const { return std::tie(kind, phase, ws, node, a, b, cur); }
+  bool operator==(const Frame& o) const { return Tie() == o.Tie(); }
+  bool operator<(const Frame& o) const { return Tie() < o.Tie(); }
+};
+
+namespace {
+
+using Frame = JsonMatcher::Frame;
+using Stack = JsonMatcher::Stack;
+using Node = JsonSchema::Node;
+
+enum : uint8_t { kRootBefore, kRootDone };
+enum : uint8_t { kObjStart, kObjNext, kObjColon, kObjValue, kObjAfter };
+enum : uint8_t { kArrStart, kArrNext, kArrAfter };
+enum : uint8_t { kStrContent, kStrEscape, kStrHex };
+enum : uint8_t { kNumMinus, kNumZero, kNumInt, kNumDot, kNumFrac, kNumE, kNumESign, kNumExp };
+
+bool NumberMayEnd(uint8_t phase) {
+  return phase == kNumZero || phase == kNumInt || phase == kNumFrac || phase == kNumExp;
+}
+
+// The grammar's moves over the nodes of one schema.
+class Moves {
+ public:
+  Moves(const std::vector<Node>& nodes, int root) : nodes_(nodes), root_(root) {}
+
+  // Appends to `out` every stack `s` becomes after byte c.
+  void Advance(Stack s, uint8_t c, std::vector<Stack>& out) const {
+    Frame& f = s.back();
+    switch (f.kind) {
+      case Frame::kRoot:
+        if (f.phase == kRootDone) return;
+        if (IsSpace(c)) {
+          if (f.ws++ < kMaxWhitespace) out.push_back(std::move(s));
+          return;
+        }
+        f.phase = kRootDone;
+        f.ws = 0;
+        StartValue(std::move(s), root_, c, out, 0);
+        return;
+      case Frame::kLiteral:
+      case Frame::kKey: {
+        const Node& n = nodes_[f.node];
+        const std::string& text = f.kind == Frame::kLiteral ? n.literals[f.a] : n.keys[f.a];
+        if (static_cast<uint8_t>(text[f.b]) != c) return;
+        if (static_cast<size_t>(++f.b) == text.size()) s.pop_back();
+        out.push_back(std::move(s));
+        return;
+      }
+      case Frame::kString:
+        if (String(f, c)) {
+          if (f.b == -1) s.pop_back();  // closed
+          out.push_back(std::move(s));
+        }
+        return;
+      case Frame::kNumber: {
+        const uint8_t next = NumberNext(f, c);
+        if (next != 0xFF && f.a < kMaxNumberChars) {
+          f.phase = next;
+          ++f.a;
+          out.push_back(std::move(s));
+        } else if (NumberMayEnd(f.phase)) {
+          s.pop_back();  // the number ends here: what encloses it takes the byte
+          Advance(std::move(s), c, out);
+        }
+        return;
+      }
+      case Frame::kArray:
+        Array(std::move(s), c, out);
+        return;
+      case Frame::kObject:
+        Object(std::move(s), c, out);
+        return;
+    }
+  }
+
+  // The text may end here: what is open is the root's finished value (a number may still
+  // grow).
+  static bool Accepting(const Stack& s) {
+    size_t top = s.size() - 1;
+    if (s[top].kind == Frame::kNumber && NumberMayEnd(s[top].phase) && top > 0) --top;
+    return top == 0 && s[0].phase == kRootDone;
+  }
+  // A string's content, unconstrained: plain bytes leave the stack as it is.
+  bool PlainString(const Stack& s) const {
+    const Frame& f = s.back();
+    if (f.kind != Frame::kString || f.phase != kStrContent || f.b != 0) return false;
+    return f.node < 0 || (nodes_[f.node].max_length < 0 && nodes_[f.node].min_length == 0);
+  }
+
+ private:
+  // Pushes the frame(s) of a value of `node` that starts with byte c (the enclosing frame
+  // already waits after it).
+  void StartValue(Stack s, int node, uint8_t c, std::vector<Stack>& out, int depth) const {
+    const Node& n = nodes_[node];
+    if (s.size() > kMaxNesting) return;
+    Frame f;
+    f.node = node;
+    switch (n.kind) {
+      case Node::kUnion:
+        if (depth >= kMaxUnionDepth) return;
+        for (size_t i = 0; i < n.alts.size(); ++i) {
+          if (i + 1 == n.alts.size()) {
+            StartValue(std::move(s), n.alts[i], c, out, depth + 1);
+          } else {
+            StartValue(s, n.alts[i], c, out, depth + 1);
+          }
+        }
+        return;
+      case Node::kObject:
+        if (c != '{') return;
+        f.kind = Frame::kObject;
+        f.phase = kObjStart;
+        break;
+      case Node::kArray:
+        if (c != '[') return;
+        f.kind = Frame::kArray;
+        f.phase = kArrStart;
+        break;
+      case Node::kString:
+        if (c != '"') return;
+        f.kind = Frame::kString;
+        f.phase = kStrContent;
+        break;
+      case Node::kNumber:
+      case Node::kInteger:
+        if (c != '-' && (c < '0' || c > '9')) return;
+        f.kind = Frame::kNumber;
+        f.phase = c == '-' ? kNumMinus : c == '0' ? kNumZero : kNumInt;
+        f.a = 1;
+        break;
+      case Node::kLiteral:
+        for (size_t i = 0; i < n.literals.size(); ++i) {
+          if (static_cast<uint8_t>(n.literals[i][0]) != c) continue;
+          Stack t = s;
+          if (n.literals[i].size() > 1) {
+            f.kind = Frame::kLiteral;
+            f.a = static_cast<int32_t>(i);
+            f.b = 1;
+            t.push_back(f);
+          }
+          out.push_back(std::move(t));
+        }
+        return;
+    }
+    s.push_back(f);
+    out.push_back(std::move(s));
+  }
+
+  // A string frame takes byte c (false: it cannot); its closing quote sets b = -1 (done).
+  bool String(Frame& f, uint8_t c) const {
+    const Node* n = f.node >= 0 ? &nodes_[f.node] : nullptr;
+    const bool counted = n != nullptr && (n->max_length >= 0 || n->min_length > 0);
+    // One more character: false past maxLength.
+    auto one = [&] {
+      if (!counted) return true;
+      ++f.a;
+      return n->max_length < 0 || f.a <= n->max_length;
+    };
+    switch (f.phase) {
+      case kStrContent:
+        if (f.b > 0) {  // inside a UTF-8 character: cur holds the next byte's range
+          if (c < (f.cur >> 8) || c > (f.cur & 0xFF)) return false;
+          f.cur = --f.b == 0 ? -1 : 0x80BF;
+          return true;
+        }
+        if (c >= 0x80) {
+          uint8_t lo, hi;
+          f.b = Utf8Lead(c, lo, hi);
+          if (f.b == 0) return false;
+          f.cur = (lo << 8) | hi;
+          return one();
+        }
+        if (c == '"') {
+          if (counted && f.a < n->min_length) return false;
+          f.b = -1;
+          return true;
+        }
+        if (c == '\\') {  // the character counts from its first byte on
+          f.phase = kStrEscape;
+          return one();
+        }
+        if (c < 0x20) return false;
+        return one();
+      case kStrEscape:
+        if (c == 'u') {
+          f.phase = kStrHex;
+          f.b = 0;
+          return true;
+        }
+        if (c == 0 || std::strchr("\"\\/bfnrt", c) == nullptr) return false;
+        f.phase = kStrContent;
+        return true;
+      case kStrHex: {
+        const bool hex = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
+        if (!hex) return false;
+        if (++f.b < 4) return true;
+        f.phase = kStrContent;
+        f.b = 0;
+        return true;
+      }
+    }
+    return false;
+  }
+
+  // A number's next phase after byte c; 0xFF: c does not continue it.
+  uint8_t NumberNext(const Frame& f, uint8_t c) const {
+    const bool integer = nodes_[f.node].kind == Node::kInteger;
+    const bool digit = c >= '0' && c <= '9';
+    const bool exp = !integer && (c == 'e' || c == 'E');
+    switch (f.phase) {
+      case kNumMinus:
+        return c == '0' ? kNumZero : digit ? kNumInt : 0xFF;
+      case kNumZero:
+        return !integer && c == '.' ? kNumDot : exp ? kNumE : 0xFF;
+      case kNumInt:
+        return digit ? kNumInt : !integer && c == '.' ? kNumDot : exp ? kNumE : 0xFF;
+      case kNumDot:
+        return digit ? kNumFrac : 0xFF;
+      case kNumFrac:
+        return digit ? kNumFrac : exp ? kNumE : 0xFF;
+      case kNumE:
+        return c == '+' || c == '-' ? kNumESign : digit ? kNumExp : 0xFF;
+      case kNumESign:
+      case kNumExp:
+        return digit ? kNumExp : 0xFF;
+    }
+    return 0xFF;
+  }
+
+  static bool Space(Stack& s, uint8_t c, std::vector<Stack>& out) {
+    if (!IsSpace(c)) {
+      s.back().ws = 0;
+      return false;
+    }
+    if (s.back().ws++ < kMaxWhitespace) out.push_back(std::move(s));
+    return true;
+  }
+
+  void Array(Stack s, uint8_t c, std::vector<Stack>& out) const {
+    if (Space(s, c, out)) return;
+    Frame& f = s.back();
+    const Node& n = nodes_[f.node];
+    const bool full = n.max_items >= 0 && f.b >= n.max_items;
+    if ((f.phase == kArrStart || f.phase == kArrAfter) && c == ']') {
+      if (f.b < n.min_items) return;
+      s.pop_back();
+      out.push_back(std::move(s));
+    } else if (f.phase == kArrAfter) {
+      if (c != ',' || full) return;
+      f.phase = kArrNext;
+      out.push_back(std::move(s));
+    } else if (!full) {  // a value starts (kArrStart, kArrNext)
+      f.phase = kArrAfter;
+      ++f.b;
+      StartValue(std::move(s), n.items, c, out, 0);
+    }
+  }
+
+  // Whether a required property at index `from` or later is still missing.
+  static bool RequiredFrom(const Node& n, int from) {
+    return std::find(n.required.begin() + std::min<size_t>(from, n.required.size()),
+                     n.required.end(), 1) != n.required.end();
+  }
+
+  void Object(Stack s, uint8_t c, std::vector<Stack>& out) const {
+    if (Space(s, c, out)) return;
+    Frame& f = s.back();
+    const Node& n = nodes_[f.node];
+    const int declared = static_cast<int>(n.keys.size());
+    switch (f.phase) {
+      case kObjStart:
+      case kObjAfter:
+        if (c == '}') {
+          if (RequiredFrom(n, f.a)) return;
+          s.pop_back();
+          out.push_back(std::move(s));
+          return;
+        }
+        if (f.phase == kObjAfter) {
+          if (c != ',' || (f.a >= declared && n.additional < 0)) return;
+          f.phase = kObjNext;
+          out.push_back(std::move(s));
+          return;
+        }
+        [[fallthrough]];
+      case kObjNext: {  // a key starts: a declared one from f.a on (none required skipped), or
+                        // another
+        if (c != '"') return;
+        for (int i = f.a; i < declared; ++i) {
+          Stack t = s;
+          Frame& o = t.back();
+          o.a = i + 1;
+          o.cur = i;
+          o.phase = kObjColon;
+          Frame key;
+          key.kind = Frame::kKey;
+          key.node = f.node;
+          key.a = i;
+          key.b = 1;
+          t.push_back(key);
+          out.push_back(std::move(t));
+          if (n.required[i]) break;
+        }
+        if (n.additional >= 0 && !RequiredFrom(n, f.a)) {
+          f.a = declared;
+          f.cur = -1;
+          f.phase = kObjColon;
+          Frame key;
+          key.kind = Frame::kString;
+          key.phase = kStrContent;
+          key.node = -1;
+          s.push_back(key);
+          out.push_back(std::move(s));
+        }
+        return;
+      }
+      case kObjColon:
+        if (c != ':') return;
+        f.phase = kObjValue;
+        out.push_back(std::move(s));
+        return;
+      case kObjValue: {
+        const int value = f.cur >= 0 ? n.values[f.cur] : n.additional;
+        f.phase = kObjAfter;
+        ++f.b;
+        StartValue(std::move(s), value, c, out, 0);
+        return;
+      }
+    }
+  }
+
+  const std::vector<Node>& nodes_;
+  int root_;
+};
+
+void Dedup(std::vector<Stack>& states) {
+  std::sort(states.begin(), states.end());
+  states.erase(std::unique(states.begin(), states.end()), states.end());
+  if (states.size() > kMaxStates) states.resize(kMaxStates);
+}
+
+}  // namespace
+
+JsonMatcher::JsonMatcher(std::shared_ptr<const JsonSchema> schema,
+                         std::shared_ptr<const TokenVocabulary> vocab)
+    : schema_(std::move(schema)), vocab_(std::move(vocab)) {
+  Frame root;
+  root.kind = Frame::kRoot;
+  root.phase = kRootBefore;
+  states_.push_back({root});
+}
+
+JsonMatcher::~JsonMatcher() = default;
+JsonMatcher::JsonMatcher(const JsonMatcher&) = default;
+JsonMatcher::JsonMatcher(JsonMatcher&&) noexcept = default;
+
+void JsonMatcher::Walk(const TokenVocabulary::Trie& trie, uint32_t node,
+                       const std::vector<Stack>& states, bool plain_same,
+                       std::vector<uint8_t>& allowed) const {
+  const Moves moves(schema_->nodes_, schema_->root_);
+  const TokenVocabulary::Trie::Node& t = trie.nodes[node];
+  for (uint32_t e = t.edge_begin; e < t.edge_end; ++e) {
+    const TokenVocabulary::Trie::Edge& edge = trie.edges[e];
+    const TokenVocabulary::Trie::Node& child = trie.nodes[edge.child];
+    if (plain_same && IsPlain(edge.byte)) {  // nothing changes
+      for (uint32_t k = child.token_begin; k < child.token_end; ++k) allowed[trie.tokens[k]] = 1;
+      Walk(trie, edge.child, states, true, allowed);
+      continue;
+    }
+    std::vector<Stack> next;
+    for (const Stack& s : states) moves.Advance(s, edge.byte, next);
+    if (next.empty()) continue;
+    Dedup(next);
+    for (uint32_t k = child.token_begin; k < child.token_end; ++k) allowed[trie.tokens[k]] = 1;
+    const bool plain =
+        std::all_of(next.begin(), next.end(), [&](const Stack& s) { return moves.PlainString(s); });
+    Walk(trie, edge.child, next, plain, allowed);
+  }
+}
+
+std::vector<int32_t> JsonMatcher::AllowedTokens() const {
+  const Moves moves(schema_->nodes_, schema_->root_);
+  std::vector<uint8_t> allowed(vocab_->size(), 0);
+  const bool plain = std::all_of(states_.begin(), states_.end(),
+                                 [&](const Stack& s) { return moves.PlainString(s); });
+  if (plain) {  // every plain token keeps the string open as it is; walk only the others
+    for (int32_t id : vocab_->plain_) allowed[id] = 1;
+    Walk(*vocab_->special_, 0, states_, true, allowed);
+  } else {
+    Walk(*vocab_->all_, 0, states_, false, allowed);
+  }
+  if (CanEnd()) {
+    for (int32_t id : vocab_->stop_ids_) {
+      if (id >= 0 && id < vocab_->size()) allowed[id] = 1;
+    }
+  }
+  std::vector<int32_t> out;
+  for (int32_t id = 0; id < vocab_->size(); ++id) {
+    if (allowed[id]) out.push_back(id);
+  }
+  return out;
+}
+
+bool JsonMatcher::MaskLogits(float* logits, int64_t n) const {
+  const std::vector<int32_t> allowed = AllowedTokens();
+  if (allowed.empty()) return false;
+  size_t k = 0;
+  for (int64_t id = 0; id < n; ++id) {
+    if (k < allowed.size() && allowed[k] == id) {
+      ++k;
+    } else {
+      logits[id] = -std::numeric_limits<float>::infinity();
+    }
+  }
+  return true;
+}
+
+bool JsonMatcher::Accept(int32_t token) {
+  if (token < 0 || token >= vocab_->size()) return false;
+  if (vocab_->IsStop(token)) return CanEnd();
+  if (!vocab_->usable(token)) return false;
+  const std::string& bytes = vocab_->bytes(token);
+  const Moves moves(schema_->nodes_, schema_->root_);
+  std::vector<Stack> states = states_;
+  for (char ch : bytes) {
+    std::vector<Stack> next;
+    for (Stack& s : states) moves.Advance(std::move(s), static_cast<uint8_t>(ch), next);
+    if (next.empty()) return false;
+    Dedup(next);
+    states = std::move(next);
+  }
+  states_ = std::move(states);
+  return true;
+}
+
+bool JsonMatcher::Done() const {
+  return std::all_of(states_.begin(), states_.end(),
+                     [](const Stack& s) { return s.size() == 1 && s[0].phase == kRootDone; });
+}
+
+bool JsonMatcher::CanEnd() const {
+  return std::any_of(states_.begin(), states_.end(), Moves::Accepting);
+}
+
+}  // namespace pds::engine

@@ -1,0 +1,110 @@
+// Structured output: generation constrained to JSON that a JSON Schema accepts. Each step, the
+// tokens whose bytes cannot continue the text so far are masked out of the logits before the
+// token is drawn, so every reply parses and matches the schema (unless max_tokens cuts it
+// short, which ends it as "length").
+//
+// The schema subset (anything else is refused with INVALID_ARGUMENT naming the keyword and
+// where it is): type (one or a list), properties, required, additionalProperties (false, the
+// default under properties; true or a schema), items, minItems, maxItems, minLength,
+// maxLength, enum, const, anyOf, oneOf (read as anyOf), allOf of one schema, $ref to
+// #/$defs/... or #/definitions/... (recursive too), and the annotations title, description,
+// default, examples, format, $schema, $id, $comment. Properties come out in the schema's
+// order; optional ones may be left out. Whitespace between tokens is allowed up to 16
+// characters at a time; numbers are at most 32 characters.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
+
+namespace pds::engine {
+
+class Tokenizer;
+
+// A model's tokens as bytes, indexed for masking: built once per model, shared by requests.
+class TokenVocabulary {
+ public:
+  // token_bytes[id]: what token id adds to the text (Tokenizer::TokenBytes); `usable[id]`
+  // false for tokens never drawn under a constraint (special tokens); `stop_ids` end the text
+  // and are allowed where the JSON is complete. Ids at or past token_bytes.size() (a model's
+  // padded vocabulary) are never allowed.
+  TokenVocabulary(std::vector<std::string> token_bytes, std::vector<bool> usable,
+                  std::vector<int32_t> stop_ids);
+  // From a tokenizer: its special tokens are not usable.
+  static std::shared_ptr<const TokenVocabulary> FromTokenizer(const Tokenizer& tokenizer,
+                                                              std::vector<int32_t> stop_ids);
+  ~TokenVocabulary();
+
+  int32_t size() const { return static_cast<int32_t>(bytes_.size()); }
+  const std::string& bytes(int32_t id) const { return bytes_[id]; }
+  bool IsStop(int32_t id) const;
+  bool usable(int32_t id) const { return usable_[id]; }
+
+  struct Trie;  // json_constraint.cc
+
+ private:
+  friend class JsonMatcher;
+  std::vector<std::string> bytes_;
+  std::vector<bool> usable_;
+  std::vector<int32_t> stop_ids_;
+  // Every usable token, and those with a byte that is not plain string content (", \, control).
+  std::unique_ptr<Trie> all_, special_;
+  std::vector<int32_t> plain_;  // usable, non-empty tokens of plain string content only
+};
+
+// A compiled schema (immutable; shared by the requests that use it).
+class JsonSchema {
+ public:
+  // `schema` is JSON Schema text; {"type": "object"} is what json_object mode asks for.
+  static absl::StatusOr<std::shared_ptr<const JsonSchema>> Compile(absl::string_view schema);
+  ~JsonSchema();
+
+  struct Node;  // json_constraint.cc
+
+ private:
+  friend class JsonMatcher;
+  friend class SchemaCompiler;
+  JsonSchema();
+  std::vector<Node> nodes_;
+  int root_ = 0;
+};
+
+// One reply's place in the grammar: the set of parser stacks the text so far leaves open.
+class JsonMatcher {
+ public:
+  JsonMatcher(std::shared_ptr<const JsonSchema> schema,
+              std::shared_ptr<const TokenVocabulary> vocab);
+  ~JsonMatcher();
+  JsonMatcher(const JsonMatcher&);
+  JsonMatcher(JsonMatcher&&) noexcept;
+
+  // Sets logits[id] to -inf for every id in [0, n) that cannot come next. False when none can
+  // (the logits are then left alone).
+  bool MaskLogits(float* logits, int64_t n) const;
+  // The ids that may come next, ascending (what MaskLogits keeps).
+  std::vector<int32_t> AllowedTokens() const;
+  // Moves past a drawn token; false (and no change) when it cannot come next. A stop token is
+  // accepted where the JSON may end.
+  bool Accept(int32_t token);
+  // The JSON is complete and nothing may follow it: the reply is over.
+  bool Done() const;
+  // The JSON may end here (a stop token is allowed).
+  bool CanEnd() const;
+
+  struct Frame;
+  using Stack = std::vector<Frame>;
+
+ private:
+  void Walk(const TokenVocabulary::Trie& trie, uint32_t node, const std::vector<Stack>& states,
+            bool plain_same, std::vector<uint8_t>& allowed) const;
+
+  std::shared_ptr<const JsonSchema> schema_;
+  std::shared_ptr<const TokenVocabulary> vocab_;
+  std::vector<Stack> states_;
+};
+
+}  // namespace pds::engine

@@ -1,0 +1,249 @@
+// Structured output (engine/runtime/json_constraint.h): the schema subset compiles or is
+// refused by name, texts are accepted exactly when they are JSON the schema accepts, the
+// token mask equals trying every token, and random draws under the mask always end in JSON
+// that parses and matches.
+#include "engine/runtime/json_constraint.h"
+
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+
+namespace pds::engine {
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+constexpr int32_t kStop = 0;
+
+// Every single byte (ids 1..255; id 0 is the stop token), plus random multi-byte tokens over
+// a JSON-ish alphabet, and a few special (unusable) ones.
+std::shared_ptr<const TokenVocabulary> Vocabulary(int extra = 3000, uint32_t seed = 1) {
+  std::vector<std::string> bytes = {"</s>"};
+  std::vector<bool> usable = {false};
+  for (int b = 1; b < 256; ++b) {
+    bytes.push_back(std::string(1, static_cast<char>(b)));
+    usable.push_back(true);
+  }
+  static const std::string kAlphabet = "{}[]\",:0123456789.-+eE \n\tabcdfnlrstuxyz\\/_\xC3\xA9";
+  std::mt19937 rng(seed);
+  for (int i = 0; i < extra; ++i) {
+    std::string t;
+    const int len = 2 + static_cast<int>(rng() % 5);
+    for (int k = 0; k < len; ++k) t.push_back(kAlphabet[rng() % kAlphabet.size()]);
+    bytes.push_back(t);
+    usable.push_back(true);
+  }
+  for (const char* w : {"true", "false", "null", "\"name\"", "\": \"", "\", \"", "{\"", "\"}"}) {
+    bytes.push_back(w);
+    usable.push_back(true);
+  }
+  bytes.push_back("<|special|>");
+  usable.push_back(false);
+  return std::make_shared<TokenVocabulary>(std::move(bytes), std::move(usable),
+                                           std::vector<int32_t>{kStop});
+}
+
+std::shared_ptr<const JsonSchema> Schema(const std::string& text) {
+  auto s = JsonSchema::Compile(text);
+  EXPECT_TRUE(s.ok()) << s.status() << " for " << text;
+  return s.ok() ? *s : nullptr;
+}
+
+// Feeds `text` byte by byte (single-byte tokens): whether every byte is accepted, and then
+// whether the text may end there.
+std::pair<bool, bool> Feed(const std::shared_ptr<const JsonSchema>& schema,
+                           const std::shared_ptr<const TokenVocabulary>& vocab,
+                           const std::string& text) {
+  JsonMatcher m(schema, vocab);
+  for (char c : text) {
+    if (!m.Accept(static_cast<uint8_t>(c))) return {false, false};
+  }
+  return {true, m.CanEnd()};
+}
+
+TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
+  struct Bad {
+    std::string schema, message;
+  };
+  for (const Bad& b : std::vector<Bad>{
+           {"{", "not valid JSON"},
+           {R"({"type": "string", "pattern": "a+"})", "'pattern' is not supported"},
+           {R"({"properties": {"x": {"minimum": 1}}})", "'/properties/x': the keyword 'minimum'"},
+           {R"({"type": "tuple"})", "unknown type 'tuple'"},
+           {R"({"$ref": "#/$defs/missing"})", "names nothing"},
+           {R"({"$ref": "http://x/y"})", "is not #"},
+           {R"({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})",
+            "refers only to itself"},
+           {R"({"properties": {"a": {}}, "required": ["b"]})", "not one of the properties"},
+           {R"({"anyOf": []})", "non-empty"},
+           {R"({"anyOf": [{}], "type": "string"})", "without other keywords"},
+           {R"({"allOf": [{}, {}]})", "allOf"},
+           {R"({"items": [{}]})", "tuples"},
+           {R"({"minItems": 3, "maxItems": 2})", "minItems is above maxItems"},
+           {R"({"type": "string", "maxLength": -1})", "non-negative"},
+           {"false", "accepts nothing"},
+       }) {
+    auto s = JsonSchema::Compile(b.schema);
+    ASSERT_FALSE(s.ok()) << b.schema;
+    EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_TRUE(absl::StrContains(s.status().message(), b.message))
+        << b.schema << ": " << s.status();
+  }
+}
+
+TEST(JsonMatcherTest, AcceptsExactlyTheTextsTheSchemaAccepts) {
+  const auto vocab = Vocabulary(0);
+  struct Case {
+    std::string schema;
+    std::vector<std::string> good, bad;  // bad: rejected or not complete
+  };
+  const std::vector<Case> cases = {
+      {R"({"type": "object"})",
+       {"{}", R"({"a": [1, -2.5e+3, "x\"\u00e9\n", true, null, {}]})", " {\"k\" : {} }"},
+       {"", "[]", "{", R"({"a" 1})", R"({"a": 01})", R"({"a": 1,})", R"({"a": "x
+"})",
+        "{} {}", R"({"a": tru})", R"({'a': 1})"}},
+      {R"({"properties": {"name": {"type": "string", "maxLength": 3}, "age": {"type": "integer"},
+          "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2}},
+          "required": ["age"]})",
+       {R"({"age": 3})", R"({"name": "abc", "age": -10})", R"({"age": 0, "tags": ["a", "b"]})",
+        R"({"name":"\u00e9\n","age":1,"tags":[]})"},
+       {R"({})", R"({"age": 1.5})", R"({"name": "abcd", "age": 1})", R"({"age": 1, "name": "a"})",
+        R"({"age": 1, "x": 2})", R"({"age": 1, "tags": ["a", "b", "a"]})",
+        R"({"age": 1, "tags": ["c"]})", R"({"name": "a"})"}},
+      {R"({"anyOf": [{"type": "integer"}, {"type": "null"}, {"const": {"k": [1]}}]})",
+       {"7", "null", R"({"k":[1]})", "-0"},
+       {"7.5", "nul", R"({"k": [1]})", "\"7\""}},
+      {R"({"$defs": {"node": {"type": "object", "properties": {"v": {"type": "number"},
+          "next": {"anyOf": [{"$ref": "#/$defs/node"}, {"type": "null"}]}},
+          "required": ["v", "next"]}}, "$ref": "#/$defs/node"})",
+       {R"({"v": 1, "next": {"v": 2.5, "next": null}})"},
+       {R"({"v": 1, "next": {"v": 2}})", R"({"v": 1})"}},
+      {R"({"type": ["string", "boolean"], "minLength": 2})",
+       {"\"ab\"", "true", "false"},
+       {"\"a\"", "null", "\"\""}},
+      {R"({"type": "array", "items": {"type": "object", "additionalProperties": {"type": "integer"}},
+          "minItems": 1})",
+       {R"([{}])", R"([{"x": 1, "y": 2}, {}])"},
+       {"[]", R"([{"x": "1"}])"}},
+  };
+  for (const Case& c : cases) {
+    const auto schema = Schema(c.schema);
+    ASSERT_NE(schema, nullptr);
+    for (const std::string& t : c.good) {
+      EXPECT_EQ(Feed(schema, vocab, t), std::make_pair(true, true)) << c.schema << "\n" << t;
+    }
+    for (const std::string& t : c.bad) {
+      EXPECT_NE(Feed(schema, vocab, t), std::make_pair(true, true)) << c.schema << "\n" << t;
+    }
+  }
+}
+
+TEST(JsonMatcherTest, WhitespaceAndNumbersAreBounded) {
+  const auto vocab = Vocabulary(0);
+  const auto schema = Schema(R"({"type": "array", "items": {"type": "number"}})");
+  EXPECT_TRUE(Feed(schema, vocab, "[" + std::string(16, ' ') + "1]").second);
+  EXPECT_FALSE(Feed(schema, vocab, "[" + std::string(17, ' ') + "1]").first);
+  EXPECT_TRUE(Feed(schema, vocab, "[" + std::string(32, '9') + "]").second);
+  EXPECT_FALSE(Feed(schema, vocab, "[" + std::string(33, '9') + "]").first);
+}
+
+// The mask at every prefix of some replies equals trying each token on its own.
+TEST(JsonMatcherTest, MaskEqualsTryingEveryToken) {
+  const auto vocab = Vocabulary();
+  const std::vector<std::pair<std::string, std::string>> replies = {
+      {R"({"type": "object"})", R"({"name": "x\"y\u00e9z", "n": [1, -2.5e3, {}], "t": true})"},
+      {R"({"properties": {"name": {"type": "string", "maxLength": 4}, "kind": {"enum": ["a", "bc"]},
+          "n": {"type": "integer"}}, "required": ["kind"]})",
+       R"({"name": "ab", "kind": "bc", "n": 12})"},
+      {R"({"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "string"}}]})",
+       R"(["a", "b\\"])"},
+  };
+  for (const auto& [text, reply] : replies) {
+    const auto schema = Schema(text);
+    JsonMatcher m(schema, vocab);
+    for (size_t i = 0; i <= reply.size(); ++i) {
+      std::vector<int32_t> expected;
+      for (int32_t id = 0; id < vocab->size(); ++id) {
+        JsonMatcher copy = m;
+        if (copy.Accept(id)) expected.push_back(id);
+      }
+      EXPECT_EQ(m.AllowedTokens(), expected) << text << " after '" << reply.substr(0, i) << "'";
+      if (i < reply.size()) ASSERT_TRUE(m.Accept(static_cast<uint8_t>(reply[i])));
+    }
+    EXPECT_TRUE(m.CanEnd());
+    EXPECT_TRUE(m.Done());
+  }
+}
+
+// Random logits, masked, drawn until the matcher is done: always JSON that matches.
+TEST(JsonMatcherTest, RandomDrawsEndInMatchingJson) {
+  const auto vocab = Vocabulary();
+  const auto schema = Schema(R"({"type": "object", "properties": {
+      "name": {"type": "string", "maxLength": 8},
+      "kind": {"enum": ["cat", "dog", 3]},
+      "scores": {"type": "array", "items": {"type": "integer"}, "minItems": 1, "maxItems": 3},
+      "extra": {"anyOf": [{"type": "boolean"}, {"type": "null"}]}},
+      "required": ["kind", "scores"]})");
+  std::mt19937 rng(7);
+  std::uniform_real_distribution<float> logit(-4.0f, 4.0f);
+  int done = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    JsonMatcher m(schema, vocab);
+    std::string text;
+    std::vector<float> logits(vocab->size() + 5);  // a padded vocabulary
+    for (int step = 0; step < 400 && !m.Done(); ++step) {
+      for (float& l : logits) l = logit(rng);
+      ASSERT_TRUE(m.MaskLogits(logits.data(), static_cast<int64_t>(logits.size()))) << text;
+      int32_t best = 0;
+      for (int32_t id = 1; id < static_cast<int32_t>(logits.size()); ++id) {
+        if (logits[id] > logits[best]) best = id;
+      }
+      ASSERT_LT(best, vocab->size());
+      ASSERT_TRUE(m.Accept(best)) << text << " + " << vocab->bytes(best);
+      if (best == kStop) break;
+      text += vocab->bytes(best);
+    }
+    if (!m.Done()) continue;  // cut short by the step limit (max_tokens)
+    ++done;
+    const Json j = Json::parse(text, nullptr, false);
+    ASSERT_FALSE(j.is_discarded()) << text;
+    ASSERT_TRUE(j.is_object()) << text;
+    ASSERT_TRUE(j.contains("kind") && j.contains("scores")) << text;
+    EXPECT_TRUE(j["kind"] == "cat" || j["kind"] == "dog" || j["kind"] == 3) << text;
+    ASSERT_TRUE(j["scores"].is_array()) << text;
+    EXPECT_GE(j["scores"].size(), 1u);
+    EXPECT_LE(j["scores"].size(), 3u);
+    for (const Json& s : j["scores"]) EXPECT_TRUE(s.is_number_integer()) << text;
+    if (j.contains("name")) {
+      EXPECT_TRUE(j["name"].is_string()) << text;
+    }
+    if (j.contains("extra")) EXPECT_TRUE(j["extra"].is_boolean() || j["extra"].is_null()) << text;
+    for (const auto& [k, v] : j.items()) {
+      EXPECT_TRUE(k == "name" || k == "kind" || k == "scores" || k == "extra") << text;
+    }
+  }
+  EXPECT_GT(done, 150);
+}
+
+TEST(JsonMatcherTest, SpecialTokensAndStopsAreKeptOut) {
+  const auto vocab = Vocabulary(0);
+  JsonMatcher m(Schema(R"({"type": "integer"})"), vocab);
+  std::vector<int32_t> allowed = m.AllowedTokens();
+  EXPECT_EQ(allowed.front(), '\t');           // no stop before any value; whitespace may lead
+  EXPECT_FALSE(m.Accept(vocab->size() - 1));  // the special token
+  EXPECT_FALSE(m.Accept(kStop));
+  ASSERT_TRUE(m.Accept('4'));
+  EXPECT_TRUE(m.CanEnd());
+  EXPECT_FALSE(m.Done());  // more digits may come
+  allowed = m.AllowedTokens();
+  EXPECT_EQ(allowed.front(), kStop);
+  EXPECT_TRUE(m.Accept(kStop));
+}
+
+}  // namespace
+}  // namespace pds::engine
