@@ -4,6 +4,7 @@
 #include <random>
 
 #include "absl/strings/str_cat.h"
+#include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
 #include "kernels/sampling.h"
 
@@ -74,9 +75,37 @@ absl::Status LlmEngine::CheckFitsCache(int64_t prompt_len) const {
   return absl::OkStatus();
 }
 
+absl::StatusOr<std::unique_ptr<JsonMatcher>> LlmEngine::MatcherFor(const GenerateRequest& request) {
+  const std::string& text = request.params.json_schema;
+  if (text.empty()) return std::unique_ptr<JsonMatcher>();
+  if (vocab_ == nullptr) {
+    return absl::InvalidArgumentError(
+        "json_schema needs the model's tokenizer.json (the worker has no token vocabulary)");
+  }
+  auto it = schemas_.find(text);
+  if (it == schemas_.end()) {
+    PDS_ASSIGN_OR_RETURN(std::shared_ptr<const JsonSchema> schema, JsonSchema::Compile(text));
+    if (schemas_.size() >= 256) schemas_.clear();  // a bounded cache of recent schemas
+    it = schemas_.emplace(text, std::move(schema)).first;
+  }
+  return std::make_unique<JsonMatcher>(it->second, vocab_);
+}
+
+bool LlmEngine::Constrain(Sequence& seq, float* row, const kernels::RowSampling& rule,
+                          int32_t& token) {
+  const int64_t vocab = model_.config().vocab_size;
+  if (!seq.matcher->MaskLogits(row, vocab)) return false;
+  token = rule.greedy() ? kernels::cpu::Argmax(row, vocab)
+                        : kernels::cpu::SampleLogits(row, vocab, rule.temperature, rule.top_k,
+                                                     rule.top_p, rule.u, sample_scratch_);
+  return seq.matcher->Accept(token);
+}
+
 absl::Status LlmEngine::AddRequest(GenerateRequest request) {
   PDS_RETURN_IF_ERROR(ValidateRequest(request));
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<JsonMatcher> matcher, MatcherFor(request));
   auto seq = std::make_unique<Sequence>();
+  seq->matcher = std::move(matcher);
   uint64_t seed = request.params.seed.has_value() ? *request.params.seed : std::random_device{}();
   seq->sampler = std::make_unique<Sampler>(request.params, seed);
   seq->tokens = request.prompt;
@@ -162,6 +191,7 @@ absl::StatusOr<ImportReservation> LlmEngine::ReserveImport(GenerateRequest reque
     return absl::InvalidArgumentError(absl::StrCat(
         "import of ", num_tokens, " positions for a prompt of ", request.prompt.size(), " tokens"));
   }
+  PDS_ASSIGN_OR_RETURN(std::unique_ptr<JsonMatcher> matcher, MatcherFor(request));
   // Waiting sequences go before new imports, which would otherwise take the blocks they wait
   // for as they free up: while a preempted one whose stream already started waits, no import;
   // a request not yet started (one the front-end prefills here) keeps the blocks its prompt
@@ -218,6 +248,7 @@ absl::StatusOr<ImportReservation> LlmEngine::ReserveImport(GenerateRequest reque
   const uint64_t seed =
       request.params.seed.has_value() ? *request.params.seed : std::random_device{}();
   seq->sampler = std::make_unique<Sampler>(request.params, seed);
+  seq->matcher = std::move(matcher);
   seq->order = next_order_++;
   seq->importing = true;
   seq->request = std::move(request);
@@ -235,6 +266,10 @@ absl::Status LlmEngine::ActivateImport(const std::string& id, int32_t next_token
   if (next_token < 0 || next_token >= model_.config().vocab_size) {
     return absl::InvalidArgumentError(
         absl::StrCat("token ", next_token, " outside the vocabulary"));
+  }
+  if (seq.matcher != nullptr && !seq.matcher->Accept(next_token)) {
+    return absl::InvalidArgumentError(absl::StrCat("request '", id, "': first token ", next_token,
+                                                   " cannot start its json_schema's JSON"));
   }
   // The blocks written by the transfer are registered (so that later imports, and a recompute
   // after a preemption, find them).
@@ -468,7 +503,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     sampling_[i] = seq.sampler->RowParams(seq.num_generated);
     const bool samples =
         seq.num_computed + plan[i].chunk >= static_cast<int32_t>(seq.tokens.size());
-    if (samples && (seq.request.params.logprobs >= 0 || seq.request.return_logits)) {
+    if (samples &&
+        (seq.request.params.logprobs >= 0 || seq.request.return_logits || seq.matcher != nullptr)) {
       host_rows_[i] = 1;
     }
   }
@@ -516,10 +552,20 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     seq.table.set_num_tokens(seq.num_computed);
     RegisterFilledBlocks(seq, before);
     if (seq.num_computed < static_cast<int32_t>(seq.tokens.size())) continue;  // mid-prefill
-    const float* row = logits_.data() + i * vocab;
+    float* row = logits_.data() + i * vocab;
     TokenOutput out;
     out.request_id = seq.request.id;
     out.token = tokens_[i];
+    bool constrained_end = false;  // the reply's JSON is complete, or cannot go on
+    if (seq.matcher != nullptr) {
+      // Drawn again from the masked row: the logprobs are then those of what was drawn from.
+      if (!Constrain(seq, row, sampling_[i], out.token)) {
+        out.finish = FinishReason::kError;
+        Logger("engine")->warn("request '{}': no token continues its JSON after {} tokens",
+                               seq.request.id, seq.num_generated);
+      }
+      constrained_end = seq.matcher->Done() || (vocab_->IsStop(out.token));
+    }
     if (seq.request.params.logprobs >= 0) {
       TokenLogprobs lp;
       lp.logprob = kernels::cpu::LogProb(row, vocab, out.token);
@@ -530,7 +576,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     seq.tokens.push_back(out.token);
     ++seq.num_generated;
     if (seq.num_generated == 1) out.cached_prompt_tokens = seq.prompt_cached;
-    out.finish = CheckFinish(seq, out.token);
+    if (out.finish == FinishReason::kNone) out.finish = CheckFinish(seq, out.token);
+    if (out.finish == FinishReason::kNone && constrained_end) out.finish = FinishReason::kStop;
     if (seq.handoff != nullptr) {
       // Its transfer may be reading the blocks: they stay until Cancel(), even if it ended.
       seq.handoff->Resolve(out.finish == FinishReason::kNone

@@ -12,9 +12,11 @@
 #include <string>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "engine/kv_cache/kv_cache.h"
 #include "engine/model/transformer.h"
+#include "engine/runtime/json_constraint.h"
 #include "engine/runtime/kv_handoff.h"
 #include "engine/runtime/sampling_params.h"
 #include "scheduler/batch_policy.h"
@@ -142,6 +144,11 @@ class LlmEngine {
   // runs on Step's thread and must not call into the engine.
   using HandoffHook = std::function<void(std::vector<std::shared_ptr<KvHandoff>>)>;
   void set_handoff_hook(HandoffHook hook) { handoff_hook_ = std::move(hook); }
+  // The model's tokens as bytes, which requests with a json_schema need (without it they are
+  // refused); TokenVocabulary::FromTokenizer with the model's EOS ids as stops.
+  void set_token_vocabulary(std::shared_ptr<const TokenVocabulary> vocab) {
+    vocab_ = std::move(vocab);
+  }
 
   // (request id, new tokens computed) of the sequences in the last Step's batch.
   const std::vector<std::pair<std::string, int32_t>>& last_batch() const { return last_batch_; }
@@ -184,9 +191,15 @@ class LlmEngine {
     // Per computed whole block, the cached block holding the same tokens (its own or an equal
     // one another sequence registered first; -1 past a break), the next one's parent.
     std::vector<int32_t> cached_chain;
-    int32_t prompt_cached = 0;  // prompt tokens its prefill took from the cache
+    int32_t prompt_cached = 0;             // prompt tokens its prefill took from the cache
+    std::unique_ptr<JsonMatcher> matcher;  // a json_schema's place in the reply
   };
   absl::Status ValidateRequest(GenerateRequest& request) const;
+  // The matcher of a request's json_schema (null without one); the schema compiled once.
+  absl::StatusOr<std::unique_ptr<JsonMatcher>> MatcherFor(const GenerateRequest& request);
+  // A constrained row: masks the logits to what may follow, draws again from them by the
+  // row's rule, and moves the matcher past the token. False when no token may follow.
+  bool Constrain(Sequence& seq, float* row, const kernels::RowSampling& rule, int32_t& token);
   // Whether a held or importing sequence owns blocks (they come back when its transfer ends).
   bool BlocksAwaitRelease() const;
 
@@ -231,6 +244,9 @@ class LlmEngine {
   std::vector<std::pair<std::string, int32_t>> last_batch_;
   int32_t max_running_ = 0;  // set from options_ at creation
   HandoffHook handoff_hook_;
+  std::shared_ptr<const TokenVocabulary> vocab_;
+  absl::flat_hash_map<std::string, std::shared_ptr<const JsonSchema>> schemas_;
+  std::vector<std::pair<float, int32_t>> sample_scratch_;
 };
 
 }  // namespace pds::engine

@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -21,6 +22,9 @@ struct SamplingParams {
   bool ignore_eos = false;
   std::vector<int32_t> stop_token_ids;
   int32_t logprobs = -1;  // < 0: none; k >= 0: the sampled token's logprob plus top k
+  // Structured output (engine/runtime/json_constraint.h): JSON Schema text the reply must be
+  // JSON of; empty: none. The reply ends ("stop") when its JSON is complete.
+  std::string json_schema;
 
   // INVALID_ARGUMENT naming the offending field.
   absl::Status Validate(int64_t vocab_size) const;

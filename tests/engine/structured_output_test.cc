@@ -1,0 +1,167 @@
+// Structured output in the generation engine: a request with a json_schema on a random model
+// replies JSON that the schema accepts and stops when it is complete, greedy or sampled, in one
+// engine or prefilled in one and decoded in another; requests without a vocabulary or with a
+// bad schema are refused.
+#include <memory>
+#include <string>
+
+#include "absl/strings/match.h"
+#include "engine/backend/cpu_backend.h"
+#include "engine/model/transformer.h"
+#include "engine/runtime/llm_engine.h"
+#include "engine/tokenizer/tokenizer.h"
+#include "gtest/gtest.h"
+#include "nlohmann/json.hpp"
+#include "tests/testing/test_util.h"
+
+namespace pds::engine {
+namespace {
+
+using Json = nlohmann::ordered_json;
+
+constexpr char kSchema[] = R"({"type": "object", "properties": {
+    "kind": {"enum": ["cat", "dog"]},
+    "n": {"type": "integer"},
+    "ok": {"type": "boolean"},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 4}, "maxItems": 2}},
+    "required": ["kind", "n", "ok"]})";
+
+class StructuredOutputTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    ModelConfig config = testing::SmallTestConfig();
+    config.vocab_size = 512;
+    auto dir = testing::MakeModelDir(config, "structured", 3, DType::kF32, 0, /*tokenizer=*/true);
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    backend_ = new CpuBackend(1);
+    auto model = Transformer::Load(*dir, *backend_);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = model->release();
+    auto tok = Tokenizer::Load(*dir + "/tokenizer.json");
+    ASSERT_TRUE(tok.ok()) << tok.status();
+    tokenizer_ = tok->release();
+    vocab_ = new std::shared_ptr<const TokenVocabulary>(
+        TokenVocabulary::FromTokenizer(*tokenizer_, model_->config().eos_token_ids));
+  }
+  static void TearDownTestSuite() {
+    delete vocab_;
+    delete tokenizer_;
+    delete model_;
+    delete backend_;
+  }
+  static std::unique_ptr<LlmEngine> NewEngine(bool with_vocab = true) {
+    auto engine = LlmEngine::Create(*model_, {.block_size = 8, .num_blocks = 256});
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    if (with_vocab) (*engine)->set_token_vocabulary(*vocab_);
+    return std::move(*engine);
+  }
+  static GenerateRequest Request(const std::string& id, float temperature, uint64_t seed) {
+    GenerateRequest r;
+    r.id = id;
+    r.prompt = tokenizer_->Encode("Reply in JSON: the animal", false);
+    r.params.temperature = temperature;
+    r.params.seed = seed;
+    r.params.max_tokens = 400;
+    r.params.json_schema = kSchema;
+    return r;
+  }
+  // The reply's text, checked to be JSON that kSchema accepts.
+  static void ExpectMatches(const GenerateResult& r) {
+    ASSERT_EQ(r.finish, FinishReason::kStop) << FinishReasonName(r.finish);
+    const std::string text = tokenizer_->Decode(r.token_ids, /*skip_special_tokens=*/true);
+    const Json j = Json::parse(text, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << text;
+    EXPECT_TRUE(j["kind"] == "cat" || j["kind"] == "dog") << text;
+    EXPECT_TRUE(j["n"].is_number_integer()) << text;
+    EXPECT_TRUE(j["ok"].is_boolean()) << text;
+    if (j.contains("tags")) {
+      ASSERT_TRUE(j["tags"].is_array()) << text;
+      EXPECT_LE(j["tags"].size(), 2u) << text;
+    }
+    for (const auto& [k, v] : j.items()) {
+      EXPECT_TRUE(k == "kind" || k == "n" || k == "ok" || k == "tags") << text;
+    }
+  }
+
+  static CpuBackend* backend_;
+  static Transformer* model_;
+  static Tokenizer* tokenizer_;
+  static std::shared_ptr<const TokenVocabulary>* vocab_;
+};
+
+CpuBackend* StructuredOutputTest::backend_ = nullptr;
+Transformer* StructuredOutputTest::model_ = nullptr;
+Tokenizer* StructuredOutputTest::tokenizer_ = nullptr;
+std::shared_ptr<const TokenVocabulary>* StructuredOutputTest::vocab_ = nullptr;
+
+TEST_F(StructuredOutputTest, RepliesAreJsonTheSchemaAccepts) {
+  std::vector<GenerateRequest> requests = {Request("greedy", 0.0f, 1)};
+  for (int i = 0; i < 12; ++i) {
+    requests.push_back(Request(absl::StrCat("sampled-", i), 1.0f, 100 + i));
+  }
+  auto results = NewEngine()->Generate(std::move(requests));
+  ASSERT_TRUE(results.ok()) << results.status();
+  for (const GenerateResult& r : *results) ExpectMatches(r);
+  // Without the schema, the same random model does not write JSON.
+  GenerateRequest free = Request("free", 0.0f, 1);
+  free.params.json_schema.clear();
+  free.params.max_tokens = 20;
+  auto plain = NewEngine()->Generate({free});
+  ASSERT_TRUE(plain.ok());
+  EXPECT_TRUE(
+      Json::parse(tokenizer_->Decode((*plain)[0].token_ids, true), nullptr, false).is_discarded());
+}
+
+// Prefilled in one engine (which draws the first token) and decoded in another: the same
+// reply as one engine gives.
+TEST_F(StructuredOutputTest, AnImportedRequestGoesOnFromItsFirstToken) {
+  auto whole = NewEngine()->Generate({Request("r", 0.0f, 1)});
+  ASSERT_TRUE(whole.ok());
+
+  auto prefill = NewEngine();
+  GenerateRequest r = Request("r", 0.0f, 1);
+  r.hold_kv_after_prefill = true;
+  ASSERT_TRUE(prefill->AddRequest(r).ok());
+  auto first = prefill->Step();
+  ASSERT_TRUE(first.ok()) << first.status();
+  ASSERT_EQ(first->size(), 1u);
+  const int32_t token = (*first)[0].token;
+  ASSERT_EQ(token, (*whole)[0].token_ids[0]);
+
+  // The decode engine's blocks hold no K/V here (nothing is transferred), so its logits differ
+  // from the whole run's; what matters is that its matcher starts after the first token: a
+  // token that cannot start the JSON is refused, and the reply goes on from the right one.
+  auto decode = NewEngine();
+  GenerateRequest d = Request("r", 0.0f, 1);
+  auto reservation = decode->ReserveImport(d, static_cast<int32_t>(d.prompt.size()));
+  ASSERT_TRUE(reservation.ok()) << reservation.status();
+  EXPECT_EQ(decode->ActivateImport("r", tokenizer_->Encode("not json", false)[0]).code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(decode->ActivateImport("r", token).ok());
+  GenerateResult rest;
+  rest.token_ids = {token};
+  for (int i = 0; i < 500 && rest.finish == FinishReason::kNone; ++i) {
+    auto step = decode->Step();
+    ASSERT_TRUE(step.ok()) << step.status();
+    for (const TokenOutput& out : *step) {
+      rest.token_ids.push_back(out.token);
+      rest.finish = out.finish;
+    }
+  }
+  ExpectMatches(rest);
+}
+
+TEST_F(StructuredOutputTest, RequestsItCannotServeAreRefused) {
+  GenerateRequest r = Request("r", 0.0f, 1);
+  auto no_vocab = NewEngine(/*with_vocab=*/false);
+  absl::Status s = no_vocab->AddRequest(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "tokenizer.json")) << s;
+  r.params.json_schema = R"({"type": "string", "pattern": "x"})";
+  s = NewEngine()->AddRequest(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "pattern")) << s;
+}
+
+}  // namespace
+}  // namespace pds::engine
