@@ -2,8 +2,10 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <optional>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -33,6 +35,9 @@ const std::vector<FlagSpec>& Specs() {
         {"ignore-eos", true, "keep generating after EOS"},
         {"stop-token-ids", false, "comma-separated ids that end generation"},
         {"logprobs", false, "report the logprob of each token and the top K alternatives"},
+        {"json-schema", false,
+         "structured output: a JSON Schema file (or its text, starting with '{') the reply "
+         "must be JSON of (needs tokenizer.json)"},
         {"json", true, "print one JSON object"},
         {"block-size", false, "KV cache block size in tokens (default 16)"},
         {"help", true, "show this help"},
@@ -100,6 +105,15 @@ absl::Status Run(const CliArgs& args) {
   }
   PDS_ASSIGN_OR_RETURN(int64_t logprobs, args.GetInt("logprobs", -1));
   p.logprobs = static_cast<int32_t>(logprobs);
+  if (args.Has("json-schema")) {
+    p.json_schema = args.GetString("json-schema");
+    if (!absl::StartsWith(p.json_schema, "{")) {
+      std::ifstream in(p.json_schema);
+      if (!in)
+        return absl::NotFoundError(absl::StrCat("--json-schema: cannot read ", p.json_schema));
+      p.json_schema.assign(std::istreambuf_iterator<char>(in), {});
+    }
+  }
 
   const auto t0 = std::chrono::steady_clock::now();
   PDS_ASSIGN_OR_RETURN(LoadedModel loaded, LoadModelFromArgs(args));
@@ -115,6 +129,10 @@ absl::Status Run(const CliArgs& args) {
       1);
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::LlmEngine> llm,
                        engine::LlmEngine::Create(*model, engine_options));
+  if (tokenizer && !p.json_schema.empty()) {
+    llm->set_token_vocabulary(
+        engine::TokenVocabulary::FromTokenizer(*tokenizer, model->config().eos_token_ids));
+  }
   const auto t1 = std::chrono::steady_clock::now();
   PDS_RETURN_IF_ERROR(llm->AddRequest(request));
   engine::GenerateResult result;

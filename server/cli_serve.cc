@@ -17,6 +17,7 @@
 #include "absl/strings/str_split.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
+#include "engine/tokenizer/tokenizer.h"
 #include "pdserve/v1/serving.grpc.pb.h"
 #include "scheduler/batch_policy.h"
 #include "scheduler/latency_model.h"
@@ -147,6 +148,13 @@ absl::Status RunWorker(const CliArgs& args, scheduler::InstanceRole role) {
     o.model_name = std::filesystem::path(loaded.dir).lexically_normal().parent_path().filename();
   }
   o.vocab_size = static_cast<int32_t>(loaded.model->config().vocab_size);
+  if (const std::string tok = loaded.dir + "/tokenizer.json"; std::filesystem::exists(tok)) {
+    // Structured output masks tokens by their bytes.
+    PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::Tokenizer> tokenizer,
+                         engine::Tokenizer::Load(tok));
+    o.token_vocabulary =
+        engine::TokenVocabulary::FromTokenizer(*tokenizer, loaded.model->config().eos_token_ids);
+  }
   PDS_ASSIGN_OR_RETURN(o.engine, EngineOptionsFromArgs(args));
   PDS_ASSIGN_OR_RETURN(o.tpot_slo_ms, args.GetDouble("slo-tpot-ms", 0));
   if (args.Has("profile")) {

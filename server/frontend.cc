@@ -20,6 +20,7 @@
 #include "engine/common/status_macros.h"
 #include "engine/kv_cache/block_allocator.h"
 #include "engine/model/config.h"
+#include "engine/runtime/json_constraint.h"
 #include "engine/runtime/sampling_params.h"
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
@@ -46,6 +47,7 @@ namespace {
 constexpr char kServingService[] = "pdserve.v1.Serving";
 // How many times a request refused before starting is placed again.
 constexpr int kMaxRedispatches = 2;
+constexpr size_t kMaxJsonSchemaBytes = 64 << 10;  // GenerateRequest.json_schema
 
 grpc::Status Invalid(const std::string& message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
@@ -583,6 +585,18 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         return ToGrpc(s);
       }
     }
+    if (!r.json_schema().empty()) {  // compiled here too, so that a bad one fails at once
+      if (!tokenizer_) {
+        return Invalid(absl::StrCat("model ", model_name_,
+                                    " has no tokenizer.json: no structured output (json_schema)"));
+      }
+      if (r.json_schema().size() > kMaxJsonSchemaBytes) {
+        return Invalid(absl::StrCat("json_schema is longer than ", kMaxJsonSchemaBytes, " bytes"));
+      }
+      if (auto schema = engine::JsonSchema::Compile(r.json_schema()); !schema.ok()) {
+        return ToGrpc(schema.status());
+      }
+    }
     work.set_request_id(r.request_id());
     *work.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
     work.set_max_tokens(r.max_tokens());
@@ -593,6 +607,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     work.set_ignore_eos(r.ignore_eos());
     *work.mutable_stop_token_ids() = r.stop_token_ids();
     work.set_logprobs(params.logprobs);
+    work.set_json_schema(r.json_schema());
     return grpc::Status::OK;
   }
 

@@ -18,6 +18,7 @@
 #include "client/serving_client.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
+#include "engine/runtime/json_constraint.h"
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "engine/tokenizer/unicode.h"
@@ -430,19 +431,122 @@ absl::StatusOr<Json> CheckedTools(const Json& j) {
   return tools;
 }
 
-// `tools` for the template, and tool_choice and parallel_tool_calls into `r`.
-absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, CompletionRequest& r) {
+// obj[key] when obj is an object that has it (and is not null there), else null.
+const Json* Member(const Json& obj, const char* key) {
+  if (!obj.is_object()) return nullptr;
+  const auto it = obj.find(key);
+  return it == obj.end() || it->is_null() ? nullptr : &*it;
+}
+
+// The structured output a body asks for: `response_format` (OpenAI's json_object or
+// json_schema) or vLLM's `guided_json`, as JSON Schema text in base.json_schema, checked.
+absl::Status ParseResponseFormat(const Json& j, api::GenerateRequest& base) {
+  std::string schema, field;
+  if (const Json* format = Member(j, "response_format")) {
+    field = "response_format";
+    const Json* type = Member(*format, "type");
+    if (type == nullptr || !type->is_string()) {
+      return BadField(field, "must be {\"type\": \"text\" | \"json_object\" | \"json_schema\"}");
+    }
+    if (*type == "json_object") {
+      schema = R"({"type":"object"})";
+    } else if (*type == "json_schema") {
+      const Json* spec = Member(*format, "json_schema");
+      const Json* s = spec != nullptr ? Member(*spec, "schema") : nullptr;
+      field = "response_format.json_schema.schema";
+      if (s == nullptr || !(s->is_object() || s->is_boolean())) {
+        return BadField(field, "must be a JSON Schema object");
+      }
+      schema = s->dump();
+    } else if (*type != "text") {
+      return BadField(field, "type must be text, json_object or json_schema");
+    }
+  }
+  if (const Json* guided = Member(j, "guided_json")) {
+    if (!schema.empty()) return BadField("guided_json", "and response_format both ask for JSON");
+    if (!guided->is_object() && !guided->is_string()) {
+      return BadField("guided_json", "must be a JSON Schema (an object, or its text)");
+    }
+    field = "guided_json";
+    schema = guided->is_string() ? guided->get<std::string>() : guided->dump();
+  }
+  if (schema.empty()) return absl::OkStatus();
+  if (auto compiled = engine::JsonSchema::Compile(schema); !compiled.ok()) {
+    return BadField(field, compiled.status().message());
+  }
+  base.set_json_schema(std::move(schema));
+  return absl::OkStatus();
+}
+
+// `tools` for the template, and tool_choice and parallel_tool_calls into `r` (a forced choice
+// also into base.json_schema).
+absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, CompletionRequest& r,
+                                api::GenerateRequest& base) {
   PDS_ASSIGN_OR_RETURN(Json tools, CheckedTools(j));
   PDS_RETURN_IF_ERROR(Get(j, "parallel_tool_calls", r.parallel_tool_calls));
   std::string choice = tools.empty() ? "none" : "auto";
   if (auto it = j.find("tool_choice"); it != j.end() && !it->is_null()) {
-    if (!it->is_string() || (*it != "none" && *it != "auto")) {
-      return BadField("tool_choice",
-                      "may be \"auto\" or \"none\" (\"required\" and named functions need "
-                      "constrained decoding, which pdserve does not have)");
+    if (it->is_object()) {  // {"type": "function", "function": {"name": ...}}
+      const Json* type = Member(*it, "type");
+      const Json* f = Member(*it, "function");
+      const Json* name = f != nullptr ? Member(*f, "name") : nullptr;
+      if (type == nullptr || *type != "function" || name == nullptr || !name->is_string()) {
+        return BadField("tool_choice",
+                        "must be {\"type\": \"function\", \"function\": {\"name\": ...}}");
+      }
+      choice = "named";
+      r.tool_function = name->get<std::string>();
+    } else if (it->is_string() && (*it == "none" || *it == "auto" || *it == "required")) {
+      choice = it->get<std::string>();
+    } else {
+      return BadField("tool_choice", "may be \"auto\", \"none\", \"required\" or a function");
     }
-    choice = it->get<std::string>();
     if (tools.empty() && choice != "none") return BadField("tool_choice", "needs tools");
+  }
+  if (choice == "named" || choice == "required") {
+    if (!base.json_schema().empty()) {
+      return BadField("tool_choice", "forces calls: no response_format or guided_json beside it");
+    }
+    // A function's arguments: its parameters schema (none: no arguments).
+    auto parameters = [](const Json& tool) {
+      const Json& f = tool["function"];
+      auto p = f.find("parameters");
+      return p != f.end() && p->is_object()
+                 ? *p
+                 : Json{{"type", "object"}, {"properties", Json::object()}};
+    };
+    Json schema;
+    if (choice == "named") {
+      auto tool = std::find_if(tools.begin(), tools.end(), [&](const Json& t) {
+        return t["function"]["name"] == r.tool_function;
+      });
+      if (tool == tools.end()) {
+        return BadField("tool_choice",
+                        absl::StrCat("names '", r.tool_function, "', which is not in tools"));
+      }
+      schema = parameters(*tool);
+      r.tool_calls = ToolCallFormat::kArguments;
+    } else {
+      Json alts = Json::array();
+      for (const Json& t : tools) {
+        alts.push_back(
+            {{"type", "object"},
+             {"properties",
+              {{"name", {{"const", t["function"]["name"]}}}, {"parameters", parameters(t)}}},
+             {"required", {"name", "parameters"}}});
+      }
+      schema = {{"type", "array"}, {"minItems", 1}, {"items", {{"anyOf", std::move(alts)}}}};
+      if (!r.parallel_tool_calls) schema["maxItems"] = 1;
+      r.tool_calls = ToolCallFormat::kJsonArray;
+    }
+    std::string text = schema.dump();
+    if (auto compiled = engine::JsonSchema::Compile(text); !compiled.ok()) {
+      return BadField("tools", absl::StrCat("parameters for tool_choice \"",
+                                            choice == "named" ? r.tool_function : "required",
+                                            "\": ", compiled.status().message()));
+    }
+    base.set_json_schema(std::move(text));
+    return tools;
   }
   if (choice == "auto") {
     if (format == ToolCallFormat::kNone) {
@@ -520,6 +624,7 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
   api::GenerateRequest base;
   std::optional<uint64_t> seed;
   PDS_RETURN_IF_ERROR(ParseCommon(j, model, r, base, seed));
+  PDS_RETURN_IF_ERROR(ParseResponseFormat(j, base));
   PDS_ASSIGN_OR_RETURN(std::vector<Prompt> prompts, ParsePrompts(j));
   PDS_RETURN_IF_ERROR(CheckPromptSizes(prompts, max_context));
   if (static_cast<int64_t>(prompts.size()) * r.n > kMaxChoices) {
@@ -551,7 +656,6 @@ absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl:
        std::initializer_list<std::tuple<const char*, Json, const char*>>{
            {"functions", Json::array(), "use tools"},
            {"function_call", "none", "no function calls"},
-           {"response_format", Json{{"type", "text"}}, "no structured output"},
            {"audio", Json::object(), "text only"},
            {"modalities", Json::array({"text"}), "text only"},
            {"prediction", Json::object(), "no predicted outputs"},
@@ -564,7 +668,8 @@ absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl:
   api::GenerateRequest base;
   std::optional<uint64_t> seed;
   PDS_RETURN_IF_ERROR(ParseCommon(j, model, r, base, seed));
-  PDS_ASSIGN_OR_RETURN(Json tools, ParseTools(j, tool_call_format, r));
+  PDS_RETURN_IF_ERROR(ParseResponseFormat(j, base));
+  PDS_ASSIGN_OR_RETURN(Json tools, ParseTools(j, tool_call_format, r, base));
 
   PDS_ASSIGN_OR_RETURN(std::vector<int32_t> ids, ChatPrompt(j, std::move(tools), chat, tokenizer));
   if (max_context > 0 && static_cast<int64_t>(ids.size()) >= max_context) {
@@ -874,7 +979,7 @@ class OpenAiHttpServer::Impl {
     for (size_t i = 0; i < job->request.choices.size(); ++i) {
       job->choices.emplace_back();
       if (job->request.tool_calls != ToolCallFormat::kNone && job->request.stream) {
-        job->choices.back().scanner.emplace(job->request.tool_calls);
+        job->choices.back().scanner.emplace(job->request.tool_calls, job->request.tool_function);
       }
       if (job->request.reasoning != ReasoningFormat::kNone && job->request.stream) {
         job->choices.back().reasoning.emplace(job->request.reasoning);
@@ -930,8 +1035,9 @@ class OpenAiHttpServer::Impl {
             choice["message"]["reasoning_content"] =
                 split.reasoning.empty() ? Json(nullptr) : Json(split.reasoning);
           }
-          ToolCallScanner::Result r = KeptCalls(
-              job->request, ToolCallScanner::Parse(job->request.tool_calls, split.content));
+          ToolCallScanner::Result r =
+              KeptCalls(job->request, ToolCallScanner::Parse(job->request.tool_calls, split.content,
+                                                             job->request.tool_function));
           if (!r.calls.empty()) {  // the reply's tool calls, and what it wrote before them
             choice["message"]["content"] = r.content.empty() ? Json(nullptr) : Json(r.content);
             Json calls = Json::array();

@@ -86,8 +86,11 @@ struct CompletionRequest {
   std::vector<std::string> stop;  // text stop sequences (the front-end cuts the text there)
   int logprobs = -1;  // >= 0: logprobs with that many alternatives (completions or chat format)
   bool chat = false;  // a chat completion (its responses are in the chat format)
-  // Chat with tools and tool_choice "auto": the replies' tool calls are parsed in this format.
+  // Chat with tools and tool_choice "auto": the replies' tool calls are parsed in this format;
+  // "required" (kJsonArray) and a named function (kArguments, of `tool_function`) constrain
+  // the replies to the calls with a json_schema.
   ToolCallFormat tool_calls = ToolCallFormat::kNone;
+  std::string tool_function;
   bool parallel_tool_calls = true;                     // false: a reply's first call only
   ReasoningFormat reasoning = ReasoningFormat::kNone;  // chat: split off reasoning_content
 };
@@ -108,9 +111,11 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
 // max_completion_tokens (or max_tokens) defaults to what the context leaves; logprobs (bool)
 // and top_logprobs; the completions' sampling, stop and SLO fields. `tools` (functions) go to
 // the template; with tool_choice "auto" (their default) the replies' calls are parsed in
-// `tool_call_format` (kNone: refused), "none" leaves them text; "required" and named choices
-// (constrained decoding), response formats and non-text content are refused. The template's
-// refusals (raise_exception) are INVALID_ARGUMENT.
+// `tool_call_format` (kNone: refused), "none" leaves them text; "required" and a named function
+// constrain the reply to JSON calls (a json_schema from the tools' parameters), whatever the
+// format. `response_format` (json_object, json_schema) and vLLM's `guided_json` constrain the
+// reply to JSON (completions too). Non-text content is refused. The template's refusals
+// (raise_exception) are INVALID_ARGUMENT.
 absl::StatusOr<CompletionRequest> ParseChatRequest(
     absl::string_view body, absl::string_view model, int32_t max_context,
     const engine::ChatFormat& chat, const engine::Tokenizer& tokenizer,

@@ -396,6 +396,9 @@ absl::StatusOr<ToolCallFormat> ParseToolCallFormat(absl::string_view name) {
 std::string ToolCallScanner::Feed(absl::string_view text) {
   if (format_ == ToolCallFormat::kNone) return std::string(text);
   held_.append(text.data(), text.size());
+  if (format_ == ToolCallFormat::kArguments || format_ == ToolCallFormat::kJsonArray) {
+    in_calls_ = true;  // the whole reply is the call section
+  }
   if (in_calls_) return "";
   std::string out;
   if (format_ == ToolCallFormat::kHermes) {
@@ -427,10 +430,41 @@ std::string ToolCallScanner::Feed(absl::string_view text) {
 ToolCallScanner::Result ToolCallScanner::Finish() {
   Result r;
   if (in_calls_) {
-    std::optional<std::vector<ToolCall>> calls =
-        format_ == ToolCallFormat::kHermes       ? ParseHermes(held_, &r.content)
-        : format_ == ToolCallFormat::kLlama3Json ? ParseLlama3Json(held_)
-                                                 : PythonicParser(held_).Calls();
+    std::optional<std::vector<ToolCall>> calls;
+    switch (format_) {
+      case ToolCallFormat::kHermes:
+        calls = ParseHermes(held_, &r.content);
+        break;
+      case ToolCallFormat::kLlama3Json:
+        calls = ParseLlama3Json(held_);
+        break;
+      case ToolCallFormat::kPythonic:
+        calls = PythonicParser(held_).Calls();
+        break;
+      case ToolCallFormat::kArguments: {
+        const Json args = Json::parse(held_, nullptr, /*allow_exceptions=*/false);
+        if (args.is_object()) {
+          calls = {{function_, args.dump(-1, ' ', false, Json::error_handler_t::replace)}};
+        }
+        break;
+      }
+      case ToolCallFormat::kJsonArray: {
+        const Json list = Json::parse(held_, nullptr, /*allow_exceptions=*/false);
+        if (!list.is_array() || list.empty()) break;
+        calls.emplace();
+        for (const Json& item : list) {
+          std::optional<ToolCall> call = CallOf(item, {"parameters", "arguments"});
+          if (!call) {
+            calls.reset();
+            break;
+          }
+          calls->push_back(*std::move(call));
+        }
+        break;
+      }
+      case ToolCallFormat::kNone:
+        break;
+    }
     if (calls) {
       r.calls = *std::move(calls);
       held_.clear();
@@ -443,8 +477,9 @@ ToolCallScanner::Result ToolCallScanner::Finish() {
   return r;
 }
 
-ToolCallScanner::Result ToolCallScanner::Parse(ToolCallFormat format, absl::string_view text) {
-  ToolCallScanner scanner(format);
+ToolCallScanner::Result ToolCallScanner::Parse(ToolCallFormat format, absl::string_view text,
+                                               const std::string& function) {
+  ToolCallScanner scanner(format, function);
   const std::string content = scanner.Feed(text);
   Result r = scanner.Finish();
   r.content.insert(0, content);

@@ -11,6 +11,12 @@
 //                [get_weather(city="Paris", days=3), ...] (Llama 3.2/3.3/4 pythonic tool
 //                calling; the values Python literals, converted to JSON)
 //
+// Forced by the chat request's tool_choice, under a json_schema that makes the reply so
+// (engine/runtime/json_constraint.h), whatever the model's own format:
+//
+//   kArguments   a named function: the whole reply is its arguments object
+//   kJsonArray   "required": the whole reply is [{"name": ..., "parameters": {...}}, ...]
+//
 // A reply whose call section does not parse is returned as content, whole: nothing is lost.
 //
 // Reasoning (`--reasoning-parser FORMAT`) is split off a reply before its tool calls are read:
@@ -30,7 +36,7 @@
 
 namespace pds::server {
 
-enum class ToolCallFormat { kNone, kHermes, kLlama3Json, kPythonic };
+enum class ToolCallFormat { kNone, kHermes, kLlama3Json, kPythonic, kArguments, kJsonArray };
 
 // "hermes", "llama3_json", "pythonic", or "" / "none" (no parsing); INVALID_ARGUMENT for others.
 absl::StatusOr<ToolCallFormat> ParseToolCallFormat(absl::string_view name);
@@ -44,7 +50,9 @@ struct ToolCall {
 // call section; from the section's start on, text is held until Finish.
 class ToolCallScanner {
  public:
-  explicit ToolCallScanner(ToolCallFormat format) : format_(format) {}
+  // `function`: kArguments' function name.
+  explicit ToolCallScanner(ToolCallFormat format, std::string function = "")
+      : format_(format), function_(std::move(function)) {}
 
   // Feeds the next generated text; returns the content that may be sent now.
   std::string Feed(absl::string_view text);
@@ -59,10 +67,12 @@ class ToolCallScanner {
   Result Finish();
 
   // The whole reply at once: its content (before the calls) and calls.
-  static Result Parse(ToolCallFormat format, absl::string_view text);
+  static Result Parse(ToolCallFormat format, absl::string_view text,
+                      const std::string& function = "");
 
  private:
   ToolCallFormat format_;
+  std::string function_;
   std::string held_;       // text not yet returned: a possible marker's start, or the section
   bool in_calls_ = false;  // the call section has begun (everything from there is held)
   bool any_text_ = false;  // non-space content went out (llama3_json, pythonic: no call can start)

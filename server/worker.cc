@@ -134,6 +134,7 @@ engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
   g.params.ignore_eos = r.ignore_eos();
   g.params.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
   g.params.logprobs = r.logprobs();
+  g.params.json_schema = r.json_schema();
   if (r.ttft_deadline_unix_us() > 0) g.ttft_deadline_s = r.ttft_deadline_unix_us() * 1e-6;
   g.best_effort = r.best_effort();
   return g;
@@ -157,6 +158,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       options_.advertise_host = options_.host;
     }
     PDS_ASSIGN_OR_RETURN(engine_, engine::LlmEngine::Create(model_, options_.engine));
+    engine_->set_token_vocabulary(options_.token_vocabulary);
     if (options_.role == InstanceRole::kPrefill && options_.kv_handoff == "layered") {
       engine_->set_handoff_hook([this](std::vector<std::shared_ptr<engine::KvHandoff>> handoffs) {
         HandOff(std::move(handoffs));

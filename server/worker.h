@@ -46,6 +46,8 @@ struct WorkerOptions {
   std::string kv_handoff = "layered";
   std::string model_name;
   int32_t vocab_size = 0;
+  // The model's tokens as bytes, for requests with a json_schema (refused without it).
+  std::shared_ptr<const engine::TokenVocabulary> token_vocabulary;
   engine::EngineOptions engine;
   int max_queued = 256;  // requests accepted and not finished beyond the running batch
   // Prefill: KV transfers in flight at once. A layer-by-layer hand-off holds its thread from

@@ -48,26 +48,27 @@ int Utf8Lead(uint8_t c, uint8_t& lo, uint8_t& hi) {
   return 0;
 }
 
-// Text that leaves an unconstrained string's content as it is: plain ASCII and whole UTF-8
-// characters.
-bool IsPlainText(const std::string& t) {
-  for (size_t i = 0; i < t.size();) {
+// The characters of text that leaves an unconstrained string's content as it is (plain ASCII
+// and whole UTF-8 characters); -1 for other text.
+int PlainChars(const std::string& t) {
+  int chars = 0;
+  for (size_t i = 0; i < t.size(); ++chars) {
     const uint8_t c = static_cast<uint8_t>(t[i]);
     if (c < 0x80) {
-      if (!IsPlain(c)) return false;
+      if (!IsPlain(c)) return -1;
       ++i;
       continue;
     }
     uint8_t lo, hi;
     const int n = Utf8Lead(c, lo, hi);
-    if (n == 0 || i + n >= t.size()) return false;  // not a lead byte, or cut short
+    if (n == 0 || i + n >= t.size()) return -1;  // not a lead byte, or cut short
     for (int k = 1; k <= n; ++k) {
       const uint8_t d = static_cast<uint8_t>(t[i + k]);
-      if (d < (k == 1 ? lo : 0x80) || d > (k == 1 ? hi : 0xBF)) return false;
+      if (d < (k == 1 ? lo : 0x80) || d > (k == 1 ? hi : 0xBF)) return -1;
     }
     i += n + 1;
   }
-  return true;
+  return chars;
 }
 
 }  // namespace
@@ -124,12 +125,17 @@ TokenVocabulary::TokenVocabulary(std::vector<std::string> token_bytes, std::vect
                                  std::vector<int32_t> stop_ids)
     : bytes_(std::move(token_bytes)), usable_(bytes_.size()), stop_ids_(std::move(stop_ids)) {
   std::vector<int32_t> all, special;
+  std::vector<int> chars(bytes_.size(), -1);
   for (int32_t id = 0; id < size(); ++id) {
     usable_[id] = !bytes_[id].empty() && (static_cast<size_t>(id) >= usable.size() || usable[id]);
     if (!usable_[id]) continue;
     all.push_back(id);
-    (IsPlainText(bytes_[id]) ? plain_ : special).push_back(id);
+    chars[id] = PlainChars(bytes_[id]);
+    (chars[id] >= 0 ? plain_ : special).push_back(id);
   }
+  std::stable_sort(plain_.begin(), plain_.end(),
+                   [&](int32_t x, int32_t y) { return chars[x] < chars[y]; });
+  for (int32_t id : plain_) plain_chars_.push_back(chars[id]);
   all_ = Trie::Of(bytes_, std::move(all));
   special_ = Trie::Of(bytes_, std::move(special));
 }
@@ -520,6 +526,35 @@ class Moves {
     }
   }
 
+  // False when byte c surely cannot follow stack s (a cheap test before copying it for
+  // Advance); true when it may.
+  bool MayTake(const Stack& s, uint8_t c) const {
+    const Frame& f = s.back();
+    switch (f.kind) {
+      case Frame::kRoot:
+        return f.phase != kRootDone;
+      case Frame::kLiteral:
+      case Frame::kKey: {
+        const Node& n = nodes_[f.node];
+        const std::string& text = f.kind == Frame::kLiteral ? n.literals[f.a] : n.keys[f.a];
+        return static_cast<uint8_t>(text[f.b]) == c;
+      }
+      case Frame::kString:
+        if (f.phase == kStrContent) return f.b > 0 ? c >= 0x80 && c < 0xC0 : c >= 0x20;
+        return true;
+      case Frame::kObject:
+        if (IsSpace(c)) return true;
+        if (f.phase == kObjColon) return c == ':';
+        if (f.phase == kObjNext) return c == '"';
+        return f.phase != kObjAfter || c == ',' || c == '}';
+      case Frame::kArray:
+        return IsSpace(c) || f.phase != kArrAfter || c == ',' || c == ']';
+      case Frame::kNumber:
+        return true;
+    }
+    return true;
+  }
+
   // The text may end here: what is open is the root's finished value (a number may still
   // grow).
   static bool Accepting(const Stack& s) {
@@ -528,6 +563,14 @@ class Moves {
     return top == 0 && s[0].phase == kRootDone;
   }
   // A string's content, unconstrained: plain bytes leave the stack as it is.
+  // A string's content between characters: how many more characters may come (INT_MAX: no
+  // bound); -1 for other stacks.
+  int StringRoom(const Stack& s) const {
+    const Frame& f = s.back();
+    if (f.kind != Frame::kString || f.phase != kStrContent || f.b != 0) return -1;
+    if (f.node < 0 || nodes_[f.node].max_length < 0) return std::numeric_limits<int>::max();
+    return static_cast<int>(std::max<int64_t>(0, nodes_[f.node].max_length - f.a));
+  }
   bool PlainString(const Stack& s) const {
     const Frame& f = s.back();
     if (f.kind != Frame::kString || f.phase != kStrContent || f.b != 0) return false;
@@ -815,7 +858,9 @@ void JsonMatcher::Walk(const TokenVocabulary::Trie& trie, uint32_t node,
       continue;
     }
     std::vector<Stack> next;
-    for (const Stack& s : states) moves.Advance(s, edge.byte, next);
+    for (const Stack& s : states) {
+      if (moves.MayTake(s, edge.byte)) moves.Advance(s, edge.byte, next);
+    }
     if (next.empty()) continue;
     Dedup(next);
     for (uint32_t k = child.token_begin; k < child.token_end; ++k) allowed[trie.tokens[k]] = 1;
@@ -825,14 +870,23 @@ void JsonMatcher::Walk(const TokenVocabulary::Trie& trie, uint32_t node,
   }
 }
 
-std::vector<int32_t> JsonMatcher::AllowedTokens() const {
+void JsonMatcher::Allowed(std::vector<uint8_t>& allowed) const {
   const Moves moves(schema_->nodes_, schema_->root_);
-  std::vector<uint8_t> allowed(vocab_->size(), 0);
-  const bool plain = std::all_of(states_.begin(), states_.end(),
-                                 [&](const Stack& s) { return moves.PlainString(s); });
-  if (plain) {  // every plain token keeps the string open as it is; walk only the others
-    for (int32_t id : vocab_->plain_) allowed[id] = 1;
-    Walk(*vocab_->special_, 0, states_, true, allowed);
+  // Inside strings only: the plain tokens that fit are allowed without a walk (a string
+  // without bounds stays as it is after them), and only the others' trie is walked.
+  int room = -1;
+  bool strings = true, same = true;
+  for (const Stack& s : states_) {
+    const int r = moves.StringRoom(s);
+    strings = strings && r >= 0;
+    same = same && moves.PlainString(s);
+    room = std::max(room, r);
+  }
+  if (strings) {
+    const auto& chars = vocab_->plain_chars_;
+    const size_t fit = std::upper_bound(chars.begin(), chars.end(), room) - chars.begin();
+    for (size_t k = 0; k < fit; ++k) allowed[vocab_->plain_[k]] = 1;
+    Walk(*vocab_->special_, 0, states_, same, allowed);
   } else {
     Walk(*vocab_->all_, 0, states_, false, allowed);
   }
@@ -841,6 +895,11 @@ std::vector<int32_t> JsonMatcher::AllowedTokens() const {
       if (id >= 0 && id < vocab_->size()) allowed[id] = 1;
     }
   }
+}
+
+std::vector<int32_t> JsonMatcher::AllowedTokens() const {
+  std::vector<uint8_t> allowed(vocab_->size(), 0);
+  Allowed(allowed);
   std::vector<int32_t> out;
   for (int32_t id = 0; id < vocab_->size(); ++id) {
     if (allowed[id]) out.push_back(id);
@@ -849,17 +908,18 @@ std::vector<int32_t> JsonMatcher::AllowedTokens() const {
 }
 
 bool JsonMatcher::MaskLogits(float* logits, int64_t n) const {
-  const std::vector<int32_t> allowed = AllowedTokens();
-  if (allowed.empty()) return false;
-  size_t k = 0;
-  for (int64_t id = 0; id < n; ++id) {
-    if (k < allowed.size() && allowed[k] == id) {
-      ++k;
-    } else {
-      logits[id] = -std::numeric_limits<float>::infinity();
-    }
+  std::vector<uint8_t>& allowed = scratch_;
+  allowed.assign(vocab_->size(), 0);
+  Allowed(allowed);
+  const int64_t known = std::min<int64_t>(n, vocab_->size());
+  constexpr float kNever = -std::numeric_limits<float>::infinity();
+  uint8_t any = 0;
+  for (int64_t id = 0; id < known; ++id) {  // branch-free: vectorizes
+    any |= allowed[id];
+    logits[id] = allowed[id] ? logits[id] : kNever;
   }
-  return true;
+  for (int64_t id = known; id < n; ++id) logits[id] = kNever;
+  return any != 0;
 }
 
 bool JsonMatcher::Accept(int32_t token) {

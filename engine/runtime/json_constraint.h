@@ -53,7 +53,10 @@ class TokenVocabulary {
   std::vector<int32_t> stop_ids_;
   // Every usable token, and those with a byte that is not plain string content (", \, control).
   std::unique_ptr<Trie> all_, special_;
-  std::vector<int32_t> plain_;  // usable, non-empty tokens of plain string content only
+  // Usable tokens of plain string content only (printable ASCII but " and \, whole UTF-8
+  // characters), by how many characters they hold, fewest first.
+  std::vector<int32_t> plain_;
+  std::vector<int32_t> plain_chars_;
 };
 
 // A compiled schema (immutable; shared by the requests that use it).
@@ -82,8 +85,7 @@ class JsonMatcher {
   JsonMatcher(const JsonMatcher&);
   JsonMatcher(JsonMatcher&&) noexcept;
 
-  // Sets logits[id] to -inf for every id in [0, n) that cannot come next. False when none can
-  // (the logits are then left alone).
+  // Sets logits[id] to -inf for every id in [0, n) that cannot come next. False when none can.
   bool MaskLogits(float* logits, int64_t n) const;
   // The ids that may come next, ascending (what MaskLogits keeps).
   std::vector<int32_t> AllowedTokens() const;
@@ -101,10 +103,13 @@ class JsonMatcher {
  private:
   void Walk(const TokenVocabulary::Trie& trie, uint32_t node, const std::vector<Stack>& states,
             bool plain_same, std::vector<uint8_t>& allowed) const;
+  // allowed[id] = 1 for the ids that may come next (`allowed` has the vocabulary's size).
+  void Allowed(std::vector<uint8_t>& allowed) const;
 
   std::shared_ptr<const JsonSchema> schema_;
   std::shared_ptr<const TokenVocabulary> vocab_;
   std::vector<Stack> states_;
+  mutable std::vector<uint8_t> scratch_;  // MaskLogits' allowed flags, kept between steps
 };
 
 }  // namespace pds::engine

@@ -336,7 +336,14 @@ TEST(OpenAiChatParseTest, RefusalsNameTheField) {
   refused({{"messages", {{{"role", "user"}, {"content", 5}}}}}, "messages[0].content");
   refused({{"tools", {{{"type", "function"}}}}}, "tools");
   refused({{"tool_choice", "required"}}, "tool_choice");
-  refused({{"response_format", {{"type", "json_object"}}}}, "response_format");
+  refused({{"response_format", {{"type", "xml"}}}}, "response_format");
+  refused({{"response_format", {{"type", "json_schema"}, {"json_schema", {{"name", "x"}}}}}},
+          "response_format.json_schema.schema");
+  refused({{"response_format",
+            {{"type", "json_schema"},
+             {"json_schema", {{"schema", {{"type", "string"}, {"pattern", "a"}}}}}}}},
+          "'pattern' is not supported");
+  refused({{"guided_json", 5}}, "guided_json");
   refused({{"modalities", {"text", "audio"}}}, "modalities");
   refused({{"continue_final_message", true}}, "continue_final_message");
   refused({{"top_logprobs", 2}}, "top_logprobs");  // without logprobs
@@ -417,12 +424,35 @@ TEST(OpenAiChatParseTest, ToolsReachTheTemplateAndChooseTheParser) {
     EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
     EXPECT_TRUE(absl::StrContains(r.status().message(), field)) << r.status();
   };
-  // auto needs a parser; required and named choices need constrained decoding.
-  refused({{"tools", kTools}}, ToolCallFormat::kNone, "--tool-call-parser");
-  refused({{"tools", kTools}, {"tool_choice", "required"}}, ToolCallFormat::kHermes, "tool_choice");
-  refused(
+  // "required" and a named function constrain the reply to JSON calls, whatever the parser.
+  r = parse({{"tools", kTools}, {"tool_choice", "required"}, {"parallel_tool_calls", false}},
+            ToolCallFormat::kNone);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->tool_calls, ToolCallFormat::kJsonArray);
+  const Json required = Json::parse(r->choices[0].json_schema());
+  EXPECT_EQ(required["maxItems"], 1);
+  EXPECT_EQ(required["items"]["anyOf"][0]["properties"]["name"]["const"], "get_weather");
+  EXPECT_EQ(required["items"]["anyOf"][0]["properties"]["parameters"],
+            kTools[0]["function"]["parameters"]);
+  r = parse(
       {{"tools", kTools}, {"tool_choice", {{"type", "function"}, {"function", {{"name", "now"}}}}}},
-      ToolCallFormat::kHermes, "tool_choice");
+      ToolCallFormat::kHermes);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->tool_calls, ToolCallFormat::kArguments);
+  EXPECT_EQ(r->tool_function, "now");
+  EXPECT_EQ(Json::parse(r->choices[0].json_schema()),
+            Json({{"type", "object"}, {"properties", Json::object()}}));
+  // auto needs a parser.
+  refused({{"tools", kTools}}, ToolCallFormat::kNone, "--tool-call-parser");
+  refused(
+      {{"tools", kTools}, {"tool_choice", {{"type", "function"}, {"function", {{"name", "x"}}}}}},
+      ToolCallFormat::kHermes, "which is not in tools");
+  refused({{"tools", kTools}, {"tool_choice", {{"type", "function"}}}}, ToolCallFormat::kHermes,
+          "tool_choice");
+  refused({{"tools", kTools},
+           {"tool_choice", "required"},
+           {"response_format", {{"type", "json_object"}}}},
+          ToolCallFormat::kHermes, "tool_choice");
   refused({{"tool_choice", "auto"}}, ToolCallFormat::kHermes, "tool_choice");
   refused({{"tools", {{{"type", "retrieval"}}}}}, ToolCallFormat::kHermes, "tools[0]");
   refused({{"tools", {kTools[0], {{"type", "function"}, {"function", {{"name", "a b"}}}}}}},
@@ -648,6 +678,8 @@ class OpenAiHttpTest : public ::testing::Test {
     frontend_ = std::move(*frontend);
     WorkerOptions wo;
     wo.frontend = frontend_->address();
+    wo.token_vocabulary = engine::TokenVocabulary::FromTokenizer(
+        *SmallChatModel().tokenizer, testing::SmallTestConfig().eos_token_ids);
     wo.id = "p0";
     prefill_ = StartWorker(InstanceRole::kPrefill, wo);
     wo.id = "d0";
@@ -1161,6 +1193,63 @@ TEST_F(OpenAiHttpTest, ANonStreamedClientThatLeavesCancelsItsRequest) {
   EXPECT_TRUE(EndedCancelled(1)) << Status().DebugString();
   EXPECT_LT(absl::Now() - start, absl::Seconds(4));
   decode_->backend.delay_ms = 0;
+}
+
+// Structured output end to end (prefill and decode workers): response_format's schema on
+// completions and chat, whole and streamed, and a named tool choice whose reply is the call's
+// arguments; the random model writes JSON that matches.
+TEST_F(OpenAiHttpTest, ResponseFormatsAndForcedToolsGiveMatchingJson) {
+  const Json schema = {
+      {"type", "object"},
+      {"properties", {{"city", {{"enum", {"Oslo", "Paris"}}}}, {"days", {{"type", "integer"}}}}},
+      {"required", {"city", "days"}}};
+  auto check = [](const std::string& text) {
+    const Json j = Json::parse(text, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << text;
+    EXPECT_TRUE(j["city"] == "Oslo" || j["city"] == "Paris") << text;
+    EXPECT_TRUE(j["days"].is_number_integer()) << text;
+    EXPECT_EQ(j.size(), 2u) << text;
+  };
+  const Json format = {{"type", "json_schema"},
+                       {"json_schema", {{"name", "w"}, {"schema", schema}}}};
+  Json request = {{"prompt", kPrompt}, {"max_tokens", 200}, {"response_format", format}};
+  for (int seed = 0; seed < 3; ++seed) {
+    request["seed"] = seed;
+    auto [status, body] = Complete(request);
+    ASSERT_EQ(status, 200) << body.dump();
+    EXPECT_EQ(body["choices"][0]["finish_reason"], "stop") << body.dump();
+    check(body["choices"][0]["text"]);
+  }
+  auto [status, events] = Stream(request);
+  ASSERT_EQ(status, 200);
+  std::string streamed;
+  for (const std::string& e : events) {
+    if (e != "[DONE]") streamed += Json::parse(e)["choices"][0]["text"].get<std::string>();
+  }
+  check(streamed);
+
+  const Json user = {{{"role", "user"}, {"content", "Weather?"}}};
+  auto [chat_status, chat] =
+      Complete({{"messages", user}, {"max_tokens", 200}, {"response_format", format}},
+               "/v1/chat/completions");
+  ASSERT_EQ(chat_status, 200) << chat.dump();
+  check(chat["choices"][0]["message"]["content"]);
+
+  const Json tools = {
+      {{"type", "function"}, {"function", {{"name", "get_weather"}, {"parameters", schema}}}}};
+  const Json forced = {
+      {"messages", user},
+      {"max_tokens", 200},
+      {"tools", tools},
+      {"tool_choice", {{"type", "function"}, {"function", {{"name", "get_weather"}}}}}};
+  auto [tool_status, called] = Complete(forced, "/v1/chat/completions");
+  ASSERT_EQ(tool_status, 200) << called.dump();
+  const Json& message = called["choices"][0]["message"];
+  EXPECT_TRUE(message["content"].is_null()) << called.dump();
+  ASSERT_EQ(message["tool_calls"].size(), 1u) << called.dump();
+  EXPECT_EQ(message["tool_calls"][0]["function"]["name"], "get_weather");
+  check(message["tool_calls"][0]["function"]["arguments"]);
+  EXPECT_EQ(called["choices"][0]["finish_reason"], "tool_calls");
 }
 
 // Overload is 429: the front-end's RESOURCE_EXHAUSTED while its one slot is taken.
