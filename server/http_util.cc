@@ -42,28 +42,6 @@ absl::StatusOr<int> ListenInBackground(httplib::Server& server, const std::strin
   return bound;
 }
 
-int JsonTextDepth(absl::string_view text) {
-  int depth = 0, deepest = 0;
-  bool in_string = false;
-  for (size_t i = 0; i < text.size(); ++i) {
-    const char c = text[i];
-    if (in_string) {
-      if (c == '\\') {
-        ++i;
-      } else if (c == '"') {
-        in_string = false;
-      }
-    } else if (c == '"') {
-      in_string = true;
-    } else if (c == '[' || c == '{') {
-      deepest = std::max(deepest, ++depth);
-    } else if (c == ']' || c == '}') {
-      --depth;
-    }
-  }
-  return deepest;
-}
-
 namespace {
 
 // A socket address as cpp-httplib writes a request's: the numeric host and the port.

@@ -7,6 +7,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/time/time.h"
+#include "engine/common/json_depth.h"  // JsonTextDepth, for bodies
 
 namespace httplib {
 class Server;
@@ -22,11 +23,6 @@ namespace pds::server {
 // `server`, which the caller must leave alive (the process is failing).
 absl::StatusOr<int> ListenInBackground(httplib::Server& server, const std::string& host, int port,
                                        std::thread& thread, absl::string_view what);
-
-// The deepest nesting of [ and { in JSON text (brackets inside strings do not count), read
-// without parsing: copying or printing a parsed value recurses once per level, so a body
-// nested thousands deep must be refused before it is used.
-int JsonTextDepth(absl::string_view text);
 
 // Whether the client of a request that is being answered is still connected. cpp-httplib
 // (0.11) hands a handler no socket, and it notices a client that left only when a write

@@ -10,6 +10,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_cat.h"
+#include "engine/common/json_depth.h"
 #include "engine/common/status_macros.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "nlohmann/json.hpp"
@@ -19,11 +20,14 @@ namespace {
 
 using Json = nlohmann::ordered_json;
 
-constexpr int kMaxWhitespace = 16;   // consecutive whitespace characters between tokens
-constexpr int kMaxNumberChars = 32;  // characters of one number
-constexpr int kMaxNesting = 64;      // open objects and arrays, and schema nesting
-constexpr int kMaxUnionDepth = 32;   // anyOf/$ref expansions for one value's first byte
-constexpr size_t kMaxStates = 256;   // parser stacks kept alive at once
+constexpr int kMaxWhitespace = 16;    // consecutive whitespace characters between tokens
+constexpr int kMaxNumberChars = 32;   // characters of one number
+constexpr int kMaxNesting = 64;       // open objects and arrays, and schema nesting
+constexpr int kMaxUnionDepth = 32;    // anyOf/$ref expansions for one value's first byte
+constexpr size_t kMaxStates = 256;    // parser stacks kept alive at once
+constexpr int kMaxExpansions = 4096;  // value starts one byte may try (anyOf fan-out)
+constexpr size_t kMaxNodes = 20000;   // compiled schema nodes
+constexpr int kMaxSchemaDepth = 128;  // nesting of the schema's JSON text
 
 bool IsSpace(uint8_t c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
 // An ASCII byte that leaves an unconstrained string's content as it is.
@@ -184,6 +188,7 @@ class SchemaCompiler {
 
   absl::StatusOr<int> Compile(const Json& s, const std::string& where, int depth) {
     if (depth > kMaxNesting) return Error(where, "nested deeper than 64 schemas");
+    PDS_RETURN_IF_ERROR(CheckSize(where));
     if (s.is_boolean()) {
       if (s.get<bool>()) return Any();
       return Error(where, "the schema false accepts nothing");
@@ -337,6 +342,10 @@ class SchemaCompiler {
     out_.nodes_.push_back(std::move(node));
     return static_cast<int>(out_.nodes_.size()) - 1;
   }
+  absl::Status CheckSize(const std::string& where) const {
+    if (out_.nodes_.size() <= kMaxNodes) return absl::OkStatus();
+    return Error(where, "the schema compiles to more than 20000 nodes");
+  }
 
   absl::StatusOr<int> Ref(const Json& ref, const std::string& where, int depth) {
     if (!ref.is_string()) return Error(where, "$ref must be a string");
@@ -427,11 +436,17 @@ class SchemaCompiler {
 };
 
 absl::StatusOr<std::shared_ptr<const JsonSchema>> JsonSchema::Compile(absl::string_view schema) {
+  if (JsonTextDepth(schema) > kMaxSchemaDepth) {
+    return absl::InvalidArgumentError("json_schema nests arrays and objects deeper than 128");
+  }
   const Json root = Json::parse(schema, nullptr, /*allow_exceptions=*/false);
   if (root.is_discarded()) return absl::InvalidArgumentError("json_schema is not valid JSON");
   std::shared_ptr<JsonSchema> out(new JsonSchema());
   SchemaCompiler compiler(*out, root);
   PDS_ASSIGN_OR_RETURN(out->root_, compiler.Compile(root, "", 0));
+  if (out->nodes_.size() > kMaxNodes) {
+    return absl::InvalidArgumentError("json_schema compiles to more than 20000 nodes");
+  }
   return std::shared_ptr<const JsonSchema>(std::move(out));
 }
 
@@ -480,7 +495,7 @@ class Moves {
   void Advance(Stack s, uint8_t c, std::vector<Stack>& out) const {
     Frame& f = s.back();
     switch (f.kind) {
-      case Frame::kRoot:
+      case Frame::kRoot: {
         if (f.phase == kRootDone) return;
         if (IsSpace(c)) {
           if (f.ws++ < kMaxWhitespace) out.push_back(std::move(s));
@@ -488,8 +503,10 @@ class Moves {
         }
         f.phase = kRootDone;
         f.ws = 0;
-        StartValue(std::move(s), root_, c, out, 0);
+        int budget = kMaxExpansions;
+        StartValue(std::move(s), root_, c, out, 0, budget);
         return;
+      }
       case Frame::kLiteral:
       case Frame::kKey: {
         const Node& n = nodes_[f.node];
@@ -580,9 +597,11 @@ class Moves {
  private:
   // Pushes the frame(s) of a value of `node` that starts with byte c (the enclosing frame
   // already waits after it).
-  void StartValue(Stack s, int node, uint8_t c, std::vector<Stack>& out, int depth) const {
+  // `budget`: value starts left to try for this byte (anyOf under anyOf multiplies them).
+  void StartValue(Stack s, int node, uint8_t c, std::vector<Stack>& out, int depth,
+                  int& budget) const {
     const Node& n = nodes_[node];
-    if (s.size() > kMaxNesting) return;
+    if (s.size() > kMaxNesting || --budget < 0) return;
     Frame f;
     f.node = node;
     switch (n.kind) {
@@ -590,9 +609,9 @@ class Moves {
         if (depth >= kMaxUnionDepth) return;
         for (size_t i = 0; i < n.alts.size(); ++i) {
           if (i + 1 == n.alts.size()) {
-            StartValue(std::move(s), n.alts[i], c, out, depth + 1);
+            StartValue(std::move(s), n.alts[i], c, out, depth + 1, budget);
           } else {
-            StartValue(s, n.alts[i], c, out, depth + 1);
+            StartValue(s, n.alts[i], c, out, depth + 1, budget);
           }
         }
         return;
@@ -742,7 +761,8 @@ class Moves {
     } else if (!full) {  // a value starts (kArrStart, kArrNext)
       f.phase = kArrAfter;
       ++f.b;
-      StartValue(std::move(s), n.items, c, out, 0);
+      int budget = kMaxExpansions;
+      StartValue(std::move(s), n.items, c, out, 0, budget);
     }
   }
 
@@ -813,7 +833,8 @@ class Moves {
         const int value = f.cur >= 0 ? n.values[f.cur] : n.additional;
         f.phase = kObjAfter;
         ++f.b;
-        StartValue(std::move(s), value, c, out, 0);
+        int budget = kMaxExpansions;
+        StartValue(std::move(s), value, c, out, 0, budget);
         return;
       }
     }

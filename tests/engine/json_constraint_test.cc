@@ -95,6 +95,37 @@ TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
   }
 }
 
+// Hostile schemas are bounded: text nested too deep, types that multiply the compiled nodes,
+// and anyOf fan-outs through $ref (each byte tries a bounded number of value starts).
+TEST(JsonSchemaTest, HostileSchemasAreBounded) {
+  std::string deep;
+  for (int i = 0; i < 200; ++i) deep += R"({"items": )";
+  deep += "{}" + std::string(200, '}');
+  auto s = JsonSchema::Compile(deep);
+  ASSERT_FALSE(s.ok());
+  EXPECT_TRUE(absl::StrContains(s.status().message(), "deeper than 128")) << s.status();
+
+  std::string multiplied = R"({"type": "string"})";
+  for (int i = 0; i < 20; ++i) {  // 2^20 copies of the leaf
+    multiplied = R"({"type": ["array", "array"], "items": )" + multiplied + "}";
+  }
+  s = JsonSchema::Compile(multiplied);
+  ASSERT_FALSE(s.ok());
+  EXPECT_TRUE(absl::StrContains(s.status().message(), "nodes")) << s.status();
+
+  // a0 = anyOf[a1, a1, a1, a1], a1 = anyOf[a2 x4], ...: 4^20 paths to the leaf.
+  Json defs = Json::object();
+  for (int i = 0; i < 20; ++i) {
+    const Json ref = {{"$ref", "#/$defs/a" + std::to_string(i + 1)}};
+    defs["a" + std::to_string(i)] = {{"anyOf", {ref, ref, ref, ref}}};
+  }
+  defs["a20"] = {{"type", "integer"}};
+  const auto fan = Schema(Json({{"$defs", defs}, {"$ref", "#/$defs/a0"}}).dump());
+  ASSERT_NE(fan, nullptr);
+  JsonMatcher m(fan, Vocabulary(0));
+  m.AllowedTokens();  // finishes (whatever it allows)
+}
+
 TEST(JsonMatcherTest, AcceptsExactlyTheTextsTheSchemaAccepts) {
   const auto vocab = Vocabulary(0);
   struct Case {
