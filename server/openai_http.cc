@@ -33,7 +33,7 @@ namespace pds::server {
 namespace {
 
 namespace api = ::pdserve::v1;
-using Json = nlohmann::json;
+using Json = nlohmann::ordered_json;  // bodies keep their key order (schemas, tools)
 
 constexpr int kMaxChoices = 128;  // prompts x n in one request
 constexpr int kMaxN = 16;

@@ -442,6 +442,13 @@ TEST(OpenAiChatParseTest, ToolsReachTheTemplateAndChooseTheParser) {
   EXPECT_EQ(r->tool_function, "now");
   EXPECT_EQ(Json::parse(r->choices[0].json_schema()),
             Json({{"type", "object"}, {"properties", Json::object()}}));
+  // response_format keeps the schema's property order (the order the reply writes them in).
+  r = ParseChatRequest(
+      R"({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type":
+          "json_schema", "json_schema": {"schema": {"properties": {"b": {}, "a": {}}}}}})",
+      "", 0, *format, *m.tokenizer);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(r->choices[0].json_schema(), R"({"properties":{"b":{},"a":{}}})");
   // auto needs a parser.
   refused({{"tools", kTools}}, ToolCallFormat::kNone, "--tool-call-parser");
   refused(
