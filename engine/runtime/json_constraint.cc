@@ -891,7 +891,8 @@ void JsonMatcher::Walk(const TokenVocabulary::Trie& trie, uint32_t node,
   }
 }
 
-void JsonMatcher::Allowed(std::vector<uint8_t>& allowed) const {
+void JsonMatcher::ComputeAllowed(std::vector<uint8_t>& allowed) const {
+  allowed.assign(vocab_->size(), 0);
   const Moves moves(schema_->nodes_, schema_->root_);
   // Inside strings only: the plain tokens that fit are allowed without a walk (a string
   // without bounds stays as it is after them), and only the others' trie is walked.
@@ -919,8 +920,8 @@ void JsonMatcher::Allowed(std::vector<uint8_t>& allowed) const {
 }
 
 std::vector<int32_t> JsonMatcher::AllowedTokens() const {
-  std::vector<uint8_t> allowed(vocab_->size(), 0);
-  Allowed(allowed);
+  std::vector<uint8_t> allowed;
+  ComputeAllowed(allowed);
   std::vector<int32_t> out;
   for (int32_t id = 0; id < vocab_->size(); ++id) {
     if (allowed[id]) out.push_back(id);
@@ -929,10 +930,12 @@ std::vector<int32_t> JsonMatcher::AllowedTokens() const {
 }
 
 bool JsonMatcher::MaskLogits(float* logits, int64_t n) const {
-  std::vector<uint8_t>& allowed = scratch_;
-  allowed.assign(vocab_->size(), 0);
-  Allowed(allowed);
-  const int64_t known = std::min<int64_t>(n, vocab_->size());
+  ComputeAllowed(scratch_);
+  return ApplyAllowed(scratch_, logits, n);
+}
+
+bool JsonMatcher::ApplyAllowed(const std::vector<uint8_t>& allowed, float* logits, int64_t n) {
+  const int64_t known = std::min<int64_t>(n, static_cast<int64_t>(allowed.size()));
   constexpr float kNever = -std::numeric_limits<float>::infinity();
   uint8_t any = 0;
   for (int64_t id = 0; id < known; ++id) {  // branch-free: vectorizes

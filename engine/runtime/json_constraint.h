@@ -87,6 +87,10 @@ class JsonMatcher {
 
   // Sets logits[id] to -inf for every id in [0, n) that cannot come next. False when none can.
   bool MaskLogits(float* logits, int64_t n) const;
+  // The same in two halves, so that the first can run while the model computes the logits:
+  // allowed[id] = 1 for the ids that may come next (resized to the vocabulary), then the mask.
+  void ComputeAllowed(std::vector<uint8_t>& allowed) const;
+  static bool ApplyAllowed(const std::vector<uint8_t>& allowed, float* logits, int64_t n);
   // The ids that may come next, ascending (what MaskLogits keeps).
   std::vector<int32_t> AllowedTokens() const;
   // Moves past a drawn token; false (and no change) when it cannot come next. A stop token is
@@ -103,8 +107,6 @@ class JsonMatcher {
  private:
   void Walk(const TokenVocabulary::Trie& trie, uint32_t node, const std::vector<Stack>& states,
             bool plain_same, std::vector<uint8_t>& allowed) const;
-  // allowed[id] = 1 for the ids that may come next (`allowed` has the vocabulary's size).
-  void Allowed(std::vector<uint8_t>& allowed) const;
 
   std::shared_ptr<const JsonSchema> schema_;
   std::shared_ptr<const TokenVocabulary> vocab_;

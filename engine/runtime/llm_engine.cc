@@ -1,7 +1,9 @@
 #include "engine/runtime/llm_engine.h"
 
 #include <algorithm>
+#include <future>
 #include <random>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "engine/common/logging.h"
@@ -91,10 +93,10 @@ absl::StatusOr<std::unique_ptr<JsonMatcher>> LlmEngine::MatcherFor(const Generat
   return std::make_unique<JsonMatcher>(it->second, vocab_);
 }
 
-bool LlmEngine::Constrain(Sequence& seq, float* row, const kernels::RowSampling& rule,
-                          int32_t& token) {
+bool LlmEngine::Constrain(Sequence& seq, const std::vector<uint8_t>& allowed, float* row,
+                          const kernels::RowSampling& rule, int32_t& token) {
   const int64_t vocab = model_.config().vocab_size;
-  if (!seq.matcher->MaskLogits(row, vocab)) return false;
+  if (!JsonMatcher::ApplyAllowed(allowed, row, vocab)) return false;
   token = rule.greedy() ? kernels::cpu::Argmax(row, vocab)
                         : kernels::cpu::SampleLogits(row, vocab, rule.temperature, rule.top_k,
                                                      rule.top_p, rule.u, sample_scratch_);
@@ -498,6 +500,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   // logits get their row on the host (mid-prefill sequences sample nothing that is used).
   sampling_.resize(plan.size());
   host_rows_.assign(plan.size(), 0);
+  std::vector<size_t> constrained;  // rows drawn under a json_schema
   for (size_t i = 0; i < plan.size(); ++i) {
     const Sequence& seq = *plan[i].seq;
     sampling_[i] = seq.sampler->RowParams(seq.num_generated);
@@ -506,6 +509,24 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     if (samples &&
         (seq.request.params.logprobs >= 0 || seq.request.return_logits || seq.matcher != nullptr)) {
       host_rows_[i] = 1;
+    }
+    if (samples && seq.matcher != nullptr) constrained.push_back(i);
+  }
+  // Structured output: the masks depend only on the tokens so far, so they are computed on
+  // helper threads while the model runs (joined before the rows are drawn, or when this
+  // returns).
+  allowed_.resize(plan.size());
+  std::vector<std::future<void>> masks;
+  if (!constrained.empty()) {
+    const size_t tasks = std::min<size_t>(
+        constrained.size(), std::max<unsigned>(1, std::thread::hardware_concurrency() / 4));
+    for (size_t t = 0; t < tasks; ++t) {
+      masks.push_back(std::async(std::launch::async, [&, t] {
+        for (size_t k = t; k < constrained.size(); k += tasks) {
+          const size_t i = constrained[k];
+          plan[i].seq->matcher->ComputeAllowed(allowed_[i]);
+        }
+      }));
     }
   }
   std::shared_ptr<LayerProgress> progress;
@@ -528,6 +549,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   }
   const absl::Status forwarded =
       model_.Forward(inputs, cache_, logits_, sampling_, host_rows_, tokens_, on_kv_layer);
+  for (std::future<void>& m : masks) m.get();
   if (progress != nullptr) progress->End(forwarded);
   if (!forwarded.ok()) {
     // A sequence whose KV was leaving during the step is held, not runnable: its transfer may
@@ -559,7 +581,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     bool constrained_end = false;  // the reply's JSON is complete, or cannot go on
     if (seq.matcher != nullptr) {
       // Drawn again from the masked row: the logprobs are then those of what was drawn from.
-      if (!Constrain(seq, row, sampling_[i], out.token)) {
+      if (!Constrain(seq, allowed_[i], row, sampling_[i], out.token)) {
         out.finish = FinishReason::kError;
         Logger("engine")->warn("request '{}': no token continues its JSON after {} tokens",
                                seq.request.id, seq.num_generated);

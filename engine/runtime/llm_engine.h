@@ -197,9 +197,11 @@ class LlmEngine {
   absl::Status ValidateRequest(GenerateRequest& request) const;
   // The matcher of a request's json_schema (null without one); the schema compiled once.
   absl::StatusOr<std::unique_ptr<JsonMatcher>> MatcherFor(const GenerateRequest& request);
-  // A constrained row: masks the logits to what may follow, draws again from them by the
-  // row's rule, and moves the matcher past the token. False when no token may follow.
-  bool Constrain(Sequence& seq, float* row, const kernels::RowSampling& rule, int32_t& token);
+  // A constrained row: masks the logits to the `allowed` tokens (JsonMatcher::ComputeAllowed),
+  // draws again from them by the row's rule, and moves the matcher past the token. False when
+  // no token may follow.
+  bool Constrain(Sequence& seq, const std::vector<uint8_t>& allowed, float* row,
+                 const kernels::RowSampling& rule, int32_t& token);
   // Whether a held or importing sequence owns blocks (they come back when its transfer ends).
   bool BlocksAwaitRelease() const;
 
@@ -247,6 +249,7 @@ class LlmEngine {
   std::shared_ptr<const TokenVocabulary> vocab_;
   absl::flat_hash_map<std::string, std::shared_ptr<const JsonSchema>> schemas_;
   std::vector<std::pair<float, int32_t>> sample_scratch_;
+  std::vector<std::vector<uint8_t>> allowed_;  // per planned row: its mask's allowed tokens
 };
 
 }  // namespace pds::engine
