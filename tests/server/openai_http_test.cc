@@ -1259,6 +1259,41 @@ TEST_F(OpenAiHttpTest, ResponseFormatsAndForcedToolsGiveMatchingJson) {
   EXPECT_EQ(called["choices"][0]["finish_reason"], "tool_calls");
 }
 
+// The gRPC API's json_schema: a bad one is INVALID_ARGUMENT from the front-end, naming the
+// keyword; a good one gives JSON.
+TEST_F(OpenAiHttpTest, GrpcJsonSchemaIsCheckedAndFollowed) {
+  api::GenerateRequest r;
+  r.set_prompt_text(kPrompt);
+  r.set_max_tokens(100);
+  r.set_json_schema(R"({"type": "array", "items": {"type": "integer"}, "uniqueItems": true})");
+  {
+    grpc::ClientContext ctx;
+    auto call = stub_->Generate(&ctx, r);
+    api::GenerateResponse m;
+    while (call->Read(&m)) {
+    }
+    const grpc::Status s = call->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_TRUE(absl::StrContains(s.error_message(), "uniqueItems")) << s.error_message();
+  }
+  r.set_json_schema(R"({"type": "array", "items": {"type": "integer"}, "maxItems": 3})");
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto call = stub_->Generate(&ctx, r);
+  api::GenerateResponse m;
+  std::string text, finish;
+  while (call->Read(&m)) {
+    text += m.text();
+    if (m.has_done()) finish = m.done().finish_reason();
+  }
+  ASSERT_TRUE(call->Finish().ok());
+  EXPECT_EQ(finish, "stop");
+  const Json j = Json::parse(text, nullptr, false);
+  ASSERT_TRUE(j.is_array()) << text;
+  EXPECT_LE(j.size(), 3u);
+  for (const Json& v : j) EXPECT_TRUE(v.is_number_integer()) << text;
+}
+
 // Overload is 429: the front-end's RESOURCE_EXHAUSTED while its one slot is taken.
 TEST_F(OpenAiHttpTest, OverloadIsTooManyRequests) {
   TearDown();
