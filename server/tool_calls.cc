@@ -8,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "engine/tokenizer/unicode.h"
 #include "nlohmann/json.hpp"
 #include "server/stop_matcher.h"
 
@@ -298,84 +299,9 @@ class PythonicParser {
         ++i_;
         continue;
       }
-      if (++i_ >= s_.size()) return false;
-      const char e = s_[i_++];
-      switch (e) {
-        case '\n':
-          break;  // a line continuation
-        case '\\':
-        case '\'':
-        case '"':
-          out.push_back(e);
-          break;
-        case 'n':
-          out.push_back('\n');
-          break;
-        case 't':
-          out.push_back('\t');
-          break;
-        case 'r':
-          out.push_back('\r');
-          break;
-        case 'b':
-          out.push_back('\b');
-          break;
-        case 'f':
-          out.push_back('\f');
-          break;
-        case 'v':
-          out.push_back('\v');
-          break;
-        case 'a':
-          out.push_back('\a');
-          break;
-        case 'x':
-        case 'u':
-        case 'U': {
-          const int n = e == 'x' ? 2 : e == 'u' ? 4 : 8;
-          uint32_t cp = 0;
-          for (int k = 0; k < n; ++k, ++i_) {
-            if (i_ >= s_.size() || !absl::ascii_isxdigit(static_cast<unsigned char>(s_[i_]))) {
-              return false;
-            }
-            const char h = absl::ascii_tolower(s_[i_]);
-            cp = cp * 16 + (h <= '9' ? h - '0' : h - 'a' + 10);
-          }
-          if (cp > 0x10FFFF) return false;
-          AppendUtf8(out, cp >= 0xD800 && cp < 0xE000 ? 0xFFFD : cp);
-          break;
-        }
-        default:
-          if (e >= '0' && e <= '7') {  // up to three octal digits
-            uint32_t cp = e - '0';
-            for (int k = 0; k < 2 && i_ < s_.size() && s_[i_] >= '0' && s_[i_] <= '7'; ++k) {
-              cp = cp * 8 + (s_[i_++] - '0');
-            }
-            AppendUtf8(out, cp);
-          } else {  // Python keeps an unknown escape as written
-            out.push_back('\\');
-            out.push_back(e);
-          }
-      }
+      if (++i_ >= s_.size() || !engine::AppendPythonEscape(s_, i_, out)) return false;
     }
     return false;
-  }
-  static void AppendUtf8(std::string& out, uint32_t cp) {
-    if (cp < 0x80) {
-      out.push_back(static_cast<char>(cp));
-    } else if (cp < 0x800) {
-      out.push_back(static_cast<char>(0xC0 | (cp >> 6)));
-      out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else if (cp < 0x10000) {
-      out.push_back(static_cast<char>(0xE0 | (cp >> 12)));
-      out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    } else {
-      out.push_back(static_cast<char>(0xF0 | (cp >> 18)));
-      out.push_back(static_cast<char>(0x80 | ((cp >> 12) & 0x3F)));
-      out.push_back(static_cast<char>(0x80 | ((cp >> 6) & 0x3F)));
-      out.push_back(static_cast<char>(0x80 | (cp & 0x3F)));
-    }
   }
 
   absl::string_view s_;

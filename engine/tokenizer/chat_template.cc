@@ -324,66 +324,9 @@ class Lexer {
         out.push_back(c);
         continue;
       }
-      const char e = src_[pos++];
-      switch (e) {
-        case 'n':
-          out.push_back('\n');
-          break;
-        case 't':
-          out.push_back('\t');
-          break;
-        case 'r':
-          out.push_back('\r');
-          break;
-        case 'b':
-          out.push_back('\b');
-          break;
-        case 'f':
-          out.push_back('\f');
-          break;
-        case 'v':
-          out.push_back('\v');
-          break;
-        case 'a':
-          out.push_back('\a');
-          break;
-        case '0':
-          out.push_back('\0');
-          break;
-        case '\\':
-          out.push_back('\\');
-          break;
-        case '\'':
-          out.push_back('\'');
-          break;
-        case '"':
-          out.push_back('"');
-          break;
-        case '\n':
-          ++line_;
-          break;  // a continued line
-        case 'x':
-        case 'u':
-        case 'U': {
-          const size_t len = e == 'x' ? 2 : e == 'u' ? 4 : 8;
-          uint32_t cp = 0;
-          if (pos + len > n) return LexError(source_, line_, "bad escape in string");
-          for (size_t k = 0; k < len; ++k) {
-            const char h = src_[pos + k];
-            if (!std::isxdigit(static_cast<unsigned char>(h))) {
-              return LexError(source_, line_, "bad escape in string");
-            }
-            cp = cp * 16 + (std::isdigit(static_cast<unsigned char>(h))
-                                ? h - '0'
-                                : (std::tolower(h) - 'a' + 10));
-          }
-          pos += len;
-          AppendUtf8(cp, out);
-          break;
-        }
-        default:  // unknown escapes stay as written
-          out.push_back('\\');
-          out.push_back(e);
+      if (src_[pos] == '\n') ++line_;  // a continued line
+      if (!AppendPythonEscape(src_, pos, out)) {
+        return LexError(source_, line_, "bad escape in string");
       }
     }
     tokens_.push_back({Tok::kString, std::move(out), 0, 0, line_});

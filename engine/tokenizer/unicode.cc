@@ -84,6 +84,76 @@ bool IsValidUtf8(absl::string_view text) {
   return true;
 }
 
+bool AppendPythonEscape(absl::string_view text, size_t& pos, std::string& out) {
+  if (pos >= text.size()) return false;
+  const char e = text[pos++];
+  switch (e) {
+    case '\n':  // a continued line
+      return true;
+    case '\\':
+    case '\'':
+    case '"':
+      out.push_back(e);
+      return true;
+    case 'n':
+      out.push_back('\n');
+      return true;
+    case 't':
+      out.push_back('\t');
+      return true;
+    case 'r':
+      out.push_back('\r');
+      return true;
+    case 'b':
+      out.push_back('\b');
+      return true;
+    case 'f':
+      out.push_back('\f');
+      return true;
+    case 'v':
+      out.push_back('\v');
+      return true;
+    case 'a':
+      out.push_back('\a');
+      return true;
+    case 'x':
+    case 'u':
+    case 'U': {
+      const size_t len = e == 'x' ? 2 : e == 'u' ? 4 : 8;
+      if (pos + len > text.size()) return false;
+      uint32_t cp = 0;
+      for (size_t k = 0; k < len; ++k) {
+        const char h = text[pos + k];
+        int digit;
+        if (h >= '0' && h <= '9') {
+          digit = h - '0';
+        } else if ((h | 0x20) >= 'a' && (h | 0x20) <= 'f') {
+          digit = (h | 0x20) - 'a' + 10;
+        } else {
+          return false;
+        }
+        cp = cp * 16 + static_cast<uint32_t>(digit);
+      }
+      if (cp > 0x10FFFF) return false;
+      pos += len;
+      AppendUtf8(cp >= 0xD800 && cp < 0xE000 ? 0xFFFD : cp, out);
+      return true;
+    }
+    default:
+      if (e >= '0' && e <= '7') {  // up to three octal digits
+        uint32_t cp = static_cast<uint32_t>(e - '0');
+        for (int k = 0; k < 2 && pos < text.size() && text[pos] >= '0' && text[pos] <= '7'; ++k) {
+          cp = cp * 8 + static_cast<uint32_t>(text[pos++] - '0');
+        }
+        AppendUtf8(cp, out);
+      } else {  // Python keeps an unknown escape as written
+        out.push_back('\\');
+        out.push_back(e);
+      }
+      return true;
+  }
+}
+
 void AppendUtf8(uint32_t cp, std::string& out) {
   if (cp < 0x80) {
     out.push_back(static_cast<char>(cp));

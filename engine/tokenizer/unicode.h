@@ -19,6 +19,14 @@ bool IsValidUtf8(absl::string_view text);
 // Appends the UTF-8 encoding of code point `cp`.
 void AppendUtf8(uint32_t cp, std::string& out);
 
+// One escape of a Python string literal (as Jinja's and pythonic tool calls' strings are):
+// text[pos] is the character after the backslash. Appends what it stands for and moves pos
+// past it: \n \t \r \b \f \v \a \\ \' \", a backslash-newline (nothing), octal \ooo,
+// \xhh, \uhhhh, \Uhhhhhhhh (a surrogate becomes U+FFFD); an unknown escape stays as written,
+// backslash and all. False (nothing appended) for a cut-off or malformed hex escape or one
+// past U+10FFFF.
+bool AppendPythonEscape(absl::string_view text, size_t& pos, std::string& out);
+
 // Unicode NFC normalization (ICU). `text` must be valid UTF-8.
 absl::StatusOr<std::string> NormalizeNfc(absl::string_view text);
 
