@@ -578,7 +578,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     TokenOutput out;
     out.request_id = seq.request.id;
     out.token = tokens_[i];
-    bool constrained_end = false;  // the reply's JSON is complete, or cannot go on
+    bool constrained_end = false;  // the reply's JSON is complete (or a stop token ended it)
     if (seq.matcher != nullptr) {
       // Drawn again from the masked row: the logprobs are then those of what was drawn from.
       if (!Constrain(seq, allowed_[i], row, sampling_[i], out.token)) {
@@ -599,7 +599,9 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     ++seq.num_generated;
     if (seq.num_generated == 1) out.cached_prompt_tokens = seq.prompt_cached;
     if (out.finish == FinishReason::kNone) out.finish = CheckFinish(seq, out.token);
-    if (out.finish == FinishReason::kNone && constrained_end) out.finish = FinishReason::kStop;
+    // A complete JSON reply ends as "stop", even on its max_tokens-th token.
+    if (constrained_end && out.finish == FinishReason::kLength) out.finish = FinishReason::kStop;
+    if (constrained_end && out.finish == FinishReason::kNone) out.finish = FinishReason::kStop;
     if (seq.handoff != nullptr) {
       // Its transfer may be reading the blocks: they stay until Cancel(), even if it ended.
       seq.handoff->Resolve(out.finish == FinishReason::kNone

@@ -102,6 +102,17 @@ TEST_F(StructuredOutputTest, RepliesAreJsonTheSchemaAccepts) {
   auto results = NewEngine()->Generate(std::move(requests));
   ASSERT_TRUE(results.ok()) << results.status();
   for (const GenerateResult& r : *results) ExpectMatches(r);
+  // A reply whose JSON completes on its max_tokens-th token ends as "stop", not "length".
+  GenerateRequest exact = Request("exact", 0.0f, 1);
+  exact.params.max_tokens = static_cast<int32_t>((*results)[0].token_ids.size());
+  auto cut = NewEngine()->Generate({exact});
+  ASSERT_TRUE(cut.ok());
+  EXPECT_EQ((*cut)[0].token_ids, (*results)[0].token_ids);
+  EXPECT_EQ((*cut)[0].finish, FinishReason::kStop);
+  exact.params.max_tokens -= 1;
+  cut = NewEngine()->Generate({exact});
+  ASSERT_TRUE(cut.ok());
+  EXPECT_EQ((*cut)[0].finish, FinishReason::kLength);
   // Without the schema, the same random model does not write JSON.
   GenerateRequest free = Request("free", 0.0f, 1);
   free.params.json_schema.clear();
