@@ -1,6 +1,7 @@
 #include "engine/runtime/json_constraint.h"
 
 #include <algorithm>
+#include <bit>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -19,6 +20,8 @@ namespace pds::engine {
 namespace {
 
 using Json = nlohmann::ordered_json;
+
+void Set(std::vector<uint64_t>& bits, int32_t id) { bits[id >> 6] |= uint64_t{1} << (id & 63); }
 
 constexpr int kMaxWhitespace = 16;    // consecutive whitespace characters between tokens
 constexpr int kMaxNumberChars = 32;   // characters of one number
@@ -866,15 +869,14 @@ JsonMatcher::JsonMatcher(const JsonMatcher&) = default;
 JsonMatcher::JsonMatcher(JsonMatcher&&) noexcept = default;
 
 void JsonMatcher::Walk(const TokenVocabulary::Trie& trie, uint32_t node,
-                       const std::vector<Stack>& states, bool plain_same,
-                       std::vector<uint8_t>& allowed) const {
+                       const std::vector<Stack>& states, bool plain_same, Bits& allowed) const {
   const Moves moves(schema_->nodes_, schema_->root_);
   const TokenVocabulary::Trie::Node& t = trie.nodes[node];
   for (uint32_t e = t.edge_begin; e < t.edge_end; ++e) {
     const TokenVocabulary::Trie::Edge& edge = trie.edges[e];
     const TokenVocabulary::Trie::Node& child = trie.nodes[edge.child];
     if (plain_same && IsPlain(edge.byte)) {  // nothing changes
-      for (uint32_t k = child.token_begin; k < child.token_end; ++k) allowed[trie.tokens[k]] = 1;
+      for (uint32_t k = child.token_begin; k < child.token_end; ++k) Set(allowed, trie.tokens[k]);
       Walk(trie, edge.child, states, true, allowed);
       continue;
     }
@@ -884,15 +886,15 @@ void JsonMatcher::Walk(const TokenVocabulary::Trie& trie, uint32_t node,
     }
     if (next.empty()) continue;
     Dedup(next);
-    for (uint32_t k = child.token_begin; k < child.token_end; ++k) allowed[trie.tokens[k]] = 1;
+    for (uint32_t k = child.token_begin; k < child.token_end; ++k) Set(allowed, trie.tokens[k]);
     const bool plain =
         std::all_of(next.begin(), next.end(), [&](const Stack& s) { return moves.PlainString(s); });
     Walk(trie, edge.child, next, plain, allowed);
   }
 }
 
-void JsonMatcher::ComputeAllowed(std::vector<uint8_t>& allowed) const {
-  allowed.assign(vocab_->size(), 0);
+void JsonMatcher::ComputeAllowed(Bits& allowed) const {
+  allowed.assign((vocab_->size() + 63) / 64, 0);
   const Moves moves(schema_->nodes_, schema_->root_);
   // Inside strings only: the plain tokens that fit are allowed without a walk (a string
   // without bounds stays as it is after them), and only the others' trie is walked.
@@ -907,24 +909,26 @@ void JsonMatcher::ComputeAllowed(std::vector<uint8_t>& allowed) const {
   if (strings) {
     const auto& chars = vocab_->plain_chars_;
     const size_t fit = std::upper_bound(chars.begin(), chars.end(), room) - chars.begin();
-    for (size_t k = 0; k < fit; ++k) allowed[vocab_->plain_[k]] = 1;
+    for (size_t k = 0; k < fit; ++k) Set(allowed, vocab_->plain_[k]);
     Walk(*vocab_->special_, 0, states_, same, allowed);
   } else {
     Walk(*vocab_->all_, 0, states_, false, allowed);
   }
   if (CanEnd()) {
     for (int32_t id : vocab_->stop_ids_) {
-      if (id >= 0 && id < vocab_->size()) allowed[id] = 1;
+      if (id >= 0 && id < vocab_->size()) Set(allowed, id);
     }
   }
 }
 
 std::vector<int32_t> JsonMatcher::AllowedTokens() const {
-  std::vector<uint8_t> allowed;
+  Bits allowed;
   ComputeAllowed(allowed);
   std::vector<int32_t> out;
-  for (int32_t id = 0; id < vocab_->size(); ++id) {
-    if (allowed[id]) out.push_back(id);
+  for (size_t w = 0; w < allowed.size(); ++w) {
+    for (uint64_t bits = allowed[w]; bits != 0; bits &= bits - 1) {
+      out.push_back(static_cast<int32_t>(w * 64 + std::countr_zero(bits)));
+    }
   }
   return out;
 }
@@ -934,16 +938,50 @@ bool JsonMatcher::MaskLogits(float* logits, int64_t n) const {
   return ApplyAllowed(scratch_, logits, n);
 }
 
-bool JsonMatcher::ApplyAllowed(const std::vector<uint8_t>& allowed, float* logits, int64_t n) {
-  const int64_t known = std::min<int64_t>(n, static_cast<int64_t>(allowed.size()));
+bool JsonMatcher::ApplyAllowed(const Bits& allowed, float* logits, int64_t n) {
   constexpr float kNever = -std::numeric_limits<float>::infinity();
-  uint8_t any = 0;
-  for (int64_t id = 0; id < known; ++id) {  // branch-free: vectorizes
-    any |= allowed[id];
-    logits[id] = allowed[id] ? logits[id] : kNever;
+  bool any = false;
+  // Only the refused tokens are written: a word of 64 allowed ones (string content) costs one
+  // test.
+  for (int64_t w = 0; w * 64 < n; ++w) {
+    const uint64_t bits = static_cast<size_t>(w) < allowed.size() ? allowed[w] : 0;
+    any = any || bits != 0;
+    for (uint64_t refused = ~bits; refused != 0; refused &= refused - 1) {
+      const int64_t id = w * 64 + std::countr_zero(refused);
+      if (id >= n) break;
+      logits[id] = kNever;
+    }
   }
-  for (int64_t id = known; id < n; ++id) logits[id] = kNever;
-  return any != 0;
+  return any;
+}
+
+int32_t JsonMatcher::Draw(const Bits& allowed, float* row, int64_t n,
+                          const kernels::RowSampling& rule, bool mask_row, DrawScratch& scratch) {
+  int64_t count = 0;
+  for (uint64_t w : allowed) count += std::popcount(w);
+  if (count * 8 < n && !mask_row) {
+    // Ids ascending, so ties go to the lowest id, as over the whole row.
+    scratch.ids.clear();
+    for (size_t w = 0; w < allowed.size(); ++w) {
+      for (uint64_t bits = allowed[w]; bits != 0; bits &= bits - 1) {
+        const int64_t id = static_cast<int64_t>(w) * 64 + std::countr_zero(bits);
+        if (id < n) scratch.ids.push_back(static_cast<int32_t>(id));
+      }
+    }
+    if (scratch.ids.empty()) return -1;
+    scratch.logits.resize(scratch.ids.size());
+    for (size_t k = 0; k < scratch.ids.size(); ++k) scratch.logits[k] = row[scratch.ids[k]];
+    const int64_t m = static_cast<int64_t>(scratch.ids.size());
+    const int32_t pick =
+        rule.greedy() ? kernels::cpu::Argmax(scratch.logits.data(), m)
+                      : kernels::cpu::SampleLogits(scratch.logits.data(), m, rule.temperature,
+                                                   rule.top_k, rule.top_p, rule.u, scratch.sort);
+    return scratch.ids[pick];
+  }
+  if (!ApplyAllowed(allowed, row, n)) return -1;
+  return rule.greedy() ? kernels::cpu::Argmax(row, n)
+                       : kernels::cpu::SampleLogits(row, n, rule.temperature, rule.top_k,
+                                                    rule.top_p, rule.u, scratch.sort);
 }
 
 bool JsonMatcher::Accept(int32_t token) {

@@ -20,6 +20,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "kernels/sampling.h"
 
 namespace pds::engine {
 
@@ -88,9 +89,23 @@ class JsonMatcher {
   // Sets logits[id] to -inf for every id in [0, n) that cannot come next. False when none can.
   bool MaskLogits(float* logits, int64_t n) const;
   // The same in two halves, so that the first can run while the model computes the logits:
-  // allowed[id] = 1 for the ids that may come next (resized to the vocabulary), then the mask.
-  void ComputeAllowed(std::vector<uint8_t>& allowed) const;
-  static bool ApplyAllowed(const std::vector<uint8_t>& allowed, float* logits, int64_t n);
+  // the ids that may come next as a bitset (bit id % 64 of word id / 64; resized to the
+  // vocabulary), then the mask.
+  using Bits = std::vector<uint64_t>;
+  void ComputeAllowed(Bits& allowed) const;
+  static bool ApplyAllowed(const Bits& allowed, float* logits, int64_t n);
+
+  // Draws a token from the logits `row` of n tokens among the `allowed` ones by `rule`
+  // (kernels::cpu's Argmax / SampleLogits). When few are allowed (structure, keys, enums,
+  // numbers), only they are read and the row is left alone, unless `mask_row` (logprobs read
+  // it); otherwise the refused tokens' logits are set to -inf first. -1 when none is allowed.
+  struct DrawScratch {
+    std::vector<int32_t> ids;
+    std::vector<float> logits;
+    std::vector<std::pair<float, int32_t>> sort;
+  };
+  static int32_t Draw(const Bits& allowed, float* row, int64_t n, const kernels::RowSampling& rule,
+                      bool mask_row, DrawScratch& scratch);
   // The ids that may come next, ascending (what MaskLogits keeps).
   std::vector<int32_t> AllowedTokens() const;
   // Moves past a drawn token; false (and no change) when it cannot come next. A stop token is
@@ -106,12 +121,12 @@ class JsonMatcher {
 
  private:
   void Walk(const TokenVocabulary::Trie& trie, uint32_t node, const std::vector<Stack>& states,
-            bool plain_same, std::vector<uint8_t>& allowed) const;
+            bool plain_same, Bits& allowed) const;
 
   std::shared_ptr<const JsonSchema> schema_;
   std::shared_ptr<const TokenVocabulary> vocab_;
   std::vector<Stack> states_;
-  mutable std::vector<uint8_t> scratch_;  // MaskLogits' allowed flags, kept between steps
+  mutable Bits scratch_;  // MaskLogits' allowed tokens, kept between steps
 };
 
 }  // namespace pds::engine

@@ -93,14 +93,12 @@ absl::StatusOr<std::unique_ptr<JsonMatcher>> LlmEngine::MatcherFor(const Generat
   return std::make_unique<JsonMatcher>(it->second, vocab_);
 }
 
-bool LlmEngine::Constrain(Sequence& seq, const std::vector<uint8_t>& allowed, float* row,
+bool LlmEngine::Constrain(Sequence& seq, const JsonMatcher::Bits& allowed, float* row,
                           const kernels::RowSampling& rule, int32_t& token) {
-  const int64_t vocab = model_.config().vocab_size;
-  if (!JsonMatcher::ApplyAllowed(allowed, row, vocab)) return false;
-  token = rule.greedy() ? kernels::cpu::Argmax(row, vocab)
-                        : kernels::cpu::SampleLogits(row, vocab, rule.temperature, rule.top_k,
-                                                     rule.top_p, rule.u, sample_scratch_);
-  return seq.matcher->Accept(token);
+  const bool wants_row = seq.request.params.logprobs >= 0 || seq.request.return_logits;
+  token =
+      JsonMatcher::Draw(allowed, row, model_.config().vocab_size, rule, wants_row, draw_scratch_);
+  return token >= 0 && seq.matcher->Accept(token);
 }
 
 absl::Status LlmEngine::AddRequest(GenerateRequest request) {

@@ -200,7 +200,7 @@ class LlmEngine {
   // A constrained row: masks the logits to the `allowed` tokens (JsonMatcher::ComputeAllowed),
   // draws again from them by the row's rule, and moves the matcher past the token. False when
   // no token may follow.
-  bool Constrain(Sequence& seq, const std::vector<uint8_t>& allowed, float* row,
+  bool Constrain(Sequence& seq, const JsonMatcher::Bits& allowed, float* row,
                  const kernels::RowSampling& rule, int32_t& token);
   // Whether a held or importing sequence owns blocks (they come back when its transfer ends).
   bool BlocksAwaitRelease() const;
@@ -249,7 +249,8 @@ class LlmEngine {
   std::shared_ptr<const TokenVocabulary> vocab_;
   absl::flat_hash_map<std::string, std::shared_ptr<const JsonSchema>> schemas_;
   std::vector<std::pair<float, int32_t>> sample_scratch_;
-  std::vector<std::vector<uint8_t>> allowed_;  // per planned row: its mask's allowed tokens
+  std::vector<JsonMatcher::Bits> allowed_;  // per planned row: its mask's allowed tokens
+  JsonMatcher::DrawScratch draw_scratch_;
 };
 
 }  // namespace pds::engine
