@@ -156,6 +156,7 @@ GenerateRequest MakeGenerateRequest(const RequestSpec& spec, int64_t index,
   req.set_max_tokens(static_cast<int32_t>(std::max<int64_t>(spec.output_len, 1)));
   req.set_ignore_eos(true);
   if (options.temperature) req.set_temperature(*options.temperature);
+  req.set_json_schema(options.json_schema);
   if (options.send_slo) {
     if (options.slo.ttft_ms > 0) {
       req.set_ttft_slo_ms(std::max(options.slo.ttft_ms - 1000 * std::max(lag_s, 0.0), 1e-3));

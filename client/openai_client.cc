@@ -16,7 +16,7 @@
 namespace pds::client {
 
 namespace api = ::pdserve::v1;
-using Json = nlohmann::json;
+using Json = nlohmann::ordered_json;  // request bodies keep their key order (schemas)
 
 struct OpenAiClient::Live {
   std::mutex mu;
@@ -95,6 +95,12 @@ absl::StatusOr<Json> Body(const api::GenerateRequest& r, const std::string& mode
     } else {
       j["logprobs"] = r.logprobs();
     }
+  }
+  if (!r.json_schema().empty()) {
+    Json schema = Json::parse(r.json_schema(), nullptr, /*allow_exceptions=*/false);
+    if (schema.is_discarded()) return absl::InvalidArgumentError("json_schema is not JSON");
+    j["response_format"] = {{"type", "json_schema"},
+                            {"json_schema", {{"name", "pdbench"}, {"schema", std::move(schema)}}}};
   }
   if (r.has_ttft_slo_ms()) j["ttft_slo_ms"] = r.ttft_slo_ms();
   if (r.has_tpot_slo_ms()) j["tpot_slo_ms"] = r.tpot_slo_ms();

@@ -14,6 +14,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -102,6 +103,9 @@ const FlagDef kFlags[] = {
     {"text-prompts", FlagType::kBool, "send generated prompts as text instead of token ids"},
     {"seed", FlagType::kValue, "seed of lengths, prompts and arrivals (default 0)"},
     {"temperature", FlagType::kValue, "sampling temperature (default: server's, greedy)"},
+    {"json-schema", FlagType::kValue,
+     "structured output: every request's reply is JSON of this schema (a file, or its text "
+     "starting with '{'; OpenAI APIs send it as response_format)"},
     {"goodput", FlagType::kMulti,
      "SLO targets, e.g. ttft:250 tpot:100 (ms); also sent to the server per request"},
     {"no-slo-hints", FlagType::kBool, "do not send the SLO targets with the requests"},
@@ -250,6 +254,7 @@ struct Config {
   SloTargets slo;
   bool send_slo = true;
   std::optional<float> temperature;
+  std::string json_schema;
   std::vector<std::string> percentile_metrics = AllPercentileMetrics();
   int max_concurrency = 512;
   double request_timeout_s = 300;
@@ -350,6 +355,17 @@ absl::StatusOr<Config> MakeConfig(const Flags& f) {
     PDS_ASSIGN_OR_RETURN(t, f.Double("temperature", 0));
     if (t < 0) return absl::InvalidArgumentError("--temperature must be >= 0");
     c.temperature = static_cast<float>(t);
+  }
+  if (f.Has("json-schema")) {
+    c.json_schema = f.String("json-schema");
+    if (!absl::StartsWith(c.json_schema, "{")) {
+      std::ifstream in(c.json_schema);
+      if (!in) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--json-schema: cannot read ", c.json_schema));
+      }
+      c.json_schema.assign(std::istreambuf_iterator<char>(in), {});
+    }
   }
 
   for (const std::string& item : f.Multi("goodput")) {
@@ -620,6 +636,7 @@ class Pdbench {
     o.slo = c_.slo;
     o.send_slo = c_.send_slo;
     o.temperature = c_.temperature;
+    o.json_schema = c_.json_schema;
     o.request_id_prefix = absl::StrCat("pdbench-", getpid(), "-", ++runs_);
     o.progress_interval_s = printer->interval();
     o.progress = [printer](const RunProgress& p) { (*printer)(p); };

@@ -33,6 +33,18 @@ const std::string& TinyModel() {
   return dir;
 }
 
+// A schema file for --json-schema whose JSON cannot end within 8 tokens (a string of at least
+// 1000 characters), so that structured requests still make their full output length.
+const std::string& LongStringSchema() {
+  static const std::string path = [] {
+    std::string out = pds::testing::ScratchDir() + "/schema.json";
+    std::ofstream(out) << R"({"type": "object", "properties": {"text": {"type": "string",
+        "minLength": 1000}}, "required": ["text"]})";
+    return out;
+  }();
+  return path;
+}
+
 // Runs pdbench; its exit code, and the JSON it wrote.
 int Pdbench(const std::vector<std::string>& args, nlohmann::json* json) {
   const std::string out = pds::testing::ScratchDir() + "/pdbench.json";
@@ -79,6 +91,10 @@ TEST(PdbenchEndToEndTest, DisaggregatedCluster) {
   ASSERT_NO_FATAL_FAILURE(SixteenRequests({"--target", cluster->address()}, j));
   // Every request went through a KV transfer between the two instances.
   EXPECT_EQ(j["server_timeline"]["transfer_ms"]["count"], 16);
+  // Structured output under load (the prefill worker draws the first token, the decode worker
+  // goes on from it).
+  ASSERT_NO_FATAL_FAILURE(
+      SixteenRequests({"--target", cluster->address(), "--json-schema", LongStringSchema()}, j));
 }
 
 // The same load through the front-end's OpenAI-compatible HTTP port (`up --http-port`), its
@@ -110,6 +126,11 @@ TEST(PdbenchEndToEndTest, OpenAiApiOfTheSameCluster) {
   ASSERT_NO_FATAL_FAILURE(SixteenRequests(
       {"--api", "openai-chat", "--target", absl::StrCat("http://127.0.0.1:", port)}, j));
   EXPECT_EQ(j["backend"], "openai-chat");
+  // And structured output through response_format.
+  ASSERT_NO_FATAL_FAILURE(
+      SixteenRequests({"--api", "openai", "--target", absl::StrCat("http://127.0.0.1:", port),
+                       "--json-schema", LongStringSchema()},
+                      j));
 }
 
 TEST(PdbenchEndToEndTest, ColocatedClusterClosedLoopAndSearch) {
