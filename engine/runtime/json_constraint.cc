@@ -21,16 +21,26 @@ namespace {
 
 using Json = nlohmann::ordered_json;
 
+// FNV-1a over a key's bytes as written between its quotes: an additional key that hashes as a
+// declared one is refused (it would escape that property's schema).
+constexpr uint32_t kKeyHashStart = 2166136261u;
+uint32_t KeyHash(uint32_t h, uint8_t c) { return (h ^ c) * 16777619u; }
+
 void Set(std::vector<uint64_t>& bits, int32_t id) { bits[id >> 6] |= uint64_t{1} << (id & 63); }
 
-constexpr int kMaxWhitespace = 16;    // consecutive whitespace characters between tokens
-constexpr int kMaxNumberChars = 32;   // characters of one number
-constexpr int kMaxNesting = 64;       // open objects and arrays, and schema nesting
-constexpr int kMaxUnionDepth = 32;    // anyOf/$ref expansions for one value's first byte
-constexpr size_t kMaxStates = 256;    // parser stacks kept alive at once
-constexpr int kMaxExpansions = 4096;  // value starts one byte may try (anyOf fan-out)
-constexpr size_t kMaxNodes = 20000;   // compiled schema nodes
-constexpr int kMaxSchemaDepth = 128;  // nesting of the schema's JSON text
+constexpr int kMaxWhitespace = 16;       // consecutive whitespace characters between tokens
+constexpr int kMaxNumberChars = 32;      // characters of one number
+constexpr int kMaxNesting = 64;          // open objects and arrays, and schema nesting
+constexpr int kMaxUnionDepth = 32;       // anyOf/$ref expansions for one value's first byte
+constexpr size_t kMaxStates = 256;       // parser stacks kept alive at once
+constexpr int kMaxExpansions = 4096;     // value starts one byte may try (anyOf fan-out)
+constexpr size_t kMaxNodes = 20000;      // compiled schema nodes
+constexpr int kMaxSchemaDepth = 128;     // nesting of the schema's JSON text
+constexpr size_t kMaxAlternatives = 64;  // schemas of one anyOf/oneOf or type list
+constexpr size_t kMaxProperties = 256;   // declared properties of one object
+// Open frames of one parser stack: above what a schema nested kMaxNesting deep needs (root,
+// containers, a string), so that only recursive schemas meet it.
+constexpr size_t kMaxFrames = 2 * kMaxNesting + 2;
 
 bool IsSpace(uint8_t c) { return c == ' ' || c == '\n' || c == '\t' || c == '\r'; }
 // An ASCII byte that leaves an unconstrained string's content as it is.
@@ -179,7 +189,8 @@ struct JsonSchema::Node {
   int items = -1;                 // kArray
   int64_t min_items = 0, max_items = -1;
   int64_t min_length = 0, max_length = -1;  // kString, in characters
-  std::vector<std::string> literals;        // kLiteral: compact JSON texts
+  std::vector<std::string> literals;        // kLiteral: compact JSON texts, sorted
+  std::vector<uint32_t> key_hashes;         // kObject: KeyHash of each key's text
 };
 
 JsonSchema::JsonSchema() = default;
@@ -189,7 +200,9 @@ class SchemaCompiler {
  public:
   SchemaCompiler(JsonSchema& out, const Json& root) : out_(out), root_(root) {}
 
-  absl::StatusOr<int> Compile(const Json& s, const std::string& where, int depth) {
+  // `type`: the one type of a type list being compiled (s's own "type" otherwise).
+  absl::StatusOr<int> Compile(const Json& s, const std::string& where, int depth,
+                              const Json* type_override = nullptr) {
     if (depth > kMaxNesting) return Error(where, "nested deeper than 64 schemas");
     PDS_RETURN_IF_ERROR(CheckSize(where));
     if (s.is_boolean()) {
@@ -217,6 +230,9 @@ class SchemaCompiler {
                                          " must be a non-empty array, without other "
                                          "keywords beside it (but annotations)"));
       }
+      if (alts->size() > kMaxAlternatives) {
+        return Error(where, absl::StrCat(key, " has more than 64 schemas"));
+      }
       JsonSchema::Node node;
       for (size_t i = 0; i < alts->size(); ++i) {
         PDS_ASSIGN_OR_RETURN(int alt,
@@ -227,31 +243,28 @@ class SchemaCompiler {
     }
     if (auto e = s.find("enum"); e != s.end()) {
       if (!e->is_array() || e->empty()) return Error(where, "enum must be a non-empty array");
-      JsonSchema::Node node;
-      node.kind = JsonSchema::Node::kLiteral;
-      for (const Json& v : *e) node.literals.push_back(v.dump());
-      return Add(std::move(node));
+      std::vector<std::string> texts;
+      for (const Json& v : *e) texts.push_back(v.dump());
+      return Literals(std::move(texts));
     }
-    if (auto c = s.find("const"); c != s.end()) {
-      JsonSchema::Node node;
-      node.kind = JsonSchema::Node::kLiteral;
-      node.literals.push_back(c->dump());
-      return Add(std::move(node));
+    if (auto c = s.find("const"); c != s.end()) return Literals({c->dump()});
+    const Json* type = type_override;
+    if (type == nullptr) {
+      if (auto t = s.find("type"); t != s.end()) type = &*t;
     }
-    auto type = s.find("type");
-    if (type != s.end() && type->is_array()) {  // one schema per type
+    if (type != nullptr && type->is_array()) {  // one schema per type
       if (type->empty()) return Error(where, "type must not be an empty list");
+      if (type->size() > kMaxAlternatives) return Error(where, "more than 64 types listed");
       JsonSchema::Node node;
       for (const Json& t : *type) {
-        Json one = s;
-        one["type"] = t;
-        PDS_ASSIGN_OR_RETURN(int alt, Compile(one, where, depth + 1));
+        if (!t.is_string()) return Error(where, "type must be a string or a list of them");
+        PDS_ASSIGN_OR_RETURN(int alt, Compile(s, where, depth + 1, &t));
         node.alts.push_back(alt);
       }
       return Add(std::move(node));
     }
     std::string kind;
-    if (type != s.end()) {
+    if (type != nullptr) {
       if (!type->is_string()) return Error(where, "type must be a string or a list of them");
       kind = type->get<std::string>();
     } else if (s.contains("properties") || s.contains("required") ||
@@ -271,12 +284,14 @@ class SchemaCompiler {
       node.kind = JsonSchema::Node::kString;
       PDS_RETURN_IF_ERROR(Count(s, "minLength", where, node.min_length));
       PDS_RETURN_IF_ERROR(Count(s, "maxLength", where, node.max_length));
+      if (node.max_length >= 0 && node.min_length > node.max_length) {
+        return Error(where, "minLength is above maxLength");
+      }
     } else if (kind == "number" || kind == "integer") {
       node.kind = kind == "number" ? JsonSchema::Node::kNumber : JsonSchema::Node::kInteger;
     } else if (kind == "boolean" || kind == "null") {
-      node.kind = JsonSchema::Node::kLiteral;
-      node.literals = kind == "null" ? std::vector<std::string>{"null"}
-                                     : std::vector<std::string>{"true", "false"};
+      return Literals(kind == "null" ? std::vector<std::string>{"null"}
+                                     : std::vector<std::string>{"true", "false"});
     } else {
       return Error(where, absl::StrCat("unknown type '", kind, "'"));
     }
@@ -297,7 +312,7 @@ class SchemaCompiler {
     string.kind = JsonSchema::Node::kString;
     number.kind = JsonSchema::Node::kNumber;
     literal.kind = JsonSchema::Node::kLiteral;
-    literal.literals = {"true", "false", "null"};
+    literal.literals = {"false", "null", "true"};  // sorted, as Literals keeps them
     std::vector<int> alts;
     for (JsonSchema::Node* n : {&object, &array, &string, &number, &literal}) {
       alts.push_back(Add(std::move(*n)));
@@ -341,6 +356,17 @@ class SchemaCompiler {
     return absl::OkStatus();
   }
 
+  // A node of literal JSON texts, sorted and without repeats: a literal frame follows the run
+  // of them that share what was written so far.
+  int Literals(std::vector<std::string> texts) {
+    std::sort(texts.begin(), texts.end());
+    texts.erase(std::unique(texts.begin(), texts.end()), texts.end());
+    JsonSchema::Node node;
+    node.kind = JsonSchema::Node::kLiteral;
+    node.literals = std::move(texts);
+    return Add(std::move(node));
+  }
+
   int Add(JsonSchema::Node node) {
     out_.nodes_.push_back(std::move(node));
     return static_cast<int>(out_.nodes_.size()) - 1;
@@ -380,11 +406,19 @@ class SchemaCompiler {
     std::vector<std::string> names;
     if (auto props = s.find("properties"); props != s.end()) {
       if (!props->is_object()) return Error(where, "properties must be an object");
+      if (props->size() > kMaxProperties) {
+        return Error(where, "more than 256 properties (each optional one is a parser state)");
+      }
       for (const auto& [name, schema] : props->items()) {
         PDS_ASSIGN_OR_RETURN(int v,
                              Compile(schema, absl::StrCat(where, "/properties/", name), depth + 1));
         names.push_back(name);
         node.keys.push_back(Json(name).dump());
+        uint32_t h = kKeyHashStart;
+        for (size_t k = 1; k + 1 < node.keys.back().size(); ++k) {
+          h = KeyHash(h, static_cast<uint8_t>(node.keys.back()[k]));
+        }
+        node.key_hashes.push_back(h);
         node.values.push_back(v);
         node.required.push_back(0);
       }
@@ -450,6 +484,32 @@ absl::StatusOr<std::shared_ptr<const JsonSchema>> JsonSchema::Compile(absl::stri
   if (out->nodes_.size() > kMaxNodes) {
     return absl::InvalidArgumentError("json_schema compiles to more than 20000 nodes");
   }
+  // A union that reaches itself through unions alone ($refs in a cycle with no object or array
+  // between) could never start a value.
+  std::vector<uint8_t> state(out->nodes_.size(), 0);  // 1: on the path, 2: done
+  for (size_t start = 0; start < out->nodes_.size(); ++start) {
+    if (state[start] != 0) continue;
+    std::vector<std::pair<int, size_t>> path = {{static_cast<int>(start), 0}};
+    state[start] = 1;
+    while (!path.empty()) {
+      auto& [node, next] = path.back();
+      const JsonSchema::Node& n = out->nodes_[node];
+      if (n.kind != JsonSchema::Node::kUnion || next == n.alts.size()) {
+        state[node] = 2;
+        path.pop_back();
+        continue;
+      }
+      const int alt = n.alts[next++];
+      if (state[alt] == 1) {
+        return absl::InvalidArgumentError(
+            "json_schema: $ref cycle with nothing between (a schema that is only itself)");
+      }
+      if (state[alt] == 0) {
+        state[alt] = 1;
+        path.emplace_back(alt, 0);
+      }
+    }
+  }
   return std::shared_ptr<const JsonSchema>(std::move(out));
 }
 
@@ -461,14 +521,18 @@ struct JsonMatcher::Frame {
   uint8_t kind = kRoot;
   uint8_t phase = 0;
   uint8_t ws = 0;    // whitespace characters in a row
-  int32_t node = 0;  // schema node (a key's: its object's; an additional key's string: -1)
-  int32_t a = 0;     // object: next declared property; literal/key: which; string/number: length
+  int32_t node = 0;  // schema node (a key's: its object's; an additional key's string:
+                     // -(its object's) - 2)
+  int32_t a = 0;     // object: next declared property; key: which; literal: the first of the
+                     // run of literals still possible; string/number: length
   int32_t b = 0;     // object/array: members so far; literal/key: bytes matched; string: hex
                      // digits, or a character's continuation bytes still to come
   int32_t cur = -1;  // object: the property whose value comes next (-1: an additional one);
-                     // string: the next continuation byte's range (lo << 8 | hi)
+                     // literal: the end of its run; string: the next continuation byte's range
+                     // (lo << 8 | hi), or a \u escape's value so far
+  uint32_t h = 0;    // an additional key's string: KeyHash of its bytes so far
 
-  auto Tie() const { return std::tie(kind, phase, ws, node, a, b, cur); }
+  auto Tie() const { return std::tie(kind, phase, ws, node, a, b, cur, h); }
   bool operator==(const Frame& o) const { return Tie() == o.Tie(); }
   bool operator<(const Frame& o) const { return Tie() < o.Tie(); }
 };
@@ -482,7 +546,8 @@ using Node = JsonSchema::Node;
 enum : uint8_t { kRootBefore, kRootDone };
 enum : uint8_t { kObjStart, kObjNext, kObjColon, kObjValue, kObjAfter };
 enum : uint8_t { kArrStart, kArrNext, kArrAfter };
-enum : uint8_t { kStrContent, kStrEscape, kStrHex };
+// kStrLowSlash, kStrLowU, kStrHexLow: after a high surrogate's \uD800-\uDBFF, its low half.
+enum : uint8_t { kStrContent, kStrEscape, kStrHex, kStrLowSlash, kStrLowU, kStrHexLow };
 enum : uint8_t { kNumMinus, kNumZero, kNumInt, kNumDot, kNumFrac, kNumE, kNumESign, kNumExp };
 
 bool NumberMayEnd(uint8_t phase) {
@@ -510,24 +575,54 @@ class Moves {
         StartValue(std::move(s), root_, c, out, 0, budget);
         return;
       }
-      case Frame::kLiteral:
       case Frame::kKey: {
-        const Node& n = nodes_[f.node];
-        const std::string& text = f.kind == Frame::kLiteral ? n.literals[f.a] : n.keys[f.a];
+        const std::string& text = nodes_[f.node].keys[f.a];
         if (static_cast<uint8_t>(text[f.b]) != c) return;
         if (static_cast<size_t>(++f.b) == text.size()) s.pop_back();
         out.push_back(std::move(s));
         return;
       }
-      case Frame::kString:
+      case Frame::kLiteral: {
+        const std::vector<std::string>& lits = nodes_[f.node].literals;
+        const auto [lo, hi] = Run(lits, f.a, f.cur, f.b, c);
+        const bool may_end = LiteralMayEnd(f);
+        if (lo < hi) {
+          Stack t = may_end ? s : std::move(s);
+          Frame& g = t.back();
+          g.a = lo;
+          g.cur = hi;
+          ++g.b;
+          if (hi - lo == 1 && lits[lo].size() == static_cast<size_t>(g.b)) t.pop_back();
+          out.push_back(std::move(t));
+        }
+        if (may_end) {  // a shorter literal is complete: what encloses it takes the byte
+          s.pop_back();
+          Advance(std::move(s), c, out);
+        }
+        return;
+      }
+      case Frame::kString: {
+        // An additional key of an object with declared ones: not one of their names.
+        const bool hashed = f.node <= -2 && !nodes_[-f.node - 2].keys.empty();
+        if (hashed && f.phase == kStrContent && f.b == 0 && c == '"') {
+          const std::vector<uint32_t>& declared = nodes_[-f.node - 2].key_hashes;
+          if (std::find(declared.begin(), declared.end(), f.h) != declared.end()) return;
+        }
         if (String(f, c)) {
-          if (f.b == -1) s.pop_back();  // closed
+          if (f.b == -1) {
+            s.pop_back();  // closed
+          } else if (hashed) {
+            f.h = KeyHash(f.h, c);
+          }
           out.push_back(std::move(s));
         }
         return;
+      }
       case Frame::kNumber: {
         const uint8_t next = NumberNext(f, c);
-        if (next != 0xFF && f.a < kMaxNumberChars) {
+        // Within the length, with room left to end: a '.', 'e' or sign needs a digit after it.
+        const bool room = NumberMayEnd(next) ? f.a < kMaxNumberChars : f.a + 1 < kMaxNumberChars;
+        if (next != 0xFF && room) {
           f.phase = next;
           ++f.a;
           out.push_back(std::move(s));
@@ -553,11 +648,13 @@ class Moves {
     switch (f.kind) {
       case Frame::kRoot:
         return f.phase != kRootDone;
-      case Frame::kLiteral:
-      case Frame::kKey: {
-        const Node& n = nodes_[f.node];
-        const std::string& text = f.kind == Frame::kLiteral ? n.literals[f.a] : n.keys[f.a];
-        return static_cast<uint8_t>(text[f.b]) == c;
+      case Frame::kKey:
+        return static_cast<uint8_t>(nodes_[f.node].keys[f.a][f.b]) == c;
+      case Frame::kLiteral: {
+        if (LiteralMayEnd(f)) return true;
+        const std::vector<std::string>& lits = nodes_[f.node].literals;
+        return static_cast<uint8_t>(lits[f.a][f.b]) <= c &&
+               c <= static_cast<uint8_t>(lits[f.cur - 1][f.b]);
       }
       case Frame::kString:
         if (f.phase == kStrContent) return f.b > 0 ? c >= 0x80 && c < 0xC0 : c >= 0x20;
@@ -577,9 +674,12 @@ class Moves {
 
   // The text may end here: what is open is the root's finished value (a number may still
   // grow).
-  static bool Accepting(const Stack& s) {
+  bool Accepting(const Stack& s) const {
     size_t top = s.size() - 1;
-    if (s[top].kind == Frame::kNumber && NumberMayEnd(s[top].phase) && top > 0) --top;
+    const Frame& f = s[top];
+    const bool may_end = (f.kind == Frame::kNumber && NumberMayEnd(f.phase)) ||
+                         (f.kind == Frame::kLiteral && LiteralMayEnd(f));
+    if (may_end && top > 0) --top;
     return top == 0 && s[0].phase == kRootDone;
   }
   // A string's content, unconstrained: plain bytes leave the stack as it is.
@@ -594,7 +694,8 @@ class Moves {
   bool PlainString(const Stack& s) const {
     const Frame& f = s.back();
     if (f.kind != Frame::kString || f.phase != kStrContent || f.b != 0) return false;
-    return f.node < 0 || (nodes_[f.node].max_length < 0 && nodes_[f.node].min_length == 0);
+    if (f.node < 0) return nodes_[-f.node - 2].keys.empty();  // else its bytes are hashed
+    return nodes_[f.node].max_length < 0 && nodes_[f.node].min_length == 0;
   }
 
  private:
@@ -604,7 +705,7 @@ class Moves {
   void StartValue(Stack s, int node, uint8_t c, std::vector<Stack>& out, int depth,
                   int& budget) const {
     const Node& n = nodes_[node];
-    if (s.size() > kMaxNesting || --budget < 0) return;
+    if (s.size() > kMaxFrames || --budget < 0) return;
     Frame f;
     f.node = node;
     switch (n.kind) {
@@ -640,22 +741,56 @@ class Moves {
         f.phase = c == '-' ? kNumMinus : c == '0' ? kNumZero : kNumInt;
         f.a = 1;
         break;
-      case Node::kLiteral:
-        for (size_t i = 0; i < n.literals.size(); ++i) {
-          if (static_cast<uint8_t>(n.literals[i][0]) != c) continue;
-          Stack t = s;
-          if (n.literals[i].size() > 1) {
-            f.kind = Frame::kLiteral;
-            f.a = static_cast<int32_t>(i);
-            f.b = 1;
-            t.push_back(f);
-          }
-          out.push_back(std::move(t));
+      case Node::kLiteral: {  // one frame follows the run of literals starting with c
+        const auto [lo, hi] = Run(n.literals, 0, static_cast<int32_t>(n.literals.size()), 0, c);
+        if (lo == hi) return;
+        f.kind = Frame::kLiteral;
+        f.a = lo;
+        f.cur = hi;
+        f.b = 1;
+        if (hi - lo == 1 && n.literals[lo].size() == 1) {  // complete: nothing to follow
+          out.push_back(std::move(s));
+          return;
         }
-        return;
+        break;
+      }
     }
     s.push_back(f);
     out.push_back(std::move(s));
+  }
+
+  // A literal frame that has matched the whole of the first (shortest) literal of its run.
+  bool LiteralMayEnd(const Frame& f) const {
+    return nodes_[f.node].literals[f.a].size() == static_cast<size_t>(f.b);
+  }
+  // The run of sorted literals in [lo, hi) (which share their first `at` bytes) whose byte at
+  // `at` is c.
+  static std::pair<int32_t, int32_t> Run(const std::vector<std::string>& lits, int32_t lo,
+                                         int32_t hi, int32_t at, uint8_t c) {
+    if (lo < hi && lits[lo].size() == static_cast<size_t>(at)) ++lo;  // the one that ends here
+    auto byte = [&](int32_t i) { return static_cast<uint8_t>(lits[i][at]); };
+    int32_t first = lo, count = hi - lo;
+    while (count > 0) {  // lower bound of c
+      const int32_t step = count / 2;
+      if (byte(first + step) < c) {
+        first += step + 1;
+        count -= step + 1;
+      } else {
+        count = step;
+      }
+    }
+    int32_t last = first;
+    count = hi - first;
+    while (count > 0) {  // upper bound of c
+      const int32_t step = count / 2;
+      if (byte(last + step) <= c) {
+        last += step + 1;
+        count -= step + 1;
+      } else {
+        count = step;
+      }
+    }
+    return {first, last};
   }
 
   // A string frame takes byte c (false: it cannot); its closing quote sets b = -1 (done).
@@ -697,19 +832,43 @@ class Moves {
         if (c == 'u') {
           f.phase = kStrHex;
           f.b = 0;
+          f.cur = 0;
           return true;
         }
         if (c == 0 || std::strchr("\"\\/bfnrt", c) == nullptr) return false;
         f.phase = kStrContent;
         return true;
-      case kStrHex: {
-        const bool hex = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') || (c >= 'A' && c <= 'F');
-        if (!hex) return false;
-        if (++f.b < 4) return true;
-        f.phase = kStrContent;
+      case kStrHex:
+      case kStrHexLow: {  // cur: the value so far; a surrogate must come as a pair
+        int digit;
+        if (c >= '0' && c <= '9') {
+          digit = c - '0';
+        } else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f') {
+          digit = (c | 0x20) - 'a' + 10;
+        } else {
+          return false;
+        }
+        const bool low = f.phase == kStrHexLow;
+        f.cur = f.cur * 16 + digit;
+        ++f.b;
+        if (f.b == 1 && low && digit != 0xD) return false;
+        if (f.b == 2 && low != (f.cur >= 0xDC && f.cur <= 0xDF)) return false;  // lone low half
+        if (f.b < 4) return true;
+        const bool high = !low && f.cur >= 0xD800 && f.cur <= 0xDBFF;
+        f.phase = high ? kStrLowSlash : kStrContent;
         f.b = 0;
+        f.cur = -1;
         return true;
       }
+      case kStrLowSlash:
+        if (c != '\\') return false;
+        f.phase = kStrLowU;
+        return true;
+      case kStrLowU:
+        if (c != 'u') return false;
+        f.phase = kStrHexLow;
+        f.cur = 0;
+        return true;
     }
     return false;
   }
@@ -821,7 +980,8 @@ class Moves {
           Frame key;
           key.kind = Frame::kString;
           key.phase = kStrContent;
-          key.node = -1;
+          key.node = -f.node - 2;  // an additional key of this object
+          key.h = kKeyHashStart;
           s.push_back(key);
           out.push_back(std::move(s));
         }
@@ -1008,7 +1168,9 @@ bool JsonMatcher::Done() const {
 }
 
 bool JsonMatcher::CanEnd() const {
-  return std::any_of(states_.begin(), states_.end(), Moves::Accepting);
+  const Moves moves(schema_->nodes_, schema_->root_);
+  return std::any_of(states_.begin(), states_.end(),
+                     [&](const Stack& s) { return moves.Accepting(s); });
 }
 
 }  // namespace pds::engine

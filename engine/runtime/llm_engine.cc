@@ -1,6 +1,7 @@
 #include "engine/runtime/llm_engine.h"
 
 #include <algorithm>
+#include <cmath>
 #include <future>
 #include <random>
 #include <thread>
@@ -519,7 +520,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     const size_t tasks = std::min<size_t>(
         constrained.size(), std::max<unsigned>(1, std::thread::hardware_concurrency() / 4));
     for (size_t t = 0; t < tasks; ++t) {
-      masks.push_back(std::async(std::launch::async, [&, t] {
+      masks.push_back(std::async(std::launch::async, [this, &plan, &constrained, t, tasks] {
         for (size_t k = t; k < constrained.size(); k += tasks) {
           const size_t i = constrained[k];
           plan[i].seq->matcher->ComputeAllowed(allowed_[i]);
@@ -579,17 +580,23 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     bool constrained_end = false;  // the reply's JSON is complete (or a stop token ended it)
     if (seq.matcher != nullptr) {
       // Drawn again from the masked row: the logprobs are then those of what was drawn from.
-      if (!Constrain(seq, allowed_[i], row, sampling_[i], out.token)) {
+      int32_t drawn = -1;
+      if (Constrain(seq, allowed_[i], row, sampling_[i], drawn)) {
+        out.token = drawn;
+        constrained_end = seq.matcher->Done() || vocab_->IsStop(out.token);
+      } else {  // cannot happen for a schema that compiled; the unconstrained token ends it
         out.finish = FinishReason::kError;
         Logger("engine")->warn("request '{}': no token continues its JSON after {} tokens",
                                seq.request.id, seq.num_generated);
       }
-      constrained_end = seq.matcher->Done() || (vocab_->IsStop(out.token));
     }
     if (seq.request.params.logprobs >= 0) {
       TokenLogprobs lp;
       lp.logprob = kernels::cpu::LogProb(row, vocab, out.token);
       lp.top = kernels::cpu::TopLogProbs(row, vocab, seq.request.params.logprobs);
+      // A masked row has fewer candidates than asked for: no -inf alternatives.
+      std::erase_if(lp.top,
+                    [](const std::pair<int32_t, float>& t) { return std::isinf(t.second); });
       out.logprobs = std::move(lp);
     }
     if (seq.request.return_logits) out.logits.assign(row, row + vocab);

@@ -86,6 +86,10 @@ TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
            {R"({"minItems": 3, "maxItems": 2})", "minItems is above maxItems"},
            {R"({"type": "string", "maxLength": -1})", "non-negative"},
            {"false", "accepts nothing"},
+           {R"({"type": "string", "minLength": 5, "maxLength": 2})", "minLength is above"},
+           {R"({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"anyOf": [{"$ref": "#/$defs/a"}]}},
+               "$ref": "#/$defs/a"})",
+            "cycle"},
        }) {
     auto s = JsonSchema::Compile(b.schema);
     ASSERT_FALSE(s.ok()) << b.schema;
@@ -174,6 +178,42 @@ TEST(JsonMatcherTest, AcceptsExactlyTheTextsTheSchemaAccepts) {
   }
 }
 
+// Review findings: a large enum keeps every value (one frame follows the run of values that
+// share what was written); an additional key may not take a declared name; a surrogate escape
+// comes as a pair; a number never walks into a state it cannot end from.
+TEST(JsonMatcherTest, EnumsExtraKeysSurrogatesAndNumberEnds) {
+  const auto vocab = Vocabulary(0);
+  Json values = Json::array();
+  for (int i = 0; i < 300; ++i) values.push_back("v" + std::to_string(i));
+  values.push_back("v2x");
+  const auto big = Schema(Json({{"enum", values}}).dump());
+  for (const char* t : {"\"v299\"", "\"v2\"", "\"v2x\"", "\"v29\"", "\"v0\""}) {
+    EXPECT_EQ(Feed(big, vocab, t), std::make_pair(true, true)) << t;
+  }
+  EXPECT_FALSE(Feed(big, vocab, "\"v300\"").second);
+  EXPECT_FALSE(Feed(big, vocab, "\"v2y").first);
+
+  const auto extra = Schema(
+      R"({"properties": {"age": {"type": "integer"}}, "additionalProperties": {"type": "string"}})");
+  EXPECT_EQ(Feed(extra, vocab, R"({"age": 3, "name": "x"})"), std::make_pair(true, true));
+  EXPECT_EQ(Feed(extra, vocab, R"({"nage": "x"})"), std::make_pair(true, true));
+  EXPECT_NE(Feed(extra, vocab, R"({"age": "old"})"), std::make_pair(true, true));
+
+  const auto str = Schema(R"({"type": "string", "maxLength": 2})");
+  EXPECT_EQ(Feed(str, vocab, R"("\ud83d\ude00a")"), std::make_pair(true, true));  // a pair is one
+  EXPECT_FALSE(Feed(str, vocab, R"("\ud83d")").first);
+  EXPECT_FALSE(Feed(str, vocab, R"("\ude00")").first);
+  EXPECT_FALSE(Feed(str, vocab, R"("\ud83d\u0041")").first);
+
+  const auto num = Schema(R"({"type": "number"})");
+  JsonMatcher m(num, vocab);
+  for (int i = 0; i < 31; ++i) ASSERT_TRUE(m.Accept('1'));
+  EXPECT_FALSE(m.Accept('.'));  // no room for a digit after it
+  EXPECT_FALSE(m.Accept('e'));
+  EXPECT_TRUE(m.Accept('2'));
+  EXPECT_TRUE(m.CanEnd());
+}
+
 TEST(JsonMatcherTest, WhitespaceAndNumbersAreBounded) {
   const auto vocab = Vocabulary(0);
   const auto schema = Schema(R"({"type": "array", "items": {"type": "number"}})");
@@ -193,6 +233,9 @@ TEST(JsonMatcherTest, MaskEqualsTryingEveryToken) {
        R"({"name": "ab", "kind": "bc", "n": 12})"},
       {R"({"anyOf": [{"type": "number"}, {"type": "array", "items": {"type": "string"}}]})",
        R"(["a", "b\\"])"},
+      {R"({"properties": {"e": {"enum": ["a", "ab", "abc", 1, 12]}, "s": {"type": "string"}},
+          "additionalProperties": {"type": "integer"}})",
+       R"({"e": "ab", "s": "\ud83d\ude00\u00e9", "x": 12})"},
   };
   for (const auto& [text, reply] : replies) {
     const auto schema = Schema(text);
