@@ -12,6 +12,7 @@
 #include <thread>
 #include <variant>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/time/clock.h"
@@ -478,6 +479,27 @@ absl::Status ParseResponseFormat(const Json& j, api::GenerateRequest& base) {
   return absl::OkStatus();
 }
 
+// Prefixes every local $ref ("#...") in a schema with `base`, the JSON pointer of where the
+// schema now sits inside a larger one.
+void RebaseRefs(Json& schema, const std::string& base) {
+  std::vector<Json*> pending = {&schema};
+  while (!pending.empty()) {
+    Json* j = pending.back();
+    pending.pop_back();
+    if (j->is_object()) {
+      for (auto& [key, value] : j->items()) {
+        if (key == "$ref" && value.is_string() && absl::StartsWith(value.get<std::string>(), "#")) {
+          value = base + value.get<std::string>().substr(1);
+        } else {
+          pending.push_back(&value);
+        }
+      }
+    } else if (j->is_array()) {
+      for (Json& v : *j) pending.push_back(&v);
+    }
+  }
+}
+
 // `tools` for the template, and tool_choice and parallel_tool_calls into `r` (a forced choice
 // also into base.json_schema).
 absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, CompletionRequest& r,
@@ -507,13 +529,16 @@ absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, Completion
     if (!base.json_schema().empty()) {
       return BadField("tool_choice", "forces calls: no response_format or guided_json beside it");
     }
-    // A function's arguments: its parameters schema (none: no arguments).
-    auto parameters = [](const Json& tool) {
-      const Json& f = tool["function"];
-      auto p = f.find("parameters");
-      return p != f.end() && p->is_object()
-                 ? *p
-                 : Json{{"type", "object"}, {"properties", Json::object()}};
+    // A function's arguments: its parameters schema (none: no arguments), an object.
+    auto parameters = [](const Json& tool) -> absl::StatusOr<Json> {
+      const Json* p = Member(tool["function"], "parameters");
+      if (p == nullptr) return Json{{"type", "object"}, {"properties", Json::object()}};
+      Json out = *p;
+      if (!out.contains("type")) out["type"] = "object";
+      if (out["type"] != "object") {
+        return BadField("tools", "a function's parameters must be an object schema");
+      }
+      return out;
     };
     Json schema;
     if (choice == "named") {
@@ -524,15 +549,18 @@ absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, Completion
         return BadField("tool_choice",
                         absl::StrCat("names '", r.tool_function, "', which is not in tools"));
       }
-      schema = parameters(*tool);
+      PDS_ASSIGN_OR_RETURN(schema, parameters(*tool));
       r.tool_calls = ToolCallFormat::kArguments;
     } else {
       Json alts = Json::array();
-      for (const Json& t : tools) {
+      for (size_t i = 0; i < tools.size(); ++i) {
+        const Json& t = tools[i];
+        PDS_ASSIGN_OR_RETURN(Json params, parameters(t));
+        // Its $refs resolve where it now sits in the combined schema.
+        RebaseRefs(params, absl::StrCat("#/items/anyOf/", i, "/properties/parameters"));
         alts.push_back(
             {{"type", "object"},
-             {"properties",
-              {{"name", {{"const", t["function"]["name"]}}}, {"parameters", parameters(t)}}},
+             {"properties", {{"name", {{"const", t["function"]["name"]}}}, {"parameters", params}}},
              {"required", {"name", "parameters"}}});
       }
       schema = {{"type", "array"}, {"minItems", 1}, {"items", {{"anyOf", std::move(alts)}}}};
@@ -963,7 +991,10 @@ class OpenAiHttpServer::Impl {
     auto parsed = ParseChatRequest(req.body, options.model, options.max_context, *options.chat,
                                    *options.tokenizer, options.tool_call_format);
     if (!parsed.ok()) return SendError(res, parsed.status());
-    parsed->reasoning = options.reasoning_format;
+    // A reply constrained to JSON has no reasoning section to split off.
+    if (parsed->choices.empty() || parsed->choices[0].json_schema().empty()) {
+      parsed->reasoning = options.reasoning_format;
+    }
     Serve(req, res, *std::move(parsed));
   }
 

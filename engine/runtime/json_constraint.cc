@@ -380,9 +380,8 @@ class SchemaCompiler {
     if (!ref.is_string()) return Error(where, "$ref must be a string");
     const std::string r = ref.get<std::string>();
     if (auto it = refs_.find(r); it != refs_.end()) return it->second;
-    if (r != "#" && r.rfind("#/$defs/", 0) != 0 && r.rfind("#/definitions/", 0) != 0) {
-      return Error(where,
-                   absl::StrCat("$ref '", r, "' is not #, #/$defs/... or #/definitions/..."));
+    if (r != "#" && r.rfind("#/", 0) != 0) {
+      return Error(where, absl::StrCat("$ref '", r, "' is not # or a pointer into this schema"));
     }
     const Json* target = nullptr;
     try {

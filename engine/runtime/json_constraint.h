@@ -6,8 +6,8 @@
 // The schema subset (anything else is refused with INVALID_ARGUMENT naming the keyword and
 // where it is): type (one or a list), properties, required, additionalProperties (false, the
 // default under properties; true or a schema), items, minItems, maxItems, minLength,
-// maxLength, enum, const, anyOf, oneOf (read as anyOf), allOf of one schema, $ref to
-// #/$defs/... or #/definitions/... (recursive too), and the annotations title, description,
+// maxLength, enum, const, anyOf, oneOf (read as anyOf), allOf of one schema, $ref to a place
+// in the same schema (#, #/$defs/..., any JSON pointer; recursive too), and the annotations title, description,
 // default, examples, format, $schema, $id, $comment. Properties come out in the schema's
 // order; optional ones may be left out. Whitespace between tokens is allowed up to 16
 // characters at a time; numbers are at most 32 characters.

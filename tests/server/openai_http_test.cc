@@ -449,6 +449,27 @@ TEST(OpenAiChatParseTest, ToolsReachTheTemplateAndChooseTheParser) {
       "", 0, *format, *m.tokenizer);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(r->choices[0].json_schema(), R"({"properties":{"b":{},"a":{}}})");
+  // "required" over tools whose parameters use $defs: their $refs point where the parameters
+  // now sit; parameters without a type are objects.
+  const Json with_refs = {
+      {{"type", "function"},
+       {"function",
+        {{"name", "f"},
+         {"parameters",
+          {{"$defs", {{"city", {{"enum", {"Oslo", "Paris"}}}}}},
+           {"properties", {{"c", {{"$ref", "#/$defs/city"}}}}}}}}}},
+      {{"type", "function"}, {"function", {{"name", "g"}, {"parameters", Json::object()}}}}};
+  r = parse({{"tools", with_refs}, {"tool_choice", "required"}}, ToolCallFormat::kNone);
+  ASSERT_TRUE(r.ok()) << r.status();
+  const Json combined = Json::parse(r->choices[0].json_schema());
+  EXPECT_EQ(combined["items"]["anyOf"][0]["properties"]["parameters"]["properties"]["c"]["$ref"],
+            "#/items/anyOf/0/properties/parameters/$defs/city");
+  EXPECT_EQ(combined["items"]["anyOf"][1]["properties"]["parameters"]["type"], "object");
+  refused({{"tools",
+            {{{"type", "function"},
+              {"function", {{"name", "f"}, {"parameters", {{"type", "string"}}}}}}}},
+           {"tool_choice", "required"}},
+          ToolCallFormat::kNone, "must be an object schema");
   // auto needs a parser.
   refused({{"tools", kTools}}, ToolCallFormat::kNone, "--tool-call-parser");
   refused(
@@ -635,6 +656,18 @@ TEST(OpenAiToolCallsTest, PythonicCallsComeBackAsToolCalls) {
   }
   EXPECT_EQ(names, (std::vector<std::string>{"get_weather", "now"}));
   EXPECT_EQ(finish, "tool_calls");
+}
+
+// A reply constrained to JSON (response_format) is content even under --reasoning-parser
+// deepseek_r1, which would otherwise read a reply without <think> as all reasoning.
+TEST(OpenAiToolCallsTest, JsonRepliesAreNotReasoning) {
+  ScriptedHttp scripted({"{\"a\": ", "1}"}, ReasoningFormat::kDeepSeekR1);
+  auto res = scripted.Chat({{"messages", {{{"role", "user"}, {"content", "JSON?"}}}},
+                            {"response_format", {{"type", "json_object"}}}});
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "no answer");
+  const Json body = Json::parse(res->body);
+  EXPECT_EQ(body["choices"][0]["message"]["content"], "{\"a\": 1}") << body.dump();
+  EXPECT_FALSE(body["choices"][0]["message"].contains("reasoning_content")) << body.dump();
 }
 
 // --reasoning-parser qwen3 with --tool-call-parser hermes: the reasoning is reasoning_content,
