@@ -6,11 +6,14 @@
 // The schema subset (anything else is refused with INVALID_ARGUMENT naming the keyword and
 // where it is): type (one or a list), properties, required, additionalProperties (false, the
 // default under properties; true or a schema), items, minItems, maxItems, minLength,
-// maxLength, enum, const, anyOf, oneOf (read as anyOf), allOf of one schema, $ref to a place
-// in the same schema (#, #/$defs/..., any JSON pointer; recursive too), and the annotations title, description,
-// default, examples, format, $schema, $id, $comment. Properties come out in the schema's
-// order; optional ones may be left out. Whitespace between tokens is allowed up to 16
-// characters at a time; numbers are at most 32 characters.
+// maxLength, enum, const, anyOf, oneOf (read as anyOf), allOf of one schema, $ref to a
+// place in the same schema (#, #/$defs/..., any JSON pointer; recursive too), and the
+// annotations title, description, default, examples, format, $schema, $id, $comment.
+// Properties come out in the schema's order; optional ones may be left out, and additional
+// ones may not take a declared name. Whitespace between tokens is allowed up to 16 characters
+// at a time; numbers are at most 32 characters. Refused as too large: over 64 alternatives in
+// one anyOf or type list, over 256 properties in one object, text nested over 128 deep, over
+// 20000 compiled nodes.
 #pragma once
 
 #include <cstdint>
