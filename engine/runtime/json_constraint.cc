@@ -5,6 +5,7 @@
 #include <cstring>
 #include <limits>
 #include <numeric>
+#include <ranges>
 #include <tuple>
 #include <utility>
 
@@ -14,6 +15,7 @@
 #include "engine/common/json_depth.h"
 #include "engine/common/status_macros.h"
 #include "engine/tokenizer/tokenizer.h"
+#include "engine/tokenizer/unicode.h"
 #include "nlohmann/json.hpp"
 
 namespace pds::engine {
@@ -767,29 +769,11 @@ class Moves {
   static std::pair<int32_t, int32_t> Run(const std::vector<std::string>& lits, int32_t lo,
                                          int32_t hi, int32_t at, uint8_t c) {
     if (lo < hi && lits[lo].size() == static_cast<size_t>(at)) ++lo;  // the one that ends here
-    auto byte = [&](int32_t i) { return static_cast<uint8_t>(lits[i][at]); };
-    int32_t first = lo, count = hi - lo;
-    while (count > 0) {  // lower bound of c
-      const int32_t step = count / 2;
-      if (byte(first + step) < c) {
-        first += step + 1;
-        count -= step + 1;
-      } else {
-        count = step;
-      }
-    }
-    int32_t last = first;
-    count = hi - first;
-    while (count > 0) {  // upper bound of c
-      const int32_t step = count / 2;
-      if (byte(last + step) <= c) {
-        last += step + 1;
-        count -= step + 1;
-      } else {
-        count = step;
-      }
-    }
-    return {first, last};
+    const auto ids = std::views::iota(lo, hi);
+    const auto run = std::ranges::equal_range(
+        ids, c, std::less<>(), [&](int32_t i) { return static_cast<uint8_t>(lits[i][at]); });
+    return {static_cast<int32_t>(lo + (run.begin() - ids.begin())),
+            static_cast<int32_t>(lo + (run.end() - ids.begin()))};
   }
 
   // A string frame takes byte c (false: it cannot); its closing quote sets b = -1 (done).
@@ -839,14 +823,8 @@ class Moves {
         return true;
       case kStrHex:
       case kStrHexLow: {  // cur: the value so far; a surrogate must come as a pair
-        int digit;
-        if (c >= '0' && c <= '9') {
-          digit = c - '0';
-        } else if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f') {
-          digit = (c | 0x20) - 'a' + 10;
-        } else {
-          return false;
-        }
+        const int digit = HexDigit(static_cast<char>(c));
+        if (digit < 0) return false;
         const bool low = f.phase == kStrHexLow;
         f.cur = f.cur * 16 + digit;
         ++f.b;

@@ -84,6 +84,12 @@ bool IsValidUtf8(absl::string_view text) {
   return true;
 }
 
+int HexDigit(char c) {
+  if (c >= '0' && c <= '9') return c - '0';
+  if ((c | 0x20) >= 'a' && (c | 0x20) <= 'f') return (c | 0x20) - 'a' + 10;
+  return -1;
+}
+
 bool AppendPythonEscape(absl::string_view text, size_t& pos, std::string& out) {
   if (pos >= text.size()) return false;
   const char e = text[pos++];
@@ -123,15 +129,8 @@ bool AppendPythonEscape(absl::string_view text, size_t& pos, std::string& out) {
       if (pos + len > text.size()) return false;
       uint32_t cp = 0;
       for (size_t k = 0; k < len; ++k) {
-        const char h = text[pos + k];
-        int digit;
-        if (h >= '0' && h <= '9') {
-          digit = h - '0';
-        } else if ((h | 0x20) >= 'a' && (h | 0x20) <= 'f') {
-          digit = (h | 0x20) - 'a' + 10;
-        } else {
-          return false;
-        }
+        const int digit = HexDigit(text[pos + k]);
+        if (digit < 0) return false;
         cp = cp * 16 + static_cast<uint32_t>(digit);
       }
       if (cp > 0x10FFFF) return false;

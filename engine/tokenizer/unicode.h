@@ -19,6 +19,9 @@ bool IsValidUtf8(absl::string_view text);
 // Appends the UTF-8 encoding of code point `cp`.
 void AppendUtf8(uint32_t cp, std::string& out);
 
+// The value of hex digit c (either case); -1 for other characters.
+int HexDigit(char c);
+
 // One escape of a Python string literal (as Jinja's and pythonic tool calls' strings are):
 // text[pos] is the character after the backslash. Appends what it stands for and moves pos
 // past it: \n \t \r \b \f \v \a \\ \' \", a backslash-newline (nothing), octal \ooo,
