@@ -14,6 +14,7 @@
 #include "absl/strings/str_cat.h"
 #include "engine/common/json_depth.h"
 #include "engine/common/status_macros.h"
+#include "engine/runtime/regex.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "engine/tokenizer/unicode.h"
 #include "nlohmann/json.hpp"
@@ -181,7 +182,7 @@ bool TokenVocabulary::IsStop(int32_t id) const {
 // Schemas.
 
 struct JsonSchema::Node {
-  enum Kind : uint8_t { kUnion, kObject, kArray, kString, kNumber, kInteger, kLiteral };
+  enum Kind : uint8_t { kUnion, kObject, kArray, kString, kNumber, kInteger, kLiteral, kRegex };
   Kind kind = kUnion;
   std::vector<int> alts;          // kUnion
   std::vector<std::string> keys;  // kObject: property names as JSON text, quotes included
@@ -193,10 +194,44 @@ struct JsonSchema::Node {
   int64_t min_length = 0, max_length = -1;  // kString, in characters
   std::vector<std::string> literals;        // kLiteral: compact JSON texts, sorted
   std::vector<uint32_t> key_hashes;         // kObject: KeyHash of each key's text
+  // kString: what its content must match (pattern or format; null: anything); kRegex: the
+  // whole text's.
+  std::shared_ptr<const ByteDfa> dfa;
 };
 
 JsonSchema::JsonSchema() = default;
 JsonSchema::~JsonSchema() = default;
+
+std::shared_ptr<const JsonSchema::Bits> JsonSchema::Tokens(
+    int node, int32_t state, const std::shared_ptr<const TokenVocabulary>& vocab,
+    const std::function<void(Bits&)>& fill) const {
+  constexpr size_t kMaxCached = 4096;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (tokens_vocab_ != vocab) {
+      tokens_.clear();
+      tokens_vocab_ = vocab;
+    }
+    if (auto it = tokens_.find({node, state}); it != tokens_.end()) return it->second;
+  }
+  auto bits = std::make_shared<Bits>();
+  fill(*bits);  // unlocked: another request may fill the same state meanwhile, to the same bits
+  std::lock_guard<std::mutex> lock(mu_);
+  if (tokens_vocab_ == vocab && tokens_.size() < kMaxCached)
+    tokens_.try_emplace({node, state}, bits);
+  return bits;
+}
+
+absl::StatusOr<std::shared_ptr<const JsonSchema>> JsonSchema::Regex(absl::string_view pattern) {
+  PDS_ASSIGN_OR_RETURN(std::shared_ptr<const ByteDfa> dfa,
+                       ByteDfa::Compile(pattern, ByteDfa::Mode::kFullMatch));
+  std::shared_ptr<JsonSchema> out(new JsonSchema());
+  Node node;
+  node.kind = Node::kRegex;
+  node.dfa = std::move(dfa);
+  out->nodes_.push_back(std::move(node));
+  return std::shared_ptr<const JsonSchema>(std::move(out));
+}
 
 class SchemaCompiler {
  public:
@@ -274,7 +309,7 @@ class SchemaCompiler {
       kind = "object";
     } else if (s.contains("items") || s.contains("minItems") || s.contains("maxItems")) {
       kind = "array";
-    } else if (s.contains("minLength") || s.contains("maxLength")) {
+    } else if (s.contains("minLength") || s.contains("maxLength") || s.contains("pattern")) {
       kind = "string";
     } else {
       return Any();
@@ -289,6 +324,7 @@ class SchemaCompiler {
       if (node.max_length >= 0 && node.min_length > node.max_length) {
         return Error(where, "minLength is above maxLength");
       }
+      PDS_RETURN_IF_ERROR(Pattern(s, where, node));
     } else if (kind == "number" || kind == "integer") {
       node.kind = kind == "number" ? JsonSchema::Node::kNumber : JsonSchema::Node::kInteger;
     } else if (kind == "boolean" || kind == "null") {
@@ -325,13 +361,13 @@ class SchemaCompiler {
 
  private:
   inline static const absl::flat_hash_set<std::string> kKnown = {
-      "type",        "properties", "required",    "additionalProperties",
-      "items",       "minItems",   "maxItems",    "minLength",
-      "maxLength",   "enum",       "const",       "anyOf",
-      "oneOf",       "allOf",      "$ref",        "$defs",
-      "definitions", "title",      "description", "default",
-      "examples",    "format",     "$schema",     "$id",
-      "$comment"};
+      "type",      "properties",  "required", "additionalProperties",
+      "items",     "minItems",    "maxItems", "minLength",
+      "maxLength", "pattern",     "enum",     "const",
+      "anyOf",     "oneOf",       "allOf",    "$ref",
+      "$defs",     "definitions", "title",    "description",
+      "default",   "examples",    "format",   "$schema",
+      "$id",       "$comment"};
   inline static const absl::flat_hash_set<std::string> kAnnotations = {
       "title", "description", "default", "examples",   "$schema",
       "$id",   "$comment",    "$defs",   "definitions"};
@@ -357,6 +393,39 @@ class SchemaCompiler {
     out = static_cast<int64_t>(std::min<uint64_t>(it->get<uint64_t>(), 1u << 30));
     return absl::OkStatus();
   }
+
+  // A string's pattern (searched for, as JSON Schema reads it), or else the regular expression
+  // of its format where it has one (date, time, date-time, uuid, ipv4, email; other formats
+  // are annotations).
+  static absl::Status Pattern(const Json& s, const std::string& where, JsonSchema::Node& node) {
+    auto pattern = s.find("pattern");
+    if (pattern != s.end()) {
+      if (!pattern->is_string()) return Error(where, "pattern must be a string");
+      auto dfa = ByteDfa::Compile(pattern->get<std::string>(), ByteDfa::Mode::kSearch);
+      if (!dfa.ok()) return Error(where, dfa.status().message());
+      node.dfa = *std::move(dfa);
+      return absl::OkStatus();
+    }
+    auto format = s.find("format");
+    if (format == s.end() || !format->is_string()) return absl::OkStatus();
+    static const auto* const kFormats = new absl::flat_hash_map<std::string, std::string>{
+        {"date", kDate},
+        {"time", kTime},
+        {"date-time", absl::StrCat(kDate, "T", kTime)},
+        {"uuid", "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"},
+        {"ipv4",
+         "((25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)\\.){3}(25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)"},
+        {"email", "[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)+"}};
+    auto it = kFormats->find(format->get<std::string>());
+    if (it == kFormats->end()) return absl::OkStatus();
+    auto dfa = ByteDfa::Compile(it->second, ByteDfa::Mode::kFullMatch);
+    if (!dfa.ok()) return dfa.status();  // the formats above compile
+    node.dfa = *std::move(dfa);
+    return absl::OkStatus();
+  }
+  static constexpr const char* kDate = "\\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\\d|3[01])";
+  static constexpr const char* kTime =
+      "([01]\\d|2[0-3]):[0-5]\\d:([0-5]\\d|60)(\\.\\d{1,9})?(Z|[+-]([01]\\d|2[0-3]):[0-5]\\d)";
 
   // A node of literal JSON texts, sorted and without repeats: a literal frame follows the run
   // of them that share what was written so far.
@@ -518,7 +587,7 @@ absl::StatusOr<std::shared_ptr<const JsonSchema>> JsonSchema::Compile(absl::stri
 // Matching.
 
 struct JsonMatcher::Frame {
-  enum Kind : uint8_t { kRoot, kObject, kArray, kString, kNumber, kLiteral, kKey };
+  enum Kind : uint8_t { kRoot, kObject, kArray, kString, kNumber, kLiteral, kKey, kRegex };
   uint8_t kind = kRoot;
   uint8_t phase = 0;
   uint8_t ws = 0;    // whitespace characters in a row
@@ -531,9 +600,11 @@ struct JsonMatcher::Frame {
   int32_t cur = -1;  // object: the property whose value comes next (-1: an additional one);
                      // literal: the end of its run; string: the next continuation byte's range
                      // (lo << 8 | hi), or a \u escape's value so far
-  uint32_t h = 0;    // an additional key's string: KeyHash of its bytes so far
+  uint32_t h = 0;    // an additional key's string: KeyHash of its bytes so far; a pattern
+                     // string: a high surrogate's value while its low half comes
+  int32_t rx = -1;   // a pattern string's or a regex's automaton state
 
-  auto Tie() const { return std::tie(kind, phase, ws, node, a, b, cur, h); }
+  auto Tie() const { return std::tie(kind, phase, ws, node, a, b, cur, h, rx); }
   bool operator==(const Frame& o) const { return Tie() == o.Tie(); }
   bool operator<(const Frame& o) const { return Tie() < o.Tie(); }
 };
@@ -639,6 +710,10 @@ class Moves {
       case Frame::kObject:
         Object(std::move(s), c, out);
         return;
+      case Frame::kRegex:
+        f.rx = nodes_[f.node].dfa->Next(f.rx, c);
+        if (f.rx >= 0) out.push_back(std::move(s));
+        return;
     }
   }
 
@@ -669,6 +744,8 @@ class Moves {
         return IsSpace(c) || f.phase != kArrAfter || c == ',' || c == ']';
       case Frame::kNumber:
         return true;
+      case Frame::kRegex:
+        return nodes_[f.node].dfa->Next(f.rx, c) >= 0;
     }
     return true;
   }
@@ -676,6 +753,7 @@ class Moves {
   // The text may end here: what is open is the root's finished value (a number may still
   // grow).
   bool Accepting(const Stack& s) const {
+    if (s[0].kind == Frame::kRegex) return nodes_[s[0].node].dfa->Accepting(s[0].rx);
     size_t top = s.size() - 1;
     const Frame& f = s[top];
     const bool may_end = (f.kind == Frame::kNumber && NumberMayEnd(f.phase)) ||
@@ -689,6 +767,7 @@ class Moves {
   int StringRoom(const Stack& s) const {
     const Frame& f = s.back();
     if (f.kind != Frame::kString || f.phase != kStrContent || f.b != 0) return -1;
+    if (f.node >= 0 && nodes_[f.node].dfa != nullptr) return -1;  // its bytes move a pattern
     if (f.node < 0 || nodes_[f.node].max_length < 0) return std::numeric_limits<int>::max();
     return static_cast<int>(std::max<int64_t>(0, nodes_[f.node].max_length - f.a));
   }
@@ -696,7 +775,8 @@ class Moves {
     const Frame& f = s.back();
     if (f.kind != Frame::kString || f.phase != kStrContent || f.b != 0) return false;
     if (f.node < 0) return nodes_[-f.node - 2].keys.empty();  // else its bytes are hashed
-    return nodes_[f.node].max_length < 0 && nodes_[f.node].min_length == 0;
+    const Node& n = nodes_[f.node];
+    return n.max_length < 0 && n.min_length == 0 && n.dfa == nullptr;
   }
 
  private:
@@ -734,7 +814,10 @@ class Moves {
         if (c != '"') return;
         f.kind = Frame::kString;
         f.phase = kStrContent;
+        if (n.dfa != nullptr) f.rx = n.dfa->start();
         break;
+      case Node::kRegex:  // only ever the root, as the whole text
+        return;
       case Node::kNumber:
       case Node::kInteger:
         if (c != '-' && (c < '0' || c > '9')) return;
@@ -779,6 +862,7 @@ class Moves {
   // A string frame takes byte c (false: it cannot); its closing quote sets b = -1 (done).
   bool String(Frame& f, uint8_t c) const {
     const Node* n = f.node >= 0 ? &nodes_[f.node] : nullptr;
+    const ByteDfa* dfa = n != nullptr ? n->dfa.get() : nullptr;
     const bool counted = n != nullptr && (n->max_length >= 0 || n->min_length > 0);
     // One more character: false past maxLength.
     auto one = [&] {
@@ -786,22 +870,33 @@ class Moves {
       ++f.a;
       return n->max_length < 0 || f.a <= n->max_length;
     };
+    // The content's next bytes (an escape's decoded) move the pattern: false when it refuses
+    // them or too few characters of maxLength would be left to reach a match.
+    auto feed = [&](std::initializer_list<uint8_t> bytes) {
+      if (dfa == nullptr) return true;
+      for (uint8_t byte : bytes) {
+        f.rx = dfa->Next(f.rx, byte);
+        if (f.rx < 0) return false;
+      }
+      return n->max_length < 0 || f.a + dfa->CharsToAccept(f.rx) <= n->max_length;
+    };
     switch (f.phase) {
       case kStrContent:
         if (f.b > 0) {  // inside a UTF-8 character: cur holds the next byte's range
           if (c < (f.cur >> 8) || c > (f.cur & 0xFF)) return false;
           f.cur = --f.b == 0 ? -1 : 0x80BF;
-          return true;
+          return feed({c});
         }
         if (c >= 0x80) {
           uint8_t lo, hi;
           f.b = Utf8Lead(c, lo, hi);
           if (f.b == 0) return false;
           f.cur = (lo << 8) | hi;
-          return one();
+          return one() && feed({c});
         }
         if (c == '"') {
           if (counted && f.a < n->min_length) return false;
+          if (dfa != nullptr && !dfa->Accepting(f.rx)) return false;
           f.b = -1;
           return true;
         }
@@ -810,17 +905,21 @@ class Moves {
           return one();
         }
         if (c < 0x20) return false;
-        return one();
-      case kStrEscape:
+        return one() && feed({c});
+      case kStrEscape: {
         if (c == 'u') {
           f.phase = kStrHex;
           f.b = 0;
           f.cur = 0;
           return true;
         }
-        if (c == 0 || std::strchr("\"\\/bfnrt", c) == nullptr) return false;
+        static constexpr char kEscapes[] = "\"\\/bfnrt";
+        static constexpr char kDecoded[] = "\"\\/\b\f\n\r\t";
+        const char* at = c == 0 ? nullptr : std::strchr(kEscapes, c);
+        if (at == nullptr) return false;
         f.phase = kStrContent;
-        return true;
+        return feed({static_cast<uint8_t>(kDecoded[at - kEscapes])});
+      }
       case kStrHex:
       case kStrHexLow: {  // cur: the value so far; a surrogate must come as a pair
         const int digit = HexDigit(static_cast<char>(c));
@@ -834,7 +933,19 @@ class Moves {
         const bool high = !low && f.cur >= 0xD800 && f.cur <= 0xDBFF;
         f.phase = high ? kStrLowSlash : kStrContent;
         f.b = 0;
+        const uint32_t value = static_cast<uint32_t>(f.cur);
         f.cur = -1;
+        if (dfa == nullptr) return true;
+        if (high) {  // its character is fed with the low half
+          f.h = value;
+          return true;
+        }
+        std::string utf8;
+        AppendUtf8(low ? 0x10000 + ((f.h - 0xD800) << 10) + (value - 0xDC00) : value, utf8);
+        f.h = 0;
+        for (char byte : utf8) {
+          if (!feed({static_cast<uint8_t>(byte)})) return false;
+        }
         return true;
       }
       case kStrLowSlash:
@@ -998,6 +1109,12 @@ JsonMatcher::JsonMatcher(std::shared_ptr<const JsonSchema> schema,
   Frame root;
   root.kind = Frame::kRoot;
   root.phase = kRootBefore;
+  const Node& top = schema_->nodes_[schema_->root_];
+  if (top.kind == Node::kRegex) {
+    root.kind = Frame::kRegex;
+    root.node = schema_->root_;
+    root.rx = top.dfa->start();
+  }
   states_.push_back({root});
 }
 
@@ -1030,6 +1147,65 @@ void JsonMatcher::Walk(const TokenVocabulary::Trie& trie, uint32_t node,
   }
 }
 
+namespace {
+
+// Sets the tokens under trie node `node` whose bytes `dfa` takes from `state`.
+void DfaWalk(const TokenVocabulary::Trie& trie, uint32_t node, const ByteDfa& dfa, int32_t state,
+             std::vector<uint64_t>& allowed) {
+  const TokenVocabulary::Trie::Node& t = trie.nodes[node];
+  for (uint32_t e = t.edge_begin; e < t.edge_end; ++e) {
+    const int32_t next = dfa.Next(state, trie.edges[e].byte);
+    if (next < 0) continue;
+    const TokenVocabulary::Trie::Node& child = trie.nodes[trie.edges[e].child];
+    for (uint32_t k = child.token_begin; k < child.token_end; ++k) Set(allowed, trie.tokens[k]);
+    DfaWalk(trie, trie.edges[e].child, dfa, next, allowed);
+  }
+}
+
+}  // namespace
+
+bool JsonMatcher::PatternTokens(Bits& allowed) const {
+  if (states_.size() != 1) return false;
+  const Frame& f = states_[0].back();
+  if (f.kind == Frame::kRegex) {  // the whole text: every token the automaton takes
+    const ByteDfa& dfa = *schema_->nodes_[f.node].dfa;
+    auto tokens = schema_->Tokens(f.node, f.rx, vocab_, [&](Bits& out) {
+      out.assign(allowed.size(), 0);
+      DfaWalk(*vocab_->all_, 0, dfa, f.rx, out);
+    });
+    allowed = *tokens;
+    return true;
+  }
+  if (f.kind != Frame::kString || f.phase != kStrContent || f.b != 0 || f.node < 0) return false;
+  const Node& n = schema_->nodes_[f.node];
+  if (n.dfa == nullptr) return false;
+  // A pattern string's content: the plain tokens the automaton takes (as they are, they are
+  // the content), then a walk for the others (quotes, escapes, broken characters).
+  const std::vector<int32_t>& plain = vocab_->plain_;
+  auto fill = [&](Bits& out, int64_t room) {
+    out.assign(allowed.size(), 0);
+    for (size_t k = 0; k < plain.size() && vocab_->plain_chars_[k] <= room; ++k) {
+      int32_t rx = f.rx;
+      for (char c : vocab_->bytes(plain[k])) {
+        rx = n.dfa->Next(rx, static_cast<uint8_t>(c));
+        if (rx < 0) break;
+      }
+      if (rx >= 0 && (n.max_length < 0 ||
+                      f.a + vocab_->plain_chars_[k] + n.dfa->CharsToAccept(rx) <= n.max_length)) {
+        Set(out, plain[k]);
+      }
+    }
+  };
+  if (n.max_length < 0) {
+    allowed = *schema_->Tokens(f.node, f.rx, vocab_,
+                               [&](Bits& out) { fill(out, std::numeric_limits<int64_t>::max()); });
+  } else {
+    fill(allowed, n.max_length - f.a);
+  }
+  Walk(*vocab_->special_, 0, states_, false, allowed);
+  return true;
+}
+
 void JsonMatcher::ComputeAllowed(Bits& allowed) const {
   allowed.assign((vocab_->size() + 63) / 64, 0);
   const Moves moves(schema_->nodes_, schema_->root_);
@@ -1043,7 +1219,8 @@ void JsonMatcher::ComputeAllowed(Bits& allowed) const {
     same = same && moves.PlainString(s);
     room = std::max(room, r);
   }
-  if (strings) {
+  if (PatternTokens(allowed)) {
+  } else if (strings) {
     const auto& chars = vocab_->plain_chars_;
     const size_t fit = std::upper_bound(chars.begin(), chars.end(), room) - chars.begin();
     for (size_t k = 0; k < fit; ++k) Set(allowed, vocab_->plain_[k]);
@@ -1140,8 +1317,10 @@ bool JsonMatcher::Accept(int32_t token) {
 }
 
 bool JsonMatcher::Done() const {
-  return std::all_of(states_.begin(), states_.end(),
-                     [](const Stack& s) { return s.size() == 1 && s[0].phase == kRootDone; });
+  return std::all_of(states_.begin(), states_.end(), [&](const Stack& s) {
+    if (s[0].kind == Frame::kRegex) return schema_->nodes_[s[0].node].dfa->Final(s[0].rx);
+    return s.size() == 1 && s[0].phase == kRootDone;
+  });
 }
 
 bool JsonMatcher::CanEnd() const {

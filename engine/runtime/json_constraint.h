@@ -1,14 +1,16 @@
-// Structured output: generation constrained to JSON that a JSON Schema accepts. Each step, the
-// tokens whose bytes cannot continue the text so far are masked out of the logits before the
-// token is drawn, so every reply parses and matches the schema (unless max_tokens cuts it
-// short, which ends it as "length").
+// Structured output: generation constrained to JSON that a JSON Schema accepts, or to text a
+// regular expression matches whole (engine/runtime/regex.h). Each step, the tokens whose bytes
+// cannot continue the text so far are masked out of the logits before the token is drawn, so
+// every reply parses and matches (unless max_tokens cuts it short, which ends it as "length").
 //
 // The schema subset (anything else is refused with INVALID_ARGUMENT naming the keyword and
 // where it is): type (one or a list), properties, required, additionalProperties (false, the
 // default under properties; true or a schema), items, minItems, maxItems, minLength,
-// maxLength, enum, const, anyOf, oneOf (read as anyOf), allOf of one schema, $ref to a
-// place in the same schema (#, #/$defs/..., any JSON pointer; recursive too), and the
-// annotations title, description, default, examples, format, $schema, $id, $comment.
+// maxLength, pattern (a regex.h pattern, searched for as JSON Schema reads it), format (date,
+// time, date-time, uuid, ipv4 and email are held to their forms; others are annotations, as is
+// a format beside a pattern), enum, const, anyOf, oneOf (read as anyOf), allOf of one schema, $ref
+// to a place in the same schema (#, #/$defs/..., any JSON pointer; recursive too), and the
+// annotations title, description, default, examples, $schema, $id, $comment.
 // Properties come out in the schema's order; optional ones may be left out, and additional
 // ones may not take a declared name. Whitespace between tokens is allowed up to 16 characters
 // at a time; numbers are at most 32 characters. Refused as too large: over 64 alternatives in
@@ -17,16 +19,21 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "kernels/sampling.h"
 
 namespace pds::engine {
 
+class ByteDfa;
 class Tokenizer;
 
 // A model's tokens as bytes, indexed for masking: built once per model, shared by requests.
@@ -63,11 +70,13 @@ class TokenVocabulary {
   std::vector<int32_t> plain_chars_;
 };
 
-// A compiled schema (immutable; shared by the requests that use it).
+// A compiled schema or regular expression (shared by the requests that use it).
 class JsonSchema {
  public:
   // `schema` is JSON Schema text; {"type": "object"} is what json_object mode asks for.
   static absl::StatusOr<std::shared_ptr<const JsonSchema>> Compile(absl::string_view schema);
+  // The whole reply matches `pattern` (a regex.h pattern, in full).
+  static absl::StatusOr<std::shared_ptr<const JsonSchema>> Regex(absl::string_view pattern);
   ~JsonSchema();
 
   struct Node;  // json_constraint.cc
@@ -76,8 +85,18 @@ class JsonSchema {
   friend class JsonMatcher;
   friend class SchemaCompiler;
   JsonSchema();
+  using Bits = std::vector<uint64_t>;
+  // The tokens a pattern's automaton (of node `node`) takes whole from `state`, computed by
+  // `fill` once per state and vocabulary (up to 4096 of them; past that, each time).
+  std::shared_ptr<const Bits> Tokens(int node, int32_t state,
+                                     const std::shared_ptr<const TokenVocabulary>& vocab,
+                                     const std::function<void(Bits&)>& fill) const;
+
   std::vector<Node> nodes_;
   int root_ = 0;
+  mutable std::mutex mu_;
+  mutable std::shared_ptr<const TokenVocabulary> tokens_vocab_;  // the tokens' vocabulary
+  mutable absl::flat_hash_map<std::pair<int, int32_t>, std::shared_ptr<const Bits>> tokens_;
 };
 
 // One reply's place in the grammar: the set of parser stacks the text so far leaves open.
@@ -125,6 +144,9 @@ class JsonMatcher {
  private:
   void Walk(const TokenVocabulary::Trie& trie, uint32_t node, const std::vector<Stack>& states,
             bool plain_same, Bits& allowed) const;
+  // The allowed tokens of a regex, or of a pattern string's content, from the automaton's
+  // per-state token sets; false (nothing set) for other states.
+  bool PatternTokens(Bits& allowed) const;
 
   std::shared_ptr<const JsonSchema> schema_;
   std::shared_ptr<const TokenVocabulary> vocab_;

@@ -71,7 +71,9 @@ TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
   };
   for (const Bad& b : std::vector<Bad>{
            {"{", "not valid JSON"},
-           {R"({"type": "string", "pattern": "a+"})", "'pattern' is not supported"},
+           {R"({"type": "string", "pattern": "(a)\\1"})",
+            "'/': regex at character 3: backreferences"},
+           {R"({"type": "string", "pattern": 3})", "pattern must be a string"},
            {R"({"properties": {"x": {"minimum": 1}}})", "'/properties/x': the keyword 'minimum'"},
            {R"({"type": "tuple"})", "unknown type 'tuple'"},
            {R"({"$ref": "#/$defs/missing"})", "names nothing"},
@@ -237,8 +239,17 @@ TEST(JsonMatcherTest, MaskEqualsTryingEveryToken) {
           "additionalProperties": {"type": "integer"}})",
        R"({"e": "ab", "s": "\ud83d\ude00\u00e9", "x": 12})"},
   };
-  for (const auto& [text, reply] : replies) {
-    const auto schema = Schema(text);
+  std::vector<std::pair<std::shared_ptr<const JsonSchema>, std::string>> grammars;
+  for (const auto& [text, reply] : replies) grammars.emplace_back(Schema(text), reply);
+  grammars.emplace_back(
+      Schema(R"({"properties": {"id": {"type": "string", "pattern": "^[a-f0-9]{2,}\\.x?$"},
+          "d": {"type": "string", "format": "date", "maxLength": 10},
+          "p": {"type": "string", "pattern": "\"", "maxLength": 5}}})"),
+      R"({"id": "a0f.", "d": "2026-01-31", "p": "\u00e9\"\\"})");
+  grammars.emplace_back(*JsonSchema::Regex("[a-z]+( [a-z]+)*: \\d{1,3}(\\.\\d+)?\n"),
+                        "ab cd: 12.5\n");
+  for (const auto& [schema, reply] : grammars) {
+    const std::string text = reply;
     JsonMatcher m(schema, vocab);
     for (size_t i = 0; i <= reply.size(); ++i) {
       std::vector<int32_t> expected;
@@ -302,6 +313,85 @@ TEST(JsonMatcherTest, RandomDrawsEndInMatchingJson) {
     }
   }
   EXPECT_GT(done, 150);
+}
+
+// A string's pattern is searched for in its content as decoded (escapes and all); formats with
+// a form are held to it; maxLength leaves room for the pattern to match.
+TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
+  const auto vocab = Vocabulary(0);
+  struct Case {
+    std::string schema;
+    std::vector<std::string> good, bad;
+  };
+  const std::vector<Case> cases = {
+      {R"({"type": "string", "pattern": "^[a-z]+\\d?$"})",
+       {R"("abc")", R"("a1")", R"("\u0061b")"},
+       {R"("")", R"("A")", R"("a12")", R"("a b")"}},
+      {R"({"pattern": "ab"})",  // unanchored: anything containing ab
+       {R"("ab")", R"("xxaby")", R"("a\u0062")"},
+       {R"("a b")", R"("ba")"}},
+      {R"({"type": "string", "pattern": "^a\"b\n\\\\$"})",
+       {R"("a\"b\n\\")", R"("a\u0022b\u000a\u005c")"},
+       {R"("a\"b\\n")", R"("ab")"}},
+      {R"({"type": "string", "pattern": "^\\u{1F600}é$"})",
+       {"\"\xF0\x9F\x98\x80\xC3\xA9\"", R"("\ud83d\ude00\u00e9")"},
+       {R"("\ud83d\ude01\u00e9")", R"("é")"}},
+      {R"({"type": "string", "pattern": "^a+$", "maxLength": 3, "minLength": 2})",
+       {R"("aa")", R"("aaa")"},
+       {R"("a")", R"("aaaa")"}},
+      {R"({"type": "string", "format": "date"})",
+       {R"("2026-11-29")", R"("1999-02-31")"},
+       {R"("2026-13-01")", R"("2026-1-01")", R"("x")"}},
+      {R"({"type": "string", "format": "date-time"})",
+       {R"("2026-11-29T09:30:00Z")", R"("2026-11-29T09:30:00.123+01:00")"},
+       {R"("2026-11-29 09:30:00Z")", R"("2026-11-29T25:00:00Z")"}},
+      {R"({"type": "string", "format": "uuid"})",
+       {R"("123e4567-e89b-12d3-a456-426614174000")"},
+       {R"("123e4567e89b12d3a456426614174000")"}},
+      {R"({"type": "string", "format": "ipv4"})",
+       {R"("10.0.255.1")"},
+       {R"("256.1.1.1")", R"("1.2.3")"}},
+      {R"({"type": "string", "format": "email"})", {R"("a.b@c.io")"}, {R"("a@b")", R"("@c.io")"}},
+      {R"({"type": "string", "format": "hostname"})", {R"("anything at all")"}, {}},
+  };
+  for (const Case& c : cases) {
+    const auto schema = Schema(c.schema);
+    ASSERT_NE(schema, nullptr);
+    for (const std::string& t : c.good) {
+      EXPECT_EQ(Feed(schema, vocab, t), std::make_pair(true, true)) << c.schema << "\n" << t;
+    }
+    for (const std::string& t : c.bad) {
+      EXPECT_NE(Feed(schema, vocab, t), std::make_pair(true, true)) << c.schema << "\n" << t;
+    }
+  }
+  // With maxLength, a pattern that needs more characters than are left is refused early.
+  JsonMatcher m(Schema(R"({"type": "string", "pattern": "^x*abc$", "maxLength": 4})"), vocab);
+  ASSERT_TRUE(m.Accept('"'));
+  ASSERT_TRUE(m.Accept('x'));
+  EXPECT_FALSE(JsonMatcher(m).Accept('x'));  // "xx" leaves 2 for "abc"
+  EXPECT_TRUE(m.Accept('a'));
+}
+
+// A regex grammar: the whole reply matches, ended by a stop token or by a final state.
+TEST(JsonMatcherTest, RegexRepliesMatchWhole) {
+  const auto vocab = Vocabulary(0);
+  auto schema = JsonSchema::Regex("(yes|no)( maybe)?");
+  ASSERT_TRUE(schema.ok()) << schema.status();
+  EXPECT_EQ(Feed(*schema, vocab, "yes"), std::make_pair(true, true));
+  EXPECT_EQ(Feed(*schema, vocab, "no maybe"), std::make_pair(true, true));
+  EXPECT_EQ(Feed(*schema, vocab, "no may"), std::make_pair(true, false));
+  EXPECT_EQ(Feed(*schema, vocab, " yes").first, false);
+  JsonMatcher m(*schema, vocab);
+  for (char c : std::string("no maybe")) ASSERT_TRUE(m.Accept(static_cast<uint8_t>(c)));
+  EXPECT_TRUE(m.Done());
+  JsonMatcher open(*schema, vocab);
+  ASSERT_TRUE(open.Accept('n'));
+  ASSERT_TRUE(open.Accept('o'));
+  EXPECT_FALSE(open.Done());  // " maybe" may follow
+  EXPECT_TRUE(open.Accept(kStop));
+  auto bad = JsonSchema::Regex("(a");
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST(JsonMatcherTest, SpecialTokensAndStopsAreKeptOut) {
