@@ -157,6 +157,7 @@ GenerateRequest MakeGenerateRequest(const RequestSpec& spec, int64_t index,
   req.set_ignore_eos(true);
   if (options.temperature) req.set_temperature(*options.temperature);
   req.set_json_schema(options.json_schema);
+  req.set_regex(options.regex);
   if (options.send_slo) {
     if (options.slo.ttft_ms > 0) {
       req.set_ttft_slo_ms(std::max(options.slo.ttft_ms - 1000 * std::max(lag_s, 0.0), 1e-3));

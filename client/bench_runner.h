@@ -54,6 +54,7 @@ struct RunOptions {
   bool send_slo = true;
   std::optional<float> temperature;  // unset: the server's default (greedy)
   std::string json_schema;           // non-empty: structured output (GenerateRequest.json_schema)
+  std::string regex;                 // non-empty: structured output (GenerateRequest.regex)
   std::string request_id_prefix;     // non-empty: request ids "<prefix>-<index>"
   // Multi-turn conversations (open loop only): specs [c * turns, (c + 1) * turns) are
   // conversation c's turns, and arrivals[c] its start; see above.

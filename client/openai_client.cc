@@ -102,6 +102,7 @@ absl::StatusOr<Json> Body(const api::GenerateRequest& r, const std::string& mode
     j["response_format"] = {{"type", "json_schema"},
                             {"json_schema", {{"name", "pdbench"}, {"schema", std::move(schema)}}}};
   }
+  if (!r.regex().empty()) j["guided_regex"] = r.regex();
   if (r.has_ttft_slo_ms()) j["ttft_slo_ms"] = r.ttft_slo_ms();
   if (r.has_tpot_slo_ms()) j["tpot_slo_ms"] = r.tpot_slo_ms();
   return j;

@@ -106,6 +106,9 @@ const FlagDef kFlags[] = {
     {"json-schema", FlagType::kValue,
      "structured output: every request's reply is JSON of this schema (a file, or its text "
      "starting with '{'; OpenAI APIs send it as response_format)"},
+    {"regex", FlagType::kValue,
+     "structured output: every request's reply matches this regular expression (OpenAI APIs "
+     "send it as guided_regex)"},
     {"goodput", FlagType::kMulti,
      "SLO targets, e.g. ttft:250 tpot:100 (ms); also sent to the server per request"},
     {"no-slo-hints", FlagType::kBool, "do not send the SLO targets with the requests"},
@@ -255,6 +258,7 @@ struct Config {
   bool send_slo = true;
   std::optional<float> temperature;
   std::string json_schema;
+  std::string regex;
   std::vector<std::string> percentile_metrics = AllPercentileMetrics();
   int max_concurrency = 512;
   double request_timeout_s = 300;
@@ -366,6 +370,10 @@ absl::StatusOr<Config> MakeConfig(const Flags& f) {
       }
       c.json_schema.assign(std::istreambuf_iterator<char>(in), {});
     }
+  }
+  if (f.Has("regex")) c.regex = f.String("regex");
+  if (!c.json_schema.empty() && !c.regex.empty()) {
+    return absl::InvalidArgumentError("--json-schema and --regex: one only");
   }
 
   for (const std::string& item : f.Multi("goodput")) {
@@ -637,6 +645,7 @@ class Pdbench {
     o.send_slo = c_.send_slo;
     o.temperature = c_.temperature;
     o.json_schema = c_.json_schema;
+    o.regex = c_.regex;
     o.request_id_prefix = absl::StrCat("pdbench-", getpid(), "-", ++runs_);
     o.progress_interval_s = printer->interval();
     o.progress = [printer](const RunProgress& p) { (*printer)(p); };

@@ -38,6 +38,9 @@ const std::vector<FlagSpec>& Specs() {
         {"json-schema", false,
          "structured output: a JSON Schema file (or its text, starting with '{') the reply "
          "must be JSON of (needs tokenizer.json)"},
+        {"regex", false,
+         "structured output: a regular expression the whole reply matches (needs "
+         "tokenizer.json)"},
         {"json", true, "print one JSON object"},
         {"block-size", false, "KV cache block size in tokens (default 16)"},
         {"help", true, "show this help"},
@@ -114,6 +117,7 @@ absl::Status Run(const CliArgs& args) {
       p.json_schema.assign(std::istreambuf_iterator<char>(in), {});
     }
   }
+  if (args.Has("regex")) p.regex = args.GetString("regex");
 
   const auto t0 = std::chrono::steady_clock::now();
   PDS_ASSIGN_OR_RETURN(LoadedModel loaded, LoadModelFromArgs(args));
@@ -129,7 +133,7 @@ absl::Status Run(const CliArgs& args) {
       1);
   PDS_ASSIGN_OR_RETURN(std::unique_ptr<engine::LlmEngine> llm,
                        engine::LlmEngine::Create(*model, engine_options));
-  if (tokenizer && !p.json_schema.empty()) {
+  if (tokenizer && (!p.json_schema.empty() || !p.regex.empty())) {
     llm->set_token_vocabulary(
         engine::TokenVocabulary::FromTokenizer(*tokenizer, model->config().eos_token_ids));
   }

@@ -48,6 +48,7 @@ constexpr char kServingService[] = "pdserve.v1.Serving";
 // How many times a request refused before starting is placed again.
 constexpr int kMaxRedispatches = 2;
 constexpr size_t kMaxJsonSchemaBytes = 64 << 10;  // GenerateRequest.json_schema
+constexpr size_t kMaxRegexBytes = 16 << 10;       // GenerateRequest.regex
 
 grpc::Status Invalid(const std::string& message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
@@ -597,6 +598,17 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         return ToGrpc(schema.status());
       }
     }
+    if (!r.regex().empty()) {
+      if (!r.json_schema().empty()) return Invalid("json_schema and regex: one only");
+      if (!tokenizer_) {
+        return Invalid(absl::StrCat("model ", model_name_,
+                                    " has no tokenizer.json: no structured output (regex)"));
+      }
+      if (r.regex().size() > kMaxRegexBytes) {
+        return Invalid(absl::StrCat("regex is longer than ", kMaxRegexBytes, " bytes"));
+      }
+      if (auto dfa = engine::JsonSchema::Regex(r.regex()); !dfa.ok()) return ToGrpc(dfa.status());
+    }
     work.set_request_id(r.request_id());
     *work.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
     work.set_max_tokens(r.max_tokens());
@@ -608,6 +620,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     *work.mutable_stop_token_ids() = r.stop_token_ids();
     work.set_logprobs(params.logprobs);
     work.set_json_schema(r.json_schema());
+    work.set_regex(r.regex());
     return grpc::Status::OK;
   }
 

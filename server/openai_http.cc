@@ -20,6 +20,7 @@
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
 #include "engine/runtime/json_constraint.h"
+#include "engine/runtime/regex.h"
 #include "engine/tokenizer/chat_template.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "engine/tokenizer/unicode.h"
@@ -439,10 +440,34 @@ const Json* Member(const Json& obj, const char* key) {
   return it == obj.end() || it->is_null() ? nullptr : &*it;
 }
 
-// The structured output a body asks for: `response_format` (OpenAI's json_object or
-// json_schema) or vLLM's `guided_json`, as JSON Schema text in base.json_schema, checked.
+// The structured output a body asks for, checked: `response_format` (OpenAI's json_object or
+// json_schema), vLLM's `guided_json`, `guided_regex`, `guided_choice`, or its newer
+// `structured_outputs` ({"json" | "regex" | "choice": ...}), as JSON Schema text in
+// base.json_schema or a pattern in base.regex (a choice is a pattern of its strings). One only.
 absl::Status ParseResponseFormat(const Json& j, api::GenerateRequest& base) {
-  std::string schema, field;
+  std::string schema, field, regex;
+  const Json* structured = Member(j, "structured_outputs");
+  if (structured != nullptr && !structured->is_object()) {
+    return BadField("structured_outputs",
+                    "must be an object ({\"json\" | \"regex\" | \"choice\": ...})");
+  }
+  // A member of the body, or of structured_outputs (under its short name); nothing from both.
+  std::string asked;
+  auto ask = [&](const char* name, const char* short_name) -> absl::StatusOr<const Json*> {
+    const Json* a = Member(j, name);
+    const Json* b = structured != nullptr ? Member(*structured, short_name) : nullptr;
+    if (a == nullptr && b == nullptr) return nullptr;
+    std::string which = a != nullptr ? name : absl::StrCat("structured_outputs.", short_name);
+    if (a != nullptr && b != nullptr) {
+      return BadField(name, absl::StrCat("and structured_outputs.", short_name,
+                                         " both constrain the reply: one only"));
+    }
+    if (!asked.empty()) {
+      return BadField(which, absl::StrCat("and ", asked, " both constrain the reply: one only"));
+    }
+    asked = which;
+    return a != nullptr ? a : b;
+  };
   if (const Json* format = Member(j, "response_format")) {
     field = "response_format";
     const Json* type = Member(*format, "type");
@@ -463,13 +488,40 @@ absl::Status ParseResponseFormat(const Json& j, api::GenerateRequest& base) {
       return BadField(field, "type must be text, json_object or json_schema");
     }
   }
-  if (const Json* guided = Member(j, "guided_json")) {
-    if (!schema.empty()) return BadField("guided_json", "and response_format both ask for JSON");
-    if (!guided->is_object() && !guided->is_string()) {
-      return BadField("guided_json", "must be a JSON Schema (an object, or its text)");
+  if (!schema.empty()) asked = field;
+  PDS_ASSIGN_OR_RETURN(const Json* guided, ask("guided_json", "json"));
+  if (guided != nullptr) {
+    field = asked;
+    if (!guided->is_object() && !guided->is_string() && !guided->is_boolean()) {
+      return BadField(field, "must be a JSON Schema (an object, or its text)");
     }
-    field = "guided_json";
     schema = guided->is_string() ? guided->get<std::string>() : guided->dump();
+  }
+  PDS_ASSIGN_OR_RETURN(const Json* pattern, ask("guided_regex", "regex"));
+  if (pattern != nullptr) {
+    if (!pattern->is_string() || pattern->get<std::string>().empty()) {
+      return BadField(asked, "must be a non-empty regular expression");
+    }
+    regex = pattern->get<std::string>();
+  }
+  PDS_ASSIGN_OR_RETURN(const Json* choice, ask("guided_choice", "choice"));
+  if (choice != nullptr) {
+    if (!choice->is_array() || choice->empty() || choice->size() > 4096) {
+      return BadField(asked, "must be a list of 1-4096 strings");
+    }
+    std::vector<std::string> choices;
+    for (const Json& c : *choice) {
+      if (!c.is_string()) return BadField(asked, "must be a list of strings");
+      choices.push_back(c.get<std::string>());
+    }
+    regex = engine::ByteDfa::Alternation(choices);
+  }
+  if (!regex.empty()) {
+    if (auto compiled = engine::JsonSchema::Regex(regex); !compiled.ok()) {
+      return BadField(asked, compiled.status().message());
+    }
+    base.set_regex(std::move(regex));
+    return absl::OkStatus();
   }
   if (schema.empty()) return absl::OkStatus();
   if (auto compiled = engine::JsonSchema::Compile(schema); !compiled.ok()) {
@@ -526,8 +578,8 @@ absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, Completion
     if (tools.empty() && choice != "none") return BadField("tool_choice", "needs tools");
   }
   if (choice == "named" || choice == "required") {
-    if (!base.json_schema().empty()) {
-      return BadField("tool_choice", "forces calls: no response_format or guided_json beside it");
+    if (!base.json_schema().empty() || !base.regex().empty()) {
+      return BadField("tool_choice", "forces calls: no response_format or guided_* beside it");
     }
     // A function's arguments: its parameters schema (none: no arguments), an object.
     auto parameters = [](const Json& tool) -> absl::StatusOr<Json> {
@@ -991,8 +1043,9 @@ class OpenAiHttpServer::Impl {
     auto parsed = ParseChatRequest(req.body, options.model, options.max_context, *options.chat,
                                    *options.tokenizer, options.tool_call_format);
     if (!parsed.ok()) return SendError(res, parsed.status());
-    // A reply constrained to JSON has no reasoning section to split off.
-    if (parsed->choices.empty() || parsed->choices[0].json_schema().empty()) {
+    // A constrained reply has no reasoning section to split off.
+    if (parsed->choices.empty() ||
+        (parsed->choices[0].json_schema().empty() && parsed->choices[0].regex().empty())) {
       parsed->reasoning = options.reasoning_format;
     }
     Serve(req, res, *std::move(parsed));

@@ -135,6 +135,7 @@ engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
   g.params.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
   g.params.logprobs = r.logprobs();
   g.params.json_schema = r.json_schema();
+  g.params.regex = r.regex();
   if (r.ttft_deadline_unix_us() > 0) g.ttft_deadline_s = r.ttft_deadline_unix_us() * 1e-6;
   g.best_effort = r.best_effort();
   return g;

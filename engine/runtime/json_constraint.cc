@@ -147,7 +147,9 @@ TokenVocabulary::TokenVocabulary(std::vector<std::string> token_bytes, std::vect
   std::vector<int32_t> all, special;
   std::vector<int> chars(bytes_.size(), -1);
   for (int32_t id = 0; id < size(); ++id) {
-    usable_[id] = !bytes_[id].empty() && (static_cast<size_t>(id) >= usable.size() || usable[id]);
+    // A stop token ends the text (allowed where it may end), whatever its bytes.
+    usable_[id] = !bytes_[id].empty() && (static_cast<size_t>(id) >= usable.size() || usable[id]) &&
+                  !IsStop(id);
     if (!usable_[id]) continue;
     all.push_back(id);
     chars[id] = PlainChars(bytes_[id]);
@@ -155,6 +157,7 @@ TokenVocabulary::TokenVocabulary(std::vector<std::string> token_bytes, std::vect
   }
   std::stable_sort(plain_.begin(), plain_.end(),
                    [&](int32_t x, int32_t y) { return chars[x] < chars[y]; });
+  chars_ = chars;
   for (int32_t id : plain_) plain_chars_.push_back(chars[id]);
   all_ = Trie::Of(bytes_, std::move(all));
   special_ = Trie::Of(bytes_, std::move(special));
@@ -202,9 +205,9 @@ struct JsonSchema::Node {
 JsonSchema::JsonSchema() = default;
 JsonSchema::~JsonSchema() = default;
 
-std::shared_ptr<const JsonSchema::Bits> JsonSchema::Tokens(
+std::shared_ptr<const JsonSchema::TokenSet> JsonSchema::Tokens(
     int node, int32_t state, const std::shared_ptr<const TokenVocabulary>& vocab,
-    const std::function<void(Bits&)>& fill) const {
+    const std::function<void(TokenSet&)>& fill) const {
   constexpr size_t kMaxCached = 4096;
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -214,7 +217,7 @@ std::shared_ptr<const JsonSchema::Bits> JsonSchema::Tokens(
     }
     if (auto it = tokens_.find({node, state}); it != tokens_.end()) return it->second;
   }
-  auto bits = std::make_shared<Bits>();
+  auto bits = std::make_shared<TokenSet>();
   fill(*bits);  // unlocked: another request may fill the same state meanwhile, to the same bits
   std::lock_guard<std::mutex> lock(mu_);
   if (tokens_vocab_ == vocab && tokens_.size() < kMaxCached)
@@ -880,6 +883,10 @@ class Moves {
       }
       return n->max_length < 0 || f.a + dfa->CharsToAccept(f.rx) <= n->max_length;
     };
+    // Characters of maxLength left after the one being written (counted from its first byte).
+    auto room = [&]() -> int64_t {
+      return n->max_length < 0 ? std::numeric_limits<int64_t>::max() : n->max_length - f.a;
+    };
     switch (f.phase) {
       case kStrContent:
         if (f.b > 0) {  // inside a UTF-8 character: cur holds the next byte's range
@@ -902,7 +909,8 @@ class Moves {
         }
         if (c == '\\') {  // the character counts from its first byte on
           f.phase = kStrEscape;
-          return one();
+          // Under a pattern, only where some character may come (any can be written \uXXXX).
+          return one() && (dfa == nullptr || dfa->TakesSome(f.rx, 0, 0x10FFFF, room()));
         }
         if (c < 0x20) return false;
         return one() && feed({c});
@@ -929,6 +937,21 @@ class Moves {
         ++f.b;
         if (f.b == 1 && low && digit != 0xD) return false;
         if (f.b == 2 && low != (f.cur >= 0xDC && f.cur <= 0xDF)) return false;  // lone low half
+        if (dfa != nullptr && f.b < 4) {  // under a pattern: digits some character may follow
+          const int shift = 4 * (4 - f.b);
+          const uint32_t lo = static_cast<uint32_t>(f.cur) << shift;
+          const uint32_t hi = lo + (1u << shift) - 1;
+          // A high half stands for the characters it may pair into; a low one for those of
+          // the high half before it.
+          auto pairs = [&](uint32_t high_lo, uint32_t high_hi, uint32_t low_lo, uint32_t low_hi) {
+            return dfa->TakesSome(f.rx, 0x10000 + ((high_lo - 0xD800) << 10) + (low_lo - 0xDC00),
+                                  0x10000 + ((high_hi - 0xD800) << 10) + (low_hi - 0xDC00), room());
+          };
+          if (low) return pairs(f.h, f.h, std::max(lo, 0xDC00u), std::min(hi, 0xDFFFu));
+          const bool high = lo <= 0xDBFF && hi >= 0xD800 &&
+                            pairs(std::max(lo, 0xD800u), std::min(hi, 0xDBFFu), 0xDC00, 0xDFFF);
+          return high || dfa->TakesSome(f.rx, lo, hi, room());
+        }
         if (f.b < 4) return true;
         const bool high = !low && f.cur >= 0xD800 && f.cur <= 0xDBFF;
         f.phase = high ? kStrLowSlash : kStrContent;
@@ -936,9 +959,10 @@ class Moves {
         const uint32_t value = static_cast<uint32_t>(f.cur);
         f.cur = -1;
         if (dfa == nullptr) return true;
-        if (high) {  // its character is fed with the low half
+        if (high) {  // its character is fed with the low half, one of which must fit
           f.h = value;
-          return true;
+          const uint32_t first = 0x10000 + ((value - 0xD800) << 10);
+          return dfa->TakesSome(f.rx, first, first + 0x3FF, room());
         }
         std::string utf8;
         AppendUtf8(low ? 0x10000 + ((f.h - 0xD800) << 10) + (value - 0xDC00) : value, utf8);
@@ -1149,16 +1173,29 @@ void JsonMatcher::Walk(const TokenVocabulary::Trie& trie, uint32_t node,
 
 namespace {
 
-// Sets the tokens under trie node `node` whose bytes `dfa` takes from `state`.
+// Sets the tokens under trie node `node` whose bytes `dfa` takes from `state`: all of them, or
+// with `chars` (the vocabulary's), only tokens of plain string content, as they are (no quote,
+// backslash or control byte, whole characters); their costs (characters, and then characters
+// to a match) raise `out.max_cost`.
 void DfaWalk(const TokenVocabulary::Trie& trie, uint32_t node, const ByteDfa& dfa, int32_t state,
-             std::vector<uint64_t>& allowed) {
+             const std::vector<int32_t>* chars, JsonSchema::TokenSet& out) {
   const TokenVocabulary::Trie::Node& t = trie.nodes[node];
   for (uint32_t e = t.edge_begin; e < t.edge_end; ++e) {
-    const int32_t next = dfa.Next(state, trie.edges[e].byte);
+    const uint8_t byte = trie.edges[e].byte;
+    if (chars != nullptr && byte < 0x80 && !IsPlain(byte)) continue;
+    const int32_t next = dfa.Next(state, byte);
     if (next < 0) continue;
     const TokenVocabulary::Trie::Node& child = trie.nodes[trie.edges[e].child];
-    for (uint32_t k = child.token_begin; k < child.token_end; ++k) Set(allowed, trie.tokens[k]);
-    DfaWalk(trie, trie.edges[e].child, dfa, next, allowed);
+    for (uint32_t k = child.token_begin; k < child.token_end; ++k) {
+      const int32_t id = trie.tokens[k];
+      if (chars == nullptr) {
+        Set(out.bits, id);
+      } else if ((*chars)[id] >= 0) {
+        Set(out.bits, id);
+        out.max_cost = std::max<int64_t>(out.max_cost, (*chars)[id] + dfa.CharsToAccept(next));
+      }
+    }
+    DfaWalk(trie, trie.edges[e].child, dfa, next, chars, out);
   }
 }
 
@@ -1169,38 +1206,36 @@ bool JsonMatcher::PatternTokens(Bits& allowed) const {
   const Frame& f = states_[0].back();
   if (f.kind == Frame::kRegex) {  // the whole text: every token the automaton takes
     const ByteDfa& dfa = *schema_->nodes_[f.node].dfa;
-    auto tokens = schema_->Tokens(f.node, f.rx, vocab_, [&](Bits& out) {
-      out.assign(allowed.size(), 0);
-      DfaWalk(*vocab_->all_, 0, dfa, f.rx, out);
+    auto tokens = schema_->Tokens(f.node, f.rx, vocab_, [&](JsonSchema::TokenSet& out) {
+      out.bits.assign(allowed.size(), 0);
+      DfaWalk(*vocab_->all_, 0, dfa, f.rx, nullptr, out);
     });
-    allowed = *tokens;
+    allowed = tokens->bits;
     return true;
   }
   if (f.kind != Frame::kString || f.phase != kStrContent || f.b != 0 || f.node < 0) return false;
   const Node& n = schema_->nodes_[f.node];
   if (n.dfa == nullptr) return false;
   // A pattern string's content: the plain tokens the automaton takes (as they are, they are
-  // the content), then a walk for the others (quotes, escapes, broken characters).
-  const std::vector<int32_t>& plain = vocab_->plain_;
-  auto fill = [&](Bits& out, int64_t room) {
-    out.assign(allowed.size(), 0);
-    for (size_t k = 0; k < plain.size() && vocab_->plain_chars_[k] <= room; ++k) {
-      int32_t rx = f.rx;
-      for (char c : vocab_->bytes(plain[k])) {
-        rx = n.dfa->Next(rx, static_cast<uint8_t>(c));
-        if (rx < 0) break;
-      }
-      if (rx >= 0 && (n.max_length < 0 ||
-                      f.a + vocab_->plain_chars_[k] + n.dfa->CharsToAccept(rx) <= n.max_length)) {
-        Set(out, plain[k]);
+  // the content), then a walk for the others (quotes, escapes, broken characters). Under a
+  // maxLength, the cached set holds while every token in it fits; near the end, only those
+  // with room for themselves and the rest of a match are taken, one by one.
+  auto tokens = schema_->Tokens(f.node, f.rx, vocab_, [&](JsonSchema::TokenSet& out) {
+    out.bits.assign(allowed.size(), 0);
+    DfaWalk(*vocab_->all_, 0, *n.dfa, f.rx, &vocab_->chars_, out);
+  });
+  const int64_t room = n.max_length < 0 ? std::numeric_limits<int64_t>::max() : n.max_length - f.a;
+  if (tokens->max_cost <= room) {
+    allowed = tokens->bits;
+  } else {
+    for (size_t w = 0; w < tokens->bits.size(); ++w) {
+      for (uint64_t bits = tokens->bits[w]; bits != 0; bits &= bits - 1) {
+        const int32_t id = static_cast<int32_t>(w * 64 + std::countr_zero(bits));
+        int32_t rx = f.rx;
+        for (char c : vocab_->bytes(id)) rx = n.dfa->Next(rx, static_cast<uint8_t>(c));
+        if (vocab_->chars_[id] + n.dfa->CharsToAccept(rx) <= room) Set(allowed, id);
       }
     }
-  };
-  if (n.max_length < 0) {
-    allowed = *schema_->Tokens(f.node, f.rx, vocab_,
-                               [&](Bits& out) { fill(out, std::numeric_limits<int64_t>::max()); });
-  } else {
-    fill(allowed, n.max_length - f.a);
   }
   Walk(*vocab_->special_, 0, states_, false, allowed);
   return true;

@@ -41,8 +41,8 @@ class TokenVocabulary {
  public:
   // token_bytes[id]: what token id adds to the text (Tokenizer::TokenBytes); `usable[id]`
   // false for tokens never drawn under a constraint (special tokens); `stop_ids` end the text
-  // and are allowed where the JSON is complete. Ids at or past token_bytes.size() (a model's
-  // padded vocabulary) are never allowed.
+  // and are allowed only where it is complete (never as text, whatever their bytes). Ids at or past
+  // token_bytes.size() (a model's padded vocabulary) are never allowed.
   TokenVocabulary(std::vector<std::string> token_bytes, std::vector<bool> usable,
                   std::vector<int32_t> stop_ids);
   // From a tokenizer: its special tokens are not usable.
@@ -68,6 +68,7 @@ class TokenVocabulary {
   // characters), by how many characters they hold, fewest first.
   std::vector<int32_t> plain_;
   std::vector<int32_t> plain_chars_;
+  std::vector<int32_t> chars_;  // by id: the characters of a plain token; -1 for the others
 };
 
 // A compiled schema or regular expression (shared by the requests that use it).
@@ -80,23 +81,29 @@ class JsonSchema {
   ~JsonSchema();
 
   struct Node;  // json_constraint.cc
+  // Tokens an automaton takes from one of its states, and the most characters one of them
+  // needs to reach a match (its own and those still missing after it).
+  struct TokenSet {
+    std::vector<uint64_t> bits;
+    int64_t max_cost = 0;
+  };
 
  private:
   friend class JsonMatcher;
   friend class SchemaCompiler;
   JsonSchema();
-  using Bits = std::vector<uint64_t>;
-  // The tokens a pattern's automaton (of node `node`) takes whole from `state`, computed by
-  // `fill` once per state and vocabulary (up to 4096 of them; past that, each time).
-  std::shared_ptr<const Bits> Tokens(int node, int32_t state,
-                                     const std::shared_ptr<const TokenVocabulary>& vocab,
-                                     const std::function<void(Bits&)>& fill) const;
+  // The tokens a pattern's automaton (of node `node`) takes whole from `state`.
+  // Computed by `fill` once per state and vocabulary (up to 4096 of them; past that, each
+  // time).
+  std::shared_ptr<const TokenSet> Tokens(int node, int32_t state,
+                                         const std::shared_ptr<const TokenVocabulary>& vocab,
+                                         const std::function<void(TokenSet&)>& fill) const;
 
   std::vector<Node> nodes_;
   int root_ = 0;
   mutable std::mutex mu_;
   mutable std::shared_ptr<const TokenVocabulary> tokens_vocab_;  // the tokens' vocabulary
-  mutable absl::flat_hash_map<std::pair<int, int32_t>, std::shared_ptr<const Bits>> tokens_;
+  mutable absl::flat_hash_map<std::pair<int, int32_t>, std::shared_ptr<const TokenSet>> tokens_;
 };
 
 // One reply's place in the grammar: the set of parser stacks the text so far leaves open.

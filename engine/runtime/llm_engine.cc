@@ -79,15 +79,20 @@ absl::Status LlmEngine::CheckFitsCache(int64_t prompt_len) const {
 }
 
 absl::StatusOr<std::unique_ptr<JsonMatcher>> LlmEngine::MatcherFor(const GenerateRequest& request) {
-  const std::string& text = request.params.json_schema;
-  if (text.empty()) return std::unique_ptr<JsonMatcher>();
+  const SamplingParams& p = request.params;
+  if (p.json_schema.empty() && p.regex.empty()) return std::unique_ptr<JsonMatcher>();
   if (vocab_ == nullptr) {
     return absl::InvalidArgumentError(
-        "json_schema needs the model's tokenizer.json (the worker has no token vocabulary)");
+        absl::StrCat(p.regex.empty() ? "json_schema" : "regex",
+                     " needs the model's tokenizer.json (the worker has no token vocabulary)"));
   }
+  // Keyed apart: a regex's key starts with a byte no JSON text does.
+  const std::string text = p.regex.empty() ? p.json_schema : absl::StrCat("\x01", p.regex);
   auto it = schemas_.find(text);
   if (it == schemas_.end()) {
-    PDS_ASSIGN_OR_RETURN(std::shared_ptr<const JsonSchema> schema, JsonSchema::Compile(text));
+    PDS_ASSIGN_OR_RETURN(
+        std::shared_ptr<const JsonSchema> schema,
+        p.regex.empty() ? JsonSchema::Compile(p.json_schema) : JsonSchema::Regex(p.regex));
     if (schemas_.size() >= 256) schemas_.clear();  // a bounded cache of recent schemas
     it = schemas_.emplace(text, std::move(schema)).first;
   }
@@ -270,7 +275,7 @@ absl::Status LlmEngine::ActivateImport(const std::string& id, int32_t next_token
   }
   if (seq.matcher != nullptr && !seq.matcher->Accept(next_token)) {
     return absl::InvalidArgumentError(absl::StrCat("request '", id, "': first token ", next_token,
-                                                   " cannot start its json_schema's JSON"));
+                                                   " cannot start its constrained reply"));
   }
   // The blocks written by the transfer are registered (so that later imports, and a recompute
   // after a preemption, find them).

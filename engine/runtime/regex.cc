@@ -707,6 +707,32 @@ absl::StatusOr<std::shared_ptr<const ByteDfa>> ByteDfa::Compile(absl::string_vie
   return DfaBuilder::Build(nfa, start, accept);
 }
 
+bool ByteDfa::TakesSome(int32_t state, uint32_t lo, uint32_t hi, int64_t room) const {
+  std::vector<ByteSeq> seqs;
+  for (const auto& [a, b] : Normalize({{lo, hi}})) Utf8Sequences(a, b, seqs);
+  std::vector<int32_t> at, next;
+  for (const ByteSeq& seq : seqs) {
+    at = {state};
+    for (const auto& [first, last] : seq) {  // the states some bytes of the ranges so far reach
+      next.clear();
+      for (int32_t s : at) {
+        for (int b = first; b <= last; ++b) {
+          const int32_t t = Next(s, static_cast<uint8_t>(b));
+          if (t >= 0) next.push_back(t);
+        }
+      }
+      std::sort(next.begin(), next.end());
+      next.erase(std::unique(next.begin(), next.end()), next.end());
+      at.swap(next);
+      if (at.empty()) break;
+    }
+    for (int32_t s : at) {
+      if (CharsToAccept(s) <= room) return true;
+    }
+  }
+  return false;
+}
+
 std::string ByteDfa::Alternation(const std::vector<std::string>& choices) {
   std::string out;
   for (size_t k = 0; k < choices.size(); ++k) {

@@ -48,6 +48,9 @@ class ByteDfa {
   bool Final(int32_t state) const { return final_[state] != 0; }
   // The fewest characters (UTF-8 lead bytes) that take `state` to an accepting one.
   int32_t CharsToAccept(int32_t state) const { return chars_to_accept_[state]; }
+  // Whether some character in [lo, hi] (code points; surrogates are none) takes `state` to one
+  // at most `room` characters from accepting (what an escape's first digits may still become).
+  bool TakesSome(int32_t state, uint32_t lo, uint32_t hi, int64_t room) const;
 
  private:
   friend class DfaBuilder;

@@ -22,6 +22,9 @@ absl::Status SamplingParams::Validate(int64_t vocab_size) const {
   if (logprobs > 20) {
     return absl::InvalidArgumentError(absl::StrCat("logprobs must be <= 20, got ", logprobs));
   }
+  if (!json_schema.empty() && !regex.empty()) {
+    return absl::InvalidArgumentError("json_schema and regex both constrain the reply: one only");
+  }
   for (int32_t id : stop_token_ids) {
     if (id < 0 || id >= vocab_size) {
       return absl::InvalidArgumentError(

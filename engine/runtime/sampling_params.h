@@ -25,6 +25,8 @@ struct SamplingParams {
   // Structured output (engine/runtime/json_constraint.h): JSON Schema text the reply must be
   // JSON of; empty: none. The reply ends ("stop") when its JSON is complete.
   std::string json_schema;
+  // Or a regular expression (engine/runtime/regex.h) the whole reply matches; empty: none.
+  std::string regex;
 
   // INVALID_ARGUMENT naming the offending field.
   absl::Status Validate(int64_t vocab_size) const;

@@ -4,7 +4,9 @@
 // that parses and matches.
 #include "engine/runtime/json_constraint.h"
 
+#include <algorithm>
 #include <random>
+#include <regex>
 #include <string>
 #include <vector>
 
@@ -370,6 +372,48 @@ TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
   ASSERT_TRUE(m.Accept('x'));
   EXPECT_FALSE(JsonMatcher(m).Accept('x'));  // "xx" leaves 2 for "abc"
   EXPECT_TRUE(m.Accept('a'));
+}
+
+// Random draws under patterns never reach a dead end (escapes included: a \\u escape's digits
+// stay within characters the pattern takes) and end in strings that match.
+TEST(JsonMatcherTest, RandomDrawsUnderPatternsMatch) {
+  const auto vocab = Vocabulary();
+  const auto schema = Schema(R"({"type": "object", "properties": {
+      "d": {"type": "string", "format": "date"},
+      "w": {"type": "string", "pattern": "^[a-c\"]+ é?\\d$", "maxLength": 6},
+      "e": {"type": "string", "pattern": "^\\u{1F600}+$"}},
+      "required": ["d", "w", "e"]})");
+  ASSERT_NE(schema, nullptr);
+  std::mt19937 rng(11);
+  std::uniform_real_distribution<float> logit(-4.0f, 4.0f);
+  int done = 0;
+  for (int trial = 0; trial < 200; ++trial) {
+    JsonMatcher m(schema, vocab);
+    std::string text;
+    std::vector<float> logits(vocab->size());
+    for (int step = 0; step < 300 && !m.Done(); ++step) {
+      for (float& l : logits) l = logit(rng);
+      ASSERT_TRUE(m.MaskLogits(logits.data(), static_cast<int64_t>(logits.size()))) << text;
+      const int32_t best =
+          static_cast<int32_t>(std::max_element(logits.begin(), logits.end()) - logits.begin());
+      ASSERT_TRUE(m.Accept(best)) << text << " + " << vocab->bytes(best);
+      if (best == kStop) break;
+      text += vocab->bytes(best);
+    }
+    if (!m.Done()) continue;
+    ++done;
+    const Json j = Json::parse(text, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << text;
+    EXPECT_TRUE(std::regex_match(j["d"].get<std::string>(),
+                                 std::regex("\\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\\d|3[01])")))
+        << text;
+    const std::string w = j["w"].get<std::string>();
+    EXPECT_TRUE(std::regex_match(w, std::regex("[a-c\"]+ (\xC3\xA9)?\\d"))) << text;
+    EXPECT_LE(w.size() - (absl::StrContains(w, "\xC3\xA9") ? 1 : 0), 6u) << text;
+    const std::string e = j["e"].get<std::string>();
+    EXPECT_TRUE(!e.empty() && e.size() % 4 == 0 && e.rfind("\xF0\x9F\x98\x80", 0) == 0) << text;
+  }
+  EXPECT_GT(done, 150);
 }
 
 // A regex grammar: the whole reply matches, ended by a stop token or by a final state.

@@ -1,8 +1,9 @@
 // Structured output in the generation engine: a request with a json_schema on a random model
 // replies JSON that the schema accepts and stops when it is complete, greedy or sampled, in one
-// engine or prefilled in one and decoded in another; requests without a vocabulary or with a
-// bad schema are refused.
+// engine or prefilled in one and decoded in another; a regex holds the whole reply; requests
+// without a vocabulary, with a bad schema or pattern, or with both, are refused.
 #include <memory>
+#include <regex>
 #include <string>
 
 #include "absl/strings/match.h"
@@ -162,16 +163,81 @@ TEST_F(StructuredOutputTest, AnImportedRequestGoesOnFromItsFirstToken) {
   ExpectMatches(rest);
 }
 
+// A regex (and a JSON string's pattern) holds the reply, greedy or sampled, whole or imported
+// after its first token; a reply that reaches a final state ends "stop".
+TEST_F(StructuredOutputTest, RegexRepliesMatchWhole) {
+  const std::string pattern = "(cat|dog)s?: [1-9]\\d{0,2}( kg| g)?";
+  std::vector<GenerateRequest> requests;
+  for (int i = 0; i < 8; ++i) {
+    GenerateRequest r = Request(absl::StrCat("rx-", i), i == 0 ? 0.0f : 1.0f, 7 + i);
+    r.params.json_schema.clear();
+    r.params.regex = pattern;
+    r.params.max_tokens = 40;
+    requests.push_back(r);
+  }
+  GenerateRequest dated = Request("dated", 1.0f, 3);
+  dated.params.json_schema =
+      R"({"type": "object", "properties": {"on": {"type": "string", "format": "date"},
+          "code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{2}$"}}, "required": ["on", "code"]})";
+  requests.push_back(dated);
+  auto results = NewEngine()->Generate(requests);
+  ASSERT_TRUE(results.ok()) << results.status();
+  const std::regex re(pattern, std::regex::ECMAScript);
+  for (size_t i = 0; i + 1 < results->size(); ++i) {
+    const GenerateResult& r = (*results)[i];
+    const std::string text = tokenizer_->Decode(r.token_ids, true);
+    EXPECT_TRUE(std::regex_match(text, re)) << text;
+    EXPECT_EQ(r.finish, FinishReason::kStop) << text;
+  }
+  const GenerateResult& d = results->back();
+  const std::string text = tokenizer_->Decode(d.token_ids, true);
+  const Json j = Json::parse(text, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << text;
+  EXPECT_TRUE(std::regex_match(j["on"].get<std::string>(),
+                               std::regex("\\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\\d|3[01])")))
+      << text;
+  EXPECT_TRUE(std::regex_match(j["code"].get<std::string>(), std::regex("[A-Z]{3}-\\d{2}")))
+      << text;
+
+  // Imported after its first token, a regex reply goes on from it.
+  auto decode = NewEngine();
+  GenerateRequest d2 = requests[0];
+  ASSERT_TRUE(decode->ReserveImport(d2, static_cast<int32_t>(d2.prompt.size())).ok());
+  EXPECT_FALSE(decode->ActivateImport(d2.id, tokenizer_->Encode(" x", false)[0]).ok());
+  ASSERT_TRUE(decode->ActivateImport(d2.id, (*results)[0].token_ids[0]).ok());
+  std::vector<int32_t> ids = {(*results)[0].token_ids[0]};
+  FinishReason finish = FinishReason::kNone;
+  for (int i = 0; i < 100 && finish == FinishReason::kNone; ++i) {
+    auto step = decode->Step();
+    ASSERT_TRUE(step.ok()) << step.status();
+    for (const TokenOutput& out : *step) {
+      ids.push_back(out.token);
+      finish = out.finish;
+    }
+  }
+  EXPECT_TRUE(std::regex_match(tokenizer_->Decode(ids, true), re)) << tokenizer_->Decode(ids, true);
+}
+
 TEST_F(StructuredOutputTest, RequestsItCannotServeAreRefused) {
   GenerateRequest r = Request("r", 0.0f, 1);
   auto no_vocab = NewEngine(/*with_vocab=*/false);
   absl::Status s = no_vocab->AddRequest(r);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_TRUE(absl::StrContains(s.message(), "tokenizer.json")) << s;
-  r.params.json_schema = R"({"type": "string", "pattern": "x"})";
+  r.params.json_schema = R"({"type": "string", "pattern": "(x)\\1"})";
   s = NewEngine()->AddRequest(r);
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_TRUE(absl::StrContains(s.message(), "pattern")) << s;
+  EXPECT_TRUE(absl::StrContains(s.message(), "backreferences")) << s;
+  r.params.json_schema = kSchema;
+  r.params.regex = "a+";
+  s = NewEngine()->AddRequest(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "one only")) << s;
+  r.params.json_schema.clear();
+  r.params.regex = "a(?=b)";
+  s = NewEngine()->AddRequest(r);
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_TRUE(absl::StrContains(s.message(), "lookaround")) << s;
 }
 
 }  // namespace

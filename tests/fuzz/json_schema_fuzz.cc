@@ -19,6 +19,8 @@ std::vector<std::string> FuzzSeeds() {
       R"({"type": ["string", "boolean", "array"], "minLength": 1, "items": {"const": {"a": [1]}}})",
       R"({"allOf": [{"oneOf": [{"type": "integer"}, {"type": "string", "format": "date"}]}]})",
       R"({"type": "object"})",
+      R"({"properties": {"d": {"type": "string", "format": "date-time"}, "p": {"type": "string",
+          "pattern": "^[a-c\"]+\\u00e9?$", "maxLength": 4}}, "required": ["d", "p"]})",
   };
 }
 

@@ -6,6 +6,7 @@
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <regex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -341,9 +342,21 @@ TEST(OpenAiChatParseTest, RefusalsNameTheField) {
           "response_format.json_schema.schema");
   refused({{"response_format",
             {{"type", "json_schema"},
-             {"json_schema", {{"schema", {{"type", "string"}, {"pattern", "a"}}}}}}}},
-          "'pattern' is not supported");
+             {"json_schema", {{"schema", {{"type", "string"}, {"pattern", "(a)\\1"}}}}}}}},
+          "backreferences");
   refused({{"guided_json", 5}}, "guided_json");
+  refused({{"guided_regex", "a(?=b)"}}, "guided_regex");
+  refused({{"guided_regex", ""}}, "guided_regex");
+  refused({{"guided_choice", Json::array()}}, "guided_choice");
+  refused({{"guided_choice", {"a", 1}}}, "guided_choice");
+  refused({{"guided_regex", "a"}, {"guided_json", {{"type", "object"}}}}, "both constrain");
+  refused({{"guided_regex", "a"}, {"response_format", {{"type", "json_object"}}}},
+          "'guided_regex' and response_format both");
+  refused({{"structured_outputs", {{"regex", "a"}, {"choice", {"b"}}}}},
+          "structured_outputs.choice");
+  refused({{"structured_outputs", {{"regex", "a"}}}, {"guided_regex", "b"}},
+          "structured_outputs.regex both");
+  refused({{"structured_outputs", "a"}}, "structured_outputs");
   refused({{"modalities", {"text", "audio"}}}, "modalities");
   refused({{"continue_final_message", true}}, "continue_final_message");
   refused({{"top_logprobs", 2}}, "top_logprobs");  // without logprobs
@@ -1325,6 +1338,68 @@ TEST_F(OpenAiHttpTest, GrpcJsonSchemaIsCheckedAndFollowed) {
   ASSERT_TRUE(j.is_array()) << text;
   EXPECT_LE(j.size(), 3u);
   for (const Json& v : j) EXPECT_TRUE(v.is_number_integer()) << text;
+}
+
+// Regular expressions end to end: guided_regex, guided_choice and structured_outputs on
+// completions and chat, and the gRPC API's regex (a bad one is INVALID_ARGUMENT naming it).
+TEST_F(OpenAiHttpTest, RegexesAndChoicesHoldTheReply) {
+  const std::string pattern = "[a-z]{2,5}( [a-z]{2,5}){0,3}\\.";
+  const std::regex re(pattern, std::regex::ECMAScript);
+  for (int seed = 0; seed < 3; ++seed) {
+    auto [status, body] = Complete(
+        {{"prompt", kPrompt}, {"max_tokens", 60}, {"seed", seed}, {"guided_regex", pattern}});
+    ASSERT_EQ(status, 200) << body.dump();
+    const std::string text = body["choices"][0]["text"];
+    EXPECT_TRUE(std::regex_match(text, re)) << text;
+    EXPECT_EQ(body["choices"][0]["finish_reason"], "stop") << body.dump();
+  }
+  const std::vector<std::string> choices = {"yes", "no", "it depends (see 2.1)"};
+  const Json user = {{{"role", "user"}, {"content", "Well?"}}};
+  for (const Json& extra :
+       {Json{{"guided_choice", choices}}, Json{{"structured_outputs", {{"choice", choices}}}}}) {
+    Json body = {{"messages", user}, {"max_tokens", 30}, {"temperature", 1.0}, {"seed", 5}};
+    body.update(extra);
+    auto [status, reply] = Complete(body, "/v1/chat/completions");
+    ASSERT_EQ(status, 200) << reply.dump();
+    const std::string content = reply["choices"][0]["message"]["content"];
+    EXPECT_NE(std::find(choices.begin(), choices.end(), content), choices.end()) << content;
+  }
+  auto [status, events] = Stream(
+      {{"prompt", kPrompt}, {"max_tokens", 60}, {"structured_outputs", {{"regex", pattern}}}});
+  ASSERT_EQ(status, 200);
+  std::string streamed;
+  for (const std::string& e : events) {
+    if (e != "[DONE]") streamed += Json::parse(e)["choices"][0]["text"].get<std::string>();
+  }
+  EXPECT_TRUE(std::regex_match(streamed, re)) << streamed;
+
+  api::GenerateRequest r;
+  r.set_prompt_text(kPrompt);
+  r.set_max_tokens(40);
+  for (const char* bad : {"(a", "\\1"}) {
+    r.set_regex(bad);
+    grpc::ClientContext ctx;
+    auto call = stub_->Generate(&ctx, r);
+    api::GenerateResponse m;
+    while (call->Read(&m)) {
+    }
+    const grpc::Status s = call->Finish();
+    EXPECT_EQ(s.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad;
+    EXPECT_TRUE(absl::StrContains(s.error_message(), "regex")) << s.error_message();
+  }
+  r.set_regex("\\d{3}-\\d{4}");
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto call = stub_->Generate(&ctx, r);
+  api::GenerateResponse m;
+  std::string text, finish;
+  while (call->Read(&m)) {
+    text += m.text();
+    if (m.has_done()) finish = m.done().finish_reason();
+  }
+  ASSERT_TRUE(call->Finish().ok());
+  EXPECT_EQ(finish, "stop");
+  EXPECT_TRUE(std::regex_match(text, std::regex("\\d{3}-\\d{4}"))) << text;
 }
 
 // Overload is 429: the front-end's RESOURCE_EXHAUSTED while its one slot is taken.
