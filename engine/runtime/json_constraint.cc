@@ -11,9 +11,11 @@
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "engine/common/json_depth.h"
 #include "engine/common/status_macros.h"
+#include "engine/runtime/number_range.h"
 #include "engine/runtime/regex.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "engine/tokenizer/unicode.h"
@@ -314,6 +316,9 @@ class SchemaCompiler {
       kind = "array";
     } else if (s.contains("minLength") || s.contains("maxLength") || s.contains("pattern")) {
       kind = "string";
+    } else if (s.contains("minimum") || s.contains("maximum") || s.contains("exclusiveMinimum") ||
+               s.contains("exclusiveMaximum")) {
+      kind = "number";
     } else {
       return Any();
     }
@@ -330,6 +335,7 @@ class SchemaCompiler {
       PDS_RETURN_IF_ERROR(Pattern(s, where, node));
     } else if (kind == "number" || kind == "integer") {
       node.kind = kind == "number" ? JsonSchema::Node::kNumber : JsonSchema::Node::kInteger;
+      PDS_RETURN_IF_ERROR(Bounds(s, where, node));
     } else if (kind == "boolean" || kind == "null") {
       return Literals(kind == "null" ? std::vector<std::string>{"null"}
                                      : std::vector<std::string>{"true", "false"});
@@ -363,14 +369,36 @@ class SchemaCompiler {
   }
 
  private:
-  inline static const absl::flat_hash_set<std::string> kKnown = {
-      "type",      "properties",  "required", "additionalProperties",
-      "items",     "minItems",    "maxItems", "minLength",
-      "maxLength", "pattern",     "enum",     "const",
-      "anyOf",     "oneOf",       "allOf",    "$ref",
-      "$defs",     "definitions", "title",    "description",
-      "default",   "examples",    "format",   "$schema",
-      "$id",       "$comment"};
+  inline static const absl::flat_hash_set<std::string> kKnown = {"type",
+                                                                 "properties",
+                                                                 "required",
+                                                                 "additionalProperties",
+                                                                 "items",
+                                                                 "minItems",
+                                                                 "maxItems",
+                                                                 "minLength",
+                                                                 "maxLength",
+                                                                 "pattern",
+                                                                 "enum",
+                                                                 "const",
+                                                                 "anyOf",
+                                                                 "oneOf",
+                                                                 "allOf",
+                                                                 "$ref",
+                                                                 "$defs",
+                                                                 "definitions",
+                                                                 "title",
+                                                                 "description",
+                                                                 "default",
+                                                                 "examples",
+                                                                 "format",
+                                                                 "$schema",
+                                                                 "$id",
+                                                                 "$comment",
+                                                                 "minimum",
+                                                                 "maximum",
+                                                                 "exclusiveMinimum",
+                                                                 "exclusiveMaximum"};
   inline static const absl::flat_hash_set<std::string> kAnnotations = {
       "title", "description", "default", "examples",   "$schema",
       "$id",   "$comment",    "$defs",   "definitions"};
@@ -429,6 +457,44 @@ class SchemaCompiler {
   static constexpr const char* kDate = "\\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\\d|3[01])";
   static constexpr const char* kTime =
       "([01]\\d|2[0-3]):[0-5]\\d:([0-5]\\d|60)(\\.\\d{1,9})?(Z|[+-]([01]\\d|2[0-3]):[0-5]\\d)";
+
+  // A number's bounds (minimum, maximum, exclusiveMinimum, exclusiveMaximum as numbers, or as
+  // draft 4's booleans beside minimum and maximum) as the automaton of the texts within them.
+  static absl::Status Bounds(const Json& s, const std::string& where, JsonSchema::Node& node) {
+    const bool integer = node.kind == JsonSchema::Node::kInteger;
+    auto flag = [&](const char* key) {
+      auto it = s.find(key);
+      return it != s.end() && it->is_boolean() && it->get<bool>();
+    };
+    struct Side {
+      const char* key;
+      bool upper, exclusive;
+    };
+    for (const Side& side :
+         {Side{"minimum", false, flag("exclusiveMinimum")},
+          Side{"maximum", true, flag("exclusiveMaximum")}, Side{"exclusiveMinimum", false, true},
+          Side{"exclusiveMaximum", true, true}}) {
+      auto it = s.find(side.key);
+      if (it == s.end()) continue;
+      if (it->is_boolean() && absl::StartsWith(side.key, "exclusive")) continue;  // draft 4
+      if (!it->is_number()) return Error(where, absl::StrCat(side.key, " must be a number"));
+      const NumberBound bound{it->dump(), side.exclusive};
+      auto dfa = side.upper ? NumberRange(std::nullopt, bound, integer)
+                            : NumberRange(bound, std::nullopt, integer);
+      if (!dfa.ok()) return Error(where, absl::StrCat(side.key, ": ", dfa.status().message()));
+      if (node.dfa == nullptr) {
+        node.dfa = *std::move(dfa);
+        continue;
+      }
+      auto both = ByteDfa::Intersect(*node.dfa, **dfa);
+      if (!both.ok()) {
+        return Error(where, absl::StrCat("no ", integer ? "integer" : "number",
+                                         " is within its minimum and maximum"));
+      }
+      node.dfa = *std::move(both);
+    }
+    return absl::OkStatus();
+  }
 
   // A node of literal JSON texts, sorted and without repeats: a literal frame follows the run
   // of them that share what was written so far.
@@ -694,6 +760,18 @@ class Moves {
         return;
       }
       case Frame::kNumber: {
+        if (const ByteDfa* dfa = nodes_[f.node].dfa.get()) {  // within bounds
+          const int32_t rx = dfa->Next(f.rx, c);
+          if (rx >= 0 && f.a + 1 + dfa->CharsToAccept(rx) <= kMaxNumberChars) {
+            f.rx = rx;
+            ++f.a;
+            out.push_back(std::move(s));
+          } else if (dfa->Accepting(f.rx)) {
+            s.pop_back();
+            Advance(std::move(s), c, out);
+          }
+          return;
+        }
         const uint8_t next = NumberNext(f, c);
         // Within the length, with room left to end: a '.', 'e' or sign needs a digit after it.
         const bool room = NumberMayEnd(next) ? f.a < kMaxNumberChars : f.a + 1 < kMaxNumberChars;
@@ -759,7 +837,7 @@ class Moves {
     if (s[0].kind == Frame::kRegex) return nodes_[s[0].node].dfa->Accepting(s[0].rx);
     size_t top = s.size() - 1;
     const Frame& f = s[top];
-    const bool may_end = (f.kind == Frame::kNumber && NumberMayEnd(f.phase)) ||
+    const bool may_end = (f.kind == Frame::kNumber && NumberEnds(f)) ||
                          (f.kind == Frame::kLiteral && LiteralMayEnd(f));
     if (may_end && top > 0) --top;
     return top == 0 && s[0].phase == kRootDone;
@@ -827,6 +905,10 @@ class Moves {
         f.kind = Frame::kNumber;
         f.phase = c == '-' ? kNumMinus : c == '0' ? kNumZero : kNumInt;
         f.a = 1;
+        if (n.dfa != nullptr) {
+          f.rx = n.dfa->Next(n.dfa->start(), c);
+          if (f.rx < 0) return;
+        }
         break;
       case Node::kLiteral: {  // one frame follows the run of literals starting with c
         const auto [lo, hi] = Run(n.literals, 0, static_cast<int32_t>(n.literals.size()), 0, c);
@@ -846,6 +928,11 @@ class Moves {
     out.push_back(std::move(s));
   }
 
+  // A number frame may end here.
+  bool NumberEnds(const Frame& f) const {
+    const ByteDfa* dfa = nodes_[f.node].dfa.get();
+    return dfa != nullptr ? dfa->Accepting(f.rx) : NumberMayEnd(f.phase);
+  }
   // A literal frame that has matched the whole of the first (shortest) literal of its run.
   bool LiteralMayEnd(const Frame& f) const {
     return nodes_[f.node].literals[f.a].size() == static_cast<size_t>(f.b);

@@ -8,7 +8,9 @@
 // default under properties; true or a schema), items, minItems, maxItems, minLength,
 // maxLength, pattern (a regex.h pattern, searched for as JSON Schema reads it), format (date,
 // time, date-time, uuid, ipv4 and email are held to their forms; others are annotations, as is
-// a format beside a pattern), enum, const, anyOf, oneOf (read as anyOf), allOf of one schema, $ref
+// a format beside a pattern), minimum, maximum, exclusiveMinimum, exclusiveMaximum (numbers, or
+// draft 4's booleans; exact in decimal, bounds of at most 30 digits before and after the point;
+// a bounded number is written without an exponent), enum, const, anyOf, oneOf (read as anyOf), allOf of one schema, $ref
 // to a place in the same schema (#, #/$defs/..., any JSON pointer; recursive too), and the
 // annotations title, description, default, examples, $schema, $id, $comment.
 // Properties come out in the schema's order; optional ones may be left out, and additional

@@ -625,11 +625,56 @@ class DfaBuilder {
         next.push_back(to.empty() ? -1 : id_of(closure(std::move(to))));
       }
     }
-    const size_t n = sets.size();
-    std::vector<uint8_t> accepting(n);
-    for (size_t d = 0; d < n; ++d) {
+    std::vector<uint8_t> accepting(sets.size());
+    for (size_t d = 0; d < sets.size(); ++d) {
       accepting[d] = std::binary_search(sets[d].begin(), sets[d].end(), accept);
     }
+    return Finish(std::move(dfa), next, accepting, rep);
+  }
+
+  // Texts both accept: the product of their states reachable from their starts.
+  static absl::StatusOr<std::shared_ptr<const ByteDfa>> Intersect(const ByteDfa& a,
+                                                                  const ByteDfa& b) {
+    std::shared_ptr<ByteDfa> dfa(new ByteDfa());
+    absl::flat_hash_map<std::pair<uint8_t, uint8_t>, uint8_t> classes;
+    std::vector<uint8_t> rep;
+    for (int byte = 0; byte < 256; ++byte) {
+      auto [it, added] = classes.try_emplace({a.class_of_[byte], b.class_of_[byte]}, rep.size());
+      if (added) rep.push_back(static_cast<uint8_t>(byte));
+      dfa->class_of_[byte] = it->second;
+    }
+    dfa->classes_ = static_cast<int32_t>(rep.size());
+    std::vector<std::pair<int32_t, int32_t>> pairs = {{a.start_, b.start_}};
+    absl::flat_hash_map<std::pair<int32_t, int32_t>, int32_t> ids = {{pairs[0], 0}};
+    std::vector<int32_t> next;
+    std::vector<uint8_t> accepting;
+    for (size_t d = 0; d < pairs.size(); ++d) {
+      if (pairs.size() > kMaxDfaStates) {
+        return absl::InvalidArgumentError("regex: the intersection needs over 4096 states");
+      }
+      const auto [x, y] = pairs[d];
+      accepting.push_back(a.Accepting(x) && b.Accepting(y));
+      for (uint8_t r : rep) {
+        const std::pair<int32_t, int32_t> to = {a.Next(x, r), b.Next(y, r)};
+        if (to.first < 0 || to.second < 0) {
+          next.push_back(-1);
+          continue;
+        }
+        auto [it, added] = ids.try_emplace(to, static_cast<int32_t>(pairs.size()));
+        if (added) pairs.push_back(to);
+        next.push_back(it->second);
+      }
+    }
+    return Finish(std::move(dfa), next, accepting, rep);
+  }
+
+ private:
+  // From the transitions (`next`, by state and class, -1 for none) of states numbered from the
+  // start (0): the automaton of the live ones, with their distances to a match.
+  static absl::StatusOr<std::shared_ptr<const ByteDfa>> Finish(
+      std::shared_ptr<ByteDfa> dfa, const std::vector<int32_t>& next,
+      const std::vector<uint8_t>& accepting, const std::vector<uint8_t>& rep) {
+    const size_t n = accepting.size();
     // Fewest characters to an accepting state, backwards from them (0-1 breadth first: a
     // continuation byte is no new character); unreachable states are dead.
     std::vector<std::vector<std::pair<int32_t, int32_t>>> back(n);  // (from, class)
@@ -705,6 +750,11 @@ absl::StatusOr<std::shared_ptr<const ByteDfa>> ByteDfa::Compile(absl::string_vie
   NfaBuilder builder(nfa);
   PDS_ASSIGN_OR_RETURN(int32_t accept, builder.Build(re, start));
   return DfaBuilder::Build(nfa, start, accept);
+}
+
+absl::StatusOr<std::shared_ptr<const ByteDfa>> ByteDfa::Intersect(const ByteDfa& a,
+                                                                  const ByteDfa& b) {
+  return DfaBuilder::Intersect(a, b);
 }
 
 bool ByteDfa::TakesSome(int32_t state, uint32_t lo, uint32_t hi, int64_t room) const {

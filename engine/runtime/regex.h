@@ -33,6 +33,9 @@ class ByteDfa {
   };
   static absl::StatusOr<std::shared_ptr<const ByteDfa>> Compile(absl::string_view pattern,
                                                                 Mode mode);
+  // The texts both accept (at most 4096 states).
+  static absl::StatusOr<std::shared_ptr<const ByteDfa>> Intersect(const ByteDfa& a,
+                                                                  const ByteDfa& b);
   // A full-match pattern accepting exactly `choices` (each escaped).
   static std::string Alternation(const std::vector<std::string>& choices);
 

@@ -76,7 +76,12 @@ TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
            {R"({"type": "string", "pattern": "(a)\\1"})",
             "'/': regex at character 3: backreferences"},
            {R"({"type": "string", "pattern": 3})", "pattern must be a string"},
-           {R"({"properties": {"x": {"minimum": 1}}})", "'/properties/x': the keyword 'minimum'"},
+           {R"({"properties": {"x": {"multipleOf": 2}}})",
+            "'/properties/x': the keyword 'multipleOf'"},
+           {R"({"type": "integer", "minimum": 3.5, "exclusiveMaximum": 4})",
+            "no integer is within its minimum and maximum"},
+           {R"({"type": "number", "maximum": "7"})", "maximum must be a number"},
+           {R"({"type": "number", "minimum": 1e40})", "minimum: the bound 1e+40 is out of range"},
            {R"({"type": "tuple"})", "unknown type 'tuple'"},
            {R"({"$ref": "#/$defs/missing"})", "names nothing"},
            {R"({"$ref": "http://x/y"})", "is not #"},
@@ -246,8 +251,10 @@ TEST(JsonMatcherTest, MaskEqualsTryingEveryToken) {
   grammars.emplace_back(
       Schema(R"({"properties": {"id": {"type": "string", "pattern": "^[a-f0-9]{2,}\\.x?$"},
           "d": {"type": "string", "format": "date", "maxLength": 10},
-          "p": {"type": "string", "pattern": "\"", "maxLength": 5}}})"),
-      R"({"id": "a0f.", "d": "2026-01-31", "p": "\u00e9\"\\"})");
+          "p": {"type": "string", "pattern": "\"", "maxLength": 5},
+          "n": {"type": "integer", "minimum": -5, "maximum": 300},
+          "x": {"type": "number", "exclusiveMinimum": 0, "maximum": 1}}})"),
+      R"({"id": "a0f.", "d": "2026-01-31", "p": "\u00e9\"\\", "n": 250, "x": 0.05})");
   grammars.emplace_back(*JsonSchema::Regex("[a-z]+( [a-z]+)*: \\d{1,3}(\\.\\d+)?\n"),
                         "ab cd: 12.5\n");
   for (const auto& [schema, reply] : grammars) {
@@ -355,6 +362,16 @@ TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
        {R"("256.1.1.1")", R"("1.2.3")"}},
       {R"({"type": "string", "format": "email"})", {R"("a.b@c.io")"}, {R"("a@b")", R"("@c.io")"}},
       {R"({"type": "string", "format": "hostname"})", {R"("anything at all")"}, {}},
+      {R"({"type": "integer", "minimum": -3, "exclusiveMaximum": 120})",
+       {"-3", "0", "-0", "119", "42"},
+       {"-4", "120", "1.5", "1e2", "007"}},
+      {R"({"type": "number", "exclusiveMinimum": 0, "maximum": 1.5})",
+       {"0.001", "1", "1.5", "1.50", "0.75"},
+       {"0", "-0.5", "1.51", "2", "0.0"}},
+      {R"({"minimum": 2.5, "exclusiveMinimum": true})",  // draft 4, typeless: a number
+       {"2.51", "3"},
+       {"2.5", "2"}},
+      {R"({"type": ["integer", "null"], "maximum": -1})", {"-1", "-100", "null"}, {"0", "5"}},
   };
   for (const Case& c : cases) {
     const auto schema = Schema(c.schema);
@@ -381,8 +398,10 @@ TEST(JsonMatcherTest, RandomDrawsUnderPatternsMatch) {
   const auto schema = Schema(R"({"type": "object", "properties": {
       "d": {"type": "string", "format": "date"},
       "w": {"type": "string", "pattern": "^[a-c\"]+ é?\\d$", "maxLength": 6},
-      "e": {"type": "string", "pattern": "^\\u{1F600}+$"}},
-      "required": ["d", "w", "e"]})");
+      "e": {"type": "string", "pattern": "^\\u{1F600}+$"},
+      "n": {"type": "integer", "minimum": -5, "exclusiveMaximum": 300},
+      "x": {"type": "number", "exclusiveMinimum": 0, "maximum": 1.5}},
+      "required": ["d", "w", "e", "n", "x"]})");
   ASSERT_NE(schema, nullptr);
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> logit(-4.0f, 4.0f);
@@ -412,6 +431,10 @@ TEST(JsonMatcherTest, RandomDrawsUnderPatternsMatch) {
     EXPECT_LE(w.size() - (absl::StrContains(w, "\xC3\xA9") ? 1 : 0), 6u) << text;
     const std::string e = j["e"].get<std::string>();
     EXPECT_TRUE(!e.empty() && e.size() % 4 == 0 && e.rfind("\xF0\x9F\x98\x80", 0) == 0) << text;
+    ASSERT_TRUE(j["n"].is_number_integer()) << text;
+    EXPECT_TRUE(j["n"].get<int64_t>() >= -5 && j["n"].get<int64_t>() < 300) << text;
+    ASSERT_TRUE(j["x"].is_number()) << text;
+    EXPECT_TRUE(j["x"].get<double>() > 0 && j["x"].get<double>() <= 1.5) << text;
   }
   EXPECT_GT(done, 150);
 }

@@ -178,7 +178,9 @@ TEST_F(StructuredOutputTest, RegexRepliesMatchWhole) {
   GenerateRequest dated = Request("dated", 1.0f, 3);
   dated.params.json_schema =
       R"({"type": "object", "properties": {"on": {"type": "string", "format": "date"},
-          "code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{2}$"}}, "required": ["on", "code"]})";
+          "code": {"type": "string", "pattern": "^[A-Z]{3}-\\d{2}$"},
+          "n": {"type": "integer", "minimum": 10, "maximum": 20}},
+          "required": ["on", "code", "n"]})";
   requests.push_back(dated);
   auto results = NewEngine()->Generate(requests);
   ASSERT_TRUE(results.ok()) << results.status();
@@ -198,6 +200,7 @@ TEST_F(StructuredOutputTest, RegexRepliesMatchWhole) {
       << text;
   EXPECT_TRUE(std::regex_match(j["code"].get<std::string>(), std::regex("[A-Z]{3}-\\d{2}")))
       << text;
+  EXPECT_TRUE(j["n"].is_number_integer() && j["n"] >= 10 && j["n"] <= 20) << text;
 
   // Imported after its first token, a regex reply goes on from it.
   auto decode = NewEngine();

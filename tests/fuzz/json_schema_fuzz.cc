@@ -20,7 +20,9 @@ std::vector<std::string> FuzzSeeds() {
       R"({"allOf": [{"oneOf": [{"type": "integer"}, {"type": "string", "format": "date"}]}]})",
       R"({"type": "object"})",
       R"({"properties": {"d": {"type": "string", "format": "date-time"}, "p": {"type": "string",
-          "pattern": "^[a-c\"]+\\u00e9?$", "maxLength": 4}}, "required": ["d", "p"]})",
+          "pattern": "^[a-c\"]+\\u00e9?$", "maxLength": 4}, "n": {"type": "number",
+          "exclusiveMinimum": -2.5, "maximum": 1e2}, "i": {"type": "integer", "minimum": 3}},
+          "required": ["d", "p"]})",
   };
 }
 

@@ -1,0 +1,28 @@
+// JSON numbers within bounds as a byte automaton: what JSON Schema's minimum, maximum,
+// exclusiveMinimum and exclusiveMaximum allow a reply to write. Exact in decimal (no rounding
+// through binary floating point): each side is a regular expression over the digits, built
+// from the bound's decimal text, and the two sides are intersected.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "engine/runtime/regex.h"
+
+namespace pds::engine {
+
+struct NumberBound {
+  std::string text;        // the bound as JSON number text ("1.5", "-3", "1e-07", ...)
+  bool exclusive = false;  // exclusiveMinimum / exclusiveMaximum
+};
+
+// The JSON numbers (integers only when `integer`) between `lower` and `upper` (at least one
+// given), written without an exponent. INVALID_ARGUMENT when a bound is not a number, needs
+// more than 30 digits before or after its point, or when no number is between them.
+absl::StatusOr<std::shared_ptr<const ByteDfa>> NumberRange(const std::optional<NumberBound>& lower,
+                                                           const std::optional<NumberBound>& upper,
+                                                           bool integer);
+
+}  // namespace pds::engine
