@@ -621,6 +621,13 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     work.set_logprobs(params.logprobs);
     work.set_json_schema(r.json_schema());
     work.set_regex(r.regex());
+    if (r.reasoning_first() && (!r.json_schema().empty() || !r.regex().empty()) && tokenizer_) {
+      if (std::optional<ReasoningGate> gate = FindReasoningGate(*tokenizer_, ids)) {
+        if (gate->open >= 0) work.set_reasoning_open(gate->open);
+        work.set_reasoning_end(gate->end);
+        work.set_reasoning_inside(gate->inside);
+      }
+    }
     return grpc::Status::OK;
   }
 

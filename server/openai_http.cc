@@ -1043,10 +1043,25 @@ class OpenAiHttpServer::Impl {
     auto parsed = ParseChatRequest(req.body, options.model, options.max_context, *options.chat,
                                    *options.tokenizer, options.tool_call_format);
     if (!parsed.ok()) return SendError(res, parsed.status());
-    // A constrained reply has no reasoning section to split off.
-    if (parsed->choices.empty() ||
-        (parsed->choices[0].json_schema().empty() && parsed->choices[0].regex().empty())) {
+    // A reasoning model's reply under response_format or guided_* reasons first, unconstrained
+    // (GenerateRequest.reasoning_first), and its reasoning is split off as usual; forced tool
+    // calls are constrained from the start, without reasoning.
+    const bool constrained =
+        !parsed->choices.empty() &&
+        (!parsed->choices[0].json_schema().empty() || !parsed->choices[0].regex().empty());
+    const bool forced = parsed->tool_calls == ToolCallFormat::kArguments ||
+                        parsed->tool_calls == ToolCallFormat::kJsonArray;
+    if (!constrained) {
       parsed->reasoning = options.reasoning_format;
+    } else if (!forced && options.reasoning_format != ReasoningFormat::kNone) {
+      const api::GenerateRequest& first = parsed->choices[0];
+      const std::optional<ReasoningGate> gate = FindReasoningGate(
+          *options.tokenizer,
+          {first.prompt_token_ids().data(), static_cast<size_t>(first.prompt_token_ids().size())});
+      if (gate.has_value()) {  // split as the gate decides: inside from the start, or opened
+        for (api::GenerateRequest& c : parsed->choices) c.set_reasoning_first(true);
+        parsed->reasoning = gate->inside ? ReasoningFormat::kDeepSeekR1 : ReasoningFormat::kQwen3;
+      }
     }
     Serve(req, res, *std::move(parsed));
   }

@@ -8,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "engine/tokenizer/tokenizer.h"
 #include "engine/tokenizer/unicode.h"
 #include "nlohmann/json.hpp"
 #include "server/stop_matcher.h"
@@ -423,6 +424,26 @@ absl::StatusOr<ReasoningFormat> ParseReasoningFormat(absl::string_view name) {
   if (name == "qwen3") return ReasoningFormat::kQwen3;
   return absl::InvalidArgumentError(
       absl::StrCat("unknown reasoning format '", name, "' (deepseek_r1, qwen3 or none)"));
+}
+
+std::optional<ReasoningGate> FindReasoningGate(const engine::Tokenizer& tokenizer,
+                                               absl::Span<const int32_t> prompt) {
+  const std::optional<int32_t> open = tokenizer.TokenToId(kThinkOpen);
+  const std::optional<int32_t> close = tokenizer.TokenToId(kThinkClose);
+  if (!close.has_value()) return std::nullopt;
+  ReasoningGate gate;
+  gate.open = open.value_or(-1);
+  gate.end = *close;
+  for (auto it = prompt.rbegin(); it != prompt.rend(); ++it) {  // the last token not blank
+    if (*it == gate.end) return std::nullopt;
+    if (*it == gate.open) {
+      gate.inside = true;
+      break;
+    }
+    const std::string text = tokenizer.TokenBytes(*it);
+    if (text.empty() || text.find_first_not_of(" \t\r\n") != std::string::npos) break;
+  }
+  return gate;
 }
 
 ReasoningScanner::ReasoningScanner(ReasoningFormat format)

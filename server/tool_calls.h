@@ -28,11 +28,17 @@
 // A reasoning section that never closes is all reasoning (the reply was cut off inside it).
 #pragma once
 
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
+
+namespace pds::engine {
+class Tokenizer;
+}  // namespace pds::engine
 
 namespace pds::server {
 
@@ -85,6 +91,18 @@ absl::StatusOr<ReasoningFormat> ParseReasoningFormat(absl::string_view name);
 
 // One choice's reply as it streams, split into reasoning and content: each piece goes out as
 // soon as it cannot be part of a marker.
+// Where a constrained reply's reasoning is (GenerateRequest.reasoning_first): the tokens that
+// open and close it, and whether the prompt's end opened it. Nothing when the tokenizer has no
+// single </think> token or the prompt closed the reasoning (a template's thinking switched
+// off): the constraint then applies from the start.
+struct ReasoningGate {
+  int32_t open = -1;  // <think>; -1: none
+  int32_t end = -1;   // </think>
+  bool inside = false;
+};
+std::optional<ReasoningGate> FindReasoningGate(const engine::Tokenizer& tokenizer,
+                                               absl::Span<const int32_t> prompt);
+
 class ReasoningScanner {
  public:
   struct Split {

@@ -136,6 +136,11 @@ engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
   g.params.logprobs = r.logprobs();
   g.params.json_schema = r.json_schema();
   g.params.regex = r.regex();
+  if (r.has_reasoning_end()) {
+    g.params.reasoning_open = r.has_reasoning_open() ? r.reasoning_open() : -1;
+    g.params.reasoning_end = r.reasoning_end();
+    g.params.reasoning_inside = r.reasoning_inside();
+  }
   if (r.ttft_deadline_unix_us() > 0) g.ttft_deadline_s = r.ttft_deadline_unix_us() * 1e-6;
   g.best_effort = r.best_effort();
   return g;

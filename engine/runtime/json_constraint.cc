@@ -1328,7 +1328,24 @@ bool JsonMatcher::PatternTokens(Bits& allowed) const {
   return true;
 }
 
+void JsonMatcher::ReasonFirst(int32_t open, int32_t end, bool inside) {
+  if (end < 0) return;
+  open_ = open;
+  end_ = end;
+  gate_ = inside ? Gate::kInside : Gate::kMayOpen;
+}
+
 void JsonMatcher::ComputeAllowed(Bits& allowed) const {
+  if (gate_ == Gate::kInside) {  // anything (the engine does not mask free rows)
+    allowed.assign((vocab_->size() + 63) / 64, ~uint64_t{0});
+    if (vocab_->size() % 64 != 0) allowed.back() = (uint64_t{1} << (vocab_->size() % 64)) - 1;
+    return;
+  }
+  ComputeConstrained(allowed);
+  if (gate_ == Gate::kMayOpen && open_ >= 0 && open_ < vocab_->size()) Set(allowed, open_);
+}
+
+void JsonMatcher::ComputeConstrained(Bits& allowed) const {
   allowed.assign((vocab_->size() + 63) / 64, 0);
   const Moves moves(schema_->nodes_, schema_->root_);
   // Inside strings only: the plain tokens that fit are allowed without a walk (a string
@@ -1422,6 +1439,22 @@ int32_t JsonMatcher::Draw(const Bits& allowed, float* row, int64_t n,
 
 bool JsonMatcher::Accept(int32_t token) {
   if (token < 0 || token >= vocab_->size()) return false;
+  if (gate_ == Gate::kInside) {
+    if (token == end_) gate_ = Gate::kNone;
+    return true;
+  }
+  if (gate_ == Gate::kMayOpen) {  // the first token: the reasoning's start, or the reply's
+    if (token == open_) {
+      gate_ = Gate::kInside;
+      return true;
+    }
+    gate_ = Gate::kNone;
+    if (!Accept(token)) {
+      gate_ = Gate::kMayOpen;
+      return false;
+    }
+    return true;
+  }
   if (vocab_->IsStop(token)) return CanEnd();
   if (!vocab_->usable(token)) return false;
   const std::string& bytes = vocab_->bytes(token);
@@ -1439,6 +1472,7 @@ bool JsonMatcher::Accept(int32_t token) {
 }
 
 bool JsonMatcher::Done() const {
+  if (gate_ != Gate::kNone) return false;
   return std::all_of(states_.begin(), states_.end(), [&](const Stack& s) {
     if (s[0].kind == Frame::kRegex) return schema_->nodes_[s[0].node].dfa->Final(s[0].rx);
     return s.size() == 1 && s[0].phase == kRootDone;
@@ -1446,6 +1480,7 @@ bool JsonMatcher::Done() const {
 }
 
 bool JsonMatcher::CanEnd() const {
+  if (gate_ == Gate::kInside) return false;
   const Moves moves(schema_->nodes_, schema_->root_);
   return std::any_of(states_.begin(), states_.end(),
                      [&](const Stack& s) { return moves.Accepting(s); });

@@ -10,14 +10,14 @@
 // time, date-time, uuid, ipv4 and email are held to their forms; others are annotations, as is
 // a format beside a pattern), minimum, maximum, exclusiveMinimum, exclusiveMaximum (numbers, or
 // draft 4's booleans; exact in decimal, bounds of at most 30 digits before and after the point;
-// a bounded number is written without an exponent), enum, const, anyOf, oneOf (read as anyOf), allOf of one schema, $ref
-// to a place in the same schema (#, #/$defs/..., any JSON pointer; recursive too), and the
-// annotations title, description, default, examples, $schema, $id, $comment.
-// Properties come out in the schema's order; optional ones may be left out, and additional
-// ones may not take a declared name. Whitespace between tokens is allowed up to 16 characters
-// at a time; numbers are at most 32 characters. Refused as too large: over 64 alternatives in
-// one anyOf or type list, over 256 properties in one object, text nested over 128 deep, over
-// 20000 compiled nodes.
+// a bounded number is written without an exponent), enum, const, anyOf, oneOf (read as anyOf),
+// allOf of one schema, $ref to a place in the same schema (#, #/$defs/..., any JSON pointer;
+// recursive too), and the annotations title, description, default, examples, $schema, $id,
+// $comment. Properties come out in the schema's order; optional ones may be left out, and
+// additional ones may not take a declared name. Whitespace between tokens is allowed up to 16
+// characters at a time; numbers are at most 32 characters. Refused as too large: over 64
+// alternatives in one anyOf or type list, over 256 properties in one object, text nested over 128
+// deep, over 20000 compiled nodes.
 #pragma once
 
 #include <cstdint>
@@ -142,6 +142,13 @@ class JsonMatcher {
   // Moves past a drawn token; false (and no change) when it cannot come next. A stop token is
   // accepted where the JSON may end.
   bool Accept(int32_t token);
+  // A reasoning model's reply under a constraint: free until `end` (a token such as </think>),
+  // then constrained. `inside`: the reply starts inside the reasoning (its prompt opened it);
+  // else `open` (such as <think>; -1: none) may start it as the reply's first token, and any
+  // other first token starts the constrained part.
+  void ReasonFirst(int32_t open, int32_t end, bool inside);
+  // Inside the reasoning: nothing is constrained (Accept takes any token, watching for its end).
+  bool Free() const { return gate_ == Gate::kInside; }
   // The JSON is complete and nothing may follow it: the reply is over.
   bool Done() const;
   // The JSON may end here (a stop token is allowed).
@@ -156,11 +163,16 @@ class JsonMatcher {
   // The allowed tokens of a regex, or of a pattern string's content, from the automaton's
   // per-state token sets; false (nothing set) for other states.
   bool PatternTokens(Bits& allowed) const;
+  // ComputeAllowed past any reasoning.
+  void ComputeConstrained(Bits& allowed) const;
 
   std::shared_ptr<const JsonSchema> schema_;
   std::shared_ptr<const TokenVocabulary> vocab_;
   std::vector<Stack> states_;
-  mutable Bits scratch_;  // MaskLogits' allowed tokens, kept between steps
+  enum class Gate : uint8_t { kNone, kMayOpen, kInside };
+  Gate gate_ = Gate::kNone;
+  int32_t open_ = -1, end_ = -1;  // the reasoning's tokens (ReasonFirst)
+  mutable Bits scratch_;          // MaskLogits' allowed tokens, kept between steps
 };
 
 }  // namespace pds::engine

@@ -96,7 +96,9 @@ absl::StatusOr<std::unique_ptr<JsonMatcher>> LlmEngine::MatcherFor(const Generat
     if (schemas_.size() >= 256) schemas_.clear();  // a bounded cache of recent schemas
     it = schemas_.emplace(text, std::move(schema)).first;
   }
-  return std::make_unique<JsonMatcher>(it->second, vocab_);
+  auto matcher = std::make_unique<JsonMatcher>(it->second, vocab_);
+  matcher->ReasonFirst(p.reasoning_open, p.reasoning_end, p.reasoning_inside);
+  return matcher;
 }
 
 bool LlmEngine::Constrain(Sequence& seq, const JsonMatcher::Bits& allowed, float* row,
@@ -510,11 +512,12 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     sampling_[i] = seq.sampler->RowParams(seq.num_generated);
     const bool samples =
         seq.num_computed + plan[i].chunk >= static_cast<int32_t>(seq.tokens.size());
-    if (samples &&
-        (seq.request.params.logprobs >= 0 || seq.request.return_logits || seq.matcher != nullptr)) {
+    // A reasoning model's reply before its constraint applies is drawn as any other.
+    const bool masked = seq.matcher != nullptr && !seq.matcher->Free();
+    if (samples && (seq.request.params.logprobs >= 0 || seq.request.return_logits || masked)) {
       host_rows_[i] = 1;
     }
-    if (samples && seq.matcher != nullptr) constrained.push_back(i);
+    if (samples && masked) constrained.push_back(i);
   }
   // Structured output: the masks depend only on the tokens so far, so they are computed on
   // helper threads while the model runs (joined before the rows are drawn, or when this
@@ -583,7 +586,9 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     out.request_id = seq.request.id;
     out.token = tokens_[i];
     bool constrained_end = false;  // the reply's JSON is complete (or a stop token ended it)
-    if (seq.matcher != nullptr) {
+    if (seq.matcher != nullptr && seq.matcher->Free()) {
+      seq.matcher->Accept(out.token);  // watches for the reasoning's end
+    } else if (seq.matcher != nullptr) {
       // Drawn again from the masked row: the logprobs are then those of what was drawn from.
       int32_t drawn = -1;
       if (Constrain(seq, allowed_[i], row, sampling_[i], drawn)) {

@@ -27,6 +27,12 @@ struct SamplingParams {
   std::string json_schema;
   // Or a regular expression (engine/runtime/regex.h) the whole reply matches; empty: none.
   std::string regex;
+  // A reasoning model's constrained reply: free until token `reasoning_end` (>= 0; such as
+  // </think>), then constrained. `reasoning_inside`: the prompt opened the reasoning; else
+  // `reasoning_open` (such as <think>) may start it as the first token (JsonMatcher::ReasonFirst).
+  int32_t reasoning_open = -1;
+  int32_t reasoning_end = -1;
+  bool reasoning_inside = false;
 
   // INVALID_ARGUMENT naming the offending field.
   absl::Status Validate(int64_t vocab_size) const;

@@ -33,6 +33,8 @@ constexpr char kSplitRegex[] =
 constexpr std::array<std::string_view, 5> kNamedSpecialTokens = {
     "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>", "<|start_header_id|>",
     "<|end_header_id|>"};
+// Added tokens that are not special (kept in decoded text), as reasoning models have them.
+constexpr std::array<std::string_view, 2> kReasoningTokens = {"<think>", "</think>"};
 
 // Llama 3 Instruct's chat template.
 constexpr char kChatTemplate[] =
@@ -493,7 +495,7 @@ TrainedBpe TrainBpe(std::string_view corpus, int32_t target_tokens, const ByteMa
 // ---------------------------------------------------------------------------------------------
 // JSON output.
 
-ordered_json AddedToken(int32_t id, const std::string& content) {
+ordered_json AddedToken(int32_t id, const std::string& content, bool special) {
   ordered_json t;
   t["id"] = id;
   t["content"] = content;
@@ -501,7 +503,7 @@ ordered_json AddedToken(int32_t id, const std::string& content) {
   t["lstrip"] = false;
   t["rstrip"] = false;
   t["normalized"] = false;
-  t["special"] = true;
+  t["special"] = special;
   return t;
 }
 
@@ -540,6 +542,7 @@ absl::StatusOr<GeneratedTokenizer> BuildByteLevelBpeTokenizer(int32_t vocab_size
   std::vector<std::string> specials;
   specials.reserve(vocab_size - num_regular);
   for (std::string_view name : kNamedSpecialTokens) specials.emplace_back(name);
+  for (std::string_view name : kReasoningTokens) specials.emplace_back(name);
   for (int32_t k = 0; num_regular + static_cast<int32_t>(specials.size()) < vocab_size; ++k) {
     specials.push_back(absl::StrCat("<|reserved_special_token_", k, "|>"));
   }
@@ -556,7 +559,9 @@ absl::StatusOr<GeneratedTokenizer> BuildByteLevelBpeTokenizer(int32_t vocab_size
   tok["padding"] = nullptr;
   ordered_json added = ordered_json::array();
   for (size_t i = 0; i < specials.size(); ++i) {
-    added.push_back(AddedToken(num_regular + static_cast<int32_t>(i), specials[i]));
+    const bool reasoning =
+        i >= kNamedSpecialTokens.size() && i < kNamedSpecialTokens.size() + kReasoningTokens.size();
+    added.push_back(AddedToken(num_regular + static_cast<int32_t>(i), specials[i], !reasoning));
   }
   tok["added_tokens"] = std::move(added);
   tok["normalizer"] = nullptr;

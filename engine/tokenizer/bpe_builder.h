@@ -25,7 +25,8 @@ struct GeneratedTokenizer {
 // Builds a tokenizer with exactly `vocab_size` ids: the 256 GPT-2 byte tokens, then up to ~8000
 // tokens from merges learned by BPE training on a built-in corpus generated from `seed`, then
 // the special tokens <|begin_of_text|>, <|end_of_text|>, <|eot_id|>, <|start_header_id|>,
-// <|end_header_id|> and <|reserved_special_token_K|> (K = 0, 1, ...) filling the remaining ids.
+// <|end_header_id|>, the added (not special) tokens <think> and </think> of reasoning models, and
+// <|reserved_special_token_K|> (K = 0, 1, ...) filling the remaining ids.
 // The same (vocab_size, seed) always gives the same output.
 absl::StatusOr<GeneratedTokenizer> BuildByteLevelBpeTokenizer(int32_t vocab_size, uint64_t seed);
 

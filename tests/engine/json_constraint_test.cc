@@ -439,6 +439,40 @@ TEST(JsonMatcherTest, RandomDrawsUnderPatternsMatch) {
   EXPECT_GT(done, 150);
 }
 
+// Reasoning first: free until its end token, then constrained; or, when the prompt did not
+// open it, the first token may open it and any other starts the constrained reply.
+TEST(JsonMatcherTest, ReasoningComesBeforeTheConstraint) {
+  const auto vocab = Vocabulary(0);
+  const int32_t open = vocab->size() - 1, end = 'Z';
+  const auto schema = Schema(R"({"type": "integer"})");
+  JsonMatcher inside(schema, vocab);
+  inside.ReasonFirst(open, end, /*inside=*/true);
+  EXPECT_TRUE(inside.Free());
+  EXPECT_EQ(inside.AllowedTokens().size(), static_cast<size_t>(vocab->size()));
+  EXPECT_FALSE(inside.CanEnd());
+  for (char c : std::string("hmm, {[")) EXPECT_TRUE(inside.Accept(static_cast<uint8_t>(c)));
+  EXPECT_FALSE(inside.Done());
+  EXPECT_TRUE(inside.Accept(end));
+  EXPECT_FALSE(inside.Free());
+  EXPECT_FALSE(inside.Accept('x'));
+  EXPECT_TRUE(inside.Accept('7'));
+  EXPECT_TRUE(inside.CanEnd());
+
+  JsonMatcher may(schema, vocab);
+  may.ReasonFirst(open, end, /*inside=*/false);
+  EXPECT_FALSE(may.Free());
+  std::vector<int32_t> allowed = may.AllowedTokens();
+  EXPECT_NE(std::find(allowed.begin(), allowed.end(), open), allowed.end());
+  EXPECT_EQ(std::find(allowed.begin(), allowed.end(), 'x'), allowed.end());
+  EXPECT_FALSE(may.Accept('x'));  // refused, and still the first token
+  JsonMatcher opened = may;
+  EXPECT_TRUE(opened.Accept(open));
+  EXPECT_TRUE(opened.Free());
+  EXPECT_TRUE(may.Accept('4'));  // the constrained reply, from its first token
+  EXPECT_FALSE(may.Accept(open));
+  EXPECT_TRUE(may.CanEnd());
+}
+
 // A regex grammar: the whole reply matches, ended by a stop token or by a final state.
 TEST(JsonMatcherTest, RegexRepliesMatchWhole) {
   const auto vocab = Vocabulary(0);

@@ -221,6 +221,41 @@ TEST_F(StructuredOutputTest, RegexRepliesMatchWhole) {
   EXPECT_TRUE(std::regex_match(tokenizer_->Decode(ids, true), re)) << tokenizer_->Decode(ids, true);
 }
 
+// A reasoning model's reply reasons first, unconstrained, until its end token, then is JSON:
+// greedy, the free part is the unconstrained reply's start.
+TEST_F(StructuredOutputTest, ReasoningComesBeforeTheConstraint) {
+  GenerateRequest free = Request("free", 0.0f, 1);
+  free.params.json_schema.clear();
+  free.params.max_tokens = 6;
+  auto plain = NewEngine()->Generate({free});
+  ASSERT_TRUE(plain.ok());
+  const std::vector<int32_t>& start = (*plain)[0].token_ids;
+  ASSERT_GE(start.size(), 3u);
+  const int32_t end = start[2];  // stands for </think>
+  const size_t reasoned = std::find(start.begin(), start.end(), end) - start.begin() + 1;
+
+  GenerateRequest r = Request("reasons", 0.0f, 1);
+  r.params.reasoning_end = end;
+  r.params.reasoning_inside = true;
+  auto results = NewEngine()->Generate({r});
+  ASSERT_TRUE(results.ok()) << results.status();
+  const std::vector<int32_t>& ids = (*results)[0].token_ids;
+  ASSERT_GT(ids.size(), reasoned);
+  EXPECT_EQ(std::vector<int32_t>(ids.begin(), ids.begin() + reasoned),
+            std::vector<int32_t>(start.begin(), start.begin() + reasoned));
+  GenerateResult rest = (*results)[0];
+  rest.token_ids.erase(rest.token_ids.begin(), rest.token_ids.begin() + reasoned);
+  ExpectMatches(rest);
+
+  // Not opened by the prompt: the first token may open it (here it does not), and the reply
+  // is JSON from its start.
+  r.params.reasoning_inside = false;
+  r.params.reasoning_open = end;
+  results = NewEngine()->Generate({r});
+  ASSERT_TRUE(results.ok()) << results.status();
+  ExpectMatches((*results)[0]);
+}
+
 TEST_F(StructuredOutputTest, RequestsItCannotServeAreRefused) {
   GenerateRequest r = Request("r", 0.0f, 1);
   auto no_vocab = NewEngine(/*with_vocab=*/false);

@@ -3,6 +3,7 @@
 // its own gRPC API.
 #include "server/openai_http.h"
 
+#include <atomic>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -509,8 +510,10 @@ TEST(OpenAiChatParseTest, ToolsReachTheTemplateAndChooseTheParser) {
 class ScriptedServing final : public api::Serving::Service {
  public:
   std::vector<std::string> pieces;
+  std::atomic<bool> reasoning_first{false};  // of the last request
   grpc::Status Generate(grpc::ServerContext*, const api::GenerateRequest* req,
                         grpc::ServerWriter<api::GenerateResponse>* writer) override {
+    reasoning_first = req->reasoning_first();
     for (size_t i = 0; i < pieces.size(); ++i) {
       api::GenerateResponse m;
       m.add_token_ids(static_cast<int32_t>(100 + i));
@@ -556,6 +559,8 @@ class ScriptedHttp {
     if (http_) http_->Stop();
     if (grpc_) grpc_->Shutdown();
   }
+  void set_pieces(std::vector<std::string> pieces) { serving_.pieces = std::move(pieces); }
+  bool reasoning_first() const { return serving_.reasoning_first; }
   // POST /v1/chat/completions with `body`.
   httplib::Result Chat(const Json& body) {
     httplib::Client client("127.0.0.1", http_ ? http_->port() : 1);
@@ -671,16 +676,61 @@ TEST(OpenAiToolCallsTest, PythonicCallsComeBackAsToolCalls) {
   EXPECT_EQ(finish, "tool_calls");
 }
 
-// A reply constrained to JSON (response_format) is content even under --reasoning-parser
-// deepseek_r1, which would otherwise read a reply without <think> as all reasoning.
-TEST(OpenAiToolCallsTest, JsonRepliesAreNotReasoning) {
+// Where a constrained reply's reasoning is, from the prompt's end: opened there (inside),
+// closed there (no reasoning: the constraint applies from the start), or neither (the reply
+// may open it); and nothing for a tokenizer without </think> as one token.
+TEST(OpenAiToolCallsTest, TheReasoningGateFollowsThePrompt) {
+  const engine::Tokenizer& tok = *SmallChatModel().tokenizer;
+  const int32_t open = *tok.TokenToId("<think>"), close = *tok.TokenToId("</think>");
+  std::vector<int32_t> prompt = tok.Encode("Hello there", false);
+  auto gate = FindReasoningGate(tok, prompt);
+  ASSERT_TRUE(gate.has_value());
+  EXPECT_EQ(gate->open, open);
+  EXPECT_EQ(gate->end, close);
+  EXPECT_FALSE(gate->inside);
+  prompt.push_back(open);
+  for (int32_t id : tok.Encode("\n", false)) prompt.push_back(id);
+  gate = FindReasoningGate(tok, prompt);
+  ASSERT_TRUE(gate.has_value());
+  EXPECT_TRUE(gate->inside);
+  prompt.push_back(close);
+  for (int32_t id : tok.Encode("\n\n", false)) prompt.push_back(id);
+  EXPECT_FALSE(FindReasoningGate(tok, prompt).has_value());
+  auto plain = engine::Tokenizer::FromJson(
+      R"({"model": {"type": "BPE", "vocab": {"a": 0}, "merges": []}})", "a test");
+  ASSERT_TRUE(plain.ok()) << plain.status();
+  EXPECT_FALSE(FindReasoningGate(**plain, {0}).has_value());
+}
+
+// Under --reasoning-parser, a constrained reply (response_format) may reason first: the
+// request asks for it (GenerateRequest.reasoning_first, the tokenizer having </think>), and
+// the reply is split where the constraint began: a reply without <think> is all content (even
+// under deepseek_r1, whose template would have opened it in the prompt), one with it has its
+// reasoning apart. Forced tool calls do not reason.
+TEST(OpenAiToolCallsTest, ConstrainedRepliesMayReasonFirst) {
   ScriptedHttp scripted({"{\"a\": ", "1}"}, ReasoningFormat::kDeepSeekR1);
-  auto res = scripted.Chat({{"messages", {{{"role", "user"}, {"content", "JSON?"}}}},
-                            {"response_format", {{"type", "json_object"}}}});
+  const Json request = {{"messages", {{{"role", "user"}, {"content", "JSON?"}}}},
+                        {"response_format", {{"type", "json_object"}}}};
+  auto res = scripted.Chat(request);
   ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "no answer");
-  const Json body = Json::parse(res->body);
+  Json body = Json::parse(res->body);
   EXPECT_EQ(body["choices"][0]["message"]["content"], "{\"a\": 1}") << body.dump();
-  EXPECT_FALSE(body["choices"][0]["message"].contains("reasoning_content")) << body.dump();
+  EXPECT_TRUE(body["choices"][0]["message"]["reasoning_content"].is_null()) << body.dump();
+  EXPECT_TRUE(scripted.reasoning_first());
+
+  scripted.set_pieces({"<think>", "Keys first.", "</think>", "\n{\"a\": ", "1}"});
+  res = scripted.Chat(request);
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "no answer");
+  body = Json::parse(res->body);
+  EXPECT_EQ(body["choices"][0]["message"]["reasoning_content"], "Keys first.") << body.dump();
+  EXPECT_EQ(body["choices"][0]["message"]["content"], "\n{\"a\": 1}") << body.dump();
+
+  scripted.set_pieces({"{}"});
+  res = scripted.Chat({{"messages", {{{"role", "user"}, {"content", "Time?"}}}},
+                       {"tools", kTools},
+                       {"tool_choice", {{"type", "function"}, {"function", {{"name", "now"}}}}}});
+  ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "no answer");
+  EXPECT_FALSE(scripted.reasoning_first());
 }
 
 // --reasoning-parser qwen3 with --tool-call-parser hermes: the reasoning is reasoning_content,
