@@ -189,13 +189,15 @@ bool TokenVocabulary::IsStop(int32_t id) const {
 struct JsonSchema::Node {
   enum Kind : uint8_t { kUnion, kObject, kArray, kString, kNumber, kInteger, kLiteral, kRegex };
   Kind kind = kUnion;
-  std::vector<int> alts;          // kUnion
-  std::vector<std::string> keys;  // kObject: property names as JSON text, quotes included
-  std::vector<int> values;        // kObject: their schemas
-  std::vector<uint8_t> required;  // kObject
-  int additional = -1;            // kObject: schema of other members; -1: none
-  int items = -1;                 // kArray
-  int64_t min_items = 0, max_items = -1;
+  std::vector<int> alts;                    // kUnion
+  std::vector<std::string> keys;            // kObject: property names as JSON text, quotes included
+  std::vector<int> values;                  // kObject: their schemas
+  std::vector<uint8_t> required;            // kObject
+  int additional = -1;                      // kObject: schema of other members; -1: none
+  int items = -1;                           // kArray
+  int64_t min_items = 0, max_items = -1;    // kArray (max_items counts the prefix's when no
+                                            // items may follow it); kObject: min/maxProperties
+  std::vector<int> prefix;                  // kArray: the schemas of its first items (tuples)
   int64_t min_length = 0, max_length = -1;  // kString, in characters
   std::vector<std::string> literals;        // kLiteral: compact JSON texts, sorted
   std::vector<uint32_t> key_hashes;         // kObject: KeyHash of each key's text
@@ -310,9 +312,11 @@ class SchemaCompiler {
       if (!type->is_string()) return Error(where, "type must be a string or a list of them");
       kind = type->get<std::string>();
     } else if (s.contains("properties") || s.contains("required") ||
-               s.contains("additionalProperties")) {
+               s.contains("additionalProperties") || s.contains("minProperties") ||
+               s.contains("maxProperties")) {
       kind = "object";
-    } else if (s.contains("items") || s.contains("minItems") || s.contains("maxItems")) {
+    } else if (s.contains("items") || s.contains("minItems") || s.contains("maxItems") ||
+               s.contains("prefixItems")) {
       kind = "array";
     } else if (s.contains("minLength") || s.contains("maxLength") || s.contains("pattern")) {
       kind = "string";
@@ -369,36 +373,14 @@ class SchemaCompiler {
   }
 
  private:
-  inline static const absl::flat_hash_set<std::string> kKnown = {"type",
-                                                                 "properties",
-                                                                 "required",
-                                                                 "additionalProperties",
-                                                                 "items",
-                                                                 "minItems",
-                                                                 "maxItems",
-                                                                 "minLength",
-                                                                 "maxLength",
-                                                                 "pattern",
-                                                                 "enum",
-                                                                 "const",
-                                                                 "anyOf",
-                                                                 "oneOf",
-                                                                 "allOf",
-                                                                 "$ref",
-                                                                 "$defs",
-                                                                 "definitions",
-                                                                 "title",
-                                                                 "description",
-                                                                 "default",
-                                                                 "examples",
-                                                                 "format",
-                                                                 "$schema",
-                                                                 "$id",
-                                                                 "$comment",
-                                                                 "minimum",
-                                                                 "maximum",
-                                                                 "exclusiveMinimum",
-                                                                 "exclusiveMaximum"};
+  // clang-format off
+  inline static const absl::flat_hash_set<std::string> kKnown = {
+      "type", "properties", "required", "additionalProperties", "minProperties", "maxProperties",
+      "items", "prefixItems", "additionalItems", "minItems", "maxItems", "minLength", "maxLength",
+      "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum",
+      "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "title", "description",
+      "default", "examples", "$schema", "$id", "$comment"};
+  // clang-format on
   inline static const absl::flat_hash_set<std::string> kAnnotations = {
       "title", "description", "default", "examples",   "$schema",
       "$id",   "$comment",    "$defs",   "definitions"};
@@ -585,20 +567,63 @@ class SchemaCompiler {
       PDS_ASSIGN_OR_RETURN(node.additional,
                            Compile(*extra, where + "/additionalProperties", depth + 1));
     }
+    PDS_RETURN_IF_ERROR(Count(s, "minProperties", where, node.min_items));
+    PDS_RETURN_IF_ERROR(Count(s, "maxProperties", where, node.max_items));
+    const int64_t required = std::count(node.required.begin(), node.required.end(), 1);
+    if (node.max_items >= 0 && std::max(node.min_items, required) > node.max_items) {
+      return Error(where, "maxProperties is below minProperties or the required properties");
+    }
+    if (node.additional < 0 && node.min_items > static_cast<int64_t>(node.keys.size())) {
+      return Error(where, "minProperties is above the properties allowed");
+    }
     return Add(std::move(node));
   }
 
   absl::StatusOr<int> Array(const Json& s, const std::string& where, int depth) {
     JsonSchema::Node node;
     node.kind = JsonSchema::Node::kArray;
-    if (auto items = s.find("items"); items != s.end()) {
-      if (items->is_array()) return Error(where, "items as a list (tuples) is not supported");
-      PDS_ASSIGN_OR_RETURN(node.items, Compile(*items, where + "/items", depth + 1));
-    } else {
+    // Tuples: prefixItems (2020-12) then items, or items as a list (drafts 4-7) then
+    // additionalItems; false after them: no more items.
+    auto items = s.find("items");
+    const char* prefix_key = "prefixItems";
+    const char* rest_key = "items";
+    auto prefix = s.find("prefixItems");
+    if (items != s.end() && items->is_array()) {
+      if (prefix != s.end()) return Error(where, "items as a list beside prefixItems");
+      prefix = items;
+      prefix_key = "items";
+      rest_key = "additionalItems";
+      items = s.find("additionalItems");
+    }
+    if (prefix != s.end()) {
+      if (!prefix->is_array()) return Error(where, absl::StrCat(prefix_key, " must be a list"));
+      if (prefix->size() > kMaxProperties) {
+        return Error(where, absl::StrCat(prefix_key, " has more than 256 schemas"));
+      }
+      for (size_t i = 0; i < prefix->size(); ++i) {
+        PDS_ASSIGN_OR_RETURN(
+            int item,
+            Compile((*prefix)[i], absl::StrCat(where, "/", prefix_key, "/", i), depth + 1));
+        node.prefix.push_back(item);
+      }
+    }
+    if (items == s.end() || (items->is_boolean() && items->get<bool>())) {
       node.items = Any();
+    } else if (items->is_boolean()) {
+      node.items = -1;
+    } else {
+      PDS_ASSIGN_OR_RETURN(node.items,
+                           Compile(*items, absl::StrCat(where, "/", rest_key), depth + 1));
     }
     PDS_RETURN_IF_ERROR(Count(s, "minItems", where, node.min_items));
     PDS_RETURN_IF_ERROR(Count(s, "maxItems", where, node.max_items));
+    if (node.items < 0) {
+      const int64_t most = static_cast<int64_t>(node.prefix.size());
+      node.max_items = node.max_items < 0 ? most : std::min(node.max_items, most);
+      if (node.min_items > most) {
+        return Error(where, absl::StrCat("minItems is above the ", most, " items allowed"));
+      }
+    }
     if (node.max_items >= 0 && node.min_items > node.max_items) {
       return Error(where, "minItems is above maxItems");
     }
@@ -1120,10 +1145,11 @@ class Moves {
       f.phase = kArrNext;
       out.push_back(std::move(s));
     } else if (!full) {  // a value starts (kArrStart, kArrNext)
+      const int item = static_cast<size_t>(f.b) < n.prefix.size() ? n.prefix[f.b] : n.items;
       f.phase = kArrAfter;
       ++f.b;
       int budget = kMaxExpansions;
-      StartValue(std::move(s), n.items, c, out, 0, budget);
+      StartValue(std::move(s), item, c, out, 0, budget);
     }
   }
 
@@ -1142,13 +1168,14 @@ class Moves {
       case kObjStart:
       case kObjAfter:
         if (c == '}') {
-          if (RequiredFrom(n, f.a)) return;
+          if (RequiredFrom(n, f.a) || f.b < n.min_items) return;
           s.pop_back();
           out.push_back(std::move(s));
           return;
         }
         if (f.phase == kObjAfter) {
           if (c != ',' || (f.a >= declared && n.additional < 0)) return;
+          if (n.max_items >= 0 && f.b >= n.max_items) return;  // maxProperties
           f.phase = kObjNext;
           out.push_back(std::move(s));
           return;
@@ -1156,8 +1183,10 @@ class Moves {
         [[fallthrough]];
       case kObjNext: {  // a key starts: a declared one from f.a on (none required skipped), or
                         // another
-        if (c != '"') return;
+        if (c != '"' || (n.max_items >= 0 && f.b >= n.max_items)) return;
         for (int i = f.a; i < declared; ++i) {
+          // Without other members, skipping to key i must leave enough for minProperties.
+          if (n.additional < 0 && f.b + declared - i < n.min_items) break;
           Stack t = s;
           Frame& o = t.back();
           o.a = i + 1;

@@ -5,7 +5,9 @@
 //
 // The schema subset (anything else is refused with INVALID_ARGUMENT naming the keyword and
 // where it is): type (one or a list), properties, required, additionalProperties (false, the
-// default under properties; true or a schema), items, minItems, maxItems, minLength,
+// default under properties; true or a schema), minProperties, maxProperties, items,
+// prefixItems (tuples; or draft 4-7's items as a list with additionalItems), minItems,
+// maxItems, minLength,
 // maxLength, pattern (a regex.h pattern, searched for as JSON Schema reads it), format (date,
 // time, date-time, uuid, ipv4 and email are held to their forms; others are annotations, as is
 // a format beside a pattern), minimum, maximum, exclusiveMinimum, exclusiveMaximum (numbers, or

@@ -91,7 +91,12 @@ TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
            {R"({"anyOf": []})", "non-empty"},
            {R"({"anyOf": [{}], "type": "string"})", "without other keywords"},
            {R"({"allOf": [{}, {}]})", "allOf"},
-           {R"({"items": [{}]})", "tuples"},
+           {R"({"prefixItems": [{}], "items": false, "minItems": 2})",
+            "minItems is above the 1 items allowed"},
+           {R"({"prefixItems": [{}], "items": [{}]})", "items as a list beside prefixItems"},
+           {R"({"properties": {"a": {}}, "minProperties": 2})", "minProperties is above"},
+           {R"({"properties": {"a": {}}, "required": ["a"], "maxProperties": 0})",
+            "maxProperties is below"},
            {R"({"minItems": 3, "maxItems": 2})", "minItems is above maxItems"},
            {R"({"type": "string", "maxLength": -1})", "non-negative"},
            {"false", "accepts nothing"},
@@ -372,6 +377,23 @@ TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
        {"2.51", "3"},
        {"2.5", "2"}},
       {R"({"type": ["integer", "null"], "maximum": -1})", {"-1", "-100", "null"}, {"0", "5"}},
+      {R"({"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}],
+          "items": false})",
+       {"[1, \"a\"]", "[1]", "[]"},
+       {"[1, 2]", "[1, \"a\", 3]", "[\"a\"]"}},
+      {R"({"prefixItems": [{"type": "integer"}], "items": {"type": "boolean"}, "minItems": 2})",
+       {"[1, true]", "[1, false, true]"},
+       {"[1]", "[1, 2]", "[true, true]"}},
+      {R"({"items": [{"type": "integer"}], "additionalItems": false})",  // draft 4 tuples
+       {"[1]", "[]"},
+       {"[1, 2]", "[\"x\"]"}},
+      {R"({"type": "object", "additionalProperties": {"type": "integer"}, "minProperties": 1,
+          "maxProperties": 2})",
+       {"{\"a\": 1}", "{\"a\": 1, \"b\": 2}"},
+       {"{}", "{\"a\": 1, \"b\": 2, \"c\": 3}"}},
+      {R"({"properties": {"a": {}, "b": {}, "c": {}}, "minProperties": 2})",
+       {"{\"a\": 1, \"c\": 2}", "{\"b\": 1, \"c\": 2}", "{\"a\": 1, \"b\": 2, \"c\": 3}"},
+       {"{\"c\": 1}", "{\"a\": 1}", "{}"}},
   };
   for (const Case& c : cases) {
     const auto schema = Schema(c.schema);
@@ -400,8 +422,12 @@ TEST(JsonMatcherTest, RandomDrawsUnderPatternsMatch) {
       "w": {"type": "string", "pattern": "^[a-c\"]+ é?\\d$", "maxLength": 6},
       "e": {"type": "string", "pattern": "^\\u{1F600}+$"},
       "n": {"type": "integer", "minimum": -5, "exclusiveMaximum": 300},
-      "x": {"type": "number", "exclusiveMinimum": 0, "maximum": 1.5}},
-      "required": ["d", "w", "e", "n", "x"]})");
+      "x": {"type": "number", "exclusiveMinimum": 0, "maximum": 1.5},
+      "t": {"prefixItems": [{"type": "integer", "minimum": 0, "maximum": 9}, {"enum": ["x", "y"]}],
+            "items": false, "minItems": 1},
+      "o": {"properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
+            "c": {"type": "integer"}}, "minProperties": 2, "maxProperties": 2}},
+      "required": ["d", "w", "e", "n", "x", "t", "o"]})");
   ASSERT_NE(schema, nullptr);
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> logit(-4.0f, 4.0f);
@@ -435,6 +461,11 @@ TEST(JsonMatcherTest, RandomDrawsUnderPatternsMatch) {
     EXPECT_TRUE(j["n"].get<int64_t>() >= -5 && j["n"].get<int64_t>() < 300) << text;
     ASSERT_TRUE(j["x"].is_number()) << text;
     EXPECT_TRUE(j["x"].get<double>() > 0 && j["x"].get<double>() <= 1.5) << text;
+    ASSERT_TRUE(j["t"].is_array() && !j["t"].empty() && j["t"].size() <= 2) << text;
+    EXPECT_TRUE(j["t"][0].is_number_integer() && j["t"][0] >= 0 && j["t"][0] <= 9) << text;
+    if (j["t"].size() == 2) EXPECT_TRUE(j["t"][1] == "x" || j["t"][1] == "y") << text;
+    ASSERT_TRUE(j["o"].is_object()) << text;
+    EXPECT_EQ(j["o"].size(), 2u) << text;
   }
   EXPECT_GT(done, 150);
 }
