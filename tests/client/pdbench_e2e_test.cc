@@ -95,6 +95,9 @@ TEST(PdbenchEndToEndTest, DisaggregatedCluster) {
   // goes on from it).
   ASSERT_NO_FATAL_FAILURE(
       SixteenRequests({"--target", cluster->address(), "--json-schema", LongStringSchema()}, j));
+  // And a regular expression that cannot end within 8 tokens.
+  ASSERT_NO_FATAL_FAILURE(
+      SixteenRequests({"--target", cluster->address(), "--regex", "'[a-z ]{500,600}'"}, j));
 }
 
 // The same load through the front-end's OpenAI-compatible HTTP port (`up --http-port`), its
@@ -130,6 +133,11 @@ TEST(PdbenchEndToEndTest, OpenAiApiOfTheSameCluster) {
   ASSERT_NO_FATAL_FAILURE(
       SixteenRequests({"--api", "openai", "--target", absl::StrCat("http://127.0.0.1:", port),
                        "--json-schema", LongStringSchema()},
+                      j));
+  // And guided_regex.
+  ASSERT_NO_FATAL_FAILURE(
+      SixteenRequests({"--api", "openai", "--target", absl::StrCat("http://127.0.0.1:", port),
+                       "--regex", "'[a-z ]{500,600}'"},
                       j));
 }
 
