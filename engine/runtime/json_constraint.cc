@@ -1,7 +1,9 @@
 #include "engine/runtime/json_constraint.h"
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
+#include <cmath>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -33,6 +35,7 @@ uint32_t KeyHash(uint32_t h, uint8_t c) { return (h ^ c) * 16777619u; }
 
 void Set(std::vector<uint64_t>& bits, int32_t id) { bits[id >> 6] |= uint64_t{1} << (id & 63); }
 
+constexpr absl::string_view kReasoningEnd = "</think>";  // as text, when not one token
 constexpr int kMaxWhitespace = 16;       // consecutive whitespace characters between tokens
 constexpr int kMaxNumberChars = 32;      // characters of one number
 constexpr int kMaxNesting = 64;          // open objects and arrays, and schema nesting
@@ -207,7 +210,11 @@ struct JsonSchema::Node {
 };
 
 JsonSchema::JsonSchema() = default;
-JsonSchema::~JsonSchema() = default;
+// Bytes of token sets cached by all schemas of the process, and the most they may hold.
+std::atomic<int64_t> g_cached_token_bytes{0};
+constexpr int64_t kMaxCachedTokenBytes = int64_t{512} << 20;
+
+JsonSchema::~JsonSchema() { g_cached_token_bytes -= tokens_bytes_; }
 
 std::shared_ptr<const JsonSchema::TokenSet> JsonSchema::Tokens(
     int node, int32_t state, const std::shared_ptr<const TokenVocabulary>& vocab,
@@ -217,6 +224,8 @@ std::shared_ptr<const JsonSchema::TokenSet> JsonSchema::Tokens(
     std::lock_guard<std::mutex> lock(mu_);
     if (tokens_vocab_ != vocab) {
       tokens_.clear();
+      g_cached_token_bytes -= tokens_bytes_;
+      tokens_bytes_ = 0;
       tokens_vocab_ = vocab;
     }
     if (auto it = tokens_.find({node, state}); it != tokens_.end()) return it->second;
@@ -224,8 +233,15 @@ std::shared_ptr<const JsonSchema::TokenSet> JsonSchema::Tokens(
   auto bits = std::make_shared<TokenSet>();
   fill(*bits);  // unlocked: another request may fill the same state meanwhile, to the same bits
   std::lock_guard<std::mutex> lock(mu_);
-  if (tokens_vocab_ == vocab && tokens_.size() < kMaxCached)
-    tokens_.try_emplace({node, state}, bits);
+  const int64_t bytes = static_cast<int64_t>(bits->bits.size() * sizeof(uint64_t));
+  if (tokens_vocab_ == vocab && tokens_.size() < kMaxCached && !tokens_.contains({node, state})) {
+    if (g_cached_token_bytes.fetch_add(bytes) + bytes <= kMaxCachedTokenBytes) {
+      tokens_.try_emplace({node, state}, bits);
+      tokens_bytes_ += bytes;
+    } else {
+      g_cached_token_bytes -= bytes;  // over the process's budget: not kept
+    }
+  }
   return bits;
 }
 
@@ -409,18 +425,45 @@ class SchemaCompiler {
 
   // A string's pattern (searched for, as JSON Schema reads it), or else the regular expression
   // of its format where it has one (date, time, date-time, uuid, ipv4, email; other formats
-  // are annotations).
-  static absl::Status Pattern(const Json& s, const std::string& where, JsonSchema::Node& node) {
+  // are annotations). The string's length bounds go into the automaton where they can (up to
+  // 1000 characters), so that its distances to a match count them.
+  absl::Status Pattern(const Json& s, const std::string& where, JsonSchema::Node& node) {
+    std::shared_ptr<const ByteDfa> dfa;
     auto pattern = s.find("pattern");
     if (pattern != s.end()) {
       if (!pattern->is_string()) return Error(where, "pattern must be a string");
-      auto dfa = ByteDfa::Compile(pattern->get<std::string>(), ByteDfa::Mode::kSearch);
-      if (!dfa.ok()) return Error(where, dfa.status().message());
-      node.dfa = *std::move(dfa);
-      return absl::OkStatus();
+      auto compiled =
+          ByteDfa::Compile(pattern->get<std::string>(), ByteDfa::Mode::kSearch, &work_left_);
+      if (!compiled.ok()) return Error(where, compiled.status().message());
+      dfa = *std::move(compiled);
+    } else {
+      auto format = Format(s);
+      if (!format.ok()) return Error(where, format.status().message());
+      dfa = *std::move(format);
+      if (dfa == nullptr) return absl::OkStatus();
     }
+    if (node.min_length > 0 && node.min_length <= 1000 && node.max_length <= 1000) {
+      auto lengths = ByteDfa::Compile(
+          absl::StrCat("[\\s\\S]{", node.min_length, ",",
+                       node.max_length >= 0 ? absl::StrCat(node.max_length) : "", "}"),
+          ByteDfa::Mode::kFullMatch, &work_left_);
+      auto both = lengths.ok() ? ByteDfa::Intersect(*dfa, **lengths) : lengths.status();
+      if (both.ok()) {
+        dfa = *std::move(both);
+      } else if (absl::StrContains(both.status().message(), "matches nothing")) {
+        return Error(where, "no string within minLength and maxLength matches its pattern");
+      }  // else too many states: the lengths are counted beside the automaton
+    }
+    if (node.max_length >= 0 && dfa->CharsToAccept(dfa->start()) > node.max_length) {
+      return Error(where, "no string within maxLength matches its pattern");
+    }
+    node.dfa = std::move(dfa);
+    return absl::OkStatus();
+  }
+  // The automaton of a string format with one; null for other formats (annotations).
+  absl::StatusOr<std::shared_ptr<const ByteDfa>> Format(const Json& s) {
     auto format = s.find("format");
-    if (format == s.end() || !format->is_string()) return absl::OkStatus();
+    if (format == s.end() || !format->is_string()) return nullptr;
     static const auto* const kFormats = new absl::flat_hash_map<std::string, std::string>{
         {"date", kDate},
         {"time", kTime},
@@ -430,11 +473,8 @@ class SchemaCompiler {
          "((25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)\\.){3}(25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)"},
         {"email", "[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)+"}};
     auto it = kFormats->find(format->get<std::string>());
-    if (it == kFormats->end()) return absl::OkStatus();
-    auto dfa = ByteDfa::Compile(it->second, ByteDfa::Mode::kFullMatch);
-    if (!dfa.ok()) return dfa.status();  // the formats above compile
-    node.dfa = *std::move(dfa);
-    return absl::OkStatus();
+    if (it == kFormats->end()) return nullptr;
+    return ByteDfa::Compile(it->second, ByteDfa::Mode::kFullMatch, &work_left_);
   }
   static constexpr const char* kDate = "\\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\\d|3[01])";
   static constexpr const char* kTime =
@@ -464,6 +504,7 @@ class SchemaCompiler {
       auto dfa = side.upper ? NumberRange(std::nullopt, bound, integer)
                             : NumberRange(bound, std::nullopt, integer);
       if (!dfa.ok()) return Error(where, absl::StrCat(side.key, ": ", dfa.status().message()));
+      if (*dfa == nullptr) continue;  // no bound for what a number can write
       if (node.dfa == nullptr) {
         node.dfa = *std::move(dfa);
         continue;
@@ -474,6 +515,9 @@ class SchemaCompiler {
                                          " is within its minimum and maximum"));
       }
       node.dfa = *std::move(both);
+    }
+    if (node.dfa != nullptr && node.dfa->CharsToAccept(node.dfa->start()) > kMaxNumberChars) {
+      return Error(where, "every number within its bounds needs more than 32 characters");
     }
     return absl::OkStatus();
   }
@@ -634,6 +678,7 @@ class SchemaCompiler {
   const Json& root_;
   absl::flat_hash_map<std::string, int> refs_;
   int any_ = -1;
+  size_t work_left_ = 100'000'000;  // the schema's patterns' compilation, all together
 };
 
 absl::StatusOr<std::shared_ptr<const JsonSchema>> JsonSchema::Compile(absl::string_view schema) {
@@ -932,7 +977,7 @@ class Moves {
         f.a = 1;
         if (n.dfa != nullptr) {
           f.rx = n.dfa->Next(n.dfa->start(), c);
-          if (f.rx < 0) return;
+          if (f.rx < 0 || 1 + n.dfa->CharsToAccept(f.rx) > kMaxNumberChars) return;
         }
         break;
       case Node::kLiteral: {  // one frame follows the run of literals starting with c
@@ -1153,6 +1198,11 @@ class Moves {
     }
   }
 
+  // The required properties at index `from` or later.
+  static int64_t RequiredCount(const Node& n, int from) {
+    return std::count(n.required.begin() + std::min<size_t>(from, n.required.size()),
+                      n.required.end(), 1);
+  }
   // Whether a required property at index `from` or later is still missing.
   static bool RequiredFrom(const Node& n, int from) {
     return std::find(n.required.begin() + std::min<size_t>(from, n.required.size()),
@@ -1185,8 +1235,13 @@ class Moves {
                         // another
         if (c != '"' || (n.max_items >= 0 && f.b >= n.max_items)) return;
         for (int i = f.a; i < declared; ++i) {
-          // Without other members, skipping to key i must leave enough for minProperties.
+          // Without other members, skipping to key i must leave enough for minProperties; and
+          // key i with the required ones after it must fit maxProperties.
           if (n.additional < 0 && f.b + declared - i < n.min_items) break;
+          if (n.max_items >= 0 && f.b + 1 + RequiredCount(n, i + 1) > n.max_items) {
+            if (n.required[i]) break;
+            continue;
+          }
           Stack t = s;
           Frame& o = t.back();
           o.a = i + 1;
@@ -1201,7 +1256,8 @@ class Moves {
           out.push_back(std::move(t));
           if (n.required[i]) break;
         }
-        if (n.additional >= 0 && !RequiredFrom(n, f.a)) {
+        if (n.additional >= 0 && !RequiredFrom(n, f.a) &&
+            (n.max_items < 0 || f.b + 1 <= n.max_items)) {
           f.a = declared;
           f.cur = -1;
           f.phase = kObjColon;
@@ -1460,6 +1516,22 @@ int32_t JsonMatcher::Draw(const Bits& allowed, float* row, int64_t n,
                                                    rule.top_k, rule.top_p, rule.u, scratch.sort);
     return scratch.ids[pick];
   }
+  if (rule.greedy() && !mask_row) {  // one pass over the allowed ids, the row left alone
+    int32_t best = -1;
+    float best_logit = 0.0f;
+    for (size_t w = 0; w < allowed.size() && static_cast<int64_t>(w) * 64 < n; ++w) {
+      for (uint64_t bits = allowed[w]; bits != 0; bits &= bits - 1) {
+        const int64_t id = static_cast<int64_t>(w) * 64 + std::countr_zero(bits);
+        if (id >= n) break;
+        // NaN never wins, as in Argmax; ties go to the lowest id.
+        if (best < 0 ? !std::isnan(row[id]) : row[id] > best_logit) {
+          best = static_cast<int32_t>(id);
+          best_logit = row[id];
+        }
+      }
+    }
+    if (best >= 0) return best;
+  }
   if (!ApplyAllowed(allowed, row, n)) return -1;
   return rule.greedy() ? kernels::cpu::Argmax(row, n)
                        : kernels::cpu::SampleLogits(row, n, rule.temperature, rule.top_k,
@@ -1468,8 +1540,16 @@ int32_t JsonMatcher::Draw(const Bits& allowed, float* row, int64_t n,
 
 bool JsonMatcher::Accept(int32_t token) {
   if (token < 0 || token >= vocab_->size()) return false;
-  if (gate_ == Gate::kInside) {
-    if (token == end_) gate_ = Gate::kNone;
+  if (gate_ == Gate::kInside) {  // anything but a stop token (the reply would end unconstrained)
+    if (vocab_->IsStop(token)) return false;
+    // The end token, or its text spelled by other tokens.
+    if (vocab_->usable(token)) tail_ += vocab_->bytes(token);
+    if (token == end_ || absl::EndsWith(tail_, kReasoningEnd)) {
+      gate_ = Gate::kNone;
+      tail_.clear();
+    } else if (tail_.size() > kReasoningEnd.size()) {
+      tail_.erase(0, tail_.size() - kReasoningEnd.size());
+    }
     return true;
   }
   if (gate_ == Gate::kMayOpen) {  // the first token: the reasoning's start, or the reply's

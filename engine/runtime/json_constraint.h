@@ -11,8 +11,10 @@
 // maxLength, pattern (a regex.h pattern, searched for as JSON Schema reads it), format (date,
 // time, date-time, uuid, ipv4 and email are held to their forms; others are annotations, as is
 // a format beside a pattern), minimum, maximum, exclusiveMinimum, exclusiveMaximum (numbers, or
-// draft 4's booleans; exact in decimal, bounds of at most 30 digits before and after the point;
-// a bounded number is written without an exponent), enum, const, anyOf, oneOf (read as anyOf),
+// draft 4's booleans; exact in decimal as nlohmann::json reads the bound (integers to 64 bits,
+// others as the shortest text of their double); at most 30 digits after the point; a bound past
+// what 32 characters can write bounds nothing; a bounded number is written without an
+// exponent), enum, const, anyOf, oneOf (read as anyOf),
 // allOf of one schema, $ref to a place in the same schema (#, #/$defs/..., any JSON pointer;
 // recursive too), and the annotations title, description, default, examples, $schema, $id,
 // $comment. Properties come out in the schema's order; optional ones may be left out, and
@@ -97,8 +99,8 @@ class JsonSchema {
   friend class SchemaCompiler;
   JsonSchema();
   // The tokens a pattern's automaton (of node `node`) takes whole from `state`.
-  // Computed by `fill` once per state and vocabulary (up to 4096 of them; past that, each
-  // time).
+  // Computed by `fill` once per state and vocabulary (up to 4096 of them per schema and 512
+  // MiB in all schemas of the process; past that, each time).
   std::shared_ptr<const TokenSet> Tokens(int node, int32_t state,
                                          const std::shared_ptr<const TokenVocabulary>& vocab,
                                          const std::function<void(TokenSet&)>& fill) const;
@@ -107,6 +109,7 @@ class JsonSchema {
   int root_ = 0;
   mutable std::mutex mu_;
   mutable std::shared_ptr<const TokenVocabulary> tokens_vocab_;  // the tokens' vocabulary
+  mutable int64_t tokens_bytes_ = 0;  // what tokens_ holds (of a process-wide 512 MiB)
   mutable absl::flat_hash_map<std::pair<int, int32_t>, std::shared_ptr<const TokenSet>> tokens_;
 };
 
@@ -149,8 +152,10 @@ class JsonMatcher {
   // else `open` (such as <think>; -1: none) may start it as the reply's first token, and any
   // other first token starts the constrained part.
   void ReasonFirst(int32_t open, int32_t end, bool inside);
-  // Inside the reasoning: nothing is constrained (Accept takes any token, watching for its end).
+  // Inside the reasoning: nothing is constrained (Accept takes any token but a stop token,
+  // watching for the end token or its text).
   bool Free() const { return gate_ == Gate::kInside; }
+  int32_t reasoning_end() const { return end_; }
   // The JSON is complete and nothing may follow it: the reply is over.
   bool Done() const;
   // The JSON may end here (a stop token is allowed).
@@ -174,6 +179,7 @@ class JsonMatcher {
   enum class Gate : uint8_t { kNone, kMayOpen, kInside };
   Gate gate_ = Gate::kNone;
   int32_t open_ = -1, end_ = -1;  // the reasoning's tokens (ReasonFirst)
+  std::string tail_;              // the reasoning's last bytes (its end may be spelled out)
   mutable Bits scratch_;          // MaskLogits' allowed tokens, kept between steps
 };
 

@@ -587,7 +587,14 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     out.token = tokens_[i];
     bool constrained_end = false;  // the reply's JSON is complete (or a stop token ended it)
     if (seq.matcher != nullptr && seq.matcher->Free()) {
-      seq.matcher->Accept(out.token);  // watches for the reasoning's end
+      // Watched for the reasoning's end. A token that would end the reply (or that the
+      // vocabulary lacks) closes the reasoning instead: the constrained part must follow.
+      const std::vector<int32_t>& stops = seq.request.params.stop_token_ids;
+      if (std::find(stops.begin(), stops.end(), out.token) != stops.end() ||
+          !seq.matcher->Accept(out.token)) {
+        out.token = seq.matcher->reasoning_end();
+        seq.matcher->Accept(out.token);
+      }
     } else if (seq.matcher != nullptr) {
       // Drawn again from the masked row: the logprobs are then those of what was drawn from.
       int32_t drawn = -1;

@@ -50,7 +50,7 @@ absl::StatusOr<Decimal> ParseDecimal(const std::string& text) {
     if (text[i] != 'e' && text[i] != 'E') return bad("is not a number");
     char* end = nullptr;
     const long exp = std::strtol(text.c_str() + i + 1, &end, 10);
-    if (end == text.c_str() + i + 1 || *end != '\0' || exp > 100 || exp < -100) {
+    if (end == text.c_str() + i + 1 || *end != '\0' || exp > 400 || exp < -400) {
       return bad("is out of range (at most 30 digits before and after the point)");
     }
     point += exp;
@@ -65,9 +65,7 @@ absl::StatusOr<Decimal> ParseDecimal(const std::string& text) {
   d.int_part.erase(0, std::min(d.int_part.find_first_not_of('0'), d.int_part.size()));
   if (d.int_part.empty()) d.int_part = "0";
   d.frac.erase(d.frac.find_last_not_of('0') + 1);
-  if (d.int_part.size() > kMaxDigits || d.frac.size() > kMaxDigits) {
-    return bad("is out of range (at most 30 digits before and after the point)");
-  }
+  if (d.frac.size() > kMaxDigits) return bad("has more than 30 digits after the point");
   if (d.zero()) d.negative = false;
   return d;
 }
@@ -219,6 +217,12 @@ absl::StatusOr<std::shared_ptr<const ByteDfa>> NumberRange(const std::optional<N
   for (const auto* b : {&lower, &upper}) {
     if (!b->has_value()) continue;
     PDS_ASSIGN_OR_RETURN(Decimal d, ParseDecimal((*b)->text));
+    if (d.int_part.size() > kMaxDigits) {                    // past what 32 characters can write
+      if (b == &upper ? !d.negative : d.negative) continue;  // no bound at all, then
+      return absl::InvalidArgumentError(absl::StrCat("no number of at most 32 characters is ",
+                                                     b == &upper ? "below" : "above", " the bound ",
+                                                     (*b)->text));
+    }
     auto side =
         ByteDfa::Compile(Side(d, (*b)->exclusive, b == &upper, integer), ByteDfa::Mode::kFullMatch);
     if (!side.ok()) {
@@ -238,7 +242,6 @@ absl::StatusOr<std::shared_ptr<const ByteDfa>> NumberRange(const std::optional<N
     }
     out = *std::move(both);
   }
-  if (out == nullptr) return absl::InvalidArgumentError("a number range needs a bound");
   return out;
 }
 

@@ -19,8 +19,9 @@ struct NumberBound {
 };
 
 // The JSON numbers (integers only when `integer`) between `lower` and `upper` (at least one
-// given), written without an exponent. INVALID_ARGUMENT when a bound is not a number, needs
-// more than 30 digits before or after its point, or when no number is between them.
+// given), written without an exponent; null when the bounds bound nothing a number of 32
+// characters can write (1e308 as a maximum). INVALID_ARGUMENT when a bound is not a number or
+// needs more than 30 digits after its point, or when no number is between them.
 absl::StatusOr<std::shared_ptr<const ByteDfa>> NumberRange(const std::optional<NumberBound>& lower,
                                                            const std::optional<NumberBound>& upper,
                                                            bool integer);

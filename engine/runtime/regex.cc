@@ -18,6 +18,11 @@ constexpr uint32_t kMaxCodePoint = 0x10FFFF;
 constexpr int kMaxCount = 1000;           // n and m of {n,m}
 constexpr size_t kMaxNfaStates = 100000;  // before determinization
 constexpr size_t kMaxDfaStates = 4096;
+constexpr int kMaxGroupDepth = 256;  // nested groups (the parser recurses into each)
+// Determinization's cost: NFA positions held by all DFA states, and positions times byte
+// classes visited (a pattern such as (?:(?:x?){1000}){45} has few states of many positions).
+constexpr size_t kMaxHeldPositions = 2'000'000;
+constexpr size_t kMaxWork = 40'000'000;
 
 using Ranges = std::vector<std::pair<uint32_t, uint32_t>>;  // code points, inclusive
 
@@ -239,7 +244,9 @@ class Parser {
             return Error("lookaround and inline flags are not supported");
           }
         }
+        if (++depth_ > kMaxGroupDepth) return Error("groups nested deeper than 256");
         PDS_ASSIGN_OR_RETURN(Re inner, Alternatives(/*top=*/false));
+        --depth_;
         if (!At(')')) {
           mark_ = open;
           return Error("a '(' without its ')'");
@@ -389,8 +396,11 @@ class Parser {
         Ranges hi;
         PDS_RETURN_IF_ERROR(ClassAtom(hi));
         if (lo.size() != 1 || hi.size() != 1 || lo[0].first != lo[0].second ||
-            hi[0].first != hi[0].second) {
-          return Error("a class range between a set and a character");
+            hi[0].first != hi[0].second) {  // [\w-.]: a set beside '-' makes it a literal
+          set.insert(set.end(), lo.begin(), lo.end());
+          set.emplace_back('-', '-');
+          set.insert(set.end(), hi.begin(), hi.end());
+          continue;
         }
         if (hi[0].first < lo[0].first) return Error("a class range out of order");
         set.emplace_back(lo[0].first, hi[0].first);
@@ -413,6 +423,7 @@ class Parser {
   ByteDfa::Mode mode_;
   size_t i_ = 0;
   size_t mark_ = 0;  // where the construct being read starts (what errors name)
+  int depth_ = 0;    // groups open
 };
 
 // A code point range's UTF-8 forms as sequences of byte ranges (each byte of a sequence takes
@@ -559,7 +570,8 @@ class NfaBuilder {
 class DfaBuilder {
  public:
   static absl::StatusOr<std::shared_ptr<const ByteDfa>> Build(const Nfa& nfa, int32_t start,
-                                                              int32_t accept) {
+                                                              int32_t accept, size_t* work_left) {
+    const size_t max_work = work_left != nullptr ? std::min(kMaxWork, *work_left) : kMaxWork;
     std::shared_ptr<ByteDfa> dfa(new ByteDfa());
     // Byte classes: bytes no transition tells apart share a column; continuation bytes never
     // share one with others (CharsToAccept counts characters by their lead bytes).
@@ -601,10 +613,15 @@ class DfaBuilder {
     };
     std::vector<std::vector<int32_t>> sets;
     absl::flat_hash_map<std::vector<int32_t>, int32_t> ids;
+    size_t held = 0, work = 0;
     auto id_of = [&](std::vector<int32_t> set) -> int32_t {
       if (set.empty()) return -1;
+      work += set.size();
       auto [it, added] = ids.try_emplace(set, static_cast<int32_t>(sets.size()));
-      if (added) sets.push_back(std::move(set));
+      if (added) {
+        held += 2 * set.size();  // the key and the list
+        sets.push_back(std::move(set));
+      }
       return it->second;
     };
     id_of(closure({start}));
@@ -613,6 +630,12 @@ class DfaBuilder {
       if (sets.size() > kMaxDfaStates) {
         return absl::InvalidArgumentError("regex: the pattern needs over 4096 automaton states");
       }
+      if (held > kMaxHeldPositions || work > max_work) {
+        return absl::InvalidArgumentError(
+            "regex: the pattern is too costly to compile (its automaton's states hold too many "
+            "positions)");
+      }
+      work += sets[d].size() * static_cast<size_t>(dfa->classes_);
       for (int32_t c = 0; c < dfa->classes_; ++c) {
         std::vector<int32_t> to;
         for (int32_t s : sets[d]) {
@@ -625,6 +648,7 @@ class DfaBuilder {
         next.push_back(to.empty() ? -1 : id_of(closure(std::move(to))));
       }
     }
+    if (work_left != nullptr) *work_left -= std::min(work, *work_left);
     std::vector<uint8_t> accepting(sets.size());
     for (size_t d = 0; d < sets.size(); ++d) {
       accepting[d] = std::binary_search(sets[d].begin(), sets[d].end(), accept);
@@ -739,7 +763,7 @@ class DfaBuilder {
 };
 
 absl::StatusOr<std::shared_ptr<const ByteDfa>> ByteDfa::Compile(absl::string_view pattern,
-                                                                Mode mode) {
+                                                                Mode mode, size_t* work_left) {
   if (!IsValidUtf8(pattern)) return absl::InvalidArgumentError("regex: not valid UTF-8");
   std::vector<uint32_t> chars;
   for (size_t i = 0; i < pattern.size();) chars.push_back(NextCodePoint(pattern, i));
@@ -749,7 +773,7 @@ absl::StatusOr<std::shared_ptr<const ByteDfa>> ByteDfa::Compile(absl::string_vie
   const int32_t start = nfa.Add();
   NfaBuilder builder(nfa);
   PDS_ASSIGN_OR_RETURN(int32_t accept, builder.Build(re, start));
-  return DfaBuilder::Build(nfa, start, accept);
+  return DfaBuilder::Build(nfa, start, accept, work_left);
 }
 
 absl::StatusOr<std::shared_ptr<const ByteDfa>> ByteDfa::Intersect(const ByteDfa& a,

@@ -8,8 +8,11 @@
 // `(?<name>...)`, alternation, and the quantifiers * + ? {n} {n,} {n,m} (lazy forms mean the
 // same here). `^` and `$` only at the start and end of the pattern or of one of its top-level
 // alternatives. Refused with INVALID_ARGUMENT naming the place: backreferences, lookaround,
-// word boundaries, flags, Unicode property escapes, counts over 1000, and patterns whose
-// automaton needs more than 4096 states (or 100000 before determinization).
+// word boundaries, flags, Unicode property escapes, counts over 1000, groups nested over 256
+// deep, and patterns whose automaton needs more than 4096 states (or 100000 before
+// determinization, or whose states hold over 2M NFA positions in all: compilation is bounded in
+// time and memory). As ECMAScript outside unicode mode, a '-' beside a class escape in a class
+// ([\w-.]) is a literal.
 //
 // Characters are Unicode scalar values written as UTF-8: the automaton never takes a surrogate
 // or a broken character.
@@ -31,8 +34,11 @@ class ByteDfa {
     kFullMatch,  // the whole text matches (vLLM's guided_regex, SGLang's regex)
     kSearch,     // the text contains a match (JSON Schema's pattern): unanchored ends
   };
+  // `work_left`: a budget shared by several compilations (one schema's patterns), lowered by
+  // what this one costs; null: this one's own limit only.
   static absl::StatusOr<std::shared_ptr<const ByteDfa>> Compile(absl::string_view pattern,
-                                                                Mode mode);
+                                                                Mode mode,
+                                                                size_t* work_left = nullptr);
   // The texts both accept (at most 4096 states).
   static absl::StatusOr<std::shared_ptr<const ByteDfa>> Intersect(const ByteDfa& a,
                                                                   const ByteDfa& b);

@@ -81,7 +81,14 @@ TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
            {R"({"type": "integer", "minimum": 3.5, "exclusiveMaximum": 4})",
             "no integer is within its minimum and maximum"},
            {R"({"type": "number", "maximum": "7"})", "maximum must be a number"},
-           {R"({"type": "number", "minimum": 1e40})", "minimum: the bound 1e+40 is out of range"},
+           {R"({"type": "number", "minimum": -1e-30, "maximum": -1e-30})",
+            "needs more than 32 characters"},
+           {R"({"type": "string", "format": "date", "maxLength": 8})",
+            "no string within maxLength"},
+           {R"({"type": "string", "pattern": "^a{1,3}$", "minLength": 5})",
+            "no string within minLength and maxLength"},
+           {R"({"type": "number", "minimum": 1e40})",
+            "minimum: no number of at most 32 characters is above"},
            {R"({"type": "tuple"})", "unknown type 'tuple'"},
            {R"({"$ref": "#/$defs/missing"})", "names nothing"},
            {R"({"$ref": "http://x/y"})", "is not #"},
@@ -391,6 +398,15 @@ TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
           "maxProperties": 2})",
        {"{\"a\": 1}", "{\"a\": 1, \"b\": 2}"},
        {"{}", "{\"a\": 1, \"b\": 2, \"c\": 3}"}},
+      {R"({"type": "string", "pattern": "^(N/A|\\d{4,})$", "minLength": 4})",
+       {"\"1234\"", "\"12345\""},
+       {"\"N", "\"123\""}},
+      {R"({"properties": {"a": {}, "b": {}}, "required": ["b"], "maxProperties": 1})",
+       {"{\"b\": 1}"},
+       {"{\"a\"", "{}"}},
+      {R"({"type": "number", "maximum": 1e308, "minimum": -1.7976931348623157e308})",
+       {"5", "-3.25", "99999999999999999999"},
+       {"x"}},
       {R"({"properties": {"a": {}, "b": {}, "c": {}}, "minProperties": 2})",
        {"{\"a\": 1, \"c\": 2}", "{\"b\": 1, \"c\": 2}", "{\"a\": 1, \"b\": 2, \"c\": 3}"},
        {"{\"c\": 1}", "{\"a\": 1}", "{}"}},
@@ -488,6 +504,16 @@ TEST(JsonMatcherTest, ReasoningComesBeforeTheConstraint) {
   EXPECT_FALSE(inside.Accept('x'));
   EXPECT_TRUE(inside.Accept('7'));
   EXPECT_TRUE(inside.CanEnd());
+
+  // A stop token would end the reply unconstrained: refused; the end spelled as text closes it.
+  JsonMatcher spelled(schema, vocab);
+  spelled.ReasonFirst(open, end, /*inside=*/true);
+  EXPECT_FALSE(spelled.Accept(kStop));
+  for (char c : std::string("so </think")) ASSERT_TRUE(spelled.Accept(static_cast<uint8_t>(c)));
+  EXPECT_TRUE(spelled.Free());
+  ASSERT_TRUE(spelled.Accept('>'));
+  EXPECT_FALSE(spelled.Free());
+  EXPECT_FALSE(spelled.Accept('x'));
 
   JsonMatcher may(schema, vocab);
   may.ReasonFirst(open, end, /*inside=*/false);

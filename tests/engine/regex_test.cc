@@ -119,6 +119,7 @@ TEST(RegexTest, SpecificTextsMatch) {
       {"\\s", {" ", "\t", "\xC2\xA0", "\xE3\x80\x80"}, {"x", "\xC2"}},
       {"a{0,3}", {"", "a", "aaa"}, {"aaaa"}},
       {"x{,2}|y{", {"x{,2}", "y{"}, {"x", "xx", "y"}},  // not counts: literal braces
+      {"[\\w-.]+", {"a-b.c", "-", "."}, {"a b", ""}},   // Annex B: '-' beside a set
   };
   for (const Case& c : cases) {
     const auto dfa = Dfa(c.pattern);
@@ -183,6 +184,8 @@ TEST(RegexTest, RefusesWhatItCannotHoldByName) {
            {"((a|b|c|d|e|f|g|h){1000}){10}", "over 100000 automaton states"},
            {"[ab]*a[ab]{20}", "over 4096 automaton states"},
            {"\xC3", "UTF-8"},
+           {std::string(10000, '(') + "a" + std::string(10000, ')'), "nested deeper than 256"},
+           {"(?:(?:x?){1000}){45}", "too costly to compile"},
        }) {
     auto dfa = ByteDfa::Compile(b.pattern, ByteDfa::Mode::kFullMatch);
     ASSERT_FALSE(dfa.ok()) << b.pattern;

@@ -247,6 +247,22 @@ TEST_F(StructuredOutputTest, ReasoningComesBeforeTheConstraint) {
   rest.token_ids.erase(rest.token_ids.begin(), rest.token_ids.begin() + reasoned);
   ExpectMatches(rest);
 
+  // A token that would end the reply inside its reasoning (here a stop token id) closes the
+  // reasoning instead.
+  if (start[1] != end && start[0] != start[1]) {
+    GenerateRequest stopped = r;
+    stopped.params.stop_token_ids = {start[1]};
+    auto cut = NewEngine()->Generate({stopped});
+    ASSERT_TRUE(cut.ok()) << cut.status();
+    const std::vector<int32_t>& got = (*cut)[0].token_ids;
+    ASSERT_GT(got.size(), 2u);
+    EXPECT_EQ(got[0], start[0]);
+    EXPECT_EQ(got[1], end);
+    GenerateResult after = (*cut)[0];
+    after.token_ids.erase(after.token_ids.begin(), after.token_ids.begin() + 2);
+    ExpectMatches(after);
+  }
+
   // Not opened by the prompt: the first token may open it (here it does not), and the reply
   // is JSON from its start.
   r.params.reasoning_inside = false;

@@ -358,6 +358,8 @@ TEST(OpenAiChatParseTest, RefusalsNameTheField) {
   refused({{"structured_outputs", {{"regex", "a"}}}, {"guided_regex", "b"}},
           "structured_outputs.regex both");
   refused({{"structured_outputs", "a"}}, "structured_outputs");
+  refused({{"structured_outputs", {{"grammar", "root ::= x"}}}}, "structured_outputs.grammar");
+  refused({{"guided_regex", std::string(20000, 'a')}}, "longer than 16384 bytes");
   refused({{"modalities", {"text", "audio"}}}, "modalities");
   refused({{"continue_final_message", true}}, "continue_final_message");
   refused({{"top_logprobs", 2}}, "top_logprobs");  // without logprobs
