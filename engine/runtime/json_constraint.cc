@@ -1516,7 +1516,9 @@ int32_t JsonMatcher::Draw(const Bits& allowed, float* row, int64_t n,
                                                    rule.top_k, rule.top_p, rule.u, scratch.sort);
     return scratch.ids[pick];
   }
-  if (rule.greedy() && !mask_row) {  // one pass over the allowed ids, the row left alone
+  if (rule.greedy() && !mask_row && count * 8 < n * 7) {
+    // Not nearly all of the row allowed: one pass over the allowed ids, the row left alone
+    // (with over 7/8 allowed, writing the few refused ones and a plain argmax is faster).
     int32_t best = -1;
     float best_logit = 0.0f;
     for (size_t w = 0; w < allowed.size() && static_cast<int64_t>(w) * 64 < n; ++w) {
