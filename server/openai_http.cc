@@ -233,6 +233,7 @@ struct Choice {
   size_t LogprobCount() const { return tokens.size() + chat_logprobs.size(); }
   std::optional<ToolCallScanner> scanner;     // streamed chat with tool parsing
   std::optional<ReasoningScanner> reasoning;  // streamed chat with reasoning parsing
+  bool call_opened = false;  // a named tool choice's call delta sent (its arguments stream)
 };
 
 // A new tool call id: "call_" and 24 random hex digits.
@@ -1295,6 +1296,24 @@ class OpenAiHttpServer::Impl {
           logprobs_from = c.LogprobCount();
         }
         text = std::move(split.content);
+      }
+      if (job.request.tool_calls == ToolCallFormat::kArguments) {
+        // A named function's arguments stream as they come: the first delta opens the call
+        // (id, name), the others add to its arguments; the reply ends the call.
+        if (!text.empty() || !c.call_opened || ended) {
+          Json call = {{"index", 0}, {"function", {{"arguments", text}}}};
+          if (!c.call_opened) {
+            call["id"] = NewCallId();
+            call["type"] = "function";
+            call["function"] = {{"name", job.request.tool_function}, {"arguments", text}};
+            c.call_opened = true;
+          }
+          const Json delta = {{"tool_calls", Json::array({std::move(call)})}};
+          if (ended && c.finish_reason == "stop") finish = "tool_calls";
+          if (!chunk(e->choice, "", logprobs_from, finish, &delta)) return false;
+          last_write = absl::Now();
+        }
+        continue;
       }
       if (c.scanner) {  // content as it is known not to start a tool call; the calls at the end
         text = c.scanner->Feed(text);

@@ -1355,6 +1355,35 @@ TEST_F(OpenAiHttpTest, ResponseFormatsAndForcedToolsGiveMatchingJson) {
   EXPECT_EQ(message["tool_calls"][0]["function"]["name"], "get_weather");
   check(message["tool_calls"][0]["function"]["arguments"]);
   EXPECT_EQ(called["choices"][0]["finish_reason"], "tool_calls");
+
+  // Streamed, the arguments come as they are generated: a first delta with the call's id and
+  // name, then pieces of its arguments, then finish_reason "tool_calls".
+  Json streamed_forced = forced;
+  streamed_forced["stream"] = true;
+  auto [stream_status, call_events] = Stream(streamed_forced, "/v1/chat/completions");
+  ASSERT_EQ(stream_status, 200);
+  std::string arguments, finish;
+  int pieces = 0, opened = 0;
+  for (const std::string& e : call_events) {
+    if (e == "[DONE]") continue;
+    const Json j = Json::parse(e);
+    const Json& choice = j["choices"][0];
+    if (choice["finish_reason"].is_string()) finish = choice["finish_reason"];
+    if (!choice["delta"].contains("tool_calls")) continue;
+    const Json& call = choice["delta"]["tool_calls"][0];
+    EXPECT_EQ(call["index"], 0);
+    if (call.contains("id")) {
+      ++opened;
+      EXPECT_EQ(call["function"]["name"], "get_weather");
+      EXPECT_EQ(call["type"], "function");
+    }
+    arguments += call["function"]["arguments"].get<std::string>();
+    ++pieces;
+  }
+  EXPECT_EQ(opened, 1);
+  EXPECT_GT(pieces, 3);  // incremental, not one delta at the end
+  check(arguments);
+  EXPECT_EQ(finish, "tool_calls");
 }
 
 // The gRPC API's json_schema: a bad one is INVALID_ARGUMENT from the front-end, naming the
