@@ -781,6 +781,15 @@ absl::StatusOr<std::shared_ptr<const ByteDfa>> ByteDfa::Intersect(const ByteDfa&
   return DfaBuilder::Intersect(a, b);
 }
 
+bool ByteDfa::Matches(absl::string_view text) const {
+  int32_t s = start_;
+  for (char c : text) {
+    s = Next(s, static_cast<uint8_t>(c));
+    if (s < 0) return false;
+  }
+  return Accepting(s);
+}
+
 bool ByteDfa::TakesSome(int32_t state, uint32_t lo, uint32_t hi, int64_t room) const {
   std::vector<ByteSeq> seqs;
   for (const auto& [a, b] : Normalize({{lo, hi}})) Utf8Sequences(a, b, seqs);

@@ -55,6 +55,8 @@ class ByteDfa {
   bool Accepting(int32_t state) const { return accepting_[state] != 0; }
   // Accepting, with nothing that may follow: the text is over.
   bool Final(int32_t state) const { return final_[state] != 0; }
+  // Whether the automaton accepts the whole of `text`.
+  bool Matches(absl::string_view text) const;
   // The fewest characters (UTF-8 lead bytes) that take `state` to an accepting one.
   int32_t CharsToAccept(int32_t state) const { return chars_to_accept_[state]; }
   // Whether some character in [lo, hi] (code points; surrogates are none) takes `state` to one

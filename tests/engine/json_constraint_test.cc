@@ -67,6 +67,26 @@ std::pair<bool, bool> Feed(const std::shared_ptr<const JsonSchema>& schema,
   return {true, m.CanEnd()};
 }
 
+// Texts a schema accepts whole (`good`) and texts it refuses or that are not complete (`bad`).
+struct Case {
+  std::string schema;
+  std::vector<std::string> good, bad;
+};
+
+void ExpectCases(const std::vector<Case>& cases,
+                 const std::shared_ptr<const TokenVocabulary>& vocab) {
+  for (const Case& c : cases) {
+    const auto schema = Schema(c.schema);
+    ASSERT_NE(schema, nullptr);
+    for (const std::string& t : c.good) {
+      EXPECT_EQ(Feed(schema, vocab, t), std::make_pair(true, true)) << c.schema << "\n" << t;
+    }
+    for (const std::string& t : c.bad) {
+      EXPECT_NE(Feed(schema, vocab, t), std::make_pair(true, true)) << c.schema << "\n" << t;
+    }
+  }
+}
+
 TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
   struct Bad {
     std::string schema, message;
@@ -153,10 +173,6 @@ TEST(JsonSchemaTest, HostileSchemasAreBounded) {
 
 TEST(JsonMatcherTest, AcceptsExactlyTheTextsTheSchemaAccepts) {
   const auto vocab = Vocabulary(0);
-  struct Case {
-    std::string schema;
-    std::vector<std::string> good, bad;  // bad: rejected or not complete
-  };
   const std::vector<Case> cases = {
       {R"({"type": "object"})",
        {"{}", R"({"a": [1, -2.5e+3, "x\"\u00e9\n", true, null, {}]})", " {\"k\" : {} }"},
@@ -187,16 +203,7 @@ TEST(JsonMatcherTest, AcceptsExactlyTheTextsTheSchemaAccepts) {
        {R"([{}])", R"([{"x": 1, "y": 2}, {}])"},
        {"[]", R"([{"x": "1"}])"}},
   };
-  for (const Case& c : cases) {
-    const auto schema = Schema(c.schema);
-    ASSERT_NE(schema, nullptr);
-    for (const std::string& t : c.good) {
-      EXPECT_EQ(Feed(schema, vocab, t), std::make_pair(true, true)) << c.schema << "\n" << t;
-    }
-    for (const std::string& t : c.bad) {
-      EXPECT_NE(Feed(schema, vocab, t), std::make_pair(true, true)) << c.schema << "\n" << t;
-    }
-  }
+  ExpectCases(cases, vocab);
 }
 
 // Review findings: a large enum keeps every value (one frame follows the run of values that
@@ -340,10 +347,6 @@ TEST(JsonMatcherTest, RandomDrawsEndInMatchingJson) {
 // a form are held to it; maxLength leaves room for the pattern to match.
 TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
   const auto vocab = Vocabulary(0);
-  struct Case {
-    std::string schema;
-    std::vector<std::string> good, bad;
-  };
   const std::vector<Case> cases = {
       {R"({"type": "string", "pattern": "^[a-z]+\\d?$"})",
        {R"("abc")", R"("a1")", R"("\u0061b")"},
@@ -411,16 +414,7 @@ TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
        {"{\"a\": 1, \"c\": 2}", "{\"b\": 1, \"c\": 2}", "{\"a\": 1, \"b\": 2, \"c\": 3}"},
        {"{\"c\": 1}", "{\"a\": 1}", "{}"}},
   };
-  for (const Case& c : cases) {
-    const auto schema = Schema(c.schema);
-    ASSERT_NE(schema, nullptr);
-    for (const std::string& t : c.good) {
-      EXPECT_EQ(Feed(schema, vocab, t), std::make_pair(true, true)) << c.schema << "\n" << t;
-    }
-    for (const std::string& t : c.bad) {
-      EXPECT_NE(Feed(schema, vocab, t), std::make_pair(true, true)) << c.schema << "\n" << t;
-    }
-  }
+  ExpectCases(cases, vocab);
   // With maxLength, a pattern that needs more characters than are left is refused early.
   JsonMatcher m(Schema(R"({"type": "string", "pattern": "^x*abc$", "maxLength": 4})"), vocab);
   ASSERT_TRUE(m.Accept('"'));

@@ -22,16 +22,6 @@ std::shared_ptr<const ByteDfa> Dfa(const std::string& pattern,
   return dfa.ok() ? *dfa : nullptr;
 }
 
-// Whether the automaton accepts all of `text`.
-bool Matches(const ByteDfa& dfa, const std::string& text) {
-  int32_t s = dfa.start();
-  for (char c : text) {
-    s = dfa.Next(s, static_cast<uint8_t>(c));
-    if (s < 0) return false;
-  }
-  return dfa.Accepting(s);
-}
-
 TEST(RegexTest, AgreesWithStdRegexOnAsciiTexts) {
   // Each pattern with a text it matches: the trials are random texts and that text with a few
   // random edits.
@@ -94,8 +84,8 @@ TEST(RegexTest, AgreesWithStdRegexOnAsciiTexts) {
       }
       const bool want = std::regex_match(text, re);
       matched += want;
-      EXPECT_EQ(Matches(*full, text), want) << "/" << p << "/ full on '" << text << "'";
-      EXPECT_EQ(Matches(*search, text), std::regex_search(text, re))
+      EXPECT_EQ(full->Matches(text), want) << "/" << p << "/ full on '" << text << "'";
+      EXPECT_EQ(search->Matches(text), std::regex_search(text, re))
           << "/" << p << "/ search on '" << text << "'";
     }
     EXPECT_GT(matched, 100) << p;  // the trials reach the language, not only its outside
@@ -124,13 +114,13 @@ TEST(RegexTest, SpecificTextsMatch) {
   for (const Case& c : cases) {
     const auto dfa = Dfa(c.pattern);
     ASSERT_NE(dfa, nullptr);
-    for (const std::string& t : c.good) EXPECT_TRUE(Matches(*dfa, t)) << c.pattern << " " << t;
-    for (const std::string& t : c.bad) EXPECT_FALSE(Matches(*dfa, t)) << c.pattern << " " << t;
+    for (const std::string& t : c.good) EXPECT_TRUE(dfa->Matches(t)) << c.pattern << " " << t;
+    for (const std::string& t : c.bad) EXPECT_FALSE(dfa->Matches(t)) << c.pattern << " " << t;
   }
   // Never a surrogate, an overlong form or a byte past U+10FFFF, even for "anything".
   const auto any = Dfa("[\\s\\S]*");
   for (const char* t : {"\xED\xA0\x80", "\xC0\xAF", "\xF4\x90\x80\x80", "\xFF", "\x80"}) {
-    EXPECT_FALSE(Matches(*any, t)) << t;
+    EXPECT_FALSE(any->Matches(t)) << t;
   }
 }
 
@@ -199,8 +189,8 @@ TEST(RegexTest, AlternationEscapesItsChoices) {
   const std::vector<std::string> choices = {"a.b", "(x)", "1+1=2", "what?", "a|b", "\xC3\xA9"};
   const auto dfa = Dfa(ByteDfa::Alternation(choices));
   ASSERT_NE(dfa, nullptr);
-  for (const std::string& c : choices) EXPECT_TRUE(Matches(*dfa, c)) << c;
-  for (const char* t : {"axb", "x", "11=2", "a", "b", "what"}) EXPECT_FALSE(Matches(*dfa, t)) << t;
+  for (const std::string& c : choices) EXPECT_TRUE(dfa->Matches(c)) << c;
+  for (const char* t : {"axb", "x", "11=2", "a", "b", "what"}) EXPECT_FALSE(dfa->Matches(t)) << t;
 }
 
 }  // namespace

@@ -812,6 +812,21 @@ class OpenAiHttpTest : public ::testing::Test {
     return {res->status, Json::parse(res->body, nullptr, false)};
   }
   // The same streamed: the status and the event payloads.
+  // A gRPC Generate call's text and finish reason (empty when it failed).
+  std::pair<std::string, std::string> GenerateText(const api::GenerateRequest& r) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+    auto call = stub_->Generate(&ctx, r);
+    api::GenerateResponse m;
+    std::string text, finish;
+    while (call->Read(&m)) {
+      text += m.text();
+      if (m.has_done()) finish = m.done().finish_reason();
+    }
+    const grpc::Status s = call->Finish();
+    EXPECT_TRUE(s.ok()) << s.error_message();
+    return {text, s.ok() ? finish : ""};
+  }
   std::pair<int, std::vector<std::string>> Stream(Json body, const char* path = "/v1/completions") {
     body["stream"] = true;
     auto res = http_->Post(path, body.dump(), "application/json");
@@ -1404,16 +1419,7 @@ TEST_F(OpenAiHttpTest, GrpcJsonSchemaIsCheckedAndFollowed) {
     EXPECT_TRUE(absl::StrContains(s.error_message(), "uniqueItems")) << s.error_message();
   }
   r.set_json_schema(R"({"type": "array", "items": {"type": "integer"}, "maxItems": 3})");
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-  auto call = stub_->Generate(&ctx, r);
-  api::GenerateResponse m;
-  std::string text, finish;
-  while (call->Read(&m)) {
-    text += m.text();
-    if (m.has_done()) finish = m.done().finish_reason();
-  }
-  ASSERT_TRUE(call->Finish().ok());
+  auto [text, finish] = GenerateText(r);
   EXPECT_EQ(finish, "stop");
   const Json j = Json::parse(text, nullptr, false);
   ASSERT_TRUE(j.is_array()) << text;
@@ -1469,16 +1475,7 @@ TEST_F(OpenAiHttpTest, RegexesAndChoicesHoldTheReply) {
     EXPECT_TRUE(absl::StrContains(s.error_message(), "regex")) << s.error_message();
   }
   r.set_regex("\\d{3}-\\d{4}");
-  grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
-  auto call = stub_->Generate(&ctx, r);
-  api::GenerateResponse m;
-  std::string text, finish;
-  while (call->Read(&m)) {
-    text += m.text();
-    if (m.has_done()) finish = m.done().finish_reason();
-  }
-  ASSERT_TRUE(call->Finish().ok());
+  auto [text, finish] = GenerateText(r);
   EXPECT_EQ(finish, "stop");
   EXPECT_TRUE(std::regex_match(text, std::regex("\\d{3}-\\d{4}"))) << text;
 }
