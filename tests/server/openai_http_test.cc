@@ -12,6 +12,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
@@ -1478,6 +1479,50 @@ TEST_F(OpenAiHttpTest, RegexesAndChoicesHoldTheReply) {
   auto [text, finish] = GenerateText(r);
   EXPECT_EQ(finish, "stop");
   EXPECT_TRUE(std::regex_match(text, std::regex("\\d{3}-\\d{4}"))) << text;
+}
+
+// A reasoning model's constrained chat reply through the cluster (--reasoning-parser): when
+// the prompt opens the reasoning, the reply is free until </think> (which this greedy random
+// model does not write, so the reply is all reasoning, cut at max_tokens); when it does not,
+// the reply is JSON from its first token.
+TEST_F(OpenAiHttpTest, ConstrainedRepliesOfAReasoningModel) {
+  TearDown();
+  FrontendOptions o;
+  o.reasoning_parser = "deepseek_r1";
+  const std::string turns =
+      "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}";
+  o.chat_template = ScratchFile("opens_think.jinja", turns + "[assistant] <think>\n");
+  Start(o);
+  Json request = {{"messages", {{{"role", "user"}, {"content", "JSON?"}}}},
+                  {"max_tokens", 12},
+                  {"temperature", 0},
+                  {"response_format", {{"type", "json_object"}}}};
+  auto [status, body] = Complete(request, kChatPath);
+  ASSERT_EQ(status, 200) << body.dump();
+  const Json& reasoned = body["choices"][0]["message"];
+  EXPECT_EQ(body["choices"][0]["finish_reason"], "length") << body.dump();
+  ASSERT_TRUE(reasoned["reasoning_content"].is_string()) << body.dump();
+  // Unconstrained (the worker's matcher was free): not the start of a JSON object.
+  const std::string reasoning = reasoned["reasoning_content"];
+  EXPECT_FALSE(reasoning.empty());
+  EXPECT_FALSE(absl::StartsWith(absl::StripLeadingAsciiWhitespace(reasoning), "{")) << reasoning;
+  EXPECT_TRUE(reasoned["content"].is_null() || reasoned["content"] == "") << body.dump();
+  TearDown();
+
+  o.chat_template = ScratchFile("no_think.jinja", turns + "[assistant] ");
+  Start(o);
+  request["max_tokens"] = 200;
+  auto [status2, direct] = Complete(request, kChatPath);
+  ASSERT_EQ(status2, 200) << direct.dump();
+  const Json& message = direct["choices"][0]["message"];
+  EXPECT_TRUE(message["reasoning_content"].is_null()) << direct.dump();
+  ASSERT_TRUE(message["content"].is_string()) << direct.dump();
+  // JSON from the first token (greedy, this random model's object may not end in 200 tokens).
+  const std::string content = message["content"];
+  EXPECT_TRUE(absl::StartsWith(absl::StripLeadingAsciiWhitespace(content), "{")) << content;
+  if (direct["choices"][0]["finish_reason"] == "stop") {
+    EXPECT_TRUE(Json::parse(content, nullptr, false).is_object()) << content;
+  }
 }
 
 // Overload is 429: the front-end's RESOURCE_EXHAUSTED while its one slot is taken.
