@@ -233,7 +233,7 @@ struct Choice {
   size_t LogprobCount() const { return tokens.size() + chat_logprobs.size(); }
   std::optional<ToolCallScanner> scanner;     // streamed chat with tool parsing
   std::optional<ReasoningScanner> reasoning;  // streamed chat with reasoning parsing
-  bool call_opened = false;  // a named tool choice's call delta sent (its arguments stream)
+  std::optional<ForcedCallStream> forced;     // streamed chat under a forced tool choice
 };
 
 // A new tool call id: "call_" and 24 random hex digits.
@@ -1098,7 +1098,11 @@ class OpenAiHttpServer::Impl {
     }
     for (size_t i = 0; i < job->request.choices.size(); ++i) {
       job->choices.emplace_back();
-      if (job->request.tool_calls != ToolCallFormat::kNone && job->request.stream) {
+      const bool forced = job->request.tool_calls == ToolCallFormat::kArguments ||
+                          job->request.tool_calls == ToolCallFormat::kJsonArray;
+      if (forced && job->request.stream) {
+        job->choices.back().forced.emplace(job->request.tool_calls, job->request.tool_function);
+      } else if (job->request.tool_calls != ToolCallFormat::kNone && job->request.stream) {
         job->choices.back().scanner.emplace(job->request.tool_calls, job->request.tool_function);
       }
       if (job->request.reasoning != ReasoningFormat::kNone && job->request.stream) {
@@ -1297,22 +1301,27 @@ class OpenAiHttpServer::Impl {
         }
         text = std::move(split.content);
       }
-      if (job.request.tool_calls == ToolCallFormat::kArguments) {
-        // A named function's arguments stream as they come: the first delta opens the call
-        // (id, name), the others add to its arguments; the reply ends the call.
-        if (!text.empty() || !c.call_opened || ended) {
-          Json call = {{"index", 0}, {"function", {{"arguments", text}}}};
-          if (!c.call_opened) {
+      if (c.forced) {  // a forced tool choice's calls stream as they are written
+        const std::vector<ForcedCallStream::Delta> deltas = c.forced->Feed(text);
+        if (ended && c.finish_reason == "stop") finish = "tool_calls";
+        for (size_t k = 0; k < deltas.size(); ++k) {
+          const ForcedCallStream::Delta& d = deltas[k];
+          Json call = {{"index", d.index}, {"function", {{"arguments", d.arguments}}}};
+          if (d.opens) {  // the call's first delta: its id and name
             call["id"] = NewCallId();
             call["type"] = "function";
-            call["function"] = {{"name", job.request.tool_function}, {"arguments", text}};
-            c.call_opened = true;
+            call["function"] = {{"name", d.name}, {"arguments", d.arguments}};
           }
           const Json delta = {{"tool_calls", Json::array({std::move(call)})}};
-          if (ended && c.finish_reason == "stop") finish = "tool_calls";
-          if (!chunk(e->choice, "", logprobs_from, finish, &delta)) return false;
-          last_write = absl::Now();
+          const Json last = k + 1 == deltas.size() ? finish : Json(nullptr);
+          if (!chunk(e->choice, "", logprobs_from, last, &delta)) return false;
+          logprobs_from = c.LogprobCount();
         }
+        if (deltas.empty() && (ended || c.LogprobCount() > logprobs_from) &&
+            !chunk(e->choice, "", logprobs_from, finish)) {
+          return false;
+        }
+        last_write = absl::Now();
         continue;
       }
       if (c.scanner) {  // content as it is known not to start a tool call; the calls at the end

@@ -426,6 +426,83 @@ absl::StatusOr<ReasoningFormat> ParseReasoningFormat(absl::string_view name) {
       absl::StrCat("unknown reasoning format '", name, "' (deepseek_r1, qwen3 or none)"));
 }
 
+ForcedCallStream::Delta& ForcedCallStream::Current(std::vector<Delta>& out) {
+  if (out.empty() || out.back().index != index_) {
+    out.emplace_back();
+    out.back().index = index_;
+  }
+  return out.back();
+}
+
+std::vector<ForcedCallStream::Delta> ForcedCallStream::Feed(absl::string_view text) {
+  std::vector<Delta> out;
+  if (format_ == ToolCallFormat::kArguments) {  // the whole reply: one call's arguments
+    if (index_ < 0) {
+      index_ = 0;
+      Delta& d = Current(out);
+      d.opens = true;
+      d.name = function_;
+    }
+    if (!text.empty() || out.empty()) Current(out).arguments.append(text.data(), text.size());
+    return out;
+  }
+  if (format_ != ToolCallFormat::kJsonArray) return out;
+  constexpr int kCall = 2, kArguments = 3;  // depths: [ 1, { 2, parameters' { 3
+  for (char c : text) {
+    const bool in_arguments = depth_ >= kArguments ||
+                              (depth_ == kCall && !in_string_ && c == '{' && key_ == "parameters");
+    if (in_arguments && index_ >= 0) Current(out).arguments.push_back(c);
+    if (in_string_) {
+      if (depth_ == kCall) string_.push_back(c);
+      if (escaped_) {
+        escaped_ = false;
+      } else if (c == '\\') {
+        escaped_ = true;
+      } else if (c == '"') {
+        in_string_ = false;
+        if (depth_ != kCall) continue;
+        const Json s = Json::parse(string_, nullptr, /*allow_exceptions=*/false);
+        const std::string value = s.is_string() ? s.get<std::string>() : "";
+        if (expect_key_) {
+          key_ = value;
+        } else if (key_ == "name") {  // the call opens
+          ++index_;
+          Delta& d = Current(out);
+          d.opens = true;
+          d.name = value;
+        }
+      }
+      continue;
+    }
+    switch (c) {
+      case '"':
+        in_string_ = true;
+        string_ = "\"";
+        break;
+      case '{':
+      case '[':
+        if (++depth_ == kCall) {
+          expect_key_ = true;
+          key_.clear();
+        }
+        break;
+      case '}':
+      case ']':
+        --depth_;
+        break;
+      case ':':
+        if (depth_ == kCall) expect_key_ = false;
+        break;
+      case ',':
+        if (depth_ == kCall) expect_key_ = true;
+        break;
+      default:
+        break;
+    }
+  }
+  return out;
+}
+
 std::optional<ReasoningGate> FindReasoningGate(const engine::Tokenizer& tokenizer,
                                                absl::Span<const int32_t> prompt) {
   const std::optional<int32_t> open = tokenizer.TokenToId(kThinkOpen);

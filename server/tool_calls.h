@@ -91,6 +91,38 @@ absl::StatusOr<ReasoningFormat> ParseReasoningFormat(absl::string_view name);
 
 // One choice's reply as it streams, split into reasoning and content: each piece goes out as
 // soon as it cannot be part of a marker.
+// The calls of a forced tool choice's reply as it streams (the reply is constrained to their
+// JSON): kArguments' whole reply is one call's arguments; kJsonArray's is [{"name": ...,
+// "parameters": {...}}, ...], the keys in that order (the schema's). Each piece of text gives
+// the deltas it completes: a call opens once its name is known, then its arguments come in
+// pieces, as they are written.
+class ForcedCallStream {
+ public:
+  ForcedCallStream(ToolCallFormat format, std::string function)
+      : format_(format), function_(std::move(function)) {}
+
+  struct Delta {
+    int index = 0;
+    bool opens = false;  // the call's first delta: `name` is set
+    std::string name;
+    std::string arguments;  // the next piece of its arguments' text
+  };
+  std::vector<Delta> Feed(absl::string_view text);
+
+ private:
+  // The delta of call `index_` that this Feed adds to (opened if it must be).
+  Delta& Current(std::vector<Delta>& out);
+
+  ToolCallFormat format_;
+  std::string function_;
+  int index_ = -1;  // the call being written
+  // kJsonArray's scan: nesting, strings, the key at the call object's level and its value.
+  int depth_ = 0;
+  bool in_string_ = false, escaped_ = false, expect_key_ = false;
+  std::string string_;  // a string being read at the call object's level (quotes included)
+  std::string key_;     // the call object's current key
+};
+
 // Where a constrained reply's reasoning is (GenerateRequest.reasoning_first): the tokens that
 // open and close it, and whether the prompt's end opened it. Nothing when the tokenizer has no
 // single </think> token or the prompt closed the reasoning (a template's thinking switched

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <memory>
 #include <regex>
 #include <string>
@@ -1400,6 +1401,33 @@ TEST_F(OpenAiHttpTest, ResponseFormatsAndForcedToolsGiveMatchingJson) {
   EXPECT_GT(pieces, 3);  // incremental, not one delta at the end
   check(arguments);
   EXPECT_EQ(finish, "tool_calls");
+
+  // "required", streamed (one call: without parallel calls the schema allows one): calls
+  // open by index, each with its name, then its arguments.
+  streamed_forced["tool_choice"] = "required";
+  streamed_forced["parallel_tool_calls"] = false;
+  auto [required_status, required_events] = Stream(streamed_forced, "/v1/chat/completions");
+  ASSERT_EQ(required_status, 200);
+  std::map<int, std::string> call_names, call_arguments;
+  std::string required_finish;
+  for (const std::string& e : required_events) {
+    if (e == "[DONE]") continue;
+    const Json j = Json::parse(e);
+    const Json& choice = j["choices"][0];
+    if (choice["finish_reason"].is_string()) required_finish = choice["finish_reason"];
+    if (!choice["delta"].contains("tool_calls")) continue;
+    const Json& call = choice["delta"]["tool_calls"][0];
+    const int index = call["index"];
+    if (call.contains("id")) call_names[index] = call["function"]["name"];
+    ASSERT_TRUE(call_names.count(index)) << e;
+    call_arguments[index] += call["function"]["arguments"].get<std::string>();
+  }
+  ASSERT_EQ(call_names.size(), 1u);
+  for (const auto& [index, name] : call_names) {
+    EXPECT_EQ(name, "get_weather");
+    check(call_arguments[index]);
+  }
+  EXPECT_EQ(required_finish, "tool_calls");
 }
 
 // The gRPC API's json_schema: a bad one is INVALID_ARGUMENT from the front-end, naming the

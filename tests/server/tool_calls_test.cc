@@ -2,6 +2,8 @@
 // replies fed in every split, which must give the same content, calls and reasoning.
 #include "server/tool_calls.h"
 
+#include <map>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -144,6 +146,51 @@ TEST(ToolCallsTest, PythonicWholeReplies) {
     EXPECT_EQ(r.content, text);
   }
   EXPECT_EQ(*ParseToolCallFormat("pythonic"), ToolCallFormat::kPythonic);
+}
+
+// A forced tool choice's reply streams its calls in any split of the text: each call opens
+// once with its name, and its argument pieces add up to the arguments as written.
+TEST(ToolCallsTest, ForcedCallsStreamInAnySplit) {
+  const std::string args0 = R"({"city": "Oslo, \"N\" {x}", "days": [1, {"x": "}]"}]})";
+  const std::string args1 = "{}";
+  const std::string reply = " [ {\"name\": \"get_weather\", \"parameters\": " + args0 +
+                            "} ,\n {\"name\":\"now\",\"parameters\":" + args1 + "}]";
+  std::mt19937 rng(9);
+  for (int trial = 0; trial < 50; ++trial) {
+    ForcedCallStream stream(ToolCallFormat::kJsonArray, "");
+    std::map<int, std::string> names, arguments;
+    std::map<int, int> opens;
+    for (size_t at = 0; at < reply.size();) {
+      const size_t n = 1 + rng() % 7;
+      for (const ForcedCallStream::Delta& d : stream.Feed(reply.substr(at, n))) {
+        if (d.opens) {
+          ++opens[d.index];
+          names[d.index] = d.name;
+        }
+        ASSERT_TRUE(opens.count(d.index)) << "a piece before its call opened";
+        arguments[d.index] += d.arguments;
+      }
+      at += n;
+    }
+    ASSERT_EQ(names.size(), 2u);
+    EXPECT_EQ(names[0], "get_weather");
+    EXPECT_EQ(names[1], "now");
+    EXPECT_EQ(opens[0], 1);
+    EXPECT_EQ(opens[1], 1);
+    EXPECT_EQ(arguments[0], args0);
+    EXPECT_EQ(arguments[1], args1);
+  }
+  // A named function: the whole reply is its arguments, opened at once.
+  ForcedCallStream named(ToolCallFormat::kArguments, "f");
+  std::vector<ForcedCallStream::Delta> first = named.Feed("{\"a\"");
+  ASSERT_EQ(first.size(), 1u);
+  EXPECT_TRUE(first[0].opens);
+  EXPECT_EQ(first[0].name, "f");
+  EXPECT_EQ(first[0].arguments, "{\"a\"");
+  std::vector<ForcedCallStream::Delta> next = named.Feed(": 1}");
+  ASSERT_EQ(next.size(), 1u);
+  EXPECT_FALSE(next[0].opens);
+  EXPECT_EQ(next[0].arguments, ": 1}");
 }
 
 TEST(ToolCallsTest, NoFormatPassesTextThrough) {
