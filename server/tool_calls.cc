@@ -8,6 +8,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/strip.h"
+#include "engine/common/json_depth.h"
 #include "engine/tokenizer/tokenizer.h"
 #include "engine/tokenizer/unicode.h"
 #include "nlohmann/json.hpp"
@@ -86,25 +87,12 @@ std::optional<std::vector<ToolCall>> ParseLlama3Json(absl::string_view section) 
     while (i < section.size() && (absl::ascii_isspace(section[i]) || section[i] == ';')) ++i;
     if (i == section.size()) break;
     if (section[i] != '{') return std::nullopt;
-    // The object's end: braces outside strings balance.
+    // The object's end: brackets outside strings balance.
     size_t end = i;
-    int depth = 0;
-    bool in_string = false;
+    JsonNesting nesting;
     for (; end < section.size(); ++end) {
-      const char c = section[end];
-      if (in_string) {
-        if (c == '\\') {
-          ++end;
-        } else if (c == '"') {
-          in_string = false;
-        }
-      } else if (c == '"') {
-        in_string = true;
-      } else if (c == '{') {
-        ++depth;
-      } else if (c == '}' && --depth == 0) {
-        break;
-      }
+      nesting.Feed(section[end]);
+      if (nesting.depth() == 0) break;
     }
     if (end >= section.size()) return std::nullopt;
     std::optional<ToolCall> call =
@@ -449,55 +437,36 @@ std::vector<ForcedCallStream::Delta> ForcedCallStream::Feed(absl::string_view te
   if (format_ != ToolCallFormat::kJsonArray) return out;
   constexpr int kCall = 2, kArguments = 3;  // depths: [ 1, { 2, parameters' { 3
   for (char c : text) {
-    const bool in_arguments = depth_ >= kArguments ||
-                              (depth_ == kCall && !in_string_ && c == '{' && key_ == "parameters");
-    if (in_arguments && index_ >= 0) Current(out).arguments.push_back(c);
-    if (in_string_) {
-      if (depth_ == kCall) string_.push_back(c);
-      if (escaped_) {
-        escaped_ = false;
-      } else if (c == '\\') {
-        escaped_ = true;
-      } else if (c == '"') {
-        in_string_ = false;
-        if (depth_ != kCall) continue;
-        const Json s = Json::parse(string_, nullptr, /*allow_exceptions=*/false);
-        const std::string value = s.is_string() ? s.get<std::string>() : "";
-        if (expect_key_) {
-          key_ = value;
-        } else if (key_ == "name") {  // the call opens
-          ++index_;
-          Delta& d = Current(out);
-          d.opens = true;
-          d.name = value;
-        }
+    const int depth = nesting_.depth();
+    const bool was_string = nesting_.in_string();
+    nesting_.Feed(c);
+    // The arguments: everything from the parameters' '{' until its depth closes.
+    if (index_ >= 0 && (depth >= kArguments || nesting_.depth() >= kArguments)) {
+      Current(out).arguments.push_back(c);
+    }
+    if (depth != kCall) {
+      if (nesting_.depth() == kCall && depth < kCall) {  // a call object opens
+        expect_key_ = true;
+        key_.clear();
       }
       continue;
     }
-    switch (c) {
-      case '"':
-        in_string_ = true;
-        string_ = "\"";
-        break;
-      case '{':
-      case '[':
-        if (++depth_ == kCall) {
-          expect_key_ = true;
-          key_.clear();
-        }
-        break;
-      case '}':
-      case ']':
-        --depth_;
-        break;
-      case ':':
-        if (depth_ == kCall) expect_key_ = false;
-        break;
-      case ',':
-        if (depth_ == kCall) expect_key_ = true;
-        break;
-      default:
-        break;
+    if (was_string || nesting_.in_string()) {  // a key or a value at the call object's level
+      string_.push_back(c);
+      if (nesting_.in_string()) continue;
+      const Json s = Json::parse(string_, nullptr, /*allow_exceptions=*/false);
+      string_.clear();
+      const std::string value = s.is_string() ? s.get<std::string>() : "";
+      if (expect_key_) {
+        key_ = value;
+      } else if (key_ == "name") {  // the call opens
+        ++index_;
+        Delta& d = Current(out);
+        d.opens = true;
+        d.name = value;
+      }
+    } else if (c == ':' || c == ',') {
+      expect_key_ = c == ',';
     }
   }
   return out;

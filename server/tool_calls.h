@@ -35,6 +35,7 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
 #include "absl/types/span.h"
+#include "engine/common/json_depth.h"
 
 namespace pds::engine {
 class Tokenizer;
@@ -116,9 +117,9 @@ class ForcedCallStream {
   ToolCallFormat format_;
   std::string function_;
   int index_ = -1;  // the call being written
-  // kJsonArray's scan: nesting, strings, the key at the call object's level and its value.
-  int depth_ = 0;
-  bool in_string_ = false, escaped_ = false, expect_key_ = false;
+  // kJsonArray's scan: nesting and strings, the key at the call object's level and its value.
+  JsonNesting nesting_;
+  bool expect_key_ = false;
   std::string string_;  // a string being read at the call object's level (quotes included)
   std::string key_;     // the call object's current key
 };
