@@ -47,8 +47,6 @@ namespace {
 constexpr char kServingService[] = "pdserve.v1.Serving";
 // How many times a request refused before starting is placed again.
 constexpr int kMaxRedispatches = 2;
-constexpr size_t kMaxJsonSchemaBytes = 64 << 10;  // GenerateRequest.json_schema
-constexpr size_t kMaxRegexBytes = 16 << 10;       // GenerateRequest.regex
 
 grpc::Status Invalid(const std::string& message) {
   return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, message);
@@ -591,8 +589,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         return Invalid(absl::StrCat("model ", model_name_,
                                     " has no tokenizer.json: no structured output (json_schema)"));
       }
-      if (r.json_schema().size() > kMaxJsonSchemaBytes) {
-        return Invalid(absl::StrCat("json_schema is longer than ", kMaxJsonSchemaBytes, " bytes"));
+      if (r.json_schema().size() > engine::kMaxJsonSchemaBytes) {
+        return Invalid(
+            absl::StrCat("json_schema is longer than ", engine::kMaxJsonSchemaBytes, " bytes"));
       }
       if (auto schema = engine::JsonSchema::Compile(r.json_schema()); !schema.ok()) {
         return ToGrpc(schema.status());
@@ -604,8 +603,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         return Invalid(absl::StrCat("model ", model_name_,
                                     " has no tokenizer.json: no structured output (regex)"));
       }
-      if (r.regex().size() > kMaxRegexBytes) {
-        return Invalid(absl::StrCat("regex is longer than ", kMaxRegexBytes, " bytes"));
+      if (r.regex().size() > engine::kMaxRegexBytes) {
+        return Invalid(absl::StrCat("regex is longer than ", engine::kMaxRegexBytes, " bytes"));
       }
       if (auto dfa = engine::JsonSchema::Regex(r.regex()); !dfa.ok()) return ToGrpc(dfa.status());
     }

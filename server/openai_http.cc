@@ -441,11 +441,6 @@ const Json* Member(const Json& obj, const char* key) {
   return it == obj.end() || it->is_null() ? nullptr : &*it;
 }
 
-// What the front-end takes (GenerateRequest.json_schema and .regex), checked here first so that
-// nothing larger is compiled.
-constexpr size_t kMaxJsonSchemaBytes = 64 << 10;
-constexpr size_t kMaxRegexBytes = 16 << 10;
-
 // The structured output a body asks for, checked: `response_format` (OpenAI's json_object or
 // json_schema), vLLM's `guided_json`, `guided_regex`, `guided_choice`, or its newer
 // `structured_outputs` ({"json" | "regex" | "choice": ...}), as JSON Schema text in
@@ -531,9 +526,9 @@ absl::Status ParseResponseFormat(const Json& j, api::GenerateRequest& base) {
     regex = engine::ByteDfa::Alternation(choices);
   }
   if (!regex.empty()) {
-    if (regex.size() > kMaxRegexBytes) {
-      return BadField(
-          asked, absl::StrCat("is longer than ", kMaxRegexBytes, " bytes as a regular expression"));
+    if (regex.size() > engine::kMaxRegexBytes) {
+      return BadField(asked, absl::StrCat("is longer than ", engine::kMaxRegexBytes,
+                                          " bytes as a regular expression"));
     }
     if (auto compiled = engine::JsonSchema::Regex(regex); !compiled.ok()) {
       return BadField(asked, compiled.status().message());
@@ -542,8 +537,8 @@ absl::Status ParseResponseFormat(const Json& j, api::GenerateRequest& base) {
     return absl::OkStatus();
   }
   if (schema.empty()) return absl::OkStatus();
-  if (schema.size() > kMaxJsonSchemaBytes) {
-    return BadField(field, absl::StrCat("is longer than ", kMaxJsonSchemaBytes, " bytes"));
+  if (schema.size() > engine::kMaxJsonSchemaBytes) {
+    return BadField(field, absl::StrCat("is longer than ", engine::kMaxJsonSchemaBytes, " bytes"));
   }
   if (auto compiled = engine::JsonSchema::Compile(schema); !compiled.ok()) {
     return BadField(field, compiled.status().message());

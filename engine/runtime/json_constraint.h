@@ -24,6 +24,7 @@
 // deep, over 20000 compiled nodes.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -38,6 +39,11 @@
 #include "kernels/sampling.h"
 
 namespace pds::engine {
+
+// The largest constraint texts a server takes from a request (GenerateRequest.json_schema and
+// .regex; the front-end and the HTTP API check them before compiling anything).
+inline constexpr size_t kMaxJsonSchemaBytes = 64 << 10;
+inline constexpr size_t kMaxRegexBytes = 16 << 10;
 
 class ByteDfa;
 class Tokenizer;
