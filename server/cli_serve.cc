@@ -191,7 +191,9 @@ std::vector<FlagSpec> WorkerFlagSpecs() {
                    "report not live (gRPC health) when the engine loop has not moved for this "
                    "long (default 60)"});
   specs.push_back({"kv-port", false, "decode: KV transport port (default 0: any free port)"});
-  specs.push_back({"frontend", false, "front-end host:port to register with"});
+  specs.push_back({"frontend", false,
+                   "front-ends to register with: host:port[,host:port...]; a name with several "
+                   "addresses (a headless Service) means a front-end at each"});
   specs.push_back({"kv-transport", false,
                    "KV hand-off between prefill and decode: tcp (default for the cpu backend), "
                    "cuda-ipc (default for cuda; one host) or nccl"});
@@ -597,6 +599,7 @@ absl::Status RunFrontend(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(int64_t max_in_flight, args.GetInt("max-in-flight", 1024));
   o.port = static_cast<int>(port);
   o.max_in_flight = static_cast<int>(max_in_flight);
+  o.id = args.GetString("id");
   o.policy = args.GetString("policy", "least-loaded");
   o.profile_path = args.GetString("profile");
   if (!o.profile_path.empty() && !args.Has("policy")) o.policy = "slo-aware";
@@ -657,6 +660,9 @@ int FrontendMain(int argc, char** argv) {
       "--model DIR [--port P] [--host H]\n"
       "The public gRPC API (pdserve.v1.Serving) and the workers' registry.",
       {{"model", false, "model directory (config and tokenizer are read)"},
+       {"id", false,
+        "this front-end's name among several sharing the workers (in request and call ids; "
+        "default: 8 random hex digits)"},
        {"host", false, "address to listen on (default 127.0.0.1; 0.0.0.0: all)"},
        {"port", false, "port (default 8000; 0: any free port)"},
        {"drain-timeout-s", false,

@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "engine/common/logging.h"
@@ -183,6 +184,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       : options_(std::move(options)), log_(pds::Logger("frontend")) {}
 
   absl::Status Init() {
+    if (options_.id.empty()) {
+      options_.id = absl::StrFormat("%08x", static_cast<uint32_t>(std::random_device{}()));
+    } else if (options_.id.size() > 64 ||
+               !std::all_of(options_.id.begin(), options_.id.end(), [](char c) {
+                 return absl::ascii_isalnum(c) || c == '.' || c == '_' || c == '-';
+               })) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "front-end id '", options_.id, "': expected at most 64 letters, digits, '.', '_', '-'"));
+    }
     PDS_ASSIGN_OR_RETURN(config_, engine::LoadModelConfig(options_.model_dir));
     const std::string tok_path = options_.model_dir + "/tokenizer.json";
     if (std::filesystem::exists(tok_path)) {
@@ -228,6 +238,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       http.grpc_target =
           JoinHostPort(IsWildcardHost(options_.host) ? "127.0.0.1" : options_.host, port_);
       http.model = model_name_;
+      http.id_tag = options_.id;
       http.max_context = static_cast<int32_t>(config_.max_context());
       http.tokenizer = tokenizer_.get();
       PDS_ASSIGN_OR_RETURN(http.tool_call_format, ParseToolCallFormat(options_.tool_call_parser));
@@ -257,7 +268,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     }
     health_ = std::thread([this] { HealthLoop(); });
     monitor_ = std::thread([this] { MonitorLoop(); });
-    log_->info("front-end for {} serving on {} (policy {})", model_name_, address(),
+    log_->info("front-end {} for {} serving on {} (policy {})", options_.id, model_name_, address(),
                policy_->name());
     return absl::OkStatus();
   }
@@ -430,7 +441,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         // Not one a client chose for a request still in flight.
         std::string id;
         do {
-          id = absl::StrCat("req-", next_id_++);
+          id = absl::StrCat("req-", options_.id, "-", next_id_++);
         } while (in_flight_.count(id));
         work.set_request_id(std::move(id));
       }
@@ -464,7 +475,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       // The workers get an id of this call alone: a client may reuse its id as soon as a call
       // has ended here, while a worker may still hold the earlier call's state for a moment
       // (a cancelled KV transfer breaking off), which would refuse the reused id.
-      work.set_request_id(absl::StrCat(tracked->id, "#", next_call_++));
+      work.set_request_id(CallId(tracked->id));
     }
     const absl::Time deadline =
         ctx->deadline() == std::chrono::system_clock::time_point::max()
@@ -609,6 +620,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       if (auto dfa = engine::JsonSchema::Regex(r.regex()); !dfa.ok()) return ToGrpc(dfa.status());
     }
     work.set_request_id(r.request_id());
+    work.set_frontend_id(options_.id);
     *work.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
     work.set_max_tokens(r.max_tokens());
     work.set_temperature(params.temperature);
@@ -766,10 +778,16 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       ++redispatched_;
       if (relay.work.best_effort()) --best_effort_;  // counted again if placed so again
       // The workers see a new call id: the refusing side may still hold the old one a moment.
-      relay.work.set_request_id(absl::StrCat(relay.tracked.id, "#", next_call_++));
+      relay.work.set_request_id(CallId(relay.tracked.id));
       log_->info("{} refused {} before starting it ({}); placing it again", refused_by,
                  relay.tracked.id, s.error_message());
     }
+  }
+
+  // The id the workers see for a call of request `id` (mu_ held): unique among this
+  // front-end's calls, and, by its id, among those of the others sharing the workers.
+  std::string CallId(const std::string& id) {
+    return absl::StrCat(id, "#", options_.id, ".", next_call_++);
   }
 
   grpc::Status RunOnce(Relay& relay, std::string* refused_by) {
@@ -801,6 +819,16 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
           l.queued_prompt_tokens += len;
         }
         l.queued_requests = static_cast<int32_t>(inst->queued_lens.size());
+        // What other front-ends queued there (as of the last poll; this one's is booked above).
+        for (const pb::FrontendQueue& q : inst->status.queued_by_frontend()) {
+          if (q.frontend_id() == options_.id || q.requests() <= 0) continue;
+          l.queued_requests += q.requests();
+          l.queued_prompt_tokens += q.prompt_tokens();
+          for (int32_t k = 0; k < q.requests(); ++k) {  // as requests of the average length
+            l.queued_prompt_lens.push_back(static_cast<int32_t>(
+                q.prompt_tokens() * (k + 1) / q.requests() - q.prompt_tokens() * k / q.requests()));
+          }
+        }
         l.running_requests = std::max(inst->decoding, inst->status.running_requests());
         l.kv_blocks_total = inst->status.kv_blocks_total();
         l.kv_blocks_free = inst->status.kv_blocks_free() - inst->promised_blocks;

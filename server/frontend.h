@@ -19,6 +19,10 @@ namespace pds::server {
 
 struct FrontendOptions {
   std::string model_dir;  // config.json (limits, EOS) and tokenizer.json (text) are read
+  // Names this front-end among those sharing the workers (letters, digits, '.', '_', '-'; at
+  // most 64): it is in the ids of the calls to the workers and of the requests it names, and
+  // the workers report their queues by it. Empty: 8 random hex digits.
+  std::string id;
   std::string host = "127.0.0.1";
   int port = 0;                         // 0: ephemeral
   std::string policy = "least-loaded";  // or "slo-aware" (needs profile_path)

@@ -1,13 +1,19 @@
 #include "server/grpc_util.h"
 
+#include <arpa/inet.h>
+#include <netdb.h>
 #include <pthread.h>
 #include <signal.h>
+#include <sys/socket.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 
+#include "absl/strings/ascii.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 
@@ -48,6 +54,83 @@ std::string JoinHostPort(const std::string& host, int port) {
     return absl::StrCat("[", host, "]:", port);
   }
   return absl::StrCat(host, ":", port);
+}
+
+namespace {
+
+// host and port of host:port or [v6]:port; false when it is not that.
+bool SplitHostPort(const std::string& entry, std::string* host, std::string* port) {
+  size_t colon;
+  if (!entry.empty() && entry.front() == '[') {
+    const size_t close = entry.find(']');
+    if (close == std::string::npos || close + 1 >= entry.size() || entry[close + 1] != ':') {
+      return false;
+    }
+    *host = std::string(entry.substr(1, close - 1));
+    colon = close + 1;
+  } else {
+    colon = entry.rfind(':');
+    if (colon == std::string::npos) return false;
+    *host = std::string(entry.substr(0, colon));
+    if (host->find(':') != std::string::npos) return false;  // a bare IPv6 address
+  }
+  *port = std::string(entry.substr(colon + 1));
+  int number = 0;
+  return !host->empty() && !port->empty() && absl::SimpleAtoi(*port, &number) && number >= 1 &&
+         number <= 65535 && std::all_of(port->begin(), port->end(), absl::ascii_isdigit);
+}
+
+}  // namespace
+
+absl::StatusOr<std::vector<std::string>> ParseFrontendList(const std::string& list) {
+  std::vector<std::string> entries;
+  for (absl::string_view piece : absl::StrSplit(list, ',')) {
+    const std::string entry(absl::StripAsciiWhitespace(piece));
+    std::string host, port;
+    if (!SplitHostPort(entry, &host, &port)) {
+      return absl::InvalidArgumentError(absl::StrCat("front-end '", entry, "' in '", list,
+                                                     "': expected host:port ([v6 address]:port)"));
+    }
+    if (std::find(entries.begin(), entries.end(), entry) == entries.end()) {
+      entries.push_back(entry);
+    }
+  }
+  return entries;
+}
+
+std::vector<std::string> ResolveFrontend(const std::string& entry) {
+  std::string host, port;
+  if (!SplitHostPort(entry, &host, &port)) return {entry};
+  unsigned char buf[sizeof(in6_addr)];
+  if (inet_pton(AF_INET, host.c_str(), buf) == 1 || inet_pton(AF_INET6, host.c_str(), buf) == 1) {
+    return {entry};
+  }
+  addrinfo hints{};
+  hints.ai_family = AF_UNSPEC;
+  hints.ai_socktype = SOCK_STREAM;
+  addrinfo* found = nullptr;
+  if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0 || found == nullptr) {
+    return {entry};
+  }
+  std::vector<std::string> v4, v6;
+  for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
+    char text[INET6_ADDRSTRLEN] = {};
+    if (a->ai_family == AF_INET &&
+        inet_ntop(AF_INET, &reinterpret_cast<const sockaddr_in*>(a->ai_addr)->sin_addr, text,
+                  sizeof(text)) != nullptr) {
+      v4.push_back(absl::StrCat(text, ":", port));
+    } else if (a->ai_family == AF_INET6 &&
+               inet_ntop(AF_INET6, &reinterpret_cast<const sockaddr_in6*>(a->ai_addr)->sin6_addr,
+                         text, sizeof(text)) != nullptr) {
+      v6.push_back(absl::StrCat("[", text, "]:", port));
+    }
+  }
+  freeaddrinfo(found);
+  std::vector<std::string>& out = v4.empty() ? v6 : v4;
+  if (out.empty()) return {entry};
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
 }
 
 bool IsWildcardHost(const std::string& host) {

@@ -6,6 +6,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -27,6 +28,16 @@ absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
 
 // host:port, with an IPv6 host in brackets ([fd00::5]:50051).
 std::string JoinHostPort(const std::string& host, int port);
+
+// The entries of a list of front-ends ("host:port,host:port"; an IPv6 host in brackets),
+// each checked: a host and a port in 1-65535. INVALID_ARGUMENT names a malformed entry.
+absl::StatusOr<std::vector<std::string>> ParseFrontendList(const std::string& list);
+
+// The front-ends one such entry stands for, as host:port, sorted: a name that resolves to
+// several addresses (a Kubernetes headless Service of front-end pods) stands for one at each
+// of its IPv4 addresses (its IPv6 ones where it has none); an address, or a name that does
+// not resolve now, stands for itself. Blocks for the system resolver (its own timeouts).
+std::vector<std::string> ResolveFrontend(const std::string& entry);
 
 // Whether listening on `host` means every address of the machine (0.0.0.0, ::, [::], empty):
 // not an address others can be told to dial.

@@ -1109,8 +1109,11 @@ class OpenAiHttpServer::Impl {
       }
     }
     const char* prefix = job->request.chat ? "chatcmpl-" : "cmpl-";
-    job->id = header_id.empty() ? absl::StrFormat("%s%x-%x", prefix, UnixSeconds(), next_id++)
-                                : absl::StrCat(prefix, header_id);
+    job->id = header_id.empty()
+                  ? absl::StrFormat("%s%s%x-%x", prefix,
+                                    options.id_tag.empty() ? "" : options.id_tag + "-",
+                                    UnixSeconds(), next_id++)
+                  : absl::StrCat(prefix, header_id);
     job->created = UnixSeconds();
     const int n = static_cast<int>(job->choices.size());
     if (choices_in_flight.fetch_add(n) + n > std::max(1, options.max_choices_in_flight)) {

@@ -40,6 +40,7 @@ struct OpenAiHttpOptions {
   int port = 0;             // 0: any free port
   std::string grpc_target;  // the front-end's Serving API (host:port)
   std::string model;        // the served model's id (requests naming another get 404)
+  std::string id_tag;       // in the completions' ids it makes up (the front-end's id)
   int32_t max_context = 0;  // the model's context, reported by /v1/models
   // Token strings and text offsets of logprobs (null: token ids as strings).
   const engine::Tokenizer* tokenizer = nullptr;

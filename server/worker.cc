@@ -154,6 +154,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       : model_(model), options_(std::move(options)), log_(pds::Logger("worker")) {}
 
   absl::Status Init() {
+    if (!options_.frontend.empty()) {
+      PDS_ASSIGN_OR_RETURN(frontends_, ParseFrontendList(options_.frontend));
+    }
     if (options_.advertise_host.empty()) {
       if (IsWildcardHost(options_.host) && !options_.frontend.empty()) {
         return absl::InvalidArgumentError(absl::StrCat(
@@ -507,6 +510,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     int64_t queued_us = 0, prefill_start_us = 0, prefill_end_us = 0, kv_start_us = 0, kv_end_us = 0,
             decode_start_us = 0;
     std::string kv_address;
+    std::string frontend;  // WorkRequest.frontend_id
     int64_t deadline_us = 0;
     bool load_cancelled() const { return cancelled->load(); }
   };
@@ -562,6 +566,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       live.channel = channel;
       live.request = FromWork(*request);
       live.kv_address = request->decode_kv_address();
+      live.frontend = request->frontend_id();
       live.deadline_us = request->deadline_unix_us();
       live.queued_us = received_us;
       if (kind != Live::kDecode) {
@@ -941,6 +946,18 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     pb::WorkerStatus s;
     s.set_queued_requests(static_cast<int32_t>(engine_->num_waiting()));
     s.set_queued_prompt_tokens(engine_->num_waiting_tokens());
+    std::map<std::string, pb::FrontendQueue> by_frontend;
+    engine_->ForEachWaiting([&](const std::string& id, int64_t tokens) {
+      auto it = live_.find(id);
+      if (it == live_.end()) return;
+      pb::FrontendQueue& q = by_frontend[it->second.frontend];
+      q.set_requests(q.requests() + 1);
+      q.set_prompt_tokens(q.prompt_tokens() + tokens);
+    });
+    for (auto& [frontend, q] : by_frontend) {
+      q.set_frontend_id(frontend);
+      *s.add_queued_by_frontend() = std::move(q);
+    }
     s.set_running_requests(static_cast<int32_t>(engine_->num_running()));
     s.set_held_requests(static_cast<int32_t>(engine_->num_held()));
     const engine::BlockAllocator& alloc = engine_->cache().allocator();
@@ -966,14 +983,26 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     loop_heartbeat_ = std::chrono::steady_clock::now();
   }
 
-  // Keeps the health statuses current and, with a front-end, registers with it (again every
-  // second: its heartbeat; at once when draining starts).
+  // One front-end this worker registers with (HeartbeatLoop only).
+  struct Registration {
+    std::unique_ptr<pb::Registry::Stub> stub;
+    bool registered = false;  // the last registration succeeded
+  };
+
+  // Keeps the health statuses current and registers with every front-end (again every second:
+  // its heartbeat; at once when draining starts). options_.frontend's names are looked up
+  // again every few seconds: front-ends that came or went behind a name are followed.
   void HeartbeatLoop() {
-    auto stub =
-        options_.frontend.empty() ? nullptr : pb::Registry::NewStub(MakeChannel(options_.frontend));
-    bool registered = stub == nullptr;
+    std::map<std::string, Registration> registrations;  // by address
+    absl::Time resolved = absl::InfinitePast();
     while (true) {
-      if (stub != nullptr) registered = Register(*stub, registered);
+      if (!frontends_.empty() && absl::Now() - resolved >= absl::Seconds(5)) {
+        Resolve(registrations);
+        resolved = absl::Now();
+      }
+      RegisterAll(registrations);
+      bool registered = frontends_.empty();
+      for (const auto& [address, r] : registrations) registered = registered || r.registered;
       UpdateHealth(registered);
       std::unique_lock<std::mutex> lock(reg_mu_);
       reg_cv_.wait_for(
@@ -981,6 +1010,81 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
           [&] { return stopping_ || reg_wake_; });
       reg_wake_ = false;
       if (stopping_) return;
+    }
+  }
+
+  // Brings `registrations` to the front-ends options_.frontend stands for now.
+  void Resolve(std::map<std::string, Registration>& registrations) {
+    std::set<std::string> now;
+    for (const std::string& entry : frontends_) {
+      for (std::string& address : ResolveFrontend(entry)) now.insert(std::move(address));
+    }
+    for (auto it = registrations.begin(); it != registrations.end();) {
+      if (now.count(it->first)) {
+        ++it;
+        continue;
+      }
+      log_->info("{}: front-end {} is no longer in {}", options_.id, it->first, options_.frontend);
+      it = registrations.erase(it);
+    }
+    for (const std::string& address : now) {
+      if (registrations.count(address)) continue;
+      registrations[address].stub = pb::Registry::NewStub(MakeChannel(address));
+    }
+  }
+
+  // One registration with each front-end, all at once (1 s deadline).
+  void RegisterAll(std::map<std::string, Registration>& registrations) {
+    if (registrations.empty()) return;
+    pb::RegisterRequest request;
+    request.set_id(options_.id);
+    request.set_role(std::string(scheduler::InstanceRoleName(options_.role)));
+    request.set_address(address());
+    request.set_kv_address(kv_address());
+    request.set_model(options_.model_name);
+    request.set_vocab_size(options_.vocab_size);
+    request.set_draining(draining_);
+    struct Call {
+      grpc::ClientContext ctx;
+      pb::RegisterResponse response;
+      grpc::Status status;
+    };
+    std::map<std::string, Call> calls;
+    std::mutex done_mu;
+    std::condition_variable done_cv;
+    size_t done = 0;
+    for (auto& [address, r] : registrations) {
+      Call& call = calls[address];
+      call.ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
+      r.stub->async()->Register(&call.ctx, &request, &call.response,
+                                [&, c = &call](grpc::Status s) {
+                                  c->status = std::move(s);
+                                  std::lock_guard<std::mutex> lock(done_mu);
+                                  ++done;
+                                  done_cv.notify_all();
+                                });
+    }
+    {
+      std::unique_lock<std::mutex> lock(done_mu);
+      if (!done_cv.wait_for(lock, std::chrono::seconds(2), [&] { return done == calls.size(); })) {
+        for (auto& [address, call] : calls) call.ctx.TryCancel();  // every callback comes, at once
+        done_cv.wait(lock, [&] { return done == calls.size(); });
+      }
+    }
+    for (auto& [address, r] : registrations) {
+      const Call& call = calls[address];
+      const bool ok = call.status.ok() && call.response.accepted();
+      if (call.status.ok() && !ok) {
+        log_->error("{}: the front-end at {} refused registration: {}", options_.id, address,
+                    call.response.message());
+      } else if (ok && !r.registered) {
+        log_->info("{} registered with the front-end at {} as {}", options_.id, address,
+                   this->address());
+      } else if (!ok && r.registered) {
+        log_->warn("{}: front-end {} unreachable: {}", options_.id, address,
+                   call.status.error_message());
+      }
+      r.registered = ok;
     }
   }
 
@@ -1001,34 +1105,6 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     // ("" alone: the one-argument form sets every service, readiness included, for a moment.)
     health->SetServingStatus("", live);
     health->SetServingStatus(kReadyService, live && registered && !draining_);
-  }
-
-  // One registration; whether the front-end has this worker now.
-  bool Register(pb::Registry::Stub& stub, bool was_registered) {
-    pb::RegisterRequest request;
-    request.set_id(options_.id);
-    request.set_role(std::string(scheduler::InstanceRoleName(options_.role)));
-    request.set_address(address());
-    request.set_kv_address(kv_address());
-    request.set_model(options_.model_name);
-    request.set_vocab_size(options_.vocab_size);
-    request.set_draining(draining_);
-    pb::RegisterResponse response;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
-    grpc::Status s = stub.Register(&ctx, request, &response);
-    if (s.ok() && !response.accepted()) {
-      log_->error("{}: the front-end refused registration: {}", options_.id, response.message());
-      return false;
-    }
-    if (s.ok() && !was_registered) {
-      log_->info("{} registered with the front-end at {} as {}", options_.id, options_.frontend,
-                 address());
-    } else if (!s.ok() && was_registered) {
-      log_->warn("{}: front-end {} unreachable: {}", options_.id, options_.frontend,
-                 s.error_message());
-    }
-    return s.ok();
   }
 
   engine::Transformer& model_;
@@ -1066,6 +1142,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   std::string kv_transport_;  // the one in use
   std::unique_ptr<JobPool> transfers_;
 
+  std::vector<std::string> frontends_;  // options_.frontend's entries
   std::mutex reg_mu_;
   std::condition_variable reg_cv_;
   bool stopping_ = false;

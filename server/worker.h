@@ -5,12 +5,12 @@
 // task); gRPC handler threads stream each request's events from a per-request channel; the
 // KV transport's threads move KV caches (prefill: a small pool of senders; decode: the
 // receiver's connection threads write into blocks reserved through the loop); one thread
-// registers with the front-end, repeats it as a heartbeat and keeps the gRPC health service's
+// registers with the front-ends, repeats it as a heartbeat and keeps the gRPC health service's
 // statuses current.
 //
 // Health (grpc.health.v1, for orchestrators' probes): the server's overall status ("") is
 // SERVING unless the engine loop has not moved for `stall_timeout` (a hung device: restart
-// it); "pdserve.internal.Worker" is SERVING once the worker is registered with its front-end
+// it); "pdserve.internal.Worker" is SERVING once the worker is registered with a front-end
 // (or has none) and is not draining.
 #pragma once
 
@@ -34,9 +34,12 @@ struct WorkerOptions {
   // The host others reach this worker at (registered with the front-end: its gRPC and KV
   // addresses); empty: `host`, which must then not be a wildcard (0.0.0.0, ::).
   std::string advertise_host;
-  int port = 0;          // gRPC (0: ephemeral)
-  int kv_port = 0;       // decode: KV receiver (0: ephemeral)
-  std::string frontend;  // host:port of the front-end to register with; empty: none
+  int port = 0;     // gRPC (0: ephemeral)
+  int kv_port = 0;  // decode: KV receiver (0: ephemeral)
+  // The front-ends to register with, "host:port[,host:port...]" (server/grpc_util.h's
+  // ParseFrontendList); a name with several addresses (a Kubernetes headless Service) means a
+  // front-end at each. The worker is ready once one has it. Empty: none.
+  std::string frontend;
   // KV hand-off: "tcp" (host buffers), "cuda-ipc" (device copies between processes on one
   // host) or "nccl"; empty: cuda-ipc on the CUDA backend, tcp otherwise. Both sides of a
   // hand-off must use the same one (a mismatch fails the transfer, naming both).

@@ -134,9 +134,18 @@ absl::Status LlmEngine::Cancel(const std::string& id) {
   return status;
 }
 
+void LlmEngine::ForEachWaiting(
+    const std::function<void(const std::string& id, int64_t tokens)>& fn) const {
+  for (const auto& [id, seq] : sequences_) {
+    if (!seq->admitted && !seq->held && !seq->importing) {
+      fn(id, static_cast<int64_t>(seq->tokens.size()) - seq->num_computed);
+    }
+  }
+}
+
 size_t LlmEngine::num_waiting() const {
   size_t n = 0;
-  for (const auto& [id, seq] : sequences_) n += !seq->admitted && !seq->held && !seq->importing;
+  ForEachWaiting([&](const std::string&, int64_t) { ++n; });
   return n;
 }
 
@@ -162,11 +171,7 @@ size_t LlmEngine::num_held() const {
 
 int64_t LlmEngine::num_waiting_tokens() const {
   int64_t n = 0;
-  for (const auto& [id, seq] : sequences_) {
-    if (!seq->held && !seq->importing && !seq->admitted) {
-      n += static_cast<int64_t>(seq->tokens.size()) - seq->num_computed;
-    }
-  }
+  ForEachWaiting([&](const std::string&, int64_t tokens) { n += tokens; });
   return n;
 }
 

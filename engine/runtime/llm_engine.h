@@ -168,6 +168,9 @@ class LlmEngine {
   void set_max_running(int32_t n) { max_running_ = std::max(1, std::min(n, options_.max_running)); }
   int32_t max_running() const { return max_running_; }
   int64_t num_waiting_tokens() const;  // prompt tokens still to compute of waiting sequences
+  // Calls `fn` with each waiting sequence's id and prompt tokens still to compute (those
+  // num_waiting and num_waiting_tokens count).
+  void ForEachWaiting(const std::function<void(const std::string& id, int64_t tokens)>& fn) const;
   int64_t num_preemptions() const { return num_preemptions_; }
   // Prefix caching: tokens of sequences started (or restarted after a preemption) and how many
   // of them came from the cache instead of being computed.

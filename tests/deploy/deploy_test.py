@@ -10,10 +10,12 @@ library the binaries load.
 
 Rehearsal: each pod of the cpu-demo render becomes local processes on its own loopback address
 (127.0.0.1x: pods have their own network namespaces, so `--host=0.0.0.0` becomes the pod's
-address), with its emptyDir as a temporary directory, Service names resolved to the front-end
-pod's address, the downward-API variables filled in, init containers run first. Then: the probes
-turn SERVING, the load-test Job's pdbench passes, and a SIGTERM'd decode worker finishes the
-request it streams, turns not ready, and exits 0, as the front-end and prefill worker do.
+address), with its emptyDir as a temporary directory, Service names resolved to the pods they
+select (a headless one to all of them, as a list), the downward-API variables filled in, init
+containers run first. Then: the probes turn SERVING, the load-test Job's pdbench passes, every
+front-end serves, a stopped front-end leaves the others serving, and a SIGTERM'd decode worker
+finishes the request it streams, turns not ready, and exits 0, as the front-ends and prefill
+worker do.
 
 usage: deploy_test.py PDSERVE PDBENCH REPO_ROOT WORK_DIR
 Exit 77 (skipped) without kubectl or python3-yaml.
@@ -295,7 +297,8 @@ class Pod:
                 a = f"--host={self.ip}"  # the pod's own network namespace
             m = re.match(r"(--(?:frontend|target))=([^:]+):(\d+)$", a)
             if m:
-                a = f"{m.group(1)}={self.services[m.group(2)]}:{m.group(3)}"
+                a = m.group(1) + "=" + ",".join(
+                    f"{ip}:{m.group(3)}" for ip in self.services[m.group(2)])
             for path, local in mounts.items():
                 a = a.replace("=" + path.rstrip("/") + "/", "=" + local + "/")
             out.append(a)
@@ -364,13 +367,16 @@ def rehearse(docs, repo, pdserve, pdbench, work):
         for i in range(replicas):
             pods.append((f"{name}-{i}", spec, labels, f"127.{net}.0.{ip}"))
             ip += 1
+    # A headless Service (clusterIP None) names every pod it selects (as DNS would: a list of
+    # addresses); another one, one pod (as its virtual IP would route a connection).
     services = {}
     for d in docs:
         if d["kind"] == "Service":
             sel = d["spec"]["selector"]
             hit = [p for p in pods if all(p[2].get(k) == v for k, v in sel.items())]
-            assert len(hit) == 1, f"Service {d['metadata']['name']} selects {len(hit)} pods"
-            services[d["metadata"]["name"]] = hit[0][3]
+            assert hit, f"Service {d['metadata']['name']} selects no pod"
+            headless = d["spec"].get("clusterIP") == "None"
+            services[d["metadata"]["name"]] = [p[3] for p in hit] if headless else [hit[0][3]]
     running = {}
     try:
         for name, spec, labels, addr in pods:
@@ -423,8 +429,25 @@ def rehearse(docs, repo, pdserve, pdbench, work):
         frontend = [n for n, s, l, a in pods if l.get("app.kubernetes.io/component") == "frontend"]
         decode = [n for n, s, l, a in pods if l.get("app.kubernetes.io/component") == "decode"]
         prefill = [n for n, s, l, a in pods if l.get("app.kubernetes.io/component") == "prefill"]
-        assert len(frontend) == 1 and decode and prefill
-        api = serving_pb2_grpc.ServingStub(grpc.insecure_channel(f"{services['pdserve']}:8000"))
+        assert frontend and decode and prefill
+        # Every front-end serves (the workers registered with each): a request through each.
+        for name in frontend:
+            replies = list(serving_pb2_grpc.ServingStub(channels[name][0]).Generate(
+                serving_pb2.GenerateRequest(prompt_token_ids=list(range(5, 21)), max_tokens=4,
+                                            ignore_eos=True), timeout=60))
+            assert sum(len(m.token_ids) for m in replies) == 4, f"{name}: {replies}"
+        print(f"rehearsal: each of {len(frontend)} front-ends serves")
+        # Rolling a front-end: the others go on serving.
+        if len(frontend) > 1:
+            codes = running[frontend[0]].stop(timeout=60)
+            assert codes == [0], f"{frontend[0]} exited with {codes}"
+            frontend = frontend[1:]
+            replies = list(serving_pb2_grpc.ServingStub(channels[frontend[0]][0]).Generate(
+                serving_pb2.GenerateRequest(prompt_token_ids=list(range(5, 21)), max_tokens=4,
+                                            ignore_eos=True), timeout=60))
+            assert sum(len(m.token_ids) for m in replies) == 4, f"{frontend[0]}: {replies}"
+            print(f"rehearsal: with one front-end stopped, {frontend[0]} serves")
+        api = serving_pb2_grpc.ServingStub(channels[frontend[0]][0])
         # Long enough (seconds) that the draining worker's heartbeat runs during the drain.
         TOKENS = 400
         call = api.Generate(serving_pb2.GenerateRequest(

@@ -1,8 +1,9 @@
-// Graceful stops, cluster churn and placement, in-process (a front-end and workers on
+// Graceful stops, cluster churn and placement, in-process (front-ends and workers on
 // 127.0.0.1): a draining worker or front-end finishes what it holds and takes nothing new, a
 // request a worker refuses before starting it goes to another, workers gone for good are
 // forgotten, workers listening on every address register the address they were told to
-// advertise, and a request goes to the prefill worker that holds its prefix.
+// advertise, a request goes to the prefill worker that holds its prefix, and several
+// front-ends share the workers.
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -661,6 +662,154 @@ TEST(DrainTest, ALocalPrefillIsBookedOnItsDecodeWorkerUntilItsFirstToken) {
   EXPECT_TRUE(c->WaitFor(
       [&](const api::ClusterStatus& st) { return booked(0)(st) && st.requests_in_flight() == 0; }));
   d0->backend.delay_ms = 0;
+}
+
+TEST(SharedWorkersTest, FrontendListsAreCheckedAndNamesResolved) {
+  auto list = ParseFrontendList(" fe-0.peers:8000,127.0.0.1:8001 ,[::1]:8002,127.0.0.1:8001");
+  ASSERT_TRUE(list.ok()) << list.status();
+  EXPECT_EQ(*list, (std::vector<std::string>{"fe-0.peers:8000", "127.0.0.1:8001", "[::1]:8002"}));
+  for (const char* bad : {"", "fe", "fe:", "fe:0", "fe:65536", "fe:8x", "::1:8000", "[::1]8000",
+                          "a:1,,b:2", ":8000"}) {
+    auto parsed = ParseFrontendList(bad);
+    EXPECT_TRUE(absl::IsInvalidArgument(parsed.status())) << bad;
+  }
+  EXPECT_EQ(ResolveFrontend("127.0.0.1:8000"), std::vector<std::string>{"127.0.0.1:8000"});
+  EXPECT_EQ(ResolveFrontend("[::1]:8000"), std::vector<std::string>{"[::1]:8000"});
+  // A name: its IPv4 addresses (localhost's is in every /etc/hosts).
+  EXPECT_EQ(ResolveFrontend("localhost:8000"), std::vector<std::string>{"127.0.0.1:8000"});
+  // One that does not resolve stands for itself (it may resolve later).
+  EXPECT_EQ(ResolveFrontend("no-such-host.invalid:8000"),
+            std::vector<std::string>{"no-such-host.invalid:8000"});
+  // A front-end's id goes into ids: plain characters only.
+  FrontendOptions o;
+  o.model_dir = ModelDir();
+  o.id = "fe a";
+  EXPECT_TRUE(absl::IsInvalidArgument(Frontend::Start(o).status()));
+  o.id = std::string(65, 'f');
+  EXPECT_TRUE(absl::IsInvalidArgument(Frontend::Start(o).status()));
+  // A worker with a malformed list does not start.
+  WorkerOptions w;
+  w.frontend = "127.0.0.1:1,fe";
+  engine::CpuBackend backend(1);
+  auto model = engine::Transformer::CreateRandom(testing::SmallTestConfig(), backend, 5);
+  ASSERT_TRUE(model.ok());
+  EXPECT_TRUE(absl::IsInvalidArgument(Worker::Start(**model, w).status()));
+}
+
+// A request through `c` with `request_id` (empty: the front-end names it); greedy.
+struct Named {
+  grpc::Status status;
+  std::string request_id;
+  std::vector<int32_t> tokens;
+  api::Timeline timeline;
+};
+Named GenerateNamed(Cluster& c, const std::string& request_id, int max_tokens, int first_id = 3) {
+  api::GenerateRequest r;
+  r.set_request_id(request_id);
+  for (int j = 0; j < 8; ++j) r.add_prompt_token_ids(first_id + j);
+  r.set_max_tokens(max_tokens);
+  r.set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto call = c.api->Generate(&ctx, r);
+  api::GenerateResponse m;
+  Named out;
+  while (call->Read(&m)) {
+    out.request_id = m.request_id();
+    out.tokens.insert(out.tokens.end(), m.token_ids().begin(), m.token_ids().end());
+    if (m.has_done()) out.timeline = m.done().timeline();
+  }
+  out.status = call->Finish();
+  return out;
+}
+
+// Two front-ends share the workers, which register with both: both serve, the same client
+// request id at both at once does not clash at the workers (the calls' ids there carry the
+// front-ends' ids), the ids a front-end makes up carry its id, and with one front-end gone
+// the other goes on serving (the workers stay ready).
+TEST(SharedWorkersTest, TwoFrontendsServeThroughTheSameWorkers) {
+  FrontendOptions oa, ob;
+  oa.id = "fe-a";
+  ob.id = "fe-b";
+  auto a = StartFrontend(oa);
+  auto b = StartFrontend(ob);
+  ASSERT_TRUE(a && b);
+  WorkerOptions o;
+  o.frontend = absl::StrCat(a->frontend->address(), ",", b->frontend->address());
+  o.id = "p0";
+  auto p0 = StartWorker(InstanceRole::kPrefill, o);
+  o.id = "d0";
+  auto d0 = StartWorker(InstanceRole::kDecode, o);
+  ASSERT_TRUE(p0 && d0);
+  ASSERT_TRUE(a->WaitHealthy({"p0", "d0"}));
+  ASSERT_TRUE(b->WaitHealthy({"p0", "d0"}));
+  p0->backend.delay_ms = 20;  // the two requests overlap at the workers
+  d0->backend.delay_ms = 20;
+  auto at_b = std::async(std::launch::async, [&] { return GenerateNamed(*b, "same-id", 6); });
+  const Named via_a = GenerateNamed(*a, "same-id", 6);
+  const Named via_b = at_b.get();
+  ASSERT_TRUE(via_a.status.ok()) << via_a.status.error_message();
+  ASSERT_TRUE(via_b.status.ok()) << via_b.status.error_message();
+  EXPECT_EQ(via_a.request_id, "same-id");
+  EXPECT_EQ(via_b.request_id, "same-id");
+  EXPECT_EQ(via_a.tokens.size(), 6u);
+  EXPECT_EQ(via_a.tokens, via_b.tokens);
+  p0->backend.delay_ms = 0;
+  d0->backend.delay_ms = 0;
+  const Named named = GenerateNamed(*b, "", 2);
+  ASSERT_TRUE(named.status.ok()) << named.status.error_message();
+  EXPECT_TRUE(absl::StartsWith(named.request_id, "req-fe-b-")) << named.request_id;
+  a->frontend->Shutdown();
+  const Named after = GenerateNamed(*b, "", 6);
+  ASSERT_TRUE(after.status.ok()) << after.status.error_message();
+  EXPECT_EQ(after.tokens, via_a.tokens);
+  absl::SleepFor(absl::Seconds(2));  // heartbeats to the gone front-end fail meanwhile
+  EXPECT_TRUE(b->WaitHealthy({"p0", "d0"}));
+  EXPECT_TRUE(GenerateNamed(*b, "", 2).status.ok());
+}
+
+// A front-end counts the requests other front-ends queued at a worker (reported by the worker
+// per sender) as its load: with p0 holding another front-end's queue, a request goes to p1,
+// where both idle it would go to p0 (the tie-break).
+TEST(SharedWorkersTest, OtherFrontendsQueuesCountAsLoad) {
+  auto c = StartFrontend();
+  ASSERT_NE(c, nullptr);
+  WorkerOptions slow;
+  slow.engine.max_running = 1;  // one prompt at a time: the rest wait in its queue
+  auto p0 = c->Worker(InstanceRole::kPrefill, "p0", slow);
+  auto p1 = c->Worker(InstanceRole::kPrefill, "p1");
+  auto d0 = c->Worker(InstanceRole::kDecode, "d0");
+  ASSERT_TRUE(p0 && p1 && d0);
+  ASSERT_TRUE(c->WaitHealthy({"p0", "p1", "d0"}));
+  EXPECT_EQ(RunPrefixed(*c, 10, 200).prefill_instance(), "p0");  // both idle: the tie-break
+  // Another front-end's prompts at p0, slowed: one runs, three wait.
+  p0->backend.delay_ms = 300;
+  std::vector<std::thread> others;
+  for (int i = 0; i < 4; ++i) {
+    others.emplace_back([&, i] {
+      ::pdserve::internal::WorkRequest work = Work(absl::StrCat("other-", i), 40, 1);
+      work.set_prompt_token_ids(0, 210 + i);  // no prefix in common
+      work.set_frontend_id("fe-other");
+      work.set_decode_kv_address(d0->worker->kv_address());
+      grpc::ClientContext ctx;
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+      auto reader = p0->stub->Prefill(&ctx, work);
+      ::pdserve::internal::WorkEvent event;
+      while (reader->Read(&event)) {
+      }
+      reader->Finish().IgnoreError();  // its KV has no decode side waiting: it fails there
+    });
+  }
+  EXPECT_TRUE(p0->WaitFor([](const ::pdserve::internal::WorkerStatus& s) {
+    return s.queued_by_frontend_size() == 1 &&
+           s.queued_by_frontend(0).frontend_id() == "fe-other" &&
+           s.queued_by_frontend(0).requests() >= 2 &&
+           s.queued_by_frontend(0).prompt_tokens() == 40 * s.queued_by_frontend(0).requests();
+  }));
+  absl::SleepFor(absl::Milliseconds(150));  // the front-end's next poll of p0
+  EXPECT_EQ(RunPrefixed(*c, 120, 180).prefill_instance(), "p1");
+  p0->backend.delay_ms = 0;
+  for (std::thread& t : others) t.join();
 }
 
 }  // namespace
