@@ -15,6 +15,7 @@
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "engine/common/json_depth.h"
 #include "engine/common/status_macros.h"
 #include "engine/runtime/number_range.h"
@@ -337,7 +338,7 @@ class SchemaCompiler {
     } else if (s.contains("minLength") || s.contains("maxLength") || s.contains("pattern")) {
       kind = "string";
     } else if (s.contains("minimum") || s.contains("maximum") || s.contains("exclusiveMinimum") ||
-               s.contains("exclusiveMaximum")) {
+               s.contains("exclusiveMaximum") || s.contains("multipleOf")) {
       kind = "number";
     } else {
       return Any();
@@ -356,6 +357,7 @@ class SchemaCompiler {
     } else if (kind == "number" || kind == "integer") {
       node.kind = kind == "number" ? JsonSchema::Node::kNumber : JsonSchema::Node::kInteger;
       PDS_RETURN_IF_ERROR(Bounds(s, where, node));
+      PDS_RETURN_IF_ERROR(Multiple(s, where, node));
     } else if (kind == "boolean" || kind == "null") {
       return Literals(kind == "null" ? std::vector<std::string>{"null"}
                                      : std::vector<std::string>{"true", "false"});
@@ -395,7 +397,7 @@ class SchemaCompiler {
       "items", "prefixItems", "additionalItems", "minItems", "maxItems", "minLength", "maxLength",
       "pattern", "format", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "enum",
       "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "definitions", "title", "description",
-      "default", "examples", "$schema", "$id", "$comment"};
+      "default", "examples", "$schema", "$id", "$comment", "multipleOf"};
   // clang-format on
   inline static const absl::flat_hash_set<std::string> kAnnotations = {
       "title", "description", "default", "examples",   "$schema",
@@ -471,10 +473,40 @@ class SchemaCompiler {
         {"uuid", "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"},
         {"ipv4",
          "((25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)\\.){3}(25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)"},
-        {"email", "[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)+"}};
+        {"email", "[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(\\.[A-Za-z0-9-]+)+"},
+        {"hostname", absl::StrCat(kLabel, "(\\.", kLabel, ")*")},
+        {"ipv6", Ipv6()},
+        {"duration", Duration()}};
     auto it = kFormats->find(format->get<std::string>());
     if (it == kFormats->end()) return nullptr;
     return ByteDfa::Compile(it->second, ByteDfa::Mode::kFullMatch, &work_left_);
+  }
+  // RFC 1123 host name labels (the name's 253-character limit is not held).
+  static constexpr const char* kLabel = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+  // RFC 4291 section 2.2 text forms (RFC 3986's IPv6address): 8 groups, or fewer around one ::,
+  // the last two possibly an IPv4 address.
+  static std::string Ipv6() {
+    const std::string h16 = "[0-9A-Fa-f]{1,4}";
+    const std::string v4 =
+        "((25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)\\.){3}(25[0-5]|2[0-4]\\d|1\\d\\d|[1-9]?\\d)";
+    const std::string ls32 = absl::StrCat("(", h16, ":", h16, "|", v4, ")");
+    auto before = [&](int k) {  // up to k + 1 groups before the ::
+      return absl::StrCat("((", h16, ":){0,", k, "}", h16, ")?");
+    };
+    std::vector<std::string> forms = {absl::StrCat("(", h16, ":){6}", ls32),
+                                      absl::StrCat("::(", h16, ":){5}", ls32)};
+    for (int tail = 4; tail >= 0; --tail) {  // groups after the :: (then ls32)
+      forms.push_back(absl::StrCat(before(4 - tail), "::(", h16, ":){", tail, "}", ls32));
+    }
+    forms.push_back(absl::StrCat(before(5), "::", h16));
+    forms.push_back(absl::StrCat(before(6), "::"));
+    return absl::StrCat("(", absl::StrJoin(forms, "|"), ")");
+  }
+  // ISO 8601 durations as RFC 3339 appendix A writes them (P1Y2M3DT4H5M6S, P3W, PT0S, ...).
+  static std::string Duration() {
+    const std::string time = "T(\\d+H(\\d+M(\\d+S)?)?|\\d+M(\\d+S)?|\\d+S)";
+    const std::string date = "(\\d+D|\\d+M(\\d+D)?|\\d+Y(\\d+M(\\d+D)?)?)";
+    return absl::StrCat("P(", date, "(", time, ")?|", time, "|\\d+W)");
   }
   static constexpr const char* kDate = "\\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\\d|3[01])";
   static constexpr const char* kTime =
@@ -518,6 +550,35 @@ class SchemaCompiler {
     }
     if (node.dfa != nullptr && node.dfa->CharsToAccept(node.dfa->start()) > kMaxNumberChars) {
       return Error(where, "every number within its bounds needs more than 32 characters");
+    }
+    return absl::OkStatus();
+  }
+
+  // multipleOf, intersected with the bounds' automaton.
+  static absl::Status Multiple(const Json& s, const std::string& where, JsonSchema::Node& node) {
+    auto it = s.find("multipleOf");
+    if (it == s.end()) return absl::OkStatus();
+    if (!it->is_number()) return Error(where, "multipleOf must be a number");
+    auto dfa = MultipleOf(it->dump(), node.kind == JsonSchema::Node::kInteger);
+    if (!dfa.ok()) return Error(where, dfa.status().message());
+    if (*dfa == nullptr) return absl::OkStatus();
+    if (node.dfa == nullptr) {
+      node.dfa = *std::move(dfa);
+      return absl::OkStatus();
+    }
+    auto both = ByteDfa::Intersect(*node.dfa, **dfa);
+    if (!both.ok()) {
+      return Error(where, absl::StrContains(both.status().message(), "matches nothing")
+                              ? absl::StrCat("no multiple of ", it->dump(),
+                                             " is within its minimum and maximum")
+                              : absl::StrCat("multipleOf ", it->dump(),
+                                             " with its minimum and maximum needs an automaton "
+                                             "of over 4096 states"));
+    }
+    node.dfa = *std::move(both);
+    if (node.dfa->CharsToAccept(node.dfa->start()) > kMaxNumberChars) {
+      return Error(where, absl::StrCat("every multiple of ", it->dump(),
+                                       " within its bounds needs more than 32 characters"));
     }
     return absl::OkStatus();
   }

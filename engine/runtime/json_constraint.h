@@ -9,12 +9,15 @@
 // prefixItems (tuples; or draft 4-7's items as a list with additionalItems), minItems,
 // maxItems, minLength,
 // maxLength, pattern (a regex.h pattern, searched for as JSON Schema reads it), format (date,
-// time, date-time, uuid, ipv4 and email are held to their forms; others are annotations, as is
-// a format beside a pattern), minimum, maximum, exclusiveMinimum, exclusiveMaximum (numbers, or
-// draft 4's booleans; exact in decimal as nlohmann::json reads the bound (integers to 64 bits,
-// others as the shortest text of their double); at most 30 digits after the point; a bound past
-// what 32 characters can write bounds nothing; a bounded number is written without an
-// exponent), enum, const, anyOf, oneOf (read as anyOf),
+// time, date-time, duration, uuid, ipv4, ipv6, hostname (labels; not the 253-character total)
+// and email are held to their forms; others are annotations, as is a format beside a pattern),
+// minimum, maximum, exclusiveMinimum, exclusiveMaximum (numbers, or draft 4's booleans; exact in
+// decimal as nlohmann::json reads the bound (integers to 64 bits, others as the shortest text of
+// their double); at most 30 digits after the point; a bound past what 32 characters can write
+// bounds nothing; a bounded number is written without an exponent), multipleOf (exact in
+// decimal; a multiple is written without an exponent and with no more digits after the point
+// than the divisor; refused where that automaton needs over 4096 states: the divisor's digits as
+// an integer times its digits after the point plus two), enum, const, anyOf, oneOf (read as anyOf),
 // allOf of one schema, $ref to a place in the same schema (#, #/$defs/..., any JSON pointer;
 // recursive too), and the annotations title, description, default, examples, $schema, $id,
 // $comment. Properties come out in the schema's order; optional ones may be left out, and

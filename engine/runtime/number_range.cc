@@ -23,9 +23,10 @@ struct Decimal {
   bool zero() const { return int_part == "0" && frac.empty(); }
 };
 
-absl::StatusOr<Decimal> ParseDecimal(const std::string& text) {
+// `what`: how messages name it ("the bound").
+absl::StatusOr<Decimal> ParseDecimal(const std::string& text, absl::string_view what) {
   auto bad = [&](absl::string_view why) {
-    return absl::InvalidArgumentError(absl::StrCat("the bound ", text, " ", why));
+    return absl::InvalidArgumentError(absl::StrCat(what, " ", text, " ", why));
   };
   size_t i = 0;
   Decimal d;
@@ -216,7 +217,7 @@ absl::StatusOr<std::shared_ptr<const ByteDfa>> NumberRange(const std::optional<N
   std::shared_ptr<const ByteDfa> out;
   for (const auto* b : {&lower, &upper}) {
     if (!b->has_value()) continue;
-    PDS_ASSIGN_OR_RETURN(Decimal d, ParseDecimal((*b)->text));
+    PDS_ASSIGN_OR_RETURN(Decimal d, ParseDecimal((*b)->text, "the bound"));
     if (d.int_part.size() > kMaxDigits) {                    // past what 32 characters can write
       if (b == &upper ? !d.negative : d.negative) continue;  // no bound at all, then
       return absl::InvalidArgumentError(absl::StrCat("no number of at most 32 characters is ",
@@ -243,6 +244,59 @@ absl::StatusOr<std::shared_ptr<const ByteDfa>> NumberRange(const std::optional<N
     out = *std::move(both);
   }
   return out;
+}
+
+absl::StatusOr<std::shared_ptr<const ByteDfa>> MultipleOf(const std::string& text, bool integer) {
+  PDS_ASSIGN_OR_RETURN(const Decimal d, ParseDecimal(text, "multipleOf"));
+  if (d.negative || d.zero()) {
+    return absl::InvalidArgumentError(absl::StrCat("multipleOf ", text, " is not above 0"));
+  }
+  // d = m / 10^e: a number is a multiple when it has at most e digits after its point and its
+  // digits, as an integer scaled by 10^e, are a multiple of m.
+  std::string digits = d.int_part + d.frac;
+  digits.erase(0, digits.find_first_not_of('0'));
+  const int32_t e = static_cast<int32_t>(d.frac.size());
+  const int32_t frac_states = integer ? 0 : e + 1;
+  constexpr int32_t kMaxStates = 4096;
+  if (digits.size() > 4 || 3 + std::stoi(digits) * (1 + frac_states) > kMaxStates) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("multipleOf ", text, " needs an automaton of over 4096 states"));
+  }
+  const int32_t m = std::stoi(digits);
+  auto pow10_mod = [m](int32_t k) {
+    int64_t p = 1 % m;
+    for (int32_t i = 0; i < k; ++i) p = p * 10 % m;
+    return p;
+  };
+  if (integer && pow10_mod(e) == 0) return nullptr;  // every integer is a multiple
+  // States: 0 start, 1 after '-', 2 the integer part "0", 3 + r the integer part so far with
+  // remainder r (mod m), 3 + m + j * m + r after j digits after the point, remainder r.
+  constexpr int32_t kStart = 0, kMinus = 1, kZero = 2, kInt = 3;
+  const int32_t frac0 = kInt + m;
+  auto next = [&](int32_t s, uint8_t b) -> int32_t {
+    const bool digit = b >= '0' && b <= '9';
+    const int32_t v = b - '0';
+    if (s == kStart || s == kMinus) {
+      if (s == kStart && b == '-') return kMinus;
+      if (b == '0') return kZero;
+      return digit ? kInt + v % m : -1;
+    }
+    if (s < frac0) {  // kZero or an integer part
+      const int32_t r = s == kZero ? 0 : s - kInt;
+      if (b == '.' && frac_states > 1) return frac0 + r;
+      return digit && s != kZero ? kInt + (r * 10 + v) % m : -1;
+    }
+    const int32_t j = (s - frac0) / m, r = (s - frac0) % m;
+    return digit && j < e ? frac0 + (j + 1) * m + (r * 10 + v) % m : -1;
+  };
+  auto accepting = [&](int32_t s) {
+    if (s == kZero) return true;
+    if (s < kInt) return false;
+    if (s < frac0) return (s - kInt) * pow10_mod(e) % m == 0;
+    const int32_t j = (s - frac0) / m, r = (s - frac0) % m;
+    return j >= 1 && r * pow10_mod(e - j) % m == 0;
+  };
+  return ByteDfa::FromTransitions(frac0 + m * frac_states, next, accepting);
 }
 
 }  // namespace pds::engine

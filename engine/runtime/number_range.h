@@ -26,4 +26,11 @@ absl::StatusOr<std::shared_ptr<const ByteDfa>> NumberRange(const std::optional<N
                                                            const std::optional<NumberBound>& upper,
                                                            bool integer);
 
+// The JSON numbers (integers only when `integer`) that are multiples of `text` (JSON Schema's
+// multipleOf, a JSON number text above 0), written without an exponent and with no more
+// digits after the point than `text` has; null when every integer is one (`integer`, and 1,
+// 0.5, ...). Exact in decimal. INVALID_ARGUMENT when it is not above 0 or needs over 4096
+// automaton states (its digits as an integer, times its digits after the point plus one).
+absl::StatusOr<std::shared_ptr<const ByteDfa>> MultipleOf(const std::string& text, bool integer);
+
 }  // namespace pds::engine

@@ -5,6 +5,7 @@
 #include <limits>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
@@ -692,6 +693,41 @@ class DfaBuilder {
     return Finish(std::move(dfa), next, accepting, rep);
   }
 
+  static absl::StatusOr<std::shared_ptr<const ByteDfa>> FromTransitions(
+      int32_t states, const std::function<int32_t(int32_t, uint8_t)>& next_of,
+      const std::function<bool(int32_t)>& accepting_of) {
+    if (states < 1 || states > kMaxDfaStates) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("regex: an automaton of ", states, " states (1 to 4096)"));
+    }
+    std::shared_ptr<ByteDfa> dfa(new ByteDfa());
+    // Bytes with the same transitions from every state share a class.
+    std::vector<std::vector<int32_t>> columns;
+    absl::flat_hash_map<std::vector<int32_t>, uint8_t> classes;
+    std::vector<uint8_t> rep;
+    for (int byte = 0; byte < 256; ++byte) {
+      std::vector<int32_t> column(states);
+      for (int32_t s = 0; s < states; ++s) {
+        const int32_t t = next_of(s, static_cast<uint8_t>(byte));
+        column[s] = t >= 0 && t < states ? t : -1;
+      }
+      auto [it, added] = classes.try_emplace(column, static_cast<uint8_t>(rep.size()));
+      if (added) {
+        rep.push_back(static_cast<uint8_t>(byte));
+        columns.push_back(std::move(column));
+      }
+      dfa->class_of_[byte] = it->second;
+    }
+    dfa->classes_ = static_cast<int32_t>(rep.size());
+    std::vector<int32_t> next(static_cast<size_t>(states) * dfa->classes_);
+    std::vector<uint8_t> accepting(states);
+    for (int32_t s = 0; s < states; ++s) {
+      for (int32_t c = 0; c < dfa->classes_; ++c) next[s * dfa->classes_ + c] = columns[c][s];
+      accepting[s] = accepting_of(s);
+    }
+    return Finish(std::move(dfa), next, accepting, rep);
+  }
+
  private:
   // From the transitions (`next`, by state and class, -1 for none) of states numbered from the
   // start (0): the automaton of the live ones, with their distances to a match.
@@ -779,6 +815,12 @@ absl::StatusOr<std::shared_ptr<const ByteDfa>> ByteDfa::Compile(absl::string_vie
 absl::StatusOr<std::shared_ptr<const ByteDfa>> ByteDfa::Intersect(const ByteDfa& a,
                                                                   const ByteDfa& b) {
   return DfaBuilder::Intersect(a, b);
+}
+
+absl::StatusOr<std::shared_ptr<const ByteDfa>> ByteDfa::FromTransitions(
+    int32_t states, const std::function<int32_t(int32_t, uint8_t)>& next,
+    const std::function<bool(int32_t)>& accepting) {
+  return DfaBuilder::FromTransitions(states, next, accepting);
 }
 
 bool ByteDfa::Matches(absl::string_view text) const {

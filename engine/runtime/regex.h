@@ -19,6 +19,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -42,6 +43,12 @@ class ByteDfa {
   // The texts both accept (at most 4096 states).
   static absl::StatusOr<std::shared_ptr<const ByteDfa>> Intersect(const ByteDfa& a,
                                                                   const ByteDfa& b);
+  // The automaton of states 0..states-1 (0 the start) that `next(state, byte)` (-1: none)
+  // and `accepting(state)` describe; states that reach no accepting one are dropped. At most
+  // 4096 states.
+  static absl::StatusOr<std::shared_ptr<const ByteDfa>> FromTransitions(
+      int32_t states, const std::function<int32_t(int32_t, uint8_t)>& next,
+      const std::function<bool(int32_t)>& accepting);
   // A full-match pattern accepting exactly `choices` (each escaped).
   static std::string Alternation(const std::vector<std::string>& choices);
 

@@ -4,6 +4,8 @@
 // that parses and matches.
 #include "engine/runtime/json_constraint.h"
 
+#include <arpa/inet.h>
+
 #include <algorithm>
 #include <random>
 #include <regex>
@@ -96,8 +98,13 @@ TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
            {R"({"type": "string", "pattern": "(a)\\1"})",
             "'/': regex at character 3: backreferences"},
            {R"({"type": "string", "pattern": 3})", "pattern must be a string"},
-           {R"({"properties": {"x": {"multipleOf": 2}}})",
-            "'/properties/x': the keyword 'multipleOf'"},
+           {R"({"properties": {"x": {"uniqueItems": true}}})",
+            "'/properties/x': the keyword 'uniqueItems'"},
+           {R"({"type": "integer", "multipleOf": 0})", "multipleOf 0 is not above 0"},
+           {R"({"type": "number", "multipleOf": 0.0001234})", "over 4096 states"},
+           {R"({"type": "integer", "multipleOf": 5, "minimum": 1, "maximum": 4})",
+            "no multiple of 5 is within its minimum and maximum"},
+           {R"({"multipleOf": "2"})", "multipleOf must be a number"},
            {R"({"type": "integer", "minimum": 3.5, "exclusiveMaximum": 4})",
             "no integer is within its minimum and maximum"},
            {R"({"type": "number", "maximum": "7"})", "maximum must be a number"},
@@ -376,7 +383,27 @@ TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
        {R"("10.0.255.1")"},
        {R"("256.1.1.1")", R"("1.2.3")"}},
       {R"({"type": "string", "format": "email"})", {R"("a.b@c.io")"}, {R"("a@b")", R"("@c.io")"}},
-      {R"({"type": "string", "format": "hostname"})", {R"("anything at all")"}, {}},
+      {R"({"type": "string", "format": "hostname"})",
+       {R"("a")", R"("pdserve-0.pdserve-registry.default.svc")", R"("X9")"},
+       {R"("-a")", R"("a-")", R"("a..b")", R"("a b")", R"("")", R"("a.")"}},
+      {R"({"type": "string", "format": "ipv6"})",
+       {R"("::")", R"("::1")", R"("fe80::1:2")", R"("2001:db8:0:0:1:0:0:1")",
+        R"("2001:DB8::8:800:200C:417A")", R"("::ffff:192.0.2.128")", R"("1::")",
+        R"("1:2:3:4:5:6:7::")", R"("1:2:3:4:5:6::8")", R"("64:ff9b::10.0.0.1")"},
+       {R"(":::")", R"("1:2:3:4:5:6:7:8:9")", R"("1::2::3")", R"("12345::")",
+        R"("::ffff:256.0.0.1")", R"("1:2:3:4:5:6:7")", R"("g::")"}},
+      {R"({"type": "string", "format": "duration"})",
+       {R"("P3Y6M4DT12H30M5S")", R"("PT0S")", R"("P1W")", R"("P1M")", R"("PT36H")", R"("P1DT2M")"},
+       {R"("P")", R"("PT")", R"("P1H")", R"("P1Y2W")", R"("1D")", R"("P1DT")", R"("PT1S2M")"}},
+      {R"({"type": "number", "multipleOf": 0.25, "minimum": -1, "maximum": 1})",
+       {"0", "-0", "0.25", "-1", "1", "0.5", "-0.75"},
+       {"0.2", "1.25", "-1.25", "0.125", "0.500", "2.5e-1"}},
+      {R"({"type": "integer", "multipleOf": 7})",
+       {"0", "7", "-14", "700", "9999997"},
+       {"1", "-8", "7.0", "70000001"}},
+      {R"({"multipleOf": 1.5})",  // typeless: a number
+       {"3", "4.5", "-1.5", "0"},
+       {"1", "2.25", "1.50"}},
       {R"({"type": "integer", "minimum": -3, "exclusiveMaximum": 120})",
        {"-3", "0", "-0", "119", "42"},
        {"-4", "120", "1.5", "1e2", "007"}},
@@ -424,7 +451,8 @@ TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
 }
 
 // Random draws under patterns never reach a dead end (escapes included: a \\u escape's digits
-// stay within characters the pattern takes) and end in strings that match.
+// stay within characters the pattern takes) and end in strings that match; the same for
+// formats, bounds and multiples.
 TEST(JsonMatcherTest, RandomDrawsUnderPatternsMatch) {
   const auto vocab = Vocabulary();
   const auto schema = Schema(R"({"type": "object", "properties": {
@@ -436,8 +464,13 @@ TEST(JsonMatcherTest, RandomDrawsUnderPatternsMatch) {
       "t": {"prefixItems": [{"type": "integer", "minimum": 0, "maximum": 9}, {"enum": ["x", "y"]}],
             "items": false, "minItems": 1},
       "o": {"properties": {"a": {"type": "integer"}, "b": {"type": "integer"},
-            "c": {"type": "integer"}}, "minProperties": 2, "maxProperties": 2}},
-      "required": ["d", "w", "e", "n", "x", "t", "o"]})");
+            "c": {"type": "integer"}}, "minProperties": 2, "maxProperties": 2},
+      "m": {"type": "number", "multipleOf": 0.25, "minimum": -3, "maximum": 3},
+      "k": {"type": "integer", "multipleOf": 7, "minimum": -1000, "maximum": 1000},
+      "v6": {"type": "string", "format": "ipv6"},
+      "du": {"type": "string", "format": "duration", "maxLength": 12},
+      "hn": {"type": "string", "format": "hostname", "maxLength": 12}},
+      "required": ["d", "w", "e", "n", "x", "t", "o", "m", "k", "v6", "du", "hn"]})");
   ASSERT_NE(schema, nullptr);
   std::mt19937 rng(11);
   std::uniform_real_distribution<float> logit(-4.0f, 4.0f);
@@ -446,7 +479,7 @@ TEST(JsonMatcherTest, RandomDrawsUnderPatternsMatch) {
     JsonMatcher m(schema, vocab);
     std::string text;
     std::vector<float> logits(vocab->size());
-    for (int step = 0; step < 300 && !m.Done(); ++step) {
+    for (int step = 0; step < 600 && !m.Done(); ++step) {
       for (float& l : logits) l = logit(rng);
       ASSERT_TRUE(m.MaskLogits(logits.data(), static_cast<int64_t>(logits.size()))) << text;
       const int32_t best =
@@ -476,6 +509,23 @@ TEST(JsonMatcherTest, RandomDrawsUnderPatternsMatch) {
     if (j["t"].size() == 2) EXPECT_TRUE(j["t"][1] == "x" || j["t"][1] == "y") << text;
     ASSERT_TRUE(j["o"].is_object()) << text;
     EXPECT_EQ(j["o"].size(), 2u) << text;
+    ASSERT_TRUE(j["m"].is_number()) << text;
+    const double quarters = j["m"].get<double>() * 4;
+    EXPECT_TRUE(quarters == std::floor(quarters) && std::abs(quarters) <= 12) << text;
+    ASSERT_TRUE(j["k"].is_number_integer()) << text;
+    EXPECT_TRUE(j["k"].get<int64_t>() % 7 == 0 && std::abs(j["k"].get<int64_t>()) <= 1000) << text;
+    unsigned char v6[16];
+    EXPECT_EQ(inet_pton(AF_INET6, j["v6"].get<std::string>().c_str(), v6), 1) << text;
+    EXPECT_TRUE(std::regex_match(
+        j["du"].get<std::string>(),
+        std::regex(
+            "P((\\d+D|\\d+M(\\d+D)?|\\d+Y(\\d+M(\\d+D)?)?)(T(\\d+H(\\d+M(\\d+S)?)?|\\d+M(\\d+S)?|"
+            "\\d+S))?|T(\\d+H(\\d+M(\\d+S)?)?|\\d+M(\\d+S)?|\\d+S)|\\d+W)")))
+        << text;
+    EXPECT_TRUE(std::regex_match(j["hn"].get<std::string>(),
+                                 std::regex("[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\\.[A-Za-z0-9]("
+                                            "[A-Za-z0-9-]*[A-Za-z0-9])?)*")))
+        << text;
   }
   EXPECT_GT(done, 150);
 }

@@ -1,7 +1,7 @@
 // Numbers within bounds (engine/runtime/number_range.h): the automaton accepts exactly the JSON
 // numbers (no exponent) within the bounds, compared exactly in decimal, for random bounds
 // (inclusive or not, integral or not, negative, zero, in exponent form) and random texts; bad
-// bounds and empty ranges are refused.
+// bounds and empty ranges are refused. The same for multiples (multipleOf).
 #include "engine/runtime/number_range.h"
 
 #include <cmath>
@@ -166,6 +166,61 @@ TEST(NumberRangeTest, EdgesAndRefusals) {
     auto r = NumberRange(NumberBound{bad, false}, std::nullopt, false);
     EXPECT_FALSE(r.ok()) << bad;
   }
+}
+
+// multipleOf: the automaton accepts a text exactly when it is a multiple written with no more
+// digits after the point than the divisor has (exact, in millionths), for divisors integral,
+// fractional and in exponent form, alone and with bounds.
+TEST(NumberRangeTest, MultipleOfAcceptsExactlyTheMultiples) {
+  const std::vector<std::pair<std::string, int64_t>> divisors = {
+      {"1", 1000000},     {"2", 2000000},    {"3", 3000000},    {"7", 7000000},  {"12", 12000000},
+      {"0.5", 500000},    {"0.25", 250000},  {"0.01", 10000},   {"0.3", 300000}, {"1.5", 1500000},
+      {"2.5e-1", 250000}, {"1e1", 10000000}, {"0.125", 125000}, {"0.001", 1000}, {"1e-4", 100}};
+  std::mt19937 rng(5);
+  for (const auto& [text, step] : divisors) {
+    const size_t point = text.find('.');
+    const int places = text == "2.5e-1"             ? 2
+                       : text == "1e-4"             ? 4
+                       : point == std::string::npos ? 0
+                                                    : static_cast<int>(text.size() - point - 1);
+    for (bool integer : {false, true}) {
+      auto dfa = MultipleOf(text, integer);
+      ASSERT_TRUE(dfa.ok()) << text << ": " << dfa.status();
+      if (*dfa == nullptr) {
+        EXPECT_TRUE(integer && 1000000 % step == 0) << text;  // every integer is a multiple
+        continue;
+      }
+      for (int k = 0; k < 3000; ++k) {
+        const std::string t = RandomNumber(rng, integer && k % 2 == 0);
+        int64_t v = 0;
+        const bool number = Millionths(t, v);
+        const size_t dot = t.find('.');
+        const int digits = dot == std::string::npos ? 0 : static_cast<int>(t.size() - dot - 1);
+        const bool expected = number && v % step == 0 && digits <= (integer ? 0 : places) &&
+                              (!integer || dot == std::string::npos);
+        EXPECT_EQ((*dfa)->Matches(t), expected)
+            << "multipleOf " << text << (integer ? " (integer) " : " ") << t;
+      }
+      // Multiples near zero, written the shortest way, are all there.
+      for (int64_t n = -40; n <= 40; ++n) {
+        const int64_t v = n * step;
+        if (integer && v % 1000000 != 0) continue;
+        std::string t = absl::StrFormat("%s%d", v < 0 ? "-" : "", std::abs(v) / 1000000);
+        if (const int64_t frac = std::abs(v) % 1000000; frac != 0) {
+          std::string f = absl::StrFormat("%06d", frac);
+          f.erase(f.find_last_not_of('0') + 1);
+          t += "." + f;
+        }
+        EXPECT_TRUE((*dfa)->Matches(t)) << "multipleOf " << text << ": " << t;
+      }
+    }
+  }
+  for (const char* bad : {"0", "-2", "x", "0.0", "99999", "4094"}) {
+    EXPECT_FALSE(MultipleOf(bad, /*integer=*/true).ok()) << bad;
+  }
+  EXPECT_TRUE(MultipleOf("4093", /*integer=*/true).ok());        // 3 + 4093 states
+  EXPECT_FALSE(MultipleOf("0.000999", /*integer=*/false).ok());  // 3 + 999 x 8 states
+  EXPECT_TRUE(MultipleOf("0.000999", /*integer=*/true).ok());    // 3 + 999
 }
 
 }  // namespace
