@@ -466,7 +466,10 @@ absl::Status RunUp(const CliArgs& args) {
   while (address.empty()) {
     std::ifstream in(port_file);
     std::string line;
-    if (in && std::getline(in, line) && !line.empty()) address = absl::StrCat(host, ":", line);
+    int port = 0;
+    if (in && std::getline(in, line) && absl::SimpleAtoi(line, &port)) {
+      address = JoinHostPort(host, port);
+    }
     if (!address.empty()) break;
     const std::string died = cluster.Reap();
     if (!died.empty()) return absl::UnavailableError(absl::StrCat("front-end ", died));

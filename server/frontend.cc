@@ -184,8 +184,11 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       : options_(std::move(options)), log_(pds::Logger("frontend")) {}
 
   absl::Status Init() {
+    const std::string nonce =
+        absl::StrFormat("%08x", static_cast<uint32_t>(std::random_device{}()));
+    tag_ = options_.id.empty() ? nonce : absl::StrCat(options_.id, ".", nonce);
     if (options_.id.empty()) {
-      options_.id = absl::StrFormat("%08x", static_cast<uint32_t>(std::random_device{}()));
+      options_.id = nonce;
     } else if (options_.id.size() > 64 ||
                !std::all_of(options_.id.begin(), options_.id.end(), [](char c) {
                  return absl::ascii_isalnum(c) || c == '.' || c == '_' || c == '-';
@@ -620,7 +623,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       if (auto dfa = engine::JsonSchema::Regex(r.regex()); !dfa.ok()) return ToGrpc(dfa.status());
     }
     work.set_request_id(r.request_id());
-    work.set_frontend_id(options_.id);
+    work.set_frontend_id(tag_);
     *work.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
     work.set_max_tokens(r.max_tokens());
     work.set_temperature(params.temperature);
@@ -785,9 +788,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   }
 
   // The id the workers see for a call of request `id` (mu_ held): unique among this
-  // front-end's calls, and, by its id, among those of the others sharing the workers.
+  // process's calls, and, by tag_, among those of the other front-ends sharing the workers
+  // and of an earlier process with the same id (a restarted container).
   std::string CallId(const std::string& id) {
-    return absl::StrCat(id, "#", options_.id, ".", next_call_++);
+    return absl::StrCat(id, "#", tag_, ".", next_call_++);
   }
 
   grpc::Status RunOnce(Relay& relay, std::string* refused_by) {
@@ -821,12 +825,14 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         l.queued_requests = static_cast<int32_t>(inst->queued_lens.size());
         // What other front-ends queued there (as of the last poll; this one's is booked above).
         for (const pb::FrontendQueue& q : inst->status.queued_by_frontend()) {
-          if (q.frontend_id() == options_.id || q.requests() <= 0) continue;
-          l.queued_requests += q.requests();
-          l.queued_prompt_tokens += q.prompt_tokens();
-          for (int32_t k = 0; k < q.requests(); ++k) {  // as requests of the average length
-            l.queued_prompt_lens.push_back(static_cast<int32_t>(
-                q.prompt_tokens() * (k + 1) / q.requests() - q.prompt_tokens() * k / q.requests()));
+          if (q.frontend_id() == tag_ || q.requests() <= 0) continue;
+          const int32_t n = std::min(q.requests(), 4096);  // (a sane worker has max_queued)
+          const int64_t tokens = std::max<int64_t>(0, q.prompt_tokens());
+          l.queued_requests += n;
+          l.queued_prompt_tokens += tokens;
+          for (int32_t k = 0; k < n; ++k) {  // as requests of the average length
+            l.queued_prompt_lens.push_back(
+                static_cast<int32_t>(tokens * (k + 1) / n - tokens * k / n));
           }
         }
         l.running_requests = std::max(inst->decoding, inst->status.running_requests());
@@ -1312,6 +1318,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
   std::map<std::string, std::shared_ptr<Tracked>> in_flight_;
   uint64_t next_id_ = 0;
   uint64_t next_call_ = 0;  // suffixes of the ids the workers see
+  // This process among the front-ends (WorkRequest.frontend_id, in worker-call ids): the id
+  // and a random nonce.
+  std::string tag_;
   int64_t finished_ = 0, rejected_ = 0, cancelled_ = 0, failed_ = 0;
   int64_t refused_slo_ = 0, best_effort_ = 0, redispatched_ = 0, local_prefills_ = 0;
   bool draining_ = false;  // Drain was called: new requests are refused

@@ -98,19 +98,23 @@ absl::StatusOr<std::vector<std::string>> ParseFrontendList(const std::string& li
   return entries;
 }
 
-std::vector<std::string> ResolveFrontend(const std::string& entry) {
+bool IsAddressEntry(const std::string& entry) {
   std::string host, port;
-  if (!SplitHostPort(entry, &host, &port)) return {entry};
   unsigned char buf[sizeof(in6_addr)];
-  if (inet_pton(AF_INET, host.c_str(), buf) == 1 || inet_pton(AF_INET6, host.c_str(), buf) == 1) {
-    return {entry};
-  }
+  return SplitHostPort(entry, &host, &port) && (inet_pton(AF_INET, host.c_str(), buf) == 1 ||
+                                                inet_pton(AF_INET6, host.c_str(), buf) == 1);
+}
+
+std::vector<std::string> ResolveFrontend(const std::string& entry) {
+  if (IsAddressEntry(entry)) return {entry};
+  std::string host, port;
+  if (!SplitHostPort(entry, &host, &port)) return {};
   addrinfo hints{};
   hints.ai_family = AF_UNSPEC;
   hints.ai_socktype = SOCK_STREAM;
   addrinfo* found = nullptr;
   if (getaddrinfo(host.c_str(), port.c_str(), &hints, &found) != 0 || found == nullptr) {
-    return {entry};
+    return {};
   }
   std::vector<std::string> v4, v6;
   for (const addrinfo* a = found; a != nullptr; a = a->ai_next) {
@@ -127,7 +131,6 @@ std::vector<std::string> ResolveFrontend(const std::string& entry) {
   }
   freeaddrinfo(found);
   std::vector<std::string>& out = v4.empty() ? v6 : v4;
-  if (out.empty()) return {entry};
   std::sort(out.begin(), out.end());
   out.erase(std::unique(out.begin(), out.end()), out.end());
   return out;

@@ -35,9 +35,12 @@ absl::StatusOr<std::vector<std::string>> ParseFrontendList(const std::string& li
 
 // The front-ends one such entry stands for, as host:port, sorted: a name that resolves to
 // several addresses (a Kubernetes headless Service of front-end pods) stands for one at each
-// of its IPv4 addresses (its IPv6 ones where it has none); an address, or a name that does
-// not resolve now, stands for itself. Blocks for the system resolver (its own timeouts).
+// of its IPv4 addresses (its IPv6 ones where it has none); an address stands for itself.
+// Empty when the name does not resolve (now). Blocks for the system resolver (its timeouts).
 std::vector<std::string> ResolveFrontend(const std::string& entry);
+
+// Whether such an entry's host is an IP address (ResolveFrontend looks nothing up for it).
+bool IsAddressEntry(const std::string& entry);
 
 // Whether listening on `host` means every address of the machine (0.0.0.0, ::, [::], empty):
 // not an address others can be told to dial.

@@ -188,6 +188,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     PDS_RETURN_IF_ERROR(StartKvTransport());
     grpc::HealthCheckServiceInterface* health = server_->GetHealthCheckService();
     if (health != nullptr) health->SetServingStatus(kReadyService, false);
+    if (!frontends_.empty()) StartResolver();
     registration_ = std::thread([this] { HeartbeatLoop(); });
     log_->info("{} ({}) serving on {}{}", options_.id,
                std::string(scheduler::InstanceRoleName(options_.role)), address(),
@@ -307,6 +308,11 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       reg_cv_.notify_all();
     }
     if (registration_.joinable()) registration_.join();
+    if (resolved_ != nullptr) {
+      std::lock_guard<std::mutex> lock(resolved_->mu);
+      resolved_->stop = true;
+      resolved_->cv.notify_all();
+    }
     // Fail every request; transfers see their cancel flags.
     if (loop_.joinable()) {
       RunOnLoop([this] {
@@ -947,7 +953,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     s.set_queued_requests(static_cast<int32_t>(engine_->num_waiting()));
     s.set_queued_prompt_tokens(engine_->num_waiting_tokens());
     std::map<std::string, pb::FrontendQueue> by_frontend;
-    engine_->ForEachWaiting([&](const std::string& id, int64_t tokens) {
+    engine_->ForEachPrefilling([&](const std::string& id, int64_t tokens) {
       auto it = live_.find(id);
       if (it == live_.end()) return;
       pb::FrontendQueue& q = by_frontend[it->second.frontend];
@@ -989,17 +995,51 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     bool registered = false;  // the last registration succeeded
   };
 
+  // The addresses options_.frontend's entries stand for, kept current by a resolver thread of
+  // its own (a lookup may block for the resolver's timeouts: it is detached, and holds only
+  // this, so stopping never waits for it).
+  struct Resolved {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool stop = false;
+    std::map<std::string, std::vector<std::string>> addresses;  // by entry
+  };
+
+  void StartResolver() {
+    resolved_ = std::make_shared<Resolved>();
+    std::vector<std::string> names;
+    for (const std::string& entry : frontends_) {
+      if (IsAddressEntry(entry)) {
+        resolved_->addresses[entry] = {entry};  // no lookup
+      } else {
+        names.push_back(entry);
+      }
+    }
+    if (names.empty()) return;
+    std::thread([state = resolved_, names, log = log_, id = options_.id] {
+      while (true) {
+        for (const std::string& name : names) {
+          std::vector<std::string> now = ResolveFrontend(name);
+          std::lock_guard<std::mutex> lock(state->mu);
+          auto& known = state->addresses[name];
+          if (now.empty() && known.empty()) {
+            log->warn("{}: front-end name {} does not resolve (yet)", id, name);
+          }
+          if (!now.empty()) known = std::move(now);  // else the last ones found
+        }
+        std::unique_lock<std::mutex> lock(state->mu);
+        if (state->cv.wait_for(lock, std::chrono::seconds(5), [&] { return state->stop; })) return;
+      }
+    }).detach();
+  }
+
   // Keeps the health statuses current and registers with every front-end (again every second:
-  // its heartbeat; at once when draining starts). options_.frontend's names are looked up
-  // again every few seconds: front-ends that came or went behind a name are followed.
+  // its heartbeat; at once when draining starts), following the front-ends the resolver finds
+  // behind options_.frontend's names.
   void HeartbeatLoop() {
     std::map<std::string, Registration> registrations;  // by address
-    absl::Time resolved = absl::InfinitePast();
     while (true) {
-      if (!frontends_.empty() && absl::Now() - resolved >= absl::Seconds(5)) {
-        Resolve(registrations);
-        resolved = absl::Now();
-      }
+      if (resolved_ != nullptr) Follow(registrations);
       RegisterAll(registrations);
       bool registered = frontends_.empty();
       for (const auto& [address, r] : registrations) registered = registered || r.registered;
@@ -1013,11 +1053,14 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     }
   }
 
-  // Brings `registrations` to the front-ends options_.frontend stands for now.
-  void Resolve(std::map<std::string, Registration>& registrations) {
+  // Brings `registrations` to the front-ends the resolver knows now.
+  void Follow(std::map<std::string, Registration>& registrations) {
     std::set<std::string> now;
-    for (const std::string& entry : frontends_) {
-      for (std::string& address : ResolveFrontend(entry)) now.insert(std::move(address));
+    {
+      std::lock_guard<std::mutex> lock(resolved_->mu);
+      for (const auto& [entry, addresses] : resolved_->addresses) {
+        now.insert(addresses.begin(), addresses.end());
+      }
     }
     for (auto it = registrations.begin(); it != registrations.end();) {
       if (now.count(it->first)) {
@@ -1143,6 +1186,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
   std::unique_ptr<JobPool> transfers_;
 
   std::vector<std::string> frontends_;  // options_.frontend's entries
+  std::shared_ptr<Resolved> resolved_;  // null without front-ends
   std::mutex reg_mu_;
   std::condition_variable reg_cv_;
   bool stopping_ = false;

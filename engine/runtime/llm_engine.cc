@@ -143,6 +143,15 @@ void LlmEngine::ForEachWaiting(
   }
 }
 
+void LlmEngine::ForEachPrefilling(
+    const std::function<void(const std::string& id, int64_t tokens)>& fn) const {
+  for (const auto& [id, seq] : sequences_) {
+    if (!seq->held && !seq->importing && seq->num_generated == 0) {
+      fn(id, static_cast<int64_t>(seq->tokens.size()) - seq->num_computed);
+    }
+  }
+}
+
 size_t LlmEngine::num_waiting() const {
   size_t n = 0;
   ForEachWaiting([&](const std::string&, int64_t) { ++n; });

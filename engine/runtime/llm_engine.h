@@ -171,6 +171,10 @@ class LlmEngine {
   // Calls `fn` with each waiting sequence's id and prompt tokens still to compute (those
   // num_waiting and num_waiting_tokens count).
   void ForEachWaiting(const std::function<void(const std::string& id, int64_t tokens)>& fn) const;
+  // The same for every sequence whose first token is not computed yet: waiting, or in its
+  // prefill (chunks of it computed).
+  void ForEachPrefilling(
+      const std::function<void(const std::string& id, int64_t tokens)>& fn) const;
   int64_t num_preemptions() const { return num_preemptions_; }
   // Prefix caching: tokens of sequences started (or restarted after a preemption) and how many
   // of them came from the cache instead of being computed.

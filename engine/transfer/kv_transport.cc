@@ -5,7 +5,8 @@
 namespace pds::engine {
 namespace {
 
-constexpr size_t kMaxRequestIdBytes = 256;
+// A worker-call id: the client's (at most 256 bytes) and the front-end's suffix (at most 96).
+constexpr size_t kMaxRequestIdBytes = 352;
 constexpr int32_t kMaxLayers = 1024;
 constexpr int32_t kMaxBlocks = 1 << 20;
 constexpr uint64_t kMaxLayerBytes = uint64_t{1} << 30;

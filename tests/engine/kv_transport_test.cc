@@ -308,8 +308,8 @@ TEST(KvTransferHeaderTest, Validate) {
     return h.Validate().code() == absl::StatusCode::kInvalidArgument;
   };
   EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.request_id.clear(); }));
-  EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.request_id = std::string(257, 'x'); }));
-  EXPECT_FALSE(invalid([](KvTransferHeader& h) { h.request_id = std::string(256, 'x'); }));
+  EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.request_id = std::string(353, 'x'); }));
+  EXPECT_FALSE(invalid([](KvTransferHeader& h) { h.request_id = std::string(352, 'x'); }));
   EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.num_tokens = 0; }));
   EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.num_layers = 0; }));
   EXPECT_TRUE(invalid([](KvTransferHeader& h) { h.num_blocks = -1; }));

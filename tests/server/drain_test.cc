@@ -677,9 +677,8 @@ TEST(SharedWorkersTest, FrontendListsAreCheckedAndNamesResolved) {
   EXPECT_EQ(ResolveFrontend("[::1]:8000"), std::vector<std::string>{"[::1]:8000"});
   // A name: its IPv4 addresses (localhost's is in every /etc/hosts).
   EXPECT_EQ(ResolveFrontend("localhost:8000"), std::vector<std::string>{"127.0.0.1:8000"});
-  // One that does not resolve stands for itself (it may resolve later).
-  EXPECT_EQ(ResolveFrontend("no-such-host.invalid:8000"),
-            std::vector<std::string>{"no-such-host.invalid:8000"});
+  // One that does not resolve stands for none (now).
+  EXPECT_TRUE(ResolveFrontend("no-such-host.invalid:8000").empty());
   // A front-end's id goes into ids: plain characters only.
   FrontendOptions o;
   o.model_dir = ModelDir();
@@ -755,11 +754,18 @@ TEST(SharedWorkersTest, TwoFrontendsServeThroughTheSameWorkers) {
   EXPECT_EQ(via_a.tokens.size(), 6u);
   EXPECT_EQ(via_a.tokens, via_b.tokens);
   p0->backend.delay_ms = 0;
-  d0->backend.delay_ms = 0;
   const Named named = GenerateNamed(*b, "", 2);
   ASSERT_TRUE(named.status.ok()) << named.status.error_message();
   EXPECT_TRUE(absl::StartsWith(named.request_id, "req-fe-b-")) << named.request_id;
+  // A stops while B streams a request: B's goes on to its end.
+  std::thread reader;
+  auto streaming = StartGenerate(*b, 40, &reader);
+  streaming->first.wait();
   a->frontend->Shutdown();
+  reader.join();
+  EXPECT_TRUE(streaming->status.ok()) << streaming->status.error_message();
+  EXPECT_EQ(streaming->tokens, 40);
+  d0->backend.delay_ms = 0;
   const Named after = GenerateNamed(*b, "", 6);
   ASSERT_TRUE(after.status.ok()) << after.status.error_message();
   EXPECT_EQ(after.tokens, via_a.tokens);
@@ -810,6 +816,37 @@ TEST(SharedWorkersTest, OtherFrontendsQueuesCountAsLoad) {
   EXPECT_EQ(RunPrefixed(*c, 120, 180).prefill_instance(), "p1");
   p0->backend.delay_ms = 0;
   for (std::thread& t : others) t.join();
+}
+
+// A worker told of a front-end by a name registers with it once it is up, whenever that is
+// (the name is looked up in the background; a front-end there is dialled again every second).
+TEST(SharedWorkersTest, AFrontendThatComesLaterIsFound) {
+  int port = 0;
+  {  // a free port, for the front-end to come
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof(addr);
+    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+    port = ntohs(addr.sin_port);
+    close(fd);
+  }
+  WorkerOptions o;
+  o.frontend = absl::StrCat("localhost:", port);
+  o.id = "p0";
+  auto p0 = StartWorker(InstanceRole::kPrefill, o);
+  o.id = "d0";
+  auto d0 = StartWorker(InstanceRole::kDecode, o);
+  ASSERT_TRUE(p0 && d0);
+  absl::SleepFor(absl::Milliseconds(1500));  // registrations fail meanwhile
+  FrontendOptions f;
+  f.port = port;
+  auto c = StartFrontend(f);
+  ASSERT_NE(c, nullptr);
+  ASSERT_TRUE(c->WaitHealthy({"p0", "d0"}));
+  EXPECT_TRUE(GenerateNamed(*c, "", 3).status.ok());
 }
 
 }  // namespace
