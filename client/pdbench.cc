@@ -14,16 +14,19 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "client/bench_metrics.h"
 #include "client/bench_runner.h"
+#include "client/multi_client.h"
 #include "client/openai_client.h"
 #include "client/rate_search.h"
 #include "client/serving_client.h"
@@ -55,7 +58,9 @@ struct FlagDef {
 
 const FlagDef kFlags[] = {
     {"target", FlagType::kValue,
-     "HOST:PORT of the pdserve front-end, or of the HTTP server with --api openai (required)"},
+     "HOST:PORT of the pdserve front-end, or of the HTTP server with --api openai (required); "
+     "several, comma-separated: requests go to each in turn, and one a target refuses before "
+     "answering (UNAVAILABLE: draining, gone) goes to the next"},
     {"api", FlagType::kValue,
      "grpc (pdserve's Serving API, the default), openai: streamed POST /v1/completions on "
      "an OpenAI-compatible HTTP server (pdserve --http-port, vLLM, SGLang, ...), or "
@@ -274,7 +279,9 @@ struct Config {
 absl::StatusOr<Config> MakeConfig(const Flags& f) {
   Config c;
   c.target = f.String("target");
-  if (c.target.empty()) return absl::InvalidArgumentError("--target HOST:PORT is required");
+  if (absl::StripAsciiWhitespace(absl::StrReplaceAll(c.target, {{",", ""}})).empty()) {
+    return absl::InvalidArgumentError("--target HOST:PORT is required");
+  }
   const std::string api = f.Has("api") ? f.String("api") : "grpc";
   if (api != "grpc" && api != "openai" && api != "openai-chat") {
     return absl::InvalidArgumentError("--api must be grpc, openai or openai-chat");
@@ -580,10 +587,22 @@ nlohmann::json ConfigJson(const Config& c, const std::string& model) {
 class Pdbench {
  public:
   explicit Pdbench(Config config) : c_(std::move(config)) {
-    if (c_.openai) {
-      client_ = std::make_unique<OpenAiClient>(c_.target, c_.model, c_.chat);
+    std::vector<std::unique_ptr<GenerateClient>> clients;
+    for (absl::string_view t : absl::StrSplit(c_.target, ',', absl::SkipWhitespace())) {
+      const std::string target(absl::StripAsciiWhitespace(t));
+      if (c_.openai) {
+        clients.push_back(std::make_unique<OpenAiClient>(target, c_.model, c_.chat));
+      } else {
+        clients.push_back(std::make_unique<ServingClient>(target));
+      }
+    }
+    first_ = clients.front().get();
+    if (clients.size() == 1) {
+      client_ = std::move(clients.front());
     } else {
-      client_ = std::make_unique<ServingClient>(c_.target);
+      auto multi = std::make_unique<MultiClient>(std::move(clients));
+      multi_ = multi.get();
+      client_ = std::move(multi);
     }
   }
 
@@ -593,7 +612,7 @@ class Pdbench {
       return absl::UnavailableError(absl::StrCat("target not reachable: ", connected.message()));
     }
     if (c_.wait_ready_s > 0) PDS_RETURN_IF_ERROR(WaitReady());
-    if (c_.openai) model_ = static_cast<OpenAiClient&>(*client_).model();
+    if (c_.openai) model_ = static_cast<OpenAiClient&>(*first_).model();
     auto status = client_->GetClusterStatus(absl::Seconds(std::min(c_.connect_timeout_s, 10.0)));
     if (status.ok()) {
       model_ = status->model();
@@ -747,11 +766,16 @@ class Pdbench {
                             turns_sent.size(), complete, c_.turns, c_.turns);
       table += TurnsTable(result->records, c_.slo);
     }
+    if (multi_ != nullptr) {
+      absl::StrAppendFormat(&table, "Targets: %d (requests sent again after a refusal: %d)\n",
+                            multi_->size(), multi_->failovers());
+    }
     std::printf("%s", table.c_str());
     std::fflush(stdout);
     nlohmann::json j = ConfigJson(c_, model_);
     j.update(MetricsToJson(m, c_.percentile_metrics));
     j["late_sends"] = result->late_sends;
+    if (multi_ != nullptr) j["failovers"] = multi_->failovers();
     double rate = std::isinf(c_.rate) ? 0 : c_.rate;
     std::string svg = SearchSvg({{rate, m}}, c_.num_gpus, c_.search_options.attainment_target,
                                 c_.slo, absl::StrCat("pdbench ", label));
@@ -856,6 +880,8 @@ class Pdbench {
 
   Config c_;
   std::unique_ptr<GenerateClient> client_;
+  GenerateClient* first_ = nullptr;  // the first target's client (client_ or in multi_)
+  MultiClient* multi_ = nullptr;     // client_, with several targets
   std::string model_;
   int runs_ = 0;
 };

@@ -14,6 +14,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
@@ -404,6 +405,10 @@ absl::Status RunUp(const CliArgs& args) {
   PDS_ASSIGN_OR_RETURN(int64_t n_colocated, args.GetInt("colocated", 0));
   PDS_ASSIGN_OR_RETURN(int64_t port, args.GetInt("port", 8000));
   PDS_ASSIGN_OR_RETURN(int64_t startup_s, args.GetInt("startup-timeout", 300));
+  PDS_ASSIGN_OR_RETURN(const int64_t n_frontends, args.GetInt("frontends", 1));
+  if (n_frontends < 1 || n_frontends > 8) {
+    return absl::InvalidArgumentError("--frontends must be in [1, 8]");
+  }
   if (n_colocated > 0 && (n_prefill > 0 || n_decode > 0)) {
     return absl::InvalidArgumentError("give either --colocated K or --prefill N --decode M");
   }
@@ -425,10 +430,14 @@ absl::Status RunUp(const CliArgs& args) {
   const std::string host = "127.0.0.1";
   const std::string backend = args.GetString("backend", "cpu");
 
-  const std::string port_file =
-      (std::filesystem::temp_directory_path() / absl::StrCat("pdserve-up-", getpid(), ".port"))
-          .string();
-  std::filesystem::remove(port_file);
+  // Front-end i writes its port to port_files[i] once it listens.
+  std::vector<std::string> port_files;
+  for (int64_t i = 0; i < n_frontends; ++i) {
+    port_files.push_back((std::filesystem::temp_directory_path() /
+                          absl::StrCat("pdserve-up-", getpid(), "-", i, ".port"))
+                             .string());
+    std::filesystem::remove(port_files.back());
+  }
   // Every process finishes its requests for up to --drain-timeout-s once stopped.
   PDS_ASSIGN_OR_RETURN(const absl::Duration drain, DrainTimeout(args, /*fallback=*/5));
   const std::vector<std::string> drain_flag = {"--drain-timeout-s",
@@ -440,37 +449,47 @@ absl::Status RunUp(const CliArgs& args) {
     std::fprintf(stderr, "pdserve up: signal %d during start-up, shutting the cluster down\n", sig);
     cluster.Stop();
     std::error_code ignored;
-    std::filesystem::remove(port_file, ignored);
+    for (const std::string& f : port_files) std::filesystem::remove(f, ignored);
     return absl::OkStatus();
   };
-  std::vector<std::string> fe = {"pdserve",     "frontend", "--model", model,
-                                 "--host",      host,       "--port",  absl::StrCat(port),
-                                 "--port-file", port_file};
-  for (const char* pass :
-       {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms", "slo-tpot-ms",
-        "worker-stall-timeout-s", "metrics-port", "http-port", "local-prefill-max-tokens",
-        "chat-template", "tool-call-parser", "reasoning-parser"}) {
-    if (args.Has(pass)) {
+  // Front-end i listens on --port + i (any free port with 0), and likewise its metrics and
+  // HTTP ports.
+  auto port_plus = [](int64_t base, int64_t i) { return absl::StrCat(base > 0 ? base + i : base); };
+  for (int64_t i = 0; i < n_frontends; ++i) {
+    std::vector<std::string> fe = {
+        "pdserve",     "frontend",   "--model",          model,  "--host",
+        host,          "--port",     port_plus(port, i), "--id", absl::StrCat("frontend-", i),
+        "--port-file", port_files[i]};
+    for (const char* pass :
+         {"policy", "max-in-flight", "profile", "step-time-scale", "slo-ttft-ms", "slo-tpot-ms",
+          "worker-stall-timeout-s", "metrics-port", "http-port", "local-prefill-max-tokens",
+          "chat-template", "tool-call-parser", "reasoning-parser"}) {
+      if (!args.Has(pass)) continue;
       fe.push_back(absl::StrCat("--", pass));
-      fe.push_back(args.GetString(pass));
+      int64_t base = 0;
+      const bool shifted =
+          (std::string(pass) == "metrics-port" || std::string(pass) == "http-port") &&
+          absl::SimpleAtoi(args.GetString(pass), &base);
+      fe.push_back(shifted ? port_plus(base, i) : args.GetString(pass));
     }
+    if (args.Has("best-effort")) fe.push_back("--best-effort");
+    fe.insert(fe.end(), plan_fe_flags.begin(), plan_fe_flags.end());
+    fe.insert(fe.end(), drain_flag.begin(), drain_flag.end());
+    PDS_RETURN_IF_ERROR(cluster.Add(absl::StrCat("frontend-", i), fe));
   }
-  if (args.Has("best-effort")) fe.push_back("--best-effort");
-  fe.insert(fe.end(), plan_fe_flags.begin(), plan_fe_flags.end());
-  fe.insert(fe.end(), drain_flag.begin(), drain_flag.end());
-  PDS_RETURN_IF_ERROR(cluster.Add("frontend", fe));
 
-  // The front-end writes its port once it listens.
+  // Each front-end writes its port once it listens.
   const absl::Time deadline = absl::Now() + absl::Seconds(startup_s);
-  std::string address;
-  while (address.empty()) {
-    std::ifstream in(port_file);
+  std::vector<std::string> addresses;
+  while (addresses.size() < port_files.size()) {
+    std::ifstream in(port_files[addresses.size()]);
     std::string line;
-    int port = 0;
-    if (in && std::getline(in, line) && absl::SimpleAtoi(line, &port)) {
-      address = JoinHostPort(host, port);
+    int bound = 0;
+    if (in && std::getline(in, line) && absl::SimpleAtoi(line, &bound)) {
+      addresses.push_back(JoinHostPort(host, bound));
+      std::filesystem::remove(port_files[addresses.size() - 1]);
+      continue;
     }
-    if (!address.empty()) break;
     const std::string died = cluster.Reap();
     if (!died.empty()) return absl::UnavailableError(absl::StrCat("front-end ", died));
     if (absl::Now() > deadline) return absl::DeadlineExceededError("front-end did not start");
@@ -478,7 +497,7 @@ absl::Status RunUp(const CliArgs& args) {
       return stop_during_start_up(sig);
     }
   }
-  std::filesystem::remove(port_file);
+  const std::string address = absl::StrJoin(addresses, ",");
 
   // --pin-cpus: worker i takes CPUs i * threads .. (i + 1) * threads - 1 (modulo the cores),
   // in the order prefill, decode (or colocated).
@@ -548,16 +567,20 @@ absl::Status RunUp(const CliArgs& args) {
     }
   }
 
-  // Ready when every worker is registered and healthy.
-  auto stub = ::pdserve::v1::Serving::NewStub(MakeChannel(address));
+  // Ready when every worker is registered with every front-end and healthy.
+  std::vector<std::unique_ptr<::pdserve::v1::Serving::Stub>> stubs;
+  for (const std::string& a : addresses)
+    stubs.push_back(::pdserve::v1::Serving::NewStub(MakeChannel(a)));
+  size_t ready = 0;  // front-ends that see every worker healthy
   while (true) {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(1));
     ::pdserve::v1::ClusterStatus status;
-    if (stub->GetClusterStatus(&ctx, ::pdserve::v1::ClusterStatusRequest(), &status).ok()) {
+    if (stubs[ready]->GetClusterStatus(&ctx, ::pdserve::v1::ClusterStatusRequest(), &status).ok()) {
       int healthy = 0;
       for (const auto& inst : status.instances()) healthy += inst.healthy();
-      if (healthy == n_workers) break;
+      if (healthy == n_workers && ++ready == stubs.size()) break;
+      if (healthy == n_workers) continue;
     }
     const std::string died = cluster.Reap();
     if (!died.empty()) return absl::UnavailableError(absl::StrCat("during start-up, ", died));
@@ -728,6 +751,10 @@ int UpMain(int argc, char** argv) {
       {"decode", false, "decode instances"},
       {"colocated", false, "colocated instances (instead of prefill/decode)"},
       {"port", false, "front-end port on 127.0.0.1 (default 8000; 0: any free port)"},
+      {"frontends", false,
+       "front-ends sharing the workers (default 1; at most 8): front-end i listens on --port + i "
+       "(--metrics-port, --http-port likewise); the ready file and the banner list them all, "
+       "comma-separated (pdbench --target takes the list)"},
       {"backend", false, "cpu (default) or cuda"},
       {"kv-transport", false, "tcp, cuda-ipc or nccl (default: tcp on cpu, cuda-ipc on cuda)"},
       {"kv-handoff", false,

@@ -15,6 +15,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "client/bench_runner.h"
+#include "client/multi_client.h"
 #include "client/pdbench.h"
 #include "client/serving_client.h"
 #include "gtest/gtest.h"
@@ -858,6 +859,92 @@ TEST_F(PdbenchFakeServerTest, WaitReadyHoldsTheLoadUntilTheClusterCanServe) {
   EXPECT_EQ(RunPdbench(with("20")), 0);
   EXPECT_LT(absl::Now() - third, absl::Seconds(10));
   EXPECT_EQ(service_.received(), 4);
+}
+
+// Several targets: requests go to each in turn; one a target refuses before any token
+// (UNAVAILABLE: draining) goes to the next, once per target, and the caller sees one call; a
+// failure after a token, or another code, is never sent again.
+TEST_F(PdbenchFakeServerTest, SeveralTargetsTakeTurnsAndARefusalGoesToTheNext) {
+  ScriptFixed(5, 2);
+  FakeServing draining;  // refuses everything, as a front-end that drains
+  draining.script = [](int64_t) {
+    Script s;
+    s.fail_code = grpc::StatusCode::UNAVAILABLE;
+    return s;
+  };
+  int other_port = 0;
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &other_port);
+  builder.RegisterService(&draining);
+  std::unique_ptr<grpc::Server> other = builder.BuildAndStart();
+  ASSERT_NE(other, nullptr);
+  const std::string other_target = absl::StrCat("127.0.0.1:", other_port);
+  auto both = [&] {
+    std::vector<std::unique_ptr<GenerateClient>> clients;
+    clients.push_back(std::make_unique<ServingClient>(other_target));
+    clients.push_back(std::make_unique<ServingClient>(target_));
+    return std::make_unique<MultiClient>(std::move(clients));
+  };
+  {
+    auto client = both();
+    EXPECT_EQ(client->target(), absl::StrCat(other_target, ",", target_));
+    ASSERT_TRUE(client->WaitForConnected(absl::Seconds(5)).ok());
+    RunOptions o;
+    o.concurrency = 2;
+    o.max_requests = 10;
+    o.request_id_prefix = "multi";
+    auto result = RunBenchmark(*client, Specs(10, 4, 3), o);
+    ASSERT_TRUE(result.ok()) << result.status();
+    ASSERT_EQ(result->records.size(), 10u);
+    for (const RequestRecord& r : result->records) EXPECT_TRUE(r.ok) << r.error_code;
+    EXPECT_EQ(draining.received(), 5);  // every other request went there first
+    EXPECT_EQ(service_.received(), 10);
+    EXPECT_EQ(client->failovers(), 5);
+  }
+  // Failures after a token, and other codes, stay failures.
+  service_.script = [](int64_t i) {
+    Script s;
+    s.ttft_ms = 5;
+    s.itl_ms = 2;
+    s.fail_code = i % 2 ? grpc::StatusCode::UNAVAILABLE : grpc::StatusCode::RESOURCE_EXHAUSTED;
+    s.fail_after_tokens = i % 2 ? 1 : -1;
+    return s;
+  };
+  draining.script = service_.script;
+  {
+    auto client = both();
+    RunOptions o;
+    o.concurrency = 1;
+    o.max_requests = 4;
+    o.request_id_prefix = "fail";
+    auto result = RunBenchmark(*client, Specs(4, 4, 3), o);
+    ASSERT_TRUE(result.ok()) << result.status();
+    for (const RequestRecord& r : result->records) EXPECT_FALSE(r.ok);
+    EXPECT_EQ(client->failovers(), 0);
+  }
+  // Every target refusing: the call ends UNAVAILABLE after one try on each.
+  service_.script = draining.script = [](int64_t) {
+    Script s;
+    s.fail_code = grpc::StatusCode::UNAVAILABLE;
+    return s;
+  };
+  {
+    auto client = both();
+    const int64_t before = draining.received() + service_.received();
+    pdserve::v1::GenerateRequest r;
+    r.set_request_id("none-1");
+    r.add_prompt_token_ids(3);
+    r.set_max_tokens(2);
+    grpc::Status status;
+    auto call = client->StartGenerate(
+        r, absl::Seconds(5),
+        {nullptr, [&](const grpc::Status& s, Clock::time_point) { status = s; }});
+    call->Wait();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAVAILABLE);
+    EXPECT_EQ(draining.received() + service_.received() - before, 2);
+    EXPECT_EQ(client->failovers(), 1);
+  }
+  other->Shutdown();
 }
 
 TEST(PdbenchCliTest, UnreachableTargetAndBadArguments) {

@@ -13,6 +13,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -98,6 +99,22 @@ TEST(PdbenchEndToEndTest, DisaggregatedCluster) {
   // And a regular expression that cannot end within 8 tokens.
   ASSERT_NO_FATAL_FAILURE(
       SixteenRequests({"--target", cluster->address(), "--regex", "'[a-z ]{500,600}'"}, j));
+}
+
+// Two front-ends sharing the workers (`up --frontends 2`): the cluster's address lists both,
+// pdbench sends to each in turn, and each serves on its own.
+TEST(PdbenchEndToEndTest, TwoFrontendsShareTheWorkers) {
+  auto cluster = testing::LocalCluster::Start(
+      PDSERVE_BINARY, TinyModel(), {"--prefill", "1", "--decode", "1", "--frontends", "2"});
+  ASSERT_NE(cluster, nullptr);
+  const std::vector<std::string> addresses = absl::StrSplit(cluster->address(), ',');
+  ASSERT_EQ(addresses.size(), 2u) << cluster->address();
+  nlohmann::json j;
+  ASSERT_NO_FATAL_FAILURE(SixteenRequests({"--target", cluster->address()}, j));
+  EXPECT_EQ(j["failovers"], 0);
+  EXPECT_EQ(j["server_timeline"]["transfer_ms"]["count"], 16);
+  ASSERT_NO_FATAL_FAILURE(SixteenRequests({"--target", addresses[1]}, j));
+  EXPECT_FALSE(j.contains("failovers"));
 }
 
 // The same load through the front-end's OpenAI-compatible HTTP port (`up --http-port`), its

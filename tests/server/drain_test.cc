@@ -22,6 +22,8 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
+#include "client/bench_runner.h"
+#include "client/multi_client.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "pdserve/internal/control.grpc.pb.h"
@@ -847,6 +849,53 @@ TEST(SharedWorkersTest, AFrontendThatComesLaterIsFound) {
   ASSERT_NE(c, nullptr);
   ASSERT_TRUE(c->WaitHealthy({"p0", "d0"}));
   EXPECT_TRUE(GenerateNamed(*c, "", 3).status.ok());
+}
+
+// Rolling a front-end under load loses nothing: a client of both (pdbench's MultiClient) keeps
+// 4 requests in flight while one front-end drains; it finishes those it holds, refuses new
+// ones with UNAVAILABLE, and the client sends those to the other.
+TEST(SharedWorkersTest, DrainingAFrontendUnderLoadLosesNoRequest) {
+  FrontendOptions oa, ob;
+  oa.id = "fe-a";
+  ob.id = "fe-b";
+  auto a = StartFrontend(oa);
+  auto b = StartFrontend(ob);
+  ASSERT_TRUE(a && b);
+  WorkerOptions o;
+  o.frontend = absl::StrCat(a->frontend->address(), ",", b->frontend->address());
+  o.id = "p0";
+  auto p0 = StartWorker(InstanceRole::kPrefill, o);
+  o.id = "d0";
+  auto d0 = StartWorker(InstanceRole::kDecode, o);
+  ASSERT_TRUE(p0 && d0);
+  ASSERT_TRUE(a->WaitHealthy({"p0", "d0"}));
+  ASSERT_TRUE(b->WaitHealthy({"p0", "d0"}));
+  d0->backend.delay_ms = 5;  // requests of about 100 ms
+  std::vector<std::unique_ptr<client::GenerateClient>> clients;
+  clients.push_back(std::make_unique<client::ServingClient>(a->frontend->address()));
+  clients.push_back(std::make_unique<client::ServingClient>(b->frontend->address()));
+  client::MultiClient both(std::move(clients));
+  std::vector<client::RequestSpec> specs(4);
+  for (size_t i = 0; i < specs.size(); ++i) {
+    for (int j = 0; j < 8; ++j) specs[i].prompt_token_ids.push_back(3 + 10 * i + j);
+    specs[i].prompt_len = 8;
+    specs[i].output_len = 8;
+  }
+  client::RunOptions run;
+  run.concurrency = 4;
+  run.max_requests = 40;
+  run.request_timeout_s = 60;
+  std::thread drainer([&] {
+    absl::SleepFor(absl::Milliseconds(600));
+    EXPECT_TRUE(a->frontend->Drain(absl::Seconds(30)));
+  });
+  auto result = client::RunBenchmark(both, specs, run);
+  drainer.join();
+  ASSERT_TRUE(result.ok()) << result.status();
+  ASSERT_EQ(result->records.size(), 40u);
+  for (const client::RequestRecord& r : result->records) EXPECT_TRUE(r.ok) << r.error_code;
+  EXPECT_GT(both.failovers(), 0);
+  a->frontend->Shutdown();
 }
 
 }  // namespace
