@@ -20,7 +20,7 @@ PACKAGES=(
   libabsl-dev libspdlog-dev nlohmann-json3-dev libopenblas-dev libpcre2-dev libicu-dev libcpp-httplib-dev
   libgrpc++-dev libprotobuf-dev protobuf-compiler protobuf-compiler-grpc
   libgtest-dev libgmock-dev libbenchmark-dev
-  python3 python3-grpcio python3-protobuf python3-yaml python3-jinja2
+  python3 python3-grpcio python3-protobuf python3-yaml python3-jinja2 python3-jsonschema
 )
 
 log() { printf '\033[1m[run.sh]\033[0m %s\n' "$*" >&2; }

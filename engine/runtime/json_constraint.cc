@@ -425,9 +425,9 @@ class SchemaCompiler {
     return absl::OkStatus();
   }
 
-  // A string's pattern (searched for, as JSON Schema reads it), or else the regular expression
-  // of its format where it has one (date, time, date-time, uuid, ipv4, email; other formats
-  // are annotations). The string's length bounds go into the automaton where they can (up to
+  // A string's pattern (searched for, as JSON Schema reads it) and the regular expression of
+  // its format where it has one (see Format; other formats are annotations), intersected when
+  // both are there. The string's length bounds go into the automaton where they can (up to
   // 1000 characters), so that its distances to a match count them.
   absl::Status Pattern(const Json& s, const std::string& where, JsonSchema::Node& node) {
     std::shared_ptr<const ByteDfa> dfa;
@@ -438,12 +438,21 @@ class SchemaCompiler {
           ByteDfa::Compile(pattern->get<std::string>(), ByteDfa::Mode::kSearch, &work_left_);
       if (!compiled.ok()) return Error(where, compiled.status().message());
       dfa = *std::move(compiled);
-    } else {
-      auto format = Format(s);
-      if (!format.ok()) return Error(where, format.status().message());
-      dfa = *std::move(format);
-      if (dfa == nullptr) return absl::OkStatus();
     }
+    auto format = Format(s);
+    if (!format.ok()) return Error(where, format.status().message());
+    if (*format != nullptr && dfa != nullptr) {
+      auto both = ByteDfa::Intersect(*dfa, **format);
+      if (!both.ok()) {
+        return Error(where, absl::StrContains(both.status().message(), "matches nothing")
+                                ? "no string of its format matches its pattern"
+                                : "its pattern and format together need over 4096 states");
+      }
+      dfa = *std::move(both);
+    } else if (*format != nullptr) {
+      dfa = *std::move(format);
+    }
+    if (dfa == nullptr) return absl::OkStatus();
     if (node.min_length > 0 && node.min_length <= 1000 && node.max_length <= 1000) {
       auto lengths = ByteDfa::Compile(
           absl::StrCat("[\\s\\S]{", node.min_length, ",",
@@ -508,7 +517,11 @@ class SchemaCompiler {
     const std::string date = "(\\d+D|\\d+M(\\d+D)?|\\d+Y(\\d+M(\\d+D)?)?)";
     return absl::StrCat("P(", date, "(", time, ")?|", time, "|\\d+W)");
   }
-  static constexpr const char* kDate = "\\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\\d|3[01])";
+  // RFC 3339 full-date: a day the month has (February 29 in leap years only).
+  static constexpr const char* kDate =
+      "(\\d{4}-((0[13578]|1[02])-(0[1-9]|[12]\\d|3[01])|(0[469]|11)-(0[1-9]|[12]\\d|30)|"
+      "02-(0[1-9]|1\\d|2[0-8]))|(\\d\\d(0[48]|[2468][048]|[13579][26])|"
+      "([02468][048]|[13579][26])00)-02-29)";
   static constexpr const char* kTime =
       "([01]\\d|2[0-3]):[0-5]\\d:([0-5]\\d|60)(\\.\\d{1,9})?(Z|[+-]([01]\\d|2[0-3]):[0-5]\\d)";
 
@@ -626,6 +639,18 @@ class SchemaCompiler {
     return placeholder;
   }
 
+  // A declared member `name` (optional) whose value is node `value`.
+  static void AddKey(JsonSchema::Node& node, const std::string& name, int value) {
+    node.keys.push_back(Json(name).dump());
+    uint32_t h = kKeyHashStart;
+    for (size_t k = 1; k + 1 < node.keys.back().size(); ++k) {
+      h = KeyHash(h, static_cast<uint8_t>(node.keys.back()[k]));
+    }
+    node.key_hashes.push_back(h);
+    node.values.push_back(value);
+    node.required.push_back(0);
+  }
+
   absl::StatusOr<int> Object(const Json& s, const std::string& where, int depth) {
     JsonSchema::Node node;
     node.kind = JsonSchema::Node::kObject;
@@ -639,26 +664,7 @@ class SchemaCompiler {
         PDS_ASSIGN_OR_RETURN(int v,
                              Compile(schema, absl::StrCat(where, "/properties/", name), depth + 1));
         names.push_back(name);
-        node.keys.push_back(Json(name).dump());
-        uint32_t h = kKeyHashStart;
-        for (size_t k = 1; k + 1 < node.keys.back().size(); ++k) {
-          h = KeyHash(h, static_cast<uint8_t>(node.keys.back()[k]));
-        }
-        node.key_hashes.push_back(h);
-        node.values.push_back(v);
-        node.required.push_back(0);
-      }
-    }
-    if (auto req = s.find("required"); req != s.end()) {
-      if (!req->is_array()) return Error(where, "required must be an array of names");
-      for (const Json& r : *req) {
-        auto at = r.is_string() ? std::find(names.begin(), names.end(), r.get<std::string>())
-                                : names.end();
-        if (at == names.end()) {
-          return Error(where, absl::StrCat("required names ", r.dump(),
-                                           ", which is not one of the properties"));
-        }
-        node.required[at - names.begin()] = 1;
+        AddKey(node, name, v);
       }
     }
     auto extra = s.find("additionalProperties");
@@ -671,6 +677,30 @@ class SchemaCompiler {
     } else {
       PDS_ASSIGN_OR_RETURN(node.additional,
                            Compile(*extra, where + "/additionalProperties", depth + 1));
+    }
+    if (auto req = s.find("required"); req != s.end()) {
+      if (!req->is_array()) return Error(where, "required must be an array of names");
+      for (const Json& r : *req) {
+        if (!r.is_string()) return Error(where, "required must be an array of names");
+        auto at = std::find(names.begin(), names.end(), r.get<std::string>());
+        if (at == names.end()) {
+          // Not among the properties: an additional one, which must then be there (its value
+          // as additionalProperties says; any, where that is left out).
+          if (extra != s.end() && extra->is_boolean() && !extra->get<bool>()) {
+            return Error(where, absl::StrCat("required names ", r.dump(),
+                                             ", which is not one of the properties, and "
+                                             "additionalProperties is false"));
+          }
+          if (names.size() >= kMaxProperties) {
+            return Error(where, "more than 256 properties (each optional one is a parser state)");
+          }
+          AddKey(node, r.get<std::string>(),
+                 extra != s.end() && extra->is_object() ? node.additional : Any());
+          names.push_back(r.get<std::string>());
+          at = names.end() - 1;
+        }
+        node.required[at - names.begin()] = 1;
+      }
     }
     PDS_RETURN_IF_ERROR(Count(s, "minProperties", where, node.min_items));
     PDS_RETURN_IF_ERROR(Count(s, "maxProperties", where, node.max_items));

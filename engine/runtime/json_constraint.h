@@ -4,13 +4,14 @@
 // every reply parses and matches (unless max_tokens cuts it short, which ends it as "length").
 //
 // The schema subset (anything else is refused with INVALID_ARGUMENT naming the keyword and
-// where it is): type (one or a list), properties, required, additionalProperties (false, the
+// where it is): type (one or a list), properties, required (a name that is not a property is an
+// additional member that must be there), additionalProperties (false, the
 // default under properties; true or a schema), minProperties, maxProperties, items,
 // prefixItems (tuples; or draft 4-7's items as a list with additionalItems), minItems,
 // maxItems, minLength,
 // maxLength, pattern (a regex.h pattern, searched for as JSON Schema reads it), format (date,
 // time, date-time, duration, uuid, ipv4, ipv6, hostname (labels; not the 253-character total)
-// and email are held to their forms; others are annotations, as is a format beside a pattern),
+// and email are held to their forms, beside a pattern too; others are annotations),
 // minimum, maximum, exclusiveMinimum, exclusiveMaximum (numbers, or draft 4's booleans; exact in
 // decimal as nlohmann::json reads the bound (integers to 64 bits, others as the shortest text of
 // their double); at most 30 digits after the point; a bound past what 32 characters can write
