@@ -837,7 +837,12 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         }
         l.running_requests = std::max(inst->decoding, inst->status.running_requests());
         l.kv_blocks_total = inst->status.kv_blocks_total();
+        // Less this front-end's bookings and the hand-offs other front-ends' requests will
+        // bring (accepted there, not reserved yet).
         l.kv_blocks_free = inst->status.kv_blocks_free() - inst->promised_blocks;
+        for (const pb::FrontendQueue& q : inst->status.queued_by_frontend()) {
+          if (q.frontend_id() != tag_) l.kv_blocks_free -= std::max(0, q.kv_blocks_promised());
+        }
         l.block_size = std::max(1, inst->status.block_size());
         l.decode_context_tokens = inst->decode_context;
         if (inst->status.max_batch_tokens() > 0) {

@@ -960,6 +960,14 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       q.set_requests(q.requests() + 1);
       q.set_prompt_tokens(q.prompt_tokens() + tokens);
     });
+    for (const auto& [id, live] : live_) {
+      if (live.kind != Live::kDecode || live.in_engine) continue;
+      pb::FrontendQueue& q = by_frontend[live.frontend];
+      q.set_kv_blocks_promised(
+          q.kv_blocks_promised() +
+          engine::BlockTable::BlocksFor(static_cast<int32_t>(live.request.prompt.size()) + 1,
+                                        engine_->cache().shape().block_size));
+    }
     for (auto& [frontend, q] : by_frontend) {
       q.set_frontend_id(frontend);
       *s.add_queued_by_frontend() = std::move(q);

@@ -898,5 +898,38 @@ TEST(SharedWorkersTest, DrainingAFrontendUnderLoadLosesNoRequest) {
   a->frontend->Shutdown();
 }
 
+// KV blocks another front-end's requests will need at a decode worker (accepted, their KV not
+// in yet) count against its free blocks: a request goes to d1, where with both idle it would
+// go to d0 (the tie-break).
+TEST(SharedWorkersTest, OtherFrontendsPromisedBlocksCount) {
+  auto c = StartFrontend();
+  ASSERT_NE(c, nullptr);
+  auto p0 = c->Worker(InstanceRole::kPrefill, "p0");
+  auto d0 = c->Worker(InstanceRole::kDecode, "d0");
+  auto d1 = c->Worker(InstanceRole::kDecode, "d1");
+  ASSERT_TRUE(p0 && d0 && d1);
+  ASSERT_TRUE(c->WaitHealthy({"p0", "d0", "d1"}));
+  EXPECT_EQ(RunPrefixed(*c, 10, 200).decode_instance(), "d0");  // the tie-break
+  // Two requests of another front-end accepted at d0, waiting for KV that never comes.
+  std::vector<std::unique_ptr<grpc::ClientContext>> contexts;
+  std::vector<std::unique_ptr<grpc::ClientReader<::pdserve::internal::WorkEvent>>> readers;
+  for (int i = 0; i < 2; ++i) {
+    ::pdserve::internal::WorkRequest work = Work(absl::StrCat("other-", i), 40, 4);
+    work.set_frontend_id("fe-other");
+    contexts.push_back(std::make_unique<grpc::ClientContext>());
+    contexts.back()->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(30));
+    readers.push_back(d0->stub->Decode(contexts.back().get(), work));
+    ::pdserve::internal::WorkEvent accepted;
+    ASSERT_TRUE(readers.back()->Read(&accepted));
+  }
+  EXPECT_TRUE(d0->WaitFor([](const ::pdserve::internal::WorkerStatus& s) {
+    return s.queued_by_frontend_size() == 1 && s.queued_by_frontend(0).kv_blocks_promised() == 6;
+  }));                                      // 2 x 41 positions in blocks of 16
+  absl::SleepFor(absl::Milliseconds(150));  // the front-end's next poll of d0
+  EXPECT_EQ(RunPrefixed(*c, 120, 180).decode_instance(), "d1");
+  for (auto& ctx : contexts) ctx->TryCancel();
+  for (auto& r : readers) r->Finish().IgnoreError();
+}
+
 }  // namespace
 }  // namespace pds::server
