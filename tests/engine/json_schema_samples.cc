@@ -2,7 +2,8 @@
 // to check with an independent validator (python3-jsonschema).
 //
 // usage: json_schema_samples CORPUS OUT [SAMPLES]
-// CORPUS: one JSON Schema per line ('#' lines and blank lines skipped). OUT gets one JSON line
+// CORPUS: one JSON Schema per line ('#' lines and blank lines skipped), or {"x-regex": R} for a
+// whole-reply regular expression (JsonSchema::Regex). OUT gets one JSON line
 // per schema: {"line": N, "refused": MESSAGE} or {"line": N, "replies": [...],
 // "incomplete": K, "dead_ends": [...]}: replies the matcher completed, how many ran out of
 // steps, and prefixes after which it allowed nothing (a bug).
@@ -78,7 +79,10 @@ int main(int argc, char** argv) {
     if (line.empty() || line[0] == '#') continue;
     nlohmann::json record;
     record["line"] = line_no;
-    auto schema = JsonSchema::Compile(line);
+    const nlohmann::json parsed = nlohmann::json::parse(line, nullptr, false);
+    auto schema = parsed.is_object() && parsed.size() == 1 && parsed.contains("x-regex")
+                      ? JsonSchema::Regex(parsed["x-regex"].get<std::string>())
+                      : JsonSchema::Compile(line);
     if (!schema.ok()) {
       record["refused"] = std::string(schema.status().message());
       out << record.dump() << "\n";

@@ -2,8 +2,9 @@
 """Structured output against an independent validator: every reply the JSON Schema matcher
 completes for a corpus of schemas must be valid under python3-jsonschema (formats checked:
 jsonschema's own checkers, and stdlib-based ones written here for those it leaves to packages
-Debian does not ship), no schema of the corpus may be refused, and no draw may reach a dead
-end (a prefix after which nothing is allowed).
+Debian does not ship), every reply under a corpus regex ({"x-regex": R}) must match it whole
+under Python's re, no schema of the corpus may be refused, and no draw may reach a dead end
+(a prefix after which nothing is allowed).
 
 usage: json_schema_validate.py SAMPLER CORPUS WORK_DIR
 Exit 77 (skipped) without python3-jsonschema.
@@ -129,14 +130,21 @@ def main():
             if "refused" in record:
                 failures.append(f"line {n}: refused: {record['refused']}")
                 continue
-            cls = jsonschema.validators.validator_for(schema,
-                                                      default=jsonschema.Draft202012Validator)
-            validator = cls(schema, format_checker=checker)
             for prefix in record["dead_ends"]:
                 failures.append(f"line {n}: dead end after {prefix!r}")
             incomplete += record["incomplete"]
             if not record["replies"]:
                 failures.append(f"line {n}: no reply completed")
+            if list(schema) == ["x-regex"]:
+                pattern = re.compile(schema["x-regex"])
+                for text in record["replies"]:
+                    replies += 1
+                    if not pattern.fullmatch(text):
+                        failures.append(f"line {n}: {text!r} does not match")
+                continue
+            cls = jsonschema.validators.validator_for(schema,
+                                                      default=jsonschema.Draft202012Validator)
+            validator = cls(schema, format_checker=checker)
             for text in record["replies"]:
                 replies += 1
                 try:
