@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <future>
+#include <limits>
 #include <random>
 #include <thread>
 
@@ -107,6 +108,50 @@ bool LlmEngine::Constrain(Sequence& seq, const JsonMatcher::Bits& allowed, float
   token =
       JsonMatcher::Draw(allowed, row, model_.config().vocab_size, rule, wants_row, draw_scratch_);
   return token >= 0 && seq.matcher->Accept(token);
+}
+
+void LlmEngine::ProcessLogits(Sequence& seq, float* row) {
+  const SamplingParams& p = seq.request.params;
+  const int64_t vocab = model_.config().vocab_size;
+  const size_t prompt_len = seq.request.prompt.size();
+  for (; seq.counted < seq.tokens.size(); ++seq.counted) {
+    const int32_t t = seq.tokens[seq.counted];
+    if (seq.counted < prompt_len) {
+      if (p.repetition_penalty != 1.0f) seq.prompt_tokens.insert(t);
+    } else {
+      ++seq.reply_counts[t];
+    }
+  }
+  constexpr float kNever = -std::numeric_limits<float>::infinity();
+  if (seq.num_generated < p.min_tokens) {
+    for (int32_t eos : model_.config().eos_token_ids) {
+      if (eos >= 0 && eos < vocab) row[eos] = kNever;
+    }
+    for (int32_t stop : p.stop_token_ids) row[stop] = kNever;
+  }
+  for (const auto& [id, bias] : p.logit_bias) row[id] += bias;
+  if (p.repetition_penalty != 1.0f) {
+    auto penalize = [&](int32_t t) {
+      row[t] = row[t] > 0 ? row[t] / p.repetition_penalty : row[t] * p.repetition_penalty;
+    };
+    for (int32_t t : seq.prompt_tokens) penalize(t);
+    for (const auto& [t, count] : seq.reply_counts) {
+      if (!seq.prompt_tokens.contains(t)) penalize(t);
+    }
+  }
+  if (p.frequency_penalty != 0.0f || p.presence_penalty != 0.0f) {
+    for (const auto& [t, count] : seq.reply_counts) {
+      row[t] -= p.frequency_penalty * static_cast<float>(count) + p.presence_penalty;
+    }
+  }
+  if (p.min_p > 0.0f && p.temperature > 0.0f) {
+    // p / p_max = exp((logit - max) / T) >= min_p.
+    const float max = *std::max_element(row, row + vocab);
+    const float floor = max + p.temperature * std::log(p.min_p);
+    for (int64_t t = 0; t < vocab; ++t) {
+      if (row[t] < floor) row[t] = kNever;
+    }
+  }
 }
 
 absl::Status LlmEngine::AddRequest(GenerateRequest request) {
@@ -528,7 +573,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         seq.num_computed + plan[i].chunk >= static_cast<int32_t>(seq.tokens.size());
     // A reasoning model's reply before its constraint applies is drawn as any other.
     const bool masked = seq.matcher != nullptr && !seq.matcher->Free();
-    if (samples && (seq.request.params.logprobs >= 0 || seq.request.return_logits || masked)) {
+    if (samples && (seq.request.params.logprobs >= 0 || seq.request.return_logits || masked ||
+                    seq.request.params.ProcessesLogits())) {
       host_rows_[i] = 1;
     }
     if (samples && masked) constrained.push_back(i);
@@ -600,6 +646,16 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     out.request_id = seq.request.id;
     out.token = tokens_[i];
     bool constrained_end = false;  // the reply's JSON is complete (or a stop token ended it)
+    if (seq.request.params.ProcessesLogits()) {
+      // Drawn again, by the same rule, from the processed row (the matcher's draw below, when
+      // the reply is constrained).
+      ProcessLogits(seq, row);
+      const kernels::RowSampling& rule = sampling_[i];
+      out.token = rule.greedy()
+                      ? kernels::cpu::Argmax(row, vocab)
+                      : kernels::cpu::SampleLogits(row, vocab, rule.temperature, rule.top_k,
+                                                   rule.top_p, rule.u, sample_scratch_);
+    }
     if (seq.matcher != nullptr && seq.matcher->Free()) {
       // Watched for the reasoning's end. A token that would end the reply (or that the
       // vocabulary lacks) closes the reasoning instead: the constrained part must follow.

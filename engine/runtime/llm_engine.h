@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
 #include "engine/kv_cache/kv_cache.h"
 #include "engine/model/transformer.h"
@@ -200,7 +201,14 @@ class LlmEngine {
     std::vector<int32_t> cached_chain;
     int32_t prompt_cached = 0;             // prompt tokens its prefill took from the cache
     std::unique_ptr<JsonMatcher> matcher;  // a json_schema's place in the reply
+    // Logits processing (SamplingParams::ProcessesLogits): the prompt's distinct tokens, and
+    // the reply's tokens with their counts, of tokens[0, counted).
+    absl::flat_hash_set<int32_t> prompt_tokens;
+    absl::flat_hash_map<int32_t, int32_t> reply_counts;
+    size_t counted = 0;
   };
+  // Applies the request's logits processing to its row (SamplingParams' order).
+  void ProcessLogits(Sequence& seq, float* row);
   absl::Status ValidateRequest(GenerateRequest& request) const;
   // The matcher of a request's json_schema (null without one); the schema compiled once.
   absl::StatusOr<std::unique_ptr<JsonMatcher>> MatcherFor(const GenerateRequest& request);

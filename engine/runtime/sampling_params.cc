@@ -1,6 +1,7 @@
 #include "engine/runtime/sampling_params.h"
 
 #include <cmath>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "kernels/sampling.h"
@@ -30,6 +31,41 @@ absl::Status SamplingParams::Validate(int64_t vocab_size) const {
       return absl::InvalidArgumentError(
           absl::StrCat("stop token id ", id, " outside the vocabulary [0, ", vocab_size, ")"));
     }
+  }
+  for (const auto& [name, value, lo, hi] :
+       {std::tuple<const char*, float, float, float>{"presence_penalty", presence_penalty, -2, 2},
+        {"frequency_penalty", frequency_penalty, -2, 2},
+        {"min_p", min_p, 0, 1}}) {
+    if (!(value >= lo && value <= hi)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(name, " must be in [", lo, ", ", hi, "], got ", value));
+    }
+  }
+  if (!(repetition_penalty > 0.0f && repetition_penalty <= 10.0f)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("repetition_penalty must be in (0, 10], got ", repetition_penalty));
+  }
+  if (logit_bias.size() > 1024) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("logit_bias has ", logit_bias.size(), " entries; at most 1024"));
+  }
+  for (const auto& [id, bias] : logit_bias) {
+    if (id < 0 || id >= vocab_size) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "logit_bias token id ", id, " outside the vocabulary [0, ", vocab_size, ")"));
+    }
+    if (!(bias >= -100.0f && bias <= 100.0f)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("logit_bias of token ", id, " must be in [-100, 100], got ", bias));
+    }
+  }
+  if (min_tokens < 0 || min_tokens > max_tokens) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("min_tokens must be in [0, max_tokens = ", max_tokens, "], got ", min_tokens));
+  }
+  if (min_tokens > 0 && (!json_schema.empty() || !regex.empty())) {
+    return absl::InvalidArgumentError(
+        "min_tokens with structured output: the reply ends when its structure is complete");
   }
   return absl::OkStatus();
 }

@@ -1,0 +1,207 @@
+// Logits processing (SamplingParams: penalties, logit_bias, min_tokens, min_p): each step's
+// processed row equals an independent application of the rules to the model's raw logits for
+// the same context, the drawn token follows from it, and every knob has its effect.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+
+#include "engine/backend/cpu_backend.h"
+#include "engine/model/transformer.h"
+#include "engine/runtime/llm_engine.h"
+#include "gtest/gtest.h"
+#include "tests/testing/test_util.h"
+
+namespace pds::engine {
+namespace {
+
+class LogitsProcessingTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    config_ = testing::SmallTestConfig();
+    backend_ = std::make_unique<CpuBackend>(1);
+    auto model = Transformer::CreateRandom(config_, *backend_, 9);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model);
+  }
+  GenerateResult Run(GenerateRequest r) {
+    auto engine = LlmEngine::Create(*model_, {.block_size = 16, .num_blocks = 64});
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    if (r.id.empty()) r.id = "r";
+    auto result = (*engine)->Generate({r});
+    EXPECT_TRUE(result.ok()) << result.status();
+    return result.ok() ? (*result)[0] : GenerateResult();
+  }
+  // The model's raw logits after `context` (a one-token request of it).
+  std::vector<float> Raw(const std::vector<int32_t>& context) {
+    GenerateRequest r;
+    r.prompt = context;
+    r.params.max_tokens = 1;
+    r.params.ignore_eos = true;
+    r.return_logits = true;
+    return Run(r).logits.at(0);
+  }
+  std::vector<int32_t> Prompt(int n, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::vector<int32_t> p;
+    for (int i = 0; i < n; ++i) p.push_back(static_cast<int32_t>(rng() % 40));  // repeats
+    return p;
+  }
+
+  ModelConfig config_;
+  std::unique_ptr<CpuBackend> backend_;
+  std::unique_ptr<Transformer> model_;
+};
+
+// The rules, written from SamplingParams' description.
+std::vector<float> Reference(std::vector<float> row, const SamplingParams& p,
+                             const std::vector<int32_t>& prompt, const std::vector<int32_t>& reply,
+                             const std::vector<int32_t>& eos) {
+  constexpr float kNever = -std::numeric_limits<float>::infinity();
+  if (static_cast<int32_t>(reply.size()) < p.min_tokens) {
+    for (int32_t t : eos) row[t] = kNever;
+    for (int32_t t : p.stop_token_ids) row[t] = kNever;
+  }
+  for (const auto& [id, bias] : p.logit_bias) row[id] += bias;
+  std::set<int32_t> seen(prompt.begin(), prompt.end());
+  seen.insert(reply.begin(), reply.end());
+  for (int32_t t : seen) {
+    if (p.repetition_penalty != 1.0f) {
+      row[t] = row[t] > 0 ? row[t] / p.repetition_penalty : row[t] * p.repetition_penalty;
+    }
+  }
+  std::map<int32_t, int> counts;
+  for (int32_t t : reply) ++counts[t];
+  for (const auto& [t, c] : counts) row[t] -= p.frequency_penalty * c + p.presence_penalty;
+  if (p.min_p > 0 && p.temperature > 0) {
+    const float max = *std::max_element(row.begin(), row.end());
+    for (float& l : row) {
+      if (std::exp((l - max) / p.temperature) < p.min_p) l = kNever;
+    }
+  }
+  return row;
+}
+
+TEST_F(LogitsProcessingTest, EachStepsRowIsTheRulesAppliedToTheRawLogits) {
+  for (int variant = 0; variant < 4; ++variant) {
+    GenerateRequest r;
+    r.prompt = Prompt(24, variant);
+    r.params.max_tokens = 10;
+    r.params.ignore_eos = true;
+    r.return_logits = true;
+    SamplingParams& p = r.params;
+    p.repetition_penalty = variant == 0 ? 1.3f : variant == 1 ? 0.8f : 1.0f;
+    p.frequency_penalty = variant == 2 ? 0.7f : variant == 3 ? -0.4f : 0.0f;
+    p.presence_penalty = variant >= 2 ? 0.5f : 0.0f;
+    p.logit_bias = {{5, 2.5f}, {7, -3.0f}};
+    if (variant == 3) {
+      p.temperature = 0.8f;
+      p.seed = 4;
+      p.min_p = 0.05f;
+    }
+    const GenerateResult got = Run(r);
+    ASSERT_EQ(got.token_ids.size(), 10u);
+    std::vector<int32_t> context = r.prompt, reply;
+    for (size_t k = 0; k < got.token_ids.size(); ++k) {
+      const std::vector<float> want = Reference(Raw(context), p, r.prompt, reply, {});
+      ASSERT_EQ(got.logits[k].size(), want.size());
+      for (size_t t = 0; t < want.size(); ++t) {
+        if (std::isinf(want[t])) {
+          EXPECT_TRUE(std::isinf(got.logits[k][t])) << "variant " << variant << " step " << k;
+        } else {
+          EXPECT_NEAR(got.logits[k][t], want[t], 2e-3f * (1 + std::abs(want[t])))
+              << "variant " << variant << " step " << k << " token " << t;
+        }
+      }
+      if (p.temperature == 0) {
+        EXPECT_EQ(got.token_ids[k], std::max_element(got.logits[k].begin(), got.logits[k].end()) -
+                                        got.logits[k].begin());
+      } else {
+        EXPECT_FALSE(std::isinf(got.logits[k][got.token_ids[k]]));  // min_p kept it
+      }
+      context.push_back(got.token_ids[k]);
+      reply.push_back(got.token_ids[k]);
+    }
+  }
+}
+
+TEST_F(LogitsProcessingTest, KnobsHaveTheirEffect) {
+  const std::vector<int32_t> prompt = Prompt(16, 1);
+  // A +100 bias: that token every time; -100 on the greedy choice: never it.
+  GenerateRequest r;
+  r.prompt = prompt;
+  r.params.max_tokens = 8;
+  r.params.ignore_eos = true;
+  const GenerateResult plain = Run(r);
+  r.params.logit_bias = {{11, 100.0f}};
+  for (int32_t t : Run(r).token_ids) EXPECT_EQ(t, 11);
+  r.params.logit_bias = {{plain.token_ids[0], -100.0f}};
+  for (int32_t t : Run(r).token_ids) EXPECT_NE(t, plain.token_ids[0]);
+  // min_tokens: EOS (biased to win) and stop tokens wait for it.
+  const int32_t eos = config_.eos_token_ids.at(0);
+  r.params.ignore_eos = false;
+  r.params.logit_bias = {{eos, 100.0f}};
+  r.params.min_tokens = 5;
+  GenerateResult ended = Run(r);
+  ASSERT_EQ(ended.token_ids.size(), 6u);
+  EXPECT_EQ(ended.token_ids.back(), eos);
+  EXPECT_EQ(ended.finish, FinishReason::kStop);
+  r.params.logit_bias = {{9, 100.0f}};
+  r.params.stop_token_ids = {9};
+  ended = Run(r);
+  ASSERT_EQ(ended.token_ids.size(), 6u);
+  EXPECT_EQ(ended.token_ids.back(), 9);
+  // A strong frequency penalty: no token three times in 12 greedy tokens.
+  r = GenerateRequest();
+  r.prompt = prompt;
+  r.params.max_tokens = 12;
+  r.params.ignore_eos = true;
+  r.params.frequency_penalty = 2.0f;
+  r.params.presence_penalty = 2.0f;
+  std::map<int32_t, int> counts;
+  for (int32_t t : Run(r).token_ids) EXPECT_LT(++counts[t], 3) << t;
+  // min_p 1 with sampling: only the likeliest token, as greedy.
+  r = GenerateRequest();
+  r.prompt = prompt;
+  r.params.max_tokens = 8;
+  r.params.ignore_eos = true;
+  r.params.temperature = 1.5f;
+  r.params.min_p = 1.0f;
+  r.params.seed = 3;
+  EXPECT_EQ(Run(r).token_ids, plain.token_ids);
+}
+
+TEST_F(LogitsProcessingTest, BadValuesAreRefusedByName) {
+  const int64_t vocab = config_.vocab_size;
+  auto check = [&](auto set, const char* name) {
+    SamplingParams p;
+    set(p);
+    const absl::Status s = p.Validate(vocab);
+    EXPECT_TRUE(absl::IsInvalidArgument(s)) << name;
+    EXPECT_NE(std::string(s.message()).find(name), std::string::npos) << s;
+  };
+  check([](SamplingParams& p) { p.presence_penalty = 2.5f; }, "presence_penalty");
+  check([](SamplingParams& p) { p.frequency_penalty = -3; }, "frequency_penalty");
+  check([](SamplingParams& p) { p.repetition_penalty = 0; }, "repetition_penalty");
+  check([](SamplingParams& p) { p.min_p = 1.5f; }, "min_p");
+  check(
+      [&](SamplingParams& p) {
+        p.logit_bias = {{static_cast<int32_t>(vocab), 1.0f}};
+      },
+      "logit_bias");
+  check([](SamplingParams& p) { p.logit_bias = {{1, 101.0f}}; }, "logit_bias");
+  check([](SamplingParams& p) { p.min_tokens = 17; }, "min_tokens");  // max_tokens 16
+  check(
+      [](SamplingParams& p) {
+        p.min_tokens = 2;
+        p.regex = "a+";
+      },
+      "min_tokens");
+  check([](SamplingParams& p) { p.presence_penalty = std::nanf(""); }, "presence_penalty");
+}
+
+}  // namespace
+}  // namespace pds::engine
