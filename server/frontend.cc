@@ -583,6 +583,14 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     params.max_tokens = r.max_tokens();
     params.logprobs = r.has_logprobs() ? r.logprobs() : -1;
     params.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
+    params.json_schema = r.json_schema();
+    params.regex = r.regex();
+    params.presence_penalty = r.presence_penalty();
+    params.frequency_penalty = r.frequency_penalty();
+    params.repetition_penalty = r.has_repetition_penalty() ? r.repetition_penalty() : 1.0f;
+    params.logit_bias.assign(r.logit_bias().begin(), r.logit_bias().end());
+    params.min_tokens = r.min_tokens();
+    params.min_p = r.min_p();
     if (absl::Status valid = params.Validate(config_.vocab_size); !valid.ok()) {
       return ToGrpc(valid);
     }
@@ -635,6 +643,12 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     work.set_logprobs(params.logprobs);
     work.set_json_schema(r.json_schema());
     work.set_regex(r.regex());
+    work.set_presence_penalty(params.presence_penalty);
+    work.set_frequency_penalty(params.frequency_penalty);
+    if (params.repetition_penalty != 1.0f) work.set_repetition_penalty(params.repetition_penalty);
+    *work.mutable_logit_bias() = r.logit_bias();
+    work.set_min_tokens(params.min_tokens);
+    work.set_min_p(params.min_p);
     if (r.reasoning_first() && (!r.json_schema().empty() || !r.regex().empty()) && tokenizer_) {
       if (std::optional<ReasoningGate> gate = FindReasoningGate(*tokenizer_, ids)) {
         if (gate->open >= 0) work.set_reasoning_open(gate->open);

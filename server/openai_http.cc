@@ -277,14 +277,34 @@ namespace {
 absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionRequest& r,
                          api::GenerateRequest& base, std::optional<uint64_t>& seed) {
   PDS_RETURN_IF_ERROR(CheckModel(j, model));
-  for (const auto& [field, neutral, what] :
-       std::initializer_list<std::tuple<const char*, Json, const char*>>{
-           {"presence_penalty", 0, "no penalties"},
-           {"frequency_penalty", 0, "no penalties"},
-           {"repetition_penalty", 1, "no penalties"},
-           {"logit_bias", Json::object(), "no logit bias"},
-           {"min_tokens", 0, "no minimum length"}}) {
-    PDS_RETURN_IF_ERROR(Unsupported(j, field, neutral, what));
+  // Logits processing (ranges checked by the front-end, as for gRPC).
+  for (const auto& [field, set] :
+       std::initializer_list<std::pair<const char*, void (api::GenerateRequest::*)(float)>>{
+           {"presence_penalty", &api::GenerateRequest::set_presence_penalty},
+           {"frequency_penalty", &api::GenerateRequest::set_frequency_penalty},
+           {"repetition_penalty", &api::GenerateRequest::set_repetition_penalty},
+           {"min_p", &api::GenerateRequest::set_min_p}}) {
+    std::optional<double> value;
+    if (auto it = j.find(field); it != j.end() && !it->is_null()) {
+      double v = 0;
+      PDS_RETURN_IF_ERROR(Get(j, field, v));
+      value = v;
+    }
+    if (value) (base.*set)(static_cast<float>(*value));
+  }
+  int32_t min_tokens = 0;
+  PDS_RETURN_IF_ERROR(Get(j, "min_tokens", min_tokens));
+  base.set_min_tokens(min_tokens);
+  if (auto it = j.find("logit_bias"); it != j.end() && !it->is_null()) {
+    // OpenAI's form: token ids (as strings) to a bias.
+    if (!it->is_object()) return BadField("logit_bias", "must be an object of token id: bias");
+    for (const auto& [key, bias] : it->items()) {
+      int32_t id = 0;
+      if (!absl::SimpleAtoi(key, &id) || !bias.is_number()) {
+        return BadField("logit_bias", "must be an object of token id: bias");
+      }
+      (*base.mutable_logit_bias())[id] = bias.get<float>();
+    }
   }
   double temperature = 1.0, top_p = 1.0;
   int32_t top_k = 0;

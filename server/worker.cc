@@ -1,5 +1,6 @@
 #include "server/worker.h"
 
+#include <algorithm>
 #include <atomic>
 #include <condition_variable>
 #include <deque>
@@ -136,6 +137,13 @@ engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
   g.params.logprobs = r.logprobs();
   g.params.json_schema = r.json_schema();
   g.params.regex = r.regex();
+  g.params.presence_penalty = r.presence_penalty();
+  g.params.frequency_penalty = r.frequency_penalty();
+  g.params.repetition_penalty = r.has_repetition_penalty() ? r.repetition_penalty() : 1.0f;
+  g.params.logit_bias.assign(r.logit_bias().begin(), r.logit_bias().end());
+  std::sort(g.params.logit_bias.begin(), g.params.logit_bias.end());  // (a map's order varies)
+  g.params.min_tokens = r.min_tokens();
+  g.params.min_p = r.min_p();
   if (r.has_reasoning_end()) {
     g.params.reasoning_open = r.has_reasoning_open() ? r.reasoning_open() : -1;
     g.params.reasoning_end = r.reasoning_end();

@@ -101,6 +101,36 @@ TEST(OpenAiParseTest, PromptsAndChoicesInIndexOrder) {
   EXPECT_EQ(texts->stop, std::vector<std::string>{"x"});
 }
 
+// Penalties, logit_bias (OpenAI's string keys), min_tokens and min_p reach every choice; the
+// front-end checks their ranges.
+TEST(OpenAiParseTest, LogitsProcessingReachesTheChoices) {
+  auto r = Parse({{"model", "m"},
+                  {"prompt", "a"},
+                  {"n", 2},
+                  {"presence_penalty", 0.5},
+                  {"frequency_penalty", -0.25},
+                  {"repetition_penalty", 1.2},
+                  {"min_p", 0.1},
+                  {"min_tokens", 3},
+                  {"logit_bias", {{"5", 10}, {"7", -100}}}});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->choices.size(), 2u);
+  for (const api::GenerateRequest& g : r->choices) {
+    EXPECT_FLOAT_EQ(g.presence_penalty(), 0.5f);
+    EXPECT_FLOAT_EQ(g.frequency_penalty(), -0.25f);
+    EXPECT_FLOAT_EQ(g.repetition_penalty(), 1.2f);
+    EXPECT_FLOAT_EQ(g.min_p(), 0.1f);
+    EXPECT_EQ(g.min_tokens(), 3);
+    ASSERT_EQ(g.logit_bias_size(), 2);
+    EXPECT_FLOAT_EQ(g.logit_bias().at(5), 10.0f);
+    EXPECT_FLOAT_EQ(g.logit_bias().at(7), -100.0f);
+  }
+  auto plain = Parse({{"model", "m"}, {"prompt", "a"}});
+  ASSERT_TRUE(plain.ok());
+  EXPECT_FALSE(plain->choices[0].has_repetition_penalty());
+  EXPECT_EQ(plain->choices[0].logit_bias_size(), 0);
+}
+
 TEST(OpenAiParseTest, RefusalsNameTheField) {
   struct Case {
     Json body;
@@ -130,12 +160,16 @@ TEST(OpenAiParseTest, RefusalsNameTheField) {
       {{{"prompt", "a"}, {"logprobs", 21}}, absl::StatusCode::kInvalidArgument, "'logprobs'"},
       {{{"prompt", "a"}, {"echo", true}}, absl::StatusCode::kInvalidArgument, "'echo'"},
       {{{"prompt", "a"}, {"best_of", 3}}, absl::StatusCode::kInvalidArgument, "'best_of'"},
-      {{{"prompt", "a"}, {"frequency_penalty", 0.5}},
+      {{{"prompt", "a"}, {"frequency_penalty", "high"}},
        absl::StatusCode::kInvalidArgument,
        "'frequency_penalty'"},
-      {{{"prompt", "a"}, {"logit_bias", {{"5", 1}}}},
+      {{{"prompt", "a"}, {"logit_bias", {{"five", 1}}}},
        absl::StatusCode::kInvalidArgument,
        "'logit_bias'"},
+      {{{"prompt", "a"}, {"logit_bias", {1, 2}}},
+       absl::StatusCode::kInvalidArgument,
+       "'logit_bias'"},
+      {{{"prompt", "a"}, {"min_tokens", 1.5}}, absl::StatusCode::kInvalidArgument, "'min_tokens'"},
       {{{"prompt", "a"}, {"ttft_slo_ms", -3}}, absl::StatusCode::kInvalidArgument, "'ttft_slo_ms'"},
   };
   for (const Case& c : cases) {
@@ -1064,6 +1098,23 @@ TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsWithHttpStatuses) {
                400, "invalid_request_error");
   expect_error(http_->Post("/v1/chat/completions", R"({"messages":[]})", "application/json"), 400,
                "invalid_request_error");
+  // Out of range: the front-end's INVALID_ARGUMENT.
+  for (const char* bad :
+       {R"({"prompt":"a","frequency_penalty":3})", R"({"prompt":"a","logit_bias":{"5":200}})",
+        R"({"prompt":"a","logit_bias":{"99999999":1}})",
+        R"({"prompt":"a","min_tokens":5,"max_tokens":2})"}) {
+    expect_error(http_->Post("/v1/completions", bad, "application/json"), 400,
+                 "invalid_request_error");
+  }
+  // In range, through to the workers: a +100 bias makes every token that one.
+  auto biased = http_->Post("/v1/completions",
+                            R"({"prompt":"a","max_tokens":6,"ignore_eos":true,
+                                "logit_bias":{"42":100},"logprobs":0})",
+                            "application/json");
+  ASSERT_TRUE(biased && biased->status == 200) << (biased ? biased->body : "");
+  const Json tokens = Json::parse(biased->body)["choices"][0]["logprobs"]["tokens"];
+  ASSERT_EQ(tokens.size(), 6u) << biased->body;
+  for (const Json& t : tokens) EXPECT_EQ(t, tokens[0]) << biased->body;
   expect_error(http_->Get("/v2/nothing"), 404, "not_found_error");
   auto models = http_->Get("/v1/models");
   ASSERT_TRUE(models && models->status == 200);
