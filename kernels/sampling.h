@@ -27,8 +27,10 @@ int32_t Argmax(const float* logits, int64_t n);
 
 // Samples from softmax(logits / temperature) restricted to the top_k largest logits
 // (top_k <= 0: all) and then to the smallest prefix whose probability reaches top_p
-// (top_p >= 1: all). u in [0, 1). temperature must be > 0.
-// `scratch` is reused between calls to avoid allocation.
+// (top_p >= 1: all). u in [0, 1). temperature must be > 0. The rule orders candidates by logit
+// (then lower id first) and walks their running mass to u times the total; it is computed by
+// selection (expected linear time, tokens more than 69 T below the top left out: they have no
+// mass), not by sorting the row. `scratch` is unused (kept for callers).
 int32_t SampleLogits(const float* logits, int64_t n, float temperature, int32_t top_k, float top_p,
                      double u, std::vector<std::pair<float, int32_t>>& scratch);
 

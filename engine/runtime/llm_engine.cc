@@ -566,17 +566,22 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   sampling_.resize(plan.size());
   host_rows_.assign(plan.size(), 0);
   std::vector<size_t> constrained;  // rows drawn under a json_schema
+  // Each row's rule; the backend draws by it, except for rows drawn again on the host (masked
+  // or processed), for which its draw would be wasted: greedy (cheapest) there.
+  std::vector<kernels::RowSampling> rules(plan.size());
   for (size_t i = 0; i < plan.size(); ++i) {
     const Sequence& seq = *plan[i].seq;
-    sampling_[i] = seq.sampler->RowParams(seq.num_generated);
+    rules[i] = sampling_[i] = seq.sampler->RowParams(seq.num_generated);
     const bool samples =
         seq.num_computed + plan[i].chunk >= static_cast<int32_t>(seq.tokens.size());
     // A reasoning model's reply before its constraint applies is drawn as any other.
     const bool masked = seq.matcher != nullptr && !seq.matcher->Free();
-    if (samples && (seq.request.params.logprobs >= 0 || seq.request.return_logits || masked ||
-                    seq.request.params.ProcessesLogits())) {
+    const bool processed = seq.request.params.ProcessesLogits();
+    if (samples &&
+        (seq.request.params.logprobs >= 0 || seq.request.return_logits || masked || processed)) {
       host_rows_[i] = 1;
     }
+    if (samples && (masked || processed)) sampling_[i] = kernels::RowSampling();
     if (samples && masked) constrained.push_back(i);
   }
   // Structured output: the masks depend only on the tokens so far, so they are computed on
@@ -650,7 +655,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       // Drawn again, by the same rule, from the processed row (the matcher's draw below, when
       // the reply is constrained).
       ProcessLogits(seq, row);
-      const kernels::RowSampling& rule = sampling_[i];
+      const kernels::RowSampling& rule = rules[i];
       out.token = rule.greedy()
                       ? kernels::cpu::Argmax(row, vocab)
                       : kernels::cpu::SampleLogits(row, vocab, rule.temperature, rule.top_k,
@@ -668,7 +673,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     } else if (seq.matcher != nullptr) {
       // Drawn again from the masked row: the logprobs are then those of what was drawn from.
       int32_t drawn = -1;
-      if (Constrain(seq, allowed_[i], row, sampling_[i], drawn)) {
+      if (Constrain(seq, allowed_[i], row, rules[i], drawn)) {
         out.token = drawn;
         constrained_end = seq.matcher->Done() || vocab_->IsStop(out.token);
       } else {  // cannot happen for a schema that compiled; the unconstrained token ends it

@@ -54,55 +54,109 @@ int32_t Argmax(const float* logits, int64_t n) {
   return best;
 }
 
-int32_t SampleLogits(const float* logits, int64_t n, float temperature, int32_t top_k, float top_p,
-                     double u, std::vector<std::pair<float, int32_t>>& scratch) {
-  scratch.clear();
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isnan(logits[i])) scratch.emplace_back(logits[i], static_cast<int32_t>(i));
-  }
-  if (scratch.empty()) return 0;
-  auto greater = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
-    return a.first != b.first ? a.first > b.first : a.second < b.second;
-  };
-  size_t keep = scratch.size();
-  if (top_k > 0 && static_cast<size_t>(top_k) < keep) {
-    keep = static_cast<size_t>(top_k);
-    std::partial_sort(scratch.begin(), scratch.begin() + keep, scratch.end(), greater);
-    scratch.resize(keep);
-  } else {
-    std::sort(scratch.begin(), scratch.end(), greater);
-  }
-  // An infinite top logit has no softmax: +inf takes all the mass, and a row of -inf has none
-  // anywhere. Either way the first candidate in the order (the lowest index among the top).
-  if (std::isinf(scratch[0].first)) return scratch[0].second;
-  // Softmax over the kept candidates, highest first.
-  const double max_logit = scratch[0].first;
-  std::vector<double> probs(keep);
-  double total = 0.0;
-  for (size_t i = 0; i < keep; ++i) {
-    probs[i] = std::exp((scratch[i].first - max_logit) / temperature);
-    total += probs[i];
-  }
-  if (top_p < 1.0f) {
-    double cumulative = 0.0;
-    size_t cut = keep;
-    for (size_t i = 0; i < keep; ++i) {
-      cumulative += probs[i] / total;
-      if (cumulative >= top_p) {
-        cut = i + 1;
-        break;
+namespace {
+
+// A candidate token: its logit, id and softmax mass exp((logit - max) / T).
+struct Candidate {
+  float value;
+  int32_t id;
+  double mass;
+};
+// The rule's order: larger logit first, then lower id.
+bool Before(const Candidate& a, const Candidate& b) {
+  return a.value != b.value ? a.value > b.value : a.id < b.id;
+}
+
+// Rearranges c[begin, end) so that c[begin, pos) are the candidates before the cut in the
+// rule's order (in no order themselves) and c[pos] is the cut: the first candidate at which
+// the mass so far reaches `need` (strict: exceeds it). The last candidate when none does.
+// Expected linear time (quickselect on the order, carrying the masses).
+size_t Cut(std::vector<Candidate>& c, size_t begin, size_t end, double need, bool strict) {
+  auto reached = [strict](double mass, double need) { return strict ? mass > need : mass >= need; };
+  while (end - begin > 16) {
+    // Median of three by the order as the pivot, moved to the end.
+    const size_t mid = begin + (end - begin) / 2;
+    if (Before(c[mid], c[begin])) std::swap(c[mid], c[begin]);
+    if (Before(c[end - 1], c[begin])) std::swap(c[end - 1], c[begin]);
+    if (Before(c[end - 1], c[mid])) std::swap(c[end - 1], c[mid]);
+    std::swap(c[mid], c[end - 1]);
+    const Candidate pivot = c[end - 1];
+    size_t store = begin;
+    double ahead = 0.0;  // the mass of those before the pivot
+    for (size_t i = begin; i + 1 < end; ++i) {
+      if (Before(c[i], pivot)) {
+        ahead += c[i].mass;
+        std::swap(c[i], c[store++]);
       }
     }
-    keep = cut;
+    std::swap(c[store], c[end - 1]);  // the pivot, after those before it
+    if (reached(ahead, need)) {
+      end = store;  // the cut is before the pivot
+    } else if (reached(ahead + pivot.mass, need) || store + 1 == end) {
+      return store;
+    } else {
+      need -= ahead + pivot.mass;
+      begin = store + 1;
+    }
+  }
+  std::sort(c.begin() + begin, c.begin() + end, Before);
+  double mass = 0.0;
+  for (size_t i = begin; i < end; ++i) {
+    mass += c[i].mass;
+    if (reached(mass, need)) return i;
+  }
+  return end - 1;
+}
+
+}  // namespace
+
+int32_t SampleLogits(const float* logits, int64_t n, float temperature, int32_t top_k, float top_p,
+                     double u, std::vector<std::pair<float, int32_t>>& scratch) {
+  // The rule: the candidates in order (larger logit, then lower id), the first top_k of them
+  // (top_k <= 0: all), then the shortest prefix whose softmax mass reaches top_p, then the
+  // first whose running mass exceeds u times theirs. Computed by selection, not a sort: a
+  // candidate with no mass (exp of its distance to the top, over T, below 1e-30 of the top's)
+  // can never be drawn and is left out.
+  (void)scratch;
+  float max_logit = -INFINITY;
+  int32_t first_max = -1, first_valid = -1;
+  int64_t valid = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = logits[i];
+    if (std::isnan(v)) continue;
+    ++valid;
+    if (first_valid < 0) first_valid = static_cast<int32_t>(i);
+    if (first_max < 0 || v > max_logit) {
+      max_logit = v;
+      first_max = static_cast<int32_t>(i);
+    }
+  }
+  if (valid == 0) return 0;
+  // An infinite top logit has no softmax: +inf takes all the mass, and a row of -inf has none
+  // anywhere. Either way the first candidate in the order (the lowest index among the top).
+  if (std::isinf(max_logit)) return first_max;
+  thread_local std::vector<Candidate> c;
+  c.clear();
+  const double floor = max_logit + temperature * -69.0;  // exp(-69) < 1e-30
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = logits[i];
+    if (!(v >= floor)) continue;  // NaN, -inf, or no mass
+    c.push_back(
+        {v, static_cast<int32_t>(i), std::exp((static_cast<double>(v) - max_logit) / temperature)});
+  }
+  size_t keep = c.size();
+  if (top_k > 0 && static_cast<int64_t>(top_k) < valid && static_cast<size_t>(top_k) < keep) {
+    std::nth_element(c.begin(), c.begin() + top_k - 1, c.end(), Before);
+    keep = static_cast<size_t>(top_k);
+  }
+  double total = 0.0;
+  for (size_t i = 0; i < keep; ++i) total += c[i].mass;
+  if (top_p < 1.0f) {
+    keep = Cut(c, 0, keep, static_cast<double>(top_p) * total, /*strict=*/false) + 1;
     total = 0.0;
-    for (size_t i = 0; i < keep; ++i) total += probs[i];
+    for (size_t i = 0; i < keep; ++i) total += c[i].mass;
   }
-  double target = u * total;
-  for (size_t i = 0; i < keep; ++i) {
-    target -= probs[i];
-    if (target < 0.0) return scratch[i].second;
-  }
-  return scratch[keep - 1].second;
+  return c[Cut(c, 0, keep, u * total, /*strict=*/true)].id;
 }
 
 float LogProb(const float* logits, int64_t n, int32_t id) {

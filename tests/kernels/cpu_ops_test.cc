@@ -279,6 +279,83 @@ TEST(WriteKvTest, NegativeSlotsAreSkipped) {
   EXPECT_EQ(std::count(kc.begin(), kc.end(), -1.0f), 3 * hd);
 }
 
+// The sampling rule as first written: sort every candidate, then walk. SampleLogits now
+// selects instead of sorting; it must draw the same token.
+int32_t SortedRule(const float* logits, int64_t n, float temperature, int32_t top_k, float top_p,
+                   double u) {
+  std::vector<std::pair<float, int32_t>> c;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isnan(logits[i])) c.emplace_back(logits[i], static_cast<int32_t>(i));
+  }
+  if (c.empty()) return 0;
+  std::sort(c.begin(), c.end(), [](const auto& a, const auto& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  });
+  size_t keep = c.size();
+  if (top_k > 0 && static_cast<size_t>(top_k) < keep) keep = top_k;
+  if (std::isinf(c[0].first)) return c[0].second;
+  std::vector<double> p(keep);
+  double total = 0;
+  for (size_t i = 0; i < keep; ++i)
+    total += p[i] = std::exp((c[i].first - c[0].first) / temperature);
+  if (top_p < 1.0f) {
+    double cumulative = 0;
+    for (size_t i = 0; i < keep; ++i) {
+      cumulative += p[i] / total;
+      if (cumulative >= top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+    total = 0;
+    for (size_t i = 0; i < keep; ++i) total += p[i];
+  }
+  double target = u * total;
+  for (size_t i = 0; i < keep; ++i) {
+    target -= p[i];
+    if (target < 0) return c[i].second;
+  }
+  return c[keep - 1].second;
+}
+
+TEST(SamplingTest, SelectionDrawsWhatTheSortedRuleDraws) {
+  std::mt19937 rng(17);
+  std::vector<std::pair<float, int32_t>> scratch;
+  int trials = 0;
+  for (int trial = 0; trial < 6000; ++trial) {
+    const int64_t n = 1 + rng() % (trial % 10 == 0 ? 40000 : 700);
+    std::vector<float> row(n);
+    std::normal_distribution<float> normal(0.0f, 1.0f + rng() % 6);
+    for (float& v : row) v = normal(rng);
+    switch (trial % 6) {
+      case 1:  // ties
+        for (float& v : row) v = std::round(v);
+        break;
+      case 2:  // masked
+        for (float& v : row) {
+          if (rng() % 3 == 0) v = -INFINITY;
+        }
+        break;
+      case 3:  // NaN here and there, one peak
+        row[rng() % n] = NAN;
+        row[rng() % n] += 30.0f;
+        break;
+      default:
+        break;
+    }
+    const float temperature = std::vector<float>{0.05f, 0.3f, 0.7f, 1.0f, 1.6f}[rng() % 5];
+    const int32_t top_k = rng() % 3 == 0 ? static_cast<int32_t>(1 + rng() % (n + 3)) : 0;
+    const float top_p = rng() % 2 ? 1.0f : std::vector<float>{0.1f, 0.5f, 0.9f, 0.99f}[rng() % 4];
+    const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+    EXPECT_EQ(SampleLogits(row.data(), n, temperature, top_k, top_p, u, scratch),
+              SortedRule(row.data(), n, temperature, top_k, top_p, u))
+        << "trial " << trial << " n " << n << " T " << temperature << " k " << top_k << " p "
+        << top_p << " u " << u;
+    ++trials;
+  }
+  EXPECT_EQ(trials, 6000);
+}
+
 TEST(SamplingTest, ArgmaxSkipsNanAndTakesTheFirstOfTies) {
   const std::vector<float> logits = {1.0f, NAN, 3.0f, 3.0f, -1.0f};
   EXPECT_EQ(Argmax(logits.data(), logits.size()), 2);
