@@ -987,7 +987,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     if (relay.timeline.first_token_us() == 0) relay.timeline.set_first_token_us(NowUs());
     *done = !event.finish_reason().empty();
     if (*done && relay.decoder) text += relay.decoder->Finish();
-    if (relay.stop) {
+    // Stop sequences count from min_tokens tokens on (as vLLM's): the text before passes.
+    if (relay.stop && relay.completion_tokens > relay.work.min_tokens()) {
       // Text that may start a stop sequence waits for the next tokens; one that appears ends
       // the request there (its tokens are sent, the text stops before it).
       std::string out = relay.stop->Add(text);

@@ -12,6 +12,7 @@
 #include <thread>
 #include <variant>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -284,13 +285,12 @@ absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionReque
            {"frequency_penalty", &api::GenerateRequest::set_frequency_penalty},
            {"repetition_penalty", &api::GenerateRequest::set_repetition_penalty},
            {"min_p", &api::GenerateRequest::set_min_p}}) {
-    std::optional<double> value;
     if (auto it = j.find(field); it != j.end() && !it->is_null()) {
       double v = 0;
       PDS_RETURN_IF_ERROR(Get(j, field, v));
-      value = v;
+      if (!(std::abs(v) <= 1e6)) return BadField(field, "is out of range");
+      (base.*set)(static_cast<float>(v));
     }
-    if (value) (base.*set)(static_cast<float>(*value));
   }
   int32_t min_tokens = 0;
   PDS_RETURN_IF_ERROR(Get(j, "min_tokens", min_tokens));
@@ -300,10 +300,14 @@ absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionReque
     if (!it->is_object()) return BadField("logit_bias", "must be an object of token id: bias");
     for (const auto& [key, bias] : it->items()) {
       int32_t id = 0;
-      if (!absl::SimpleAtoi(key, &id) || !bias.is_number()) {
-        return BadField("logit_bias", "must be an object of token id: bias");
+      if (key.empty() || key.size() > 10 ||
+          !std::all_of(key.begin(), key.end(), absl::ascii_isdigit) ||
+          !absl::SimpleAtoi(key, &id) || !bias.is_number() ||
+          !(std::abs(bias.get<double>()) <= 1e6)) {
+        return BadField("logit_bias", "must be an object of token id: bias in [-100, 100]");
       }
-      (*base.mutable_logit_bias())[id] = bias.get<float>();
+      if (base.logit_bias().contains(id)) return BadField("logit_bias", "names a token twice");
+      (*base.mutable_logit_bias())[id] = static_cast<float>(bias.get<double>());
     }
   }
   double temperature = 1.0, top_p = 1.0;

@@ -97,7 +97,7 @@ struct CompletionRequest {
 };
 
 // INVALID_ARGUMENT naming the field for what OpenAI's API rejects or pdserve does not support
-// (echo, best_of, penalties, logit_bias, suffix, n > 16, ...), NOT_FOUND for another model.
+// (echo, best_of, suffix, n > 16, ...), NOT_FOUND for another model.
 // Unknown fields are ignored, as OpenAI's servers do. Defaults are OpenAI's: max_tokens 16,
 // temperature 1; `top_k`, `ignore_eos`, `stop_token_ids` (as in vLLM), `ttft_slo_ms` and
 // `tpot_slo_ms` are pdserve's extensions.

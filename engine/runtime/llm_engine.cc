@@ -1,6 +1,7 @@
 #include "engine/runtime/llm_engine.h"
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <future>
 #include <limits>
@@ -110,7 +111,7 @@ bool LlmEngine::Constrain(Sequence& seq, const JsonMatcher::Bits& allowed, float
   return token >= 0 && seq.matcher->Accept(token);
 }
 
-void LlmEngine::ProcessLogits(Sequence& seq, float* row) {
+void LlmEngine::ProcessLogits(Sequence& seq, float* row, const JsonMatcher::Bits* allowed) {
   const SamplingParams& p = seq.request.params;
   const int64_t vocab = model_.config().vocab_size;
   const size_t prompt_len = seq.request.prompt.size();
@@ -124,8 +125,10 @@ void LlmEngine::ProcessLogits(Sequence& seq, float* row) {
   }
   constexpr float kNever = -std::numeric_limits<float>::infinity();
   if (seq.num_generated < p.min_tokens) {
-    for (int32_t eos : model_.config().eos_token_ids) {
-      if (eos >= 0 && eos < vocab) row[eos] = kNever;
+    if (!p.ignore_eos) {  // (EOS is an ordinary token then)
+      for (int32_t eos : model_.config().eos_token_ids) {
+        if (eos >= 0 && eos < vocab) row[eos] = kNever;
+      }
     }
     for (int32_t stop : p.stop_token_ids) row[stop] = kNever;
   }
@@ -145,8 +148,19 @@ void LlmEngine::ProcessLogits(Sequence& seq, float* row) {
     }
   }
   if (p.min_p > 0.0f && p.temperature > 0.0f) {
-    // p / p_max = exp((logit - max) / T) >= min_p.
-    const float max = *std::max_element(row, row + vocab);
+    // p / p_max = exp((logit - max) / T) >= min_p, p_max that of the likeliest token the
+    // reply's constraint allows, where it has one (the mask comes first, as in vLLM).
+    float max = -std::numeric_limits<float>::infinity();
+    if (allowed != nullptr) {
+      for (size_t w = 0; w < allowed->size(); ++w) {
+        for (uint64_t bits = (*allowed)[w]; bits != 0; bits &= bits - 1) {
+          const int64_t t = static_cast<int64_t>(w * 64 + std::countr_zero(bits));
+          if (t < vocab && row[t] > max) max = row[t];
+        }
+      }
+    } else {
+      for (int64_t t = 0; t < vocab; ++t) max = std::max(max, row[t]);
+    }
     const float floor = max + p.temperature * std::log(p.min_p);
     for (int64_t t = 0; t < vocab; ++t) {
       if (row[t] < floor) row[t] = kNever;
@@ -654,7 +668,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     if (seq.request.params.ProcessesLogits()) {
       // Drawn again, by the same rule, from the processed row (the matcher's draw below, when
       // the reply is constrained).
-      ProcessLogits(seq, row);
+      const bool masked = seq.matcher != nullptr && !seq.matcher->Free();
+      ProcessLogits(seq, row, masked ? &allowed_[i] : nullptr);
       const kernels::RowSampling& rule = rules[i];
       out.token = rule.greedy()
                       ? kernels::cpu::Argmax(row, vocab)

@@ -207,8 +207,9 @@ class LlmEngine {
     absl::flat_hash_map<int32_t, int32_t> reply_counts;
     size_t counted = 0;
   };
-  // Applies the request's logits processing to its row (SamplingParams' order).
-  void ProcessLogits(Sequence& seq, float* row);
+  // Applies the request's logits processing to its row (SamplingParams' order); `allowed`:
+  // the reply's constraint, where it has one (min_p counts from its likeliest allowed token).
+  void ProcessLogits(Sequence& seq, float* row, const JsonMatcher::Bits* allowed);
   absl::Status ValidateRequest(GenerateRequest& request) const;
   // The matcher of a request's json_schema (null without one); the schema compiled once.
   absl::StatusOr<std::unique_ptr<JsonMatcher>> MatcherFor(const GenerateRequest& request);

@@ -49,7 +49,13 @@ absl::Status SamplingParams::Validate(int64_t vocab_size) const {
     return absl::InvalidArgumentError(
         absl::StrCat("logit_bias has ", logit_bias.size(), " entries; at most 1024"));
   }
-  for (const auto& [id, bias] : logit_bias) {
+  for (size_t i = 0; i < logit_bias.size(); ++i) {
+    const auto& [id, bias] = logit_bias[i];
+    for (size_t j = 0; j < i; ++j) {
+      if (logit_bias[j].first == id) {
+        return absl::InvalidArgumentError(absl::StrCat("logit_bias names token ", id, " twice"));
+      }
+    }
     if (id < 0 || id >= vocab_size) {
       return absl::InvalidArgumentError(absl::StrCat(
           "logit_bias token id ", id, " outside the vocabulary [0, ", vocab_size, ")"));

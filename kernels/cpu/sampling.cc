@@ -119,13 +119,12 @@ int32_t SampleLogits(const float* logits, int64_t n, float temperature, int32_t 
   // can never be drawn and is left out.
   (void)scratch;
   float max_logit = -INFINITY;
-  int32_t first_max = -1, first_valid = -1;
+  int32_t first_max = -1;
   int64_t valid = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float v = logits[i];
     if (std::isnan(v)) continue;
     ++valid;
-    if (first_valid < 0) first_valid = static_cast<int32_t>(i);
     if (first_max < 0 || v > max_logit) {
       max_logit = v;
       first_max = static_cast<int32_t>(i);

@@ -174,6 +174,40 @@ TEST_F(LogitsProcessingTest, KnobsHaveTheirEffect) {
   EXPECT_EQ(Run(r).token_ids, plain.token_ids);
 }
 
+// Under a constraint, min_p counts from the likeliest token the constraint allows (the mask
+// comes first): min_p 1 then draws the constrained greedy reply, whatever the temperature.
+TEST_F(LogitsProcessingTest, MinPCountsFromTheLikeliestAllowedToken) {
+  std::vector<std::string> bytes;
+  std::vector<bool> usable;
+  for (int64_t id = 0; id < config_.vocab_size; ++id) {
+    bytes.push_back(id < 256 ? std::string(1, static_cast<char>(id)) : "x");
+    usable.push_back(id > 0 && id < 256);
+  }
+  auto vocab = std::make_shared<TokenVocabulary>(std::move(bytes), std::move(usable),
+                                                 std::vector<int32_t>{0});
+  auto run = [&](float temperature, float min_p) {
+    auto engine = LlmEngine::Create(*model_, {.block_size = 16, .num_blocks = 64});
+    EXPECT_TRUE(engine.ok());
+    (*engine)->set_token_vocabulary(vocab);
+    GenerateRequest r;
+    r.id = "c";
+    r.prompt = Prompt(12, 5);
+    r.params.max_tokens = 12;
+    r.params.regex = "[0-9]{3}-[a-f]{4}";
+    r.params.temperature = temperature;
+    r.params.min_p = min_p;
+    r.params.seed = 8;
+    auto result = (*engine)->Generate({r});
+    EXPECT_TRUE(result.ok()) << result.status();
+    std::string text;
+    for (int32_t t : (*result)[0].token_ids) text += static_cast<char>(t);
+    return text;
+  };
+  const std::string greedy = run(0.0f, 0.0f);
+  EXPECT_EQ(greedy.size(), 8u) << greedy;
+  EXPECT_EQ(run(1.5f, 1.0f), greedy);
+}
+
 TEST_F(LogitsProcessingTest, BadValuesAreRefusedByName) {
   const int64_t vocab = config_.vocab_size;
   auto check = [&](auto set, const char* name) {
@@ -201,6 +235,7 @@ TEST_F(LogitsProcessingTest, BadValuesAreRefusedByName) {
       },
       "min_tokens");
   check([](SamplingParams& p) { p.presence_penalty = std::nanf(""); }, "presence_penalty");
+  check([](SamplingParams& p) { p.logit_bias = {{3, 1.0f}, {3, 2.0f}}; }, "logit_bias");
 }
 
 }  // namespace

@@ -1115,6 +1115,18 @@ TEST_F(OpenAiHttpTest, ErrorsAreOpenAiErrorObjectsWithHttpStatuses) {
   const Json tokens = Json::parse(biased->body)["choices"][0]["logprobs"]["tokens"];
   ASSERT_EQ(tokens.size(), 6u) << biased->body;
   for (const Json& t : tokens) EXPECT_EQ(t, tokens[0]) << biased->body;
+  // Stop sequences count from min_tokens tokens on: that token's text stops the reply at once,
+  // or at the fifth token with min_tokens 4.
+  for (int min_tokens : {0, 4}) {
+    Json body = {{"prompt", "a"},       {"max_tokens", 8},
+                 {"ignore_eos", true},  {"logit_bias", {{"42", 100}}},
+                 {"stop", {tokens[0]}}, {"min_tokens", min_tokens}};
+    auto stopped = http_->Post("/v1/completions", body.dump(), "application/json");
+    ASSERT_TRUE(stopped && stopped->status == 200) << (stopped ? stopped->body : "");
+    const Json reply = Json::parse(stopped->body);
+    EXPECT_EQ(reply["choices"][0]["finish_reason"], "stop") << stopped->body;
+    EXPECT_EQ(reply["usage"]["completion_tokens"], min_tokens + 1) << stopped->body;
+  }
   expect_error(http_->Get("/v2/nothing"), 404, "not_found_error");
   auto models = http_->Get("/v1/models");
   ASSERT_TRUE(models && models->status == 200);
