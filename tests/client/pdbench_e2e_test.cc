@@ -121,18 +121,8 @@ TEST(PdbenchEndToEndTest, TwoFrontendsShareTheWorkers) {
 // completions and chat endpoints: the same counts, tokens made up from the usage, no server
 // timeline.
 TEST(PdbenchEndToEndTest, OpenAiApiOfTheSameCluster) {
-  int port = 0;
-  {  // a free port for the HTTP API
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(addr);
-    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-    ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
-    port = ntohs(addr.sin_port);
-    close(fd);
-  }
+  const int port = testing::FreeLoopbackPort();
+  ASSERT_GT(port, 0);
   auto cluster = testing::LocalCluster::Start(
       PDSERVE_BINARY, TinyModel(),
       {"--prefill", "1", "--decode", "1", "--http-port", absl::StrCat(port)});

@@ -724,26 +724,37 @@ Named GenerateNamed(Cluster& c, const std::string& request_id, int max_tokens, i
   return out;
 }
 
+// Front-ends fe-a and fe-b, and a prefill and a decode worker (p0, d0) registered with both.
+struct Shared {
+  std::unique_ptr<Cluster> a, b;
+  std::unique_ptr<TestWorker> p0, d0;
+};
+void StartShared(Shared& s) {
+  FrontendOptions oa, ob;
+  oa.id = "fe-a";
+  ob.id = "fe-b";
+  s.a = StartFrontend(oa);
+  s.b = StartFrontend(ob);
+  ASSERT_TRUE(s.a && s.b);
+  WorkerOptions o;
+  o.frontend = absl::StrCat(s.a->frontend->address(), ",", s.b->frontend->address());
+  o.id = "p0";
+  s.p0 = StartWorker(InstanceRole::kPrefill, o);
+  o.id = "d0";
+  s.d0 = StartWorker(InstanceRole::kDecode, o);
+  ASSERT_TRUE(s.p0 && s.d0);
+  ASSERT_TRUE(s.a->WaitHealthy({"p0", "d0"}));
+  ASSERT_TRUE(s.b->WaitHealthy({"p0", "d0"}));
+}
+
 // Two front-ends share the workers, which register with both: both serve, the same client
 // request id at both at once does not clash at the workers (the calls' ids there carry the
 // front-ends' ids), the ids a front-end makes up carry its id, and with one front-end gone
 // the other goes on serving (the workers stay ready).
 TEST(SharedWorkersTest, TwoFrontendsServeThroughTheSameWorkers) {
-  FrontendOptions oa, ob;
-  oa.id = "fe-a";
-  ob.id = "fe-b";
-  auto a = StartFrontend(oa);
-  auto b = StartFrontend(ob);
-  ASSERT_TRUE(a && b);
-  WorkerOptions o;
-  o.frontend = absl::StrCat(a->frontend->address(), ",", b->frontend->address());
-  o.id = "p0";
-  auto p0 = StartWorker(InstanceRole::kPrefill, o);
-  o.id = "d0";
-  auto d0 = StartWorker(InstanceRole::kDecode, o);
-  ASSERT_TRUE(p0 && d0);
-  ASSERT_TRUE(a->WaitHealthy({"p0", "d0"}));
-  ASSERT_TRUE(b->WaitHealthy({"p0", "d0"}));
+  Shared shared;
+  ASSERT_NO_FATAL_FAILURE(StartShared(shared));
+  auto& [a, b, p0, d0] = shared;
   p0->backend.delay_ms = 20;  // the two requests overlap at the workers
   d0->backend.delay_ms = 20;
   auto at_b = std::async(std::launch::async, [&] { return GenerateNamed(*b, "same-id", 6); });
@@ -823,18 +834,8 @@ TEST(SharedWorkersTest, OtherFrontendsQueuesCountAsLoad) {
 // A worker told of a front-end by a name registers with it once it is up, whenever that is
 // (the name is looked up in the background; a front-end there is dialled again every second).
 TEST(SharedWorkersTest, AFrontendThatComesLaterIsFound) {
-  int port = 0;
-  {  // a free port, for the front-end to come
-    const int fd = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    socklen_t len = sizeof(addr);
-    ASSERT_EQ(bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-    ASSERT_EQ(getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
-    port = ntohs(addr.sin_port);
-    close(fd);
-  }
+  const int port = testing::FreeLoopbackPort();
+  ASSERT_GT(port, 0);
   WorkerOptions o;
   o.frontend = absl::StrCat("localhost:", port);
   o.id = "p0";
@@ -855,21 +856,9 @@ TEST(SharedWorkersTest, AFrontendThatComesLaterIsFound) {
 // 4 requests in flight while one front-end drains; it finishes those it holds, refuses new
 // ones with UNAVAILABLE, and the client sends those to the other.
 TEST(SharedWorkersTest, DrainingAFrontendUnderLoadLosesNoRequest) {
-  FrontendOptions oa, ob;
-  oa.id = "fe-a";
-  ob.id = "fe-b";
-  auto a = StartFrontend(oa);
-  auto b = StartFrontend(ob);
-  ASSERT_TRUE(a && b);
-  WorkerOptions o;
-  o.frontend = absl::StrCat(a->frontend->address(), ",", b->frontend->address());
-  o.id = "p0";
-  auto p0 = StartWorker(InstanceRole::kPrefill, o);
-  o.id = "d0";
-  auto d0 = StartWorker(InstanceRole::kDecode, o);
-  ASSERT_TRUE(p0 && d0);
-  ASSERT_TRUE(a->WaitHealthy({"p0", "d0"}));
-  ASSERT_TRUE(b->WaitHealthy({"p0", "d0"}));
+  Shared shared;
+  ASSERT_NO_FATAL_FAILURE(StartShared(shared));
+  auto& [a, b, p0, d0] = shared;
   d0->backend.delay_ms = 5;  // requests of about 100 ms
   std::vector<std::unique_ptr<client::GenerateClient>> clients;
   clients.push_back(std::make_unique<client::ServingClient>(a->frontend->address()));

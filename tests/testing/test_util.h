@@ -44,4 +44,7 @@ engine::ModelConfig SmallTestConfig();
 // True when a CUDA device is usable (false in builds without CUDA).
 bool HasCudaDevice();
 
+// A port on 127.0.0.1 that was free a moment ago (bound, read back, closed); 0 if none.
+int FreeLoopbackPort();
+
 }  // namespace pds::testing
