@@ -1,9 +1,11 @@
 // pdserve generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [sampling flags] [--json]
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <tuple>
 
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
@@ -35,6 +37,15 @@ const std::vector<FlagSpec>& Specs() {
         {"ignore-eos", true, "keep generating after EOS"},
         {"stop-token-ids", false, "comma-separated ids that end generation"},
         {"logprobs", false, "report the logprob of each token and the top K alternatives"},
+        {"presence-penalty", false, "taken off the logit of every token the reply has (-2..2)"},
+        {"frequency-penalty", false,
+         "times a token's count in the reply, taken off its logit (-2..2)"},
+        {"repetition-penalty", false,
+         "divides positive (multiplies negative) logits of tokens of the prompt or reply "
+         "(default 1: none)"},
+        {"logit-bias", false, "comma-separated ID:BIAS added to those tokens' logits"},
+        {"min-tokens", false, "EOS and stop tokens are refused before this many tokens"},
+        {"min-p", false, "refuse tokens less likely than this times the likeliest (sampling)"},
         {"json-schema", false,
          "structured output: a JSON Schema file (or its text, starting with '{') the reply "
          "must be JSON of (needs tokenizer.json)"},
@@ -108,6 +119,28 @@ absl::Status Run(const CliArgs& args) {
   }
   PDS_ASSIGN_OR_RETURN(int64_t logprobs, args.GetInt("logprobs", -1));
   p.logprobs = static_cast<int32_t>(logprobs);
+  for (const auto& [flag, field, fallback] :
+       {std::tuple<const char*, float*, double>{"presence-penalty", &p.presence_penalty, 0},
+        {"frequency-penalty", &p.frequency_penalty, 0},
+        {"repetition-penalty", &p.repetition_penalty, 1},
+        {"min-p", &p.min_p, 0}}) {
+    PDS_ASSIGN_OR_RETURN(const double value, args.GetDouble(flag, fallback));
+    *field = static_cast<float>(value);
+  }
+  PDS_ASSIGN_OR_RETURN(const int64_t min_tokens, args.GetInt("min-tokens", 0));
+  p.min_tokens = static_cast<int32_t>(std::clamp<int64_t>(min_tokens, -1, 1 << 30));
+  if (args.Has("logit-bias")) {
+    for (absl::string_view item : absl::StrSplit(args.GetString("logit-bias"), ',')) {
+      std::pair<absl::string_view, absl::string_view> kv = absl::StrSplit(item, ':');
+      int32_t id = 0;
+      float bias = 0;
+      if (!absl::SimpleAtoi(kv.first, &id) || !absl::SimpleAtof(kv.second, &bias)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("--logit-bias: '", item, "' is not ID:BIAS"));
+      }
+      p.logit_bias.emplace_back(id, bias);
+    }
+  }
   if (args.Has("json-schema")) {
     p.json_schema = args.GetString("json-schema");
     if (!absl::StartsWith(p.json_schema, "{")) {

@@ -84,6 +84,24 @@ TEST_F(CliTest, GenerateJsonWithLogprobs) {
             nlohmann::json::parse(RunCommand(sampled).output)["token_ids"]);
 }
 
+// Logits processing from the command line: a +100 bias holds every token; bad values are
+// refused by name.
+TEST_F(CliTest, GenerateWithPenaltiesAndLogitBias) {
+  const Result r = RunCommand("generate --model " + dir_ +
+                              " --prompt-ids 5,6,7 --max-tokens 4 --ignore-eos --json "
+                              "--logit-bias 42:100,7:-5 --repetition-penalty 1.2 "
+                              "--frequency-penalty 0.5 --presence-penalty 0.5 --threads 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output << r.errors;
+  EXPECT_EQ(nlohmann::json::parse(r.output)["token_ids"], nlohmann::json({42, 42, 42, 42}));
+  for (const char* bad : {"--logit-bias 42", "--logit-bias 42:x", "--min-p 2",
+                          "--presence-penalty 3", "--min-tokens 9"}) {
+    const Result refused = RunCommand("generate --model " + dir_ +
+                                      " --prompt-ids 5,6,7 --max-tokens 4 --threads 1 " + bad);
+    EXPECT_NE(refused.exit_code, 0) << bad;
+    EXPECT_FALSE(refused.errors.empty()) << bad;
+  }
+}
+
 TEST_F(CliTest, RandomWeightsPresetWithoutAModelDirectory) {
   // A preset shape made on the backend (what GPU benchmarks use for real model sizes).
   const std::string cmd =
