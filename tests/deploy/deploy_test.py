@@ -545,7 +545,16 @@ def main():
         print("deploy/ is inconsistent:\n  " + "\n  ".join(errors))
         return 1
     print("static checks: OK")
-    rehearse(renders["cpu-demo"], repo, pdserve, pdbench, work)
+    try:
+        rehearse(renders["cpu-demo"], repo, pdserve, pdbench, work)
+    except BaseException:
+        # What each process said last: ctest keeps only this output.
+        logs = os.path.join(work, "logs")
+        for name in sorted(os.listdir(logs)) if os.path.isdir(logs) else []:
+            with open(os.path.join(logs, name), errors="replace") as f:
+                tail = f.readlines()[-15:]
+            print(f"--- {name} (last {len(tail)} lines)\n" + "".join(tail), end="")
+        raise
     print("deploy test: OK")
     return 0
 
