@@ -302,13 +302,31 @@ class SchemaCompiler {
       }
       return Add(std::move(node));
     }
-    if (auto e = s.find("enum"); e != s.end()) {
-      if (!e->is_array() || e->empty()) return Error(where, "enum must be a non-empty array");
+    auto e = s.find("enum");
+    auto c = s.find("const");
+    if (e != s.end() || c != s.end()) {
       std::vector<std::string> texts;
-      for (const Json& v : *e) texts.push_back(v.dump());
-      return Literals(std::move(texts));
+      if (e != s.end()) {
+        if (!e->is_array() || e->empty()) return Error(where, "enum must be a non-empty array");
+        for (const Json& v : *e) {
+          if (c == s.end() || v == *c) texts.push_back(v.dump());
+        }
+        if (texts.empty()) return Error(where, "const is not one of the enum's values");
+      } else {
+        texts.push_back(c->dump());
+      }
+      const int literals = Literals(std::move(texts));
+      // The other keywords beside them hold too: only the values they allow stay (checked
+      // once the whole schema is compiled, by matching each value against them).
+      Json rest = s;
+      rest.erase("enum");
+      rest.erase("const");
+      if (Structural(rest, "")) {
+        PDS_ASSIGN_OR_RETURN(const int other, Compile(rest, where, depth + 1));
+        checks_.push_back({literals, other, where});
+      }
+      return literals;
     }
-    if (auto c = s.find("const"); c != s.end()) return Literals({c->dump()});
     const Json* type = type_override;
     if (type == nullptr) {
       if (auto t = s.find("type"); t != s.end()) type = &*t;
@@ -769,6 +787,15 @@ class SchemaCompiler {
   const Json& root_;
   absl::flat_hash_map<std::string, int> refs_;
   int any_ = -1;
+
+ public:
+  // Literal nodes (enum, const) whose values must also match another node (the keywords
+  // beside them), and where they are.
+  struct LiteralCheck {
+    int literals, other;
+    std::string where;
+  };
+  std::vector<LiteralCheck> checks_;
   size_t work_left_ = 100'000'000;  // the schema's patterns' compilation, all together
 };
 
@@ -809,6 +836,37 @@ absl::StatusOr<std::shared_ptr<const JsonSchema>> JsonSchema::Compile(absl::stri
         path.emplace_back(alt, 0);
       }
     }
+  }
+  // enum/const values the keywords beside them refuse are dropped: each value's text is fed
+  // byte by byte to a matcher rooted at those keywords' node.
+  if (!compiler.checks_.empty()) {
+    static const auto* const bytes = [] {
+      std::vector<std::string> b(257);
+      std::vector<bool> usable(257, true);
+      for (int i = 0; i < 256; ++i) b[i] = std::string(1, static_cast<char>(i));
+      b[256] = "</s>";
+      usable[256] = false;
+      return new std::shared_ptr<const TokenVocabulary>(std::make_shared<TokenVocabulary>(
+          std::move(b), std::move(usable), std::vector<int32_t>{256}));
+    }();
+    const int root = out->root_;
+    for (const SchemaCompiler::LiteralCheck& check : compiler.checks_) {
+      out->root_ = check.other;
+      std::vector<std::string> kept;
+      for (const std::string& text : out->nodes_[check.literals].literals) {
+        JsonMatcher m(out, *bytes);
+        bool ok = true;
+        for (char ch : text) ok = ok && m.Accept(static_cast<uint8_t>(ch));
+        if (ok && m.CanEnd()) kept.push_back(text);
+      }
+      if (kept.empty()) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("json_schema at '", check.where.empty() ? "/" : check.where,
+                         "': no value of its enum or const is allowed by its other keywords"));
+      }
+      out->nodes_[check.literals].literals = std::move(kept);
+    }
+    out->root_ = root;
   }
   return std::shared_ptr<const JsonSchema>(std::move(out));
 }

@@ -18,7 +18,8 @@
 // bounds nothing; a bounded number is written without an exponent), multipleOf (exact in
 // decimal; a multiple is written without an exponent and with no more digits after the point
 // than the divisor; refused where that automaton needs over 4096 states: the divisor's digits as
-// an integer times its digits after the point plus two), enum, const, anyOf, oneOf (read as anyOf),
+// an integer times its digits after the point plus two), enum, const (values the keywords
+// beside them refuse are dropped), anyOf, oneOf (read as anyOf),
 // allOf of one schema, $ref to a place in the same schema (#, #/$defs/..., any JSON pointer;
 // recursive too), and the annotations title, description, default, examples, $schema, $id,
 // $comment. Properties come out in the schema's order; optional ones may be left out, and

@@ -105,6 +105,8 @@ TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
            {R"({"type": "integer", "multipleOf": 5, "minimum": 1, "maximum": 4})",
             "no multiple of 5 is within its minimum and maximum"},
            {R"({"multipleOf": "2"})", "multipleOf must be a number"},
+           {R"({"enum": [1, 7], "minimum": 8})", "no value of its enum or const is allowed"},
+           {R"({"enum": [1], "const": 2})", "const is not one of the enum's values"},
            {R"({"type": "integer", "minimum": 3.5, "exclusiveMaximum": 4})",
             "no integer is within its minimum and maximum"},
            {R"({"type": "number", "maximum": "7"})", "maximum must be a number"},
@@ -440,6 +442,11 @@ TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
       {R"({"type": "number", "maximum": 1e308, "minimum": -1.7976931348623157e308})",
        {"5", "-3.25", "99999999999999999999"},
        {"x"}},
+      {R"({"type": "integer", "enum": [1, 2, 3], "minimum": 2})",  // enum and its siblings
+       {"2", "3"},
+       {"1"}},
+      {R"({"type": "string", "enum": ["a", "bb", 1], "maxLength": 1})", {"\"a\""}, {"\"bb\"", "1"}},
+      {R"({"enum": [1, 2], "const": 2})", {"2"}, {"1"}},
       {R"({"type": "object", "required": ["a"]})",  // an additional member, then required
        {"{\"a\": 1}", "{\"a\": {}, \"b\": 2}"},
        {"{}", "{\"b\": 2}"}},
