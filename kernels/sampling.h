@@ -30,9 +30,12 @@ int32_t Argmax(const float* logits, int64_t n);
 // (top_p >= 1: all). u in [0, 1). temperature must be > 0. The rule orders candidates by logit
 // (then lower id first) and walks their running mass to u times the total; it is computed by
 // selection (expected linear time, tokens more than 69 T below the top left out: they have no
-// mass), not by sorting the row. `scratch` is unused (kept for callers).
+// mass), not by sorting the row.
 int32_t SampleLogits(const float* logits, int64_t n, float temperature, int32_t top_k, float top_p,
-                     double u, std::vector<std::pair<float, int32_t>>& scratch);
+                     double u);
+
+// A row's token by its rule: Argmax when greedy, else SampleLogits.
+int32_t DrawToken(const float* logits, int64_t n, const RowSampling& rule);
 
 // log_softmax(logits)[id].
 float LogProb(const float* logits, int64_t n, int32_t id);

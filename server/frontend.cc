@@ -837,9 +837,17 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
           l.queued_prompt_tokens += len;
         }
         l.queued_requests = static_cast<int32_t>(inst->queued_lens.size());
-        // What other front-ends queued there (as of the last poll; this one's is booked above).
+        l.running_requests = std::max(inst->decoding, inst->status.running_requests());
+        l.kv_blocks_total = inst->status.kv_blocks_total();
+        // Less this front-end's bookings and the hand-offs other front-ends' requests will
+        // bring (accepted there, not reserved yet).
+        l.kv_blocks_free = inst->status.kv_blocks_free() - inst->promised_blocks;
+        // What other front-ends queued there and promised (as of the last poll; this one's is
+        // booked above).
         for (const pb::FrontendQueue& q : inst->status.queued_by_frontend()) {
-          if (q.frontend_id() == tag_ || q.requests() <= 0) continue;
+          if (q.frontend_id() == tag_) continue;
+          l.kv_blocks_free -= std::max(0, q.kv_blocks_promised());
+          if (q.requests() <= 0) continue;
           const int32_t n = std::min(q.requests(), 4096);  // (a sane worker has max_queued)
           const int64_t tokens = std::max<int64_t>(0, q.prompt_tokens());
           l.queued_requests += n;
@@ -848,14 +856,6 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
             l.queued_prompt_lens.push_back(
                 static_cast<int32_t>(tokens * (k + 1) / n - tokens * k / n));
           }
-        }
-        l.running_requests = std::max(inst->decoding, inst->status.running_requests());
-        l.kv_blocks_total = inst->status.kv_blocks_total();
-        // Less this front-end's bookings and the hand-offs other front-ends' requests will
-        // bring (accepted there, not reserved yet).
-        l.kv_blocks_free = inst->status.kv_blocks_free() - inst->promised_blocks;
-        for (const pb::FrontendQueue& q : inst->status.queued_by_frontend()) {
-          if (q.frontend_id() != tag_) l.kv_blocks_free -= std::max(0, q.kv_blocks_promised());
         }
         l.block_size = std::max(1, inst->status.block_size());
         l.decode_context_tokens = inst->decode_context;

@@ -54,13 +54,8 @@ absl::Status Backend::SampleTokens(const void* x, const Weight& lm_head, int64_t
                                    const std::vector<uint8_t>& host_rows, float* host_logits,
                                    int32_t* tokens) {
   PDS_RETURN_IF_ERROR(Logits(x, lm_head, rows, host_logits));
-  std::vector<std::pair<float, int32_t>> scratch;
   for (int64_t r = 0; r < rows; ++r) {
-    const float* row = host_logits + r * lm_head.rows;
-    const kernels::RowSampling& sp = sampling[r];
-    tokens[r] = sp.greedy() ? kernels::cpu::Argmax(row, lm_head.rows)
-                            : kernels::cpu::SampleLogits(row, lm_head.rows, sp.temperature,
-                                                         sp.top_k, sp.top_p, sp.u, scratch);
+    tokens[r] = kernels::cpu::DrawToken(host_logits + r * lm_head.rows, lm_head.rows, sampling[r]);
   }
   return absl::OkStatus();
 }

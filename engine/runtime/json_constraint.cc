@@ -1659,11 +1659,7 @@ int32_t JsonMatcher::Draw(const Bits& allowed, float* row, int64_t n,
     scratch.logits.resize(scratch.ids.size());
     for (size_t k = 0; k < scratch.ids.size(); ++k) scratch.logits[k] = row[scratch.ids[k]];
     const int64_t m = static_cast<int64_t>(scratch.ids.size());
-    const int32_t pick =
-        rule.greedy() ? kernels::cpu::Argmax(scratch.logits.data(), m)
-                      : kernels::cpu::SampleLogits(scratch.logits.data(), m, rule.temperature,
-                                                   rule.top_k, rule.top_p, rule.u, scratch.sort);
-    return scratch.ids[pick];
+    return scratch.ids[kernels::cpu::DrawToken(scratch.logits.data(), m, rule)];
   }
   if (rule.greedy() && !mask_row && count * 8 < n * 7) {
     // Not nearly all of the row allowed: one pass over the allowed ids, the row left alone
@@ -1684,9 +1680,7 @@ int32_t JsonMatcher::Draw(const Bits& allowed, float* row, int64_t n,
     if (best >= 0) return best;
   }
   if (!ApplyAllowed(allowed, row, n)) return -1;
-  return rule.greedy() ? kernels::cpu::Argmax(row, n)
-                       : kernels::cpu::SampleLogits(row, n, rule.temperature, rule.top_k,
-                                                    rule.top_p, rule.u, scratch.sort);
+  return kernels::cpu::DrawToken(row, n, rule);
 }
 
 bool JsonMatcher::Accept(int32_t token) {

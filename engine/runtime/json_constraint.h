@@ -149,7 +149,6 @@ class JsonMatcher {
   struct DrawScratch {
     std::vector<int32_t> ids;
     std::vector<float> logits;
-    std::vector<std::pair<float, int32_t>> sort;
   };
   static int32_t Draw(const Bits& allowed, float* row, int64_t n, const kernels::RowSampling& rule,
                       bool mask_row, DrawScratch& scratch);

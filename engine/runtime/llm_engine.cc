@@ -582,10 +582,10 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   std::vector<size_t> constrained;  // rows drawn under a json_schema
   // Each row's rule; the backend draws by it, except for rows drawn again on the host (masked
   // or processed), for which its draw would be wasted: greedy (cheapest) there.
-  std::vector<kernels::RowSampling> rules(plan.size());
+  rules_.resize(plan.size());
   for (size_t i = 0; i < plan.size(); ++i) {
     const Sequence& seq = *plan[i].seq;
-    rules[i] = sampling_[i] = seq.sampler->RowParams(seq.num_generated);
+    rules_[i] = sampling_[i] = seq.sampler->RowParams(seq.num_generated);
     const bool samples =
         seq.num_computed + plan[i].chunk >= static_cast<int32_t>(seq.tokens.size());
     // A reasoning model's reply before its constraint applies is drawn as any other.
@@ -670,11 +670,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       // the reply is constrained).
       const bool masked = seq.matcher != nullptr && !seq.matcher->Free();
       ProcessLogits(seq, row, masked ? &allowed_[i] : nullptr);
-      const kernels::RowSampling& rule = rules[i];
-      out.token = rule.greedy()
-                      ? kernels::cpu::Argmax(row, vocab)
-                      : kernels::cpu::SampleLogits(row, vocab, rule.temperature, rule.top_k,
-                                                   rule.top_p, rule.u, sample_scratch_);
+      out.token = kernels::cpu::DrawToken(row, vocab, rules_[i]);
     }
     if (seq.matcher != nullptr && seq.matcher->Free()) {
       // Watched for the reasoning's end. A token that would end the reply (or that the
@@ -688,7 +684,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     } else if (seq.matcher != nullptr) {
       // Drawn again from the masked row: the logprobs are then those of what was drawn from.
       int32_t drawn = -1;
-      if (Constrain(seq, allowed_[i], row, rules[i], drawn)) {
+      if (Constrain(seq, allowed_[i], row, rules_[i], drawn)) {
         out.token = drawn;
         constrained_end = seq.matcher->Done() || vocab_->IsStop(out.token);
       } else {  // cannot happen for a schema that compiled; the unconstrained token ends it

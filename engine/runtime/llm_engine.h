@@ -257,6 +257,8 @@ class LlmEngine {
   // Per planned sequence of a step: how its token is chosen, whether its logits go to the
   // host, the token.
   std::vector<kernels::RowSampling> sampling_;
+  // Each row's own rule (sampling_ has greedy for the rows the host draws again).
+  std::vector<kernels::RowSampling> rules_;
   std::vector<uint8_t> host_rows_;
   std::vector<int32_t> tokens_;
   std::vector<std::pair<std::string, int32_t>> last_batch_;
@@ -264,7 +266,6 @@ class LlmEngine {
   HandoffHook handoff_hook_;
   std::shared_ptr<const TokenVocabulary> vocab_;
   absl::flat_hash_map<std::string, std::shared_ptr<const JsonSchema>> schemas_;
-  std::vector<std::pair<float, int32_t>> sample_scratch_;
   std::vector<JsonMatcher::Bits> allowed_;  // per planned row: its mask's allowed tokens
   JsonMatcher::DrawScratch draw_scratch_;
 };

@@ -110,14 +110,18 @@ size_t Cut(std::vector<Candidate>& c, size_t begin, size_t end, double need, boo
 
 }  // namespace
 
+int32_t DrawToken(const float* logits, int64_t n, const RowSampling& rule) {
+  return rule.greedy() ? Argmax(logits, n)
+                       : SampleLogits(logits, n, rule.temperature, rule.top_k, rule.top_p, rule.u);
+}
+
 int32_t SampleLogits(const float* logits, int64_t n, float temperature, int32_t top_k, float top_p,
-                     double u, std::vector<std::pair<float, int32_t>>& scratch) {
+                     double u) {
   // The rule: the candidates in order (larger logit, then lower id), the first top_k of them
   // (top_k <= 0: all), then the shortest prefix whose softmax mass reaches top_p, then the
   // first whose running mass exceeds u times theirs. Computed by selection, not a sort: a
   // candidate with no mass (exp of its distance to the top, over T, below 1e-30 of the top's)
   // can never be drawn and is left out.
-  (void)scratch;
   float max_logit = -INFINITY;
   int32_t first_max = -1;
   int64_t valid = 0;

@@ -320,7 +320,6 @@ int32_t SortedRule(const float* logits, int64_t n, float temperature, int32_t to
 
 TEST(SamplingTest, SelectionDrawsWhatTheSortedRuleDraws) {
   std::mt19937 rng(17);
-  std::vector<std::pair<float, int32_t>> scratch;
   int trials = 0;
   for (int trial = 0; trial < 6000; ++trial) {
     const int64_t n = 1 + rng() % (trial % 10 == 0 ? 40000 : 700);
@@ -347,7 +346,7 @@ TEST(SamplingTest, SelectionDrawsWhatTheSortedRuleDraws) {
     const int32_t top_k = rng() % 3 == 0 ? static_cast<int32_t>(1 + rng() % (n + 3)) : 0;
     const float top_p = rng() % 2 ? 1.0f : std::vector<float>{0.1f, 0.5f, 0.9f, 0.99f}[rng() % 4];
     const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
-    EXPECT_EQ(SampleLogits(row.data(), n, temperature, top_k, top_p, u, scratch),
+    EXPECT_EQ(SampleLogits(row.data(), n, temperature, top_k, top_p, u),
               SortedRule(row.data(), n, temperature, top_k, top_p, u))
         << "trial " << trial << " n " << n << " T " << temperature << " k " << top_k << " p "
         << top_p << " u " << u;
@@ -363,31 +362,30 @@ TEST(SamplingTest, ArgmaxSkipsNanAndTakesTheFirstOfTies) {
 
 TEST(SamplingTest, SampleFrequenciesFollowSoftmaxAndFiltersRestrictSupport) {
   const std::vector<float> logits = {0.0f, std::log(2.0f), std::log(3.0f), std::log(4.0f)};
-  std::vector<std::pair<float, int32_t>> scratch;
   std::vector<int> counts(4, 0);
   const int n = 20000;
   for (int i = 0; i < n; ++i) {
-    counts[SampleLogits(logits.data(), 4, 1.0f, 0, 1.0f, (i + 0.5) / n, scratch)]++;
+    counts[SampleLogits(logits.data(), 4, 1.0f, 0, 1.0f, (i + 0.5) / n)]++;
   }
   for (int t = 0; t < 4; ++t) EXPECT_NEAR(counts[t] / double(n), (t + 1) / 10.0, 0.002) << t;
   // top_k = 2 keeps ids 3 and 2 in the ratio 4:3.
   std::fill(counts.begin(), counts.end(), 0);
   for (int i = 0; i < n; ++i) {
-    counts[SampleLogits(logits.data(), 4, 1.0f, 2, 1.0f, (i + 0.5) / n, scratch)]++;
+    counts[SampleLogits(logits.data(), 4, 1.0f, 2, 1.0f, (i + 0.5) / n)]++;
   }
   EXPECT_EQ(counts[0] + counts[1], 0);
   EXPECT_NEAR(counts[3] / double(n), 4.0 / 7.0, 0.002);
   // top_p = 0.5: the smallest prefix reaching 0.5 is {3 (0.4), 2 (0.3)}.
   std::fill(counts.begin(), counts.end(), 0);
   for (int i = 0; i < n; ++i) {
-    counts[SampleLogits(logits.data(), 4, 1.0f, 0, 0.5f, (i + 0.5) / n, scratch)]++;
+    counts[SampleLogits(logits.data(), 4, 1.0f, 0, 0.5f, (i + 0.5) / n)]++;
   }
   EXPECT_EQ(counts[0] + counts[1], 0);
   EXPECT_GT(counts[2], 0);
   // Low temperature concentrates on the argmax.
   std::fill(counts.begin(), counts.end(), 0);
   for (int i = 0; i < n; ++i) {
-    counts[SampleLogits(logits.data(), 4, 0.01f, 0, 1.0f, (i + 0.5) / n, scratch)]++;
+    counts[SampleLogits(logits.data(), 4, 0.01f, 0, 1.0f, (i + 0.5) / n)]++;
   }
   EXPECT_EQ(counts[3], n);
 }
@@ -408,12 +406,11 @@ TEST(SamplingTest, LogProbsAreNormalized) {
 TEST(SamplingTest, InfiniteAndNanLogits) {
   // +inf takes all the mass: it is drawn whatever the draw and parameters (the first +inf in
   // the order when several), with log-probability log(1 / count).
-  std::vector<std::pair<float, int32_t>> scratch;
   const std::vector<float> inf = {1.0f, INFINITY, 0.0f, INFINITY, NAN};
   for (double u : {0.0, 0.3, 0.99}) {
     for (float top_p : {1.0f, 0.5f}) {
-      EXPECT_EQ(SampleLogits(inf.data(), 5, 1.0f, 0, top_p, u, scratch), 1) << u << " " << top_p;
-      EXPECT_EQ(SampleLogits(inf.data(), 5, 0.7f, 3, top_p, u, scratch), 1) << u << " " << top_p;
+      EXPECT_EQ(SampleLogits(inf.data(), 5, 1.0f, 0, top_p, u), 1) << u << " " << top_p;
+      EXPECT_EQ(SampleLogits(inf.data(), 5, 0.7f, 3, top_p, u), 1) << u << " " << top_p;
     }
   }
   EXPECT_EQ(Argmax(inf.data(), 5), 1);
@@ -421,7 +418,7 @@ TEST(SamplingTest, InfiniteAndNanLogits) {
   EXPECT_EQ(LogProb(inf.data(), 5, 0), -INFINITY);
   // A row of -inf (and NaN): the first -inf, as Argmax.
   const std::vector<float> none = {NAN, -INFINITY, -INFINITY};
-  EXPECT_EQ(SampleLogits(none.data(), 3, 1.0f, 0, 1.0f, 0.7, scratch), 1);
+  EXPECT_EQ(SampleLogits(none.data(), 3, 1.0f, 0, 1.0f, 0.7), 1);
   EXPECT_EQ(Argmax(none.data(), 3), 1);
   // A NaN logit is left out of the log-probabilities instead of making them all NaN.
   const std::vector<float> with_nan = {1.0f, NAN, 3.0f, 2.0f};

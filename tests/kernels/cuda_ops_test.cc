@@ -1063,14 +1063,9 @@ TEST_P(CudaOpsTest, SampleRowsMatchesCpuSampler) {
     ASSERT_EQ(kernels::cuda::SampleRows(d_logits, rows, n, d_params, d_ids, nullptr), cudaSuccess);
     std::vector<int32_t> ids(rows);
     ASSERT_EQ(cudaMemcpy(ids.data(), d_ids, rows * 4, cudaMemcpyDeviceToHost), cudaSuccess);
-    std::vector<std::pair<float, int32_t>> scratch;
     for (int r = 0; r < rows; ++r) {
-      const float* row = logits.data() + size_t(r) * n;
       const kernels::RowSampling& sp = params[r];
-      const int32_t expect = sp.greedy()
-                                 ? kernels::cpu::Argmax(row, n)
-                                 : kernels::cpu::SampleLogits(row, n, sp.temperature, sp.top_k,
-                                                              sp.top_p, sp.u, scratch);
+      const int32_t expect = kernels::cpu::DrawToken(logits.data() + size_t(r) * n, n, sp);
       EXPECT_EQ(ids[r], expect) << "row " << r << " T " << sp.temperature << " k " << sp.top_k
                                 << " p " << sp.top_p << " u " << sp.u;
     }
