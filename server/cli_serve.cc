@@ -705,7 +705,8 @@ int FrontendMain(int argc, char** argv) {
        {"tool-call-parser", false,
         "how the model writes tool calls, read back as the chat API's tool_calls: hermes "
         "(<tool_call>{...}</tool_call>: Qwen 2.5/3, Hermes), llama3_json (Llama 3.x JSON) or "
-        "pythonic ([f(x=1), ...]: Llama 3.2/3.3/4); "
+        "pythonic ([f(x=1), ...]: Llama 3.2/3.3/4) or mistral ([TOOL_CALLS]...: Mistral, "
+        "Nemo, Small 3, Magistral); "
         "default none (requests with tools and tool_choice auto are refused)"},
        {"reasoning-parser", false,
         "how the model marks its reasoning, returned as the chat API's reasoning_content: "
@@ -784,7 +785,8 @@ int UpMain(int argc, char** argv) {
       {"metrics-port", false, "front-end: Prometheus metrics on this port (default off)"},
       {"http-port", false, "front-end: the OpenAI-compatible HTTP API on this port (default off)"},
       {"chat-template", false, "front-end: chat template file (default: the model's)"},
-      {"tool-call-parser", false, "front-end: hermes, llama3_json or pythonic (default none)"},
+      {"tool-call-parser", false,
+       "front-end: hermes, llama3_json, pythonic or mistral (default none)"},
       {"reasoning-parser", false, "front-end: deepseek_r1 or qwen3 (default none)"},
   };
   for (FlagSpec s : EngineFlagSpecs()) specs.push_back(s);

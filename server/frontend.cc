@@ -512,11 +512,13 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     Relay(Impl& impl, const api::GenerateRequest& request, pb::WorkRequest& work,
           grpc::ServerWriter<api::GenerateResponse>* writer, Tracked& tracked)
         : request(request), work(work), writer(writer), tracked(tracked) {
-      // The text leaves special tokens (EOS, BOS, chat markers) out, as HF's and vLLM's
-      // defaults do; their ids are in token_ids.
+      // The text leaves special tokens (EOS, BOS, chat markers) out unless asked to keep them,
+      // as HF's and vLLM's defaults do; their ids are in token_ids.
       if (impl.tokenizer_) {
-        decoder = std::make_unique<engine::StreamDecoder>(*impl.tokenizer_,
-                                                          /*skip_special_tokens=*/true);
+        decoder = std::make_unique<engine::StreamDecoder>(
+            *impl.tokenizer_,
+            /*skip_special_tokens=*/!request.has_skip_special_tokens() ||
+                request.skip_special_tokens());
       }
       if (request.stop_size() > 0) {
         stop = std::make_unique<StopMatcher>(
@@ -969,10 +971,17 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     api::GenerateResponse response;
     response.set_request_id(relay.tracked.id);
     std::string text;
-    for (int32_t id : event.token_ids()) {
+    *done = !event.finish_reason().empty();
+    for (int i = 0; i < event.token_ids_size(); ++i) {
+      const int32_t id = event.token_ids(i);
       response.add_token_ids(id);
       relay.output_ids.push_back(id);
-      if (relay.decoder) text += relay.decoder->Add(id);
+      // A special token that ended the reply (EOS, end of turn) is not text, even where the
+      // request keeps special tokens (a reply completed by its constraint ends on its text).
+      if (!relay.decoder) continue;
+      const bool ended_by = *done && i + 1 == event.token_ids_size() &&
+                            event.finish_reason() == "stop" && tokenizer_->IsSpecial(id);
+      if (!ended_by) text += relay.decoder->Add(id);
     }
     for (const pb::TokenLogprobs& lp : event.logprobs()) {
       api::TokenLogprobs* out = response.add_logprobs();
@@ -985,7 +994,6 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     }
     relay.completion_tokens += event.token_ids_size();
     if (relay.timeline.first_token_us() == 0) relay.timeline.set_first_token_us(NowUs());
-    *done = !event.finish_reason().empty();
     if (*done && relay.decoder) text += relay.decoder->Finish();
     // Stop sequences count from min_tokens tokens on (as vLLM's): the text before passes.
     if (relay.stop && relay.completion_tokens > relay.work.min_tokens()) {

@@ -237,10 +237,18 @@ struct Choice {
   std::optional<ForcedCallStream> forced;     // streamed chat under a forced tool choice
 };
 
-// A new tool call id: "call_" and 24 random hex digits.
-std::string NewCallId() {
+// A new tool call id: "call_" and 24 random hex digits; for `parser` mistral 9 random letters
+// and digits (Mistral's chat templates refuse a tool_call_id of any other shape).
+std::string NewCallId(ToolCallFormat parser) {
   thread_local std::mt19937_64 rng(std::random_device{}() ^
                                    static_cast<uint64_t>(absl::ToUnixNanos(absl::Now())));
+  if (parser == ToolCallFormat::kMistral) {
+    constexpr absl::string_view kAlnum =
+        "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789";
+    std::string id(9, ' ');
+    for (char& c : id) c = kAlnum[rng() % kAlnum.size()];
+    return id;
+  }
   return absl::StrFormat("call_%016x%08x", rng(), static_cast<uint32_t>(rng()));
 }
 
@@ -250,11 +258,12 @@ ToolCallScanner::Result KeptCalls(const CompletionRequest& request, ToolCallScan
   return r;
 }
 
-// A tool call as a message's `tool_calls` entry, or with `index` a stream delta's.
-Json ToolCallJson(const ToolCall& call, std::optional<int> index) {
+// A tool call as a message's `tool_calls` entry, or with `index` a stream delta's; its id the
+// model's, else a new one for `parser`.
+Json ToolCallJson(const ToolCall& call, std::optional<int> index, ToolCallFormat parser) {
   Json j = Json::object();
   if (index) j["index"] = *index;
-  j["id"] = NewCallId();
+  j["id"] = call.id.empty() ? NewCallId(parser) : call.id;
   j["type"] = "function";
   j["function"] = {{"name", call.name}, {"arguments", call.arguments}};
   return j;
@@ -357,6 +366,11 @@ absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionReque
     }
   }
   PDS_RETURN_IF_ERROR(Get(j, "ignore_eos", ignore_eos));
+  if (auto it = j.find("skip_special_tokens"); it != j.end() && !it->is_null()) {
+    bool skip = true;
+    PDS_RETURN_IF_ERROR(Get(j, "skip_special_tokens", skip));
+    base.set_skip_special_tokens(skip);
+  }
   for (auto [field, setter] : {std::pair{"ttft_slo_ms", &api::GenerateRequest::set_ttft_slo_ms},
                                std::pair{"tpot_slo_ms", &api::GenerateRequest::set_tpot_slo_ms}}) {
     double v = 0;
@@ -672,9 +686,12 @@ absl::StatusOr<Json> ParseTools(const Json& j, ToolCallFormat format, Completion
     if (format == ToolCallFormat::kNone) {
       return BadField("tools",
                       "with tool_choice \"auto\" need a front-end started with "
-                      "--tool-call-parser (hermes, llama3_json or pythonic) to read the calls");
+                      "--tool-call-parser (hermes, llama3_json, pythonic or mistral) to read the "
+                      "calls");
     }
     r.tool_calls = format;
+    // Mistral's call markers are special tokens: the reply's text keeps them (as vLLM does).
+    if (format == ToolCallFormat::kMistral) base.set_skip_special_tokens(false);
   }
   return tools;
 }
@@ -1187,7 +1204,9 @@ class OpenAiHttpServer::Impl {
           if (!r.calls.empty()) {  // the reply's tool calls, and what it wrote before them
             choice["message"]["content"] = r.content.empty() ? Json(nullptr) : Json(r.content);
             Json calls = Json::array();
-            for (const ToolCall& call : r.calls) calls.push_back(ToolCallJson(call, std::nullopt));
+            for (const ToolCall& call : r.calls) {
+              calls.push_back(ToolCallJson(call, std::nullopt, options.tool_call_format));
+            }
             choice["message"]["tool_calls"] = std::move(calls);
             finish = "tool_calls";
           }
@@ -1330,7 +1349,7 @@ class OpenAiHttpServer::Impl {
           const ForcedCallStream::Delta& d = deltas[k];
           Json call = {{"index", d.index}, {"function", {{"arguments", d.arguments}}}};
           if (d.opens) {  // the call's first delta: its id and name
-            call["id"] = NewCallId();
+            call["id"] = NewCallId(options.tool_call_format);
             call["type"] = "function";
             call["function"] = {{"name", d.name}, {"arguments", d.arguments}};
           }
@@ -1358,7 +1377,8 @@ class OpenAiHttpServer::Impl {
           }
           for (size_t k = 0; k < r.calls.size(); ++k) {
             const Json delta = {
-                {"tool_calls", Json::array({ToolCallJson(r.calls[k], static_cast<int>(k))})}};
+                {"tool_calls", Json::array({ToolCallJson(r.calls[k], static_cast<int>(k),
+                                                         options.tool_call_format)})}};
             if (!chunk(e->choice, "", c.LogprobCount(), nullptr, &delta)) return false;
           }
           text.clear();

@@ -1,5 +1,6 @@
 #include "server/tool_calls.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <optional>
@@ -21,8 +22,22 @@ using Json = nlohmann::ordered_json;
 
 constexpr absl::string_view kHermesOpen = "<tool_call>";
 constexpr absl::string_view kHermesClose = "</tool_call>";
+constexpr absl::string_view kMistralCalls = "[TOOL_CALLS]";
+constexpr absl::string_view kMistralArgs = "[ARGS]";
+constexpr absl::string_view kMistralCallId = "[CALL_ID]";
 
 bool IsBlank(absl::string_view s) { return absl::StripAsciiWhitespace(s).empty(); }
+
+// The length of the JSON value (object or array) at the start of `text`, where its brackets
+// outside strings balance; 0 when it does not end in `text`.
+size_t JsonValueLength(absl::string_view text) {
+  JsonNesting nesting;
+  for (size_t i = 0; i < text.size(); ++i) {
+    nesting.Feed(text[i]);
+    if (nesting.depth() == 0) return i + 1;
+  }
+  return 0;
+}
 
 // A call object: {"name": "...", "<args_key>": {...}} (the arguments may also be a string that
 // holds a JSON object, as some models write them).
@@ -87,21 +102,72 @@ std::optional<std::vector<ToolCall>> ParseLlama3Json(absl::string_view section) 
     while (i < section.size() && (absl::ascii_isspace(section[i]) || section[i] == ';')) ++i;
     if (i == section.size()) break;
     if (section[i] != '{') return std::nullopt;
-    // The object's end: brackets outside strings balance.
-    size_t end = i;
-    JsonNesting nesting;
-    for (; end < section.size(); ++end) {
-      nesting.Feed(section[end]);
-      if (nesting.depth() == 0) break;
-    }
-    if (end >= section.size()) return std::nullopt;
-    std::optional<ToolCall> call =
-        ParseObject(section.substr(i, end + 1 - i), {"parameters", "arguments"});
+    const size_t n = JsonValueLength(section.substr(i));
+    if (n == 0) return std::nullopt;
+    std::optional<ToolCall> call = ParseObject(section.substr(i, n), {"parameters", "arguments"});
     if (!call) return std::nullopt;
     calls.push_back(*std::move(call));
-    i = end + 1;
+    i += n;
   }
   if (calls.empty()) return std::nullopt;
+  return calls;
+}
+
+// A function name as Mistral's models write it before [ARGS] (or [CALL_ID]).
+bool IsFunctionName(absl::string_view name) {
+  return !name.empty() && std::all_of(name.begin(), name.end(), [](char c) {
+    return absl::ascii_isalnum(c) || c == '_' || c == '-' || c == '.';
+  });
+}
+
+// Mistral's calls: [TOOL_CALLS] segments, each a JSON list of call objects (or one object), or
+// name[ARGS]{...} (name[CALL_ID]id[ARGS]{...}). Non-blank text after the last is `trailing`.
+std::optional<std::vector<ToolCall>> ParseMistral(absl::string_view section,
+                                                  std::string* trailing) {
+  std::vector<ToolCall> calls;
+  absl::string_view rest = section;
+  while (absl::ConsumePrefix(&rest, kMistralCalls)) {
+    rest = absl::StripLeadingAsciiWhitespace(rest);
+    if (!rest.empty() && (rest[0] == '[' || rest[0] == '{')) {  // before v11: JSON
+      const size_t n = JsonValueLength(rest);
+      if (n == 0) return std::nullopt;
+      const Json j = Json::parse(rest.substr(0, n), nullptr, /*allow_exceptions=*/false);
+      if (j.is_discarded() || (j.is_array() && j.empty())) return std::nullopt;
+      for (const Json& item : j.is_array() ? j : Json::array({j})) {
+        std::optional<ToolCall> call = CallOf(item, {"arguments", "parameters"});
+        if (!call) return std::nullopt;
+        if (auto id = item.find("id"); id != item.end() && id->is_string()) {
+          call->id = id->get<std::string>();
+        }
+        calls.push_back(*std::move(call));
+      }
+      rest.remove_prefix(n);
+    } else {  // v11 on: name[ARGS]{...}, maybe name[CALL_ID]id[ARGS]{...}
+      const size_t args = rest.find(kMistralArgs);
+      if (args == absl::string_view::npos) return std::nullopt;
+      absl::string_view head = rest.substr(0, args);
+      std::string id;
+      if (const size_t at = head.find(kMistralCallId); at != absl::string_view::npos) {
+        id = std::string(absl::StripAsciiWhitespace(head.substr(at + kMistralCallId.size())));
+        head = head.substr(0, at);
+      }
+      const absl::string_view name = absl::StripAsciiWhitespace(head);
+      if (!IsFunctionName(name)) return std::nullopt;
+      rest = absl::StripLeadingAsciiWhitespace(rest.substr(args + kMistralArgs.size()));
+      const size_t n = rest.empty() || rest[0] != '{' ? 0 : JsonValueLength(rest);
+      if (n == 0) return std::nullopt;
+      const Json j = Json::parse(rest.substr(0, n), nullptr, /*allow_exceptions=*/false);
+      if (!j.is_object()) return std::nullopt;
+      calls.push_back({std::string(name), j.dump(-1, ' ', false, Json::error_handler_t::replace),
+                       std::move(id)});
+      rest.remove_prefix(n);
+    }
+    const absl::string_view next = absl::StripLeadingAsciiWhitespace(rest);
+    if (!absl::StartsWith(next, kMistralCalls)) break;
+    rest = next;
+  }
+  if (calls.empty()) return std::nullopt;
+  if (!IsBlank(rest)) *trailing = std::string(absl::StripLeadingAsciiWhitespace(rest));
   return calls;
 }
 
@@ -304,8 +370,9 @@ absl::StatusOr<ToolCallFormat> ParseToolCallFormat(absl::string_view name) {
   if (name == "hermes") return ToolCallFormat::kHermes;
   if (name == "llama3_json") return ToolCallFormat::kLlama3Json;
   if (name == "pythonic") return ToolCallFormat::kPythonic;
-  return absl::InvalidArgumentError(absl::StrCat("unknown tool call format '", name,
-                                                 "' (hermes, llama3_json, pythonic or none)"));
+  if (name == "mistral") return ToolCallFormat::kMistral;
+  return absl::InvalidArgumentError(absl::StrCat(
+      "unknown tool call format '", name, "' (hermes, llama3_json, pythonic, mistral or none)"));
 }
 
 std::string ToolCallScanner::Feed(absl::string_view text) {
@@ -316,10 +383,13 @@ std::string ToolCallScanner::Feed(absl::string_view text) {
   }
   if (in_calls_) return "";
   std::string out;
-  if (format_ == ToolCallFormat::kHermes) {
-    const size_t at = absl::string_view(held_).find(kHermesOpen);
+  if (format_ == ToolCallFormat::kHermes || format_ == ToolCallFormat::kMistral) {
+    // Content up to the section's marker (held while the text may be its start).
+    const absl::string_view marker =
+        format_ == ToolCallFormat::kHermes ? kHermesOpen : kMistralCalls;
+    const size_t at = absl::string_view(held_).find(marker);
     const size_t keep =
-        at != std::string::npos ? held_.size() - at : PartialMarkerAtEnd(held_, kHermesOpen);
+        at != std::string::npos ? held_.size() - at : PartialMarkerAtEnd(held_, marker);
     in_calls_ = at != std::string::npos;
     out = held_.substr(0, held_.size() - keep);
     held_.erase(0, held_.size() - keep);
@@ -355,6 +425,9 @@ ToolCallScanner::Result ToolCallScanner::Finish() {
         break;
       case ToolCallFormat::kPythonic:
         calls = PythonicParser(held_).Calls();
+        break;
+      case ToolCallFormat::kMistral:
+        calls = ParseMistral(held_, &r.content);
         break;
       case ToolCallFormat::kArguments: {
         const Json args = Json::parse(held_, nullptr, /*allow_exceptions=*/false);

@@ -10,6 +10,14 @@
 //   pythonic     the whole reply a Python list of calls with keyword arguments,
 //                [get_weather(city="Paris", days=3), ...] (Llama 3.2/3.3/4 pythonic tool
 //                calling; the values Python literals, converted to JSON)
+//   mistral      [TOOL_CALLS] and the calls, after optional content: a JSON list
+//                [{"name": ..., "arguments": {...}}, ...] (Mistral 7B v0.3, Nemo: tokenizers
+//                before v11), or name[ARGS]{...} (v11 on: Mistral Small 3.x, Magistral,
+//                Devstral), name[CALL_ID]id[ARGS]{...} keeping the model's id, each call after
+//                its own [TOOL_CALLS]. The markers are special tokens, so the chat API asks for
+//                the reply's text with special tokens kept (skip_special_tokens false) when it
+//                reads these calls; the calls' ids are 9 letters and digits, which Mistral's
+//                chat templates demand of the next turn's tool_call_id.
 //
 // Forced by the chat request's tool_choice, under a json_schema that makes the reply so
 // (engine/runtime/json_constraint.h), whatever the model's own format:
@@ -43,14 +51,24 @@ class Tokenizer;
 
 namespace pds::server {
 
-enum class ToolCallFormat { kNone, kHermes, kLlama3Json, kPythonic, kArguments, kJsonArray };
+enum class ToolCallFormat {
+  kNone,
+  kHermes,
+  kLlama3Json,
+  kPythonic,
+  kMistral,
+  kArguments,
+  kJsonArray
+};
 
-// "hermes", "llama3_json", "pythonic", or "" / "none" (no parsing); INVALID_ARGUMENT for others.
+// "hermes", "llama3_json", "pythonic", "mistral", or "" / "none" (no parsing); INVALID_ARGUMENT
+// for others.
 absl::StatusOr<ToolCallFormat> ParseToolCallFormat(absl::string_view name);
 
 struct ToolCall {
   std::string name;
   std::string arguments;  // a JSON object, as text (OpenAI's `arguments` string)
+  std::string id;         // the model's own id for it (mistral's [CALL_ID]); empty: none
 };
 
 // One choice's reply as it streams: content goes out as soon as it cannot be the start of a

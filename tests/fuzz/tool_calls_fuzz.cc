@@ -16,6 +16,8 @@ std::vector<std::string> FuzzSeeds() {
       " [get_weather(city='Oslo', days=3, opts={'a': [1, (2, 3.5e-1)], \"b\": None}), now()]",
       "[f(s='''multi\nline''' \"joined\", t='\\x41\\u00e9\\U0001F600\\101\\d', n=-1_000)]",
       "<think>\nreasoning </think>\n\nThe answer. <tool_call>{\"name\": \"f\"}</tool_call>",
+      "Sure.[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"x\": [1, \"]\"]}, \"id\": \"a\"}]",
+      "[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Oslo\"}[TOOL_CALLS]now[CALL_ID]abc[ARGS]{} ok",
   };
 }
 
@@ -35,7 +37,8 @@ void Check(ToolCallFormat format, const std::string& text, size_t step) {
   if (content != whole.content || streamed.calls.size() != whole.calls.size()) std::abort();
   for (size_t i = 0; i < whole.calls.size(); ++i) {
     if (streamed.calls[i].name != whole.calls[i].name ||
-        streamed.calls[i].arguments != whole.calls[i].arguments) {
+        streamed.calls[i].arguments != whole.calls[i].arguments ||
+        streamed.calls[i].id != whole.calls[i].id) {
       std::abort();
     }
   }
@@ -46,8 +49,8 @@ void Check(ToolCallFormat format, const std::string& text, size_t step) {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const std::string text(reinterpret_cast<const char*>(data), size);
   const size_t step = 1 + (size == 0 ? 0 : data[0] % 7);
-  for (ToolCallFormat f :
-       {ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json, ToolCallFormat::kPythonic}) {
+  for (ToolCallFormat f : {ToolCallFormat::kHermes, ToolCallFormat::kLlama3Json,
+                           ToolCallFormat::kPythonic, ToolCallFormat::kMistral}) {
     Check(f, text, step);
   }
   for (auto r : {pds::server::ReasoningFormat::kDeepSeekR1, pds::server::ReasoningFormat::kQwen3}) {

@@ -3,6 +3,7 @@
 // its own gRPC API.
 #include "server/openai_http.h"
 
+#include <algorithm>
 #include <atomic>
 #include <filesystem>
 #include <fstream>
@@ -112,10 +113,12 @@ TEST(OpenAiParseTest, LogitsProcessingReachesTheChoices) {
                   {"repetition_penalty", 1.2},
                   {"min_p", 0.1},
                   {"min_tokens", 3},
-                  {"logit_bias", {{"5", 10}, {"7", -100}}}});
+                  {"logit_bias", {{"5", 10}, {"7", -100}}},
+                  {"skip_special_tokens", false}});
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_EQ(r->choices.size(), 2u);
   for (const api::GenerateRequest& g : r->choices) {
+    EXPECT_TRUE(g.has_skip_special_tokens() && !g.skip_special_tokens());
     EXPECT_FLOAT_EQ(g.presence_penalty(), 0.5f);
     EXPECT_FLOAT_EQ(g.frequency_penalty(), -0.25f);
     EXPECT_FLOAT_EQ(g.repetition_penalty(), 1.2f);
@@ -128,6 +131,7 @@ TEST(OpenAiParseTest, LogitsProcessingReachesTheChoices) {
   auto plain = Parse({{"model", "m"}, {"prompt", "a"}});
   ASSERT_TRUE(plain.ok());
   EXPECT_FALSE(plain->choices[0].has_repetition_penalty());
+  EXPECT_FALSE(plain->choices[0].has_skip_special_tokens());  // the front-end's default: skip
   EXPECT_EQ(plain->choices[0].logit_bias_size(), 0);
 }
 
@@ -548,10 +552,12 @@ TEST(OpenAiChatParseTest, ToolsReachTheTemplateAndChooseTheParser) {
 class ScriptedServing final : public api::Serving::Service {
  public:
   std::vector<std::string> pieces;
-  std::atomic<bool> reasoning_first{false};  // of the last request
+  std::atomic<bool> reasoning_first{false};      // of the last request
+  std::atomic<bool> skip_special_tokens{false};  // of the last request (unset: true)
   grpc::Status Generate(grpc::ServerContext*, const api::GenerateRequest* req,
                         grpc::ServerWriter<api::GenerateResponse>* writer) override {
     reasoning_first = req->reasoning_first();
+    skip_special_tokens = !req->has_skip_special_tokens() || req->skip_special_tokens();
     for (size_t i = 0; i < pieces.size(); ++i) {
       api::GenerateResponse m;
       m.add_token_ids(static_cast<int32_t>(100 + i));
@@ -599,6 +605,7 @@ class ScriptedHttp {
   }
   void set_pieces(std::vector<std::string> pieces) { serving_.pieces = std::move(pieces); }
   bool reasoning_first() const { return serving_.reasoning_first; }
+  bool skip_special_tokens() const { return serving_.skip_special_tokens; }
   // POST /v1/chat/completions with `body`.
   httplib::Result Chat(const Json& body) {
     httplib::Client client("127.0.0.1", http_ ? http_->port() : 1);
@@ -676,6 +683,51 @@ TEST(OpenAiToolCallsTest, RepliesToolCallsWholeAndStreamed) {
   EXPECT_TRUE(absl::StrContains(body["choices"][0]["message"]["content"].get<std::string>(),
                                 "<tool_call>"));
   EXPECT_EQ(body["choices"][0]["finish_reason"], "stop");
+}
+
+// --tool-call-parser mistral: the request asks for special tokens kept (its markers are), the
+// calls come back with ids of 9 letters and digits (Mistral's templates refuse others) or the
+// model's own, whole and streamed.
+TEST(OpenAiToolCallsTest, MistralCallsKeepTheMarkersAndUseMistralIds) {
+  ScriptedHttp scripted({"Sure.", "[TOOL", "_CALLS]get_weather[ARGS]{\"city\": ", "\"Oslo\"}",
+                         "[TOOL_CALLS]now[CALL_ID]Q1w2E3r4T[ARGS]{}"},
+                        ReasoningFormat::kNone, ToolCallFormat::kMistral);
+  Json request = {{"messages", {{{"role", "user"}, {"content", "Weather in Oslo?"}}}},
+                  {"tools", kTools}};
+  const auto mistral_id = [](const Json& id) {
+    const std::string s = id.get<std::string>();
+    return s.size() == 9 && std::all_of(s.begin(), s.end(), absl::ascii_isalnum);
+  };
+  for (const bool stream : {false, true}) {
+    request["stream"] = stream;
+    auto res = scripted.Chat(request);
+    ASSERT_TRUE(res && res->status == 200) << (res ? res->body : "no answer");
+    EXPECT_FALSE(scripted.skip_special_tokens());
+    std::string content;
+    std::vector<Json> calls;
+    if (!stream) {
+      const Json message = Json::parse(res->body)["choices"][0]["message"];
+      content = message["content"];
+      for (const Json& c : message["tool_calls"]) calls.push_back(c);
+    } else {
+      for (const std::string& e : Events(res->body)) {
+        if (e == "[DONE]") continue;
+        const Json d = Json::parse(e)["choices"][0]["delta"];
+        if (d.contains("content")) content += d["content"].get<std::string>();
+        if (d.contains("tool_calls")) calls.push_back(d["tool_calls"][0]);
+      }
+    }
+    EXPECT_EQ(content, "Sure.");
+    ASSERT_EQ(calls.size(), 2u) << res->body;
+    EXPECT_EQ(calls[0]["function"]["name"], "get_weather");
+    EXPECT_EQ(calls[0]["function"]["arguments"], R"({"city":"Oslo"})");
+    EXPECT_TRUE(mistral_id(calls[0]["id"])) << calls[0];
+    EXPECT_EQ(calls[1]["id"], "Q1w2E3r4T");
+  }
+  // Without tools the request keeps the default (special tokens left out).
+  auto res = scripted.Chat({{"messages", {{{"role", "user"}, {"content", "Hi"}}}}});
+  ASSERT_TRUE(res && res->status == 200);
+  EXPECT_TRUE(scripted.skip_special_tokens());
 }
 
 // --tool-call-parser pythonic: a reply that is a Python list of calls comes back as tool_calls

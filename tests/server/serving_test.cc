@@ -586,6 +586,38 @@ TEST_F(ServingTest, StreamsTextTimelineAndLogprobs) {
   EXPECT_EQ(t.prefill_instance(), "prefill-0");
   EXPECT_EQ(t.decode_instance(), "decode-0");
   EXPECT_FALSE(t.scheduler_note().empty());
+
+  // skip_special_tokens false keeps special tokens' text (a bias makes the model write one), but
+  // not that of the special token that ends the reply.
+  const std::optional<int32_t> special = (*tok)->TokenToId("<|reserved_special_token_0|>");
+  const std::optional<int32_t> eos = (*tok)->TokenToId("<|end_of_text|>");
+  ASSERT_TRUE(special && eos && (*tok)->IsSpecial(*special) && (*tok)->IsSpecial(*eos));
+  api::GenerateRequest k;
+  k.set_prompt_text("The quick brown fox");
+  k.set_max_tokens(3);
+  k.set_ignore_eos(true);
+  (*k.mutable_logit_bias())[*special] = 100;
+  Streamed kept = Generate(cluster->stub(), k);  // the default: left out
+  ASSERT_TRUE(kept.status.ok()) << kept.status.error_message();
+  EXPECT_EQ(kept.tokens, std::vector<int32_t>(3, *special));
+  EXPECT_EQ(kept.text, "");
+  k.set_skip_special_tokens(false);
+  kept = Generate(cluster->stub(), k);
+  ASSERT_TRUE(kept.status.ok()) << kept.status.error_message();
+  EXPECT_EQ(kept.tokens, std::vector<int32_t>(3, *special));
+  EXPECT_EQ(kept.text,
+            "<|reserved_special_token_0|><|reserved_special_token_0|>"
+            "<|reserved_special_token_0|>");
+  // The special token, then EOS, which ends it (finish "stop") and is no text.
+  k.set_ignore_eos(false);
+  k.set_min_tokens(1);
+  (*k.mutable_logit_bias())[*special] = 50;
+  (*k.mutable_logit_bias())[*eos] = 100;
+  kept = Generate(cluster->stub(), k);
+  ASSERT_TRUE(kept.status.ok()) << kept.status.error_message();
+  EXPECT_EQ(kept.tokens, (std::vector<int32_t>{*special, *eos}));
+  EXPECT_EQ(kept.done.finish_reason(), "stop");
+  EXPECT_EQ(kept.text, "<|reserved_special_token_0|>");
 }
 
 TEST_F(ServingTest, BadRequestsAreInvalidArgumentAndDisturbNothing) {

@@ -103,6 +103,49 @@ TEST(ToolCallsTest, Llama3JsonWholeReplies) {
   }
 }
 
+TEST(ToolCallsTest, MistralCallsInBothLayouts) {
+  // Before v11 (Mistral 7B v0.3, Nemo): a JSON list after the marker, after optional content;
+  // an "id" the model wrote is kept.
+  Result r =
+      Parsed(ToolCallFormat::kMistral,
+             "Checking.[TOOL_CALLS] [{\"name\": \"get_weather\", \"arguments\": {\"city\": "
+             "\"Oslo [N]\"}}, {\"name\": \"now\", \"arguments\": {}, \"id\": \"a1B2c3D4e\"}]");
+  EXPECT_EQ(r.content, "Checking.");
+  ASSERT_EQ(r.calls.size(), 2u);
+  EXPECT_EQ(r.calls[0].name, "get_weather");
+  EXPECT_EQ(r.calls[0].arguments, R"({"city":"Oslo [N]"})");
+  EXPECT_EQ(r.calls[0].id, "");
+  EXPECT_EQ(r.calls[1].name, "now");
+  EXPECT_EQ(r.calls[1].id, "a1B2c3D4e");
+  // One object rather than a list.
+  r = Parsed(ToolCallFormat::kMistral, "[TOOL_CALLS]{\"name\": \"f\", \"arguments\": {\"x\": 1}}");
+  ASSERT_EQ(r.calls.size(), 1u);
+  EXPECT_EQ(r.calls[0].arguments, R"({"x":1})");
+  // v11 on (Mistral Small 3.x, Magistral): name[ARGS]{...} after each marker, with [CALL_ID]
+  // where the model writes ids; text after the calls is content.
+  r = Parsed(ToolCallFormat::kMistral,
+             "[TOOL_CALLS]get_weather[ARGS]{\"city\": \"a}b\", \"days\": [1, {\"d\": 2}]}"
+             "[TOOL_CALLS]now[CALL_ID]Zz9Yy8Xx7[ARGS]{} \nDone.");
+  EXPECT_EQ(r.content, "Done.");
+  ASSERT_EQ(r.calls.size(), 2u);
+  EXPECT_EQ(r.calls[0].name, "get_weather");
+  EXPECT_EQ(r.calls[0].arguments, R"({"city":"a}b","days":[1,{"d":2}]})");
+  EXPECT_EQ(r.calls[1].name, "now");
+  EXPECT_EQ(r.calls[1].arguments, "{}");
+  EXPECT_EQ(r.calls[1].id, "Zz9Yy8Xx7");
+  // Broken or cut-off sections are content, whole; text that only looks like a marker's start
+  // is content too.
+  for (const std::string text :
+       {"[TOOL_CALLS]", "[TOOL_CALLS][]", "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {",
+        "[TOOL_CALLS]get_weather[ARGS]{\"city\": \"Os", "[TOOL_CALLS]get weather[ARGS]{}",
+        "[TOOL_CALLS]f[ARGS][1]", "[TOOL_CALLS]f{}", "a [TOOL_CALLS][{\"arguments\": {}}]",
+        "[TOOL_CALLS]f[ARGS]{}[TOOL_CALLS]", "see [TOOL_CALL and [TOOL"}) {
+    r = Parsed(ToolCallFormat::kMistral, text);
+    EXPECT_TRUE(r.calls.empty()) << text;
+    EXPECT_EQ(r.content, text);
+  }
+}
+
 // Pythonic calls, checked against Python's ast.literal_eval + json.dumps of the same text.
 TEST(ToolCallsTest, PythonicWholeReplies) {
   struct Case {
@@ -200,7 +243,8 @@ TEST(ToolCallsTest, NoFormatPassesTextThrough) {
   EXPECT_EQ(*ParseToolCallFormat("hermes"), ToolCallFormat::kHermes);
   EXPECT_EQ(*ParseToolCallFormat("llama3_json"), ToolCallFormat::kLlama3Json);
   EXPECT_EQ(*ParseToolCallFormat(""), ToolCallFormat::kNone);
-  EXPECT_EQ(ParseToolCallFormat("mistral").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(*ParseToolCallFormat("mistral"), ToolCallFormat::kMistral);
+  EXPECT_EQ(ParseToolCallFormat("granite").status().code(), absl::StatusCode::kInvalidArgument);
 }
 
 // A reply split by a reasoning scanner fed in every piece size, checked to equal Parse.
