@@ -276,7 +276,11 @@ class SchemaCompiler {
         return Error(where, absl::StrCat("the keyword '", key, "' is not supported"));
       }
     }
-    if (auto ref = s.find("$ref"); ref != s.end()) return Ref(*ref, where, depth);
+    // A $ref wins over the keywords beside it, but enum and const, whose values it filters
+    // (below, with the others beside them).
+    if (auto ref = s.find("$ref"); ref != s.end() && !s.contains("enum") && !s.contains("const")) {
+      return Ref(*ref, where, depth);
+    }
     if (auto all = s.find("allOf"); all != s.end()) {
       if (!all->is_array() || all->size() != 1 || Structural(s, "allOf")) {
         return Error(where, "allOf is supported only as the one keyword, with one schema");

@@ -19,9 +19,10 @@
 // decimal; a multiple is written without an exponent and with no more digits after the point
 // than the divisor; refused where that automaton needs over 4096 states: the divisor's digits as
 // an integer times its digits after the point plus two), enum, const (values the keywords
-// beside them refuse are dropped), anyOf, oneOf (read as anyOf),
+// beside them refuse are dropped, a $ref's schema among them), anyOf, oneOf (read as anyOf),
 // allOf of one schema, $ref to a place in the same schema (#, #/$defs/..., any JSON pointer;
-// recursive too), and the annotations title, description, default, examples, $schema, $id,
+// recursive too; other keywords beside it but enum and const are not applied), and the
+// annotations title, description, default, examples, $schema, $id,
 // $comment. Properties come out in the schema's order; optional ones may be left out, and
 // additional ones may not take a declared name. Whitespace between tokens is allowed up to 16
 // characters at a time; numbers are at most 32 characters. Refused as too large: over 64

@@ -106,6 +106,8 @@ TEST(JsonSchemaTest, RefusesWhatItDoesNotSupportByName) {
             "no multiple of 5 is within its minimum and maximum"},
            {R"({"multipleOf": "2"})", "multipleOf must be a number"},
            {R"({"enum": [1, 7], "minimum": 8})", "no value of its enum or const is allowed"},
+           {R"({"$defs": {"n": {"type": "null"}}, "$ref": "#/$defs/n", "enum": [1]})",
+            "no value of its enum or const is allowed"},
            {R"({"enum": [1], "const": 2})", "const is not one of the enum's values"},
            {R"({"type": "integer", "minimum": 3.5, "exclusiveMaximum": 4})",
             "no integer is within its minimum and maximum"},
@@ -447,6 +449,13 @@ TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
        {"1"}},
       {R"({"type": "string", "enum": ["a", "bb", 1], "maxLength": 1})", {"\"a\""}, {"\"bb\"", "1"}},
       {R"({"enum": [1, 2], "const": 2})", {"2"}, {"1"}},
+      {R"({"$defs": {"small": {"type": "integer", "maximum": 2}},
+          "properties": {"a": {"$ref": "#/$defs/small", "enum": [1, 3, "x", 2]}}})",
+       {"{\"a\": 1}", "{\"a\": 2}"},  // enum beside a $ref: the values it allows
+       {"{\"a\": 3}", "{\"a\": \"x\"}"}},
+      {R"({"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s", "const": "k"})",
+       {"\"k\""},
+       {"\"x\"", "1"}},
       {R"({"type": "object", "required": ["a"]})",  // an additional member, then required
        {"{\"a\": 1}", "{\"a\": {}, \"b\": 2}"},
        {"{}", "{\"b\": 2}"}},
