@@ -46,6 +46,7 @@ const std::vector<FlagSpec>& Specs() {
         {"logit-bias", false, "comma-separated ID:BIAS added to those tokens' logits"},
         {"min-tokens", false, "EOS and stop tokens are refused before this many tokens"},
         {"min-p", false, "refuse tokens less likely than this times the likeliest (sampling)"},
+        {"allowed-token-ids", false, "comma-separated ids: the only tokens the reply may have"},
         {"json-schema", false,
          "structured output: a JSON Schema file (or its text, starting with '{') the reply "
          "must be JSON of (needs tokenizer.json)"},
@@ -140,6 +141,10 @@ absl::Status Run(const CliArgs& args) {
       }
       p.logit_bias.emplace_back(id, bias);
     }
+  }
+  if (args.Has("allowed-token-ids")) {
+    PDS_ASSIGN_OR_RETURN(p.allowed_token_ids,
+                         ParseIds(args.GetString("allowed-token-ids"), "allowed-token-ids"));
   }
   if (args.Has("json-schema")) {
     p.json_schema = args.GetString("json-schema");

@@ -522,7 +522,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       }
       if (request.stop_size() > 0) {
         stop = std::make_unique<StopMatcher>(
-            std::vector<std::string>(request.stop().begin(), request.stop().end()));
+            std::vector<std::string>(request.stop().begin(), request.stop().end()),
+            request.include_stop_str_in_output());
       }
     }
     const api::GenerateRequest& request;
@@ -593,7 +594,10 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     params.logit_bias.assign(r.logit_bias().begin(), r.logit_bias().end());
     params.min_tokens = r.min_tokens();
     params.min_p = r.min_p();
-    if (absl::Status valid = params.Validate(config_.vocab_size); !valid.ok()) {
+    params.allowed_token_ids.assign(r.allowed_token_ids().begin(), r.allowed_token_ids().end());
+    params.ignore_eos = r.ignore_eos();
+    if (absl::Status valid = params.Validate(config_.vocab_size, config_.eos_token_ids);
+        !valid.ok()) {
       return ToGrpc(valid);
     }
     for (double slo : {r.ttft_slo_ms(), r.tpot_slo_ms()}) {
@@ -651,6 +655,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     *work.mutable_logit_bias() = r.logit_bias();
     work.set_min_tokens(params.min_tokens);
     work.set_min_p(params.min_p);
+    *work.mutable_allowed_token_ids() = r.allowed_token_ids();
     if (r.reasoning_first() && (!r.json_schema().empty() || !r.regex().empty()) && tokenizer_) {
       if (std::optional<ReasoningGate> gate = FindReasoningGate(*tokenizer_, ids)) {
         if (gate->open >= 0) work.set_reasoning_open(gate->open);

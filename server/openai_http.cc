@@ -366,6 +366,21 @@ absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionReque
     }
   }
   PDS_RETURN_IF_ERROR(Get(j, "ignore_eos", ignore_eos));
+  if (auto it = j.find("allowed_token_ids"); it != j.end() && !it->is_null()) {
+    if (!it->is_array() || it->empty()) {
+      return BadField("allowed_token_ids", "must be a non-empty array of token ids");
+    }
+    for (const Json& t : *it) {
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
+          t.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
+        return BadField("allowed_token_ids", "must be a non-empty array of token ids");
+      }
+      base.add_allowed_token_ids(static_cast<int32_t>(t.get<int64_t>()));
+    }
+  }
+  bool include_stop = false;
+  PDS_RETURN_IF_ERROR(Get(j, "include_stop_str_in_output", include_stop));
+  base.set_include_stop_str_in_output(include_stop);
   if (auto it = j.find("skip_special_tokens"); it != j.end() && !it->is_null()) {
     bool skip = true;
     PDS_RETURN_IF_ERROR(Get(j, "skip_special_tokens", skip));

@@ -33,10 +33,16 @@ size_t PartialMarkerAtEnd(absl::string_view text, absl::string_view marker) {
 std::string StopMatcher::Add(absl::string_view piece) {
   if (stopped_) return "";
   held_.append(piece.data(), piece.size());
-  size_t first = std::string::npos;
-  for (const std::string& s : stops_) first = std::min(first, held_.find(s));
+  size_t first = std::string::npos, end = 0;
+  for (const std::string& s : stops_) {
+    const size_t at = held_.find(s);
+    if (at < first) {
+      first = at;
+      end = at + s.size();
+    }
+  }
   if (first != std::string::npos) {
-    std::string out = held_.substr(0, first);
+    std::string out = held_.substr(0, include_stop_ ? end : first);
     held_.clear();
     stopped_ = true;
     return out;

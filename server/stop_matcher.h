@@ -22,16 +22,20 @@ absl::Status ValidateStops(const std::vector<std::string>& stops);
 size_t PartialMarkerAtEnd(absl::string_view text, absl::string_view marker);
 
 // Text stop sequences over a stream of text pieces: Add returns the text that may be sent now
-// (never the start of a possible stop sequence), Finish what is held back at the end.
+// (never the start of a possible stop sequence), Finish what is held back at the end. The text
+// ends before the earliest stop sequence to appear (the first listed of those starting there),
+// or with `include_stop` after it (vLLM's include_stop_str_in_output).
 class StopMatcher {
  public:
-  explicit StopMatcher(std::vector<std::string> stops) : stops_(std::move(stops)) {}
+  explicit StopMatcher(std::vector<std::string> stops, bool include_stop = false)
+      : stops_(std::move(stops)), include_stop_(include_stop) {}
   std::string Add(absl::string_view piece);
   std::string Finish();
   bool stopped() const { return stopped_; }
 
  private:
   std::vector<std::string> stops_;
+  bool include_stop_;
   std::string held_;  // text not sent yet
   bool stopped_ = false;
 };

@@ -142,6 +142,7 @@ engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
   g.params.repetition_penalty = r.has_repetition_penalty() ? r.repetition_penalty() : 1.0f;
   g.params.logit_bias.assign(r.logit_bias().begin(), r.logit_bias().end());
   std::sort(g.params.logit_bias.begin(), g.params.logit_bias.end());  // (a map's order varies)
+  g.params.allowed_token_ids.assign(r.allowed_token_ids().begin(), r.allowed_token_ids().end());
   g.params.min_tokens = r.min_tokens();
   g.params.min_p = r.min_p();
   if (r.has_reasoning_end()) {

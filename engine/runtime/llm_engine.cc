@@ -55,7 +55,7 @@ absl::Status LlmEngine::ValidateRequest(GenerateRequest& request) const {
           "prompt token id ", id, " outside the vocabulary [0, ", config.vocab_size, ")"));
     }
   }
-  PDS_RETURN_IF_ERROR(request.params.Validate(config.vocab_size));
+  PDS_RETURN_IF_ERROR(request.params.Validate(config.vocab_size, config.eos_token_ids));
   const int64_t prompt_len = static_cast<int64_t>(request.prompt.size());
   if (prompt_len >= config.max_context()) {
     return absl::InvalidArgumentError(absl::StrCat("prompt of ", prompt_len,
@@ -124,6 +124,12 @@ void LlmEngine::ProcessLogits(Sequence& seq, float* row, const JsonMatcher::Bits
     }
   }
   constexpr float kNever = -std::numeric_limits<float>::infinity();
+  if (!p.allowed_token_ids.empty()) {  // the others refused: kept aside, the row cleared
+    kept_.resize(p.allowed_token_ids.size());
+    for (size_t i = 0; i < kept_.size(); ++i) kept_[i] = row[p.allowed_token_ids[i]];
+    std::fill(row, row + vocab, kNever);
+    for (size_t i = 0; i < kept_.size(); ++i) row[p.allowed_token_ids[i]] = kept_[i];
+  }
   if (seq.num_generated < p.min_tokens) {
     if (!p.ignore_eos) {  // (EOS is an ordinary token then)
       for (int32_t eos : model_.config().eos_token_ids) {

@@ -268,6 +268,7 @@ class LlmEngine {
   absl::flat_hash_map<std::string, std::shared_ptr<const JsonSchema>> schemas_;
   std::vector<JsonMatcher::Bits> allowed_;  // per planned row: its mask's allowed tokens
   JsonMatcher::DrawScratch draw_scratch_;
+  std::vector<float> kept_;  // ProcessLogits: the allowed tokens' logits while the row is cleared
 };
 
 }  // namespace pds::engine

@@ -1,5 +1,6 @@
 #include "engine/runtime/sampling_params.h"
 
+#include <algorithm>
 #include <cmath>
 #include <tuple>
 
@@ -8,7 +9,8 @@
 
 namespace pds::engine {
 
-absl::Status SamplingParams::Validate(int64_t vocab_size) const {
+absl::Status SamplingParams::Validate(int64_t vocab_size,
+                                      absl::Span<const int32_t> eos_token_ids) const {
   if (!std::isfinite(temperature) || temperature < 0.0f) {
     return absl::InvalidArgumentError(
         absl::StrCat("temperature must be a finite number >= 0, got ", temperature));
@@ -72,6 +74,32 @@ absl::Status SamplingParams::Validate(int64_t vocab_size) const {
   if (min_tokens > 0 && (!json_schema.empty() || !regex.empty())) {
     return absl::InvalidArgumentError(
         "min_tokens with structured output: the reply ends when its structure is complete");
+  }
+  if (!allowed_token_ids.empty()) {
+    if (!json_schema.empty() || !regex.empty()) {
+      return absl::InvalidArgumentError(
+          "allowed_token_ids with structured output: the constraint chooses the tokens");
+    }
+    if (static_cast<int64_t>(allowed_token_ids.size()) > vocab_size) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("allowed_token_ids has ", allowed_token_ids.size(),
+                       " entries, more than the vocabulary's ", vocab_size));
+    }
+    bool any_before_min = false;  // a token min_tokens does not refuse
+    for (int32_t id : allowed_token_ids) {
+      if (id < 0 || id >= vocab_size) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "allowed_token_ids holds ", id, ", outside the vocabulary [0, ", vocab_size, ")"));
+      }
+      const auto in = [id](absl::Span<const int32_t> ids) {
+        return std::find(ids.begin(), ids.end(), id) != ids.end();
+      };
+      if ((ignore_eos || !in(eos_token_ids)) && !in(stop_token_ids)) any_before_min = true;
+    }
+    if (min_tokens > 0 && !any_before_min) {
+      return absl::InvalidArgumentError(
+          "min_tokens with allowed_token_ids that are all EOS or stop tokens: no token is left");
+    }
   }
   return absl::OkStatus();
 }

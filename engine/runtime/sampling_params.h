@@ -9,6 +9,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "absl/types/span.h"
 #include "kernels/sampling.h"
 
 namespace pds::engine {
@@ -33,25 +34,31 @@ struct SamplingParams {
   int32_t reasoning_open = -1;
   int32_t reasoning_end = -1;
   bool reasoning_inside = false;
-  // Logits processing, applied on the host to the row before the draw, in this order: before
-  // `min_tokens` tokens, the EOS and stop tokens are refused; `logit_bias` is added;
-  // `repetition_penalty` (vLLM's: over the prompt's and the reply's tokens, a positive logit
-  // divided by it, a negative one multiplied), then `frequency_penalty` times a token's count
-  // in the reply plus `presence_penalty` if it is there (OpenAI's) are taken off; `min_p`
-  // (sampling only) refuses tokens less likely than min_p times the likeliest.
+  // Logits processing, applied on the host to the row before the draw, in this order: tokens
+  // not in `allowed_token_ids` (when given) are refused; before `min_tokens` tokens, the EOS and
+  // stop tokens are refused; `logit_bias` is added; `repetition_penalty` (vLLM's: over the prompt's
+  // and the reply's tokens, a positive logit divided by it, a negative one multiplied), then
+  // `frequency_penalty` times a token's count in the reply plus `presence_penalty` if it is there
+  // (OpenAI's) are taken off; `min_p` (sampling only) refuses tokens less likely than min_p times
+  // the likeliest.
   float presence_penalty = 0.0f;                      // [-2, 2]
   float frequency_penalty = 0.0f;                     // [-2, 2]
   float repetition_penalty = 1.0f;                    // (0, 10]; 1: none
   std::vector<std::pair<int32_t, float>> logit_bias;  // (token, bias in [-100, 100]), <= 1024
   int32_t min_tokens = 0;                             // <= max_tokens
   float min_p = 0.0f;                                 // [0, 1]
+  // vLLM's: the only tokens the reply may have (empty: any); not with json_schema or regex.
+  std::vector<int32_t> allowed_token_ids;
   bool ProcessesLogits() const {
     return presence_penalty != 0.0f || frequency_penalty != 0.0f || repetition_penalty != 1.0f ||
-           !logit_bias.empty() || min_tokens > 0 || (min_p > 0.0f && temperature > 0.0f);
+           !logit_bias.empty() || min_tokens > 0 || (min_p > 0.0f && temperature > 0.0f) ||
+           !allowed_token_ids.empty();
   }
 
-  // INVALID_ARGUMENT naming the offending field.
-  absl::Status Validate(int64_t vocab_size) const;
+  // INVALID_ARGUMENT naming the offending field. `eos_token_ids`: the model's (with min_tokens,
+  // allowed_token_ids must hold a token that is neither EOS, unless ignore_eos, nor a stop
+  // token).
+  absl::Status Validate(int64_t vocab_size, absl::Span<const int32_t> eos_token_ids = {}) const;
 };
 
 enum class FinishReason { kNone, kStop, kLength, kCancelled, kError };

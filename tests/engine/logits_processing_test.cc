@@ -61,6 +61,12 @@ std::vector<float> Reference(std::vector<float> row, const SamplingParams& p,
                              const std::vector<int32_t>& prompt, const std::vector<int32_t>& reply,
                              const std::vector<int32_t>& eos) {
   constexpr float kNever = -std::numeric_limits<float>::infinity();
+  if (!p.allowed_token_ids.empty()) {
+    const std::set<int32_t> allowed(p.allowed_token_ids.begin(), p.allowed_token_ids.end());
+    for (size_t t = 0; t < row.size(); ++t) {
+      if (!allowed.contains(static_cast<int32_t>(t))) row[t] = kNever;
+    }
+  }
   if (static_cast<int32_t>(reply.size()) < p.min_tokens) {
     for (int32_t t : eos) row[t] = kNever;
     for (int32_t t : p.stop_token_ids) row[t] = kNever;
@@ -86,7 +92,7 @@ std::vector<float> Reference(std::vector<float> row, const SamplingParams& p,
 }
 
 TEST_F(LogitsProcessingTest, EachStepsRowIsTheRulesAppliedToTheRawLogits) {
-  for (int variant = 0; variant < 4; ++variant) {
+  for (int variant = 0; variant < 6; ++variant) {
     GenerateRequest r;
     r.prompt = Prompt(24, variant);
     r.params.max_tokens = 10;
@@ -97,11 +103,12 @@ TEST_F(LogitsProcessingTest, EachStepsRowIsTheRulesAppliedToTheRawLogits) {
     p.frequency_penalty = variant == 2 ? 0.7f : variant == 3 ? -0.4f : 0.0f;
     p.presence_penalty = variant >= 2 ? 0.5f : 0.0f;
     p.logit_bias = {{5, 2.5f}, {7, -3.0f}};
-    if (variant == 3) {
+    if (variant == 3 || variant == 5) {
       p.temperature = 0.8f;
       p.seed = 4;
       p.min_p = 0.05f;
     }
+    if (variant >= 4) p.allowed_token_ids = {3, 5, 7, 11, 20, 33, 5};  // (a repeat is harmless)
     const GenerateResult got = Run(r);
     ASSERT_EQ(got.token_ids.size(), 10u);
     std::vector<int32_t> context = r.prompt, reply;
@@ -121,6 +128,11 @@ TEST_F(LogitsProcessingTest, EachStepsRowIsTheRulesAppliedToTheRawLogits) {
                                         got.logits[k].begin());
       } else {
         EXPECT_FALSE(std::isinf(got.logits[k][got.token_ids[k]]));  // min_p kept it
+      }
+      if (!p.allowed_token_ids.empty()) {
+        EXPECT_NE(
+            std::find(p.allowed_token_ids.begin(), p.allowed_token_ids.end(), got.token_ids[k]),
+            p.allowed_token_ids.end());
       }
       context.push_back(got.token_ids[k]);
       reply.push_back(got.token_ids[k]);
@@ -236,6 +248,30 @@ TEST_F(LogitsProcessingTest, BadValuesAreRefusedByName) {
       "min_tokens");
   check([](SamplingParams& p) { p.presence_penalty = std::nanf(""); }, "presence_penalty");
   check([](SamplingParams& p) { p.logit_bias = {{3, 1.0f}, {3, 2.0f}}; }, "logit_bias");
+  check(
+      [&](SamplingParams& p) {
+        p.allowed_token_ids = {1, static_cast<int32_t>(vocab)};
+      },
+      "allowed_token_ids");
+  check([](SamplingParams& p) { p.allowed_token_ids = {-1}; }, "allowed_token_ids");
+  check(
+      [](SamplingParams& p) {
+        p.allowed_token_ids = {1, 2};
+        p.json_schema = "{}";
+      },
+      "allowed_token_ids");
+  // With min_tokens, a token that is neither EOS nor a stop token must be allowed.
+  SamplingParams p;
+  p.allowed_token_ids = {2, 9};
+  p.stop_token_ids = {9};
+  p.min_tokens = 1;
+  const std::vector<int32_t> eos = {2};
+  EXPECT_TRUE(absl::IsInvalidArgument(p.Validate(vocab, eos))) << p.Validate(vocab, eos);
+  p.ignore_eos = true;  // EOS is an ordinary token then
+  EXPECT_TRUE(p.Validate(vocab, eos).ok());
+  p.ignore_eos = false;
+  p.allowed_token_ids.push_back(4);
+  EXPECT_TRUE(p.Validate(vocab, eos).ok());
 }
 
 }  // namespace

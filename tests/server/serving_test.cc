@@ -618,6 +618,32 @@ TEST_F(ServingTest, StreamsTextTimelineAndLogprobs) {
   EXPECT_EQ(kept.tokens, (std::vector<int32_t>{*special, *eos}));
   EXPECT_EQ(kept.done.finish_reason(), "stop");
   EXPECT_EQ(kept.text, "<|reserved_special_token_0|>");
+
+  // allowed_token_ids holds on both sides of the hand-off; include_stop_str_in_output keeps the
+  // stop sequence that ended the text.
+  const std::optional<int32_t> a = (*tok)->TokenToId("a"), b = (*tok)->TokenToId("b");
+  ASSERT_TRUE(a && b);
+  api::GenerateRequest only;
+  only.set_prompt_text("The quick brown fox");
+  only.set_max_tokens(6);
+  only.set_ignore_eos(true);
+  only.add_allowed_token_ids(*a);
+  only.add_allowed_token_ids(*b);
+  Streamed ab = Generate(cluster->stub(), only);
+  ASSERT_TRUE(ab.status.ok()) << ab.status.error_message();
+  ASSERT_EQ(ab.tokens.size(), 6u);
+  for (int32_t t : ab.tokens) EXPECT_TRUE(t == *a || t == *b) << t;
+  (*only.mutable_logit_bias())[*b] = 100;  // "bbbbbb", stopped at its first "bb"
+  only.add_stop("bb");
+  Streamed stopped = Generate(cluster->stub(), only);
+  ASSERT_TRUE(stopped.status.ok()) << stopped.status.error_message();
+  EXPECT_EQ(stopped.text, "");
+  EXPECT_EQ(stopped.done.finish_reason(), "stop");
+  only.set_include_stop_str_in_output(true);
+  stopped = Generate(cluster->stub(), only);
+  ASSERT_TRUE(stopped.status.ok()) << stopped.status.error_message();
+  EXPECT_EQ(stopped.text, "bb");
+  EXPECT_EQ(stopped.tokens.size(), 2u);
 }
 
 TEST_F(ServingTest, BadRequestsAreInvalidArgumentAndDisturbNothing) {
