@@ -564,6 +564,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     } else {
       ids.assign(r.prompt_token_ids().begin(), r.prompt_token_ids().end());
     }
+    if (r.has_truncate_prompt_tokens()) {
+      const int64_t keep =
+          r.truncate_prompt_tokens() == -1 ? config_.max_context() : r.truncate_prompt_tokens();
+      if (keep < 1) {
+        return Invalid(absl::StrCat("truncate_prompt_tokens must be at least 1 or -1 (got ",
+                                    r.truncate_prompt_tokens(), ")"));
+      }
+      if (static_cast<int64_t>(ids.size()) > keep) ids.erase(ids.begin(), ids.end() - keep);
+    }
     for (int32_t id : ids) {
       if (id < 0 || id >= config_.vocab_size) {
         return Invalid(absl::StrCat("prompt token id ", id, " is outside the vocabulary [0, ",

@@ -378,6 +378,12 @@ absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionReque
       base.add_allowed_token_ids(static_cast<int32_t>(t.get<int64_t>()));
     }
   }
+  if (auto it = j.find("truncate_prompt_tokens"); it != j.end() && !it->is_null()) {
+    int32_t keep = 0;
+    PDS_RETURN_IF_ERROR(Get(j, "truncate_prompt_tokens", keep));
+    if (keep < 1 && keep != -1) return BadField("truncate_prompt_tokens", "must be >= 1 or -1");
+    base.set_truncate_prompt_tokens(keep);
+  }
   bool include_stop = false;
   PDS_RETURN_IF_ERROR(Get(j, "include_stop_str_in_output", include_stop));
   base.set_include_stop_str_in_output(include_stop);
@@ -778,7 +784,10 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
   PDS_RETURN_IF_ERROR(ParseCommon(j, model, r, base, seed));
   PDS_RETURN_IF_ERROR(ParseResponseFormat(j, base));
   PDS_ASSIGN_OR_RETURN(std::vector<Prompt> prompts, ParsePrompts(j));
-  PDS_RETURN_IF_ERROR(CheckPromptSizes(prompts, max_context));
+  // (A prompt to be truncated is checked by the front-end, once it is.)
+  if (!base.has_truncate_prompt_tokens()) {
+    PDS_RETURN_IF_ERROR(CheckPromptSizes(prompts, max_context));
+  }
   if (static_cast<int64_t>(prompts.size()) * r.n > kMaxChoices) {
     return absl::InvalidArgumentError(
         absl::StrCat("prompts x n is ", prompts.size() * r.n, ", more than ", kMaxChoices));
@@ -824,6 +833,15 @@ absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl:
   PDS_ASSIGN_OR_RETURN(Json tools, ParseTools(j, tool_call_format, r, base));
 
   PDS_ASSIGN_OR_RETURN(std::vector<int32_t> ids, ChatPrompt(j, std::move(tools), chat, tokenizer));
+  if (base.has_truncate_prompt_tokens()) {  // the conversation's last tokens, kept here
+    const int64_t keep = base.truncate_prompt_tokens() == -1 && max_context > 0
+                             ? max_context
+                             : base.truncate_prompt_tokens();
+    if (keep > 0) {
+      if (static_cast<int64_t>(ids.size()) > keep) ids.erase(ids.begin(), ids.end() - keep);
+      base.clear_truncate_prompt_tokens();
+    }
+  }
   if (max_context > 0 && static_cast<int64_t>(ids.size()) >= max_context) {
     return BadField("messages", absl::StrCat("make a prompt of ", ids.size(),
                                              " tokens; the model's context is ", max_context));

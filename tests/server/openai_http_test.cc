@@ -1033,6 +1033,43 @@ TEST_F(OpenAiHttpTest, CompletionEqualsTheGrpcApisAndStreamsTheSameText) {
   EXPECT_EQ(usage["usage"]["completion_tokens"], 24);
 }
 
+// truncate_prompt_tokens keeps the prompt's last tokens: a text prompt so cut gives what its
+// last tokens give as the prompt; a token prompt longer than the context is accepted; a chat
+// prompt is cut the same way.
+TEST_F(OpenAiHttpTest, TruncatePromptTokensKeepsThePromptsEnd) {
+  auto tok = engine::Tokenizer::Load(ModelDir() + "/tokenizer.json");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const std::vector<int32_t> ids = (*tok)->Encode(kPrompt);
+  ASSERT_GT(ids.size(), 4u);
+  const Json base = {{"max_tokens", 8}, {"temperature", 0}, {"ignore_eos", true}};
+  Json tail = base, cut = base, long_ids = base;
+  tail["prompt"] = std::vector<int32_t>(ids.end() - 4, ids.end());
+  cut["prompt"] = kPrompt;
+  cut["truncate_prompt_tokens"] = 4;
+  long_ids["prompt"] = std::vector<int32_t>(3000, ids.back());
+  long_ids["truncate_prompt_tokens"] = 4;
+  auto [s1, want] = Complete(tail);
+  auto [s2, got] = Complete(cut);
+  auto [s3, from_long] = Complete(long_ids);
+  ASSERT_EQ(s1, 200) << want.dump();
+  ASSERT_EQ(s2, 200) << got.dump();
+  ASSERT_EQ(s3, 200) << from_long.dump();
+  EXPECT_EQ(got["choices"][0]["text"], want["choices"][0]["text"]);
+  EXPECT_EQ(got["usage"]["prompt_tokens"], 4);
+  EXPECT_EQ(from_long["usage"]["prompt_tokens"], 4);
+  long_ids.erase("truncate_prompt_tokens");  // without it, too long
+  EXPECT_EQ(Complete(long_ids).first, 400);
+  cut["truncate_prompt_tokens"] = 0;
+  EXPECT_EQ(Complete(cut).first, 400);
+
+  Json chat = base;
+  chat["messages"] = {{{"role", "user"}, {"content", "Tell me about the weather in Oslo."}}};
+  chat["truncate_prompt_tokens"] = 5;
+  auto [s4, chatted] = Complete(chat, "/v1/chat/completions");
+  ASSERT_EQ(s4, 200) << chatted.dump();
+  EXPECT_EQ(chatted["usage"]["prompt_tokens"], 5);
+}
+
 TEST_F(OpenAiHttpTest, SeveralPromptsAndChoicesWithLogprobs) {
   const Json request = {{"prompt", {{10, 11, 12, 13}, {20, 21}}},
                         {"n", 2},
