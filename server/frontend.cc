@@ -974,6 +974,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     return s;
   }
 
+  // Whether token `id` ends request `r` ("stop"): an EOS of the model (unless ignore_eos) or
+  // one of its stop_token_ids.
+  bool StoppedBy(const api::GenerateRequest& r, int32_t id) const {
+    const auto& eos = config_.eos_token_ids;
+    return (!r.ignore_eos() && std::find(eos.begin(), eos.end(), id) != eos.end()) ||
+           std::find(r.stop_token_ids().begin(), r.stop_token_ids().end(), id) !=
+               r.stop_token_ids().end();
+  }
+
   // Whether a worker call that ended with `s` before any event was refused without being
   // started (a draining or unreachable worker): the request may go elsewhere.
   static bool RefusedBeforeStart(const grpc::Status& s) {
@@ -990,12 +999,14 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       const int32_t id = event.token_ids(i);
       response.add_token_ids(id);
       relay.output_ids.push_back(id);
-      // A special token that ended the reply (EOS, end of turn) is not text, even where the
-      // request keeps special tokens (a reply completed by its constraint ends on its text).
+      // The EOS or stop token that ended the reply is not text (as in vLLM), unless the
+      // request includes what stopped it (a reply its constraint completed ends on its text).
       if (!relay.decoder) continue;
       const bool ended_by = *done && i + 1 == event.token_ids_size() &&
-                            event.finish_reason() == "stop" && tokenizer_->IsSpecial(id);
-      if (!ended_by) text += relay.decoder->Add(id);
+                            event.finish_reason() == "stop" && StoppedBy(relay.request, id);
+      if (!ended_by || relay.request.include_stop_str_in_output()) {
+        text += relay.decoder->Add(id);
+      }
     }
     for (const pb::TokenLogprobs& lp : event.logprobs()) {
       api::TokenLogprobs* out = response.add_logprobs();

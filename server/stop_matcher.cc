@@ -36,7 +36,7 @@ std::string StopMatcher::Add(absl::string_view piece) {
   size_t first = std::string::npos, end = 0;
   for (const std::string& s : stops_) {
     const size_t at = held_.find(s);
-    if (at < first) {
+    if (at < first || (at == first && at + s.size() < end)) {
       first = at;
       end = at + s.size();
     }

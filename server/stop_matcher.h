@@ -23,8 +23,9 @@ size_t PartialMarkerAtEnd(absl::string_view text, absl::string_view marker);
 
 // Text stop sequences over a stream of text pieces: Add returns the text that may be sent now
 // (never the start of a possible stop sequence), Finish what is held back at the end. The text
-// ends before the earliest stop sequence to appear (the first listed of those starting there),
-// or with `include_stop` after it (vLLM's include_stop_str_in_output).
+// ends before the earliest stop sequence in the text so far (the shortest of those starting
+// there, so a stop that begins another ends it however the text is split), or with
+// `include_stop` after it (vLLM's include_stop_str_in_output).
 class StopMatcher {
  public:
   explicit StopMatcher(std::vector<std::string> stops, bool include_stop = false)

@@ -5,6 +5,7 @@
 #include <cstdlib>
 #include <optional>
 
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -168,6 +169,16 @@ std::optional<std::vector<ToolCall>> ParseMistral(absl::string_view section,
   }
   if (calls.empty()) return std::nullopt;
   if (!IsBlank(rest)) *trailing = std::string(absl::StripLeadingAsciiWhitespace(rest));
+  // The model's ids stay only in the shape Mistral's templates take back (9 letters and digits)
+  // and once in the reply; the others get new ones.
+  absl::flat_hash_set<std::string> seen;
+  for (ToolCall& call : calls) {
+    const bool shaped =
+        call.id.size() == 9 && std::all_of(call.id.begin(), call.id.end(), [](char c) {
+          return absl::ascii_isalnum(static_cast<unsigned char>(c));
+        });
+    if (!shaped || !seen.insert(call.id).second) call.id.clear();
+  }
   return calls;
 }
 

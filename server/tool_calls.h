@@ -11,13 +11,15 @@
 //                [get_weather(city="Paris", days=3), ...] (Llama 3.2/3.3/4 pythonic tool
 //                calling; the values Python literals, converted to JSON)
 //   mistral      [TOOL_CALLS] and the calls, after optional content: a JSON list
-//                [{"name": ..., "arguments": {...}}, ...] (Mistral 7B v0.3, Nemo: tokenizers
-//                before v11), or name[ARGS]{...} (v11 on: Mistral Small 3.x, Magistral,
-//                Devstral), name[CALL_ID]id[ARGS]{...} keeping the model's id, each call after
-//                its own [TOOL_CALLS]. The markers are special tokens, so the chat API asks for
-//                the reply's text with special tokens kept (skip_special_tokens false) when it
-//                reads these calls; the calls' ids are 9 letters and digits, which Mistral's
-//                chat templates demand of the next turn's tool_call_id.
+//                [{"name": ..., "arguments": {...}}, ...] (tokenizers before v11: Mistral 7B
+//                v0.3, Nemo, Small 3.0/3.1), or name[ARGS]{...} (v11 on: Small 3.2,
+//                Magistral, Devstral), name[CALL_ID]id[ARGS]{...}, each call after its own
+//                [TOOL_CALLS]; a model's own id (the list's "id", [CALL_ID]) is kept when it is
+//                9 letters and digits and not repeated in the reply. The markers are special
+//                tokens, so the chat API asks for the reply's text with special tokens kept
+//                (skip_special_tokens false) when it reads these calls; the calls' ids are 9
+//                letters and digits, which Mistral's chat templates demand of the next turn's
+//                tool_call_id.
 //
 // Forced by the chat request's tool_choice, under a json_schema that makes the reply so
 // (engine/runtime/json_constraint.h), whatever the model's own format:
@@ -68,7 +70,7 @@ absl::StatusOr<ToolCallFormat> ParseToolCallFormat(absl::string_view name);
 struct ToolCall {
   std::string name;
   std::string arguments;  // a JSON object, as text (OpenAI's `arguments` string)
-  std::string id;         // the model's own id for it (mistral's [CALL_ID]); empty: none
+  std::string id;         // the model's own id for it (mistral: 9 letters and digits); empty: none
 };
 
 // One choice's reply as it streams: content goes out as soon as it cannot be the start of a

@@ -277,8 +277,10 @@ class SchemaCompiler {
       }
     }
     // A $ref wins over the keywords beside it, but enum and const, whose values it filters
-    // (below, with the others beside them).
-    if (auto ref = s.find("$ref"); ref != s.end() && !s.contains("enum") && !s.contains("const")) {
+    // (below, with the others beside them), unless a combinator is there too.
+    if (auto ref = s.find("$ref");
+        ref != s.end() && ((!s.contains("enum") && !s.contains("const")) || s.contains("anyOf") ||
+                           s.contains("oneOf") || s.contains("allOf"))) {
       return Ref(*ref, where, depth);
     }
     if (auto all = s.find("allOf"); all != s.end()) {

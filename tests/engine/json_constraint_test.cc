@@ -453,6 +453,10 @@ TEST(JsonMatcherTest, PatternsAndFormatsHoldStringContent) {
           "properties": {"a": {"$ref": "#/$defs/small", "enum": [1, 3, "x", 2]}}})",
        {"{\"a\": 1}", "{\"a\": 2}"},  // enum beside a $ref: the values it allows
        {"{\"a\": 3}", "{\"a\": \"x\"}"}},
+      {R"({"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s", "enum": [1, "k"],
+          "anyOf": [{"type": "string"}]})",  // (a combinator beside: the $ref wins, as before)
+       {"\"k\"", "\"x\""},
+       {"1"}},
       {R"({"$defs": {"s": {"type": "string"}}, "$ref": "#/$defs/s", "const": "k"})",
        {"\"k\""},
        {"\"x\"", "1"}},

@@ -224,12 +224,17 @@ TEST(StopMatcherTest, HoldsBackWhatMayStartAStopSequence) {
   EXPECT_FALSE(end.stopped());
   StopMatcher utf8({"é!"});
   EXPECT_EQ(Feed(utf8, {"caf", "é", "!", "more"}), "caf||||");
-  // include_stop_str_in_output: the text ends after the earliest stop (the first listed of
-  // those that start there), not after the first listed to appear.
+  // The earliest stop ends the text, not the first listed; of two starting there the shorter,
+  // however the text is split. include_stop_str_in_output keeps it.
+  StopMatcher earliest({"cd", "bc"});
+  EXPECT_EQ(Feed(earliest, {"abcd"}), "a|");
   StopMatcher kept({"END", "xEN", "NDy"}, /*include_stop=*/true);
   EXPECT_EQ(Feed(kept, {"abE", "Nx", "yEN", "D tail"}), "ab|EN|xy|END|");
-  StopMatcher same_start({"bcd", "bc"}, /*include_stop=*/true);
-  EXPECT_EQ(Feed(same_start, {"abcde"}), "abcd|");
+  for (const std::vector<std::string>& pieces :
+       {std::vector<std::string>{"abcde"}, std::vector<std::string>{"abc", "de"}}) {
+    StopMatcher same_start({"bcd", "bc"}, /*include_stop=*/true);
+    EXPECT_EQ(Feed(same_start, pieces), pieces.size() == 1 ? "abc|" : "abc||");
+  }
 }
 
 // --- over HTTP -----------------------------------------------------------------------------
@@ -572,8 +577,8 @@ TEST(OpenAiChatParseTest, ToolsReachTheTemplateAndChooseTheParser) {
 class ScriptedServing final : public api::Serving::Service {
  public:
   std::vector<std::string> pieces;
-  std::atomic<bool> reasoning_first{false};      // of the last request
-  std::atomic<bool> skip_special_tokens{false};  // of the last request (unset: true)
+  std::atomic<bool> reasoning_first{false};     // of the last request
+  std::atomic<bool> skip_special_tokens{true};  // of the last request (unset: true)
   grpc::Status Generate(grpc::ServerContext*, const api::GenerateRequest* req,
                         grpc::ServerWriter<api::GenerateResponse>* writer) override {
     reasoning_first = req->reasoning_first();

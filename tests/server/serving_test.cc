@@ -631,6 +631,8 @@ TEST_F(ServingTest, StreamsTextTimelineAndLogprobs) {
   only.add_allowed_token_ids(*b);
   Streamed ab = Generate(cluster->stub(), only);
   ASSERT_TRUE(ab.status.ok()) << ab.status.error_message();
+  EXPECT_EQ(ab.done.timeline().prefill_instance(), "prefill-0");
+  EXPECT_EQ(ab.done.timeline().decode_instance(), "decode-0");
   ASSERT_EQ(ab.tokens.size(), 6u);
   for (int32_t t : ab.tokens) EXPECT_TRUE(t == *a || t == *b) << t;
   (*only.mutable_logit_bias())[*b] = 100;  // "bbbbbb", stopped at its first "bb"
@@ -644,6 +646,19 @@ TEST_F(ServingTest, StreamsTextTimelineAndLogprobs) {
   ASSERT_TRUE(stopped.status.ok()) << stopped.status.error_message();
   EXPECT_EQ(stopped.text, "bb");
   EXPECT_EQ(stopped.tokens.size(), 2u);
+  // A stop token ends the reply and is no text (an ordinary one too), unless included.
+  only.clear_stop();
+  only.set_include_stop_str_in_output(false);
+  only.add_stop_token_ids(*b);
+  stopped = Generate(cluster->stub(), only);
+  ASSERT_TRUE(stopped.status.ok()) << stopped.status.error_message();
+  EXPECT_EQ(stopped.tokens, std::vector<int32_t>{*b});
+  EXPECT_EQ(stopped.done.finish_reason(), "stop");
+  EXPECT_EQ(stopped.text, "");
+  only.set_include_stop_str_in_output(true);
+  stopped = Generate(cluster->stub(), only);
+  ASSERT_TRUE(stopped.status.ok()) << stopped.status.error_message();
+  EXPECT_EQ(stopped.text, "b");
 }
 
 TEST_F(ServingTest, BadRequestsAreInvalidArgumentAndDisturbNothing) {

@@ -117,6 +117,17 @@ TEST(ToolCallsTest, MistralCallsInBothLayouts) {
   EXPECT_EQ(r.calls[0].id, "");
   EXPECT_EQ(r.calls[1].name, "now");
   EXPECT_EQ(r.calls[1].id, "a1B2c3D4e");
+  // Ids not in the shape Mistral's templates take back, or repeated, are dropped (new ones
+  // are made).
+  r = Parsed(
+      ToolCallFormat::kMistral,
+      "[TOOL_CALLS][{\"name\": \"f\", \"arguments\": {}, \"id\": \"a\"}, {\"name\": \"g\", "
+      "\"arguments\": {}, \"id\": \"abcdefgh9\"}, {\"name\": \"h\", \"arguments\": {}, \"id\": "
+      "\"abcdefgh9\"}]");
+  ASSERT_EQ(r.calls.size(), 3u);
+  EXPECT_EQ(r.calls[0].id, "");
+  EXPECT_EQ(r.calls[1].id, "abcdefgh9");
+  EXPECT_EQ(r.calls[2].id, "");
   // One object rather than a list.
   r = Parsed(ToolCallFormat::kMistral, "[TOOL_CALLS]{\"name\": \"f\", \"arguments\": {\"x\": 1}}");
   ASSERT_EQ(r.calls.size(), 1u);
