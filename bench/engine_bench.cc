@@ -139,8 +139,9 @@ BENCHMARK(BM_Prefill)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecond)->UseRea
 // Logits processing's host cost per decode step (LlmEngine::Step on `batch` sequences of a
 // narrow model with Llama 3's vocabulary, 128256: the step is mostly the lm_head and the
 // draw). Modes: 0 greedy, 1 greedy with repetition/frequency/presence penalties, 2 sampling
-// (temperature 0.8, top_p 0.95), 3 sampling with the penalties and min_p 0.05. The cost of
-// processing is a mode's time less its plain twin's (1 - 0, 3 - 2), per row: divided by batch.
+// (temperature 0.8, top_p 0.95), 3 sampling with the penalties and min_p 0.05, 4 greedy with
+// allowed_token_ids (1024 ids). The cost of processing is a mode's time less its plain twin's
+// (1 - 0, 3 - 2, 4 - 0), per row: divided by batch.
 void BM_LogitsProcessing(benchmark::State& state) {
   const int batch = static_cast<int>(state.range(0)), mode = static_cast<int>(state.range(1));
   static CpuBackend* backend = new CpuBackend(kernels::cpu::NumThreads());
@@ -171,6 +172,9 @@ void BM_LogitsProcessing(benchmark::State& state) {
       r.params.presence_penalty = 0.5f;
     }
     if (mode == 3) r.params.min_p = 0.05f;
+    if (mode == 4) {
+      for (int32_t t = 0; t < 1024; ++t) r.params.allowed_token_ids.push_back(t * 125 + s);
+    }
     if (!(*engine)->AddRequest(std::move(r)).ok()) return state.SkipWithError("add");
   }
   for (int warm = 0; warm < 3; ++warm) {  // past the prefills
@@ -185,7 +189,7 @@ void BM_LogitsProcessing(benchmark::State& state) {
                                                 benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_LogitsProcessing)
-    ->ArgsProduct({{1, 16}, {0, 1, 2, 3}})
+    ->ArgsProduct({{1, 16}, {0, 1, 2, 3, 4}})
     ->Iterations(100)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
