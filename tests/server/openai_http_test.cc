@@ -342,6 +342,38 @@ TEST(OpenAiChatParseTest, RendersTheMessagesIntoTokenIds) {
   EXPECT_EQ(r->logprobs, -1);
 }
 
+// An assistant turn's tool calls reach the template with their arguments as objects (OpenAI
+// sends them as JSON text), as HF's apply_chat_template and vLLM give them; text that is not
+// JSON is refused naming the field.
+TEST(OpenAiChatParseTest, ToolCallArgumentsReachTheTemplateAsObjects) {
+  auto format = engine::LoadChatFormat(
+      ModelDir(), ScratchFile("tool_turns.jinja",
+                              "{% for m in messages %}[{{ m.role }}]{{ m.content or '' }}"
+                              "{% for c in m.tool_calls or [] %}<{{ c.function.name }} "
+                              "{{ c.function.arguments | tojson }}>{% endfor %}{% endfor %}"));
+  ASSERT_TRUE(format.ok()) << format.status();
+  const ChatModel& m = SmallChatModel();
+  Json body = {
+      {"messages",
+       {{{"role", "user"}, {"content", "Weather?"}},
+        {{"role", "assistant"},
+         {"content", nullptr},
+         {"tool_calls",
+          {{{"id", "call_1"},
+            {"type", "function"},
+            {"function", {{"name", "get_weather"}, {"arguments", "{\"city\": \"Oslo\"}"}}}}}}},
+        {{"role", "tool"}, {"tool_call_id", "call_1"}, {"content", "sunny"}}}}};
+  auto r = ParseChatRequest(body.dump(), "m", 256, *format, *m.tokenizer);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(m.tokenizer->Decode(Ids(r->choices[0])),
+            "[user]Weather?[assistant]<get_weather {\"city\": \"Oslo\"}>[tool]sunny");
+  body["messages"][1]["tool_calls"][0]["function"]["arguments"] = "{city: Oslo}";
+  r = ParseChatRequest(body.dump(), "m", 256, *format, *m.tokenizer);
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(absl::StrContains(r.status().message(), "messages[1].tool_calls[0].function"))
+      << r.status();
+}
+
 TEST(OpenAiChatParseTest, OptionsReachTheTemplateAndTheChoices) {
   const ChatModel& m = SmallChatModel();
   const Json user = {{{"role", "user"}, {"content", "Hello"}}};
