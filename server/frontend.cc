@@ -594,6 +594,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     params.top_p = r.has_top_p() ? r.top_p() : 1.0f;
     params.max_tokens = r.max_tokens();
     params.logprobs = r.has_logprobs() ? r.logprobs() : -1;
+    params.prompt_logprobs = r.has_prompt_logprobs() ? r.prompt_logprobs() : -1;
     params.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
     params.json_schema = r.json_schema();
     params.regex = r.regex();
@@ -656,6 +657,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     work.set_ignore_eos(r.ignore_eos());
     *work.mutable_stop_token_ids() = r.stop_token_ids();
     work.set_logprobs(params.logprobs);
+    if (params.prompt_logprobs >= 0) work.set_prompt_logprobs(params.prompt_logprobs);
     work.set_json_schema(r.json_schema());
     work.set_regex(r.regex());
     work.set_presence_penalty(params.presence_penalty);
@@ -974,6 +976,15 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     return s;
   }
 
+  static void ToApi(const pb::TokenLogprobs& from, api::TokenLogprobs& to) {
+    to.set_logprob(from.logprob());
+    for (const pb::TopLogprob& t : from.top()) {
+      api::TopLogprob* top = to.add_top();
+      top->set_token_id(t.token_id());
+      top->set_logprob(t.logprob());
+    }
+  }
+
   // Whether token `id` ends request `r` ("stop"): an EOS of the model (unless ignore_eos) or
   // one of its stop_token_ids.
   bool StoppedBy(const api::GenerateRequest& r, int32_t id) const {
@@ -1008,13 +1019,12 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         text += relay.decoder->Add(id);
       }
     }
-    for (const pb::TokenLogprobs& lp : event.logprobs()) {
-      api::TokenLogprobs* out = response.add_logprobs();
-      out->set_logprob(lp.logprob());
-      for (const pb::TopLogprob& t : lp.top()) {
-        api::TopLogprob* top = out->add_top();
-        top->set_token_id(t.token_id());
-        top->set_logprob(t.logprob());
+    for (const pb::TokenLogprobs& lp : event.logprobs()) ToApi(lp, *response.add_logprobs());
+    if (relay.request.has_prompt_logprobs() && relay.request.prompt_logprobs() >= 0 &&
+        relay.completion_tokens == 0 && event.token_ids_size() > 0) {  // the first token's
+      *response.mutable_prompt_token_ids() = relay.work.prompt_token_ids();
+      for (const pb::TokenLogprobs& lp : event.prompt_logprobs()) {
+        ToApi(lp, *response.add_prompt_logprobs());
       }
     }
     relay.completion_tokens += event.token_ids_size();

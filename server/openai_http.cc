@@ -224,7 +224,8 @@ struct Choice {
   int32_t completion_tokens = 0;
   int32_t prompt_tokens = 0;
   int32_t cached_tokens = 0;
-  bool ended = false;  // its call ended (OK with a Done, or failed)
+  bool ended = false;   // its call ended (OK with a Done, or failed)
+  bool echoed = false;  // echo: the prompt (and its logprobs) went first
   absl::Status status;
   // Completions-format logprobs so far.
   Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
@@ -791,9 +792,7 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
   PDS_ASSIGN_OR_RETURN(const Json j, ParseBody(body));
   for (const auto& [field, neutral, what] :
        std::initializer_list<std::tuple<const char*, Json, const char*>>{
-           {"echo", false, "the prompt is not returned"},
-           {"best_of", 1, "use n"},
-           {"suffix", "", "no insertion"}}) {
+           {"best_of", 1, "use n"}, {"suffix", "", "no insertion"}}) {
     PDS_RETURN_IF_ERROR(Unsupported(j, field, neutral, what));
   }
   CompletionRequest r;
@@ -820,6 +819,14 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
     }
     r.logprobs = static_cast<int>(it->get<int64_t>());
     base.set_logprobs(r.logprobs);
+  }
+  PDS_RETURN_IF_ERROR(Get(j, "echo", r.echo));
+  if (r.echo) {
+    if (base.has_truncate_prompt_tokens()) {
+      return BadField("echo", "is not taken with truncate_prompt_tokens");
+    }
+    // The prompt's logprobs come from the worker that computes the prompt.
+    if (r.logprobs >= 0) base.set_prompt_logprobs(r.logprobs);
   }
   AddChoices(r, base, prompts, seed);
   return r;
@@ -985,6 +992,11 @@ class OpenAiHttpServer::Impl {
       return "";
     }
     const api::GenerateResponse& m = *e.message;
+    std::string echoed;  // the prompt, ahead of the first message's text
+    if (job.request.echo && !c.echoed) {
+      c.echoed = true;
+      echoed = EchoPrompt(job, e.choice, m, c);
+    }
     c.completion_tokens += m.token_ids_size();
     if (job.request.logprobs >= 0) {
       // Each token's offset: the text before the message plus its earlier tokens' text (a
@@ -1023,7 +1035,41 @@ class OpenAiHttpServer::Impl {
       c.finish_reason = d.finish_reason();
     }
     c.text += m.text();
-    return m.text();
+    return echoed + m.text();
+  }
+
+  // echo: choice `index`'s prompt text (its text or its decoded ids), added to its text, and
+  // with logprobs the prompt's tokens (from the first message) added to its logprobs, offsets
+  // counted over their texts.
+  std::string EchoPrompt(const Job& job, int index, const api::GenerateResponse& m, Choice& c) {
+    const api::GenerateRequest& g = job.request.choices[index];
+    const engine::Tokenizer* tok = options.tokenizer;
+    std::string prompt = g.has_prompt_text() ? g.prompt_text() : "";
+    if (!g.has_prompt_text() && tok != nullptr) {
+      prompt = tok->Decode(
+          std::vector<int32_t>(g.prompt_token_ids().begin(), g.prompt_token_ids().end()));
+    }
+    if (job.request.logprobs >= 0) {
+      size_t offset = 0;
+      for (int i = 0; i < m.prompt_token_ids_size(); ++i) {
+        const int32_t id = m.prompt_token_ids(i);
+        c.tokens.push_back(TokenString(tok, id));
+        c.text_offset.push_back(offset);
+        if (tok != nullptr) offset += tok->Decode(std::vector<int32_t>{id}).size();
+        if (i == 0 || i - 1 >= m.prompt_logprobs_size()) {  // the first token has none
+          c.token_logprobs.push_back(nullptr);
+          c.top_logprobs.push_back(nullptr);
+          continue;
+        }
+        const api::TokenLogprobs& lp = m.prompt_logprobs(i - 1);
+        c.token_logprobs.push_back(lp.logprob());
+        Json top = Json::object();
+        for (const api::TopLogprob& t : lp.top()) top[TokenString(tok, t.token_id())] = t.logprob();
+        c.top_logprobs.push_back(std::move(top));
+      }
+    }
+    c.text += prompt;
+    return prompt;
   }
 
   Json Usage(const Job& job) const {

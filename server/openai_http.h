@@ -86,6 +86,9 @@ struct CompletionRequest {
   bool include_usage = false;     // stream_options.include_usage: a last chunk with the usage
   std::vector<std::string> stop;  // text stop sequences (the front-end cuts the text there)
   int logprobs = -1;  // >= 0: logprobs with that many alternatives (completions or chat format)
+  // Completions: each choice's text starts with its prompt, and with logprobs so do its
+  // logprobs (the prompt's first token has none: null), as OpenAI's echo.
+  bool echo = false;
   bool chat = false;  // a chat completion (its responses are in the chat format)
   // Chat with tools and tool_choice "auto": the replies' tool calls are parsed in this format;
   // "required" (kJsonArray) and a named function (kArguments, of `tool_function`) constrain

@@ -123,6 +123,15 @@ class JobPool {
   std::vector<std::thread> threads_;
 };
 
+void ToProto(const engine::TokenLogprobs& from, pb::TokenLogprobs& to) {
+  to.set_logprob(from.logprob);
+  for (const auto& [token, logprob] : from.top) {
+    pb::TopLogprob* top = to.add_top();
+    top->set_token_id(token);
+    top->set_logprob(logprob);
+  }
+}
+
 engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
   engine::GenerateRequest g;
   g.id = r.request_id();
@@ -135,6 +144,7 @@ engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
   g.params.ignore_eos = r.ignore_eos();
   g.params.stop_token_ids.assign(r.stop_token_ids().begin(), r.stop_token_ids().end());
   g.params.logprobs = r.logprobs();
+  g.params.prompt_logprobs = r.has_prompt_logprobs() ? r.prompt_logprobs() : -1;
   g.params.json_schema = r.json_schema();
   g.params.regex = r.regex();
   g.params.presence_penalty = r.presence_penalty();
@@ -807,14 +817,9 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
       pb::WorkEvent event;
       event.set_kind(pb::WorkEvent::TOKENS);
       event.add_token_ids(out.token);
-      if (out.logprobs) {
-        pb::TokenLogprobs* lp = event.add_logprobs();
-        lp->set_logprob(out.logprobs->logprob);
-        for (const auto& [tok, logprob] : out.logprobs->top) {
-          pb::TopLogprob* top = lp->add_top();
-          top->set_token_id(tok);
-          top->set_logprob(logprob);
-        }
+      if (out.logprobs) ToProto(*out.logprobs, *event.add_logprobs());
+      for (const engine::TokenLogprobs& lp : out.prompt_logprobs) {
+        ToProto(lp, *event.add_prompt_logprobs());
       }
       if (!live.produced) {
         live.produced = true;

@@ -269,6 +269,24 @@ absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& 
                                tokens.data());
 }
 
+absl::Status Transformer::RowLogits(int64_t first_row, int64_t rows, std::vector<float>& logits) {
+  if (first_row < 0 || rows < 1 || first_row + rows > meta_.num_tokens()) {
+    return absl::OutOfRangeError(absl::StrCat("rows [", first_row, ", ", first_row + rows,
+                                              ") of a batch of ", meta_.num_tokens(), " tokens"));
+  }
+  // x_ still holds every row's final hidden state (before the final norm); h_ is free scratch
+  // of the batch's size once the forward is done.
+  const DType dt = backend_.compute_dtype();
+  const int64_t hidden = config_.hidden_size;
+  const size_t row_bytes = static_cast<size_t>(hidden) * DTypeSize(dt);
+  PDS_RETURN_IF_ERROR(backend_.CopyDevice(h_.data(), Offset(x_.data(), first_row * hidden, dt),
+                                          row_bytes * static_cast<size_t>(rows)));
+  PDS_RETURN_IF_ERROR(backend_.RmsNorm(h_.data(), final_norm_, h_.data(), rows,
+                                       static_cast<float>(config_.rms_norm_eps)));
+  logits.resize(static_cast<size_t>(rows * config_.vocab_size));
+  return backend_.Logits(h_.data(), *lm_head_, rows, logits.data());
+}
+
 absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cache,
                                const KvLayerHook& on_kv_layer) {
   if (seqs.empty()) return absl::InvalidArgumentError("empty forward batch");

@@ -73,6 +73,11 @@ class Transformer {
                        const std::vector<uint8_t>& host_rows, std::vector<int32_t>& tokens,
                        const KvLayerHook& on_kv_layer = nullptr);
 
+  // After a Forward: the fp32 logits of the batch's token rows [first_row, first_row + rows)
+  // (every new token's row, not only each sequence's last: prompt logprobs), [rows, vocab]
+  // row-major in `logits`. Ask for a few hundred rows at a time at most (the host buffer).
+  absl::Status RowLogits(int64_t first_row, int64_t rows, std::vector<float>& logits);
+
   // The KV cache shape this model needs for `num_blocks` blocks of `block_size`.
   KvCacheShape CacheShape(int32_t num_blocks, int32_t block_size) const;
   // Bytes of weights resident on the backend.

@@ -380,8 +380,36 @@ void LlmEngine::Preempt(Sequence& seq) {
 }
 
 bool LlmEngine::StartsFromCache(const Sequence& seq) const {
+  // (A request for prompt logprobs computes every prompt position.)
   return cache_.allocator().prefix_cache_enabled() && !seq.admitted && !seq.held &&
-         !seq.importing && seq.num_computed == 0 && seq.table.blocks().empty();
+         !seq.importing && seq.num_computed == 0 && seq.table.blocks().empty() &&
+         seq.request.params.prompt_logprobs < 0;
+}
+
+absl::Status LlmEngine::PromptLogprobs(Sequence& seq, int32_t start, int32_t chunk,
+                                       int64_t first_row) {
+  const int32_t prompt = static_cast<int32_t>(seq.request.prompt.size());
+  const int32_t end = std::min(start + chunk, prompt - 1);  // the last row predicts the reply
+  // Entry p is position p's (a recomputation after a preemption starts over from `start`).
+  seq.prompt_logprobs.resize(std::min<size_t>(seq.prompt_logprobs.size(), start));
+  if (end <= start || static_cast<int32_t>(seq.prompt_logprobs.size()) != start) {
+    return absl::OkStatus();
+  }
+  const int64_t vocab = model_.config().vocab_size;
+  // A slice of rows at a time: its logits are rows x vocab floats on the host.
+  const int32_t slice = static_cast<int32_t>(std::max<int64_t>(1, (int64_t{1} << 24) / vocab));
+  for (int32_t from = start; from < end; from += slice) {
+    const int32_t n = std::min(slice, end - from);
+    PDS_RETURN_IF_ERROR(model_.RowLogits(first_row + (from - start), n, prompt_rows_));
+    for (int32_t r = 0; r < n; ++r) {
+      const float* row = prompt_rows_.data() + static_cast<int64_t>(r) * vocab;
+      TokenLogprobs lp;
+      lp.logprob = kernels::cpu::LogProb(row, vocab, seq.tokens[from + r + 1]);
+      lp.top = kernels::cpu::TopLogProbs(row, vocab, seq.request.params.prompt_logprobs);
+      seq.prompt_logprobs.push_back(std::move(lp));
+    }
+  }
+  return absl::OkStatus();
 }
 
 std::vector<int32_t> LlmEngine::CachedPrefix(Sequence& seq) {
@@ -657,6 +685,15 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     return forwarded;
   }
 
+  // Prompt logprobs first (before any sequence moves on, so that an error leaves the step
+  // undone): from every row of the chunks that ask for them.
+  int64_t first_row = 0;  // of plan[i]'s rows in the batch
+  for (const Planned& p : plan) {
+    if (p.seq->request.params.prompt_logprobs >= 0 && p.seq->num_generated == 0) {
+      PDS_RETURN_IF_ERROR(PromptLogprobs(*p.seq, p.seq->num_computed, p.chunk, first_row));
+    }
+    first_row += p.chunk;
+  }
   const int64_t vocab = model_.config().vocab_size;
   std::vector<std::string> finished;
   for (size_t i = 0; i < plan.size(); ++i) {
@@ -711,7 +748,11 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     if (seq.request.return_logits) out.logits.assign(row, row + vocab);
     seq.tokens.push_back(out.token);
     ++seq.num_generated;
-    if (seq.num_generated == 1) out.cached_prompt_tokens = seq.prompt_cached;
+    if (seq.num_generated == 1) {
+      out.cached_prompt_tokens = seq.prompt_cached;
+      out.prompt_logprobs = std::move(seq.prompt_logprobs);
+      seq.prompt_logprobs.clear();
+    }
     if (out.finish == FinishReason::kNone) out.finish = CheckFinish(seq, out.token);
     // A complete JSON reply ends as "stop", even on its max_tokens-th token.
     if (constrained_end && out.finish == FinishReason::kLength) out.finish = FinishReason::kStop;
@@ -771,6 +812,7 @@ absl::StatusOr<std::vector<GenerateResult>> LlmEngine::Generate(
       GenerateResult& r = results[it->second];
       r.token_ids.push_back(out.token);
       if (out.logprobs) r.logprobs.push_back(std::move(*out.logprobs));
+      if (!out.prompt_logprobs.empty()) r.prompt_logprobs = std::move(out.prompt_logprobs);
       if (!out.logits.empty()) r.logits.push_back(std::move(out.logits));
       if (out.finish != FinishReason::kNone) r.finish = out.finish;
     }

@@ -73,6 +73,9 @@ struct TokenOutput {
   // On a request's first token: how many of its prompt tokens came from the prefix cache
   // instead of being computed (the usage figure OpenAI's API calls cached_tokens).
   int32_t cached_prompt_tokens = 0;
+  // On a request's first token, with params.prompt_logprobs >= 0: entry i for prompt token
+  // i + 1 (the first has none), from the logits of the position before it.
+  std::vector<TokenLogprobs> prompt_logprobs;
 };
 
 // A held (prefilled) sequence's KV: its blocks and how many positions they hold.
@@ -95,6 +98,7 @@ struct GenerateResult {
   std::vector<int32_t> token_ids;
   std::vector<TokenLogprobs> logprobs;
   std::vector<std::vector<float>> logits;
+  std::vector<TokenLogprobs> prompt_logprobs;  // with params.prompt_logprobs >= 0
   FinishReason finish = FinishReason::kNone;
 };
 
@@ -205,11 +209,15 @@ class LlmEngine {
     // the reply's tokens with their counts, of tokens[0, counted).
     absl::flat_hash_set<int32_t> prompt_tokens;
     absl::flat_hash_map<int32_t, int32_t> reply_counts;
+    std::vector<TokenLogprobs> prompt_logprobs;  // computed so far (params.prompt_logprobs)
     size_t counted = 0;
   };
   // Applies the request's logits processing to its row (SamplingParams' order); `allowed`:
   // the reply's constraint, where it has one (min_p counts from its likeliest allowed token).
   void ProcessLogits(Sequence& seq, float* row, const JsonMatcher::Bits* allowed);
+  // After the step's forward: the prompt logprobs of the positions [start, start + chunk) of
+  // `seq` that precede a prompt token, from the batch's rows from `first_row` on.
+  absl::Status PromptLogprobs(Sequence& seq, int32_t start, int32_t chunk, int64_t first_row);
   absl::Status ValidateRequest(GenerateRequest& request) const;
   // The matcher of a request's json_schema (null without one); the schema compiled once.
   absl::StatusOr<std::unique_ptr<JsonMatcher>> MatcherFor(const GenerateRequest& request);
@@ -269,6 +277,7 @@ class LlmEngine {
   std::vector<JsonMatcher::Bits> allowed_;  // per planned row: its mask's allowed tokens
   JsonMatcher::DrawScratch draw_scratch_;
   std::vector<float> kept_;  // ProcessLogits: the allowed tokens' logits while the row is cleared
+  std::vector<float> prompt_rows_;  // PromptLogprobs: a slice of prompt rows' logits
 };
 
 }  // namespace pds::engine

@@ -25,6 +25,10 @@ absl::Status SamplingParams::Validate(int64_t vocab_size,
   if (logprobs > 20) {
     return absl::InvalidArgumentError(absl::StrCat("logprobs must be <= 20, got ", logprobs));
   }
+  if (prompt_logprobs > 20) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt_logprobs must be <= 20, got ", prompt_logprobs));
+  }
   if (!json_schema.empty() && !regex.empty()) {
     return absl::InvalidArgumentError("json_schema and regex both constrain the reply: one only");
   }

@@ -23,6 +23,10 @@ struct SamplingParams {
   bool ignore_eos = false;
   std::vector<int32_t> stop_token_ids;
   int32_t logprobs = -1;  // < 0: none; k >= 0: the sampled token's logprob plus top k
+  // < 0: none; k >= 0: each prompt token's logprob (after the first) plus the top k there,
+  // from the model's raw logits (TokenOutput::prompt_logprobs). The prompt is then computed
+  // whole (its cached prefix is not used).
+  int32_t prompt_logprobs = -1;
   // Structured output (engine/runtime/json_constraint.h): JSON Schema text the reply must be
   // JSON of; empty: none. The reply ends ("stop") when its JSON is complete.
   std::string json_schema;

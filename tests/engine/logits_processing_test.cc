@@ -220,6 +220,56 @@ TEST_F(LogitsProcessingTest, MinPCountsFromTheLikeliestAllowedToken) {
   EXPECT_EQ(run(1.5f, 1.0f), greedy);
 }
 
+// Prompt logprobs: entry i is prompt token i + 1's log-softmax in the raw logits after the
+// tokens before it, with the top k there; the same in one step, in chunks of 5 tokens beside
+// another request, and when the prompt's blocks are already cached (they are computed again).
+TEST_F(LogitsProcessingTest, PromptLogprobsAreThoseOfTheRawLogitsBeforeEachToken) {
+  const std::vector<int32_t> prompt = Prompt(37, 11);
+  std::vector<TokenLogprobs> want;
+  for (size_t p = 1; p < prompt.size(); ++p) {
+    const std::vector<float> raw = Raw(std::vector<int32_t>(prompt.begin(), prompt.begin() + p));
+    TokenLogprobs lp;
+    lp.logprob = kernels::cpu::LogProb(raw.data(), config_.vocab_size, prompt[p]);
+    lp.top = kernels::cpu::TopLogProbs(raw.data(), config_.vocab_size, 3);
+    want.push_back(std::move(lp));
+  }
+  auto check = [&](const std::vector<TokenLogprobs>& got, const std::string& what) {
+    ASSERT_EQ(got.size(), want.size()) << what;
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_NEAR(got[i].logprob, want[i].logprob, 2e-4f) << what << " entry " << i;
+      ASSERT_EQ(got[i].top.size(), 3u) << what;
+      for (size_t k = 0; k < 3; ++k) {
+        EXPECT_EQ(got[i].top[k].first, want[i].top[k].first) << what << " entry " << i;
+        EXPECT_NEAR(got[i].top[k].second, want[i].top[k].second, 2e-4f) << what;
+      }
+    }
+  };
+  for (const int32_t budget : {2048, 5}) {
+    auto engine = LlmEngine::Create(
+        *model_, {.block_size = 16, .num_blocks = 64, .max_batch_tokens = budget});
+    ASSERT_TRUE(engine.ok()) << engine.status();
+    GenerateRequest r;
+    r.id = "p";
+    r.prompt = prompt;
+    r.params.max_tokens = 3;
+    r.params.ignore_eos = true;
+    r.params.prompt_logprobs = 3;
+    GenerateRequest other;  // shares the steps (and, the second time, the cached blocks)
+    other.id = "o";
+    other.prompt = prompt;
+    other.params.max_tokens = 4;
+    other.params.ignore_eos = true;
+    auto first = (*engine)->Generate({r, other});
+    ASSERT_TRUE(first.ok()) << first.status();
+    check((*first)[0].prompt_logprobs, absl::StrCat("budget ", budget));
+    EXPECT_TRUE((*first)[1].prompt_logprobs.empty());
+    auto again = (*engine)->Generate({r});  // its blocks are cached now
+    ASSERT_TRUE(again.ok()) << again.status();
+    check((*again)[0].prompt_logprobs, absl::StrCat("budget ", budget, ", cached"));
+    EXPECT_EQ((*again)[0].token_ids, (*first)[0].token_ids);
+  }
+}
+
 TEST_F(LogitsProcessingTest, BadValuesAreRefusedByName) {
   const int64_t vocab = config_.vocab_size;
   auto check = [&](auto set, const char* name) {
@@ -254,6 +304,7 @@ TEST_F(LogitsProcessingTest, BadValuesAreRefusedByName) {
       },
       "allowed_token_ids");
   check([](SamplingParams& p) { p.allowed_token_ids = {-1}; }, "allowed_token_ids");
+  check([](SamplingParams& p) { p.prompt_logprobs = 21; }, "prompt_logprobs");
   check(
       [](SamplingParams& p) {
         p.allowed_token_ids = {1, 2};

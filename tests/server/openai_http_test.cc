@@ -167,7 +167,9 @@ TEST(OpenAiParseTest, RefusalsNameTheField) {
        "'stop'"},
       {{{"prompt", "a"}, {"stop", {""}}}, absl::StatusCode::kInvalidArgument, "'stop'"},
       {{{"prompt", "a"}, {"logprobs", 21}}, absl::StatusCode::kInvalidArgument, "'logprobs'"},
-      {{{"prompt", "a"}, {"echo", true}}, absl::StatusCode::kInvalidArgument, "'echo'"},
+      {{{"prompt", "a"}, {"echo", true}, {"truncate_prompt_tokens", 1}},
+       absl::StatusCode::kInvalidArgument,
+       "'echo'"},
       {{{"prompt", "a"}, {"best_of", 3}}, absl::StatusCode::kInvalidArgument, "'best_of'"},
       {{{"prompt", "a"}, {"frequency_penalty", "high"}},
        absl::StatusCode::kInvalidArgument,
@@ -1068,6 +1070,95 @@ TEST_F(OpenAiHttpTest, CompletionEqualsTheGrpcApisAndStreamsTheSameText) {
   const Json usage = Json::parse(events[events.size() - 2]);
   EXPECT_TRUE(usage["choices"].empty());
   EXPECT_EQ(usage["usage"]["completion_tokens"], 24);
+}
+
+// echo: the text starts with the prompt; with logprobs, so do the logprobs (the prompt's
+// first token null). A prompt token's logprob (from the prefill's rows) equals the logprob the
+// same token had when it was the greedy reply to the tokens before it (from the last row).
+TEST_F(OpenAiHttpTest, EchoReturnsThePromptAndItsLogprobs) {
+  auto tok = engine::Tokenizer::Load(ModelDir() + "/tokenizer.json");
+  ASSERT_TRUE(tok.ok()) << tok.status();
+  const std::vector<int32_t> ids = (*tok)->Encode(kPrompt);
+  const Json base = {{"max_tokens", 4}, {"temperature", 0}, {"ignore_eos", true}};
+  Json plain = base, echoed = base;
+  plain["prompt"] = kPrompt;
+  plain["logprobs"] = 2;
+  echoed["prompt"] = kPrompt;
+  echoed["echo"] = true;
+  auto [s1, reply] = Complete(plain);
+  auto [s2, echo_text] = Complete(echoed);
+  ASSERT_EQ(s1, 200) << reply.dump();
+  ASSERT_EQ(s2, 200) << echo_text.dump();
+  const std::string completion = reply["choices"][0]["text"];
+  EXPECT_EQ(echo_text["choices"][0]["text"], kPrompt + completion);
+  EXPECT_TRUE(echo_text["choices"][0]["logprobs"].is_null());
+
+  echoed["logprobs"] = 2;
+  auto [s3, body] = Complete(echoed);
+  ASSERT_EQ(s3, 200) << body.dump();
+  const Json& lp = body["choices"][0]["logprobs"];
+  EXPECT_EQ(body["choices"][0]["text"], kPrompt + completion);
+  ASSERT_EQ(lp["tokens"].size(), ids.size() + 4) << lp.dump();
+  EXPECT_EQ(lp["tokens"][1], (*tok)->Decode(std::vector<int32_t>{ids[1]}));
+  EXPECT_TRUE(lp["token_logprobs"][0].is_null());
+  EXPECT_TRUE(lp["top_logprobs"][0].is_null());
+  for (size_t i = 1; i < ids.size(); ++i) {
+    EXPECT_LE(lp["token_logprobs"][i].get<double>(), 0.0) << i;
+    // (Alternatives whose texts are the same, such as two partial characters, share a key.)
+    EXPECT_TRUE(lp["top_logprobs"][i].size() == 2u || lp["top_logprobs"][i].size() == 1u) << i;
+    EXPECT_GE(lp["text_offset"][i], lp["text_offset"][i - 1]) << i;
+  }
+  for (size_t k = 0; k < 4; ++k) {  // the reply's entries as without echo
+    EXPECT_NEAR(lp["token_logprobs"][ids.size() + k].get<double>(),
+                reply["choices"][0]["logprobs"]["token_logprobs"][k].get<double>(), 1e-5);
+  }
+  // The reply's first token (its id from the gRPC API), as a prompt token of a longer prompt,
+  // has the same logprob.
+  api::GenerateRequest g;
+  *g.mutable_prompt_token_ids() = {ids.begin(), ids.end()};
+  g.set_max_tokens(1);
+  g.set_logprobs(0);
+  g.set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto call = stub_->Generate(&ctx, g);
+  api::GenerateResponse first;
+  std::vector<int32_t> longer = ids;
+  float first_logprob = 0;
+  while (call->Read(&first)) {
+    if (first.token_ids_size() > 0) {
+      longer.push_back(first.token_ids(0));
+      first_logprob = first.logprobs(0).logprob();
+    }
+  }
+  ASSERT_TRUE(call->Finish().ok());
+  ASSERT_EQ(longer.size(), ids.size() + 1);
+  EXPECT_NEAR(first_logprob, reply["choices"][0]["logprobs"]["token_logprobs"][0].get<double>(),
+              1e-5);
+  echoed["prompt"] = longer;
+  auto [s4, extended] = Complete(echoed);
+  ASSERT_EQ(s4, 200) << extended.dump();
+  EXPECT_TRUE(
+      absl::StartsWith(extended["choices"][0]["text"].get<std::string>(), (*tok)->Decode(longer)));
+  EXPECT_NEAR(extended["choices"][0]["logprobs"]["token_logprobs"][ids.size()].get<double>(),
+              first_logprob, 2e-4);
+
+  // Streamed: the same text, the prompt first.
+  echoed["prompt"] = kPrompt;
+  auto [s5, events] = Stream(echoed);
+  ASSERT_EQ(s5, 200);
+  std::string streamed;
+  size_t entries = 0;
+  for (const std::string& e : events) {
+    if (e == "[DONE]") continue;
+    const Json c = Json::parse(e)["choices"][0];
+    streamed += c["text"].get<std::string>();
+    if (!c["logprobs"].is_null()) entries += c["logprobs"]["tokens"].size();
+  }
+  EXPECT_TRUE(absl::StartsWith(Json::parse(events.at(0))["choices"][0]["text"].get<std::string>(),
+                               kPrompt));
+  EXPECT_EQ(streamed, kPrompt + completion);
+  EXPECT_EQ(entries, ids.size() + 4);
 }
 
 // truncate_prompt_tokens keeps the prompt's last tokens: a text prompt so cut gives what its
