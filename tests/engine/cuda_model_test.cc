@@ -300,6 +300,51 @@ TEST_P(CudaModelTest, CachedPrefixGivesTheUncachedLogits) {
   EXPECT_EQ(cached.engine->num_free_blocks(), 64);
 }
 
+// Prompt logprobs on the GPU (Transformer::RowLogits over the prefill's rows): entry p equals
+// the log-softmax at prompt token p + 1 of the last-row logits after prompt[0, p], within the
+// dtype's tolerance (the two go through different GEMM shapes); prefilled whole and in chunks.
+TEST_P(CudaModelTest, PromptLogprobsMatchTheLastRowLogits) {
+  for (const int32_t budget : {2048, 24}) {
+    EngineOptions eo;
+    eo.num_blocks = 64;
+    eo.max_batch_tokens = budget;
+    Engine e;
+    ASSERT_NO_FATAL_FAILURE(MakeEngine(21, eo, /*graphs=*/false, e));
+    std::vector<int32_t> prompt;
+    for (int j = 0; j < 53; ++j) prompt.push_back((j * 7919 + 3) % e.config.vocab_size);
+    GenerateRequest r;
+    r.id = "p";
+    r.prompt = prompt;
+    r.params.max_tokens = 2;
+    r.params.ignore_eos = true;
+    r.params.prompt_logprobs = 2;
+    auto got = e.engine->Generate({r});
+    ASSERT_TRUE(got.ok()) << got.status();
+    const std::vector<TokenLogprobs>& lps = (*got)[0].prompt_logprobs;
+    ASSERT_EQ(lps.size(), prompt.size() - 1);
+    const int64_t vocab = e.config.vocab_size;
+    for (size_t p = 1; p < prompt.size(); p += 13) {
+      GenerateRequest q;
+      q.id = "q" + std::to_string(p);
+      q.prompt.assign(prompt.begin(), prompt.begin() + p);
+      q.params.max_tokens = 1;
+      q.params.ignore_eos = true;
+      q.return_logits = true;
+      auto row = e.engine->Generate({q});
+      ASSERT_TRUE(row.ok()) << row.status();
+      const std::vector<float>& logits = (*row)[0].logits.at(0);
+      double scale = 0;
+      for (float v : logits) scale = std::max<double>(scale, std::abs(v));
+      const float want = kernels::cpu::LogProb(logits.data(), vocab, prompt[p]);
+      EXPECT_NEAR(lps[p - 1].logprob, want, 4 * Tolerance() * std::max(1.0, scale))
+          << "budget " << budget << " position " << p;
+      ASSERT_EQ(lps[p - 1].top.size(), 2u);
+      EXPECT_GE(lps[p - 1].top[0].second, lps[p - 1].top[1].second);
+    }
+    EXPECT_EQ(e.engine->num_free_blocks(), 64);
+  }
+}
+
 // Layer-by-layer hand-off on the GPU: each layer's mark is reached only once its K/V are in
 // the cache. A thread waits for every layer in turn during the prefill step and copies it out
 // at once (on the backend's copy stream, ordered after compute only by that wait); every copy
