@@ -188,6 +188,48 @@ void BM_LogitsProcessing(benchmark::State& state) {
   state.counters["rows/s"] = benchmark::Counter(static_cast<double>(batch) * state.iterations(),
                                                 benchmark::Counter::kIsRate);
 }
+// Prompt logprobs' cost: the prefill of one 512-token prompt (LlmEngine::Step in one chunk, the
+// first token drawn greedily) on the narrow model with Llama 3's 128256-token vocabulary,
+// without (k = -1) and with prompt_logprobs k (each prompt row projected to the vocabulary, its
+// log-softmax, the prompt token's logprob and the top k). The difference over 511 rows is the
+// cost per prompt token.
+void BM_PromptLogprobs(benchmark::State& state) {
+  const int k = static_cast<int>(state.range(0));
+  static CpuBackend* backend = new CpuBackend(kernels::cpu::NumThreads());
+  static Transformer* model = [] {
+    ModelConfig c = *PresetConfig("tiny");
+    c.vocab_size = 128256;
+    c.max_position_embeddings = 4096;
+    auto m = Transformer::CreateRandom(c, *backend, 3);
+    if (!m.ok()) std::exit(1);
+    return m->release();
+  }();
+  auto engine = LlmEngine::Create(*model, {.block_size = 16, .num_blocks = 256});
+  if (!engine.ok()) return state.SkipWithError(engine.status().ToString().c_str());
+  int n = 0;
+  for (auto _ : state) {
+    GenerateRequest r;
+    r.id = absl::StrCat("p", n++);
+    r.prompt = Tokens(512, 128256, n);
+    r.params.max_tokens = 1;
+    r.params.ignore_eos = true;
+    r.params.prompt_logprobs = k;
+    if (!(*engine)->AddRequest(std::move(r)).ok()) return state.SkipWithError("add");
+    auto step = (*engine)->Step();
+    if (!step.ok() || step->size() != 1) return state.SkipWithError("step");
+    benchmark::DoNotOptimize(step->data());
+  }
+  state.counters["prompt tokens/s"] =
+      benchmark::Counter(512.0 * state.iterations(), benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_PromptLogprobs)
+    ->Arg(-1)
+    ->Arg(0)
+    ->Arg(5)
+    ->Iterations(5)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
 BENCHMARK(BM_LogitsProcessing)
     ->ArgsProduct({{1, 16}, {0, 1, 2, 3, 4}})
     ->Iterations(100)

@@ -40,7 +40,12 @@ int32_t DrawToken(const float* logits, int64_t n, const RowSampling& rule);
 // log_softmax(logits)[id].
 float LogProb(const float* logits, int64_t n, int32_t id);
 
-// The k largest entries of log_softmax(logits) as (id, logprob), highest first.
+// The k largest entries of log_softmax(logits) as (id, logprob), highest first (ties: the
+// lower id first).
 std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int64_t n, int32_t k);
+
+// Both at once (one log-softmax): returns LogProb(id) and sets `top` to TopLogProbs(k).
+float LogProbAndTop(const float* logits, int64_t n, int32_t id, int32_t k,
+                    std::vector<std::pair<int32_t, float>>& top);
 
 }  // namespace pds::kernels::cpu

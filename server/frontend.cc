@@ -880,7 +880,8 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         if (inst->status.max_batch_tokens() > 0) {
           l.max_batch_tokens = inst->status.max_batch_tokens();
         }
-        if (inst->status.prefix_caching()) {
+        // (A request for prompt logprobs computes its whole prompt: no prefix to count.)
+        if (inst->status.prefix_caching() && !relay.work.has_prompt_logprobs()) {
           l.cached_prefix_tokens =
               inst->prefix_index.Match(hashes_for(l.block_size)) * l.block_size;
         }

@@ -752,13 +752,18 @@ absl::StatusOr<std::vector<int32_t>> ChatPrompt(const Json& j, Json tools,
     // An assistant turn's tool calls come back with their arguments as JSON text (OpenAI's
     // format); templates write them as objects (tool_call.arguments | tojson), as HF's
     // apply_chat_template and vLLM give them.
-    if (auto calls = message.find("tool_calls"); calls != message.end() && calls->is_array()) {
+    if (auto calls = message.find("tool_calls");
+        message["role"] == "assistant" && calls != message.end() && calls->is_array()) {
       for (size_t k = 0; k < calls->size(); ++k) {
         Json& call = (*calls)[k];
         auto function = call.is_object() ? call.find("function") : call.end();
         if (function == call.end() || !function->is_object()) continue;
         auto args = function->find("arguments");
         if (args == function->end() || !args->is_string()) continue;
+        if (JsonTextDepth(args->get_ref<const std::string&>()) > kMaxBodyDepth) {
+          return BadField(absl::StrCat("messages[", i, "].tool_calls[", k, "].function.arguments"),
+                          absl::StrCat("nests deeper than ", kMaxBodyDepth));
+        }
         Json parsed = Json::parse(args->get<std::string>(), nullptr, /*allow_exceptions=*/false);
         if (parsed.is_discarded()) {
           return BadField(absl::StrCat("messages[", i, "].tool_calls[", k, "].function.arguments"),

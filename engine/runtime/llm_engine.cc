@@ -12,6 +12,7 @@
 #include "engine/common/logging.h"
 #include "engine/common/status_macros.h"
 #include "kernels/sampling.h"
+#include "kernels/threads.h"
 
 namespace pds::engine {
 
@@ -380,10 +381,10 @@ void LlmEngine::Preempt(Sequence& seq) {
 }
 
 bool LlmEngine::StartsFromCache(const Sequence& seq) const {
-  // (A request for prompt logprobs computes every prompt position.)
+  // (A request for prompt logprobs computes every prompt position until it has them.)
   return cache_.allocator().prefix_cache_enabled() && !seq.admitted && !seq.held &&
          !seq.importing && seq.num_computed == 0 && seq.table.blocks().empty() &&
-         seq.request.params.prompt_logprobs < 0;
+         (seq.request.params.prompt_logprobs < 0 || seq.num_generated > 0);
 }
 
 absl::Status LlmEngine::PromptLogprobs(Sequence& seq, int32_t start, int32_t chunk,
@@ -396,18 +397,23 @@ absl::Status LlmEngine::PromptLogprobs(Sequence& seq, int32_t start, int32_t chu
     return absl::OkStatus();
   }
   const int64_t vocab = model_.config().vocab_size;
-  // A slice of rows at a time: its logits are rows x vocab floats on the host.
-  const int32_t slice = static_cast<int32_t>(std::max<int64_t>(1, (int64_t{1} << 24) / vocab));
+  // A slice of rows at a time, as many as a step's sampled rows (the backend's logits buffers
+  // already hold that many) and at most 16M logits on the host; the rows on the CPU threads.
+  const int32_t slice = static_cast<int32_t>(
+      std::clamp<int64_t>((int64_t{1} << 24) / vocab, 1, std::max(max_running_, 1)));
+  const int32_t k = seq.request.params.prompt_logprobs;
   for (int32_t from = start; from < end; from += slice) {
     const int32_t n = std::min(slice, end - from);
     PDS_RETURN_IF_ERROR(model_.RowLogits(first_row + (from - start), n, prompt_rows_));
-    for (int32_t r = 0; r < n; ++r) {
-      const float* row = prompt_rows_.data() + static_cast<int64_t>(r) * vocab;
-      TokenLogprobs lp;
-      lp.logprob = kernels::cpu::LogProb(row, vocab, seq.tokens[from + r + 1]);
-      lp.top = kernels::cpu::TopLogProbs(row, vocab, seq.request.params.prompt_logprobs);
-      seq.prompt_logprobs.push_back(std::move(lp));
-    }
+    const size_t at = seq.prompt_logprobs.size();
+    seq.prompt_logprobs.resize(at + n);
+    kernels::cpu::ParallelFor(n, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        TokenLogprobs& lp = seq.prompt_logprobs[at + r];
+        lp.logprob = kernels::cpu::LogProbAndTop(prompt_rows_.data() + r * vocab, vocab,
+                                                 seq.tokens[from + r + 1], k, lp.top);
+      }
+    });
   }
   return absl::OkStatus();
 }
@@ -667,8 +673,18 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       return absl::OkStatus();
     };
   }
-  const absl::Status forwarded =
+  absl::Status forwarded =
       model_.Forward(inputs, cache_, logits_, sampling_, host_rows_, tokens_, on_kv_layer);
+  // Prompt logprobs, from every row of the chunks that ask for them (before any sequence moves
+  // on: a failure is the step's).
+  int64_t first_row = 0;  // of plan[i]'s rows in the batch
+  for (size_t i = 0; i < plan.size() && forwarded.ok(); ++i) {
+    Sequence& seq = *plan[i].seq;
+    if (seq.request.params.prompt_logprobs >= 0 && seq.num_generated == 0) {
+      forwarded = PromptLogprobs(seq, seq.num_computed, plan[i].chunk, first_row);
+    }
+    first_row += plan[i].chunk;
+  }
   for (std::future<void>& m : masks) m.get();
   if (progress != nullptr) progress->End(forwarded);
   if (!forwarded.ok()) {
@@ -685,15 +701,6 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     return forwarded;
   }
 
-  // Prompt logprobs first (before any sequence moves on, so that an error leaves the step
-  // undone): from every row of the chunks that ask for them.
-  int64_t first_row = 0;  // of plan[i]'s rows in the batch
-  for (const Planned& p : plan) {
-    if (p.seq->request.params.prompt_logprobs >= 0 && p.seq->num_generated == 0) {
-      PDS_RETURN_IF_ERROR(PromptLogprobs(*p.seq, p.seq->num_computed, p.chunk, first_row));
-    }
-    first_row += p.chunk;
-  }
   const int64_t vocab = model_.config().vocab_size;
   std::vector<std::string> finished;
   for (size_t i = 0; i < plan.size(); ++i) {

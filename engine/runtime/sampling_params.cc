@@ -25,9 +25,9 @@ absl::Status SamplingParams::Validate(int64_t vocab_size,
   if (logprobs > 20) {
     return absl::InvalidArgumentError(absl::StrCat("logprobs must be <= 20, got ", logprobs));
   }
-  if (prompt_logprobs > 20) {
+  if (prompt_logprobs < -1 || prompt_logprobs > 20) {
     return absl::InvalidArgumentError(
-        absl::StrCat("prompt_logprobs must be <= 20, got ", prompt_logprobs));
+        absl::StrCat("prompt_logprobs must be in [0, 20] (-1: none), got ", prompt_logprobs));
   }
   if (!json_schema.empty() && !regex.empty()) {
     return absl::InvalidArgumentError("json_schema and regex both constrain the reply: one only");

@@ -166,22 +166,49 @@ float LogProb(const float* logits, int64_t n, int32_t id) {
   return static_cast<float>(LogSoftmax(logits, n).Of(logits[id]));
 }
 
-std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int64_t n, int32_t k) {
-  const LogSoftmax log_softmax(logits, n);
-  std::vector<std::pair<float, int32_t>> all;
-  all.reserve(n);
-  for (int64_t i = 0; i < n; ++i) {
-    if (!std::isnan(logits[i])) all.emplace_back(logits[i], static_cast<int32_t>(i));
-  }
-  const size_t keep = std::min<size_t>(std::max(k, 0), all.size());
-  std::partial_sort(all.begin(), all.begin() + keep, all.end(), [](const auto& a, const auto& b) {
-    return a.first != b.first ? a.first > b.first : a.second < b.second;
-  });
+namespace {
+
+// The k largest logits (ties: the lower id first), NaN left out, as logprobs: one pass with a
+// heap of k entries.
+std::vector<std::pair<int32_t, float>> Top(const LogSoftmax& log_softmax, const float* logits,
+                                           int64_t n, int32_t k) {
   std::vector<std::pair<int32_t, float>> result;
-  for (size_t i = 0; i < keep; ++i) {
-    result.emplace_back(all[i].second, static_cast<float>(log_softmax.Of(all[i].first)));
+  if (k <= 0) return result;
+  const auto better = [](const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+    return a.first != b.first ? a.first > b.first : a.second < b.second;
+  };
+  std::vector<std::pair<float, int32_t>> heap;  // the worst kept on top
+  heap.reserve(static_cast<size_t>(k));
+  for (int64_t i = 0; i < n; ++i) {
+    if (std::isnan(logits[i])) continue;
+    const std::pair<float, int32_t> e{logits[i], static_cast<int32_t>(i)};
+    if (heap.size() < static_cast<size_t>(k)) {
+      heap.push_back(e);
+      std::push_heap(heap.begin(), heap.end(), better);
+    } else if (better(e, heap.front())) {
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = e;
+      std::push_heap(heap.begin(), heap.end(), better);
+    }
+  }
+  std::sort(heap.begin(), heap.end(), better);
+  for (const auto& [logit, id] : heap) {
+    result.emplace_back(id, static_cast<float>(log_softmax.Of(logit)));
   }
   return result;
+}
+
+}  // namespace
+
+std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int64_t n, int32_t k) {
+  return Top(LogSoftmax(logits, n), logits, n, k);
+}
+
+float LogProbAndTop(const float* logits, int64_t n, int32_t id, int32_t k,
+                    std::vector<std::pair<int32_t, float>>& top) {
+  const LogSoftmax log_softmax(logits, n);
+  top = Top(log_softmax, logits, n, k);
+  return static_cast<float>(log_softmax.Of(logits[id]));
 }
 
 }  // namespace pds::kernels::cpu

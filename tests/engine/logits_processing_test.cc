@@ -259,15 +259,35 @@ TEST_F(LogitsProcessingTest, PromptLogprobsAreThoseOfTheRawLogitsBeforeEachToken
     other.prompt = prompt;
     other.params.max_tokens = 4;
     other.params.ignore_eos = true;
-    auto first = (*engine)->Generate({r, other});
+    auto first = (*engine)->Generate({other, r});  // (r's rows after other's in the batch)
     ASSERT_TRUE(first.ok()) << first.status();
-    check((*first)[0].prompt_logprobs, absl::StrCat("budget ", budget));
-    EXPECT_TRUE((*first)[1].prompt_logprobs.empty());
+    check((*first)[1].prompt_logprobs, absl::StrCat("budget ", budget));
+    EXPECT_TRUE((*first)[0].prompt_logprobs.empty());
     auto again = (*engine)->Generate({r});  // its blocks are cached now
     ASSERT_TRUE(again.ok()) << again.status();
     check((*again)[0].prompt_logprobs, absl::StrCat("budget ", budget, ", cached"));
-    EXPECT_EQ((*again)[0].token_ids, (*first)[0].token_ids);
+    EXPECT_EQ((*again)[0].token_ids, (*first)[1].token_ids);
   }
+  // A pool too small for three such requests at once: sequences are preempted and computed
+  // again; each still gets its prompt logprobs once, whole.
+  auto engine = LlmEngine::Create(
+      *model_,
+      {.block_size = 16, .num_blocks = 7, .max_batch_tokens = 16, .prefix_caching = false});
+  ASSERT_TRUE(engine.ok()) << engine.status();
+  std::vector<GenerateRequest> three;
+  for (int i = 0; i < 3; ++i) {
+    GenerateRequest r;
+    r.id = absl::StrCat("t", i);
+    r.prompt = prompt;
+    r.params.max_tokens = 40;  // 77 tokens: 5 blocks each, 7 in all
+    r.params.ignore_eos = true;
+    r.params.prompt_logprobs = 3;
+    three.push_back(r);
+  }
+  auto crowded = (*engine)->Generate(three);
+  ASSERT_TRUE(crowded.ok()) << crowded.status();
+  EXPECT_GT((*engine)->num_preemptions(), 0);
+  for (int i = 0; i < 3; ++i) check((*crowded)[i].prompt_logprobs, absl::StrCat("crowded ", i));
 }
 
 TEST_F(LogitsProcessingTest, BadValuesAreRefusedByName) {

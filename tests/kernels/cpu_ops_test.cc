@@ -403,6 +403,35 @@ TEST(SamplingTest, LogProbsAreNormalized) {
   EXPECT_FLOAT_EQ(top[0].second, LogProb(logits.data(), 733, top[0].first));
 }
 
+// TopLogProbs (a heap of k) equals a full sort of the row by logit, ties by the lower id; and
+// LogProbAndTop gives both at once.
+TEST(SamplingTest, TopLogProbsIsTheSortedRowsHead) {
+  std::mt19937 rng(7);
+  for (int trial = 0; trial < 200; ++trial) {
+    const int n = 1 + static_cast<int>(rng() % 300);
+    std::vector<float> row(n);
+    for (float& v : row) v = static_cast<float>(rng() % 17) * 0.5f - 4;  // many ties
+    if (trial % 5 == 0) row[rng() % n] = NAN;
+    std::vector<int32_t> order;
+    for (int i = 0; i < n; ++i) {
+      if (!std::isnan(row[i])) order.push_back(i);
+    }
+    std::sort(order.begin(), order.end(),
+              [&](int a, int b) { return row[a] != row[b] ? row[a] > row[b] : a < b; });
+    const int k = static_cast<int>(rng() % 25);
+    const auto top = TopLogProbs(row.data(), n, k);
+    ASSERT_EQ(top.size(), std::min<size_t>(k, order.size()));
+    for (size_t i = 0; i < top.size(); ++i) {
+      EXPECT_EQ(top[i].first, order[i]) << "trial " << trial;
+      EXPECT_FLOAT_EQ(top[i].second, LogProb(row.data(), n, order[i]));
+    }
+    std::vector<std::pair<int32_t, float>> both;
+    const int32_t id = order.empty() ? 0 : order.back();
+    EXPECT_FLOAT_EQ(LogProbAndTop(row.data(), n, id, k, both), LogProb(row.data(), n, id));
+    EXPECT_EQ(both, top);
+  }
+}
+
 TEST(SamplingTest, InfiniteAndNanLogits) {
   // +inf takes all the mass: it is drawn whatever the draw and parameters (the first +inf in
   // the order when several), with log-probability log(1 / count).

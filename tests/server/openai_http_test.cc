@@ -1143,8 +1143,21 @@ TEST_F(OpenAiHttpTest, EchoReturnsThePromptAndItsLogprobs) {
   EXPECT_NEAR(extended["choices"][0]["logprobs"]["token_logprobs"][ids.size()].get<double>(),
               first_logprob, 2e-4);
 
-  // Streamed: the same text, the prompt first.
+  // n = 2: each choice starts with the prompt and its logprobs.
   echoed["prompt"] = kPrompt;
+  echoed["n"] = 2;
+  auto [s6, two] = Complete(echoed);
+  ASSERT_EQ(s6, 200) << two.dump();
+  ASSERT_EQ(two["choices"].size(), 2u);
+  for (const Json& c : two["choices"]) {
+    EXPECT_EQ(c["text"], kPrompt + completion);
+    EXPECT_EQ(c["logprobs"]["tokens"].size(), ids.size() + 4);
+    EXPECT_NEAR(c["logprobs"]["token_logprobs"][1].get<double>(),
+                lp["token_logprobs"][1].get<double>(), 1e-4);
+  }
+  echoed.erase("n");
+
+  // Streamed: the same text, the prompt first.
   auto [s5, events] = Stream(echoed);
   ASSERT_EQ(s5, 200);
   std::string streamed;
