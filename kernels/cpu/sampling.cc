@@ -19,9 +19,11 @@ class LogSoftmax {
       lse_ = max_logit;
       return;
     }
+    // Each term in float (its error a few parts in 1e7, far below what a logprob shows), the
+    // sum in double.
     double sum = 0.0;
     for (int64_t i = 0; i < n; ++i) {
-      if (!std::isnan(logits[i])) sum += std::exp(static_cast<double>(logits[i]) - max_logit);
+      if (!std::isnan(logits[i])) sum += std::exp(logits[i] - max_logit);
     }
     lse_ = max_logit + std::log(sum);
   }
