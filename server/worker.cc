@@ -828,7 +828,12 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
           event.set_kv_transfer_end_us(live.kv_end_us);
           event.set_decode_start_us(live.decode_start_us);
         } else {
-          live.prefill_end_us = t1;
+          // The step's forward end: its first token may already be at the decode worker,
+          // which stamps the transfer's end, by the time Step returns.
+          const absl::Time forward_end = engine_->last_forward_end();
+          live.prefill_end_us = forward_end == absl::InfinitePast()
+                                    ? t1
+                                    : std::min(t1, absl::ToUnixMicros(forward_end));
           event.set_cached_prompt_tokens(out.cached_prompt_tokens);
           event.set_queued_us(live.queued_us);
           event.set_prefill_start_us(live.prefill_start_us);

@@ -686,6 +686,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     first_row += plan[i].chunk;
   }
   for (std::future<void>& m : masks) m.get();
+  last_forward_end_ = absl::Now();
   if (progress != nullptr) progress->End(forwarded);
   if (!forwarded.ok()) {
     // A sequence whose KV was leaving during the step is held, not runnable: its transfer may

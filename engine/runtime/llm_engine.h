@@ -15,6 +15,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "engine/kv_cache/kv_cache.h"
 #include "engine/model/transformer.h"
 #include "engine/runtime/json_constraint.h"
@@ -157,6 +158,10 @@ class LlmEngine {
 
   // (request id, new tokens computed) of the sequences in the last Step's batch.
   const std::vector<std::pair<std::string, int32_t>>& last_batch() const { return last_batch_; }
+  // When the last step's forward (with its prompt logprobs and structured-output masks) ended,
+  // before its tokens were drawn again and handed on (a hand-off's first token may reach the
+  // decode side before Step returns).
+  absl::Time last_forward_end() const { return last_forward_end_; }
   // Runs one forward step over the next batch and returns the tokens it produced.
   absl::StatusOr<std::vector<TokenOutput>> Step();
   // Adds the requests, runs until all are done, returns results in request order.
@@ -278,6 +283,7 @@ class LlmEngine {
   JsonMatcher::DrawScratch draw_scratch_;
   std::vector<float> kept_;  // ProcessLogits: the allowed tokens' logits while the row is cleared
   std::vector<float> prompt_rows_;  // PromptLogprobs: a slice of prompt rows' logits
+  absl::Time last_forward_end_ = absl::InfinitePast();
 };
 
 }  // namespace pds::engine
