@@ -44,8 +44,9 @@ float LogProb(const float* logits, int64_t n, int32_t id);
 // lower id first).
 std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int64_t n, int32_t k);
 
-// Both at once (one log-softmax): returns LogProb(id) and sets `top` to TopLogProbs(k).
+// Both at once (one log-softmax): returns LogProb(id) and sets `top` to TopLogProbs(k), and
+// `rank` (when given) to id's rank in the row: 1 + how many logits are larger.
 float LogProbAndTop(const float* logits, int64_t n, int32_t id, int32_t k,
-                    std::vector<std::pair<int32_t, float>>& top);
+                    std::vector<std::pair<int32_t, float>>& top, int32_t* rank = nullptr);
 
 }  // namespace pds::kernels::cpu

@@ -979,6 +979,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
 
   static void ToApi(const pb::TokenLogprobs& from, api::TokenLogprobs& to) {
     to.set_logprob(from.logprob());
+    to.set_rank(from.rank());
     for (const pb::TopLogprob& t : from.top()) {
       api::TopLogprob* top = to.add_top();
       top->set_token_id(t.token_id());

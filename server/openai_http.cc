@@ -224,8 +224,9 @@ struct Choice {
   int32_t completion_tokens = 0;
   int32_t prompt_tokens = 0;
   int32_t cached_tokens = 0;
-  bool ended = false;   // its call ended (OK with a Done, or failed)
-  bool echoed = false;  // echo: the prompt (and its logprobs) went first
+  bool ended = false;    // its call ended (OK with a Done, or failed)
+  bool echoed = false;   // echo: the prompt (and its logprobs) went first
+  Json prompt_logprobs;  // vLLM's format, from the first message (CompletionRequest's)
   absl::Status status;
   // Completions-format logprobs so far.
   Json tokens = Json::array(), token_logprobs = Json::array(), top_logprobs = Json::array(),
@@ -338,6 +339,14 @@ absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionReque
   PDS_RETURN_IF_ERROR(Get(j, "n", r.n));
   if (r.n < 1 || r.n > kMaxN) return BadField("n", absl::StrCat("must be in [1, ", kMaxN, "]"));
   PDS_RETURN_IF_ERROR(Get(j, "stream", r.stream));
+  if (auto it = j.find("prompt_logprobs"); it != j.end() && !it->is_null()) {
+    PDS_RETURN_IF_ERROR(Get(j, "prompt_logprobs", r.prompt_logprobs));
+    if (r.prompt_logprobs < 0 || r.prompt_logprobs > kMaxLogprobs) {
+      return BadField("prompt_logprobs", absl::StrCat("must be in [0, ", kMaxLogprobs, "]"));
+    }
+    if (r.stream) return BadField("prompt_logprobs", "is not available with stream");
+    base.set_prompt_logprobs(r.prompt_logprobs);
+  }
   if (auto it = j.find("stream_options"); it != j.end() && !it->is_null()) {
     if (!r.stream) return BadField("stream_options", "is only allowed with stream");
     if (!it->is_object()) return BadField("stream_options", "must be an object");
@@ -831,7 +840,7 @@ absl::StatusOr<CompletionRequest> ParseCompletionRequest(absl::string_view body,
       return BadField("echo", "is not taken with truncate_prompt_tokens");
     }
     // The prompt's logprobs come from the worker that computes the prompt.
-    if (r.logprobs >= 0) base.set_prompt_logprobs(r.logprobs);
+    if (r.logprobs >= 0) base.set_prompt_logprobs(std::max(r.logprobs, r.prompt_logprobs));
   }
   AddChoices(r, base, prompts, seed);
   return r;
@@ -997,6 +1006,10 @@ class OpenAiHttpServer::Impl {
       return "";
     }
     const api::GenerateResponse& m = *e.message;
+    if (job.request.prompt_logprobs >= 0 && c.prompt_logprobs.is_null() &&
+        m.prompt_token_ids_size() > 0) {
+      c.prompt_logprobs = VllmPromptLogprobs(job.request.prompt_logprobs, m);
+    }
     std::string echoed;  // the prompt, ahead of the first message's text
     if (job.request.echo && !c.echoed) {
       c.echoed = true;
@@ -1043,6 +1056,32 @@ class OpenAiHttpServer::Impl {
     return echoed + m.text();
   }
 
+  // vLLM's prompt_logprobs of a first message: null for the first prompt token, then per token
+  // {"<id>": {"logprob", "rank", "decoded_token"}} for it and the top k at its position.
+  Json VllmPromptLogprobs(int k, const api::GenerateResponse& m) const {
+    const engine::Tokenizer* tok = options.tokenizer;
+    auto entry = [tok](int32_t id, float logprob, int32_t rank) {
+      return Json{{"logprob", logprob}, {"rank", rank}, {"decoded_token", TokenString(tok, id)}};
+    };
+    Json out = Json::array({nullptr});
+    for (int i = 1; i < m.prompt_token_ids_size(); ++i) {
+      if (i - 1 >= m.prompt_logprobs_size()) {
+        out.push_back(nullptr);
+        continue;
+      }
+      const api::TokenLogprobs& lp = m.prompt_logprobs(i - 1);
+      const int32_t id = m.prompt_token_ids(i);
+      Json at = Json::object();
+      at[absl::StrCat(id)] = entry(id, lp.logprob(), lp.rank());
+      for (int t = 0; t < lp.top_size() && t < k; ++t) {
+        const std::string key = absl::StrCat(lp.top(t).token_id());
+        if (!at.contains(key)) at[key] = entry(lp.top(t).token_id(), lp.top(t).logprob(), t + 1);
+      }
+      out.push_back(std::move(at));
+    }
+    return out;
+  }
+
   // echo: choice `index`'s prompt text (its text or its decoded ids), added to its text, and
   // with logprobs the prompt's tokens (from the first message) added to its logprobs, offsets
   // counted over their texts.
@@ -1069,7 +1108,9 @@ class OpenAiHttpServer::Impl {
         const api::TokenLogprobs& lp = m.prompt_logprobs(i - 1);
         c.token_logprobs.push_back(lp.logprob());
         Json top = Json::object();
-        for (const api::TopLogprob& t : lp.top()) top[TokenString(tok, t.token_id())] = t.logprob();
+        for (int t = 0; t < lp.top_size() && t < job.request.logprobs; ++t) {
+          top[TokenString(tok, lp.top(t).token_id())] = lp.top(t).logprob();
+        }
         c.top_logprobs.push_back(std::move(top));
       }
     }
@@ -1317,14 +1358,20 @@ class OpenAiHttpServer::Impl {
         }
         choice["logprobs"] = Logprobs(*job, c, 0);
         choice["finish_reason"] = finish;
+        if (!chat && job->request.prompt_logprobs >= 0) {
+          choice["prompt_logprobs"] = c.prompt_logprobs;
+        }
         choices.push_back(std::move(choice));
       }
-      const Json body = {{"id", job->id},
-                         {"object", chat ? "chat.completion" : "text_completion"},
-                         {"created", job->created},
-                         {"model", options.model},
-                         {"choices", std::move(choices)},
-                         {"usage", Usage(*job)}};
+      Json body = {{"id", job->id},
+                   {"object", chat ? "chat.completion" : "text_completion"},
+                   {"created", job->created},
+                   {"model", options.model},
+                   {"choices", std::move(choices)},
+                   {"usage", Usage(*job)}};
+      if (chat && job->request.prompt_logprobs >= 0) {  // one prompt: the first choice's
+        body["prompt_logprobs"] = job->choices[0].prompt_logprobs;
+      }
       res.set_content(Dump(body), "application/json");
       return;
     }

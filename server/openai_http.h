@@ -89,6 +89,10 @@ struct CompletionRequest {
   // Completions: each choice's text starts with its prompt, and with logprobs so do its
   // logprobs (the prompt's first token has none: null), as OpenAI's echo.
   bool echo = false;
+  // >= 0: vLLM's prompt_logprobs (not streamed): per prompt position after the first, the
+  // prompt token's and the top this many tokens' {logprob, rank, decoded_token} by token id;
+  // on each choice (completions) or on the response (chat).
+  int prompt_logprobs = -1;
   bool chat = false;  // a chat completion (its responses are in the chat format)
   // Chat with tools and tool_choice "auto": the replies' tool calls are parsed in this format;
   // "required" (kJsonArray) and a named function (kArguments, of `tool_function`) constrain

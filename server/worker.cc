@@ -125,6 +125,7 @@ class JobPool {
 
 void ToProto(const engine::TokenLogprobs& from, pb::TokenLogprobs& to) {
   to.set_logprob(from.logprob);
+  to.set_rank(from.rank);
   for (const auto& [token, logprob] : from.top) {
     pb::TopLogprob* top = to.add_top();
     top->set_token_id(token);

@@ -411,7 +411,7 @@ absl::Status LlmEngine::PromptLogprobs(Sequence& seq, int32_t start, int32_t chu
       for (int64_t r = r0; r < r1; ++r) {
         TokenLogprobs& lp = seq.prompt_logprobs[at + r];
         lp.logprob = kernels::cpu::LogProbAndTop(prompt_rows_.data() + r * vocab, vocab,
-                                                 seq.tokens[from + r + 1], k, lp.top);
+                                                 seq.tokens[from + r + 1], k, lp.top, &lp.rank);
       }
     });
   }

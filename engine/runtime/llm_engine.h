@@ -58,6 +58,7 @@ struct GenerateRequest {
 struct TokenLogprobs {
   float logprob = 0.0f;                        // of the generated token
   std::vector<std::pair<int32_t, float>> top;  // (id, logprob), highest first
+  int32_t rank = 0;  // prompt logprobs: the token's rank in its row (1: the likeliest); 0: none
 };
 
 // One generated token of one request, as produced by Step().

@@ -207,9 +207,14 @@ std::vector<std::pair<int32_t, float>> TopLogProbs(const float* logits, int64_t 
 }
 
 float LogProbAndTop(const float* logits, int64_t n, int32_t id, int32_t k,
-                    std::vector<std::pair<int32_t, float>>& top) {
+                    std::vector<std::pair<int32_t, float>>& top, int32_t* rank) {
   const LogSoftmax log_softmax(logits, n);
   top = Top(log_softmax, logits, n, k);
+  if (rank != nullptr) {
+    int32_t larger = 0;
+    for (int64_t i = 0; i < n; ++i) larger += logits[i] > logits[id];
+    *rank = larger + 1;
+  }
   return static_cast<float>(log_softmax.Of(logits[id]));
 }
 

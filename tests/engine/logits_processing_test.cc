@@ -231,12 +231,15 @@ TEST_F(LogitsProcessingTest, PromptLogprobsAreThoseOfTheRawLogitsBeforeEachToken
     TokenLogprobs lp;
     lp.logprob = kernels::cpu::LogProb(raw.data(), config_.vocab_size, prompt[p]);
     lp.top = kernels::cpu::TopLogProbs(raw.data(), config_.vocab_size, 3);
+    lp.rank = 1 + static_cast<int32_t>(std::count_if(raw.begin(), raw.end(),
+                                                     [&](float v) { return v > raw[prompt[p]]; }));
     want.push_back(std::move(lp));
   }
   auto check = [&](const std::vector<TokenLogprobs>& got, const std::string& what) {
     ASSERT_EQ(got.size(), want.size()) << what;
     for (size_t i = 0; i < want.size(); ++i) {
       EXPECT_NEAR(got[i].logprob, want[i].logprob, 2e-4f) << what << " entry " << i;
+      EXPECT_NEAR(got[i].rank, want[i].rank, 1) << what << " entry " << i;  // (near-ties)
       ASSERT_EQ(got[i].top.size(), 3u) << what;
       for (size_t k = 0; k < 3; ++k) {
         EXPECT_EQ(got[i].top[k].first, want[i].top[k].first) << what << " entry " << i;

@@ -427,8 +427,11 @@ TEST(SamplingTest, TopLogProbsIsTheSortedRowsHead) {
     }
     std::vector<std::pair<int32_t, float>> both;
     const int32_t id = order.empty() ? 0 : order.back();
-    EXPECT_FLOAT_EQ(LogProbAndTop(row.data(), n, id, k, both), LogProb(row.data(), n, id));
+    int32_t rank = 0;
+    EXPECT_FLOAT_EQ(LogProbAndTop(row.data(), n, id, k, both, &rank), LogProb(row.data(), n, id));
     EXPECT_EQ(both, top);
+    EXPECT_EQ(rank,
+              1 + std::count_if(row.begin(), row.end(), [&](float v) { return v > row[id]; }));
   }
 }
 

@@ -1143,6 +1143,38 @@ TEST_F(OpenAiHttpTest, EchoReturnsThePromptAndItsLogprobs) {
   EXPECT_NEAR(extended["choices"][0]["logprobs"]["token_logprobs"][ids.size()].get<double>(),
               first_logprob, 2e-4);
 
+  // vLLM's prompt_logprobs beside it: per position the prompt token's entry (the same logprob)
+  // and the top 3, by token id; on the response in chat; not streamed.
+  echoed["prompt"] = kPrompt;
+  echoed["prompt_logprobs"] = 3;
+  auto [s7, vllm] = Complete(echoed);
+  ASSERT_EQ(s7, 200) << vllm.dump();
+  const Json& plp = vllm["choices"][0]["prompt_logprobs"];
+  ASSERT_EQ(plp.size(), ids.size()) << vllm.dump();
+  EXPECT_TRUE(plp[0].is_null());
+  for (size_t i = 1; i < ids.size(); ++i) {
+    const Json& at = plp[i];
+    ASSERT_TRUE(at.contains(std::to_string(ids[i]))) << at.dump();
+    const Json& mine = at[std::to_string(ids[i])];
+    EXPECT_NEAR(mine["logprob"].get<double>(), lp["token_logprobs"][i].get<double>(), 1e-4);
+    EXPECT_GE(mine["rank"].get<int>(), 1);
+    EXPECT_EQ(mine["decoded_token"], (*tok)->Decode(std::vector<int32_t>{ids[i]}));
+    EXPECT_GE(at.size(), 3u);
+    EXPECT_LE(at.size(), 4u);
+    // Echo's alternatives stay at logprobs = 2.
+    EXPECT_LE(vllm["choices"][0]["logprobs"]["top_logprobs"][i].size(), 2u);
+  }
+  echoed.erase("prompt_logprobs");
+  Json chat_plp = {{"messages", {{{"role", "user"}, {"content", "Hi"}}}},
+                   {"max_tokens", 2},
+                   {"prompt_logprobs", 0}};
+  auto [s8, chatted] = Complete(chat_plp, "/v1/chat/completions");
+  ASSERT_EQ(s8, 200) << chatted.dump();
+  ASSERT_EQ(chatted["prompt_logprobs"].size(), chatted["usage"]["prompt_tokens"].get<size_t>());
+  EXPECT_EQ(chatted["prompt_logprobs"][1].size(), 1u);  // k = 0: the prompt token's alone
+  chat_plp["stream"] = true;
+  EXPECT_EQ(Complete(chat_plp, "/v1/chat/completions").first, 400);
+
   // n = 2: each choice starts with the prompt and its logprobs.
   echoed["prompt"] = kPrompt;
   echoed["n"] = 2;
