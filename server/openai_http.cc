@@ -904,6 +904,8 @@ absl::StatusOr<CompletionRequest> ParseChatRequest(absl::string_view body, absl:
     base.set_logprobs(top_logprobs);
   }
   AddChoices(r, base, {Prompt(std::move(ids))}, seed);
+  // One prompt: its logprobs come from the first choice alone (the others may use the cache).
+  for (size_t i = 1; i < r.choices.size(); ++i) r.choices[i].clear_prompt_logprobs();
   return r;
 }
 
@@ -1061,7 +1063,10 @@ class OpenAiHttpServer::Impl {
   Json VllmPromptLogprobs(int k, const api::GenerateResponse& m) const {
     const engine::Tokenizer* tok = options.tokenizer;
     auto entry = [tok](int32_t id, float logprob, int32_t rank) {
-      return Json{{"logprob", logprob}, {"rank", rank}, {"decoded_token", TokenString(tok, id)}};
+      // (JSON has no -inf: a token the logits rule out gets vLLM's floor.)
+      return Json{{"logprob", std::isfinite(logprob) ? logprob : -9999.0f},
+                  {"rank", rank},
+                  {"decoded_token", TokenString(tok, id)}};
     };
     Json out = Json::array({nullptr});
     for (int i = 1; i < m.prompt_token_ids_size(); ++i) {

@@ -376,6 +376,26 @@ TEST(OpenAiChatParseTest, ToolCallArgumentsReachTheTemplateAsObjects) {
       << r.status();
 }
 
+// vLLM's prompt_logprobs on a chat request: the prompt's logprobs are asked of its first choice
+// only (the response carries one list); not with stream.
+TEST(OpenAiChatParseTest, PromptLogprobsAreAskedOnce) {
+  const Json messages = {{{"role", "user"}, {"content", "Hi"}}};
+  auto r = ParseChat({{"messages", messages}, {"n", 3}, {"prompt_logprobs", 2}});
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_EQ(r->choices.size(), 3u);
+  EXPECT_EQ(r->prompt_logprobs, 2);
+  EXPECT_EQ(r->choices[0].prompt_logprobs(), 2);
+  EXPECT_FALSE(r->choices[1].has_prompt_logprobs());
+  EXPECT_FALSE(r->choices[2].has_prompt_logprobs());
+  for (const Json& bad : {Json{{"messages", messages}, {"prompt_logprobs", 21}},
+                          Json{{"messages", messages}, {"prompt_logprobs", 1}, {"stream", true}}}) {
+    auto refused = ParseChat(bad);
+    ASSERT_FALSE(refused.ok()) << bad.dump();
+    EXPECT_TRUE(absl::StrContains(refused.status().message(), "prompt_logprobs"))
+        << refused.status();
+  }
+}
+
 TEST(OpenAiChatParseTest, OptionsReachTheTemplateAndTheChoices) {
   const ChatModel& m = SmallChatModel();
   const Json user = {{{"role", "user"}, {"content", "Hello"}}};
