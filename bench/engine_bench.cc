@@ -136,14 +136,9 @@ void BM_Prefill(benchmark::State& state) {
 }
 BENCHMARK(BM_Prefill)->Arg(128)->Arg(512)->Unit(benchmark::kMillisecond)->UseRealTime();
 
-// Logits processing's host cost per decode step (LlmEngine::Step on `batch` sequences of a
-// narrow model with Llama 3's vocabulary, 128256: the step is mostly the lm_head and the
-// draw). Modes: 0 greedy, 1 greedy with repetition/frequency/presence penalties, 2 sampling
-// (temperature 0.8, top_p 0.95), 3 sampling with the penalties and min_p 0.05, 4 greedy with
-// allowed_token_ids (1024 ids). The cost of processing is a mode's time less its plain twin's
-// (1 - 0, 3 - 2, 4 - 0), per row: divided by batch.
-void BM_LogitsProcessing(benchmark::State& state) {
-  const int batch = static_cast<int>(state.range(0)), mode = static_cast<int>(state.range(1));
+// The `tiny` preset (2 layers, hidden 64) with Llama 3's vocabulary, 128256 tokens: a model
+// whose steps are mostly the lm_head and the work on its logits (made once).
+Transformer* WideVocabModel() {
   static CpuBackend* backend = new CpuBackend(kernels::cpu::NumThreads());
   static Transformer* model = [] {
     ModelConfig c = *PresetConfig("tiny");
@@ -153,6 +148,18 @@ void BM_LogitsProcessing(benchmark::State& state) {
     if (!m.ok()) std::exit(1);
     return m->release();
   }();
+  return model;
+}
+
+// Logits processing's host cost per decode step (LlmEngine::Step on `batch` sequences of a
+// narrow model with Llama 3's vocabulary, 128256: the step is mostly the lm_head and the
+// draw). Modes: 0 greedy, 1 greedy with repetition/frequency/presence penalties, 2 sampling
+// (temperature 0.8, top_p 0.95), 3 sampling with the penalties and min_p 0.05, 4 greedy with
+// allowed_token_ids (1024 ids). The cost of processing is a mode's time less its plain twin's
+// (1 - 0, 3 - 2, 4 - 0), per row: divided by batch.
+void BM_LogitsProcessing(benchmark::State& state) {
+  const int batch = static_cast<int>(state.range(0)), mode = static_cast<int>(state.range(1));
+  Transformer* model = WideVocabModel();
   auto engine = LlmEngine::Create(*model, {.block_size = 16, .num_blocks = 4096});
   if (!engine.ok()) return state.SkipWithError(engine.status().ToString().c_str());
   for (int s = 0; s < batch; ++s) {
@@ -195,15 +202,7 @@ void BM_LogitsProcessing(benchmark::State& state) {
 // cost per prompt token.
 void BM_PromptLogprobs(benchmark::State& state) {
   const int k = static_cast<int>(state.range(0));
-  static CpuBackend* backend = new CpuBackend(kernels::cpu::NumThreads());
-  static Transformer* model = [] {
-    ModelConfig c = *PresetConfig("tiny");
-    c.vocab_size = 128256;
-    c.max_position_embeddings = 4096;
-    auto m = Transformer::CreateRandom(c, *backend, 3);
-    if (!m.ok()) std::exit(1);
-    return m->release();
-  }();
+  Transformer* model = WideVocabModel();
   auto engine = LlmEngine::Create(*model, {.block_size = 16, .num_blocks = 256});
   if (!engine.ok()) return state.SkipWithError(engine.status().ToString().c_str());
   int n = 0;
