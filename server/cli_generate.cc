@@ -1,6 +1,7 @@
 // pdserve generate --model DIR (--prompt TEXT | --prompt-ids 1,2,3) [sampling flags] [--json]
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -37,6 +38,9 @@ const std::vector<FlagSpec>& Specs() {
         {"ignore-eos", true, "keep generating after EOS"},
         {"stop-token-ids", false, "comma-separated ids that end generation"},
         {"logprobs", false, "report the logprob of each token and the top K alternatives"},
+        {"prompt-logprobs", false,
+         "report each prompt token's logprob (after the first), its rank and the top K "
+         "alternatives at its position (the prompt's log-likelihood)"},
         {"presence-penalty", false, "taken off the logit of every token the reply has (-2..2)"},
         {"frequency-penalty", false,
          "times a token's count in the reply, taken off its logit (-2..2)"},
@@ -120,6 +124,8 @@ absl::Status Run(const CliArgs& args) {
   }
   PDS_ASSIGN_OR_RETURN(int64_t logprobs, args.GetInt("logprobs", -1));
   p.logprobs = static_cast<int32_t>(logprobs);
+  PDS_ASSIGN_OR_RETURN(int64_t prompt_logprobs, args.GetInt("prompt-logprobs", -1));
+  p.prompt_logprobs = static_cast<int32_t>(std::clamp<int64_t>(prompt_logprobs, -2, 1 << 20));
   for (const auto& [flag, field, fallback] :
        {std::tuple<const char*, float*, double>{"presence-penalty", &p.presence_penalty, 0},
         {"frequency-penalty", &p.frequency_penalty, 0},
@@ -202,6 +208,7 @@ absl::Status Run(const CliArgs& args) {
         text += piece;
       }
       if (out.logprobs) result.logprobs.push_back(*out.logprobs);
+      if (!out.prompt_logprobs.empty()) result.prompt_logprobs = std::move(out.prompt_logprobs);
       result.finish = out.finish;
     }
   }
@@ -219,20 +226,31 @@ absl::Status Run(const CliArgs& args) {
     j["finish_reason"] = std::string(engine::FinishReasonName(result.finish));
     j["prompt_tokens"] = request.prompt.size();
     j["completion_tokens"] = result.token_ids.size();
+    // A token's entry: its id, logprob (and rank, for prompt tokens) and alternatives.
+    auto entry = [](int32_t token, const engine::TokenLogprobs& lp) {
+      nlohmann::ordered_json e;
+      e["token_id"] = token;
+      e["logprob"] = lp.logprob;
+      if (lp.rank > 0) e["rank"] = lp.rank;
+      nlohmann::ordered_json top = nlohmann::ordered_json::array();
+      for (const auto& [id, logprob] : lp.top)
+        top.push_back({{"token_id", id}, {"logprob", logprob}});
+      e["top_logprobs"] = top;
+      return e;
+    };
     if (p.logprobs >= 0) {
       nlohmann::ordered_json list = nlohmann::ordered_json::array();
       for (size_t i = 0; i < result.logprobs.size(); ++i) {
-        nlohmann::ordered_json entry;
-        entry["token_id"] = result.token_ids[i];
-        entry["logprob"] = result.logprobs[i].logprob;
-        nlohmann::ordered_json top = nlohmann::ordered_json::array();
-        for (const auto& [id, lp] : result.logprobs[i].top) {
-          top.push_back({{"token_id", id}, {"logprob", lp}});
-        }
-        entry["top_logprobs"] = top;
-        list.push_back(entry);
+        list.push_back(entry(result.token_ids[i], result.logprobs[i]));
       }
       j["logprobs"] = list;
+    }
+    if (p.prompt_logprobs >= 0) {  // null for the first prompt token
+      nlohmann::ordered_json list = nlohmann::ordered_json::array({nullptr});
+      for (size_t i = 0; i < result.prompt_logprobs.size(); ++i) {
+        list.push_back(entry(request.prompt[i + 1], result.prompt_logprobs[i]));
+      }
+      j["prompt_logprobs"] = list;
     }
     j["timing_ms"] = {{"load", load_ms}, {"first_token", first_token_ms}, {"total", total_ms}};
     std::printf("%s\n",
@@ -242,6 +260,13 @@ absl::Status Run(const CliArgs& args) {
     for (int32_t id : result.token_ids) absl::StrAppend(&ids, ids.empty() ? "" : ",", id);
     std::printf("%stoken_ids: %s\nfinish_reason: %s\n", tokenizer ? "\n" : "", ids.c_str(),
                 std::string(engine::FinishReasonName(result.finish)).c_str());
+    if (p.prompt_logprobs >= 0) {
+      double sum = 0;
+      for (const engine::TokenLogprobs& lp : result.prompt_logprobs) sum += lp.logprob;
+      const size_t n = result.prompt_logprobs.size();
+      std::printf("prompt log-likelihood: %.4f over %zu tokens (perplexity %.3f)\n", sum, n,
+                  n > 0 ? std::exp(-sum / static_cast<double>(n)) : 1.0);
+    }
     std::printf("load %.0f ms, first token %.1f ms, decode %.1f tokens/s\n", load_ms,
                 first_token_ms, decode_tps);
   }

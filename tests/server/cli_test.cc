@@ -84,6 +84,41 @@ TEST_F(CliTest, GenerateJsonWithLogprobs) {
             nlohmann::json::parse(RunCommand(sampled).output)["token_ids"]);
 }
 
+// --prompt-logprobs: null for the first prompt token, then each one's logprob, rank and top K;
+// the token after the prompt (--prompt-ids 5,6,7,A with A the greedy reply to 5,6,7) has the
+// logprob the reply had; the text output gives the prompt's log-likelihood; --allowed-token-ids
+// holds the reply to those ids.
+TEST_F(CliTest, GenerateWithPromptLogprobsAndAllowedTokens) {
+  const auto run = [&](const std::string& flags) {
+    const Result r = RunCommand("generate --model " + dir_ + " --max-tokens 2 --ignore-eos " +
+                                "--threads 1 " + flags);
+    EXPECT_EQ(r.exit_code, 0) << r.output << r.errors;
+    return r;
+  };
+  const auto first = nlohmann::json::parse(run("--prompt-ids 5,6,7 --logprobs 0 --json").output);
+  const int reply = first["token_ids"][0];
+  const auto j = nlohmann::json::parse(
+      run("--prompt-ids 5,6,7," + std::to_string(reply) + " --prompt-logprobs 2 --json").output);
+  ASSERT_EQ(j["prompt_logprobs"].size(), 4u) << j.dump();
+  EXPECT_TRUE(j["prompt_logprobs"][0].is_null());
+  EXPECT_EQ(j["prompt_logprobs"][1]["token_id"], 6);
+  EXPECT_EQ(j["prompt_logprobs"][3]["token_id"], reply);
+  EXPECT_EQ(j["prompt_logprobs"][3]["rank"], 1);  // the greedy reply was the likeliest
+  EXPECT_EQ(j["prompt_logprobs"][3]["top_logprobs"].size(), 2u);
+  EXPECT_NEAR(j["prompt_logprobs"][3]["logprob"].get<double>(),
+              first["logprobs"][0]["logprob"].get<double>(), 1e-4);
+  const Result text = run("--prompt-ids 5,6,7 --prompt-logprobs 0");
+  EXPECT_NE(text.output.find("prompt log-likelihood:"), std::string::npos) << text.output;
+  EXPECT_NE(text.output.find("over 2 tokens"), std::string::npos) << text.output;
+  const auto only =
+      nlohmann::json::parse(run("--prompt-ids 5,6,7 --allowed-token-ids 9 --json").output);
+  EXPECT_EQ(only["token_ids"], nlohmann::json({9, 9}));
+  const Result refused = RunCommand("generate --model " + dir_ +
+                                    " --prompt-ids 5,6,7 --prompt-logprobs 21 --threads 1");
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.errors.find("prompt_logprobs"), std::string::npos) << refused.errors;
+}
+
 // Logits processing from the command line: a +100 bias holds every token; bad values are
 // refused by name.
 TEST_F(CliTest, GenerateWithPenaltiesAndLogitBias) {
