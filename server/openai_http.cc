@@ -286,6 +286,25 @@ namespace {
 
 // The fields completions and chat completions share: the model, sampling, n, stream, stop
 // sequences and ids, SLOs. Fills `base` with all but the prompt, max_tokens, logprobs and seed.
+// Field `name` of `j`, when there and not null: an array of token ids (non-negative 32-bit
+// integers; with `non_empty` at least one), appended to `out`.
+absl::Status TokenIds(const Json& j, const char* name, bool non_empty,
+                      google::protobuf::RepeatedField<int32_t>& out) {
+  auto it = j.find(name);
+  if (it == j.end() || it->is_null()) return absl::OkStatus();
+  const char* what =
+      non_empty ? "must be a non-empty array of token ids" : "must be an array of token ids";
+  if (!it->is_array() || (non_empty && it->empty())) return BadField(name, what);
+  for (const Json& t : *it) {
+    if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
+        t.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
+      return BadField(name, what);
+    }
+    out.Add(static_cast<int32_t>(t.get<int64_t>()));
+  }
+  return absl::OkStatus();
+}
+
 absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionRequest& r,
                          api::GenerateRequest& base, std::optional<uint64_t>& seed) {
   PDS_RETURN_IF_ERROR(CheckModel(j, model));
@@ -365,29 +384,11 @@ absl::Status ParseCommon(const Json& j, absl::string_view model, CompletionReque
     }
     PDS_RETURN_IF_ERROR(ValidateStops(r.stop));
   }
-  if (auto it = j.find("stop_token_ids"); it != j.end() && !it->is_null()) {
-    if (!it->is_array()) return BadField("stop_token_ids", "must be an array of token ids");
-    for (const Json& t : *it) {
-      if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
-          t.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
-        return BadField("stop_token_ids", "must be an array of token ids");
-      }
-      base.add_stop_token_ids(static_cast<int32_t>(t.get<int64_t>()));
-    }
-  }
+  PDS_RETURN_IF_ERROR(
+      TokenIds(j, "stop_token_ids", /*non_empty=*/false, *base.mutable_stop_token_ids()));
   PDS_RETURN_IF_ERROR(Get(j, "ignore_eos", ignore_eos));
-  if (auto it = j.find("allowed_token_ids"); it != j.end() && !it->is_null()) {
-    if (!it->is_array() || it->empty()) {
-      return BadField("allowed_token_ids", "must be a non-empty array of token ids");
-    }
-    for (const Json& t : *it) {
-      if (!t.is_number_integer() || t.get<int64_t>() < 0 ||
-          t.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
-        return BadField("allowed_token_ids", "must be a non-empty array of token ids");
-      }
-      base.add_allowed_token_ids(static_cast<int32_t>(t.get<int64_t>()));
-    }
-  }
+  PDS_RETURN_IF_ERROR(
+      TokenIds(j, "allowed_token_ids", /*non_empty=*/true, *base.mutable_allowed_token_ids()));
   if (auto it = j.find("truncate_prompt_tokens"); it != j.end() && !it->is_null()) {
     int32_t keep = 0;
     PDS_RETURN_IF_ERROR(Get(j, "truncate_prompt_tokens", keep));

@@ -746,8 +746,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     }
     if (seq.request.params.logprobs >= 0) {
       TokenLogprobs lp;
-      lp.logprob = kernels::cpu::LogProb(row, vocab, out.token);
-      lp.top = kernels::cpu::TopLogProbs(row, vocab, seq.request.params.logprobs);
+      lp.logprob =
+          kernels::cpu::LogProbAndTop(row, vocab, out.token, seq.request.params.logprobs, lp.top);
       // A masked row has fewer candidates than asked for: no -inf alternatives.
       std::erase_if(lp.top,
                     [](const std::pair<int32_t, float>& t) { return std::isinf(t.second); });
