@@ -7,6 +7,9 @@
 //              and 64, once with fp32 logits copied to the host and once greedy (argmax on the
 //              device, no logits copy); floor = (weight bytes read + KV bytes read) / copy
 //              bandwidth
+//   verify     a speculative decoding step at the same batches: 1 + 4 rows per sequence (the
+//              last token and 4 drafts) and a greedy draw at every row on the device; floor as
+//              decode's, and its time against the decode step's
 //   prefill    2048 tokens (batch 1) and 8 x 512; FLOPs = matmul FLOPs + attention FLOPs over
 //              the causal pairs; fraction of the GEMM rate
 //   attention  the backend's Attention alone on layer 0's cache: decode batch 64 at context C
@@ -498,6 +501,63 @@ struct Bench {
                {"kv_bytes_read", kv_bytes},
                {"floor_ms", floor_s * 1e3}};
     if (eager && cuda != nullptr) m.extra["op_breakdown_ms_per_step"] = breakdown;
+    return m;
+  }
+
+  // A speculative decoding step: each of `batch` sequences at context `plan.context` computes
+  // its last token and `drafts` draft tokens (1 + drafts rows, prefill attention over the
+  // cached prefix, no graph), then a token is drawn greedily on the device at every row
+  // (Forward's last rows, Transformer::SampleRows the draft rows). Floor: the decode floor
+  // with the extra rows' KV; the note gives the step's cost against the plain decode step's
+  // (`decode_ms`), which a draft acceptance must beat.
+  Metric Verify(int batch, int drafts, double decode_ms) {
+    const int ctx = plan.context;
+    SetStage("speculative verify");
+    const int rows = 1 + drafts;
+    std::vector<BlockTable> tables = Reserve(std::vector<int>(batch, ctx + drafts));
+    std::vector<std::vector<int32_t>> next(batch);
+    std::vector<SequenceInput> inputs(batch);
+    std::vector<int64_t> draft_rows;
+    for (int s = 0; s < batch; ++s) {
+      next[s] = RandomTokens(rows, config().vocab_size, rng);
+      inputs[s] = {next[s], ctx - 1, &tables[s]};
+      for (int j = 0; j < drafts; ++j) draft_rows.push_back(static_cast<int64_t>(s) * rows + j);
+    }
+    std::vector<float> logits, scratch;
+    const std::vector<kernels::RowSampling> sampling(batch);
+    const std::vector<kernels::RowSampling> draft_sampling(draft_rows.size());
+    const std::vector<uint8_t> host_rows(batch, 0);
+    std::vector<int32_t> tokens, drawn;
+    const std::vector<double> times = TimeSteps(backend, plan.warmup, plan.iters, [&] {
+      PDS_CHECK_OK(model.Forward(inputs, cache, logits, sampling, host_rows, tokens));
+      if (!draft_rows.empty()) {
+        PDS_CHECK_OK(model.SampleRows(draft_rows, draft_sampling, scratch, drawn));
+      }
+    });
+    for (int32_t t : drawn) {
+      if (t < 0 || t >= config().vocab_size) Fail(absl::StrCat("draft token ", t, " out of range"));
+    }
+    Release(tables);
+    const double step = Median(times);
+    const double weight_bytes = DecodeWeightBytes(batch * rows);
+    const double kv_bytes = KvBytesPerToken() * batch * (ctx + drafts);
+    const double floor_s = (weight_bytes + kv_bytes) / ceil.copy_bytes_per_s;
+    Metric m;
+    m.name = absl::StrCat("verify b", batch, " k", drafts);
+    m.shape = absl::StrCat("batch ", batch, ", context ", ctx, ", ", rows,
+                           " rows per sequence, greedy draws on the device");
+    m.value = step * 1e3;
+    m.unit = "ms";
+    m.ceiling = floor_s * 1e3;
+    m.ceiling_unit = "ms floor";
+    m.fraction = floor_s / step;
+    m.note = absl::StrFormat("%.2fx the decode step", decode_ms > 0 ? step * 1e3 / decode_ms : 0);
+    m.extra = {{"batch", batch},
+               {"context", ctx},
+               {"drafts", drafts},
+               {"step_ms_median", step * 1e3},
+               {"decode_step_ms", decode_ms},
+               {"floor_ms", floor_s * 1e3}};
     return m;
   }
 
@@ -1026,6 +1086,8 @@ int Main(int argc, char** argv) {
     for (int b : opt.kernels_only ? std::vector<int>{} : plan.decode_batches) {
       add(bench.Decode(b, /*greedy=*/false));
       add(bench.Decode(b, /*greedy=*/true));
+      // Speculative decoding's verify step with 4 drafts, against the graph-replayed step.
+      add(bench.Verify(b, 4, metrics.back().value));
       add(bench.Decode(b, /*greedy=*/true, /*eager=*/true));
       add(bench.Decode(b, /*greedy=*/true, /*eager=*/false, /*pdl=*/false));
       // RoPE and the KV write in one launch (PDS_FUSE_ROPE_KV=1; off by default until measured).

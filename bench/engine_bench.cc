@@ -63,37 +63,42 @@ std::vector<int32_t> Tokens(int n, int64_t vocab, uint64_t seed) {
   return t;
 }
 
+// Args: batch, context, and rows per sequence (1: a plain decode step; 1 + k: a speculative
+// step verifying k drafts, whose cost against the plain step's is what speculation pays).
 void BM_DecodeStep(benchmark::State& state) {
   Fixture& f = Small();
   const ModelConfig& c = f.model->config();
-  const int batch = state.range(0), ctx = state.range(1), bs = 16;
-  const int blocks_per_seq = (ctx + 1 + bs - 1) / bs;
+  const int batch = state.range(0), ctx = state.range(1), rows = state.range(2), bs = 16;
+  const int blocks_per_seq = (ctx + rows + bs - 1) / bs;
   auto cache = KvCache::Create(*f.backend, f.model->CacheShape(batch * blocks_per_seq, bs));
   if (!cache.ok()) return state.SkipWithError(cache.status().ToString().c_str());
   std::vector<BlockTable> tables(batch);
   std::vector<std::vector<int32_t>> prompts;
   std::vector<float> logits;
   for (int s = 0; s < batch; ++s) {
-    if (!tables[s].Reserve(ctx + 1, bs, cache->allocator()).ok())
+    if (!tables[s].Reserve(ctx + rows, bs, cache->allocator()).ok())
       return state.SkipWithError("blocks");
-    prompts.push_back(Tokens(ctx + 1, c.vocab_size, s));
+    prompts.push_back(Tokens(ctx + rows, c.vocab_size, s));
     SequenceInput in{std::span<const int32_t>(prompts[s].data(), ctx), 0, &tables[s]};
     if (!f.model->Forward({&in, 1}, *cache, logits).ok()) return state.SkipWithError("prefill");
   }
   std::vector<SequenceInput> step(batch);
   for (int s = 0; s < batch; ++s) {
-    step[s] = {std::span<const int32_t>(prompts[s].data() + ctx, 1), ctx, &tables[s]};
+    step[s] = {std::span<const int32_t>(prompts[s].data() + ctx, rows), ctx, &tables[s]};
   }
   for (auto _ : state) {
     auto status = f.model->Forward(step, *cache, logits);
     if (!status.ok()) return state.SkipWithError(status.ToString().c_str());
     benchmark::DoNotOptimize(logits.data());
   }
-  const double kv_bytes = 2.0 * 4.0 * batch * (ctx + 1) * c.num_layers * c.kv_size();
+  const double kv_bytes = 2.0 * 4.0 * batch * (ctx + rows) * c.num_layers * c.kv_size();
   const double floor_s = (f.model->weight_bytes() + kv_bytes) / MeasuredReadBandwidth();
-  // Compute floor: linear layers + logits for every sequence, plus attention (QK and PV).
-  const double flops = 2.0 * batch * (c.num_parameters() - c.vocab_size * c.hidden_size) +
-                       4.0 * batch * (ctx + 1) * c.num_layers * c.q_size();
+  // Compute floor: linear layers for every row and the logits of each sequence's last, plus
+  // attention (QK and PV).
+  const double flops =
+      2.0 * batch * rows * (c.num_parameters() - 2 * c.vocab_size * c.hidden_size) +
+      2.0 * batch * c.vocab_size * c.hidden_size +
+      4.0 * batch * rows * (ctx + rows) * c.num_layers * c.q_size();
   const double roofline_s = std::max(floor_s, flops / MeasuredGemmRate());
   state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(batch) * state.iterations(),
                                                   benchmark::Counter::kIsRate);
@@ -103,9 +108,13 @@ void BM_DecodeStep(benchmark::State& state) {
       benchmark::Counter(roofline_s * state.iterations(), benchmark::Counter::kIsRate);
 }
 BENCHMARK(BM_DecodeStep)
-    ->Args({1, 128})
-    ->Args({8, 512})
-    ->Args({32, 512})
+    ->Args({1, 128, 1})
+    ->Args({8, 512, 1})
+    ->Args({32, 512, 1})
+    ->Args({1, 512, 1})
+    ->Args({1, 512, 5})
+    ->Args({8, 512, 5})
+    ->Args({32, 512, 5})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();
 
@@ -221,6 +230,56 @@ void BM_PromptLogprobs(benchmark::State& state) {
   state.counters["prompt tokens/s"] =
       benchmark::Counter(512.0 * state.iterations(), benchmark::Counter::kIsRate);
 }
+// Speculative decoding end to end: `batch` greedy sequences of the small preset decode 96
+// tokens each after 64-token prompts that repeat a 7-token pattern, with k drafts per
+// sequence and step (prompt lookup, n-grams of 2 to 4; k = 0: off). Reports tokens/s, tokens
+// per sequence and step (the ceiling of the speed-up if drafts cost nothing), and the drafts'
+// acceptance rate. The random model's text is not real text: acceptance here is that of its
+// own repetitions, not a prediction for a real model's.
+void BM_SpeculativeDecode(benchmark::State& state) {
+  const int batch = static_cast<int>(state.range(0)), k = static_cast<int>(state.range(1));
+  Fixture& f = Small();
+  EngineOptions o{.block_size = 16, .num_blocks = 1024};
+  o.speculative.num_tokens = k;
+  int64_t tokens = 0, seq_steps = 0, drafts = 0, accepted = 0;
+  int n = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    auto engine = LlmEngine::Create(*f.model, o);
+    if (!engine.ok()) return state.SkipWithError(engine.status().ToString().c_str());
+    for (int s = 0; s < batch; ++s) {
+      GenerateRequest r;
+      r.id = absl::StrCat("s", n++);
+      const std::vector<int32_t> pattern = Tokens(7, f.model->config().vocab_size, n);
+      for (int t = 0; t < 64; ++t) r.prompt.push_back(pattern[t % 7]);
+      r.params.max_tokens = 96;
+      r.params.ignore_eos = true;
+      if (!(*engine)->AddRequest(std::move(r)).ok()) return state.SkipWithError("add");
+    }
+    if (!(*engine)->Step().ok()) return state.SkipWithError("prefill");  // untimed
+    state.ResumeTiming();
+    while ((*engine)->HasWork()) {
+      auto step = (*engine)->Step();
+      if (!step.ok()) return state.SkipWithError(step.status().ToString().c_str());
+      tokens += static_cast<int64_t>(step->size());
+      seq_steps += static_cast<int64_t>((*engine)->last_batch().size());
+    }
+    drafts += (*engine)->num_draft_tokens();
+    accepted += (*engine)->num_accepted_draft_tokens();
+  }
+  state.counters["tokens/s"] =
+      benchmark::Counter(static_cast<double>(tokens), benchmark::Counter::kIsRate);
+  state.counters["tokens_per_seq_step"] =
+      static_cast<double>(tokens) / static_cast<double>(std::max<int64_t>(seq_steps, 1));
+  state.counters["acceptance"] =
+      static_cast<double>(accepted) / static_cast<double>(std::max<int64_t>(drafts, 1));
+}
+BENCHMARK(BM_SpeculativeDecode)
+    ->ArgsProduct({{1, 8}, {0, 2, 4}})
+    ->Iterations(2)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+
 BENCHMARK(BM_PromptLogprobs)
     ->Arg(-1)
     ->Arg(0)

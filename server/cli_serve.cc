@@ -59,6 +59,13 @@ std::vector<FlagSpec> EngineFlagSpecs() {
       {"prefix-caching", false,
        "on (default) or off: start a prompt from the cached K/V of the longest prefix, in whole "
        "blocks, that an earlier request computed"},
+      {"speculative-tokens", false,
+       "speculative decoding by prompt lookup: drafts per sequence and step, from where the "
+       "sequence's latest tokens occurred before in its prompt or reply (default 0: off)"},
+      {"prompt-lookup-max", false,
+       "speculative decoding: the longest suffix looked up (default 4)"},
+      {"prompt-lookup-min", false,
+       "speculative decoding: the shortest suffix looked up (default 2)"},
   };
 }
 
@@ -87,6 +94,17 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromArgs(const CliArgs& args)
         absl::StrCat("--prefix-caching '", caching, "': expected on or off"));
   }
   o.prefix_caching = caching == "on";
+  PDS_ASSIGN_OR_RETURN(int64_t drafts, args.GetInt("speculative-tokens", 0));
+  PDS_ASSIGN_OR_RETURN(int64_t lookup_max, args.GetInt("prompt-lookup-max", 4));
+  PDS_ASSIGN_OR_RETURN(int64_t lookup_min, args.GetInt("prompt-lookup-min", 2));
+  if (drafts < 0 || drafts > 64 || lookup_min < 1 || lookup_max < lookup_min || lookup_max > 64) {
+    return absl::InvalidArgumentError(
+        "--speculative-tokens must be in [0, 64], and 1 <= --prompt-lookup-min <= "
+        "--prompt-lookup-max <= 64");
+  }
+  o.speculative.num_tokens = static_cast<int32_t>(drafts);
+  o.speculative.ngram_max = static_cast<int32_t>(lookup_max);
+  o.speculative.ngram_min = static_cast<int32_t>(lookup_min);
   return o;
 }
 

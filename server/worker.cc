@@ -1012,6 +1012,8 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     s.set_prefix_cache_hit_tokens(engine_->num_prefix_hit_tokens());
     s.set_kv_blocks_cached(alloc.num_cached());
     s.set_prefix_caching(alloc.prefix_cache_enabled());
+    s.set_spec_draft_tokens(engine_->num_draft_tokens());
+    s.set_spec_accepted_tokens(engine_->num_accepted_draft_tokens());
     std::lock_guard<std::mutex> lock(status_mu_);
     status_ = std::move(s);
     loop_heartbeat_ = std::chrono::steady_clock::now();

@@ -287,6 +287,41 @@ absl::Status Transformer::RowLogits(int64_t first_row, int64_t rows, std::vector
   return backend_.Logits(h_.data(), *lm_head_, rows, logits.data());
 }
 
+absl::Status Transformer::SampleRows(std::span<const int64_t> rows,
+                                     const std::vector<kernels::RowSampling>& sampling,
+                                     std::vector<float>& scratch, std::vector<int32_t>& tokens) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  if (n == 0 || sampling.size() != rows.size()) {
+    return absl::InvalidArgumentError("SampleRows needs rows and one rule per row");
+  }
+  for (int64_t r : rows) {
+    if (r < 0 || r >= meta_.num_tokens()) {
+      return absl::OutOfRangeError(
+          absl::StrCat("row ", r, " of a batch of ", meta_.num_tokens(), " tokens"));
+    }
+  }
+  // Gathered into h_ (free scratch of the batch's size once the forward is done), runs of
+  // consecutive rows in one copy, then normalized and drawn like the last rows.
+  const DType dt = backend_.compute_dtype();
+  const int64_t hidden = config_.hidden_size;
+  const size_t row_bytes = static_cast<size_t>(hidden) * DTypeSize(dt);
+  for (int64_t i = 0; i < n;) {
+    int64_t run = 1;
+    while (i + run < n && rows[i + run] == rows[i] + run) ++run;
+    PDS_RETURN_IF_ERROR(backend_.CopyDevice(Offset(h_.data(), i * hidden, dt),
+                                            Offset(x_.data(), rows[i] * hidden, dt),
+                                            row_bytes * static_cast<size_t>(run)));
+    i += run;
+  }
+  PDS_RETURN_IF_ERROR(backend_.RmsNorm(h_.data(), final_norm_, h_.data(), n,
+                                       static_cast<float>(config_.rms_norm_eps)));
+  scratch.resize(static_cast<size_t>(n * config_.vocab_size));
+  tokens.resize(static_cast<size_t>(n));
+  const std::vector<uint8_t> host_rows(static_cast<size_t>(n), 0);
+  return backend_.SampleTokens(h_.data(), *lm_head_, n, sampling, host_rows, scratch.data(),
+                               tokens.data());
+}
+
 absl::Status Transformer::Body(std::span<const SequenceInput> seqs, KvCache& cache,
                                const KvLayerHook& on_kv_layer) {
   if (seqs.empty()) return absl::InvalidArgumentError("empty forward batch");

@@ -77,6 +77,13 @@ class Transformer {
   // (every new token's row, not only each sequence's last: prompt logprobs), [rows, vocab]
   // row-major in `logits`. Ask for a few hundred rows at a time at most (the host buffer).
   absl::Status RowLogits(int64_t first_row, int64_t rows, std::vector<float>& logits);
+  // After a Forward: a token from each of the batch's token `rows` (any rows, e.g. draft
+  // positions of speculative decoding), drawn by sampling[i] where the logits are, as Forward
+  // draws each sequence's last row: tokens[i]. A device backend copies no logits to the host;
+  // `scratch` is the host buffer a host backend draws from. At most a few hundred rows a call.
+  absl::Status SampleRows(std::span<const int64_t> rows,
+                          const std::vector<kernels::RowSampling>& sampling,
+                          std::vector<float>& scratch, std::vector<int32_t>& tokens);
 
   // The KV cache shape this model needs for `num_blocks` blocks of `block_size`.
   KvCacheShape CacheShape(int32_t num_blocks, int32_t block_size) const;

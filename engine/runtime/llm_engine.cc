@@ -22,6 +22,14 @@ absl::StatusOr<std::unique_ptr<LlmEngine>> LlmEngine::Create(Transformer& model,
   if (options.max_batch_tokens <= 0 || options.max_running <= 0) {
     return absl::InvalidArgumentError("max_batch_tokens and max_running must be positive");
   }
+  const SpeculativeOptions& spec = options.speculative;
+  if (spec.num_tokens < 0 || spec.num_tokens > 64 || spec.ngram_min < 1 ||
+      spec.ngram_max < spec.ngram_min || spec.ngram_max > 64) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("speculative decoding: drafts per step ", spec.num_tokens,
+                     " must be in [0, 64], and ", "the looked-up n-gram's lengths ", spec.ngram_min,
+                     "..", spec.ngram_max, " must satisfy 1 <= min <= max <= 64"));
+  }
   int32_t num_blocks = options.num_blocks;
   if (num_blocks <= 0) {
     const KvCacheShape one = model.CacheShape(1, options.block_size);
@@ -387,6 +395,20 @@ bool LlmEngine::StartsFromCache(const Sequence& seq) const {
          (seq.request.params.prompt_logprobs < 0 || seq.num_generated > 0);
 }
 
+int32_t LlmEngine::RowSlice() const {
+  const int64_t vocab = model_.config().vocab_size;
+  return static_cast<int32_t>(
+      std::clamp<int64_t>((int64_t{1} << 24) / vocab, 1, std::max(max_running_, 1)));
+}
+
+bool LlmEngine::MaySpeculate(const Sequence& seq) const {
+  const SamplingParams& p = seq.request.params;
+  return seq.num_generated > 0 && seq.handoff == nullptr && !seq.request.hold_kv_after_prefill &&
+         seq.num_computed + 1 == static_cast<int32_t>(seq.tokens.size()) &&
+         seq.matcher == nullptr && !p.ProcessesLogits() && p.logprobs < 0 &&
+         !seq.request.return_logits;
+}
+
 absl::Status LlmEngine::PromptLogprobs(Sequence& seq, int32_t start, int32_t chunk,
                                        int64_t first_row) {
   const int32_t prompt = static_cast<int32_t>(seq.request.prompt.size());
@@ -397,10 +419,8 @@ absl::Status LlmEngine::PromptLogprobs(Sequence& seq, int32_t start, int32_t chu
     return absl::OkStatus();
   }
   const int64_t vocab = model_.config().vocab_size;
-  // A slice of rows at a time, as many as a step's sampled rows (the backend's logits buffers
-  // already hold that many) and at most 16M logits on the host; the rows on the CPU threads.
-  const int32_t slice = static_cast<int32_t>(
-      std::clamp<int64_t>((int64_t{1} << 24) / vocab, 1, std::max(max_running_, 1)));
+  // A slice of rows at a time (RowSlice); the rows on the CPU threads.
+  const int32_t slice = RowSlice();
   const int32_t k = seq.request.params.prompt_logprobs;
   for (int32_t from = start; from < end; from += slice) {
     const int32_t n = std::min(slice, end - from);
@@ -485,6 +505,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   struct Planned {
     Sequence* seq;
     int32_t chunk;
+    std::vector<int32_t> drafts;  // speculative tokens after its next one (part of the chunk)
   };
   // The batch policy proposes the order and the chunks; here each sequence in turn gets its
   // blocks (a running one may preempt the youngest other admitted sequence not in the batch)
@@ -586,7 +607,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         if (seq->num_generated == 0) seq->prompt_cached = seq->num_computed;
       }
       seq->admitted = true;
-      plan.push_back({seq, chunk});
+      plan.push_back({seq, chunk, {}});
       budget -= chunk;
       if (preempted) {
         replan = true;
@@ -601,6 +622,32 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     }
   }
   if (block_wait) ++num_block_waits_;  // once per step, however often it was replanned
+  // Speculative drafts, from what the step leaves of the budget and of the free blocks: they
+  // go after the sequence's last token in its chunk (and in its tokens until the forward is
+  // done).
+  const int32_t max_drafts = options_.speculative.num_tokens;
+  for (Planned& p : plan) {
+    if (max_drafts == 0 || budget <= 0) break;
+    Sequence& seq = *p.seq;
+    if (p.chunk != 1 || !MaySpeculate(seq)) continue;
+    const int64_t len = static_cast<int64_t>(seq.tokens.size());
+    // No draft past max_tokens or the model's context: their tokens could not be kept.
+    const int64_t room = std::min<int64_t>(seq.request.params.max_tokens - seq.num_generated - 1,
+                                           model_.config().max_context() - len);
+    if (seq.draft_limit == 0) seq.draft_limit = max_drafts;
+    const int32_t k =
+        static_cast<int32_t>(std::min<int64_t>({seq.draft_limit, max_drafts, budget, room}));
+    if (k <= 0) continue;
+    std::vector<int32_t> drafts = ProposeNgramDrafts(seq.tokens, options_.speculative.ngram_min,
+                                                     options_.speculative.ngram_max, k);
+    if (drafts.empty()) continue;
+    const int32_t need = seq.num_computed + 1 + static_cast<int32_t>(drafts.size());
+    if (!seq.table.Reserve(need, bs, cache_.allocator()).ok()) continue;
+    p.chunk += static_cast<int32_t>(drafts.size());
+    budget -= static_cast<int32_t>(drafts.size());
+    seq.tokens.insert(seq.tokens.end(), drafts.begin(), drafts.end());
+    p.drafts = std::move(drafts);
+  }
   std::vector<TokenOutput> outputs;
   last_batch_.clear();
   for (const Planned& p : plan) last_batch_.emplace_back(p.seq->request.id, p.chunk);
@@ -625,7 +672,9 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   rules_.resize(plan.size());
   for (size_t i = 0; i < plan.size(); ++i) {
     const Sequence& seq = *plan[i].seq;
-    rules_[i] = sampling_[i] = seq.sampler->RowParams(seq.num_generated);
+    // A sequence with drafts draws its last row's token after them.
+    rules_[i] = sampling_[i] =
+        seq.sampler->RowParams(seq.num_generated + static_cast<int64_t>(plan[i].drafts.size()));
     const bool samples =
         seq.num_computed + plan[i].chunk >= static_cast<int32_t>(seq.tokens.size());
     // A reasoning model's reply before its constraint applies is drawn as any other.
@@ -675,6 +724,34 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   }
   absl::Status forwarded =
       model_.Forward(inputs, cache_, logits_, sampling_, host_rows_, tokens_, on_kv_layer);
+  // Each draft position's token (drawn_[d] for the batch's d-th draft row, in plan order); the
+  // drafts leave the sequences' tokens, whatever happened.
+  std::vector<int32_t> drawn;
+  if (forwarded.ok()) {
+    std::vector<int64_t> rows;  // row j of a sequence's chunk is drawn for its j-th draft
+    std::vector<kernels::RowSampling> rules;
+    int64_t first_row = 0;
+    for (const Planned& p : plan) {
+      for (size_t j = 0; j < p.drafts.size(); ++j) {
+        rows.push_back(first_row + static_cast<int64_t>(j));
+        rules.push_back(p.seq->sampler->RowParams(p.seq->num_generated + static_cast<int64_t>(j)));
+      }
+      first_row += p.chunk;
+    }
+    const size_t slice = static_cast<size_t>(RowSlice());
+    std::vector<int32_t> part;
+    for (size_t at = 0; at < rows.size() && forwarded.ok(); at += slice) {
+      const size_t n = std::min(slice, rows.size() - at);
+      forwarded = model_.SampleRows(
+          std::span<const int64_t>(rows).subspan(at, n),
+          std::vector<kernels::RowSampling>(rules.begin() + at, rules.begin() + at + n),
+          draft_rows_, part);
+      drawn.insert(drawn.end(), part.begin(), part.end());
+    }
+  }
+  for (Planned& p : plan) {
+    p.seq->tokens.resize(p.seq->tokens.size() - p.drafts.size());
+  }
   // Prompt logprobs, from every row of the chunks that ask for them (before any sequence moves
   // on: a failure is the step's).
   int64_t first_row = 0;  // of plan[i]'s rows in the batch
@@ -704,9 +781,40 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
 
   const int64_t vocab = model_.config().vocab_size;
   std::vector<std::string> finished;
+  size_t next_drawn = 0;  // of `drawn`
   for (size_t i = 0; i < plan.size(); ++i) {
     Sequence& seq = *plan[i].seq;
     const int32_t before = seq.num_computed;
+    if (const std::vector<int32_t>& drafts = plan[i].drafts; !drafts.empty()) {
+      // The drafts up to the first whose position drew another token, then the token drawn
+      // there (after the last draft: the last row's). Their K/V stay; the rest is overwritten.
+      size_t kept = 0;
+      while (kept < drafts.size() && drawn[next_drawn + kept] == drafts[kept]) ++kept;
+      const int32_t next = kept < drafts.size() ? drawn[next_drawn + kept] : tokens_[i];
+      next_drawn += drafts.size();
+      draft_tokens_ += static_cast<int64_t>(drafts.size());
+      accepted_draft_tokens_ += static_cast<int64_t>(kept);
+      seq.draft_limit = kept < drafts.size() ? static_cast<int32_t>(kept) + 1
+                                             : std::min(2 * seq.draft_limit, max_drafts);
+      for (size_t j = 0; j <= kept; ++j) {
+        TokenOutput out;
+        out.request_id = seq.request.id;
+        out.token = j < kept ? drafts[j] : next;
+        seq.tokens.push_back(out.token);
+        ++seq.num_generated;
+        out.finish = CheckFinish(seq, out.token);
+        const bool done = out.finish != FinishReason::kNone;
+        outputs.push_back(std::move(out));
+        if (done) {
+          finished.push_back(seq.request.id);
+          break;
+        }
+      }
+      seq.num_computed = static_cast<int32_t>(seq.tokens.size()) - 1;
+      seq.table.set_num_tokens(seq.num_computed);
+      RegisterFilledBlocks(seq, before);
+      continue;
+    }
     seq.num_computed += plan[i].chunk;
     seq.table.set_num_tokens(seq.num_computed);
     RegisterFilledBlocks(seq, before);

@@ -21,6 +21,7 @@
 #include "engine/runtime/json_constraint.h"
 #include "engine/runtime/kv_handoff.h"
 #include "engine/runtime/sampling_params.h"
+#include "engine/runtime/speculative.h"
 #include "scheduler/batch_policy.h"
 
 namespace pds::engine {
@@ -37,6 +38,11 @@ struct EngineOptions {
   // its tokens, in whole blocks, that an earlier sequence computed (while those blocks have
   // not been reused), and computes only the rest.
   bool prefix_caching = true;
+  // Speculative decoding by prompt lookup (engine/runtime/speculative.h): drafts use only the
+  // token budget and the free blocks a step leaves, never preempt, and go only to sequences
+  // whose tokens are drawn where the logits are (no logprobs, logits processing or
+  // structured output).
+  SpeculativeOptions speculative;
 };
 
 struct GenerateRequest {
@@ -191,6 +197,9 @@ class LlmEngine {
   // of them came from the cache instead of being computed.
   int64_t num_prefix_query_tokens() const { return prefix_query_tokens_; }
   int64_t num_prefix_hit_tokens() const { return prefix_hit_tokens_; }
+  // Speculative decoding: drafts computed, and how many of them were kept.
+  int64_t num_draft_tokens() const { return draft_tokens_; }
+  int64_t num_accepted_draft_tokens() const { return accepted_draft_tokens_; }
 
  private:
   struct Sequence {
@@ -216,6 +225,9 @@ class LlmEngine {
     absl::flat_hash_set<int32_t> prompt_tokens;
     absl::flat_hash_map<int32_t, int32_t> reply_counts;
     std::vector<TokenLogprobs> prompt_logprobs;  // computed so far (params.prompt_logprobs)
+    // Speculative decoding: the most drafts its next step may have. A rejection cuts it to one
+    // more than were kept, a step whose drafts were all kept doubles it (up to the option's).
+    int32_t draft_limit = 0;
     size_t counted = 0;
   };
   // Applies the request's logits processing to its row (SamplingParams' order); `allowed`:
@@ -232,6 +244,11 @@ class LlmEngine {
   // no token may follow.
   bool Constrain(Sequence& seq, const JsonMatcher::Bits& allowed, float* row,
                  const kernels::RowSampling& rule, int32_t& token);
+  // Rows of logits to ask of the model at a time, besides each step's last rows: as many as a
+  // step samples (the backend's logits buffers already hold that many), at most 16M logits.
+  int32_t RowSlice() const;
+  // Whether `seq`, planned to decode one token, may add drafts to it.
+  bool MaySpeculate(const Sequence& seq) const;
   // Whether a held or importing sequence owns blocks (they come back when its transfer ends).
   bool BlocksAwaitRelease() const;
 
@@ -267,6 +284,8 @@ class LlmEngine {
   int64_t num_block_waits_ = 0;
   int64_t prefix_query_tokens_ = 0;
   int64_t prefix_hit_tokens_ = 0;
+  int64_t draft_tokens_ = 0;
+  int64_t accepted_draft_tokens_ = 0;
   std::vector<float> logits_;
   // Per planned sequence of a step: how its token is chosen, whether its logits go to the
   // host, the token.
@@ -284,6 +303,7 @@ class LlmEngine {
   JsonMatcher::DrawScratch draw_scratch_;
   std::vector<float> kept_;  // ProcessLogits: the allowed tokens' logits while the row is cleared
   std::vector<float> prompt_rows_;  // PromptLogprobs: a slice of prompt rows' logits
+  std::vector<float> draft_rows_;   // Transformer::SampleRows' host scratch
   absl::Time last_forward_end_ = absl::InfinitePast();
 };
 

@@ -493,6 +493,57 @@ TEST_P(CudaModelTest, GraphReplayEqualsEagerDecode) {
   EXPECT_GT(graphs, 3u) << "decode steps were not replayed from graphs";
 }
 
+// Speculative decoding on the GPU: drafts verified in multi-row steps (prefill attention over
+// the cached prefix, no graph) and drawn at their rows on the device give plain decoding's
+// greedy tokens wherever plain decoding's top-2 margin exceeds the dtype's tolerance (past a
+// near tie the two runs may part, as any two kernel paths may).
+TEST_P(CudaModelTest, SpeculativeDecodingKeepsTheGreedyTokens) {
+  std::vector<GenerateResult> results[2];
+  int64_t drafts = 0, kept = 0;
+  for (int spec = 0; spec < 2; ++spec) {
+    EngineOptions eo;
+    eo.num_blocks = 256;
+    eo.speculative.num_tokens = spec == 1 ? 4 : 0;
+    eo.speculative.ngram_min = 1;
+    Engine e;
+    ASSERT_NO_FATAL_FAILURE(MakeEngine(14, eo, /*graphs=*/true, e));
+    std::vector<GenerateRequest> requests;
+    for (int i = 0; i < 6; ++i) {
+      GenerateRequest r;
+      r.id = "s" + std::to_string(i);
+      const int period = 3 + i;
+      for (int j = 0; j < 40 + 9 * i; ++j) {
+        r.prompt.push_back(((j % period) * 7919 + i) % e.config.vocab_size);
+      }
+      r.params.max_tokens = 48;
+      r.params.ignore_eos = true;
+      r.return_logits = spec == 0;  // the reference's margins (a request with them never drafts)
+      requests.push_back(std::move(r));
+    }
+    auto got = e.engine->Generate(requests);
+    ASSERT_TRUE(got.ok()) << got.status();
+    results[spec] = std::move(*got);
+    EXPECT_EQ(e.engine->num_free_blocks(), 256);
+    if (spec == 1) {
+      drafts = e.engine->num_draft_tokens();
+      kept = e.engine->num_accepted_draft_tokens();
+    }
+  }
+  EXPECT_GT(drafts, 0);
+  std::printf("drafts %lld, kept %lld\n", static_cast<long long>(drafts),
+              static_cast<long long>(kept));
+  const int64_t vocab = results[0][0].logits.empty() ? 0 : results[0][0].logits[0].size();
+  for (size_t i = 0; i < results[0].size(); ++i) {
+    const GenerateResult& want = results[0][i];
+    const GenerateResult& got = results[1][i];
+    ASSERT_EQ(got.token_ids.size(), want.token_ids.size()) << want.request_id;
+    for (size_t t = 0; t < want.token_ids.size(); ++t) {
+      if (Top2Margin(want.logits[t].data(), vocab) <= 2 * Tolerance()) break;
+      ASSERT_EQ(got.token_ids[t], want.token_ids[t]) << want.request_id << " token " << t;
+    }
+  }
+}
+
 void CudaModelTest::ExpectTheSameTokensWith(const char* name, const char* value) {
 #if PDS_HAVE_CUDA
   std::vector<std::vector<int32_t>> tokens[2];

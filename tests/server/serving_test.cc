@@ -180,15 +180,18 @@ class ServingTest : public ::testing::Test {
   }
 
   // Mixed prompts and lengths, sent concurrently; the cluster's tokens equal offline ones.
+  // `period` > 0: prompts repeat a pattern of that many tokens.
   static void ExpectClusterMatchesOffline(LocalCluster& cluster, int n, float temperature,
-                                          int max_new = 24) {
+                                          int max_new = 24, int period = 0) {
     std::vector<engine::GenerateRequest> offline;
     std::vector<api::GenerateRequest> online;
     for (int i = 0; i < n; ++i) {
       engine::GenerateRequest r;
       r.id = absl::StrCat("r", i);
       const int len = 1 + (i * 37) % 90;
-      for (int j = 0; j < len; ++j) r.prompt.push_back(3 + (i * 131 + j * 17) % 250);
+      for (int j = 0; j < len; ++j) {
+        r.prompt.push_back(3 + (i * 131 + (period > 0 ? j % period : j) * 17) % 250);
+      }
       r.params.max_tokens = 1 + (i * 7) % max_new;
       r.params.ignore_eos = i % 3 != 0;
       r.params.temperature = temperature;
@@ -469,6 +472,31 @@ TEST_F(ServingTest, TwoPrefillTwoDecodeMatchesOfflineAndUsesEveryInstance) {
   for (const auto& inst : status.instances()) {
     EXPECT_TRUE(inst.healthy()) << inst.id();
     EXPECT_GT(inst.requests_served(), 0) << inst.id() << " never served";
+  }
+}
+
+// Speculative decoding (prompt lookup) on the decode and colocated workers changes no token,
+// greedy or seeded, and the status reports its drafts.
+TEST_F(ServingTest, SpeculativeDecodingMatchesOffline) {
+  for (const std::vector<std::string>& shape :
+       {std::vector<std::string>{"--prefill", "1", "--decode", "1"},
+        std::vector<std::string>{"--colocated", "1"}}) {
+    std::vector<std::string> flags = shape;
+    flags.insert(flags.end(), {"--speculative-tokens", "4", "--prompt-lookup-min", "1"});
+    auto cluster = LocalCluster::Start(*model_dir_, flags);
+    ASSERT_NE(cluster, nullptr);
+    ExpectClusterMatchesOffline(*cluster, 16, 0.0f, 40, 5);
+    ExpectClusterMatchesOffline(*cluster, 8, 0.8f, 40, 3);
+    int64_t drafts = 0, accepted = 0;
+    const api::ClusterStatus status = FreshStatus(cluster->stub());
+    for (const auto& inst : status.instances()) {
+      if (inst.role() == "prefill") EXPECT_EQ(inst.spec_draft_tokens(), 0) << inst.id();
+      drafts += inst.spec_draft_tokens();
+      accepted += inst.spec_accepted_tokens();
+    }
+    EXPECT_GT(drafts, 0) << shape[0];
+    EXPECT_GT(accepted, 0) << shape[0];
+    EXPECT_LE(accepted, drafts);
   }
 }
 

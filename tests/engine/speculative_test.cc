@@ -1,0 +1,244 @@
+// Speculative decoding by prompt lookup: the draft proposer, and an engine with drafts gives
+// the tokens of one without them (greedy and seeded sampling), under small token budgets,
+// small caches and preemption, at the context's end, and next to requests that cannot
+// speculate.
+#include "engine/runtime/speculative.h"
+
+#include <map>
+#include <memory>
+#include <random>
+#include <set>
+
+#include "engine/backend/cpu_backend.h"
+#include "engine/model/transformer.h"
+#include "engine/runtime/llm_engine.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "tests/testing/test_util.h"
+
+namespace pds::engine {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::IsEmpty;
+
+TEST(ProposeNgramDraftsTest, FollowsTheLatestOccurrenceOfTheLongestSuffix) {
+  // "7 8" occurs twice before the end; the latest one is followed by 5 6.
+  const std::vector<int32_t> t = {7, 8, 1, 2, 9, 7, 8, 5, 6, 4, 7, 8};
+  EXPECT_THAT(ProposeNgramDrafts(t, 2, 4, 2), ElementsAre(5, 6));
+  // A longer match wins over a later shorter one: "3 7 8" occurs only at the start.
+  const std::vector<int32_t> u = {3, 7, 8, 1, 2, 7, 8, 5, 3, 7, 8};
+  EXPECT_THAT(ProposeNgramDrafts(u, 2, 4, 3), ElementsAre(1, 2, 7));
+  EXPECT_THAT(ProposeNgramDrafts(u, 2, 2, 3), ElementsAre(5, 3, 7)) << "n-grams of 2 only";
+}
+
+TEST(ProposeNgramDraftsTest, NothingWithoutAMatchOfTheShortestLength) {
+  const std::vector<int32_t> t = {1, 2, 3, 4, 5, 3};
+  EXPECT_THAT(ProposeNgramDrafts(t, 2, 4, 4), IsEmpty());
+  EXPECT_THAT(ProposeNgramDrafts(t, 1, 4, 2), ElementsAre(4, 5));
+  EXPECT_THAT(ProposeNgramDrafts(t, 1, 4, 0), IsEmpty());
+  EXPECT_THAT(ProposeNgramDrafts(std::vector<int32_t>{5}, 1, 4, 3), IsEmpty());
+  EXPECT_THAT(ProposeNgramDrafts(std::vector<int32_t>{}, 1, 4, 3), IsEmpty());
+}
+
+TEST(ProposeNgramDraftsTest, ARepeatingPatternIsDraftedPastTheEnd) {
+  const std::vector<int32_t> t = {9, 1, 2, 3, 1, 2, 3, 1, 2};
+  EXPECT_THAT(ProposeNgramDrafts(t, 2, 4, 7), ElementsAre(3, 1, 2, 3, 1, 2, 3));
+  const std::vector<int32_t> run = {4, 4, 4};
+  EXPECT_THAT(ProposeNgramDrafts(run, 2, 4, 3), ElementsAre(4, 4, 4));
+}
+
+class SpeculativeEngineTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    config_ = testing::SmallTestConfig();
+    config_.num_layers = 2;
+    config_.max_position_embeddings = 160;
+    auto dir = testing::MakeModelDir(config_, "speculative", 5);
+    ASSERT_TRUE(dir.ok()) << dir.status();
+    backend_ = std::make_unique<CpuBackend>(1);
+    auto model = Transformer::Load(*dir, *backend_);
+    ASSERT_TRUE(model.ok()) << model.status();
+    model_ = std::move(*model);
+  }
+
+  // Prompts that repeat themselves (so that drafts are found from the first decode step) and
+  // random ones; greedy and seeded sampling; some end on a stop token.
+  std::vector<GenerateRequest> Requests(int n, int max_tokens) const {
+    std::mt19937_64 rng(3);
+    std::vector<GenerateRequest> out;
+    for (int i = 0; i < n; ++i) {
+      GenerateRequest r;
+      r.id = "r" + std::to_string(i);
+      const int period = 2 + i % 5;
+      std::vector<int32_t> pattern;
+      for (int t = 0; t < period; ++t) pattern.push_back(static_cast<int32_t>(rng() % 300));
+      const int len = 5 + static_cast<int>(rng() % 30);
+      for (int t = 0; t < len; ++t) {
+        r.prompt.push_back(i % 3 == 2 ? static_cast<int32_t>(rng() % 300) : pattern[t % period]);
+      }
+      r.params.max_tokens = max_tokens - i % 4;
+      r.params.ignore_eos = true;
+      if (i % 2 == 1) {
+        r.params.temperature = 0.7f;
+        r.params.top_p = 0.95f;
+        r.params.seed = 100 + i;
+      }
+      out.push_back(r);
+    }
+    return out;
+  }
+
+  // Runs the requests, the i-th joining at step 2 i; results by id. Checks that every block
+  // comes back.
+  std::map<std::string, GenerateResult> Run(const EngineOptions& options,
+                                            const std::vector<GenerateRequest>& requests,
+                                            LlmEngine** keep = nullptr) {
+    auto engine = LlmEngine::Create(*model_, options);
+    EXPECT_TRUE(engine.ok()) << engine.status();
+    if (!engine.ok()) return {};
+    std::map<std::string, GenerateResult> results;
+    for (int step = 0; step < 5000; ++step) {
+      if (step % 2 == 0 && static_cast<size_t>(step / 2) < requests.size()) {
+        EXPECT_TRUE((*engine)->AddRequest(requests[step / 2]).ok());
+      }
+      if (!(*engine)->HasWork() && static_cast<size_t>(step / 2) >= requests.size()) break;
+      if (!(*engine)->HasWork()) continue;
+      auto outputs = (*engine)->Step();
+      EXPECT_TRUE(outputs.ok()) << outputs.status();
+      if (!outputs.ok()) break;
+      for (TokenOutput& out : *outputs) {
+        GenerateResult& r = results[out.request_id];
+        EXPECT_EQ(r.finish, FinishReason::kNone) << out.request_id << ": a token after its last";
+        r.token_ids.push_back(out.token);
+        if (out.finish != FinishReason::kNone) r.finish = out.finish;
+      }
+    }
+    EXPECT_FALSE((*engine)->HasWork());
+    EXPECT_EQ((*engine)->num_free_blocks(), (*engine)->cache().allocator().num_blocks());
+    drafts_ = (*engine)->num_draft_tokens();
+    accepted_ = (*engine)->num_accepted_draft_tokens();
+    preemptions_ = (*engine)->num_preemptions();
+    return results;
+  }
+
+  void ExpectSameTokens(const std::map<std::string, GenerateResult>& got,
+                        const std::map<std::string, GenerateResult>& want) {
+    ASSERT_EQ(got.size(), want.size());
+    for (const auto& [id, w] : want) {
+      ASSERT_TRUE(got.count(id)) << id;
+      EXPECT_EQ(got.at(id).token_ids, w.token_ids) << id;
+      EXPECT_EQ(got.at(id).finish, w.finish) << id;
+    }
+  }
+
+  static EngineOptions Options(int32_t drafts, int32_t block_size, int32_t num_blocks,
+                               int32_t budget, int32_t running) {
+    EngineOptions o;
+    o.block_size = block_size;
+    o.num_blocks = num_blocks;
+    o.max_batch_tokens = budget;
+    o.max_running = running;
+    o.speculative.num_tokens = drafts;
+    return o;
+  }
+
+  ModelConfig config_;
+  std::unique_ptr<CpuBackend> backend_;
+  std::unique_ptr<Transformer> model_;
+  int64_t drafts_ = 0, accepted_ = 0, preemptions_ = 0;
+};
+
+TEST_F(SpeculativeEngineTest, DraftsChangeNoTokenGreedyOrSeeded) {
+  const std::vector<GenerateRequest> requests = Requests(8, 40);
+  const auto want = Run(Options(0, 4, 256, 256, 8), requests);
+  EXPECT_EQ(drafts_, 0);
+  for (int32_t k : {1, 3, 5}) {
+    const auto got = Run(Options(k, 4, 256, 256, 8), requests);
+    ExpectSameTokens(got, want);
+    std::printf("k %d: %lld drafts, %lld kept\n", k, static_cast<long long>(drafts_),
+                static_cast<long long>(accepted_));
+    EXPECT_GT(drafts_, 0) << "k " << k;
+    EXPECT_GT(accepted_, 0) << "k " << k;
+    EXPECT_LE(accepted_, drafts_);
+  }
+}
+
+TEST_F(SpeculativeEngineTest, SmallBudgetSmallCacheAndPreemption) {
+  const std::vector<GenerateRequest> requests = Requests(6, 30);
+  const auto want = Run(Options(0, 4, 256, 256, 6), requests);
+  // A budget that barely covers the decodes: drafts take only what they leave.
+  ExpectSameTokens(Run(Options(4, 4, 256, 7, 6), requests), want);
+  EXPECT_GT(drafts_, 0);
+  // Blocks for about two sequences: drafts get blocks only when free ones are left, and
+  // sequences are preempted as without drafts.
+  ExpectSameTokens(Run(Options(4, 4, 22, 64, 6), requests), want);
+  EXPECT_GT(preemptions_, 0);
+  EXPECT_GT(drafts_, 0);
+}
+
+TEST_F(SpeculativeEngineTest, DraftsNeverDisplaceADecode) {
+  // A budget of one token more than the sequences: every decoding sequence is in every step.
+  std::vector<GenerateRequest> requests = Requests(4, 24);
+  auto engine = LlmEngine::Create(*model_, Options(4, 4, 256, 5, 4));
+  ASSERT_TRUE(engine.ok());
+  for (const GenerateRequest& r : requests) ASSERT_TRUE((*engine)->AddRequest(r).ok());
+  std::set<std::string> decoding;  // have their first token, not finished
+  for (int n = 0; n < 1000 && (*engine)->HasWork(); ++n) {
+    auto outputs = (*engine)->Step();
+    ASSERT_TRUE(outputs.ok()) << outputs.status();
+    std::set<std::string> in_batch;
+    for (const auto& [id, tokens] : (*engine)->last_batch()) in_batch.insert(id);
+    for (const std::string& id : decoding) EXPECT_TRUE(in_batch.count(id)) << id << " step " << n;
+    for (const TokenOutput& out : *outputs) {
+      if (out.finish == FinishReason::kNone) {
+        decoding.insert(out.request_id);
+      } else {
+        decoding.erase(out.request_id);
+      }
+    }
+  }
+  EXPECT_GT((*engine)->num_draft_tokens(), 0);
+}
+
+TEST_F(SpeculativeEngineTest, StopsAtTheContextMaxTokensAndStopTokens) {
+  std::vector<GenerateRequest> requests = Requests(6, 50);
+  // One runs into the model's context, one ends on a stop token it is likely to repeat.
+  requests[0].prompt.resize(std::min<size_t>(requests[0].prompt.size(), 20));
+  requests[0].params.max_tokens = 1000;
+  const auto plain = Run(Options(0, 4, 512, 256, 8), requests);
+  requests[1].params.stop_token_ids = {plain.at("r1").token_ids.at(7)};
+  requests[2].params.max_tokens = 1;
+  const int64_t context = config_.max_context();
+  const auto want = Run(Options(0, 4, 512, 256, 8), requests);
+  EXPECT_EQ(want.at("r0").finish, FinishReason::kLength);
+  EXPECT_EQ(static_cast<int64_t>(want.at("r0").token_ids.size() + requests[0].prompt.size()),
+            context);
+  EXPECT_EQ(want.at("r1").finish, FinishReason::kStop);
+  ExpectSameTokens(Run(Options(5, 4, 512, 256, 8), requests), want);
+  EXPECT_GT(accepted_, 0);
+}
+
+TEST_F(SpeculativeEngineTest, RequestsThatCannotSpeculateDecodeAsBefore) {
+  std::vector<GenerateRequest> requests = Requests(4, 30);
+  for (GenerateRequest& r : requests) {
+    r.params.logprobs = 2;
+    r.params.repetition_penalty = 1.2f;
+  }
+  const auto want = Run(Options(0, 4, 256, 256, 4), requests);
+  ExpectSameTokens(Run(Options(4, 4, 256, 256, 4), requests), want);
+  EXPECT_EQ(drafts_, 0);
+}
+
+TEST_F(SpeculativeEngineTest, RefusesBadOptions) {
+  for (auto [k, lo, hi] : {std::tuple{-1, 2, 4}, {65, 2, 4}, {4, 0, 4}, {4, 3, 2}, {4, 2, 65}}) {
+    EngineOptions o = Options(k, 4, 64, 64, 4);
+    o.speculative.ngram_min = lo;
+    o.speculative.ngram_max = hi;
+    auto engine = LlmEngine::Create(*model_, o);
+    EXPECT_EQ(engine.status().code(), absl::StatusCode::kInvalidArgument) << k << lo << hi;
+  }
+}
+
+}  // namespace
+}  // namespace pds::engine
