@@ -274,6 +274,27 @@ void BM_SpeculativeDecode(benchmark::State& state) {
   state.counters["acceptance"] =
       static_cast<double>(accepted) / static_cast<double>(std::max<int64_t>(drafts, 1));
 }
+// The draft proposer's host cost per sequence and step: the scan (ProposeNgramDrafts; arg 3 =
+// 0) or the engine's index (NgramIndex; 1) over a sequence of `len` tokens, (0) random over Llama
+// 3's vocabulary (the last token rarely occurs before: one pass of compares) or (1) over 16 token
+// ids (every 16th position starts a partial match: the worst case of the scan, no 4-token match).
+void BM_ProposeNgramDrafts(benchmark::State& state) {
+  const int len = static_cast<int>(state.range(0));
+  std::vector<int32_t> tokens = Tokens(len, state.range(1) == 0 ? 128256 : 16, 5);
+  tokens.back() = tokens[len / 2];  // the suffix occurs, at most 3 tokens of it in a row
+  NgramIndex index;                 // what the engine keeps per sequence
+  index.Extend(tokens);
+  for (auto _ : state) {
+    benchmark::DoNotOptimize(state.range(2) == 0 ? ProposeNgramDrafts(tokens, 2, 4, 4)
+                                                 : index.Propose(tokens, 2, 4, 4));
+  }
+  state.counters["tokens/s"] = benchmark::Counter(static_cast<double>(len) * state.iterations(),
+                                                  benchmark::Counter::kIsRate);
+}
+BENCHMARK(BM_ProposeNgramDrafts)
+    ->ArgsProduct({{4096, 32768}, {0, 1}, {0, 1}})
+    ->Unit(benchmark::kMicrosecond);
+
 BENCHMARK(BM_SpeculativeDecode)
     ->ArgsProduct({{1, 8}, {0, 2, 4}})
     ->Iterations(2)

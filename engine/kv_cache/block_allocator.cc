@@ -231,6 +231,13 @@ absl::Status BlockTable::Reserve(int32_t total_tokens, int32_t block_size,
   return absl::OkStatus();
 }
 
+absl::Status BlockTable::Shrink(int32_t keep, BlockAllocator& allocator) {
+  if (keep < 0 || keep >= static_cast<int32_t>(blocks_.size())) return absl::OkStatus();
+  const std::vector<int32_t> extra(blocks_.begin() + keep, blocks_.end());
+  blocks_.resize(static_cast<size_t>(keep));
+  return allocator.Free(extra);
+}
+
 absl::Status BlockTable::Release(BlockAllocator& allocator) {
   absl::Status status = allocator.Free(blocks_);
   blocks_.clear();

@@ -18,6 +18,8 @@ class BlockAllocator {
   int32_t num_blocks() const { return static_cast<int32_t>(ref_counts_.size()); }
   // Blocks an allocation can take: unreferenced ones, cached or not.
   int32_t num_free() const { return static_cast<int32_t>(free_.size()) + num_evictable_; }
+  // Free blocks that hold no cached K/V (allocating them evicts nothing).
+  int32_t num_uncached_free() const { return static_cast<int32_t>(free_.size()); }
   int32_t num_used() const { return num_blocks() - num_free(); }
 
   // Allocates `n` blocks with reference count 1, all or nothing. RESOURCE_EXHAUSTED when
@@ -120,6 +122,9 @@ class BlockTable {
   int32_t Slot(int32_t pos, int32_t block_size) const {
     return blocks_[pos / block_size] * block_size + pos % block_size;
   }
+  // Returns the blocks past the first `keep` to `allocator` (none when it holds no more); they
+  // must hold none of its num_tokens() positions.
+  absl::Status Shrink(int32_t keep, BlockAllocator& allocator);
   // Returns every block to `allocator` and empties the table.
   absl::Status Release(BlockAllocator& allocator);
 

@@ -315,7 +315,9 @@ absl::Status Transformer::SampleRows(std::span<const int64_t> rows,
   }
   PDS_RETURN_IF_ERROR(backend_.RmsNorm(h_.data(), final_norm_, h_.data(), n,
                                        static_cast<float>(config_.rms_norm_eps)));
-  scratch.resize(static_cast<size_t>(n * config_.vocab_size));
+  // Grown only: resizing down and up again would fill it anew every step.
+  const size_t scratch_floats = static_cast<size_t>(n * config_.vocab_size);
+  if (scratch.size() < scratch_floats) scratch.resize(scratch_floats);
   tokens.resize(static_cast<size_t>(n));
   const std::vector<uint8_t> host_rows(static_cast<size_t>(n), 0);
   return backend_.SampleTokens(h_.data(), *lm_head_, n, sampling, host_rows, scratch.data(),

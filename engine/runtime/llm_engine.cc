@@ -506,6 +506,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     Sequence* seq;
     int32_t chunk;
     std::vector<int32_t> drafts;  // speculative tokens after its next one (part of the chunk)
+    int32_t blocks = 0;           // with drafts: the blocks it held before their own
   };
   // The batch policy proposes the order and the chunks; here each sequence in turn gets its
   // blocks (a running one may preempt the youngest other admitted sequence not in the batch)
@@ -607,7 +608,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         if (seq->num_generated == 0) seq->prompt_cached = seq->num_computed;
       }
       seq->admitted = true;
-      plan.push_back({seq, chunk, {}});
+      plan.push_back({seq, chunk, {}, 0});
       budget -= chunk;
       if (preempted) {
         replan = true;
@@ -622,27 +623,36 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     }
   }
   if (block_wait) ++num_block_waits_;  // once per step, however often it was replanned
-  // Speculative drafts, from what the step leaves of the budget and of the free blocks: they
-  // go after the sequence's last token in its chunk (and in its tokens until the forward is
-  // done).
+  // Speculative drafts, from what the step leaves of the budget and of the blocks that are
+  // free and cache nothing (the step gives back those its drafts did not fill): they go after
+  // the sequence's last token in its chunk (and in its tokens until the forward is done).
   const int32_t max_drafts = options_.speculative.num_tokens;
   for (Planned& p : plan) {
     if (max_drafts == 0 || budget <= 0) break;
     Sequence& seq = *p.seq;
     if (p.chunk != 1 || !MaySpeculate(seq)) continue;
+    if (seq.draft_pause > 0) {
+      --seq.draft_pause;
+      continue;
+    }
     const int64_t len = static_cast<int64_t>(seq.tokens.size());
-    // No draft past max_tokens or the model's context: their tokens could not be kept.
-    const int64_t room = std::min<int64_t>(seq.request.params.max_tokens - seq.num_generated - 1,
-                                           model_.config().max_context() - len);
-    if (seq.draft_limit == 0) seq.draft_limit = max_drafts;
+    // No draft past max_tokens, the model's context or the blocks at hand: their tokens could
+    // not be kept.
+    const int32_t held = static_cast<int32_t>(seq.table.blocks().size());
+    const int64_t room = std::min<int64_t>(
+        {seq.request.params.max_tokens - seq.num_generated - 1, model_.config().max_context() - len,
+         static_cast<int64_t>(held + cache_.allocator().num_uncached_free()) * bs - len});
+    if (seq.draft_limit < 0) seq.draft_limit = max_drafts;
     const int32_t k =
         static_cast<int32_t>(std::min<int64_t>({seq.draft_limit, max_drafts, budget, room}));
     if (k <= 0) continue;
-    std::vector<int32_t> drafts = ProposeNgramDrafts(seq.tokens, options_.speculative.ngram_min,
+    seq.ngrams.Extend(seq.tokens);
+    std::vector<int32_t> drafts = seq.ngrams.Propose(seq.tokens, options_.speculative.ngram_min,
                                                      options_.speculative.ngram_max, k);
     if (drafts.empty()) continue;
     const int32_t need = seq.num_computed + 1 + static_cast<int32_t>(drafts.size());
     if (!seq.table.Reserve(need, bs, cache_.allocator()).ok()) continue;
+    p.blocks = held;
     p.chunk += static_cast<int32_t>(drafts.size());
     budget -= static_cast<int32_t>(drafts.size());
     seq.tokens.insert(seq.tokens.end(), drafts.begin(), drafts.end());
@@ -738,7 +748,9 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       }
       first_row += p.chunk;
     }
-    const size_t slice = static_cast<size_t>(RowSlice());
+    // At most 16M logits a call (the backend's buffer for them grows to that).
+    const size_t slice =
+        static_cast<size_t>(std::max<int64_t>(1, (int64_t{1} << 24) / model_.config().vocab_size));
     std::vector<int32_t> part;
     for (size_t at = 0; at < rows.size() && forwarded.ok(); at += slice) {
       const size_t n = std::min(slice, rows.size() - at);
@@ -793,9 +805,10 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       const int32_t next = kept < drafts.size() ? drawn[next_drawn + kept] : tokens_[i];
       next_drawn += drafts.size();
       draft_tokens_ += static_cast<int64_t>(drafts.size());
-      accepted_draft_tokens_ += static_cast<int64_t>(kept);
       seq.draft_limit = kept < drafts.size() ? static_cast<int32_t>(kept) + 1
                                              : std::min(2 * seq.draft_limit, max_drafts);
+      seq.draft_misses = kept == 0 ? seq.draft_misses + 1 : 0;
+      if (seq.draft_misses >= 2) seq.draft_pause = 1 << std::min(seq.draft_misses, 6);
       for (size_t j = 0; j <= kept; ++j) {
         TokenOutput out;
         out.request_id = seq.request.id;
@@ -805,6 +818,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         out.finish = CheckFinish(seq, out.token);
         const bool done = out.finish != FinishReason::kNone;
         outputs.push_back(std::move(out));
+        if (j < kept) ++accepted_draft_tokens_;  // kept and sent
         if (done) {
           finished.push_back(seq.request.id);
           break;
@@ -813,6 +827,10 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       seq.num_computed = static_cast<int32_t>(seq.tokens.size()) - 1;
       seq.table.set_num_tokens(seq.num_computed);
       RegisterFilledBlocks(seq, before);
+      // The blocks only rejected drafts reached go back at once.
+      PDS_RETURN_IF_ERROR(
+          seq.table.Shrink(std::max(plan[i].blocks, BlockTable::BlocksFor(seq.num_computed, bs)),
+                           cache_.allocator()));
       continue;
     }
     seq.num_computed += plan[i].chunk;

@@ -225,9 +225,14 @@ class LlmEngine {
     absl::flat_hash_set<int32_t> prompt_tokens;
     absl::flat_hash_map<int32_t, int32_t> reply_counts;
     std::vector<TokenLogprobs> prompt_logprobs;  // computed so far (params.prompt_logprobs)
-    // Speculative decoding: the most drafts its next step may have. A rejection cuts it to one
-    // more than were kept, a step whose drafts were all kept doubles it (up to the option's).
-    int32_t draft_limit = 0;
+    // Speculative decoding: the most drafts its next step may have (-1: the option's). A
+    // rejection cuts it to one more than were kept, a step whose drafts were all kept doubles
+    // it. After `draft_misses` steps in a row whose every draft was rejected (2 or more), it
+    // drafts nothing for 2^misses steps (at most 64): `draft_pause`.
+    int32_t draft_limit = -1;
+    int32_t draft_misses = 0;
+    int32_t draft_pause = 0;
+    NgramIndex ngrams;  // of its tokens (drafts never: they leave before the next step)
     size_t counted = 0;
   };
   // Applies the request's logits processing to its row (SamplingParams' order); `allowed`:

@@ -530,6 +530,7 @@ TEST_P(CudaModelTest, SpeculativeDecodingKeepsTheGreedyTokens) {
     }
   }
   EXPECT_GT(drafts, 0);
+  EXPECT_GT(kept, 0);
   std::printf("drafts %lld, kept %lld\n", static_cast<long long>(drafts),
               static_cast<long long>(kept));
   const int64_t vocab = results[0][0].logits.empty() ? 0 : results[0][0].logits[0].size();

@@ -12,40 +12,58 @@
 #include "engine/backend/cpu_backend.h"
 #include "engine/model/transformer.h"
 #include "engine/runtime/llm_engine.h"
-#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tests/testing/test_util.h"
 
 namespace pds::engine {
 namespace {
 
-using ::testing::ElementsAre;
-using ::testing::IsEmpty;
+using Ids = std::vector<int32_t>;
 
 TEST(ProposeNgramDraftsTest, FollowsTheLatestOccurrenceOfTheLongestSuffix) {
   // "7 8" occurs twice before the end; the latest one is followed by 5 6.
   const std::vector<int32_t> t = {7, 8, 1, 2, 9, 7, 8, 5, 6, 4, 7, 8};
-  EXPECT_THAT(ProposeNgramDrafts(t, 2, 4, 2), ElementsAre(5, 6));
+  EXPECT_EQ(ProposeNgramDrafts(t, 2, 4, 2), (Ids{5, 6}));
   // A longer match wins over a later shorter one: "3 7 8" occurs only at the start.
   const std::vector<int32_t> u = {3, 7, 8, 1, 2, 7, 8, 5, 3, 7, 8};
-  EXPECT_THAT(ProposeNgramDrafts(u, 2, 4, 3), ElementsAre(1, 2, 7));
-  EXPECT_THAT(ProposeNgramDrafts(u, 2, 2, 3), ElementsAre(5, 3, 7)) << "n-grams of 2 only";
+  EXPECT_EQ(ProposeNgramDrafts(u, 2, 4, 3), (Ids{1, 2, 7}));
+  EXPECT_EQ(ProposeNgramDrafts(u, 2, 2, 3), (Ids{5, 3, 7})) << "n-grams of 2 only";
 }
 
 TEST(ProposeNgramDraftsTest, NothingWithoutAMatchOfTheShortestLength) {
   const std::vector<int32_t> t = {1, 2, 3, 4, 5, 3};
-  EXPECT_THAT(ProposeNgramDrafts(t, 2, 4, 4), IsEmpty());
-  EXPECT_THAT(ProposeNgramDrafts(t, 1, 4, 2), ElementsAre(4, 5));
-  EXPECT_THAT(ProposeNgramDrafts(t, 1, 4, 0), IsEmpty());
-  EXPECT_THAT(ProposeNgramDrafts(std::vector<int32_t>{5}, 1, 4, 3), IsEmpty());
-  EXPECT_THAT(ProposeNgramDrafts(std::vector<int32_t>{}, 1, 4, 3), IsEmpty());
+  EXPECT_EQ(ProposeNgramDrafts(t, 2, 4, 4), Ids{});
+  EXPECT_EQ(ProposeNgramDrafts(t, 1, 4, 2), (Ids{4, 5}));
+  EXPECT_EQ(ProposeNgramDrafts(t, 1, 4, 0), Ids{});
+  EXPECT_EQ(ProposeNgramDrafts(std::vector<int32_t>{5}, 1, 4, 3), Ids{});
+  EXPECT_EQ(ProposeNgramDrafts(std::vector<int32_t>{}, 1, 4, 3), Ids{});
 }
 
 TEST(ProposeNgramDraftsTest, ARepeatingPatternIsDraftedPastTheEnd) {
   const std::vector<int32_t> t = {9, 1, 2, 3, 1, 2, 3, 1, 2};
-  EXPECT_THAT(ProposeNgramDrafts(t, 2, 4, 7), ElementsAre(3, 1, 2, 3, 1, 2, 3));
+  EXPECT_EQ(ProposeNgramDrafts(t, 2, 4, 7), (Ids{3, 1, 2, 3, 1, 2, 3}));
   const std::vector<int32_t> run = {4, 4, 4};
-  EXPECT_THAT(ProposeNgramDrafts(run, 2, 4, 3), ElementsAre(4, 4, 4));
+  EXPECT_EQ(ProposeNgramDrafts(run, 2, 4, 3), (Ids{4, 4, 4}));
+}
+
+TEST(ProposeNgramDraftsTest, TheIndexProposesWhatTheScanDoes) {
+  // Sequences over a few token ids (many partial matches), grown a token at a time.
+  std::mt19937_64 rng(9);
+  int proposed = 0;
+  for (int trial = 0; trial < 20; ++trial) {
+    const int32_t ids = 2 + trial % 6;
+    std::vector<int32_t> tokens;
+    NgramIndex index;
+    for (int t = 0; t < 300; ++t) {
+      tokens.push_back(static_cast<int32_t>(rng() % ids));
+      index.Extend(tokens);
+      const int32_t lo = 1 + t % 3, hi = lo + t % 4, k = t % 6;
+      const std::vector<int32_t> want = ProposeNgramDrafts(tokens, lo, hi, k);
+      ASSERT_EQ(index.Propose(tokens, lo, hi, k), want) << trial << " " << t;
+      proposed += !want.empty();
+    }
+  }
+  EXPECT_GT(proposed, 1000);
 }
 
 class SpeculativeEngineTest : public ::testing::Test {
@@ -164,6 +182,55 @@ TEST_F(SpeculativeEngineTest, DraftsChangeNoTokenGreedyOrSeeded) {
   }
 }
 
+TEST_F(SpeculativeEngineTest, SeededSamplingKeepsDrafts) {
+  // Only the seeded requests: their drafts are kept by the sampled draws, not by argmax.
+  std::vector<GenerateRequest> requests;
+  for (GenerateRequest& r : Requests(12, 40)) {
+    if (r.params.seed.has_value()) requests.push_back(std::move(r));
+  }
+  ASSERT_EQ(requests.size(), 6u);
+  const auto want = Run(Options(0, 4, 256, 256, 8), requests);
+  ExpectSameTokens(Run(Options(4, 4, 256, 256, 8), requests), want);
+  EXPECT_GT(accepted_, 0);
+}
+
+TEST_F(SpeculativeEngineTest, PrefixCacheHitsAfterDraftsAreTheComputedTokens) {
+  // A reply whose drafts were kept (and whose blocks drafts wrote past) is the prefix of the
+  // next turn: its cached blocks must hold the K/V of the tokens it kept.
+  std::vector<GenerateRequest> first = Requests(2, 40);
+  auto turn = [&](const EngineOptions& options) {
+    auto engine = LlmEngine::Create(*model_, options);
+    EXPECT_TRUE(engine.ok());
+    auto one = (*engine)->Generate({first[0]});
+    EXPECT_TRUE(one.ok());
+    GenerateRequest next = first[0];
+    next.id = "next";
+    next.prompt.insert(next.prompt.end(), (*one)[0].token_ids.begin(), (*one)[0].token_ids.end());
+    next.prompt.push_back(7);
+    next.params.max_tokens = 12;
+    next.return_logits = true;  // no drafts: the logits compare the cached K/V alone
+    auto two = (*engine)->Generate({next});
+    EXPECT_TRUE(two.ok());
+    const int64_t hits = (*engine)->num_prefix_hit_tokens();
+    drafts_ = (*engine)->num_draft_tokens();
+    accepted_ = (*engine)->num_accepted_draft_tokens();
+    return std::make_pair((*two)[0], hits);
+  };
+  EngineOptions cached = Options(4, 4, 256, 256, 4);
+  auto [with, hits] = turn(cached);
+  EXPECT_GT(accepted_, 0);
+  EXPECT_GT(hits, 16) << "the second turn starts from the first's blocks";
+  cached.prefix_caching = false;
+  cached.speculative.num_tokens = 0;
+  auto [want, no_hits] = turn(cached);
+  EXPECT_EQ(no_hits, 0);
+  EXPECT_EQ(with.token_ids, want.token_ids);
+  ASSERT_EQ(with.logits.size(), want.logits.size());
+  for (size_t t = 0; t < want.logits.size(); ++t) {
+    EXPECT_TRUE(testing::AllClose(with.logits[t], want.logits[t], 1e-4, 1e-4)) << t;
+  }
+}
+
 TEST_F(SpeculativeEngineTest, SmallBudgetSmallCacheAndPreemption) {
   const std::vector<GenerateRequest> requests = Requests(6, 30);
   const auto want = Run(Options(0, 4, 256, 256, 6), requests);
@@ -175,6 +242,32 @@ TEST_F(SpeculativeEngineTest, SmallBudgetSmallCacheAndPreemption) {
   ExpectSameTokens(Run(Options(4, 4, 22, 64, 6), requests), want);
   EXPECT_GT(preemptions_, 0);
   EXPECT_GT(drafts_, 0);
+}
+
+TEST_F(SpeculativeEngineTest, BlocksOnlyRejectedDraftsReachedGoBack) {
+  // One sequence, 8 drafts a step in blocks of 4: after every step it holds the blocks of its
+  // computed tokens (all but the last) and no more, as without drafts.
+  GenerateRequest r = Requests(1, 60)[0];
+  EngineOptions o = Options(8, 4, 256, 256, 4);
+  o.prefix_caching = false;
+  auto engine = LlmEngine::Create(*model_, o);
+  ASSERT_TRUE(engine.ok());
+  const int32_t prompt = static_cast<int32_t>(r.prompt.size());
+  ASSERT_TRUE((*engine)->AddRequest(r).ok());
+  int32_t generated = 0;
+  while ((*engine)->HasWork()) {
+    auto outputs = (*engine)->Step();
+    ASSERT_TRUE(outputs.ok()) << outputs.status();
+    generated += static_cast<int32_t>(outputs->size());
+    if ((*engine)->HasWork()) {
+      EXPECT_EQ((*engine)->cache().allocator().num_used(),
+                BlockTable::BlocksFor(prompt + generated - 1, 4))
+          << generated << " tokens";
+    }
+  }
+  EXPECT_GT((*engine)->num_draft_tokens(), (*engine)->num_accepted_draft_tokens())
+      << "some drafts were rejected";
+  EXPECT_EQ((*engine)->num_free_blocks(), 256);
 }
 
 TEST_F(SpeculativeEngineTest, DraftsNeverDisplaceADecode) {
