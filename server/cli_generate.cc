@@ -59,6 +59,9 @@ const std::vector<FlagSpec>& Specs() {
          "tokenizer.json)"},
         {"json", true, "print one JSON object"},
         {"block-size", false, "KV cache block size in tokens (default 16)"},
+        {"speculative-tokens", false,
+         "speculative decoding by prompt lookup: drafts per step (default 0: off; n-grams of "
+         "2 to 4 tokens)"},
         {"help", true, "show this help"},
     };
     std::vector<FlagSpec> all = ModelFlagSpecs();
@@ -169,8 +172,13 @@ absl::Status Run(const CliArgs& args) {
   engine::EngineOptions engine_options;
   PDS_ASSIGN_OR_RETURN(int64_t block_size, args.GetInt("block-size", 16));
   engine_options.block_size = static_cast<int32_t>(block_size);
-  // Enough cache for this one request.
-  const int64_t total = static_cast<int64_t>(request.prompt.size()) + p.max_tokens;
+  PDS_ASSIGN_OR_RETURN(int64_t drafts, args.GetInt("speculative-tokens", 0));
+  if (drafts < 0 || drafts > 64) {
+    return absl::InvalidArgumentError("--speculative-tokens must be in [0, 64]");
+  }
+  engine_options.speculative.num_tokens = static_cast<int32_t>(drafts);
+  // Enough cache for this one request (and its drafts).
+  const int64_t total = static_cast<int64_t>(request.prompt.size()) + p.max_tokens + drafts;
   engine_options.num_blocks = static_cast<int32_t>(
       std::max<int64_t>(1, (std::min(total, model->config().max_context()) + block_size - 1) /
                                std::max<int64_t>(block_size, 1)) +
@@ -253,6 +261,10 @@ absl::Status Run(const CliArgs& args) {
       j["prompt_logprobs"] = list;
     }
     j["timing_ms"] = {{"load", load_ms}, {"first_token", first_token_ms}, {"total", total_ms}};
+    if (drafts > 0) {
+      j["speculative"] = {{"draft_tokens", llm->num_draft_tokens()},
+                          {"accepted_tokens", llm->num_accepted_draft_tokens()}};
+    }
     std::printf("%s\n",
                 j.dump(-1, ' ', false, nlohmann::ordered_json::error_handler_t::replace).c_str());
   } else {
@@ -269,6 +281,11 @@ absl::Status Run(const CliArgs& args) {
     }
     std::printf("load %.0f ms, first token %.1f ms, decode %.1f tokens/s\n", load_ms,
                 first_token_ms, decode_tps);
+    if (drafts > 0) {
+      std::printf("speculative: %lld draft tokens, %lld kept\n",
+                  static_cast<long long>(llm->num_draft_tokens()),
+                  static_cast<long long>(llm->num_accepted_draft_tokens()));
+    }
   }
   return absl::OkStatus();
 }

@@ -405,8 +405,7 @@ bool LlmEngine::MaySpeculate(const Sequence& seq) const {
   const SamplingParams& p = seq.request.params;
   return seq.num_generated > 0 && seq.handoff == nullptr && !seq.request.hold_kv_after_prefill &&
          seq.num_computed + 1 == static_cast<int32_t>(seq.tokens.size()) &&
-         seq.matcher == nullptr && !p.ProcessesLogits() && p.logprobs < 0 &&
-         !seq.request.return_logits;
+         seq.matcher == nullptr && !p.ProcessesLogits() && !seq.request.return_logits;
 }
 
 absl::Status LlmEngine::PromptLogprobs(Sequence& seq, int32_t start, int32_t chunk,
@@ -794,7 +793,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   const int64_t vocab = model_.config().vocab_size;
   std::vector<std::string> finished;
   size_t next_drawn = 0;  // of `drawn`
-  for (size_t i = 0; i < plan.size(); ++i) {
+  int64_t next_row = 0;   // the batch row of plan[i]'s first token
+  for (size_t i = 0; i < plan.size(); next_row += plan[i].chunk, ++i) {
     Sequence& seq = *plan[i].seq;
     const int32_t before = seq.num_computed;
     if (const std::vector<int32_t>& drafts = plan[i].drafts; !drafts.empty()) {
@@ -809,10 +809,22 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
                                              : std::min(2 * seq.draft_limit, max_drafts);
       seq.draft_misses = kept == 0 ? seq.draft_misses + 1 : 0;
       if (seq.draft_misses >= 2) seq.draft_pause = 1 << std::min(seq.draft_misses, 6);
+      // Logprobs: from the rows of the tokens sent (row j gave token j).
+      const int32_t logprobs = seq.request.params.logprobs;
+      if (logprobs >= 0) {
+        PDS_RETURN_IF_ERROR(
+            model_.RowLogits(next_row, static_cast<int64_t>(kept) + 1, draft_rows_));
+      }
       for (size_t j = 0; j <= kept; ++j) {
         TokenOutput out;
         out.request_id = seq.request.id;
         out.token = j < kept ? drafts[j] : next;
+        if (logprobs >= 0) {
+          TokenLogprobs lp;
+          lp.logprob = kernels::cpu::LogProbAndTop(draft_rows_.data() + j * vocab, vocab, out.token,
+                                                   logprobs, lp.top);
+          out.logprobs = std::move(lp);
+        }
         seq.tokens.push_back(out.token);
         ++seq.num_generated;
         out.finish = CheckFinish(seq, out.token);

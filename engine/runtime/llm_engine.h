@@ -39,9 +39,9 @@ struct EngineOptions {
   // not been reused), and computes only the rest.
   bool prefix_caching = true;
   // Speculative decoding by prompt lookup (engine/runtime/speculative.h): drafts use only the
-  // token budget and the free blocks a step leaves, never preempt, and go only to sequences
-  // whose tokens are drawn where the logits are (no logprobs, logits processing or
-  // structured output).
+  // token budget and the uncached free blocks a step leaves, never preempt or evict, and go
+  // only to sequences whose tokens are drawn where the logits are (no logits processing,
+  // structured output or return_logits; logprobs come from the sent tokens' rows).
   SpeculativeOptions speculative;
 };
 

@@ -312,11 +312,45 @@ TEST_F(SpeculativeEngineTest, StopsAtTheContextMaxTokensAndStopTokens) {
   EXPECT_GT(accepted_, 0);
 }
 
+TEST_F(SpeculativeEngineTest, LogprobsComeFromTheRowsOfTheSentTokens) {
+  std::vector<GenerateRequest> requests = Requests(6, 30);
+  for (GenerateRequest& r : requests) r.params.logprobs = 3;
+  auto run = [&](int32_t drafts) {
+    auto engine = LlmEngine::Create(*model_, Options(drafts, 4, 256, 256, 8));
+    EXPECT_TRUE(engine.ok());
+    auto results = (*engine)->Generate(requests);
+    EXPECT_TRUE(results.ok()) << results.status();
+    drafts_ = (*engine)->num_draft_tokens();
+    accepted_ = (*engine)->num_accepted_draft_tokens();
+    return *results;
+  };
+  const std::vector<GenerateResult> want = run(0);
+  const std::vector<GenerateResult> got = run(4);
+  EXPECT_GT(accepted_, 0);
+  ASSERT_EQ(got.size(), want.size());
+  for (size_t i = 0; i < want.size(); ++i) {
+    ASSERT_EQ(got[i].token_ids, want[i].token_ids) << i;
+    ASSERT_EQ(got[i].logprobs.size(), want[i].logprobs.size()) << i;
+    for (size_t t = 0; t < want[i].logprobs.size(); ++t) {
+      const TokenLogprobs& a = got[i].logprobs[t];
+      const TokenLogprobs& b = want[i].logprobs[t];
+      EXPECT_NEAR(a.logprob, b.logprob, 1e-4) << i << " token " << t;
+      ASSERT_EQ(a.top.size(), 3u);
+      ASSERT_EQ(b.top.size(), 3u);
+      for (size_t k = 0; k < 3; ++k) {
+        EXPECT_EQ(a.top[k].first, b.top[k].first) << i << " token " << t;
+        EXPECT_NEAR(a.top[k].second, b.top[k].second, 1e-4) << i << " token " << t;
+      }
+    }
+  }
+}
+
 TEST_F(SpeculativeEngineTest, RequestsThatCannotSpeculateDecodeAsBefore) {
   std::vector<GenerateRequest> requests = Requests(4, 30);
-  for (GenerateRequest& r : requests) {
-    r.params.logprobs = 2;
-    r.params.repetition_penalty = 1.2f;
+  for (size_t i = 0; i < requests.size(); ++i) {
+    requests[i].params.logprobs = 2;
+    if (i % 2 == 0) requests[i].params.repetition_penalty = 1.2f;
+    if (i % 2 == 1) requests[i].return_logits = true;
   }
   const auto want = Run(Options(0, 4, 256, 256, 4), requests);
   ExpectSameTokens(Run(Options(4, 4, 256, 256, 4), requests), want);

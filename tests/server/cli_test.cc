@@ -119,6 +119,28 @@ TEST_F(CliTest, GenerateWithPromptLogprobsAndAllowedTokens) {
   EXPECT_NE(refused.errors.find("prompt_logprobs"), std::string::npos) << refused.errors;
 }
 
+// --speculative-tokens: the same greedy tokens, and the draft counts in the JSON; a bad count
+// is refused by name.
+TEST_F(CliTest, GenerateWithSpeculativeDecoding) {
+  std::string ids;
+  for (int j = 0; j < 40; ++j) ids += (j ? "," : "") + std::to_string(5 + j % 4);
+  const std::string cmd = "generate --model " + dir_ + " --prompt-ids " + ids +
+                          " --max-tokens 24 --ignore-eos --json --threads 1";
+  const auto plain = nlohmann::json::parse(RunCommand(cmd).output, nullptr, false);
+  const auto spec =
+      nlohmann::json::parse(RunCommand(cmd + " --speculative-tokens 4").output, nullptr, false);
+  ASSERT_FALSE(plain.is_discarded());
+  ASSERT_FALSE(spec.is_discarded());
+  EXPECT_EQ(spec["token_ids"], plain["token_ids"]);
+  EXPECT_FALSE(plain.contains("speculative"));
+  ASSERT_TRUE(spec.contains("speculative")) << spec.dump();
+  EXPECT_LE(spec["speculative"]["accepted_tokens"].get<int>(),
+            spec["speculative"]["draft_tokens"].get<int>());
+  const Result refused = RunCommand(cmd + " --speculative-tokens 65");
+  EXPECT_NE(refused.exit_code, 0);
+  EXPECT_NE(refused.errors.find("--speculative-tokens"), std::string::npos) << refused.errors;
+}
+
 // Logits processing from the command line: a +100 bias holds every token; bad values are
 // refused by name.
 TEST_F(CliTest, GenerateWithPenaltiesAndLogitBias) {
