@@ -177,8 +177,8 @@ absl::Status Run(const CliArgs& args) {
     return absl::InvalidArgumentError("--speculative-tokens must be in [0, 64]");
   }
   engine_options.speculative.num_tokens = static_cast<int32_t>(drafts);
-  // Enough cache for this one request (and its drafts).
-  const int64_t total = static_cast<int64_t>(request.prompt.size()) + p.max_tokens + drafts;
+  // Enough cache for this one request (drafts never go past max_tokens).
+  const int64_t total = static_cast<int64_t>(request.prompt.size()) + p.max_tokens;
   engine_options.num_blocks = static_cast<int32_t>(
       std::max<int64_t>(1, (std::min(total, model->config().max_context()) + block_size - 1) /
                                std::max<int64_t>(block_size, 1)) +

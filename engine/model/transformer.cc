@@ -287,21 +287,17 @@ absl::Status Transformer::RowLogits(int64_t first_row, int64_t rows, std::vector
   return backend_.Logits(h_.data(), *lm_head_, rows, logits.data());
 }
 
-absl::Status Transformer::SampleRows(std::span<const int64_t> rows,
-                                     const std::vector<kernels::RowSampling>& sampling,
-                                     std::vector<float>& scratch, std::vector<int32_t>& tokens) {
-  const int64_t n = static_cast<int64_t>(rows.size());
-  if (n == 0 || sampling.size() != rows.size()) {
-    return absl::InvalidArgumentError("SampleRows needs rows and one rule per row");
-  }
+absl::Status Transformer::GatherRows(std::span<const int64_t> rows) {
+  if (rows.empty()) return absl::InvalidArgumentError("no rows asked for");
   for (int64_t r : rows) {
     if (r < 0 || r >= meta_.num_tokens()) {
       return absl::OutOfRangeError(
           absl::StrCat("row ", r, " of a batch of ", meta_.num_tokens(), " tokens"));
     }
   }
-  // Gathered into h_ (free scratch of the batch's size once the forward is done), runs of
-  // consecutive rows in one copy, then normalized and drawn like the last rows.
+  // Into h_ (free scratch of the batch's size once the forward is done), runs of consecutive
+  // rows in one copy, then normalized as the last rows are.
+  const int64_t n = static_cast<int64_t>(rows.size());
   const DType dt = backend_.compute_dtype();
   const int64_t hidden = config_.hidden_size;
   const size_t row_bytes = static_cast<size_t>(hidden) * DTypeSize(dt);
@@ -313,11 +309,29 @@ absl::Status Transformer::SampleRows(std::span<const int64_t> rows,
                                             row_bytes * static_cast<size_t>(run)));
     i += run;
   }
-  PDS_RETURN_IF_ERROR(backend_.RmsNorm(h_.data(), final_norm_, h_.data(), n,
-                                       static_cast<float>(config_.rms_norm_eps)));
+  return backend_.RmsNorm(h_.data(), final_norm_, h_.data(), n,
+                          static_cast<float>(config_.rms_norm_eps));
+}
+
+absl::Status Transformer::RowLogits(std::span<const int64_t> rows, std::vector<float>& logits) {
+  PDS_RETURN_IF_ERROR(GatherRows(rows));
+  const int64_t n = static_cast<int64_t>(rows.size());
   // Grown only: resizing down and up again would fill it anew every step.
+  const size_t floats = static_cast<size_t>(n * config_.vocab_size);
+  if (logits.size() < floats) logits.resize(floats);
+  return backend_.Logits(h_.data(), *lm_head_, n, logits.data());
+}
+
+absl::Status Transformer::SampleRows(std::span<const int64_t> rows,
+                                     const std::vector<kernels::RowSampling>& sampling,
+                                     std::vector<float>& scratch, std::vector<int32_t>& tokens) {
+  if (sampling.size() != rows.size()) {
+    return absl::InvalidArgumentError("SampleRows needs one rule per row");
+  }
+  PDS_RETURN_IF_ERROR(GatherRows(rows));
+  const int64_t n = static_cast<int64_t>(rows.size());
   const size_t scratch_floats = static_cast<size_t>(n * config_.vocab_size);
-  if (scratch.size() < scratch_floats) scratch.resize(scratch_floats);
+  if (scratch.size() < scratch_floats) scratch.resize(scratch_floats);  // grown only
   tokens.resize(static_cast<size_t>(n));
   const std::vector<uint8_t> host_rows(static_cast<size_t>(n), 0);
   return backend_.SampleTokens(h_.data(), *lm_head_, n, sampling, host_rows, scratch.data(),

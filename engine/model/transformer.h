@@ -84,6 +84,9 @@ class Transformer {
   absl::Status SampleRows(std::span<const int64_t> rows,
                           const std::vector<kernels::RowSampling>& sampling,
                           std::vector<float>& scratch, std::vector<int32_t>& tokens);
+  // The fp32 logits of any of the batch's token `rows` (runs of consecutive rows gathered in
+  // one copy), [rows, vocab] row-major at the start of `logits`, which only grows.
+  absl::Status RowLogits(std::span<const int64_t> rows, std::vector<float>& logits);
 
   // The KV cache shape this model needs for `num_blocks` blocks of `block_size`.
   KvCacheShape CacheShape(int32_t num_blocks, int32_t block_size) const;
@@ -99,6 +102,8 @@ class Transformer {
   absl::Status BuildMetadata(std::span<const SequenceInput> seqs, const KvCache& cache);
   absl::Status EnsureScratch(int64_t tokens, int64_t seqs);
   // Everything up to the final norm: last_ holds each sequence's normed last hidden row.
+  // After a Forward: `rows` of the final hidden states copied into h_ and normalized.
+  absl::Status GatherRows(std::span<const int64_t> rows);
   absl::Status Body(std::span<const SequenceInput> seqs, KvCache& cache,
                     const KvLayerHook& on_kv_layer = nullptr);
   // The backend ops of a forward over the metadata of BeginBatch (recorded in a graph or not).

@@ -506,6 +506,11 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     int32_t chunk;
     std::vector<int32_t> drafts;  // speculative tokens after its next one (part of the chunk)
     int32_t blocks = 0;           // with drafts: the blocks it held before their own
+    // After the forward, with drafts: how many are kept, the token drawn after them, and the
+    // logprobs of those kept and that token (params.logprobs >= 0).
+    size_t kept = 0;
+    int32_t next = -1;
+    std::vector<TokenLogprobs> logprobs;
   };
   // The batch policy proposes the order and the chunks; here each sequence in turn gets its
   // blocks (a running one may preempt the youngest other admitted sequence not in the batch)
@@ -607,7 +612,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         if (seq->num_generated == 0) seq->prompt_cached = seq->num_computed;
       }
       seq->admitted = true;
-      plan.push_back({seq, chunk, {}, 0});
+      plan.push_back({seq, chunk, {}, 0, 0, -1, {}});
       budget -= chunk;
       if (preempted) {
         replan = true;
@@ -622,15 +627,18 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     }
   }
   if (block_wait) ++num_block_waits_;  // once per step, however often it was replanned
-  // Speculative drafts, from what the step leaves of the budget and of the blocks that are
-  // free and cache nothing (the step gives back those its drafts did not fill): they go after
-  // the sequence's last token in its chunk (and in its tokens until the forward is done).
+  // Speculative drafts, from what the step leaves of the budget and of the free blocks, less
+  // one block of growth per planned sequence (free blocks that cache nothing go first; the
+  // step gives back those its drafts did not fill): they go after the sequence's last token in
+  // its chunk (and in its tokens until the forward is done).
   const int32_t max_drafts = options_.speculative.num_tokens;
+  const int32_t spare_blocks = cache_.allocator().num_free() - static_cast<int32_t>(plan.size());
+  int32_t draft_blocks = 0;  // taken so far
   for (Planned& p : plan) {
-    if (max_drafts == 0 || budget <= 0) break;
+    if (max_drafts == 0) break;
     Sequence& seq = *p.seq;
     if (p.chunk != 1 || !MaySpeculate(seq)) continue;
-    if (seq.draft_pause > 0) {
+    if (seq.draft_pause > 0) {  // one of its decode steps without drafts
       --seq.draft_pause;
       continue;
     }
@@ -640,7 +648,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     const int32_t held = static_cast<int32_t>(seq.table.blocks().size());
     const int64_t room = std::min<int64_t>(
         {seq.request.params.max_tokens - seq.num_generated - 1, model_.config().max_context() - len,
-         static_cast<int64_t>(held + cache_.allocator().num_uncached_free()) * bs - len});
+         static_cast<int64_t>(held + std::max(0, spare_blocks - draft_blocks)) * bs - len});
     if (seq.draft_limit < 0) seq.draft_limit = max_drafts;
     const int32_t k =
         static_cast<int32_t>(std::min<int64_t>({seq.draft_limit, max_drafts, budget, room}));
@@ -651,6 +659,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     if (drafts.empty()) continue;
     const int32_t need = seq.num_computed + 1 + static_cast<int32_t>(drafts.size());
     if (!seq.table.Reserve(need, bs, cache_.allocator()).ok()) continue;
+    draft_blocks += static_cast<int32_t>(seq.table.blocks().size()) - held;
     p.blocks = held;
     p.chunk += static_cast<int32_t>(drafts.size());
     budget -= static_cast<int32_t>(drafts.size());
@@ -689,7 +698,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     // A reasoning model's reply before its constraint applies is drawn as any other.
     const bool masked = seq.matcher != nullptr && !seq.matcher->Free();
     const bool processed = seq.request.params.ProcessesLogits();
-    if (samples &&
+    // A drafted sequence's logprobs come from its rows after the forward.
+    if (samples && plan[i].drafts.empty() &&
         (seq.request.params.logprobs >= 0 || seq.request.return_logits || masked || processed)) {
       host_rows_[i] = 1;
     }
@@ -763,6 +773,40 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   for (Planned& p : plan) {
     p.seq->tokens.resize(p.seq->tokens.size() - p.drafts.size());
   }
+  // Each drafted sequence's kept drafts and its next token, and the logprobs of what it sends
+  // (from those tokens' rows, all such sequences' rows at once), before any sequence moves on.
+  if (forwarded.ok()) {
+    std::vector<int64_t> rows;
+    std::vector<size_t> owner;  // rows[r] belongs to plan[owner[r]]
+    size_t at = 0;              // of `drawn`
+    int64_t first_row = 0;
+    for (size_t i = 0; i < plan.size(); first_row += plan[i].chunk, ++i) {
+      Planned& p = plan[i];
+      if (p.drafts.empty()) continue;
+      while (p.kept < p.drafts.size() && drawn[at + p.kept] == p.drafts[p.kept]) ++p.kept;
+      p.next = p.kept < p.drafts.size() ? drawn[at + p.kept] : tokens_[i];
+      at += p.drafts.size();
+      if (p.seq->request.params.logprobs < 0) continue;
+      for (size_t j = 0; j <= p.kept; ++j) {
+        rows.push_back(first_row + static_cast<int64_t>(j));
+        owner.push_back(i);
+      }
+    }
+    const int64_t vocab = model_.config().vocab_size;
+    const size_t slice = static_cast<size_t>(std::max<int64_t>(1, (int64_t{1} << 24) / vocab));
+    for (size_t from = 0; from < rows.size() && forwarded.ok(); from += slice) {
+      const size_t n = std::min(slice, rows.size() - from);
+      forwarded = model_.RowLogits(std::span<const int64_t>(rows).subspan(from, n), spec_logits_);
+      for (size_t r = 0; r < n && forwarded.ok(); ++r) {
+        Planned& p = plan[owner[from + r]];
+        const size_t j = p.logprobs.size();
+        TokenLogprobs& lp = p.logprobs.emplace_back();
+        lp.logprob = kernels::cpu::LogProbAndTop(spec_logits_.data() + r * vocab, vocab,
+                                                 j < p.kept ? p.drafts[j] : p.next,
+                                                 p.seq->request.params.logprobs, lp.top);
+      }
+    }
+  }
   // Prompt logprobs, from every row of the chunks that ask for them (before any sequence moves
   // on: a failure is the step's).
   int64_t first_row = 0;  // of plan[i]'s rows in the batch
@@ -792,39 +836,23 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
 
   const int64_t vocab = model_.config().vocab_size;
   std::vector<std::string> finished;
-  size_t next_drawn = 0;  // of `drawn`
-  int64_t next_row = 0;   // the batch row of plan[i]'s first token
-  for (size_t i = 0; i < plan.size(); next_row += plan[i].chunk, ++i) {
+  for (size_t i = 0; i < plan.size(); ++i) {
     Sequence& seq = *plan[i].seq;
     const int32_t before = seq.num_computed;
     if (const std::vector<int32_t>& drafts = plan[i].drafts; !drafts.empty()) {
       // The drafts up to the first whose position drew another token, then the token drawn
       // there (after the last draft: the last row's). Their K/V stay; the rest is overwritten.
-      size_t kept = 0;
-      while (kept < drafts.size() && drawn[next_drawn + kept] == drafts[kept]) ++kept;
-      const int32_t next = kept < drafts.size() ? drawn[next_drawn + kept] : tokens_[i];
-      next_drawn += drafts.size();
+      const size_t kept = plan[i].kept;
       draft_tokens_ += static_cast<int64_t>(drafts.size());
       seq.draft_limit = kept < drafts.size() ? static_cast<int32_t>(kept) + 1
                                              : std::min(2 * seq.draft_limit, max_drafts);
       seq.draft_misses = kept == 0 ? seq.draft_misses + 1 : 0;
       if (seq.draft_misses >= 2) seq.draft_pause = 1 << std::min(seq.draft_misses, 6);
-      // Logprobs: from the rows of the tokens sent (row j gave token j).
-      const int32_t logprobs = seq.request.params.logprobs;
-      if (logprobs >= 0) {
-        PDS_RETURN_IF_ERROR(
-            model_.RowLogits(next_row, static_cast<int64_t>(kept) + 1, draft_rows_));
-      }
       for (size_t j = 0; j <= kept; ++j) {
         TokenOutput out;
         out.request_id = seq.request.id;
-        out.token = j < kept ? drafts[j] : next;
-        if (logprobs >= 0) {
-          TokenLogprobs lp;
-          lp.logprob = kernels::cpu::LogProbAndTop(draft_rows_.data() + j * vocab, vocab, out.token,
-                                                   logprobs, lp.top);
-          out.logprobs = std::move(lp);
-        }
+        out.token = j < kept ? drafts[j] : plan[i].next;
+        if (j < plan[i].logprobs.size()) out.logprobs = std::move(plan[i].logprobs[j]);
         seq.tokens.push_back(out.token);
         ++seq.num_generated;
         out.finish = CheckFinish(seq, out.token);
@@ -839,10 +867,14 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       seq.num_computed = static_cast<int32_t>(seq.tokens.size()) - 1;
       seq.table.set_num_tokens(seq.num_computed);
       RegisterFilledBlocks(seq, before);
-      // The blocks only rejected drafts reached go back at once.
-      PDS_RETURN_IF_ERROR(
+      // The blocks only rejected drafts reached go back at once (Free fails only for blocks not
+      // in use, which these are).
+      const absl::Status shrunk =
           seq.table.Shrink(std::max(plan[i].blocks, BlockTable::BlocksFor(seq.num_computed, bs)),
-                           cache_.allocator()));
+                           cache_.allocator());
+      if (!shrunk.ok()) {
+        Logger("engine")->error("request '{}': {}", seq.request.id, shrunk.ToString());
+      }
       continue;
     }
     seq.num_computed += plan[i].chunk;

@@ -309,6 +309,7 @@ class LlmEngine {
   std::vector<float> kept_;  // ProcessLogits: the allowed tokens' logits while the row is cleared
   std::vector<float> prompt_rows_;  // PromptLogprobs: a slice of prompt rows' logits
   std::vector<float> draft_rows_;   // Transformer::SampleRows' host scratch
+  std::vector<float> spec_logits_;  // logits of drafted sequences' sent tokens (logprobs)
   absl::Time last_forward_end_ = absl::InfinitePast();
 };
 

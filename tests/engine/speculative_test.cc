@@ -219,7 +219,9 @@ TEST_F(SpeculativeEngineTest, PrefixCacheHitsAfterDraftsAreTheComputedTokens) {
   EngineOptions cached = Options(4, 4, 256, 256, 4);
   auto [with, hits] = turn(cached);
   EXPECT_GT(accepted_, 0);
-  EXPECT_GT(hits, 16) << "the second turn starts from the first's blocks";
+  // The first turn's prompt and most of its reply (drafted steps wrote the reply's blocks).
+  EXPECT_GE(hits, static_cast<int64_t>(first[0].prompt.size()) + 32)
+      << "the second turn starts from the first's blocks";
   cached.prefix_caching = false;
   cached.speculative.num_tokens = 0;
   auto [want, no_hits] = turn(cached);
@@ -229,6 +231,35 @@ TEST_F(SpeculativeEngineTest, PrefixCacheHitsAfterDraftsAreTheComputedTokens) {
   for (size_t t = 0; t < want.logits.size(); ++t) {
     EXPECT_TRUE(testing::AllClose(with.logits[t], want.logits[t], 1e-4, 1e-4)) << t;
   }
+}
+
+TEST_F(SpeculativeEngineTest, DraftsStillFindBlocksWhenEveryFreeBlockCachesAPrefix) {
+  // Earlier requests leave every free block holding cached K/V (33 + 4 tokens: 9 whole blocks
+  // computed): drafts then take (evict) the least recently used ones, and draft as much as on
+  // a cold cache.
+  GenerateRequest r = Requests(1, 40)[0];
+  auto cold = LlmEngine::Create(*model_, Options(4, 4, 48, 256, 4));
+  ASSERT_TRUE(cold.ok());
+  auto want = (*cold)->Generate({r});
+  ASSERT_TRUE(want.ok());
+  ASSERT_GT((*cold)->num_draft_tokens(), 0);
+  auto engine = LlmEngine::Create(*model_, Options(4, 4, 48, 256, 4));
+  ASSERT_TRUE(engine.ok());
+  std::mt19937_64 rng(17);
+  for (int i = 0; i < 8; ++i) {
+    GenerateRequest w;
+    w.id = "warm" + std::to_string(i);
+    for (int t = 0; t < 33; ++t) w.prompt.push_back(static_cast<int32_t>(rng() % 300));
+    w.params.max_tokens = 4;
+    w.params.ignore_eos = true;
+    ASSERT_TRUE((*engine)->Generate({w}).ok());
+  }
+  EXPECT_EQ((*engine)->cache().allocator().num_uncached_free(), 0);
+  auto got = (*engine)->Generate({r});
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ((*got)[0].token_ids, (*want)[0].token_ids);
+  EXPECT_EQ((*engine)->num_draft_tokens(), (*cold)->num_draft_tokens());
+  EXPECT_EQ((*engine)->num_free_blocks(), 48);
 }
 
 TEST_F(SpeculativeEngineTest, SmallBudgetSmallCacheAndPreemption) {
@@ -338,8 +369,11 @@ TEST_F(SpeculativeEngineTest, LogprobsComeFromTheRowsOfTheSentTokens) {
       ASSERT_EQ(a.top.size(), 3u);
       ASSERT_EQ(b.top.size(), 3u);
       for (size_t k = 0; k < 3; ++k) {
-        EXPECT_EQ(a.top[k].first, b.top[k].first) << i << " token " << t;
         EXPECT_NEAR(a.top[k].second, b.top[k].second, 1e-4) << i << " token " << t;
+        // The ids, unless two candidates tie within what the two step shapes change.
+        const bool tied = (k > 0 && b.top[k - 1].second - b.top[k].second < 1e-4) ||
+                          (k + 1 < 3 && b.top[k].second - b.top[k + 1].second < 1e-4);
+        if (!tied) EXPECT_EQ(a.top[k].first, b.top[k].first) << i << " token " << t;
       }
     }
   }

@@ -134,6 +134,7 @@ TEST_F(CliTest, GenerateWithSpeculativeDecoding) {
   EXPECT_EQ(spec["token_ids"], plain["token_ids"]);
   EXPECT_FALSE(plain.contains("speculative"));
   ASSERT_TRUE(spec.contains("speculative")) << spec.dump();
+  EXPECT_GT(spec["speculative"]["draft_tokens"].get<int>(), 0) << spec.dump();
   EXPECT_LE(spec["speculative"]["accepted_tokens"].get<int>(),
             spec["speculative"]["draft_tokens"].get<int>());
   const Result refused = RunCommand(cmd + " --speculative-tokens 65");
