@@ -120,7 +120,20 @@ bool LlmEngine::Constrain(Sequence& seq, const JsonMatcher::Bits& allowed, float
   return token >= 0 && seq.matcher->Accept(token);
 }
 
-void LlmEngine::ProcessLogits(Sequence& seq, float* row, const JsonMatcher::Bits* allowed) {
+void LlmEngine::ProcessDraftRow(Sequence& seq, float* row, std::span<const int32_t> drafts) {
+  const size_t committed = seq.tokens.size();
+  seq.tokens.insert(seq.tokens.end(), drafts.begin(), drafts.end());
+  ProcessLogits(seq, row, nullptr, seq.num_generated + static_cast<int32_t>(drafts.size()));
+  for (size_t i = committed; i < seq.counted; ++i) {
+    auto it = seq.reply_counts.find(seq.tokens[i]);
+    if (--it->second == 0) seq.reply_counts.erase(it);  // presence counts an entry
+  }
+  seq.counted = std::min(seq.counted, committed);
+  seq.tokens.resize(committed);
+}
+
+void LlmEngine::ProcessLogits(Sequence& seq, float* row, const JsonMatcher::Bits* allowed,
+                              int32_t generated) {
   const SamplingParams& p = seq.request.params;
   const int64_t vocab = model_.config().vocab_size;
   const size_t prompt_len = seq.request.prompt.size();
@@ -139,7 +152,7 @@ void LlmEngine::ProcessLogits(Sequence& seq, float* row, const JsonMatcher::Bits
     std::fill(row, row + vocab, kNever);
     for (size_t i = 0; i < kept_.size(); ++i) row[p.allowed_token_ids[i]] = kept_[i];
   }
-  if (seq.num_generated < p.min_tokens) {
+  if (generated < p.min_tokens) {
     if (!p.ignore_eos) {  // (EOS is an ordinary token then)
       for (int32_t eos : model_.config().eos_token_ids) {
         if (eos >= 0 && eos < vocab) row[eos] = kNever;
@@ -405,7 +418,7 @@ bool LlmEngine::MaySpeculate(const Sequence& seq) const {
   const SamplingParams& p = seq.request.params;
   return seq.num_generated > 0 && seq.handoff == nullptr && !seq.request.hold_kv_after_prefill &&
          seq.num_computed + 1 == static_cast<int32_t>(seq.tokens.size()) &&
-         seq.matcher == nullptr && !p.ProcessesLogits() && !seq.request.return_logits;
+         seq.matcher == nullptr && !seq.request.return_logits;
 }
 
 absl::Status LlmEngine::PromptLogprobs(Sequence& seq, int32_t start, int32_t chunk,
@@ -751,7 +764,9 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     std::vector<kernels::RowSampling> rules;
     int64_t first_row = 0;
     for (const Planned& p : plan) {
-      for (size_t j = 0; j < p.drafts.size(); ++j) {
+      // Rows drawn again after logits processing are drawn on the host below.
+      const size_t drafts = p.seq->request.params.ProcessesLogits() ? 0 : p.drafts.size();
+      for (size_t j = 0; j < drafts; ++j) {
         rows.push_back(first_row + static_cast<int64_t>(j));
         rules.push_back(p.seq->sampler->RowParams(p.seq->num_generated + static_cast<int64_t>(j)));
       }
@@ -775,6 +790,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   }
   // Each drafted sequence's kept drafts and its next token, and the logprobs of what it sends
   // (from those tokens' rows, all such sequences' rows at once), before any sequence moves on.
+  // A sequence with logits processing has every row on the host, processed as if the drafts
+  // before it were its tokens, and drawn there by its rule.
   if (forwarded.ok()) {
     std::vector<int64_t> rows;
     std::vector<size_t> owner;  // rows[r] belongs to plan[owner[r]]
@@ -783,6 +800,13 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     for (size_t i = 0; i < plan.size(); first_row += plan[i].chunk, ++i) {
       Planned& p = plan[i];
       if (p.drafts.empty()) continue;
+      if (p.seq->request.params.ProcessesLogits()) {
+        for (size_t j = 0; j <= p.drafts.size(); ++j) {
+          rows.push_back(first_row + static_cast<int64_t>(j));
+          owner.push_back(i);
+        }
+        continue;
+      }
       while (p.kept < p.drafts.size() && drawn[at + p.kept] == p.drafts[p.kept]) ++p.kept;
       p.next = p.kept < p.drafts.size() ? drawn[at + p.kept] : tokens_[i];
       at += p.drafts.size();
@@ -799,11 +823,32 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       forwarded = model_.RowLogits(std::span<const int64_t>(rows).subspan(from, n), spec_logits_);
       for (size_t r = 0; r < n && forwarded.ok(); ++r) {
         Planned& p = plan[owner[from + r]];
-        const size_t j = p.logprobs.size();
-        TokenLogprobs& lp = p.logprobs.emplace_back();
-        lp.logprob = kernels::cpu::LogProbAndTop(spec_logits_.data() + r * vocab, vocab,
-                                                 j < p.kept ? p.drafts[j] : p.next,
-                                                 p.seq->request.params.logprobs, lp.top);
+        Sequence& seq = *p.seq;
+        float* row = spec_logits_.data() + r * vocab;
+        const int32_t logprobs = seq.request.params.logprobs;
+        if (!seq.request.params.ProcessesLogits()) {
+          const size_t j = p.logprobs.size();
+          TokenLogprobs& lp = p.logprobs.emplace_back();
+          lp.logprob = kernels::cpu::LogProbAndTop(row, vocab, j < p.kept ? p.drafts[j] : p.next,
+                                                   logprobs, lp.top);
+          continue;
+        }
+        if (p.next >= 0) continue;  // settled at an earlier row
+        const size_t j = p.kept;    // every draft before this row was kept
+        ProcessDraftRow(seq, row, std::span<const int32_t>(p.drafts).first(j));
+        const int32_t token = kernels::cpu::DrawToken(
+            row, vocab, seq.sampler->RowParams(seq.num_generated + static_cast<int64_t>(j)));
+        if (logprobs >= 0) {
+          TokenLogprobs& lp = p.logprobs.emplace_back();
+          lp.logprob = kernels::cpu::LogProbAndTop(row, vocab, token, logprobs, lp.top);
+          std::erase_if(lp.top,
+                        [](const std::pair<int32_t, float>& t) { return std::isinf(t.second); });
+        }
+        if (j < p.drafts.size() && token == p.drafts[j]) {
+          ++p.kept;
+        } else {
+          p.next = token;
+        }
       }
     }
   }
@@ -890,7 +935,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       // Drawn again, by the same rule, from the processed row (the matcher's draw below, when
       // the reply is constrained).
       const bool masked = seq.matcher != nullptr && !seq.matcher->Free();
-      ProcessLogits(seq, row, masked ? &allowed_[i] : nullptr);
+      ProcessLogits(seq, row, masked ? &allowed_[i] : nullptr, seq.num_generated);
       out.token = kernels::cpu::DrawToken(row, vocab, rules_[i]);
     }
     if (seq.matcher != nullptr && seq.matcher->Free()) {

@@ -39,9 +39,10 @@ struct EngineOptions {
   // not been reused), and computes only the rest.
   bool prefix_caching = true;
   // Speculative decoding by prompt lookup (engine/runtime/speculative.h): drafts use only the
-  // token budget and the uncached free blocks a step leaves, never preempt or evict, and go
-  // only to sequences whose tokens are drawn where the logits are (no logits processing,
-  // structured output or return_logits; logprobs come from the sent tokens' rows).
+  // token budget and the free blocks a step leaves (less one block of growth per sequence in
+  // the step), never preempt, and go to decoding sequences without structured output or
+  // return_logits (logprobs come from the sent tokens' rows; logits processing is applied to
+  // each draft row on the host, the drafts before it counted as tokens).
   SpeculativeOptions speculative;
 };
 
@@ -237,7 +238,12 @@ class LlmEngine {
   };
   // Applies the request's logits processing to its row (SamplingParams' order); `allowed`:
   // the reply's constraint, where it has one (min_p counts from its likeliest allowed token).
-  void ProcessLogits(Sequence& seq, float* row, const JsonMatcher::Bits* allowed);
+  // `generated`: the tokens of the reply before the row's (min_tokens).
+  void ProcessLogits(Sequence& seq, float* row, const JsonMatcher::Bits* allowed,
+                     int32_t generated);
+  // Speculative decoding: ProcessLogits on the row after `seq`'s first `drafts` drafts (counted
+  // as reply tokens, then uncounted again).
+  void ProcessDraftRow(Sequence& seq, float* row, std::span<const int32_t> drafts);
   // After the step's forward: the prompt logprobs of the positions [start, start + chunk) of
   // `seq` that precede a prompt token, from the batch's rows from `first_row` on.
   absl::Status PromptLogprobs(Sequence& seq, int32_t start, int32_t chunk, int64_t first_row);

@@ -4,6 +4,7 @@
 // speculate.
 #include "engine/runtime/speculative.h"
 
+#include <algorithm>
 #include <map>
 #include <memory>
 #include <random>
@@ -379,13 +380,73 @@ TEST_F(SpeculativeEngineTest, LogprobsComeFromTheRowsOfTheSentTokens) {
   }
 }
 
-TEST_F(SpeculativeEngineTest, RequestsThatCannotSpeculateDecodeAsBefore) {
-  std::vector<GenerateRequest> requests = Requests(4, 30);
+TEST_F(SpeculativeEngineTest, LogitsProcessingDraftsAsIfTheDraftsWereTokens) {
+  // Each row after k drafts is processed with those drafts counted as reply tokens (penalties,
+  // min_tokens), then drawn on the host: the tokens and logprobs of plain decoding.
+  std::vector<GenerateRequest> requests = Requests(12, 36);
   for (size_t i = 0; i < requests.size(); ++i) {
-    requests[i].params.logprobs = 2;
-    if (i % 2 == 0) requests[i].params.repetition_penalty = 1.2f;
-    if (i % 2 == 1) requests[i].return_logits = true;
+    SamplingParams& p = requests[i].params;
+    switch (i % 6) {
+      case 0:
+        p.repetition_penalty = 1.3f;
+        break;
+      case 1:
+        p.frequency_penalty = 0.6f;
+        p.presence_penalty = 0.4f;
+        break;
+      case 2:
+        p.logit_bias = {{requests[i].prompt[0], 3.0f}, {requests[i].prompt[1], -2.0f}};
+        break;
+      case 3:
+        p.ignore_eos = false;
+        p.stop_token_ids = {requests[i].prompt[1]};
+        p.min_tokens = 20;
+        break;
+      case 4:
+        p.min_p = 0.05f;
+        p.temperature = 0.9f;
+        p.seed = 5;
+        break;
+      case 5:
+        p.allowed_token_ids.assign(requests[i].prompt.begin(), requests[i].prompt.end());
+        std::sort(p.allowed_token_ids.begin(), p.allowed_token_ids.end());
+        p.allowed_token_ids.erase(
+            std::unique(p.allowed_token_ids.begin(), p.allowed_token_ids.end()),
+            p.allowed_token_ids.end());
+        break;
+    }
+    if (i % 4 == 1) p.logprobs = 2;
   }
+  auto run = [&](int32_t drafts) {
+    auto engine = LlmEngine::Create(*model_, Options(drafts, 4, 256, 256, 12));
+    EXPECT_TRUE(engine.ok());
+    auto results = (*engine)->Generate(requests);
+    EXPECT_TRUE(results.ok()) << results.status();
+    drafts_ = (*engine)->num_draft_tokens();
+    accepted_ = (*engine)->num_accepted_draft_tokens();
+    EXPECT_EQ((*engine)->num_free_blocks(), 256);
+    return *results;
+  };
+  const std::vector<GenerateResult> want = run(0);
+  const std::vector<GenerateResult> got = run(4);
+  EXPECT_GT(drafts_, 0);
+  EXPECT_GT(accepted_, 0);
+  for (size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(got[i].token_ids, want[i].token_ids) << i;
+    EXPECT_EQ(got[i].finish, want[i].finish) << i;
+    ASSERT_EQ(got[i].logprobs.size(), want[i].logprobs.size()) << i;
+    for (size_t t = 0; t < want[i].logprobs.size(); ++t) {
+      EXPECT_NEAR(got[i].logprobs[t].logprob, want[i].logprobs[t].logprob, 1e-4) << i << " " << t;
+      EXPECT_EQ(got[i].logprobs[t].top.size(), want[i].logprobs[t].top.size()) << i << " " << t;
+    }
+  }
+  // min_tokens held the stop token back for 20 tokens, with drafts or not.
+  EXPECT_GE(got[3].token_ids.size(), 20u);
+}
+
+TEST_F(SpeculativeEngineTest, ReturnLogitsDecodesWithoutDrafts) {
+  std::vector<GenerateRequest> requests = Requests(4, 30);
+  for (GenerateRequest& r : requests) r.return_logits = true;
   const auto want = Run(Options(0, 4, 256, 256, 4), requests);
   ExpectSameTokens(Run(Options(4, 4, 256, 256, 4), requests), want);
   EXPECT_EQ(drafts_, 0);
