@@ -17,6 +17,7 @@
 #include "absl/strings/ascii.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "absl/time/clock.h"
 #include "client/openai_client.h"
@@ -955,6 +956,8 @@ class OpenAiHttpTest : public ::testing::Test {
     wo.id = "p0";
     prefill_ = StartWorker(InstanceRole::kPrefill, wo);
     wo.id = "d0";
+    wo.engine.speculative.num_tokens = decode_drafts_;
+    wo.engine.speculative.ngram_min = 1;
     decode_ = StartWorker(InstanceRole::kDecode, wo);
     ASSERT_TRUE(prefill_ && decode_);
     stub_ = api::Serving::NewStub(
@@ -971,6 +974,8 @@ class OpenAiHttpTest : public ::testing::Test {
     if (frontend_) frontend_->Shutdown();
     frontend_.reset();
   }
+  // Speculative decoding on the decode worker (Start): drafts per step, 0 for none.
+  int32_t decode_drafts_ = 0;
 
   // POST /v1/completions (or `path`); the status and the parsed body (null when not JSON).
   std::pair<int, Json> Complete(const Json& body, const char* path = "/v1/completions") {
@@ -1306,6 +1311,76 @@ TEST_F(OpenAiHttpTest, SeveralPromptsAndChoicesWithLogprobs) {
     texts[chunk["choices"][0]["index"].get<int>()] += chunk["choices"][0]["text"];
   }
   for (int i = 0; i < 4; ++i) EXPECT_EQ(texts[i], body["choices"][i]["text"]) << i;
+}
+
+// With speculative decoding on the decode worker, several tokens of a request come from one
+// step: completions (stop sequences from the middle of the text, logprobs, streamed or not)
+// and chats give what they give without it.
+TEST_F(OpenAiHttpTest, SpeculativeDecodingGivesTheSameReplies) {
+  const std::string twice = std::string(kPrompt) + kPrompt;
+  const std::string full = Grpc(twice, 48).text();
+  ASSERT_GT(full.size(), 12u);
+  std::vector<Json> requests;
+  for (const size_t at : {full.size() / 3, full.size() / 2}) {
+    size_t a = at, e = at + 2;
+    while (a > 0 && (static_cast<unsigned char>(full[a]) & 0xC0) == 0x80) --a;
+    while (e < full.size() && (static_cast<unsigned char>(full[e]) & 0xC0) == 0x80) ++e;
+    requests.push_back({{"prompt", twice},
+                        {"max_tokens", 48},
+                        {"temperature", 0},
+                        {"ignore_eos", true},
+                        {"logprobs", 2},
+                        {"stop", {full.substr(a, e - a)}}});
+  }
+  for (int n : {1, 2, 3}) {  // the model's own greedy text again and again: long loops
+    std::string prompt = twice;
+    for (int i = 0; i < n; ++i) prompt += full;
+    requests.push_back(
+        {{"prompt", prompt}, {"max_tokens", 64}, {"temperature", 0}, {"ignore_eos", true}});
+  }
+  requests.push_back({{"prompt", twice + kPrompt},
+                      {"max_tokens", 40},
+                      {"temperature", 0.8},
+                      {"seed", 3},
+                      {"frequency_penalty", 0.5}});
+  auto replies = [&] {
+    std::vector<std::string> out;
+    for (const Json& r : requests) {
+      auto [status, body] = Complete(r);
+      EXPECT_EQ(status, 200) << body.dump();
+      Json c = body["choices"][0];
+      // Logprobs to 3 decimals: the first token's prefill may or may not start from cached
+      // K/V, which moves the last bits.
+      std::string logprobs;
+      if (c["logprobs"].is_object()) {
+        for (const Json& lp : c["logprobs"]["token_logprobs"]) {
+          absl::StrAppend(&logprobs, absl::StrFormat("%.3f,", lp.get<double>()));
+        }
+      }
+      out.push_back(c["text"].get<std::string>() + "|" + c["finish_reason"].get<std::string>() +
+                    "|" + body["usage"]["completion_tokens"].dump() + "|" + logprobs);
+      auto [s2, events] = Stream(r);
+      std::string text;
+      for (const std::string& e : events) {
+        if (e != "[DONE]") text += Json::parse(e)["choices"][0]["text"].get<std::string>();
+      }
+      EXPECT_EQ(text, c["text"].get<std::string>());
+    }
+    return out;
+  };
+  const std::vector<std::string> want = replies();
+  TearDown();
+  decode_drafts_ = 4;
+  Start({});
+  EXPECT_EQ(replies(), want);
+  int64_t drafts = 0, kept = 0;
+  const api::ClusterStatus status = Status();
+  for (const auto& inst : status.instances()) {
+    drafts += inst.spec_draft_tokens();
+    kept += inst.spec_accepted_tokens();
+  }
+  EXPECT_GT(drafts, 0);
+  EXPECT_GT(kept, 0);
 }
 
 TEST_F(OpenAiHttpTest, StopSequencesCutTheTextAndEndTheChoice) {
