@@ -241,8 +241,8 @@ class LlmEngine {
   // `generated`: the tokens of the reply before the row's (min_tokens).
   void ProcessLogits(Sequence& seq, float* row, const JsonMatcher::Bits* allowed,
                      int32_t generated);
-  // Speculative decoding: ProcessLogits on the row after `seq`'s first `drafts` drafts (counted
-  // as reply tokens, then uncounted again).
+  // Speculative decoding: ProcessLogits on a draft row, with `drafts` (the chunk's drafts
+  // before the row) counted as reply tokens, then uncounted again.
   void ProcessDraftRow(Sequence& seq, float* row, std::span<const int32_t> drafts);
   // After the step's forward: the prompt logprobs of the positions [start, start + chunk) of
   // `seq` that precede a prompt token, from the batch's rows from `first_row` on.

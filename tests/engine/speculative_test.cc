@@ -381,67 +381,90 @@ TEST_F(SpeculativeEngineTest, LogprobsComeFromTheRowsOfTheSentTokens) {
 }
 
 TEST_F(SpeculativeEngineTest, LogitsProcessingDraftsAsIfTheDraftsWereTokens) {
-  // Each row after k drafts is processed with those drafts counted as reply tokens (penalties,
-  // min_tokens), then drawn on the host: the tokens and logprobs of plain decoding.
-  std::vector<GenerateRequest> requests = Requests(12, 36);
-  for (size_t i = 0; i < requests.size(); ++i) {
-    SamplingParams& p = requests[i].params;
-    switch (i % 6) {
-      case 0:
-        p.repetition_penalty = 1.3f;
-        break;
-      case 1:
-        p.frequency_penalty = 0.6f;
-        p.presence_penalty = 0.4f;
-        break;
-      case 2:
-        p.logit_bias = {{requests[i].prompt[0], 3.0f}, {requests[i].prompt[1], -2.0f}};
-        break;
-      case 3:
-        p.ignore_eos = false;
-        p.stop_token_ids = {requests[i].prompt[1]};
-        p.min_tokens = 20;
-        break;
-      case 4:
-        p.min_p = 0.05f;
-        p.temperature = 0.9f;
-        p.seed = 5;
-        break;
-      case 5:
-        p.allowed_token_ids.assign(requests[i].prompt.begin(), requests[i].prompt.end());
-        std::sort(p.allowed_token_ids.begin(), p.allowed_token_ids.end());
-        p.allowed_token_ids.erase(
-            std::unique(p.allowed_token_ids.begin(), p.allowed_token_ids.end()),
-            p.allowed_token_ids.end());
-        break;
+  // Each row after j drafts is processed with those drafts counted as reply tokens (penalties,
+  // min_tokens), then drawn on the host: the tokens and logprobs of plain decoding. Each kind
+  // of processing alone, on prompts that repeat themselves, keeps some drafts.
+  std::mt19937_64 rng(23);
+  for (int kind = 0; kind < 6; ++kind) {
+    std::vector<GenerateRequest> requests;
+    for (int i = 0; i < 4; ++i) {
+      GenerateRequest r;
+      r.id = "p" + std::to_string(i);
+      std::vector<int32_t> pattern;
+      for (int t = 0; t < 2 + i; ++t) pattern.push_back(static_cast<int32_t>(rng() % 300));
+      for (int t = 0; t < 24 + 5 * i; ++t) r.prompt.push_back(pattern[t % pattern.size()]);
+      SamplingParams& p = r.params;
+      p.max_tokens = 40;
+      p.ignore_eos = true;
+      p.logprobs = i % 2 == 1 ? 2 : -1;
+      switch (kind) {
+        case 0:
+          p.repetition_penalty = 1.3f;
+          break;
+        case 1:
+          p.frequency_penalty = 0.6f;
+          p.presence_penalty = 0.4f;
+          break;
+        case 2:
+          p.logit_bias = {{pattern[0], 3.0f}, {pattern[1], -2.0f}};
+          break;
+        case 3:
+          p.min_tokens = 20;
+          break;  // the stop token is set below
+        case 4:
+          p.min_p = 0.05f;
+          p.temperature = 0.9f;
+          p.seed = 5 + i;
+          break;
+        case 5:
+          p.allowed_token_ids = pattern;
+          break;
+      }
+      requests.push_back(std::move(r));
     }
-    if (i % 4 == 1) p.logprobs = 2;
-  }
-  auto run = [&](int32_t drafts) {
-    auto engine = LlmEngine::Create(*model_, Options(drafts, 4, 256, 256, 12));
-    EXPECT_TRUE(engine.ok());
-    auto results = (*engine)->Generate(requests);
-    EXPECT_TRUE(results.ok()) << results.status();
-    drafts_ = (*engine)->num_draft_tokens();
-    accepted_ = (*engine)->num_accepted_draft_tokens();
-    EXPECT_EQ((*engine)->num_free_blocks(), 256);
-    return *results;
-  };
-  const std::vector<GenerateResult> want = run(0);
-  const std::vector<GenerateResult> got = run(4);
-  EXPECT_GT(drafts_, 0);
-  EXPECT_GT(accepted_, 0);
-  for (size_t i = 0; i < want.size(); ++i) {
-    EXPECT_EQ(got[i].token_ids, want[i].token_ids) << i;
-    EXPECT_EQ(got[i].finish, want[i].finish) << i;
-    ASSERT_EQ(got[i].logprobs.size(), want[i].logprobs.size()) << i;
-    for (size_t t = 0; t < want[i].logprobs.size(); ++t) {
-      EXPECT_NEAR(got[i].logprobs[t].logprob, want[i].logprobs[t].logprob, 1e-4) << i << " " << t;
-      EXPECT_EQ(got[i].logprobs[t].top.size(), want[i].logprobs[t].top.size()) << i << " " << t;
+    auto run = [&](int32_t drafts) {
+      EngineOptions o = Options(drafts, 4, 256, 256, 4);
+      o.speculative.ngram_min = 1;
+      auto engine = LlmEngine::Create(*model_, o);
+      EXPECT_TRUE(engine.ok());
+      auto results = (*engine)->Generate(requests);
+      EXPECT_TRUE(results.ok()) << results.status();
+      drafts_ = (*engine)->num_draft_tokens();
+      accepted_ = (*engine)->num_accepted_draft_tokens();
+      EXPECT_EQ((*engine)->num_free_blocks(), 256);
+      return *results;
+    };
+    if (kind == 3) {  // a stop token the plain reply has early, held back by min_tokens
+      for (GenerateRequest& r : requests) r.params.min_tokens = 0;
+      const std::vector<GenerateResult> free = run(0);
+      for (size_t i = 0; i < requests.size(); ++i) {
+        requests[i].params.stop_token_ids = {free[i].token_ids.at(4)};
+        requests[i].params.min_tokens = 20;
+      }
+    }
+    const std::vector<GenerateResult> want = run(0);
+    const std::vector<GenerateResult> got = run(4);
+    std::printf("kind %d: %lld drafts, %lld kept\n", kind, static_cast<long long>(drafts_),
+                static_cast<long long>(accepted_));
+    EXPECT_GT(accepted_, 0) << "kind " << kind;
+    for (size_t i = 0; i < want.size(); ++i) {
+      EXPECT_EQ(got[i].token_ids, want[i].token_ids) << "kind " << kind << " request " << i;
+      EXPECT_EQ(got[i].finish, want[i].finish) << "kind " << kind << " request " << i;
+      if (kind == 3) EXPECT_GE(got[i].token_ids.size(), 20u) << i;
+      ASSERT_EQ(got[i].logprobs.size(), want[i].logprobs.size()) << i;
+      for (size_t t = 0; t < want[i].logprobs.size(); ++t) {
+        const TokenLogprobs& a = got[i].logprobs[t];
+        const TokenLogprobs& b = want[i].logprobs[t];
+        EXPECT_NEAR(a.logprob, b.logprob, 1e-4) << "kind " << kind << " " << i << " " << t;
+        ASSERT_EQ(a.top.size(), b.top.size()) << "kind " << kind << " " << i << " " << t;
+        for (size_t k = 0; k < b.top.size(); ++k) {
+          const bool tied = (k > 0 && b.top[k - 1].second - b.top[k].second < 1e-4) ||
+                            (k + 1 < b.top.size() && b.top[k].second - b.top[k + 1].second < 1e-4);
+          if (!tied) EXPECT_EQ(a.top[k].first, b.top[k].first) << kind << " " << i << " " << t;
+        }
+      }
     }
   }
-  // min_tokens held the stop token back for 20 tokens, with drafts or not.
-  EXPECT_GE(got[3].token_ids.size(), 20u);
 }
 
 TEST_F(SpeculativeEngineTest, ReturnLogitsDecodesWithoutDrafts) {
