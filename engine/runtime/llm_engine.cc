@@ -756,8 +756,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   }
   absl::Status forwarded =
       model_.Forward(inputs, cache_, logits_, sampling_, host_rows_, tokens_, on_kv_layer);
-  // Each draft position's token (drawn_[d] for the batch's d-th draft row, in plan order); the
-  // drafts leave the sequences' tokens, whatever happened.
+  // Each draft position's token (drawn[d] for the batch's d-th draft row drawn on the device,
+  // in plan order); the drafts leave the sequences' tokens, whatever happened.
   std::vector<int32_t> drawn;
   if (forwarded.ok()) {
     std::vector<int64_t> rows;  // row j of a sequence's chunk is drawn for its j-th draft
