@@ -790,21 +790,36 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   }
   // Each drafted sequence's kept drafts and its next token, and the logprobs of what it sends
   // (from those tokens' rows, all such sequences' rows at once), before any sequence moves on.
-  // A sequence with logits processing has every row on the host, processed as if the drafts
-  // before it were its tokens, and drawn there by its rule.
+  // A sequence with logits processing has its rows brought to the host one round at a time
+  // (row j only while drafts 0..j-1 were kept), each processed as if the drafts before it were
+  // its tokens and drawn there by its rule.
   if (forwarded.ok()) {
+    const int64_t vocab = model_.config().vocab_size;
+    const size_t slice = static_cast<size_t>(std::max<int64_t>(1, (int64_t{1} << 24) / vocab));
+    // Projects `rows` (owner[r]: the plan entry of rows[r]) in slices, handing each row's
+    // logits to `use`.
+    auto for_rows = [&](const std::vector<int64_t>& rows, const std::vector<size_t>& owner,
+                        const std::function<void(Planned&, float*)>& use) {
+      for (size_t from = 0; from < rows.size() && forwarded.ok(); from += slice) {
+        const size_t n = std::min(slice, rows.size() - from);
+        forwarded = model_.RowLogits(std::span<const int64_t>(rows).subspan(from, n), spec_logits_);
+        for (size_t r = 0; r < n && forwarded.ok(); ++r) {
+          use(plan[owner[from + r]], spec_logits_.data() + r * vocab);
+        }
+      }
+    };
+    std::vector<int64_t> first_rows(plan.size());
     std::vector<int64_t> rows;
-    std::vector<size_t> owner;  // rows[r] belongs to plan[owner[r]]
-    size_t at = 0;              // of `drawn`
+    std::vector<size_t> owner;
+    std::vector<size_t> processed;  // plan entries drawn on the host, not settled yet
+    size_t at = 0;                  // of `drawn`
     int64_t first_row = 0;
     for (size_t i = 0; i < plan.size(); first_row += plan[i].chunk, ++i) {
+      first_rows[i] = first_row;
       Planned& p = plan[i];
       if (p.drafts.empty()) continue;
       if (p.seq->request.params.ProcessesLogits()) {
-        for (size_t j = 0; j <= p.drafts.size(); ++j) {
-          rows.push_back(first_row + static_cast<int64_t>(j));
-          owner.push_back(i);
-        }
+        processed.push_back(i);
         continue;
       }
       while (p.kept < p.drafts.size() && drawn[at + p.kept] == p.drafts[p.kept]) ++p.kept;
@@ -816,31 +831,25 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         owner.push_back(i);
       }
     }
-    const int64_t vocab = model_.config().vocab_size;
-    const size_t slice = static_cast<size_t>(std::max<int64_t>(1, (int64_t{1} << 24) / vocab));
-    for (size_t from = 0; from < rows.size() && forwarded.ok(); from += slice) {
-      const size_t n = std::min(slice, rows.size() - from);
-      forwarded = model_.RowLogits(std::span<const int64_t>(rows).subspan(from, n), spec_logits_);
-      for (size_t r = 0; r < n && forwarded.ok(); ++r) {
-        Planned& p = plan[owner[from + r]];
+    for_rows(rows, owner, [&](Planned& p, float* row) {
+      const size_t j = p.logprobs.size();
+      TokenLogprobs& lp = p.logprobs.emplace_back();
+      lp.logprob = kernels::cpu::LogProbAndTop(row, vocab, j < p.kept ? p.drafts[j] : p.next,
+                                               p.seq->request.params.logprobs, lp.top);
+    });
+    while (!processed.empty() && forwarded.ok()) {
+      rows.clear();
+      for (size_t i : processed) rows.push_back(first_rows[i] + static_cast<int64_t>(plan[i].kept));
+      for_rows(rows, processed, [&](Planned& p, float* row) {
         Sequence& seq = *p.seq;
-        float* row = spec_logits_.data() + r * vocab;
-        const int32_t logprobs = seq.request.params.logprobs;
-        if (!seq.request.params.ProcessesLogits()) {
-          const size_t j = p.logprobs.size();
-          TokenLogprobs& lp = p.logprobs.emplace_back();
-          lp.logprob = kernels::cpu::LogProbAndTop(row, vocab, j < p.kept ? p.drafts[j] : p.next,
-                                                   logprobs, lp.top);
-          continue;
-        }
-        if (p.next >= 0) continue;  // settled at an earlier row
-        const size_t j = p.kept;    // every draft before this row was kept
+        const size_t j = p.kept;  // every draft before this row was kept
         ProcessDraftRow(seq, row, std::span<const int32_t>(p.drafts).first(j));
         const int32_t token = kernels::cpu::DrawToken(
             row, vocab, seq.sampler->RowParams(seq.num_generated + static_cast<int64_t>(j)));
-        if (logprobs >= 0) {
+        if (seq.request.params.logprobs >= 0) {
           TokenLogprobs& lp = p.logprobs.emplace_back();
-          lp.logprob = kernels::cpu::LogProbAndTop(row, vocab, token, logprobs, lp.top);
+          lp.logprob =
+              kernels::cpu::LogProbAndTop(row, vocab, token, seq.request.params.logprobs, lp.top);
           std::erase_if(lp.top,
                         [](const std::pair<int32_t, float>& t) { return std::isinf(t.second); });
         }
@@ -849,7 +858,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         } else {
           p.next = token;
         }
-      }
+      });
+      std::erase_if(processed, [&](size_t i) { return plan[i].next >= 0; });
     }
   }
   // Prompt logprobs, from every row of the chunks that ask for them (before any sequence moves
