@@ -269,24 +269,6 @@ absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& 
                                tokens.data());
 }
 
-absl::Status Transformer::RowLogits(int64_t first_row, int64_t rows, std::vector<float>& logits) {
-  if (first_row < 0 || rows < 1 || first_row + rows > meta_.num_tokens()) {
-    return absl::OutOfRangeError(absl::StrCat("rows [", first_row, ", ", first_row + rows,
-                                              ") of a batch of ", meta_.num_tokens(), " tokens"));
-  }
-  // x_ still holds every row's final hidden state (before the final norm); h_ is free scratch
-  // of the batch's size once the forward is done.
-  const DType dt = backend_.compute_dtype();
-  const int64_t hidden = config_.hidden_size;
-  const size_t row_bytes = static_cast<size_t>(hidden) * DTypeSize(dt);
-  PDS_RETURN_IF_ERROR(backend_.CopyDevice(h_.data(), Offset(x_.data(), first_row * hidden, dt),
-                                          row_bytes * static_cast<size_t>(rows)));
-  PDS_RETURN_IF_ERROR(backend_.RmsNorm(h_.data(), final_norm_, h_.data(), rows,
-                                       static_cast<float>(config_.rms_norm_eps)));
-  logits.resize(static_cast<size_t>(rows * config_.vocab_size));
-  return backend_.Logits(h_.data(), *lm_head_, rows, logits.data());
-}
-
 absl::Status Transformer::GatherRows(std::span<const int64_t> rows) {
   if (rows.empty()) return absl::InvalidArgumentError("no rows asked for");
   for (int64_t r : rows) {
@@ -295,8 +277,9 @@ absl::Status Transformer::GatherRows(std::span<const int64_t> rows) {
           absl::StrCat("row ", r, " of a batch of ", meta_.num_tokens(), " tokens"));
     }
   }
-  // Into h_ (free scratch of the batch's size once the forward is done), runs of consecutive
-  // rows in one copy, then normalized as the last rows are.
+  // x_ still holds every row's final hidden state (before the final norm); into h_ (free
+  // scratch of the batch's size once the forward is done), runs of consecutive rows in one
+  // copy, then normalized as the last rows are.
   const int64_t n = static_cast<int64_t>(rows.size());
   const DType dt = backend_.compute_dtype();
   const int64_t hidden = config_.hidden_size;

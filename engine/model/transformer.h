@@ -73,10 +73,6 @@ class Transformer {
                        const std::vector<uint8_t>& host_rows, std::vector<int32_t>& tokens,
                        const KvLayerHook& on_kv_layer = nullptr);
 
-  // After a Forward: the fp32 logits of the batch's token rows [first_row, first_row + rows)
-  // (every new token's row, not only each sequence's last: prompt logprobs), [rows, vocab]
-  // row-major in `logits`. Ask for a few hundred rows at a time at most (the host buffer).
-  absl::Status RowLogits(int64_t first_row, int64_t rows, std::vector<float>& logits);
   // After a Forward: a token from each of the batch's token `rows` (any rows, e.g. draft
   // positions of speculative decoding), drawn by sampling[i] where the logits are, as Forward
   // draws each sequence's last row: tokens[i]. A device backend copies no logits to the host;
@@ -84,8 +80,10 @@ class Transformer {
   absl::Status SampleRows(std::span<const int64_t> rows,
                           const std::vector<kernels::RowSampling>& sampling,
                           std::vector<float>& scratch, std::vector<int32_t>& tokens);
-  // The fp32 logits of any of the batch's token `rows` (runs of consecutive rows gathered in
-  // one copy), [rows, vocab] row-major at the start of `logits`, which only grows.
+  // After a Forward: the fp32 logits of any of the batch's token `rows` (every new token's row,
+  // not only each sequence's last: prompt logprobs, draft rows; runs of consecutive rows
+  // gathered in one copy), [rows, vocab] row-major at the start of `logits`, which only grows.
+  // Ask for a few hundred rows at a time at most (the host buffer).
   absl::Status RowLogits(std::span<const int64_t> rows, std::vector<float>& logits);
 
   // The KV cache shape this model needs for `num_blocks` blocks of `block_size`.

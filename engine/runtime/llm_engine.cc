@@ -5,6 +5,7 @@
 #include <cmath>
 #include <future>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <thread>
 
@@ -408,10 +409,13 @@ bool LlmEngine::StartsFromCache(const Sequence& seq) const {
          (seq.request.params.prompt_logprobs < 0 || seq.num_generated > 0);
 }
 
-int32_t LlmEngine::RowSlice() const {
-  const int64_t vocab = model_.config().vocab_size;
+int32_t LlmEngine::LogitRowsPerCall() const {
   return static_cast<int32_t>(
-      std::clamp<int64_t>((int64_t{1} << 24) / vocab, 1, std::max(max_running_, 1)));
+      std::max<int64_t>(1, (int64_t{1} << 24) / model_.config().vocab_size));
+}
+
+int32_t LlmEngine::RowSlice() const {
+  return std::clamp(LogitRowsPerCall(), 1, std::max(max_running_, 1));
 }
 
 bool LlmEngine::MaySpeculate(const Sequence& seq) const {
@@ -436,7 +440,9 @@ absl::Status LlmEngine::PromptLogprobs(Sequence& seq, int32_t start, int32_t chu
   const int32_t k = seq.request.params.prompt_logprobs;
   for (int32_t from = start; from < end; from += slice) {
     const int32_t n = std::min(slice, end - from);
-    PDS_RETURN_IF_ERROR(model_.RowLogits(first_row + (from - start), n, prompt_rows_));
+    std::vector<int64_t> rows(static_cast<size_t>(n));
+    std::iota(rows.begin(), rows.end(), first_row + (from - start));
+    PDS_RETURN_IF_ERROR(model_.RowLogits(rows, prompt_rows_));
     const size_t at = seq.prompt_logprobs.size();
     seq.prompt_logprobs.resize(at + n);
     kernels::cpu::ParallelFor(n, [&](int64_t r0, int64_t r1) {
@@ -772,9 +778,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       }
       first_row += p.chunk;
     }
-    // At most 16M logits a call (the backend's buffer for them grows to that).
-    const size_t slice =
-        static_cast<size_t>(std::max<int64_t>(1, (int64_t{1} << 24) / model_.config().vocab_size));
+    const size_t slice = static_cast<size_t>(LogitRowsPerCall());
     std::vector<int32_t> part;
     for (size_t at = 0; at < rows.size() && forwarded.ok(); at += slice) {
       const size_t n = std::min(slice, rows.size() - at);
@@ -795,7 +799,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   // its tokens and drawn there by its rule.
   if (forwarded.ok()) {
     const int64_t vocab = model_.config().vocab_size;
-    const size_t slice = static_cast<size_t>(std::max<int64_t>(1, (int64_t{1} << 24) / vocab));
+    const size_t slice = static_cast<size_t>(LogitRowsPerCall());
     // Projects `rows` (owner[r]: the plan entry of rows[r]) in slices, handing each row's
     // logits to `use`.
     auto for_rows = [&](const std::vector<int64_t>& rows, const std::vector<size_t>& owner,

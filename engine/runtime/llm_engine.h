@@ -255,8 +255,11 @@ class LlmEngine {
   // no token may follow.
   bool Constrain(Sequence& seq, const JsonMatcher::Bits& allowed, float* row,
                  const kernels::RowSampling& rule, int32_t& token);
-  // Rows of logits to ask of the model at a time, besides each step's last rows: as many as a
-  // step samples (the backend's logits buffers already hold that many), at most 16M logits.
+  // Rows of logits to ask of the model in one call: at most 16M logits (the backend's buffer
+  // for them grows to that).
+  int32_t LogitRowsPerCall() const;
+  // The same, and no more than a step samples (the backend's logits buffers already hold that
+  // many): prompt logprobs, whose rows may be many.
   int32_t RowSlice() const;
   // Whether `seq`, planned to decode one token, may add drafts to it.
   bool MaySpeculate(const Sequence& seq) const;
