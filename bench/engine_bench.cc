@@ -235,12 +235,15 @@ void BM_PromptLogprobs(benchmark::State& state) {
 // sequence and step (prompt lookup, n-grams of 2 to 4; k = 0: off). Reports tokens/s, tokens
 // per sequence and step (the ceiling of the speed-up if drafts cost nothing), and the drafts'
 // acceptance rate. The random model's text is not real text: acceptance here is that of its
-// own repetitions, not a prediction for a real model's.
+// own repetitions, not a prediction for a real model's. Arg 3: which drafts go in, (0) every
+// proposed one likelier than kMinDraftKeepChance (rows counted free) or (1) those that pay by
+// the engine's own timings of its steps (the default; each run's engine learns them anew).
 void BM_SpeculativeDecode(benchmark::State& state) {
   const int batch = static_cast<int>(state.range(0)), k = static_cast<int>(state.range(1));
   Fixture& f = Small();
   EngineOptions o{.block_size = 16, .num_blocks = 1024};
   o.speculative.num_tokens = k;
+  if (state.range(2) == 0) o.speculative.step_cost = FreeRows();
   int64_t tokens = 0, seq_steps = 0, drafts = 0, accepted = 0;
   int n = 0;
   for (auto _ : state) {
@@ -296,7 +299,12 @@ BENCHMARK(BM_ProposeNgramDrafts)
     ->Unit(benchmark::kMicrosecond);
 
 BENCHMARK(BM_SpeculativeDecode)
-    ->ArgsProduct({{1, 8}, {0, 2, 4}})
+    ->Args({1, 0, 1})
+    ->ArgsProduct({{1}, {2, 4}, {0, 1}})
+    ->Args({8, 0, 1})
+    ->ArgsProduct({{8}, {2, 4}, {0, 1}})
+    ->Args({32, 0, 1})
+    ->ArgsProduct({{32}, {4}, {0, 1}})
     ->Iterations(2)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime();

@@ -66,6 +66,10 @@ std::vector<FlagSpec> EngineFlagSpecs() {
        "speculative decoding: the longest suffix looked up (default 4)"},
       {"prompt-lookup-min", false,
        "speculative decoding: the shortest suffix looked up (default 2)"},
+      {"speculative-drafts", false,
+       "speculative decoding: which proposed drafts a step carries: paying (default: those "
+       "that raise its expected tokens per second, by each sequence's kept drafts and the "
+       "engine's timings of its steps) or all (every one likelier than 1 in 32)"},
   };
 }
 
@@ -105,6 +109,12 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromArgs(const CliArgs& args)
   o.speculative.num_tokens = static_cast<int32_t>(drafts);
   o.speculative.ngram_max = static_cast<int32_t>(lookup_max);
   o.speculative.ngram_min = static_cast<int32_t>(lookup_min);
+  const std::string which = args.GetString("speculative-drafts", "paying");
+  if (which != "paying" && which != "all") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--speculative-drafts '", which, "': expected paying or all"));
+  }
+  if (which == "all") o.speculative.step_cost = engine::FreeRows();
   return o;
 }
 

@@ -188,6 +188,8 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     }
     PDS_ASSIGN_OR_RETURN(engine_, engine::LlmEngine::Create(model_, options_.engine));
     engine_->set_token_vocabulary(options_.token_vocabulary);
+    // Drafts never make a step slower than the TPOT target lets one be.
+    if (options_.tpot_slo_ms > 0) engine_->set_draft_step_cap(options_.tpot_slo_ms / 1e3);
     if (options_.role == InstanceRole::kPrefill && options_.kv_handoff == "layered") {
       engine_->set_handoff_hook([this](std::vector<std::shared_ptr<engine::KvHandoff>> handoffs) {
         HandOff(std::move(handoffs));

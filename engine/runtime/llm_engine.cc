@@ -419,7 +419,6 @@ int32_t LlmEngine::RowSlice() const {
 }
 
 bool LlmEngine::MaySpeculate(const Sequence& seq) const {
-  const SamplingParams& p = seq.request.params;
   return seq.num_generated > 0 && seq.handoff == nullptr && !seq.request.hold_kv_after_prefill &&
          seq.num_computed + 1 == static_cast<int32_t>(seq.tokens.size()) &&
          seq.matcher == nullptr && !seq.request.return_logits;
@@ -513,6 +512,7 @@ std::shared_ptr<LayerProgress> LlmEngine::StartHandoffs(const std::vector<Sequen
 }
 
 absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
+  const absl::Time step_start = absl::Now();
   std::vector<Sequence*> order;
   for (auto& [id, seq] : sequences_) {
     if (!seq->held && !seq->importing) order.push_back(seq.get());
@@ -530,6 +530,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     size_t kept = 0;
     int32_t next = -1;
     std::vector<TokenLogprobs> logprobs;
+    bool may_draft = false;  // a decode that could have had drafts (its acceptance record fades)
   };
   // The batch policy proposes the order and the chunks; here each sequence in turn gets its
   // blocks (a running one may preempt the youngest other admitted sequence not in the batch)
@@ -631,7 +632,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         if (seq->num_generated == 0) seq->prompt_cached = seq->num_computed;
       }
       seq->admitted = true;
-      plan.push_back({seq, chunk, {}, 0, 0, -1, {}});
+      plan.push_back({seq, chunk, {}, 0, 0, -1, {}, false});
       budget -= chunk;
       if (preempted) {
         replan = true;
@@ -649,41 +650,82 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   // Speculative drafts, from what the step leaves of the budget and of the free blocks, less
   // one block of growth per planned sequence (free blocks that cache nothing go first; the
   // step gives back those its drafts did not fill): they go after the sequence's last token in
-  // its chunk (and in its tokens until the forward is done).
+  // its chunk (and in its tokens until the forward is done). Of those proposed, the step
+  // carries the ones that raise its expected tokens per second (ChooseDrafts).
   const int32_t max_drafts = options_.speculative.num_tokens;
-  const int32_t spare_blocks = cache_.allocator().num_free() - static_cast<int32_t>(plan.size());
-  int32_t draft_blocks = 0;  // taken so far
-  for (Planned& p : plan) {
-    if (max_drafts == 0) break;
-    Sequence& seq = *p.seq;
-    if (p.chunk != 1 || !MaySpeculate(seq)) continue;
-    if (seq.draft_pause > 0) {  // one of its decode steps without drafts
-      --seq.draft_pause;
-      continue;
+  StepShape shape;  // the step's, for its time
+  bool decode_only = true;
+  double step_tokens = 0;  // sequences that send a token
+  for (const Planned& p : plan) {
+    const Sequence& seq = *p.seq;
+    const int64_t n = seq.num_computed, c = p.chunk;
+    shape.rows += p.chunk;
+    shape.attended += c * n + c * (c + 1) / 2;  // position q attends q + 1
+    decode_only = decode_only && seq.num_generated > 0 && p.chunk == 1;
+    if (n + c >= static_cast<int64_t>(seq.tokens.size())) step_tokens += 1;
+  }
+  if (max_drafts > 0) {
+    const int32_t spare_blocks = cache_.allocator().num_free() - static_cast<int32_t>(plan.size());
+    std::vector<size_t> proposer;  // plan entry of each candidate
+    std::vector<std::vector<int32_t>> proposed;
+    std::vector<DraftCandidate> candidates;
+    for (size_t i = 0; i < plan.size(); ++i) {
+      Planned& p = plan[i];
+      Sequence& seq = *p.seq;
+      if (p.chunk != 1 || !MaySpeculate(seq)) continue;
+      p.may_draft = true;
+      const int64_t len = static_cast<int64_t>(seq.tokens.size());
+      // No draft past max_tokens, the model's context or the blocks at hand: their tokens
+      // could not be kept.
+      const int64_t room = std::min<int64_t>(
+          {seq.request.params.max_tokens - seq.num_generated - 1,
+           model_.config().max_context() - len,
+           static_cast<int64_t>(seq.table.blocks().size() + std::max(0, spare_blocks)) * bs - len});
+      const int32_t k = static_cast<int32_t>(std::min<int64_t>({max_drafts, budget, room}));
+      if (k <= 0) continue;
+      seq.ngrams.Extend(seq.tokens);
+      std::vector<int32_t> drafts = seq.ngrams.Propose(seq.tokens, options_.speculative.ngram_min,
+                                                       options_.speculative.ngram_max, k);
+      if (drafts.empty()) continue;
+      candidates.push_back({static_cast<int32_t>(drafts.size()), seq.acceptance.estimate(), len});
+      proposer.push_back(i);
+      proposed.push_back(std::move(drafts));
     }
-    const int64_t len = static_cast<int64_t>(seq.tokens.size());
-    // No draft past max_tokens, the model's context or the blocks at hand: their tokens could
-    // not be kept.
-    const int32_t held = static_cast<int32_t>(seq.table.blocks().size());
-    const int64_t room = std::min<int64_t>(
-        {seq.request.params.max_tokens - seq.num_generated - 1, model_.config().max_context() - len,
-         static_cast<int64_t>(held + std::max(0, spare_blocks - draft_blocks)) * bs - len});
-    if (seq.draft_limit < 0) seq.draft_limit = max_drafts;
-    const int32_t k =
-        static_cast<int32_t>(std::min<int64_t>({seq.draft_limit, max_drafts, budget, room}));
-    if (k <= 0) continue;
-    seq.ngrams.Extend(seq.tokens);
-    std::vector<int32_t> drafts = seq.ngrams.Propose(seq.tokens, options_.speculative.ngram_min,
-                                                     options_.speculative.ngram_max, k);
-    if (drafts.empty()) continue;
-    const int32_t need = seq.num_computed + 1 + static_cast<int32_t>(drafts.size());
-    if (!seq.table.Reserve(need, bs, cache_.allocator()).ok()) continue;
-    draft_blocks += static_cast<int32_t>(seq.table.blocks().size()) - held;
-    p.blocks = held;
-    p.chunk += static_cast<int32_t>(drafts.size());
-    budget -= static_cast<int32_t>(drafts.size());
-    seq.tokens.insert(seq.tokens.end(), drafts.begin(), drafts.end());
-    p.drafts = std::move(drafts);
+    std::vector<int32_t> chosen;
+    if (!candidates.empty()) {
+      if (options_.speculative.step_cost) {
+        chosen = ChooseDrafts(options_.speculative.step_cost, shape, step_tokens, candidates,
+                              draft_step_cap_);
+      } else if (step_model_.Predict(shape)) {
+        chosen = ChooseDrafts([this](const StepShape& s) { return *step_model_.Predict(s); }, shape,
+                              step_tokens, candidates, draft_step_cap_);
+      } else {  // the cost of a row is not known yet: rows count as free
+        chosen = ChooseDrafts(FreeRows(), shape, step_tokens, candidates);
+      }
+    }
+    int32_t draft_blocks = 0;  // taken so far
+    for (size_t n = 0; n < candidates.size(); ++n) {
+      Planned& p = plan[proposer[n]];
+      Sequence& seq = *p.seq;
+      const int64_t len = static_cast<int64_t>(seq.tokens.size());
+      const int32_t held = static_cast<int32_t>(seq.table.blocks().size());
+      const int32_t count = static_cast<int32_t>(std::min<int64_t>(
+          {chosen[n], budget,
+           static_cast<int64_t>(held + std::max(0, spare_blocks - draft_blocks)) * bs - len}));
+      if (count <= 0) continue;
+      std::vector<int32_t>& drafts = proposed[n];
+      drafts.resize(static_cast<size_t>(count));
+      if (!seq.table.Reserve(seq.num_computed + 1 + count, bs, cache_.allocator()).ok()) continue;
+      draft_blocks += static_cast<int32_t>(seq.table.blocks().size()) - held;
+      p.blocks = held;
+      p.chunk += count;
+      budget -= count;
+      shape.rows += count;
+      shape.attended += static_cast<int64_t>(count) * len + count * (count + 1) / 2;
+      shape.drafts = true;
+      seq.tokens.insert(seq.tokens.end(), drafts.begin(), drafts.end());
+      p.drafts = std::move(drafts);
+    }
   }
   std::vector<TokenOutput> outputs;
   last_batch_.clear();
@@ -903,10 +945,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       // there (after the last draft: the last row's). Their K/V stay; the rest is overwritten.
       const size_t kept = plan[i].kept;
       draft_tokens_ += static_cast<int64_t>(drafts.size());
-      seq.draft_limit = kept < drafts.size() ? static_cast<int32_t>(kept) + 1
-                                             : std::min(2 * seq.draft_limit, max_drafts);
-      seq.draft_misses = kept == 0 ? seq.draft_misses + 1 : 0;
-      if (seq.draft_misses >= 2) seq.draft_pause = 1 << std::min(seq.draft_misses, 6);
+      seq.acceptance.Update(static_cast<int32_t>(drafts.size()), static_cast<int32_t>(kept));
       for (size_t j = 0; j <= kept; ++j) {
         TokenOutput out;
         out.request_id = seq.request.id;
@@ -936,6 +975,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       }
       continue;
     }
+    if (plan[i].may_draft) seq.acceptance.Update(0, 0);
     seq.num_computed += plan[i].chunk;
     seq.table.set_num_tokens(seq.num_computed);
     RegisterFilledBlocks(seq, before);
@@ -1015,6 +1055,8 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     outputs.push_back(std::move(out));
   }
   for (const std::string& id : finished) PDS_RETURN_IF_ERROR(Cancel(id));
+  if (decode_only && max_drafts > 0)
+    step_model_.Observe(shape, absl::ToDoubleSeconds(absl::Now() - step_start));
   return outputs;
 }
 

@@ -42,7 +42,9 @@ struct EngineOptions {
   // token budget and the free blocks a step leaves (less one block of growth per sequence in
   // the step), never preempt, and go to decoding sequences without structured output or
   // return_logits (logprobs come from the sent tokens' rows; logits processing is applied to
-  // each draft row on the host, the drafts before it counted as tokens).
+  // each draft row on the host, the drafts before it counted as tokens). Of the drafts
+  // proposed, a step carries those that raise its expected tokens per second, by each
+  // sequence's record of kept drafts and a model of the step's time (ChooseDrafts).
   SpeculativeOptions speculative;
 };
 
@@ -201,6 +203,11 @@ class LlmEngine {
   // Speculative decoding: drafts computed, and how many of them were kept.
   int64_t num_draft_tokens() const { return draft_tokens_; }
   int64_t num_accepted_draft_tokens() const { return accepted_draft_tokens_; }
+  // Speculative decoding: no drafts that would make a step's predicted time exceed `seconds`
+  // (0: no cap), e.g. a TPOT target.
+  void set_draft_step_cap(double seconds) { draft_step_cap_ = std::max(0.0, seconds); }
+  // The engine's own model of its decode steps' time (SpeculativeOptions::step_cost unset).
+  const StepTimeModel& step_time_model() const { return step_model_; }
 
  private:
   struct Sequence {
@@ -226,13 +233,8 @@ class LlmEngine {
     absl::flat_hash_set<int32_t> prompt_tokens;
     absl::flat_hash_map<int32_t, int32_t> reply_counts;
     std::vector<TokenLogprobs> prompt_logprobs;  // computed so far (params.prompt_logprobs)
-    // Speculative decoding: the most drafts its next step may have (-1: the option's). A
-    // rejection cuts it to one more than were kept, a step whose drafts were all kept doubles
-    // it. After `draft_misses` steps in a row whose every draft was rejected (2 or more), it
-    // drafts nothing for 2^misses steps (at most 64): `draft_pause`.
-    int32_t draft_limit = -1;
-    int32_t draft_misses = 0;
-    int32_t draft_pause = 0;
+    // Speculative decoding: how often its drafts were kept (ChooseDrafts weighs them by it).
+    DraftAcceptance acceptance;
     NgramIndex ngrams;  // of its tokens (drafts never: they leave before the next step)
     size_t counted = 0;
   };
@@ -300,6 +302,8 @@ class LlmEngine {
   int64_t prefix_hit_tokens_ = 0;
   int64_t draft_tokens_ = 0;
   int64_t accepted_draft_tokens_ = 0;
+  double draft_step_cap_ = 0;
+  StepTimeModel step_model_;  // fed every step made only of decodes
   std::vector<float> logits_;
   // Per planned sequence of a step: how its token is chosen, whether its logits go to the
   // host, the token.

@@ -67,6 +67,109 @@ TEST(ProposeNgramDraftsTest, TheIndexProposesWhatTheScanDoes) {
   EXPECT_GT(proposed, 1000);
 }
 
+TEST(ChooseDraftsTest, FreeRowsTakeEveryDraftLikelierThanTheFloor) {
+  const std::vector<DraftCandidate> c = {{3, 0.9, 10}, {4, 0.5, 20}, {4, 0.3, 30}};
+  // 0.5^4 = 1/16 stays; 0.3^3 = 0.027 is under 1/32.
+  EXPECT_EQ(ChooseDrafts(FreeRows(), {3, 60, false}, 3, c), (Ids{3, 4, 2}));
+}
+
+TEST(ChooseDraftsTest, DraftsGoInWhileTheyRaiseTokensPerSecond) {
+  // 10 + 1 per row: four decodes make 4 tokens in 14. The likely candidate's three drafts
+  // raise the rate (to 6.44 in 17); the unlikely one's first lowers it (6.64 in 18).
+  const auto cost = [](const StepShape& s) { return 10.0 + s.rows; };
+  const std::vector<DraftCandidate> c = {{3, 0.2, 10}, {3, 0.9, 20}};
+  EXPECT_EQ(ChooseDrafts(cost, {4, 80, false}, 4, c), (Ids{0, 3}));
+  // Rows as dear as whole steps: none pays.
+  const auto dear = [](const StepShape& s) { return 1.0 * s.rows; };
+  EXPECT_EQ(ChooseDrafts(dear, {4, 80, false}, 4, c), (Ids{0, 0}));
+}
+
+TEST(ChooseDraftsTest, TheDraftingOverheadIsPaidOnce) {
+  // 12 more for any step with drafts: one draft does not pay (1.95 in 24 against 1 in 11),
+  // four do (4.52 in 27).
+  const auto cost = [](const StepShape& s) { return 10.0 + s.rows + (s.drafts ? 12.0 : 0.0); };
+  const std::vector<DraftCandidate> one = {{1, 0.95, 5}};
+  EXPECT_EQ(ChooseDrafts(cost, {1, 5, false}, 1, one), (Ids{0}));
+  const std::vector<DraftCandidate> four = {{4, 0.95, 5}};
+  EXPECT_EQ(ChooseDrafts(cost, {1, 5, false}, 1, four), (Ids{4}));
+}
+
+TEST(ChooseDraftsTest, RowsThatAttendLongContextsCostMore) {
+  // Equally likely drafts; attending costs 1/1000 per position: the one at position 2000
+  // costs more than it returns, the one at 10 does not.
+  const auto cost = [](const StepShape& s) { return 1.0 + 0.001 * s.attended; };
+  const std::vector<DraftCandidate> c = {{1, 0.6, 2000}, {1, 0.6, 10}};
+  EXPECT_EQ(ChooseDrafts(cost, {2, 20, false}, 2, c), (Ids{0, 1}));
+}
+
+TEST(ChooseDraftsTest, TheCapBoundsThePredictedStep) {
+  const auto cost = [](const StepShape& s) { return 10.0 + s.rows; };
+  const std::vector<DraftCandidate> c = {{4, 0.9, 5}};
+  EXPECT_EQ(ChooseDrafts(cost, {1, 5, false}, 1, c), (Ids{4}));
+  EXPECT_EQ(ChooseDrafts(cost, {1, 5, false}, 1, c, 12.5), (Ids{1}));
+  EXPECT_EQ(ChooseDrafts(cost, {1, 5, false}, 1, c, 10.5), (Ids{0})) << "over the cap already";
+}
+
+TEST(DraftAcceptanceTest, FollowsKeptDraftsAndFadesBackToOneHalf) {
+  DraftAcceptance a;
+  EXPECT_DOUBLE_EQ(a.estimate(), 0.5);
+  a.Update(4, 4);
+  EXPECT_DOUBLE_EQ(a.estimate(), 5.0 / 6);
+  for (int i = 0; i < 10; ++i) a.Update(4, 0);
+  EXPECT_LT(a.estimate(), 0.35);
+  for (int i = 0; i < 400; ++i) a.Update(0, 0);  // decode steps without drafts
+  EXPECT_NEAR(a.estimate(), 0.5, 0.01);
+}
+
+TEST(StepTimeModelTest, RecoversTheCostOfRowsPositionsAndDrafting) {
+  const auto truth = [](const StepShape& s) {
+    return 0.010 + (s.drafts ? 0.002 : 0.0) + 0.0005 * s.rows + 1e-6 * s.attended;
+  };
+  StepTimeModel m;
+  std::mt19937_64 rng(5);
+  // Steps of 4 sequences without drafts, contexts growing: the rows never vary.
+  for (int i = 0; i < 40; ++i) {
+    const StepShape s{4, 4 * (100 + 3 * i), false};
+    m.Observe(s, truth(s));
+  }
+  EXPECT_FALSE(m.Predict({4, 400, false}).has_value()) << "a row's cost is not determined";
+  for (int i = 0; i < 200; ++i) {
+    const int32_t batch = 1 + static_cast<int32_t>(rng() % 8);
+    const int32_t drafts = static_cast<int32_t>(rng() % 3) * static_cast<int32_t>(rng() % 5);
+    const int64_t context = 50 + static_cast<int64_t>(rng() % 500);
+    const StepShape s{batch + drafts, batch * context + drafts, drafts > 0};
+    m.Observe(s, truth(s));
+  }
+  for (const StepShape& s : {StepShape{1, 60, false}, StepShape{37, 9000, true}}) {
+    ASSERT_TRUE(m.Predict(s).has_value());
+    EXPECT_NEAR(*m.Predict(s), truth(s), 1e-9 + 1e-6 * truth(s));
+  }
+  // A window of steps that all lack drafts keeps the drafting cost it learnt, and does not
+  // fold it into the rest.
+  for (int i = 0; i < 200; ++i) {
+    const StepShape s{1 + static_cast<int32_t>(rng() % 8), static_cast<int64_t>(rng() % 4000),
+                      false};
+    m.Observe(s, truth(s));
+  }
+  EXPECT_NEAR(m.coefficients()[0], 0.010, 1e-9);
+  EXPECT_NEAR(m.coefficients()[1], 0.002, 1e-9);
+}
+
+TEST(StepTimeModelTest, ACostBelowZeroIsZero) {
+  // Times that fall with the positions attended (noise, say): that cost is zero, not negative,
+  // and the rows' cost is fitted without it.
+  StepTimeModel m;
+  std::mt19937_64 rng(6);
+  for (int i = 0; i < 128; ++i) {
+    const int32_t rows = 1 + static_cast<int32_t>(rng() % 16);
+    const int64_t attended = static_cast<int64_t>(rng() % 1000);
+    m.Observe({rows, attended, false}, 0.01 + 0.001 * rows - 1e-7 * attended);
+  }
+  EXPECT_EQ(m.coefficients()[3], 0.0);
+  EXPECT_GT(m.coefficients()[2], 0.0009);
+  EXPECT_LT(m.coefficients()[2], 0.0011);
+}
+
 class SpeculativeEngineTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -138,6 +241,7 @@ class SpeculativeEngineTest : public ::testing::Test {
     drafts_ = (*engine)->num_draft_tokens();
     accepted_ = (*engine)->num_accepted_draft_tokens();
     preemptions_ = (*engine)->num_preemptions();
+    step_model_ = (*engine)->step_time_model();
     return results;
   }
 
@@ -159,6 +263,9 @@ class SpeculativeEngineTest : public ::testing::Test {
     o.max_batch_tokens = budget;
     o.max_running = running;
     o.speculative.num_tokens = drafts;
+    // Rows cost nothing: every proposed draft likelier than kMinDraftKeepChance goes in, the
+    // same in every run (the engine's own step timings would make the drafts vary).
+    o.speculative.step_cost = FreeRows();
     return o;
   }
 
@@ -166,6 +273,7 @@ class SpeculativeEngineTest : public ::testing::Test {
   std::unique_ptr<CpuBackend> backend_;
   std::unique_ptr<Transformer> model_;
   int64_t drafts_ = 0, accepted_ = 0, preemptions_ = 0;
+  StepTimeModel step_model_;  // the last run's engine's
 };
 
 TEST_F(SpeculativeEngineTest, DraftsChangeNoTokenGreedyOrSeeded) {
@@ -181,6 +289,46 @@ TEST_F(SpeculativeEngineTest, DraftsChangeNoTokenGreedyOrSeeded) {
     EXPECT_GT(accepted_, 0) << "k " << k;
     EXPECT_LE(accepted_, drafts_);
   }
+  // Drafts chosen by the engine's own timings of its steps: whatever they are, the tokens are.
+  EngineOptions measured = Options(4, 4, 256, 256, 8);
+  measured.speculative.step_cost = nullptr;
+  ExpectSameTokens(Run(measured, requests), want);
+  EXPECT_GT(drafts_, 0) << "drafts go in while the cost of a row is unknown";
+  EXPECT_TRUE(step_model_.Predict({8, 8 * 40, false}).has_value())
+      << "decode steps of 1 to 8 sequences determine the cost of a row";
+}
+
+TEST_F(SpeculativeEngineTest, DraftsThatDoNotPayStayOut) {
+  const std::vector<GenerateRequest> requests = Requests(6, 30);
+  const auto want = Run(Options(0, 4, 256, 256, 6), requests);
+  // Every row costs as much as a whole step: no draft is kept often enough to pay for one.
+  EngineOptions costly = Options(4, 4, 256, 256, 6);
+  costly.speculative.step_cost = [](const StepShape& s) { return 1.0 * s.rows; };
+  ExpectSameTokens(Run(costly, requests), want);
+  EXPECT_EQ(drafts_, 0);
+  // A row costs a hundredth of a step: likely drafts pay.
+  EngineOptions cheap = Options(4, 4, 256, 256, 6);
+  cheap.speculative.step_cost = [](const StepShape& s) { return 1.0 + 0.01 * s.rows; };
+  ExpectSameTokens(Run(cheap, requests), want);
+  EXPECT_GT(accepted_, 0);
+}
+
+TEST_F(SpeculativeEngineTest, NoDraftPushesAStepPastTheCap) {
+  // A row costs 1% of a one-sequence step; the cap leaves no room for a draft's row.
+  GenerateRequest r = Requests(1, 30)[0];
+  EngineOptions o = Options(4, 4, 256, 256, 4);
+  o.speculative.step_cost = [](const StepShape& s) { return 1.0 + 0.01 * s.rows; };
+  auto engine = LlmEngine::Create(*model_, o);
+  ASSERT_TRUE(engine.ok());
+  (*engine)->set_draft_step_cap(1.015);
+  auto capped = (*engine)->Generate({r});
+  ASSERT_TRUE(capped.ok()) << capped.status();
+  EXPECT_EQ((*engine)->num_draft_tokens(), 0);
+  (*engine)->set_draft_step_cap(1.035);  // room for two
+  auto two = (*engine)->Generate({r});
+  ASSERT_TRUE(two.ok()) << two.status();
+  EXPECT_GT((*engine)->num_draft_tokens(), 0);
+  EXPECT_EQ((*two)[0].token_ids, (*capped)[0].token_ids);
 }
 
 TEST_F(SpeculativeEngineTest, SeededSamplingKeepsDrafts) {

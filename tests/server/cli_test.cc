@@ -140,6 +140,13 @@ TEST_F(CliTest, GenerateWithSpeculativeDecoding) {
   const Result refused = RunCommand(cmd + " --speculative-tokens 65");
   EXPECT_NE(refused.exit_code, 0);
   EXPECT_NE(refused.errors.find("--speculative-tokens"), std::string::npos) << refused.errors;
+  // A worker's choice of drafts: paying or all.
+  const Result bad = RunCommand("decode --model " + dir_ +
+                                " --threads 1 --speculative-tokens 4 --speculative-drafts some");
+  EXPECT_EQ(bad.exit_code, 2);
+  EXPECT_NE(bad.errors.find("--speculative-drafts 'some': expected paying or all"),
+            std::string::npos)
+      << bad.errors;
 }
 
 // Logits processing from the command line: a +100 bias holds every token; bad values are

@@ -482,7 +482,8 @@ TEST_F(ServingTest, SpeculativeDecodingMatchesOffline) {
        {std::vector<std::string>{"--prefill", "1", "--decode", "1"},
         std::vector<std::string>{"--colocated", "1"}}) {
     std::vector<std::string> flags = shape;
-    flags.insert(flags.end(), {"--speculative-tokens", "4", "--prompt-lookup-min", "1"});
+    flags.insert(flags.end(), {"--speculative-tokens", "4", "--prompt-lookup-min", "1",
+                               "--speculative-drafts", "all"});
     auto cluster = LocalCluster::Start(*model_dir_, flags);
     ASSERT_NE(cluster, nullptr);
     ExpectClusterMatchesOffline(*cluster, 16, 0.0f, 40, 5);
