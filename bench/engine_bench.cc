@@ -5,6 +5,7 @@
 // sgemm rate); prefill reports the fraction of the measured sgemm rate for 2 * params * tokens.
 #include <benchmark/benchmark.h>
 
+#include <array>
 #include <filesystem>
 #include <memory>
 #include <random>
@@ -12,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "bench/ceilings.h"
 #include "engine/backend/cpu_backend.h"
+#include "engine/common/status_macros.h"
 #include "engine/model/model_writer.h"
 #include "engine/model/presets.h"
 #include "engine/model/transformer.h"
@@ -243,13 +245,15 @@ void BM_SpeculativeDecode(benchmark::State& state) {
   Fixture& f = Small();
   EngineOptions o{.block_size = 16, .num_blocks = 1024};
   o.speculative.num_tokens = k;
-  if (state.range(2) == 0) o.speculative.step_cost = FreeRows();
-  int64_t tokens = 0, seq_steps = 0, drafts = 0, accepted = 0;
+  if (state.range(2) == 0) o.speculative.choice = DraftChoice::kAll;
+  // One engine for the whole run, as a server's: its timings of its steps carry over from one
+  // round of sequences to the next (the first round, untimed, is its warm-up).
+  auto engine = LlmEngine::Create(*f.model, o);
+  if (!engine.ok()) return state.SkipWithError(engine.status().ToString().c_str());
+  int64_t tokens = 0, seq_steps = 0;
   int n = 0;
-  for (auto _ : state) {
-    state.PauseTiming();
-    auto engine = LlmEngine::Create(*f.model, o);
-    if (!engine.ok()) return state.SkipWithError(engine.status().ToString().c_str());
+  // One round: `batch` sequences prefilled (untimed unless `timed`), then decoded to the end.
+  auto round = [&](bool timed) -> absl::Status {
     for (int s = 0; s < batch; ++s) {
       GenerateRequest r;
       r.id = absl::StrCat("s", n++);
@@ -257,25 +261,45 @@ void BM_SpeculativeDecode(benchmark::State& state) {
       for (int t = 0; t < 64; ++t) r.prompt.push_back(pattern[t % 7]);
       r.params.max_tokens = 96;
       r.params.ignore_eos = true;
-      if (!(*engine)->AddRequest(std::move(r)).ok()) return state.SkipWithError("add");
+      PDS_RETURN_IF_ERROR((*engine)->AddRequest(std::move(r)));
     }
-    if (!(*engine)->Step().ok()) return state.SkipWithError("prefill");  // untimed
-    state.ResumeTiming();
+    PDS_RETURN_IF_ERROR((*engine)->Step().status());  // the prefill
+    if (timed) state.ResumeTiming();
     while ((*engine)->HasWork()) {
       auto step = (*engine)->Step();
-      if (!step.ok()) return state.SkipWithError(step.status().ToString().c_str());
+      if (!step.ok()) return step.status();
+      if (!timed) continue;
       tokens += static_cast<int64_t>(step->size());
       seq_steps += static_cast<int64_t>((*engine)->last_batch().size());
     }
-    drafts += (*engine)->num_draft_tokens();
-    accepted += (*engine)->num_accepted_draft_tokens();
+    return absl::OkStatus();
+  };
+  if (absl::Status warm = round(false); !warm.ok()) {
+    return state.SkipWithError(warm.ToString().c_str());
   }
+  const int64_t drafts0 = (*engine)->num_draft_tokens();
+  const int64_t accepted0 = (*engine)->num_accepted_draft_tokens();
+  for (auto _ : state) {
+    state.PauseTiming();
+    if (absl::Status done = round(true); !done.ok()) {
+      return state.SkipWithError(done.ToString().c_str());
+    }
+  }
+  const int64_t drafts = (*engine)->num_draft_tokens() - drafts0;
+  const int64_t accepted = (*engine)->num_accepted_draft_tokens() - accepted0;
   state.counters["tokens/s"] =
       benchmark::Counter(static_cast<double>(tokens), benchmark::Counter::kIsRate);
   state.counters["tokens_per_seq_step"] =
       static_cast<double>(tokens) / static_cast<double>(std::max<int64_t>(seq_steps, 1));
   state.counters["acceptance"] =
       static_cast<double>(accepted) / static_cast<double>(std::max<int64_t>(drafts, 1));
+  state.counters["drafts_per_seq_step"] =
+      static_cast<double>(drafts) / static_cast<double>(std::max<int64_t>(seq_steps, 1));
+  // The engine's model of its steps (microseconds): a + g [drafts] + b rows + c kv.
+  const std::array<double, 4>& c = (*engine)->step_time_model().coefficients();
+  state.counters["model_a_us"] = c[0] * 1e6;
+  state.counters["model_drafts_us"] = c[1] * 1e6;
+  state.counters["model_row_us"] = c[2] * 1e6;
 }
 // The draft proposer's host cost per sequence and step: the scan (ProposeNgramDrafts; arg 3 =
 // 0) or the engine's index (NgramIndex; 1) over a sequence of `len` tokens, (0) random over Llama

@@ -114,7 +114,7 @@ absl::StatusOr<engine::EngineOptions> EngineOptionsFromArgs(const CliArgs& args)
     return absl::InvalidArgumentError(
         absl::StrCat("--speculative-drafts '", which, "': expected paying or all"));
   }
-  if (which == "all") o.speculative.step_cost = engine::FreeRows();
+  if (which == "all") o.speculative.choice = engine::DraftChoice::kAll;
   return o;
 }
 

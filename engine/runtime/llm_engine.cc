@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <chrono>
 #include <cmath>
 #include <future>
 #include <limits>
@@ -512,7 +513,7 @@ std::shared_ptr<LayerProgress> LlmEngine::StartHandoffs(const std::vector<Sequen
 }
 
 absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
-  const absl::Time step_start = absl::Now();
+  const auto step_start = std::chrono::steady_clock::now();
   std::vector<Sequence*> order;
   for (auto& [id, seq] : sequences_) {
     if (!seq->held && !seq->importing) order.push_back(seq.get());
@@ -653,16 +654,13 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   // its chunk (and in its tokens until the forward is done). Of those proposed, the step
   // carries the ones that raise its expected tokens per second (ChooseDrafts).
   const int32_t max_drafts = options_.speculative.num_tokens;
-  StepShape shape;  // the step's, for its time
-  bool decode_only = true;
-  double step_tokens = 0;  // sequences that send a token
+  StepShape decodes;   // the step's decodes (with their drafts, once chosen)
+  DraftLimits limits;  // limits.others: the step's other rows (prefill chunks)
   for (const Planned& p : plan) {
-    const Sequence& seq = *p.seq;
-    const int64_t n = seq.num_computed, c = p.chunk;
-    shape.rows += p.chunk;
-    shape.attended += c * n + c * (c + 1) / 2;  // position q attends q + 1
-    decode_only = decode_only && seq.num_generated > 0 && p.chunk == 1;
-    if (n + c >= static_cast<int64_t>(seq.tokens.size())) step_tokens += 1;
+    const bool decode = p.seq->num_generated > 0 && p.chunk == 1;
+    StepShape& part = decode ? decodes : limits.others;
+    part.rows += p.chunk;
+    part.kv += p.seq->num_computed + p.chunk;  // the positions its rows read
   }
   if (max_drafts > 0) {
     const int32_t spare_blocks = cache_.allocator().num_free() - static_cast<int32_t>(plan.size());
@@ -687,20 +685,32 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       std::vector<int32_t> drafts = seq.ngrams.Propose(seq.tokens, options_.speculative.ngram_min,
                                                        options_.speculative.ngram_max, k);
       if (drafts.empty()) continue;
-      candidates.push_back({static_cast<int32_t>(drafts.size()), seq.acceptance.estimate(), len});
+      candidates.push_back({static_cast<int32_t>(drafts.size()), seq.acceptance.estimate()});
       proposer.push_back(i);
       proposed.push_back(std::move(drafts));
     }
     std::vector<int32_t> chosen;
     if (!candidates.empty()) {
-      if (options_.speculative.step_cost) {
-        chosen = ChooseDrafts(options_.speculative.step_cost, shape, step_tokens, candidates,
-                              draft_step_cap_);
-      } else if (step_model_.Predict(shape)) {
-        chosen = ChooseDrafts([this](const StepShape& s) { return *step_model_.Predict(s); }, shape,
-                              step_tokens, candidates, draft_step_cap_);
-      } else {  // the cost of a row is not known yet: rows count as free
-        chosen = ChooseDrafts(FreeRows(), shape, step_tokens, candidates);
+      limits.rows = budget;
+      limits.max_seconds = draft_step_cap_;
+      const double tokens = decodes.rows;  // each decode sends one token
+      const bool paying = options_.speculative.choice == DraftChoice::kPaying;
+      if (paying && options_.speculative.step_cost) {
+        chosen = ChooseDrafts(options_.speculative.step_cost, decodes, tokens, candidates, limits);
+      } else if (paying && step_model_.Predict(decodes)) {
+        chosen = ChooseDrafts([this](const StepShape& s) { return *step_model_.Predict(s); },
+                              decodes, tokens, candidates, limits);
+        // Now and then a step of the kind the model has too few of (with drafts, or without),
+        // so that their difference stays measured.
+        if (++explore_clock_ % kExploreEvery == 0 && step_model_.Lacks()) {
+          if (*step_model_.Lacks()) {
+            chosen = ChooseDrafts(FreeRows(), decodes, tokens, candidates, {.rows = budget});
+          } else {
+            std::fill(chosen.begin(), chosen.end(), 0);
+          }
+        }
+      } else {  // kAll, or the cost of a row is not known yet: rows count as free
+        chosen = ChooseDrafts(FreeRows(), decodes, tokens, candidates, {.rows = budget});
       }
     }
     int32_t draft_blocks = 0;  // taken so far
@@ -720,9 +730,9 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       p.blocks = held;
       p.chunk += count;
       budget -= count;
-      shape.rows += count;
-      shape.attended += static_cast<int64_t>(count) * len + count * (count + 1) / 2;
-      shape.drafts = true;
+      decodes.rows += count;
+      decodes.kv += count;
+      decodes.drafts = true;
       seq.tokens.insert(seq.tokens.end(), drafts.begin(), drafts.end());
       p.drafts = std::move(drafts);
     }
@@ -1055,8 +1065,10 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     outputs.push_back(std::move(out));
   }
   for (const std::string& id : finished) PDS_RETURN_IF_ERROR(Cancel(id));
-  if (decode_only && max_drafts > 0)
-    step_model_.Observe(shape, absl::ToDoubleSeconds(absl::Now() - step_start));
+  if (max_drafts > 0 && limits.others.rows == 0) {  // a step made only of decodes
+    const std::chrono::duration<double> took = std::chrono::steady_clock::now() - step_start;
+    step_model_.Observe(decodes, took.count());
+  }
   return outputs;
 }
 

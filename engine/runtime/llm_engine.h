@@ -203,8 +203,9 @@ class LlmEngine {
   // Speculative decoding: drafts computed, and how many of them were kept.
   int64_t num_draft_tokens() const { return draft_tokens_; }
   int64_t num_accepted_draft_tokens() const { return accepted_draft_tokens_; }
-  // Speculative decoding: no drafts that would make a step's predicted time exceed `seconds`
-  // (0: no cap), e.g. a TPOT target.
+  // Speculative decoding (DraftChoice::kPaying): no draft that would push a step's predicted
+  // time past `seconds` (0: no cap), e.g. a TPOT target; it applies once the cost of a row is
+  // known (given, or measured).
   void set_draft_step_cap(double seconds) { draft_step_cap_ = std::max(0.0, seconds); }
   // The engine's own model of its decode steps' time (SpeculativeOptions::step_cost unset).
   const StepTimeModel& step_time_model() const { return step_model_; }
@@ -304,6 +305,10 @@ class LlmEngine {
   int64_t accepted_draft_tokens_ = 0;
   double draft_step_cap_ = 0;
   StepTimeModel step_model_;  // fed every step made only of decodes
+  // Decode steps with drafts chosen by step_model_; every kExploreEvery-th, a step of the kind
+  // it lacks (StepTimeModel::Lacks).
+  static constexpr int64_t kExploreEvery = 32;
+  int64_t explore_clock_ = 0;
   std::vector<float> logits_;
   // Per planned sequence of a step: how its token is chosen, whether its logits go to the
   // host, the token.

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <numeric>
 
 #include "scheduler/latency_model.h"
 
@@ -75,56 +76,60 @@ StepCostFn FreeRows() {
   return [](const StepShape&) { return 1.0; };
 }
 
-std::vector<int32_t> ChooseDrafts(const StepCostFn& cost, const StepShape& base, double base_tokens,
-                                  std::span<const DraftCandidate> candidates, double max_seconds) {
+namespace {
+
+StepShape Plus(StepShape a, const StepShape& b) {
+  a.rows += b.rows;
+  a.kv += b.kv;
+  a.drafts = a.drafts || b.drafts;
+  return a;
+}
+
+}  // namespace
+
+std::vector<int32_t> ChooseDrafts(const StepCostFn& cost, const StepShape& decodes, double tokens,
+                                  std::span<const DraftCandidate> candidates,
+                                  const DraftLimits& limits) {
   std::vector<int32_t> chosen(candidates.size(), 0);
   constexpr double kTiny = 1e-12;  // a model may call a step or a row free
-  const double base_seconds = std::max(cost(base), kTiny);
-  if (max_seconds > 0 && base_seconds > max_seconds) return chosen;
+  const auto capped = [&](const StepShape& s) {
+    return limits.max_seconds > 0 && cost(Plus(s, limits.others)) > limits.max_seconds;
+  };
+  const double base_seconds = std::max(cost(decodes), kTiny);
   struct Option {
-    double keep;   // the chance that the draft is kept (all before it kept too)
-    double worth;  // keep per second its row adds
+    double keep;  // the chance that the draft is kept (all before it kept too)
     size_t who;
     int32_t j;  // 1-based
   };
-  // A row's own time: what it adds to a step that already has drafts (the drafting overhead
-  // is the whole set's, weighed below).
-  StepShape drafted = base;
-  drafted.drafts = true;
-  const double drafted_seconds = cost(drafted);
   std::vector<Option> options;
   for (size_t i = 0; i < candidates.size(); ++i) {
     const double a = std::clamp(candidates[i].accept, 0.0, 1.0);
     double keep = 1;
-    double worth = std::numeric_limits<double>::infinity();
     for (int32_t j = 1; j <= candidates[i].drafts; ++j) {
       keep *= a;
       if (keep < kMinDraftKeepChance) break;
-      StepShape one = drafted;
-      one.rows += 1;
-      one.attended += candidates[i].position + j;  // the row at position + j - 1
-      worth = std::min(worth, keep / std::max(cost(one) - drafted_seconds, kTiny));
-      options.push_back({keep, worth, i, j});
+      options.push_back({keep, i, j});
     }
   }
-  // Most worth first (the fractional knapsack's order); a candidate's drafts stay in order
-  // (their worth is made non-increasing in j, and the sort is stable).
+  // A draft's row costs what any other's does (one row, its own position read): the likeliest
+  // go first (a candidate's drafts stay in order, their chances falling with j or tying, the
+  // sort being stable).
   std::stable_sort(options.begin(), options.end(),
-                   [](const Option& x, const Option& y) { return x.worth > y.worth; });
-  StepShape shape = base;
-  double tokens = base_tokens;
-  double best_tokens = base_tokens, best_seconds = base_seconds;
+                   [](const Option& x, const Option& y) { return x.keep > y.keep; });
+  StepShape shape = decodes;
+  double sum = tokens;
+  double best_tokens = tokens, best_seconds = base_seconds;
   size_t best = 0;
-  for (size_t n = 0; n < options.size(); ++n) {
-    const Option& o = options[n];
+  const size_t most = std::min(options.size(), static_cast<size_t>(std::max(limits.rows, 0)));
+  for (size_t n = 0; n < most; ++n) {
     shape.rows += 1;
-    shape.attended += candidates[o.who].position + o.j;
+    shape.kv += 1;
     shape.drafts = true;
-    tokens += o.keep;
+    sum += options[n].keep;
+    if (capped(shape)) break;
     const double seconds = std::max(cost(shape), kTiny);
-    if (max_seconds > 0 && seconds > max_seconds) break;
-    if (tokens * best_seconds > best_tokens * seconds) {  // more tokens per second
-      best_tokens = tokens;
+    if (sum * best_seconds > best_tokens * seconds) {  // more tokens per second
+      best_tokens = sum;
       best_seconds = seconds;
       best = n + 1;
     }
@@ -140,6 +145,15 @@ void DraftAcceptance::Update(int32_t drafted, int32_t kept) {
   rejected_ = rejected_ * kFade + (kept < drafted ? 1 : 0);
 }
 
+namespace {
+
+// Feature k of a step (0: drafts, 1: rows, 2: kv).
+double Feature(const StepShape& s, int k) {
+  return k == 0 ? (s.drafts ? 1.0 : 0.0) : k == 1 ? s.rows : static_cast<double>(s.kv);
+}
+
+}  // namespace
+
 void StepTimeModel::Observe(const StepShape& shape, double seconds) {
   if (!(seconds > 0) || shape.rows <= 0) return;
   samples_.emplace_back(shape, seconds);
@@ -150,70 +164,100 @@ void StepTimeModel::Observe(const StepShape& shape, double seconds) {
   }
 }
 
+std::optional<bool> StepTimeModel::Lacks() const {
+  const auto drafted = std::count_if(samples_.begin(), samples_.end(),
+                                     [](const Sample& s) { return s.first.drafts; });
+  if (drafted < kMinSide) return true;
+  if (static_cast<int64_t>(samples_.size()) - drafted < kMinSide) return false;
+  return std::nullopt;
+}
+
 void StepTimeModel::Fit() {
-  // Feature k + 1 of a sample (k: 0 drafts, 1 rows, 2 attended; 0 is the intercept).
-  auto feature = [](const StepShape& s, int k) {
-    return k == 0 ? (s.drafts ? 1.0 : 0.0) : k == 1 ? s.rows : static_cast<double>(s.attended);
-  };
-  // The features the window determines: those that vary in it. The others keep their fitted
-  // value (0 if never fitted), taken off the times first.
+  const std::vector<Sample> all(samples_.begin(), samples_.end());
+  if (!Solve(all) || !row_cost_known_) return;
+  // Once more without the samples the fit misses by far more than it misses most by.
+  std::vector<double> misses;
+  for (const auto& [shape, seconds] : all) {
+    misses.push_back(std::abs(*Predict(shape) - seconds) / seconds);
+  }
+  std::vector<double> sorted = misses;
+  std::nth_element(sorted.begin(), sorted.begin() + sorted.size() / 2, sorted.end());
+  const double limit = std::max(5 * sorted[sorted.size() / 2], 0.05);
+  std::vector<Sample> kept;
+  for (size_t i = 0; i < all.size(); ++i) {
+    if (misses[i] <= limit) kept.push_back(all[i]);
+  }
+  if (kept.size() < all.size() && kept.size() >= all.size() / 2) Solve(kept);
+}
+
+bool StepTimeModel::Solve(const std::vector<Sample>& samples) {
+  // The features the samples determine: at least kMinSide of them off the median value.
   std::vector<int> free;
   for (int k = 0; k < 3; ++k) {
-    double lo = feature(samples_.front().first, k), hi = lo;
-    for (const auto& [shape, seconds] : samples_) {
-      lo = std::min(lo, feature(shape, k));
-      hi = std::max(hi, feature(shape, k));
-    }
-    if (hi > lo) free.push_back(k);
+    std::vector<double> values;
+    for (const auto& [shape, seconds] : samples) values.push_back(Feature(shape, k));
+    std::nth_element(values.begin(), values.begin() + values.size() / 2, values.end());
+    const double median = values[values.size() / 2];
+    const auto off = std::count_if(samples.begin(), samples.end(),
+                                   [&](const Sample& s) { return Feature(s.first, k) != median; });
+    if (off >= kMinSide) free.push_back(k);
   }
-  // Least squares on relative error; a feature fitted below zero (noise, or collinear with
-  // another) is fixed at zero and the rest fitted again.
+  // Weights for relative error, scaled to a mean of one (the solver's singularity test is
+  // absolute).
+  std::vector<double> w;
+  for (const auto& [shape, seconds] : samples) w.push_back(1.0 / (seconds * seconds));
+  const double mean = std::accumulate(w.begin(), w.end(), 0.0) / static_cast<double>(w.size());
+  for (double& x : w) x /= mean;
   while (true) {
     std::vector<std::vector<double>> x;
-    std::vector<double> y, w;
-    for (const auto& [shape, seconds] : samples_) {
+    std::vector<double> y;
+    for (const auto& [shape, seconds] : samples) {
       std::vector<double> row{1.0};
       double fixed = 0;
       for (int k = 0; k < 3; ++k) {
         if (std::find(free.begin(), free.end(), k) != free.end()) {
-          row.push_back(feature(shape, k));
+          row.push_back(Feature(shape, k));
         } else {
-          fixed += coef_[k + 1] * feature(shape, k);
+          fixed += coef_[k + 1] * Feature(shape, k);
         }
       }
       x.push_back(std::move(row));
       y.push_back(seconds - fixed);
-      w.push_back(1.0 / (seconds * seconds));
     }
     auto beta = scheduler::LeastSquares(x, y, w);
     if (!beta.ok()) {
-      if (free.empty()) return;
-      free.pop_back();  // attended (then rows) may be a multiple of another feature here
+      // Two features move together here (rows = 1 + [drafts] with one draft at a time, say):
+      // drafts go first (rows then carry their cost), then kv.
+      if (free.empty()) return false;
+      auto drop = std::find(free.begin(), free.end(), 0);                     // drafts
+      if (drop == free.end()) drop = std::find(free.begin(), free.end(), 2);  // kv
+      if (drop == free.end()) drop = free.begin();
+      free.erase(drop);
       continue;
     }
     size_t negative = free.size();
     for (size_t f = 0; f < free.size(); ++f) {
       if ((*beta)[f + 1] < 0) negative = f;
     }
-    if (negative < free.size()) {
+    if (negative < free.size()) {  // noise, or nearly collinear with another: zero, and again
       coef_[free[negative] + 1] = 0;
-      if (free[negative] == 1) row_cost_known_ = true;  // rows varied: they cost nothing here
+      if (free[negative] == 1) row_cost_known_ = true;
       free.erase(free.begin() + static_cast<std::ptrdiff_t>(negative));
       continue;
     }
-    coef_[0] = (*beta)[0];
+    coef_[0] = std::max(0.0, (*beta)[0]);
     for (size_t f = 0; f < free.size(); ++f) {
       coef_[free[f] + 1] = (*beta)[f + 1];
       if (free[f] == 1) row_cost_known_ = true;
     }
-    return;
+    return true;
   }
 }
 
 std::optional<double> StepTimeModel::Predict(const StepShape& shape) const {
   if (!row_cost_known_) return std::nullopt;
-  return coef_[0] + coef_[1] * (shape.drafts ? 1.0 : 0.0) + coef_[2] * shape.rows +
-         coef_[3] * static_cast<double>(shape.attended);
+  return coef_[0] + coef_[1] * Feature(shape, 0) + coef_[2] * Feature(shape, 1) +
+         coef_[3] * Feature(shape, 2);
 }
 
 }  // namespace pds::engine

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <optional>
 #include <span>
 #include <vector>
@@ -20,19 +21,22 @@
 
 namespace pds::engine {
 
-// The shape of a step, for its time: the rows computed, the cached positions they attend in
-// all (a row at position p attends p + 1), and whether any of them are drafts (a step with
-// drafts draws their rows too, and on a GPU is never replayed from the decode step's graph).
+// The shape of a step, for its time: the rows computed, the cached positions read (per
+// sequence, those its rows attend, counted once: attention reads a sequence's K/V once for all
+// its rows), and whether any rows are drafts (a step with drafts also draws their rows, and
+// on a GPU is never replayed from the decode step's graph).
 struct StepShape {
   int32_t rows = 0;
-  int64_t attended = 0;
+  int64_t kv = 0;
   bool drafts = false;
 };
 // A step's predicted time in seconds.
 using StepCostFn = std::function<double(const StepShape&)>;
-// A cost under which rows are free: every proposed draft likelier than kMinDraftKeepChance
-// goes in.
-StepCostFn FreeRows();
+
+enum class DraftChoice {
+  kPaying,  // the drafts that raise the step's expected tokens per second (ChooseDrafts)
+  kAll,     // every proposed draft likelier than kMinDraftKeepChance
+};
 
 struct SpeculativeOptions {
   int32_t num_tokens = 0;  // drafts per sequence and step (0: off)
@@ -40,33 +44,40 @@ struct SpeculativeOptions {
   // before (its latest occurrence).
   int32_t ngram_max = 4;
   int32_t ngram_min = 2;
-  // What a step costs, to choose the drafts that pay for their rows (ChooseDrafts). Unset:
-  // the engine measures its own decode steps (StepTimeModel); until those determine the
-  // cost of a row, every proposed draft goes in.
+  DraftChoice choice = DraftChoice::kPaying;
+  // kPaying: what a step costs. Unset: the engine times its own decode steps (StepTimeModel);
+  // until those determine the cost of a row, every proposed draft goes in.
   StepCostFn step_cost;
 };
 
 // One sequence's proposed drafts, for ChooseDrafts.
 struct DraftCandidate {
-  int32_t drafts = 0;    // proposed (in order: draft j is kept only if drafts 0..j-1 were)
-  double accept = 0.5;   // the chance that a draft is kept when those before it were
-  int64_t position = 0;  // of its first draft
+  int32_t drafts = 0;   // proposed (in order: draft j is kept only if drafts 0..j-1 were)
+  double accept = 0.5;  // the chance that a draft is kept when those before it were
 };
 
 // Drafts whose chance of being kept is below this never go in, whatever the model says a
 // row costs (the host's work for them is not in it).
 inline constexpr double kMinDraftKeepChance = 1.0 / 32;
 
-// How many of each candidate's drafts a step carries: those that raise its expected tokens
-// per second by `cost`. `base` is the step without drafts and `base_tokens` the tokens it
-// sends; the j-th draft of a candidate (1-based) adds accept^j expected tokens and one row at
-// position + j - 1. Drafts are ranked by expected tokens per second of their own row, and the
-// best number of the highest ranked go in (the step's drafting overhead is paid once, so a
-// few drafts may not pay where more do). With `max_seconds` > 0, no draft goes in that would
-// push the predicted step past it.
-std::vector<int32_t> ChooseDrafts(const StepCostFn& cost, const StepShape& base, double base_tokens,
+struct DraftLimits {
+  int32_t rows = std::numeric_limits<int32_t>::max();  // draft rows in all (token budget)
+  double max_seconds = 0;  // > 0: no draft may push the predicted step past this
+  StepShape others;        // the step's rows that are not decodes (prefill chunks)
+};
+
+// How many of each candidate's drafts a step carries: those that raise the expected tokens
+// per second of its decodes (`decodes`: their rows, sending `tokens` tokens; the step's other
+// rows count only for the cap: a prefill chunk is not traded against drafts). The j-th draft of
+// a candidate (1-based) adds accept^j expected tokens and one row. Drafts are ranked by
+// expected tokens per second of their own row, and the best number of the highest ranked go
+// in (the step's drafting overhead is paid once, so a few drafts may not pay where more do).
+std::vector<int32_t> ChooseDrafts(const StepCostFn& cost, const StepShape& decodes, double tokens,
                                   std::span<const DraftCandidate> candidates,
-                                  double max_seconds = 0);
+                                  const DraftLimits& limits = {});
+// A cost under which rows are free: every proposed draft likelier than kMinDraftKeepChance
+// goes in (DraftChoice::kAll).
+StepCostFn FreeRows();
 
 // A sequence's record of drafts kept: counts that fade by `kFade` per decode step, so the
 // estimate follows a reply whose repetitiveness changes, and a sequence whose drafts stopped
@@ -83,23 +94,32 @@ class DraftAcceptance {
   double rejected_ = 0;
 };
 
-// Decode step time as the engine measures it: seconds = a + g * [drafts] + b * rows
-// + c * attended, fitted by least squares on relative error over the latest kWindow steps made
-// only of decodes (with or without drafts). A coefficient that those steps do not determine
-// (every step had the same rows, say) keeps its last fitted value; until the cost of a row is
-// determined once, Predict has nothing.
+// Decode step time as the engine measures it: seconds = a + g [drafts] + b rows + c kv,
+// fitted by least squares on relative error over the latest kWindow steps made only of
+// decodes (with or without drafts), once more without the samples far off the first fit
+// (a graph capture, a stall). A feature is fitted only when at least kMinSide of the window's
+// samples differ from its median value; the others keep their last fitted value (0 if never
+// fitted). A coefficient fitted below zero is zero. Until the cost of a row has been fitted
+// once, Predict has nothing.
 class StepTimeModel {
  public:
   static constexpr size_t kWindow = 128;
   static constexpr int32_t kRefitEvery = 8;
+  static constexpr int32_t kMinSide = 8;
   void Observe(const StepShape& shape, double seconds);
   std::optional<double> Predict(const StepShape& shape) const;
-  // a, g, b, c (g and c 0 while undetermined).
+  // a, g, b, c (0 while not fitted).
   const std::array<double, 4>& coefficients() const { return coef_; }
+  // The kind of step the window has fewer than kMinSide of, which the engine then runs now and
+  // then to keep g determined: with drafts (true) or without (false); nothing when it has both.
+  std::optional<bool> Lacks() const;
 
  private:
+  using Sample = std::pair<StepShape, double>;
   void Fit();
-  std::deque<std::pair<StepShape, double>> samples_;
+  // Fits the window's `samples`; false when they determine nothing.
+  bool Solve(const std::vector<Sample>& samples);
+  std::deque<Sample> samples_;
   int32_t since_fit_ = 0;
   std::array<double, 4> coef_{};
   bool row_cost_known_ = false;

@@ -498,13 +498,16 @@ TEST_P(CudaModelTest, GraphReplayEqualsEagerDecode) {
 // greedy tokens wherever plain decoding's top-2 margin exceeds the dtype's tolerance (past a
 // near tie the two runs may part, as any two kernel paths may).
 TEST_P(CudaModelTest, SpeculativeDecodingKeepsTheGreedyTokens) {
-  std::vector<GenerateResult> results[2];
+  std::vector<GenerateResult> results[3];
   int64_t drafts = 0, kept = 0;
-  for (int spec = 0; spec < 2; ++spec) {
+  // 0: plain; 1: every draft (the same in every run); 2: the drafts that pay by the engine's
+  // timings of its steps on this GPU (its fitted model printed).
+  for (int spec = 0; spec < 3; ++spec) {
     EngineOptions eo;
     eo.num_blocks = 256;
-    eo.speculative.num_tokens = spec == 1 ? 4 : 0;
+    eo.speculative.num_tokens = spec > 0 ? 4 : 0;
     eo.speculative.ngram_min = 1;
+    eo.speculative.choice = spec == 1 ? DraftChoice::kAll : DraftChoice::kPaying;
     Engine e;
     ASSERT_NO_FATAL_FAILURE(MakeEngine(14, eo, /*graphs=*/true, e));
     std::vector<GenerateRequest> requests;
@@ -528,19 +531,31 @@ TEST_P(CudaModelTest, SpeculativeDecodingKeepsTheGreedyTokens) {
       drafts = e.engine->num_draft_tokens();
       kept = e.engine->num_accepted_draft_tokens();
     }
+    if (spec == 2) {
+      const auto& c = e.engine->step_time_model().coefficients();
+      std::printf(
+          "paying drafts: %lld, kept %lld; step model (us): a %.1f, drafts %.1f, row %.2f, "
+          "kv position %.5f\n",
+          static_cast<long long>(e.engine->num_draft_tokens()),
+          static_cast<long long>(e.engine->num_accepted_draft_tokens()), c[0] * 1e6, c[1] * 1e6,
+          c[2] * 1e6, c[3] * 1e6);
+    }
   }
   EXPECT_GT(drafts, 0);
   EXPECT_GT(kept, 0);
   std::printf("drafts %lld, kept %lld\n", static_cast<long long>(drafts),
               static_cast<long long>(kept));
   const int64_t vocab = results[0][0].logits.empty() ? 0 : results[0][0].logits[0].size();
-  for (size_t i = 0; i < results[0].size(); ++i) {
-    const GenerateResult& want = results[0][i];
-    const GenerateResult& got = results[1][i];
-    ASSERT_EQ(got.token_ids.size(), want.token_ids.size()) << want.request_id;
-    for (size_t t = 0; t < want.token_ids.size(); ++t) {
-      if (Top2Margin(want.logits[t].data(), vocab) <= 2 * Tolerance()) break;
-      ASSERT_EQ(got.token_ids[t], want.token_ids[t]) << want.request_id << " token " << t;
+  for (int spec = 1; spec < 3; ++spec) {
+    for (size_t i = 0; i < results[0].size(); ++i) {
+      const GenerateResult& want = results[0][i];
+      const GenerateResult& got = results[spec][i];
+      ASSERT_EQ(got.token_ids.size(), want.token_ids.size()) << want.request_id;
+      for (size_t t = 0; t < want.token_ids.size(); ++t) {
+        if (Top2Margin(want.logits[t].data(), vocab) <= 2 * Tolerance()) break;
+        ASSERT_EQ(got.token_ids[t], want.token_ids[t])
+            << want.request_id << " token " << t << " run " << spec;
+      }
     }
   }
 }

@@ -958,7 +958,7 @@ class OpenAiHttpTest : public ::testing::Test {
     wo.id = "d0";
     wo.engine.speculative.num_tokens = decode_drafts_;
     wo.engine.speculative.ngram_min = 1;
-    wo.engine.speculative.step_cost = engine::FreeRows();  // the same drafts in every run
+    wo.engine.speculative.choice = engine::DraftChoice::kAll;  // the same drafts in every run
     decode_ = StartWorker(InstanceRole::kDecode, wo);
     ASSERT_TRUE(prefill_ && decode_);
     stub_ = api::Serving::NewStub(
