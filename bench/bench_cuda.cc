@@ -506,8 +506,10 @@ struct Bench {
 
   // A speculative decoding step: each of `batch` sequences at context `plan.context` computes
   // its last token and `drafts` draft tokens (1 + drafts rows, prefill attention over the
-  // cached prefix, no graph), then a token is drawn greedily on the device at every row
-  // (Forward's last rows, Transformer::SampleRows the draft rows). Floor: the decode floor
+  // cached prefix, no graph), then a token is drawn greedily on the device at every row as
+  // the engine draws them: the draft rows with the last rows in one pass over the lm_head
+  // (Forward's extra rows) where EngineOptions::max_logits_per_call's default allows, else
+  // after the forward (SampleRows, slices of that many rows). Floor: the decode floor
   // with the extra rows' KV; the note gives the step's cost against the plain decode step's
   // (`decode_ms`), which a draft acceptance must beat.
   Metric Verify(int batch, int drafts, double decode_ms) {
@@ -525,16 +527,27 @@ struct Bench {
     }
     std::vector<float> logits, scratch;
     const std::vector<kernels::RowSampling> sampling(batch);
-    const std::vector<kernels::RowSampling> draft_sampling(draft_rows.size());
     const std::vector<uint8_t> host_rows(batch, 0);
-    std::vector<int32_t> tokens, drawn;
+    std::vector<int32_t> tokens, part;
+    // EngineOptions::max_logits_per_call's default (16M logits) in rows.
+    const size_t per_call = static_cast<size_t>((int64_t{1} << 24) / config().vocab_size);
+    const bool together = batch + draft_rows.size() <= per_call;
     const std::vector<double> times = TimeSteps(backend, plan.warmup, plan.iters, [&] {
+      if (together) {
+        PDS_CHECK_OK(model.Forward(inputs, cache, logits, sampling, host_rows, tokens, nullptr,
+                                   draft_rows,
+                                   std::vector<kernels::RowSampling>(draft_rows.size())));
+        return;
+      }
       PDS_CHECK_OK(model.Forward(inputs, cache, logits, sampling, host_rows, tokens));
-      if (!draft_rows.empty()) {
-        PDS_CHECK_OK(model.SampleRows(draft_rows, draft_sampling, scratch, drawn));
+      for (size_t at = 0; at < draft_rows.size(); at += per_call) {
+        const size_t n = std::min(per_call, draft_rows.size() - at);
+        PDS_CHECK_OK(model.SampleRows(std::span<const int64_t>(draft_rows).subspan(at, n),
+                                      std::vector<kernels::RowSampling>(n), scratch, part));
+        tokens.insert(tokens.end(), part.begin(), part.end());
       }
     });
-    for (int32_t t : drawn) {
+    for (int32_t t : tokens) {
       if (t < 0 || t >= config().vocab_size) Fail(absl::StrCat("draft token ", t, " out of range"));
     }
     Release(tables);

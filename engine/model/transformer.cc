@@ -257,12 +257,37 @@ absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& 
                                   std::vector<float>& logits,
                                   const std::vector<kernels::RowSampling>& sampling,
                                   const std::vector<uint8_t>& host_rows,
-                                  std::vector<int32_t>& tokens, const KvLayerHook& on_kv_layer) {
-  if (sampling.size() != seqs.size() || host_rows.size() != seqs.size()) {
-    return absl::InvalidArgumentError("sampling and host_rows need one entry per sequence");
+                                  std::vector<int32_t>& tokens, const KvLayerHook& on_kv_layer,
+                                  std::span<const int64_t> extra_rows,
+                                  const std::vector<kernels::RowSampling>& extra_sampling) {
+  if (sampling.size() != seqs.size() || host_rows.size() != seqs.size() ||
+      extra_sampling.size() != extra_rows.size()) {
+    return absl::InvalidArgumentError(
+        "sampling and host_rows need one entry per sequence, extra_sampling one per extra row");
   }
   PDS_RETURN_IF_ERROR(Body(seqs, cache, on_kv_layer));
   const int64_t B = meta_.num_seqs();
+  if (!extra_rows.empty()) {
+    // The last rows and the extra ones gathered together (normalized as the last rows are),
+    // then one projection and one draw for all.
+    std::vector<int64_t> rows(meta_.last_rows.begin(), meta_.last_rows.end());
+    rows.insert(rows.end(), extra_rows.begin(), extra_rows.end());
+    const int64_t n = static_cast<int64_t>(rows.size());
+    if (n > meta_.num_tokens()) {  // the gathered rows go in scratch of the batch's size
+      return absl::InvalidArgumentError(absl::StrCat(extra_rows.size(), " extra rows and ", B,
+                                                     " sequences' last rows in a batch of ",
+                                                     meta_.num_tokens(), " tokens"));
+    }
+    PDS_RETURN_IF_ERROR(GatherRows(rows));
+    std::vector<kernels::RowSampling> all = sampling;
+    all.insert(all.end(), extra_sampling.begin(), extra_sampling.end());
+    std::vector<uint8_t> host = host_rows;
+    host.resize(static_cast<size_t>(n), 0);
+    const size_t floats = static_cast<size_t>(n * config_.vocab_size);
+    if (logits.size() < floats) logits.resize(floats);  // grown only
+    tokens.resize(static_cast<size_t>(n));
+    return backend_.SampleTokens(h_.data(), *lm_head_, n, all, host, logits.data(), tokens.data());
+  }
   logits.resize(static_cast<size_t>(B * config_.vocab_size));
   tokens.resize(static_cast<size_t>(B));
   return backend_.SampleTokens(last_.data(), *lm_head_, B, sampling, host_rows, logits.data(),

@@ -66,12 +66,18 @@ class Transformer {
   // The same with each sequence's next token chosen by the backend (sampling[s]; see
   // Backend::SampleTokens): tokens[s] is set for every sequence, logits rows only where
   // host_rows[s] is set (a device backend then copies no other logits). With `on_kv_layer`
-  // the forward is never replayed from a graph (every layer's hook runs).
+  // the forward is never replayed from a graph (every layer's hook runs). With `extra_rows`
+  // (any of the batch's token rows, e.g. the draft positions of speculative decoding), tokens
+  // also gets a token for each of them after the sequences', drawn by extra_sampling[i], from
+  // the same pass over the lm_head as the last rows' (SampleRows after the forward would read
+  // it again); `logits` then holds a row per extra row too (set where the host draws).
   absl::Status Forward(std::span<const SequenceInput> seqs, KvCache& cache,
                        std::vector<float>& logits,
                        const std::vector<kernels::RowSampling>& sampling,
                        const std::vector<uint8_t>& host_rows, std::vector<int32_t>& tokens,
-                       const KvLayerHook& on_kv_layer = nullptr);
+                       const KvLayerHook& on_kv_layer = nullptr,
+                       std::span<const int64_t> extra_rows = {},
+                       const std::vector<kernels::RowSampling>& extra_sampling = {});
 
   // After a Forward: a token from each of the batch's token `rows` (any rows, e.g. draft
   // positions of speculative decoding), drawn by sampling[i] where the logits are, as Forward

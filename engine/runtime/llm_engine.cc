@@ -412,7 +412,7 @@ bool LlmEngine::StartsFromCache(const Sequence& seq) const {
 
 int32_t LlmEngine::LogitRowsPerCall() const {
   return static_cast<int32_t>(
-      std::max<int64_t>(1, (int64_t{1} << 24) / model_.config().vocab_size));
+      std::clamp<int64_t>(options_.max_logits_per_call / model_.config().vocab_size, 1, INT32_MAX));
 }
 
 int32_t LlmEngine::RowSlice() const {
@@ -812,30 +812,40 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       return absl::OkStatus();
     };
   }
-  absl::Status forwarded =
-      model_.Forward(inputs, cache_, logits_, sampling_, host_rows_, tokens_, on_kv_layer);
+  // The draft rows drawn on the device: row j of a sequence's chunk for its j-th draft (rows
+  // drawn again after logits processing are drawn on the host below).
+  std::vector<int64_t> device_rows;
+  std::vector<kernels::RowSampling> rules;
+  int64_t row = 0;  // the first of the sequence's rows
+  for (const Planned& p : plan) {
+    const size_t drafts = p.seq->request.params.ProcessesLogits() ? 0 : p.drafts.size();
+    for (size_t j = 0; j < drafts; ++j) {
+      device_rows.push_back(row + static_cast<int64_t>(j));
+      rules.push_back(p.seq->sampler->RowParams(p.seq->num_generated + static_cast<int64_t>(j)));
+    }
+    row += p.chunk;
+  }
+  // Drawn with the sequences' last rows, in the same pass over the lm_head, where that many
+  // rows fit in one projection (LogitRowsPerCall); else after the forward, a slice at a time.
+  const bool together = !device_rows.empty() &&
+                        plan.size() + device_rows.size() <= static_cast<size_t>(LogitRowsPerCall());
+  absl::Status forwarded = together ? model_.Forward(inputs, cache_, logits_, sampling_, host_rows_,
+                                                     tokens_, on_kv_layer, device_rows, rules)
+                                    : model_.Forward(inputs, cache_, logits_, sampling_, host_rows_,
+                                                     tokens_, on_kv_layer);
   // Each draft position's token (drawn[d] for the batch's d-th draft row drawn on the device,
   // in plan order); the drafts leave the sequences' tokens, whatever happened.
   std::vector<int32_t> drawn;
-  if (forwarded.ok()) {
-    std::vector<int64_t> rows;  // row j of a sequence's chunk is drawn for its j-th draft
-    std::vector<kernels::RowSampling> rules;
-    int64_t first_row = 0;
-    for (const Planned& p : plan) {
-      // Rows drawn again after logits processing are drawn on the host below.
-      const size_t drafts = p.seq->request.params.ProcessesLogits() ? 0 : p.drafts.size();
-      for (size_t j = 0; j < drafts; ++j) {
-        rows.push_back(first_row + static_cast<int64_t>(j));
-        rules.push_back(p.seq->sampler->RowParams(p.seq->num_generated + static_cast<int64_t>(j)));
-      }
-      first_row += p.chunk;
-    }
+  if (forwarded.ok() && together) {
+    drawn.assign(tokens_.begin() + static_cast<std::ptrdiff_t>(plan.size()), tokens_.end());
+    tokens_.resize(plan.size());
+  } else if (forwarded.ok()) {
     const size_t slice = static_cast<size_t>(LogitRowsPerCall());
     std::vector<int32_t> part;
-    for (size_t at = 0; at < rows.size() && forwarded.ok(); at += slice) {
-      const size_t n = std::min(slice, rows.size() - at);
+    for (size_t at = 0; at < device_rows.size() && forwarded.ok(); at += slice) {
+      const size_t n = std::min(slice, device_rows.size() - at);
       forwarded = model_.SampleRows(
-          std::span<const int64_t>(rows).subspan(at, n),
+          std::span<const int64_t>(device_rows).subspan(at, n),
           std::vector<kernels::RowSampling>(rules.begin() + at, rules.begin() + at + n),
           draft_rows_, part);
       drawn.insert(drawn.end(), part.begin(), part.end());

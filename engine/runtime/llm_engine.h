@@ -46,6 +46,9 @@ struct EngineOptions {
   // proposed, a step carries those that raise its expected tokens per second, by each
   // sequence's record of kept drafts and a model of the step's time (ChooseDrafts).
   SpeculativeOptions speculative;
+  // The most logits one projection of chosen rows may produce (prompt logprobs, draft rows):
+  // the host and device buffers for them grow to this. At least one row's.
+  int64_t max_logits_per_call = int64_t{1} << 24;
 };
 
 struct GenerateRequest {
@@ -258,8 +261,7 @@ class LlmEngine {
   // no token may follow.
   bool Constrain(Sequence& seq, const JsonMatcher::Bits& allowed, float* row,
                  const kernels::RowSampling& rule, int32_t& token);
-  // Rows of logits to ask of the model in one call: at most 16M logits (the backend's buffer
-  // for them grows to that).
+  // Rows of logits to ask of the model in one call (EngineOptions::max_logits_per_call).
   int32_t LogitRowsPerCall() const;
   // The same, and no more than a step samples (the backend's logits buffers already hold that
   // many): prompt logprobs, whose rows may be many.

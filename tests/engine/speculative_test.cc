@@ -321,6 +321,64 @@ class SpeculativeEngineTest : public ::testing::Test {
   StepTimeModel step_model_;  // the last run's engine's
 };
 
+// Forward's extra rows (one pass over the lm_head for the last rows and the draft rows) draw
+// what SampleRows after the forward draws, and leave the last rows' tokens and logits alone.
+TEST_F(SpeculativeEngineTest, ExtraRowsDrawAsSampleRowsDoes) {
+  const int32_t bs = 4;
+  auto cache = KvCache::Create(*backend_, model_->CacheShape(16, bs));
+  ASSERT_TRUE(cache.ok()) << cache.status();
+  std::mt19937_64 rng(11);
+  std::vector<std::vector<int32_t>> chunks = {{}, {}};
+  for (int t = 0; t < 5; ++t) chunks[0].push_back(static_cast<int32_t>(rng() % 300));
+  for (int t = 0; t < 7; ++t) chunks[1].push_back(static_cast<int32_t>(rng() % 300));
+  const std::vector<kernels::RowSampling> last = {{}, {0.8f, 0, 0.9f, 0.37}};
+  const std::vector<uint8_t> host_rows = {1, 0};
+  const std::vector<int64_t> extra = {0, 2, 5, 6, 9};
+  std::vector<kernels::RowSampling> rules;
+  for (size_t i = 0; i < extra.size(); ++i) {
+    rules.push_back(i % 2 ? kernels::RowSampling{0.7f, 20, 0.95f, 0.1 + 0.2 * i}
+                          : kernels::RowSampling{});
+  }
+  std::vector<int32_t> tokens[2], drawn;
+  std::vector<float> logits[2], scratch;
+  for (int fused = 0; fused < 2; ++fused) {
+    std::vector<BlockTable> tables(2);
+    std::vector<SequenceInput> in;
+    for (int s = 0; s < 2; ++s) {
+      ASSERT_TRUE(
+          tables[s].Reserve(static_cast<int32_t>(chunks[s].size()), bs, cache->allocator()).ok());
+      in.push_back({chunks[s], 0, &tables[s]});
+    }
+    if (fused == 1) {
+      ASSERT_TRUE(
+          model_->Forward(in, *cache, logits[1], last, host_rows, tokens[1], nullptr, extra, rules)
+              .ok());
+    } else {
+      ASSERT_TRUE(model_->Forward(in, *cache, logits[0], last, host_rows, tokens[0]).ok());
+      ASSERT_TRUE(model_->SampleRows(extra, rules, scratch, drawn).ok());
+      tokens[0].insert(tokens[0].end(), drawn.begin(), drawn.end());
+    }
+    for (BlockTable& t : tables) ASSERT_TRUE(t.Release(cache->allocator()).ok());
+  }
+  EXPECT_EQ(tokens[1], tokens[0]);
+  const size_t vocab = static_cast<size_t>(config_.vocab_size);
+  ASSERT_GE(logits[1].size(), vocab);
+  EXPECT_TRUE(std::equal(logits[0].begin(), logits[0].begin() + vocab, logits[1].begin()))
+      << "the first sequence's host row";
+  // More rows than the batch's tokens are refused, not written past the scratch.
+  std::vector<BlockTable> tables(1);
+  ASSERT_TRUE(tables[0].Reserve(2, bs, cache->allocator()).ok());
+  const std::vector<SequenceInput> one = {
+      {std::span<const int32_t>(chunks[0]).first(2), 0, &tables[0]}};
+  const std::vector<int64_t> too_many = {0, 1};
+  EXPECT_EQ(model_
+                ->Forward(one, *cache, logits[0], {kernels::RowSampling{}}, {0}, tokens[0], nullptr,
+                          too_many, {kernels::RowSampling{}, kernels::RowSampling{}})
+                .code(),
+            absl::StatusCode::kInvalidArgument);
+  ASSERT_TRUE(tables[0].Release(cache->allocator()).ok());
+}
+
 TEST_F(SpeculativeEngineTest, DraftsChangeNoTokenGreedyOrSeeded) {
   const std::vector<GenerateRequest> requests = Requests(8, 40);
   const auto want = Run(Options(0, 4, 256, 256, 8), requests);
@@ -334,6 +392,12 @@ TEST_F(SpeculativeEngineTest, DraftsChangeNoTokenGreedyOrSeeded) {
     EXPECT_GT(accepted_, 0) << "k " << k;
     EXPECT_LE(accepted_, drafts_);
   }
+  // Draft rows drawn a few at a time after the forward (more than one projection may hold
+  // with the last rows), not in the forward's own pass over the lm_head.
+  EngineOptions sliced = Options(4, 4, 256, 256, 8);
+  sliced.max_logits_per_call = 3 * config_.vocab_size;
+  ExpectSameTokens(Run(sliced, requests), want);
+  EXPECT_GT(accepted_, 0);
   // Drafts chosen by the engine's own timings of its steps: whatever they are, the tokens are.
   EngineOptions measured = Options(4, 4, 256, 256, 8);
   measured.speculative.choice = DraftChoice::kPaying;
