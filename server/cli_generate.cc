@@ -262,7 +262,8 @@ absl::Status Run(const CliArgs& args) {
     }
     j["timing_ms"] = {{"load", load_ms}, {"first_token", first_token_ms}, {"total", total_ms}};
     if (drafts > 0) {
-      j["speculative"] = {{"draft_tokens", llm->num_draft_tokens()},
+      j["speculative"] = {{"proposed_tokens", llm->num_proposed_draft_tokens()},
+                          {"draft_tokens", llm->num_draft_tokens()},
                           {"accepted_tokens", llm->num_accepted_draft_tokens()}};
     }
     std::printf("%s\n",
@@ -282,7 +283,8 @@ absl::Status Run(const CliArgs& args) {
     std::printf("load %.0f ms, first token %.1f ms, decode %.1f tokens/s\n", load_ms,
                 first_token_ms, decode_tps);
     if (drafts > 0) {
-      std::printf("speculative: %lld draft tokens, %lld kept\n",
+      std::printf("speculative: %lld draft tokens proposed, %lld computed, %lld kept\n",
+                  static_cast<long long>(llm->num_proposed_draft_tokens()),
                   static_cast<long long>(llm->num_draft_tokens()),
                   static_cast<long long>(llm->num_accepted_draft_tokens()));
     }

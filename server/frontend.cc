@@ -405,6 +405,7 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
       s->set_kv_blocks_booked(inst->promised_blocks);
       s->set_spec_draft_tokens(inst->status.spec_draft_tokens());
       s->set_spec_accepted_tokens(inst->status.spec_accepted_tokens());
+      s->set_spec_proposed_tokens(inst->status.spec_proposed_tokens());
     }
     status->set_requests_in_flight(static_cast<int32_t>(in_flight_.size()));
     status->set_requests_finished(finished_);
@@ -755,6 +756,9 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
         {"pdserve_instance_spec_accepted_tokens_total", "counter",
          "Speculative draft tokens kept (the draw at their position agreed).",
          [](const Instance& i) { return i.status.spec_accepted_tokens(); }},
+        {"pdserve_instance_spec_proposed_tokens_total", "counter",
+         "Speculative draft tokens the prompt lookup proposed (the steps carry those that pay).",
+         [](const Instance& i) { return i.status.spec_proposed_tokens(); }},
         {"pdserve_instance_engine_steps_total", "counter", "Forward passes run.",
          [](const Instance& i) { return i.status.engine_steps(); }},
         {"pdserve_instance_engine_busy_seconds_total", "counter", "Wall time inside steps.",

@@ -1016,6 +1016,7 @@ class Worker::Impl : public pb::Worker::Service, public engine::KvSink {
     s.set_prefix_caching(alloc.prefix_cache_enabled());
     s.set_spec_draft_tokens(engine_->num_draft_tokens());
     s.set_spec_accepted_tokens(engine_->num_accepted_draft_tokens());
+    s.set_spec_proposed_tokens(engine_->num_proposed_draft_tokens());
     std::lock_guard<std::mutex> lock(status_mu_);
     status_ = std::move(s);
     loop_heartbeat_ = std::chrono::steady_clock::now();

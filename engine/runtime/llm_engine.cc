@@ -686,6 +686,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
                                                        options_.speculative.ngram_max, k);
       if (drafts.empty()) continue;
       candidates.push_back({static_cast<int32_t>(drafts.size()), seq.acceptance.estimate()});
+      proposed_draft_tokens_ += static_cast<int64_t>(drafts.size());
       proposer.push_back(i);
       proposed.push_back(std::move(drafts));
     }

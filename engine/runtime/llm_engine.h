@@ -203,7 +203,9 @@ class LlmEngine {
   // of them came from the cache instead of being computed.
   int64_t num_prefix_query_tokens() const { return prefix_query_tokens_; }
   int64_t num_prefix_hit_tokens() const { return prefix_hit_tokens_; }
-  // Speculative decoding: drafts computed, and how many of them were kept.
+  // Speculative decoding: drafts proposed by the lookup, drafts computed (those the steps
+  // carried: DraftChoice), and how many of them were kept.
+  int64_t num_proposed_draft_tokens() const { return proposed_draft_tokens_; }
   int64_t num_draft_tokens() const { return draft_tokens_; }
   int64_t num_accepted_draft_tokens() const { return accepted_draft_tokens_; }
   // Speculative decoding (DraftChoice::kPaying): no draft that would push a step's predicted
@@ -303,6 +305,7 @@ class LlmEngine {
   int64_t num_block_waits_ = 0;
   int64_t prefix_query_tokens_ = 0;
   int64_t prefix_hit_tokens_ = 0;
+  int64_t proposed_draft_tokens_ = 0;
   int64_t draft_tokens_ = 0;
   int64_t accepted_draft_tokens_ = 0;
   double draft_step_cap_ = 0;

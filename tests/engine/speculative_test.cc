@@ -285,6 +285,7 @@ class SpeculativeEngineTest : public ::testing::Test {
     EXPECT_EQ((*engine)->num_free_blocks(), (*engine)->cache().allocator().num_blocks());
     drafts_ = (*engine)->num_draft_tokens();
     accepted_ = (*engine)->num_accepted_draft_tokens();
+    proposed_ = (*engine)->num_proposed_draft_tokens();
     preemptions_ = (*engine)->num_preemptions();
     step_model_ = (*engine)->step_time_model();
     return results;
@@ -317,7 +318,7 @@ class SpeculativeEngineTest : public ::testing::Test {
   ModelConfig config_;
   std::unique_ptr<CpuBackend> backend_;
   std::unique_ptr<Transformer> model_;
-  int64_t drafts_ = 0, accepted_ = 0, preemptions_ = 0;
+  int64_t drafts_ = 0, accepted_ = 0, proposed_ = 0, preemptions_ = 0;
   StepTimeModel step_model_;  // the last run's engine's
 };
 
@@ -416,6 +417,7 @@ TEST_F(SpeculativeEngineTest, DraftsThatDoNotPayStayOut) {
   costly.speculative.step_cost = [](const StepShape& s) { return 1.0 * s.rows; };
   ExpectSameTokens(Run(costly, requests), want);
   EXPECT_EQ(drafts_, 0);
+  EXPECT_GT(proposed_, 0) << "the lookup proposed drafts; none went in";
   // A row costs a hundredth of a step: likely drafts pay.
   EngineOptions cheap = Options(4, 4, 256, 256, 6);
   cheap.speculative.choice = DraftChoice::kPaying;

@@ -137,6 +137,8 @@ TEST_F(CliTest, GenerateWithSpeculativeDecoding) {
   EXPECT_GT(spec["speculative"]["draft_tokens"].get<int>(), 0) << spec.dump();
   EXPECT_LE(spec["speculative"]["accepted_tokens"].get<int>(),
             spec["speculative"]["draft_tokens"].get<int>());
+  EXPECT_GE(spec["speculative"]["proposed_tokens"].get<int>(),
+            spec["speculative"]["draft_tokens"].get<int>());
   const Result refused = RunCommand(cmd + " --speculative-tokens 65");
   EXPECT_NE(refused.exit_code, 0);
   EXPECT_NE(refused.errors.find("--speculative-tokens"), std::string::npos) << refused.errors;

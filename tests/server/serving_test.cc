@@ -494,6 +494,9 @@ TEST_F(ServingTest, SpeculativeDecodingMatchesOffline) {
       if (inst.role() == "prefill") EXPECT_EQ(inst.spec_draft_tokens(), 0) << inst.id();
       drafts += inst.spec_draft_tokens();
       accepted += inst.spec_accepted_tokens();
+      // --speculative-drafts all: the steps carry what the lookup proposed, less what the
+      // token budget, the blocks and the 1/32 floor cut.
+      EXPECT_GE(inst.spec_proposed_tokens(), inst.spec_draft_tokens()) << inst.id();
     }
     EXPECT_GT(drafts, 0) << shape[0];
     EXPECT_GT(accepted, 0) << shape[0];
