@@ -530,7 +530,8 @@ struct Bench {
     const std::vector<uint8_t> host_rows(batch, 0);
     std::vector<int32_t> tokens, part;
     // EngineOptions::max_logits_per_call's default (16M logits) in rows.
-    const size_t per_call = static_cast<size_t>((int64_t{1} << 24) / config().vocab_size);
+    const size_t per_call =
+        static_cast<size_t>(std::max<int64_t>(1, (int64_t{1} << 24) / config().vocab_size));
     const bool together = batch + draft_rows.size() <= per_call;
     const std::vector<double> times = TimeSteps(backend, plan.warmup, plan.iters, [&] {
       if (together) {

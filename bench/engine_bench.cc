@@ -300,6 +300,7 @@ void BM_SpeculativeDecode(benchmark::State& state) {
   state.counters["model_a_us"] = c[0] * 1e6;
   state.counters["model_drafts_us"] = c[1] * 1e6;
   state.counters["model_row_us"] = c[2] * 1e6;
+  state.counters["model_kv_us"] = c[3] * 1e6;
 }
 // The draft proposer's host cost per sequence and step: the scan (ProposeNgramDrafts; arg 3 =
 // 0) or the engine's index (NgramIndex; 1) over a sequence of `len` tokens, (0) random over Llama

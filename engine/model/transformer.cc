@@ -288,7 +288,11 @@ absl::Status Transformer::Forward(std::span<const SequenceInput> seqs, KvCache& 
     tokens.resize(static_cast<size_t>(n));
     return backend_.SampleTokens(h_.data(), *lm_head_, n, all, host, logits.data(), tokens.data());
   }
-  logits.resize(static_cast<size_t>(B * config_.vocab_size));
+  // Grown only: a step with extra rows may have grown it (resizing down and up again would
+  // fill it anew); rows [0, B) are this step's.
+  if (logits.size() < static_cast<size_t>(B * config_.vocab_size)) {
+    logits.resize(static_cast<size_t>(B * config_.vocab_size));
+  }
   tokens.resize(static_cast<size_t>(B));
   return backend_.SampleTokens(last_.data(), *lm_head_, B, sampling, host_rows, logits.data(),
                                tokens.data());

@@ -70,7 +70,8 @@ class Transformer {
   // (any of the batch's token rows, e.g. the draft positions of speculative decoding), tokens
   // also gets a token for each of them after the sequences', drawn by extra_sampling[i], from
   // the same pass over the lm_head as the last rows' (SampleRows after the forward would read
-  // it again); `logits` then holds a row per extra row too (set where the host draws).
+  // it again). `logits` only grows: its rows past this step's (the sequences', and with extra
+  // rows one per extra row, set where the host draws) are stale.
   absl::Status Forward(std::span<const SequenceInput> seqs, KvCache& cache,
                        std::vector<float>& logits,
                        const std::vector<kernels::RowSampling>& sampling,

@@ -657,7 +657,9 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   StepShape decodes;   // the step's decodes (with their drafts, once chosen)
   DraftLimits limits;  // limits.others: the step's other rows (prefill chunks)
   for (const Planned& p : plan) {
-    const bool decode = p.seq->num_generated > 0 && p.chunk == 1;
+    // (a sequence recomputing its last token after a preemption is not one: it sends none)
+    const bool decode = p.seq->num_generated > 0 && p.chunk == 1 &&
+                        p.seq->num_computed + 1 == static_cast<int32_t>(p.seq->tokens.size());
     StepShape& part = decode ? decodes : limits.others;
     part.rows += p.chunk;
     part.kv += p.seq->num_computed + p.chunk;  // the positions its rows read
@@ -701,11 +703,23 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       } else if (paying && step_model_.Predict(decodes)) {
         chosen = ChooseDrafts([this](const StepShape& s) { return *step_model_.Predict(s); },
                               decodes, tokens, candidates, limits);
-        // Now and then a step of the kind the model has too few of (with drafts, or without),
-        // so that their difference stays measured.
-        if (++explore_clock_ % kExploreEvery == 0 && step_model_.Lacks()) {
-          if (*step_model_.Lacks()) {
-            chosen = ChooseDrafts(FreeRows(), decodes, tokens, candidates, {.rows = budget});
+        // Now and then a step of the kind the model lacks (with drafts, or without), so that
+        // their difference stays measured: only steps that are timed (decodes alone), and
+        // with drafts no more than the cap lets in (by the model's rows alone).
+        const std::optional<bool> lacks = step_model_.Lacks();
+        if (++explore_clock_ % kExploreEvery == 0 && lacks && limits.others.rows == 0) {
+          if (*lacks) {
+            DraftLimits explore{.rows = budget};
+            if (draft_step_cap_ > 0) {
+              StepShape s = decodes;
+              s.drafts = true;
+              int32_t rows = 0;
+              for (; rows < budget; ++rows, ++s.rows, ++s.kv) {
+                if (*step_model_.Predict({s.rows + 1, s.kv + 1, true}) > draft_step_cap_) break;
+              }
+              explore.rows = rows;
+            }
+            chosen = ChooseDrafts(FreeRows(), decodes, tokens, candidates, explore);
           } else {
             std::fill(chosen.begin(), chosen.end(), 0);
           }

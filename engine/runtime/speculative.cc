@@ -156,8 +156,10 @@ double Feature(const StepShape& s, int k) {
 
 void StepTimeModel::Observe(const StepShape& shape, double seconds) {
   if (!(seconds > 0) || shape.rows <= 0) return;
-  samples_.emplace_back(shape, seconds);
-  if (samples_.size() > kWindow) samples_.pop_front();
+  std::deque<Sample>& kind = shape.drafts ? drafted_ : plain_;
+  kind.emplace_back(shape, seconds);
+  if (kind.size() > (shape.drafts ? kDrafted : kPlain)) kind.pop_front();
+  (shape.drafts ? last_drafted_ : last_plain_) = steps_++;
   if (++since_fit_ >= kRefitEvery) {
     since_fit_ = 0;
     Fit();
@@ -165,15 +167,17 @@ void StepTimeModel::Observe(const StepShape& shape, double seconds) {
 }
 
 std::optional<bool> StepTimeModel::Lacks() const {
-  const auto drafted = std::count_if(samples_.begin(), samples_.end(),
-                                     [](const Sample& s) { return s.first.drafts; });
-  if (drafted < kMinSide) return true;
-  if (static_cast<int64_t>(samples_.size()) - drafted < kMinSide) return false;
+  const auto lacking = [&](const std::deque<Sample>& kind, int64_t last) {
+    return static_cast<int32_t>(kind.size()) < kMinSide || steps_ - last >= kStale;
+  };
+  if (lacking(drafted_, last_drafted_)) return true;
+  if (lacking(plain_, last_plain_)) return false;
   return std::nullopt;
 }
 
 void StepTimeModel::Fit() {
-  const std::vector<Sample> all(samples_.begin(), samples_.end());
+  std::vector<Sample> all(plain_.begin(), plain_.end());
+  all.insert(all.end(), drafted_.begin(), drafted_.end());
   if (!Solve(all) || !row_cost_known_) return;
   // Once more without the samples the fit misses by far more than it misses most by.
   std::vector<double> misses;
@@ -208,11 +212,13 @@ bool StepTimeModel::Solve(const std::vector<Sample>& samples) {
   for (const auto& [shape, seconds] : samples) w.push_back(1.0 / (seconds * seconds));
   const double mean = std::accumulate(w.begin(), w.end(), 0.0) / static_cast<double>(w.size());
   for (double& x : w) x /= mean;
+  bool intercept = true;
   while (true) {
     std::vector<std::vector<double>> x;
     std::vector<double> y;
     for (const auto& [shape, seconds] : samples) {
-      std::vector<double> row{1.0};
+      std::vector<double> row;
+      if (intercept) row.push_back(1.0);
       double fixed = 0;
       for (int k = 0; k < 3; ++k) {
         if (std::find(free.begin(), free.end(), k) != free.end()) {
@@ -224,6 +230,7 @@ bool StepTimeModel::Solve(const std::vector<Sample>& samples) {
       x.push_back(std::move(row));
       y.push_back(seconds - fixed);
     }
+    if (x[0].empty()) return false;
     auto beta = scheduler::LeastSquares(x, y, w);
     if (!beta.ok()) {
       // Two features move together here (rows = 1 + [drafts] with one draft at a time, say):
@@ -235,9 +242,14 @@ bool StepTimeModel::Solve(const std::vector<Sample>& samples) {
       free.erase(drop);
       continue;
     }
+    const size_t first = intercept ? 1 : 0;  // of the features' coefficients in beta
+    if (intercept && (*beta)[0] < 0) {       // no step costs less than nothing: a = 0, and again
+      intercept = false;
+      continue;
+    }
     size_t negative = free.size();
     for (size_t f = 0; f < free.size(); ++f) {
-      if ((*beta)[f + 1] < 0) negative = f;
+      if ((*beta)[first + f] < 0) negative = f;
     }
     if (negative < free.size()) {  // noise, or nearly collinear with another: zero, and again
       coef_[free[negative] + 1] = 0;
@@ -245,9 +257,9 @@ bool StepTimeModel::Solve(const std::vector<Sample>& samples) {
       free.erase(free.begin() + static_cast<std::ptrdiff_t>(negative));
       continue;
     }
-    coef_[0] = std::max(0.0, (*beta)[0]);
+    coef_[0] = intercept ? (*beta)[0] : 0.0;
     for (size_t f = 0; f < free.size(); ++f) {
-      coef_[free[f] + 1] = (*beta)[f + 1];
+      coef_[free[f] + 1] = (*beta)[first + f];
       if (free[f] == 1) row_cost_known_ = true;
     }
     return true;

@@ -95,31 +95,38 @@ class DraftAcceptance {
 };
 
 // Decode step time as the engine measures it: seconds = a + g [drafts] + b rows + c kv,
-// fitted by least squares on relative error over the latest kWindow steps made only of
-// decodes (with or without drafts), once more without the samples far off the first fit
-// (a graph capture, a stall). A feature is fitted only when at least kMinSide of the window's
+// fitted by least squares on relative error over the latest steps made only of decodes: the
+// latest kDrafted with drafts and the latest kPlain without (kept apart, so that a kind the
+// engine runs rarely, to measure it, stays in the fit), once more without the samples far off
+// the first fit (a graph capture, a stall). A feature is fitted only when at least kMinSide
 // samples differ from its median value; the others keep their last fitted value (0 if never
-// fitted). A coefficient fitted below zero is zero. Until the cost of a row has been fitted
-// once, Predict has nothing.
+// fitted). Coefficients fitted below zero are zero (the rest fitted again without them).
+// Until the cost of a row has been fitted once, Predict has nothing.
 class StepTimeModel {
  public:
-  static constexpr size_t kWindow = 128;
+  static constexpr size_t kDrafted = 32;
+  static constexpr size_t kPlain = 96;
   static constexpr int32_t kRefitEvery = 8;
   static constexpr int32_t kMinSide = 8;
+  // A kind of step whose latest sample is this many steps old is measured again.
+  static constexpr int64_t kStale = 1024;
   void Observe(const StepShape& shape, double seconds);
   std::optional<double> Predict(const StepShape& shape) const;
   // a, g, b, c (0 while not fitted).
   const std::array<double, 4>& coefficients() const { return coef_; }
-  // The kind of step the window has fewer than kMinSide of, which the engine then runs now and
-  // then to keep g determined: with drafts (true) or without (false); nothing when it has both.
+  // The kind of step to run now and then (the engine does, one decision in 32) to keep g
+  // measured: with drafts (true) or without (false), when fewer than kMinSide of that kind are
+  // kept or the latest is kStale steps old; nothing otherwise.
   std::optional<bool> Lacks() const;
 
  private:
   using Sample = std::pair<StepShape, double>;
   void Fit();
-  // Fits the window's `samples`; false when they determine nothing.
+  // Fits `samples`; false when they determine nothing.
   bool Solve(const std::vector<Sample>& samples);
-  std::deque<Sample> samples_;
+  std::deque<Sample> drafted_, plain_;
+  int64_t steps_ = 0;                            // observed
+  int64_t last_drafted_ = -1, last_plain_ = -1;  // steps_ at the latest of each kind
   int32_t since_fit_ = 0;
   std::array<double, 4> coef_{};
   bool row_cost_known_ = false;

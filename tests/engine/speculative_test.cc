@@ -186,6 +186,34 @@ TEST(StepTimeModelTest, AFewSamplesDoNotSettleACost) {
   EXPECT_EQ(m.Lacks(), std::optional<bool>(true));
 }
 
+TEST(StepTimeModelTest, StepsWithDraftsOneInThirtyTwoKeepTheirCostMeasured) {
+  // The engine's exploration once drafts stop paying: one step in 32 with drafts. They are
+  // kept apart from the many without, so after 8 of them the drafting cost is fitted, and it
+  // follows a change as new ones replace the old.
+  StepTimeModel m;
+  std::mt19937_64 rng(9);
+  double g = 0.005;
+  auto feed = [&](int steps) {
+    for (int i = 0; i < steps; ++i) {
+      const bool drafted = i % 32 == 31;
+      const int32_t batch = 8 + static_cast<int32_t>(rng() % 3);
+      const StepShape s{batch + (drafted ? 4 : 0), 800 + i % 100, drafted};
+      m.Observe(s, 0.012 + (drafted ? g : 0.0) + 0.0002 * s.rows + 1e-6 * s.kv);
+    }
+  };
+  feed(32 * 7);
+  EXPECT_EQ(m.Lacks(), std::optional<bool>(true)) << "7 steps with drafts";
+  feed(32 * 2);
+  EXPECT_EQ(m.Lacks(), std::nullopt);
+  EXPECT_NEAR(m.coefficients()[1], 0.005, 1e-6);
+  g = 0.001;
+  feed(32 * 40);  // 40 new ones replace the 32 kept
+  EXPECT_NEAR(m.coefficients()[1], 0.001, 1e-6);
+  // Steps without drafts only: after kStale of them the kind is measured again.
+  for (int i = 0; i < StepTimeModel::kStale; ++i) m.Observe({9, 900, false}, 0.02);
+  EXPECT_EQ(m.Lacks(), std::optional<bool>(true));
+}
+
 TEST(StepTimeModelTest, AStepFarOffTheFitDoesNotMoveIt) {
   StepTimeModel m;
   std::mt19937_64 rng(8);
