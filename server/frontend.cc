@@ -493,12 +493,13 @@ class Frontend::Impl : public api::Serving::Service, public pb::Registry::Servic
     if (ttft_slo > 0) {
       work.set_ttft_deadline_unix_us(arrival_us + static_cast<int64_t>(ttft_slo * 1e3));
     }
+    const double tpot_slo =
+        request->has_tpot_slo_ms() ? request->tpot_slo_ms() : options_.default_tpot_slo_ms;
+    if (tpot_slo > 0) work.set_tpot_slo_ms(tpot_slo);
 
     Relay relay(*this, *request, work, writer, *tracked);
     relay.timeline.set_arrival_us(arrival_us);
     grpc::Status status = Run(relay);
-    const double tpot_slo =
-        request->has_tpot_slo_ms() ? request->tpot_slo_ms() : options_.default_tpot_slo_ms;
     *outcome = OutcomeOf(relay, ttft_slo, tpot_slo);
     {
       std::lock_guard<std::mutex> lock(mu_);

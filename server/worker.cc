@@ -162,6 +162,7 @@ engine::GenerateRequest FromWork(const pb::WorkRequest& r) {
     g.params.reasoning_inside = r.reasoning_inside();
   }
   if (r.ttft_deadline_unix_us() > 0) g.ttft_deadline_s = r.ttft_deadline_unix_us() * 1e-6;
+  if (r.tpot_slo_ms() > 0) g.tpot_target_s = r.tpot_slo_ms() * 1e-3;
   g.best_effort = r.best_effort();
   return g;
 }

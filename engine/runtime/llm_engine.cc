@@ -656,6 +656,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
   const int32_t max_drafts = options_.speculative.num_tokens;
   StepShape decodes;   // the step's decodes (with their drafts, once chosen)
   DraftLimits limits;  // limits.others: the step's other rows (prefill chunks)
+  double step_cap = draft_step_cap_;
   for (const Planned& p : plan) {
     // (a sequence recomputing its last token after a preemption is not one: it sends none)
     const bool decode = p.seq->num_generated > 0 && p.chunk == 1 &&
@@ -663,6 +664,11 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     StepShape& part = decode ? decodes : limits.others;
     part.rows += p.chunk;
     part.kv += p.seq->num_computed + p.chunk;  // the positions its rows read
+    // The tightest TPOT target of the step's decodes caps its drafts, with the engine's.
+    const std::optional<double>& target = p.seq->request.tpot_target_s;
+    if (decode && target && *target > 0) {
+      step_cap = step_cap > 0 ? std::min(step_cap, *target) : *target;
+    }
   }
   if (max_drafts > 0) {
     const int32_t spare_blocks = cache_.allocator().num_free() - static_cast<int32_t>(plan.size());
@@ -695,7 +701,7 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
     std::vector<int32_t> chosen;
     if (!candidates.empty()) {
       limits.rows = budget;
-      limits.max_seconds = draft_step_cap_;
+      limits.max_seconds = step_cap;
       const double tokens = decodes.rows;  // each decode sends one token
       const bool paying = options_.speculative.choice == DraftChoice::kPaying;
       if (paying && options_.speculative.step_cost) {
@@ -710,12 +716,12 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
         if (++explore_clock_ % kExploreEvery == 0 && lacks && limits.others.rows == 0) {
           if (*lacks) {
             DraftLimits explore{.rows = budget};
-            if (draft_step_cap_ > 0) {
+            if (step_cap > 0) {
               StepShape s = decodes;
               s.drafts = true;
               int32_t rows = 0;
               for (; rows < budget; ++rows, ++s.rows, ++s.kv) {
-                if (*step_model_.Predict({s.rows + 1, s.kv + 1, true}) > draft_step_cap_) break;
+                if (*step_model_.Predict({s.rows + 1, s.kv + 1, true}) > step_cap) break;
               }
               explore.rows = rows;
             }

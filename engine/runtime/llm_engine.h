@@ -65,6 +65,10 @@ struct GenerateRequest {
   // Admitted although predicted to miss its SLO: the batch policy plans it after every other
   // waiting request (scheduler::BatchCandidate::best_effort).
   bool best_effort = false;
+  // Its TPOT target (seconds): speculative decoding (DraftChoice::kPaying) carries no draft
+  // that would push the predicted time of a step it decodes in past it (set_draft_step_cap's
+  // cap, per request).
+  std::optional<double> tpot_target_s;
 };
 
 struct TokenLogprobs {

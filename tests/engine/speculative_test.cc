@@ -478,6 +478,16 @@ TEST_F(SpeculativeEngineTest, NoDraftPushesAStepPastTheCap) {
   }
   EXPECT_GT((*engine)->num_draft_tokens(), 0);
   EXPECT_EQ(tokens, (*capped)[0].token_ids);
+  // A request's own TPOT target caps the steps it decodes in the same way.
+  (*engine)->set_draft_step_cap(0);
+  GenerateRequest own = r;
+  own.id = "own";
+  own.tpot_target_s = 1.015;
+  const int64_t before = (*engine)->num_draft_tokens();
+  auto targeted = (*engine)->Generate({own});
+  ASSERT_TRUE(targeted.ok()) << targeted.status();
+  EXPECT_EQ((*engine)->num_draft_tokens(), before);
+  EXPECT_EQ((*targeted)[0].token_ids, (*capped)[0].token_ids);
   // Every draft (DraftChoice::kAll) is not held to a cap in seconds.
   o.speculative.choice = DraftChoice::kAll;
   auto all = LlmEngine::Create(*model_, o);
