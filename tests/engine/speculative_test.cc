@@ -488,6 +488,15 @@ TEST_F(SpeculativeEngineTest, NoDraftPushesAStepPastTheCap) {
   ASSERT_TRUE(targeted.ok()) << targeted.status();
   EXPECT_EQ((*engine)->num_draft_tokens(), before);
   EXPECT_EQ((*targeted)[0].token_ids, (*capped)[0].token_ids);
+  // A target with room for two draft rows: drafts, two at most.
+  own.id = "roomy";
+  own.tpot_target_s = 1.035;
+  ASSERT_TRUE((*engine)->AddRequest(own).ok());
+  for (int step = 0; (*engine)->HasWork() && step < 100; ++step) {
+    ASSERT_TRUE((*engine)->Step().ok());
+    if (step > 0) EXPECT_LE((*engine)->last_batch()[0].second, 3) << "step " << step;
+  }
+  EXPECT_GT((*engine)->num_draft_tokens(), before);
   // Every draft (DraftChoice::kAll) is not held to a cap in seconds.
   o.speculative.choice = DraftChoice::kAll;
   auto all = LlmEngine::Create(*model_, o);
