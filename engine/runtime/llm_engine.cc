@@ -707,25 +707,16 @@ absl::StatusOr<std::vector<TokenOutput>> LlmEngine::Step() {
       if (paying && options_.speculative.step_cost) {
         chosen = ChooseDrafts(options_.speculative.step_cost, decodes, tokens, candidates, limits);
       } else if (paying && step_model_.Predict(decodes)) {
-        chosen = ChooseDrafts([this](const StepShape& s) { return *step_model_.Predict(s); },
-                              decodes, tokens, candidates, limits);
+        const StepCostFn model = [this](const StepShape& s) { return *step_model_.Predict(s); };
+        chosen = ChooseDrafts(model, decodes, tokens, candidates, limits);
         // Now and then a step of the kind the model lacks (with drafts, or without), so that
         // their difference stays measured: only steps that are timed (decodes alone), and
-        // with drafts no more than the cap lets in (by the model's rows alone).
+        // with drafts no more than the cap lets in (priced by the model).
         const std::optional<bool> lacks = step_model_.Lacks();
         if (++explore_clock_ % kExploreEvery == 0 && lacks && limits.others.rows == 0) {
           if (*lacks) {
-            DraftLimits explore{.rows = budget};
-            if (step_cap > 0) {
-              StepShape s = decodes;
-              s.drafts = true;
-              int32_t rows = 0;
-              for (; rows < budget; ++rows, ++s.rows, ++s.kv) {
-                if (*step_model_.Predict({s.rows + 1, s.kv + 1, true}) > step_cap) break;
-              }
-              explore.rows = rows;
-            }
-            chosen = ChooseDrafts(FreeRows(), decodes, tokens, candidates, explore);
+            limits.cap_cost = model;
+            chosen = ChooseDrafts(FreeRows(), decodes, tokens, candidates, limits);
           } else {
             std::fill(chosen.begin(), chosen.end(), 0);
           }

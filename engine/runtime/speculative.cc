@@ -92,8 +92,9 @@ std::vector<int32_t> ChooseDrafts(const StepCostFn& cost, const StepShape& decod
                                   const DraftLimits& limits) {
   std::vector<int32_t> chosen(candidates.size(), 0);
   constexpr double kTiny = 1e-12;  // a model may call a step or a row free
+  const StepCostFn& price = limits.cap_cost ? limits.cap_cost : cost;
   const auto capped = [&](const StepShape& s) {
-    return limits.max_seconds > 0 && cost(Plus(s, limits.others)) > limits.max_seconds;
+    return limits.max_seconds > 0 && price(Plus(s, limits.others)) > limits.max_seconds;
   };
   const double base_seconds = std::max(cost(decodes), kTiny);
   struct Option {

@@ -64,6 +64,7 @@ struct DraftLimits {
   int32_t rows = std::numeric_limits<int32_t>::max();  // draft rows in all (token budget)
   double max_seconds = 0;  // > 0: no draft may push the predicted step past this
   StepShape others;        // the step's rows that are not decodes (prefill chunks)
+  StepCostFn cap_cost;     // prices the step for the cap (unset: the choice's own cost)
 };
 
 // How many of each candidate's drafts a step carries: those that raise the expected tokens

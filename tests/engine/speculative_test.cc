@@ -104,6 +104,9 @@ TEST(ChooseDraftsTest, TheCapBoundsThePredictedStepWithItsOtherRows) {
   const std::vector<DraftCandidate> c = {{4, 0.9}};
   EXPECT_EQ(ChooseDrafts(cost, {1, 5, false}, 1, c), (Ids{4}));
   EXPECT_EQ(ChooseDrafts(cost, {1, 5, false}, 1, c, {.max_seconds = 12.5}), (Ids{1}));
+  // Rows free for the choice, the cap priced apart (the engine's exploration steps).
+  EXPECT_EQ(ChooseDrafts(FreeRows(), {1, 5, false}, 1, c, {.max_seconds = 12.5, .cap_cost = cost}),
+            (Ids{1}));
   EXPECT_EQ(ChooseDrafts(cost, {1, 5, false}, 1, c, {.max_seconds = 10.5}), (Ids{0}))
       << "over the cap already";
   // 20 prefill rows: the step is 31 without drafts, 32 with one.
